@@ -1,0 +1,10 @@
+"""ckptsurgery: PyTorch checkpoint surgery without running the checkpoint's code.
+
+The library API: `open_checkpoint` reads any supported file into a lazy table of tensors;
+`ckptsurgery.ops` holds the operations the commands run."""
+
+from .errors import CkptError
+from .io import open_checkpoint
+
+__version__ = "0.1.0"
+__all__ = ["CkptError", "open_checkpoint", "__version__"]

@@ -1,0 +1,67 @@
+"""Formats: detect a checkpoint's format from its bytes and read it into a lazy table."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import CkptError
+from .model import Checkpoint, MappedFile, Storage, TensorRef
+
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."  # pickled torch magic number
+
+
+def detect_format(path: str) -> str:
+    """One of torch-zip, torch-legacy, safetensors, index; the bytes decide, not the name."""
+    if os.path.isdir(path):
+        return "folder"
+    if not os.path.exists(path):
+        raise CkptError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise CkptError(f"{path}: cannot read ({e.strerror})") from None
+    if not head:
+        raise CkptError(f"{path}: the file is empty")
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "torch-zip"
+    if head.startswith(_LEGACY_MAGIC):
+        return "torch-legacy"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1:
+        return "safetensors"
+    if head.lstrip()[:1] == b"{":
+        return "index"
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+        raise CkptError(f"{path}: a bare pickle, not a torch checkpoint (no torch magic number)")
+    if head[257:262] == b"ustar":
+        raise CkptError(f"{path}: torch's pre-0.4 tar format is not supported; "
+                        f"re-save it with a current torch")
+    raise CkptError(f"{path}: not a checkpoint ckptsurgery can read "
+                    f"(neither torch zip, legacy torch, safetensors nor a shard index)")
+
+
+def open_checkpoint(path: str, root: str | None = None) -> Checkpoint:
+    """Read a checkpoint's structure (no tensor data). `root`: None detects the state dict in a
+    nested .pth, '' takes the top level, a key takes that entry."""
+    from .safetensors import read_safetensors
+    from .sharded import find_index, read_index
+    from .torch_legacy import read_torch_legacy
+    from .torch_zip import read_torch_zip
+
+    path = os.fspath(path)
+    fmt = detect_format(path)
+    try:
+        if fmt == "folder":
+            return read_index(find_index(path), lambda shard: open_checkpoint(shard, ""))
+        if fmt == "index":
+            return read_index(path, lambda shard: open_checkpoint(shard, ""))
+        if fmt == "safetensors":
+            return read_safetensors(path)
+        if fmt == "torch-legacy":
+            return read_torch_legacy(path, root)
+        return read_torch_zip(path, root)
+    except OSError as e:
+        raise CkptError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+__all__ = ["Checkpoint", "CkptError", "MappedFile", "Storage", "TensorRef", "detect_format", "open_checkpoint"]

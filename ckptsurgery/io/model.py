@@ -1,0 +1,204 @@
+"""The lazy table every reader returns: names mapped to tensor references that know their
+dtype, shape and where their bytes lie, and fetch those bytes only when asked."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..dtypes import DType
+from ..errors import CkptError
+
+
+class MappedFile:
+    """A read-only memory map of one input file, opened on first use."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.size = os.path.getsize(path)
+        self._file = None
+        self._map: mmap.mmap | None = None
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
+            raise CkptError(f"{self.path}: data at {offset}+{nbytes} lies past the end of the file")
+        if nbytes == 0:
+            return memoryview(b"")
+        if self._map is None:
+            self._file = open(self.path, "rb")
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        return memoryview(self._map)[offset : offset + nbytes]
+
+    def fileno(self) -> int:
+        if self._file is None:
+            self._file = open(self.path, "rb")
+        return self._file.fileno()
+
+    def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a view is still alive; the OS unmaps at exit
+                pass
+            self._map = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class Storage:
+    """A run of bytes holding `numel` elements of one dtype (a torch storage, or the byte range
+    of one safetensors tensor)."""
+
+    __slots__ = ("source", "offset", "numel", "dtype", "key")
+
+    def __init__(self, source: MappedFile, offset: int, numel: int, dtype: DType, key: str = ""):
+        self.source = source
+        self.offset = offset
+        self.numel = numel
+        self.dtype = dtype
+        self.key = key
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def view(self) -> memoryview:
+        return self.source.view(self.offset, self.nbytes)
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def numel_of(shape: tuple[int, ...]) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n
+
+
+@dataclass(eq=False)
+class TensorRef:
+    """One tensor: a view (offset, shape, stride, in elements) into a storage."""
+
+    storage: Storage
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    requires_grad: bool | None = None  # the flag of a pickled nn.Parameter; None otherwise
+
+    @property
+    def dtype(self) -> DType:
+        return self.storage.dtype
+
+    @property
+    def numel(self) -> int:
+        return numel_of(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def is_contiguous(self) -> bool:
+        return all(
+            size <= 1 or stride == want
+            for size, stride, want in zip(self.shape, self.stride, contiguous_strides(self.shape))
+        )
+
+    def validate(self, where: str) -> None:
+        """Check that the view lies inside its storage, before anything trusts it."""
+        if len(self.shape) != len(self.stride):
+            raise CkptError(f"{where}: shape {list(self.shape)} and stride {list(self.stride)} disagree")
+        if any(not isinstance(s, int) or s < 0 for s in self.shape + self.stride) or not isinstance(
+            self.offset, int
+        ) or self.offset < 0:
+            raise CkptError(f"{where}: negative or non-integer shape, stride or offset")
+        if self.numel == 0:
+            return
+        last = self.offset + sum((size - 1) * stride for size, stride in zip(self.shape, self.stride))
+        if last >= self.storage.numel:
+            raise CkptError(
+                f"{where}: tensor of shape {list(self.shape)} reaches element {last} "
+                f"of a storage holding {self.storage.numel}"
+            )
+
+    def byte_range(self) -> tuple[int, int]:
+        """(offset in the source file, length) of a contiguous tensor's bytes."""
+        return self.storage.offset + self.offset * self.dtype.itemsize, self.nbytes
+
+    def data(self) -> memoryview | bytes:
+        """The tensor's bytes in row-major order."""
+        if self.is_contiguous:
+            start = self.offset * self.dtype.itemsize
+            return self.storage.view()[start : start + self.nbytes]
+        return _gather(self)
+
+    def to_torch(self):
+        """A torch tensor holding a copy of the data (imports torch)."""
+        import torch
+
+        dtype = getattr(torch, self.dtype.name)
+        raw = bytearray(self.data())
+        if not raw:
+            return torch.empty(self.shape, dtype=dtype)
+        return torch.frombuffer(raw, dtype=dtype).reshape(self.shape)
+
+
+_SAME_SIZE_INT = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+def _gather(t: TensorRef) -> bytearray:
+    """Copy a strided view into row-major bytes (imports torch; only non-contiguous views need it)."""
+    import torch
+
+    size = t.dtype.itemsize
+    out = bytearray(t.nbytes)
+    if not out:
+        return out
+    raw = t.storage.view()
+    as_int = getattr(torch, _SAME_SIZE_INT[size])  # move whole elements as same-width integers
+    src = torch.frombuffer(raw, dtype=as_int).as_strided(t.shape, t.stride, t.offset)
+    torch.frombuffer(out, dtype=as_int).view(t.shape).copy_(src)
+    return out
+
+
+@dataclass
+class Checkpoint:
+    """What a reader returns. `tensors` is the state dict at `root`; `obj` the whole unpickled
+    object (None for safetensors), so that a .pth output can carry the rest through."""
+
+    path: str
+    format: str
+    tensors: dict[str, TensorRef]
+    root: str | None = None
+    obj: Any = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    inert: list[str] = field(default_factory=list)
+    sources: list[MappedFile] = field(default_factory=list)
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def shares_with(self) -> dict[str, str | None]:
+        """For each tensor, the first earlier tensor whose bytes it shares (tied weights, views)."""
+        first: dict[int, str] = {}
+        out: dict[str, str | None] = {}
+        for name, t in self.tensors.items():
+            owner = first.setdefault(id(t.storage), name)
+            out[name] = None if owner == name else owner
+        return out

@@ -1,0 +1,56 @@
+"""Reader for torch's pre-1.6 format (`_use_new_zipfile_serialization=False`): a run of
+pickles (magic number, protocol, system info, the object, the storage keys), then each
+storage as an int64 element count followed by its bytes."""
+
+from __future__ import annotations
+
+import struct
+
+from ..errors import CkptError
+from .model import Checkpoint, MappedFile
+from .torch_zip import storage_loader
+from .tree import find_root
+from .unpickler import safe_load
+
+MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+PROTOCOL_VERSION = 1001
+_COUNT = struct.Struct("<q")
+
+
+def _no_persistent(pid):
+    raise CkptError("unexpected persistent record in the file header")
+
+
+def read_torch_legacy(path: str, root: str | None) -> Checkpoint:
+    source = MappedFile(path)
+    with open(path, "rb") as f:
+        magic, _ = safe_load(f, _no_persistent, path)
+        if magic != MAGIC_NUMBER:
+            raise CkptError(f"{path}: a pickle, but not a torch checkpoint (no torch magic number)")
+        protocol, _ = safe_load(f, _no_persistent, path)
+        if protocol != PROTOCOL_VERSION:
+            raise CkptError(f"{path}: unsupported legacy protocol version {protocol!r}")
+        sys_info, _ = safe_load(f, _no_persistent, path)
+        if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
+            raise CkptError(f"{path}: saved on a big-endian machine, which is not supported")
+        load, storages = storage_loader(path, lambda key, storage: None)
+        obj, inert = safe_load(f, load, path)
+        keys, _ = safe_load(f, _no_persistent, path)
+        position = f.tell()
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise CkptError(f"{path}: the storage key list is malformed")
+    for key in keys:
+        count = _COUNT.unpack(source.view(position, _COUNT.size))[0]
+        storage = storages.get(key)
+        if storage is None:
+            raise CkptError(f"{path}: data for storage {key!r}, which nothing refers to")
+        if count != storage.numel:
+            raise CkptError(f"{path}: storage {key!r} holds {count} elements, its record says {storage.numel}")
+        storage.source, storage.offset = source, position + _COUNT.size
+        source.view(storage.offset, storage.nbytes)  # checks it lies inside the file
+        position = storage.offset + storage.nbytes
+    missing = sorted(k for k, s in storages.items() if s.source is None)
+    if missing:
+        raise CkptError(f"{path}: no data for storages {', '.join(missing[:5])} (truncated file?)")
+    root_key, tensors = find_root(obj, root, path)
+    return Checkpoint(path, "torch-legacy", tensors, root_key, obj, inert=sorted(inert), sources=[source])

@@ -1,0 +1,88 @@
+"""Reader for torch's zip format (torch.save since 1.6): `<archive>/data.pkl` holds the object
+graph, `<archive>/data/<key>` the raw bytes of each storage, stored uncompressed."""
+
+from __future__ import annotations
+
+import struct
+import zipfile
+
+from ..errors import CkptError
+from .model import Checkpoint, MappedFile, Storage
+from .tree import find_root
+from .unpickler import Global, safe_load
+
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
+_MAX_PICKLE = 1 << 30
+
+
+def storage_loader(where: str, locate):
+    """A persistent_load for torch's `('storage', type, key, location, numel)` records.
+    `locate(key, storage)` fills in where the storage's bytes lie. Storages are shared by key."""
+    storages: dict[str, Storage] = {}
+
+    def load(pid):
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+            raise CkptError(f"unknown persistent record {str(pid)[:80]}")
+        _, kind, key, _location, numel = pid[:5]
+        if not (isinstance(kind, Global) and kind.dtype is not None):
+            raise CkptError(f"unknown storage type {kind!r}")
+        if not (isinstance(key, str) and type(numel) is int and numel >= 0):
+            raise CkptError(f"bad storage record for key {key!r}")
+        if len(pid) > 5 and pid[5] is not None:
+            raise CkptError("storage views of the pre-1.0 format are not supported")
+        if key not in storages:
+            storage = Storage(None, -1, numel, kind.dtype, key)
+            locate(key, storage)
+            storages[key] = storage
+        return storages[key]
+
+    return load, storages
+
+
+def read_torch_zip(path: str, root: str | None) -> Checkpoint:
+    source = MappedFile(path)
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise CkptError(f"{path}: broken zip archive ({e})") from None
+    with archive:
+        entries = {info.filename: info for info in archive.infolist()}
+        pickles = [n for n in entries if n.endswith("data.pkl") and n.count("/") <= 1]
+        if len(pickles) != 1:
+            if any(n.endswith("constants.pkl") or "/code/" in n for n in entries):
+                raise CkptError(f"{path}: a TorchScript archive (torch.jit.save), not a torch.save "
+                                f"checkpoint; load it with torch.jit.load and save its state_dict()")
+            raise CkptError(f"{path}: a zip file without a torch data.pkl record")
+        prefix = pickles[0][: -len("data.pkl")]
+        byteorder = entries.get(prefix + "byteorder")
+        if byteorder is not None and archive.read(byteorder).strip() not in (b"little", b""):
+            raise CkptError(f"{path}: saved on a big-endian machine, which is not supported")
+
+        def locate(key: str, storage: Storage) -> None:
+            info = entries.get(f"{prefix}data/{key}")
+            if info is None:
+                raise CkptError(f"storage record data/{key} is missing from the archive")
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise CkptError(f"storage record data/{key} is compressed; torch never writes that")
+            if info.file_size < storage.nbytes:
+                raise CkptError(f"storage record data/{key} holds {info.file_size} bytes, "
+                                f"shorter than its {storage.nbytes}-byte tensor")
+            header = source.view(info.header_offset, _LOCAL_HEADER.size)
+            signature, name_len, extra_len = _LOCAL_HEADER.unpack(header)
+            if signature != b"PK\x03\x04":
+                raise CkptError(f"storage record data/{key} has a broken local header")
+            storage.source = source
+            storage.offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+            source.view(storage.offset, storage.nbytes)  # checks it lies inside the file
+
+        info = entries[pickles[0]]
+        if info.file_size > min(_MAX_PICKLE, source.size):
+            raise CkptError(f"{path}: data.pkl claims {info.file_size} bytes, more than the file holds")
+        try:
+            data = archive.read(info)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+            raise CkptError(f"{path}: cannot read data.pkl ({e})") from None
+        load, _ = storage_loader(path, locate)
+        obj, inert = safe_load(data, load, path)
+    root_key, tensors = find_root(obj, root, path)
+    return Checkpoint(path, "torch-zip", tensors, root_key, obj, inert=sorted(inert), sources=[source])

@@ -1,0 +1,72 @@
+"""A minimal zip writer for torch's archive layout: stored (uncompressed) records, each record's
+data aligned to 64 bytes as torch's own writer does (so torch can memory-map it), fixed
+timestamps, zip64 where sizes demand it. Deterministic by construction."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import BinaryIO, Iterable
+
+ALIGN = 64
+_DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01, the zip epoch: no wall-clock time in the file
+_U32 = 0xFFFFFFFF
+_PAD_ID = b"FB"  # the padding extra field torch's writer uses
+
+
+class ZipWriter:
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self._entries: list[tuple[bytes, int, int, int]] = []  # name, crc, size, header offset
+
+    def add(self, name: str, chunks: Iterable[bytes | memoryview], size: int) -> None:
+        """Write one record of `size` bytes, streamed from `chunks`."""
+        f = self._f
+        raw_name = name.encode("utf-8")
+        offset = f.tell()
+        zip64 = size >= _U32
+        extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
+        used = offset + 30 + len(raw_name) + len(extra) + 4
+        pad = (-used) % ALIGN
+        extra += _PAD_ID + struct.pack("<H", pad) + b"Z" * pad
+        small = _U32 if zip64 else size
+        f.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if zip64 else 20, 0, 0, 0, _DOS_DATE,
+                            0, small, small, len(raw_name), len(extra)))
+        f.write(raw_name + extra)
+        crc, written = 0, 0
+        for chunk in chunks:
+            crc = zlib.crc32(chunk, crc)
+            written += len(chunk)
+            f.write(chunk)
+        if written != size:
+            raise ValueError(f"record {name}: wrote {written} bytes, expected {size}")
+        end = f.tell()
+        f.seek(offset + 14)
+        f.write(struct.pack("<I", crc))
+        f.seek(end)
+        self._entries.append((raw_name, crc, size, offset))
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        self.add(name, [data], len(data))
+
+    def close(self) -> None:
+        f = self._f
+        start = f.tell()
+        for raw_name, crc, size, offset in self._entries:
+            big = size >= _U32 or offset >= _U32
+            extra = b""
+            if big:
+                extra = struct.pack("<HHQQQ", 1, 24, size, size, offset)
+            small = _U32 if big else size
+            f.write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 0x031E, 45 if big else 20, 0, 0, 0,
+                                _DOS_DATE, crc, small, small, len(raw_name), len(extra), 0, 0, 0, 0,
+                                _U32 if big else offset))
+            f.write(raw_name + extra)
+        end = f.tell()
+        count, cd_size = len(self._entries), end - start
+        if count >= 0xFFFF or start >= _U32 or cd_size >= _U32:
+            f.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 0x031E, 45, 0, 0, count, count, cd_size, start))
+            f.write(struct.pack("<IIQI", 0x07064B50, 0, end, 1))
+            f.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, _U32, _U32, 0))
+        else:
+            f.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, cd_size, start, 0))
