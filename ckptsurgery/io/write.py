@@ -205,8 +205,8 @@ def torch_payload(checkpoint, tensors: dict[str, TensorRef]) -> Any:
     if obj is None or root == "" or not isinstance(obj, dict):
         return state
     out = type(obj)()
-    if vars(obj):
-        out.__dict__.update(vars(obj))
+    if getattr(obj, "__dict__", None):
+        out.__dict__.update(obj.__dict__)
     for key, value in obj.items():
         out[key] = state if key == root else value
     return out

@@ -1,0 +1,37 @@
+"""The command line: a thin Typer layer over `ckptsurgery.ops`. One module per command."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from ..errors import CkptError
+
+app = typer.Typer(
+    name="ckptsurgery",
+    help="PyTorch checkpoint surgery: inspect, convert and edit .pth and .safetensors files "
+         "without running the code pickled inside them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+from . import convert as _convert  # noqa: E402  (commands register themselves on `app`)
+from . import inspect as _inspect  # noqa: E402
+
+
+def main() -> None:
+    """Entry point: known failures become one line on stderr and exit code 1."""
+    try:
+        app()
+    except CkptError as e:
+        sys.stderr.write(f"ckptsurgery: error: {e}\n")
+        sys.exit(1)
+    except Exception as e:  # a bug or an input we did not foresee: still no traceback by default
+        if os.environ.get("CKPTSURGERY_DEBUG"):
+            raise
+        sys.stderr.write(f"ckptsurgery: error: {type(e).__name__}: {e} "
+                         f"(set CKPTSURGERY_DEBUG=1 for a traceback)\n")
+        sys.exit(1)

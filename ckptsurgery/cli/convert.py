@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .. import ops
+from . import app
+from .common import DryRunOpt, ForceOpt, JsonOpt, OutputOpt, QuietOpt, RootOpt, human_bytes, note, print_json, progress_bar
+
+
+@app.command()
+def convert(
+    input: Annotated[str, typer.Argument(help="Checkpoint to read (.pth/.pt/.bin/.ckpt, .safetensors, index or folder).")],
+    output: OutputOpt,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Cast floating tensors: fp32, fp16 or bf16.")] = None,
+    max_shard_size: Annotated[Optional[str], typer.Option(
+        "--max-shard-size", help="Write Hugging Face-style shards of at most this size (e.g. 2GB) and an index.")] = None,
+    root: RootOpt = None,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Convert between .pth and .safetensors, bit-exact unless --dtype asks for a cast."""
+    with progress_bar(quiet or json) as progress:
+        report = ops.convert(input, output, root=root, dtype=dtype, max_shard_size=max_shard_size,
+                             force=force, dry_run=dry_run, progress=progress)
+    if json:
+        print_json(report)
+        return
+    verb = "would write" if dry_run else "wrote"
+    summary = f"{verb} {', '.join(report['files'])}: {report['tensors']} tensors, {human_bytes(report['total_bytes'])}"
+    if report["tied"]:
+        summary += f"; {len(report['tied'])} tied name(s) stored once"
+    if dry_run:
+        print(summary)
+    else:
+        note(summary, quiet)
+    if report["left_out"]:
+        note(f"left out (safetensors holds tensors only): {', '.join(report['left_out'])}", quiet)

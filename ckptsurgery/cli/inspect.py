@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .. import ops
+from ..io import open_checkpoint
+from . import app
+from .common import JsonOpt, QuietOpt, RootOpt, human_bytes, note, print_json, progress_bar, stdout_console
+
+
+@app.command()
+def inspect(
+    input: Annotated[str, typer.Argument(help="Checkpoint to read (.pth/.pt/.bin/.ckpt, .safetensors, index or folder).")],
+    keys: Annotated[Optional[list[str]], typer.Option(
+        "--keys", help="Only keys matching PATTERN (glob, module name, or re:REGEX); repeatable.")] = None,
+    tree: Annotated[bool, typer.Option("--tree", help="Per-module summary; numbered repeats folded.")] = False,
+    depth: Annotated[Optional[int], typer.Option("--depth", min=1, help="Levels shown by --tree.")] = None,
+    stats: Annotated[bool, typer.Option("--stats", help="min/max/mean/std and NaN/Inf counts (reads data).")] = False,
+    root: RootOpt = None,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """List a checkpoint's tensors (reads headers only, unless --stats)."""
+    with open_checkpoint(input, root) as ckpt:
+        report = ops.inspect_report(ckpt, keys)
+        if stats:
+            with progress_bar(quiet or json) as progress:
+                tick = progress(report["total_bytes"], "reading tensors") if progress else None
+                for entry in report["tensors"]:
+                    t = ckpt.tensors[entry["name"]]
+                    entry.update(ops.tensor_stats(t))
+                    if tick:
+                        tick(t.nbytes)
+        if tree:
+            chosen = {e["name"]: ckpt.tensors[e["name"]] for e in report["tensors"]}
+            report["tree"] = ops.module_tree(chosen, depth)
+    if json:
+        print_json(report)
+        return
+    if report["inert"]:
+        note(f"left inert (not run): {', '.join(report['inert'])}", quiet)
+    _print_human(report, tree, stats)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _print_human(report: dict, tree: bool, stats: bool) -> None:
+    from rich.table import Table
+
+    console = stdout_console()
+    console.print(f"[bold]{report['path']}[/bold]  format={report['format']}"
+                  + (f"  root={report['root']!r}" if report["root"] is not None else ""))
+    if report["extras"]:
+        console.print("extras: " + ", ".join(f"{k} ({v})" for k, v in report["extras"].items()), markup=False)
+    if report["metadata"]:
+        console.print("metadata: " + ", ".join(f"{k}={v}" for k, v in report["metadata"].items()), markup=False)
+    if tree:
+        _print_tree(console, report["tree"])
+    else:
+        table = Table(show_edge=False, pad_edge=False, box=None)
+        for column in ("name", "dtype", "shape", "params", "size"):
+            table.add_column(column, justify="right" if column in ("params", "size") else "left")
+        stat_keys = ("min", "max", "mean", "std", "nan", "inf") if stats else ()
+        for column in stat_keys:
+            table.add_column(column, justify="right")
+        table.add_column("note")
+        for t in report["tensors"]:
+            notes = []
+            if t["shares_with"]:
+                notes.append(f"shares {t['shares_with']}")
+            if t.get("contiguous") is False:
+                notes.append("non-contiguous view")
+            if t["requires_grad"] is False:
+                notes.append("frozen")
+            params = 1
+            for s in t["shape"]:
+                params *= s
+            table.add_row(t["name"], t["dtype"], str(tuple(t["shape"])), f"{params:,}", human_bytes(t["nbytes"]),
+                          *(_fmt(t[k]) for k in stat_keys), ", ".join(notes))
+        console.print(table)
+    console.print(f"{len(report['tensors'])} tensors, {report['total_params']:,} parameters, "
+                  f"{human_bytes(report['total_bytes'])}")
+
+
+def _print_tree(console, rows: list[dict]) -> None:
+    from rich.markup import escape
+    from rich.tree import Tree
+
+    top = Tree("[dim](checkpoint)[/dim]")
+    stack = [top]
+    for row in rows:
+        del stack[row["depth"] + 1 :]
+        n = row["repeat"]
+        each = f"{n} × " if n > 1 else ""  # a folded row's children describe one member
+        label = (f"[bold]{escape(row['label'])}[/bold]  {each}{row['params'] // n:,} params  "
+                 f"{each}{human_bytes(row['bytes'] // n)}")
+        if "shape" in row:
+            label += f"  [dim]{row['dtype']} {tuple(row['shape'])}[/dim]"
+        stack.append(stack[-1].add(label))
+    console.print(top)
