@@ -157,6 +157,8 @@ _SAME_SIZE_INT = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
 
 def _gather(t: TensorRef) -> bytearray:
     """Copy a strided view into row-major bytes (imports torch; only non-contiguous views need it)."""
+    import warnings
+
     import torch
 
     size = t.dtype.itemsize
@@ -165,7 +167,9 @@ def _gather(t: TensorRef) -> bytearray:
         return out
     raw = t.storage.view()
     as_int = getattr(torch, _SAME_SIZE_INT[size])  # move whole elements as same-width integers
-    src = torch.frombuffer(raw, dtype=as_int).as_strided(t.shape, t.stride, t.offset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that an mmap'd buffer is read-only; we only read
+        src = torch.frombuffer(raw, dtype=as_int).as_strided(t.shape, t.stride, t.offset)
     torch.frombuffer(out, dtype=as_int).view(t.shape).copy_(src)
     return out
 

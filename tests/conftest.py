@@ -1,0 +1,192 @@
+"""Fixtures build tiny checkpoints in tmp_path, in every format the tool reads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from ckptsurgery.cli import main
+
+
+class Net(nn.Module):
+    """The fine-tuning model of DESIGN.md: liner1 and liner10 test the module-name patterns."""
+
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.liner1 = nn.Linear(4, 5)
+        self.liner10 = nn.Linear(5, classes)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x)).mean((2, 3))
+        return self.liner10(torch.relu(self.liner1(x)))
+
+
+@pytest.fixture
+def net() -> Net:
+    torch.manual_seed(0)
+    return Net()
+
+
+@pytest.fixture
+def state_dict(net) -> OrderedDict:
+    return net.state_dict()
+
+
+@pytest.fixture
+def zip_pth(tmp_path, state_dict):
+    path = tmp_path / "model.pth"
+    torch.save(state_dict, path)
+    return path
+
+
+@pytest.fixture
+def legacy_pth(tmp_path, state_dict):
+    path = tmp_path / "legacy.pth"
+    torch.save(state_dict, path, _use_new_zipfile_serialization=False)
+    return path
+
+
+@pytest.fixture
+def nested_pth(tmp_path, net):
+    """A training checkpoint: state dict under "state_dict", optimizer state beside it."""
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.randn(2, 3, 5, 5)).sum().backward()
+    opt.step()
+    path = tmp_path / "train.ckpt"
+    torch.save({"epoch": 7, "state_dict": net.state_dict(), "optimizer": opt.state_dict(),
+                "best": 0.25, "tag": b"\x00\xffbytes"}, path)
+    return path
+
+
+@pytest.fixture
+def safetensors_file(tmp_path, state_dict):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file(dict(state_dict), str(path), metadata={"source": "test"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def pickled_module(tmp_path_factory):
+    """`torch.save(model)` of a class that lives only in a script the tool cannot import; one
+    layer frozen and one non-persistent buffer, to check the walk matches model.state_dict()."""
+    folder = tmp_path_factory.mktemp("usercode")
+    script = folder / "train_secret.py"
+    script.write_text(textwrap.dedent("""
+        import json, sys, torch
+        from torch import nn
+        class SecretNet(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+                self.head = nn.Linear(4, 2)
+                self.register_buffer("scratch", torch.zeros(3), persistent=False)
+                self.register_buffer("scale", torch.ones(1))
+        torch.manual_seed(0)
+        m = SecretNet()
+        for p in m.features.parameters():
+            p.requires_grad = False
+        torch.save(m, sys.argv[1])
+        sd = m.state_dict()
+        json.dump({"names": list(sd), "frozen": [n for n, p in m.named_parameters() if not p.requires_grad]},
+                  open(sys.argv[2], "w"))
+        torch.save(sd, sys.argv[3])
+    """))
+    path, truth, sd_path = folder / "whole.pth", folder / "truth.json", folder / "sd.pth"
+    subprocess.run([sys.executable, str(script), str(path), str(truth), str(sd_path)], check=True, cwd=folder)
+    return path, json.loads(truth.read_text()), sd_path
+
+
+@pytest.fixture
+def gpu_tagged_pth(tmp_path, state_dict, monkeypatch):
+    """Storages tagged cuda:0, as a checkpoint saved on a GPU is (this machine has none)."""
+    import torch.serialization as ser
+
+    path = tmp_path / "gpu.pth"
+    monkeypatch.setattr(ser, "location_tag", lambda storage: "cuda:0")
+    torch.save(state_dict, path)
+    monkeypatch.undo()
+    return path
+
+
+@pytest.fixture
+def tied_pth(tmp_path):
+    torch.manual_seed(0)
+    emb = nn.Embedding(6, 4)
+    sd = OrderedDict([("embed.weight", emb.weight.data), ("mid.weight", torch.randn(4, 4)),
+                      ("lm_head.weight", emb.weight.data)])
+    path = tmp_path / "tied.pth"
+    torch.save(sd, path)
+    return path
+
+
+@pytest.fixture
+def odd_tensors_pth(tmp_path):
+    """bf16, fp16, int, bool, a 0-d tensor, an empty tensor and a non-contiguous view."""
+    torch.manual_seed(0)
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    sd = OrderedDict([
+        ("bf", torch.randn(3, 5).to(torch.bfloat16)),
+        ("half", torch.randn(4).half()),
+        ("ids", torch.arange(5)),
+        ("mask", torch.tensor([True, False, True])),
+        ("scalar", torch.tensor(3.5)),
+        ("empty", torch.zeros(0, 3)),
+        ("transposed", base.t()),
+    ])
+    path = tmp_path / "odd.pth"
+    torch.save(sd, path)
+    return path
+
+
+class Result:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+    def json(self):
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run the real entry point (`ckptsurgery.cli:main`) in-process."""
+
+    def run(*args) -> Result:
+        monkeypatch.setattr(sys, "argv", ["ckptsurgery", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def load_any(path):
+    """The reference reader: what torch or safetensors themselves load."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a: dict, b: dict, ordered: bool = True) -> None:
+    assert (list(a) == list(b)) if ordered else (sorted(a) == sorted(b))
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert a[name].shape == b[name].shape, name
+        assert torch.equal(a[name], b[name]), name

@@ -1,0 +1,172 @@
+"""The reader layer against torch's own loader, format by format."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ckptsurgery import open_checkpoint
+from ckptsurgery.errors import CkptError
+from ckptsurgery.io import detect_format
+
+
+def as_torch(ckpt):
+    return {name: t.to_torch() for name, t in ckpt.tensors.items()}
+
+
+def test_zip_state_dict_matches_torch_load(zip_pth, state_dict):
+    with open_checkpoint(zip_pth) as ckpt:
+        assert ckpt.format == "torch-zip" and ckpt.root == "" and ckpt.inert == []
+        got = as_torch(ckpt)
+    assert list(got) == list(state_dict)
+    for name in state_dict:
+        assert torch.equal(got[name], state_dict[name]) and got[name].dtype == state_dict[name].dtype
+
+
+def test_legacy_format_matches(legacy_pth, state_dict):
+    assert detect_format(str(legacy_pth)) == "torch-legacy"
+    with open_checkpoint(legacy_pth) as ckpt:
+        assert ckpt.format == "torch-legacy"
+        got = as_torch(ckpt)
+    for name in state_dict:
+        assert torch.equal(got[name], state_dict[name])
+
+
+def test_format_comes_from_bytes_not_extension(tmp_path, state_dict):
+    odd = tmp_path / "weights.safetensors"  # really a torch zip
+    torch.save(state_dict, odd)
+    with open_checkpoint(odd) as ckpt:
+        assert ckpt.format == "torch-zip"
+
+
+def test_nested_checkpoint_root_detected_and_extras(nested_pth, net):
+    with open_checkpoint(nested_pth) as ckpt:
+        assert ckpt.root == "state_dict"
+        assert list(ckpt.tensors) == list(net.state_dict())
+        assert ckpt.obj["epoch"] == 7 and ckpt.obj["tag"] == b"\x00\xffbytes"
+
+
+def test_root_override_and_errors(nested_pth, zip_pth):
+    with open_checkpoint(nested_pth, root="state_dict") as ckpt:
+        assert ckpt.root == "state_dict"
+    with pytest.raises(CkptError, match="no key 'model'"):
+        open_checkpoint(nested_pth, root="model")
+    with pytest.raises(CkptError, match="does not hold a state dict"):
+        open_checkpoint(nested_pth, root="epoch")
+    with pytest.raises(CkptError, match="does not hold a state dict"):
+        open_checkpoint(nested_pth, root="")
+    with open_checkpoint(zip_pth, root="") as ckpt:
+        assert ckpt.root == ""
+
+
+@pytest.mark.parametrize("key", ["model", "model_state", "state_dict_ema", "my_weights"])
+def test_root_detection_keys(tmp_path, state_dict, key):
+    path = tmp_path / "n.pth"
+    torch.save({key: state_dict, "step": 3}, path)
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.root == key and len(ckpt.tensors) == len(state_dict)
+
+
+def test_whole_pickled_module_without_its_class(pickled_module):
+    path, truth, _ = pickled_module
+    with open_checkpoint(path) as ckpt:
+        assert list(ckpt.tensors) == truth["names"]  # same names, same order as model.state_dict()
+        assert "scratch" not in ckpt.tensors  # non-persistent buffer
+        assert "__main__.SecretNet" in ckpt.inert
+        frozen = [n for n, t in ckpt.tensors.items() if t.requires_grad is False]
+        assert frozen == truth["frozen"]
+        assert ckpt.tensors["head.weight"].requires_grad is True
+        assert ckpt.tensors["scale"].requires_grad is None  # a buffer is a plain tensor
+
+
+def test_gpu_tagged_storages_load_on_cpu(gpu_tagged_pth, state_dict):
+    with pytest.raises(RuntimeError):  # proves the file really is tagged for a GPU
+        torch.load(gpu_tagged_pth, weights_only=True)
+    with open_checkpoint(gpu_tagged_pth) as ckpt:
+        assert torch.equal(ckpt.tensors["liner1.weight"].to_torch(), state_dict["liner1.weight"])
+
+
+def test_tied_weights_share(tied_pth):
+    with open_checkpoint(tied_pth) as ckpt:
+        shares = ckpt.shares_with()
+    assert shares == {"embed.weight": None, "mid.weight": None, "lm_head.weight": "embed.weight"}
+
+
+def test_bf16_noncontiguous_and_odd_tensors(odd_tensors_pth):
+    ref = torch.load(odd_tensors_pth, weights_only=True)
+    with open_checkpoint(odd_tensors_pth) as ckpt:
+        assert not ckpt.tensors["transposed"].is_contiguous
+        assert ckpt.tensors["bf"].dtype.name == "bfloat16"
+        for name, t in ckpt.tensors.items():
+            got = t.to_torch()
+            assert got.dtype == ref[name].dtype and torch.equal(got, ref[name]), name
+
+
+def test_safetensors_reader(safetensors_file, state_dict):
+    with open_checkpoint(safetensors_file) as ckpt:
+        assert ckpt.format == "safetensors" and ckpt.metadata == {"source": "test"}
+        for name in state_dict:
+            assert torch.equal(ckpt.tensors[name].to_torch(), state_dict[name])
+
+
+def _shard(tmp_path, state_dict, kind):
+    names = list(state_dict)
+    half = len(names) // 2
+    parts = {f"part-1.{kind}": names[:half], f"part-2.{kind}": names[half:]}
+    for file, keys in parts.items():
+        sub = {k: state_dict[k] for k in keys}
+        if kind == "safetensors":
+            save_file(sub, str(tmp_path / file))
+        else:
+            torch.save(sub, tmp_path / file)
+    index = {"metadata": {"total_size": 1}, "weight_map": {k: f for f, ks in parts.items() for k in ks}}
+    (tmp_path / f"model.{kind}.index.json").write_text(json.dumps(index))
+    return tmp_path / f"model.{kind}.index.json"
+
+
+@pytest.mark.parametrize("kind, fmt", [("safetensors", "sharded-safetensors"), ("bin", "sharded-torch")])
+def test_sharded_index_and_folder(tmp_path, state_dict, kind, fmt):
+    index = _shard(tmp_path, state_dict, kind)
+    for path in (index, tmp_path):
+        with open_checkpoint(path) as ckpt:
+            assert ckpt.format == fmt and list(ckpt.tensors) == list(state_dict)
+            assert torch.equal(ckpt.tensors["bn.running_var"].to_torch(), state_dict["bn.running_var"])
+
+
+def test_sharded_index_naming_a_missing_tensor(tmp_path, state_dict):
+    index = _shard(tmp_path, state_dict, "safetensors")
+    doc = json.loads(index.read_text())
+    doc["weight_map"]["ghost"] = "part-1.safetensors"
+    index.write_text(json.dumps(doc))
+    with pytest.raises(CkptError, match="'ghost' is not in its shard"):
+        open_checkpoint(index)
+
+
+def test_listing_reads_no_tensor_data(tmp_path):
+    """A 1 GiB sparse tensor: listing it must not fault its pages in (peak RSS stays small)."""
+    header = json.dumps({"big": {"dtype": "F32", "shape": [2**28], "data_offsets": [0, 2**30]}}).encode()
+    header += b" " * (-len(header) % 8)
+    path = tmp_path / "big.safetensors"
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + 2**30)
+    # VmHWM, not ru_maxrss: the latter survives exec and would report pytest's own size
+    code = ("import sys; from ckptsurgery.cli import main; sys.argv=['c','inspect',sys.argv[1],'--json']\n"
+            "try: main()\nexcept SystemExit: pass\n"
+            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1], file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert json.loads(done.stdout)["total_bytes"] == 2**30
+    assert int(done.stderr.split()[-1]) < 200_000  # KiB: far below the tensor's 1 GiB
+
+
+@pytest.mark.parametrize("fixture", ["zip_pth", "safetensors_file"])
+def test_inspect_does_not_import_torch(request, fixture):
+    path = request.getfixturevalue(fixture)
+    code = ("import sys; from ckptsurgery.cli import main; sys.argv=['ckptsurgery','inspect',sys.argv[1],'--json'];"
+            "\ntry: main()\nexcept SystemExit: pass\nassert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["total_params"] > 0
