@@ -208,7 +208,8 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: st
             _write(path, fmt, ckpt, part, cast, tick, whole=False)
             written.append(path)
             weight_map.update((n, os.path.basename(path)) for n in part)
-        body = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        # key order, not sorted as Hugging Face writes it: reading back keeps the model's order
+        body = {"metadata": {"total_size": total}, "weight_map": {n: weight_map[n] for n in tensors}}
         with atomic_output(index) as f:
             f.write((json.dumps(body, indent=2) + "\n").encode())
     except BaseException:

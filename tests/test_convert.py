@@ -1,0 +1,201 @@
+"""`convert` through the real entry point: round trips, casts, ties, shards, determinism."""
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import assert_same_tensors, load_any
+
+
+def digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.mark.parametrize("fixture", ["zip_pth", "legacy_pth", "odd_tensors_pth", "gpu_tagged_pth"])
+def test_pth_to_safetensors_and_back_bit_exact(cli, tmp_path, request, fixture):
+    src = request.getfixturevalue(fixture)
+    ref = torch.load(src, map_location="cpu", weights_only=True)
+    st, back = tmp_path / "out.safetensors", tmp_path / "back.pth"
+    assert cli("convert", src, "-o", st).code == 0
+    assert_same_tensors(ref, load_any(st), ordered=False)
+    with safe_open(str(st), "pt") as f:
+        assert f.metadata()["format"] == "pt"
+        assert list(f.keys()) == sorted(ref)  # safetensors lists sorted; our header keeps order
+    assert cli("convert", st, "-o", back).code == 0
+    assert_same_tensors(ref, load_any(back))
+
+
+def test_whole_module_converts_to_state_dict(cli, tmp_path, pickled_module):
+    path, truth, sd_path = pickled_module
+    out = tmp_path / "sd.safetensors"
+    assert cli("convert", path, "-o", out).code == 0
+    assert_same_tensors(torch.load(sd_path, weights_only=True), load_any(out), ordered=False)
+    pth = tmp_path / "sd.pth"
+    assert cli("convert", path, "-o", pth).code == 0
+    loaded = load_any(pth)  # weights_only=True: the user's class is not needed any more
+    assert list(loaded) == truth["names"]
+
+
+def test_nested_carried_through_to_pth(cli, tmp_path, nested_pth):
+    out = tmp_path / "copy.ckpt"
+    assert cli("convert", nested_pth, "-o", out).code == 0
+    a = torch.load(nested_pth, weights_only=True)
+    b = torch.load(out, weights_only=True)
+    assert list(a) == list(b) and a["epoch"] == b["epoch"] and a["best"] == b["best"] and a["tag"] == b["tag"]
+    assert_same_tensors(a["state_dict"], b["state_dict"])
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    for key, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][key][name])
+
+
+def test_nested_to_safetensors_reports_left_out(cli, tmp_path, nested_pth):
+    out = tmp_path / "w.safetensors"
+    result = cli("convert", nested_pth, "-o", out, "--json")
+    assert result.code == 0
+    report = result.json()
+    assert report["root"] == "state_dict"
+    assert report["left_out"] == ["epoch", "optimizer", "best", "tag"]
+    human = cli("convert", nested_pth, "-o", tmp_path / "x.safetensors")
+    assert "left out" in human.err and "optimizer" in human.err and human.out == ""
+
+
+def test_state_dict_metadata_survives(cli, tmp_path, zip_pth, net):
+    out = tmp_path / "again.pth"
+    cli("convert", zip_pth, "-o", out)
+    loaded = torch.load(out, weights_only=True)
+    assert loaded._metadata == net.state_dict()._metadata
+    net.load_state_dict(loaded, strict=True)
+
+
+@pytest.mark.parametrize("flag, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_dtype_casts_floating_only(cli, tmp_path, odd_tensors_pth, flag, dtype, suffix):
+    out = tmp_path / f"cast{suffix}"
+    assert cli("convert", odd_tensors_pth, "-o", out, "--dtype", flag).code == 0
+    ref = torch.load(odd_tensors_pth, weights_only=True)
+    got = load_any(out)
+    for name, value in ref.items():
+        if value.is_floating_point():
+            assert got[name].dtype == dtype and torch.equal(got[name], value.to(dtype)), name
+        else:
+            assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
+
+
+def test_bad_dtype_is_usage_error(cli, tmp_path, zip_pth):
+    result = cli("convert", zip_pth, "-o", tmp_path / "x.pth", "--dtype", "fp8")
+    assert result.code == 1 and "choose one of fp32, fp16, bf16" in result.err
+
+
+def test_tied_weights_stored_once_and_restored(cli, tmp_path, tied_pth):
+    st, back = tmp_path / "tied.safetensors", tmp_path / "back.pth"
+    report = cli("convert", tied_pth, "-o", st, "--json").json()
+    assert report["tied"] == {"lm_head.weight": "embed.weight"}
+    with safe_open(str(st), "pt") as f:
+        assert sorted(f.keys()) == ["embed.weight", "mid.weight"]
+    assert cli("convert", st, "-o", back).code == 0
+    restored = torch.load(back, weights_only=True)
+    assert list(restored) == ["embed.weight", "mid.weight", "lm_head.weight"]
+    assert restored["lm_head.weight"].data_ptr() == restored["embed.weight"].data_ptr()
+    listing = cli("inspect", st, "--json").json()
+    assert [t["shares_with"] for t in listing["tensors"]] == [None, None, "embed.weight"]
+
+
+def test_noncontiguous_written_contiguous(cli, tmp_path, odd_tensors_pth):
+    out = tmp_path / "o.safetensors"
+    cli("convert", odd_tensors_pth, "-o", out)
+    got = load_any(out)["transposed"]
+    assert got.is_contiguous() and torch.equal(got, torch.arange(12.0).reshape(3, 4).t())
+
+
+def test_refuses_to_overwrite_without_force(cli, tmp_path, zip_pth):
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"precious")
+    result = cli("convert", zip_pth, "-o", out)
+    assert result.code == 1 and "--force" in result.err and out.read_bytes() == b"precious"
+    assert cli("convert", zip_pth, "-o", out, "--force").code == 0
+    assert load_any(out)
+
+
+def test_dry_run_writes_nothing(cli, tmp_path, zip_pth):
+    out = tmp_path / "o.safetensors"
+    result = cli("convert", zip_pth, "-o", out, "--dry-run")
+    assert result.code == 0 and "would write" in result.out and not out.exists()
+    assert cli("convert", zip_pth, "-o", out, "--dry-run", "--json").json()["dry_run"] is True
+    assert os.listdir(tmp_path) == ["model.pth"]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_deterministic_bytes(cli, tmp_path, nested_pth, suffix):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = tmp_path / "a" / f"x{suffix}", tmp_path / "b" / f"y{suffix}"
+    cli("convert", nested_pth, "-o", first)
+    cli("convert", nested_pth, "-o", second)
+    assert digest(first) == digest(second)
+    cli("convert", nested_pth, "-o", first, "--force")
+    assert digest(first) == digest(second)
+
+
+@pytest.mark.parametrize("suffix, pattern", [(".safetensors", "model-{:05d}-of-{:05d}.safetensors"),
+                                             (".bin", "model-{:05d}-of-{:05d}.bin")])
+def test_sharded_output(cli, tmp_path, zip_pth, suffix, pattern):
+    out = tmp_path / "out" / f"model{suffix}"
+    out.parent.mkdir()
+    report = cli("convert", zip_pth, "-o", out, "--max-shard-size", "200B", "--json").json()
+    count = report["shards"]
+    assert count > 2
+    names = sorted(os.listdir(out.parent))
+    expected = sorted([pattern.format(i, count) for i in range(1, count + 1)] + [f"model{suffix}.index.json"])
+    assert names == expected
+    index = json.loads((out.parent / f"model{suffix}.index.json").read_text())
+    ref = torch.load(zip_pth, weights_only=True)
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in ref.values())
+    assert sorted(index["weight_map"]) == sorted(ref)
+    for name, shard in index["weight_map"].items():  # every shard loads with the reference loader
+        assert torch.equal(load_any(out.parent / shard)[name], ref[name])
+    listing = cli("inspect", out.parent, "--json").json()  # and reads back as one checkpoint
+    assert listing["format"].startswith("sharded-") and listing["total_params"] == sum(v.numel() for v in ref.values())
+
+
+def test_tensor_bigger_than_shard_gets_its_own(cli, tmp_path, zip_pth):
+    out = tmp_path / "m.safetensors"
+    report = cli("convert", zip_pth, "-o", out, "--max-shard-size", "1", "--json").json()
+    assert report["shards"] == len(torch.load(zip_pth, weights_only=True))
+
+
+def test_single_shard_writes_plain_file(cli, tmp_path, zip_pth):
+    out = tmp_path / "m.safetensors"
+    report = cli("convert", zip_pth, "-o", out, "--max-shard-size", "10GB", "--json").json()
+    assert report["files"] == [str(out)] and "shards" not in report
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors", "model.pth"]
+
+
+def test_sharded_input_converts_to_one_file(cli, tmp_path, zip_pth):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    cli("convert", zip_pth, "-o", shards / "model.safetensors", "--max-shard-size", "300B")
+    assert cli("convert", shards, "-o", tmp_path / "one.pth").code == 0
+    assert_same_tensors(torch.load(zip_pth, weights_only=True), load_any(tmp_path / "one.pth"))
+
+
+def test_unknown_output_extension(cli, tmp_path, zip_pth):
+    result = cli("convert", zip_pth, "-o", tmp_path / "out.npz")
+    assert result.code == 1 and "end the name with .safetensors" in result.err
+
+
+def test_failed_write_leaves_no_file(cli, tmp_path, zip_pth, monkeypatch):
+    """A write that fails halfway (here: the disk 'fills') leaves neither output nor temp file."""
+    import ckptsurgery.io.write as write
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(write, "_copy_range", disk_full)
+    result = cli("convert", zip_pth, "-o", tmp_path / "o.safetensors")
+    assert result.code == 1 and "No space left" in result.err and "Traceback" not in result.err
+    assert os.listdir(tmp_path) == ["model.pth"]
