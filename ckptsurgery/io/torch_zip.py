@@ -47,11 +47,11 @@ def read_torch_zip(path: str, root: str | None) -> Checkpoint:
         raise CkptError(f"{path}: broken zip archive ({e})") from None
     with archive:
         entries = {info.filename: info for info in archive.infolist()}
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in entries):
+            raise CkptError(f"{path}: a TorchScript archive (torch.jit.save), not a torch.save "
+                            f"checkpoint; load it with torch.jit.load and save its state_dict()")
         pickles = [n for n in entries if n.endswith("data.pkl") and n.count("/") <= 1]
         if len(pickles) != 1:
-            if any(n.endswith("constants.pkl") or "/code/" in n for n in entries):
-                raise CkptError(f"{path}: a TorchScript archive (torch.jit.save), not a torch.save "
-                                f"checkpoint; load it with torch.jit.load and save its state_dict()")
             raise CkptError(f"{path}: a zip file without a torch data.pkl record")
         prefix = pickles[0][: -len("data.pkl")]
         byteorder = entries.get(prefix + "byteorder")

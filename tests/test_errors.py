@@ -1,0 +1,135 @@
+"""Broken input: exit 1, one line on stderr naming the file, no traceback, nothing written."""
+
+import json
+import os
+import struct
+import zipfile
+
+import pytest
+import torch
+
+ST_HEADER = {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+             "b": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}}
+
+
+def safetensors_bytes(header: dict, data_len: int = 24, length: int | None = None) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw) if length is None else length) + raw + b"\0" * data_len
+
+
+def assert_clean_failure(cli, tmp_path, path, expect: str):
+    out_dir = tmp_path / "outdir"
+    out_dir.mkdir(exist_ok=True)
+    for args in (["inspect", path], ["inspect", path, "--json"], ["convert", path, "-o", out_dir / "o.safetensors"],
+                 ["convert", path, "-o", out_dir / "o.pth"]):
+        result = cli(*args)
+        assert result.code == 1, (args, result.err)
+        assert result.out == ""
+        lines = result.err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.err, result.err
+        assert expect in lines[0], lines[0]
+        assert str(path) in lines[0] or not os.path.exists(path) or os.path.isdir(path)
+    assert os.listdir(out_dir) == []
+
+
+@pytest.mark.parametrize("name, content, expect", [
+    ("empty.safetensors", b"", "the file is empty"),
+    ("text.pth", b"hello, I am not a checkpoint\n", "not a checkpoint ckptsurgery can read"),
+    ("garbage.bin", bytes(range(256)) * 4, "not a checkpoint ckptsurgery can read"),
+    ("raw.pkl", b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x01.", "a bare pickle"),
+    ("past_end.safetensors", safetensors_bytes(ST_HEADER, length=10**6), "runs past the end"),
+    ("huge_len.safetensors", safetensors_bytes(ST_HEADER, length=2**63 - 5), "runs past the end"),
+    ("bad_json.safetensors", struct.pack("<Q", 12) + b'{"w": {"dtyp', "not valid JSON"),
+    ("not_object.safetensors", struct.pack("<Q", 2) + b"{}"[:1] + b"]", "not valid JSON"),
+    ("dtype.safetensors", safetensors_bytes({"w": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}}, 8),
+     "unknown dtype 'F33'"),
+    ("negative.safetensors", safetensors_bytes({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, 8),
+     "non-negative"),
+    ("overlap.safetensors", safetensors_bytes(
+        {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+         "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, 16), "overlaps"),
+    ("gap.safetensors", safetensors_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, 16),
+     "gap"),
+    ("range.safetensors", safetensors_bytes({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 8),
+     "outside"),
+    ("size.safetensors", safetensors_bytes({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8),
+     "8 bytes for 3 float32 elements"),
+    ("truncated.safetensors", safetensors_bytes(ST_HEADER)[:-5], "outside"),
+    ("bad_meta.safetensors", safetensors_bytes({"__metadata__": {"a": 1}, **ST_HEADER}), "__metadata__"),
+])
+def test_broken_safetensors_and_garbage(cli, tmp_path, name, content, expect):
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert_clean_failure(cli, tmp_path, path, expect)
+
+
+def test_missing_path_and_folder_without_index(cli, tmp_path):
+    assert_clean_failure(cli, tmp_path, tmp_path / "nope.pth", "no such file")
+    empty = tmp_path / "emptydir"
+    empty.mkdir()
+    assert_clean_failure(cli, tmp_path, empty, "no *.index.json")
+
+
+def _rewrite_zip(src, dst, change):
+    """Copy a torch zip record by record; `change(name, data)` returns new data or None to drop."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = change(info.filename, zin.read(info))
+            if data is not None:
+                zout.writestr(info.filename, data)
+
+
+def test_zip_record_shorter_than_tensor(cli, tmp_path, zip_pth):
+    bad = tmp_path / "short.pth"
+    _rewrite_zip(zip_pth, bad, lambda n, d: d[:-4] if n.endswith("data/0") else d)
+    assert_clean_failure(cli, tmp_path, bad, "shorter than its")
+
+
+def test_zip_missing_record(cli, tmp_path, zip_pth):
+    bad = tmp_path / "missing.pth"
+    _rewrite_zip(zip_pth, bad, lambda n, d: None if n.endswith("data/1") else d)
+    assert_clean_failure(cli, tmp_path, bad, "data/1 is missing")
+
+
+def test_zip_without_data_pkl(cli, tmp_path, zip_pth):
+    bad = tmp_path / "nopkl.pth"
+    _rewrite_zip(zip_pth, bad, lambda n, d: None if n.endswith("data.pkl") else d)
+    assert_clean_failure(cli, tmp_path, bad, "without a torch data.pkl")
+
+
+def test_zip_with_broken_pickle(cli, tmp_path, zip_pth):
+    bad = tmp_path / "badpkl.pth"
+    _rewrite_zip(zip_pth, bad, lambda n, d: d[: len(d) // 2] if n.endswith("data.pkl") else d)
+    assert_clean_failure(cli, tmp_path, bad, "not a valid pickle")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_torchscript_archive_is_named(cli, tmp_path, net):
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    assert_clean_failure(cli, tmp_path, path, "TorchScript")
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9, 0.99])
+def test_truncated_zip(cli, tmp_path, zip_pth, fraction):
+    data = zip_pth.read_bytes()
+    bad = tmp_path / "cut.pth"
+    bad.write_bytes(data[: int(len(data) * fraction)])
+    assert_clean_failure(cli, tmp_path, bad, str(bad))
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.3, 0.6, 0.95])
+def test_truncated_legacy(cli, tmp_path, legacy_pth, fraction):
+    data = legacy_pth.read_bytes()
+    bad = tmp_path / "cut.pth"
+    bad.write_bytes(data[: int(len(data) * fraction)])
+    assert_clean_failure(cli, tmp_path, bad, str(bad))
+
+
+def test_safetensors_truncated_everywhere(cli, tmp_path, safetensors_file):
+    data = safetensors_file.read_bytes()
+    for cut in range(1, len(data), max(1, len(data) // 25)):
+        bad = tmp_path / "cut.safetensors"
+        bad.write_bytes(data[:cut])
+        result = cli("inspect", bad)
+        assert result.code == 1 and "Traceback" not in result.err and len(result.err.splitlines()) == 1, cut
