@@ -36,8 +36,8 @@ for i in range(26):
     for name in ("q", "k", "v", "o"):
         sd[p + f"attn.{{name}}.weight"] = torch.randn(d, d)
         sd[p + f"attn.{{name}}.bias"] = torch.randn(d)
-    sd[p + "mlp.up.weight"] = torch.randn(3 * d, d)
-    sd[p + "mlp.down.weight"] = torch.randn(d, 3 * d)
+    sd[p + "mlp.up.weight"] = torch.randn(4 * d, d)
+    sd[p + "mlp.down.weight"] = torch.randn(d, 4 * d)
     sd[p + "norm1.weight"] = torch.ones(d)
     sd[p + "norm2.weight"] = torch.ones(d)
 torch.save(sd, {pth!r})
