@@ -25,7 +25,7 @@ demo: install
 	$(BIN)/ckptsurgery inspect $(DEMO)/finetune.pth
 	$(BIN)/ckptsurgery inspect $(DEMO)/finetune.pth --tree
 	$(BIN)/ckptsurgery convert $(DEMO)/finetune.pth -o $(DEMO)/finetune.safetensors
-	$(BIN)/ckptsurgery inspect $(DEMO)/finetune.safetensors --json | head -c 600; echo
+	$(BIN)/ckptsurgery inspect $(DEMO)/finetune.safetensors --keys 'blocks.0.bn' --json
 	$(BIN)/ckptsurgery convert $(DEMO)/finetune.safetensors -o $(DEMO)/roundtrip.pth
 	$(BIN)/ckptsurgery inspect $(DEMO)/roundtrip.pth --stats --keys 'head'
 

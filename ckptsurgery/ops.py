@@ -56,7 +56,7 @@ def inspect_report(ckpt: Checkpoint, patterns: list[str] | None = None) -> dict:
                 "nbytes": t.nbytes,
                 "requires_grad": t.requires_grad,
                 "shares_with": shares[name],
-                **({} if t.is_contiguous else {"contiguous": False}),
+                "contiguous": t.is_contiguous,
             }
             for name, t in chosen.items()
         ],

@@ -21,7 +21,7 @@ def test_json_document_shape(cli, nested_pth, net):
     assert doc["total_bytes"] == sum(v.numel() * v.element_size() for v in sd.values())
     first = doc["tensors"][0]
     assert first == {"name": "conv.weight", "dtype": "float32", "shape": [4, 3, 3, 3], "nbytes": 432,
-                     "requires_grad": None, "shares_with": None}
+                     "requires_grad": None, "shares_with": None, "contiguous": True}
     assert [t["name"] for t in doc["tensors"]] == list(sd)
 
 

@@ -20,7 +20,18 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Report what would be
 
 
 def print_json(doc: dict) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    """One JSON document; a list of records (tensors, tree rows) prints one record per line."""
+    def dump(value) -> str:
+        return json.dumps(value, ensure_ascii=False)
+
+    entries = []
+    for key, value in doc.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            body = ",\n".join("    " + dump(v) for v in value)
+            entries.append(f"  {dump(key)}: [\n{body}\n  ]")
+        else:
+            entries.append(f"  {dump(key)}: {dump(value)}")
+    sys.stdout.write("{\n" + ",\n".join(entries) + "\n}\n")
 
 
 def note(message: str, quiet: bool) -> None:

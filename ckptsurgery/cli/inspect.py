@@ -76,7 +76,7 @@ def _print_human(report: dict, tree: bool, stats: bool) -> None:
             notes = []
             if t["shares_with"]:
                 notes.append(f"shares {t['shares_with']}")
-            if t.get("contiguous") is False:
+            if not t["contiguous"]:
                 notes.append("non-contiguous view")
             if t["requires_grad"] is False:
                 notes.append("frozen")
