@@ -97,6 +97,7 @@ def pickled_module(tmp_path_factory):
         for p in m.features.parameters():
             p.requires_grad = False
         torch.save(m, sys.argv[1])
+        torch.save(m, sys.argv[1] + ".legacy", _use_new_zipfile_serialization=False)
         sd = m.state_dict()
         json.dump({"names": list(sd), "frozen": [n for n, p in m.named_parameters() if not p.requires_grad]},
                   open(sys.argv[2], "w"))

@@ -70,9 +70,10 @@ def test_root_detection_keys(tmp_path, state_dict, key):
         assert ckpt.root == key and len(ckpt.tensors) == len(state_dict)
 
 
-def test_whole_pickled_module_without_its_class(pickled_module):
+@pytest.mark.parametrize("suffix", ["", ".legacy"])
+def test_whole_pickled_module_without_its_class(pickled_module, suffix):
     path, truth, _ = pickled_module
-    with open_checkpoint(path) as ckpt:
+    with open_checkpoint(f"{path}{suffix}") as ckpt:
         assert list(ckpt.tensors) == truth["names"]  # same names, same order as model.state_dict()
         assert "scratch" not in ckpt.tensors  # non-persistent buffer
         assert "__main__.SecretNet" in ckpt.inert
