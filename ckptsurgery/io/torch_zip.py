@@ -9,7 +9,7 @@ import zipfile
 from ..errors import CkptError
 from .model import Checkpoint, MappedFile, Storage
 from .tree import find_root
-from .unpickler import Global, safe_load
+from .unpickler import Global, is_inert_global, safe_load
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
 _MAX_PICKLE = 1 << 30
@@ -21,6 +21,10 @@ def storage_loader(where: str, locate):
     storages: dict[str, Storage] = {}
 
     def load(pid):
+        # the legacy format records each nn.Module class with its source code; the class
+        # itself is already an inert placeholder, and the source is never looked at
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module" and is_inert_global(pid[1]):
+            return pid[1]
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
             raise CkptError(f"unknown persistent record {str(pid)[:80]}")
         _, kind, key, _location, numel = pid[:5]
