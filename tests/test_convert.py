@@ -199,3 +199,30 @@ def test_failed_write_leaves_no_file(cli, tmp_path, zip_pth, monkeypatch):
     result = cli("convert", zip_pth, "-o", tmp_path / "o.safetensors")
     assert result.code == 1 and "No space left" in result.err and "Traceback" not in result.err
     assert os.listdir(tmp_path) == ["model.pth"]
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, lambda: SystemExit(143)], ids=["ctrl-c", "sigterm"])
+def test_interrupted_write_leaves_nothing(cli, tmp_path, zip_pth, monkeypatch, interrupt):
+    """Ctrl-C (or SIGTERM, which main() turns into the same unwinding) halfway through a write:
+    non-zero exit, no output, no temporary file; an existing output is left as it was."""
+    import ckptsurgery.io.write as write
+
+    real = write._chunks
+    calls = []
+
+    def chunks_then_interrupt(view, progress):
+        calls.append(1)
+        if len(calls) == 3:
+            raise interrupt()
+        return real(view, progress)
+
+    monkeypatch.setattr(write, "_chunks", chunks_then_interrupt)
+    result = cli("convert", zip_pth, "-o", tmp_path / "o.pth")
+    assert result.code != 0 and "Traceback" not in result.err
+    assert os.listdir(tmp_path) == ["model.pth"]
+    old = tmp_path / "old.pth"
+    old.write_bytes(b"previous output")
+    calls.clear()
+    assert cli("convert", zip_pth, "-o", old, "--force").code != 0
+    assert old.read_bytes() == b"previous output"
+    assert sorted(os.listdir(tmp_path)) == ["model.pth", "old.pth"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import typer
@@ -22,8 +23,14 @@ from . import convert as _convert  # noqa: E402  (commands register themselves o
 from . import inspect as _inspect  # noqa: E402
 
 
+def _terminate(signum, frame):
+    # SIGTERM (a CI job's timeout, `kill`) unwinds like Ctrl-C: temporary files are removed
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     """Entry point: known failures become one line on stderr and exit code 1."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except CkptError as e:
