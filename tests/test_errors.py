@@ -110,17 +110,10 @@ def test_torchscript_archive_is_named(cli, tmp_path, net):
     assert_clean_failure(cli, tmp_path, path, "TorchScript")
 
 
-@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9, 0.99])
-def test_truncated_zip(cli, tmp_path, zip_pth, fraction):
-    data = zip_pth.read_bytes()
-    bad = tmp_path / "cut.pth"
-    bad.write_bytes(data[: int(len(data) * fraction)])
-    assert_clean_failure(cli, tmp_path, bad, str(bad))
-
-
-@pytest.mark.parametrize("fraction", [0.05, 0.3, 0.6, 0.95])
-def test_truncated_legacy(cli, tmp_path, legacy_pth, fraction):
-    data = legacy_pth.read_bytes()
+@pytest.mark.parametrize("fixture", ["zip_pth", "legacy_pth"])
+@pytest.mark.parametrize("fraction", [0.05, 0.3, 0.6, 0.9, 0.99])
+def test_truncated_torch_files(cli, tmp_path, request, fixture, fraction):
+    data = request.getfixturevalue(fixture).read_bytes()
     bad = tmp_path / "cut.pth"
     bad.write_bytes(data[: int(len(data) * fraction)])
     assert_clean_failure(cli, tmp_path, bad, str(bad))
