@@ -126,3 +126,20 @@ def test_safetensors_truncated_everywhere(cli, tmp_path, safetensors_file):
         bad.write_bytes(data[:cut])
         result = cli("inspect", bad)
         assert result.code == 1 and "Traceback" not in result.err and len(result.err.splitlines()) == 1, cut
+
+
+def test_unknown_storage_dtype_in_zip(cli, tmp_path, zip_pth):
+    bad = tmp_path / "dtype.pth"
+    _rewrite_zip(zip_pth, bad, lambda n, d: d.replace(b"FloatStorage", b"FloatStorXge") if n.endswith("data.pkl") else d)
+    assert_clean_failure(cli, tmp_path, bad, "unknown storage type torch.FloatStorXge")
+
+
+def test_view_reaching_past_its_storage(cli, tmp_path):
+    import re
+
+    good = tmp_path / "view.pth"
+    torch.save({"v": torch.arange(10.0)[2:]}, good)  # storage of 10, view of 8 from offset 2
+    bad = tmp_path / "past.pth"
+    shrink = lambda d: re.sub(rb"(cpu(?:q.)?)K\n", lambda m: m.group(1) + b"K\x05", d, count=1)  # storage numel 10 -> 5
+    _rewrite_zip(good, bad, lambda n, d: shrink(d) if n.endswith("data.pkl") else d)
+    assert_clean_failure(cli, tmp_path, bad, "reaches element 9 of a storage holding 5")

@@ -29,7 +29,8 @@ def storage_loader(where: str, locate):
             raise CkptError(f"unknown persistent record {str(pid)[:80]}")
         _, kind, key, _location, numel = pid[:5]
         if not (isinstance(kind, Global) and kind.dtype is not None):
-            raise CkptError(f"unknown storage type {kind!r}")
+            name = kind.qualname() if is_inert_global(kind) else repr(kind)
+            raise CkptError(f"unknown storage type {name} (a dtype ckptsurgery does not know)")
         if not (isinstance(key, str) and type(numel) is int and numel >= 0):
             raise CkptError(f"bad storage record for key {key!r}")
         if len(pid) > 5 and pid[5] is not None:
