@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from .errors import CkptError
@@ -104,3 +105,166 @@ def fold_runs(names: list[str], signature: Callable[[str], object]) -> list[tupl
             out.append((name, [name]))
     flush()
     return out
+
+
+# ---- renaming --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RenameRule:
+    """One rule: strip (prefix), add (prefix), replace (old, new), regex (pattern, repl),
+    map (dict of exact names)."""
+
+    kind: str
+    args: tuple
+
+    def describe(self) -> str:
+        if self.kind == "map":
+            return f"--map ({len(self.args[0])} names)"
+        return f"--{ {'strip': 'strip-prefix', 'add': 'add-prefix'}.get(self.kind, self.kind)} " + " ".join(
+            map(repr, self.args))
+
+    def apply(self, name: str) -> str:
+        if self.kind == "strip":
+            return name[len(self.args[0]):] if name.startswith(self.args[0]) else name
+        if self.kind == "add":
+            return self.args[0] + name
+        if self.kind == "replace":
+            return name.replace(*self.args)
+        if self.kind == "regex":
+            return self.args[0].sub(self.args[1], name)
+        return self.args[0].get(name, name)
+
+
+def rename_rules(strip: str | None = None, add: str | None = None, replace: tuple[str, str] | None = None,
+                 regex: tuple[str, str] | None = None, mapping: dict[str, str] | None = None) -> list[RenameRule]:
+    """The rules in the order they apply: strip, add, replace, regex, map."""
+    rules = []
+    if strip:
+        rules.append(RenameRule("strip", (strip,)))
+    if add:
+        rules.append(RenameRule("add", (add,)))
+    if replace:
+        if not replace[0]:
+            raise CkptError("--replace: the text to replace is empty")
+        rules.append(RenameRule("replace", tuple(replace)))
+    if regex:
+        try:
+            rules.append(RenameRule("regex", (re.compile(regex[0]), regex[1])))
+        except re.error as e:
+            raise CkptError(f"--regex {regex[0]!r}: not a valid regular expression ({e})") from None
+    if mapping is not None:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+            raise CkptError("--map: the JSON must map old names (strings) to new names (strings)")
+        rules.append(RenameRule("map", (mapping,)))
+    if not rules:
+        raise CkptError("no rename rule given: use --strip-prefix, --add-prefix, --replace, --regex or --map")
+    return rules
+
+
+def plan_rename(keys: Iterable[str], rules: list[RenameRule]) -> tuple[dict[str, str], list[str]]:
+    """(old -> new for every key, keys no rule changed). Fails, before anything is written, when
+    a rule changes no key (a typo) or when two keys would get one name (listing every pair)."""
+    keys = list(keys)
+    names = {k: k for k in keys}
+    for rule in rules:
+        present = set(names.values())
+        changed = 0
+        for key in keys:
+            try:
+                new = rule.apply(names[key])
+            except (re.error, IndexError) as e:  # a bad group reference in the replacement
+                raise CkptError(f"{rule.describe()}: {e}") from None
+            changed += new != names[key]
+            names[key] = new
+        if rule.kind == "map":
+            unused = sorted(k for k in rule.args[0] if k not in present)
+            if unused:
+                raise CkptError(f"--map names {len(unused)} key(s) the checkpoint does not have: "
+                                f"{', '.join(unused[:10])}")
+        elif not changed:
+            raise CkptError(f"{rule.describe()} changed no key")
+    by_new: dict[str, list[str]] = {}
+    for old, new in names.items():
+        by_new.setdefault(new, []).append(old)
+    collisions = {new: olds for new, olds in by_new.items() if len(olds) > 1}
+    if collisions:
+        pairs = "; ".join(f"{' + '.join(olds)} -> {new}" for new, olds in collisions.items())
+        raise CkptError(f"renaming would give {len(collisions)} name(s) to several keys: {pairs}")
+    empty = [old for old, new in names.items() if not new]
+    if empty:
+        raise CkptError(f"renaming leaves an empty name for {', '.join(empty)}")
+    untouched = [k for k in keys if names[k] == k]
+    return names, untouched
+
+
+
+# ---- aligning a source with a template -------------------------------------------------------
+
+# Prefixes that wrappers put in front of every key of the model they wrap.
+WRAPPER_PREFIXES = (
+    "module.",  # DataParallel / DistributedDataParallel
+    "_orig_mod.",  # torch.compile
+    "model.",  # Lightning: the LightningModule's attribute holding the model
+)
+
+
+def unwrap(name: str) -> str:
+    """The name with every leading wrapper prefix removed (`module._orig_mod.fc` -> `fc`)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix) and len(name) > len(prefix):
+                name, changed = name[len(prefix):], True
+    return name
+
+
+def align(source_keys: Iterable[str], template_keys: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """template key -> (source key, how): `exact`, or `prefix` when they match once wrapper
+    prefixes are removed from both. A source key that would fit two template keys, or two
+    source keys that fit one, is an error that lists them: never a silent guess."""
+    source_keys, template_keys = list(source_keys), list(template_keys)
+    sources = set(source_keys)
+    matched: dict[str, tuple[str, str]] = {t: (t, "exact") for t in template_keys if t in sources}
+    taken = {s for s, _ in matched.values()}
+    by_base: dict[str, list[str]] = {}
+    for s in source_keys:
+        if s not in taken:
+            by_base.setdefault(unwrap(s), []).append(s)
+    wanted: dict[str, list[str]] = {}
+    for t in template_keys:
+        if t not in matched:
+            wanted.setdefault(unwrap(t), []).append(t)
+    problems = []
+    for base, targets in wanted.items():
+        found = by_base.get(base, [])
+        if not found:
+            continue
+        if len(found) > 1 or len(targets) > 1:
+            problems.append(f"{' / '.join(found)} ~ {' / '.join(targets)}")
+            continue
+        matched[targets[0]] = (found[0], "prefix")
+    if problems:
+        raise CkptError(f"ambiguous key match{'es' if len(problems) > 1 else ''} (rename first): "
+                        + "; ".join(sorted(problems)))
+    return {t: matched[t] for t in template_keys if t in matched}
+
+
+# ---- shape reconciliation --------------------------------------------------------------------
+
+MISMATCH_POLICIES = ("error", "skip", "overlap")
+
+
+def overlap_region(source_shape: tuple[int, ...], template_shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The block both shapes share, from the start of every dimension: the first 3 of 4 input
+    channels, the first 10 of 1000 classes, the old rows of a grown vocabulary."""
+    if len(source_shape) != len(template_shape):
+        raise CkptError(f"shapes {list(source_shape)} and {list(template_shape)} have different numbers "
+                        f"of dimensions: no overlap to copy (use --on-mismatch skip)")
+    return tuple(slice(0, min(a, b)) for a, b in zip(source_shape, template_shape))
+
+
+def check_policy(name: str, choices: tuple[str, ...], option: str) -> str:
+    if name not in choices:
+        raise CkptError(f"{option} {name!r}: choose one of {', '.join(choices)}")
+    return name

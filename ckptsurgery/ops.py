@@ -159,17 +159,19 @@ def shard_names(output: str, count: int) -> tuple[list[str], str]:
 
 
 def _write(path: str, fmt: str, ckpt: Checkpoint, tensors: dict[str, TensorRef], cast: DType | None,
-           progress, whole: bool) -> None:
+           progress, whole: bool, keep_metadata: bool) -> None:
     with atomic_output(path) as f:
         if fmt == "safetensors":
             write_safetensors(f, tensors, ckpt.metadata if whole else {}, cast, progress)
         else:
-            write_torch(f, torch_payload(ckpt, tensors) if whole else OrderedDict(tensors), cast, progress)
+            payload = torch_payload(ckpt, tensors, keep_metadata) if whole else OrderedDict(tensors)
+            write_torch(f, payload, cast, progress)
 
 
 def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: str, *,
                      cast: DType | None = None, max_shard_size: int | None = None, force: bool = False,
-                     dry_run: bool = False, progress: ProgressFactory | None = None) -> dict:
+                     dry_run: bool = False, progress: ProgressFactory | None = None,
+                     keep_metadata: bool = True) -> dict:
     """Write `tensors` (the state dict, possibly edited) of `ckpt` to `output`; return a report.
     Entries outside the root travel with .pth outputs; safetensors holds tensors only."""
     fmt = output_format(output)
@@ -183,7 +185,7 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: st
         "tensors": len(tensors), "total_bytes": total,
         "dtype": cast.name if cast else None,
         "tied": {alias: target for alias, target, _ in aliases},
-        "left_out": outside if fmt == "safetensors" or len(shards) > 1 else [],
+        "extras_left_out": outside if fmt == "safetensors" or len(shards) > 1 else [],
         "files": [output], "dry_run": dry_run,
     }
     if len(shards) > 1:
@@ -195,7 +197,7 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: st
         return report
     tick = progress(total, f"writing {os.path.basename(output)}") if progress else None
     if len(shards) == 1:
-        _write(output, fmt, ckpt, tensors, cast, tick, whole=True)
+        _write(output, fmt, ckpt, tensors, cast, tick, whole=True, keep_metadata=keep_metadata)
         return report
     # each shard holds its tensors plus the tied names that point at them
     owner = report["tied"]
@@ -205,7 +207,7 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: st
     try:
         for path, names in zip(files, by_shard):
             part = OrderedDict((n, t) for n, t in tensors.items() if owner.get(n, n) in names)
-            _write(path, fmt, ckpt, part, cast, tick, whole=False)
+            _write(path, fmt, ckpt, part, cast, tick, whole=False, keep_metadata=keep_metadata)
             written.append(path)
             weight_map.update((n, os.path.basename(path)) for n in part)
         # key order, not sorted as Hugging Face writes it: reading back keeps the model's order

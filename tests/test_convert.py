@@ -59,7 +59,7 @@ def test_nested_to_safetensors_reports_left_out(cli, tmp_path, nested_pth):
     assert result.code == 0
     report = result.json()
     assert report["root"] == "state_dict"
-    assert report["left_out"] == ["epoch", "optimizer", "best", "tag"]
+    assert report["extras_left_out"] == ["epoch", "optimizer", "best", "tag"]
     human = cli("convert", nested_pth, "-o", tmp_path / "x.safetensors")
     assert "left out" in human.err and "optimizer" in human.err and human.out == ""
 

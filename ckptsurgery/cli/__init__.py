@@ -19,8 +19,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from . import convert as _convert  # noqa: E402  (commands register themselves on `app`)
+# commands register themselves on `app`, in the order `--help` lists them
 from . import inspect as _inspect  # noqa: E402
+from . import edit as _edit  # noqa: E402
+from . import merge as _merge  # noqa: E402
+from . import convert as _convert  # noqa: E402
 
 
 def _terminate(signum, frame):

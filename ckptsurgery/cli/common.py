@@ -10,6 +10,8 @@ from typing import Annotated, Iterator, Optional
 
 import typer
 
+InputArg = Annotated[str, typer.Argument(
+    help="Checkpoint: .pth/.pt/.bin/.ckpt, .safetensors, a shard index or its folder.", show_default=False)]
 OutputOpt = Annotated[str, typer.Option("-o", "--output", help="Output file; its extension picks the format.")]
 RootOpt = Annotated[Optional[str], typer.Option(
     "--root", help="Key of the state dict inside a nested .pth ('' = top level). Detected by default.")]
@@ -40,12 +42,14 @@ def note(message: str, quiet: bool) -> None:
         sys.stderr.write(message + "\n")
 
 
-def stdout_console():
+def console(stderr: bool = False):
+    """A Rich console on stdout (results) or stderr (messages)."""
     from rich.console import Console
 
+    stream = sys.stderr if stderr else sys.stdout
     # In a pipe Rich would assume 80 columns and fold the table; results should not be cut.
-    width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160"))
-    return Console(width=width, highlight=False)
+    width = None if stream.isatty() else int(os.environ.get("COLUMNS", "160"))
+    return Console(file=stream, width=width, highlight=False)
 
 
 def human_bytes(n: int) -> str:
@@ -72,3 +76,28 @@ def progress_bar(quiet: bool) -> Iterator:
             return lambda n: bar.advance(task, n)
 
         yield start
+
+
+def finish_write(report: dict, as_json: bool, quiet: bool, details: list[str] = ()) -> None:
+    """How every writing command ends: the JSON report; or a summary — on stdout for --dry-run
+    (it is the result), on stderr otherwise (the file is the result)."""
+    if as_json:
+        print_json(report)
+        return
+    verb = "would write" if report["dry_run"] else "wrote"
+    lines = [f"{verb} {', '.join(report['files'])}: {report['tensors']} tensors, "
+             f"{human_bytes(report['total_bytes'])}", *details]
+    if report["tied"]:
+        lines.append(f"{len(report['tied'])} tied name(s) stored once: "
+                     + ", ".join(f"{a} = {b}" for a, b in report["tied"].items()))
+    if report["extras_left_out"]:
+        lines.append(f"left out (safetensors holds tensors only): {', '.join(report['extras_left_out'])}")
+    if report["dry_run"]:
+        sys.stdout.write("\n".join(lines) + "\n")
+    else:
+        note("\n".join(lines), quiet)
+
+
+def listing(label: str, names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit]) + (f" … (+{len(names) - limit})" if len(names) > limit else "")
+    return f"{label} ({len(names)}): {shown}" if names else f"{label}: none"

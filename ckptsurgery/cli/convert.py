@@ -6,12 +6,12 @@ import typer
 
 from .. import ops
 from . import app
-from .common import DryRunOpt, ForceOpt, JsonOpt, OutputOpt, QuietOpt, RootOpt, human_bytes, note, print_json, progress_bar
+from .common import DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, finish_write, progress_bar
 
 
 @app.command()
 def convert(
-    input: Annotated[str, typer.Argument(help="Checkpoint to read (.pth/.pt/.bin/.ckpt, .safetensors, index or folder).")],
+    input: InputArg,
     output: OutputOpt,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Cast floating tensors: fp32, fp16 or bf16.")] = None,
     max_shard_size: Annotated[Optional[str], typer.Option(
@@ -26,16 +26,4 @@ def convert(
     with progress_bar(quiet or json) as progress:
         report = ops.convert(input, output, root=root, dtype=dtype, max_shard_size=max_shard_size,
                              force=force, dry_run=dry_run, progress=progress)
-    if json:
-        print_json(report)
-        return
-    verb = "would write" if dry_run else "wrote"
-    summary = f"{verb} {', '.join(report['files'])}: {report['tensors']} tensors, {human_bytes(report['total_bytes'])}"
-    if report["tied"]:
-        summary += f"; {len(report['tied'])} tied name(s) stored once"
-    if dry_run:
-        print(summary)
-    else:
-        note(summary, quiet)
-    if report["left_out"]:
-        note(f"left out (safetensors holds tensors only): {', '.join(report['left_out'])}", quiet)
+    finish_write(report, json, quiet)

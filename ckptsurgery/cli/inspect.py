@@ -7,12 +7,12 @@ import typer
 from .. import ops
 from ..io import open_checkpoint
 from . import app
-from .common import JsonOpt, QuietOpt, RootOpt, human_bytes, note, print_json, progress_bar, stdout_console
+from .common import InputArg, JsonOpt, QuietOpt, RootOpt, human_bytes, note, print_json, progress_bar, console
 
 
 @app.command()
 def inspect(
-    input: Annotated[str, typer.Argument(help="Checkpoint to read (.pth/.pt/.bin/.ckpt, .safetensors, index or folder).")],
+    input: InputArg,
     keys: Annotated[Optional[list[str]], typer.Option(
         "--keys", help="Only keys matching PATTERN (glob, module name, or re:REGEX); repeatable.")] = None,
     tree: Annotated[bool, typer.Option("--tree", help="Per-module summary; numbered repeats folded.")] = False,
@@ -55,15 +55,15 @@ def _fmt(value) -> str:
 def _print_human(report: dict, tree: bool, stats: bool) -> None:
     from rich.table import Table
 
-    console = stdout_console()
-    console.print(f"[bold]{report['path']}[/bold]  format={report['format']}"
+    out = console()
+    out.print(f"[bold]{report['path']}[/bold]  format={report['format']}"
                   + (f"  root={report['root']!r}" if report["root"] is not None else ""))
     if report["extras"]:
-        console.print("extras: " + ", ".join(f"{k} ({v})" for k, v in report["extras"].items()), markup=False)
+        out.print("extras: " + ", ".join(f"{k} ({v})" for k, v in report["extras"].items()), markup=False)
     if report["metadata"]:
-        console.print("metadata: " + ", ".join(f"{k}={v}" for k, v in report["metadata"].items()), markup=False)
+        out.print("metadata: " + ", ".join(f"{k}={v}" for k, v in report["metadata"].items()), markup=False)
     if tree:
-        _print_tree(console, report["tree"])
+        _print_tree(out, report["tree"])
     else:
         table = Table(show_edge=False, pad_edge=False, box=None)
         for column in ("name", "dtype", "shape", "params", "size"):
@@ -85,12 +85,12 @@ def _print_human(report: dict, tree: bool, stats: bool) -> None:
                 params *= s
             table.add_row(t["name"], t["dtype"], str(tuple(t["shape"])), f"{params:,}", human_bytes(t["nbytes"]),
                           *(_fmt(t[k]) for k in stat_keys), ", ".join(notes))
-        console.print(table)
-    console.print(f"{len(report['tensors'])} tensors, {report['total_params']:,} parameters, "
+        out.print(table)
+    out.print(f"{len(report['tensors'])} tensors, {report['total_params']:,} parameters, "
                   f"{human_bytes(report['total_bytes'])}")
 
 
-def _print_tree(console, rows: list[dict]) -> None:
+def _print_tree(out, rows: list[dict]) -> None:
     from rich.markup import escape
     from rich.tree import Tree
 
@@ -105,4 +105,4 @@ def _print_tree(console, rows: list[dict]) -> None:
         if "shape" in row:
             label += f"  [dim]{row['dtype']} {tuple(row['shape'])}[/dim]"
         stack.append(stack[-1].add(label))
-    console.print(top)
+    out.print(top)

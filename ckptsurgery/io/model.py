@@ -6,7 +6,7 @@ from __future__ import annotations
 import mmap
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..dtypes import DType
 from ..errors import CkptError
@@ -48,6 +48,22 @@ class MappedFile:
             self._file = None
 
 
+class ComputedSource:
+    """Bytes made on demand — a cast, an average, an overlap — and dropped after use, so that a
+    write holds one computed tensor at a time however many there are."""
+
+    path = "<computed>"
+
+    def __init__(self, make: Callable[[], bytes | bytearray]):
+        self._make = make
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        return memoryview(self._make())[offset : offset + nbytes]
+
+    def close(self) -> None:
+        pass
+
+
 class Storage:
     """A run of bytes holding `numel` elements of one dtype (a torch storage, or the byte range
     of one safetensors tensor)."""
@@ -67,6 +83,12 @@ class Storage:
 
     def view(self) -> memoryview:
         return self.source.view(self.offset, self.nbytes)
+
+
+def computed_tensor(shape: tuple[int, ...], dtype: DType, make: Callable[[], bytes | bytearray]) -> "TensorRef":
+    """A tensor whose row-major bytes `make()` produces when a writer asks for them."""
+    storage = Storage(ComputedSource(make), 0, numel_of(shape), dtype)
+    return TensorRef(storage, 0, tuple(shape), contiguous_strides(tuple(shape)))
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -13,7 +13,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 from ..dtypes import BY_NAME, DType
 from ..errors import CkptError
-from .model import Storage, TensorRef
+from .model import MappedFile, Storage, TensorRef
 from .pickler import TorchPickler
 from .safetensors import ALIASES_KEY
 from .zipwriter import ZipWriter
@@ -152,7 +152,7 @@ def write_safetensors(f: BinaryIO, tensors: dict[str, TensorRef], metadata: dict
 
 
 def _write_tensor(f: BinaryIO, t: TensorRef, dtype: DType, progress: Progress | None) -> None:
-    if dtype is t.dtype and t.is_contiguous:
+    if dtype is t.dtype and t.is_contiguous and isinstance(t.storage.source, MappedFile):
         start, nbytes = t.byte_range()
         if nbytes:
             _copy_range(t.storage.source.fileno(), start, nbytes, f, progress)
@@ -194,13 +194,14 @@ def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Prog
     archive.close()
 
 
-def torch_payload(checkpoint, tensors: dict[str, TensorRef]) -> Any:
+def torch_payload(checkpoint, tensors: dict[str, TensorRef], keep_metadata: bool = True) -> Any:
     """The object a .pth output holds: the original object with its root replaced by `tensors`
-    (everything else carried through), or just the state dict."""
+    (everything else carried through), or just the state dict. `keep_metadata`: keep the state
+    dict's `_metadata` (module versions by module name) — wrong once keys are renamed."""
     state = OrderedDict(tensors)
     obj, root = checkpoint.obj, checkpoint.root
     original = obj if root == "" else obj.get(root) if isinstance(obj, dict) and root else None
-    if isinstance(original, OrderedDict) and "_metadata" in vars(original):
+    if keep_metadata and isinstance(original, OrderedDict) and "_metadata" in vars(original):
         state._metadata = original._metadata  # load_state_dict reads module versions from it
     if obj is None or root == "" or not isinstance(obj, dict):
         return state

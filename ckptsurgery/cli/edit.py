@@ -1,0 +1,117 @@
+"""filter, drop and rename: commands that keep, remove or rename keys of one checkpoint."""
+
+from __future__ import annotations
+
+import json as jsonlib
+from typing import Annotated, Optional
+
+import typer
+
+from .. import core, surgery
+from ..errors import CkptError
+from . import app
+from .common import (
+    DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, finish_write, listing, print_json,
+    progress_bar, console,
+)
+
+
+@app.command("filter")
+def filter_command(
+    input: InputArg,
+    output: OutputOpt,
+    keep: Annotated[Optional[list[str]], typer.Option(
+        "--keep", help="Keep keys matching PATTERN (glob, module name, or re:REGEX); repeatable.")] = None,
+    like: Annotated[Optional[str], typer.Option(
+        "--like", help="Keep exactly the keys this template checkpoint has.")] = None,
+    root: RootOpt = None,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Keep selected keys, or exactly the keys a template has (the `if k in model_dict` recipe)."""
+    with progress_bar(quiet or json) as progress:
+        report = surgery.filter_keys(input, output, keep=keep, like=like, root=root, force=force,
+                                     dry_run=dry_run, progress=progress)
+    details = [listing("left out", report["left_out"])]
+    if report["missing_from_input"]:
+        details.append(listing("template keys the input lacks", report["missing_from_input"]))
+    finish_write(report, json, quiet, details)
+
+
+@app.command()
+def drop(
+    input: InputArg,
+    patterns: Annotated[list[str], typer.Argument(
+        help="Keys or whole modules to remove (glob, module name, or re:REGEX).", show_default=False)],
+    output: OutputOpt,
+    root: RootOpt = None,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Remove keys or whole modules."""
+    with progress_bar(quiet or json) as progress:
+        report = surgery.drop_keys(input, output, patterns, root=root, force=force, dry_run=dry_run,
+                                   progress=progress)
+    finish_write(report, json, quiet, [listing("dropped", report["dropped"])])
+
+
+def _load_map(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            mapping = jsonlib.load(f)
+    except OSError as e:
+        raise CkptError(f"{path}: cannot read the map ({e.strerror})") from None
+    except ValueError as e:
+        raise CkptError(f"{path}: the map is not valid JSON ({e})") from None
+    if not isinstance(mapping, dict):
+        raise CkptError(f"{path}: the map must be a JSON object of old name -> new name")
+    return mapping
+
+
+@app.command()
+def rename(
+    input: InputArg,
+    output: OutputOpt,
+    strip_prefix: Annotated[Optional[str], typer.Option("--strip-prefix", help="Remove this prefix where keys have it.")] = None,
+    add_prefix: Annotated[Optional[str], typer.Option("--add-prefix", help="Put this prefix before every key.")] = None,
+    replace: Annotated[Optional[tuple[str, str]], typer.Option(
+        "--replace", metavar="OLD NEW", help="Replace a substring in every key.")] = None,
+    regex: Annotated[Optional[tuple[str, str]], typer.Option(
+        "--regex", metavar="PATTERN REPL", help=r"Regular-expression substitution (\1 for groups).")] = None,
+    map_file: Annotated[Optional[str], typer.Option("--map", help="JSON file of exact old name -> new name.")] = None,
+    root: RootOpt = None,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Rename keys; a collision fails before anything is written.
+
+    Rules apply in this order: --strip-prefix, --add-prefix, --replace, --regex, --map (whose
+    names are matched as the earlier rules left them). Each rule must change some key. Two keys
+    that would get one name fail the command, with every such pair named."""
+    rules = core.rename_rules(strip_prefix, add_prefix, replace, regex,
+                              _load_map(map_file) if map_file else None)
+    with progress_bar(quiet or json) as progress:
+        report = surgery.rename_keys(input, output, rules, root=root, force=force, dry_run=dry_run,
+                                     progress=progress)
+    if dry_run and not json:
+        _print_rename_table(report)
+    finish_write(report, json, quiet, [f"renamed {len(report['renamed'])} key(s)",
+                                       listing("untouched", report["untouched"])])
+
+
+def _print_rename_table(report: dict) -> None:
+    from rich.table import Table
+
+    table = Table(box=None, show_edge=False, pad_edge=False)
+    table.add_column("old")
+    table.add_column("")
+    table.add_column("new")
+    for old, new in report["renamed"].items():
+        table.add_row(old, "→", new)
+    console().print(table)

@@ -1,0 +1,117 @@
+"""merge and diff: commands over several checkpoints."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .. import surgery
+from . import app
+from .common import (
+    DryRunOpt, ForceOpt, JsonOpt, OutputOpt, QuietOpt, RootOpt, finish_write, listing, print_json,
+    progress_bar, console,
+)
+
+
+@app.command()
+def merge(
+    sources: Annotated[list[str], typer.Argument(help="Checkpoints to merge, in priority order.", show_default=False)],
+    output: OutputOpt,
+    into: Annotated[Optional[str], typer.Option(
+        "--into", help="Template (e.g. saved from the new model): output has exactly its keys, shapes, dtypes.")] = None,
+    on_mismatch: Annotated[str, typer.Option(
+        "--on-mismatch", help="With --into, a shape that differs: error, skip (keep template), overlap.")] = "error",
+    on_conflict: Annotated[str, typer.Option(
+        "--on-conflict", help="Plain merge, a key in several sources: error, first, last.")] = "error",
+    average: Annotated[bool, typer.Option("--average", help="Element-wise (weighted) mean of floating tensors.")] = False,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="With --average: W,W,... one per source.")] = None,
+    root: RootOpt = None,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Combine checkpoints: a plain union, an update of a template (--into), or an average."""
+    with progress_bar(quiet or json) as progress:
+        report = surgery.merge(sources, output, into=into, on_mismatch=on_mismatch, on_conflict=on_conflict,
+                               average=average, weights=weights, root=root, force=force, dry_run=dry_run,
+                               progress=progress)
+    details = []
+    if report["mode"] == "into" and not json:
+        details = [f"copied {len(report['copied'])}, renamed {len(report['renamed'])}, "
+                   f"kept from template {len(report['kept_from_template'])}, "
+                   f"mismatched {len(report['mismatched'])}, left out {len(report['left_out'])}"]
+        if dry_run or not quiet:
+            _print_into_table(report, stderr=not dry_run)
+    elif report["mode"] == "average":
+        details = [f"averaged {report['averaged']} tensors with weights "
+                   + ", ".join(f"{w:g}" for w in report["weights"]),
+                   listing("taken from the first source (not floating)", report["from_first"])]
+    else:
+        details = [listing("conflicts", report["conflicts"])] if report["conflicts"] else []
+    finish_write(report, json, quiet, details)
+
+
+def _print_into_table(report: dict, stderr: bool) -> None:
+    """Every key under exactly one heading, as the JSON report has them."""
+    from rich.table import Table
+
+    table = Table(box=None, show_edge=False, pad_edge=False)
+    for column in ("key", "outcome", "detail"):
+        table.add_column(column)
+    for name in report["copied"]:
+        table.add_row(name, "copied", "")
+    for source, name in report["renamed"].items():
+        table.add_row(name, "renamed", f"from {source}")
+    for m in report["mismatched"]:
+        table.add_row(m["name"], f"mismatched ({m['policy']})", f"{m['source_shape']} -> {m['template_shape']}")
+    for name in report["kept_from_template"]:
+        table.add_row(name, "kept from template", "")
+    for name in report["left_out"]:
+        table.add_row(name, "left out", "not in the template")
+    console(stderr).print(table)
+
+
+@app.command()
+def diff(
+    a: Annotated[str, typer.Argument(help="First checkpoint.", show_default=False)],
+    b: Annotated[str, typer.Argument(help="Second checkpoint.", show_default=False)],
+    atol: Annotated[float, typer.Option("--atol", help="Values within this absolute difference count as equal.")] = 0.0,
+    root: RootOpt = None,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compare two checkpoints (any formats). Exit 0 when equal, 1 when they differ."""
+    report = surgery.diff(a, b, atol=atol, root=root)
+    if json:
+        print_json(report)
+    else:
+        _print_diff(report)
+    if not report["identical"]:
+        raise typer.Exit(1)
+
+
+def _print_diff(report: dict) -> None:
+    from rich.table import Table
+
+    out = console()
+    table = Table(box=None, show_edge=False, pad_edge=False)
+    for column in ("key", "change", "A", "B"):
+        table.add_column(column)
+    for name in report["only_in_a"]:
+        table.add_row(name, "only in A", "", "")
+    for name in report["only_in_b"]:
+        table.add_row(name, "only in B", "", "")
+    for c in report["shape_changed"]:
+        table.add_row(c["name"], "shape", str(c["a"]), str(c["b"]))
+    for c in report["dtype_changed"]:
+        table.add_row(c["name"], "dtype", c["a"], c["b"])
+    for c in report["value_changed"]:
+        table.add_row(c["name"], f"values (max |A-B| {c['max_abs_diff']:.4g})", "", "")
+    if table.row_count:
+        out.print(table)
+    verdict = "identical" if report["identical"] else "different"
+    tol = f" within atol {report['atol']:g}" if report["atol"] else " (bit-exact)"
+    out.print(f"{verdict}: {report['equal']} equal tensor(s){tol}, "
+                  f"{table.row_count} difference(s)", markup=False)

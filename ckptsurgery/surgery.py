@@ -1,0 +1,317 @@
+"""The surgery operations — filter, drop, rename, merge, diff — as plain functions that read
+lazily, write through `ops.write_checkpoint` and return a report (the commands' --json)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from contextlib import ExitStack
+
+from . import core
+from .errors import CkptError
+from .io import Checkpoint, TensorRef, open_checkpoint
+from .io.model import computed_tensor
+from .ops import ProgressFactory, write_checkpoint
+
+
+def _write_options(force: bool, dry_run: bool, progress: ProgressFactory | None) -> dict:
+    return {"force": force, "dry_run": dry_run, "progress": progress}
+
+
+# ---- filter and drop -----------------------------------------------------------------------
+
+def filter_keys(input: str, output: str, *, keep: list[str] | None = None, like: str | None = None,
+                root: str | None = None, force: bool = False, dry_run: bool = False,
+                progress: ProgressFactory | None = None) -> dict:
+    """Keep the keys that patterns select, or exactly the keys a template checkpoint has
+    (`{k: v for k, v in pretrained.items() if k in model_dict}`)."""
+    if bool(keep) == bool(like):
+        raise CkptError("give either --keep PATTERN (repeatable) or --like TEMPLATE")
+    with open_checkpoint(input, root) as ckpt:
+        missing: list[str] = []
+        if keep:
+            names = core.select(ckpt.tensors, keep)
+        else:
+            with open_checkpoint(like) as template:
+                wanted = list(template.tensors)
+            present = set(wanted)
+            names = [k for k in ckpt.tensors if k in present]
+            missing = [k for k in wanted if k not in ckpt.tensors]
+            if not names:
+                raise CkptError(f"{input} and the template {like} share no key "
+                                f"(different prefixes? see `ckptsurgery rename` or `merge --into`)")
+        chosen = set(names)
+        kept = OrderedDict((k, ckpt.tensors[k]) for k in names)
+        report = write_checkpoint(ckpt, kept, output, **_write_options(force, dry_run, progress))
+    report.update(kept=names, left_out=[k for k in ckpt.tensors if k not in chosen],
+                  missing_from_input=missing)
+    return report
+
+
+def drop_keys(input: str, output: str, patterns: list[str], *, root: str | None = None,
+              force: bool = False, dry_run: bool = False, progress: ProgressFactory | None = None) -> dict:
+    """Remove the keys (or whole modules) that patterns select."""
+    with open_checkpoint(input, root) as ckpt:
+        dropped = core.select(ckpt.tensors, patterns)
+        gone = set(dropped)
+        kept = OrderedDict((k, t) for k, t in ckpt.tensors.items() if k not in gone)
+        report = write_checkpoint(ckpt, kept, output, **_write_options(force, dry_run, progress))
+    report.update(dropped=dropped, kept=list(kept))
+    return report
+
+
+# ---- rename --------------------------------------------------------------------------------
+
+def rename_keys(input: str, output: str, rules: list[core.RenameRule], *, root: str | None = None,
+                force: bool = False, dry_run: bool = False, progress: ProgressFactory | None = None) -> dict:
+    """Rename keys by rules; refuse, before writing anything, if two keys would share a name."""
+    with open_checkpoint(input, root) as ckpt:
+        names, untouched = core.plan_rename(ckpt.tensors, rules)
+        renamed = OrderedDict((names[k], t) for k, t in ckpt.tensors.items())
+        # _metadata holds module versions by the old module names: stale after a rename
+        report = write_checkpoint(ckpt, renamed, output, keep_metadata=False,
+                                  **_write_options(force, dry_run, progress))
+    report.update(renamed={old: new for old, new in names.items() if old != new}, untouched=untouched)
+    return report
+
+
+# ---- merge ---------------------------------------------------------------------------------
+
+def _cast(t: TensorRef, dtype) -> TensorRef:
+    """`t` in another dtype, computed when written."""
+
+    def make():
+        import torch
+
+        from .tensors import as_torch, to_bytes
+
+        return to_bytes(as_torch(t).to(getattr(torch, dtype.name)))
+
+    return computed_tensor(t.shape, dtype, make)
+
+
+def _overlap(source: TensorRef, template: TensorRef) -> TensorRef:
+    """The template's tensor with the block it shares with `source` copied from the source."""
+    region = core.overlap_region(source.shape, template.shape)
+
+    def make():
+        from .tensors import as_torch, to_bytes
+
+        out = as_torch(template).clone()
+        out[region] = as_torch(source)[region].to(out.dtype)
+        return to_bytes(out)
+
+    return computed_tensor(template.shape, template.dtype, make)
+
+
+def _average(tensors: list[TensorRef], weights: list[float]) -> TensorRef:
+    first = tensors[0]
+
+    def make():
+        import torch
+
+        from .tensors import as_torch, to_bytes
+
+        wide = torch.float64 if first.dtype.name == "float64" else torch.float32
+        total = torch.zeros(first.shape, dtype=wide)
+        for t, w in zip(tensors, weights):
+            total.add_(as_torch(t).to(wide), alpha=w)
+        return to_bytes(total.to(getattr(torch, first.dtype.name)))
+
+    return computed_tensor(first.shape, first.dtype, make)
+
+
+def _parse_weights(weights: str | None, count: int) -> list[float]:
+    if weights is None:
+        return [1.0 / count] * count
+    try:
+        values = [float(w) for w in weights.split(",")]
+    except ValueError:
+        raise CkptError(f"--weights {weights!r}: expected numbers separated by commas") from None
+    if len(values) != count:
+        raise CkptError(f"--weights gives {len(values)} weights for {count} sources")
+    total = sum(values)
+    if total == 0:
+        raise CkptError("--weights must not sum to zero")
+    return [v / total for v in values]
+
+
+def _plain_union(ckpts: list[Checkpoint], on_conflict: str) -> tuple[OrderedDict, dict]:
+    merged: OrderedDict[str, TensorRef] = OrderedDict()
+    origin: dict[str, int] = {}
+    conflicts: list[str] = []
+    for index, ckpt in enumerate(ckpts):
+        for name, t in ckpt.tensors.items():
+            if name in merged:
+                conflicts.append(name)
+                if on_conflict != "last":
+                    continue
+            merged[name] = t
+            origin[name] = index
+    if conflicts and on_conflict == "error":
+        unique = sorted(set(conflicts))
+        raise CkptError(f"{len(unique)} key(s) are in more than one source: {', '.join(unique[:20])}"
+                        f"{' …' if len(unique) > 20 else ''} (choose with --on-conflict first|last)")
+    counts = [sum(1 for i in origin.values() if i == n) for n in range(len(ckpts))]
+    return merged, {"conflicts": sorted(set(conflicts)), "on_conflict": on_conflict,
+                    "keys_from": {c.path: n for c, n in zip(ckpts, counts)}}
+
+
+def _averaged(ckpts: list[Checkpoint], weights: list[float]) -> tuple[OrderedDict, dict]:
+    first = ckpts[0]
+    problems = []
+    for other in ckpts[1:]:
+        missing = [k for k in first.tensors if k not in other.tensors]
+        extra = [k for k in other.tensors if k not in first.tensors]
+        shapes = [f"{k} {list(first.tensors[k].shape)} vs {list(t.shape)}" for k, t in other.tensors.items()
+                  if k in first.tensors and t.shape != first.tensors[k].shape]
+        for label, items in (("lacks", missing), ("has extra", extra), ("differs in shape:", shapes)):
+            if items:
+                problems.append(f"{other.path} {label} {', '.join(items[:10])}{' …' if len(items) > 10 else ''}")
+    if problems:
+        raise CkptError("sources must agree on keys and shapes to be averaged: " + "; ".join(problems))
+    merged: OrderedDict[str, TensorRef] = OrderedDict()
+    from_first = []
+    for name, t in first.tensors.items():
+        if t.dtype.floating:
+            merged[name] = _average([c.tensors[name] for c in ckpts], weights)
+        else:
+            merged[name] = t
+            from_first.append(name)
+    return merged, {"weights": weights, "averaged": len(merged) - len(from_first), "from_first": from_first}
+
+
+def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: str) -> tuple[OrderedDict, dict]:
+    """`model_dict.update(pretrained_dict)`: the template's keys, shapes and dtypes, in its order."""
+    found: dict[str, tuple[int, str, str]] = {}  # template key -> (source index, source key, how)
+    for index, ckpt in enumerate(ckpts):
+        for target, (source_key, how) in core.align(ckpt.tensors, template.tensors).items():
+            found.setdefault(target, (index, source_key, how))
+    used = {(index, source_key) for index, source_key, _ in found.values()}
+    merged: OrderedDict[str, TensorRef] = OrderedDict()
+    report = {"copied": [], "renamed": {}, "kept_from_template": [], "mismatched": [], "left_out": []}
+    for name, tt in template.tensors.items():
+        if name not in found:
+            merged[name] = tt
+            report["kept_from_template"].append(name)
+            continue
+        index, source_key, how = found[name]
+        st = ckpts[index].tensors[source_key]
+        if st.shape != tt.shape:
+            report["mismatched"].append({"name": name, "source_shape": list(st.shape),
+                                         "template_shape": list(tt.shape), "policy": on_mismatch})
+            merged[name] = _overlap(st, tt) if on_mismatch == "overlap" else tt
+            continue
+        merged[name] = st if st.dtype is tt.dtype else _cast(st, tt.dtype)
+        if how == "exact":
+            report["copied"].append(name)
+        else:
+            report["renamed"][source_key] = name
+    if report["mismatched"] and on_mismatch == "error":
+        listing = "; ".join(f"{m['name']} {m['source_shape']} -> {m['template_shape']}" for m in report["mismatched"])
+        raise CkptError(f"{len(report['mismatched'])} shape mismatch(es): {listing} "
+                        f"(--on-mismatch skip keeps the template's tensor, overlap copies the shared block)")
+    seen = {source_key for _, source_key, _ in found.values()}  # each name in one list only
+    for index, ckpt in enumerate(ckpts):
+        for k in ckpt.tensors:
+            if (index, k) not in used and k not in seen:
+                seen.add(k)
+                report["left_out"].append(k)
+    return merged, report
+
+
+def merge(sources: list[str], output: str, *, into: str | None = None, on_mismatch: str = "error",
+          on_conflict: str = "error", average: bool = False, weights: str | None = None,
+          root: str | None = None, force: bool = False, dry_run: bool = False,
+          progress: ProgressFactory | None = None) -> dict:
+    """Three modes: plain union (--on-conflict), --into TEMPLATE (--on-mismatch), --average."""
+    core.check_policy(on_mismatch, core.MISMATCH_POLICIES, "--on-mismatch")
+    core.check_policy(on_conflict, ("error", "first", "last"), "--on-conflict")
+    if into and average:
+        raise CkptError("--into and --average do not combine: average first, then merge --into")
+    if weights is not None and not average:
+        raise CkptError("--weights applies to --average only")
+    if not sources:
+        raise CkptError("merge needs at least one source")
+    if average and len(sources) < 2:
+        raise CkptError("--average needs at least two sources")
+    with ExitStack() as stack:
+        ckpts = [stack.enter_context(open_checkpoint(s, root)) for s in sources]
+        if into:
+            template = stack.enter_context(open_checkpoint(into))
+            merged, details = _into_template(ckpts, template, on_mismatch)
+            base, mode = template, "into"
+        elif average:
+            merged, details = _averaged(ckpts, _parse_weights(weights, len(ckpts)))
+            base, mode = ckpts[0], "average"
+        else:
+            merged, details = _plain_union(ckpts, on_conflict)
+            base, mode = ckpts[0], "union"
+        report = write_checkpoint(base, merged, output, **_write_options(force, dry_run, progress))
+    report.update(mode=mode, sources=list(sources), **({"template": into} if into else {}), **details)
+    return report
+
+
+# ---- diff ----------------------------------------------------------------------------------
+
+_COMPARE_CHUNK = 16 * 1024 * 1024
+
+
+def _same_bytes(a: TensorRef, b: TensorRef) -> bool:
+    va, vb = memoryview(a.data()).cast("B"), memoryview(b.data()).cast("B")
+    return all(va[i : i + _COMPARE_CHUNK] == vb[i : i + _COMPARE_CHUNK] for i in range(0, len(va), _COMPARE_CHUNK))
+
+
+def _max_abs_diff(a: TensorRef, b: TensorRef) -> float:
+    """Largest |a - b|, in float64 and in chunks; NaN facing NaN counts as equal, NaN facing a
+    number as infinitely far."""
+    import torch
+
+    from .tensors import as_torch
+
+    fa, fb = as_torch(a).reshape(-1), as_torch(b).reshape(-1)
+    worst = 0.0
+    step = 1 << 22
+    for start in range(0, fa.numel(), step):
+        x = fa[start : start + step].to(torch.float64)
+        y = fb[start : start + step].to(torch.float64)
+        gap = (x - y).abs()
+        both_nan = torch.isnan(x) & torch.isnan(y)
+        gap = torch.where(both_nan, torch.zeros_like(gap), gap)
+        gap = torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap)
+        same_inf = torch.isinf(x) & (x == y)
+        gap = torch.where(same_inf, torch.zeros_like(gap), gap)
+        if gap.numel():
+            worst = max(worst, float(gap.max()))
+    return worst
+
+
+def diff(a: str, b: str, *, atol: float = 0.0, root: str | None = None) -> dict:
+    """Keys only in A or B, shape and dtype changes, and values that differ beyond `atol`
+    (0: bit-exact). `identical` is the verdict the exit code follows."""
+    if atol < 0:
+        raise CkptError("--atol must not be negative")
+    with open_checkpoint(a, root) as ca, open_checkpoint(b, root) as cb:
+        only_a = [k for k in ca.tensors if k not in cb.tensors]
+        only_b = [k for k in cb.tensors if k not in ca.tensors]
+        shape_changed, dtype_changed, value_changed = [], [], []
+        equal = 0
+        for name, ta in ca.tensors.items():
+            tb = cb.tensors.get(name)
+            if tb is None:
+                continue
+            if ta.shape != tb.shape:
+                shape_changed.append({"name": name, "a": list(ta.shape), "b": list(tb.shape)})
+            elif ta.dtype is not tb.dtype:
+                dtype_changed.append({"name": name, "a": ta.dtype.name, "b": tb.dtype.name})
+            elif _same_bytes(ta, tb):
+                equal += 1
+            else:
+                worst = _max_abs_diff(ta, tb)
+                if atol == 0 or worst > atol:
+                    value_changed.append({"name": name, "max_abs_diff": worst})
+                else:
+                    equal += 1
+    identical = not (only_a or only_b or shape_changed or dtype_changed or value_changed)
+    return {"a": a, "b": b, "atol": atol, "identical": identical, "equal": equal, "only_in_a": only_a,
+            "only_in_b": only_b, "shape_changed": shape_changed, "dtype_changed": dtype_changed,
+            "value_changed": value_changed}
