@@ -38,7 +38,9 @@ def merge(
                                average=average, weights=weights, root=root, force=force, dry_run=dry_run,
                                progress=progress)
     details = []
-    if report["mode"] == "into" and not json:
+    if json:
+        pass
+    elif report["mode"] == "into":
         details = [f"copied {len(report['copied'])}, renamed {len(report['renamed'])}, "
                    f"kept from template {len(report['kept_from_template'])}, "
                    f"mismatched {len(report['mismatched'])}, left out {len(report['left_out'])}"]
@@ -48,8 +50,8 @@ def merge(
         details = [f"averaged {report['averaged']} tensors with weights "
                    + ", ".join(f"{w:g}" for w in report["weights"]),
                    listing("taken from the first source (not floating)", report["from_first"])]
-    else:
-        details = [listing("conflicts", report["conflicts"])] if report["conflicts"] else []
+    elif report["conflicts"]:
+        details = [listing(f"conflicts (kept the {report['on_conflict']})", report["conflicts"])]
     finish_write(report, json, quiet, details)
 
 
