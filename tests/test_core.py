@@ -58,3 +58,69 @@ def test_fold_runs_folds_alike_numbered_siblings_only():
     sig = {"0": "x", "1": "x", "2": "x", "3": "y", "4": "y", "stem": "s", "7": "x"}
     assert core.fold_runs(["stem", "0", "1", "2", "3", "4", "7"], sig.get) == [
         ("stem", ["stem"]), ("{0..2}", ["0", "1", "2"]), ("{3..4}", ["3", "4"]), ("7", ["7"])]
+
+
+# ---- rename ----------------------------------------------------------------------------------
+
+def rename(keys, **rules):
+    return core.plan_rename(keys, core.rename_rules(**rules))
+
+
+def test_rename_rules_in_order_and_untouched_reported():
+    names, untouched = rename(["module.layer1.w", "module.fc.b", "head"], strip="module.",
+                              regex=(r"layer(\d+)", r"block\1"))
+    assert names == {"module.layer1.w": "block1.w", "module.fc.b": "fc.b", "head": "head"}
+    assert untouched == ["head"]
+    names, _ = rename(["a.w", "b.w"], add="net.", replace=(".w", ".weight"), mapping={"net.b.weight": "head.weight"})
+    assert names == {"a.w": "net.a.weight", "b.w": "head.weight"}
+
+
+def test_rename_collisions_list_every_pair():
+    with pytest.raises(CkptError) as err:
+        rename(["module.a", "a", "module.b", "b", "c"], strip="module.")
+    assert "module.a + a -> a" in str(err.value) and "module.b + b -> b" in str(err.value)
+
+
+def test_rename_rule_that_changes_nothing_is_an_error():
+    with pytest.raises(CkptError, match="--strip-prefix 'module.' changed no key"):
+        rename(["a", "b"], strip="module.")
+    with pytest.raises(CkptError, match="does not have: nope"):
+        rename(["a"], mapping={"a": "x", "nope": "y"})
+    with pytest.raises(CkptError, match="no rename rule"):
+        core.rename_rules()
+
+
+def test_rename_bad_regex_and_group():
+    with pytest.raises(CkptError, match="not a valid regular expression"):
+        core.rename_rules(regex=("(", "x"))
+    with pytest.raises(CkptError, match="--regex"):
+        rename(["a1"], regex=(r"a(\d)", r"\2"))
+
+
+# ---- alignment and overlap -------------------------------------------------------------------
+
+def test_align_exact_then_wrapper_prefixes():
+    got = core.align(["module.fc.weight", "_orig_mod.conv.weight", "bn.bias", "stale"],
+                     ["fc.weight", "conv.weight", "bn.bias", "new.weight"])
+    assert got == {"fc.weight": ("module.fc.weight", "prefix"), "conv.weight": ("_orig_mod.conv.weight", "prefix"),
+                   "bn.bias": ("bn.bias", "exact")}
+    assert core.align(["fc.weight"], ["model.fc.weight"]) == {"model.fc.weight": ("fc.weight", "prefix")}
+    assert core.align(["module._orig_mod.fc.weight"], ["fc.weight"]) == {"fc.weight": ("module._orig_mod.fc.weight", "prefix")}
+
+
+def test_align_exact_match_wins_over_prefix():
+    assert core.align(["fc.weight", "module.fc.weight"], ["fc.weight"]) == {"fc.weight": ("fc.weight", "exact")}
+
+
+def test_align_ambiguity_is_an_error():
+    with pytest.raises(CkptError, match="ambiguous"):
+        core.align(["module.fc.weight"], ["fc.weight", "model.fc.weight"])
+    with pytest.raises(CkptError, match="ambiguous"):
+        core.align(["module.fc.weight", "model.fc.weight"], ["fc.weight"])
+
+
+def test_overlap_region():
+    assert core.overlap_region((4, 3, 3, 3), (4, 4, 3, 3)) == (slice(0, 4), slice(0, 3), slice(0, 3), slice(0, 3))
+    assert core.overlap_region((1000, 8), (10, 8)) == (slice(0, 10), slice(0, 8))
+    with pytest.raises(CkptError, match="different numbers of dimensions"):
+        core.overlap_region((4,), (4, 1))

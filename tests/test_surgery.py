@@ -1,0 +1,327 @@
+"""filter, drop, rename, merge and diff through the real entry point."""
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import Net, assert_same_tensors, load_any
+
+
+def keys_of(path):
+    return list(load_any(path))
+
+
+# ---- filter / drop ---------------------------------------------------------------------------
+
+def test_filter_keep_reports_left_out(cli, tmp_path, zip_pth):
+    out = tmp_path / "f.safetensors"
+    report = cli("filter", zip_pth, "--keep", "liner1", "-o", out, "--json").json()
+    assert report["kept"] == ["liner1.weight", "liner1.bias"]
+    assert "liner10.weight" in report["left_out"] and "liner1.weight" not in report["left_out"]
+    assert sorted(keys_of(out)) == ["liner1.bias", "liner1.weight"]
+
+
+def test_filter_like_template_reports_missing(cli, tmp_path, zip_pth):
+    template = tmp_path / "t.safetensors"
+    save_file({"conv.weight": torch.zeros(4, 3, 3, 3), "extra.weight": torch.zeros(1)}, str(template))
+    out = tmp_path / "f.pth"
+    report = cli("filter", zip_pth, "--like", template, "-o", out, "--json").json()
+    assert report["kept"] == ["conv.weight"] and report["missing_from_input"] == ["extra.weight"]
+    assert keys_of(out) == ["conv.weight"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "either --keep PATTERN"),
+    (["--keep", "conv", "--like", "x.pth"], "either --keep PATTERN"),
+    (["--keep", "linear1"], "'linear1' selected no key"),
+])
+def test_filter_usage_errors(cli, tmp_path, zip_pth, args, message):
+    result = cli("filter", zip_pth, "-o", tmp_path / "f.pth", *args)
+    assert result.code == 1 and message in result.err and not (tmp_path / "f.pth").exists()
+
+
+def test_filter_like_with_no_shared_key(cli, tmp_path, zip_pth):
+    template = tmp_path / "t.pth"
+    torch.save({"module." + k: v for k, v in torch.load(zip_pth).items()}, template)
+    result = cli("filter", zip_pth, "--like", template, "-o", tmp_path / "f.pth")
+    assert result.code == 1 and "share no key" in result.err
+
+
+def test_filter_carries_nested_entries_and_metadata(cli, tmp_path, nested_pth):
+    out = tmp_path / "f.ckpt"
+    assert cli("filter", nested_pth, "--keep", "conv", "--keep", "bn", "-o", out).code == 0
+    loaded = torch.load(out, weights_only=True)
+    original = torch.load(nested_pth, weights_only=True)
+    assert loaded["epoch"] == 7 and loaded["optimizer"]["param_groups"] == original["optimizer"]["param_groups"]
+    assert list(loaded["state_dict"]) == ["conv.weight", "conv.bias", "bn.weight", "bn.bias", "bn.running_mean",
+                                          "bn.running_var", "bn.num_batches_tracked"]
+    assert loaded["state_dict"]._metadata == original["state_dict"]._metadata
+
+
+def test_drop_module_not_prefix(cli, tmp_path, zip_pth):
+    out = tmp_path / "d.pth"
+    report = cli("drop", zip_pth, "liner1", "bn.running_*", "-o", out, "--json").json()
+    assert report["dropped"] == ["bn.running_mean", "bn.running_var", "liner1.weight", "liner1.bias"]
+    assert "liner10.weight" in keys_of(out) and "liner1.weight" not in keys_of(out)
+
+
+def test_drop_pattern_selecting_nothing(cli, tmp_path, zip_pth):
+    result = cli("drop", zip_pth, "fc", "-o", tmp_path / "d.pth")
+    assert result.code == 1 and "'fc' selected no key" in result.err
+
+
+def test_filter_keeps_ties_in_safetensors(cli, tmp_path, tied_pth):
+    out = tmp_path / "t.safetensors"
+    report = cli("filter", tied_pth, "--keep", "embed", "--keep", "lm_head", "-o", out, "--json").json()
+    assert report["tied"] == {"lm_head.weight": "embed.weight"}
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        assert list(f.keys()) == ["embed.weight"]  # stored once
+    back = tmp_path / "back.pth"
+    cli("convert", out, "-o", back)
+    restored = torch.load(back, weights_only=True)
+    assert list(restored) == ["embed.weight", "lm_head.weight"]
+    assert restored["lm_head.weight"].data_ptr() == restored["embed.weight"].data_ptr()
+
+
+# ---- rename ----------------------------------------------------------------------------------
+
+def test_rename_dry_run_prints_table_and_writes_nothing(cli, tmp_path, zip_pth):
+    out = tmp_path / "r.pth"
+    result = cli("rename", zip_pth, "--add-prefix", "backbone.", "-o", out, "--dry-run")
+    assert result.code == 0 and not out.exists()
+    assert "conv.weight" in result.out and "backbone.conv.weight" in result.out and "would write" in result.out
+    doc = cli("rename", zip_pth, "--add-prefix", "backbone.", "-o", out, "--dry-run", "--json").json()
+    assert doc["renamed"]["conv.weight"] == "backbone.conv.weight" and doc["untouched"] == []
+
+
+def test_rename_collision_writes_nothing(cli, tmp_path):
+    src = tmp_path / "mixed.pth"
+    torch.save({"module.a": torch.zeros(1), "a": torch.ones(1), "module.b": torch.zeros(1), "b": torch.ones(1)}, src)
+    out = tmp_path / "r.pth"
+    result = cli("rename", src, "--strip-prefix", "module.", "-o", out)
+    assert result.code == 1 and "module.a + a -> a" in result.err and "module.b + b -> b" in result.err
+    assert not out.exists()
+
+
+def test_rename_with_map_regex_and_replace(cli, tmp_path, zip_pth):
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"fc1.weight": "encoder.fc1.weight"}))
+    out = tmp_path / "r.safetensors"
+    report = cli("rename", zip_pth, "--replace", "liner", "fc", "--regex", r"^fc(\d+)\.bias$", r"fc\1.b",
+                 "--map", mapping, "-o", out, "--json").json()
+    assert report["renamed"]["liner1.weight"] == "encoder.fc1.weight"
+    assert report["renamed"]["liner10.bias"] == "fc10.b"
+    assert report["untouched"] == ["conv.weight", "conv.bias", "bn.weight", "bn.bias", "bn.running_mean",
+                                   "bn.running_var", "bn.num_batches_tracked"]
+    assert "encoder.fc1.weight" in keys_of(out)
+
+
+@pytest.mark.parametrize("content, message", [("[1, 2]", "must be a JSON object"), ("{nope", "not valid JSON")])
+def test_rename_bad_map(cli, tmp_path, zip_pth, content, message):
+    mapping = tmp_path / "map.json"
+    mapping.write_text(content)
+    result = cli("rename", zip_pth, "--map", mapping, "-o", tmp_path / "r.pth")
+    assert result.code == 1 and message in result.err
+
+
+def test_rename_drops_stale_module_metadata(cli, tmp_path, zip_pth):
+    out = tmp_path / "r.pth"
+    cli("rename", zip_pth, "--add-prefix", "m.", "-o", out)
+    assert not hasattr(torch.load(out, weights_only=True), "_metadata")
+
+
+# ---- merge -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def halves(tmp_path):
+    torch.manual_seed(0)
+    a = {"x": torch.randn(2), "shared": torch.zeros(3)}
+    b = {"shared": torch.ones(3), "y": torch.randn(4)}
+    pa, pb = tmp_path / "a.pth", tmp_path / "b.safetensors"
+    torch.save(a, pa)
+    save_file(b, str(pb))
+    return pa, pb
+
+
+def test_merge_union_conflicts(cli, tmp_path, halves):
+    pa, pb = halves
+    out = tmp_path / "m.pth"
+    refused = cli("merge", pa, pb, "-o", out)
+    assert refused.code == 1 and "1 key(s) are in more than one source: shared" in refused.err and not out.exists()
+    first = cli("merge", pa, pb, "-o", out, "--on-conflict", "first", "--json").json()
+    assert first["conflicts"] == ["shared"] and keys_of(out) == ["x", "shared", "y"]
+    assert torch.equal(load_any(out)["shared"], torch.zeros(3))
+    cli("merge", pa, pb, "-o", out, "--on-conflict", "last", "--force")
+    assert torch.equal(load_any(out)["shared"], torch.ones(3)) and keys_of(out) == ["x", "shared", "y"]
+
+
+def test_merge_average_weights_and_dtypes(cli, tmp_path):
+    paths = []
+    for i, value in enumerate([1.0, 2.0, 4.0]):
+        p = tmp_path / f"c{i}.pth"
+        torch.save({"h": torch.full((3,), value, dtype=torch.float16), "n": torch.tensor(i),
+                    "d": torch.full((2,), value, dtype=torch.float64)}, p)
+        paths.append(p)
+    out = tmp_path / "avg.pth"
+    report = cli("merge", *paths, "--average", "--weights", "1,1,2", "-o", out, "--json").json()
+    assert report["from_first"] == ["n"] and report["weights"] == [0.25, 0.25, 0.5]
+    got = load_any(out)
+    assert got["h"].dtype == torch.float16 and torch.equal(got["h"], torch.full((3,), 2.75, dtype=torch.float16))
+    assert got["d"].dtype == torch.float64 and got["n"] == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--weights", "1,2"], "2 weights for 3 sources"),
+    (["--weights", "1,x,2"], "numbers separated by commas"),
+    (["--weights", "1,-1,0"], "must not sum to zero"),
+])
+def test_merge_average_bad_weights(cli, tmp_path, zip_pth, args, message):
+    result = cli("merge", zip_pth, zip_pth, zip_pth, "--average", *args, "-o", tmp_path / "a.pth")
+    assert result.code == 1 and message in result.err
+
+
+def test_merge_average_disagreeing_sources(cli, tmp_path, zip_pth):
+    other = tmp_path / "other.pth"
+    sd = torch.load(zip_pth)
+    sd["liner10.weight"] = torch.zeros(7, 5)
+    del sd["conv.bias"]
+    torch.save(sd, other)
+    result = cli("merge", zip_pth, other, "--average", "-o", tmp_path / "a.pth")
+    assert result.code == 1 and "lacks conv.bias" in result.err and "liner10.weight [4, 5] vs [7, 5]" in result.err
+
+
+def test_merge_into_casts_to_template_dtype_and_reports_each_key_once(cli, tmp_path, zip_pth):
+    template = tmp_path / "t.safetensors"
+    sd = torch.load(zip_pth)
+    tpl = {("model." + k if k.startswith("liner") else k): v.half() if v.is_floating_point() else v
+           for k, v in sd.items()}
+    tpl["new.weight"] = torch.ones(2)
+    save_file(tpl, str(template))
+    out = tmp_path / "m.pth"
+    report = cli("merge", zip_pth, "--into", template, "-o", out, "--json").json()
+    buckets = report["copied"] + list(report["renamed"].values()) + report["kept_from_template"] + \
+        [m["name"] for m in report["mismatched"]]
+    assert sorted(buckets) == sorted(tpl) and len(buckets) == len(set(buckets))
+    assert report["renamed"]["liner1.weight"] == "model.liner1.weight" and report["kept_from_template"] == ["new.weight"]
+    got = load_any(out)
+    assert got["conv.weight"].dtype == torch.float16 and torch.equal(got["conv.weight"], sd["conv.weight"].half())
+
+
+def test_merge_into_left_out_and_multiple_sources(cli, tmp_path, halves):
+    pa, pb = halves
+    template = tmp_path / "t.pth"
+    torch.save({"shared": torch.full((3,), 9.0), "y": torch.zeros(4), "z": torch.zeros(1)}, template)
+    report = cli("merge", pa, pb, "--into", template, "-o", tmp_path / "m.pth", "--json").json()
+    assert report["copied"] == ["shared", "y"] and report["kept_from_template"] == ["z"]
+    assert report["left_out"] == ["x"]
+    assert torch.equal(load_any(tmp_path / "m.pth")["shared"], torch.zeros(3))  # the first source wins
+
+
+def test_merge_into_dry_run_prints_table(cli, tmp_path, zip_pth):
+    template = tmp_path / "t.pth"
+    torch.save(Net(classes=7).state_dict(), template)
+    out = tmp_path / "m.pth"
+    result = cli("merge", zip_pth, "--into", template, "-o", out, "--on-mismatch", "skip", "--dry-run")
+    assert result.code == 0 and not out.exists()
+    assert "mismatched (skip)" in result.out and "[4, 5] -> [7, 5]" in result.out
+
+
+def test_merge_into_ambiguous(cli, tmp_path):
+    src, template = tmp_path / "s.pth", tmp_path / "t.pth"
+    torch.save({"module.fc.weight": torch.zeros(1)}, src)
+    torch.save({"fc.weight": torch.zeros(1), "model.fc.weight": torch.zeros(1)}, template)
+    result = cli("merge", src, "--into", template, "-o", tmp_path / "m.pth")
+    assert result.code == 1 and "ambiguous" in result.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--on-mismatch", "pad"], "--on-mismatch 'pad'"),
+    (["--on-conflict", "newest"], "--on-conflict 'newest'"),
+    (["--average", "--into", "x.pth"], "do not combine"),
+    (["--weights", "1"], "--average only"),
+])
+def test_merge_usage_errors(cli, tmp_path, zip_pth, args, message):
+    result = cli("merge", zip_pth, zip_pth, "-o", tmp_path / "m.pth", *args)
+    assert result.code == 1 and message in result.err
+
+
+# ---- diff ------------------------------------------------------------------------------------
+
+def test_diff_identical_across_formats(cli, tmp_path, zip_pth):
+    st = tmp_path / "m.safetensors"
+    cli("convert", zip_pth, "-o", st)
+    result = cli("diff", zip_pth, st)
+    assert result.code == 0 and "identical" in result.out
+    doc = cli("diff", zip_pth, st, "--json").json()
+    assert doc["identical"] is True and doc["equal"] == 11
+
+
+def test_diff_reports_every_kind_of_change(cli, tmp_path):
+    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    torch.save({"same": torch.ones(2), "gone": torch.ones(1), "shape": torch.ones(2), "dtype": torch.ones(2),
+                "value": torch.tensor([1.0, 2.0]), "nan": torch.tensor([float("nan")])}, a)
+    torch.save({"same": torch.ones(2), "new": torch.ones(1), "shape": torch.ones(3),
+                "dtype": torch.ones(2, dtype=torch.float64), "value": torch.tensor([1.0, 2.5]),
+                "nan": torch.tensor([float("nan")])}, b)
+    result = cli("diff", a, b, "--json")
+    assert result.code == 1
+    doc = result.json()
+    assert doc["only_in_a"] == ["gone"] and doc["only_in_b"] == ["new"]
+    assert doc["shape_changed"] == [{"name": "shape", "a": [2], "b": [3]}]
+    assert doc["dtype_changed"] == [{"name": "dtype", "a": "float32", "b": "float64"}]
+    assert doc["value_changed"] == [{"name": "value", "max_abs_diff": 0.5}]
+    assert doc["equal"] == 2  # same, and nan == nan bit for bit
+    human = cli("diff", a, b)
+    assert human.code == 1 and "only in A" in human.out and "max |A-B| 0.5" in human.out
+
+
+def test_diff_atol(cli, tmp_path):
+    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    torch.save({"w": torch.tensor([1.0, 2.0])}, a)
+    torch.save({"w": torch.tensor([1.0, 2.0001])}, b)
+    assert cli("diff", a, b).code == 1
+    assert cli("diff", a, b, "--atol", "1e-3").code == 0
+    assert cli("diff", a, b, "--atol", "1e-6").code == 1
+    assert cli("diff", a, b, "--atol", "-1").code == 1
+
+
+# ---- every writing command -------------------------------------------------------------------
+
+WRITERS = {
+    "filter": lambda src, out: ["filter", src, "--keep", "liner1", "-o", out],
+    "drop": lambda src, out: ["drop", src, "bn", "-o", out],
+    "rename": lambda src, out: ["rename", src, "--add-prefix", "m.", "-o", out],
+    "merge": lambda src, out: ["merge", src, src, "--on-conflict", "last", "-o", out],
+    "average": lambda src, out: ["merge", src, src, "--average", "-o", out],
+    "into": lambda src, out: ["merge", src, "--into", src, "-o", out],
+    "convert": lambda src, out: ["convert", src, "-o", out, "--dtype", "bf16"],
+}
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("command", sorted(WRITERS))
+def test_writers_are_deterministic_atomic_and_careful(cli, tmp_path, nested_pth, command, suffix):
+    make = WRITERS[command]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    first, second = tmp_path / "one" / f"a{suffix}", tmp_path / "two" / f"b{suffix}"
+    assert cli(*make(nested_pth, first)).code == 0
+    assert cli(*make(nested_pth, second)).code == 0
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(first) == digest(second)
+    refused = cli(*make(nested_pth, first))
+    assert refused.code == 1 and "--force" in refused.err
+    assert cli(*make(nested_pth, first), "--force").code == 0 and digest(first) == digest(second)
+    dry = tmp_path / "one" / f"dry{suffix}"
+    assert cli(*make(nested_pth, dry), "--dry-run").code == 0 and not dry.exists()
+    assert sorted(os.listdir(tmp_path / "one")) == [f"a{suffix}"]
+    quiet = cli(*make(nested_pth, first), "--force", "-q")
+    assert quiet.code == 0 and quiet.err == "" and quiet.out == ""
+    if suffix == ".pth":
+        assert torch.load(first, weights_only=True)["epoch"] == 7  # carried through
