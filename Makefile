@@ -31,6 +31,7 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/bench_foundation.py
+	$(BIN)/python bench/bench_surgery.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache
