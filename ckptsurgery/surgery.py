@@ -247,6 +247,7 @@ def merge(sources: list[str], output: str, *, into: str | None = None, on_mismat
             merged, details = _plain_union(ckpts, on_conflict)
             base, mode = ckpts[0], "union"
         report = write_checkpoint(base, merged, output, **_write_options(force, dry_run, progress))
+    del report["input"]  # several inputs: `sources` and `template` name them
     report.update(mode=mode, sources=list(sources), **({"template": into} if into else {}), **details)
     return report
 
