@@ -325,3 +325,8 @@ def test_writers_are_deterministic_atomic_and_careful(cli, tmp_path, nested_pth,
     assert quiet.code == 0 and quiet.err == "" and quiet.out == ""
     if suffix == ".pth":
         assert torch.load(first, weights_only=True)["epoch"] == 7  # carried through
+
+
+def test_rename_rule_options_are_taken_once(cli, tmp_path, zip_pth):
+    result = cli("rename", zip_pth, "-o", tmp_path / "r.pth", "--replace", "conv", "c", "--replace", "bn", "b")
+    assert result.code == 2 and "--replace was given 2 times" in result.err and not (tmp_path / "r.pth").exists()

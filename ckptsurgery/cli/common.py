@@ -11,10 +11,10 @@ from typing import Annotated, Iterator, Optional
 import typer
 
 InputArg = Annotated[str, typer.Argument(
-    help="Checkpoint: .pth/.pt/.bin/.ckpt, .safetensors, a shard index or its folder.", show_default=False)]
-OutputOpt = Annotated[str, typer.Option("-o", "--output", help="Output file; its extension picks the format.")]
+    metavar="INPUT", help="Checkpoint: .pth/.pt/.bin/.ckpt, .safetensors, a shard index or its folder.", show_default=False)]
+OutputOpt = Annotated[str, typer.Option("-o", "--output", metavar="OUT", help="Output file; its extension picks the format.")]
 RootOpt = Annotated[Optional[str], typer.Option(
-    "--root", help="Key of the state dict inside a nested .pth ('' = top level). Detected by default.")]
+    "--root", metavar="KEY", help="Key of the state dict inside a nested .pth ('' = top level). Detected by default.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr but errors.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]

@@ -13,9 +13,9 @@ from .common import DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt,
 def convert(
     input: InputArg,
     output: OutputOpt,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Cast floating tensors: fp32, fp16 or bf16.")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", metavar="fp32|fp16|bf16", help="Cast floating tensors: fp32, fp16 or bf16.")] = None,
     max_shard_size: Annotated[Optional[str], typer.Option(
-        "--max-shard-size", help="Write Hugging Face-style shards of at most this size (e.g. 2GB) and an index.")] = None,
+        "--max-shard-size", metavar="SIZE", help="Write Hugging Face-style shards of at most this size (e.g. 2GB) and an index.")] = None,
     root: RootOpt = None,
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,

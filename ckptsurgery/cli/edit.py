@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json as jsonlib
+import sys
 from typing import Annotated, Optional
 
 import typer
@@ -21,9 +22,9 @@ def filter_command(
     input: InputArg,
     output: OutputOpt,
     keep: Annotated[Optional[list[str]], typer.Option(
-        "--keep", help="Keep keys matching PATTERN (glob, module name, or re:REGEX); repeatable.")] = None,
+        "--keep", metavar="PATTERN", help="Keep keys matching PATTERN (glob, module name, or re:REGEX); repeatable.")] = None,
     like: Annotated[Optional[str], typer.Option(
-        "--like", help="Keep exactly the keys this template checkpoint has.")] = None,
+        "--like", metavar="TEMPLATE", help="Keep exactly the keys this template checkpoint has.")] = None,
     root: RootOpt = None,
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
@@ -44,7 +45,7 @@ def filter_command(
 def drop(
     input: InputArg,
     patterns: Annotated[list[str], typer.Argument(
-        help="Keys or whole modules to remove (glob, module name, or re:REGEX).", show_default=False)],
+        metavar="PATTERN...", help="Keys or whole modules to remove (glob, module name, or re:REGEX).", show_default=False)],
     output: OutputOpt,
     root: RootOpt = None,
     force: ForceOpt = False,
@@ -76,13 +77,13 @@ def _load_map(path: str) -> dict:
 def rename(
     input: InputArg,
     output: OutputOpt,
-    strip_prefix: Annotated[Optional[str], typer.Option("--strip-prefix", help="Remove this prefix where keys have it.")] = None,
-    add_prefix: Annotated[Optional[str], typer.Option("--add-prefix", help="Put this prefix before every key.")] = None,
+    strip_prefix: Annotated[Optional[str], typer.Option("--strip-prefix", metavar="P", help="Remove this prefix where keys have it.")] = None,
+    add_prefix: Annotated[Optional[str], typer.Option("--add-prefix", metavar="P", help="Put this prefix before every key.")] = None,
     replace: Annotated[Optional[tuple[str, str]], typer.Option(
         "--replace", metavar="OLD NEW", help="Replace a substring in every key.")] = None,
     regex: Annotated[Optional[tuple[str, str]], typer.Option(
         "--regex", metavar="PATTERN REPL", help=r"Regular-expression substitution (\1 for groups).")] = None,
-    map_file: Annotated[Optional[str], typer.Option("--map", help="JSON file of exact old name -> new name.")] = None,
+    map_file: Annotated[Optional[str], typer.Option("--map", metavar="MAP.json", help="JSON file of exact old name -> new name.")] = None,
     root: RootOpt = None,
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
@@ -94,6 +95,7 @@ def rename(
     Rules apply in this order: --strip-prefix, --add-prefix, --replace, --regex, --map (whose
     names are matched as the earlier rules left them). Each rule must change some key. Two keys
     that would get one name fail the command, with every such pair named."""
+    _refuse_repeats(("--strip-prefix", "--add-prefix", "--replace", "--regex", "--map"))
     rules = core.rename_rules(strip_prefix, add_prefix, replace, regex,
                               _load_map(map_file) if map_file else None)
     with progress_bar(quiet or json) as progress:
@@ -103,6 +105,16 @@ def rename(
         _print_rename_table(report)
     finish_write(report, json, quiet, [f"renamed {len(report['renamed'])} key(s)",
                                        listing("untouched", report["untouched"])])
+
+
+def _refuse_repeats(options: tuple[str, ...]) -> None:
+    """Each rule option is taken once: the parser would silently keep only the last of a
+    repeated one, and a dropped rename is worse than an error."""
+    for option in options:
+        count = sum(arg == option or arg.startswith(option + "=") for arg in sys.argv[1:])
+        if count > 1:
+            raise typer.BadParameter(f"{option} was given {count} times; it is taken once "
+                                     f"(use --map for many exact renames)", param_hint=option)
 
 
 def _print_rename_table(report: dict) -> None:

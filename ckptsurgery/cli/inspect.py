@@ -14,9 +14,9 @@ from .common import InputArg, JsonOpt, QuietOpt, RootOpt, human_bytes, note, pri
 def inspect(
     input: InputArg,
     keys: Annotated[Optional[list[str]], typer.Option(
-        "--keys", help="Only keys matching PATTERN (glob, module name, or re:REGEX); repeatable.")] = None,
+        "--keys", metavar="PATTERN", help="Only keys matching PATTERN (glob, module name, or re:REGEX); repeatable.")] = None,
     tree: Annotated[bool, typer.Option("--tree", help="Per-module summary; numbered repeats folded.")] = False,
-    depth: Annotated[Optional[int], typer.Option("--depth", min=1, help="Levels shown by --tree.")] = None,
+    depth: Annotated[Optional[int], typer.Option("--depth", min=1, metavar="N", help="Levels shown by --tree.")] = None,
     stats: Annotated[bool, typer.Option("--stats", help="min/max/mean/std and NaN/Inf counts (reads data).")] = False,
     root: RootOpt = None,
     json: JsonOpt = False,

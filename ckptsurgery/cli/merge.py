@@ -16,16 +16,16 @@ from .common import (
 
 @app.command()
 def merge(
-    sources: Annotated[list[str], typer.Argument(help="Checkpoints to merge, in priority order.", show_default=False)],
+    sources: Annotated[list[str], typer.Argument(metavar="SOURCE...", help="Checkpoints to merge, in priority order.", show_default=False)],
     output: OutputOpt,
     into: Annotated[Optional[str], typer.Option(
-        "--into", help="Template (e.g. saved from the new model): output has exactly its keys, shapes, dtypes.")] = None,
+        "--into", metavar="TEMPLATE", help="Template (e.g. saved from the new model): output has exactly its keys, shapes, dtypes.")] = None,
     on_mismatch: Annotated[str, typer.Option(
-        "--on-mismatch", help="With --into, a shape that differs: error, skip (keep template), overlap.")] = "error",
+        "--on-mismatch", metavar="error|skip|overlap", help="With --into, a shape that differs: error, skip (keep template), overlap.")] = "error",
     on_conflict: Annotated[str, typer.Option(
-        "--on-conflict", help="Plain merge, a key in several sources: error, first, last.")] = "error",
+        "--on-conflict", metavar="error|first|last", help="Plain merge, a key in several sources: error, first, last.")] = "error",
     average: Annotated[bool, typer.Option("--average", help="Element-wise (weighted) mean of floating tensors.")] = False,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="With --average: W,W,... one per source.")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", metavar="W,W,..", help="With --average: W,W,... one per source.")] = None,
     root: RootOpt = None,
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
@@ -77,9 +77,9 @@ def _print_into_table(report: dict, stderr: bool) -> None:
 
 @app.command()
 def diff(
-    a: Annotated[str, typer.Argument(help="First checkpoint.", show_default=False)],
-    b: Annotated[str, typer.Argument(help="Second checkpoint.", show_default=False)],
-    atol: Annotated[float, typer.Option("--atol", help="Values within this absolute difference count as equal.")] = 0.0,
+    a: Annotated[str, typer.Argument(metavar="A", help="First checkpoint.", show_default=False)],
+    b: Annotated[str, typer.Argument(metavar="B", help="Second checkpoint.", show_default=False)],
+    atol: Annotated[float, typer.Option("--atol", metavar="X", help="Values within this absolute difference count as equal.")] = 0.0,
     root: RootOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
