@@ -165,13 +165,9 @@ class TensorRef:
 
     def to_torch(self):
         """A torch tensor holding a copy of the data (imports torch)."""
-        import torch
+        from ..tensors import as_torch
 
-        dtype = getattr(torch, self.dtype.name)
-        raw = bytearray(self.data())
-        if not raw:
-            return torch.empty(self.shape, dtype=dtype)
-        return torch.frombuffer(raw, dtype=dtype).reshape(self.shape)
+        return as_torch(self).clone()
 
 
 _SAME_SIZE_INT = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
