@@ -1,112 +1,233 @@
-"""Checkpoints that run a command when unpickled. Each is first proven live: torch.load with
-weights_only=False, in a subprocess, creates the marker file. Then every reading command runs
-over it: the marker never appears, the exit code is 0 or 1, and there is no traceback."""
+"""A corpus of hostile checkpoints, each of which creates a marker file if its pickle runs.
 
+Every file is first proven live — torch.load(weights_only=False), in a subprocess, creates its
+marker — so a test that passes means something. Then every reading command runs over every
+file: the marker never appears, the exit code is 0 (the tensors were recovered, the payload
+left inert) or 1 (refused with one clear line), never a traceback."""
+
+import builtins
+import importlib
+import json
 import os
 import pickle
 import subprocess
 import sys
+import textwrap
+import zipfile
 from collections import OrderedDict
 
 import pytest
 import torch
 
 
-class Payload:
-    """Unpickles as os.system(command)."""
+class Reduce:
+    """Unpickles as func(*args)."""
 
-    def __init__(self, command: str):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
-class RebuildWithSystem:
-    """An allow-listed torch rebuild function handed os.system as the callable it calls."""
-
-    def __init__(self, command: str):
-        self.command = command
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
 
     def __reduce__(self):
-        return torch._tensor._rebuild_from_type_v2, (os.system, torch.Tensor, (self.command,), {})
+        return self.func, self.args
+
+    def __call__(self, *args):  # lets one Reduce stand as the callable of another
+        raise AssertionError("never called while pickling")
 
 
-class EvalPayload:
-    def __init__(self, command: str):
-        self.command = command
-
-    def __reduce__(self):
-        return eval, (f"__import__('os').system({self.command!r})",)
+def shell(marker) -> str:
+    return f"touch {marker}"
 
 
-def build(kind: str, marker, legacy: bool, path):
-    command = f"touch {marker}"
-    sd = OrderedDict(weight=torch.ones(2, 2), bias=torch.zeros(2))
-    objects = {
-        "top_level": Payload(command),
-        "nested_beside_state_dict": {"state_dict": sd, "extra": Payload(command)},
-        "inside_list": {"state_dict": sd, "hooks": [1, Payload(command)]},
-        "rebuild_with_system": {"state_dict": sd, "x": RebuildWithSystem(command)},
-        "eval": {"state_dict": sd, "x": EvalPayload(command)},
+def _state_dict():
+    return OrderedDict(weight=torch.ones(2, 2), bias=torch.zeros(2))
+
+
+# name -> (object to torch.save, whether the tensors can still be recovered)
+def payloads(marker):
+    import torch.utils.collect_env as collect_env
+
+    cmd = shell(marker)
+    system = Reduce(os.system, cmd)
+    inner = pickle.dumps(system, protocol=2)
+    return {
+        "system_top_level": (system, False),
+        "system_beside_state_dict": ({"state_dict": _state_dict(), "extra": system}, True),
+        "system_inside_state_dict": (OrderedDict(weight=torch.ones(2), evil=system), False),
+        "system_in_a_list": ({"state_dict": _state_dict(), "hooks": [1, system]}, True),
+        "eval": ({"state_dict": _state_dict(), "x": Reduce(builtins.eval, f"__import__('os').system({cmd!r})")}, True),
+        "exec": ({"state_dict": _state_dict(), "x": Reduce(builtins.exec, f"import os; os.system({cmd!r})")}, True),
+        "popen": ({"state_dict": _state_dict(), "x": Reduce(subprocess.Popen, ["touch", str(marker)])}, True),
+        "torch_runs_shell": ({"state_dict": _state_dict(), "x": Reduce(collect_env.run, cmd)}, True),
+        "pickle_in_pickle": ({"state_dict": _state_dict(), "x": Reduce(pickle.loads, inner)}, True),
+        "getattr_trick": ({"state_dict": _state_dict(), "x": Reduce(Reduce(builtins.getattr, Reduce(
+            importlib.import_module, "os"), "system"), cmd)}, True),
+        "rebuild_with_system": ({"state_dict": _state_dict(),
+                                 "x": Reduce(torch._tensor._rebuild_from_type_v2, os.system, torch.Tensor, (cmd,), {})},
+                                True),
     }
-    torch.save(objects[kind], path, _use_new_zipfile_serialization=not legacy)
 
 
-def proven_live(path, marker) -> bool:
-    code = "import sys, torch; torch.load(sys.argv[1], weights_only=False)"
-    subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True)
-    live = marker.exists()
-    if live:
+def _inst_pickle(marker) -> bytes:
+    """Protocol 0: MARK, the argument, then INST module name — the oldest way to call a global."""
+    return b"(S'" + shell(marker).encode() + b"'\nios\nsystem\n."
+
+
+def _legacy_frame(body: bytes) -> bytes:
+    from ckptsurgery.io.torch_legacy import MAGIC_NUMBER, PROTOCOL_VERSION
+
+    head = b"".join(pickle.dumps(x, protocol=2) for x in
+                    (MAGIC_NUMBER, PROTOCOL_VERSION, {"protocol_version": 1001, "little_endian": True}))
+    return head + body + pickle.dumps([], protocol=2)
+
+
+def _zip_frame(body: bytes, path) -> None:
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", body)
+        z.writestr("archive/byteorder", "little")
+        z.writestr("archive/version", "3\n")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Every hostile file, proven live. Returns [(name, path, marker, recoverable)]."""
+    folder = tmp_path_factory.mktemp("hostile")
+    files = []
+    for legacy in (False, True):
+        fmt = "legacy" if legacy else "zip"
+        for name in payloads(folder / "x"):
+            marker = folder / f"MARK-{name}-{fmt}"
+            obj, recoverable = payloads(marker)[name]
+            path = folder / f"{name}-{fmt}.pth"
+            torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
+            files.append((f"{name}-{fmt}", path, marker, recoverable))
+        marker = folder / f"MARK-inst-{fmt}"
+        path = folder / f"inst-{fmt}.pth"
+        if legacy:
+            path.write_bytes(_legacy_frame(_inst_pickle(marker)))
+        else:
+            _zip_frame(_inst_pickle(marker), path)
+        files.append((f"inst-{fmt}", path, marker, False))
+    marker = folder / "MARK-raw"
+    (folder / "raw.pth").write_bytes(pickle.dumps(Reduce(os.system, shell(marker)), protocol=4))
+    files.append(("raw_pickle", folder / "raw.pth", marker, False))
+    files += _module_with_payload(folder)
+    _prove_live(files, folder)
+    return files
+
+
+def _module_with_payload(folder):
+    """A whole pickled nn.Module (class in the user's code) carrying a payload as an attribute."""
+    (folder / "usermodel.py").write_text(textwrap.dedent("""
+        import os, torch
+        from torch import nn
+        class Payload:
+            def __init__(self, cmd): self.cmd = cmd
+            def __reduce__(self): return os.system, (self.cmd,)
+        class UserNet(nn.Module):
+            def __init__(self, cmd):
+                super().__init__()
+                self.fc = nn.Linear(2, 2)
+                self.evil = Payload(cmd)
+    """))
+    out = []
+    for fmt, zip_format in (("zip", True), ("legacy", False)):
+        marker = folder / f"MARK-module-{fmt}"
+        path = folder / f"module-{fmt}.pth"
+        code = (f"import torch, usermodel; torch.save(usermodel.UserNet({shell(marker)!r}), {str(path)!r}, "
+                f"_use_new_zipfile_serialization={zip_format})")
+        subprocess.run([sys.executable, "-c", code], cwd=folder, check=True)
+        out.append((f"module_attribute-{fmt}", path, marker, True))
+    return out
+
+
+def _prove_live(files, folder):
+    """One subprocess (one torch import) loads every file the unsafe way; each must fire."""
+    code = ("import sys, json, torch\n"
+            "for path in json.loads(sys.argv[1]):\n"
+            "    try: torch.load(path, weights_only=False)\n"
+            "    except BaseException: pass\n")
+    subprocess.run([sys.executable, "-c", code, json.dumps([str(p) for _, p, _, _ in files])],
+                   cwd=folder, capture_output=True, timeout=300)
+    dead = [name for name, _, marker, _ in files if not marker.exists()]
+    assert not dead, f"payloads that did not fire under torch.load: {dead}"
+    for _, _, marker, _ in files:
         marker.unlink()
-    return live
 
 
-KINDS = ["top_level", "nested_beside_state_dict", "inside_list", "rebuild_with_system", "eval"]
+def reading_commands(path, out):
+    return [
+        ["inspect", path], ["inspect", path, "--json"], ["inspect", path, "--stats"], ["inspect", path, "--tree"],
+        ["convert", path, "-o", out / "c.safetensors", "--force"], ["convert", path, "-o", out / "c.pth", "--force"],
+        ["filter", path, "--keep", "re:.", "-o", out / "f.pth", "--force"],
+        ["drop", path, "re:bias", "-o", out / "d.pth", "--force"],
+        ["rename", path, "--add-prefix", "m.", "-o", out / "r.pth", "--force"],
+        ["merge", path, path, "--on-conflict", "first", "-o", out / "m.pth", "--force"],
+        ["merge", path, "--into", path, "-o", out / "i.safetensors", "--force"],
+        ["merge", path, path, "--average", "-o", out / "a.pth", "--force"],
+        ["diff", path, path],
+    ]
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
-@pytest.mark.parametrize("kind", KINDS)
-def test_payload_never_runs(cli, tmp_path, kind, legacy):
-    marker = tmp_path / "PWNED"
-    path = tmp_path / "evil.pth"
-    build(kind, marker, legacy, path)
-    assert proven_live(path, marker), "the payload must be live for this test to mean anything"
-    for args in (["inspect", path], ["inspect", path, "--json"], ["inspect", path, "--stats"],
-                 ["convert", path, "-o", tmp_path / "o.safetensors", "--force"],
-                 ["convert", path, "-o", tmp_path / "o.pth", "--force"]):
-        result = cli(*args)
-        assert not marker.exists(), args
-        assert result.code in (0, 1) and "Traceback" not in result.err, (args, result.err)
-        if kind != "top_level":  # tensors recovered, payload left inert and reported
-            assert result.code == 0, result.err
-    if kind != "top_level":
-        doc = cli("inspect", path, "--json").json()
-        assert doc["root"] == "state_dict" and len(doc["tensors"]) == 2
-        assert any(name in ("posix.system", "__builtin__.eval") for name in doc["inert"])
+def test_corpus_is_complete(corpus):
+    names = {name.rsplit("-", 1)[0] for name, _, _, _ in corpus}
+    assert {"system_top_level", "eval", "exec", "popen", "torch_runs_shell", "pickle_in_pickle",
+            "rebuild_with_system", "module_attribute", "inst", "raw_pickle"} <= names
+    assert len(corpus) == 2 * 12 + 1 + 2  # 12 kinds in both formats, the raw pickle, the module in both
 
 
-def test_carried_through_payload_stays_inert(cli, tmp_path):
-    """Copying a hostile .pth to .pth writes the payload back as it was — still never run by us,
-    and still refused by torch's own safe loader."""
-    marker = tmp_path / "PWNED"
-    path = tmp_path / "evil.pth"
-    build("nested_beside_state_dict", marker, False, path)
-    out = tmp_path / "copy.pth"
-    assert cli("convert", path, "-o", out).code == 0
-    assert not marker.exists()
-    with pytest.raises(pickle.UnpicklingError):
-        torch.load(out, weights_only=True)
-    assert proven_live(out, marker)  # faithfully the same file content, for torch.load to judge
+def test_no_payload_ever_runs(cli, tmp_path, corpus):
+    for name, path, marker, recoverable in corpus:
+        for args in reading_commands(path, tmp_path):
+            result = cli(*args)
+            assert not marker.exists(), (name, args)
+            assert result.code in (0, 1), (name, args, result.err)
+            assert "Traceback" not in result.err and len(result.err.strip().splitlines()) <= 30, (name, args)
+            if result.code == 1:
+                assert len(result.err.strip().splitlines()) == 1, (name, args, result.err)
+            if recoverable and args[0] in ("inspect", "convert", "filter", "rename"):
+                assert result.code == 0, (name, args, result.err)
+
+
+def test_inspect_names_what_it_left_inert(cli, corpus):
+    expected = {"system_beside_state_dict": "posix.system", "eval": "__builtin__.eval",
+                "exec": "__builtin__.exec", "popen": "commands.Popen",  # protocol 2 writes Python 2's module names
+                "torch_runs_shell": "torch.utils.collect_env.run", "pickle_in_pickle": "pickle.loads",
+                "getattr_trick": "__builtin__.getattr", "module_attribute": "posix.system"}
+    seen = {}
+    for name, path, _, recoverable in corpus:
+        if recoverable:
+            doc = cli("inspect", path, "--json").json()
+            seen[name.rsplit("-", 1)[0]] = doc["inert"]
+            human = cli("inspect", path)
+            assert "left inert (not run)" in human.err
+    for kind, global_name in expected.items():
+        assert any(global_name in g or global_name.replace("posix.", "os.") in g for g in seen[kind]), (kind, seen[kind])
+
+
+def test_carried_through_payload_stays_inert(cli, tmp_path, corpus):
+    """Copying a hostile .pth to .pth writes the payload back exactly as it was, never run by
+    us: torch's safe loader still refuses the copy, and an unsafe load of it still fires."""
+    copies = []
+    for kind in ("system_beside_state_dict-zip", "getattr_trick-legacy"):
+        name, path, marker, _ = next(c for c in corpus if c[0] == kind)
+        out = tmp_path / f"{kind}.pth"
+        assert cli("convert", path, "-o", out).code == 0 and not marker.exists()
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(out, weights_only=True)
+        copies.append((name, out, marker, True))
+    _prove_live(copies, path.parent)
+
+
+def test_whole_module_payload_is_not_written_back(cli, tmp_path, corpus):
+    """A pickled module becomes its state dict: the attribute holding the payload is gone."""
+    _, path, marker, _ = next(c for c in corpus if c[0] == "module_attribute-zip")
+    out = tmp_path / "sd.pth"
+    assert cli("convert", path, "-o", out).code == 0 and not marker.exists()
+    assert list(torch.load(out, weights_only=True)) == ["fc.weight", "fc.bias"]
 
 
 def test_bytearray_of_a_huge_size_is_refused(cli, tmp_path):
     """`bytearray(10**12)` would allocate a terabyte; the allow-list checks the argument."""
-    data = b"\x80\x02c__builtin__\nbytearray\nJ\x00\x00\x00\x7f\x85R."
-    import zipfile
-
     path = tmp_path / "bomb.pth"
-    with zipfile.ZipFile(path, "w") as z:
-        z.writestr("archive/data.pkl", data)
+    _zip_frame(b"\x80\x02c__builtin__\nbytearray\nJ\x00\x00\x00\x7f\x85R.", path)
     result = cli("inspect", path)
     assert result.code == 1 and "bytearray of a size" in result.err

@@ -39,6 +39,10 @@ def main() -> None:
     except CkptError as e:
         sys.stderr.write(f"ckptsurgery: error: {e}\n")
         sys.exit(1)
+    except OSError as e:  # the disk is full, a folder is read-only, ...
+        where = f"{e.filename}: " if e.filename else ""
+        sys.stderr.write(f"ckptsurgery: error: {where}{e.strerror or e}\n")
+        sys.exit(1)
     except Exception as e:  # a bug or an input we did not foresee: still no traceback by default
         if os.environ.get("CKPTSURGERY_DEBUG"):
             raise

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from ..errors import CkptError
 from .model import Storage, TensorRef
-from .unpickler import Global, InertObject, is_inert_global
+from .unpickler import Global, InertCall, InertObject, is_inert_global
 
 _BATCH = 1000
 
@@ -163,9 +163,12 @@ class TorchPickler:
         self._memoize(tensor)
 
     def _inert(self, obj: InertObject) -> None:
-        self._global(obj._module, obj._name)
+        if isinstance(obj, InertCall):
+            self._save(obj.callee)
+        else:
+            self._global(obj._module, obj._name)
         self._tuple(obj.args)
-        self._out += b"R" if obj.how == "reduce" else b"\x81"
+        self._out += b"\x81" if obj.how == "newobj" else b"R"
         self._memoize(obj)
         if obj.listitems:
             self._appends(obj.listitems)

@@ -62,12 +62,33 @@ class InertObject:
     def __setitem__(self, key, value):
         self.dictitems.append((key, value))
 
+    def __call__(self, *args, **kwargs):
+        # `getattr(os, "system")(cmd)`: the inner call made an inert object; calling that is
+        # recorded too, so the tensors around it can still be recovered
+        return InertCall(self, args)
+
     @classmethod
     def qualname(cls) -> str:
         return f"{cls._module}.{cls._name}"
 
     def __repr__(self) -> str:
         return f"<inert {self.qualname()}>"
+
+
+class InertCall(InertObject):
+    """The result of calling an inert object: recorded, never performed."""
+
+    def __new__(cls, callee: InertObject, args: tuple):
+        self = InertObject.__new__(cls, *args)
+        self.callee = callee
+        self.how = "call"
+        return self
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def qualname(self) -> str:  # an instance's name: what was called
+        return f"{self.callee.qualname()}(...)"
 
 
 _inert_types: dict[tuple[str, str], type] = {}

@@ -54,11 +54,13 @@ def atomic_output(path: str) -> Iterator[BinaryIO]:
         with open(temp, "wb") as f:
             yield f
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(temp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename in (None, temp):  # not an input's error
+            raise CkptError(f"{path}: cannot write ({e.strerror or e}); nothing was written") from None
         raise
 
 
