@@ -26,6 +26,17 @@ from . import merge as _merge  # noqa: E402
 from . import convert as _convert  # noqa: E402
 
 
+def _one_line(message: str) -> str:
+    """Names in a message come from the file: escape control characters so that an error stays
+    one line and cannot drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"ckptsurgery: error: {_one_line(message)}\n")
+    sys.exit(1)
+
+
 def _terminate(signum, frame):
     # SIGTERM (a CI job's timeout, `kill`) unwinds like Ctrl-C: temporary files are removed
     raise SystemExit(128 + signum)
@@ -37,15 +48,10 @@ def main() -> None:
     try:
         app()
     except CkptError as e:
-        sys.stderr.write(f"ckptsurgery: error: {e}\n")
-        sys.exit(1)
+        _fail(str(e))
     except OSError as e:  # the disk is full, a folder is read-only, ...
-        where = f"{e.filename}: " if e.filename else ""
-        sys.stderr.write(f"ckptsurgery: error: {where}{e.strerror or e}\n")
-        sys.exit(1)
+        _fail(f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e))
     except Exception as e:  # a bug or an input we did not foresee: still no traceback by default
         if os.environ.get("CKPTSURGERY_DEBUG"):
             raise
-        sys.stderr.write(f"ckptsurgery: error: {type(e).__name__}: {e} "
-                         f"(set CKPTSURGERY_DEBUG=1 for a traceback)\n")
-        sys.exit(1)
+        _fail(f"{type(e).__name__}: {e} (set CKPTSURGERY_DEBUG=1 for a traceback)")

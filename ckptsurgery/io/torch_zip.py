@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 import zipfile
+import zlib
 
 from ..errors import CkptError
 from .model import Checkpoint, MappedFile, Storage
@@ -13,6 +14,9 @@ from .unpickler import Global, is_inert_global, safe_load
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
 _MAX_PICKLE = 1 << 30
+# what zipfile raises on a damaged archive (RuntimeError: an "encrypted" flag bit set)
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError,
+               RuntimeError, zlib.error, struct.error)
 
 
 def storage_loader(where: str, locate):
@@ -48,7 +52,7 @@ def read_torch_zip(path: str, root: str | None) -> Checkpoint:
     source = MappedFile(path)
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except _ZIP_ERRORS as e:
         raise CkptError(f"{path}: broken zip archive ({e})") from None
     with archive:
         entries = {info.filename: info for info in archive.infolist()}
@@ -59,8 +63,17 @@ def read_torch_zip(path: str, root: str | None) -> Checkpoint:
         if len(pickles) != 1:
             raise CkptError(f"{path}: a zip file without a torch data.pkl record")
         prefix = pickles[0][: -len("data.pkl")]
+
+        def read_record(info: zipfile.ZipInfo) -> bytes:
+            if info.file_size > min(_MAX_PICKLE, source.size):
+                raise CkptError(f"{path}: {info.filename} claims {info.file_size} bytes, more than the file holds")
+            try:
+                return archive.read(info)
+            except _ZIP_ERRORS as e:
+                raise CkptError(f"{path}: cannot read {info.filename} ({e})") from None
+
         byteorder = entries.get(prefix + "byteorder")
-        if byteorder is not None and archive.read(byteorder).strip() not in (b"little", b""):
+        if byteorder is not None and read_record(byteorder).strip() not in (b"little", b""):
             raise CkptError(f"{path}: saved on a big-endian machine, which is not supported")
 
         def locate(key: str, storage: Storage) -> None:
@@ -80,13 +93,7 @@ def read_torch_zip(path: str, root: str | None) -> Checkpoint:
             storage.offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
             source.view(storage.offset, storage.nbytes)  # checks it lies inside the file
 
-        info = entries[pickles[0]]
-        if info.file_size > min(_MAX_PICKLE, source.size):
-            raise CkptError(f"{path}: data.pkl claims {info.file_size} bytes, more than the file holds")
-        try:
-            data = archive.read(info)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
-            raise CkptError(f"{path}: cannot read data.pkl ({e})") from None
+        data = read_record(entries[pickles[0]])
         load, _ = storage_loader(path, locate)
         obj, inert = safe_load(data, load, path)
     root_key, tensors = find_root(obj, root, path)

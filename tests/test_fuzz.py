@@ -1,0 +1,99 @@
+"""Seeded random mutations of small valid files of each format. Whatever the bytes, a command
+ends with exit 0, or exit 1 and one known-error line: no traceback, no unforeseen exception
+(the catch-all's 'set CKPTSURGERY_DEBUG=1' message), no hang, no huge allocation, and a failed
+write leaves the output folder as it was."""
+
+import os
+import random
+import resource
+import signal
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+CASES_PER_FORMAT = int(os.environ.get("FUZZ_CASES", "120"))
+
+
+def mutate(data: bytes, rng: random.Random) -> bytes:
+    data = bytearray(data)
+    kind = rng.choice(["flip", "flip", "truncate", "insert", "zero", "duplicate", "lengths"])
+    if kind == "flip":
+        for _ in range(rng.randint(1, 8)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+    elif kind == "truncate":
+        del data[rng.randrange(len(data)):]
+    elif kind == "insert":
+        at = rng.randrange(len(data))
+        data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
+    elif kind == "zero":
+        at = rng.randrange(len(data))
+        data[at : at + rng.randint(1, 64)] = bytes(min(64, len(data) - at))
+    elif kind == "duplicate":
+        at = rng.randrange(len(data))
+        data[at:at] = data[at : at + rng.randint(1, 128)]
+    else:  # a length-like field set to something enormous
+        at = rng.randrange(max(1, len(data) - 8))
+        data[at : at + 8] = rng.choice([2**63 - 1, 2**40, 2**31 + 7]).to_bytes(8, "little")
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("seeds")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    nested = {"epoch": 1, "state_dict": net.state_dict(), "optimizer": opt.state_dict()}
+    torch.save(nested, folder / "zip.pth")
+    torch.save(nested, folder / "legacy.pth", _use_new_zipfile_serialization=False)
+    save_file(dict(net.state_dict()), str(folder / "st.safetensors"), metadata={"a": "b"})
+    return {name: (folder / name).read_bytes() for name in ("zip.pth", "legacy.pth", "st.safetensors")}
+
+
+@pytest.fixture
+def limited_memory():
+    """Cap the heap while fuzzing: a huge allocation fails fast instead of eating the machine."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    with open("/proc/self/status") as f:
+        used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+    resource.setrlimit(resource.RLIMIT_DATA, (used + 2 * 2**30, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
+def _alarm(signum, frame):
+    raise TimeoutError("a fuzz case hung")
+
+
+@pytest.mark.parametrize("seed_name", ["zip.pth", "legacy.pth", "st.safetensors"])
+def test_mutated_files(cli, tmp_path, seeds, seed_name, limited_memory):
+    rng = random.Random(os.environ.get("FUZZ_SEED", "ckptsurgery") + seed_name)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    outcomes = {0: 0, 1: 0}
+    try:
+        for case in range(CASES_PER_FORMAT):
+            path = tmp_path / f"case{os.path.splitext(seed_name)[1]}"
+            path.write_bytes(mutate(seeds[seed_name], rng))
+            for args in (["inspect", path, "--json"], ["convert", path, "-o", out_dir / "o.safetensors"],
+                         ["convert", path, "-o", out_dir / "o.pth"]):
+                signal.alarm(10)
+                result = cli(*args)
+                signal.alarm(0)
+                where = (case, args[0], result.err)
+                assert result.code in (0, 1), where
+                assert "Traceback" not in result.err and "CKPTSURGERY_DEBUG" not in result.err, where
+                if result.code == 1:
+                    assert len(result.err.strip().splitlines()) == 1, where
+                outcomes[result.code] += 1
+                assert all(not n.startswith(".") for n in os.listdir(out_dir)), where  # no temporary debris
+            for name in os.listdir(out_dir):
+                os.unlink(out_dir / name)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert outcomes[1] > 0  # the mutations did break files: the test exercised the error paths
