@@ -150,6 +150,20 @@ def odd_tensors_pth(tmp_path):
     return path
 
 
+@pytest.fixture
+def limited_heap():
+    """Cap the heap at 2 GiB above what the process uses: a huge allocation fails fast instead
+    of eating the machine (and fails the test)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    with open("/proc/self/status") as f:
+        used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+    resource.setrlimit(resource.RLIMIT_DATA, (used + 2 * 2**30, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
 class Result:
     def __init__(self, code: int, out: str, err: str):
         self.code, self.out, self.err = code, out, err

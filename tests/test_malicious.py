@@ -231,3 +231,20 @@ def test_bytearray_of_a_huge_size_is_refused(cli, tmp_path):
     _zip_frame(b"\x80\x02c__builtin__\nbytearray\nJ\x00\x00\x00\x7f\x85R.", path)
     result = cli("inspect", path)
     assert result.code == 1 and "bytearray of a size" in result.err
+
+
+def test_memo_index_cannot_reserve_gigabytes(cli, tmp_path, limited_heap):
+    """LONG_BINPUT at index 2**31-1: the C unpickler would size its memo table to match (32 GB)."""
+    path = tmp_path / "memo.pth"
+    _zip_frame(b"\x80\x02}r\xff\xff\xff\x7f.", path)
+    result = cli("inspect", path, "--json")
+    assert result.code == 0, result.err
+    assert result.json()["tensors"] == []
+
+
+def test_length_field_cannot_reserve_gigabytes(cli, tmp_path, limited_heap):
+    """BINUNICODE claiming 4 GB in a small legacy file: refused before anything is allocated."""
+    path = tmp_path / "len.pth"
+    path.write_bytes(_legacy_frame(b"\x80\x02X\xff\xff\xff\xffabc."))
+    result = cli("inspect", path)
+    assert result.code == 1 and "runs past the end" in result.err

@@ -26,10 +26,14 @@ class MappedFile:
             raise CkptError(f"{self.path}: data at {offset}+{nbytes} lies past the end of the file")
         if nbytes == 0:
             return memoryview(b"")
+        return memoryview(self.buffer())[offset : offset + nbytes]
+
+    def buffer(self) -> mmap.mmap:
+        """The whole file, mapped read-only (the file must not be empty)."""
         if self._map is None:
             self._file = open(self.path, "rb")
             self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-        return memoryview(self._map)[offset : offset + nbytes]
+        return self._map
 
     def fileno(self) -> int:
         if self._file is None:

@@ -10,7 +10,7 @@ from ..errors import CkptError
 from .model import Checkpoint, MappedFile
 from .torch_zip import storage_loader
 from .tree import find_root
-from .unpickler import safe_load
+from .unpickler import BoundedReader, safe_load
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
@@ -23,20 +23,20 @@ def _no_persistent(pid):
 
 def read_torch_legacy(path: str, root: str | None) -> Checkpoint:
     source = MappedFile(path)
-    with open(path, "rb") as f:
-        magic, _ = safe_load(f, _no_persistent, path)
-        if magic != MAGIC_NUMBER:
-            raise CkptError(f"{path}: a pickle, but not a torch checkpoint (no torch magic number)")
-        protocol, _ = safe_load(f, _no_persistent, path)
-        if protocol != PROTOCOL_VERSION:
-            raise CkptError(f"{path}: unsupported legacy protocol version {protocol!r}")
-        sys_info, _ = safe_load(f, _no_persistent, path)
-        if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
-            raise CkptError(f"{path}: saved on a big-endian machine, which is not supported")
-        load, storages = storage_loader(path, lambda key, storage: None)
-        obj, inert = safe_load(f, load, path)
-        keys, _ = safe_load(f, _no_persistent, path)
-        position = f.tell()
+    reader = BoundedReader(source.buffer())
+    magic, _ = safe_load(reader, _no_persistent, path)
+    if magic != MAGIC_NUMBER:
+        raise CkptError(f"{path}: a pickle, but not a torch checkpoint (no torch magic number)")
+    protocol, _ = safe_load(reader, _no_persistent, path)
+    if protocol != PROTOCOL_VERSION:
+        raise CkptError(f"{path}: unsupported legacy protocol version {protocol!r}")
+    sys_info, _ = safe_load(reader, _no_persistent, path)
+    if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
+        raise CkptError(f"{path}: saved on a big-endian machine, which is not supported")
+    load, storages = storage_loader(path, lambda key, storage: None)
+    obj, inert = safe_load(reader, load, path)
+    keys, _ = safe_load(reader, _no_persistent, path)
+    position = reader.position
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise CkptError(f"{path}: the storage key list is malformed")
     for key in keys:

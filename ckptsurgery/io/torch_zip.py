@@ -10,7 +10,7 @@ import zlib
 from ..errors import CkptError
 from .model import Checkpoint, MappedFile, Storage
 from .tree import find_root
-from .unpickler import Global, is_inert_global, safe_load
+from .unpickler import BoundedReader, Global, is_inert_global, safe_load
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
 _MAX_PICKLE = 1 << 30
@@ -95,6 +95,6 @@ def read_torch_zip(path: str, root: str | None) -> Checkpoint:
 
         data = read_record(entries[pickles[0]])
         load, _ = storage_loader(path, locate)
-        obj, inert = safe_load(data, load, path)
+        obj, inert = safe_load(BoundedReader(data), load, path)
     root_key, tensors = find_root(obj, root, path)
     return Checkpoint(path, "torch-zip", tensors, root_key, obj, inert=sorted(inert), sources=[source])

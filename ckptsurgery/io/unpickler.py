@@ -9,7 +9,6 @@ A whole pickled `nn.Module` therefore unpickles into placeholders whose `_parame
 
 from __future__ import annotations
 
-import io
 import pickle
 from collections import OrderedDict
 from typing import Any, Callable
@@ -195,7 +194,10 @@ ALLOWED[("torch", "UntypedStorage")] = Global("torch", "UntypedStorage", dtypes.
 
 
 
-class SafeUnpickler(pickle.Unpickler):
+# Python's own pure-Python unpickler, not the C one: the C unpickler grows its memo table to
+# the largest index a LONG_BINPUT names, so four bytes of a hostile file could make it reserve
+# tens of gigabytes; this one keeps the memo in a dict. It costs ~5 ms per 300 tensors.
+class SafeUnpickler(pickle._Unpickler):
     def __init__(self, file, persistent_load: Callable[[Any], Any]):
         super().__init__(file)
         self._load_persistent = persistent_load
@@ -212,10 +214,38 @@ class SafeUnpickler(pickle.Unpickler):
         return self._load_persistent(pid)
 
 
-def safe_load(data: bytes | io.IOBase, persistent_load: Callable[[Any], Any], where: str):
-    """Unpickle `data` (bytes or a file positioned at a pickle); return (object, inert names)."""
-    file = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    unpickler = SafeUnpickler(file, persistent_load)
+class BoundedReader:
+    """The file interface the unpickler reads through, over bytes or a memory map. A read longer
+    than what is left fails before anything is allocated: a pickle's length fields cannot make
+    us reserve gigabytes (a plain file object would allocate the claimed size first)."""
+
+    def __init__(self, buffer, position: int = 0):
+        self._buffer = buffer  # bytes or mmap: both slice and find
+        self._size = len(buffer)
+        self.position = position
+
+    def read(self, n: int = -1) -> bytes:
+        left = self._size - self.position
+        if n is None or n < 0:
+            n = left
+        if n > left:
+            raise CkptError(f"not a valid pickle (a {n}-byte record runs past the end: truncated?)")
+        data = self._buffer[self.position : self.position + n]
+        self.position += n
+        return data
+
+    def readline(self) -> bytes:
+        end = self._buffer.find(b"\n", self.position)
+        return self.read((self._size if end < 0 else end + 1) - self.position)
+
+    def peek(self, n: int = 1) -> bytes:
+        return self._buffer[self.position : self.position + max(n, 1)]
+
+
+def safe_load(reader: BoundedReader, persistent_load: Callable[[Any], Any], where: str):
+    """Unpickle one pickle at the reader's position; return (object, inert names). The reader
+    is left just after the pickle."""
+    unpickler = SafeUnpickler(reader, persistent_load)
     try:
         obj = unpickler.load()
     except CkptError as e:
