@@ -69,6 +69,7 @@ def test_mutated_files(cli, tmp_path, seeds, seed_name, limited_heap):
             path.write_bytes(mutate(seeds[seed_name], rng))
             for args in (["inspect", path, "--json"], ["convert", path, "-o", out_dir / "o.safetensors"],
                          ["convert", path, "-o", out_dir / "o.pth"]):
+                before = sorted(os.listdir(out_dir))
                 signal.alarm(10)
                 result = cli(*args)
                 signal.alarm(0)
@@ -77,6 +78,7 @@ def test_mutated_files(cli, tmp_path, seeds, seed_name, limited_heap):
                 assert "Traceback" not in result.err and "CKPTSURGERY_DEBUG" not in result.err, where
                 if result.code == 1:
                     assert len(result.err.strip().splitlines()) == 1, where
+                    assert sorted(os.listdir(out_dir)) == before, where  # the folder exactly as it was
                 outcomes[result.code] += 1
                 assert all(not n.startswith(".") for n in os.listdir(out_dir)), where  # no temporary debris
             for name in os.listdir(out_dir):
