@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import Net, assert_same_tensors, load_any
+from conftest import Net, load_any
 
 
 def keys_of(path):

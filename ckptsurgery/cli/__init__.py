@@ -20,10 +20,10 @@ app = typer.Typer(
 )
 
 # commands register themselves on `app`, in the order `--help` lists them
-from . import inspect as _inspect  # noqa: E402
-from . import edit as _edit  # noqa: E402
-from . import merge as _merge  # noqa: E402
-from . import convert as _convert  # noqa: E402
+from . import inspect as _inspect  # noqa: E402, F401
+from . import edit as _edit  # noqa: E402, F401
+from . import merge as _merge  # noqa: E402, F401
+from . import convert as _convert  # noqa: E402, F401
 
 
 def _one_line(message: str) -> str:

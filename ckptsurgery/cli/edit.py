@@ -12,8 +12,7 @@ from .. import core, surgery
 from ..errors import CkptError
 from . import app
 from .common import (
-    DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, finish_write, listing, print_json,
-    progress_bar, console,
+    DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, finish_write, listing, progress_bar, console,
 )
 
 

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, BinaryIO, Callable, Iterator
 
-from ..dtypes import BY_NAME, DType
+from ..dtypes import DType
 from ..errors import CkptError
 from .model import MappedFile, Storage, TensorRef
 from .pickler import TorchPickler
@@ -149,7 +149,7 @@ def write_safetensors(f: BinaryIO, tensors: dict[str, TensorRef], metadata: dict
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * ((-len(raw)) % 8)  # the library pads the header to 8 bytes
     f.write(struct.pack("<Q", len(raw)) + raw)
-    for name, t, dtype in stored:
+    for _, t, dtype in stored:
         _write_tensor(f, t, dtype, progress)
 
 
