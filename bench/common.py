@@ -62,7 +62,8 @@ def run(command: list[str]) -> tuple[float, int]:
 
 def measure(cases: dict[str, list[str]], runs: int, outputs: list[str]) -> tuple[dict, dict]:
     """Run every case once per round, `runs` rounds, alternating cases within a round so that the
-    machine's noise falls on all alike; outputs are removed before each run. Median times, max peaks."""
+    machine's noise falls on all alike; outputs are removed and the disk synced before each run
+    (neither timed). Median times, max peaks."""
     times: dict[str, list[float]] = {k: [] for k in cases}
     peaks: dict[str, list[int]] = {k: [] for k in cases}
     for _ in range(runs):
@@ -70,6 +71,7 @@ def measure(cases: dict[str, list[str]], runs: int, outputs: list[str]) -> tuple
             for path in outputs:
                 if os.path.exists(path):
                     os.unlink(path)
+            os.sync()  # start each run with no dirty pages of the last one still being written back
             elapsed, peak = run(command)
             times[name].append(elapsed)
             peaks[name].append(peak)
