@@ -124,3 +124,16 @@ def test_usage_errors_exit_2(cli, zip_pth):
     assert cli("inspect").code == 2
     assert cli("inspect", zip_pth, "--bogus").code == 2
     assert cli("frobnicate").code == 2
+
+
+def test_hostile_names_cannot_drive_the_terminal(cli, tmp_path):
+    """Names come from the file: an ANSI escape is shown escaped, Rich markup is shown as text."""
+    path = tmp_path / "names.pth"
+    torch.save({"\x1b[2Jwipe": torch.ones(1), "[bold red]loud[/]": torch.ones(1), "new\nline": torch.ones(1)}, path)
+    for args in (["inspect", path], ["inspect", path, "--tree"], ["rename", path, "--add-prefix", "x.", "-o",
+                                                                   tmp_path / "r.pth", "--dry-run"]):
+        out = cli(*args).out
+        assert "\x1b" not in out and "\\x1b[2Jwipe" in out, args
+        assert "[bold red]loud[/]" in out and "new\\nline" in out, args
+    result = cli("drop", path, "new\nline", "nothing-here", "-o", tmp_path / "d.pth")
+    assert result.code == 1 and len(result.err.splitlines()) == 1

@@ -9,6 +9,7 @@ import sys
 import typer
 
 from ..errors import CkptError
+from .common import printable
 
 app = typer.Typer(
     name="ckptsurgery",
@@ -26,14 +27,8 @@ from . import merge as _merge  # noqa: E402, F401
 from . import convert as _convert  # noqa: E402, F401
 
 
-def _one_line(message: str) -> str:
-    """Names in a message come from the file: escape control characters so that an error stays
-    one line and cannot drive the terminal."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
-
-
 def _fail(message: str) -> None:
-    sys.stderr.write(f"ckptsurgery: error: {_one_line(message)}\n")
+    sys.stderr.write(f"ckptsurgery: error: {printable(message)}\n")
     sys.exit(1)
 
 

@@ -21,6 +21,12 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing o
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Report what would be written; write nothing.")]
 
 
+def printable(text: str) -> str:
+    """Names come from the file: escape control characters (a key holding an ANSI escape must
+    not drive the terminal, nor a newline split a line)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def print_json(doc: dict) -> None:
     """One JSON document; a list of records (tensors, tree rows) prints one record per line."""
     def dump(value) -> str:
@@ -39,7 +45,7 @@ def print_json(doc: dict) -> None:
 def note(message: str, quiet: bool) -> None:
     """A message for the person at the terminal: stderr, unless --quiet."""
     if not quiet:
-        sys.stderr.write(message + "\n")
+        sys.stderr.write("\n".join(printable(line) for line in message.split("\n")) + "\n")
 
 
 def console(stderr: bool = False):
@@ -49,7 +55,8 @@ def console(stderr: bool = False):
     stream = sys.stderr if stderr else sys.stdout
     # In a pipe Rich would assume 80 columns and fold the table; results should not be cut.
     width = None if stream.isatty() else int(os.environ.get("COLUMNS", "160"))
-    return Console(file=stream, width=width, highlight=False)
+    # markup off: a key like "[bold]x" is a name to show, not a style to apply
+    return Console(file=stream, width=width, highlight=False, markup=False)
 
 
 def human_bytes(n: int) -> str:
@@ -93,7 +100,7 @@ def finish_write(report: dict, as_json: bool, quiet: bool, details: list[str] = 
     if report["extras_left_out"]:
         lines.append(f"left out (safetensors holds tensors only): {', '.join(report['extras_left_out'])}")
     if report["dry_run"]:
-        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.write("\n".join(printable(line) for line in lines) + "\n")
     else:
         note("\n".join(lines), quiet)
 

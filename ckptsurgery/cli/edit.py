@@ -12,7 +12,8 @@ from .. import core, surgery
 from ..errors import CkptError
 from . import app
 from .common import (
-    DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, finish_write, listing, progress_bar, console,
+    DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, console, finish_write, listing, printable,
+    progress_bar,
 )
 
 
@@ -124,5 +125,5 @@ def _print_rename_table(report: dict) -> None:
     table.add_column("")
     table.add_column("new")
     for old, new in report["renamed"].items():
-        table.add_row(old, "→", new)
+        table.add_row(printable(old), "→", printable(new))
     console().print(table)

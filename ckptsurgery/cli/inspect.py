@@ -7,7 +7,9 @@ import typer
 from .. import ops
 from ..io import open_checkpoint
 from . import app
-from .common import InputArg, JsonOpt, QuietOpt, RootOpt, human_bytes, note, print_json, progress_bar, console
+from .common import (
+    InputArg, JsonOpt, QuietOpt, RootOpt, console, human_bytes, note, print_json, printable, progress_bar,
+)
 
 
 @app.command()
@@ -56,12 +58,12 @@ def _print_human(report: dict, tree: bool, stats: bool) -> None:
     from rich.table import Table
 
     out = console()
-    out.print(f"[bold]{report['path']}[/bold]  format={report['format']}"
+    out.print(f"{printable(report['path'])}  format={report['format']}"
                   + (f"  root={report['root']!r}" if report["root"] is not None else ""))
     if report["extras"]:
-        out.print("extras: " + ", ".join(f"{k} ({v})" for k, v in report["extras"].items()), markup=False)
+        out.print(printable("extras: " + ", ".join(f"{k} ({v})" for k, v in report["extras"].items())))
     if report["metadata"]:
-        out.print("metadata: " + ", ".join(f"{k}={v}" for k, v in report["metadata"].items()), markup=False)
+        out.print(printable("metadata: " + ", ".join(f"{k}={v}" for k, v in report["metadata"].items())))
     if tree:
         _print_tree(out, report["tree"])
     else:
@@ -83,26 +85,26 @@ def _print_human(report: dict, tree: bool, stats: bool) -> None:
             params = 1
             for s in t["shape"]:
                 params *= s
-            table.add_row(t["name"], t["dtype"], str(tuple(t["shape"])), f"{params:,}", human_bytes(t["nbytes"]),
-                          *(_fmt(t[k]) for k in stat_keys), ", ".join(notes))
+            table.add_row(printable(t["name"]), t["dtype"], str(tuple(t["shape"])), f"{params:,}", human_bytes(t["nbytes"]),
+                          *(_fmt(t[k]) for k in stat_keys), printable(", ".join(notes)))
         out.print(table)
     out.print(f"{len(report['tensors'])} tensors, {report['total_params']:,} parameters, "
                   f"{human_bytes(report['total_bytes'])}")
 
 
 def _print_tree(out, rows: list[dict]) -> None:
-    from rich.markup import escape
+    from rich.text import Text
     from rich.tree import Tree
 
-    top = Tree("[dim](checkpoint)[/dim]")
+    top = Tree(Text("(checkpoint)", style="dim"))
     stack = [top]
     for row in rows:
         del stack[row["depth"] + 1 :]
         n = row["repeat"]
         each = f"{n} × " if n > 1 else ""  # a folded row's children describe one member
-        label = (f"[bold]{escape(row['label'])}[/bold]  {each}{row['params'] // n:,} params  "
-                 f"{each}{human_bytes(row['bytes'] // n)}")
+        label = Text(printable(row["label"]), style="bold")
+        label.append(f"  {each}{row['params'] // n:,} params  {each}{human_bytes(row['bytes'] // n)}")
         if "shape" in row:
-            label += f"  [dim]{row['dtype']} {tuple(row['shape'])}[/dim]"
+            label.append(f"  {row['dtype']} {tuple(row['shape'])}", style="dim")
         stack.append(stack[-1].add(label))
     out.print(top)

@@ -10,7 +10,7 @@ from .. import surgery
 from . import app
 from .common import (
     DryRunOpt, ForceOpt, JsonOpt, OutputOpt, QuietOpt, RootOpt, finish_write, listing, print_json,
-    progress_bar, console,
+    printable, progress_bar, console,
 )
 
 
@@ -63,15 +63,15 @@ def _print_into_table(report: dict, stderr: bool) -> None:
     for column in ("key", "outcome", "detail"):
         table.add_column(column)
     for name in report["copied"]:
-        table.add_row(name, "copied", "")
+        table.add_row(printable(name), "copied", "")
     for source, name in report["renamed"].items():
-        table.add_row(name, "renamed", f"from {source}")
+        table.add_row(printable(name), "renamed", f"from {printable(source)}")
     for m in report["mismatched"]:
-        table.add_row(m["name"], f"mismatched ({m['policy']})", f"{m['source_shape']} -> {m['template_shape']}")
+        table.add_row(printable(m["name"]), f"mismatched ({m['policy']})", f"{m['source_shape']} -> {m['template_shape']}")
     for name in report["kept_from_template"]:
-        table.add_row(name, "kept from template", "")
+        table.add_row(printable(name), "kept from template", "")
     for name in report["left_out"]:
-        table.add_row(name, "left out", "not in the template")
+        table.add_row(printable(name), "left out", "not in the template")
     console(stderr).print(table)
 
 
@@ -102,18 +102,18 @@ def _print_diff(report: dict) -> None:
     for column in ("key", "change", "A", "B"):
         table.add_column(column)
     for name in report["only_in_a"]:
-        table.add_row(name, "only in A", "", "")
+        table.add_row(printable(name), "only in A", "", "")
     for name in report["only_in_b"]:
-        table.add_row(name, "only in B", "", "")
+        table.add_row(printable(name), "only in B", "", "")
     for c in report["shape_changed"]:
-        table.add_row(c["name"], "shape", str(c["a"]), str(c["b"]))
+        table.add_row(printable(c["name"]), "shape", str(c["a"]), str(c["b"]))
     for c in report["dtype_changed"]:
-        table.add_row(c["name"], "dtype", c["a"], c["b"])
+        table.add_row(printable(c["name"]), "dtype", c["a"], c["b"])
     for c in report["value_changed"]:
-        table.add_row(c["name"], f"values (max |A-B| {c['max_abs_diff']:.4g})", "", "")
+        table.add_row(printable(c["name"]), f"values (max |A-B| {c['max_abs_diff']:.4g})", "", "")
     if table.row_count:
         out.print(table)
     verdict = "identical" if report["identical"] else "different"
     tol = f" within atol {report['atol']:g}" if report["atol"] else " (bit-exact)"
     out.print(f"{verdict}: {report['equal']} equal tensor(s){tol}, "
-                  f"{table.row_count} difference(s)", markup=False)
+                  f"{table.row_count} difference(s)")
