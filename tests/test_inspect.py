@@ -137,3 +137,10 @@ def test_hostile_names_cannot_drive_the_terminal(cli, tmp_path):
         assert "[bold red]loud[/]" in out and "new\\nline" in out, args
     result = cli("drop", path, "new\nline", "nothing-here", "-o", tmp_path / "d.pth")
     assert result.code == 1 and len(result.err.splitlines()) == 1
+
+
+def test_version(cli):
+    from ckptsurgery import __version__
+
+    result = cli("--version")
+    assert result.code == 0 and result.out == f"ckptsurgery {__version__}\n"

@@ -20,6 +20,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+def _print_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        sys.stdout.write(f"ckptsurgery {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """PyTorch checkpoint surgery: inspect, convert and edit .pth and .safetensors files
+    without running the code pickled inside them."""
+
+
 # commands register themselves on `app`, in the order `--help` lists them
 from . import inspect as _inspect  # noqa: E402, F401
 from . import edit as _edit  # noqa: E402, F401
