@@ -21,13 +21,15 @@ test: install
 
 demo: install
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(BIN)/python examples/make_demo_checkpoint.py $(DEMO)/finetune.pth
+	$(BIN)/python examples/make_demo_checkpoint.py $(DEMO)/finetune.pth $(DEMO)/new_model.pth
 	$(BIN)/ckptsurgery inspect $(DEMO)/finetune.pth
 	$(BIN)/ckptsurgery inspect $(DEMO)/finetune.pth --tree
 	$(BIN)/ckptsurgery convert $(DEMO)/finetune.pth -o $(DEMO)/finetune.safetensors
 	$(BIN)/ckptsurgery inspect $(DEMO)/finetune.safetensors --keys 'blocks.0.bn' --json
 	$(BIN)/ckptsurgery convert $(DEMO)/finetune.safetensors -o $(DEMO)/roundtrip.pth
 	$(BIN)/ckptsurgery inspect $(DEMO)/roundtrip.pth --stats --keys 'head'
+	$(BIN)/ckptsurgery merge $(DEMO)/finetune.pth --into $(DEMO)/new_model.pth --on-mismatch overlap -o $(DEMO)/transfer.pth
+	$(BIN)/ckptsurgery diff $(DEMO)/roundtrip.pth $(DEMO)/transfer.pth || true
 
 bench: install
 	$(BIN)/python bench/bench_foundation.py

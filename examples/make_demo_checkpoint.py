@@ -1,6 +1,7 @@
-"""Build a small fine-tuning checkpoint for `make demo`: a training checkpoint that nests the
-state dict of a little residual CNN under "state_dict", next to epoch and optimizer state,
-the way training scripts save them. Seeded, so the demo shows the same numbers every time."""
+"""Build the checkpoints `make demo` works on: a training checkpoint that nests the state dict
+of a little residual CNN under "state_dict", next to epoch and optimizer state, the way
+training scripts save them; and the state dict of the same network with a 3-class head, the
+template of a fine-tuning run. Seeded, so the demo shows the same numbers every time."""
 
 import sys
 
@@ -29,7 +30,7 @@ class TinyNet(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
-def main(path: str) -> None:
+def main(path: str, template: str) -> None:
     torch.manual_seed(0)
     model = TinyNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -37,8 +38,10 @@ def main(path: str) -> None:
     optimizer.step()
     torch.save({"epoch": 3, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "config": {"arch": "tinynet", "classes": 10}}, path)
-    print(f"built {path}")
+    torch.manual_seed(1)  # the new model: 3 classes instead of 10, saved before fine-tuning
+    torch.save(TinyNet(classes=3).state_dict(), template)
+    print(f"built {path} and the template {template}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])
