@@ -15,7 +15,7 @@ from .errors import CkptError
 from .io import Checkpoint, TensorRef, open_checkpoint
 from .io.tree import extras
 from .io.write import (
-    atomic_output, check_writable, output_format, plan_safetensors,
+    StagedOutputs, check_writable, output_format, plan_safetensors,
     torch_payload, write_safetensors, write_torch,
 )
 
@@ -158,14 +158,14 @@ def shard_names(output: str, count: int) -> tuple[list[str], str]:
     return shards, output + ".index.json"
 
 
-def _write(path: str, fmt: str, ckpt: Checkpoint, tensors: dict[str, TensorRef], cast: DType | None,
+def _write(f, fmt: str, ckpt: Checkpoint, tensors: dict[str, TensorRef], cast: DType | None,
            progress, whole: bool, keep_metadata: bool) -> None:
-    with atomic_output(path) as f:
-        if fmt == "safetensors":
-            write_safetensors(f, tensors, ckpt.metadata if whole else {}, cast, progress)
-        else:
-            payload = torch_payload(ckpt, tensors, keep_metadata) if whole else OrderedDict(tensors)
-            write_torch(f, payload, cast, progress)
+    """One output file: the whole checkpoint, or (`whole=False`) one shard's plain state dict."""
+    if fmt == "safetensors":
+        write_safetensors(f, tensors, ckpt.metadata if whole else {}, cast, progress)
+    else:
+        payload = torch_payload(ckpt, tensors, keep_metadata) if whole else OrderedDict(tensors)
+        write_torch(f, payload, cast, progress)
 
 
 def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: str, *,
@@ -196,28 +196,24 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: st
     if dry_run:
         return report
     tick = progress(total, f"writing {os.path.basename(output)}") if progress else None
-    if len(shards) == 1:
-        _write(output, fmt, ckpt, tensors, cast, tick, whole=True, keep_metadata=keep_metadata)
-        return report
-    # each shard holds its tensors plus the tied names that point at them
-    owner = report["tied"]
-    by_shard = [set(names) for names in shards]
-    written: list[str] = []
-    weight_map = {}
-    try:
-        for path, names in zip(files, by_shard):
-            part = OrderedDict((n, t) for n, t in tensors.items() if owner.get(n, n) in names)
-            _write(path, fmt, ckpt, part, cast, tick, whole=False, keep_metadata=keep_metadata)
-            written.append(path)
+    with StagedOutputs() as outputs:
+        if len(shards) == 1:
+            with outputs.stage(output) as f:
+                _write(f, fmt, ckpt, tensors, cast, tick, whole=True, keep_metadata=keep_metadata)
+            return report
+        # each shard holds its tensors plus the tied names that point at them
+        owner = report["tied"]
+        weight_map = {}
+        for path, names in zip(files, shards):
+            members = set(names)
+            part = OrderedDict((n, t) for n, t in tensors.items() if owner.get(n, n) in members)
+            with outputs.stage(path) as f:
+                _write(f, fmt, ckpt, part, cast, tick, whole=False, keep_metadata=keep_metadata)
             weight_map.update((n, os.path.basename(path)) for n in part)
         # key order, not sorted as Hugging Face writes it: reading back keeps the model's order
         body = {"metadata": {"total_size": total}, "weight_map": {n: weight_map[n] for n in tensors}}
-        with atomic_output(index) as f:
+        with outputs.stage(index) as f:
             f.write((json.dumps(body, indent=2) + "\n").encode())
-    except BaseException:
-        for path in written:
-            os.unlink(path)
-        raise
     return report
 
 

@@ -226,3 +226,26 @@ def test_interrupted_write_leaves_nothing(cli, tmp_path, zip_pth, monkeypatch, i
     assert cli("convert", zip_pth, "-o", old, "--force").code != 0
     assert old.read_bytes() == b"previous output"
     assert sorted(os.listdir(tmp_path)) == ["model.pth", "old.pth"]
+
+
+def test_failed_sharded_write_keeps_the_old_shards(cli, tmp_path, zip_pth, monkeypatch):
+    """Shards are renamed into place together only once all are written: a failure on a later
+    shard, even with --force over an older sharded output, leaves the old set whole."""
+    import ckptsurgery.io.write as write
+
+    out = tmp_path / "out" / "model.safetensors"
+    out.parent.mkdir()
+    assert cli("convert", zip_pth, "-o", out, "--max-shard-size", "300B").code == 0
+    before = {n: (out.parent / n).read_bytes() for n in os.listdir(out.parent)}
+    real, calls = write._copy_range, []
+
+    def fail_later(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 4:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(write, "_copy_range", fail_later)
+    result = cli("convert", zip_pth, "-o", out, "--max-shard-size", "300B", "--force", "--dtype", "fp32")
+    assert result.code == 1 and "No space left" in result.err
+    assert {n: (out.parent / n).read_bytes() for n in os.listdir(out.parent)} == before

@@ -45,23 +45,55 @@ def check_writable(paths: list[str], force: bool) -> None:
             raise CkptError(f"{parent}: no such folder for the output")
 
 
+class StagedOutputs:
+    """Files written beside their final paths and renamed into place together by `commit()`.
+    Until then nothing at any output path changes; any failure removes every staged file.
+    A sharded output is several files: none of them replaces the old set unless all were written."""
+
+    def __init__(self):
+        self._staged: list[tuple[str, str]] = []  # (temporary, final)
+
+    @contextmanager
+    def stage(self, path: str) -> Iterator[BinaryIO]:
+        folder, name = os.path.split(os.path.abspath(path))
+        temp = os.path.join(folder, f".{name}.{os.getpid()}.ckptsurgery-tmp")
+        self._staged.append((temp, path))
+        try:
+            with open(temp, "wb") as f:
+                yield f
+        except OSError as e:
+            if e.filename in (None, temp):  # not an input's error
+                raise CkptError(f"{path}: cannot write ({e.strerror or e}); nothing was written") from None
+            raise
+
+    def commit(self) -> None:
+        for temp, path in self._staged:
+            os.replace(temp, path)
+        self._staged.clear()
+
+    def abort(self) -> None:
+        for temp, _ in self._staged:
+            try:
+                os.unlink(temp)
+            except FileNotFoundError:
+                pass
+        self._staged.clear()
+
+    def __enter__(self) -> "StagedOutputs":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()
+
+
 @contextmanager
 def atomic_output(path: str) -> Iterator[BinaryIO]:
     """A file beside `path` that replaces it only when the block finishes without error."""
-    folder, name = os.path.split(os.path.abspath(path))
-    temp = os.path.join(folder, f".{name}.{os.getpid()}.ckptsurgery-tmp")
-    try:
-        with open(temp, "wb") as f:
-            yield f
-        os.replace(temp, path)
-    except BaseException as e:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError) and e.filename in (None, temp):  # not an input's error
-            raise CkptError(f"{path}: cannot write ({e.strerror or e}); nothing was written") from None
-        raise
+    with StagedOutputs() as outputs, outputs.stage(path) as f:
+        yield f
 
 
 def _copy_range(source_fd: int, offset: int, nbytes: int, out: BinaryIO, progress: Progress | None) -> None:
