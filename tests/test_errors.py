@@ -143,3 +143,15 @@ def test_view_reaching_past_its_storage(cli, tmp_path):
     shrink = lambda d: re.sub(rb"(cpu(?:q.)?)K\n", lambda m: m.group(1) + b"K\x05", d, count=1)  # storage numel 10 -> 5
     _rewrite_zip(good, bad, lambda n, d: shrink(d) if n.endswith("data.pkl") else d)
     assert_clean_failure(cli, tmp_path, bad, "reaches element 9 of a storage holding 5")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("tensor, message", [
+    (lambda: torch.quantize_per_tensor(torch.randn(3), 0.1, 0, torch.qint8), "unknown storage type torch.QInt8Storage"),
+    (lambda: torch.randn(3, 3).to_sparse(), "tensors of a kind ckptsurgery does not read (torch._utils._rebuild_sparse"),
+], ids=["quantized", "sparse"])
+def test_special_tensors_are_named(cli, tmp_path, tensor, message):
+    path = tmp_path / "special.pth"
+    torch.save({"state_dict": {"w": tensor(), "b": torch.zeros(1)}, "epoch": 1}, path)
+    result = cli("inspect", path)
+    assert result.code == 1 and message in result.err

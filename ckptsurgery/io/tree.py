@@ -105,7 +105,25 @@ def find_root(obj: Any, root: str | None, where: str) -> tuple[str, OrderedDict[
                             f"choose one with --root")
     if isinstance(obj, dict) and not obj:
         return "", OrderedDict()
+    unsupported = _unsupported_tensor_kinds(obj)
+    if unsupported:
+        raise CkptError(f"{where}: holds tensors of a kind ckptsurgery does not read "
+                        f"({', '.join(unsupported)}: quantized, sparse or other special tensors)")
     raise CkptError(f"{where}: found no state dict of tensors; name its key with --root KEY")
+
+
+def _unsupported_tensor_kinds(obj: Any) -> list[str]:
+    """Torch's rebuild functions we leave inert (quantized, sparse, nested, meta tensors...),
+    found among the values of the object and of its dict entries."""
+    found = set()
+    values = list(obj.values()) if isinstance(obj, dict) else []
+    for value in list(values):
+        if isinstance(value, dict):
+            values.extend(value.values())
+    for value in values:
+        if isinstance(value, InertObject) and type(value)._module.startswith("torch."):
+            found.add(type(value).qualname())
+    return sorted(found)
 
 
 def describe(value: Any) -> str:
