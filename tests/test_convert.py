@@ -249,3 +249,12 @@ def test_failed_sharded_write_keeps_the_old_shards(cli, tmp_path, zip_pth, monke
     result = cli("convert", zip_pth, "-o", out, "--max-shard-size", "300B", "--force", "--dtype", "fp32")
     assert result.code == 1 and "No space left" in result.err
     assert {n: (out.parent / n).read_bytes() for n in os.listdir(out.parent)} == before
+
+
+def test_plain_tensor_requires_grad_survives_a_rewrite(cli, tmp_path):
+    src = tmp_path / "g.pth"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "ema": torch.zeros(2, requires_grad=True)}, src)
+    out = tmp_path / "copy.pth"
+    assert cli("convert", src, "-o", out).code == 0
+    loaded = torch.load(out, weights_only=True)
+    assert loaded["ema"].requires_grad and not loaded["state_dict"]["w"].requires_grad

@@ -119,6 +119,7 @@ class TensorRef:
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     requires_grad: bool | None = None  # the flag of a pickled nn.Parameter; None otherwise
+    plain_grad: bool = False  # a plain tensor saved with requires_grad=True (kept when rewritten)
 
     @property
     def dtype(self) -> DType:

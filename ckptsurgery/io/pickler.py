@@ -153,7 +153,7 @@ class TorchPickler:
         self._save(tensor.offset)
         self._tuple(tensor.shape)
         self._tuple(tensor.stride)
-        self._out += b"\x89"
+        self._out += b"\x88" if tensor.plain_grad else b"\x89"
         self._reduce("collections", "OrderedDict", ())
         self._out += b"tR"
         if tensor.requires_grad is not None:

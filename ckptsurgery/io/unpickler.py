@@ -116,11 +116,12 @@ def _ints(value, what: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, *rest):
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, *rest):
     _expect(isinstance(storage, Storage), "storage is not a storage")
     _expect(type(storage_offset) is int, "storage offset is not an integer")
     tensor = TensorRef(storage, storage_offset, _ints(size, "bad size"), _ints(stride, "bad stride"))
     tensor.validate(f"tensor in storage {storage.key!r}")
+    tensor.plain_grad = requires_grad is True
     return tensor
 
 
@@ -130,12 +131,13 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hoo
     if storage.dtype is not dtype.dtype:  # an untyped storage viewed as this dtype
         storage = Storage(storage.source, storage.offset, storage.nbytes // dtype.dtype.itemsize,
                           dtype.dtype, storage.key)
-    return _rebuild_tensor(storage, storage_offset, size, stride)
+    return _rebuild_tensor(storage, storage_offset, size, stride, requires_grad)
 
 
 def _rebuild_parameter(data, requires_grad, *rest):
     _expect(isinstance(data, TensorRef), "parameter without a tensor")
     data.requires_grad = bool(requires_grad)
+    data.plain_grad = False
     return data
 
 
