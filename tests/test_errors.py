@@ -155,3 +155,15 @@ def test_special_tensors_are_named(cli, tmp_path, tensor, message):
     torch.save({"state_dict": {"w": tensor(), "b": torch.zeros(1)}, "epoch": 1}, path)
     result = cli("inspect", path)
     assert result.code == 1 and message in result.err
+
+
+def test_pickle_cannot_rewrite_a_validated_tensor(cli, tmp_path, zip_pth):
+    """BUILD right after a tensor's REDUCE would set its attributes past validation."""
+    bad = tmp_path / "build.pth"
+    # after the first tensor is rebuilt, set state {"offset": 10**12} on it
+    import re
+
+    state = b"}X\x06\x00\x00\x00offsetJ\x00\x00\x00\x7fsb"  # {"offset": 2**31 - 2**24}, BUILD
+    inject = lambda d: re.sub(rb"(tq.R)", lambda m: m.group(1) + state, d, count=1, flags=re.DOTALL)  # noqa: E731
+    _rewrite_zip(zip_pth, bad, lambda n, d: inject(d) if n.endswith("data.pkl") else d)
+    assert_clean_failure(cli, tmp_path, bad, "sets state on a tensor")

@@ -88,6 +88,9 @@ class Storage:
     def view(self) -> memoryview:
         return self.source.view(self.offset, self.nbytes)
 
+    def __setstate__(self, state):  # a pickle's BUILD must not rewrite what was validated
+        raise CkptError("malformed pickle: it sets state on a storage")
+
 
 def computed_tensor(shape: tuple[int, ...], dtype: DType, make: Callable[[], bytes | bytearray]) -> "TensorRef":
     """A tensor whose row-major bytes `make()` produces when a writer asks for them."""
@@ -139,6 +142,9 @@ class TensorRef:
             size <= 1 or stride == want
             for size, stride, want in zip(self.shape, self.stride, contiguous_strides(self.shape))
         )
+
+    def __setstate__(self, state):  # a pickle's BUILD must not rewrite what was validated
+        raise CkptError("malformed pickle: it sets state on a tensor")
 
     def validate(self, where: str) -> None:
         """Check that the view lies inside its storage, before anything trusts it."""
