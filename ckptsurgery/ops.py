@@ -98,7 +98,8 @@ def tensor_stats(t: TensorRef) -> dict:
     if not count:
         return {"min": None, "max": None, "mean": None, "std": None, "nan": nan, "inf": inf}
     std = math.sqrt(m2 / (count - 1)) if count > 1 else 0.0
-    return {"min": low, "max": high, "mean": mean, "std": std, "nan": nan, "inf": inf}
+    finite = lambda x: x if math.isfinite(x) else None  # noqa: E731  (sums of values near 1e308 overflow)
+    return {"min": low, "max": high, "mean": finite(mean), "std": finite(std), "nan": nan, "inf": inf}
 
 
 class _Node:

@@ -29,7 +29,8 @@ def inspect(
         report = ops.inspect_report(ckpt, keys)
         if stats:
             with progress_bar(quiet or json) as progress:
-                tick = progress(report["total_bytes"], "reading tensors") if progress else None
+                total = sum(entry["nbytes"] for entry in report["tensors"])
+                tick = progress(total, "reading tensors") if progress else None
                 for entry in report["tensors"]:
                     t = ckpt.tensors[entry["name"]]
                     entry.update(ops.tensor_stats(t))
