@@ -163,7 +163,7 @@ def test_listing_reads_no_tensor_data(tmp_path):
     assert int(done.stderr.split()[-1]) < 200_000  # KiB: far below the tensor's 1 GiB
 
 
-@pytest.mark.parametrize("fixture", ["zip_pth", "safetensors_file"])
+@pytest.mark.parametrize("fixture", ["zip_pth", "legacy_pth", "safetensors_file", "nested_pth"])
 def test_inspect_does_not_import_torch(request, fixture):
     path = request.getfixturevalue(fixture)
     code = ("import sys; from ckptsurgery.cli import main; sys.argv=['ckptsurgery','inspect',sys.argv[1],'--json'];"

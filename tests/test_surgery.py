@@ -330,3 +330,25 @@ def test_writers_are_deterministic_atomic_and_careful(cli, tmp_path, nested_pth,
 def test_rename_rule_options_are_taken_once(cli, tmp_path, zip_pth):
     result = cli("rename", zip_pth, "-o", tmp_path / "r.pth", "--replace", "conv", "c", "--replace", "bn", "b")
     assert result.code == 2 and "--replace was given 2 times" in result.err and not (tmp_path / "r.pth").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["filter", "{src}", "--keep", "liner1", "-o", "{out}"],
+    ["drop", "{src}", "bn", "-o", "{out}"],
+    ["rename", "{src}", "--strip-prefix", "liner", "-o", "{out}"],
+    ["merge", "{src}", "--into", "{src}", "-o", "{out}"],
+    ["merge", "{src}", "{src}", "--on-conflict", "first", "-o", "{out}"],
+])
+def test_plain_edits_do_not_import_torch(tmp_path, zip_pth, args):
+    """Only computing new values (casts, averages, overlaps, stats) needs torch."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "o.safetensors"
+    argv = [a.format(src=zip_pth, out=out) for a in args]
+    code = ("import sys; from ckptsurgery.cli import main; sys.argv=['ckptsurgery', *sys.argv[1:]]\n"
+            "try: main()\nexcept SystemExit as e: assert not e.code, e.code\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert out.exists()
