@@ -171,3 +171,13 @@ def test_inspect_does_not_import_torch(request, fixture):
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["total_params"] > 0
+
+
+def test_index_json_with_a_brace_at_byte_8_is_an_index(tmp_path, state_dict):
+    save_file(dict(state_dict), str(tmp_path / "m.safetensors"))
+    index = tmp_path / "i.index.json"
+    raw = '{"x":   {}, "weight_map": ' + json.dumps({k: "m.safetensors" for k in state_dict}) + "}"
+    assert raw[8] == "{"
+    index.write_text(raw)
+    with open_checkpoint(index) as ckpt:
+        assert ckpt.format == "sharded-safetensors" and list(ckpt.tensors) == list(state_dict)

@@ -27,10 +27,10 @@ def detect_format(path: str) -> str:
         return "torch-zip"
     if head.startswith(_LEGACY_MAGIC):
         return "torch-legacy"
+    if head.lstrip()[:1] == b"{":  # JSON text: a shard index (a safetensors length never starts with "{")
+        return "index"
     if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1:
         return "safetensors"
-    if head.lstrip()[:1] == b"{":
-        return "index"
     if head[:1] == b"\x80" and 2 <= head[1] <= 5:
         raise CkptError(f"{path}: a bare pickle, not a torch checkpoint (no torch magic number)")
     if head[257:262] == b"ustar":
