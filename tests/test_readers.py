@@ -181,3 +181,14 @@ def test_index_json_with_a_brace_at_byte_8_is_an_index(tmp_path, state_dict):
     index.write_text(raw)
     with open_checkpoint(index) as ckpt:
         assert ckpt.format == "sharded-safetensors" and list(ckpt.tensors) == list(state_dict)
+
+
+def test_safetensors_whose_length_starts_with_a_brace(tmp_path):
+    """A header of 123 bytes makes the file's first byte "{": still safetensors, not JSON."""
+    path = tmp_path / "brace.safetensors"
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    header += b" " * (123 - len(header))
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0\0\0\0")
+    assert path.read_bytes()[:1] == b"{"
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.format == "safetensors" and list(ckpt.tensors) == ["w"]

@@ -27,10 +27,15 @@ def detect_format(path: str) -> str:
         return "torch-zip"
     if head.startswith(_LEGACY_MAGIC):
         return "torch-legacy"
-    if head.lstrip()[:1] == b"{":  # JSON text: a shard index (a safetensors length never starts with "{")
+    # safetensors: an 8-byte length, then "{". JSON text has "{" at byte 8 only after eight text
+    # bytes, which as a length exceed 2e18 and never fit the file; a safetensors length may start
+    # with the byte "{" itself (a 123-byte header), so that test must come first.
+    if len(head) >= 9 and head[8:9] == b"{":
+        text = all(32 <= b < 127 or b in b"\t\n\r" for b in head[:8])
+        if not text or int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8:
+            return "safetensors"
+    if head.lstrip()[:1] == b"{":
         return "index"
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1:
-        return "safetensors"
     if head[:1] == b"\x80" and 2 <= head[1] <= 5:
         raise CkptError(f"{path}: a bare pickle, not a torch checkpoint (no torch magic number)")
     if head[257:262] == b"ustar":
