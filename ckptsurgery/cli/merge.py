@@ -37,10 +37,11 @@ def merge(
         report = surgery.merge(sources, output, into=into, on_mismatch=on_mismatch, on_conflict=on_conflict,
                                average=average, weights=weights, root=root, force=force, dry_run=dry_run,
                                progress=progress)
-    details = []
     if json:
-        pass
-    elif report["mode"] == "into":
+        print_json(report)
+        return
+    details = []
+    if report["mode"] == "into":
         details = [f"copied {len(report['copied'])}, renamed {len(report['renamed'])}, "
                    f"kept from template {len(report['kept_from_template'])}, "
                    f"mismatched {len(report['mismatched'])}, left out {len(report['left_out'])}"]
