@@ -25,13 +25,8 @@ ProgressFactory = Callable[[int, str], Callable[[int], None]]
 # ---- inspect -------------------------------------------------------------------------------
 
 def _unique_views(tensors: dict[str, TensorRef]) -> list[TensorRef]:
-    seen, out = set(), []
-    for t in tensors.values():
-        key = (id(t.storage), t.offset, t.shape, t.stride)
-        if key not in seen:
-            seen.add(key)
-            out.append(t)
-    return out
+    """Tied names counted once, as `sum(p.numel() for p in model.parameters())` does."""
+    return list({t.view_key(): t for t in tensors.values()}.values())
 
 
 def inspect_report(ckpt: Checkpoint, patterns: list[str] | None = None) -> dict:
@@ -68,16 +63,13 @@ _STATS_CHUNK = 1 << 22  # elements per step: bounded memory whatever the tensor'
 
 def tensor_stats(t: TensorRef) -> dict:
     """min/max/mean/std over finite values, and NaN/Inf counts; streamed in chunks (imports torch)."""
-    import warnings
-
     import torch
+
+    from .tensors import as_torch
 
     if t.dtype.name.startswith("complex"):
         return {"min": None, "max": None, "mean": None, "std": None, "nan": None, "inf": None}
-    data = memoryview(t.data()).cast("B")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # an mmap'd buffer is read-only; we only read it
-        flat = torch.frombuffer(data, dtype=getattr(torch, t.dtype.name)) if len(data) else torch.empty(0)
+    flat = as_torch(t).reshape(-1)
     count, mean, m2, nan, inf = 0, 0.0, 0.0, 0, 0
     low, high = math.inf, -math.inf
     for start in range(0, flat.numel(), _STATS_CHUNK):

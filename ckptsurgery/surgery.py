@@ -80,11 +80,9 @@ def _cast(t: TensorRef, dtype) -> TensorRef:
     """`t` in another dtype, computed when written."""
 
     def make():
-        import torch
+        from .tensors import cast_bytes
 
-        from .tensors import as_torch, to_bytes
-
-        return to_bytes(as_torch(t).to(getattr(torch, dtype.name)))
+        return cast_bytes(t.data(), t.dtype, dtype)
 
     return computed_tensor(t.shape, dtype, make)
 

@@ -163,6 +163,10 @@ class TensorRef:
                 f"of a storage holding {self.storage.numel}"
             )
 
+    def view_key(self) -> tuple:
+        """Equal for two names that are the same view of the same bytes (tied weights)."""
+        return id(self.storage), self.offset, self.shape, self.stride
+
     def byte_range(self) -> tuple[int, int]:
         """(offset in the source file, length) of a contiguous tensor's bytes."""
         return self.storage.offset + self.offset * self.dtype.itemsize, self.nbytes
@@ -186,20 +190,13 @@ _SAME_SIZE_INT = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
 
 def _gather(t: TensorRef) -> bytearray:
     """Copy a strided view into row-major bytes (imports torch; only non-contiguous views need it)."""
-    import warnings
+    from ..tensors import flat_view
 
-    import torch
-
-    size = t.dtype.itemsize
     out = bytearray(t.nbytes)
-    if not out:
-        return out
-    raw = t.storage.view()
-    as_int = getattr(torch, _SAME_SIZE_INT[size])  # move whole elements as same-width integers
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch warns that an mmap'd buffer is read-only; we only read
-        src = torch.frombuffer(raw, dtype=as_int).as_strided(t.shape, t.stride, t.offset)
-    torch.frombuffer(out, dtype=as_int).view(t.shape).copy_(src)
+    if out:  # move whole elements as integers of the same width: any dtype, bit for bit
+        as_int = _SAME_SIZE_INT[t.dtype.itemsize]
+        src = flat_view(t.storage.view(), as_int).as_strided(t.shape, t.stride, t.offset)
+        flat_view(out, as_int).view(t.shape).copy_(src)
     return out
 
 

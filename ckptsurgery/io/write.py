@@ -4,6 +4,7 @@ so no partial file is ever seen at the output path."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -16,6 +17,7 @@ from ..errors import CkptError
 from .model import MappedFile, Storage, TensorRef
 from .pickler import TorchPickler
 from .safetensors import ALIASES_KEY
+from ..tensors import cast_bytes
 from .zipwriter import ZipWriter
 
 CHUNK = 16 * 1024 * 1024
@@ -89,11 +91,8 @@ class StagedOutputs:
             self.abort()
 
 
-@contextmanager
-def atomic_output(path: str) -> Iterator[BinaryIO]:
-    """A file beside `path` that replaces it only when the block finishes without error."""
-    with StagedOutputs() as outputs, outputs.stage(path) as f:
-        yield f
+# what copy_file_range answers where the kernel or file system cannot do it
+_NO_COPY_RANGE = {errno.ENOSYS, errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.ETXTBSY}
 
 
 def _copy_range(source_fd: int, offset: int, nbytes: int, out: BinaryIO, progress: Progress | None) -> None:
@@ -105,7 +104,9 @@ def _copy_range(source_fd: int, offset: int, nbytes: int, out: BinaryIO, progres
         step = min(nbytes, 1 << 30)
         try:
             done = os.copy_file_range(source_fd, out_fd, step, offset, position)
-        except OSError:
+        except OSError as e:
+            if e.errno not in _NO_COPY_RANGE:  # a full disk is an error, not a reason to retry
+                raise
             done = 0
         if done <= 0:  # no kernel support here: fall back to a read/write loop
             data = os.pread(source_fd, min(step, CHUNK), offset)
@@ -127,20 +128,6 @@ def _chunks(view: memoryview | bytes, progress: Progress | None) -> Iterator[mem
             progress(len(chunk))
 
 
-def cast_bytes(data, source: DType, target: DType) -> bytearray:
-    """Convert raw little-endian elements from one floating dtype to another (imports torch)."""
-    import torch
-    import warnings
-
-    out = bytearray(len(data) // source.itemsize * target.itemsize)
-    if out:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns that an mmap'd buffer is read-only
-            src = torch.frombuffer(data, dtype=getattr(torch, source.name))
-        torch.frombuffer(out, dtype=getattr(torch, target.name)).copy_(src)
-    return out
-
-
 def cast_target(dtype: DType, cast: DType | None) -> DType:
     """The dtype a tensor is written in: --dtype applies to floating tensors only."""
     return cast if cast is not None and dtype.floating else dtype
@@ -148,15 +135,11 @@ def cast_target(dtype: DType, cast: DType | None) -> DType:
 
 # ---- safetensors ---------------------------------------------------------------------------
 
-def _alias_key(t: TensorRef) -> tuple:
-    return id(t.storage), t.offset, t.shape, t.stride
-
-
 def plan_safetensors(tensors: dict[str, TensorRef], cast: DType | None) -> tuple[list, list]:
     """Names stored, and [alias, target, position] for tied names stored once."""
     stored, aliases, first = [], [], {}
     for position, (name, t) in enumerate(tensors.items()):
-        key = _alias_key(t)
+        key = t.view_key()
         if key in first and t.numel > 0:
             aliases.append([name, first[key], position])
         else:
