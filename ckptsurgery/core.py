@@ -19,6 +19,18 @@ from .errors import CkptError
 _GLOB_CHARS = set("*?[")
 
 
+def check_key(key: object, where: str = "") -> None:
+    """State dict keys are text that every format can hold: `1` and `'1'` are not one key, and
+    a lone surrogate cannot be written as UTF-8."""
+    if type(key) is not str:
+        shown = str(key)[:40] if type(key) in (int, float, bool, bytes) or key is None else f"<{type(key).__name__}>"
+        raise CkptError(f"{where}state dict key {shown} is a {type(key).__name__}, not a string")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CkptError(f"{where}state dict key {key[:40]!r} is not valid Unicode text") from None
+
+
 def compile_pattern(pattern: str) -> Callable[[str], bool]:
     if pattern.startswith("re:"):
         try:
@@ -80,6 +92,11 @@ def plan_shards(sizes: list[tuple[str, int]], limit: int) -> list[list[str]]:
     return shards
 
 
+# A run member: ASCII digits only (str.isdigit accepts "²" and "١", which int() refuses), and
+# short enough that int() never meets Python's limit on the digits of a string.
+_INDEX = re.compile(r"[0-9]{1,18}")
+
+
 def fold_runs(names: list[str], signature: Callable[[str], object]) -> list[tuple[str, list[str]]]:
     """Group consecutive numbered siblings (`0`, `1`, ... `23`) whose signatures are equal into one
     entry labelled `{0..23}`; other names stand alone. Returns (label, members)."""
@@ -94,12 +111,13 @@ def fold_runs(names: list[str], signature: Callable[[str], object]) -> list[tupl
         run.clear()
 
     for name in names:
-        if (name.isdigit() and run and int(name) == int(run[-1]) + 1
+        number = _INDEX.fullmatch(name)
+        if (number and run and int(name) == int(run[-1]) + 1
                 and signature(name) == signature(run[0])):
             run.append(name)
             continue
         flush()
-        if name.isdigit():
+        if number:
             run.append(name)
         else:
             out.append((name, [name]))

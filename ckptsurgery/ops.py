@@ -15,7 +15,7 @@ from .errors import CkptError
 from .io import Checkpoint, TensorRef, open_checkpoint
 from .io.tree import extras
 from .io.write import (
-    StagedOutputs, check_writable, output_format, plan_safetensors,
+    StagedOutputs, check_safetensors, check_writable, output_format, plan_safetensors,
     torch_payload, write_safetensors, write_torch,
 )
 
@@ -65,11 +65,11 @@ def tensor_stats(t: TensorRef) -> dict:
     """min/max/mean/std over finite values, and NaN/Inf counts; streamed in chunks (imports torch)."""
     import torch
 
-    from .tensors import as_torch
+    from .tensors import values
 
-    if t.dtype.name.startswith("complex"):
+    flat = values(t)
+    if flat is None:  # complex, packed or opaque elements: no single number to summarise
         return {"min": None, "max": None, "mean": None, "std": None, "nan": None, "inf": None}
-    flat = as_torch(t).reshape(-1)
     count, mean, m2, nan, inf = 0, 0.0, 0.0, 0, 0
     low, high = math.inf, -math.inf
     for start in range(0, flat.numel(), _STATS_CHUNK):
@@ -95,20 +95,45 @@ def tensor_stats(t: TensorRef) -> dict:
 
 
 class _Node:
-    __slots__ = ("children", "tensor", "params", "nbytes", "_sig")
+    __slots__ = ("children", "tensor", "params", "nbytes", "sig")
 
     def __init__(self):
-        self.children: OrderedDict[str, _Node] = OrderedDict()
+        self.children: dict[str, _Node] = {}
         self.tensor: TensorRef | None = None
         self.params = self.nbytes = 0
-        self._sig = None
+        self.sig: int | None = None
 
-    def signature(self):
-        """Structure and shapes, for telling whether numbered siblings repeat each other."""
-        if self._sig is None:
-            own = (self.tensor.dtype.name, self.tensor.shape) if self.tensor else None
-            self._sig = (own, tuple((k, c.signature()) for k, c in self.children.items()))
-        return self._sig
+
+def _signature(node: _Node, ids: dict) -> int:
+    """Structure and shapes as a number, equal for subtrees that repeat each other (numbered
+    siblings). Hash-consed bottom-up with an explicit stack: names may nest thousands of levels,
+    deeper than Python's recursion (or nested tuples' comparison) allows."""
+    if node.sig is not None:
+        return node.sig
+    stack = [node]
+    while stack:
+        n = stack[-1]
+        pending = [c for c in n.children.values() if c.sig is None]
+        if pending:  # children first; each is finished before `n` is seen again
+            stack.extend(pending)
+            continue
+        stack.pop()
+        own = (n.tensor.dtype.name, n.tensor.shape) if n.tensor is not None else None
+        n.sig = ids.setdefault((own, tuple((k, c.sig) for k, c in n.children.items())), len(ids))
+    return node.sig
+
+
+def _child_rows(node: _Node, prefix: str, level: int, ids: dict):
+    """(row, first member) for each child of `node`, numbered repeats folded."""
+    kids = node.children
+    for label, members in core.fold_runs(list(kids), lambda n: _signature(kids[n], ids)):
+        child = kids[members[0]]
+        row = {"name": prefix + label, "label": label, "depth": level,
+               "params": sum(kids[m].params for m in members),
+               "bytes": sum(kids[m].nbytes for m in members), "repeat": len(members)}
+        if child.tensor is not None and not child.children:
+            row.update(dtype=child.tensor.dtype.name, shape=list(child.tensor.shape))
+        yield row, child
 
 
 def module_tree(tensors: dict[str, TensorRef], depth: int | None = None) -> list[dict]:
@@ -116,27 +141,28 @@ def module_tree(tensors: dict[str, TensorRef], depth: int | None = None) -> list
     structure folded into one row (`blocks.{0..23}`), down to `depth` levels."""
     top = _Node()
     for name, t in tensors.items():
+        numel, nbytes = t.numel, t.nbytes
         node = top
         for part in name.split("."):
-            node = node.children.setdefault(part, _Node())
-            node.params += t.numel
-            node.nbytes += t.nbytes
+            child = node.children.get(part)
+            if child is None:
+                child = node.children[part] = _Node()
+            node = child
+            node.params += numel
+            node.nbytes += nbytes
         node.tensor = t
     rows: list[dict] = []
-
-    def walk(node: _Node, prefix: str, level: int) -> None:
-        for label, members in core.fold_runs(list(node.children), lambda n: node.children[n].signature()):
-            child = node.children[members[0]]
-            row = {"name": prefix + label, "label": label, "depth": level,
-                   "params": sum(node.children[m].params for m in members),
-                   "bytes": sum(node.children[m].nbytes for m in members), "repeat": len(members)}
-            if child.tensor is not None and not child.children:
-                row.update(dtype=child.tensor.dtype.name, shape=list(child.tensor.shape))
-            rows.append(row)
-            if depth is None or level + 1 < depth:
-                walk(child, prefix + label + ".", level + 1)
-
-    walk(top, "", 0)
+    ids: dict = {}
+    open_levels = [_child_rows(top, "", 0, ids)]  # one generator per level being listed: no recursion
+    while open_levels:
+        item = next(open_levels[-1], None)
+        if item is None:
+            open_levels.pop()
+            continue
+        row, child = item
+        rows.append(row)
+        if depth is None or row["depth"] + 1 < depth:
+            open_levels.append(_child_rows(child, row["name"] + ".", row["depth"] + 1, ids))
     return rows
 
 
@@ -152,47 +178,55 @@ def shard_names(output: str, count: int) -> tuple[list[str], str]:
 
 
 def _write(f, fmt: str, ckpt: Checkpoint, tensors: dict[str, TensorRef], cast: DType | None,
-           progress, whole: bool, keep_metadata: bool) -> None:
+           progress, whole: bool, keep_metadata: bool, others: dict) -> None:
     """One output file: the whole checkpoint, or (`whole=False`) one shard's plain state dict."""
     if fmt == "safetensors":
         write_safetensors(f, tensors, ckpt.metadata if whole else {}, cast, progress)
     else:
-        payload = torch_payload(ckpt, tensors, keep_metadata) if whole else OrderedDict(tensors)
+        payload = torch_payload(ckpt, tensors, keep_metadata, others) if whole else OrderedDict(tensors)
         write_torch(f, payload, cast, progress)
 
 
 def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: str, *,
                      cast: DType | None = None, max_shard_size: int | None = None, force: bool = False,
                      dry_run: bool = False, progress: ProgressFactory | None = None,
-                     keep_metadata: bool = True) -> dict:
+                     keep_metadata: bool = True, others: dict | None = None) -> dict:
     """Write `tensors` (the state dict, possibly edited) of `ckpt` to `output`; return a report.
-    Entries outside the root travel with .pth outputs; safetensors holds tensors only."""
+    Entries outside the root, and `others` (the root's non-tensor entries, by default the
+    checkpoint's own), travel with .pth outputs; safetensors holds tensors only."""
     fmt = output_format(output)
+    others = ckpt.others if others is None else others
     stored, aliases = plan_safetensors(tensors, cast)
+    if fmt == "safetensors":
+        check_safetensors(stored)  # before anything is written, and under --dry-run too
     sizes = [(name, t.numel * dtype.itemsize) for name, t, dtype in stored]
     total = sum(size for _, size in sizes)
-    shards = core.plan_shards(sizes, max_shard_size) if max_shard_size else [[n for n, _ in sizes]]
-    outside = list(extras(ckpt.obj, ckpt.root))
+    # no tensors: no shards to plan, one (empty) file
+    shards = core.plan_shards(sizes, max_shard_size) if max_shard_size and sizes else [[n for n, _ in sizes]]
+    outside = list(extras(ckpt.obj, ckpt.root)) + list(others)
     report = {
         "input": ckpt.path, "output": output, "format": fmt, "root": ckpt.root,
         "tensors": len(tensors), "total_bytes": total,
         "dtype": cast.name if cast else None,
+        # --dtype leaves float8, quantized, integer and bool tensors as they are: say which
+        "kept_dtype": [n for n, t, d in stored if cast and not t.dtype.floating],
         "tied": {alias: target for alias, target, _ in aliases},
         "extras_left_out": outside if fmt == "safetensors" or len(shards) > 1 else [],
         "files": [output], "dry_run": dry_run,
     }
+    files, index = shard_names(output, len(shards))
     if len(shards) > 1:
-        files, index = shard_names(output, len(shards))
         report["files"] = files + [index]
         report["shards"] = len(shards)
-    check_writable(report["files"], force)
+    # an earlier sharded output named after OUT: its shards that this write does not replace go
+    report["removed"] = check_writable(report["files"], force, index)
     if dry_run:
         return report
     tick = progress(total, f"writing {os.path.basename(output)}") if progress else None
-    with StagedOutputs() as outputs:
+    with StagedOutputs(remove=report["removed"]) as outputs:
         if len(shards) == 1:
             with outputs.stage(output) as f:
-                _write(f, fmt, ckpt, tensors, cast, tick, whole=True, keep_metadata=keep_metadata)
+                _write(f, fmt, ckpt, tensors, cast, tick, whole=True, keep_metadata=keep_metadata, others=others)
             return report
         # each shard holds its tensors plus the tied names that point at them
         owner = report["tied"]
@@ -201,7 +235,7 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: st
             members = set(names)
             part = OrderedDict((n, t) for n, t in tensors.items() if owner.get(n, n) in members)
             with outputs.stage(path) as f:
-                _write(f, fmt, ckpt, part, cast, tick, whole=False, keep_metadata=keep_metadata)
+                _write(f, fmt, ckpt, part, cast, tick, whole=False, keep_metadata=keep_metadata, others=others)
             weight_map.update((n, os.path.basename(path)) for n in part)
         # key order, not sorted as Hugging Face writes it: reading back keeps the model's order
         body = {"metadata": {"total_size": total}, "weight_map": {n: weight_map[n] for n in tensors}}

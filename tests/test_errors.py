@@ -145,16 +145,12 @@ def test_view_reaching_past_its_storage(cli, tmp_path):
     assert_clean_failure(cli, tmp_path, bad, "reaches element 9 of a storage holding 5")
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("tensor, message", [
-    (lambda: torch.quantize_per_tensor(torch.randn(3), 0.1, 0, torch.qint8), "unknown storage type torch.QInt8Storage"),
-    (lambda: torch.randn(3, 3).to_sparse(), "tensors of a kind ckptsurgery does not read (torch._utils._rebuild_sparse"),
-], ids=["quantized", "sparse"])
-def test_special_tensors_are_named(cli, tmp_path, tensor, message):
+def test_special_tensors_are_named(cli, tmp_path):
+    """Sparse tensors are not read (quantized ones are: tests/test_dtypes.py)."""
     path = tmp_path / "special.pth"
-    torch.save({"state_dict": {"w": tensor(), "b": torch.zeros(1)}, "epoch": 1}, path)
+    torch.save({"state_dict": {"w": torch.randn(3, 3).to_sparse(), "b": torch.zeros(1)}, "epoch": 1}, path)
     result = cli("inspect", path)
-    assert result.code == 1 and message in result.err
+    assert result.code == 1 and "tensors of a kind ckptsurgery does not read (torch._utils._rebuild_sparse" in result.err
 
 
 def test_pickle_cannot_rewrite_a_validated_tensor(cli, tmp_path, zip_pth):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 from ..errors import CkptError
 from .model import Checkpoint, MappedFile, Storage, TensorRef
@@ -11,11 +12,18 @@ _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."  # pickled torch m
 
 
 def detect_format(path: str) -> str:
-    """One of torch-zip, torch-legacy, safetensors, index; the bytes decide, not the name."""
-    if os.path.isdir(path):
+    """One of folder, torch-zip, torch-legacy, safetensors, index; the bytes decide, not the name."""
+    try:
+        mode = os.stat(path).st_mode  # follows symlinks: the Hugging Face cache is made of them
+    except (FileNotFoundError, ValueError):  # ValueError: a NUL in the path
+        raise CkptError(f"{path}: no such file") from None
+    except OSError as e:
+        raise CkptError(f"{path}: cannot read ({e.strerror or e})") from None
+    if stat.S_ISDIR(mode):
         return "folder"
-    if not os.path.exists(path):
-        raise CkptError(f"{path}: no such file")
+    if not stat.S_ISREG(mode):  # opening a FIFO blocks, a device reads forever
+        raise CkptError(f"{path}: not a regular file (a FIFO, socket or device); give a checkpoint file, "
+                        f"its index or its folder")
     try:
         with open(path, "rb") as f:
             head = f.read(512)
@@ -48,18 +56,30 @@ def detect_format(path: str) -> str:
 def open_checkpoint(path: str, root: str | None = None) -> Checkpoint:
     """Read a checkpoint's structure (no tensor data). `root`: None detects the state dict in a
     nested .pth, '' takes the top level, a key takes that entry."""
+    path = os.fspath(path)
+    return _read(path, detect_format(path), root)
+
+
+def _open_shard(path: str) -> Checkpoint:
+    """One shard of an index: a checkpoint file, never another index or a folder (no recursion)."""
+    fmt = detect_format(path)
+    if fmt in ("index", "folder"):
+        what = "a folder" if fmt == "folder" else "a shard index"
+        raise CkptError(f"{path}: is {what}; a shard must be a safetensors or torch checkpoint file")
+    return _read(path, fmt, "")
+
+
+def _read(path: str, fmt: str, root: str | None) -> Checkpoint:
     from .safetensors import read_safetensors
     from .sharded import find_index, read_index
     from .torch_legacy import read_torch_legacy
     from .torch_zip import read_torch_zip
 
-    path = os.fspath(path)
-    fmt = detect_format(path)
     try:
         if fmt == "folder":
-            return read_index(find_index(path), lambda shard: open_checkpoint(shard, ""))
+            return read_index(find_index(path), _open_shard)
         if fmt == "index":
-            return read_index(path, lambda shard: open_checkpoint(shard, ""))
+            return read_index(path, _open_shard)
         if fmt == "safetensors":
             return read_safetensors(path)
         if fmt == "torch-legacy":

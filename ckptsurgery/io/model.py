@@ -69,21 +69,17 @@ class ComputedSource:
 
 
 class Storage:
-    """A run of bytes holding `numel` elements of one dtype (a torch storage, or the byte range
-    of one safetensors tensor)."""
+    """A run of untyped bytes (a torch storage, or the byte range of one safetensors tensor).
+    The dtype belongs to the tensors viewing it, as in torch: one storage may back tensors of
+    several dtypes (torch's `_rebuild_tensor_v3` route)."""
 
-    __slots__ = ("source", "offset", "numel", "dtype", "key")
+    __slots__ = ("source", "offset", "nbytes", "key")
 
-    def __init__(self, source: MappedFile, offset: int, numel: int, dtype: DType, key: str = ""):
+    def __init__(self, source, offset: int, nbytes: int, key: str = ""):
         self.source = source
         self.offset = offset
-        self.numel = numel
-        self.dtype = dtype
+        self.nbytes = nbytes
         self.key = key
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
 
     def view(self) -> memoryview:
         return self.source.view(self.offset, self.nbytes)
@@ -94,8 +90,8 @@ class Storage:
 
 def computed_tensor(shape: tuple[int, ...], dtype: DType, make: Callable[[], bytes | bytearray]) -> "TensorRef":
     """A tensor whose row-major bytes `make()` produces when a writer asks for them."""
-    storage = Storage(ComputedSource(make), 0, numel_of(shape), dtype)
-    return TensorRef(storage, 0, tuple(shape), contiguous_strides(tuple(shape)))
+    storage = Storage(ComputedSource(make), 0, numel_of(shape) * dtype.itemsize)
+    return TensorRef(storage, 0, tuple(shape), contiguous_strides(tuple(shape)), dtype)
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -113,20 +109,34 @@ def numel_of(shape: tuple[int, ...]) -> int:
     return n
 
 
+INT64_MAX = 2**63 - 1  # torch's sizes, strides and offsets are int64
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """What torch pickles beside a quantized tensor: its scheme and scale(s), zero point(s) and,
+    per channel, the axis. Scales and zero points are floats and ints, or tensors per channel."""
+
+    scheme: Any  # the unpickler's token for torch.per_tensor_affine, ...
+    scale: Any
+    zero_point: Any
+    axis: int | None = None
+
+
 @dataclass(eq=False)
 class TensorRef:
-    """One tensor: a view (offset, shape, stride, in elements) into a storage."""
+    """One tensor: a view (offset, shape, stride, in elements of its dtype) into a storage."""
 
     storage: Storage
     offset: int
     shape: tuple[int, ...]
     stride: tuple[int, ...]
+    dtype: DType
     requires_grad: bool | None = None  # the flag of a pickled nn.Parameter; None otherwise
     plain_grad: bool = False  # a plain tensor saved with requires_grad=True (kept when rewritten)
-
-    @property
-    def dtype(self) -> DType:
-        return self.storage.dtype
+    quant: QuantParams | None = None  # a quantized tensor's scales (its bytes are the integers)
+    math_bits: tuple[str, ...] = ()  # torch's lazy "conj"/"neg" bits: the bytes are stored unresolved
+    param_state: Any = None  # attributes pickled on an nn.Parameter, carried into .pth outputs
 
     @property
     def numel(self) -> int:
@@ -143,6 +153,11 @@ class TensorRef:
             for size, stride, want in zip(self.shape, self.stride, contiguous_strides(self.shape))
         )
 
+    @property
+    def is_plain(self) -> bool:
+        """Its bytes mean what they say: no scales beside them and no lazy bits to apply."""
+        return self.quant is None and not self.math_bits
+
     def __setstate__(self, state):  # a pickle's BUILD must not rewrite what was validated
         raise CkptError("malformed pickle: it sets state on a tensor")
 
@@ -150,29 +165,37 @@ class TensorRef:
         """Check that the view lies inside its storage, before anything trusts it."""
         if len(self.shape) != len(self.stride):
             raise CkptError(f"{where}: shape {list(self.shape)} and stride {list(self.stride)} disagree")
-        if any(not isinstance(s, int) or s < 0 for s in self.shape + self.stride) or not isinstance(
-            self.offset, int
-        ) or self.offset < 0:
-            raise CkptError(f"{where}: negative or non-integer shape, stride or offset")
+        numbers = self.shape + self.stride + (self.offset,)
+        if any(type(s) is not int or not 0 <= s <= INT64_MAX for s in numbers):
+            raise CkptError(f"{where}: a shape, stride or offset that is negative, not an integer "
+                            f"or beyond torch's int64")
+        if self.nbytes > INT64_MAX:
+            raise CkptError(f"{where}: shape {list(self.shape)} holds more bytes than torch can address")
         if self.numel == 0:
             return
         last = self.offset + sum((size - 1) * stride for size, stride in zip(self.shape, self.stride))
-        if last >= self.storage.numel:
+        held = self.storage.nbytes // self.dtype.itemsize
+        if last >= held:
             raise CkptError(
                 f"{where}: tensor of shape {list(self.shape)} reaches element {last} "
-                f"of a storage holding {self.storage.numel}"
+                f"of a storage holding {held}"
             )
 
     def view_key(self) -> tuple:
         """Equal for two names that are the same view of the same bytes (tied weights)."""
-        return id(self.storage), self.offset, self.shape, self.stride
+        return id(self.storage), self.offset, self.shape, self.stride, self.dtype.name, self.math_bits, id(self.quant)
 
     def byte_range(self) -> tuple[int, int]:
         """(offset in the source file, length) of a contiguous tensor's bytes."""
         return self.storage.offset + self.offset * self.dtype.itemsize, self.nbytes
 
     def data(self) -> memoryview | bytes:
-        """The tensor's bytes in row-major order."""
+        """The tensor's bytes in row-major order, with any conj/neg bit applied (a quantized
+        tensor's bytes are its integers: see `quant`)."""
+        if self.math_bits:
+            from ..tensors import resolve_math_bits
+
+            return resolve_math_bits(self)
         if self.is_contiguous:
             start = self.offset * self.dtype.itemsize
             return self.storage.view()[start : start + self.nbytes]
@@ -193,17 +216,23 @@ def _gather(t: TensorRef) -> bytearray:
     from ..tensors import flat_view
 
     out = bytearray(t.nbytes)
-    if out:  # move whole elements as integers of the same width: any dtype, bit for bit
-        as_int = _SAME_SIZE_INT[t.dtype.itemsize]
-        src = flat_view(t.storage.view(), as_int).as_strided(t.shape, t.stride, t.offset)
-        flat_view(out, as_int).view(t.shape).copy_(src)
+    if out:  # move whole elements as integers of the same width (two for 16 bytes): bit for bit
+        width = t.dtype.itemsize
+        lanes = 2 if width == 16 else 1
+        as_int = _SAME_SIZE_INT[width // lanes]
+        src = flat_view(t.storage.view(), as_int)
+        shape, stride, offset = t.shape, t.stride, t.offset
+        if lanes == 2:
+            shape, stride, offset = shape + (2,), tuple(s * 2 for s in stride) + (1,), offset * 2
+        flat_view(out, as_int).view(shape).copy_(src.as_strided(shape, stride, offset))
     return out
 
 
 @dataclass
 class Checkpoint:
-    """What a reader returns. `tensors` is the state dict at `root`; `obj` the whole unpickled
-    object (None for safetensors), so that a .pth output can carry the rest through."""
+    """What a reader returns. `tensors` is the state dict at `root`; `others` the non-tensor
+    entries beside them in it (`_extra_state`); `obj` the whole unpickled object (None for
+    safetensors), so that a .pth output can carry the rest through."""
 
     path: str
     format: str
@@ -213,6 +242,7 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)
     inert: list[str] = field(default_factory=list)
     sources: list[MappedFile] = field(default_factory=list)
+    others: dict[str, Any] = field(default_factory=dict)
 
     def close(self) -> None:
         for source in self.sources:

@@ -1,7 +1,16 @@
 """A small pickler (protocol 2, as torch.save writes) for what a checkpoint holds: containers,
 numbers, strings, tensor references, torch tokens and the inert placeholders the reader made.
 Our own, so that the output is byte-for-byte the same on every run (no set-order or memo
-surprises) and so that placeholders are written back exactly as they were read, never imported."""
+surprises), and so that an output never means more than its input:
+
+- every global name is checked to be a dotted Python name before it is written (a newline in a
+  name would otherwise become opcodes in the output);
+- placeholders are written back with exactly the construct that built them (GLOBAL + REDUCE,
+  NEWOBJ, a call on a call) — the writer never adds a call the input did not make;
+- tensors are written the way torch 2.13 writes them: `_rebuild_tensor_v2` over a typed
+  storage, `_rebuild_tensor_v3` over an UntypedStorage for the newer dtypes, `_rebuild_qtensor`
+  for quantized ones, `_rebuild_parameter(_with_state)` around parameters.
+"""
 
 from __future__ import annotations
 
@@ -9,29 +18,38 @@ import struct
 from collections import OrderedDict
 from typing import Any, Callable
 
+from ..dtypes import DType
 from ..errors import CkptError
-from .model import Storage, TensorRef
-from .unpickler import Global, InertCall, InertObject, is_inert_global
+from .model import TensorRef
+from .unpickler import Device, Global, InertGlobal, InertObject, TorchSize, is_dotted_name
 
 _BATCH = 1000
 
+# storage_record(tensor) -> (key, storage module, storage class, element count, dtype written)
+StorageRecord = Callable[[TensorRef], "tuple[str, str, str, int, DType]"]
+
 
 class TorchPickler:
-    def __init__(self, storage_record: Callable[[Storage], tuple[str, str, int]]):
-        """`storage_record(storage)` -> (key, storage class name, numel) as written."""
+    def __init__(self, storage_record: StorageRecord):
         self._storage_record = storage_record
         self._out = bytearray()
         self._memo: dict[int, int] = {}
         self._keep: list = []  # keeps memoized objects alive so their ids stay unique
+        self._open_tuples: set[int] = set()
 
     def dumps(self, obj: Any) -> bytes:
         self._out += b"\x80\x02"
-        self._save(obj)
+        try:
+            self._save(obj)
+        except RecursionError:
+            raise CkptError("the object to write nests too deeply") from None
         self._out += b"."
         return bytes(self._out)
 
     # -- helpers -------------------------------------------------------------------------------
     def _global(self, module: str, name: str) -> None:
+        if not (is_dotted_name(module) and is_dotted_name(name)):  # the reader checks too
+            raise CkptError(f"cannot write the global {module[:60]!r}.{name[:60]!r}: not a Python name")
         self._out += b"c" + module.encode() + b"\n" + name.encode() + b"\n"
 
     def _memoize(self, obj: Any) -> None:
@@ -40,7 +58,7 @@ class TorchPickler:
         self._keep.append(obj)
         self._out += b"q" + bytes([index]) if index < 256 else b"r" + struct.pack("<I", index)
 
-    def _tuple(self, items) -> None:
+    def _tuple_items(self, items) -> None:
         if not items:
             self._out += b")"
             return
@@ -53,6 +71,18 @@ class TorchPickler:
         for item in items:
             self._save(item)
         self._out += b"t"
+
+    def _tuple(self, obj: tuple) -> None:
+        # memoized, as pickle does: a DAG of tuples is written once per node, not once per path
+        if id(obj) in self._open_tuples:
+            raise CkptError("cannot write a tuple that contains itself")
+        self._open_tuples.add(id(obj))
+        self._tuple_items(obj)
+        self._open_tuples.discard(id(obj))
+        if id(obj) in self._memo:  # reached again through a list inside it: refer to that copy
+            raise CkptError("cannot write a tuple that contains itself")
+        if obj:
+            self._memoize(obj)
 
     def _appends(self, items) -> None:
         items = list(items)
@@ -73,7 +103,7 @@ class TorchPickler:
 
     def _reduce(self, module: str, name: str, args: tuple) -> None:
         self._global(module, name)
-        self._tuple(args)
+        self._tuple_items(args)
         self._out += b"R"
 
     # -- the dispatch --------------------------------------------------------------------------
@@ -101,15 +131,18 @@ class TorchPickler:
         elif kind is str:
             raw = obj.encode("utf-8", "surrogatepass")
             out += b"X" + struct.pack("<I", len(raw)) + raw
-        elif kind is bytes:  # how protocol 2 spells bytes
-            self._reduce("_codecs", "encode", (obj.decode("latin1"), "latin1"))
         elif kind is Global:
             self._global(obj.module, obj.name)
-        elif is_inert_global(obj):
-            self._global(obj._module, obj._name)
+        elif kind is InertGlobal:
+            self._global(obj.module, obj.name)
         elif id(obj) in self._memo:
             index = self._memo[id(obj)]
             out += b"h" + bytes([index]) if index < 256 else b"j" + struct.pack("<I", index)
+        elif kind is bytes:  # how protocol 2 spells bytes
+            if obj:
+                self._reduce("_codecs", "encode", (obj.decode("latin1"), "latin1"))
+            else:
+                self._reduce("__builtin__", "bytes", ())
         elif kind is tuple:
             self._tuple(obj)
         elif kind is list:
@@ -124,50 +157,72 @@ class TorchPickler:
             self._reduce("collections", "OrderedDict", ())
             self._memoize(obj)
             self._setitems(obj.items())
-            if vars(obj):  # a state dict's `_metadata`
-                self._save(dict(vars(obj)))
+            if "_metadata" in vars(obj):  # a state dict's module versions
+                self._save({"_metadata": obj._metadata})
                 out += b"b"
-        elif kind in (set, frozenset):
-            self._reduce("__builtin__", kind.__name__, (_stable_order(obj),))
+        elif kind is set:
+            self._reduce("__builtin__", "set", (_stable_order(obj),))
             self._memoize(obj)
         elif kind is bytearray:
-            self._reduce("__builtin__", "bytearray", (obj.decode("latin1"), "latin-1"))
+            self._reduce("__builtin__", "bytearray", (bytes(obj),) if obj else ())
             self._memoize(obj)
         elif kind is complex:
             self._reduce("__builtin__", "complex", (obj.real, obj.imag))
+        elif kind is TorchSize:
+            self._reduce("torch", "Size", (tuple(obj),))
+        elif kind is Device:
+            self._reduce("torch", "device", obj.args)
         elif kind is TensorRef:
             self._tensor(obj)
-        elif isinstance(obj, InertObject):
+        elif kind is InertObject:
             self._inert(obj)
         else:
             raise CkptError(f"cannot write an object of type {kind.__name__} into a .pth file")
 
     def _tensor(self, tensor: TensorRef) -> None:
-        key, storage_class, numel = self._storage_record(tensor.storage)
-        if tensor.requires_grad is not None:
-            self._global("torch._utils", "_rebuild_parameter")
-        self._global("torch._utils", "_rebuild_tensor_v2")
-        self._out += b"("
-        self._tuple(("storage", Global("torch", storage_class), key, "cpu", numel))
-        self._out += b"Q"
+        key, module, storage_class, numel, dtype = self._storage_record(tensor)
+        parameter = tensor.requires_grad is not None
+        if parameter:  # _rebuild_parameter(tensor, requires_grad, hooks[, state])
+            self._global("torch._utils", "_rebuild_parameter_with_state" if tensor.param_state else "_rebuild_parameter")
+            if tensor.param_state:
+                self._out += b"("
+        untyped = storage_class == "UntypedStorage"
+        self._global("torch._utils", "_rebuild_qtensor" if tensor.quant else
+                     "_rebuild_tensor_v3" if untyped else "_rebuild_tensor_v2")
+        self._out += b"(("  # the call's arguments, and in them the storage record
+        self._save("storage")
+        self._global(module, storage_class)
+        self._save(key)
+        self._save("cpu")
+        self._save(numel)
+        self._out += b"tQ"
         self._save(tensor.offset)
-        self._tuple(tensor.shape)
-        self._tuple(tensor.stride)
+        self._tuple_items(tensor.shape)
+        self._tuple_items(tensor.stride)
+        q = tensor.quant
+        if q is not None:
+            self._tuple_items((q.scheme, q.scale, q.zero_point) if q.axis is None
+                              else (q.scheme, q.scale, q.zero_point, q.axis))
         self._out += b"\x88" if tensor.plain_grad else b"\x89"
         self._reduce("collections", "OrderedDict", ())
+        if untyped:
+            self._global("torch", dtype.name)
+        if tensor.math_bits:
+            self._save({bit: True for bit in tensor.math_bits})
         self._out += b"tR"
-        if tensor.requires_grad is not None:
+        if parameter:
             self._out += b"\x88" if tensor.requires_grad else b"\x89"
             self._reduce("collections", "OrderedDict", ())
-            self._out += b"\x87R"
+            if tensor.param_state:
+                self._save(tensor.param_state)
+                self._out += b"tR"
+            else:
+                self._out += b"\x87R"
         self._memoize(tensor)
 
     def _inert(self, obj: InertObject) -> None:
-        if isinstance(obj, InertCall):
-            self._save(obj.callee)
-        else:
-            self._global(obj._module, obj._name)
-        self._tuple(obj.args)
+        self._save(obj.callee)
+        self._tuple_items(obj.args)
         self._out += b"\x81" if obj.how == "newobj" else b"R"
         self._memoize(obj)
         if obj.listitems:
@@ -183,4 +238,4 @@ def _stable_order(items) -> list:
     try:
         return sorted(items)
     except TypeError:
-        return sorted(items, key=repr)
+        return sorted(items, key=lambda item: (type(item).__name__, str(item) if type(item) in (str, int, float) else ""))

@@ -8,8 +8,9 @@ import struct
 from collections import OrderedDict
 
 from .. import dtypes
+from ..core import check_key
 from ..errors import CkptError
-from .model import Checkpoint, MappedFile, Storage, TensorRef, contiguous_strides, numel_of
+from .model import INT64_MAX, Checkpoint, MappedFile, Storage, TensorRef, contiguous_strides, numel_of
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 ALIASES_KEY = "ckptsurgery.aliases"  # metadata recording tied names stored once
@@ -24,8 +25,8 @@ def read_header(path: str, source: MappedFile) -> tuple[int, dict]:
                         f"{source.size}-byte file (truncated or not safetensors)")
     try:
         header = json.loads(bytes(source.view(8, length)).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CkptError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CkptError(f"{path}: the safetensors header is not valid JSON ({str(e)[:100]})") from None
     if not isinstance(header, dict):
         raise CkptError(f"{path}: the safetensors header is not a JSON object")
     return 8 + length, header
@@ -46,26 +47,29 @@ def read_safetensors(path: str) -> Checkpoint:
     tensors: OrderedDict[str, TensorRef] = OrderedDict()
     spans = []
     for name, info in header.items():
+        check_key(name, f"{path}: ")
         where = f"{path}: tensor {name!r}"
         if not isinstance(info, dict):
             raise CkptError(f"{where}: entry is not an object")
-        dtype = dtypes.BY_SAFETENSORS.get(info.get("dtype"))
+        code = info.get("dtype")
+        dtype = dtypes.BY_SAFETENSORS.get(code)
         if dtype is None:
-            raise CkptError(f"{where}: unknown dtype {info.get('dtype')!r}")
+            raise CkptError(f"{where}: unknown dtype {str(code)[:20]!r} (no torch dtype ckptsurgery knows)")
         shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
-            raise CkptError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(shape, list) and all(type(s) is int and 0 <= s <= INT64_MAX for s in shape)):
+            raise CkptError(f"{where}: shape {str(shape)[:60]} is not a list of non-negative integers below 2^63")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-            raise CkptError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
+            raise CkptError(f"{where}: data_offsets {str(offsets)[:60]} is not a pair of integers")
+        shape = _torch_shape(where, dtype, tuple(shape))
         begin, end = offsets
-        numel = numel_of(tuple(shape))
+        numel = numel_of(shape)
         if not 0 <= begin <= end <= data_size:
             raise CkptError(f"{where}: data_offsets {offsets} lie outside the {data_size}-byte data")
         if end - begin != numel * dtype.itemsize:
             raise CkptError(f"{where}: {end - begin} bytes for {numel} {dtype.name} elements")
         spans.append((begin, end, name))
-        storage = Storage(source, data_start + begin, numel, dtype, name)
-        tensors[name] = TensorRef(storage, 0, tuple(shape), contiguous_strides(tuple(shape)))
+        storage = Storage(source, data_start + begin, end - begin, name)
+        tensors[name] = TensorRef(storage, 0, shape, contiguous_strides(shape), dtype)
     position = 0
     for begin, end, name in sorted(spans):
         if begin != position:
@@ -74,21 +78,67 @@ def read_safetensors(path: str) -> Checkpoint:
         position = end
     if position != data_size:
         raise CkptError(f"{path}: {data_size - position} bytes after the last tensor (corrupt file)")
-    _restore_aliases(path, tensors, metadata)
+    tensors = _restore_aliases(path, tensors, metadata)
     return Checkpoint(path, "safetensors", tensors, None, None, metadata, sources=[source])
 
 
-def _restore_aliases(path: str, tensors: OrderedDict, metadata: dict[str, str]) -> None:
-    """Tied names written once by ckptsurgery come back as views of the same storage, in their
-    original place: the metadata lists [alias, target, position]."""
-    if ALIASES_KEY not in metadata:
-        return
+def _torch_shape(where: str, dtype: dtypes.DType, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """safetensors counts the 4-bit elements of F4; torch's float4_e2m1fn_x2 counts pairs."""
+    if dtype.packed == 1:
+        return shape
+    if not shape or shape[-1] % dtype.packed:
+        raise CkptError(f"{where}: {dtype.safetensors} needs a last dimension divisible by {dtype.packed}")
+    return shape[:-1] + (shape[-1] // dtype.packed,)
+
+
+def safetensors_shape(dtype: dtypes.DType, shape: tuple[int, ...]) -> list[int]:
+    """The shape as safetensors writes it (the inverse of `_torch_shape`)."""
+    if dtype.packed == 1:
+        return list(shape)
+    if not shape:
+        raise CkptError(f"a 0-d {dtype.name} tensor has no safetensors shape; write a .pth instead")
+    return [*shape[:-1], shape[-1] * dtype.packed]
+
+
+def parse_aliases(text: str) -> list[tuple[str, str, int]]:
+    """[[alias, target, position], ...] as ckptsurgery writes it, checked entry by entry."""
     try:
-        aliases = json.loads(metadata[ALIASES_KEY])
-        items = list(tensors.items())
-        for alias, target, position in aliases:
-            items.insert(position, (alias, tensors[target]))
-    except (ValueError, TypeError, KeyError) as e:
-        raise CkptError(f"{path}: malformed {ALIASES_KEY} metadata ({e})") from None
-    tensors.clear()
-    tensors.update(items)
+        entries = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise CkptError(f"malformed {ALIASES_KEY} metadata ({str(e)[:80]})") from None
+    if type(entries) is not list or not all(
+        type(e) is list and len(e) == 3 and type(e[0]) is str and type(e[1]) is str and type(e[2]) is int
+        for e in entries
+    ):
+        raise CkptError(f"malformed {ALIASES_KEY} metadata: expected [[alias, target, position], ...]")
+    return [tuple(e) for e in entries]
+
+
+def _restore_aliases(path: str, tensors: OrderedDict, metadata: dict[str, str]) -> OrderedDict:
+    """Tied names written once by ckptsurgery come back as views of the same storage, in their
+    original place: the metadata lists [alias, target, position]. Aliases may only add names
+    for tensors that are stored: an alias that names a stored tensor, or another alias, or
+    points at no stored tensor, is an error, never a replacement."""
+    if ALIASES_KEY not in metadata:
+        return tensors
+    try:
+        aliases = parse_aliases(metadata[ALIASES_KEY])
+    except CkptError as e:
+        raise CkptError(f"{path}: {e}") from None
+    total = len(tensors) + len(aliases)
+    placed: dict[int, tuple[str, TensorRef]] = {}
+    added: set[str] = set()
+    for alias, target, position in aliases:
+        problem = (
+            "names a stored tensor" if alias in tensors else
+            "is listed twice" if alias in added else
+            f"points at {target[:40]!r}, which is not a stored tensor" if target not in tensors else
+            f"has position {position}, taken or outside 0..{total - 1}" if not 0 <= position < total or position in placed else
+            None
+        )
+        if problem:
+            raise CkptError(f"{path}: {ALIASES_KEY}: alias {alias[:40]!r} {problem}")
+        added.add(alias)
+        placed[position] = (alias, tensors[target])
+    stored = iter(tensors.items())
+    return OrderedDict(placed[i] if i in placed else next(stored) for i in range(total))

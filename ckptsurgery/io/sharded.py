@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections import OrderedDict
 
 from ..errors import CkptError
 from .model import Checkpoint
+
+INDEX_LIMIT = 16 * 1024 * 1024  # far above any real index (a few hundred KB for 1000s of tensors)
 
 
 def find_index(folder: str) -> str:
@@ -19,24 +22,53 @@ def find_index(folder: str) -> str:
     return os.path.join(folder, indexes[0])
 
 
-def read_index(path: str, open_shard) -> Checkpoint:
+def load_index(path: str) -> dict:
+    """The index's JSON, with a "weight_map" of tensor name -> shard file name."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read below
+            raise CkptError(f"{path}: an index must be a regular file")
         with open(path, "rb") as f:
-            index = json.loads(f.read(16 * 1024 * 1024 + 1).decode("utf-8"))
+            raw = f.read(INDEX_LIMIT + 1)
+    except OSError as e:
+        raise CkptError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(raw) > INDEX_LIMIT:
+        raise CkptError(f"{path}: an index JSON larger than {INDEX_LIMIT >> 20} MiB; not a shard index")
+    try:
+        index = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise CkptError(f"{path}: not a valid index JSON ({e})") from None
+    except RecursionError:
+        raise CkptError(f"{path}: not a valid index JSON (nested too deeply)") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CkptError(f"{path}: an index JSON needs a \"weight_map\" of tensor name -> shard file")
-    folder = os.path.dirname(path)
+    return index
+
+
+def plain_name(name: str) -> bool:
+    """A file name inside the index's own folder: no path, no way out of the folder."""
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def shard_path(index_path: str, name: str) -> str:
+    if not plain_name(name):
+        raise CkptError(f"{index_path}: shard {name!r} is not a plain file name beside the index; "
+                        f"fix its weight_map")
+    return os.path.join(os.path.dirname(index_path), name)
+
+
+def read_index(path: str, open_shard) -> Checkpoint:
+    """`open_shard(path)` reads one shard; it must refuse anything but a checkpoint file."""
+    index = load_index(path)
     shards: dict[str, Checkpoint] = {}
     tensors = OrderedDict()
     try:
-        for name, shard_name in weight_map.items():
-            if os.path.basename(shard_name) != shard_name:
-                raise CkptError(f"{path}: shard {shard_name!r} is not a file beside the index")
+        for name, shard_name in index["weight_map"].items():
             if shard_name not in shards:
-                shards[shard_name] = open_shard(os.path.join(folder, shard_name))
+                shard = shard_path(path, shard_name)
+                if os.path.exists(shard) and os.path.samefile(shard, path):
+                    raise CkptError(f"{path}: shard {shard_name!r} is the index itself")
+                shards[shard_name] = open_shard(shard)
             shard = shards[shard_name]
             if name not in shard.tensors:
                 raise CkptError(f"{path}: tensor {name!r} is not in its shard {shard_name}")
@@ -47,6 +79,9 @@ def read_index(path: str, open_shard) -> Checkpoint:
         raise
     kinds = {s.format for s in shards.values()}
     fmt = "sharded-safetensors" if kinds <= {"safetensors"} else "sharded-torch"
+    # total_size describes these shards, not the tensors: a rewrite would carry a stale figure
     meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+    meta = {k: v for k, v in meta.items() if isinstance(v, str) and k != "total_size"}
+    inert = sorted(set().union(*(s.inert for s in shards.values())))
     sources = [src for shard in shards.values() for src in shard.sources]
-    return Checkpoint(path, fmt, tensors, None, None, {k: str(v) for k, v in meta.items()}, sources=sources)
+    return Checkpoint(path, fmt, tensors, None, None, meta, inert=inert, sources=sources)

@@ -24,33 +24,44 @@ def _no_persistent(pid):
 def read_torch_legacy(path: str, root: str | None) -> Checkpoint:
     source = MappedFile(path)
     reader = BoundedReader(source.buffer())
-    magic, _ = safe_load(reader, _no_persistent, path)
-    if magic != MAGIC_NUMBER:
+    inert: set[str] = set()  # placeholders of every pickle in the file, not only the object's
+
+    def load(persistent_load=_no_persistent):
+        value, names = safe_load(reader, persistent_load, path)
+        inert.update(names)
+        return value
+
+    magic = load()
+    if type(magic) is not int or magic != MAGIC_NUMBER:
         raise CkptError(f"{path}: a pickle, but not a torch checkpoint (no torch magic number)")
-    protocol, _ = safe_load(reader, _no_persistent, path)
-    if protocol != PROTOCOL_VERSION:
-        raise CkptError(f"{path}: unsupported legacy protocol version {protocol!r}")
-    sys_info, _ = safe_load(reader, _no_persistent, path)
-    if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
+    protocol = load()
+    if type(protocol) is not int or protocol != PROTOCOL_VERSION:
+        raise CkptError(f"{path}: unsupported legacy protocol version {str(protocol)[:20]!r}")
+    sys_info = load()
+    if type(sys_info) is dict and sys_info.get("little_endian") is False:
         raise CkptError(f"{path}: saved on a big-endian machine, which is not supported")
-    load, storages = storage_loader(path, lambda key, storage: None)
-    obj, inert = safe_load(reader, load, path)
-    keys, _ = safe_load(reader, _no_persistent, path)
+    storage_load, storages = storage_loader(path, lambda key, storage, numel: None, allow_modules=True)
+    obj = load(storage_load)
+    keys = load()
     position = reader.position
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise CkptError(f"{path}: the storage key list is malformed")
     for key in keys:
         count = _COUNT.unpack(source.view(position, _COUNT.size))[0]
-        storage = storages.get(key)
-        if storage is None:
-            raise CkptError(f"{path}: data for storage {key!r}, which nothing refers to")
-        if count != storage.numel:
-            raise CkptError(f"{path}: storage {key!r} holds {count} elements, its record says {storage.numel}")
+        handle = storages.get(key)
+        if handle is None:
+            raise CkptError(f"{path}: data for storage {key[:40]!r}, which nothing refers to")
+        if count != handle.numel:
+            raise CkptError(f"{path}: storage {key[:40]!r} holds {count} elements, its record says {handle.numel}")
+        storage = handle.storage
+        if storage.source is not None:
+            raise CkptError(f"{path}: data for storage {key[:40]!r} appears twice")
         storage.source, storage.offset = source, position + _COUNT.size
         source.view(storage.offset, storage.nbytes)  # checks it lies inside the file
         position = storage.offset + storage.nbytes
-    missing = sorted(k for k, s in storages.items() if s.source is None)
+    missing = sorted(k for k, h in storages.items() if h.storage.source is None)
     if missing:
         raise CkptError(f"{path}: no data for storages {', '.join(missing[:5])} (truncated file?)")
-    root_key, tensors = find_root(obj, root, path)
-    return Checkpoint(path, "torch-legacy", tensors, root_key, obj, inert=sorted(inert), sources=[source])
+    root_key, tensors, others = find_root(obj, root, path)
+    return Checkpoint(path, "torch-legacy", tensors, root_key, obj, inert=sorted(inert), sources=[source],
+                      others=others)

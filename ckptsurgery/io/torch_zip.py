@@ -10,7 +10,8 @@ import zlib
 from ..errors import CkptError
 from .model import Checkpoint, MappedFile, Storage
 from .tree import find_root
-from .unpickler import BoundedReader, Global, is_inert_global, safe_load
+from .model import INT64_MAX
+from .unpickler import BoundedReader, Global, InertGlobal, StorageHandle, describe_pid, safe_load
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
 _MAX_PICKLE = 1 << 30
@@ -19,31 +20,36 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EO
                RuntimeError, zlib.error, struct.error)
 
 
-def storage_loader(where: str, locate):
+def storage_loader(where: str, locate, allow_modules: bool = False):
     """A persistent_load for torch's `('storage', type, key, location, numel)` records.
-    `locate(key, storage)` fills in where the storage's bytes lie. Storages are shared by key."""
-    storages: dict[str, Storage] = {}
+    `locate(key, storage, nbytes)` fills in where the storage's bytes lie. Storages are shared by
+    key; records naming one key must agree. `allow_modules`: the legacy format's
+    `('module', class, file, source)` records, which stand for the (inert) class itself."""
+    storages: dict[str, StorageHandle] = {}
 
     def load(pid):
-        # the legacy format records each nn.Module class with its source code; the class
-        # itself is already an inert placeholder, and the source is never looked at
-        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module" and is_inert_global(pid[1]):
-            return pid[1]
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-            raise CkptError(f"unknown persistent record {str(pid)[:80]}")
-        _, kind, key, _location, numel = pid[:5]
-        if not (isinstance(kind, Global) and kind.dtype is not None):
-            name = kind.qualname() if is_inert_global(kind) else repr(kind)
-            raise CkptError(f"unknown storage type {name} (a dtype ckptsurgery does not know)")
-        if not (isinstance(key, str) and type(numel) is int and numel >= 0):
-            raise CkptError(f"bad storage record for key {key!r}")
-        if len(pid) > 5 and pid[5] is not None:
+        if allow_modules and len(pid) == 4 and pid[0] == "module" and isinstance(pid[1], InertGlobal):
+            return pid[1]  # the class's source code in the record is never looked at
+        # the legacy format adds a sixth field, view metadata of pre-1.0 storages: always None since
+        if not (len(pid) in (5, 6) and pid[0] == "storage"):
+            raise CkptError(f"a persistent id that is not a storage record ({describe_pid(pid)})")
+        if len(pid) == 6 and pid[5] is not None:
             raise CkptError("storage views of the pre-1.0 format are not supported")
-        if key not in storages:
-            storage = Storage(None, -1, numel, kind.dtype, key)
-            locate(key, storage)
-            storages[key] = storage
-        return storages[key]
+        _, kind, key, location, numel = pid[:5]
+        if not (isinstance(kind, Global) and kind.kind == "storage"):
+            name = kind.qualname() if isinstance(kind, InertGlobal) else type(kind).__name__
+            raise CkptError(f"unknown storage type {name} (a dtype ckptsurgery does not know)")
+        if not (type(key) is str and type(location) is str and type(numel) is int and 0 <= numel <= INT64_MAX):
+            raise CkptError(f"bad storage record for key {str(key)[:40]!r}")
+        handle = storages.get(key)
+        if handle is None:
+            itemsize = kind.dtype.itemsize if kind.dtype else 1
+            storage = Storage(None, -1, numel * itemsize, key)
+            locate(key, storage, numel)
+            handle = storages[key] = StorageHandle(storage, kind.dtype, numel)
+        elif handle.dtype is not kind.dtype or handle.numel != numel:
+            raise CkptError(f"storage {key!r} is recorded twice with different types or sizes")
+        return handle
 
     return load, storages
 
@@ -56,6 +62,10 @@ def read_torch_zip(path: str, root: str | None) -> Checkpoint:
         raise CkptError(f"{path}: broken zip archive ({e})") from None
     with archive:
         entries = {info.filename: info for info in archive.infolist()}
+        if len(entries) != len(archive.infolist()):
+            # torch's reader and zipfile pick different copies of a repeated name: what torch
+            # loads could differ from what we list
+            raise CkptError(f"{path}: the zip archive holds two records with one name; refused")
         if any(n.endswith("/constants.pkl") or "/code/" in n for n in entries):
             raise CkptError(f"{path}: a TorchScript archive (torch.jit.save), not a torch.save "
                             f"checkpoint; load it with torch.jit.load and save its state_dict()")
@@ -76,7 +86,7 @@ def read_torch_zip(path: str, root: str | None) -> Checkpoint:
         if byteorder is not None and read_record(byteorder).strip() not in (b"little", b""):
             raise CkptError(f"{path}: saved on a big-endian machine, which is not supported")
 
-        def locate(key: str, storage: Storage) -> None:
+        def locate(key: str, storage: Storage, numel: int) -> None:
             info = entries.get(f"{prefix}data/{key}")
             if info is None:
                 raise CkptError(f"storage record data/{key} is missing from the archive")
@@ -96,5 +106,5 @@ def read_torch_zip(path: str, root: str | None) -> Checkpoint:
         data = read_record(entries[pickles[0]])
         load, _ = storage_loader(path, locate)
         obj, inert = safe_load(BoundedReader(data), load, path)
-    root_key, tensors = find_root(obj, root, path)
-    return Checkpoint(path, "torch-zip", tensors, root_key, obj, inert=sorted(inert), sources=[source])
+    root_key, tensors, others = find_root(obj, root, path)
+    return Checkpoint(path, "torch-zip", tensors, root_key, obj, inert=sorted(inert), sources=[source], others=others)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
+from ..core import check_key
 from ..errors import CkptError
 from .model import TensorRef
 from .unpickler import InertObject
@@ -26,12 +27,10 @@ ROOT_KEYS = (
     "ema",
 )
 
-_MAX_DEPTH = 200
-
 
 def module_state(obj: Any) -> dict | None:
     """The attribute dict of a pickled nn.Module placeholder, or None if obj is not one."""
-    if isinstance(obj, InertObject) and isinstance(obj.state, dict) and "_parameters" in obj.state:
+    if isinstance(obj, InertObject) and type(obj.state) is dict and "_parameters" in obj.state:
         return obj.state
     return None
 
@@ -41,88 +40,124 @@ def module_state_dict(module: InertObject) -> OrderedDict[str, TensorRef]:
     its persistent buffers, then its children, depth first."""
     out: OrderedDict[str, TensorRef] = OrderedDict()
     seen: set[int] = set()
-
-    def walk(mod: Any, prefix: str, depth: int) -> None:
+    stack = [(module, "")]  # explicit stack: a hostile file may nest modules very deeply
+    while stack:
+        mod, prefix = stack.pop()
         state = module_state(mod)
-        if state is None or id(mod) in seen or depth > _MAX_DEPTH:
-            return
+        if state is None or id(mod) in seen:
+            continue
         seen.add(id(mod))
-        skip = state.get("_non_persistent_buffers_set") or set()
+        skip = state.get("_non_persistent_buffers_set")
+        skip = {n for n in skip if type(n) is str} if type(skip) is set else set()
         for table, drop in (("_parameters", set()), ("_buffers", skip)):
-            entries = state.get(table) or {}
-            if not isinstance(entries, dict):
+            entries = state.get(table)
+            if type(entries) not in (dict, OrderedDict):
                 continue
             for name, value in entries.items():
-                if isinstance(value, TensorRef) and name not in drop:
-                    out[prefix + str(name)] = value
-        children = state.get("_modules") or {}
-        if isinstance(children, dict):
-            for name, child in children.items():
-                walk(child, f"{prefix}{name}.", depth + 1)
-
-    walk(module, "", 0)
+                if isinstance(value, TensorRef) and type(name) is str and name not in drop:
+                    check_key(prefix + name, "")
+                    out[prefix + name] = value
+        children = state.get("_modules")
+        if type(children) in (dict, OrderedDict):
+            stack.extend((child, f"{prefix}{name}.") for name, child in reversed(children.items())
+                         if type(name) is str)
     return out
 
 
-def is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, TensorRef) for v in obj.values())
+def _split_state_dict(obj: Any, explicit: bool, where: str):
+    """(tensors, others) if `obj` is a state dict, else None. A state dict maps string keys to
+    tensors; besides tensors it may hold `*._extra_state` values (TransformerEngine and others
+    write them with get_extra_state), or — under an explicit --root — any value, carried
+    through .pth outputs as it was."""
+    if type(obj) not in (dict, OrderedDict):
+        return None
+    tensors: OrderedDict[str, TensorRef] = OrderedDict()
+    others: OrderedDict[str, Any] = OrderedDict()
+    for key, value in obj.items():
+        if isinstance(value, TensorRef):
+            tensors[key] = value
+        elif explicit or (type(key) is str and key.rsplit(".", 1)[-1] == "_extra_state"):
+            others[key] = value
+        else:
+            return None
+    if not tensors:
+        return None
+    for key in obj:
+        check_key(key, where)
+    return tensors, others
 
 
-def as_state_dict(obj: Any) -> OrderedDict[str, TensorRef] | None:
-    if is_state_dict(obj):
-        return OrderedDict((str(k), v) for k, v in obj.items())
+def as_state_dict(obj: Any, explicit: bool = False, where: str = ""):
+    """(tensors, others) of a state dict or a pickled module, else None."""
+    found = _split_state_dict(obj, explicit, where)
+    if found is not None:
+        return found
     if module_state(obj) is not None:
-        return module_state_dict(obj)
+        return module_state_dict(obj), OrderedDict()
     return None
 
 
-def find_root(obj: Any, root: str | None, where: str) -> tuple[str, OrderedDict[str, TensorRef]]:
-    """(root key, state dict). `root` None means detect; '' means the top level."""
+def _maybe_state_dict(value: Any) -> bool:
+    """A cheap test for the root search: a dict whose values are tensors, or a pickled module
+    (not walked: modules may share children, and walking each would be quadratic)."""
+    if module_state(value) is not None:
+        return True
+    return type(value) in (dict, OrderedDict) and any(isinstance(v, TensorRef) for v in value.values())
+
+
+def find_root(obj: Any, root: str | None, where: str):
+    """(root key, state dict, non-tensor entries of the state dict). `root` None means detect;
+    '' means the top level."""
+    prefix = f"{where}: "
     if root is not None:
         if root == "":
-            found = as_state_dict(obj)
+            found = as_state_dict(obj, True, prefix)
         else:
-            if not isinstance(obj, dict) or root not in obj:
-                keys = ", ".join(map(repr, list(obj)[:10])) if isinstance(obj, dict) else "none"
+            if type(obj) not in (dict, OrderedDict) or root not in obj:
+                keys = ", ".join(repr(key_text(k)[:40]) for k in list(obj)[:10]) if isinstance(obj, dict) else "none"
                 raise CkptError(f"{where}: no key {root!r} at the top level (keys: {keys})")
-            found = as_state_dict(obj[root])
+            found = as_state_dict(obj[root], True, prefix)
         if found is None:
             raise CkptError(f"{where}: --root {root!r} does not hold a state dict of tensors")
-        return root, found
+        return (root, *found)
 
-    top = as_state_dict(obj)
+    top = as_state_dict(obj, False, prefix)
     if top is not None:
-        return "", top
-    if isinstance(obj, dict):
+        return ("", *top)
+    if type(obj) in (dict, OrderedDict):
         for key in ROOT_KEYS:
-            if key in obj and (found := as_state_dict(obj[key])) is not None:
-                return key, found
-        candidates = [k for k, v in obj.items() if isinstance(k, str) and as_state_dict(v) is not None]
-        if len(candidates) == 1:
-            return candidates[0], as_state_dict(obj[candidates[0]])
-        if candidates:
-            raise CkptError(f"{where}: several entries hold state dicts ({', '.join(candidates)}); "
+            if key in obj and (found := as_state_dict(obj[key], False, prefix)) is not None:
+                return (key, *found)
+        verdicts: dict[int, bool] = {}  # one value may sit under many keys: judge it once
+        for value in obj.values():
+            if id(value) not in verdicts:
+                verdicts[id(value)] = _maybe_state_dict(value)
+        candidates = [k for k, v in obj.items() if type(k) is str and verdicts[id(v)]]
+        if len(candidates) == 1 and (found := as_state_dict(obj[candidates[0]], False, prefix)) is not None:
+            return (candidates[0], *found)
+        if len(candidates) > 1:
+            raise CkptError(f"{where}: several entries hold state dicts ({', '.join(candidates[:10])}); "
                             f"choose one with --root")
-    if isinstance(obj, dict) and not obj:
-        return "", OrderedDict()
+        if not obj:
+            return "", OrderedDict(), OrderedDict()
     unsupported = _unsupported_tensor_kinds(obj)
     if unsupported:
         raise CkptError(f"{where}: holds tensors of a kind ckptsurgery does not read "
-                        f"({', '.join(unsupported)}: quantized, sparse or other special tensors)")
+                        f"({', '.join(unsupported)}: sparse, nested or other special tensors)")
     raise CkptError(f"{where}: found no state dict of tensors; name its key with --root KEY")
 
 
 def _unsupported_tensor_kinds(obj: Any) -> list[str]:
-    """Torch's rebuild functions we leave inert (quantized, sparse, nested, meta tensors...),
-    found among the values of the object and of its dict entries."""
+    """Torch's rebuild functions we leave inert (sparse, nested, meta tensors...), found among
+    the values of the object and of its dict entries."""
     found = set()
-    values = list(obj.values()) if isinstance(obj, dict) else []
+    values = list(obj.values()) if type(obj) in (dict, OrderedDict) else []
     for value in list(values):
-        if isinstance(value, dict):
+        if type(value) in (dict, OrderedDict):
             values.extend(value.values())
     for value in values:
-        if isinstance(value, InertObject) and type(value)._module.startswith("torch."):
-            found.add(type(value).qualname())
+        if isinstance(value, InertObject) and value.module.startswith("torch."):
+            found.add(value.qualname())
     return sorted(found)
 
 
@@ -135,8 +170,16 @@ def describe(value: Any) -> str:
     return type(value).__name__
 
 
+def key_text(key: Any) -> str:
+    """A dict key from the file as text, never through the repr of a container (a hostile
+    tuple DAG's repr is exponential)."""
+    if type(key) in (str, int, float, bool) or key is None:
+        return str(key)
+    return f"<{type(key).__name__}>"
+
+
 def extras(obj: Any, root: str) -> dict[str, str]:
     """Top-level entries outside the root."""
-    if root == "" or not isinstance(obj, dict):
+    if root == "" or type(obj) not in (dict, OrderedDict):
         return {}
-    return {str(k): describe(v) for k, v in obj.items() if k != root}
+    return {key_text(k): describe(v) for k, v in obj.items() if k != root}

@@ -1,10 +1,18 @@
-"""An unpickler that never runs code from the file.
+"""An unpickler that never runs code from the file, held to the bar of torch's own
+`torch/_weights_only_unpickler.py`, opcode by opcode.
 
-`find_class` is the only door through which a pickle reaches a callable. It opens onto a short
-allow-list of our own functions (tensor rebuilders, containers, dtype and storage tokens); every
-other global becomes an inert placeholder class whose construction is recorded, never performed.
-A whole pickled `nn.Module` therefore unpickles into placeholders whose `_parameters`,
-`_buffers` and `_modules` we can walk without the user's code.
+- Only the opcodes torch's weights-only loader accepts are read (`ALLOWED_OPCODES`); any other —
+  STACK_GLOBAL, EXT1, INST, OBJ, PERSID, BINBYTES, FRAME, BYTEARRAY8, ... — refuses the file.
+- GLOBAL opens onto a short allow-list of our own functions (tensor rebuilders that check their
+  arguments, a few value constructors) and immutable tokens (dtypes, storage types, qschemes).
+  Every other name becomes an inert placeholder made fresh for this load: calling it records
+  the call, never performs it. A whole pickled `nn.Module` therefore unpickles into placeholders
+  whose `_parameters`, `_buffers` and `_modules` we walk without the user's code.
+- REDUCE calls only our functions; NEWOBJ builds only placeholders; BUILD sets state only on a
+  placeholder (recorded) or an OrderedDict (`_metadata` only); APPEND and SETITEM only reach
+  lists, dicts and placeholders; persistent ids are storage records only.
+- Containers may not nest more than MAX_NESTING deep (CPython hashes nested tuples recursively
+  in C: a million of them crash the interpreter), and nothing a pickle does outlives its load.
 """
 
 from __future__ import annotations
@@ -15,93 +23,101 @@ from typing import Any, Callable
 
 from .. import dtypes
 from ..errors import CkptError
-from .model import Storage, TensorRef
+from .model import QuantParams, Storage, TensorRef
+
+MAX_NESTING = 200
 
 
 class Global:
-    """An allow-listed torch value that is not called: a dtype, a storage class, a layout."""
+    """An allow-listed torch value that is never called: a dtype, a storage type, a qscheme.
+    Immutable, so that no pickle can change what it means for a file read later."""
 
-    __slots__ = ("module", "name", "dtype")
+    __slots__ = ("module", "name", "dtype", "kind")
 
-    def __init__(self, module: str, name: str, dtype: dtypes.DType | None = None):
-        self.module, self.name, self.dtype = module, name, dtype
+    def __init__(self, module: str, name: str, kind: str, dtype: dtypes.DType | None = None):
+        for slot, value in (("module", module), ("name", name), ("kind", kind), ("dtype", dtype)):
+            object.__setattr__(self, slot, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("allow-listed tokens are immutable")
 
     def __repr__(self) -> str:
         return f"{self.module}.{self.name}"
 
 
-class InertObject:
-    """An instance of a class we do not run. Records how the pickle built it, so that a .pth
-    output can write it back exactly as it was."""
+class InertGlobal:
+    """A global the pickle names that we do not import: a placeholder, fresh for each load."""
 
-    _module = ""
-    _name = ""
+    __slots__ = ("module", "name")
 
-    def __new__(cls, *args, **kwargs):
-        self = object.__new__(cls)
-        self.how = "newobj"  # NEWOBJ calls only __new__
-        self.args = args
-        self.state = None
-        self.listitems: list = []
-        self.dictitems: list = []
-        return self
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
 
-    def __init__(self, *args, **kwargs):
-        self.how = "reduce"  # REDUCE (a plain call) also runs __init__
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def append(self, item):
-        self.listitems.append(item)
-
-    def extend(self, items):
-        self.listitems.extend(items)
-
-    def __setitem__(self, key, value):
-        self.dictitems.append((key, value))
-
-    def __call__(self, *args, **kwargs):
-        # `getattr(os, "system")(cmd)`: the inner call made an inert object; calling that is
-        # recorded too, so the tensors around it can still be recovered
-        return InertCall(self, args)
-
-    @classmethod
-    def qualname(cls) -> str:
-        return f"{cls._module}.{cls._name}"
+    def qualname(self) -> str:
+        return f"{self.module}.{self.name}"
 
     def __repr__(self) -> str:
         return f"<inert {self.qualname()}>"
 
 
-class InertCall(InertObject):
-    """The result of calling an inert object: recorded, never performed."""
+class InertObject:
+    """What the pickle built by calling a placeholder (`how`: "reduce" or "newobj"), or by calling
+    such a result ("call"). Records how, so that a .pth output writes it back exactly as read."""
 
-    def __new__(cls, callee: InertObject, args: tuple):
-        self = InertObject.__new__(cls, *args)
-        self.callee = callee
-        self.how = "call"
-        return self
+    __slots__ = ("callee", "how", "args", "state", "listitems", "dictitems")
 
-    def __init__(self, *args, **kwargs):
-        pass
+    def __init__(self, callee: "InertGlobal | InertObject", how: str, args: tuple):
+        self.callee, self.how, self.args = callee, how, args
+        self.state: Any = None
+        self.listitems: list = []
+        self.dictitems: list = []
 
-    def qualname(self) -> str:  # an instance's name: what was called
+    def qualname(self) -> str:
+        if isinstance(self.callee, InertGlobal):
+            return self.callee.qualname()
         return f"{self.callee.qualname()}(...)"
 
+    @property
+    def module(self) -> str:
+        callee = self.callee
+        while isinstance(callee, InertObject):
+            callee = callee.callee
+        return callee.module
 
-_inert_types: dict[tuple[str, str], type] = {}
+    def __repr__(self) -> str:
+        return f"<inert {self.qualname()}>"
 
 
-def inert_global(module: str, name: str) -> type:
-    key = (module, name)
-    if key not in _inert_types:
-        _inert_types[key] = type(name, (InertObject,), {"_module": module, "_name": name})
-    return _inert_types[key]
+class TorchSize(tuple):
+    """A `torch.Size` (written back as one, not as a plain tuple)."""
 
 
-def is_inert_global(obj: Any) -> bool:
-    return isinstance(obj, type) and issubclass(obj, InertObject)
+class Device:
+    """A `torch.device`, kept as its arguments."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, args: tuple):
+        self.args = args
+
+    def __eq__(self, other):
+        return isinstance(other, Device) and other.args == self.args
+
+    def __hash__(self):
+        return hash(self.args)
+
+    def __repr__(self) -> str:
+        return f"device{self.args!r}"
+
+
+class StorageHandle:
+    """What a persistent id unpickles to: one storage's bytes, and the typed-storage dtype of
+    its record (None for an UntypedStorage record)."""
+
+    __slots__ = ("storage", "dtype", "numel")
+
+    def __init__(self, storage: Storage, dtype: dtypes.DType | None, numel: int):
+        self.storage, self.dtype, self.numel = storage, dtype, numel
 
 
 # ---- allow-listed callables: our own code, checking their arguments --------------------------
@@ -112,108 +128,383 @@ def _expect(cond: bool, what: str) -> None:
 
 
 def _ints(value, what: str) -> tuple[int, ...]:
-    _expect(isinstance(value, (tuple, list)) and all(type(v) is int for v in value), what)
+    _expect(type(value) in (tuple, list, TorchSize) and all(type(v) is int for v in value), what)
     return tuple(value)
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, *rest):
-    _expect(isinstance(storage, Storage), "storage is not a storage")
-    _expect(type(storage_offset) is int, "storage offset is not an integer")
-    tensor = TensorRef(storage, storage_offset, _ints(size, "bad size"), _ints(stride, "bad stride"))
-    tensor.validate(f"tensor in storage {storage.key!r}")
-    tensor.plain_grad = requires_grad is True
+def _no_hooks(hooks) -> None:
+    _expect(hooks is None or (type(hooks) in (OrderedDict, dict) and not hooks), "backward hooks on a tensor")
+
+
+def _math_bits(metadata) -> tuple[str, ...]:
+    """torch's tensor metadata: {"conj": True} / {"neg": True} for a lazily conjugated or
+    negated view whose bytes are stored unresolved."""
+    if metadata is None:
+        return ()
+    _expect(type(metadata) is dict and all(k in ("conj", "neg") and type(v) is bool for k, v in metadata.items()),
+            "unknown tensor metadata")
+    return tuple(sorted(k for k, v in metadata.items() if v))
+
+
+def _tensor(handle, offset, size, stride, dtype: dtypes.DType, **extra) -> TensorRef:
+    tensor = TensorRef(handle.storage, offset, _ints(size, "bad size"), _ints(stride, "bad stride"), dtype, **extra)
+    tensor.validate(f"tensor in storage {handle.storage.key!r}")
     return tensor
 
 
-def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, *rest):
-    _expect(isinstance(dtype, Global) and dtype.dtype is not None, "unknown dtype")
-    _expect(isinstance(storage, Storage), "storage is not a storage")
-    if storage.dtype is not dtype.dtype:  # an untyped storage viewed as this dtype
-        storage = Storage(storage.source, storage.offset, storage.nbytes // dtype.dtype.itemsize,
-                          dtype.dtype, storage.key)
-    return _rebuild_tensor(storage, storage_offset, size, stride, requires_grad)
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    _expect(isinstance(storage, StorageHandle) and storage.dtype is not None, "storage is not a typed storage")
+    return _tensor(storage, storage_offset, size, stride, storage.dtype)
 
 
-def _rebuild_parameter(data, requires_grad, *rest):
-    _expect(isinstance(data, TensorRef), "parameter without a tensor")
-    data.requires_grad = bool(requires_grad)
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
+    _expect(isinstance(storage, StorageHandle) and storage.dtype is not None, "storage is not a typed storage")
+    _expect(storage.dtype.kind != dtypes.QUANTIZED, "a quantized storage without its scales")
+    _expect(type(requires_grad) is bool, "requires_grad is not a bool")
+    _no_hooks(backward_hooks)
+    return _tensor(storage, storage_offset, size, stride, storage.dtype,
+                   plain_grad=requires_grad, math_bits=_math_bits(metadata))
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
+    _expect(isinstance(storage, StorageHandle) and storage.dtype is None, "storage is not an untyped storage")
+    _expect(isinstance(dtype, Global) and dtype.kind == "dtype", "unknown dtype")
+    _expect(dtype.dtype.kind != dtypes.QUANTIZED, "a quantized dtype without its scales")
+    _expect(type(requires_grad) is bool, "requires_grad is not a bool")
+    _no_hooks(backward_hooks)
+    return _tensor(storage, storage_offset, size, stride, dtype.dtype,
+                   plain_grad=requires_grad, math_bits=_math_bits(metadata))
+
+
+def _quant_params(params) -> QuantParams:
+    _expect(type(params) is tuple and params and isinstance(params[0], Global) and params[0].kind == "qscheme",
+            "bad quantizer parameters")
+    scheme = params[0]
+    if scheme.name.startswith("per_tensor"):
+        _expect(len(params) == 3 and type(params[1]) is float and type(params[2]) is int, "bad per-tensor scale")
+        return QuantParams(scheme, params[1], params[2])
+    _expect(len(params) == 4 and all(isinstance(p, TensorRef) and p.is_plain for p in params[1:3])
+            and type(params[3]) is int, "bad per-channel scales")
+    return QuantParams(scheme, params[1], params[2], params[3])
+
+
+def _rebuild_qtensor(storage, storage_offset, size, stride, quantizer_params, requires_grad, backward_hooks):
+    _expect(isinstance(storage, StorageHandle) and storage.dtype is not None
+            and storage.dtype.kind == dtypes.QUANTIZED, "a quantized tensor on a storage that is not quantized")
+    _expect(type(requires_grad) is bool, "requires_grad is not a bool")
+    _no_hooks(backward_hooks)
+    quant = _quant_params(quantizer_params)
+    tensor = _tensor(storage, storage_offset, size, stride, storage.dtype, plain_grad=requires_grad, quant=quant)
+    if quant.axis is not None:
+        _expect(0 <= quant.axis < len(tensor.shape) and quant.scale.shape == quant.zero_point.shape
+                == (tensor.shape[quant.axis],), "per-channel scales do not match the tensor")
+    return tensor
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
+    _expect(isinstance(data, TensorRef) and data.requires_grad is None, "parameter without a tensor")
+    _expect(type(requires_grad) is bool, "requires_grad is not a bool")
+    _no_hooks(backward_hooks)
+    data.requires_grad = requires_grad
     data.plain_grad = False
+    if state:  # attributes set on the parameter: carried back into a .pth output
+        data.param_state = state
     return data
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
-    # Used for tensor subclasses. Only our own rebuilders may be called; anything else the
-    # pickle offers as `func` is left inert.
-    if func in _REBUILDERS and isinstance(args, tuple):
+    # How torch pickles a tensor subclass. Only our own rebuilders may be called; anything else
+    # the pickle offers as `func` stays inert.
+    if func in _REBUILDERS and type(args) is tuple:
         return func(*args)
-    return inert_global("torch._tensor", "_rebuild_from_type_v2")(func, new_type, args, state)
+    return InertObject(InertGlobal("torch._tensor", "_rebuild_from_type_v2"), "reduce", (func, new_type, args, state))
 
 
 def _codecs_encode(text, encoding="utf-8"):
     # protocol 2 pickles bytes as _codecs.encode(str, "latin1")
-    _expect(isinstance(text, str) and encoding in ("latin1", "latin-1"), "bad bytes record")
+    _expect(type(text) is str and encoding in ("latin1", "latin-1"), "bad bytes record")
     return text.encode("latin1")
 
 
+def _bytes(*args):
+    _expect(args == (), "bytes of an argument")  # protocol 2 spells b"" as bytes()
+    return b""
+
+
 def _bytearray(*args):
-    _expect(args == () or isinstance(args[0], (bytes, str)), "bytearray of a size")  # no bytearray(10**12)
-    return bytearray(*args) if not args or isinstance(args[0], bytes) else bytearray(args[0], "latin1")
+    _expect(args == () or (len(args) == 1 and type(args[0]) is bytes), "bytearray of a size or text")
+    return bytearray(*args)
 
 
-def _container(kind):
-    def build(items=()):
-        _expect(isinstance(items, (list, tuple, set, frozenset, dict)), f"{kind.__name__} of a non-container")
-        return kind(items)
+def _set(items=()):
+    _expect(type(items) in (list, tuple), "set of a non-list")
+    return set(items)
 
-    return build
+
+def _complex(real=0.0, imag=0.0):
+    _expect(type(real) in (int, float) and type(imag) in (int, float), "complex of non-numbers")
+    return complex(real, imag)
 
 
 def _torch_size(dims=()):
-    return tuple(_ints(dims, "bad torch.Size"))
+    return TorchSize(_ints(dims, "bad torch.Size"))
 
 
-_REBUILDERS = {_rebuild_tensor, _rebuild_tensor_v3, _rebuild_parameter}
+def _torch_device(kind, index=None):
+    _expect(type(kind) is str and (index is None or type(index) is int), "bad torch.device")
+    return Device((kind,) if index is None else (kind, index))
 
+
+_REBUILDERS = {_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_qtensor, _rebuild_parameter}
+
+# (module, name) -> a function we call, or an immutable token. Everything else is inert.
 ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): OrderedDict,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    ("torch._utils", "_rebuild_qtensor"): _rebuild_qtensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
     ("torch", "Size"): _torch_size,
+    ("torch", "device"): _torch_device,
     ("_codecs", "encode"): _codecs_encode,
 }
 for _builtins in ("builtins", "__builtin__"):  # protocol 2 writes Python 2's name
+    ALLOWED[(_builtins, "bytes")] = _bytes
     ALLOWED[(_builtins, "bytearray")] = _bytearray
-    for _kind in (set, frozenset, list, tuple, dict):
-        ALLOWED[(_builtins, _kind.__name__)] = _container(_kind)
+    ALLOWED[(_builtins, "set")] = _set
+    ALLOWED[(_builtins, "complex")] = _complex
 for _dt in dtypes.BY_NAME.values():
-    ALLOWED[("torch", _dt.name)] = Global("torch", _dt.name, _dt)
-    ALLOWED[("torch", _dt.storage)] = Global("torch", _dt.storage, _dt)
-ALLOWED[("torch", "UntypedStorage")] = Global("torch", "UntypedStorage", dtypes.BY_NAME["uint8"])
+    ALLOWED[("torch", _dt.name)] = Global("torch", _dt.name, "dtype", _dt)
+    if _dt.storage:
+        ALLOWED[("torch", _dt.storage)] = Global("torch", _dt.storage, "storage", _dt)
+for _module in ("torch", "torch.storage"):
+    ALLOWED[(_module, "UntypedStorage")] = Global(_module, "UntypedStorage", "storage")
+for _scheme in dtypes.QSCHEMES:
+    ALLOWED[("torch", _scheme)] = Global("torch", _scheme, "qscheme")
+_CALLABLE = {id(v) for v in ALLOWED.values() if callable(v) and not isinstance(v, Global)}
 
 
+def is_dotted_name(text: str) -> bool:
+    """A Python module path or qualified name: what GLOBAL may name, and what we write back."""
+    return isinstance(text, str) and all(part.isidentifier() for part in text.split("."))
 
-# Python's own pure-Python unpickler, not the C one: the C unpickler grows its memo table to
-# the largest index a LONG_BINPUT names, so four bytes of a hostile file could make it reserve
-# tens of gigabytes; this one keeps the memo in a dict. It costs ~5 ms per 300 tensors.
+
+# The opcodes torch's weights-only unpickler reads (torch/_weights_only_unpickler.py, torch 2.13).
+ALLOWED_OPCODES = {
+    pickle.GLOBAL, pickle.NEWOBJ, pickle.REDUCE, pickle.BUILD, pickle.APPEND, pickle.APPENDS,
+    pickle.SETITEM, pickle.SETITEMS, pickle.MARK, pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2,
+    pickle.TUPLE3, pickle.NONE, pickle.NEWFALSE, pickle.NEWTRUE, pickle.EMPTY_TUPLE,
+    pickle.EMPTY_LIST, pickle.EMPTY_DICT, pickle.EMPTY_SET, pickle.BININT, pickle.BININT1,
+    pickle.BININT2, pickle.BINFLOAT, pickle.BINUNICODE, pickle.SHORT_BINSTRING, pickle.BINPERSID,
+    pickle.BINGET, pickle.LONG_BINGET, pickle.BINPUT, pickle.LONG_BINPUT, pickle.LONG1,
+    pickle.PROTO, pickle.STOP,
+}
+_OPCODE_NAMES = {getattr(pickle, n)[0]: n for n in dir(pickle) if n.isupper() and isinstance(getattr(pickle, n), bytes)
+                 and len(getattr(pickle, n)) == 1}
+
+
+class _Dispatch(dict):
+    def __missing__(self, code: int):
+        name = _OPCODE_NAMES.get(code)
+        if name is None:
+            raise CkptError(f"not a valid pickle (unknown opcode byte {code:#04x})")
+        raise CkptError(f"the pickle uses opcode {name}, which checkpoints never need "
+                        f"(torch's weights-only loader refuses it too)")
+
+
+# Python's own pure-Python unpickler, not the C one, restricted to ALLOWED_OPCODES: the C
+# unpickler grows its memo table to the largest index a LONG_BINPUT names, so four bytes of a
+# hostile file could make it reserve tens of gigabytes; this one keeps the memo in a dict.
 class SafeUnpickler(pickle._Unpickler):
+    dispatch = _Dispatch()
+
     def __init__(self, file, persistent_load: Callable[[Any], Any]):
-        super().__init__(file)
+        super().__init__(file, encoding="utf-8")
         self._load_persistent = persistent_load
         self.inert: set[str] = set()
+        self._placeholders: dict[tuple[str, str], InertGlobal] = {}
+        self._depth: dict[int, int] = {}  # id -> nesting depth, of containers built so far
+        self._alive: list = []  # keeps them alive, so that their ids stay theirs
 
+    # -- nesting ---------------------------------------------------------------------------
+    def _nested(self, obj, children) -> Any:
+        depth = 1 + max((self._depth.get(id(c), 0) for c in children), default=0)
+        return self._record_depth(obj, depth)
+
+    def _record_depth(self, obj, depth: int) -> Any:
+        if depth > MAX_NESTING:
+            raise CkptError(f"the pickle nests containers more than {MAX_NESTING} deep")
+        if depth > self._depth.get(id(obj), 0):
+            if id(obj) not in self._depth:
+                self._alive.append(obj)
+            self._depth[id(obj)] = depth
+        return obj
+
+    def _grow(self, container, children) -> None:
+        """A container that gained children is at least one deeper than each of them."""
+        self._record_depth(container, 1 + max((self._depth.get(id(c), 0) for c in children), default=0))
+
+    # -- globals and calls -----------------------------------------------------------------
     def find_class(self, module: str, name: str) -> Any:
+        if not (is_dotted_name(module) and is_dotted_name(name)):
+            raise CkptError(f"the pickle names a global that is not a Python name: {module[:60]!r} {name[:60]!r}")
         allowed = ALLOWED.get((module, name))
         if allowed is not None:
             return allowed
-        self.inert.add(f"{module}.{name}")
-        return inert_global(module, name)
+        key = (module, name)
+        if key not in self._placeholders:
+            self._placeholders[key] = InertGlobal(module, name)
+            self.inert.add(f"{module}.{name}")
+        return self._placeholders[key]
+
+    def load_global(self):
+        module = self.readline()[:-1].decode("utf-8")
+        name = self.readline()[:-1].decode("utf-8")
+        self.append(self.find_class(module, name))
+
+    def load_reduce(self):
+        args = self.stack.pop()
+        func = self.stack[-1]
+        if type(args) is not tuple:
+            raise CkptError("malformed pickle: a call whose arguments are not a tuple")
+        if isinstance(func, (InertGlobal, InertObject)):
+            result = InertObject(func, "reduce" if isinstance(func, InertGlobal) else "call", args)
+        elif id(func) in _CALLABLE:
+            result = func(*args)
+        else:
+            raise CkptError(f"malformed pickle: it calls {_describe(func)}, which is not callable here")
+        self.stack[-1] = self._nested(result, args)
+
+    def load_newobj(self):
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        if not isinstance(cls, InertGlobal) or type(args) is not tuple:
+            raise CkptError(f"malformed pickle: it creates an object of {_describe(cls)}")
+        self.append(self._nested(InertObject(cls, "newobj", args), args))
+
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if type(inst) is InertObject:
+            if inst.state is not None:
+                raise CkptError(f"malformed pickle: it sets the state of {inst.qualname()} twice")
+            inst.state = state
+        elif type(inst) is OrderedDict:
+            # a state dict's `_metadata` (module versions), and nothing else: an attribute
+            # named `items` or `keys` would change what the dict shows to its readers
+            if type(state) is not dict or set(state) != {"_metadata"}:
+                raise CkptError("malformed pickle: it sets attributes other than _metadata on an OrderedDict")
+            inst._metadata = state["_metadata"]
+        else:
+            raise CkptError(f"malformed pickle: it sets state on {_describe(inst)}")
+        self._grow(inst, (state,))
+
+    def load_binpersid(self):
+        pid = self.stack.pop()
+        if type(pid) is not tuple:
+            raise CkptError("malformed pickle: a persistent id that is not a storage record")
+        self.append(self._load_persistent(pid))
+
+    # -- containers ------------------------------------------------------------------------
+    def load_tuple(self):
+        items = self.pop_mark()
+        self.append(self._nested(tuple(items), items))
+
+    def load_tuple1(self):
+        self.stack[-1] = self._nested((self.stack[-1],), self.stack[-1:])
+
+    def load_tuple2(self):
+        items = self.stack[-2:]
+        self.stack[-2:] = [self._nested(tuple(items), items)]
+
+    def load_tuple3(self):
+        items = self.stack[-3:]
+        self.stack[-3:] = [self._nested(tuple(items), items)]
+
+    def load_empty_list(self):
+        self.append(self._nested([], ()))
+
+    def load_empty_dictionary(self):
+        self.append(self._nested({}, ()))
+
+    def load_empty_set(self):
+        self.append(self._nested(set(), ()))
+
+    def _list_target(self):
+        target = self.stack[-1]
+        if type(target) is not list and type(target) is not InertObject:
+            raise CkptError(f"malformed pickle: it appends to {_describe(target)}")
+        return target
+
+    def load_append(self):
+        item = self.stack.pop()
+        target = self._list_target()
+        (target.listitems if type(target) is InertObject else target).append(item)
+        self._grow(target, (item,))
+
+    def load_appends(self):
+        items = self.pop_mark()
+        target = self._list_target()
+        (target.listitems if type(target) is InertObject else target).extend(items)
+        self._grow(target, items)
+
+    def _set_items(self, items: list) -> None:
+        target = self.stack[-1]
+        if type(target) is InertObject:
+            target.dictitems.extend(zip(items[::2], items[1::2]))
+        elif type(target) in (dict, OrderedDict):
+            for i in range(0, len(items), 2):
+                target[items[i]] = items[i + 1]
+        else:
+            raise CkptError(f"malformed pickle: it sets items on {_describe(target)}")
+        self._grow(target, items)
+
+    def load_setitem(self):
+        value = self.stack.pop()
+        key = self.stack.pop()
+        self._set_items([key, value])
+
+    def load_setitems(self):
+        self._set_items(self.pop_mark())
 
     def persistent_load(self, pid: Any) -> Any:
         return self._load_persistent(pid)
+
+
+for _code in ALLOWED_OPCODES:
+    SafeUnpickler.dispatch[_code[0]] = pickle._Unpickler.dispatch[_code[0]]
+for _code, _method in ((pickle.GLOBAL, "load_global"), (pickle.REDUCE, "load_reduce"), (pickle.NEWOBJ, "load_newobj"),
+                       (pickle.BUILD, "load_build"), (pickle.BINPERSID, "load_binpersid"),
+                       (pickle.TUPLE, "load_tuple"), (pickle.TUPLE1, "load_tuple1"), (pickle.TUPLE2, "load_tuple2"),
+                       (pickle.TUPLE3, "load_tuple3"), (pickle.EMPTY_LIST, "load_empty_list"),
+                       (pickle.EMPTY_DICT, "load_empty_dictionary"), (pickle.EMPTY_SET, "load_empty_set"),
+                       (pickle.APPEND, "load_append"), (pickle.APPENDS, "load_appends"),
+                       (pickle.SETITEM, "load_setitem"), (pickle.SETITEMS, "load_setitems")):
+    SafeUnpickler.dispatch[_code[0]] = getattr(SafeUnpickler, _method)
+assert set(SafeUnpickler.dispatch) == {c[0] for c in ALLOWED_OPCODES}
+
+
+def _describe(obj: Any) -> str:
+    """A short name for an object from the pickle, for an error message (never its repr: a
+    hostile object's repr can be huge or deep)."""
+    if isinstance(obj, (Global, InertGlobal)):
+        return repr(obj)
+    if isinstance(obj, InertObject):
+        return f"an instance of {obj.qualname()}"
+    if isinstance(obj, TensorRef):
+        return "a tensor"
+    if isinstance(obj, StorageHandle):
+        return "a storage"
+    return f"a value of type {type(obj).__name__}"
+
+
+def describe_pid(pid: Any) -> str:
+    if type(pid) is tuple and pid and type(pid[0]) is str:
+        return f"a {pid[0][:40]!r} record"
+    return _describe(pid)
 
 
 class BoundedReader:
@@ -240,6 +531,9 @@ class BoundedReader:
         end = self._buffer.find(b"\n", self.position)
         return self.read((self._size if end < 0 else end + 1) - self.position)
 
+    def readinto(self, buffer) -> int:  # never reached: no allowed opcode reads into a buffer
+        raise CkptError("not a valid pickle")
+
     def peek(self, n: int = 1) -> bytes:
         return self._buffer[self.position : self.position + max(n, 1)]
 
@@ -257,5 +551,5 @@ def safe_load(reader: BoundedReader, persistent_load: Callable[[Any], Any], wher
     except MemoryError:
         raise CkptError(f"{where}: the pickle asks for more memory than there is") from None
     except Exception as e:  # a malformed pickle: any of a dozen exception types
-        raise CkptError(f"{where}: not a valid pickle ({type(e).__name__}: {e})") from None
+        raise CkptError(f"{where}: not a valid pickle ({type(e).__name__}: {str(e)[:200]})") from None
     return obj, unpickler.inert

@@ -7,16 +7,17 @@ from __future__ import annotations
 import errno
 import json
 import os
+import secrets
 import struct
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, BinaryIO, Callable, Iterator
 
-from ..dtypes import DType
+from ..dtypes import DType, why_not_safetensors
 from ..errors import CkptError
 from .model import MappedFile, Storage, TensorRef
 from .pickler import TorchPickler
-from .safetensors import ALIASES_KEY
+from .safetensors import ALIASES_KEY, safetensors_shape
 from ..tensors import cast_bytes
 from .zipwriter import ZipWriter
 
@@ -36,32 +37,71 @@ def output_format(path: str) -> str:
                     f".pth, .pt, .bin or .ckpt")
 
 
-def check_writable(paths: list[str], force: bool) -> None:
+def check_writable(paths: list[str], force: bool, index: str | None = None) -> list[str]:
+    """Refuse to replace anything at `paths` without --force (a dangling symlink counts: the
+    rename would replace it). `index`: where a sharded output of this name keeps its index
+    (OUT.index.json). Returns the files of an earlier sharded output there that this write does
+    not replace, to remove once it is committed."""
     for path in paths:
         if os.path.isdir(path):
             raise CkptError(f"{path}: is a folder; give a file name")
-        if os.path.exists(path) and not force:
+        if os.path.lexists(path) and not force:
             raise CkptError(f"{path}: already exists; pass --force to overwrite it")
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             raise CkptError(f"{parent}: no such folder for the output")
+    if index is None or not os.path.lexists(index) or os.path.isdir(index):  # a folder is no earlier output
+        return []
+    if not force:  # a single file beside an index of the same name: which one would a loader take?
+        raise CkptError(f"{index}: an earlier sharded output of the same name; pass --force to replace it "
+                        f"(its shards are removed)")
+    return _stale_files(index, paths)
+
+
+def _stale_files(index: str, keep: list[str]) -> list[str]:
+    """The old index (unless rewritten) and the shards it names that are not in `keep`: only
+    plain names beside it, and only files that are checkpoints; never anything else."""
+    from . import detect_format
+    from .sharded import load_index, plain_name
+
+    keep_abs = {os.path.abspath(p) for p in keep}
+    stale = [] if os.path.abspath(index) in keep_abs else [index]
+    try:
+        names = set(load_index(index)["weight_map"].values())
+    except CkptError:  # unreadable: its shards are unknown, so none is removed
+        return stale
+    for name in sorted(filter(plain_name, names)):
+        path = os.path.join(os.path.dirname(index), name)
+        if os.path.abspath(path) in keep_abs or not os.path.lexists(path):
+            continue
+        try:
+            if detect_format(path) in ("safetensors", "torch-zip", "torch-legacy"):
+                stale.append(path)
+        except CkptError:
+            pass
+    return stale
 
 
 class StagedOutputs:
     """Files written beside their final paths and renamed into place together by `commit()`.
     Until then nothing at any output path changes; any failure removes every staged file.
-    A sharded output is several files: none of them replaces the old set unless all were written."""
+    A sharded output is several files: none of them replaces the old set unless all were written.
+    `remove`: files of an earlier output to delete once the new ones are in place."""
 
-    def __init__(self):
+    def __init__(self, remove: list[str] = ()):
         self._staged: list[tuple[str, str]] = []  # (temporary, final)
+        self._remove = list(remove)
 
     @contextmanager
     def stage(self, path: str) -> Iterator[BinaryIO]:
         folder, name = os.path.split(os.path.abspath(path))
-        temp = os.path.join(folder, f".{name}.{os.getpid()}.ckptsurgery-tmp")
-        self._staged.append((temp, path))
+        # unpredictable, created exclusively, never through a symlink: nobody can plant a link
+        # there that redirects the write into another file
+        temp = os.path.join(folder, f".{name}.{secrets.token_hex(8)}.ckptsurgery-tmp")
         try:
-            with open(temp, "wb") as f:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+            self._staged.append((temp, path))  # only now is it ours to remove
+            with os.fdopen(fd, "wb") as f:
                 yield f
         except OSError as e:
             if e.filename in (None, temp):  # not an input's error
@@ -69,9 +109,22 @@ class StagedOutputs:
             raise
 
     def commit(self) -> None:
-        for temp, path in self._staged:
-            os.replace(temp, path)
+        try:
+            for temp, path in self._staged:
+                os.replace(temp, path)  # a symlink at `path` is replaced, never its target
+        except BaseException:
+            self.abort()  # no temporary file is left behind; nothing old is removed
+            raise
         self._staged.clear()
+        for path in self._remove:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise CkptError(f"{path}: the new output is written but this file of the old one could not "
+                                f"be removed ({e.strerror}); remove it by hand") from None
+        self._remove.clear()
 
     def abort(self) -> None:
         for temp, _ in self._staged:
@@ -80,6 +133,7 @@ class StagedOutputs:
             except FileNotFoundError:
                 pass
         self._staged.clear()
+        self._remove.clear()
 
     def __enter__(self) -> "StagedOutputs":
         return self
@@ -129,7 +183,8 @@ def _chunks(view: memoryview | bytes, progress: Progress | None) -> Iterator[mem
 
 
 def cast_target(dtype: DType, cast: DType | None) -> DType:
-    """The dtype a tensor is written in: --dtype applies to floating tensors only."""
+    """The dtype a tensor is written in: --dtype casts full-precision floating tensors only
+    (float8 without its scale, quantized and integer tensors keep theirs)."""
     return cast if cast is not None and dtype.floating else dtype
 
 
@@ -148,18 +203,32 @@ def plan_safetensors(tensors: dict[str, TensorRef], cast: DType | None) -> tuple
     return stored, aliases
 
 
+def check_safetensors(stored: list) -> None:
+    """Refuse, before anything is written, what a safetensors file cannot hold loadably."""
+    for name, t, dtype in stored:
+        if name == "__metadata__":
+            raise CkptError("a tensor named __metadata__ cannot be written to safetensors (the name is "
+                            "reserved there); rename it first")
+        reason = why_not_safetensors(dtype)
+        if reason:
+            raise CkptError(f"tensor {name!r}: {reason}")
+        safetensors_shape(dtype, t.shape)  # raises for shapes safetensors cannot state
+
+
 def write_safetensors(f: BinaryIO, tensors: dict[str, TensorRef], metadata: dict[str, str],
                       cast: DType | None = None, progress: Progress | None = None) -> None:
     stored, aliases = plan_safetensors(tensors, cast)
+    check_safetensors(stored)
     meta = {k: v for k, v in metadata.items() if k != ALIASES_KEY}
     meta["format"] = "pt"
     if aliases:
-        meta[ALIASES_KEY] = json.dumps(aliases, separators=(",", ":"))
+        meta[ALIASES_KEY] = json.dumps(aliases, separators=(",", ":"), ensure_ascii=False)
     header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
     offset = 0
     for name, t, dtype in stored:
         size = t.numel * dtype.itemsize
-        header[name] = {"dtype": dtype.safetensors, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": dtype.safetensors, "shape": safetensors_shape(dtype, t.shape),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * ((-len(raw)) % 8)  # the library pads the header to 8 bytes
@@ -169,7 +238,7 @@ def write_safetensors(f: BinaryIO, tensors: dict[str, TensorRef], metadata: dict
 
 
 def _write_tensor(f: BinaryIO, t: TensorRef, dtype: DType, progress: Progress | None) -> None:
-    if dtype is t.dtype and t.is_contiguous and isinstance(t.storage.source, MappedFile):
+    if dtype is t.dtype and t.is_contiguous and t.is_plain and isinstance(t.storage.source, MappedFile):
         start, nbytes = t.byte_range()
         if nbytes:
             _copy_range(t.storage.source.fileno(), start, nbytes, f, progress)
@@ -187,14 +256,22 @@ ARCHIVE = "archive"  # the inner folder's name; torch.save would use the output'
 
 
 def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Progress | None = None) -> None:
-    """Pickle `obj` (tensor references anywhere inside) into torch's zip format."""
-    storages: OrderedDict[int, tuple[Storage, str, DType]] = OrderedDict()
+    """Pickle `obj` (tensor references anywhere inside) into torch's zip format. Each storage is
+    written once, as torch would write it: a typed storage for the dtypes that have one, an
+    UntypedStorage (and `_rebuild_tensor_v3`) for the others."""
+    storages: OrderedDict[int, tuple[Storage, str, DType, DType]] = OrderedDict()  # key, read, written
 
-    def storage_record(storage: Storage) -> tuple[str, str, int]:
-        if id(storage) not in storages:
-            storages[id(storage)] = (storage, str(len(storages)), cast_target(storage.dtype, cast))
-        _, key, dtype = storages[id(storage)]
-        return key, dtype.storage, storage.numel
+    def storage_record(t: TensorRef) -> tuple[str, str, str, int, DType]:
+        written = cast_target(t.dtype, cast)
+        entry = storages.setdefault(id(t.storage), (t.storage, str(len(storages)), t.dtype, written))
+        storage, key, read_as, write_as = entry
+        if read_as is not t.dtype:
+            if cast is not None or read_as.storage or t.dtype.storage:
+                raise CkptError(f"storage {storage.key!r} is viewed as both {read_as.name} and {t.dtype.name}: "
+                                f"torch cannot write that as typed storages; convert without --dtype")
+        if write_as.storage and read_as is t.dtype:
+            return key, "torch", write_as.storage, storage.nbytes // read_as.itemsize, write_as
+        return key, "torch.storage", "UntypedStorage", storage.nbytes // read_as.itemsize * write_as.itemsize, write_as
 
     data_pkl = TorchPickler(storage_record).dumps(obj)
     archive = ZipWriter(f)
@@ -202,29 +279,42 @@ def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Prog
     archive.add_bytes(f"{ARCHIVE}/.format_version", b"1")
     archive.add_bytes(f"{ARCHIVE}/.storage_alignment", b"64")
     archive.add_bytes(f"{ARCHIVE}/byteorder", b"little")
-    for storage, key, dtype in storages.values():
+    for storage, key, read_as, write_as in storages.values():
         data = storage.view()
-        if dtype is not storage.dtype:
-            data = cast_bytes(data, storage.dtype, dtype)
-        archive.add(f"{ARCHIVE}/data/{key}", _chunks(data, progress), storage.numel * dtype.itemsize)
+        size = storage.nbytes // read_as.itemsize * write_as.itemsize
+        if write_as is not read_as:
+            data = cast_bytes(data, read_as, write_as)
+        archive.add(f"{ARCHIVE}/data/{key}", _chunks(data, progress), size)
     archive.add_bytes(f"{ARCHIVE}/version", b"3\n")
     archive.close()
 
 
-def torch_payload(checkpoint, tensors: dict[str, TensorRef], keep_metadata: bool = True) -> Any:
-    """The object a .pth output holds: the original object with its root replaced by `tensors`
-    (everything else carried through), or just the state dict. `keep_metadata`: keep the state
+def torch_payload(checkpoint, tensors: dict[str, TensorRef], keep_metadata: bool = True,
+                  others: dict[str, Any] | None = None) -> Any:
+    """The object a .pth output holds: the original object with its root replaced by the state
+    dict — `tensors`, and `others` (the root's non-tensor entries, `_extra_state`; by default
+    the checkpoint's own) in the original order where their names are unchanged — with
+    everything else carried through, or just the state dict. `keep_metadata`: keep the state
     dict's `_metadata` (module versions by module name) — wrong once keys are renamed."""
-    state = OrderedDict(tensors)
+    others = checkpoint.others if others is None else others
     obj, root = checkpoint.obj, checkpoint.root
-    original = obj if root == "" else obj.get(root) if isinstance(obj, dict) and root else None
-    if keep_metadata and isinstance(original, OrderedDict) and "_metadata" in vars(original):
+    original = obj if root == "" else obj.get(root) if type(obj) in (dict, OrderedDict) and root else None
+    state = OrderedDict()
+    if others and type(original) in (dict, OrderedDict):
+        for key in original:
+            if type(key) is str and (key in tensors or key in others):
+                state[key] = tensors[key] if key in tensors else others[key]
+    for entries in (tensors, others):
+        for key, value in entries.items():
+            if key not in state:
+                state[key] = value
+    if keep_metadata and type(original) is OrderedDict and "_metadata" in vars(original):
         state._metadata = original._metadata  # load_state_dict reads module versions from it
-    if obj is None or root == "" or not isinstance(obj, dict):
+    if obj is None or root == "" or type(obj) not in (dict, OrderedDict):
         return state
     out = type(obj)()
-    if getattr(obj, "__dict__", None):
-        out.__dict__.update(obj.__dict__)
     for key, value in obj.items():
         out[key] = state if key == root else value
+    if type(obj) is OrderedDict and "_metadata" in vars(obj):
+        out._metadata = obj._metadata
     return out
