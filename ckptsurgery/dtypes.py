@@ -29,6 +29,7 @@ class DType:
     #                      writes an UntypedStorage and `_rebuild_tensor_v3` with the dtype
     repr_name: str | None = None  # the plain dtype of the same bytes, for quantized/packed ones
     packed: int = 1  # safetensors elements per torch element (F4: two 4-bit floats per byte)
+    per_byte: int = 1  # elements per byte of the sub-byte quantized dtypes, packed row by row
 
     @property
     def floating(self) -> bool:
@@ -75,8 +76,8 @@ _TABLE = [
     DType("qint8", 1, QUANTIZED, None, "QInt8Storage", repr_name="int8"),
     DType("quint8", 1, QUANTIZED, None, "QUInt8Storage", repr_name="uint8"),
     DType("qint32", 4, QUANTIZED, None, "QInt32Storage", repr_name="int32"),
-    DType("quint4x2", 1, QUANTIZED, None, "QUInt4x2Storage", repr_name="uint8"),
-    DType("quint2x4", 1, QUANTIZED, None, "QUInt2x4Storage", repr_name="uint8"),
+    DType("quint4x2", 1, QUANTIZED, None, "QUInt4x2Storage", repr_name="uint8", per_byte=2),
+    DType("quint2x4", 1, QUANTIZED, None, "QUInt2x4Storage", repr_name="uint8", per_byte=4),
 ]
 
 BY_NAME = {d.name: d for d in _TABLE}

@@ -144,6 +144,10 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
+        per_byte = self.dtype.per_byte
+        if per_byte > 1:  # quint4x2, quint2x4: each row packed into whole bytes
+            rows = numel_of(self.shape[:-1]) if self.shape else 1
+            return rows * -(-(self.shape[-1] if self.shape else 1) // per_byte)
         return self.numel * self.dtype.itemsize
 
     @property
@@ -172,6 +176,10 @@ class TensorRef:
         if self.nbytes > INT64_MAX:
             raise CkptError(f"{where}: shape {list(self.shape)} holds more bytes than torch can address")
         if self.numel == 0:
+            return
+        if self.dtype.per_byte > 1:  # packed rows: only whole, contiguous tensors
+            if self.offset or not self.is_contiguous or self.nbytes > self.storage.nbytes:
+                raise CkptError(f"{where}: a {self.dtype.name} tensor that is a view, or larger than its storage")
             return
         last = self.offset + sum((size - 1) * stride for size, stride in zip(self.shape, self.stride))
         held = self.storage.nbytes // self.dtype.itemsize

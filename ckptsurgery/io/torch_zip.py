@@ -26,6 +26,7 @@ def storage_loader(where: str, locate, allow_modules: bool = False):
     key; records naming one key must agree. `allow_modules`: the legacy format's
     `('module', class, file, source)` records, which stand for the (inert) class itself."""
     storages: dict[str, StorageHandle] = {}
+    repeated = [0]  # bytes the file's views repeat, shared by its storages
 
     def load(pid):
         if allow_modules and len(pid) == 4 and pid[0] == "module" and isinstance(pid[1], InertGlobal):
@@ -46,7 +47,7 @@ def storage_loader(where: str, locate, allow_modules: bool = False):
             itemsize = kind.dtype.itemsize if kind.dtype else 1
             storage = Storage(None, -1, numel * itemsize, key)
             locate(key, storage, numel)
-            handle = storages[key] = StorageHandle(storage, kind.dtype, numel)
+            handle = storages[key] = StorageHandle(storage, kind.dtype, numel, repeated)
         elif handle.dtype is not kind.dtype or handle.numel != numel:
             raise CkptError(f"storage {key!r} is recorded twice with different types or sizes")
         return handle

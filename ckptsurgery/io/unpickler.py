@@ -110,14 +110,21 @@ class Device:
         return f"device{self.args!r}"
 
 
+# Views with stride 0 can present a few stored bytes as a huge tensor, which --stats, diff and
+# convert would then materialise. Real checkpoints barely do this; a file may not make us
+# produce more than this many bytes it does not hold.
+MAX_REPEATED_BYTES = 256 * 2**20
+
+
 class StorageHandle:
     """What a persistent id unpickles to: one storage's bytes, and the typed-storage dtype of
-    its record (None for an UntypedStorage record)."""
+    its record (None for an UntypedStorage record). `repeated` is shared by the handles of one
+    file: the bytes its views repeat beyond what their storages hold."""
 
-    __slots__ = ("storage", "dtype", "numel")
+    __slots__ = ("storage", "dtype", "numel", "repeated")
 
-    def __init__(self, storage: Storage, dtype: dtypes.DType | None, numel: int):
-        self.storage, self.dtype, self.numel = storage, dtype, numel
+    def __init__(self, storage: Storage, dtype: dtypes.DType | None, numel: int, repeated: list[int]):
+        self.storage, self.dtype, self.numel, self.repeated = storage, dtype, numel, repeated
 
 
 # ---- allow-listed callables: our own code, checking their arguments --------------------------
@@ -149,6 +156,10 @@ def _math_bits(metadata) -> tuple[str, ...]:
 def _tensor(handle, offset, size, stride, dtype: dtypes.DType, **extra) -> TensorRef:
     tensor = TensorRef(handle.storage, offset, _ints(size, "bad size"), _ints(stride, "bad stride"), dtype, **extra)
     tensor.validate(f"tensor in storage {handle.storage.key!r}")
+    handle.repeated[0] += max(0, tensor.nbytes - handle.storage.nbytes)
+    if handle.repeated[0] > MAX_REPEATED_BYTES:
+        raise CkptError(f"tensors view their storages' bytes over and over (stride 0), adding up to more "
+                        f"than {MAX_REPEATED_BYTES >> 20} MiB the file does not hold: refused")
     return tensor
 
 
