@@ -3,6 +3,7 @@ lazily, write through `ops.write_checkpoint` and return a report (the commands' 
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from contextlib import ExitStack
 
@@ -17,7 +18,19 @@ def _write_options(force: bool, dry_run: bool, progress: ProgressFactory | None)
     return {"force": force, "dry_run": dry_run, "progress": progress}
 
 
-# ---- filter and drop -----------------------------------------------------------------------
+# ---- filter, drop and rename --------------------------------------------------------------
+# Keys are chosen and renamed over the whole state dict: its tensors and the non-tensor entries
+# beside them (`fc._extra_state` goes where `fc` goes).
+
+def _keys(ckpt: Checkpoint) -> list[str]:
+    return [*ckpt.tensors, *ckpt.others]
+
+
+def _subset(ckpt: Checkpoint, names: list[str]) -> tuple[OrderedDict, OrderedDict]:
+    chosen = set(names)
+    return (OrderedDict((k, t) for k, t in ckpt.tensors.items() if k in chosen),
+            OrderedDict((k, v) for k, v in ckpt.others.items() if k in chosen))
+
 
 def filter_keys(input: str, output: str, *, keep: list[str] | None = None, like: str | None = None,
                 root: str | None = None, force: bool = False, dry_run: bool = False,
@@ -29,20 +42,20 @@ def filter_keys(input: str, output: str, *, keep: list[str] | None = None, like:
     with open_checkpoint(input, root) as ckpt:
         missing: list[str] = []
         if keep:
-            names = core.select(ckpt.tensors, keep)
+            names = core.select(_keys(ckpt), keep)
         else:
             with open_checkpoint(like) as template:
-                wanted = list(template.tensors)
-            present = set(wanted)
-            names = [k for k in ckpt.tensors if k in present]
-            missing = [k for k in wanted if k not in ckpt.tensors]
+                wanted = _keys(template)
+            present, have = set(wanted), set(_keys(ckpt))
+            names = [k for k in _keys(ckpt) if k in present]
+            missing = [k for k in wanted if k not in have]
             if not names:
                 raise CkptError(f"{input} and the template {like} share no key "
                                 f"(different prefixes? see `ckptsurgery rename` or `merge --into`)")
-        chosen = set(names)
-        kept = OrderedDict((k, ckpt.tensors[k]) for k in names)
-        report = write_checkpoint(ckpt, kept, output, **_write_options(force, dry_run, progress))
-    report.update(kept=names, left_out=[k for k in ckpt.tensors if k not in chosen],
+        kept, others = _subset(ckpt, names)
+        report = write_checkpoint(ckpt, kept, output, others=others, **_write_options(force, dry_run, progress))
+    chosen = set(names)
+    report.update(kept=names, left_out=[k for k in _keys(ckpt) if k not in chosen],
                   missing_from_input=missing)
     return report
 
@@ -51,24 +64,23 @@ def drop_keys(input: str, output: str, patterns: list[str], *, root: str | None 
               force: bool = False, dry_run: bool = False, progress: ProgressFactory | None = None) -> dict:
     """Remove the keys (or whole modules) that patterns select."""
     with open_checkpoint(input, root) as ckpt:
-        dropped = core.select(ckpt.tensors, patterns)
+        dropped = core.select(_keys(ckpt), patterns)
         gone = set(dropped)
-        kept = OrderedDict((k, t) for k, t in ckpt.tensors.items() if k not in gone)
-        report = write_checkpoint(ckpt, kept, output, **_write_options(force, dry_run, progress))
-    report.update(dropped=dropped, kept=list(kept))
+        kept, others = _subset(ckpt, [k for k in _keys(ckpt) if k not in gone])
+        report = write_checkpoint(ckpt, kept, output, others=others, **_write_options(force, dry_run, progress))
+    report.update(dropped=dropped, kept=[*kept, *others])
     return report
 
-
-# ---- rename --------------------------------------------------------------------------------
 
 def rename_keys(input: str, output: str, rules: list[core.RenameRule], *, root: str | None = None,
                 force: bool = False, dry_run: bool = False, progress: ProgressFactory | None = None) -> dict:
     """Rename keys by rules; refuse, before writing anything, if two keys would share a name."""
     with open_checkpoint(input, root) as ckpt:
-        names, untouched = core.plan_rename(ckpt.tensors, rules)
+        names, untouched = core.plan_rename(_keys(ckpt), rules)
         renamed = OrderedDict((names[k], t) for k, t in ckpt.tensors.items())
+        others = OrderedDict((names[k], v) for k, v in ckpt.others.items())
         # _metadata holds module versions by the old module names: stale after a rename
-        report = write_checkpoint(ckpt, renamed, output, keep_metadata=False,
+        report = write_checkpoint(ckpt, renamed, output, keep_metadata=False, others=others,
                                   **_write_options(force, dry_run, progress))
     report.update(renamed={old: new for old, new in names.items() if old != new}, untouched=untouched)
     return report
@@ -102,6 +114,7 @@ def _overlap(source: TensorRef, template: TensorRef) -> TensorRef:
 
 
 def _average(tensors: list[TensorRef], weights: list[float]) -> TensorRef:
+    """The weighted sum of same-dtype tensors, accumulated in float32 (float64 for float64)."""
     first = tensors[0]
 
     def make():
@@ -127,9 +140,13 @@ def _parse_weights(weights: str | None, count: int) -> list[float]:
         raise CkptError(f"--weights {weights!r}: expected numbers separated by commas") from None
     if len(values) != count:
         raise CkptError(f"--weights gives {len(values)} weights for {count} sources")
+    if not all(math.isfinite(v) for v in values):
+        raise CkptError(f"--weights {weights!r}: every weight must be a finite number (no nan or inf)")
     total = sum(values)
-    if total == 0:
-        raise CkptError("--weights must not sum to zero")
+    if not math.isfinite(total):
+        raise CkptError(f"--weights {weights!r}: the weights are too large to add up")
+    if total <= 0:  # dividing by a negative total would flip every weight's sign
+        raise CkptError(f"--weights must not sum to zero or less (they sum to {total:g})")
     return [v / total for v in values]
 
 
@@ -160,18 +177,26 @@ def _averaged(ckpts: list[Checkpoint], weights: list[float]) -> tuple[OrderedDic
     for other in ckpts[1:]:
         missing = [k for k in first.tensors if k not in other.tensors]
         extra = [k for k in other.tensors if k not in first.tensors]
-        shapes = [f"{k} {list(first.tensors[k].shape)} vs {list(t.shape)}" for k, t in other.tensors.items()
-                  if k in first.tensors and t.shape != first.tensors[k].shape]
-        for label, items in (("lacks", missing), ("has extra", extra), ("differs in shape:", shapes)):
+        shared = [(k, first.tensors[k], t) for k, t in other.tensors.items() if k in first.tensors]
+        shapes = [f"{k} {list(a.shape)} vs {list(b.shape)}" for k, a, b in shared if a.shape != b.shape]
+        # an int beside a float would be silently averaged, or silently taken from the first source
+        dtypes = [f"{k} {a.dtype.name} vs {b.dtype.name}" for k, a, b in shared if a.dtype.name != b.dtype.name]
+        for label, items in (("lacks", missing), ("has extra", extra), ("differs in shape:", shapes),
+                             (f"differs in dtype from {first.path}:", dtypes)):
             if items:
                 problems.append(f"{other.path} {label} {', '.join(items[:10])}{' …' if len(items) > 10 else ''}")
     if problems:
-        raise CkptError("sources must agree on keys and shapes to be averaged: " + "; ".join(problems))
+        raise CkptError("sources must agree on keys, shapes and dtypes to be averaged: " + "; ".join(problems))
     merged: OrderedDict[str, TensorRef] = OrderedDict()
+    averages: dict[tuple, TensorRef] = {}  # names tied in every source share one average: they stay tied
     from_first = []
     for name, t in first.tensors.items():
         if t.dtype.floating:
-            merged[name] = _average([c.tensors[name] for c in ckpts], weights)
+            group = [c.tensors[name] for c in ckpts]
+            tie = tuple(g.view_key() for g in group)
+            if tie not in averages:
+                averages[tie] = _average(group, weights)
+            merged[name] = averages[tie]
         else:
             merged[name] = t
             from_first.append(name)

@@ -368,3 +368,17 @@ def test_known_answers(cli, tmp_path):
     assert digests == KNOWN
     back = torch.load(tmp_path / "out.pth", weights_only=True)
     assert back["tied"].untyped_storage().data_ptr() == back["w"].untyped_storage().data_ptr()
+
+
+def test_extra_state_follows_key_edits(cli, tmp_path):
+    """filter, drop and rename choose and rename `*._extra_state` with the module it belongs to."""
+    wrapper = torch.nn.Sequential(_WithExtraState())
+    path = tmp_path / "extra.pth"
+    torch.save(wrapper.state_dict(), path)  # 0._extra_state, 0.fc.weight, 0.fc.bias
+    out = tmp_path / "renamed.pth"
+    assert cli("rename", path, "--add-prefix", "module.", "-o", out).code == 0
+    assert list(torch.load(out, weights_only=True)) == ["module.0.fc.weight", "module.0.fc.bias", "module.0._extra_state"]
+    assert cli("drop", path, "0._extra_state", "-o", tmp_path / "d.pth").code == 0
+    assert list(torch.load(tmp_path / "d.pth", weights_only=True)) == ["0.fc.weight", "0.fc.bias"]
+    assert cli("filter", path, "--keep", "re:extra", "--keep", "0.fc.bias", "-o", tmp_path / "f.pth").code == 0
+    assert list(torch.load(tmp_path / "f.pth", weights_only=True)) == ["0._extra_state", "0.fc.bias"]

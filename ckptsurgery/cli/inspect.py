@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Optional
 
 import typer
@@ -8,7 +9,7 @@ from .. import ops
 from ..io import open_checkpoint
 from . import app
 from .common import (
-    InputArg, JsonOpt, QuietOpt, RootOpt, console, human_bytes, note, print_json, printable, progress_bar,
+    InputArg, JsonOpt, QuietOpt, RootOpt, human_bytes, note, print_json, printable, progress_bar,
 )
 
 
@@ -43,7 +44,7 @@ def inspect(
         print_json(report)
         return
     if report["inert"]:
-        note(f"left inert (not run): {', '.join(report['inert'])}", quiet)
+        note(f"left inert (not run): {', '.join(map(printable, report['inert']))}", quiet)
     _print_human(report, tree, stats)
 
 
@@ -55,57 +56,92 @@ def _fmt(value) -> str:
     return str(value)
 
 
+_STAT_KEYS = ("min", "max", "mean", "std", "nan", "inf")
+
+
 def _print_human(report: dict, tree: bool, stats: bool) -> None:
-    from rich.table import Table
-
-    out = console()
-    out.print(f"{printable(report['path'])}  format={report['format']}"
-                  + (f"  root={report['root']!r}" if report["root"] is not None else ""))
+    # Plain lines, not Rich: a Rich table costs ~1 ms a row (100,000 tensors would take
+    # minutes), folds long names to the width of a pipe and would turn ":name:" into emoji.
+    lines = [f"{printable(report['path'])}  format={report['format']}"
+             + (f"  root={printable(repr(report['root']))}" if report["root"] is not None else "")]
     if report["extras"]:
-        out.print(printable("extras: " + ", ".join(f"{k} ({v})" for k, v in report["extras"].items())))
+        lines.append(printable("extras: " + ", ".join(f"{k} ({v})" for k, v in report["extras"].items())))
     if report["metadata"]:
-        out.print(printable("metadata: " + ", ".join(f"{k}={v}" for k, v in report["metadata"].items())))
-    if tree:
-        _print_tree(out, report["tree"])
-    else:
-        table = Table(show_edge=False, pad_edge=False, box=None)
-        for column in ("name", "dtype", "shape", "params", "size"):
-            table.add_column(column, justify="right" if column in ("params", "size") else "left")
-        stat_keys = ("min", "max", "mean", "std", "nan", "inf") if stats else ()
-        for column in stat_keys:
-            table.add_column(column, justify="right")
-        table.add_column("note")
-        for t in report["tensors"]:
-            notes = []
-            if t["shares_with"]:
-                notes.append(f"shares {t['shares_with']}")
-            if not t["contiguous"]:
-                notes.append("non-contiguous view")
-            if t["requires_grad"] is False:
-                notes.append("frozen")
-            params = 1
-            for s in t["shape"]:
-                params *= s
-            table.add_row(printable(t["name"]), t["dtype"], str(tuple(t["shape"])), f"{params:,}", human_bytes(t["nbytes"]),
-                          *(_fmt(t[k]) for k in stat_keys), printable(", ".join(notes)))
-        out.print(table)
-    out.print(f"{len(report['tensors'])} tensors, {report['total_params']:,} parameters, "
-                  f"{human_bytes(report['total_bytes'])}")
+        lines.append(printable("metadata: " + ", ".join(f"{k}={v}" for k, v in report["metadata"].items())))
+    lines += _tree_lines(report["tree"]) if tree else _table_lines(report["tensors"], stats)
+    lines.append(f"{len(report['tensors'])} tensors, {report['total_params']:,} parameters, "
+                 f"{human_bytes(report['total_bytes'])}")
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
-def _print_tree(out, rows: list[dict]) -> None:
-    from rich.text import Text
-    from rich.tree import Tree
+def _width(text: str) -> int:
+    """Terminal cells: a CJK character takes two, a combining accent none."""
+    if text.isascii():
+        return len(text)
+    from rich.cells import cell_len
 
-    top = Tree(Text("(checkpoint)", style="dim"))
-    stack = [top]
+    return cell_len(text)
+
+
+def _table_lines(tensors: list[dict], stats: bool) -> list[str]:
+    """Aligned columns two spaces apart, numbers right-justified, no trailing blanks."""
+    stat_keys = _STAT_KEYS if stats else ()
+    header = ("name", "dtype", "shape", "params", "size", *stat_keys, "note")
+    right = [h in ("params", "size", *stat_keys) for h in header]
+    rows = [header]
+    for t in tensors:
+        notes = []
+        if t["shares_with"]:
+            notes.append(f"shares {t['shares_with']}")
+        if not t["contiguous"]:
+            notes.append("non-contiguous view")
+        if t["requires_grad"] is False:
+            notes.append("frozen")
+        params = 1
+        for s in t["shape"]:
+            params *= s
+        rows.append((printable(t["name"]), t["dtype"], str(tuple(t["shape"])), f"{params:,}",
+                     human_bytes(t["nbytes"]), *(_fmt(t[k]) for k in stat_keys), printable(", ".join(notes))))
+    widths = [max(map(_width, column)) for column in zip(*rows)]
+    lines = []
     for row in rows:
-        del stack[row["depth"] + 1 :]
+        cells = []
+        for cell, width, is_right in zip(row, widths, right):
+            pad = " " * (width - _width(cell))
+            cells.append(pad + cell if is_right else cell + pad)
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+_DRAWN_LEVELS = 32  # tree guides drawn this deep; deeper rows name their level (lines stay short)
+
+
+def _tree_lines(rows: list[dict]) -> list[str]:
+    """The tree with guides as Rich draws them, built without recursion (names may nest
+    thousands of levels)."""
+    last = [False] * len(rows)  # no later sibling: the row gets "└── " and its children no "│"
+    sibling_below: list[bool] = []  # per depth, scanning upwards: a sibling was seen further down
+    for i in range(len(rows) - 1, -1, -1):
+        d = rows[i]["depth"]
+        del sibling_below[d + 1 :]
+        sibling_below.extend([False] * (d + 1 - len(sibling_below)))
+        last[i] = not sibling_below[d]
+        sibling_below[d] = True
+    lines = ["(checkpoint)"]
+    guides = [""]  # guides[d]: what is drawn left of a row at depth d
+    for row, is_last in zip(rows, last):
+        d = row["depth"]
+        level = ""
+        if d < _DRAWN_LEVELS:
+            del guides[d + 1 :]
+            guides.append(guides[d] + ("    " if is_last else "│   "))
+        else:
+            level = f"(level {d + 1}) "
         n = row["repeat"]
         each = f"{n} × " if n > 1 else ""  # a folded row's children describe one member
-        label = Text(printable(row["label"]), style="bold")
-        label.append(f"  {each}{row['params'] // n:,} params  {each}{human_bytes(row['bytes'] // n)}")
+        line = (f"{guides[min(d, _DRAWN_LEVELS)]}{'└── ' if is_last else '├── '}{level}{printable(row['label'])}"
+                f"  {each}{row['params'] // n:,} params  {each}{human_bytes(row['bytes'] // n)}")
         if "shape" in row:
-            label.append(f"  {row['dtype']} {tuple(row['shape'])}", style="dim")
-        stack.append(stack[-1].add(label))
-    out.print(top)
+            line += f"  {row['dtype']} {tuple(row['shape'])}"
+        lines.append(line)
+    return lines
