@@ -32,7 +32,12 @@ def printable(text: str) -> str:
 def print_json(doc: dict) -> None:
     """One JSON document; a list of records (tensors, tree rows) prints one record per line."""
     def dump(value) -> str:
-        return json.dumps(value, ensure_ascii=False)
+        text = json.dumps(value, ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a file: escaped, still valid JSON
+            text = json.dumps(value)
+        return text
 
     entries = []
     for key, value in doc.items():

@@ -36,6 +36,10 @@ def _metadata(path: str, header: dict) -> dict[str, str]:
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise CkptError(f"{path}: __metadata__ must map strings to strings")
+    try:
+        "".join(f"{k}{v}" for k, v in meta.items()).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CkptError(f"{path}: __metadata__ holds text that is not valid Unicode (a lone surrogate)") from None
     return meta
 
 
