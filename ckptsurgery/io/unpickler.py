@@ -26,6 +26,9 @@ from ..errors import CkptError
 from .model import QuantParams, Storage, TensorRef
 
 MAX_NESTING = 200
+# Hashing or comparing a tuple visits every tuple inside it, once per path: a DAG of 60 tuples
+# that each hold the previous one twice costs 2**60 steps. Count the paths; refuse beyond this.
+MAX_TUPLE_PATHS = 100_000
 
 
 class Global:
@@ -338,11 +341,18 @@ class SafeUnpickler(pickle._Unpickler):
         self.inert: set[str] = set()
         self._placeholders: dict[tuple[str, str], InertGlobal] = {}
         self._depth: dict[int, int] = {}  # id -> nesting depth, of containers built so far
+        self._tuple_paths: dict[int, int] = {}  # id -> tuples reached from this tuple, counted per path
         self._alive: list = []  # keeps them alive, so that their ids stay theirs
 
     # -- nesting ---------------------------------------------------------------------------
     def _nested(self, obj, children) -> Any:
         depth = 1 + max((self._depth.get(id(c), 0) for c in children), default=0)
+        if type(obj) is tuple:
+            paths = 1 + sum(self._tuple_paths.get(id(c), 0) for c in children)
+            if paths > MAX_TUPLE_PATHS:
+                raise CkptError(f"the pickle builds tuples within tuples along more than {MAX_TUPLE_PATHS} paths "
+                                f"(a shared-subtuple bomb)")
+            self._tuple_paths[id(obj)] = paths
         return self._record_depth(obj, depth)
 
     def _record_depth(self, obj, depth: int) -> Any:
