@@ -13,6 +13,7 @@ from . import core
 from .dtypes import CAST_TARGETS, DType
 from .errors import CkptError
 from .io import Checkpoint, TensorRef, open_checkpoint
+from .io.pickler import PickleRefused
 from .io.tree import extras
 from .io.write import (
     StagedOutputs, check_safetensors, check_writable, output_format, plan_safetensors,
@@ -184,7 +185,10 @@ def _write(f, fmt: str, ckpt: Checkpoint, tensors: dict[str, TensorRef], cast: D
         write_safetensors(f, tensors, ckpt.metadata if whole else {}, cast, progress)
     else:
         payload = torch_payload(ckpt, tensors, keep_metadata, others) if whole else OrderedDict(tensors)
-        write_torch(f, payload, cast, progress)
+        try:
+            write_torch(f, payload, cast, progress)
+        except PickleRefused as e:
+            raise CkptError(f"{ckpt.path}: cannot be written as a .pth: {e}") from None
 
 
 def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: str, *,

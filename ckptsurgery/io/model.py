@@ -103,9 +103,15 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def numel_of(shape: tuple[int, ...]) -> int:
+    """The element count; past 2**63 (which validation refuses) the exact figure stops
+    mattering, so a hostile 100 000-dimension shape costs no huge multiplication."""
+    if 0 in shape:
+        return 0
     n = 1
     for size in shape:
         n *= size
+        if n > INT64_MAX:
+            return INT64_MAX + 1
     return n
 
 
@@ -165,27 +171,42 @@ class TensorRef:
     def __setstate__(self, state):  # a pickle's BUILD must not rewrite what was validated
         raise CkptError("malformed pickle: it sets state on a tensor")
 
-    def validate(self, where: str) -> None:
-        """Check that the view lies inside its storage, before anything trusts it."""
+    def validate(self, where: "str | Callable[[], str]") -> None:
+        """Check that the view lies inside its storage, before anything trusts it. `where`
+        names the tensor in an error (a callable: rendered only then)."""
+        try:
+            self._validate()
+        except CkptError as e:
+            raise CkptError(f"{where() if callable(where) else where}: {e}") from None
+
+    def repeated_bytes(self) -> int:
+        """The bytes of a view whose elements overlap (stride 0, or strides that cross): more
+        elements than lie between its first and last. 0 for an ordinary view."""
+        if self.numel <= 1 or self.dtype.per_byte > 1:
+            return 0
+        span = 1 + sum((size - 1) * stride for size, stride in zip(self.shape, self.stride))
+        return self.nbytes if self.numel > span else 0
+
+    def _validate(self) -> None:
         if len(self.shape) != len(self.stride):
-            raise CkptError(f"{where}: shape {list(self.shape)} and stride {list(self.stride)} disagree")
+            raise CkptError(f"shape {_dims(self.shape)} and stride {_dims(self.stride)} disagree")
         numbers = self.shape + self.stride + (self.offset,)
         if any(type(s) is not int or not 0 <= s <= INT64_MAX for s in numbers):
-            raise CkptError(f"{where}: a shape, stride or offset that is negative, not an integer "
+            raise CkptError(f"a shape, stride or offset that is negative, not an integer "
                             f"or beyond torch's int64")
         if self.nbytes > INT64_MAX:
-            raise CkptError(f"{where}: shape {list(self.shape)} holds more bytes than torch can address")
+            raise CkptError(f"shape {_dims(self.shape)} holds more bytes than torch can address")
         if self.numel == 0:
             return
         if self.dtype.per_byte > 1:  # packed rows: only whole, contiguous tensors
             if self.offset or not self.is_contiguous or self.nbytes > self.storage.nbytes:
-                raise CkptError(f"{where}: a {self.dtype.name} tensor that is a view, or larger than its storage")
+                raise CkptError(f"a {self.dtype.name} tensor that is a view, or larger than its storage")
             return
         last = self.offset + sum((size - 1) * stride for size, stride in zip(self.shape, self.stride))
         held = self.storage.nbytes // self.dtype.itemsize
         if last >= held:
             raise CkptError(
-                f"{where}: tensor of shape {list(self.shape)} reaches element {last} "
+                f"tensor of shape {_dims(self.shape)} reaches element {last} "
                 f"of a storage holding {held}"
             )
 
@@ -214,6 +235,11 @@ class TensorRef:
         from ..tensors import as_torch
 
         return as_torch(self).clone()
+
+
+def _dims(values: tuple) -> str:
+    text = str(list(values))
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 _SAME_SIZE_INT = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}

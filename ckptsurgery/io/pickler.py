@@ -21,12 +21,16 @@ from typing import Any, Callable
 from ..dtypes import DType
 from ..errors import CkptError
 from .model import TensorRef
-from .unpickler import Device, Global, InertGlobal, InertObject, TorchSize, is_dotted_name
+from .unpickler import Device, Global, InertGlobal, InertObject, PickledSet, TorchSize, is_dotted_name
 
 _BATCH = 1000
 
 # storage_record(tensor) -> (key, storage module, storage class, element count, dtype written)
 StorageRecord = Callable[[TensorRef], "tuple[str, str, str, int, DType]"]
+
+
+class PickleRefused(CkptError):
+    """What the input holds cannot be written as a .pth (the message says why)."""
 
 
 class TorchPickler:
@@ -35,14 +39,16 @@ class TorchPickler:
         self._out = bytearray()
         self._memo: dict[int, int] = {}
         self._keep: list = []  # keeps memoized objects alive so their ids stay unique
-        self._open_tuples: set[int] = set()
+        self._open: set[int] = set()  # tuples and placeholder calls being written
 
     def dumps(self, obj: Any) -> bytes:
         self._out += b"\x80\x02"
         try:
             self._save(obj)
         except RecursionError:
-            raise CkptError("the object to write nests too deeply") from None
+            raise PickleRefused("it nests too deeply to be written") from None
+        except CkptError as e:
+            raise PickleRefused(str(e)) from None
         self._out += b"."
         return bytes(self._out)
 
@@ -53,6 +59,8 @@ class TorchPickler:
         self._out += b"c" + module.encode() + b"\n" + name.encode() + b"\n"
 
     def _memoize(self, obj: Any) -> None:
+        if id(obj) in self._memo:  # reached again while it was being written: see _enter
+            raise CkptError("an object whose construction contains the object itself")
         index = len(self._memo)
         self._memo[id(obj)] = index
         self._keep.append(obj)
@@ -72,15 +80,19 @@ class TorchPickler:
             self._save(item)
         self._out += b"t"
 
+    def _enter(self, obj: Any) -> None:
+        """Tuples and placeholder calls are memoized only once built: one reached again from
+        inside its own arguments (through a list) cannot be written without making the call
+        twice, so it is refused — the input built it once."""
+        if id(obj) in self._open:
+            raise CkptError("an object whose construction contains the object itself")
+        self._open.add(id(obj))
+
     def _tuple(self, obj: tuple) -> None:
         # memoized, as pickle does: a DAG of tuples is written once per node, not once per path
-        if id(obj) in self._open_tuples:
-            raise CkptError("cannot write a tuple that contains itself")
-        self._open_tuples.add(id(obj))
+        self._enter(obj)
         self._tuple_items(obj)
-        self._open_tuples.discard(id(obj))
-        if id(obj) in self._memo:  # reached again through a list inside it: refer to that copy
-            raise CkptError("cannot write a tuple that contains itself")
+        self._open.discard(id(obj))
         if obj:
             self._memoize(obj)
 
@@ -138,11 +150,8 @@ class TorchPickler:
         elif id(obj) in self._memo:
             index = self._memo[id(obj)]
             out += b"h" + bytes([index]) if index < 256 else b"j" + struct.pack("<I", index)
-        elif kind is bytes:  # how protocol 2 spells bytes
-            if obj:
-                self._reduce("_codecs", "encode", (obj.decode("latin1"), "latin1"))
-            else:
-                self._reduce("__builtin__", "bytes", ())
+        elif kind is bytes:  # how protocol 2 spells bytes (b"" too: torch's safe loader refuses bytes())
+            self._reduce("_codecs", "encode", (obj.decode("latin1"), "latin1"))
         elif kind is tuple:
             self._tuple(obj)
         elif kind is list:
@@ -160,6 +169,9 @@ class TorchPickler:
             if "_metadata" in vars(obj):  # a state dict's module versions
                 self._save({"_metadata": obj._metadata})
                 out += b"b"
+        elif kind is PickledSet:  # in the order the input listed it
+            self._reduce("__builtin__", "set", (obj.items,))
+            self._memoize(obj)
         elif kind is set:
             self._reduce("__builtin__", "set", (_stable_order(obj),))
             self._memoize(obj)
@@ -180,6 +192,7 @@ class TorchPickler:
             raise CkptError(f"cannot write an object of type {kind.__name__} into a .pth file")
 
     def _tensor(self, tensor: TensorRef) -> None:
+        self._enter(tensor)
         key, module, storage_class, numel, dtype = self._storage_record(tensor)
         parameter = tensor.requires_grad is not None
         if parameter:  # _rebuild_parameter(tensor, requires_grad, hooks[, state])
@@ -218,12 +231,15 @@ class TorchPickler:
                 self._out += b"tR"
             else:
                 self._out += b"\x87R"
+        self._open.discard(id(tensor))
         self._memoize(tensor)
 
     def _inert(self, obj: InertObject) -> None:
+        self._enter(obj)
         self._save(obj.callee)
         self._tuple_items(obj.args)
         self._out += b"\x81" if obj.how == "newobj" else b"R"
+        self._open.discard(id(obj))
         self._memoize(obj)
         if obj.listitems:
             self._appends(obj.listitems)
@@ -235,7 +251,8 @@ class TorchPickler:
 
 
 def _stable_order(items) -> list:
+    """A set made by the library (not read from a file): sorted, for the same bytes every run."""
     try:
         return sorted(items)
     except TypeError:
-        return sorted(items, key=lambda item: (type(item).__name__, str(item) if type(item) in (str, int, float) else ""))
+        raise CkptError("a set of values that cannot be ordered cannot be written reproducibly") from None

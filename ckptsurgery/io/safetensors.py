@@ -133,6 +133,7 @@ def _restore_aliases(path: str, tensors: OrderedDict, metadata: dict[str, str]) 
     placed: dict[int, tuple[str, TensorRef]] = {}
     added: set[str] = set()
     for alias, target, position in aliases:
+        check_key(alias, f"{path}: {ALIASES_KEY}: ")
         problem = (
             "names a stored tensor" if alias in tensors else
             "is listed twice" if alias in added else

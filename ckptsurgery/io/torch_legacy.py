@@ -10,7 +10,7 @@ from ..errors import CkptError
 from .model import Checkpoint, MappedFile
 from .torch_zip import storage_loader
 from .tree import find_root
-from .unpickler import BoundedReader, safe_load
+from .unpickler import BoundedReader, brief, safe_load
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
@@ -36,11 +36,11 @@ def read_torch_legacy(path: str, root: str | None) -> Checkpoint:
         raise CkptError(f"{path}: a pickle, but not a torch checkpoint (no torch magic number)")
     protocol = load()
     if type(protocol) is not int or protocol != PROTOCOL_VERSION:
-        raise CkptError(f"{path}: unsupported legacy protocol version {str(protocol)[:20]!r}")
+        raise CkptError(f"{path}: unsupported legacy protocol version {brief(protocol, 20)!r}")
     sys_info = load()
     if type(sys_info) is dict and sys_info.get("little_endian") is False:
         raise CkptError(f"{path}: saved on a big-endian machine, which is not supported")
-    storage_load, storages = storage_loader(path, lambda key, storage, numel: None, allow_modules=True)
+    storage_load, storages = storage_loader(path, lambda key, storage, numel: None, legacy=True)
     obj = load(storage_load)
     keys = load()
     position = reader.position

@@ -11,7 +11,7 @@ from ..errors import CkptError
 from .model import Checkpoint, MappedFile, Storage
 from .tree import find_root
 from .model import INT64_MAX
-from .unpickler import BoundedReader, Global, InertGlobal, StorageHandle, describe_pid, safe_load
+from .unpickler import BoundedReader, Global, InertGlobal, StorageHandle, brief, describe_pid, safe_load
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
 _MAX_PICKLE = 1 << 30
@@ -20,19 +20,20 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EO
                RuntimeError, zlib.error, struct.error)
 
 
-def storage_loader(where: str, locate, allow_modules: bool = False):
+def storage_loader(where: str, locate, legacy: bool = False):
     """A persistent_load for torch's `('storage', type, key, location, numel)` records.
     `locate(key, storage, nbytes)` fills in where the storage's bytes lie. Storages are shared by
-    key; records naming one key must agree. `allow_modules`: the legacy format's
-    `('module', class, file, source)` records, which stand for the (inert) class itself."""
+    key; records naming one key must agree. `legacy`: the legacy format's records also carry a
+    sixth field (None), and `('module', class, file, source)` records stand for the (inert)
+    class itself."""
     storages: dict[str, StorageHandle] = {}
     repeated = [0]  # bytes the file's views repeat, shared by its storages
 
     def load(pid):
-        if allow_modules and len(pid) == 4 and pid[0] == "module" and isinstance(pid[1], InertGlobal):
+        if legacy and len(pid) == 4 and pid[0] == "module" and isinstance(pid[1], InertGlobal):
             return pid[1]  # the class's source code in the record is never looked at
         # the legacy format adds a sixth field, view metadata of pre-1.0 storages: always None since
-        if not (len(pid) in (5, 6) and pid[0] == "storage"):
+        if not (len(pid) in ((5, 6) if legacy else (5,)) and pid[0] == "storage"):
             raise CkptError(f"a persistent id that is not a storage record ({describe_pid(pid)})")
         if len(pid) == 6 and pid[5] is not None:
             raise CkptError("storage views of the pre-1.0 format are not supported")
@@ -41,7 +42,7 @@ def storage_loader(where: str, locate, allow_modules: bool = False):
             name = kind.qualname() if isinstance(kind, InertGlobal) else type(kind).__name__
             raise CkptError(f"unknown storage type {name} (a dtype ckptsurgery does not know)")
         if not (type(key) is str and type(location) is str and type(numel) is int and 0 <= numel <= INT64_MAX):
-            raise CkptError(f"bad storage record for key {str(key)[:40]!r}")
+            raise CkptError(f"bad storage record for key {brief(key)!r}")
         handle = storages.get(key)
         if handle is None:
             itemsize = kind.dtype.itemsize if kind.dtype else 1
@@ -49,7 +50,7 @@ def storage_loader(where: str, locate, allow_modules: bool = False):
             locate(key, storage, numel)
             handle = storages[key] = StorageHandle(storage, kind.dtype, numel, repeated)
         elif handle.dtype is not kind.dtype or handle.numel != numel:
-            raise CkptError(f"storage {key!r} is recorded twice with different types or sizes")
+            raise CkptError(f"storage {key[:40]!r} is recorded twice with different types or sizes")
         return handle
 
     return load, storages

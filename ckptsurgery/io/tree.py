@@ -9,7 +9,7 @@ from typing import Any
 from ..core import check_key
 from ..errors import CkptError
 from .model import TensorRef
-from .unpickler import InertObject
+from .unpickler import InertObject, brief
 
 # Keys under which training scripts nest the model's state dict, most specific first.
 ROOT_KEYS = (
@@ -48,7 +48,7 @@ def module_state_dict(module: InertObject) -> OrderedDict[str, TensorRef]:
             continue
         seen.add(id(mod))
         skip = state.get("_non_persistent_buffers_set")
-        skip = {n for n in skip if type(n) is str} if type(skip) is set else set()
+        skip = {n for n in skip if type(n) is str} if isinstance(skip, set) else set()
         for table, drop in (("_parameters", set()), ("_buffers", skip)):
             entries = state.get(table)
             if type(entries) not in (dict, OrderedDict):
@@ -114,7 +114,7 @@ def find_root(obj: Any, root: str | None, where: str):
             found = as_state_dict(obj, True, prefix)
         else:
             if type(obj) not in (dict, OrderedDict) or root not in obj:
-                keys = ", ".join(repr(key_text(k)[:40]) for k in list(obj)[:10]) if isinstance(obj, dict) else "none"
+                keys = ", ".join(repr(brief(k)) for k in list(obj)[:10]) if isinstance(obj, dict) else "none"
                 raise CkptError(f"{where}: no key {root!r} at the top level (keys: {keys})")
             found = as_state_dict(obj[root], True, prefix)
         if found is None:
@@ -170,16 +170,8 @@ def describe(value: Any) -> str:
     return type(value).__name__
 
 
-def key_text(key: Any) -> str:
-    """A dict key from the file as text, never through the repr of a container (a hostile
-    tuple DAG's repr is exponential)."""
-    if type(key) in (str, int, float, bool) or key is None:
-        return str(key)
-    return f"<{type(key).__name__}>"
-
-
 def extras(obj: Any, root: str) -> dict[str, str]:
     """Top-level entries outside the root."""
     if root == "" or type(obj) not in (dict, OrderedDict):
         return {}
-    return {key_text(k): describe(v) for k, v in obj.items() if k != root}
+    return {brief(k, 200): describe(v) for k, v in obj.items() if k != root}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import pickle
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Any, Callable
 
 from .. import dtypes
@@ -158,8 +159,8 @@ def _math_bits(metadata) -> tuple[str, ...]:
 
 def _tensor(handle, offset, size, stride, dtype: dtypes.DType, **extra) -> TensorRef:
     tensor = TensorRef(handle.storage, offset, _ints(size, "bad size"), _ints(stride, "bad stride"), dtype, **extra)
-    tensor.validate(f"tensor in storage {handle.storage.key!r}")
-    handle.repeated[0] += max(0, tensor.nbytes - handle.storage.nbytes)
+    tensor.validate(lambda: f"tensor in storage {handle.storage.key[:40]!r}")
+    handle.repeated[0] += tensor.repeated_bytes()
     if handle.repeated[0] > MAX_REPEATED_BYTES:
         raise CkptError(f"tensors view their storages' bytes over and over (stride 0), adding up to more "
                         f"than {MAX_REPEATED_BYTES >> 20} MiB the file does not hold: refused")
@@ -219,11 +220,9 @@ def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
     _expect(isinstance(data, TensorRef) and data.requires_grad is None, "parameter without a tensor")
     _expect(type(requires_grad) is bool, "requires_grad is not a bool")
     _no_hooks(backward_hooks)
-    data.requires_grad = requires_grad
-    data.plain_grad = False
-    if state:  # attributes set on the parameter: carried back into a .pth output
-        data.param_state = state
-    return data
+    # a new reference: the pickle may use `data` elsewhere as a plain tensor (same storage, so
+    # the two stay tied); attributes set on the parameter are carried into .pth outputs
+    return replace(data, requires_grad=requires_grad, plain_grad=False, param_state=state or None)
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
@@ -250,9 +249,18 @@ def _bytearray(*args):
     return bytearray(*args)
 
 
+class PickledSet(set):
+    """A set as the pickle listed it: written back in that order (a set's own order follows
+    hashes, which for placeholders are their addresses: not the same from run to run)."""
+
+    def __init__(self, items: list):
+        super().__init__(items)
+        self.items = items
+
+
 def _set(items=()):
     _expect(type(items) in (list, tuple), "set of a non-list")
-    return set(items)
+    return PickledSet(list(items))
 
 
 def _complex(real=0.0, imag=0.0):
@@ -491,13 +499,20 @@ class SafeUnpickler(pickle._Unpickler):
     def load_setitems(self):
         self._set_items(self.pop_mark())
 
+    def load_stop(self):
+        # torch.save leaves exactly the object; anything else on the stack would be dropped by
+        # a rewrite — and with it, say, a failing import that stops an unsafe load early
+        if len(self.stack) != 1 or self.metastack:
+            raise CkptError("malformed pickle: values left over on its stack at the end")
+        raise pickle._Stop(self.stack.pop())
+
     def persistent_load(self, pid: Any) -> Any:
         return self._load_persistent(pid)
 
 
 for _code in ALLOWED_OPCODES:
     SafeUnpickler.dispatch[_code[0]] = pickle._Unpickler.dispatch[_code[0]]
-for _code, _method in ((pickle.GLOBAL, "load_global"), (pickle.REDUCE, "load_reduce"), (pickle.NEWOBJ, "load_newobj"),
+for _code, _method in ((pickle.GLOBAL, "load_global"), (pickle.STOP, "load_stop"), (pickle.REDUCE, "load_reduce"), (pickle.NEWOBJ, "load_newobj"),
                        (pickle.BUILD, "load_build"), (pickle.BINPERSID, "load_binpersid"),
                        (pickle.TUPLE, "load_tuple"), (pickle.TUPLE1, "load_tuple1"), (pickle.TUPLE2, "load_tuple2"),
                        (pickle.TUPLE3, "load_tuple3"), (pickle.EMPTY_LIST, "load_empty_list"),
@@ -520,6 +535,15 @@ def _describe(obj: Any) -> str:
     if isinstance(obj, StorageHandle):
         return "a storage"
     return f"a value of type {type(obj).__name__}"
+
+
+def brief(value: Any, limit: int = 40) -> str:
+    """A value from the file as short text, never through the repr of a container (a hostile
+    DAG of lists renders in 2**depth steps)."""
+    if type(value) in (str, int, float, bool) or value is None:
+        text = str(value) if type(value) is not int or value.bit_length() < 200 else "<a huge int>"
+        return text[:limit]
+    return f"<{type(value).__name__}>"
 
 
 def describe_pid(pid: Any) -> str:
