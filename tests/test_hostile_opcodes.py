@@ -1149,3 +1149,74 @@ def test_lone_surrogates_under_inspect_json(cli, tmp_path, where):
         assert_clean(result)
         if result.code == 0 and "--json" in args:
             json.loads(result.out)
+
+
+# =============================================================================================
+# 9. Linear work where the old code was quadratic, and errors that reached the catch-all
+# =============================================================================================
+
+def _module(params: bytes, buffers: bytes, non_persistent: bytes, children: bytes = D()) -> bytes:
+    """A pickled nn.Module placeholder: NEWOBJ of an unknown class, then BUILD of its state."""
+    return (G("user_code", "Net") + b")\x81" + D((U("_parameters"), params), (U("_buffers"), buffers),
+                                                   (U("_non_persistent_buffers_set"), non_persistent),
+                                                   (U("_modules"), children)) + b"b")
+
+
+def test_non_persistent_buffer_list_is_not_quadratic(tmp_path):
+    """100,000 buffers and a 100,000-name *list* of non-persistent ones (torch pickles a set)."""
+    n = 100_000
+    buffers = b"}(" + b"".join(U(f"b{i}") + tensor() for i in range(n)) + b"u"
+    skip = b"](" + b"".join(U(f"b{i}") for i in range(1, n)) + b"e"
+    path = zip_file(tmp_path / "buffers.pth", PROTO2 + _module(D(), buffers, skip) + b".")
+    result = run_isolated(tmp_path, "inspect", path, "--json", timeout=60)
+    assert_isolated_clean(result, within=20)
+    assert result.code == 0 and [t["name"] for t in json.loads(result.out)["tensors"]] == ["b0"]
+
+
+def test_root_search_judges_a_shared_value_once(tmp_path):
+    """20,000 top-level keys all naming one memoized 20,000-tensor state dict: refused at once as
+    ambiguous (choose --root), not after 20,000 walks of it."""
+    n = 20_000
+    sd = b"}" + put(0) + b"(" + b"".join(U(f"w{i}") + tensor() for i in range(n)) + b"u"
+    top = b"}(" + U("k0") + sd + b"".join(U(f"k{i}") + get(0) for i in range(1, n)) + b"u"
+    path = zip_file(tmp_path / "shared.pth", PROTO2 + top + b".")
+    result = run_isolated(tmp_path, "inspect", path, timeout=60)
+    assert_isolated_clean(result, within=20)
+    assert result.code == 1 and "choose one with --root" in result.err
+
+
+def test_many_aliases_are_restored_in_linear_time(tmp_path):
+    """A safetensors file with 100,000 stored tensors and 100,000 alias names (list.insert in a
+    loop was quadratic)."""
+    n = 100_000
+    header = {f"t{i}": {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]} for i in range(n)}
+    aliases = [[f"a{i}", f"t{i}", 2 * i + 1] for i in range(n)]
+    header["__metadata__"] = {"ckptsurgery.aliases": json.dumps(aliases)}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = tmp_path / "aliases.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(n))
+    result = run_isolated(tmp_path, "inspect", path, "--json", timeout=60)
+    assert_isolated_clean(result, within=20)
+    names = [t["name"] for t in json.loads(result.out)["tensors"]]
+    assert result.code == 0 and names[:4] == ["t0", "a0", "t1", "a1"] and len(names) == 2 * n
+
+
+def test_deeply_nested_safetensors_header_is_one_line(cli, tmp_path):
+    raw = b'{"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    raw += b" " * (-len(raw) % 8)
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    result = cli("inspect", path)
+    assert result.code == 1 and "not valid JSON" in result.err and len(result.err.splitlines()) == 1
+
+
+def test_legacy_v3_tensor_whose_storage_has_no_data(cli, tmp_path):
+    """A legacy file whose _rebuild_tensor_v3 names an UntypedStorage the key list never gives
+    bytes for (the old reader copied the storage and crashed on the copy)."""
+    record = (b"(" + U("storage") + G("torch.storage", "UntypedStorage") + U("0") + U("cpu") + I(8) + b"Nt")
+    v3 = (G("torch._utils", "_rebuild_tensor_v3") + b"(" + record + b"Q" + I(0) + T(I(4)) + T(I(1)) + b"\x89"
+          + G("collections", "OrderedDict") + b")R" + G("torch", "uint16") + b"tR")
+    path = legacy_file(tmp_path / "v3.pth", PROTO2 + D((U("w"), v3)) + b".", storages={})
+    result = cli("inspect", path)
+    assert result.code == 1 and "no data for storages 0" in result.err and len(result.err.splitlines()) == 1

@@ -48,7 +48,7 @@ def module_state_dict(module: InertObject) -> OrderedDict[str, TensorRef]:
             continue
         seen.add(id(mod))
         skip = state.get("_non_persistent_buffers_set")
-        skip = {n for n in skip if type(n) is str} if isinstance(skip, set) else set()
+        skip = {n for n in skip if type(n) is str} if isinstance(skip, (set, list, tuple)) else set()
         for table, drop in (("_parameters", set()), ("_buffers", skip)):
             entries = state.get(table)
             if type(entries) not in (dict, OrderedDict):
