@@ -92,7 +92,7 @@ def test_symlinked_shards_are_followed(cli, tmp_path, state_dict):
     names = list(state_dict)
     save_file({k: state_dict[k] for k in names[:3]}, str(blobs / "1f2e"))
     save_file({k: state_dict[k] for k in names[3:]}, str(blobs / "9a8b"))
-    index = write_index(blobs, {k: ("m-1.safetensors" if i < 3 else "m-2.safetensors") for i, k in enumerate(names)},
+    write_index(blobs, {k: ("m-1.safetensors" if i < 3 else "m-2.safetensors") for i, k in enumerate(names)},
                         name="77cc")
     for link, blob in (("m-1.safetensors", "1f2e"), ("m-2.safetensors", "9a8b"), ("m.safetensors.index.json", "77cc")):
         os.symlink(os.path.join("..", "..", "blobs", blob), snapshot / link)
@@ -315,3 +315,11 @@ def test_force_over_a_symlink_replaces_the_link_not_its_target(cli, tmp_path, zi
     os.symlink(target, out)
     assert cli("convert", zip_pth, "-o", out, "--force").code == 0
     assert target.read_bytes() == b"someone else's file" and not out.is_symlink()
+
+
+def test_rename_map_must_be_a_regular_file(cli, tmp_path, zip_pth):
+    """`--map FIFO` would block on the read."""
+    fifo = tmp_path / "map.fifo"
+    os.mkfifo(fifo)
+    result = cli("rename", zip_pth, "-o", tmp_path / "r.pth", "--map", fifo)
+    assert result.code == 1 and "regular JSON file" in result.err

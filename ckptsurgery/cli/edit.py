@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json as jsonlib
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -62,6 +63,8 @@ def drop(
 
 def _load_map(path: str) -> dict:
     try:
+        if not os.path.isfile(path):  # a FIFO would block the read
+            raise CkptError(f"{path}: the map must be a regular JSON file")
         with open(path, encoding="utf-8") as f:
             mapping = jsonlib.load(f)
     except OSError as e:

@@ -192,8 +192,7 @@ class TensorRef:
             raise CkptError(f"shape {_dims(self.shape)} and stride {_dims(self.stride)} disagree")
         numbers = self.shape + self.stride + (self.offset,)
         if any(type(s) is not int or not 0 <= s <= INT64_MAX for s in numbers):
-            raise CkptError(f"a shape, stride or offset that is negative, not an integer "
-                            f"or beyond torch's int64")
+            raise CkptError("a shape, stride or offset that is negative, not an integer or beyond torch's int64")
         if self.nbytes > INT64_MAX:
             raise CkptError(f"shape {_dims(self.shape)} holds more bytes than torch can address")
         if self.numel == 0:
