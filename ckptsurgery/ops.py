@@ -14,7 +14,7 @@ from .dtypes import CAST_TARGETS, DType
 from .errors import CkptError
 from .io import Checkpoint, TensorRef, open_checkpoint
 from .io.pickler import PickleRefused
-from .io.tree import extras
+from .io.tree import describe, extras
 from .io.write import (
     StagedOutputs, check_safetensors, check_writable, output_format, plan_safetensors,
     torch_payload, write_safetensors, write_torch,
@@ -40,6 +40,8 @@ def inspect_report(ckpt: Checkpoint, patterns: list[str] | None = None) -> dict:
         "format": ckpt.format,
         "root": ckpt.root,
         "extras": extras(ckpt.obj, ckpt.root) if ckpt.root is not None else {},
+        # non-tensor values inside the state dict itself (`fc._extra_state`)
+        "non_tensors": {name: describe(value) for name, value in ckpt.others.items()},
         "metadata": ckpt.metadata,
         "inert": ckpt.inert,
         "total_params": sum(t.numel for t in unique),

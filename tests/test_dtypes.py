@@ -279,6 +279,8 @@ def test_extra_state_is_read_and_carried(cli, tmp_path):
     torch.save(sd, path)
     doc = cli("inspect", path, "--json").json()
     assert [t["name"] for t in doc["tensors"]] == ["fc.weight", "fc.bias"]
+    assert doc["non_tensors"] == {"_extra_state": "dict"}
+    assert "non-tensor entries: _extra_state (dict)" in cli("inspect", path).out
     assert cli("inspect", path, "--root", "", "--json").code == 0
     assert cli("inspect", path, "--stats", "--tree").code == 0
     out = tmp_path / "copy.pth"
@@ -383,3 +385,10 @@ def test_extra_state_follows_key_edits(cli, tmp_path):
     assert list(torch.load(tmp_path / "d.pth", weights_only=True)) == ["0.fc.weight", "0.fc.bias"]
     assert cli("filter", path, "--keep", "re:extra", "--keep", "0.fc.bias", "-o", tmp_path / "f.pth").code == 0
     assert list(torch.load(tmp_path / "f.pth", weights_only=True)) == ["0._extra_state", "0.fc.bias"]
+
+
+def test_dtype_cast_says_what_it_kept(cli, tmp_path):
+    path = tmp_path / "mixed.pth"
+    torch.save({"w": torch.randn(2), "f8": torch.randn(2).to(torch.float8_e5m2)}, path)
+    result = cli("convert", path, "-o", tmp_path / "bf.safetensors", "--dtype", "bf16")
+    assert result.code == 0 and "kept their dtype" in result.err and "f8" in result.err

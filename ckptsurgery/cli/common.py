@@ -106,6 +106,9 @@ def finish_write(report: dict, as_json: bool, quiet: bool, details: list[str] = 
     if report["tied"]:
         lines.append(f"{len(report['tied'])} tied name(s) stored once: "
                      + ", ".join(f"{printable(a)} = {printable(b)}" for a, b in report["tied"].items()))
+    if report.get("kept_dtype"):
+        lines.append(listing("kept their dtype (--dtype casts float16/bfloat16/float32/float64 only)",
+                             report["kept_dtype"]))
     if report["extras_left_out"]:
         lines.append("left out (safetensors holds tensors only): "
                      + ", ".join(map(printable, report["extras_left_out"])))
