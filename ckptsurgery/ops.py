@@ -55,10 +55,19 @@ def inspect_report(ckpt: Checkpoint, patterns: list[str] | None = None) -> dict:
                 "requires_grad": t.requires_grad,
                 "shares_with": shares[name],
                 "contiguous": t.is_contiguous,
+                **({"quantization": _quantization(t)} if t.quant else {}),
             }
             for name, t in chosen.items()
         ],
     }
+
+
+def _quantization(t: TensorRef) -> dict:
+    """A quantized tensor's scheme and, per tensor, its scale and zero point (per channel: the axis)."""
+    q = t.quant
+    if q.axis is None:
+        return {"scheme": q.scheme.name, "scale": q.scale, "zero_point": q.zero_point}
+    return {"scheme": q.scheme.name, "axis": q.axis, "channels": q.scale.numel}
 
 
 _STATS_CHUNK = 1 << 22  # elements per step: bounded memory whatever the tensor's size

@@ -224,8 +224,10 @@ def test_dtype_cast_keeps_float8_quantized_and_integers(cli, tmp_path):
 def test_quantized_stats_are_dequantized(cli, tmp_path):
     q = _quantized(torch.qint8, per_channel=True)
     path = tmp_path / "q.pth"
-    torch.save({"q": q}, path)
-    entry = cli("inspect", path, "--stats", "--json").json()["tensors"][0]
+    torch.save({"q": q, "p": _quantized(torch.quint8)}, path)
+    entry, other = cli("inspect", path, "--stats", "--json").json()["tensors"]
+    assert entry["quantization"] == {"scheme": "per_channel_affine", "axis": 0, "channels": 2}
+    assert other["quantization"] == {"scheme": "per_tensor_affine", "scale": 0.1, "zero_point": 2}
     assert entry["min"] == pytest.approx(float(q.dequantize().min()))
     assert entry["max"] == pytest.approx(float(q.dequantize().max()))
 
