@@ -197,7 +197,7 @@ def _write(f, fmt: str, ckpt: Checkpoint, tensors: dict[str, TensorRef], cast: D
     else:
         payload = torch_payload(ckpt, tensors, keep_metadata, others) if whole else OrderedDict(tensors)
         try:
-            write_torch(f, payload, cast, progress)
+            write_torch(f, payload, cast, progress, cast_only=tensors, inert_in=ckpt.inert_order)
         except PickleRefused as e:
             raise CkptError(f"{ckpt.path}: cannot be written as a .pth: {e}") from None
 

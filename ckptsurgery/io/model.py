@@ -143,6 +143,7 @@ class TensorRef:
     quant: QuantParams | None = None  # a quantized tensor's scales (its bytes are the integers)
     math_bits: tuple[str, ...] = ()  # torch's lazy "conj"/"neg" bits: the bytes are stored unresolved
     param_state: Any = None  # attributes pickled on an nn.Parameter, carried into .pth outputs
+    wrap: tuple | None = None  # (type, attributes) of a tensor torch pickled via _rebuild_from_type_v2
 
     @property
     def numel(self) -> int:
@@ -276,6 +277,7 @@ class Checkpoint:
     inert: list[str] = field(default_factory=list)
     sources: list[MappedFile] = field(default_factory=list)
     others: dict[str, Any] = field(default_factory=dict)
+    inert_order: list[str] = field(default_factory=list)  # `inert` in order of first appearance
 
     def close(self) -> None:
         for source in self.sources:

@@ -18,7 +18,7 @@ import struct
 from collections import OrderedDict
 from typing import Any, Callable
 
-from ..dtypes import DType
+from ..dtypes import QUANTIZED, DType
 from ..errors import CkptError
 from .model import TensorRef
 from .unpickler import Device, Global, InertGlobal, InertObject, PickledSet, TorchSize, is_dotted_name
@@ -40,6 +40,7 @@ class TorchPickler:
         self._memo: dict[int, int] = {}
         self._keep: list = []  # keeps memoized objects alive so their ids stay unique
         self._open: set[int] = set()  # tuples and placeholder calls being written
+        self.placeholders: dict[str, None] = {}  # names of the placeholders written, in order
 
     def dumps(self, obj: Any) -> bytes:
         self._out += b"\x80\x02"
@@ -147,6 +148,7 @@ class TorchPickler:
             self._global(obj.module, obj.name)
         elif kind is InertGlobal:
             self._global(obj.module, obj.name)
+            self.placeholders.setdefault(obj.qualname())
         elif id(obj) in self._memo:
             index = self._memo[id(obj)]
             out += b"h" + bytes([index]) if index < 256 else b"j" + struct.pack("<I", index)
@@ -193,16 +195,52 @@ class TorchPickler:
 
     def _tensor(self, tensor: TensorRef) -> None:
         self._enter(tensor)
-        key, module, storage_class, numel, dtype = self._storage_record(tensor)
         parameter = tensor.requires_grad is not None
-        if parameter:  # _rebuild_parameter(tensor, requires_grad, hooks[, state])
-            self._global("torch._utils", "_rebuild_parameter_with_state" if tensor.param_state else "_rebuild_parameter")
-            if tensor.param_state:
-                self._out += b"("
-        untyped = storage_class == "UntypedStorage"
-        self._global("torch._utils", "_rebuild_qtensor" if tensor.quant else
-                     "_rebuild_tensor_v3" if untyped else "_rebuild_tensor_v2")
-        self._out += b"(("  # the call's arguments, and in them the storage record
+        with_state = tensor.param_state is not None
+        if parameter:  # _rebuild_parameter(tensor, requires_grad, hooks) or ..._with_state(..., state)
+            self._global("torch._utils", "_rebuild_parameter_with_state" if with_state else "_rebuild_parameter")
+            self._out += b"("
+        if tensor.wrap is not None:  # _rebuild_from_type_v2(rebuild, type, args, state)
+            self._global("torch._tensor", "_rebuild_from_type_v2")
+            self._out += b"("
+            record = self._rebuild_call(tensor)
+            self._save(tensor.wrap[0])
+            self._out += b"("
+            self._rebuild_args(tensor, record)
+            self._out += b"t"
+            self._save(tensor.wrap[1])
+            self._out += b"tR"
+        else:
+            record = self._rebuild_call(tensor)
+            self._out += b"("
+            self._rebuild_args(tensor, record)
+            self._out += b"tR"
+        if parameter:
+            self._out += b"\x88" if tensor.requires_grad else b"\x89"
+            self._reduce("collections", "OrderedDict", ())
+            if with_state:
+                self._save(tensor.param_state)
+            self._out += b"tR"
+        self._open.discard(id(tensor))
+        self._memoize(tensor)
+
+    def _rebuild_call(self, tensor: TensorRef) -> tuple:
+        """Write the rebuild function torch 2.13 uses for this tensor; return its storage record."""
+        record = self._storage_record(tensor)
+        if tensor.quant is not None:
+            name = "_rebuild_qtensor"
+        elif record[2] == "UntypedStorage":
+            name = "_rebuild_tensor_v3"
+        else:
+            name = "_rebuild_tensor_v2"
+        if record[4].kind == QUANTIZED and tensor.quant is None:
+            raise CkptError(f"a {record[4].name} tensor without its scales and zero points")
+        self._global("torch._utils", name)
+        return record
+
+    def _rebuild_args(self, tensor: TensorRef, record: tuple) -> None:
+        key, module, storage_class, numel, dtype = record
+        self._out += b"("  # the storage record, a persistent id
         self._save("storage")
         self._global(module, storage_class)
         self._save(key)
@@ -218,21 +256,10 @@ class TorchPickler:
                               else (q.scheme, q.scale, q.zero_point, q.axis))
         self._out += b"\x88" if tensor.plain_grad else b"\x89"
         self._reduce("collections", "OrderedDict", ())
-        if untyped:
+        if storage_class == "UntypedStorage":
             self._global("torch", dtype.name)
         if tensor.math_bits:
             self._save({bit: True for bit in tensor.math_bits})
-        self._out += b"tR"
-        if parameter:
-            self._out += b"\x88" if tensor.requires_grad else b"\x89"
-            self._reduce("collections", "OrderedDict", ())
-            if tensor.param_state:
-                self._save(tensor.param_state)
-                self._out += b"tR"
-            else:
-                self._out += b"\x87R"
-        self._open.discard(id(tensor))
-        self._memoize(tensor)
 
     def _inert(self, obj: InertObject) -> None:
         self._enter(obj)

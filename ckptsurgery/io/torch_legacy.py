@@ -24,11 +24,11 @@ def _no_persistent(pid):
 def read_torch_legacy(path: str, root: str | None) -> Checkpoint:
     source = MappedFile(path)
     reader = BoundedReader(source.buffer())
-    inert: set[str] = set()  # placeholders of every pickle in the file, not only the object's
+    inert: dict[str, None] = {}  # placeholders of every pickle in the file, not only the object's, in order
 
     def load(persistent_load=_no_persistent):
         value, names = safe_load(reader, persistent_load, path)
-        inert.update(names)
+        inert.update(dict.fromkeys(names))
         return value
 
     magic = load()
@@ -64,4 +64,4 @@ def read_torch_legacy(path: str, root: str | None) -> Checkpoint:
         raise CkptError(f"{path}: no data for storages {', '.join(missing[:5])} (truncated file?)")
     root_key, tensors, others = find_root(obj, root, path)
     return Checkpoint(path, "torch-legacy", tensors, root_key, obj, inert=sorted(inert), sources=[source],
-                      others=others)
+                      others=others, inert_order=list(inert))

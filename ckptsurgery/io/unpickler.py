@@ -216,20 +216,27 @@ def _rebuild_qtensor(storage, storage_offset, size, stride, quantizer_params, re
     return tensor
 
 
-def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
+def _rebuild_parameter(data, requires_grad, backward_hooks):
+    return _rebuild_parameter_with_state(data, requires_grad, backward_hooks, None)
+
+
+def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
     _expect(isinstance(data, TensorRef) and data.requires_grad is None, "parameter without a tensor")
     _expect(type(requires_grad) is bool, "requires_grad is not a bool")
     _no_hooks(backward_hooks)
     # a new reference: the pickle may use `data` elsewhere as a plain tensor (same storage, so
     # the two stay tied); attributes set on the parameter are carried into .pth outputs
-    return replace(data, requires_grad=requires_grad, plain_grad=False, param_state=state or None)
+    return replace(data, requires_grad=requires_grad, plain_grad=False, param_state=state)
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
-    # How torch pickles a tensor subclass. Only our own rebuilders may be called; anything else
-    # the pickle offers as `func` stays inert.
+    # How torch pickles a tensor with attributes, or of a subclass: the type and the attributes
+    # are kept (and written back) with the tensor. Only our own rebuilders may be called;
+    # anything else the pickle offers as `func` stays inert.
     if func in _REBUILDERS and type(args) is tuple:
-        return func(*args)
+        tensor = func(*args)
+        plain = new_type is ALLOWED[("torch", "Tensor")] and not state
+        return tensor if plain else replace(tensor, wrap=(new_type, state))
     return InertObject(InertGlobal("torch._tensor", "_rebuild_from_type_v2"), "reduce", (func, new_type, args, state))
 
 
@@ -277,7 +284,7 @@ def _torch_device(kind, index=None):
     return Device((kind,) if index is None else (kind, index))
 
 
-_REBUILDERS = {_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_qtensor, _rebuild_parameter}
+_REBUILDERS = {_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_qtensor}
 
 # (module, name) -> a function we call, or an immutable token. Everything else is inert.
 ALLOWED: dict[tuple[str, str], Any] = {
@@ -287,10 +294,11 @@ ALLOWED: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     ("torch._utils", "_rebuild_qtensor"): _rebuild_qtensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
     ("torch", "Size"): _torch_size,
     ("torch", "device"): _torch_device,
+    ("torch", "Tensor"): Global("torch", "Tensor", "tensor-type"),  # the type of a plain tensor
     ("_codecs", "encode"): _codecs_encode,
 }
 for _builtins in ("builtins", "__builtin__"):  # protocol 2 writes Python 2's name
@@ -346,7 +354,7 @@ class SafeUnpickler(pickle._Unpickler):
     def __init__(self, file, persistent_load: Callable[[Any], Any]):
         super().__init__(file, encoding="utf-8")
         self._load_persistent = persistent_load
-        self.inert: set[str] = set()
+        self.inert: dict[str, None] = {}  # placeholder names, in order of first appearance
         self._placeholders: dict[tuple[str, str], InertGlobal] = {}
         self._depth: dict[int, int] = {}  # id -> nesting depth, of containers built so far
         self._tuple_paths: dict[int, int] = {}  # id -> tuples reached from this tuple, counted per path
@@ -386,7 +394,7 @@ class SafeUnpickler(pickle._Unpickler):
         key = (module, name)
         if key not in self._placeholders:
             self._placeholders[key] = InertGlobal(module, name)
-            self.inert.add(f"{module}.{name}")
+            self.inert.setdefault(f"{module}.{name}")
         return self._placeholders[key]
 
     def load_global(self):
@@ -584,8 +592,8 @@ class BoundedReader:
 
 
 def safe_load(reader: BoundedReader, persistent_load: Callable[[Any], Any], where: str):
-    """Unpickle one pickle at the reader's position; return (object, inert names). The reader
-    is left just after the pickle."""
+    """Unpickle one pickle at the reader's position; return (object, placeholder names in order
+    of first appearance). The reader is left just after the pickle."""
     unpickler = SafeUnpickler(reader, persistent_load)
     try:
         obj = unpickler.load()
@@ -597,4 +605,4 @@ def safe_load(reader: BoundedReader, persistent_load: Callable[[Any], Any], wher
         raise CkptError(f"{where}: the pickle asks for more memory than there is") from None
     except Exception as e:  # a malformed pickle: any of a dozen exception types
         raise CkptError(f"{where}: not a valid pickle ({type(e).__name__}: {str(e)[:200]})") from None
-    return obj, unpickler.inert
+    return obj, list(unpickler.inert)

@@ -16,7 +16,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 from ..dtypes import DType, why_not_safetensors
 from ..errors import CkptError
 from .model import MappedFile, Storage, TensorRef
-from .pickler import TorchPickler
+from .pickler import PickleRefused, TorchPickler
 from .safetensors import ALIASES_KEY, safetensors_shape
 from ..tensors import cast_bytes
 from .zipwriter import ZipWriter
@@ -255,25 +255,34 @@ def _write_tensor(f: BinaryIO, t: TensorRef, dtype: DType, progress: Progress | 
 ARCHIVE = "archive"  # the inner folder's name; torch.save would use the output's file name
 
 
-def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Progress | None = None) -> None:
+def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Progress | None = None,
+                cast_only: dict[str, TensorRef] | None = None, inert_in: list[str] | None = None) -> None:
     """Pickle `obj` (tensor references anywhere inside) into torch's zip format. Each storage is
     written once, as torch would write it: a typed storage for the dtypes that have one, an
-    UntypedStorage (and `_rebuild_tensor_v3`) for the others."""
+    UntypedStorage (and `_rebuild_tensor_v3` with each tensor's own dtype) for the others.
+    `cast` applies to the storages of `cast_only`'s tensors (the state dict), never to what lies
+    outside it (an optimizer's step counts). `inert_in`: the input's placeholders — see
+    `check_not_more_executable`."""
+    castable = {id(t.storage) for t in (cast_only or {}).values() if t.dtype.floating} if cast else set()
     storages: OrderedDict[int, tuple[Storage, str, DType, DType]] = OrderedDict()  # key, read, written
 
     def storage_record(t: TensorRef) -> tuple[str, str, str, int, DType]:
-        written = cast_target(t.dtype, cast)
-        entry = storages.setdefault(id(t.storage), (t.storage, str(len(storages)), t.dtype, written))
+        entry = storages.get(id(t.storage))
+        if entry is None:
+            written = cast_target(t.dtype, cast) if id(t.storage) in castable else t.dtype
+            entry = storages[id(t.storage)] = (t.storage, str(len(storages)), t.dtype, written)
         storage, key, read_as, write_as = entry
-        if read_as is not t.dtype:
-            if cast is not None or read_as.storage or t.dtype.storage:
-                raise CkptError(f"storage {storage.key!r} is viewed as both {read_as.name} and {t.dtype.name}: "
-                                f"torch cannot write that as typed storages; convert without --dtype")
-        if write_as.storage and read_as is t.dtype:
+        if read_as is not t.dtype and (write_as is not read_as or read_as.storage or t.dtype.storage):
+            raise CkptError(f"storage {storage.key[:40]!r} is viewed as both {read_as.name} and {t.dtype.name}: "
+                            f"torch cannot write that as typed storages" + ("; convert without --dtype" if cast else ""))
+        if write_as.storage:
             return key, "torch", write_as.storage, storage.nbytes // read_as.itemsize, write_as
-        return key, "torch.storage", "UntypedStorage", storage.nbytes // read_as.itemsize * write_as.itemsize, write_as
+        return key, "torch.storage", "UntypedStorage", _written_size(storage, read_as, write_as), t.dtype
 
-    data_pkl = TorchPickler(storage_record).dumps(obj)
+    pickler = TorchPickler(storage_record)
+    data_pkl = pickler.dumps(obj)
+    if inert_in is not None:
+        check_not_more_executable(list(pickler.placeholders), inert_in)
     archive = ZipWriter(f)
     archive.add_bytes(f"{ARCHIVE}/data.pkl", data_pkl)
     archive.add_bytes(f"{ARCHIVE}/.format_version", b"1")
@@ -281,12 +290,37 @@ def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Prog
     archive.add_bytes(f"{ARCHIVE}/byteorder", b"little")
     for storage, key, read_as, write_as in storages.values():
         data = storage.view()
-        size = storage.nbytes // read_as.itemsize * write_as.itemsize
         if write_as is not read_as:
             data = cast_bytes(data, read_as, write_as)
-        archive.add(f"{ARCHIVE}/data/{key}", _chunks(data, progress), size)
+        archive.add(f"{ARCHIVE}/data/{key}", _chunks(data, progress), _written_size(storage, read_as, write_as))
     archive.add_bytes(f"{ARCHIVE}/version", b"3\n")
     archive.close()
+
+
+def _written_size(storage: Storage, read_as: DType, write_as: DType) -> int:
+    """A storage's bytes as written: all of them, or as many elements in the cast dtype."""
+    return storage.nbytes if write_as is read_as else storage.nbytes // read_as.itemsize * write_as.itemsize
+
+
+def check_not_more_executable(written: list[str], inert_in: list[str]) -> None:
+    """An unsafe torch.load imports globals in the order it meets them and stops at the first
+    it cannot import. So a placeholder the output keeps must not be reachable there without
+    passing every placeholder that came before it in the input: a rewrite that drops or
+    reorders those (a pickled module replaced by its state dict, a dropped entry) could let a
+    load of the output reach code that the input's load never did. Both lists are in order of
+    first appearance."""
+    position = {name: i for i, name in enumerate(inert_in)}
+    met: set[str] = set()
+    prefix = 0  # inert_in[:prefix] have all been met in the output already
+    for name in written:
+        while prefix < len(inert_in) and inert_in[prefix] in met:
+            prefix += 1
+        if position.get(name, 0) > prefix:
+            raise PickleRefused(
+                f"a .pth output would reach {name} without first meeting {inert_in[prefix]}, which an "
+                f"unsafe torch.load of the input meets first (and may stop at); write .safetensors, or "
+                f"drop the entries that hold {name}")
+        met.add(name)
 
 
 def torch_payload(checkpoint, tensors: dict[str, TensorRef], keep_metadata: bool = True,
