@@ -99,6 +99,17 @@ def by_name(name: str) -> DType:
         raise CkptError(f"unknown dtype {name!r}") from None
 
 
+def convertible(source: DType, target: DType) -> bool:
+    """Whether torch can copy values of `source` into `target` (a cast, an overlap): numbers to
+    numbers, complex to complex only; never quantized, packed or opaque bits."""
+    numeric = (FLOAT, FLOAT8, INT, BOOL)
+    if source.packed > 1 or target.packed > 1:
+        return source is target
+    if source.kind == COMPLEX or target.kind == COMPLEX:
+        return source.kind == target.kind
+    return source.kind in numeric and target.kind in numeric
+
+
 def why_not_safetensors(dtype: DType) -> str | None:
     """None if safetensors can hold the dtype, else the reason, for a one-line refusal."""
     if dtype.safetensors:

@@ -213,7 +213,10 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: st
     others = ckpt.others if others is None else others
     stored, aliases = plan_safetensors(tensors, cast)
     if fmt == "safetensors":
-        check_safetensors(stored)  # before anything is written, and under --dry-run too
+        try:
+            check_safetensors(stored)  # before anything is written, and under --dry-run too
+        except CkptError as e:
+            raise CkptError(f"{ckpt.path}: {e}") from None
     sizes = [(name, t.numel * dtype.itemsize) for name, t, dtype in stored]
     total = sum(size for _, size in sizes)
     # no tensors: no shards to plan, one (empty) file

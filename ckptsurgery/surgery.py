@@ -8,6 +8,7 @@ from collections import OrderedDict
 from contextlib import ExitStack
 
 from . import core
+from .dtypes import convertible
 from .errors import CkptError
 from .io import Checkpoint, TensorRef, open_checkpoint
 from .io.model import computed_tensor
@@ -150,25 +151,29 @@ def _parse_weights(weights: str | None, count: int) -> list[float]:
     return [v / total for v in values]
 
 
-def _plain_union(ckpts: list[Checkpoint], on_conflict: str) -> tuple[OrderedDict, dict]:
-    merged: OrderedDict[str, TensorRef] = OrderedDict()
+def _plain_union(ckpts: list[Checkpoint], on_conflict: str) -> tuple[OrderedDict, OrderedDict, dict]:
+    """The union of the sources' state dicts — tensors and non-tensor entries alike, so that a
+    later source's `fc._extra_state` neither vanishes nor silently replaces a tensor."""
+    merged: OrderedDict[str, object] = OrderedDict()
     origin: dict[str, int] = {}
     conflicts: list[str] = []
     for index, ckpt in enumerate(ckpts):
-        for name, t in ckpt.tensors.items():
+        for name, value in [*ckpt.tensors.items(), *ckpt.others.items()]:
             if name in merged:
                 conflicts.append(name)
                 if on_conflict != "last":
                     continue
-            merged[name] = t
+            merged[name] = value
             origin[name] = index
     if conflicts and on_conflict == "error":
         unique = sorted(set(conflicts))
         raise CkptError(f"{len(unique)} key(s) are in more than one source: {', '.join(unique[:20])}"
                         f"{' …' if len(unique) > 20 else ''} (choose with --on-conflict first|last)")
     counts = [sum(1 for i in origin.values() if i == n) for n in range(len(ckpts))]
-    return merged, {"conflicts": sorted(set(conflicts)), "on_conflict": on_conflict,
-                    "keys_from": {c.path: n for c, n in zip(ckpts, counts)}}
+    tensors = OrderedDict((k, v) for k, v in merged.items() if isinstance(v, TensorRef))
+    others = OrderedDict((k, v) for k, v in merged.items() if not isinstance(v, TensorRef))
+    return tensors, others, {"conflicts": sorted(set(conflicts)), "on_conflict": on_conflict,
+                             "keys_from": {c.path: n for c, n in zip(ckpts, counts)}}
 
 
 def _averaged(ckpts: list[Checkpoint], weights: list[float]) -> tuple[OrderedDict, dict]:
@@ -203,6 +208,14 @@ def _averaged(ckpts: list[Checkpoint], weights: list[float]) -> tuple[OrderedDic
     return merged, {"weights": weights, "averaged": len(merged) - len(from_first), "from_first": from_first}
 
 
+def _check_fits(name: str, source: TensorRef, template: TensorRef) -> None:
+    """Values can be cast or copied into the template's tensor only between plain numbers."""
+    if not (source.is_plain and template.is_plain and convertible(source.dtype, template.dtype)):
+        raise CkptError(f"{name}: cannot copy the source's {source.dtype.name} values into the template's "
+                        f"{template.dtype.name} tensor (quantized, packed or bits dtypes do not convert); "
+                        f"use --on-mismatch skip, or drop the key")
+
+
 def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: str) -> tuple[OrderedDict, dict]:
     """`model_dict.update(pretrained_dict)`: the template's keys, shapes and dtypes, in its order."""
     found: dict[str, tuple[int, str, str]] = {}  # template key -> (source index, source key, how)
@@ -219,6 +232,8 @@ def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: s
             continue
         index, source_key, how = found[name]
         st = ckpts[index].tensors[source_key]
+        if (st.shape != tt.shape and on_mismatch == "overlap") or st.dtype is not tt.dtype:
+            _check_fits(name, st, tt)
         if st.shape != tt.shape:
             report["mismatched"].append({"name": name, "source_shape": list(st.shape),
                                          "template_shape": list(tt.shape), "policy": on_mismatch})
@@ -259,6 +274,7 @@ def merge(sources: list[str], output: str, *, into: str | None = None, on_mismat
         raise CkptError("--average needs at least two sources")
     with ExitStack() as stack:
         ckpts = [stack.enter_context(open_checkpoint(s, root)) for s in sources]
+        others = None  # the base's own non-tensor entries
         if into:
             template = stack.enter_context(open_checkpoint(into))
             merged, details = _into_template(ckpts, template, on_mismatch)
@@ -267,9 +283,9 @@ def merge(sources: list[str], output: str, *, into: str | None = None, on_mismat
             merged, details = _averaged(ckpts, _parse_weights(weights, len(ckpts)))
             base, mode = ckpts[0], "average"
         else:
-            merged, details = _plain_union(ckpts, on_conflict)
+            merged, others, details = _plain_union(ckpts, on_conflict)
             base, mode = ckpts[0], "union"
-        report = write_checkpoint(base, merged, output, **_write_options(force, dry_run, progress))
+        report = write_checkpoint(base, merged, output, others=others, **_write_options(force, dry_run, progress))
     del report["input"]  # several inputs: `sources` and `template` name them
     report.update(mode=mode, sources=list(sources), **({"template": into} if into else {}), **details)
     return report
@@ -281,23 +297,48 @@ _COMPARE_CHUNK = 16 * 1024 * 1024
 
 
 def _same_bytes(a: TensorRef, b: TensorRef) -> bool:
+    """Bit for bit, and for quantized tensors the same scales and zero points too."""
     va, vb = memoryview(a.data()).cast("B"), memoryview(b.data()).cast("B")
-    return all(va[i : i + _COMPARE_CHUNK] == vb[i : i + _COMPARE_CHUNK] for i in range(0, len(va), _COMPARE_CHUNK))
+    same = all(va[i : i + _COMPARE_CHUNK] == vb[i : i + _COMPARE_CHUNK] for i in range(0, len(va), _COMPARE_CHUNK))
+    return same and _quant_key(a) == _quant_key(b)
+
+
+def _quant_key(t: TensorRef):
+    q = t.quant
+    if q is None:
+        return None
+    if q.axis is None:
+        return q.scheme.name, q.scale, q.zero_point
+    return q.scheme.name, q.axis, bytes(q.scale.data()), bytes(q.zero_point.data())
+
+
+def _numbers(t: TensorRef):
+    """The values as a flat float64 (or complex128) torch tensor; None where elements are not
+    numbers (bits, packed 4-bit)."""
+    import torch
+
+    from .dtypes import COMPLEX
+    from .tensors import as_torch, values
+
+    if t.dtype.kind == COMPLEX:
+        return as_torch(t).reshape(-1).to(torch.complex128)
+    flat = values(t)  # dequantized, for quantized tensors
+    return None if flat is None else flat.to(torch.float64)
 
 
 def _max_abs_diff(a: TensorRef, b: TensorRef) -> float:
-    """Largest |a - b|, in float64 and in chunks; NaN facing NaN counts as equal, NaN facing a
-    number as infinitely far."""
+    """Largest |a - b| (the modulus, for complex values), in float64 and in chunks; NaN facing
+    NaN counts as equal, NaN facing a number as infinitely far. Elements that are not numbers
+    differ infinitely when their bytes differ."""
     import torch
 
-    from .tensors import as_torch
-
-    fa, fb = as_torch(a).reshape(-1), as_torch(b).reshape(-1)
+    fa, fb = _numbers(a), _numbers(b)
+    if fa is None or fb is None:
+        return float("inf")
     worst = 0.0
     step = 1 << 22
     for start in range(0, fa.numel(), step):
-        x = fa[start : start + step].to(torch.float64)
-        y = fb[start : start + step].to(torch.float64)
+        x, y = fa[start : start + step], fb[start : start + step]
         gap = (x - y).abs()
         both_nan = torch.isnan(x) & torch.isnan(y)
         gap = torch.where(both_nan, torch.zeros_like(gap), gap)

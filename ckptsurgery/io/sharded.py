@@ -61,7 +61,7 @@ def read_index(path: str, open_shard) -> Checkpoint:
     """`open_shard(path)` reads one shard; it must refuse anything but a checkpoint file."""
     index = load_index(path)
     shards: dict[str, Checkpoint] = {}
-    tensors = OrderedDict()
+    tensors, others = OrderedDict(), OrderedDict()  # others: a .bin shard's `_extra_state` entries
     try:
         for name, shard_name in index["weight_map"].items():
             if shard_name not in shards:
@@ -70,9 +70,14 @@ def read_index(path: str, open_shard) -> Checkpoint:
                     raise CkptError(f"{path}: shard {shard_name!r} is the index itself")
                 shards[shard_name] = open_shard(shard)
             shard = shards[shard_name]
-            if name not in shard.tensors:
+            if name in shard.tensors:
+                tensors[name] = shard.tensors[name]
+            elif name in shard.others:
+                others[name] = shard.others[name]
+            else:
                 raise CkptError(f"{path}: tensor {name!r} is not in its shard {shard_name}")
-            tensors[name] = shard.tensors[name]
+        for shard in shards.values():  # entries the weight_map does not name still travel
+            others.update((k, v) for k, v in shard.others.items() if k not in others)
     except BaseException:
         for shard in shards.values():
             shard.close()
@@ -84,4 +89,4 @@ def read_index(path: str, open_shard) -> Checkpoint:
     meta = {k: v for k, v in meta.items() if isinstance(v, str) and k != "total_size"}
     inert = sorted(set().union(*(s.inert for s in shards.values())))
     sources = [src for shard in shards.values() for src in shard.sources]
-    return Checkpoint(path, fmt, tensors, None, None, meta, inert=inert, sources=sources)
+    return Checkpoint(path, fmt, tensors, None, None, meta, inert=inert, sources=sources, others=others)

@@ -43,15 +43,18 @@ def storage_loader(where: str, locate, legacy: bool = False):
             raise CkptError(f"unknown storage type {name} (a dtype ckptsurgery does not know)")
         if not (type(key) is str and type(location) is str and type(numel) is int and 0 <= numel <= INT64_MAX):
             raise CkptError(f"bad storage record for key {brief(key)!r}")
-        handle = storages.get(key)
-        if handle is None:
-            itemsize = kind.dtype.itemsize if kind.dtype else 1
-            storage = Storage(None, -1, numel * itemsize, key)
+        nbytes = numel * (kind.dtype.itemsize if kind.dtype else 1)
+        first = storages.get(key)
+        if first is None:
+            storage = Storage(None, -1, nbytes, key)
             locate(key, storage, numel)
-            handle = storages[key] = StorageHandle(storage, kind.dtype, numel, repeated)
-        elif handle.dtype is not kind.dtype or handle.numel != numel:
-            raise CkptError(f"storage {key[:40]!r} is recorded twice with different types or sizes")
-        return handle
+            first = storages[key] = StorageHandle(storage, kind.dtype, numel, repeated)
+        elif first.storage.nbytes != nbytes:  # torch would take the first record's size: ambiguous
+            raise CkptError(f"storage {key[:40]!r} is recorded twice with different sizes")
+        if first.dtype is kind.dtype:
+            return first
+        # one storage recorded as two types (a float8 tensor and its uint8 view): same bytes
+        return StorageHandle(first.storage, kind.dtype, numel, repeated)
 
     return load, storages
 

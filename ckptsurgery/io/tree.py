@@ -35,40 +35,54 @@ def module_state(obj: Any) -> dict | None:
     return None
 
 
+MAX_MODULE_VISITS = 10_000_000  # modules and names; one shared at every level repeats 2**depth times
+
+
 def module_state_dict(module: InertObject) -> OrderedDict[str, TensorRef]:
     """Walk a pickled module the way `model.state_dict()` would: each module's parameters, then
-    its persistent buffers, then its children, depth first."""
+    its persistent buffers, then its children, depth first. A submodule shared by two parents is
+    listed under both names, as torch does; a module inside itself (a cycle) is not entered again."""
     out: OrderedDict[str, TensorRef] = OrderedDict()
-    seen: set[int] = set()
-    stack = [(module, "")]  # explicit stack: a hostile file may nest modules very deeply
+    stack = [(module, "", frozenset())]  # explicit stack: a hostile file may nest modules deeply
+    visits = 0
     while stack:
-        mod, prefix = stack.pop()
+        mod, prefix, path = stack.pop()
+        visits += 1
+        if visits > MAX_MODULE_VISITS:
+            raise CkptError(f"the pickled module reaches submodules more than {MAX_MODULE_VISITS:,} times "
+                            f"(modules shared at many levels)")
         state = module_state(mod)
-        if state is None or id(mod) in seen:
+        if state is None or id(mod) in path:
             continue
-        seen.add(id(mod))
+        path = path | {id(mod)}
         skip = state.get("_non_persistent_buffers_set")
         skip = {n for n in skip if type(n) is str} if isinstance(skip, (set, list, tuple)) else set()
         for table, drop in (("_parameters", set()), ("_buffers", skip)):
             entries = state.get(table)
             if type(entries) not in (dict, OrderedDict):
                 continue
+            visits += len(entries)  # names count as work too: a shared module's tensors repeat
             for name, value in entries.items():
                 if isinstance(value, TensorRef) and type(name) is str and name not in drop:
                     check_key(prefix + name, "")
                     out[prefix + name] = value
         children = state.get("_modules")
         if type(children) in (dict, OrderedDict):
-            stack.extend((child, f"{prefix}{name}.") for name, child in reversed(children.items())
+            stack.extend((child, f"{prefix}{name}.", path) for name, child in reversed(children.items())
                          if type(name) is str)
     return out
 
 
+# Where torch's own modules keep non-tensor values in a state dict: `get_extra_state()`
+# (TransformerEngine, ...) and the packed weights of torch.ao quantized Linear/Conv layers
+# (`fc._packed_params.dtype`, `fc._packed_params._packed_params`).
+NON_TENSOR_PARTS = ("_extra_state", "_packed_params")
+
+
 def _split_state_dict(obj: Any, explicit: bool, where: str):
     """(tensors, others) if `obj` is a state dict, else None. A state dict maps string keys to
-    tensors; besides tensors it may hold `*._extra_state` values (TransformerEngine and others
-    write them with get_extra_state), or — under an explicit --root — any value, carried
-    through .pth outputs as it was."""
+    tensors; besides tensors it may hold the values of NON_TENSOR_PARTS, or — under an explicit
+    --root — any value, carried through .pth outputs as they were."""
     if type(obj) not in (dict, OrderedDict):
         return None
     tensors: OrderedDict[str, TensorRef] = OrderedDict()
@@ -76,7 +90,7 @@ def _split_state_dict(obj: Any, explicit: bool, where: str):
     for key, value in obj.items():
         if isinstance(value, TensorRef):
             tensors[key] = value
-        elif explicit or (type(key) is str and key.rsplit(".", 1)[-1] == "_extra_state"):
+        elif explicit or (type(key) is str and any(part in NON_TENSOR_PARTS for part in key.split("."))):
             others[key] = value
         else:
             return None
