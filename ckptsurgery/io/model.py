@@ -84,9 +84,6 @@ class Storage:
     def view(self) -> memoryview:
         return self.source.view(self.offset, self.nbytes)
 
-    def __setstate__(self, state):  # a pickle's BUILD must not rewrite what was validated
-        raise CkptError("malformed pickle: it sets state on a storage")
-
 
 def computed_tensor(shape: tuple[int, ...], dtype: DType, make: Callable[[], bytes | bytearray]) -> "TensorRef":
     """A tensor whose row-major bytes `make()` produces when a writer asks for them."""
@@ -168,9 +165,6 @@ class TensorRef:
     def is_plain(self) -> bool:
         """Its bytes mean what they say: no scales beside them and no lazy bits to apply."""
         return self.quant is None and not self.math_bits
-
-    def __setstate__(self, state):  # a pickle's BUILD must not rewrite what was validated
-        raise CkptError("malformed pickle: it sets state on a tensor")
 
     def validate(self, where: "str | Callable[[], str]") -> None:
         """Check that the view lies inside its storage, before anything trusts it. `where`

@@ -9,7 +9,7 @@ from typing import Any
 from ..core import check_key
 from ..errors import CkptError
 from .model import TensorRef
-from .unpickler import InertObject, brief
+from .unpickler import Device, Global, InertGlobal, InertObject, PickledSet, TorchSize, brief
 
 # Keys under which training scripts nest the model's state dict, most specific first.
 ROOT_KEYS = (
@@ -176,12 +176,15 @@ def _unsupported_tensor_kinds(obj: Any) -> list[str]:
 
 
 def describe(value: Any) -> str:
-    """A short type name for an entry outside the root, as `inspect` reports it."""
+    """A short type name for an entry outside the root, as `inspect` reports it: the name the
+    user knows (torch.Size, a placeholder's class), never one of our own classes."""
     if isinstance(value, InertObject):
         return value.qualname()
+    if isinstance(value, (Global, InertGlobal)):
+        return f"{value!r}" if isinstance(value, Global) else value.qualname()
     if isinstance(value, TensorRef):
         return "tensor"
-    return type(value).__name__
+    return {TorchSize: "torch.Size", Device: "torch.device", PickledSet: "set"}.get(type(value), type(value).__name__)
 
 
 def extras(obj: Any, root: str) -> dict[str, str]:

@@ -419,7 +419,7 @@ class SafeUnpickler(pickle._Unpickler):
         args = self.stack.pop()
         cls = self.stack.pop()
         if not isinstance(cls, InertGlobal) or type(args) is not tuple:
-            raise CkptError(f"malformed pickle: it creates an object of {_describe(cls)}")
+            raise CkptError(f"malformed pickle: NEWOBJ on {_describe(cls)}, which is not a class it may create")
         self.append(self._nested(InertObject(cls, "newobj", args), args))
 
     def load_build(self):
@@ -514,8 +514,6 @@ class SafeUnpickler(pickle._Unpickler):
             raise CkptError("malformed pickle: values left over on its stack at the end")
         raise pickle._Stop(self.stack.pop())
 
-    def persistent_load(self, pid: Any) -> Any:
-        return self._load_persistent(pid)
 
 
 for _code in ALLOWED_OPCODES:
@@ -583,9 +581,6 @@ class BoundedReader:
     def readline(self) -> bytes:
         end = self._buffer.find(b"\n", self.position)
         return self.read((self._size if end < 0 else end + 1) - self.position)
-
-    def readinto(self, buffer) -> int:  # never reached: no allowed opcode reads into a buffer
-        raise CkptError("not a valid pickle")
 
     def peek(self, n: int = 1) -> bytes:
         return self._buffer[self.position : self.position + max(n, 1)]

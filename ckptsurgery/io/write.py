@@ -344,6 +344,8 @@ def torch_payload(checkpoint, tensors: dict[str, TensorRef], keep_metadata: bool
                 state[key] = value
     if keep_metadata and type(original) is OrderedDict and "_metadata" in vars(original):
         state._metadata = original._metadata  # load_state_dict reads module versions from it
+    if type(original) is dict:  # a plain dict stays one
+        state = dict(state)
     if obj is None or root == "" or type(obj) not in (dict, OrderedDict):
         return state
     out = type(obj)()
