@@ -190,14 +190,14 @@ def shard_names(output: str, count: int) -> tuple[list[str], str]:
 
 
 def _write(f, fmt: str, ckpt: Checkpoint, tensors: dict[str, TensorRef], cast: DType | None,
-           progress, whole: bool, keep_metadata: bool, others: dict) -> None:
+           progress, whole: bool, keep_metadata: bool, others: dict, inputs: list[Checkpoint]) -> None:
     """One output file: the whole checkpoint, or (`whole=False`) one shard's plain state dict."""
     if fmt == "safetensors":
         write_safetensors(f, tensors, ckpt.metadata if whole else {}, cast, progress)
     else:
         payload = torch_payload(ckpt, tensors, keep_metadata, others) if whole else OrderedDict(tensors)
         try:
-            write_torch(f, payload, cast, progress, cast_only=tensors, inert_in=ckpt.inert_order)
+            write_torch(f, payload, cast, progress, cast_only=tensors, inputs=[c.events for c in inputs])
         except PickleRefused as e:
             raise CkptError(f"{ckpt.path}: cannot be written as a .pth: {e}") from None
 
@@ -205,10 +205,14 @@ def _write(f, fmt: str, ckpt: Checkpoint, tensors: dict[str, TensorRef], cast: D
 def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: str, *,
                      cast: DType | None = None, max_shard_size: int | None = None, force: bool = False,
                      dry_run: bool = False, progress: ProgressFactory | None = None,
-                     keep_metadata: bool = True, others: dict | None = None) -> dict:
+                     keep_metadata: bool = True, others: dict | None = None,
+                     inputs: list[Checkpoint] | None = None) -> dict:
     """Write `tensors` (the state dict, possibly edited) of `ckpt` to `output`; return a report.
     Entries outside the root, and `others` (the root's non-tensor entries, by default the
-    checkpoint's own), travel with .pth outputs; safetensors holds tensors only."""
+    checkpoint's own), travel with .pth outputs; safetensors holds tensors only. `inputs`: every
+    checkpoint whose contents the output holds (by default `ckpt`), for the rule that an output
+    never runs more than its inputs."""
+    inputs = [ckpt] if inputs is None else inputs
     fmt = output_format(output)
     others = ckpt.others if others is None else others
     stored, aliases = plan_safetensors(tensors, cast)
@@ -244,7 +248,8 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: st
     with StagedOutputs(remove=report["removed"]) as outputs:
         if len(shards) == 1:
             with outputs.stage(output) as f:
-                _write(f, fmt, ckpt, tensors, cast, tick, whole=True, keep_metadata=keep_metadata, others=others)
+                _write(f, fmt, ckpt, tensors, cast, tick, whole=True, keep_metadata=keep_metadata,
+                       others=others, inputs=inputs)
             return report
         # each shard holds its tensors plus the tied names that point at them
         owner = report["tied"]
@@ -253,7 +258,8 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: st
             members = set(names)
             part = OrderedDict((n, t) for n, t in tensors.items() if owner.get(n, n) in members)
             with outputs.stage(path) as f:
-                _write(f, fmt, ckpt, part, cast, tick, whole=False, keep_metadata=keep_metadata, others=others)
+                _write(f, fmt, ckpt, part, cast, tick, whole=False, keep_metadata=keep_metadata,
+                       others=others, inputs=inputs)
             weight_map.update((n, os.path.basename(path)) for n in part)
         # key order, not sorted as Hugging Face writes it: reading back keeps the model's order
         body = {"metadata": {"total_size": total}, "weight_map": {n: weight_map[n] for n in tensors}}

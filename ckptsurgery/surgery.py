@@ -285,7 +285,8 @@ def merge(sources: list[str], output: str, *, into: str | None = None, on_mismat
         else:
             merged, others, details = _plain_union(ckpts, on_conflict)
             base, mode = ckpts[0], "union"
-        report = write_checkpoint(base, merged, output, others=others, **_write_options(force, dry_run, progress))
+        report = write_checkpoint(base, merged, output, others=others, inputs=[*ckpts, base],
+                                  **_write_options(force, dry_run, progress))
     del report["input"]  # several inputs: `sources` and `template` name them
     report.update(mode=mode, sources=list(sources), **({"template": into} if into else {}), **details)
     return report

@@ -271,7 +271,8 @@ class Checkpoint:
     inert: list[str] = field(default_factory=list)
     sources: list[MappedFile] = field(default_factory=list)
     others: dict[str, Any] = field(default_factory=dict)
-    inert_order: list[str] = field(default_factory=list)  # `inert` in order of first appearance
+    # placeholder imports and calls an unsafe torch.load would make, in order (unpickler.events)
+    events: list = field(default_factory=list)
 
     def close(self) -> None:
         for source in self.sources:

@@ -40,7 +40,8 @@ class TorchPickler:
         self._memo: dict[int, int] = {}
         self._keep: list = []  # keeps memoized objects alive so their ids stay unique
         self._open: set[int] = set()  # tuples and placeholder calls being written
-        self.placeholders: dict[str, None] = {}  # names of the placeholders written, in order
+        self._imported: set[int] = set()
+        self.events: list = []  # the placeholders imported (first time) and called, in write order
 
     def dumps(self, obj: Any) -> bytes:
         self._out += b"\x80\x02"
@@ -148,7 +149,9 @@ class TorchPickler:
             self._global(obj.module, obj.name)
         elif kind is InertGlobal:
             self._global(obj.module, obj.name)
-            self.placeholders.setdefault(obj.qualname())
+            if id(obj) not in self._imported:
+                self._imported.add(id(obj))
+                self.events.append(obj)
         elif id(obj) in self._memo:
             index = self._memo[id(obj)]
             out += b"h" + bytes([index]) if index < 256 else b"j" + struct.pack("<I", index)
@@ -266,6 +269,7 @@ class TorchPickler:
         self._save(obj.callee)
         self._tuple_items(obj.args)
         self._out += b"\x81" if obj.how == "newobj" else b"R"
+        self.events.append(obj)
         self._open.discard(id(obj))
         self._memoize(obj)
         if obj.listitems:

@@ -26,9 +26,12 @@ def read_torch_legacy(path: str, root: str | None) -> Checkpoint:
     reader = BoundedReader(source.buffer())
     inert: dict[str, None] = {}  # placeholders of every pickle in the file, not only the object's, in order
 
+    events: list = []
+
     def load(persistent_load=_no_persistent):
-        value, names = safe_load(reader, persistent_load, path)
+        value, names, happened = safe_load(reader, persistent_load, path)
         inert.update(dict.fromkeys(names))
+        events.extend(happened)
         return value
 
     magic = load()
@@ -64,4 +67,4 @@ def read_torch_legacy(path: str, root: str | None) -> Checkpoint:
         raise CkptError(f"{path}: no data for storages {', '.join(missing[:5])} (truncated file?)")
     root_key, tensors, others = find_root(obj, root, path)
     return Checkpoint(path, "torch-legacy", tensors, root_key, obj, inert=sorted(inert), sources=[source],
-                      others=others, inert_order=list(inert))
+                      others=others, events=events)

@@ -110,7 +110,7 @@ def read_torch_zip(path: str, root: str | None) -> Checkpoint:
 
         data = read_record(entries[pickles[0]])
         load, _ = storage_loader(path, locate)
-        obj, inert = safe_load(BoundedReader(data), load, path)
+        obj, inert, events = safe_load(BoundedReader(data), load, path)
     root_key, tensors, others = find_root(obj, root, path)
     return Checkpoint(path, "torch-zip", tensors, root_key, obj, inert=sorted(inert), sources=[source], others=others,
-                      inert_order=inert)
+                      events=events)

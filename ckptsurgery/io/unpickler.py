@@ -355,6 +355,9 @@ class SafeUnpickler(pickle._Unpickler):
         super().__init__(file, encoding="utf-8")
         self._load_persistent = persistent_load
         self.inert: dict[str, None] = {}  # placeholder names, in order of first appearance
+        # what an unsafe torch.load of this pickle would do with placeholders, in order: import
+        # one (its InertGlobal, once) or call one (the InertObject made): see write.check_not_more_executable
+        self.events: list = []
         self._placeholders: dict[tuple[str, str], InertGlobal] = {}
         self._depth: dict[int, int] = {}  # id -> nesting depth, of containers built so far
         self._tuple_paths: dict[int, int] = {}  # id -> tuples reached from this tuple, counted per path
@@ -395,6 +398,7 @@ class SafeUnpickler(pickle._Unpickler):
         if key not in self._placeholders:
             self._placeholders[key] = InertGlobal(module, name)
             self.inert.setdefault(f"{module}.{name}")
+            self.events.append(self._placeholders[key])
         return self._placeholders[key]
 
     def load_global(self):
@@ -409,6 +413,7 @@ class SafeUnpickler(pickle._Unpickler):
             raise CkptError("malformed pickle: a call whose arguments are not a tuple")
         if isinstance(func, (InertGlobal, InertObject)):
             result = InertObject(func, "reduce" if isinstance(func, InertGlobal) else "call", args)
+            self.events.append(result)
         elif id(func) in _CALLABLE:
             result = func(*args)
         else:
@@ -420,7 +425,9 @@ class SafeUnpickler(pickle._Unpickler):
         cls = self.stack.pop()
         if not isinstance(cls, InertGlobal) or type(args) is not tuple:
             raise CkptError(f"malformed pickle: NEWOBJ on {_describe(cls)}, which is not a class it may create")
-        self.append(self._nested(InertObject(cls, "newobj", args), args))
+        obj = InertObject(cls, "newobj", args)
+        self.events.append(obj)
+        self.append(self._nested(obj, args))
 
     def load_build(self):
         state = self.stack.pop()
@@ -588,7 +595,7 @@ class BoundedReader:
 
 def safe_load(reader: BoundedReader, persistent_load: Callable[[Any], Any], where: str):
     """Unpickle one pickle at the reader's position; return (object, placeholder names in order
-    of first appearance). The reader is left just after the pickle."""
+    of first appearance, placeholder events in order). The reader is left just after the pickle."""
     unpickler = SafeUnpickler(reader, persistent_load)
     try:
         obj = unpickler.load()
@@ -600,4 +607,4 @@ def safe_load(reader: BoundedReader, persistent_load: Callable[[Any], Any], wher
         raise CkptError(f"{where}: the pickle asks for more memory than there is") from None
     except Exception as e:  # a malformed pickle: any of a dozen exception types
         raise CkptError(f"{where}: not a valid pickle ({type(e).__name__}: {str(e)[:200]})") from None
-    return obj, list(unpickler.inert)
+    return obj, list(unpickler.inert), unpickler.events

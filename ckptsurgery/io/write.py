@@ -17,6 +17,7 @@ from ..dtypes import DType, why_not_safetensors
 from ..errors import CkptError
 from .model import MappedFile, Storage, TensorRef
 from .pickler import PickleRefused, TorchPickler
+from .unpickler import InertGlobal
 from .safetensors import ALIASES_KEY, safetensors_shape
 from ..tensors import cast_bytes
 from .zipwriter import ZipWriter
@@ -256,12 +257,12 @@ ARCHIVE = "archive"  # the inner folder's name; torch.save would use the output'
 
 
 def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Progress | None = None,
-                cast_only: dict[str, TensorRef] | None = None, inert_in: list[str] | None = None) -> None:
+                cast_only: dict[str, TensorRef] | None = None, inputs: list[list] | None = None) -> None:
     """Pickle `obj` (tensor references anywhere inside) into torch's zip format. Each storage is
     written once, as torch would write it: a typed storage for the dtypes that have one, an
     UntypedStorage (and `_rebuild_tensor_v3` with each tensor's own dtype) for the others.
     `cast` applies to the storages of `cast_only`'s tensors (the state dict), never to what lies
-    outside it (an optimizer's step counts). `inert_in`: the input's placeholders — see
+    outside it (an optimizer's step counts). `inputs`: each input's placeholder events — see
     `check_not_more_executable`."""
     castable = {id(t.storage) for t in (cast_only or {}).values() if t.dtype.floating} if cast else set()
     storages: OrderedDict[int, tuple[Storage, str, DType, DType]] = OrderedDict()  # key, read, written
@@ -281,8 +282,8 @@ def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Prog
 
     pickler = TorchPickler(storage_record)
     data_pkl = pickler.dumps(obj)
-    if inert_in is not None:
-        check_not_more_executable(list(pickler.placeholders), inert_in)
+    if inputs is not None:
+        check_not_more_executable(pickler.events, inputs)
     archive = ZipWriter(f)
     archive.add_bytes(f"{ARCHIVE}/data.pkl", data_pkl)
     archive.add_bytes(f"{ARCHIVE}/.format_version", b"1")
@@ -302,25 +303,34 @@ def _written_size(storage: Storage, read_as: DType, write_as: DType) -> int:
     return storage.nbytes if write_as is read_as else storage.nbytes // read_as.itemsize * write_as.itemsize
 
 
-def check_not_more_executable(written: list[str], inert_in: list[str]) -> None:
-    """An unsafe torch.load imports globals in the order it meets them and stops at the first
-    it cannot import. So a placeholder the output keeps must not be reachable there without
-    passing every placeholder that came before it in the input: a rewrite that drops or
-    reorders those (a pickled module replaced by its state dict, a dropped entry) could let a
-    load of the output reach code that the input's load never did. Both lists are in order of
-    first appearance."""
-    position = {name: i for i, name in enumerate(inert_in)}
-    met: set[str] = set()
-    prefix = 0  # inert_in[:prefix] have all been met in the output already
-    for name in written:
-        while prefix < len(inert_in) and inert_in[prefix] in met:
-            prefix += 1
-        if position.get(name, 0) > prefix:
-            raise PickleRefused(
-                f"a .pth output would reach {name} without first meeting {inert_in[prefix]}, which an "
-                f"unsafe torch.load of the input meets first (and may stop at); write .safetensors, or "
-                f"drop the entries that hold {name}")
-        met.add(name)
+def check_not_more_executable(written: list, inputs: list[list]) -> None:
+    """An unsafe torch.load imports globals and makes calls in the order it meets them, and
+    stops at the first that fails — an import of a class the user does not have, a call that
+    raises. So no placeholder the output keeps may be reached without first passing every
+    placeholder import and call that the input's load makes before it: a rewrite that drops or
+    reorders those (a pickled module replaced by its state dict, a dropped entry, a renamed key
+    moved) could reach code that the input's load never did. `written` and each list of
+    `inputs` (one per source file) are placeholder events (InertGlobal imports, InertObject
+    calls) in order."""
+    for events in inputs:
+        position = {id(e): i for i, e in enumerate(events)}
+        met: set[int] = set()
+        prefix = 0  # events[:prefix] have all been met in the output already
+        for event in written:
+            if id(event) not in position:
+                continue
+            while prefix < len(events) and id(events[prefix]) in met:
+                prefix += 1
+            if position[id(event)] > prefix:
+                raise PickleRefused(
+                    f"a .pth output would reach {_event_name(event)} without first passing "
+                    f"{_event_name(events[prefix])}, where an unsafe torch.load of the input may stop; "
+                    f"write .safetensors, or keep what comes before it")
+            met.add(id(event))
+
+
+def _event_name(event) -> str:
+    return event.qualname() + ("" if isinstance(event, InertGlobal) else "(...)")
 
 
 def torch_payload(checkpoint, tensors: dict[str, TensorRef], keep_metadata: bool = True,
