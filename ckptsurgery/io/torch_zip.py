@@ -11,7 +11,7 @@ from ..errors import CkptError
 from .model import Checkpoint, MappedFile, Storage
 from .tree import find_root
 from .model import INT64_MAX
-from .unpickler import BoundedReader, Global, InertGlobal, StorageHandle, brief, describe_pid, safe_load
+from .unpickler import BoundedReader, Global, InertGlobal, StorageHandle, brief, describe_pid, is_device, safe_load
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
 _MAX_PICKLE = 1 << 30
@@ -43,6 +43,8 @@ def storage_loader(where: str, locate, legacy: bool = False):
             raise CkptError(f"unknown storage type {name} (a dtype ckptsurgery does not know)")
         if not (type(key) is str and type(location) is str and type(numel) is int and 0 <= numel <= INT64_MAX):
             raise CkptError(f"bad storage record for key {brief(key)!r}")
+        if not is_device(location):  # torch cannot restore it: reading it as CPU would repair the file
+            raise CkptError(f"storage {key[:40]!r} is on device {location[:40]!r}, which torch does not know")
         nbytes = numel * (kind.dtype.itemsize if kind.dtype else 1)
         first = storages.get(key)
         if first is None:
@@ -51,10 +53,7 @@ def storage_loader(where: str, locate, legacy: bool = False):
             first = storages[key] = StorageHandle(storage, kind.dtype, numel, repeated)
         elif first.storage.nbytes != nbytes:  # torch would take the first record's size: ambiguous
             raise CkptError(f"storage {key[:40]!r} is recorded twice with different sizes")
-        if first.dtype is kind.dtype:
-            return first
-        # one storage recorded as two types (a float8 tensor and its uint8 view): same bytes
-        return StorageHandle(first.storage, kind.dtype, numel, repeated)
+        return first  # as torch: the first record of a key decides its type (a view as another dtype)
 
     return load, storages
 

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from collections import OrderedDict
 from dataclasses import replace
 from typing import Any, Callable
@@ -157,6 +158,14 @@ def _math_bits(metadata) -> tuple[str, ...]:
     return tuple(sorted(k for k, v in metadata.items() if v))
 
 
+def _grad(requires_grad, dtype: dtypes.DType) -> bool:
+    _expect(type(requires_grad) is bool, "requires_grad is not a bool")
+    # torch refuses to load such a tensor: a rewrite must not quietly make it loadable
+    _expect(not requires_grad or dtype.kind in (dtypes.FLOAT, dtypes.FLOAT8, dtypes.COMPLEX),
+            f"requires_grad on a {dtype.name} tensor, which torch refuses")
+    return requires_grad
+
+
 def _tensor(handle, offset, size, stride, dtype: dtypes.DType, **extra) -> TensorRef:
     tensor = TensorRef(handle.storage, offset, _ints(size, "bad size"), _ints(stride, "bad stride"), dtype, **extra)
     tensor.validate(lambda: f"tensor in storage {handle.storage.key[:40]!r}")
@@ -167,34 +176,41 @@ def _tensor(handle, offset, size, stride, dtype: dtypes.DType, **extra) -> Tenso
     return tensor
 
 
+def _typed(handle) -> dtypes.DType:
+    """The dtype torch gives a tensor rebuilt with `_rebuild_tensor_v2` over this storage: the
+    first record's (torch caches one typed storage per key; an UntypedStorage as uint8)."""
+    _expect(isinstance(handle, StorageHandle), "storage is not a storage")
+    return handle.dtype or dtypes.BY_NAME["uint8"]
+
+
 def _rebuild_tensor(storage, storage_offset, size, stride):
-    _expect(isinstance(storage, StorageHandle) and storage.dtype is not None, "storage is not a typed storage")
-    return _tensor(storage, storage_offset, size, stride, storage.dtype)
+    return _tensor(storage, storage_offset, size, stride, _typed(storage))
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
-    _expect(isinstance(storage, StorageHandle) and storage.dtype is not None, "storage is not a typed storage")
-    _expect(storage.dtype.kind != dtypes.QUANTIZED, "a quantized storage without its scales")
-    _expect(type(requires_grad) is bool, "requires_grad is not a bool")
+    dtype = _typed(storage)
+    _expect(dtype.kind != dtypes.QUANTIZED, "a quantized storage without its scales")
     _no_hooks(backward_hooks)
-    return _tensor(storage, storage_offset, size, stride, storage.dtype,
-                   plain_grad=requires_grad, math_bits=_math_bits(metadata))
+    return _tensor(storage, storage_offset, size, stride, dtype,
+                   plain_grad=_grad(requires_grad, dtype), math_bits=_math_bits(metadata))
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
-    _expect(isinstance(storage, StorageHandle) and storage.dtype is None, "storage is not an untyped storage")
+    _expect(isinstance(storage, StorageHandle), "storage is not a storage")
     _expect(isinstance(dtype, Global) and dtype.kind == "dtype", "unknown dtype")
     _expect(dtype.dtype.kind != dtypes.QUANTIZED, "a quantized dtype without its scales")
-    _expect(type(requires_grad) is bool, "requires_grad is not a bool")
     _no_hooks(backward_hooks)
     return _tensor(storage, storage_offset, size, stride, dtype.dtype,
-                   plain_grad=requires_grad, math_bits=_math_bits(metadata))
+                   plain_grad=_grad(requires_grad, dtype.dtype), math_bits=_math_bits(metadata))
 
 
 def _quant_params(params) -> QuantParams:
     _expect(type(params) is tuple and params and isinstance(params[0], Global) and params[0].kind == "qscheme",
             "bad quantizer parameters")
     scheme = params[0]
+    # the schemes torch's _rebuild_qtensor rebuilds; it raises on the symmetric ones
+    _expect(scheme.name in ("per_tensor_affine", "per_channel_affine", "per_channel_affine_float_qparams"),
+            f"quantization scheme {scheme.name}, which torch cannot load")
     if scheme.name.startswith("per_tensor"):
         _expect(len(params) == 3 and type(params[1]) is float and type(params[2]) is int, "bad per-tensor scale")
         return QuantParams(scheme, params[1], params[2])
@@ -204,12 +220,11 @@ def _quant_params(params) -> QuantParams:
 
 
 def _rebuild_qtensor(storage, storage_offset, size, stride, quantizer_params, requires_grad, backward_hooks):
-    _expect(isinstance(storage, StorageHandle) and storage.dtype is not None
-            and storage.dtype.kind == dtypes.QUANTIZED, "a quantized tensor on a storage that is not quantized")
-    _expect(type(requires_grad) is bool, "requires_grad is not a bool")
+    dtype = _typed(storage)
+    _expect(dtype.kind == dtypes.QUANTIZED, "a quantized tensor on a storage that is not quantized")
     _no_hooks(backward_hooks)
     quant = _quant_params(quantizer_params)
-    tensor = _tensor(storage, storage_offset, size, stride, storage.dtype, plain_grad=requires_grad, quant=quant)
+    tensor = _tensor(storage, storage_offset, size, stride, dtype, plain_grad=_grad(requires_grad, dtype), quant=quant)
     if quant.axis is not None:
         _expect(0 <= quant.axis < len(tensor.shape) and quant.scale.shape == quant.zero_point.shape
                 == (tensor.shape[quant.axis],), "per-channel scales do not match the tensor")
@@ -220,10 +235,18 @@ def _rebuild_parameter(data, requires_grad, backward_hooks):
     return _rebuild_parameter_with_state(data, requires_grad, backward_hooks, None)
 
 
+def _object_state(state) -> bool:
+    """A state torch's `_set_obj_state` accepts: None, a dict, or a (dict, slots) pair."""
+    if state is None or type(state) is dict:
+        return True
+    return type(state) is tuple and len(state) == 2 and all(s is None or type(s) is dict for s in state)
+
+
 def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
     _expect(isinstance(data, TensorRef) and data.requires_grad is None, "parameter without a tensor")
-    _expect(type(requires_grad) is bool, "requires_grad is not a bool")
+    _grad(requires_grad, data.dtype)
     _no_hooks(backward_hooks)
+    _expect(_object_state(state), "a parameter state torch refuses")
     # a new reference: the pickle may use `data` elsewhere as a plain tensor (same storage, so
     # the two stay tied); attributes set on the parameter are carried into .pth outputs
     return replace(data, requires_grad=requires_grad, plain_grad=False, param_state=state)
@@ -235,7 +258,8 @@ def _rebuild_from_type_v2(func, new_type, args, state):
     # anything else the pickle offers as `func` stays inert.
     if func in _REBUILDERS and type(args) is tuple:
         tensor = func(*args)
-        plain = new_type is ALLOWED[("torch", "Tensor")] and not state
+        _expect(_object_state(state), "a tensor state torch refuses")
+        plain = new_type is ALLOWED[("torch", "Tensor")] and (state is None or state == {})
         return tensor if plain else replace(tensor, wrap=(new_type, state))
     return InertObject(InertGlobal("torch._tensor", "_rebuild_from_type_v2"), "reduce", (func, new_type, args, state))
 
@@ -279,8 +303,20 @@ def _torch_size(dims=()):
     return TorchSize(_ints(dims, "bad torch.Size"))
 
 
+# torch's device types (c10/core/DeviceType.h), as torch.device() and storage locations take them
+DEVICE_TYPES = ("cpu", "cuda", "mkldnn", "opengl", "opencl", "ideep", "hip", "fpga", "maia", "xla",
+                "vulkan", "metal", "xpu", "mps", "meta", "hpu", "ve", "lazy", "ipu", "mtia", "privateuseone")
+_DEVICE = re.compile(r"(%s)(:(0|[1-9][0-9]{0,3}))?" % "|".join(DEVICE_TYPES))
+
+
+def is_device(text: str) -> bool:
+    """A device string torch accepts ("cpu", "cuda:0"); torch refuses any other at load."""
+    return type(text) is str and _DEVICE.fullmatch(text) is not None
+
+
 def _torch_device(kind, index=None):
-    _expect(type(kind) is str and (index is None or type(index) is int), "bad torch.device")
+    _expect(is_device(kind) and (index is None or (type(index) is int and 0 <= index < 10_000 and ":" not in kind)),
+            "a torch.device torch itself would refuse")
     return Device((kind,) if index is None else (kind, index))
 
 
