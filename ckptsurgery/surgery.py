@@ -232,8 +232,9 @@ def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: s
             continue
         index, source_key, how = found[name]
         st = ckpts[index].tensors[source_key]
-        if (st.shape != tt.shape and on_mismatch == "overlap") or st.dtype is not tt.dtype:
-            _check_fits(name, st, tt)
+        copies = on_mismatch == "overlap" if st.shape != tt.shape else st.dtype is not tt.dtype
+        if copies:
+            _check_fits(f"{ckpts[index].path}: {source_key} -> {template.path}: {name}", st, tt)
         if st.shape != tt.shape:
             report["mismatched"].append({"name": name, "source_shape": list(st.shape),
                                          "template_shape": list(tt.shape), "policy": on_mismatch})
@@ -321,14 +322,14 @@ def _numbers(t: TensorRef):
     from .dtypes import COMPLEX
     from .tensors import as_torch, values
 
-    if t.dtype.kind == COMPLEX:
-        return as_torch(t).reshape(-1).to(torch.complex128)
+    if t.dtype.kind == COMPLEX:  # real and imaginary parts side by side, each compared
+        return torch.view_as_real(as_torch(t).reshape(-1).to(torch.complex128)).reshape(-1)
     flat = values(t)  # dequantized, for quantized tensors
     return None if flat is None else flat.to(torch.float64)
 
 
 def _max_abs_diff(a: TensorRef, b: TensorRef) -> float:
-    """Largest |a - b| (the modulus, for complex values), in float64 and in chunks; NaN facing
+    """Largest |a - b| (of either part, for complex values), in float64 and in chunks; NaN facing
     NaN counts as equal, NaN facing a number as infinitely far. Elements that are not numbers
     differ infinitely when their bytes differ."""
     import torch

@@ -9,7 +9,7 @@ from typing import Any
 from ..core import check_key
 from ..errors import CkptError
 from .model import TensorRef
-from .unpickler import Device, Global, InertGlobal, InertObject, PickledSet, TorchSize, brief
+from .unpickler import Device, Global, InertGlobal, InertObject, PickledSet, StorageHandle, TorchSize, brief
 
 # Keys under which training scripts nest the model's state dict, most specific first.
 ROOT_KEYS = (
@@ -35,22 +35,25 @@ def module_state(obj: Any) -> dict | None:
     return None
 
 
-MAX_MODULE_VISITS = 10_000_000  # modules and names; one shared at every level repeats 2**depth times
+MIN_MODULE_WORK = 100_000  # modules and names a walk may visit, at least; more for big models
 
 
-def module_state_dict(module: InertObject) -> OrderedDict[str, TensorRef]:
+def module_state_dict(module: InertObject, where: str = "") -> OrderedDict[str, TensorRef]:
     """Walk a pickled module the way `model.state_dict()` would: each module's parameters, then
     its persistent buffers, then its children, depth first. A submodule shared by two parents is
     listed under both names, as torch does; a module inside itself (a cycle) is not entered again."""
     out: OrderedDict[str, TensorRef] = OrderedDict()
     stack = [(module, "", frozenset())]  # explicit stack: a hostile file may nest modules deeply
+    # a module shared at every level repeats 2**depth times: the work may be a few times what
+    # a walk without repeats would do (its distinct modules and entries), never more
+    budget = max(MIN_MODULE_WORK, 8 * _distinct_work(module))
     visits = 0
     while stack:
         mod, prefix, path = stack.pop()
         visits += 1
-        if visits > MAX_MODULE_VISITS:
-            raise CkptError(f"the pickled module reaches submodules more than {MAX_MODULE_VISITS:,} times "
-                            f"(modules shared at many levels)")
+        if visits > budget:
+            raise CkptError(f"{where}the pickled module repeats shared submodules into more than {budget:,} "
+                            f"modules and names; refused")
         state = module_state(mod)
         if state is None or id(mod) in path:
             continue
@@ -64,7 +67,7 @@ def module_state_dict(module: InertObject) -> OrderedDict[str, TensorRef]:
             visits += len(entries)  # names count as work too: a shared module's tensors repeat
             for name, value in entries.items():
                 if isinstance(value, TensorRef) and type(name) is str and name not in drop:
-                    check_key(prefix + name, "")
+                    check_key(prefix + name, where)
                     out[prefix + name] = value
         children = state.get("_modules")
         if type(children) in (dict, OrderedDict):
@@ -77,6 +80,22 @@ def module_state_dict(module: InertObject) -> OrderedDict[str, TensorRef]:
 # (TransformerEngine, ...) and the packed weights of torch.ao quantized Linear/Conv layers
 # (`fc._packed_params.dtype`, `fc._packed_params._packed_params`).
 NON_TENSOR_PARTS = ("_extra_state", "_packed_params")
+
+
+def _distinct_work(module: InertObject) -> int:
+    """Modules and table entries reachable from `module`, each counted once."""
+    seen, stack, work = set(), [module], 0
+    while stack:
+        state = module_state(mod := stack.pop())
+        if state is None or id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        work += 1 + sum(len(state.get(t)) for t in ("_parameters", "_buffers")
+                        if type(state.get(t)) in (dict, OrderedDict))
+        children = state.get("_modules")
+        if type(children) in (dict, OrderedDict):
+            stack.extend(children.values())
+    return work
 
 
 def _split_state_dict(obj: Any, explicit: bool, where: str):
@@ -107,7 +126,7 @@ def as_state_dict(obj: Any, explicit: bool = False, where: str = ""):
     if found is not None:
         return found
     if module_state(obj) is not None:
-        return module_state_dict(obj), OrderedDict()
+        return module_state_dict(obj, where), OrderedDict()
     return None
 
 
@@ -184,6 +203,8 @@ def describe(value: Any) -> str:
         return f"{value!r}" if isinstance(value, Global) else value.qualname()
     if isinstance(value, TensorRef):
         return "tensor"
+    if isinstance(value, StorageHandle):
+        return f"torch.{value.dtype.storage if value.dtype else 'UntypedStorage'}"
     return {TorchSize: "torch.Size", Device: "torch.device", PickledSet: "set"}.get(type(value), type(value).__name__)
 
 

@@ -264,7 +264,15 @@ def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Prog
     `cast` applies to the storages of `cast_only`'s tensors (the state dict), never to what lies
     outside it (an optimizer's step counts). `inputs`: each input's placeholder events — see
     `check_not_more_executable`."""
-    castable = {id(t.storage) for t in (cast_only or {}).values() if t.dtype.floating} if cast else set()
+    castable: set[int] = set()
+    if cast:
+        chosen = list((cast_only or {}).values())
+        castable = {id(t.storage) for t in chosen if t.dtype.floating}
+        # a storage that also backs something cast must not change under it: integers, or a
+        # quantized tensor's scales
+        castable -= {id(t.storage) for t in chosen if not t.dtype.floating}
+        castable -= {id(p.storage) for t in chosen if t.quant and t.quant.axis is not None
+                     for p in (t.quant.scale, t.quant.zero_point)}
     storages: OrderedDict[int, tuple[Storage, str, DType, DType]] = OrderedDict()  # key, read, written
 
     def storage_record(t: TensorRef) -> tuple[str, str, str, int, DType]:
