@@ -394,3 +394,15 @@ def test_dtype_cast_says_what_it_kept(cli, tmp_path):
     torch.save({"w": torch.randn(2), "f8": torch.randn(2).to(torch.float8_e5m2)}, path)
     result = cli("convert", path, "-o", tmp_path / "bf.safetensors", "--dtype", "bf16")
     assert result.code == 0 and "kept their dtype" in result.err and "f8" in result.err
+
+
+def test_device_types_are_torchs():
+    """Every device type the reader accepts is one torch.device accepts (and a made-up one is not)."""
+    from ckptsurgery.io.unpickler import DEVICE_TYPES, is_device
+
+    for kind in DEVICE_TYPES:
+        torch.device(kind)
+        torch.device(f"{kind}:1")
+    with pytest.raises(RuntimeError):
+        torch.device("nosuchdevice")
+    assert not is_device("nosuchdevice") and is_device("cuda:3") and not is_device("cuda:-1")

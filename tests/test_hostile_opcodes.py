@@ -806,14 +806,18 @@ def test_output_does_not_drop_a_failing_import_that_guards_a_payload(cli, tmp_pa
 
 
 def test_set_of_placeholder_calls_keeps_the_inputs_call_order(cli, tmp_path):
-    """builtins.set([m0.f(), m1.f(), ...]): the output must make the calls in the input's order."""
+    """builtins.set([m0.f(), m1.f(), ...]): torch would hash each by running its class's code, so
+    it is refused; a set of plain values is written in the order the input listed it."""
     calls = [f"m{i} f" for i in range(12)]
     items = b"".join(G(*c.split()) + b")R" for c in calls)
     src = zip_file(tmp_path / "set.pth", checkpoint((U("s"), G("builtins", "set") + T(b"](" + items + b"e") + b"R")))
+    assert_one_error_line(cli("convert", src, "-o", tmp_path / "out.pth"), "set member")
+    words = [f"w{i}" for i in (5, 1, 9, 3, 7, 0, 11, 2)]
+    src = zip_file(tmp_path / "words.pth", checkpoint((U("s"), G("builtins", "set") + T(b"](" + b"".join(map(U, words)) + b"e") + b"R")))
     out = tmp_path / "out.pth"
     assert cli("convert", src, "-o", out).code == 0
-    written = [g for g in scan(pickles_of(out)[0])[0] if g in calls]
-    assert written == calls, f"calls reordered: {written}"
+    written = [arg for op, arg, _ in pickletools.genops(pickles_of(out)[0]) if op.name == "BINUNICODE" and arg in words]
+    assert written == words
 
 
 def test_call_reached_through_its_own_argument_is_written_once(cli, tmp_path):

@@ -224,6 +224,8 @@ class TorchPickler:
             if with_state:
                 self._save(tensor.param_state)
             self._out += b"tR"
+        if tensor.wrap is not None or tensor.param_state is not None:
+            self.events.append(tensor)  # setting its attributes may raise in torch: see the reader
         self._open.discard(id(tensor))
         self._memoize(tensor)
 

@@ -289,8 +289,16 @@ class PickledSet(set):
         self.items = items
 
 
+def _hashable(keys) -> None:
+    """torch hashes a placeholder's instance by running its class's code, which may raise
+    (argparse.Namespace is unhashable); we cannot know, so we refuse it as a key or member."""
+    if any(isinstance(k, InertObject) for k in keys):
+        raise CkptError("malformed pickle: an instance of a class it does not allow as a dict key or set member")
+
+
 def _set(items=()):
     _expect(type(items) in (list, tuple), "set of a non-list")
+    _hashable(items)
     return PickledSet(list(items))
 
 
@@ -304,8 +312,9 @@ def _torch_size(dims=()):
 
 
 # torch's device types (c10/core/DeviceType.h), as torch.device() and storage locations take them
+# (tests/test_dtypes.py checks each against torch.device)
 DEVICE_TYPES = ("cpu", "cuda", "mkldnn", "opengl", "opencl", "ideep", "hip", "fpga", "maia", "xla",
-                "vulkan", "metal", "xpu", "mps", "meta", "hpu", "ve", "lazy", "ipu", "mtia", "privateuseone")
+                "vulkan", "xpu", "mps", "meta", "hpu", "ve", "lazy", "ipu", "mtia", "privateuseone")
 _DEVICE = re.compile(r"(%s)(:(0|[1-9][0-9]{0,3}))?" % "|".join(DEVICE_TYPES))
 
 
@@ -452,6 +461,11 @@ class SafeUnpickler(pickle._Unpickler):
             self.events.append(result)
         elif id(func) in _CALLABLE:
             result = func(*args)
+            # torch runs more code here than we do — a placeholder's call, or setattr of a
+            # tensor's or parameter's attributes — and any of it may raise: an event too
+            if isinstance(result, InertObject) or (
+                    isinstance(result, TensorRef) and (result.wrap is not None or result.param_state is not None)):
+                self.events.append(result)
         else:
             raise CkptError(f"malformed pickle: it calls {_describe(func)}, which is not callable here")
         self.stack[-1] = self._nested(result, args)
@@ -533,6 +547,7 @@ class SafeUnpickler(pickle._Unpickler):
 
     def _set_items(self, items: list) -> None:
         target = self.stack[-1]
+        _hashable(items[::2])
         if type(target) is InertObject:
             target.dictitems.extend(zip(items[::2], items[1::2]))
         elif type(target) in (dict, OrderedDict):

@@ -338,6 +338,8 @@ def check_not_more_executable(written: list, inputs: list[list]) -> None:
 
 
 def _event_name(event) -> str:
+    if isinstance(event, TensorRef):
+        return "a tensor's attributes"
     return event.qualname() + ("" if isinstance(event, InertGlobal) else "(...)")
 
 
