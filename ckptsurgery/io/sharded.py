@@ -89,6 +89,7 @@ def read_index(path: str, open_shard) -> Checkpoint:
     meta = {k: v for k, v in meta.items() if isinstance(v, str) and k != "total_size"}
     inert = sorted(set().union(*(s.inert for s in shards.values())))
     sources = [src for shard in shards.values() for src in shard.sources]
-    events = [e for shard in shards.values() for e in shard.events]  # shards load in this order
+    # transformers loads shards in sorted name order: an unsafe load meets their events so
+    events = [e for name in sorted(shards) for e in shards[name].events]
     return Checkpoint(path, fmt, tensors, None, None, meta, inert=inert, sources=sources, others=others,
                       events=events)
