@@ -258,3 +258,12 @@ def test_plain_tensor_requires_grad_survives_a_rewrite(cli, tmp_path):
     assert cli("convert", src, "-o", out).code == 0
     loaded = torch.load(out, weights_only=True)
     assert loaded["ema"].requires_grad and not loaded["state_dict"]["w"].requires_grad
+
+
+def test_storage_locations_are_written_back_as_read(cli, tmp_path, gpu_tagged_pth, state_dict):
+    """A GPU-tagged .pth stays GPU-tagged: loadable with map_location, as its input is, and no more."""
+    out = tmp_path / "copy.pth"
+    assert cli("convert", gpu_tagged_pth, "-o", out).code == 0
+    with pytest.raises(RuntimeError):
+        torch.load(out, weights_only=True)
+    assert_same_tensors(state_dict, torch.load(out, map_location="cpu", weights_only=True))

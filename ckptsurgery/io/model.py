@@ -73,13 +73,14 @@ class Storage:
     The dtype belongs to the tensors viewing it, as in torch: one storage may back tensors of
     several dtypes (torch's `_rebuild_tensor_v3` route)."""
 
-    __slots__ = ("source", "offset", "nbytes", "key")
+    __slots__ = ("source", "offset", "nbytes", "key", "location")
 
-    def __init__(self, source, offset: int, nbytes: int, key: str = ""):
+    def __init__(self, source, offset: int, nbytes: int, key: str = "", location: str = "cpu"):
         self.source = source
         self.offset = offset
         self.nbytes = nbytes
         self.key = key
+        self.location = location  # the device torch.save recorded ("cuda:0"), written back as read
 
     def view(self) -> memoryview:
         return self.source.view(self.offset, self.nbytes)

@@ -249,7 +249,9 @@ class TorchPickler:
         self._save("storage")
         self._global(module, storage_class)
         self._save(key)
-        self._save("cpu")
+        # as read: torch.load cannot restore some locations without map_location (or at all),
+        # and an unsafe load stops there — writing "cpu" would let it go on
+        self._save(tensor.storage.location)
         self._save(numel)
         self._out += b"tQ"
         self._save(tensor.offset)

@@ -43,12 +43,12 @@ def storage_loader(where: str, locate, legacy: bool = False):
             raise CkptError(f"unknown storage type {name} (a dtype ckptsurgery does not know)")
         if not (type(key) is str and type(location) is str and type(numel) is int and 0 <= numel <= INT64_MAX):
             raise CkptError(f"bad storage record for key {brief(key)!r}")
-        if not is_device(location):  # torch cannot restore it: reading it as CPU would repair the file
+        if not is_device(location):
             raise CkptError(f"storage {key[:40]!r} is on device {location[:40]!r}, which torch does not know")
         nbytes = numel * (kind.dtype.itemsize if kind.dtype else 1)
         first = storages.get(key)
         if first is None:
-            storage = Storage(None, -1, nbytes, key)
+            storage = Storage(None, -1, nbytes, key, location)
             locate(key, storage, numel)
             first = storages[key] = StorageHandle(storage, kind.dtype, numel, repeated)
         elif first.storage.nbytes != nbytes:  # torch would take the first record's size: ambiguous
