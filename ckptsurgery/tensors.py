@@ -47,7 +47,8 @@ def to_bytes(tensor) -> bytearray:
     """A torch tensor's row-major bytes."""
     out = bytearray(tensor.numel() * tensor.element_size())
     if out:
-        flat_view(out, str(tensor.dtype).removeprefix("torch.")).view(tensor.shape).copy_(tensor.resolve_conj().resolve_neg())
+        resolved = tensor.resolve_conj().resolve_neg()
+        flat_view(out, str(tensor.dtype).removeprefix("torch.")).view(tensor.shape).copy_(resolved)
     return out
 
 

@@ -67,7 +67,8 @@ def _print_human(report: dict, tree: bool, stats: bool) -> None:
     if report["extras"]:
         lines.append(printable("extras: " + ", ".join(f"{k} ({v})" for k, v in report["extras"].items())))
     if report["non_tensors"]:
-        lines.append(printable("non-tensor entries: " + ", ".join(f"{k} ({v})" for k, v in report["non_tensors"].items())))
+        entries = ", ".join(f"{k} ({v})" for k, v in report["non_tensors"].items())
+        lines.append(printable(f"non-tensor entries: {entries}"))
     if report["metadata"]:
         lines.append(printable("metadata: " + ", ".join(f"{k}={v}" for k, v in report["metadata"].items())))
     lines += _tree_lines(report["tree"]) if tree else _table_lines(report["tensors"], stats)

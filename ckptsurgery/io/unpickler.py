@@ -576,7 +576,8 @@ class SafeUnpickler(pickle._Unpickler):
 
 for _code in ALLOWED_OPCODES:
     SafeUnpickler.dispatch[_code[0]] = pickle._Unpickler.dispatch[_code[0]]
-for _code, _method in ((pickle.GLOBAL, "load_global"), (pickle.STOP, "load_stop"), (pickle.REDUCE, "load_reduce"), (pickle.NEWOBJ, "load_newobj"),
+for _code, _method in ((pickle.GLOBAL, "load_global"), (pickle.STOP, "load_stop"),
+                       (pickle.REDUCE, "load_reduce"), (pickle.NEWOBJ, "load_newobj"),
                        (pickle.BUILD, "load_build"), (pickle.BINPERSID, "load_binpersid"),
                        (pickle.TUPLE, "load_tuple"), (pickle.TUPLE1, "load_tuple1"), (pickle.TUPLE2, "load_tuple2"),
                        (pickle.TUPLE3, "load_tuple3"), (pickle.EMPTY_LIST, "load_empty_list"),
