@@ -148,6 +148,9 @@ def _child_rows(node: _Node, prefix: str, level: int, ids: dict):
         yield row, child
 
 
+MAX_TREE_LEVELS = 5000  # rows repeat their path: memory grows as levels² (5000: ~60 MB)
+
+
 def module_tree(tensors: dict[str, TensorRef], depth: int | None = None) -> list[dict]:
     """Per-module rows (name, depth, params, bytes, repeat), numbered siblings with the same
     structure folded into one row (`blocks.{0..23}`), down to `depth` levels."""
@@ -155,7 +158,11 @@ def module_tree(tensors: dict[str, TensorRef], depth: int | None = None) -> list
     for name, t in tensors.items():
         numel, nbytes = t.numel, t.nbytes
         node = top
-        for part in name.split("."):
+        parts = name.split(".")
+        if len(parts) > MAX_TREE_LEVELS:
+            raise CkptError(f"--tree: key {name[:40]!r}... has {len(parts)} levels, more than "
+                            f"{MAX_TREE_LEVELS}; list it without --tree")
+        for part in parts:
             child = node.children.get(part)
             if child is None:
                 child = node.children[part] = _Node()

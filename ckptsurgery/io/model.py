@@ -96,7 +96,9 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     strides, step = [], 1
     for size in reversed(shape):
         strides.append(step)
-        step *= max(size, 1)
+        # past 2**63 (a zero-sized tensor's other dimensions may be huge) the figure is moot:
+        # cap it, so that 20 000 huge dimensions cost no million-bit products
+        step = min(step * max(size, 1), INT64_MAX + 1)
     return tuple(reversed(strides))
 
 

@@ -148,14 +148,22 @@ def _no_hooks(hooks) -> None:
     _expect(hooks is None or (type(hooks) in (OrderedDict, dict) and not hooks), "backward hooks on a tensor")
 
 
-def _math_bits(metadata) -> tuple[str, ...]:
+# The dtypes whose lazy conj / neg bit torch can apply (its conj_physical and neg kernels)
+_CONJ_DTYPES = ("complex64", "complex128")
+_NEG_DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", *_CONJ_DTYPES)
+
+
+def _math_bits(metadata, dtype: dtypes.DType) -> tuple[str, ...]:
     """torch's tensor metadata: {"conj": True} / {"neg": True} for a lazily conjugated or
     negated view whose bytes are stored unresolved."""
     if metadata is None:
         return ()
     _expect(type(metadata) is dict and all(k in ("conj", "neg") and type(v) is bool for k, v in metadata.items()),
             "unknown tensor metadata")
-    return tuple(sorted(k for k, v in metadata.items() if v))
+    bits = tuple(sorted(k for k, v in metadata.items() if v))
+    for bit, allowed in (("conj", _CONJ_DTYPES), ("neg", _NEG_DTYPES)):
+        _expect(bit not in bits or dtype.name in allowed, f"a {bit} bit on a {dtype.name} tensor, which torch cannot apply")
+    return bits
 
 
 def _grad(requires_grad, dtype: dtypes.DType) -> bool:
@@ -192,7 +200,7 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, bac
     _expect(dtype.kind != dtypes.QUANTIZED, "a quantized storage without its scales")
     _no_hooks(backward_hooks)
     return _tensor(storage, storage_offset, size, stride, dtype,
-                   plain_grad=_grad(requires_grad, dtype), math_bits=_math_bits(metadata))
+                   plain_grad=_grad(requires_grad, dtype), math_bits=_math_bits(metadata, dtype))
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
@@ -201,7 +209,7 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, bac
     _expect(dtype.dtype.kind != dtypes.QUANTIZED, "a quantized dtype without its scales")
     _no_hooks(backward_hooks)
     return _tensor(storage, storage_offset, size, stride, dtype.dtype,
-                   plain_grad=_grad(requires_grad, dtype.dtype), math_bits=_math_bits(metadata))
+                   plain_grad=_grad(requires_grad, dtype.dtype), math_bits=_math_bits(metadata, dtype.dtype))
 
 
 def _quant_params(params) -> QuantParams:
@@ -216,6 +224,8 @@ def _quant_params(params) -> QuantParams:
         return QuantParams(scheme, params[1], params[2])
     _expect(len(params) == 4 and all(isinstance(p, TensorRef) and p.is_plain for p in params[1:3])
             and type(params[3]) is int, "bad per-channel scales")
+    _expect(params[1].dtype.kind == dtypes.FLOAT and params[2].dtype.kind in (dtypes.FLOAT, dtypes.INT),
+            "per-channel scales or zero points of a dtype torch does not use")
     return QuantParams(scheme, params[1], params[2], params[3])
 
 
