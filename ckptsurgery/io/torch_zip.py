@@ -101,7 +101,9 @@ def read_torch_zip(path: str, root: str | None) -> Checkpoint:
                                 f"shorter than its {storage.nbytes}-byte tensor")
             header = source.view(info.header_offset, _LOCAL_HEADER.size)
             signature, name_len, extra_len = _LOCAL_HEADER.unpack(header)
-            if signature != b"PK\x03\x04":
+            local_name = source.view(info.header_offset + _LOCAL_HEADER.size, name_len)
+            if signature != b"PK\x03\x04" or bytes(local_name) != info.filename.encode("utf-8"):
+                # a central entry pointing at another record's header: torch and we would differ
                 raise CkptError(f"storage record data/{key} has a broken local header")
             storage.source = source
             storage.offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len

@@ -38,26 +38,39 @@ def module_state(obj: Any) -> dict | None:
 MIN_MODULE_WORK = 100_000  # modules and names a walk may visit, at least; more for big models
 
 
+MAX_MODULE_DEPTH = 1000  # real models nest a few dozen modules; names grow with the depth
+
+
 def module_state_dict(module: InertObject, where: str = "") -> OrderedDict[str, TensorRef]:
     """Walk a pickled module the way `model.state_dict()` would: each module's parameters, then
     its persistent buffers, then its children, depth first. A submodule shared by two parents is
     listed under both names, as torch does; a module inside itself (a cycle) is not entered again."""
     out: OrderedDict[str, TensorRef] = OrderedDict()
-    stack = [(module, "", frozenset())]  # explicit stack: a hostile file may nest modules deeply
+    # an explicit stack (a hostile file may nest modules deeply), with an exit marker after each
+    # module's children so that `on_path` holds exactly the modules being descended through
+    stack: list = [(module, "", 0)]
+    on_path: set[int] = set()
     # a module shared at every level repeats 2**depth times: the work may be a few times what
     # a walk without repeats would do (its distinct modules and entries), never more
     budget = max(MIN_MODULE_WORK, 8 * _distinct_work(module))
     visits = 0
     while stack:
-        mod, prefix, path = stack.pop()
+        item = stack.pop()
+        if type(item) is int:  # the exit marker of the module with this id
+            on_path.discard(item)
+            continue
+        mod, prefix, depth = item
+        state = module_state(mod)
+        if state is None or id(mod) in on_path:
+            continue
         visits += 1
         if visits > budget:
             raise CkptError(f"{where}the pickled module repeats shared submodules into more than {budget:,} "
                             f"modules and names; refused")
-        state = module_state(mod)
-        if state is None or id(mod) in path:
-            continue
-        path = path | {id(mod)}
+        if depth > MAX_MODULE_DEPTH:
+            raise CkptError(f"{where}the pickled module nests submodules more than {MAX_MODULE_DEPTH} deep")
+        on_path.add(id(mod))
+        stack.append(id(mod))
         skip = state.get("_non_persistent_buffers_set")
         skip = {n for n in skip if type(n) is str} if isinstance(skip, (set, list, tuple)) else set()
         for table, drop in (("_parameters", set()), ("_buffers", skip)):
@@ -71,15 +84,9 @@ def module_state_dict(module: InertObject, where: str = "") -> OrderedDict[str, 
                     out[prefix + name] = value
         children = state.get("_modules")
         if type(children) in (dict, OrderedDict):
-            stack.extend((child, f"{prefix}{name}.", path) for name, child in reversed(children.items())
+            stack.extend((child, f"{prefix}{name}.", depth + 1) for name, child in reversed(children.items())
                          if type(name) is str)
     return out
-
-
-# Where torch's own modules keep non-tensor values in a state dict: `get_extra_state()`
-# (TransformerEngine, ...) and the packed weights of torch.ao quantized Linear/Conv layers
-# (`fc._packed_params.dtype`, `fc._packed_params._packed_params`).
-NON_TENSOR_PARTS = ("_extra_state", "_packed_params")
 
 
 def _distinct_work(module: InertObject) -> int:
@@ -96,6 +103,12 @@ def _distinct_work(module: InertObject) -> int:
         if type(children) in (dict, OrderedDict):
             stack.extend(children.values())
     return work
+
+
+# Where torch's own modules keep non-tensor values in a state dict: `get_extra_state()`
+# (TransformerEngine, ...) and the packed weights of torch.ao quantized Linear/Conv layers
+# (`fc._packed_params.dtype`, `fc._packed_params._packed_params`).
+NON_TENSOR_PARTS = ("_extra_state", "_packed_params")
 
 
 def _split_state_dict(obj: Any, explicit: bool, where: str):
