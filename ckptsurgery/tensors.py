@@ -68,7 +68,7 @@ def values(t: TensorRef):
 
     from .dtypes import BITS, COMPLEX, QUANTIZED
 
-    if t.dtype.kind in (COMPLEX, BITS) or t.dtype.packed > 1 or t.dtype.name in ("quint4x2", "quint2x4"):
+    if t.dtype.kind in (COMPLEX, BITS) or t.dtype.packed > 1 or t.dtype.per_byte > 1:
         return None
     x = as_torch(t)
     q = t.quant

@@ -271,11 +271,17 @@ class Checkpoint:
     root: str | None = None
     obj: Any = None
     metadata: dict[str, str] = field(default_factory=dict)
-    inert: list[str] = field(default_factory=list)
     sources: list[MappedFile] = field(default_factory=list)
     others: dict[str, Any] = field(default_factory=dict)
     # placeholder imports and calls an unsafe torch.load would make, in order (unpickler.events)
     events: list = field(default_factory=list)
+
+    @property
+    def inert(self) -> list[str]:
+        """The names of the globals left inert (placeholders), sorted."""
+        from .unpickler import InertGlobal  # the unpickler builds on this module
+
+        return sorted({e.qualname() for e in self.events if isinstance(e, InertGlobal)})
 
     def close(self) -> None:
         for source in self.sources:

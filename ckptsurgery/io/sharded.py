@@ -87,9 +87,7 @@ def read_index(path: str, open_shard) -> Checkpoint:
     # total_size describes these shards, not the tensors: a rewrite would carry a stale figure
     meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
     meta = {k: v for k, v in meta.items() if isinstance(v, str) and k != "total_size"}
-    inert = sorted(set().union(*(s.inert for s in shards.values())))
     sources = [src for shard in shards.values() for src in shard.sources]
     # transformers loads shards in sorted name order: an unsafe load meets their events so
     events = [e for name in sorted(shards) for e in shards[name].events]
-    return Checkpoint(path, fmt, tensors, None, None, meta, inert=inert, sources=sources, others=others,
-                      events=events)
+    return Checkpoint(path, fmt, tensors, None, None, meta, sources=sources, others=others, events=events)

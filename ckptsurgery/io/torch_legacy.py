@@ -24,13 +24,10 @@ def _no_persistent(pid):
 def read_torch_legacy(path: str, root: str | None) -> Checkpoint:
     source = MappedFile(path)
     reader = BoundedReader(source.buffer())
-    inert: dict[str, None] = {}  # placeholders of every pickle in the file, not only the object's, in order
-
-    events: list = []
+    events: list = []  # placeholders of every pickle in the file, not only the object's
 
     def load(persistent_load=_no_persistent):
-        value, names, happened = safe_load(reader, persistent_load, path)
-        inert.update(dict.fromkeys(names))
+        value, happened = safe_load(reader, persistent_load, path)
         events.extend(happened)
         return value
 
@@ -43,7 +40,7 @@ def read_torch_legacy(path: str, root: str | None) -> Checkpoint:
     sys_info = load()
     if type(sys_info) is dict and sys_info.get("little_endian") is False:
         raise CkptError(f"{path}: saved on a big-endian machine, which is not supported")
-    storage_load, storages = storage_loader(path, lambda key, storage, numel: None, legacy=True)
+    storage_load, storages = storage_loader(path, lambda key, storage: None, legacy=True)
     obj = load(storage_load)
     keys = load()
     position = reader.position
@@ -66,5 +63,4 @@ def read_torch_legacy(path: str, root: str | None) -> Checkpoint:
     if missing:
         raise CkptError(f"{path}: no data for storages {', '.join(missing[:5])} (truncated file?)")
     root_key, tensors, others = find_root(obj, root, path)
-    return Checkpoint(path, "torch-legacy", tensors, root_key, obj, inert=sorted(inert), sources=[source],
-                      others=others, events=events)
+    return Checkpoint(path, "torch-legacy", tensors, root_key, obj, sources=[source], others=others, events=events)

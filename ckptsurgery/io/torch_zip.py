@@ -8,9 +8,8 @@ import zipfile
 import zlib
 
 from ..errors import CkptError
-from .model import Checkpoint, MappedFile, Storage
+from .model import INT64_MAX, Checkpoint, MappedFile, Storage
 from .tree import find_root
-from .model import INT64_MAX
 from .unpickler import BoundedReader, Global, InertGlobal, StorageHandle, brief, describe_pid, is_device, safe_load
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
@@ -22,7 +21,7 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EO
 
 def storage_loader(where: str, locate, legacy: bool = False):
     """A persistent_load for torch's `('storage', type, key, location, numel)` records.
-    `locate(key, storage, nbytes)` fills in where the storage's bytes lie. Storages are shared by
+    `locate(key, storage)` fills in where the storage's bytes lie. Storages are shared by
     key; records naming one key must agree. `legacy`: the legacy format's records also carry a
     sixth field (None), and `('module', class, file, source)` records stand for the (inert)
     class itself."""
@@ -49,7 +48,7 @@ def storage_loader(where: str, locate, legacy: bool = False):
         first = storages.get(key)
         if first is None:
             storage = Storage(None, -1, nbytes, key, location)
-            locate(key, storage, numel)
+            locate(key, storage)
             first = storages[key] = StorageHandle(storage, kind.dtype, numel, repeated)
         elif first.storage.nbytes != nbytes:  # torch would take the first record's size: ambiguous
             raise CkptError(f"storage {key[:40]!r} is recorded twice with different sizes")
@@ -90,7 +89,7 @@ def read_torch_zip(path: str, root: str | None) -> Checkpoint:
         if byteorder is not None and read_record(byteorder).strip() not in (b"little", b""):
             raise CkptError(f"{path}: saved on a big-endian machine, which is not supported")
 
-        def locate(key: str, storage: Storage, numel: int) -> None:
+        def locate(key: str, storage: Storage) -> None:
             info = entries.get(f"{prefix}data/{key}")
             if info is None:
                 raise CkptError(f"storage record data/{key} is missing from the archive")
@@ -111,7 +110,6 @@ def read_torch_zip(path: str, root: str | None) -> Checkpoint:
 
         data = read_record(entries[pickles[0]])
         load, _ = storage_loader(path, locate)
-        obj, inert, events = safe_load(BoundedReader(data), load, path)
+        obj, events = safe_load(BoundedReader(data), load, path)
     root_key, tensors, others = find_root(obj, root, path)
-    return Checkpoint(path, "torch-zip", tensors, root_key, obj, inert=sorted(inert), sources=[source], others=others,
-                      events=events)
+    return Checkpoint(path, "torch-zip", tensors, root_key, obj, sources=[source], others=others, events=events)

@@ -292,7 +292,7 @@ def _bytearray(*args):
 
 class PickledSet(set):
     """A set as the pickle listed it: written back in that order (a set's own order follows
-    hashes, which for placeholders are their addresses: not the same from run to run)."""
+    hashes, which for tensors are their addresses, and for strings vary from run to run)."""
 
     def __init__(self, items: list):
         super().__init__(items)
@@ -409,7 +409,6 @@ class SafeUnpickler(pickle._Unpickler):
     def __init__(self, file, persistent_load: Callable[[Any], Any]):
         super().__init__(file, encoding="utf-8")
         self._load_persistent = persistent_load
-        self.inert: dict[str, None] = {}  # placeholder names, in order of first appearance
         # what an unsafe torch.load of this pickle would do with placeholders, in order: import
         # one (its InertGlobal, once) or call one (the InertObject made): see write.check_not_more_executable
         self.events: list = []
@@ -452,7 +451,6 @@ class SafeUnpickler(pickle._Unpickler):
         key = (module, name)
         if key not in self._placeholders:
             self._placeholders[key] = InertGlobal(module, name)
-            self.inert.setdefault(f"{module}.{name}")
             self.events.append(self._placeholders[key])
         return self._placeholders[key]
 
@@ -656,8 +654,8 @@ class BoundedReader:
 
 
 def safe_load(reader: BoundedReader, persistent_load: Callable[[Any], Any], where: str):
-    """Unpickle one pickle at the reader's position; return (object, placeholder names in order
-    of first appearance, placeholder events in order). The reader is left just after the pickle."""
+    """Unpickle one pickle at the reader's position; return (object, placeholder events in
+    order: see SafeUnpickler.events). The reader is left just after the pickle."""
     unpickler = SafeUnpickler(reader, persistent_load)
     try:
         obj = unpickler.load()
@@ -669,4 +667,4 @@ def safe_load(reader: BoundedReader, persistent_load: Callable[[Any], Any], wher
         raise CkptError(f"{where}: the pickle asks for more memory than there is") from None
     except Exception as e:  # a malformed pickle: any of a dozen exception types
         raise CkptError(f"{where}: not a valid pickle ({type(e).__name__}: {str(e)[:200]})") from None
-    return obj, list(unpickler.inert), unpickler.events
+    return obj, unpickler.events
