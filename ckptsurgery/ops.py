@@ -16,7 +16,7 @@ from .io import Checkpoint, TensorRef, open_checkpoint
 from .io.pickler import PickleRefused
 from .io.tree import describe, extras
 from .io.write import (
-    StagedOutputs, check_safetensors, check_writable, output_format, plan_safetensors,
+    StagedOutputs, castable_storages, check_safetensors, check_writable, output_format, plan_safetensors,
     torch_payload, write_safetensors, write_torch,
 )
 
@@ -223,6 +223,9 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: st
     fmt = output_format(output)
     others = ckpt.others if others is None else others
     stored, aliases = plan_safetensors(tensors, cast)
+    if cast and fmt == "torch":  # a .pth casts whole storages: see castable_storages
+        castable = castable_storages(tensors)
+        stored = [(n, t, d if id(t.storage) in castable else t.dtype) for n, t, d in stored]
     if fmt == "safetensors":
         try:
             check_safetensors(stored)  # before anything is written, and under --dry-run too
@@ -237,8 +240,9 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: st
         "input": ckpt.path, "output": output, "format": fmt, "root": ckpt.root,
         "tensors": len(tensors), "total_bytes": total,
         "dtype": cast.name if cast else None,
-        # --dtype leaves float8, quantized, integer and bool tensors as they are: say which
-        "kept_dtype": [n for n, t, d in stored if cast and not t.dtype.floating],
+        # --dtype leaves float8, quantized, integer and bool tensors as they are (and, in a .pth,
+        # floating ones whose storage also backs those): say which
+        "kept_dtype": [n for n, t, d in stored if cast and d is not cast],
         "tied": {alias: target for alias, target, _ in aliases},
         "extras_left_out": outside if fmt == "safetensors" or len(shards) > 1 else [],
         "files": [output], "dry_run": dry_run,

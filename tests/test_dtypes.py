@@ -406,3 +406,15 @@ def test_device_types_are_torchs():
     with pytest.raises(RuntimeError):
         torch.device("nosuchdevice")
     assert not is_device("nosuchdevice") and is_device("cuda:3") and not is_device("cuda:-1")
+
+
+def test_dtype_cast_reports_a_float_kept_for_the_scales_it_shares(cli, tmp_path):
+    """In a .pth, a float64 tensor sharing its storage with a quantized tensor's scales is not
+    cast, and kept_dtype says so."""
+    scales = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    q = torch.quantize_per_channel(torch.randn(3, 4), scales, torch.tensor([0, 1, 2]), 0, torch.qint8)
+    path = tmp_path / "q.pth"
+    torch.save({"q": q, "q_scales": scales}, path)
+    report = cli("convert", path, "-o", tmp_path / "out.pth", "--dtype", "fp16", "--json").json()
+    assert report["kept_dtype"] == ["q", "q_scales"]
+    assert torch.load(tmp_path / "out.pth", weights_only=True)["q_scales"].dtype == torch.float64

@@ -264,15 +264,7 @@ def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Prog
     `cast` applies to the storages of `cast_only`'s tensors (the state dict), never to what lies
     outside it (an optimizer's step counts). `inputs`: each input's placeholder events — see
     `check_not_more_executable`."""
-    castable: set[int] = set()
-    if cast:
-        chosen = list((cast_only or {}).values())
-        castable = {id(t.storage) for t in chosen if t.dtype.floating}
-        # a storage that also backs something cast must not change under it: integers, or a
-        # quantized tensor's scales
-        castable -= {id(t.storage) for t in chosen if not t.dtype.floating}
-        castable -= {id(p.storage) for t in chosen if t.quant and t.quant.axis is not None
-                     for p in (t.quant.scale, t.quant.zero_point)}
+    castable = castable_storages(cast_only or {}) if cast else set()
     storages: OrderedDict[int, tuple[Storage, str, DType, DType]] = OrderedDict()  # key, read, written
 
     def storage_record(t: TensorRef) -> tuple[str, str, str, int, DType]:
@@ -304,6 +296,18 @@ def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Prog
         archive.add(f"{ARCHIVE}/data/{key}", _chunks(data, progress), _written_size(storage, read_as, write_as))
     archive.add_bytes(f"{ARCHIVE}/version", b"3\n")
     archive.close()
+
+
+def castable_storages(tensors: dict[str, TensorRef]) -> set[int]:
+    """The storages --dtype casts in a .pth output: those of the floating tensors, unless the
+    storage also backs something that must not change under it (an integer tensor, a quantized
+    tensor's scales). Ids of `Storage` objects."""
+    chosen = list(tensors.values())
+    castable = {id(t.storage) for t in chosen if t.dtype.floating}
+    castable -= {id(t.storage) for t in chosen if not t.dtype.floating}
+    castable -= {id(p.storage) for t in chosen if t.quant and t.quant.axis is not None
+                 for p in (t.quant.scale, t.quant.zero_point)}
+    return castable
 
 
 def _written_size(storage: Storage, read_as: DType, write_as: DType) -> int:
