@@ -19,18 +19,6 @@ from .errors import CkptError
 _GLOB_CHARS = set("*?[")
 
 
-def check_key(key: object, where: str = "") -> None:
-    """State dict keys are text that every format can hold: `1` and `'1'` are not one key, and
-    a lone surrogate cannot be written as UTF-8."""
-    if type(key) is not str:
-        shown = str(key)[:40] if type(key) in (int, float, bool, bytes) or key is None else f"<{type(key).__name__}>"
-        raise CkptError(f"{where}state dict key {shown} is a {type(key).__name__}, not a string")
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError:
-        raise CkptError(f"{where}state dict key {key[:40]!r} is not valid Unicode text") from None
-
-
 def compile_pattern(pattern: str) -> Callable[[str], bool]:
     if pattern.startswith("re:"):
         try:
@@ -61,68 +49,6 @@ def select(keys: Iterable[str], patterns: list[str]) -> list[str]:
         raise CkptError(f"pattern{'s' if len(unmatched) > 1 else ''} "
                         f"{', '.join(map(repr, unmatched))} selected no key")
     return [k for k in keys if k in chosen]
-
-
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """'2GB' -> 2*10**9, '500MiB' -> 500*2**20 (Hugging Face's convention), '1000' -> 1000."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    unit = match and match.group(2).upper()
-    if not match or unit not in _SIZE_UNITS:
-        raise CkptError(f"size {text!r}: expected a number with an optional unit like 2GB or 500MiB")
-    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
-    if size <= 0:
-        raise CkptError(f"size {text!r} must be positive")
-    return size
-
-
-def plan_shards(sizes: list[tuple[str, int]], limit: int) -> list[list[str]]:
-    """Fill shards greedily in key order; an item larger than the limit gets a shard of its own."""
-    shards: list[list[str]] = []
-    used = limit + 1
-    for name, size in sizes:
-        if used + size > limit or not shards:
-            shards.append([])
-            used = 0
-        shards[-1].append(name)
-        used += size
-    return shards
-
-
-# A run member: ASCII digits only (str.isdigit accepts "²" and "١", which int() refuses), and
-# short enough that int() never meets Python's limit on the digits of a string.
-_INDEX = re.compile(r"[0-9]{1,18}")
-
-
-def fold_runs(names: list[str], signature: Callable[[str], object]) -> list[tuple[str, list[str]]]:
-    """Group consecutive numbered siblings (`0`, `1`, ... `23`) whose signatures are equal into one
-    entry labelled `{0..23}`; other names stand alone. Returns (label, members)."""
-    out: list[tuple[str, list[str]]] = []
-    run: list[str] = []
-
-    def flush():
-        if len(run) > 1:
-            out.append((f"{{{run[0]}..{run[-1]}}}", list(run)))
-        elif run:
-            out.append((run[0], list(run)))
-        run.clear()
-
-    for name in names:
-        number = _INDEX.fullmatch(name)
-        if (number and run and int(name) == int(run[-1]) + 1
-                and signature(name) == signature(run[0])):
-            run.append(name)
-            continue
-        flush()
-        if number:
-            run.append(name)
-        else:
-            out.append((name, [name]))
-    flush()
-    return out
 
 
 # ---- renaming --------------------------------------------------------------------------------

@@ -80,9 +80,9 @@ def test_stats_counts_nan_and_inf(cli, tmp_path):
 
 
 def test_stats_streamed_over_chunks(cli, tmp_path, monkeypatch):
-    import ckptsurgery.ops as ops
+    import importlib
 
-    monkeypatch.setattr(ops, "_STATS_CHUNK", 7)  # many chunks: the merged moments must still be right
+    monkeypatch.setattr(importlib.import_module("ckptsurgery.ops.inspect"), "_STATS_CHUNK", 7)  # many chunks: the merged moments must still be right
     values = torch.randn(1000, dtype=torch.float64) * 3 + 1
     path = tmp_path / "v.pth"
     torch.save({"v": values}, path)

@@ -167,8 +167,9 @@ def test_names_cannot_forge_lines(cli, tmp_path):
 def test_inert_names_cannot_forge_lines(cli, zip_pth, monkeypatch):
     """The reader now refuses a pickled global that is not a Python name; should a placeholder's
     name still hold a newline, the note stays one line."""
-    import ckptsurgery.ops as ops
+    import importlib
 
+    ops = importlib.import_module("ckptsurgery.ops.inspect")
     real = ops.inspect_report
 
     def with_forged_inert(ckpt, patterns=None):

@@ -38,10 +38,7 @@ def _options(
 
 
 # commands register themselves on `app`, in the order `--help` lists them
-from . import inspect as _inspect  # noqa: E402, F401
-from . import edit as _edit  # noqa: E402, F401
-from . import merge as _merge  # noqa: E402, F401
-from . import convert as _convert  # noqa: E402, F401
+from . import inspect, filter, drop, rename, merge, convert, diff  # noqa: E402, F401
 
 
 def _fail(message: str) -> None:

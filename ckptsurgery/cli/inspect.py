@@ -6,7 +6,6 @@ from typing import Annotated, Optional
 import typer
 
 from .. import ops
-from ..io import open_checkpoint
 from . import app
 from .common import (
     InputArg, JsonOpt, QuietOpt, RootOpt, human_bytes, note, print_json, printable, progress_bar,
@@ -26,20 +25,8 @@ def inspect(
     quiet: QuietOpt = False,
 ) -> None:
     """List a checkpoint's tensors (reads headers only, unless --stats)."""
-    with open_checkpoint(input, root) as ckpt:
-        report = ops.inspect_report(ckpt, keys)
-        if stats:
-            with progress_bar(quiet or json) as progress:
-                total = sum(entry["nbytes"] for entry in report["tensors"])
-                tick = progress(total, "reading tensors") if progress else None
-                for entry in report["tensors"]:
-                    t = ckpt.tensors[entry["name"]]
-                    entry.update(ops.tensor_stats(t))
-                    if tick:
-                        tick(t.nbytes)
-        if tree:
-            chosen = {e["name"]: ckpt.tensors[e["name"]] for e in report["tensors"]}
-            report["tree"] = ops.module_tree(chosen, depth)
+    with progress_bar(quiet or json or not stats) as progress:
+        report = ops.inspect(input, keys=keys, stats=stats, tree=tree, depth=depth, root=root, progress=progress)
     if json:
         print_json(report)
         return

@@ -10,6 +10,20 @@ from typing import Any, Callable
 
 from ..dtypes import DType
 from ..errors import CkptError
+from .pickled import InertGlobal
+from .tensors import as_torch, gather, resolve_math_bits
+
+
+def check_key(key: object, where: str = "") -> None:
+    """State dict keys are text that every format can hold: `1` and `'1'` are not one key, and
+    a lone surrogate cannot be written as UTF-8."""
+    if type(key) is not str:
+        shown = str(key)[:40] if type(key) in (int, float, bool, bytes) or key is None else f"<{type(key).__name__}>"
+        raise CkptError(f"{where}state dict key {shown} is a {type(key).__name__}, not a string")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CkptError(f"{where}state dict key {key[:40]!r} is not valid Unicode text") from None
 
 
 class MappedFile:
@@ -219,44 +233,20 @@ class TensorRef:
         """The tensor's bytes in row-major order, with any conj/neg bit applied (a quantized
         tensor's bytes are its integers: see `quant`)."""
         if self.math_bits:
-            from ..tensors import resolve_math_bits
-
             return resolve_math_bits(self)
         if self.is_contiguous:
             start = self.offset * self.dtype.itemsize
             return self.storage.view()[start : start + self.nbytes]
-        return _gather(self)
+        return gather(self)
 
     def to_torch(self):
         """A torch tensor holding a copy of the data (imports torch)."""
-        from ..tensors import as_torch
-
         return as_torch(self).clone()
 
 
 def _dims(values: tuple) -> str:
     text = str(list(values))
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-_SAME_SIZE_INT = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
-
-
-def _gather(t: TensorRef) -> bytearray:
-    """Copy a strided view into row-major bytes (imports torch; only non-contiguous views need it)."""
-    from ..tensors import flat_view
-
-    out = bytearray(t.nbytes)
-    if out:  # move whole elements as integers of the same width (two for 16 bytes): bit for bit
-        width = t.dtype.itemsize
-        lanes = 2 if width == 16 else 1
-        as_int = _SAME_SIZE_INT[width // lanes]
-        src = flat_view(t.storage.view(), as_int)
-        shape, stride, offset = t.shape, t.stride, t.offset
-        if lanes == 2:
-            shape, stride, offset = shape + (2,), tuple(s * 2 for s in stride) + (1,), offset * 2
-        flat_view(out, as_int).view(shape).copy_(src.as_strided(shape, stride, offset))
-    return out
 
 
 @dataclass
@@ -279,8 +269,6 @@ class Checkpoint:
     @property
     def inert(self) -> list[str]:
         """The names of the globals left inert (placeholders), sorted."""
-        from .unpickler import InertGlobal  # the unpickler builds on this module
-
         return sorted({e.qualname() for e in self.events if isinstance(e, InertGlobal)})
 
     def close(self) -> None:

@@ -21,7 +21,8 @@ from typing import Any, Callable
 from ..dtypes import QUANTIZED, DType
 from ..errors import CkptError
 from .model import TensorRef
-from .unpickler import Device, Global, InertGlobal, InertObject, PickledSet, TorchSize, is_dotted_name
+from .pickled import Device, Global, InertGlobal, InertObject, PickledSet, TorchSize
+from .unpickler import is_dotted_name
 
 _BATCH = 1000
 

@@ -8,9 +8,8 @@ import struct
 from collections import OrderedDict
 
 from .. import dtypes
-from ..core import check_key
 from ..errors import CkptError
-from .model import INT64_MAX, Checkpoint, MappedFile, Storage, TensorRef, contiguous_strides, numel_of
+from .model import INT64_MAX, Checkpoint, MappedFile, Storage, TensorRef, check_key, contiguous_strides, numel_of
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 ALIASES_KEY = "ckptsurgery.aliases"  # metadata recording tied names stored once

@@ -10,7 +10,8 @@ import zlib
 from ..errors import CkptError
 from .model import INT64_MAX, Checkpoint, MappedFile, Storage
 from .tree import find_root
-from .unpickler import BoundedReader, Global, InertGlobal, StorageHandle, brief, describe_pid, is_device, safe_load
+from .pickled import Global, InertGlobal
+from .unpickler import BoundedReader, StorageHandle, brief, describe_pid, is_device, safe_load
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
 _MAX_PICKLE = 1 << 30

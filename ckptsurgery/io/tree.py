@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-from ..core import check_key
 from ..errors import CkptError
-from .model import TensorRef
-from .unpickler import Device, Global, InertGlobal, InertObject, PickledSet, StorageHandle, TorchSize, brief
+from .model import TensorRef, check_key
+from .pickled import Device, Global, InertGlobal, InertObject, PickledSet, TorchSize
+from .unpickler import StorageHandle, brief
 
 # Keys under which training scripts nest the model's state dict, most specific first.
 ROOT_KEYS = (

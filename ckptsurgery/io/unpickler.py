@@ -26,93 +26,12 @@ from typing import Any, Callable
 from .. import dtypes
 from ..errors import CkptError
 from .model import QuantParams, Storage, TensorRef
+from .pickled import Device, Global, InertGlobal, InertObject, PickledSet, TorchSize
 
 MAX_NESTING = 200
 # Hashing or comparing a tuple visits every tuple inside it, once per path: a DAG of 60 tuples
 # that each hold the previous one twice costs 2**60 steps. Count the paths; refuse beyond this.
 MAX_TUPLE_PATHS = 100_000
-
-
-class Global:
-    """An allow-listed torch value that is never called: a dtype, a storage type, a qscheme.
-    Immutable, so that no pickle can change what it means for a file read later."""
-
-    __slots__ = ("module", "name", "dtype", "kind")
-
-    def __init__(self, module: str, name: str, kind: str, dtype: dtypes.DType | None = None):
-        for slot, value in (("module", module), ("name", name), ("kind", kind), ("dtype", dtype)):
-            object.__setattr__(self, slot, value)
-
-    def __setattr__(self, name, value):
-        raise AttributeError("allow-listed tokens are immutable")
-
-    def __repr__(self) -> str:
-        return f"{self.module}.{self.name}"
-
-
-class InertGlobal:
-    """A global the pickle names that we do not import: a placeholder, fresh for each load."""
-
-    __slots__ = ("module", "name")
-
-    def __init__(self, module: str, name: str):
-        self.module, self.name = module, name
-
-    def qualname(self) -> str:
-        return f"{self.module}.{self.name}"
-
-    def __repr__(self) -> str:
-        return f"<inert {self.qualname()}>"
-
-
-class InertObject:
-    """What the pickle built by calling a placeholder (`how`: "reduce" or "newobj"), or by calling
-    such a result ("call"). Records how, so that a .pth output writes it back exactly as read."""
-
-    __slots__ = ("callee", "how", "args", "state", "listitems", "dictitems")
-
-    def __init__(self, callee: "InertGlobal | InertObject", how: str, args: tuple):
-        self.callee, self.how, self.args = callee, how, args
-        self.state: Any = None
-        self.listitems: list = []
-        self.dictitems: list = []
-
-    def qualname(self) -> str:
-        if isinstance(self.callee, InertGlobal):
-            return self.callee.qualname()
-        return f"{self.callee.qualname()}(...)"
-
-    @property
-    def module(self) -> str:
-        callee = self.callee
-        while isinstance(callee, InertObject):
-            callee = callee.callee
-        return callee.module
-
-    def __repr__(self) -> str:
-        return f"<inert {self.qualname()}>"
-
-
-class TorchSize(tuple):
-    """A `torch.Size` (written back as one, not as a plain tuple)."""
-
-
-class Device:
-    """A `torch.device`, kept as its arguments."""
-
-    __slots__ = ("args",)
-
-    def __init__(self, args: tuple):
-        self.args = args
-
-    def __eq__(self, other):
-        return isinstance(other, Device) and other.args == self.args
-
-    def __hash__(self):
-        return hash(self.args)
-
-    def __repr__(self) -> str:
-        return f"device{self.args!r}"
 
 
 # Views with stride 0 can present a few stored bytes as a huge tensor, which --stats, diff and
@@ -288,15 +207,6 @@ def _bytes(*args):
 def _bytearray(*args):
     _expect(args == () or (len(args) == 1 and type(args[0]) is bytes), "bytearray of a size or text")
     return bytearray(*args)
-
-
-class PickledSet(set):
-    """A set as the pickle listed it: written back in that order (a set's own order follows
-    hashes, which for tensors are their addresses, and for strings vary from run to run)."""
-
-    def __init__(self, items: list):
-        super().__init__(items)
-        self.items = items
 
 
 def _hashable(keys) -> None:

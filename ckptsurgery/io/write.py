@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import struct
 from collections import OrderedDict
@@ -17,15 +18,55 @@ from ..dtypes import DType, why_not_safetensors
 from ..errors import CkptError
 from .model import MappedFile, Storage, TensorRef
 from .pickler import PickleRefused, TorchPickler
-from .unpickler import InertGlobal
+from .pickled import InertGlobal
 from .safetensors import ALIASES_KEY, safetensors_shape
-from ..tensors import cast_bytes
+from .tensors import cast_bytes
 from .zipwriter import ZipWriter
 
 CHUNK = 16 * 1024 * 1024
 Progress = Callable[[int], None]
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+# ---- sizes and shards ----------------------------------------------------------------------
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'2GB' -> 2*10**9, '500MiB' -> 500*2**20 (Hugging Face's convention), '1000' -> 1000."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match and match.group(2).upper()
+    if not match or unit not in _SIZE_UNITS:
+        raise CkptError(f"size {text!r}: expected a number with an optional unit like 2GB or 500MiB")
+    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise CkptError(f"size {text!r} must be positive")
+    return size
+
+
+def plan_shards(sizes: list[tuple[str, int]], limit: int) -> list[list[str]]:
+    """Fill shards greedily in key order; an item larger than the limit gets a shard of its own."""
+    shards: list[list[str]] = []
+    used = limit + 1
+    for name, size in sizes:
+        if used + size > limit or not shards:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def shard_names(output: str, count: int) -> tuple[list[str], str]:
+    """Hugging Face's names: model.safetensors -> model-00001-of-00003.safetensors and
+    model.safetensors.index.json."""
+    folder, name = os.path.split(output)
+    stem, ext = os.path.splitext(name)
+    shards = [os.path.join(folder, f"{stem}-{i:05d}-of-{count:05d}{ext}") for i in range(1, count + 1)]
+    return shards, output + ".index.json"
 
 
 def output_format(path: str) -> str:

@@ -1,4 +1,4 @@
-"""filter, drop and rename: commands that keep, remove or rename keys of one checkpoint."""
+"""ckptsurgery rename"""
 
 from __future__ import annotations
 
@@ -9,56 +9,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import core, surgery
+from .. import core, ops
 from ..errors import CkptError
 from . import app
 from .common import (
     DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, console, finish_write, listing, printable,
     progress_bar,
 )
-
-
-@app.command("filter")
-def filter_command(
-    input: InputArg,
-    output: OutputOpt,
-    keep: Annotated[Optional[list[str]], typer.Option(
-        "--keep", metavar="PATTERN", help="Keep keys matching PATTERN (glob, module name, or re:REGEX); repeatable.")] = None,
-    like: Annotated[Optional[str], typer.Option(
-        "--like", metavar="TEMPLATE", help="Keep exactly the keys this template checkpoint has.")] = None,
-    root: RootOpt = None,
-    force: ForceOpt = False,
-    dry_run: DryRunOpt = False,
-    json: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Keep selected keys, or exactly the keys a template has (the `if k in model_dict` recipe)."""
-    with progress_bar(quiet or json) as progress:
-        report = surgery.filter_keys(input, output, keep=keep, like=like, root=root, force=force,
-                                     dry_run=dry_run, progress=progress)
-    details = [listing("left out", report["left_out"])]
-    if report["missing_from_input"]:
-        details.append(listing("template keys the input lacks", report["missing_from_input"]))
-    finish_write(report, json, quiet, details)
-
-
-@app.command()
-def drop(
-    input: InputArg,
-    patterns: Annotated[list[str], typer.Argument(
-        metavar="PATTERN...", help="Keys or whole modules to remove (glob, module name, or re:REGEX).", show_default=False)],
-    output: OutputOpt,
-    root: RootOpt = None,
-    force: ForceOpt = False,
-    dry_run: DryRunOpt = False,
-    json: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Remove keys or whole modules."""
-    with progress_bar(quiet or json) as progress:
-        report = surgery.drop_keys(input, output, patterns, root=root, force=force, dry_run=dry_run,
-                                   progress=progress)
-    finish_write(report, json, quiet, [listing("dropped", report["dropped"])])
 
 
 def _load_map(path: str) -> dict:
@@ -102,7 +59,7 @@ def rename(
     rules = core.rename_rules(strip_prefix, add_prefix, replace, regex,
                               _load_map(map_file) if map_file else None)
     with progress_bar(quiet or json) as progress:
-        report = surgery.rename_keys(input, output, rules, root=root, force=force, dry_run=dry_run,
+        report = ops.rename_keys(input, output, rules, root=root, force=force, dry_run=dry_run,
                                      progress=progress)
     if dry_run and not json:
         _print_rename_table(report)

@@ -1,5 +1,5 @@
-"""The surgery operations — filter, drop, rename, merge, diff — as plain functions that read
-lazily, write through `ops.write_checkpoint` and return a report (the commands' --json)."""
+"""merge: a plain union of checkpoints, an update of a template (`--into`, the
+`model_dict.update(pretrained_dict)` recipe), or a weighted average."""
 
 from __future__ import annotations
 
@@ -7,93 +7,19 @@ import math
 from collections import OrderedDict
 from contextlib import ExitStack
 
-from . import core
-from .dtypes import convertible
-from .errors import CkptError
-from .io import Checkpoint, TensorRef, open_checkpoint
-from .io.model import computed_tensor
-from .ops import ProgressFactory, write_checkpoint
+from .. import core
+from ..dtypes import convertible
+from ..errors import CkptError
+from ..io import Checkpoint, TensorRef, open_checkpoint
+from ..io.model import computed_tensor
+from .write import ProgressFactory, write_checkpoint
 
-
-def _write_options(force: bool, dry_run: bool, progress: ProgressFactory | None) -> dict:
-    return {"force": force, "dry_run": dry_run, "progress": progress}
-
-
-# ---- filter, drop and rename --------------------------------------------------------------
-# Keys are chosen and renamed over the whole state dict: its tensors and the non-tensor entries
-# beside them (`fc._extra_state` goes where `fc` goes).
-
-def _keys(ckpt: Checkpoint) -> list[str]:
-    return [*ckpt.tensors, *ckpt.others]
-
-
-def _subset(ckpt: Checkpoint, names: list[str]) -> tuple[OrderedDict, OrderedDict]:
-    chosen = set(names)
-    return (OrderedDict((k, t) for k, t in ckpt.tensors.items() if k in chosen),
-            OrderedDict((k, v) for k, v in ckpt.others.items() if k in chosen))
-
-
-def filter_keys(input: str, output: str, *, keep: list[str] | None = None, like: str | None = None,
-                root: str | None = None, force: bool = False, dry_run: bool = False,
-                progress: ProgressFactory | None = None) -> dict:
-    """Keep the keys that patterns select, or exactly the keys a template checkpoint has
-    (`{k: v for k, v in pretrained.items() if k in model_dict}`)."""
-    if bool(keep) == bool(like):
-        raise CkptError("give either --keep PATTERN (repeatable) or --like TEMPLATE")
-    with open_checkpoint(input, root) as ckpt:
-        missing: list[str] = []
-        if keep:
-            names = core.select(_keys(ckpt), keep)
-        else:
-            with open_checkpoint(like) as template:
-                wanted = _keys(template)
-            present, have = set(wanted), set(_keys(ckpt))
-            names = [k for k in _keys(ckpt) if k in present]
-            missing = [k for k in wanted if k not in have]
-            if not names:
-                raise CkptError(f"{input} and the template {like} share no key "
-                                f"(different prefixes? see `ckptsurgery rename` or `merge --into`)")
-        kept, others = _subset(ckpt, names)
-        report = write_checkpoint(ckpt, kept, output, others=others, **_write_options(force, dry_run, progress))
-    chosen = set(names)
-    report.update(kept=names, left_out=[k for k in _keys(ckpt) if k not in chosen],
-                  missing_from_input=missing)
-    return report
-
-
-def drop_keys(input: str, output: str, patterns: list[str], *, root: str | None = None,
-              force: bool = False, dry_run: bool = False, progress: ProgressFactory | None = None) -> dict:
-    """Remove the keys (or whole modules) that patterns select."""
-    with open_checkpoint(input, root) as ckpt:
-        dropped = core.select(_keys(ckpt), patterns)
-        gone = set(dropped)
-        kept, others = _subset(ckpt, [k for k in _keys(ckpt) if k not in gone])
-        report = write_checkpoint(ckpt, kept, output, others=others, **_write_options(force, dry_run, progress))
-    report.update(dropped=dropped, kept=[*kept, *others])
-    return report
-
-
-def rename_keys(input: str, output: str, rules: list[core.RenameRule], *, root: str | None = None,
-                force: bool = False, dry_run: bool = False, progress: ProgressFactory | None = None) -> dict:
-    """Rename keys by rules; refuse, before writing anything, if two keys would share a name."""
-    with open_checkpoint(input, root) as ckpt:
-        names, untouched = core.plan_rename(_keys(ckpt), rules)
-        renamed = OrderedDict((names[k], t) for k, t in ckpt.tensors.items())
-        others = OrderedDict((names[k], v) for k, v in ckpt.others.items())
-        # _metadata holds module versions by the old module names: stale after a rename
-        report = write_checkpoint(ckpt, renamed, output, keep_metadata=False, others=others,
-                                  **_write_options(force, dry_run, progress))
-    report.update(renamed={old: new for old, new in names.items() if old != new}, untouched=untouched)
-    return report
-
-
-# ---- merge ---------------------------------------------------------------------------------
 
 def _cast(t: TensorRef, dtype) -> TensorRef:
     """`t` in another dtype, computed when written."""
 
     def make():
-        from .tensors import cast_bytes
+        from ..io.tensors import cast_bytes
 
         return cast_bytes(t.data(), t.dtype, dtype)
 
@@ -105,7 +31,7 @@ def _overlap(source: TensorRef, template: TensorRef) -> TensorRef:
     region = core.overlap_region(source.shape, template.shape)
 
     def make():
-        from .tensors import as_torch, to_bytes
+        from ..io.tensors import as_torch, to_bytes
 
         out = as_torch(template).clone()
         out[region] = as_torch(source)[region].to(out.dtype)
@@ -121,7 +47,7 @@ def _average(tensors: list[TensorRef], weights: list[float]) -> TensorRef:
     def make():
         import torch
 
-        from .tensors import as_torch, to_bytes
+        from ..io.tensors import as_torch, to_bytes
 
         wide = torch.float64 if first.dtype.name == "float64" else torch.float32
         total = torch.zeros(first.shape, dtype=wide)
@@ -287,98 +213,7 @@ def merge(sources: list[str], output: str, *, into: str | None = None, on_mismat
             merged, others, details = _plain_union(ckpts, on_conflict)
             base, mode = ckpts[0], "union"
         report = write_checkpoint(base, merged, output, others=others, inputs=[*ckpts, base],
-                                  **_write_options(force, dry_run, progress))
+                                  force=force, dry_run=dry_run, progress=progress)
     del report["input"]  # several inputs: `sources` and `template` name them
     report.update(mode=mode, sources=list(sources), **({"template": into} if into else {}), **details)
     return report
-
-
-# ---- diff ----------------------------------------------------------------------------------
-
-_COMPARE_CHUNK = 16 * 1024 * 1024
-
-
-def _same_bytes(a: TensorRef, b: TensorRef) -> bool:
-    """Bit for bit, and for quantized tensors the same scales and zero points too."""
-    va, vb = memoryview(a.data()).cast("B"), memoryview(b.data()).cast("B")
-    same = all(va[i : i + _COMPARE_CHUNK] == vb[i : i + _COMPARE_CHUNK] for i in range(0, len(va), _COMPARE_CHUNK))
-    return same and _quant_key(a) == _quant_key(b)
-
-
-def _quant_key(t: TensorRef):
-    q = t.quant
-    if q is None:
-        return None
-    if q.axis is None:
-        return q.scheme.name, q.scale, q.zero_point
-    return q.scheme.name, q.axis, bytes(q.scale.data()), bytes(q.zero_point.data())
-
-
-def _numbers(t: TensorRef):
-    """The values as a flat float64 (or complex128) torch tensor; None where elements are not
-    numbers (bits, packed 4-bit)."""
-    import torch
-
-    from .dtypes import COMPLEX
-    from .tensors import as_torch, values
-
-    if t.dtype.kind == COMPLEX:  # real and imaginary parts side by side, each compared
-        return torch.view_as_real(as_torch(t).reshape(-1).to(torch.complex128)).reshape(-1)
-    flat = values(t)  # dequantized, for quantized tensors
-    return None if flat is None else flat.to(torch.float64)
-
-
-def _max_abs_diff(a: TensorRef, b: TensorRef) -> float:
-    """Largest |a - b| (of either part, for complex values), in float64 and in chunks; NaN facing
-    NaN counts as equal, NaN facing a number as infinitely far. Elements that are not numbers
-    differ infinitely when their bytes differ."""
-    import torch
-
-    fa, fb = _numbers(a), _numbers(b)
-    if fa is None or fb is None:
-        return float("inf")
-    worst = 0.0
-    step = 1 << 22
-    for start in range(0, fa.numel(), step):
-        x, y = fa[start : start + step], fb[start : start + step]
-        gap = (x - y).abs()
-        both_nan = torch.isnan(x) & torch.isnan(y)
-        gap = torch.where(both_nan, torch.zeros_like(gap), gap)
-        gap = torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap)
-        same_inf = torch.isinf(x) & (x == y)
-        gap = torch.where(same_inf, torch.zeros_like(gap), gap)
-        if gap.numel():
-            worst = max(worst, float(gap.max()))
-    return worst
-
-
-def diff(a: str, b: str, *, atol: float = 0.0, root: str | None = None) -> dict:
-    """Keys only in A or B, shape and dtype changes, and values that differ beyond `atol`
-    (0: bit-exact). `identical` is the verdict the exit code follows."""
-    if atol < 0:
-        raise CkptError("--atol must not be negative")
-    with open_checkpoint(a, root) as ca, open_checkpoint(b, root) as cb:
-        only_a = [k for k in ca.tensors if k not in cb.tensors]
-        only_b = [k for k in cb.tensors if k not in ca.tensors]
-        shape_changed, dtype_changed, value_changed = [], [], []
-        equal = 0
-        for name, ta in ca.tensors.items():
-            tb = cb.tensors.get(name)
-            if tb is None:
-                continue
-            if ta.shape != tb.shape:
-                shape_changed.append({"name": name, "a": list(ta.shape), "b": list(tb.shape)})
-            elif ta.dtype is not tb.dtype:
-                dtype_changed.append({"name": name, "a": ta.dtype.name, "b": tb.dtype.name})
-            elif _same_bytes(ta, tb):
-                equal += 1
-            else:
-                worst = _max_abs_diff(ta, tb)
-                if atol == 0 or worst > atol:
-                    value_changed.append({"name": name, "max_abs_diff": worst})
-                else:
-                    equal += 1
-    identical = not (only_a or only_b or shape_changed or dtype_changed or value_changed)
-    return {"a": a, "b": b, "atol": atol, "identical": identical, "equal": equal, "only_in_a": only_a,
-            "only_in_b": only_b, "shape_changed": shape_changed, "dtype_changed": dtype_changed,
-            "value_changed": value_changed}

@@ -1,12 +1,17 @@
-"""Tensor math on lazy tensors, for the commands that compute new values (a cast, an average,
-an overlap, --stats, a value diff). Importing this module is cheap; each function imports torch."""
+"""torch views of a lazy tensor's bytes, for the work that computes values (a cast, a strided
+gather, an average, an overlap, --stats, a value diff). Importing this module is cheap; each
+function imports torch. Tensors are taken by what they offer (`data()`, `dtype`, `shape`, ...),
+so this module imports nothing of the lazy table: `model` builds on it, not the reverse."""
 
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
-from .dtypes import DType
-from .io.model import TensorRef
+from ..dtypes import DType
+
+if TYPE_CHECKING:
+    from .model import TensorRef
 
 
 def flat_view(buffer, dtype_name: str):
@@ -33,14 +38,30 @@ def resolve_math_bits(t: TensorRef) -> bytearray:
     """The row-major bytes of a lazily conjugated or negated view, with the bit applied."""
     import torch
 
-    from .io.model import _gather
-
-    raw = flat_view(_gather(t), t.dtype.name).view(t.shape)
+    raw = flat_view(gather(t), t.dtype.name).view(t.shape)
     if "conj" in t.math_bits:
         raw = torch.conj_physical(raw)
     if "neg" in t.math_bits:
         raw = torch.neg(raw)
     return to_bytes(raw)
+
+
+_SAME_SIZE_INT = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+def gather(t: TensorRef) -> bytearray:
+    """Copy a strided view into row-major bytes (imports torch; only non-contiguous views need it)."""
+    out = bytearray(t.nbytes)
+    if out:  # move whole elements as integers of the same width (two for 16 bytes): bit for bit
+        width = t.dtype.itemsize
+        lanes = 2 if width == 16 else 1
+        as_int = _SAME_SIZE_INT[width // lanes]
+        src = flat_view(t.storage.view(), as_int)
+        shape, stride, offset = t.shape, t.stride, t.offset
+        if lanes == 2:
+            shape, stride, offset = shape + (2,), tuple(s * 2 for s in stride) + (1,), offset * 2
+        flat_view(out, as_int).view(shape).copy_(src.as_strided(shape, stride, offset))
+    return out
 
 
 def to_bytes(tensor) -> bytearray:
@@ -66,7 +87,7 @@ def values(t: TensorRef):
     tensor is dequantized: (q - zero_point) * scale."""
     import torch
 
-    from .dtypes import BITS, COMPLEX, QUANTIZED
+    from ..dtypes import BITS, COMPLEX, QUANTIZED
 
     if t.dtype.kind in (COMPLEX, BITS) or t.dtype.packed > 1 or t.dtype.per_byte > 1:
         return None

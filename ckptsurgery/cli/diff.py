@@ -1,0 +1,55 @@
+"""ckptsurgery diff"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .. import ops
+from . import app
+from .common import JsonOpt, QuietOpt, RootOpt, console, print_json, printable
+
+
+@app.command()
+def diff(
+    a: Annotated[str, typer.Argument(metavar="A", help="First checkpoint.", show_default=False)],
+    b: Annotated[str, typer.Argument(metavar="B", help="Second checkpoint.", show_default=False)],
+    atol: Annotated[float, typer.Option("--atol", metavar="X", help="Values within this absolute difference count as equal.")] = 0.0,
+    root: RootOpt = None,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compare two checkpoints (any formats). Exit 0 when equal, 1 when they differ."""
+    report = ops.diff(a, b, atol=atol, root=root)
+    if json:
+        print_json(report)
+    else:
+        _print_diff(report)
+    if not report["identical"]:
+        raise typer.Exit(1)
+
+
+def _print_diff(report: dict) -> None:
+    from rich.table import Table
+
+    out = console()
+    table = Table(box=None, show_edge=False, pad_edge=False)
+    for column in ("key", "change", "A", "B"):
+        table.add_column(column)
+    for name in report["only_in_a"]:
+        table.add_row(printable(name), "only in A", "", "")
+    for name in report["only_in_b"]:
+        table.add_row(printable(name), "only in B", "", "")
+    for c in report["shape_changed"]:
+        table.add_row(printable(c["name"]), "shape", str(c["a"]), str(c["b"]))
+    for c in report["dtype_changed"]:
+        table.add_row(printable(c["name"]), "dtype", c["a"], c["b"])
+    for c in report["value_changed"]:
+        table.add_row(printable(c["name"]), f"values (max |A-B| {c['max_abs_diff']:.4g})", "", "")
+    if table.row_count:
+        out.print(table)
+    verdict = "identical" if report["identical"] else "different"
+    tol = f" within atol {report['atol']:g}" if report["atol"] else " (bit-exact)"
+    out.print(f"{verdict}: {report['equal']} equal tensor(s){tol}, "
+                  f"{table.row_count} difference(s)")

@@ -1,0 +1,30 @@
+"""ckptsurgery drop"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .. import ops
+from . import app
+from .common import DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, finish_write, listing, progress_bar
+
+
+@app.command()
+def drop(
+    input: InputArg,
+    patterns: Annotated[list[str], typer.Argument(
+        metavar="PATTERN...", help="Keys or whole modules to remove (glob, module name, or re:REGEX).", show_default=False)],
+    output: OutputOpt,
+    root: RootOpt = None,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Remove keys or whole modules."""
+    with progress_bar(quiet or json) as progress:
+        report = ops.drop_keys(input, output, patterns, root=root, force=force, dry_run=dry_run,
+                                   progress=progress)
+    finish_write(report, json, quiet, [listing("dropped", report["dropped"])])

@@ -1,0 +1,35 @@
+"""ckptsurgery filter"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .. import ops
+from . import app
+from .common import DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, finish_write, listing, progress_bar
+
+
+@app.command("filter")
+def filter_command(
+    input: InputArg,
+    output: OutputOpt,
+    keep: Annotated[Optional[list[str]], typer.Option(
+        "--keep", metavar="PATTERN", help="Keep keys matching PATTERN (glob, module name, or re:REGEX); repeatable.")] = None,
+    like: Annotated[Optional[str], typer.Option(
+        "--like", metavar="TEMPLATE", help="Keep exactly the keys this template checkpoint has.")] = None,
+    root: RootOpt = None,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Keep selected keys, or exactly the keys a template has (the `if k in model_dict` recipe)."""
+    with progress_bar(quiet or json) as progress:
+        report = ops.filter_keys(input, output, keep=keep, like=like, root=root, force=force,
+                                     dry_run=dry_run, progress=progress)
+    details = [listing("left out", report["left_out"])]
+    if report["missing_from_input"]:
+        details.append(listing("template keys the input lacks", report["missing_from_input"]))
+    finish_write(report, json, quiet, details)

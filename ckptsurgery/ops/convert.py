@@ -1,0 +1,24 @@
+"""convert: between .pth and .safetensors, and into Hugging Face-style shards."""
+
+from __future__ import annotations
+
+from ..dtypes import CAST_TARGETS
+from ..errors import CkptError
+from ..io import open_checkpoint
+from ..io.write import parse_size
+from .write import ProgressFactory, write_checkpoint
+
+
+def convert(input: str, output: str, *, root: str | None = None, dtype: str | None = None,
+            max_shard_size: str | None = None, force: bool = False, dry_run: bool = False,
+            progress: ProgressFactory | None = None) -> dict:
+    """Convert between .pth and .safetensors (and shard), bit-exact unless `dtype` casts."""
+    cast = None
+    if dtype is not None:
+        if dtype not in CAST_TARGETS:
+            raise CkptError(f"--dtype {dtype!r}: choose one of {', '.join(CAST_TARGETS)}")
+        cast = CAST_TARGETS[dtype]
+    limit = parse_size(max_shard_size) if max_shard_size else None
+    with open_checkpoint(input, root) as ckpt:
+        return write_checkpoint(ckpt, ckpt.tensors, output, cast=cast, max_shard_size=limit,
+                                force=force, dry_run=dry_run, progress=progress)

@@ -1,0 +1,76 @@
+"""filter, drop and rename: keep, remove or rename keys of one checkpoint. Keys are chosen and
+renamed over the whole state dict: its tensors and the non-tensor entries beside them
+(`fc._extra_state` goes where `fc` goes)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from .. import core
+from ..errors import CkptError
+from ..io import Checkpoint, open_checkpoint
+from .write import ProgressFactory, write_checkpoint
+
+
+def _keys(ckpt: Checkpoint) -> list[str]:
+    return [*ckpt.tensors, *ckpt.others]
+
+
+def _subset(ckpt: Checkpoint, names: list[str]) -> tuple[OrderedDict, OrderedDict]:
+    chosen = set(names)
+    return (OrderedDict((k, t) for k, t in ckpt.tensors.items() if k in chosen),
+            OrderedDict((k, v) for k, v in ckpt.others.items() if k in chosen))
+
+
+def filter_keys(input: str, output: str, *, keep: list[str] | None = None, like: str | None = None,
+                root: str | None = None, force: bool = False, dry_run: bool = False,
+                progress: ProgressFactory | None = None) -> dict:
+    """Keep the keys that patterns select, or exactly the keys a template checkpoint has
+    (`{k: v for k, v in pretrained.items() if k in model_dict}`)."""
+    if bool(keep) == bool(like):
+        raise CkptError("give either --keep PATTERN (repeatable) or --like TEMPLATE")
+    with open_checkpoint(input, root) as ckpt:
+        missing: list[str] = []
+        if keep:
+            names = core.select(_keys(ckpt), keep)
+        else:
+            with open_checkpoint(like) as template:
+                wanted = _keys(template)
+            present, have = set(wanted), set(_keys(ckpt))
+            names = [k for k in _keys(ckpt) if k in present]
+            missing = [k for k in wanted if k not in have]
+            if not names:
+                raise CkptError(f"{input} and the template {like} share no key "
+                                f"(different prefixes? see `ckptsurgery rename` or `merge --into`)")
+        kept, others = _subset(ckpt, names)
+        report = write_checkpoint(ckpt, kept, output, others=others, force=force, dry_run=dry_run, progress=progress)
+    chosen = set(names)
+    report.update(kept=names, left_out=[k for k in _keys(ckpt) if k not in chosen],
+                  missing_from_input=missing)
+    return report
+
+
+def drop_keys(input: str, output: str, patterns: list[str], *, root: str | None = None,
+              force: bool = False, dry_run: bool = False, progress: ProgressFactory | None = None) -> dict:
+    """Remove the keys (or whole modules) that patterns select."""
+    with open_checkpoint(input, root) as ckpt:
+        dropped = core.select(_keys(ckpt), patterns)
+        gone = set(dropped)
+        kept, others = _subset(ckpt, [k for k in _keys(ckpt) if k not in gone])
+        report = write_checkpoint(ckpt, kept, output, others=others, force=force, dry_run=dry_run, progress=progress)
+    report.update(dropped=dropped, kept=[*kept, *others])
+    return report
+
+
+def rename_keys(input: str, output: str, rules: list[core.RenameRule], *, root: str | None = None,
+                force: bool = False, dry_run: bool = False, progress: ProgressFactory | None = None) -> dict:
+    """Rename keys by rules; refuse, before writing anything, if two keys would share a name."""
+    with open_checkpoint(input, root) as ckpt:
+        names, untouched = core.plan_rename(_keys(ckpt), rules)
+        renamed = OrderedDict((names[k], t) for k, t in ckpt.tensors.items())
+        others = OrderedDict((names[k], v) for k, v in ckpt.others.items())
+        # _metadata holds module versions by the old module names: stale after a rename
+        report = write_checkpoint(ckpt, renamed, output, keep_metadata=False, others=others,
+                                  force=force, dry_run=dry_run, progress=progress)
+    report.update(renamed={old: new for old, new in names.items() if old != new}, untouched=untouched)
+    return report

@@ -1,0 +1,228 @@
+"""inspect: what a checkpoint holds, from its headers alone, and on request per-tensor statistics
+(streamed) and a per-module tree with numbered repeats folded."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+from typing import Callable
+
+from .. import core
+from ..errors import CkptError
+from ..io import Checkpoint, TensorRef, open_checkpoint
+from ..io.tree import describe, extras
+from .write import ProgressFactory
+
+
+def inspect(input: str, *, keys: list[str] | None = None, stats: bool = False, tree: bool = False,
+            depth: int | None = None, root: str | None = None, progress: ProgressFactory | None = None) -> dict:
+    """The report of `inspect_report` for the keys that `keys` select; with `stats`, each tensor's
+    `tensor_stats` (reads data); with `tree`, the `module_tree` rows under "tree"."""
+    with open_checkpoint(input, root) as ckpt:
+        report = inspect_report(ckpt, keys)
+        if stats:
+            total = sum(entry["nbytes"] for entry in report["tensors"])
+            tick = progress(total, "reading tensors") if progress else None
+            for entry in report["tensors"]:
+                t = ckpt.tensors[entry["name"]]
+                entry.update(tensor_stats(t))
+                if tick:
+                    tick(t.nbytes)
+        if tree:
+            chosen = {e["name"]: ckpt.tensors[e["name"]] for e in report["tensors"]}
+            report["tree"] = module_tree(chosen, depth)
+    return report
+
+
+def _unique_views(tensors: dict[str, TensorRef]) -> list[TensorRef]:
+    """Tied names counted once, as `sum(p.numel() for p in model.parameters())` does."""
+    return list({t.view_key(): t for t in tensors.values()}.values())
+
+
+def inspect_report(ckpt: Checkpoint, patterns: list[str] | None = None) -> dict:
+    names = core.select(ckpt.tensors, patterns) if patterns else list(ckpt.tensors)
+    shares = ckpt.shares_with()
+    chosen = OrderedDict((n, ckpt.tensors[n]) for n in names)
+    unique = _unique_views(chosen)
+    return {
+        "path": ckpt.path,
+        "format": ckpt.format,
+        "root": ckpt.root,
+        "extras": extras(ckpt.obj, ckpt.root) if ckpt.root is not None else {},
+        # non-tensor values inside the state dict itself (`fc._extra_state`)
+        "non_tensors": {name: describe(value) for name, value in ckpt.others.items()},
+        "metadata": ckpt.metadata,
+        "inert": ckpt.inert,
+        "total_params": sum(t.numel for t in unique),
+        "total_bytes": sum(t.nbytes for t in unique),
+        "tensors": [
+            {
+                "name": name,
+                "dtype": t.dtype.name,
+                "shape": list(t.shape),
+                "nbytes": t.nbytes,
+                "requires_grad": t.requires_grad,
+                "shares_with": shares[name],
+                "contiguous": t.is_contiguous,
+                **({"quantization": _quantization(t)} if t.quant else {}),
+            }
+            for name, t in chosen.items()
+        ],
+    }
+
+
+def _quantization(t: TensorRef) -> dict:
+    """A quantized tensor's scheme and, per tensor, its scale and zero point (per channel: the axis)."""
+    q = t.quant
+    if q.axis is None:
+        return {"scheme": q.scheme.name, "scale": q.scale, "zero_point": q.zero_point}
+    return {"scheme": q.scheme.name, "axis": q.axis, "channels": q.scale.numel}
+
+
+_STATS_CHUNK = 1 << 22  # elements per step: bounded memory whatever the tensor's size
+
+
+def tensor_stats(t: TensorRef) -> dict:
+    """min/max/mean/std over finite values, and NaN/Inf counts; streamed in chunks (imports torch)."""
+    import torch
+
+    from ..io.tensors import values
+
+    flat = values(t)
+    if flat is None:  # complex, packed or opaque elements: no single number to summarise
+        return {"min": None, "max": None, "mean": None, "std": None, "nan": None, "inf": None}
+    count, mean, m2, nan, inf = 0, 0.0, 0.0, 0, 0
+    low, high = math.inf, -math.inf
+    for start in range(0, flat.numel(), _STATS_CHUNK):
+        chunk = flat[start : start + _STATS_CHUNK].to(torch.float64)
+        nan += int(torch.isnan(chunk).sum())
+        inf += int(torch.isinf(chunk).sum())
+        chunk = chunk[torch.isfinite(chunk)]
+        n = chunk.numel()
+        if not n:
+            continue
+        low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
+        c_mean = float(chunk.mean())
+        c_m2 = float(((chunk - c_mean) ** 2).sum())
+        delta, total = c_mean - mean, count + n
+        mean += delta * n / total  # Chan et al.: merge the chunk's moments into the running ones
+        m2 += c_m2 + delta * delta * count * n / total
+        count = total
+    if not count:
+        return {"min": None, "max": None, "mean": None, "std": None, "nan": nan, "inf": inf}
+    std = math.sqrt(m2 / (count - 1)) if count > 1 else 0.0
+    finite = lambda x: x if math.isfinite(x) else None  # noqa: E731  (sums of values near 1e308 overflow)
+    return {"min": low, "max": high, "mean": finite(mean), "std": finite(std), "nan": nan, "inf": inf}
+
+
+class _Node:
+    __slots__ = ("children", "tensor", "params", "nbytes", "sig")
+
+    def __init__(self):
+        self.children: dict[str, _Node] = {}
+        self.tensor: TensorRef | None = None
+        self.params = self.nbytes = 0
+        self.sig: int | None = None
+
+
+def _signature(node: _Node, ids: dict) -> int:
+    """Structure and shapes as a number, equal for subtrees that repeat each other (numbered
+    siblings). Hash-consed bottom-up with an explicit stack: names may nest thousands of levels,
+    deeper than Python's recursion (or nested tuples' comparison) allows."""
+    if node.sig is not None:
+        return node.sig
+    stack = [node]
+    while stack:
+        n = stack[-1]
+        pending = [c for c in n.children.values() if c.sig is None]
+        if pending:  # children first; each is finished before `n` is seen again
+            stack.extend(pending)
+            continue
+        stack.pop()
+        own = (n.tensor.dtype.name, n.tensor.shape) if n.tensor is not None else None
+        n.sig = ids.setdefault((own, tuple((k, c.sig) for k, c in n.children.items())), len(ids))
+    return node.sig
+
+
+def _child_rows(node: _Node, prefix: str, level: int, ids: dict):
+    """(row, first member) for each child of `node`, numbered repeats folded."""
+    kids = node.children
+    for label, members in fold_runs(list(kids), lambda n: _signature(kids[n], ids)):
+        child = kids[members[0]]
+        row = {"name": prefix + label, "label": label, "depth": level,
+               "params": sum(kids[m].params for m in members),
+               "bytes": sum(kids[m].nbytes for m in members), "repeat": len(members)}
+        if child.tensor is not None and not child.children:
+            row.update(dtype=child.tensor.dtype.name, shape=list(child.tensor.shape))
+        yield row, child
+
+
+MAX_TREE_LEVELS = 5000  # rows repeat their path: memory grows as levels² (5000: ~60 MB)
+
+
+def module_tree(tensors: dict[str, TensorRef], depth: int | None = None) -> list[dict]:
+    """Per-module rows (name, depth, params, bytes, repeat), numbered siblings with the same
+    structure folded into one row (`blocks.{0..23}`), down to `depth` levels."""
+    top = _Node()
+    for name, t in tensors.items():
+        numel, nbytes = t.numel, t.nbytes
+        node = top
+        parts = name.split(".")
+        if len(parts) > MAX_TREE_LEVELS:
+            raise CkptError(f"--tree: key {name[:40]!r}... has {len(parts)} levels, more than "
+                            f"{MAX_TREE_LEVELS}; list it without --tree")
+        for part in parts:
+            child = node.children.get(part)
+            if child is None:
+                child = node.children[part] = _Node()
+            node = child
+            node.params += numel
+            node.nbytes += nbytes
+        node.tensor = t
+    rows: list[dict] = []
+    ids: dict = {}
+    open_levels = [_child_rows(top, "", 0, ids)]  # one generator per level being listed: no recursion
+    while open_levels:
+        item = next(open_levels[-1], None)
+        if item is None:
+            open_levels.pop()
+            continue
+        row, child = item
+        rows.append(row)
+        if depth is None or row["depth"] + 1 < depth:
+            open_levels.append(_child_rows(child, row["name"] + ".", row["depth"] + 1, ids))
+    return rows
+
+
+# A run member: ASCII digits only (str.isdigit accepts "²" and "١", which int() refuses), and
+# short enough that int() never meets Python's limit on the digits of a string.
+_INDEX = re.compile(r"[0-9]{1,18}")
+
+
+def fold_runs(names: list[str], signature: Callable[[str], object]) -> list[tuple[str, list[str]]]:
+    """Group consecutive numbered siblings (`0`, `1`, ... `23`) whose signatures are equal into one
+    entry labelled `{0..23}`; other names stand alone. Returns (label, members)."""
+    out: list[tuple[str, list[str]]] = []
+    run: list[str] = []
+
+    def flush():
+        if len(run) > 1:
+            out.append((f"{{{run[0]}..{run[-1]}}}", list(run)))
+        elif run:
+            out.append((run[0], list(run)))
+        run.clear()
+
+    for name in names:
+        number = _INDEX.fullmatch(name)
+        if (number and run and int(name) == int(run[-1]) + 1
+                and signature(name) == signature(run[0])):
+            run.append(name)
+            continue
+        flush()
+        if number:
+            run.append(name)
+        else:
+            out.append((name, [name]))
+    flush()
+    return out
