@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from .errors import CkptError
+from .errors import CkptError, UsageError
 
 _GLOB_CHARS = set("*?[")
 
@@ -24,11 +24,11 @@ def compile_pattern(pattern: str) -> Callable[[str], bool]:
         try:
             return re.compile(pattern[3:]).search
         except re.error as e:
-            raise CkptError(f"pattern {pattern!r}: not a valid regular expression ({e})") from None
+            raise UsageError(f"pattern {pattern!r}: not a valid regular expression ({e})") from None
     if _GLOB_CHARS & set(pattern):
         return re.compile(fnmatch.translate(pattern), re.DOTALL).fullmatch
     if not pattern:
-        raise CkptError("an empty pattern selects nothing")
+        raise UsageError("an empty pattern selects nothing")
     module = pattern + "."
     return lambda key: key == pattern or key.startswith(module)
 
@@ -55,8 +55,8 @@ def select(keys: Iterable[str], patterns: list[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class RenameRule:
-    """One rule: strip (prefix), add (prefix), replace (old, new), regex (pattern, repl),
-    map (dict of exact names)."""
+    """One rule: strip (module prefix), add (module prefix), replace (old, new), regex (compiled
+    pattern, repl), map (dict of exact names). Build rules with `rename_rule`."""
 
     kind: str
     args: tuple
@@ -64,8 +64,8 @@ class RenameRule:
     def describe(self) -> str:
         if self.kind == "map":
             return f"--map ({len(self.args[0])} names)"
-        return f"--{ {'strip': 'strip-prefix', 'add': 'add-prefix'}.get(self.kind, self.kind)} " + " ".join(
-            map(repr, self.args))
+        shown = [a.pattern if isinstance(a, re.Pattern) else a for a in self.args]
+        return f"--{RULE_OPTIONS[self.kind]} " + " ".join(map(repr, shown))
 
     def apply(self, name: str) -> str:
         if self.kind == "strip":
@@ -79,35 +79,51 @@ class RenameRule:
         return self.args[0].get(name, name)
 
 
-def rename_rules(strip: str | None = None, add: str | None = None, replace: tuple[str, str] | None = None,
-                 regex: tuple[str, str] | None = None, mapping: dict[str, str] | None = None) -> list[RenameRule]:
-    """The rules in the order they apply: strip, add, replace, regex, map."""
-    rules = []
-    if strip:
-        rules.append(RenameRule("strip", (strip,)))
-    if add:
-        rules.append(RenameRule("add", (add,)))
-    if replace:
-        if not replace[0]:
-            raise CkptError("--replace: the text to replace is empty")
-        rules.append(RenameRule("replace", tuple(replace)))
-    if regex:
+# rule kind -> its option; the number of values each takes is in RULE_VALUES
+RULE_OPTIONS = {"strip": "strip-prefix", "add": "add-prefix", "replace": "replace", "regex": "regex", "map": "map"}
+RULE_VALUES = {"strip": 1, "add": 1, "replace": 2, "regex": 2, "map": 1}
+
+
+def module_prefix(prefix: str, option: str) -> str:
+    """A prefix names a module: `module` and `module.` both mean `module.`, so that stripping
+    never leaves a key starting with a dot and adding never glues two names together."""
+    name = prefix.removesuffix(".")
+    if not name or name.startswith("."):
+        raise UsageError(f"--{option} {prefix!r}: give a module name such as module or model.encoder")
+    return name + "."
+
+
+def rename_rule(kind: str, *args) -> RenameRule:
+    r"""A checked rule: `rename_rule("strip", "module")`, `rename_rule("replace", "old", "new")`,
+    `rename_rule("regex", r"layer(\d+)", r"block\1")`, `rename_rule("map", {"a": "b"})`."""
+    if kind not in RULE_OPTIONS:
+        raise UsageError(f"unknown rename rule {kind!r}: one of {', '.join(RULE_OPTIONS)}")
+    option = RULE_OPTIONS[kind]
+    if len(args) != RULE_VALUES[kind]:
+        raise UsageError(f"--{option} takes {RULE_VALUES[kind]} value(s), got {len(args)}")
+    if kind in ("strip", "add"):
+        return RenameRule(kind, (module_prefix(args[0], option),))
+    if kind == "replace":
+        if not args[0]:
+            raise UsageError("--replace: the text to replace is empty")
+        return RenameRule(kind, tuple(args))
+    if kind == "regex":
         try:
-            rules.append(RenameRule("regex", (re.compile(regex[0]), regex[1])))
+            return RenameRule(kind, (re.compile(args[0]), args[1]))
         except re.error as e:
-            raise CkptError(f"--regex {regex[0]!r}: not a valid regular expression ({e})") from None
-    if mapping is not None:
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
-            raise CkptError("--map: the JSON must map old names (strings) to new names (strings)")
-        rules.append(RenameRule("map", (mapping,)))
-    if not rules:
-        raise CkptError("no rename rule given: use --strip-prefix, --add-prefix, --replace, --regex or --map")
-    return rules
+            raise UsageError(f"--regex {args[0]!r}: not a valid regular expression ({e})") from None
+    mapping = args[0]
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+        raise CkptError("--map: the JSON must map old names (strings) to new names (strings)")
+    return RenameRule(kind, (mapping,))
 
 
 def plan_rename(keys: Iterable[str], rules: list[RenameRule]) -> tuple[dict[str, str], list[str]]:
-    """(old -> new for every key, keys no rule changed). Fails, before anything is written, when
-    a rule changes no key (a typo) or when two keys would get one name (listing every pair)."""
+    """(old -> new for every key, keys no rule changed), the rules applied in their order. Fails,
+    before anything is written, when a rule changes no key (a typo), when two keys would get one
+    name (listing every pair) or when a name would start with a dot."""
+    if not rules:
+        raise UsageError("no rename rule given: use --strip-prefix, --add-prefix, --replace, --regex or --map")
     keys = list(keys)
     names = {k: k for k in keys}
     for rule in rules:
@@ -137,6 +153,9 @@ def plan_rename(keys: Iterable[str], rules: list[RenameRule]) -> tuple[dict[str,
     empty = [old for old, new in names.items() if not new]
     if empty:
         raise CkptError(f"renaming leaves an empty name for {', '.join(empty)}")
+    dotted = [f"{old} -> {new}" for old, new in names.items() if new != old and new.startswith(".")]
+    if dotted:
+        raise CkptError(f"renaming would start {len(dotted)} name(s) with a dot: {'; '.join(dotted[:10])}")
     untouched = [k for k in keys if names[k] == k]
     return names, untouched
 
@@ -196,7 +215,8 @@ def align(source_keys: Iterable[str], template_keys: Iterable[str]) -> dict[str,
 
 # ---- shape reconciliation --------------------------------------------------------------------
 
-MISMATCH_POLICIES = ("error", "skip", "overlap")
+MISMATCH_POLICIES = ("error", "skip", "overlap")  # merge --into: a source shape that differs
+CONFLICT_POLICIES = ("error", "first", "last")  # plain merge: a key several sources have
 
 
 def overlap_region(source_shape: tuple[int, ...], template_shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -208,7 +228,7 @@ def overlap_region(source_shape: tuple[int, ...], template_shape: tuple[int, ...
     return tuple(slice(0, min(a, b)) for a, b in zip(source_shape, template_shape))
 
 
-def check_policy(name: str, choices: tuple[str, ...], option: str) -> str:
-    if name not in choices:
-        raise CkptError(f"{option} {name!r}: choose one of {', '.join(choices)}")
-    return name
+def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
+    if value not in choices:
+        raise UsageError(f"{option} {value!r}: choose one of {', '.join(choices)}")
+    return value

@@ -189,6 +189,16 @@ def cli(capsys, monkeypatch):
     return run
 
 
+def assert_one_error_line(result, *fragments, code=1):
+    """A refusal: exit `code` (1; diff's trouble and wrong usage: 2), exactly one line
+    `ckptsurgery: error: ...` on stderr, not the catch-all."""
+    assert result.code == code, (result.code, result.err)
+    assert result.err.startswith("ckptsurgery: error: ") and result.err.count("\n") == 1, result.err
+    assert "CKPTSURGERY_DEBUG" not in result.err and "Traceback" not in result.err, result.err
+    for fragment in fragments:
+        assert fragment in result.err, (fragment, result.err)
+
+
 def load_any(path):
     """The reference reader: what torch or safetensors themselves load."""
     path = str(path)

@@ -88,7 +88,7 @@ def test_dtype_casts_floating_only(cli, tmp_path, odd_tensors_pth, flag, dtype, 
 
 def test_bad_dtype_is_usage_error(cli, tmp_path, zip_pth):
     result = cli("convert", zip_pth, "-o", tmp_path / "x.pth", "--dtype", "fp8")
-    assert result.code == 1 and "choose one of fp32, fp16, bf16" in result.err
+    assert result.code == 2 and "'fp8' is not one of 'fp32', 'fp16', 'bf16'" in result.err
 
 
 def test_tied_weights_stored_once_and_restored(cli, tmp_path, tied_pth):

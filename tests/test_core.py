@@ -3,7 +3,7 @@ import pytest
 from ckptsurgery import core
 from ckptsurgery.io.write import parse_size, plan_shards
 from ckptsurgery.ops.inspect import fold_runs
-from ckptsurgery.errors import CkptError
+from ckptsurgery.errors import CkptError, UsageError
 
 KEYS = ["conv.weight", "conv.bias", "liner1.weight", "liner1.bias", "liner10.weight", "liner10.bias",
         "layer1.0.bias", "layer2.3.bias", "head"]
@@ -64,39 +64,68 @@ def test_fold_runs_folds_alike_numbered_siblings_only():
 
 # ---- rename ----------------------------------------------------------------------------------
 
-def rename(keys, **rules):
-    return core.plan_rename(keys, core.rename_rules(**rules))
+def rename(keys, *rules):
+    return core.plan_rename(keys, [core.rename_rule(kind, *args) for kind, *args in rules])
 
 
 def test_rename_rules_in_order_and_untouched_reported():
-    names, untouched = rename(["module.layer1.w", "module.fc.b", "head"], strip="module.",
-                              regex=(r"layer(\d+)", r"block\1"))
+    names, untouched = rename(["module.layer1.w", "module.fc.b", "head"], ("strip", "module."),
+                              ("regex", r"layer(\d+)", r"block\1"))
     assert names == {"module.layer1.w": "block1.w", "module.fc.b": "fc.b", "head": "head"}
     assert untouched == ["head"]
-    names, _ = rename(["a.w", "b.w"], add="net.", replace=(".w", ".weight"), mapping={"net.b.weight": "head.weight"})
+    names, _ = rename(["a.w", "b.w"], ("add", "net."), ("replace", ".w", ".weight"),
+                      ("map", {"net.b.weight": "head.weight"}))
     assert names == {"a.w": "net.a.weight", "b.w": "head.weight"}
+
+
+def test_rename_rules_apply_in_the_order_given():
+    keys = ["a.w"]
+    assert rename(keys, ("replace", "a", "b"), ("replace", "b", "c"))[0] == {"a.w": "c.w"}
+    assert rename(keys, ("add", "m"), ("replace", "m.a", "x"))[0] == {"a.w": "x.w"}
+    with pytest.raises(CkptError, match="--replace 'b' 'c' changed no key"):  # b did not exist yet
+        rename(keys, ("replace", "b", "c"), ("replace", "a", "b"))
+
+
+@pytest.mark.parametrize("prefix", ["module", "module."])
+def test_prefixes_name_modules(prefix):
+    names, _ = rename(["module.fc.w", "modules.x", "module"], ("strip", prefix))
+    assert names == {"module.fc.w": "fc.w", "modules.x": "modules.x", "module": "module"}
+    assert rename(["fc.w"], ("add", prefix))[0] == {"fc.w": "module.fc.w"}
+
+
+@pytest.mark.parametrize("prefix", ["", ".", ".module"])
+def test_prefix_that_is_no_module_name_is_usage_error(prefix):
+    with pytest.raises(UsageError, match="module name"):
+        core.rename_rule("strip", prefix)
+
+
+def test_rename_never_starts_a_name_with_a_dot():
+    with pytest.raises(CkptError, match="start 1 name"):
+        rename(["model..w", "x"], ("strip", "model"))
+    with pytest.raises(CkptError, match="with a dot: a.w -> .w"):
+        rename(["a.w"], ("regex", "^a", ""))
 
 
 def test_rename_collisions_list_every_pair():
     with pytest.raises(CkptError) as err:
-        rename(["module.a", "a", "module.b", "b", "c"], strip="module.")
+        rename(["module.a", "a", "module.b", "b", "c"], ("strip", "module."))
     assert "module.a + a -> a" in str(err.value) and "module.b + b -> b" in str(err.value)
 
 
 def test_rename_rule_that_changes_nothing_is_an_error():
     with pytest.raises(CkptError, match="--strip-prefix 'module.' changed no key"):
-        rename(["a", "b"], strip="module.")
+        rename(["a", "b"], ("strip", "module."))
     with pytest.raises(CkptError, match="does not have: nope"):
-        rename(["a"], mapping={"a": "x", "nope": "y"})
-    with pytest.raises(CkptError, match="no rename rule"):
-        core.rename_rules()
+        rename(["a"], ("map", {"a": "x", "nope": "y"}))
+    with pytest.raises(UsageError, match="no rename rule"):
+        rename(["a"])
 
 
 def test_rename_bad_regex_and_group():
-    with pytest.raises(CkptError, match="not a valid regular expression"):
-        core.rename_rules(regex=("(", "x"))
+    with pytest.raises(UsageError, match="not a valid regular expression"):
+        core.rename_rule("regex", "(", "x")
     with pytest.raises(CkptError, match="--regex"):
-        rename(["a1"], regex=(r"a(\d)", r"\2"))
+        rename(["a1"], ("regex", r"a(\d)", r"\2"))
 
 
 # ---- alignment and overlap -------------------------------------------------------------------

@@ -36,8 +36,9 @@ def test_neg_bit_on_a_dtype_torch_cannot_negate(tmp_path, dtype, command):
     args = {"stats": ("inspect", a, "--stats"), "to_safetensors": ("convert", a, "-o", tmp_path / "o.safetensors"),
             "diff": ("diff", a, b)}[command]
     result = run_isolated(tmp_path, *args, memory=CAP)
-    if command == "diff":  # exit 1 with no error line is diff's "they differ" verdict
-        assert result.code in (0, 1) and "CKPTSURGERY_DEBUG" not in result.err and "Traceback" not in result.err, result
+    if command == "diff":  # exit 1 with no error line is diff's "they differ" verdict; 2 a refusal
+        assert result.code in (0, 1, 2) and "CKPTSURGERY_DEBUG" not in result.err and "Traceback" not in result.err, result
+        assert (result.code == 2) == result.err.startswith("ckptsurgery: error: "), result
     else:
         assert_isolated_clean(result, within=10)
 

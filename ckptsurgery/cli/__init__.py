@@ -41,9 +41,10 @@ def _options(
 from . import inspect, filter, drop, rename, merge, convert, diff  # noqa: E402, F401
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, error: BaseException) -> None:
     sys.stderr.write(f"ckptsurgery: error: {printable(message)}\n")
-    sys.exit(1)
+    # 1: the operation failed; 2: wrong usage, and (set by `diff`) any trouble
+    sys.exit(getattr(error, "exit_code", 1))
 
 
 def _terminate(signum, frame):
@@ -52,15 +53,15 @@ def _terminate(signum, frame):
 
 
 def main() -> None:
-    """Entry point: known failures become one line on stderr and exit code 1."""
+    """Entry point: known failures become one line on stderr and exit code 1 (2 for wrong usage)."""
     signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except CkptError as e:
-        _fail(str(e))
+        _fail(str(e), e)
     except OSError as e:  # the disk is full, a folder is read-only, ...
-        _fail(f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e))
+        _fail(f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e), e)
     except Exception as e:  # a bug or an input we did not foresee: still no traceback by default
         if os.environ.get("CKPTSURGERY_DEBUG"):
             raise
-        _fail(f"{type(e).__name__}: {e} (set CKPTSURGERY_DEBUG=1 for a traceback)")
+        _fail(f"{type(e).__name__}: {e} (set CKPTSURGERY_DEBUG=1 for a traceback)", e)

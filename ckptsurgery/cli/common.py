@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from contextlib import contextmanager
+from enum import Enum
 from typing import Annotated, Iterator, Optional
 
 import typer
@@ -21,6 +23,16 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing o
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Report what would be written; write nothing.")]
 
 
+def examples(*commands: str) -> str:
+    """The end of a command's --help: two or three real command lines."""
+    return "Examples:\n\n" + "\n\n".join(commands)
+
+
+def choice(name: str, values) -> type[Enum]:
+    """A real choice for Typer: a wrong value exits 2, and --help lists the values."""
+    return Enum(name, {value: value for value in values}, type=str)
+
+
 def printable(text: str) -> str:
     """Names come from the file: escape control characters (a key holding an ANSI escape must
     not drive the terminal, nor a newline split a line)."""
@@ -29,14 +41,30 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def _finite(value):
+    """`value` with every NaN or infinity replaced by the string "nan", "inf" or "-inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def print_json(doc: dict) -> None:
-    """One JSON document; a list of records (tensors, tree rows) prints one record per line."""
+    """One strict JSON document (no NaN/Infinity tokens, which jq and most parsers refuse: such
+    numbers are written as the strings "nan", "inf", "-inf"); a list of records (tensors, tree
+    rows) prints one record per line."""
     def dump(value) -> str:
-        text = json.dumps(value, ensure_ascii=False)
+        try:
+            text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        except ValueError:  # a non-finite float somewhere: the rare path
+            text = json.dumps(_finite(value), ensure_ascii=False, allow_nan=False)
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate from a file: escaped, still valid JSON
-            text = json.dumps(value)
+            text = json.dumps(_finite(value), allow_nan=False)
         return text
 
     entries = []
@@ -91,6 +119,16 @@ def progress_bar(quiet: bool) -> Iterator:
             return lambda n: bar.advance(task, n)
 
         yield start
+
+
+@contextmanager
+def failures_exit(code: int) -> Iterator[None]:
+    """Any failure inside exits with `code` (diff: 2, so that "different" is never a typo)."""
+    try:
+        yield
+    except Exception as e:
+        e.exit_code = code  # read by cli.main
+        raise
 
 
 def finish_write(report: dict, as_json: bool, quiet: bool, details: list[str] = ()) -> None:

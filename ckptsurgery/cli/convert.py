@@ -5,15 +5,25 @@ from typing import Annotated, Optional
 import typer
 
 from .. import ops
+from ..dtypes import CAST_TARGETS
 from . import app
-from .common import DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, finish_write, progress_bar
+from .common import (
+    DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, choice, examples, finish_write, progress_bar,
+)
 
 
-@app.command()
+CastTo = choice("CastTo", CAST_TARGETS)
+
+
+@app.command(epilog=examples(
+    "ckptsurgery convert model.pth -o model.safetensors",
+    "ckptsurgery convert model.pth -o model-bf16.safetensors --dtype bf16",
+    "ckptsurgery convert big.pth -o model.safetensors --max-shard-size 2GB",
+))
 def convert(
     input: InputArg,
     output: OutputOpt,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", metavar="fp32|fp16|bf16", help="Cast floating tensors: fp32, fp16 or bf16.")] = None,
+    dtype: Annotated[Optional[CastTo], typer.Option("--dtype", help="Cast the float16/bfloat16/float32/float64 tensors to this dtype.", show_default=False)] = None,
     max_shard_size: Annotated[Optional[str], typer.Option(
         "--max-shard-size", metavar="SIZE", help="Write Hugging Face-style shards of at most this size (e.g. 2GB) and an index.")] = None,
     root: RootOpt = None,
@@ -24,6 +34,6 @@ def convert(
 ) -> None:
     """Convert between .pth and .safetensors, bit-exact unless --dtype asks for a cast."""
     with progress_bar(quiet or json) as progress:
-        report = ops.convert(input, output, root=root, dtype=dtype, max_shard_size=max_shard_size,
+        report = ops.convert(input, output, root=root, dtype=dtype and dtype.value, max_shard_size=max_shard_size,
                              force=force, dry_run=dry_run, progress=progress)
     finish_write(report, json, quiet)

@@ -8,10 +8,14 @@ import typer
 
 from .. import ops
 from . import app
-from .common import JsonOpt, QuietOpt, RootOpt, console, print_json, printable
+from .common import JsonOpt, QuietOpt, RootOpt, console, examples, failures_exit, print_json, printable
 
 
-@app.command()
+@app.command(epilog=examples(
+    "ckptsurgery diff model.pth model.safetensors",
+    "ckptsurgery diff model.pth model-bf16.safetensors --atol 0.01",
+    "ckptsurgery diff before.pth after.pth --json > changes.json || echo changed",
+))
 def diff(
     a: Annotated[str, typer.Argument(metavar="A", help="First checkpoint.", show_default=False)],
     b: Annotated[str, typer.Argument(metavar="B", help="Second checkpoint.", show_default=False)],
@@ -20,12 +24,14 @@ def diff(
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Compare two checkpoints (any formats). Exit 0 when equal, 1 when they differ."""
-    report = ops.diff(a, b, atol=atol, root=root)
-    if json:
-        print_json(report)
-    else:
-        _print_diff(report)
+    """Compare two checkpoints (any formats). Exit 0 when equal, 1 when they differ, 2 on
+    trouble (an unreadable file, wrong usage), as diff(1) and cmp(1) do."""
+    with failures_exit(2):
+        report = ops.diff(a, b, atol=atol, root=root)
+        if json:
+            print_json(report)
+        else:
+            _print_diff(report)
     if not report["identical"]:
         raise typer.Exit(1)
 
@@ -44,12 +50,19 @@ def _print_diff(report: dict) -> None:
     for c in report["shape_changed"]:
         table.add_row(printable(c["name"]), "shape", str(c["a"]), str(c["b"]))
     for c in report["dtype_changed"]:
-        table.add_row(printable(c["name"]), "dtype", c["a"], c["b"])
+        within = f" (max |A-B| {_gap(c['max_abs_diff'])})" if "max_abs_diff" in c else ""
+        table.add_row(printable(c["name"]), "dtype" + within, c["a"], c["b"])
     for c in report["value_changed"]:
-        table.add_row(printable(c["name"]), f"values (max |A-B| {c['max_abs_diff']:.4g})", "", "")
+        table.add_row(printable(c["name"]), f"values (max |A-B| {_gap(c['max_abs_diff'])})", "", "")
     if table.row_count:
         out.print(table)
+    # under --atol a dtype change alone is shown, not counted: the values decide
+    differences = table.row_count - (len(report["dtype_changed"]) if report["atol"] else 0)
     verdict = "identical" if report["identical"] else "different"
     tol = f" within atol {report['atol']:g}" if report["atol"] else " (bit-exact)"
-    out.print(f"{verdict}: {report['equal']} equal tensor(s){tol}, "
-                  f"{table.row_count} difference(s)")
+    out.print(f"{verdict}: {report['equal']} equal tensor(s){tol}, {differences} difference(s)")
+
+
+def _gap(value: int | float) -> str:
+    """Integers exactly (2**53 + 1 is not 9.007e+15); floats to four digits."""
+    return str(value) if isinstance(value, int) else f"{value:.4g}"

@@ -8,10 +8,13 @@ import typer
 
 from .. import ops
 from . import app
-from .common import DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, finish_write, listing, progress_bar
+from .common import DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, examples, finish_write, listing, progress_bar
 
 
-@app.command()
+@app.command(epilog=examples(
+    "ckptsurgery drop resnet.pth fc -o backbone.pth",
+    "ckptsurgery drop ckpt.pth 're:num_batches_tracked$' -o clean.pth --dry-run",
+))
 def drop(
     input: InputArg,
     patterns: Annotated[list[str], typer.Argument(

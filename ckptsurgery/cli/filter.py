@@ -8,10 +8,13 @@ import typer
 
 from .. import ops
 from . import app
-from .common import DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, finish_write, listing, progress_bar
+from .common import DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, examples, finish_write, listing, progress_bar
 
 
-@app.command("filter")
+@app.command("filter", epilog=examples(
+    "ckptsurgery filter pretrained.pth -o matching.pth --like new_model.pth",
+    "ckptsurgery filter ckpt.pth --keep backbone --keep 'neck.*' -o part.pth",
+))
 def filter_command(
     input: InputArg,
     output: OutputOpt,

@@ -6,13 +6,18 @@ from typing import Annotated, Optional
 import typer
 
 from .. import ops
+from ..errors import UsageError
 from . import app
 from .common import (
-    InputArg, JsonOpt, QuietOpt, RootOpt, human_bytes, note, print_json, printable, progress_bar,
+    InputArg, JsonOpt, QuietOpt, RootOpt, examples, human_bytes, note, print_json, printable, progress_bar,
 )
 
 
-@app.command()
+@app.command(epilog=examples(
+    "ckptsurgery inspect model.pth --tree --depth 2",
+    "ckptsurgery inspect model.safetensors --keys 'layers.0' --stats",
+    "ckptsurgery inspect ckpt.pth --json | jq .total_params",
+))
 def inspect(
     input: InputArg,
     keys: Annotated[Optional[list[str]], typer.Option(
@@ -25,6 +30,8 @@ def inspect(
     quiet: QuietOpt = False,
 ) -> None:
     """List a checkpoint's tensors (reads headers only, unless --stats)."""
+    if stats and tree and not json:
+        raise UsageError("--stats lists tensors and --tree lists modules: give one, or add --json for both")
     with progress_bar(quiet or json or not stats) as progress:
         report = ops.inspect(input, keys=keys, stats=stats, tree=tree, depth=depth, root=root, progress=progress)
     if json:

@@ -6,24 +6,32 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import ops
+from .. import core, ops
 from . import app
 from .common import (
-    DryRunOpt, ForceOpt, JsonOpt, OutputOpt, QuietOpt, RootOpt, console, finish_write, listing, print_json,
-    printable, progress_bar,
+    DryRunOpt, ForceOpt, JsonOpt, OutputOpt, QuietOpt, RootOpt, choice, console, examples, finish_write, listing,
+    print_json, printable, progress_bar,
 )
 
 
-@app.command()
+OnMismatch = choice("OnMismatch", core.MISMATCH_POLICIES)
+OnConflict = choice("OnConflict", core.CONFLICT_POLICIES)
+
+
+@app.command(epilog=examples(
+    "ckptsurgery merge old.pth --into new.pth --on-mismatch overlap -o init.pth",
+    "ckptsurgery merge backbone.safetensors head.safetensors -o model.safetensors",
+    "ckptsurgery merge a.pth b.pth c.pth --average --weights 2,1,1 -o soup.pth",
+))
 def merge(
     sources: Annotated[list[str], typer.Argument(metavar="SOURCE...", help="Checkpoints to merge, in priority order.", show_default=False)],
     output: OutputOpt,
     into: Annotated[Optional[str], typer.Option(
         "--into", metavar="TEMPLATE", help="Template (e.g. saved from the new model): output has exactly its keys, shapes, dtypes.")] = None,
-    on_mismatch: Annotated[str, typer.Option(
-        "--on-mismatch", metavar="error|skip|overlap", help="With --into, a shape that differs: error, skip (keep template), overlap.")] = "error",
-    on_conflict: Annotated[str, typer.Option(
-        "--on-conflict", metavar="error|first|last", help="Plain merge, a key in several sources: error, first, last.")] = "error",
+    on_mismatch: Annotated[Optional[OnMismatch], typer.Option(
+        "--on-mismatch", help="With --into, a shape that differs: error (default), skip (keep the template's), overlap (copy the shared block).", show_default=False)] = None,
+    on_conflict: Annotated[Optional[OnConflict], typer.Option(
+        "--on-conflict", help="Plain merge, a key in several sources: error (default), first, last.", show_default=False)] = None,
     average: Annotated[bool, typer.Option("--average", help="Element-wise (weighted) mean of floating tensors.")] = False,
     weights: Annotated[Optional[str], typer.Option("--weights", metavar="W,W,..", help="With --average: W,W,... one per source.")] = None,
     root: RootOpt = None,
@@ -34,7 +42,8 @@ def merge(
 ) -> None:
     """Combine checkpoints: a plain union, an update of a template (--into), or an average."""
     with progress_bar(quiet or json) as progress:
-        report = ops.merge(sources, output, into=into, on_mismatch=on_mismatch, on_conflict=on_conflict,
+        report = ops.merge(sources, output, into=into, on_mismatch=on_mismatch and on_mismatch.value,
+                           on_conflict=on_conflict and on_conflict.value,
                                average=average, weights=weights, root=root, force=force, dry_run=dry_run,
                                progress=progress)
     if json:

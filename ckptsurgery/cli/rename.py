@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json as jsonlib
 import os
-import sys
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand, TyperOption
 
 from .. import core, ops
 from ..errors import CkptError
 from . import app
 from .common import (
-    DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, console, finish_write, listing, printable,
-    progress_bar,
+    DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, console, examples, finish_write, listing,
+    printable, progress_bar,
 )
 
 
@@ -33,17 +33,73 @@ def _load_map(path: str) -> dict:
     return mapping
 
 
-@app.command()
+class _RulesInOrder(TyperCommand):
+    """rename's rules may repeat and apply in the order given, like sed's -e expressions. Typer
+    has no repeatable two-value option, so the rules are taken out of the arguments here, where
+    the command parses them (whatever runs it: the console script, a test runner, another
+    program), and handed to the command in order; every other argument goes to the parser."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        takes = {}  # option -> how many values follow it
+        for param in self.params:
+            if isinstance(param, TyperOption):
+                for name in (*param.opts, *param.secondary_opts):
+                    takes[name] = 0 if param.is_flag else param.nargs
+        rules, rest, i = [], [], 0
+        while i < len(args):
+            arg = args[i]
+            if arg == "--":
+                rest += args[i:]
+                break
+            name, eq, attached = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+            kind = _RULE_KINDS.get(name)
+            if kind:
+                count = core.RULE_VALUES[kind]
+                values = [attached] * bool(eq) + args[i + 1 : i + 1 + count - bool(eq)]
+                if len(values) < count:
+                    raise typer.BadParameter(f"takes {count} value(s)", param_hint=name)
+                rules.append((kind, values))
+                i += 1 + count - bool(eq)
+                continue
+            # another option's values pass through untouched, even one spelled like a rule
+            follow = 0
+            if arg.startswith("--"):
+                follow = 0 if eq else takes.get(name, 0)
+            elif arg.startswith("-") and len(arg) > 1:  # a cluster of short options: -qo OUT
+                for at, letter in enumerate(arg[1:], start=2):
+                    if takes.get("-" + letter):
+                        follow = takes["-" + letter] - (at < len(arg))
+                        break
+            rest += args[i : i + 1 + follow]
+            i += 1 + follow
+        ctx.meta[_RULES] = rules
+        return super().parse_args(ctx, rest)
+
+
+_RULES = "ckptsurgery.rename.rules"
+_RULE_KINDS = {f"--{option}": kind for kind, option in core.RULE_OPTIONS.items()}
+
+
+@app.command(cls=_RulesInOrder, epilog=examples(
+    "ckptsurgery rename ddp.pth -o plain.pth --strip-prefix module",
+    "ckptsurgery rename a.pth -o b.pth --replace gamma weight --replace beta bias",
+    r"ckptsurgery rename a.pth -o b.pth --regex 'layers\.(\d+)' 'blocks.\1'",
+))
 def rename(
+    ctx: typer.Context,
     input: InputArg,
     output: OutputOpt,
-    strip_prefix: Annotated[Optional[str], typer.Option("--strip-prefix", metavar="P", help="Remove this prefix where keys have it.")] = None,
-    add_prefix: Annotated[Optional[str], typer.Option("--add-prefix", metavar="P", help="Put this prefix before every key.")] = None,
-    replace: Annotated[Optional[tuple[str, str]], typer.Option(
+    # The rule options are listed here for --help; _RulesInOrder hands their values over, in order.
+    strip_prefix: Annotated[Optional[list[str]], typer.Option(
+        "--strip-prefix", metavar="MODULE", help="Remove this module prefix (module and module. alike) where keys have it.")] = None,
+    add_prefix: Annotated[Optional[list[str]], typer.Option(
+        "--add-prefix", metavar="MODULE", help="Put every key under this module (module and module. alike).")] = None,
+    replace: Annotated[Optional[list[str]], typer.Option(
         "--replace", metavar="OLD NEW", help="Replace a substring in every key.")] = None,
-    regex: Annotated[Optional[tuple[str, str]], typer.Option(
+    regex: Annotated[Optional[list[str]], typer.Option(
         "--regex", metavar="PATTERN REPL", help=r"Regular-expression substitution (\1 for groups).")] = None,
-    map_file: Annotated[Optional[str], typer.Option("--map", metavar="MAP.json", help="JSON file of exact old name -> new name.")] = None,
+    map_file: Annotated[Optional[list[str]], typer.Option(
+        "--map", metavar="MAP.json", help="JSON file of exact old name -> new name.")] = None,
     root: RootOpt = None,
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
@@ -52,29 +108,18 @@ def rename(
 ) -> None:
     """Rename keys; a collision fails before anything is written.
 
-    Rules apply in this order: --strip-prefix, --add-prefix, --replace, --regex, --map (whose
-    names are matched as the earlier rules left them). Each rule must change some key. Two keys
-    that would get one name fail the command, with every such pair named."""
-    _refuse_repeats(("--strip-prefix", "--add-prefix", "--replace", "--regex", "--map"))
-    rules = core.rename_rules(strip_prefix, add_prefix, replace, regex,
-                              _load_map(map_file) if map_file else None)
+    Every rule option may be repeated; the rules apply one after another in the order given,
+    each to the names the earlier ones left. Each rule must change some key. Two keys that would
+    get one name fail the command, with every such pair named."""
+    rules = [core.rename_rule(kind, *([_load_map(values[0])] if kind == "map" else values))
+             for kind, values in ctx.meta.get(_RULES, [])]
     with progress_bar(quiet or json) as progress:
         report = ops.rename_keys(input, output, rules, root=root, force=force, dry_run=dry_run,
-                                     progress=progress)
+                                 progress=progress)
     if dry_run and not json:
         _print_rename_table(report)
     finish_write(report, json, quiet, [f"renamed {len(report['renamed'])} key(s)",
                                        listing("untouched", report["untouched"])])
-
-
-def _refuse_repeats(options: tuple[str, ...]) -> None:
-    """Each rule option is taken once: the parser would silently keep only the last of a
-    repeated one, and a dropped rename is worse than an error."""
-    for option in options:
-        count = sum(arg == option or arg.startswith(option + "=") for arg in sys.argv[1:])
-        if count > 1:
-            raise typer.BadParameter(f"{option} was given {count} times; it is taken once "
-                                     f"(use --map for many exact renames)", param_hint=option)
 
 
 def _print_rename_table(report: dict) -> None:

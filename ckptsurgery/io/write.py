@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Any, BinaryIO, Callable, Iterator
 
 from ..dtypes import DType, why_not_safetensors
-from ..errors import CkptError
+from ..errors import CkptError, UsageError
 from .model import MappedFile, Storage, TensorRef
 from .pickler import PickleRefused, TorchPickler
 from .pickled import InertGlobal
@@ -40,10 +40,10 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     unit = match and match.group(2).upper()
     if not match or unit not in _SIZE_UNITS:
-        raise CkptError(f"size {text!r}: expected a number with an optional unit like 2GB or 500MiB")
+        raise UsageError(f"size {text!r}: expected a number with an optional unit like 2GB or 500MiB")
     size = int(float(match.group(1)) * _SIZE_UNITS[unit])
     if size <= 0:
-        raise CkptError(f"size {text!r} must be positive")
+        raise UsageError(f"size {text!r} must be positive")
     return size
 
 

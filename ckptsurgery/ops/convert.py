@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..dtypes import CAST_TARGETS
-from ..errors import CkptError
+from ..errors import UsageError
 from ..io import open_checkpoint
 from ..io.write import parse_size
 from .write import ProgressFactory, write_checkpoint
@@ -16,7 +16,7 @@ def convert(input: str, output: str, *, root: str | None = None, dtype: str | No
     cast = None
     if dtype is not None:
         if dtype not in CAST_TARGETS:
-            raise CkptError(f"--dtype {dtype!r}: choose one of {', '.join(CAST_TARGETS)}")
+            raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(CAST_TARGETS)}")
         cast = CAST_TARGETS[dtype]
     limit = parse_size(max_shard_size) if max_shard_size else None
     with open_checkpoint(input, root) as ckpt:

@@ -3,7 +3,9 @@ and values that differ beyond a tolerance."""
 
 from __future__ import annotations
 
-from ..errors import CkptError
+import math
+
+from ..errors import UsageError
 from ..io import TensorRef, open_checkpoint
 
 
@@ -26,49 +28,91 @@ def _quant_key(t: TensorRef):
     return q.scheme.name, q.axis, bytes(q.scale.data()), bytes(q.zero_point.data())
 
 
-def _numbers(t: TensorRef):
-    """The values as a flat float64 (or complex128) torch tensor; None where elements are not
-    numbers (bits, packed 4-bit)."""
+_VALUE_CHUNK = 1 << 22  # elements widened at a time to compare values
+_LOW = 0xFFFFFFFF
+
+
+def _max_abs_diff(a: TensorRef, b: TensorRef) -> float | int:
+    """Largest |a - b|, exact for integers; elements that are not numbers (bits, packed 4-bit)
+    differ infinitely."""
+    from ..dtypes import BOOL, INT
+    from ..io.tensors import values
+
+    if a.dtype.kind in (INT, BOOL) and b.dtype.kind in (INT, BOOL):
+        return _max_int_gap(values(a), values(b))
+    return _max_float_gap(a, b)
+
+
+def _max_int_gap(fa, fb) -> int:
+    """Exact max |a - b| of two flat integer (or bool) tensors, of any widths: float64 would
+    round beyond 2**53, and int64 overflows. Each value is split into 32-bit halves held in
+    int64, value = hi * 2**32 + lo, whose differences cannot overflow."""
+    worst = 0
+    for start in range(0, fa.numel(), _VALUE_CHUNK):
+        (ha, la), (hb, lb) = (_halves(f[start : start + _VALUE_CHUNK]) for f in (fa, fb))
+        hi, lo = ha - hb, la - lb  # |a - b| is the larger of a - b and b - a
+        worst = max(worst, _largest(hi, lo), _largest(-hi, -lo))
+    return worst
+
+
+def _halves(chunk):
+    """(hi, lo) int64 tensors with value = hi * 2**32 + lo and 0 <= lo < 2**32."""
+    import torch
+
+    if chunk.dtype == torch.uint64:  # the only width int64 cannot hold: its bits, high half unsigned
+        v = chunk.view(torch.int64)
+        return (v >> 32) & _LOW, v & _LOW
+    v = chunk.to(torch.int64)
+    return v >> 32, v & _LOW
+
+
+def _largest(hi, lo) -> int:
+    """The largest hi * 2**32 + lo, as a Python int."""
+    hi, lo = hi + (lo >> 32), lo & _LOW  # borrow from hi until 0 <= lo < 2**32: then (hi, lo) order as the values
+    top = hi.max()
+    return int(top) * 2**32 + int(lo[hi == top].max())
+
+
+def _max_float_gap(a: TensorRef, b: TensorRef) -> float:
+    """Largest |a - b| in float64 (of either part, when a side is complex), chunk by chunk;
+    NaN facing NaN counts as equal, NaN facing a number as infinitely far."""
     import torch
 
     from ..dtypes import COMPLEX
     from ..io.tensors import as_torch, values
 
-    if t.dtype.kind == COMPLEX:  # real and imaginary parts side by side, each compared
-        return torch.view_as_real(as_torch(t).reshape(-1).to(torch.complex128)).reshape(-1)
-    flat = values(t)  # dequantized, for quantized tensors
-    return None if flat is None else flat.to(torch.float64)
-
-
-def _max_abs_diff(a: TensorRef, b: TensorRef) -> float:
-    """Largest |a - b| (of either part, for complex values), in float64 and in chunks; NaN facing
-    NaN counts as equal, NaN facing a number as infinitely far. Elements that are not numbers
-    differ infinitely when their bytes differ."""
-    import torch
-
-    fa, fb = _numbers(a), _numbers(b)
+    fa, fb = (as_torch(t).reshape(-1) if t.dtype.kind == COMPLEX else values(t) for t in (a, b))
     if fa is None or fb is None:
         return float("inf")
+    pairs = COMPLEX in (a.dtype.kind, b.dtype.kind)  # a real side compares as value + 0j
     worst = 0.0
-    step = 1 << 22
-    for start in range(0, fa.numel(), step):
-        x, y = fa[start : start + step], fb[start : start + step]
+    for start in range(0, fa.numel(), _VALUE_CHUNK):
+        x, y = (_widen(f[start : start + _VALUE_CHUNK], pairs) for f in (fa, fb))
         gap = (x - y).abs()
         both_nan = torch.isnan(x) & torch.isnan(y)
         gap = torch.where(both_nan, torch.zeros_like(gap), gap)
         gap = torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap)
         same_inf = torch.isinf(x) & (x == y)
         gap = torch.where(same_inf, torch.zeros_like(gap), gap)
-        if gap.numel():
-            worst = max(worst, float(gap.max()))
+        worst = max(worst, float(gap.max()))
     return worst
 
 
+def _widen(chunk, pairs: bool):
+    """float64 values, or with `pairs` real and imaginary parts side by side."""
+    import torch
+
+    if not chunk.is_complex():
+        chunk = chunk.to(torch.float64)
+    return torch.view_as_real(chunk.to(torch.complex128)).reshape(-1) if pairs else chunk
+
+
 def diff(a: str, b: str, *, atol: float = 0.0, root: str | None = None) -> dict:
-    """Keys only in A or B, shape and dtype changes, and values that differ beyond `atol`
-    (0: bit-exact). `identical` is the verdict the exit code follows."""
-    if atol < 0:
-        raise CkptError("--atol must not be negative")
+    """Keys only in A or B, shape and dtype changes, and values that differ beyond `atol`.
+    With atol 0 (bit-exact) a dtype change is a difference in itself; with atol > 0 a tensor
+    whose dtype changed is judged on its values. `identical` is the verdict the exit code follows."""
+    if not (math.isfinite(atol) and atol >= 0):
+        raise UsageError(f"--atol must be a finite number >= 0, not {atol}")
     with open_checkpoint(a, root) as ca, open_checkpoint(b, root) as cb:
         only_a = [k for k in ca.tensors if k not in cb.tensors]
         only_b = [k for k in cb.tensors if k not in ca.tensors]
@@ -80,17 +124,23 @@ def diff(a: str, b: str, *, atol: float = 0.0, root: str | None = None) -> dict:
                 continue
             if ta.shape != tb.shape:
                 shape_changed.append({"name": name, "a": list(ta.shape), "b": list(tb.shape)})
-            elif ta.dtype is not tb.dtype:
-                dtype_changed.append({"name": name, "a": ta.dtype.name, "b": tb.dtype.name})
+                continue
+            if ta.dtype is not tb.dtype:
+                change = {"name": name, "a": ta.dtype.name, "b": tb.dtype.name}
+                dtype_changed.append(change)
+                if atol == 0:  # bit-exact: the dtype change alone differs; values are not read
+                    continue
+                worst = change["max_abs_diff"] = _max_abs_diff(ta, tb)
             elif _same_bytes(ta, tb):
                 equal += 1
+                continue
             else:
                 worst = _max_abs_diff(ta, tb)
-                if atol == 0 or worst > atol:
-                    value_changed.append({"name": name, "max_abs_diff": worst})
-                else:
-                    equal += 1
-    identical = not (only_a or only_b or shape_changed or dtype_changed or value_changed)
+            if atol == 0 or worst > atol:
+                value_changed.append({"name": name, "max_abs_diff": worst})
+            else:
+                equal += 1
+    identical = not (only_a or only_b or shape_changed or value_changed or (dtype_changed and atol == 0))
     return {"a": a, "b": b, "atol": atol, "identical": identical, "equal": equal, "only_in_a": only_a,
             "only_in_b": only_b, "shape_changed": shape_changed, "dtype_changed": dtype_changed,
             "value_changed": value_changed}

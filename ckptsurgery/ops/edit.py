@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from .. import core
-from ..errors import CkptError
+from ..errors import CkptError, UsageError
 from ..io import Checkpoint, open_checkpoint
 from .write import ProgressFactory, write_checkpoint
 
@@ -28,7 +28,7 @@ def filter_keys(input: str, output: str, *, keep: list[str] | None = None, like:
     """Keep the keys that patterns select, or exactly the keys a template checkpoint has
     (`{k: v for k, v in pretrained.items() if k in model_dict}`)."""
     if bool(keep) == bool(like):
-        raise CkptError("give either --keep PATTERN (repeatable) or --like TEMPLATE")
+        raise UsageError("give either --keep PATTERN (repeatable) or --like TEMPLATE, not both")
     with open_checkpoint(input, root) as ckpt:
         missing: list[str] = []
         if keep:

@@ -9,7 +9,7 @@ from collections import OrderedDict
 from typing import Callable
 
 from .. import core
-from ..errors import CkptError
+from ..errors import CkptError, UsageError
 from ..io import Checkpoint, TensorRef, open_checkpoint
 from ..io.tree import describe, extras
 from .write import ProgressFactory
@@ -18,7 +18,10 @@ from .write import ProgressFactory
 def inspect(input: str, *, keys: list[str] | None = None, stats: bool = False, tree: bool = False,
             depth: int | None = None, root: str | None = None, progress: ProgressFactory | None = None) -> dict:
     """The report of `inspect_report` for the keys that `keys` select; with `stats`, each tensor's
-    `tensor_stats` (reads data); with `tree`, the `module_tree` rows under "tree"."""
+    `tensor_stats` (reads data); with `tree`, the `module_tree` rows under "tree", `depth` levels
+    deep."""
+    if depth is not None and not tree:
+        raise UsageError("--depth applies to --tree only")
     with open_checkpoint(input, root) as ckpt:
         report = inspect_report(ckpt, keys)
         if stats:

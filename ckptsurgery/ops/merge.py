@@ -9,7 +9,7 @@ from contextlib import ExitStack
 
 from .. import core
 from ..dtypes import convertible
-from ..errors import CkptError
+from ..errors import CkptError, UsageError
 from ..io import Checkpoint, TensorRef, open_checkpoint
 from ..io.model import computed_tensor
 from .write import ProgressFactory, write_checkpoint
@@ -64,16 +64,16 @@ def _parse_weights(weights: str | None, count: int) -> list[float]:
     try:
         values = [float(w) for w in weights.split(",")]
     except ValueError:
-        raise CkptError(f"--weights {weights!r}: expected numbers separated by commas") from None
+        raise UsageError(f"--weights {weights!r}: expected numbers separated by commas") from None
     if len(values) != count:
-        raise CkptError(f"--weights gives {len(values)} weights for {count} sources")
+        raise UsageError(f"--weights gives {len(values)} weights for {count} sources")
     if not all(math.isfinite(v) for v in values):
-        raise CkptError(f"--weights {weights!r}: every weight must be a finite number (no nan or inf)")
+        raise UsageError(f"--weights {weights!r}: every weight must be a finite number (no nan or inf)")
     total = sum(values)
     if not math.isfinite(total):
-        raise CkptError(f"--weights {weights!r}: the weights are too large to add up")
+        raise UsageError(f"--weights {weights!r}: the weights are too large to add up")
     if total <= 0:  # dividing by a negative total would flip every weight's sign
-        raise CkptError(f"--weights must not sum to zero or less (they sum to {total:g})")
+        raise UsageError(f"--weights must not sum to zero or less (they sum to {total:g})")
     return [v / total for v in values]
 
 
@@ -184,21 +184,26 @@ def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: s
     return merged, report
 
 
-def merge(sources: list[str], output: str, *, into: str | None = None, on_mismatch: str = "error",
-          on_conflict: str = "error", average: bool = False, weights: str | None = None,
+def merge(sources: list[str], output: str, *, into: str | None = None, on_mismatch: str | None = None,
+          on_conflict: str | None = None, average: bool = False, weights: str | None = None,
           root: str | None = None, force: bool = False, dry_run: bool = False,
           progress: ProgressFactory | None = None) -> dict:
-    """Three modes: plain union (--on-conflict), --into TEMPLATE (--on-mismatch), --average."""
-    core.check_policy(on_mismatch, core.MISMATCH_POLICIES, "--on-mismatch")
-    core.check_policy(on_conflict, ("error", "first", "last"), "--on-conflict")
+    """Three modes: plain union (`on_conflict`, default error), `into` a template (`on_mismatch`,
+    default error), `average` (`weights`, default equal). An option of another mode is refused."""
     if into and average:
-        raise CkptError("--into and --average do not combine: average first, then merge --into")
+        raise UsageError("--into and --average do not combine: average first, then merge --into")
+    if on_mismatch is not None and not into:
+        raise UsageError("--on-mismatch applies to merge --into only")
+    if on_conflict is not None and (into or average):
+        raise UsageError(f"--on-conflict applies to a plain merge only, not to --{'into' if into else 'average'}")
     if weights is not None and not average:
-        raise CkptError("--weights applies to --average only")
+        raise UsageError("--weights applies to --average only")
+    on_mismatch = core.check_choice(on_mismatch or "error", core.MISMATCH_POLICIES, "--on-mismatch")
+    on_conflict = core.check_choice(on_conflict or "error", core.CONFLICT_POLICIES, "--on-conflict")
     if not sources:
-        raise CkptError("merge needs at least one source")
+        raise UsageError("merge needs at least one source")
     if average and len(sources) < 2:
-        raise CkptError("--average needs at least two sources")
+        raise UsageError("--average needs at least two sources")
     with ExitStack() as stack:
         ckpts = [stack.enter_context(open_checkpoint(s, root)) for s in sources]
         others = None  # the base's own non-tensor entries

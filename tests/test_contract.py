@@ -1,0 +1,212 @@
+"""The command-line contract at its edges: exit codes that tell "different" from "broken", strict
+JSON, real choices, options refused where they do not apply, rename rules that repeat and apply
+in order, and examples at the end of every --help."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+import typer.main
+from typer.testing import CliRunner
+
+from conftest import assert_one_error_line, load_any
+from ckptsurgery.cli import app
+
+COMMANDS = ["inspect", "filter", "drop", "rename", "merge", "convert", "diff"]
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN, Infinity and -Infinity, as jq and most parsers do."""
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+# ---- diff: 0 same, 1 different, 2 trouble ----------------------------------------------------
+
+def test_diff_exit_codes_follow_cmp(cli, tmp_path, zip_pth):
+    other = tmp_path / "other.pth"
+    torch.save({"w": torch.zeros(2)}, other)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    assert cli("diff", zip_pth, zip_pth).code == 0
+    different = cli("diff", zip_pth, other)
+    assert different.code == 1 and different.err == ""
+    assert_one_error_line(cli("diff", zip_pth, tmp_path / "typo.pth"), "no such file", code=2)
+    assert_one_error_line(cli("diff", garbage, zip_pth, "--json"), "not a checkpoint", code=2)
+    assert_one_error_line(cli("diff", zip_pth, zip_pth, "--root", "nope"), "nope", code=2)
+    assert cli("diff", zip_pth).code == 2  # wrong usage: the parser's own exit code
+    assert cli("diff", zip_pth, zip_pth, "--atol", "lots").code == 2
+
+
+# ---- strict JSON ---------------------------------------------------------------------------
+
+def test_json_has_no_nan_or_infinity_tokens(cli, tmp_path):
+    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    torch.save({"w": torch.tensor([1.0, float("nan")]), "x": torch.tensor([float("inf")])}, a)
+    torch.save({"w": torch.tensor([1.0, 2.0]), "x": torch.tensor([float("inf")])}, b)
+    result = cli("diff", a, b, "--atol", "0.5", "--json")
+    assert result.code == 1
+    doc = strict_json(result.out)
+    assert doc["value_changed"] == [{"name": "w", "max_abs_diff": "inf"}]
+    stats = strict_json(cli("inspect", a, "--stats", "--json").out)["tensors"]
+    assert stats[1]["inf"] == 1 and stats[1]["max"] is None
+
+
+def test_print_json_writes_non_finite_numbers_as_strings(capsys):
+    from ckptsurgery.cli.common import print_json
+
+    print_json({"rows": [{"v": float("-inf")}, {"v": 1.5}], "nested": {"n": [float("nan"), 2]}, "x": float("inf")})
+    doc = strict_json(capsys.readouterr().out)
+    assert doc == {"rows": [{"v": "-inf"}, {"v": 1.5}], "nested": {"n": ["nan", 2]}, "x": "inf"}
+
+
+# ---- real choices ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command, option, bad, listed", [
+    ("merge", "--on-mismatch", "pad", ["error", "skip", "overlap"]),
+    ("merge", "--on-conflict", "newest", ["error", "first", "last"]),
+    ("convert", "--dtype", "fp8", ["fp32", "fp16", "bf16"]),
+])
+def test_choices_are_real_choices(cli, tmp_path, zip_pth, command, option, bad, listed):
+    out = tmp_path / "o.pth"
+    result = cli(command, zip_pth, "-o", out, option, bad)
+    assert result.code == 2 and f"'{bad}' is not one of" in result.err and not out.exists()
+    help_text = " ".join(cli(command, "--help").out.split())
+    assert f"<{'|'.join(listed)}>" in help_text.replace(" ", ""), help_text
+
+
+# ---- options that do not apply to the chosen mode ----------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["merge", "{a}", "--on-mismatch", "skip"], "--on-mismatch applies to merge --into only"),
+    (["merge", "{a}", "{a}", "--average", "--on-mismatch", "skip"], "--on-mismatch applies to merge --into only"),
+    (["merge", "{a}", "--into", "{a}", "--on-conflict", "first"], "--on-conflict applies to a plain merge only"),
+    (["merge", "{a}", "{a}", "--average", "--on-conflict", "last"], "--on-conflict applies to a plain merge only"),
+    (["merge", "{a}", "{a}", "--weights", "1,2"], "--weights applies to --average only"),
+    (["merge", "{a}", "{a}", "--average", "--into", "{a}"], "do not combine"),
+    (["filter", "{a}", "--keep", "conv", "--like", "{a}"], "not both"),
+])
+def test_options_that_do_not_apply_exit_2_and_write_nothing(cli, tmp_path, zip_pth, args, message):
+    out = tmp_path / "o.pth"
+    result = cli(*[str(zip_pth) if a == "{a}" else a for a in args], "-o", out)
+    assert_one_error_line(result, message, code=2)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--depth", "2"], "--depth applies to --tree only"),
+    (["--stats", "--tree"], "--stats lists tensors and --tree lists modules"),
+])
+def test_inspect_options_that_do_not_apply(cli, zip_pth, args, message):
+    result = cli("inspect", zip_pth, *args)
+    assert_one_error_line(result, message, code=2)
+    assert result.out == ""
+
+
+def test_inspect_stats_with_tree_in_json_gives_both(cli, zip_pth):
+    doc = cli("inspect", zip_pth, "--stats", "--tree", "--depth", "1", "--json").json()
+    assert "mean" in doc["tensors"][0] and [row["name"] for row in doc["tree"]] == ["conv", "bn", "liner1", "liner10"]
+
+
+# ---- rename: repeatable rules, in the order given --------------------------------------------
+
+def renamed(result) -> dict:
+    assert result.code == 0, result.err
+    return result.json()["renamed"]
+
+
+def test_repeated_rules_all_apply_in_the_order_given(cli, tmp_path, zip_pth):
+    out = tmp_path / "r.pth"
+    got = renamed(cli("rename", zip_pth, "-o", out, "--replace", "conv", "c", "--replace", "bn", "b", "--json"))
+    assert got["conv.weight"] == "c.weight" and got["bn.running_mean"] == "b.running_mean"
+    assert sorted(load_any(out)) == sorted(got[k] if k in got else k for k in load_any(zip_pth))
+    # each rule sees the names the earlier ones left
+    chained = renamed(cli("rename", zip_pth, "-o", tmp_path / "c.pth", "--replace", "liner1", "fc",
+                          "--regex", r"^fc(\d*)\.", r"head\1.", "--add-prefix", "net", "--json"))
+    assert chained["liner1.weight"] == "net.head.weight" and chained["liner10.bias"] == "net.head0.bias"
+    assert chained["conv.weight"] == "net.conv.weight"
+    # the other order: the regex comes first and finds no fc yet
+    result = cli("rename", zip_pth, "-o", tmp_path / "d.pth", "--regex", r"^fc(\d*)\.", r"head\1.",
+                 "--replace", "liner1", "fc")
+    assert_one_error_line(result, "--regex '^fc(\\\\d*)\\\\.' 'head\\\\1.' changed no key")
+
+
+def test_repeated_rules_through_the_library_runner(tmp_path, zip_pth):
+    """Typer's own test runner passes its arguments, not sys.argv: nothing may be dropped."""
+    out = tmp_path / "r.pth"
+    result = CliRunner().invoke(app, ["rename", str(zip_pth), "-o", str(out), "--replace", "conv", "c",
+                                      "--replace=bn", "b", "--json"])
+    assert result.exit_code == 0, result.output
+    names = set(load_any(out))
+    assert "c.weight" in names and "b.running_var" in names and not any(n.startswith(("conv", "bn")) for n in names)
+
+
+def test_no_cli_code_reads_sys_argv():
+    cli_dir = Path(__file__).resolve().parent.parent / "ckptsurgery" / "cli"
+    readers = [p.name for p in cli_dir.glob("*.py") if "sys.argv" in p.read_text()]
+    assert readers == []
+
+
+@pytest.mark.parametrize("args", [
+    ["--replace", "conv"],  # one value short
+    ["--strip-prefix"],
+    ["--regex", "x"],
+])
+def test_rule_missing_values_is_usage_error(cli, tmp_path, zip_pth, args):
+    out = tmp_path / "r.pth"
+    result = cli("rename", zip_pth, "-o", out, *args)
+    assert result.code == 2 and "takes" in result.err and not out.exists()
+
+
+def test_a_value_spelled_like_a_rule_belongs_to_its_option(cli, tmp_path, zip_pth):
+    folder = tmp_path / "--map"
+    folder.mkdir()
+    out = folder / "r.pth"
+    result = cli("rename", zip_pth, "--add-prefix", "m", "-qo", out)  # -o's value follows a short cluster
+    assert result.code == 0 and out.exists(), result.err
+
+
+@pytest.mark.parametrize("prefix", ["module", "module."])
+def test_strip_and_add_prefix_name_a_module(cli, tmp_path, zip_pth, prefix):
+    wrapped = tmp_path / f"wrapped{prefix}.pth"
+    assert cli("rename", zip_pth, "--add-prefix", prefix, "-o", wrapped).code == 0
+    assert all(k.startswith("module.") and not k.startswith("module..") for k in load_any(wrapped))
+    plain = tmp_path / f"plain{prefix}.pth"
+    assert cli("rename", wrapped, "--strip-prefix", prefix, "-o", plain).code == 0
+    assert list(load_any(plain)) == list(load_any(zip_pth))
+
+
+# ---- every --help ends with real examples ------------------------------------------------------
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_ends_with_two_or_three_examples_that_parse(cli, command):
+    result = cli(command, "--help")
+    assert result.code == 0
+    lines = [line.strip() for line in result.out.splitlines() if line.strip()]
+    start = lines.index("Examples:")
+    examples = lines[start + 1 :]
+    assert 2 <= len(examples) <= 3 and all(e.startswith(f"ckptsurgery {command} ") for e in examples), examples
+    group = typer.main.get_command(app)
+    for example in examples:
+        words = shlex.split(example.split(" |")[0].split(" >")[0].split(" ||")[0])
+        sub = group.get_command(None, words[1])
+        with sub.make_context(words[1], words[2:]) as ctx:  # parses: every option exists, every choice is valid
+            assert ctx.params
+
+
+def test_diff_table_counts_what_decides_the_verdict(cli, tmp_path):
+    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    torch.save({"w": torch.ones(3), "i": torch.tensor([2**53])}, a)
+    torch.save({"w": torch.ones(3).bfloat16(), "i": torch.tensor([2**53 + 1])}, b)
+    within = cli("diff", a, b, "--atol", "1")
+    assert within.code == 0 and "dtype (max |A-B| 0)" in within.out
+    assert within.out.splitlines()[-1] == "identical: 2 equal tensor(s) within atol 1, 0 difference(s)"
+    beyond = cli("diff", a, b, "--atol", "0.5")
+    assert beyond.code == 1 and "values (max |A-B| 1)" in beyond.out
+    assert beyond.out.splitlines()[-1] == "different: 1 equal tensor(s) within atol 0.5, 1 difference(s)"
