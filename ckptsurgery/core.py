@@ -17,13 +17,16 @@ from typing import Callable, Iterable
 from .errors import CkptError, UsageError
 
 _GLOB_CHARS = set("*?[")
+# what re.compile raises besides re.error: a repeat count beyond C's int (a{4294967296}), or
+# thousands of nested groups
+_REGEX_ERRORS = (re.error, OverflowError, RecursionError)
 
 
 def compile_pattern(pattern: str) -> Callable[[str], bool]:
     if pattern.startswith("re:"):
         try:
             return re.compile(pattern[3:]).search
-        except re.error as e:
+        except _REGEX_ERRORS as e:
             raise UsageError(f"pattern {pattern!r}: not a valid regular expression ({e})") from None
     if _GLOB_CHARS & set(pattern):
         return re.compile(fnmatch.translate(pattern), re.DOTALL).fullmatch
@@ -36,6 +39,8 @@ def compile_pattern(pattern: str) -> Callable[[str], bool]:
 def select(keys: Iterable[str], patterns: list[str]) -> list[str]:
     """The keys (in their order) that any pattern selects. Every pattern must select something:
     a typo should fail loudly, not silently keep or drop nothing."""
+    if not patterns:
+        raise UsageError("no pattern given: a pattern selects keys, so give at least one")
     keys = list(keys)
     matchers = [(p, compile_pattern(p)) for p in patterns]
     chosen = set()
@@ -101,6 +106,8 @@ def rename_rule(kind: str, *args) -> RenameRule:
     option = RULE_OPTIONS[kind]
     if len(args) != RULE_VALUES[kind]:
         raise UsageError(f"--{option} takes {RULE_VALUES[kind]} value(s), got {len(args)}")
+    if kind != "map" and not all(isinstance(a, str) for a in args):
+        raise UsageError(f"--{option} takes text, not {', '.join(type(a).__name__ for a in args)}")
     if kind in ("strip", "add"):
         return RenameRule(kind, (module_prefix(args[0], option),))
     if kind == "replace":
@@ -110,7 +117,7 @@ def rename_rule(kind: str, *args) -> RenameRule:
     if kind == "regex":
         try:
             return RenameRule(kind, (re.compile(args[0]), args[1]))
-        except re.error as e:
+        except _REGEX_ERRORS as e:
             raise UsageError(f"--regex {args[0]!r}: not a valid regular expression ({e})") from None
     mapping = args[0]
     if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
@@ -124,6 +131,8 @@ def plan_rename(keys: Iterable[str], rules: list[RenameRule]) -> tuple[dict[str,
     name (listing every pair) or when a name would start with a dot."""
     if not rules:
         raise UsageError("no rename rule given: use --strip-prefix, --add-prefix, --replace, --regex or --map")
+    if not all(isinstance(rule, RenameRule) for rule in rules):
+        raise UsageError("rename rules are made by ckptsurgery.core.rename_rule(kind, *values)")
     keys = list(keys)
     names = {k: k for k in keys}
     for rule in rules:

@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
 
 import typer
+from typer.core import TyperGroup
 
 from ..errors import CkptError
 from .common import printable
 
+
+def _fail(message: str, error: BaseException) -> None:
+    sys.stderr.write(f"ckptsurgery: error: {printable(message)}\n")
+    # 1: the operation failed; 2: wrong usage, and (set by `diff`) any trouble
+    raise typer.Exit(getattr(error, "exit_code", 1))
+
+
+class _Commands(TyperGroup):
+    """Known failures become one line on stderr and an exit code here, inside the app, so that
+    every runner (the console script, Typer's CliRunner, another program) sees the same codes."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except CkptError as e:
+            _fail(str(e), e)
+        except OSError as e:  # the disk is full, a folder is read-only, ...
+            if e.errno == errno.EPIPE:  # stdout closed early (`| head`): the parser quiets it
+                raise
+            _fail(f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e), e)
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="ckptsurgery",
     help="PyTorch checkpoint surgery: inspect, convert and edit .pth and .safetensors files "
          "without running the code pickled inside them.",
@@ -41,27 +66,20 @@ def _options(
 from . import inspect, filter, drop, rename, merge, convert, diff  # noqa: E402, F401
 
 
-def _fail(message: str, error: BaseException) -> None:
-    sys.stderr.write(f"ckptsurgery: error: {printable(message)}\n")
-    # 1: the operation failed; 2: wrong usage, and (set by `diff`) any trouble
-    sys.exit(getattr(error, "exit_code", 1))
-
-
 def _terminate(signum, frame):
     # SIGTERM (a CI job's timeout, `kill`) unwinds like Ctrl-C: temporary files are removed
     raise SystemExit(128 + signum)
 
 
 def main() -> None:
-    """Entry point: known failures become one line on stderr and exit code 1 (2 for wrong usage)."""
+    """Entry point: the app turns known failures into one line and exit code 1 (2 for wrong
+    usage); here, a bug or an input we did not foresee still gets one line, not a traceback."""
     signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
-    except CkptError as e:
-        _fail(str(e), e)
-    except OSError as e:  # the disk is full, a folder is read-only, ...
-        _fail(f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e), e)
-    except Exception as e:  # a bug or an input we did not foresee: still no traceback by default
+    except Exception as e:
         if os.environ.get("CKPTSURGERY_DEBUG"):
             raise
-        _fail(f"{type(e).__name__}: {e} (set CKPTSURGERY_DEBUG=1 for a traceback)", e)
+        sys.stderr.write(f"ckptsurgery: error: {printable(f'{type(e).__name__}: {e}')} "
+                         f"(set CKPTSURGERY_DEBUG=1 for a traceback)\n")
+        sys.exit(getattr(e, "exit_code", 1))

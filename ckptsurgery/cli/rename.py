@@ -28,6 +28,8 @@ def _load_map(path: str) -> dict:
         raise CkptError(f"{path}: cannot read the map ({e.strerror})") from None
     except ValueError as e:
         raise CkptError(f"{path}: the map is not valid JSON ({e})") from None
+    except RecursionError:
+        raise CkptError(f"{path}: the map's JSON is nested too deeply") from None
     if not isinstance(mapping, dict):
         raise CkptError(f"{path}: the map must be a JSON object of old name -> new name")
     return mapping

@@ -57,7 +57,12 @@ def open_checkpoint(path: str, root: str | None = None) -> Checkpoint:
     """Read a checkpoint's structure (no tensor data). `root`: None detects the state dict in a
     nested .pth, '' takes the top level, a key takes that entry."""
     path = os.fspath(path)
-    return _read(path, detect_format(path), root)
+    fmt = detect_format(path)
+    if root and fmt in ("folder", "index", "safetensors"):  # their state dict is the whole file
+        kind = "safetensors file" if fmt == "safetensors" else "sharded checkpoint"
+        raise CkptError(f"{path}: --root {root!r}: a {kind} holds one flat state dict, with nothing "
+                        f"nested to choose; --root applies to .pth files (omit it, or give --root '')")
+    return _read(path, fmt, root)
 
 
 def _open_shard(path: str) -> Checkpoint:

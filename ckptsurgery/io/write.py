@@ -35,8 +35,12 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**1
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str | int) -> int:
     """'2GB' -> 2*10**9, '500MiB' -> 500*2**20 (Hugging Face's convention), '1000' -> 1000."""
+    if type(text) is int:
+        text = str(text)
+    if not isinstance(text, str):
+        raise UsageError(f"size {text!r}: expected text like 2GB or a number of bytes")
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     unit = match and match.group(2).upper()
     if not match or unit not in _SIZE_UNITS:

@@ -10,15 +10,16 @@ from .write import ProgressFactory, write_checkpoint
 
 
 def convert(input: str, output: str, *, root: str | None = None, dtype: str | None = None,
-            max_shard_size: str | None = None, force: bool = False, dry_run: bool = False,
+            max_shard_size: str | int | None = None, force: bool = False, dry_run: bool = False,
             progress: ProgressFactory | None = None) -> dict:
-    """Convert between .pth and .safetensors (and shard), bit-exact unless `dtype` casts."""
+    """Convert between .pth and .safetensors (and shard), bit-exact unless `dtype` casts.
+    `max_shard_size`: "2GB", "500MiB" or a number of bytes."""
     cast = None
     if dtype is not None:
         if dtype not in CAST_TARGETS:
             raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(CAST_TARGETS)}")
         cast = CAST_TARGETS[dtype]
-    limit = parse_size(max_shard_size) if max_shard_size else None
+    limit = parse_size(max_shard_size) if max_shard_size is not None else None
     with open_checkpoint(input, root) as ckpt:
         return write_checkpoint(ckpt, ckpt.tensors, output, cast=cast, max_shard_size=limit,
                                 force=force, dry_run=dry_run, progress=progress)

@@ -4,6 +4,7 @@ and values that differ beyond a tolerance."""
 from __future__ import annotations
 
 import math
+import struct
 
 from ..errors import UsageError
 from ..io import TensorRef, open_checkpoint
@@ -23,8 +24,8 @@ def _quant_key(t: TensorRef):
     q = t.quant
     if q is None:
         return None
-    if q.axis is None:
-        return q.scheme.name, q.scale, q.zero_point
+    if q.axis is None:  # the scale's bits: a NaN scale equals itself
+        return q.scheme.name, struct.pack("<d", q.scale), q.zero_point
     return q.scheme.name, q.axis, bytes(q.scale.data()), bytes(q.zero_point.data())
 
 
@@ -33,26 +34,46 @@ _LOW = 0xFFFFFFFF
 
 
 def _max_abs_diff(a: TensorRef, b: TensorRef) -> float | int:
-    """Largest |a - b|, exact for integers; elements that are not numbers (bits, packed 4-bit)
-    differ infinitely."""
-    from ..dtypes import BOOL, INT
-    from ..io.tensors import values
+    """Largest |a - b| (of either part, when a side is complex), chunk by chunk: exact where both
+    sides hold integers — an integer dtype, or a chunk of integral floats facing one (float64
+    would round beyond 2**53, and int64 overflows) — in float64 otherwise. NaN facing NaN counts
+    as equal, NaN facing a number as infinitely far; elements that are not numbers (bits, packed
+    4-bit) differ infinitely."""
+    from ..dtypes import BOOL, COMPLEX, INT
+    from ..io.tensors import as_torch, values
 
-    if a.dtype.kind in (INT, BOOL) and b.dtype.kind in (INT, BOOL):
-        return _max_int_gap(values(a), values(b))
-    return _max_float_gap(a, b)
-
-
-def _max_int_gap(fa, fb) -> int:
-    """Exact max |a - b| of two flat integer (or bool) tensors, of any widths: float64 would
-    round beyond 2**53, and int64 overflows. Each value is split into 32-bit halves held in
-    int64, value = hi * 2**32 + lo, whose differences cannot overflow."""
+    fa, fb = (as_torch(t).reshape(-1) if t.dtype.kind == COMPLEX else values(t) for t in (a, b))
+    if fa is None or fb is None:
+        return float("inf")
+    pairs = COMPLEX in (a.dtype.kind, b.dtype.kind)  # a real side compares as value + 0j
+    integers = not pairs and (a.dtype.kind in (INT, BOOL) or b.dtype.kind in (INT, BOOL))
     worst = 0
     for start in range(0, fa.numel(), _VALUE_CHUNK):
-        (ha, la), (hb, lb) = (_halves(f[start : start + _VALUE_CHUNK]) for f in (fa, fb))
-        hi, lo = ha - hb, la - lb  # |a - b| is the larger of a - b and b - a
-        worst = max(worst, _largest(hi, lo), _largest(-hi, -lo))
+        x, y = fa[start : start + _VALUE_CHUNK], fb[start : start + _VALUE_CHUNK]
+        exact = (_integral(x), _integral(y)) if integers else (None, None)
+        gap = _int_gap(*exact) if None not in exact else _float_gap(x, y, pairs)
+        worst = max(worst, gap)
     return worst
+
+
+def _integral(chunk):
+    """The chunk as integers, or None: an integer chunk as it is, floats only when every one is a
+    whole number int64 holds (then converting them is exact)."""
+    import torch
+
+    if not chunk.is_floating_point():
+        return chunk
+    whole = torch.isfinite(chunk) & (chunk == chunk.trunc()) & (chunk.abs() < 2.0**63)
+    return chunk.to(torch.int64) if bool(whole.all()) else None
+
+
+def _int_gap(x, y) -> int:
+    """Exact max |x - y| of two integer (or bool) chunks of any widths, as a Python int. Each
+    value is split into 32-bit halves held in int64, value = hi * 2**32 + lo, whose
+    differences cannot overflow; |x - y| is the larger of x - y and y - x."""
+    (hx, lx), (hy, ly) = _halves(x), _halves(y)
+    hi, lo = hx - hy, lx - ly
+    return max(_largest(hi, lo), _largest(-hi, -lo))
 
 
 def _halves(chunk):
@@ -67,35 +88,25 @@ def _halves(chunk):
 
 
 def _largest(hi, lo) -> int:
-    """The largest hi * 2**32 + lo, as a Python int."""
+    """The largest hi * 2**32 + lo, as a Python int (0 for no elements)."""
+    if not hi.numel():
+        return 0
     hi, lo = hi + (lo >> 32), lo & _LOW  # borrow from hi until 0 <= lo < 2**32: then (hi, lo) order as the values
     top = hi.max()
     return int(top) * 2**32 + int(lo[hi == top].max())
 
 
-def _max_float_gap(a: TensorRef, b: TensorRef) -> float:
-    """Largest |a - b| in float64 (of either part, when a side is complex), chunk by chunk;
-    NaN facing NaN counts as equal, NaN facing a number as infinitely far."""
+def _float_gap(x, y, pairs: bool) -> float:
     import torch
 
-    from ..dtypes import COMPLEX
-    from ..io.tensors import as_torch, values
-
-    fa, fb = (as_torch(t).reshape(-1) if t.dtype.kind == COMPLEX else values(t) for t in (a, b))
-    if fa is None or fb is None:
-        return float("inf")
-    pairs = COMPLEX in (a.dtype.kind, b.dtype.kind)  # a real side compares as value + 0j
-    worst = 0.0
-    for start in range(0, fa.numel(), _VALUE_CHUNK):
-        x, y = (_widen(f[start : start + _VALUE_CHUNK], pairs) for f in (fa, fb))
-        gap = (x - y).abs()
-        both_nan = torch.isnan(x) & torch.isnan(y)
-        gap = torch.where(both_nan, torch.zeros_like(gap), gap)
-        gap = torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap)
-        same_inf = torch.isinf(x) & (x == y)
-        gap = torch.where(same_inf, torch.zeros_like(gap), gap)
-        worst = max(worst, float(gap.max()))
-    return worst
+    x, y = _widen(x, pairs), _widen(y, pairs)
+    gap = (x - y).abs()
+    both_nan = torch.isnan(x) & torch.isnan(y)
+    gap = torch.where(both_nan, torch.zeros_like(gap), gap)
+    gap = torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap)
+    same_inf = torch.isinf(x) & (x == y)
+    gap = torch.where(same_inf, torch.zeros_like(gap), gap)
+    return float(gap.max()) if gap.numel() else 0.0
 
 
 def _widen(chunk, pairs: bool):
@@ -111,7 +122,7 @@ def diff(a: str, b: str, *, atol: float = 0.0, root: str | None = None) -> dict:
     """Keys only in A or B, shape and dtype changes, and values that differ beyond `atol`.
     With atol 0 (bit-exact) a dtype change is a difference in itself; with atol > 0 a tensor
     whose dtype changed is judged on its values. `identical` is the verdict the exit code follows."""
-    if not (math.isfinite(atol) and atol >= 0):
+    if type(atol) not in (int, float) or not (math.isfinite(atol) and atol >= 0):
         raise UsageError(f"--atol must be a finite number >= 0, not {atol}")
     with open_checkpoint(a, root) as ca, open_checkpoint(b, root) as cb:
         only_a = [k for k in ca.tensors if k not in cb.tensors]

@@ -22,6 +22,8 @@ def inspect(input: str, *, keys: list[str] | None = None, stats: bool = False, t
     deep."""
     if depth is not None and not tree:
         raise UsageError("--depth applies to --tree only")
+    if depth is not None and (type(depth) is not int or depth < 1):
+        raise UsageError(f"--depth {depth!r}: give a number of levels, 1 or more")
     with open_checkpoint(input, root) as ckpt:
         report = inspect_report(ckpt, keys)
         if stats:

@@ -58,12 +58,14 @@ def _average(tensors: list[TensorRef], weights: list[float]) -> TensorRef:
     return computed_tensor(first.shape, first.dtype, make)
 
 
-def _parse_weights(weights: str | None, count: int) -> list[float]:
+def _parse_weights(weights: str | list[float] | None, count: int) -> list[float]:
+    """"2,1,1" (the command line) or [2, 1, 1] (the library), normalised to sum to 1."""
     if weights is None:
         return [1.0 / count] * count
     try:
-        values = [float(w) for w in weights.split(",")]
-    except ValueError:
+        parts = weights.split(",") if isinstance(weights, str) else list(weights)
+        values = [float(w) for w in parts]
+    except (ValueError, TypeError):
         raise UsageError(f"--weights {weights!r}: expected numbers separated by commas") from None
     if len(values) != count:
         raise UsageError(f"--weights gives {len(values)} weights for {count} sources")
@@ -99,7 +101,7 @@ def _plain_union(ckpts: list[Checkpoint], on_conflict: str) -> tuple[OrderedDict
     tensors = OrderedDict((k, v) for k, v in merged.items() if isinstance(v, TensorRef))
     others = OrderedDict((k, v) for k, v in merged.items() if not isinstance(v, TensorRef))
     return tensors, others, {"conflicts": sorted(set(conflicts)), "on_conflict": on_conflict,
-                             "keys_from": {c.path: n for c, n in zip(ckpts, counts)}}
+                             "keys_from": counts}  # per source, in the order of `sources`
 
 
 def _averaged(ckpts: list[Checkpoint], weights: list[float]) -> tuple[OrderedDict, dict]:
@@ -137,9 +139,11 @@ def _averaged(ckpts: list[Checkpoint], weights: list[float]) -> tuple[OrderedDic
 def _check_fits(name: str, source: TensorRef, template: TensorRef) -> None:
     """Values can be cast or copied into the template's tensor only between plain numbers."""
     if not (source.is_plain and template.is_plain and convertible(source.dtype, template.dtype)):
+        way_out = ("drop the key from the source first" if source.shape == template.shape
+                   else "use --on-mismatch skip, or drop the key from the source")
         raise CkptError(f"{name}: cannot copy the source's {source.dtype.name} values into the template's "
                         f"{template.dtype.name} tensor (quantized, packed or bits dtypes do not convert); "
-                        f"use --on-mismatch skip, or drop the key")
+                        f"{way_out}")
 
 
 def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: str) -> tuple[OrderedDict, dict]:
@@ -185,21 +189,23 @@ def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: s
 
 
 def merge(sources: list[str], output: str, *, into: str | None = None, on_mismatch: str | None = None,
-          on_conflict: str | None = None, average: bool = False, weights: str | None = None,
+          on_conflict: str | None = None, average: bool = False, weights: str | list[float] | None = None,
           root: str | None = None, force: bool = False, dry_run: bool = False,
           progress: ProgressFactory | None = None) -> dict:
     """Three modes: plain union (`on_conflict`, default error), `into` a template (`on_mismatch`,
     default error), `average` (`weights`, default equal). An option of another mode is refused."""
-    if into and average:
+    if into is not None and average:
         raise UsageError("--into and --average do not combine: average first, then merge --into")
-    if on_mismatch is not None and not into:
+    if on_mismatch is not None and into is None:
         raise UsageError("--on-mismatch applies to merge --into only")
-    if on_conflict is not None and (into or average):
-        raise UsageError(f"--on-conflict applies to a plain merge only, not to --{'into' if into else 'average'}")
+    if on_conflict is not None and (into is not None or average):
+        raise UsageError(f"--on-conflict applies to a plain merge only, not to --{'average' if average else 'into'}")
     if weights is not None and not average:
         raise UsageError("--weights applies to --average only")
-    on_mismatch = core.check_choice(on_mismatch or "error", core.MISMATCH_POLICIES, "--on-mismatch")
-    on_conflict = core.check_choice(on_conflict or "error", core.CONFLICT_POLICIES, "--on-conflict")
+    on_mismatch = core.check_choice("error" if on_mismatch is None else on_mismatch, core.MISMATCH_POLICIES,
+                                    "--on-mismatch")
+    on_conflict = core.check_choice("error" if on_conflict is None else on_conflict, core.CONFLICT_POLICIES,
+                                    "--on-conflict")
     if not sources:
         raise UsageError("merge needs at least one source")
     if average and len(sources) < 2:
@@ -207,7 +213,7 @@ def merge(sources: list[str], output: str, *, into: str | None = None, on_mismat
     with ExitStack() as stack:
         ckpts = [stack.enter_context(open_checkpoint(s, root)) for s in sources]
         others = None  # the base's own non-tensor entries
-        if into:
+        if into is not None:
             template = stack.enter_context(open_checkpoint(into))
             merged, details = _into_template(ckpts, template, on_mismatch)
             base, mode = template, "into"
@@ -220,5 +226,5 @@ def merge(sources: list[str], output: str, *, into: str | None = None, on_mismat
         report = write_checkpoint(base, merged, output, others=others, inputs=[*ckpts, base],
                                   force=force, dry_run=dry_run, progress=progress)
     del report["input"]  # several inputs: `sources` and `template` name them
-    report.update(mode=mode, sources=list(sources), **({"template": into} if into else {}), **details)
+    report.update(mode=mode, sources=list(sources), **({"template": into} if into is not None else {}), **details)
     return report
