@@ -44,6 +44,8 @@ def main() -> None:
         "convert big.safetensors -> .pth": ["convert", st, "-o", out("ab.pth"), "-q"],
         "rename big.safetensors -> .pth": ["rename", st, "--add-prefix", "m.", "-o", out("ab-r.pth"), "-q"],
         "merge --average 2 x 0.45 GB": ["merge", small, out("small1.pth"), "--average", "-o", out("ab-avg.pth"), "-q"],
+        "diff big.pth big.safetensors": ["diff", pth, st],
+        "diff --atol 2 x 0.45 GB": ["diff", small, out("small1.pth"), "--atol", "100", "--json"],  # values read, exit 0
     }
     cases = {}
     for name, command in commands.items():

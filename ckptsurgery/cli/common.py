@@ -127,7 +127,7 @@ def failures_exit(code: int) -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        e.exit_code = code  # read by cli.main
+        e.exit_code = code  # read where the app turns failures into exit codes (cli/__init__.py)
         raise
 
 

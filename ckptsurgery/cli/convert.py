@@ -1,3 +1,5 @@
+"""ckptsurgery convert: between .pth and .safetensors, cast, or shard."""
+
 from __future__ import annotations
 
 from typing import Annotated, Optional

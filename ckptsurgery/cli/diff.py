@@ -1,4 +1,4 @@
-"""ckptsurgery diff"""
+"""ckptsurgery diff: compare two checkpoints; exit 0 same, 1 different, 2 trouble."""
 
 from __future__ import annotations
 

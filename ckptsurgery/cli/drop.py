@@ -1,4 +1,4 @@
-"""ckptsurgery drop"""
+"""ckptsurgery drop: remove keys or whole modules."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import typer
 
 from .. import ops
 from . import app
-from .common import DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, examples, finish_write, listing, progress_bar
+from .common import (
+    DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, examples, finish_write, listing, progress_bar,
+)
 
 
 @app.command(epilog=examples(
@@ -29,5 +31,5 @@ def drop(
     """Remove keys or whole modules."""
     with progress_bar(quiet or json) as progress:
         report = ops.drop_keys(input, output, patterns, root=root, force=force, dry_run=dry_run,
-                                   progress=progress)
+                               progress=progress)
     finish_write(report, json, quiet, [listing("dropped", report["dropped"])])

@@ -1,4 +1,4 @@
-"""ckptsurgery filter"""
+"""ckptsurgery filter: keep the keys patterns select, or exactly the keys a template has."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import typer
 
 from .. import ops
 from . import app
-from .common import DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, examples, finish_write, listing, progress_bar
+from .common import (
+    DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, examples, finish_write, listing, progress_bar,
+)
 
 
 @app.command("filter", epilog=examples(
@@ -31,7 +33,7 @@ def filter_command(
     """Keep selected keys, or exactly the keys a template has (the `if k in model_dict` recipe)."""
     with progress_bar(quiet or json) as progress:
         report = ops.filter_keys(input, output, keep=keep, like=like, root=root, force=force,
-                                     dry_run=dry_run, progress=progress)
+                                 dry_run=dry_run, progress=progress)
     details = [listing("left out", report["left_out"])]
     if report["missing_from_input"]:
         details.append(listing("template keys the input lacks", report["missing_from_input"]))

@@ -1,3 +1,5 @@
+"""ckptsurgery inspect: list a checkpoint's tensors, per-tensor statistics or a module tree."""
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,4 @@
-"""ckptsurgery merge"""
+"""ckptsurgery merge: a union, an update of a template (--into), or an average."""
 
 from __future__ import annotations
 
@@ -43,9 +43,8 @@ def merge(
     """Combine checkpoints: a plain union, an update of a template (--into), or an average."""
     with progress_bar(quiet or json) as progress:
         report = ops.merge(sources, output, into=into, on_mismatch=on_mismatch and on_mismatch.value,
-                           on_conflict=on_conflict and on_conflict.value,
-                               average=average, weights=weights, root=root, force=force, dry_run=dry_run,
-                               progress=progress)
+                           on_conflict=on_conflict and on_conflict.value, average=average, weights=weights,
+                           root=root, force=force, dry_run=dry_run, progress=progress)
     if json:
         print_json(report)
         return

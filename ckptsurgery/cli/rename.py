@@ -1,4 +1,4 @@
-"""ckptsurgery rename"""
+"""ckptsurgery rename: rename keys by rules applied in the order given."""
 
 from __future__ import annotations
 

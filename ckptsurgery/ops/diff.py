@@ -29,7 +29,7 @@ def _quant_key(t: TensorRef):
     return q.scheme.name, q.axis, bytes(q.scale.data()), bytes(q.zero_point.data())
 
 
-_VALUE_CHUNK = 1 << 22  # elements widened at a time to compare values
+_VALUE_CHUNK = 1 << 20  # elements widened at a time: a few float64 copies of 8 MB each
 _LOW = 0xFFFFFFFF
 
 
