@@ -12,7 +12,8 @@ _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."  # pickled torch m
 
 
 def detect_format(path: str) -> str:
-    """One of folder, torch-zip, torch-legacy, safetensors, index; the bytes decide, not the name."""
+    """One of dcp, folder, torch-zip, torch-legacy, safetensors, index; the bytes decide, not the
+    name (a folder is DCP when it holds a `.metadata` file)."""
     try:
         mode = os.stat(path).st_mode  # follows symlinks: the Hugging Face cache is made of them
     except (FileNotFoundError, ValueError):  # ValueError: a NUL in the path
@@ -20,7 +21,9 @@ def detect_format(path: str) -> str:
     except OSError as e:
         raise CkptError(f"{path}: cannot read ({e.strerror or e})") from None
     if stat.S_ISDIR(mode):
-        return "folder"
+        from .dcp import is_dcp
+
+        return "dcp" if is_dcp(path) else "folder"
     if not stat.S_ISREG(mode):  # opening a FIFO blocks, a device reads forever
         raise CkptError(f"{path}: not a regular file (a FIFO, socket or device); give a checkpoint file, "
                         f"its index or its folder")
@@ -68,19 +71,22 @@ def open_checkpoint(path: str, root: str | None = None) -> Checkpoint:
 def _open_shard(path: str) -> Checkpoint:
     """One shard of an index: a checkpoint file, never another index or a folder (no recursion)."""
     fmt = detect_format(path)
-    if fmt in ("index", "folder"):
-        what = "a folder" if fmt == "folder" else "a shard index"
+    if fmt in ("index", "folder", "dcp"):
+        what = "a shard index" if fmt == "index" else "a folder"
         raise CkptError(f"{path}: is {what}; a shard must be a safetensors or torch checkpoint file")
     return _read(path, fmt, "")
 
 
 def _read(path: str, fmt: str, root: str | None) -> Checkpoint:
+    from .dcp import read_dcp
     from .safetensors import read_safetensors
     from .sharded import find_index, read_index
     from .torch_legacy import read_torch_legacy
     from .torch_zip import read_torch_zip
 
     try:
+        if fmt == "dcp":
+            return read_dcp(path, root)
         if fmt == "folder":
             return read_index(find_index(path), _open_shard)
         if fmt == "index":

@@ -69,6 +69,26 @@ class InertObject:
         return f"<inert {self.qualname()}>"
 
 
+class FrozenRecord:
+    """A placeholder instance frozen into a value once built, so that it can be a dict key (a
+    MetadataIndex in DCP's metadata): its class's name and its state's items."""
+
+    __slots__ = ("qualname", "fields", "_hash")
+
+    def __init__(self, qualname: str, fields: tuple):
+        self.qualname, self.fields = qualname, fields
+        self._hash = hash((qualname, fields))  # raises TypeError for an unhashable field
+
+    def __eq__(self, other):
+        return isinstance(other, FrozenRecord) and (self.qualname, self.fields) == (other.qualname, other.fields)
+
+    def __hash__(self):
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"<{self.qualname} record>"
+
+
 class TorchSize(tuple):
     """A `torch.Size` (written back as one, not as a plain tuple)."""
 

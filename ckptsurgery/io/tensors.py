@@ -103,3 +103,37 @@ def values(t: TensorRef):
     scale = as_torch(q.scale).to(torch.float64).view(shape)
     zero = as_torch(q.zero_point).to(torch.float64).view(shape)
     return ((x - zero) * scale).reshape(-1)
+
+
+def assemble(shape: tuple[int, ...], dtype: DType, pieces: list[tuple[tuple, tuple, object]]) -> bytearray:
+    """The row-major bytes of a tensor put together from blocks: (offsets, sizes, row-major
+    bytes of the block). The blocks must tile the tensor exactly — every element written once —
+    else CkptError. Elements move as same-width integers: bit for bit, whatever the dtype."""
+    import torch
+
+    from ..errors import CkptError
+
+    out = bytearray(numel(shape) * dtype.itemsize)
+    if not out:
+        return out
+    lanes = 2 if dtype.itemsize == 16 else 1
+    as_int = _SAME_SIZE_INT[dtype.itemsize // lanes]
+    lane = (lanes,) if lanes > 1 else ()
+    whole = flat_view(out, as_int).view(*shape, *lane)
+    written = torch.zeros(shape, dtype=torch.bool)
+    for offsets, sizes, data in pieces:
+        region = tuple(slice(o, o + s) for o, s in zip(offsets, sizes))
+        if bool(written[region].any()):
+            raise CkptError(f"chunks at {list(offsets)} and another one overlap")
+        whole[region] = flat_view(data, as_int).view(*sizes, *lane)
+        written[region] = True
+    if not bool(written.all()):
+        raise CkptError("its chunks leave part of the tensor unwritten")
+    return out
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n

@@ -3,6 +3,7 @@ graph, `<archive>/data/<key>` the raw bytes of each storage, stored uncompressed
 
 from __future__ import annotations
 
+import io
 import struct
 import zipfile
 import zlib
@@ -58,10 +59,49 @@ def storage_loader(where: str, locate, legacy: bool = False):
     return load, storages
 
 
+class _Window(io.RawIOBase):
+    """A read-only, seekable file over a memoryview: zipfile reads an archive that lies inside a
+    bigger file (a DCP chunk) without its bytes being copied."""
+
+    def __init__(self, view: memoryview):
+        self._view, self._pos = view, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), len(self._view) - self._pos))
+        buffer[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: len(self._view)}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
 def read_torch_zip(path: str, root: str | None) -> Checkpoint:
     source = MappedFile(path)
+    obj, events = load_torch_zip(source, 0, source.size, path)
+    root_key, tensors, others = find_root(obj, root, path)
+    return Checkpoint(path, "torch-zip", tensors, root_key, obj, sources=[source], others=others, events=events)
+
+
+def load_torch_zip(source: MappedFile, start: int, length: int, where: str):
+    """The object and placeholder events of the torch.save archive at bytes [start,
+    start + length) of `source`; its storages point into `source`."""
+    path = where
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(_Window(source.view(start, length)))
     except _ZIP_ERRORS as e:
         raise CkptError(f"{path}: broken zip archive ({e})") from None
     with archive:
@@ -79,7 +119,7 @@ def read_torch_zip(path: str, root: str | None) -> Checkpoint:
         prefix = pickles[0][: -len("data.pkl")]
 
         def read_record(info: zipfile.ZipInfo) -> bytes:
-            if info.file_size > min(_MAX_PICKLE, source.size):
+            if info.file_size > min(_MAX_PICKLE, length):
                 raise CkptError(f"{path}: {info.filename} claims {info.file_size} bytes, more than the file holds")
             try:
                 return archive.read(info)
@@ -99,18 +139,19 @@ def read_torch_zip(path: str, root: str | None) -> Checkpoint:
             if info.file_size < storage.nbytes:
                 raise CkptError(f"storage record data/{key} holds {info.file_size} bytes, "
                                 f"shorter than its {storage.nbytes}-byte tensor")
-            header = source.view(info.header_offset, _LOCAL_HEADER.size)
-            signature, name_len, extra_len = _LOCAL_HEADER.unpack(header)
-            local_name = source.view(info.header_offset + _LOCAL_HEADER.size, name_len)
+            header_at = start + info.header_offset
+            if not 0 <= info.header_offset <= length - _LOCAL_HEADER.size:
+                raise CkptError(f"storage record data/{key} has its header outside the archive")
+            signature, name_len, extra_len = _LOCAL_HEADER.unpack(source.view(header_at, _LOCAL_HEADER.size))
+            local_name = source.view(header_at + _LOCAL_HEADER.size, name_len)
             if signature != b"PK\x03\x04" or bytes(local_name) != info.filename.encode("utf-8"):
                 # a central entry pointing at another record's header: torch and we would differ
                 raise CkptError(f"storage record data/{key} has a broken local header")
             storage.source = source
-            storage.offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-            source.view(storage.offset, storage.nbytes)  # checks it lies inside the file
+            storage.offset = header_at + _LOCAL_HEADER.size + name_len + extra_len
+            if storage.offset + storage.nbytes > start + length:
+                raise CkptError(f"storage record data/{key} runs past the end of the archive")
 
         data = read_record(entries[pickles[0]])
         load, _ = storage_loader(path, locate)
-        obj, events = safe_load(BoundedReader(data), load, path)
-    root_key, tensors, others = find_root(obj, root, path)
-    return Checkpoint(path, "torch-zip", tensors, root_key, obj, sources=[source], others=others, events=events)
+        return safe_load(BoundedReader(data), load, path)

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from .. import dtypes
 from ..errors import CkptError
 from .model import QuantParams, Storage, TensorRef
-from .pickled import Device, Global, InertGlobal, InertObject, PickledSet, TorchSize
+from .pickled import Device, FrozenRecord, Global, InertGlobal, InertObject, PickledSet, TorchSize
 
 MAX_NESTING = 200
 # Hashing or comparing a tuple visits every tuple inside it, once per path: a DAG of 60 tuples
@@ -506,6 +506,40 @@ for _code, _method in ((pickle.GLOBAL, "load_global"), (pickle.STOP, "load_stop"
 assert set(SafeUnpickler.dispatch) == {c[0] for c in ALLOWED_OPCODES}
 
 
+class MetadataUnpickler(SafeUnpickler):
+    """For the metadata files of distributed checkpoints (DCP's `.metadata`): a plain
+    `pickle.dump` of the engine's own dataclasses, protocol 4. On top of SafeUnpickler's rules it
+    reads the protocol-4 opcodes such a dump uses, and lets instances of `key_classes` be dict
+    keys, as FrozenRecords of their state (DCP keys `storage_data` by MetadataIndex). Every class
+    is still a placeholder: nothing is imported or called."""
+
+    dispatch = _Dispatch(SafeUnpickler.dispatch)
+    key_classes: frozenset[str] = frozenset()
+
+    def _set_items(self, items: list) -> None:
+        items = list(items)
+        for i in range(0, len(items), 2):
+            key = items[i]
+            if type(key) is InertObject and key.qualname() in self.key_classes:
+                items[i] = _frozen(key)
+        super()._set_items(items)
+
+
+def _frozen(obj: InertObject) -> FrozenRecord:
+    state = obj.state
+    if obj.how != "newobj" or obj.args or type(state) is not dict or not all(type(k) is str for k in state):
+        raise CkptError(f"malformed pickle: a {obj.qualname()} key that is not a plain record")
+    try:
+        return FrozenRecord(obj.qualname(), tuple(state.items()))
+    except TypeError:  # hash(): a field holding a list or dict
+        raise CkptError(f"malformed pickle: a {obj.qualname()} key with a field that cannot be a key") from None
+
+
+PROTOCOL4_OPCODES = {pickle.FRAME, pickle.STACK_GLOBAL, pickle.MEMOIZE, pickle.SHORT_BINUNICODE}
+for _code in PROTOCOL4_OPCODES:
+    MetadataUnpickler.dispatch[_code[0]] = pickle._Unpickler.dispatch[_code[0]]
+
+
 def _describe(obj: Any) -> str:
     """A short name for an object from the pickle, for an error message (never its repr: a
     hostile object's repr can be huge or deep)."""
@@ -563,10 +597,11 @@ class BoundedReader:
         return self._buffer[self.position : self.position + max(n, 1)]
 
 
-def safe_load(reader: BoundedReader, persistent_load: Callable[[Any], Any], where: str):
+def safe_load(reader: BoundedReader, persistent_load: Callable[[Any], Any], where: str,
+              unpickler_class: type[SafeUnpickler] = SafeUnpickler):
     """Unpickle one pickle at the reader's position; return (object, placeholder events in
     order: see SafeUnpickler.events). The reader is left just after the pickle."""
-    unpickler = SafeUnpickler(reader, persistent_load)
+    unpickler = unpickler_class(reader, persistent_load)
     try:
         obj = unpickler.load()
     except CkptError as e:

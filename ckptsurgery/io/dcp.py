@@ -1,0 +1,264 @@
+"""Reader for torch.distributed.checkpoint (DCP) folders: `.metadata` and `__<rank>_<n>.distcp`
+files, as `torch.distributed.checkpoint.save` writes them from one process or many (FSDP,
+DTensor, torchtitan, torchtune).
+
+- `.metadata` is a `pickle.dump` (protocol 4) of torch's dataclasses. It is read with the
+  restricted unpickler: every class is a placeholder whose recorded state we check and read.
+  `state_dict_metadata` maps each flat key to a tensor (dtype, full size, chunks: offsets and
+  sizes) or to bytes (any other value); `storage_data` maps (key, chunk offset) to the byte range
+  of a `.distcp` file holding it; `planner_data` maps each flat key to its path in the nested
+  state dict (`('model', 'emb.weight')`), which decides the root as in a nested `.pth`.
+- Each chunk is a complete `torch.save` archive at its byte range (or, written without
+  torch.save, the chunk's raw bytes). A tensor saved from many ranks is one tensor of its full
+  size here, put together from its chunks only when its bytes are asked for.
+- Values other than tensors (step counters, optimizer hyperparameters) are `torch.save`
+  archives of arbitrary objects, read with the restricted unpickler like any `.pth`.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Any
+
+from ..errors import CkptError
+from .model import Checkpoint, MappedFile, Storage, TensorRef, check_key, computed_tensor, contiguous_strides
+from .pickled import FrozenRecord, Global, InertGlobal, InertObject, TorchSize
+from .torch_zip import load_torch_zip
+from .tree import find_root
+from .unpickler import BoundedReader, MetadataUnpickler, brief, safe_load
+
+METADATA = ".metadata"
+MAX_METADATA = 1 << 30
+_META = "torch.distributed.checkpoint.metadata."
+_STORAGE_INFO = "torch.distributed.checkpoint.filesystem._StorageInfo"
+
+
+class _DcpUnpickler(MetadataUnpickler):
+    key_classes = frozenset({_META + "MetadataIndex"})
+
+
+def is_dcp(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, METADATA))
+
+
+def _no_persistent_ids(pid):
+    raise CkptError("a persistent id in DCP metadata, which never holds any")
+
+
+def _fields(obj: Any, cls: str, where: str) -> dict:
+    """The state of a placeholder instance of `cls` built the way pickle.dump builds a dataclass
+    (NEWOBJ with no arguments, then BUILD with a dict of fields)."""
+    state = {} if type(obj) is InertObject and obj.state is None else getattr(obj, "state", None)  # no fields: no BUILD
+    if not (type(obj) is InertObject and obj.qualname() == cls and obj.how == "newobj" and not obj.args
+            and type(state) is dict and all(type(k) is str for k in state)):
+        raise CkptError(f"{where}: expected a {cls.rsplit('.', 1)[-1]} record, found {_what(obj)}")
+    return state
+
+
+def _what(obj: Any) -> str:
+    if isinstance(obj, (InertObject, InertGlobal)):
+        return obj.qualname()
+    return f"a {type(obj).__name__}"
+
+
+def _ints(value: Any, what: str, where: str) -> tuple[int, ...]:
+    if type(value) not in (tuple, list, TorchSize) or not all(type(v) is int and v >= 0 for v in value):
+        raise CkptError(f"{where}: {what} is not a list of non-negative integers")
+    return tuple(value)
+
+
+class _Reader:
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.files: dict[str, MappedFile] = {}
+        self.events: list = []
+
+    def file(self, name: Any, where: str) -> MappedFile:
+        """A `.distcp` file of the folder, named by a plain file name (never a path elsewhere)."""
+        if type(name) is not str or name in ("", ".", "..") or "/" in name or "\0" in name or name == METADATA:
+            raise CkptError(f"{where}: names the data file {brief(name)!r}, which is not a file name in the folder")
+        if name not in self.files:
+            path = os.path.join(self.folder, name)
+            try:
+                mode = os.stat(path).st_mode
+            except OSError:
+                raise CkptError(f"{where}: its data file {name} is missing from {self.folder}") from None
+            if not stat.S_ISREG(mode):
+                raise CkptError(f"{where}: its data file {name} is not a regular file")
+            self.files[name] = MappedFile(path)
+        return self.files[name]
+
+    def locate(self, info: Any, where: str) -> tuple[MappedFile, int, int]:
+        state = _fields(info, _STORAGE_INFO, where)
+        offset, length = state.get("offset"), state.get("length")
+        if state.get("transform_descriptors"):  # compressed or otherwise transformed by a storage extension
+            raise CkptError(f"{where}: stored through the DCP extensions {brief(state['transform_descriptors'])}, "
+                            f"which ckptsurgery does not read")
+        source = self.file(state.get("relative_path"), where)
+        if type(offset) is not int or type(length) is not int or offset < 0 or length < 0 or offset + length > source.size:
+            raise CkptError(f"{where}: its byte range {brief(offset)}+{brief(length)} lies outside {source.path}")
+        return source, offset, length
+
+    def chunk(self, where: str, place: tuple, dtype, sizes: tuple[int, ...]) -> TensorRef:
+        """One chunk's tensor: the torch.save archive at its byte range, or its raw bytes."""
+        source, offset, length = place
+        if length >= 4 and bytes(source.view(offset, 4)) == b"PK\x03\x04":
+            value, events = load_torch_zip(source, offset, length, where)
+            self.events += events
+            if not isinstance(value, TensorRef) or value.dtype is not dtype or value.shape != sizes:
+                raise CkptError(f"{where}: its chunk holds {_what(value) if not isinstance(value, TensorRef) else value.dtype.name + ' ' + str(list(value.shape))}, "
+                                f"not the {dtype.name} {list(sizes)} the metadata records")
+            return value
+        expected = _numel(sizes) * dtype.itemsize
+        if length != expected:
+            raise CkptError(f"{where}: its chunk holds {length} bytes, not the {expected} of {dtype.name} {list(sizes)}")
+        return TensorRef(Storage(source, offset, length), 0, sizes, contiguous_strides(sizes), dtype)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n
+
+
+def read_dcp(folder: str, root: str | None) -> Checkpoint:
+    meta_path = os.path.join(folder, METADATA)
+    meta_file = MappedFile(meta_path)
+    if not 0 < meta_file.size <= MAX_METADATA:
+        raise CkptError(f"{meta_path}: {'empty' if not meta_file.size else 'larger than 1 GiB'}; not DCP metadata")
+    try:
+        obj, _ = safe_load(BoundedReader(meta_file.buffer()), _no_persistent_ids, meta_path, _DcpUnpickler)
+    finally:
+        meta_file.close()
+    meta = _fields(obj, _META + "Metadata", meta_path)
+    entries, storage_data = meta.get("state_dict_metadata"), meta.get("storage_data")
+    planner = meta.get("planner_data") or {}
+    if type(entries) is not dict or type(storage_data) is not dict or type(planner) is not dict:
+        raise CkptError(f"{meta_path}: metadata without its state_dict_metadata and storage_data tables")
+    places: dict[tuple, Any] = {}  # (key, chunk offsets or None) -> _StorageInfo
+    for index, info in storage_data.items():
+        if not (isinstance(index, FrozenRecord) and index.qualname == _META + "MetadataIndex"):
+            raise CkptError(f"{meta_path}: storage_data keyed by {_what(index)}, not MetadataIndex")
+        fields = dict(index.fields)
+        offset = fields.get("offset")
+        places[(fields.get("fqn"), None if offset is None else _ints(offset, "an offset", meta_path))] = info
+
+    reader = _Reader(folder)
+    tree: dict = {}
+    for key, entry in entries.items():
+        check_key(key, f"{meta_path}: ")
+        where = f"{folder}: {key}"
+        if type(entry) is InertObject and entry.qualname() == _META + "BytesStorageMetadata":
+            _fields(entry, _META + "BytesStorageMetadata", where)
+            value = _bytes_value(reader, places, key, where)
+        else:
+            value = _tensor(reader, places, key, _fields(entry, _META + "TensorStorageMetadata", where), where)
+        _place(tree, planner.get(key, (key,)), value, where)
+    root_key, tensors, others = find_root(tree, root, folder)
+    return Checkpoint(folder, "dcp", tensors, root_key, tree, sources=list(reader.files.values()),
+                      others=others, events=reader.events)
+
+
+def _bytes_value(reader: _Reader, places: dict, key: str, where: str) -> Any:
+    info = places.get((key, None))
+    if info is None:
+        raise CkptError(f"{where}: the metadata does not say where its bytes lie")
+    source, offset, length = reader.locate(info, where)
+    if length >= 4 and bytes(source.view(offset, 4)) == b"PK\x03\x04":  # torch.save of the value
+        value, events = load_torch_zip(source, offset, length, where)
+        reader.events += events
+        return value
+    return bytes(source.view(offset, length))  # a BytesIO the state dict held as is
+
+
+def _dtype(properties: Any, where: str):
+    """The dtype of a TensorProperties record (pickled by its __getstate__ as a tuple); only
+    strided tensors."""
+    if not (type(properties) is InertObject and properties.qualname() == _META + "TensorProperties"
+            and properties.how == "newobj" and type(properties.state) is tuple and len(properties.state) == 5):
+        raise CkptError(f"{where}: tensor properties that are not a TensorProperties record")
+    dtype, layout = properties.state[:2]
+    if not (isinstance(dtype, Global) and dtype.kind == "dtype"):
+        raise CkptError(f"{where}: a tensor of dtype {_what(dtype)}, which ckptsurgery does not know")
+    strided = (type(layout) is InertObject and layout.qualname() == "torch.serialization._get_layout"
+               and layout.args == ("torch.strided",)) or (isinstance(layout, InertGlobal) and layout.qualname() == "torch.strided")
+    if not strided:
+        raise CkptError(f"{where}: a tensor whose layout is not torch.strided (sparse?), which ckptsurgery does not read")
+    return dtype.dtype
+
+
+def _tensor(reader: _Reader, places: dict, key: str, state: dict, where: str) -> TensorRef:
+    dtype = _dtype(state.get("properties"), where)
+    size = _ints(state.get("size"), "its size", where)
+    chunks = state.get("chunks")
+    if type(chunks) is not list:
+        raise CkptError(f"{where}: no list of chunks")
+    pieces, volume = [], 0
+    for chunk in chunks:
+        fields = _fields(chunk, _META + "ChunkStorageMetadata", where)
+        offsets = _ints(fields.get("offsets"), "a chunk offset", where)
+        sizes = _ints(fields.get("sizes"), "a chunk size", where)
+        if len(offsets) != len(size) or len(sizes) != len(size) or any(
+                o + s > n for o, s, n in zip(offsets, sizes, size)):
+            raise CkptError(f"{where}: a chunk at {list(offsets)} of size {list(sizes)} does not fit its "
+                            f"tensor of size {list(size)}")
+        info = places.get((key, offsets))
+        if info is None:
+            raise CkptError(f"{where}: the metadata does not say where its chunk at {list(offsets)} lies")
+        pieces.append((offsets, sizes, reader.chunk(where, reader.locate(info, where), dtype, sizes)))
+        volume += _numel(sizes)
+    if volume != _numel(size):
+        raise CkptError(f"{where}: its chunks hold {volume} elements, not the {_numel(size)} of size {list(size)}")
+    if len(pieces) == 1:  # saved from one process: the chunk is the tensor
+        return pieces[0][2]
+    if dtype.packed > 1 or dtype.per_byte > 1 or dtype.kind == "quantized":
+        raise CkptError(f"{where}: a {dtype.name} tensor in several chunks, which ckptsurgery cannot put together")
+
+    def make():
+        from .tensors import assemble
+
+        try:
+            return assemble(size, dtype, [(o, s, t.data()) for o, s, t in pieces if _numel(s)])
+        except CkptError as e:
+            raise CkptError(f"{where}: {e}") from None
+
+    return computed_tensor(size, dtype, make)
+
+
+def _place(tree: dict, path: Any, value: Any, where: str) -> None:
+    """Put `value` at `path` in the nested state dict, as torch's own unflattening does: a dict
+    per string step, a list per integer step (an optimizer's param_groups)."""
+    if type(path) not in (tuple, list) or not path or not all(type(p) in (str, int) for p in path):
+        raise CkptError(f"{where}: its planner path is not a list of keys")
+    node: Any = tree
+    for step, nxt in zip(path, path[1:]):
+        child = _child(node, step, where)
+        if child is None:
+            child = [] if type(nxt) is int else {}
+            _set(node, step, child, where)
+        elif type(child) is not (list if type(nxt) is int else dict):
+            raise CkptError(f"{where}: its planner path crosses a value")
+        node = child
+    if _child(node, path[-1], where) is not None:
+        raise CkptError(f"{where}: two keys have one planner path")
+    _set(node, path[-1], value, where)
+
+
+def _child(node: Any, step: Any, where: str) -> Any:
+    if type(node) is dict:
+        if type(step) is not str:
+            raise CkptError(f"{where}: its planner path mixes list and dict steps")
+        return node.get(step)
+    if type(step) is not int or step > 1_000_000:
+        raise CkptError(f"{where}: its planner path has a bad list index")
+    return node[step] if step < len(node) else None
+
+
+def _set(node: Any, step: Any, value: Any, where: str) -> None:
+    if type(node) is dict:
+        node[step] = value
+        return
+    node.extend([None] * (step + 1 - len(node)))
+    node[step] = value

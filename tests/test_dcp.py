@@ -1,0 +1,226 @@
+"""torch.distributed.checkpoint folders as inputs: written by torch itself, from one process and
+from two (gloo on 127.0.0.1, FSDP2 `fully_shard` and a DTensor sharded on dimension 1), read
+without torch's loader and checked against the full tensors the ranks gathered themselves."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+from conftest import assert_one_error_line, load_any
+
+TWO_RANKS = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
+    from torch import nn
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 5), nn.Linear(5, 3), nn.LayerNorm(3))  # 7 and 3 rows: uneven
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.tensor([[1, 2]])).sum().backward()
+    opt.step()
+    msd, osd = get_state_dict(model, opt)
+    torch.manual_seed(1)
+    cols = distribute_tensor(torch.randn(4, 5, dtype=torch.bfloat16), mesh, [Shard(1)])  # 5 columns over 2 ranks
+    dcp.save({"model": {**msd, "cols.w": cols}, "optim": osd, "step": 3}, checkpoint_id=sys.argv[1])
+    full_model, full_optim = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    full_cols = cols.full_tensor()
+    if dist.get_rank() == 0:
+        torch.save({"model": {**full_model, "cols.w": full_cols}, "optim": full_optim}, sys.argv[2])
+    dist.destroy_process_group()
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def two_ranks(tmp_path_factory):
+    """(DCP folder saved by two FSDP2 ranks, the full state dict rank 0 gathered)."""
+    folder = tmp_path_factory.mktemp("dcp2")
+    script = folder / "save.py"
+    script.write_text(TWO_RANKS)
+    out, full = folder / "ckpt", folder / "full.pth"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script), str(out),
+                          str(full)], capture_output=True, text=True, timeout=300, cwd=folder)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(os.listdir(out)) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    return out, torch.load(full, weights_only=True)
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A DCP folder saved from one process: nested model/extras, several dtypes, a 0-d tensor."""
+    import torch.distributed.checkpoint as dcp
+
+    torch.manual_seed(0)
+    state = {"model": {"emb.weight": torch.randn(5, 3), "ids": torch.arange(4), "half": torch.randn(2, 2).half(),
+                       "scale": torch.tensor(2.5)},
+             "step": 7, "extra": {"lr": 0.1, "names": ["a", "b"]}}
+    folder = tmp_path / "one"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process"
+        dcp.save(state, checkpoint_id=str(folder))
+    return folder, state
+
+
+def test_one_process_folder_reads_like_a_nested_checkpoint(cli, one_rank):
+    folder, state = one_rank
+    doc = cli("inspect", folder, "--json").json()
+    assert doc["format"] == "dcp" and doc["root"] == "model"
+    assert doc["extras"] == {"step": "int", "extra": "dict"}
+    assert [(t["name"], t["dtype"], t["shape"]) for t in doc["tensors"]] == [
+        ("emb.weight", "float32", [5, 3]), ("ids", "int64", [4]), ("half", "float16", [2, 2]), ("scale", "float32", [])]
+    out = folder.parent / "one.safetensors"
+    assert cli("convert", folder, "-o", out).code == 0
+    got = load_any(out)
+    assert all(torch.equal(got[k], v) for k, v in state["model"].items())
+    back = folder.parent / "one.pth"
+    assert cli("convert", folder, "-o", back).code == 0
+    loaded = torch.load(back, weights_only=True)
+    assert loaded["step"] == 7 and loaded["extra"] == {"lr": 0.1, "names": ["a", "b"]}
+    assert cli("diff", folder, back).code == 0
+
+
+def test_two_ranks_are_put_together_bit_exact(cli, tmp_path, two_ranks):
+    folder, full = two_ranks
+    doc = cli("inspect", folder, "--json").json()
+    assert doc["root"] == "model" and set(doc["extras"]) == {"optim", "step"}
+    assert {t["name"]: t["shape"] for t in doc["tensors"]} == {k: list(v.shape) for k, v in full["model"].items()}
+    out = tmp_path / "model.safetensors"
+    assert cli("convert", folder, "-o", out).code == 0
+    got = load_any(out)
+    assert list(got) == list(full["model"]) and all(torch.equal(got[k], v) for k, v in full["model"].items())
+    assert got["cols.w"].dtype == torch.bfloat16  # sharded on dimension 1: strided blocks of the whole
+
+
+def test_two_ranks_optimizer_state_travels_into_pth(cli, tmp_path, two_ranks):
+    folder, full = two_ranks
+    out = tmp_path / "all.pth"
+    assert cli("convert", folder, "-o", out).code == 0
+    loaded = torch.load(out, weights_only=True)
+    assert loaded["step"] == 3
+    assert loaded["optim"]["param_groups"][0]["lr"] == full["optim"]["param_groups"][0]["lr"]
+    for name, state in full["optim"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(loaded["optim"]["state"][name][key], value), (name, key)
+    full_path = tmp_path / "full.pth"
+    torch.save(full["model"], full_path)
+    assert cli("diff", folder, full_path).code == 0
+
+
+def test_surgery_commands_take_dcp_folders(cli, tmp_path, two_ranks):
+    folder, full = two_ranks
+    keep = tmp_path / "k.safetensors"
+    assert cli("filter", folder, "--keep", "0", "-o", keep).code == 0 and list(load_any(keep)) == ["0.weight"]
+    dropped = tmp_path / "d.safetensors"
+    assert cli("drop", folder, "cols", "-o", dropped).code == 0 and "cols.w" not in load_any(dropped)
+    renamed = tmp_path / "r.safetensors"
+    assert cli("rename", folder, "--add-prefix", "net", "-o", renamed).code == 0
+    assert torch.equal(load_any(renamed)["net.0.weight"], full["model"]["0.weight"])
+    template = tmp_path / "template.pth"
+    torch.save({"module.0.weight": torch.zeros(7, 5), "new.bias": torch.ones(2)}, template)
+    merged = tmp_path / "m.pth"
+    report = cli("merge", folder, "--into", template, "-o", merged, "--json").json()
+    assert report["renamed"] == {"0.weight": "module.0.weight"} and report["kept_from_template"] == ["new.bias"]
+    assert torch.equal(load_any(merged)["module.0.weight"], full["model"]["0.weight"])
+    into_dcp = tmp_path / "i.safetensors"
+    assert cli("merge", template, "--into", folder, "-o", into_dcp).code == 0
+    assert list(load_any(into_dcp)) == list(full["model"])
+
+
+# ---- hostile or broken folders ------------------------------------------------------------------
+
+def _rewrite_metadata(folder, change) -> None:
+    """Edit a real .metadata (a trusted test file: plain pickle is fine here)."""
+    path = folder / ".metadata"
+    meta = pickle.loads(path.read_bytes())
+    change(meta)
+    path.write_bytes(pickle.dumps(meta, protocol=4))
+
+
+def _storage(meta, fqn):
+    return next(v for k, v in meta.storage_data.items() if k.fqn == fqn)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda m: setattr(_storage(m, "model.emb.weight"), "relative_path", "../outside.distcp"), "not a file name"),
+    (lambda m: setattr(_storage(m, "model.emb.weight"), "relative_path", "__9_0.distcp"), "missing"),
+    (lambda m: setattr(_storage(m, "model.emb.weight"), "offset", 10**9), "outside"),
+    (lambda m: setattr(_storage(m, "model.emb.weight"), "transform_descriptors", ["zstd"]), "extensions"),
+    (lambda m: m.storage_data.pop(next(k for k in m.storage_data if k.fqn == "model.ids")), "does not say where"),
+    (lambda m: setattr(m.state_dict_metadata["model.emb.weight"], "size", torch.Size([5, 4])), "elements"),
+    (lambda m: setattr(m.state_dict_metadata["model.emb.weight"].chunks[0], "sizes", torch.Size([9, 3])), "does not fit"),
+    (lambda m: setattr(m.state_dict_metadata["model.ids"].properties, "dtype", torch.float64), "not the float64"),
+])
+def test_broken_metadata_is_one_line(cli, tmp_path, one_rank, change, fragment):
+    folder, _ = one_rank
+    _rewrite_metadata(folder, change)
+    for args in (("inspect", folder), ("convert", folder, "-o", tmp_path / "o.safetensors"),
+                 ("diff", folder, folder)):
+        assert_one_error_line(cli(*args), fragment, code=2 if args[0] == "diff" else 1)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_overlapping_chunks_fail_the_write(cli, tmp_path, two_ranks):
+    folder, _ = two_ranks
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(folder), str(copy)], check=True)
+
+    def overlap(meta):  # the second chunk of 0.weight now starts where the first does
+        chunk = meta.state_dict_metadata["model.0.weight"].chunks[1]
+        old = chunk.offsets
+        chunk.offsets = torch.Size([1, 0])
+        chunk.sizes = torch.Size([3, 5])
+        for key in list(meta.storage_data):
+            if key.fqn == "model.0.weight" and tuple(key.offset) == tuple(old):
+                value = meta.storage_data.pop(key)
+                meta.storage_data[type(key)(key.fqn, torch.Size([1, 0]), key.index)] = value
+
+    _rewrite_metadata(copy, overlap)
+    out = tmp_path / "o.safetensors"
+    assert_one_error_line(cli("convert", copy, "-o", out), "0.weight", "overlap")
+    assert not out.exists()
+
+
+def test_metadata_payload_runs_under_torch_but_never_here(cli, tmp_path, one_rank):
+    """torch's FileSystemReader.read_metadata is a plain pickle.load: a payload in .metadata runs.
+    Here it is a placeholder, and the folder is refused with one line."""
+    folder, _ = one_rank
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    meta = pickle.loads((folder / ".metadata").read_bytes())
+    meta.planner_data = Payload()
+    (folder / ".metadata").write_bytes(pickle.dumps(meta, protocol=4))
+    for args in (("inspect", folder), ("convert", folder, "-o", tmp_path / "o.pth"), ("diff", folder, folder)):
+        result = cli(*args)
+        assert not marker.exists() and result.code in (1, 2), args
+        assert_one_error_line(result, code=result.code)
+    probe = ("import sys; from torch.distributed.checkpoint import FileSystemReader; "
+             "FileSystemReader(sys.argv[1]).read_metadata()")
+    subprocess.run([sys.executable, "-c", probe, str(folder)], capture_output=True, timeout=120)
+    assert marker.exists()  # the payload is live: torch's own reader runs it
