@@ -224,3 +224,110 @@ def test_metadata_payload_runs_under_torch_but_never_here(cli, tmp_path, one_ran
              "FileSystemReader(sys.argv[1]).read_metadata()")
     subprocess.run([sys.executable, "-c", probe, str(folder)], capture_output=True, timeout=120)
     assert marker.exists()  # the payload is live: torch's own reader runs it
+
+
+# ---- DCP out: --format dcp ---------------------------------------------------------------------
+
+def _dcp_load(state: dict, folder) -> dict:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=str(folder))
+    return state
+
+
+def _tree(folder) -> dict:
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_pth_to_dcp_loads_in_torch_and_is_deterministic(cli, tmp_path, zip_pth, net):
+    out = tmp_path / "ckpt"
+    result = cli("convert", zip_pth, "-o", out, "--format", "dcp", "--json")
+    assert result.code == 0, result.err
+    assert result.json()["files"] == [str(out / "__0_0.distcp"), str(out / ".metadata")]
+    target = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}
+    loaded = _dcp_load(target, out)
+    assert all(torch.equal(loaded[k], v) for k, v in net.state_dict().items())
+    first = _tree(out)
+    assert cli("convert", zip_pth, "-o", out, "--format", "dcp").code == 1  # exists: --force
+    assert cli("convert", zip_pth, "-o", out, "--format", "dcp", "--force").code == 0
+    assert _tree(out) == first  # byte-identical, and nothing left beside it
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "model.pth"]
+
+
+def test_dcp_round_trip_keeps_torch_keys_and_optimizer(cli, tmp_path, two_ranks):
+    """A folder of two FSDP2 ranks, rewritten by us: the keys, paths, sizes and dtypes torch
+    wrote, and torch loads model, optimizer and step back into an unsharded model."""
+    from torch import nn
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    folder, full = two_ranks
+    out = tmp_path / "again"
+    assert cli("convert", folder, "-o", out, "--format", "dcp").code == 0
+    ours, theirs = (pickle.loads((f / ".metadata").read_bytes()) for f in (out, folder))
+    assert ours.planner_data == theirs.planner_data
+    for key, entry in theirs.state_dict_metadata.items():
+        mine = ours.state_dict_metadata[key]
+        assert type(mine) is type(entry) and getattr(mine, "size", None) == getattr(entry, "size", None), key
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Embedding(7, 5), nn.Linear(5, 3), nn.LayerNorm(3))
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.tensor([[1, 2]])).sum().backward()
+    opt.step()
+    msd, osd = get_state_dict(model, opt)
+    msd["cols.w"] = torch.zeros(4, 5, dtype=torch.bfloat16)
+    state = _dcp_load({"model": msd, "optim": osd, "step": 0}, out)
+    assert state["step"] == 3 and torch.equal(state["model"]["cols.w"], full["model"]["cols.w"])
+    del state["model"]["cols.w"]
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in full["model"].items() if k != "cols.w")
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], full["optim"]["state"]["0.weight"]["exp_avg"])
+
+
+def test_dcp_output_shards_casts_and_dry_runs(cli, tmp_path, zip_pth, state_dict):
+    out = tmp_path / "split"
+    assert cli("convert", zip_pth, "-o", out, "--format", "dcp", "--max-shard-size", "100").code == 0
+    assert len([n for n in os.listdir(out) if n.endswith(".distcp")]) > 2
+    assert cli("diff", out, zip_pth).code == 0
+    half = tmp_path / "half"
+    report = cli("convert", zip_pth, "-o", half, "--format", "dcp", "--dtype", "bf16", "--json").json()
+    assert report["kept_dtype"] == ["bn.num_batches_tracked"]
+    meta = pickle.loads((half / ".metadata").read_bytes())
+    assert meta.state_dict_metadata["conv.weight"].properties.dtype == torch.bfloat16
+    assert meta.state_dict_metadata["bn.num_batches_tracked"].properties.dtype == torch.int64
+    dry = tmp_path / "dry"
+    assert cli("convert", zip_pth, "-o", dry, "--format", "dcp", "--dry-run").code == 0 and not dry.exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["filter", "{src}", "--keep", "conv", "-o", "{out}"],
+    ["drop", "{src}", "bn", "-o", "{out}"],
+    ["rename", "{src}", "--add-prefix", "net", "-o", "{out}"],
+    ["merge", "{src}", "--into", "{src}", "-o", "{out}"],
+])
+def test_every_writing_command_writes_dcp(cli, tmp_path, zip_pth, args):
+    out = tmp_path / "out"
+    result = cli(*[str(zip_pth) if a == "{src}" else str(out) if a == "{out}" else a for a in args], "--format", "dcp")
+    assert result.code == 0, result.err
+    assert cli("inspect", out, "--json").json()["format"] == "dcp"
+
+
+def test_dcp_output_refuses_what_torch_would_run(cli, tmp_path, state_dict):
+    """torch's DCP loader unpickles non-tensor values with weights_only=False: a placeholder
+    (here argparse.Namespace, which weights_only=True refuses) must not become one."""
+    import argparse
+
+    src = tmp_path / "train.pth"
+    torch.save({"state_dict": state_dict, "args": argparse.Namespace(lr=0.1)}, src)
+    out = tmp_path / "out"
+    assert_one_error_line(cli("convert", src, "-o", out, "--format", "dcp"), "argparse.Namespace", "run")
+    assert sorted(os.listdir(tmp_path)) == ["train.pth"]  # no folder, no temporary left
+
+
+def test_force_never_replaces_a_folder_of_other_files(cli, tmp_path, zip_pth):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "cat.jpg").write_bytes(b"meow")
+    assert_one_error_line(cli("convert", zip_pth, "-o", out, "--format", "dcp", "--force"), "not a DCP checkpoint")
+    assert os.listdir(out) == ["cat.jpg"]

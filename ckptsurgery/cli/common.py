@@ -33,6 +33,12 @@ def choice(name: str, values) -> type[Enum]:
     return Enum(name, {value: value for value in values}, type=str)
 
 
+OutputFormat = choice("OutputFormat", ("dcp",))
+FormatOpt = Annotated[Optional[OutputFormat], typer.Option(
+    "--format", help="dcp: write a torch.distributed.checkpoint folder at OUT (otherwise OUT's extension decides).",
+    show_default=False)]
+
+
 def printable(text: str) -> str:
     """Names come from the file: escape control characters (a key holding an ANSI escape must
     not drive the terminal, nor a newline split a line)."""

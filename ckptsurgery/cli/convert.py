@@ -10,7 +10,7 @@ from .. import ops
 from ..dtypes import CAST_TARGETS
 from . import app
 from .common import (
-    DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, choice, examples, finish_write, progress_bar,
+    DryRunOpt, ForceOpt, FormatOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, choice, examples, finish_write, progress_bar,
 )
 
 
@@ -31,11 +31,12 @@ def convert(
     root: RootOpt = None,
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
+    format: FormatOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Convert between .pth and .safetensors, bit-exact unless --dtype asks for a cast."""
     with progress_bar(quiet or json) as progress:
         report = ops.convert(input, output, root=root, dtype=dtype and dtype.value, max_shard_size=max_shard_size,
-                             force=force, dry_run=dry_run, progress=progress)
+                             force=force, dry_run=dry_run, progress=progress, format=format and format.value)
     finish_write(report, json, quiet)

@@ -9,7 +9,7 @@ import typer
 from .. import ops
 from . import app
 from .common import (
-    DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, examples, finish_write, listing, progress_bar,
+    DryRunOpt, ForceOpt, FormatOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, examples, finish_write, listing, progress_bar,
 )
 
 
@@ -25,11 +25,12 @@ def drop(
     root: RootOpt = None,
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
+    format: FormatOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Remove keys or whole modules."""
     with progress_bar(quiet or json) as progress:
         report = ops.drop_keys(input, output, patterns, root=root, force=force, dry_run=dry_run,
-                               progress=progress)
+                               progress=progress, format=format and format.value)
     finish_write(report, json, quiet, [listing("dropped", report["dropped"])])

@@ -9,7 +9,7 @@ import typer
 from .. import ops
 from . import app
 from .common import (
-    DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, examples, finish_write, listing, progress_bar,
+    DryRunOpt, ForceOpt, FormatOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, examples, finish_write, listing, progress_bar,
 )
 
 
@@ -27,13 +27,14 @@ def filter_command(
     root: RootOpt = None,
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
+    format: FormatOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Keep selected keys, or exactly the keys a template has (the `if k in model_dict` recipe)."""
     with progress_bar(quiet or json) as progress:
         report = ops.filter_keys(input, output, keep=keep, like=like, root=root, force=force,
-                                 dry_run=dry_run, progress=progress)
+                                 dry_run=dry_run, progress=progress, format=format and format.value)
     details = [listing("left out", report["left_out"])]
     if report["missing_from_input"]:
         details.append(listing("template keys the input lacks", report["missing_from_input"]))

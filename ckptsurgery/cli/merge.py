@@ -9,7 +9,7 @@ import typer
 from .. import core, ops
 from . import app
 from .common import (
-    DryRunOpt, ForceOpt, JsonOpt, OutputOpt, QuietOpt, RootOpt, choice, console, examples, finish_write, listing,
+    DryRunOpt, ForceOpt, FormatOpt, JsonOpt, OutputOpt, QuietOpt, RootOpt, choice, console, examples, finish_write, listing,
     print_json, printable, progress_bar,
 )
 
@@ -37,6 +37,7 @@ def merge(
     root: RootOpt = None,
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
+    format: FormatOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -44,7 +45,8 @@ def merge(
     with progress_bar(quiet or json) as progress:
         report = ops.merge(sources, output, into=into, on_mismatch=on_mismatch and on_mismatch.value,
                            on_conflict=on_conflict and on_conflict.value, average=average, weights=weights,
-                           root=root, force=force, dry_run=dry_run, progress=progress)
+                           root=root, force=force, dry_run=dry_run, progress=progress,
+                           format=format and format.value)
     if json:
         print_json(report)
         return

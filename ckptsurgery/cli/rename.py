@@ -13,7 +13,7 @@ from .. import core, ops
 from ..errors import CkptError
 from . import app
 from .common import (
-    DryRunOpt, ForceOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, console, examples, finish_write, listing,
+    DryRunOpt, ForceOpt, FormatOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, console, examples, finish_write, listing,
     printable, progress_bar,
 )
 
@@ -105,6 +105,7 @@ def rename(
     root: RootOpt = None,
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
+    format: FormatOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -117,7 +118,7 @@ def rename(
              for kind, values in ctx.meta.get(_RULES, [])]
     with progress_bar(quiet or json) as progress:
         report = ops.rename_keys(input, output, rules, root=root, force=force, dry_run=dry_run,
-                                 progress=progress)
+                                 progress=progress, format=format and format.value)
     if dry_run and not json:
         _print_rename_table(report)
     finish_write(report, json, quiet, [f"renamed {len(report['renamed'])} key(s)",

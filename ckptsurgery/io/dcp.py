@@ -262,3 +262,124 @@ def _set(node: Any, step: Any, value: Any, where: str) -> None:
         return
     node.extend([None] * (step + 1 - len(node)))
     node[step] = value
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+DCP_VERSION = "1.0.0"  # Metadata.version as torch 2.13 writes it
+
+
+def check_dcp_writable(folder: str, force: bool) -> None:
+    """A DCP output is a folder: refuse to replace anything there without --force, and even with
+    it anything but an earlier DCP folder (or an empty one): --force must not delete a folder of
+    other files."""
+    if os.path.lexists(folder):
+        if not force:
+            raise CkptError(f"{folder}: already exists; pass --force to overwrite it")
+        if not os.path.isdir(folder) or os.path.islink(folder):
+            raise CkptError(f"{folder}: exists and is not a folder; a DCP output is a folder")
+        if os.listdir(folder) and not is_dcp(folder):
+            raise CkptError(f"{folder}: a folder that is not a DCP checkpoint; not replacing it, even with --force")
+    parent = os.path.dirname(os.path.abspath(folder))
+    if not os.path.isdir(parent):
+        raise CkptError(f"{parent}: no such folder for the output")
+
+
+def flatten(obj: Any) -> list[tuple[str, tuple, Any]]:
+    """(flat key, path, value) for every leaf, as torch's DCP flattens a state dict (its
+    `traverse_state_dict`): dicts are walked, lists only when they hold tensors or dicts, and a
+    key is the path's steps joined by dots."""
+    out: list[tuple[str, tuple, Any]] = []
+
+    def terminal(value) -> bool:
+        if isinstance(value, dict):
+            return False
+        if type(value) is not list:
+            return True
+        return not any(isinstance(v, TensorRef) or (isinstance(v, (dict, list)) and not terminal(v)) for v in value)
+
+    stack = [((str(k),), v) for k, v in reversed(list(obj.items()))] if isinstance(obj, dict) else [(("",), obj)]
+    while stack:  # an explicit stack: a hostile input may nest deeper than Python recurses
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((path + (str(k),), v) for k, v in reversed(list(value.items())))
+        elif terminal(value):
+            out.append((".".join(map(str, path)), path, value))
+        else:
+            stack.extend((path + (i,), v) for i, v in reversed(list(enumerate(value))))
+    keys = [k for k, _, _ in out]
+    if len(set(keys)) != len(keys):
+        raise CkptError("two entries flatten to one DCP key (a key with a dot beside a nested one)")
+    return out
+
+
+def _alone(t: TensorRef) -> TensorRef:
+    """The tensor on a storage of its own bytes: a DCP chunk holds exactly its tensor, never the
+    rest of a storage it shares."""
+    if not t.is_contiguous or t.math_bits:
+        return computed_tensor(t.shape, t.dtype, t.data)
+    if t.storage.nbytes == t.nbytes and not t.offset:
+        return t
+    start = t.storage.offset + t.offset * t.dtype.itemsize
+    storage = Storage(t.storage.source, start, t.nbytes, t.storage.key, t.storage.location)
+    return TensorRef(storage, 0, t.shape, t.stride, t.dtype)
+
+
+def write_dcp(folder: str, obj: Any, *, cast_names: set[str], cast, progress=None,
+              max_file_size: int | None = None) -> list[str]:
+    """Write `obj` (a state dict, possibly nested) as a DCP checkpoint into the empty `folder`:
+    one `.distcp` file (several when `max_file_size` splits them, filled in key order), each
+    value a torch.save archive at its byte range, then `.metadata`, a pickle of torch's own
+    dataclasses that `torch.distributed.checkpoint.load` reads. `cast` applies to the tensors
+    whose flat key is in `cast_names`. Returns the file names written, `.metadata` last."""
+    import pickle
+
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    from .write import cast_target, plan_shards, write_torch
+
+    entries = flatten(obj)
+    for key, _, value in entries:
+        if isinstance(value, TensorRef) and not value.is_plain:
+            raise CkptError(f"{key}: a {value.dtype.name} tensor; DCP checkpoints hold plain tensors only "
+                            f"(write .pth instead)")
+    sizes = [(key, value.nbytes if isinstance(value, TensorRef) else 0) for key, _, value in entries]
+    groups = plan_shards(sizes, max_file_size) if max_file_size and sizes else [[k for k, _ in sizes]]
+    by_key = {key: (path, value) for key, path, value in entries}
+    state_dict_metadata, storage_data, planner_data, files = {}, {}, {}, []
+    for number, keys in enumerate(groups):
+        name = f"__0_{number}.distcp"
+        files.append(name)
+        with open(os.path.join(folder, name), "xb") as f:
+            for key in keys:
+                path, value = by_key[key]
+                offset = f.tell()
+                if isinstance(value, TensorRef):
+                    value = _alone(value)
+                    dtype = cast_target(value.dtype, cast) if key in cast_names else value.dtype
+                    events = write_torch(f, value, cast if dtype is not value.dtype else None, progress,
+                                         cast_only={key: value})
+                    size = torch.Size(value.shape)
+                    state_dict_metadata[key] = TensorStorageMetadata(
+                        TensorProperties(dtype=getattr(torch, dtype.name)), size,
+                        [ChunkStorageMetadata(offsets=torch.Size([0] * len(size)), sizes=size)])
+                    index = MetadataIndex(key, [0] * len(size), 0)
+                else:
+                    events = write_torch(f, value)
+                    state_dict_metadata[key] = BytesStorageMetadata()
+                    index = MetadataIndex(key)
+                if events:  # torch's DCP loader reads values with weights_only=False: they would run
+                    raise CkptError(f"{key}: holds {events[0].qualname()}, which torch's DCP loader would import "
+                                    f"and run (it unpickles values unrestricted); write .pth, or drop the entry")
+                storage_data[index] = _StorageInfo(name, offset, f.tell() - offset)
+                planner_data[key] = path
+    metadata = Metadata(state_dict_metadata=state_dict_metadata, planner_data=planner_data,
+                        storage_data=storage_data, storage_meta=StorageMeta(), version=DCP_VERSION)
+    with open(os.path.join(folder, METADATA), "xb") as f:
+        f.write(pickle.dumps(metadata, protocol=4))
+    return files + [METADATA]

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import struct
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -139,6 +140,19 @@ class StagedOutputs:
         self._remove = list(remove)
 
     @contextmanager
+    def stage_folder(self, path: str) -> Iterator[str]:
+        """A new folder beside `path`, filled by the caller, renamed into place by commit(); an
+        old folder there (checked by the caller) is set aside first and removed after."""
+        folder, name = os.path.split(os.path.abspath(path))
+        temp = os.path.join(folder, f".{name}.{secrets.token_hex(8)}.ckptsurgery-tmp")
+        try:
+            os.mkdir(temp, 0o777)
+        except OSError as e:
+            raise CkptError(f"{path}: cannot write ({e.strerror or e}); nothing was written") from None
+        self._staged.append((temp, path))
+        yield temp
+
+    @contextmanager
     def stage(self, path: str) -> Iterator[BinaryIO]:
         folder, name = os.path.split(os.path.abspath(path))
         # unpredictable, created exclusively, never through a symlink: nobody can plant a link
@@ -155,13 +169,23 @@ class StagedOutputs:
             raise
 
     def commit(self) -> None:
+        old_folders = []
         try:
             for temp, path in self._staged:
+                if os.path.isdir(temp) and os.path.lexists(path):  # a folder cannot replace a folder in one step
+                    aside = f"{temp}.old"
+                    os.rename(path, aside)
+                    old_folders.append((aside, path))
                 os.replace(temp, path)  # a symlink at `path` is replaced, never its target
         except BaseException:
+            for aside, path in old_folders:  # put the old folder back where it was
+                if not os.path.lexists(path):
+                    os.rename(aside, path)
             self.abort()  # no temporary file is left behind; nothing old is removed
             raise
         self._staged.clear()
+        for aside, _ in old_folders:
+            shutil.rmtree(aside, ignore_errors=True)
         for path in self._remove:
             try:
                 os.unlink(path)
@@ -175,7 +199,10 @@ class StagedOutputs:
     def abort(self) -> None:
         for temp, _ in self._staged:
             try:
-                os.unlink(temp)
+                if os.path.isdir(temp) and not os.path.islink(temp):
+                    shutil.rmtree(temp)
+                else:
+                    os.unlink(temp)
             except FileNotFoundError:
                 pass
         self._staged.clear()
@@ -302,13 +329,13 @@ ARCHIVE = "archive"  # the inner folder's name; torch.save would use the output'
 
 
 def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Progress | None = None,
-                cast_only: dict[str, TensorRef] | None = None, inputs: list[list] | None = None) -> None:
+                cast_only: dict[str, TensorRef] | None = None, inputs: list[list] | None = None) -> list:
     """Pickle `obj` (tensor references anywhere inside) into torch's zip format. Each storage is
     written once, as torch would write it: a typed storage for the dtypes that have one, an
     UntypedStorage (and `_rebuild_tensor_v3` with each tensor's own dtype) for the others.
     `cast` applies to the storages of `cast_only`'s tensors (the state dict), never to what lies
     outside it (an optimizer's step counts). `inputs`: each input's placeholder events — see
-    `check_not_more_executable`."""
+    `check_not_more_executable`. Returns the placeholder events the archive holds, in order."""
     castable = castable_storages(cast_only or {}) if cast else set()
     storages: OrderedDict[int, tuple[Storage, str, DType, DType]] = OrderedDict()  # key, read, written
 
@@ -341,6 +368,7 @@ def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Prog
         archive.add(f"{ARCHIVE}/data/{key}", _chunks(data, progress), _written_size(storage, read_as, write_as))
     archive.add_bytes(f"{ARCHIVE}/version", b"3\n")
     archive.close()
+    return pickler.events
 
 
 def castable_storages(tensors: dict[str, TensorRef]) -> set[int]:

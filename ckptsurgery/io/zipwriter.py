@@ -15,15 +15,19 @@ _PAD_ID = b"FB"  # the padding extra field torch's writer uses
 
 
 class ZipWriter:
+    """Writes an archive at the stream's current position; every offset it records counts from
+    there, so an archive inside a bigger file (a DCP chunk) reads as one on its own."""
+
     def __init__(self, f: BinaryIO):
         self._f = f
+        self._base = f.tell()
         self._entries: list[tuple[bytes, int, int, int]] = []  # name, crc, size, header offset
 
     def add(self, name: str, chunks: Iterable[bytes | memoryview], size: int) -> None:
         """Write one record of `size` bytes, streamed from `chunks`."""
         f = self._f
         raw_name = name.encode("utf-8")
-        offset = f.tell()
+        offset = f.tell() - self._base
         zip64 = size >= _U32
         extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
         used = offset + 30 + len(raw_name) + len(extra) + 4
@@ -41,7 +45,7 @@ class ZipWriter:
         if written != size:
             raise ValueError(f"record {name}: wrote {written} bytes, expected {size}")
         end = f.tell()
-        f.seek(offset + 14)
+        f.seek(self._base + offset + 14)
         f.write(struct.pack("<I", crc))
         f.seek(end)
         self._entries.append((raw_name, crc, size, offset))
@@ -51,7 +55,7 @@ class ZipWriter:
 
     def close(self) -> None:
         f = self._f
-        start = f.tell()
+        start = f.tell() - self._base
         for raw_name, crc, size, offset in self._entries:
             big = size >= _U32 or offset >= _U32
             extra = b""
@@ -62,7 +66,7 @@ class ZipWriter:
                                 _DOS_DATE, crc, small, small, len(raw_name), len(extra), 0, 0, 0, 0,
                                 _U32 if big else offset))
             f.write(raw_name + extra)
-        end = f.tell()
+        end = f.tell() - self._base
         count, cd_size = len(self._entries), end - start
         if count >= 0xFFFF or start >= _U32 or cd_size >= _U32:
             f.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 0x031E, 45, 0, 0, count, count, cd_size, start))

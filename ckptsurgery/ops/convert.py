@@ -11,9 +11,9 @@ from .write import ProgressFactory, write_checkpoint
 
 def convert(input: str, output: str, *, root: str | None = None, dtype: str | None = None,
             max_shard_size: str | int | None = None, force: bool = False, dry_run: bool = False,
-            progress: ProgressFactory | None = None) -> dict:
-    """Convert between .pth and .safetensors (and shard), bit-exact unless `dtype` casts.
-    `max_shard_size`: "2GB", "500MiB" or a number of bytes."""
+            progress: ProgressFactory | None = None, format: str | None = None) -> dict:
+    """Convert between .pth, .safetensors and DCP folders (`format="dcp"`), and shard, bit-exact
+    unless `dtype` casts. `max_shard_size`: "2GB", "500MiB" or a number of bytes."""
     cast = None
     if dtype is not None:
         if dtype not in CAST_TARGETS:
@@ -22,4 +22,4 @@ def convert(input: str, output: str, *, root: str | None = None, dtype: str | No
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
     with open_checkpoint(input, root) as ckpt:
         return write_checkpoint(ckpt, ckpt.tensors, output, cast=cast, max_shard_size=limit,
-                                force=force, dry_run=dry_run, progress=progress)
+                                force=force, dry_run=dry_run, progress=progress, format=format)

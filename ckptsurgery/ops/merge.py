@@ -191,7 +191,7 @@ def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: s
 def merge(sources: list[str], output: str, *, into: str | None = None, on_mismatch: str | None = None,
           on_conflict: str | None = None, average: bool = False, weights: str | list[float] | None = None,
           root: str | None = None, force: bool = False, dry_run: bool = False,
-          progress: ProgressFactory | None = None) -> dict:
+          progress: ProgressFactory | None = None, format: str | None = None) -> dict:
     """Three modes: plain union (`on_conflict`, default error), `into` a template (`on_mismatch`,
     default error), `average` (`weights`, default equal). An option of another mode is refused."""
     if into is not None and average:
@@ -224,7 +224,7 @@ def merge(sources: list[str], output: str, *, into: str | None = None, on_mismat
             merged, others, details = _plain_union(ckpts, on_conflict)
             base, mode = ckpts[0], "union"
         report = write_checkpoint(base, merged, output, others=others, inputs=[*ckpts, base],
-                                  force=force, dry_run=dry_run, progress=progress)
+                                  force=force, dry_run=dry_run, progress=progress, format=format)
     del report["input"]  # several inputs: `sources` and `template` name them
     report.update(mode=mode, sources=list(sources), **({"template": into} if into is not None else {}), **details)
     return report

@@ -10,13 +10,14 @@ from collections import OrderedDict
 from typing import Callable
 
 from ..dtypes import DType
-from ..errors import CkptError
+from ..errors import CkptError, UsageError
 from ..io import Checkpoint, TensorRef
+from ..io.dcp import check_dcp_writable, write_dcp
 from ..io.pickler import PickleRefused
 from ..io.tree import extras
 from ..io.write import (
-    StagedOutputs, castable_storages, check_safetensors, check_writable, output_format, plan_safetensors,
-    plan_shards, shard_names, torch_payload, write_safetensors, write_torch,
+    StagedOutputs, cast_target, castable_storages, check_safetensors, check_writable, output_format,
+    plan_safetensors, plan_shards, shard_names, torch_payload, write_safetensors, write_torch,
 )
 
 # progress(total_bytes, label) -> advance(n_bytes): how the CLI shows a bar; None shows none
@@ -36,16 +37,49 @@ def _write(f, fmt: str, ckpt: Checkpoint, tensors: dict[str, TensorRef], cast: D
             raise CkptError(f"{ckpt.path}: cannot be written as a .pth: {e}") from None
 
 
+FORMATS = ("dcp",)  # what --format chooses; the others follow the output's extension
+
+
+def _write_dcp(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: str, cast: DType | None,
+               max_shard_size: int | None, force: bool, dry_run: bool, progress, others: dict) -> dict:
+    """A DCP folder: the whole checkpoint (the state dict and what lies outside its root), each
+    entry under its flattened key."""
+    check_dcp_writable(output, force)
+    payload = torch_payload(ckpt, tensors, keep_metadata=False, others=others)
+    prefix = f"{ckpt.root}." if ckpt.root else ""
+    stored = [(n, t, cast_target(t.dtype, cast)) for n, t in tensors.items()]
+    report = {
+        "input": ckpt.path, "output": output, "format": "dcp", "root": ckpt.root, "tensors": len(tensors),
+        "total_bytes": sum(t.numel * d.itemsize for _, t, d in stored), "dtype": cast.name if cast else None,
+        "kept_dtype": [n for n, t, d in stored if cast and d is not cast], "tied": {}, "extras_left_out": [],
+        "files": [output], "dry_run": dry_run, "removed": [],
+    }
+    if dry_run:
+        return report
+    tick = progress(report["total_bytes"], f"writing {os.path.basename(output)}") if progress else None
+    with StagedOutputs() as outputs, outputs.stage_folder(output) as folder:
+        written = write_dcp(folder, payload, cast_names={prefix + n for n in tensors}, cast=cast, progress=tick,
+                            max_file_size=max_shard_size)
+    report["files"] = [os.path.join(output, name) for name in written]
+    return report
+
+
 def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: str, *,
                      cast: DType | None = None, max_shard_size: int | None = None, force: bool = False,
                      dry_run: bool = False, progress: ProgressFactory | None = None,
                      keep_metadata: bool = True, others: dict | None = None,
-                     inputs: list[Checkpoint] | None = None) -> dict:
+                     inputs: list[Checkpoint] | None = None, format: str | None = None) -> dict:
     """Write `tensors` (the state dict, possibly edited) of `ckpt` to `output`; return a report.
     Entries outside the root, and `others` (the root's non-tensor entries, by default the
-    checkpoint's own), travel with .pth outputs; safetensors holds tensors only. `inputs`: every
-    checkpoint whose contents the output holds (by default `ckpt`), for the rule that an output
-    never runs more than its inputs."""
+    checkpoint's own), travel with .pth and DCP outputs; safetensors holds tensors only.
+    `inputs`: every checkpoint whose contents the output holds (by default `ckpt`), for the rule
+    that an output never runs more than its inputs. `format`: "dcp" writes a DCP folder at
+    `output`; by default the output's extension decides."""
+    if format is not None and format not in FORMATS:
+        raise UsageError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
+    if format == "dcp":
+        return _write_dcp(ckpt, tensors, output, cast, max_shard_size, force, dry_run, progress,
+                          ckpt.others if others is None else others)
     inputs = [ckpt] if inputs is None else inputs
     fmt = output_format(output)
     others = ckpt.others if others is None else others
