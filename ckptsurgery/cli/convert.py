@@ -18,9 +18,9 @@ CastTo = choice("CastTo", CAST_TARGETS)
 
 
 @app.command(epilog=examples(
-    "ckptsurgery convert model.pth -o model.safetensors",
     "ckptsurgery convert model.pth -o model-bf16.safetensors --dtype bf16",
-    "ckptsurgery convert big.pth -o model.safetensors --max-shard-size 2GB",
+    "ckptsurgery convert checkpoints/step-1000 -o model.safetensors",
+    "ckptsurgery convert model.safetensors -o resume --format dcp",
 ))
 def convert(
     input: InputArg,
