@@ -12,8 +12,9 @@ _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."  # pickled torch m
 
 
 def detect_format(path: str) -> str:
-    """One of dcp, folder, torch-zip, torch-legacy, safetensors, index; the bytes decide, not the
-    name (a folder is DCP when it holds a `.metadata` file)."""
+    """One of dcp, accelerate, folder, torch-zip, torch-legacy, safetensors, index; the bytes
+    decide, not the name (a folder is DCP when it holds a `.metadata` file, accelerate's when
+    it holds save_state's files)."""
     try:
         mode = os.stat(path).st_mode  # follows symlinks: the Hugging Face cache is made of them
     except (FileNotFoundError, ValueError):  # ValueError: a NUL in the path
@@ -21,9 +22,10 @@ def detect_format(path: str) -> str:
     except OSError as e:
         raise CkptError(f"{path}: cannot read ({e.strerror or e})") from None
     if stat.S_ISDIR(mode):
+        from .accelerate import is_accelerate
         from .dcp import is_dcp
 
-        return "dcp" if is_dcp(path) else "folder"
+        return "dcp" if is_dcp(path) else "accelerate" if is_accelerate(path) else "folder"
     if not stat.S_ISREG(mode):  # opening a FIFO blocks, a device reads forever
         raise CkptError(f"{path}: not a regular file (a FIFO, socket or device); give a checkpoint file, "
                         f"its index or its folder")
@@ -71,13 +73,24 @@ def open_checkpoint(path: str, root: str | None = None) -> Checkpoint:
 def _open_shard(path: str) -> Checkpoint:
     """One shard of an index: a checkpoint file, never another index or a folder (no recursion)."""
     fmt = detect_format(path)
-    if fmt in ("index", "folder", "dcp"):
+    if fmt in ("index", "folder", "dcp", "accelerate"):
         what = "a shard index" if fmt == "index" else "a folder"
         raise CkptError(f"{path}: is {what}; a shard must be a safetensors or torch checkpoint file")
     return _read(path, fmt, "")
 
 
+def _model_file(path: str) -> Checkpoint:
+    """A model's weights in a folder of several things: a checkpoint file or a shard index."""
+    fmt = detect_format(path)
+    if fmt == "index":
+        from .sharded import read_index
+
+        return read_index(path, _open_shard)
+    return _open_shard(path)
+
+
 def _read(path: str, fmt: str, root: str | None) -> Checkpoint:
+    from .accelerate import read_accelerate
     from .dcp import read_dcp
     from .safetensors import read_safetensors
     from .sharded import find_index, read_index
@@ -87,6 +100,8 @@ def _read(path: str, fmt: str, root: str | None) -> Checkpoint:
     try:
         if fmt == "dcp":
             return read_dcp(path, root)
+        if fmt == "accelerate":
+            return read_accelerate(path, root, _model_file)
         if fmt == "folder":
             return read_index(find_index(path), _open_shard)
         if fmt == "index":
