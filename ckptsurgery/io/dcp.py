@@ -22,7 +22,9 @@ import stat
 from typing import Any
 
 from ..errors import CkptError
-from .model import Checkpoint, MappedFile, Storage, TensorRef, check_key, computed_tensor, contiguous_strides
+from .model import (
+    INT64_MAX, Checkpoint, MappedFile, Storage, TensorRef, check_key, computed_tensor, contiguous_strides, numel_of,
+)
 from .pickled import FrozenRecord, Global, InertGlobal, InertObject, TorchSize
 from .torch_zip import load_torch_zip
 from .tree import find_root
@@ -63,16 +65,22 @@ def _what(obj: Any) -> str:
 
 
 def _ints(value: Any, what: str, where: str) -> tuple[int, ...]:
-    if type(value) not in (tuple, list, TorchSize) or not all(type(v) is int and v >= 0 for v in value):
-        raise CkptError(f"{where}: {what} is not a list of non-negative integers")
+    if type(value) not in (tuple, list, TorchSize) or not all(type(v) is int and 0 <= v <= INT64_MAX for v in value):
+        raise CkptError(f"{where}: {what} is not a list of integers from 0 to 2**63 - 1")
     return tuple(value)
 
 
 class _Reader:
+    """The data files of one folder, opened as first named, in that order (torch reads the
+    values of a folder file by file, in the order the files first appear); each byte range read
+    once, however many keys name it."""
+
     def __init__(self, folder: str):
         self.folder = folder
         self.files: dict[str, MappedFile] = {}
         self.events: list = []
+        self.repeated = [0]  # stride-0 bytes: one allowance for the whole folder, as for one .pth
+        self._loaded: dict[tuple, Any] = {}
 
     def file(self, name: Any, where: str) -> MappedFile:
         """A `.distcp` file of the folder, named by a plain file name (never a path elsewhere)."""
@@ -100,27 +108,54 @@ class _Reader:
             raise CkptError(f"{where}: its byte range {brief(offset)}+{brief(length)} lies outside {source.path}")
         return source, offset, length
 
-    def chunk(self, where: str, place: tuple, dtype, sizes: tuple[int, ...]) -> TensorRef:
-        """One chunk's tensor: the torch.save archive at its byte range, or its raw bytes."""
+    def rank(self, place: tuple) -> int:
+        return list(self.files.values()).index(place[0])
+
+    def archive(self, place: tuple, where: str) -> tuple[bool, Any]:
+        """(True, the object of the torch.save archive at `place`), or (False, its raw bytes)."""
         source, offset, length = place
-        if length >= 4 and bytes(source.view(offset, 4)) == b"PK\x03\x04":
-            value, events = load_torch_zip(source, offset, length, where)
-            self.events += events
-            if not isinstance(value, TensorRef) or value.dtype is not dtype or value.shape != sizes:
-                raise CkptError(f"{where}: its chunk holds {_what(value) if not isinstance(value, TensorRef) else value.dtype.name + ' ' + str(list(value.shape))}, "
-                                f"not the {dtype.name} {list(sizes)} the metadata records")
+        key = (source.path, offset, length)
+        if key not in self._loaded:
+            if length >= 4 and bytes(source.view(offset, 4)) == b"PK\x03\x04":
+                value, events = load_torch_zip(source, offset, length, where, self.repeated)
+                self.events += events
+                self._loaded[key] = (True, value, events)
+            else:
+                self._loaded[key] = (False, None, [])
+        return self._loaded[key]
+
+    def chunk(self, where: str, place: tuple, dtype, sizes: tuple[int, ...]) -> TensorRef:
+        """One chunk's tensor: the torch.save archive at its byte range, or its raw bytes. torch
+        loads a chunk with weights_only=True: a plain, contiguous tensor, nothing else."""
+        archived, value, events = self.archive(place, where)
+        if archived:
+            if (events or not isinstance(value, TensorRef) or value.wrap is not None or value.param_state is not None
+                    or value.quant is not None or not value.is_contiguous or value.math_bits):
+                raise CkptError(f"{where}: a chunk that is not one plain contiguous tensor "
+                                f"(torch's DCP loader refuses it too)")
+            if value.dtype is not dtype or value.shape != sizes:
+                raise CkptError(f"{where}: its chunk holds {value.dtype.name} {_dims(value.shape)}, "
+                                f"not the {dtype.name} {_dims(sizes)} the metadata records")
             return value
-        expected = _numel(sizes) * dtype.itemsize
-        if length != expected:
-            raise CkptError(f"{where}: its chunk holds {length} bytes, not the {expected} of {dtype.name} {list(sizes)}")
-        return TensorRef(Storage(source, offset, length), 0, sizes, contiguous_strides(sizes), dtype)
+        source, offset, length = place
+        tensor = TensorRef(Storage(source, offset, length), 0, sizes, contiguous_strides(sizes), dtype)
+        tensor.validate(where)
+        if tensor.nbytes != length:
+            raise CkptError(f"{where}: its chunk holds {length} bytes, not the {tensor.nbytes} of "
+                            f"{dtype.name} {_dims(sizes)}")
+        return tensor
+
+    def value(self, place: tuple, where: str) -> Any:
+        archived, value, _ = self.archive(place, where)
+        if archived:
+            return value
+        source, offset, length = place
+        return bytes(source.view(offset, length))  # a BytesIO the state dict held as is
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n
+def _dims(shape: tuple[int, ...]) -> str:
+    text = str(list(shape))
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def read_dcp(folder: str, root: str | None) -> Checkpoint:
@@ -146,31 +181,31 @@ def read_dcp(folder: str, root: str | None) -> Checkpoint:
         places[(fields.get("fqn"), None if offset is None else _ints(offset, "an offset", meta_path))] = info
 
     reader = _Reader(folder)
-    tree: dict = {}
-    for key, entry in entries.items():
+    values: dict[str, Any] = {}
+    deferred = []  # the non-tensor values, read once every data file is known: in torch's order
+    for position, (key, entry) in enumerate(entries.items()):
         check_key(key, f"{meta_path}: ")
         where = f"{folder}: {key}"
         if type(entry) is InertObject and entry.qualname() == _META + "BytesStorageMetadata":
             _fields(entry, _META + "BytesStorageMetadata", where)
-            value = _bytes_value(reader, places, key, where)
+            info = places.get((key, None))
+            if info is None:
+                raise CkptError(f"{where}: the metadata does not say where its bytes lie")
+            deferred.append((position, key, reader.locate(info, where), where))
         else:
-            value = _tensor(reader, places, key, _fields(entry, _META + "TensorStorageMetadata", where), where)
-        _place(tree, planner.get(key, (key,)), value, where)
+            values[key] = _tensor(reader, places, key, _fields(entry, _META + "TensorStorageMetadata", where), where)
+    # an unsafe load meets the values' placeholders file by file (torch's FileSystemReader
+    # groups its reads by file, in the order the files first appear), so their events come in
+    # that order: see write.check_not_more_executable
+    for _, key, place, where in sorted(deferred, key=lambda item: (reader.rank(item[2]), item[0])):
+        values[key] = reader.value(place, where)
+    tree: dict = {}
+    budget = [len(entries) + 1024]  # list slots the planner paths may create
+    for key in entries:
+        _place(tree, planner.get(key, (key,)), values[key], f"{folder}: {key}", budget)
     root_key, tensors, others = find_root(tree, root, folder)
     return Checkpoint(folder, "dcp", tensors, root_key, tree, sources=list(reader.files.values()),
                       others=others, events=reader.events)
-
-
-def _bytes_value(reader: _Reader, places: dict, key: str, where: str) -> Any:
-    info = places.get((key, None))
-    if info is None:
-        raise CkptError(f"{where}: the metadata does not say where its bytes lie")
-    source, offset, length = reader.locate(info, where)
-    if length >= 4 and bytes(source.view(offset, 4)) == b"PK\x03\x04":  # torch.save of the value
-        value, events = load_torch_zip(source, offset, length, where)
-        reader.events += events
-        return value
-    return bytes(source.view(offset, length))  # a BytesIO the state dict held as is
 
 
 def _dtype(properties: Any, where: str):
@@ -189,9 +224,15 @@ def _dtype(properties: Any, where: str):
     return dtype.dtype
 
 
+MAX_ASSEMBLED_DIMS = 64  # torch indexes at most this many dimensions
+
+
 def _tensor(reader: _Reader, places: dict, key: str, state: dict, where: str) -> TensorRef:
     dtype = _dtype(state.get("properties"), where)
     size = _ints(state.get("size"), "its size", where)
+    whole = numel_of(size)
+    if whole * dtype.itemsize > INT64_MAX:
+        raise CkptError(f"{where}: a size of {_dims(size)} holds more bytes than torch can address")
     chunks = state.get("chunks")
     if type(chunks) is not list:
         raise CkptError(f"{where}: no list of chunks")
@@ -202,34 +243,39 @@ def _tensor(reader: _Reader, places: dict, key: str, state: dict, where: str) ->
         sizes = _ints(fields.get("sizes"), "a chunk size", where)
         if len(offsets) != len(size) or len(sizes) != len(size) or any(
                 o + s > n for o, s, n in zip(offsets, sizes, size)):
-            raise CkptError(f"{where}: a chunk at {list(offsets)} of size {list(sizes)} does not fit its "
-                            f"tensor of size {list(size)}")
+            raise CkptError(f"{where}: a chunk at {_dims(offsets)} of size {_dims(sizes)} does not fit its "
+                            f"tensor of size {_dims(size)}")
         info = places.get((key, offsets))
         if info is None:
-            raise CkptError(f"{where}: the metadata does not say where its chunk at {list(offsets)} lies")
+            raise CkptError(f"{where}: the metadata does not say where its chunk at {_dims(offsets)} lies")
         pieces.append((offsets, sizes, reader.chunk(where, reader.locate(info, where), dtype, sizes)))
-        volume += _numel(sizes)
-    if volume != _numel(size):
-        raise CkptError(f"{where}: its chunks hold {volume} elements, not the {_numel(size)} of size {list(size)}")
-    if len(pieces) == 1:  # saved from one process: the chunk is the tensor
+        volume += numel_of(sizes)
+        if volume > whole:
+            break
+    if volume != whole:
+        raise CkptError(f"{where}: its chunks hold {'more' if volume > whole else 'fewer'} elements than its "
+                        f"size {_dims(size)}")
+    if len(pieces) == 1 and pieces[0][1] == size:  # saved from one process: the chunk is the tensor
         return pieces[0][2]
-    if dtype.packed > 1 or dtype.per_byte > 1 or dtype.kind == "quantized":
-        raise CkptError(f"{where}: a {dtype.name} tensor in several chunks, which ckptsurgery cannot put together")
+    if dtype.packed > 1 or dtype.per_byte > 1 or dtype.kind == "quantized" or len(size) > MAX_ASSEMBLED_DIMS:
+        raise CkptError(f"{where}: a {dtype.name} tensor of {len(size)} dimensions in several chunks, which "
+                        f"ckptsurgery cannot put together")
 
     def make():
         from .tensors import assemble
 
         try:
-            return assemble(size, dtype, [(o, s, t.data()) for o, s, t in pieces if _numel(s)])
+            return assemble(size, dtype, [(o, s, t.data()) for o, s, t in pieces if numel_of(s)])
         except CkptError as e:
             raise CkptError(f"{where}: {e}") from None
 
     return computed_tensor(size, dtype, make)
 
 
-def _place(tree: dict, path: Any, value: Any, where: str) -> None:
+def _place(tree: dict, path: Any, value: Any, where: str, budget: list[int]) -> None:
     """Put `value` at `path` in the nested state dict, as torch's own unflattening does: a dict
-    per string step, a list per integer step (an optimizer's param_groups)."""
+    per string step, a list per integer step (an optimizer's param_groups). `budget`: the list
+    slots left to create (a path may not make us allocate a million-slot list)."""
     if type(path) not in (tuple, list) or not path or not all(type(p) in (str, int) for p in path):
         raise CkptError(f"{where}: its planner path is not a list of keys")
     node: Any = tree
@@ -237,13 +283,13 @@ def _place(tree: dict, path: Any, value: Any, where: str) -> None:
         child = _child(node, step, where)
         if child is None:
             child = [] if type(nxt) is int else {}
-            _set(node, step, child, where)
+            _set(node, step, child, where, budget)
         elif type(child) is not (list if type(nxt) is int else dict):
             raise CkptError(f"{where}: its planner path crosses a value")
         node = child
     if _child(node, path[-1], where) is not None:
         raise CkptError(f"{where}: two keys have one planner path")
-    _set(node, path[-1], value, where)
+    _set(node, path[-1], value, where, budget)
 
 
 def _child(node: Any, step: Any, where: str) -> Any:
@@ -251,16 +297,20 @@ def _child(node: Any, step: Any, where: str) -> Any:
         if type(step) is not str:
             raise CkptError(f"{where}: its planner path mixes list and dict steps")
         return node.get(step)
-    if type(step) is not int or step > 1_000_000:
+    if type(step) is not int or step < 0:
         raise CkptError(f"{where}: its planner path has a bad list index")
     return node[step] if step < len(node) else None
 
 
-def _set(node: Any, step: Any, value: Any, where: str) -> None:
+def _set(node: Any, step: Any, value: Any, where: str, budget: list[int]) -> None:
     if type(node) is dict:
         node[step] = value
         return
-    node.extend([None] * (step + 1 - len(node)))
+    grow = step + 1 - len(node)
+    if grow > budget[0]:
+        raise CkptError(f"{where}: its planner path has a list index far beyond the entries there are")
+    budget[0] -= max(grow, 0)
+    node.extend([None] * grow)
     node[step] = value
 
 

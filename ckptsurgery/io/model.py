@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -26,6 +27,13 @@ def check_key(key: object, where: str = "") -> None:
         raise CkptError(f"{where}state dict key {key[:40]!r} is not valid Unicode text") from None
 
 
+# Descriptors: a mapped file keeps one (mmap's own copy); a file opened for copy_file_range one
+# more, and at most this many of those stay open at once — a DCP folder from 1000 ranks is 1000
+# data files, and the usual limit is 1024 descriptors.
+MAX_OPEN_FILES = 64
+_open_files: "OrderedDict[int, MappedFile]" = OrderedDict()
+
+
 class MappedFile:
     """A read-only memory map of one input file, opened on first use."""
 
@@ -45,14 +53,27 @@ class MappedFile:
     def buffer(self) -> mmap.mmap:
         """The whole file, mapped read-only (the file must not be empty)."""
         if self._map is None:
-            self._file = open(self.path, "rb")
-            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            with open(self.path, "rb") as f:  # the map keeps a descriptor of its own
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._map
 
     def fileno(self) -> int:
+        """A descriptor of the file (for copy_file_range), valid until the next call on another
+        MappedFile: only the most recently used few stay open."""
+        _open_files.pop(id(self), None)
         if self._file is None:
             self._file = open(self.path, "rb")
+        _open_files[id(self)] = self
+        while len(_open_files) > MAX_OPEN_FILES:
+            _, oldest = _open_files.popitem(last=False)
+            oldest._close_file()
         return self._file.fileno()
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        _open_files.pop(id(self), None)
 
     def close(self) -> None:
         if self._map is not None:
@@ -61,9 +82,7 @@ class MappedFile:
             except BufferError:  # a view is still alive; the OS unmaps at exit
                 pass
             self._map = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._close_file()
 
 
 class ComputedSource:

@@ -21,14 +21,14 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EO
                RuntimeError, zlib.error, struct.error)
 
 
-def storage_loader(where: str, locate, legacy: bool = False):
+def storage_loader(where: str, locate, legacy: bool = False, repeated: list[int] | None = None):
     """A persistent_load for torch's `('storage', type, key, location, numel)` records.
     `locate(key, storage)` fills in where the storage's bytes lie. Storages are shared by
     key; records naming one key must agree. `legacy`: the legacy format's records also carry a
     sixth field (None), and `('module', class, file, source)` records stand for the (inert)
     class itself."""
     storages: dict[str, StorageHandle] = {}
-    repeated = [0]  # bytes the file's views repeat, shared by its storages
+    repeated = [0] if repeated is None else repeated  # bytes the file's views repeat, shared by its storages
 
     def load(pid):
         if legacy and len(pid) == 4 and pid[0] == "module" and isinstance(pid[1], InertGlobal):
@@ -96,9 +96,10 @@ def read_torch_zip(path: str, root: str | None) -> Checkpoint:
     return Checkpoint(path, "torch-zip", tensors, root_key, obj, sources=[source], others=others, events=events)
 
 
-def load_torch_zip(source: MappedFile, start: int, length: int, where: str):
+def load_torch_zip(source: MappedFile, start: int, length: int, where: str, repeated: list[int] | None = None):
     """The object and placeholder events of the torch.save archive at bytes [start,
-    start + length) of `source`; its storages point into `source`."""
+    start + length) of `source`; its storages point into `source`. `repeated`: the count of
+    bytes that views repeat, when several archives share one allowance (a DCP folder)."""
     path = where
     try:
         archive = zipfile.ZipFile(_Window(source.view(start, length)))
@@ -153,5 +154,5 @@ def load_torch_zip(source: MappedFile, start: int, length: int, where: str):
                 raise CkptError(f"storage record data/{key} runs past the end of the archive")
 
         data = read_record(entries[pickles[0]])
-        load, _ = storage_loader(path, locate)
+        load, _ = storage_loader(path, locate, repeated=repeated)
         return safe_load(BoundedReader(data), load, path)

@@ -32,6 +32,9 @@ MAX_NESTING = 200
 # Hashing or comparing a tuple visits every tuple inside it, once per path: a DAG of 60 tuples
 # that each hold the previous one twice costs 2**60 steps. Count the paths; refuse beyond this.
 MAX_TUPLE_PATHS = 100_000
+# ... and each use of a tuple as a dict key or set member hashes it again: the paths hashed in all
+# are bounded too (one big tuple used as a key 100 000 times would take minutes).
+MAX_HASH_WORK = 2_000_000
 
 
 # Views with stride 0 can present a few stored bytes as a huge tensor, which --stats, diff and
@@ -325,6 +328,7 @@ class SafeUnpickler(pickle._Unpickler):
         self._placeholders: dict[tuple[str, str], InertGlobal] = {}
         self._depth: dict[int, int] = {}  # id -> nesting depth, of containers built so far
         self._tuple_paths: dict[int, int] = {}  # id -> tuples reached from this tuple, counted per path
+        self._hash_work = 0  # tuple paths hashed so far, as dict keys and set members
         self._alive: list = []  # keeps them alive, so that their ids stay theirs
 
     # -- nesting ---------------------------------------------------------------------------
@@ -378,6 +382,8 @@ class SafeUnpickler(pickle._Unpickler):
             result = InertObject(func, "reduce" if isinstance(func, InertGlobal) else "call", args)
             self.events.append(result)
         elif id(func) in _CALLABLE:
+            if func is _set and args and type(args[0]) in (list, tuple):
+                self._hashing(args[0])
             result = func(*args)
             # torch runs more code here than we do — a placeholder's call, or setattr of a
             # tensor's or parameter's attributes — and any of it may raise: an event too
@@ -463,9 +469,17 @@ class SafeUnpickler(pickle._Unpickler):
         (target.listitems if type(target) is InertObject else target).extend(items)
         self._grow(target, items)
 
+    def _hashing(self, keys) -> None:
+        """Account for hashing `keys`: a tuple costs a step per path through it."""
+        self._hash_work += sum(self._tuple_paths.get(id(k), 1) for k in keys if isinstance(k, tuple))
+        if self._hash_work > MAX_HASH_WORK:
+            raise CkptError(f"the pickle hashes tuples along more than {MAX_HASH_WORK} paths in all "
+                            f"(one big tuple used as a key over and over)")
+
     def _set_items(self, items: list) -> None:
         target = self.stack[-1]
         _hashable(items[::2])
+        self._hashing(items[::2])
         if type(target) is InertObject:
             target.dictitems.extend(zip(items[::2], items[1::2]))
         elif type(target) in (dict, OrderedDict):
@@ -521,6 +535,7 @@ class MetadataUnpickler(SafeUnpickler):
         for i in range(0, len(items), 2):
             key = items[i]
             if type(key) is InertObject and key.qualname() in self.key_classes:
+                self._hashing([v for v in key.state.values() if isinstance(v, tuple)] if type(key.state) is dict else [])
                 items[i] = _frozen(key)
         super()._set_items(items)
 
