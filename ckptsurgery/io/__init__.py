@@ -24,8 +24,11 @@ def detect_format(path: str) -> str:
     if stat.S_ISDIR(mode):
         from .accelerate import is_accelerate
         from .dcp import is_dcp
+        from .deepspeed import is_deepspeed
 
-        return "dcp" if is_dcp(path) else "accelerate" if is_accelerate(path) else "folder"
+        if is_dcp(path):
+            return "dcp"
+        return "deepspeed" if is_deepspeed(path) else "accelerate" if is_accelerate(path) else "folder"
     if not stat.S_ISREG(mode):  # opening a FIFO blocks, a device reads forever
         raise CkptError(f"{path}: not a regular file (a FIFO, socket or device); give a checkpoint file, "
                         f"its index or its folder")
@@ -63,8 +66,8 @@ def open_checkpoint(path: str, root: str | None = None) -> Checkpoint:
     nested .pth, '' takes the top level, a key takes that entry."""
     path = os.fspath(path)
     fmt = detect_format(path)
-    if root and fmt in ("folder", "index", "safetensors"):  # their state dict is the whole file
-        kind = "safetensors file" if fmt == "safetensors" else "sharded checkpoint"
+    if root and fmt in ("folder", "index", "safetensors", "deepspeed"):  # their state dict is the whole file
+        kind = {"safetensors": "safetensors file", "deepspeed": "DeepSpeed checkpoint"}.get(fmt, "sharded checkpoint")
         raise CkptError(f"{path}: --root {root!r}: a {kind} holds one flat state dict, with nothing "
                         f"nested to choose; --root applies to .pth files (omit it, or give --root '')")
     return _read(path, fmt, root)
@@ -73,7 +76,7 @@ def open_checkpoint(path: str, root: str | None = None) -> Checkpoint:
 def _open_shard(path: str) -> Checkpoint:
     """One shard of an index: a checkpoint file, never another index or a folder (no recursion)."""
     fmt = detect_format(path)
-    if fmt in ("index", "folder", "dcp", "accelerate"):
+    if fmt in ("index", "folder", "dcp", "accelerate", "deepspeed"):
         what = "a shard index" if fmt == "index" else "a folder"
         raise CkptError(f"{path}: is {what}; a shard must be a safetensors or torch checkpoint file")
     return _read(path, fmt, "")
@@ -92,6 +95,7 @@ def _model_file(path: str) -> Checkpoint:
 def _read(path: str, fmt: str, root: str | None) -> Checkpoint:
     from .accelerate import read_accelerate
     from .dcp import read_dcp
+    from .deepspeed import read_deepspeed
     from .safetensors import read_safetensors
     from .sharded import find_index, read_index
     from .torch_legacy import read_torch_legacy
@@ -102,6 +106,8 @@ def _read(path: str, fmt: str, root: str | None) -> Checkpoint:
             return read_dcp(path, root)
         if fmt == "accelerate":
             return read_accelerate(path, root, _model_file)
+        if fmt == "deepspeed":
+            return read_deepspeed(path)
         if fmt == "folder":
             return read_index(find_index(path), _open_shard)
         if fmt == "index":
