@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -197,6 +198,99 @@ def assert_one_error_line(result, *fragments, code=1):
     assert "CKPTSURGERY_DEBUG" not in result.err and "Traceback" not in result.err, result.err
     for fragment in fragments:
         assert fragment in result.err, (fragment, result.err)
+
+
+def run_two_ranks(script, *args, cwd, env=None) -> subprocess.CompletedProcess:
+    """`script ARGS` on two local ranks (torchrun, gloo on 127.0.0.1), tried up to three times:
+    gloo now and then aborts a rank as it shuts down ("terminate called without an active
+    exception") after the work is done."""
+    import socket
+
+    for _ in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                              "127.0.0.1", "--master-port", str(port), str(script), *map(str, args)],
+                             capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+        if run.returncode == 0:
+            break
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+DEEPSPEED_TRAIN = textwrap.dedent("""
+    import sys, torch, deepspeed, deepspeed.ops
+    from torch import nn
+    # the CPU accelerator would compile its shared-memory all-reduce with g++: use plain gloo
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 5)
+            self.lin = nn.Linear(5, 3)
+            self.ln = nn.LayerNorm(3)
+            self.head = nn.Linear(5, 7, bias=False)
+            self.head.weight = self.emb.weight  # tied
+            self.scale = nn.Parameter(torch.tensor([0.5]))  # (1,): DeepSpeed cannot broadcast a 0-d parameter
+            self.odd = nn.Parameter(torch.randn(1, 3, 1))  # 63 trainable elements: nothing divides evenly
+            self.frozen = nn.Parameter(torch.randn(2, 3), requires_grad=False)
+            self.register_buffer("counter", torch.arange(3, dtype=torch.float32))
+            self.register_buffer("scratch", torch.zeros(2), persistent=False)
+
+        def forward(self, ids):
+            e = self.emb(ids)
+            h = self.ln(self.lin(e)) * self.scale + self.odd.view(3) + self.counter
+            return h.pow(2).mean() + self.head(e).float().logsumexp(-1).mean() + self.frozen.sum() * 0
+
+    stage, dtype, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = torch.distributed.get_rank()
+    torch.manual_seed(1234)
+    model = Tiny()
+    frozen = model.frozen.data.clone()  # before ZeRO-3 partitions it away
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage},
+              "zero_allow_untested_optimizer": True, "steps_per_print": 1000}
+    if dtype == "bf16":
+        config["bf16"] = {"enabled": True}
+    if stage == 3:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    torch.manual_seed(100 + rank)
+    engine.backward(engine(torch.randint(0, 7, (1, 4))))
+    engine.step()
+    engine.save_checkpoint(out)
+    torch.distributed.barrier()
+    if rank == 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        reference = get_fp32_state_dict_from_zero_checkpoint(out)
+        torch.save({k: v.clone() for k, v in reference.items()}, out + "/reference_fp32.pt")
+        torch.save(frozen, out + "/frozen.pt")
+    torch.distributed.barrier()
+""")
+
+
+@pytest.fixture(scope="session")
+def deepspeed_checkpoint(tmp_path_factory):
+    """make(stage, dtype) -> a ZeRO checkpoint folder DeepSpeed wrote from two CPU ranks (made once
+    per session), holding beside its `latest` and tag folder zero_to_fp32's reference_fp32.pt
+    and the frozen parameter as it was (frozen.pt)."""
+    made: dict = {}
+
+    def make(stage: int, dtype: str = "fp32"):
+        if (stage, dtype) not in made:
+            folder = tmp_path_factory.mktemp(f"zero{stage}{dtype}")
+            script = folder / "train.py"
+            script.write_text(DEEPSPEED_TRAIN)
+            out = folder / "ckpt"
+            run_two_ranks(script, stage, dtype, out, cwd=folder,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+            made[(stage, dtype)] = out
+        return made[(stage, dtype)]
+
+    return make
 
 
 def load_any(path):

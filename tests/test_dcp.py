@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import assert_one_error_line, load_any
+from conftest import assert_one_error_line, load_any, run_two_ranks
 
 TWO_RANKS = textwrap.dedent("""
     import sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
@@ -47,12 +46,6 @@ TWO_RANKS = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def two_ranks(tmp_path_factory):
     """(DCP folder saved by two FSDP2 ranks, the full state dict rank 0 gathered)."""
@@ -60,14 +53,7 @@ def two_ranks(tmp_path_factory):
     script = folder / "save.py"
     script.write_text(TWO_RANKS)
     out, full = folder / "ckpt", folder / "full.pth"
-    for attempt in range(3):  # gloo now and then aborts a rank as it shuts down ("terminate called ...")
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                              "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script), str(out),
-                              str(full)], capture_output=True, text=True, timeout=300, cwd=folder)
-        if run.returncode == 0:
-            break
-        subprocess.run(["rm", "-rf", str(out), str(full)], check=True)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_two_ranks(script, out, full, cwd=folder)
     assert sorted(os.listdir(out)) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     return out, torch.load(full, weights_only=True)
 

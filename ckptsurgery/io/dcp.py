@@ -24,6 +24,7 @@ from typing import Any
 from ..errors import CkptError
 from .model import (
     INT64_MAX, Checkpoint, MappedFile, Storage, TensorRef, check_key, computed_tensor, contiguous_strides, numel_of,
+    standalone,
 )
 from .pickled import FrozenRecord, Global, InertGlobal, InertObject, TorchSize
 from .torch_zip import load_torch_zip
@@ -363,18 +364,6 @@ def flatten(obj: Any) -> list[tuple[str, tuple, Any]]:
     return out
 
 
-def _alone(t: TensorRef) -> TensorRef:
-    """The tensor on a storage of its own bytes: a DCP chunk holds exactly its tensor, never the
-    rest of a storage it shares."""
-    if not t.is_contiguous or t.math_bits:
-        return computed_tensor(t.shape, t.dtype, t.data)
-    if t.storage.nbytes == t.nbytes and not t.offset:
-        return t
-    start = t.storage.offset + t.offset * t.dtype.itemsize
-    storage = Storage(t.storage.source, start, t.nbytes, t.storage.key, t.storage.location)
-    return TensorRef(storage, 0, t.shape, t.stride, t.dtype)
-
-
 def write_dcp(folder: str, obj: Any, *, cast_names: set[str], cast, progress=None,
               max_file_size: int | None = None) -> list[str]:
     """Write `obj` (a state dict, possibly nested) as a DCP checkpoint into the empty `folder`:
@@ -410,7 +399,7 @@ def write_dcp(folder: str, obj: Any, *, cast_names: set[str], cast, progress=Non
                 path, value = by_key[key]
                 offset = f.tell()
                 if isinstance(value, TensorRef):
-                    value = _alone(value)
+                    value = standalone(value)
                     dtype = cast_target(value.dtype, cast) if key in cast_names else value.dtype
                     events = write_torch(f, value, cast if dtype is not value.dtype else None, progress,
                                          cast_only={key: value})

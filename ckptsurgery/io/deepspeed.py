@@ -23,12 +23,15 @@ of the trainable parameters per group (`param_shapes`, in flat order), the buffe
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
 from typing import Any
 
 from ..errors import CkptError
-from .model import Checkpoint, MappedFile, TensorRef, check_key, computed_tensor, contiguous_strides, numel_of
+from .model import (
+    Checkpoint, MappedFile, Storage, TensorRef, check_key, computed_tensor, contiguous_strides, numel_of, standalone,
+)
 from .pickled import InertObject, TorchSize
 from .torch_zip import load_torch_zip
 from .unpickler import brief
@@ -123,25 +126,31 @@ def read_deepspeed(folder: str) -> Checkpoint:
         raise CkptError(f"{where}: param_shapes is not a list of name -> shape tables")
     param_shapes = [_shapes(g, where) for g in param_shapes]
 
-    tensors: dict[str, TensorRef] = {}
-    for name in first.get("buffer_names") or []:
+    for name in module:
         check_key(name, f"{where}: ")
+    buffer_names = first.get("buffer_names") or []
+    shared = first.get("shared_params") or {}
+    if type(buffer_names) is not list or not all(type(n) is str for n in buffer_names):
+        raise CkptError(f"{where}: buffer_names is not a list of names")
+    if type(shared) is not dict or not all(type(k) is str and type(v) is str for k, v in shared.items()):
+        raise CkptError(f"{where}: shared_params is not a table of tied names")
+    tensors: dict[str, TensorRef] = {}
+    for name in buffer_names:
         buffer = module.get(name)
         if not isinstance(buffer, TensorRef):
             raise CkptError(f"{where}: buffer {name!r} is not in the module's states")
         tensors[name] = _as_fp32(buffer)
     trainable = {n for group in param_shapes for n in group}
-    tensors.update(_frozen(stage, models, module, trainable, set(tensors), first.get("shared_params") or {}, where))
+    tensors.update(_frozen(stage, models, module, trainable, set(tensors), shared, where))
     if stage == 3:
         tensors.update(_stage3(param_shapes, [s.get("fp32_flat_groups") for s in states], world, where))
     else:
         tensors.update(_stage12(param_shapes, [s.get("single_partition_of_fp32_groups") for s in states],
-                                states[0].get("param_alignment_paddings"), where))
-    shared = first.get("shared_params") or {}
-    if type(shared) is not dict:
-        raise CkptError(f"{where}: shared_params is not a table of tied names")
+                                states[0].get("param_alignment_paddings"), [s.get("group_paddings") for s in states],
+                                where))
     for alias, source in shared.items():
-        check_key(alias, f"{where}: ")
+        if alias in tensors:
+            raise CkptError(f"{where}: shared_params ties {alias!r}, which is stored itself")
         if source in tensors:  # a tied name: the same tensor, stored once
             tensors[alias] = tensors[source]
     return Checkpoint(folder, "deepspeed", tensors, None, None, sources=files.sources)
@@ -184,7 +193,7 @@ def _shapes(group: dict, where: str) -> dict[str, tuple[int, ...]]:
 
 def _flat(value: Any, what: str, where: str) -> TensorRef:
     if not isinstance(value, TensorRef) or value.dtype.name != "float32" or len(value.shape) != 1 \
-            or not value.is_contiguous:
+            or not value.is_contiguous or value.math_bits:
         raise CkptError(f"{where}: {what} is not a flat float32 tensor")
     return value
 
@@ -192,7 +201,7 @@ def _flat(value: Any, what: str, where: str) -> TensorRef:
 def _as_fp32(t: TensorRef) -> TensorRef:
     """zero_to_fp32 gives buffers in float32 (frozen parameters keep the model's dtype)."""
     if not t.dtype.floating or t.dtype.name == "float32":
-        return t
+        return standalone(t)
     from ..dtypes import BY_NAME
     from .tensors import cast_bytes
 
@@ -203,11 +212,12 @@ def _as_fp32(t: TensorRef) -> TensorRef:
 def _joined(pieces: list[tuple[TensorRef, int, int]], shape: tuple[int, ...]) -> TensorRef:
     """A float32 tensor of `shape` made of element ranges [start, stop) of flat tensors: a view
     when one range does, else computed when written."""
-    if len(pieces) == 1:
-        flat, start, _ = pieces[0]
-        view = TensorRef(flat.storage, flat.offset + start, shape, contiguous_strides(shape), flat.dtype)
-        view.validate("a DeepSpeed partition")
-        return view
+    if len(pieces) == 1:  # the parameter's bytes within one flat tensor: a storage of just them
+        flat, start, stop = pieces[0]
+        itemsize = flat.dtype.itemsize
+        storage = Storage(flat.storage.source, flat.storage.offset + (flat.offset + start) * itemsize,
+                          (stop - start) * itemsize, flat.storage.key, flat.storage.location)
+        return TensorRef(storage, 0, shape, contiguous_strides(shape), flat.dtype)
     dtype = pieces[0][0].dtype
 
     def make():
@@ -216,19 +226,34 @@ def _joined(pieces: list[tuple[TensorRef, int, int]], shape: tuple[int, ...]) ->
     return computed_tensor(shape, dtype, make)
 
 
-def _slices(flats: list[TensorRef], start: int, stop: int) -> list[tuple[TensorRef, int, int]]:
-    """The element range [start, stop) of the flat tensors laid one after another."""
-    pieces, base = [], 0
-    for flat in flats:
-        size = flat.shape[0]
-        lo, hi = max(start, base), min(stop, base + size)
-        if lo < hi:
-            pieces.append((flat, lo - base, hi - base))
-        base += size
-    return pieces
+class _Laid:
+    """Flat tensors laid one after another: element ranges of the whole, found by bisection."""
+
+    def __init__(self, flats: list[TensorRef]):
+        self.flats, self.starts, total = flats, [], 0
+        for flat in flats:
+            self.starts.append(total)
+            total += flat.shape[0]
+        self.total = total
+
+    def slices(self, start: int, stop: int) -> list[tuple[TensorRef, int, int]]:
+        pieces = []
+        i = max(bisect.bisect_right(self.starts, start) - 1, 0)
+        while i < len(self.flats) and self.starts[i] < stop:
+            base, size = self.starts[i], self.flats[i].shape[0]
+            lo, hi = max(start, base), min(stop, base + size)
+            if lo < hi:
+                pieces.append((self.flats[i], lo - base, hi - base))
+            i += 1
+        return pieces
 
 
-def _stage12(param_shapes, partitions, paddings, where: str) -> dict[str, TensorRef]:
+def _group_list(value: Any, groups: int, i: int) -> list:
+    """Entry i of a per-group list, or [] where the checkpoint has none."""
+    return value[i] if type(value) is list and len(value) == groups and type(value[i]) is list else []
+
+
+def _stage12(param_shapes, partitions, paddings, group_paddings, where: str) -> dict[str, TensorRef]:
     tensors = {}
     for i, group in enumerate(param_shapes):
         flats = []
@@ -237,17 +262,24 @@ def _stage12(param_shapes, partitions, paddings, where: str) -> dict[str, Tensor
                 raise CkptError(f"{where}: rank {rank} has {brief(groups)} fp32 partitions for "
                                 f"{len(param_shapes)} parameter groups")
             flats.append(_flat(groups[i], f"rank {rank}'s fp32 partition {i}", where))
-        total = sum(f.shape[0] for f in flats)
-        pads = paddings[i] if type(paddings) is list and i < len(paddings) and type(paddings[i]) is list else []
+        laid = _Laid(flats)
+        pads = _group_list(paddings, len(param_shapes), i)
+        if not all(type(p) is int and 0 <= p < 2**31 for p in pads):
+            raise CkptError(f"{where}: param_alignment_paddings of group {i} are not small non-negative counts")
         offset = 0
         for j, (name, shape) in enumerate(group.items()):
             numel = numel_of(shape)
-            if offset + numel > total:
-                raise CkptError(f"{where}: {name} runs past the {total} fp32 elements of group {i}")
-            tensors[name] = _joined(_slices(flats, offset, offset + numel), shape) if numel else \
+            if offset + numel > laid.total:
+                raise CkptError(f"{where}: {name} runs past the {laid.total} fp32 elements of group {i}")
+            tensors[name] = _joined(laid.slices(offset, offset + numel), shape) if numel else \
                 computed_tensor(shape, flats[0].dtype, bytes)
-            pad = pads[j] if j < len(pads) else 0
-            offset += numel + (pad if type(pad) is int and pad >= 0 else 0)
+            offset += numel + (pads[j] if j < len(pads) else 0)
+        # the partitions hold the parameters and nothing else (DeepSpeed cuts the group's end
+        # padding before saving; older versions left it and said how much in group_paddings)
+        cut = sum(p[i] for p in group_paddings if type(p) is list and i < len(p) and type(p[i]) is int)
+        if offset not in (laid.total, laid.total - cut):
+            raise CkptError(f"{where}: the parameters of group {i} take {offset} fp32 elements, "
+                            f"its partitions hold {laid.total}")
     return tensors
 
 
@@ -256,24 +288,27 @@ def _stage3(param_shapes, flat_groups, world: int, where: str) -> dict[str, Tens
     for rank, groups in enumerate(flat_groups):
         if type(groups) is not list or not groups:
             raise CkptError(f"{where}: rank {rank} has no fp32_flat_groups")
-        ranks.append([_flat(g, f"rank {rank}'s fp32 flat group", where) for g in groups])
-    held = [sum(f.shape[0] for f in flats) for flats in ranks]
+        ranks.append(_Laid([_flat(g, f"rank {rank}'s fp32 flat group", where) for g in groups]))
+    held = min(laid.total for laid in ranks)
     tensors, offset = {}, 0
     for group in param_shapes:
         for name, shape in group.items():
             numel = numel_of(shape)
             share = -(-numel // world)  # ceil: the last rank(s) padded
-            if offset + share > min(held):
+            if offset + share > held:
                 raise CkptError(f"{where}: {name} runs past the fp32 elements a rank holds")
-            pieces = [p for flats in ranks for p in _slices(flats, offset, offset + share)]
+            pieces = [p for laid in ranks for p in laid.slices(offset, offset + share)]
             cut, kept = [], 0  # the joined shares, cut to the parameter's size
             for flat, start, stop in pieces:
                 take = min(stop - start, numel - kept)
                 if take > 0:
                     cut.append((flat, start, start + take))
                     kept += take
-            tensors[name] = _joined(cut, shape) if numel else computed_tensor(shape, ranks[0][0].dtype, bytes)
+            tensors[name] = _joined(cut, shape) if numel else computed_tensor(shape, ranks[0].flats[0].dtype, bytes)
             offset += share
+    if any(laid.total != offset for laid in ranks):
+        raise CkptError(f"{where}: the parameters take {offset} fp32 elements per rank, the ranks hold "
+                        f"{', '.join(str(laid.total) for laid in ranks)}")
     return tensors
 
 
@@ -287,22 +322,25 @@ def _frozen(stage: int, models: list[dict], module: dict, trainable: set, buffer
     shapes = first.get("frozen_param_shapes")
     if stage == 1 or shapes is None:
         names = [n for n in module if n not in trainable and n not in buffers and n not in shared]
-        return {n: module[n] for n in names if isinstance(module[n], TensorRef)}
+        return {n: standalone(module[n]) for n in names if isinstance(module[n], TensorRef)}
     shapes = _shapes(_dict(shapes, "frozen_param_shapes", where), where)
     out = {}
     for name, shape in shapes.items():
         fragments = [_dict(m.get("frozen_param_fragments"), "frozen_param_fragments", where).get(name) for m in models]
-        if not all(isinstance(f, TensorRef) and f.is_contiguous for f in fragments):
-            raise CkptError(f"{where}: frozen parameter {name!r} has no fragment on every rank")
+        if not all(isinstance(f, TensorRef) and f.is_contiguous and not f.math_bits and f.quant is None
+                   for f in fragments):
+            raise CkptError(f"{where}: frozen parameter {name!r} has no plain fragment on every rank")
         if stage == 2:
             if fragments[0].shape != shape:
                 raise CkptError(f"{where}: frozen parameter {name!r} is stored as {list(fragments[0].shape)}")
-            out[name] = fragments[0]
+            out[name] = standalone(fragments[0])
             continue
         numel = numel_of(shape)
+        share = -(-numel // len(models))
         flats = [TensorRef(f.storage, f.offset, (f.numel,), (1,), f.dtype) for f in fragments]
-        if len({f.dtype.name for f in flats}) != 1 or sum(f.numel for f in fragments) < numel:
-            raise CkptError(f"{where}: frozen parameter {name!r}: fragments that do not make up its {numel} elements")
+        if len({f.dtype.name for f in flats}) != 1 or any(f.numel != share for f in flats):
+            raise CkptError(f"{where}: frozen parameter {name!r}: fragments that are not {share} elements "
+                            f"on each rank")
         dtype = flats[0].dtype
 
         def make(flats=flats, numel=numel, dtype=dtype):

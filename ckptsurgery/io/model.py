@@ -125,6 +125,19 @@ def computed_tensor(shape: tuple[int, ...], dtype: DType, make: Callable[[], byt
     return TensorRef(storage, 0, tuple(shape), contiguous_strides(tuple(shape)), dtype)
 
 
+def standalone(t: "TensorRef") -> "TensorRef":
+    """The tensor on a storage of exactly its own bytes, so that an output holds nothing of a
+    storage it shares (other tensors' bytes, a partition's padding): a view into the same file
+    when it is contiguous, else computed."""
+    if not t.is_contiguous or t.math_bits or t.quant is not None:
+        return t if t.quant is not None else computed_tensor(t.shape, t.dtype, t.data)
+    if t.storage.nbytes == t.nbytes and not t.offset:
+        return t
+    start = t.storage.offset + t.offset * t.dtype.itemsize
+    storage = Storage(t.storage.source, start, t.nbytes, t.storage.key, t.storage.location)
+    return TensorRef(storage, 0, t.shape, t.stride, t.dtype)
+
+
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     strides, step = [], 1
     for size in reversed(shape):
