@@ -262,9 +262,13 @@ def test_assembling_more_than_64_dims_hits_the_catch_all(cli, tmp_path, folder):
             meta.storage_data[MetadataIndex("model.ids", torch.Size([2 * i] + [0] * (dims - 1)), i)] = \
                 _StorageInfo("__0_0.distcp", tail, 16)
     _edit(folder, change)
-    assert_one_error_line(cli("inspect", folder, "--stats"))
-    assert_one_error_line(cli("convert", folder, "-o", tmp_path / "o.safetensors"))
-    assert_one_error_line(cli("diff", folder, folder), code=2)
+    # split along the first dimension only, the chunks are now joined in place (no torch
+    # indexing, no limit): read, or refused with one line — never the catch-all
+    for args, failed in ((("inspect", folder, "--stats"), 1), (("convert", folder, "-o", tmp_path / "o.safetensors"), 1),
+                         (("diff", folder, folder), 2)):
+        result = cli(*args)
+        if result.code != 0:
+            assert_one_error_line(result, code=failed)
 
 
 # ---- wrong values ---------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from typing import Any
 
 from ..errors import CkptError
 from .model import (
-    INT64_MAX, Checkpoint, MappedFile, Storage, TensorRef, check_key, computed_tensor, contiguous_strides, numel_of,
-    standalone,
+    INT64_MAX, Checkpoint, MappedFile, Storage, TensorRef, check_key, computed_tensor, contiguous_strides, joined_tensor,
+    numel_of, standalone,
 )
 from .pickled import FrozenRecord, Global, InertGlobal, InertObject, TorchSize
 from .torch_zip import load_torch_zip
@@ -82,6 +82,7 @@ class _Reader:
         self.events: list = []
         self.repeated = [0]  # stride-0 bytes: one allowance for the whole folder, as for one .pth
         self._loaded: dict[tuple, Any] = {}
+        self._rank: dict[str, int] = {}
 
     def file(self, name: Any, where: str) -> MappedFile:
         """A `.distcp` file of the folder, named by a plain file name (never a path elsewhere)."""
@@ -96,6 +97,7 @@ class _Reader:
             if not stat.S_ISREG(mode):
                 raise CkptError(f"{where}: its data file {name} is not a regular file")
             self.files[name] = MappedFile(path)
+            self._rank[path] = len(self._rank)
         return self.files[name]
 
     def locate(self, info: Any, where: str) -> tuple[MappedFile, int, int]:
@@ -110,10 +112,12 @@ class _Reader:
         return source, offset, length
 
     def rank(self, place: tuple) -> int:
-        return list(self.files.values()).index(place[0])
+        """Where the place's file came first among the folder's files."""
+        return self._rank[place[0].path]
 
-    def archive(self, place: tuple, where: str) -> tuple[bool, Any]:
-        """(True, the object of the torch.save archive at `place`), or (False, its raw bytes)."""
+    def archive(self, place: tuple, where: str) -> tuple[bool, Any, list]:
+        """(True, the object of the torch.save archive at `place`, its placeholder events), or
+        (False, None, []) where the range holds no archive (a chunk's raw bytes)."""
         source, offset, length = place
         key = (source.path, offset, length)
         if key not in self._loaded:
@@ -258,6 +262,9 @@ def _tensor(reader: _Reader, places: dict, key: str, state: dict, where: str) ->
                         f"size {_dims(size)}")
     if len(pieces) == 1 and pieces[0][1] == size:  # saved from one process: the chunk is the tensor
         return pieces[0][2]
+    rows = _rows(pieces, size)
+    if rows is not None:  # split along the first dimension only (FSDP): the chunks' bytes in order
+        return joined_tensor(size, dtype, rows)
     if dtype.packed > 1 or dtype.per_byte > 1 or dtype.kind == "quantized" or len(size) > MAX_ASSEMBLED_DIMS:
         raise CkptError(f"{where}: a {dtype.name} tensor of {len(size)} dimensions in several chunks, which "
                         f"ckptsurgery cannot put together")
@@ -271,6 +278,22 @@ def _tensor(reader: _Reader, places: dict, key: str, state: dict, where: str) ->
             raise CkptError(f"{where}: {e}") from None
 
     return computed_tensor(size, dtype, make)
+
+
+def _rows(pieces: list, size: tuple[int, ...]):
+    """The byte ranges of chunks that are whole rows of the tensor, one after another from row 0
+    to the last (how FSDP and Shard(0) split): (source, offset, nbytes) in order; else None."""
+    if not size:
+        return None
+    ordered = sorted(pieces, key=lambda piece: piece[0][0])
+    row = 0
+    for offsets, sizes, chunk in ordered:
+        if offsets[0] != row or any(offsets[1:]) or sizes[1:] != size[1:] or not chunk.is_contiguous:
+            return None
+        row += sizes[0]
+    if row != size[0]:
+        return None
+    return [(chunk.storage.source, *chunk.byte_range()) for _, _, chunk in ordered]
 
 
 def _place(tree: dict, path: Any, value: Any, where: str, budget: list[int]) -> None:

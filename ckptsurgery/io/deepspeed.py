@@ -30,7 +30,8 @@ from typing import Any
 
 from ..errors import CkptError
 from .model import (
-    Checkpoint, MappedFile, Storage, TensorRef, check_key, computed_tensor, contiguous_strides, numel_of, standalone,
+    Checkpoint, MappedFile, Storage, TensorRef, check_key, computed_tensor, contiguous_strides, joined_tensor, numel_of,
+    standalone,
 )
 from .pickled import InertObject, TorchSize
 from .torch_zip import load_torch_zip
@@ -210,20 +211,16 @@ def _as_fp32(t: TensorRef) -> TensorRef:
 
 
 def _joined(pieces: list[tuple[TensorRef, int, int]], shape: tuple[int, ...]) -> TensorRef:
-    """A float32 tensor of `shape` made of element ranges [start, stop) of flat tensors: a view
-    when one range does, else computed when written."""
-    if len(pieces) == 1:  # the parameter's bytes within one flat tensor: a storage of just them
-        flat, start, stop = pieces[0]
-        itemsize = flat.dtype.itemsize
-        storage = Storage(flat.storage.source, flat.storage.offset + (flat.offset + start) * itemsize,
-                          (stop - start) * itemsize, flat.storage.key, flat.storage.location)
-        return TensorRef(storage, 0, shape, contiguous_strides(shape), flat.dtype)
+    """A tensor of `shape` made of element ranges [start, stop) of flat tensors, read in place:
+    a storage of just its bytes when one range holds them, else the ranges joined as written."""
     dtype = pieces[0][0].dtype
-
-    def make():
-        return b"".join(bytes(flat.data()[start * 4 : stop * 4]) for flat, start, stop in pieces)
-
-    return computed_tensor(shape, dtype, make)
+    ranges = [(flat.storage.source, flat.storage.offset + (flat.offset + start) * dtype.itemsize,
+               (stop - start) * dtype.itemsize) for flat, start, stop in pieces]
+    if len(ranges) == 1:
+        source, offset, nbytes = ranges[0]
+        storage = Storage(source, offset, nbytes, pieces[0][0].storage.key, pieces[0][0].storage.location)
+        return TensorRef(storage, 0, shape, contiguous_strides(shape), dtype)
+    return joined_tensor(shape, dtype, ranges)
 
 
 class _Laid:
@@ -341,10 +338,5 @@ def _frozen(stage: int, models: list[dict], module: dict, trainable: set, buffer
         if len({f.dtype.name for f in flats}) != 1 or any(f.numel != share for f in flats):
             raise CkptError(f"{where}: frozen parameter {name!r}: fragments that are not {share} elements "
                             f"on each rank")
-        dtype = flats[0].dtype
-
-        def make(flats=flats, numel=numel, dtype=dtype):
-            return b"".join(bytes(f.data()) for f in flats)[: numel * dtype.itemsize]
-
-        out[name] = computed_tensor(shape, dtype, make)
+        out[name] = _joined(_Laid(flats).slices(0, numel), shape) if numel else standalone(fragments[0])
     return out

@@ -101,6 +101,45 @@ class ComputedSource:
         pass
 
 
+class JoinedSource:
+    """Byte ranges of other sources laid end to end: a tensor whose rows lie in several files
+    (the chunks of DCP ranks, the partitions of ZeRO ranks). Writers stream it range by range;
+    only a span that crosses ranges is ever joined in memory."""
+
+    path = "<joined>"
+
+    def __init__(self, pieces: list[tuple[Any, int, int]]):
+        self.pieces = [(source, offset, nbytes) for source, offset, nbytes in pieces if nbytes]
+        self.size = sum(nbytes for _, _, nbytes in self.pieces)
+
+    def ranges(self, offset: int, nbytes: int):
+        """(source, offset, nbytes) of the pieces that make up [offset, offset + nbytes)."""
+        base = 0
+        for source, start, size in self.pieces:
+            lo, hi = max(offset, base), min(offset + nbytes, base + size)
+            if lo < hi:
+                yield source, start + lo - base, hi - lo
+            base += size
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        parts = list(self.ranges(offset, nbytes))
+        if len(parts) == 1:
+            source, start, size = parts[0]
+            return source.view(start, size)
+        return memoryview(b"".join(source.view(start, size) for source, start, size in parts))
+
+    def close(self) -> None:
+        pass
+
+
+def joined_tensor(shape: tuple[int, ...], dtype: DType, pieces: list[tuple[Any, int, int]]) -> "TensorRef":
+    """A contiguous tensor whose row-major bytes are `pieces` (source, offset, nbytes) in order."""
+    source = JoinedSource(pieces)
+    if source.size != numel_of(shape) * dtype.itemsize:
+        raise CkptError(f"pieces of {source.size} bytes for a {dtype.name} tensor of shape {list(shape)}")
+    return TensorRef(Storage(source, 0, source.size), 0, tuple(shape), contiguous_strides(tuple(shape)), dtype)
+
+
 class Storage:
     """A run of untyped bytes (a torch storage, or the byte range of one safetensors tensor).
     The dtype belongs to the tensors viewing it, as in torch: one storage may back tensors of

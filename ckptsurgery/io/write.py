@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 from ..dtypes import DType, why_not_safetensors
 from ..errors import CkptError, UsageError
-from .model import MappedFile, Storage, TensorRef
+from .model import JoinedSource, MappedFile, Storage, TensorRef
 from .pickler import PickleRefused, TorchPickler
 from .pickled import InertGlobal
 from .safetensors import ALIASES_KEY, safetensors_shape
@@ -311,16 +311,37 @@ def write_safetensors(f: BinaryIO, tensors: dict[str, TensorRef], metadata: dict
 
 
 def _write_tensor(f: BinaryIO, t: TensorRef, dtype: DType, progress: Progress | None) -> None:
-    if dtype is t.dtype and t.is_contiguous and t.is_plain and isinstance(t.storage.source, MappedFile):
-        start, nbytes = t.byte_range()
-        if nbytes:
-            _copy_range(t.storage.source.fileno(), start, nbytes, f, progress)
+    if dtype is t.dtype and t.is_contiguous and t.is_plain and isinstance(t.storage.source, (MappedFile, JoinedSource)):
+        _write_range(f, t.storage.source, *t.byte_range(), progress)
         return
     data = t.data()
     if dtype is not t.dtype:
         data = cast_bytes(data, t.dtype, dtype)
     for chunk in _chunks(data, progress):
         f.write(chunk)
+
+
+def _write_range(f: BinaryIO, source, start: int, nbytes: int, progress: Progress | None) -> None:
+    """Bytes [start, start + nbytes) of a mapped file (copied by the kernel) or of a joined
+    source (range by range): never the whole run in memory."""
+    if isinstance(source, JoinedSource):
+        for inner, offset, size in source.ranges(start, nbytes):
+            _write_range(f, inner, offset, size, progress)
+    elif isinstance(source, MappedFile):
+        if nbytes:
+            _copy_range(source.fileno(), start, nbytes, f, progress)
+    else:
+        for chunk in _chunks(source.view(start, nbytes), progress):
+            f.write(chunk)
+
+
+def _storage_chunks(storage: Storage, progress: Progress | None) -> Iterator[memoryview]:
+    """A storage's bytes in pieces of at most CHUNK, a joined one range by range."""
+    if isinstance(storage.source, JoinedSource):
+        for inner, offset, size in storage.source.ranges(storage.offset, storage.nbytes):
+            yield from _chunks(inner.view(offset, size), progress)
+    else:
+        yield from _chunks(storage.view(), progress)
 
 
 # ---- torch zip -----------------------------------------------------------------------------
@@ -362,10 +383,11 @@ def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Prog
     archive.add_bytes(f"{ARCHIVE}/.storage_alignment", b"64")
     archive.add_bytes(f"{ARCHIVE}/byteorder", b"little")
     for storage, key, read_as, write_as in storages.values():
-        data = storage.view()
-        if write_as is not read_as:
-            data = cast_bytes(data, read_as, write_as)
-        archive.add(f"{ARCHIVE}/data/{key}", _chunks(data, progress), _written_size(storage, read_as, write_as))
+        if write_as is read_as:
+            chunks = _storage_chunks(storage, progress)
+        else:
+            chunks = _chunks(cast_bytes(storage.view(), read_as, write_as), progress)
+        archive.add(f"{ARCHIVE}/data/{key}", chunks, _written_size(storage, read_as, write_as))
     archive.add_bytes(f"{ARCHIVE}/version", b"3\n")
     archive.close()
     return pickler.events
