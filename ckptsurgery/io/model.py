@@ -3,6 +3,7 @@ dtype, shape and where their bytes lie, and fetch those bytes only when asked.""
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 from collections import OrderedDict
@@ -178,6 +179,16 @@ def standalone(t: "TensorRef") -> "TensorRef":
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    # checkpoints repeat a few shapes across thousands of tensors: remember the short ones
+    return _remembered_strides(shape) if len(shape) <= 8 else _strides(shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def _remembered_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return _strides(shape)
+
+
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     strides, step = [], 1
     for size in reversed(shape):
         strides.append(step)
@@ -244,7 +255,7 @@ class TensorRef:
 
     @property
     def is_contiguous(self) -> bool:
-        return all(
+        return self.stride == contiguous_strides(self.shape) or all(
             size <= 1 or stride == want
             for size, stride, want in zip(self.shape, self.stride, contiguous_strides(self.shape))
         )

@@ -12,7 +12,7 @@ from ..errors import CkptError
 from .model import INT64_MAX, Checkpoint, MappedFile, Storage
 from .tree import find_root
 from .pickled import Global, InertGlobal
-from .unpickler import BoundedReader, StorageHandle, brief, describe_pid, is_device, safe_load
+from .unpickler import StorageHandle, brief, describe_pid, is_device, safe_load
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
 _MAX_PICKLE = 1 << 30
@@ -155,4 +155,5 @@ def load_torch_zip(source: MappedFile, start: int, length: int, where: str, repe
 
         data = read_record(entries[pickles[0]])
         load, _ = storage_loader(path, locate, repeated=repeated)
-        return safe_load(BoundedReader(data), load, path)
+        # data.pkl is in memory: io.BytesIO reads in C, and never allocates more than is left
+        return safe_load(io.BytesIO(data), load, path)

@@ -21,6 +21,7 @@ import pickle
 import re
 from collections import OrderedDict
 from dataclasses import replace
+from itertools import repeat
 from typing import Any, Callable
 
 from .. import dtypes
@@ -332,10 +333,11 @@ class SafeUnpickler(pickle._Unpickler):
         self._alive: list = []  # keeps them alive, so that their ids stay theirs
 
     # -- nesting ---------------------------------------------------------------------------
+    # the lookups map over the children in C: a state dict of 200 000 tensors builds ~1.2 M containers
     def _nested(self, obj, children) -> Any:
-        depth = 1 + max((self._depth.get(id(c), 0) for c in children), default=0)
+        depth = 1 + max(map(self._depth.get, map(id, children), repeat(0)), default=0)
         if type(obj) is tuple:
-            paths = 1 + sum(self._tuple_paths.get(id(c), 0) for c in children)
+            paths = 1 + sum(map(self._tuple_paths.get, map(id, children), repeat(0)))
             if paths > MAX_TUPLE_PATHS:
                 raise CkptError(f"the pickle builds tuples within tuples along more than {MAX_TUPLE_PATHS} paths "
                                 f"(a shared-subtuple bomb)")
@@ -345,15 +347,17 @@ class SafeUnpickler(pickle._Unpickler):
     def _record_depth(self, obj, depth: int) -> Any:
         if depth > MAX_NESTING:
             raise CkptError(f"the pickle nests containers more than {MAX_NESTING} deep")
-        if depth > self._depth.get(id(obj), 0):
-            if id(obj) not in self._depth:
-                self._alive.append(obj)
-            self._depth[id(obj)] = depth
+        key = id(obj)
+        known = self._depth.get(key)
+        if known is None:
+            self._alive.append(obj)
+        if known is None or depth > known:
+            self._depth[key] = depth
         return obj
 
     def _grow(self, container, children) -> None:
         """A container that gained children is at least one deeper than each of them."""
-        self._record_depth(container, 1 + max((self._depth.get(id(c), 0) for c in children), default=0))
+        self._record_depth(container, 1 + max(map(self._depth.get, map(id, children), repeat(0)), default=0))
 
     # -- globals and calls -----------------------------------------------------------------
     def find_class(self, module: str, name: str) -> Any:
