@@ -55,18 +55,15 @@ def step_folder(folder: str) -> str | None:
         if not os.path.isdir(folder):
             raise CkptError(f"{latest}: names {tag!r}, which is not a folder beside it")
         return folder
-    names = os.listdir(folder)
-    if any(_MODEL_STATES.fullmatch(n) for n in names) and any(_OPTIM_STATES.fullmatch(n) for n in names):
-        return folder
-    return None
+    return folder if _holds_states(os.listdir(folder)) else None
+
+
+def _holds_states(names: list[str]) -> bool:
+    return any(_MODEL_STATES.fullmatch(n) for n in names) and any(_OPTIM_STATES.fullmatch(n) for n in names)
 
 
 def is_deepspeed(folder: str) -> bool:
-    latest = os.path.join(folder, "latest")
-    if os.path.isfile(latest):
-        return True
-    names = os.listdir(folder)
-    return any(_MODEL_STATES.fullmatch(n) for n in names) and any(_OPTIM_STATES.fullmatch(n) for n in names)
+    return os.path.isfile(os.path.join(folder, "latest")) or _holds_states(os.listdir(folder))
 
 
 class _Files:
@@ -123,7 +120,7 @@ def read_deepspeed(folder: str) -> Checkpoint:
     first = models[0]
     module = _dict(first.get("module"), "module", where)
     param_shapes = first.get("param_shapes")
-    if type(param_shapes) is not list or not all(type(g) is dict or _ordered(g) for g in param_shapes):
+    if type(param_shapes) is not list or not all(isinstance(g, dict) for g in param_shapes):
         raise CkptError(f"{where}: param_shapes is not a list of name -> shape tables")
     param_shapes = [_shapes(g, where) for g in param_shapes]
 
@@ -155,12 +152,6 @@ def read_deepspeed(folder: str) -> Checkpoint:
         if source in tensors:  # a tied name: the same tensor, stored once
             tensors[alias] = tensors[source]
     return Checkpoint(folder, "deepspeed", tensors, None, None, sources=files.sources)
-
-
-def _ordered(value: Any) -> bool:
-    from collections import OrderedDict
-
-    return type(value) is OrderedDict
 
 
 def _dict(value: Any, what: str, where: str) -> dict:
