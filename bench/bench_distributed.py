@@ -8,15 +8,13 @@ checkpoint of the same size converted by ckptsurgery and by DeepSpeed's
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import os
 import socket
 import subprocess
 import sys
 
-from common import CLI, measure, print_tables
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from common import CLI, measure, options, print_tables
 
 # an embedding (32000 x 2048) and 64 linear layers (2048 x 2048): 334 M parameters, 1.34 GB fp32
 MODEL = """
@@ -90,12 +88,7 @@ def _two_ranks(code: str, folder: str, env: dict | None = None) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--workdir", default=os.path.join(HERE, "out"))
-    args = parser.parse_args()
-    os.makedirs(args.workdir, exist_ok=True)
-    out = lambda name: os.path.join(args.workdir, name)  # noqa: E731
+    args, out = options(runs=3)
     dcp_folder = out("dcp2")
     _two_ranks(SAVE_DCP, dcp_folder)
     cases = {
@@ -103,15 +96,14 @@ def main() -> None:
         "dcp_to_torch_save + save_file": [sys.executable, "-c", NAIVE_DCP, dcp_folder, out("dn.safetensors")],
     }
     outputs = [out("d.safetensors"), out("dn.safetensors"), out("dn.safetensors.tmp.pth")]
-    try:
-        import deepspeed  # noqa: F401
+    if importlib.util.find_spec("deepspeed"):
         zero_folder = out("zero3")
         _two_ranks(SAVE_ZERO, zero_folder, {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
         cases["ckptsurgery convert zero3 -> .safetensors"] = CLI + ["convert", zero_folder, "-o", out("z.safetensors"), "-q"]
         cases["get_fp32_state_dict_from_zero_checkpoint + save_file"] = [
             sys.executable, "-c", NAIVE_ZERO, zero_folder, out("zn.safetensors")]
         outputs += [out("z.safetensors"), out("zn.safetensors")]
-    except ImportError:
+    else:
         print("deepspeed is not installed: ZeRO cases left out\n")
     med, peak = measure(cases, args.runs, outputs)
     for command in cases.values():  # the last round's outputs are removed: make them once more

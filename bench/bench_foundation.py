@@ -8,22 +8,14 @@ Prints Markdown tables of medians and ratios (the figures in docs/performance.md
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from common import CLI, build, measure, print_tables, warm
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from common import CLI, build, measure, options, print_tables, warm
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--workdir", default=os.path.join(HERE, "out"))
-    args = parser.parse_args()
-    os.makedirs(args.workdir, exist_ok=True)
-    out = lambda name: os.path.join(args.workdir, name)  # noqa: E731
+    args, out = options(runs=5)
     pth, st = out("big.pth"), out("big.safetensors")
     build(pth, st)
     naive = ("import sys, torch; from safetensors.torch import save_file; "

@@ -6,14 +6,11 @@ the slope between them, so that start-up cancels out.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 
-from common import CLI, measure
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from common import CLI, measure, options
 
 BUILD = """
 import sys, torch
@@ -26,12 +23,7 @@ torch.save(sd, sys.argv[3])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--workdir", default=os.path.join(HERE, "out"))
-    args = parser.parse_args()
-    os.makedirs(args.workdir, exist_ok=True)
-    out = lambda name: os.path.join(args.workdir, name)  # noqa: E731
+    args, out = options(runs=3)
     sizes = (20_000, 200_000)
     for n in sizes:
         if not os.path.exists(out(f"keys{n}.pth")):

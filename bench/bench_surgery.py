@@ -6,13 +6,9 @@ onto another (peak RssAnon against a naive torch.load script), and filter/drop/r
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
-from common import CLI, build, measure, print_tables, warm
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from common import CLI, build, measure, options, print_tables, warm
 
 NAIVE_AVERAGE = """
 import sys, torch
@@ -29,12 +25,7 @@ torch.save(model_dict, sys.argv[3])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--workdir", default=os.path.join(HERE, "out"))
-    args = parser.parse_args()
-    os.makedirs(args.workdir, exist_ok=True)
-    out = lambda name: os.path.join(args.workdir, name)  # noqa: E731
+    args, out = options(runs=3)
     pth, st = out("big.pth"), out("big.safetensors")
     build(pth, st)
     small = [out(f"small{i}.pth") for i in range(3)]

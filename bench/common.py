@@ -9,6 +9,19 @@ import sys
 import time
 
 CLI = [sys.executable, "-m", "ckptsurgery"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def options(runs: int = 3):
+    """(parsed --runs/--workdir, out(name) -> a path in the work folder, created)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=runs)
+    parser.add_argument("--workdir", default=os.path.join(HERE, "out"))
+    args = parser.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    return args, lambda name: os.path.join(args.workdir, name)
 
 
 def build(pth: str | None, st: str | None, blocks: int = 26, seed: int = 0, classes: int = 16000) -> None:
