@@ -49,8 +49,9 @@ def read_safetensors(path: str) -> Checkpoint:
     data_size = source.size - data_start
     tensors: OrderedDict[str, TensorRef] = OrderedDict()
     spans = []
+    prefix = f"{path}: "
     for name, info in header.items():
-        check_key(name, f"{path}: ")
+        check_key(name, prefix)
         where = f"{path}: tensor {name!r}"
         if not isinstance(info, dict):
             raise CkptError(f"{where}: entry is not an object")
