@@ -92,6 +92,11 @@ def test_one_process_folder_reads_like_a_nested_checkpoint(cli, one_rank):
     assert cli("diff", folder, back).code == 0
 
 
+def test_metadata_file_points_at_its_folder(cli, one_rank):
+    folder, _ = one_rank
+    assert_one_error_line(cli("inspect", folder / ".metadata"), "give its folder", str(folder))
+
+
 def test_two_ranks_are_put_together_bit_exact(cli, tmp_path, two_ranks):
     folder, full = two_ranks
     doc = cli("inspect", folder, "--json").json()

@@ -53,6 +53,8 @@ def detect_format(path: str) -> str:
     if head.lstrip()[:1] == b"{":
         return "index"
     if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+        if os.path.basename(path) == ".metadata":
+            raise CkptError(f"{path}: the metadata of a DCP checkpoint; give its folder, {os.path.dirname(path) or '.'}")
         raise CkptError(f"{path}: a bare pickle, not a torch checkpoint (no torch magic number)")
     if head[257:262] == b"ustar":
         raise CkptError(f"{path}: torch's pre-0.4 tar format is not supported; "
