@@ -293,6 +293,21 @@ def deepspeed_checkpoint(tmp_path_factory):
     return make
 
 
+def rewrite_dcp_metadata(folder, change) -> None:
+    """Edit a real DCP .metadata in place (a trusted test file: plain pickle is fine here)."""
+    import pickle
+
+    path = folder / ".metadata"
+    meta = pickle.loads(path.read_bytes())
+    change(meta)
+    path.write_bytes(pickle.dumps(meta, protocol=4))
+
+
+def dcp_storage(meta, fqn):
+    """The _StorageInfo of `fqn`'s (first) chunk or value."""
+    return next(v for k, v in meta.storage_data.items() if k.fqn == fqn)
+
+
 def load_any(path):
     """The reference reader: what torch or safetensors themselves load."""
     path = str(path)

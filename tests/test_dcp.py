@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import assert_one_error_line, load_any, run_two_ranks
+from conftest import assert_one_error_line, dcp_storage, load_any, rewrite_dcp_metadata, run_two_ranks
 
 TWO_RANKS = textwrap.dedent("""
     import sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
@@ -146,23 +146,11 @@ def test_surgery_commands_take_dcp_folders(cli, tmp_path, two_ranks):
 
 # ---- hostile or broken folders ------------------------------------------------------------------
 
-def _rewrite_metadata(folder, change) -> None:
-    """Edit a real .metadata (a trusted test file: plain pickle is fine here)."""
-    path = folder / ".metadata"
-    meta = pickle.loads(path.read_bytes())
-    change(meta)
-    path.write_bytes(pickle.dumps(meta, protocol=4))
-
-
-def _storage(meta, fqn):
-    return next(v for k, v in meta.storage_data.items() if k.fqn == fqn)
-
-
 @pytest.mark.parametrize("change, fragment", [
-    (lambda m: setattr(_storage(m, "model.emb.weight"), "relative_path", "../outside.distcp"), "not a file name"),
-    (lambda m: setattr(_storage(m, "model.emb.weight"), "relative_path", "__9_0.distcp"), "missing"),
-    (lambda m: setattr(_storage(m, "model.emb.weight"), "offset", 10**9), "outside"),
-    (lambda m: setattr(_storage(m, "model.emb.weight"), "transform_descriptors", ["zstd"]), "extensions"),
+    (lambda m: setattr(dcp_storage(m, "model.emb.weight"), "relative_path", "../outside.distcp"), "not a file name"),
+    (lambda m: setattr(dcp_storage(m, "model.emb.weight"), "relative_path", "__9_0.distcp"), "missing"),
+    (lambda m: setattr(dcp_storage(m, "model.emb.weight"), "offset", 10**9), "outside"),
+    (lambda m: setattr(dcp_storage(m, "model.emb.weight"), "transform_descriptors", ["zstd"]), "extensions"),
     (lambda m: m.storage_data.pop(next(k for k in m.storage_data if k.fqn == "model.ids")), "does not say where"),
     (lambda m: setattr(m.state_dict_metadata["model.emb.weight"], "size", torch.Size([5, 4])), "elements"),
     (lambda m: setattr(m.state_dict_metadata["model.emb.weight"].chunks[0], "sizes", torch.Size([9, 3])), "does not fit"),
@@ -170,7 +158,7 @@ def _storage(meta, fqn):
 ])
 def test_broken_metadata_is_one_line(cli, tmp_path, one_rank, change, fragment):
     folder, _ = one_rank
-    _rewrite_metadata(folder, change)
+    rewrite_dcp_metadata(folder, change)
     for args in (("inspect", folder), ("convert", folder, "-o", tmp_path / "o.safetensors"),
                  ("diff", folder, folder)):
         assert_one_error_line(cli(*args), fragment, code=2 if args[0] == "diff" else 1)
@@ -192,7 +180,7 @@ def test_overlapping_chunks_fail_the_write(cli, tmp_path, two_ranks):
                 value = meta.storage_data.pop(key)
                 meta.storage_data[type(key)(key.fqn, torch.Size([1, 0]), key.index)] = value
 
-    _rewrite_metadata(copy, overlap)
+    rewrite_dcp_metadata(copy, overlap)
     out = tmp_path / "o.safetensors"
     assert_one_error_line(cli("convert", copy, "-o", out), "0.weight", "overlap")
     assert not out.exists()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import resource
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, MetadataIndex,
                                                    TensorStorageMetadata)
 
-from conftest import assert_one_error_line
+from conftest import assert_one_error_line, dcp_storage, rewrite_dcp_metadata
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATCH_ALL = "CKPTSURGERY_DEBUG"
@@ -37,17 +36,6 @@ def folder(tmp_path):
         dcp.save({"model": {"emb.weight": torch.randn(5, 3), "ids": torch.arange(4)}, "step": 7},
                  checkpoint_id=str(out))
     return out
-
-
-def _edit(folder, change) -> None:
-    path = folder / ".metadata"
-    meta = pickle.loads(path.read_bytes())
-    change(meta)
-    path.write_bytes(pickle.dumps(meta, protocol=4))
-
-
-def _info(meta, fqn):
-    return next(v for k, v in meta.storage_data.items() if k.fqn == fqn)
 
 
 def _rekey(meta, fqn, offsets):
@@ -133,7 +121,7 @@ def test_tensor_chunk_subclass_is_carried_into_pth_output(cli, tmp_path, folder)
     def change(meta):
         key = next(k for k in meta.storage_data if k.fqn == "model.ids")
         meta.storage_data[key] = _StorageInfo("__9_0.distcp", 0, len(data))
-    _edit(folder, change)
+    rewrite_dcp_metadata(folder, change)
 
     env = dict(os.environ, PYTHONPATH=str(evil))
     live = tmp_path / "live"
@@ -187,7 +175,7 @@ def test_pth_output_reaches_payload_torch_per_file_order_never_reaches(cli, tmp_
             meta.state_dict_metadata[key] = BytesStorageMetadata()
             meta.planner_data[key] = (key,)
             meta.storage_data[MetadataIndex(key)] = _StorageInfo(name, start, len(data))
-    _edit(folder, change)
+    rewrite_dcp_metadata(folder, change)
 
     probe = ("import sys; from torch.distributed.checkpoint.format_utils import dcp_to_torch_save; "
              "dcp_to_torch_save(sys.argv[1], sys.argv[2])")
@@ -215,7 +203,7 @@ def test_negative_planner_list_index_hits_the_catch_all(cli, folder):
     """A planner path with a negative list index raises IndexError: the catch-all, not one error line."""
     def change(meta):
         meta.planner_data["model.ids"] = ("lst", -1)
-    _edit(folder, change)
+    rewrite_dcp_metadata(folder, change)
     assert_one_error_line(cli("inspect", folder), "planner path")
 
 
@@ -229,7 +217,7 @@ def test_huge_size_product_hits_the_catch_all(cli, folder):
         entry.chunks[0].offsets, entry.chunks[0].sizes = (0,) * 8, big
         info = _rekey(meta, "model.ids", (0,) * 8)
         info.offset, info.length = info.offset + 1, info.length - 1  # raw bytes, not a zip: the length check runs
-    _edit(folder, change)
+    rewrite_dcp_metadata(folder, change)
     assert_one_error_line(cli("inspect", folder))
 
 
@@ -240,7 +228,7 @@ def test_shape_beyond_int64_with_zero_elements_is_not_validated(cli, tmp_path, f
         entry.size = (0, 2**70)
         entry.chunks[0].offsets, entry.chunks[0].sizes = (0, 0), (0, 2**70)
         _rekey(meta, "model.ids", (0, 0)).length = 0
-    _edit(folder, change)
+    rewrite_dcp_metadata(folder, change)
     assert_one_error_line(cli("inspect", folder, "--stats"))
     assert_one_error_line(cli("convert", folder, "-o", tmp_path / "o.safetensors"))
     assert_one_error_line(cli("convert", folder, "-o", tmp_path / "o.pth"))
@@ -261,7 +249,7 @@ def test_assembling_more_than_64_dims_hits_the_catch_all(cli, tmp_path, folder):
         for i in range(2):
             meta.storage_data[MetadataIndex("model.ids", torch.Size([2 * i] + [0] * (dims - 1)), i)] = \
                 _StorageInfo("__0_0.distcp", tail, 16)
-    _edit(folder, change)
+    rewrite_dcp_metadata(folder, change)
     # split along the first dimension only, the chunks are now joined in place (no torch
     # indexing, no limit): read, or refused with one line — never the catch-all
     for args, failed in ((("inspect", folder, "--stats"), 1), (("convert", folder, "-o", tmp_path / "o.safetensors"), 1),
@@ -280,7 +268,7 @@ def test_zero_sized_single_chunk_replaces_the_recorded_shape(cli, tmp_path, fold
         entry.size = torch.Size([0, 4])
         entry.chunks[0].offsets, entry.chunks[0].sizes = torch.Size([0, 1]), torch.Size([0, 3])
         _rekey(meta, "model.ids", torch.Size([0, 1])).length = 0
-    _edit(folder, change)
+    rewrite_dcp_metadata(folder, change)
     result = cli("inspect", folder, "--json")
     if result.code != 0:
         assert_one_error_line(result)
@@ -302,7 +290,7 @@ def test_many_huge_dimensions_take_minutes(folder):
         entry.chunks[0].offsets, entry.chunks[0].sizes = torch.Size([0] * dims), big
         info = _rekey(meta, "model.ids", torch.Size([0] * dims))
         info.offset, info.length = info.offset + 1, info.length - 1  # raw bytes: the length check runs
-    _edit(folder, change)
+    rewrite_dcp_metadata(folder, change)
     _assert_one_line(_run("inspect", folder, timeout=20))
 
 
@@ -323,13 +311,13 @@ def test_repeated_tuple_keys_in_metadata_take_minutes(folder):
 def test_planner_list_indices_allocate_gigabytes(folder):
     """1,000 keys with planner paths (kN, 1000000) in a 63 KB .metadata make 1,000 lists of a million Nones (8 GB): MemoryError, the catch-all."""
     def change(meta):
-        info = _info(meta, "step")
+        info = dcp_storage(meta, "step")
         for i in range(1000):
             key = f"k{i}"
             meta.state_dict_metadata[key] = BytesStorageMetadata()
             meta.storage_data[MetadataIndex(key)] = info
             meta.planner_data[key] = (key, 1_000_000)
-    _edit(folder, change)
+    rewrite_dcp_metadata(folder, change)
     _assert_one_line(_run("inspect", folder, data_limit=2 << 30, timeout=120))
 
 
@@ -348,7 +336,7 @@ def test_stride0_chunks_escape_the_repeated_bytes_cap(tmp_path, folder):
         info = _StorageInfo("__9_0.distcp", 0, len(data))
         for i in range(chunks):
             meta.storage_data[MetadataIndex("model.emb.weight", torch.Size([i * n]), i)] = info
-    _edit(folder, change)
+    rewrite_dcp_metadata(folder, change)
     _assert_one_line(_run("inspect", folder, "--stats", data_limit=3 << 30, timeout=300))
 
 
@@ -364,7 +352,7 @@ def test_one_byte_range_is_reloaded_for_every_key(tmp_path, folder):
             meta.state_dict_metadata[key] = BytesStorageMetadata()
             meta.storage_data[MetadataIndex(key)] = info
             meta.planner_data[key] = ("extra", key)
-    _edit(folder, change)
+    rewrite_dcp_metadata(folder, change)
     peak = _peak_kib(tmp_path, "inspect", folder)
     assert peak < 512 * 1024, f"peak memory {peak >> 10} MiB for a {len(data) / 1e6:.0f} MB folder"
 
@@ -385,6 +373,6 @@ def test_six_hundred_rank_folder_runs_out_of_file_descriptors(tmp_path, folder):
                 props, torch.Size([4]), [ChunkStorageMetadata(torch.Size([0]), torch.Size([4]))])
             meta.storage_data[MetadataIndex(key, torch.Size([0]), 0)] = _StorageInfo(name, 0, len(ids))
             meta.planner_data[key] = ("model", f"t{rank}")
-    _edit(folder, change)
+    rewrite_dcp_metadata(folder, change)
     result = _run("inspect", folder, nofile=1024)
     assert result is not None and result[0] == 0, result and result[2][-300:]

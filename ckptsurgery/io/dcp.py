@@ -30,6 +30,7 @@ from .pickled import FrozenRecord, Global, InertGlobal, InertObject, TorchSize
 from .torch_zip import load_torch_zip
 from .tree import find_root
 from .unpickler import BoundedReader, MetadataUnpickler, brief, safe_load
+from .write import cast_target, check_parent, plan_shards, write_torch
 
 METADATA = ".metadata"
 MAX_METADATA = 1 << 30
@@ -354,9 +355,7 @@ def check_dcp_writable(folder: str, force: bool) -> None:
             raise CkptError(f"{folder}: exists and is not a folder; a DCP output is a folder")
         if os.listdir(folder) and not is_dcp(folder):
             raise CkptError(f"{folder}: a folder that is not a DCP checkpoint; not replacing it, even with --force")
-    parent = os.path.dirname(os.path.abspath(folder))
-    if not os.path.isdir(parent):
-        raise CkptError(f"{parent}: no such folder for the output")
+    check_parent(folder)
 
 
 def flatten(obj: Any) -> list[tuple[str, tuple, Any]]:
@@ -402,8 +401,6 @@ def write_dcp(folder: str, obj: Any, *, cast_names: set[str], cast, progress=Non
         BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorProperties,
         TensorStorageMetadata,
     )
-
-    from .write import cast_target, plan_shards, write_torch
 
     entries = flatten(obj)
     for key, _, value in entries:

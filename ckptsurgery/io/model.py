@@ -169,8 +169,10 @@ def standalone(t: "TensorRef") -> "TensorRef":
     """The tensor on a storage of exactly its own bytes, so that an output holds nothing of a
     storage it shares (other tensors' bytes, a partition's padding): a view into the same file
     when it is contiguous, else computed."""
-    if not t.is_contiguous or t.math_bits or t.quant is not None:
-        return t if t.quant is not None else computed_tensor(t.shape, t.dtype, t.data)
+    if t.quant is not None:  # its bytes are integers beside their scales: kept as read
+        return t
+    if not t.is_contiguous or t.math_bits:
+        return computed_tensor(t.shape, t.dtype, t.data)
     if t.storage.nbytes == t.nbytes and not t.offset:
         return t
     start = t.storage.offset + t.offset * t.dtype.itemsize

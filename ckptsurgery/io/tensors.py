@@ -5,6 +5,7 @@ so this module imports nothing of the lazy table: `model` builds on it, not the 
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import TYPE_CHECKING
 
@@ -113,7 +114,7 @@ def assemble(shape: tuple[int, ...], dtype: DType, pieces: list[tuple[tuple, tup
 
     from ..errors import CkptError
 
-    out = bytearray(numel(shape) * dtype.itemsize)
+    out = bytearray(math.prod(shape) * dtype.itemsize)
     if not out:
         return out
     lanes = 2 if dtype.itemsize == 16 else 1
@@ -131,9 +132,3 @@ def assemble(shape: tuple[int, ...], dtype: DType, pieces: list[tuple[tuple, tup
         raise CkptError("its chunks leave part of the tensor unwritten")
     return out
 
-
-def numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n

@@ -84,6 +84,12 @@ def output_format(path: str) -> str:
                     f".pth, .pt, .bin or .ckpt")
 
 
+def check_parent(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CkptError(f"{parent}: no such folder for the output")
+
+
 def check_writable(paths: list[str], force: bool, index: str | None = None) -> list[str]:
     """Refuse to replace anything at `paths` without --force (a dangling symlink counts: the
     rename would replace it). `index`: where a sharded output of this name keeps its index
@@ -94,9 +100,7 @@ def check_writable(paths: list[str], force: bool, index: str | None = None) -> l
             raise CkptError(f"{path}: is a folder; give a file name")
         if os.path.lexists(path) and not force:
             raise CkptError(f"{path}: already exists; pass --force to overwrite it")
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            raise CkptError(f"{parent}: no such folder for the output")
+        check_parent(path)
     if index is None or not os.path.lexists(index) or os.path.isdir(index):  # a folder is no earlier output
         return []
     if not force:  # a single file beside an index of the same name: which one would a loader take?
@@ -321,27 +325,31 @@ def _write_tensor(f: BinaryIO, t: TensorRef, dtype: DType, progress: Progress | 
         f.write(chunk)
 
 
-def _write_range(f: BinaryIO, source, start: int, nbytes: int, progress: Progress | None) -> None:
-    """Bytes [start, start + nbytes) of a mapped file (copied by the kernel) or of a joined
-    source (range by range): never the whole run in memory."""
+def _leaf_ranges(source, start: int, nbytes: int) -> Iterator[tuple[Any, int, int]]:
+    """(source, offset, nbytes) of [start, start + nbytes), a joined source's ranges unfolded:
+    writers take them one at a time, never the whole run in memory."""
     if isinstance(source, JoinedSource):
         for inner, offset, size in source.ranges(start, nbytes):
-            _write_range(f, inner, offset, size, progress)
-    elif isinstance(source, MappedFile):
-        if nbytes:
-            _copy_range(source.fileno(), start, nbytes, f, progress)
+            yield from _leaf_ranges(inner, offset, size)
     else:
-        for chunk in _chunks(source.view(start, nbytes), progress):
-            f.write(chunk)
+        yield source, start, nbytes
+
+
+def _write_range(f: BinaryIO, source, start: int, nbytes: int, progress: Progress | None) -> None:
+    """Bytes of a mapped file (copied by the kernel) or of a joined source, range by range."""
+    for leaf, offset, size in _leaf_ranges(source, start, nbytes):
+        if isinstance(leaf, MappedFile):
+            if size:
+                _copy_range(leaf.fileno(), offset, size, f, progress)
+        else:
+            for chunk in _chunks(leaf.view(offset, size), progress):
+                f.write(chunk)
 
 
 def _storage_chunks(storage: Storage, progress: Progress | None) -> Iterator[memoryview]:
     """A storage's bytes in pieces of at most CHUNK, a joined one range by range."""
-    if isinstance(storage.source, JoinedSource):
-        for inner, offset, size in storage.source.ranges(storage.offset, storage.nbytes):
-            yield from _chunks(inner.view(offset, size), progress)
-    else:
-        yield from _chunks(storage.view(), progress)
+    for leaf, offset, size in _leaf_ranges(storage.source, storage.offset, storage.nbytes):
+        yield from _chunks(leaf.view(offset, size), progress)
 
 
 # ---- torch zip -----------------------------------------------------------------------------
