@@ -87,8 +87,8 @@ def _zip_frame(body: bytes, path) -> None:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """Every hostile file, proven live. Returns [(name, path, marker, recoverable)]."""
+def corpus(tmp_path_factory, deepspeed_checkpoint):
+    """Every hostile file or folder, proven live. Returns [(name, path, marker, recoverable)]."""
     folder = tmp_path_factory.mktemp("hostile")
     files = []
     for legacy in (False, True):
@@ -110,8 +110,40 @@ def corpus(tmp_path_factory):
     (folder / "raw.pth").write_bytes(pickle.dumps(Reduce(os.system, shell(marker)), protocol=4))
     files.append(("raw_pickle", folder / "raw.pth", marker, False))
     files += _module_with_payload(folder)
+    files += _distributed_folders(folder, deepspeed_checkpoint(2))
     _prove_live(files, folder)
     return files
+
+
+def _distributed_folders(folder, zero):
+    """Folders of distributed engines with a payload: in a DCP `.metadata` (torch's reader is a
+    plain pickle.load), in a DCP value (torch's loader unpickles values with weights_only=False),
+    and in a DeepSpeed optimizer states file."""
+    import shutil
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    out = []
+    for kind in ("dcp_metadata", "dcp_value"):
+        marker, path = folder / f"MARK-{kind}", folder / kind
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # one process: no process group
+            dcp.save({"model": _state_dict(), **({"evil": Reduce(os.system, shell(marker))}
+                                                  if kind == "dcp_value" else {})}, checkpoint_id=str(path))
+        if kind == "dcp_metadata":
+            meta = pickle.loads((path / ".metadata").read_bytes())
+            meta.planner_data = Reduce(os.system, shell(marker))
+            (path / ".metadata").write_bytes(pickle.dumps(meta, protocol=4))
+        out.append((f"{kind}-folder", path, marker, kind == "dcp_value"))
+    marker, path = folder / "MARK-zero", folder / "zero"
+    shutil.copytree(zero, path)
+    optim = next(path.glob("*/zero_pp_rank_0_*optim_states.pt"))
+    states = torch.load(optim, weights_only=False)
+    states["optimizer_state_dict"]["loss_scaler"] = Reduce(os.system, shell(marker))
+    torch.save(states, optim)
+    out.append(("zero_optim_states-folder", path, marker, True))
+    return out
 
 
 def _module_with_payload(folder):
@@ -141,9 +173,16 @@ def _module_with_payload(folder):
 
 def _prove_live(files, folder):
     """One subprocess (one torch import) loads every file the unsafe way; each must fire."""
-    code = ("import sys, json, torch\n"
+    code = ("import sys, json, os, glob, torch\n"
+            "from torch.distributed.checkpoint.format_utils import dcp_to_torch_save\n"
             "for path in json.loads(sys.argv[1]):\n"
-            "    try: torch.load(path, weights_only=False)\n"
+            "    try:\n"
+            "        if os.path.isfile(os.path.join(path, '.metadata')):\n"  # what torch's own DCP route does
+            "            dcp_to_torch_save(path, path + '.pth')\n"
+            "        elif os.path.isdir(path):\n"  # what DeepSpeed's own loaders do with its files
+            "            [torch.load(p, weights_only=False) for p in glob.glob(path + '/*/*.pt')]\n"
+            "        else:\n"
+            "            torch.load(path, weights_only=False)\n"
             "    except BaseException: pass\n")
     subprocess.run([sys.executable, "-c", code, json.dumps([str(p) for _, p, _, _ in files])],
                    cwd=folder, capture_output=True, timeout=300)
@@ -170,8 +209,10 @@ def reading_commands(path, out):
 def test_corpus_is_complete(corpus):
     names = {name.rsplit("-", 1)[0] for name, _, _, _ in corpus}
     assert {"system_top_level", "eval", "exec", "popen", "torch_runs_shell", "pickle_in_pickle",
-            "rebuild_with_system", "module_attribute", "inst", "raw_pickle"} <= names
-    assert len(corpus) == 2 * 12 + 1 + 2  # 12 kinds in both formats, the raw pickle, the module in both
+            "rebuild_with_system", "module_attribute", "inst", "raw_pickle", "dcp_metadata", "dcp_value",
+            "zero_optim_states"} <= names
+    # 12 kinds in both formats, the raw pickle, the module in both, three distributed folders
+    assert len(corpus) == 2 * 12 + 1 + 2 + 3
 
 
 def test_no_payload_ever_runs(cli, tmp_path, corpus):

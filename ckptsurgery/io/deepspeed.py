@@ -70,6 +70,7 @@ class _Files:
     def __init__(self, folder: str):
         self.folder = folder
         self.sources: list[MappedFile] = []
+        self.events: list = []  # the placeholders the state files name: inspect lists them
 
     def load(self, name: str) -> Any:
         path = os.path.join(self.folder, name)
@@ -77,7 +78,8 @@ class _Files:
             raise CkptError(f"{path}: missing, or not a regular file")
         source = MappedFile(path)
         self.sources.append(source)
-        obj, _ = load_torch_zip(source, 0, source.size, path)
+        obj, events = load_torch_zip(source, 0, source.size, path)
+        self.events += events
         if type(obj) is not dict:
             raise CkptError(f"{path}: holds {type(obj).__name__}, not DeepSpeed's dict of states")
         return obj
@@ -151,7 +153,7 @@ def read_deepspeed(folder: str) -> Checkpoint:
             raise CkptError(f"{where}: shared_params ties {alias!r}, which is stored itself")
         if source in tensors:  # a tied name: the same tensor, stored once
             tensors[alias] = tensors[source]
-    return Checkpoint(folder, "deepspeed", tensors, None, None, sources=files.sources)
+    return Checkpoint(folder, "deepspeed", tensors, None, None, sources=files.sources, events=files.events)
 
 
 def _dict(value: Any, what: str, where: str) -> dict:
