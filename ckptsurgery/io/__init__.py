@@ -6,7 +6,7 @@ import os
 import stat
 
 from ..errors import CkptError
-from .model import Checkpoint, MappedFile, Storage, TensorRef
+from .model import Checkpoint, MappedFile, Storage, TensorRef, collection_paused
 
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."  # pickled torch magic number
 
@@ -95,6 +95,14 @@ def _model_file(path: str) -> Checkpoint:
 
 
 def _read(path: str, fmt: str, root: str | None) -> Checkpoint:
+    try:
+        with collection_paused():
+            return _read_format(path, fmt, root)
+    except OSError as e:
+        raise CkptError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _read_format(path: str, fmt: str, root: str | None) -> Checkpoint:
     from .accelerate import read_accelerate
     from .dcp import read_dcp
     from .deepspeed import read_deepspeed
@@ -103,24 +111,21 @@ def _read(path: str, fmt: str, root: str | None) -> Checkpoint:
     from .torch_legacy import read_torch_legacy
     from .torch_zip import read_torch_zip
 
-    try:
-        if fmt == "dcp":
-            return read_dcp(path, root)
-        if fmt == "accelerate":
-            return read_accelerate(path, root, _model_file)
-        if fmt == "deepspeed":
-            return read_deepspeed(path)
-        if fmt == "folder":
-            return read_index(find_index(path), _open_shard)
-        if fmt == "index":
-            return read_index(path, _open_shard)
-        if fmt == "safetensors":
-            return read_safetensors(path)
-        if fmt == "torch-legacy":
-            return read_torch_legacy(path, root)
-        return read_torch_zip(path, root)
-    except OSError as e:
-        raise CkptError(f"{path}: cannot read ({e.strerror or e})") from None
+    if fmt == "dcp":
+        return read_dcp(path, root)
+    if fmt == "accelerate":
+        return read_accelerate(path, root, _model_file)
+    if fmt == "deepspeed":
+        return read_deepspeed(path)
+    if fmt == "folder":
+        return read_index(find_index(path), _open_shard)
+    if fmt == "index":
+        return read_index(path, _open_shard)
+    if fmt == "safetensors":
+        return read_safetensors(path)
+    if fmt == "torch-legacy":
+        return read_torch_legacy(path, root)
+    return read_torch_zip(path, root)
 
 
 __all__ = ["Checkpoint", "CkptError", "MappedFile", "Storage", "TensorRef", "detect_format", "open_checkpoint"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 from collections import OrderedDict
+from operator import eq, itemgetter
 
 from .. import dtypes
 from ..errors import CkptError
@@ -47,35 +48,33 @@ def read_safetensors(path: str) -> Checkpoint:
     data_start, header = read_header(path, source)
     metadata = _metadata(path, header)
     data_size = source.size - data_start
+    _check_names(path, header)
     tensors: OrderedDict[str, TensorRef] = OrderedDict()
     spans = []
-    prefix = f"{path}: "
+    # (dtype code, *shape) -> (dtype, torch shape, strides, bytes): checkpoints repeat a few
+    # layouts over thousands of tensors, so each is checked once; a miss takes the full check
+    layouts: dict[tuple, tuple] = {}
     for name, info in header.items():
-        check_key(name, prefix)
-        where = f"{path}: tensor {name!r}"
-        if not isinstance(info, dict):
-            raise CkptError(f"{where}: entry is not an object")
-        code = info.get("dtype")
-        dtype = dtypes.BY_SAFETENSORS.get(code)
-        if dtype is None:
-            raise CkptError(f"{where}: unknown dtype {str(code)[:20]!r} (no torch dtype ckptsurgery knows)")
-        shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not (isinstance(shape, list) and all(type(s) is int and 0 <= s <= INT64_MAX for s in shape)):
-            raise CkptError(f"{where}: shape {str(shape)[:60]} is not a list of non-negative integers below 2^63")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-            raise CkptError(f"{where}: data_offsets {str(offsets)[:60]} is not a pair of integers")
-        shape = _torch_shape(where, dtype, tuple(shape))
+        layout = offsets = None
+        if type(info) is dict:
+            code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+            if type(code) is str and type(shape) is list and set(map(type, shape)) <= _INT:
+                layout = layouts.get((code, *shape))
+        if layout is None:
+            layout = _layout(f"{path}: tensor {name!r}", info)
+            layouts[(info["dtype"], *info["shape"])] = layout
+        dtype, shape, strides, nbytes = layout
+        if not (type(offsets) is list and len(offsets) == 2 and type(offsets[0]) is int and type(offsets[1]) is int
+                and 0 <= offsets[0] <= offsets[1] <= data_size and offsets[1] - offsets[0] == nbytes):
+            _bad_offsets(f"{path}: tensor {name!r}", offsets, data_size, nbytes, dtype)
         begin, end = offsets
-        numel = numel_of(shape)
-        if not 0 <= begin <= end <= data_size:
-            raise CkptError(f"{where}: data_offsets {offsets} lie outside the {data_size}-byte data")
-        if end - begin != numel * dtype.itemsize:
-            raise CkptError(f"{where}: {end - begin} bytes for {numel} {dtype.name} elements")
         spans.append((begin, end, name))
-        storage = Storage(source, data_start + begin, end - begin, name)
-        tensors[name] = TensorRef(storage, 0, shape, contiguous_strides(shape), dtype)
-    position = 0
-    for begin, end, name in sorted(spans):
+        tensors[name] = TensorRef(Storage(source, data_start + begin, nbytes, name), 0, shape, strides, dtype)
+    # the usual case, checked in C: in the header's order, each tensor starts where the one before ends
+    in_order = bool(spans) and spans[0][0] == 0 and spans[-1][1] == data_size and all(
+        map(eq, map(itemgetter(0), spans[1:]), map(itemgetter(1), spans)))
+    position = data_size if in_order else 0
+    for begin, end, name in () if in_order else sorted(spans):
         if begin != position:
             problem = "overlaps the tensor before it" if begin < position else "leaves a gap before it"
             raise CkptError(f"{path}: tensor {name!r} at byte {begin} {problem}")
@@ -84,6 +83,42 @@ def read_safetensors(path: str) -> Checkpoint:
         raise CkptError(f"{path}: {data_size - position} bytes after the last tensor (corrupt file)")
     tensors = _restore_aliases(path, tensors, metadata)
     return Checkpoint(path, "safetensors", tensors, None, None, metadata, sources=[source])
+
+
+_INT = {int}
+
+
+def _check_names(path: str, header: dict) -> None:
+    """Every name is valid Unicode: checked in one step, and name by name only to find the one that is not."""
+    try:
+        "".join(header).encode("utf-8")
+    except UnicodeEncodeError:
+        for name in header:
+            check_key(name, f"{path}: ")
+
+
+def _layout(where: str, info) -> tuple:
+    """(dtype, torch shape, strides, bytes) of one header entry, checked; or the error that names its fault."""
+    if not isinstance(info, dict):
+        raise CkptError(f"{where}: entry is not an object")
+    code = info.get("dtype")
+    dtype = dtypes.BY_SAFETENSORS.get(code) if type(code) is str else None
+    if dtype is None:
+        raise CkptError(f"{where}: unknown dtype {str(code)[:20]!r} (no torch dtype ckptsurgery knows)")
+    shape = info.get("shape")
+    if not (isinstance(shape, list) and all(type(s) is int and 0 <= s <= INT64_MAX for s in shape)):
+        raise CkptError(f"{where}: shape {str(shape)[:60]} is not a list of non-negative integers below 2^63")
+    shape = _torch_shape(where, dtype, tuple(shape))
+    return dtype, shape, contiguous_strides(shape), numel_of(shape) * dtype.itemsize
+
+
+def _bad_offsets(where: str, offsets, data_size: int, nbytes: int, dtype: dtypes.DType) -> None:
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise CkptError(f"{where}: data_offsets {str(offsets)[:60]} is not a pair of integers")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size:
+        raise CkptError(f"{where}: data_offsets {offsets} lie outside the {data_size}-byte data")
+    raise CkptError(f"{where}: {end - begin} bytes for {nbytes // dtype.itemsize} {dtype.name} elements")
 
 
 def _torch_shape(where: str, dtype: dtypes.DType, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -28,6 +28,7 @@ def storage_loader(where: str, locate, legacy: bool = False, repeated: list[int]
     sixth field (None), and `('module', class, file, source)` records stand for the (inert)
     class itself."""
     storages: dict[str, StorageHandle] = {}
+    devices: set[str] = set()  # locations already checked ("cpu"): one regex match per device, not per storage
     repeated = [0] if repeated is None else repeated  # bytes the file's views repeat, shared by its storages
 
     def load(pid):
@@ -44,8 +45,10 @@ def storage_loader(where: str, locate, legacy: bool = False, repeated: list[int]
             raise CkptError(f"unknown storage type {name} (a dtype ckptsurgery does not know)")
         if not (type(key) is str and type(location) is str and type(numel) is int and 0 <= numel <= INT64_MAX):
             raise CkptError(f"bad storage record for key {brief(key)!r}")
-        if not is_device(location):
-            raise CkptError(f"storage {key[:40]!r} is on device {location[:40]!r}, which torch does not know")
+        if location not in devices:
+            if not is_device(location):
+                raise CkptError(f"storage {key[:40]!r} is on device {location[:40]!r}, which torch does not know")
+            devices.add(location)
         nbytes = numel * (kind.dtype.itemsize if kind.dtype else 1)
         first = storages.get(key)
         if first is None:

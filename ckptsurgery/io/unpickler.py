@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from .. import dtypes
 from ..errors import CkptError
-from .model import QuantParams, Storage, TensorRef
+from .model import QuantParams, Storage, TensorRef, collection_paused, contiguous_strides
 from .pickled import Device, FrozenRecord, Global, InertGlobal, InertObject, PickledSet, TorchSize
 
 MAX_NESTING = 200
@@ -100,6 +100,8 @@ def _grad(requires_grad, dtype: dtypes.DType) -> bool:
 def _tensor(handle, offset, size, stride, dtype: dtypes.DType, **extra) -> TensorRef:
     tensor = TensorRef(handle.storage, offset, _ints(size, "bad size"), _ints(stride, "bad stride"), dtype, **extra)
     tensor.validate(lambda: f"tensor in storage {handle.storage.key[:40]!r}")
+    if tensor.stride == contiguous_strides(tensor.shape):  # the common case: no element repeats
+        return tensor
     handle.repeated[0] += tensor.repeated_bytes()
     if handle.repeated[0] > MAX_REPEATED_BYTES:
         raise CkptError(f"tensors view their storages' bytes over and over (stride 0), adding up to more "
@@ -332,32 +334,63 @@ class SafeUnpickler(pickle._Unpickler):
         self._hash_work = 0  # tuple paths hashed so far, as dict keys and set members
         self._alive: list = []  # keeps them alive, so that their ids stay theirs
 
+    def load(self):
+        """Python's own loop, reading the file directly: FRAME is refused here, so its unframer
+        would only add a call to every read (~50 per tensor)."""
+        self.read, self.readline = self._file_read, self._file_readline
+        self.metastack, self.stack, self.proto = [], [], 0
+        self.append = self.stack.append
+        read, dispatch = self.read, self.dispatch
+        try:
+            while True:
+                key = read(1)
+                if not key:
+                    raise EOFError
+                dispatch[key[0]](self)
+        except pickle._Stop as stop:
+            return stop.value
+
     # -- nesting ---------------------------------------------------------------------------
-    # the lookups map over the children in C: a state dict of 200 000 tensors builds ~1.2 M containers
+    # A state dict of 200 000 tensors builds ~1.2 M containers: the bookkeeping costs one C-level
+    # map over the children. Two kinds of results are not recorded at all, as if they were atoms:
+    # containers built empty (so a depth may read one less than it is, never more: the bound is
+    # MAX_NESTING + 1) and plain tensors (nothing nests in them).
     def _nested(self, obj, children) -> Any:
-        depth = 1 + max(map(self._depth.get, map(id, children), repeat(0)), default=0)
+        """Record `obj`, built from `children`."""
+        depths = self._depth
+        if depths.keys().isdisjoint(map(id, children)):  # the common case: none of them nests
+            depth = paths = 1
+        else:
+            depth = 1 + max(map(depths.get, map(id, children), repeat(0)), default=0)
+            if depth > MAX_NESTING:
+                raise CkptError(f"the pickle nests containers more than {MAX_NESTING} deep")
+            paths = 1 + sum(map(self._tuple_paths.get, map(id, children), repeat(0))) if type(obj) is tuple else 0
+        key = id(obj)
         if type(obj) is tuple:
-            paths = 1 + sum(map(self._tuple_paths.get, map(id, children), repeat(0)))
             if paths > MAX_TUPLE_PATHS:
                 raise CkptError(f"the pickle builds tuples within tuples along more than {MAX_TUPLE_PATHS} paths "
                                 f"(a shared-subtuple bomb)")
-            self._tuple_paths[id(obj)] = paths
-        return self._record_depth(obj, depth)
-
-    def _record_depth(self, obj, depth: int) -> Any:
-        if depth > MAX_NESTING:
-            raise CkptError(f"the pickle nests containers more than {MAX_NESTING} deep")
-        key = id(obj)
-        known = self._depth.get(key)
+            self._tuple_paths[key] = paths
+        known = depths.get(key)
         if known is None:
-            self._alive.append(obj)
+            self._alive.append(obj)  # keeps it alive, so that its id stays its own
         if known is None or depth > known:
-            self._depth[key] = depth
+            depths[key] = depth
         return obj
 
     def _grow(self, container, children) -> None:
         """A container that gained children is at least one deeper than each of them."""
-        self._record_depth(container, 1 + max(map(self._depth.get, map(id, children), repeat(0)), default=0))
+        depths = self._depth
+        depth = 1 + max(map(depths.get, map(id, children), repeat(0)), default=0)
+        key = id(container)
+        known = depths.get(key)
+        if known is None:
+            self._alive.append(container)
+        elif known >= depth:
+            return
+        if depth > MAX_NESTING:
+            raise CkptError(f"the pickle nests containers more than {MAX_NESTING} deep")
+        depths[key] = depth
 
     # -- globals and calls -----------------------------------------------------------------
     def find_class(self, module: str, name: str) -> Any:
@@ -378,25 +411,30 @@ class SafeUnpickler(pickle._Unpickler):
         self.append(self.find_class(module, name))
 
     def load_reduce(self):
-        args = self.stack.pop()
-        func = self.stack[-1]
+        stack = self.stack
+        args = stack.pop()
+        func = stack[-1]
         if type(args) is not tuple:
             raise CkptError("malformed pickle: a call whose arguments are not a tuple")
-        if isinstance(func, (InertGlobal, InertObject)):
-            result = InertObject(func, "reduce" if isinstance(func, InertGlobal) else "call", args)
-            self.events.append(result)
-        elif id(func) in _CALLABLE:
+        if id(func) in _CALLABLE:
             if func is _set and args and type(args[0]) in (list, tuple):
                 self._hashing(args[0])
             result = func(*args)
             # torch runs more code here than we do — a placeholder's call, or setattr of a
             # tensor's or parameter's attributes — and any of it may raise: an event too
-            if isinstance(result, InertObject) or (
-                    isinstance(result, TensorRef) and (result.wrap is not None or result.param_state is not None)):
+            if type(result) is TensorRef:
+                if result.wrap is None and result.param_state is None:
+                    stack[-1] = result  # a plain tensor: nothing nests in it
+                    return
                 self.events.append(result)
+            elif type(result) is InertObject:
+                self.events.append(result)
+        elif isinstance(func, (InertGlobal, InertObject)):
+            result = InertObject(func, "reduce" if isinstance(func, InertGlobal) else "call", args)
+            self.events.append(result)
         else:
             raise CkptError(f"malformed pickle: it calls {_describe(func)}, which is not callable here")
-        self.stack[-1] = self._nested(result, args)
+        stack[-1] = self._nested(result, args) if args else result  # a call without arguments builds afresh
 
     def load_newobj(self):
         args = self.stack.pop()
@@ -447,13 +485,13 @@ class SafeUnpickler(pickle._Unpickler):
         self.stack[-3:] = [self._nested(tuple(items), items)]
 
     def load_empty_list(self):
-        self.append(self._nested([], ()))
+        self.append([])
 
     def load_empty_dictionary(self):
-        self.append(self._nested({}, ()))
+        self.append({})
 
     def load_empty_set(self):
-        self.append(self._nested(set(), ()))
+        self.append(set())
 
     def _list_target(self):
         target = self.stack[-1]
@@ -533,6 +571,7 @@ class MetadataUnpickler(SafeUnpickler):
 
     dispatch = _Dispatch(SafeUnpickler.dispatch)
     key_classes: frozenset[str] = frozenset()
+    load = pickle._Unpickler.load  # with its unframer: protocol 4 frames its opcodes
 
     def _set_items(self, items: list) -> None:
         items = list(items)
@@ -622,7 +661,8 @@ def safe_load(reader: BoundedReader, persistent_load: Callable[[Any], Any], wher
     order: see SafeUnpickler.events). The reader is left just after the pickle."""
     unpickler = unpickler_class(reader, persistent_load)
     try:
-        obj = unpickler.load()
+        with collection_paused():
+            obj = unpickler.load()
     except CkptError as e:
         raise CkptError(f"{where}: {e}") from None
     except RecursionError:

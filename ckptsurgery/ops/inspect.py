@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 import re
 from collections import OrderedDict
+from operator import attrgetter
 from typing import Callable
 
 from .. import core
 from ..errors import CkptError, UsageError
 from ..io import Checkpoint, TensorRef, open_checkpoint
+from ..io.model import numel_of
 from ..io.tree import describe, extras
 from .write import ProgressFactory
 
@@ -40,16 +42,21 @@ def inspect(input: str, *, keys: list[str] | None = None, stats: bool = False, t
     return report
 
 
-def _unique_views(tensors: dict[str, TensorRef]) -> list[TensorRef]:
-    """Tied names counted once, as `sum(p.numel() for p in model.parameters())` does."""
-    return list({t.view_key(): t for t in tensors.values()}.values())
+def _unique_views(tensors: dict[str, TensorRef], shares: dict[str, str | None]) -> list[TensorRef]:
+    """Tied names counted once, as `sum(p.numel() for p in model.parameters())` does. Only the
+    tensors of a storage that several names share need comparing."""
+    shared = {id(tensors[name].storage) for name, owner in shares.items() if owner is not None and name in tensors}
+    if not shared:
+        return list(tensors.values())
+    alone = [t for t in tensors.values() if id(t.storage) not in shared]
+    return alone + list({t.view_key(): t for t in tensors.values() if id(t.storage) in shared}.values())
 
 
 def inspect_report(ckpt: Checkpoint, patterns: list[str] | None = None) -> dict:
     names = core.select(ckpt.tensors, patterns) if patterns else list(ckpt.tensors)
     shares = ckpt.shares_with()
     chosen = OrderedDict((n, ckpt.tensors[n]) for n in names)
-    unique = _unique_views(chosen)
+    unique = _unique_views(chosen, shares)
     return {
         "path": ckpt.path,
         "format": ckpt.format,
@@ -59,7 +66,7 @@ def inspect_report(ckpt: Checkpoint, patterns: list[str] | None = None) -> dict:
         "non_tensors": {name: describe(value) for name, value in ckpt.others.items()},
         "metadata": ckpt.metadata,
         "inert": ckpt.inert,
-        "total_params": sum(t.numel for t in unique),
+        "total_params": sum(map(numel_of, map(attrgetter("shape"), unique))),
         "total_bytes": sum(t.nbytes for t in unique),
         "tensors": [
             {

@@ -1,0 +1,121 @@
+"""The per-key fast paths of issue 9 part 4 (Scale) keep every rule of the slow ones: the
+unpickler's nesting bound, the safetensors header checks (each layout checked once), the
+collector paused only while a file is read, and writers that copy runs of tensors at once."""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import pickle
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ckptsurgery.errors import CkptError
+from ckptsurgery.io import open_checkpoint
+from ckptsurgery.io.unpickler import MAX_NESTING, safe_load
+
+
+def _load(obj):
+    return safe_load(io.BytesIO(pickle.dumps(obj, protocol=2)), lambda pid: pid, "test")[0]
+
+
+def _lists(depth: int, innermost):
+    value = innermost
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def _tuples(depth: int):
+    value = (1,)
+    for _ in range(depth - 1):
+        value = (value,)
+    return value
+
+
+@pytest.mark.parametrize("build", [
+    lambda d: _lists(d, []),  # built empty: counted one level short, never more
+    lambda d: _lists(d, [1]),
+    _tuples,
+])
+def test_nesting_bound_holds_at_its_edge(build):
+    _load(build(MAX_NESTING))  # as deep as allowed: read
+    with pytest.raises(CkptError, match="nests containers more than"):
+        _load(build(MAX_NESTING + 2))
+
+
+def test_collector_is_back_after_a_read_and_after_a_failed_one(tmp_path):
+    good, bad = tmp_path / "good.pth", tmp_path / "bad.pth"
+    torch.save({"w": torch.ones(2)}, good)
+    bad.write_bytes(good.read_bytes()[:-40])
+    assert gc.isenabled()
+    open_checkpoint(str(good)).close()
+    assert gc.isenabled()
+    with pytest.raises(CkptError):
+        open_checkpoint(str(bad))
+    assert gc.isenabled()
+
+
+def _safetensors(path, header: dict, data: bytes) -> str:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return str(path)
+
+
+@pytest.mark.parametrize("second, expect", [
+    ({"dtype": "F32", "shape": [True], "data_offsets": [4, 8]}, "shape"),  # bool: a cached (1,) must not match
+    ({"dtype": "F32", "shape": [1.0], "data_offsets": [4, 8]}, "shape"),
+    ({"dtype": "F32", "shape": [1], "data_offsets": [True, 8]}, "data_offsets"),
+    ({"dtype": "F32", "shape": [1], "data_offsets": [4.0, 8]}, "data_offsets"),
+    ({"dtype": "F32", "shape": [1], "data_offsets": [4, 8, 8]}, "data_offsets"),
+    ({"dtype": "F32", "shape": [1], "data_offsets": [4, 12]}, "outside"),
+    ({"dtype": "F32", "shape": [1], "data_offsets": [4, 4]}, "0 bytes for 1 float32"),
+    ({"dtype": ["F32"], "shape": [1], "data_offsets": [4, 8]}, "unknown dtype"),
+    ({"dtype": "F32", "shape": "1", "data_offsets": [4, 8]}, "shape"),
+    ([1], "not an object"),
+])
+def test_a_layout_seen_before_does_not_excuse_a_bad_entry(tmp_path, second, expect):
+    first = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+    path = _safetensors(tmp_path / "x.safetensors", {"a": first, "b": second}, bytes(8))
+    with pytest.raises(CkptError, match=expect):
+        open_checkpoint(path)
+
+
+def test_tensors_listed_out_of_byte_order_are_read(tmp_path):
+    header = {"b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+              "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    path = _safetensors(tmp_path / "x.safetensors", header, struct.pack("<2f", 1.0, 2.0))
+    with open_checkpoint(path) as ckpt:
+        assert list(ckpt.tensors) == ["b", "a"]
+        assert ckpt.tensors["b"].to_torch().item() == 2.0
+
+
+def test_no_tensors_and_bytes_after_them_is_refused(tmp_path):
+    path = _safetensors(tmp_path / "x.safetensors", {}, bytes(8))
+    with pytest.raises(CkptError, match="8 bytes after the last tensor"):
+        open_checkpoint(path)
+
+
+def test_runs_of_tensors_copied_at_once_keep_every_byte(cli, tmp_path):
+    """Small tensors back to back (one copy), a large one (the kernel's copy), a strided view
+    (computed) and a cast between them: the output equals what torch holds."""
+    sd = {f"s{i}": torch.arange(i, i + 3, dtype=torch.float32) for i in range(50)}
+    sd["big"] = torch.randn(300, 300)
+    sd["view"] = torch.randn(8, 6).t()
+    sd["half"] = torch.randn(5).half()
+    sd.update({f"t{i}": torch.full((2,), float(i)) for i in range(20)})
+    src = tmp_path / "in.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, src)
+    pth = tmp_path / "in.pth"
+    torch.save(sd, pth)
+    for source in (src, pth):
+        out = tmp_path / f"out-{source.suffix[1:]}.safetensors"
+        assert cli("convert", source, "-o", out).code == 0
+        back = load_file(out)
+        assert set(back) == set(sd)
+        for name, value in sd.items():
+            assert torch.equal(back[name], value), name
