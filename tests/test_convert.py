@@ -196,6 +196,7 @@ def test_failed_write_leaves_no_file(cli, tmp_path, zip_pth, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(write, "_copy_range", disk_full)
+    monkeypatch.setattr(write, "SMALL_COPY", 0)  # every tensor copied by the kernel, even small ones
     result = cli("convert", zip_pth, "-o", tmp_path / "o.safetensors")
     assert result.code == 1 and "No space left" in result.err and "Traceback" not in result.err
     assert os.listdir(tmp_path) == ["model.pth"]
@@ -246,6 +247,7 @@ def test_failed_sharded_write_keeps_the_old_shards(cli, tmp_path, zip_pth, monke
         return real(*args, **kwargs)
 
     monkeypatch.setattr(write, "_copy_range", fail_later)
+    monkeypatch.setattr(write, "SMALL_COPY", 0)  # every tensor copied by the kernel, even small ones
     result = cli("convert", zip_pth, "-o", out, "--max-shard-size", "300B", "--force", "--dtype", "fp32")
     assert result.code == 1 and "No space left" in result.err
     assert {n: (out.parent / n).read_bytes() for n in os.listdir(out.parent)} == before

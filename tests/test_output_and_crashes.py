@@ -78,7 +78,7 @@ def test_human_table_of_100k_tensors_is_fast(cli, tmp_path):
     path = tmp_path / "moe.safetensors"
     write_many_tensors(path, 100_000)
     start = time.perf_counter()
-    result = cli("inspect", path)
+    result = cli("inspect", path, "--all")
     assert time.perf_counter() - start < 15  # Rich took ~90 s; about 2 s now, the reader included
     assert result.code == 0
     lines = result.out.splitlines()
@@ -87,6 +87,15 @@ def test_human_table_of_100k_tensors_is_fast(cli, tmp_path):
     assert lines[2] == "model.layers.0.experts.0.w     float32  (2, 3)       6  24 B"
     assert lines[-2] == "model.layers.99.experts.999.w  float32  (2, 3)       6  24 B"
     assert lines[-1] == "100000 tensors, 600,000 parameters, 2.4 MB"
+    # without --all: the first 2,000 rows, a line saying how to see the rest, the same totals
+    short = cli("inspect", path).out.splitlines()
+    assert [r.split() for r in short[:2002]] == [r.split() for r in lines[:2002]] and len(short) == 2 + 2000 + 2
+    assert short[-2] == ("... 98,000 more tensors not listed: narrow with --keys, list them all with --all, "
+                         "or read them with --json")
+    assert short[-1] == lines[-1]
+    assert len(cli("inspect", path, "--keys", "model.layers.3").out.splitlines()) == 2 + 1000 + 1
+    for other in ("--json", "--tree"):
+        assert cli("inspect", path, "--all", other).code == 2
 
 
 def test_human_table_exact_format(cli, tmp_path):

@@ -14,11 +14,13 @@ from .common import (
     InputArg, JsonOpt, QuietOpt, RootOpt, examples, human_bytes, note, print_json, printable, progress_bar,
 )
 
+MAX_ROWS = 2000  # a table longer than this is for a program: it gets --json, or asks for --all
+
 
 @app.command(epilog=examples(
     "ckptsurgery inspect model.pth --tree --depth 2",
     "ckptsurgery inspect model.safetensors --keys 'layers.0' --stats",
-    "ckptsurgery inspect ckpt.pth --json | jq .total_params",
+    "ckptsurgery inspect moe.safetensors --all | grep experts.7",
 ))
 def inspect(
     input: InputArg,
@@ -27,6 +29,8 @@ def inspect(
     tree: Annotated[bool, typer.Option("--tree", help="Per-module summary; numbered repeats folded.")] = False,
     depth: Annotated[Optional[int], typer.Option("--depth", min=1, metavar="N", help="Levels shown by --tree.")] = None,
     stats: Annotated[bool, typer.Option("--stats", help="min/max/mean/std and NaN/Inf counts (reads data).")] = False,
+    all_rows: Annotated[bool, typer.Option(
+        "--all", help=f"List every tensor in the table (a longer table shows its first {MAX_ROWS:,} rows).")] = False,
     root: RootOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -34,6 +38,8 @@ def inspect(
     """List a checkpoint's tensors (reads headers only, unless --stats)."""
     if stats and tree and not json:
         raise UsageError("--stats lists tensors and --tree lists modules: give one, or add --json for both")
+    if all_rows and (json or tree):
+        raise UsageError("--all applies to the table of tensors; --json and --tree always list everything")
     with progress_bar(quiet or json or not stats) as progress:
         report = ops.inspect(input, keys=keys, stats=stats, tree=tree, depth=depth, root=root, progress=progress)
     if json:
@@ -41,7 +47,7 @@ def inspect(
         return
     if report["inert"]:
         note(f"left inert (not run): {', '.join(map(printable, report['inert']))}", quiet)
-    _print_human(report, tree, stats)
+    _print_human(report, tree, stats, None if all_rows else MAX_ROWS)
 
 
 def _fmt(value) -> str:
@@ -55,7 +61,7 @@ def _fmt(value) -> str:
 _STAT_KEYS = ("min", "max", "mean", "std", "nan", "inf")
 
 
-def _print_human(report: dict, tree: bool, stats: bool) -> None:
+def _print_human(report: dict, tree: bool, stats: bool, max_rows: int | None) -> None:
     # Plain lines, not Rich: a Rich table costs ~1 ms a row (100,000 tensors would take
     # minutes), folds long names to the width of a pipe and would turn ":name:" into emoji.
     lines = [f"{printable(report['path'])}  format={report['format']}"
@@ -67,7 +73,15 @@ def _print_human(report: dict, tree: bool, stats: bool) -> None:
         lines.append(printable(f"non-tensor entries: {entries}"))
     if report["metadata"]:
         lines.append(printable("metadata: " + ", ".join(f"{k}={v}" for k, v in report["metadata"].items())))
-    lines += _tree_lines(report["tree"]) if tree else _table_lines(report["tensors"], stats)
+    tensors = report["tensors"]
+    if tree:
+        lines += _tree_lines(report["tree"])
+    elif max_rows is not None and len(tensors) > max_rows:
+        lines += _table_lines(tensors[:max_rows], stats)
+        lines.append(f"... {len(tensors) - max_rows:,} more tensors not listed: narrow with --keys, "
+                     f"list them all with --all, or read them with --json")
+    else:
+        lines += _table_lines(tensors, stats)
     lines.append(f"{len(report['tensors'])} tensors, {report['total_params']:,} parameters, "
                  f"{human_bytes(report['total_bytes'])}")
     sys.stdout.write("\n".join(lines) + "\n")

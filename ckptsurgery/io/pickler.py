@@ -42,6 +42,7 @@ class TorchPickler:
         self._keep: list = []  # keeps memoized objects alive so their ids stay unique
         self._open: set[int] = set()  # tuples and placeholder calls being written
         self._imported: set[int] = set()
+        self._globals: dict[tuple[str, str], bytes] = {}
         self.events: list = []  # the placeholders imported (first time) and called, in write order
 
     def dumps(self, obj: Any) -> bytes:
@@ -57,9 +58,12 @@ class TorchPickler:
 
     # -- helpers -------------------------------------------------------------------------------
     def _global(self, module: str, name: str) -> None:
-        if not (is_dotted_name(module) and is_dotted_name(name)):  # the reader checks too
-            raise CkptError(f"cannot write the global {module[:60]!r}.{name[:60]!r}: not a Python name")
-        self._out += b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+        opcode = self._globals.get((module, name))
+        if opcode is None:  # checked and encoded once: a state dict names the same few per tensor
+            if not (is_dotted_name(module) and is_dotted_name(name)):  # the reader checks too
+                raise CkptError(f"cannot write the global {module[:60]!r}.{name[:60]!r}: not a Python name")
+            opcode = self._globals[(module, name)] = b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+        self._out += opcode
 
     def _memoize(self, obj: Any) -> None:
         if id(obj) in self._memo:  # reached again while it was being written: see _enter
@@ -141,11 +145,16 @@ class TorchPickler:
                 if len(raw) > 255:
                     raise CkptError("an integer too large to write")
                 out += b"\x8a" + bytes([len(raw)]) + raw
-        elif kind is float:
-            out += b"G" + struct.pack(">d", obj)
         elif kind is str:
             raw = obj.encode("utf-8", "surrogatepass")
             out += b"X" + struct.pack("<I", len(raw)) + raw
+        elif kind is float:
+            out += b"G" + struct.pack(">d", obj)
+        elif id(obj) in self._memo:  # before the kinds that are memoized
+            index = self._memo[id(obj)]
+            out += b"h" + bytes([index]) if index < 256 else b"j" + struct.pack("<I", index)
+        elif kind is TensorRef:
+            self._tensor(obj)
         elif kind is Global:
             self._global(obj.module, obj.name)
         elif kind is InertGlobal:
@@ -153,9 +162,6 @@ class TorchPickler:
             if id(obj) not in self._imported:
                 self._imported.add(id(obj))
                 self.events.append(obj)
-        elif id(obj) in self._memo:
-            index = self._memo[id(obj)]
-            out += b"h" + bytes([index]) if index < 256 else b"j" + struct.pack("<I", index)
         elif kind is bytes:  # how protocol 2 spells bytes (b"" too: torch's safe loader refuses bytes())
             self._reduce("_codecs", "encode", (obj.decode("latin1"), "latin1"))
         elif kind is tuple:
@@ -190,8 +196,6 @@ class TorchPickler:
             self._reduce("torch", "Size", (tuple(obj),))
         elif kind is Device:
             self._reduce("torch", "device", obj.args)
-        elif kind is TensorRef:
-            self._tensor(obj)
         elif kind is InertObject:
             self._inert(obj)
         else:

@@ -12,6 +12,12 @@ ALIGN = 64
 _DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01, the zip epoch: no wall-clock time in the file
 _U32 = 0xFFFFFFFF
 _PAD_ID = b"FB"  # the padding extra field torch's writer uses
+SMALL_RECORD = 1 << 20  # bytes: a record this small is held in memory to checksum it first
+
+
+def _check_size(name: str, written: int, size: int) -> None:
+    if written != size:
+        raise ValueError(f"record {name}: wrote {written} bytes, expected {size}")
 
 
 class ZipWriter:
@@ -24,7 +30,33 @@ class ZipWriter:
         self._entries: list[tuple[bytes, int, int, int]] = []  # name, crc, size, header offset
 
     def add(self, name: str, chunks: Iterable[bytes | memoryview], size: int) -> None:
-        """Write one record of `size` bytes, streamed from `chunks`."""
+        """Write one record of `size` bytes, streamed from `chunks`. The header holds the
+        checksum: a small record's is computed first; a large one's is written in afterwards
+        (seeking back costs a flush, and a state dict may hold 200 000 small storages)."""
+        f = self._f
+        if size <= SMALL_RECORD:
+            data = b"".join(chunks)
+            _check_size(name, len(data), size)
+            self._header(name, size, zlib.crc32(data))
+            f.write(data)
+            return
+        offset = self._header(name, size, 0)
+        crc, written = 0, 0
+        for chunk in chunks:
+            crc = zlib.crc32(chunk, crc)
+            written += len(chunk)
+            f.write(chunk)
+        _check_size(name, written, size)
+        end = f.tell()
+        f.seek(self._base + offset + 14)
+        f.write(struct.pack("<I", crc))
+        f.seek(end)
+        raw_name, _, _, _ = self._entries[-1]
+        self._entries[-1] = (raw_name, crc, size, offset)
+
+    def _header(self, name: str, size: int, crc: int) -> int:
+        """Write a record's local header, padded so that its data starts 64-byte aligned, and
+        list the record; return the header's offset."""
         f = self._f
         raw_name = name.encode("utf-8")
         offset = f.tell() - self._base
@@ -35,20 +67,9 @@ class ZipWriter:
         extra += _PAD_ID + struct.pack("<H", pad) + b"Z" * pad
         small = _U32 if zip64 else size
         f.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if zip64 else 20, 0, 0, 0, _DOS_DATE,
-                            0, small, small, len(raw_name), len(extra)))
-        f.write(raw_name + extra)
-        crc, written = 0, 0
-        for chunk in chunks:
-            crc = zlib.crc32(chunk, crc)
-            written += len(chunk)
-            f.write(chunk)
-        if written != size:
-            raise ValueError(f"record {name}: wrote {written} bytes, expected {size}")
-        end = f.tell()
-        f.seek(self._base + offset + 14)
-        f.write(struct.pack("<I", crc))
-        f.seek(end)
+                            crc, small, small, len(raw_name), len(extra)) + raw_name + extra)
         self._entries.append((raw_name, crc, size, offset))
+        return offset
 
     def add_bytes(self, name: str, data: bytes) -> None:
         self.add(name, [data], len(data))
