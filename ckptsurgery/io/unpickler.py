@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import pickle
 import re
+import struct
 from collections import OrderedDict
 from dataclasses import replace
 from itertools import repeat
+from operator import is_
 from typing import Any, Callable
 
 from .. import dtypes
@@ -30,6 +32,7 @@ from .model import QuantParams, Storage, TensorRef, collection_paused, contiguou
 from .pickled import Device, FrozenRecord, Global, InertGlobal, InertObject, PickledSet, TorchSize
 
 MAX_NESTING = 200
+_PLAIN = {int, float, str, bytes, bool, type(None), complex, Global}  # values that hold nothing
 # Hashing or comparing a tuple visits every tuple inside it, once per path: a DAG of 60 tuples
 # that each hold the previous one twice costs 2**60 steps. Count the paths; refuse beyond this.
 MAX_TUPLE_PATHS = 100_000
@@ -340,33 +343,48 @@ class SafeUnpickler(pickle._Unpickler):
         self.read, self.readline = self._file_read, self._file_readline
         self.metastack, self.stack, self.proto = [], [], 0
         self.append = self.stack.append
-        read, dispatch = self.read, self.dispatch
+        read, dispatch, memo, unpack = self.read, self.dispatch, self.memo, struct.unpack
         try:
             while True:
                 key = read(1)
-                if not key:
+                # the three opcodes of every other step of a state dict, without a call each
+                if key == b"r":  # LONG_BINPUT
+                    memo[unpack("<I", read(4))[0]] = self.stack[-1]
+                elif key == b"h":  # BINGET
+                    self.append(memo[read(1)[0]])
+                elif key == b"K":  # BININT1
+                    self.append(read(1)[0])
+                elif key:
+                    dispatch[key[0]](self)
+                else:
                     raise EOFError
-                dispatch[key[0]](self)
         except pickle._Stop as stop:
             return stop.value
 
     # -- nesting ---------------------------------------------------------------------------
-    # A state dict of 200 000 tensors builds ~1.2 M containers: the bookkeeping costs one C-level
-    # map over the children. Two kinds of results are not recorded at all, as if they were atoms:
-    # containers built empty (so a depth may read one less than it is, never more: the bound is
-    # MAX_NESTING + 1) and plain tensors (nothing nests in them).
+    # A state dict of 200 000 tensors builds ~1.2 M containers; the bookkeeping costs a few C-level
+    # maps over the children. Three kinds of results are not recorded at all: tuples of plain
+    # values (a tensor's size, stride and storage record), containers built empty, and plain
+    # tensors. Their parents count them as depth 0 (one less than a tuple of values or an empty
+    # container is: only ever at the bottom, so the bound is MAX_NESTING + 1) and a tuple among
+    # them as one path (exactly what it is).
     def _nested(self, obj, children) -> Any:
         """Record `obj`, built from `children`."""
+        is_tuple = type(obj) is tuple
+        if is_tuple and set(map(type, children)) <= _PLAIN:
+            return obj
         depths = self._depth
+        # per child, the paths it adds if it is not recorded: 1 for a tuple of values, else 0
+        unrecorded_paths = map(is_, map(type, children), repeat(tuple)) if is_tuple else None
         if depths.keys().isdisjoint(map(id, children)):  # the common case: none of them nests
-            depth = paths = 1
+            depth, paths = 1, (1 + sum(unrecorded_paths) if is_tuple else 0)
         else:
             depth = 1 + max(map(depths.get, map(id, children), repeat(0)), default=0)
             if depth > MAX_NESTING:
                 raise CkptError(f"the pickle nests containers more than {MAX_NESTING} deep")
-            paths = 1 + sum(map(self._tuple_paths.get, map(id, children), repeat(0))) if type(obj) is tuple else 0
+            paths = 1 + sum(map(self._tuple_paths.get, map(id, children), unrecorded_paths)) if is_tuple else 0
         key = id(obj)
-        if type(obj) is tuple:
+        if is_tuple:
             if paths > MAX_TUPLE_PATHS:
                 raise CkptError(f"the pickle builds tuples within tuples along more than {MAX_TUPLE_PATHS} paths "
                                 f"(a shared-subtuple bomb)")
