@@ -340,7 +340,8 @@ def _write_range(f: BinaryIO, source, start: int, nbytes: int, progress: Progres
     for leaf, offset, size in _leaf_ranges(source, start, nbytes):
         if isinstance(leaf, MappedFile):
             if size:
-                _copy_range(leaf.fileno(), offset, size, f, progress)
+                with leaf.descriptor() as fd:
+                    _copy_range(fd, offset, size, f, progress)
         else:
             for chunk in _chunks(leaf.view(offset, size), progress):
                 f.write(chunk)
