@@ -3,12 +3,19 @@ with the shards split between ranks. Both must write exactly what one process wr
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import threading
+import time
+from collections import OrderedDict
+
+import pytest
+import torch
 
 from ckptsurgery.io import model
 from ckptsurgery.io.model import MappedFile
+from conftest import assert_one_error_line, assert_same_tensors, load_any
 
 
 # ---- the descriptor table under threads --------------------------------------------------------
@@ -49,3 +56,147 @@ def test_a_descriptor_in_use_is_never_closed_by_another_thread(tmp_path, monkeyp
     for mapped, _ in files:
         mapped.close()
     assert model._open_files == {}
+
+
+# ---- --jobs: shards written at once ------------------------------------------------------------
+
+@pytest.fixture
+def many_tensors(tmp_path):
+    """A training checkpoint of 14 small tensors in several dtypes, a tied pair and a transposed
+    view: `--max-shard-size 1KB` makes about ten shards of it."""
+    torch.manual_seed(0)
+    sd = OrderedDict()
+    for i in range(10):
+        sd[f"blocks.{i}.weight"] = torch.randn(8, 8 + i).to(torch.bfloat16 if i % 3 == 0 else torch.float32)
+    sd["embed.weight"] = torch.randn(12, 6)
+    sd["head.weight"] = sd["embed.weight"]  # tied
+    sd["ids"] = torch.arange(20)
+    sd["transposed"] = torch.randn(6, 5).t()
+    path = tmp_path / "train.pth"
+    torch.save({"state_dict": sd, "epoch": 3}, path)
+    return path
+
+
+def contents(path) -> dict[str, bytes]:
+    """Every file an output is made of (a file, its shards and index, or a DCP folder), by name."""
+    path = str(path)
+    if os.path.isdir(path):
+        return {name: open(os.path.join(path, name), "rb").read() for name in sorted(os.listdir(path))}
+    folder, name = os.path.split(path)
+    stem = os.path.splitext(name)[0]
+    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))
+            if n == name or n.startswith(stem + "-") or n == name + ".index.json"}
+
+
+OUTPUTS = [("model.safetensors", []), ("model.pth", []), ("dcp", ["--format", "dcp"])]
+
+
+@pytest.mark.parametrize("name, extra", OUTPUTS, ids=["safetensors", "pth", "dcp"])
+def test_jobs_write_exactly_what_one_job_writes(cli, tmp_path, many_tensors, name, extra):
+    outputs = {}
+    for jobs in (1, 2, 3):
+        out = tmp_path / f"j{jobs}" / name
+        out.parent.mkdir()
+        result = cli("convert", many_tensors, "-o", out, "--max-shard-size", "1KB", "--jobs", jobs, *extra, "--json")
+        assert result.code == 0, result.err
+        assert len(result.json()["files"]) > 5
+        outputs[jobs] = contents(out)
+        assert not [n for n in os.listdir(out.parent) if n.endswith(".ckptsurgery-tmp")]
+    assert len(outputs[1]) > 5
+    assert outputs[2] == outputs[1] and outputs[3] == outputs[1]
+    if name == "model.safetensors":
+        assert_same_tensors(load_sharded(tmp_path / "j3" / name), load_sharded(tmp_path / "j1" / name))
+
+
+def load_sharded(out) -> dict:
+    """What transformers' loader would read: every shard the index names, in the index's order."""
+    index = json.loads((out.parent / (out.name + ".index.json")).read_text())
+    tensors = {}
+    for shard in dict.fromkeys(index["weight_map"].values()):
+        tensors.update(load_any(out.parent / shard))
+    return {name: tensors[name] for name in index["weight_map"] if name in tensors}
+
+
+def test_jobs_share_a_small_descriptor_table(cli, tmp_path, many_tensors, monkeypatch):
+    """Twelve input shards, room for two descriptors, four writer threads copying from them; each
+    copy waits a moment after it got its descriptor, so that the others open and close meanwhile."""
+    source = tmp_path / "in" / "model.safetensors"
+    source.parent.mkdir()
+    assert cli("convert", many_tensors, "-o", source, "--max-shard-size", "100B").code == 0
+    assert len(os.listdir(source.parent)) >= 12
+    monkeypatch.setattr(model, "MAX_OPEN_FILES", 2)
+    copy = os.copy_file_range
+
+    def slow_copy(*args):
+        time.sleep(0.002)
+        return copy(*args)
+
+    monkeypatch.setattr(os, "copy_file_range", slow_copy)
+    for jobs in (1, 4):
+        out = tmp_path / f"j{jobs}" / "model.safetensors"
+        out.parent.mkdir()
+        assert cli("convert", source.parent, "-o", out, "--max-shard-size", "1KB", "--jobs", jobs).code == 0
+    assert contents(tmp_path / "j4" / "model.safetensors") == contents(tmp_path / "j1" / "model.safetensors")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--jobs", "0", "--max-shard-size", "1KB"], "--jobs"),
+    (["--jobs", "-2", "--max-shard-size", "1KB"], "--jobs"),
+    (["--jobs", "2"], "--jobs applies to sharded outputs only"),
+    (["--jobs", "2", "--format", "dcp"], "--jobs applies to sharded outputs only"),
+])
+def test_jobs_that_do_not_apply_exit_2(cli, tmp_path, many_tensors, args, message):
+    out = tmp_path / "out" / "model.safetensors"
+    out.parent.mkdir()
+    result = cli("convert", many_tensors, "-o", out, *args)
+    assert result.code == 2 and message in result.err, result.err
+    assert os.listdir(out.parent) == []
+
+
+def test_jobs_in_the_library_are_checked_too(tmp_path, many_tensors):
+    from ckptsurgery.errors import UsageError
+    from ckptsurgery.ops import convert
+
+    for jobs in (0, -1, 1.5, "2"):
+        with pytest.raises(UsageError, match="--jobs"):
+            convert(str(many_tensors), str(tmp_path / "o.safetensors"), max_shard_size="1KB", jobs=jobs)
+    assert os.listdir(tmp_path) == ["train.pth"]
+
+
+def handmade_dcp(folder, names: list[str], bad: str):
+    """A DCP folder of [4, 5] float32 tensors (tensor i full of i), each one chunk of raw bytes —
+    but `bad` in two chunks that overlap by a row and miss the last: a corrupt input that only
+    the writer of that tensor finds out about (chunks are put together when written)."""
+    import pickle
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorProperties, TensorStorageMetadata,
+    )
+
+    folder.mkdir()
+    data, entries, places = bytearray(), {}, {}
+    for i, name in enumerate(names):
+        chunks = [((0, 0), (2, 5)), ((1, 0), (2, 5))] if name == bad else [((0, 0), (4, 5))]
+        for offsets, sizes in chunks:
+            raw = torch.full(sizes, float(i)).numpy().tobytes()
+            places[MetadataIndex(name, offsets, 0)] = _StorageInfo("__0_0.distcp", len(data), len(raw))
+            data += raw
+        entries[name] = TensorStorageMetadata(
+            TensorProperties(dtype=torch.float32), torch.Size([4, 5]),
+            [ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s in chunks])
+    (folder / "__0_0.distcp").write_bytes(data)
+    meta = Metadata(state_dict_metadata=entries, planner_data={n: (n,) for n in names}, storage_data=places,
+                    storage_meta=StorageMeta(), version="1.0.0")
+    (folder / ".metadata").write_bytes(pickle.dumps(meta, protocol=4))
+    return folder
+
+
+@pytest.mark.parametrize("name, extra", OUTPUTS, ids=["safetensors", "pth", "dcp"])
+def test_a_failing_shard_stops_the_others_and_leaves_nothing(cli, tmp_path, name, extra):
+    source = handmade_dcp(tmp_path / "in", [f"t{i}" for i in range(8)], bad="t1")
+    out = tmp_path / "out" / name
+    out.parent.mkdir()
+    result = cli("convert", source, "-o", out, "--max-shard-size", "80B", "--jobs", "3", *extra)
+    assert_one_error_line(result, "t1", "overlap")
+    assert os.listdir(out.parent) == []  # no shard, no index, no temporary file

@@ -143,8 +143,7 @@ class StagedOutputs:
         self._staged: list[tuple[str, str]] = []  # (temporary, final)
         self._remove = list(remove)
 
-    @contextmanager
-    def stage_folder(self, path: str) -> Iterator[str]:
+    def stage_folder(self, path: str) -> str:
         """A new folder beside `path`, filled by the caller, renamed into place by commit(); an
         old folder there (checked by the caller) is set aside first and removed after."""
         folder, name = os.path.split(os.path.abspath(path))
@@ -154,7 +153,23 @@ class StagedOutputs:
         except OSError as e:
             raise CkptError(f"{path}: cannot write ({e.strerror or e}); nothing was written") from None
         self._staged.append((temp, path))
-        yield temp
+        return temp
+
+    @property
+    def staged(self) -> list[tuple[str, str]]:
+        """(temporary, final) of every file staged so far."""
+        return list(self._staged)
+
+    def adopt(self, pairs: list[tuple[str, str]], order: list[str]) -> None:
+        """Take on files other processes staged (the other ranks of a torchrun job), to commit or
+        remove with ours; commit() renames them all in `order` (final paths: an index last)."""
+        position = {path: i for i, path in enumerate(order)}
+        self._staged = sorted({*self._staged, *pairs}, key=lambda pair: position[pair[1]])
+
+    def hand_over(self) -> None:
+        """Forget the staged files: another process (rank 0) now renames or removes them."""
+        self._staged.clear()
+        self._remove.clear()
 
     @contextmanager
     def stage(self, path: str) -> Iterator[BinaryIO]:
@@ -164,7 +179,7 @@ class StagedOutputs:
         temp = os.path.join(folder, f".{name}.{secrets.token_hex(8)}.ckptsurgery-tmp")
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-            self._staged.append((temp, path))  # only now is it ours to remove
+            self._staged.append((temp, path))  # only now is it ours to remove (writer threads append at once)
             with os.fdopen(fd, "wb") as f:
                 yield f
         except OSError as e:
