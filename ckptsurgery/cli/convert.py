@@ -19,9 +19,8 @@ CastTo = choice("CastTo", CAST_TARGETS)
 
 @app.command(epilog=examples(
     "ckptsurgery convert model.pth -o model-bf16.safetensors --dtype bf16",
-    "ckptsurgery convert checkpoints/step-1000 -o model.safetensors",
     "ckptsurgery convert model.safetensors -o resume --format dcp",
-    "ckptsurgery convert big.pth -o out/model.safetensors --max-shard-size 1GB --jobs 4",
+    "ckptsurgery convert big.pth -o out/model.safetensors --max-shard-size 2GB -j 4",
 ))
 def convert(
     input: InputArg,
