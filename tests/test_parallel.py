@@ -200,3 +200,12 @@ def test_a_failing_shard_stops_the_others_and_leaves_nothing(cli, tmp_path, name
     result = cli("convert", source, "-o", out, "--max-shard-size", "80B", "--jobs", "3", *extra)
     assert_one_error_line(result, "t1", "overlap")
     assert os.listdir(out.parent) == []  # no shard, no index, no temporary file
+
+
+def test_default_jobs_follow_the_cores_shared_by_local_ranks():
+    from ckptsurgery.ops.write import MAX_DEFAULT_JOBS, default_jobs
+
+    cores = len(os.sched_getaffinity(0))
+    assert default_jobs({}) == max(1, min(MAX_DEFAULT_JOBS, cores))
+    assert default_jobs({"LOCAL_WORLD_SIZE": str(cores * 2)}) == 1
+    assert default_jobs({"LOCAL_WORLD_SIZE": "junk"}) == default_jobs({})

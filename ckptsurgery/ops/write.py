@@ -43,14 +43,26 @@ def _write(f, fmt: str, ckpt: Checkpoint, tensors: dict[str, TensorRef], cast: D
 
 FORMATS = ("dcp",)  # what --format chooses; the others follow the output's extension
 
-# Shards written at once when --jobs is not given: see docs/performance.md, "Many shards".
-DEFAULT_JOBS = 1
+MAX_DEFAULT_JOBS = 4  # more threads than this only add tensors in flight and seeks on one disk
+
+
+def default_jobs(environ=os.environ) -> int:
+    """Shards written at once when --jobs is not given: one per core this process may use (a
+    torchrun job's ranks on one machine share them), at most MAX_DEFAULT_JOBS. Measured in
+    docs/performance.md ("Many shards"): writing .pth shards (a CRC-32 of every byte) scales with
+    the cores, safetensors shards (kernel copies) gain a little, more threads than cores lose."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        ranks_here = max(1, int(environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        ranks_here = 1
+    return max(1, min(MAX_DEFAULT_JOBS, cores // ranks_here))
 
 
 def _jobs(jobs: int | None, max_shard_size: int | None) -> int:
     """The number of shards to write at once; --jobs is refused where there is one file."""
     if jobs is None:
-        return DEFAULT_JOBS
+        return default_jobs()
     if type(jobs) is not int or jobs < 1:
         raise UsageError(f"--jobs {jobs!r}: give a number of shards to write at once, 1 or more")
     if max_shard_size is None:
