@@ -15,7 +15,7 @@ import torch
 
 from ckptsurgery.io import model
 from ckptsurgery.io.model import MappedFile
-from conftest import assert_one_error_line, assert_same_tensors, load_any
+from conftest import assert_one_error_line, assert_same_tensors, load_any, run_ranks
 
 
 # ---- the descriptor table under threads --------------------------------------------------------
@@ -209,3 +209,72 @@ def test_default_jobs_follow_the_cores_shared_by_local_ranks():
     assert default_jobs({}) == max(1, min(MAX_DEFAULT_JOBS, cores))
     assert default_jobs({"LOCAL_WORLD_SIZE": str(cores * 2)}) == 1
     assert default_jobs({"LOCAL_WORLD_SIZE": "junk"}) == default_jobs({})
+
+
+# ---- under torchrun: each rank writes its share ------------------------------------------------
+
+def convert_on_ranks(count, *args, cwd, expect_failure=False):
+    """`torchrun --nproc-per-node COUNT -m ckptsurgery convert ARGS --json`: each rank's
+    (report or None, stderr)."""
+    _, ranks = run_ranks(count, "-m", "ckptsurgery", "convert", *args, "--json", cwd=cwd,
+                         expect_failure=expect_failure)
+    return [(json.loads(out) if out.strip() else None, err) for out, err in ranks]
+
+
+@pytest.mark.parametrize("count", [2, 3])
+@pytest.mark.parametrize("name, extra", OUTPUTS, ids=["safetensors", "pth", "dcp"])
+def test_ranks_write_exactly_what_one_process_writes(cli, tmp_path, many_tensors, count, name, extra):
+    alone, shared = tmp_path / "alone" / name, tmp_path / "shared" / name
+    alone.parent.mkdir()
+    shared.parent.mkdir()
+    single = cli("convert", many_tensors, "-o", alone, "--max-shard-size", "1KB", *extra, "--json").json()
+    reports = [report for report, _ in convert_on_ranks(count, many_tensors, "-o", shared, "--max-shard-size", "1KB",
+                                                        *extra, cwd=tmp_path)]
+    assert contents(shared) == contents(alone)
+    assert not [n for n in os.listdir(shared.parent) if n.endswith(".ckptsurgery-tmp")]
+    # each rank lists what it wrote: data file i is rank i % count's, the index or .metadata rank 0's
+    last = os.path.join(shared, ".metadata") if extra else f"{shared}.index.json"
+    data = [f.replace(str(alone.parent), str(shared.parent)) for f in single["files"] if f != str(alone) + ".index.json"
+            and not f.endswith(".metadata")]
+    assert len(data) >= count
+    for rank, report in enumerate(reports):
+        assert (report["rank"], report["world_size"]) == (rank, count)
+        assert report["files"] == data[rank::count] + ([last] if rank == 0 else [])
+
+
+def test_ranks_with_one_file_rank_0_writes_it(tmp_path, many_tensors, cli):
+    """Without --max-shard-size there is one file: rank 0 writes it, the others nothing. Any
+    writing command runs on ranks, not only convert."""
+    cli("filter", many_tensors, "--keep", "blocks", "-o", tmp_path / "alone.pth")
+    _, ranks = run_ranks(2, "-m", "ckptsurgery", "filter", many_tensors, "--keep", "blocks", "-o",
+                         tmp_path / "shared.pth", "--json", cwd=tmp_path)
+    assert (tmp_path / "shared.pth").read_bytes() == (tmp_path / "alone.pth").read_bytes()
+    assert [json.loads(out)["files"] for out, _ in ranks] == [[str(tmp_path / "shared.pth")], []]
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_a_failure_on_one_rank_leaves_nothing_on_any(tmp_path, count):
+    """t1 lies in shard 2, which rank 1 writes: only rank 1 reads its (overlapping) chunks, and
+    fails; every rank removes what it staged, and the job fails."""
+    source = handmade_dcp(tmp_path / "in", [f"t{i}" for i in range(8)], bad="t1")
+    out = tmp_path / "out" / "model.safetensors"
+    out.parent.mkdir()
+    ranks = convert_on_ranks(count, source, "-o", out, "--max-shard-size", "80B", cwd=tmp_path, expect_failure=True)
+    assert os.listdir(out.parent) == []  # no shard, no index, no temporary file
+    assert all(report is None for report, _ in ranks)
+    failed = ranks[1][1].strip().splitlines()
+    assert failed[-1].startswith("ckptsurgery: error: ") and "t1" in failed[-1] and "overlap" in failed[-1], failed
+    for rank in (0, *range(2, count)):  # the others name rank 1, unless torchrun stopped them first
+        errors = [line for line in ranks[rank][1].splitlines() if line.startswith("ckptsurgery: error:")]
+        assert all("rank 1 of" in line for line in errors), errors
+    assert "Traceback" not in "".join(err for _, err in ranks)
+
+
+def test_dry_run_on_ranks_writes_nothing_and_shows_the_split(tmp_path, many_tensors):
+    out = tmp_path / "out" / "model.safetensors"
+    out.parent.mkdir()
+    reports = [r for r, _ in convert_on_ranks(2, many_tensors, "-o", out, "--max-shard-size", "1KB", "--dry-run",
+                                               cwd=tmp_path)]
+    assert os.listdir(out.parent) == []
+    files = [f for r in reports for f in r["files"]]
+    assert len(files) == len(set(files)) == reports[0]["shards"] + 1 and reports[0]["files"][-1].endswith(".index.json")

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import ops
+from ..ops.ranks import ranks_from_environment
 from ..dtypes import CAST_TARGETS
 from . import app
 from .common import (
@@ -37,7 +38,8 @@ def convert(
     quiet: QuietOpt = False,
 ) -> None:
     """Convert between .pth and .safetensors, bit-exact unless --dtype asks for a cast."""
-    with progress_bar(quiet or json) as progress:
+    with ranks_from_environment() as ranks, progress_bar(quiet or json) as progress:
         report = ops.convert(input, output, root=root, dtype=dtype and dtype.value, max_shard_size=max_shard_size,
-                             force=force, dry_run=dry_run, progress=progress, format=format and format.value, jobs=jobs)
+                             force=force, dry_run=dry_run, progress=progress, format=format and format.value,
+                             jobs=jobs, ranks=ranks)
     finish_write(report, json, quiet)
