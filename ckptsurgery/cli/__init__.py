@@ -76,6 +76,19 @@ def main() -> None:
     usage); here, a bug or an input we did not foresee still gets one line, not a traceback."""
     signal.signal(signal.SIGTERM, _terminate)
     try:
+        _run()
+    except SystemExit as e:
+        from ..ops import ranks
+
+        if ranks.joined:  # see ranks.joined: skip the interpreter's teardown, where gloo may abort
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
+        raise
+
+
+def _run() -> None:
+    try:
         app()
     except Exception as e:
         if os.environ.get("CKPTSURGERY_DEBUG"):

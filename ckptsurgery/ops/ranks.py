@@ -23,6 +23,11 @@ from ..errors import CkptError, UsageError
 
 STEPS = ("checked", "written", "committed")
 
+# Whether this process joined a process group. torch 2.13's gloo now and then aborts a process
+# at interpreter exit ("terminate called without an active exception", after the group is
+# destroyed and the work done): the command line then leaves with os._exit (cli.main).
+joined = False
+
 
 def describe(error: BaseException) -> str:
     """An error as the one line the command line would print for it."""
@@ -106,6 +111,8 @@ def ranks_from_environment(environ=os.environ) -> Iterator[Ranks | None]:
         return
     import torch.distributed as dist
 
+    global joined
+    joined = True
     try:
         dist.init_process_group("gloo", init_method="env://")
     except (ValueError, RuntimeError) as e:  # a missing MASTER_ADDR, an unreachable rank 0
