@@ -278,3 +278,17 @@ def test_dry_run_on_ranks_writes_nothing_and_shows_the_split(tmp_path, many_tens
     assert os.listdir(out.parent) == []
     files = [f for r in reports for f in r["files"]]
     assert len(files) == len(set(files)) == reports[0]["shards"] + 1 and reports[0]["files"][-1].endswith(".index.json")
+
+
+def test_force_on_ranks_replaces_an_earlier_sharded_output(cli, tmp_path, many_tensors):
+    """An earlier output of more shards: with --force the ranks write the new set and rank 0
+    removes the old shards the new set does not replace, as one process would."""
+    for folder in ("alone", "shared"):
+        (tmp_path / folder).mkdir()
+        assert cli("convert", many_tensors, "-o", tmp_path / folder / "m.safetensors", "--max-shard-size", "300B").code == 0
+    cli("convert", many_tensors, "-o", tmp_path / "alone" / "m.safetensors", "--max-shard-size", "2KB", "--force")
+    reports = [r for r, _ in convert_on_ranks(2, many_tensors, "-o", tmp_path / "shared" / "m.safetensors",
+                                              "--max-shard-size", "2KB", "--force", cwd=tmp_path)]
+    assert contents(tmp_path / "shared" / "m.safetensors") == contents(tmp_path / "alone" / "m.safetensors")
+    assert sorted(os.listdir(tmp_path / "shared")) == sorted(os.listdir(tmp_path / "alone"))
+    assert reports[0]["removed"] and reports[1]["removed"] == []
