@@ -76,13 +76,16 @@ def run(command: list[str]) -> tuple[float, int]:
 def measure(cases: dict[str, list[str]], runs: int, outputs: list[str]) -> tuple[dict, dict]:
     """Run every case once per round, `runs` rounds, alternating cases within a round so that the
     machine's noise falls on all alike; outputs are removed and the disk synced before each run
-    (neither timed). Median times, max peaks."""
+    (neither timed); a folder among `outputs` is emptied. Median times, max peaks."""
     times: dict[str, list[float]] = {k: [] for k in cases}
     peaks: dict[str, list[int]] = {k: [] for k in cases}
     for _ in range(runs):
         for name, command in cases.items():
             for path in outputs:
-                if os.path.exists(path):
+                if os.path.isdir(path):
+                    for entry in os.listdir(path):
+                        os.unlink(os.path.join(path, entry))
+                elif os.path.exists(path):
                     os.unlink(path)
             os.sync()  # start each run with no dirty pages of the last one still being written back
             elapsed, peak = run(command)

@@ -200,23 +200,46 @@ def assert_one_error_line(result, *fragments, code=1):
         assert fragment in result.err, (fragment, result.err)
 
 
-def run_two_ranks(script, *args, cwd, env=None) -> subprocess.CompletedProcess:
-    """`script ARGS` on two local ranks (torchrun, gloo on 127.0.0.1), tried up to three times:
-    gloo now and then aborts a rank as it shuts down ("terminate called without an active
-    exception") after the work is done."""
-    import socket
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+def run_ranks(count: int, *command, cwd, env=None, expect_failure: bool = False):
+    """`torchrun --nproc-per-node COUNT COMMAND` (gloo on 127.0.0.1, a free port) with this
+    checkout first on PYTHONPATH; COMMAND is a script and its arguments, or "-m", a module and
+    its arguments. Returns (the finished torchrun, [(stdout, stderr)] of each rank in rank order).
+    Tried up to three times: gloo now and then aborts a rank as it shuts down ("terminate called
+    without an active exception") after the work is done. `expect_failure`: a run counts when
+    torchrun fails and no rank crashed."""
+    import glob
+    import socket
+    import tempfile
+
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     for _ in range(3):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                              "127.0.0.1", "--master-port", str(port), str(script), *map(str, args)],
-                             capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
-        if run.returncode == 0:
+        with tempfile.TemporaryDirectory() as logs:
+            run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(count),
+                                  "--master-addr", "127.0.0.1", "--master-port", str(port), "--log-dir", logs,
+                                  "--redirects", "3", *map(str, command)],
+                                 capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+            ranks = []
+            for rank in range(count):
+                found = glob.glob(os.path.join(logs, "*", "attempt_0", str(rank)))
+                read = lambda name: open(os.path.join(found[0], name)).read() if found else ""  # noqa: E731
+                ranks.append((read("stdout.log"), read("stderr.log")))
+        crashed = "terminate called" in run.stderr + "".join(err for _, err in ranks) or "SIGABRT" in run.stderr
+        if (run.returncode != 0 and not crashed) if expect_failure else run.returncode == 0:
             break
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run
+    assert (run.returncode != 0) == expect_failure, run.stderr[-3000:] + "".join(err for _, err in ranks)[-3000:]
+    return run, ranks
+
+
+def run_two_ranks(script, *args, cwd, env=None) -> subprocess.CompletedProcess:
+    """`script ARGS` on two local ranks: see run_ranks."""
+    return run_ranks(2, script, *args, cwd=cwd, env=env)[0]
 
 
 DEEPSPEED_TRAIN = textwrap.dedent("""

@@ -81,6 +81,19 @@ def main() -> None:
     # inspect rescanning it. Cycles are still collected, a hundred thousand allocations apart.
     gc.set_threshold(100_000, 50, 100)
     try:
+        _run()
+    except SystemExit as e:
+        from ..ops import ranks
+
+        if ranks.joined:  # see ranks.joined: skip the interpreter's teardown, where gloo may abort
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
+        raise
+
+
+def _run() -> None:
+    try:
         app()
     except Exception as e:
         if os.environ.get("CKPTSURGERY_DEBUG"):

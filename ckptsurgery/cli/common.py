@@ -21,6 +21,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr but errors.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Report what would be written; write nothing.")]
+JobsOpt = Annotated[Optional[int], typer.Option(
+    "--jobs", "-j", metavar="N", min=1, show_default=False,
+    help="With --max-shard-size: write N shards at once (default: the measured best, see docs/performance.md).")]
 
 
 def examples(*commands: str) -> str:

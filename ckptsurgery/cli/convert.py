@@ -7,10 +7,11 @@ from typing import Annotated, Optional
 import typer
 
 from .. import ops
+from ..ops.ranks import ranks_from_environment
 from ..dtypes import CAST_TARGETS
 from . import app
 from .common import (
-    DryRunOpt, ForceOpt, FormatOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, choice, examples, finish_write, progress_bar,
+    DryRunOpt, ForceOpt, FormatOpt, InputArg, JobsOpt, JsonOpt, OutputOpt, QuietOpt, RootOpt, choice, examples, finish_write, progress_bar,
 )
 
 
@@ -19,8 +20,8 @@ CastTo = choice("CastTo", CAST_TARGETS)
 
 @app.command(epilog=examples(
     "ckptsurgery convert model.pth -o model-bf16.safetensors --dtype bf16",
-    "ckptsurgery convert checkpoints/step-1000 -o model.safetensors",
     "ckptsurgery convert model.safetensors -o resume --format dcp",
+    "ckptsurgery convert big.pth -o out/model.safetensors --max-shard-size 2GB -j 4",
 ))
 def convert(
     input: InputArg,
@@ -28,6 +29,7 @@ def convert(
     dtype: Annotated[Optional[CastTo], typer.Option("--dtype", help="Cast the float16/bfloat16/float32/float64 tensors to this dtype.", show_default=False)] = None,
     max_shard_size: Annotated[Optional[str], typer.Option(
         "--max-shard-size", metavar="SIZE", help="Write Hugging Face-style shards of at most this size (e.g. 2GB) and an index.")] = None,
+    jobs: JobsOpt = None,
     root: RootOpt = None,
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
@@ -36,7 +38,8 @@ def convert(
     quiet: QuietOpt = False,
 ) -> None:
     """Convert between .pth and .safetensors, bit-exact unless --dtype asks for a cast."""
-    with progress_bar(quiet or json) as progress:
+    with ranks_from_environment() as ranks, progress_bar(quiet or json) as progress:
         report = ops.convert(input, output, root=root, dtype=dtype and dtype.value, max_shard_size=max_shard_size,
-                             force=force, dry_run=dry_run, progress=progress, format=format and format.value)
+                             force=force, dry_run=dry_run, progress=progress, format=format and format.value,
+                             jobs=jobs, ranks=ranks)
     finish_write(report, json, quiet)

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from .. import ops
+from ..ops.ranks import ranks_from_environment
 from . import app
 from .common import (
     DryRunOpt, ForceOpt, FormatOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, examples, finish_write, listing, progress_bar,
@@ -30,7 +31,7 @@ def drop(
     quiet: QuietOpt = False,
 ) -> None:
     """Remove keys or whole modules."""
-    with progress_bar(quiet or json) as progress:
+    with ranks_from_environment() as ranks, progress_bar(quiet or json) as progress:
         report = ops.drop_keys(input, output, patterns, root=root, force=force, dry_run=dry_run,
-                               progress=progress, format=format and format.value)
+                               progress=progress, format=format and format.value, ranks=ranks)
     finish_write(report, json, quiet, [listing("dropped", report["dropped"])])

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import ops
+from ..ops.ranks import ranks_from_environment
 from . import app
 from .common import (
     DryRunOpt, ForceOpt, FormatOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, examples, finish_write, listing, progress_bar,
@@ -32,9 +33,9 @@ def filter_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Keep selected keys, or exactly the keys a template has (the `if k in model_dict` recipe)."""
-    with progress_bar(quiet or json) as progress:
+    with ranks_from_environment() as ranks, progress_bar(quiet or json) as progress:
         report = ops.filter_keys(input, output, keep=keep, like=like, root=root, force=force,
-                                 dry_run=dry_run, progress=progress, format=format and format.value)
+                                 dry_run=dry_run, progress=progress, format=format and format.value, ranks=ranks)
     details = [listing("left out", report["left_out"])]
     if report["missing_from_input"]:
         details.append(listing("template keys the input lacks", report["missing_from_input"]))

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import core, ops
+from ..ops.ranks import ranks_from_environment
 from . import app
 from .common import (
     DryRunOpt, ForceOpt, FormatOpt, JsonOpt, OutputOpt, QuietOpt, RootOpt, choice, console, examples, finish_write, listing,
@@ -42,11 +43,11 @@ def merge(
     quiet: QuietOpt = False,
 ) -> None:
     """Combine checkpoints: a plain union, an update of a template (--into), or an average."""
-    with progress_bar(quiet or json) as progress:
+    with ranks_from_environment() as ranks, progress_bar(quiet or json) as progress:
         report = ops.merge(sources, output, into=into, on_mismatch=on_mismatch and on_mismatch.value,
                            on_conflict=on_conflict and on_conflict.value, average=average, weights=weights,
                            root=root, force=force, dry_run=dry_run, progress=progress,
-                           format=format and format.value)
+                           format=format and format.value, ranks=ranks)
     if json:
         print_json(report)
         return

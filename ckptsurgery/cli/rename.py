@@ -10,6 +10,7 @@ import typer
 from typer.core import TyperCommand, TyperOption
 
 from .. import core, ops
+from ..ops.ranks import ranks_from_environment
 from ..errors import CkptError
 from . import app
 from .common import (
@@ -116,9 +117,9 @@ def rename(
     get one name fail the command, with every such pair named."""
     rules = [core.rename_rule(kind, *([_load_map(values[0])] if kind == "map" else values))
              for kind, values in ctx.meta.get(_RULES, [])]
-    with progress_bar(quiet or json) as progress:
+    with ranks_from_environment() as ranks, progress_bar(quiet or json) as progress:
         report = ops.rename_keys(input, output, rules, root=root, force=force, dry_run=dry_run,
-                                 progress=progress, format=format and format.value)
+                                 progress=progress, format=format and format.value, ranks=ranks)
     if dry_run and not json:
         _print_rename_table(report)
     finish_write(report, json, quiet, [f"renamed {len(report['renamed'])} key(s)",

@@ -386,59 +386,95 @@ def flatten(obj: Any) -> list[tuple[str, tuple, Any]]:
     return out
 
 
-def write_dcp(folder: str, obj: Any, *, cast_names: set[str], cast, progress=None,
-              max_file_size: int | None = None) -> list[str]:
-    """Write `obj` (a state dict, possibly nested) as a DCP checkpoint into the empty `folder`:
-    one `.distcp` file (several when `max_file_size` splits them, filled in key order), each
-    value a torch.save archive at its byte range, then `.metadata`, a pickle of torch's own
-    dataclasses that `torch.distributed.checkpoint.load` reads. `cast` applies to the tensors
-    whose flat key is in `cast_names`. Returns the file names written, `.metadata` last."""
-    import pickle
+class DcpWriter:
+    """A DCP checkpoint of `obj` (a state dict, possibly nested), written in parts so that
+    threads or ranks can share the work: the data files, each on its own and in any order
+    (`write_file`), then `.metadata` from where every value landed (`write_metadata`). One
+    `.distcp` file, or several when `max_file_size` splits them, filled in key order; each value
+    a torch.save archive at its byte range. `cast` applies to the tensors whose flat key is in
+    `cast_names`."""
 
-    import torch
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import (
-        BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorProperties,
-        TensorStorageMetadata,
-    )
+    def __init__(self, obj: Any, *, cast_names: set[str], cast, max_file_size: int | None = None):
+        self.entries = flatten(obj)
+        for key, _, value in self.entries:
+            if isinstance(value, TensorRef) and not value.is_plain:
+                raise CkptError(f"{key}: a {value.dtype.name} tensor; DCP checkpoints hold plain tensors only "
+                                f"(write .pth instead)")
+        sizes = [(key, value.nbytes if isinstance(value, TensorRef) else 0) for key, _, value in self.entries]
+        groups = plan_shards(sizes, max_file_size) if max_file_size and sizes else [[k for k, _ in sizes]]
+        self.files = [(f"__0_{number}.distcp", keys) for number, keys in enumerate(groups)]
+        self._values = {key: value for key, _, value in self.entries}
+        self._cast_names, self._cast = cast_names, cast
 
-    entries = flatten(obj)
-    for key, _, value in entries:
-        if isinstance(value, TensorRef) and not value.is_plain:
-            raise CkptError(f"{key}: a {value.dtype.name} tensor; DCP checkpoints hold plain tensors only "
-                            f"(write .pth instead)")
-    sizes = [(key, value.nbytes if isinstance(value, TensorRef) else 0) for key, _, value in entries]
-    groups = plan_shards(sizes, max_file_size) if max_file_size and sizes else [[k for k, _ in sizes]]
-    by_key = {key: (path, value) for key, path, value in entries}
-    state_dict_metadata, storage_data, planner_data, files = {}, {}, {}, []
-    for number, keys in enumerate(groups):
-        name = f"__0_{number}.distcp"
-        files.append(name)
+    def nbytes(self, number: int) -> int:
+        """The tensor bytes of data file `number` (what a progress bar counts)."""
+        return sum(v.nbytes for v in map(self._values.get, self.files[number][1]) if isinstance(v, TensorRef))
+
+    def _stored(self, key: str, value: TensorRef):
+        """(the tensor on its own storage, the dtype it is written in)."""
+        value = standalone(value)
+        return value, cast_target(value.dtype, self._cast) if key in self._cast_names else value.dtype
+
+    def write_file(self, folder: str, number: int, progress=None) -> dict[str, tuple[str, int, int]]:
+        """Write data file `number` into `folder`; return where each of its values lies:
+        key -> (file name, offset, length)."""
+        name, keys = self.files[number]
+        places = {}
         with open(os.path.join(folder, name), "xb") as f:
             for key in keys:
-                path, value = by_key[key]
+                value = self._values[key]
                 offset = f.tell()
                 if isinstance(value, TensorRef):
-                    value = standalone(value)
-                    dtype = cast_target(value.dtype, cast) if key in cast_names else value.dtype
-                    events = write_torch(f, value, cast if dtype is not value.dtype else None, progress,
+                    value, dtype = self._stored(key, value)
+                    events = write_torch(f, value, self._cast if dtype is not value.dtype else None, progress,
                                          cast_only={key: value})
-                    size = torch.Size(value.shape)
-                    state_dict_metadata[key] = TensorStorageMetadata(
-                        TensorProperties(dtype=getattr(torch, dtype.name)), size,
-                        [ChunkStorageMetadata(offsets=torch.Size([0] * len(size)), sizes=size)])
-                    index = MetadataIndex(key, [0] * len(size), 0)
                 else:
                     events = write_torch(f, value)
-                    state_dict_metadata[key] = BytesStorageMetadata()
-                    index = MetadataIndex(key)
                 if events:  # torch's DCP loader reads values with weights_only=False: they would run
                     raise CkptError(f"{key}: holds {events[0].qualname()}, which torch's DCP loader would import "
                                     f"and run (it unpickles values unrestricted); write .pth, or drop the entry")
-                storage_data[index] = _StorageInfo(name, offset, f.tell() - offset)
-                planner_data[key] = path
-    metadata = Metadata(state_dict_metadata=state_dict_metadata, planner_data=planner_data,
-                        storage_data=storage_data, storage_meta=StorageMeta(), version=DCP_VERSION)
-    with open(os.path.join(folder, METADATA), "xb") as f:
-        f.write(pickle.dumps(metadata, protocol=4))
-    return files + [METADATA]
+                places[key] = (name, offset, f.tell() - offset)
+        return places
+
+    def write_metadata(self, folder: str, places: dict[str, tuple[str, int, int]]) -> None:
+        """`.metadata`, a pickle of torch's own dataclasses that `torch.distributed.checkpoint.load`
+        reads, once every data file is written (`places`: what write_file returned, merged)."""
+        import pickle
+
+        import torch
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+        from torch.distributed.checkpoint.metadata import (
+            BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorProperties,
+            TensorStorageMetadata,
+        )
+
+        state_dict_metadata, storage_data, planner_data = {}, {}, {}
+        for key, path, value in self.entries:  # key order, whichever thread or rank wrote the value
+            if isinstance(value, TensorRef):
+                value, dtype = self._stored(key, value)
+                size = torch.Size(value.shape)
+                state_dict_metadata[key] = TensorStorageMetadata(
+                    TensorProperties(dtype=getattr(torch, dtype.name)), size,
+                    [ChunkStorageMetadata(offsets=torch.Size([0] * len(size)), sizes=size)])
+                index = MetadataIndex(key, [0] * len(size), 0)
+            else:
+                state_dict_metadata[key] = BytesStorageMetadata()
+                index = MetadataIndex(key)
+            storage_data[index] = _StorageInfo(*places[key])
+            planner_data[key] = path
+        metadata = Metadata(state_dict_metadata=state_dict_metadata, planner_data=planner_data,
+                            storage_data=storage_data, storage_meta=StorageMeta(), version=DCP_VERSION)
+        with open(os.path.join(folder, METADATA), "xb") as f:
+            f.write(pickle.dumps(metadata, protocol=4))
+
+
+def write_dcp(folder: str, obj: Any, *, cast_names: set[str], cast, progress=None,
+              max_file_size: int | None = None) -> list[str]:
+    """Write `obj` as a DCP checkpoint into the empty `folder`, file after file, then `.metadata`
+    (see DcpWriter). Returns the file names written, `.metadata` last."""
+    writer = DcpWriter(obj, cast_names=cast_names, cast=cast, max_file_size=max_file_size)
+    places = {}
+    for number in range(len(writer.files)):
+        places.update(writer.write_file(folder, number, progress))
+    writer.write_metadata(folder, places)
+    return [name for name, _ in writer.files] + [METADATA]

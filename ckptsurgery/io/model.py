@@ -8,6 +8,7 @@ import gc
 import math
 import mmap
 import os
+import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,9 +48,26 @@ def collection_paused() -> Iterator[None]:
 
 # Descriptors: a mapped file keeps one (mmap's own copy); a file opened for copy_file_range one
 # more, and at most this many of those stay open at once — a DCP folder from 1000 ranks is 1000
-# data files, and the usual limit is 1024 descriptors.
+# data files, and the usual limit is 1024 descriptors. Writer threads (--jobs) share the table:
+# `_open_lock` guards it, and a descriptor in use by one thread is never closed by another (so
+# at most MAX_OPEN_FILES plus one per thread are open).
 MAX_OPEN_FILES = 64
 _open_files: "OrderedDict[int, MappedFile]" = OrderedDict()
+_open_lock = threading.Lock()
+
+
+def _close_unused_descriptors() -> None:
+    """Close the least recently used descriptors beyond MAX_OPEN_FILES that no thread is using.
+    The caller holds `_open_lock`."""
+    excess = len(_open_files) - MAX_OPEN_FILES
+    for mapped in list(_open_files.values()):  # oldest first
+        if excess <= 0:
+            break
+        if mapped._users == 0:
+            mapped._file.close()
+            mapped._file = None
+            del _open_files[id(mapped)]
+            excess -= 1
 
 
 class MappedFile:
@@ -59,7 +77,9 @@ class MappedFile:
         self.path = path
         self.size = os.path.getsize(path)
         self._file = None
+        self._users = 0  # threads inside descriptor(): the descriptor stays open while > 0
         self._map: mmap.mmap | None = None
+        self._map_lock = threading.Lock()
 
     def view(self, offset: int, nbytes: int) -> memoryview:
         if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
@@ -71,27 +91,37 @@ class MappedFile:
     def buffer(self) -> mmap.mmap:
         """The whole file, mapped read-only (the file must not be empty)."""
         if self._map is None:
-            with open(self.path, "rb") as f:  # the map keeps a descriptor of its own
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            with self._map_lock:  # two writer threads must not map it twice
+                if self._map is None:
+                    with open(self.path, "rb") as f:  # the map keeps a descriptor of its own
+                        self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._map
 
-    def fileno(self) -> int:
-        """A descriptor of the file (for copy_file_range), valid until the next call on another
-        MappedFile: only the most recently used few stay open."""
-        _open_files.pop(id(self), None)
-        if self._file is None:
-            self._file = open(self.path, "rb")
-        _open_files[id(self)] = self
-        while len(_open_files) > MAX_OPEN_FILES:
-            _, oldest = _open_files.popitem(last=False)
-            oldest._close_file()
-        return self._file.fileno()
+    @contextmanager
+    def descriptor(self) -> Iterator[int]:
+        """A descriptor of the file (for copy_file_range), open until the block ends whatever
+        other threads open meanwhile; after it, only the most recently used few stay open."""
+        with _open_lock:
+            if self._file is None:
+                self._file = open(self.path, "rb")
+            _open_files.pop(id(self), None)
+            _open_files[id(self)] = self  # the most recently used last
+            self._users += 1
+            fd = self._file.fileno()
+            _close_unused_descriptors()
+        try:
+            yield fd
+        finally:
+            with _open_lock:
+                self._users -= 1
+                _close_unused_descriptors()
 
     def _close_file(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        _open_files.pop(id(self), None)
+        with _open_lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            _open_files.pop(id(self), None)
 
     def close(self) -> None:
         if self._map is not None:

@@ -144,8 +144,7 @@ class StagedOutputs:
         self._staged: list[tuple[str, str]] = []  # (temporary, final)
         self._remove = list(remove)
 
-    @contextmanager
-    def stage_folder(self, path: str) -> Iterator[str]:
+    def stage_folder(self, path: str) -> str:
         """A new folder beside `path`, filled by the caller, renamed into place by commit(); an
         old folder there (checked by the caller) is set aside first and removed after."""
         folder, name = os.path.split(os.path.abspath(path))
@@ -155,7 +154,23 @@ class StagedOutputs:
         except OSError as e:
             raise CkptError(f"{path}: cannot write ({e.strerror or e}); nothing was written") from None
         self._staged.append((temp, path))
-        yield temp
+        return temp
+
+    @property
+    def staged(self) -> list[tuple[str, str]]:
+        """(temporary, final) of every file staged so far."""
+        return list(self._staged)
+
+    def adopt(self, pairs: list[tuple[str, str]], order: list[str]) -> None:
+        """Take on files other processes staged (the other ranks of a torchrun job), to commit or
+        remove with ours; commit() renames them all in `order` (final paths: an index last)."""
+        position = {path: i for i, path in enumerate(order)}
+        self._staged = sorted({*self._staged, *pairs}, key=lambda pair: position[pair[1]])
+
+    def hand_over(self) -> None:
+        """Forget the staged files: another process (rank 0) now renames or removes them."""
+        self._staged.clear()
+        self._remove.clear()
 
     @contextmanager
     def stage(self, path: str) -> Iterator[BinaryIO]:
@@ -165,7 +180,7 @@ class StagedOutputs:
         temp = os.path.join(folder, f".{name}.{secrets.token_hex(8)}.ckptsurgery-tmp")
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-            self._staged.append((temp, path))  # only now is it ours to remove
+            self._staged.append((temp, path))  # only now is it ours to remove (writer threads append at once)
             with os.fdopen(fd, "wb") as f:
                 yield f
         except OSError as e:
@@ -391,7 +406,8 @@ def _write_range(f: BinaryIO, source, start: int, nbytes: int, progress: Progres
     for leaf, offset, size in _leaf_ranges(source, start, nbytes):
         if isinstance(leaf, MappedFile):
             if size:
-                _copy_range(leaf.fileno(), offset, size, f, progress)
+                with leaf.descriptor() as fd:
+                    _copy_range(fd, offset, size, f, progress)
         else:
             for chunk in _chunks(leaf.view(offset, size), progress):
                 f.write(chunk)

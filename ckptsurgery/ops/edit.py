@@ -9,6 +9,7 @@ from collections import OrderedDict
 from .. import core
 from ..errors import CkptError, UsageError
 from ..io import Checkpoint, open_checkpoint
+from .ranks import Ranks
 from .write import ProgressFactory, write_checkpoint
 
 
@@ -24,7 +25,8 @@ def _subset(ckpt: Checkpoint, names: list[str]) -> tuple[OrderedDict, OrderedDic
 
 def filter_keys(input: str, output: str, *, keep: list[str] | None = None, like: str | None = None,
                 root: str | None = None, force: bool = False, dry_run: bool = False,
-                progress: ProgressFactory | None = None, format: str | None = None) -> dict:
+                progress: ProgressFactory | None = None, format: str | None = None,
+                ranks: Ranks | None = None) -> dict:
     """Keep the keys that patterns select, or exactly the keys a template checkpoint has
     (`{k: v for k, v in pretrained.items() if k in model_dict}`)."""
     if bool(keep) == bool(like):
@@ -44,7 +46,7 @@ def filter_keys(input: str, output: str, *, keep: list[str] | None = None, like:
                                 f"(different prefixes? see `ckptsurgery rename` or `merge --into`)")
         kept, others = _subset(ckpt, names)
         report = write_checkpoint(ckpt, kept, output, others=others, force=force, dry_run=dry_run,
-                                  progress=progress, format=format)
+                                  progress=progress, format=format, ranks=ranks)
     chosen = set(names)
     report.update(kept=names, left_out=[k for k in _keys(ckpt) if k not in chosen],
                   missing_from_input=missing)
@@ -53,21 +55,21 @@ def filter_keys(input: str, output: str, *, keep: list[str] | None = None, like:
 
 def drop_keys(input: str, output: str, patterns: list[str], *, root: str | None = None,
               force: bool = False, dry_run: bool = False, progress: ProgressFactory | None = None,
-              format: str | None = None) -> dict:
+              format: str | None = None, ranks: Ranks | None = None) -> dict:
     """Remove the keys (or whole modules) that patterns select."""
     with open_checkpoint(input, root) as ckpt:
         dropped = core.select(_keys(ckpt), patterns)
         gone = set(dropped)
         kept, others = _subset(ckpt, [k for k in _keys(ckpt) if k not in gone])
         report = write_checkpoint(ckpt, kept, output, others=others, force=force, dry_run=dry_run,
-                                  progress=progress, format=format)
+                                  progress=progress, format=format, ranks=ranks)
     report.update(dropped=dropped, kept=[*kept, *others])
     return report
 
 
 def rename_keys(input: str, output: str, rules: list[core.RenameRule], *, root: str | None = None,
                 force: bool = False, dry_run: bool = False, progress: ProgressFactory | None = None,
-                format: str | None = None) -> dict:
+                format: str | None = None, ranks: Ranks | None = None) -> dict:
     """Rename keys by rules; refuse, before writing anything, if two keys would share a name."""
     with open_checkpoint(input, root) as ckpt:
         names, untouched = core.plan_rename(_keys(ckpt), rules)
@@ -75,6 +77,6 @@ def rename_keys(input: str, output: str, rules: list[core.RenameRule], *, root: 
         others = OrderedDict((names[k], v) for k, v in ckpt.others.items())
         # _metadata holds module versions by the old module names: stale after a rename
         report = write_checkpoint(ckpt, renamed, output, keep_metadata=False, others=others,
-                                  force=force, dry_run=dry_run, progress=progress, format=format)
+                                  force=force, dry_run=dry_run, progress=progress, format=format, ranks=ranks)
     report.update(renamed={old: new for old, new in names.items() if old != new}, untouched=untouched)
     return report

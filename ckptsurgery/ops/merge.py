@@ -12,6 +12,7 @@ from ..dtypes import convertible
 from ..errors import CkptError, UsageError
 from ..io import Checkpoint, TensorRef, open_checkpoint
 from ..io.model import computed_tensor
+from .ranks import Ranks
 from .write import ProgressFactory, write_checkpoint
 
 
@@ -191,7 +192,7 @@ def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: s
 def merge(sources: list[str], output: str, *, into: str | None = None, on_mismatch: str | None = None,
           on_conflict: str | None = None, average: bool = False, weights: str | list[float] | None = None,
           root: str | None = None, force: bool = False, dry_run: bool = False,
-          progress: ProgressFactory | None = None, format: str | None = None) -> dict:
+          progress: ProgressFactory | None = None, format: str | None = None, ranks: Ranks | None = None) -> dict:
     """Three modes: plain union (`on_conflict`, default error), `into` a template (`on_mismatch`,
     default error), `average` (`weights`, default equal). An option of another mode is refused."""
     if into is not None and average:
@@ -224,7 +225,8 @@ def merge(sources: list[str], output: str, *, into: str | None = None, on_mismat
             merged, others, details = _plain_union(ckpts, on_conflict)
             base, mode = ckpts[0], "union"
         report = write_checkpoint(base, merged, output, others=others, inputs=[*ckpts, base],
-                                  force=force, dry_run=dry_run, progress=progress, format=format)
+                                  force=force, dry_run=dry_run, progress=progress, format=format,
+                                  ranks=ranks)
     del report["input"]  # several inputs: `sources` and `template` name them
     report.update(mode=mode, sources=list(sources), **({"template": into} if into is not None else {}), **details)
     return report

@@ -1,24 +1,28 @@
 """The one way every operation writes: `write_checkpoint` plans the output (format, casts, tied
 names, shards, what is left out), refuses what cannot be written before anything is, and
-streams the tensors through the writers of `io/write.py`."""
+streams the tensors through the writers of `io/write.py` — `jobs` shards at once, in threads,
+and under torchrun each rank its share of them (`ranks.py`)."""
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 from collections import OrderedDict
-from typing import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import Any, Callable
 
 from ..dtypes import DType
 from ..errors import CkptError, UsageError
 from ..io import Checkpoint, TensorRef
-from ..io.dcp import check_dcp_writable, write_dcp
+from ..io.dcp import METADATA, DcpWriter, check_dcp_writable
 from ..io.pickler import PickleRefused
 from ..io.tree import extras
 from ..io.write import (
     StagedOutputs, cast_target, castable_storages, check_safetensors, check_writable, output_format,
     plan_safetensors, plan_shards, shard_names, torch_payload, write_safetensors, write_torch,
 )
+from .ranks import Ranks
 
 # progress(total_bytes, label) -> advance(n_bytes): how the CLI shows a bar; None shows none
 ProgressFactory = Callable[[int, str], Callable[[int], None]]
@@ -39,28 +43,136 @@ def _write(f, fmt: str, ckpt: Checkpoint, tensors: dict[str, TensorRef], cast: D
 
 FORMATS = ("dcp",)  # what --format chooses; the others follow the output's extension
 
+MAX_DEFAULT_JOBS = 4  # more threads than this only add tensors in flight and seeks on one disk
+
+
+def default_jobs(environ=os.environ) -> int:
+    """Shards written at once when --jobs is not given: one per core this process may use (a
+    torchrun job's ranks on one machine share them), at most MAX_DEFAULT_JOBS. Measured in
+    docs/performance.md ("Many shards"): writing .pth shards (a CRC-32 of every byte) scales with
+    the cores, safetensors shards (kernel copies) gain a little, more threads than cores lose."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        ranks_here = max(1, int(environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        ranks_here = 1
+    return max(1, min(MAX_DEFAULT_JOBS, cores // ranks_here))
+
+
+def _jobs(jobs: int | None, max_shard_size: int | None) -> int:
+    """The number of shards to write at once; --jobs is refused where there is one file."""
+    if jobs is None:
+        return default_jobs()
+    if type(jobs) is not int or jobs < 1:
+        raise UsageError(f"--jobs {jobs!r}: give a number of shards to write at once, 1 or more")
+    if max_shard_size is None:
+        raise UsageError("--jobs applies to sharded outputs only (give --max-shard-size): one file is written "
+                         "by one thread")
+    return jobs
+
+
+class _Stopped(Exception):
+    """Raised in a writer thread at its next progress tick once another thread has failed."""
+
+
+def _run_concurrently(tasks: list[Callable[[Any], Any]], jobs: int, progress) -> list:
+    """Run `tasks` (each called with a progress callback), at most `jobs` at once in threads —
+    copy_file_range, file writes and CRCs release the GIL — and return their results in order.
+    A failure (or Ctrl-C) stops the others at their next tick, and is raised only once every
+    thread has stopped: nothing is still writing when the caller removes the staged files."""
+    if jobs == 1 or len(tasks) <= 1:
+        return [task(progress) for task in tasks]
+    stop = threading.Event()
+
+    def tick(n: int) -> None:
+        if stop.is_set():
+            raise _Stopped
+        if progress:
+            progress(n)
+
+    pool = ThreadPoolExecutor(max_workers=min(jobs, len(tasks)), thread_name_prefix="ckptsurgery-write")
+    futures = [pool.submit(task, tick) for task in tasks]
+    try:
+        wait(futures, return_when=FIRST_EXCEPTION)
+    finally:
+        stop.set()  # after a success every task is done already
+        pool.shutdown(wait=True, cancel_futures=True)
+    for future in futures:
+        error = None if future.cancelled() else future.exception()
+        if error is not None and not isinstance(error, _Stopped):
+            raise error
+    return [future.result() for future in futures]
+
+
+def _mine(count: int, ranks: Ranks | None) -> list[int]:
+    """The output files (numbered in the output's order) this process writes: all of them, or
+    under torchrun file i when i % WORLD_SIZE is its rank."""
+    return [i for i in range(count) if ranks is None or ranks.owns(i)]
+
+
+def _commit_together(outputs: StagedOutputs, ranks: Ranks | None, order: list[str]) -> None:
+    """Under torchrun, once every rank has staged its files, rank 0 renames them all into place
+    in `order` (the index last) and the others learn that it did; alone, leaving the
+    StagedOutputs block commits."""
+    if ranks is None:
+        return
+    staged = ranks.step("written", outputs.staged)
+    if ranks.leader:
+        outputs.adopt([pair for pairs in staged for pair in pairs], order)
+        outputs.commit()
+    else:
+        outputs.hand_over()
+    ranks.step("committed")
+
+
+def _label(ranks: Ranks | None, output: str) -> str:
+    where = f" (rank {ranks.rank})" if ranks else ""
+    return f"writing {os.path.basename(output)}{where}"
+
 
 def _write_dcp(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: str, cast: DType | None,
-               max_shard_size: int | None, force: bool, dry_run: bool, progress, others: dict) -> dict:
+               max_shard_size: int | None, force: bool, dry_run: bool, progress, others: dict,
+               jobs: int, ranks: Ranks | None) -> dict:
     """A DCP folder: the whole checkpoint (the state dict and what lies outside its root), each
-    entry under its flattened key."""
+    entry under its flattened key. Under torchrun rank 0 stages the folder, every rank writes
+    its data files into it, and rank 0 writes .metadata and renames the folder into place."""
     check_dcp_writable(output, force)
     payload = torch_payload(ckpt, tensors, keep_metadata=False, others=others)
     prefix = f"{ckpt.root}." if ckpt.root else ""
     stored = [(n, t, cast_target(t.dtype, cast)) for n, t in tensors.items()]
+    writer = DcpWriter(payload, cast_names={prefix + n for n in tensors}, cast=cast, max_file_size=max_shard_size)
+    leader = ranks is None or ranks.leader
+    mine = _mine(len(writer.files), ranks)
     report = {
         "input": ckpt.path, "output": output, "format": "dcp", "root": ckpt.root, "tensors": len(tensors),
         "total_bytes": sum(t.numel * d.itemsize for _, t, d in stored), "dtype": cast.name if cast else None,
         "kept_dtype": [n for n, t, d in stored if cast and d is not cast], "tied": {}, "extras_left_out": [],
         "files": [output], "dry_run": dry_run, "removed": [],
     }
+    if ranks:
+        report.update(files=[os.path.join(output, writer.files[i][0]) for i in mine]
+                      + ([os.path.join(output, METADATA)] if leader else []), rank=ranks.rank,
+                      world_size=ranks.world_size)
     if dry_run:
         return report
-    tick = progress(report["total_bytes"], f"writing {os.path.basename(output)}") if progress else None
-    with StagedOutputs() as outputs, outputs.stage_folder(output) as folder:
-        written = write_dcp(folder, payload, cast_names={prefix + n for n in tensors}, cast=cast, progress=tick,
-                            max_file_size=max_shard_size)
-    report["files"] = [os.path.join(output, name) for name in written]
+    share = sum(writer.nbytes(i) for i in mine)
+    tick = progress(share, _label(ranks, output)) if progress else None
+    with StagedOutputs() as outputs:
+        folder = outputs.stage_folder(output) if leader else None
+        if ranks:
+            folder = ranks.step("checked", folder)[0]
+        tasks = [lambda advance, i=i: writer.write_file(folder, i, advance) for i in mine]
+        places = {key: place for found in _run_concurrently(tasks, jobs, tick) for key, place in found.items()}
+        if ranks:
+            places = {key: place for found in ranks.step("written", places) for key, place in found.items()}
+        if leader:
+            writer.write_metadata(folder, places)  # last: the folder is whole only with it
+        if ranks:
+            if leader:
+                outputs.commit()
+            ranks.step("committed")
+    if not ranks:
+        report["files"] = [os.path.join(output, name) for name, _ in writer.files] + [os.path.join(output, METADATA)]
     return report
 
 
@@ -68,18 +180,22 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: st
                      cast: DType | None = None, max_shard_size: int | None = None, force: bool = False,
                      dry_run: bool = False, progress: ProgressFactory | None = None,
                      keep_metadata: bool = True, others: dict | None = None,
-                     inputs: list[Checkpoint] | None = None, format: str | None = None) -> dict:
+                     inputs: list[Checkpoint] | None = None, format: str | None = None,
+                     jobs: int | None = None, ranks: Ranks | None = None) -> dict:
     """Write `tensors` (the state dict, possibly edited) of `ckpt` to `output`; return a report.
     Entries outside the root, and `others` (the root's non-tensor entries, by default the
     checkpoint's own), travel with .pth and DCP outputs; safetensors holds tensors only.
     `inputs`: every checkpoint whose contents the output holds (by default `ckpt`), for the rule
     that an output never runs more than its inputs. `format`: "dcp" writes a DCP folder at
-    `output`; by default the output's extension decides."""
+    `output`; by default the output's extension decides. `jobs`: shards written at once (with
+    `max_shard_size` only). `ranks`: this process's place in a torchrun job (`ranks_from_environment`),
+    which writes its share of the files; its report lists those in `files`."""
     if format is not None and format not in FORMATS:
         raise UsageError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
+    jobs = _jobs(jobs, max_shard_size)
     if format == "dcp":
         return _write_dcp(ckpt, tensors, output, cast, max_shard_size, force, dry_run, progress,
-                          ckpt.others if others is None else others)
+                          ckpt.others if others is None else others, jobs, ranks)
     inputs = [ckpt] if inputs is None else inputs
     fmt = output_format(output)
     others = ckpt.others if others is None else others
@@ -108,33 +224,45 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: st
         "extras_left_out": outside if fmt == "safetensors" or len(shards) > 1 else [],
         "files": [output], "dry_run": dry_run,
     }
-    files, index = shard_names(output, len(shards))
-    if len(shards) > 1:
-        report["files"] = files + [index]
+    sharded = len(shards) > 1
+    files, index = shard_names(output, len(shards)) if sharded else ([output], None)
+    everything = files + [index] if sharded else files
+    report["files"] = everything
+    if sharded:
         report["shards"] = len(shards)
     # an earlier sharded output named after OUT: its shards that this write does not replace go
-    report["removed"] = check_writable(report["files"], force, index)
+    report["removed"] = check_writable(everything, force, output + ".index.json")
+    leader = ranks is None or ranks.leader
+    mine = _mine(len(files), ranks)
+    if ranks:  # a single file is file 0: rank 0 writes it, and the index
+        report.update(files=[files[i] for i in mine] + ([index] if sharded and leader else []),
+                      removed=report["removed"] if leader else [], rank=ranks.rank, world_size=ranks.world_size)
     if dry_run:
         return report
-    tick = progress(total, f"writing {os.path.basename(output)}") if progress else None
-    with StagedOutputs(remove=report["removed"]) as outputs:
-        if len(shards) == 1:
-            with outputs.stage(output) as f:
-                _write(f, fmt, ckpt, tensors, cast, tick, whole=True, keep_metadata=keep_metadata,
-                       others=others, inputs=inputs)
-            return report
-        # each shard holds its tensors plus the tied names that point at them
-        owner = report["tied"]
-        weight_map = {}
-        for path, names in zip(files, shards):
-            members = set(names)
-            part = OrderedDict((n, t) for n, t in tensors.items() if owner.get(n, n) in members)
-            with outputs.stage(path) as f:
-                _write(f, fmt, ckpt, part, cast, tick, whole=False, keep_metadata=keep_metadata,
-                       others=others, inputs=inputs)
-            weight_map.update((n, os.path.basename(path)) for n in part)
-        # key order, not sorted as Hugging Face writes it: reading back keeps the model's order
-        body = {"metadata": {"total_size": total}, "weight_map": {n: weight_map[n] for n in tensors}}
-        with outputs.stage(index) as f:
-            f.write((json.dumps(body, indent=2) + "\n").encode())
+    # each shard holds its tensors plus the tied names that point at them
+    owner = report["tied"]
+    shard_of = {name: number for number, names in enumerate(shards) for name in names}
+    parts = [OrderedDict() for _ in shards]
+    for name, t in tensors.items():
+        parts[shard_of[owner.get(name, name)]][name] = t
+    size_of = dict(sizes)
+    share = sum(size_of[name] for i in mine for name in shards[i])
+    tick = progress(share, _label(ranks, output)) if progress else None
+    with StagedOutputs(remove=report["removed"] if leader else []) as outputs:
+        if ranks:
+            ranks.step("checked")
+
+        def write_file(number: int, advance) -> None:
+            with outputs.stage(files[number]) as f:
+                _write(f, fmt, ckpt, tensors if not sharded else parts[number], cast, advance, whole=not sharded,
+                       keep_metadata=keep_metadata, others=others, inputs=inputs)
+
+        _run_concurrently([lambda advance, i=i: write_file(i, advance) for i in mine], jobs, tick)
+        if sharded and leader:
+            # key order, not sorted as Hugging Face writes it: reading back keeps the model's order
+            weight_map = {name: os.path.basename(files[shard_of[owner.get(name, name)]]) for name in tensors}
+            body = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            with outputs.stage(index) as f:
+                f.write((json.dumps(body, indent=2) + "\n").encode())
+        _commit_together(outputs, ranks, everything)
     return report

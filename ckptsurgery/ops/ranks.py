@@ -1,0 +1,138 @@
+"""Several processes writing one output together, under torchrun: every rank reads the inputs
+and plans the output identically, writes its share of the files (file `i` is rank `i %
+WORLD_SIZE`'s), and the ranks agree through a gloo process group at three fixed steps:
+
+- `checked`:   the output may be written (every rank checked it; rank 0 may hand the others
+               something, the staged DCP folder they write into);
+- `written`:   every rank has staged its files (they hand rank 0 their staged names);
+- `committed`: rank 0 has renamed everything into place, the index or `.metadata` last.
+
+Every rank takes part in every step, even one that failed earlier: a failing rank casts its
+error in the steps it has not reached (`finish`), so the others learn of it at their next step
+instead of waiting for it. The first step that carries an error ends the protocol on all ranks
+alike: each removes what it staged and fails with one line naming the rank. torch.distributed is
+imported only here, and only when WORLD_SIZE > 1."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from ..errors import CkptError, UsageError
+
+STEPS = ("checked", "written", "committed")
+
+# Whether this process joined a process group. torch 2.13's gloo now and then aborts a process
+# at interpreter exit ("terminate called without an active exception", after the group is
+# destroyed and the work done): the command line then leaves with os._exit (cli.main).
+joined = False
+
+
+def describe(error: BaseException) -> str:
+    """An error as the one line the command line would print for it."""
+    if isinstance(error, CkptError):
+        return str(error)
+    if isinstance(error, OSError) and error.filename:
+        return f"{error.filename}: {error.strerror or error}"
+    return f"{type(error).__name__}: {error}"
+
+
+class Ranks:
+    """This process's place in a torchrun job, and the three steps where the ranks agree.
+    `exchange(value)` gives every rank's value, in rank order (an all-gather)."""
+
+    def __init__(self, rank: int, world_size: int, exchange: Callable[[Any], list]):
+        self.rank, self.world_size = rank, world_size
+        self._exchange = exchange
+        self._next = 0  # the step this rank reaches next
+        self._over = False  # a step carried an error: no rank takes another
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0: it checks what the others cannot share, renames everything into place and
+        writes the index or .metadata."""
+        return self.rank == 0
+
+    def owns(self, number: int) -> bool:
+        """Whether this rank writes output file `number` (0-based, in the output's order)."""
+        return number % self.world_size == self.rank
+
+    def step(self, name: str, value: Any = None) -> list:
+        """Reach step `name` with `value`; every rank's value, in rank order. Raises if a rank
+        failed before reaching it."""
+        return self._vote(name, None, value)
+
+    def finish(self, error: BaseException | None) -> None:
+        """Cast the steps this rank has not reached: as failed with `error`, or (a dry run, a
+        rank with nothing left to do) as done — and then learn whether another rank failed."""
+        message = None if error is None else describe(error)
+        while not self._over and self._next < len(STEPS):
+            self._vote(STEPS[self._next], message, None)
+
+    def _vote(self, name: str, error: str | None, value: Any) -> list:
+        if self._over or STEPS[self._next] != name:
+            raise RuntimeError(f"step {name!r} out of order (next: {STEPS[self._next:]}, over: {self._over})")
+        self._next += 1
+        try:
+            answers = self._exchange((error, value))
+        except Exception as e:  # a rank died, or the network between them
+            self._over = True
+            raise CkptError(f"rank {self.rank}: lost contact with the other ranks at step {name!r} ({e}); "
+                            f"nothing was written") from None
+        failed = [(rank, message) for rank, (message, _) in enumerate(answers) if message is not None]
+        if failed:
+            self._over = True
+            if error is None:
+                rank, message = failed[0]
+                raise CkptError(f"rank {rank} of {self.world_size} failed, so nothing was written: {message}")
+        return [value for _, value in answers]
+
+
+def world_size(environ=os.environ) -> int:
+    """WORLD_SIZE as torchrun sets it; 1 when it is not set."""
+    text = environ.get("WORLD_SIZE", "1")
+    try:
+        size = int(text)
+    except ValueError:
+        raise UsageError(f"WORLD_SIZE={text!r} is not a number (torchrun sets it)") from None
+    if size < 1:
+        raise UsageError(f"WORLD_SIZE={text!r} must be 1 or more")
+    return size
+
+
+@contextmanager
+def ranks_from_environment(environ=os.environ) -> Iterator[Ranks | None]:
+    """The ranks of the torchrun job this process is part of (a gloo process group from
+    MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE), or None when WORLD_SIZE is 1 or unset.
+    The block's failure is cast to the other ranks; its success waits for theirs."""
+    if world_size(environ) == 1:
+        yield None
+        return
+    import torch.distributed as dist
+
+    global joined
+    joined = True
+    try:
+        dist.init_process_group("gloo", init_method="env://")
+    except (ValueError, RuntimeError) as e:  # a missing MASTER_ADDR, an unreachable rank 0
+        raise CkptError(f"cannot join the other ranks ({e})") from None
+
+    def exchange(value: Any) -> list:
+        answers = [None] * dist.get_world_size()
+        dist.all_gather_object(answers, value)
+        return answers
+
+    ranks = Ranks(dist.get_rank(), dist.get_world_size(), exchange)
+    try:
+        try:
+            yield ranks
+        except Exception as e:
+            try:
+                ranks.finish(e)
+            except CkptError:  # the others are out of reach: this rank's own error says more
+                pass
+            raise
+        ranks.finish(None)
+    finally:  # Ctrl-C and SIGTERM leave at once: torchrun stops the other ranks too
+        dist.destroy_process_group()

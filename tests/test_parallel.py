@@ -1,0 +1,294 @@
+"""Parallel writing: `--jobs N` shards written by threads, and the same command under torchrun
+with the shards split between ranks. Both must write exactly what one process writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from ckptsurgery.io import model
+from ckptsurgery.io.model import MappedFile
+from conftest import assert_one_error_line, assert_same_tensors, load_any, run_ranks
+
+
+# ---- the descriptor table under threads --------------------------------------------------------
+
+def test_a_descriptor_in_use_is_never_closed_by_another_thread(tmp_path, monkeypatch):
+    """Ten files, room for two descriptors, eight threads reading through them: each read must
+    get its own file's bytes (a descriptor closed under a thread gives EBADF, or, its number
+    reused, another file's bytes)."""
+    monkeypatch.setattr(model, "MAX_OPEN_FILES", 2)
+    rng = random.Random(0)
+    files = []
+    for i in range(10):
+        data = rng.randbytes(1 << 16)
+        (tmp_path / f"f{i}").write_bytes(data)
+        files.append((MappedFile(str(tmp_path / f"f{i}")), data))
+    failures = []
+
+    def read(seed: int) -> None:
+        pick = random.Random(seed)
+        try:
+            for _ in range(400):
+                mapped, data = pick.choice(files)
+                with mapped.descriptor() as fd:
+                    start = pick.randrange(len(data) - 64)
+                    os.sched_yield()  # let the others open and close files meanwhile
+                    if os.pread(fd, 64, start) != data[start : start + 64]:
+                        failures.append(f"wrong bytes from {mapped.path}")
+        except OSError as e:
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=read, args=(seed,)) for seed in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert len(model._open_files) <= 2  # once nobody uses them, the table shrinks back to its limit
+    for mapped, _ in files:
+        mapped.close()
+    assert model._open_files == {}
+
+
+# ---- --jobs: shards written at once ------------------------------------------------------------
+
+@pytest.fixture
+def many_tensors(tmp_path):
+    """A training checkpoint of 14 small tensors in several dtypes, a tied pair and a transposed
+    view: `--max-shard-size 1KB` makes about ten shards of it."""
+    torch.manual_seed(0)
+    sd = OrderedDict()
+    for i in range(10):
+        sd[f"blocks.{i}.weight"] = torch.randn(8, 8 + i).to(torch.bfloat16 if i % 3 == 0 else torch.float32)
+    sd["embed.weight"] = torch.randn(12, 6)
+    sd["head.weight"] = sd["embed.weight"]  # tied
+    sd["ids"] = torch.arange(20)
+    sd["transposed"] = torch.randn(6, 5).t()
+    path = tmp_path / "train.pth"
+    torch.save({"state_dict": sd, "epoch": 3}, path)
+    return path
+
+
+def contents(path) -> dict[str, bytes]:
+    """Every file an output is made of (a file, its shards and index, or a DCP folder), by name."""
+    path = str(path)
+    if os.path.isdir(path):
+        return {name: open(os.path.join(path, name), "rb").read() for name in sorted(os.listdir(path))}
+    folder, name = os.path.split(path)
+    stem = os.path.splitext(name)[0]
+    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))
+            if n == name or n.startswith(stem + "-") or n == name + ".index.json"}
+
+
+OUTPUTS = [("model.safetensors", []), ("model.pth", []), ("dcp", ["--format", "dcp"])]
+
+
+@pytest.mark.parametrize("name, extra", OUTPUTS, ids=["safetensors", "pth", "dcp"])
+def test_jobs_write_exactly_what_one_job_writes(cli, tmp_path, many_tensors, name, extra):
+    outputs = {}
+    for jobs in (1, 2, 3):
+        out = tmp_path / f"j{jobs}" / name
+        out.parent.mkdir()
+        result = cli("convert", many_tensors, "-o", out, "--max-shard-size", "1KB", "--jobs", jobs, *extra, "--json")
+        assert result.code == 0, result.err
+        assert len(result.json()["files"]) > 5
+        outputs[jobs] = contents(out)
+        assert not [n for n in os.listdir(out.parent) if n.endswith(".ckptsurgery-tmp")]
+    assert len(outputs[1]) > 5
+    assert outputs[2] == outputs[1] and outputs[3] == outputs[1]
+    if name == "model.safetensors":
+        assert_same_tensors(load_sharded(tmp_path / "j3" / name), load_sharded(tmp_path / "j1" / name))
+
+
+def load_sharded(out) -> dict:
+    """What transformers' loader would read: every shard the index names, in the index's order."""
+    index = json.loads((out.parent / (out.name + ".index.json")).read_text())
+    tensors = {}
+    for shard in dict.fromkeys(index["weight_map"].values()):
+        tensors.update(load_any(out.parent / shard))
+    return {name: tensors[name] for name in index["weight_map"] if name in tensors}
+
+
+def test_jobs_share_a_small_descriptor_table(cli, tmp_path, many_tensors, monkeypatch):
+    """Twelve input shards, room for two descriptors, four writer threads copying from them; each
+    copy waits a moment after it got its descriptor, so that the others open and close meanwhile."""
+    source = tmp_path / "in" / "model.safetensors"
+    source.parent.mkdir()
+    assert cli("convert", many_tensors, "-o", source, "--max-shard-size", "100B").code == 0
+    assert len(os.listdir(source.parent)) >= 12
+    monkeypatch.setattr(model, "MAX_OPEN_FILES", 2)
+    copy = os.copy_file_range
+
+    def slow_copy(*args):
+        time.sleep(0.002)
+        return copy(*args)
+
+    monkeypatch.setattr(os, "copy_file_range", slow_copy)
+    for jobs in (1, 4):
+        out = tmp_path / f"j{jobs}" / "model.safetensors"
+        out.parent.mkdir()
+        assert cli("convert", source.parent, "-o", out, "--max-shard-size", "1KB", "--jobs", jobs).code == 0
+    assert contents(tmp_path / "j4" / "model.safetensors") == contents(tmp_path / "j1" / "model.safetensors")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--jobs", "0", "--max-shard-size", "1KB"], "--jobs"),
+    (["--jobs", "-2", "--max-shard-size", "1KB"], "--jobs"),
+    (["--jobs", "2"], "--jobs applies to sharded outputs only"),
+    (["--jobs", "2", "--format", "dcp"], "--jobs applies to sharded outputs only"),
+])
+def test_jobs_that_do_not_apply_exit_2(cli, tmp_path, many_tensors, args, message):
+    out = tmp_path / "out" / "model.safetensors"
+    out.parent.mkdir()
+    result = cli("convert", many_tensors, "-o", out, *args)
+    assert result.code == 2 and message in result.err, result.err
+    assert os.listdir(out.parent) == []
+
+
+def test_jobs_in_the_library_are_checked_too(tmp_path, many_tensors):
+    from ckptsurgery.errors import UsageError
+    from ckptsurgery.ops import convert
+
+    for jobs in (0, -1, 1.5, "2"):
+        with pytest.raises(UsageError, match="--jobs"):
+            convert(str(many_tensors), str(tmp_path / "o.safetensors"), max_shard_size="1KB", jobs=jobs)
+    assert os.listdir(tmp_path) == ["train.pth"]
+
+
+def handmade_dcp(folder, names: list[str], bad: str):
+    """A DCP folder of [4, 5] float32 tensors (tensor i full of i), each one chunk of raw bytes —
+    but `bad` in two chunks that overlap by a row and miss the last: a corrupt input that only
+    the writer of that tensor finds out about (chunks are put together when written)."""
+    import pickle
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorProperties, TensorStorageMetadata,
+    )
+
+    folder.mkdir()
+    data, entries, places = bytearray(), {}, {}
+    for i, name in enumerate(names):
+        chunks = [((0, 0), (2, 5)), ((1, 0), (2, 5))] if name == bad else [((0, 0), (4, 5))]
+        for offsets, sizes in chunks:
+            raw = torch.full(sizes, float(i)).numpy().tobytes()
+            places[MetadataIndex(name, offsets, 0)] = _StorageInfo("__0_0.distcp", len(data), len(raw))
+            data += raw
+        entries[name] = TensorStorageMetadata(
+            TensorProperties(dtype=torch.float32), torch.Size([4, 5]),
+            [ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s in chunks])
+    (folder / "__0_0.distcp").write_bytes(data)
+    meta = Metadata(state_dict_metadata=entries, planner_data={n: (n,) for n in names}, storage_data=places,
+                    storage_meta=StorageMeta(), version="1.0.0")
+    (folder / ".metadata").write_bytes(pickle.dumps(meta, protocol=4))
+    return folder
+
+
+@pytest.mark.parametrize("name, extra", OUTPUTS, ids=["safetensors", "pth", "dcp"])
+def test_a_failing_shard_stops_the_others_and_leaves_nothing(cli, tmp_path, name, extra):
+    source = handmade_dcp(tmp_path / "in", [f"t{i}" for i in range(8)], bad="t1")
+    out = tmp_path / "out" / name
+    out.parent.mkdir()
+    result = cli("convert", source, "-o", out, "--max-shard-size", "80B", "--jobs", "3", *extra)
+    assert_one_error_line(result, "t1", "overlap")
+    assert os.listdir(out.parent) == []  # no shard, no index, no temporary file
+
+
+def test_default_jobs_follow_the_cores_shared_by_local_ranks():
+    from ckptsurgery.ops.write import MAX_DEFAULT_JOBS, default_jobs
+
+    cores = len(os.sched_getaffinity(0))
+    assert default_jobs({}) == max(1, min(MAX_DEFAULT_JOBS, cores))
+    assert default_jobs({"LOCAL_WORLD_SIZE": str(cores * 2)}) == 1
+    assert default_jobs({"LOCAL_WORLD_SIZE": "junk"}) == default_jobs({})
+
+
+# ---- under torchrun: each rank writes its share ------------------------------------------------
+
+def convert_on_ranks(count, *args, cwd, expect_failure=False):
+    """`torchrun --nproc-per-node COUNT -m ckptsurgery convert ARGS --json`: each rank's
+    (report or None, stderr)."""
+    _, ranks = run_ranks(count, "-m", "ckptsurgery", "convert", *args, "--json", cwd=cwd,
+                         expect_failure=expect_failure)
+    return [(json.loads(out) if out.strip() else None, err) for out, err in ranks]
+
+
+@pytest.mark.parametrize("count", [2, 3])
+@pytest.mark.parametrize("name, extra", OUTPUTS, ids=["safetensors", "pth", "dcp"])
+def test_ranks_write_exactly_what_one_process_writes(cli, tmp_path, many_tensors, count, name, extra):
+    alone, shared = tmp_path / "alone" / name, tmp_path / "shared" / name
+    alone.parent.mkdir()
+    shared.parent.mkdir()
+    single = cli("convert", many_tensors, "-o", alone, "--max-shard-size", "1KB", *extra, "--json").json()
+    reports = [report for report, _ in convert_on_ranks(count, many_tensors, "-o", shared, "--max-shard-size", "1KB",
+                                                        *extra, cwd=tmp_path)]
+    assert contents(shared) == contents(alone)
+    assert not [n for n in os.listdir(shared.parent) if n.endswith(".ckptsurgery-tmp")]
+    # each rank lists what it wrote: data file i is rank i % count's, the index or .metadata rank 0's
+    last = os.path.join(shared, ".metadata") if extra else f"{shared}.index.json"
+    data = [f.replace(str(alone.parent), str(shared.parent)) for f in single["files"] if f != str(alone) + ".index.json"
+            and not f.endswith(".metadata")]
+    assert len(data) >= count
+    for rank, report in enumerate(reports):
+        assert (report["rank"], report["world_size"]) == (rank, count)
+        assert report["files"] == data[rank::count] + ([last] if rank == 0 else [])
+
+
+def test_ranks_with_one_file_rank_0_writes_it(tmp_path, many_tensors, cli):
+    """Without --max-shard-size there is one file: rank 0 writes it, the others nothing. Any
+    writing command runs on ranks, not only convert."""
+    cli("filter", many_tensors, "--keep", "blocks", "-o", tmp_path / "alone.pth")
+    _, ranks = run_ranks(2, "-m", "ckptsurgery", "filter", many_tensors, "--keep", "blocks", "-o",
+                         tmp_path / "shared.pth", "--json", cwd=tmp_path)
+    assert (tmp_path / "shared.pth").read_bytes() == (tmp_path / "alone.pth").read_bytes()
+    assert [json.loads(out)["files"] for out, _ in ranks] == [[str(tmp_path / "shared.pth")], []]
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_a_failure_on_one_rank_leaves_nothing_on_any(tmp_path, count):
+    """t1 lies in shard 2, which rank 1 writes: only rank 1 reads its (overlapping) chunks, and
+    fails; every rank removes what it staged, and the job fails."""
+    source = handmade_dcp(tmp_path / "in", [f"t{i}" for i in range(8)], bad="t1")
+    out = tmp_path / "out" / "model.safetensors"
+    out.parent.mkdir()
+    ranks = convert_on_ranks(count, source, "-o", out, "--max-shard-size", "80B", cwd=tmp_path, expect_failure=True)
+    assert os.listdir(out.parent) == []  # no shard, no index, no temporary file
+    assert all(report is None for report, _ in ranks)
+    failed = ranks[1][1].strip().splitlines()
+    assert failed[-1].startswith("ckptsurgery: error: ") and "t1" in failed[-1] and "overlap" in failed[-1], failed
+    for rank in (0, *range(2, count)):  # the others name rank 1, unless torchrun stopped them first
+        errors = [line for line in ranks[rank][1].splitlines() if line.startswith("ckptsurgery: error:")]
+        assert all("rank 1 of" in line for line in errors), errors
+    assert "Traceback" not in "".join(err for _, err in ranks)
+
+
+def test_dry_run_on_ranks_writes_nothing_and_shows_the_split(tmp_path, many_tensors):
+    out = tmp_path / "out" / "model.safetensors"
+    out.parent.mkdir()
+    reports = [r for r, _ in convert_on_ranks(2, many_tensors, "-o", out, "--max-shard-size", "1KB", "--dry-run",
+                                               cwd=tmp_path)]
+    assert os.listdir(out.parent) == []
+    files = [f for r in reports for f in r["files"]]
+    assert len(files) == len(set(files)) == reports[0]["shards"] + 1 and reports[0]["files"][-1].endswith(".index.json")
+
+
+def test_force_on_ranks_replaces_an_earlier_sharded_output(cli, tmp_path, many_tensors):
+    """An earlier output of more shards: with --force the ranks write the new set and rank 0
+    removes the old shards the new set does not replace, as one process would."""
+    for folder in ("alone", "shared"):
+        (tmp_path / folder).mkdir()
+        assert cli("convert", many_tensors, "-o", tmp_path / folder / "m.safetensors", "--max-shard-size", "300B").code == 0
+    cli("convert", many_tensors, "-o", tmp_path / "alone" / "m.safetensors", "--max-shard-size", "2KB", "--force")
+    reports = [r for r, _ in convert_on_ranks(2, many_tensors, "-o", tmp_path / "shared" / "m.safetensors",
+                                              "--max-shard-size", "2KB", "--force", cwd=tmp_path)]
+    assert contents(tmp_path / "shared" / "m.safetensors") == contents(tmp_path / "alone" / "m.safetensors")
+    assert sorted(os.listdir(tmp_path / "shared")) == sorted(os.listdir(tmp_path / "alone"))
+    assert reports[0]["removed"] and reports[1]["removed"] == []
