@@ -449,6 +449,7 @@ class DcpWriter:
         )
 
         state_dict_metadata, storage_data, planner_data = {}, {}, {}
+        names = {name: name for name, _ in self.files}
         for key, path, value in self.entries:  # key order, whichever thread or rank wrote the value
             if isinstance(value, TensorRef):
                 value, dtype = self._stored(key, value)
@@ -460,7 +461,10 @@ class DcpWriter:
             else:
                 state_dict_metadata[key] = BytesStorageMetadata()
                 index = MetadataIndex(key)
-            storage_data[index] = _StorageInfo(*places[key])
+            name, offset, length = places[key]
+            # the file's own name object: pickle then writes each file name once, however many
+            # values it holds, and however `places` reached this process (another rank's JSON)
+            storage_data[index] = _StorageInfo(names[name], offset, length)
             planner_data[key] = path
         metadata = Metadata(state_dict_metadata=state_dict_metadata, planner_data=planner_data,
                             storage_data=storage_data, storage_meta=StorageMeta(), version=DCP_VERSION)

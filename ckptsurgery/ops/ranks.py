@@ -15,6 +15,8 @@ imported only here, and only when WORLD_SIZE > 1."""
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -89,6 +91,24 @@ class Ranks:
         return [value for _, value in answers]
 
 
+def _all_gather_json(dist, value: Any) -> list:
+    """Every rank's `value` (JSON: tuples come back as lists), in rank order. Sent as JSON bytes
+    in uint8 tensors — not all_gather_object, which unpickles what the other processes send:
+    nothing this tool reads is unpickled by anything but its restricted unpickler."""
+    import torch
+
+    data = json.dumps(value).encode()
+    lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(lengths, torch.tensor([len(data)], dtype=torch.int64))
+    longest = max(int(n) for n in lengths)
+    mine = torch.zeros(max(longest, 1), dtype=torch.uint8)
+    if data:
+        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    theirs = [torch.empty_like(mine) for _ in lengths]
+    dist.all_gather(theirs, mine)
+    return [json.loads(ctypes.string_at(t.data_ptr(), int(n))) for t, n in zip(theirs, lengths)]
+
+
 def world_size(environ=os.environ) -> int:
     """WORLD_SIZE as torchrun sets it; 1 when it is not set."""
     text = environ.get("WORLD_SIZE", "1")
@@ -119,9 +139,7 @@ def ranks_from_environment(environ=os.environ) -> Iterator[Ranks | None]:
         raise CkptError(f"cannot join the other ranks ({e})") from None
 
     def exchange(value: Any) -> list:
-        answers = [None] * dist.get_world_size()
-        dist.all_gather_object(answers, value)
-        return answers
+        return _all_gather_json(dist, value)
 
     ranks = Ranks(dist.get_rank(), dist.get_world_size(), exchange)
     try:

@@ -118,7 +118,7 @@ def _commit_together(outputs: StagedOutputs, ranks: Ranks | None, order: list[st
         return
     staged = ranks.step("written", outputs.staged)
     if ranks.leader:
-        outputs.adopt([pair for pairs in staged for pair in pairs], order)
+        outputs.adopt([tuple(pair) for pairs in staged for pair in pairs], order)
         outputs.commit()
     else:
         outputs.hand_over()
