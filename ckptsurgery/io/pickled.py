@@ -54,9 +54,10 @@ class InertObject:
         self.dictitems: list = []
 
     def qualname(self) -> str:
-        if isinstance(self.callee, InertGlobal):
-            return self.callee.qualname()
-        return f"{self.callee.qualname()}(...)"
+        callee, calls = self.callee, ""
+        while isinstance(callee, InertObject):  # a loop: chains of calls may be long
+            callee, calls = callee.callee, calls + "(...)"
+        return callee.qualname() + calls
 
     @property
     def module(self) -> str:

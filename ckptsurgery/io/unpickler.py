@@ -447,12 +447,16 @@ class SafeUnpickler(pickle._Unpickler):
                 self.events.append(result)
             elif type(result) is InertObject:
                 self.events.append(result)
-        elif isinstance(func, (InertGlobal, InertObject)):
-            result = InertObject(func, "reduce" if isinstance(func, InertGlobal) else "call", args)
+        elif type(func) is InertGlobal:
+            result = InertObject(func, "reduce", args)
             self.events.append(result)
+        elif type(func) is InertObject:  # a call on what an earlier call returned: it holds that too
+            result = InertObject(func, "call", args)
+            self.events.append(result)
+            args = (func, *args)
         else:
             raise CkptError(f"malformed pickle: it calls {_describe(func)}, which is not callable here")
-        stack[-1] = self._nested(result, args) if args else result  # a call without arguments builds afresh
+        stack[-1] = self._nested(result, args) if args else result  # a call of nothing builds afresh
 
     def load_newobj(self):
         args = self.stack.pop()
@@ -589,7 +593,14 @@ class MetadataUnpickler(SafeUnpickler):
 
     dispatch = _Dispatch(SafeUnpickler.dispatch)
     key_classes: frozenset[str] = frozenset()
-    load = pickle._Unpickler.load  # with its unframer: protocol 4 frames its opcodes
+
+    def load_frame(self):
+        # A frame only tells a reader how much to fetch at once; the opcodes read the same
+        # without it (Python's unframer would add a call to each of ~15 M reads of a
+        # 100 000-chunk .metadata). Its length is read, and the bytes follow in the stream.
+        (size,) = struct.unpack("<Q", self.read(8))
+        if size > _MAX_FRAME:
+            raise CkptError(f"a protocol-4 frame of {size} bytes, more than any metadata file holds")
 
     def _set_items(self, items: list) -> None:
         items = list(items)
@@ -611,9 +622,11 @@ def _frozen(obj: InertObject) -> FrozenRecord:
         raise CkptError(f"malformed pickle: a {obj.qualname()} key with a field that cannot be a key") from None
 
 
+_MAX_FRAME = 1 << 30
 PROTOCOL4_OPCODES = {pickle.FRAME, pickle.STACK_GLOBAL, pickle.MEMOIZE, pickle.SHORT_BINUNICODE}
 for _code in PROTOCOL4_OPCODES:
     MetadataUnpickler.dispatch[_code[0]] = pickle._Unpickler.dispatch[_code[0]]
+MetadataUnpickler.dispatch[pickle.FRAME[0]] = MetadataUnpickler.load_frame
 
 
 def _describe(obj: Any) -> str:

@@ -362,6 +362,8 @@ class _Runs:
             _write_computed(self.f, t, dtype, self.progress)
             return
         start, nbytes = t.byte_range()
+        if not nbytes:  # an empty view, wherever it points (torch allows any offset): no bytes
+            return
         run = self.run
         if run and run[0] is t.storage.source and run[1] + run[2] == start:
             run[2] += nbytes
