@@ -1,6 +1,7 @@
-"""Cost per key: checkpoints of 20 000 and 200 000 small tensors (as mixture-of-experts models
-have), in .safetensors and .pth; each command timed on both sizes and the cost per key taken as
-the slope between them, so that start-up cancels out.
+"""Cost per key: checkpoints of 20 000, 110 000 and 200 000 small tensors (as mixture-of-experts
+models have), in .safetensors and .pth; each command timed on every size and the cost per key
+taken as the slope between 20 000 and 200 000, so that start-up cancels out. The slopes of the two
+halves (20k-110k, 110k-200k) show whether the cost grows linearly: equal slopes, linear growth.
 
     python bench/bench_keys.py [--runs 3] [--workdir bench/out]"""
 
@@ -24,7 +25,7 @@ torch.save(sd, sys.argv[3])
 
 def main() -> None:
     args, out = options(runs=3)
-    sizes = (20_000, 200_000)
+    sizes = (20_000, 110_000, 200_000)
     for n in sizes:
         if not os.path.exists(out(f"keys{n}.pth")):
             subprocess.run([sys.executable, "-c", BUILD, str(n), out(f"keys{n}.safetensors"), out(f"keys{n}.pth")],
@@ -43,13 +44,17 @@ def main() -> None:
             for n in sizes:
                 cases[f"{name} .{fmt} {n}"] = CLI + make(out(f"keys{n}.{fmt}"), n)
     med, _ = measure(cases, args.runs, [])
-    print("| command | format | 20k (s) | 200k (s) | per key (µs) |")
-    print("|---|---|---:|---:|---:|")
+    print("| command | format | 20k (s) | 110k (s) | 200k (s) | per key (µs) | first half | second half |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for fmt in ("safetensors", "pth"):
         for name in commands:
-            small, big = med[f"{name} .{fmt} {sizes[0]}"], med[f"{name} .{fmt} {sizes[1]}"]
-            slope = (big - small) / (sizes[1] - sizes[0]) * 1e6
-            print(f"| {name} | .{fmt} | {small:.2f} | {big:.2f} | {slope:.0f} |")
+            times = [med[f"{name} .{fmt} {n}"] for n in sizes]
+
+            def slope(i: int, j: int) -> float:  # µs per key between sizes[i] and sizes[j]
+                return (times[j] - times[i]) / (sizes[j] - sizes[i]) * 1e6
+
+            print(f"| {name} | .{fmt} | " + " | ".join(f"{t:.2f}" for t in times)
+                  + f" | {slope(0, 2):.0f} | {slope(0, 1):.0f} | {slope(1, 2):.0f} |")
 
 
 if __name__ == "__main__":
