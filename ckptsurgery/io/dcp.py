@@ -17,6 +17,7 @@ DTensor, torchtitan, torchtune).
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from typing import Any
@@ -29,7 +30,7 @@ from .model import (
 from .pickled import FrozenRecord, Global, InertGlobal, InertObject, TorchSize
 from .torch_zip import load_torch_zip
 from .tree import find_root
-from .unpickler import BoundedReader, MetadataUnpickler, brief, safe_load
+from .unpickler import MetadataUnpickler, brief, safe_load
 from .write import cast_target, check_parent, plan_shards, write_torch
 
 METADATA = ".metadata"
@@ -170,7 +171,8 @@ def read_dcp(folder: str, root: str | None) -> Checkpoint:
     if not 0 < meta_file.size <= MAX_METADATA:
         raise CkptError(f"{meta_path}: {'empty' if not meta_file.size else 'larger than 1 GiB'}; not DCP metadata")
     try:
-        obj, _ = safe_load(BoundedReader(meta_file.buffer()), _no_persistent_ids, meta_path, _DcpUnpickler)
+        # in memory (at most 1 GiB): io.BytesIO reads in C, and never hands out more than is left
+        obj, _ = safe_load(io.BytesIO(meta_file.buffer()[:]), _no_persistent_ids, meta_path, _DcpUnpickler)
     finally:
         meta_file.close()
     meta = _fields(obj, _META + "Metadata", meta_path)
