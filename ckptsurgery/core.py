@@ -134,35 +134,32 @@ def plan_rename(keys: Iterable[str], rules: list[RenameRule]) -> tuple[dict[str,
     if not all(isinstance(rule, RenameRule) for rule in rules):
         raise UsageError("rename rules are made by ckptsurgery.core.rename_rule(kind, *values)")
     keys = list(keys)
-    names = {k: k for k in keys}
+    current = keys  # every key's name so far, in key order
     for rule in rules:
-        present = set(names.values())
-        changed = 0
-        for key in keys:
-            try:
-                new = rule.apply(names[key])
-            except (re.error, IndexError) as e:  # a bad group reference in the replacement
-                raise CkptError(f"{rule.describe()}: {e}") from None
-            changed += new != names[key]
-            names[key] = new
+        try:
+            renamed = list(map(rule.apply, current))
+        except (re.error, IndexError) as e:  # a bad group reference in the replacement
+            raise CkptError(f"{rule.describe()}: {e}") from None
         if rule.kind == "map":
+            present = set(current)
             unused = sorted(k for k in rule.args[0] if k not in present)
             if unused:
                 raise CkptError(f"--map names {len(unused)} key(s) the checkpoint does not have: "
                                 f"{', '.join(unused[:10])}")
-        elif not changed:
+        elif renamed == current:
             raise CkptError(f"{rule.describe()} changed no key")
-    by_new: dict[str, list[str]] = {}
-    for old, new in names.items():
-        by_new.setdefault(new, []).append(old)
-    collisions = {new: olds for new, olds in by_new.items() if len(olds) > 1}
-    if collisions:
+        current = renamed
+    names = dict(zip(keys, current))
+    if len(set(current)) != len(current):
+        by_new: dict[str, list[str]] = {}
+        for old, new in names.items():
+            by_new.setdefault(new, []).append(old)
+        collisions = {new: olds for new, olds in by_new.items() if len(olds) > 1}
         pairs = "; ".join(f"{' + '.join(olds)} -> {new}" for new, olds in collisions.items())
         raise CkptError(f"renaming would give {len(collisions)} name(s) to several keys: {pairs}")
-    empty = [old for old, new in names.items() if not new]
-    if empty:
-        raise CkptError(f"renaming leaves an empty name for {', '.join(empty)}")
-    dotted = [f"{old} -> {new}" for old, new in names.items() if new != old and new.startswith(".")]
+    if "" in names.values():
+        raise CkptError(f"renaming leaves an empty name for {', '.join(old for old, new in names.items() if not new)}")
+    dotted = [f"{old} -> {new}" for old, new in names.items() if new.startswith(".") and new != old]
     if dotted:
         raise CkptError(f"renaming would start {len(dotted)} name(s) with a dot: {'; '.join(dotted[:10])}")
     untouched = [k for k in keys if names[k] == k]

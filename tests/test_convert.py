@@ -218,6 +218,7 @@ def test_interrupted_write_leaves_nothing(cli, tmp_path, zip_pth, monkeypatch, i
         return real(view, progress)
 
     monkeypatch.setattr(write, "_chunks", chunks_then_interrupt)
+    monkeypatch.setattr(write, "SMALL_RECORD", -1)  # every storage streamed in chunks, even small ones
     result = cli("convert", zip_pth, "-o", tmp_path / "o.pth")
     assert result.code != 0 and "Traceback" not in result.err
     assert os.listdir(tmp_path) == ["model.pth"]

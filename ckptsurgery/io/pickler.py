@@ -43,6 +43,8 @@ class TorchPickler:
         self._open: set[int] = set()  # tuples and placeholder calls being written
         self._imported: set[int] = set()
         self._globals: dict[tuple[str, str], bytes] = {}
+        self._texts: dict[str, bytes] = {}
+        self._int_tuples: dict[tuple, bytes] = {}
         self.events: list = []  # the placeholders imported (first time) and called, in write order
 
     def dumps(self, obj: Any) -> bytes:
@@ -64,6 +66,26 @@ class TorchPickler:
                 raise CkptError(f"cannot write the global {module[:60]!r}.{name[:60]!r}: not a Python name")
             opcode = self._globals[(module, name)] = b"c" + module.encode() + b"\n" + name.encode() + b"\n"
         self._out += opcode
+
+    def _text(self, text: str) -> bytes:
+        """The opcodes of a string that recurs (a device, "storage"), encoded once."""
+        opcode = self._texts.get(text)
+        if opcode is None:
+            start = len(self._out)
+            self._save(text)  # through the one encoder, then taken back from the output
+            opcode = self._texts[text] = bytes(self._out[start:])
+            del self._out[start:]
+        return opcode
+
+    def _ints(self, values: tuple[int, ...]) -> bytes:
+        """The opcodes of a tuple of ints (a shape, a stride), encoded once per distinct tuple."""
+        opcode = self._int_tuples.get(values)
+        if opcode is None:
+            start = len(self._out)
+            self._tuple_items(values)
+            opcode = self._int_tuples[values] = bytes(self._out[start:])
+            del self._out[start:]
+        return opcode
 
     def _memoize(self, obj: Any) -> None:
         if id(obj) in self._memo:  # reached again while it was being written: see _enter
@@ -250,18 +272,16 @@ class TorchPickler:
 
     def _rebuild_args(self, tensor: TensorRef, record: tuple) -> None:
         key, module, storage_class, numel, dtype = record
-        self._out += b"("  # the storage record, a persistent id
-        self._save("storage")
+        self._out += b"(" + self._text("storage")  # the storage record, a persistent id
         self._global(module, storage_class)
         self._save(key)
         # as read: torch.load cannot restore some locations without map_location (or at all),
         # and an unsafe load stops there — writing "cpu" would let it go on
-        self._save(tensor.storage.location)
+        self._out += self._text(tensor.storage.location)
         self._save(numel)
         self._out += b"tQ"
         self._save(tensor.offset)
-        self._tuple_items(tensor.shape)
-        self._tuple_items(tensor.stride)
+        self._out += self._ints(tensor.shape) + self._ints(tensor.stride)
         q = tensor.quant
         if q is not None:
             self._tuple_items((q.scheme, q.scale, q.zero_point) if q.axis is None

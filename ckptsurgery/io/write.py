@@ -18,12 +18,12 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 from ..dtypes import DType, why_not_safetensors
 from ..errors import CkptError, UsageError
-from .model import JoinedSource, MappedFile, Storage, TensorRef
+from .model import JoinedSource, MappedFile, Storage, TensorRef, contiguous_strides, numel_of
 from .pickler import PickleRefused, TorchPickler
 from .pickled import InertGlobal
 from .safetensors import ALIASES_KEY, safetensors_shape
 from .tensors import cast_bytes
-from .zipwriter import ZipWriter
+from .zipwriter import SMALL_RECORD, ZipWriter
 
 CHUNK = 16 * 1024 * 1024
 Progress = Callable[[int], None]
@@ -321,19 +321,26 @@ def check_safetensors(stored: list) -> None:
 
 
 def write_safetensors(f: BinaryIO, tensors: dict[str, TensorRef], metadata: dict[str, str],
-                      cast: DType | None = None, progress: Progress | None = None) -> None:
-    stored, aliases = plan_safetensors(tensors, cast)
-    check_safetensors(stored)
+                      cast: DType | None = None, progress: Progress | None = None, plan: tuple | None = None) -> None:
+    """`plan`: what plan_safetensors(tensors, cast) returned and check_safetensors accepted, when
+    the caller has it (200 000 tensors are not planned twice)."""
+    if plan is None:
+        plan = plan_safetensors(tensors, cast)
+        check_safetensors(plan[0])
+    stored, aliases = plan
     meta = {k: v for k, v in metadata.items() if k != ALIASES_KEY}
     meta["format"] = "pt"
     if aliases:
         meta[ALIASES_KEY] = json.dumps(aliases, separators=(",", ":"), ensure_ascii=False)
     header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
-    offset = 0
+    offset, layouts = 0, {}  # (dtype name, shape) -> (code, shape as written, bytes): a few, repeated
     for name, t, dtype in stored:
-        size = t.numel * dtype.itemsize
-        header[name] = {"dtype": dtype.safetensors, "shape": safetensors_shape(dtype, t.shape),
-                        "data_offsets": [offset, offset + size]}
+        layout = layouts.get((dtype.name, t.shape))
+        if layout is None:
+            layout = layouts[(dtype.name, t.shape)] = (dtype.safetensors, safetensors_shape(dtype, t.shape),
+                                                  numel_of(t.shape) * dtype.itemsize)
+        code, shape, size = layout
+        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * ((-len(raw)) % 8)  # the library pads the header to 8 bytes
@@ -344,6 +351,7 @@ def write_safetensors(f: BinaryIO, tensors: dict[str, TensorRef], metadata: dict
     runs.flush()
 
 
+_DIRECT = (MappedFile, JoinedSource)  # sources whose bytes are copied as they lie
 SMALL_COPY = 1 << 16  # bytes: a run shorter than this is copied through memory, not by the kernel
 
 
@@ -356,8 +364,9 @@ class _Runs:
         self.run: list | None = None  # [source, start, nbytes] not yet copied
 
     def add(self, t: TensorRef, dtype: DType) -> None:
-        if not (dtype is t.dtype and t.is_contiguous and t.is_plain
-                and isinstance(t.storage.source, (MappedFile, JoinedSource))):
+        source = t.storage.source
+        if not (dtype is t.dtype and type(source) in _DIRECT and t.is_plain
+                and (t.stride == contiguous_strides(t.shape) or t.is_contiguous)):
             self.flush()
             _write_computed(self.f, t, dtype, self.progress)
             return
@@ -365,11 +374,11 @@ class _Runs:
         if not nbytes:  # an empty view, wherever it points (torch allows any offset): no bytes
             return
         run = self.run
-        if run and run[0] is t.storage.source and run[1] + run[2] == start:
+        if run and run[0] is source and run[1] + run[2] == start:
             run[2] += nbytes
             return
         self.flush()
-        self.run = [t.storage.source, start, nbytes]
+        self.run = [source, start, nbytes]
 
     def flush(self) -> None:
         if not self.run:
@@ -460,6 +469,11 @@ def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Prog
     archive.add_bytes(f"{ARCHIVE}/.storage_alignment", b"64")
     archive.add_bytes(f"{ARCHIVE}/byteorder", b"little")
     for storage, key, read_as, write_as in storages.values():
+        if write_as is read_as and type(storage.source) is MappedFile and storage.nbytes <= SMALL_RECORD:
+            archive.add_bytes(f"{ARCHIVE}/data/{key}", storage.view())  # the common small case, in one step
+            if progress:
+                progress(storage.nbytes)
+            continue
         if write_as is read_as:
             chunks = _storage_chunks(storage, progress)
         else:

@@ -37,8 +37,7 @@ class ZipWriter:
         if size <= SMALL_RECORD:
             data = b"".join(chunks)
             _check_size(name, len(data), size)
-            self._header(name, size, zlib.crc32(data))
-            f.write(data)
+            self.add_bytes(name, data)
             return
         offset = self._header(name, size, 0)
         crc, written = 0, 0
@@ -71,8 +70,10 @@ class ZipWriter:
         self._entries.append((raw_name, crc, size, offset))
         return offset
 
-    def add_bytes(self, name: str, data: bytes) -> None:
-        self.add(name, [data], len(data))
+    def add_bytes(self, name: str, data: bytes | memoryview) -> None:
+        """Write one record whose bytes are at hand."""
+        self._header(name, len(data), zlib.crc32(data))
+        self._f.write(data)
 
     def close(self) -> None:
         f = self._f

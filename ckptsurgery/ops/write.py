@@ -29,10 +29,12 @@ ProgressFactory = Callable[[int, str], Callable[[int], None]]
 
 
 def _write(f, fmt: str, ckpt: Checkpoint, tensors: dict[str, TensorRef], cast: DType | None,
-           progress, whole: bool, keep_metadata: bool, others: dict, inputs: list[Checkpoint]) -> None:
-    """One output file: the whole checkpoint, or (`whole=False`) one shard's plain state dict."""
+           progress, whole: bool, keep_metadata: bool, others: dict, inputs: list[Checkpoint],
+           plan: tuple | None = None) -> None:
+    """One output file: the whole checkpoint, or (`whole=False`) one shard's plain state dict.
+    `plan`: what plan_safetensors gave for `tensors`, checked (else planned here)."""
     if fmt == "safetensors":
-        write_safetensors(f, tensors, ckpt.metadata if whole else {}, cast, progress)
+        write_safetensors(f, tensors, ckpt.metadata if whole else {}, cast, progress, plan)
     else:
         payload = torch_payload(ckpt, tensors, keep_metadata, others) if whole else OrderedDict(tensors)
         try:
@@ -239,14 +241,16 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: st
                       removed=report["removed"] if leader else [], rank=ranks.rank, world_size=ranks.world_size)
     if dry_run:
         return report
-    # each shard holds its tensors plus the tied names that point at them
     owner = report["tied"]
-    shard_of = {name: number for number, names in enumerate(shards) for name in names}
-    parts = [OrderedDict() for _ in shards]
-    for name, t in tensors.items():
-        parts[shard_of[owner.get(name, name)]][name] = t
-    size_of = dict(sizes)
-    share = sum(size_of[name] for i in mine for name in shards[i])
+    if sharded:  # each shard holds its tensors plus the tied names that point at them
+        shard_of = {name: number for number, names in enumerate(shards) for name in names}
+        parts = [OrderedDict() for _ in shards]
+        for name, t in tensors.items():
+            parts[shard_of[owner.get(name, name)]][name] = t
+        size_of = dict(sizes)
+        share = sum(size_of[name] for i in mine for name in shards[i])
+    else:
+        parts, share = [tensors], total if mine else 0
     tick = progress(share, _label(ranks, output)) if progress else None
     with StagedOutputs(remove=report["removed"] if leader else []) as outputs:
         if ranks:
@@ -254,8 +258,8 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: st
 
         def write_file(number: int, advance) -> None:
             with outputs.stage(files[number]) as f:
-                _write(f, fmt, ckpt, tensors if not sharded else parts[number], cast, advance, whole=not sharded,
-                       keep_metadata=keep_metadata, others=others, inputs=inputs)
+                _write(f, fmt, ckpt, parts[number], cast, advance, whole=not sharded, keep_metadata=keep_metadata,
+                       others=others, inputs=inputs, plan=None if sharded else (stored, aliases))
 
         _run_concurrently([lambda advance, i=i: write_file(i, advance) for i in mine], jobs, tick)
         if sharded and leader:
