@@ -32,7 +32,8 @@ def main() -> None:
                            check=True)
     commands = {
         "inspect --json": lambda src, n: ["inspect", src, "--json"],
-        "inspect (table)": lambda src, n: ["inspect", src],
+        "inspect (table)": lambda src, n: ["inspect", src],  # the first 2 000 rows and a summary line
+        "inspect --all": lambda src, n: ["inspect", src, "--all"],  # every row
         "rename": lambda src, n: ["rename", src, "--add-prefix", "m", "-o", out(f"r{n}{os.path.splitext(src)[1]}"),
                                   "-q", "--force"],
         "convert": lambda src, n: ["convert", src, "-o", out(f"c{n}" + (".pth" if src.endswith("safetensors")
