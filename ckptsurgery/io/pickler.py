@@ -34,6 +34,25 @@ class PickleRefused(CkptError):
     """What the input holds cannot be written as a .pth (the message says why)."""
 
 
+def _int_op(value: int) -> bytes:
+    """The opcode of an int, in the shortest form protocol 2 has."""
+    if 0 <= value < 256:
+        return b"K" + bytes([value])
+    if 0 <= value < 65536:
+        return b"M" + struct.pack("<H", value)
+    if -(2**31) <= value < 2**31:
+        return b"J" + struct.pack("<i", value)
+    raw = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+    if len(raw) > 255:
+        raise CkptError("an integer too large to write")
+    return b"\x8a" + bytes([len(raw)]) + raw
+
+
+def _str_op(text: str) -> bytes:
+    raw = text.encode("utf-8", "surrogatepass")
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
 class TorchPickler:
     def __init__(self, storage_record: StorageRecord):
         self._storage_record = storage_record
@@ -60,12 +79,15 @@ class TorchPickler:
 
     # -- helpers -------------------------------------------------------------------------------
     def _global(self, module: str, name: str) -> None:
+        self._out += self._global_op(module, name)
+
+    def _global_op(self, module: str, name: str) -> bytes:
         opcode = self._globals.get((module, name))
         if opcode is None:  # checked and encoded once: a state dict names the same few per tensor
             if not (is_dotted_name(module) and is_dotted_name(name)):  # the reader checks too
                 raise CkptError(f"cannot write the global {module[:60]!r}.{name[:60]!r}: not a Python name")
             opcode = self._globals[(module, name)] = b"c" + module.encode() + b"\n" + name.encode() + b"\n"
-        self._out += opcode
+        return opcode
 
     def _text(self, text: str) -> bytes:
         """The opcodes of a string that recurs (a device, "storage"), encoded once."""
@@ -156,20 +178,9 @@ class TorchPickler:
         elif obj is True or obj is False:
             out += b"\x88" if obj else b"\x89"
         elif kind is int:
-            if 0 <= obj < 256:
-                out += b"K" + bytes([obj])
-            elif 0 <= obj < 65536:
-                out += b"M" + struct.pack("<H", obj)
-            elif -(2**31) <= obj < 2**31:
-                out += b"J" + struct.pack("<i", obj)
-            else:
-                raw = obj.to_bytes((obj.bit_length() + 8) // 8, "little", signed=True)
-                if len(raw) > 255:
-                    raise CkptError("an integer too large to write")
-                out += b"\x8a" + bytes([len(raw)]) + raw
+            out += _int_op(obj)
         elif kind is str:
-            raw = obj.encode("utf-8", "surrogatepass")
-            out += b"X" + struct.pack("<I", len(raw)) + raw
+            out += _str_op(obj)
         elif kind is float:
             out += b"G" + struct.pack(">d", obj)
         elif id(obj) in self._memo:  # before the kinds that are memoized
@@ -224,6 +235,11 @@ class TorchPickler:
             raise CkptError(f"cannot write an object of type {kind.__name__} into a .pth file")
 
     def _tensor(self, tensor: TensorRef) -> None:
+        if tensor.requires_grad is None and tensor.wrap is None and tensor.quant is None and not tensor.math_bits:
+            record = self._storage_record(tensor)
+            if record[2] != "UntypedStorage" and record[4].kind != QUANTIZED:
+                self._plain_tensor(tensor, record)
+                return
         self._enter(tensor)
         parameter = tensor.requires_grad is not None
         with_state = tensor.param_state is not None
@@ -254,6 +270,18 @@ class TorchPickler:
         if tensor.wrap is not None or tensor.param_state is not None:
             self.events.append(tensor)  # setting its attributes may raise in torch: see the reader
         self._open.discard(id(tensor))
+        self._memoize(tensor)
+
+    def _plain_tensor(self, tensor: TensorRef, record: tuple) -> None:
+        """What `_tensor` writes for the usual tensor — `_rebuild_tensor_v2` over a typed storage,
+        nothing around it — as one concatenation: a state dict holds 200 000 of them. It holds
+        nothing, so it cannot be reached from inside itself (no `_enter`)."""
+        key, module, storage_class, numel, _ = record
+        self._out += (self._global_op("torch._utils", "_rebuild_tensor_v2") + b"((" + self._text("storage")
+                      + self._global_op(module, storage_class) + _str_op(key) + self._text(tensor.storage.location)
+                      + _int_op(numel) + b"tQ" + _int_op(tensor.offset) + self._ints(tensor.shape)
+                      + self._ints(tensor.stride) + (b"\x88" if tensor.plain_grad else b"\x89")
+                      + self._global_op("collections", "OrderedDict") + b")RtR")
         self._memoize(tensor)
 
     def _rebuild_call(self, tensor: TensorRef) -> tuple:
