@@ -189,23 +189,39 @@ class StagedOutputs:
             raise
 
     def commit(self) -> None:
-        old_folders = []
+        """Rename every staged file into place. Whatever was at a final path is set aside first
+        (a folder cannot replace a folder in one step) and removed only once all are in place:
+        if a rename fails, the ones done are undone and the old output is back, whole."""
+        done: list[tuple[str, str, str | None]] = []  # (temporary, final, where the old one was set aside)
         try:
             for temp, path in self._staged:
-                if os.path.isdir(temp) and os.path.lexists(path):  # a folder cannot replace a folder in one step
-                    aside = f"{temp}.old"
-                    os.rename(path, aside)
-                    old_folders.append((aside, path))
-                os.replace(temp, path)  # a symlink at `path` is replaced, never its target
+                aside = f"{temp}.old" if os.path.lexists(path) else None
+                if aside:
+                    os.rename(path, aside)  # a symlink at `path` is moved, never its target
+                try:
+                    os.replace(temp, path)
+                except BaseException:
+                    if aside:
+                        os.rename(aside, path)
+                    raise
+                done.append((temp, path, aside))
         except BaseException:
-            for aside, path in old_folders:  # put the old folder back where it was
-                if not os.path.lexists(path):
+            for temp, path, aside in reversed(done):  # back as it was: the new one staged again, the old one in place
+                os.rename(path, temp)
+                if aside:
                     os.rename(aside, path)
             self.abort()  # no temporary file is left behind; nothing old is removed
             raise
         self._staged.clear()
-        for aside, _ in old_folders:
-            shutil.rmtree(aside, ignore_errors=True)
+        for _, path, aside in done:
+            try:
+                if aside and os.path.isdir(aside) and not os.path.islink(aside):
+                    shutil.rmtree(aside)
+                elif aside:
+                    os.unlink(aside)
+            except OSError as e:
+                raise CkptError(f"{path}: the new output is written but the old one, set aside at {aside}, could not "
+                                f"be removed ({e.strerror}); remove it by hand") from None
         for path in self._remove:
             try:
                 os.unlink(path)

@@ -72,6 +72,15 @@ class Ranks:
         while not self._over and self._next < len(STEPS):
             self._vote(STEPS[self._next], message, None)
 
+    def leave(self) -> None:
+        """Wait until every rank is done, its staged files removed or renamed: torchrun stops
+        the other ranks as soon as one exits with an error, which would cut their cleanup
+        short (a staged folder half removed). A rank out of reach is not waited for."""
+        try:
+            self._exchange(None)
+        except Exception:
+            pass
+
     def _vote(self, name: str, error: str | None, value: Any) -> list:
         if self._over or STEPS[self._next] != name:
             raise RuntimeError(f"step {name!r} out of order (next: {STEPS[self._next:]}, over: {self._over})")
@@ -80,14 +89,23 @@ class Ranks:
             answers = self._exchange((error, value))
         except Exception as e:  # a rank died, or the network between them
             self._over = True
+            if name != "committed":
+                outcome = "nothing was written"
+            elif self.leader:  # it reaches this step only once everything is in place
+                outcome = "the output is in place, whole"
+            else:
+                outcome = "rank 0 may or may not have put the output in place: look before using it"
             raise CkptError(f"rank {self.rank}: lost contact with the other ranks at step {name!r} ({e}); "
-                            f"nothing was written") from None
+                            f"{outcome}") from None
         failed = [(rank, message) for rank, (message, _) in enumerate(answers) if message is not None]
         if failed:
             self._over = True
             if error is None:
                 rank, message = failed[0]
-                raise CkptError(f"rank {rank} of {self.world_size} failed, so nothing was written: {message}")
+                # at the last step only rank 0 acts: its own line says what became of the output
+                outcome = "failed while putting the output in place" if name == "committed" else \
+                    "failed, so nothing was written"
+                raise CkptError(f"rank {rank} of {self.world_size} {outcome}: {message}")
         return [value for _, value in answers]
 
 
@@ -142,6 +160,7 @@ def ranks_from_environment(environ=os.environ) -> Iterator[Ranks | None]:
         return _all_gather_json(dist, value)
 
     ranks = Ranks(dist.get_rank(), dist.get_world_size(), exchange)
+    leave_together = True
     try:
         try:
             yield ranks
@@ -152,5 +171,10 @@ def ranks_from_environment(environ=os.environ) -> Iterator[Ranks | None]:
                 pass
             raise
         ranks.finish(None)
-    finally:  # Ctrl-C and SIGTERM leave at once: torchrun stops the other ranks too
+    except BaseException as e:
+        leave_together = isinstance(e, Exception)  # Ctrl-C and SIGTERM leave at once (torchrun stops the rest)
+        raise
+    finally:
+        if leave_together:
+            ranks.leave()
         dist.destroy_process_group()

@@ -10,6 +10,7 @@ import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import suppress
 from typing import Any, Callable
 
 from ..dtypes import DType
@@ -164,7 +165,13 @@ def _write_dcp(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: str, cas
         if ranks:
             folder = ranks.step("checked", folder)[0]
         tasks = [lambda advance, i=i: writer.write_file(folder, i, advance) for i in mine]
-        places = {key: place for found in _run_concurrently(tasks, jobs, tick) for key, place in found.items()}
+        try:
+            places = {key: place for found in _run_concurrently(tasks, jobs, tick) for key, place in found.items()}
+        except Exception as e:
+            if ranks:  # the folder is rank 0's and shared: every rank stops writing into it before it goes
+                with suppress(CkptError):
+                    ranks.finish(e)
+            raise
         if ranks:
             places = {key: place for found in ranks.step("written", places) for key, place in found.items()}
         if leader:
