@@ -292,3 +292,26 @@ def test_force_on_ranks_replaces_an_earlier_sharded_output(cli, tmp_path, many_t
     assert contents(tmp_path / "shared" / "m.safetensors") == contents(tmp_path / "alone" / "m.safetensors")
     assert sorted(os.listdir(tmp_path / "shared")) == sorted(os.listdir(tmp_path / "alone"))
     assert reports[0]["removed"] and reports[1]["removed"] == []
+
+
+def test_rank0_adopts_only_what_it_would_have_staged_itself(tmp_path):
+    """The staged names another rank sends are checked before rank 0 renames or removes them:
+    a path elsewhere, or a final path this process did not plan, is refused, never touched."""
+    from ckptsurgery.errors import CkptError
+    from ckptsurgery.io.write import StagedOutputs
+
+    out = str(tmp_path / "model-00001-of-00002.safetensors")
+    victim = tmp_path / "keep.txt"
+    victim.write_text("not a staged file")
+    good = str(tmp_path / ".model-00001-of-00002.safetensors.0123456789abcdef.ckptsurgery-tmp")
+    for pairs, order in (([(str(victim), out)], [out]),
+                         ([(good, str(tmp_path / "elsewhere.safetensors"))], [out]),
+                         ([(str(tmp_path / ".other.0123456789abcdef.ckptsurgery-tmp"), out)], [out])):
+        outputs = StagedOutputs()
+        with pytest.raises(CkptError, match="did the ranks run different commands"):
+            outputs.adopt(pairs, order)
+        outputs.abort()
+        assert victim.read_text() == "not a staged file"
+    outputs = StagedOutputs()
+    outputs.adopt([(good, out)], [out])
+    assert outputs.staged == [(good, out)]

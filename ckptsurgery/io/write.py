@@ -134,6 +134,9 @@ def _stale_files(index: str, keep: list[str]) -> list[str]:
     return stale
 
 
+_STAGED_NAME = re.compile(r"\.[^/]+\.[0-9a-f]{16}\.ckptsurgery-tmp")  # what stage() and stage_folder() create
+
+
 class StagedOutputs:
     """Files written beside their final paths and renamed into place together by `commit()`.
     Until then nothing at any output path changes; any failure removes every staged file.
@@ -165,6 +168,12 @@ class StagedOutputs:
         """Take on files other processes staged (the other ranks of a torchrun job), to commit or
         remove with ours; commit() renames them all in `order` (final paths: an index last)."""
         position = {path: i for i, path in enumerate(order)}
+        for temp, path in pairs:  # only what this process would have staged for the same output
+            folder, name = os.path.split(os.path.abspath(path))
+            if path not in position or not _STAGED_NAME.fullmatch(os.path.relpath(temp, folder)) \
+                    or not os.path.basename(temp).startswith(f".{name}."):
+                raise CkptError(f"{path}: another rank staged {temp!r} for it, which is not among the files "
+                                f"planned here (did the ranks run different commands?); nothing was written")
         self._staged = sorted({*self._staged, *pairs}, key=lambda pair: position[pair[1]])
 
     def hand_over(self) -> None:
