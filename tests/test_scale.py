@@ -119,3 +119,26 @@ def test_runs_of_tensors_copied_at_once_keep_every_byte(cli, tmp_path):
         assert set(back) == set(sd)
         for name, value in sd.items():
             assert torch.equal(back[name], value), name
+
+
+def test_an_existing_output_stays_at_its_path_until_the_new_one_replaces_it(cli, tmp_path, monkeypatch):
+    """--force over an existing file: the old file is kept aside by a second link, so OUT never
+    goes missing between the two steps (a job reading it meanwhile sees the old or the new file)."""
+    import os
+
+    src = tmp_path / "in.pth"
+    torch.save({"w": torch.ones(3)}, src)
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"the old output")
+    real_replace, seen = os.replace, []
+
+    def replace(a, b, *args, **kwargs):
+        if os.fspath(b) == str(out):
+            seen.append(out.read_bytes())  # what a reader would find at that moment
+        return real_replace(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    assert cli("convert", src, "-o", out, "--force").code == 0
+    assert seen == [b"the old output"]
+    assert load_file(out)["w"].tolist() == [1.0, 1.0, 1.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pth", "out.safetensors"]

@@ -134,6 +134,19 @@ def _stale_files(index: str, keep: list[str]) -> list[str]:
     return stale
 
 
+def _keep_aside(path: str, aside: str) -> bool:
+    """Keep what is at `path` at `aside` too; True when by a hard link (it stays at `path`), False
+    when moved (a folder, or a file system without hard links)."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        try:
+            os.link(path, aside, follow_symlinks=False)
+            return True
+        except OSError:
+            pass
+    os.rename(path, aside)
+    return False
+
+
 _STAGED_NAME = re.compile(r"\.[^/]+\.[0-9a-f]{16}\.ckptsurgery-tmp")  # what stage() and stage_folder() create
 
 
@@ -198,31 +211,39 @@ class StagedOutputs:
             raise
 
     def commit(self) -> None:
-        """Rename every staged file into place. Whatever was at a final path is set aside first
-        (a folder cannot replace a folder in one step) and removed only once all are in place:
-        if a rename fails, the ones done are undone and the old output is back, whole."""
-        done: list[tuple[str, str, str | None]] = []  # (temporary, final, where the old one was set aside)
+        """Rename every staged file into place. Whatever was at a final path is kept aside —
+        a file as a second hard link, so that it stays at its path until the new one replaces
+        it in one step; a folder moved, as one cannot replace a folder in one step — and removed
+        only once all are in place: if a rename fails, the ones done are undone and the old
+        output is back, whole."""
+        done: list[tuple[str, str, str | None, bool]] = []  # (temporary, final, old one kept at, by a link)
         try:
             for temp, path in self._staged:
-                aside = f"{temp}.old" if os.path.lexists(path) else None
-                if aside:
-                    os.rename(path, aside)  # a symlink at `path` is moved, never its target
+                aside, linked = None, False
+                if os.path.lexists(path):
+                    aside = f"{temp}.old"
+                    linked = _keep_aside(path, aside)
                 try:
-                    os.replace(temp, path)
+                    os.replace(temp, path)  # a symlink at `path` is replaced, never its target
                 except BaseException:
-                    if aside:
+                    if linked:
+                        os.unlink(aside)  # the old file never left `path`
+                    elif aside:
                         os.rename(aside, path)
                     raise
-                done.append((temp, path, aside))
+                done.append((temp, path, aside, linked))
         except BaseException:
-            for temp, path, aside in reversed(done):  # back as it was: the new one staged again, the old one in place
-                os.rename(path, temp)
-                if aside:
-                    os.rename(aside, path)
+            for temp, path, aside, linked in reversed(done):  # back as it was
+                if linked:
+                    os.replace(aside, path)  # the old file over the new one, in one step
+                else:
+                    os.rename(path, temp)  # the new one staged again, then the old one back
+                    if aside:
+                        os.rename(aside, path)
             self.abort()  # no temporary file is left behind; nothing old is removed
             raise
         self._staged.clear()
-        for _, path, aside in done:
+        for _, path, aside, _ in done:
             try:
                 if aside and os.path.isdir(aside) and not os.path.islink(aside):
                     shutil.rmtree(aside)
