@@ -315,3 +315,21 @@ def test_rank0_adopts_only_what_it_would_have_staged_itself(tmp_path):
     outputs = StagedOutputs()
     outputs.adopt([(good, out)], [out])
     assert outputs.staged == [(good, out)]
+
+
+def test_nothing_is_staged_once_the_set_is_aborted(tmp_path):
+    """A writer thread that reaches stage() after the main thread aborted (a second Ctrl-C cut
+    short the wait for it) is refused: no temporary file appears that nobody would remove."""
+    from ckptsurgery.errors import CkptError
+    from ckptsurgery.io.write import StagedOutputs
+
+    outputs = StagedOutputs()
+    with outputs.stage(str(tmp_path / "a.safetensors")) as f:
+        f.write(b"x")
+    outputs.abort()
+    with pytest.raises(CkptError, match="the write was stopped"):
+        with outputs.stage(str(tmp_path / "b.safetensors")):
+            pass
+    with pytest.raises(CkptError, match="the write was stopped"):
+        outputs.stage_folder(str(tmp_path / "c"))
+    assert os.listdir(tmp_path) == []

@@ -11,6 +11,7 @@ import re
 import secrets
 import shutil
 import struct
+import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from operator import attrgetter
@@ -159,6 +160,19 @@ class StagedOutputs:
     def __init__(self, remove: list[str] = ()):
         self._staged: list[tuple[str, str]] = []  # (temporary, final)
         self._remove = list(remove)
+        # writer threads stage files while the main thread may commit or abort (a second Ctrl-C
+        # cuts short the wait for them): once it has, nothing new is staged, so nothing is left
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _create(self, path: str, temp: str, make: Callable[[], Any]) -> Any:
+        """`make()` the staged `temp` for `path` and list it, unless the set is closed already."""
+        with self._lock:
+            if self._closed:
+                raise CkptError(f"{path}: the write was stopped; nothing was written")
+            made = make()
+            self._staged.append((temp, path))  # only now is it ours to remove
+            return made
 
     def stage_folder(self, path: str) -> str:
         """A new folder beside `path`, filled by the caller, renamed into place by commit(); an
@@ -166,10 +180,9 @@ class StagedOutputs:
         folder, name = os.path.split(os.path.abspath(path))
         temp = os.path.join(folder, f".{name}.{secrets.token_hex(8)}.ckptsurgery-tmp")
         try:
-            os.mkdir(temp, 0o777)
+            self._create(path, temp, lambda: os.mkdir(temp, 0o777))
         except OSError as e:
             raise CkptError(f"{path}: cannot write ({e.strerror or e}); nothing was written") from None
-        self._staged.append((temp, path))
         return temp
 
     @property
@@ -201,8 +214,8 @@ class StagedOutputs:
         # there that redirects the write into another file
         temp = os.path.join(folder, f".{name}.{secrets.token_hex(8)}.ckptsurgery-tmp")
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-            self._staged.append((temp, path))  # only now is it ours to remove (writer threads append at once)
+            fd = self._create(path, temp, lambda: os.open(
+                temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666))
             with os.fdopen(fd, "wb") as f:
                 yield f
         except OSError as e:
@@ -216,6 +229,8 @@ class StagedOutputs:
         it in one step; a folder moved, as one cannot replace a folder in one step — and removed
         only once all are in place: if a rename fails, the ones done are undone and the old
         output is back, whole."""
+        with self._lock:
+            self._closed = True
         done: list[tuple[str, str, str | None, bool]] = []  # (temporary, final, old one kept at, by a link)
         try:
             for temp, path in self._staged:
@@ -263,6 +278,8 @@ class StagedOutputs:
         self._remove.clear()
 
     def abort(self) -> None:
+        with self._lock:
+            self._closed = True
         for temp, _ in self._staged:
             try:
                 if os.path.isdir(temp) and not os.path.islink(temp):
