@@ -148,7 +148,14 @@ def _keep_aside(path: str, aside: str) -> bool:
     return False
 
 
-_STAGED_NAME = re.compile(r"\.[^/]+\.[0-9a-f]{16}\.ckptsurgery-tmp")  # what stage() and stage_folder() create
+def _temporary_beside(path: str) -> str:
+    """Where a file or folder for `path` is staged: beside it, hidden, under a name nobody can
+    guess (16 random hex digits), so that nobody can plant a link there in advance."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{secrets.token_hex(8)}.ckptsurgery-tmp")
+
+
+_STAGED_NAME = re.compile(r"\.[^/]+\.[0-9a-f]{16}\.ckptsurgery-tmp")  # the names _temporary_beside makes
 
 
 class StagedOutputs:
@@ -177,8 +184,7 @@ class StagedOutputs:
     def stage_folder(self, path: str) -> str:
         """A new folder beside `path`, filled by the caller, renamed into place by commit(); an
         old folder there (checked by the caller) is set aside first and removed after."""
-        folder, name = os.path.split(os.path.abspath(path))
-        temp = os.path.join(folder, f".{name}.{secrets.token_hex(8)}.ckptsurgery-tmp")
+        temp = _temporary_beside(path)
         try:
             self._create(path, temp, lambda: os.mkdir(temp, 0o777))
         except OSError as e:
@@ -209,10 +215,8 @@ class StagedOutputs:
 
     @contextmanager
     def stage(self, path: str) -> Iterator[BinaryIO]:
-        folder, name = os.path.split(os.path.abspath(path))
-        # unpredictable, created exclusively, never through a symlink: nobody can plant a link
-        # there that redirects the write into another file
-        temp = os.path.join(folder, f".{name}.{secrets.token_hex(8)}.ckptsurgery-tmp")
+        # created exclusively and never through a symlink: no link can redirect the write
+        temp = _temporary_beside(path)
         try:
             fd = self._create(path, temp, lambda: os.open(
                 temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666))
@@ -532,7 +536,7 @@ def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Prog
     archive.add_bytes(f"{ARCHIVE}/.storage_alignment", b"64")
     archive.add_bytes(f"{ARCHIVE}/byteorder", b"little")
     for storage, key, read_as, write_as in storages.values():
-        if write_as is read_as and type(storage.source) is MappedFile and storage.nbytes <= SMALL_RECORD:
+        if write_as is read_as and storage.nbytes <= SMALL_RECORD:
             archive.add_bytes(f"{ARCHIVE}/data/{key}", storage.view())  # the common small case, in one step
             if progress:
                 progress(storage.nbytes)

@@ -128,6 +128,11 @@ def _commit_together(outputs: StagedOutputs, ranks: Ranks | None, order: list[st
     ranks.step("committed")
 
 
+def _merged(parts: list[dict]) -> dict:
+    """One dict of the keys of all `parts` (each file's, each rank's), in order."""
+    return {key: value for part in parts for key, value in part.items()}
+
+
 def _label(ranks: Ranks | None, output: str) -> str:
     where = f" (rank {ranks.rank})" if ranks else ""
     return f"writing {os.path.basename(output)}{where}"
@@ -166,14 +171,14 @@ def _write_dcp(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: str, cas
             folder = ranks.step("checked", folder)[0]
         tasks = [lambda advance, i=i: writer.write_file(folder, i, advance) for i in mine]
         try:
-            places = {key: place for found in _run_concurrently(tasks, jobs, tick) for key, place in found.items()}
+            places = _merged(_run_concurrently(tasks, jobs, tick))
         except Exception as e:
             if ranks:  # the folder is rank 0's and shared: every rank stops writing into it before it goes
                 with suppress(CkptError):
                     ranks.finish(e)
             raise
         if ranks:
-            places = {key: place for found in ranks.step("written", places) for key, place in found.items()}
+            places = _merged(ranks.step("written", places))
         if leader:
             writer.write_metadata(folder, places)  # last: the folder is whole only with it
         if ranks:
