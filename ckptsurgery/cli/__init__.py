@@ -64,7 +64,7 @@ def _options(
 
 
 # commands register themselves on `app`, in the order `--help` lists them
-from . import inspect, filter, drop, rename, merge, convert, diff  # noqa: E402, F401
+from . import inspect, filter, drop, rename, merge, extract_lora, convert, diff  # noqa: E402, F401
 
 
 def _terminate(signum, frame):

@@ -21,8 +21,8 @@ OnConflict = choice("OnConflict", core.CONFLICT_POLICIES)
 
 @app.command(epilog=examples(
     "ckptsurgery merge old.pth --into new.pth --on-mismatch overlap -o init.pth",
-    "ckptsurgery merge backbone.safetensors head.safetensors -o model.safetensors",
     "ckptsurgery merge a.pth b.pth c.pth --average --weights 2,1,1 -o soup.pth",
+    "ckptsurgery merge base.safetensors --lora adapter/ --lora style.safetensors --lora-scale 1 --lora-scale 0.5 -o out.safetensors",
 ))
 def merge(
     sources: Annotated[list[str], typer.Argument(metavar="SOURCE...", help="Checkpoints to merge, in priority order.", show_default=False)],
@@ -35,6 +35,12 @@ def merge(
         "--on-conflict", help="Plain merge, a key in several sources: error (default), first, last.", show_default=False)] = None,
     average: Annotated[bool, typer.Option("--average", help="Element-wise (weighted) mean of floating tensors.")] = False,
     weights: Annotated[Optional[str], typer.Option("--weights", metavar="W,W,..", help="With --average: W,W,... one per source.")] = None,
+    lora: Annotated[Optional[list[str]], typer.Option(
+        "--lora", metavar="ADAPTER", help="Fold this LoRA (a PEFT adapter folder or a kohya .safetensors) into the one SOURCE; repeatable.", show_default=False)] = None,
+    lora_scale: Annotated[Optional[list[float]], typer.Option(
+        "--lora-scale", metavar="S", help="With --lora: multiplies alpha/r (default 1); once for all, or once per --lora in order.", show_default=False)] = None,
+    allow_unmatched: Annotated[bool, typer.Option(
+        "--allow-unmatched", help="With --lora: fold what matches, list LoRA weights matching no base weight.")] = False,
     root: RootOpt = None,
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
@@ -42,12 +48,13 @@ def merge(
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Combine checkpoints: a plain union, an update of a template (--into), or an average."""
+    """Combine checkpoints: a plain union, an update of a template (--into), an average, or LoRA adapters folded into a base (--lora)."""
     with ranks_from_environment() as ranks, progress_bar(quiet or json) as progress:
         report = ops.merge(sources, output, into=into, on_mismatch=on_mismatch and on_mismatch.value,
                            on_conflict=on_conflict and on_conflict.value, average=average, weights=weights,
                            root=root, force=force, dry_run=dry_run, progress=progress,
-                           format=format and format.value, ranks=ranks)
+                           format=format and format.value, ranks=ranks, lora=lora, lora_scale=lora_scale,
+                           allow_unmatched=allow_unmatched)
     if json:
         print_json(report)
         return
@@ -62,6 +69,12 @@ def merge(
         details = [f"averaged {report['averaged']} tensors with weights "
                    + ", ".join(f"{w:g}" for w in report["weights"]),
                    listing("taken from the first source (not floating)", report["from_first"])]
+    elif report["mode"] == "lora":
+        details = [f"folded {len(report['adapters'])} adapter(s) into {report['folded']} tensors: "
+                   + "; ".join(f"{printable(a['path'])} ({a['format']}, scale {a['scale']:g}, {a['folded']} weights)"
+                               for a in report["adapters"])]
+        if report["unmatched"]:
+            details.append(listing("LoRA weights matching no base weight (left out)", report["unmatched"]))
     elif report["conflicts"]:
         details = [listing(f"conflicts (kept the {report['on_conflict']})", report["conflicts"])]
     finish_write(report, json, quiet, details)

@@ -192,9 +192,18 @@ def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: s
 def merge(sources: list[str], output: str, *, into: str | None = None, on_mismatch: str | None = None,
           on_conflict: str | None = None, average: bool = False, weights: str | list[float] | None = None,
           root: str | None = None, force: bool = False, dry_run: bool = False,
-          progress: ProgressFactory | None = None, format: str | None = None, ranks: Ranks | None = None) -> dict:
-    """Three modes: plain union (`on_conflict`, default error), `into` a template (`on_mismatch`,
-    default error), `average` (`weights`, default equal). An option of another mode is refused."""
+          progress: ProgressFactory | None = None, format: str | None = None, ranks: Ranks | None = None,
+          lora: list[str] | None = None, lora_scale: list[float] | None = None,
+          allow_unmatched: bool = False) -> dict:
+    """Four modes: plain union (`on_conflict`, default error), `into` a template (`on_mismatch`,
+    default error), `average` (`weights`, default equal), `lora` adapters folded into one base
+    (`lora_scale`, `allow_unmatched`; see ops/lora.py). An option of another mode is refused."""
+    if lora:
+        return _merge_lora(sources, output, lora, lora_scale, allow_unmatched, into=into, average=average,
+                           on_conflict=on_conflict, on_mismatch=on_mismatch, weights=weights, root=root, force=force,
+                           dry_run=dry_run, progress=progress, format=format, ranks=ranks)
+    if lora_scale or allow_unmatched:
+        raise UsageError(f"--{'lora-scale' if lora_scale else 'allow-unmatched'} applies to --lora only")
     if into is not None and average:
         raise UsageError("--into and --average do not combine: average first, then merge --into")
     if on_mismatch is not None and into is None:
@@ -229,4 +238,30 @@ def merge(sources: list[str], output: str, *, into: str | None = None, on_mismat
                                   ranks=ranks)
     del report["input"]  # several inputs: `sources` and `template` name them
     report.update(mode=mode, sources=list(sources), **({"template": into} if into is not None else {}), **details)
+    return report
+
+
+def _merge_lora(sources: list[str], output: str, loras: list[str], scales: list[float] | None, allow_unmatched: bool,
+                *, into, average, on_conflict, on_mismatch, weights, root, force, dry_run, progress, format,
+                ranks) -> dict:
+    """`merge BASE --lora ADAPTER... -o OUT`: the adapters folded into BASE, in order."""
+    from . import lora
+
+    mixed = [option for option, given in (("--into", into is not None), ("--average", average),
+                                          ("--on-conflict", on_conflict is not None),
+                                          ("--on-mismatch", on_mismatch is not None),
+                                          ("--weights", weights is not None)) if given]
+    if mixed:
+        raise UsageError(f"--lora does not combine with {', '.join(mixed)}: fold first, then merge")
+    if len(sources) != 1:
+        raise UsageError(f"--lora folds into exactly one base checkpoint, not {len(sources)}: fold first, then merge")
+    scales = lora.parse_scales(scales, len(loras))
+    with ExitStack() as stack:
+        base = stack.enter_context(open_checkpoint(sources[0], root))
+        adapters = [(stack.enter_context(lora.read_adapter(path)), scale) for path, scale in zip(loras, scales)]
+        merged, details = lora.fold(base, adapters, allow_unmatched=allow_unmatched)
+        report = write_checkpoint(base, merged, output, force=force, dry_run=dry_run, progress=progress,
+                                  format=format, ranks=ranks)
+    del report["input"]
+    report.update(mode="lora", sources=list(sources), **details)
     return report

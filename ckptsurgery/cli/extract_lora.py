@@ -1,0 +1,76 @@
+"""ckptsurgery extract-lora: a PEFT adapter from the difference between two checkpoints."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from ..ops import lora as ops_lora
+from . import app
+from .common import (
+    DryRunOpt, ForceOpt, JsonOpt, QuietOpt, RootOpt, examples, listing, note, print_json, printable, progress_bar,
+)
+
+
+@app.command("extract-lora", epilog=examples(
+    "ckptsurgery extract-lora base.safetensors tuned.safetensors --rank 16 -o adapter",
+    "ckptsurgery extract-lora base/ tuned/ --rank 8 --rank '*.self_attn.*=32' --embeddings -o adapter --force",
+    "ckptsurgery extract-lora base.pth tuned.pth --rank 4 -o adapter --dry-run --json",
+))
+def extract_lora(
+    base: Annotated[str, typer.Argument(metavar="BASE", help="The checkpoint before fine-tuning.", show_default=False)],
+    tuned: Annotated[str, typer.Argument(metavar="TUNED", help="The fine-tuned checkpoint (same keys and shapes).", show_default=False)],
+    output: Annotated[str, typer.Option("-o", "--output", metavar="ADAPTER_DIR", help="Adapter folder to write (adapter_config.json, adapter_model.safetensors).")],
+    rank: Annotated[list[str], typer.Option(
+        "--rank", metavar="R|PATTERN=R", help="The LoRA rank; PATTERN=R sets it for the weights a pattern selects (the last that selects a key wins). Repeatable.",
+        show_default=False)],
+    embeddings: Annotated[bool, typer.Option("--embeddings", help="Also extract embedding tables (peft's lora_embedding_A/B).")] = False,
+    root: RootOpt = None,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write a PEFT LoRA adapter that turns BASE into (approximately) TUNED: a truncated SVD of the difference of every 2-D and conv weight."""
+    with progress_bar(quiet or json) as progress:
+        report = ops_lora.extract_lora(base, tuned, output, rank=rank, embeddings=embeddings, root=root, force=force,
+                                       dry_run=dry_run, progress=progress)
+    if json:
+        print_json(report)
+        return
+    verb = "would write" if dry_run else "wrote"
+    extracted = report["extracted"]
+    worst = max((p["error"] for p in extracted if p["error"] is not None), default=None)
+    lines = [f"{verb} {printable(report['output'])}: {len(extracted)} LoRA module(s), rank {report['rank']}"
+             + (f", largest relative error {worst:.3g}" if worst is not None else ""),
+             listing("not extracted", [f"{n['name']} ({n['reason']})" for n in report["not_extracted"]])]
+    clamped = [f"{p['name']} ({p['requested_rank']} -> {p['rank']})" for p in extracted if p["clamped"]]
+    if clamped:
+        lines.append(listing("rank clamped to the weight's size", clamped))
+    for side in ("only_in_base", "only_in_tuned"):
+        if report[side]:
+            lines.append(listing(f"keys {side.replace('_', ' ').replace('base', 'BASE').replace('tuned', 'TUNED')}",
+                                 report[side]))
+    if dry_run:  # the report is the result: stdout, as other commands' --dry-run
+        sys.stdout.write("".join(printable(line) + "\n" for line in lines))
+        return
+    for line in lines:
+        note(line, quiet)
+    if not quiet and extracted:
+        _print_table(extracted)
+
+
+def _print_table(extracted: list[dict]) -> None:
+    from rich.table import Table
+
+    from .common import console
+
+    table = Table(box=None, show_edge=False, pad_edge=False)
+    for column in ("module", "kind", "shape", "rank", "relative error"):
+        table.add_column(column)
+    for p in extracted:
+        table.add_row(printable(p["name"]), p["kind"], "x".join(map(str, p["shape"])), str(p["rank"]),
+                      "" if p["error"] is None else f"{p['error']:.3g}")
+    console(stderr=True).print(table)

@@ -1,0 +1,790 @@
+"""LoRA without the model's code: fold adapters into a base checkpoint (`merge --lora`) and
+extract an adapter from the difference between two checkpoints (`extract-lora`).
+
+Folding, per base weight W (computed in float32, float64 for a float64 W, written in W's dtype):
+
+    W' = W + Σ_adapters S · scale · ΔW        scale = α/r (α/√r with rsLoRA; kohya: alpha/rank)
+    ΔW = B·A                                  linear layers (A: [r, in], B: [out, r])
+    ΔW = (B·A)ᵀ                               linear with fan_in_fan_out (GPT-2's Conv1D), and
+                                              embeddings (lora_embedding_A: [r, vocab], _B: [dim, r])
+    ΔW = (B.flatten(1) · A.flatten(1)).view(W.shape)   conv (A: [r, in, k…], B: [out, r, 1…])
+
+which is what peft's `get_delta_weight` computes for Linear, Embedding and ConvNd (its conv form,
+conv(Aᵀ, B)ᵀ, is the same sum over r). Extraction is the truncated SVD of ΔW = TUNED − BASE:
+A = √S·Vh, B = U·√S with lora_alpha = r, so that folding it back gives the best rank-r
+approximation of ΔW (Eckart–Young), with relative error √(Σ dropped s²) / √(Σ s²).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from .. import core
+from ..errors import CkptError, UsageError
+from ..io import Checkpoint, TensorRef, open_checkpoint
+from ..io.model import computed_tensor
+from .write import ProgressFactory, write_checkpoint
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the user's model
+
+# peft config fields whose adapters a plain W + scale·B·A does not reproduce: refused, never folded
+# wrongly. Each is checked only when set (not null, false, empty).
+UNSUPPORTED = {
+    "use_dora": "DoRA (use_dora) rescales each column by a learned magnitude",
+    "use_qalora": "QALoRA (use_qalora) pools its inputs",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) applies only after its tokens",
+    "target_parameters": "LoRA on bare parameters (target_parameters)",
+    "layer_replication": "layer_replication adds layers the base does not have",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "kasa_config": "KaSA (kasa_config)",
+}
+# initialisations that change the base weights themselves: the adapter fits a residual base
+RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+_PEFT_LINEAR = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)")
+_PEFT_EMBEDDING = re.compile(r"(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?")
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_")
+_KOHYA_KEY = re.compile(r"(?P<module>lora_(?:unet|te\d?)_[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)")
+
+
+# ---- reading adapters --------------------------------------------------------------------------
+
+@dataclass
+class Module:
+    """One adapted weight of an adapter: its low-rank factors, scale and layout."""
+
+    name: str  # as the adapter names it: a module name (peft) or the underscore name (kohya)
+    a: TensorRef
+    b: TensorRef
+    scale: float  # α/r (α/√r): the user's --lora-scale is applied on top
+    layout: str  # linear, linear-t (fan_in_fan_out), embedding, conv
+    bias: TensorRef | None = None  # peft lora_bias: B's bias, added (× scale) to the base bias
+
+
+@dataclass
+class Adapter:
+    path: str
+    format: str  # peft or kohya
+    modules: list[Module]
+    replaced: dict[str, TensorRef] = field(default_factory=dict)  # peft modules_to_save, trained biases
+    config: dict = field(default_factory=dict)
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+
+    def close(self) -> None:
+        for ckpt in self.checkpoints:
+            ckpt.close()
+
+
+@contextmanager
+def read_adapter(path: str) -> Iterator[Adapter]:
+    """A PEFT adapter folder (or its adapter_model file) or a kohya-style .safetensors file,
+    open until the block ends (its tensors are read lazily, when the output is written)."""
+    path = os.fspath(path)
+    folder = None
+    if os.path.isdir(path):
+        folder = path
+    elif os.path.basename(path).startswith("adapter_model.") and \
+            os.path.isfile(os.path.join(os.path.dirname(path) or ".", PEFT_CONFIG)):
+        folder = os.path.dirname(path) or "."
+    adapter = _read_peft(folder, path) if folder is not None else _read_kohya(path)
+    try:
+        yield adapter
+    finally:
+        adapter.close()
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise CkptError(f"{path}: no such file; a PEFT adapter folder holds {PEFT_CONFIG} and "
+                        f"adapter_model.safetensors (save it with save_pretrained)") from None
+    except (OSError, ValueError) as e:
+        raise CkptError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise CkptError(f"{path}: expected a JSON object")
+    return doc
+
+
+def pattern_key(patterns, name: str) -> str | None:
+    """The first of `patterns` (rank_pattern / alpha_pattern keys) that selects module `name`,
+    as peft matches them: the pattern is a regular expression that must match the whole name
+    or a dotted tail of it (`(.*\\.)?(pattern)$`)."""
+    for key in patterns:
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return key
+        except re.error as e:
+            raise CkptError(f"rank/alpha pattern {key!r}: not a valid regular expression ({e})") from None
+    return None
+
+
+def _targets(config: dict, name: str) -> bool | None:
+    """Whether target_modules selects module `name`, as peft decides; None when it cannot say
+    (`all-linear`, or none given)."""
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return None
+        return re.fullmatch(targets, name) is not None
+    if isinstance(targets, list) and targets:
+        return any(name == t or name.endswith("." + t) for t in targets)
+    return None
+
+
+def _number(config: dict, key: str, where: str, default=None) -> float:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise CkptError(f"{where}: {key} {value!r} is not a positive number")
+    return value
+
+
+def _read_peft(folder: str, given: str) -> Adapter:
+    config_path = os.path.join(folder, PEFT_CONFIG)
+    if not os.path.isfile(config_path):
+        raise CkptError(f"{given}: no {PEFT_CONFIG} in this folder; a PEFT adapter folder holds it beside "
+                        f"adapter_model.safetensors (or give a kohya-style .safetensors file)")
+    config = _read_json(config_path)
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise CkptError(f"{config_path}: peft_type {peft_type!r} is not supported; only LORA adapters fold "
+                        f"into the base weights here")
+    for key, what in UNSUPPORTED.items():
+        if config.get(key):
+            raise CkptError(f"{config_path}: {what}, which folding as W + scale·B·A would get wrong; "
+                            f"not supported (merge it with peft's merge_and_unload)")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(RESIDUAL_INITS):
+        raise CkptError(f"{config_path}: init_lora_weights {init!r} changes the base weights at the start of "
+                        f"training; convert the adapter with peft's save_pretrained(..., "
+                        f"path_initial_model_for_weight_conversion=...) first")
+    weights = [os.path.join(folder, name) for name in PEFT_WEIGHTS if os.path.isfile(os.path.join(folder, name))]
+    if not weights:
+        raise CkptError(f"{folder}: holds {PEFT_CONFIG} but neither {' nor '.join(PEFT_WEIGHTS)}")
+    if os.path.isfile(given) and os.path.abspath(given) in map(os.path.abspath, weights):
+        weights = [given]
+    ckpt = open_checkpoint(weights[0])
+    try:
+        return _peft_modules(ckpt, config, config_path)
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def _peft_modules(ckpt: Checkpoint, config: dict, config_path: str) -> Adapter:
+    where = ckpt.path
+    r_default = _number(config, "r", config_path, 8)
+    alpha_default = _number(config, "lora_alpha", config_path, 8)
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
+        raise CkptError(f"{config_path}: rank_pattern and alpha_pattern must be objects")
+    rslora = bool(config.get("use_rslora"))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    parts: dict[tuple[str, str], dict[str, TensorRef]] = {}  # (module, layout) -> {"A", "B", "bias"}
+    adapter_names, replaced = set(), OrderedDict()
+    for key, t in ckpt.tensors.items():
+        short = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        m = _PEFT_LINEAR.fullmatch(short)
+        layout = "linear"
+        if m is None:
+            m = _PEFT_EMBEDDING.fullmatch(short)
+            layout = "embedding"
+        if m is None:
+            if "lora_" in short or "trainable_tokens" in short:
+                raise CkptError(f"{where}: {key}: a kind of adapter weight not supported here (DoRA magnitudes, "
+                                f"LoRA variants, trainable tokens); nothing was written")
+            replaced[short] = t  # modules_to_save, trained biases: they replace the base's tensor
+            continue
+        if m["adapter"]:
+            adapter_names.add(m["adapter"])
+        slot = m["ab"] if m.groupdict().get("param", "weight") == "weight" else f"{m['ab']}-bias"
+        parts.setdefault((m["module"], layout), {})[slot] = t
+    if len(adapter_names) > 1:
+        raise CkptError(f"{where}: holds several adapters ({', '.join(sorted(adapter_names))}); save each on "
+                        f"its own and give one --lora per adapter")
+    modules = []
+    for (name, layout), found in parts.items():
+        if "A" not in found or "B" not in found:
+            missing = "lora_A" if "A" not in found else "lora_B"
+            raise CkptError(f"{where}: module {name} has no {missing.replace('lora_', 'lora_embedding_') if layout == 'embedding' else missing} weight")
+        if "A-bias" in found:
+            raise CkptError(f"{where}: module {name}: lora_A has a bias, which peft never makes")
+        if _targets(config, name) is False:
+            raise CkptError(f"{where}: holds weights for {name}, which target_modules in {config_path} does not "
+                            f"select (peft would ignore them); fix the config or the file")
+        r_key = pattern_key(rank_pattern, name)
+        a_key = pattern_key(alpha_pattern, name)
+        r = _number(rank_pattern, r_key, config_path) if r_key is not None else r_default
+        alpha = _number(alpha_pattern, a_key, config_path) if a_key is not None else alpha_default
+        a, b = found["A"], found["B"]
+        if layout == "linear" and len(a.shape) > 2:
+            layout = "conv"
+        elif layout == "linear" and fan_in_fan_out:
+            layout = "linear-t"
+        if not a.shape or a.shape[0] != r:
+            raise CkptError(f"{where}: module {name}: lora_A has rank {a.shape[0]} but {config_path} gives r={r:g} "
+                            f"(rank_pattern); the file and its config disagree")
+        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        modules.append(Module(name, a, b, scale, layout, bias=found.get("B-bias")))
+    return Adapter(ckpt.path, "peft", modules, replaced, config, [ckpt])
+
+
+def _read_kohya(path: str) -> Adapter:
+    ckpt = open_checkpoint(path)
+    try:
+        return _kohya_modules(ckpt)
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def _kohya_modules(ckpt: Checkpoint) -> Adapter:
+    where = ckpt.path
+    parts: dict[str, dict[str, TensorRef]] = OrderedDict()
+    for key, t in ckpt.tensors.items():
+        m = _KOHYA_KEY.fullmatch(key)
+        if m is None:
+            if key.startswith(PEFT_PREFIX) and ".lora_" in key:
+                raise CkptError(f"{where}: a PEFT adapter's weights (key {key}); give the folder holding them and "
+                                f"its {PEFT_CONFIG}")
+            if key.startswith(("lora_unet_", "lora_te")):
+                raise CkptError(f"{where}: {key}: a kind of weight not supported here (LyCORIS LoHa/LoKr, "
+                                f"lora_mid, DoRA scales); only lora_down/lora_up/alpha fold")
+            raise CkptError(f"{where}: key {key} is neither a kohya-style LoRA key (lora_unet_…/lora_te_… with "
+                            f"lora_down/lora_up/alpha) nor part of a PEFT adapter folder")
+        parts.setdefault(m["module"], {})[m["part"]] = t
+    if not parts:
+        raise CkptError(f"{where}: holds no LoRA weights")
+    modules = []
+    for name, found in parts.items():
+        if "lora_down.weight" not in found or "lora_up.weight" not in found:
+            missing = "lora_down" if "lora_down.weight" not in found else "lora_up"
+            raise CkptError(f"{where}: {name} has no {missing}.weight")
+        a, b = found["lora_down.weight"], found["lora_up.weight"]
+        rank = a.shape[0] if a.shape else 0
+        if rank == 0:
+            raise CkptError(f"{where}: {name}.lora_down.weight has rank 0")
+        alpha = float(rank)
+        if "alpha" in found:
+            alpha = _scalar(found["alpha"], f"{where}: {name}.alpha")
+        modules.append(Module(name, a, b, alpha / rank, "conv" if len(a.shape) > 2 else "linear"))
+    return Adapter(ckpt.path, "kohya", modules, checkpoints=[ckpt])
+
+
+def _scalar(t: TensorRef, where: str) -> float:
+    from ..io.tensors import values
+
+    if t.numel != 1 or not t.dtype.floating and t.dtype.kind != "int":
+        raise CkptError(f"{where}: expected one number, found a {t.dtype.name} tensor of shape {list(t.shape)}")
+    value = float(values(t)[0])
+    if not math.isfinite(value):
+        raise CkptError(f"{where}: {value} is not a finite number")
+    return value
+
+
+# ---- matching adapter modules with base keys ---------------------------------------------------
+
+def _suffixes(name: str) -> list[str]:
+    """`a.b.c` -> [`b.c`, `c`]: the dotted tails of a name."""
+    return [name[i + 1:] for i, c in enumerate(name) if c == "."]
+
+
+class _PeftResolver:
+    """A peft module's `<module>.weight` onto the base's keys: exactly; else the base's keys have
+    a prefix the adapter's lack (`model.` of a wrapper) or lack one it has — one such prefix for
+    the whole adapter. A name two base keys could be is an error naming both."""
+
+    def __init__(self, keys: list[str]):
+        self.keys = set(keys)
+        self._tails: dict[str, list[str]] | None = None
+        self.rewrites: dict[tuple[str, str], list[str]] = {}  # (added|removed, prefix) -> names
+
+    def tails(self) -> dict[str, list[str]]:
+        if self._tails is None:
+            self._tails = {}
+            for key in self.keys:
+                for tail in _suffixes(key):
+                    self._tails.setdefault(tail, []).append(key)
+        return self._tails
+
+    def __call__(self, wanted: str) -> str | None:
+        if wanted in self.keys:
+            return wanted
+        found = [(k, ("added", k[: -len(wanted)])) for k in sorted(self.tails().get(wanted, []))]
+        found += [(t, ("removed", wanted[: -len(t)])) for t in _suffixes(wanted) if t in self.keys]
+        if len(found) > 1:
+            raise CkptError(f"{wanted} could be any of the base's {', '.join(k for k, _ in found)}; rename the "
+                            f"base (or the adapter) so that the names agree")
+        if not found:
+            return None
+        key, rewrite = found[0]
+        self.rewrites.setdefault(rewrite, []).append(wanted)
+        return key
+
+    def check(self, where: str) -> dict | None:
+        if len(self.rewrites) > 1:
+            shown = "; ".join(f"{kind} {prefix!r} for {names[0]}" for (kind, prefix), names in self.rewrites.items())
+            raise CkptError(f"{where}: its names meet the base's only with different prefixes ({shown}); "
+                            f"rename the base so that one prefix fits all")
+        if self.rewrites:
+            (kind, prefix), names = next(iter(self.rewrites.items()))
+            return {kind: prefix, "keys": len(names)}
+        return None
+
+
+class _KohyaResolver:
+    """`lora_unet_down_blocks_0_proj_in` onto the base module whose name, dots made underscores,
+    is `down_blocks_0_proj_in` — the whole name, else a dotted tail of it (a full checkpoint's
+    `model.diffusion_model.` or `cond_stage_model.transformer.` in front)."""
+
+    def __init__(self, keys: list[str]):
+        self.whole: dict[str, list[str]] = {}
+        self.tail: dict[str, list[str]] = {}
+        for key in keys:
+            if not key.endswith(".weight"):
+                continue
+            module = key[: -len(".weight")]
+            self.whole.setdefault(module.replace(".", "_"), []).append(module)
+            for tail in _suffixes(module):
+                self.tail.setdefault(tail.replace(".", "_"), []).append(module)
+
+    def __call__(self, name: str) -> str | None:
+        body = next(name[len(p):] for p in _KOHYA_PREFIXES if name.startswith(p))
+        found = self.whole.get(body) or self.tail.get(body, [])
+        if len(found) > 1:
+            raise CkptError(f"{name} could be any of the base's modules {', '.join(sorted(found)[:8])}"
+                            f"{' …' if len(found) > 8 else ''}; fold into a base that holds one of them only "
+                            f"(e.g. the component's own checkpoint), or rename the base")
+        return f"{found[0]}.weight" if found else None
+
+
+# ---- folding -----------------------------------------------------------------------------------
+
+def delta(module: Module, shape: tuple[int, ...], wide):
+    """ΔW of one module (without its scale), in dtype `wide`, shaped like the base weight."""
+    from ..io.tensors import as_torch
+
+    a = as_torch(module.a).to(wide)
+    b = as_torch(module.b).to(wide)
+    if module.layout == "embedding":
+        return (b @ a).T
+    if module.layout == "linear-t":
+        return (b @ a).T
+    if module.layout == "conv" or a.dim() != 2 or b.dim() != 2:
+        return (b.flatten(1) @ a.flatten(1)).reshape(shape)
+    return b @ a
+
+
+def _check_shapes(adapter: Adapter, module: Module, key: str, base: TensorRef) -> None:
+    """The factors must make exactly the base weight's shape, checked before anything is written."""
+    a, b = tuple(module.a.shape), tuple(module.b.shape)
+    where = f"{adapter.path}: {module.name}"
+    if not (module.a.dtype.floating and module.b.dtype.floating):
+        raise CkptError(f"{where}: LoRA factors of dtype {module.a.dtype.name}/{module.b.dtype.name}; "
+                        f"expected floating point")
+    if not base.dtype.floating or not base.is_plain:
+        raise CkptError(f"{where}: the base's {key} is {base.dtype.name}; a LoRA folds into floating-point "
+                        f"weights only")
+    if len(a) < 2 or len(b) < 2 or b[1] != a[0]:
+        grouped = " (a grouped conv? peft cannot merge those either)" if len(b) > 2 else ""
+        raise CkptError(f"{where}: lora_B {list(b)} does not follow lora_A {list(a)}{grouped}")
+    made = None
+    if module.layout in ("embedding", "linear-t"):
+        made = (a[1], b[0]) if len(a) == len(b) == 2 else None
+    elif len(a) == len(b) == 2:
+        made = (b[0], a[1])
+    elif all(s == 1 for s in b[2:]):  # conv: B [out, r, 1…], A [r, in, k…]
+        made = (b[0], *a[1:])
+        # kohya's 1×1 conv factors on a linear weight, or linear factors on a 1×1 conv
+        if made != tuple(base.shape) and base.shape and base.shape[0] == b[0] and math.prod(made) == base.numel \
+                and all(s == 1 for s in (*made[2:], *base.shape[2:])):
+            made = tuple(base.shape)
+    if made != tuple(base.shape):
+        raise CkptError(f"{where}: factors A {list(a)}, B {list(b)} do not make the base's {key} "
+                        f"{list(base.shape)}; is this adapter for another model?")
+
+
+def _folded(base: TensorRef, steps: list[tuple]) -> TensorRef:
+    """`base` with `steps` applied in order: ("delta", module, factor) adds factor·ΔW, ("bias",
+    vector, factor) adds factor·vector, ("replace", tensor) takes the tensor's values."""
+
+    def make():
+        import torch
+
+        from ..io.tensors import as_torch, to_bytes
+
+        wide = torch.float64 if base.dtype.name == "float64" else torch.float32
+        out = as_torch(base).to(wide, copy=True)
+        for step in steps:
+            if step[0] == "replace":
+                out = as_torch(step[1]).to(wide, copy=True)
+            elif step[0] == "bias":
+                out.add_(as_torch(step[1]).to(wide), alpha=step[2])
+            else:
+                out.add_(delta(step[1], base.shape, wide), alpha=step[2])
+        return to_bytes(out.to(getattr(torch, base.dtype.name)))
+
+    return computed_tensor(base.shape, base.dtype, make)
+
+
+def fold(base: Checkpoint, adapters: list[tuple[Adapter, float]], *,
+         allow_unmatched: bool = False) -> tuple[OrderedDict, dict]:
+    """The base's state dict with every adapter folded in, in the given order, each with its
+    scale S (W' = W + S·scale·ΔW). Untouched tensors are the base's own (no copy). Names tied in
+    the base (one storage) get the sum of the deltas aimed at any of them and stay tied — as
+    peft's in-place merge into a shared parameter does. Returns (tensors, report details)."""
+    tensors = base.tensors
+    groups: dict[tuple, list[str]] = {}  # tied names: one view of one storage
+    for name, t in tensors.items():
+        groups.setdefault(t.view_key(), []).append(name)
+    steps: dict[str, list[tuple]] = OrderedDict()  # first name of a tie group -> its steps
+    owner = {name: names[0] for names in groups.values() for name in names}
+    reports = []
+    all_unmatched: list[str] = []
+    for adapter, scale in adapters:
+        resolve = _PeftResolver(list(tensors)) if adapter.format == "peft" else _KohyaResolver(list(tensors))
+        folded, unmatched = set(), []
+        for module in adapter.modules:
+            key = resolve(f"{module.name}.weight") if adapter.format == "peft" else resolve(module.name)
+            if key is None:
+                unmatched.append(module.name)
+                continue
+            _check_shapes(adapter, module, key, tensors[key])
+            steps.setdefault(owner[key], []).append(("delta", module, scale * module.scale))
+            folded.add(key)
+            if module.bias is not None:
+                bias_key = key[: -len("weight")] + "bias"
+                target = tensors.get(bias_key)
+                if target is None or target.shape != module.bias.shape or not target.dtype.floating:
+                    raise CkptError(f"{adapter.path}: {module.name} has a LoRA bias (lora_bias) but the base has no "
+                                    f"matching floating {bias_key}")
+                steps.setdefault(owner[bias_key], []).append(("bias", module.bias, scale * module.scale))
+                folded.add(bias_key)
+        replaced = []
+        for name, t in adapter.replaced.items():
+            key = resolve(name)
+            if key is None:
+                unmatched.append(name)
+                continue
+            target = tensors[key]
+            if t.shape != target.shape or not (t.dtype.floating and target.dtype.floating):
+                raise CkptError(f"{adapter.path}: {name} {list(t.shape)} {t.dtype.name} cannot replace the base's "
+                                f"{key} {list(target.shape)} {target.dtype.name}")
+            steps.setdefault(owner[key], []).append(("replace", t))
+            replaced.append(key)
+        prefix = resolve.check(adapter.path) if adapter.format == "peft" else None
+        if unmatched and not allow_unmatched:
+            shown = ", ".join(unmatched[:8]) + (f" … (+{len(unmatched) - 8})" if len(unmatched) > 8 else "")
+            raise CkptError(f"{adapter.path}: {len(unmatched)} LoRA weight(s) match no weight of {base.path}: "
+                            f"{shown} (is it the right base? --allow-unmatched folds the rest)")
+        all_unmatched += unmatched
+        reports.append({"path": adapter.path, "format": adapter.format, "scale": scale,
+                        "modules": len(adapter.modules), "folded": len(folded), "replaced": replaced,
+                        "unmatched": unmatched, **({"prefix": prefix} if prefix else {})})
+    out: OrderedDict[str, TensorRef] = OrderedDict()
+    made: dict[str, TensorRef] = {}
+    for name, t in tensors.items():
+        first = owner[name]
+        if first in steps:
+            if first not in made:
+                made[first] = _folded(tensors[first], steps[first])
+            out[name] = made[first]
+        else:
+            out[name] = t
+    changed = [name for name in tensors if owner[name] in steps]
+    return out, {"adapters": reports, "folded": len(changed), "changed": changed, "unmatched": all_unmatched}
+
+
+def parse_scales(scales: list[float] | None, count: int) -> list[float]:
+    """--lora-scale: none (1 each), one (for every --lora), or one per --lora in order."""
+    if not scales:
+        return [1.0] * count
+    if count == 0:
+        raise UsageError("--lora-scale applies to --lora only")
+    values = [float(s) for s in scales]
+    if not all(math.isfinite(v) for v in values):
+        raise UsageError("--lora-scale must be a finite number")
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        raise UsageError(f"--lora-scale given {len(values)} times for {count} --lora: give it once (for all) "
+                         f"or once per --lora, in the same order")
+    return values
+
+
+# ---- extracting --------------------------------------------------------------------------------
+
+# Module names (the last part) of embedding tables: a 2-D weight whose rows are looked up, not a
+# matrix applied to inputs; peft adapts them with lora_embedding_A/B.
+EMBEDDING_NAMES = frozenset({
+    "embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings",
+    "embeddings", "embedding", "shared", "embed_in", "tok_embeddings", "embed_positions", "embed",
+})
+
+
+def is_embedding(module: str) -> bool:
+    return module.rsplit(".", 1)[-1] in EMBEDDING_NAMES
+
+
+def parse_ranks(ranks: list[str] | list | int | None) -> tuple[int, list[tuple[str, int]]]:
+    """`--rank 16 --rank 'attn*=32'` -> (16, [("attn*", 32)]): one default and any number of
+    PATTERN=R; a weight takes the rank of the last pattern that selects its key."""
+    if isinstance(ranks, int) and not isinstance(ranks, bool):
+        ranks = [str(ranks)]
+    default, patterns = None, []
+    for text in ranks or []:
+        text = str(text)
+        pattern, sep, value = text.rpartition("=")
+        try:
+            rank = int(value)
+        except ValueError:
+            raise UsageError(f"--rank {text!r}: expected R or PATTERN=R with R a whole number") from None
+        if rank < 1:
+            raise UsageError(f"--rank {text!r}: a rank must be 1 or more")
+        if sep:
+            if not pattern:
+                raise UsageError(f"--rank {text!r}: an empty pattern selects nothing")
+            core.compile_pattern(pattern)
+            patterns.append((pattern, rank))
+        elif default is not None:
+            raise UsageError(f"--rank given twice without a pattern ({default} and {rank}): give one default")
+        else:
+            default = rank
+    if default is None:
+        raise UsageError("--rank R is required (the default rank; PATTERN=R overrides it for some weights)")
+    return default, patterns
+
+
+def _differs(a: TensorRef, b: TensorRef) -> bool:
+    if a.dtype is b.dtype and a.is_contiguous and b.is_contiguous:
+        return a.data() != b.data()
+    from ..io.tensors import as_torch
+
+    return not bool((as_torch(a).float() == as_torch(b).float()).all())
+
+
+def _peft_pattern_keys(modules: list[str], ranks: dict[str, int], default: int) -> dict[str, str]:
+    """Module -> its rank_pattern key: its own name where peft's tail matching then gives every
+    module its rank, else (a name that is a dotted tail of another's) the name anchored and
+    escaped, which selects that module only."""
+    keys = {m: m for m in modules if ranks[m] != default}
+
+    def rank_peft_gives(m: str, keys: dict[str, str]) -> int:
+        rank_of = {k: ranks[module] for module, k in keys.items()}
+        key = pattern_key(rank_of, m)
+        return default if key is None else rank_of[key]
+
+    if any(rank_peft_gives(m, keys) != ranks[m] for m in modules):
+        keys = {m: "^" + re.escape(m) for m in keys}
+    return keys
+
+
+def extract_lora(base: str, tuned: str, output: str, *, rank: list[str] | int = 8, embeddings: bool = False,
+                 root: str | None = None, force: bool = False, dry_run: bool = False,
+                 progress: ProgressFactory | None = None) -> dict:
+    """A PEFT adapter folder at `output` (adapter_config.json + adapter_model.safetensors) whose
+    fold into BASE approximates TUNED: a truncated SVD of TUNED − BASE per 2-D (linear) and conv
+    weight, and per embedding with `embeddings`. Written whole or not at all (a staged folder)."""
+    default, patterns = parse_ranks(rank)
+    from ..io.write import StagedOutputs, check_parent
+
+    _check_folder(output, force)
+    with open_checkpoint(base, root) as b, open_checkpoint(tuned, root) as t:
+        for pattern, _ in patterns:
+            core.select(b.tensors, [pattern])  # a pattern selecting nothing is a typo: said loudly
+        matchers = [(core.compile_pattern(p), r) for p, r in patterns]
+        only_base = [k for k in b.tensors if k not in t.tensors]
+        only_tuned = [k for k in t.tensors if k not in b.tensors]
+        groups: dict[tuple, list[str]] = {}
+        for name, tb in b.tensors.items():
+            groups.setdefault(tb.view_key(), []).append(name)
+        plan, not_extracted, unchanged, tied = [], [], 0, {}
+        for names in groups.values():
+            shared = [n for n in names if n in t.tensors]
+            # names tied in both: one difference, extracted once; tied in BASE only: each its own
+            tied_too = len({t.tensors[n].view_key() for n in shared}) == 1
+            units = [shared] if tied_too else [[n] for n in shared]
+            for group in units:
+                key = _choose(group, embeddings)
+                tb, tt = b.tensors[key], t.tensors[key]
+                if tb.shape != tt.shape:
+                    not_extracted.append({"name": key, "reason": f"shape differs: {list(tb.shape)} in BASE, "
+                                                                 f"{list(tt.shape)} in TUNED"})
+                    continue
+                if not (tb.dtype.floating and tt.dtype.floating and tb.is_plain and tt.is_plain):
+                    if _differs(tb, tt):
+                        not_extracted.append({"name": key, "reason": f"not floating point ({tb.dtype.name})"})
+                    else:
+                        unchanged += 1
+                    continue
+                if not _differs(tb, tt):
+                    unchanged += 1
+                    continue
+                for other in group:
+                    if other != key:
+                        tied[other] = key
+                kind = _kind(key, tb.shape, embeddings)
+                if kind not in ("linear", "conv", "embedding"):
+                    not_extracted.append({"name": key, "reason": kind})
+                    continue
+                want = default
+                for match, r in matchers:
+                    if match(key):
+                        want = r
+                rows, cols = (tb.shape[1], tb.shape[0]) if kind == "embedding" else (tb.shape[0], math.prod(tb.shape[1:]))
+                plan.append({"name": key[: -len(".weight")], "key": key, "kind": kind, "shape": list(tb.shape),
+                             "rank": min(want, rows, cols), "requested_rank": want,
+                             "clamped": want > min(rows, cols), "error": None})
+        if not plan and not dry_run:
+            raise CkptError(f"{tuned}: no 2-D or conv weight differs from {base}; nothing to extract"
+                            + (f" (not extracted: {', '.join(n['name'] for n in not_extracted[:8])})" if not_extracted else ""))
+        modules = [p["name"] for p in plan]
+        ranks = {p["name"]: p["rank"] for p in plan}
+        r = default
+        pattern_keys = _peft_pattern_keys(modules, ranks, r)
+        rank_pattern = {pattern_keys[m]: ranks[m] for m in modules if ranks[m] != r}
+        config = {
+            "alpha_pattern": dict(rank_pattern), "base_model_name_or_path": None, "bias": "none",
+            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "lora_alpha": r,
+            "lora_dropout": 0.0, "modules_to_save": None, "peft_type": "LORA", "r": r, "rank_pattern": rank_pattern,
+            "target_modules": modules, "task_type": None, "use_dora": False, "use_rslora": False,
+        }
+        weights_name = PEFT_WEIGHTS[0]
+        report = {
+            "base": base, "tuned": tuned, "output": output,
+            "files": [os.path.join(output, PEFT_CONFIG), os.path.join(output, weights_name)],
+            "dry_run": dry_run, "rank": default, "rank_patterns": dict(patterns), "embeddings": embeddings,
+            "extracted": plan, "not_extracted": not_extracted, "tied": tied, "unchanged": unchanged,
+            "only_in_base": only_base, "only_in_tuned": only_tuned,
+        }
+        factors = OrderedDict()
+        svd = _SvdCache(b, t, plan)
+        for p in plan:
+            prefix = f"{PEFT_PREFIX}{p['name']}."
+            shape = p["shape"]
+            k = p["rank"]
+            if p["kind"] == "embedding":  # peft: lora_embedding_A [r, vocab], lora_embedding_B [dim, r]
+                a_shape, b_shape, a_name, b_name = (k, shape[0]), (shape[1], k), "lora_embedding_A", "lora_embedding_B"
+                suffix = ""
+            else:
+                a_shape = (k, *shape[1:])
+                b_shape = (shape[0], k, *([1] * (len(shape) - 2)))
+                a_name, b_name, suffix = "lora_A", "lora_B", ".weight"
+            dtype = _factor_dtype(b.tensors[p["key"]], t.tensors[p["key"]])
+            factors[f"{prefix}{a_name}{suffix}"] = computed_tensor(a_shape, dtype, svd.maker(p, "A", dtype))
+            factors[f"{prefix}{b_name}{suffix}"] = computed_tensor(b_shape, dtype, svd.maker(p, "B", dtype))
+        if dry_run:
+            return report
+        check_parent(output)
+        holder = Checkpoint(path=output, format="safetensors", tensors=factors, root="")
+        with StagedOutputs() as outputs:
+            folder = outputs.stage_folder(output)
+            write_checkpoint(holder, factors, os.path.join(folder, weights_name), progress=progress)
+            with open(os.path.join(folder, PEFT_CONFIG), "w", encoding="utf-8") as f:
+                f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return report
+
+
+def _choose(group: list[str], embeddings: bool) -> str:
+    """Of names tied together, the one to extract the shared difference for: the first that
+    can be expressed (lm_head, a linear layer, before a tied embedding unless --embeddings)."""
+    for name in group:
+        if name.endswith(".weight") and not (is_embedding(name[: -len(".weight")]) and not embeddings):
+            return name
+    return group[0]
+
+
+def _kind(key: str, shape: tuple[int, ...], embeddings: bool) -> str:
+    """linear, conv, embedding — or why the weight's difference cannot be a LoRA."""
+    if not key.endswith(".weight"):
+        return "not a module's weight (a LoRA adapts the .weight of a layer)"
+    module = key[: -len(".weight")]
+    if len(shape) < 2:
+        return f"{len(shape)}-D: a LoRA adapts 2-D and conv weights only"
+    if len(shape) > 5:
+        return f"{len(shape)}-D: a LoRA adapts 2-D and conv weights only"
+    if len(shape) == 2 and is_embedding(module):
+        return "embedding" if embeddings else "embedding (pass --embeddings to extract it as lora_embedding_A/B)"
+    if 0 in shape:
+        return "empty"
+    return "linear" if len(shape) == 2 else "conv"
+
+
+def _factor_dtype(a: TensorRef, b: TensorRef):
+    """Factors are written in float32 (float64 when both inputs are), whatever the weights'
+    dtype: their error is then the SVD's alone."""
+    from ..dtypes import by_name
+
+    return by_name("float64" if a.dtype.name == b.dtype.name == "float64" else "float32")
+
+
+class _SvdCache:
+    """One SVD per weight, made when its A is written and kept until its B is."""
+
+    def __init__(self, base: Checkpoint, tuned: Checkpoint, plan: list[dict]):
+        self.base, self.tuned = base, tuned
+        self.done: dict[str, dict] = {}
+
+    def factors(self, p: dict):
+        import torch
+
+        from ..io.tensors import as_torch
+
+        if p["key"] in self.done:
+            return self.done[p["key"]]
+        tb, tt = self.base.tensors[p["key"]], self.tuned.tensors[p["key"]]
+        wide = torch.float64 if tb.dtype.name == tt.dtype.name == "float64" else torch.float32
+        d = as_torch(tt).to(wide) - as_torch(tb).to(wide)
+        if not bool(torch.isfinite(d).all()):
+            raise CkptError(f"{p['key']}: TUNED − BASE holds NaN or infinite values; cannot extract a LoRA")
+        matrix = d.T if p["kind"] == "embedding" else d.reshape(d.shape[0], -1)
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        k = p["rank"]
+        total = float((s.double() ** 2).sum())
+        p["error"] = math.sqrt(float((s[k:].double() ** 2).sum()) / total) if total > 0 else 0.0
+        root = s[:k].sqrt()
+        a = root[:, None] * vh[:k]  # √S·Vh  [r, in]
+        b = u[:, :k] * root[None, :]  # U·√S  [out, r]
+        self.done[p["key"]] = {"A": a, "B": b}
+        return self.done[p["key"]]
+
+    def maker(self, p: dict, which: str, dtype):
+        def make():
+            import torch
+
+            from ..io.tensors import to_bytes
+
+            made = self.factors(p)
+            value = made.pop(which)
+            if not made:
+                del self.done[p["key"]]
+            return to_bytes(value.to(getattr(torch, dtype.name)).contiguous())
+
+        return make
+
+
+def _check_folder(output: str, force: bool) -> None:
+    """An adapter output is a folder: refuse to replace anything there without --force, and even
+    with it anything but an earlier adapter folder (or an empty one)."""
+    if os.path.lexists(output):
+        if not force:
+            raise CkptError(f"{output}: already exists; pass --force to overwrite it")
+        if not os.path.isdir(output) or os.path.islink(output):
+            raise CkptError(f"{output}: exists and is not a folder; an adapter is written as a folder")
+        if os.listdir(output) and not os.path.isfile(os.path.join(output, PEFT_CONFIG)):
+            raise CkptError(f"{output}: a folder that is not an adapter (no {PEFT_CONFIG}); not replacing it, "
+                            f"even with --force")
