@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from conftest import assert_one_error_line, load_any
 from ckptsurgery.cli import app
 
-COMMANDS = ["inspect", "filter", "drop", "rename", "merge", "convert", "diff"]
+COMMANDS = ["inspect", "filter", "drop", "rename", "merge", "extract-lora", "convert", "diff"]
 
 
 def strict_json(text: str):

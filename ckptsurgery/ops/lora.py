@@ -207,7 +207,9 @@ def _peft_modules(ckpt: Checkpoint, config: dict, config_path: str) -> Adapter:
             if "lora_" in short or "trainable_tokens" in short:
                 raise CkptError(f"{where}: {key}: a kind of adapter weight not supported here (DoRA magnitudes, "
                                 f"LoRA variants, trainable tokens); nothing was written")
-            replaced[short] = t  # modules_to_save, trained biases: they replace the base's tensor
+            # modules_to_save, trained biases, and the base layer peft saves beside an adapted
+            # embedding or lm_head (`save_embedding_layers`): they replace the base's tensor
+            replaced[short.replace(".base_layer.", ".")] = t
             continue
         if m["adapter"]:
             adapter_names.add(m["adapter"])
@@ -374,23 +376,57 @@ class _KohyaResolver:
 
 # ---- folding -----------------------------------------------------------------------------------
 
-def delta(module: Module, shape: tuple[int, ...], wide):
+def delta(module: Module, shape: tuple[int, ...], wide, layout: str | None = None):
     """ΔW of one module (without its scale), in dtype `wide`, shaped like the base weight."""
     from ..io.tensors import as_torch
 
+    layout = layout or module.layout
     a = as_torch(module.a).to(wide)
     b = as_torch(module.b).to(wide)
-    if module.layout == "embedding":
+    if layout in ("embedding", "linear-t"):
         return (b @ a).T
-    if module.layout == "linear-t":
-        return (b @ a).T
-    if module.layout == "conv" or a.dim() != 2 or b.dim() != 2:
+    if layout == "conv" or a.dim() != 2 or b.dim() != 2:
         return (b.flatten(1) @ a.flatten(1)).reshape(shape)
     return b @ a
 
 
-def _check_shapes(adapter: Adapter, module: Module, key: str, base: TensorRef) -> None:
-    """The factors must make exactly the base weight's shape, checked before anything is written."""
+def _orientation(module: Module, base: TensorRef) -> str | None:
+    """linear or linear-t where a 2-D weight's shape tells (it is not square), else None."""
+    a, b = module.a.shape, module.b.shape
+    if module.layout not in ("linear", "linear-t") or len(a) != 2 or len(b) != 2 or a[1] == b[0]:
+        return None
+    return {(b[0], a[1]): "linear", (a[1], b[0]): "linear-t"}.get(tuple(base.shape))
+
+
+def _square_layouts(modules: list[tuple[Module, TensorRef]], config_says: bool) -> dict[str, str]:
+    """The layout of each square linear weight, which its shape cannot tell. peft decides by the
+    module's class — transformers' Conv1D transposed, nn.Linear not — and rewrites the config's
+    fan_in_fan_out as it goes (the saved value is the last module's). So: what the adapter's
+    other weights show (those of the same name, e.g. GPT-2's mlp.c_proj for attn.c_proj, else
+    all of them) when they agree; the config where no weight shows anything; nn.Linear's
+    where they disagree."""
+    seen: dict[str, set[str]] = {}
+    for module, base in modules:
+        layout = _orientation(module, base)
+        if layout:
+            seen.setdefault(module.name.rsplit(".", 1)[-1], set()).add(layout)
+            seen.setdefault("", set()).add(layout)
+    out = {}
+    for module, base in modules:
+        a, b = module.a.shape, module.b.shape
+        if module.layout not in ("linear", "linear-t") or len(a) != 2 or len(b) != 2 or a[1] != b[0]:
+            continue
+        same = seen.get(module.name.rsplit(".", 1)[-1]) or seen.get("")
+        if not same:
+            out[module.name] = "linear-t" if config_says else "linear"
+        else:
+            out[module.name] = next(iter(same)) if len(same) == 1 else "linear"
+    return out
+
+
+def _check_shapes(adapter: Adapter, module: Module, key: str, base: TensorRef, square: str | None = None) -> str:
+    """The factors must make exactly the base weight's shape, checked before anything is written.
+    Returns the layout that makes it (linear or linear-t decided by the shape where it can)."""
     a, b = tuple(module.a.shape), tuple(module.b.shape)
     where = f"{adapter.path}: {module.name}"
     if not (module.a.dtype.floating and module.b.dtype.floating):
@@ -402,8 +438,15 @@ def _check_shapes(adapter: Adapter, module: Module, key: str, base: TensorRef) -
     if len(a) < 2 or len(b) < 2 or b[1] != a[0]:
         grouped = " (a grouped conv? peft cannot merge those either)" if len(b) > 2 else ""
         raise CkptError(f"{where}: lora_B {list(b)} does not follow lora_A {list(a)}{grouped}")
-    made = None
-    if module.layout in ("embedding", "linear-t"):
+    made, layout = None, module.layout
+    if layout in ("linear", "linear-t") and len(a) == len(b) == 2:
+        # peft transposes for transformers' Conv1D ([in, out]) and never for nn.Linear, whatever
+        # fan_in_fan_out says: the base's shape tells which, except for a square weight
+        if a[1] != b[0]:
+            layout = "linear-t" if tuple(base.shape) == (a[1], b[0]) else "linear"
+        elif square:
+            layout = square
+    if layout in ("embedding", "linear-t"):
         made = (a[1], b[0]) if len(a) == len(b) == 2 else None
     elif len(a) == len(b) == 2:
         made = (b[0], a[1])
@@ -416,6 +459,7 @@ def _check_shapes(adapter: Adapter, module: Module, key: str, base: TensorRef) -
     if made != tuple(base.shape):
         raise CkptError(f"{where}: factors A {list(a)}, B {list(b)} do not make the base's {key} "
                         f"{list(base.shape)}; is this adapter for another model?")
+    return layout
 
 
 def _folded(base: TensorRef, steps: list[tuple]) -> TensorRef:
@@ -435,7 +479,7 @@ def _folded(base: TensorRef, steps: list[tuple]) -> TensorRef:
             elif step[0] == "bias":
                 out.add_(as_torch(step[1]).to(wide), alpha=step[2])
             else:
-                out.add_(delta(step[1], base.shape, wide), alpha=step[2])
+                out.add_(delta(step[1], base.shape, wide, step[3]), alpha=step[2])
         return to_bytes(out.to(getattr(torch, base.dtype.name)))
 
     return computed_tensor(base.shape, base.dtype, make)
@@ -457,14 +501,17 @@ def fold(base: Checkpoint, adapters: list[tuple[Adapter, float]], *,
     all_unmatched: list[str] = []
     for adapter, scale in adapters:
         resolve = _PeftResolver(list(tensors)) if adapter.format == "peft" else _KohyaResolver(list(tensors))
-        folded, unmatched = set(), []
+        folded, unmatched, found = set(), [], []
         for module in adapter.modules:
             key = resolve(f"{module.name}.weight") if adapter.format == "peft" else resolve(module.name)
             if key is None:
                 unmatched.append(module.name)
-                continue
-            _check_shapes(adapter, module, key, tensors[key])
-            steps.setdefault(owner[key], []).append(("delta", module, scale * module.scale))
+            else:
+                found.append((module, key))
+        square = _square_layouts([(m, tensors[k]) for m, k in found], bool(adapter.config.get("fan_in_fan_out")))
+        for module, key in found:
+            layout = _check_shapes(adapter, module, key, tensors[key], square.get(module.name))
+            steps.setdefault(owner[key], []).append(("delta", module, scale * module.scale, layout))
             folded.add(key)
             if module.bias is not None:
                 bias_key = key[: -len("weight")] + "bias"
@@ -484,6 +531,8 @@ def fold(base: Checkpoint, adapters: list[tuple[Adapter, float]], *,
             if t.shape != target.shape or not (t.dtype.floating and target.dtype.floating):
                 raise CkptError(f"{adapter.path}: {name} {list(t.shape)} {t.dtype.name} cannot replace the base's "
                                 f"{key} {list(target.shape)} {target.dtype.name}")
+            if t.dtype is target.dtype and _same_bytes(t, target):
+                continue  # the base's own values (peft saves the base embedding layer as it was)
             steps.setdefault(owner[key], []).append(("replace", t))
             replaced.append(key)
         prefix = resolve.check(adapter.path) if adapter.format == "peft" else None
@@ -509,6 +558,10 @@ def fold(base: Checkpoint, adapters: list[tuple[Adapter, float]], *,
     return out, {"adapters": reports, "folded": len(changed), "changed": changed, "unmatched": all_unmatched}
 
 
+def _same_bytes(a: TensorRef, b: TensorRef) -> bool:
+    return a.shape == b.shape and a.dtype is b.dtype and bytes(a.data()) == bytes(b.data())
+
+
 def parse_scales(scales: list[float] | None, count: int) -> list[float]:
     """--lora-scale: none (1 each), one (for every --lora), or one per --lora in order."""
     if not scales:
@@ -532,7 +585,8 @@ def parse_scales(scales: list[float] | None, count: int) -> list[float]:
 # matrix applied to inputs; peft adapts them with lora_embedding_A/B.
 EMBEDDING_NAMES = frozenset({
     "embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings",
-    "embeddings", "embedding", "shared", "embed_in", "tok_embeddings", "embed_positions", "embed",
+    "embeddings", "embedding", "shared", "embed_in", "tok_embeddings", "embed_positions", "embed", "emb",
+    "tok_emb", "pos_emb", "word_emb", "token_embedding", "position_embedding",
 })
 
 
@@ -710,13 +764,11 @@ def _choose(group: list[str], embeddings: bool) -> str:
 
 def _kind(key: str, shape: tuple[int, ...], embeddings: bool) -> str:
     """linear, conv, embedding — or why the weight's difference cannot be a LoRA."""
+    if len(shape) < 2 or len(shape) > 5:
+        return f"{len(shape)}-D: a LoRA adapts 2-D and conv weights only"
     if not key.endswith(".weight"):
-        return "not a module's weight (a LoRA adapts the .weight of a layer)"
+        return "not a layer's weight (a LoRA adapts the .weight of a layer)"
     module = key[: -len(".weight")]
-    if len(shape) < 2:
-        return f"{len(shape)}-D: a LoRA adapts 2-D and conv weights only"
-    if len(shape) > 5:
-        return f"{len(shape)}-D: a LoRA adapts 2-D and conv weights only"
     if len(shape) == 2 and is_embedding(module):
         return "embedding" if embeddings else "embedding (pass --embeddings to extract it as lora_embedding_A/B)"
     if 0 in shape:

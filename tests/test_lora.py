@@ -1,0 +1,530 @@
+"""LoRA: `merge BASE --lora ADAPTER` equals peft's merge_and_unload() on models built here (PEFT
+folders and kohya files), and `extract-lora` writes adapters that peft loads and that fold back
+into TUNED within the error the report states."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections import OrderedDict
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from conftest import assert_one_error_line, load_any
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+
+class Small(nn.Module):
+    """One of each layer peft's LoRA adapts: embedding, linear (two, one not square), conv 2-D
+    and 1-D, and a transformers Conv1D (GPT-2's [in, out] linear, peft's fan_in_fan_out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.lin = nn.Linear(6, 5)
+        self.sq = nn.Linear(5, 5, bias=False)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.conv1 = nn.Conv1d(4, 6, 2)
+        self.gpt = Conv1D(7, 5)  # nf=7 outputs, nx=5 inputs: weight [5, 7]
+        self.head = nn.Linear(7, 2)
+
+
+TARGETS = ["emb", "lin", "sq", "conv", "conv1", "gpt"]
+
+
+def randomise(model, seed=1):
+    """peft starts lora_B (and lora_embedding_A) at zero: give every factor values."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * 0.3
+    return model
+
+
+def peft_model(make, config, seed=1):
+    torch.manual_seed(0)
+    base = make()
+    base_sd = copy.deepcopy(base.state_dict())  # a copy that keeps tied weights tied
+    model = randomise(get_peft_model(base, config), seed)
+    return model, base_sd
+
+
+def save_adapter(model, folder, safe=True):
+    model.save_pretrained(str(folder), safe_serialization=safe)
+    return folder
+
+
+def merged_reference(model) -> dict:
+    return {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
+
+
+def assert_close(out: dict, ref: dict, atol=1e-5, rtol=1e-5):
+    assert sorted(out) == sorted(ref)
+    for k in ref:
+        assert out[k].dtype == ref[k].dtype, k
+        assert out[k].shape == ref[k].shape, k
+        assert torch.allclose(out[k].float(), ref[k].float(), atol=atol, rtol=rtol), (k, (out[k] - ref[k]).abs().max())
+
+
+# ---- PEFT: equal to merge_and_unload ---------------------------------------------------------
+
+@pytest.mark.parametrize("options", [
+    dict(r=4, lora_alpha=8),
+    dict(r=3, lora_alpha=5, use_rslora=True),
+    dict(r=2, lora_alpha=4, rank_pattern={"lin": 5, "^conv$": 3}, alpha_pattern={"sq": 7.5, "conv1": 1}),
+])
+def test_fold_equals_peft_merge_and_unload(cli, tmp_path, options):
+    model, base_sd = peft_model(Small, LoraConfig(target_modules=TARGETS, fan_in_fan_out=False, **options))
+    adapter = save_adapter(model, tmp_path / "adapter")
+    ref = merged_reference(model)
+    save_file(base_sd, tmp_path / "base.safetensors")
+    result = cli("merge", tmp_path / "base.safetensors", "--lora", adapter, "-o", tmp_path / "out.safetensors", "--json")
+    assert result.code == 0, result.err
+    assert_close(load_file(tmp_path / "out.safetensors"), ref)
+    doc = result.json()
+    assert doc["mode"] == "lora" and doc["folded"] == len(TARGETS) and doc["unmatched"] == []
+    assert doc["adapters"][0]["format"] == "peft" and doc["adapters"][0]["scale"] == 1.0
+    # untouched tensors are the base's bytes
+    out = load_file(tmp_path / "out.safetensors")
+    assert torch.equal(out["head.weight"], base_sd["head.weight"]) and torch.equal(out["lin.bias"], base_sd["lin.bias"])
+
+
+def test_pth_base_bin_adapter_and_scale(cli, tmp_path):
+    model, base_sd = peft_model(Small, LoraConfig(r=2, lora_alpha=3, target_modules=["lin", "conv", "emb"]))
+    adapter = save_adapter(model, tmp_path / "adapter", safe=False)
+    assert (adapter / "adapter_model.bin").exists() and not (adapter / "adapter_model.safetensors").exists()
+    torch.save(base_sd, tmp_path / "base.pth")
+    ref_full = merged_reference(model)
+    out = tmp_path / "out.pth"
+    assert cli("merge", tmp_path / "base.pth", "--lora", adapter, "--lora-scale", "0.5", "-o", out).code == 0
+    got = load_any(out)
+    for k in ref_full:  # W + 0.5·Δ, from the full fold: (W + Δ + W) / 2
+        expected = (ref_full[k] + base_sd[k]) / 2
+        assert torch.allclose(got[k], expected, atol=1e-5), k
+
+
+def test_two_adapters_add_up_in_order_with_their_scales(cli, tmp_path):
+    torch.manual_seed(0)
+    base = Small()
+    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
+    deltas = []
+    for i, (targets, r) in enumerate([(["lin", "conv"], 2), (["lin", "gpt", "emb"], 3)]):
+        torch.manual_seed(0)
+        model = randomise(get_peft_model(Small(), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets)), seed=i + 5)
+        save_adapter(model, tmp_path / f"a{i}")
+        merged = merged_reference(model)
+        deltas.append({k: merged[k] - base_sd[k] for k in base_sd})
+    torch.save(base_sd, tmp_path / "base.pth")
+    out = tmp_path / "out.safetensors"
+    result = cli("merge", tmp_path / "base.pth", "--lora", tmp_path / "a0", "--lora", tmp_path / "a1",
+                 "--lora-scale", "2", "--lora-scale", "-0.5", "-o", out)
+    assert result.code == 0, result.err
+    assert "folded 2 adapter(s) into 4 tensors" in result.err
+    got = load_file(out)
+    for k in base_sd:
+        assert torch.allclose(got[k], base_sd[k] + 2 * deltas[0][k] - 0.5 * deltas[1][k], atol=1e-5), k
+    # one scale for both
+    assert cli("merge", tmp_path / "base.pth", "--lora", tmp_path / "a0", "--lora", tmp_path / "a1",
+               "--lora-scale", "0", "-o", tmp_path / "zero.safetensors").code == 0
+    zero = load_file(tmp_path / "zero.safetensors")
+    assert all(torch.equal(zero[k], base_sd[k]) for k in base_sd)
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8))
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=1, vocab_size=32, max_position_embeddings=16))
+
+
+def test_gpt2_fan_in_fan_out_and_a_base_without_the_wrapper_prefix(cli, tmp_path):
+    """GPT-2's Conv1D layers ([in, out]: peft's fan_in_fan_out, c_proj square) and its tied
+    wte/lm_head; the base saved from the inner GPT2Model lacks `transformer.`."""
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    model, base_sd = peft_model(tiny_gpt2, config)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    ref = merged_reference(model)
+    torch.save(base_sd, tmp_path / "base.pth")  # lm_head.weight and transformer.wte.weight tied
+    out = tmp_path / "out.pth"
+    result = cli("merge", tmp_path / "base.pth", "--lora", adapter, "-o", out, "--json")
+    assert result.code == 0, result.err
+    assert_close(load_any(out), ref)
+    inner = {k.removeprefix("transformer."): v for k, v in base_sd.items() if k.startswith("transformer.")}
+    torch.save(inner, tmp_path / "inner.pth")
+    result = cli("merge", tmp_path / "inner.pth", "--lora", adapter, "-o", tmp_path / "inner_out.pth", "--json")
+    assert result.code == 0, result.err
+    assert result.json()["adapters"][0]["prefix"] == {"removed": "transformer.", "keys": 4}
+    got = load_any(tmp_path / "inner_out.pth")
+    assert all(torch.allclose(got[k], ref["transformer." + k], atol=1e-5) for k in inner)
+
+
+def test_tied_weights_fold_once_and_stay_tied(cli, tmp_path):
+    """An adapter on GPT-2's lm_head changes the one tensor wte and lm_head share, as peft's
+    in-place merge into the shared parameter does; the output keeps them tied."""
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=["lm_head"])
+    model, base_sd = peft_model(tiny_gpt2, config)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    ref = merged_reference(model)
+    assert torch.equal(ref["lm_head.weight"], ref["transformer.wte.weight"])
+    torch.save(base_sd, tmp_path / "base.pth")
+    result = cli("merge", tmp_path / "base.pth", "--lora", adapter, "-o", tmp_path / "out.safetensors", "--json")
+    assert result.code == 0, result.err
+    doc = result.json()
+    assert doc["tied"] == {"lm_head.weight": "transformer.wte.weight"}
+    assert sorted(doc["changed"]) == ["lm_head.weight", "transformer.wte.weight"]
+    from ckptsurgery.io import open_checkpoint
+
+    with open_checkpoint(str(tmp_path / "out.safetensors")) as ckpt:  # our reader restores the alias
+        assert ckpt.tensors["lm_head.weight"].view_key() == ckpt.tensors["transformer.wte.weight"].view_key()
+        got = {k: t.to_torch() for k, t in ckpt.tensors.items()}
+    assert_close(got, ref)
+
+
+def test_llama_sharded_folder_base_in_bf16(cli, tmp_path, capsys):
+    """A Hugging Face model folder (sharded safetensors) in bfloat16, an adapter on attention,
+    MLP and embeddings: written in bfloat16, equal to peft's merge up to one bf16 rounding."""
+    torch.manual_seed(0)
+    model = tiny_llama().to(torch.bfloat16)
+    model.save_pretrained(str(tmp_path / "base"), max_shard_size="4KB")
+    assert (tmp_path / "base" / "model.safetensors.index.json").exists()
+    base_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "gate_proj", "embed_tokens"])
+    peft_m = randomise(get_peft_model(model, config))
+    adapter = save_adapter(peft_m, tmp_path / "adapter")
+    ref = merged_reference(peft_m)
+    capsys.readouterr()  # what transformers printed (DeepSpeed's accelerator notice) is not ours
+    out = tmp_path / "out.safetensors"
+    result = cli("merge", tmp_path / "base", "--lora", adapter, "-o", out, "--json")
+    assert result.code == 0, result.err
+    got = load_file(out)
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+    assert_close(got, ref, atol=2e-2, rtol=2e-2)
+    # exactly our formula: W + scale·B·A in float32, rounded once to bf16
+    factors = load_file(adapter / "adapter_model.safetensors")
+    a = factors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].float()
+    b = factors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].float()
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(got[key], (base_sd[key].float() + 2 * (b @ a)).to(torch.bfloat16))
+    assert result.json()["folded"] == 2 * 4 + 1
+
+
+# ---- kohya ------------------------------------------------------------------------------------
+
+def kohya_base():
+    torch.manual_seed(0)
+    return OrderedDict([
+        ("model.diffusion_model.input_blocks.1.proj_in.weight", torch.randn(6, 4, 1, 1)),
+        ("model.diffusion_model.input_blocks.1.proj_in.bias", torch.randn(6)),
+        ("model.diffusion_model.input_blocks.1.conv.weight", torch.randn(5, 3, 3, 3)),
+        ("model.diffusion_model.out.to_q.weight", torch.randn(4, 8)),
+        ("cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight", torch.randn(7, 5)),
+    ])
+
+
+def kohya_lora(ranks=(2, 3, 2, 4)):
+    g = torch.Generator().manual_seed(3)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    r0, r1, r2, r3 = ranks
+    return OrderedDict([
+        ("lora_unet_input_blocks_1_proj_in.lora_down.weight", rnd(r0, 4, 1, 1)),
+        ("lora_unet_input_blocks_1_proj_in.lora_up.weight", rnd(6, r0, 1, 1)),
+        ("lora_unet_input_blocks_1_proj_in.alpha", torch.tensor(1.0)),
+        ("lora_unet_input_blocks_1_conv.lora_down.weight", rnd(r1, 3, 3, 3)),
+        ("lora_unet_input_blocks_1_conv.lora_up.weight", rnd(5, r1, 1, 1)),
+        ("lora_unet_input_blocks_1_conv.alpha", torch.tensor(6.0, dtype=torch.float16)),
+        ("lora_unet_out_to_q.lora_down.weight", rnd(r2, 8)),
+        ("lora_unet_out_to_q.lora_up.weight", rnd(4, r2)),  # no alpha: alpha = rank, scale 1
+        ("lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", rnd(r3, 5).half()),
+        ("lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight", rnd(7, r3).half()),
+        ("lora_te_text_model_encoder_layers_0_mlp_fc1.alpha", torch.tensor(2.0)),
+    ])
+
+
+def kohya_expected(base, lora, multiplier=1.0):
+    expected = OrderedDict((k, v.clone()) for k, v in base.items())
+    pairs = {"lora_unet_input_blocks_1_proj_in": "model.diffusion_model.input_blocks.1.proj_in.weight",
+             "lora_unet_input_blocks_1_conv": "model.diffusion_model.input_blocks.1.conv.weight",
+             "lora_unet_out_to_q": "model.diffusion_model.out.to_q.weight",
+             "lora_te_text_model_encoder_layers_0_mlp_fc1":
+                 "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"}
+    for name, key in pairs.items():
+        down, up = lora[f"{name}.lora_down.weight"].float(), lora[f"{name}.lora_up.weight"].float()
+        rank = down.shape[0]
+        alpha = float(lora[f"{name}.alpha"]) if f"{name}.alpha" in lora else rank
+        d = (up.flatten(1) @ down.flatten(1)).reshape(base[key].shape)
+        expected[key] = base[key] + multiplier * alpha / rank * d
+    return expected
+
+
+def test_kohya_fold_resolves_underscore_names(cli, tmp_path):
+    base, lora = kohya_base(), kohya_lora()
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(lora, tmp_path / "style.safetensors")
+    out = tmp_path / "out.safetensors"
+    result = cli("merge", tmp_path / "base.safetensors", "--lora", tmp_path / "style.safetensors",
+                 "--lora-scale", "0.75", "-o", out, "--json")
+    assert result.code == 0, result.err
+    doc = result.json()
+    assert doc["adapters"][0]["format"] == "kohya" and doc["adapters"][0]["folded"] == 4
+    got = load_file(out)
+    expected = kohya_expected(base, lora, 0.75)
+    for k in base:
+        assert torch.allclose(got[k], expected[k], atol=1e-5), k
+    assert torch.equal(got["model.diffusion_model.input_blocks.1.proj_in.bias"],
+                       base["model.diffusion_model.input_blocks.1.proj_in.bias"])
+
+
+def test_kohya_ambiguous_and_unmatched_names(cli, tmp_path):
+    base, lora = kohya_base(), kohya_lora()
+    ambiguous = OrderedDict(base)
+    ambiguous["first_stage_model.out.to_q.weight"] = torch.randn(4, 8)  # also ends in out.to_q
+    save_file(ambiguous, tmp_path / "ambiguous.safetensors")
+    save_file(lora, tmp_path / "style.safetensors")
+    result = cli("merge", tmp_path / "ambiguous.safetensors", "--lora", tmp_path / "style.safetensors",
+                 "-o", tmp_path / "o.safetensors")
+    assert_one_error_line(result, "lora_unet_out_to_q", "first_stage_model.out.to_q",
+                          "model.diffusion_model.out.to_q")
+    assert not (tmp_path / "o.safetensors").exists()
+
+    extra = OrderedDict(lora)
+    extra["lora_unet_mid_block_attn.lora_down.weight"] = torch.randn(2, 3)
+    extra["lora_unet_mid_block_attn.lora_up.weight"] = torch.randn(3, 2)
+    save_file(extra, tmp_path / "extra.safetensors")
+    save_file(base, tmp_path / "base.safetensors")
+    result = cli("merge", tmp_path / "base.safetensors", "--lora", tmp_path / "extra.safetensors",
+                 "-o", tmp_path / "o.safetensors")
+    assert_one_error_line(result, "lora_unet_mid_block_attn", "--allow-unmatched")
+    result = cli("merge", tmp_path / "base.safetensors", "--lora", tmp_path / "extra.safetensors",
+                 "--allow-unmatched", "-o", tmp_path / "o.safetensors")
+    assert result.code == 0 and "lora_unet_mid_block_attn" in result.err
+    got = load_file(tmp_path / "o.safetensors")
+    expected = kohya_expected(base, lora)
+    assert all(torch.allclose(got[k], expected[k], atol=1e-5) for k in base)
+
+
+# ---- extract-lora ----------------------------------------------------------------------------
+
+def low_rank_pair(rank=3):
+    """BASE and TUNED = BASE + a difference of rank ≤ `rank` on 2-D and conv weights, plus a
+    changed 1-D bias and embedding."""
+    g = torch.Generator().manual_seed(7)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    base = OrderedDict([
+        ("emb.weight", rnd(11, 6)), ("lin.weight", rnd(5, 6)), ("lin.bias", rnd(5)),
+        ("conv.weight", rnd(4, 3, 3, 3)), ("conv.bias", rnd(4)), ("conv1.weight", rnd(6, 4, 2)),
+        ("conv1.bias", rnd(6)), ("sq.weight", rnd(5, 5)), ("gpt.weight", rnd(5, 7)), ("gpt.bias", rnd(7)),
+        ("head.weight", rnd(2, 7)), ("head.bias", rnd(2)),
+    ])
+    tuned = OrderedDict((k, v.clone()) for k, v in base.items())
+    for key in ("lin.weight", "conv.weight", "conv1.weight", "sq.weight"):
+        shape = base[key].shape
+        tuned[key] += (rnd(shape[0], rank) @ rnd(rank, math.prod(shape[1:]))).reshape(shape) * 0.1
+    tuned["lin.bias"] += 0.5
+    tuned["emb.weight"] += rnd(11, rank) @ rnd(rank, 6) * 0.1
+    return base, tuned
+
+
+def test_extract_then_fold_recovers_tuned(cli, tmp_path):
+    base, tuned = low_rank_pair(rank=3)
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    adapter = tmp_path / "adapter"
+    result = cli("extract-lora", tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", "--rank", "3",
+                 "--embeddings", "-o", adapter, "--json")
+    assert result.code == 0, result.err
+    doc = result.json()
+    assert sorted(p["name"] for p in doc["extracted"]) == ["conv", "conv1", "emb", "lin", "sq"]
+    assert all(p["error"] < 1e-5 and p["rank"] == 3 for p in doc["extracted"])
+    assert doc["not_extracted"] == [{"name": "lin.bias", "reason": "1-D: a LoRA adapts 2-D and conv weights only"}]
+    assert doc["unchanged"] == 6
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 3 and config["peft_type"] == "LORA"
+    assert sorted(config["target_modules"]) == ["conv", "conv1", "emb", "lin", "sq"]
+    factors = load_file(adapter / "adapter_model.safetensors")
+    assert factors["base_model.model.conv.lora_A.weight"].shape == (3, 3, 3, 3)
+    assert factors["base_model.model.conv.lora_B.weight"].shape == (4, 3, 1, 1)
+    assert factors["base_model.model.emb.lora_embedding_A"].shape == (3, 11)
+    assert factors["base_model.model.emb.lora_embedding_B"].shape == (6, 3)
+    # fold back with our own merge
+    out = tmp_path / "back.safetensors"
+    assert cli("merge", tmp_path / "base.safetensors", "--lora", adapter, "-o", out).code == 0
+    back = load_file(out)
+    for k in base:
+        if k != "lin.bias":
+            assert torch.allclose(back[k], tuned[k], atol=1e-5), k
+    # ... and with peft, onto the model the weights belong to
+    torch.manual_seed(0)
+    model = Small()
+    model.load_state_dict(base)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().state_dict()
+    for k in base:
+        if k != "lin.bias":
+            assert torch.allclose(merged[k], tuned[k], atol=1e-5), k
+
+
+def test_extract_full_rank_difference_states_the_svd_error(cli, tmp_path):
+    g = torch.Generator().manual_seed(1)
+    base = {"a.weight": torch.randn(12, 9, generator=g), "b.weight": torch.randn(6, 4, 3, 3, generator=g)}
+    tuned = {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    adapter = tmp_path / "adapter"
+    result = cli("extract-lora", tmp_path / "base.safetensors", tmp_path / "tuned.safetensors",
+                 "--rank", "2", "--rank", "b.*=5", "-o", adapter, "--json")
+    assert result.code == 0, result.err
+    doc = {p["key"]: p for p in result.json()["extracted"]}
+    assert doc["a.weight"]["rank"] == 2 and doc["b.weight"]["rank"] == 5
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["rank_pattern"] == {"b": 5} and config["alpha_pattern"] == {"b": 5}
+    assert cli("merge", tmp_path / "base.safetensors", "--lora", adapter, "-o", tmp_path / "back.safetensors").code == 0
+    back = load_file(tmp_path / "back.safetensors")
+    for key, k in (("a.weight", 2), ("b.weight", 5)):
+        d = (tuned[key] - base[key]).reshape(base[key].shape[0], -1)
+        s = torch.linalg.svdvals(d.double())
+        stated = math.sqrt(float((s[k:] ** 2).sum() / (s ** 2).sum()))
+        assert doc[key]["error"] == pytest.approx(stated, rel=1e-4)
+        # the adapter holds the best rank-k approximation: the measured error is the stated one
+        measured = float((back[key] - tuned[key]).norm() / (tuned[key] - base[key]).norm())
+        assert measured == pytest.approx(stated, rel=1e-3)
+
+
+def test_extract_rank_clamped_and_only_in_one(cli, tmp_path):
+    base = {"x.weight": torch.zeros(3, 8), "gone.weight": torch.zeros(2, 2), "emb.weight": torch.zeros(4, 2)}
+    tuned = {"x.weight": torch.ones(3, 8), "new.weight": torch.ones(2, 2), "emb.weight": torch.ones(4, 2)}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    result = cli("extract-lora", tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", "--rank", "16",
+                 "-o", tmp_path / "adapter", "--json")
+    assert result.code == 0, result.err
+    doc = result.json()
+    assert doc["extracted"][0] | {"error": None} == {
+        "name": "x", "key": "x.weight", "kind": "linear", "shape": [3, 8], "rank": 3, "requested_rank": 16,
+        "clamped": True, "error": None}
+    assert doc["only_in_base"] == ["gone.weight"] and doc["only_in_tuned"] == ["new.weight"]
+    assert doc["not_extracted"][0]["name"] == "emb.weight" and "--embeddings" in doc["not_extracted"][0]["reason"]
+
+
+def test_extract_refuses_existing_folder_and_dry_run_writes_nothing(cli, tmp_path):
+    base, tuned = low_rank_pair()
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    args = [tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", "--rank", "2"]
+    dry = cli("extract-lora", *args, "-o", tmp_path / "adapter", "--dry-run")
+    assert dry.code == 0 and "would write" in dry.out and not (tmp_path / "adapter").exists()
+    assert sorted(os.listdir(tmp_path)) == ["base.safetensors", "tuned.safetensors"]
+    first = cli("extract-lora", *args, "-o", tmp_path / "adapter", "-q")
+    assert first.code == 0 and first.err == ""
+    made = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert_one_error_line(cli("extract-lora", *args, "-o", tmp_path / "adapter"), "already exists", "--force")
+    again = cli("extract-lora", *args, "-o", tmp_path / "adapter", "--force")
+    assert again.code == 0, again.err
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == made  # byte-deterministic
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert_one_error_line(cli("extract-lora", *args, "-o", other, "--force"), "not an adapter")
+    assert (other / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "base.safetensors", "other", "tuned.safetensors"]
+
+
+def test_extract_rank_pattern_for_a_name_that_is_a_tail_of_another(tmp_path):
+    """peft matches rank_pattern keys against dotted tails: `q` would also select `attn.q`; the
+    written pattern must select the module meant only (peft itself loads it)."""
+    from ckptsurgery.ops.lora import extract_lora
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(6, 6, bias=False)
+            self.attn = nn.Module()
+            self.attn.q = nn.Linear(6, 6, bias=False)
+
+    torch.manual_seed(0)
+    model = Two()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(2)
+    tuned = {k: v + torch.randn(6, 6, generator=g) for k, v in base.items()}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    report = extract_lora(str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"),
+                          str(tmp_path / "adapter"), rank=["2", "q.weight=4"])
+    assert {p["name"]: p["rank"] for p in report["extracted"]} == {"q": 4, "attn.q": 2}
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {"^q": 4}
+    merged = PeftModel.from_pretrained(model, str(tmp_path / "adapter")).merge_and_unload().state_dict()
+    from ckptsurgery.ops import merge
+
+    merge([str(tmp_path / "base.safetensors")], str(tmp_path / "back.safetensors"), lora=[str(tmp_path / "adapter")])
+    back = load_file(tmp_path / "back.safetensors")
+    for k in base:
+        assert torch.allclose(merged[k], back[k], atol=1e-5), k
+
+
+# ---- refusals ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def adapter_and_base(tmp_path):
+    model, base_sd = peft_model(Small, LoraConfig(r=2, lora_alpha=2, target_modules=["lin"]))
+    save_adapter(model, tmp_path / "adapter")
+    torch.save(base_sd, tmp_path / "base.pth")
+    return tmp_path / "adapter", tmp_path / "base.pth"
+
+
+def edit_config(folder, **changes):
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_refusals(cli, tmp_path, adapter_and_base):
+    adapter, base = adapter_and_base
+    out = tmp_path / "out.pth"
+    assert_one_error_line(cli("merge", base, "--lora", adapter, "--average", "-o", out), "fold first, then merge", code=2)
+    assert_one_error_line(cli("merge", base, "--lora", adapter, "--into", base, "-o", out), "fold first", code=2)
+    assert_one_error_line(cli("merge", base, "--lora", adapter, "--on-conflict", "last", "-o", out), "fold first", code=2)
+    assert_one_error_line(cli("merge", base, base, "--lora", adapter, "-o", out), "exactly one base", code=2)
+    assert_one_error_line(cli("merge", base, "--lora", adapter, "--lora", adapter, "--lora-scale", "1",
+                              "--lora-scale", "2", "--lora-scale", "3", "-o", out), "--lora-scale given 3 times", code=2)
+    assert_one_error_line(cli("merge", base, "--lora-scale", "2", "-o", out), "--lora only", code=2)
+    assert_one_error_line(cli("merge", base, "--allow-unmatched", "-o", out), "--lora only", code=2)
+    assert_one_error_line(cli("merge", base, "--lora", adapter, "--lora-scale", "nan", "-o", out), "finite", code=2)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_error_line(cli("merge", base, "--lora", empty, "-o", out), "no adapter_config.json")
+    edit_config(adapter, use_dora=True)
+    assert_one_error_line(cli("merge", base, "--lora", adapter, "-o", out), "DoRA", "not supported")
+    edit_config(adapter, use_dora=False, peft_type="IA3")
+    assert_one_error_line(cli("merge", base, "--lora", adapter, "-o", out), "peft_type 'IA3'")
+    edit_config(adapter, peft_type="LORA", r=3)
+    assert_one_error_line(cli("merge", base, "--lora", adapter, "-o", out), "rank 2", "r=3")
+    edit_config(adapter, r=2)
+    assert cli("merge", base, "--lora", adapter, "-o", out).code == 0
+    assert_one_error_line(cli("merge", base, "--lora", adapter, "-o", out), "already exists")
+    bad_shape = tmp_path / "bad.pth"
+    torch.save({"lin.weight": torch.zeros(3, 3), "lin.bias": torch.zeros(3)}, bad_shape)
+    assert_one_error_line(cli("merge", bad_shape, "--lora", adapter, "-o", tmp_path / "o2.pth"), "lin", "[5, 2]")
+    assert not out.with_name("o2.pth").exists()
+    missing = cli("extract-lora", base, base, "-o", tmp_path / "x")  # the parser's own usage error
+    assert missing.code == 2 and "Missing option '--rank'" in missing.err
+    assert_one_error_line(cli("extract-lora", base, base, "--rank", "lin=2", "-o", tmp_path / "x"), "default", code=2)
+    assert_one_error_line(cli("extract-lora", base, base, "--rank", "2", "--rank", "nothing*=3", "-o", tmp_path / "x"),
+                          "nothing*")
+    assert_one_error_line(cli("extract-lora", base, base, "--rank", "2", "-o", tmp_path / "x"), "nothing to extract")
+    assert not (tmp_path / "x").exists()
