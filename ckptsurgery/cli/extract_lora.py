@@ -15,9 +15,9 @@ from .common import (
 
 
 @app.command("extract-lora", epilog=examples(
-    "ckptsurgery extract-lora base.safetensors tuned.safetensors --rank 16 -o adapter",
-    "ckptsurgery extract-lora base/ tuned/ --rank 8 --rank '*.self_attn.*=32' --embeddings -o adapter --force",
-    "ckptsurgery extract-lora base.pth tuned.pth --rank 4 -o adapter --dry-run --json",
+    "ckptsurgery extract-lora base.pth tuned.pth --rank 16 -o adapter",
+    "ckptsurgery extract-lora base tuned --rank 8 --rank '*attn*=32' -o lora",
+    "ckptsurgery extract-lora a.pth b.pth --rank 4 --embeddings -o x --dry-run",
 ))
 def extract_lora(
     base: Annotated[str, typer.Argument(metavar="BASE", help="The checkpoint before fine-tuning.", show_default=False)],

@@ -22,7 +22,7 @@ OnConflict = choice("OnConflict", core.CONFLICT_POLICIES)
 @app.command(epilog=examples(
     "ckptsurgery merge old.pth --into new.pth --on-mismatch overlap -o init.pth",
     "ckptsurgery merge a.pth b.pth c.pth --average --weights 2,1,1 -o soup.pth",
-    "ckptsurgery merge base.safetensors --lora adapter/ --lora style.safetensors --lora-scale 1 --lora-scale 0.5 -o out.safetensors",
+    "ckptsurgery merge base.pth --lora adapter --lora-scale 0.8 -o merged.pth",
 ))
 def merge(
     sources: Annotated[list[str], typer.Argument(metavar="SOURCE...", help="Checkpoints to merge, in priority order.", show_default=False)],
