@@ -209,7 +209,8 @@ def _peft_modules(ckpt: Checkpoint, config: dict, config_path: str) -> Adapter:
                                 f"LoRA variants, trainable tokens); nothing was written")
             # modules_to_save, trained biases, and the base layer peft saves beside an adapted
             # embedding or lm_head (`save_embedding_layers`): they replace the base's tensor
-            replaced[short.replace(".base_layer.", ".")] = t
+            # (older files keep modules_to_save under `<module>.modules_to_save.<adapter>.`)
+            replaced[re.sub(r"\.modules_to_save\.[^.]+\.", ".", short.replace(".base_layer.", "."))] = t
             continue
         if m["adapter"]:
             adapter_names.add(m["adapter"])
@@ -238,7 +239,7 @@ def _peft_modules(ckpt: Checkpoint, config: dict, config_path: str) -> Adapter:
         elif layout == "linear" and fan_in_fan_out:
             layout = "linear-t"
         if not a.shape or a.shape[0] != r:
-            raise CkptError(f"{where}: module {name}: lora_A has rank {a.shape[0]} but {config_path} gives r={r:g} "
+            raise CkptError(f"{where}: module {name}: lora_A has rank {a.shape[0] if a.shape else 0} but {config_path} gives r={r:g} "
                             f"(rank_pattern); the file and its config disagree")
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         modules.append(Module(name, a, b, scale, layout, bias=found.get("B-bias")))
