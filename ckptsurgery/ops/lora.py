@@ -178,7 +178,9 @@ def _read_peft(folder: str, given: str) -> Adapter:
         weights = [given]
     ckpt = open_checkpoint(weights[0])
     try:
-        return _peft_modules(ckpt, config, config_path)
+        adapter = _peft_modules(ckpt, config, config_path)
+        adapter.path = given  # the folder (or file) the user named
+        return adapter
     except BaseException:
         ckpt.close()
         raise
