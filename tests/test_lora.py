@@ -528,3 +528,47 @@ def test_refusals(cli, tmp_path, adapter_and_base):
                           "nothing*")
     assert_one_error_line(cli("extract-lora", base, base, "--rank", "2", "-o", tmp_path / "x"), "nothing to extract")
     assert not (tmp_path / "x").exists()
+
+
+def test_lora_bias_modules_to_save_and_untouched_tensors_pass_through(cli, tmp_path):
+    """peft's lora_bias (B's bias × scale added to the layer's bias) and modules_to_save (the
+    trained copy replaces the base's); tensors no adapter touches are the base's own refs."""
+    config = LoraConfig(r=2, lora_alpha=3, target_modules=["lin", "conv"], lora_bias=True, modules_to_save=["head"])
+    model, base_sd = peft_model(Small, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(1.0)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    ref = merged_reference(model)
+    save_file(base_sd, tmp_path / "base.safetensors")
+    result = cli("merge", tmp_path / "base.safetensors", "--lora", adapter, "-o", tmp_path / "out.safetensors", "--json")
+    assert result.code == 0, result.err
+    assert_close(load_file(tmp_path / "out.safetensors"), ref)
+    assert sorted(result.json()["adapters"][0]["replaced"]) == ["head.bias", "head.weight"]
+
+    from ckptsurgery.io import open_checkpoint
+    from ckptsurgery.ops.lora import fold, read_adapter
+
+    with open_checkpoint(str(tmp_path / "base.safetensors")) as base, read_adapter(str(adapter)) as lora:
+        merged, details = fold(base, [(lora, 1.0)])
+        untouched = [k for k in base.tensors if k not in details["changed"]]
+        assert untouched and all(merged[k] is base.tensors[k] for k in untouched)
+        assert sorted(details["changed"]) == ["conv.bias", "conv.weight", "head.bias", "head.weight",
+                                              "lin.bias", "lin.weight"]
+
+
+def test_peft_names_meet_a_base_with_a_prefix_once(tmp_path):
+    from ckptsurgery.errors import CkptError
+    from ckptsurgery.ops.lora import _PeftResolver
+
+    resolve = _PeftResolver(["module.lin.weight", "module.conv.weight"])  # DataParallel's prefix
+    assert resolve("lin.weight") == "module.lin.weight" and resolve("conv.weight") == "module.conv.weight"
+    assert resolve.check("a") == {"added": "module.", "keys": 2}
+    assert resolve("nothing.weight") is None
+    with pytest.raises(CkptError, match="encoder.q.weight, decoder.q.weight|decoder.q.weight, encoder.q.weight"):
+        _PeftResolver(["encoder.q.weight", "decoder.q.weight"])("q.weight")
+    mixed = _PeftResolver(["module.lin.weight", "conv.weight"])
+    assert mixed("lin.weight") and mixed("model.conv.weight")
+    with pytest.raises(CkptError, match="different prefixes"):
+        mixed.check("adapter")
