@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,17 +51,23 @@ def ref_keep_top(delta, density):
     return delta * mask.reshape(delta.shape)
 
 
-def ref_seed(seed, name, model):
-    return int.from_bytes(hashlib.sha256(f"{seed}\0{model}\0{name}".encode()).digest()[:8], "little") % 2**63
+def ref_seed(seed, name, model, chunk):
+    text = f"{seed}\0{model}\0{name}\0{chunk}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") % 2**63
 
 
-def ref_dare(delta, density, seed, name, model):
+def ref_dare(delta, density, seed, name, model, chunk=2**20):
+    """Draws per chunk of 2**20 elements, from numpy's PCG64 seeded as docs/merging.md says."""
     if density >= 1:
         return delta
-    keep = torch.rand(delta.shape, generator=torch.Generator().manual_seed(ref_seed(seed, name, model))) < density
-    kept = delta * keep
-    before, after = delta.abs().sum(), kept.abs().sum()
-    return kept if before < 1e-7 or after < 1e-7 else kept * (before / after)
+    flat = delta.reshape(-1)
+    draws = [np.random.Generator(np.random.PCG64(ref_seed(seed, name, model, j)))
+             .random(min(chunk, flat.numel() - start), dtype=np.float32)
+             for j, start in enumerate(range(0, flat.numel(), chunk))]
+    keep = torch.from_numpy(np.concatenate(draws) if draws else np.zeros(0, np.float32)) < density
+    kept = delta * keep.reshape(delta.shape)
+    before, after = delta.double().abs().sum(), kept.double().abs().sum()
+    return kept if before < 1e-7 or after < 1e-7 else kept * float(before / after)
 
 
 def ref_gta(name, base, thetas, weights, method, density=1.0, scale=1.0, seed=0):
@@ -167,26 +174,58 @@ def test_slerp_of_collinear_tensors_is_linear_and_noted(cli, tmp_path):
     torch.testing.assert_close(load_any(out)["w"], 0.75 * w + 0.25 * (-2 * w))
 
 
-def test_the_pure_functions_keep_exactly_k_and_leave_inputs_untouched():
-    delta = torch.tensor([0.5, -0.5, 0.5, 0.25, -0.75, 0.0])
-    kept = methods.top_magnitude(delta.clone(), 0.5)  # k = 3: -0.75, then the first two of the equal 0.5s
-    assert kept.tolist() == [0.5, -0.5, 0.0, 0.0, -0.75, 0.0]
-    assert methods.top_magnitude(torch.zeros(0), 0.5).numel() == 0
-    base, theta = torch.zeros(6), delta.clone()
-    methods.task_arithmetic(base, [theta], [2.0], methods.METHODS["ties"], density=0.5)
-    assert torch.equal(theta, delta) and torch.equal(base, torch.zeros(6))
-    a, b = torch.randn(8), torch.randn(8)
-    a0, b0 = a.clone(), b.clone()
-    methods.slerp(a, b, 0.5)
-    assert torch.equal(a, a0) and torch.equal(b, b0)
+def merge_arrays(method, params, arrays, chunk=None, monkeypatch=None):
+    """The pure per-key merge on numpy arrays (float32), chunk by chunk."""
+    if chunk is not None:
+        monkeypatch.setattr(methods, "CHUNK", chunk)
+    reads = [lambda start, count, a=a: a[start:start + count] for a in arrays]
+    merge = methods.TensorMerge(method, params, "w", reads, arrays[0].size, "float32")
+    return np.concatenate([merge.chunk(j) for j in range(merge.chunks)]) if merge.chunks else np.zeros(0), merge
+
+
+@pytest.mark.parametrize("chunk", [None, 2, 3])
+def test_ties_keeps_exactly_k_whatever_the_chunks(chunk, monkeypatch):
+    delta = np.array([0.5, -0.5, 0.5, 0.25, -0.75, 0.0], np.float32)
+    base = np.zeros(6, np.float32)
+    before = delta.copy()
+    got, _ = merge_arrays("ties", {"weights": [1.0], "density": 0.5, "scale": 1.0}, [base, delta], chunk, monkeypatch)
+    # k = 3: -0.75, then the first two of the equal 0.5s
+    assert got.tolist() == [0.5, -0.5, 0.0, 0.0, -0.75, 0.0]
+    assert np.array_equal(delta, before) and not base.any()  # the inputs are left as read
 
 
 def test_ties_divides_by_the_weights_that_agree_and_zeros_never_count():
-    base = torch.zeros(4)
-    thetas = [torch.tensor([1.0, 2.0, 0.0, -1.0]), torch.tensor([3.0, -1.0, 0.0, -3.0])]
-    got = methods.task_arithmetic(base, thetas, [1.0, 1.0], methods.METHODS["ties"])
+    base = np.zeros(4, np.float32)
+    thetas = [np.array([1.0, 2.0, 0.0, -1.0], np.float32), np.array([3.0, -1.0, 0.0, -3.0], np.float32)]
+    got, _ = merge_arrays("ties", {"weights": [1.0, 1.0], "density": 1.0, "scale": 1.0}, [base, *thetas])
     # entry 0: both +, (1+3)/2; entry 1: Σ = +1 elects +, only 2 counts; entry 2: no counted weight
     assert got.tolist() == [2.0, 2.0, 0.0, -2.0]
+
+
+@pytest.mark.parametrize("method, params", [
+    ("slerp", {"t": 0.3}), ("linear", {"weights": [1.0, 3.0]}), ("ties", {"weights": [1.0, 2.0], "density": 0.3, "scale": 1.0}),
+    ("dare-ties", {"weights": [1.0, 2.0], "density": 0.4, "scale": 1.0, "seed": 2}),
+])
+def test_chunks_computed_in_any_order_are_the_same(method, params, monkeypatch):
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(10).astype(np.float32) for _ in range(2 if method in ("slerp", "linear") else 3)]
+    forward, _ = merge_arrays(method, params, arrays, 4, monkeypatch)
+    reads = [lambda start, count, a=a: a[start:start + count] for a in arrays]
+    merge = methods.TensorMerge(method, params, "w", reads, 10, "float32")
+    backward = [merge.chunk(j) for j in reversed(range(merge.chunks))]
+    np.testing.assert_array_equal(np.concatenate(backward[::-1]), forward)
+    if method != "dare-ties":  # DARE's draws are per chunk by definition; the others do not depend on chunks
+        np.testing.assert_allclose(merge_arrays(method, params, arrays)[0], forward, rtol=1e-6)
+
+
+def test_encode_rounds_as_torch_does():
+    values = torch.cat([torch.randn(10_000) * 10, torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0,
+                                                                   65504.0, 1e-8, 3.4e38, -3.4e38, 1.00390625])])
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32)):
+        data = methods.encode(values.numpy(), name)
+        assert data == values.to(dtype).view(torch.int16 if dtype != torch.float32 else torch.int32).numpy().tobytes()
+        back = methods.decode(data, name, "float32")
+        np.testing.assert_array_equal(back, values.to(dtype).float().numpy())
 
 
 # ---- DARE's randomness: seeded per key, whatever the order -----------------------------------
@@ -212,10 +251,11 @@ def test_dare_depends_on_seed_and_key_not_on_tensor_order(cli, tmp_path):
 
 
 def test_dare_keeps_about_density_and_the_l1_norm():
-    delta = torch.randn(100_000)
-    kept = methods.random_drop(delta.clone(), 0.2, seed=5)
-    assert abs((kept != 0).float().mean().item() - 0.2) < 0.01
-    torch.testing.assert_close(kept.abs().sum(), delta.abs().sum())
+    delta = np.random.default_rng(1).standard_normal(100_000).astype(np.float32)
+    kept, _ = merge_arrays("dare-linear", {"weights": [1.0], "density": 0.2, "scale": 1.0, "seed": 5},
+                           [np.zeros_like(delta), delta])
+    assert abs(np.count_nonzero(kept) / kept.size - 0.2) < 0.01
+    np.testing.assert_allclose(np.abs(kept).sum(dtype=np.float64), np.abs(delta).sum(dtype=np.float64), rtol=1e-5)
 
 
 # ---- mergekit 0.1.5 on a tiny Llama ----------------------------------------------------------
@@ -380,3 +420,14 @@ def test_models_that_disagree_with_the_base_are_named(cli, tmp_path):
     assert_one_error_line(result, "agree with the base", f"{odd} lacks a.bias", "a.weight [6, 5] vs [7, 5]",
                           "steps int64 vs float32", "merge --into")
     assert not (tmp_path / "m.pth").exists()
+
+
+def test_inf_and_nan_pass_through_without_a_warning(cli, tmp_path):
+    a, b, base = tmp_path / "a.pth", tmp_path / "b.pth", tmp_path / "base.pth"
+    torch.save({"w": torch.tensor([float("inf"), 1.0, float("nan"), 7e4])}, a)
+    torch.save({"w": torch.tensor([1.0, float("-inf"), 2.0, 7e4])}, b)
+    torch.save({"w": torch.zeros(4)}, base)
+    for args in (["--method", "ties", "--base", base, "--density", "0.5"], ["--method", "slerp", "--t", "0.5"],
+                 ["--average", "--dtype", "fp16"]):
+        result = cli("merge", a, b, *args, "-o", tmp_path / "o.pth", "--force")
+        assert result.code == 0 and "Warning" not in result.err, result.err

@@ -8,10 +8,10 @@ from collections import OrderedDict
 from contextlib import ExitStack
 
 from .. import core
-from ..dtypes import CAST_TARGETS, convertible
+from ..dtypes import CAST_TARGETS, DType, convertible
 from ..errors import CkptError, UsageError
 from ..io import Checkpoint, TensorRef, open_checkpoint
-from ..io.model import computed_tensor
+from ..io.model import chunked_tensor, computed_tensor
 from . import methods
 from .ranks import Ranks
 from .write import ProgressFactory, write_checkpoint
@@ -148,39 +148,45 @@ def _check_agreement(models: list[Checkpoint], reference: Checkpoint, role: str)
                         + " (merge --into the first one to fit them)")
 
 
-def _merged_tensor(name: str, method_name: str, group: list[TensorRef], params: dict, notes: dict) -> TensorRef:
-    """One key's merge, computed when written: `group` is [base, model...] for the methods with a
-    base, else [model...]; the result has the dtype of group[0]."""
-    method = methods.METHODS[method_name]
-    out = group[0]
+def _reader(t: TensorRef, wide: str) -> methods.Read:
+    """(first element, count) -> those elements of `t` as a `wide` numpy array; straight from the
+    mapped file when its bytes lie in order, else from one copy kept until the last is read."""
+    name, size, numel = t.dtype.name, t.dtype.itemsize, t.numel
+    if t.is_plain and t.is_contiguous:
+        source, first = t.storage.source, t.byte_range()[0]
+        return lambda start, count: methods.decode(source.view(first + start * size, count * size), name, wide)
+    held: list = []
 
-    def make():
-        import torch
+    def read(start: int, count: int):
+        if not held:
+            held.append(memoryview(t.data()))
+        values = methods.decode(held[0][start * size:(start + count) * size], name, wide)
+        if start + count == numel:
+            held.clear()
+        return values
 
-        from ..io.tensors import as_torch, to_bytes
+    return read
 
-        wide = torch.float64 if any(t.dtype.name == "float64" for t in group) else torch.float32
-        tensors = [as_torch(t).to(wide) for t in group]
-        if method_name == "linear":
-            result = methods.linear(tensors, params["weights"])
-        elif method_name == "slerp":
-            result, collinear = methods.slerp(tensors[0], tensors[1], params["t"])
-            if collinear:
-                notes[name] = "nearly collinear: interpolated linearly"
-        else:
-            seeds = ([methods.tensor_seed(params["seed"], name, i) for i in range(len(group) - 1)]
-                     if method.sparsify == "random" else None)
-            result = methods.task_arithmetic(tensors[0], tensors[1:], params["weights"], method,
-                                             density=params.get("density", 1.0), scale=params.get("scale", 1.0),
-                                             seeds=seeds)
-        del tensors
-        return to_bytes(result.to(getattr(torch, out.dtype.name)))
 
-    return computed_tensor(out.shape, out.dtype, make)
+def _merged_tensor(name: str, method: str, group: list[TensorRef], params: dict, dtype: DType,
+                   notes: dict) -> TensorRef:
+    """One key's merge, written chunk by chunk: `group` is [base, model...] for the methods with a
+    base, else [model...]; the result is written as `dtype`."""
+    wide = "float64" if any(t.dtype.name == "float64" for t in group) else "float32"
+    merge = methods.TensorMerge(method, params, name, [_reader(t, wide) for t in group], group[0].numel, wide)
+
+    def make(j: int) -> bytes:
+        data = methods.encode(merge.chunk(j), dtype.name)
+        if merge.collinear:
+            notes[name] = "nearly collinear: interpolated linearly"
+        return data
+
+    sizes = [min(methods.CHUNK, merge.numel - j * methods.CHUNK) * dtype.itemsize for j in range(merge.chunks)]
+    return chunked_tensor(group[0].shape, dtype, sizes, make)
 
 
 def _merged_by_method(models: list[Checkpoint], base: Checkpoint | None, method_name: str,
-                      params: dict) -> tuple[OrderedDict, dict, dict]:
+                      params: dict, cast: DType | None) -> tuple[OrderedDict, dict, dict]:
     """Every key merged by the method (floating tensors) or taken from the base — the first
     model where there is none — (the others), in the base's order."""
     reference = base if base is not None else models[0]
@@ -201,7 +207,7 @@ def _merged_by_method(models: list[Checkpoint], base: Checkpoint | None, method_
             continue
         tie = tuple(g.view_key() for g in group)
         if tie not in results:  # seeded by the tied group's first name in sorted order: order-free
-            results[tie] = _merged_tensor(min(groups[tie]), method_name, group, params, notes)
+            results[tie] = _merged_tensor(min(groups[tie]), method_name, group, params, cast or t.dtype, notes)
         merged[name] = results[tie]
     return merged, {"merged": len(merged) - len(not_floating), "not_merged": not_floating}, notes
 
@@ -309,7 +315,7 @@ def merge(sources: list[str], output: str, *, into: str | None = None, on_mismat
             first, mode = template, "into"
         elif method is not None:
             base_ckpt = stack.enter_context(open_checkpoint(base, root)) if base is not None else None
-            merged, details, notes = _merged_by_method(ckpts, base_ckpt, method, params)
+            merged, details, notes = _merged_by_method(ckpts, base_ckpt, method, params, cast)
             first, mode = base_ckpt or ckpts[0], "method"
             details = {"method": method, "base": base, "parameters": params, **details}
         else:

@@ -1,10 +1,15 @@
-"""Merge methods as pure per-tensor math, with mergekit 0.1.5's semantics (see docs/merging.md).
+"""Merge methods as pure per-tensor math, with mergekit 0.1.5's semantics (docs/merging.md).
 
-Each function takes the models' tensors for one key, already widened to float32 (float64 for
-float64 inputs), and returns the merged tensor in that wide dtype; the caller reads the inputs
-and writes the result. Nothing here knows about files, names or dtypes on disk — apart from the
-name that seeds DARE's random drop, so that a tensor's mask does not depend on the order in
-which tensors are computed or on how many threads or ranks compute them.
+A `TensorMerge` merges one key: it reads the models' values chunk by chunk (CHUNK elements at a
+time, widened to float32, or float64 when an input is float64) and returns any chunk of the
+result on its own, so a writer streams the output and memory holds a few chunks — plus, for
+TIES, one whole delta at a time while its magnitude cut is found. What a chunk needs from the
+whole tensor (TIES' cut, DARE's norms, SLERP's angle) is measured once, by `prepare`.
+
+numpy, not torch: the math is elementwise, and torch's import alone takes longer than merging a
+1 GB model. Nothing here knows about files or names — apart from the name that seeds DARE's
+draws, so that a mask does not depend on the order tensors are computed in, nor on how many
+threads or ranks compute them.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import Callable
+
+CHUNK = 1 << 20  # elements of one chunk: 4 MiB of float32 per input
 
 
 @dataclass(frozen=True)
@@ -42,117 +50,213 @@ SLERP_DOT_THRESHOLD = 0.9995  # beyond it (either sign) the two are treated as c
 SLERP_NORM_EPS = 1e-8  # a norm at most this is taken as 1
 RESCALE_EPS = 1e-7  # DARE leaves a delta unscaled when its L1 norm before or after is below this
 
+# ---- raw little-endian bytes <-> numpy, bfloat16 included ---------------------------------------
 
-def linear(tensors: list, weights: list[float]):
-    """Σ wᵢθᵢ / Σ wᵢ."""
-    total = tensors[0] * weights[0]
-    for t, w in zip(tensors[1:], weights[1:]):
-        total.add_(t, alpha=w)
-    return total.div_(math.fsum(weights))
+_NUMPY = {"float16": "<f2", "float32": "<f4", "float64": "<f8"}
 
 
-def top_magnitude(delta, density: float):
-    """TIES' sparsification: exactly k = max(1, int(density·numel)) entries of largest
-    magnitude kept, the rest zeroed, no rescaling. Among equal magnitudes at the cut, the
-    earlier entries (row-major) are kept, so the result never depends on a sort's whims."""
-    import torch
+def decode(buffer, dtype: str, wide: str):
+    """Values of `dtype` (float16, bfloat16, float32, float64) as a `wide` array (float32 or
+    float64). May be a read-only view of `buffer`: callers never write into it."""
+    import numpy as np
 
-    n = delta.numel()
-    if density >= 1 or n == 0:
-        return delta
-    k = max(1, int(density * n))
-    magnitude = delta.abs().reshape(-1)
-    # the k-th largest magnitude: entries above it are in, entries equal to it fill the rest
-    cut = torch.kthvalue(magnitude, n - k + 1).values
-    keep = magnitude > cut
-    missing = k - int(keep.sum())
-    if missing > 0:
-        keep[torch.nonzero(magnitude == cut).reshape(-1)[:missing]] = True
-    return delta * keep.reshape(delta.shape)
+    if dtype == "bfloat16":  # the upper half of a float32
+        values = (np.frombuffer(buffer, "<u2").astype(np.uint32) << 16).view(np.float32)
+    else:
+        values = np.frombuffer(buffer, _NUMPY[dtype])
+    return values if values.dtype == np.dtype(wide) else values.astype(wide)
 
 
-def tensor_seed(seed: int, name: str, model: int) -> int:
-    """The random stream of one model's delta for one key: 63 bits of
-    SHA-256("{seed}\\0{model}\\0{name}"), so it depends on nothing but these three."""
-    digest = hashlib.sha256(f"{seed}\0{model}\0{name}".encode("utf-8", "surrogatepass")).digest()
+def encode(values, dtype: str) -> bytes:
+    """`values` rounded to `dtype` as torch's CPU conversion rounds them (to nearest, ties to
+    even; every NaN becomes 0xFFFF in bfloat16), as raw little-endian bytes."""
+    import numpy as np
+
+    with np.errstate(all="ignore"):  # beyond float16's range is inf, as in torch: no warning
+        if dtype != "bfloat16":
+            return values.astype(_NUMPY[dtype], copy=False).tobytes()
+        bits = values.astype(np.float32, copy=False).view(np.uint32)
+        rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype("<u2")
+        rounded[np.isnan(values)] = 0xFFFF
+        return rounded.tobytes()
+
+
+# ---- the merge of one key ------------------------------------------------------------------
+
+Read = Callable[[int, int], object]  # (first element, count) -> a wide array of the inputs' values
+
+
+def tensor_seed(seed: int, name: str, model: int, chunk: int) -> int:
+    """The draws of one model's delta for one chunk of one key: SHA-256 of
+    "{seed}\\0{model}\\0{name}\\0{chunk}", its first 8 bytes little-endian, top bit cleared."""
+    digest = hashlib.sha256(f"{seed}\0{model}\0{name}\0{chunk}".encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def random_drop(delta, density: float, seed: int):
-    """DARE: keep each entry where a uniform draw in [0, 1) is below `density`, then scale the
-    kept entries so that the delta keeps its L1 norm (≈ 1/density; left unscaled when either
-    norm is below 1e-7, as mergekit does)."""
-    import torch
+class TensorMerge:
+    """One key merged by one method. `reads`: [base, model...] for the methods with a base, else
+    [model...]; `numel` elements each. `chunk(j)` is elements [j·CHUNK, (j+1)·CHUNK) of the result."""
 
-    if density >= 1:
-        return delta
-    draws = torch.rand(delta.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-    kept = delta * (draws < density)
-    del draws
-    before, after = float(delta.abs().sum()), float(kept.abs().sum())
-    if before < RESCALE_EPS or after < RESCALE_EPS:
-        return kept
-    return kept.mul_(before / after)
+    def __init__(self, method: str, params: dict, name: str, reads: list[Read], numel: int, wide: str):
+        self.method, self.spec, self.params, self.name = method, METHODS[method], params, name
+        self.reads, self.numel, self.wide = reads, numel, wide
+        self.weights = params.get("weights")
+        self.collinear = False  # slerp fell back to linear interpolation
+        self._prepared = False
 
+    @property
+    def chunks(self) -> int:
+        return -(-self.numel // CHUNK)
 
-def task_arithmetic(base, tensors: list, weights: list[float], method: Method, *, density: float = 1.0,
-                    scale: float = 1.0, seeds: list[int] | None = None):
-    """mergekit's generalized task arithmetic: δᵢ = θᵢ − base, each δᵢ sparsified, times wᵢ;
-    summed (task-arithmetic, dare-linear) or, with sign election (ties, dare-ties), summed over
-    the entries whose sign agrees with that of Σ wᵢδᵢ (≥ 0 elects +); divided by the counted
-    weights for ties; times λ; added to the base."""
-    import torch
+    def _span(self, j: int) -> tuple[int, int]:
+        start = j * CHUNK
+        return start, min(CHUNK, self.numel - start)
 
-    deltas = []
-    for i, (theta, w) in enumerate(zip(tensors, weights)):
-        delta = theta - base
-        if method.sparsify == "magnitude":
-            delta = top_magnitude(delta, density)
-        elif method.sparsify == "random":
-            delta = random_drop(delta, density, seeds[i])
-        deltas.append(delta.mul_(w))  # every step above made a new tensor: the inputs stay as read
-    if not method.elect_sign:
-        mixed = deltas[0]
-        for d in deltas[1:]:
-            mixed.add_(d)
-    else:
-        total = deltas[0].clone()
-        for d in deltas[1:]:
-            total.add_(d)
-        elected = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
-        del total
-        mixed = torch.zeros_like(base)
-        counted = torch.zeros_like(base) if method.normalize else None
-        for d, w in zip(deltas, weights):
-            agrees = torch.sign(d) == elected  # a zero never agrees
-            mixed.add_(torch.where(agrees, d, 0.0))
+    # -- what a chunk needs from the whole tensor, measured once --
+
+    def prepare(self) -> None:
+        import numpy as np
+
+        if self._prepared:
+            return
+        with np.errstate(all="ignore"):  # inf and nan in, inf and nan out, as torch would: no warning
+            self._measure()
+        self._prepared = True
+
+    def _measure(self) -> None:
+        if self.method == "slerp":
+            self._measure_angle()
+        elif self.spec.sparsify == "magnitude" and self.params["density"] < 1 and self.numel:
+            self._find_cuts()
+        elif self.spec.sparsify == "random" and self.params["density"] < 1:
+            self._measure_drop()
+
+    def _find_cuts(self) -> None:
+        """TIES keeps exactly k = max(1, int(density·numel)) entries of each delta: those whose
+        magnitude is above the k-th largest, then those equal to it in row-major order until
+        there are k. Per model: the cut, how many equal entries to keep, and how many equal
+        entries lie in the chunks before each chunk (so any chunk can be computed alone)."""
+        import numpy as np
+
+        n = self.numel
+        k = max(1, int(self.params["density"] * n))
+        self.cuts = []
+        for i in range(1, len(self.reads)):
+            magnitude = np.abs(self.reads[i](0, n) - self.reads[0](0, n))
+            cut = np.partition(magnitude, n - k)[n - k]  # the k-th largest
+            equal_to_keep = k - int(np.count_nonzero(magnitude > cut))
+            equal = [int(np.count_nonzero(magnitude[s:s + c] == cut)) for s, c in map(self._span, range(self.chunks))]
+            before = [0, *np.cumsum(equal)[:-1].tolist()]
+            self.cuts.append((cut, equal_to_keep, before))
+            del magnitude
+
+    def _kept_by_magnitude(self, i: int, j: int, delta):
+        import numpy as np
+
+        cut, equal_to_keep, before = self.cuts[i]
+        magnitude = np.abs(delta)
+        keep = magnitude > cut
+        room = equal_to_keep - before[j]
+        if room > 0:
+            equal = np.flatnonzero(magnitude == cut)[:room]
+            keep[equal] = True
+        return delta * keep
+
+    def _dropped(self, i: int, j: int, delta):
+        """DARE: keep each entry whose uniform draw in [0, 1) is below the density."""
+        import numpy as np
+
+        draws = np.random.Generator(np.random.PCG64(tensor_seed(self.params["seed"], self.name, i, j)))
+        return delta * (draws.random(delta.size, dtype=np.float32) < self.params["density"])
+
+    def _measure_drop(self) -> None:
+        """DARE rescales the kept entries so that each delta keeps its L1 norm: the norms before
+        and after the drop, summed over chunks in float64."""
+        import numpy as np
+
+        self.rescale = []
+        for i in range(1, len(self.reads)):
+            before = after = 0.0
+            for j in range(self.chunks):
+                start, count = self._span(j)
+                delta = self.reads[i](start, count) - self.reads[0](start, count)
+                before += float(np.abs(delta).sum(dtype=np.float64))
+                after += float(np.abs(self._dropped(i - 1, j, delta)).sum(dtype=np.float64))
+            self.rescale.append(1.0 if before < RESCALE_EPS or after < RESCALE_EPS else before / after)
+
+    def _measure_angle(self) -> None:
+        import numpy as np
+
+        squares_a = squares_b = dot = 0.0
+        for j in range(self.chunks):
+            start, count = self._span(j)
+            a, b = self.reads[0](start, count), self.reads[1](start, count)
+            squares_a += float(np.dot(a, a.astype(np.float64)))
+            squares_b += float(np.dot(b, b.astype(np.float64)))
+            dot += float(np.dot(a.astype(np.float64), b))
+        norm_a, norm_b = math.sqrt(squares_a), math.sqrt(squares_b)
+        norm_a = norm_a if norm_a > SLERP_NORM_EPS else 1.0
+        norm_b = norm_b if norm_b > SLERP_NORM_EPS else 1.0
+        cos = dot / (norm_a * norm_b)
+        cos = min(1.0, max(-1.0, cos)) if math.isfinite(cos) else cos
+        t = self.params["t"]
+        if not abs(cos) <= SLERP_DOT_THRESHOLD:  # nan included: no angle to follow
+            self.collinear, self.coefficients = True, (1 - t, t)
+        else:
+            theta = math.acos(cos)
+            self.coefficients = (math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta))
+
+    # -- one chunk --
+
+    def chunk(self, j: int):
+        """Elements [j·CHUNK, (j+1)·CHUNK) of the result, in the wide dtype."""
+        import numpy as np
+
+        self.prepare()
+        with np.errstate(all="ignore"):
+            return self._chunk(j)
+
+    def _chunk(self, j: int):
+        start, count = self._span(j)
+        values = [read(start, count) for read in self.reads]
+        if self.method == "linear":
+            total = values[0] * self.weights[0]
+            for x, w in zip(values[1:], self.weights[1:]):
+                total += x * w
+            return total / math.fsum(self.weights)
+        if self.method == "slerp":
+            a, b = self.coefficients
+            return values[0] * a + values[1] * b
+        return self._task_arithmetic(j, values[0], values[1:])
+
+    def _task_arithmetic(self, j: int, base, thetas):
+        """δᵢ = θᵢ − base; sparsified; times wᵢ; summed, or summed where its sign is the elected
+        one (and for TIES divided by the agreeing weights); times λ; added to the base."""
+        import numpy as np
+
+        density = self.params.get("density", 1.0)
+        deltas = []
+        for i, (theta, w) in enumerate(zip(thetas, self.weights)):
+            delta = theta - base
+            if self.spec.sparsify == "magnitude" and density < 1:
+                delta = self._kept_by_magnitude(i, j, delta)
+            elif self.spec.sparsify == "random" and density < 1:
+                delta = self._dropped(i, j, delta) * self.rescale[i]
+            deltas.append(delta * w)
+        mixed = sum(deltas[1:], deltas[0].copy())
+        if self.spec.elect_sign:
+            elected = np.where(mixed >= 0, 1.0, -1.0).astype(self.wide)
+            mixed[:] = 0
+            counted = np.zeros_like(mixed) if self.spec.normalize else None
+            for d, w in zip(deltas, self.weights):
+                agrees = np.sign(d) == elected  # a zero never agrees
+                mixed += np.where(agrees, d, 0)
+                if counted is not None:
+                    counted += agrees * w
             if counted is not None:
-                counted.add_(agrees.to(base.dtype), alpha=w)
-        del deltas
-        if counted is not None:
-            counted[counted == 0] = 1
-            mixed.div_(counted)
-    if scale != 1:
-        mixed.mul_(scale)
-    return mixed.add_(base)
-
-
-def slerp(a, b, t: float) -> tuple[object, bool]:
-    """Spherical interpolation of two whole tensors (flattened): `a` at t = 0, `b` at t = 1.
-    Returns (result, True) when the two are nearly collinear (|cos| > 0.9995, antipodal too) and
-    plain linear interpolation was used instead."""
-    import torch
-
-    if a.numel() == 0:
-        return a, True
-    norm_a, norm_b = float(torch.linalg.vector_norm(a)), float(torch.linalg.vector_norm(b))
-    norm_a = norm_a if norm_a > SLERP_NORM_EPS else 1.0
-    norm_b = norm_b if norm_b > SLERP_NORM_EPS else 1.0
-    # normalised before multiplying, so that the dot product cannot overflow
-    dot = float(torch.dot((a / norm_a).reshape(-1), (b / norm_b).reshape(-1)))
-    dot = min(1.0, max(-1.0, dot)) if not math.isnan(dot) else dot
-    if not abs(dot) <= SLERP_DOT_THRESHOLD:  # nan included: no angle to follow
-        return (a * (1 - t)).add_(b, alpha=t), True
-    theta = math.acos(dot)
-    sin_theta = math.sin(theta)
-    return (a * (math.sin((1 - t) * theta) / sin_theta)).add_(b, alpha=math.sin(t * theta) / sin_theta), False
+                counted[counted == 0] = 1
+                mixed /= counted
+        scale = self.params.get("scale", 1.0)
+        if scale != 1:
+            mixed *= scale
+        return base + mixed
