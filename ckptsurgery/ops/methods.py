@@ -142,13 +142,22 @@ class TensorMerge:
         k = max(1, int(self.params["density"] * n))
         self.cuts = []
         for i in range(1, len(self.reads)):
-            magnitude = np.abs(self.reads[i](0, n) - self.reads[0](0, n))
-            cut = np.partition(magnitude, n - k)[n - k]  # the k-th largest
-            equal_to_keep = k - int(np.count_nonzero(magnitude > cut))
-            equal = [int(np.count_nonzero(magnitude[s:s + c] == cut)) for s, c in map(self._span, range(self.chunks))]
-            before = [0, *np.cumsum(equal)[:-1].tolist()]
-            self.cuts.append((cut, equal_to_keep, before))
+            magnitude = np.empty(n, self.wide)  # the one whole array: filled chunk by chunk
+            for s, c in map(self._span, range(self.chunks)):
+                np.abs(self._delta(i, s, c), out=magnitude[s:s + c])
+            magnitude.partition(n - k)  # in place: the k-th largest lands at n - k
+            cut = magnitude[n - k]
             del magnitude
+            above, equal = 0, []
+            for s, c in map(self._span, range(self.chunks)):
+                chunk = np.abs(self._delta(i, s, c))
+                above += int(np.count_nonzero(chunk > cut))
+                equal.append(int(np.count_nonzero(chunk == cut)))
+            before = [0, *np.cumsum(equal)[:-1].tolist()]
+            self.cuts.append((cut, k - above, before))
+
+    def _delta(self, i: int, start: int, count: int):
+        return self.reads[i](start, count) - self.reads[0](start, count)
 
     def _kept_by_magnitude(self, i: int, j: int, delta):
         import numpy as np
@@ -179,7 +188,7 @@ class TensorMerge:
             before = after = 0.0
             for j in range(self.chunks):
                 start, count = self._span(j)
-                delta = self.reads[i](start, count) - self.reads[0](start, count)
+                delta = self._delta(i, start, count)
                 before += float(np.abs(delta).sum(dtype=np.float64))
                 after += float(np.abs(self._dropped(i - 1, j, delta)).sum(dtype=np.float64))
             self.rescale.append(1.0 if before < RESCALE_EPS or after < RESCALE_EPS else before / after)
