@@ -1,7 +1,7 @@
 """merge --method side by side (issue 10): ckptsurgery, a straightforward in-memory script of the
 same formula (load everything, compute, save_file), and mergekit 0.1.5 (`mergekit-yaml
 --lazy-unpickle --low-cpu-memory`), on three ~1 GB Llama-shaped Hugging Face folders (a base and
-two fine-tunes), float32. Run: .venv/bin/python bench/bench_methods.py --runs 3
+two fine-tunes), float32. Run: .venv/bin/python bench/bench_methods.py --runs 3 [--methods ties,slerp]
 Goal: ckptsurgery ≤ 0.3× mergekit's time and ≤ 0.25× its peak memory for every method."""
 
 from __future__ import annotations
@@ -60,8 +60,24 @@ for k, b in base.items():
     if method == "linear":
         merged[k] = (sum(thetas) + b) / (len(thetas) + 1)
         continue
+    if method == "slerp":
+        a, c = thetas
+        cos = float(((a / a.norm()).flatten() @ (c / c.norm()).flatten()).clamp(-1, 1))
+        if abs(cos) > 0.9995:
+            merged[k] = 0.5 * a + 0.5 * c
+        else:
+            th = torch.tensor(cos).acos()
+            merged[k] = (torch.sin(0.5 * th) * a + torch.sin(0.5 * th) * c) / torch.sin(th)
+        continue
     deltas = [t - b for t in thetas]
-    if method == "ties":
+    if method == "dare-ties":
+        kept = []
+        for d in deltas:
+            m = d * (torch.rand(d.shape) < 0.5)
+            kept.append(m * (d.abs().sum() / m.abs().sum()))
+        elected = torch.where(sum(kept) >= 0, 1.0, -1.0)
+        merged[k] = b + sum(d * (torch.sign(d) == elected) for d in kept)
+    elif method == "ties":
         kept = []
         for d in deltas:
             n = d.numel(); k_ = max(1, int(0.5 * n))
@@ -84,10 +100,18 @@ KIT = {
                        "  - model: {m1}\n    parameters: {{weight: 1}}\n  - model: {m2}\n    parameters: {{weight: 1}}\n",
     "ties": "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {m1}\n    parameters: {{weight: 1, density: 0.5}}\n"
             "  - model: {m2}\n    parameters: {{weight: 1, density: 0.5}}\n",
+    "dare-ties": "merge_method: dare_ties\nbase_model: {base}\nmodels:\n  - model: {m1}\n    parameters: {{weight: 1, density: 0.5}}\n"
+                 "  - model: {m2}\n    parameters: {{weight: 1, density: 0.5}}\n",
+    "slerp": "merge_method: slerp\nbase_model: {m1}\nmodels:\n  - model: {m1}\n  - model: {m2}\nparameters: {{t: 0.5}}\n",
 }
 
 
 def main() -> None:
+    chosen = None
+    if "--methods" in sys.argv:  # not one of common.options(): taken out before it parses
+        at = sys.argv.index("--methods")
+        chosen = sys.argv[at + 1].split(",")
+        del sys.argv[at:at + 2]
     args, out = options(runs=3)
     folders = {name: out(f"llama-{name}") for name in ("base", "m1", "m2")}
     for name, noise in (("base", 0), ("m1", 0.01), ("m2", 0.02)):
@@ -99,13 +123,16 @@ def main() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     results = {}
     for method, yaml_text in KIT.items():
+        if chosen and method not in chosen:
+            continue
         config = out(f"mergekit-{method}.yml")
         with open(config, "w") as f:
             f.write(yaml_text.format(**folders) + "dtype: float32\n")
         ours, naive, kit = out("ours.safetensors"), out("naive.safetensors"), out("kit")
         flags = {"linear": ["--method", "linear", folders["base"]], "task-arithmetic": ["--method", "task-arithmetic"],
-                 "ties": ["--method", "ties", "--density", "0.5"]}[method]
-        base_args = [] if method == "linear" else ["--base", folders["base"]]
+                 "ties": ["--method", "ties", "--density", "0.5"], "dare-ties": ["--method", "dare-ties", "--density", "0.5"],
+                 "slerp": ["--method", "slerp", "--t", "0.5"]}[method]
+        base_args = [] if method in ("linear", "slerp") else ["--base", folders["base"]]
         cases = {
             f"ckptsurgery {method}": [*CLI, "merge", folders["m1"], folders["m2"], *flags, *base_args, "-o", ours,
                                       "-q", "--force"],

@@ -64,6 +64,11 @@ def _parse_weights(weights: str | list[float] | None, count: int, positive_total
     return values
 
 
+# option, default (None: required), the values it takes, how to say so
+_RANGES = (("density", 1.0, lambda v: 0 < v <= 1, "in (0, 1]"), ("t", None, lambda v: 0 <= v <= 1, "in [0, 1]"),
+           ("scale", 1.0, lambda v: True, "a finite number"))
+
+
 def _method_parameters(method_name: str, models: int, given: dict) -> dict:
     """The method's parameters with their defaults (mergekit's: weight 1, density 1, λ 1), each
     checked; a parameter the method does not take is refused, naming the methods that do."""
@@ -80,17 +85,14 @@ def _method_parameters(method_name: str, models: int, given: dict) -> dict:
     params: dict = {}
     if "weights" in method.options:
         params["weights"] = _parse_weights(given["weights"], models, positive_total=method_name == "linear")
-    for option, low, high, closed_low, default in (("density", 0.0, 1.0, False, 1.0), ("t", 0.0, 1.0, True, None),
-                                                   ("scale", -math.inf, math.inf, False, 1.0)):
+    for option, default, fits, span in _RANGES:
         if option not in method.options:
             continue
         value = given[option]
         if value is None and default is None:
             raise UsageError(f"--method {method_name} needs --{option}")
         value = default if value is None else float(value)
-        if not (math.isfinite(value) and (low <= value if closed_low else low < value or low == -math.inf)
-                and value <= high):
-            span = "a finite number" if option == "scale" else f"in {'[' if closed_low else '('}{low:g}, {high:g}]"
+        if not (math.isfinite(value) and fits(value)):  # nan fails every comparison: refused too
             raise UsageError(f"--{option} {value!r}: must be {span}")
         params[option] = value
     if "seed" in method.options:
