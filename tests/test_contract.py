@@ -88,7 +88,7 @@ def test_choices_are_real_choices(cli, tmp_path, zip_pth, command, option, bad, 
     (["merge", "{a}", "{a}", "--average", "--on-mismatch", "skip"], "--on-mismatch applies to merge --into only"),
     (["merge", "{a}", "--into", "{a}", "--on-conflict", "first"], "--on-conflict applies to a plain merge only"),
     (["merge", "{a}", "{a}", "--average", "--on-conflict", "last"], "--on-conflict applies to a plain merge only"),
-    (["merge", "{a}", "{a}", "--weights", "1,2"], "--weights applies to --average only"),
+    (["merge", "{a}", "{a}", "--weights", "1,2"], "--weights applies to --method (or --average) only"),
     (["merge", "{a}", "{a}", "--average", "--into", "{a}"], "do not combine"),
     (["filter", "{a}", "--keep", "conv", "--like", "{a}"], "not both"),
 ])

@@ -499,6 +499,9 @@ def test_refusals(cli, tmp_path, adapter_and_base):
     assert_one_error_line(cli("merge", base, "--lora", adapter, "--average", "-o", out), "fold first, then merge", code=2)
     assert_one_error_line(cli("merge", base, "--lora", adapter, "--into", base, "-o", out), "fold first", code=2)
     assert_one_error_line(cli("merge", base, "--lora", adapter, "--on-conflict", "last", "-o", out), "fold first", code=2)
+    for option in (["--method", "ties"], ["--base", str(base)], ["--density", "0.5"], ["--t", "0.5"], ["--seed", "1"]):
+        assert_one_error_line(cli("merge", base, "--lora", adapter, *option, "-o", out),
+                              f"--lora does not combine with {option[0]}", code=2)
     assert_one_error_line(cli("merge", base, base, "--lora", adapter, "-o", out), "exactly one base", code=2)
     assert_one_error_line(cli("merge", base, "--lora", adapter, "--lora", adapter, "--lora-scale", "1",
                               "--lora-scale", "2", "--lora-scale", "3", "-o", out), "--lora-scale given 3 times", code=2)
@@ -516,6 +519,9 @@ def test_refusals(cli, tmp_path, adapter_and_base):
     assert_one_error_line(cli("merge", base, "--lora", adapter, "-o", out), "rank 2", "r=3")
     edit_config(adapter, r=2)
     assert cli("merge", base, "--lora", adapter, "-o", out).code == 0
+    cast = tmp_path / "bf16.safetensors"  # --dtype casts the folded output
+    assert cli("merge", base, "--lora", adapter, "--dtype", "bf16", "-o", cast).code == 0
+    assert all(t.dtype == torch.bfloat16 for t in load_any(cast).values() if t.is_floating_point())
     assert_one_error_line(cli("merge", base, "--lora", adapter, "-o", out), "already exists")
     bad_shape = tmp_path / "bad.pth"
     torch.save({"lin.weight": torch.zeros(3, 3), "lin.bias": torch.zeros(3)}, bad_shape)

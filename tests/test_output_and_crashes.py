@@ -228,7 +228,7 @@ def test_average_keeps_tied_tensors_tied(cli, tmp_path, suffix):
     tied_source(paths[1], 3.0)
     out = tmp_path / f"avg{suffix}"
     report = cli("merge", *paths, "--average", "-o", out, "--json").json()
-    assert report["tied"] == {"lm_head.weight": "embed.weight"} and report["averaged"] == 3
+    assert report["tied"] == {"lm_head.weight": "embed.weight"} and report["merged"] == 3
     doc = cli("inspect", out, "--json").json()
     shares = {t["name"]: t["shares_with"] for t in doc["tensors"]}
     assert shares == {"embed.weight": None, "mid.weight": None, "lm_head.weight": "embed.weight"}

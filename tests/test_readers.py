@@ -192,3 +192,22 @@ def test_safetensors_whose_length_starts_with_a_brace(tmp_path):
     assert path.read_bytes()[:1] == b"{"
     with open_checkpoint(path) as ckpt:
         assert ckpt.format == "safetensors" and list(ckpt.tensors) == ["w"]
+
+
+# ---- an unsharded Hugging Face model folder ----------------------------------------------------
+
+def test_a_model_folder_without_an_index_reads_its_one_weights_file(cli, tmp_path, state_dict):
+    from conftest import assert_one_error_line
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    torch.save({k: v + 1 for k, v in state_dict.items()}, folder / "pytorch_model.bin")
+    assert cli("inspect", folder, "--json").json()["path"] == str(folder / "pytorch_model.bin")
+    save_file(dict(state_dict), str(folder / "model.safetensors"))  # preferred, as transformers does
+    doc = cli("inspect", folder, "--json").json()
+    assert doc["path"] == str(folder / "model.safetensors") and doc["format"] == "safetensors"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    assert_one_error_line(cli("inspect", empty), "no *.index.json and none of model.safetensors")

@@ -167,6 +167,50 @@ def test_average_last_three_checkpoints(cli, tmp_path):
     assert model.bn.num_batches_tracked == models[0]["bn.num_batches_tracked"]
 
 
+def fine_tunes(tmp_path, names):
+    """A base Net and fine-tunes of it: a few SGD steps each on random data."""
+    torch.manual_seed(0)
+    base = Net(classes=10)
+    torch.save(base.state_dict(), tmp_path / "base.pth")
+    tuned = {}
+    for name in names:
+        net = Net(classes=10)
+        net.load_state_dict(base.state_dict())
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for _ in range(5):
+            loss = nn.functional.cross_entropy(net(torch.randn(8, 3, 8, 8)), torch.randint(0, 10, (8,)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        tuned[name] = net.state_dict()
+        torch.save(tuned[name], tmp_path / f"{name}.pth")
+    return base.state_dict(), tuned
+
+
+def test_model_soup_of_fine_tunes(cli, tmp_path):
+    _, tuned = fine_tunes(tmp_path, ["ft-cifar", "ft-svhn", "ft-mnist"])
+    out = tmp_path / "soup.pth"
+    assert cli("merge", *(tmp_path / f"{n}.pth" for n in tuned), "--method", "linear", "-o", out).code == 0
+    model = strict_load_and_run(Net(classes=10), out)
+    want = sum(sd["conv.weight"] for sd in tuned.values()) / 3
+    assert torch.allclose(model.conv.weight, want, atol=1e-6)
+
+
+def test_task_arithmetic_and_ties_add_skills_to_their_base(cli, tmp_path):
+    base, tuned = fine_tunes(tmp_path, ["ft-cifar", "ft-svhn"])
+    models = [tmp_path / "ft-cifar.pth", tmp_path / "ft-svhn.pth"]
+    ties = tmp_path / "multi.safetensors"
+    assert cli("merge", *models, "--base", tmp_path / "base.pth", "--method", "ties", "--density", "0.5",
+               "--weights", "1,0.8", "-o", ties).code == 0
+    strict_load_and_run(Net(classes=10), ties)
+    forget = tmp_path / "forget.pth"  # a negative weight subtracts a task vector
+    assert cli("merge", models[1], "--base", tmp_path / "base.pth", "--method", "task-arithmetic",
+               "--weights", "-1", "-o", forget).code == 0
+    model = strict_load_and_run(Net(classes=10), forget)
+    want = 2 * base["liner1.weight"] - tuned["ft-svhn"]["liner1.weight"]
+    assert torch.allclose(model.liner1.weight, want, atol=1e-6)
+
+
 def test_makefile_rule_prepares_checkpoint_once(tmp_path, pretrained):
     """A CI step: the rule builds the fine-tuning checkpoint, a second `make` has nothing to do,
     and the output is byte-identical when rebuilt."""

@@ -170,14 +170,14 @@ def test_merge_average_weights_and_dtypes(cli, tmp_path):
         paths.append(p)
     out = tmp_path / "avg.pth"
     report = cli("merge", *paths, "--average", "--weights", "1,1,2", "-o", out, "--json").json()
-    assert report["from_first"] == ["n"] and report["weights"] == [0.25, 0.25, 0.5]
+    assert report["not_merged"] == ["n"] and report["parameters"]["weights"] == [1, 1, 2]
     got = load_any(out)
     assert got["h"].dtype == torch.float16 and torch.equal(got["h"], torch.full((3,), 2.75, dtype=torch.float16))
     assert got["d"].dtype == torch.float64 and got["n"] == 0
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--weights", "1,2"], "2 weights for 3 sources"),
+    (["--weights", "1,2"], "2 weights for 3 models"),
     (["--weights", "1,x,2"], "numbers separated by commas"),
     (["--weights", "1,-1,0"], "must not sum to zero"),
 ])
@@ -244,7 +244,7 @@ def test_merge_into_ambiguous(cli, tmp_path):
     (["--on-mismatch", "pad"], "'pad' is not one of 'error', 'skip', 'overlap'"),
     (["--on-conflict", "newest"], "'newest' is not one of 'error', 'first', 'last'"),
     (["--average", "--into", "x.pth"], "do not combine"),
-    (["--weights", "1"], "--average only"),
+    (["--weights", "1"], "--weights applies to --method (or --average) only"),
 ])
 def test_merge_usage_errors(cli, tmp_path, zip_pth, args, message):
     result = cli("merge", zip_pth, zip_pth, "-o", tmp_path / "m.pth", *args)

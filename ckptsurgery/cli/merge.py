@@ -1,4 +1,4 @@
-"""ckptsurgery merge: a union, an update of a template (--into), or an average."""
+"""ckptsurgery merge: a union, an update of a template (--into), or a merge method (--method, --average)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from .. import core, ops
+from ..dtypes import CAST_TARGETS
+from ..ops.methods import METHODS
 from ..ops.ranks import ranks_from_environment
 from . import app
 from .common import (
@@ -17,11 +19,13 @@ from .common import (
 
 OnMismatch = choice("OnMismatch", core.MISMATCH_POLICIES)
 OnConflict = choice("OnConflict", core.CONFLICT_POLICIES)
+Method = choice("Method", METHODS)
+CastTo = choice("CastTo", CAST_TARGETS)
 
 
 @app.command(epilog=examples(
     "ckptsurgery merge old.pth --into new.pth --on-mismatch overlap -o init.pth",
-    "ckptsurgery merge a.pth b.pth c.pth --average --weights 2,1,1 -o soup.pth",
+    "ckptsurgery merge a/ b/ --method ties --base base/ --density 0.5 -o ties.pth",
     "ckptsurgery merge base.pth --lora adapter --lora-scale 0.8 -o merged.pth",
 ))
 def merge(
@@ -33,8 +37,19 @@ def merge(
         "--on-mismatch", help="With --into, a shape that differs: error (default), skip (keep the template's), overlap (copy the shared block).", show_default=False)] = None,
     on_conflict: Annotated[Optional[OnConflict], typer.Option(
         "--on-conflict", help="Plain merge, a key in several sources: error (default), first, last.", show_default=False)] = None,
-    average: Annotated[bool, typer.Option("--average", help="Element-wise (weighted) mean of floating tensors.")] = False,
-    weights: Annotated[Optional[str], typer.Option("--weights", metavar="W,W,..", help="With --average: W,W,... one per source.")] = None,
+    average: Annotated[bool, typer.Option("--average", help="Element-wise (weighted) mean of floating tensors: --method linear.")] = False,
+    method: Annotated[Optional[Method], typer.Option(
+        "--method", help="Merge the models' floating tensors key by key (formulas: docs/merging.md).", show_default=False)] = None,
+    base: Annotated[Optional[str], typer.Option(
+        "--base", metavar="BASE", help="The model the others were fine-tuned from: needed by task-arithmetic, ties, dare-*.")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", metavar="W,W,..", help="One weight per model (default 1 each).")] = None,
+    density: Annotated[Optional[float], typer.Option(
+        "--density", metavar="D", help="ties: fraction of each delta kept by magnitude; dare-*: chance each entry is kept. 0 < D <= 1, default 1.")] = None,
+    scale: Annotated[Optional[float], typer.Option(
+        "--scale", metavar="LAMBDA", help="task-arithmetic, ties, dare-*: multiply the combined delta (default 1).")] = None,
+    t: Annotated[Optional[float], typer.Option("--t", metavar="T", help="slerp: 0 gives the first model, 1 the second.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", metavar="N", help="dare-*: seed of the random drop (default 0).")] = None,
+    dtype: Annotated[Optional[CastTo], typer.Option("--dtype", help="Cast the floating tensors written (default: as the base/first model).", show_default=False)] = None,
     lora: Annotated[Optional[list[str]], typer.Option(
         "--lora", metavar="ADAPTER", help="Fold this LoRA (a PEFT adapter folder or a kohya .safetensors) into the one SOURCE; repeatable.", show_default=False)] = None,
     lora_scale: Annotated[Optional[list[float]], typer.Option(
@@ -48,10 +63,12 @@ def merge(
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Combine checkpoints: a plain union, an update of a template (--into), an average, or LoRA adapters folded into a base (--lora)."""
+    """Combine checkpoints: a plain union, an update of a template (--into), a merge of fine-tuned models (--method: linear, task-arithmetic, ties, dare-linear, dare-ties, slerp), or LoRA adapters folded into a base (--lora)."""
     with ranks_from_environment() as ranks, progress_bar(quiet or json) as progress:
         report = ops.merge(sources, output, into=into, on_mismatch=on_mismatch and on_mismatch.value,
-                           on_conflict=on_conflict and on_conflict.value, average=average, weights=weights,
+                           on_conflict=on_conflict and on_conflict.value, average=average,
+                           method=method and method.value, base=base, weights=weights, density=density,
+                           scale=scale, t=t, seed=seed, dtype=dtype and dtype.value,
                            root=root, force=force, dry_run=dry_run, progress=progress,
                            format=format and format.value, ranks=ranks, lora=lora, lora_scale=lora_scale,
                            allow_unmatched=allow_unmatched)
@@ -65,10 +82,14 @@ def merge(
                    f"mismatched {len(report['mismatched'])}, left out {len(report['left_out'])}"]
         if dry_run or not quiet:
             _print_into_table(report, stderr=not dry_run)
-    elif report["mode"] == "average":
-        details = [f"averaged {report['averaged']} tensors with weights "
-                   + ", ".join(f"{w:g}" for w in report["weights"]),
-                   listing("taken from the first source (not floating)", report["from_first"])]
+    elif report["mode"] == "method":
+        shown = ", ".join(f"{k} {','.join(f'{w:g}' for w in v) if k == 'weights' else f'{v:g}'}"
+                          for k, v in report["parameters"].items())
+        details = [f"merged {report['merged']} tensors by {report['method']} ({shown})",
+                   listing(f"taken from the {'base' if report['base'] else 'first model'} (not floating)",
+                           report["not_merged"]),
+                   *(listing(note, [n for n, v in report["notes"].items() if v == note])
+                     for note in sorted(set(report["notes"].values())))]
     elif report["mode"] == "lora":
         details = [f"folded {len(report['adapters'])} adapter(s) into {report['folded']} tensors: "
                    + "; ".join(f"{printable(a['path'])} ({a['format']}, scale {a['scale']:g}, {a['folded']} weights)"

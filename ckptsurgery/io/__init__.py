@@ -118,7 +118,7 @@ def _read_format(path: str, fmt: str, root: str | None) -> Checkpoint:
     if fmt == "deepspeed":
         return read_deepspeed(path)
     if fmt == "folder":
-        return read_index(find_index(path), _open_shard)
+        return _model_file(find_index(path))
     if fmt == "index":
         return read_index(path, _open_shard)
     if fmt == "safetensors":

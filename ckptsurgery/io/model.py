@@ -212,6 +212,14 @@ def computed_tensor(shape: tuple[int, ...], dtype: DType, make: Callable[[], byt
     return TensorRef(storage, 0, tuple(shape), contiguous_strides(tuple(shape)), dtype)
 
 
+def chunked_tensor(shape: tuple[int, ...], dtype: DType, sizes: list[int],
+                   make: Callable[[int], bytes | bytearray]) -> "TensorRef":
+    """A tensor whose row-major bytes are the chunks `make(0)`, `make(1)`, ... of `sizes` bytes:
+    writers take them one at a time, so only one chunk is ever in memory."""
+    return joined_tensor(shape, dtype, [(ComputedSource(functools.partial(make, j)), 0, size)
+                                        for j, size in enumerate(sizes)])
+
+
 def standalone(t: "TensorRef") -> "TensorRef":
     """The tensor on a storage of exactly its own bytes, so that an output holds nothing of a
     storage it shares (other tensors' bytes, a partition's padding): a view into the same file

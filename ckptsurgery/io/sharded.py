@@ -14,12 +14,26 @@ from .model import Checkpoint
 INDEX_LIMIT = 16 * 1024 * 1024  # far above any real index (a few hundred KB for 1000s of tensors)
 
 
+# The weights of an unsharded Hugging Face model folder, in the order transformers and diffusers
+# prefer them when a folder holds both
+SINGLE_WEIGHT_FILES = ("model.safetensors", "diffusion_pytorch_model.safetensors",
+                       "pytorch_model.bin", "diffusion_pytorch_model.bin")
+
+
 def find_index(folder: str) -> str:
-    indexes = sorted(n for n in os.listdir(folder) if n.endswith(".index.json"))
-    if len(indexes) != 1:
-        problem = "no *.index.json" if not indexes else f"several indexes ({', '.join(indexes)})"
-        raise CkptError(f"{folder}: a folder with {problem}; pass the checkpoint file or its index")
-    return os.path.join(folder, indexes[0])
+    """The folder's one `*.index.json`, or, with none, the one weights file of an unsharded
+    Hugging Face model folder (`model.safetensors`, `pytorch_model.bin`, ...)."""
+    names = os.listdir(folder)
+    indexes = sorted(n for n in names if n.endswith(".index.json"))
+    if len(indexes) == 1:
+        return os.path.join(folder, indexes[0])
+    if not indexes:
+        for name in SINGLE_WEIGHT_FILES:
+            if name in names:
+                return os.path.join(folder, name)
+    problem = (f"several indexes ({', '.join(indexes)})" if indexes
+               else f"no *.index.json and none of {', '.join(SINGLE_WEIGHT_FILES)}")
+    raise CkptError(f"{folder}: a folder with {problem}; pass the checkpoint file or its index")
 
 
 def load_index(path: str) -> dict:

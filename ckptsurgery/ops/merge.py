@@ -8,10 +8,11 @@ from collections import OrderedDict
 from contextlib import ExitStack
 
 from .. import core
-from ..dtypes import convertible
+from ..dtypes import CAST_TARGETS, DType, convertible
 from ..errors import CkptError, UsageError
 from ..io import Checkpoint, TensorRef, open_checkpoint
-from ..io.model import computed_tensor
+from ..io.model import chunked_tensor, computed_tensor
+from . import methods
 from .ranks import Ranks
 from .write import ProgressFactory, write_checkpoint
 
@@ -41,43 +42,65 @@ def _overlap(source: TensorRef, template: TensorRef) -> TensorRef:
     return computed_tensor(template.shape, template.dtype, make)
 
 
-def _average(tensors: list[TensorRef], weights: list[float]) -> TensorRef:
-    """The weighted sum of same-dtype tensors, accumulated in float32 (float64 for float64)."""
-    first = tensors[0]
-
-    def make():
-        import torch
-
-        from ..io.tensors import as_torch, to_bytes
-
-        wide = torch.float64 if first.dtype.name == "float64" else torch.float32
-        total = torch.zeros(first.shape, dtype=wide)
-        for t, w in zip(tensors, weights):
-            total.add_(as_torch(t).to(wide), alpha=w)
-        return to_bytes(total.to(getattr(torch, first.dtype.name)))
-
-    return computed_tensor(first.shape, first.dtype, make)
-
-
-def _parse_weights(weights: str | list[float] | None, count: int) -> list[float]:
-    """"2,1,1" (the command line) or [2, 1, 1] (the library), normalised to sum to 1."""
+def _parse_weights(weights: str | list[float] | None, count: int, positive_total: bool) -> list[float]:
+    """"2,1,1" (the command line) or [2, 1, 1] (the library); 1 each by default. A weighted mean
+    (`positive_total`) divides by their sum, which must then be above zero."""
     if weights is None:
-        return [1.0 / count] * count
+        return [1.0] * count
     try:
         parts = weights.split(",") if isinstance(weights, str) else list(weights)
         values = [float(w) for w in parts]
     except (ValueError, TypeError):
         raise UsageError(f"--weights {weights!r}: expected numbers separated by commas") from None
     if len(values) != count:
-        raise UsageError(f"--weights gives {len(values)} weights for {count} sources")
+        raise UsageError(f"--weights gives {len(values)} weights for {count} models")
     if not all(math.isfinite(v) for v in values):
         raise UsageError(f"--weights {weights!r}: every weight must be a finite number (no nan or inf)")
     total = sum(values)
     if not math.isfinite(total):
         raise UsageError(f"--weights {weights!r}: the weights are too large to add up")
-    if total <= 0:  # dividing by a negative total would flip every weight's sign
+    if positive_total and total <= 0:  # dividing by a negative total would flip every weight's sign
         raise UsageError(f"--weights must not sum to zero or less (they sum to {total:g})")
-    return [v / total for v in values]
+    return values
+
+
+# option, default (None: required), the values it takes, how to say so
+_RANGES = (("density", 1.0, lambda v: 0 < v <= 1, "in (0, 1]"), ("t", None, lambda v: 0 <= v <= 1, "in [0, 1]"),
+           ("scale", 1.0, lambda v: True, "a finite number"))
+
+
+def _method_parameters(method_name: str, models: int, given: dict) -> dict:
+    """The method's parameters with their defaults (mergekit's: weight 1, density 1, λ 1), each
+    checked; a parameter the method does not take is refused, naming the methods that do."""
+    method = methods.METHODS[method_name]
+    for option, value in given.items():
+        if value is not None and option not in method.options:
+            takers = [m for m, spec in methods.METHODS.items() if option in spec.options]
+            raise UsageError(f"--{option} applies to --method {', '.join(takers)} only, not to {method_name}")
+    if models < method.min_models or (method.max_models is not None and models > method.max_models):
+        wanted = (f"exactly {method.min_models}" if method.max_models == method.min_models
+                  else f"at least {method.min_models}")
+        raise UsageError(f"--method {method_name} takes {wanted} model(s), not {models}"
+                         + (" (the base is --base)" if method.needs_base else ""))
+    params: dict = {}
+    if "weights" in method.options:
+        params["weights"] = _parse_weights(given["weights"], models, positive_total=method_name == "linear")
+    for option, default, fits, span in _RANGES:
+        if option not in method.options:
+            continue
+        value = given[option]
+        if value is None and default is None:
+            raise UsageError(f"--method {method_name} needs --{option}")
+        value = default if value is None else float(value)
+        if not (math.isfinite(value) and fits(value)):  # nan fails every comparison: refused too
+            raise UsageError(f"--{option} {value!r}: must be {span}")
+        params[option] = value
+    if "seed" in method.options:
+        seed = 0 if given["seed"] is None else given["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise UsageError(f"--seed {seed!r}: must be a whole number, 0 or more")
+        params["seed"] = seed
+    return params
 
 
 def _plain_union(ckpts: list[Checkpoint], on_conflict: str) -> tuple[OrderedDict, OrderedDict, dict]:
@@ -105,36 +128,90 @@ def _plain_union(ckpts: list[Checkpoint], on_conflict: str) -> tuple[OrderedDict
                              "keys_from": counts}  # per source, in the order of `sources`
 
 
-def _averaged(ckpts: list[Checkpoint], weights: list[float]) -> tuple[OrderedDict, dict]:
-    first = ckpts[0]
+def _check_agreement(models: list[Checkpoint], reference: Checkpoint, role: str) -> None:
+    """Every model has the reference's keys and shapes; dtypes may differ between floating
+    types only (an int beside a float would be silently merged, or silently taken from one)."""
     problems = []
-    for other in ckpts[1:]:
-        missing = [k for k in first.tensors if k not in other.tensors]
-        extra = [k for k in other.tensors if k not in first.tensors]
-        shared = [(k, first.tensors[k], t) for k, t in other.tensors.items() if k in first.tensors]
+    for other in models:
+        if other is reference:
+            continue
+        missing = [k for k in reference.tensors if k not in other.tensors]
+        extra = [k for k in other.tensors if k not in reference.tensors]
+        shared = [(k, reference.tensors[k], t) for k, t in other.tensors.items() if k in reference.tensors]
         shapes = [f"{k} {list(a.shape)} vs {list(b.shape)}" for k, a, b in shared if a.shape != b.shape]
-        # an int beside a float would be silently averaged, or silently taken from the first source
-        dtypes = [f"{k} {a.dtype.name} vs {b.dtype.name}" for k, a, b in shared if a.dtype.name != b.dtype.name]
+        dtypes = [f"{k} {a.dtype.name} vs {b.dtype.name}" for k, a, b in shared
+                  if a.dtype.name != b.dtype.name and not (a.dtype.floating and b.dtype.floating)]
         for label, items in (("lacks", missing), ("has extra", extra), ("differs in shape:", shapes),
-                             (f"differs in dtype from {first.path}:", dtypes)):
+                             (f"differs in dtype from {reference.path}:", dtypes)):
             if items:
                 problems.append(f"{other.path} {label} {', '.join(items[:10])}{' …' if len(items) > 10 else ''}")
     if problems:
-        raise CkptError("sources must agree on keys, shapes and dtypes to be averaged: " + "; ".join(problems))
+        raise CkptError(f"the models must agree with the {role} on keys, shapes and dtypes: " + "; ".join(problems)
+                        + " (merge --into the first one to fit them)")
+
+
+def _reader(t: TensorRef, wide: str) -> methods.Read:
+    """(first element, count) -> those elements of `t` as a `wide` numpy array; straight from the
+    mapped file when its bytes lie in order, else from one copy kept until the last is read."""
+    name, size, numel = t.dtype.name, t.dtype.itemsize, t.numel
+    if t.is_plain and t.is_contiguous:
+        source, first = t.storage.source, t.byte_range()[0]
+        return lambda start, count: methods.decode(source.view(first + start * size, count * size), name, wide)
+    held: list = []
+
+    def read(start: int, count: int):
+        if not held:
+            held.append(memoryview(t.data()))
+        values = methods.decode(held[0][start * size:(start + count) * size], name, wide)
+        if start + count == numel:
+            held.clear()
+        return values
+
+    return read
+
+
+def _merged_tensor(name: str, method: str, group: list[TensorRef], params: dict, dtype: DType,
+                   notes: dict) -> TensorRef:
+    """One key's merge, written chunk by chunk: `group` is [base, model...] for the methods with a
+    base, else [model...]; the result is written as `dtype`."""
+    wide = "float64" if any(t.dtype.name == "float64" for t in group) else "float32"
+    merge = methods.TensorMerge(method, params, name, [_reader(t, wide) for t in group], group[0].numel, wide)
+
+    def make(j: int) -> bytes:
+        data = methods.encode(merge.chunk(j), dtype.name)
+        if merge.collinear:
+            notes[name] = "nearly collinear: interpolated linearly"
+        return data
+
+    sizes = [min(methods.CHUNK, merge.numel - j * methods.CHUNK) * dtype.itemsize for j in range(merge.chunks)]
+    return chunked_tensor(group[0].shape, dtype, sizes, make)
+
+
+def _merged_by_method(models: list[Checkpoint], base: Checkpoint | None, method_name: str,
+                      params: dict, cast: DType | None) -> tuple[OrderedDict, dict, dict]:
+    """Every key merged by the method (floating tensors) or taken from the base — the first
+    model where there is none — (the others), in the base's order."""
+    reference = base if base is not None else models[0]
+    _check_agreement(models, reference, "base" if base is not None else "first model")
+    inputs = ([base] if base is not None else []) + models
+    groups: dict[tuple, list[str]] = {}  # names tied in every input share one result: they stay tied
+    for name in reference.tensors:
+        groups.setdefault(tuple(c.tensors[name].view_key() for c in inputs), []).append(name)
     merged: OrderedDict[str, TensorRef] = OrderedDict()
-    averages: dict[tuple, TensorRef] = {}  # names tied in every source share one average: they stay tied
-    from_first = []
-    for name, t in first.tensors.items():
-        if t.dtype.floating:
-            group = [c.tensors[name] for c in ckpts]
-            tie = tuple(g.view_key() for g in group)
-            if tie not in averages:
-                averages[tie] = _average(group, weights)
-            merged[name] = averages[tie]
-        else:
+    results: dict[tuple, TensorRef] = {}
+    notes: dict[str, str] = {}
+    not_floating = []
+    for name, t in reference.tensors.items():
+        group = [c.tensors[name] for c in inputs]
+        if not all(g.dtype.floating for g in group):
             merged[name] = t
-            from_first.append(name)
-    return merged, {"weights": weights, "averaged": len(merged) - len(from_first), "from_first": from_first}
+            not_floating.append(name)
+            continue
+        tie = tuple(g.view_key() for g in group)
+        if tie not in results:  # seeded by the tied group's first name in sorted order: order-free
+            results[tie] = _merged_tensor(min(groups[tie]), method_name, group, params, cast or t.dtype, notes)
+        merged[name] = results[tie]
+    return merged, {"merged": len(merged) - len(not_floating), "not_merged": not_floating}, notes
 
 
 def _check_fits(name: str, source: TensorRef, template: TensorRef) -> None:
@@ -190,77 +267,105 @@ def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: s
 
 
 def merge(sources: list[str], output: str, *, into: str | None = None, on_mismatch: str | None = None,
-          on_conflict: str | None = None, average: bool = False, weights: str | list[float] | None = None,
+          on_conflict: str | None = None, average: bool = False, method: str | None = None,
+          base: str | None = None, weights: str | list[float] | None = None, density: float | None = None,
+          scale: float | None = None, t: float | None = None, seed: int | None = None, dtype: str | None = None,
           root: str | None = None, force: bool = False, dry_run: bool = False,
           progress: ProgressFactory | None = None, format: str | None = None, ranks: Ranks | None = None,
           lora: list[str] | None = None, lora_scale: list[float] | None = None,
           allow_unmatched: bool = False) -> dict:
     """Four modes: plain union (`on_conflict`, default error), `into` a template (`on_mismatch`,
-    default error), `average` (`weights`, default equal), `lora` adapters folded into one base
-    (`lora_scale`, `allow_unmatched`; see ops/lora.py). An option of another mode is refused."""
+    default error), a merge `method` (`average` is method "linear") with its parameters, or
+    `lora` adapters folded into one base (`lora_scale`, `allow_unmatched`; see ops/lora.py). An
+    option of another mode is refused. `dtype` casts the floating tensors written."""
     if lora:
         return _merge_lora(sources, output, lora, lora_scale, allow_unmatched, into=into, average=average,
-                           on_conflict=on_conflict, on_mismatch=on_mismatch, weights=weights, root=root, force=force,
-                           dry_run=dry_run, progress=progress, format=format, ranks=ranks)
+                           method=method, base=base, density=density, scale=scale, t=t, seed=seed,
+                           on_conflict=on_conflict, on_mismatch=on_mismatch, weights=weights, dtype=dtype,
+                           root=root, force=force, dry_run=dry_run, progress=progress, format=format, ranks=ranks)
     if lora_scale or allow_unmatched:
         raise UsageError(f"--{'lora-scale' if lora_scale else 'allow-unmatched'} applies to --lora only")
-    if into is not None and average:
-        raise UsageError("--into and --average do not combine: average first, then merge --into")
+    if average:
+        if method not in (None, "linear"):
+            raise UsageError(f"--average is --method linear: it does not combine with --method {method}")
+        method = "linear"
+    if method is not None:
+        method = core.check_choice(method, tuple(methods.METHODS), "--method")
+    if into is not None and method is not None:
+        raise UsageError(f"--into and --{'average' if average else 'method'} do not combine: merge first, then merge --into")
     if on_mismatch is not None and into is None:
         raise UsageError("--on-mismatch applies to merge --into only")
-    if on_conflict is not None and (into is not None or average):
-        raise UsageError(f"--on-conflict applies to a plain merge only, not to --{'average' if average else 'into'}")
-    if weights is not None and not average:
-        raise UsageError("--weights applies to --average only")
+    if on_conflict is not None and (into is not None or method is not None):
+        raise UsageError(f"--on-conflict applies to a plain merge only, not to --{'into' if into is not None else 'method'}")
+    given = {"weights": weights, "density": density, "scale": scale, "t": t, "seed": seed}
+    if method is None and (base is not None or any(v is not None for v in given.values())):
+        option = "base" if base is not None else next(k for k, v in given.items() if v is not None)
+        raise UsageError(f"--{option} applies to --method (or --average) only")
+    if method is not None:
+        if base is None and methods.METHODS[method].needs_base:
+            raise UsageError(f"--method {method} needs --base BASE: the model the others' changes are measured from")
+        if base is not None and not methods.METHODS[method].needs_base:
+            raise UsageError(f"--base applies to --method {', '.join(m for m, s in methods.METHODS.items() if s.needs_base)}"
+                             f" only{' (slerp goes from the first model, t=0, to the second, t=1)' if method == 'slerp' else ''}")
+        params = _method_parameters(method, len(sources), given)
+    cast = None
+    if dtype is not None:
+        cast = CAST_TARGETS[core.check_choice(dtype, tuple(CAST_TARGETS), "--dtype")]
     on_mismatch = core.check_choice("error" if on_mismatch is None else on_mismatch, core.MISMATCH_POLICIES,
                                     "--on-mismatch")
     on_conflict = core.check_choice("error" if on_conflict is None else on_conflict, core.CONFLICT_POLICIES,
                                     "--on-conflict")
     if not sources:
         raise UsageError("merge needs at least one source")
-    if average and len(sources) < 2:
-        raise UsageError("--average needs at least two sources")
     with ExitStack() as stack:
         ckpts = [stack.enter_context(open_checkpoint(s, root)) for s in sources]
         others = None  # the base's own non-tensor entries
+        notes: dict = {}
         if into is not None:
             template = stack.enter_context(open_checkpoint(into))
             merged, details = _into_template(ckpts, template, on_mismatch)
-            base, mode = template, "into"
-        elif average:
-            merged, details = _averaged(ckpts, _parse_weights(weights, len(ckpts)))
-            base, mode = ckpts[0], "average"
+            first, mode = template, "into"
+        elif method is not None:
+            base_ckpt = stack.enter_context(open_checkpoint(base, root)) if base is not None else None
+            merged, details, notes = _merged_by_method(ckpts, base_ckpt, method, params, cast)
+            first, mode = base_ckpt or ckpts[0], "method"
+            details = {"method": method, "base": base, "parameters": params, **details}
         else:
             merged, others, details = _plain_union(ckpts, on_conflict)
-            base, mode = ckpts[0], "union"
-        report = write_checkpoint(base, merged, output, others=others, inputs=[*ckpts, base],
+            first, mode = ckpts[0], "union"
+        report = write_checkpoint(first, merged, output, cast=cast, others=others, inputs=[*ckpts, first],
                                   force=force, dry_run=dry_run, progress=progress, format=format,
                                   ranks=ranks)
     del report["input"]  # several inputs: `sources` and `template` name them
     report.update(mode=mode, sources=list(sources), **({"template": into} if into is not None else {}), **details)
+    if mode == "method":  # filled while the tensors were computed: empty after --dry-run
+        report["notes"] = dict(sorted(notes.items()))
     return report
 
 
 def _merge_lora(sources: list[str], output: str, loras: list[str], scales: list[float] | None, allow_unmatched: bool,
-                *, into, average, on_conflict, on_mismatch, weights, root, force, dry_run, progress, format,
-                ranks) -> dict:
+                *, into, average, method, base, density, scale, t, seed, on_conflict, on_mismatch, weights, dtype,
+                root, force, dry_run, progress, format, ranks) -> dict:
     """`merge BASE --lora ADAPTER... -o OUT`: the adapters folded into BASE, in order."""
     from . import lora
 
     mixed = [option for option, given in (("--into", into is not None), ("--average", average),
+                                          ("--method", method is not None), ("--base", base is not None),
                                           ("--on-conflict", on_conflict is not None),
-                                          ("--on-mismatch", on_mismatch is not None),
-                                          ("--weights", weights is not None)) if given]
+                                          ("--on-mismatch", on_mismatch is not None), ("--weights", weights is not None),
+                                          ("--density", density is not None), ("--scale", scale is not None),
+                                          ("--t", t is not None), ("--seed", seed is not None)) if given]
     if mixed:
         raise UsageError(f"--lora does not combine with {', '.join(mixed)}: fold first, then merge")
     if len(sources) != 1:
         raise UsageError(f"--lora folds into exactly one base checkpoint, not {len(sources)}: fold first, then merge")
     scales = lora.parse_scales(scales, len(loras))
+    cast = CAST_TARGETS[core.check_choice(dtype, tuple(CAST_TARGETS), "--dtype")] if dtype is not None else None
     with ExitStack() as stack:
         base = stack.enter_context(open_checkpoint(sources[0], root))
         adapters = [(stack.enter_context(lora.read_adapter(path)), scale) for path, scale in zip(loras, scales)]
         merged, details = lora.fold(base, adapters, allow_unmatched=allow_unmatched)
-        report = write_checkpoint(base, merged, output, force=force, dry_run=dry_run, progress=progress,
+        report = write_checkpoint(base, merged, output, cast=cast, force=force, dry_run=dry_run, progress=progress,
                                   format=format, ranks=ranks)
     del report["input"]
     report.update(mode="lora", sources=list(sources), **details)

@@ -1,0 +1,271 @@
+"""Merge methods as pure per-tensor math, with mergekit 0.1.5's semantics (docs/merging.md).
+
+A `TensorMerge` merges one key: it reads the models' values chunk by chunk (CHUNK elements at a
+time, widened to float32, or float64 when an input is float64) and returns any chunk of the
+result on its own, so a writer streams the output and memory holds a few chunks — plus, for
+TIES, one whole delta at a time while its magnitude cut is found. What a chunk needs from the
+whole tensor (TIES' cut, DARE's norms, SLERP's angle) is measured once, by `prepare`.
+
+numpy, not torch: the math is elementwise, and torch's import alone takes longer than merging a
+1 GB model. Nothing here knows about files or names — apart from the name that seeds DARE's
+draws, so that a mask does not depend on the order tensors are computed in, nor on how many
+threads or ranks compute them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+CHUNK = 1 << 20  # elements of one chunk: 4 MiB of float32 per input
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a method needs and which of mergekit's generalized-task-arithmetic steps it takes."""
+
+    needs_base: bool
+    options: frozenset[str]  # the parameters it accepts, by their option names
+    sparsify: str | None = None  # "magnitude" (TIES' top-k) or "random" (DARE's drop)
+    elect_sign: bool = False  # TIES' sign consensus
+    normalize: bool = False  # divide by the sum of the counted weights
+    min_models: int = 1
+    max_models: int | None = None
+
+
+METHODS: dict[str, Method] = {
+    "linear": Method(False, frozenset({"weights"}), min_models=2),
+    "task-arithmetic": Method(True, frozenset({"weights", "scale"})),
+    "ties": Method(True, frozenset({"weights", "density", "scale"}), sparsify="magnitude",
+                   elect_sign=True, normalize=True),
+    "dare-linear": Method(True, frozenset({"weights", "density", "scale", "seed"}), sparsify="random"),
+    "dare-ties": Method(True, frozenset({"weights", "density", "scale", "seed"}), sparsify="random",
+                        elect_sign=True),
+    "slerp": Method(False, frozenset({"t"}), min_models=2, max_models=2),
+}
+
+SLERP_DOT_THRESHOLD = 0.9995  # beyond it (either sign) the two are treated as collinear
+SLERP_NORM_EPS = 1e-8  # a norm at most this is taken as 1
+RESCALE_EPS = 1e-7  # DARE leaves a delta unscaled when its L1 norm before or after is below this
+
+# ---- raw little-endian bytes <-> numpy, bfloat16 included ---------------------------------------
+
+_NUMPY = {"float16": "<f2", "float32": "<f4", "float64": "<f8"}
+
+
+def decode(buffer, dtype: str, wide: str):
+    """Values of `dtype` (float16, bfloat16, float32, float64) as a `wide` array (float32 or
+    float64). May be a read-only view of `buffer`: callers never write into it."""
+    import numpy as np
+
+    if dtype == "bfloat16":  # the upper half of a float32
+        values = (np.frombuffer(buffer, "<u2").astype(np.uint32) << 16).view(np.float32)
+    else:
+        values = np.frombuffer(buffer, _NUMPY[dtype])
+    return values if values.dtype == np.dtype(wide) else values.astype(wide)
+
+
+def encode(values, dtype: str) -> bytes:
+    """`values` rounded to `dtype` as torch's CPU conversion rounds them (to nearest, ties to
+    even; every NaN becomes 0xFFFF in bfloat16), as raw little-endian bytes."""
+    import numpy as np
+
+    with np.errstate(all="ignore"):  # beyond float16's range is inf, as in torch: no warning
+        if dtype != "bfloat16":
+            return values.astype(_NUMPY[dtype], copy=False).tobytes()
+        bits = values.astype(np.float32, copy=False).view(np.uint32)
+        rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype("<u2")
+        rounded[np.isnan(values)] = 0xFFFF
+        return rounded.tobytes()
+
+
+# ---- the merge of one key ------------------------------------------------------------------
+
+Read = Callable[[int, int], object]  # (first element, count) -> a wide array of the inputs' values
+
+
+def tensor_seed(seed: int, name: str, model: int, chunk: int) -> int:
+    """The draws of one model's delta for one chunk of one key: SHA-256 of
+    "{seed}\\0{model}\\0{name}\\0{chunk}", its first 8 bytes little-endian, top bit cleared."""
+    digest = hashlib.sha256(f"{seed}\0{model}\0{name}\0{chunk}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class TensorMerge:
+    """One key merged by one method. `reads`: [base, model...] for the methods with a base, else
+    [model...]; `numel` elements each. `chunk(j)` is elements [j·CHUNK, (j+1)·CHUNK) of the result."""
+
+    def __init__(self, method: str, params: dict, name: str, reads: list[Read], numel: int, wide: str):
+        self.method, self.spec, self.params, self.name = method, METHODS[method], params, name
+        self.reads, self.numel, self.wide = reads, numel, wide
+        self.weights = params.get("weights")
+        self.collinear = False  # slerp fell back to linear interpolation
+        self._prepared = False
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.numel // CHUNK)
+
+    def _span(self, j: int) -> tuple[int, int]:
+        start = j * CHUNK
+        return start, min(CHUNK, self.numel - start)
+
+    # -- what a chunk needs from the whole tensor, measured once --
+
+    def prepare(self) -> None:
+        import numpy as np
+
+        if self._prepared:
+            return
+        with np.errstate(all="ignore"):  # inf and nan in, inf and nan out, as torch would: no warning
+            self._measure()
+        self._prepared = True
+
+    def _measure(self) -> None:
+        if self.method == "slerp":
+            self._measure_angle()
+        elif self.spec.sparsify == "magnitude" and self.params["density"] < 1 and self.numel:
+            self._find_cuts()
+        elif self.spec.sparsify == "random" and self.params["density"] < 1:
+            self._measure_drop()
+
+    def _find_cuts(self) -> None:
+        """TIES keeps exactly k = max(1, int(density·numel)) entries of each delta: those whose
+        magnitude is above the k-th largest, then those equal to it in row-major order until
+        there are k. Per model: the cut, how many equal entries to keep, and how many equal
+        entries lie in the chunks before each chunk (so any chunk can be computed alone)."""
+        import numpy as np
+
+        n = self.numel
+        k = max(1, int(self.params["density"] * n))
+        self.cuts = []
+        for i in range(1, len(self.reads)):
+            magnitude = np.empty(n, self.wide)  # the one whole array: filled chunk by chunk
+            for s, c in map(self._span, range(self.chunks)):
+                np.abs(self._delta(i, s, c), out=magnitude[s:s + c])
+            magnitude.partition(n - k)  # in place: the k-th largest lands at n - k
+            cut = magnitude[n - k]
+            del magnitude
+            above, equal = 0, []
+            for s, c in map(self._span, range(self.chunks)):
+                chunk = np.abs(self._delta(i, s, c))
+                above += int(np.count_nonzero(chunk > cut))
+                equal.append(int(np.count_nonzero(chunk == cut)))
+            before = [0, *np.cumsum(equal)[:-1].tolist()]
+            self.cuts.append((cut, k - above, before))
+
+    def _delta(self, i: int, start: int, count: int):
+        return self.reads[i](start, count) - self.reads[0](start, count)
+
+    def _kept_by_magnitude(self, i: int, j: int, delta):
+        import numpy as np
+
+        cut, equal_to_keep, before = self.cuts[i]
+        magnitude = np.abs(delta)
+        keep = magnitude > cut
+        room = equal_to_keep - before[j]
+        if room > 0:
+            equal = np.flatnonzero(magnitude == cut)[:room]
+            keep[equal] = True
+        return delta * keep
+
+    def _dropped(self, i: int, j: int, delta):
+        """DARE: keep each entry whose uniform draw in [0, 1) is below the density."""
+        import numpy as np
+
+        draws = np.random.Generator(np.random.PCG64(tensor_seed(self.params["seed"], self.name, i, j)))
+        return delta * (draws.random(delta.size, dtype=np.float32) < self.params["density"])
+
+    def _measure_drop(self) -> None:
+        """DARE rescales the kept entries so that each delta keeps its L1 norm: the norms before
+        and after the drop, summed over chunks in float64."""
+        import numpy as np
+
+        self.rescale = []
+        for i in range(1, len(self.reads)):
+            before = after = 0.0
+            for j in range(self.chunks):
+                start, count = self._span(j)
+                delta = self._delta(i, start, count)
+                before += float(np.abs(delta).sum(dtype=np.float64))
+                after += float(np.abs(self._dropped(i - 1, j, delta)).sum(dtype=np.float64))
+            self.rescale.append(1.0 if before < RESCALE_EPS or after < RESCALE_EPS else before / after)
+
+    def _measure_angle(self) -> None:
+        import numpy as np
+
+        squares_a = squares_b = dot = 0.0
+        for j in range(self.chunks):
+            start, count = self._span(j)
+            a, b = self.reads[0](start, count), self.reads[1](start, count)
+            squares_a += float(np.dot(a, a.astype(np.float64)))
+            squares_b += float(np.dot(b, b.astype(np.float64)))
+            dot += float(np.dot(a.astype(np.float64), b))
+        norm_a, norm_b = math.sqrt(squares_a), math.sqrt(squares_b)
+        norm_a = norm_a if norm_a > SLERP_NORM_EPS else 1.0
+        norm_b = norm_b if norm_b > SLERP_NORM_EPS else 1.0
+        cos = dot / (norm_a * norm_b)
+        cos = min(1.0, max(-1.0, cos)) if math.isfinite(cos) else cos
+        t = self.params["t"]
+        if not abs(cos) <= SLERP_DOT_THRESHOLD:  # nan included: no angle to follow
+            self.collinear, self.coefficients = True, (1 - t, t)
+        else:
+            theta = math.acos(cos)
+            self.coefficients = (math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta))
+
+    # -- one chunk --
+
+    def chunk(self, j: int):
+        """Elements [j·CHUNK, (j+1)·CHUNK) of the result, in the wide dtype."""
+        import numpy as np
+
+        self.prepare()
+        with np.errstate(all="ignore"):
+            return self._chunk(j)
+
+    def _chunk(self, j: int):
+        start, count = self._span(j)
+        values = [read(start, count) for read in self.reads]
+        if self.method == "linear":
+            total = values[0] * self.weights[0]
+            for x, w in zip(values[1:], self.weights[1:]):
+                total += x * w
+            return total / math.fsum(self.weights)
+        if self.method == "slerp":
+            a, b = self.coefficients
+            return values[0] * a + values[1] * b
+        return self._task_arithmetic(j, values[0], values[1:])
+
+    def _task_arithmetic(self, j: int, base, thetas):
+        """δᵢ = θᵢ − base; sparsified; times wᵢ; summed, or summed where its sign is the elected
+        one (and for TIES divided by the agreeing weights); times λ; added to the base."""
+        import numpy as np
+
+        density = self.params.get("density", 1.0)
+        deltas = []
+        for i, (theta, w) in enumerate(zip(thetas, self.weights)):
+            delta = theta - base
+            if self.spec.sparsify == "magnitude" and density < 1:
+                delta = self._kept_by_magnitude(i, j, delta)
+            elif self.spec.sparsify == "random" and density < 1:
+                delta = self._dropped(i, j, delta) * self.rescale[i]
+            deltas.append(delta * w)
+        mixed = sum(deltas[1:], deltas[0].copy())
+        if self.spec.elect_sign:
+            elected = np.where(mixed >= 0, 1.0, -1.0).astype(self.wide)
+            mixed[:] = 0
+            counted = np.zeros_like(mixed) if self.spec.normalize else None
+            for d, w in zip(deltas, self.weights):
+                agrees = np.sign(d) == elected  # a zero never agrees
+                mixed += np.where(agrees, d, 0)
+                if counted is not None:
+                    counted += agrees * w
+            if counted is not None:
+                counted[counted == 0] = 1
+                mixed /= counted
+        scale = self.params.get("scale", 1.0)
+        if scale != 1:
+            mixed *= scale
+        return base + mixed
