@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -27,6 +27,9 @@ def extract_lora(
         "--rank", metavar="R|PATTERN=R", help="The LoRA rank; PATTERN=R sets it for the weights a pattern selects (the last that selects a key wins). Repeatable.",
         show_default=False)],
     embeddings: Annotated[bool, typer.Option("--embeddings", help="Also extract embedding tables (peft's lora_embedding_A/B).")] = False,
+    fan_in_fan_out: Annotated[Optional[list[str]], typer.Option(
+        "--fan-in-fan-out", metavar="PATTERN", help="2-D weights stored (in, out), as transformers' Conv1D stores them (GPT-2: 're:\\.c_(attn|proj|fc)\\.'). Repeatable.",
+        show_default=False)] = None,
     root: RootOpt = None,
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
@@ -35,8 +38,9 @@ def extract_lora(
 ) -> None:
     """Write a PEFT LoRA adapter that turns BASE into (approximately) TUNED: a truncated SVD of the difference of every 2-D and conv weight."""
     with progress_bar(quiet or json) as progress:
-        report = ops_lora.extract_lora(base, tuned, output, rank=rank, embeddings=embeddings, root=root, force=force,
-                                       dry_run=dry_run, progress=progress)
+        report = ops_lora.extract_lora(base, tuned, output, rank=rank, embeddings=embeddings,
+                                       fan_in_fan_out=fan_in_fan_out, root=root, force=force, dry_run=dry_run,
+                                       progress=progress)
     if json:
         print_json(report)
         return

@@ -284,8 +284,8 @@ def _kohya_modules(ckpt: Checkpoint) -> Adapter:
         if rank == 0:
             raise CkptError(f"{where}: {name}.lora_down.weight has rank 0")
         alpha = float(rank)
-        if "alpha" in found:
-            alpha = _scalar(found["alpha"], f"{where}: {name}.alpha")
+        if "alpha" in found:  # kohya's own loader takes an alpha of 0 as "no alpha": α = rank
+            alpha = _scalar(found["alpha"], f"{where}: {name}.alpha") or float(rank)
         modules.append(Module(name, a, b, alpha / rank, "conv" if len(a.shape) > 2 else "linear"))
     return Adapter(ckpt.path, "kohya", modules, checkpoints=[ckpt])
 
@@ -405,26 +405,33 @@ def _square_layouts(modules: list[tuple[Module, TensorRef]], config_says: bool) 
     """The layout of each square linear weight, which its shape cannot tell. peft decides by the
     module's class — transformers' Conv1D transposed, nn.Linear not — and rewrites the config's
     fan_in_fan_out as it goes (the saved value is the last module's). So: what the adapter's
-    other weights show (those of the same name, e.g. GPT-2's mlp.c_proj for attn.c_proj, else
-    all of them) when they agree; the config where no weight shows anything; nn.Linear's
-    where they disagree."""
-    seen: dict[str, set[str]] = {}
+    other weights show (its siblings under the same parent first, then those of the same name,
+    then all of them; see `_evidence`) when they agree; the config where no weight shows
+    anything; nn.Linear's where the nearest evidence disagrees."""
+    seen: dict[tuple, set[str]] = {}
     for module, base in modules:
         layout = _orientation(module, base)
         if layout:
-            seen.setdefault(module.name.rsplit(".", 1)[-1], set()).add(layout)
-            seen.setdefault("", set()).add(layout)
+            for evidence in _evidence(module.name):
+                seen.setdefault(evidence, set()).add(layout)
     out = {}
     for module, base in modules:
         a, b = module.a.shape, module.b.shape
         if module.layout not in ("linear", "linear-t") or len(a) != 2 or len(b) != 2 or a[1] != b[0]:
             continue
-        same = seen.get(module.name.rsplit(".", 1)[-1]) or seen.get("")
+        same = next((seen[e] for e in _evidence(module.name) if e in seen), None)
         if not same:
             out[module.name] = "linear-t" if config_says else "linear"
         else:
             out[module.name] = next(iter(same)) if len(same) == 1 else "linear"
     return out
+
+
+def _evidence(name: str) -> list[tuple]:
+    """Where a module's class shows, nearest first: its siblings (GPT-2's attn.c_attn for
+    attn.c_proj), modules of its own name elsewhere (mlp.c_proj), then every module."""
+    parent, _, leaf = name.rpartition(".")
+    return [("parent", parent), ("name", leaf), ("all",)]
 
 
 def _check_shapes(adapter: Adapter, module: Module, key: str, base: TensorRef, square: str | None = None) -> str:
@@ -465,7 +472,7 @@ def _check_shapes(adapter: Adapter, module: Module, key: str, base: TensorRef, s
     return layout
 
 
-def _folded(base: TensorRef, steps: list[tuple]) -> TensorRef:
+def _folded(base: TensorRef, steps: list[tuple], dtype) -> TensorRef:
     """`base` with `steps` applied in order: ("delta", module, factor) adds factor·ΔW, ("bias",
     vector, factor) adds factor·vector, ("replace", tensor) takes the tensor's values."""
 
@@ -483,17 +490,18 @@ def _folded(base: TensorRef, steps: list[tuple]) -> TensorRef:
                 out.add_(as_torch(step[1]).to(wide), alpha=step[2])
             else:
                 out.add_(delta(step[1], base.shape, wide, step[3]), alpha=step[2])
-        return to_bytes(out.to(getattr(torch, base.dtype.name)))
+        return to_bytes(out.to(getattr(torch, dtype.name)))  # rounded once, to what is written
 
-    return computed_tensor(base.shape, base.dtype, make)
+    return computed_tensor(base.shape, dtype, make)
 
 
 def fold(base: Checkpoint, adapters: list[tuple[Adapter, float]], *,
-         allow_unmatched: bool = False) -> tuple[OrderedDict, dict]:
+         allow_unmatched: bool = False, cast=None) -> tuple[OrderedDict, dict]:
     """The base's state dict with every adapter folded in, in the given order, each with its
     scale S (W' = W + S·scale·ΔW). Untouched tensors are the base's own (no copy). Names tied in
     the base (one storage) get the sum of the deltas aimed at any of them and stay tied — as
-    peft's in-place merge into a shared parameter does. Returns (tensors, report details)."""
+    peft's in-place merge into a shared parameter does. `cast`: the dtype a folded tensor is
+    written in (default its own), so it is rounded once. Returns (tensors, report details)."""
     tensors = base.tensors
     groups: dict[tuple, list[str]] = {}  # tied names: one view of one storage
     for name, t in tensors.items():
@@ -553,7 +561,7 @@ def fold(base: Checkpoint, adapters: list[tuple[Adapter, float]], *,
         first = owner[name]
         if first in steps:
             if first not in made:
-                made[first] = _folded(tensors[first], steps[first])
+                made[first] = _folded(tensors[first], steps[first], cast or tensors[first].dtype)
             out[name] = made[first]
         else:
             out[name] = t
@@ -589,7 +597,7 @@ def parse_scales(scales: list[float] | None, count: int) -> list[float]:
 EMBEDDING_NAMES = frozenset({
     "embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings",
     "embeddings", "embedding", "shared", "embed_in", "tok_embeddings", "embed_positions", "embed", "emb",
-    "tok_emb", "pos_emb", "word_emb", "token_embedding", "position_embedding",
+    "tok_emb", "pos_emb", "word_emb", "token_embedding", "position_embedding", "relative_attention_bias",
 })
 
 
@@ -651,17 +659,20 @@ def _peft_pattern_keys(modules: list[str], ranks: dict[str, int], default: int) 
 
 
 def extract_lora(base: str, tuned: str, output: str, *, rank: list[str] | int = 8, embeddings: bool = False,
-                 root: str | None = None, force: bool = False, dry_run: bool = False,
-                 progress: ProgressFactory | None = None) -> dict:
+                 fan_in_fan_out: list[str] | None = None, root: str | None = None, force: bool = False,
+                 dry_run: bool = False, progress: ProgressFactory | None = None) -> dict:
     """A PEFT adapter folder at `output` (adapter_config.json + adapter_model.safetensors) whose
     fold into BASE approximates TUNED: a truncated SVD of TUNED − BASE per 2-D (linear) and conv
-    weight, and per embedding with `embeddings`. Written whole or not at all (a staged folder)."""
+    weight, and per embedding with `embeddings`. `fan_in_fan_out`: patterns of the 2-D weights
+    stored [in, out], as transformers' Conv1D stores them (GPT-2's c_attn, c_proj, c_fc) — a
+    state dict does not record a module's class. Written whole or not at all (a staged folder)."""
     default, patterns = parse_ranks(rank)
+    transposed = [core.compile_pattern(p) for p in fan_in_fan_out or []]
     from ..io.write import StagedOutputs, check_parent
 
     _check_folder(output, force)
     with open_checkpoint(base, root) as b, open_checkpoint(tuned, root) as t:
-        for pattern, _ in patterns:
+        for pattern in [p for p, _ in patterns] + list(fan_in_fan_out or []):
             core.select(b.tensors, [pattern])  # a pattern selecting nothing is a typo: said loudly
         matchers = [(core.compile_pattern(p), r) for p, r in patterns]
         only_base = [k for k in b.tensors if k not in t.tensors]
@@ -695,14 +706,17 @@ def extract_lora(base: str, tuned: str, output: str, *, rank: list[str] | int = 
                     if other != key:
                         tied[other] = key
                 kind = _kind(key, tb.shape, embeddings)
-                if kind not in ("linear", "conv", "embedding"):
+                if kind == "linear" and any(match(key) for match in transposed):
+                    kind = "linear-t"  # [in, out]: factored as its transpose, peft's fan_in_fan_out
+                if kind not in ("linear", "linear-t", "conv", "embedding"):
                     not_extracted.append({"name": key, "reason": kind})
                     continue
                 want = default
                 for match, r in matchers:
                     if match(key):
                         want = r
-                rows, cols = (tb.shape[1], tb.shape[0]) if kind == "embedding" else (tb.shape[0], math.prod(tb.shape[1:]))
+                rows, cols = ((tb.shape[1], tb.shape[0]) if kind in ("embedding", "linear-t")
+                              else (tb.shape[0], math.prod(tb.shape[1:])))
                 plan.append({"name": key[: -len(".weight")], "key": key, "kind": kind, "shape": list(tb.shape),
                              "rank": min(want, rows, cols), "requested_rank": want,
                              "clamped": want > min(rows, cols), "error": None})
@@ -716,7 +730,11 @@ def extract_lora(base: str, tuned: str, output: str, *, rank: list[str] | int = 
         rank_pattern = {pattern_keys[m]: ranks[m] for m in modules if ranks[m] != r}
         config = {
             "alpha_pattern": dict(rank_pattern), "base_model_name_or_path": None, "bias": "none",
-            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "lora_alpha": r,
+            # peft sets it per module from the module's class anyway; saved true only when every
+            # linear weight is stored [in, out], so that peft has nothing to warn about
+            "fan_in_fan_out": any(p["kind"] == "linear-t" for p in plan)
+                              and not any(p["kind"] == "linear" for p in plan),
+            "inference_mode": True, "init_lora_weights": True, "lora_alpha": r,
             "lora_dropout": 0.0, "modules_to_save": None, "peft_type": "LORA", "r": r, "rank_pattern": rank_pattern,
             "target_modules": modules, "task_type": None, "use_dora": False, "use_rslora": False,
         }
@@ -725,6 +743,7 @@ def extract_lora(base: str, tuned: str, output: str, *, rank: list[str] | int = 
             "base": base, "tuned": tuned, "output": output,
             "files": [os.path.join(output, PEFT_CONFIG), os.path.join(output, weights_name)],
             "dry_run": dry_run, "rank": default, "rank_patterns": dict(patterns), "embeddings": embeddings,
+            "fan_in_fan_out": list(fan_in_fan_out or []),
             "extracted": plan, "not_extracted": not_extracted, "tied": tied, "unchanged": unchanged,
             "only_in_base": only_base, "only_in_tuned": only_tuned,
         }
@@ -737,6 +756,8 @@ def extract_lora(base: str, tuned: str, output: str, *, rank: list[str] | int = 
             if p["kind"] == "embedding":  # peft: lora_embedding_A [r, vocab], lora_embedding_B [dim, r]
                 a_shape, b_shape, a_name, b_name = (k, shape[0]), (shape[1], k), "lora_embedding_A", "lora_embedding_B"
                 suffix = ""
+            elif p["kind"] == "linear-t":  # W [in, out]: A [r, in], B [out, r], ΔW = (B·A)ᵀ
+                a_shape, b_shape, a_name, b_name, suffix = (k, shape[0]), (shape[1], k), "lora_A", "lora_B", ".weight"
             else:
                 a_shape = (k, *shape[1:])
                 b_shape = (shape[0], k, *([1] * (len(shape) - 2)))
@@ -806,7 +827,7 @@ class _SvdCache:
         d = as_torch(tt).to(wide) - as_torch(tb).to(wide)
         if not bool(torch.isfinite(d).all()):
             raise CkptError(f"{p['key']}: TUNED − BASE holds NaN or infinite values; cannot extract a LoRA")
-        matrix = d.T if p["kind"] == "embedding" else d.reshape(d.shape[0], -1)
+        matrix = d.T if p["kind"] in ("embedding", "linear-t") else d.reshape(d.shape[0], -1)
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         k = p["rank"]
         total = float((s.double() ** 2).sum())

@@ -70,7 +70,7 @@ _RANGES = (("density", 1.0, lambda v: 0 < v <= 1, "in (0, 1]"), ("t", None, lamb
 
 
 def _method_parameters(method_name: str, models: int, given: dict) -> dict:
-    """The method's parameters with their defaults (mergekit's: weight 1, density 1, λ 1), each
+    """The method's parameters with their defaults (weight 1; mergekit's density 1 and λ 1), each
     checked; a parameter the method does not take is refused, naming the methods that do."""
     method = methods.METHODS[method_name]
     for option, value in given.items():
@@ -364,7 +364,7 @@ def _merge_lora(sources: list[str], output: str, loras: list[str], scales: list[
     with ExitStack() as stack:
         base = stack.enter_context(open_checkpoint(sources[0], root))
         adapters = [(stack.enter_context(lora.read_adapter(path)), scale) for path, scale in zip(loras, scales)]
-        merged, details = lora.fold(base, adapters, allow_unmatched=allow_unmatched)
+        merged, details = lora.fold(base, adapters, allow_unmatched=allow_unmatched, cast=cast)
         report = write_checkpoint(base, merged, output, cast=cast, force=force, dry_run=dry_run, progress=progress,
                                   format=format, ranks=ranks)
     del report["input"]
