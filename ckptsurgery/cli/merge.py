@@ -83,7 +83,7 @@ def merge(
         if dry_run or not quiet:
             _print_into_table(report, stderr=not dry_run)
     elif report["mode"] == "method":
-        shown = ", ".join(f"{k} {','.join(f'{w:g}' for w in v) if k == 'weights' else f'{v:g}'}"
+        shown = ", ".join(f"{k} {','.join(f'{w:g}' for w in v) if k == 'weights' else v if k == 'seed' else f'{v:g}'}"
                           for k, v in report["parameters"].items())
         details = [f"merged {report['merged']} tensors by {report['method']} ({shown})",
                    listing(f"taken from the {'base' if report['base'] else 'first model'} (not floating)",

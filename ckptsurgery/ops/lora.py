@@ -55,7 +55,7 @@ RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 _PEFT_LINEAR = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)")
 _PEFT_EMBEDDING = re.compile(r"(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?")
-_KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_")
+_KOHYA_PREFIX = re.compile(r"lora_(?:unet|te\d?)_")
 _KOHYA_KEY = re.compile(r"(?P<module>lora_(?:unet|te\d?)_[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)")
 
 
@@ -95,7 +95,7 @@ def read_adapter(path: str) -> Iterator[Adapter]:
     folder = None
     if os.path.isdir(path):
         folder = path
-    elif os.path.basename(path).startswith("adapter_model.") and \
+    elif os.path.basename(path).startswith("adapter_model") and \
             os.path.isfile(os.path.join(os.path.dirname(path) or ".", PEFT_CONFIG)):
         folder = os.path.dirname(path) or "."
     adapter = _read_peft(folder, path) if folder is not None else _read_kohya(path)
@@ -114,9 +114,71 @@ def _read_json(path: str) -> dict:
                         f"adapter_model.safetensors (save it with save_pretrained)") from None
     except (OSError, ValueError) as e:
         raise CkptError(f"{path}: not readable JSON ({e})") from None
+    except RecursionError:
+        raise CkptError(f"{path}: not readable JSON (nested too deep)") from None
     if not isinstance(doc, dict):
         raise CkptError(f"{path}: expected a JSON object")
     return doc
+
+
+def check_file_pattern(pattern: object, where: str) -> str:
+    """A regular expression read from an adapter's config, refused unless it is text, compiles,
+    and has no shape that can backtrack exponentially: a repetition inside a repetition, an
+    alternation or back-reference inside one, more than two unbounded repetitions. (peft's
+    rank_pattern and target_modules are module names, or simple expressions like
+    `.*\\.(q|v)_proj`.)"""
+    if not isinstance(pattern, str):
+        raise CkptError(f"{where}: pattern {str(pattern)[:40]!r} is a {type(pattern).__name__}, not text")
+    try:
+        parsed = _sre_parse(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise CkptError(f"{where}: pattern {pattern[:60]!r} is not a valid regular expression ({e})") from None
+    unbounded = 0
+
+    def walk(items, in_repeat: bool) -> None:
+        nonlocal unbounded
+        for op, av in items:
+            name = str(op)
+            if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+                low, high, sub = av
+                if in_repeat:
+                    raise CkptError(f"{where}: pattern {pattern[:60]!r} repeats a repetition, which can take "
+                                    f"exponential time to match; not run")
+                unbounded += high == _MAXREPEAT
+                walk(sub, high > 1)  # `(x.*)?` repeats nothing
+            elif name == "BRANCH":
+                if in_repeat:
+                    raise CkptError(f"{where}: pattern {pattern[:60]!r} repeats an alternation, which can take "
+                                    f"exponential time to match; not run")
+                for branch in av[1]:
+                    walk(branch, in_repeat)
+            elif name in ("GROUPREF", "GROUPREF_EXISTS"):
+                raise CkptError(f"{where}: pattern {pattern[:60]!r} has a back-reference; not run")
+            elif name == "SUBPATTERN":
+                walk(av[-1], in_repeat)
+            elif name in ("ASSERT", "ASSERT_NOT"):
+                walk(av[1], in_repeat)
+
+    walk(parsed, False)
+    if unbounded > 2:
+        raise CkptError(f"{where}: pattern {pattern[:60]!r} has {unbounded} unbounded repetitions, which can "
+                        f"take a long time to match; not run")
+    return pattern
+
+
+def _sre_parse(pattern: str):
+    try:
+        from re import _parser as parser  # Python 3.11+
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_parse as parser
+    return parser.parse(pattern)
+
+
+try:
+    from re import _constants as _re_constants
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_constants as _re_constants
+_MAXREPEAT = _re_constants.MAXREPEAT
 
 
 def pattern_key(patterns, name: str) -> str | None:
@@ -139,16 +201,37 @@ def _targets(config: dict, name: str) -> bool | None:
     if isinstance(targets, str):
         if targets == "all-linear":
             return None
-        return re.fullmatch(targets, name) is not None
+        return re.fullmatch(targets, name) is not None  # checked by _check_config
     if isinstance(targets, list) and targets:
         return any(name == t or name.endswith("." + t) for t in targets)
     return None
 
 
+def _check_config(config: dict, where: str) -> None:
+    """The fields folding reads, of the types peft writes; patterns safe to run."""
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        if targets != "all-linear":
+            check_file_pattern(targets, f"{where}: target_modules")
+    elif isinstance(targets, list):
+        if not all(isinstance(t, str) for t in targets):
+            raise CkptError(f"{where}: target_modules must list module names (text)")
+    elif targets is not None:
+        raise CkptError(f"{where}: target_modules must be a list of module names or one pattern")
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(field_name) or {}
+        if not isinstance(patterns, dict):
+            raise CkptError(f"{where}: {field_name} must be an object")
+        for key in patterns:
+            check_file_pattern(key, f"{where}: {field_name}")
+
+
 def _number(config: dict, key: str, where: str, default=None) -> float:
     value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise CkptError(f"{where}: {key} {value!r} is not a positive number")
+    # an int beyond a float's range (JSON allows 1e400 written out) is no rank or alpha either
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > 1e300 \
+            or not math.isfinite(value) or value <= 0:
+        raise CkptError(f"{where}: {key} {str(value)[:40]} is not a positive number")
     return value
 
 
@@ -171,11 +254,12 @@ def _read_peft(folder: str, given: str) -> Adapter:
         raise CkptError(f"{config_path}: init_lora_weights {init!r} changes the base weights at the start of "
                         f"training; convert the adapter with peft's save_pretrained(..., "
                         f"path_initial_model_for_weight_conversion=...) first")
-    weights = [os.path.join(folder, name) for name in PEFT_WEIGHTS if os.path.isfile(os.path.join(folder, name))]
+    if not os.path.isdir(given):  # a file named: exactly that one (open_checkpoint says if it is missing)
+        weights = [given]
+    else:
+        weights = [os.path.join(folder, name) for name in PEFT_WEIGHTS if os.path.isfile(os.path.join(folder, name))]
     if not weights:
         raise CkptError(f"{folder}: holds {PEFT_CONFIG} but neither {' nor '.join(PEFT_WEIGHTS)}")
-    if os.path.isfile(given) and os.path.abspath(given) in map(os.path.abspath, weights):
-        weights = [given]
     ckpt = open_checkpoint(weights[0])
     try:
         adapter = _peft_modules(ckpt, config, config_path)
@@ -190,10 +274,9 @@ def _peft_modules(ckpt: Checkpoint, config: dict, config_path: str) -> Adapter:
     where = ckpt.path
     r_default = _number(config, "r", config_path, 8)
     alpha_default = _number(config, "lora_alpha", config_path, 8)
+    _check_config(config, config_path)
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
-    if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
-        raise CkptError(f"{config_path}: rank_pattern and alpha_pattern must be objects")
     rslora = bool(config.get("use_rslora"))
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     parts: dict[tuple[str, str], dict[str, TensorRef]] = {}  # (module, layout) -> {"A", "B", "bias"}
@@ -217,7 +300,11 @@ def _peft_modules(ckpt: Checkpoint, config: dict, config_path: str) -> Adapter:
         if m["adapter"]:
             adapter_names.add(m["adapter"])
         slot = m["ab"] if m.groupdict().get("param", "weight") == "weight" else f"{m['ab']}-bias"
-        parts.setdefault((m["module"], layout), {})[slot] = t
+        found = parts.setdefault((m["module"], layout), {})
+        if slot in found:  # `lin.lora_A.weight` beside `lin.lora_A.default.weight`: which one?
+            raise CkptError(f"{where}: module {m['module']} has two {slot.replace('-', ' ')} weights (with and "
+                            f"without an adapter name); save one adapter per file")
+        found[slot] = t
     if len(adapter_names) > 1:
         raise CkptError(f"{where}: holds several adapters ({', '.join(sorted(adapter_names))}); save each on "
                         f"its own and give one --lora per adapter")
@@ -303,8 +390,14 @@ def _scalar(t: TensorRef, where: str) -> float:
 
 # ---- matching adapter modules with base keys ---------------------------------------------------
 
+MAX_PREFIX_DEPTH = 64  # tails of a name below this many levels only: real module names have ~15
+
+
 def _suffixes(name: str) -> list[str]:
-    """`a.b.c` -> [`b.c`, `c`]: the dotted tails of a name."""
+    """`a.b.c` -> [`b.c`, `c`]: the dotted tails of a name, those at most MAX_PREFIX_DEPTH dots
+    deep (so that a hostile name of 40 000 dots is not 40 000 copies of itself)."""
+    if name.count(".") > MAX_PREFIX_DEPTH:
+        return []
     return [name[i + 1:] for i, c in enumerate(name) if c == "."]
 
 
@@ -368,7 +461,7 @@ class _KohyaResolver:
                 self.tail.setdefault(tail.replace(".", "_"), []).append(module)
 
     def __call__(self, name: str) -> str | None:
-        body = next(name[len(p):] for p in _KOHYA_PREFIXES if name.startswith(p))
+        body = name[_KOHYA_PREFIX.match(name).end():]  # every kohya module name starts so (_KOHYA_KEY)
         found = self.whole.get(body) or self.tail.get(body, [])
         if len(found) > 1:
             raise CkptError(f"{name} could be any of the base's modules {', '.join(sorted(found)[:8])}"
@@ -513,12 +606,17 @@ def fold(base: Checkpoint, adapters: list[tuple[Adapter, float]], *,
     for adapter, scale in adapters:
         resolve = _PeftResolver(list(tensors)) if adapter.format == "peft" else _KohyaResolver(list(tensors))
         folded, unmatched, found = set(), [], []
+        claimed: dict[str, str] = {}  # base key -> the adapter's module folded into it
         for module in adapter.modules:
             key = resolve(f"{module.name}.weight") if adapter.format == "peft" else resolve(module.name)
             if key is None:
                 unmatched.append(module.name)
-            else:
-                found.append((module, key))
+                continue
+            if key in claimed:  # lora_te1_x and lora_te2_x on one text encoder: twice the delta
+                raise CkptError(f"{adapter.path}: {claimed[key]} and {module.name} both fold into the base's "
+                                f"{key}; fold into the component each was made for")
+            claimed[key] = module.name
+            found.append((module, key))
         square = _square_layouts([(m, tensors[k]) for m, k in found], bool(adapter.config.get("fan_in_fan_out")))
         for module, key in found:
             layout = _check_shapes(adapter, module, key, tensors[key], square.get(module.name))
@@ -637,16 +735,21 @@ def parse_ranks(ranks: list[str] | list | int | None) -> tuple[int, list[tuple[s
 def _differs(a: TensorRef, b: TensorRef) -> bool:
     if a.dtype is b.dtype and a.is_contiguous and b.is_contiguous:
         return a.data() != b.data()
+    import torch
+
     from ..io.tensors import as_torch
 
-    return not bool((as_torch(a).float() == as_torch(b).float()).all())
+    x, y = as_torch(a), as_torch(b)
+    common = torch.promote_types(x.dtype, y.dtype)  # never through float: complex stays complex
+    return not torch.equal(x.to(common), y.to(common))
 
 
 def _peft_pattern_keys(modules: list[str], ranks: dict[str, int], default: int) -> dict[str, str]:
     """Module -> its rank_pattern key: its own name where peft's tail matching then gives every
     module its rank, else (a name that is a dotted tail of another's) the name anchored and
     escaped, which selects that module only."""
-    keys = {m: m for m in modules if ranks[m] != default}
+    # a name with characters a regular expression reads otherwise is anchored and escaped too
+    keys = {m: m if re.escape(m).replace("\\.", ".") == m else "^" + re.escape(m) for m in modules if ranks[m] != default}
 
     def rank_peft_gives(m: str, keys: dict[str, str]) -> int:
         rank_of = {k: ranks[module] for module, k in keys.items()}
@@ -685,8 +788,15 @@ def extract_lora(base: str, tuned: str, output: str, *, rank: list[str] | int = 
             shared = [n for n in names if n in t.tensors]
             # names tied in both: one difference, extracted once; tied in BASE only: each its own
             tied_too = len({t.tensors[n].view_key() for n in shared}) == 1
-            units = [shared] if tied_too else [[n] for n in shared]
-            for group in units:
+            if not tied_too:  # a LoRA folded into one of them changes them all, in BASE's one storage
+                for n in shared:
+                    if _differs(b.tensors[n], t.tensors[n]):
+                        not_extracted.append({"name": n, "reason": f"tied in BASE to {', '.join(x for x in names if x != n)} "
+                                                                   f"but not in TUNED: no LoRA can change one alone"})
+                    else:
+                        unchanged += 1
+                continue
+            for group in [shared] if shared else []:
                 key = _choose(group, embeddings)
                 tb, tt = b.tensors[key], t.tensors[key]
                 if tb.shape != tt.shape:
@@ -830,11 +940,17 @@ class _SvdCache:
         matrix = d.T if p["kind"] in ("embedding", "linear-t") else d.reshape(d.shape[0], -1)
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         k = p["rank"]
-        total = float((s.double() ** 2).sum())
-        p["error"] = math.sqrt(float((s[k:].double() ** 2).sum()) / total) if total > 0 else 0.0
+        top = float(s[0]) if s.numel() else 0.0  # relative to the largest: s² cannot overflow
+        share = (s.double() / top) ** 2 if top > 0 else s.double()
+        total = float(share.sum())
+        p["error"] = math.sqrt(float(share[k:].sum()) / total) if total > 0 else 0.0
         root = s[:k].sqrt()
         a = root[:, None] * vh[:k]  # √S·Vh  [r, in]
         b = u[:, :k] * root[None, :]  # U·√S  [out, r]
+        dtype = torch.float64 if tb.dtype.name == tt.dtype.name == "float64" else torch.float32
+        if not (bool(torch.isfinite(a.to(dtype)).all()) and bool(torch.isfinite(b.to(dtype)).all())):
+            raise CkptError(f"{p['key']}: its LoRA factors do not fit in {str(dtype)[6:]} (TUNED − BASE near the "
+                            f"dtype's largest values); cannot extract it")
         self.done[p["key"]] = {"A": a, "B": b}
         return self.done[p["key"]]
 
@@ -864,3 +980,8 @@ def _check_folder(output: str, force: bool) -> None:
         if os.listdir(output) and not os.path.isfile(os.path.join(output, PEFT_CONFIG)):
             raise CkptError(f"{output}: a folder that is not an adapter (no {PEFT_CONFIG}); not replacing it, "
                             f"even with --force")
+        others = sorted(set(os.listdir(output)) - {PEFT_CONFIG, *PEFT_WEIGHTS, "README.md"})
+        if others:  # a trainer's output folder: its checkpoints and tokenizer are not ours to delete
+            raise CkptError(f"{output}: holds more than an adapter ({', '.join(others[:5])}"
+                            f"{' …' if len(others) > 5 else ''}); not replacing it, even with --force: "
+                            f"write the adapter to a folder of its own")

@@ -228,11 +228,13 @@ class TensorMerge:
     def _chunk(self, j: int):
         start, count = self._span(j)
         values = [read(start, count) for read in self.reads]
-        if self.method == "linear":
-            total = values[0] * self.weights[0]
-            for x, w in zip(values[1:], self.weights[1:]):
-                total += x * w
-            return total / math.fsum(self.weights)
+        if self.method == "linear":  # the weights divided by their sum first, in float64: 1e-50 each is 1/n
+            total = math.fsum(self.weights)
+            shares = [w / total for w in self.weights]
+            result = values[0] * shares[0]
+            for x, share in zip(values[1:], shares[1:]):
+                result += x * share
+            return result
         if self.method == "slerp":
             a, b = self.coefficients
             return values[0] * a + values[1] * b
