@@ -67,18 +67,20 @@ def decode(buffer, dtype: str, wide: str):
     return values if values.dtype == np.dtype(wide) else values.astype(wide)
 
 
-def encode(values, dtype: str) -> bytes:
+def encode(values, dtype: str) -> memoryview:
     """`values` rounded to `dtype` as torch's CPU conversion rounds them (to nearest, ties to
-    even; every NaN becomes 0xFFFF in bfloat16), as raw little-endian bytes."""
+    even; every NaN becomes 0xFFFF in bfloat16), as raw little-endian bytes (a view of an array
+    made here: no copy when `values` already has that dtype)."""
     import numpy as np
 
     with np.errstate(all="ignore"):  # beyond float16's range is inf, as in torch: no warning
         if dtype != "bfloat16":
-            return values.astype(_NUMPY[dtype], copy=False).tobytes()
-        bits = values.astype(np.float32, copy=False).view(np.uint32)
-        rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype("<u2")
-        rounded[np.isnan(values)] = 0xFFFF
-        return rounded.tobytes()
+            out = np.ascontiguousarray(values, dtype=_NUMPY[dtype])
+        else:
+            bits = values.astype(np.float32, copy=False).view(np.uint32)
+            out = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype("<u2")
+            out[np.isnan(values)] = 0xFFFF
+    return memoryview(out).cast("B")
 
 
 # ---- the merge of one key ------------------------------------------------------------------
@@ -226,14 +228,17 @@ class TensorMerge:
             return self._chunk(j)
 
     def _chunk(self, j: int):
+        import numpy as np
+
         start, count = self._span(j)
         values = [read(start, count) for read in self.reads]
         if self.method == "linear":  # the weights divided by their sum first, in float64: 1e-50 each is 1/n
             total = math.fsum(self.weights)
             shares = [w / total for w in self.weights]
             result = values[0] * shares[0]
+            scratch = np.empty_like(result)
             for x, share in zip(values[1:], shares[1:]):
-                result += x * share
+                result += np.multiply(x, share, out=scratch)
             return result
         if self.method == "slerp":
             a, b = self.coefficients
@@ -253,8 +258,11 @@ class TensorMerge:
                 delta = self._kept_by_magnitude(i, j, delta)
             elif self.spec.sparsify == "random" and density < 1:
                 delta = self._dropped(i, j, delta) * self.rescale[i]
-            deltas.append(delta * w)
-        mixed = sum(deltas[1:], deltas[0].copy())
+            delta *= w  # every step above made a new array: the inputs stay as read
+            deltas.append(delta)
+        mixed = deltas[0].copy() if self.spec.elect_sign else deltas[0]
+        for d in deltas[1:]:
+            mixed += d
         if self.spec.elect_sign:
             elected = np.where(mixed >= 0, 1.0, -1.0).astype(self.wide)
             mixed[:] = 0
