@@ -57,15 +57,17 @@ def ref_seed(seed, name, model, chunk):
 
 
 def ref_dare(delta, density, seed, name, model, chunk=2**20):
-    """Draws per chunk of 2**20 elements, from numpy's PCG64 seeded as docs/merging.md says."""
+    """Draws per chunk of 2**20 elements: PCG64's raw output as uint32s, as docs/merging.md says."""
     if density >= 1:
         return delta
     flat = delta.reshape(-1)
-    draws = [np.random.Generator(np.random.PCG64(ref_seed(seed, name, model, j)))
-             .random(min(chunk, flat.numel() - start), dtype=np.float32)
-             for j, start in enumerate(range(0, flat.numel(), chunk))]
-    keep = torch.from_numpy(np.concatenate(draws) if draws else np.zeros(0, np.float32)) < density
-    kept = delta * keep.reshape(delta.shape)
+    draws = []
+    for j, start in enumerate(range(0, flat.numel(), chunk)):
+        n = min(chunk, flat.numel() - start)
+        raw = np.random.PCG64(ref_seed(seed, name, model, j)).random_raw((n + 1) // 2)
+        draws.append(raw.astype("<u8").view("<u4")[:n])
+    keep = np.concatenate(draws) < int(density * 2**32) if draws else np.zeros(0, bool)
+    kept = delta * torch.from_numpy(keep).reshape(delta.shape)
     before, after = delta.double().abs().sum(), kept.double().abs().sum()
     return kept if before < 1e-7 or after < 1e-7 else kept * float(before / after)
 

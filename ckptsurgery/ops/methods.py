@@ -173,38 +173,57 @@ class TensorMerge:
             keep[equal] = True
         return delta * keep
 
-    def _dropped(self, i: int, j: int, delta):
-        """DARE: keep each entry whose uniform draw in [0, 1) is below the density."""
+    def _draw_kept(self, i: int, j: int, count: int):
+        """DARE's draws for model i in chunk j: ⌈count/2⌉ raw 64-bit outputs of PCG64 seeded by
+        `tensor_seed`, read as little-endian uint32s (the first `count`); an entry is kept where
+        its uint32 is below ⌊density·2³²⌋ — a uniform draw below the density, 2⁻³² apart."""
         import numpy as np
 
-        draws = np.random.Generator(np.random.PCG64(tensor_seed(self.params["seed"], self.name, i, j)))
-        return delta * (draws.random(delta.size, dtype=np.float32) < self.params["density"])
+        generator = np.random.PCG64(tensor_seed(self.params["seed"], self.name, i, j))
+        draws = generator.random_raw((count + 1) // 2).astype("<u8", copy=False).view("<u4")[:count]
+        return draws < np.uint32(int(self.params["density"] * 2**32))
+
+    def _dropped(self, i: int, j: int, delta):
+        """DARE: the entries of the delta that were kept (the masks drawn by `prepare`), scaled so
+        that the delta keeps its L1 norm."""
+        import numpy as np
+
+        kept = np.unpackbits(self.kept[i][j], count=delta.size).view(bool)
+        delta *= kept
+        if self.rescale[i] != 1.0:
+            delta *= self.rescale[i]
+        return delta
 
     def _measure_drop(self) -> None:
         """DARE rescales the kept entries so that each delta keeps its L1 norm: the norms before
-        and after the drop, summed over chunks in float64."""
+        and after the drop, summed chunk by chunk. The masks are drawn once and kept, a bit per
+        entry."""
         import numpy as np
 
-        self.rescale = []
+        self.rescale, self.kept = [], []
         for i in range(1, len(self.reads)):
             before = after = 0.0
+            masks = []
             for j in range(self.chunks):
                 start, count = self._span(j)
-                delta = self._delta(i, start, count)
-                before += float(np.abs(delta).sum(dtype=np.float64))
-                after += float(np.abs(self._dropped(i - 1, j, delta)).sum(dtype=np.float64))
+                magnitude = np.abs(self._delta(i, start, count))
+                kept = self._draw_kept(i - 1, j, count)
+                before += float(magnitude.sum())
+                after += float(magnitude.sum(where=kept))
+                masks.append(np.packbits(kept))
+            self.kept.append(masks)
             self.rescale.append(1.0 if before < RESCALE_EPS or after < RESCALE_EPS else before / after)
 
     def _measure_angle(self) -> None:
         import numpy as np
 
         squares_a = squares_b = dot = 0.0
-        for j in range(self.chunks):
+        for j in range(self.chunks):  # each chunk's sums in the wide dtype, the chunks' in float64
             start, count = self._span(j)
             a, b = self.reads[0](start, count), self.reads[1](start, count)
-            squares_a += float(np.dot(a, a.astype(np.float64)))
-            squares_b += float(np.dot(b, b.astype(np.float64)))
-            dot += float(np.dot(a.astype(np.float64), b))
+            squares_a += float(np.dot(a, a))
+            squares_b += float(np.dot(b, b))
+            dot += float(np.dot(a, b))
         norm_a, norm_b = math.sqrt(squares_a), math.sqrt(squares_b)
         norm_a = norm_a if norm_a > SLERP_NORM_EPS else 1.0
         norm_b = norm_b if norm_b > SLERP_NORM_EPS else 1.0
@@ -257,7 +276,7 @@ class TensorMerge:
             if self.spec.sparsify == "magnitude" and density < 1:
                 delta = self._kept_by_magnitude(i, j, delta)
             elif self.spec.sparsify == "random" and density < 1:
-                delta = self._dropped(i, j, delta) * self.rescale[i]
+                delta = self._dropped(i, j, delta)
             delta *= w  # every step above made a new array: the inputs stay as read
             deltas.append(delta)
         mixed = deltas[0].copy() if self.spec.elect_sign else deltas[0]
