@@ -433,3 +433,22 @@ def test_inf_and_nan_pass_through_without_a_warning(cli, tmp_path):
                  ["--average", "--dtype", "fp16"]):
         result = cli("merge", a, b, *args, "-o", tmp_path / "o.pth", "--force")
         assert result.code == 0 and "Warning" not in result.err, result.err
+
+
+def test_a_tensor_of_many_chunks_read_whole_is_each_chunk_once(tmp_path, monkeypatch):
+    """The writer reuses one buffer for a merged tensor's chunks; a reader that asks for the whole
+    tensor at once (a cast, a gather) must still get every chunk, not the last one repeated."""
+    import importlib
+
+    from ckptsurgery.io import open_checkpoint
+
+    merge_op = importlib.import_module("ckptsurgery.ops.merge")
+
+    monkeypatch.setattr(methods, "CHUNK", 4)
+    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    torch.save({"w": torch.arange(10.0)}, a)
+    torch.save({"w": torch.arange(10.0) * 3}, b)
+    with open_checkpoint(a) as ca, open_checkpoint(b) as cb:
+        merged, _, _ = merge_op._merged_by_method([ca, cb], None, "linear", {"weights": [1.0, 1.0]}, None)
+        whole = np.frombuffer(bytes(merged["w"].data()), np.float32)
+    assert whole.tolist() == (torch.arange(10.0) * 2).tolist()

@@ -174,7 +174,10 @@ class JoinedSource:
         if len(parts) == 1:
             source, start, size = parts[0]
             return source.view(start, size)
-        return memoryview(b"".join(source.view(start, size) for source, start, size in parts))
+        joined = bytearray()
+        for source, start, size in parts:  # each piece copied before the next is made: a computed
+            joined += source.view(start, size)  # source may reuse its buffer from piece to piece
+        return memoryview(joined)
 
     def close(self) -> None:
         pass

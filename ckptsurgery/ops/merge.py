@@ -177,8 +177,17 @@ def _merged_tensor(name: str, method: str, group: list[TensorRef], params: dict,
     wide = "float64" if any(t.dtype.name == "float64" for t in group) else "float32"
     merge = methods.TensorMerge(method, params, name, [_reader(t, wide) for t in group], group[0].numel, wide)
 
-    def make(j: int) -> bytes:
-        data = methods.encode(merge.chunk(j), dtype.name)
+    held: list = []  # one result buffer, reused from chunk to chunk: each is written before the next
+
+    def make(j: int) -> memoryview:
+        import numpy as np
+
+        if not held:
+            held.append(np.empty(min(methods.CHUNK, merge.numel), wide))
+        data = methods.encode(merge.chunk(j, out=held[0][:min(methods.CHUNK, merge.numel - j * methods.CHUNK)]),
+                              dtype.name)
+        if j == merge.chunks - 1:
+            held.clear()  # `data` keeps what it views alive until it is written
         if merge.collinear:
             notes[name] = "nearly collinear: interpolated linearly"
         return data

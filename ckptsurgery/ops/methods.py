@@ -105,6 +105,7 @@ class TensorMerge:
         self.weights = params.get("weights")
         self.collinear = False  # slerp fell back to linear interpolation
         self._prepared = False
+        self._buffers: dict = {}
 
     @property
     def chunks(self) -> int:
@@ -238,15 +239,28 @@ class TensorMerge:
 
     # -- one chunk --
 
-    def chunk(self, j: int):
-        """Elements [j·CHUNK, (j+1)·CHUNK) of the result, in the wide dtype."""
+    def chunk(self, j: int, out=None):
+        """Elements [j·CHUNK, (j+1)·CHUNK) of the result, in the wide dtype — into `out` (an
+        array of the chunk's length) when given, so that a writer can reuse one buffer."""
         import numpy as np
 
         self.prepare()
         with np.errstate(all="ignore"):
-            return self._chunk(j)
+            result = self._chunk(j, out)
+        if j == self.chunks - 1:
+            self._buffers.clear()  # the tensor is done: its scratch is not kept for the next
+        return result
 
-    def _chunk(self, j: int):
+    def _scratch(self, k: int, count: int):
+        """Scratch array k for a chunk of `count` elements, the same memory from chunk to chunk
+        (a fresh 4 MiB array per step costs more in page faults than the arithmetic)."""
+        import numpy as np
+
+        if k not in self._buffers:
+            self._buffers[k] = np.empty(min(CHUNK, self.numel), self.wide)
+        return self._buffers[k][:count]
+
+    def _chunk(self, j: int, out):
         import numpy as np
 
         start, count = self._span(j)
@@ -254,17 +268,18 @@ class TensorMerge:
         if self.method == "linear":  # the weights divided by their sum first, in float64: 1e-50 each is 1/n
             total = math.fsum(self.weights)
             shares = [w / total for w in self.weights]
-            result = values[0] * shares[0]
-            scratch = np.empty_like(result)
+            result = np.multiply(values[0], shares[0], out=out)
             for x, share in zip(values[1:], shares[1:]):
-                result += np.multiply(x, share, out=scratch)
+                result += np.multiply(x, share, out=self._scratch(0, count))
             return result
         if self.method == "slerp":
             a, b = self.coefficients
-            return values[0] * a + values[1] * b
-        return self._task_arithmetic(j, values[0], values[1:])
+            result = np.multiply(values[0], a, out=out)
+            result += np.multiply(values[1], b, out=self._scratch(0, count))
+            return result
+        return self._task_arithmetic(j, values[0], values[1:], out)
 
-    def _task_arithmetic(self, j: int, base, thetas):
+    def _task_arithmetic(self, j: int, base, thetas, out):
         """δᵢ = θᵢ − base; sparsified; times wᵢ; summed, or summed where its sign is the elected
         one (and for TIES divided by the agreeing weights); times λ; added to the base."""
         import numpy as np
@@ -272,14 +287,17 @@ class TensorMerge:
         density = self.params.get("density", 1.0)
         deltas = []
         for i, (theta, w) in enumerate(zip(thetas, self.weights)):
-            delta = theta - base
+            delta = np.subtract(theta, base, out=self._scratch(i + 1, len(base)))
             if self.spec.sparsify == "magnitude" and density < 1:
                 delta = self._kept_by_magnitude(i, j, delta)
             elif self.spec.sparsify == "random" and density < 1:
                 delta = self._dropped(i, j, delta)
-            delta *= w  # every step above made a new array: the inputs stay as read
+            delta *= w  # in scratch (or a new array): the inputs stay as read
             deltas.append(delta)
-        mixed = deltas[0].copy() if self.spec.elect_sign else deltas[0]
+        mixed = deltas[0]
+        if self.spec.elect_sign:  # the deltas are needed again: the sum goes elsewhere
+            mixed = self._scratch(0, len(base))
+            mixed[:] = deltas[0]
         for d in deltas[1:]:
             mixed += d
         if self.spec.elect_sign:
@@ -297,4 +315,4 @@ class TensorMerge:
         scale = self.params.get("scale", 1.0)
         if scale != 1:
             mixed *= scale
-        return base + mixed
+        return np.add(base, mixed, out=out)
