@@ -84,7 +84,7 @@ def _method_parameters(method_name: str, models: int, given: dict) -> dict:
                          + (" (the base is --base)" if method.needs_base else ""))
     params: dict = {}
     if "weights" in method.options:
-        params["weights"] = _parse_weights(given["weights"], models, positive_total=method_name == "linear")
+        params["weights"] = _parse_weights(given["weights"], models, positive_total=method.mean)
     for option, default, fits, span in _RANGES:
         if option not in method.options:
             continue

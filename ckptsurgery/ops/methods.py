@@ -31,12 +31,13 @@ class Method:
     sparsify: str | None = None  # "magnitude" (TIES' top-k) or "random" (DARE's drop)
     elect_sign: bool = False  # TIES' sign consensus
     normalize: bool = False  # divide by the sum of the counted weights
+    mean: bool = False  # a weighted mean: the weights must sum to more than zero
     min_models: int = 1
     max_models: int | None = None
 
 
 METHODS: dict[str, Method] = {
-    "linear": Method(False, frozenset({"weights"}), min_models=2),
+    "linear": Method(False, frozenset({"weights"}), mean=True, min_models=2),
     "task-arithmetic": Method(True, frozenset({"weights", "scale"})),
     "ties": Method(True, frozenset({"weights", "density", "scale"}), sparsify="magnitude",
                    elect_sign=True, normalize=True),
