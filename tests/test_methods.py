@@ -452,3 +452,28 @@ def test_a_tensor_of_many_chunks_read_whole_is_each_chunk_once(tmp_path, monkeyp
         merged, _, _ = merge_op._merged_by_method([ca, cb], None, "linear", {"weights": [1.0, 1.0]}, None)
         whole = np.frombuffer(bytes(merged["w"].data()), np.float32)
     assert whole.tolist() == (torch.arange(10.0) * 2).tolist()
+
+
+@pytest.mark.parametrize("method, kit_method", [("dare-ties", "dare_ties"), ("dare-linear", "dare_linear")])
+def test_dare_equals_mergekit_given_the_same_masks(cli, tmp_path, monkeypatch, method, kit_method):
+    """mergekit draws DARE's masks from torch's global generator, we from PCG64 per key and
+    chunk: handed our masks, mergekit's own merge (rescale, sign election, sums) gives our output."""
+    sparsify = pytest.importorskip("mergekit.sparsify")
+    from mergekit.merge_methods.api import merge_tensors
+
+    base, models, base_path, paths = make_models(tmp_path, count=2)
+    out = tmp_path / "ours.safetensors"
+    assert cli("merge", *paths, "--base", base_path, "--method", method, "--density", "0.4", "--seed", "7",
+               "--weights", "1,0.6", "--scale", "0.9", "-o", out).code == 0
+    got = load_any(out)
+    for name in SHAPES:
+        calls = iter(range(2))
+
+        def our_masks(tensor, density, rescale_norm=None, name=name):
+            keep = ref_dare(torch.ones(tensor.shape), density, 7, name, next(calls)) != 0
+            return sparsify.rescaled_masked_tensor(tensor, keep.to(tensor.dtype), rescale_norm)
+
+        monkeypatch.setattr(sparsify, "bernoulli", our_masks)
+        kit = merge_tensors([base[name], models[0][name], models[1][name]], kit_method, base_index=0,
+                            parameters={"weight": [1.0, 0.6], "density": 0.4, "lambda": 0.9})
+        torch.testing.assert_close(got[name], kit, rtol=1e-5, atol=1e-6, msg=name)
