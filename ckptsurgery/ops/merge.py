@@ -170,6 +170,19 @@ def _reader(t: TensorRef, wide: str) -> methods.Read:
     return read
 
 
+_PREFETCHER = []
+
+
+def _prefetcher():
+    """One thread that makes a merged tensor's next chunk while the writer writes this one
+    (numpy and the writes release the GIL: two cores work at once)."""
+    if not _PREFETCHER:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _PREFETCHER.append(ThreadPoolExecutor(1, thread_name_prefix="ckptsurgery-merge"))
+    return _PREFETCHER[0]
+
+
 def _merged_tensor(name: str, method: str, group: list[TensorRef], params: dict, dtype: DType,
                    notes: dict) -> TensorRef:
     """One key's merge, written chunk by chunk: `group` is [base, model...] for the methods with a
@@ -177,19 +190,30 @@ def _merged_tensor(name: str, method: str, group: list[TensorRef], params: dict,
     wide = "float64" if any(t.dtype.name == "float64" for t in group) else "float32"
     merge = methods.TensorMerge(method, params, name, [_reader(t, wide) for t in group], group[0].numel, wide)
 
-    held: list = []  # one result buffer, reused from chunk to chunk: each is written before the next
+    buffers: list = []  # two result buffers, used in turn: chunk j+1 is made while j is written
+    pending: dict = {}  # j -> the future making chunk j
 
-    def make(j: int) -> memoryview:
+    def made(j: int) -> memoryview:
         import numpy as np
 
-        if not held:
-            held.append(np.empty(min(methods.CHUNK, merge.numel), wide))
-        data = methods.encode(merge.chunk(j, out=held[0][:min(methods.CHUNK, merge.numel - j * methods.CHUNK)]),
-                              dtype.name)
-        if j == merge.chunks - 1:
-            held.clear()  # `data` keeps what it views alive until it is written
+        if not buffers:
+            buffers.extend(np.empty(min(methods.CHUNK, merge.numel), wide) for _ in range(2))
+        count = min(methods.CHUNK, merge.numel - j * methods.CHUNK)
+        data = methods.encode(merge.chunk(j, out=buffers[j % 2][:count]), dtype.name)
         if merge.collinear:
             notes[name] = "nearly collinear: interpolated linearly"
+        return data
+
+    def make(j: int) -> memoryview:
+        future = pending.pop(j, None)
+        for other in pending.values():  # asked out of turn: let the one in flight finish first
+            other.result()
+        pending.clear()
+        data = future.result() if future is not None else made(j)
+        if j + 1 < merge.chunks:  # the writer asks for j+1 only once j is written: its buffer is free
+            pending[j + 1] = _prefetcher().submit(made, j + 1)
+        else:
+            buffers.clear()  # `data` keeps what it views alive until it is written
         return data
 
     sizes = [min(methods.CHUNK, merge.numel - j * methods.CHUNK) * dtype.itemsize for j in range(merge.chunks)]

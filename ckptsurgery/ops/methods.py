@@ -149,26 +149,33 @@ class TensorMerge:
         for i in range(1, len(self.reads)):
             magnitude = np.empty(n, self.wide)  # the one whole array: filled chunk by chunk
             for s, c in map(self._span, range(self.chunks)):
-                np.abs(self._delta(i, s, c), out=magnitude[s:s + c])
-            magnitude.partition(n - k)  # in place: the k-th largest lands at n - k
+                np.abs(self._delta(i, s, c, out=magnitude[s:s + c]), out=magnitude[s:s + c])
+            magnitude.partition(n - k)  # in place: the k-th largest lands at n - k, larger ones after it
             cut = magnitude[n - k]
+            above = int(np.count_nonzero(magnitude[n - k + 1:] > cut))
+            equal_total = int(np.count_nonzero(magnitude == cut))
             del magnitude
-            above, equal = 0, []
+            if k - above >= equal_total:  # every entry equal to the cut is kept: nothing to count
+                self.cuts.append((cut, None, None))
+                continue
+            equal = []  # equal entries beyond k (ties at the cut): the first ones in row-major order
             for s, c in map(self._span, range(self.chunks)):
-                chunk = np.abs(self._delta(i, s, c))
-                above += int(np.count_nonzero(chunk > cut))
-                equal.append(int(np.count_nonzero(chunk == cut)))
+                equal.append(int(np.count_nonzero(np.abs(self._delta(i, s, c)) == cut)))
             before = [0, *np.cumsum(equal)[:-1].tolist()]
             self.cuts.append((cut, k - above, before))
 
-    def _delta(self, i: int, start: int, count: int):
-        return self.reads[i](start, count) - self.reads[0](start, count)
+    def _delta(self, i: int, start: int, count: int, out=None):
+        import numpy as np
+
+        return np.subtract(self.reads[i](start, count), self.reads[0](start, count), out=out)
 
     def _kept_by_magnitude(self, i: int, j: int, delta):
         import numpy as np
 
         cut, equal_to_keep, before = self.cuts[i]
         magnitude = np.abs(delta)
+        if before is None:
+            return np.multiply(delta, magnitude >= cut, out=delta)
         keep = magnitude > cut
         room = equal_to_keep - before[j]
         if room > 0:
@@ -187,15 +194,11 @@ class TensorMerge:
         return draws < np.uint32(int(self.params["density"] * 2**32))
 
     def _dropped(self, i: int, j: int, delta):
-        """DARE: the entries of the delta that were kept (the masks drawn by `prepare`), scaled so
-        that the delta keeps its L1 norm."""
+        """DARE: the entries of the delta that were kept (the masks drawn by `prepare`); the
+        rescale that keeps its L1 norm is applied with the weight."""
         import numpy as np
 
-        kept = np.unpackbits(self.kept[i][j], count=delta.size).view(bool)
-        delta *= kept
-        if self.rescale[i] != 1.0:
-            delta *= self.rescale[i]
-        return delta
+        return np.multiply(delta, np.unpackbits(self.kept[i][j], count=delta.size).view(bool), out=delta)
 
     def _measure_drop(self) -> None:
         """DARE rescales the kept entries so that each delta keeps its L1 norm: the norms before
@@ -209,7 +212,7 @@ class TensorMerge:
             masks = []
             for j in range(self.chunks):
                 start, count = self._span(j)
-                magnitude = np.abs(self._delta(i, start, count))
+                magnitude = np.abs(self._delta(i, start, count, self._scratch(0, count)), out=self._scratch(0, count))
                 kept = self._draw_kept(i - 1, j, count)
                 before += float(magnitude.sum())
                 after += float(np.multiply(magnitude, kept, out=magnitude).sum())
@@ -294,7 +297,9 @@ class TensorMerge:
                 delta = self._kept_by_magnitude(i, j, delta)
             elif self.spec.sparsify == "random" and density < 1:
                 delta = self._dropped(i, j, delta)
-            delta *= w  # in scratch (or a new array): the inputs stay as read
+                w = w * self.rescale[i]
+            if w != 1:
+                delta *= w  # in scratch: the inputs stay as read
             deltas.append(delta)
         mixed = deltas[0]
         if self.spec.elect_sign:  # the deltas are needed again: the sum goes elsewhere
