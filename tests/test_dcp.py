@@ -314,3 +314,17 @@ def test_force_never_replaces_a_folder_of_other_files(cli, tmp_path, zip_pth):
     (out / "cat.jpg").write_bytes(b"meow")
     assert_one_error_line(cli("convert", zip_pth, "-o", out, "--format", "dcp", "--force"), "not a DCP checkpoint")
     assert os.listdir(out) == ["cat.jpg"]
+
+
+def test_merge_methods_read_dcp_folders_chunk_by_chunk(cli, tmp_path, two_ranks):
+    """FSDP's row chunks are read range by range, the column-sharded bf16 `cols.w` (put together
+    in memory) once: the mean of the folder and its own full state dict is that state dict."""
+    folder, full = two_ranks
+    whole = tmp_path / "full.pth"
+    torch.save(full["model"], whole)
+    out = tmp_path / "mean.safetensors"
+    report = cli("merge", folder, whole, "--method", "linear", "-o", out, "--json").json()
+    assert report["merged"] == len(full["model"])
+    got = load_any(out)
+    assert got["cols.w"].dtype == torch.bfloat16
+    assert all(torch.equal(got[k], v) for k, v in full["model"].items())
