@@ -578,3 +578,21 @@ def test_peft_names_meet_a_base_with_a_prefix_once(tmp_path):
     assert mixed("lin.weight") and mixed("model.conv.weight")
     with pytest.raises(CkptError, match="different prefixes"):
         mixed.check("adapter")
+
+
+def test_extract_from_model_folders_and_sharded_indexes(cli, tmp_path):
+    """BASE an unsharded Hugging Face folder, TUNED a sharded index: the same adapter as from files."""
+    base, tuned = low_rank_pair(rank=3)
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    (tmp_path / "base").mkdir()
+    save_file(base, tmp_path / "base" / "model.safetensors")
+    (tmp_path / "base" / "config.json").write_text("{}")
+    (tmp_path / "tuned").mkdir()
+    assert cli("convert", tmp_path / "tuned.safetensors", "-o", tmp_path / "tuned" / "model.safetensors",
+               "--max-shard-size", "200").code == 0
+    assert len(list((tmp_path / "tuned").glob("model-*.safetensors"))) > 1
+    for name, args in (("files", ["base.safetensors", "tuned.safetensors"]), ("folders", ["base", "tuned"])):
+        assert cli("extract-lora", *(tmp_path / a for a in args), "--rank", "3", "-o", tmp_path / name).code == 0
+    assert (tmp_path / "files" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "folders" / "adapter_model.safetensors").read_bytes()
