@@ -238,3 +238,78 @@ def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
     if value not in choices:
         raise UsageError(f"{option} {value!r}: choose one of {', '.join(choices)}")
     return value
+
+
+# ---- safetensors metadata (`__metadata__`, a map of string to string) ----------------------------
+#
+# What a write does with the input's metadata (docs/reading-and-writing.md, "Metadata"):
+# - kept: every entry, as it still describes the output — a cast, a rename, a filter or a merge
+#   does not make a licence, a title, an architecture or training parameters untrue;
+# - rewritten: `format` is always "pt" (the layout torch reads), and the tool's own records
+#   (`ckptsurgery.*`, the tied names stored once) are recomputed from what is written;
+# - dropped: the content hashes below, which vouch for the exact bytes of the tensors: the
+#   output's bytes, offsets or order may differ, and the tool does not recompute them.
+# Entries the user gives (--metadata-file, then --metadata) are applied last and win.
+
+METADATA_FORMAT_KEY = "format"
+METADATA_RESERVED_PREFIX = "ckptsurgery."
+METADATA_CONTENT_HASHES = (
+    "modelspec.hash_sha256",  # Stability AI's ModelSpec: SHA-256 of the model
+    "sshs_legacy_hash",  # kohya sd-scripts: sd-webui-additional-networks' legacy hash
+    "sshs_model_hash",  # kohya sd-scripts: SHA-256 of the tensor bytes after the header
+)
+
+
+def is_tool_metadata(key: str) -> bool:
+    """Entries the tool writes itself: `format` and the `ckptsurgery.` records."""
+    return key == METADATA_FORMAT_KEY or key.startswith(METADATA_RESERVED_PREFIX)
+
+
+def check_metadata(entries: dict, where: str) -> dict[str, str]:
+    """`entries` to set in an output's metadata, checked: strings to strings, valid Unicode,
+    no key the tool writes itself. Raises UsageError naming `where` (an option or a file)."""
+    if not isinstance(entries, dict):
+        raise UsageError(f"{where}: metadata must be a JSON object of string keys to string values")
+    for key, value in entries.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise UsageError(f"{where}: metadata entry {key!r}: {type(value).__name__} value; keys and values "
+                             f"must be strings (quote numbers: \"3\")")
+        if not key:
+            raise UsageError(f"{where}: a metadata key cannot be empty")
+        for text in (key, value):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UsageError(f"{where}: metadata entry {key!r} holds text that is not valid Unicode") from None
+        if key == METADATA_FORMAT_KEY:
+            raise UsageError(f"{where}: metadata key 'format' is written by ckptsurgery (always \"pt\", the "
+                             f"layout torch reads) and cannot be set")
+        if key.startswith(METADATA_RESERVED_PREFIX):
+            raise UsageError(f"{where}: metadata keys starting with {METADATA_RESERVED_PREFIX!r} are the tool's own "
+                             f"records, recomputed on every write; choose another key")
+    return dict(entries)
+
+
+def parse_metadata_pairs(pairs: Iterable[str]) -> dict[str, str]:
+    """`--metadata KEY=VALUE` options, in order (a later KEY wins), split at the first `=`."""
+    entries: dict[str, str] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise UsageError(f"--metadata {pair!r}: give KEY=VALUE (an empty VALUE is allowed: KEY=)")
+        entries.update(check_metadata({key: value}, f"--metadata {pair!r}"))
+    return entries
+
+
+def plan_metadata(kept: dict[str, str], entries: dict[str, str] | None, clear: bool,
+                  holds_metadata: bool = True) -> tuple[dict[str, str] | None, list[str]]:
+    """The metadata an output carries besides `format` and the tool's records, sorted (None when
+    the output's format holds none), and the input's keys it does not carry, sorted. `kept`: the
+    input's metadata; `entries`: the user's, set last; `clear`: start from nothing."""
+    if not holds_metadata:
+        return None, sorted(k for k in kept if not is_tool_metadata(k))
+    out = {} if clear else {k: v for k, v in kept.items()
+                            if not is_tool_metadata(k) and k not in METADATA_CONTENT_HASHES}
+    out.update(entries or {})
+    dropped = sorted(k for k in kept if not is_tool_metadata(k) and k not in out)
+    return dict(sorted(out.items())), dropped

@@ -24,6 +24,21 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Report what would be
 JobsOpt = Annotated[Optional[int], typer.Option(
     "--jobs", "-j", metavar="N", min=1, show_default=False,
     help="With --max-shard-size: write N shards at once (default: the measured best, see docs/performance.md).")]
+MetadataOpt = Annotated[Optional[list[str]], typer.Option(
+    "--metadata", metavar="KEY=VALUE", show_default=False,
+    help="Set (or replace) one entry of a .safetensors output's metadata; repeatable. The input's is kept otherwise.")]
+MetadataFileOpt = Annotated[Optional[str], typer.Option(
+    "--metadata-file", metavar="FILE.json", show_default=False,
+    help="Set the entries of this JSON object of strings (applied before --metadata).")]
+NoMetadataOpt = Annotated[bool, typer.Option(
+    "--no-metadata", help="Keep none of the input's metadata (\"format\": \"pt\" and the tool's tie record are still written).")]
+
+
+def metadata_args(pairs: list[str] | None, file: str | None) -> dict[str, str] | None:
+    """--metadata and --metadata-file as one checked map (None when neither is given)."""
+    from ..ops.write import metadata_options
+
+    return metadata_options(pairs, file)
 
 
 def examples(*commands: str) -> str:
@@ -177,6 +192,17 @@ def finish_write(report: dict, as_json: bool, quiet: bool, details: list[str] = 
     if report["extras_left_out"]:
         lines.append("left out (safetensors holds tensors only): "
                      + ", ".join(map(printable, report["extras_left_out"])))
+    dropped = report.get("metadata_dropped")
+    if dropped and report["metadata"] is None:
+        lines.append(listing("metadata left out (a .pth or DCP output holds none)", dropped))
+    elif dropped:
+        from ..core import METADATA_CONTENT_HASHES
+
+        hashes = [k for k in dropped if k in METADATA_CONTENT_HASHES]
+        if hashes:
+            lines.append(listing("metadata dropped (content hashes, not recomputed for the bytes written)", hashes))
+        if len(hashes) < len(dropped):
+            lines.append(listing("metadata dropped (--no-metadata)", [k for k in dropped if k not in hashes]))
     if report.get("removed"):
         lines.append(f"{'would remove' if report['dry_run'] else 'removed'} the earlier sharded output: "
                      + ", ".join(map(printable, report["removed"])))

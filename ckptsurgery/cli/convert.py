@@ -11,7 +11,7 @@ from ..ops.ranks import ranks_from_environment
 from ..dtypes import CAST_TARGETS
 from . import app
 from .common import (
-    DryRunOpt, ForceOpt, FormatOpt, InputArg, JobsOpt, JsonOpt, OutputOpt, QuietOpt, RootOpt, choice, examples, finish_write, progress_bar,
+    DryRunOpt, ForceOpt, FormatOpt, MetadataFileOpt, MetadataOpt, NoMetadataOpt, InputArg, JobsOpt, JsonOpt, OutputOpt, QuietOpt, RootOpt, choice, examples, finish_write, metadata_args, progress_bar,
 )
 
 
@@ -34,12 +34,17 @@ def convert(
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
     format: FormatOpt = None,
+    metadata: MetadataOpt = None,
+    metadata_file: MetadataFileOpt = None,
+    no_metadata: NoMetadataOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Convert between .pth and .safetensors, bit-exact unless --dtype asks for a cast."""
+    entries = metadata_args(metadata, metadata_file)
     with ranks_from_environment() as ranks, progress_bar(quiet or json) as progress:
         report = ops.convert(input, output, root=root, dtype=dtype and dtype.value, max_shard_size=max_shard_size,
                              force=force, dry_run=dry_run, progress=progress, format=format and format.value,
-                             jobs=jobs, ranks=ranks)
+                             jobs=jobs, ranks=ranks,
+                             metadata=entries, no_metadata=no_metadata)
     finish_write(report, json, quiet)

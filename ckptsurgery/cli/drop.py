@@ -10,7 +10,7 @@ from .. import ops
 from ..ops.ranks import ranks_from_environment
 from . import app
 from .common import (
-    DryRunOpt, ForceOpt, FormatOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, examples, finish_write, listing, progress_bar,
+    DryRunOpt, ForceOpt, FormatOpt, MetadataFileOpt, MetadataOpt, NoMetadataOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, examples, finish_write, metadata_args, listing, progress_bar,
 )
 
 
@@ -27,11 +27,16 @@ def drop(
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
     format: FormatOpt = None,
+    metadata: MetadataOpt = None,
+    metadata_file: MetadataFileOpt = None,
+    no_metadata: NoMetadataOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Remove keys or whole modules."""
+    entries = metadata_args(metadata, metadata_file)
     with ranks_from_environment() as ranks, progress_bar(quiet or json) as progress:
         report = ops.drop_keys(input, output, patterns, root=root, force=force, dry_run=dry_run,
-                               progress=progress, format=format and format.value, ranks=ranks)
+                               progress=progress, format=format and format.value, ranks=ranks,
+                               metadata=entries, no_metadata=no_metadata)
     finish_write(report, json, quiet, [listing("dropped", report["dropped"])])

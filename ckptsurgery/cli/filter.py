@@ -10,7 +10,7 @@ from .. import ops
 from ..ops.ranks import ranks_from_environment
 from . import app
 from .common import (
-    DryRunOpt, ForceOpt, FormatOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, examples, finish_write, listing, progress_bar,
+    DryRunOpt, ForceOpt, FormatOpt, MetadataFileOpt, MetadataOpt, NoMetadataOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, examples, finish_write, metadata_args, listing, progress_bar,
 )
 
 
@@ -29,13 +29,18 @@ def filter_command(
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
     format: FormatOpt = None,
+    metadata: MetadataOpt = None,
+    metadata_file: MetadataFileOpt = None,
+    no_metadata: NoMetadataOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Keep selected keys, or exactly the keys a template has (the `if k in model_dict` recipe)."""
+    entries = metadata_args(metadata, metadata_file)
     with ranks_from_environment() as ranks, progress_bar(quiet or json) as progress:
         report = ops.filter_keys(input, output, keep=keep, like=like, root=root, force=force,
-                                 dry_run=dry_run, progress=progress, format=format and format.value, ranks=ranks)
+                                 dry_run=dry_run, progress=progress, format=format and format.value, ranks=ranks,
+                                 metadata=entries, no_metadata=no_metadata)
     details = [listing("left out", report["left_out"])]
     if report["missing_from_input"]:
         details.append(listing("template keys the input lacks", report["missing_from_input"]))

@@ -12,7 +12,7 @@ from ..ops.methods import METHODS
 from ..ops.ranks import ranks_from_environment
 from . import app
 from .common import (
-    DryRunOpt, ForceOpt, FormatOpt, JsonOpt, OutputOpt, QuietOpt, RootOpt, choice, console, examples, finish_write, listing,
+    DryRunOpt, ForceOpt, FormatOpt, MetadataFileOpt, MetadataOpt, NoMetadataOpt, JsonOpt, OutputOpt, QuietOpt, RootOpt, choice, console, examples, finish_write, metadata_args, listing,
     print_json, printable, progress_bar,
 )
 
@@ -60,10 +60,14 @@ def merge(
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
     format: FormatOpt = None,
+    metadata: MetadataOpt = None,
+    metadata_file: MetadataFileOpt = None,
+    no_metadata: NoMetadataOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Combine checkpoints: a plain union, an update of a template (--into), a merge of fine-tuned models (--method: linear, task-arithmetic, ties, dare-linear, dare-ties, slerp), or LoRA adapters folded into a base (--lora)."""
+    entries = metadata_args(metadata, metadata_file)
     with ranks_from_environment() as ranks, progress_bar(quiet or json) as progress:
         report = ops.merge(sources, output, into=into, on_mismatch=on_mismatch and on_mismatch.value,
                            on_conflict=on_conflict and on_conflict.value, average=average,
@@ -71,7 +75,8 @@ def merge(
                            scale=scale, t=t, seed=seed, dtype=dtype and dtype.value,
                            root=root, force=force, dry_run=dry_run, progress=progress,
                            format=format and format.value, ranks=ranks, lora=lora, lora_scale=lora_scale,
-                           allow_unmatched=allow_unmatched)
+                           allow_unmatched=allow_unmatched,
+                           metadata=entries, no_metadata=no_metadata)
     if json:
         print_json(report)
         return

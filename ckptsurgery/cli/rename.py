@@ -14,7 +14,7 @@ from ..ops.ranks import ranks_from_environment
 from ..errors import CkptError
 from . import app
 from .common import (
-    DryRunOpt, ForceOpt, FormatOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, console, examples, finish_write, listing,
+    DryRunOpt, ForceOpt, FormatOpt, MetadataFileOpt, MetadataOpt, NoMetadataOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, console, examples, finish_write, metadata_args, listing,
     printable, progress_bar,
 )
 
@@ -107,6 +107,9 @@ def rename(
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
     format: FormatOpt = None,
+    metadata: MetadataOpt = None,
+    metadata_file: MetadataFileOpt = None,
+    no_metadata: NoMetadataOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -117,9 +120,11 @@ def rename(
     get one name fail the command, with every such pair named."""
     rules = [core.rename_rule(kind, *([_load_map(values[0])] if kind == "map" else values))
              for kind, values in ctx.meta.get(_RULES, [])]
+    entries = metadata_args(metadata, metadata_file)
     with ranks_from_environment() as ranks, progress_bar(quiet or json) as progress:
         report = ops.rename_keys(input, output, rules, root=root, force=force, dry_run=dry_run,
-                                 progress=progress, format=format and format.value, ranks=ranks)
+                                 progress=progress, format=format and format.value, ranks=ranks,
+                                 metadata=entries, no_metadata=no_metadata)
     if dry_run and not json:
         _print_rename_table(report)
     finish_write(report, json, quiet, [f"renamed {len(report['renamed'])} key(s)",

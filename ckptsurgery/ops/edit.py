@@ -26,7 +26,8 @@ def _subset(ckpt: Checkpoint, names: list[str]) -> tuple[OrderedDict, OrderedDic
 def filter_keys(input: str, output: str, *, keep: list[str] | None = None, like: str | None = None,
                 root: str | None = None, force: bool = False, dry_run: bool = False,
                 progress: ProgressFactory | None = None, format: str | None = None,
-                ranks: Ranks | None = None) -> dict:
+                ranks: Ranks | None = None,
+                metadata: dict[str, str] | None = None, no_metadata: bool = False) -> dict:
     """Keep the keys that patterns select, or exactly the keys a template checkpoint has
     (`{k: v for k, v in pretrained.items() if k in model_dict}`)."""
     if bool(keep) == bool(like):
@@ -46,7 +47,8 @@ def filter_keys(input: str, output: str, *, keep: list[str] | None = None, like:
                                 f"(different prefixes? see `ckptsurgery rename` or `merge --into`)")
         kept, others = _subset(ckpt, names)
         report = write_checkpoint(ckpt, kept, output, others=others, force=force, dry_run=dry_run,
-                                  progress=progress, format=format, ranks=ranks)
+                                  progress=progress, format=format, ranks=ranks,
+                                  metadata=metadata, no_metadata=no_metadata)
     chosen = set(names)
     report.update(kept=names, left_out=[k for k in _keys(ckpt) if k not in chosen],
                   missing_from_input=missing)
@@ -55,21 +57,24 @@ def filter_keys(input: str, output: str, *, keep: list[str] | None = None, like:
 
 def drop_keys(input: str, output: str, patterns: list[str], *, root: str | None = None,
               force: bool = False, dry_run: bool = False, progress: ProgressFactory | None = None,
-              format: str | None = None, ranks: Ranks | None = None) -> dict:
+              format: str | None = None, ranks: Ranks | None = None,
+                metadata: dict[str, str] | None = None, no_metadata: bool = False) -> dict:
     """Remove the keys (or whole modules) that patterns select."""
     with open_checkpoint(input, root) as ckpt:
         dropped = core.select(_keys(ckpt), patterns)
         gone = set(dropped)
         kept, others = _subset(ckpt, [k for k in _keys(ckpt) if k not in gone])
         report = write_checkpoint(ckpt, kept, output, others=others, force=force, dry_run=dry_run,
-                                  progress=progress, format=format, ranks=ranks)
+                                  progress=progress, format=format, ranks=ranks,
+                                  metadata=metadata, no_metadata=no_metadata)
     report.update(dropped=dropped, kept=[*kept, *others])
     return report
 
 
 def rename_keys(input: str, output: str, rules: list[core.RenameRule], *, root: str | None = None,
                 force: bool = False, dry_run: bool = False, progress: ProgressFactory | None = None,
-                format: str | None = None, ranks: Ranks | None = None) -> dict:
+                format: str | None = None, ranks: Ranks | None = None,
+                metadata: dict[str, str] | None = None, no_metadata: bool = False) -> dict:
     """Rename keys by rules; refuse, before writing anything, if two keys would share a name."""
     with open_checkpoint(input, root) as ckpt:
         names, untouched = core.plan_rename(_keys(ckpt), rules)
@@ -77,6 +82,7 @@ def rename_keys(input: str, output: str, rules: list[core.RenameRule], *, root: 
         others = OrderedDict((names[k], v) for k, v in ckpt.others.items())
         # _metadata holds module versions by the old module names: stale after a rename
         report = write_checkpoint(ckpt, renamed, output, keep_metadata=False, others=others,
-                                  force=force, dry_run=dry_run, progress=progress, format=format, ranks=ranks)
+                                  force=force, dry_run=dry_run, progress=progress, format=format, ranks=ranks,
+                                  metadata=metadata, no_metadata=no_metadata)
     report.update(renamed={old: new for old, new in names.items() if old != new}, untouched=untouched)
     return report

@@ -309,16 +309,20 @@ def merge(sources: list[str], output: str, *, into: str | None = None, on_mismat
           root: str | None = None, force: bool = False, dry_run: bool = False,
           progress: ProgressFactory | None = None, format: str | None = None, ranks: Ranks | None = None,
           lora: list[str] | None = None, lora_scale: list[float] | None = None,
-          allow_unmatched: bool = False) -> dict:
+          allow_unmatched: bool = False, metadata: dict[str, str] | None = None,
+          no_metadata: bool = False) -> dict:
     """Four modes: plain union (`on_conflict`, default error), `into` a template (`on_mismatch`,
     default error), a merge `method` (`average` is method "linear") with its parameters, or
     `lora` adapters folded into one base (`lora_scale`, `allow_unmatched`; see ops/lora.py). An
-    option of another mode is refused. `dtype` casts the floating tensors written."""
+    option of another mode is refused. `dtype` casts the floating tensors written. A
+    safetensors output keeps the metadata of the first source (with `method`, of the base if
+    given; with `lora`, of the base), edited by `metadata` / `no_metadata` (see write_checkpoint)."""
     if lora:
         return _merge_lora(sources, output, lora, lora_scale, allow_unmatched, into=into, average=average,
                            method=method, base=base, density=density, scale=scale, t=t, seed=seed,
                            on_conflict=on_conflict, on_mismatch=on_mismatch, weights=weights, dtype=dtype,
-                           root=root, force=force, dry_run=dry_run, progress=progress, format=format, ranks=ranks)
+                           root=root, force=force, dry_run=dry_run, progress=progress, format=format, ranks=ranks,
+                           metadata=metadata, no_metadata=no_metadata)
     if lora_scale or allow_unmatched:
         raise UsageError(f"--{'lora-scale' if lora_scale else 'allow-unmatched'} applies to --lora only")
     if average:
@@ -369,9 +373,12 @@ def merge(sources: list[str], output: str, *, into: str | None = None, on_mismat
         else:
             merged, others, details = _plain_union(ckpts, on_conflict)
             first, mode = ckpts[0], "union"
+        # the metadata of the weights' first source (--into: not the template's, whose values
+        # are only the fresh ones the sources do not replace)
         report = write_checkpoint(first, merged, output, cast=cast, others=others, inputs=[*ckpts, first],
                                   force=force, dry_run=dry_run, progress=progress, format=format,
-                                  ranks=ranks)
+                                  ranks=ranks, metadata=metadata, no_metadata=no_metadata,
+                                  metadata_from=ckpts[0] if mode == "into" else first)
     del report["input"]  # several inputs: `sources` and `template` name them
     report.update(mode=mode, sources=list(sources), **({"template": into} if into is not None else {}), **details)
     if mode == "method":  # filled while the tensors were computed: empty after --dry-run
@@ -381,7 +388,7 @@ def merge(sources: list[str], output: str, *, into: str | None = None, on_mismat
 
 def _merge_lora(sources: list[str], output: str, loras: list[str], scales: list[float] | None, allow_unmatched: bool,
                 *, into, average, method, base, density, scale, t, seed, on_conflict, on_mismatch, weights, dtype,
-                root, force, dry_run, progress, format, ranks) -> dict:
+                root, force, dry_run, progress, format, ranks, metadata, no_metadata) -> dict:
     """`merge BASE --lora ADAPTER... -o OUT`: the adapters folded into BASE, in order."""
     from . import lora
 
@@ -402,7 +409,7 @@ def _merge_lora(sources: list[str], output: str, loras: list[str], scales: list[
         adapters = [(stack.enter_context(lora.read_adapter(path)), scale) for path, scale in zip(loras, scales)]
         merged, details = lora.fold(base, adapters, allow_unmatched=allow_unmatched, cast=cast)
         report = write_checkpoint(base, merged, output, cast=cast, force=force, dry_run=dry_run, progress=progress,
-                                  format=format, ranks=ranks)
+                                  format=format, ranks=ranks, metadata=metadata, no_metadata=no_metadata)
     del report["input"]
     report.update(mode="lora", sources=list(sources), **details)
     return report

@@ -13,6 +13,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import suppress
 from typing import Any, Callable
 
+from .. import core
 from ..dtypes import DType
 from ..errors import CkptError, UsageError
 from ..io import Checkpoint, TensorRef
@@ -31,11 +32,12 @@ ProgressFactory = Callable[[int, str], Callable[[int], None]]
 
 def _write(f, fmt: str, ckpt: Checkpoint, tensors: dict[str, TensorRef], cast: DType | None,
            progress, whole: bool, keep_metadata: bool, others: dict, inputs: list[Checkpoint],
-           plan: tuple | None = None) -> None:
+           metadata: dict[str, str] | None, plan: tuple | None = None) -> None:
     """One output file: the whole checkpoint, or (`whole=False`) one shard's plain state dict.
-    `plan`: what plan_safetensors gave for `tensors`, checked (else planned here)."""
+    `metadata`: a safetensors file's entries besides `format` and the alias record (each shard
+    carries them all). `plan`: what plan_safetensors gave for `tensors`, checked (else planned here)."""
     if fmt == "safetensors":
-        write_safetensors(f, tensors, ckpt.metadata if whole else {}, cast, progress, plan)
+        write_safetensors(f, tensors, metadata or {}, cast, progress, plan)
     else:
         payload = torch_payload(ckpt, tensors, keep_metadata, others) if whole else OrderedDict(tensors)
         try:
@@ -45,6 +47,45 @@ def _write(f, fmt: str, ckpt: Checkpoint, tensors: dict[str, TensorRef], cast: D
 
 
 FORMATS = ("dcp",)  # what --format chooses; the others follow the output's extension
+
+METADATA_OPTIONS = "--metadata, --metadata-file and --no-metadata"
+
+
+def metadata_options(pairs: list[str] | None = None, file: str | None = None) -> dict[str, str] | None:
+    """The entries `--metadata-file FILE.json` and then `--metadata KEY=VALUE...` set (the command
+    line wins), checked; None when neither is given."""
+    if not pairs and file is None:
+        return None
+    entries: dict[str, str] = {}
+    if file is not None:
+        where = f"--metadata-file {file}"
+        try:
+            if not os.path.isfile(file):  # a FIFO would block the read
+                raise UsageError(f"{where}: not a regular file")
+            with open(file, encoding="utf-8") as f:
+                loaded = json.load(f)
+        except OSError as e:
+            raise UsageError(f"{where}: cannot read it ({e.strerror})") from None
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise UsageError(f"{where}: not valid JSON ({str(e)[:80]})") from None
+        entries.update(core.check_metadata(loaded, where))
+    entries.update(core.parse_metadata_pairs(pairs or []))
+    return entries
+
+
+def _plan_metadata(ckpt: Checkpoint, output: str, holds: bool, metadata: dict[str, str] | None,
+                   no_metadata: bool, metadata_from: Checkpoint | None) -> tuple[dict | None, dict]:
+    """The metadata written (besides `format` and the alias record; None where the output holds
+    none) and the report's `metadata` and `metadata_dropped`. Options that cannot apply are refused."""
+    if metadata is not None or no_metadata:
+        if not holds:
+            raise UsageError(f"{METADATA_OPTIONS} apply to .safetensors outputs only: {output} is not one "
+                             f"(a .pth or DCP output holds no metadata map)")
+        metadata = core.check_metadata(metadata or {}, "metadata")
+    kept = (ckpt if metadata_from is None else metadata_from).metadata
+    meta, dropped = core.plan_metadata(kept, metadata, no_metadata, holds)
+    shown = None if meta is None else dict(sorted({**meta, core.METADATA_FORMAT_KEY: "pt"}.items()))
+    return meta, {"metadata": shown, "metadata_dropped": dropped}
 
 MAX_DEFAULT_JOBS = 4  # more threads than this only add tensors in flight and seeks on one disk
 
@@ -140,7 +181,7 @@ def _label(ranks: Ranks | None, output: str) -> str:
 
 def _write_dcp(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: str, cast: DType | None,
                max_shard_size: int | None, force: bool, dry_run: bool, progress, others: dict,
-               jobs: int, ranks: Ranks | None) -> dict:
+               jobs: int, ranks: Ranks | None, metadata_report: dict) -> dict:
     """A DCP folder: the whole checkpoint (the state dict and what lies outside its root), each
     entry under its flattened key. Under torchrun rank 0 stages the folder, every rank writes
     its data files into it, and rank 0 writes .metadata and renames the folder into place."""
@@ -155,7 +196,7 @@ def _write_dcp(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: str, cas
         "input": ckpt.path, "output": output, "format": "dcp", "root": ckpt.root, "tensors": len(tensors),
         "total_bytes": sum(t.numel * d.itemsize for _, t, d in stored), "dtype": cast.name if cast else None,
         "kept_dtype": [n for n, t, d in stored if cast and d is not cast], "tied": {}, "extras_left_out": [],
-        "files": [output], "dry_run": dry_run, "removed": [],
+        "files": [output], "dry_run": dry_run, "removed": [], **metadata_report,
     }
     if ranks:
         report.update(files=[os.path.join(output, writer.files[i][0]) for i in mine]
@@ -195,7 +236,8 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: st
                      dry_run: bool = False, progress: ProgressFactory | None = None,
                      keep_metadata: bool = True, others: dict | None = None,
                      inputs: list[Checkpoint] | None = None, format: str | None = None,
-                     jobs: int | None = None, ranks: Ranks | None = None) -> dict:
+                     jobs: int | None = None, ranks: Ranks | None = None, metadata: dict[str, str] | None = None,
+                     no_metadata: bool = False, metadata_from: Checkpoint | None = None) -> dict:
     """Write `tensors` (the state dict, possibly edited) of `ckpt` to `output`; return a report.
     Entries outside the root, and `others` (the root's non-tensor entries, by default the
     checkpoint's own), travel with .pth and DCP outputs; safetensors holds tensors only.
@@ -203,15 +245,20 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: st
     that an output never runs more than its inputs. `format`: "dcp" writes a DCP folder at
     `output`; by default the output's extension decides. `jobs`: shards written at once (with
     `max_shard_size` only). `ranks`: this process's place in a torchrun job (`ranks_from_environment`),
-    which writes its share of the files; its report lists those in `files`."""
+    which writes its share of the files; its report lists those in `files`.
+    Safetensors metadata (see core.plan_metadata): the input's (`metadata_from`'s, by default
+    `ckpt`'s) is kept, or none with `no_metadata`; `metadata` sets entries on top. The report's
+    `metadata` is what the output holds besides the alias record, `metadata_dropped` the input's
+    keys it does not carry."""
     if format is not None and format not in FORMATS:
         raise UsageError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
+    fmt = "dcp" if format == "dcp" else output_format(output)
+    meta, metadata_report = _plan_metadata(ckpt, output, fmt == "safetensors", metadata, no_metadata, metadata_from)
     jobs = _jobs(jobs, max_shard_size)
     if format == "dcp":
         return _write_dcp(ckpt, tensors, output, cast, max_shard_size, force, dry_run, progress,
-                          ckpt.others if others is None else others, jobs, ranks)
+                          ckpt.others if others is None else others, jobs, ranks, metadata_report)
     inputs = [ckpt] if inputs is None else inputs
-    fmt = output_format(output)
     others = ckpt.others if others is None else others
     stored, aliases = plan_safetensors(tensors, cast)
     if cast and fmt == "torch":  # a .pth casts whole storages: see castable_storages
@@ -236,7 +283,7 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: st
         "kept_dtype": [n for n, t, d in stored if cast and d is not cast],
         "tied": {alias: target for alias, target, _ in aliases},
         "extras_left_out": outside if fmt == "safetensors" or len(shards) > 1 else [],
-        "files": [output], "dry_run": dry_run,
+        "files": [output], "dry_run": dry_run, **metadata_report,
     }
     sharded = len(shards) > 1
     files, index = shard_names(output, len(shards)) if sharded else ([output], None)
@@ -271,13 +318,16 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: st
         def write_file(number: int, advance) -> None:
             with outputs.stage(files[number]) as f:
                 _write(f, fmt, ckpt, parts[number], cast, advance, whole=not sharded, keep_metadata=keep_metadata,
-                       others=others, inputs=inputs, plan=None if sharded else (stored, aliases))
+                       others=others, inputs=inputs, metadata=meta, plan=None if sharded else (stored, aliases))
 
         _run_concurrently([lambda advance, i=i: write_file(i, advance) for i in mine], jobs, tick)
         if sharded and leader:
             # key order, not sorted as Hugging Face writes it: reading back keeps the model's order
             weight_map = {name: os.path.basename(files[shard_of[owner.get(name, name)]]) for name in tensors}
-            body = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            # the kept metadata too (sorted, after total_size, Hugging Face's own and a figure of
+            # these shards): reading the index gives it back, as each shard's header does
+            entries = {k: v for k, v in (meta or {}).items() if k != "total_size"}
+            body = {"metadata": {"total_size": total, **entries}, "weight_map": weight_map}
             with outputs.stage(index) as f:
                 f.write((json.dumps(body, indent=2) + "\n").encode())
         _commit_together(outputs, ranks, everything)
