@@ -10,7 +10,8 @@ import typer
 from ..ops import lora as ops_lora
 from . import app
 from .common import (
-    DryRunOpt, ForceOpt, JsonOpt, QuietOpt, RootOpt, examples, listing, note, print_json, printable, progress_bar,
+    DryRunOpt, ForceOpt, JsonOpt, MetadataFileOpt, MetadataOpt, QuietOpt, RootOpt, examples, listing, metadata_args, note,
+    print_json, printable, progress_bar,
 )
 
 
@@ -30,6 +31,8 @@ def extract_lora(
     fan_in_fan_out: Annotated[Optional[list[str]], typer.Option(
         "--fan-in-fan-out", metavar="PATTERN", help="2-D weights stored (in, out), as transformers' Conv1D stores them (GPT-2: 're:\\.c_(attn|proj|fc)\\.'). Repeatable.",
         show_default=False)] = None,
+    metadata: MetadataOpt = None,
+    metadata_file: MetadataFileOpt = None,
     root: RootOpt = None,
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
@@ -37,10 +40,11 @@ def extract_lora(
     quiet: QuietOpt = False,
 ) -> None:
     """Write a PEFT LoRA adapter that turns BASE into (approximately) TUNED: a truncated SVD of the difference of every 2-D and conv weight."""
+    entries = metadata_args(metadata, metadata_file)
     with progress_bar(quiet or json) as progress:
         report = ops_lora.extract_lora(base, tuned, output, rank=rank, embeddings=embeddings,
                                        fan_in_fan_out=fan_in_fan_out, root=root, force=force, dry_run=dry_run,
-                                       progress=progress)
+                                       progress=progress, metadata=entries)
     if json:
         print_json(report)
         return

@@ -763,13 +763,17 @@ def _peft_pattern_keys(modules: list[str], ranks: dict[str, int], default: int) 
 
 def extract_lora(base: str, tuned: str, output: str, *, rank: list[str] | int = 8, embeddings: bool = False,
                  fan_in_fan_out: list[str] | None = None, root: str | None = None, force: bool = False,
-                 dry_run: bool = False, progress: ProgressFactory | None = None) -> dict:
+                 dry_run: bool = False, progress: ProgressFactory | None = None,
+                 metadata: dict[str, str] | None = None) -> dict:
     """A PEFT adapter folder at `output` (adapter_config.json + adapter_model.safetensors) whose
     fold into BASE approximates TUNED: a truncated SVD of TUNED − BASE per 2-D (linear) and conv
     weight, and per embedding with `embeddings`. `fan_in_fan_out`: patterns of the 2-D weights
     stored [in, out], as transformers' Conv1D stores them (GPT-2's c_attn, c_proj, c_fc) — a
-    state dict does not record a module's class. Written whole or not at all (a staged folder)."""
+    state dict does not record a module's class. Written whole or not at all (a staged folder).
+    `metadata`: entries of adapter_model.safetensors' metadata; the adapter carries none of
+    BASE's or TUNED's (their title, architecture or hashes describe a whole model, not a difference)."""
     default, patterns = parse_ranks(rank)
+    metadata = core.check_metadata(metadata or {}, "metadata")
     transposed = [core.compile_pattern(p) for p in fan_in_fan_out or []]
     from ..io.write import StagedOutputs, check_parent
 
@@ -856,6 +860,7 @@ def extract_lora(base: str, tuned: str, output: str, *, rank: list[str] | int = 
             "fan_in_fan_out": list(fan_in_fan_out or []),
             "extracted": plan, "not_extracted": not_extracted, "tied": tied, "unchanged": unchanged,
             "only_in_base": only_base, "only_in_tuned": only_tuned,
+            "metadata": dict(sorted({**metadata, core.METADATA_FORMAT_KEY: "pt"}.items())),
         }
         factors = OrderedDict()
         svd = _SvdCache(b, t, plan)
@@ -881,7 +886,8 @@ def extract_lora(base: str, tuned: str, output: str, *, rank: list[str] | int = 
         holder = Checkpoint(path=output, format="safetensors", tensors=factors, root="")
         with StagedOutputs() as outputs:
             folder = outputs.stage_folder(output)
-            write_checkpoint(holder, factors, os.path.join(folder, weights_name), progress=progress)
+            write_checkpoint(holder, factors, os.path.join(folder, weights_name), progress=progress,
+                             metadata=metadata)
             with open(os.path.join(folder, PEFT_CONFIG), "w", encoding="utf-8") as f:
                 f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return report
