@@ -40,7 +40,9 @@ def convert(
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Convert between .pth and .safetensors, bit-exact unless --dtype asks for a cast."""
+    """Convert between .pth and .safetensors, bit-exact unless --dtype asks for a cast.
+
+    A .safetensors output keeps the input's metadata but its content hashes (--metadata sets entries)."""
     entries = metadata_args(metadata, metadata_file)
     with ranks_from_environment() as ranks, progress_bar(quiet or json) as progress:
         report = ops.convert(input, output, root=root, dtype=dtype and dtype.value, max_shard_size=max_shard_size,

@@ -17,6 +17,7 @@ from .common import (
 @app.command(epilog=examples(
     "ckptsurgery drop resnet.pth fc -o backbone.pth",
     "ckptsurgery drop ckpt.pth 're:num_batches_tracked$' -o clean.pth --dry-run",
+    "ckptsurgery drop a.safetensors fc -o b.safetensors --metadata license=mit",
 ))
 def drop(
     input: InputArg,

@@ -66,7 +66,9 @@ def merge(
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Combine checkpoints: a plain union, an update of a template (--into), a merge of fine-tuned models (--method: linear, task-arithmetic, ties, dare-linear, dare-ties, slerp), or LoRA adapters folded into a base (--lora)."""
+    """Combine checkpoints: a plain union, an update of a template (--into), a merge of fine-tuned models (--method: linear, task-arithmetic, ties, dare-linear, dare-ties, slerp), or LoRA adapters folded into a base (--lora).
+
+    A .safetensors output keeps the metadata of the first source (--method --base, --lora: the base's)."""
     entries = metadata_args(metadata, metadata_file)
     with ranks_from_environment() as ranks, progress_bar(quiet or json) as progress:
         report = ops.merge(sources, output, into=into, on_mismatch=on_mismatch and on_mismatch.value,
