@@ -203,6 +203,6 @@ def test_prefix_tokens_that_cannot_be_told_are_an_error():
     from ckptsurgery.core import prefix_and_grids
 
     with pytest.raises(CkptError, match="no count of prefix tokens .* give --prefix-tokens P"):
-        prefix_and_grids(17, 24)  # 4x4 + 1, but 23 is no square: a grid that is not square
+        prefix_and_grids(17, 23)  # 4x4 + 1 before, but no square after whatever the prefix
     with pytest.raises(CkptError, match="is not a square grid; give --grid"):
         prefix_and_grids(17, 25, prefix=1)
