@@ -10,6 +10,7 @@ Patterns select keys of a state dict:
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -221,7 +222,8 @@ def align(source_keys: Iterable[str], template_keys: Iterable[str]) -> dict[str,
 
 # ---- shape reconciliation --------------------------------------------------------------------
 
-MISMATCH_POLICIES = ("error", "skip", "overlap")  # merge --into: a source shape that differs
+MISMATCH_POLICIES = ("error", "skip", "overlap", "adapt")  # merge --into: a source shape that differs
+OTHERWISE_POLICIES = ("skip", "overlap")  # --on-mismatch adapt: what a mismatch no rule fits gets
 CONFLICT_POLICIES = ("error", "first", "last")  # plain merge: a key several sources have
 
 
@@ -232,6 +234,94 @@ def overlap_region(source_shape: tuple[int, ...], template_shape: tuple[int, ...
         raise CkptError(f"shapes {list(source_shape)} and {list(template_shape)} have different numbers "
                         f"of dimensions: no overlap to copy (use --on-mismatch skip)")
     return tuple(slice(0, min(a, b)) for a, b in zip(source_shape, template_shape))
+
+
+# ---- shape adapters (merge --into --on-mismatch adapt) -----------------------------------------
+
+POSITION_NAMES = frozenset({"pos_embed", "position_embeddings", "absolute_pos_embed", "pos_embedding",
+                            "position_embedding"})
+TOKEN_NAMES = frozenset({"embed_tokens", "word_embeddings", "wte", "lm_head", "shared", "embed_out"})
+HEAD_NAMES = frozenset({"head", "fc", "classifier"})
+
+
+def _names_in(key: str, names: frozenset) -> bool:
+    return not names.isdisjoint(key.split("."))
+
+
+def _module_of(key: str) -> str:
+    return key.rsplit(".", 1)[0] if "." in key else ""
+
+
+def adapt_rules(mismatches: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> dict[str, str | None]:
+    """The rule for each shape mismatch (name -> (source shape, template shape), in the template's
+    order): by name first, then by shape, so that a [1, P+H·W, D] position embedding is never
+    taken for a convolution. "position", "rows" (token embeddings and output rows, and their
+    bias), "channels" (a convolution's input channels), "head" (a classifier: kept from the
+    template, and its bias), or None when no rule fits."""
+    rules: dict[str, str | None] = {}
+    heads: set[str] = set()
+    row_modules: set[str] = set()
+    last_rows = None  # the last 2-D weight whose first dimension alone differs: a head unless named
+    for name, (old, new) in mismatches.items():
+        if len(old) == len(new) == 2 and old[1] == new[1] and old[0] != new[0] and name.endswith("weight"):
+            last_rows = name
+    for name, (old, new) in mismatches.items():
+        same_rank = len(old) == len(new)
+        differs = [i for i in range(len(old)) if same_rank and old[i] != new[i]]
+        rule = None
+        if _names_in(name, POSITION_NAMES) and same_rank and len(old) in (2, 3) and differs == [len(old) - 2] \
+                and (len(old) == 2 or old[0] == 1):
+            rule = "position"
+        elif _names_in(name, TOKEN_NAMES) and len(old) == 2 and differs == [0]:
+            rule = "rows"
+            row_modules.add(_module_of(name))
+        elif len(old) in (3, 4, 5) and differs == [1]:
+            rule = "channels"
+        elif len(old) == 2 and differs == [0] and (_names_in(name, HEAD_NAMES) or name == last_rows):
+            rule = "head"
+            heads.add(_module_of(name))
+        rules[name] = rule
+    for name, (old, new) in mismatches.items():  # a bias follows its weight's rule
+        if rules[name] is None and len(old) == len(new) == 1 and name.endswith("bias"):
+            module = _module_of(name)
+            rules[name] = "rows" if module in row_modules else "head" if module in heads else None
+    return rules
+
+
+def prefix_and_grids(old: int, new: int, prefix: int | None = None, grid: tuple[int, int] | None = None):
+    """(P, old grid, new grid) of a position embedding going from `old` to `new` tokens: P prefix
+    tokens (class, register) and a square grid before; after, the square grid the rest makes, or
+    `grid`. P is `prefix`, else the one P in 0…8 that leaves perfect squares on both sides."""
+    def square(n: int) -> int | None:
+        root = math.isqrt(n) if n >= 0 else -1
+        return root if root >= 0 and root * root == n else None
+
+    if prefix is None:
+        if grid is not None:
+            prefix = new - grid[0] * grid[1]
+        else:
+            fits = [p for p in range(9) if p <= min(old, new) and square(old - p) and square(new - p)]
+            if len(fits) != 1:
+                raise CkptError(f"{old} -> {new} position tokens: {'no' if not fits else 'more than one'} count "
+                                f"of prefix tokens (0…8) leaves square grids on both sides"
+                                f"{' (' + ', '.join(map(str, fits)) + ')' if fits else ''}; give --prefix-tokens P "
+                                f"(and --grid H,W for a grid that is not square)")
+            prefix = fits[0]
+    if not 0 <= prefix <= min(old, new):
+        raise CkptError(f"{prefix} prefix tokens do not fit {old} -> {new} position tokens")
+    side = square(old - prefix)
+    if side is None:
+        raise CkptError(f"{old} position tokens less {prefix} prefix tokens is not a square grid")
+    if grid is None:
+        new_side = square(new - prefix)
+        if new_side is None:
+            raise CkptError(f"{new} position tokens less {prefix} prefix tokens is not a square grid; "
+                            f"give --grid H,W")
+        grid = (new_side, new_side)
+    if grid[0] * grid[1] != new - prefix:
+        raise CkptError(f"--grid {grid[0]},{grid[1]} holds {grid[0] * grid[1]} tokens; the template has "
+                        f"{new - prefix} after {prefix} prefix tokens")
+    return prefix, (side, side), grid
 
 
 def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:

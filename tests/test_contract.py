@@ -69,11 +69,12 @@ def test_print_json_writes_non_finite_numbers_as_strings(capsys):
 # ---- real choices ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command, option, bad, listed", [
-    ("merge", "--on-mismatch", "pad", ["error", "skip", "overlap"]),
+    ("merge", "--on-mismatch", "pad", ["error", "skip", "overlap", "adapt"]),
     ("merge", "--on-conflict", "newest", ["error", "first", "last"]),
     ("convert", "--dtype", "fp8", ["fp32", "fp16", "bf16"]),
 ])
-def test_choices_are_real_choices(cli, tmp_path, zip_pth, command, option, bad, listed):
+def test_choices_are_real_choices(cli, tmp_path, zip_pth, command, option, bad, listed, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # the choices on one line of the help's table
     out = tmp_path / "o.pth"
     result = cli(command, zip_pth, "-o", out, option, bad)
     assert result.code == 2 and f"'{bad}' is not one of" in result.err and not out.exists()

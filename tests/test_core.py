@@ -155,3 +155,54 @@ def test_overlap_region():
     assert core.overlap_region((1000, 8), (10, 8)) == (slice(0, 10), slice(0, 8))
     with pytest.raises(CkptError, match="different numbers of dimensions"):
         core.overlap_region((4,), (4, 1))
+
+
+# ---- shape adapters: which rule fits which mismatch --------------------------------------------
+
+def test_adapt_rules_by_name_first_then_shape():
+    from ckptsurgery.core import adapt_rules
+
+    rules = adapt_rules({
+        "pos_embed": ((1, 197, 768), (1, 577, 768)),             # named: never a convolution
+        "vit.embeddings.position_embeddings": ((1, 50, 8), (1, 65, 8)),
+        "model.embed_tokens.weight": ((32000, 16), (32008, 16)),
+        "lm_head.weight": ((32000, 16), (32008, 16)),
+        "lm_head.bias": ((32000,), (32008,)),
+        "stem.conv.weight": ((64, 3, 7, 7), (64, 4, 7, 7)),
+        "audio.conv.weight": ((8, 1, 5), (8, 2, 5)),              # 3-D: Conv1d
+        "blocks.0.mlp.weight": ((10, 4), (12, 4)),                # not named, not the last: no rule
+        "blocks.0.norm.weight": ((4,), (6,)),                     # a 1-D that follows nothing
+        "classifier.weight": ((1000, 16), (10, 16)),
+        "classifier.bias": ((1000,), (10,)),
+        "out.weight": ((5, 4), (7, 4)),                           # the last rows-only mismatch: a head
+    })
+    assert rules == {
+        "pos_embed": "position", "vit.embeddings.position_embeddings": "position",
+        "model.embed_tokens.weight": "rows", "lm_head.weight": "rows", "lm_head.bias": "rows",
+        "stem.conv.weight": "channels", "audio.conv.weight": "channels",
+        "blocks.0.mlp.weight": None, "blocks.0.norm.weight": None,
+        "classifier.weight": "head", "classifier.bias": "head", "out.weight": "head",
+    }
+    # a position embedding whose width changed is no position rule (and no other)
+    assert adapt_rules({"pos_embed": ((1, 17, 8), (1, 37, 16))}) == {"pos_embed": None}
+
+
+@pytest.mark.parametrize("old, new, prefix, grid, want", [
+    (197, 577, None, None, (1, (14, 14), (24, 24))),   # ViT-B/16 224 -> 384
+    (196, 576, None, None, (0, (14, 14), (24, 24))),   # no class token
+    (261, 581, None, None, (5, (16, 16), (24, 24))),   # class + 4 registers
+    (17, 25, 1, (4, 6), (1, (4, 4), (4, 6))),
+])
+def test_prefix_tokens_and_grids(old, new, prefix, grid, want):
+    from ckptsurgery.core import prefix_and_grids
+
+    assert prefix_and_grids(old, new, prefix, grid) == want
+
+
+def test_prefix_tokens_that_cannot_be_told_are_an_error():
+    from ckptsurgery.core import prefix_and_grids
+
+    with pytest.raises(CkptError, match="no count of prefix tokens .* give --prefix-tokens P"):
+        prefix_and_grids(17, 23)  # 4x4 + 1 before, but no square after whatever the prefix
+    with pytest.raises(CkptError, match="is not a square grid; give --grid"):
+        prefix_and_grids(17, 25, prefix=1)

@@ -241,7 +241,7 @@ def test_merge_into_ambiguous(cli, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--on-mismatch", "pad"], "'pad' is not one of 'error', 'skip', 'overlap'"),
+    (["--on-mismatch", "pad"], "'pad' is not one of 'error', 'skip', 'overlap', 'adapt'"),
     (["--on-conflict", "newest"], "'newest' is not one of 'error', 'first', 'last'"),
     (["--average", "--into", "x.pth"], "do not combine"),
     (["--weights", "1"], "--weights applies to --method (or --average) only"),

@@ -29,25 +29,29 @@ def inspect(
     tree: Annotated[bool, typer.Option("--tree", help="Per-module summary; numbered repeats folded.")] = False,
     depth: Annotated[Optional[int], typer.Option("--depth", min=1, metavar="N", help="Levels shown by --tree.")] = None,
     stats: Annotated[bool, typer.Option("--stats", help="min/max/mean/std and NaN/Inf counts (reads data).")] = False,
+    hash: Annotated[bool, typer.Option(
+        "--hash", help="SHA-256 of each tensor (its dtype, shape and values: the same in any format) and one fingerprint of them all (reads data).")] = False,
     all_rows: Annotated[bool, typer.Option(
         "--all", help=f"List every tensor in the table (a longer table shows its first {MAX_ROWS:,} rows).")] = False,
     root: RootOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """List a checkpoint's tensors (reads headers only, unless --stats)."""
-    if stats and tree and not json:
-        raise UsageError("--stats lists tensors and --tree lists modules: give one, or add --json for both")
+    """List a checkpoint's tensors (reads headers only, unless --stats or --hash)."""
+    if (stats or hash) and tree and not json:
+        raise UsageError(f"--{'stats' if stats else 'hash'} lists tensors and --tree lists modules: give one, "
+                         f"or add --json for both")
     if all_rows and (json or tree):
         raise UsageError("--all applies to the table of tensors; --json and --tree always list everything")
-    with progress_bar(quiet or json or not stats) as progress:
-        report = ops.inspect(input, keys=keys, stats=stats, tree=tree, depth=depth, root=root, progress=progress)
+    with progress_bar(quiet or json or not (stats or hash)) as progress:
+        report = ops.inspect(input, keys=keys, stats=stats, tree=tree, depth=depth, hash=hash, root=root,
+                             progress=progress)
     if json:
         print_json(report)
         return
     if report["inert"]:
         note(f"left inert (not run): {', '.join(map(printable, report['inert']))}", quiet)
-    _print_human(report, tree, stats, None if all_rows else MAX_ROWS)
+    _print_human(report, tree, stats, None if all_rows else MAX_ROWS, hash)
 
 
 def _fmt(value) -> str:
@@ -61,7 +65,7 @@ def _fmt(value) -> str:
 _STAT_KEYS = ("min", "max", "mean", "std", "nan", "inf")
 
 
-def _print_human(report: dict, tree: bool, stats: bool, max_rows: int | None) -> None:
+def _print_human(report: dict, tree: bool, stats: bool, max_rows: int | None, hashes: bool = False) -> None:
     # Plain lines, not Rich: a Rich table costs ~1 ms a row (100,000 tensors would take
     # minutes), folds long names to the width of a pipe and would turn ":name:" into emoji.
     lines = [f"{printable(report['path'])}  format={report['format']}"
@@ -77,13 +81,15 @@ def _print_human(report: dict, tree: bool, stats: bool, max_rows: int | None) ->
     if tree:
         lines += _tree_lines(report["tree"])
     elif max_rows is not None and len(tensors) > max_rows:
-        lines += _table_lines(tensors[:max_rows], stats)
+        lines += _table_lines(tensors[:max_rows], stats, hashes)
         lines.append(f"... {len(tensors) - max_rows:,} more tensors not listed: narrow with --keys, "
                      f"list them all with --all, or read them with --json")
     else:
-        lines += _table_lines(tensors, stats)
+        lines += _table_lines(tensors, stats, hashes)
     lines.append(f"{len(report['tensors'])} tensors, {report['total_params']:,} parameters, "
                  f"{human_bytes(report['total_bytes'])}")
+    if "fingerprint" in report:
+        lines.append(f"fingerprint {report['fingerprint']}")
     sys.stdout.write("\n".join(lines) + "\n")
 
 
@@ -96,10 +102,11 @@ def _width(text: str) -> int:
     return cell_len(text)
 
 
-def _table_lines(tensors: list[dict], stats: bool) -> list[str]:
+def _table_lines(tensors: list[dict], stats: bool, hashes: bool = False) -> list[str]:
     """Aligned columns two spaces apart, numbers right-justified, no trailing blanks."""
     stat_keys = _STAT_KEYS if stats else ()
-    header = ("name", "dtype", "shape", "params", "size", *stat_keys, "note")
+    hash_column = ("sha256",) if hashes else ()
+    header = ("name", "dtype", "shape", "params", "size", *stat_keys, *hash_column, "note")
     right = [h in ("params", "size", *stat_keys) for h in header]
     rows = [header]
     for t in tensors:
@@ -114,7 +121,8 @@ def _table_lines(tensors: list[dict], stats: bool) -> list[str]:
         for s in t["shape"]:
             params *= s
         rows.append((printable(t["name"]), t["dtype"], str(tuple(t["shape"])), f"{params:,}",
-                     human_bytes(t["nbytes"]), *(_fmt(t[k]) for k in stat_keys), printable(", ".join(notes))))
+                     human_bytes(t["nbytes"]), *(_fmt(t[k]) for k in stat_keys),
+                     *((t["sha256"],) if hashes else ()), printable(", ".join(notes))))
     widths = [max(map(_width, column)) for column in zip(*rows)]
     lines = []
     for row in rows:

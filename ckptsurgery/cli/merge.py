@@ -18,6 +18,7 @@ from .common import (
 
 
 OnMismatch = choice("OnMismatch", core.MISMATCH_POLICIES)
+Otherwise = choice("Otherwise", core.OTHERWISE_POLICIES)
 OnConflict = choice("OnConflict", core.CONFLICT_POLICIES)
 Method = choice("Method", METHODS)
 CastTo = choice("CastTo", CAST_TARGETS)
@@ -34,7 +35,13 @@ def merge(
     into: Annotated[Optional[str], typer.Option(
         "--into", metavar="TEMPLATE", help="Template (e.g. saved from the new model): output has exactly its keys, shapes, dtypes.")] = None,
     on_mismatch: Annotated[Optional[OnMismatch], typer.Option(
-        "--on-mismatch", help="With --into, a shape that differs: error (default), skip (keep the template's), overlap (copy the shared block).", show_default=False)] = None,
+        "--on-mismatch", help="With --into, a shape that differs: error (default), skip (keep the template's), overlap (copy the shared block), adapt (fit it by its kind: position embeddings resampled, vocabulary rows grown with their mean, input channels repeated and scaled by I/N; classifier heads keep the template's).", show_default=False)] = None,
+    otherwise: Annotated[Optional[Otherwise], typer.Option(
+        "--otherwise", help="With --on-mismatch adapt: what a mismatch no adapter fits gets (default: an error).", show_default=False)] = None,
+    prefix_tokens: Annotated[Optional[int], typer.Option(
+        "--prefix-tokens", metavar="P", help="With adapt: class/register tokens before a position embedding's grid (default: inferred).", show_default=False)] = None,
+    grid: Annotated[Optional[str], typer.Option(
+        "--grid", metavar="H,W", help="With adapt: the template's grid of patches, when it is not square.", show_default=False)] = None,
     on_conflict: Annotated[Optional[OnConflict], typer.Option(
         "--on-conflict", help="Plain merge, a key in several sources: error (default), first, last.", show_default=False)] = None,
     average: Annotated[bool, typer.Option("--average", help="Element-wise (weighted) mean of floating tensors: --method linear.")] = False,
@@ -77,15 +84,15 @@ def merge(
                            scale=scale, t=t, seed=seed, dtype=dtype and dtype.value,
                            root=root, force=force, dry_run=dry_run, progress=progress,
                            format=format and format.value, ranks=ranks, lora=lora, lora_scale=lora_scale,
-                           allow_unmatched=allow_unmatched,
-                           metadata=entries, no_metadata=no_metadata)
+                           allow_unmatched=allow_unmatched, otherwise=otherwise and otherwise.value,
+                           prefix_tokens=prefix_tokens, grid=grid, metadata=entries, no_metadata=no_metadata)
     if json:
         print_json(report)
         return
     details = []
     if report["mode"] == "into":
         details = [f"copied {len(report['copied'])}, renamed {len(report['renamed'])}, "
-                   f"kept from template {len(report['kept_from_template'])}, "
+                   f"adapted {len(report['adapted'])}, kept from template {len(report['kept_from_template'])}, "
                    f"mismatched {len(report['mismatched'])}, left out {len(report['left_out'])}"]
         if dry_run or not quiet:
             _print_into_table(report, stderr=not dry_run)
@@ -119,10 +126,12 @@ def _print_into_table(report: dict, stderr: bool) -> None:
         table.add_row(printable(name), "copied", "")
     for source, name in report["renamed"].items():
         table.add_row(printable(name), "renamed", f"from {printable(source)}")
+    for a in report["adapted"]:
+        table.add_row(printable(a["name"]), f"adapted ({a['rule']})", f"{a['from']} -> {a['to']}")
     for m in report["mismatched"]:
         table.add_row(printable(m["name"]), f"mismatched ({m['policy']})", f"{m['source_shape']} -> {m['template_shape']}")
     for name in report["kept_from_template"]:
-        table.add_row(printable(name), "kept from template", "")
+        table.add_row(printable(name), "kept from template", printable(report["kept_reasons"].get(name, "")))
     for name in report["left_out"]:
         table.add_row(printable(name), "left out", "not in the template")
     console(stderr).print(table)

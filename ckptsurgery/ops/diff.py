@@ -4,29 +4,19 @@ and values that differ beyond a tolerance."""
 from __future__ import annotations
 
 import math
-import struct
+from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import UsageError
 from ..io import TensorRef, open_checkpoint
 
 
-_COMPARE_CHUNK = 16 * 1024 * 1024
+def _same_bytes(a: TensorRef, b: TensorRef, pool) -> bool:
+    """Bit for bit, and for quantized tensors the same scales and zero points too: the tensors'
+    SHA-256 as `inspect --hash` prints them (ops/digest.py), both sides hashed at once, streamed."""
+    from .digest import tensor_sha256
 
-
-def _same_bytes(a: TensorRef, b: TensorRef) -> bool:
-    """Bit for bit, and for quantized tensors the same scales and zero points too."""
-    va, vb = memoryview(a.data()).cast("B"), memoryview(b.data()).cast("B")
-    same = all(va[i : i + _COMPARE_CHUNK] == vb[i : i + _COMPARE_CHUNK] for i in range(0, len(va), _COMPARE_CHUNK))
-    return same and _quant_key(a) == _quant_key(b)
-
-
-def _quant_key(t: TensorRef):
-    q = t.quant
-    if q is None:
-        return None
-    if q.axis is None:  # the scale's bits: a NaN scale equals itself
-        return q.scheme.name, struct.pack("<d", q.scale), q.zero_point
-    return q.scheme.name, q.axis, bytes(q.scale.data()), bytes(q.zero_point.data())
+    other = pool.submit(tensor_sha256, b)
+    return tensor_sha256(a) == other.result()
 
 
 _VALUE_CHUNK = 1 << 20  # elements widened at a time: a few float64 copies of 8 MB each
@@ -124,7 +114,8 @@ def diff(a: str, b: str, *, atol: float = 0.0, root: str | None = None) -> dict:
     whose dtype changed is judged on its values. `identical` is the verdict the exit code follows."""
     if type(atol) not in (int, float) or not (math.isfinite(atol) and atol >= 0):
         raise UsageError(f"--atol must be a finite number >= 0, not {atol}")
-    with open_checkpoint(a, root) as ca, open_checkpoint(b, root) as cb:
+    with open_checkpoint(a, root) as ca, open_checkpoint(b, root) as cb, \
+            ThreadPoolExecutor(1, thread_name_prefix="ckptsurgery-diff") as pool:
         only_a = [k for k in ca.tensors if k not in cb.tensors]
         only_b = [k for k in cb.tensors if k not in ca.tensors]
         shape_changed, dtype_changed, value_changed = [], [], []
@@ -142,7 +133,7 @@ def diff(a: str, b: str, *, atol: float = 0.0, root: str | None = None) -> dict:
                 if atol == 0:  # bit-exact: the dtype change alone differs; values are not read
                     continue
                 worst = change["max_abs_diff"] = _max_abs_diff(ta, tb)
-            elif _same_bytes(ta, tb):
+            elif _same_bytes(ta, tb, pool):
                 equal += 1
                 continue
             else:

@@ -18,10 +18,12 @@ from .write import ProgressFactory
 
 
 def inspect(input: str, *, keys: list[str] | None = None, stats: bool = False, tree: bool = False,
-            depth: int | None = None, root: str | None = None, progress: ProgressFactory | None = None) -> dict:
+            depth: int | None = None, hash: bool = False, root: str | None = None,
+            progress: ProgressFactory | None = None) -> dict:
     """The report of `inspect_report` for the keys that `keys` select; with `stats`, each tensor's
-    `tensor_stats` (reads data); with `tree`, the `module_tree` rows under "tree", `depth` levels
-    deep."""
+    `tensor_stats` (reads data); with `hash`, each tensor's "sha256" and the listed tensors'
+    "fingerprint" (ops/digest.py); with `tree`, the `module_tree` rows under "tree", `depth`
+    levels deep."""
     if depth is not None and not tree:
         raise UsageError("--depth applies to --tree only")
     if depth is not None and (type(depth) is not int or depth < 1):
@@ -36,6 +38,16 @@ def inspect(input: str, *, keys: list[str] | None = None, stats: bool = False, t
                 entry.update(tensor_stats(t))
                 if tick:
                     tick(t.nbytes)
+        if hash:
+            from .digest import fingerprint, hashes_of
+
+            chosen = {e["name"]: ckpt.tensors[e["name"]] for e in report["tensors"]}
+            tick = progress(sum(t.nbytes for t in _unique_views(chosen, ckpt.shares_with())), "hashing") \
+                if progress else None
+            hashes = hashes_of(chosen, tick)
+            for entry in report["tensors"]:
+                entry["sha256"] = hashes[entry["name"]]
+            report["fingerprint"] = fingerprint(hashes)
         if tree:
             chosen = {e["name"]: ckpt.tensors[e["name"]] for e in report["tensors"]}
             report["tree"] = module_tree(chosen, depth)

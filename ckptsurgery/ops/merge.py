@@ -260,15 +260,26 @@ def _check_fits(name: str, source: TensorRef, template: TensorRef) -> None:
                         f"{way_out}")
 
 
-def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: str) -> tuple[OrderedDict, dict]:
-    """`model_dict.update(pretrained_dict)`: the template's keys, shapes and dtypes, in its order."""
+def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: str,
+                   adapting: dict | None = None) -> tuple[OrderedDict, dict]:
+    """`model_dict.update(pretrained_dict)`: the template's keys, shapes and dtypes, in its order.
+    `adapting` (with on_mismatch "adapt"): "otherwise", "prefix_tokens", "grid"."""
+    from . import adapt
+
     found: dict[str, tuple[int, str, str]] = {}  # template key -> (source index, source key, how)
     for index, ckpt in enumerate(ckpts):
         for target, (source_key, how) in core.align(ckpt.tensors, template.tensors).items():
             found.setdefault(target, (index, source_key, how))
     used = {(index, source_key) for index, source_key, _ in found.values()}
     merged: OrderedDict[str, TensorRef] = OrderedDict()
-    report = {"copied": [], "renamed": {}, "kept_from_template": [], "mismatched": [], "left_out": []}
+    report = {"copied": [], "renamed": {}, "adapted": [], "kept_from_template": [], "kept_reasons": {},
+              "mismatched": [], "left_out": []}
+    shapes = {name: (ckpts[found[name][0]].tensors[found[name][1]].shape, tt.shape)
+              for name, tt in template.tensors.items() if name in found
+              and ckpts[found[name][0]].tensors[found[name][1]].shape != tt.shape}
+    rules = core.adapt_rules(shapes) if on_mismatch == "adapt" else {}
+    otherwise = (adapting or {}).get("otherwise")
+    unfit, made = [], {}  # made: (source view, template view) -> the adapted tensor, so ties stay tied
     for name, tt in template.tensors.items():
         if name not in found:
             merged[name] = tt
@@ -276,23 +287,54 @@ def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: s
             continue
         index, source_key, how = found[name]
         st = ckpts[index].tensors[source_key]
-        copies = on_mismatch == "overlap" if st.shape != tt.shape else st.dtype is not tt.dtype
+        where = f"{ckpts[index].path}: {source_key} -> {template.path}: {name}"
+        rule = rules.get(name)
+        if rule == "head":
+            merged[name] = tt
+            report["kept_from_template"].append(name)
+            report["kept_reasons"][name] = (f"a classifier head, {list(st.shape)} -> {list(tt.shape)}: the new "
+                                           f"model's fresh values kept")
+            continue
+        if rule is not None:
+            if not (st.is_plain and tt.is_plain and st.dtype.floating and tt.dtype.floating):
+                raise CkptError(f"{where}: {st.dtype.name} -> {tt.dtype.name}: shape adapters work on floating "
+                                f"tensors only; drop the key from the source, or use --on-mismatch skip")
+            position = (core.prefix_and_grids(st.shape[-2], tt.shape[-2], adapting.get("prefix_tokens"),
+                                              adapting.get("grid")) if rule == "position" else None)
+            tie = (st.view_key(), tt.view_key())
+            if tie not in made:
+                made[tie] = adapt.adapted(rule, st, tt, position)
+            merged[name] = made[tie]
+            report["adapted"].append({"name": name, "rule": rule, "from": list(st.shape), "to": list(tt.shape),
+                                      **({"prefix_tokens": position[0], "grid": [list(position[1]), list(position[2])]}
+                                         if position else {})})
+            continue
+        policy = otherwise if on_mismatch == "adapt" else on_mismatch
+        if st.shape != tt.shape and on_mismatch == "adapt" and otherwise is None:
+            unfit.append(f"{name} {list(st.shape)} -> {list(tt.shape)}")
+            continue
+        copies = policy == "overlap" if st.shape != tt.shape else st.dtype is not tt.dtype
         if copies:
-            _check_fits(f"{ckpts[index].path}: {source_key} -> {template.path}: {name}", st, tt)
+            _check_fits(where, st, tt)
         if st.shape != tt.shape:
             report["mismatched"].append({"name": name, "source_shape": list(st.shape),
-                                         "template_shape": list(tt.shape), "policy": on_mismatch})
-            merged[name] = _overlap(st, tt) if on_mismatch == "overlap" else tt
+                                         "template_shape": list(tt.shape), "policy": policy})
+            merged[name] = _overlap(st, tt) if policy == "overlap" else tt
             continue
         merged[name] = st if st.dtype is tt.dtype else _cast(st, tt.dtype)
         if how == "exact":
             report["copied"].append(name)
         else:
             report["renamed"][source_key] = name
+    if unfit:
+        raise CkptError(f"{len(unfit)} shape mismatch(es) no adapter fits: {'; '.join(unfit[:10])}"
+                        f"{' …' if len(unfit) > 10 else ''} (--otherwise skip keeps the template's tensor, "
+                        f"overlap copies the shared block)")
     if report["mismatched"] and on_mismatch == "error":
         listing = "; ".join(f"{m['name']} {m['source_shape']} -> {m['template_shape']}" for m in report["mismatched"])
         raise CkptError(f"{len(report['mismatched'])} shape mismatch(es): {listing} "
-                        f"(--on-mismatch skip keeps the template's tensor, overlap copies the shared block)")
+                        f"(--on-mismatch skip keeps the template's tensor, overlap copies the shared block, "
+                        f"adapt fits them by their kind)")
     seen = {source_key for _, source_key, _ in found.values()}  # each name in one list only
     for index, ckpt in enumerate(ckpts):
         for k in ckpt.tensors:
@@ -302,6 +344,20 @@ def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: s
     return merged, report
 
 
+def _parse_grid(grid) -> tuple[int, int] | None:
+    """--grid "H,W" (or (H, W) from the library): the template's grid of patches."""
+    if grid is None:
+        return None
+    try:
+        parts = grid.split(",") if isinstance(grid, str) else list(grid)
+        h, w = (int(p) for p in parts)
+    except (ValueError, TypeError):
+        raise UsageError(f"--grid {grid!r}: expected H,W (two whole numbers)") from None
+    if h < 1 or w < 1:
+        raise UsageError(f"--grid {grid!r}: both sizes must be 1 or more")
+    return h, w
+
+
 def merge(sources: list[str], output: str, *, into: str | None = None, on_mismatch: str | None = None,
           on_conflict: str | None = None, average: bool = False, method: str | None = None,
           base: str | None = None, weights: str | list[float] | None = None, density: float | None = None,
@@ -309,14 +365,19 @@ def merge(sources: list[str], output: str, *, into: str | None = None, on_mismat
           root: str | None = None, force: bool = False, dry_run: bool = False,
           progress: ProgressFactory | None = None, format: str | None = None, ranks: Ranks | None = None,
           lora: list[str] | None = None, lora_scale: list[float] | None = None,
-          allow_unmatched: bool = False, metadata: dict[str, str] | None = None,
+          allow_unmatched: bool = False, otherwise: str | None = None, prefix_tokens: int | None = None,
+          grid: str | tuple[int, int] | None = None, metadata: dict[str, str] | None = None,
           no_metadata: bool = False) -> dict:
     """Four modes: plain union (`on_conflict`, default error), `into` a template (`on_mismatch`,
-    default error), a merge `method` (`average` is method "linear") with its parameters, or
-    `lora` adapters folded into one base (`lora_scale`, `allow_unmatched`; see ops/lora.py). An
-    option of another mode is refused. `dtype` casts the floating tensors written. A
-    safetensors output keeps the metadata of the first source (with `method`, of the base if
-    given; with `lora`, of the base), edited by `metadata` / `no_metadata` (see write_checkpoint)."""
+    default error; "adapt" with `otherwise`, `prefix_tokens`, `grid`), a merge `method` (`average`
+    is method "linear") with its parameters, or `lora` adapters folded into one base
+    (`lora_scale`, `allow_unmatched`; see ops/lora.py). An option of another mode is refused.
+    `dtype` casts the floating tensors written. A safetensors output keeps the metadata of the
+    first source (with `method`, of the base if given; with `lora`, of the base), edited by
+    `metadata` / `no_metadata` (see write_checkpoint)."""
+    for option, value in (("otherwise", otherwise), ("prefix-tokens", prefix_tokens), ("grid", grid)):
+        if value is not None and on_mismatch != "adapt":
+            raise UsageError(f"--{option} applies to --on-mismatch adapt only")
     if lora:
         return _merge_lora(sources, output, lora, lora_scale, allow_unmatched, into=into, average=average,
                            method=method, base=base, density=density, scale=scale, t=t, seed=seed,
@@ -335,6 +396,12 @@ def merge(sources: list[str], output: str, *, into: str | None = None, on_mismat
         raise UsageError(f"--into and --{'average' if average else 'method'} do not combine: merge first, then merge --into")
     if on_mismatch is not None and into is None:
         raise UsageError("--on-mismatch applies to merge --into only")
+    if otherwise is not None:
+        otherwise = core.check_choice(otherwise, core.OTHERWISE_POLICIES, "--otherwise")
+    if prefix_tokens is not None and (isinstance(prefix_tokens, bool) or not isinstance(prefix_tokens, int)
+                                      or prefix_tokens < 0):
+        raise UsageError(f"--prefix-tokens {prefix_tokens!r}: a whole number, 0 or more")
+    adapting = {"otherwise": otherwise, "prefix_tokens": prefix_tokens, "grid": _parse_grid(grid)}
     if on_conflict is not None and (into is not None or method is not None):
         raise UsageError(f"--on-conflict applies to a plain merge only, not to --{'into' if into is not None else 'method'}")
     given = {"weights": weights, "density": density, "scale": scale, "t": t, "seed": seed}
@@ -363,7 +430,7 @@ def merge(sources: list[str], output: str, *, into: str | None = None, on_mismat
         notes: dict = {}
         if into is not None:
             template = stack.enter_context(open_checkpoint(into))
-            merged, details = _into_template(ckpts, template, on_mismatch)
+            merged, details = _into_template(ckpts, template, on_mismatch, adapting)
             first, mode = template, "into"
         elif method is not None:
             base_ckpt = stack.enter_context(open_checkpoint(base, root)) if base is not None else None
