@@ -238,9 +238,10 @@ def overlap_region(source_shape: tuple[int, ...], template_shape: tuple[int, ...
 
 # ---- shape adapters (merge --into --on-mismatch adapt) -----------------------------------------
 
-POSITION_NAMES = frozenset({"pos_embed", "position_embeddings", "absolute_pos_embed", "pos_embedding",
-                            "position_embedding"})
-TOKEN_NAMES = frozenset({"embed_tokens", "word_embeddings", "wte", "lm_head", "shared", "embed_out"})
+POSITION_PARTS = ("pos_embed", "position_embedding")  # in any part of a key: decoder_pos_embed, ...
+TOKEN_NAMES = frozenset({"embed_tokens", "word_embeddings", "wte", "lm_head", "shared", "embed_out", "embed_in",
+                         "tok_embeddings", "token_embedding", "token_embeddings"})
+TOKEN_KEYS = frozenset({"output.weight", "output.bias"})  # Meta's reference layout: the output layer
 HEAD_NAMES = frozenset({"head", "fc", "classifier"})
 
 
@@ -248,16 +249,23 @@ def _names_in(key: str, names: frozenset) -> bool:
     return not names.isdisjoint(key.split("."))
 
 
+def _is_position(key: str) -> bool:
+    return any(part in piece for piece in key.split(".") for part in POSITION_PARTS)
+
+
 def _module_of(key: str) -> str:
     return key.rsplit(".", 1)[0] if "." in key else ""
 
 
-def adapt_rules(mismatches: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> dict[str, str | None]:
+def adapt_rules(mismatches: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
+                tied: list[list[str]] = ()) -> dict[str, str | None]:
     """The rule for each shape mismatch (name -> (source shape, template shape), in the template's
-    order): by name first, then by shape, so that a [1, P+H·W, D] position embedding is never
-    taken for a convolution. "position", "rows" (token embeddings and output rows, and their
-    bias), "channels" (a convolution's input channels), "head" (a classifier: kept from the
-    template, and its bias), or None when no rule fits."""
+    order): by name first — a name that claims a kind gets that kind's rule or none, so that a
+    position embedding is never taken for a convolution — then by shape. "position", "rows"
+    (token embeddings and output rows, and their bias), "channels" (a convolution's input
+    channels), "head" (a classifier: kept from the template, and its bias), or None when no rule
+    fits. Names `tied` together (one storage in the template) take one rule: the first that
+    adapts, over a head's."""
     rules: dict[str, str | None] = {}
     heads: set[str] = set()
     row_modules: set[str] = set()
@@ -268,21 +276,32 @@ def adapt_rules(mismatches: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) 
     for name, (old, new) in mismatches.items():
         same_rank = len(old) == len(new)
         differs = [i for i in range(len(old)) if same_rank and old[i] != new[i]]
+        empty = 0 in old or 0 in new  # nothing to resample, average or repeat
         rule = None
-        if _names_in(name, POSITION_NAMES) and same_rank and len(old) in (2, 3) and differs == [len(old) - 2] \
-                and (len(old) == 2 or old[0] == 1):
-            rule = "position"
-        elif _names_in(name, TOKEN_NAMES) and len(old) == 2 and differs == [0]:
-            rule = "rows"
-            row_modules.add(_module_of(name))
-        elif len(old) in (3, 4, 5) and differs == [1]:
+        if _is_position(name):
+            if not empty and same_rank and len(old) in (2, 3) and differs == [len(old) - 2] \
+                    and (len(old) == 2 or old[0] == 1):
+                rule = "position"
+        elif _names_in(name, TOKEN_NAMES) or name in TOKEN_KEYS:
+            if not empty and len(old) == 2 and differs == [0]:
+                rule = "rows"
+                row_modules.add(_module_of(name))
+        elif not empty and name.endswith("weight") and len(old) in (3, 4, 5) and differs == [1]:
             rule = "channels"
         elif len(old) == 2 and differs == [0] and (_names_in(name, HEAD_NAMES) or name == last_rows):
             rule = "head"
             heads.add(_module_of(name))
         rules[name] = rule
+    for group in tied:  # one storage, one rule: an output layer tied to the embeddings grows with them
+        chosen = next((rules[n] for n in group if rules.get(n) not in (None, "head")), None)
+        for n in group:
+            if n in rules and chosen is not None:
+                rules[n] = chosen
+                if chosen == "rows":
+                    row_modules.add(_module_of(n))
+                heads.discard(_module_of(n))
     for name, (old, new) in mismatches.items():  # a bias follows its weight's rule
-        if rules[name] is None and len(old) == len(new) == 1 and name.endswith("bias"):
+        if rules[name] is None and len(old) == len(new) == 1 and name.endswith("bias") and 0 not in old:
             module = _module_of(name)
             rules[name] = "rows" if module in row_modules else "head" if module in heads else None
     return rules
@@ -292,9 +311,9 @@ def prefix_and_grids(old: int, new: int, prefix: int | None = None, grid: tuple[
     """(P, old grid, new grid) of a position embedding going from `old` to `new` tokens: P prefix
     tokens (class, register) and a square grid before; after, the square grid the rest makes, or
     `grid`. P is `prefix`, else the one P in 0…8 that leaves perfect squares on both sides."""
-    def square(n: int) -> int | None:
-        root = math.isqrt(n) if n >= 0 else -1
-        return root if root >= 0 and root * root == n else None
+    def square(n: int) -> int | None:  # the side of a square grid of n > 0 tokens
+        root = math.isqrt(n) if n > 0 else 0
+        return root if root and root * root == n else None
 
     if prefix is None:
         if grid is not None:

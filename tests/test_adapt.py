@@ -187,3 +187,21 @@ def test_what_no_rule_fits_is_an_error_unless_otherwise(cli, tmp_path):
 def test_adapt_options_are_refused_elsewhere(cli, tmp_path, zip_pth, args, message):
     result = cli("merge", zip_pth, "--into", zip_pth, *args, "-o", tmp_path / "m.pth")
     assert result.code == 2 and message in result.err
+
+
+def test_otherwise_also_takes_what_a_rule_claims_but_cannot_fit(cli, tmp_path):
+    """A position embedding whose grid cannot be told, an integer table a rule names: errors by
+    default, --otherwise's policy with it; a source matched through `module.` is named."""
+    torch.save({"module.pos_embed": torch.randn(1, 17, 4), "module.wte.weight": torch.randn(5, 4).long()},
+               tmp_path / "a.pth")
+    torch.save({"pos_embed": torch.zeros(1, 23, 4), "wte.weight": torch.zeros(6, 4, dtype=torch.long)},
+               tmp_path / "t.pth")
+    args = ["merge", tmp_path / "a.pth", "--into", tmp_path / "t.pth", "--on-mismatch", "adapt"]
+    assert_one_error_line(cli(*args, "-o", tmp_path / "o.pth"), "module.pos_embed -> ", "no count of prefix tokens")
+    report = cli(*args, "--otherwise", "skip", "-o", tmp_path / "o.pth", "--json").json()
+    assert {m["name"]: m["policy"] for m in report["mismatched"]} == {"pos_embed": "skip", "wte.weight": "skip"}
+    torch.save({"module.pos_embed": torch.randn(1, 17, 4)}, tmp_path / "b.pth")
+    torch.save({"pos_embed": torch.zeros(1, 26, 4)}, tmp_path / "u.pth")
+    report = cli("merge", tmp_path / "b.pth", "--into", tmp_path / "u.pth", "--on-mismatch", "adapt",
+                 "-o", tmp_path / "p.pth", "--json").json()
+    assert report["adapted"][0]["source"] == "module.pos_embed" and report["adapted"][0]["grid"] == [[4, 4], [5, 5]]

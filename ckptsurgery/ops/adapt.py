@@ -28,12 +28,12 @@ def adapt_position(pos, prefix: int, old_grid: tuple[int, int], new_grid: tuple[
     import torch.nn.functional as F
 
     flat = pos.dim() == 2
-    pos = pos.float().reshape(1, -1, pos.shape[-1])
-    head, grid = pos[:, :prefix], pos[:, prefix:]
+    pos = pos.reshape(1, -1, pos.shape[-1])
+    head, grid = pos[:, :prefix], pos[:, prefix:].float()  # the prefix tokens as they are
     dim = grid.shape[-1]
     grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=new_grid, mode="bicubic", antialias=True, align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos.dtype)
     out = torch.cat([head, grid], dim=1) if prefix else grid
     return out[0] if flat else out
 
@@ -42,10 +42,9 @@ def adapt_rows(t, rows: int):
     """First dimension resized to `rows`: the rows both have, then the mean of the old rows."""
     import torch
 
-    t = t.float()
     if rows <= t.shape[0]:
-        return t[:rows].clone()
-    fill = t.mean(dim=0, keepdim=True).expand(rows - t.shape[0], *t.shape[1:])
+        return t[:rows]  # the rows kept as they are (cast once, to the template's dtype)
+    fill = t.float().mean(dim=0, keepdim=True).to(t.dtype).expand(rows - t.shape[0], *t.shape[1:])
     return torch.cat([t, fill], dim=0)
 
 

@@ -277,8 +277,13 @@ def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: s
     shapes = {name: (ckpts[found[name][0]].tensors[found[name][1]].shape, tt.shape)
               for name, tt in template.tensors.items() if name in found
               and ckpts[found[name][0]].tensors[found[name][1]].shape != tt.shape}
-    rules = core.adapt_rules(shapes) if on_mismatch == "adapt" else {}
-    otherwise = (adapting or {}).get("otherwise")
+    views: dict[tuple, list[str]] = {}  # names tied in the template: one storage, one outcome
+    for name, tt in template.tensors.items():
+        views.setdefault(tt.view_key(), []).append(name)
+    tied = [names for names in views.values() if len(names) > 1]
+    rules = core.adapt_rules(shapes, tied) if on_mismatch == "adapt" else {}
+    adapting = adapting or {}
+    otherwise = adapting.get("otherwise")
     unfit, made = [], {}  # made: (source view, template view) -> the adapted tensor, so ties stay tied
     for name, tt in template.tensors.items():
         if name not in found:
@@ -296,16 +301,23 @@ def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: s
                                            f"model's fresh values kept")
             continue
         if rule is not None:
-            if not (st.is_plain and tt.is_plain and st.dtype.floating and tt.dtype.floating):
-                raise CkptError(f"{where}: {st.dtype.name} -> {tt.dtype.name}: shape adapters work on floating "
-                                f"tensors only; drop the key from the source, or use --on-mismatch skip")
-            position = (core.prefix_and_grids(st.shape[-2], tt.shape[-2], adapting.get("prefix_tokens"),
-                                              adapting.get("grid")) if rule == "position" else None)
+            try:
+                if not (st.is_plain and tt.is_plain and st.dtype.floating and tt.dtype.floating):
+                    raise CkptError(f"{where}: {st.dtype.name} -> {tt.dtype.name}: shape adapters work on floating "
+                                    f"tensors only; drop the key from the source, or give --otherwise")
+                position = (core.prefix_and_grids(st.shape[-2], tt.shape[-2], adapting.get("prefix_tokens"),
+                                                  adapting.get("grid")) if rule == "position" else None)
+            except CkptError as e:
+                if otherwise is None:
+                    raise CkptError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+                rule = None  # the rule cannot apply here: --otherwise says what to do
+        if rule is not None:
             tie = (st.view_key(), tt.view_key())
             if tie not in made:
                 made[tie] = adapt.adapted(rule, st, tt, position)
             merged[name] = made[tie]
             report["adapted"].append({"name": name, "rule": rule, "from": list(st.shape), "to": list(tt.shape),
+                                      **({"source": source_key} if how != "exact" else {}),
                                       **({"prefix_tokens": position[0], "grid": [list(position[1]), list(position[2])]}
                                          if position else {})})
             continue
@@ -330,6 +342,13 @@ def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: s
         raise CkptError(f"{len(unfit)} shape mismatch(es) no adapter fits: {'; '.join(unfit[:10])}"
                         f"{' …' if len(unfit) > 10 else ''} (--otherwise skip keeps the template's tensor, "
                         f"overlap copies the shared block)")
+    if on_mismatch == "adapt":
+        _keep_template_ties(tied, merged, report)
+        if not any(a["rule"] == "position" for a in report["adapted"]):
+            for option in ("prefix_tokens", "grid"):
+                if adapting.get(option) is not None:
+                    raise UsageError(f"--{option.replace('_', '-')} applies to a position embedding that is "
+                                     f"adapted; this merge adapts none")
     if report["mismatched"] and on_mismatch == "error":
         listing = "; ".join(f"{m['name']} {m['source_shape']} -> {m['template_shape']}" for m in report["mismatched"])
         raise CkptError(f"{len(report['mismatched'])} shape mismatch(es): {listing} "
@@ -342,6 +361,28 @@ def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: s
                 seen.add(k)
                 report["left_out"].append(k)
     return merged, report
+
+
+def _keep_template_ties(tied: list[list[str]], merged: OrderedDict, report: dict) -> None:
+    """Names tied in the template stay tied: one that kept the template's fresh values (a source
+    that stores a tied weight once, under the other name) takes its partner's, and is reported
+    as its partner is."""
+    kept = set(report["kept_from_template"])
+    copied = set(report["copied"]) | set(report["renamed"].values())
+    adapted = {a["name"]: a for a in report["adapted"]}
+    for names in tied:
+        donor = next((n for n in names if n in adapted or n in copied), None)
+        if donor is None:
+            continue
+        for name in names:
+            if name in kept:
+                merged[name] = merged[donor]
+                report["kept_from_template"].remove(name)
+                report["kept_reasons"].pop(name, None)
+                if donor in adapted:
+                    report["adapted"].append({**adapted[donor], "name": name, "tied_to": donor})
+                else:
+                    report["copied"].append(name)
 
 
 def _parse_grid(grid) -> tuple[int, int] | None:
