@@ -374,6 +374,12 @@ def is_tool_metadata(key: str) -> bool:
     return key == METADATA_FORMAT_KEY or key.startswith(METADATA_RESERVED_PREFIX)
 
 
+def _short(text: object, limit: int = 60) -> str:
+    """A name as an error shows it: quoted, and cut — one line, however long the key."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[:limit] + "…"
+
+
 def check_metadata(entries: dict, where: str) -> dict[str, str]:
     """`entries` to set in an output's metadata, checked: strings to strings, valid Unicode,
     no key the tool writes itself. Raises UsageError naming `where` (an option or a file)."""
@@ -381,15 +387,15 @@ def check_metadata(entries: dict, where: str) -> dict[str, str]:
         raise UsageError(f"{where}: metadata must be a JSON object of string keys to string values")
     for key, value in entries.items():
         if not isinstance(key, str) or not isinstance(value, str):
-            raise UsageError(f"{where}: metadata entry {key!r}: {type(value).__name__} value; keys and values "
-                             f"must be strings (quote numbers: \"3\")")
+            raise UsageError(f"{where}: metadata entry {_short(key)}: {type(value).__name__} value; keys and "
+                             f"values must be strings (quote numbers: \"3\")")
         if not key:
             raise UsageError(f"{where}: a metadata key cannot be empty")
         for text in (key, value):
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:
-                raise UsageError(f"{where}: metadata entry {key!r} holds text that is not valid Unicode") from None
+                raise UsageError(f"{where}: metadata entry {_short(key)} holds text that is not valid Unicode") from None
         if key == METADATA_FORMAT_KEY:
             raise UsageError(f"{where}: metadata key 'format' is written by ckptsurgery (always \"pt\", the "
                              f"layout torch reads) and cannot be set")
@@ -405,20 +411,25 @@ def parse_metadata_pairs(pairs: Iterable[str]) -> dict[str, str]:
     for pair in pairs:
         key, eq, value = pair.partition("=")
         if not eq or not key:
-            raise UsageError(f"--metadata {pair!r}: give KEY=VALUE (an empty VALUE is allowed: KEY=)")
-        entries.update(check_metadata({key: value}, f"--metadata {pair!r}"))
+            raise UsageError(f"--metadata {_short(pair)}: give KEY=VALUE (an empty VALUE is allowed: KEY=)")
+        entries.update(check_metadata({key: value}, f"--metadata {_short(pair)}"))
     return entries
 
 
-def plan_metadata(kept: dict[str, str], entries: dict[str, str] | None, clear: bool,
-                  holds_metadata: bool = True) -> tuple[dict[str, str] | None, list[str]]:
+def plan_metadata(kept: dict, entries: dict[str, str] | None, clear: bool, holds_metadata: bool = True,
+                  cast: bool = False, sharded: bool = False) -> tuple[dict[str, str] | None, list[str]]:
     """The metadata an output carries besides `format` and the tool's records, sorted (None when
     the output's format holds none), and the input's keys it does not carry, sorted. `kept`: the
-    input's metadata; `entries`: the user's, set last; `clear`: start from nothing."""
+    input's metadata; `entries`: the user's, set last; `clear`: start from nothing. Dropped
+    besides: content hashes (the bytes may change), values that are not text (an index's
+    numbers), `dtype` after a cast (it would be untrue), `total_size` in shards (the index's own)."""
     if not holds_metadata:
         return None, sorted(k for k in kept if not is_tool_metadata(k))
-    out = {} if clear else {k: v for k, v in kept.items()
-                            if not is_tool_metadata(k) and k not in METADATA_CONTENT_HASHES}
+    stale = {"dtype"} if cast else set()
+    out = {} if clear else {k: v for k, v in kept.items() if not is_tool_metadata(k) and isinstance(v, str)
+                            and k not in METADATA_CONTENT_HASHES and k not in stale}
     out.update(entries or {})
+    if sharded:
+        out.pop("total_size", None)
     dropped = sorted(k for k in kept if not is_tool_metadata(k) and k not in out)
     return dict(sorted(out.items())), dropped

@@ -12,7 +12,7 @@ from .. import dtypes
 from ..errors import CkptError
 from .model import INT64_MAX, Checkpoint, MappedFile, Storage, TensorRef, check_key, contiguous_strides, numel_of
 
-MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_HEADER = 100_000_000  # the safetensors library's own limit (bytes): it refuses a longer header
 ALIASES_KEY = "ckptsurgery.aliases"  # metadata recording tied names stored once
 
 
@@ -23,8 +23,11 @@ def read_header(path: str, source: MappedFile) -> tuple[int, dict]:
     if length > min(MAX_HEADER, source.size - 8):
         raise CkptError(f"{path}: header length {length} runs past the end of the "
                         f"{source.size}-byte file (truncated or not safetensors)")
+    raw = bytes(source.view(8, length))
     try:
-        header = json.loads(bytes(source.view(8, length)).decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"))
+        if raw.count(b'"__metadata__"') > 1:  # rare: only then pay for a check of every key
+            json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_top_level)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CkptError(f"{path}: the safetensors header is not valid JSON ({str(e)[:100]})") from None
     if not isinstance(header, dict):
@@ -32,8 +35,17 @@ def read_header(path: str, source: MappedFile) -> tuple[int, dict]:
     return 8 + length, header
 
 
+def _unique_top_level(pairs: list) -> dict:
+    """Two `__metadata__` maps (or two entries of one name): safetensors refuses the header as
+    "duplicate field", and keeping either one would be a guess."""
+    if sum(k == "__metadata__" for k, _ in pairs) > 1:
+        raise ValueError("__metadata__ is given twice")
+    return dict(pairs)
+
+
 def _metadata(path: str, header: dict) -> dict[str, str]:
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    meta = {} if meta is None else meta  # `[]`, `""`, `0`: safetensors refuses them, as we do
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise CkptError(f"{path}: __metadata__ must map strings to strings")
     try:

@@ -100,7 +100,14 @@ def read_index(path: str, open_shard) -> Checkpoint:
     fmt = "sharded-safetensors" if kinds <= {"safetensors"} else "sharded-torch"
     # total_size describes these shards, not the tensors: a rewrite would carry a stale figure
     meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
-    meta = {k: v for k, v in meta.items() if isinstance(v, str) and k != "total_size"}
+    meta = {k: v for k, v in meta.items() if k != "total_size"}  # numbers too: a rewrite reports them dropped
+    try:
+        "".join(k + (v if isinstance(v, str) else "") for k, v in meta.items()).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CkptError(f"{path}: the index's metadata holds text that is not valid Unicode (a lone surrogate)") from None
+    if not meta and shards:  # an index of total_size alone (as Hugging Face and we write it): the shards' own
+        first = shards[sorted(shards)[0]]
+        meta = {k: v for k, v in (first.metadata or {}).items() if k != "format" and not k.startswith("ckptsurgery.")}
     sources = [src for shard in shards.values() for src in shard.sources]
     # transformers loads shards in sorted name order: an unsafe load meets their events so
     events = [e for name in sorted(shards) for e in shards[name].events]

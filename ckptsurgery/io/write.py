@@ -22,7 +22,7 @@ from ..errors import CkptError, UsageError
 from .model import JoinedSource, MappedFile, Storage, TensorRef, contiguous_strides, numel_of
 from .pickler import PickleRefused, TorchPickler
 from .pickled import InertGlobal
-from .safetensors import ALIASES_KEY, safetensors_shape
+from .safetensors import ALIASES_KEY, MAX_HEADER, safetensors_shape
 from .tensors import cast_bytes
 from .zipwriter import SMALL_RECORD, ZipWriter
 
@@ -411,6 +411,10 @@ def write_safetensors(f: BinaryIO, tensors: dict[str, TensorRef], metadata: dict
         offset += size
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * ((-len(raw)) % 8)  # the library pads the header to 8 bytes
+    if len(raw) > MAX_HEADER:  # safetensors would refuse the file ("header too large"); nothing is kept
+        raise CkptError(f"the safetensors header would be {len(raw):,} bytes, more than the {MAX_HEADER:,} "
+                        f"safetensors reads: write fewer tensors per file (--max-shard-size) or less metadata "
+                        f"(--no-metadata)")
     f.write(struct.pack("<Q", len(raw)) + raw)
     runs = _Runs(f, progress)
     for _, t, dtype in stored:

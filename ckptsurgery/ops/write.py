@@ -60,10 +60,12 @@ def metadata_options(pairs: list[str] | None = None, file: str | None = None) ->
     if file is not None:
         where = f"--metadata-file {file}"
         try:
+            if not os.path.exists(file):
+                raise UsageError(f"{where}: does not exist")
             if not os.path.isfile(file):  # a FIFO would block the read
                 raise UsageError(f"{where}: not a regular file")
             with open(file, encoding="utf-8") as f:
-                loaded = json.load(f)
+                loaded = json.load(f, object_pairs_hook=_no_duplicate_keys(where))
         except OSError as e:
             raise UsageError(f"{where}: cannot read it ({e.strerror})") from None
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
@@ -73,8 +75,20 @@ def metadata_options(pairs: list[str] | None = None, file: str | None = None) ->
     return entries
 
 
+def _no_duplicate_keys(where: str):
+    def build(pairs: list) -> dict:
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            twice = next(k for k in keys if keys.count(k) > 1)
+            raise UsageError(f"{where}: key {core._short(twice)} is given twice; which one is meant?")
+        return dict(pairs)
+
+    return build
+
+
 def _plan_metadata(ckpt: Checkpoint, output: str, holds: bool, metadata: dict[str, str] | None,
-                   no_metadata: bool, metadata_from: Checkpoint | None) -> tuple[dict | None, dict]:
+                   no_metadata: bool, metadata_from: Checkpoint | None, cast: bool = False,
+                   sharded: bool = False) -> tuple[dict | None, dict]:
     """The metadata written (besides `format` and the alias record; None where the output holds
     none) and the report's `metadata` and `metadata_dropped`. Options that cannot apply are refused."""
     if metadata is not None or no_metadata:
@@ -83,7 +97,12 @@ def _plan_metadata(ckpt: Checkpoint, output: str, holds: bool, metadata: dict[st
                              f"(a .pth or DCP output holds no metadata map)")
         metadata = core.check_metadata(metadata or {}, "metadata")
     kept = (ckpt if metadata_from is None else metadata_from).metadata
-    meta, dropped = core.plan_metadata(kept, metadata, no_metadata, holds)
+    layout = kept.get(core.METADATA_FORMAT_KEY)
+    if layout not in (None, "pt"):  # "tf", "flax", "mlx": names and layouts torch does not load as they are
+        raise CkptError(f"{(ckpt if metadata_from is None else metadata_from).path}: its metadata says format "
+                        f"{str(layout)[:20]!r}, not PyTorch's 'pt'; writing it as a PyTorch checkpoint would "
+                        f"mislabel it: convert it to PyTorch first (e.g. with transformers)")
+    meta, dropped = core.plan_metadata(kept, metadata, no_metadata, holds, cast=cast, sharded=sharded)
     shown = None if meta is None else dict(sorted({**meta, core.METADATA_FORMAT_KEY: "pt"}.items()))
     return meta, {"metadata": shown, "metadata_dropped": dropped}
 
@@ -253,7 +272,8 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: st
     if format is not None and format not in FORMATS:
         raise UsageError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
     fmt = "dcp" if format == "dcp" else output_format(output)
-    meta, metadata_report = _plan_metadata(ckpt, output, fmt == "safetensors", metadata, no_metadata, metadata_from)
+    meta, metadata_report = _plan_metadata(ckpt, output, fmt == "safetensors", metadata, no_metadata, metadata_from,
+                                           cast=cast is not None, sharded=max_shard_size is not None)
     jobs = _jobs(jobs, max_shard_size)
     if format == "dcp":
         return _write_dcp(ckpt, tensors, output, cast, max_shard_size, force, dry_run, progress,
@@ -324,10 +344,9 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: st
         if sharded and leader:
             # key order, not sorted as Hugging Face writes it: reading back keeps the model's order
             weight_map = {name: os.path.basename(files[shard_of[owner.get(name, name)]]) for name in tensors}
-            # the kept metadata too (sorted, after total_size, Hugging Face's own and a figure of
-            # these shards): reading the index gives it back, as each shard's header does
-            entries = {k: v for k, v in (meta or {}).items() if k != "total_size"}
-            body = {"metadata": {"total_size": total, **entries}, "weight_map": weight_map}
+            # total_size only, as Hugging Face writes it: transformers acts on what an index's
+            # metadata says (its `dtype` picks the dtype a model loads in); the shards carry the rest
+            body = {"metadata": {"total_size": total}, "weight_map": weight_map}
             with outputs.stage(index) as f:
                 f.write((json.dumps(body, indent=2) + "\n").encode())
         _commit_together(outputs, ranks, everything)
