@@ -183,6 +183,17 @@ class JoinedSource:
         pass
 
 
+def mapped_range(t: "TensorRef") -> "tuple[MappedFile | JoinedSource, int] | None":
+    """(source, byte offset) where a tensor's bytes lie in order in a mapped file, or across the
+    ranges of a joined one: any span of them can be viewed there without a copy. None for a
+    strided view, a computed tensor (it would be made whole again for every span) or a lazily
+    negated one."""
+    source = t.storage.source
+    if t.is_plain and t.is_contiguous and isinstance(source, (MappedFile, JoinedSource)):
+        return source, t.byte_range()[0]
+    return None
+
+
 def joined_tensor(shape: tuple[int, ...], dtype: DType, pieces: list[tuple[Any, int, int]]) -> "TensorRef":
     """A contiguous tensor whose row-major bytes are `pieces` (source, offset, nbytes) in order."""
     source = JoinedSource(pieces)

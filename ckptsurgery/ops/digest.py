@@ -29,11 +29,12 @@ def tensor_bytes(t: TensorRef) -> Iterator[memoryview]:
     """The tensor's row-major bytes in pieces: straight from the mapped file (or from each range
     of a joined one) when they lie there in order, else made once (a strided view, a computed
     tensor)."""
-    from ..io.model import JoinedSource, MappedFile
+    from ..io.model import JoinedSource, mapped_range
 
-    source = t.storage.source
-    if t.is_plain and t.is_contiguous and isinstance(source, (MappedFile, JoinedSource)):
-        start, nbytes = t.byte_range()
+    in_order = mapped_range(t)
+    if in_order is not None:
+        source, start = in_order
+        nbytes = t.nbytes
         ranges = source.ranges(start, nbytes) if isinstance(source, JoinedSource) else [(source, start, nbytes)]
         for leaf, offset, size in ranges:
             for at in range(offset, offset + size, _CHUNK):

@@ -11,7 +11,7 @@ from .. import core
 from ..dtypes import CAST_TARGETS, DType, convertible
 from ..errors import CkptError, UsageError
 from ..io import Checkpoint, TensorRef, open_checkpoint
-from ..io.model import JoinedSource, MappedFile, chunked_tensor, computed_tensor
+from ..io.model import chunked_tensor, computed_tensor, mapped_range
 from . import methods
 from .ranks import Ranks
 from .write import ProgressFactory, write_checkpoint
@@ -155,10 +155,9 @@ def _reader(t: TensorRef, wide: str) -> methods.Read:
     mapped file when its bytes lie in order there, else from one copy made at the first chunk and
     dropped after the last."""
     name, size, numel = t.dtype.name, t.dtype.itemsize, t.numel
-    # a range of a mapped file, or of pieces of them, is cheap to view; a computed source (a DCP
-    # tensor put together from column blocks) would be made whole again for every chunk
-    if t.is_plain and t.is_contiguous and isinstance(t.storage.source, (MappedFile, JoinedSource)):
-        source, first = t.storage.source, t.byte_range()[0]
+    in_order = mapped_range(t)
+    if in_order is not None:
+        source, first = in_order
         return lambda start, count: methods.decode(source.view(first + start * size, count * size), name, wide)
     held: list = []
 
