@@ -30,6 +30,7 @@ from .. import core
 from ..errors import CkptError, UsageError
 from ..io import Checkpoint, TensorRef, open_checkpoint
 from ..io.model import computed_tensor
+from .digest import tensor_sha256
 from .write import ProgressFactory, write_checkpoint
 
 PEFT_CONFIG = "adapter_config.json"
@@ -640,7 +641,7 @@ def fold(base: Checkpoint, adapters: list[tuple[Adapter, float]], *,
             if t.shape != target.shape or not (t.dtype.floating and target.dtype.floating):
                 raise CkptError(f"{adapter.path}: {name} {list(t.shape)} {t.dtype.name} cannot replace the base's "
                                 f"{key} {list(target.shape)} {target.dtype.name}")
-            if t.dtype is target.dtype and _same_bytes(t, target):
+            if t.dtype is target.dtype and tensor_sha256(t) == tensor_sha256(target):
                 continue  # the base's own values (peft saves the base embedding layer as it was)
             steps.setdefault(owner[key], []).append(("replace", t))
             replaced.append(key)
@@ -665,10 +666,6 @@ def fold(base: Checkpoint, adapters: list[tuple[Adapter, float]], *,
             out[name] = t
     changed = [name for name in tensors if owner[name] in steps]
     return out, {"adapters": reports, "folded": len(changed), "changed": changed, "unmatched": all_unmatched}
-
-
-def _same_bytes(a: TensorRef, b: TensorRef) -> bool:
-    return a.shape == b.shape and a.dtype is b.dtype and bytes(a.data()) == bytes(b.data())
 
 
 def parse_scales(scales: list[float] | None, count: int) -> list[float]:

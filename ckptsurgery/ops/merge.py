@@ -200,8 +200,7 @@ def _merged_tensor(name: str, method: str, group: list[TensorRef], params: dict,
 
         if not buffers:
             buffers.extend(np.empty(min(methods.CHUNK, merge.numel), wide) for _ in range(2))
-        count = min(methods.CHUNK, merge.numel - j * methods.CHUNK)
-        data = methods.encode(merge.chunk(j, out=buffers[j % 2][:count]), dtype.name)
+        data = methods.encode(merge.chunk(j, out=buffers[j % 2][:merge.span(j)[1]]), dtype.name)
         if merge.collinear:
             notes[name] = "nearly collinear: interpolated linearly"
         return data
@@ -218,7 +217,7 @@ def _merged_tensor(name: str, method: str, group: list[TensorRef], params: dict,
             buffers.clear()  # `data` keeps what it views alive until it is written
         return data
 
-    sizes = [min(methods.CHUNK, merge.numel - j * methods.CHUNK) * dtype.itemsize for j in range(merge.chunks)]
+    sizes = [merge.span(j)[1] * dtype.itemsize for j in range(merge.chunks)]
     return chunked_tensor(group[0].shape, dtype, sizes, make)
 
 

@@ -113,7 +113,7 @@ class TensorMerge:
     def chunks(self) -> int:
         return -(-self.numel // CHUNK)
 
-    def _span(self, j: int) -> tuple[int, int]:
+    def span(self, j: int) -> tuple[int, int]:
         start = j * CHUNK
         return start, min(CHUNK, self.numel - start)
 
@@ -148,7 +148,7 @@ class TensorMerge:
         self.cuts = []
         for i in range(1, len(self.reads)):
             magnitude = np.empty(n, self.wide)  # the one whole array: filled chunk by chunk
-            for s, c in map(self._span, range(self.chunks)):
+            for s, c in map(self.span, range(self.chunks)):
                 np.abs(self._delta(i, s, c, out=magnitude[s:s + c]), out=magnitude[s:s + c])
             magnitude.partition(n - k)  # in place: the k-th largest lands at n - k, larger ones after it
             cut = magnitude[n - k]
@@ -159,7 +159,7 @@ class TensorMerge:
                 self.cuts.append((cut, None, None))
                 continue
             equal = []  # equal entries beyond k (ties at the cut): the first ones in row-major order
-            for s, c in map(self._span, range(self.chunks)):
+            for s, c in map(self.span, range(self.chunks)):
                 equal.append(int(np.count_nonzero(np.abs(self._delta(i, s, c)) == cut)))
             before = [0, *np.cumsum(equal)[:-1].tolist()]
             self.cuts.append((cut, k - above, before))
@@ -211,7 +211,7 @@ class TensorMerge:
             before = after = 0.0
             masks = []
             for j in range(self.chunks):
-                start, count = self._span(j)
+                start, count = self.span(j)
                 magnitude = np.abs(self._delta(i, start, count, self._scratch(0, count)), out=self._scratch(0, count))
                 kept = self._draw_kept(i - 1, j, count)
                 before += float(magnitude.sum())
@@ -225,7 +225,7 @@ class TensorMerge:
 
         squares_a = squares_b = dot = 0.0
         for j in range(self.chunks):  # each chunk's sums in the wide dtype, the chunks' in float64
-            start, count = self._span(j)
+            start, count = self.span(j)
             a, b = self.reads[0](start, count), self.reads[1](start, count)
             squares_a += float(np.dot(a, a))
             squares_b += float(np.dot(b, b))
@@ -268,7 +268,7 @@ class TensorMerge:
     def _chunk(self, j: int, out):
         import numpy as np
 
-        start, count = self._span(j)
+        start, count = self.span(j)
         values = [read(start, count) for read in self.reads]
         if self.method == "linear":  # the weights divided by their sum first, in float64: 1e-50 each is 1/n
             total = math.fsum(self.weights)
