@@ -374,7 +374,7 @@ def is_tool_metadata(key: str) -> bool:
     return key == METADATA_FORMAT_KEY or key.startswith(METADATA_RESERVED_PREFIX)
 
 
-def _short(text: object, limit: int = 60) -> str:
+def short_repr(text: object, limit: int = 60) -> str:
     """A name as an error shows it: quoted, and cut — one line, however long the key."""
     shown = repr(text)
     return shown if len(shown) <= limit else shown[:limit] + "…"
@@ -387,7 +387,7 @@ def check_metadata(entries: dict, where: str) -> dict[str, str]:
         raise UsageError(f"{where}: metadata must be a JSON object of string keys to string values")
     for key, value in entries.items():
         if not isinstance(key, str) or not isinstance(value, str):
-            raise UsageError(f"{where}: metadata entry {_short(key)}: {type(value).__name__} value; keys and "
+            raise UsageError(f"{where}: metadata entry {short_repr(key)}: {type(value).__name__} value; keys and "
                              f"values must be strings (quote numbers: \"3\")")
         if not key:
             raise UsageError(f"{where}: a metadata key cannot be empty")
@@ -395,7 +395,7 @@ def check_metadata(entries: dict, where: str) -> dict[str, str]:
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:
-                raise UsageError(f"{where}: metadata entry {_short(key)} holds text that is not valid Unicode") from None
+                raise UsageError(f"{where}: metadata entry {short_repr(key)} holds text that is not valid Unicode") from None
         if key == METADATA_FORMAT_KEY:
             raise UsageError(f"{where}: metadata key 'format' is written by ckptsurgery (always \"pt\", the "
                              f"layout torch reads) and cannot be set")
@@ -411,8 +411,8 @@ def parse_metadata_pairs(pairs: Iterable[str]) -> dict[str, str]:
     for pair in pairs:
         key, eq, value = pair.partition("=")
         if not eq or not key:
-            raise UsageError(f"--metadata {_short(pair)}: give KEY=VALUE (an empty VALUE is allowed: KEY=)")
-        entries.update(check_metadata({key: value}, f"--metadata {_short(pair)}"))
+            raise UsageError(f"--metadata {short_repr(pair)}: give KEY=VALUE (an empty VALUE is allowed: KEY=)")
+        entries.update(check_metadata({key: value}, f"--metadata {short_repr(pair)}"))
     return entries
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from contextlib import ExitStack
@@ -172,17 +173,13 @@ def _reader(t: TensorRef, wide: str) -> methods.Read:
     return read
 
 
-_PREFETCHER = []
-
-
+@functools.cache
 def _prefetcher():
     """One thread that makes a merged tensor's next chunk while the writer writes this one
-    (numpy and the writes release the GIL: two cores work at once)."""
-    if not _PREFETCHER:
-        from concurrent.futures import ThreadPoolExecutor
+    (numpy and the writes release the GIL: two cores work at once); made on first use."""
+    from concurrent.futures import ThreadPoolExecutor
 
-        _PREFETCHER.append(ThreadPoolExecutor(1, thread_name_prefix="ckptsurgery-merge"))
-    return _PREFETCHER[0]
+    return ThreadPoolExecutor(1, thread_name_prefix="ckptsurgery-merge")
 
 
 def _merged_tensor(name: str, method: str, group: list[TensorRef], params: dict, dtype: DType,

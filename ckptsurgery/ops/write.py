@@ -80,7 +80,7 @@ def _no_duplicate_keys(where: str):
         keys = [k for k, _ in pairs]
         if len(set(keys)) != len(keys):
             twice = next(k for k in keys if keys.count(k) > 1)
-            raise UsageError(f"{where}: key {core._short(twice)} is given twice; which one is meant?")
+            raise UsageError(f"{where}: key {core.short_repr(twice)} is given twice; which one is meant?")
         return dict(pairs)
 
     return build
