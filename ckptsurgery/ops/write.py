@@ -96,15 +96,17 @@ def _plan_metadata(ckpt: Checkpoint, output: str, holds: bool, metadata: dict[st
             raise UsageError(f"{METADATA_OPTIONS} apply to .safetensors outputs only: {output} is not one "
                              f"(a .pth or DCP output holds no metadata map)")
         metadata = core.check_metadata(metadata or {}, "metadata")
-    kept = (ckpt if metadata_from is None else metadata_from).metadata
+    source = ckpt if metadata_from is None else metadata_from
+    kept = source.metadata
     layout = kept.get(core.METADATA_FORMAT_KEY)
     if layout not in (None, "pt"):  # "tf", "flax", "mlx": names and layouts torch does not load as they are
-        raise CkptError(f"{(ckpt if metadata_from is None else metadata_from).path}: its metadata says format "
+        raise CkptError(f"{source.path}: its metadata says format "
                         f"{str(layout)[:20]!r}, not PyTorch's 'pt'; writing it as a PyTorch checkpoint would "
                         f"mislabel it: convert it to PyTorch first (e.g. with transformers)")
     meta, dropped = core.plan_metadata(kept, metadata, no_metadata, holds, cast=cast, sharded=sharded)
     shown = None if meta is None else dict(sorted({**meta, core.METADATA_FORMAT_KEY: "pt"}.items()))
     return meta, {"metadata": shown, "metadata_dropped": dropped}
+
 
 MAX_DEFAULT_JOBS = 4  # more threads than this only add tensors in flight and seeks on one disk
 
