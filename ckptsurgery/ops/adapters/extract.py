@@ -1,0 +1,401 @@
+"""Extracting an adapter (`extract-lora`): a PEFT adapter folder whose fold into BASE
+approximates TUNED. Per weight, the truncated SVD of ΔW = TUNED − BASE (ΔWᵀ for the layouts
+kinds.TRANSPOSED): A = √S·Vh, B = U·√S with lora_alpha = r, so that folding it back gives the
+best rank-r approximation of ΔW (Eckart–Young), with relative error √(Σ dropped s²) / √(Σ s²).
+The output is the PEFT format (peft.py); a weight's kinds.Layout names its factors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping
+
+from ... import core
+from ...errors import CkptError, UsageError
+from ...io import Checkpoint, TensorRef, open_checkpoint
+from ...io.model import computed_tensor
+from ..options import WriteOptions
+from ..reports import ExtractReport, Extracted
+from ..write import write_checkpoint
+from .kinds import TRANSPOSED, Layout
+from .patterns import pattern_key
+from .peft import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
+
+# Module names (the last part) of embedding tables: a 2-D weight whose rows are looked up, not a
+# matrix applied to inputs; peft adapts them with lora_embedding_A/B.
+EMBEDDING_NAMES = frozenset({
+    "embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings",
+    "embeddings", "embedding", "shared", "embed_in", "tok_embeddings", "embed_positions", "embed", "emb",
+    "tok_emb", "pos_emb", "word_emb", "token_embedding", "position_embedding", "relative_attention_bias",
+})
+
+# what an adapter folder is not: a .pth, shards, a DCP folder, a job's ranks, an input's metadata
+NOT_FOR_ADAPTERS = ("format", "max_shard_size", "jobs", "no_metadata", "ranks")
+
+
+def is_embedding(module: str) -> bool:
+    return module.rsplit(".", 1)[-1] in EMBEDDING_NAMES
+
+
+def parse_ranks(ranks: list[str] | list | int | None) -> tuple[int, list[tuple[str, int]]]:
+    """`--rank 16 --rank 'attn*=32'` -> (16, [("attn*", 32)]): one default and any number of
+    PATTERN=R; a weight takes the rank of the last pattern that selects its key."""
+    if isinstance(ranks, int) and not isinstance(ranks, bool):
+        ranks = [str(ranks)]
+    default, patterns = None, []
+    for text in ranks or []:
+        text = str(text)
+        pattern, sep, value = text.rpartition("=")
+        try:
+            rank = int(value)
+        except ValueError:
+            raise UsageError(f"--rank {text!r}: expected R or PATTERN=R with R a whole number") from None
+        if rank < 1:
+            raise UsageError(f"--rank {text!r}: a rank must be 1 or more")
+        if sep:
+            if not pattern:
+                raise UsageError(f"--rank {text!r}: an empty pattern selects nothing")
+            core.compile_pattern(pattern)
+            patterns.append((pattern, rank))
+        elif default is not None:
+            raise UsageError(f"--rank given twice without a pattern ({default} and {rank}): give one default")
+        else:
+            default = rank
+    if default is None:
+        raise UsageError("--rank R is required (the default rank; PATTERN=R overrides it for some weights)")
+    return default, patterns
+
+
+@dataclass
+class _Planned:
+    """One module to extract (the report's Extracted without its error)."""
+
+    name: str
+    key: str
+    kind: Layout
+    shape: list[int]
+    rank: int
+    requested_rank: int
+    clamped: bool
+
+
+@dataclass
+class _Settings:
+    default: int  # the default rank
+    matchers: list[tuple[Callable[[str], bool], int]]  # --rank PATTERN=R
+    transposed: list[Callable[[str], bool]]  # --fan-in-fan-out
+    embeddings: bool
+
+
+@dataclass
+class _Survey:
+    """BASE against TUNED: what to extract and what not."""
+
+    plan: list[_Planned] = field(default_factory=list)
+    not_extracted: list[dict] = field(default_factory=list)
+    tied: dict[str, str] = field(default_factory=dict)  # name -> the key extracted for it
+    unchanged: int = 0
+
+
+def extract_lora(base: str, tuned: str, write: WriteOptions, *, rank: list[str] | int = 8, embeddings: bool = False,
+                 fan_in_fan_out: list[str] | None = None, root: str | None = None) -> ExtractReport:
+    """A PEFT adapter folder at `write.output` (adapter_config.json + adapter_model.safetensors)
+    whose fold into BASE approximates TUNED: a truncated SVD of TUNED − BASE per 2-D (linear) and
+    conv weight, and per embedding with `embeddings`. `rank`: R, or a list of R and PATTERN=R.
+    `fan_in_fan_out`: patterns of the 2-D weights stored [in, out], as transformers' Conv1D stores
+    them (GPT-2's c_attn, c_proj, c_fc) — a state dict does not record a module's class. Written
+    whole or not at all (a staged folder). `write.metadata`: entries of adapter_model.safetensors'
+    metadata; the adapter carries none of BASE's or TUNED's (their title, architecture or hashes
+    describe a whole model, not a difference). `write`'s format, max_shard_size, jobs,
+    no_metadata and ranks do not apply to an adapter folder and are refused."""
+    if not isinstance(write, WriteOptions):
+        raise UsageError("extract_lora(base, tuned, write): give write as WriteOptions(output=ADAPTER_DIR, ...)")
+    write.refuse(*NOT_FOR_ADAPTERS, why="cannot be used with an adapter folder (extract-lora writes "
+                                        "adapter_config.json and one adapter_model.safetensors, with no metadata "
+                                        "of BASE's or TUNED's)")
+    default, patterns = parse_ranks(rank)
+    metadata = core.check_metadata(_entries(write.metadata), "metadata")
+    transposed = [core.compile_pattern(p) for p in fan_in_fan_out or []]
+    _check_folder(write.output, write.force)
+    with open_checkpoint(base, root) as b, open_checkpoint(tuned, root) as t:
+        for pattern in [p for p, _ in patterns] + list(fan_in_fan_out or []):
+            core.select(b.tensors, [pattern])  # a pattern selecting nothing is a typo: said loudly
+        settings = _Settings(default, [(core.compile_pattern(p), r) for p, r in patterns], transposed, embeddings)
+        survey = _survey(b, t, settings)
+        if not survey.plan and not write.dry_run:
+            raise CkptError(f"{tuned}: no 2-D or conv weight differs from {base}; nothing to extract"
+                            + (f" (not extracted: {', '.join(n['name'] for n in survey.not_extracted[:8])})"
+                               if survey.not_extracted else ""))
+        errors = {} if write.dry_run else _write_adapter(b, t, survey.plan, default, write, metadata)
+        # built once the work is done: every error is known
+        return ExtractReport(
+            base=base, tuned=tuned, output=write.output,
+            files=[os.path.join(write.output, PEFT_CONFIG), os.path.join(write.output, PEFT_WEIGHTS[0])],
+            dry_run=write.dry_run, rank=default, rank_patterns=dict(patterns), embeddings=embeddings,
+            fan_in_fan_out=list(fan_in_fan_out or []),
+            extracted=[Extracted(name=p.name, key=p.key, kind=p.kind.value, shape=p.shape, rank=p.rank,
+                                 requested_rank=p.requested_rank, clamped=p.clamped, error=errors.get(p.key))
+                       for p in survey.plan],
+            not_extracted=survey.not_extracted, tied=survey.tied, unchanged=survey.unchanged,
+            only_in_base=[k for k in b.tensors if k not in t.tensors],
+            only_in_tuned=[k for k in t.tensors if k not in b.tensors],
+            metadata=dict(sorted({**metadata, core.METADATA_FORMAT_KEY: "pt"}.items())),
+        )
+
+
+def _entries(metadata: Mapping[str, str] | None) -> dict:
+    """WriteOptions.metadata as the dict core.check_metadata checks (anything else it refuses)."""
+    return dict(metadata) if isinstance(metadata, Mapping) else metadata or {}
+
+
+def _survey(b: Checkpoint, t: Checkpoint, settings: _Settings) -> _Survey:
+    """Every weight of BASE against TUNED, a tie group (one storage) at a time."""
+    survey = _Survey()
+    groups: dict[tuple, list[str]] = {}
+    for name, tb in b.tensors.items():
+        groups.setdefault(tb.view_key(), []).append(name)
+    for names in groups.values():
+        shared = [n for n in names if n in t.tensors]
+        # names tied in both: one difference, extracted once; tied in BASE only: each its own
+        if len({t.tensors[n].view_key() for n in shared}) == 1:
+            _survey_group(b, t, shared, settings, survey)
+            continue
+        for n in shared:  # a LoRA folded into one of them changes them all, in BASE's one storage
+            if _differs(b.tensors[n], t.tensors[n]):
+                survey.not_extracted.append({"name": n, "reason": f"tied in BASE to {', '.join(x for x in names if x != n)} "
+                                                                  f"but not in TUNED: no LoRA can change one alone"})
+            else:
+                survey.unchanged += 1
+    return survey
+
+
+def _survey_group(b: Checkpoint, t: Checkpoint, group: list[str], settings: _Settings, survey: _Survey) -> None:
+    """Names tied in both BASE and TUNED (or one name): planned once, or why not."""
+    key = _choose(group, settings.embeddings)
+    tb, tt = b.tensors[key], t.tensors[key]
+    if tb.shape != tt.shape:
+        survey.not_extracted.append({"name": key, "reason": f"shape differs: {list(tb.shape)} in BASE, "
+                                                            f"{list(tt.shape)} in TUNED"})
+        return
+    if not (tb.dtype.floating and tt.dtype.floating and tb.is_plain and tt.is_plain):
+        if _differs(tb, tt):
+            survey.not_extracted.append({"name": key, "reason": f"not floating point ({tb.dtype.name})"})
+        else:
+            survey.unchanged += 1
+        return
+    if not _differs(tb, tt):
+        survey.unchanged += 1
+        return
+    for other in group:
+        if other != key:
+            survey.tied[other] = key
+    kind = _kind(key, tb.shape, settings.embeddings)
+    if kind == Layout.LINEAR and any(match(key) for match in settings.transposed):
+        kind = Layout.LINEAR_T  # [in, out]: factored as its transpose, peft's fan_in_fan_out
+    if not isinstance(kind, Layout):
+        survey.not_extracted.append({"name": key, "reason": kind})
+        return
+    want = settings.default
+    for match, r in settings.matchers:
+        if match(key):
+            want = r
+    rows, cols = (tb.shape[1], tb.shape[0]) if kind in TRANSPOSED else (tb.shape[0], math.prod(tb.shape[1:]))
+    survey.plan.append(_Planned(name=key[: -len(".weight")], key=key, kind=kind, shape=list(tb.shape),
+                                rank=min(want, rows, cols), requested_rank=want, clamped=want > min(rows, cols)))
+
+
+def _differs(a: TensorRef, b: TensorRef) -> bool:
+    if a.dtype is b.dtype and a.is_contiguous and b.is_contiguous:
+        return a.data() != b.data()
+    import torch
+
+    from ...io.tensors import as_torch
+
+    x, y = as_torch(a), as_torch(b)
+    common = torch.promote_types(x.dtype, y.dtype)  # never through float: complex stays complex
+    return not torch.equal(x.to(common), y.to(common))
+
+
+def _choose(group: list[str], embeddings: bool) -> str:
+    """Of names tied together, the one to extract the shared difference for: the first that
+    can be expressed (lm_head, a linear layer, before a tied embedding unless --embeddings)."""
+    for name in group:
+        if name.endswith(".weight") and not (is_embedding(name[: -len(".weight")]) and not embeddings):
+            return name
+    return group[0]
+
+
+def _kind(key: str, shape: tuple[int, ...], embeddings: bool) -> Layout | str:
+    """linear, conv, embedding (a Layout) — or why the weight's difference cannot be a LoRA."""
+    if len(shape) < 2 or len(shape) > 5:
+        return f"{len(shape)}-D: a LoRA adapts 2-D and conv weights only"
+    if not key.endswith(".weight"):
+        return "not a layer's weight (a LoRA adapts the .weight of a layer)"
+    module = key[: -len(".weight")]
+    if len(shape) == 2 and is_embedding(module):
+        return Layout.EMBEDDING if embeddings else "embedding (pass --embeddings to extract it as lora_embedding_A/B)"
+    if 0 in shape:
+        return "empty"
+    return Layout.LINEAR if len(shape) == 2 else Layout.CONV
+
+
+def _adapter_config(plan: list[_Planned], r: int) -> dict:
+    """adapter_config.json: a plain LoRA with lora_alpha = r, and each module's own rank (and
+    alpha, the same) in rank_pattern where it is not r."""
+    modules = [p.name for p in plan]
+    ranks = {p.name: p.rank for p in plan}
+    pattern_keys = _peft_pattern_keys(modules, ranks, r)
+    rank_pattern = {pattern_keys[m]: ranks[m] for m in modules if ranks[m] != r}
+    return {
+        "alpha_pattern": dict(rank_pattern), "base_model_name_or_path": None, "bias": "none",
+        # peft sets it per module from the module's class anyway; saved true only when every
+        # linear weight is stored [in, out], so that peft has nothing to warn about
+        "fan_in_fan_out": any(p.kind == Layout.LINEAR_T for p in plan)
+                          and not any(p.kind == Layout.LINEAR for p in plan),
+        "inference_mode": True, "init_lora_weights": True, "lora_alpha": r,
+        "lora_dropout": 0.0, "modules_to_save": None, "peft_type": "LORA", "r": r, "rank_pattern": rank_pattern,
+        "target_modules": modules, "task_type": None, "use_dora": False, "use_rslora": False,
+    }
+
+
+def _peft_pattern_keys(modules: list[str], ranks: dict[str, int], default: int) -> dict[str, str]:
+    """Module -> its rank_pattern key: its own name where peft's tail matching then gives every
+    module its rank, else (a name that is a dotted tail of another's) the name anchored and
+    escaped, which selects that module only."""
+    # a name with characters a regular expression reads otherwise is anchored and escaped too
+    keys = {m: m if re.escape(m).replace("\\.", ".") == m else "^" + re.escape(m) for m in modules if ranks[m] != default}
+
+    def rank_peft_gives(m: str, keys: dict[str, str]) -> int:
+        rank_of = {k: ranks[module] for module, k in keys.items()}
+        key = pattern_key(rank_of, m)
+        return default if key is None else rank_of[key]
+
+    if any(rank_peft_gives(m, keys) != ranks[m] for m in modules):
+        keys = {m: "^" + re.escape(m) for m in keys}
+    return keys
+
+
+def _factor_tensors(b: Checkpoint, t: Checkpoint, plan: list[_Planned], svd: "_SvdCache") -> OrderedDict:
+    """The adapter's tensors, by peft's names, each computed (from `svd`) when it is written."""
+    factors = OrderedDict()
+    for p in plan:
+        prefix = f"{PEFT_PREFIX}{p.name}."
+        shape, k = p.shape, p.rank
+        if p.kind == Layout.EMBEDDING:  # peft: lora_embedding_A [r, vocab], lora_embedding_B [dim, r]
+            a_shape, b_shape, a_name, b_name, suffix = (k, shape[0]), (shape[1], k), "lora_embedding_A", "lora_embedding_B", ""
+        elif p.kind == Layout.LINEAR_T:  # W [in, out]: A [r, in], B [out, r], ΔW = (B·A)ᵀ
+            a_shape, b_shape, a_name, b_name, suffix = (k, shape[0]), (shape[1], k), "lora_A", "lora_B", ".weight"
+        else:
+            a_shape = (k, *shape[1:])
+            b_shape = (shape[0], k, *([1] * (len(shape) - 2)))
+            a_name, b_name, suffix = "lora_A", "lora_B", ".weight"
+        dtype = _factor_dtype(b.tensors[p.key], t.tensors[p.key])
+        factors[f"{prefix}{a_name}{suffix}"] = computed_tensor(a_shape, dtype, svd.maker(p, "A", dtype))
+        factors[f"{prefix}{b_name}{suffix}"] = computed_tensor(b_shape, dtype, svd.maker(p, "B", dtype))
+    return factors
+
+
+def _factor_dtype(a: TensorRef, b: TensorRef):
+    """Factors are written in float32 (float64 when both inputs are), whatever the weights'
+    dtype: their error is then the SVD's alone."""
+    from ...dtypes import by_name
+
+    return by_name("float64" if a.dtype.name == b.dtype.name == "float64" else "float32")
+
+
+def _write_adapter(b: Checkpoint, t: Checkpoint, plan: list[_Planned], r: int, write: WriteOptions,
+                   metadata: dict[str, str]) -> dict[str, float]:
+    """The adapter folder, staged and renamed into place whole. Returns each weight's relative
+    error (key -> error), known once its factors are written."""
+    from ...io.write import StagedOutputs, check_parent
+
+    svd = _SvdCache(b, t)
+    factors = _factor_tensors(b, t, plan, svd)
+    check_parent(write.output)
+    with StagedOutputs() as outputs:
+        folder = outputs.stage_folder(write.output)
+        _write_factors(factors, write, os.path.join(folder, PEFT_WEIGHTS[0]), metadata)
+        with open(os.path.join(folder, PEFT_CONFIG), "w", encoding="utf-8") as f:
+            f.write(json.dumps(_adapter_config(plan, r), indent=2, sort_keys=True) + "\n")
+    return svd.errors
+
+
+def _write_factors(factors: OrderedDict, write: WriteOptions, path: str, metadata: dict[str, str]) -> None:
+    """adapter_model.safetensors at `path` (in the staged folder): a fresh output (no source
+    checkpoint) holding the factors alone, with no metadata but `metadata`."""
+    write_checkpoint(factors, replace(write, output=path, force=False, dry_run=False, metadata=metadata), source=None)
+
+
+class _SvdCache:
+    """One SVD per weight, made when its A is written and kept until its B is; the relative
+    error of each weight's rank-r approximation in `errors` (key -> error)."""
+
+    def __init__(self, base: Checkpoint, tuned: Checkpoint):
+        self.base, self.tuned = base, tuned
+        self.done: dict[str, dict] = {}
+        self.errors: dict[str, float] = {}
+
+    def factors(self, p: _Planned):
+        import torch
+
+        from ...io.tensors import as_torch
+
+        if p.key in self.done:
+            return self.done[p.key]
+        tb, tt = self.base.tensors[p.key], self.tuned.tensors[p.key]
+        wide = torch.float64 if tb.dtype.name == tt.dtype.name == "float64" else torch.float32
+        d = as_torch(tt).to(wide) - as_torch(tb).to(wide)
+        if not bool(torch.isfinite(d).all()):
+            raise CkptError(f"{p.key}: TUNED − BASE holds NaN or infinite values; cannot extract a LoRA")
+        matrix = d.T if p.kind in TRANSPOSED else d.reshape(d.shape[0], -1)
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        k = p.rank
+        top = float(s[0]) if s.numel() else 0.0  # relative to the largest: s² cannot overflow
+        share = (s.double() / top) ** 2 if top > 0 else s.double()
+        total = float(share.sum())
+        self.errors[p.key] = math.sqrt(float(share[k:].sum()) / total) if total > 0 else 0.0
+        root = s[:k].sqrt()
+        a = root[:, None] * vh[:k]  # √S·Vh  [r, in]
+        b = u[:, :k] * root[None, :]  # U·√S  [out, r]
+        dtype = torch.float64 if tb.dtype.name == tt.dtype.name == "float64" else torch.float32
+        if not (bool(torch.isfinite(a.to(dtype)).all()) and bool(torch.isfinite(b.to(dtype)).all())):
+            raise CkptError(f"{p.key}: its LoRA factors do not fit in {str(dtype)[6:]} (TUNED − BASE near the "
+                            f"dtype's largest values); cannot extract it")
+        self.done[p.key] = {"A": a, "B": b}
+        return self.done[p.key]
+
+    def maker(self, p: _Planned, which: str, dtype):
+        def make():
+            import torch
+
+            from ...io.tensors import to_bytes
+
+            made = self.factors(p)
+            value = made.pop(which)
+            if not made:
+                del self.done[p.key]
+            return to_bytes(value.to(getattr(torch, dtype.name)).contiguous())
+
+        return make
+
+
+def _check_folder(output: str, force: bool) -> None:
+    """An adapter output is a folder: refuse to replace anything there without --force, and even
+    with it anything but an earlier adapter folder (or an empty one)."""
+    if os.path.lexists(output):
+        if not force:
+            raise CkptError(f"{output}: already exists; pass --force to overwrite it")
+        if not os.path.isdir(output) or os.path.islink(output):
+            raise CkptError(f"{output}: exists and is not a folder; an adapter is written as a folder")
+        if os.listdir(output) and not os.path.isfile(os.path.join(output, PEFT_CONFIG)):
+            raise CkptError(f"{output}: a folder that is not an adapter (no {PEFT_CONFIG}); not replacing it, "
+                            f"even with --force")
+        others = sorted(set(os.listdir(output)) - {PEFT_CONFIG, *PEFT_WEIGHTS, "README.md"})
+        if others:  # a trainer's output folder: its checkpoints and tokenizer are not ours to delete
+            raise CkptError(f"{output}: holds more than an adapter ({', '.join(others[:5])}"
+                            f"{' …' if len(others) > 5 else ''}); not replacing it, even with --force: "
+                            f"write the adapter to a folder of its own")

@@ -1,0 +1,237 @@
+"""The PEFT adapter format: a folder holding adapter_config.json and adapter_model.safetensors
+(or .bin), as peft's save_pretrained writes it — its reader, and how its module names meet a
+base's keys. Its entry in the table of formats is read.FORMATS; extract.py writes this format."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import OrderedDict
+
+from ...errors import CkptError
+from ...io import Checkpoint, TensorRef, open_checkpoint
+from .kinds import Adapter, Format, Layout, Module, suffixes
+from .patterns import check_config, pattern_key, targets
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the user's model
+
+# peft config fields whose adapters a plain W + scale·B·A does not reproduce: refused, never folded
+# wrongly. Each is checked only when set (not null, false, empty).
+UNSUPPORTED = {
+    "use_dora": "DoRA (use_dora) rescales each column by a learned magnitude",
+    "use_qalora": "QALoRA (use_qalora) pools its inputs",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) applies only after its tokens",
+    "target_parameters": "LoRA on bare parameters (target_parameters)",
+    "layer_replication": "layer_replication adds layers the base does not have",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "kasa_config": "KaSA (kasa_config)",
+}
+# initialisations that change the base weights themselves: the adapter fits a residual base
+RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+_LINEAR = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)")
+_EMBEDDING = re.compile(r"(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?")
+
+
+def recognises(path: str) -> bool:
+    """A folder, or a file named adapter_model… with adapter_config.json beside it."""
+    return os.path.isdir(path) or (os.path.basename(path).startswith("adapter_model") and
+                                   os.path.isfile(os.path.join(os.path.dirname(path) or ".", PEFT_CONFIG)))
+
+
+def read(path: str) -> Adapter:
+    """The adapter of a PEFT folder (or of the adapter_model file named in one), its weights
+    file open. The config is checked first: a LoRA whose fold W + scale·B·A would be wrong is
+    refused."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    config_path = os.path.join(folder, PEFT_CONFIG)
+    if not os.path.isfile(config_path):
+        raise CkptError(f"{path}: no {PEFT_CONFIG} in this folder; a PEFT adapter folder holds it beside "
+                        f"adapter_model.safetensors (or give a kohya-style .safetensors file)")
+    config = _read_json(config_path)
+    _check_kind(config, config_path)
+    ckpt = open_checkpoint(_weights_file(folder, path))
+    try:
+        adapter = _adapter(ckpt, config, config_path)
+        adapter.path = path  # the folder (or file) the user named
+        return adapter
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise CkptError(f"{path}: no such file; a PEFT adapter folder holds {PEFT_CONFIG} and "
+                        f"adapter_model.safetensors (save it with save_pretrained)") from None
+    except (OSError, ValueError) as e:
+        raise CkptError(f"{path}: not readable JSON ({e})") from None
+    except RecursionError:
+        raise CkptError(f"{path}: not readable JSON (nested too deep)") from None
+    if not isinstance(doc, dict):
+        raise CkptError(f"{path}: expected a JSON object")
+    return doc
+
+
+def _check_kind(config: dict, config_path: str) -> None:
+    """A plain LoRA: peft_type LORA, none of the UNSUPPORTED variants, no residual initialisation."""
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise CkptError(f"{config_path}: peft_type {peft_type!r} is not supported; only LORA adapters fold "
+                        f"into the base weights here")
+    for key, what in UNSUPPORTED.items():
+        if config.get(key):
+            raise CkptError(f"{config_path}: {what}, which folding as W + scale·B·A would get wrong; "
+                            f"not supported (merge it with peft's merge_and_unload)")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(RESIDUAL_INITS):
+        raise CkptError(f"{config_path}: init_lora_weights {init!r} changes the base weights at the start of "
+                        f"training; convert the adapter with peft's save_pretrained(..., "
+                        f"path_initial_model_for_weight_conversion=...) first")
+
+
+def _weights_file(folder: str, given: str) -> str:
+    if not os.path.isdir(given):  # a file named: exactly that one (open_checkpoint says if it is missing)
+        return given
+    weights = [os.path.join(folder, name) for name in PEFT_WEIGHTS if os.path.isfile(os.path.join(folder, name))]
+    if not weights:
+        raise CkptError(f"{folder}: holds {PEFT_CONFIG} but neither {' nor '.join(PEFT_WEIGHTS)}")
+    return weights[0]
+
+
+def _number(config: dict, key: str, where: str, default=None) -> float:
+    value = config.get(key, default)
+    # an int beyond a float's range (JSON allows 1e400 written out) is no rank or alpha either
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > 1e300 \
+            or not math.isfinite(value) or value <= 0:
+        raise CkptError(f"{where}: {key} {str(value)[:40]} is not a positive number")
+    return value
+
+
+def _adapter(ckpt: Checkpoint, config: dict, config_path: str) -> Adapter:
+    defaults = (_number(config, "r", config_path, 8), _number(config, "lora_alpha", config_path, 8))
+    check_config(config, config_path)
+    parts, replaced = _parts(ckpt)
+    modules = [_module(ckpt.path, name, layout, found, config, config_path, defaults)
+               for (name, layout), found in parts.items()]
+    return Adapter(ckpt.path, Format.PEFT, modules, replaced, config, [ckpt])
+
+
+def _parts(ckpt: Checkpoint) -> tuple[dict, OrderedDict]:
+    """The file's keys sorted out: (module, layout) -> {"A", "B", "A-bias", "B-bias"} factors, and
+    the tensors that replace the base's whole (name -> tensor)."""
+    where = ckpt.path
+    parts: dict[tuple[str, Layout], dict[str, TensorRef]] = {}
+    adapter_names, replaced = set(), OrderedDict()
+    for key, t in ckpt.tensors.items():
+        short = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        m = _LINEAR.fullmatch(short)
+        layout = Layout.LINEAR
+        if m is None:
+            m = _EMBEDDING.fullmatch(short)
+            layout = Layout.EMBEDDING
+        if m is None:
+            if "lora_" in short or "trainable_tokens" in short:
+                raise CkptError(f"{where}: {key}: a kind of adapter weight not supported here (DoRA magnitudes, "
+                                f"LoRA variants, trainable tokens); nothing was written")
+            # modules_to_save, trained biases, and the base layer peft saves beside an adapted
+            # embedding or lm_head (`save_embedding_layers`): they replace the base's tensor
+            # (older files keep modules_to_save under `<module>.modules_to_save.<adapter>.`)
+            replaced[re.sub(r"\.modules_to_save\.[^.]+\.", ".", short.replace(".base_layer.", "."))] = t
+            continue
+        if m["adapter"]:
+            adapter_names.add(m["adapter"])
+        slot = m["ab"] if m.groupdict().get("param", "weight") == "weight" else f"{m['ab']}-bias"
+        found = parts.setdefault((m["module"], layout), {})
+        if slot in found:  # `lin.lora_A.weight` beside `lin.lora_A.default.weight`: which one?
+            raise CkptError(f"{where}: module {m['module']} has two {slot.replace('-', ' ')} weights (with and "
+                            f"without an adapter name); save one adapter per file")
+        found[slot] = t
+    if len(adapter_names) > 1:
+        raise CkptError(f"{where}: holds several adapters ({', '.join(sorted(adapter_names))}); save each on "
+                        f"its own and give one --lora per adapter")
+    return parts, replaced
+
+
+def _module(where: str, name: str, layout: Layout, found: dict[str, TensorRef], config: dict, config_path: str,
+            defaults: tuple[float, float]) -> Module:
+    """One module: its factors checked against the config, its rank and alpha (rank_pattern,
+    alpha_pattern, rsLoRA), its layout (conv by A's shape, linear-t with fan_in_fan_out)."""
+    if "A" not in found or "B" not in found:
+        missing = "lora_A" if "A" not in found else "lora_B"
+        raise CkptError(f"{where}: module {name} has no {missing.replace('lora_', 'lora_embedding_') if layout == Layout.EMBEDDING else missing} weight")
+    if "A-bias" in found:
+        raise CkptError(f"{where}: module {name}: lora_A has a bias, which peft never makes")
+    if targets(config, name) is False:
+        raise CkptError(f"{where}: holds weights for {name}, which target_modules in {config_path} does not "
+                        f"select (peft would ignore them); fix the config or the file")
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    r_key, a_key = pattern_key(rank_pattern, name), pattern_key(alpha_pattern, name)
+    r = _number(rank_pattern, r_key, config_path) if r_key is not None else defaults[0]
+    alpha = _number(alpha_pattern, a_key, config_path) if a_key is not None else defaults[1]
+    a, b = found["A"], found["B"]
+    if layout == Layout.LINEAR and len(a.shape) > 2:
+        layout = Layout.CONV
+    elif layout == Layout.LINEAR and config.get("fan_in_fan_out"):
+        layout = Layout.LINEAR_T
+    if not a.shape or a.shape[0] != r:
+        raise CkptError(f"{where}: module {name}: lora_A has rank {a.shape[0] if a.shape else 0} but {config_path} gives r={r:g} "
+                        f"(rank_pattern); the file and its config disagree")
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return Module(name, a, b, scale, layout, bias=found.get("B-bias"))
+
+
+class PeftResolver:
+    """A peft module's `<module>.weight` onto the base's keys: exactly; else the base's keys have
+    a prefix the adapter's lack (`model.` of a wrapper) or lack one it has — one such prefix for
+    the whole adapter. A name two base keys could be is an error naming both."""
+
+    def __init__(self, keys: list[str]):
+        self.keys = set(keys)
+        self._tails: dict[str, list[str]] | None = None
+        self.rewrites: dict[tuple[str, str], list[str]] = {}  # (added|removed, prefix) -> names
+
+    def tails(self) -> dict[str, list[str]]:
+        if self._tails is None:
+            self._tails = {}
+            for key in self.keys:
+                for tail in suffixes(key):
+                    self._tails.setdefault(tail, []).append(key)
+        return self._tails
+
+    def module_key(self, name: str) -> str | None:
+        return self(f"{name}.weight")
+
+    def __call__(self, wanted: str) -> str | None:
+        if wanted in self.keys:
+            return wanted
+        found = [(k, ("added", k[: -len(wanted)])) for k in sorted(self.tails().get(wanted, []))]
+        found += [(t, ("removed", wanted[: -len(t)])) for t in suffixes(wanted) if t in self.keys]
+        if len(found) > 1:
+            raise CkptError(f"{wanted} could be any of the base's {', '.join(k for k, _ in found)}; rename the "
+                            f"base (or the adapter) so that the names agree")
+        if not found:
+            return None
+        key, rewrite = found[0]
+        self.rewrites.setdefault(rewrite, []).append(wanted)
+        return key
+
+    def check(self, where: str) -> dict | None:
+        if len(self.rewrites) > 1:
+            shown = "; ".join(f"{kind} {prefix!r} for {names[0]}" for (kind, prefix), names in self.rewrites.items())
+            raise CkptError(f"{where}: its names meet the base's only with different prefixes ({shown}); "
+                            f"rename the base so that one prefix fits all")
+        if self.rewrites:
+            (kind, prefix), names = next(iter(self.rewrites.items()))
+            return {kind: prefix, "keys": len(names)}
+        return None

@@ -1,0 +1,45 @@
+"""Reading adapters: the table of adapter formats, `FORMATS`, and `read_adapter`, which opens a
+path with the first format that recognises it.
+
+Each adapter format is declared once, here, as an `AdapterFormat` (kinds.py): its name, how a
+path of it is recognised, its reader (path -> Adapter) and its resolver (how its module names
+meet a base's keys). Folding asks the table, never the format's name. A new format — DoRA,
+LoHa, LoKr, IA3, LyCORIS, diffusers — is one module with those three functions (see peft.py and
+kohya.py), a member of kinds.Format, and one entry below, before the catch-all last one."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+from . import kohya, peft
+from .kinds import Adapter, AdapterFormat, Format, Resolver
+
+FORMATS: tuple[AdapterFormat, ...] = (
+    AdapterFormat(Format.PEFT, recognises=peft.recognises, read=peft.read, resolver=peft.PeftResolver),
+    # last: takes any file, and its reader says what a file of another kind is
+    AdapterFormat(Format.KOHYA, recognises=kohya.recognises, read=kohya.read, resolver=kohya.KohyaResolver),
+)
+
+
+def format_of(path: str) -> AdapterFormat:
+    """The first format of FORMATS that recognises `path`."""
+    return next(f for f in FORMATS if f.recognises(path))
+
+
+def resolver(adapter: Adapter, keys: list[str]) -> Resolver:
+    """How `adapter`'s names meet a base of these `keys` (its format's resolver)."""
+    return next(f for f in FORMATS if f.name == adapter.format).resolver(keys)
+
+
+@contextmanager
+def read_adapter(path: str) -> Iterator[Adapter]:
+    """A PEFT adapter folder (or its adapter_model file) or a kohya-style .safetensors file,
+    open until the block ends (its tensors are read lazily, when the output is written)."""
+    path = os.fspath(path)
+    adapter = format_of(path).read(path)
+    try:
+        yield adapter
+    finally:
+        adapter.close()
