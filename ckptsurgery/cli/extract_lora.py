@@ -7,12 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..ops import lora as ops_lora
+from ..ops.adapters import extract_lora as extract
+from ..ops.reports import Extracted
 from . import app
-from .common import (
-    DryRunOpt, ForceOpt, JsonOpt, MetadataFileOpt, MetadataOpt, QuietOpt, RootOpt, examples, listing, metadata_args, note,
-    print_json, printable, progress_bar,
-)
+from .common import OutputOptions, RootOpt, examples, listing, note, output_options, print_json, printable
 
 
 @app.command("extract-lora", epilog=examples(
@@ -20,10 +18,11 @@ from .common import (
     "ckptsurgery extract-lora base tuned --rank 8 --rank '*attn*=32' -o lora",
     "ckptsurgery extract-lora a.pth b.pth --rank 4 --embeddings -o x --dry-run",
 ))
+@output_options(omit=("format", "max_shard_size", "jobs", "no_metadata"), output=Annotated[str, typer.Option(
+    "-o", "--output", metavar="ADAPTER_DIR", help="Adapter folder to write (adapter_config.json, adapter_model.safetensors).")])
 def extract_lora(
     base: Annotated[str, typer.Argument(metavar="BASE", help="The checkpoint before fine-tuning.", show_default=False)],
     tuned: Annotated[str, typer.Argument(metavar="TUNED", help="The fine-tuned checkpoint (same keys and shapes).", show_default=False)],
-    output: Annotated[str, typer.Option("-o", "--output", metavar="ADAPTER_DIR", help="Adapter folder to write (adapter_config.json, adapter_model.safetensors).")],
     rank: Annotated[list[str], typer.Option(
         "--rank", metavar="R|PATTERN=R", help="The LoRA rank; PATTERN=R sets it for the weights a pattern selects (the last that selects a key wins). Repeatable.",
         show_default=False)],
@@ -31,36 +30,30 @@ def extract_lora(
     fan_in_fan_out: Annotated[Optional[list[str]], typer.Option(
         "--fan-in-fan-out", metavar="PATTERN", help="2-D weights stored (in, out), as transformers' Conv1D stores them (GPT-2: 're:\\.c_(attn|proj|fc)\\.'). Repeatable.",
         show_default=False)] = None,
-    metadata: MetadataOpt = None,
-    metadata_file: MetadataFileOpt = None,
     root: RootOpt = None,
-    force: ForceOpt = False,
-    dry_run: DryRunOpt = False,
-    json: JsonOpt = False,
-    quiet: QuietOpt = False,
+    *,
+    out: OutputOptions,
 ) -> None:
     """Write a PEFT LoRA adapter that turns BASE into (approximately) TUNED: a truncated SVD of the difference of every 2-D and conv weight."""
-    entries = metadata_args(metadata, metadata_file)
-    with progress_bar(quiet or json) as progress:
-        report = ops_lora.extract_lora(base, tuned, output, rank=rank, embeddings=embeddings,
-                                       fan_in_fan_out=fan_in_fan_out, root=root, force=force, dry_run=dry_run,
-                                       progress=progress, metadata=entries)
+    json, quiet, dry_run = out.json, out.quiet, out.dry_run
+    with out.writing(ranks=False) as write:
+        report = extract(base, tuned, write, rank=rank, embeddings=embeddings, fan_in_fan_out=fan_in_fan_out,
+                         root=root)
     if json:
-        print_json(report)
+        print_json(report.to_json())
         return
     verb = "would write" if dry_run else "wrote"
-    extracted = report["extracted"]
-    worst = max((p["error"] for p in extracted if p["error"] is not None), default=None)
-    lines = [f"{verb} {printable(report['output'])}: {len(extracted)} LoRA module(s), rank {report['rank']}"
+    extracted = report.extracted
+    worst = max((p.error for p in extracted if p.error is not None), default=None)
+    lines = [f"{verb} {printable(report.output)}: {len(extracted)} LoRA module(s), rank {report.rank}"
              + (f", largest relative error {worst:.3g}" if worst is not None else ""),
-             listing("not extracted", [f"{n['name']} ({n['reason']})" for n in report["not_extracted"]])]
-    clamped = [f"{p['name']} ({p['requested_rank']} -> {p['rank']})" for p in extracted if p["clamped"]]
+             listing("not extracted", [f"{n['name']} ({n['reason']})" for n in report.not_extracted])]
+    clamped = [f"{p.name} ({p.requested_rank} -> {p.rank})" for p in extracted if p.clamped]
     if clamped:
         lines.append(listing("rank clamped to the weight's size", clamped))
-    for side in ("only_in_base", "only_in_tuned"):
-        if report[side]:
-            lines.append(listing(f"keys {side.replace('_', ' ').replace('base', 'BASE').replace('tuned', 'TUNED')}",
-                                 report[side]))
+    for side, keys in (("BASE", report.only_in_base), ("TUNED", report.only_in_tuned)):
+        if keys:
+            lines.append(listing(f"keys only in {side}", keys))
     if dry_run:  # the report is the result: stdout, as other commands' --dry-run
         sys.stdout.write("".join(printable(line) + "\n" for line in lines))
         return
@@ -70,7 +63,7 @@ def extract_lora(
         _print_table(extracted)
 
 
-def _print_table(extracted: list[dict]) -> None:
+def _print_table(extracted: list[Extracted]) -> None:
     from rich.table import Table
 
     from .common import console
@@ -79,6 +72,6 @@ def _print_table(extracted: list[dict]) -> None:
     for column in ("module", "kind", "shape", "rank", "relative error"):
         table.add_column(column)
     for p in extracted:
-        table.add_row(printable(p["name"]), p["kind"], "x".join(map(str, p["shape"])), str(p["rank"]),
-                      "" if p["error"] is None else f"{p['error']:.3g}")
+        table.add_row(printable(p.name), p.kind, "x".join(map(str, p.shape)), str(p.rank),
+                      "" if p.error is None else f"{p.error:.3g}")
     console(stderr=True).print(table)
