@@ -1,80 +1,68 @@
-"""merge --method: every key merged by a merge method (ops/methods), chunk by chunk."""
+"""merge --method: every key merged by a merge method (ops/methods), chunk by chunk.
+
+`merge_by_method` checks that the models agree and gives each key a tensor computed as the writer
+reads it; what the merges note about their keys (slerp's fallback) is read from the result once
+the tensors are written (`MethodMerge.notes`)."""
 
 from __future__ import annotations
 
 import functools
-import math
 from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from ...dtypes import DType
-from ...errors import CkptError, UsageError
+from ...errors import CkptError
 from ...io import Checkpoint, TensorRef
 from ...io.model import chunked_tensor, mapped_range
 from .. import methods
+from ..methods import MergeMethod, Parameters
 
 
-def _parse_weights(weights: str | list[float] | None, count: int, positive_total: bool) -> list[float]:
-    """"2,1,1" (the command line) or [2, 1, 1] (the library); 1 each by default. A weighted mean
-    (`positive_total`) divides by their sum, which must then be above zero."""
-    if weights is None:
-        return [1.0] * count
-    try:
-        parts = weights.split(",") if isinstance(weights, str) else list(weights)
-        values = [float(w) for w in parts]
-    except (ValueError, TypeError):
-        raise UsageError(f"--weights {weights!r}: expected numbers separated by commas") from None
-    if len(values) != count:
-        raise UsageError(f"--weights gives {len(values)} weights for {count} models")
-    if not all(math.isfinite(v) for v in values):
-        raise UsageError(f"--weights {weights!r}: every weight must be a finite number (no nan or inf)")
-    total = sum(values)
-    if not math.isfinite(total):
-        raise UsageError(f"--weights {weights!r}: the weights are too large to add up")
-    if positive_total and total <= 0:  # dividing by a negative total would flip every weight's sign
-        raise UsageError(f"--weights must not sum to zero or less (they sum to {total:g})")
-    return values
+@dataclass
+class MethodMerge:
+    """The merged checkpoint's tensors (in the base's order, else the first model's); `merged`:
+    how many keys the method computes; `not_merged`: the keys taken as they are (not floating)."""
+
+    tensors: OrderedDict[str, TensorRef]
+    merged: int
+    not_merged: list[str]
+    key_merges: dict[str, MergeMethod] = field(default_factory=dict, repr=False)  # by the key seeding each
+
+    def notes(self) -> dict[str, str]:
+        """What the merges noted about their keys, by key, sorted: ask once the tensors are written
+        (a key not computed — --dry-run, another rank's share — notes nothing)."""
+        return {key: merge.note for key, merge in sorted(self.key_merges.items()) if merge.note is not None}
 
 
-# option, default (None: required), the values it takes, how to say so
-
-
-# option, default (None: required), the values it takes, how to say so
-_RANGES = (("density", 1.0, lambda v: 0 < v <= 1, "in (0, 1]"), ("t", None, lambda v: 0 <= v <= 1, "in [0, 1]"),
-           ("scale", 1.0, lambda v: True, "a finite number"))
-
-
-def _method_parameters(method_name: str, models: int, given: dict) -> dict:
-    """The method's parameters with their defaults (weight 1; mergekit's density 1 and λ 1), each
-    checked; a parameter the method does not take is refused, naming the methods that do."""
-    method = methods.METHODS[method_name]
-    for option, value in given.items():
-        if value is not None and option not in method.options:
-            takers = [m for m, spec in methods.METHODS.items() if option in spec.options]
-            raise UsageError(f"--{option} applies to --method {', '.join(takers)} only, not to {method_name}")
-    if models < method.min_models or (method.max_models is not None and models > method.max_models):
-        wanted = (f"exactly {method.min_models}" if method.max_models == method.min_models
-                  else f"at least {method.min_models}")
-        raise UsageError(f"--method {method_name} takes {wanted} model(s), not {models}"
-                         + (" (the base is --base)" if method.needs_base else ""))
-    params: dict = {}
-    if "weights" in method.options:
-        params["weights"] = _parse_weights(given["weights"], models, positive_total=method.mean)
-    for option, default, fits, span in _RANGES:
-        if option not in method.options:
+def merge_by_method(models: list[Checkpoint], base: Checkpoint | None, method_name: str, params: Parameters,
+                    cast: DType | None) -> MethodMerge:
+    """Every key merged by the method (floating tensors) or taken from the base — the first
+    model where there is none — (the others), in the base's order. `params`: from
+    methods.resolve_parameters; each key's merge asks them for its own values."""
+    reference = base if base is not None else models[0]
+    _check_agreement(models, reference, "base" if base is not None else "first model")
+    inputs = ([base] if base is not None else []) + models
+    groups: dict[tuple, list[str]] = {}  # names tied in every input share one result: they stay tied
+    for name in reference.tensors:
+        groups.setdefault(tuple(c.tensors[name].view_key() for c in inputs), []).append(name)
+    result = MethodMerge(OrderedDict(), 0, [])
+    tied: dict[tuple, TensorRef] = {}
+    for name, t in reference.tensors.items():
+        group = [c.tensors[name] for c in inputs]
+        if not all(g.dtype.floating for g in group):
+            result.tensors[name] = t
+            result.not_merged.append(name)
             continue
-        value = given[option]
-        if value is None and default is None:
-            raise UsageError(f"--method {method_name} needs --{option}")
-        value = default if value is None else float(value)
-        if not (math.isfinite(value) and fits(value)):  # nan fails every comparison: refused too
-            raise UsageError(f"--{option} {value!r}: must be {span}")
-        params[option] = value
-    if "seed" in method.options:
-        seed = 0 if given["seed"] is None else given["seed"]
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise UsageError(f"--seed {seed!r}: must be a whole number, 0 or more")
-        params["seed"] = seed
-    return params
+        tie = tuple(g.view_key() for g in group)
+        if tie not in tied:  # seeded by the tied group's first name in sorted order: order-free
+            key = min(groups[tie])
+            merge = _key_merge(key, method_name, group, params)
+            result.key_merges[key] = merge
+            tied[tie] = _streamed(merge, group[0].shape, cast or t.dtype)
+        result.tensors[name] = tied[tie]
+    result.merged = len(result.tensors) - len(result.not_merged)
+    return result
 
 
 def _check_agreement(models: list[Checkpoint], reference: Checkpoint, role: str) -> None:
@@ -97,6 +85,14 @@ def _check_agreement(models: list[Checkpoint], reference: Checkpoint, role: str)
     if problems:
         raise CkptError(f"the models must agree with the {role} on keys, shapes and dtypes: " + "; ".join(problems)
                         + " (merge --into the first one to fit them)")
+
+
+def _key_merge(key: str, method_name: str, group: list[TensorRef], params: Parameters) -> MergeMethod:
+    """The merge of one key: `group` is [base, model...] for the methods with a base, else
+    [model...]; computed in float32, or float64 when an input is float64."""
+    wide = "float64" if any(t.dtype.name == "float64" for t in group) else "float32"
+    return methods.METHODS[method_name](params.for_tensor(key), key, [_reader(t, wide) for t in group],
+                                        group[0].numel, wide)
 
 
 def _reader(t: TensorRef, wide: str) -> methods.Read:
@@ -130,13 +126,8 @@ def _prefetcher():
     return ThreadPoolExecutor(1, thread_name_prefix="ckptsurgery-merge")
 
 
-def _merged_tensor(name: str, method: str, group: list[TensorRef], params: dict, dtype: DType,
-                   notes: dict) -> TensorRef:
-    """One key's merge, written chunk by chunk: `group` is [base, model...] for the methods with a
-    base, else [model...]; the result is written as `dtype`."""
-    wide = "float64" if any(t.dtype.name == "float64" for t in group) else "float32"
-    merge = methods.TensorMerge(method, params, name, [_reader(t, wide) for t in group], group[0].numel, wide)
-
+def _streamed(merge: MergeMethod, shape: tuple[int, ...], dtype: DType) -> TensorRef:
+    """A key's merge as a tensor written chunk by chunk, as `dtype`."""
     buffers: list = []  # two result buffers, used in turn: chunk j+1 is made while j is written
     pending: dict = {}  # j -> the future making chunk j
 
@@ -144,11 +135,8 @@ def _merged_tensor(name: str, method: str, group: list[TensorRef], params: dict,
         import numpy as np
 
         if not buffers:
-            buffers.extend(np.empty(min(methods.CHUNK, merge.numel), wide) for _ in range(2))
-        data = methods.encode(merge.chunk(j, out=buffers[j % 2][:merge.span(j)[1]]), dtype.name)
-        if merge.collinear:
-            notes[name] = "nearly collinear: interpolated linearly"
-        return data
+            buffers.extend(np.empty(min(merge.chunk_size, merge.numel), merge.wide) for _ in range(2))
+        return methods.encode(merge.chunk(j, out=buffers[j % 2][:merge.span(j)[1]]), dtype.name)
 
     def make(j: int) -> memoryview:
         future = pending.pop(j, None)
@@ -163,31 +151,36 @@ def _merged_tensor(name: str, method: str, group: list[TensorRef], params: dict,
         return data
 
     sizes = [merge.span(j)[1] * dtype.itemsize for j in range(merge.chunks)]
-    return chunked_tensor(group[0].shape, dtype, sizes, make)
+    return chunked_tensor(shape, dtype, sizes, make)
+
+
+# ---- the old entry points, for callers not yet moved to the ones above ------------------------
+
+def _method_parameters(method_name: str, models: int, given: dict) -> dict:
+    """resolve_parameters' values as the old dict (the report's "parameters")."""
+    return methods.resolve_parameters(method_name, models, given).report()
+
+
+class _NotesOnceWritten(Mapping):
+    """The old third value of `_merged_by_method`: the notes, read when asked (after the write)."""
+
+    def __init__(self, result: MethodMerge):
+        self._result = result
+
+    def __getitem__(self, key: str) -> str:
+        return self._result.notes()[key]
+
+    def __iter__(self):
+        return iter(self._result.notes())
+
+    def __len__(self) -> int:
+        return len(self._result.notes())
 
 
 def _merged_by_method(models: list[Checkpoint], base: Checkpoint | None, method_name: str,
-                      params: dict, cast: DType | None) -> tuple[OrderedDict, dict, dict]:
-    """Every key merged by the method (floating tensors) or taken from the base — the first
-    model where there is none — (the others), in the base's order."""
-    reference = base if base is not None else models[0]
-    _check_agreement(models, reference, "base" if base is not None else "first model")
-    inputs = ([base] if base is not None else []) + models
-    groups: dict[tuple, list[str]] = {}  # names tied in every input share one result: they stay tied
-    for name in reference.tensors:
-        groups.setdefault(tuple(c.tensors[name].view_key() for c in inputs), []).append(name)
-    merged: OrderedDict[str, TensorRef] = OrderedDict()
-    results: dict[tuple, TensorRef] = {}
-    notes: dict[str, str] = {}
-    not_floating = []
-    for name, t in reference.tensors.items():
-        group = [c.tensors[name] for c in inputs]
-        if not all(g.dtype.floating for g in group):
-            merged[name] = t
-            not_floating.append(name)
-            continue
-        tie = tuple(g.view_key() for g in group)
-        if tie not in results:  # seeded by the tied group's first name in sorted order: order-free
-            results[tie] = _merged_tensor(min(groups[tie]), method_name, group, params, cast or t.dtype, notes)
-        merged[name] = results[tie]
-    return merged, {"merged": len(merged) - len(not_floating), "not_merged": not_floating}, notes
+                      params: dict | Parameters, cast: DType | None) -> tuple[OrderedDict, dict, Mapping]:
+    """merge_by_method as it was called: `params` a dict of resolved values; (tensors, counts, notes)."""
+    if not isinstance(params, Parameters):
+        params = Parameters(method_name, dict(params), methods.METHODS[method_name].parameters)
+    result = merge_by_method(models, base, method_name, params, cast)
+    return result.tensors, {"merged": result.merged, "not_merged": result.not_merged}, _NotesOnceWritten(result)

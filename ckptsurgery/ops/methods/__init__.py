@@ -1,0 +1,59 @@
+"""Merge methods as pure per-key math, with mergekit 0.1.5's semantics (docs/merging.md): one module
+per method, each a `MergeMethod` subclass that declares itself — its name, whether it needs a
+base, how many models, its parameters (`Parameter`: type, default, range, help, whether it may
+vary per model or per tensor) — and gives its math for one chunk of one key.
+
+Adding a method is adding one file here: the registry (`METHODS`) lists this package's modules
+and takes every method declared in them; the merge command's choices and options
+(`merge_options`), the checks of what it is given (`resolve_parameters`) and docs/merging.md's
+table (`methods_table`, `python -m ckptsurgery.ops.methods`) follow from the declarations.
+Modules named _like_this hold what methods share: the chunked merge of one key (_base), bytes
+<-> numpy (_codec), the parameters (_parameters), generalized task arithmetic (_task_arithmetic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from . import _registry
+from ._base import MergeMethod, Read, tensor_seed
+from ._codec import decode, encode
+from ._parameters import REQUIRED, Parameter, Parameters, Range
+from ._registry import MergeOption
+from ._task_arithmetic import Consensus, Sparsification, TaskArithmetic
+
+CHUNK = 1 << 18  # elements of one chunk: 1 MiB of float32 per input, so that a chunk's arrays stay
+# in the CPU's cache (2²⁰ took ~30 % longer for task arithmetic on 3 × 1 GB). Read when a key's
+# merge is made (MergeMethod.__init__), so that a test can set a small one here.
+
+METHODS: dict[str, type[MergeMethod]] = _registry.discover(__name__, __path__)
+PARAMETERS: dict[str, Parameter] = _registry.parameters_by_name(METHODS)  # every method's, by name
+
+
+def resolve_parameters(method_name: str, models: int, given: Mapping[str, Any]) -> Parameters:
+    """The parameters `method_name` merges `models` models with, checked: `given` maps a
+    parameter's name to its raw value, None when not given (e.g. {"weights": "2,1", "density":
+    0.5, "scale": None, "t": None, "seed": None}). Raises a UsageError naming what is wrong."""
+    return _registry.resolve_parameters(METHODS, method_name, models, given)
+
+
+def merge_options() -> list[MergeOption]:
+    """The merge command's options for the methods' parameters (see MergeOption), in --help's order."""
+    return _registry.merge_options(METHODS)
+
+
+def methods_table() -> str:
+    """docs/merging.md's tables of the methods and their parameters, markers included."""
+    return _registry.methods_table(METHODS)
+
+
+def TensorMerge(method: str, params: Mapping[str, Any], key: str, reads: list[Read], numel: int, wide: str) -> MergeMethod:
+    """The merge of one key by the method named `method`, with `params` already resolved (a dict
+    of its values): the constructor's old name and form, which tests/test_methods.py still uses."""
+    return METHODS[method](dict(params), key, reads, numel, wide)
+
+
+__all__ = ["CHUNK", "METHODS", "PARAMETERS", "REQUIRED", "Consensus", "MergeMethod", "MergeOption", "Parameter",
+           "Parameters", "Range", "Read", "Sparsification", "TaskArithmetic", "TensorMerge", "decode", "encode",
+           "merge_options", "methods_table", "resolve_parameters", "tensor_seed"]

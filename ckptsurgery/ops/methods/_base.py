@@ -1,0 +1,112 @@
+"""The base of every merge method: what a method declares, and the chunk by chunk merge of one key
+that its math plugs into.
+
+A key is merged CHUNK elements at a time (widened to float32, or float64 when an input is
+float64): any chunk of the result can be computed on its own, so a writer streams the output and
+memory holds a few chunks. What a chunk needs from the whole tensor (TIES' cut, DARE's norms,
+SLERP's angle) is measured once, by `measure`, before the first chunk.
+
+numpy, not torch: the math is elementwise, and torch's import alone takes longer than merging a
+1 GB model. Nothing here knows about files or names — apart from the key, which seeds DARE's
+draws, so that a mask does not depend on the order keys are computed in, nor on how many threads
+or ranks compute them."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+from ._parameters import Parameter
+
+Read = Callable[[int, int], Any]  # (first element, count) -> a wide array of one input's values
+
+
+def tensor_seed(seed: int, key: str, model: int, chunk: int) -> int:
+    """The draws of one model's delta for one chunk of one key: SHA-256 of
+    "{seed}\\0{model}\\0{key}\\0{chunk}", its first 8 bytes little-endian, top bit cleared."""
+    digest = hashlib.sha256(f"{seed}\0{model}\0{key}\0{chunk}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class MergeMethod:
+    """A merge method. A subclass in a module of this package declares one (the class attributes
+    below; a class without a `name` is a base for others) and gives its math: `measure` (over
+    the whole tensor, once) and `merge_chunk` (one chunk alone). The registry finds it there.
+
+    An instance merges one key: `params` are that key's values (`Parameters.for_tensor`);
+    `reads` are [base, model...] when the method needs a base, else [model...], `numel`
+    elements each; `chunk(j)` is elements [j·chunk_size, (j+1)·chunk_size) of the result."""
+
+    name: ClassVar[str] = ""  # --method NAME
+    summary: ClassVar[str] = ""  # what it computes, one line, for the docs' table
+    needs_base: ClassVar[bool] = False
+    min_models: ClassVar[int] = 1
+    max_models: ClassVar[int | None] = None
+    parameters: ClassVar[tuple[Parameter, ...]] = ()  # in the order they are checked and reported
+    listing_order: ClassVar[int] = 1000  # where --help, messages and the docs list it (then by name)
+
+    @classmethod
+    def check(cls, values: dict[str, Any]) -> None:
+        """Checks across the resolved values (each was checked alone): raises a UsageError."""
+
+    def __init__(self, params: Mapping[str, Any], key: str, reads: list[Read], numel: int, wide: str):
+        # the package's, read when a key's merge is made: a test may set a small one
+        from . import CHUNK
+
+        self.params, self.key, self.reads, self.numel, self.wide = params, key, reads, numel, wide
+        self.chunk_size = CHUNK
+        self._prepared = False
+        self._buffers: dict = {}
+
+    @property
+    def note(self) -> str | None:
+        """What the report notes about this key once merged (e.g. slerp's fallback); None: nothing."""
+        return None
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.numel // self.chunk_size)
+
+    def span(self, j: int) -> tuple[int, int]:
+        start = j * self.chunk_size
+        return start, min(self.chunk_size, self.numel - start)
+
+    def measure(self) -> None:
+        """What every chunk needs from the whole tensor, measured once (nothing, by default)."""
+
+    def merge_chunk(self, j: int, values: list, out):
+        """Chunk j of the result from the inputs' values there (`values`, as `reads` orders them),
+        into `out` when given; the inputs are left as read."""
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        import numpy as np
+
+        if self._prepared:
+            return
+        with np.errstate(all="ignore"):  # inf and nan in, inf and nan out, as torch would: no warning
+            self.measure()
+        self._prepared = True
+
+    def chunk(self, j: int, out=None):
+        """Elements [j·chunk_size, (j+1)·chunk_size) of the result, in the wide dtype — into `out`
+        (an array of the chunk's length) when given, so that a writer can reuse one buffer."""
+        import numpy as np
+
+        self.prepare()
+        start, count = self.span(j)
+        with np.errstate(all="ignore"):
+            result = self.merge_chunk(j, [read(start, count) for read in self.reads], out)
+        if j == self.chunks - 1:
+            self._buffers.clear()  # the tensor is done: its scratch is not kept for the next
+        return result
+
+    def scratch(self, k: int, count: int):
+        """Scratch array k for a chunk of `count` elements, the same memory from chunk to chunk
+        (a fresh array per step costs more in page faults than the arithmetic)."""
+        import numpy as np
+
+        if k not in self._buffers:
+            self._buffers[k] = np.empty(min(self.chunk_size, self.numel), self.wide)
+        return self._buffers[k][:count]

@@ -1,0 +1,164 @@
+"""A merge method's parameters: each declared once (`Parameter`: its type, default, range, help,
+and whether it may vary per model and per tensor), checked when given (`Parameter.resolve`), and
+held, resolved, by `Parameters`, which a key's merge asks for that key's values.
+
+The parameters several methods share are declared at the bottom; a parameter of one method only
+is declared in that method's module. One name is one parameter: the registry refuses two
+declarations of the same name."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...errors import UsageError
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()  # the default of a parameter that must be given
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a parameter takes, and how a message and the docs say so ("in (0, 1]")."""
+
+    contains: Callable[[Any], bool]
+    wording: str
+
+
+FINITE = Range(lambda v: True, "a finite number")  # every number given must be finite anyway
+FRACTION = Range(lambda v: 0 < v <= 1, "in (0, 1]")
+UNIT_INTERVAL = Range(lambda v: 0 <= v <= 1, "in [0, 1]")
+NON_NEGATIVE = Range(lambda v: v >= 0, "a whole number, 0 or more")
+
+
+def option_of(name: str) -> str:
+    """The command line's spelling of a parameter (the library's keyword): --with-dashes."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One parameter of the merge methods, named as its option (`--{name}`) and the library's keyword.
+
+    `type` is one value's (float or int); a `per_model` one takes one value per model (a list, or
+    "a,b,c" on the command line), `each` naming one of them in messages. `per_tensor`: the value
+    may depend on the key (`Parameters.varying`)."""
+
+    name: str
+    help: str  # what it does, for --help and the docs; which methods take it is added there
+    metavar: str
+    type: type = float
+    default: Any = REQUIRED
+    range: Range = FINITE
+    per_model: bool = False
+    per_tensor: bool = False
+    each: str = "value"
+
+    def __post_init__(self) -> None:
+        if self.type not in (float, int) or (self.per_model and self.type is not float):
+            raise TypeError(f"parameter {self.name}: a float, an int, or floats per model")
+
+    @property
+    def option(self) -> str:
+        return option_of(self.name)
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def default_wording(self) -> str:
+        if self.required:
+            return "required"
+        shown = f"{self.default:g}" if self.type is float else str(self.default)
+        return f"{shown} each" if self.per_model else shown
+
+    def range_wording(self) -> str:
+        return f"each {self.range.wording}" if self.per_model else self.range.wording
+
+    def resolve(self, raw: Any, method: str, models: int) -> Any:
+        """The value used for `raw` (None: not given), checked; a UsageError says what is wrong."""
+        if raw is None and self.required:
+            raise UsageError(f"--method {method} needs {self.option}")
+        if self.per_model:
+            return self._per_model(raw, models)
+        if self.type is int:
+            value = self.default if raw is None else raw
+            if isinstance(value, bool) or not isinstance(value, int) or not self.range.contains(value):
+                raise UsageError(f"{self.option} {value!r}: must be {self.range.wording}")
+            return value
+        value = self.default if raw is None else float(raw)
+        if not (math.isfinite(value) and self.range.contains(value)):  # nan fails every comparison: refused too
+            raise UsageError(f"{self.option} {value!r}: must be {self.range.wording}")
+        return value
+
+    def _per_model(self, raw: Any, models: int) -> list[float]:
+        """"2,1,1" (the command line) or [2, 1, 1] (the library); the default for each when not given."""
+        if raw is None:
+            return [float(self.default)] * models
+        try:
+            parts = raw.split(",") if isinstance(raw, str) else list(raw)
+            values = [float(v) for v in parts]
+        except (ValueError, TypeError):
+            raise UsageError(f"{self.option} {raw!r}: expected numbers separated by commas") from None
+        if len(values) != models:
+            raise UsageError(f"{self.option} gives {len(values)} {self.name} for {models} models")
+        if not all(math.isfinite(v) for v in values):
+            raise UsageError(f"{self.option} {raw!r}: every {self.each} must be a finite number (no nan or inf)")
+        if not math.isfinite(sum(values)):  # a weighted sum of them would overflow
+            raise UsageError(f"{self.option} {raw!r}: the {self.name} are too large to add up")
+        if not all(self.range.contains(v) for v in values):
+            raise UsageError(f"{self.option} {raw!r}: every {self.each} must be {self.range.wording}")
+        return values
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """A method's parameters, resolved: `values` in the method's declared order (a list, one per
+    model, for a per-model parameter); `rules` give a per-tensor parameter's value by key.
+
+    A key's merge asks `for_tensor(key)` and reads nothing else; the report shows `report()`,
+    the values every key gets unless a rule says otherwise."""
+
+    method: str
+    values: Mapping[str, Any]
+    declared: tuple[Parameter, ...] = ()
+    rules: Mapping[str, Callable[[str], Any]] = field(default_factory=dict)
+
+    def for_tensor(self, key: str) -> dict[str, Any]:
+        values = dict(self.values)
+        for name, rule in self.rules.items():
+            values[name] = rule(key)
+        return values
+
+    def varying(self, name: str, rule: Callable[[str], Any]) -> Parameters:
+        """These parameters with `name`'s value given per key by `rule(key)` (a value already
+        checked, of the uniform value's form: a list per model for a per-model parameter)."""
+        parameter = next((p for p in self.declared if p.name == name), None)
+        if parameter is None or not parameter.per_tensor:
+            raise ValueError(f"--method {self.method}: {name} is not a parameter that may vary per tensor")
+        return Parameters(self.method, self.values, self.declared, {**self.rules, name: rule})
+
+    def report(self) -> dict[str, Any]:
+        return {name: list(v) if isinstance(v, list) else v for name, v in self.values.items()}
+
+
+# ---- the parameters several methods share ------------------------------------------------------
+
+WEIGHTS = Parameter("weights", "One weight per model, separated by commas.", "W,W,..", default=1.0, per_model=True,
+                    per_tensor=True, each="weight")
+DENSITY = Parameter("density", "The fraction of each delta kept: the largest by magnitude (ties), or each entry with "
+                    "this chance (dare-*).", "D", default=1.0, range=FRACTION, per_tensor=True)
+SCALE = Parameter("scale", "Multiplies the combined delta (λ).", "LAMBDA", default=1.0, per_tensor=True)
+T = Parameter("t", "Where between the two models: 0 gives the first, 1 the second.", "T", range=UNIT_INTERVAL,
+              per_tensor=True)
+SEED = Parameter("seed", "Seeds the random drop (with each key's name: the draws do not depend on the order keys "
+                 "are written in).", "N", type=int, default=0, range=NON_NEGATIVE)
+
+SHARED = (WEIGHTS, DENSITY, SCALE, T, SEED)  # the command line lists them in this order, then any other

@@ -1,0 +1,15 @@
+"""dare-ties (Yu et al. 2023, https://arxiv.org/abs/2311.03099): DARE's random drop, then TIES'
+sign election — the agreeing deltas summed, not divided (mergekit's `normalize: false`)."""
+
+from ._parameters import DENSITY, SCALE, SEED, WEIGHTS
+from ._task_arithmetic import Consensus, Sparsification, TaskArithmetic
+
+
+class DareTies(TaskArithmetic):
+    name = "dare-ties"
+    summary = ("δᵢ's entries kept with chance D, rescaled to its L1 norm; the sign of Σ wᵢδᵢ elected; the agreeing "
+               "wᵢδᵢ summed; times λ, plus base")
+    parameters = (WEIGHTS, DENSITY, SCALE, SEED)
+    listing_order = 50
+    sparsification = Sparsification.RANDOM
+    consensus = Consensus.SUM

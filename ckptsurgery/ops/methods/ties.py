@@ -1,0 +1,16 @@
+"""ties (Yadav et al. 2023, https://arxiv.org/abs/2306.01708): each delta cut to its largest
+entries, signs elected, the agreeing ones averaged by their weights."""
+
+from ._parameters import DENSITY, SCALE, WEIGHTS
+from ._task_arithmetic import Consensus, Sparsification, TaskArithmetic
+
+
+class Ties(TaskArithmetic):
+    name = "ties"
+    summary = ("δᵢ cut to its top D by magnitude; the sign of Σ wᵢδᵢ elected; the agreeing wᵢδᵢ summed and "
+               "divided by their weights; times λ, plus base")
+    parameters = (WEIGHTS, DENSITY, SCALE)
+    listing_order = 30
+    sparsification = Sparsification.MAGNITUDE
+    consensus = Consensus.SUM
+    normalize = True
