@@ -1,4 +1,6 @@
-"""Fixtures build tiny checkpoints in tmp_path, in every format the tool reads."""
+"""Fixtures build tiny checkpoints in tmp_path, in every format the tool reads; the helpers here
+(the in-process `cli`, `assert_one_error_line`, the reference readers `load_any` and
+`torch_loads`, torchrun and DeepSpeed runners) are shared by several test modules."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from ckptsurgery.cli import main
 
 
 class Net(nn.Module):
-    """The fine-tuning model of DESIGN.md: liner1 and liner10 test the module-name patterns."""
+    """The fine-tuning model of docs/architecture.md: liner1 and liner10 test the module-name patterns."""
 
     def __init__(self, classes: int = 4):
         super().__init__()
@@ -107,6 +109,14 @@ def pickled_module(tmp_path_factory):
     path, truth, sd_path = folder / "whole.pth", folder / "truth.json", folder / "sd.pth"
     subprocess.run([sys.executable, str(script), str(path), str(truth), str(sd_path)], check=True, cwd=folder)
     return path, json.loads(truth.read_text()), sd_path
+
+
+@pytest.fixture
+def flat(tmp_path):
+    """A flat .pth: module.a.weight, module.b.bias (a DataParallel prefix) and c."""
+    path = tmp_path / "flat.pth"
+    torch.save({"module.a.weight": torch.ones(2), "module.b.bias": torch.zeros(3), "c": torch.arange(3)}, path)
+    return path
 
 
 @pytest.fixture
@@ -339,6 +349,16 @@ def load_any(path):
 
         return load_file(path)
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def torch_loads(path) -> tuple[bool, str]:
+    """torch.load(weights_only=True) in a fresh interpreter, then repr() of what it gave (a
+    quantized tensor without a quantizer loads, and fails on first use): (ok, error line)."""
+    code = ("import sys, torch\n"
+            "try:\n    obj = torch.load(sys.argv[1], weights_only=True); repr(obj); print('OK')\n"
+            "except Exception as e:\n    print('ERR', type(e).__name__, str(e).splitlines()[0][:200] if str(e) else '')")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120).stdout
+    return out.startswith("OK"), out.strip()
 
 
 def assert_same_tensors(a: dict, b: dict, ordered: bool = True) -> None:

@@ -1,3 +1,7 @@
+"""The pure functions under the commands, called directly: key patterns and selection, sizes and
+shard plans, --tree's folding of numbered siblings, rename rules, key alignment for merge --into,
+the overlap of two shapes, and the adapt rules with their prefix tokens and grids."""
+
 import pytest
 
 from ckptsurgery import core

@@ -1,4 +1,4 @@
-"""The layout DESIGN.md section 3 draws: cli -> ops -> core / io, arrows pointing down only, no
+"""The layout docs/architecture.md draws: cli -> ops -> core / io, arrows pointing down only, no
 import cycle (imports inside functions included), one module per operation."""
 
 from __future__ import annotations
