@@ -1,6 +1,8 @@
 """The command-line contract at its edges: exit codes that tell "different" from "broken", strict
 JSON, real choices, options refused where they do not apply, rename rules that repeat and apply
-in order, and examples at the end of every --help."""
+in order, and examples at the end of every --help; empty values and options that cannot apply
+refused, invalid regular expressions a usage error, the same exit codes through Typer's CliRunner;
+and the library's side of it: misuse raises CkptError or UsageError, never a bare exception."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typer.testing import CliRunner
 
 from conftest import assert_one_error_line, load_any
 from ckptsurgery.cli import app
+from ckptsurgery.errors import CkptError
 
 COMMANDS = ["inspect", "filter", "drop", "rename", "merge", "extract-lora", "convert", "diff"]
 
@@ -211,3 +214,100 @@ def test_diff_table_counts_what_decides_the_verdict(cli, tmp_path):
     beyond = cli("diff", a, b, "--atol", "0.5")
     assert beyond.code == 1 and "values (max |A-B| 1)" in beyond.out
     assert beyond.out.splitlines()[-1] == "different: 1 equal tensor(s) within atol 0.5, 1 difference(s)"
+
+
+# ---- exit codes through Typer's runner, empty values, options that do not apply ------------------
+
+def test_cli_runner_gets_exit_2_for_a_missing_diff_input_and_a_usage_error(tmp_path, flat):
+    """Through `CliRunner().invoke(app, ...)` as well, a missing diff input and a usage error exit 2, not 1 (diff's "different")."""
+    runner = CliRunner()
+    missing = runner.invoke(app, ["diff", str(flat), str(tmp_path / "typo.pth")])
+    assert missing.exit_code == 2, (missing.exit_code, repr(missing.exception))
+    out = tmp_path / "o.pth"
+    usage = runner.invoke(app, ["merge", str(flat), "-o", str(out), "--on-mismatch", "skip"])
+    assert usage.exit_code == 2, (usage.exit_code, repr(usage.exception))
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "sharded"])
+def test_root_is_refused_for_safetensors_and_shards(cli, tmp_path, flat, kind):
+    """--root KEY on a safetensors file or a shard index is refused in one line, as a flat .pth refuses an unknown root (it was once ignored: exit 0, the top level listed)."""
+    from safetensors.torch import save_file
+
+    if kind == "safetensors":
+        path = tmp_path / "m.safetensors"
+        save_file({"a": torch.ones(2)}, str(path))
+    else:
+        path = tmp_path / "shards" / "model.safetensors"
+        path.parent.mkdir()
+        assert cli("convert", flat, "-o", path, "--max-shard-size", "12B").code == 0
+        path = path.parent
+    assert cli("inspect", flat, "--root", "state_dict").code == 1  # the .pth behaviour
+    result = cli("inspect", path, "--root", "state_dict")
+    assert result.code in (1, 2) and result.err.startswith("ckptsurgery: error: "), (result.code, result.out)
+
+
+def test_merge_into_an_empty_template_path_is_refused(cli, tmp_path, flat):
+    """merge --into '' (an unset $TEMPLATE) is refused and writes nothing (it was once taken as no --into: a plain union, exit 0)."""
+    out = tmp_path / "o.pth"
+    result = cli("merge", flat, "--into", "", "-o", out)
+    assert result.code in (1, 2) and not out.exists(), (result.code, result.err)
+
+
+def test_an_empty_max_shard_size_is_a_usage_error(cli, tmp_path, flat):
+    """convert --max-shard-size '' is a usage error naming the size and writes nothing (not one unsharded file, exit 0)."""
+    out = tmp_path / "o.safetensors"
+    result = cli("convert", flat, "-o", out, "--max-shard-size", "")
+    assert_one_error_line(result, "size", code=2)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["rename", "{in}", "-o", "{out}", "--regex", "a{4294967296}", "b"],
+    ["inspect", "{in}", "--keys", "re:a{4294967296}"],
+    ["drop", "{in}", "re:a{4294967296}", "-o", "{out}"],
+    ["rename", "{in}", "-o", "{out}", "--regex", "(" * 2000 + "a" + ")" * 2000, "b"],
+], ids=["rename-regex-overflow", "inspect-keys-overflow", "drop-overflow", "rename-regex-nested"])
+def test_a_regex_python_cannot_compile_is_a_usage_error(cli, tmp_path, flat, args):
+    """A regex Python refuses with OverflowError/RecursionError is exit 2 'not a valid regular expression', not the catch-all (exit 1, 'set CKPTSURGERY_DEBUG')."""
+    out = tmp_path / "o.pth"
+    result = cli(*[str(flat) if a == "{in}" else str(out) if a == "{out}" else a for a in args])
+    assert_one_error_line(result, "regular expression", code=2)
+
+
+# ---- the library: CkptError/UsageError, never a bare exception, never a silent default ------------
+
+@pytest.mark.parametrize("call", [
+    "convert(p, out, max_shard_size=2_000_000_000, dry_run=True)",
+    "merge([p, p], out, average=True, weights=[2, 1], dry_run=True)",
+    "diff(p, p, atol='0.01')",
+    "rename_keys(p, out, [('strip', 'module')], dry_run=True)",
+    "rename_rule('strip', 5)",
+])
+def test_library_misuse_by_type_works_or_raises_ckpt_error(tmp_path, flat, call):
+    """Natural library misuse (an int size, a list of weights, a str atol, a tuple rule) works or raises CkptError, never a bare TypeError/AttributeError."""
+    from ckptsurgery.core import rename_rule
+    from ckptsurgery.ops import convert, diff, inspect_report, merge, rename_keys
+
+    env = dict(p=str(flat), out=str(tmp_path / "o.safetensors"), convert=convert, merge=merge, diff=diff,
+               rename_keys=rename_keys, rename_rule=rename_rule, inspect_report=inspect_report)
+    try:
+        eval(call, env)
+    except CkptError:
+        return
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"{call}: bare {type(e).__name__}: {e}")
+
+
+@pytest.mark.parametrize("call", [
+    "inspect(p, tree=True, depth=0)",
+    "merge([p], out, into=p, on_mismatch='', dry_run=True)",
+    "drop_keys(p, out, [], dry_run=True)",
+])
+def test_library_raises_usage_error_for_values_the_cli_refuses(tmp_path, flat, call):
+    """The library raises UsageError for values the CLI refuses (depth 0, an empty policy, no drop pattern) instead of accepting them silently."""
+    from ckptsurgery.errors import UsageError
+    from ckptsurgery.ops import drop_keys, inspect, merge
+
+    env = dict(p=str(flat), out=str(tmp_path / "o.pth"), inspect=inspect, merge=merge, drop_keys=drop_keys)
+    with pytest.raises(UsageError):
+        eval(call, env)

@@ -1,4 +1,6 @@
-"""`convert` through the real entry point: round trips, casts, ties, shards, determinism."""
+"""`convert` through the real entry point: round trips, casts, ties, shards, determinism; what a
+.pth output keeps (tensor attributes, odd storages, _extra_state of shards), and what --dtype
+leaves alone (entries outside the state dict, a quantized tensor's scales)."""
 
 import hashlib
 import json
@@ -9,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import assert_same_tensors, load_any
+from test_hostile_opcodes import assert_clean
 
 
 def digest(path) -> str:
@@ -270,3 +273,75 @@ def test_storage_locations_are_written_back_as_read(cli, tmp_path, gpu_tagged_pt
     with pytest.raises(RuntimeError):
         torch.load(out, weights_only=True)
     assert_same_tensors(state_dict, torch.load(out, map_location="cpu", weights_only=True))
+
+
+# ---- what a .pth output keeps ------------------------------------------------------------------
+
+def test_tensor_attributes_survive_a_pth_round_trip(cli, tmp_path):
+    """A tensor with a Python attribute (saved by torch via _rebuild_from_type_v2 with state) keeps it in a .pth output."""
+    t = torch.arange(4.0)
+    t.scale_hint = "per-row"
+    src, out = tmp_path / "attr.pth", tmp_path / "out.pth"
+    torch.save({"w": t}, src)
+    assert torch.load(src, weights_only=True)["w"].__dict__ == {"scale_hint": "per-row"}
+    assert cli("convert", src, "-o", out).code == 0
+    assert torch.load(out, weights_only=True)["w"].__dict__ == {"scale_hint": "per-row"}
+
+
+def test_untyped_storage_of_odd_size_converts(cli, tmp_path):
+    """A uint16 tensor over a 5-byte UntypedStorage (torch writes and reads it) converts to .pth without the catch-all."""
+    storage = torch.UntypedStorage(5)
+    t = torch.tensor([], dtype=torch.uint16).set_(storage, 0, (2,), (1,))
+    t.fill_(7)
+    src, out = tmp_path / "odd.pth", tmp_path / "out.pth"
+    torch.save({"w": t}, src)
+    assert torch.equal(torch.load(src, weights_only=True)["w"], t)
+    result = cli("convert", src, "-o", out)
+    assert result.code == 0, result.err
+    assert torch.equal(torch.load(out, weights_only=True)["w"], t)
+
+
+def test_sharded_bin_extra_state_is_carried_or_reported(cli, tmp_path):
+    """A sharded .bin whose shard holds a._extra_state: the .pth output carries it, or the report names it as left out."""
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    torch.save({"a.weight": torch.ones(2), "a._extra_state": b"fp8-meta"}, folder / "m-1.bin")
+    torch.save({"b.weight": torch.zeros(2)}, folder / "m-2.bin")
+    (folder / "m.bin.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"a.weight": "m-1.bin", "b.weight": "m-2.bin"}}))
+    out = tmp_path / "out.pth"
+    result = cli("convert", folder / "m.bin.index.json", "-o", out, "--json")
+    assert result.code == 0, result.err
+    got = torch.load(out, weights_only=True)
+    assert got.get("a._extra_state") == b"fp8-meta" or "a._extra_state" in result.out, (list(got), result.out)
+
+
+def test_dtype_cast_leaves_what_is_outside_the_state_dict_alone(cli, tmp_path, net):
+    """--dtype bf16 casts the state dict only: an optimizer's step counter (257.0) must not become bf16 (256.0)."""
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.randn(2, 3, 5, 5)).sum().backward()
+    opt.step()
+    state = opt.state_dict()
+    for entry in state["state"].values():
+        entry["step"] = torch.tensor(257.0)
+    src, out = tmp_path / "train.pth", tmp_path / "bf16.pth"
+    torch.save({"state_dict": net.state_dict(), "optimizer": state}, src)
+    assert cli("convert", src, "-o", out, "--dtype", "bf16").code == 0
+    got = torch.load(out, weights_only=True)
+    assert got["state_dict"]["conv.weight"].dtype == torch.bfloat16
+    step = got["optimizer"]["state"][0]["step"]
+    assert step.dtype == torch.float32 and step.item() == 257.0, (step.dtype, step.item())
+
+
+def test_dtype_cast_leaves_a_quantized_tensors_scales_alone(cli, tmp_path):
+    """--dtype fp16 keeps q (reported in kept_dtype), so its per-channel scales — one storage with a float64 state-dict tensor — must not be cast either."""
+    scales = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    q = torch.quantize_per_channel(torch.randn(3, 4), scales, torch.tensor([0, 1, 2]), 0, torch.qint8)
+    src, out = tmp_path / "q.pth", tmp_path / "out.pth"
+    torch.save({"q": q, "q_scales": scales}, src)
+    result = cli("convert", src, "-o", out, "--dtype", "fp16", "--json")
+    assert_clean(result)
+    if result.code == 0:
+        assert "q" in result.json()["kept_dtype"]
+        got = torch.load(out, weights_only=True)["q"]
+        assert torch.equal(got.dequantize(), q.dequantize()), "q's values changed although it kept its dtype"

@@ -1,9 +1,11 @@
-"""diff on values: integers compared exactly, --atol across dtypes, and which --atol is accepted."""
+"""diff on values: integers compared exactly, --atol across dtypes (imaginary parts and NaN real
+parts included), quantization parameters, and which --atol is accepted."""
 
 from __future__ import annotations
 
 import importlib
 import random
+import warnings
 
 import pytest
 import torch
@@ -157,3 +159,52 @@ def test_diff_refuses_an_atol_that_is_not_a_finite_non_negative_number(cli, tmp_
     assert result.code == 2 and "--atol" in result.err and len(result.err.strip().splitlines()) == 1, result.err
     with pytest.raises(UsageError, match="--atol"):
         diff(str(a), str(b), atol=float(atol))
+
+
+# ---- what makes two tensors different ---------------------------------------------------------
+
+def test_diff_sees_quantization_parameters(cli, tmp_path):
+    """Two qint8 tensors with the same integers but different scale/zero point are not identical."""
+    a = torch.quantize_per_tensor(torch.randn(4, 3), 0.1, 0, torch.qint8)
+    b = torch._make_per_tensor_quantized_tensor(a.int_repr(), 0.5, 3)
+    torch.save({"q": a}, tmp_path / "a.pth")
+    torch.save({"q": b}, tmp_path / "b.pth")
+    result = cli("diff", tmp_path / "a.pth", tmp_path / "b.pth", "--json")
+    assert result.code == 1 and not result.json()["identical"], result.out
+
+
+def test_diff_of_a_file_with_itself_is_identical_even_with_a_nan_quantized_scale(cli, tmp_path):
+    """A file is identical to itself (exit 0) even when a per-tensor quantization scale is NaN (comparing the scales with == once made it differ, exit 1)."""
+    path = tmp_path / "q.pth"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch.quantize_per_tensor(torch.tensor([0.0]), float("nan"), 3, torch.quint8)
+    torch.save({"q": q}, path)
+    result = cli("diff", path, path)
+    assert result.code == 0, result.out
+
+
+def test_diff_atol_sees_imaginary_parts(cli, tmp_path):
+    """Complex tensors that differ by 4 in their imaginary part differ beyond --atol 1e-3."""
+    torch.save({"c": torch.tensor([1 + 1j, 2 + 2j])}, tmp_path / "a.pth")
+    torch.save({"c": torch.tensor([1 + 5j, 2 + 2j])}, tmp_path / "b.pth")
+    result = cli("diff", tmp_path / "a.pth", tmp_path / "b.pth", "--atol", "1e-3", "--json")
+    assert result.code == 1 and not result.json()["identical"], result.out
+
+
+def test_diff_atol_sees_imaginary_parts_beside_a_nan_real_part(cli, tmp_path):
+    """complex(nan, 1) vs complex(nan, 5) differ by 4 in the imaginary part: not 'identical' under --atol 1e-3."""
+    torch.save({"c": torch.tensor([complex(float("nan"), 1.0)])}, tmp_path / "a.pth")
+    torch.save({"c": torch.tensor([complex(float("nan"), 5.0)])}, tmp_path / "b.pth")
+    result = cli("diff", tmp_path / "a.pth", tmp_path / "b.pth", "--atol", "1e-3", "--json")
+    assert result.code == 1 and not result.json()["identical"], result.out
+
+
+def test_diff_int64_against_float64_beyond_2_53_gives_the_exact_gap(cli, tmp_path):
+    """int64 2**53+1 against float64 2.0**53 under --atol 0.5: the gap is exactly 1 and they differ (widening the int64 side to float64 once gave max 0, 'identical')."""
+    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    torch.save({"i": torch.tensor([2**53 + 1])}, a)
+    torch.save({"i": torch.tensor([2.0**53], dtype=torch.float64)}, b)
+    result = cli("diff", a, b, "--atol", "0.5", "--json")
+    assert result.json()["dtype_changed"][0]["max_abs_diff"] == 1
+    assert result.code == 1

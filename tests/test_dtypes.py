@@ -1,6 +1,6 @@
 """Every dtype torch 2.13 can save, in and out of every writer, checked by torch and safetensors
 themselves; the dtype table checked against their own lists; and the exact bytes our writers
-produce for a fixed input (known answers), so that an unintended change of format fails here."""
+produce for a fixed input (known answers), so that an unintended change of format fails here; views of one storage keep their own dtypes."""
 
 from __future__ import annotations
 
@@ -418,3 +418,15 @@ def test_dtype_cast_reports_a_float_kept_for_the_scales_it_shares(cli, tmp_path)
     report = cli("convert", path, "-o", tmp_path / "out.pth", "--dtype", "fp16", "--json").json()
     assert report["kept_dtype"] == ["q", "q_scales"]
     assert torch.load(tmp_path / "out.pth", weights_only=True)["q_scales"].dtype == torch.float64
+
+
+# ---- views of one storage ---------------------------------------------------------------------
+
+def test_views_of_one_untyped_storage_keep_their_own_dtypes(cli, tmp_path):
+    """A float8_e4m3fn tensor and its float8_e5m2 view (one UntypedStorage, as torch saves them) keep their dtypes in a .pth output."""
+    w = torch.linspace(-1, 1, 8).to(torch.float8_e4m3fn)
+    src, out = tmp_path / "f8.pth", tmp_path / "out.pth"
+    torch.save({"a": w, "b": w.view(torch.float8_e5m2), "c": w.view(torch.uint16)}, src)
+    assert cli("convert", src, "-o", out).code == 0
+    got = torch.load(out, weights_only=True)
+    assert {k: v.dtype for k, v in got.items()} == {"a": torch.float8_e4m3fn, "b": torch.float8_e5m2, "c": torch.uint16}

@@ -1,4 +1,5 @@
-"""Broken input: exit 1, one line on stderr naming the file, no traceback, nothing written."""
+"""Broken input: exit 1, one line on stderr naming the file (a checkpoint, a --map file), no
+traceback, nothing written."""
 
 import json
 import os
@@ -7,6 +8,8 @@ import zipfile
 
 import pytest
 import torch
+
+from conftest import assert_one_error_line
 
 ST_HEADER = {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
              "b": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}}
@@ -163,3 +166,21 @@ def test_pickle_cannot_rewrite_a_validated_tensor(cli, tmp_path, zip_pth):
     inject = lambda d: re.sub(rb"(tq.R)", lambda m: m.group(1) + state, d, count=1, flags=re.DOTALL)  # noqa: E731
     _rewrite_zip(zip_pth, bad, lambda n, d: inject(d) if n.endswith("data.pkl") else d)
     assert_clean_failure(cli, tmp_path, bad, "sets state on a tensor")
+
+
+# ---- errors that name the file ------------------------------------------------------------------
+
+def test_safetensors_refusals_name_the_input(cli, tmp_path):
+    """Refusing a quantized tensor for a .safetensors output: the one line names the input file."""
+    q = torch.quantize_per_tensor(torch.randn(2), 0.1, 0, torch.qint8)
+    src = tmp_path / "q.pth"
+    torch.save({"w": q}, src)
+    assert_one_error_line(cli("convert", src, "-o", tmp_path / "q.safetensors"), str(src))
+
+
+def test_a_deeply_nested_map_json_is_one_error_line_naming_it(cli, tmp_path, flat):
+    """rename --map with JSON nested 100,000 deep: one error line naming the file, as the shard index reader says 'nested too deeply' (not the catch-all RecursionError)."""
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000 + "]" * 100000)
+    result = cli("rename", flat, "-o", tmp_path / "o.pth", "--map", deep)
+    assert_one_error_line(result, "deep.json", code=1)

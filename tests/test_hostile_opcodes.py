@@ -4,7 +4,8 @@ Each test builds the raw pickle bytes itself (no pickler in the loop, so nothing
 and runs the real entry point. The promise under test: no code from the file runs; bad input
 gets exit 1 and one line `ckptsurgery: error: FILE: ...` (never a traceback, never the
 catch-all that says CKPTSURGERY_DEBUG); an output never references, or runs, more than its
-input; nothing a hostile file does outlives it; time and memory follow the real work.
+input; nothing a hostile file does outlives it; time and memory follow the real work; a call torch
+refuses is refused, and a storage recorded under two types reads as torch reads it.
 
 Anything that could hang in C code or crash the interpreter runs in a subprocess with a
 memory cap and a hard kill (SIGKILL: a Python-level SIGTERM handler never runs while C code
@@ -27,7 +28,7 @@ import zipfile
 import pytest
 import torch
 
-from conftest import assert_one_error_line
+from conftest import assert_one_error_line, torch_loads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,6 +96,12 @@ def tensor(key: str = "0", numel: int = 4, shape=(4,), stride=(1,), offset: int 
     record = record if record is not None else storage_record(U(key), numel)
     return (G("torch._utils", "_rebuild_tensor_v2") + b"(" + record + b"Q" + I(offset)
             + T(*map(I, shape)) + T(*map(I, stride)) + b"\x89" + G("collections", "OrderedDict") + b")R" + b"tR")
+
+
+def rebuild_v2(record: bytes, shape=(4,), requires_grad=False) -> bytes:
+    """torch._utils._rebuild_tensor_v2((record), 0, shape, (1,), requires_grad, OrderedDict())."""
+    return (G("torch._utils", "_rebuild_tensor_v2") + b"(" + record + b"Q" + I(0) + T(*map(I, shape)) + T(I(1))
+            + (b"\x88" if requires_grad else b"\x89") + G("collections", "OrderedDict") + b")R" + b"tR")
 
 
 STATE_DICT = (U("state_dict"), D((U("w"), tensor())))  # the entry "state_dict": {"w": zeros(4)}
@@ -276,6 +283,9 @@ class Isolated:
     def __repr__(self):
         return (f"<exit {self.code} after {self.seconds:.2f} s, peak RSS {self.rss_mib} MiB, "
                 f"stderr {self.err[-600:]!r}>")
+
+
+CAP = 2 * 2**30  # RLIMIT_AS for the small hostile files of the tests below (run_isolated's memory=)
 
 
 def run_isolated(tmp_path, *args, timeout: float = 10.0, memory: int = 3 * 2**30) -> Isolated:
@@ -1222,3 +1232,146 @@ def test_legacy_v3_tensor_whose_storage_has_no_data(cli, tmp_path):
     path = legacy_file(tmp_path / "v3.pth", PROTO2 + D((U("w"), v3)) + b".", storages={})
     result = cli("inspect", path)
     assert result.code == 1 and "no data for storages 0" in result.err and len(result.err.splitlines()) == 1
+
+
+# ---- calls torch refuses, storages recorded under two types ------------------------------------
+
+@pytest.mark.parametrize("call", [
+    pytest.param(G("torch._utils", "_rebuild_parameter") + T(tensor(), b"\x88", G("collections", "OrderedDict") + b")R",
+                                                             D((U("x"), I(1)))) + b"R", id="rebuild_parameter_with_4_args"),
+    pytest.param(G("torch._utils", "_rebuild_parameter_with_state") + T(tensor(), b"\x88", G("collections", "OrderedDict")
+                                                                        + b")R") + b"R", id="with_state_without_state"),
+])
+def test_rebuilders_take_torchs_arguments_only(cli, tmp_path, call):
+    """A rebuild call torch.load refuses (wrong arity) is refused, not rewritten into one torch loads."""
+    src = zip_file(tmp_path / "arity.pth", PROTO2 + D((U("w"), call)) + b".")
+    assert not torch_loads(src)[0]
+    assert_one_error_line(cli("convert", src, "-o", tmp_path / "out.pth"), str(src))
+
+
+@pytest.mark.parametrize("layout", ["zip_byte_then_float", "zip_untyped_v3_then_float", "legacy_float_then_byte"])
+def test_storage_recorded_as_two_types_reads_as_torch_reads_it(cli, tmp_path, layout):
+    """torch keeps the first record's typed storage for a key, so a later _rebuild_tensor_v2 gets the first dtype; inspect must show torch's dtypes."""
+    if layout == "legacy_float_then_byte":
+        first = storage_record(U("0"), 4, G("torch", "FloatStorage"), extra=b"N")
+        second = storage_record(U("0"), 16, G("torch", "ByteStorage"), extra=b"N")
+        body = PROTO2 + D((U("a"), rebuild_v2(first, (4,))), (U("b"), rebuild_v2(second, (4,)))) + b"."
+        src = legacy_file(tmp_path / "two.pth", body, storages={"0": bytes(range(16))})
+    else:
+        if layout == "zip_byte_then_float":
+            a = rebuild_v2(storage_record(U("0"), 16, G("torch", "ByteStorage")), (16,))
+        else:
+            a = (G("torch._utils", "_rebuild_tensor_v3") + b"(" + storage_record(U("0"), 16, G("torch.storage", "UntypedStorage"))
+                 + b"Q" + I(0) + T(I(16)) + T(I(1)) + b"\x89" + G("collections", "OrderedDict") + b")R"
+                 + G("torch", "float8_e4m3fn") + b"tR")
+        b = rebuild_v2(storage_record(U("0"), 4, G("torch", "FloatStorage")), (4,))
+        src = zip_file(tmp_path / "two.pth", PROTO2 + D((U("a"), a), (U("b"), b)) + b".", {"0": bytes(range(16))})
+    expected = {k: str(v.dtype).removeprefix("torch.") for k, v in torch.load(src, weights_only=True).items()}
+    result = cli("inspect", src, "--json")
+    assert_clean(result)
+    if result.code == 0:
+        got = {t["name"]: t["dtype"] for t in result.json()["tensors"]}
+        assert got == expected, f"torch reads {expected}, ckptsurgery {got}"
+
+
+def test_module_walk_errors_name_the_file(cli, tmp_path):
+    """A pickled module with a parameter name that is not valid Unicode: the one error line names the file."""
+    module = (G("mymodel", "Net") + b")\x81" + D((U("_parameters"), D((U("w\udc80"), tensor()))),
+                                                (U("_buffers"), D()), (U("_modules"), D())) + b"b")
+    src = zip_file(tmp_path / "surrogate.pth", PROTO2 + module + b".")
+    assert_one_error_line(cli("inspect", src), str(src))
+
+
+# ---- small files that once cost far more than the real work ------------------------------------
+
+def test_a_small_pickled_module_dag_costs_bounded_work(tmp_path):
+    """A 5 KB pickled module whose 21 levels each register one child twice expands to 2M names (23 s, 1 GB, a 96 MB .pth): refuse it quickly."""
+    def module(children: bytes) -> bytes:
+        return (G("mymodel", "Block") + b")\x81" + D((U("_parameters"), D((U("w"), tensor()))), (U("_buffers"), D()),
+                                                     (U("_modules"), children)) + b"b")
+    body = module(D()) + b"q\x00"
+    for level in range(1, 21):
+        body = module(D((U("a"), body), (U("b"), b"h" + bytes([level - 1])))) + b"q" + bytes([level])
+    src = zip_file(tmp_path / "dag.pth", PROTO2 + body + b".")
+    assert os.path.getsize(src) < 8000
+    try:
+        run = subprocess.run([sys.executable, "-m", "ckptsurgery", "convert", src, "-o", str(tmp_path / "out.pth")],
+                             capture_output=True, text=True, timeout=8)
+    except subprocess.TimeoutExpired:
+        pytest.fail("an 8 KB file kept ckptsurgery busy for more than 8 seconds")
+    assert run.returncode in (0, 1) and "CKPTSURGERY_DEBUG" not in run.stderr, run.stderr
+
+
+def test_a_60000_deep_chain_of_pickled_modules_is_walked_in_linear_time(tmp_path):
+    """A 1.9 MB .pth whose pickled modules nest 60,000 deep (built outermost first, so the nesting limit never sees it): `inspect` answers within 10 s (a module walk that copied its frozenset path per level, O(depth^2), once took ~27 s)."""
+    n, base = 60_000, 10
+    # 60,000 placeholder modules, created first (none has state yet, so each is depth 1) ...
+    created = (b"](" + G("user_code", "Net") + put(0) + b")\x81" + put(base)
+               + b"".join(get(0) + b")\x81" + put(base + i) for i in range(1, n)) + b"e")
+    # ... then module i gets the state {"_parameters": {}, "_modules": {"a": module i+1}}
+    built = (b"](" + get(base) + b"}(" + U("_parameters") + put(1) + b"}" + U("_modules") + put(2) + b"}"
+             + U("a") + put(3) + get(base + 1) + b"su" + b"b"
+             + b"".join(get(base + i) + b"}(" + get(1) + b"}" + get(2) + b"}" + get(3) + get(base + i + 1) + b"su" + b"b"
+                        for i in range(1, n - 1)) + b"e")
+    top = b"}(" + U("x") + created + U("y") + built + U("model") + get(base) + b"u"
+    path = zip_file(tmp_path / "chain.pth", PROTO2 + top + b".")
+    assert os.path.getsize(path) < 2 * 2**20
+    result = run_isolated(tmp_path, "inspect", path, memory=CAP, timeout=20)
+    assert_isolated_clean(result, within=10)
+
+
+def _v3(dtype: str, metadata: bytes = b"N", key: str = "0", shape=(4,), nbytes: int = 16) -> bytes:
+    """torch._utils._rebuild_tensor_v3(UntypedStorage record, 0, shape, contiguous, False, {}, torch.DTYPE, metadata)."""
+    record = b"(" + U("storage") + G("torch", "UntypedStorage") + U(key) + U("cpu") + I(nbytes) + b"t"
+    stride = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        stride[i] = stride[i + 1] * shape[i + 1]
+    return (G("torch._utils", "_rebuild_tensor_v3") + b"(" + record + b"Q" + I(0) + T(*map(I, shape))
+            + T(*map(I, stride)) + b"\x89" + G("collections", "OrderedDict") + b")R" + G("torch", dtype)
+            + metadata + b"tR")
+
+
+NEG = D((U("neg"), b"\x88"))
+
+
+@pytest.mark.parametrize("dtype", ["bool", "float8_e4m3fn", "uint16"])
+@pytest.mark.parametrize("command", ["stats", "to_safetensors", "diff"])
+def test_neg_bit_on_a_dtype_torch_cannot_negate_never_reaches_the_catch_all(tmp_path, dtype, command):
+    """Tensor metadata {"neg": True} on a bool/float8/uint16 tensor (torch.neg raises on them): exit 0 or one error line, never the catch-all."""
+    pkl = PROTO2 + D((U("w"), _v3(dtype, NEG))) + b"."
+    a = zip_file(tmp_path / "a.pth", pkl, {"0": bytes(range(16))})
+    b = zip_file(tmp_path / "b.pth", pkl, {"0": bytes(range(1, 17))})
+    args = {"stats": ("inspect", a, "--stats"), "to_safetensors": ("convert", a, "-o", tmp_path / "o.safetensors"),
+            "diff": ("diff", a, b)}[command]
+    result = run_isolated(tmp_path, *args, memory=CAP)
+    if command == "diff":  # exit 1 with no error line is diff's "they differ" verdict; 2 a refusal
+        assert result.code in (0, 1, 2) and "CKPTSURGERY_DEBUG" not in result.err and "Traceback" not in result.err, result
+        assert (result.code == 2) == result.err.startswith("ckptsurgery: error: "), result
+    else:
+        assert_isolated_clean(result, within=10)
+
+
+@pytest.mark.parametrize("args", [("inspect",), ("diff",), ("convert", "o.safetensors")])
+def test_zero_sized_tensor_with_20000_huge_dimensions_is_clean_and_quick(tmp_path, args):
+    """shape [0] + [2**62] * 20000 (400 KB header): a clean answer within seconds and 2 GiB (multiplying the unbounded strides once ended in MemoryError)."""
+    path = safetensors_file(tmp_path / "dims.safetensors",
+                            {"w": {"dtype": "U8", "shape": [0] + [2**62] * 20_000, "data_offsets": [0, 0]}}, b"")
+    argv = {"inspect": ("inspect", path), "diff": ("diff", path, path),
+            "convert": ("convert", path, "-o", tmp_path / "o.safetensors")}[args[0]]
+    result = run_isolated(tmp_path, *argv, memory=CAP, timeout=20)
+    assert_isolated_clean(result, within=10)
+
+
+def test_per_channel_scales_of_complex_dtype_print_no_torch_warning(tmp_path):
+    """A per-channel qint8 tensor whose scales are complex64: inspect --stats prints no torch UserWarning (with its source line) on stderr."""
+    scale = _v3("complex64", key="s", shape=(2,), nbytes=16)
+    zero = _v3("int64", key="z", shape=(2,), nbytes=16)
+    record = (b"(" + U("storage") + G("torch", "QInt8Storage") + U("0") + U("cpu") + I(4) + b"t")
+    qt = (G("torch._utils", "_rebuild_qtensor") + b"(" + record + b"Q" + I(0) + T(I(2), I(2)) + T(I(2), I(1))
+          + T(G("torch", "per_channel_affine"), scale, zero, I(0)) + b"\x89" + G("collections", "OrderedDict")
+          + b")R" + b"tR")
+    path = zip_file(tmp_path / "q.pth", PROTO2 + D((U("w"), qt)) + b".",
+                    {"0": bytes(4), "s": bytes(range(16)), "z": bytes(16)})
+    result = run_isolated(tmp_path, "inspect", path, "--stats", memory=CAP)
+    assert_isolated_clean(result, within=10)
+    assert "Warning" not in result.err, result

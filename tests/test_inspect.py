@@ -1,5 +1,7 @@
-"""`inspect` through the real entry point."""
+"""`inspect` through the real entry point: the JSON document, the human table, --keys, --stats,
+--tree, metadata, the entry points, and names of extras as torch names them."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -144,3 +146,12 @@ def test_version(cli):
 
     result = cli("--version")
     assert result.code == 0 and result.out == f"ckptsurgery {__version__}\n"
+
+
+def test_inspect_names_a_storage_entry_by_torchs_type(cli, tmp_path):
+    """A storage saved beside the state dict is listed as torch's type (torch.FloatStorage / UntypedStorage), never as ckptsurgery's StorageHandle."""
+    src = tmp_path / "storage.pth"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "typed": torch.FloatStorage([1.0, 2.0])}, src)
+    result = cli("inspect", src, "--json")
+    assert result.code == 0, result.err
+    assert "StorageHandle" not in json.dumps(result.json()["extras"]), result.json()["extras"]

@@ -1,5 +1,5 @@
-"""Human output that names cannot forge or slow down, inputs that must not crash `inspect --tree`,
-and `merge --average` refusing what it cannot average faithfully."""
+"""Human output that names cannot forge or slow down, inputs that must not crash `inspect --tree`
+(nor exhaust its memory), and `merge --average` refusing what it cannot average faithfully."""
 
 import json
 import struct
@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import assert_one_error_line, load_any
+from test_hostile_opcodes import CAP, assert_isolated_clean, run_isolated, safetensors_file
 
 
 # ---- inspect --tree on odd names -------------------------------------------------------------
@@ -252,3 +253,12 @@ def test_average_does_not_tie_names_tied_in_one_source_only(cli, tmp_path):
     loaded = load_any(out)
     assert torch.equal(loaded["embed.weight"], torch.full((3, 2), 2.0))
     assert torch.equal(loaded["lm_head.weight"], torch.full((3, 2), 3.0))
+
+
+def test_tree_of_one_name_of_200000_parts_stays_within_memory(tmp_path):
+    """One tensor named x.x.x... (200,000 parts, 400 KB): inspect --tree answers cleanly within 10 s and 2 GiB (building O(depth^2) row names once died of MemoryError)."""
+    name = ".".join(["x"] * 200_000)
+    path = safetensors_file(tmp_path / "deep.safetensors",
+                            {name: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(4))
+    result = run_isolated(tmp_path, "inspect", path, "--tree", memory=CAP, timeout=20)
+    assert_isolated_clean(result, within=10)

@@ -1,4 +1,5 @@
-"""The reader layer against torch's own loader, format by format."""
+"""The reader layer against torch's own loader, format by format, and files torch writes today
+(a storage recorded typed and untyped, a module registered twice, torch.ao quantized state dicts)."""
 
 import json
 import subprocess
@@ -7,10 +8,12 @@ import sys
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from ckptsurgery import open_checkpoint
 from ckptsurgery.errors import CkptError
 from ckptsurgery.io import detect_format
+from conftest import torch_loads
 
 
 def as_torch(ckpt):
@@ -211,3 +214,47 @@ def test_a_model_folder_without_an_index_reads_its_one_weights_file(cli, tmp_pat
     empty.mkdir()
     (empty / "config.json").write_text("{}")
     assert_one_error_line(cli("inspect", empty), "no *.index.json and none of model.safetensors")
+
+
+# ---- what torch writes today, read as torch reads it ---------------------------------------
+
+def test_typed_and_untyped_records_of_one_storage_are_read(cli, tmp_path):
+    """torch saves a float8 tensor and its uint8 view as UntypedStorage + ByteStorage records of one key; torch reads it, so must we."""
+    w = torch.linspace(-1, 1, 8).to(torch.float8_e4m3fn)
+    src = tmp_path / "mixed.pth"
+    torch.save({"f8": w, "raw": w.view(torch.uint8)}, src)
+    assert torch_loads(src)[0]
+    assert cli("inspect", src).code == 0
+
+
+class _SharedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        block = nn.Linear(2, 2)
+        self.enc = block
+        self.dec = block
+
+
+def test_pickled_module_with_a_shared_submodule_lists_every_name(cli, tmp_path):
+    """torch.save(model) where one submodule is registered twice: the names are model.state_dict()'s, all four."""
+    model = _SharedBlock()
+    src = tmp_path / "shared.pth"
+    torch.save(model, src)
+    result = cli("inspect", src, "--json")
+    assert result.code == 0, result.err
+    assert [t["name"] for t in result.json()["tensors"]] == list(model.state_dict())
+
+
+def test_ao_quantized_state_dict_is_found_without_root(cli, tmp_path):
+    """The state_dict of a torch.ao.quantization-converted model (dtype and packed-params entries beside tensors) is read without --root ''."""
+    import torch.ao.quantization as tq
+
+    model = nn.Sequential(tq.QuantStub(), nn.Linear(4, 2), tq.DeQuantStub()).eval()
+    model.qconfig = tq.get_default_qconfig("fbgemm")
+    prepared = tq.prepare(model)
+    prepared(torch.randn(8, 4))
+    src = tmp_path / "ao.pth"
+    torch.save(tq.convert(prepared).state_dict(), src)
+    assert torch_loads(src)[0]
+    result = cli("inspect", src, "--json")
+    assert result.code == 0, result.err

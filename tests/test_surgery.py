@@ -1,4 +1,5 @@
-"""filter, drop, rename, merge and diff through the real entry point."""
+"""filter, drop, rename, merge and diff through the real entry point; merge with entries that
+are not tensors (_extra_state) and templates whose dtypes cannot be copied (quantized)."""
 
 import hashlib
 import json
@@ -8,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import Net, load_any
+from conftest import Net, assert_one_error_line, load_any, torch_loads
+from test_hostile_opcodes import assert_clean
 
 
 def keys_of(path):
@@ -347,3 +349,72 @@ def test_plain_edits_do_not_import_torch(tmp_path, zip_pth, args):
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert out.exists()
+
+
+# ---- merge: entries that are not tensors, dtypes that cannot be copied --------------------------
+
+def test_merge_union_keeps_later_sources_extra_state(cli, tmp_path):
+    """merge A B: B's b._extra_state is carried into the .pth output, or at least reported as left out."""
+    torch.save({"a.weight": torch.ones(2), "a._extra_state": b"A"}, tmp_path / "a.pth")
+    torch.save({"b.weight": torch.zeros(2), "b._extra_state": b"B"}, tmp_path / "b.pth")
+    out = tmp_path / "ab.pth"
+    result = cli("merge", tmp_path / "a.pth", tmp_path / "b.pth", "-o", out, "--json")
+    assert result.code == 0, result.err
+    got = torch.load(out, weights_only=True)
+    assert got.get("b._extra_state") == b"B" or "b._extra_state" in result.out, (list(got), result.out)
+
+
+def test_merge_union_tensor_does_not_replace_extra_state_silently(cli, tmp_path):
+    """merge A B where B has a tensor named like A's _extra_state: a conflict (refused by default), not a silent replacement."""
+    torch.save({"blk.weight": torch.ones(2), "blk._extra_state": b"benign"}, tmp_path / "a.pth")
+    torch.save({"blk._extra_state": torch.full((3,), 7.0)}, tmp_path / "b.pth")
+    out = tmp_path / "ab.pth"
+    result = cli("merge", tmp_path / "a.pth", tmp_path / "b.pth", "-o", out)
+    if result.code == 0:
+        assert torch.load(out, weights_only=True)["blk._extra_state"] == b"benign"
+    else:
+        assert_one_error_line(result, "blk._extra_state")
+
+
+def test_merge_into_a_quantized_template_is_written_or_refused_in_one_line(cli, tmp_path):
+    """merge float.pth --into quantized.pth (same shapes): written, or refused with one line, never the catch-all."""
+    q = torch.quantize_per_tensor(torch.randn(4, 3), 0.1, 0, torch.qint8)
+    torch.save({"w": q}, tmp_path / "q.pth")
+    torch.save({"w": torch.randn(4, 3)}, tmp_path / "f.pth")
+    result = cli("merge", tmp_path / "f.pth", "--into", tmp_path / "q.pth", "-o", tmp_path / "o.pth")
+    assert_clean(result)
+
+
+def test_merge_overlap_into_a_quantized_template_is_loadable_or_refused(cli, tmp_path):
+    """merge --on-mismatch overlap onto a qint8 template must not write, with exit 0, a quantized tensor without its scales."""
+    q = torch.quantize_per_tensor(torch.randn(4, 3), 0.1, 0, torch.qint8)
+    torch.save({"w": q}, tmp_path / "q.pth")
+    torch.save({"w": torch.randn(5, 3)}, tmp_path / "f.pth")
+    out = tmp_path / "o.pth"
+    result = cli("merge", tmp_path / "f.pth", "--into", tmp_path / "q.pth", "--on-mismatch", "overlap", "-o", out)
+    assert_clean(result)
+    if result.code == 0:
+        ok, why = torch_loads(out)
+        assert ok, f"exit 0, but torch.load cannot read the output: {why}"
+
+
+def test_merge_into_with_skip_keeps_the_template_tensor_of_an_unconvertible_dtype(cli, tmp_path):
+    """--on-mismatch skip copies nothing for a shape mismatch, so a float source beside a qint8 template is no reason to refuse (the refusal even says 'use --on-mismatch skip')."""
+    q = torch.quantize_per_tensor(torch.randn(4, 3), 0.1, 0, torch.qint8)
+    torch.save({"w": q, "b": torch.zeros(3)}, tmp_path / "q.pth")
+    torch.save({"w": torch.randn(5, 3), "b": torch.ones(3)}, tmp_path / "f.pth")
+    out = tmp_path / "o.pth"
+    result = cli("merge", tmp_path / "f.pth", "--into", tmp_path / "q.pth", "--on-mismatch", "skip", "-o", out)
+    assert result.code == 0, result.err
+    got = torch.load(out, weights_only=True)
+    assert torch.equal(got["w"].int_repr(), q.int_repr()) and torch.equal(got["b"], torch.ones(3))
+
+
+def test_merge_into_refusal_names_a_file(cli, tmp_path):
+    """merge --into refusing an unconvertible dtype: the one line names the source or the template file."""
+    q = torch.quantize_per_tensor(torch.randn(4, 3), 0.1, 0, torch.qint8)
+    torch.save({"w": q}, tmp_path / "q.pth")
+    torch.save({"w": torch.randn(4, 3)}, tmp_path / "f.pth")
+    result = cli("merge", tmp_path / "f.pth", "--into", tmp_path / "q.pth", "-o", tmp_path / "o.pth")
+    assert_one_error_line(result)
+    assert str(tmp_path / "f.pth") in result.err or str(tmp_path / "q.pth") in result.err, result.err
