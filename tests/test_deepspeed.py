@@ -1,16 +1,23 @@
 """DeepSpeed ZeRO checkpoints, written by DeepSpeed itself (two ranks on CPU, gloo on 127.0.0.1),
 read into the fp32 weights DeepSpeed's own zero_to_fp32 reconstructs — bit for bit — without
-DeepSpeed and without its code running."""
+DeepSpeed and without its code running; and those checkpoints edited by hand (neg views, shapes
+and paddings that do not add up, bad shared_params, buffer_names and module keys): refused in one
+line, and a .pth output holds each weight, nothing hidden beside it."""
 
 from __future__ import annotations
 
+import collections
 import os
+import shutil
 import subprocess
+import sys
+import zipfile
 
 import pytest
 import torch
 
 from conftest import assert_one_error_line, load_any
+
 
 @pytest.fixture(scope="session", params=[(1, "fp32"), (2, "fp32"), (3, "fp32"), (3, "bf16")],
                 ids=["stage1", "stage2", "stage3", "stage3-bf16"])
@@ -65,3 +72,190 @@ def test_zero_state_files_are_read_without_running_them(cli, tmp_path, deepspeed
     for args in (("inspect", copy), ("convert", copy, "-o", tmp_path / "o.safetensors")):
         assert cli(*args).code == 0, args
     assert not marker.exists()
+
+
+# ---- hostile edits of real checkpoints (torch.load(weights_only=False), torch.save: a trusted test author) ----
+
+def _copy(tmp_path, source, stage: str):
+    target = tmp_path / stage
+    shutil.copytree(source, target)
+    return target
+
+
+@pytest.fixture
+def stage2(tmp_path, deepspeed_checkpoint):
+    return _copy(tmp_path, deepspeed_checkpoint(2), "stage2")
+
+
+@pytest.fixture
+def stage3(tmp_path, deepspeed_checkpoint):
+    return _copy(tmp_path, deepspeed_checkpoint(3), "stage3")
+
+
+def _edit(folder, pattern: str, change) -> None:
+    """Apply change(states, file name) to each matching file of the tag's folder, in place."""
+    paths = sorted((folder / "global_step1").glob(pattern))
+    assert paths, pattern
+    for path in paths:
+        states = torch.load(path, weights_only=False)
+        change(states, path.name)
+        torch.save(states, path)
+
+
+def test_a_neg_view_fp32_partition_is_refused(cli, stage2, tmp_path):
+    """A partition saved as a lazy neg view (torch.load gives the true values): refused in one line (it was once read without its neg bit)."""
+
+    def negated(states, name):
+        opt = states["optimizer_state_dict"]
+        opt["single_partition_of_fp32_groups"] = [(-p.detach())._neg_view() for p in
+                                                  opt["single_partition_of_fp32_groups"]]
+
+    _edit(stage2, "*optim_states.pt", negated)
+    assert_one_error_line(cli("convert", stage2, "-o", tmp_path / "o.safetensors"), "not a flat float32 tensor")
+
+
+def test_a_neg_view_stage3_frozen_fragment_is_refused(cli, stage3, tmp_path):
+    """A ZeRO-3 frozen fragment saved as a lazy neg view: refused in one line (it once came out negated)."""
+
+    def negated(states, name):
+        fragments = states["frozen_param_fragments"]
+        fragments["frozen"] = (-fragments["frozen"])._neg_view()
+
+    _edit(stage3, "*model_states.pt", negated)
+    assert_one_error_line(cli("convert", stage3, "-o", tmp_path / "o.safetensors"), "no plain fragment")
+
+
+def test_pth_output_leaves_out_bytes_hidden_beside_a_partition(cli, stage2, tmp_path):
+    """A partition that views a bigger storage: convert -o x.pth writes the partition only, never the hidden bytes beside it."""
+    secret = torch.frombuffer(bytearray(b"TOP-SECRET-API-KEY-0123456789ab!"), dtype=torch.float32)
+
+    def hide(states, name):
+        opt = states["optimizer_state_dict"]
+        opt["single_partition_of_fp32_groups"] = [torch.cat([p.detach(), secret])[: p.numel()]
+                                                  for p in opt["single_partition_of_fp32_groups"]]
+
+    _edit(stage2, "*optim_states.pt", hide)
+    out = tmp_path / "out.pth"
+    assert cli("convert", stage2, "-o", out).code == 0
+    assert b"TOP-SECRET" not in out.read_bytes()
+
+
+def test_pth_output_stores_each_weight_not_its_rank_partition(cli, stage2, tmp_path):
+    """Untouched DeepSpeed output: each .pth tensor's storage holds the weight only, not a whole rank partition (padding included)."""
+    out = tmp_path / "out.pth"
+    assert cli("convert", stage2, "-o", out).code == 0
+    with zipfile.ZipFile(out) as archive:
+        stored = sum(i.file_size for i in archive.infolist() if "/data/" in i.filename)
+    weights = {(t.data_ptr(), tuple(t.shape)): t.nbytes for t in load_any(out).values()}  # ties once
+    assert stored == sum(weights.values()), (stored, sum(weights.values()))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_param_shapes_that_do_not_add_up_are_refused(cli, stage, tmp_path, deepspeed_checkpoint):
+    """param_shapes with one parameter shrunk: every later parameter is read shifted, silently."""
+    folder = _copy(tmp_path, deepspeed_checkpoint(stage), f"stage{stage}")
+
+    def shrink(states, name):
+        states["param_shapes"][0]["odd"] = torch.Size([1, 1, 1])
+
+    _edit(folder, "*model_states.pt", shrink)
+    assert_one_error_line(cli("inspect", folder))
+
+
+def test_stage2_rank_file_copied_over_another_is_refused(cli, stage2):
+    """Rank 0's optim states copied over rank 1's: 64 fp32 elements for 63, read as weights."""
+    step = stage2 / "global_step1"
+    shutil.copy(step / "zero_pp_rank_0_mp_rank_00_optim_states.pt", step / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    assert_one_error_line(cli("inspect", stage2, "--stats"))
+
+
+def test_stage3_frozen_fragments_of_the_wrong_size_are_refused(cli, stage3):
+    """Rank 0's frozen fragment holds the whole parameter, rank 1's three more: accepted, rank 1 ignored."""
+
+    def resize(states, name):
+        fragments = states["frozen_param_fragments"]
+        fragments["frozen"] = torch.arange(6.0) if "rank_0_" in name else torch.full((3,), 99.0)
+
+    _edit(stage3, "*model_states.pt", resize)
+    assert_one_error_line(cli("inspect", stage3, "--stats"))
+
+
+@pytest.mark.parametrize("alias", ["lin.weight", "counter"])
+def test_shared_params_overwriting_a_stored_tensor_is_refused(cli, stage2, alias):
+    """shared_params naming a trained parameter or buffer as an alias silently replaces it (other shape)."""
+    _edit(stage2, "*model_states.pt", lambda s, n: s.__setitem__("shared_params", {alias: "emb.weight"}))
+    assert_one_error_line(cli("inspect", stage2))
+
+
+@pytest.mark.parametrize("paddings", [[-5, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 2**62]], ids=["negative", "huge"])
+def test_bad_alignment_paddings_are_refused(cli, stage2, paddings):
+    """param_alignment_paddings that are negative (read as 0) or huge after the last parameter: accepted."""
+
+    def pad(states, name):
+        states["optimizer_state_dict"]["param_alignment_paddings"] = [paddings]
+
+    _edit(stage2, "*optim_states.pt", pad)
+    assert_one_error_line(cli("inspect", stage2))
+
+
+@pytest.mark.parametrize("value", [5, "tensor"], ids=["int", "tensor"])
+def test_buffer_names_not_a_list_give_one_error_line(cli, stage2, value):
+    """buffer_names an int or a tensor: the catch-all TypeError (inspect exit 1, diff exit 2)."""
+    value = torch.zeros(2) if value == "tensor" else value
+    _edit(stage2, "*model_states.pt", lambda s, n: s.__setitem__("buffer_names", value))
+    assert_one_error_line(cli("inspect", stage2))
+    assert_one_error_line(cli("diff", stage2, stage2), code=2)
+
+
+def test_shared_params_unhashable_source_gives_one_error_line(cli, stage2):
+    """shared_params {'head.weight': ['emb.weight']}: the catch-all TypeError: unhashable type."""
+    _edit(stage2, "*model_states.pt", lambda s, n: s.__setitem__("shared_params", {"head.weight": ["emb.weight"]}))
+    assert_one_error_line(cli("inspect", stage2))
+
+
+def test_shared_params_not_a_table_without_frozen_shapes_gives_one_error_line(cli, stage2):
+    """No frozen_param_shapes (older DeepSpeed) and shared_params = 5: the catch-all TypeError."""
+
+    def change(states, name):
+        states["frozen_param_shapes"] = None
+        states["shared_params"] = 5
+
+    _edit(stage2, "*model_states.pt", change)
+    assert_one_error_line(cli("inspect", stage2))
+
+
+@pytest.mark.parametrize("key", [7, "bad\ud800"], ids=["int", "surrogate"])
+def test_module_key_that_is_not_text_gives_one_error_line(cli, stage2, tmp_path, key):
+    """Frozen names taken from `module` skip check_key: an int or lone-surrogate key reaches the catch-all."""
+
+    def change(states, name):
+        states["frozen_param_shapes"] = None
+        states["module"][key] = torch.ones(2)
+
+    _edit(stage2, "*model_states.pt", change)
+    assert_one_error_line(cli("convert", stage2, "-o", tmp_path / "out.safetensors"))
+    assert_one_error_line(cli("inspect", stage2))
+
+
+def test_stage3_many_flat_groups_do_not_hang(stage3):
+    """12,000 one-element fp32_flat_groups and params (a 2.5 MB folder): _slices scans every group per param, minutes."""
+    n = 12_000
+
+    def groups(states, name):
+        base = torch.zeros(n)
+        states["optimizer_state_dict"]["fp32_flat_groups"] = [base[i : i + 1] for i in range(n)]
+
+    def params(states, name):
+        states["param_shapes"] = [collections.OrderedDict((f"p{i}", torch.Size([2])) for i in range(n))]
+        states["frozen_param_shapes"] = collections.OrderedDict()
+        states["frozen_param_fragments"] = {}
+        states["shared_params"] = {}
+
+    _edit(stage3, "*optim_states.pt", groups)
+    _edit(stage3, "*model_states.pt", params)
+    try:
+        run = subprocess.run([sys.executable, "-m", "ckptsurgery", "inspect", str(stage3)], capture_output=True,
+                             timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("inspect of a 2.5 MB DeepSpeed folder still running after 20 s")
+    assert run.returncode in (0, 1), run.stderr[-500:]
