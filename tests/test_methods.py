@@ -1,6 +1,7 @@
 """merge --method: each method against a reference written here from the formulas of
 docs/merging.md, against mergekit 0.1.5's own output on a tiny Llama, and through the CLI's
-contract (options that do not apply, inputs that disagree, sharded and folder inputs)."""
+contract (options that do not apply, inputs that disagree, sharded and folder inputs, weights
+and seeds taken and reported as given)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from ckptsurgery.ops import methods
 
@@ -493,3 +495,31 @@ def test_a_tensor_of_several_chunks_matches_the_formula(cli, tmp_path, method):
     out = tmp_path / "o.safetensors"
     assert cli("merge", *paths[1:], "--base", paths[0], "--method", method, "--density", "0.3", "-o", out).code == 0
     close(load_any(out)["w"], ref_gta("w", base, thetas, [1.0, 1.0], method, density=0.3))
+
+
+# ---- weights and seeds as given --------------------------------------------------------------------
+
+@pytest.mark.parametrize("weights", ["1e-50,1e-50", "1e300,1e300"])
+def test_linear_weights_outside_float32_do_not_make_nan(cli, tmp_path, weights):
+    """--method linear multiplies float32 values by the raw weights (methods.py TensorMerge._chunk): 1e-50 rounds to 0 and 1e300 to inf, so equal accepted finite weights give NaN everywhere instead of the plain mean; normalise the weights (w/Σw, in float64) before the multiply, or refuse them."""
+    save_file({"w": torch.tensor([1.0, 2.0])}, str(tmp_path / "a.safetensors"))
+    save_file({"w": torch.tensor([3.0, 4.0])}, str(tmp_path / "b.safetensors"))
+    out = tmp_path / "out.safetensors"
+    result = cli("merge", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--method", "linear",
+                 "--weights", weights, "-o", out)
+    if result.code == 0:
+        assert torch.equal(load_file(str(out))["w"], torch.tensor([2.0, 3.0]))
+    else:
+        assert_one_error_line(result, "--weights", code=2)
+
+
+def test_seed_is_reported_as_given(cli, tmp_path):
+    """The human summary formats every parameter with :g (cli/merge.py), so `--seed 123456789` is reported as 'seed 1.23457e+08' — not the seed, and not enough to reproduce the run; integers should print as integers."""
+    torch.manual_seed(0)
+    for n in "abc":
+        save_file({"w": torch.randn(5, 3)}, str(tmp_path / f"{n}.safetensors"))
+    result = cli("merge", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--method", "dare-linear",
+                 "--base", tmp_path / "c.safetensors", "--density", "0.5", "--seed", "123456789",
+                 "-o", tmp_path / "out.safetensors")
+    assert result.code == 0, result.err
+    assert "seed 123456789" in result.err + result.out, result.err

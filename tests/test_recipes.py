@@ -1,5 +1,5 @@
 """The fine-tuning recipes of docs/cookbook.md, end to end: each result loads into the new
-nn.Module with strict=True and runs."""
+nn.Module with strict=True and runs, and the output the cookbook shows is what the command prints."""
 
 import os
 import shutil
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import Net, load_any
+from conftest import ROOT, Net, load_any
 
 
 class Backbone(nn.Module):
@@ -229,3 +229,25 @@ def test_makefile_rule_prepares_checkpoint_once(tmp_path, pretrained):
     os.utime(tmp_path / "finetune.safetensors", (1, 1))
     assert run().returncode == 0 and (tmp_path / "finetune.safetensors").read_bytes() == built
     strict_load_and_run(NewHead(), tmp_path / "finetune.safetensors")
+
+
+def test_cookbook_average_recipe_prints_what_the_command_prints(cli, tmp_path):
+    """docs/cookbook.md "Average the last three checkpoints" shows `merge ... --average` printing
+    "averaged 10 tensors with weights 0.333333, ..." and "taken from the first source (not
+    floating)"; since --average became --method linear the command prints "merged 10 tensors by
+    linear (weights 1,1,1)" and "taken from the first model". Issue 10 "Done means": recipes
+    "with their real output". Fix: re-run the recipe and paste its output."""
+    text = open(os.path.join(ROOT, "docs", "cookbook.md")).read()
+    block = text.split("## Average the last three checkpoints", 1)[1].split("```", 2)[1]
+    printed = block.split("\n$ ", 2)[1].splitlines()[1:]  # what the first command ($ merge ...) printed
+    shown = [line for line in printed if line and not line.startswith("wrote")]
+    assert shown
+    paths = []
+    for epoch in (7, 8, 9):
+        torch.manual_seed(epoch)
+        paths.append(tmp_path / f"epoch{epoch}.pth")
+        torch.save(Net().state_dict(), paths[-1])
+    result = cli("merge", *paths, "--average", "-o", tmp_path / "swa.pth")
+    assert result.code == 0, result.err
+    for line in shown:
+        assert line in result.err, (line, result.err)
