@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Callable
 
 from ..errors import CkptError
+from .formats import Format
 from .model import Checkpoint
+from .sharded import open_model_file
 
 # save_state's own files besides the models: their presence tells an accelerate folder apart
 _STATE_FILE = re.compile(r"(random_states_\d+\.pkl|optimizer(_\d+)?\.bin|scheduler(_\d+)?\.bin|sampler(_\d+)?\.bin"
@@ -37,9 +38,9 @@ def models(folder: str) -> dict[str, list[str]]:
     return dict(sorted(found.items(), key=lambda item: (item[0] != "model", len(item[0]), item[0])))
 
 
-def read_accelerate(folder: str, root: str | None, read_file: Callable[[str], Checkpoint]) -> Checkpoint:
-    """The weights of model `root` (default: `model`), read by `read_file` from its file or
-    shard index. Outputs hold that state dict alone, reported under its model name."""
+def read_accelerate(folder: str, root: str | None) -> Checkpoint:
+    """The weights of model `root` (default: `model`), read from its file or shard index.
+    Outputs hold that state dict alone, reported under its model name."""
     available = models(folder)
     name = "model" if root is None else root
     files = available.get(name)
@@ -48,6 +49,6 @@ def read_accelerate(folder: str, root: str | None, read_file: Callable[[str], Ch
                         f"{', '.join(available) or 'none'} (choose with --root)")
     if len(files) > 1:
         raise CkptError(f"{folder}: {name!r} is in several files ({', '.join(files)}); pass the one to read")
-    inner = read_file(os.path.join(folder, files[0]))
-    return Checkpoint(folder, "accelerate", inner.tensors, name, None, inner.metadata, inner.sources,
+    inner = open_model_file(os.path.join(folder, files[0]))
+    return Checkpoint(folder, Format.ACCELERATE, inner.tensors, name, None, inner.metadata, inner.sources,
                       inner.others, inner.events)

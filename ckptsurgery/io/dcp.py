@@ -23,15 +23,16 @@ import stat
 from typing import Any
 
 from ..errors import CkptError
+from .formats import Format
 from .model import (
     INT64_MAX, Checkpoint, MappedFile, Storage, TensorRef, check_key, computed_tensor, contiguous_strides, joined_tensor,
     numel_of, standalone,
 )
 from .pickled import FrozenRecord, Global, InertGlobal, InertObject, TorchSize
-from .torch_zip import load_torch_zip
+from .torch_zip import load_torch_zip, write_torch
 from .tree import find_root
 from .unpickler import MetadataUnpickler, brief, safe_load
-from .write import cast_target, check_parent, plan_shards, write_torch
+from .write import cast_target, check_parent, plan_shards
 
 METADATA = ".metadata"
 MAX_METADATA = 1 << 30
@@ -212,7 +213,7 @@ def read_dcp(folder: str, root: str | None) -> Checkpoint:
     for key in entries:
         _place(tree, planner.get(key, (key,)), values[key], f"{folder}: {key}", budget)
     root_key, tensors, others = find_root(tree, root, folder)
-    return Checkpoint(folder, "dcp", tensors, root_key, tree, sources=list(reader.files.values()),
+    return Checkpoint(folder, Format.DCP, tensors, root_key, tree, sources=list(reader.files.values()),
                       others=others, events=reader.events)
 
 
@@ -472,15 +473,3 @@ class DcpWriter:
                             storage_data=storage_data, storage_meta=StorageMeta(), version=DCP_VERSION)
         with open(os.path.join(folder, METADATA), "xb") as f:
             f.write(pickle.dumps(metadata, protocol=4))
-
-
-def write_dcp(folder: str, obj: Any, *, cast_names: set[str], cast, progress=None,
-              max_file_size: int | None = None) -> list[str]:
-    """Write `obj` as a DCP checkpoint into the empty `folder`, file after file, then `.metadata`
-    (see DcpWriter). Returns the file names written, `.metadata` last."""
-    writer = DcpWriter(obj, cast_names=cast_names, cast=cast, max_file_size=max_file_size)
-    places = {}
-    for number in range(len(writer.files)):
-        places.update(writer.write_file(folder, number, progress))
-    writer.write_metadata(folder, places)
-    return [name for name, _ in writer.files] + [METADATA]

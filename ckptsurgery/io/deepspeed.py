@@ -29,6 +29,7 @@ import re
 from typing import Any
 
 from ..errors import CkptError
+from .formats import Format
 from .model import (
     Checkpoint, MappedFile, Storage, TensorRef, check_key, computed_tensor, contiguous_strides, joined_tensor, numel_of,
     standalone,
@@ -153,7 +154,7 @@ def read_deepspeed(folder: str) -> Checkpoint:
             raise CkptError(f"{where}: shared_params ties {alias!r}, which is stored itself")
         if source in tensors:  # a tied name: the same tensor, stored once
             tensors[alias] = tensors[source]
-    return Checkpoint(folder, "deepspeed", tensors, None, None, sources=files.sources, events=files.events)
+    return Checkpoint(folder, Format.DEEPSPEED, tensors, None, None, sources=files.sources, events=files.events)
 
 
 def _dict(value: Any, what: str, where: str) -> dict:

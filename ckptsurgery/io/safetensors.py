@@ -1,5 +1,6 @@
-"""Reader for safetensors: an 8-byte little-endian header length, a JSON header naming each
-tensor's dtype, shape and byte range, then the bytes. Everything is checked before it is used."""
+"""safetensors: an 8-byte little-endian header length, a JSON header naming each tensor's
+dtype, shape and byte range, then the bytes. The reader checks everything before it is used;
+the writer refuses, before anything is written, what safetensors could not load."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import json
 import struct
 from collections import OrderedDict
 from operator import eq, itemgetter
+from typing import Any, BinaryIO
 
 from .. import dtypes
 from ..errors import CkptError
+from .formats import Format
 from .model import INT64_MAX, Checkpoint, MappedFile, Storage, TensorRef, check_key, contiguous_strides, numel_of
+from .write import Progress, plan_safetensors, write_tensors
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit (bytes): it refuses a longer header
 ALIASES_KEY = "ckptsurgery.aliases"  # metadata recording tied names stored once
@@ -94,7 +98,7 @@ def read_safetensors(path: str) -> Checkpoint:
     if position != data_size:
         raise CkptError(f"{path}: {data_size - position} bytes after the last tensor (corrupt file)")
     tensors = _restore_aliases(path, tensors, metadata)
-    return Checkpoint(path, "safetensors", tensors, None, None, metadata, sources=[source])
+    return Checkpoint(path, Format.SAFETENSORS, tensors, None, None, metadata, sources=[source])
 
 
 _INT = {int}
@@ -194,3 +198,49 @@ def _restore_aliases(path: str, tensors: OrderedDict, metadata: dict[str, str]) 
         placed[position] = (alias, tensors[target])
     stored = iter(tensors.items())
     return OrderedDict(placed[i] if i in placed else next(stored) for i in range(total))
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+def check_safetensors(stored: list) -> None:
+    """Refuse, before anything is written, what a safetensors file cannot hold loadably."""
+    for name, t, dtype in stored:
+        if name == "__metadata__":
+            raise CkptError("a tensor named __metadata__ cannot be written to safetensors (the name is "
+                            "reserved there); rename it first")
+        reason = dtypes.why_not_safetensors(dtype)
+        if reason:
+            raise CkptError(f"tensor {name!r}: {reason}")
+        safetensors_shape(dtype, t.shape)  # raises for shapes safetensors cannot state
+
+
+def write_safetensors(f: BinaryIO, tensors: dict[str, TensorRef], metadata: dict[str, str],
+                      cast: dtypes.DType | None = None, progress: Progress | None = None, plan: tuple | None = None) -> None:
+    """`plan`: what plan_safetensors(tensors, cast) returned and check_safetensors accepted, when
+    the caller has it (200 000 tensors are not planned twice)."""
+    if plan is None:
+        plan = plan_safetensors(tensors, cast)
+        check_safetensors(plan[0])
+    stored, aliases = plan
+    meta = {k: v for k, v in metadata.items() if k != ALIASES_KEY}
+    meta["format"] = "pt"
+    if aliases:
+        meta[ALIASES_KEY] = json.dumps(aliases, separators=(",", ":"), ensure_ascii=False)
+    header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
+    offset, layouts = 0, {}  # (dtype name, shape) -> (code, shape as written, bytes): a few, repeated
+    for name, t, dtype in stored:
+        layout = layouts.get((dtype.name, t.shape))
+        if layout is None:
+            layout = layouts[(dtype.name, t.shape)] = (dtype.safetensors, safetensors_shape(dtype, t.shape),
+                                                  numel_of(t.shape) * dtype.itemsize)
+        code, shape, size = layout
+        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * ((-len(raw)) % 8)  # the library pads the header to 8 bytes
+    if len(raw) > MAX_HEADER:  # safetensors would refuse the file ("header too large"); nothing is kept
+        raise CkptError(f"the safetensors header would be {len(raw):,} bytes, more than the {MAX_HEADER:,} "
+                        f"safetensors reads: write fewer tensors per file (--max-shard-size) or less metadata "
+                        f"(--no-metadata)")
+    f.write(struct.pack("<Q", len(raw)) + raw)
+    write_tensors(f, stored, progress)

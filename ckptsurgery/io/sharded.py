@@ -9,6 +9,7 @@ import stat
 from collections import OrderedDict
 
 from ..errors import CkptError
+from .formats import Format, ShardedFormat, detect_format
 from .model import Checkpoint
 
 INDEX_LIMIT = 16 * 1024 * 1024  # far above any real index (a few hundred KB for 1000s of tensors)
@@ -71,8 +72,28 @@ def shard_path(index_path: str, name: str) -> str:
     return os.path.join(os.path.dirname(index_path), name)
 
 
-def read_index(path: str, open_shard) -> Checkpoint:
-    """`open_shard(path)` reads one shard; it must refuse anything but a checkpoint file."""
+def read_folder(folder: str) -> Checkpoint:
+    """A Hugging Face model folder: its index, or its one weights file."""
+    return open_model_file(find_index(folder))
+
+
+def open_model_file(path: str) -> Checkpoint:
+    """A model's weights in a folder of several things: a checkpoint file or a shard index."""
+    if detect_format(path) is Format.INDEX:
+        return read_index(path)
+    return open_shard(path)
+
+
+def open_shard(path: str) -> Checkpoint:
+    """One shard of an index: a checkpoint file, never another index or a folder (no recursion)."""
+    spec = detect_format(path).spec
+    if not spec.shard:
+        what = "a folder" if spec.folder else "a shard index"
+        raise CkptError(f"{path}: is {what}; a shard must be a safetensors or torch checkpoint file")
+    return spec.read(path, "")
+
+
+def read_index(path: str) -> Checkpoint:
     index = load_index(path)
     shards: dict[str, Checkpoint] = {}
     tensors, others = OrderedDict(), OrderedDict()  # others: a .bin shard's `_extra_state` entries
@@ -97,7 +118,7 @@ def read_index(path: str, open_shard) -> Checkpoint:
             shard.close()
         raise
     kinds = {s.format for s in shards.values()}
-    fmt = "sharded-safetensors" if kinds <= {"safetensors"} else "sharded-torch"
+    fmt = ShardedFormat.SAFETENSORS if kinds <= {Format.SAFETENSORS} else ShardedFormat.TORCH
     # total_size describes these shards, not the tensors: a rewrite would carry a stale figure
     meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
     meta = {k: v for k, v in meta.items() if k != "total_size"}  # numbers too: a rewrite reports them dropped

@@ -7,6 +7,7 @@ from __future__ import annotations
 import struct
 
 from ..errors import CkptError
+from .formats import Format
 from .model import Checkpoint, MappedFile
 from .torch_zip import storage_loader
 from .tree import find_root
@@ -63,4 +64,4 @@ def read_torch_legacy(path: str, root: str | None) -> Checkpoint:
     if missing:
         raise CkptError(f"{path}: no data for storages {', '.join(missing[:5])} (truncated file?)")
     root_key, tensors, others = find_root(obj, root, path)
-    return Checkpoint(path, "torch-legacy", tensors, root_key, obj, sources=[source], others=others, events=events)
+    return Checkpoint(path, Format.TORCH_LEGACY, tensors, root_key, obj, sources=[source], others=others, events=events)

@@ -1,5 +1,6 @@
-"""Reader for torch's zip format (torch.save since 1.6): `<archive>/data.pkl` holds the object
-graph, `<archive>/data/<key>` the raw bytes of each storage, stored uncompressed."""
+"""torch's zip format (torch.save since 1.6): `<archive>/data.pkl` holds the object graph,
+`<archive>/data/<key>` the raw bytes of each storage, stored uncompressed. Read with the
+restricted unpickler; written (a .pth output, each value of a DCP output) as torch.save would."""
 
 from __future__ import annotations
 
@@ -7,12 +8,20 @@ import io
 import struct
 import zipfile
 import zlib
+from collections import OrderedDict
+from typing import Any, BinaryIO
 
+from ..dtypes import DType
 from ..errors import CkptError
-from .model import INT64_MAX, Checkpoint, MappedFile, Storage
-from .tree import find_root
+from .formats import Format
+from .model import INT64_MAX, Checkpoint, MappedFile, Storage, TensorRef
 from .pickled import Global, InertGlobal
+from .pickler import PickleRefused, TorchPickler
+from .tensors import cast_bytes
+from .tree import find_root
 from .unpickler import StorageHandle, brief, describe_pid, is_device, safe_load
+from .write import Progress, _chunks, _storage_chunks, cast_target
+from .zipwriter import SMALL_RECORD, ZipWriter
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
 _MAX_PICKLE = 1 << 30
@@ -96,7 +105,7 @@ def read_torch_zip(path: str, root: str | None) -> Checkpoint:
     source = MappedFile(path)
     obj, events = load_torch_zip(source, 0, source.size, path)
     root_key, tensors, others = find_root(obj, root, path)
-    return Checkpoint(path, "torch-zip", tensors, root_key, obj, sources=[source], others=others, events=events)
+    return Checkpoint(path, Format.TORCH_ZIP, tensors, root_key, obj, sources=[source], others=others, events=events)
 
 
 def load_torch_zip(source: MappedFile, start: int, length: int, where: str, repeated: list[int] | None = None):
@@ -160,3 +169,139 @@ def load_torch_zip(source: MappedFile, start: int, length: int, where: str, repe
         load, _ = storage_loader(path, locate, repeated=repeated)
         # data.pkl is in memory: io.BytesIO reads in C, and never allocates more than is left
         return safe_load(io.BytesIO(data), load, path)
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+ARCHIVE = "archive"  # the inner folder's name; torch.save would use the output's file name
+
+
+def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Progress | None = None,
+                cast_only: dict[str, TensorRef] | None = None, inputs: list[list] | None = None) -> list:
+    """Pickle `obj` (tensor references anywhere inside) into torch's zip format. Each storage is
+    written once, as torch would write it: a typed storage for the dtypes that have one, an
+    UntypedStorage (and `_rebuild_tensor_v3` with each tensor's own dtype) for the others.
+    `cast` applies to the storages of `cast_only`'s tensors (the state dict), never to what lies
+    outside it (an optimizer's step counts). `inputs`: each input's placeholder events — see
+    `check_not_more_executable`. Returns the placeholder events the archive holds, in order."""
+    castable = castable_storages(cast_only or {}) if cast else set()
+    storages: OrderedDict[int, tuple[Storage, str, DType, DType]] = OrderedDict()  # key, read, written
+
+    def storage_record(t: TensorRef) -> tuple[str, str, str, int, DType]:
+        entry = storages.get(id(t.storage))
+        if entry is None:
+            written = cast_target(t.dtype, cast) if id(t.storage) in castable else t.dtype
+            entry = storages[id(t.storage)] = (t.storage, str(len(storages)), t.dtype, written)
+        storage, key, read_as, write_as = entry
+        if read_as is not t.dtype and (write_as is not read_as or read_as.storage or t.dtype.storage):
+            raise CkptError(f"storage {storage.key[:40]!r} is viewed as both {read_as.name} and {t.dtype.name}: "
+                            f"torch cannot write that as typed storages" + ("; convert without --dtype" if cast else ""))
+        if write_as.storage:
+            return key, "torch", write_as.storage, storage.nbytes // read_as.itemsize, write_as
+        return key, "torch.storage", "UntypedStorage", _written_size(storage, read_as, write_as), t.dtype
+
+    pickler = TorchPickler(storage_record)
+    data_pkl = pickler.dumps(obj)
+    if inputs is not None:
+        check_not_more_executable(pickler.events, inputs)
+    archive = ZipWriter(f)
+    archive.add_bytes(f"{ARCHIVE}/data.pkl", data_pkl)
+    archive.add_bytes(f"{ARCHIVE}/.format_version", b"1")
+    archive.add_bytes(f"{ARCHIVE}/.storage_alignment", b"64")
+    archive.add_bytes(f"{ARCHIVE}/byteorder", b"little")
+    for storage, key, read_as, write_as in storages.values():
+        if write_as is read_as and storage.nbytes <= SMALL_RECORD:
+            archive.add_bytes(f"{ARCHIVE}/data/{key}", storage.view())  # the common small case, in one step
+            if progress:
+                progress(storage.nbytes)
+            continue
+        if write_as is read_as:
+            chunks = _storage_chunks(storage, progress)
+        else:
+            chunks = _chunks(cast_bytes(storage.view(), read_as, write_as), progress)
+        archive.add(f"{ARCHIVE}/data/{key}", chunks, _written_size(storage, read_as, write_as))
+    archive.add_bytes(f"{ARCHIVE}/version", b"3\n")
+    archive.close()
+    return pickler.events
+
+
+def castable_storages(tensors: dict[str, TensorRef]) -> set[int]:
+    """The storages --dtype casts in a .pth output: those of the floating tensors, unless the
+    storage also backs something that must not change under it (an integer tensor, a quantized
+    tensor's scales). Ids of `Storage` objects."""
+    chosen = list(tensors.values())
+    castable = {id(t.storage) for t in chosen if t.dtype.floating}
+    castable -= {id(t.storage) for t in chosen if not t.dtype.floating}
+    castable -= {id(p.storage) for t in chosen if t.quant and t.quant.axis is not None
+                 for p in (t.quant.scale, t.quant.zero_point)}
+    return castable
+
+
+def _written_size(storage: Storage, read_as: DType, write_as: DType) -> int:
+    """A storage's bytes as written: all of them, or as many elements in the cast dtype."""
+    return storage.nbytes if write_as is read_as else storage.nbytes // read_as.itemsize * write_as.itemsize
+
+
+def check_not_more_executable(written: list, inputs: list[list]) -> None:
+    """An unsafe torch.load imports globals and makes calls in the order it meets them, and
+    stops at the first that fails — an import of a class the user does not have, a call that
+    raises. So no placeholder the output keeps may be reached without first passing every
+    placeholder import and call that the input's load makes before it: a rewrite that drops or
+    reorders those (a pickled module replaced by its state dict, a dropped entry, a renamed key
+    moved) could reach code that the input's load never did. `written` and each list of
+    `inputs` (one per source file) are placeholder events (InertGlobal imports, InertObject
+    calls) in order."""
+    for events in inputs:
+        position = {id(e): i for i, e in enumerate(events)}
+        met: set[int] = set()
+        prefix = 0  # events[:prefix] have all been met in the output already
+        for event in written:
+            if id(event) not in position:
+                continue
+            while prefix < len(events) and id(events[prefix]) in met:
+                prefix += 1
+            if position[id(event)] > prefix:
+                raise PickleRefused(
+                    f"a .pth output would reach {_event_name(event)} without first passing "
+                    f"{_event_name(events[prefix])}, where an unsafe torch.load of the input may stop; "
+                    f"write .safetensors, or keep what comes before it")
+            met.add(id(event))
+
+
+def _event_name(event) -> str:
+    if isinstance(event, TensorRef):
+        return "a tensor's attributes"
+    return event.qualname() + ("" if isinstance(event, InertGlobal) else "(...)")
+
+
+def torch_payload(checkpoint, tensors: dict[str, TensorRef], keep_metadata: bool = True,
+                  others: dict[str, Any] | None = None) -> Any:
+    """The object a .pth output holds: the original object with its root replaced by the state
+    dict — `tensors`, and `others` (the root's non-tensor entries, `_extra_state`; by default
+    the checkpoint's own) in the original order where their names are unchanged — with
+    everything else carried through, or just the state dict. `keep_metadata`: keep the state
+    dict's `_metadata` (module versions by module name) — wrong once keys are renamed."""
+    others = checkpoint.others if others is None else others
+    obj, root = checkpoint.obj, checkpoint.root
+    original = obj if root == "" else obj.get(root) if type(obj) in (dict, OrderedDict) and root else None
+    state = OrderedDict()
+    if others and type(original) in (dict, OrderedDict):
+        for key in original:
+            if type(key) is str and (key in tensors or key in others):
+                state[key] = tensors[key] if key in tensors else others[key]
+    for entries in (tensors, others):
+        for key, value in entries.items():
+            if key not in state:
+                state[key] = value
+    if keep_metadata and type(original) is OrderedDict and "_metadata" in vars(original):
+        state._metadata = original._metadata  # load_state_dict reads module versions from it
+    if type(original) is dict:  # a plain dict stays one
+        state = dict(state)
+    if obj is None or root == "" or type(obj) not in (dict, OrderedDict):
+        return state
+    out = type(obj)()
+    for key, value in obj.items():
+        out[key] = state if key == root else value
+    if type(obj) is OrderedDict and "_metadata" in vars(obj):
+        out._metadata = obj._metadata
+    return out

@@ -1,35 +1,28 @@
-"""Writers. Both stream tensor after tensor from the memory-mapped inputs, so memory does not
-grow with the checkpoint, and both write beside the output and rename it into place at the end,
-so no partial file is ever seen at the output path."""
+"""What every output shares. Each format's writer (formats.OUTPUTS) streams tensor after tensor
+from the memory-mapped inputs, so memory does not grow with the checkpoint, and writes beside
+the output, renamed into place at the end (StagedOutputs), so no partial file is ever seen at
+the output path."""
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import secrets
 import shutil
-import struct
 import threading
-from collections import OrderedDict
 from contextlib import contextmanager
 from operator import attrgetter
 from typing import Any, BinaryIO, Callable, Iterator
 
-from ..dtypes import DType, why_not_safetensors
+from ..dtypes import DType
 from ..errors import CkptError, UsageError
-from .model import JoinedSource, MappedFile, Storage, TensorRef, contiguous_strides, numel_of
-from .pickler import PickleRefused, TorchPickler
-from .pickled import InertGlobal
-from .safetensors import ALIASES_KEY, MAX_HEADER, safetensors_shape
+from .formats import OUTPUTS, OutputFormat, detect_format
+from .model import JoinedSource, MappedFile, Storage, TensorRef, contiguous_strides
 from .tensors import cast_bytes
-from .zipwriter import SMALL_RECORD, ZipWriter
 
 CHUNK = 16 * 1024 * 1024
 Progress = Callable[[int], None]
-
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
 # ---- sizes and shards ----------------------------------------------------------------------
@@ -76,14 +69,14 @@ def shard_names(output: str, count: int) -> tuple[list[str], str]:
     return shards, output + ".index.json"
 
 
-def output_format(path: str) -> str:
+def output_format(path: str) -> OutputFormat:
+    """The format an output's name picks by its extension."""
     lower = path.lower()
-    if lower.endswith(".safetensors"):
-        return "safetensors"
-    if lower.endswith(TORCH_SUFFIXES):
-        return "torch"
-    raise CkptError(f"{path}: cannot tell the output format; end the name with .safetensors, "
-                    f".pth, .pt, .bin or .ckpt")
+    for spec in OUTPUTS.values():
+        if spec.extensions and lower.endswith(spec.extensions):
+            return spec.format
+    *others, last = (ext for spec in OUTPUTS.values() for ext in spec.extensions)
+    raise CkptError(f"{path}: cannot tell the output format; end the name with {', '.join(others)} or {last}")
 
 
 def check_parent(path: str) -> None:
@@ -113,8 +106,7 @@ def check_writable(paths: list[str], force: bool, index: str | None = None) -> l
 
 def _stale_files(index: str, keep: list[str]) -> list[str]:
     """The old index (unless rewritten) and the shards it names that are not in `keep`: only
-    plain names beside it, and only files that are checkpoints; never anything else."""
-    from . import detect_format
+    plain names beside it, and only files that could be shards; never anything else."""
     from .sharded import load_index, plain_name
 
     keep_abs = {os.path.abspath(p) for p in keep}
@@ -128,7 +120,7 @@ def _stale_files(index: str, keep: list[str]) -> list[str]:
         if os.path.abspath(path) in keep_abs or not os.path.lexists(path):
             continue
         try:
-            if detect_format(path) in ("safetensors", "torch-zip", "torch-legacy"):
+            if detect_format(path).spec.shard:
                 stale.append(path)
         except CkptError:
             pass
@@ -348,7 +340,7 @@ def cast_target(dtype: DType, cast: DType | None) -> DType:
     return cast if cast is not None and dtype.floating else dtype
 
 
-# ---- safetensors ---------------------------------------------------------------------------
+# ---- tensors, one after another ---------------------------------------------------------------
 
 def plan_safetensors(tensors: dict[str, TensorRef], cast: DType | None) -> tuple[list, list]:
     """Names stored, and [alias, target, position] for tied names stored once."""
@@ -375,47 +367,9 @@ def _shared_storages(tensors) -> set[int]:
     return shared
 
 
-def check_safetensors(stored: list) -> None:
-    """Refuse, before anything is written, what a safetensors file cannot hold loadably."""
-    for name, t, dtype in stored:
-        if name == "__metadata__":
-            raise CkptError("a tensor named __metadata__ cannot be written to safetensors (the name is "
-                            "reserved there); rename it first")
-        reason = why_not_safetensors(dtype)
-        if reason:
-            raise CkptError(f"tensor {name!r}: {reason}")
-        safetensors_shape(dtype, t.shape)  # raises for shapes safetensors cannot state
-
-
-def write_safetensors(f: BinaryIO, tensors: dict[str, TensorRef], metadata: dict[str, str],
-                      cast: DType | None = None, progress: Progress | None = None, plan: tuple | None = None) -> None:
-    """`plan`: what plan_safetensors(tensors, cast) returned and check_safetensors accepted, when
-    the caller has it (200 000 tensors are not planned twice)."""
-    if plan is None:
-        plan = plan_safetensors(tensors, cast)
-        check_safetensors(plan[0])
-    stored, aliases = plan
-    meta = {k: v for k, v in metadata.items() if k != ALIASES_KEY}
-    meta["format"] = "pt"
-    if aliases:
-        meta[ALIASES_KEY] = json.dumps(aliases, separators=(",", ":"), ensure_ascii=False)
-    header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
-    offset, layouts = 0, {}  # (dtype name, shape) -> (code, shape as written, bytes): a few, repeated
-    for name, t, dtype in stored:
-        layout = layouts.get((dtype.name, t.shape))
-        if layout is None:
-            layout = layouts[(dtype.name, t.shape)] = (dtype.safetensors, safetensors_shape(dtype, t.shape),
-                                                  numel_of(t.shape) * dtype.itemsize)
-        code, shape, size = layout
-        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * ((-len(raw)) % 8)  # the library pads the header to 8 bytes
-    if len(raw) > MAX_HEADER:  # safetensors would refuse the file ("header too large"); nothing is kept
-        raise CkptError(f"the safetensors header would be {len(raw):,} bytes, more than the {MAX_HEADER:,} "
-                        f"safetensors reads: write fewer tensors per file (--max-shard-size) or less metadata "
-                        f"(--no-metadata)")
-    f.write(struct.pack("<Q", len(raw)) + raw)
+def write_tensors(f: BinaryIO, stored: list, progress: Progress | None) -> None:
+    """The bytes of each of `stored` ((name, tensor, dtype written), as plan_safetensors gives
+    them), one after another, from where they lie: runs of an input's bytes copied at once."""
     runs = _Runs(f, progress)
     for _, t, dtype in stored:
         runs.add(t, dtype)
@@ -499,139 +453,3 @@ def _storage_chunks(storage: Storage, progress: Progress | None) -> Iterator[mem
     """A storage's bytes in pieces of at most CHUNK, a joined one range by range."""
     for leaf, offset, size in _leaf_ranges(storage.source, storage.offset, storage.nbytes):
         yield from _chunks(leaf.view(offset, size), progress)
-
-
-# ---- torch zip -----------------------------------------------------------------------------
-
-ARCHIVE = "archive"  # the inner folder's name; torch.save would use the output's file name
-
-
-def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Progress | None = None,
-                cast_only: dict[str, TensorRef] | None = None, inputs: list[list] | None = None) -> list:
-    """Pickle `obj` (tensor references anywhere inside) into torch's zip format. Each storage is
-    written once, as torch would write it: a typed storage for the dtypes that have one, an
-    UntypedStorage (and `_rebuild_tensor_v3` with each tensor's own dtype) for the others.
-    `cast` applies to the storages of `cast_only`'s tensors (the state dict), never to what lies
-    outside it (an optimizer's step counts). `inputs`: each input's placeholder events — see
-    `check_not_more_executable`. Returns the placeholder events the archive holds, in order."""
-    castable = castable_storages(cast_only or {}) if cast else set()
-    storages: OrderedDict[int, tuple[Storage, str, DType, DType]] = OrderedDict()  # key, read, written
-
-    def storage_record(t: TensorRef) -> tuple[str, str, str, int, DType]:
-        entry = storages.get(id(t.storage))
-        if entry is None:
-            written = cast_target(t.dtype, cast) if id(t.storage) in castable else t.dtype
-            entry = storages[id(t.storage)] = (t.storage, str(len(storages)), t.dtype, written)
-        storage, key, read_as, write_as = entry
-        if read_as is not t.dtype and (write_as is not read_as or read_as.storage or t.dtype.storage):
-            raise CkptError(f"storage {storage.key[:40]!r} is viewed as both {read_as.name} and {t.dtype.name}: "
-                            f"torch cannot write that as typed storages" + ("; convert without --dtype" if cast else ""))
-        if write_as.storage:
-            return key, "torch", write_as.storage, storage.nbytes // read_as.itemsize, write_as
-        return key, "torch.storage", "UntypedStorage", _written_size(storage, read_as, write_as), t.dtype
-
-    pickler = TorchPickler(storage_record)
-    data_pkl = pickler.dumps(obj)
-    if inputs is not None:
-        check_not_more_executable(pickler.events, inputs)
-    archive = ZipWriter(f)
-    archive.add_bytes(f"{ARCHIVE}/data.pkl", data_pkl)
-    archive.add_bytes(f"{ARCHIVE}/.format_version", b"1")
-    archive.add_bytes(f"{ARCHIVE}/.storage_alignment", b"64")
-    archive.add_bytes(f"{ARCHIVE}/byteorder", b"little")
-    for storage, key, read_as, write_as in storages.values():
-        if write_as is read_as and storage.nbytes <= SMALL_RECORD:
-            archive.add_bytes(f"{ARCHIVE}/data/{key}", storage.view())  # the common small case, in one step
-            if progress:
-                progress(storage.nbytes)
-            continue
-        if write_as is read_as:
-            chunks = _storage_chunks(storage, progress)
-        else:
-            chunks = _chunks(cast_bytes(storage.view(), read_as, write_as), progress)
-        archive.add(f"{ARCHIVE}/data/{key}", chunks, _written_size(storage, read_as, write_as))
-    archive.add_bytes(f"{ARCHIVE}/version", b"3\n")
-    archive.close()
-    return pickler.events
-
-
-def castable_storages(tensors: dict[str, TensorRef]) -> set[int]:
-    """The storages --dtype casts in a .pth output: those of the floating tensors, unless the
-    storage also backs something that must not change under it (an integer tensor, a quantized
-    tensor's scales). Ids of `Storage` objects."""
-    chosen = list(tensors.values())
-    castable = {id(t.storage) for t in chosen if t.dtype.floating}
-    castable -= {id(t.storage) for t in chosen if not t.dtype.floating}
-    castable -= {id(p.storage) for t in chosen if t.quant and t.quant.axis is not None
-                 for p in (t.quant.scale, t.quant.zero_point)}
-    return castable
-
-
-def _written_size(storage: Storage, read_as: DType, write_as: DType) -> int:
-    """A storage's bytes as written: all of them, or as many elements in the cast dtype."""
-    return storage.nbytes if write_as is read_as else storage.nbytes // read_as.itemsize * write_as.itemsize
-
-
-def check_not_more_executable(written: list, inputs: list[list]) -> None:
-    """An unsafe torch.load imports globals and makes calls in the order it meets them, and
-    stops at the first that fails — an import of a class the user does not have, a call that
-    raises. So no placeholder the output keeps may be reached without first passing every
-    placeholder import and call that the input's load makes before it: a rewrite that drops or
-    reorders those (a pickled module replaced by its state dict, a dropped entry, a renamed key
-    moved) could reach code that the input's load never did. `written` and each list of
-    `inputs` (one per source file) are placeholder events (InertGlobal imports, InertObject
-    calls) in order."""
-    for events in inputs:
-        position = {id(e): i for i, e in enumerate(events)}
-        met: set[int] = set()
-        prefix = 0  # events[:prefix] have all been met in the output already
-        for event in written:
-            if id(event) not in position:
-                continue
-            while prefix < len(events) and id(events[prefix]) in met:
-                prefix += 1
-            if position[id(event)] > prefix:
-                raise PickleRefused(
-                    f"a .pth output would reach {_event_name(event)} without first passing "
-                    f"{_event_name(events[prefix])}, where an unsafe torch.load of the input may stop; "
-                    f"write .safetensors, or keep what comes before it")
-            met.add(id(event))
-
-
-def _event_name(event) -> str:
-    if isinstance(event, TensorRef):
-        return "a tensor's attributes"
-    return event.qualname() + ("" if isinstance(event, InertGlobal) else "(...)")
-
-
-def torch_payload(checkpoint, tensors: dict[str, TensorRef], keep_metadata: bool = True,
-                  others: dict[str, Any] | None = None) -> Any:
-    """The object a .pth output holds: the original object with its root replaced by the state
-    dict — `tensors`, and `others` (the root's non-tensor entries, `_extra_state`; by default
-    the checkpoint's own) in the original order where their names are unchanged — with
-    everything else carried through, or just the state dict. `keep_metadata`: keep the state
-    dict's `_metadata` (module versions by module name) — wrong once keys are renamed."""
-    others = checkpoint.others if others is None else others
-    obj, root = checkpoint.obj, checkpoint.root
-    original = obj if root == "" else obj.get(root) if type(obj) in (dict, OrderedDict) and root else None
-    state = OrderedDict()
-    if others and type(original) in (dict, OrderedDict):
-        for key in original:
-            if type(key) is str and (key in tensors or key in others):
-                state[key] = tensors[key] if key in tensors else others[key]
-    for entries in (tensors, others):
-        for key, value in entries.items():
-            if key not in state:
-                state[key] = value
-    if keep_metadata and type(original) is OrderedDict and "_metadata" in vars(original):
-        state._metadata = original._metadata  # load_state_dict reads module versions from it
-    if type(original) is dict:  # a plain dict stays one
-        state = dict(state)
-    if obj is None or root == "" or type(obj) not in (dict, OrderedDict):
-        return state
-    out = type(obj)()
-    for key, value in obj.items():
-        out[key] = state if key == root else value
-    if type(obj) is OrderedDict and "_metadata" in vars(obj):
-        out._metadata = obj._metadata
-    return out

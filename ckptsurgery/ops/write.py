@@ -20,9 +20,10 @@ from ..io import Checkpoint, TensorRef
 from ..io.dcp import METADATA, DcpWriter, check_dcp_writable
 from ..io.pickler import PickleRefused
 from ..io.tree import extras
+from ..io.safetensors import check_safetensors, write_safetensors
+from ..io.torch_zip import castable_storages, torch_payload, write_torch
 from ..io.write import (
-    StagedOutputs, cast_target, castable_storages, check_safetensors, check_writable, output_format,
-    plan_safetensors, plan_shards, shard_names, torch_payload, write_safetensors, write_torch,
+    StagedOutputs, cast_target, check_writable, output_format, plan_safetensors, plan_shards, shard_names,
 )
 from .ranks import Ranks
 
