@@ -22,13 +22,14 @@ import os
 import stat
 from typing import Any
 
+from ..dtypes import QUANTIZED
 from ..errors import CkptError
 from .formats import Format
 from .model import (
     INT64_MAX, Checkpoint, MappedFile, Storage, TensorRef, check_key, computed_tensor, contiguous_strides, joined_tensor,
     numel_of, standalone,
 )
-from .pickled import FrozenRecord, Global, InertGlobal, InertObject, TorchSize
+from .pickled import FrozenRecord, Global, GlobalKind, How, InertGlobal, InertObject, TorchSize
 from .torch_zip import load_torch_zip, write_torch
 from .tree import find_root
 from .unpickler import MetadataUnpickler, brief, safe_load
@@ -56,7 +57,7 @@ def _fields(obj: Any, cls: str, where: str) -> dict:
     """The state of a placeholder instance of `cls` built the way pickle.dump builds a dataclass
     (NEWOBJ with no arguments, then BUILD with a dict of fields)."""
     state = {} if type(obj) is InertObject and obj.state is None else getattr(obj, "state", None)  # no fields: no BUILD
-    if not (type(obj) is InertObject and obj.qualname() == cls and obj.how == "newobj" and not obj.args
+    if not (type(obj) is InertObject and obj.qualname() == cls and obj.how is How.NEWOBJ and not obj.args
             and type(state) is dict and all(type(k) is str for k in state)):
         raise CkptError(f"{where}: expected a {cls.rsplit('.', 1)[-1]} record, found {_what(obj)}")
     return state
@@ -221,10 +222,10 @@ def _dtype(properties: Any, where: str):
     """The dtype of a TensorProperties record (pickled by its __getstate__ as a tuple); only
     strided tensors."""
     if not (type(properties) is InertObject and properties.qualname() == _META + "TensorProperties"
-            and properties.how == "newobj" and type(properties.state) is tuple and len(properties.state) == 5):
+            and properties.how is How.NEWOBJ and type(properties.state) is tuple and len(properties.state) == 5):
         raise CkptError(f"{where}: tensor properties that are not a TensorProperties record")
     dtype, layout = properties.state[:2]
-    if not (isinstance(dtype, Global) and dtype.kind == "dtype"):
+    if not (isinstance(dtype, Global) and dtype.kind is GlobalKind.DTYPE):
         raise CkptError(f"{where}: a tensor of dtype {_what(dtype)}, which ckptsurgery does not know")
     strided = (type(layout) is InertObject and layout.qualname() == "torch.serialization._get_layout"
                and layout.args == ("torch.strided",)) or (isinstance(layout, InertGlobal) and layout.qualname() == "torch.strided")
@@ -269,7 +270,7 @@ def _tensor(reader: _Reader, places: dict, key: str, state: dict, where: str) ->
     rows = _rows(pieces, size)
     if rows is not None:  # split along the first dimension only (FSDP): the chunks' bytes in order
         return joined_tensor(size, dtype, rows)
-    if dtype.packed > 1 or dtype.per_byte > 1 or dtype.kind == "quantized" or len(size) > MAX_ASSEMBLED_DIMS:
+    if dtype.packed > 1 or dtype.per_byte > 1 or dtype.kind == QUANTIZED or len(size) > MAX_ASSEMBLED_DIMS:
         raise CkptError(f"{where}: a {dtype.name} tensor of {len(size)} dimensions in several chunks, which "
                         f"ckptsurgery cannot put together")
 

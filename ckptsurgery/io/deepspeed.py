@@ -34,7 +34,7 @@ from .model import (
     Checkpoint, MappedFile, Storage, TensorRef, check_key, computed_tensor, contiguous_strides, joined_tensor, numel_of,
     standalone,
 )
-from .pickled import InertObject, TorchSize
+from .pickled import How, InertObject, TorchSize
 from .torch_zip import load_torch_zip
 from .unpickler import brief
 
@@ -169,7 +169,7 @@ def _optimizer_states(obj: dict, where: str) -> dict:
 
 def _stage(state: dict, where: str) -> int:
     stage = state.get("zero_stage")
-    if type(stage) is InertObject and stage.qualname() == _ZERO_STAGE and stage.how == "reduce":
+    if type(stage) is InertObject and stage.qualname() == _ZERO_STAGE and stage.how is How.REDUCE:
         stage = stage.args[0] if len(stage.args) == 1 else None
     if stage not in (1, 2, 3) or type(stage) is not int:
         raise CkptError(f"{where}: ZeRO stage {brief(stage)}; ckptsurgery reads stages 1, 2 and 3")

@@ -419,7 +419,7 @@ class Checkpoint:
     safetensors), so that a .pth output can carry the rest through."""
 
     path: str
-    format: str
+    format: str  # a formats.Format, or a ShardedFormat when read through an index (both text)
     tensors: dict[str, TensorRef]
     root: str | None = None
     obj: Any = None

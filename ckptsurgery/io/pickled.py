@@ -4,9 +4,27 @@ small value types kept as what they were pickled as (so that a .pth output write
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 from .. import dtypes
+
+
+class GlobalKind(Enum):
+    """What an allow-listed Global stands for."""
+
+    TENSOR_TYPE = "tensor-type"  # torch.Tensor, the type of a plain tensor
+    DTYPE = "dtype"
+    STORAGE = "storage"  # a typed storage class, or UntypedStorage
+    QSCHEME = "qscheme"
+
+
+class How(Enum):
+    """How the pickle built an InertObject."""
+
+    REDUCE = "reduce"  # REDUCE: a placeholder global called
+    NEWOBJ = "newobj"  # NEWOBJ: a placeholder class instantiated (cls.__new__(cls, *args))
+    CALL = "call"  # REDUCE on what an earlier call returned
 
 
 class Global:
@@ -15,7 +33,7 @@ class Global:
 
     __slots__ = ("module", "name", "dtype", "kind")
 
-    def __init__(self, module: str, name: str, kind: str, dtype: dtypes.DType | None = None):
+    def __init__(self, module: str, name: str, kind: GlobalKind, dtype: dtypes.DType | None = None):
         for slot, value in (("module", module), ("name", name), ("kind", kind), ("dtype", dtype)):
             object.__setattr__(self, slot, value)
 
@@ -42,12 +60,12 @@ class InertGlobal:
 
 
 class InertObject:
-    """What the pickle built by calling a placeholder (`how`: "reduce" or "newobj"), or by calling
-    such a result ("call"). Records how, so that a .pth output writes it back exactly as read."""
+    """What the pickle built by calling a placeholder (`how`: REDUCE or NEWOBJ), or by calling
+    such a result (CALL). Records how, so that a .pth output writes it back exactly as read."""
 
     __slots__ = ("callee", "how", "args", "state", "listitems", "dictitems")
 
-    def __init__(self, callee: "InertGlobal | InertObject", how: str, args: tuple):
+    def __init__(self, callee: "InertGlobal | InertObject", how: How, args: tuple):
         self.callee, self.how, self.args = callee, how, args
         self.state: Any = None
         self.listitems: list = []

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from ..dtypes import QUANTIZED, DType
 from ..errors import CkptError
 from .model import TensorRef
-from .pickled import Device, Global, InertGlobal, InertObject, PickledSet, TorchSize
+from .pickled import Device, Global, How, InertGlobal, InertObject, PickledSet, TorchSize
 from .unpickler import is_dotted_name
 
 _BATCH = 1000
@@ -325,7 +325,7 @@ class TorchPickler:
         self._enter(obj)
         self._save(obj.callee)
         self._tuple_items(obj.args)
-        self._out += b"\x81" if obj.how == "newobj" else b"R"
+        self._out += b"\x81" if obj.how is How.NEWOBJ else b"R"
         self.events.append(obj)
         self._open.discard(id(obj))
         self._memoize(obj)

@@ -15,7 +15,7 @@ from ..dtypes import DType
 from ..errors import CkptError
 from .formats import Format
 from .model import INT64_MAX, Checkpoint, MappedFile, Storage, TensorRef
-from .pickled import Global, InertGlobal
+from .pickled import Global, GlobalKind, InertGlobal
 from .pickler import PickleRefused, TorchPickler
 from .tensors import cast_bytes
 from .tree import find_root
@@ -49,7 +49,7 @@ def storage_loader(where: str, locate, legacy: bool = False, repeated: list[int]
         if len(pid) == 6 and pid[5] is not None:
             raise CkptError("storage views of the pre-1.0 format are not supported")
         _, kind, key, location, numel = pid[:5]
-        if not (isinstance(kind, Global) and kind.kind == "storage"):
+        if not (isinstance(kind, Global) and kind.kind is GlobalKind.STORAGE):
             name = kind.qualname() if isinstance(kind, InertGlobal) else type(kind).__name__
             raise CkptError(f"unknown storage type {name} (a dtype ckptsurgery does not know)")
         if not (type(key) is str and type(location) is str and type(numel) is int and 0 <= numel <= INT64_MAX):

@@ -29,7 +29,7 @@ from typing import Any, Callable
 from .. import dtypes
 from ..errors import CkptError
 from .model import QuantParams, Storage, TensorRef, collection_paused, contiguous_strides
-from .pickled import Device, FrozenRecord, Global, InertGlobal, InertObject, PickledSet, TorchSize
+from .pickled import Device, FrozenRecord, Global, GlobalKind, How, InertGlobal, InertObject, PickledSet, TorchSize
 
 MAX_NESTING = 200
 _PLAIN = {int, float, str, bytes, bool, type(None), complex, Global}  # values that hold nothing
@@ -133,7 +133,7 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, bac
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
     _expect(isinstance(storage, StorageHandle), "storage is not a storage")
-    _expect(isinstance(dtype, Global) and dtype.kind == "dtype", "unknown dtype")
+    _expect(isinstance(dtype, Global) and dtype.kind is GlobalKind.DTYPE, "unknown dtype")
     _expect(dtype.dtype.kind != dtypes.QUANTIZED, "a quantized dtype without its scales")
     _no_hooks(backward_hooks)
     return _tensor(storage, storage_offset, size, stride, dtype.dtype,
@@ -141,7 +141,7 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, bac
 
 
 def _quant_params(params) -> QuantParams:
-    _expect(type(params) is tuple and params and isinstance(params[0], Global) and params[0].kind == "qscheme",
+    _expect(type(params) is tuple and params and isinstance(params[0], Global) and params[0].kind is GlobalKind.QSCHEME,
             "bad quantizer parameters")
     scheme = params[0]
     # the schemes torch's _rebuild_qtensor rebuilds; it raises on the symmetric ones
@@ -199,7 +199,7 @@ def _rebuild_from_type_v2(func, new_type, args, state):
         _expect(_object_state(state), "a tensor state torch refuses")
         plain = new_type is ALLOWED[("torch", "Tensor")] and (state is None or state == {})
         return tensor if plain else replace(tensor, wrap=(new_type, state))
-    return InertObject(InertGlobal("torch._tensor", "_rebuild_from_type_v2"), "reduce", (func, new_type, args, state))
+    return InertObject(InertGlobal("torch._tensor", "_rebuild_from_type_v2"), How.REDUCE, (func, new_type, args, state))
 
 
 def _codecs_encode(text, encoding="utf-8"):
@@ -272,7 +272,7 @@ ALLOWED: dict[tuple[str, str], Any] = {
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
     ("torch", "Size"): _torch_size,
     ("torch", "device"): _torch_device,
-    ("torch", "Tensor"): Global("torch", "Tensor", "tensor-type"),  # the type of a plain tensor
+    ("torch", "Tensor"): Global("torch", "Tensor", GlobalKind.TENSOR_TYPE),  # the type of a plain tensor
     ("_codecs", "encode"): _codecs_encode,
 }
 for _builtins in ("builtins", "__builtin__"):  # protocol 2 writes Python 2's name
@@ -281,13 +281,13 @@ for _builtins in ("builtins", "__builtin__"):  # protocol 2 writes Python 2's na
     ALLOWED[(_builtins, "set")] = _set
     ALLOWED[(_builtins, "complex")] = _complex
 for _dt in dtypes.BY_NAME.values():
-    ALLOWED[("torch", _dt.name)] = Global("torch", _dt.name, "dtype", _dt)
+    ALLOWED[("torch", _dt.name)] = Global("torch", _dt.name, GlobalKind.DTYPE, _dt)
     if _dt.storage:
-        ALLOWED[("torch", _dt.storage)] = Global("torch", _dt.storage, "storage", _dt)
+        ALLOWED[("torch", _dt.storage)] = Global("torch", _dt.storage, GlobalKind.STORAGE, _dt)
 for _module in ("torch", "torch.storage"):
-    ALLOWED[(_module, "UntypedStorage")] = Global(_module, "UntypedStorage", "storage")
+    ALLOWED[(_module, "UntypedStorage")] = Global(_module, "UntypedStorage", GlobalKind.STORAGE)
 for _scheme in dtypes.QSCHEMES:
-    ALLOWED[("torch", _scheme)] = Global("torch", _scheme, "qscheme")
+    ALLOWED[("torch", _scheme)] = Global("torch", _scheme, GlobalKind.QSCHEME)
 _CALLABLE = {id(v) for v in ALLOWED.values() if callable(v) and not isinstance(v, Global)}
 
 
@@ -448,10 +448,10 @@ class SafeUnpickler(pickle._Unpickler):
             elif type(result) is InertObject:
                 self.events.append(result)
         elif type(func) is InertGlobal:
-            result = InertObject(func, "reduce", args)
+            result = InertObject(func, How.REDUCE, args)
             self.events.append(result)
         elif type(func) is InertObject:  # a call on what an earlier call returned: it holds that too
-            result = InertObject(func, "call", args)
+            result = InertObject(func, How.CALL, args)
             self.events.append(result)
             args = (func, *args)
         else:
@@ -463,7 +463,7 @@ class SafeUnpickler(pickle._Unpickler):
         cls = self.stack.pop()
         if not isinstance(cls, InertGlobal) or type(args) is not tuple:
             raise CkptError(f"malformed pickle: NEWOBJ on {_describe(cls)}, which is not a class it may create")
-        obj = InertObject(cls, "newobj", args)
+        obj = InertObject(cls, How.NEWOBJ, args)
         self.events.append(obj)
         self.append(self._nested(obj, args))
 
@@ -614,7 +614,7 @@ class MetadataUnpickler(SafeUnpickler):
 
 def _frozen(obj: InertObject) -> FrozenRecord:
     state = obj.state
-    if obj.how != "newobj" or obj.args or type(state) is not dict or not all(type(k) is str for k in state):
+    if obj.how is not How.NEWOBJ or obj.args or type(state) is not dict or not all(type(k) is str for k in state):
         raise CkptError(f"malformed pickle: a {obj.qualname()} key that is not a plain record")
     try:
         return FrozenRecord(obj.qualname(), tuple(state.items()))
