@@ -88,12 +88,13 @@ def open_shard(path: str) -> Checkpoint:
     """One shard of an index: a checkpoint file, never another index or a folder (no recursion)."""
     spec = detect_format(path).spec
     if not spec.shard:
-        what = "a folder" if spec.folder else "a shard index"
+        what = "a folder" if spec.folder else "a shard index"  # the one file format that is no shard
         raise CkptError(f"{path}: is {what}; a shard must be a safetensors or torch checkpoint file")
     return spec.read(path, "")
 
 
 def read_index(path: str) -> Checkpoint:
+    """The tensors an index's weight_map names, from its shards (each opened once, by open_shard)."""
     index = load_index(path)
     shards: dict[str, Checkpoint] = {}
     tensors, others = OrderedDict(), OrderedDict()  # others: a .bin shard's `_extra_state` entries
