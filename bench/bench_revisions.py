@@ -20,7 +20,9 @@ REPO = os.path.dirname(HERE)
 
 
 def cli(tree: str) -> list[str]:
-    return ["env", f"PYTHONPATH={tree}", sys.executable, "-m", "ckptsurgery"]
+    # -P: `python -m` would otherwise put the working folder (this checkout, when run from it) first on
+    # sys.path, before PYTHONPATH, and both sides would run the same code
+    return ["env", f"PYTHONPATH={tree}", sys.executable, "-P", "-m", "ckptsurgery"]
 
 
 def main() -> None:

@@ -2,43 +2,29 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from enum import Enum
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
+from ..ops.options import WriteOptions
+from ..ops.reports import WriteReport
+from ..ops.write import FORMATS, metadata_options
+
 InputArg = Annotated[str, typer.Argument(
     metavar="INPUT", help="Checkpoint: .pth/.pt/.bin/.ckpt, .safetensors, a shard index or its folder.", show_default=False)]
-OutputOpt = Annotated[str, typer.Option("-o", "--output", metavar="OUT", help="Output file; its extension picks the format.")]
 RootOpt = Annotated[Optional[str], typer.Option(
     "--root", metavar="KEY", help="Key of the state dict inside a nested .pth ('' = top level). Detected by default.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr but errors.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Report what would be written; write nothing.")]
-JobsOpt = Annotated[Optional[int], typer.Option(
-    "--jobs", "-j", metavar="N", min=1, show_default=False,
-    help="With --max-shard-size: write N shards at once (default: the measured best, see docs/performance.md).")]
-MetadataOpt = Annotated[Optional[list[str]], typer.Option(
-    "--metadata", metavar="KEY=VALUE", show_default=False,
-    help="Set (or replace) one entry of a .safetensors output's metadata; repeatable. The input's is kept otherwise.")]
-MetadataFileOpt = Annotated[Optional[str], typer.Option(
-    "--metadata-file", metavar="FILE.json", show_default=False,
-    help="Set the entries of this JSON object of strings (applied before --metadata).")]
-NoMetadataOpt = Annotated[bool, typer.Option(
-    "--no-metadata", help="Keep none of the input's metadata (\"format\": \"pt\" and the tool's tie record are still written).")]
-
-
-def metadata_args(pairs: list[str] | None, file: str | None) -> dict[str, str] | None:
-    """--metadata and --metadata-file as one checked map (None when neither is given)."""
-    from ..ops.write import metadata_options
-
-    return metadata_options(pairs, file)
 
 
 def examples(*commands: str) -> str:
@@ -49,12 +35,6 @@ def examples(*commands: str) -> str:
 def choice(name: str, values) -> type[Enum]:
     """A real choice for Typer: a wrong value exits 2, and --help lists the values."""
     return Enum(name, {value: value for value in values}, type=str)
-
-
-OutputFormat = choice("OutputFormat", ("dcp",))
-FormatOpt = Annotated[Optional[OutputFormat], typer.Option(
-    "--format", help="dcp: write a torch.distributed.checkpoint folder at OUT (otherwise OUT's extension decides).",
-    show_default=False)]
 
 
 def printable(text: str) -> str:
@@ -173,47 +153,151 @@ def failures_exit(code: int) -> Iterator[None]:
         raise
 
 
-def finish_write(report: dict, as_json: bool, quiet: bool, details: list[str] = ()) -> None:
+def finish_write(report: WriteReport, as_json: bool, quiet: bool, details: list[str] = ()) -> None:
     """How every writing command ends: the JSON report; or a summary — on stdout for --dry-run
     (it is the result), on stderr otherwise (the file is the result)."""
     if as_json:
-        print_json(report)
+        print_json(report.to_json())
         return
-    verb = "would write" if report["dry_run"] else "wrote"
+    verb = "would write" if report.dry_run else "wrote"
     # names are escaped before they are joined: each entry of `lines` is exactly one line
-    lines = [f"{verb} {', '.join(map(printable, report['files']))}: {report['tensors']} tensors, "
-             f"{human_bytes(report['total_bytes'])}", *details]
-    if report["tied"]:
-        lines.append(f"{len(report['tied'])} tied name(s) stored once: "
-                     + ", ".join(f"{printable(a)} = {printable(b)}" for a, b in report["tied"].items()))
-    if report.get("kept_dtype"):
+    lines = [f"{verb} {', '.join(map(printable, report.files))}: {report.tensors} tensors, "
+             f"{human_bytes(report.total_bytes)}", *details]
+    if report.tied:
+        lines.append(f"{len(report.tied)} tied name(s) stored once: "
+                     + ", ".join(f"{printable(a)} = {printable(b)}" for a, b in report.tied.items()))
+    if report.kept_dtype:
         lines.append(listing("kept their dtype (--dtype casts float16/bfloat16/float32/float64 only)",
-                             report["kept_dtype"]))
-    if report["extras_left_out"]:
-        lines.append("left out (safetensors holds tensors only): "
-                     + ", ".join(map(printable, report["extras_left_out"])))
-    dropped = report.get("metadata_dropped")
-    if dropped and report["metadata"] is None:
-        lines.append(listing("metadata left out (a .pth or DCP output holds none)", dropped))
-    elif dropped:
-        from ..core import METADATA_CONTENT_HASHES
-
-        hashes = [k for k in dropped if k in METADATA_CONTENT_HASHES]
-        if hashes:
-            lines.append(listing("metadata dropped (content hashes, not recomputed for the bytes written)", hashes))
-        if len(hashes) < len(dropped):
-            lines.append(listing("metadata dropped (--no-metadata)", [k for k in dropped if k not in hashes]))
-    if report.get("removed"):
-        lines.append(f"{'would remove' if report['dry_run'] else 'removed'} the earlier sharded output: "
-                     + ", ".join(map(printable, report["removed"])))
-    if report["dry_run"]:
+                             report.kept_dtype))
+    if report.extras_left_out:
+        lines.append("left out (safetensors holds tensors only): " + ", ".join(map(printable, report.extras_left_out)))
+    lines += _metadata_lines(report)
+    if report.removed:
+        lines.append(f"{'would remove' if report.dry_run else 'removed'} the earlier sharded output: "
+                     + ", ".join(map(printable, report.removed)))
+    if report.dry_run:
         sys.stdout.write("".join(printable(line) + "\n" for line in lines))
     else:
         for line in lines:
             note(line, quiet)
 
 
+def _metadata_lines(report: WriteReport) -> list[str]:
+    dropped = report.metadata_dropped
+    if dropped and report.metadata is None:
+        return [listing("metadata left out (a .pth or DCP output holds none)", dropped)]
+    if not dropped:
+        return []
+    from ..core import METADATA_CONTENT_HASHES
+
+    hashes = [k for k in dropped if k in METADATA_CONTENT_HASHES]
+    lines = [listing("metadata dropped (content hashes, not recomputed for the bytes written)", hashes)] if hashes else []
+    if len(hashes) < len(dropped):
+        lines.append(listing("metadata dropped (--no-metadata)", [k for k in dropped if k not in hashes]))
+    return lines
+
+
 def listing(label: str, names: list[str], limit: int = 12) -> str:
     """One line naming (escaped) the first `limit` names."""
     shown = ", ".join(map(printable, names[:limit])) + (f" … (+{len(names) - limit})" if len(names) > limit else "")
     return f"{label} ({len(names)}): {shown}" if names else f"{label}: none"
+
+
+# ---- the output options every writing command shares -------------------------------------------
+
+OutputFormatChoice = choice("OutputFormat", FORMATS)
+
+# name -> (annotation, default), in --help's order after the command's own options. A new output
+# option is one entry here and one field of ops.options.WriteOptions (docs/architecture.md).
+OUTPUT_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "output": (Annotated[str, typer.Option("-o", "--output", metavar="OUT",
+                                           help="Output file; its extension picks the format.")], ...),
+    "force": (Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")], False),
+    "dry_run": (Annotated[bool, typer.Option("--dry-run", help="Report what would be written; write nothing.")], False),
+    "format": (Annotated[Optional[OutputFormatChoice], typer.Option(
+        "--format", help="dcp: write a torch.distributed.checkpoint folder at OUT (otherwise OUT's extension decides).",
+        show_default=False)], None),
+    "max_shard_size": (Annotated[Optional[str], typer.Option(
+        "--max-shard-size", metavar="SIZE",
+        help="Write Hugging Face-style shards of at most this size (e.g. 2GB) and an index.")], None),
+    "jobs": (Annotated[Optional[int], typer.Option(
+        "--jobs", "-j", metavar="N", min=1, show_default=False,
+        help="With --max-shard-size: write N shards at once (default: the measured best, see docs/performance.md).")],
+        None),
+    "metadata": (Annotated[Optional[list[str]], typer.Option(
+        "--metadata", metavar="KEY=VALUE", show_default=False,
+        help="Set (or replace) one entry of a .safetensors output's metadata; repeatable. The input's is kept otherwise.")],
+        None),
+    "metadata_file": (Annotated[Optional[str], typer.Option(
+        "--metadata-file", metavar="FILE.json", show_default=False,
+        help="Set the entries of this JSON object of strings (applied before --metadata).")], None),
+    "no_metadata": (Annotated[bool, typer.Option(
+        "--no-metadata",
+        help="Keep none of the input's metadata (\"format\": \"pt\" and the tool's tie record are still written).")],
+        False),
+    "json": (JsonOpt, False),
+    "quiet": (QuietOpt, False),
+}
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """The shared output options as the command line gave them (`output_options` builds it)."""
+
+    output: str
+    force: bool = False
+    dry_run: bool = False
+    format: Optional[Enum] = None
+    max_shard_size: Optional[str] = None
+    jobs: Optional[int] = None
+    metadata: Optional[list[str]] = None
+    metadata_file: Optional[str] = None
+    no_metadata: bool = False
+    json: bool = False
+    quiet: bool = False
+
+    @contextmanager
+    def writing(self, ranks: bool = True) -> Iterator[WriteOptions]:
+        """The WriteOptions the operation takes, with a progress bar (on a terminal) and, under
+        torchrun, this process's rank (`ranks`: whether the command writes with several ranks)."""
+        from ..ops.ranks import ranks_from_environment
+
+        entries = metadata_options(self.metadata, self.metadata_file)
+        with (ranks_from_environment() if ranks else nullcontext()) as place, \
+                progress_bar(self.quiet or self.json) as progress:
+            yield WriteOptions(self.output, format=self.format and self.format.value, force=self.force,
+                               dry_run=self.dry_run, max_shard_size=self.max_shard_size, jobs=self.jobs,
+                               metadata=entries, no_metadata=self.no_metadata, progress=progress, ranks=place)
+
+    def finish(self, report: WriteReport, details: list[str] = ()) -> None:
+        finish_write(report, self.json, self.quiet, details)
+
+
+def output_options(*, omit: tuple[str, ...] = (), output: Any = None):
+    """Give a command the shared output options: they are added to its signature (so Typer
+    parses them and --help lists them) and handed to it as one `out: OutputOptions`. `omit`:
+    options that do not apply to the command; `output`: its own -o annotation."""
+    wanted = {name: spec for name, spec in OUTPUT_OPTIONS.items() if name not in omit}
+    if output is not None:
+        wanted["output"] = (output, ...)
+
+    def decorate(command):
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "out"]
+        arguments = [p for p in own if p.default is inspect.Parameter.empty]
+        shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                    default=inspect.Parameter.empty if default is ... else default)
+                  for name, (annotation, default) in wanted.items()]
+        first, rest = shared[:1], shared[1:]  # -o right after the arguments, the rest after the command's own
+        parameters = [*(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in arguments), *first,
+                      *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p not in arguments), *rest]
+
+        @functools.wraps(command)
+        def run(**given):
+            out = OutputOptions(**{name: given.pop(name) for name in wanted})
+            return command(**given, out=out)
+
+        run.__signature__ = inspect.Signature(parameters)
+        run.__annotations__ = {p.name: p.annotation for p in parameters}
+        return run
+
+    return decorate

@@ -27,40 +27,40 @@ def diff(
     """Compare two checkpoints (any formats). Exit 0 when equal, 1 when they differ, 2 on
     trouble (an unreadable file, wrong usage), as diff(1) and cmp(1) do."""
     with failures_exit(2):
-        report = ops.diff(a, b, atol=atol, root=root)
+        report = ops.diff_checkpoints(a, b, atol=atol, root=root)
         if json:
-            print_json(report)
+            print_json(report.to_json())
         else:
             _print_diff(report)
-    if not report["identical"]:
+    if not report.identical:
         raise typer.Exit(1)
 
 
-def _print_diff(report: dict) -> None:
+def _print_diff(report: ops.DiffReport) -> None:
     from rich.table import Table
 
     out = console()
     table = Table(box=None, show_edge=False, pad_edge=False)
     for column in ("key", "change", "A", "B"):
         table.add_column(column)
-    for name in report["only_in_a"]:
+    for name in report.only_in_a:
         table.add_row(printable(name), "only in A", "", "")
-    for name in report["only_in_b"]:
+    for name in report.only_in_b:
         table.add_row(printable(name), "only in B", "", "")
-    for c in report["shape_changed"]:
+    for c in report.shape_changed:
         table.add_row(printable(c["name"]), "shape", str(c["a"]), str(c["b"]))
-    for c in report["dtype_changed"]:
+    for c in report.dtype_changed:
         within = f" (max |A-B| {_gap(c['max_abs_diff'])})" if "max_abs_diff" in c else ""
         table.add_row(printable(c["name"]), "dtype" + within, c["a"], c["b"])
-    for c in report["value_changed"]:
+    for c in report.value_changed:
         table.add_row(printable(c["name"]), f"values (max |A-B| {_gap(c['max_abs_diff'])})", "", "")
     if table.row_count:
         out.print(table)
     # under --atol a dtype change alone is shown, not counted: the values decide
-    differences = table.row_count - (len(report["dtype_changed"]) if report["atol"] else 0)
-    verdict = "identical" if report["identical"] else "different"
-    tol = f" within atol {report['atol']:g}" if report["atol"] else " (bit-exact)"
-    out.print(f"{verdict}: {report['equal']} equal tensor(s){tol}, {differences} difference(s)")
+    differences = table.row_count - (len(report.dtype_changed) if report.atol else 0)
+    verdict = "identical" if report.identical else "different"
+    tol = f" within atol {report.atol:g}" if report.atol else " (bit-exact)"
+    out.print(f"{verdict}: {report.equal} equal tensor(s){tol}, {differences} difference(s)")
 
 
 def _gap(value: int | float) -> str:

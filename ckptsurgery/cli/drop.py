@@ -7,11 +7,8 @@ from typing import Annotated
 import typer
 
 from .. import ops
-from ..ops.ranks import ranks_from_environment
 from . import app
-from .common import (
-    DryRunOpt, ForceOpt, FormatOpt, MetadataFileOpt, MetadataOpt, NoMetadataOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, examples, finish_write, metadata_args, listing, progress_bar,
-)
+from .common import InputArg, OutputOptions, RootOpt, examples, listing, output_options
 
 
 @app.command(epilog=examples(
@@ -19,25 +16,16 @@ from .common import (
     "ckptsurgery drop ckpt.pth 're:num_batches_tracked$' -o clean.pth --dry-run",
     "ckptsurgery drop a.safetensors fc -o b.safetensors --metadata license=mit",
 ))
+@output_options()
 def drop(
     input: InputArg,
     patterns: Annotated[list[str], typer.Argument(
         metavar="PATTERN...", help="Keys or whole modules to remove (glob, module name, or re:REGEX).", show_default=False)],
-    output: OutputOpt,
     root: RootOpt = None,
-    force: ForceOpt = False,
-    dry_run: DryRunOpt = False,
-    format: FormatOpt = None,
-    metadata: MetadataOpt = None,
-    metadata_file: MetadataFileOpt = None,
-    no_metadata: NoMetadataOpt = False,
-    json: JsonOpt = False,
-    quiet: QuietOpt = False,
+    *,
+    out: OutputOptions,
 ) -> None:
     """Remove keys or whole modules."""
-    entries = metadata_args(metadata, metadata_file)
-    with ranks_from_environment() as ranks, progress_bar(quiet or json) as progress:
-        report = ops.drop_keys(input, output, patterns, root=root, force=force, dry_run=dry_run,
-                               progress=progress, format=format and format.value, ranks=ranks,
-                               metadata=entries, no_metadata=no_metadata)
-    finish_write(report, json, quiet, [listing("dropped", report["dropped"])])
+    with out.writing() as write:
+        report = ops.drop_keys(input, patterns, write, root=root)
+    out.finish(report, [listing("dropped", report.dropped)])

@@ -44,13 +44,13 @@ def inspect(
     if all_rows and (json or tree):
         raise UsageError("--all applies to the table of tensors; --json and --tree always list everything")
     with progress_bar(quiet or json or not (stats or hash)) as progress:
-        report = ops.inspect(input, keys=keys, stats=stats, tree=tree, depth=depth, hash=hash, root=root,
-                             progress=progress)
+        report = ops.inspect_checkpoint(input, keys=keys, stats=stats, tree=tree, depth=depth, hash=hash, root=root,
+                                        progress=progress)
     if json:
-        print_json(report)
+        print_json(report.to_json())
         return
-    if report["inert"]:
-        note(f"left inert (not run): {', '.join(map(printable, report['inert']))}", quiet)
+    if report.inert:
+        note(f"left inert (not run): {', '.join(map(printable, report.inert))}", quiet)
     _print_human(report, tree, stats, None if all_rows else MAX_ROWS, hash)
 
 
@@ -65,31 +65,31 @@ def _fmt(value) -> str:
 _STAT_KEYS = ("min", "max", "mean", "std", "nan", "inf")
 
 
-def _print_human(report: dict, tree: bool, stats: bool, max_rows: int | None, hashes: bool = False) -> None:
+def _print_human(report: ops.InspectReport, tree: bool, stats: bool, max_rows: int | None, hashes: bool = False) -> None:
     # Plain lines, not Rich: a Rich table costs ~1 ms a row (100,000 tensors would take
     # minutes), folds long names to the width of a pipe and would turn ":name:" into emoji.
-    lines = [f"{printable(report['path'])}  format={report['format']}"
-             + (f"  root={printable(repr(report['root']))}" if report["root"] is not None else "")]
-    if report["extras"]:
-        lines.append(printable("extras: " + ", ".join(f"{k} ({v})" for k, v in report["extras"].items())))
-    if report["non_tensors"]:
-        entries = ", ".join(f"{k} ({v})" for k, v in report["non_tensors"].items())
+    lines = [f"{printable(report.path)}  format={report.format}"
+             + (f"  root={printable(repr(report.root))}" if report.root is not None else "")]
+    if report.extras:
+        lines.append(printable("extras: " + ", ".join(f"{k} ({v})" for k, v in report.extras.items())))
+    if report.non_tensors:
+        entries = ", ".join(f"{k} ({v})" for k, v in report.non_tensors.items())
         lines.append(printable(f"non-tensor entries: {entries}"))
-    if report["metadata"]:
-        lines.append(printable("metadata: " + ", ".join(f"{k}={v}" for k, v in report["metadata"].items())))
-    tensors = report["tensors"]
+    if report.metadata:
+        lines.append(printable("metadata: " + ", ".join(f"{k}={v}" for k, v in report.metadata.items())))
+    tensors = report.tensors
     if tree:
-        lines += _tree_lines(report["tree"])
+        lines += _tree_lines(report.tree)
     elif max_rows is not None and len(tensors) > max_rows:
         lines += _table_lines(tensors[:max_rows], stats, hashes)
         lines.append(f"... {len(tensors) - max_rows:,} more tensors not listed: narrow with --keys, "
                      f"list them all with --all, or read them with --json")
     else:
         lines += _table_lines(tensors, stats, hashes)
-    lines.append(f"{len(report['tensors'])} tensors, {report['total_params']:,} parameters, "
-                 f"{human_bytes(report['total_bytes'])}")
-    if "fingerprint" in report:
-        lines.append(f"fingerprint {report['fingerprint']}")
+    lines.append(f"{len(report.tensors)} tensors, {report.total_params:,} parameters, "
+                 f"{human_bytes(report.total_bytes)}")
+    if report.fingerprint is not None:
+        lines.append(f"fingerprint {report.fingerprint}")
     sys.stdout.write("\n".join(lines) + "\n")
 
 

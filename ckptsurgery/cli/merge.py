@@ -9,12 +9,8 @@ import typer
 from .. import core, ops
 from ..dtypes import CAST_TARGETS
 from ..ops.methods import METHODS
-from ..ops.ranks import ranks_from_environment
 from . import app
-from .common import (
-    DryRunOpt, ForceOpt, FormatOpt, MetadataFileOpt, MetadataOpt, NoMetadataOpt, JsonOpt, OutputOpt, QuietOpt, RootOpt, choice, console, examples, finish_write, metadata_args, listing,
-    print_json, printable, progress_bar,
-)
+from .common import OutputOptions, RootOpt, choice, console, examples, listing, output_options, printable
 
 
 OnMismatch = choice("OnMismatch", core.MISMATCH_POLICIES)
@@ -29,9 +25,9 @@ CastTo = choice("CastTo", CAST_TARGETS)
     "ckptsurgery merge a/ b/ --method ties --base base/ --density 0.5 -o ties.pth",
     "ckptsurgery merge base.pth --lora adapter --lora-scale 0.8 -o merged.pth",
 ))
+@output_options()
 def merge(
     sources: Annotated[list[str], typer.Argument(metavar="SOURCE...", help="Checkpoints to merge, in priority order.", show_default=False)],
-    output: OutputOpt,
     into: Annotated[Optional[str], typer.Option(
         "--into", metavar="TEMPLATE", help="Template (e.g. saved from the new model): output has exactly its keys, shapes, dtypes.")] = None,
     on_mismatch: Annotated[Optional[OnMismatch], typer.Option(
@@ -64,74 +60,69 @@ def merge(
     allow_unmatched: Annotated[bool, typer.Option(
         "--allow-unmatched", help="With --lora: fold what matches, list LoRA weights matching no base weight.")] = False,
     root: RootOpt = None,
-    force: ForceOpt = False,
-    dry_run: DryRunOpt = False,
-    format: FormatOpt = None,
-    metadata: MetadataOpt = None,
-    metadata_file: MetadataFileOpt = None,
-    no_metadata: NoMetadataOpt = False,
-    json: JsonOpt = False,
-    quiet: QuietOpt = False,
+    *,
+    out: OutputOptions,
 ) -> None:
     """Combine checkpoints: a plain union, an update of a template (--into), a merge of fine-tuned models (--method: linear, task-arithmetic, ties, dare-linear, dare-ties, slerp), or LoRA adapters folded into a base (--lora).
 
     A .safetensors output keeps the metadata of the first source (--method --base, --lora: the base's)."""
-    entries = metadata_args(metadata, metadata_file)
-    with ranks_from_environment() as ranks, progress_bar(quiet or json) as progress:
-        report = ops.merge(sources, output, into=into, on_mismatch=on_mismatch and on_mismatch.value,
-                           on_conflict=on_conflict and on_conflict.value, average=average,
-                           method=method and method.value, base=base, weights=weights, density=density,
-                           scale=scale, t=t, seed=seed, dtype=dtype and dtype.value,
-                           root=root, force=force, dry_run=dry_run, progress=progress,
-                           format=format and format.value, ranks=ranks, lora=lora, lora_scale=lora_scale,
-                           allow_unmatched=allow_unmatched, otherwise=otherwise and otherwise.value,
-                           prefix_tokens=prefix_tokens, grid=grid, metadata=entries, no_metadata=no_metadata)
-    if json:
-        print_json(report)
+    options = {"into": into, "on_mismatch": on_mismatch, "otherwise": otherwise, "prefix_tokens": prefix_tokens,
+               "grid": grid, "on_conflict": on_conflict, "average": average, "method": method, "base": base,
+               "weights": weights, "density": density, "scale": scale, "t": t, "seed": seed, "dtype": dtype,
+               "lora": lora, "lora_scale": lora_scale, "allow_unmatched": allow_unmatched}
+    options = {name: getattr(value, "value", value) for name, value in options.items()}  # choices as strings
+    with out.writing() as write:
+        report = ops.merge_checkpoints(sources, write, root=root, **options)
+    if out.json:
+        out.finish(report)
         return
-    details = []
-    if report["mode"] == "into":
-        details = [f"copied {len(report['copied'])}, renamed {len(report['renamed'])}, "
-                   f"adapted {len(report['adapted'])}, kept from template {len(report['kept_from_template'])}, "
-                   f"mismatched {len(report['mismatched'])}, left out {len(report['left_out'])}"]
-        if dry_run or not quiet:
-            _print_into_table(report, stderr=not dry_run)
-    elif report["mode"] == "method":
+    if isinstance(report, ops.IntoReport) and (out.dry_run or not out.quiet):
+        _print_into_table(report, stderr=not out.dry_run)
+    out.finish(report, _details(report))
+
+
+def _details(report: ops.MergeReport) -> list[str]:
+    """The lines of a merge's summary that its mode adds."""
+    if isinstance(report, ops.IntoReport):
+        return [f"copied {len(report.copied)}, renamed {len(report.renamed)}, adapted {len(report.adapted)}, "
+                f"kept from template {len(report.kept_from_template)}, mismatched {len(report.mismatched)}, "
+                f"left out {len(report.left_out)}"]
+    if isinstance(report, ops.MethodReport):
         shown = ", ".join(f"{k} {','.join(f'{w:g}' for w in v) if k == 'weights' else v if k == 'seed' else f'{v:g}'}"
-                          for k, v in report["parameters"].items())
-        details = [f"merged {report['merged']} tensors by {report['method']} ({shown})",
-                   listing(f"taken from the {'base' if report['base'] else 'first model'} (not floating)",
-                           report["not_merged"]),
-                   *(listing(note, [n for n, v in report["notes"].items() if v == note])
-                     for note in sorted(set(report["notes"].values())))]
-    elif report["mode"] == "lora":
-        details = [f"folded {len(report['adapters'])} adapter(s) into {report['folded']} tensors: "
-                   + "; ".join(f"{printable(a['path'])} ({a['format']}, scale {a['scale']:g}, {a['folded']} weights)"
-                               for a in report["adapters"])]
-        if report["unmatched"]:
-            details.append(listing("LoRA weights matching no base weight (left out)", report["unmatched"]))
-    elif report["conflicts"]:
-        details = [listing(f"conflicts (kept the {report['on_conflict']})", report["conflicts"])]
-    finish_write(report, json, quiet, details)
+                          for k, v in report.parameters.items())
+        return [f"merged {report.merged} tensors by {report.method} ({shown})",
+                listing(f"taken from the {'base' if report.base else 'first model'} (not floating)", report.not_merged),
+                *(listing(note, [n for n, v in report.notes.items() if v == note])
+                  for note in sorted(set(report.notes.values())))]
+    if isinstance(report, ops.FoldReport):
+        details = [f"folded {len(report.adapters)} adapter(s) into {report.folded} tensors: "
+                   + "; ".join(f"{printable(a.path)} ({a.format}, scale {a.scale:g}, {a.folded} weights)"
+                               for a in report.adapters)]
+        if report.unmatched:
+            details.append(listing("LoRA weights matching no base weight (left out)", report.unmatched))
+        return details
+    if report.conflicts:
+        return [listing(f"conflicts (kept the {report.on_conflict})", report.conflicts)]
+    return []
 
 
-def _print_into_table(report: dict, stderr: bool) -> None:
+def _print_into_table(report: ops.IntoReport, stderr: bool) -> None:
     """Every key under exactly one heading, as the JSON report has them."""
     from rich.table import Table
 
     table = Table(box=None, show_edge=False, pad_edge=False)
     for column in ("key", "outcome", "detail"):
         table.add_column(column)
-    for name in report["copied"]:
+    for name in report.copied:
         table.add_row(printable(name), "copied", "")
-    for source, name in report["renamed"].items():
+    for source, name in report.renamed.items():
         table.add_row(printable(name), "renamed", f"from {printable(source)}")
-    for a in report["adapted"]:
+    for a in report.adapted:
         table.add_row(printable(a["name"]), f"adapted ({a['rule']})", f"{a['from']} -> {a['to']}")
-    for m in report["mismatched"]:
+    for m in report.mismatched:
         table.add_row(printable(m["name"]), f"mismatched ({m['policy']})", f"{m['source_shape']} -> {m['template_shape']}")
-    for name in report["kept_from_template"]:
-        table.add_row(printable(name), "kept from template", printable(report["kept_reasons"].get(name, "")))
-    for name in report["left_out"]:
+    for name in report.kept_from_template:
+        table.add_row(printable(name), "kept from template", printable(report.kept_reasons.get(name, "")))
+    for name in report.left_out:
         table.add_row(printable(name), "left out", "not in the template")
     console(stderr).print(table)

@@ -10,13 +10,9 @@ import typer
 from typer.core import TyperCommand, TyperOption
 
 from .. import core, ops
-from ..ops.ranks import ranks_from_environment
 from ..errors import CkptError
 from . import app
-from .common import (
-    DryRunOpt, ForceOpt, FormatOpt, MetadataFileOpt, MetadataOpt, NoMetadataOpt, InputArg, JsonOpt, OutputOpt, QuietOpt, RootOpt, console, examples, finish_write, metadata_args, listing,
-    printable, progress_bar,
-)
+from .common import InputArg, OutputOptions, RootOpt, console, examples, listing, output_options, printable
 
 
 def _load_map(path: str) -> dict:
@@ -88,10 +84,10 @@ _RULE_KINDS = {f"--{option}": kind for kind, option in core.RULE_OPTIONS.items()
     "ckptsurgery rename a.pth -o b.pth --replace gamma weight --replace beta bias",
     r"ckptsurgery rename a.pth -o b.pth --regex 'layers\.(\d+)' 'blocks.\1'",
 ))
+@output_options()
 def rename(
     ctx: typer.Context,
     input: InputArg,
-    output: OutputOpt,
     # The rule options are listed here for --help; _RulesInOrder hands their values over, in order.
     strip_prefix: Annotated[Optional[list[str]], typer.Option(
         "--strip-prefix", metavar="MODULE", help="Remove this module prefix (module and module. alike) where keys have it.")] = None,
@@ -104,14 +100,8 @@ def rename(
     map_file: Annotated[Optional[list[str]], typer.Option(
         "--map", metavar="MAP.json", help="JSON file of exact old name -> new name.")] = None,
     root: RootOpt = None,
-    force: ForceOpt = False,
-    dry_run: DryRunOpt = False,
-    format: FormatOpt = None,
-    metadata: MetadataOpt = None,
-    metadata_file: MetadataFileOpt = None,
-    no_metadata: NoMetadataOpt = False,
-    json: JsonOpt = False,
-    quiet: QuietOpt = False,
+    *,
+    out: OutputOptions,
 ) -> None:
     """Rename keys; a collision fails before anything is written.
 
@@ -120,24 +110,20 @@ def rename(
     get one name fail the command, with every such pair named."""
     rules = [core.rename_rule(kind, *([_load_map(values[0])] if kind == "map" else values))
              for kind, values in ctx.meta.get(_RULES, [])]
-    entries = metadata_args(metadata, metadata_file)
-    with ranks_from_environment() as ranks, progress_bar(quiet or json) as progress:
-        report = ops.rename_keys(input, output, rules, root=root, force=force, dry_run=dry_run,
-                                 progress=progress, format=format and format.value, ranks=ranks,
-                                 metadata=entries, no_metadata=no_metadata)
-    if dry_run and not json:
+    with out.writing() as write:
+        report = ops.rename_keys(input, rules, write, root=root)
+    if out.dry_run and not out.json:
         _print_rename_table(report)
-    finish_write(report, json, quiet, [f"renamed {len(report['renamed'])} key(s)",
-                                       listing("untouched", report["untouched"])])
+    out.finish(report, [f"renamed {len(report.renamed)} key(s)", listing("untouched", report.untouched)])
 
 
-def _print_rename_table(report: dict) -> None:
+def _print_rename_table(report: ops.RenameReport) -> None:
     from rich.table import Table
 
     table = Table(box=None, show_edge=False, pad_edge=False)
     table.add_column("old")
     table.add_column("")
     table.add_column("new")
-    for old, new in report["renamed"].items():
+    for old, new in report.renamed.items():
         table.add_row(printable(old), "→", printable(new))
     console().print(table)

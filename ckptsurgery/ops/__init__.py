@@ -1,22 +1,32 @@
-"""The operations behind the commands, one module each, as plain functions that read lazily,
-write through `write.write_checkpoint` and return a report: a dict that is also the command's
-`--json` output. No printing here: the CLI decides what to show.
+"""The operations behind the commands, as plain functions that read lazily, write through
+`write_checkpoint` as one `WriteOptions` says, and return a typed report (ops/reports.py) whose
+`to_json()` is the command's `--json` output. No printing here: the command line decides what to
+show. The layers and how to add to them: docs/architecture.md.
 
-    from ckptsurgery.ops import convert, diff, extract_lora, inspect, merge
-    report = convert("model.pth", "model.safetensors")
-    report = merge(["base.safetensors"], "merged.safetensors", lora=["adapter"])
+    from ckptsurgery.ops import WriteOptions, convert_checkpoint, merge_checkpoints
+    report = convert_checkpoint("model.pth", WriteOptions("model.safetensors"))
+    report = merge_checkpoints(["a.pth", "b.pth"], WriteOptions("avg.pth"), average=True)
+    print(report.total_bytes, report.to_json())
 
-The names below are the functions; each module stays importable by its full name
-(`ckptsurgery.ops.merge` the function, `importlib.import_module("ckptsurgery.ops.merge")` the
-module)."""
+The functions' names differ from their modules' (`ops.convert` is the module,
+`ops.convert_checkpoint` the function)."""
 
-from .convert import convert
-from .diff import diff
+from .convert import convert_checkpoint
+from .diff import diff_checkpoints
 from .edit import drop_keys, filter_keys, rename_keys
-from .inspect import inspect, inspect_report, module_tree, tensor_stats
-from .lora import extract_lora
-from .merge import merge
-from .write import ProgressFactory, write_checkpoint
+from .inspect import inspect_checkpoint, inspect_report, module_tree, tensor_stats
+from .merge import merge_checkpoints, merge_into, merge_union, merge_with_method
+from .options import ProgressFactory, WriteOptions
+from .reports import (
+    DiffReport, DropReport, ExtractReport, FilterReport, FoldReport, InspectReport, IntoReport, MergeReport,
+    MethodReport, RenameReport, Report, UnionReport, WriteReport,
+)
+from .write import write_checkpoint
 
-__all__ = ["ProgressFactory", "convert", "diff", "drop_keys", "extract_lora", "filter_keys", "inspect", "inspect_report", "merge",
-           "module_tree", "rename_keys", "tensor_stats", "write_checkpoint"]
+__all__ = [
+    "DiffReport", "DropReport", "ExtractReport", "FilterReport", "FoldReport", "InspectReport", "IntoReport",
+    "MergeReport", "MethodReport", "ProgressFactory", "RenameReport", "Report", "UnionReport", "WriteOptions",
+    "WriteReport", "convert_checkpoint", "diff_checkpoints", "drop_keys", "filter_keys",
+    "inspect_checkpoint", "inspect_report", "merge_checkpoints", "merge_into", "merge_union", "merge_with_method",
+    "module_tree", "rename_keys", "tensor_stats", "write_checkpoint",
+]

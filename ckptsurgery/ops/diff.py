@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import UsageError
 from ..io import TensorRef, open_checkpoint
+from .reports import DiffReport
 
 
 def _same_bytes(a: TensorRef, b: TensorRef, pool) -> bool:
@@ -108,7 +109,7 @@ def _widen(chunk, pairs: bool):
     return torch.view_as_real(chunk.to(torch.complex128)).reshape(-1) if pairs else chunk
 
 
-def diff(a: str, b: str, *, atol: float = 0.0, root: str | None = None) -> dict:
+def diff_checkpoints(a: str, b: str, *, atol: float = 0.0, root: str | None = None) -> DiffReport:
     """Keys only in A or B, shape and dtype changes, and values that differ beyond `atol`.
     With atol 0 (bit-exact) a dtype change is a difference in itself; with atol > 0 a tensor
     whose dtype changed is judged on its values. `identical` is the verdict the exit code follows."""
@@ -143,6 +144,5 @@ def diff(a: str, b: str, *, atol: float = 0.0, root: str | None = None) -> dict:
             else:
                 equal += 1
     identical = not (only_a or only_b or shape_changed or value_changed or (dtype_changed and atol == 0))
-    return {"a": a, "b": b, "atol": atol, "identical": identical, "equal": equal, "only_in_a": only_a,
-            "only_in_b": only_b, "shape_changed": shape_changed, "dtype_changed": dtype_changed,
-            "value_changed": value_changed}
+    return DiffReport(a=a, b=b, atol=atol, identical=identical, equal=equal, only_in_a=only_a, only_in_b=only_b,
+                      shape_changed=shape_changed, dtype_changed=dtype_changed, value_changed=value_changed)

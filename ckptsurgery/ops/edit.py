@@ -9,8 +9,9 @@ from collections import OrderedDict
 from .. import core
 from ..errors import CkptError, UsageError
 from ..io import Checkpoint, open_checkpoint
-from .ranks import Ranks
-from .write import ProgressFactory, write_checkpoint
+from .options import WriteOptions
+from .reports import DropReport, FilterReport, RenameReport
+from .write import write_checkpoint
 
 
 def _keys(ckpt: Checkpoint) -> list[str]:
@@ -23,11 +24,8 @@ def _subset(ckpt: Checkpoint, names: list[str]) -> tuple[OrderedDict, OrderedDic
             OrderedDict((k, v) for k, v in ckpt.others.items() if k in chosen))
 
 
-def filter_keys(input: str, output: str, *, keep: list[str] | None = None, like: str | None = None,
-                root: str | None = None, force: bool = False, dry_run: bool = False,
-                progress: ProgressFactory | None = None, format: str | None = None,
-                ranks: Ranks | None = None,
-                metadata: dict[str, str] | None = None, no_metadata: bool = False) -> dict:
+def filter_keys(input: str, write: WriteOptions, *, keep: list[str] | None = None, like: str | None = None,
+                root: str | None = None) -> FilterReport:
     """Keep the keys that patterns select, or exactly the keys a template checkpoint has
     (`{k: v for k, v in pretrained.items() if k in model_dict}`)."""
     if bool(keep) == bool(like):
@@ -46,43 +44,30 @@ def filter_keys(input: str, output: str, *, keep: list[str] | None = None, like:
                 raise CkptError(f"{input} and the template {like} share no key "
                                 f"(different prefixes? see `ckptsurgery rename` or `merge --into`)")
         kept, others = _subset(ckpt, names)
-        report = write_checkpoint(ckpt, kept, output, others=others, force=force, dry_run=dry_run,
-                                  progress=progress, format=format, ranks=ranks,
-                                  metadata=metadata, no_metadata=no_metadata)
+        written = write_checkpoint(kept, write, source=ckpt, others=others)
     chosen = set(names)
-    report.update(kept=names, left_out=[k for k in _keys(ckpt) if k not in chosen],
-                  missing_from_input=missing)
-    return report
+    return FilterReport.extend(written, kept=names, left_out=[k for k in _keys(ckpt) if k not in chosen],
+                               missing_from_input=missing)
 
 
-def drop_keys(input: str, output: str, patterns: list[str], *, root: str | None = None,
-              force: bool = False, dry_run: bool = False, progress: ProgressFactory | None = None,
-              format: str | None = None, ranks: Ranks | None = None,
-                metadata: dict[str, str] | None = None, no_metadata: bool = False) -> dict:
+def drop_keys(input: str, patterns: list[str], write: WriteOptions, *, root: str | None = None) -> DropReport:
     """Remove the keys (or whole modules) that patterns select."""
     with open_checkpoint(input, root) as ckpt:
         dropped = core.select(_keys(ckpt), patterns)
         gone = set(dropped)
         kept, others = _subset(ckpt, [k for k in _keys(ckpt) if k not in gone])
-        report = write_checkpoint(ckpt, kept, output, others=others, force=force, dry_run=dry_run,
-                                  progress=progress, format=format, ranks=ranks,
-                                  metadata=metadata, no_metadata=no_metadata)
-    report.update(dropped=dropped, kept=[*kept, *others])
-    return report
+        written = write_checkpoint(kept, write, source=ckpt, others=others)
+    return DropReport.extend(written, dropped=dropped, kept=[*kept, *others])
 
 
-def rename_keys(input: str, output: str, rules: list[core.RenameRule], *, root: str | None = None,
-                force: bool = False, dry_run: bool = False, progress: ProgressFactory | None = None,
-                format: str | None = None, ranks: Ranks | None = None,
-                metadata: dict[str, str] | None = None, no_metadata: bool = False) -> dict:
+def rename_keys(input: str, rules: list[core.RenameRule], write: WriteOptions, *,
+                root: str | None = None) -> RenameReport:
     """Rename keys by rules; refuse, before writing anything, if two keys would share a name."""
     with open_checkpoint(input, root) as ckpt:
         names, untouched = core.plan_rename(_keys(ckpt), rules)
         renamed = OrderedDict((names[k], t) for k, t in ckpt.tensors.items())
         others = OrderedDict((names[k], v) for k, v in ckpt.others.items())
         # _metadata holds module versions by the old module names: stale after a rename
-        report = write_checkpoint(ckpt, renamed, output, keep_metadata=False, others=others,
-                                  force=force, dry_run=dry_run, progress=progress, format=format, ranks=ranks,
-                                  metadata=metadata, no_metadata=no_metadata)
-    report.update(renamed={old: new for old, new in names.items() if old != new}, untouched=untouched)
-    return report
+        written = write_checkpoint(renamed, write, source=ckpt, keep_metadata=False, others=others)
+    return RenameReport.extend(written, renamed={old: new for old, new in names.items() if old != new},
+                               untouched=untouched)

@@ -14,12 +14,13 @@ from ..errors import CkptError, UsageError
 from ..io import Checkpoint, TensorRef, open_checkpoint
 from ..io.model import numel_of
 from ..io.tree import describe, extras
-from .write import ProgressFactory
+from .options import ProgressFactory
+from .reports import InspectReport
 
 
-def inspect(input: str, *, keys: list[str] | None = None, stats: bool = False, tree: bool = False,
+def inspect_checkpoint(input: str, *, keys: list[str] | None = None, stats: bool = False, tree: bool = False,
             depth: int | None = None, hash: bool = False, root: str | None = None,
-            progress: ProgressFactory | None = None) -> dict:
+            progress: ProgressFactory | None = None) -> InspectReport:
     """The report of `inspect_report` for the keys that `keys` select; with `stats`, each tensor's
     `tensor_stats` (reads data); with `hash`, each tensor's "sha256" and the listed tensors'
     "fingerprint" (ops/digest.py); with `tree`, the `module_tree` rows under "tree", `depth`
@@ -31,9 +32,9 @@ def inspect(input: str, *, keys: list[str] | None = None, stats: bool = False, t
     with open_checkpoint(input, root) as ckpt:
         report = inspect_report(ckpt, keys)
         if stats:
-            total = sum(entry["nbytes"] for entry in report["tensors"])
+            total = sum(entry["nbytes"] for entry in report.tensors)
             tick = progress(total, "reading tensors") if progress else None
-            for entry in report["tensors"]:
+            for entry in report.tensors:
                 t = ckpt.tensors[entry["name"]]
                 entry.update(tensor_stats(t))
                 if tick:
@@ -41,16 +42,16 @@ def inspect(input: str, *, keys: list[str] | None = None, stats: bool = False, t
         if hash:
             from .digest import fingerprint, hashes_of
 
-            chosen = {e["name"]: ckpt.tensors[e["name"]] for e in report["tensors"]}
+            chosen = {e["name"]: ckpt.tensors[e["name"]] for e in report.tensors}
             tick = progress(sum(t.nbytes for t in _unique_views(chosen, ckpt.shares_with())), "hashing") \
                 if progress else None
             hashes = hashes_of(chosen, tick)
-            for entry in report["tensors"]:
+            for entry in report.tensors:
                 entry["sha256"] = hashes[entry["name"]]
-            report["fingerprint"] = fingerprint(hashes)
+            report.fingerprint = fingerprint(hashes)
         if tree:
-            chosen = {e["name"]: ckpt.tensors[e["name"]] for e in report["tensors"]}
-            report["tree"] = module_tree(chosen, depth)
+            chosen = {e["name"]: ckpt.tensors[e["name"]] for e in report.tensors}
+            report.tree = module_tree(chosen, depth)
     return report
 
 
@@ -64,23 +65,24 @@ def _unique_views(tensors: dict[str, TensorRef], shares: dict[str, str | None]) 
     return alone + list({t.view_key(): t for t in tensors.values() if id(t.storage) in shared}.values())
 
 
-def inspect_report(ckpt: Checkpoint, patterns: list[str] | None = None) -> dict:
+def inspect_report(ckpt: Checkpoint, patterns: list[str] | None = None) -> InspectReport:
+    """What `ckpt` holds (the tensors `patterns` select), from its headers alone."""
     names = core.select(ckpt.tensors, patterns) if patterns else list(ckpt.tensors)
     shares = ckpt.shares_with()
     chosen = OrderedDict((n, ckpt.tensors[n]) for n in names)
     unique = _unique_views(chosen, shares)
-    return {
-        "path": ckpt.path,
-        "format": ckpt.format,
-        "root": ckpt.root,
-        "extras": extras(ckpt.obj, ckpt.root) if ckpt.root is not None else {},
+    return InspectReport(
+        path=ckpt.path,
+        format=ckpt.format,
+        root=ckpt.root,
+        extras=extras(ckpt.obj, ckpt.root) if ckpt.root is not None else {},
         # non-tensor values inside the state dict itself (`fc._extra_state`)
-        "non_tensors": {name: describe(value) for name, value in ckpt.others.items()},
-        "metadata": ckpt.metadata,
-        "inert": ckpt.inert,
-        "total_params": sum(map(numel_of, map(attrgetter("shape"), unique))),
-        "total_bytes": sum(t.nbytes for t in unique),
-        "tensors": [
+        non_tensors={name: describe(value) for name, value in ckpt.others.items()},
+        metadata=ckpt.metadata,
+        inert=ckpt.inert,
+        total_params=sum(map(numel_of, map(attrgetter("shape"), unique))),
+        total_bytes=sum(t.nbytes for t in unique),
+        tensors=[
             {
                 "name": name,
                 "dtype": t.dtype.name,
@@ -93,7 +95,7 @@ def inspect_report(ckpt: Checkpoint, patterns: list[str] | None = None) -> dict:
             }
             for name, t in chosen.items()
         ],
-    }
+    )
 
 
 def _quantization(t: TensorRef) -> dict:

@@ -11,6 +11,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import suppress
+from enum import Enum
 from typing import Any, Callable
 
 from .. import core
@@ -25,29 +26,40 @@ from ..io.torch_zip import castable_storages, torch_payload, write_torch
 from ..io.write import (
     StagedOutputs, cast_target, check_writable, output_format, plan_safetensors, plan_shards, shard_names,
 )
+from .options import ProgressFactory, WriteOptions  # noqa: F401 (ProgressFactory: until ops/lora.py goes)
 from .ranks import Ranks
-
-# progress(total_bytes, label) -> advance(n_bytes): how the CLI shows a bar; None shows none
-ProgressFactory = Callable[[int, str], Callable[[int], None]]
+from .reports import WriteReport
 
 
-def _write(f, fmt: str, ckpt: Checkpoint, tensors: dict[str, TensorRef], cast: DType | None,
+def _write(f, fmt: "OutputFormat", source: "_Source", tensors: dict[str, TensorRef], cast: DType | None,
            progress, whole: bool, keep_metadata: bool, others: dict, inputs: list[Checkpoint],
            metadata: dict[str, str] | None, plan: tuple | None = None) -> None:
     """One output file: the whole checkpoint, or (`whole=False`) one shard's plain state dict.
     `metadata`: a safetensors file's entries besides `format` and the alias record (each shard
     carries them all). `plan`: what plan_safetensors gave for `tensors`, checked (else planned here)."""
-    if fmt == "safetensors":
+    if fmt is OutputFormat.SAFETENSORS:
         write_safetensors(f, tensors, metadata or {}, cast, progress, plan)
     else:
-        payload = torch_payload(ckpt, tensors, keep_metadata, others) if whole else OrderedDict(tensors)
+        payload = source.payload(tensors, keep_metadata, others) if whole else OrderedDict(tensors)
         try:
             write_torch(f, payload, cast, progress, cast_only=tensors, inputs=[c.events for c in inputs])
         except PickleRefused as e:
-            raise CkptError(f"{ckpt.path}: cannot be written as a .pth: {e}") from None
+            raise CkptError(f"{source.path}: cannot be written as a .pth: {e}") from None
+
+
+class OutputFormat(str, Enum):
+    TORCH = "torch"
+    SAFETENSORS = "safetensors"
+    DCP = "dcp"
 
 
 FORMATS = ("dcp",)  # what --format chooses; the others follow the output's extension
+
+
+def _output_format(options: WriteOptions) -> OutputFormat:
+    if options.format is not None and options.format not in FORMATS:
+        raise UsageError(f"--format {options.format!r}: choose one of {', '.join(FORMATS)}")
+    return OutputFormat.DCP if options.format == "dcp" else OutputFormat(output_format(options.output))
 
 METADATA_OPTIONS = "--metadata, --metadata-file and --no-metadata"
 
@@ -87,24 +99,23 @@ def _no_duplicate_keys(where: str):
     return build
 
 
-def _plan_metadata(ckpt: Checkpoint, output: str, holds: bool, metadata: dict[str, str] | None,
-                   no_metadata: bool, metadata_from: Checkpoint | None, cast: bool = False,
-                   sharded: bool = False) -> tuple[dict | None, dict]:
+def _plan_metadata(options: WriteOptions, holds: bool, source: "_Source", cast: bool = False) -> tuple[dict | None, dict]:
     """The metadata written (besides `format` and the alias record; None where the output holds
     none) and the report's `metadata` and `metadata_dropped`. Options that cannot apply are refused."""
-    if metadata is not None or no_metadata:
+    metadata = options.metadata
+    if metadata is not None or options.no_metadata:
         if not holds:
-            raise UsageError(f"{METADATA_OPTIONS} apply to .safetensors outputs only: {output} is not one "
+            raise UsageError(f"{METADATA_OPTIONS} apply to .safetensors outputs only: {options.output} is not one "
                              f"(a .pth or DCP output holds no metadata map)")
-        metadata = core.check_metadata(metadata or {}, "metadata")
-    source = ckpt if metadata_from is None else metadata_from
+        metadata = core.check_metadata(dict(metadata or {}), "metadata")
     kept = source.metadata
     layout = kept.get(core.METADATA_FORMAT_KEY)
     if layout not in (None, "pt"):  # "tf", "flax", "mlx": names and layouts torch does not load as they are
         raise CkptError(f"{source.path}: its metadata says format "
                         f"{str(layout)[:20]!r}, not PyTorch's 'pt'; writing it as a PyTorch checkpoint would "
                         f"mislabel it: convert it to PyTorch first (e.g. with transformers)")
-    meta, dropped = core.plan_metadata(kept, metadata, no_metadata, holds, cast=cast, sharded=sharded)
+    meta, dropped = core.plan_metadata(kept, metadata, options.no_metadata, holds, cast=cast,
+                                       sharded=options.max_shard_size is not None)
     shown = None if meta is None else dict(sorted({**meta, core.METADATA_FORMAT_KEY: "pt"}.items()))
     return meta, {"metadata": shown, "metadata_dropped": dropped}
 
@@ -201,33 +212,42 @@ def _label(ranks: Ranks | None, output: str) -> str:
     return f"writing {os.path.basename(output)}{where}"
 
 
-def _write_dcp(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: str, cast: DType | None,
-               max_shard_size: int | None, force: bool, dry_run: bool, progress, others: dict,
-               jobs: int, ranks: Ranks | None, metadata_report: dict) -> dict:
+def _dcp_report(source: "_Source", tensors: dict[str, TensorRef], options: WriteOptions, cast: DType | None,
+                writer: DcpWriter, mine: list[int], metadata_report: dict) -> WriteReport:
+    stored = [(n, t, cast_target(t.dtype, cast)) for n, t in tensors.items()]
+    ranks = options.ranks
+    files = [options.output]
+    if ranks:
+        files = ([os.path.join(options.output, writer.files[i][0]) for i in mine]
+                 + ([os.path.join(options.output, METADATA)] if ranks.leader else []))
+    elif not options.dry_run:
+        files = [os.path.join(options.output, name) for name, _ in writer.files] + [os.path.join(options.output, METADATA)]
+    return WriteReport(
+        input=source.path, output=options.output, format=OutputFormat.DCP.value, root=source.root, tensors=len(tensors),
+        total_bytes=sum(t.numel * d.itemsize for _, t, d in stored), dtype=cast.name if cast else None,
+        kept_dtype=[n for n, t, d in stored if cast and d is not cast], tied={}, extras_left_out=[], files=files,
+        dry_run=options.dry_run, removed=[], **metadata_report,
+        **({"rank": ranks.rank, "world_size": ranks.world_size} if ranks else {}))
+
+
+def _write_dcp(source: "_Source", tensors: dict[str, TensorRef], options: WriteOptions, cast: DType | None,
+               others: dict, jobs: int, metadata_report: dict) -> WriteReport:
     """A DCP folder: the whole checkpoint (the state dict and what lies outside its root), each
     entry under its flattened key. Under torchrun rank 0 stages the folder, every rank writes
     its data files into it, and rank 0 writes .metadata and renames the folder into place."""
-    check_dcp_writable(output, force)
-    payload = torch_payload(ckpt, tensors, keep_metadata=False, others=others)
-    prefix = f"{ckpt.root}." if ckpt.root else ""
-    stored = [(n, t, cast_target(t.dtype, cast)) for n, t in tensors.items()]
-    writer = DcpWriter(payload, cast_names={prefix + n for n in tensors}, cast=cast, max_file_size=max_shard_size)
+    output, ranks = options.output, options.ranks
+    check_dcp_writable(output, options.force)
+    payload = source.payload(tensors, keep_metadata=False, others=others)
+    prefix = f"{source.root}." if source.root else ""
+    writer = DcpWriter(payload, cast_names={prefix + n for n in tensors}, cast=cast,
+                       max_file_size=options.max_shard_size)
     leader = ranks is None or ranks.leader
     mine = _mine(len(writer.files), ranks)
-    report = {
-        "input": ckpt.path, "output": output, "format": "dcp", "root": ckpt.root, "tensors": len(tensors),
-        "total_bytes": sum(t.numel * d.itemsize for _, t, d in stored), "dtype": cast.name if cast else None,
-        "kept_dtype": [n for n, t, d in stored if cast and d is not cast], "tied": {}, "extras_left_out": [],
-        "files": [output], "dry_run": dry_run, "removed": [], **metadata_report,
-    }
-    if ranks:
-        report.update(files=[os.path.join(output, writer.files[i][0]) for i in mine]
-                      + ([os.path.join(output, METADATA)] if leader else []), rank=ranks.rank,
-                      world_size=ranks.world_size)
-    if dry_run:
+    report = _dcp_report(source, tensors, options, cast, writer, mine, metadata_report)
+    if options.dry_run:
         return report
     share = sum(writer.nbytes(i) for i in mine)
-    tick = progress(share, _label(ranks, output)) if progress else None
+    tick = options.progress(share, _label(ranks, output)) if options.progress else None
     with StagedOutputs() as outputs:
         folder = outputs.stage_folder(output) if leader else None
         if ranks:
@@ -248,109 +268,156 @@ def _write_dcp(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: str, cas
             if leader:
                 outputs.commit()
             ranks.step("committed")
-    if not ranks:
-        report["files"] = [os.path.join(output, name) for name, _ in writer.files] + [os.path.join(output, METADATA)]
     return report
 
 
-def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, TensorRef], output: str, *,
-                     cast: DType | None = None, max_shard_size: int | None = None, force: bool = False,
-                     dry_run: bool = False, progress: ProgressFactory | None = None,
-                     keep_metadata: bool = True, others: dict | None = None,
-                     inputs: list[Checkpoint] | None = None, format: str | None = None,
-                     jobs: int | None = None, ranks: Ranks | None = None, metadata: dict[str, str] | None = None,
-                     no_metadata: bool = False, metadata_from: Checkpoint | None = None) -> dict:
-    """Write `tensors` (the state dict, possibly edited) of `ckpt` to `output`; return a report.
-    Entries outside the root, and `others` (the root's non-tensor entries, by default the
-    checkpoint's own), travel with .pth and DCP outputs; safetensors holds tensors only.
-    `inputs`: every checkpoint whose contents the output holds (by default `ckpt`), for the rule
-    that an output never runs more than its inputs. `format`: "dcp" writes a DCP folder at
-    `output`; by default the output's extension decides. `jobs`: shards written at once (with
-    `max_shard_size` only). `ranks`: this process's place in a torchrun job (`ranks_from_environment`),
-    which writes its share of the files; its report lists those in `files`.
-    Safetensors metadata (see core.plan_metadata): the input's (`metadata_from`'s, by default
-    `ckpt`'s) is kept, or none with `no_metadata`; `metadata` sets entries on top. The report's
-    `metadata` is what the output holds besides the alias record, `metadata_dropped` the input's
-    keys it does not carry."""
-    if format is not None and format not in FORMATS:
-        raise UsageError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
-    fmt = "dcp" if format == "dcp" else output_format(output)
-    meta, metadata_report = _plan_metadata(ckpt, output, fmt == "safetensors", metadata, no_metadata, metadata_from,
-                                           cast=cast is not None, sharded=max_shard_size is not None)
-    jobs = _jobs(jobs, max_shard_size)
-    if format == "dcp":
-        return _write_dcp(ckpt, tensors, output, cast, max_shard_size, force, dry_run, progress,
-                          ckpt.others if others is None else others, jobs, ranks, metadata_report)
-    inputs = [ckpt] if inputs is None else inputs
-    others = ckpt.others if others is None else others
-    stored, aliases = plan_safetensors(tensors, cast)
-    if cast and fmt == "torch":  # a .pth casts whole storages: see castable_storages
-        castable = castable_storages(tensors)
-        stored = [(n, t, d if id(t.storage) in castable else t.dtype) for n, t, d in stored]
-    if fmt == "safetensors":
-        try:
-            check_safetensors(stored)  # before anything is written, and under --dry-run too
-        except CkptError as e:
-            raise CkptError(f"{ckpt.path}: {e}") from None
-    sizes = [(name, t.numel * dtype.itemsize) for name, t, dtype in stored]
-    total = sum(size for _, size in sizes)
-    # no tensors: no shards to plan, one (empty) file
-    shards = plan_shards(sizes, max_shard_size) if max_shard_size and sizes else [[n for n, _ in sizes]]
-    outside = list(extras(ckpt.obj, ckpt.root)) + list(others)
-    report = {
-        "input": ckpt.path, "output": output, "format": fmt, "root": ckpt.root,
-        "tensors": len(tensors), "total_bytes": total,
-        "dtype": cast.name if cast else None,
+class _Source:
+    """What an output carries over from the checkpoint it is made from (`ckpt`), or nothing
+    (`ckpt` None: a fresh output, such as an adapter's weights): the name errors give, the
+    root, the entries outside it, the metadata, and the pickled events an output may not exceed."""
+
+    def __init__(self, ckpt: Checkpoint | None, output: str):
+        self.ckpt = ckpt
+        self.path = ckpt.path if ckpt is not None else output
+        self.root = ckpt.root if ckpt is not None else None
+        self.others = ckpt.others if ckpt is not None else {}
+        self.metadata = ckpt.metadata if ckpt is not None else {}
+
+    def outside(self) -> list[str]:
+        return list(extras(self.ckpt.obj, self.ckpt.root)) if self.ckpt is not None else []
+
+    def payload(self, tensors: dict[str, TensorRef], keep_metadata: bool, others: dict):
+        if self.ckpt is None:
+            return OrderedDict([*tensors.items(), *others.items()])
+        return torch_payload(self.ckpt, tensors, keep_metadata, others)
+
+
+class _FilePlan:
+    """A file output planned before anything is written: what each tensor is stored as, the
+    names stored once, the shards and their files."""
+
+    def __init__(self, source: _Source, tensors: dict[str, TensorRef], options: WriteOptions, fmt: OutputFormat,
+                 cast: DType | None):
+        self.tensors, self.fmt = tensors, fmt
+        self.stored, self.aliases = plan_safetensors(tensors, cast)
+        if cast and fmt is OutputFormat.TORCH:  # a .pth casts whole storages: see castable_storages
+            castable = castable_storages(tensors)
+            self.stored = [(n, t, d if id(t.storage) in castable else t.dtype) for n, t, d in self.stored]
+        if fmt is OutputFormat.SAFETENSORS:
+            try:
+                check_safetensors(self.stored)  # before anything is written, and under --dry-run too
+            except CkptError as e:
+                raise CkptError(f"{source.path}: {e}") from None
+        self.sizes = [(name, t.numel * dtype.itemsize) for name, t, dtype in self.stored]
+        self.total = sum(size for _, size in self.sizes)
+        limit = options.max_shard_size
+        # no tensors: no shards to plan, one (empty) file
+        self.shards = plan_shards(self.sizes, limit) if limit and self.sizes else [[n for n, _ in self.sizes]]
+        self.sharded = len(self.shards) > 1
+        self.files, self.index = (shard_names(options.output, len(self.shards)) if self.sharded
+                                  else ([options.output], None))
+        self.everything = self.files + [self.index] if self.sharded else self.files
+        self.tied = {alias: target for alias, target, _ in self.aliases}
+
+    def parts(self, mine: list[int]) -> tuple[list[dict], int]:
+        """Each file's tensors (a shard holds its tensors plus the tied names that point at
+        them) and the bytes of the files in `mine`."""
+        if not self.sharded:
+            return [self.tensors], self.total if mine else 0
+        parts = [OrderedDict() for _ in self.shards]
+        for name, t in self.tensors.items():
+            parts[self.shard_of(name)][name] = t
+        size_of = dict(self.sizes)
+        return parts, sum(size_of[name] for i in mine for name in self.shards[i])
+
+    def shard_of(self, name: str) -> int:
+        if not hasattr(self, "_shard_of"):
+            self._shard_of = {name: number for number, names in enumerate(self.shards) for name in names}
+        return self._shard_of[self.tied.get(name, name)]
+
+    def index_body(self) -> bytes:
+        # key order, not sorted as Hugging Face writes it: reading back keeps the model's order
+        weight_map = {name: os.path.basename(self.files[self.shard_of(name)]) for name in self.tensors}
+        # total_size only, as Hugging Face writes it: transformers acts on what an index's
+        # metadata says (its `dtype` picks the dtype a model loads in); the shards carry the rest
+        body = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        return (json.dumps(body, indent=2) + "\n").encode()
+
+
+def _file_report(source: _Source, plan: _FilePlan, options: WriteOptions, cast: DType | None, others: dict,
+                 removed: list[str], mine: list[int], metadata_report: dict) -> WriteReport:
+    ranks = options.ranks
+    leader = ranks is None or ranks.leader
+    files = plan.everything
+    if ranks:  # a single file is file 0: rank 0 writes it, and the index
+        files = [plan.files[i] for i in mine] + ([plan.index] if plan.sharded and leader else [])
+    return WriteReport(
+        input=source.path, output=options.output, format=plan.fmt.value, root=source.root,
+        tensors=len(plan.tensors), total_bytes=plan.total, dtype=cast.name if cast else None,
         # --dtype leaves float8, quantized, integer and bool tensors as they are (and, in a .pth,
         # floating ones whose storage also backs those): say which
-        "kept_dtype": [n for n, t, d in stored if cast and d is not cast],
-        "tied": {alias: target for alias, target, _ in aliases},
-        "extras_left_out": outside if fmt == "safetensors" or len(shards) > 1 else [],
-        "files": [output], "dry_run": dry_run, **metadata_report,
-    }
-    sharded = len(shards) > 1
-    files, index = shard_names(output, len(shards)) if sharded else ([output], None)
-    everything = files + [index] if sharded else files
-    report["files"] = everything
-    if sharded:
-        report["shards"] = len(shards)
+        kept_dtype=[n for n, t, d in plan.stored if cast and d is not cast], tied=plan.tied,
+        extras_left_out=(source.outside() + list(others)
+                         if plan.fmt is OutputFormat.SAFETENSORS or plan.sharded else []),
+        files=files, dry_run=options.dry_run, **metadata_report,
+        shards=len(plan.shards) if plan.sharded else None, removed=removed if leader else [],
+        **({"rank": ranks.rank, "world_size": ranks.world_size} if ranks else {}))
+
+
+def write_checkpoint(tensors: dict[str, TensorRef], options: WriteOptions, *, source: Checkpoint | None = None,
+                     cast: DType | None = None, keep_metadata: bool = True, others: dict | None = None,
+                     inputs: list[Checkpoint] | None = None, metadata_from: Checkpoint | None = None) -> WriteReport:
+    """Write `tensors` (a state dict, possibly edited, of `source`) as `options` say; return what
+    was written. Entries outside `source`'s root, and `others` (the root's non-tensor entries, by
+    default the source's own), travel with .pth and DCP outputs; safetensors holds tensors only.
+    `source` None: a fresh output (no root, nothing around the tensors, no metadata inherited).
+    `inputs`: every checkpoint whose contents the output holds (by default `source`), for the
+    rule that an output never runs more than its inputs. `cast`: the dtype floating tensors are
+    written in. Safetensors metadata (see core.plan_metadata): `metadata_from`'s (by default
+    `source`'s) is kept, or none with `options.no_metadata`; `options.metadata` sets entries on
+    top. `options.ranks`: under torchrun this process writes its share of the files, listed in
+    the report's `files`."""
+    fmt = _output_format(options)
+    origin = _Source(source, options.output)
+    meta, metadata_report = _plan_metadata(options, fmt is OutputFormat.SAFETENSORS,
+                                           _Source(metadata_from, options.output) if metadata_from else origin,
+                                           cast=cast is not None)
+    jobs = _jobs(options.jobs, options.max_shard_size)
+    others = origin.others if others is None else others
+    if fmt is OutputFormat.DCP:
+        return _write_dcp(origin, tensors, options, cast, others, jobs, metadata_report)
+    inputs = ([] if source is None else [source]) if inputs is None else inputs
+    plan = _FilePlan(origin, tensors, options, fmt, cast)
     # an earlier sharded output named after OUT: its shards that this write does not replace go
-    report["removed"] = check_writable(everything, force, output + ".index.json")
-    leader = ranks is None or ranks.leader
-    mine = _mine(len(files), ranks)
-    if ranks:  # a single file is file 0: rank 0 writes it, and the index
-        report.update(files=[files[i] for i in mine] + ([index] if sharded and leader else []),
-                      removed=report["removed"] if leader else [], rank=ranks.rank, world_size=ranks.world_size)
-    if dry_run:
+    removed = check_writable(plan.everything, options.force, options.output + ".index.json")
+    mine = _mine(len(plan.files), options.ranks)
+    report = _file_report(origin, plan, options, cast, others, removed, mine, metadata_report)
+    if options.dry_run:
         return report
-    owner = report["tied"]
-    if sharded:  # each shard holds its tensors plus the tied names that point at them
-        shard_of = {name: number for number, names in enumerate(shards) for name in names}
-        parts = [OrderedDict() for _ in shards]
-        for name, t in tensors.items():
-            parts[shard_of[owner.get(name, name)]][name] = t
-        size_of = dict(sizes)
-        share = sum(size_of[name] for i in mine for name in shards[i])
-    else:
-        parts, share = [tensors], total if mine else 0
-    tick = progress(share, _label(ranks, output)) if progress else None
-    with StagedOutputs(remove=report["removed"] if leader else []) as outputs:
+    _write_files(origin, plan, options, cast, others, inputs, meta, removed, mine, jobs, keep_metadata)
+    return report
+
+
+def _write_files(source: _Source, plan: _FilePlan, options: WriteOptions, cast: DType | None, others: dict,
+                 inputs: list[Checkpoint], meta: dict | None, removed: list[str], mine: list[int], jobs: int,
+                 keep_metadata: bool) -> None:
+    """Stage the files this process writes, `jobs` at once, then rename them all into place."""
+    ranks = options.ranks
+    leader = ranks is None or ranks.leader
+    parts, share = plan.parts(mine)
+    tick = options.progress(share, _label(ranks, options.output)) if options.progress else None
+    with StagedOutputs(remove=removed if leader else []) as outputs:
         if ranks:
             ranks.step("checked")
 
         def write_file(number: int, advance) -> None:
-            with outputs.stage(files[number]) as f:
-                _write(f, fmt, ckpt, parts[number], cast, advance, whole=not sharded, keep_metadata=keep_metadata,
-                       others=others, inputs=inputs, metadata=meta, plan=None if sharded else (stored, aliases))
+            with outputs.stage(plan.files[number]) as f:
+                _write(f, plan.fmt, source, parts[number], cast, advance, whole=not plan.sharded,
+                       keep_metadata=keep_metadata, others=others, inputs=inputs, metadata=meta,
+                       plan=None if plan.sharded else (plan.stored, plan.aliases))
 
         _run_concurrently([lambda advance, i=i: write_file(i, advance) for i in mine], jobs, tick)
-        if sharded and leader:
-            # key order, not sorted as Hugging Face writes it: reading back keeps the model's order
-            weight_map = {name: os.path.basename(files[shard_of[owner.get(name, name)]]) for name in tensors}
-            # total_size only, as Hugging Face writes it: transformers acts on what an index's
-            # metadata says (its `dtype` picks the dtype a model loads in); the shards carry the rest
-            body = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            with outputs.stage(index) as f:
-                f.write((json.dumps(body, indent=2) + "\n").encode())
-        _commit_together(outputs, ranks, everything)
-    return report
+        if plan.sharded and leader:
+            with outputs.stage(plan.index) as f:
+                f.write(plan.index_body())
+        _commit_together(outputs, ranks, plan.everything)

@@ -4,12 +4,51 @@ dtypes, each filled from the first source that has it; shapes that differ follow
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import ExitStack
 
 from ... import core
 from ...dtypes import convertible
 from ...errors import CkptError, UsageError
-from ...io import Checkpoint, TensorRef
+from ...io import Checkpoint, TensorRef, open_checkpoint
 from ...io.model import computed_tensor
+from ..options import WriteOptions, dtype_to_cast
+from ..reports import IntoReport
+from ..write import write_checkpoint
+
+
+def merge_into(sources: list[str], template: str, write: WriteOptions, *, on_mismatch: str | None = None,
+               otherwise: str | None = None, prefix_tokens: int | None = None,
+               grid: str | tuple[int, int] | None = None, dtype: str | None = None,
+               root: str | None = None) -> IntoReport:
+    """`model_dict.update(pretrained_dict)`: exactly the template's keys, shapes and dtypes, in
+    its order, each from the first source that has it (after removing a wrapper prefix). A
+    shape that differs follows `on_mismatch`: "error" (the default), "skip", "overlap", or
+    "adapt" (with `otherwise`, `prefix_tokens`, `grid`; see ops/adapt.py). A .safetensors
+    output keeps the first source's metadata (not the template's)."""
+    adapting = _adapt_options(on_mismatch, otherwise, prefix_tokens, grid)
+    on_mismatch = core.check_choice("error" if on_mismatch is None else on_mismatch, core.MISMATCH_POLICIES,
+                                    "--on-mismatch")
+    cast = dtype_to_cast(dtype)
+    with ExitStack() as stack:
+        ckpts = [stack.enter_context(open_checkpoint(s, root)) for s in sources]
+        model = stack.enter_context(open_checkpoint(template))
+        merged, details = _into_template(ckpts, model, on_mismatch, adapting)
+        written = write_checkpoint(merged, write, source=model, cast=cast, inputs=[*ckpts, model],
+                                   metadata_from=ckpts[0])
+    return IntoReport.extend(written, input=None, mode="into", sources=list(sources), template=template, **details)
+
+
+def _adapt_options(on_mismatch: str | None, otherwise: str | None, prefix_tokens: int | None, grid) -> dict:
+    """--otherwise, --prefix-tokens and --grid, checked: they apply to --on-mismatch adapt only."""
+    for option, value in (("otherwise", otherwise), ("prefix-tokens", prefix_tokens), ("grid", grid)):
+        if value is not None and on_mismatch != "adapt":
+            raise UsageError(f"--{option} applies to --on-mismatch adapt only")
+    if otherwise is not None:
+        otherwise = core.check_choice(otherwise, core.OTHERWISE_POLICIES, "--otherwise")
+    if prefix_tokens is not None and (isinstance(prefix_tokens, bool) or not isinstance(prefix_tokens, int)
+                                      or prefix_tokens < 0):
+        raise UsageError(f"--prefix-tokens {prefix_tokens!r}: a whole number, 0 or more")
+    return {"otherwise": otherwise, "prefix_tokens": prefix_tokens, "grid": _parse_grid(grid)}
 
 
 def _cast(t: TensorRef, dtype) -> TensorRef:

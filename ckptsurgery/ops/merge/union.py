@@ -3,9 +3,31 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import ExitStack
 
+from ... import core
 from ...errors import CkptError
-from ...io import Checkpoint, TensorRef
+from ...io import Checkpoint, TensorRef, open_checkpoint
+from ..options import WriteOptions, dtype_to_cast
+from ..reports import UnionReport
+from ..write import write_checkpoint
+
+
+def merge_union(sources: list[str], write: WriteOptions, *, on_conflict: str | None = None,
+                dtype: str | None = None, root: str | None = None) -> UnionReport:
+    """The union of the sources' state dicts, in order; a key in several sources follows
+    `on_conflict`: "error" (the default; nothing written), "first" or "last". `dtype` casts the
+    floating tensors written. A .safetensors output keeps the first source's metadata."""
+    on_conflict = core.check_choice("error" if on_conflict is None else on_conflict, core.CONFLICT_POLICIES,
+                                    "--on-conflict")
+    cast = dtype_to_cast(dtype)
+    with ExitStack() as stack:
+        ckpts = [stack.enter_context(open_checkpoint(s, root)) for s in sources]
+        merged, others, details = _plain_union(ckpts, on_conflict)
+        written = write_checkpoint(merged, write, source=ckpts[0], cast=cast, others=others,
+                                   inputs=[*ckpts, ckpts[0]])
+    return UnionReport.extend(written, input=None, mode="union", sources=list(sources), **details)
+
 
 
 def _plain_union(ckpts: list[Checkpoint], on_conflict: str) -> tuple[OrderedDict, OrderedDict, dict]:

@@ -1,0 +1,84 @@
+"""How an operation writes its output: one `WriteOptions`, built once (by the command line's
+shared options, cli/common.py, or by a library caller) and passed whole to the operation and on
+to `write_checkpoint`. A new output option is one field here (and, for the command line, one
+entry in cli/common.py's WRITE_OPTIONS). See docs/architecture.md."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Mapping
+
+from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from ..dtypes import DType
+    from .ranks import Ranks
+
+# progress(total_bytes, label) -> advance(n_bytes): how the CLI shows a bar; None shows none
+ProgressFactory = Callable[[int, str], Callable[[int], None]]
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """Where and how an output is written.
+
+    Args:
+        output: the file (or DCP/adapter folder) to write; its extension picks the format.
+        format: "dcp" writes a torch.distributed.checkpoint folder at `output`; None follows the
+            output's extension.
+        force: replace an existing output.
+        dry_run: plan and report; write nothing.
+        max_shard_size: write Hugging Face-style shards of at most this size ("2GB", "500MiB"
+            or a number of bytes) and an index.
+        jobs: shards written at once (sharded outputs only; default: see ops.write.default_jobs).
+        metadata: entries set in a .safetensors output's metadata (the input's are kept otherwise).
+        no_metadata: keep none of the input's metadata.
+        progress: how to show progress (see ProgressFactory); None shows none.
+        ranks: under torchrun, this process's place in the job (ops.ranks.ranks_from_environment):
+            it writes its share of the files.
+
+    Example:
+        >>> from ckptsurgery.ops import WriteOptions, convert
+        >>> report = convert("model.pth", WriteOptions("model.safetensors", max_shard_size="2GB"))
+    """
+
+    output: str
+    format: str | None = None
+    force: bool = False
+    dry_run: bool = False
+    max_shard_size: int | str | None = None
+    jobs: int | None = None
+    metadata: Mapping[str, str] | None = field(default=None, compare=False)
+    no_metadata: bool = False
+    progress: ProgressFactory | None = field(default=None, compare=False, repr=False)
+    ranks: "Ranks | None" = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from ..io.write import parse_size
+
+        if self.max_shard_size is not None:  # parsed at once: a wrong size fails before any reading
+            object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
+        if self.format is not None:
+            object.__setattr__(self, "format", getattr(self.format, "value", self.format))
+        if not isinstance(self.output, str):  # a pathlib.Path from a library caller
+            try:
+                object.__setattr__(self, "output", os.fspath(self.output))
+            except TypeError:
+                raise UsageError(f"output {self.output!r}: give a path") from None
+
+    def refuse(self, *names: str, why: str) -> None:
+        """Refuse the options among `names` that were given (they do not apply to this output)."""
+        given = [name for name in names if getattr(self, name) not in (None, False)]
+        if given:
+            raise UsageError(f"{', '.join('--' + n.replace('_', '-') for n in given)} {why}")
+
+
+def dtype_to_cast(dtype: str | None) -> "DType | None":
+    """`--dtype fp16|bf16|fp32|...`: the dtype floating tensors are written in (None: their own)."""
+    if dtype is None:
+        return None
+    from .. import core
+    from ..dtypes import CAST_TARGETS
+
+    return CAST_TARGETS[core.check_choice(getattr(dtype, "value", dtype), tuple(CAST_TARGETS), "--dtype")]

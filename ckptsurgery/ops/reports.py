@@ -1,0 +1,304 @@
+"""What every operation returns: a typed report. `--json` prints `report.to_json()`, the fields in
+the order they are declared here (a field marked `omit_if_none` is left out when it is None).
+Every field's `doc` is the schema CI users rely on: docs/json.md is generated from this module
+(`python -m ckptsurgery.ops.reports`) and a test holds the page to it.
+
+A report is built once the work is done; nothing fills it during a write."""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any
+
+
+def entry(doc: str, *, omit_if_none: bool = False, default: Any = MISSING, factory: Any = MISSING):
+    """A report field with its documentation (`doc`) and whether None leaves it out of --json."""
+    if default is MISSING and factory is MISSING and omit_if_none:
+        default = None
+    return field(default=default, default_factory=factory,
+                 metadata={"doc": doc, "omit_if_none": omit_if_none})
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value):
+        return value.to_json()
+    if isinstance(value, list):
+        return [_plain(v) for v in value] if value and is_dataclass(value[0]) else value
+    return value
+
+
+@dataclass(kw_only=True)
+class Report:
+    """The base of every report: `to_json()` is the --json document."""
+
+    def to_json(self) -> dict:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.metadata.get("omit_if_none"):
+                continue
+            out[f.name] = _plain(value)
+        return out
+
+    @classmethod
+    def extend(cls, report: "Report", /, **more):
+        """This report kind made of `report`'s fields (a report of a base class) and `more`."""
+        return cls(**{**{f.name: getattr(report, f.name) for f in fields(report)}, **more})
+
+
+# ---- writing: every command that writes a checkpoint ------------------------------------------
+
+@dataclass(kw_only=True)
+class WriteReport(Report):
+    """What `write_checkpoint` wrote (`convert`'s whole report)."""
+
+    input: str | None = entry("The input checkpoint (absent for merge, which names its `sources`).",
+                              omit_if_none=True)
+    output: str = entry("The output path as given.")
+    format: str = entry("The output's format: `torch`, `safetensors` or `dcp`.")
+    root: str | None = entry("Where the state dict sat inside the input (`null`: the top level of a file that "
+                             "holds nothing else, `\"\"`: the top level).")
+    tensors: int = entry("Number of tensors written (tied names counted each).")
+    total_bytes: int = entry("Bytes of tensor data written (a tied tensor once).")
+    dtype: str | None = entry("The dtype floating tensors were cast to (`--dtype`), or `null`.")
+    kept_dtype: list[str] = entry("Tensors `--dtype` left in their dtype (float8, quantized, integer, bool; in a "
+                                  ".pth, floats whose storage also backs those).")
+    tied: dict[str, str] = entry("Tied names stored once: alias -> the name that holds the data.")
+    extras_left_out: list[str] = entry("Entries outside the state dict (and non-tensor entries in it) that the "
+                                       "output cannot hold (safetensors, shards).")
+    files: list[str] = entry("Every file written (shards and index included); under torchrun, this rank's.")
+    dry_run: bool = entry("Whether nothing was written (`--dry-run`).")
+    metadata: dict[str, str] | None = entry("The safetensors metadata written, besides the tie record "
+                                            "(`null` for .pth and DCP outputs).")
+    metadata_dropped: list[str] = entry("Input metadata keys the output does not carry (content hashes, "
+                                        "`--no-metadata`, or all of them for .pth/DCP).")
+    shards: int | None = entry("Number of shards, for a sharded output.", omit_if_none=True)
+    removed: list[str] = entry("Files of an earlier sharded output at OUT that this write removed (`--force`).",
+                               factory=list)
+    rank: int | None = entry("Under torchrun: this process's rank.", omit_if_none=True)
+    world_size: int | None = entry("Under torchrun: the number of ranks.", omit_if_none=True)
+
+
+@dataclass(kw_only=True)
+class FilterReport(WriteReport):
+    """`filter`: the keys kept."""
+
+    kept: list[str] = entry("Keys kept, in the input's order.")
+    left_out: list[str] = entry("Keys of the input not kept.")
+    missing_from_input: list[str] = entry("With `--like`: the template's keys the input lacks.")
+
+
+@dataclass(kw_only=True)
+class DropReport(WriteReport):
+    """`drop`: the keys removed."""
+
+    dropped: list[str] = entry("Keys removed.")
+    kept: list[str] = entry("Keys written.")
+
+
+@dataclass(kw_only=True)
+class RenameReport(WriteReport):
+    """`rename`: old name -> new name."""
+
+    renamed: dict[str, str] = entry("Old name -> new name, for the keys a rule changed.")
+    untouched: list[str] = entry("Keys no rule changed.")
+
+
+# ---- merge, by mode ----------------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class MergeReport(WriteReport):
+    """`merge`, every mode."""
+
+    mode: str = entry("`union`, `into`, `method` or `lora`.")
+    sources: list[str] = entry("The SOURCE checkpoints, in order.")
+    template: str | None = entry("`--into`: the template.", omit_if_none=True)
+
+
+@dataclass(kw_only=True)
+class UnionReport(MergeReport):
+    """`merge` of several sources' keys."""
+
+    conflicts: list[str] = entry("Keys in more than one source (sorted).")
+    on_conflict: str = entry("The `--on-conflict` policy: `error`, `first` or `last`.")
+    keys_from: list[int] = entry("Per source, in order: how many keys of the output came from it.")
+
+
+@dataclass(kw_only=True)
+class IntoReport(MergeReport):
+    """`merge --into TEMPLATE`: every template key under exactly one of copied, renamed, adapted,
+    kept_from_template, mismatched; source keys the template lacks under left_out."""
+
+    copied: list[str] = entry("Template keys copied from a source under the same name.")
+    renamed: dict[str, str] = entry("Source key -> template key, found after removing a wrapper prefix.")
+    adapted: list[dict] = entry("`--on-mismatch adapt`: `{name, rule, from, to}` per adapted key, with `source` "
+                                "(when renamed), `prefix_tokens` and `grid` (position embeddings), `tied_to`.")
+    kept_from_template: list[str] = entry("Template keys no source supplies (or a head kept): the template's values.")
+    kept_reasons: dict[str, str] = entry("Why a key the sources have kept the template's values.")
+    mismatched: list[dict] = entry("`{name, source_shape, template_shape, policy}` per shape mismatch.")
+    left_out: list[str] = entry("Source keys the template lacks.")
+
+
+@dataclass(kw_only=True)
+class MethodReport(MergeReport):
+    """`merge --method` (and `--average`)."""
+
+    method: str = entry("The merge method.")
+    base: str | None = entry("`--base`, or `null`.")
+    parameters: dict[str, Any] = entry("The method's parameters with their defaults filled in.")
+    merged: int = entry("Number of tensors merged by the method.")
+    not_merged: list[str] = entry("Tensors taken from the base (or first model): not floating.")
+    notes: dict[str, str] = entry("Per tensor, what happened beyond the formula (slerp: `nearly collinear: "
+                                  "interpolated linearly`). Empty after `--dry-run`.")
+
+
+@dataclass(kw_only=True)
+class AdapterFolded(Report):
+    """One adapter of `merge --lora`."""
+
+    path: str = entry("The adapter as given.")
+    format: str = entry("`peft` or `kohya`.")
+    scale: float = entry("Its `--lora-scale`.")
+    modules: int = entry("LoRA modules it holds.")
+    folded: int = entry("Base weights (and biases, PEFT `lora_bias`) its modules fold into; names tied to them "
+                        "not counted.")
+    replaced: list[str] = entry("Base tensors it replaced whole (PEFT `modules_to_save`, trained embeddings); one "
+                                "equal to the base's own is not listed.")
+    unmatched: list[str] = entry("Its modules (and whole tensors) that match no base key, as the adapter names them; "
+                                 "an error unless `--allow-unmatched`.")
+    prefix: dict | None = entry("PEFT: `{\"added\": P, \"keys\": N}` when the base's keys have a prefix P the "
+                                "adapter's names lack, `{\"removed\": P, \"keys\": N}` when the names have one the "
+                                "base's keys lack; N names were read so.", omit_if_none=True)
+
+
+@dataclass(kw_only=True)
+class FoldReport(MergeReport):
+    """`merge BASE --lora ADAPTER...`."""
+
+    adapters: list[AdapterFolded] = entry("Per adapter, in order.")
+    folded: int = entry("Base tensors changed by any adapter (tied names each).")
+    changed: list[str] = entry("Those tensors' names.")
+    unmatched: list[str] = entry("Every adapter's `unmatched`, in order.")
+
+
+# ---- extract-lora ------------------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class Extracted(Report):
+    """One LoRA module `extract-lora` wrote."""
+
+    name: str = entry("The module (the weight's name without `.weight`).")
+    key: str = entry("The weight's key.")
+    kind: str = entry("`linear`, `linear-t` (stored [in, out]), `conv` or `embedding`.")
+    shape: list[int] = entry("The weight's shape.")
+    rank: int = entry("The rank written.")
+    requested_rank: int = entry("The rank asked for.")
+    clamped: bool = entry("Whether the rank was cut to the weight's size.")
+    error: float | None = entry("Relative Frobenius error of the rank-r approximation (`null` after --dry-run).")
+
+
+@dataclass(kw_only=True)
+class ExtractReport(Report):
+    """`extract-lora`: a PEFT adapter folder."""
+
+    base: str = entry("BASE as given.")
+    tuned: str = entry("TUNED as given.")
+    output: str = entry("The adapter folder.")
+    files: list[str] = entry("adapter_config.json and adapter_model.safetensors in it.")
+    dry_run: bool = entry("Whether nothing was written.")
+    rank: int = entry("The default rank (`lora_alpha` too).")
+    rank_patterns: dict[str, int] = entry("`--rank PATTERN=R` entries.")
+    embeddings: bool = entry("`--embeddings`.")
+    fan_in_fan_out: list[str] = entry("`--fan-in-fan-out` patterns.")
+    extracted: list[Extracted] = entry("The modules written.")
+    not_extracted: list[dict] = entry("`{name, reason}` per tensor that differs but cannot be a LoRA (its shape or "
+                                      "dtype differs, it is not a 2-D or conv weight, an embedding without "
+                                      "`--embeddings`, or it is tied in BASE but not in TUNED).")
+    tied: dict[str, str] = entry("Names tied (one storage) in both BASE and TUNED to an extracted weight: name -> "
+                                 "the key extracted for them all.")
+    unchanged: int = entry("Tensors of BASE equal in TUNED (names tied in both counted once).")
+    only_in_base: list[str] = entry("Keys only BASE has.")
+    only_in_tuned: list[str] = entry("Keys only TUNED has.")
+    metadata: dict[str, str] = entry("The adapter file's metadata.")
+
+
+# ---- reading -----------------------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class InspectReport(Report):
+    """`inspect`."""
+
+    path: str = entry("The input as given.")
+    format: str = entry("torch-zip, torch-legacy, safetensors, sharded-safetensors, sharded-torch, dcp, "
+                        "deepspeed, accelerate.")
+    root: str | None = entry("Key of the state dict inside the file (`\"\"`: the top level; `null`: a flat file).")
+    extras: dict[str, str] = entry("Entries outside the state dict: name -> a short description of its value.")
+    non_tensors: dict[str, str] = entry("Non-tensor entries inside the state dict (`fc._extra_state`).")
+    metadata: dict[str, str] = entry("The safetensors metadata (`{}` when none).")
+    inert: list[str] = entry("Pickled classes left inert (never run): module.name.")
+    total_params: int = entry("Elements of the listed tensors, tied ones once.")
+    total_bytes: int = entry("Bytes of the listed tensors, tied ones once.")
+    tensors: list[dict] = entry("One record per listed tensor: `name`, `dtype` (torch's name), `shape`, `nbytes`, "
+                                "`requires_grad` (a pickled Parameter's flag, else null), `shares_with` (the first "
+                                "name of its storage, or null), `contiguous`, `quantization` (quantized tensors); "
+                                "`--stats`: `min`, `max`, `mean`, `std`, `nan`, `inf`; `--hash`: `sha256`.")
+    fingerprint: str | None = entry("`--hash`: SHA-256 over the listed tensors' names and hashes.", omit_if_none=True)
+    tree: list[dict] | None = entry("`--tree`: one record per module row (repeats folded).", omit_if_none=True)
+
+
+@dataclass(kw_only=True)
+class DiffReport(Report):
+    """`diff A B`."""
+
+    a: str = entry("A as given.")
+    b: str = entry("B as given.")
+    atol: float = entry("The tolerance (0: bit-exact).")
+    identical: bool = entry("The verdict the exit code follows (0 identical, 1 different).")
+    equal: int = entry("Tensors equal (within atol).")
+    only_in_a: list[str] = entry("Keys only A has.")
+    only_in_b: list[str] = entry("Keys only B has.")
+    shape_changed: list[dict] = entry("`{name, a, b}` shapes.")
+    dtype_changed: list[dict] = entry("`{name, a, b}` dtypes, with `max_abs_diff` when atol > 0.")
+    value_changed: list[dict] = entry("`{name, max_abs_diff}` beyond atol.")
+
+
+REPORTS: tuple[tuple[str, type[Report]], ...] = (
+    ("inspect", InspectReport), ("convert", WriteReport), ("filter", FilterReport), ("drop", DropReport),
+    ("rename", RenameReport), ("merge (plain union)", UnionReport), ("merge --into", IntoReport),
+    ("merge --method / --average", MethodReport), ("merge --lora", FoldReport), ("extract-lora", ExtractReport),
+    ("diff", DiffReport),
+)
+NESTED: tuple[type[Report], ...] = (AdapterFolded, Extracted)
+
+
+def schema_markdown() -> str:
+    """docs/json.md: every --json field of every command, once (a subclass lists only its own)."""
+    lines = ["# `--json` output", "",
+             "Every command's `--json` prints one JSON document on stdout: the fields below, in this order. "
+             "Generated from `ckptsurgery/ops/reports.py` by `python -m ckptsurgery.ops.reports > docs/json.md`; "
+             "`tests/test_contract.py` checks that this page matches the code. A field marked *omitted when null* "
+             "is left out instead of printed as `null`. Fields may be added in later versions; none is removed "
+             "or changes meaning without a major version.", ""]
+    described: set[type] = set()
+    for title, cls in (*REPORTS, *((c.__name__, c) for c in NESTED)):
+        own = [f for f in fields(cls) if not any(f.name in {g.name for g in fields(b)}
+                                                  for b in cls.__mro__[1:] if is_dataclass(b) and b is not Report)]
+        parents = [b.__name__ for b in cls.__mro__[1:-1] if is_dataclass(b) and b is not Report]
+        lines += [f"## {title}: `{cls.__name__}`", "", cls.__doc__.strip(), ""]
+        if parents:
+            lines += [f"First the fields of `{parents[0]}`, then:" if own else f"The fields of `{parents[0]}`.", ""]
+        if cls in described or not own:
+            continue
+        described.add(cls)
+        lines += ["| field | meaning |", "|---|---|"]
+        for f in own:
+            note = " *(omitted when null)*" if f.metadata.get("omit_if_none") else ""
+            lines.append(f"| `{f.name}` | {f.metadata['doc']}{note} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(schema_markdown())
