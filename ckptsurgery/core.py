@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from .errors import CkptError, UsageError
+from .kinds import Kind
 
 _GLOB_CHARS = set("*?[")
 # what re.compile raises besides re.error: a repeat count beyond C's int (a{4294967296}), or
@@ -222,9 +223,42 @@ def align(source_keys: Iterable[str], template_keys: Iterable[str]) -> dict[str,
 
 # ---- shape reconciliation --------------------------------------------------------------------
 
-MISMATCH_POLICIES = ("error", "skip", "overlap", "adapt")  # merge --into: a source shape that differs
-OTHERWISE_POLICIES = ("skip", "overlap")  # --on-mismatch adapt: what a mismatch no rule fits gets
-CONFLICT_POLICIES = ("error", "first", "last")  # plain merge: a key several sources have
+class MismatchPolicy(Kind):
+    """merge --into: what a source tensor whose shape differs from the template's gets."""
+
+    ERROR = "error"  # nothing written
+    SKIP = "skip"  # the template's tensor kept
+    OVERLAP = "overlap"  # the shared block copied
+    ADAPT = "adapt"  # fitted by an AdaptRule
+
+
+class OtherwisePolicy(Kind):
+    """--on-mismatch adapt: what a mismatch no rule fits gets."""
+
+    SKIP = "skip"
+    OVERLAP = "overlap"
+
+
+class ConflictPolicy(Kind):
+    """Plain merge: a key several sources have."""
+
+    ERROR = "error"
+    FIRST = "first"
+    LAST = "last"
+
+
+class AdaptRule(Kind):
+    """How --on-mismatch adapt fits a tensor (adapt_rules picks one; ops/adapt.py applies it)."""
+
+    POSITION = "position"  # a position embedding: prefix tokens kept, grid resampled
+    ROWS = "rows"  # token embeddings, output rows and their bias: rows kept, grown or cut
+    CHANNELS = "channels"  # a convolution's input channels
+    HEAD = "head"  # a classifier (and its bias): the template's fresh values kept
+
+
+MISMATCH_POLICIES = MismatchPolicy.values()
+OTHERWISE_POLICIES = OtherwisePolicy.values()
+CONFLICT_POLICIES = ConflictPolicy.values()
 
 
 def overlap_region(source_shape: tuple[int, ...], template_shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -258,15 +292,13 @@ def _module_of(key: str) -> str:
 
 
 def adapt_rules(mismatches: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
-                tied: list[list[str]] = ()) -> dict[str, str | None]:
+                tied: list[list[str]] = ()) -> dict[str, AdaptRule | None]:
     """The rule for each shape mismatch (name -> (source shape, template shape), in the template's
     order): by name first — a name that claims a kind gets that kind's rule or none, so that a
-    position embedding is never taken for a convolution — then by shape. "position", "rows"
-    (token embeddings and output rows, and their bias), "channels" (a convolution's input
-    channels), "head" (a classifier: kept from the template, and its bias), or None when no rule
-    fits. Names `tied` together (one storage in the template) take one rule: the first that
+    position embedding is never taken for a convolution — then by shape: an AdaptRule, or None
+    when no rule fits. Names `tied` together (one storage in the template) take one rule: the first that
     adapts, over a head's."""
-    rules: dict[str, str | None] = {}
+    rules: dict[str, AdaptRule | None] = {}
     heads: set[str] = set()
     row_modules: set[str] = set()
     last_rows = None  # the last 2-D weight whose first dimension alone differs: a head unless named
@@ -281,29 +313,29 @@ def adapt_rules(mismatches: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
         if _is_position(name):
             if not empty and same_rank and len(old) in (2, 3) and differs == [len(old) - 2] \
                     and (len(old) == 2 or old[0] == 1):
-                rule = "position"
+                rule = AdaptRule.POSITION
         elif _names_in(name, TOKEN_NAMES) or name in TOKEN_KEYS:
             if not empty and len(old) == 2 and differs == [0]:
-                rule = "rows"
+                rule = AdaptRule.ROWS
                 row_modules.add(_module_of(name))
         elif not empty and name.endswith("weight") and len(old) in (3, 4, 5) and differs == [1]:
-            rule = "channels"
+            rule = AdaptRule.CHANNELS
         elif len(old) == 2 and differs == [0] and (_names_in(name, HEAD_NAMES) or name == last_rows):
-            rule = "head"
+            rule = AdaptRule.HEAD
             heads.add(_module_of(name))
         rules[name] = rule
     for group in tied:  # one storage, one rule: an output layer tied to the embeddings grows with them
-        chosen = next((rules[n] for n in group if rules.get(n) not in (None, "head")), None)
+        chosen = next((rules[n] for n in group if rules.get(n) not in (None, AdaptRule.HEAD)), None)
         for n in group:
             if n in rules and chosen is not None:
                 rules[n] = chosen
-                if chosen == "rows":
+                if chosen is AdaptRule.ROWS:
                     row_modules.add(_module_of(n))
                 heads.discard(_module_of(n))
     for name, (old, new) in mismatches.items():  # a bias follows its weight's rule
         if rules[name] is None and len(old) == len(new) == 1 and name.endswith("bias") and 0 not in old:
             module = _module_of(name)
-            rules[name] = "rows" if module in row_modules else "head" if module in heads else None
+            rules[name] = AdaptRule.ROWS if module in row_modules else AdaptRule.HEAD if module in heads else None
     return rules
 
 

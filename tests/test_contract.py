@@ -2,11 +2,13 @@
 JSON, real choices, options refused where they do not apply, rename rules that repeat and apply
 in order, and examples at the end of every --help; empty values and options that cannot apply
 refused, invalid regular expressions a usage error, the same exit codes through Typer's CliRunner;
-and the library's side of it: misuse raises CkptError or UsageError, never a bare exception."""
+and the library's side of it: misuse raises CkptError or UsageError, never a bare exception; the
+--json schema (docs/json.md) generated from the report classes."""
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import torch
 import typer.main
 from typer.testing import CliRunner
 
-from conftest import assert_one_error_line, load_any
+from conftest import ROOT, assert_one_error_line, load_any
 from ckptsurgery.cli import app
 from ckptsurgery.errors import CkptError
 
@@ -277,18 +279,21 @@ def test_a_regex_python_cannot_compile_is_a_usage_error(cli, tmp_path, flat, arg
 # ---- the library: CkptError/UsageError, never a bare exception, never a silent default ------------
 
 @pytest.mark.parametrize("call", [
-    "convert(p, out, max_shard_size=2_000_000_000, dry_run=True)",
-    "merge([p, p], out, average=True, weights=[2, 1], dry_run=True)",
-    "diff(p, p, atol='0.01')",
-    "rename_keys(p, out, [('strip', 'module')], dry_run=True)",
+    "convert_checkpoint(p, WriteOptions(out, max_shard_size=2_000_000_000, dry_run=True))",
+    "merge_checkpoints([p, p], WriteOptions(out, dry_run=True), average=True, weights=[2, 1])",
+    "diff_checkpoints(p, p, atol='0.01')",
+    "rename_keys(p, [('strip', 'module')], WriteOptions(out, dry_run=True))",
     "rename_rule('strip', 5)",
 ])
 def test_library_misuse_by_type_works_or_raises_ckpt_error(tmp_path, flat, call):
     """Natural library misuse (an int size, a list of weights, a str atol, a tuple rule) works or raises CkptError, never a bare TypeError/AttributeError."""
     from ckptsurgery.core import rename_rule
-    from ckptsurgery.ops import convert, diff, inspect_report, merge, rename_keys
+    from ckptsurgery.ops import (
+        WriteOptions, convert_checkpoint, diff_checkpoints, inspect_report, merge_checkpoints, rename_keys,
+    )
 
-    env = dict(p=str(flat), out=str(tmp_path / "o.safetensors"), convert=convert, merge=merge, diff=diff,
+    env = dict(p=str(flat), out=str(tmp_path / "o.safetensors"), convert_checkpoint=convert_checkpoint,
+               merge_checkpoints=merge_checkpoints, diff_checkpoints=diff_checkpoints, WriteOptions=WriteOptions,
                rename_keys=rename_keys, rename_rule=rename_rule, inspect_report=inspect_report)
     try:
         eval(call, env)
@@ -299,15 +304,42 @@ def test_library_misuse_by_type_works_or_raises_ckpt_error(tmp_path, flat, call)
 
 
 @pytest.mark.parametrize("call", [
-    "inspect(p, tree=True, depth=0)",
-    "merge([p], out, into=p, on_mismatch='', dry_run=True)",
-    "drop_keys(p, out, [], dry_run=True)",
+    "inspect_checkpoint(p, tree=True, depth=0)",
+    "merge_checkpoints([p], WriteOptions(out, dry_run=True), into=p, on_mismatch='')",
+    "drop_keys(p, [], WriteOptions(out, dry_run=True))",
 ])
 def test_library_raises_usage_error_for_values_the_cli_refuses(tmp_path, flat, call):
     """The library raises UsageError for values the CLI refuses (depth 0, an empty policy, no drop pattern) instead of accepting them silently."""
     from ckptsurgery.errors import UsageError
-    from ckptsurgery.ops import drop_keys, inspect, merge
+    from ckptsurgery.ops import WriteOptions, drop_keys, inspect_checkpoint, merge_checkpoints
 
-    env = dict(p=str(flat), out=str(tmp_path / "o.pth"), inspect=inspect, merge=merge, drop_keys=drop_keys)
+    env = dict(p=str(flat), out=str(tmp_path / "o.pth"), inspect_checkpoint=inspect_checkpoint,
+               merge_checkpoints=merge_checkpoints, drop_keys=drop_keys, WriteOptions=WriteOptions)
     with pytest.raises(UsageError):
         eval(call, env)
+
+
+# ---- the --json schema: documented once, from the report classes ---------------------------------
+
+def test_docs_json_md_is_the_schema_the_report_classes_declare():
+    """docs/json.md is generated from ckptsurgery/ops/reports.py: regenerate it with
+    `python -m ckptsurgery.ops.reports > docs/json.md` when a report changes."""
+    from ckptsurgery.ops.reports import schema_markdown
+
+    with open(os.path.join(ROOT, "docs", "json.md"), encoding="utf-8") as f:
+        assert f.read() == schema_markdown()
+
+
+def test_every_report_field_is_documented_and_every_json_key_is_a_field(cli, tmp_path, flat):
+    """The --json document of a write is exactly its report's fields, in declared order."""
+    from dataclasses import fields
+
+    from ckptsurgery.ops.reports import REPORTS, NESTED, DropReport
+
+    for _, cls in (*REPORTS, *NESTED):
+        assert all(f.metadata.get("doc") for f in fields(cls)), cls.__name__
+    doc = cli("drop", flat, "fc", "-o", tmp_path / "o.pth", "--json").json()
+    declared = [f.name for f in fields(DropReport)]
+    always = [f.name for f in fields(DropReport) if not f.metadata["omit_if_none"]]
+    assert set(doc) <= set(declared) and set(always) <= set(doc)
+    assert list(doc) == [name for name in declared if name in doc]

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from ckptsurgery.errors import UsageError
-from ckptsurgery.ops.diff import diff
+from ckptsurgery.ops import diff_checkpoints
 
-diff_module = importlib.import_module("ckptsurgery.ops.diff")  # ops re-exports the function under the name
+diff_module = importlib.import_module("ckptsurgery.ops.diff")
 
 
 def save_pair(tmp_path, a: dict, b: dict):
@@ -76,7 +76,7 @@ def test_diff_integer_gap_is_exact_across_chunks(tmp_path, monkeypatch):
     ys = [rng.randrange(-2**63, 2**63) for _ in range(20)]
     a, b = save_pair(tmp_path, {"g": torch.zeros(len(gaps), dtype=torch.int64), "r": torch.tensor(xs)},
                      {"g": torch.tensor(gaps), "r": torch.tensor(ys)})
-    assert diff(str(a), str(b))["value_changed"] == [
+    assert diff_checkpoints(str(a), str(b)).value_changed == [
         {"name": "g", "max_abs_diff": 2**41 + 2},
         {"name": "r", "max_abs_diff": max(abs(x - y) for x, y in zip(xs, ys))}]
 
@@ -158,7 +158,7 @@ def test_diff_refuses_an_atol_that_is_not_a_finite_non_negative_number(cli, tmp_
     result = cli("diff", a, b, "--atol", atol)
     assert result.code == 2 and "--atol" in result.err and len(result.err.strip().splitlines()) == 1, result.err
     with pytest.raises(UsageError, match="--atol"):
-        diff(str(a), str(b), atol=float(atol))
+        diff_checkpoints(str(a), str(b), atol=float(atol))
 
 
 # ---- what makes two tensors different ---------------------------------------------------------

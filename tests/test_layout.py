@@ -55,9 +55,9 @@ def _layer(module: str) -> str:
 
 def test_arrows_point_down_only():
     allowed = {
-        "errors": set(), "dtypes": {"errors"}, "core": {"errors"},
-        "io": {"io", "errors", "dtypes"}, "ops": {"ops", "io", "core", "errors", "dtypes"},
-        "cli": {"cli", "ops", "io", "core", "errors", "dtypes", "package"},
+        "errors": set(), "kinds": set(), "dtypes": {"errors"}, "core": {"errors", "kinds"},
+        "io": {"io", "errors", "dtypes", "kinds"}, "ops": {"ops", "io", "core", "errors", "dtypes", "kinds"},
+        "cli": {"cli", "ops", "io", "core", "errors", "dtypes", "kinds", "package"},
         "package": {"io", "errors"}, "__main__": {"cli"},
     }
     wrong = [f"{m} imports {t}" for m, targets in _imports().items() for t in targets
@@ -100,16 +100,32 @@ def test_core_is_pure_key_logic():
 
 
 @pytest.mark.parametrize("operation", ["inspect", "convert", "edit", "merge", "diff", "write"])
-def test_one_module_per_operation(operation):
-    assert (PACKAGE / "ops" / f"{operation}.py").is_file()
+def test_one_module_or_package_per_operation(operation):
+    """Each operation is a module, or a package of modules (merge: one per mode)."""
+    assert (PACKAGE / "ops" / f"{operation}.py").is_file() or (PACKAGE / "ops" / operation / "__init__.py").is_file()
     importlib.import_module(f"ckptsurgery.ops.{operation}")
 
 
 def test_library_entry_points():
     from ckptsurgery import open_checkpoint  # noqa: F401
     from ckptsurgery.ops import (  # noqa: F401
-        convert, diff, drop_keys, filter_keys, inspect, inspect_report, merge, rename_keys, write_checkpoint,
+        WriteOptions, convert_checkpoint, diff_checkpoints, drop_keys, extract_lora, filter_keys, fold_adapters,
+        inspect_checkpoint, inspect_report, merge_checkpoints, rename_keys, write_checkpoint,
     )
 
-    assert all(callable(f) for f in (convert, diff, merge, inspect, inspect_report, write_checkpoint))
+    assert all(callable(f) for f in (convert_checkpoint, diff_checkpoints, merge_checkpoints, inspect_checkpoint,
+                                     inspect_report, write_checkpoint, extract_lora, fold_adapters))
     assert not (PACKAGE / "surgery.py").exists() and not (PACKAGE / "tensors.py").exists()
+
+
+def test_ops_functions_do_not_shadow_their_modules():
+    """`ckptsurgery.ops.X` is the module X wherever a module X exists: no exported function
+    takes a module's name (importing the module by its full name would then be needed)."""
+    import pkgutil
+
+    import ckptsurgery.ops as ops
+
+    modules = {m.name for m in pkgutil.iter_modules(ops.__path__)}
+    assert not modules & set(ops.__all__)
+    for name in modules & set(vars(ops)):
+        assert type(getattr(ops, name)).__name__ == "module", name

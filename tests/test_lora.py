@@ -449,7 +449,7 @@ def test_extract_refuses_existing_folder_and_dry_run_writes_nothing(cli, tmp_pat
 def test_extract_rank_pattern_for_a_name_that_is_a_tail_of_another(tmp_path):
     """peft matches rank_pattern keys against dotted tails: `q` would also select `attn.q`; the
     written pattern must select the module meant only (peft itself loads it)."""
-    from ckptsurgery.ops.lora import extract_lora
+    from ckptsurgery.ops import WriteOptions, extract_lora
 
     class Two(nn.Module):
         def __init__(self):
@@ -466,14 +466,15 @@ def test_extract_rank_pattern_for_a_name_that_is_a_tail_of_another(tmp_path):
     save_file(base, tmp_path / "base.safetensors")
     save_file(tuned, tmp_path / "tuned.safetensors")
     report = extract_lora(str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"),
-                          str(tmp_path / "adapter"), rank=["2", "q.weight=4"])
-    assert {p["name"]: p["rank"] for p in report["extracted"]} == {"q": 4, "attn.q": 2}
+                          WriteOptions(str(tmp_path / "adapter")), rank=["2", "q.weight=4"])
+    assert {p.name: p.rank for p in report.extracted} == {"q": 4, "attn.q": 2}
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["rank_pattern"] == {"^q": 4}
     merged = PeftModel.from_pretrained(model, str(tmp_path / "adapter")).merge_and_unload().state_dict()
-    from ckptsurgery.ops import merge
+    from ckptsurgery.ops import merge_checkpoints
 
-    merge([str(tmp_path / "base.safetensors")], str(tmp_path / "back.safetensors"), lora=[str(tmp_path / "adapter")])
+    merge_checkpoints([str(tmp_path / "base.safetensors")], WriteOptions(str(tmp_path / "back.safetensors")),
+                      lora=[str(tmp_path / "adapter")])
     back = load_file(tmp_path / "back.safetensors")
     for k in base:
         assert torch.allclose(merged[k], back[k], atol=1e-5), k
@@ -557,19 +558,19 @@ def test_lora_bias_modules_to_save_and_untouched_tensors_pass_through(cli, tmp_p
     assert sorted(result.json()["adapters"][0]["replaced"]) == ["head.bias", "head.weight"]
 
     from ckptsurgery.io import open_checkpoint
-    from ckptsurgery.ops.lora import fold, read_adapter
+    from ckptsurgery.ops.adapters import fold, read_adapter
 
     with open_checkpoint(str(tmp_path / "base.safetensors")) as base, read_adapter(str(adapter)) as lora:
         merged, details = fold(base, [(lora, 1.0)])
-        untouched = [k for k in base.tensors if k not in details["changed"]]
+        untouched = [k for k in base.tensors if k not in details.changed]
         assert untouched and all(merged[k] is base.tensors[k] for k in untouched)
-        assert sorted(details["changed"]) == ["conv.bias", "conv.weight", "head.bias", "head.weight",
+        assert sorted(details.changed) == ["conv.bias", "conv.weight", "head.bias", "head.weight",
                                               "lin.bias", "lin.weight"]
 
 
 def test_peft_names_meet_a_base_with_a_prefix_once(tmp_path):
     from ckptsurgery.errors import CkptError
-    from ckptsurgery.ops.lora import _PeftResolver
+    from ckptsurgery.ops.adapters.peft import PeftResolver as _PeftResolver
 
     resolve = _PeftResolver(["module.lin.weight", "module.conv.weight"])  # DataParallel's prefix
     assert resolve("lin.weight") == "module.lin.weight" and resolve("conv.weight") == "module.conv.weight"

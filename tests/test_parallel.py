@@ -159,11 +159,12 @@ def test_jobs_that_do_not_apply_exit_2(cli, tmp_path, many_tensors, args, messag
 
 def test_jobs_in_the_library_are_checked_too(tmp_path, many_tensors):
     from ckptsurgery.errors import UsageError
-    from ckptsurgery.ops import convert
+    from ckptsurgery.ops import WriteOptions, convert_checkpoint
 
     for jobs in (0, -1, 1.5, "2"):
         with pytest.raises(UsageError, match="--jobs"):
-            convert(str(many_tensors), str(tmp_path / "o.safetensors"), max_shard_size="1KB", jobs=jobs)
+            convert_checkpoint(str(many_tensors), WriteOptions(str(tmp_path / "o.safetensors"), max_shard_size="1KB",
+                                                               jobs=jobs))
     assert os.listdir(tmp_path) == ["train.pth"]
 
 

@@ -11,11 +11,12 @@ show. The layers and how to add to them: docs/architecture.md.
 The functions' names differ from their modules' (`ops.convert` is the module,
 `ops.convert_checkpoint` the function)."""
 
+from .adapters import extract_lora
 from .convert import convert_checkpoint
 from .diff import diff_checkpoints
 from .edit import drop_keys, filter_keys, rename_keys
 from .inspect import inspect_checkpoint, inspect_report, module_tree, tensor_stats
-from .merge import merge_checkpoints, merge_into, merge_union, merge_with_method
+from .merge import fold_adapters, merge_checkpoints, merge_into, merge_union, merge_with_method
 from .options import ProgressFactory, WriteOptions
 from .reports import (
     DiffReport, DropReport, ExtractReport, FilterReport, FoldReport, InspectReport, IntoReport, MergeReport,
@@ -26,7 +27,7 @@ from .write import write_checkpoint
 __all__ = [
     "DiffReport", "DropReport", "ExtractReport", "FilterReport", "FoldReport", "InspectReport", "IntoReport",
     "MergeReport", "MethodReport", "ProgressFactory", "RenameReport", "Report", "UnionReport", "WriteOptions",
-    "WriteReport", "convert_checkpoint", "diff_checkpoints", "drop_keys", "filter_keys",
+    "WriteReport", "convert_checkpoint", "diff_checkpoints", "drop_keys", "extract_lora", "filter_keys", "fold_adapters",
     "inspect_checkpoint", "inspect_report", "merge_checkpoints", "merge_into", "merge_union", "merge_with_method",
     "module_tree", "rename_keys", "tensor_stats", "write_checkpoint",
 ]

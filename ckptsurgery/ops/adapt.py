@@ -12,14 +12,9 @@ core.adapt_rules). Each is computed in float32 and written in the template's dty
 
 from __future__ import annotations
 
+from ..core import AdaptRule
 from ..io import TensorRef
 from ..io.model import computed_tensor
-
-RULES = {
-    "position": "position embedding: prefix tokens kept, grid resampled (bicubic, antialiased)",
-    "rows": "rows kept, new rows the mean of the old ones, extra rows cut",
-    "channels": "input channels: repeated cyclically and scaled by I/N (summed for 1)",
-}
 
 
 def adapt_position(pos, prefix: int, old_grid: tuple[int, int], new_grid: tuple[int, int]):
@@ -60,7 +55,7 @@ def adapt_channels(w, channels: int):
     return w.repeat(1, repeats, *([1] * (w.dim() - 2)))[:, :channels] * (old / channels)
 
 
-def adapted(rule: str, source: TensorRef, template: TensorRef, position: tuple | None = None) -> TensorRef:
+def adapted(rule: AdaptRule, source: TensorRef, template: TensorRef, position: tuple | None = None) -> TensorRef:
     """`source` fitted to the template's shape by `rule`, computed when written, in the template's dtype."""
 
     def make():
@@ -69,9 +64,9 @@ def adapted(rule: str, source: TensorRef, template: TensorRef, position: tuple |
         from ..io.tensors import as_torch, to_bytes
 
         values = as_torch(source)
-        if rule == "position":
+        if rule is AdaptRule.POSITION:
             out = adapt_position(values, *position)
-        elif rule == "rows":
+        elif rule is AdaptRule.ROWS:
             out = adapt_rows(values, template.shape[0])
         else:
             out = adapt_channels(values, template.shape[1])

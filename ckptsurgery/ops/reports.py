@@ -56,8 +56,8 @@ class WriteReport(Report):
                               omit_if_none=True)
     output: str = entry("The output path as given.")
     format: str = entry("The output's format: `torch`, `safetensors` or `dcp`.")
-    root: str | None = entry("Where the state dict sat inside the input (`null`: the top level of a file that "
-                             "holds nothing else, `\"\"`: the top level).")
+    root: str | None = entry("Where the state dict sat inside the input: a key of a nested .pth, `\"\"` its top "
+                             "level, `null` a format with nothing nested (safetensors, shards, DeepSpeed).")
     tensors: int = entry("Number of tensors written (tied names counted each).")
     total_bytes: int = entry("Bytes of tensor data written (a tied tensor once).")
     dtype: str | None = entry("The dtype floating tensors were cast to (`--dtype`), or `null`.")
@@ -231,7 +231,8 @@ class InspectReport(Report):
     path: str = entry("The input as given.")
     format: str = entry("torch-zip, torch-legacy, safetensors, sharded-safetensors, sharded-torch, dcp, "
                         "deepspeed, accelerate.")
-    root: str | None = entry("Key of the state dict inside the file (`\"\"`: the top level; `null`: a flat file).")
+    root: str | None = entry("Key of the state dict inside a nested .pth (`\"\"`: its top level; `null`: a format "
+                             "with nothing nested).")
     extras: dict[str, str] = entry("Entries outside the state dict: name -> a short description of its value.")
     non_tensors: dict[str, str] = entry("Non-tensor entries inside the state dict (`fc._extra_state`).")
     metadata: dict[str, str] = entry("The safetensors metadata (`{}` when none).")

@@ -26,7 +26,7 @@ from ..io.torch_zip import castable_storages, torch_payload, write_torch
 from ..io.write import (
     StagedOutputs, cast_target, check_writable, output_format, plan_safetensors, plan_shards, shard_names,
 )
-from .options import ProgressFactory, WriteOptions  # noqa: F401 (ProgressFactory: until ops/lora.py goes)
+from .options import WriteOptions
 from .ranks import Ranks
 from .reports import WriteReport
 

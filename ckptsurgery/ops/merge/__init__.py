@@ -21,6 +21,7 @@ from ..options import WriteOptions, dtype_to_cast
 from ..reports import MergeReport, MethodReport
 from ..write import write_checkpoint
 from .by_method import _merged_by_method, merge_by_method  # noqa: F401  (_merged_by_method: tests/test_methods.py's old entry)
+from .fold import fold_adapters
 from .into import merge_into
 from .union import merge_union
 
@@ -56,6 +57,11 @@ def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _given(value) -> bool:
+    """Whether an option was given: not None, False or an empty list (0 and 0.0 are values)."""
+    return not (value is None or value is False or (isinstance(value, (list, tuple)) and not value))
+
+
 def mode_of(options: dict) -> Mode:
     """The mode the given options select: --lora, else --into, else --method/--average, else a union."""
     if options.get("lora"):
@@ -68,12 +74,11 @@ def mode_of(options: dict) -> Mode:
 
 
 def refuse_other_modes(mode: Mode, options: dict) -> None:
-    """One line for an option `mode` does not take (options maps keyword -> value; None, False
-    and [] are "not given")."""
+    """One line for an option `mode` does not take (options maps keyword -> value)."""
     unknown = sorted(set(options) - set(OPTION_ORDER))
     if unknown:
         raise UsageError(f"merge takes no option {', '.join(map(_option, unknown))}")
-    given = [name for name in OPTION_ORDER if options.get(name) not in (None, False, [], ())]
+    given = [name for name in OPTION_ORDER if _given(options.get(name))]
     foreign = [name for name in given if name not in MODE_OPTIONS[mode]]
     if not foreign:
         return
@@ -101,12 +106,10 @@ def merge_checkpoints(sources: list[str], write: WriteOptions, *, root: str | No
     refuse_other_modes(mode, options)
     if not sources:
         raise UsageError("merge needs at least one source")
-    given = {name: value for name, value in options.items() if value not in (None, False)}
+    given = {name: value for name, value in options.items() if _given(value)}
     if mode is Mode.LORA:
         if len(sources) != 1:
             raise UsageError(f"--lora folds into exactly one base checkpoint, not {len(sources)}: fold first, then merge")
-        from .fold import fold_adapters
-
         adapters = given.pop("lora")
         return fold_adapters(sources[0], adapters, write, scales=given.pop("lora_scale", None), root=root, **given)
     if mode is Mode.INTO:
@@ -147,5 +150,5 @@ def merge_with_method(sources: list[str], write: WriteOptions, *, method: str | 
                                notes=by_method.notes())  # read from the keys' merges, once written
 
 
-__all__ = ["MODE_OPTIONS", "Mode", "merge_checkpoints", "merge_into", "merge_union",
+__all__ = ["MODE_OPTIONS", "Mode", "fold_adapters", "merge_checkpoints", "merge_into", "merge_union",
            "merge_with_method", "refuse_other_modes"]

@@ -120,7 +120,7 @@ def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: s
         st = ckpts[index].tensors[source_key]
         where = f"{ckpts[index].path}: {source_key} -> {template.path}: {name}"
         rule = rules.get(name)
-        if rule == "head":
+        if rule is core.AdaptRule.HEAD:
             merged[name] = tt
             report["kept_from_template"].append(name)
             report["kept_reasons"][name] = (f"a classifier head, {list(st.shape)} -> {list(tt.shape)}: the new "
@@ -132,7 +132,7 @@ def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: s
                     raise CkptError(f"{where}: {st.dtype.name} -> {tt.dtype.name}: shape adapters work on floating "
                                     f"tensors only; drop the key from the source, or give --otherwise")
                 position = (core.prefix_and_grids(st.shape[-2], tt.shape[-2], adapting.get("prefix_tokens"),
-                                                  adapting.get("grid")) if rule == "position" else None)
+                                                  adapting.get("grid")) if rule is core.AdaptRule.POSITION else None)
             except CkptError as e:
                 if otherwise is None:
                     raise CkptError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
@@ -170,7 +170,7 @@ def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: s
                         f"overlap copies the shared block)")
     if on_mismatch == "adapt":
         _keep_template_ties(tied, merged, report)
-        if not any(a["rule"] == "position" for a in report["adapted"]):
+        if not any(a["rule"] is core.AdaptRule.POSITION for a in report["adapted"]):
             for option in ("prefix_tokens", "grid"):
                 if adapting.get(option) is not None:
                     raise UsageError(f"--{option.replace('_', '-')} applies to a position embedding that is "
