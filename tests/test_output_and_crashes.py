@@ -175,7 +175,7 @@ def test_inert_names_cannot_forge_lines(cli, zip_pth, monkeypatch):
 
     def with_forged_inert(ckpt, patterns=None):
         report = real(ckpt, patterns)
-        report["inert"] = [FORGED + ".Thing", "fc:thumbs_up:"]
+        report.inert = [FORGED + ".Thing", "fc:thumbs_up:"]
         return report
 
     monkeypatch.setattr(ops, "inspect_report", with_forged_inert)
