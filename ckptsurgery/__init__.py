@@ -7,5 +7,5 @@ the pure key logic they share."""
 from .errors import CkptError
 from .io import open_checkpoint
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["CkptError", "open_checkpoint", "__version__"]
