@@ -165,6 +165,26 @@ def test_a_tensors_merge_reads_its_own_values(tmp_path):
     assert a == [0, 0, 0, 0, 0, 0, 7, 8] and b == list(range(1, 9))
 
 
+def test_merges_are_made_with_the_packages_chunk(tmp_path, monkeypatch):
+    """tests set methods.CHUNK to make many chunks of a tiny tensor: both ways a key's merge is
+    made must then use it."""
+    import numpy as np
+
+    from ckptsurgery.io import open_checkpoint
+    from ckptsurgery.ops.merge.by_method import merge_by_method
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(methods, "CHUNK", 4)
+    save_file({"w": torch.arange(10.0)}, str(tmp_path / "a.safetensors"))
+    params = methods.resolve_parameters("linear", 2, NONE)
+    with open_checkpoint(str(tmp_path / "a.safetensors")) as a:
+        result = merge_by_method([a, a], None, "linear", params, None)
+        assert [m.chunks for m in result.key_merges.values()] == [3]
+        assert np.frombuffer(bytes(result.tensors["w"].data()), np.float32).tolist() == list(range(10))
+    reads = [lambda start, count: np.arange(10, dtype=np.float32)[start:start + count]] * 2
+    assert methods.TensorMerge("linear", {"weights": [1.0, 1.0]}, "w", reads, 10, "float32").chunks == 3
+
+
 def test_notes_are_read_once_the_tensors_are_written(tmp_path):
     from safetensors.torch import save_file
 

@@ -17,15 +17,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import _registry
-from ._base import MergeMethod, Read, tensor_seed
+from ._base import CHUNK, MergeMethod, Read, tensor_seed
 from ._codec import decode, encode
 from ._parameters import REQUIRED, Parameter, Parameters, Range
 from ._registry import MergeOption
 from ._task_arithmetic import Consensus, Sparsification, TaskArithmetic
-
-CHUNK = 1 << 18  # elements of one chunk: 1 MiB of float32 per input, so that a chunk's arrays stay
-# in the CPU's cache (2²⁰ took ~30 % longer for task arithmetic on 3 × 1 GB). Read when a key's
-# merge is made (MergeMethod.__init__), so that a test can set a small one here.
 
 METHODS: dict[str, type[MergeMethod]] = _registry.discover(__name__, __path__)
 PARAMETERS: dict[str, Parameter] = _registry.parameters_by_name(METHODS)  # every method's, by name
@@ -51,7 +47,7 @@ def methods_table() -> str:
 def TensorMerge(method: str, params: Mapping[str, Any], key: str, reads: list[Read], numel: int, wide: str) -> MergeMethod:
     """The merge of one key by the method named `method`, with `params` already resolved (a dict
     of its values): the constructor's old name and form, which tests/test_methods.py still uses."""
-    return METHODS[method](dict(params), key, reads, numel, wide)
+    return METHODS[method](dict(params), key, reads, numel, wide, chunk_size=CHUNK)
 
 
 __all__ = ["CHUNK", "METHODS", "PARAMETERS", "REQUIRED", "Consensus", "MergeMethod", "MergeOption", "Parameter",
