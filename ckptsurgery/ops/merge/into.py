@@ -90,103 +90,146 @@ def _into_template(ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: s
                    adapting: dict | None = None) -> tuple[OrderedDict, dict]:
     """`model_dict.update(pretrained_dict)`: the template's keys, shapes and dtypes, in its order.
     `adapting` (with on_mismatch "adapt"): "otherwise", "prefix_tokens", "grid"."""
-    from .. import adapt
+    fitting = _Fitting(ckpts, template, on_mismatch, adapting or {})
+    for name, tt in template.tensors.items():
+        fitting.fit(name, tt)
+    fitting.check()
+    fitting.list_left_out()
+    return fitting.merged, fitting.report
 
-    found: dict[str, tuple[int, str, str]] = {}  # template key -> (source index, source key, how)
-    for index, ckpt in enumerate(ckpts):
-        for target, (source_key, how) in core.align(ckpt.tensors, template.tensors).items():
-            found.setdefault(target, (index, source_key, how))
-    used = {(index, source_key) for index, source_key, _ in found.values()}
-    merged: OrderedDict[str, TensorRef] = OrderedDict()
-    report = {"copied": [], "renamed": {}, "adapted": [], "kept_from_template": [], "kept_reasons": {},
-              "mismatched": [], "left_out": []}
-    shapes = {name: (ckpts[found[name][0]].tensors[found[name][1]].shape, tt.shape)
-              for name, tt in template.tensors.items() if name in found
-              and ckpts[found[name][0]].tensors[found[name][1]].shape != tt.shape}
-    views: dict[tuple, list[str]] = {}  # names tied in the template: one storage, one outcome
-    for name, tt in template.tensors.items():
-        views.setdefault(tt.view_key(), []).append(name)
-    tied = [names for names in views.values() if len(names) > 1]
-    rules = core.adapt_rules(shapes, tied) if on_mismatch == "adapt" else {}
-    adapting = adapting or {}
-    otherwise = adapting.get("otherwise")
-    unfit, made = [], {}  # made: (source view, template view) -> the adapted tensor, so ties stay tied
-    for name, tt in template.tensors.items():
-        if name not in found:
-            merged[name] = tt
-            report["kept_from_template"].append(name)
-            continue
-        index, source_key, how = found[name]
-        st = ckpts[index].tensors[source_key]
-        where = f"{ckpts[index].path}: {source_key} -> {template.path}: {name}"
-        rule = rules.get(name)
+
+class _Fitting:
+    """Each template key filled from the first source that has it: copied, renamed, adapted,
+    kept from the template or mismatched (the report's lists, one per key)."""
+
+    def __init__(self, ckpts: list[Checkpoint], template: Checkpoint, on_mismatch: str, adapting: dict):
+        self.ckpts, self.template, self.on_mismatch, self.adapting = ckpts, template, on_mismatch, adapting
+        self.otherwise = adapting.get("otherwise")
+        self.found: dict[str, tuple[int, str, str]] = {}  # template key -> (source index, source key, how)
+        for index, ckpt in enumerate(ckpts):
+            for target, (source_key, how) in core.align(ckpt.tensors, template.tensors).items():
+                self.found.setdefault(target, (index, source_key, how))
+        self.merged: OrderedDict[str, TensorRef] = OrderedDict()
+        self.report = {"copied": [], "renamed": {}, "adapted": [], "kept_from_template": [], "kept_reasons": {},
+                       "mismatched": [], "left_out": []}
+        views: dict[tuple, list[str]] = {}  # names tied in the template: one storage, one outcome
+        for name, tt in template.tensors.items():
+            views.setdefault(tt.view_key(), []).append(name)
+        self.tied = [names for names in views.values() if len(names) > 1]
+        self.rules = core.adapt_rules(self._shapes(), self.tied) if on_mismatch == "adapt" else {}
+        self.unfit: list[str] = []
+        self.made: dict[tuple, TensorRef] = {}  # (source view, template view) -> adapted: ties stay tied
+
+    def _source(self, name: str) -> TensorRef:
+        index, source_key, _ = self.found[name]
+        return self.ckpts[index].tensors[source_key]
+
+    def _shapes(self) -> dict[str, tuple]:
+        """Template key -> (source shape, template shape), where they differ."""
+        return {name: (self._source(name).shape, tt.shape) for name, tt in self.template.tensors.items()
+                if name in self.found and self._source(name).shape != tt.shape}
+
+    def fit(self, name: str, tt: TensorRef) -> None:
+        if name not in self.found:
+            self.merged[name] = tt
+            self.report["kept_from_template"].append(name)
+            return
+        index, source_key, how = self.found[name]
+        st = self.ckpts[index].tensors[source_key]
+        where = f"{self.ckpts[index].path}: {source_key} -> {self.template.path}: {name}"
+        rule = self.rules.get(name)
         if rule is core.AdaptRule.HEAD:
-            merged[name] = tt
-            report["kept_from_template"].append(name)
-            report["kept_reasons"][name] = (f"a classifier head, {list(st.shape)} -> {list(tt.shape)}: the new "
-                                           f"model's fresh values kept")
-            continue
+            self.merged[name] = tt
+            self.report["kept_from_template"].append(name)
+            self.report["kept_reasons"][name] = (f"a classifier head, {list(st.shape)} -> {list(tt.shape)}: the new "
+                                                f"model's fresh values kept")
+            return
+        position = None
         if rule is not None:
-            try:
-                if not (st.is_plain and tt.is_plain and st.dtype.floating and tt.dtype.floating):
-                    raise CkptError(f"{where}: {st.dtype.name} -> {tt.dtype.name}: shape adapters work on floating "
-                                    f"tensors only; drop the key from the source, or give --otherwise")
-                position = (core.prefix_and_grids(st.shape[-2], tt.shape[-2], adapting.get("prefix_tokens"),
-                                                  adapting.get("grid")) if rule is core.AdaptRule.POSITION else None)
-            except CkptError as e:
-                if otherwise is None:
-                    raise CkptError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
-                rule = None  # the rule cannot apply here: --otherwise says what to do
+            rule, position = self._applicable(rule, st, tt, where)
         if rule is not None:
-            tie = (st.view_key(), tt.view_key())
-            if tie not in made:
-                made[tie] = adapt.adapted(rule, st, tt, position)
-            merged[name] = made[tie]
-            report["adapted"].append({"name": name, "rule": rule, "from": list(st.shape), "to": list(tt.shape),
-                                      **({"source": source_key} if how != "exact" else {}),
-                                      **({"prefix_tokens": position[0], "grid": [list(position[1]), list(position[2])]}
-                                         if position else {})})
-            continue
-        policy = otherwise if on_mismatch == "adapt" else on_mismatch
-        if st.shape != tt.shape and on_mismatch == "adapt" and otherwise is None:
-            unfit.append(f"{name} {list(st.shape)} -> {list(tt.shape)}")
-            continue
+            self._adapt(name, rule, st, tt, position, source_key if how != "exact" else None)
+        else:
+            self._copy(name, st, tt, where, source_key, how)
+
+    def _applicable(self, rule, st: TensorRef, tt: TensorRef, where: str) -> tuple:
+        """(rule, position layout) — or (None, None) when the rule cannot apply and --otherwise
+        says what to do instead."""
+        try:
+            if not (st.is_plain and tt.is_plain and st.dtype.floating and tt.dtype.floating):
+                raise CkptError(f"{where}: {st.dtype.name} -> {tt.dtype.name}: shape adapters work on floating "
+                                f"tensors only; drop the key from the source, or give --otherwise")
+            position = (core.prefix_and_grids(st.shape[-2], tt.shape[-2], self.adapting.get("prefix_tokens"),
+                                              self.adapting.get("grid")) if rule is core.AdaptRule.POSITION else None)
+            return rule, position
+        except CkptError as e:
+            if self.otherwise is None:
+                raise CkptError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+            return None, None
+
+    def _adapt(self, name: str, rule, st: TensorRef, tt: TensorRef, position, renamed_from: str | None) -> None:
+        from .. import adapt
+
+        tie = (st.view_key(), tt.view_key())
+        if tie not in self.made:
+            self.made[tie] = adapt.adapted(rule, st, tt, position)
+        self.merged[name] = self.made[tie]
+        self.report["adapted"].append({"name": name, "rule": rule, "from": list(st.shape), "to": list(tt.shape),
+                                       **({"source": renamed_from} if renamed_from is not None else {}),
+                                       **({"prefix_tokens": position[0],
+                                           "grid": [list(position[1]), list(position[2])]} if position else {})})
+
+    def _copy(self, name: str, st: TensorRef, tt: TensorRef, where: str, source_key: str, how: str) -> None:
+        """Copied (cast to the template's dtype), or a shape mismatch under the policy."""
+        policy = self.otherwise if self.on_mismatch == "adapt" else self.on_mismatch
+        if st.shape != tt.shape and self.on_mismatch == "adapt" and self.otherwise is None:
+            self.unfit.append(f"{name} {list(st.shape)} -> {list(tt.shape)}")
+            return
         copies = policy == "overlap" if st.shape != tt.shape else st.dtype is not tt.dtype
         if copies:
             _check_fits(where, st, tt)
         if st.shape != tt.shape:
-            report["mismatched"].append({"name": name, "source_shape": list(st.shape),
-                                         "template_shape": list(tt.shape), "policy": policy})
-            merged[name] = _overlap(st, tt) if policy == "overlap" else tt
-            continue
-        merged[name] = st if st.dtype is tt.dtype else _cast(st, tt.dtype)
+            self.report["mismatched"].append({"name": name, "source_shape": list(st.shape),
+                                              "template_shape": list(tt.shape), "policy": policy})
+            self.merged[name] = _overlap(st, tt) if policy == "overlap" else tt
+            return
+        self.merged[name] = st if st.dtype is tt.dtype else _cast(st, tt.dtype)
         if how == "exact":
-            report["copied"].append(name)
+            self.report["copied"].append(name)
         else:
-            report["renamed"][source_key] = name
-    if unfit:
-        raise CkptError(f"{len(unfit)} shape mismatch(es) no adapter fits: {'; '.join(unfit[:10])}"
-                        f"{' …' if len(unfit) > 10 else ''} (--otherwise skip keeps the template's tensor, "
-                        f"overlap copies the shared block)")
-    if on_mismatch == "adapt":
-        _keep_template_ties(tied, merged, report)
-        if not any(a["rule"] is core.AdaptRule.POSITION for a in report["adapted"]):
-            for option in ("prefix_tokens", "grid"):
-                if adapting.get(option) is not None:
-                    raise UsageError(f"--{option.replace('_', '-')} applies to a position embedding that is "
-                                     f"adapted; this merge adapts none")
-    if report["mismatched"] and on_mismatch == "error":
-        listing = "; ".join(f"{m['name']} {m['source_shape']} -> {m['template_shape']}" for m in report["mismatched"])
-        raise CkptError(f"{len(report['mismatched'])} shape mismatch(es): {listing} "
-                        f"(--on-mismatch skip keeps the template's tensor, overlap copies the shared block, "
-                        f"adapt fits them by their kind)")
-    seen = {source_key for _, source_key, _ in found.values()}  # each name in one list only
-    for index, ckpt in enumerate(ckpts):
-        for k in ckpt.tensors:
-            if (index, k) not in used and k not in seen:
-                seen.add(k)
-                report["left_out"].append(k)
-    return merged, report
+            self.report["renamed"][source_key] = name
+
+    def check(self) -> None:
+        """What the keys together make an error: mismatches no rule fits, options that found
+        nothing to apply to, mismatches under --on-mismatch error."""
+        report = self.report
+        if self.unfit:
+            raise CkptError(f"{len(self.unfit)} shape mismatch(es) no adapter fits: {'; '.join(self.unfit[:10])}"
+                            f"{' …' if len(self.unfit) > 10 else ''} (--otherwise skip keeps the template's tensor, "
+                            f"overlap copies the shared block)")
+        if self.on_mismatch == "adapt":
+            _keep_template_ties(self.tied, self.merged, report)
+            if not any(a["rule"] is core.AdaptRule.POSITION for a in report["adapted"]):
+                for option in ("prefix_tokens", "grid"):
+                    if self.adapting.get(option) is not None:
+                        raise UsageError(f"--{option.replace('_', '-')} applies to a position embedding that is "
+                                         f"adapted; this merge adapts none")
+        if report["mismatched"] and self.on_mismatch == "error":
+            listing = "; ".join(f"{m['name']} {m['source_shape']} -> {m['template_shape']}"
+                                for m in report["mismatched"])
+            raise CkptError(f"{len(report['mismatched'])} shape mismatch(es): {listing} "
+                            f"(--on-mismatch skip keeps the template's tensor, overlap copies the shared block, "
+                            f"adapt fits them by their kind)")
+
+    def list_left_out(self) -> None:
+        """The sources' keys the template did not take, each name once."""
+        used = {(index, source_key) for index, source_key, _ in self.found.values()}
+        seen = {source_key for _, source_key, _ in self.found.values()}
+        for index, ckpt in enumerate(self.ckpts):
+            for k in ckpt.tensors:
+                if (index, k) not in used and k not in seen:
+                    seen.add(k)
+                    self.report["left_out"].append(k)
 
 
 def _keep_template_ties(tied: list[list[str]], merged: OrderedDict, report: dict) -> None:
