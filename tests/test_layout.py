@@ -129,3 +129,23 @@ def test_ops_functions_do_not_shadow_their_modules():
     assert not modules & set(ops.__all__)
     for name in modules & set(vars(ops)):
         assert type(getattr(ops, name)).__name__ == "module", name
+
+
+def test_ops_functions_are_short_and_modules_small():
+    """docs/architecture.md: no function in ops/ over 60 lines or 12 parameters, no module of the
+    package over 750 lines — the size at which a file stops being one thing."""
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        source = path.read_text()
+        if source.count("\n") > 750:
+            long.append(f"{path.relative_to(PACKAGE)}: {source.count(chr(10))} lines")
+        if "ops" not in path.relative_to(PACKAGE).parts:
+            continue
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                count = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs) + bool(a.vararg) + bool(a.kwarg)
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60 or count > 12:
+                    long.append(f"{path.relative_to(PACKAGE)}: {node.name} ({lines} lines, {count} parameters)")
+    assert not long
