@@ -15,6 +15,7 @@ from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
+from ..dtypes import CAST_TARGETS
 from ..ops.options import WriteOptions
 from ..ops.reports import WriteReport
 from ..ops.write import FORMATS, metadata_options
@@ -201,6 +202,10 @@ def listing(label: str, names: list[str], limit: int = 12) -> str:
     """One line naming (escaped) the first `limit` names."""
     shown = ", ".join(map(printable, names[:limit])) + (f" … (+{len(names) - limit})" if len(names) > limit else "")
     return f"{label} ({len(names)}): {shown}" if names else f"{label}: none"
+
+
+# --dtype: what convert and merge cast floating tensors to
+CastTo = choice("CastTo", CAST_TARGETS)
 
 
 # ---- the output options every writing command shares -------------------------------------------

@@ -7,11 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from .. import ops
-from ..dtypes import CAST_TARGETS
 from . import app
-from .common import InputArg, OutputOptions, RootOpt, choice, examples, output_options
-
-CastTo = choice("CastTo", CAST_TARGETS)
+from .common import CastTo, InputArg, OutputOptions, RootOpt, examples, output_options
 
 
 @app.command(epilog=examples(

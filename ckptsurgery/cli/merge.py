@@ -7,17 +7,12 @@ from typing import Annotated, Optional
 import typer
 
 from .. import core, ops
-from ..dtypes import CAST_TARGETS
 from ..ops.methods import METHODS
 from . import app
-from .common import OutputOptions, RootOpt, choice, console, examples, listing, output_options, printable
+from .common import CastTo, OutputOptions, RootOpt, choice, console, examples, listing, output_options, printable
 
 
-OnMismatch = choice("OnMismatch", core.MISMATCH_POLICIES)
-Otherwise = choice("Otherwise", core.OTHERWISE_POLICIES)
-OnConflict = choice("OnConflict", core.CONFLICT_POLICIES)
 Method = choice("Method", METHODS)
-CastTo = choice("CastTo", CAST_TARGETS)
 
 
 @app.command(epilog=examples(
@@ -30,15 +25,15 @@ def merge(
     sources: Annotated[list[str], typer.Argument(metavar="SOURCE...", help="Checkpoints to merge, in priority order.", show_default=False)],
     into: Annotated[Optional[str], typer.Option(
         "--into", metavar="TEMPLATE", help="Template (e.g. saved from the new model): output has exactly its keys, shapes, dtypes.")] = None,
-    on_mismatch: Annotated[Optional[OnMismatch], typer.Option(
+    on_mismatch: Annotated[Optional[core.MismatchPolicy], typer.Option(
         "--on-mismatch", help="With --into, a shape that differs: error (default), skip (keep the template's), overlap (copy the shared block), adapt (fit it by its kind: position embeddings resampled, vocabulary rows grown with their mean, input channels repeated and scaled by I/N; classifier heads keep the template's).", show_default=False)] = None,
-    otherwise: Annotated[Optional[Otherwise], typer.Option(
+    otherwise: Annotated[Optional[core.OtherwisePolicy], typer.Option(
         "--otherwise", help="With --on-mismatch adapt: what a mismatch no adapter fits gets (default: an error).", show_default=False)] = None,
     prefix_tokens: Annotated[Optional[int], typer.Option(
         "--prefix-tokens", metavar="P", help="With adapt: class/register tokens before a position embedding's grid (default: inferred).", show_default=False)] = None,
     grid: Annotated[Optional[str], typer.Option(
         "--grid", metavar="H,W", help="With adapt: the template's grid of patches, when it is not square.", show_default=False)] = None,
-    on_conflict: Annotated[Optional[OnConflict], typer.Option(
+    on_conflict: Annotated[Optional[core.ConflictPolicy], typer.Option(
         "--on-conflict", help="Plain merge, a key in several sources: error (default), first, last.", show_default=False)] = None,
     average: Annotated[bool, typer.Option("--average", help="Element-wise (weighted) mean of floating tensors: --method linear.")] = False,
     method: Annotated[Optional[Method], typer.Option(
