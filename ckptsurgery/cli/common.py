@@ -18,7 +18,6 @@ import typer
 from ..dtypes import CAST_TARGETS
 from ..ops.options import WriteOptions
 from ..ops.reports import WriteReport
-from ..ops.write import FORMATS, metadata_options
 
 InputArg = Annotated[str, typer.Argument(
     metavar="INPUT", help="Checkpoint: .pth/.pt/.bin/.ckpt, .safetensors, a shard index or its folder.", show_default=False)]
@@ -210,7 +209,7 @@ CastTo = choice("CastTo", CAST_TARGETS)
 
 # ---- the output options every writing command shares -------------------------------------------
 
-OutputFormatChoice = choice("OutputFormat", FORMATS)
+OutputFormatChoice = choice("OutputFormat", ("dcp",))  # TODO(formats): from io.formats.OUTPUTS
 
 # name -> (annotation, default), in --help's order after the command's own options. A new output
 # option is one entry here and one field of ops.options.WriteOptions (docs/architecture.md).
@@ -266,6 +265,7 @@ class OutputOptions:
         """The WriteOptions the operation takes, with a progress bar (on a terminal) and, under
         torchrun, this process's rank (`ranks`: whether the command writes with several ranks)."""
         from ..ops.ranks import ranks_from_environment
+        from ..ops.write import metadata_options
 
         entries = metadata_options(self.metadata, self.metadata_file)
         with (ranks_from_environment() if ranks else nullcontext()) as place, \

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..ops.adapters import extract_lora as extract
+from .. import ops
 from ..ops.reports import Extracted
 from . import app
 from .common import OutputOptions, RootOpt, examples, listing, note, output_options, print_json, printable
@@ -37,8 +37,8 @@ def extract_lora(
     """Write a PEFT LoRA adapter that turns BASE into (approximately) TUNED: a truncated SVD of the difference of every 2-D and conv weight."""
     json, quiet, dry_run = out.json, out.quiet, out.dry_run
     with out.writing(ranks=False) as write:
-        report = extract(base, tuned, write, rank=rank, embeddings=embeddings, fan_in_fan_out=fan_in_fan_out,
-                         root=root)
+        report = ops.extract_lora(base, tuned, write, rank=rank, embeddings=embeddings,
+                                  fan_in_fan_out=fan_in_fan_out, root=root)
     if json:
         print_json(report.to_json())
         return

@@ -9,25 +9,39 @@ show. The layers and how to add to them: docs/architecture.md.
     print(report.total_bytes, report.to_json())
 
 The functions' names differ from their modules' (`ops.convert` is the module,
-`ops.convert_checkpoint` the function)."""
+`ops.convert_checkpoint` the function). Each is imported when first asked for: a command loads
+only the operations it runs (start-up is most of what `inspect` costs)."""
 
-from .adapters import extract_lora
-from .convert import convert_checkpoint
-from .diff import diff_checkpoints
-from .edit import drop_keys, filter_keys, rename_keys
-from .inspect import inspect_checkpoint, inspect_report, module_tree, tensor_stats
-from .merge import fold_adapters, merge_checkpoints, merge_into, merge_union, merge_with_method
-from .options import ProgressFactory, WriteOptions
-from .reports import (
-    DiffReport, DropReport, ExtractReport, FilterReport, FoldReport, InspectReport, IntoReport, MergeReport,
-    MethodReport, RenameReport, Report, UnionReport, WriteReport,
-)
-from .write import write_checkpoint
+from __future__ import annotations
 
-__all__ = [
-    "DiffReport", "DropReport", "ExtractReport", "FilterReport", "FoldReport", "InspectReport", "IntoReport",
-    "MergeReport", "MethodReport", "ProgressFactory", "RenameReport", "Report", "UnionReport", "WriteOptions",
-    "WriteReport", "convert_checkpoint", "diff_checkpoints", "drop_keys", "extract_lora", "filter_keys", "fold_adapters",
-    "inspect_checkpoint", "inspect_report", "merge_checkpoints", "merge_into", "merge_union", "merge_with_method",
-    "module_tree", "rename_keys", "tensor_stats", "write_checkpoint",
-]
+from importlib import import_module
+
+# exported name -> the module that defines it
+_EXPORTS = {
+    "extract_lora": ".adapters",
+    "convert_checkpoint": ".convert",
+    "diff_checkpoints": ".diff",
+    **dict.fromkeys(("drop_keys", "filter_keys", "rename_keys"), ".edit"),
+    **dict.fromkeys(("inspect_checkpoint", "inspect_report", "module_tree", "tensor_stats"), ".inspect"),
+    **dict.fromkeys(("fold_adapters", "merge_checkpoints", "merge_into", "merge_union", "merge_with_method"),
+                    ".merge"),
+    **dict.fromkeys(("ProgressFactory", "WriteOptions"), ".options"),
+    **dict.fromkeys(("DiffReport", "DropReport", "ExtractReport", "FilterReport", "FoldReport", "InspectReport",
+                     "IntoReport", "MergeReport", "MethodReport", "RenameReport", "Report", "UnionReport",
+                     "WriteReport"), ".reports"),
+    "write_checkpoint": ".write",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
