@@ -7,8 +7,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ...errors import UsageError
 from ._base import MergeMethod
@@ -87,8 +86,7 @@ def resolve_parameters(methods: Mapping[str, type[MergeMethod]], method_name: st
 
 # ---- what the command line and the docs show ---------------------------------------------------
 
-@dataclass(frozen=True)
-class MergeOption:
+class MergeOption(NamedTuple):
     """One option of the merge command for a method parameter: `parameter` is the keyword the
     library's merge takes; `type` what the command line parses the value as (a per-model
     parameter's is a str, "2,1,1", that the method's check splits)."""
