@@ -154,12 +154,7 @@ def _streamed(merge: MergeMethod, shape: tuple[int, ...], dtype: DType) -> Tenso
     return chunked_tensor(shape, dtype, sizes, make)
 
 
-# ---- the old entry points, for callers not yet moved to the ones above ------------------------
-
-def _method_parameters(method_name: str, models: int, given: dict) -> dict:
-    """resolve_parameters' values as the old dict (the report's "parameters")."""
-    return methods.resolve_parameters(method_name, models, given).report()
-
+# ---- the old entry point, which tests/test_methods.py still calls: remove once it calls merge_by_method
 
 class _NotesOnceWritten(Mapping):
     """The old third value of `_merged_by_method`: the notes, read when asked (after the write)."""
