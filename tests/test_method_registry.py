@@ -182,7 +182,8 @@ def test_merges_are_made_with_the_packages_chunk(tmp_path, monkeypatch):
         assert [m.chunks for m in result.key_merges.values()] == [3]
         assert np.frombuffer(bytes(result.tensors["w"].data()), np.float32).tolist() == list(range(10))
     reads = [lambda start, count: np.arange(10, dtype=np.float32)[start:start + count]] * 2
-    assert methods.TensorMerge("linear", {"weights": [1.0, 1.0]}, "w", reads, 10, "float32").chunks == 3
+    assert methods.METHODS["linear"]({"weights": [1.0, 1.0]}, "w", reads, 10, "float32",
+                                     chunk_size=methods.CHUNK).chunks == 3
 
 
 def test_notes_are_read_once_the_tensors_are_written(tmp_path):
@@ -306,8 +307,6 @@ def test_a_method_in_one_new_file_is_a_method_of_the_command_line(package_copy):
     assert "| `--step S` | in [0, 1] | 0.5 | no | step-toward |" in table
 
 
-@pytest.mark.xfail(reason="until cli/merge.py builds the parameter options from methods.merge_options() and the "
-                          "dispatcher takes the parameter names from methods.PARAMETERS (the lead's side)")
 def test_a_parameter_declared_in_that_file_is_an_option_of_the_command_line(package_copy):
     root = package_copy
     helped = run_copy(root, "merge", "--help")

@@ -183,7 +183,7 @@ def merge_arrays(method, params, arrays, chunk=None, monkeypatch=None):
     if chunk is not None:
         monkeypatch.setattr(methods, "CHUNK", chunk)
     reads = [lambda start, count, a=a: a[start:start + count] for a in arrays]
-    merge = methods.TensorMerge(method, params, "w", reads, arrays[0].size, "float32")
+    merge = methods.METHODS[method](dict(params), "w", reads, arrays[0].size, "float32", chunk_size=methods.CHUNK)
     return np.concatenate([merge.chunk(j) for j in range(merge.chunks)]) if merge.chunks else np.zeros(0), merge
 
 
@@ -215,7 +215,7 @@ def test_chunks_computed_in_any_order_are_the_same(method, params, monkeypatch):
     arrays = [rng.standard_normal(10).astype(np.float32) for _ in range(2 if method in ("slerp", "linear") else 3)]
     forward, _ = merge_arrays(method, params, arrays, 4, monkeypatch)
     reads = [lambda start, count, a=a: a[start:start + count] for a in arrays]
-    merge = methods.TensorMerge(method, params, "w", reads, 10, "float32")
+    merge = methods.METHODS[method](dict(params), "w", reads, 10, "float32", chunk_size=methods.CHUNK)
     backward = [merge.chunk(j) for j in reversed(range(merge.chunks))]
     np.testing.assert_array_equal(np.concatenate(backward[::-1]), forward)
     if method != "dare-ties":  # DARE's draws are per chunk by definition; the others do not depend on chunks
@@ -440,18 +440,16 @@ def test_inf_and_nan_pass_through_without_a_warning(cli, tmp_path):
 def test_a_tensor_of_many_chunks_read_whole_is_each_chunk_once(tmp_path, monkeypatch):
     """The writer reuses one buffer for a merged tensor's chunks; a reader that asks for the whole
     tensor at once (a cast, a gather) must still get every chunk, not the last one repeated."""
-    import importlib
-
     from ckptsurgery.io import open_checkpoint
-
-    merge_op = importlib.import_module("ckptsurgery.ops.merge")
+    from ckptsurgery.ops.merge.by_method import merge_by_method
 
     monkeypatch.setattr(methods, "CHUNK", 4)
     a, b = tmp_path / "a.pth", tmp_path / "b.pth"
     torch.save({"w": torch.arange(10.0)}, a)
     torch.save({"w": torch.arange(10.0) * 3}, b)
     with open_checkpoint(a) as ca, open_checkpoint(b) as cb:
-        merged, _, _ = merge_op._merged_by_method([ca, cb], None, "linear", {"weights": [1.0, 1.0]}, None)
+        params = methods.resolve_parameters("linear", 2, {"weights": [1.0, 1.0]})
+        merged = merge_by_method([ca, cb], None, "linear", params, None).tensors
         whole = np.frombuffer(bytes(merged["w"].data()), np.float32)
     assert whole.tolist() == (torch.arange(10.0) * 2).tolist()
 
@@ -501,7 +499,7 @@ def test_a_tensor_of_several_chunks_matches_the_formula(cli, tmp_path, method):
 
 @pytest.mark.parametrize("weights", ["1e-50,1e-50", "1e300,1e300"])
 def test_linear_weights_outside_float32_do_not_make_nan(cli, tmp_path, weights):
-    """--method linear multiplies float32 values by the raw weights (methods.py TensorMerge._chunk): 1e-50 rounds to 0 and 1e300 to inf, so equal accepted finite weights give NaN everywhere instead of the plain mean; normalise the weights (w/Σw, in float64) before the multiply, or refuse them."""
+    """--method linear multiplies float32 values by the raw weights (ops/methods/linear.py): 1e-50 rounds to 0 and 1e300 to inf, so equal accepted finite weights give NaN everywhere instead of the plain mean; normalise the weights (w/Σw, in float64) before the multiply, or refuse them."""
     save_file({"w": torch.tensor([1.0, 2.0])}, str(tmp_path / "a.safetensors"))
     save_file({"w": torch.tensor([3.0, 4.0])}, str(tmp_path / "b.safetensors"))
     out = tmp_path / "out.safetensors"

@@ -11,7 +11,7 @@ import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from enum import Enum
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 
@@ -280,26 +280,38 @@ class OutputOptions:
 
 def output_options(*, omit: tuple[str, ...] = (), output: Any = None):
     """Give a command the shared output options: they are added to its signature (so Typer
-    parses them and --help lists them) and handed to it as one `out: OutputOptions`. `omit`:
-    options that do not apply to the command; `output`: its own -o annotation."""
+    parses them and --help lists them: -o right after the arguments, the others after the
+    command's own options) and handed to it as one `out: OutputOptions`. `omit`: options that do
+    not apply to the command; `output`: its own -o annotation."""
     wanted = {name: spec for name, spec in OUTPUT_OPTIONS.items() if name not in omit}
     if output is not None:
         wanted["output"] = (output, ...)
+    return expanded_options("out", wanted, lambda values: OutputOptions(**values), first_after_arguments=True)
 
+
+def expanded_options(keyword: str, options: dict[str, tuple[Any, Any]], build: Callable[[dict], Any],
+                     first_after_arguments: bool = False):
+    """A decorator that puts `options` (name -> (annotation, default; ... for required)) in a
+    command's signature where its parameter `keyword` stands, and hands the command, as
+    `keyword`, `build({name: value})` of what was given: options declared elsewhere (a table,
+    a registry) become the command's without being spelled in it."""
     def decorate(command):
-        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "out"]
-        arguments = [p for p in own if p.default is inspect.Parameter.empty]
-        shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                    default=inspect.Parameter.empty if default is ... else default)
-                  for name, (annotation, default) in wanted.items()]
-        first, rest = shared[:1], shared[1:]  # -o right after the arguments, the rest after the command's own
-        parameters = [*(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in arguments), *first,
-                      *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p not in arguments), *rest]
+        own = list(inspect.signature(command, eval_str=True).parameters.values())
+        at = [p.name for p in own].index(keyword)
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                   default=inspect.Parameter.empty if default is ... else default)
+                 for name, (annotation, default) in options.items()]
+        rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own[:at] + own[at + 1:]]
+        if first_after_arguments:
+            arguments = sum(1 for p in own[:at] if p.default is inspect.Parameter.empty)
+            parameters = [*rest[:arguments], *added[:1], *rest[arguments:], *added[1:]]
+        else:
+            parameters = [*rest[:at], *added, *rest[at:]]
 
         @functools.wraps(command)
         def run(**given):
-            out = OutputOptions(**{name: given.pop(name) for name in wanted})
-            return command(**given, out=out)
+            built = build({name: given.pop(name) for name in options})
+            return command(**given, **{keyword: built})
 
         run.__signature__ = inspect.Signature(parameters)
         run.__annotations__ = {p.name: p.annotation for p in parameters}

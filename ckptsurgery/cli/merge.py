@@ -7,20 +7,31 @@ from typing import Annotated, Optional
 import typer
 
 from .. import core, ops
-from ..ops.methods import METHODS
+from ..ops.methods import METHODS, merge_options
 from . import app
-from .common import CastTo, OutputOptions, RootOpt, choice, console, examples, listing, output_options, printable
+from .common import (
+    CastTo, OutputOptions, RootOpt, choice, console, examples, expanded_options, listing, output_options, printable,
+)
 
 
 Method = choice("Method", METHODS)
 
 
-@app.command(epilog=examples(
+HELP = (f"Combine checkpoints: a plain union, an update of a template (--into), a merge of fine-tuned models "
+        f"(--method: {', '.join(METHODS)}), or LoRA adapters folded into a base (--lora).\n\n"
+        f"A .safetensors output keeps the metadata of the first source (--method --base, --lora: the base's).")
+
+
+@app.command(help=HELP, epilog=examples(
     "ckptsurgery merge old.pth --into new.pth --on-mismatch overlap -o init.pth",
     "ckptsurgery merge a/ b/ --method ties --base base/ --density 0.5 -o ties.pth",
     "ckptsurgery merge base.pth --lora adapter --lora-scale 0.8 -o merged.pth",
 ))
 @output_options()
+@expanded_options("parameters", {
+    option.parameter: (Annotated[Optional[option.type], typer.Option(
+        option.option, metavar=option.metavar, help=option.help, show_default=False)], None)
+    for option in merge_options()}, dict)
 def merge(
     sources: Annotated[list[str], typer.Argument(metavar="SOURCE...", help="Checkpoints to merge, in priority order.", show_default=False)],
     into: Annotated[Optional[str], typer.Option(
@@ -39,14 +50,8 @@ def merge(
     method: Annotated[Optional[Method], typer.Option(
         "--method", help="Merge the models' floating tensors key by key (formulas: docs/merging.md).", show_default=False)] = None,
     base: Annotated[Optional[str], typer.Option(
-        "--base", metavar="BASE", help="The model the others were fine-tuned from: needed by task-arithmetic, ties, dare-*.")] = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", metavar="W,W,..", help="One weight per model (default 1 each).")] = None,
-    density: Annotated[Optional[float], typer.Option(
-        "--density", metavar="D", help="ties: fraction of each delta kept by magnitude; dare-*: chance each entry is kept. 0 < D <= 1, default 1.")] = None,
-    scale: Annotated[Optional[float], typer.Option(
-        "--scale", metavar="LAMBDA", help="task-arithmetic, ties, dare-*: multiply the combined delta (default 1).")] = None,
-    t: Annotated[Optional[float], typer.Option("--t", metavar="T", help="slerp: 0 gives the first model, 1 the second.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", metavar="N", help="dare-*: seed of the random drop (default 0).")] = None,
+        "--base", metavar="BASE", help=f"The model the others were fine-tuned from: needed by {', '.join(m for m, c in METHODS.items() if c.needs_base)}.")] = None,
+    parameters: dict = None,  # the merge methods' parameters: options made from their declarations
     dtype: Annotated[Optional[CastTo], typer.Option("--dtype", help="Cast the floating tensors written (default: as the base/first model).", show_default=False)] = None,
     lora: Annotated[Optional[list[str]], typer.Option(
         "--lora", metavar="ADAPTER", help="Fold this LoRA (a PEFT adapter folder or a kohya .safetensors) into the one SOURCE; repeatable.", show_default=False)] = None,
@@ -58,13 +63,10 @@ def merge(
     *,
     out: OutputOptions,
 ) -> None:
-    """Combine checkpoints: a plain union, an update of a template (--into), a merge of fine-tuned models (--method: linear, task-arithmetic, ties, dare-linear, dare-ties, slerp), or LoRA adapters folded into a base (--lora).
-
-    A .safetensors output keeps the metadata of the first source (--method --base, --lora: the base's)."""
+    """Combine checkpoints (the help text is HELP: it lists the registered methods)."""
     options = {"into": into, "on_mismatch": on_mismatch, "otherwise": otherwise, "prefix_tokens": prefix_tokens,
                "grid": grid, "on_conflict": on_conflict, "average": average, "method": method, "base": base,
-               "weights": weights, "density": density, "scale": scale, "t": t, "seed": seed, "dtype": dtype,
-               "lora": lora, "lora_scale": lora_scale, "allow_unmatched": allow_unmatched}
+               **parameters, "dtype": dtype, "lora": lora, "lora_scale": lora_scale, "allow_unmatched": allow_unmatched}
     options = {name: getattr(value, "value", value) for name, value in options.items()}  # choices as strings
     with out.writing() as write:
         report = ops.merge_checkpoints(sources, write, root=root, **options)

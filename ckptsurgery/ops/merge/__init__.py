@@ -10,26 +10,18 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack
-from enum import Enum
-
-from ... import core
 from ...errors import UsageError
-from ...io import open_checkpoint
+from ...kinds import Kind
 from .. import methods
-from ..options import WriteOptions, dtype_to_cast
-from ..reports import MergeReport, MethodReport
-from ..write import write_checkpoint
-from .by_method import _merged_by_method, merge_by_method  # noqa: F401  (_merged_by_method: tests/test_methods.py's old entry)
+from ..options import WriteOptions
+from ..reports import MergeReport
+from .by_method import merge_with_method
 from .fold import fold_adapters
 from .into import merge_into
 from .union import merge_union
 
 
-_PARAMETERS = ("weights", "density", "scale", "t", "seed")  # TODO(registry): from ops.methods
-
-
-class Mode(str, Enum):
+class Mode(Kind):
     UNION = "union"
     INTO = "into"
     METHOD = "method"
@@ -45,12 +37,12 @@ MODE_NAMES = {Mode.UNION: "a plain merge", Mode.INTO: "merge --into", Mode.METHO
 MODE_OPTIONS: dict[Mode, frozenset[str]] = {
     Mode.UNION: frozenset({"on_conflict", "dtype"}),
     Mode.INTO: frozenset({"into", "on_mismatch", "otherwise", "prefix_tokens", "grid", "dtype"}),
-    Mode.METHOD: frozenset({"method", "average", "base", "dtype", *_PARAMETERS}),
+    Mode.METHOD: frozenset({"method", "average", "base", "dtype", *methods.PARAMETERS}),
     Mode.LORA: frozenset({"lora", "lora_scale", "allow_unmatched", "dtype"}),
 }
 # the order refusals consider options in: the command line's
 OPTION_ORDER = ("into", "on_mismatch", "otherwise", "prefix_tokens", "grid", "on_conflict", "average", "method",
-                "base", *_PARAMETERS, "dtype", "lora", "lora_scale", "allow_unmatched")
+                "base", *methods.PARAMETERS, "dtype", "lora", "lora_scale", "allow_unmatched")
 
 
 def _option(name: str) -> str:
@@ -117,37 +109,6 @@ def merge_checkpoints(sources: list[str], write: WriteOptions, *, root: str | No
     if mode is Mode.METHOD:
         return merge_with_method(sources, write, root=root, **given)
     return merge_union(sources, write, root=root, **given)
-
-
-def merge_with_method(sources: list[str], write: WriteOptions, *, method: str | None = None, average: bool = False,
-                      base: str | None = None, dtype: str | None = None, root: str | None = None,
-                      **parameters) -> MethodReport:
-    """Every key of the models merged by a merge method (ops/methods; `average` is method
-    "linear"), with the method's `parameters` (weights, density, ...); tensors that are not
-    floating come from the base (else the first model). A .safetensors output keeps the base's
-    metadata (else the first model's)."""
-    if average:
-        if method not in (None, "linear"):
-            raise UsageError(f"--average is --method linear: it does not combine with --method {method}")
-        method = "linear"
-    method = core.check_choice(method, tuple(methods.METHODS), "--method")
-    spec = methods.METHODS[method]
-    if base is None and spec.needs_base:
-        raise UsageError(f"--method {method} needs --base BASE: the model the others' changes are measured from")
-    if base is not None and not spec.needs_base:
-        raise UsageError(f"--base applies to --method {', '.join(m for m, s in methods.METHODS.items() if s.needs_base)}"
-                         f" only{' (slerp goes from the first model, t=0, to the second, t=1)' if method == 'slerp' else ''}")
-    params = methods.resolve_parameters(method, len(sources), {name: parameters.get(name) for name in _PARAMETERS})
-    cast = dtype_to_cast(dtype)
-    with ExitStack() as stack:
-        ckpts = [stack.enter_context(open_checkpoint(s, root)) for s in sources]
-        base_ckpt = stack.enter_context(open_checkpoint(base, root)) if base is not None else None
-        by_method = merge_by_method(ckpts, base_ckpt, method, params, cast)
-        first = base_ckpt or ckpts[0]
-        written = write_checkpoint(by_method.tensors, write, source=first, cast=cast, inputs=[*ckpts, first])
-    return MethodReport.extend(written, input=None, mode="method", sources=list(sources), method=method, base=base,
-                               parameters=params.report(), merged=by_method.merged, not_merged=by_method.not_merged,
-                               notes=by_method.notes())  # read from the keys' merges, once written
 
 
 __all__ = ["MODE_OPTIONS", "Mode", "fold_adapters", "merge_checkpoints", "merge_into", "merge_union",

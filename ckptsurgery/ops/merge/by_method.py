@@ -8,15 +8,67 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
+from ... import core
 from ...dtypes import DType
-from ...errors import CkptError
-from ...io import Checkpoint, TensorRef
+from ...errors import CkptError, UsageError
+from ...io import Checkpoint, TensorRef, open_checkpoint
 from ...io.model import chunked_tensor, mapped_range
 from .. import methods
 from ..methods import MergeMethod, Parameters
+from ..options import WriteOptions, dtype_to_cast
+from ..reports import MethodReport
+from ..write import write_checkpoint
+
+
+def merge_with_method(sources: list[str], write: WriteOptions, *, method: str | None = None, average: bool = False,
+                      base: str | None = None, dtype: str | None = None, root: str | None = None,
+                      **parameters) -> MethodReport:
+    """Every key of the models merged by a merge method (ops/methods; `average` is method
+    "linear"), with the method's `parameters` by name (weights, density, ...); tensors that are
+    not floating come from the base (else the first model). A .safetensors output keeps the
+    base's metadata (else the first model's).
+
+    Example:
+        >>> merge_with_method(["a.safetensors", "b.safetensors"], WriteOptions("ties.safetensors"),
+        ...                   method="ties", base="base.safetensors", density=0.5)
+    """
+    method = _method_named(method, average)
+    _check_base(method, base)
+    unknown = sorted(set(parameters) - set(methods.PARAMETERS))
+    if unknown:
+        raise UsageError(f"no merge method takes {', '.join(unknown)}")
+    params = methods.resolve_parameters(method, len(sources), {name: parameters.get(name) for name in methods.PARAMETERS})
+    cast = dtype_to_cast(dtype)
+    with ExitStack() as stack:
+        ckpts = [stack.enter_context(open_checkpoint(s, root)) for s in sources]
+        base_ckpt = stack.enter_context(open_checkpoint(base, root)) if base is not None else None
+        merged = merge_by_method(ckpts, base_ckpt, method, params, cast)
+        first = base_ckpt or ckpts[0]
+        written = write_checkpoint(merged.tensors, write, source=first, cast=cast, inputs=[*ckpts, first])
+    return MethodReport.extend(written, input=None, mode="method", sources=list(sources), method=method, base=base,
+                               parameters=params.report(), merged=merged.merged, not_merged=merged.not_merged,
+                               notes=merged.notes())  # read from the keys' merges, once written
+
+
+def _method_named(method: str | None, average: bool) -> str:
+    if average:
+        if method not in (None, "linear"):
+            raise UsageError(f"--average is --method linear: it does not combine with --method {method}")
+        method = "linear"
+    return core.check_choice(method, tuple(methods.METHODS), "--method")
+
+
+def _check_base(method: str, base: str | None) -> None:
+    spec = methods.METHODS[method]
+    if base is None and spec.needs_base:
+        raise UsageError(f"--method {method} needs --base BASE: the model the others' changes are measured from")
+    if base is not None and not spec.needs_base:
+        takers = ", ".join(name for name, m in methods.METHODS.items() if m.needs_base)
+        raise UsageError(f"--base applies to --method {takers} only" + (f" ({spec.without_base})" if spec.without_base
+                                                                        else ""))
 
 
 @dataclass
@@ -152,30 +204,3 @@ def _streamed(merge: MergeMethod, shape: tuple[int, ...], dtype: DType) -> Tenso
 
     sizes = [merge.span(j)[1] * dtype.itemsize for j in range(merge.chunks)]
     return chunked_tensor(shape, dtype, sizes, make)
-
-
-# ---- the old entry point, which tests/test_methods.py still calls: remove once it calls merge_by_method
-
-class _NotesOnceWritten(Mapping):
-    """The old third value of `_merged_by_method`: the notes, read when asked (after the write)."""
-
-    def __init__(self, result: MethodMerge):
-        self._result = result
-
-    def __getitem__(self, key: str) -> str:
-        return self._result.notes()[key]
-
-    def __iter__(self):
-        return iter(self._result.notes())
-
-    def __len__(self) -> int:
-        return len(self._result.notes())
-
-
-def _merged_by_method(models: list[Checkpoint], base: Checkpoint | None, method_name: str,
-                      params: dict | Parameters, cast: DType | None) -> tuple[OrderedDict, dict, Mapping]:
-    """merge_by_method as it was called: `params` a dict of resolved values; (tensors, counts, notes)."""
-    if not isinstance(params, Parameters):
-        params = Parameters(method_name, dict(params), methods.METHODS[method_name].parameters)
-    result = merge_by_method(models, base, method_name, params, cast)
-    return result.tensors, {"merged": result.merged, "not_merged": result.not_merged}, _NotesOnceWritten(result)

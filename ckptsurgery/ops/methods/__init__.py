@@ -44,12 +44,6 @@ def methods_table() -> str:
     return _registry.methods_table(METHODS)
 
 
-def TensorMerge(method: str, params: Mapping[str, Any], key: str, reads: list[Read], numel: int, wide: str) -> MergeMethod:
-    """The merge of one key by the method named `method`, with `params` already resolved (a dict
-    of its values): the constructor's old name and form, which tests/test_methods.py still uses."""
-    return METHODS[method](dict(params), key, reads, numel, wide, chunk_size=CHUNK)
-
-
 __all__ = ["CHUNK", "METHODS", "PARAMETERS", "REQUIRED", "Consensus", "MergeMethod", "MergeOption", "Parameter",
-           "Parameters", "Range", "Read", "Sparsification", "TaskArithmetic", "TensorMerge", "decode", "encode",
+           "Parameters", "Range", "Read", "Sparsification", "TaskArithmetic", "decode", "encode",
            "merge_options", "methods_table", "resolve_parameters", "tensor_seed"]

@@ -46,6 +46,7 @@ class MergeMethod:
     name: ClassVar[str] = ""  # --method NAME
     summary: ClassVar[str] = ""  # what it computes, one line, for the docs' table
     needs_base: ClassVar[bool] = False
+    without_base: ClassVar[str | None] = None  # when --base is refused: what the method goes from instead
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
     parameters: ClassVar[tuple[Parameter, ...]] = ()  # in the order they are checked and reported

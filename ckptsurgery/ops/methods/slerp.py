@@ -17,6 +17,7 @@ class Slerp(MergeMethod):
     summary = ("sin((1−t)θ)/sin θ · a + sin(tθ)/sin θ · b, θ the angle between the first model a (t = 0) and the "
                "second b (t = 1); (1−t)·a + t·b when they are nearly collinear")
     parameters = (T,)
+    without_base = "slerp goes from the first model, t=0, to the second, t=1"
     min_models = max_models = 2
     listing_order = 60
     collinear = False  # fell back to linear interpolation
