@@ -39,8 +39,8 @@ class WriteOptions:
             it writes its share of the files.
 
     Example:
-        >>> from ckptsurgery.ops import WriteOptions, convert
-        >>> report = convert("model.pth", WriteOptions("model.safetensors", max_shard_size="2GB"))
+        >>> from ckptsurgery.ops import WriteOptions, convert_checkpoint
+        >>> report = convert_checkpoint("model.pth", WriteOptions("model.safetensors", max_shard_size="2GB"))
     """
 
     output: str
