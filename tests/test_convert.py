@@ -209,6 +209,7 @@ def test_failed_write_leaves_no_file(cli, tmp_path, zip_pth, monkeypatch):
 def test_interrupted_write_leaves_nothing(cli, tmp_path, zip_pth, monkeypatch, interrupt):
     """Ctrl-C (or SIGTERM, which main() turns into the same unwinding) halfway through a write:
     non-zero exit, no output, no temporary file; an existing output is left as it was."""
+    import ckptsurgery.io.torch_zip as torch_zip
     import ckptsurgery.io.write as write
 
     real = write._chunks
@@ -221,7 +222,7 @@ def test_interrupted_write_leaves_nothing(cli, tmp_path, zip_pth, monkeypatch, i
         return real(view, progress)
 
     monkeypatch.setattr(write, "_chunks", chunks_then_interrupt)
-    monkeypatch.setattr(write, "SMALL_RECORD", -1)  # every storage streamed in chunks, even small ones
+    monkeypatch.setattr(torch_zip, "SMALL_RECORD", -1)  # every storage streamed in chunks, even small ones
     result = cli("convert", zip_pth, "-o", tmp_path / "o.pth")
     assert result.code != 0 and "Traceback" not in result.err
     assert os.listdir(tmp_path) == ["model.pth"]

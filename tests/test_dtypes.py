@@ -328,7 +328,7 @@ def _fixed_input(tmp_path):
     """A fixed small state dict, written by hand as safetensors so that the input bytes are
     fixed too: float32, bfloat16, int64, a tied name, uint16 and float8 (the v3 route)."""
     from ckptsurgery.io.model import Checkpoint
-    from ckptsurgery.io.write import write_safetensors
+    from ckptsurgery.io.safetensors import write_safetensors
     from ckptsurgery import open_checkpoint
 
     sd = OrderedDict(

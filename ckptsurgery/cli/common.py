@@ -16,6 +16,7 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 import typer
 
 from ..dtypes import CAST_TARGETS
+from ..io.formats import OutputFormat
 from ..ops.options import WriteOptions
 from ..ops.reports import WriteReport
 
@@ -209,7 +210,8 @@ CastTo = choice("CastTo", CAST_TARGETS)
 
 # ---- the output options every writing command shares -------------------------------------------
 
-OutputFormatChoice = choice("OutputFormat", ("dcp",))  # TODO(formats): from io.formats.OUTPUTS
+# --format: the output formats a name does not pick (io/formats.py's OUTPUTS says which)
+OutputFormatChoice = choice("OutputFormat", tuple(f.value for f in OutputFormat if f.spec.by_option))
 
 # name -> (annotation, default), in --help's order after the command's own options. A new output
 # option is one entry here and one field of ops.options.WriteOptions (docs/architecture.md).

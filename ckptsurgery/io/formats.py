@@ -12,22 +12,15 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from enum import Enum
 from importlib import import_module
 from typing import Any, Callable
 
 from ..errors import CkptError
+from ..kinds import Kind
 from .model import Checkpoint, collection_paused
 
 
-class _Text(str, Enum):
-    """A kind that is its text wherever it is shown: in reports, --json and messages."""
-
-    __str__ = str.__str__
-    __format__ = str.__format__
-
-
-class Format(_Text):
+class Format(Kind):
     """An input's format, as detect_format tells it (and as `Checkpoint.format` reports it)."""
 
     DCP = "dcp"
@@ -44,14 +37,14 @@ class Format(_Text):
         return FORMATS[self]
 
 
-class ShardedFormat(_Text):
+class ShardedFormat(Kind):
     """`Checkpoint.format` of a checkpoint read through a shard index: what its shards are."""
 
     SAFETENSORS = "sharded-safetensors"
     TORCH = "sharded-torch"  # any .bin/.pth among them
 
 
-class OutputFormat(_Text):
+class OutputFormat(Kind):
     """What an output is written as (and as write reports show it)."""
 
     TORCH = "torch"

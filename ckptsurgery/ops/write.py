@@ -11,13 +11,13 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import suppress
-from enum import Enum
 from typing import Any, Callable
 
 from .. import core
 from ..dtypes import DType
 from ..errors import CkptError, UsageError
 from ..io import Checkpoint, TensorRef
+from ..io.formats import OutputFormat
 from ..io.dcp import METADATA, DcpWriter, check_dcp_writable
 from ..io.pickler import PickleRefused
 from ..io.tree import extras
@@ -47,19 +47,16 @@ def _write(f, fmt: "OutputFormat", source: "_Source", tensors: dict[str, TensorR
             raise CkptError(f"{source.path}: cannot be written as a .pth: {e}") from None
 
 
-class OutputFormat(str, Enum):
-    TORCH = "torch"
-    SAFETENSORS = "safetensors"
-    DCP = "dcp"
-
-
-FORMATS = ("dcp",)  # what --format chooses; the others follow the output's extension
+# what --format chooses (the others follow the output's extension): io/formats.py's table says
+FORMATS = tuple(f.value for f in OutputFormat if f.spec.by_option)
 
 
 def _output_format(options: WriteOptions) -> OutputFormat:
-    if options.format is not None and options.format not in FORMATS:
-        raise UsageError(f"--format {options.format!r}: choose one of {', '.join(FORMATS)}")
-    return OutputFormat.DCP if options.format == "dcp" else OutputFormat(output_format(options.output))
+    if options.format is not None:
+        if options.format not in FORMATS:
+            raise UsageError(f"--format {options.format!r}: choose one of {', '.join(FORMATS)}")
+        return OutputFormat(options.format)
+    return output_format(options.output)
 
 METADATA_OPTIONS = "--metadata, --metadata-file and --no-metadata"
 
@@ -379,7 +376,7 @@ def write_checkpoint(tensors: dict[str, TensorRef], options: WriteOptions, *, so
     the report's `files`."""
     fmt = _output_format(options)
     origin = _Source(source, options.output)
-    meta, metadata_report = _plan_metadata(options, fmt is OutputFormat.SAFETENSORS,
+    meta, metadata_report = _plan_metadata(options, fmt.spec.metadata,
                                            _Source(metadata_from, options.output) if metadata_from else origin,
                                            cast=cast is not None)
     jobs = _jobs(options.jobs, options.max_shard_size)

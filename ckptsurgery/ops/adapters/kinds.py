@@ -10,24 +10,13 @@ factors is a `Layout` member and its case in `fold.delta` and `fold._check_shape
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Callable, Protocol
 
 from ...io import Checkpoint, TensorRef
+from ...kinds import Kind
 
 
-class _Named(str, Enum):
-    """A str Enum that prints as its value (on every Python: 3.11 made f-strings of a plain
-    `str, Enum` print `Class.MEMBER`)."""
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
-
-
-class Layout(_Named):
+class Layout(Kind):
     """How a module's factors A, B make ΔW (see fold.delta); the value is the report's `kind`."""
 
     LINEAR = "linear"  # ΔW = B·A                         A [r, in], B [out, r]
@@ -40,7 +29,7 @@ TRANSPOSED = (Layout.EMBEDDING, Layout.LINEAR_T)  # ΔW = (B·A)ᵀ
 FLAT = (Layout.LINEAR, Layout.LINEAR_T)  # 2-D factors whose orientation the base's shape may tell
 
 
-class Format(_Named):
+class Format(Kind):
     """An adapter format; the value is the report's `format`. Each has one entry in read.FORMATS."""
 
     PEFT = "peft"  # a peft adapter folder: adapter_config.json + adapter_model.safetensors (or .bin)

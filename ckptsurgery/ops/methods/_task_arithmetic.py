@@ -5,22 +5,22 @@ its sign is the elected one (`Consensus`), and for TIES divided by the agreeing 
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import ClassVar
 
+from ...kinds import Kind
 from ._base import MergeMethod, tensor_seed
 
 RESCALE_EPS = 1e-7  # DARE leaves a delta unscaled when its L1 norm before or after is below this
 
 
-class Sparsification(str, Enum):
+class Sparsification(Kind):
     """How each delta is thinned before it is weighted (mergekit's `SparsificationMethod`)."""
 
     MAGNITUDE = "magnitude"  # TIES: keep exactly the top `density` fraction by magnitude
     RANDOM = "random"  # DARE: keep each entry with chance `density`, rescaled to the delta's L1 norm
 
 
-class Consensus(str, Enum):
+class Consensus(Kind):
     """How the weighted deltas are combined where their signs disagree (mergekit's `ConsensusMethod`)."""
 
     SUM = "sum"  # elect the sign of Σ dᵢ; sum only the dᵢ of that sign (TIES' sign election)
