@@ -344,3 +344,15 @@ def test_every_report_field_is_documented_and_every_json_key_is_a_field(cli, tmp
     always = [f.name for f in fields(DropReport) if not f.metadata["omit_if_none"]]
     assert set(doc) <= set(declared) and set(always) <= set(doc)
     assert list(doc) == [name for name in declared if name in doc]
+
+
+def test_every_shared_output_option_is_a_write_options_field():
+    """A new output option is one WriteOptions field and one OUTPUT_OPTIONS entry of the same name
+    (docs/architecture.md): the command line hands every one on, by name."""
+    from dataclasses import fields
+
+    from ckptsurgery.cli.common import OUTPUT_OPTIONS
+    from ckptsurgery.ops import WriteOptions
+
+    shown_only = {"json", "quiet", "metadata_file"}  # how results are shown; the metadata file's entries
+    assert set(OUTPUT_OPTIONS) - shown_only <= {f.name for f in fields(WriteOptions)}

@@ -214,7 +214,7 @@ CastTo = choice("CastTo", CAST_TARGETS)
 OutputFormatChoice = choice("OutputFormat", tuple(f.value for f in OutputFormat if f.spec.by_option))
 
 # name -> (annotation, default), in --help's order after the command's own options. A new output
-# option is one entry here and one field of ops.options.WriteOptions (docs/architecture.md).
+# option is one entry here and the WriteOptions field of the same name (docs/architecture.md).
 OUTPUT_OPTIONS: dict[str, tuple[Any, Any]] = {
     "output": (Annotated[str, typer.Option("-o", "--output", metavar="OUT",
                                            help="Output file; its extension picks the format.")], ...),
@@ -246,21 +246,29 @@ OUTPUT_OPTIONS: dict[str, tuple[Any, Any]] = {
 }
 
 
+# what the command line shows, not how it writes: these are not WriteOptions fields
+_DISPLAY = ("json", "quiet")
+
+
 @dataclass(frozen=True)
 class OutputOptions:
-    """The shared output options as the command line gave them (`output_options` builds it)."""
+    """The shared output options as the command line gave them (`output_options` builds it):
+    OUTPUT_OPTIONS' names and values. All but --json, -q and --metadata-file (read into
+    --metadata's entries) are WriteOptions fields of the same name."""
 
-    output: str
-    force: bool = False
-    dry_run: bool = False
-    format: Optional[Enum] = None
-    max_shard_size: Optional[str] = None
-    jobs: Optional[int] = None
-    metadata: Optional[list[str]] = None
-    metadata_file: Optional[str] = None
-    no_metadata: bool = False
-    json: bool = False
-    quiet: bool = False
+    given: dict[str, Any]
+
+    @property
+    def json(self) -> bool:
+        return self.given.get("json", False)
+
+    @property
+    def quiet(self) -> bool:
+        return self.given.get("quiet", False)
+
+    @property
+    def dry_run(self) -> bool:
+        return self.given.get("dry_run", False)
 
     @contextmanager
     def writing(self, ranks: bool = True) -> Iterator[WriteOptions]:
@@ -269,12 +277,13 @@ class OutputOptions:
         from ..ops.ranks import ranks_from_environment
         from ..ops.write import metadata_options
 
-        entries = metadata_options(self.metadata, self.metadata_file)
+        fields = {name: value for name, value in self.given.items() if name not in _DISPLAY}
+        fields["metadata"] = metadata_options(fields.get("metadata"), fields.pop("metadata_file", None))
+        if fields.get("format") is not None:
+            fields["format"] = fields["format"].value
         with (ranks_from_environment() if ranks else nullcontext()) as place, \
                 progress_bar(self.quiet or self.json) as progress:
-            yield WriteOptions(self.output, format=self.format and self.format.value, force=self.force,
-                               dry_run=self.dry_run, max_shard_size=self.max_shard_size, jobs=self.jobs,
-                               metadata=entries, no_metadata=self.no_metadata, progress=progress, ranks=place)
+            yield WriteOptions(**fields, progress=progress, ranks=place)
 
     def finish(self, report: WriteReport, details: list[str] = ()) -> None:
         finish_write(report, self.json, self.quiet, details)
@@ -288,7 +297,7 @@ def output_options(*, omit: tuple[str, ...] = (), output: Any = None):
     wanted = {name: spec for name, spec in OUTPUT_OPTIONS.items() if name not in omit}
     if output is not None:
         wanted["output"] = (output, ...)
-    return expanded_options("out", wanted, lambda values: OutputOptions(**values), first_after_arguments=True)
+    return expanded_options("out", wanted, OutputOptions, first_after_arguments=True)
 
 
 def expanded_options(keyword: str, options: dict[str, tuple[Any, Any]], build: Callable[[dict], Any],

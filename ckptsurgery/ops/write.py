@@ -1,7 +1,9 @@
 """The one way every operation writes: `write_checkpoint` plans the output (format, casts, tied
-names, shards, what is left out), refuses what cannot be written before anything is, and
-streams the tensors through the writers of `io/write.py` — `jobs` shards at once, in threads,
-and under torchrun each rank its share of them (`ranks.py`)."""
+names, shards, what is left out) as one `WriteOptions` says, refuses what cannot be written
+before anything is, and streams the tensors through each format's writer (io/safetensors.py,
+io/torch_zip.py, io/dcp.py; io/formats.py's OUTPUTS names them) — `jobs` shards at once, in
+threads, and under torchrun each rank its share of them (`ranks.py`) — into files staged beside
+their places and renamed there together (io/write.py)."""
 
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from .ranks import Ranks
 from .reports import WriteReport
 
 
-def _write(f, fmt: "OutputFormat", source: "_Source", tensors: dict[str, TensorRef], cast: DType | None,
+def _write(f, fmt: OutputFormat, source: "_Source", tensors: dict[str, TensorRef], cast: DType | None,
            progress, whole: bool, keep_metadata: bool, others: dict, inputs: list[Checkpoint],
            metadata: dict[str, str] | None, plan: tuple | None = None) -> None:
     """One output file: the whole checkpoint, or (`whole=False`) one shard's plain state dict.
@@ -271,7 +273,7 @@ def _write_dcp(source: "_Source", tensors: dict[str, TensorRef], options: WriteO
 class _Source:
     """What an output carries over from the checkpoint it is made from (`ckpt`), or nothing
     (`ckpt` None: a fresh output, such as an adapter's weights): the name errors give, the
-    root, the entries outside it, the metadata, and the pickled events an output may not exceed."""
+    root, the entries inside and outside it that are not tensors, and the metadata."""
 
     def __init__(self, ckpt: Checkpoint | None, output: str):
         self.ckpt = ckpt

@@ -22,6 +22,8 @@ from .union import merge_union
 
 
 class Mode(Kind):
+    """A merge's mode: the report's `mode`."""
+
     UNION = "union"
     INTO = "into"
     METHOD = "method"
