@@ -82,7 +82,6 @@ _TABLE = [
 
 BY_NAME = {d.name: d for d in _TABLE}
 BY_SAFETENSORS = {d.safetensors: d for d in _TABLE if d.safetensors}
-BY_STORAGE = {d.storage: d for d in _TABLE if d.storage}
 
 # Quantization schemes torch pickles beside a quantized tensor's scales.
 QSCHEMES = ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine",
