@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import fields, replace
+from dataclasses import fields
 
 from ...io import open_checkpoint
 from ..adapters import fold, parse_scales, read_adapter
@@ -25,5 +25,5 @@ def fold_adapters(base: str, adapters: list[str], write: WriteOptions, *, scales
         opened = [(stack.enter_context(read_adapter(path)), scale) for path, scale in zip(adapters, scales)]
         merged, folded = fold(ckpt, opened, allow_unmatched=allow_unmatched, cast=cast)
         written = write_checkpoint(merged, write, source=ckpt, cast=cast)
-    return FoldReport.extend(replace(written, input=None), mode="lora", sources=[base],
+    return FoldReport.extend(written, input=None, mode="lora", sources=[base],
                              **{f.name: getattr(folded, f.name) for f in fields(folded)})
