@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -356,3 +357,52 @@ def test_every_shared_output_option_is_a_write_options_field():
 
     shown_only = {"json", "quiet", "metadata_file"}  # how results are shown; the metadata file's entries
     assert set(OUTPUT_OPTIONS) - shown_only <= {f.name for f in fields(WriteOptions)}
+
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"average": True, "weights": []}, "--weights gives 0 weights for 2 models"),
+    ({"into": "{p}", "on_mismatch": "adapt", "grid": ()}, "--grid ()"),
+    ({"grid": ()}, "--grid applies to --on-mismatch adapt only"),
+    ({"weights": ()}, "--weights applies to --method (or --average) only"),
+])
+def test_library_merge_checks_an_empty_list_as_a_value(tmp_path, flat, options, message):
+    """An empty list given to merge_checkpoints is a value to check (and refuse), not "not given"."""
+    from ckptsurgery.errors import UsageError
+    from ckptsurgery.ops import WriteOptions, merge_checkpoints
+
+    options = {k: str(flat) if v == "{p}" else v for k, v in options.items()}
+    with pytest.raises(UsageError, match=re.escape(message)):
+        merge_checkpoints([str(flat), str(flat)], WriteOptions(str(tmp_path / "o.pth"), dry_run=True), **options)
+
+
+def test_library_merge_with_no_adapters_is_a_plain_merge(tmp_path, flat):
+    from ckptsurgery.ops import UnionReport, WriteOptions, merge_checkpoints
+
+    report = merge_checkpoints([str(flat)], WriteOptions(str(tmp_path / "o.pth"), dry_run=True), lora=[],
+                               lora_scale=[])
+    assert isinstance(report, UnionReport) and report.mode == "union"
+
+
+@pytest.mark.parametrize("call", [
+    "convert_checkpoint(p, out)", "drop_keys(p, ['fc'], out)", "filter_keys(p, out, keep=['fc'])",
+    "rename_keys(p, [], out)", "merge_checkpoints([p], out)", "extract_lora(p, p, out)",
+    "write_checkpoint({}, out)",
+])
+def test_library_writing_functions_name_write_options_when_given_a_path(tmp_path, flat, call):
+    """0.2's calls passed the output path where 0.3 takes a WriteOptions: one line says so."""
+    from ckptsurgery import ops
+    from ckptsurgery.errors import UsageError
+
+    env = {name: getattr(ops, name) for name in ops.__all__} | {"p": str(flat), "out": str(tmp_path / "o.pth")}
+    with pytest.raises(UsageError, match="give the output as WriteOptions"):
+        eval(call, env)
+
+
+def test_extract_lora_refuses_write_options_it_cannot_use_even_when_zero(tmp_path, flat):
+    from ckptsurgery.errors import UsageError
+    from ckptsurgery.ops import WriteOptions, extract_lora
+
+    for given in ({"jobs": 0}, {"no_metadata": True}, {"format": "dcp"}):
+        with pytest.raises(UsageError, match="cannot be used with an adapter folder"):
+            extract_lora(str(flat), str(flat), WriteOptions(str(tmp_path / "a"), dry_run=True, **given), rank=2)

@@ -558,10 +558,10 @@ def test_lora_bias_modules_to_save_and_untouched_tensors_pass_through(cli, tmp_p
     assert sorted(result.json()["adapters"][0]["replaced"]) == ["head.bias", "head.weight"]
 
     from ckptsurgery.io import open_checkpoint
-    from ckptsurgery.ops.adapters import fold, read_adapter
+    from ckptsurgery.ops.adapters import fold_into, read_adapter
 
     with open_checkpoint(str(tmp_path / "base.safetensors")) as base, read_adapter(str(adapter)) as lora:
-        merged, details = fold(base, [(lora, 1.0)])
+        merged, details = fold_into(base, [(lora, 1.0)])
         untouched = [k for k in base.tensors if k not in details.changed]
         assert untouched and all(merged[k] is base.tensors[k] for k in untouched)
         assert sorted(details.changed) == ["conv.bias", "conv.weight", "head.bias", "head.weight",

@@ -254,6 +254,28 @@ class StepToward(MergeMethod):
 '''
 
 
+GAINS = '''\
+"""scaled-sum: base + Σ gᵢ(θᵢ − base), one gain per model: a per-model parameter of its own."""
+
+from ._base import MergeMethod
+from ._parameters import FINITE, Parameter
+
+GAINS = Parameter("gains", "One gain per model.", "G,G,..", default=1.0, range=FINITE, per_model=True, each="gain")
+
+
+class ScaledSum(MergeMethod):
+    name = "scaled-sum"
+    summary = "base + Σ gᵢ(θᵢ − base)"
+    needs_base = True
+    parameters = (GAINS,)
+
+    def merge_chunk(self, j, values, out):
+        import numpy as np
+
+        return np.add(values[0], sum(g * (x - values[0]) for g, x in zip(self.params["gains"], values[1:])), out=out)
+'''
+
+
 @pytest.fixture(scope="module")
 def package_copy(tmp_path_factory):
     """A copy of the ckptsurgery package with two methods added, each as one new file, and a
@@ -267,6 +289,7 @@ def package_copy(tmp_path_factory):
                     ignore=shutil.ignore_patterns("__pycache__"))
     (root / "ckptsurgery" / "ops" / "methods" / "nudge.py").write_text(NUDGE)
     (root / "ckptsurgery" / "ops" / "methods" / "step_toward.py").write_text(STEP)
+    (root / "ckptsurgery" / "ops" / "methods" / "scaled_sum.py").write_text(GAINS)
     save_file({"w": torch.zeros(4), "steps": torch.tensor([1])}, str(root / "base.safetensors"))
     save_file({"w": torch.tensor([2.0, 4.0, -2.0, 8.0]), "steps": torch.tensor([2])}, str(root / "m.safetensors"))
     return root
@@ -320,6 +343,32 @@ def test_a_parameter_declared_in_that_file_is_an_option_of_the_command_line(pack
     merged = run_copy(root, "merge", *common, "--method", "step-toward", "--step", "0.25", "-o", "s.safetensors")
     assert merged.code == 0, merged.err
     assert load_any(root / "s.safetensors")["w"].tolist() == [0.5, 1.0, -0.5, 2.0]
+
+
+def test_a_per_model_parameter_of_a_new_method_is_parsed_checked_and_shown(package_copy):
+    """The summary shows each parameter as its declaration says (a list per model, a whole number,
+    a float), not by the names of the parameters that exist today."""
+    root = package_copy
+    common = ["m.safetensors", "--base", "base.safetensors", "--method", "scaled-sum"]
+    assert_one_error_line(run_copy(root, "merge", *common, "--gains", "1,2", "-o", "g.safetensors"),
+                          "--gains gives 2 gains for 1 models", code=2)
+    merged = run_copy(root, "merge", *common, "--gains", "0.5", "-o", "g.safetensors")
+    assert merged.code == 0 and "by scaled-sum (gains 0.5)" in merged.err, merged.err
+    assert load_any(root / "g.safetensors")["w"].tolist() == [1.0, 2.0, -1.0, 4.0]
+
+
+def test_a_method_parameter_named_as_one_of_merges_options_is_refused_at_once(tmp_path):
+    """A parameter may not take the name of an option merge already has (--grid, --into, ...):
+    the registry says which, instead of Typer failing on a duplicate name at every command."""
+    import ckptsurgery
+
+    shutil.copytree(Path(ckptsurgery.__file__).parent, tmp_path / "ckptsurgery",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "ckptsurgery" / "ops" / "methods" / "gridded.py").write_text(
+        STEP.replace('Parameter("step"', 'Parameter("grid"').replace('"step-toward"', '"gridded"')
+        .replace('self.params["step"]', 'self.params["grid"]'))
+    failed = run_copy(tmp_path, "merge", "--help")
+    assert failed.code != 0 and "merge: grid: already an option of the command" in failed.err
 
 
 def test_two_methods_of_one_name_or_two_parameters_of_one_name_are_refused(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 import typer
 
 from ..dtypes import CAST_TARGETS
-from ..io.formats import OutputFormat
+from ..io.formats import BY_OPTION
 from ..ops.options import WriteOptions
 from ..ops.reports import WriteReport
 
@@ -211,7 +211,7 @@ CastTo = choice("CastTo", CAST_TARGETS)
 # ---- the output options every writing command shares -------------------------------------------
 
 # --format: the output formats a name does not pick (io/formats.py's OUTPUTS says which)
-OutputFormatChoice = choice("OutputFormat", tuple(f.value for f in OutputFormat if f.spec.by_option))
+OutputFormatChoice = choice("OutputFormat", BY_OPTION)
 
 # name -> (annotation, default), in --help's order after the command's own options. A new output
 # option is one entry here and the WriteOptions field of the same name (docs/architecture.md).
@@ -308,6 +308,10 @@ def expanded_options(keyword: str, options: dict[str, tuple[Any, Any]], build: C
     a registry) become the command's without being spelled in it."""
     def decorate(command):
         own = list(inspect.signature(command, eval_str=True).parameters.values())
+        clash = sorted(set(options) & {p.name for p in own})
+        if clash:  # a declaration elsewhere (a merge method's parameter) took the name of one of the command's options
+            raise TypeError(f"{command.__name__}: {', '.join(clash)}: already an option of the command; "
+                            f"declare {'them' if len(clash) > 1 else 'it'} under another name")
         at = [p.name for p in own].index(keyword)
         added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                                    default=inspect.Parameter.empty if default is ... else default)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import core, ops
-from ..ops.methods import METHODS, merge_options
+from ..ops.methods import METHODS, PARAMETERS, merge_options
 from . import app
 from .common import (
     CastTo, OutputOptions, RootOpt, choice, console, examples, expanded_options, listing, output_options, printable,
@@ -85,8 +85,7 @@ def _details(report: ops.MergeReport) -> list[str]:
                 f"kept from template {len(report.kept_from_template)}, mismatched {len(report.mismatched)}, "
                 f"left out {len(report.left_out)}"]
     if isinstance(report, ops.MethodReport):
-        shown = ", ".join(f"{k} {','.join(f'{w:g}' for w in v) if k == 'weights' else v if k == 'seed' else f'{v:g}'}"
-                          for k, v in report.parameters.items())
+        shown = ", ".join(f"{k} {PARAMETERS[k].shown(v)}" for k, v in report.parameters.items())
         return [f"merged {report.merged} tensors by {report.method} ({shown})",
                 listing(f"taken from the {'base' if report.base else 'first model'} (not floating)", report.not_merged),
                 *(listing(note, [n for n, v in report.notes.items() if v == note])

@@ -165,6 +165,10 @@ OUTPUTS: dict[OutputFormat, OutputSpec] = {spec.format: spec for spec in (
 )}
 
 
+# what --format chooses: the output formats no name picks
+BY_OPTION = tuple(spec.format.value for spec in OUTPUTS.values() if spec.by_option)
+
+
 def detect_format(path: str) -> Format:
     """The bytes decide, not the name: a file by its first bytes, a folder by what it holds (DCP
     with a `.metadata` file, accelerate's with save_state's files, ...)."""

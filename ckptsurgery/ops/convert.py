@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..io import open_checkpoint
-from .options import WriteOptions, dtype_to_cast
+from .options import WriteOptions, check_write_options, dtype_to_cast
 from .reports import WriteReport
 from .write import write_checkpoint
 
@@ -16,6 +16,7 @@ def convert_checkpoint(input: str, write: WriteOptions, *, root: str | None = No
     Example:
         >>> convert_checkpoint("model.pth", WriteOptions("model.safetensors", max_shard_size="2GB"))
     """
+    write = check_write_options(write)
     cast = dtype_to_cast(dtype)
     with open_checkpoint(input, root) as ckpt:
         return write_checkpoint(ckpt.tensors, write, source=ckpt, cast=cast)

@@ -9,7 +9,7 @@ from collections import OrderedDict
 from .. import core
 from ..errors import CkptError, UsageError
 from ..io import Checkpoint, open_checkpoint
-from .options import WriteOptions
+from .options import WriteOptions, check_write_options
 from .reports import DropReport, FilterReport, RenameReport
 from .write import write_checkpoint
 
@@ -28,6 +28,7 @@ def filter_keys(input: str, write: WriteOptions, *, keep: list[str] | None = Non
                 root: str | None = None) -> FilterReport:
     """Keep the keys that patterns select, or exactly the keys a template checkpoint has
     (`{k: v for k, v in pretrained.items() if k in model_dict}`)."""
+    write = check_write_options(write)
     if bool(keep) == bool(like):
         raise UsageError("give either --keep PATTERN (repeatable) or --like TEMPLATE, not both")
     with open_checkpoint(input, root) as ckpt:
@@ -52,6 +53,7 @@ def filter_keys(input: str, write: WriteOptions, *, keep: list[str] | None = Non
 
 def drop_keys(input: str, patterns: list[str], write: WriteOptions, *, root: str | None = None) -> DropReport:
     """Remove the keys (or whole modules) that patterns select."""
+    write = check_write_options(write)
     with open_checkpoint(input, root) as ckpt:
         dropped = core.select(_keys(ckpt), patterns)
         gone = set(dropped)
@@ -63,6 +65,7 @@ def drop_keys(input: str, patterns: list[str], write: WriteOptions, *, root: str
 def rename_keys(input: str, rules: list[core.RenameRule], write: WriteOptions, *,
                 root: str | None = None) -> RenameReport:
     """Rename keys by rules; refuse, before writing anything, if two keys would share a name."""
+    write = check_write_options(write)
     with open_checkpoint(input, root) as ckpt:
         names, untouched = core.plan_rename(_keys(ckpt), rules)
         renamed = OrderedDict((names[k], t) for k, t in ckpt.tensors.items())

@@ -69,9 +69,10 @@ class WriteOptions:
 
     def refuse(self, *names: str, why: str) -> None:
         """Refuse the options among `names` that were given (they do not apply to this output)."""
-        given = [name for name in names if getattr(self, name) not in (None, False)]
+        given = [name for name in names if getattr(self, name) is not None and getattr(self, name) is not False]
         if given:
-            raise UsageError(f"{', '.join('--' + n.replace('_', '-') for n in given)} {why}")
+            shown = ("several ranks (torchrun)" if n == "ranks" else "--" + n.replace("_", "-") for n in given)
+            raise UsageError(f"{', '.join(shown)} {why}")
 
 
 def dtype_to_cast(dtype: str | None) -> "DType | None":
@@ -82,3 +83,11 @@ def dtype_to_cast(dtype: str | None) -> "DType | None":
     from ..dtypes import CAST_TARGETS
 
     return CAST_TARGETS[core.check_choice(getattr(dtype, "value", dtype), tuple(CAST_TARGETS), "--dtype")]
+
+
+def check_write_options(write) -> WriteOptions:
+    """`write` if it is a WriteOptions; else one line saying how an operation now takes its output."""
+    if not isinstance(write, WriteOptions):
+        raise UsageError(f"give the output as WriteOptions(output, ...), not {type(write).__name__} {write!r:.60} "
+                         f"(since ckptsurgery 0.3 every writing function takes one WriteOptions: README, Library)")
+    return write

@@ -3,7 +3,8 @@ the order they are declared here (a field marked `omit_if_none` is left out when
 Every field's `doc` is the schema CI users rely on: docs/json.md is generated from this module
 (`python -m ckptsurgery.ops.reports`) and a test holds the page to it.
 
-A report is built once the work is done; nothing fills it during a write."""
+An operation returns its report once the work is done; nothing fills one during a write (what a
+merge's tensors note about themselves is read from them afterwards)."""
 
 from __future__ import annotations
 

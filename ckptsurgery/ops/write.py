@@ -19,7 +19,7 @@ from .. import core
 from ..dtypes import DType
 from ..errors import CkptError, UsageError
 from ..io import Checkpoint, TensorRef
-from ..io.formats import OutputFormat
+from ..io.formats import BY_OPTION, OutputFormat
 from ..io.dcp import METADATA, DcpWriter, check_dcp_writable
 from ..io.pickler import PickleRefused
 from ..io.tree import extras
@@ -28,7 +28,7 @@ from ..io.torch_zip import castable_storages, torch_payload, write_torch
 from ..io.write import (
     StagedOutputs, cast_target, check_writable, output_format, plan_safetensors, plan_shards, shard_names,
 )
-from .options import WriteOptions
+from .options import WriteOptions, check_write_options
 from .ranks import Ranks
 from .reports import WriteReport
 
@@ -49,14 +49,10 @@ def _write(f, fmt: OutputFormat, source: "_Source", tensors: dict[str, TensorRef
             raise CkptError(f"{source.path}: cannot be written as a .pth: {e}") from None
 
 
-# what --format chooses (the others follow the output's extension): io/formats.py's table says
-FORMATS = tuple(f.value for f in OutputFormat if f.spec.by_option)
-
-
 def _output_format(options: WriteOptions) -> OutputFormat:
     if options.format is not None:
-        if options.format not in FORMATS:
-            raise UsageError(f"--format {options.format!r}: choose one of {', '.join(FORMATS)}")
+        if options.format not in BY_OPTION:
+            raise UsageError(f"--format {options.format!r}: choose one of {', '.join(BY_OPTION)}")
         return OutputFormat(options.format)
     return output_format(options.output)
 
@@ -376,6 +372,7 @@ def write_checkpoint(tensors: dict[str, TensorRef], options: WriteOptions, *, so
     `source`'s) is kept, or none with `options.no_metadata`; `options.metadata` sets entries on
     top. `options.ranks`: under torchrun this process writes its share of the files, listed in
     the report's `files`."""
+    options = check_write_options(options)
     fmt = _output_format(options)
     origin = _Source(source, options.output)
     meta, metadata_report = _plan_metadata(options, fmt.spec.metadata,

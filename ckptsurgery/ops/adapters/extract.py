@@ -18,7 +18,7 @@ from ... import core
 from ...errors import CkptError, UsageError
 from ...io import Checkpoint, TensorRef, open_checkpoint
 from ...io.model import computed_tensor
-from ..options import WriteOptions
+from ..options import WriteOptions, check_write_options
 from ..reports import ExtractReport, Extracted
 from ..write import write_checkpoint
 from .kinds import TRANSPOSED, Layout
@@ -112,8 +112,7 @@ def extract_lora(base: str, tuned: str, write: WriteOptions, *, rank: list[str] 
     metadata; the adapter carries none of BASE's or TUNED's (their title, architecture or hashes
     describe a whole model, not a difference). `write`'s format, max_shard_size, jobs,
     no_metadata and ranks do not apply to an adapter folder and are refused."""
-    if not isinstance(write, WriteOptions):
-        raise UsageError("extract_lora(base, tuned, write): give write as WriteOptions(output=ADAPTER_DIR, ...)")
+    write = check_write_options(write)
     write.refuse(*NOT_FOR_ADAPTERS, why="cannot be used with an adapter folder (extract-lora writes "
                                         "adapter_config.json and one adapter_model.safetensors, with no metadata "
                                         "of BASE's or TUNED's)")

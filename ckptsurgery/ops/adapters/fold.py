@@ -34,7 +34,7 @@ class Folded:
     unmatched: list[str]  # every adapter's unmatched names
 
 
-def fold(base: Checkpoint, adapters: list[tuple[Adapter, float]], *,
+def fold_into(base: Checkpoint, adapters: list[tuple[Adapter, float]], *,
          allow_unmatched: bool = False, cast=None) -> tuple[OrderedDict, Folded]:
     """The base's state dict with every adapter folded in, in the given order, each with its
     scale S (W' = W + S·scale·ΔW). Untouched tensors are the base's own (no copy). Names tied in

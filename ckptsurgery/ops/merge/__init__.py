@@ -13,7 +13,8 @@ from __future__ import annotations
 from ...errors import UsageError
 from ...kinds import Kind
 from .. import methods
-from ..options import WriteOptions
+from ..methods import option_of
+from ..options import WriteOptions, check_write_options
 from ..reports import MergeReport
 from .by_method import merge_with_method
 from .fold import fold_adapters
@@ -42,23 +43,29 @@ MODE_OPTIONS: dict[Mode, frozenset[str]] = {
     Mode.METHOD: frozenset({"method", "average", "base", "dtype", *methods.PARAMETERS}),
     Mode.LORA: frozenset({"lora", "lora_scale", "allow_unmatched", "dtype"}),
 }
-# the order refusals consider options in: the command line's
-OPTION_ORDER = ("into", "on_mismatch", "otherwise", "prefix_tokens", "grid", "on_conflict", "average", "method",
-                "base", *methods.PARAMETERS, "dtype", "lora", "lora_scale", "allow_unmatched")
+# options that only --on-mismatch adapt takes (a refusal names that, not merge --into)
+ADAPT_OPTIONS = ("otherwise", "prefix_tokens", "grid")
+# the order refusals consider options in, and list them in
+OPTION_ORDER = ("lora_scale", "allow_unmatched", "into", "average", "method", "base", "on_conflict", "on_mismatch",
+                *methods.PARAMETERS, *ADAPT_OPTIONS, "dtype", "lora")
+# a method parameter may not take a name merge already gives an option
+_CLASH = set(methods.PARAMETERS) & (set(OPTION_ORDER) - set(methods.PARAMETERS) | {"root", "sources", "write"})
+if _CLASH:
+    raise TypeError(f"merge method parameter(s) {', '.join(sorted(_CLASH))}: the name of one of merge's own "
+                    f"options; declare them under other names (ops/methods/)")
 
 
-def _option(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _given(value) -> bool:
-    """Whether an option was given: not None, False or an empty list (0 and 0.0 are values)."""
-    return not (value is None or value is False or (isinstance(value, (list, tuple)) and not value))
+def _given(name: str, value) -> bool:
+    """Whether an option was given: anything but None and False — an empty list is a value the
+    mode checks, but for --lora and --lora-scale, where it means none."""
+    if name in ("lora", "lora_scale") and isinstance(value, (list, tuple)) and not value:
+        return False
+    return value is not None and value is not False
 
 
 def mode_of(options: dict) -> Mode:
     """The mode the given options select: --lora, else --into, else --method/--average, else a union."""
-    if options.get("lora"):
+    if options.get("lora"):  # an empty list of adapters selects nothing
         return Mode.LORA
     if options.get("into") is not None:
         return Mode.INTO
@@ -68,22 +75,27 @@ def mode_of(options: dict) -> Mode:
 
 
 def refuse_other_modes(mode: Mode, options: dict) -> None:
-    """One line for an option `mode` does not take (options maps keyword -> value)."""
+    """One line for an option `mode` does not take (options maps keyword -> value), naming the
+    mode, or modes, that take it."""
     unknown = sorted(set(options) - set(OPTION_ORDER))
     if unknown:
-        raise UsageError(f"merge takes no option {', '.join(map(_option, unknown))}")
-    given = [name for name in OPTION_ORDER if _given(options.get(name))]
+        raise UsageError(f"merge takes no option {', '.join(map(option_of, unknown))}")
+    given = [name for name in OPTION_ORDER if _given(name, options.get(name))]
+    adapting = [name for name in given if name in ADAPT_OPTIONS]
+    if adapting and options.get("on_mismatch") != "adapt":
+        raise UsageError(f"{option_of(adapting[0])} applies to --on-mismatch adapt only")
     foreign = [name for name in given if name not in MODE_OPTIONS[mode]]
     if not foreign:
         return
     if mode is Mode.LORA:
-        raise UsageError(f"--lora does not combine with {', '.join(map(_option, foreign))}: fold first, then merge")
+        raise UsageError(f"--lora does not combine with {', '.join(map(option_of, foreign))}: fold first, then merge")
     if mode is Mode.INTO and ("method" in foreign or "average" in foreign):
         chosen = "average" if "average" in foreign else "method"
         raise UsageError(f"--into and --{chosen} do not combine: merge first, then merge --into")
     name = foreign[0]
     takers = [MODE_NAMES[m] for m in Mode if name in MODE_OPTIONS[m]]
-    raise UsageError(f"{_option(name)} applies to {' or '.join(takers)} only, not to {MODE_NAMES[mode]}")
+    selected_by = {Mode.INTO: ", not to --into", Mode.METHOD: ", not to --method"}.get(mode, "")
+    raise UsageError(f"{option_of(name)} applies to {' or '.join(takers)} only{selected_by}")
 
 
 def merge_checkpoints(sources: list[str], write: WriteOptions, *, root: str | None = None,
@@ -100,7 +112,8 @@ def merge_checkpoints(sources: list[str], write: WriteOptions, *, root: str | No
     refuse_other_modes(mode, options)
     if not sources:
         raise UsageError("merge needs at least one source")
-    given = {name: value for name, value in options.items() if _given(value)}
+    given = {name: value for name, value in options.items() if _given(name, value)}
+    write = check_write_options(write)
     if mode is Mode.LORA:
         if len(sources) != 1:
             raise UsageError(f"--lora folds into exactly one base checkpoint, not {len(sources)}: fold first, then merge")

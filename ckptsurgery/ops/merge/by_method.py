@@ -18,7 +18,7 @@ from ...io import Checkpoint, TensorRef, open_checkpoint
 from ...io.model import chunked_tensor, mapped_range
 from .. import methods
 from ..methods import MergeMethod, Parameters
-from ..options import WriteOptions, dtype_to_cast
+from ..options import WriteOptions, check_write_options, dtype_to_cast
 from ..reports import MethodReport
 from ..write import write_checkpoint
 
@@ -35,6 +35,7 @@ def merge_with_method(sources: list[str], write: WriteOptions, *, method: str | 
         >>> merge_with_method(["a.safetensors", "b.safetensors"], WriteOptions("ties.safetensors"),
         ...                   method="ties", base="base.safetensors", density=0.5)
     """
+    write = check_write_options(write)
     method = _method_named(method, average)
     _check_base(method, base)
     unknown = sorted(set(parameters) - set(methods.PARAMETERS))

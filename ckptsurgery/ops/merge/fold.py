@@ -6,8 +6,8 @@ from contextlib import ExitStack
 from dataclasses import fields
 
 from ...io import open_checkpoint
-from ..adapters import fold, parse_scales, read_adapter
-from ..options import WriteOptions, dtype_to_cast
+from ..adapters import fold_into, parse_scales, read_adapter
+from ..options import WriteOptions, check_write_options, dtype_to_cast
 from ..reports import FoldReport
 from ..write import write_checkpoint
 
@@ -18,12 +18,13 @@ def fold_adapters(base: str, adapters: list[str], write: WriteOptions, *, scales
     each times its scale (`scales`: none, one for all, or one per adapter). An adapter weight
     that matches no base weight is an error unless `allow_unmatched`. `dtype` casts the floating
     tensors written (each folded tensor rounded once). A .safetensors output keeps BASE's metadata."""
+    write = check_write_options(write)
     scales = parse_scales(scales, len(adapters))
     cast = dtype_to_cast(dtype)
     with ExitStack() as stack:
         ckpt = stack.enter_context(open_checkpoint(base, root))
         opened = [(stack.enter_context(read_adapter(path)), scale) for path, scale in zip(adapters, scales)]
-        merged, folded = fold(ckpt, opened, allow_unmatched=allow_unmatched, cast=cast)
+        merged, folded = fold_into(ckpt, opened, allow_unmatched=allow_unmatched, cast=cast)
         written = write_checkpoint(merged, write, source=ckpt, cast=cast)
     return FoldReport.extend(written, input=None, mode="lora", sources=[base],
                              **{f.name: getattr(folded, f.name) for f in fields(folded)})

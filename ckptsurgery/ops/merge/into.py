@@ -11,7 +11,7 @@ from ...dtypes import convertible
 from ...errors import CkptError, UsageError
 from ...io import Checkpoint, TensorRef, open_checkpoint
 from ...io.model import computed_tensor
-from ..options import WriteOptions, dtype_to_cast
+from ..options import WriteOptions, check_write_options, dtype_to_cast
 from ..reports import IntoReport
 from ..write import write_checkpoint
 
@@ -25,6 +25,7 @@ def merge_into(sources: list[str], template: str, write: WriteOptions, *, on_mis
     shape that differs follows `on_mismatch`: "error" (the default), "skip", "overlap", or
     "adapt" (with `otherwise`, `prefix_tokens`, `grid`; see ops/adapt.py). A .safetensors
     output keeps the first source's metadata (not the template's)."""
+    write = check_write_options(write)
     adapting = _adapt_options(on_mismatch, otherwise, prefix_tokens, grid)
     on_mismatch = core.check_choice("error" if on_mismatch is None else on_mismatch, core.MISMATCH_POLICIES,
                                     "--on-mismatch")

@@ -8,7 +8,7 @@ from contextlib import ExitStack
 from ... import core
 from ...errors import CkptError
 from ...io import Checkpoint, TensorRef, open_checkpoint
-from ..options import WriteOptions, dtype_to_cast
+from ..options import WriteOptions, check_write_options, dtype_to_cast
 from ..reports import UnionReport
 from ..write import write_checkpoint
 
@@ -18,6 +18,7 @@ def merge_union(sources: list[str], write: WriteOptions, *, on_conflict: str | N
     """The union of the sources' state dicts, in order; a key in several sources follows
     `on_conflict`: "error" (the default; nothing written), "first" or "last". `dtype` casts the
     floating tensors written. A .safetensors output keeps the first source's metadata."""
+    write = check_write_options(write)
     on_conflict = core.check_choice("error" if on_conflict is None else on_conflict, core.CONFLICT_POLICIES,
                                     "--on-conflict")
     cast = dtype_to_cast(dtype)

@@ -19,7 +19,7 @@ from typing import Any
 from . import _registry
 from ._base import CHUNK, MergeMethod, Read, tensor_seed
 from ._codec import decode, encode
-from ._parameters import REQUIRED, Parameter, Parameters, Range
+from ._parameters import REQUIRED, Parameter, Parameters, Range, option_of
 from ._registry import MergeOption
 from ._task_arithmetic import Consensus, Sparsification, TaskArithmetic
 
@@ -46,4 +46,4 @@ def methods_table() -> str:
 
 __all__ = ["CHUNK", "METHODS", "PARAMETERS", "REQUIRED", "Consensus", "MergeMethod", "MergeOption", "Parameter",
            "Parameters", "Range", "Read", "Sparsification", "TaskArithmetic", "decode", "encode",
-           "merge_options", "methods_table", "resolve_parameters", "tensor_seed"]
+           "merge_options", "methods_table", "option_of", "resolve_parameters", "tensor_seed"]

@@ -72,6 +72,12 @@ class Parameter:
     def required(self) -> bool:
         return self.default is REQUIRED
 
+    def shown(self, value: Any) -> str:
+        """A resolved value as a summary shows it: "2,1,1" per model, 0.5, 3."""
+        if self.per_model:
+            return ",".join(f"{v:g}" for v in value)
+        return f"{value:g}" if self.type is float else str(value)
+
     def default_wording(self) -> str:
         if self.required:
             return "required"
