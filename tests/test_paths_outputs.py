@@ -1,5 +1,6 @@
 """Paths a checkpoint or a user hands us: shard names in an index, inputs that are not regular
-files, outputs that are symlinks, temporary files, and what --force removes."""
+files, outputs that are symlinks, temporary files, what --force removes, and outputs in folders
+that do not exist yet (made, and removed again on failure) or named as folders (`-o DIR/`)."""
 
 import json
 import os
@@ -324,3 +325,45 @@ def test_rename_map_must_be_a_regular_file(cli, tmp_path, zip_pth):
     os.mkfifo(fifo)
     result = cli("rename", zip_pth, "-o", tmp_path / "r.pth", "--map", fifo)
     assert result.code == 1 and "regular JSON file" in result.err
+
+
+# ---- output folders: made as save_pretrained makes them, gone again if the write fails -------------
+
+@pytest.mark.parametrize("args, files", [
+    (["-o", "out/sub/model.safetensors", "--max-shard-size", "20B"],
+     ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]),
+    (["-o", "out/sub/"], ["model.safetensors"]),
+    (["-o", "out/sub/", "--max-shard-size", "20B"],
+     ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]),
+    (["-o", "out/sub/", "--format", "dcp"], [".metadata", "__0_0.distcp"]),
+])
+def test_an_output_in_folders_that_do_not_exist_makes_them(cli, tmp_path, flat, monkeypatch, args, files):
+    """-o out/model.safetensors with out/ missing writes it (the README's own example failed); a
+    trailing / names a folder output: DIR/model.safetensors, or DIR itself for --format dcp."""
+    monkeypatch.chdir(tmp_path)
+    result = cli("convert", flat, *args)
+    assert result.code == 0, result.err
+    assert sorted(os.listdir(tmp_path / "out" / "sub")) == files
+    assert cli("diff", flat, tmp_path / "out" / "sub").code == 0  # the folder reads back as the input
+
+
+def test_a_failed_write_removes_the_folders_it_made(cli, tmp_path, flat, monkeypatch):
+    import ckptsurgery.io.write as write
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(write, "_copy_range", fail)
+    monkeypatch.setattr(write, "SMALL_COPY", 0)  # every tensor copied by the kernel: the failure is reached
+    (tmp_path / "kept").mkdir()
+    result = cli("convert", flat, "-o", tmp_path / "kept" / "new" / "deeper" / "m.safetensors")
+    assert result.code == 1 and "No space left" in result.err, result.err
+    assert os.listdir(tmp_path / "kept") == []
+
+
+def test_dry_run_makes_no_folder_and_a_file_in_the_way_is_refused(cli, tmp_path, flat):
+    assert cli("convert", flat, "-o", tmp_path / "a" / "b.safetensors", "--dry-run").code == 0
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "file").write_text("not a folder")
+    assert_error(cli("convert", flat, "-o", tmp_path / "file" / "b.safetensors"), tmp_path / "file",
+                 "is not a folder")

@@ -79,10 +79,18 @@ def output_format(path: str) -> OutputFormat:
     raise CkptError(f"{path}: cannot tell the output format; end the name with {', '.join(others)} or {last}")
 
 
-def check_parent(path: str) -> None:
+def check_parent(path: str) -> list[str]:
+    """The folders an output at `path` needs made, outermost first (StagedOutputs makes them, as
+    save_pretrained does, and removes them again if the write fails); refused where something
+    that is not a folder stands in the way."""
+    missing = []
     parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise CkptError(f"{parent}: no such folder for the output")
+    while not os.path.isdir(parent):
+        if os.path.lexists(parent):  # a file, or a link to nothing
+            raise CkptError(f"{parent}: is not a folder, so {path} cannot be written in it")
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    return missing[::-1]
 
 
 def check_writable(paths: list[str], force: bool, index: str | None = None) -> list[str]:
@@ -159,16 +167,24 @@ class StagedOutputs:
     def __init__(self, remove: list[str] = ()):
         self._staged: list[tuple[str, str]] = []  # (temporary, final)
         self._remove = list(remove)
+        self._made: list[str] = []  # folders made for the outputs, outermost first: removed on failure
         # writer threads stage files while the main thread may commit or abort (a second Ctrl-C
         # cuts short the wait for them): once it has, nothing new is staged, so nothing is left
         self._lock = threading.Lock()
         self._closed = False
 
     def _create(self, path: str, temp: str, make: Callable[[], Any]) -> Any:
-        """`make()` the staged `temp` for `path` and list it, unless the set is closed already."""
+        """`make()` the staged `temp` for `path` (and the folders it needs) and list it, unless the
+        set is closed already."""
         with self._lock:
             if self._closed:
                 raise CkptError(f"{path}: the write was stopped; nothing was written")
+            for folder in check_parent(path):
+                try:
+                    os.mkdir(folder, 0o777)
+                except FileExistsError:  # another rank's, or another thread's: not ours to remove
+                    continue
+                self._made.append(folder)
             made = make()
             self._staged.append((temp, path))  # only now is it ours to remove
             return made
@@ -254,6 +270,7 @@ class StagedOutputs:
             self.abort()  # no temporary file is left behind; nothing old is removed
             raise
         self._staged.clear()
+        self._made.clear()  # the folders now hold the output
         for _, path, aside, _ in done:
             try:
                 if aside and os.path.isdir(aside) and not os.path.islink(aside):
@@ -284,6 +301,12 @@ class StagedOutputs:
                     os.unlink(temp)
             except FileNotFoundError:
                 pass
+        for folder in reversed(self._made):  # innermost first; one that holds anything else stays
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
+        self._made.clear()
         self._staged.clear()
         self._remove.clear()
 

@@ -55,7 +55,7 @@ class WriteReport(Report):
 
     input: str | None = entry("The input checkpoint (absent for merge, which names its `sources`).",
                               omit_if_none=True)
-    output: str = entry("The output path as given.")
+    output: str = entry("The output path as given (`-o DIR/`: DIR/model.safetensors; with `--format dcp`, DIR).")
     format: str = entry("The output's format: `torch`, `safetensors` or `dcp`.")
     root: str | None = entry("Where the state dict sat inside the input: a key of a nested .pth, `\"\"` its top "
                              "level, `null` a format with nothing nested (safetensors, shards, DeepSpeed).")

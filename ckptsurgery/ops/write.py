@@ -13,6 +13,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import suppress
+from dataclasses import replace
 from typing import Any, Callable
 
 from .. import core
@@ -47,6 +48,19 @@ def _write(f, fmt: OutputFormat, source: "_Source", tensors: dict[str, TensorRef
             write_torch(f, payload, cast, progress, cast_only=tensors, inputs=[c.events for c in inputs])
         except PickleRefused as e:
             raise CkptError(f"{source.path}: cannot be written as a .pth: {e}") from None
+
+
+FOLDER_FILE = "model.safetensors"  # what an output named DIR/ is written as, as save_pretrained names it
+
+
+def _in_folder(options: WriteOptions) -> WriteOptions:
+    """`-o DIR/` (a trailing slash) is a folder output: DIR/model.safetensors, or DIR itself for a
+    format that is a folder (--format dcp)."""
+    if not options.output.endswith(("/", os.sep)):
+        return options
+    if options.format is not None:
+        return replace(options, output=options.output.rstrip("/" + os.sep) or options.output)
+    return replace(options, output=os.path.join(options.output, FOLDER_FILE))
 
 
 def _output_format(options: WriteOptions) -> OutputFormat:
@@ -371,8 +385,9 @@ def write_checkpoint(tensors: dict[str, TensorRef], options: WriteOptions, *, so
     written in. Safetensors metadata (see core.plan_metadata): `metadata_from`'s (by default
     `source`'s) is kept, or none with `options.no_metadata`; `options.metadata` sets entries on
     top. `options.ranks`: under torchrun this process writes its share of the files, listed in
-    the report's `files`."""
-    options = check_write_options(options)
+    the report's `files`. An output whose folder does not exist gets it (removed again if the
+    write fails); `-o DIR/` writes DIR/model.safetensors (sharded as Hugging Face names shards)."""
+    options = _in_folder(check_write_options(options))
     fmt = _output_format(options)
     origin = _Source(source, options.output)
     meta, metadata_report = _plan_metadata(options, fmt.spec.metadata,
