@@ -53,9 +53,49 @@ def select(keys: Iterable[str], patterns: list[str]) -> list[str]:
             unmatched.append(pattern)
         chosen.update(hits)
     if unmatched:
+        hint = near_miss(keys, unmatched[0])
         raise CkptError(f"pattern{'s' if len(unmatched) > 1 else ''} "
-                        f"{', '.join(map(repr, unmatched))} selected no key")
+                        f"{', '.join(map(repr, unmatched))} selected no key"
+                        + (f" (did you mean {hint[0]!r}? it selects {hint[1]} key{'s' if hint[1] > 1 else ''})"
+                           if hint else ""))
     return [k for k in keys if k in chosen]
+
+
+MAX_NEAR_MISS_NAMES = 20_000  # names compared for a typo (keys, then module names); beyond, no typo is sought
+
+
+def near_miss(keys: list[str], pattern: str) -> tuple[str, int] | None:
+    """A pattern like `pattern` that selects keys, and how many: the name as the last part of
+    keys (`num_batches_tracked` -> `*.num_batches_tracked`), as a module anywhere (`*.bn.*`), a
+    glob anchored too tightly (`bn*` -> `*bn*`), or the module name nearest a typo (`liner1` ->
+    `linear1`). None when nothing is near."""
+    if pattern.startswith("re:") or not pattern:
+        return None
+    body = pattern.strip("*")
+    for wider in (f"*.{pattern}", f"*.{pattern}.*", f"*{body}*"):
+        if wider == pattern or not body:
+            continue
+        match = compile_pattern(wider)
+        count = sum(1 for key in keys if match(key))
+        if count:
+            return wider, count
+    if _GLOB_CHARS & set(pattern) or len(keys) > MAX_NEAR_MISS_NAMES:
+        return None
+    import difflib  # the error path only
+
+    names = {key[:end] for key in keys for end in _dots(key)}
+    if len(names) > MAX_NEAR_MISS_NAMES:
+        return None
+    close = difflib.get_close_matches(pattern, sorted(names), n=1, cutoff=0.75)
+    if not close:
+        return None
+    match = compile_pattern(close[0])
+    return close[0], sum(1 for key in keys if match(key))
+
+
+def _dots(key: str) -> list[int]:
+    """Where each module name a key lies under ends: "a.b.c" -> "a", "a.b", "a.b.c"."""
+    return [i for i, c in enumerate(key) if c == "."] + [len(key)]
 
 
 # ---- renaming --------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 shard plans, --tree's folding of numbered siblings, rename rules, key alignment for merge --into,
 the overlap of two shapes, and the adapt rules with their prefix tokens and grids."""
 
+import re
+
 import pytest
 
 from ckptsurgery import core
@@ -210,3 +212,20 @@ def test_prefix_tokens_that_cannot_be_told_are_an_error():
         prefix_and_grids(17, 23)  # 4x4 + 1 before, but no square after whatever the prefix
     with pytest.raises(CkptError, match="is not a square grid; give --grid"):
         prefix_and_grids(17, 25, prefix=1)
+
+
+@pytest.mark.parametrize("pattern, hint", [
+    ("num_batches_tracked", ("*.num_batches_tracked", 2)),  # a key's last part, given as a module name
+    ("bn1", ("*.bn1.*", 2)),  # a module below the top
+    ("layer*", ("*.layer*", 3)),  # a glob anchored at the start
+    ("liner1", ("linear1", 2)),  # a typo of a module name
+    ("zzz", None),
+    ("re:zzz", None),
+])
+def test_a_pattern_that_selects_nothing_suggests_its_near_miss(pattern, hint):
+    keys = ["linear1.weight", "linear1.bias", "block.bn1.weight", "block.bn1.num_batches_tracked",
+            "head.bn2.num_batches_tracked", "block.layer1.w", "block.layer2.w", "x.layers.w"]
+    assert core.near_miss(keys, pattern) == hint
+    message = f"did you mean {hint[0]!r}? it selects {hint[1]} keys" if hint else "selected no key"
+    with pytest.raises(CkptError, match=re.escape(message)):
+        core.select(keys, [pattern])
