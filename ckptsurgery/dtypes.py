@@ -87,8 +87,10 @@ BY_SAFETENSORS = {d.safetensors: d for d in _TABLE if d.safetensors}
 QSCHEMES = ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine",
             "per_channel_symmetric", "per_channel_affine_float_qparams")
 
-# What --dtype accepts.
-CAST_TARGETS = {"fp32": BY_NAME["float32"], "fp16": BY_NAME["float16"], "bf16": BY_NAME["bfloat16"]}
+# What --dtype accepts: the short names, then torch's own (torch.float16, torch.half, ...).
+CAST_TARGETS = {"fp32": BY_NAME["float32"], "fp16": BY_NAME["float16"], "bf16": BY_NAME["bfloat16"],
+                "float32": BY_NAME["float32"], "float16": BY_NAME["float16"], "bfloat16": BY_NAME["bfloat16"],
+                "float": BY_NAME["float32"], "half": BY_NAME["float16"]}
 
 
 def by_name(name: str) -> DType:

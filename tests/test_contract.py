@@ -77,7 +77,7 @@ def test_print_json_writes_non_finite_numbers_as_strings(capsys):
 @pytest.mark.parametrize("command, option, bad, listed", [
     ("merge", "--on-mismatch", "pad", ["error", "skip", "overlap", "adapt"]),
     ("merge", "--on-conflict", "newest", ["error", "first", "last"]),
-    ("convert", "--dtype", "fp8", ["fp32", "fp16", "bf16"]),
+    ("convert", "--dtype", "fp8", ["fp32", "fp16", "bf16", "float32", "float16", "bfloat16", "float", "half"]),
 ])
 def test_choices_are_real_choices(cli, tmp_path, zip_pth, command, option, bad, listed, monkeypatch):
     monkeypatch.setenv("COLUMNS", "300")  # the choices on one line of the help's table
@@ -406,3 +406,27 @@ def test_extract_lora_refuses_write_options_it_cannot_use_even_when_zero(tmp_pat
     for given in ({"jobs": 0}, {"no_metadata": True}, {"format": "dcp"}):
         with pytest.raises(UsageError, match="cannot be used with an adapter folder"):
             extract_lora(str(flat), str(flat), WriteOptions(str(tmp_path / "a"), dry_run=True, **given), rank=2)
+
+
+@pytest.mark.parametrize("args", [["-h"], ["drop", "-h"], ["merge", "-h"]])
+def test_dash_h_is_help(cli, args):
+    result = cli(*args)
+    assert result.code == 0 and "Usage:" in result.out and "-h" in result.out
+
+
+def test_help_offers_shell_completion(cli):
+    assert "--install-completion" in cli("--help").out
+
+
+@pytest.mark.parametrize("fmt", [[], ["--format", "dcp"]])
+def test_dry_run_over_an_existing_output_says_it_would_need_force(cli, tmp_path, flat, fmt):
+    out = tmp_path / ("dcp" if fmt else "o.pth")
+    assert cli("convert", flat, "-o", out, *fmt).code == 0
+    before = sorted(os.listdir(tmp_path))
+    result = cli("convert", flat, "-o", out, *fmt, "--dry-run")
+    assert result.code == 0 and "would need --force: already there (1)" in result.out, result.err
+    report = cli("convert", flat, "-o", out, *fmt, "--dry-run", "--json").json()
+    assert report["needs_force"] == [str(out)]
+    assert "needs_force" not in cli("convert", flat, "-o", out, *fmt, "--dry-run", "--force", "--json").json()
+    assert sorted(os.listdir(tmp_path)) == before
+    assert cli("convert", flat, "-o", out, *fmt).code == 1  # the real run still refuses

@@ -430,3 +430,21 @@ def test_views_of_one_untyped_storage_keep_their_own_dtypes(cli, tmp_path):
     assert cli("convert", src, "-o", out).code == 0
     got = torch.load(out, weights_only=True)
     assert {k: v.dtype for k, v in got.items()} == {"a": torch.float8_e4m3fn, "b": torch.float8_e5m2, "c": torch.uint16}
+
+
+def test_every_dtype_option_name_is_the_torch_dtype_of_that_name():
+    """--dtype takes the short names and torch's own (float16, bfloat16, half, float), each
+    meaning what torch means by it."""
+    from ckptsurgery.dtypes import CAST_TARGETS
+
+    short = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    for name, dtype in CAST_TARGETS.items():
+        assert str(short.get(name) or getattr(torch, name)) == f"torch.{dtype.name}", name
+    assert {"float16", "bfloat16", "half", "float32"} <= set(CAST_TARGETS)
+
+
+@pytest.mark.parametrize("name", ["float16", "half", "bfloat16"])
+def test_convert_takes_torch_dtype_names(cli, tmp_path, name):
+    torch.save({"w": torch.ones(3)}, tmp_path / "a.pth")
+    report = cli("convert", tmp_path / "a.pth", "-o", tmp_path / "b.safetensors", "--dtype", name, "--json").json()
+    assert report["dtype"] == str(getattr(torch, name)).removeprefix("torch.")

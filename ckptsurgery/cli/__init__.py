@@ -42,7 +42,7 @@ app = typer.Typer(
     help="PyTorch checkpoint surgery: inspect, convert and edit .pth and .safetensors files "
          "without running the code pickled inside them.",
     no_args_is_help=True,
-    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
 

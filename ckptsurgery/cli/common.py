@@ -176,6 +176,8 @@ def finish_write(report: WriteReport, as_json: bool, quiet: bool, details: list[
     if report.removed:
         lines.append(f"{'would remove' if report.dry_run else 'removed'} the earlier sharded output: "
                      + ", ".join(map(printable, report.removed)))
+    if report.needs_force:
+        lines.append(listing("would need --force: already there", report.needs_force))
     if report.dry_run:
         sys.stdout.write("".join(printable(line) + "\n" for line in lines))
     else:

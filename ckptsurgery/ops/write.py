@@ -245,7 +245,7 @@ def _write_dcp(source: "_Source", tensors: dict[str, TensorRef], options: WriteO
     entry under its flattened key. Under torchrun rank 0 stages the folder, every rank writes
     its data files into it, and rank 0 writes .metadata and renames the folder into place."""
     output, ranks = options.output, options.ranks
-    check_dcp_writable(output, options.force)
+    check_dcp_writable(output, options.force or options.dry_run)
     payload = source.payload(tensors, keep_metadata=False, others=others)
     prefix = f"{source.root}." if source.root else ""
     writer = DcpWriter(payload, cast_names={prefix + n for n in tensors}, cast=cast,
@@ -254,7 +254,7 @@ def _write_dcp(source: "_Source", tensors: dict[str, TensorRef], options: WriteO
     mine = _mine(len(writer.files), ranks)
     report = _dcp_report(source, tensors, options, cast, writer, mine, metadata_report)
     if options.dry_run:
-        return report
+        return replace(report, needs_force=_needs_force([output], options))
     share = sum(writer.nbytes(i) for i in mine)
     tick = options.progress(share, _label(ranks, output)) if options.progress else None
     with StagedOutputs() as outputs:
@@ -278,6 +278,13 @@ def _write_dcp(source: "_Source", tensors: dict[str, TensorRef], options: WriteO
                 outputs.commit()
             ranks.step("committed")
     return report
+
+
+def _needs_force(paths: list[str], options: WriteOptions) -> list[str] | None:
+    """The paths a dry run found taken, which the real run would need --force to replace."""
+    if options.force:
+        return None
+    return [path for path in paths if os.path.lexists(path)] or None
 
 
 class _Source:
@@ -400,11 +407,13 @@ def write_checkpoint(tensors: dict[str, TensorRef], options: WriteOptions, *, so
     inputs = ([] if source is None else [source]) if inputs is None else inputs
     plan = _FilePlan(origin, tensors, options, fmt, cast)
     # an earlier sharded output named after OUT: its shards that this write does not replace go
-    removed = check_writable(plan.everything, options.force, options.output + ".index.json")
+    index = options.output + ".index.json"
+    # a dry run replaces nothing: what a real run would need --force for, it reports
+    removed = check_writable(plan.everything, options.force or options.dry_run, index)
     mine = _mine(len(plan.files), options.ranks)
     report = _file_report(origin, plan, options, cast, others, removed, mine, metadata_report)
     if options.dry_run:
-        return report
+        return replace(report, needs_force=_needs_force([*plan.everything, index], options))
     _write_files(origin, plan, options, cast, others, inputs, meta, removed, mine, jobs, keep_metadata)
     return report
 
