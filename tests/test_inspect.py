@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 
 def test_json_document_shape(cli, nested_pth, net):
@@ -102,6 +103,48 @@ def test_tree_folds_repeated_layers(cli, tmp_path):
     assert rows == [("h", 24 * 20 + 10, 1), ("h.{0..23}", 24 * 20, 24), ("h.24", 10, 1)]
     human = cli("inspect", path, "--tree")
     assert "{0..23}" in human.out and "24 × 20 params" in human.out
+
+
+def test_tree_folds_layers_of_a_safetensors_file_whose_names_are_sorted_as_strings(cli, tmp_path):
+    """save_file stores names sorted as strings (layers 0, 1, 10, 11, 2, ...): the twelve layers
+    still fold into one row, as the same keys in a .pth do."""
+    sd = {f"model.layers.{i}.{part}.weight": torch.ones(4, 4) for i in range(12) for part in ("attn", "mlp")}
+    sd["model.norm.weight"] = torch.ones(4)
+    st, pth = tmp_path / "m.safetensors", tmp_path / "m.pth"
+    save_file(sd, str(st))
+    torch.save(sd, pth)
+    rows = cli("inspect", st, "--tree", "--depth", "3", "--json").json()["tree"]
+    assert [(r["name"], r["repeat"]) for r in rows] == [
+        ("model", 1), ("model.layers", 1), ("model.layers.{0..11}", 12), ("model.norm", 1), ("model.norm.weight", 1)]
+    assert rows == cli("inspect", pth, "--tree", "--depth", "3", "--json").json()["tree"]
+    human = cli("inspect", st, "--tree").out
+    assert "{0..11}  12 × 32 params" in human and "{0..1}" not in human and "{2..9}" not in human
+
+
+def test_tree_of_numbered_siblings_does_not_depend_on_the_order_of_the_keys(cli, tmp_path):
+    """Shuffled layers fold as ordered ones do; a layer whose shape differs stands alone where
+    its number puts it; numbered siblings are listed together, before a named one met after the first of them."""
+    order = [7, 3, 0, 11, 5, 1, 9, 2, 10, 4, 8, 6]
+    sd = {f"h.{i}.w": torch.ones(3 if i == 5 else 2) for i in order}
+    sd = {"h.head.w": torch.ones(1), **dict(list(sd.items())[:4]), "h.tail.w": torch.ones(1), **dict(list(sd.items())[4:])}
+    path = tmp_path / "shuffled.pth"
+    torch.save(sd, path)
+    rows = cli("inspect", path, "--tree", "--depth", "2", "--json").json()["tree"]
+    assert [(r["name"], r["repeat"], r["params"]) for r in rows] == [
+        ("h", 1, 11 * 2 + 3 + 2), ("h.head", 1, 1), ("h.{0..4}", 5, 10), ("h.5", 1, 3), ("h.{6..11}", 6, 12),
+        ("h.tail", 1, 1)]
+
+
+def test_tree_folds_the_layers_of_a_save_pretrained_llama(cli, tmp_path, capsys):
+    """A real `save_pretrained` of a tiny 12-layer Llama (safetensors, names sorted as strings)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=12,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=8)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(tmp_path / "llama"))
+    capsys.readouterr()  # what transformers printed is not ours
+    rows = cli("inspect", tmp_path / "llama", "--tree", "--depth", "3", "--json").json()["tree"]
+    layers = [r for r in rows if r["name"].startswith("model.layers.")]
+    assert [(r["name"], r["repeat"]) for r in layers] == [("model.layers.{0..11}", 12)]
 
 
 def test_tree_depth_must_be_positive(cli, zip_pth):

@@ -189,7 +189,8 @@ MAX_TREE_LEVELS = 5000  # rows repeat their path: memory grows as levels² (5000
 
 def module_tree(tensors: dict[str, TensorRef], depth: int | None = None) -> list[dict]:
     """Per-module rows (name, depth, params, bytes, repeat), numbered siblings with the same
-    structure folded into one row (`blocks.{0..23}`), down to `depth` levels."""
+    structure folded into one row (`blocks.{0..23}`) whatever order the file lists them in (see
+    `fold_runs`), down to `depth` levels."""
     top = _Node()
     for name, t in tensors.items():
         numel, nbytes = t.numel, t.nbytes
@@ -227,28 +228,22 @@ _INDEX = re.compile(r"[0-9]{1,18}")
 
 
 def fold_runs(names: list[str], signature: Callable[[str], object]) -> list[tuple[str, list[str]]]:
-    """Group consecutive numbered siblings (`0`, `1`, ... `23`) whose signatures are equal into one
-    entry labelled `{0..23}`; other names stand alone. Returns (label, members)."""
-    out: list[tuple[str, list[str]]] = []
-    run: list[str] = []
-
-    def flush():
-        if len(run) > 1:
-            out.append((f"{{{run[0]}..{run[-1]}}}", list(run)))
-        elif run:
-            out.append((run[0], list(run)))
-        run.clear()
-
-    for name in names:
-        number = _INDEX.fullmatch(name)
-        if (number and run and int(name) == int(run[-1]) + 1
-                and signature(name) == signature(run[0])):
-            run.append(name)
-            continue
-        flush()
-        if number:
+    """Group numbered siblings whose numbers follow one another (`0`, `1`, ... `23`) and whose
+    signatures are equal into one entry labelled `{0..23}`; other names stand alone. Returns
+    (label, members). The numbered siblings are taken in numeric order, whatever order the file
+    lists them in (safetensors stores names sorted as strings: `0, 1, 10, 11, 2, ...`), at the
+    place of the first of them; the other names keep their order."""
+    numbered = [name for name in names if _INDEX.fullmatch(name)]
+    if not numbered:
+        return [(name, [name]) for name in names]
+    first = names.index(numbered[0])
+    runs: list[list[str]] = []
+    for name in sorted(numbered, key=int):  # stable: "1" and "01" keep the file's order
+        run = runs[-1] if runs else None
+        if run and int(name) == int(run[-1]) + 1 and signature(name) == signature(run[0]):
             run.append(name)
         else:
-            out.append((name, [name]))
-    flush()
-    return out
+            runs.append([name])
+    return ([(name, [name]) for name in names[:first]]
+            + [(f"{{{run[0]}..{run[-1]}}}" if len(run) > 1 else run[0], run) for run in runs]
+            + [(name, [name]) for name in names[first:] if not _INDEX.fullmatch(name)])
