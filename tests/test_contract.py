@@ -430,3 +430,8 @@ def test_dry_run_over_an_existing_output_says_it_would_need_force(cli, tmp_path,
     assert "needs_force" not in cli("convert", flat, "-o", out, *fmt, "--dry-run", "--force", "--json").json()
     assert sorted(os.listdir(tmp_path)) == before
     assert cli("convert", flat, "-o", out, *fmt).code == 1  # the real run still refuses
+
+
+def test_a_union_of_overlapping_sources_suggests_averaging_them_too(cli, tmp_path, flat):
+    result = cli("merge", flat, flat, "-o", tmp_path / "o.pth")
+    assert_one_error_line(result, "more than one source", "--on-conflict first|last", "--average or --method")

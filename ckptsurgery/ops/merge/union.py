@@ -48,7 +48,8 @@ def _plain_union(ckpts: list[Checkpoint], on_conflict: str) -> tuple[OrderedDict
     if conflicts and on_conflict == "error":
         unique = sorted(set(conflicts))
         raise CkptError(f"{len(unique)} key(s) are in more than one source: {', '.join(unique[:20])}"
-                        f"{' …' if len(unique) > 20 else ''} (choose with --on-conflict first|last)")
+                        f"{' …' if len(unique) > 20 else ''} (choose with --on-conflict first|last, or combine "
+                        f"their values with --average or --method)")
     counts = [sum(1 for i in origin.values() if i == n) for n in range(len(ckpts))]
     tensors = OrderedDict((k, v) for k, v in merged.items() if isinstance(v, TensorRef))
     others = OrderedDict((k, v) for k, v in merged.items() if not isinstance(v, TensorRef))
