@@ -167,10 +167,12 @@ def rename_rule(kind: str, *args) -> RenameRule:
     return RenameRule(kind, (mapping,))
 
 
-def plan_rename(keys: Iterable[str], rules: list[RenameRule]) -> tuple[dict[str, str], list[str]]:
+def plan_rename(keys: Iterable[str], rules: list[RenameRule],
+                allow_unchanged: bool = False) -> tuple[dict[str, str], list[str]]:
     """(old -> new for every key, keys no rule changed), the rules applied in their order. Fails,
-    before anything is written, when a rule changes no key (a typo), when two keys would get one
-    name (listing every pair) or when a name would start with a dot."""
+    before anything is written, when a rule changes no key (a typo; unless `allow_unchanged`, for
+    scripts run on files that may have been renamed already), when two keys would get one name
+    (listing every pair) or when a name would start with a dot."""
     if not rules:
         raise UsageError("no rename rule given: use --strip-prefix, --add-prefix, --replace, --regex or --map")
     if not all(isinstance(rule, RenameRule) for rule in rules):
@@ -188,8 +190,9 @@ def plan_rename(keys: Iterable[str], rules: list[RenameRule]) -> tuple[dict[str,
             if unused:
                 raise CkptError(f"--map names {len(unused)} key(s) the checkpoint does not have: "
                                 f"{', '.join(unused[:10])}")
-        elif renamed == current:
-            raise CkptError(f"{rule.describe()} changed no key")
+        elif renamed == current and not allow_unchanged:
+            raise CkptError(f"{rule.describe()} changed no key (--allow-unchanged accepts that, for a script run "
+                            f"on files that may have been renamed already)")
         current = renamed
     names = dict(zip(keys, current))
     if len(set(current)) != len(current):

@@ -435,3 +435,15 @@ def test_dry_run_over_an_existing_output_says_it_would_need_force(cli, tmp_path,
 def test_a_union_of_overlapping_sources_suggests_averaging_them_too(cli, tmp_path, flat):
     result = cli("merge", flat, flat, "-o", tmp_path / "o.pth")
     assert_one_error_line(result, "more than one source", "--on-conflict first|last", "--average or --method")
+
+
+def test_rename_with_allow_unchanged_runs_twice_to_the_same_file(cli, tmp_path, flat):
+    """--strip-prefix in a script: the second run (on the stripped file) is an error unless
+    --allow-unchanged, and then writes the same bytes."""
+    once, twice = tmp_path / "once.pth", tmp_path / "twice.pth"
+    assert cli("rename", flat, "--strip-prefix", "module", "-o", once).code == 0
+    assert_one_error_line(cli("rename", once, "--strip-prefix", "module", "-o", twice), "changed no key",
+                          "--allow-unchanged")
+    result = cli("rename", once, "--strip-prefix", "module", "-o", twice, "--allow-unchanged", "--json")
+    assert result.code == 0 and result.json()["renamed"] == {}
+    assert cli("diff", once, twice).code == 0

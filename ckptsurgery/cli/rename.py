@@ -99,6 +99,8 @@ def rename(
         "--regex", metavar="PATTERN REPL", help=r"Regular-expression substitution (\1 for groups).")] = None,
     map_file: Annotated[Optional[list[str]], typer.Option(
         "--map", metavar="MAP.json", help="JSON file of exact old name -> new name.")] = None,
+    allow_unchanged: Annotated[bool, typer.Option(
+        "--allow-unchanged", help="A rule that changes no key is not an error (for scripts: --strip-prefix module on a file already stripped).")] = False,
     root: RootOpt = None,
     *,
     out: OutputOptions,
@@ -111,7 +113,7 @@ def rename(
     rules = [core.rename_rule(kind, *([_load_map(values[0])] if kind == "map" else values))
              for kind, values in ctx.meta.get(_RULES, [])]
     with out.writing() as write:
-        report = ops.rename_keys(input, rules, write, root=root)
+        report = ops.rename_keys(input, rules, write, root=root, allow_unchanged=allow_unchanged)
     if out.dry_run and not out.json:
         _print_rename_table(report)
     out.finish(report, [f"renamed {len(report.renamed)} key(s)", listing("untouched", report.untouched)])

@@ -63,11 +63,13 @@ def drop_keys(input: str, patterns: list[str], write: WriteOptions, *, root: str
 
 
 def rename_keys(input: str, rules: list[core.RenameRule], write: WriteOptions, *,
-                root: str | None = None) -> RenameReport:
-    """Rename keys by rules; refuse, before writing anything, if two keys would share a name."""
+                root: str | None = None, allow_unchanged: bool = False) -> RenameReport:
+    """Rename keys by rules; refuse, before writing anything, if two keys would share a name, or
+    if a rule changes no key (unless `allow_unchanged`: the same command run twice then writes
+    the same file)."""
     write = check_write_options(write)
     with open_checkpoint(input, root) as ckpt:
-        names, untouched = core.plan_rename(_keys(ckpt), rules)
+        names, untouched = core.plan_rename(_keys(ckpt), rules, allow_unchanged)
         renamed = OrderedDict((names[k], t) for k, t in ckpt.tensors.items())
         others = OrderedDict((names[k], v) for k, v in ckpt.others.items())
         # _metadata holds module versions by the old module names: stale after a rename
