@@ -447,3 +447,32 @@ def test_rename_with_allow_unchanged_runs_twice_to_the_same_file(cli, tmp_path, 
     result = cli("rename", once, "--strip-prefix", "module", "-o", twice, "--allow-unchanged", "--json")
     assert result.code == 0 and result.json()["renamed"] == {}
     assert cli("diff", once, twice).code == 0
+
+
+def test_long_key_tables_stop_at_2000_rows_and_lead_with_what_matters(cli, tmp_path, monkeypatch):
+    """merge --into and rename --dry-run print one row per key: 20,000 keys were 20,007 lines.
+    Like inspect, a table stops at 2,000 rows with a line saying where the rest is; merge --into
+    lists mismatches before copies."""
+    monkeypatch.setenv("COLUMNS", "200")
+    state = {f"layer.{i}.w": torch.zeros(1) for i in range(2100)}
+    torch.save(state, tmp_path / "a.pth")
+    torch.save({**state, "layer.2099.w": torch.zeros(2)}, tmp_path / "t.pth")
+    result = cli("merge", tmp_path / "a.pth", "--into", tmp_path / "t.pth", "--on-mismatch", "skip",
+                 "-o", tmp_path / "o.pth", "--dry-run")
+    rows = result.out.splitlines()
+    assert result.code == 0 and rows[1].split()[:2] == ["layer.2099.w", "mismatched"]
+    assert "... 100 more keys not listed: --json lists them all" in result.out
+    assert len(rows) < 2010
+    renamed = cli("rename", tmp_path / "a.pth", "--add-prefix", "m", "-o", tmp_path / "r.pth", "--dry-run")
+    assert "... 100 more renamed keys not listed" in renamed.out and len(renamed.out.splitlines()) < 2010
+
+
+def test_a_long_key_wraps_in_a_narrow_terminal_and_is_never_cut(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")
+    name = "encoder.layers.0.attention.self.query_key_value.weight"
+    torch.save({name: torch.zeros(1)}, tmp_path / "a.pth")
+    result = cli("rename", tmp_path / "a.pth", "--add-prefix", "model", "-o", tmp_path / "r.pth", "--dry-run")
+    rows = [re.split(r"\s{2,}", line.strip()) for line in result.out.splitlines()[1:] if not line.startswith("would")]
+    rows = rows[:next(i for i, r in enumerate(rows) if r[0].startswith("renamed"))]
+    assert "…" not in result.out
+    assert "".join(r[0] for r in rows) == name and "".join(r[-1] for r in rows) == "model." + name

@@ -200,6 +200,25 @@ def _metadata_lines(report: WriteReport) -> list[str]:
     return lines
 
 
+MAX_ROWS = 2000  # a table longer than this is for a program: the rest is in --json
+
+
+def print_table(columns: tuple[str, ...], rows: list[tuple[str, ...]], stderr: bool, what: str) -> None:
+    """A table of at most MAX_ROWS rows (the caller puts what matters first), then one line for
+    the rest; long names wrap, never cut."""
+    from rich.table import Table
+
+    table = Table(box=None, show_edge=False, pad_edge=False)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows[:MAX_ROWS]:
+        table.add_row(*row)
+    out = console(stderr)
+    out.print(table)
+    if len(rows) > MAX_ROWS:
+        out.print(f"... {len(rows) - MAX_ROWS:,} more {what} not listed: --json lists them all")
+
+
 def listing(label: str, names: list[str], limit: int = 12) -> str:
     """One line naming (escaped) the first `limit` names."""
     shown = ", ".join(map(printable, names[:limit])) + (f" … (+{len(names) - limit})" if len(names) > limit else "")

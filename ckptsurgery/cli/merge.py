@@ -10,7 +10,7 @@ from .. import core, ops
 from ..ops.methods import METHODS, PARAMETERS, merge_options
 from . import app
 from .common import (
-    CastTo, OutputOptions, RootOpt, choice, console, examples, expanded_options, listing, output_options, printable,
+    CastTo, OutputOptions, RootOpt, choice, examples, expanded_options, listing, output_options, print_table, printable,
 )
 
 
@@ -103,22 +103,16 @@ def _details(report: ops.MergeReport) -> list[str]:
 
 
 def _print_into_table(report: ops.IntoReport, stderr: bool) -> None:
-    """Every key under exactly one heading, as the JSON report has them."""
-    from rich.table import Table
-
-    table = Table(box=None, show_edge=False, pad_edge=False)
-    for column in ("key", "outcome", "detail"):
-        table.add_column(column)
-    for name in report.copied:
-        table.add_row(printable(name), "copied", "")
-    for source, name in report.renamed.items():
-        table.add_row(printable(name), "renamed", f"from {printable(source)}")
-    for a in report.adapted:
-        table.add_row(printable(a["name"]), f"adapted ({a['rule']})", f"{a['from']} -> {a['to']}")
-    for m in report.mismatched:
-        table.add_row(printable(m["name"]), f"mismatched ({m['policy']})", f"{m['source_shape']} -> {m['template_shape']}")
-    for name in report.kept_from_template:
-        table.add_row(printable(name), "kept from template", printable(report.kept_reasons.get(name, "")))
-    for name in report.left_out:
-        table.add_row(printable(name), "left out", "not in the template")
-    console(stderr).print(table)
+    """Every key under exactly one heading, as the JSON report has them: what needs a look
+    first (mismatches, adaptations, fresh values, renames, what was left out), copies last."""
+    rows = [
+        *((printable(m["name"]), f"mismatched ({m['policy']})", f"{m['source_shape']} -> {m['template_shape']}")
+          for m in report.mismatched),
+        *((printable(a["name"]), f"adapted ({a['rule']})", f"{a['from']} -> {a['to']}") for a in report.adapted),
+        *((printable(name), "kept from template", printable(report.kept_reasons.get(name, "")))
+          for name in report.kept_from_template),
+        *((printable(name), "renamed", f"from {printable(source)}") for source, name in report.renamed.items()),
+        *((printable(name), "left out", "not in the template") for name in report.left_out),
+        *((printable(name), "copied", "") for name in report.copied),
+    ]
+    print_table(("key", "outcome", "detail"), rows, stderr, "keys")

@@ -12,7 +12,7 @@ from typer.core import TyperCommand, TyperOption
 from .. import core, ops
 from ..errors import CkptError
 from . import app
-from .common import InputArg, OutputOptions, RootOpt, console, examples, listing, output_options, printable
+from .common import InputArg, OutputOptions, RootOpt, examples, listing, output_options, print_table, printable
 
 
 def _load_map(path: str) -> dict:
@@ -120,12 +120,5 @@ def rename(
 
 
 def _print_rename_table(report: ops.RenameReport) -> None:
-    from rich.table import Table
-
-    table = Table(box=None, show_edge=False, pad_edge=False)
-    table.add_column("old")
-    table.add_column("")
-    table.add_column("new")
-    for old, new in report.renamed.items():
-        table.add_row(printable(old), "→", printable(new))
-    console().print(table)
+    print_table(("old", "", "new"), [(printable(old), "→", printable(new)) for old, new in report.renamed.items()],
+                False, "renamed keys")
