@@ -476,3 +476,17 @@ def test_a_long_key_wraps_in_a_narrow_terminal_and_is_never_cut(cli, tmp_path, m
     rows = rows[:next(i for i, r in enumerate(rows) if r[0].startswith("renamed"))]
     assert "…" not in result.out
     assert "".join(r[0] for r in rows) == name and "".join(r[-1] for r in rows) == "model." + name
+
+
+def test_summaries_count_in_the_singular_and_sum_up_the_routine(cli, tmp_path):
+    """No "1 tensors"; no "…: none" line; 20 num_batches_tracked said once, not listed."""
+    state = {f"bn{i}.num_batches_tracked": torch.tensor(1) for i in range(20)}
+    torch.save({"w": torch.ones(2), **state}, tmp_path / "a.pth")
+    cast = cli("convert", tmp_path / "a.pth", "-o", tmp_path / "b.safetensors", "--dtype", "bf16")
+    assert "kept their dtype (--dtype casts float16/bfloat16/float32/float64 only) (1): *.num_batches_tracked (20)" \
+        in cast.err, cast.err
+    torch.save({"w": torch.ones(2)}, tmp_path / "one.pth")
+    one = cli("convert", tmp_path / "one.pth", "-o", tmp_path / "one.safetensors")
+    assert ": 1 tensor, " in one.err
+    merged = cli("merge", tmp_path / "one.pth", tmp_path / "one.pth", "--average", "-o", tmp_path / "m.pth")
+    assert "merged 1 tensor by linear" in merged.err and "not floating" not in merged.err

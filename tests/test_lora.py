@@ -132,7 +132,7 @@ def test_two_adapters_add_up_in_order_with_their_scales(cli, tmp_path):
     result = cli("merge", tmp_path / "base.pth", "--lora", tmp_path / "a0", "--lora", tmp_path / "a1",
                  "--lora-scale", "2", "--lora-scale", "-0.5", "-o", out)
     assert result.code == 0, result.err
-    assert "folded 2 adapter(s) into 4 tensors" in result.err
+    assert "folded 2 adapters into 4 tensors" in result.err
     got = load_file(out)
     for k in base_sd:
         assert torch.allclose(got[k], base_sd[k] + 2 * deltas[0][k] - 0.5 * deltas[1][k], atol=1e-5), k

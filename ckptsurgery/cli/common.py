@@ -162,14 +162,14 @@ def finish_write(report: WriteReport, as_json: bool, quiet: bool, details: list[
         return
     verb = "would write" if report.dry_run else "wrote"
     # names are escaped before they are joined: each entry of `lines` is exactly one line
-    lines = [f"{verb} {', '.join(map(printable, report.files))}: {report.tensors} tensors, "
+    lines = [f"{verb} {', '.join(map(printable, report.files))}: {count(report.tensors, 'tensor')}, "
              f"{human_bytes(report.total_bytes)}", *details]
     if report.tied:
         lines.append(f"{len(report.tied)} tied name(s) stored once: "
                      + ", ".join(f"{printable(a)} = {printable(b)}" for a, b in report.tied.items()))
     if report.kept_dtype:
         lines.append(listing("kept their dtype (--dtype casts float16/bfloat16/float32/float64 only)",
-                             report.kept_dtype))
+                             summarised(report.kept_dtype)))
     if report.extras_left_out:
         lines.append("left out (safetensors holds tensors only): " + ", ".join(map(printable, report.extras_left_out)))
     lines += _metadata_lines(report)
@@ -217,6 +217,28 @@ def print_table(columns: tuple[str, ...], rows: list[tuple[str, ...]], stderr: b
     out.print(table)
     if len(rows) > MAX_ROWS:
         out.print(f"... {len(rows) - MAX_ROWS:,} more {what} not listed: --json lists them all")
+
+
+def count(n: int, noun: str) -> str:
+    """"1 tensor", "2 tensors"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def summarised(names: list[str], least: int = 3) -> list[str]:
+    """Names, with each last part that `least` or more of them share said once ("*.num_batches_tracked
+    (20)"): the routine summed up, the rest by name, in order of first appearance."""
+    by_last: dict[str, list[str]] = {}
+    for name in names:
+        by_last.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+    shown, said = [], set()
+    for name in names:
+        last = name.rsplit(".", 1)[-1]
+        if len(by_last[last]) < least:
+            shown.append(name)
+        elif last not in said:
+            said.add(last)
+            shown.append(f"*.{last} ({len(by_last[last])})")
+    return shown
 
 
 def listing(label: str, names: list[str], limit: int = 12) -> str:

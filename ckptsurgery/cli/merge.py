@@ -10,7 +10,8 @@ from .. import core, ops
 from ..ops.methods import METHODS, PARAMETERS, merge_options
 from . import app
 from .common import (
-    CastTo, OutputOptions, RootOpt, choice, examples, expanded_options, listing, output_options, print_table, printable,
+    CastTo, OutputOptions, RootOpt, choice, count, examples, expanded_options, listing, output_options, print_table,
+    printable, summarised,
 )
 
 
@@ -86,12 +87,13 @@ def _details(report: ops.MergeReport) -> list[str]:
                 f"left out {len(report.left_out)}"]
     if isinstance(report, ops.MethodReport):
         shown = ", ".join(f"{k} {PARAMETERS[k].shown(v)}" for k, v in report.parameters.items())
-        return [f"merged {report.merged} tensors by {report.method} ({shown})",
-                listing(f"taken from the {'base' if report.base else 'first model'} (not floating)", report.not_merged),
+        taken = f"taken from the {'base' if report.base else 'first model'} (not floating)"
+        return [f"merged {count(report.merged, 'tensor')} by {report.method} ({shown})",
+                *([listing(taken, summarised(report.not_merged))] if report.not_merged else []),
                 *(listing(note, [n for n, v in report.notes.items() if v == note])
                   for note in sorted(set(report.notes.values())))]
     if isinstance(report, ops.FoldReport):
-        details = [f"folded {len(report.adapters)} adapter(s) into {report.folded} tensors: "
+        details = [f"folded {count(len(report.adapters), 'adapter')} into {count(report.folded, 'tensor')}: "
                    + "; ".join(f"{printable(a.path)} ({a.format}, scale {a.scale:g}, {a.folded} weights)"
                                for a in report.adapters)]
         if report.unmatched:
