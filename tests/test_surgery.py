@@ -76,6 +76,90 @@ def test_drop_pattern_selecting_nothing(cli, tmp_path, zip_pth):
     assert result.code == 1 and "'fc' selected no key" in result.err
 
 
+# ---- filter --like: the template's shapes and dtypes -------------------------------------------
+
+@pytest.fixture
+def ten_class_template(tmp_path):
+    """The new model's state dict: Net with 10 classes (liner10 is [10, 5] where the input's is [4, 5])."""
+    path = tmp_path / "net10.pth"
+    torch.save(Net(classes=10).state_dict(), path)
+    return path
+
+
+def test_filter_like_refuses_keys_whose_shape_differs_from_the_template(cli, tmp_path, zip_pth, ten_class_template):
+    out = tmp_path / "f.pth"
+    result = cli("filter", zip_pth, "--like", ten_class_template, "-o", out)
+    assert_one_error_line(result, "2 key(s) differ in shape", "liner10.weight [4, 5] (template [10, 5])",
+                          "liner10.bias [4] (template [10])", "--skip-mismatched", "merge --into")
+    assert not out.exists()
+
+
+def test_filter_like_skip_mismatched_output_loads_into_the_template_model(cli, tmp_path, zip_pth, ten_class_template):
+    out = tmp_path / "f.pth"
+    report = cli("filter", zip_pth, "--like", ten_class_template, "--skip-mismatched", "-o", out, "--json").json()
+    assert report["shape_mismatched"] == [
+        {"name": "liner10.weight", "shape": [4, 5], "template_shape": [10, 5]},
+        {"name": "liner10.bias", "shape": [4], "template_shape": [10]},
+    ]
+    assert report["left_out"] == ["liner10.weight", "liner10.bias"] and report["dtype_mismatched"] == []
+    model = Net(classes=10)
+    missing, unexpected = model.load_state_dict(torch.load(out, weights_only=True), strict=False)
+    assert sorted(missing) == ["liner10.bias", "liner10.weight"] and unexpected == []
+    assert torch.equal(model.conv.weight, torch.load(zip_pth)["conv.weight"])
+    human = cli("filter", zip_pth, "--like", ten_class_template, "--skip-mismatched", "-o", out, "--force")
+    assert human.code == 0 and "shape differs from the template's (--skip-mismatched) (2): " \
+        "liner10.weight [4, 5] (template [10, 5])" in human.err
+
+
+def test_filter_like_reports_dtypes_that_differ_from_the_template_and_writes_the_inputs(cli, tmp_path, zip_pth):
+    template = tmp_path / "half.pth"
+    model = Net()
+    model.liner1.half()
+    torch.save(model.state_dict(), template)
+    out = tmp_path / "f.pth"
+    result = cli("filter", zip_pth, "--like", template, "-o", out, "--json")
+    assert result.code == 0, result.err
+    assert result.json()["dtype_mismatched"] == [
+        {"name": "liner1.weight", "dtype": "float32", "template_dtype": "float16"},
+        {"name": "liner1.bias", "dtype": "float32", "template_dtype": "float16"},
+    ]
+    written = torch.load(out, weights_only=True)
+    assert written["liner1.weight"].dtype == torch.float32
+    model.load_state_dict(written)  # strict: every key, every shape; load_state_dict casts
+    human = cli("filter", zip_pth, "--like", template, "-o", out, "--force")
+    assert "dtype differs from the template's, written as is (load_state_dict casts) (2): " \
+        "liner1.weight float32 (template float16)" in human.err
+
+
+def test_filter_like_a_tensor_where_the_template_holds_another_value_is_a_mismatch(cli, tmp_path):
+    src, template = tmp_path / "s.pth", tmp_path / "t.pth"
+    torch.save({"w": torch.ones(2), "blk._extra_state": torch.zeros(3)}, src)
+    torch.save({"w": torch.zeros(2), "blk._extra_state": b"state"}, template)
+    result = cli("filter", src, "--like", template, "-o", tmp_path / "f.pth")
+    assert_one_error_line(result, "blk._extra_state [3] (template (not a tensor))")
+
+
+def test_filter_keys_library_refuses_shape_mismatch_and_skip_mismatched_writes_a_loadable_file(
+        tmp_path, zip_pth, ten_class_template):
+    from ckptsurgery.errors import CkptError
+    from ckptsurgery.ops import WriteOptions, filter_keys
+
+    out = tmp_path / "f.safetensors"
+    with pytest.raises(CkptError, match=r"liner10\.weight \[4, 5\] \(template \[10, 5\]\)"):
+        filter_keys(str(zip_pth), WriteOptions(str(out)), like=str(ten_class_template))
+    assert not out.exists()
+    report = filter_keys(str(zip_pth), WriteOptions(str(out)), like=str(ten_class_template), skip_mismatched=True)
+    assert [m["name"] for m in report.shape_mismatched] == ["liner10.weight", "liner10.bias"]
+    model = Net(classes=10)
+    missing, unexpected = model.load_state_dict(load_any(out), strict=False)
+    assert sorted(missing) == ["liner10.bias", "liner10.weight"] and unexpected == []
+
+
+def test_skip_mismatched_without_like_is_a_usage_error(cli, tmp_path, zip_pth):
+    result = cli("filter", zip_pth, "--keep", "conv", "--skip-mismatched", "-o", tmp_path / "f.pth")
+    assert_one_error_line(result, "--skip-mismatched applies to --like", code=2)
+
+
 def test_filter_keeps_ties_in_safetensors(cli, tmp_path, tied_pth):
     out = tmp_path / "t.safetensors"
     report = cli("filter", tied_pth, "--keep", "embed", "--keep", "lm_head", "-o", out, "--json").json()

@@ -13,6 +13,7 @@ from .common import InputArg, OutputOptions, RootOpt, examples, listing, output_
 
 @app.command("filter", epilog=examples(
     "ckptsurgery filter pretrained.pth -o matching.pth --like new_model.pth",
+    "ckptsurgery filter old.pth --like new.pth --skip-mismatched -o fit.pth",
     "ckptsurgery filter ckpt.pth --keep backbone --keep 'neck.*' -o part.pth",
 ))
 @output_options()
@@ -21,15 +22,32 @@ def filter_command(
     keep: Annotated[Optional[list[str]], typer.Option(
         "--keep", metavar="PATTERN", help="Keep keys matching PATTERN (glob, module name, or re:REGEX); repeatable.")] = None,
     like: Annotated[Optional[str], typer.Option(
-        "--like", metavar="TEMPLATE", help="Keep exactly the keys this template checkpoint has.")] = None,
+        "--like", metavar="TEMPLATE",
+        help="Keep the keys this template checkpoint has; a key whose shape differs from the template's is an "
+             "error (dtypes that differ are reported).")] = None,
+    skip_mismatched: Annotated[bool, typer.Option(
+        "--skip-mismatched", help="With --like: leave out the keys whose shape differs from the template's "
+                                  "(merge --into fits them instead).")] = False,
     root: RootOpt = None,
     *,
     out: OutputOptions,
 ) -> None:
-    """Keep selected keys, or exactly the keys a template has (the `if k in model_dict` recipe)."""
+    """Keep selected keys, or the keys a template has in the template's shapes (the `if k in model_dict` recipe)."""
     with out.writing() as write:
-        report = ops.filter_keys(input, write, keep=keep, like=like, root=root)
+        report = ops.filter_keys(input, write, keep=keep, like=like, root=root, skip_mismatched=skip_mismatched)
     details = [listing("left out", report.left_out)]
+    if report.shape_mismatched:
+        details.append(listing("their shape differs from the template's (--skip-mismatched)",
+                               [f"{m['name']} {_shape(m['shape'])} (template {_shape(m['template_shape'])})"
+                                for m in report.shape_mismatched]))
     if report.missing_from_input:
         details.append(listing("template keys the input lacks", report.missing_from_input))
+    if report.dtype_mismatched:
+        details.append(listing("dtype differs from the template's, written as is (load_state_dict casts)",
+                               [f"{m['name']} {m['dtype']} (template {m['template_dtype']})"
+                                for m in report.dtype_mismatched]))
     out.finish(report, details)
+
+
+def _shape(shape: list[int] | None) -> str:
+    return "(not a tensor)" if shape is None else str(shape)

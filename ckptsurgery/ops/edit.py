@@ -5,10 +5,11 @@ renamed over the whole state dict: its tensors and the non-tensor entries beside
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import NamedTuple
 
 from .. import core
 from ..errors import CkptError, UsageError
-from ..io import Checkpoint, open_checkpoint
+from ..io import Checkpoint, TensorRef, open_checkpoint
 from .options import WriteOptions, check_write_options
 from .reports import DropReport, FilterReport, RenameReport
 from .write import write_checkpoint
@@ -24,31 +25,83 @@ def _subset(ckpt: Checkpoint, names: list[str]) -> tuple[OrderedDict, OrderedDic
             OrderedDict((k, v) for k, v in ckpt.others.items() if k in chosen))
 
 
+class _Fit(NamedTuple):
+    """How the input's keys fit a template (`filter --like`)."""
+
+    missing: list[str]  # the template's keys the input lacks
+    shapes: list[dict]  # {name, shape, template_shape}: left out (--skip-mismatched)
+    dtypes: list[dict]  # {name, dtype, template_dtype}: written as the input has them
+
+
+MISMATCHES_SHOWN = 5  # in the refusal's one line
+
+
+def _shape(t: TensorRef | None) -> list[int] | None:
+    return None if t is None else list(t.shape)
+
+
+def _shown(shape: list[int] | None) -> str:
+    return "(not a tensor)" if shape is None else str(shape)
+
+
+def _like_template(ckpt: Checkpoint, input: str, like: str, skip_mismatched: bool) -> tuple[list[str], _Fit]:
+    """The input's keys the template has, in the input's order, and how they fit it. A key whose
+    shape differs (or a tensor where the template has another value) would make the template's
+    model fail `load_state_dict`: an error, or with `skip_mismatched` left out. A dtype that
+    differs is reported only (load_state_dict copies into the model's own dtype)."""
+    with open_checkpoint(like) as template:
+        wanted = {k: template.tensors.get(k) for k in _keys(template)}
+    have = set(_keys(ckpt))
+    shared = [k for k in _keys(ckpt) if k in wanted]
+    if not shared:
+        raise CkptError(f"{input} and the template {like} share no key "
+                        f"(different prefixes? see `ckptsurgery rename` or `merge --into`)")
+    shapes, dtypes = [], []
+    for name in shared:
+        mine, theirs = ckpt.tensors.get(name), wanted[name]
+        if mine is None and theirs is None:  # two values that are not tensors (_extra_state)
+            continue
+        if mine is None or theirs is None or tuple(mine.shape) != tuple(theirs.shape):
+            shapes.append({"name": name, "shape": _shape(mine), "template_shape": _shape(theirs)})
+        elif mine.dtype is not theirs.dtype:
+            dtypes.append({"name": name, "dtype": mine.dtype.name, "template_dtype": theirs.dtype.name})
+    if shapes and not skip_mismatched:
+        shown = ", ".join(f"{m['name']} {_shown(m['shape'])} (template {_shown(m['template_shape'])})"
+                          for m in shapes[:MISMATCHES_SHOWN])
+        more = f" … (+{len(shapes) - MISMATCHES_SHOWN})" if len(shapes) > MISMATCHES_SHOWN else ""
+        raise CkptError(f"{input}: {len(shapes)} key(s) differ in shape from the template {like}, whose model "
+                        f"could not load them: {shown}{more}; --skip-mismatched leaves them out, "
+                        f"`merge --into` fits them (--on-mismatch skip, overlap or adapt)")
+    skipped = {m["name"] for m in shapes}
+    names = [k for k in shared if k not in skipped]
+    if not names:
+        raise CkptError(f"{input}: every key it shares with the template {like} differs in shape: nothing to write "
+                        f"(`merge --into` fits them)")
+    return names, _Fit([k for k in wanted if k not in have], shapes, dtypes)
+
+
 def filter_keys(input: str, write: WriteOptions, *, keep: list[str] | None = None, like: str | None = None,
-                root: str | None = None) -> FilterReport:
-    """Keep the keys that patterns select, or exactly the keys a template checkpoint has
-    (`{k: v for k, v in pretrained.items() if k in model_dict}`)."""
+                root: str | None = None, skip_mismatched: bool = False) -> FilterReport:
+    """Keep the keys that patterns select, or the keys a template checkpoint has
+    (`{k: v for k, v in pretrained.items() if k in model_dict}`) — as long as their shapes are the
+    template's: a shape that differs is an error, or with `skip_mismatched` the key is left out
+    (`shape_mismatched`); a dtype that differs is reported (`dtype_mismatched`)."""
     write = check_write_options(write)
     if bool(keep) == bool(like):
         raise UsageError("give either --keep PATTERN (repeatable) or --like TEMPLATE, not both")
+    if skip_mismatched and not like:
+        raise UsageError("--skip-mismatched applies to --like TEMPLATE only")
     with open_checkpoint(input, root) as ckpt:
-        missing: list[str] = []
         if keep:
-            names = core.select(_keys(ckpt), keep)
+            names, fit = core.select(_keys(ckpt), keep), _Fit([], [], [])
         else:
-            with open_checkpoint(like) as template:
-                wanted = _keys(template)
-            present, have = set(wanted), set(_keys(ckpt))
-            names = [k for k in _keys(ckpt) if k in present]
-            missing = [k for k in wanted if k not in have]
-            if not names:
-                raise CkptError(f"{input} and the template {like} share no key "
-                                f"(different prefixes? see `ckptsurgery rename` or `merge --into`)")
+            names, fit = _like_template(ckpt, input, like, skip_mismatched)
         kept, others = _subset(ckpt, names)
         written = write_checkpoint(kept, write, source=ckpt, others=others)
     chosen = set(names)
     return FilterReport.extend(written, kept=names, left_out=[k for k in _keys(ckpt) if k not in chosen],
-                               missing_from_input=missing)
+                               missing_from_input=fit.missing, shape_mismatched=fit.shapes,
+                               dtype_mismatched=fit.dtypes)
 
 
 def drop_keys(input: str, patterns: list[str], write: WriteOptions, *, root: str | None = None) -> DropReport:

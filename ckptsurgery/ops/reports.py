@@ -89,6 +89,12 @@ class FilterReport(WriteReport):
     kept: list[str] = entry("Keys kept, in the input's order.")
     left_out: list[str] = entry("Keys of the input not kept.")
     missing_from_input: list[str] = entry("With `--like`: the template's keys the input lacks.")
+    shape_mismatched: list[dict] = entry("With `--like --skip-mismatched`: `{name, shape, template_shape}` per key "
+                                         "left out because its shape differs from the template's (`null`: not a "
+                                         "tensor); without the flag such a key is an error.")
+    dtype_mismatched: list[dict] = entry("With `--like`: `{name, dtype, template_dtype}` per key kept in a dtype "
+                                         "other than the template's (written as the input has it; "
+                                         "`load_state_dict` casts it).")
 
 
 @dataclass(kw_only=True)
