@@ -1,8 +1,9 @@
 """DeepSpeed ZeRO checkpoints, written by DeepSpeed itself (two ranks on CPU, gloo on 127.0.0.1),
-read into the fp32 weights DeepSpeed's own zero_to_fp32 reconstructs — bit for bit — without
-DeepSpeed and without its code running; and those checkpoints edited by hand (neg views, shapes
-and paddings that do not add up, bad shared_params, buffer_names and module keys): refused in one
-line, and a .pth output holds each weight, nothing hidden beside it."""
+read into the fp32 weights DeepSpeed's own zero_to_fp32 reconstructs — bit for bit, and in the
+dtypes its writer gives them (every floating tensor float32, frozen parameters included) —
+without DeepSpeed and without its code running; and those checkpoints edited by hand (neg views,
+shapes and paddings that do not add up, bad shared_params, buffer_names and module keys):
+refused in one line, and a .pth output holds each weight, nothing hidden beside it."""
 
 from __future__ import annotations
 
@@ -11,25 +12,31 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import zipfile
 
 import pytest
 import torch
 
-from conftest import assert_one_error_line, load_any
+from conftest import assert_one_error_line, assert_same_tensors, load_any
 
 
 @pytest.fixture(scope="session", params=[(1, "fp32"), (2, "fp32"), (3, "fp32"), (3, "bf16")],
                 ids=["stage1", "stage2", "stage3", "stage3-bf16"])
 def zero(request, deepspeed_checkpoint):
-    """(checkpoint folder, zero_to_fp32's state dict, the frozen parameter, stage)."""
+    """(checkpoint folder, get_fp32_state_dict_from_zero_checkpoint's state dict, the frozen
+    parameter as the model held it, stage)."""
     stage, dtype = request.param
     out = deepspeed_checkpoint(stage, dtype)
-    return out, torch.load(out / "reference_fp32.pt", weights_only=True), torch.load(out / "frozen.pt",
-                                                                                   weights_only=True), stage
+    frozen = torch.load(out / "frozen.pt", weights_only=True)  # fp32, before a bf16 run made it bf16
+    frozen = frozen.to(torch.bfloat16 if dtype == "bf16" else frozen.dtype)
+    return out, torch.load(out / "reference_fp32.pt", weights_only=True), frozen, stage
 
 
 def test_zero_weights_are_zero_to_fp32s_bit_for_bit(cli, tmp_path, zero):
+    """Names and values as get_fp32_state_dict_from_zero_checkpoint gives them; every floating
+    tensor float32, as zero_to_fp32 writes them (the in-memory function leaves frozen parameters
+    in the model's dtype: see test_zero_convert_writes_what_zero_to_fp32_writes)."""
     folder, reference, frozen, stage = zero
     doc = cli("inspect", folder, "--json").json()
     assert doc["format"] == "deepspeed"
@@ -41,12 +48,91 @@ def test_zero_weights_are_zero_to_fp32s_bit_for_bit(cli, tmp_path, zero):
     assert cli("convert", folder, "-o", out).code == 0
     got = load_any(out)
     for name, value in reference.items():
-        assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
+        dtype = torch.float32 if value.is_floating_point() else value.dtype
+        assert got[name].dtype == dtype and torch.equal(got[name], value.to(dtype)), name
     # zero_to_fp32 drops frozen parameters at stage 1; they are in the model states whole
     assert set(got) - set(reference) == ({"frozen"} if stage == 1 else set())
-    assert torch.equal(got["frozen"], frozen.to(got["frozen"].dtype))
+    assert got["frozen"].dtype == torch.float32 and torch.equal(got["frozen"], frozen.float())
     step = next(p for p in folder.iterdir() if p.is_dir())  # the tag's folder works as well
     assert cli("diff", step, out).code == 0
+
+
+# What DeepSpeed's zero_to_fp32 writes: convert_zero_checkpoint_to_fp32_state_dict is what the
+# zero_to_fp32.py script beside every checkpoint runs (float32); convert_zero_checkpoint_to_state_dict
+# takes a dtype (float32, float16, bfloat16; tensors that are not floating keep theirs).
+ZERO_TO_FP32 = textwrap.dedent("""
+    import sys
+    from deepspeed.utils.zero_to_fp32 import (convert_zero_checkpoint_to_fp32_state_dict,
+                                              convert_zero_checkpoint_to_state_dict)
+    out = sys.argv[1]
+    for i, folder in enumerate(sys.argv[2:]):
+        convert_zero_checkpoint_to_fp32_state_dict(folder, f"{out}/{i}/fp32")
+        for dtype in ("bf16", "fp16"):
+            convert_zero_checkpoint_to_state_dict(folder, f"{out}/{i}/{dtype}", dtype=dtype)
+""")
+
+
+def _float8(states, name):
+    """The frozen parameter and the buffer of a bf16 run's stage-2 states as float8 (which torch
+    counts as floating)."""
+    states["frozen_param_fragments"]["frozen"] = states["frozen_param_fragments"]["frozen"].to(torch.float8_e4m3fn)
+    states["module"]["counter"] = states["module"]["counter"].to(torch.float8_e5m2)
+
+
+@pytest.fixture(scope="session")
+def zero_to_fp32(deepspeed_checkpoint, tmp_path_factory):
+    """name -> (ZeRO folder, {dtype: the state dict DeepSpeed's zero_to_fp32 writes in it}) for a
+    bf16 run at stages 1, 2 and 3 — the model's frozen parameter and buffer are bf16 in the
+    checkpoint — and a copy of stage 2 whose frozen parameter and buffer are float8. One
+    DeepSpeed process writes them all."""
+    folders = {f"stage{s}": deepspeed_checkpoint(s, "bf16") for s in (1, 2, 3)}
+    base = tmp_path_factory.mktemp("zero_to_fp32")
+    folders["stage2-float8"] = shutil.copytree(folders["stage2"], base / "stage2-float8")
+    _edit(folders["stage2-float8"], "*model_states.pt", _float8)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", ZERO_TO_FP32, str(base / "out"), *map(str, folders.values())],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    written = lambda i, dtype: load_any(base / "out" / str(i) / dtype / "pytorch_model.bin")  # noqa: E731
+    return {name: (folder, {dtype: written(i, dtype) for dtype in ("fp32", "bf16", "fp16")})
+            for i, (name, folder) in enumerate(folders.items())}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_convert_writes_what_zero_to_fp32_writes(cli, tmp_path, monkeypatch, zero_to_fp32, stage):
+    """A bf16 run (the frozen parameter bf16 in the checkpoint): `convert` gives the names, order,
+    dtypes, values and ties that zero_to_fp32 writes — every floating tensor float32, the frozen
+    one included — and `--dtype bf16|fp16` what it writes given that dtype. At stage 1, where
+    zero_to_fp32 drops frozen parameters, ours is kept, float32 too."""
+    # cast 4 elements at a time: the 6-element frozen parameter in two chunks, at stage 3 one
+    # of them across the two ranks' fragments
+    monkeypatch.setattr("ckptsurgery.io.deepspeed._CAST_CHUNK", 4)
+    folder, written = zero_to_fp32[f"stage{stage}"]
+    reference = torch.load(folder / "reference_fp32.pt", weights_only=True)
+    for dtype, expected in written.items():
+        out = tmp_path / f"{dtype}.pth"
+        assert cli("convert", folder, "-o", out, *(("--dtype", dtype) if dtype != "fp32" else ())).code == 0
+        got = load_any(out)
+        assert got["frozen"].dtype == expected["emb.weight"].dtype
+        if stage == 1:
+            del got["frozen"]
+        assert_same_tensors(got, expected)
+        assert got["head.weight"].data_ptr() == got["emb.weight"].data_ptr()  # tied, as zero_to_fp32 writes it
+    # get_fp32_state_dict_from_zero_checkpoint: the same names and values (DeepSpeed 0.19.8 leaves
+    # the frozen parameter in the model's dtype there, bf16, where its writer gives float32)
+    assert list(reference) == list(written["fp32"])
+    assert all(torch.equal(reference[n].to(written["fp32"][n].dtype), written["fp32"][n]) for n in reference)
+
+
+def test_zero_float8_frozen_parameter_and_buffer_come_out_float32(cli, tmp_path, zero_to_fp32):
+    """A frozen parameter and a buffer stored as float8 (torch counts them as floating): float32,
+    as zero_to_fp32 writes them."""
+    folder, written = zero_to_fp32["stage2-float8"]
+    out = tmp_path / "out.pth"
+    assert cli("convert", folder, "-o", out).code == 0
+    got = load_any(out)
+    assert written["fp32"]["frozen"].dtype == written["fp32"]["counter"].dtype == torch.float32
+    assert_same_tensors(got, written["fp32"])
 
 
 def test_zero_folder_refuses_root(cli, zero):

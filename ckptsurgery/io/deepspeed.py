@@ -19,6 +19,15 @@ of the trainable parameters per group (`param_shapes`, in flat order), the buffe
 - Stage 3: every parameter is split on its own, ceil(numel / ranks) elements per rank, the last
   rank(s) padded; each rank's `fp32_flat_groups` hold its shares one after another (a share may
   straddle two sub-groups). A parameter is its ranks' shares joined, cut to its size.
+
+Dtypes are those zero_to_fp32 writes (`convert_zero_checkpoint_to_fp32_state_dict`, which the
+`zero_to_fp32.py` script beside every checkpoint runs; DeepSpeed 0.19.8): every floating tensor
+float32 — the trained parameters, the buffers and the frozen parameters, which a bf16 or fp16 run
+stores in its own dtype — and every other tensor in its own. Its `dtype=` (float16, bfloat16) is
+`--dtype` on the output: every floating tensor cast from the float32 read here, the same values as
+DeepSpeed's cast from the stored ones. (`get_fp32_state_dict_from_zero_checkpoint`, the function
+that returns a state dict in memory, leaves frozen parameters in the model's dtype; the values are
+the same.)
 """
 
 from __future__ import annotations
@@ -28,11 +37,12 @@ import os
 import re
 from typing import Any
 
+from ..dtypes import BY_NAME, FLOAT, FLOAT8
 from ..errors import CkptError
 from .formats import Format
 from .model import (
-    Checkpoint, MappedFile, Storage, TensorRef, check_key, computed_tensor, contiguous_strides, joined_tensor, numel_of,
-    standalone,
+    Checkpoint, MappedFile, Storage, TensorRef, check_key, chunked_tensor, computed_tensor, contiguous_strides,
+    joined_tensor, numel_of, standalone,
 )
 from .pickled import How, InertObject, TorchSize
 from .torch_zip import load_torch_zip
@@ -193,15 +203,28 @@ def _flat(value: Any, what: str, where: str) -> TensorRef:
     return value
 
 
+_CAST_CHUNK = 4 * 1024 * 1024  # elements cast at a time: 16 MB of float32 in memory per chunk
+
+
 def _as_fp32(t: TensorRef) -> TensorRef:
-    """zero_to_fp32 gives buffers in float32 (frozen parameters keep the model's dtype)."""
-    if not t.dtype.floating or t.dtype.name == "float32":
+    """The tensor as zero_to_fp32 writes it (buffers and frozen parameters): float32 when torch
+    counts it as floating — float64/16, bfloat16 and the float8s — else as it is. The cast is
+    made chunk by chunk as the output is written (a frozen bf16 embedding is never whole in
+    memory as float32); packed float4, which torch cannot cast, is kept."""
+    if t.dtype.kind not in (FLOAT, FLOAT8) or t.dtype.packed > 1 or t.dtype.name == "float32":
         return standalone(t)
-    from ..dtypes import BY_NAME
     from .tensors import cast_bytes
 
     fp32 = BY_NAME["float32"]
-    return computed_tensor(t.shape, fp32, lambda: cast_bytes(t.data(), t.dtype, fp32))
+    if t.quant is not None or t.math_bits or not t.is_contiguous:  # not from DeepSpeed: whole
+        return computed_tensor(t.shape, fp32, lambda: cast_bytes(t.data(), t.dtype, fp32))
+    source, start, itemsize = t.storage.source, t.storage.offset + t.offset * t.dtype.itemsize, t.dtype.itemsize
+    counts = [min(_CAST_CHUNK, t.numel - i) for i in range(0, t.numel, _CAST_CHUNK)]
+
+    def chunk(j: int) -> bytearray:
+        return cast_bytes(source.view(start + j * _CAST_CHUNK * itemsize, counts[j] * itemsize), t.dtype, fp32)
+
+    return chunked_tensor(t.shape, fp32, [n * fp32.itemsize for n in counts], chunk)
 
 
 def _joined(pieces: list[tuple[TensorRef, int, int]], shape: tuple[int, ...]) -> TensorRef:
@@ -305,15 +328,15 @@ def _stage3(param_shapes, flat_groups, world: int, where: str) -> dict[str, Tens
 
 def _frozen(stage: int, models: list[dict], module: dict, trainable: set, buffers: set, shared: dict,
             where: str) -> dict[str, TensorRef]:
-    """Frozen parameters, in the model's dtype: whole in rank 0's `frozen_param_fragments`
-    (stage 2), split across the ranks' fragments like stage 3's (stage 3), and at stage 1 — where
-    zero_to_fp32 drops them — whole in `module`, the names that are neither trained, buffers
-    nor tied."""
+    """Frozen parameters, float32 as zero_to_fp32 writes them (from the model's dtype, which a
+    bf16 or fp16 run stores): whole in rank 0's `frozen_param_fragments` (stage 2), split across
+    the ranks' fragments like stage 3's (stage 3), and at stage 1 — where zero_to_fp32 drops
+    them — whole in `module`, the names that are neither trained, buffers nor tied."""
     first = models[0]
     shapes = first.get("frozen_param_shapes")
     if stage == 1 or shapes is None:
         names = [n for n in module if n not in trainable and n not in buffers and n not in shared]
-        return {n: standalone(module[n]) for n in names if isinstance(module[n], TensorRef)}
+        return {n: _as_fp32(module[n]) for n in names if isinstance(module[n], TensorRef)}
     shapes = _shapes(_dict(shapes, "frozen_param_shapes", where), where)
     out = {}
     for name, shape in shapes.items():
@@ -324,7 +347,7 @@ def _frozen(stage: int, models: list[dict], module: dict, trainable: set, buffer
         if stage == 2:
             if fragments[0].shape != shape:
                 raise CkptError(f"{where}: frozen parameter {name!r} is stored as {list(fragments[0].shape)}")
-            out[name] = standalone(fragments[0])
+            out[name] = _as_fp32(fragments[0])
             continue
         numel = numel_of(shape)
         share = -(-numel // len(models))
@@ -332,5 +355,5 @@ def _frozen(stage: int, models: list[dict], module: dict, trainable: set, buffer
         if len({f.dtype.name for f in flats}) != 1 or any(f.numel != share for f in flats):
             raise CkptError(f"{where}: frozen parameter {name!r}: fragments that are not {share} elements "
                             f"on each rank")
-        out[name] = _joined(_Laid(flats).slices(0, numel), shape) if numel else standalone(fragments[0])
+        out[name] = _as_fp32(_joined(_Laid(flats).slices(0, numel), shape) if numel else fragments[0])
     return out
