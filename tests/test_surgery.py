@@ -160,6 +160,130 @@ def test_skip_mismatched_without_like_is_a_usage_error(cli, tmp_path, zip_pth):
     assert_one_error_line(result, "--skip-mismatched applies to --like", code=2)
 
 
+# ---- drop: top-level entries beside the state dict (the optimizer) ----------------------------
+
+@pytest.fixture
+def training_ckpt(tmp_path):
+    """torch.save({"epoch", "state_dict", "optimizer"}) after a real Adam step: (path, model)."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 3, 5, 5)).sum().backward()
+    opt.step()
+    path = tmp_path / "ckpt.pth"
+    torch.save({"epoch": 3, "state_dict": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    return path, model
+
+
+def test_drop_optimizer_writes_a_pth_torch_loads_with_weights_only(cli, tmp_path, training_ckpt):
+    src, model = training_ckpt
+    out = tmp_path / "slim.pth"
+    result = cli("drop", src, "optimizer", "-o", out)
+    assert result.code == 0, result.err
+    assert "dropped beside the state dict (1): optimizer" in result.err and "dropped: none" not in result.err
+    slim = torch.load(out, weights_only=True)
+    assert list(slim) == ["epoch", "state_dict"] and slim["epoch"] == 3
+    expected = model.state_dict()
+    assert list(slim["state_dict"]) == list(expected)
+    assert all(torch.equal(slim["state_dict"][k], v) for k, v in expected.items())
+    assert slim["state_dict"]._metadata == expected._metadata
+    Net().load_state_dict(slim["state_dict"])
+    assert out.stat().st_size < src.stat().st_size
+
+
+def test_drop_optimizer_dry_run_and_json_report_the_entry(cli, tmp_path, training_ckpt):
+    src, _ = training_ckpt
+    out = tmp_path / "slim.pth"
+    dry = cli("drop", src, "optimizer", "-o", out, "--dry-run")
+    assert dry.code == 0 and not out.exists()
+    assert "would write" in dry.out and "dropped beside the state dict (1): optimizer" in dry.out
+    doc = cli("drop", src, "optimizer", "liner10", "-o", out, "--json").json()
+    assert doc["dropped_outside"] == ["optimizer"] and doc["dropped"] == ["liner10.weight", "liner10.bias"]
+    assert "liner10.weight" not in doc["kept"] and doc["extras_left_out"] == []
+    assert list(torch.load(out, weights_only=True)) == ["epoch", "state_dict"]
+
+
+def test_drop_a_pattern_that_selects_state_dict_keys_leaves_top_level_entries(cli, tmp_path):
+    src = tmp_path / "clash.pth"
+    torch.save({"model": {"optimizer.w": torch.ones(2), "b": torch.zeros(1)}, "optimizer": {"lr": 0.1}}, src)
+    out = tmp_path / "o.pth"
+    doc = cli("drop", src, "optimizer", "-o", out, "--json").json()
+    assert doc["dropped"] == ["optimizer.w"] and doc["dropped_outside"] == []
+    assert torch.load(out, weights_only=True)["optimizer"] == {"lr": 0.1}
+
+
+def test_drop_a_name_found_nowhere_is_still_an_error_naming_the_entries(cli, tmp_path, training_ckpt):
+    src, _ = training_ckpt
+    out = tmp_path / "o.pth"
+    result = cli("drop", src, "optimiser", "-o", out)
+    assert_one_error_line(result, "'optimiser' selected no key", "nor an entry beside the state dict ('epoch', "
+                                                                 "'optimizer')")
+    assert not out.exists()
+    root = cli("drop", src, "state_dict", "-o", out)
+    assert_one_error_line(root, "'state_dict' holds the state dict itself")
+
+
+def test_drop_with_root_top_level_of_a_training_checkpoint_says_to_leave_root_out(cli, tmp_path, training_ckpt):
+    src, _ = training_ckpt
+    result = cli("drop", src, "optimizer", "--root", "", "-o", tmp_path / "o.pth")
+    assert_one_error_line(result, "--root '' does not hold a state dict of tensors", "leave out --root")
+
+
+def test_drop_with_root_top_level_removes_non_tensor_keys_of_a_mixed_top_level(cli, tmp_path):
+    src = tmp_path / "mixed.pth"
+    torch.save({"w": torch.ones(2), "epoch": 3, "optimizer": {"lr": 0.1}}, src)
+    out = tmp_path / "o.pth"
+    doc = cli("drop", src, "optimizer", "--root", "", "-o", out, "--json").json()
+    assert doc["dropped"] == ["optimizer"] and doc["dropped_outside"] == []
+    assert list(torch.load(out, weights_only=True)) == ["w", "epoch"]
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("slim.safetensors", [], "a .safetensors output holds the state dict only"),
+    ("slim.pth", ["--max-shard-size", "200"], "a sharded output holds the state dict only"),
+])
+def test_drop_an_entry_into_an_output_of_the_state_dict_only_is_refused_in_one_line(cli, tmp_path, training_ckpt,
+                                                                                     name, args, message):
+    src, _ = training_ckpt
+    result = cli("drop", src, "optimizer", "-o", tmp_path / name, *args)
+    assert_one_error_line(result, "'optimizer' lies outside the state dict", message, "to keep the rest")
+    assert os.listdir(tmp_path) == ["ckpt.pth"]
+
+
+def test_drop_an_entry_from_a_dcp_output(cli, tmp_path, training_ckpt):
+    import subprocess
+    import sys
+
+    src, _ = training_ckpt
+    folder, back = tmp_path / "run", tmp_path / "back.pth"
+    doc = cli("drop", src, "optimizer", "-o", folder, "--format", "dcp", "--json").json()
+    assert doc["dropped_outside"] == ["optimizer"]
+    probe = ("import sys; from torch.distributed.checkpoint.format_utils import dcp_to_torch_save; "
+             "dcp_to_torch_save(sys.argv[1], sys.argv[2])")
+    subprocess.run([sys.executable, "-c", probe, str(folder), str(back)], check=True, capture_output=True)
+    loaded = torch.load(back, weights_only=True)
+    assert sorted(loaded) == ["epoch", "state_dict"] and loaded["epoch"] == 3
+
+
+def test_drop_an_entry_keeps_the_ordering_rule_of_the_inputs_unsafe_load(cli, tmp_path):
+    """An entry whose failing import stops torch.load before a payload beside it: dropping that
+    entry would let the payload run, so it is refused; dropping the payload's entry is not."""
+    from test_hostile_opcodes import D, G, PROTO2, T, U, tensor, zip_file
+
+    marker = tmp_path / "FIRED"
+    body = PROTO2 + D((U("state_dict"), D((U("w"), tensor()))), (U("optimizer"), G("no_such_module_ckpt", "Guard")),
+                      (U("x"), G("posix", "system") + T(U(f"touch {marker}")) + b"R")) + b"."
+    src = zip_file(tmp_path / "guarded.pth", body)
+    out = tmp_path / "out.pth"
+    refused = cli("drop", src, "optimizer", "-o", out)
+    assert_one_error_line(refused, "without first passing no_such_module_ckpt.Guard")
+    assert not out.exists()
+    done = cli("drop", src, "x", "-o", out, "--json")
+    assert done.code == 0, done.err
+    assert done.json()["dropped_outside"] == ["x"]
+    assert cli("inspect", out, "--json").json()["extras"] == {"optimizer": "no_such_module_ckpt.Guard"}
+
+
 def test_filter_keeps_ties_in_safetensors(cli, tmp_path, tied_pth):
     out = tmp_path / "t.safetensors"
     report = cli("filter", tied_pth, "--keep", "embed", "--keep", "lm_head", "-o", out, "--json").json()

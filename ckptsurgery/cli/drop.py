@@ -1,4 +1,4 @@
-"""ckptsurgery drop: remove keys or whole modules."""
+"""ckptsurgery drop: remove keys or whole modules, or top-level entries beside the state dict."""
 
 from __future__ import annotations
 
@@ -13,19 +13,25 @@ from .common import InputArg, OutputOptions, RootOpt, examples, listing, output_
 
 @app.command(epilog=examples(
     "ckptsurgery drop resnet.pth fc -o backbone.pth",
-    "ckptsurgery drop ckpt.pth 're:num_batches_tracked$' -o clean.pth --dry-run",
+    "ckptsurgery drop train.ckpt optimizer 're:num_batches_tracked$' -o slim.ckpt",
     "ckptsurgery drop a.safetensors fc -o b.safetensors --metadata license=mit",
 ))
 @output_options()
 def drop(
     input: InputArg,
     patterns: Annotated[list[str], typer.Argument(
-        metavar="PATTERN...", help="Keys or whole modules to remove (glob, module name, or re:REGEX).", show_default=False)],
+        metavar="PATTERN...",
+        help="Keys or whole modules to remove (glob, module name, or re:REGEX); a pattern that selects no key of "
+             "the state dict removes the top-level entries it names beside it (optimizer, lr_scheduler) from a "
+             ".pth output.", show_default=False)],
     root: RootOpt = None,
     *,
     out: OutputOptions,
 ) -> None:
-    """Remove keys or whole modules."""
+    """Remove keys or whole modules, or top-level entries beside the state dict (a training checkpoint's optimizer)."""
     with out.writing() as write:
         report = ops.drop_keys(input, patterns, write, root=root)
-    out.finish(report, [listing("dropped", report.dropped)])
+    details = [listing("dropped", report.dropped)] if report.dropped or not report.dropped_outside else []
+    if report.dropped_outside:
+        details.append(listing("dropped beside the state dict", report.dropped_outside))
+    out.finish(report, details)

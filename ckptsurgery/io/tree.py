@@ -164,7 +164,12 @@ def find_root(obj: Any, root: str | None, where: str):
                 raise CkptError(f"{where}: no key {root!r} at the top level (keys: {keys})")
             found = as_state_dict(obj[root], True, prefix)
         if found is None:
-            raise CkptError(f"{where}: --root {root!r} does not hold a state dict of tensors")
+            hint = ""
+            flat = type(obj) in (dict, OrderedDict) and any(isinstance(v, TensorRef) for v in obj.values())
+            if root == "" and type(obj) in (dict, OrderedDict) and not flat:
+                hint = (": its top level holds no tensor of its own (leave out --root to find the state dict "
+                        "inside it; `drop` removes the entries beside it by name)")
+            raise CkptError(f"{where}: --root {root!r} does not hold a state dict of tensors{hint}")
         return (root, *found)
 
     top = as_state_dict(obj, False, prefix)
@@ -226,3 +231,19 @@ def extras(obj: Any, root: str) -> dict[str, str]:
     if root == "" or type(obj) not in (dict, OrderedDict):
         return {}
     return {brief(k, 200): describe(v) for k, v in obj.items() if k != root}
+
+
+def outside_names(obj: Any, root: str | None) -> list[str]:
+    """The text keys of the top-level entries outside the root (what `drop` can remove), in order."""
+    if not root or type(obj) not in (dict, OrderedDict):
+        return []
+    return [k for k in obj if type(k) is str and k != root]
+
+
+def without_entries(obj: Any, names: set[str]) -> Any:
+    """A copy of the top-level dict `obj` without the entries `names`: the same type, the same
+    order, and its `_metadata` if it has one. The values are the same objects (nothing copied)."""
+    out = type(obj)((k, v) for k, v in obj.items() if not (type(k) is str and k in names))
+    if type(obj) is OrderedDict and "_metadata" in vars(obj):
+        out._metadata = obj._metadata
+    return out

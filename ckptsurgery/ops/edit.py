@@ -1,17 +1,20 @@
 """filter, drop and rename: keep, remove or rename keys of one checkpoint. Keys are chosen and
 renamed over the whole state dict: its tensors and the non-tensor entries beside them
-(`fc._extra_state` goes where `fc` goes)."""
+(`fc._extra_state` goes where `fc` goes). `drop` also removes top-level entries beside the state
+dict (a training checkpoint's `optimizer`) by name, when no key of the state dict answers it."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import replace
 from typing import NamedTuple
 
 from .. import core
 from ..errors import CkptError, UsageError
-from ..io import Checkpoint, TensorRef, open_checkpoint
+from ..io import Checkpoint, OutputFormat, TensorRef, open_checkpoint
+from ..io.tree import outside_names, without_entries
 from .options import WriteOptions, check_write_options
-from .reports import DropReport, FilterReport, RenameReport
+from .reports import DropReport, FilterReport, RenameReport, WriteReport
 from .write import write_checkpoint
 
 
@@ -104,15 +107,73 @@ def filter_keys(input: str, write: WriteOptions, *, keep: list[str] | None = Non
                                dtype_mismatched=fit.dtypes)
 
 
+def _drop_plan(ckpt: Checkpoint, patterns: list[str]) -> tuple[list[str], list[str]]:
+    """(keys of the state dict, entries outside it) that `patterns` select, each in order. A
+    pattern that selects any key of the state dict means those keys, and only them; a pattern
+    that selects none is matched against the top-level entries beside the state dict (never the
+    one that holds it). Every pattern must select something."""
+    keys = _keys(ckpt)
+    if not patterns:
+        core.select(keys, patterns)  # refuses, as for filter --keep
+    outside = outside_names(ckpt.obj, ckpt.root)
+    chosen, named, unmatched = set(), set(), []
+    for pattern in patterns:
+        match = core.compile_pattern(pattern)
+        hits = [k for k in keys if match(k)]
+        entries = [] if hits else [k for k in outside if match(k)]
+        chosen.update(hits)
+        named.update(entries)
+        if not hits and not entries:
+            unmatched.append(pattern)
+    if unmatched:
+        try:
+            core.select(keys, unmatched)  # refuses, with the near miss among the keys if there is one
+        except CkptError as e:
+            raise CkptError(str(e) + _beside(ckpt, outside, unmatched)) from None
+    return [k for k in keys if k in chosen], [k for k in outside if k in named]
+
+
+def _beside(ckpt: Checkpoint, outside: list[str], unmatched: list[str]) -> str:
+    """What a refusal of `unmatched` adds about the top-level entries beside the state dict."""
+    more = ""
+    if outside:
+        more += f", nor an entry beside the state dict ({', '.join(map(repr, outside[:10]))})"
+    if ckpt.root and any(core.compile_pattern(p)(ckpt.root) for p in unmatched):
+        more += f"; {ckpt.root!r} holds the state dict itself: drop keys inside it"
+    return more
+
+
+def _refuse_entries_unheld(input: str, entries: list[str], planned: WriteReport) -> None:
+    """Dropping an entry outside the state dict means writing the rest of the checkpoint: an
+    output that holds the state dict only (.safetensors, shards) would leave them all out anyway."""
+    if planned.format == OutputFormat.SAFETENSORS or planned.shards:
+        what, instead = ((".safetensors", "write .pth") if planned.format == OutputFormat.SAFETENSORS
+                         else ("sharded", "write one .pth, without --max-shard-size,"))
+        names = ", ".join(map(repr, entries[:10]))
+        raise CkptError(f"{input}: {names} lie{'s' if len(entries) == 1 else ''} outside the state dict, and a "
+                        f"{what} output holds the state dict only (`convert` leaves out everything beside it); "
+                        f"{instead} to keep the rest")
+
+
 def drop_keys(input: str, patterns: list[str], write: WriteOptions, *, root: str | None = None) -> DropReport:
-    """Remove the keys (or whole modules) that patterns select."""
+    """Remove the keys (or whole modules) that patterns select; a pattern that selects no key of
+    the state dict but names a top-level entry beside it (a training checkpoint's `optimizer`)
+    removes that entry from the written object (`dropped_outside`; .pth and DCP outputs)."""
     write = check_write_options(write)
     with open_checkpoint(input, root) as ckpt:
-        dropped = core.select(_keys(ckpt), patterns)
+        dropped, entries = _drop_plan(ckpt, patterns)
         gone = set(dropped)
         kept, others = _subset(ckpt, [k for k in _keys(ckpt) if k not in gone])
-        written = write_checkpoint(kept, write, source=ckpt, others=others)
-    return DropReport.extend(written, dropped=dropped, kept=[*kept, *others])
+        # the same checkpoint, its object without the entries: the writer carries the rest through,
+        # and checks the output against the input's placeholder events (the same list)
+        source = replace(ckpt, obj=without_entries(ckpt.obj, set(entries))) if entries else ckpt
+        written = None
+        if entries:  # planned first: refused before anything is written if the output cannot hold the rest
+            written = write_checkpoint(kept, replace(write, dry_run=True), source=source, others=others)
+            _refuse_entries_unheld(input, entries, written)
+        if written is None or not write.dry_run:
+            written = write_checkpoint(kept, write, source=source, others=others)
+    return DropReport.extend(written, dropped=dropped, dropped_outside=entries, kept=[*kept, *others])
 
 
 def rename_keys(input: str, rules: list[core.RenameRule], write: WriteOptions, *,

@@ -102,6 +102,9 @@ class DropReport(WriteReport):
     """`drop`: the keys removed."""
 
     dropped: list[str] = entry("Keys removed.")
+    dropped_outside: list[str] = entry("Top-level entries beside the state dict removed from the written object "
+                                       "(`optimizer`), each named by a pattern that selects no key of the state dict "
+                                       "(`dropped` lists the state dict's keys removed).")
     kept: list[str] = entry("Keys written.")
 
 
