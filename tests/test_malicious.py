@@ -290,3 +290,20 @@ def test_length_field_cannot_reserve_gigabytes(cli, tmp_path, limited_heap):
     path.write_bytes(_legacy_frame(b"\x80\x02X\xff\xff\xff\xffabc."))
     result = cli("inspect", path)
     assert result.code == 1 and "runs past the end" in result.err
+
+
+@pytest.mark.parametrize("kind", ["system_beside_state_dict-zip", "getattr_trick-legacy", "popen-zip"])
+def test_a_written_output_that_carries_placeholders_warns_and_lists_them(cli, tmp_path, corpus, kind):
+    """A hostile .pth copied to .pth keeps its inert payload, as documented; the write now says so
+    on stderr, and --json lists the globals an unsafe load of the output would import — as
+    inspect does for the input. (A DCP output refuses them; safetensors holds tensors only.)"""
+    name, path, marker, _ = next(c for c in corpus if c[0] == kind)
+    inert = cli("inspect", path, "--json").json()["inert"]
+    out, args = tmp_path / "o.pth", []
+    written = cli("convert", path, "-o", out, *args)
+    assert written.code == 0 and "warning: the output carries the input's inert placeholders" in written.err
+    report = cli("convert", path, "-o", out, *args, "--force", "--json").json()
+    assert report["inert"] == inert and not marker.exists()
+    clean = cli("convert", path, "-o", tmp_path / "o.safetensors", "--json").json()
+    assert "inert" not in clean  # safetensors holds tensors only: nothing carried
+

@@ -173,6 +173,9 @@ def finish_write(report: WriteReport, as_json: bool, quiet: bool, details: list[
     if report.extras_left_out:
         lines.append("left out (safetensors holds tensors only): " + ", ".join(map(printable, report.extras_left_out)))
     lines += _metadata_lines(report)
+    if report.inert:
+        lines.append(listing("warning: the output carries the input's inert placeholders (not run here; an unsafe "
+                             "torch.load would import them)", report.inert))
     if report.removed:
         lines.append(f"{'would remove' if report.dry_run else 'removed'} the earlier sharded output: "
                      + ", ".join(map(printable, report.removed)))

@@ -137,3 +137,28 @@ class PickledSet(set):
     def __init__(self, items: list):
         super().__init__(items)
         self.items = items
+
+
+def inert_names(obj: Any) -> list[str]:
+    """The globals (module.name) of every placeholder `obj` holds, anywhere inside it: what an
+    unsafe torch.load of a file that pickles `obj` would import. Walks containers and what a
+    placeholder was built from, each object once, without recursion."""
+    found: set[str] = set()
+    seen: set[int] = set()
+    stack = [obj]
+    while stack:
+        value = stack.pop()
+        if id(value) in seen or isinstance(value, (str, bytes, int, float, bool, type(None))):
+            continue
+        seen.add(id(value))
+        if isinstance(value, InertGlobal):
+            found.add(value.qualname())
+        elif isinstance(value, InertObject):
+            stack += [value.callee, value.args, value.state, value.listitems, value.dictitems]
+        elif isinstance(value, dict):
+            stack += [*value.keys(), *value.values()]
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack += list(value)
+        elif isinstance(value, FrozenRecord):
+            stack += [value.fields]
+    return sorted(found)

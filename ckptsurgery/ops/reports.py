@@ -76,6 +76,9 @@ class WriteReport(Report):
     shards: int | None = entry("Number of shards, for a sharded output.", omit_if_none=True)
     removed: list[str] = entry("Files of an earlier sharded output at OUT that this write removed (`--force`).",
                                factory=list)
+    inert: list[str] | None = entry("Placeholders the output carries over from its input (module.name of each "
+                                    "global an unsafe torch.load of it would import; never run here).",
+                                    omit_if_none=True)
     needs_force: list[str] | None = entry("`--dry-run` without `--force`: the paths already taken, which the real "
                                           "run would refuse to replace without `--force`.", omit_if_none=True)
     rank: int | None = entry("Under torchrun: this process's rank.", omit_if_none=True)

@@ -22,6 +22,7 @@ from ..errors import CkptError, UsageError
 from ..io import Checkpoint, TensorRef
 from ..io.formats import BY_OPTION, OutputFormat
 from ..io.dcp import METADATA, DcpWriter, check_dcp_writable
+from ..io.pickled import inert_names
 from ..io.pickler import PickleRefused
 from ..io.tree import extras
 from ..io.safetensors import check_safetensors, write_safetensors
@@ -412,6 +413,9 @@ def write_checkpoint(tensors: dict[str, TensorRef], options: WriteOptions, *, so
     removed = check_writable(plan.everything, options.force or options.dry_run, index)
     mine = _mine(len(plan.files), options.ranks)
     report = _file_report(origin, plan, options, cast, others, removed, mine, metadata_report)
+    # a .pth carries what it carries through; shards hold tensors alone, a DCP folder refuses placeholders
+    if plan.fmt is OutputFormat.TORCH and not plan.sharded and any(c.events for c in inputs):
+        report = replace(report, inert=inert_names(origin.payload(tensors, keep_metadata, others)) or None)
     if options.dry_run:
         return replace(report, needs_force=_needs_force([*plan.everything, index], options))
     _write_files(origin, plan, options, cast, others, inputs, meta, removed, mine, jobs, keep_metadata)
