@@ -25,7 +25,8 @@ def diff(
     quiet: QuietOpt = False,
 ) -> None:
     """Compare two checkpoints (any formats). Exit 0 when equal, 1 when they differ, 2 on
-    trouble (an unreadable file, wrong usage), as diff(1) and cmp(1) do."""
+    trouble (an unreadable file, wrong usage), as diff(1) and cmp(1) do. A tied name one side
+    stores once (lm_head.weight saved by save_pretrained) is the same tensor, not a difference."""
     with failures_exit(2):
         report = ops.diff_checkpoints(a, b, atol=atol, root=root)
         if json:
@@ -54,13 +55,17 @@ def _print_diff(report: ops.DiffReport) -> None:
         table.add_row(printable(c["name"]), "dtype" + within, c["a"], c["b"])
     for c in report.value_changed:
         table.add_row(printable(c["name"]), f"values (max |A-B| {_gap(c['max_abs_diff'])})", "", "")
+    for c in report.tied:  # the same tensor under a name one side stores once: shown, not counted
+        other = "B" if c["side"] == "a" else "A"
+        table.add_row(printable(c["name"]), f"tied: {other} holds it as {printable(c['tied_to'])}", "", "")
     if table.row_count:
         out.print(table)
     # under --atol a dtype change alone is shown, not counted: the values decide
-    differences = table.row_count - (len(report.dtype_changed) if report.atol else 0)
+    differences = table.row_count - len(report.tied) - (len(report.dtype_changed) if report.atol else 0)
     verdict = "identical" if report.identical else "different"
     tol = f" within atol {report.atol:g}" if report.atol else " (bit-exact)"
-    out.print(f"{verdict}: {report.equal} equal tensor(s){tol}, {differences} difference(s)")
+    tied = f", {len(report.tied)} tied name(s) stored on one side only" if report.tied else ""
+    out.print(f"{verdict}: {report.equal} equal tensor(s){tol}, {differences} difference(s){tied}")
 
 
 def _gap(value: int | float) -> str:

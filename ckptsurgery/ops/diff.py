@@ -7,7 +7,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import UsageError
-from ..io import TensorRef, open_checkpoint
+from ..io import Checkpoint, TensorRef, open_checkpoint
 from .reports import DiffReport
 
 
@@ -112,37 +112,105 @@ def _widen(chunk, pairs: bool):
 def diff_checkpoints(a: str, b: str, *, atol: float = 0.0, root: str | None = None) -> DiffReport:
     """Keys only in A or B, shape and dtype changes, and values that differ beyond `atol`.
     With atol 0 (bit-exact) a dtype change is a difference in itself; with atol > 0 a tensor
-    whose dtype changed is judged on its values. `identical` is the verdict the exit code follows."""
+    whose dtype changed is judged on its values. A name only one side lists, which that side ties
+    to a name both hold (or the other side's metadata records as tied to one of its names), and
+    whose tensor is equal there, is `tied`, not a difference (`_ties`). `identical` is the verdict
+    the exit code follows."""
     if type(atol) not in (int, float) or not (math.isfinite(atol) and atol >= 0):
         raise UsageError(f"--atol must be a finite number >= 0, not {atol}")
     with open_checkpoint(a, root) as ca, open_checkpoint(b, root) as cb, \
             ThreadPoolExecutor(1, thread_name_prefix="ckptsurgery-diff") as pool:
         only_a = [k for k in ca.tensors if k not in cb.tensors]
         only_b = [k for k in cb.tensors if k not in ca.tensors]
-        shape_changed, dtype_changed, value_changed = [], [], []
-        equal = 0
+        ties = {"a": _ties(ca, cb, only_a), "b": _ties(cb, ca, only_b)}
+        partners = {partner for found in ties.values() for partner, by in found.values() if by == BY_STORAGE}
+        changes: dict[str, list] = {"shape": [], "dtype": [], "value": []}
+        equal, equal_partners = 0, set()
         for name, ta in ca.tensors.items():
             tb = cb.tensors.get(name)
-            if tb is None:
-                continue
-            if ta.shape != tb.shape:
-                shape_changed.append({"name": name, "a": list(ta.shape), "b": list(tb.shape)})
-                continue
-            if ta.dtype is not tb.dtype:
-                change = {"name": name, "a": ta.dtype.name, "b": tb.dtype.name}
-                dtype_changed.append(change)
-                if atol == 0:  # bit-exact: the dtype change alone differs; values are not read
-                    continue
-                worst = change["max_abs_diff"] = _max_abs_diff(ta, tb)
-            elif _same_bytes(ta, tb, pool):
+            if tb is not None and _compare(name, ta, tb, atol, pool, changes):
                 equal += 1
-                continue
-            else:
-                worst = _max_abs_diff(ta, tb)
-            if atol == 0 or worst > atol:
-                value_changed.append({"name": name, "max_abs_diff": worst})
-            else:
-                equal += 1
+                if name in partners:
+                    equal_partners.add(name)
+        tied = _tied(ca, cb, ties, equal_partners, atol, pool, changes)
+    only_a = [k for k in only_a if k not in tied["a"]]
+    only_b = [k for k in only_b if k not in tied["b"]]
+    shape_changed, dtype_changed, value_changed = changes["shape"], changes["dtype"], changes["value"]
     identical = not (only_a or only_b or shape_changed or value_changed or (dtype_changed and atol == 0))
     return DiffReport(a=a, b=b, atol=atol, identical=identical, equal=equal, only_in_a=only_a, only_in_b=only_b,
-                      shape_changed=shape_changed, dtype_changed=dtype_changed, value_changed=value_changed)
+                      shape_changed=shape_changed, dtype_changed=dtype_changed, value_changed=value_changed,
+                      tied=[{"name": name, "side": side, "tied_to": partner, "by": by}
+                            for side in ("a", "b") for name, (partner, by) in tied[side].items()])
+
+
+def _compare(name: str, ta: TensorRef, tb: TensorRef, atol: float, pool, changes: dict[str, list]) -> bool:
+    """One name's tensors compared: what differs appended to `changes` ("shape", "dtype",
+    "value"); True when they count as equal."""
+    if ta.shape != tb.shape:
+        changes["shape"].append({"name": name, "a": list(ta.shape), "b": list(tb.shape)})
+        return False
+    if ta.dtype is not tb.dtype:
+        change = {"name": name, "a": ta.dtype.name, "b": tb.dtype.name}
+        changes["dtype"].append(change)
+        if atol == 0:  # bit-exact: the dtype change alone differs; values are not read
+            return False
+        worst = change["max_abs_diff"] = _max_abs_diff(ta, tb)
+    elif _same_bytes(ta, tb, pool):
+        return True
+    else:
+        worst = _max_abs_diff(ta, tb)
+    if atol == 0 or worst > atol:
+        changes["value"].append({"name": name, "max_abs_diff": worst})
+        return False
+    return True
+
+
+BY_STORAGE, BY_METADATA = "storage", "metadata"
+
+
+def _ties(ours: Checkpoint, theirs: Checkpoint, only: list[str]) -> dict[str, tuple[str, str]]:
+    """For the names only `ours` lists, the name `theirs` holds the same tensor under, when a tie
+    says so: `ours` stores the name as the same view of the same bytes as a name both hold
+    (`state_dict()` of a tied model; BY_STORAGE), or `theirs` records `{name: kept}` in its
+    metadata, as safetensors' `save_model` does for the tied names it drops (BY_METADATA).
+    (transformers' `save_pretrained` drops them and records nothing: the side that has them
+    shows the tie.) Linear in the tensors: only views of a shared storage are looked at."""
+    if not only:
+        return {}
+    shared = {id(ours.tensors[name].storage) for name, owner in ours.shares_with().items() if owner is not None}
+    held: dict[tuple, str] = {}  # a view of a shared storage -> the first of its names `theirs` holds
+    if shared:
+        for name, t in ours.tensors.items():
+            if id(t.storage) in shared and name in theirs.tensors:
+                held.setdefault(t.view_key(), name)
+    found: dict[str, tuple[str, str]] = {}
+    for name in only:
+        t = ours.tensors[name]
+        partner = held.get(t.view_key()) if id(t.storage) in shared else None
+        recorded = theirs.metadata.get(name)
+        if partner is not None:
+            found[name] = (partner, BY_STORAGE)
+        elif type(recorded) is str and recorded in theirs.tensors:
+            found[name] = (recorded, BY_METADATA)
+    return found
+
+
+def _tied(ca: Checkpoint, cb: Checkpoint, ties: dict, equal_partners: set[str], atol: float, pool,
+          changes: dict[str, list]) -> dict:
+    """Of the `_ties` of each side, those whose tensors are equal: a view's partner compared
+    equal under its own name; a name the other side's metadata ties is compared here with the
+    tensor that side holds (a dtype change within atol reported under the name)."""
+    tied: dict[str, dict[str, tuple[str, str]]] = {"a": {}, "b": {}}
+    for side, ours, theirs in (("a", ca, cb), ("b", cb, ca)):
+        for name, (partner, by) in ties[side].items():
+            if by == BY_STORAGE:
+                equal = partner in equal_partners
+            else:
+                pair = (ours.tensors[name], theirs.tensors[partner])
+                scratch: dict[str, list] = {"shape": [], "dtype": [], "value": []}
+                equal = _compare(name, *(pair if side == "a" else pair[::-1]), atol, pool, scratch)
+                if equal:
+                    changes["dtype"] += scratch["dtype"]
+            if equal:
+                tied[side][name] = (partner, by)
+    return tied

@@ -271,11 +271,18 @@ class DiffReport(Report):
     atol: float = entry("The tolerance (0: bit-exact).")
     identical: bool = entry("The verdict the exit code follows (0 identical, 1 different).")
     equal: int = entry("Tensors equal (within atol).")
-    only_in_a: list[str] = entry("Keys only A has.")
-    only_in_b: list[str] = entry("Keys only B has.")
+    only_in_a: list[str] = entry("Keys only A has (tied names aside: see `tied`).")
+    only_in_b: list[str] = entry("Keys only B has (tied names aside: see `tied`).")
     shape_changed: list[dict] = entry("`{name, a, b}` shapes.")
     dtype_changed: list[dict] = entry("`{name, a, b}` dtypes, with `max_abs_diff` when atol > 0.")
     value_changed: list[dict] = entry("`{name, max_abs_diff}` beyond atol.")
+    tied: list[dict] = entry(
+        "`{name, side, tied_to, by}`: a name only one side lists (`side`: `\"a\"` or `\"b\"`), whose tensor "
+        "the other side holds tied, as `tied_to`, and equal (within atol): not a difference, nor counted in "
+        "`equal`. `by` says how the tie is known: `\"storage\"`, `side` stores `name` and `tied_to` as one view "
+        "of the same bytes (a tied model's `state_dict()`, where transformers' `save_pretrained` keeps one name "
+        "and records nothing); `\"metadata\"`, the other side's safetensors metadata maps `name` to `tied_to`, "
+        "as safetensors' `save_model` does for each tied name it drops.")
 
 
 REPORTS: tuple[tuple[str, type[Report]], ...] = (
