@@ -490,3 +490,17 @@ def test_summaries_count_in_the_singular_and_sum_up_the_routine(cli, tmp_path):
     assert ": 1 tensor, " in one.err
     merged = cli("merge", tmp_path / "one.pth", tmp_path / "one.pth", "--average", "-o", tmp_path / "m.pth")
     assert "merged 1 tensor by linear" in merged.err and "not floating" not in merged.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["merge", "{a}", "--on-mismatch", "bogus", "-o", "{o}"], "Invalid value for '--on-mismatch'"),
+    (["drop", "{a}"], "Missing argument 'PATTERN...'"),
+    (["convert", "{a}", "--bogus", "-o", "{o}"], "No such option: --bogus"),
+    (["bogus"], "No such command 'bogus'"),
+    (["--bogus"], "No such option: --bogus"),
+])
+def test_wrong_usage_is_one_line_and_exit_2(cli, tmp_path, flat, args, message):
+    """Usage errors were Click's usage line, a hint and a boxed panel; now one line like every other
+    refusal, naming where --help is."""
+    result = cli(*[str(flat) if a == "{a}" else str(tmp_path / "o.pth") if a == "{o}" else a for a in args])
+    assert_one_error_line(result, message, "--help')", code=2)

@@ -15,19 +15,41 @@ from ..errors import CkptError
 from .common import printable
 
 
+# Click's UsageError (a wrong option, a missing argument), reached through Typer's public API: Typer
+# keeps its own copy of Click, whose modules are private
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
 def _fail(message: str, error: BaseException) -> None:
     sys.stderr.write(f"ckptsurgery: error: {printable(message)}\n")
     # 1: the operation failed; 2: wrong usage, and (set by `diff`) any trouble
     raise typer.Exit(getattr(error, "exit_code", 1))
 
 
+def _usage(error) -> None:
+    """Wrong usage: one line and exit 2, as every other refusal, not Click's usage and boxed panel."""
+    if type(error).__name__ == "NoArgsIsHelpError":  # a command given nothing shows its help
+        raise error
+    where = error.ctx.command_path if error.ctx is not None else "ckptsurgery"
+    sys.stderr.write(f"ckptsurgery: error: {printable(error.format_message())} (see '{where} --help')\n")
+    raise typer.Exit(2) from None
+
+
 class _Commands(TyperGroup):
     """Known failures become one line on stderr and an exit code here, inside the app, so that
     every runner (the console script, Typer's CliRunner, another program) sees the same codes."""
 
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except _UsageError as e:  # `ckptsurgery --bogus`
+            _usage(e)
+
     def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
+        except _UsageError as e:
+            _usage(e)
         except CkptError as e:
             _fail(str(e), e)
         except OSError as e:  # the disk is full, a folder is read-only, ...
