@@ -504,3 +504,11 @@ def test_wrong_usage_is_one_line_and_exit_2(cli, tmp_path, flat, args, message):
     refusal, naming where --help is."""
     result = cli(*[str(flat) if a == "{a}" else str(tmp_path / "o.pth") if a == "{o}" else a for a in args])
     assert_one_error_line(result, message, "--help')", code=2)
+
+
+def test_help_says_what_each_command_reads_and_what_extract_lora_metadata_keeps(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    converted = " ".join(cli("convert", "--help").out.split())
+    assert "DCP, DeepSpeed (ZeRO) or accelerate folder" in converted and "Hugging Face folder" in converted
+    extracted = " ".join(cli("extract-lora", "--help").out.split())
+    assert "inherits none of BASE's or TUNED's" in extracted and "The input's is kept" not in extracted

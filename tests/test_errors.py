@@ -184,3 +184,13 @@ def test_a_deeply_nested_map_json_is_one_error_line_naming_it(cli, tmp_path, fla
     deep.write_text("[" * 100000 + "]" * 100000)
     result = cli("rename", flat, "-o", tmp_path / "o.pth", "--map", deep)
     assert_one_error_line(result, "deep.json", code=1)
+
+
+def test_ckptsurgery_debug_shows_where_a_known_failure_was_raised(cli, tmp_path, monkeypatch):
+    """CKPTSURGERY_DEBUG=1 printed the same one line as without it; it adds the traceback now."""
+    plain = cli("inspect", tmp_path / "missing.pth")
+    assert "Traceback" not in plain.err
+    monkeypatch.setenv("CKPTSURGERY_DEBUG", "1")
+    debug = cli("inspect", tmp_path / "missing.pth")
+    assert debug.code == 1 and "Traceback" in debug.err and "CkptError" in debug.err
+    assert debug.err.splitlines()[-1] == plain.err.strip()

@@ -21,6 +21,10 @@ _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Usage
 
 
 def _fail(message: str, error: BaseException) -> None:
+    if os.environ.get("CKPTSURGERY_DEBUG"):  # where a known failure was raised, for a bug report
+        import traceback
+
+        traceback.print_exception(error, file=sys.stderr)
     sys.stderr.write(f"ckptsurgery: error: {printable(message)}\n")
     # 1: the operation failed; 2: wrong usage, and (set by `diff`) any trouble
     raise typer.Exit(getattr(error, "exit_code", 1))

@@ -21,7 +21,8 @@ from ..ops.options import WriteOptions
 from ..ops.reports import WriteReport
 
 InputArg = Annotated[str, typer.Argument(
-    metavar="INPUT", help="Checkpoint: .pth/.pt/.bin/.ckpt, .safetensors, a shard index or its folder.", show_default=False)]
+    metavar="INPUT", help="Checkpoint: .pth/.pt/.bin/.ckpt, .safetensors, a shard index or a Hugging Face folder, or a "
+                          "DCP, DeepSpeed (ZeRO) or accelerate folder.", show_default=False)]
 RootOpt = Annotated[Optional[str], typer.Option(
     "--root", metavar="KEY", help="Key of the state dict inside a nested .pth ('' = top level). Detected by default.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
@@ -335,14 +336,14 @@ class OutputOptions:
         finish_write(report, self.json, self.quiet, details)
 
 
-def output_options(*, omit: tuple[str, ...] = (), output: Any = None):
+def output_options(*, omit: tuple[str, ...] = (), **own: Any):
     """Give a command the shared output options: they are added to its signature (so Typer
     parses them and --help lists them: -o right after the arguments, the others after the
     command's own options) and handed to it as one `out: OutputOptions`. `omit`: options that do
-    not apply to the command; `output`: its own -o annotation."""
-    wanted = {name: spec for name, spec in OUTPUT_OPTIONS.items() if name not in omit}
-    if output is not None:
-        wanted["output"] = (output, ...)
+    not apply to the command; `own`: the command's own annotation of an option (its -o, a help
+    text that says what the option does there)."""
+    wanted = {name: (own.get(name, annotation), default) for name, (annotation, default) in OUTPUT_OPTIONS.items()
+              if name not in omit}
     return expanded_options("out", wanted, OutputOptions, first_after_arguments=True)
 
 

@@ -19,7 +19,10 @@ from .common import OutputOptions, RootOpt, examples, listing, note, output_opti
     "ckptsurgery extract-lora a.pth b.pth --rank 4 --embeddings -o x --dry-run",
 ))
 @output_options(omit=("format", "max_shard_size", "jobs", "no_metadata"), output=Annotated[str, typer.Option(
-    "-o", "--output", metavar="ADAPTER_DIR", help="Adapter folder to write (adapter_config.json, adapter_model.safetensors).")])
+    "-o", "--output", metavar="ADAPTER_DIR", help="Adapter folder to write (adapter_config.json, adapter_model.safetensors).")],
+    metadata=Annotated[Optional[list[str]], typer.Option(
+        "--metadata", metavar="KEY=VALUE", show_default=False,
+        help="Set one entry of adapter_model.safetensors' metadata; repeatable. It inherits none of BASE's or TUNED's.")])
 def extract_lora(
     base: Annotated[str, typer.Argument(metavar="BASE", help="The checkpoint before fine-tuning.", show_default=False)],
     tuned: Annotated[str, typer.Argument(metavar="TUNED", help="The fine-tuned checkpoint (same keys and shapes).", show_default=False)],
