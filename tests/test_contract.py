@@ -355,7 +355,7 @@ def test_every_shared_output_option_is_a_write_options_field():
     from ckptsurgery.cli.common import OUTPUT_OPTIONS
     from ckptsurgery.ops import WriteOptions
 
-    shown_only = {"json", "quiet", "metadata_file"}  # how results are shown; the metadata file's entries
+    shown_only = {"json", "quiet", "metadata_file", "rank_timeout"}  # shown; read into metadata; how ranks join
     assert set(OUTPUT_OPTIONS) - shown_only <= {f.name for f in fields(WriteOptions)}
 
 

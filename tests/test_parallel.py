@@ -507,3 +507,52 @@ def test_docs_do_not_say_the_ranks_exchange_all_gather_object():
     text = open(os.path.join(ROOT, "docs", "reading-and-writing.md")).read()
     section = text[text.index("## Writing in parallel"):]
     assert "each an `all_gather_object`" not in section
+
+
+# ---- the torchrun environment: checked before joining, and every wait bounded ----------------------
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK='2' must be 0 to 1, below WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "2", "RANK": "-1"}, "RANK='-1' must be 0 to 1"),
+    ({"WORLD_SIZE": "2", "RANK": "one"}, "RANK='one' is not a number"),
+    ({"WORLD_SIZE": "2"}, "RANK is not set"),
+])
+def test_a_torchrun_environment_that_cannot_meet_is_refused_at_once(cli, tmp_path, many_tensors, monkeypatch,
+                                                                   env, message):
+    """RANK=2 of WORLD_SIZE=2, or RANK=-1, waited 30 minutes for a rendezvous that cannot happen."""
+    monkeypatch.delenv("RANK", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    started = time.monotonic()
+    assert_one_error_line(cli("convert", many_tensors, "-o", tmp_path / "o.safetensors"), message, code=2)
+    assert time.monotonic() - started < 10 and not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_rank_whose_partners_never_come_fails_within_its_timeout(tmp_path, many_tensors):
+    """WORLD_SIZE=2 with one rank started waited half an hour; it fails after --rank-timeout with
+    one line, and leaves nothing."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "PYTHONPATH": ROOT}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-P", "-m", "ckptsurgery", "convert", str(many_tensors), "-o",
+                           str(tmp_path / "o.safetensors"), "--rank-timeout", "2"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1 and time.monotonic() - started < 60, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot join the other ranks within 2 s" in lines[0], done.stderr
+    assert sorted(os.listdir(tmp_path)) == [many_tensors.name]
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "nan"])
+def test_rank_timeout_takes_seconds(cli, tmp_path, many_tensors, monkeypatch, bad):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert_one_error_line(cli("convert", many_tensors, "-o", tmp_path / "o.pth", "--rank-timeout", bad),
+                          "--rank-timeout", code=2)

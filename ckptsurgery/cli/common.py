@@ -18,6 +18,7 @@ import typer
 from ..dtypes import CAST_TARGETS
 from ..io.formats import BY_OPTION
 from ..ops.options import WriteOptions
+from ..ops.ranks import DEFAULT_TIMEOUT
 from ..ops.reports import WriteReport
 
 InputArg = Annotated[str, typer.Argument(
@@ -288,13 +289,17 @@ OUTPUT_OPTIONS: dict[str, tuple[Any, Any]] = {
         "--no-metadata",
         help="Keep none of the input's metadata (\"format\": \"pt\" and the tool's tie record are still written).")],
         False),
+    "rank_timeout": (Annotated[float, typer.Option(
+        "--rank-timeout", metavar="SECONDS",
+        help="Under torchrun: how long a rank waits for the others, to join and at each step, before it fails.")],
+        DEFAULT_TIMEOUT),
     "json": (JsonOpt, False),
     "quiet": (QuietOpt, False),
 }
 
 
-# what the command line shows, not how it writes: these are not WriteOptions fields
-_DISPLAY = ("json", "quiet")
+# not WriteOptions fields: what the command line shows, and how this process joins a torchrun job
+_DISPLAY = ("json", "quiet", "rank_timeout")
 
 
 @dataclass(frozen=True)
@@ -328,7 +333,9 @@ class OutputOptions:
         fields["metadata"] = metadata_options(fields.get("metadata"), fields.pop("metadata_file", None))
         if fields.get("format") is not None:
             fields["format"] = fields["format"].value
-        with (ranks_from_environment() if ranks else nullcontext()) as place, \
+        joining = ranks_from_environment(timeout=self.given.get("rank_timeout", DEFAULT_TIMEOUT)) if ranks \
+            else nullcontext()
+        with joining as place, \
                 progress_bar(self.quiet or self.json) as progress:
             yield WriteOptions(**fields, progress=progress, ranks=place)
 

@@ -18,7 +18,7 @@ from .common import OutputOptions, RootOpt, examples, listing, note, output_opti
     "ckptsurgery extract-lora base tuned --rank 8 --rank '*attn*=32' -o lora",
     "ckptsurgery extract-lora a.pth b.pth --rank 4 --embeddings -o x --dry-run",
 ))
-@output_options(omit=("format", "max_shard_size", "jobs", "no_metadata"), output=Annotated[str, typer.Option(
+@output_options(omit=("format", "max_shard_size", "jobs", "no_metadata", "rank_timeout"), output=Annotated[str, typer.Option(
     "-o", "--output", metavar="ADAPTER_DIR", help="Adapter folder to write (adapter_config.json, adapter_model.safetensors).")],
     metadata=Annotated[Optional[list[str]], typer.Option(
         "--metadata", metavar="KEY=VALUE", show_default=False,

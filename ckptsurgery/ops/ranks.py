@@ -139,22 +139,55 @@ def world_size(environ=os.environ) -> int:
     return size
 
 
+def check_rank(environ, size: int) -> int:
+    """RANK as torchrun sets it: a whole number in [0, WORLD_SIZE). Anything else would wait for a
+    rendezvous that cannot happen."""
+    text = environ.get("RANK")
+    if text is None:
+        raise UsageError(f"WORLD_SIZE={size} but RANK is not set: run the command under torchrun, which sets both")
+    try:
+        rank = int(text)
+    except ValueError:
+        raise UsageError(f"RANK={text!r} is not a number (torchrun sets it)") from None
+    if not 0 <= rank < size:
+        raise UsageError(f"RANK={text!r} must be 0 to {size - 1}, below WORLD_SIZE={size} (torchrun sets both)")
+    return rank
+
+
+DEFAULT_TIMEOUT = 120.0  # seconds the ranks wait for each other: at the rendezvous and at every step
+
+
+def check_timeout(seconds) -> float:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < 86_400 \
+            or seconds != seconds:
+        raise UsageError(f"--rank-timeout {seconds!r}: give seconds, more than 0 and less than a day")
+    return float(seconds)
+
+
 @contextmanager
-def ranks_from_environment(environ=os.environ) -> Iterator[Ranks | None]:
+def ranks_from_environment(environ=os.environ, timeout: float = DEFAULT_TIMEOUT) -> Iterator[Ranks | None]:
     """The ranks of the torchrun job this process is part of (a gloo process group from
     MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE), or None when WORLD_SIZE is 1 or unset.
-    The block's failure is cast to the other ranks; its success waits for theirs."""
-    if world_size(environ) == 1:
+    The block's failure is cast to the other ranks; its success waits for theirs. `timeout`:
+    how long, in seconds, a rank waits for the others (to join, and at each step) before it
+    fails with one line."""
+    size = world_size(environ)
+    if size == 1:
         yield None
         return
+    check_rank(environ, size)
+    timeout = check_timeout(timeout)
+    import datetime
+
     import torch.distributed as dist
 
     global joined
     joined = True
     try:
-        dist.init_process_group("gloo", init_method="env://")
-    except (ValueError, RuntimeError) as e:  # a missing MASTER_ADDR, an unreachable rank 0
-        raise CkptError(f"cannot join the other ranks ({e})") from None
+        dist.init_process_group("gloo", init_method="env://", timeout=datetime.timedelta(seconds=timeout))
+    except (ValueError, RuntimeError) as e:  # a missing MASTER_ADDR, an unreachable rank 0, a rank that never came
+        raise CkptError(f"cannot join the other ranks within {timeout:g} s ({str(e).splitlines()[0][:200]}); "
+                        f"are all WORLD_SIZE ranks started? (--rank-timeout sets the wait)") from None
 
     def exchange(value: Any) -> list:
         return _all_gather_json(dist, value)
