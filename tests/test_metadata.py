@@ -561,3 +561,17 @@ def test_an_error_about_a_huge_metadata_key_is_one_short_line(cli, tmp_path):
     result = cli("convert", src, "-o", tmp_path / "out.safetensors", "--metadata-file", meta)
     assert_one_error_line(result, "must be strings", code=2)
     assert len(result.err) < 1000, len(result.err)
+
+
+def test_a_metadata_file_of_many_keys_is_checked_in_linear_time(cli, tmp_path):
+    """--metadata-file with 100,000 keys and one given twice at the end: the duplicate check was
+    quadratic (keys.count for every key)."""
+    import time
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "a.pth")
+    body = ", ".join(f'"k{i}": "v"' for i in range(100_000)) + ', "k99999": "again"'
+    (tmp_path / "meta.json").write_text("{" + body + "}")
+    started = time.monotonic()
+    result = cli("convert", tmp_path / "a.pth", "-o", tmp_path / "o.safetensors", "--metadata-file", tmp_path / "meta.json")
+    assert result.code == 2 and "key 'k99999' is given twice" in result.err, result.err
+    assert time.monotonic() - started < 5

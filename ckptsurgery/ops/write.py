@@ -100,11 +100,12 @@ def metadata_options(pairs: list[str] | None = None, file: str | None = None) ->
 
 def _no_duplicate_keys(where: str):
     def build(pairs: list) -> dict:
-        keys = [k for k, _ in pairs]
-        if len(set(keys)) != len(keys):
-            twice = next(k for k in keys if keys.count(k) > 1)
+        built = dict(pairs)
+        if len(built) != len(pairs):  # the first key seen twice, found in one pass (not keys.count per key)
+            seen: set = set()
+            twice = next(k for k, _ in pairs if k in seen or seen.add(k))
             raise UsageError(f"{where}: key {core.short_repr(twice)} is given twice; which one is meant?")
-        return dict(pairs)
+        return built
 
     return build
 
