@@ -261,37 +261,39 @@ CastTo = choice("CastTo", CAST_TARGETS)
 # --format: the output formats a name does not pick (io/formats.py's OUTPUTS says which)
 OutputFormatChoice = choice("OutputFormat", BY_OPTION)
 
+OUTPUT = "Output"  # the --help panel of the shared output options
+
 # name -> (annotation, default), in --help's order after the command's own options. A new output
 # option is one entry here and the WriteOptions field of the same name (docs/architecture.md).
 OUTPUT_OPTIONS: dict[str, tuple[Any, Any]] = {
     "output": (Annotated[str, typer.Option("-o", "--output", metavar="OUT",
-                                           help="Output file; its extension picks the format.")], ...),
-    "force": (Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")], False),
-    "dry_run": (Annotated[bool, typer.Option("--dry-run", help="Report what would be written; write nothing.")], False),
+                                           help="Output file; its extension picks the format.", rich_help_panel=OUTPUT)], ...),
+    "force": (Annotated[bool, typer.Option("--force", help="Overwrite an existing output.", rich_help_panel=OUTPUT)], False),
+    "dry_run": (Annotated[bool, typer.Option("--dry-run", help="Report what would be written; write nothing.", rich_help_panel=OUTPUT)], False),
     "format": (Annotated[Optional[OutputFormatChoice], typer.Option(
-        "--format", help="dcp: write a torch.distributed.checkpoint folder at OUT (otherwise OUT's extension decides).",
-        show_default=False)], None),
+        "--format", help="dcp: write a folder at OUT in torch's distributed checkpoint format (otherwise OUT's extension decides).",
+        show_default=False, rich_help_panel=OUTPUT)], None),
     "max_shard_size": (Annotated[Optional[str], typer.Option(
         "--max-shard-size", metavar="SIZE",
-        help="Write Hugging Face-style shards of at most this size (e.g. 2GB) and an index.")], None),
+        help="Write Hugging Face-style shards of at most this size (e.g. 2GB) and an index.", rich_help_panel=OUTPUT)], None),
     "jobs": (Annotated[Optional[int], typer.Option(
         "--jobs", "-j", metavar="N", min=1, show_default=False,
-        help="With --max-shard-size: write N shards at once (default: the measured best, see docs/performance.md).")],
+        help="With --max-shard-size: write N shards at once (default: the measured best, see docs/performance.md).", rich_help_panel=OUTPUT)],
         None),
     "metadata": (Annotated[Optional[list[str]], typer.Option(
         "--metadata", metavar="KEY=VALUE", show_default=False,
-        help="Set (or replace) one entry of a .safetensors output's metadata; repeatable. The input's is kept otherwise.")],
+        help="Set (or replace) one entry of a .safetensors output's metadata; repeatable. The input's is kept otherwise.", rich_help_panel=OUTPUT)],
         None),
     "metadata_file": (Annotated[Optional[str], typer.Option(
         "--metadata-file", metavar="FILE.json", show_default=False,
-        help="Set the entries of this JSON object of strings (applied before --metadata).")], None),
+        help="Set the entries of this JSON object of strings (applied before --metadata).", rich_help_panel=OUTPUT)], None),
     "no_metadata": (Annotated[bool, typer.Option(
         "--no-metadata",
-        help="Keep none of the input's metadata (\"format\": \"pt\" and the tool's tie record are still written).")],
+        help="Keep none of the input's metadata (\"format\": \"pt\" and the tool's tie record are still written).", rich_help_panel=OUTPUT)],
         False),
     "rank_timeout": (Annotated[float, typer.Option(
         "--rank-timeout", metavar="SECONDS",
-        help="Under torchrun: how long a rank waits for the others, to join and at each step, before it fails.")],
+        help="Under torchrun: how long a rank waits for the others, to join and at each step, before it fails.", rich_help_panel=OUTPUT)],
         DEFAULT_TIMEOUT),
     "json": (JsonOpt, False),
     "quiet": (QuietOpt, False),

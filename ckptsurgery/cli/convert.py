@@ -19,7 +19,7 @@ from .common import CastTo, InputArg, OutputOptions, RootOpt, examples, output_o
 @output_options()
 def convert(
     input: InputArg,
-    dtype: Annotated[Optional[CastTo], typer.Option("--dtype", help="Cast the float16/bfloat16/float32/float64 tensors to this dtype.", show_default=False)] = None,
+    dtype: Annotated[Optional[CastTo], typer.Option("--dtype", help="Cast the float16, bfloat16, float32 and float64 tensors to this dtype.", show_default=False)] = None,
     root: RootOpt = None,
     *,
     out: OutputOptions,

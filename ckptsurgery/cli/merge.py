@@ -17,6 +17,10 @@ from .common import (
 
 Method = choice("Method", METHODS)
 
+# --help groups the options by the mode that takes them
+INTO, UNION, METHOD, LORA = ("Into a template (--into)", "Plain merge", "Merge methods (--method, --average)",
+                             "Adapters (--lora)")
+
 
 HELP = (f"Combine checkpoints: a plain union, an update of a template (--into), a merge of fine-tuned models "
         f"(--method: {', '.join(METHODS)}), or LoRA adapters folded into a base (--lora).\n\n"
@@ -31,35 +35,35 @@ HELP = (f"Combine checkpoints: a plain union, an update of a template (--into), 
 @output_options()
 @expanded_options("parameters", {
     option.parameter: (Annotated[Optional[option.type], typer.Option(
-        option.option, metavar=option.metavar, help=option.help, show_default=False)], None)
+        option.option, metavar=option.metavar, help=option.help, show_default=False, rich_help_panel=METHOD)], None)
     for option in merge_options()}, dict)
 def merge(
     sources: Annotated[list[str], typer.Argument(metavar="SOURCE...", help="Checkpoints to merge, in priority order.", show_default=False)],
     into: Annotated[Optional[str], typer.Option(
-        "--into", metavar="TEMPLATE", help="Template (e.g. saved from the new model): output has exactly its keys, shapes, dtypes.")] = None,
+        "--into", metavar="TEMPLATE", help="Template (e.g. saved from the new model): output has exactly its keys, shapes, dtypes.", rich_help_panel=INTO)] = None,
     on_mismatch: Annotated[Optional[core.MismatchPolicy], typer.Option(
-        "--on-mismatch", help="With --into, a shape that differs: error (default), skip (keep the template's), overlap (copy the shared block), adapt (fit it by its kind: position embeddings resampled, vocabulary rows grown with their mean, input channels repeated and scaled by I/N; classifier heads keep the template's).", show_default=False)] = None,
+        "--on-mismatch", help="With --into, a shape that differs: error (default), skip (keep the template's), overlap (copy the shared block), adapt (fit it by its kind: position embeddings resampled, vocabulary rows grown with their mean, input channels repeated and scaled by I/N; classifier heads keep the template's).", show_default=False, rich_help_panel=INTO)] = None,
     otherwise: Annotated[Optional[core.OtherwisePolicy], typer.Option(
-        "--otherwise", help="With --on-mismatch adapt: what a mismatch no adapter fits gets (default: an error).", show_default=False)] = None,
+        "--otherwise", help="With --on-mismatch adapt: what a mismatch no adapter fits gets (default: an error).", show_default=False, rich_help_panel=INTO)] = None,
     prefix_tokens: Annotated[Optional[int], typer.Option(
-        "--prefix-tokens", metavar="P", help="With adapt: class/register tokens before a position embedding's grid (default: inferred).", show_default=False)] = None,
+        "--prefix-tokens", metavar="P", help="With adapt: class/register tokens before a position embedding's grid (default: inferred).", show_default=False, rich_help_panel=INTO)] = None,
     grid: Annotated[Optional[str], typer.Option(
-        "--grid", metavar="H,W", help="With adapt: the template's grid of patches, when it is not square.", show_default=False)] = None,
+        "--grid", metavar="H,W", help="With adapt: the template's grid of patches, when it is not square.", show_default=False, rich_help_panel=INTO)] = None,
     on_conflict: Annotated[Optional[core.ConflictPolicy], typer.Option(
-        "--on-conflict", help="Plain merge, a key in several sources: error (default), first, last.", show_default=False)] = None,
-    average: Annotated[bool, typer.Option("--average", help="Element-wise (weighted) mean of floating tensors: --method linear.")] = False,
+        "--on-conflict", help="Plain merge, a key in several sources: error (default), first, last.", show_default=False, rich_help_panel=UNION)] = None,
+    average: Annotated[bool, typer.Option("--average", help="Element-wise (weighted) mean of floating tensors: --method linear.", rich_help_panel=METHOD)] = False,
     method: Annotated[Optional[Method], typer.Option(
-        "--method", help="Merge the models' floating tensors key by key (formulas: docs/merging.md).", show_default=False)] = None,
+        "--method", help="Merge the models' floating tensors key by key (formulas: docs/merging.md).", show_default=False, rich_help_panel=METHOD)] = None,
     base: Annotated[Optional[str], typer.Option(
-        "--base", metavar="BASE", help=f"The model the others were fine-tuned from: needed by {', '.join(m for m, c in METHODS.items() if c.needs_base)}.")] = None,
+        "--base", metavar="BASE", help=f"The model the others were fine-tuned from: needed by {', '.join(m for m, c in METHODS.items() if c.needs_base)}.", rich_help_panel=METHOD)] = None,
     parameters: dict = None,  # the merge methods' parameters: options made from their declarations
     dtype: Annotated[Optional[CastTo], typer.Option("--dtype", help="Cast the floating tensors written (default: as the base/first model).", show_default=False)] = None,
     lora: Annotated[Optional[list[str]], typer.Option(
-        "--lora", metavar="ADAPTER", help="Fold this LoRA (a PEFT adapter folder or a kohya .safetensors) into the one SOURCE; repeatable.", show_default=False)] = None,
+        "--lora", metavar="ADAPTER", help="Fold this LoRA (a PEFT adapter folder or a kohya .safetensors) into the one SOURCE; repeatable.", show_default=False, rich_help_panel=LORA)] = None,
     lora_scale: Annotated[Optional[list[float]], typer.Option(
-        "--lora-scale", metavar="S", help="With --lora: multiplies alpha/r (default 1); once for all, or once per --lora in order.", show_default=False)] = None,
+        "--lora-scale", metavar="S", help="With --lora: multiplies alpha/r (default 1); once for all, or once per --lora in order.", show_default=False, rich_help_panel=LORA)] = None,
     allow_unmatched: Annotated[bool, typer.Option(
-        "--allow-unmatched", help="With --lora: fold what matches, list LoRA weights matching no base weight.")] = False,
+        "--allow-unmatched", help="With --lora: fold what matches, list LoRA weights matching no base weight.", rich_help_panel=LORA)] = False,
     root: RootOpt = None,
     *,
     out: OutputOptions,

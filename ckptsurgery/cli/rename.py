@@ -107,9 +107,7 @@ def rename(
 ) -> None:
     """Rename keys; a collision fails before anything is written.
 
-    Every rule option may be repeated; the rules apply one after another in the order given,
-    each to the names the earlier ones left. Each rule must change some key. Two keys that would
-    get one name fail the command, with every such pair named."""
+    Every rule option may be repeated; the rules apply one after another in the order given, each to the names the earlier ones left. Each rule must change some key (unless --allow-unchanged). Two keys that would get one name fail the command, with every such pair named."""
     rules = [core.rename_rule(kind, *([_load_map(values[0])] if kind == "map" else values))
              for kind, values in ctx.meta.get(_RULES, [])]
     with out.writing() as write:
