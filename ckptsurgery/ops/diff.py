@@ -24,27 +24,37 @@ _VALUE_CHUNK = 1 << 20  # elements widened at a time: a few float64 copies of 8 
 _LOW = 0xFFFFFFFF
 
 
-def _max_abs_diff(a: TensorRef, b: TensorRef) -> float | int:
-    """Largest |a - b| (of either part, when a side is complex), chunk by chunk: exact where both
-    sides hold integers — an integer dtype, or a chunk of integral floats facing one (float64
-    would round beyond 2**53, and int64 overflows) — in float64 otherwise. NaN facing NaN counts
-    as equal, NaN facing a number as infinitely far; elements that are not numbers (bits, packed
-    4-bit) differ infinitely."""
+def _value_gap(a: TensorRef, b: TensorRef, atol: float, rtol: float) -> tuple[float | int, bool]:
+    """(largest |a - b|, whether the values count as equal), chunk by chunk. The gap (of either
+    part, when a side is complex) is exact where both sides hold integers — an integer dtype, or
+    a chunk of integral floats facing one (float64 would round beyond 2**53, and int64
+    overflows) — and in float64 otherwise. NaN facing NaN counts as equal, NaN facing a number
+    as infinitely far; elements that are not numbers (bits, packed 4-bit) differ infinitely.
+    Equal: every element within `atol + rtol·|b|` (`_float_close`, `_int_close`); with rtol 0,
+    the largest gap within atol."""
     from ..dtypes import BOOL, COMPLEX, INT
     from ..io.tensors import as_torch, values
 
     fa, fb = (as_torch(t).reshape(-1) if t.dtype.kind == COMPLEX else values(t) for t in (a, b))
     if fa is None or fb is None:
-        return float("inf")
+        return float("inf"), False
     pairs = COMPLEX in (a.dtype.kind, b.dtype.kind)  # a real side compares as value + 0j
     integers = not pairs and (a.dtype.kind in (INT, BOOL) or b.dtype.kind in (INT, BOOL))
-    worst = 0
+    worst, close = 0, True
     for start in range(0, fa.numel(), _VALUE_CHUNK):
         x, y = fa[start : start + _VALUE_CHUNK], fb[start : start + _VALUE_CHUNK]
         exact = (_integral(x), _integral(y)) if integers else (None, None)
-        gap = _int_gap(*exact) if None not in exact else _float_gap(x, y, pairs)
+        if None not in exact:
+            gap = _int_gap(*exact)
+            within = _int_close
+        else:
+            x, y = exact = _widen(x, pairs), _widen(y, pairs)
+            gap = _float_gap(x, y)
+            within = _float_close
+        if rtol and close and gap > atol:  # the largest gap within atol: every element is within
+            close = within(*exact, atol, rtol)
         worst = max(worst, gap)
-    return worst
+    return worst, close if rtol else worst <= atol
 
 
 def _integral(chunk):
@@ -87,10 +97,11 @@ def _largest(hi, lo) -> int:
     return int(top) * 2**32 + int(lo[hi == top].max())
 
 
-def _float_gap(x, y, pairs: bool) -> float:
+def _float_gap(x, y) -> float:
+    """Largest |x - y| of two float64 chunks: NaN facing NaN and an infinity facing itself 0,
+    NaN facing anything else infinite."""
     import torch
 
-    x, y = _widen(x, pairs), _widen(y, pairs)
     gap = (x - y).abs()
     both_nan = torch.isnan(x) & torch.isnan(y)
     gap = torch.where(both_nan, torch.zeros_like(gap), gap)
@@ -98,6 +109,38 @@ def _float_gap(x, y, pairs: bool) -> float:
     same_inf = torch.isinf(x) & (x == y)
     gap = torch.where(same_inf, torch.zeros_like(gap), gap)
     return float(gap.max()) if gap.numel() else 0.0
+
+
+def _float_close(x, y, atol: float, rtol: float) -> bool:
+    """`torch.isclose(x, y, rtol, atol, equal_nan=True).all()` of two float64 chunks, computed as
+    torch computes it: equal (an infinity only to itself), both NaN, or a finite |x - y| within
+    atol + |rtol·y|. B (`y`) is the reference, as in torch.isclose and numpy.isclose."""
+    import torch
+
+    close = (x == y) | (torch.isnan(x) & torch.isnan(y))
+    actual = (x - y).abs()
+    close |= torch.isfinite(actual) & (actual <= atol + (rtol * y).abs())
+    return bool(close.all())
+
+
+def _int_close(x, y, atol: float, rtol: float) -> bool:
+    """Every |x - y| <= atol + rtol·|y| for two integer chunks: the gap exact (32-bit halves, as
+    in `_int_gap`), the bound in float64 (as `_float_close` has it) and floored — an integer is
+    within a bound when it is within the bound's floor — then compared half by half."""
+    import torch
+
+    (hx, lx), (hy, ly) = _halves(x), _halves(y)
+    hi, lo = hx - hy, lx - ly
+    hi, lo = hi + (lo >> 32), lo & _LOW  # x - y = hi * 2**32 + lo, 0 <= lo < 2**32
+    negative = hi < 0  # |x - y| = (-hi - 1) * 2**32 + (2**32 - lo), or -hi * 2**32 when lo is 0
+    hi = torch.where(negative, -hi - (lo != 0).to(torch.int64), hi)
+    lo = torch.where(negative, (-lo) & _LOW, lo)
+    reference = (hy.to(torch.float64) * 2.0**32 + ly.to(torch.float64)).abs()
+    bound = (atol + rtol * reference).floor().clamp(max=2.0**66)  # beyond any gap of two 64-bit integers
+    bound_hi = (bound / 2.0**32).floor()
+    bound_lo = (bound - bound_hi * 2.0**32).to(torch.int64)
+    bound_hi = bound_hi.to(torch.int64)
+    return bool(((hi < bound_hi) | ((hi == bound_hi) & (lo <= bound_lo))).all())
 
 
 def _widen(chunk, pairs: bool):
@@ -109,17 +152,24 @@ def _widen(chunk, pairs: bool):
     return torch.view_as_real(chunk.to(torch.complex128)).reshape(-1) if pairs else chunk
 
 
-def diff_checkpoints(a: str, b: str, *, atol: float = 0.0, root: str | None = None) -> DiffReport:
-    """Keys only in A or B, shape and dtype changes, and values that differ beyond `atol`.
-    With atol 0 (bit-exact) a dtype change is a difference in itself; with atol > 0 a tensor
-    whose dtype changed is judged on its values. A name only one side lists, which that side ties
-    to a name both hold (or the other side's metadata records as tied to one of its names), and
-    whose tensor is equal there, is `tied`, not a difference (`_ties`). `identical` is the verdict
-    the exit code follows."""
-    if type(atol) not in (int, float) or not (math.isfinite(atol) and atol >= 0):
-        raise UsageError(f"--atol must be a finite number >= 0, not {atol}")
+def diff_checkpoints(a: str, b: str, *, atol: float = 0.0, rtol: float = 0.0, ignore: list[str] | None = None,
+                     root: str | None = None) -> DiffReport:
+    """Keys only in A or B, shape and dtype changes, and values that differ beyond the tolerance:
+    equal when every element is within `atol + rtol·|b|` (torch.isclose with equal_nan, B the
+    reference; `_float_close`). With atol and rtol 0 (bit-exact) a dtype change is a difference
+    in itself; with a tolerance a tensor whose dtype changed is judged on its values. The keys
+    the `ignore` patterns select (core.select, on either side; each must select one) are
+    compared on neither side and listed as `ignored`. A name only one side lists, which that
+    side ties to a name both hold (or the other side's metadata records as tied to one of its
+    names), and whose tensor is equal there, is `tied`, not a difference (`_ties`). `identical`
+    is the verdict the exit code follows."""
+    for option, value in (("--atol", atol), ("--rtol", rtol)):
+        if type(value) not in (int, float) or not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"{option} must be a finite number >= 0, not {value}")
+    tol = (atol, rtol)
     with open_checkpoint(a, root) as ca, open_checkpoint(b, root) as cb, \
             ThreadPoolExecutor(1, thread_name_prefix="ckptsurgery-diff") as pool:
+        ca, cb, ignored = _without_ignored(ca, cb, ignore)
         only_a = [k for k in ca.tensors if k not in cb.tensors]
         only_b = [k for k in cb.tensors if k not in ca.tensors]
         ties = {"a": _ties(ca, cb, only_a), "b": _ties(cb, ca, only_b)}
@@ -128,38 +178,60 @@ def diff_checkpoints(a: str, b: str, *, atol: float = 0.0, root: str | None = No
         equal, equal_partners = 0, set()
         for name, ta in ca.tensors.items():
             tb = cb.tensors.get(name)
-            if tb is not None and _compare(name, ta, tb, atol, pool, changes):
+            if tb is not None and _compare(name, ta, tb, tol, pool, changes):
                 equal += 1
                 if name in partners:
                     equal_partners.add(name)
-        tied = _tied(ca, cb, ties, equal_partners, atol, pool, changes)
+        tied = _tied(ca, cb, ties, equal_partners, tol, pool, changes)
     only_a = [k for k in only_a if k not in tied["a"]]
     only_b = [k for k in only_b if k not in tied["b"]]
     shape_changed, dtype_changed, value_changed = changes["shape"], changes["dtype"], changes["value"]
-    identical = not (only_a or only_b or shape_changed or value_changed or (dtype_changed and atol == 0))
-    return DiffReport(a=a, b=b, atol=atol, identical=identical, equal=equal, only_in_a=only_a, only_in_b=only_b,
-                      shape_changed=shape_changed, dtype_changed=dtype_changed, value_changed=value_changed,
+    exact = not (atol or rtol)
+    identical = not (only_a or only_b or shape_changed or value_changed or (dtype_changed and exact))
+    return DiffReport(a=a, b=b, atol=atol, rtol=rtol, identical=identical, equal=equal, only_in_a=only_a,
+                      only_in_b=only_b, shape_changed=shape_changed, dtype_changed=dtype_changed,
+                      value_changed=value_changed, ignored=ignored,
                       tied=[{"name": name, "side": side, "tied_to": partner, "by": by}
                             for side in ("a", "b") for name, (partner, by) in tied[side].items()])
 
 
-def _compare(name: str, ta: TensorRef, tb: TensorRef, atol: float, pool, changes: dict[str, list]) -> bool:
-    """One name's tensors compared: what differs appended to `changes` ("shape", "dtype",
-    "value"); True when they count as equal."""
+def _without_ignored(ca: Checkpoint, cb: Checkpoint, patterns: list[str] | None):
+    """(A, B, the keys `patterns` select): A and B without those keys (copies that share the
+    readers' tensors; the originals stay open and are closed as before). The patterns select
+    among the keys of both sides, A's first; one that selects no key on either side is an error,
+    as a pattern is everywhere."""
+    if not patterns:
+        return ca, cb, []
+    from dataclasses import replace
+
+    from .. import core
+
+    ignored = core.select([*ca.tensors, *(k for k in cb.tensors if k not in ca.tensors)], patterns)
+    skip = set(ignored)
+    kept = [replace(c, tensors={k: t for k, t in c.tensors.items() if k not in skip}) for c in (ca, cb)]
+    return *kept, ignored
+
+
+def _compare(name: str, ta: TensorRef, tb: TensorRef, tol: tuple[float, float], pool,
+             changes: dict[str, list]) -> bool:
+    """One name's tensors compared within `tol` (atol, rtol): what differs appended to `changes`
+    ("shape", "dtype", "value"); True when they count as equal."""
     if ta.shape != tb.shape:
         changes["shape"].append({"name": name, "a": list(ta.shape), "b": list(tb.shape)})
         return False
+    exact = not any(tol)
     if ta.dtype is not tb.dtype:
         change = {"name": name, "a": ta.dtype.name, "b": tb.dtype.name}
         changes["dtype"].append(change)
-        if atol == 0:  # bit-exact: the dtype change alone differs; values are not read
+        if exact:  # bit-exact: the dtype change alone differs; values are not read
             return False
-        worst = change["max_abs_diff"] = _max_abs_diff(ta, tb)
+        worst, close = _value_gap(ta, tb, *tol)
+        change["max_abs_diff"] = worst
     elif _same_bytes(ta, tb, pool):
         return True
     else:
-        worst = _max_abs_diff(ta, tb)
-    if atol == 0 or worst > atol:
+        worst, close = _value_gap(ta, tb, *tol)
+    if exact or not close:
         changes["value"].append({"name": name, "max_abs_diff": worst})
         return False
     return True
@@ -195,11 +267,11 @@ def _ties(ours: Checkpoint, theirs: Checkpoint, only: list[str]) -> dict[str, tu
     return found
 
 
-def _tied(ca: Checkpoint, cb: Checkpoint, ties: dict, equal_partners: set[str], atol: float, pool,
+def _tied(ca: Checkpoint, cb: Checkpoint, ties: dict, equal_partners: set[str], tol: tuple[float, float], pool,
           changes: dict[str, list]) -> dict:
     """Of the `_ties` of each side, those whose tensors are equal: a view's partner compared
     equal under its own name; a name the other side's metadata ties is compared here with the
-    tensor that side holds (a dtype change within atol reported under the name)."""
+    tensor that side holds (a dtype change within the tolerance reported under the name)."""
     tied: dict[str, dict[str, tuple[str, str]]] = {"a": {}, "b": {}}
     for side, ours, theirs in (("a", ca, cb), ("b", cb, ca)):
         for name, (partner, by) in ties[side].items():
@@ -208,7 +280,7 @@ def _tied(ca: Checkpoint, cb: Checkpoint, ties: dict, equal_partners: set[str], 
             else:
                 pair = (ours.tensors[name], theirs.tensors[partner])
                 scratch: dict[str, list] = {"shape": [], "dtype": [], "value": []}
-                equal = _compare(name, *(pair if side == "a" else pair[::-1]), atol, pool, scratch)
+                equal = _compare(name, *(pair if side == "a" else pair[::-1]), tol, pool, scratch)
                 if equal:
                     changes["dtype"] += scratch["dtype"]
             if equal:

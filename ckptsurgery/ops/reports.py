@@ -268,21 +268,26 @@ class DiffReport(Report):
 
     a: str = entry("A as given.")
     b: str = entry("B as given.")
-    atol: float = entry("The tolerance (0: bit-exact).")
+    atol: float = entry("The absolute tolerance (with `rtol` 0 too: bit-exact).")
+    rtol: float = entry("The relative tolerance: a tensor is equal when every element is within `atol + rtol·abs(B)` "
+                        "(B the reference; `torch.isclose(A, B, rtol, atol, equal_nan=True)` on the values in "
+                        "float64, integers exactly; complex values part by part).")
     identical: bool = entry("The verdict the exit code follows (0 identical, 1 different).")
-    equal: int = entry("Tensors equal (within atol).")
+    equal: int = entry("Tensors equal (within the tolerance).")
     only_in_a: list[str] = entry("Keys only A has (tied names aside: see `tied`).")
     only_in_b: list[str] = entry("Keys only B has (tied names aside: see `tied`).")
     shape_changed: list[dict] = entry("`{name, a, b}` shapes.")
-    dtype_changed: list[dict] = entry("`{name, a, b}` dtypes, with `max_abs_diff` when atol > 0.")
-    value_changed: list[dict] = entry("`{name, max_abs_diff}` beyond atol.")
+    dtype_changed: list[dict] = entry("`{name, a, b}` dtypes, with `max_abs_diff` when a tolerance is given.")
+    value_changed: list[dict] = entry("`{name, max_abs_diff}` beyond the tolerance.")
     tied: list[dict] = entry(
         "`{name, side, tied_to, by}`: a name only one side lists (`side`: `\"a\"` or `\"b\"`), whose tensor "
-        "the other side holds tied, as `tied_to`, and equal (within atol): not a difference, nor counted in "
-        "`equal`. `by` says how the tie is known: `\"storage\"`, `side` stores `name` and `tied_to` as one view "
+        "the other side holds tied, as `tied_to`, and equal (within the tolerance): not a difference, nor counted "
+        "in `equal`. `by` says how the tie is known: `\"storage\"`, `side` stores `name` and `tied_to` as one view "
         "of the same bytes (a tied model's `state_dict()`, where transformers' `save_pretrained` keeps one name "
         "and records nothing); `\"metadata\"`, the other side's safetensors metadata maps `name` to `tied_to`, "
         "as safetensors' `save_model` does for each tied name it drops.")
+    ignored: list[str] = entry("Keys the `--ignore` patterns select on either side (A's order, then B's): "
+                               "compared on neither side and counted nowhere else.")
 
 
 REPORTS: tuple[tuple[str, type[Report]], ...] = (
