@@ -238,8 +238,9 @@ def test_cookbook_average_recipe_prints_what_the_command_prints(cli, tmp_path):
     linear (weights 1,1,1)" and "taken from the first model". Issue 10 "Done means": recipes
     "with their real output". Fix: re-run the recipe and paste its output."""
     text = open(os.path.join(ROOT, "docs", "cookbook.md")).read()
-    block = text.split("## Average the last three checkpoints", 1)[1].split("```", 2)[1]
-    printed = block.split("\n$ ", 2)[1].splitlines()[1:]  # what the first command ($ merge ...) printed
+    section = text.split("## Average the last three checkpoints", 1)[1]
+    block = section.split("```\n$ ", 1)[1].split("```", 1)[0]  # the first command block, after the snippet
+    printed = block.split("\n$ ", 1)[0].splitlines()[1:]  # what the first command ($ merge ...) printed
     shown = [line for line in printed if line and not line.startswith("wrote")]
     assert shown
     paths = []
