@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import assert_one_error_line
+
 
 def test_json_document_shape(cli, nested_pth, net):
     result = cli("inspect", nested_pth, "--json")
@@ -198,3 +200,97 @@ def test_inspect_names_a_storage_entry_by_torchs_type(cli, tmp_path):
     result = cli("inspect", src, "--json")
     assert result.code == 0, result.err
     assert "StorageHandle" not in json.dumps(result.json()["extras"]), result.json()["extras"]
+
+
+# ---- several inputs ------------------------------------------------------------------------------
+
+def test_several_inputs_print_one_block_each_as_each_alone_would(cli, zip_pth, safetensors_file):
+    """One block per input, in order, a blank line between; each block is what inspecting that
+    input alone prints, path header included."""
+    for args in ((), ("--tree",), ("--keys", "liner1")):
+        alone = [cli("inspect", path, *args).out for path in (zip_pth, safetensors_file)]
+        both = cli("inspect", zip_pth, safetensors_file, *args)
+        assert both.code == 0 and both.err == ""
+        assert both.out == alone[0] + "\n" + alone[1], args
+        assert both.out.startswith(f"{zip_pth}  format=torch-zip")
+        assert f"\n\n{safetensors_file}  format=safetensors" in both.out
+
+
+def test_json_with_several_inputs_is_refused_in_one_line(cli, zip_pth, safetensors_file):
+    result = cli("inspect", zip_pth, safetensors_file, "--json")
+    assert_one_error_line(result, "--json", "once per input", code=2)
+    assert result.out == ""
+
+
+def test_several_inputs_a_failure_names_its_input(cli, tmp_path, zip_pth):
+    """The first input's block is printed; the second lacks the pattern's keys: exit 1, one
+    line that says which input."""
+    other = tmp_path / "other.pth"
+    torch.save({"fc.weight": torch.ones(1)}, other)
+    result = cli("inspect", zip_pth, other, "--keys", "liner1")
+    assert_one_error_line(result, f"{other}: pattern 'liner1' selected no key")
+    assert result.out == cli("inspect", zip_pth, "--keys", "liner1").out
+
+
+# ---- whole pickled models: trainable and frozen parameters ---------------------------------------
+
+def _partly_frozen_model():
+    """An embedding tied to the output layer, six equal blocks of which the first three are
+    frozen, and one block whose weight alone is frozen."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), *[torch.nn.Linear(4, 4) for _ in range(6)],
+                                torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 10, bias=False))
+    model[9].weight = model[0].weight  # tied: counted once, as model.parameters() does
+    for block in model[1:4]:
+        block.requires_grad_(False)
+    model[7].weight.requires_grad_(False)
+    return model
+
+
+@pytest.fixture
+def whole_model(tmp_path):
+    model = _partly_frozen_model()
+    path = tmp_path / "whole.pth"
+    torch.save(model, path)
+    return path, model
+
+
+def test_whole_model_totals_trainable_and_frozen_parameters_its_state_dict_nothing(cli, tmp_path, whole_model):
+    """Counted as model.parameters() counts them (the tied weight once), over the listed tensors;
+    model.state_dict() records no requires_grad: no line, no JSON fields."""
+    path, model = whole_model
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert frozen == 3 * 20 + 16 and trainable == 40 + 3 * 20 + 4 + 8
+    doc = cli("inspect", path, "--json").json()
+    assert (doc["trainable_params"], doc["frozen_params"]) == (trainable, frozen)
+    human = cli("inspect", path).out.splitlines()
+    assert human[-1] == f"{trainable:,} trainable, {frozen:,} frozen parameters"
+    assert human[-2].startswith(f"{len(model.state_dict())} tensors")
+    nested = tmp_path / "nested.pth"  # a training checkpoint that keeps the whole model under a key
+    torch.save({"model": model, "epoch": 3}, nested)
+    doc = cli("inspect", nested, "--json").json()
+    assert doc["root"] == "model" and (doc["trainable_params"], doc["frozen_params"]) == (trainable, frozen)
+    doc = cli("inspect", path, "--keys", "7", "--json").json()  # the listed tensors only
+    assert (doc["trainable_params"], doc["frozen_params"]) == (4, 16)
+    state_dict = tmp_path / "sd.pth"
+    torch.save(model.state_dict(), state_dict)
+    doc = cli("inspect", state_dict, "--json").json()
+    assert "trainable_params" not in doc and "frozen_params" not in doc
+    out = cli("inspect", state_dict).out
+    assert "trainable" not in out and out.splitlines()[-1].startswith(f"{len(model.state_dict())} tensors")
+
+
+def test_tree_marks_frozen_modules_and_never_folds_them_with_trainable_ones(cli, whole_model):
+    """Blocks 1-3 (frozen) and 4-6 (trainable) are two rows, not one; block 7 is partly frozen:
+    its weight is marked, the block is not."""
+    path, _ = whole_model
+    rows = cli("inspect", path, "--tree", "--json").json()["tree"]
+    top = [(r["name"], r["repeat"], r.get("frozen", False)) for r in rows if r["depth"] == 0]
+    assert top == [("0", 1, False), ("{1..3}", 3, True), ("{4..6}", 3, False), ("7", 1, False), ("8", 1, False),
+                   ("9", 1, False)]
+    frozen = {r["name"] for r in rows if r.get("frozen")}
+    assert frozen == {"{1..3}", "{1..3}.weight", "{1..3}.bias", "7.weight"}
+    human = cli("inspect", path, "--tree").out
+    assert "├── {1..3}  3 × 20 params  3 × 80 B  frozen\n" in human
+    assert "├── {4..6}  3 × 20 params  3 × 80 B\n" in human

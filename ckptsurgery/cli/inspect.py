@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Optional
+from contextlib import contextmanager
+from typing import Annotated, Iterator, Optional
 
 import typer
 
 from .. import ops
-from ..errors import UsageError
+from ..errors import CkptError, UsageError
 from . import app
-from .common import (
-    InputArg, JsonOpt, QuietOpt, RootOpt, examples, human_bytes, note, print_json, printable, progress_bar,
-)
+from .common import JsonOpt, QuietOpt, RootOpt, examples, human_bytes, note, print_json, printable, progress_bar
 
 MAX_ROWS = 2000  # a table longer than this is for a program: it gets --json, or asks for --all
 
 
 @app.command(epilog=examples(
-    "ckptsurgery inspect model.pth --tree --depth 2",
+    "ckptsurgery inspect model.pth finetuned.pth --tree --depth 2",
     "ckptsurgery inspect model.safetensors --keys 'layers.0' --stats",
     "ckptsurgery inspect moe.safetensors --all | grep experts.7",
 ))
 def inspect(
-    input: InputArg,
+    inputs: Annotated[list[str], typer.Argument(
+        metavar="INPUT...", help="Checkpoints: .pth/.pt/.bin/.ckpt, .safetensors, a shard index or a Hugging Face "
+                                 "folder, or a DCP, DeepSpeed (ZeRO) or accelerate folder; several give one report "
+                                 "each.", show_default=False)],
     keys: Annotated[Optional[list[str]], typer.Option(
         "--keys", metavar="PATTERN", help="Only keys matching PATTERN (glob, module name, or re:REGEX); repeatable.")] = None,
     tree: Annotated[bool, typer.Option("--tree", help="Per-module summary; numbered repeats folded.")] = False,
@@ -37,21 +39,43 @@ def inspect(
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """List a checkpoint's tensors (reads headers only, unless --stats or --hash)."""
+    """List a checkpoint's tensors (reads headers only, unless --stats or --hash); several
+    checkpoints one after another, a blank line between (--json takes one)."""
     if (stats or hash) and tree and not json:
         raise UsageError(f"--{'stats' if stats else 'hash'} lists tensors and --tree lists modules: give one, "
                          f"or add --json for both")
     if all_rows and (json or tree):
         raise UsageError("--all applies to the table of tensors; --json and --tree always list everything")
-    with progress_bar(quiet or json or not (stats or hash)) as progress:
-        report = ops.inspect_checkpoint(input, keys=keys, stats=stats, tree=tree, depth=depth, hash=hash, root=root,
-                                        progress=progress)
-    if json:
-        print_json(report.to_json())
-        return
-    if report.inert:
-        note(f"left inert (not run): {', '.join(map(printable, report.inert))}", quiet)
-    _print_human(report, tree, stats, None if all_rows else MAX_ROWS, hash)
+    if json and len(inputs) > 1:
+        raise UsageError(f"--json prints one document for one input, and {len(inputs)} were given: run inspect "
+                         f"--json once per input (for f in ...; do ckptsurgery inspect \"$f\" --json; done)")
+    several = len(inputs) > 1
+    for i, input in enumerate(inputs):
+        with progress_bar(quiet or json or not (stats or hash)) as progress, _naming(input, several):
+            report = ops.inspect_checkpoint(input, keys=keys, stats=stats, tree=tree, depth=depth, hash=hash,
+                                            root=root, progress=progress)
+        if json:
+            print_json(report.to_json())
+            return
+        if report.inert:
+            where = f"{report.path}: " if several else ""
+            note(f"{where}left inert (not run): {', '.join(map(printable, report.inert))}", quiet)
+        if i:
+            sys.stdout.write("\n")
+        _print_human(report, tree, stats, None if all_rows else MAX_ROWS, hash)
+        sys.stdout.flush()  # each report as soon as it is read: a later input may take long, or fail
+
+
+@contextmanager
+def _naming(path: str, several: bool) -> Iterator[None]:
+    """With several inputs, a failure names the input it is about (a pattern that selects no key
+    in the second file) unless it does already."""
+    try:
+        yield
+    except CkptError as e:
+        if not several or isinstance(e, UsageError) or path in str(e):
+            raise
+        raise type(e)(f"{path}: {e}") from None
 
 
 def _fmt(value) -> str:
@@ -88,6 +112,8 @@ def _print_human(report: ops.InspectReport, tree: bool, stats: bool, max_rows: i
         lines += _table_lines(tensors, stats, hashes)
     lines.append(f"{len(report.tensors)} tensors, {report.total_params:,} parameters, "
                  f"{human_bytes(report.total_bytes)}")
+    if report.trainable_params is not None:  # a whole pickled model: its parameters record requires_grad
+        lines.append(f"{report.trainable_params:,} trainable, {report.frozen_params:,} frozen parameters")
     if report.fingerprint is not None:
         lines.append(f"fingerprint {report.fingerprint}")
     sys.stdout.write("\n".join(lines) + "\n")
@@ -164,5 +190,7 @@ def _tree_lines(rows: list[dict]) -> list[str]:
                 f"  {each}{row['params'] // n:,} params  {each}{human_bytes(row['bytes'] // n)}")
         if "shape" in row:
             line += f"  {row['dtype']} {tuple(row['shape'])}"
+        if row.get("frozen"):
+            line += "  frozen"
         lines.append(line)
     return lines

@@ -13,7 +13,7 @@ from .. import core
 from ..errors import CkptError, UsageError
 from ..io import Checkpoint, TensorRef, open_checkpoint
 from ..io.model import numel_of
-from ..io.tree import describe, extras
+from ..io.tree import describe, extras, module_state
 from .options import ProgressFactory
 from .reports import InspectReport
 
@@ -71,6 +71,7 @@ def inspect_report(ckpt: Checkpoint, patterns: list[str] | None = None) -> Inspe
     shares = ckpt.shares_with()
     chosen = OrderedDict((n, ckpt.tensors[n]) for n in names)
     unique = _unique_views(chosen, shares)
+    trainable, frozen = _trainable_and_frozen(unique) if _is_whole_model(ckpt) else (None, None)
     return InspectReport(
         path=ckpt.path,
         format=ckpt.format,
@@ -82,6 +83,8 @@ def inspect_report(ckpt: Checkpoint, patterns: list[str] | None = None) -> Inspe
         inert=ckpt.inert,
         total_params=sum(map(numel_of, map(attrgetter("shape"), unique))),
         total_bytes=sum(t.nbytes for t in unique),
+        trainable_params=trainable,
+        frozen_params=frozen,
         tensors=[
             {
                 "name": name,
@@ -96,6 +99,27 @@ def inspect_report(ckpt: Checkpoint, patterns: list[str] | None = None) -> Inspe
             for name, t in chosen.items()
         ],
     )
+
+
+def _is_whole_model(ckpt: Checkpoint) -> bool:
+    """Whether the state dict is a pickled nn.Module's (`torch.save(model)`, at the top level or
+    under a key), whose parameters record requires_grad; a dict of tensors is not, even if it
+    holds an nn.Parameter (its record says `requires_grad` all the same)."""
+    if ckpt.obj is None or ckpt.root is None:
+        return False
+    if ckpt.root == "":
+        return module_state(ckpt.obj) is not None
+    return isinstance(ckpt.obj, dict) and module_state(ckpt.obj.get(ckpt.root)) is not None
+
+
+def _trainable_and_frozen(unique: list[TensorRef]) -> tuple[int | None, int | None]:
+    """Elements of the parameters with requires_grad true, and false (a whole pickled model's
+    nn.Parameters record it; its buffers do not): (None, None) when no tensor records it."""
+    flagged = [t for t in unique if t.requires_grad is not None]
+    if not flagged:
+        return None, None
+    trainable = sum(numel_of(t.shape) for t in flagged if t.requires_grad)
+    return trainable, sum(numel_of(t.shape) for t in flagged) - trainable
 
 
 def _quantization(t: TensorRef) -> dict:
@@ -142,13 +166,16 @@ def tensor_stats(t: TensorRef) -> dict:
     return {"min": low, "max": high, "mean": finite(mean), "std": finite(std), "nan": nan, "inf": inf}
 
 
+_FROZEN, _TRAINABLE = 1, 2  # a node's `grads`: the requires_grad flags of the parameters under it
+
+
 class _Node:
-    __slots__ = ("children", "tensor", "params", "nbytes", "sig")
+    __slots__ = ("children", "tensor", "params", "nbytes", "sig", "grads")
 
     def __init__(self):
         self.children: dict[str, _Node] = {}
         self.tensor: TensorRef | None = None
-        self.params = self.nbytes = 0
+        self.params = self.nbytes = self.grads = 0
         self.sig: int | None = None
 
 
@@ -166,7 +193,8 @@ def _signature(node: _Node, ids: dict) -> int:
             stack.extend(pending)
             continue
         stack.pop()
-        own = (n.tensor.dtype.name, n.tensor.shape) if n.tensor is not None else None
+        # requires_grad too: frozen layers never fold with trainable ones
+        own = (n.tensor.dtype.name, n.tensor.shape, n.tensor.requires_grad) if n.tensor is not None else None
         n.sig = ids.setdefault((own, tuple((k, c.sig) for k, c in n.children.items())), len(ids))
     return node.sig
 
@@ -181,6 +209,8 @@ def _child_rows(node: _Node, prefix: str, level: int, ids: dict):
                "bytes": sum(kids[m].nbytes for m in members), "repeat": len(members)}
         if child.tensor is not None and not child.children:
             row.update(dtype=child.tensor.dtype.name, shape=list(child.tensor.shape))
+        if child.grads == _FROZEN:  # members fold only when their flags agree (`_signature`)
+            row["frozen"] = True
         yield row, child
 
 
@@ -188,12 +218,14 @@ MAX_TREE_LEVELS = 5000  # rows repeat their path: memory grows as levels² (5000
 
 
 def module_tree(tensors: dict[str, TensorRef], depth: int | None = None) -> list[dict]:
-    """Per-module rows (name, depth, params, bytes, repeat), numbered siblings with the same
-    structure folded into one row (`blocks.{0..23}`) whatever order the file lists them in (see
-    `fold_runs`), down to `depth` levels."""
+    """Per-module rows (name, depth, params, bytes, repeat; `frozen` when every parameter under
+    it has requires_grad false, as a whole pickled model records), numbered siblings with the
+    same structure folded into one row (`blocks.{0..23}`) whatever order the file lists them in
+    (see `fold_runs`), down to `depth` levels."""
     top = _Node()
     for name, t in tensors.items():
         numel, nbytes = t.numel, t.nbytes
+        grads = 0 if t.requires_grad is None else _TRAINABLE if t.requires_grad else _FROZEN
         node = top
         parts = name.split(".")
         if len(parts) > MAX_TREE_LEVELS:
@@ -206,6 +238,7 @@ def module_tree(tensors: dict[str, TensorRef], depth: int | None = None) -> list
             node = child
             node.params += numel
             node.nbytes += nbytes
+            node.grads |= grads
         node.tensor = t
     rows: list[dict] = []
     ids: dict = {}

@@ -241,7 +241,7 @@ class ExtractReport(Report):
 
 @dataclass(kw_only=True)
 class InspectReport(Report):
-    """`inspect`."""
+    """`inspect` of one input (`--json` with several inputs is refused: one document per run)."""
 
     path: str = entry("The input as given.")
     format: str = entry("torch-zip, torch-legacy, safetensors, sharded-safetensors, sharded-torch, dcp, "
@@ -254,12 +254,18 @@ class InspectReport(Report):
     inert: list[str] = entry("Pickled classes left inert (never run): module.name.")
     total_params: int = entry("Elements of the listed tensors, tied ones once.")
     total_bytes: int = entry("Bytes of the listed tensors, tied ones once.")
+    trainable_params: int | None = entry("A whole pickled model (`torch.save(model)`, or one under a key): elements "
+                                         "of the listed parameters whose `requires_grad` is true, tied ones once "
+                                         "(buffers count in neither this nor `frozen_params`); omitted for a state "
+                                         "dict, which records no flag.", omit_if_none=True)
+    frozen_params: int | None = entry("Likewise, the parameters whose `requires_grad` is false.", omit_if_none=True)
     tensors: list[dict] = entry("One record per listed tensor: `name`, `dtype` (torch's name), `shape`, `nbytes`, "
                                 "`requires_grad` (a pickled Parameter's flag, else null), `shares_with` (the first "
                                 "name of its storage, or null), `contiguous`, `quantization` (quantized tensors); "
                                 "`--stats`: `min`, `max`, `mean`, `std`, `nan`, `inf`; `--hash`: `sha256`.")
     fingerprint: str | None = entry("`--hash`: SHA-256 over the listed tensors' names and hashes.", omit_if_none=True)
-    tree: list[dict] | None = entry("`--tree`: one record per module row (repeats folded).", omit_if_none=True)
+    tree: list[dict] | None = entry("`--tree`: one record per module row (repeats folded); `frozen: true` on a row "
+                                    "whose parameters (a whole pickled model's) are all frozen.", omit_if_none=True)
 
 
 @dataclass(kw_only=True)
