@@ -976,3 +976,20 @@ def test_fold_with_dtype_rounds_once_like_the_merge_methods(cli, tmp_path):
     got = load_file(out)["lin.weight"]
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+# ---- issue 18 §6: hostile adapters on the new surfaces ----------------------------------------
+
+def test_an_adapter_config_past_16_mib_is_refused_unread(cli, tmp_path):
+    """A 99 MB adapter_config.json took 2.4 GB to parse (peft.py `_read_json` read it whole,
+    uncapped): it is refused in one line past 16 MiB, as a shard index is (io/sharded.py)."""
+    doc = json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["lin"]})
+    filler = ', "notes": [' + "0," * (8 * 2**20 + 1) + "0]}"  # 17 MiB of small values: the costly kind
+    adapter = make_adapter(tmp_path / "adapter", raw_config=doc[:-1] + filler)
+    assert (adapter / "adapter_config.json").stat().st_size > 16 * 2**20
+    base = make_base(tmp_path / "base.safetensors")
+    result = cli("merge", base, "--lora", adapter, "-o", tmp_path / "out.safetensors")
+    assert_one_error_line(result, "adapter_config.json", "larger than 16 MiB")
+    assert not (tmp_path / "out.safetensors").exists()
+    make_adapter(tmp_path / "adapter", {"notes": "x" * 2**20})  # 1 MiB: read as before
+    assert cli("merge", base, "--lora", adapter, "-o", tmp_path / "out.safetensors").code == 0

@@ -18,6 +18,9 @@ from .patterns import check_config, pattern_key, targets
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the user's model
+# an adapter_config.json is a few KB (rank_pattern for every module of a large model: a few hundred);
+# read whole only up to this, as a shard index is (io/sharded.py)
+CONFIG_LIMIT = 16 * 1024 * 1024
 
 # peft config fields whose adapters a plain W + scale·B·A does not reproduce: refused, never folded
 # wrongly. Each is checked only when set (not null, false, empty).
@@ -68,13 +71,18 @@ def read(path: str) -> Adapter:
 
 
 def _read_json(path: str) -> dict:
+    """The config, read whole only up to CONFIG_LIMIT: a real one is a few KB."""
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read(CONFIG_LIMIT + 1)
+        if len(raw) > CONFIG_LIMIT:
+            raise CkptError(f"{path}: an adapter config larger than {CONFIG_LIMIT >> 20} MiB; not a PEFT "
+                            f"{PEFT_CONFIG}")
+        doc = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise CkptError(f"{path}: no such file; a PEFT adapter folder holds {PEFT_CONFIG} and "
                         f"adapter_model.safetensors (save it with save_pretrained)") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
         raise CkptError(f"{path}: not readable JSON ({e})") from None
     except RecursionError:
         raise CkptError(f"{path}: not readable JSON (nested too deep)") from None
