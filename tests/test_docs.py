@@ -20,7 +20,8 @@ shapes, counts, messages, JSON structure and exit codes must match.
 
 README blocks not run, each with its reason (readme_block_not_run, which refuses a block it does
 not know): the command synopsis (usage lines, not commands), set-up (`make`, `pip`, `pipx`:
-installs from the network), the torchrun example (several machines) and the Library snippet.
+installs from the network) and the torchrun example (several machines). The Library snippet
+(Python) is run as written on files the test makes.
 
 `ckptsurgery ...` commands run in-process through the real entry point (`ckptsurgery.cli:main`,
 as the `cli` fixture does, but with stdout and stderr in one buffer so their order is kept); a
@@ -315,13 +316,17 @@ def run_make(block: Block, runner: Runner, failures: list[str]) -> None:
 
 # ---- README.md ----------------------------------------------------------------------------------
 
+LIBRARY = "the Library snippet: run by test_readme_library_snippet_runs"
+
+
 def readme_block_not_run(block: Block) -> str | None:
-    """Why a README block is not run, or None when it is one to run. Its runnable examples are
+    """Why a README block is not run as commands, or None when it is. Its runnable examples are
     plain `ckptsurgery ...` lines without output shown: each must exit 0 (a pipe: every part)."""
     lines = [line for line in block.lines if line.strip() and not line.lstrip().startswith("#")]
     words = {line.split()[0] for line in lines}
     if block.lang == "python":
-        return "the Library snippet: Python calls on files it does not make, not a command example"
+        assert "from ckptsurgery" in block.lines[0], f"{block.doc}:{block.line}: a second Python block"
+        return LIBRARY
     if words & {"make", "pip", "pipx"}:
         return "set-up (make, pip, pipx): installs packages from the network"
     if "torchrun" in words:
@@ -392,7 +397,7 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     failures: list[str] = []
     ran, claims = 0, set()
     for number, block in enumerate(blocks(README)):
-        if readme_block_not_run(block):
+        if readme_block_not_run(block):  # the Library snippet has a test of its own
             continue
         folder = tmp_path / f"block{number}"
         folder.mkdir()
@@ -417,12 +422,55 @@ def test_readme_examples_run(tmp_path, monkeypatch):
             if failure:
                 failures.append(failure)
     assert ran >= 10, f"only {ran} README commands found"
-    assert claims == {part for part, _, _ in README_CLAIMS}, "a README example checked here is gone"
     if failures:
         pytest.fail("README examples that fail:\n\n" + "\n\n".join(failures), pytrace=False)
+    assert claims == {part for part, _, _ in README_CLAIMS}, "a README example checked here is gone"
 
 
 def test_every_readme_block_is_run_or_said_why_not():
     kinds = [(block.line, readme_block_not_run(block)) for block in blocks(README)]
-    assert any(reason is None for _, reason in kinds)
     assert sum(reason is None for _, reason in kinds) >= 2, kinds  # the examples and the DCP round trip
+    assert sum(reason == LIBRARY for _, reason in kinds) == 1, kinds
+
+
+def library_files(folder: Path) -> None:
+    """The files the README's Library snippet names (it does not make them): tiny and seeded."""
+    import json
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+
+    def net(classes=10):
+        return {"conv.weight": torch.randn(4, 3, 3, 3), "conv.bias": torch.randn(4),
+                "fc.weight": torch.randn(classes, 4), "fc.bias": torch.randn(classes)}
+
+    torch.save({"epoch": 3, "state_dict": net()}, folder / "ckpt.pth")
+    torch.save(net(1000), folder / "pretrained.pth")
+    torch.save(net(10), folder / "new_model.pth")
+    for name in ("base", "math", "code"):
+        torch.save(net(), folder / f"{name}.pth")
+    torch.save({"module." + k: v for k, v in net().items()}, folder / "ddp.pth")
+    base = {"fc.weight": torch.randn(32, 32), "fc.bias": torch.randn(32)}
+    save_file(base, str(folder / "base.safetensors"))
+    save_file({k: v + 0.01 * torch.randn_like(v) for k, v in base.items()}, str(folder / "tuned.safetensors"))
+    (folder / "adapter").mkdir()  # a PEFT adapter folder on fc
+    (folder / "adapter" / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["fc"]}))
+    save_file({"base_model.model.fc.lora_A.weight": torch.randn(2, 32),
+               "base_model.model.fc.lora_B.weight": torch.randn(32, 2)},
+              str(folder / "adapter" / "adapter_model.safetensors"))
+
+
+def test_readme_library_snippet_runs(tmp_path, monkeypatch, capsys):
+    """The README's Library snippet, as written, in a folder holding the files it names: every
+    call returns (the `assert` in it holds), each output is written, and the last report prints."""
+    block = next(block for block in blocks(README) if readme_block_not_run(block) == LIBRARY)
+    library_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with torch.random.fork_rng():
+        run_snippet(block, {"__name__": "readme"})
+    printed = capsys.readouterr().out
+    assert "plain.pth" in printed, printed  # print(report.renamed, report.to_json()): the rename's
+    for written in ("model.safetensors", "ft.pth", "ties.pth", "merged.safetensors", "extracted"):
+        assert (tmp_path / written).exists(), written
