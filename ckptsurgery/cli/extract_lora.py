@@ -50,7 +50,8 @@ def extract_lora(
     worst = max((p.error for p in extracted if p.error is not None), default=None)
     lines = [f"{verb} {printable(report.output)}: {len(extracted)} LoRA module(s), rank {report.rank}"
              + (f", largest relative error {worst:.3g}" if worst is not None else ""),
-             listing("not extracted", [f"{n['name']} ({n['reason']})" for n in report.not_extracted])]
+             *([listing("not extracted", [f"{n['name']} ({n['reason']})" for n in report.not_extracted])]
+               if report.not_extracted else [])]
     clamped = [f"{p.name} ({p.requested_rank} -> {p.rank})" for p in extracted if p.clamped]
     if clamped:
         lines.append(listing("rank clamped to the weight's size", clamped))

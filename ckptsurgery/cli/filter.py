@@ -35,7 +35,7 @@ def filter_command(
     """Keep selected keys, or the keys a template has in the template's shapes (the `if k in model_dict` recipe)."""
     with out.writing() as write:
         report = ops.filter_keys(input, write, keep=keep, like=like, root=root, skip_mismatched=skip_mismatched)
-    details = [listing("left out", report.left_out)]
+    details = [listing("left out", report.left_out)] if report.left_out else []
     if report.shape_mismatched:
         details.append(listing("their shape differs from the template's (--skip-mismatched)",
                                [f"{m['name']} {_shape(m['shape'])} (template {_shape(m['template_shape'])})"

@@ -12,7 +12,7 @@ from typer.core import TyperCommand, TyperOption
 from .. import core, ops
 from ..errors import CkptError
 from . import app
-from .common import InputArg, OutputOptions, RootOpt, examples, listing, output_options, print_table, printable
+from .common import InputArg, OutputOptions, RootOpt, count, examples, listing, output_options, print_table, printable
 
 
 def _load_map(path: str) -> dict:
@@ -114,7 +114,8 @@ def rename(
         report = ops.rename_keys(input, rules, write, root=root, allow_unchanged=allow_unchanged)
     if out.dry_run and not out.json:
         _print_rename_table(report)
-    out.finish(report, [f"renamed {len(report.renamed)} key(s)", listing("untouched", report.untouched)])
+    out.finish(report, [f"renamed {count(len(report.renamed), 'key')}",
+                        *([listing("untouched", report.untouched)] if report.untouched else [])])
 
 
 def _print_rename_table(report: ops.RenameReport) -> None:
