@@ -120,7 +120,7 @@ def main() -> None:
 
 def _run() -> None:
     try:
-        app()
+        app(prog_name="ckptsurgery")  # not "python -m ..." in usage lines, however it was started
     except Exception as e:
         if os.environ.get("CKPTSURGERY_DEBUG"):
             raise
