@@ -294,3 +294,8 @@ def test_tree_marks_frozen_modules_and_never_folds_them_with_trainable_ones(cli,
     human = cli("inspect", path, "--tree").out
     assert "├── {1..3}  3 × 20 params  3 × 80 B  frozen\n" in human
     assert "├── {4..6}  3 × 20 params  3 × 80 B\n" in human
+
+
+def test_the_summary_line_counts_one_tensor_in_the_singular(cli, tmp_path):
+    torch.save({"w": torch.ones(1)}, tmp_path / "one.pth")
+    assert cli("inspect", tmp_path / "one.pth").out.splitlines()[-1] == "1 tensor, 1 parameter, 4 B"

@@ -11,7 +11,7 @@ import typer
 from .. import ops
 from ..errors import CkptError, UsageError
 from . import app
-from .common import JsonOpt, QuietOpt, RootOpt, examples, human_bytes, note, print_json, printable, progress_bar
+from .common import JsonOpt, QuietOpt, RootOpt, count, examples, human_bytes, note, print_json, printable, progress_bar
 
 MAX_ROWS = 2000  # a table longer than this is for a program: it gets --json, or asks for --all
 
@@ -110,7 +110,8 @@ def _print_human(report: ops.InspectReport, tree: bool, stats: bool, max_rows: i
                      f"list them all with --all, or read them with --json")
     else:
         lines += _table_lines(tensors, stats, hashes)
-    lines.append(f"{len(report.tensors)} tensors, {report.total_params:,} parameters, "
+    lines.append(f"{count(len(report.tensors), 'tensor')}, {report.total_params:,} "
+                 f"parameter{'' if report.total_params == 1 else 's'}, "
                  f"{human_bytes(report.total_bytes)}")
     if report.trainable_params is not None:  # a whole pickled model: its parameters record requires_grad
         lines.append(f"{report.trainable_params:,} trainable, {report.frozen_params:,} frozen parameters")
