@@ -133,8 +133,76 @@ def _quantization(t: TensorRef) -> dict:
 _STATS_CHUNK = 1 << 22  # elements per step: bounded memory whatever the tensor's size
 
 
+# dtypes whose bytes numpy reads as they lie in the file (bfloat16 through methods' decode)
+_NUMPY_STATS = {"float16": "<f2", "float32": "<f4", "float64": "<f8", "int8": "i1", "uint8": "u1",
+                "int16": "<i2", "uint16": "<u2", "int32": "<i4", "uint32": "<u4", "int64": "<i8",
+                "uint64": "<u8", "bool": "?", "bfloat16": None}
+_MAPPED_STATS_CHUNK = 1 << 16  # elements a step from a mapped file: a step's arrays stay in the CPU's cache
+
+
+class _Moments:
+    """min, max, mean and the sum of squared deviations of the finite values seen so far, and the
+    NaN and infinity counts; chunks merged as Chan et al. merge moments."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2, self.nan, self.inf = 0, 0.0, 0.0, 0, 0
+        self.low, self.high = math.inf, -math.inf
+
+    def add(self, n: int, low: float, high: float, mean: float, m2: float) -> None:
+        if not n:
+            return
+        self.low, self.high = min(self.low, low), max(self.high, high)
+        delta, total = mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.m2 += m2 + delta * delta * self.count * n / total
+        self.count = total
+
+    def report(self) -> dict:
+        if not self.count:
+            return {"min": None, "max": None, "mean": None, "std": None, "nan": self.nan, "inf": self.inf}
+        std = math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 0.0
+        finite = lambda x: x if math.isfinite(x) else None  # noqa: E731  (sums of values near 1e308 overflow)
+        return {"min": self.low, "max": self.high, "mean": finite(self.mean), "std": finite(std),
+                "nan": self.nan, "inf": self.inf}
+
+
 def tensor_stats(t: TensorRef) -> dict:
-    """min/max/mean/std over finite values, and NaN/Inf counts; streamed in chunks (imports torch)."""
+    """min/max/mean/std over finite values, and NaN/Inf counts; streamed in chunks — with numpy
+    straight from the mapped file for plain dtypes whose bytes lie in order (no torch; memory a
+    chunk), else through torch (quantized, strided, computed tensors)."""
+    from ..io.model import mapped_range
+
+    placed = mapped_range(t) if t.dtype.name in _NUMPY_STATS else None
+    return _mapped_stats(t, *placed) if placed is not None else _torch_stats(t)
+
+
+def _mapped_stats(t: TensorRef, source, first: int) -> dict:
+    import numpy as np
+
+    from .methods import decode
+
+    moments, size, name = _Moments(), t.dtype.itemsize, t.dtype.name
+    floating = t.dtype.floating
+    with np.errstate(all="ignore"):
+        for start in range(0, t.numel, _MAPPED_STATS_CHUNK):
+            count = min(_MAPPED_STATS_CHUNK, t.numel - start)
+            raw = source.view(first + start * size, count * size)
+            x = (decode(raw, name, "float64") if name == "bfloat16"
+                 else np.frombuffer(raw, _NUMPY_STATS[name]).astype(np.float64))
+            if floating:
+                bad = ~np.isfinite(x)
+                if bad.any():
+                    nan = int(np.isnan(x).sum())
+                    moments.nan, moments.inf = moments.nan + nan, moments.inf + int(bad.sum()) - nan
+                    x = x[~bad]
+            if x.size:
+                low, high, mean = float(x.min()), float(x.max()), float(x.mean())
+                x -= mean
+                moments.add(x.size, low, high, mean, float(np.dot(x, x)))
+    return moments.report()
+
+
+def _torch_stats(t: TensorRef) -> dict:
     import torch
 
     from ..io.tensors import values
@@ -142,28 +210,17 @@ def tensor_stats(t: TensorRef) -> dict:
     flat = values(t)
     if flat is None:  # complex, packed or opaque elements: no single number to summarise
         return {"min": None, "max": None, "mean": None, "std": None, "nan": None, "inf": None}
-    count, mean, m2, nan, inf = 0, 0.0, 0.0, 0, 0
-    low, high = math.inf, -math.inf
+    moments = _Moments()
     for start in range(0, flat.numel(), _STATS_CHUNK):
         chunk = flat[start : start + _STATS_CHUNK].to(torch.float64)
-        nan += int(torch.isnan(chunk).sum())
-        inf += int(torch.isinf(chunk).sum())
+        nan, inf = int(torch.isnan(chunk).sum()), int(torch.isinf(chunk).sum())
+        moments.nan, moments.inf = moments.nan + nan, moments.inf + inf
         chunk = chunk[torch.isfinite(chunk)]
-        n = chunk.numel()
-        if not n:
-            continue
-        low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
-        c_mean = float(chunk.mean())
-        c_m2 = float(((chunk - c_mean) ** 2).sum())
-        delta, total = c_mean - mean, count + n
-        mean += delta * n / total  # Chan et al.: merge the chunk's moments into the running ones
-        m2 += c_m2 + delta * delta * count * n / total
-        count = total
-    if not count:
-        return {"min": None, "max": None, "mean": None, "std": None, "nan": nan, "inf": inf}
-    std = math.sqrt(m2 / (count - 1)) if count > 1 else 0.0
-    finite = lambda x: x if math.isfinite(x) else None  # noqa: E731  (sums of values near 1e308 overflow)
-    return {"min": low, "max": high, "mean": finite(mean), "std": finite(std), "nan": nan, "inf": inf}
+        if chunk.numel():
+            mean = float(chunk.mean())
+            moments.add(chunk.numel(), float(chunk.min()), float(chunk.max()), mean,
+                        float(((chunk - mean) ** 2).sum()))
+    return moments.report()
 
 
 _FROZEN, _TRAINABLE = 1, 2  # a node's `grads`: the requires_grad flags of the parameters under it
