@@ -9,8 +9,10 @@ import copy
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections import OrderedDict
 
 import pytest
@@ -993,3 +995,86 @@ def test_an_adapter_config_past_16_mib_is_refused_unread(cli, tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
     make_adapter(tmp_path / "adapter", {"notes": "x" * 2**20})  # 1 MiB: read as before
     assert cli("merge", base, "--lora", adapter, "-o", tmp_path / "out.safetensors").code == 0
+
+
+def test_extract_refuses_a_weight_far_larger_than_what_the_files_hold(cli, tmp_path):
+    """Two 1.4 KB .pth files whose weight is one float viewed as 6144 × 6144 (stride 0) ran an SVD
+    of 37 M elements for minutes (extract.py `_SvdCache.factors`), deaf to SIGTERM. It is refused
+    in one line naming the key and the way out, in a second or two. A small expanded weight, one
+    that TUNED stores whole, and a repeated buffer that is no weight are extracted (or reported
+    as not extracted) as before."""
+    torch.save({"lin.weight": torch.zeros(1).expand(6144, 6144)}, tmp_path / "base.pth")
+    torch.save({"lin.weight": torch.ones(1).expand(6144, 6144)}, tmp_path / "tuned.pth")
+    assert (tmp_path / "tuned.pth").stat().st_size < 2000
+    try:
+        result = run_cli(["extract-lora", tmp_path / "base.pth", tmp_path / "tuned.pth", "--rank", "2",
+                          "-o", tmp_path / "adapter"], timeout=60, data_limit=4 * 2**30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("extract-lora worked for a minute on two files of 1.4 KB")
+    assert result.returncode == 1, result.stderr
+    err = result.stderr
+    assert err.startswith("ckptsurgery: error: ") and err.count("\n") == 1 and "CKPTSURGERY_DEBUG" not in err, err
+    assert "lin.weight: a view of 1 stored value repeated as [6144, 6144]" in err and "convert both files to .safetensors" in err, err
+    assert not (tmp_path / "adapter").exists()
+
+    save_file({"a.weight": torch.zeros(64, 64), "b.weight": torch.zeros(600, 500), "buf": torch.zeros(2**22)},
+              str(tmp_path / "base.safetensors"))
+    torch.save({"a.weight": torch.ones(1).expand(64, 64), "b.weight": torch.ones(600, 500),
+                "buf": torch.ones(1).expand(2**22)}, tmp_path / "tuned.pth")
+    torch.save({"a.weight": torch.zeros(1).expand(64, 64), "b.weight": torch.zeros(1).expand(600, 500),
+                "buf": torch.zeros(1).expand(2**22)}, tmp_path / "base.pth")
+    for base in ("base.safetensors", "base.pth"):
+        result = cli("extract-lora", tmp_path / base, tmp_path / "tuned.pth", "--rank", "1", "-o", tmp_path / base[:-4],
+                     "--json")
+        assert result.code == 0, result.err
+        doc = result.json()
+        assert {e["key"]: e["error"] < 1e-4 for e in doc["extracted"]} == {"a.weight": True, "b.weight": True}
+        assert [n["name"] for n in doc["not_extracted"]] == ["buf"]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_extract_stops_at_once_on_sigterm_or_ctrl_c_during_a_long_svd(tmp_path, sig, code):
+    """The SVD of one large weight is one call into LAPACK, minutes long; Python runs signal
+    handlers only when it returns, so SIGTERM and Ctrl-C waited for it (and a CI job's timeout
+    then SIGKILLed the run, leaving its staged folder). The SVD now runs in a worker thread: the
+    signal unwinds at once, the staged folder is removed, and the run ends."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4000, 4000, generator=g)
+    save_file({"big.weight": base}, str(tmp_path / "base.safetensors"))
+    save_file({"big.weight": base + torch.randn(4000, 4000, generator=g)}, str(tmp_path / "tuned.safetensors"))
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop("CKPTSURGERY_DEBUG", None)
+    proc = subprocess.Popen([sys.executable, "-c", "from ckptsurgery.cli import main; main()", "extract-lora",
+                             str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"), "--rank", "4",
+                             "-o", str(tmp_path / "adapter")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+    def staged():
+        return [n for n in os.listdir(tmp_path) if n.endswith(".ckptsurgery-tmp")]
+
+    def cpu_seconds():  # of every thread of the process
+        fields = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    try:
+        deadline = time.monotonic() + 60
+        while not staged():
+            assert proc.poll() is None and time.monotonic() < deadline, "the extraction never started its write"
+            time.sleep(0.01)
+        # then it imports torch (a second or two of CPU) and starts the SVD (a minute of CPU):
+        # 5 s of CPU past this point is well inside the SVD
+        start = cpu_seconds()
+        while cpu_seconds() < start + 5:
+            assert proc.poll() is None and time.monotonic() < deadline, "the SVD finished before it could be interrupted"
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        sent = time.monotonic()
+        while staged() and time.monotonic() < sent + 3:
+            time.sleep(0.01)
+        assert not staged(), "the staged folder outlived the signal by 3 s: the signal waited for the SVD"
+        proc.wait(timeout=30)  # the interpreter's teardown, while the worker still computes
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == code, proc.stderr.read()
+    assert b"Traceback" not in proc.stderr.read()
+    assert sorted(os.listdir(tmp_path)) == ["base.safetensors", "tuned.safetensors"]

@@ -36,6 +36,12 @@ EMBEDDING_NAMES = frozenset({
 # what an adapter folder is not: a .pth, shards, a DCP folder, a job's ranks, an input's metadata
 NOT_FOR_ADAPTERS = ("format", "max_shard_size", "jobs", "no_metadata", "ranks")
 
+# A view may repeat the few values its file stores (stride 0: one float "viewed" as 6144 × 6144 in
+# a 1.4 KB .pth; the readers allow up to 256 MiB of such repeats per file). Its SVD costs what its
+# shape says, minutes, not what the files hold, so a weight whose elements BASE and TUNED store
+# less than half of is refused past this many elements (512 × 512: below it, an SVD takes a moment).
+REPEATED_LIMIT = 1 << 18
+
 
 def is_embedding(module: str) -> bool:
     return module.rsplit(".", 1)[-1] in EMBEDDING_NAMES
@@ -198,6 +204,7 @@ def _survey_group(b: Checkpoint, t: Checkpoint, group: list[str], settings: _Set
     if not isinstance(kind, Layout):
         survey.not_extracted.append({"name": key, "reason": kind})
         return
+    _check_stored(key, tb, tt)
     want = settings.default
     for match, r in settings.matchers:
         if match(key):
@@ -217,6 +224,26 @@ def _differs(a: TensorRef, b: TensorRef) -> bool:
     x, y = as_torch(a), as_torch(b)
     common = torch.promote_types(x.dtype, y.dtype)  # never through float: complex stays complex
     return not torch.equal(x.to(common), y.to(common))
+
+
+def _stored(t: TensorRef) -> int:
+    """How many of `t`'s elements its file holds: all of them, or for a view whose elements
+    overlap (stride 0, an expanded or broadcast tensor) the span of storage it covers."""
+    if t.numel <= 1 or not t.repeated_bytes():
+        return t.numel
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride))
+
+
+def _check_stored(key: str, a: TensorRef, b: TensorRef) -> None:
+    """Refuse a weight whose elements BASE and TUNED both hold far fewer of (REPEATED_LIMIT)."""
+    numel = max(a.numel, b.numel)
+    held = max(_stored(a), _stored(b))
+    if numel > REPEATED_LIMIT and numel > 2 * held:
+        shape = list(a.shape if a.numel == numel else b.shape)
+        raise CkptError(f"{key}: a view of {held:,} stored value{'s' if held != 1 else ''} repeated as {shape} "
+                        f"({numel:,} elements: stride 0 or overlapping strides) in BASE and TUNED; its SVD would cost "
+                        f"far more than the files hold, so nothing was extracted (if it is a real weight, store it "
+                        f"whole first: convert both files to .safetensors)")
 
 
 def _choose(group: list[str], embeddings: bool) -> str:
@@ -351,7 +378,7 @@ class _SvdCache:
         if not bool(torch.isfinite(d).all()):
             raise CkptError(f"{p.key}: TUNED − BASE holds NaN or infinite values; cannot extract a LoRA")
         matrix = d.T if p.kind in TRANSPOSED else d.reshape(d.shape[0], -1)
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        u, s, vh = _interruptible(torch.linalg.svd, matrix, full_matrices=False)
         k = p.rank
         top = float(s[0]) if s.numel() else 0.0  # relative to the largest: s² cannot overflow
         share = (s.double() / top) ** 2 if top > 0 else s.double()
@@ -380,6 +407,31 @@ class _SvdCache:
             return to_bytes(value.to(getattr(torch, dtype.name)).contiguous())
 
         return make
+
+
+def _interruptible(fn, *args, **kwargs):
+    """fn(*args, **kwargs) run in a worker thread while this one waits: a long call into C (the
+    SVD of a large weight, minutes in LAPACK) does not return to Python until it is done, so
+    Ctrl-C and SIGTERM (SystemExit, see cli) would wait for it. Waiting here, they are raised at
+    once and unwind as anywhere else (the staged folder removed); the worker, a daemon, ends
+    with the process."""
+    import threading
+
+    done: dict = {}
+
+    def run():
+        try:
+            done["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # handed to the caller, as if called here
+            done["error"] = e
+
+    worker = threading.Thread(target=run, name="ckptsurgery-svd", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.25)
+    if "error" in done:
+        raise done["error"]
+    return done["value"]
 
 
 def _check_folder(output: str, force: bool) -> None:
