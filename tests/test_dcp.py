@@ -323,6 +323,33 @@ def test_force_never_replaces_a_folder_of_other_files(cli, tmp_path, zip_pth):
     assert os.listdir(out) == ["cat.jpg"]
 
 
+@pytest.mark.parametrize("extra, shown", [
+    (["notes.txt", "logs/train.log"], "logs/, notes.txt"),
+    (["data.distcp/keep.txt"], "data.distcp/"),  # a folder named like a data file is not one
+    ([".metadata.bak"], ".metadata.bak"),
+])
+def test_force_never_deletes_files_beside_a_dcp_checkpoint(cli, tmp_path, zip_pth, extra, shown):
+    """--force replaces a DCP folder that holds nothing but torch's own files (.metadata and
+    *.distcp); one that holds a run's notes and logs beside them is refused in one line naming
+    them (those files were once deleted, exit 0)."""
+    out = _save_folder(tmp_path / "run-0001")
+    for name in extra:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("mine")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    result = cli("convert", zip_pth, "-o", out, "--format", "dcp", "--force")
+    assert_one_error_line(result, str(out), "holds more than a DCP checkpoint", f"({shown})", "even with --force")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert all((out / name).read_text() == "mine" for name in extra)
+    for name in extra:  # a folder of torch's own files alone is replaced
+        (out / name).unlink()
+        if (out / name).parent != out:
+            (out / name).parent.rmdir()
+    (out / "__3_0.distcp").write_bytes(b"an old rank's data")
+    assert cli("convert", zip_pth, "-o", out, "--format", "dcp", "--force").code == 0
+    assert sorted(os.listdir(out)) == [".metadata", "__0_0.distcp"]
+
+
 def test_merge_methods_read_dcp_folders_chunk_by_chunk(cli, tmp_path, two_ranks):
     """FSDP's row chunks are read range by range, the column-sharded bf16 `cols.w` (put together
     in memory) once: the mean of the folder and its own full state dict is that state dict."""
@@ -345,10 +372,14 @@ CATCH_ALL = "CKPTSURGERY_DEBUG"
 @pytest.fixture
 def folder(tmp_path):
     """A one-process DCP folder: model.emb.weight (5, 3) float32, model.ids (4,) int64, step (bytes)."""
+    return _save_folder(tmp_path / "ckpt")
+
+
+def _save_folder(out):
+    """The `folder` fixture's folder, saved by torch's own DCP writer at `out`."""
     import torch.distributed.checkpoint as dcp
 
     torch.manual_seed(0)
-    out = tmp_path / "ckpt"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save({"model": {"emb.weight": torch.randn(5, 3), "ids": torch.arange(4)}, "step": 7},

@@ -350,16 +350,40 @@ DCP_VERSION = "1.0.0"  # Metadata.version as torch 2.13 writes it
 
 def check_dcp_writable(folder: str, force: bool) -> None:
     """A DCP output is a folder: refuse to replace anything there without --force, and even with
-    it anything but an earlier DCP folder (or an empty one): --force must not delete a folder of
-    other files."""
+    it anything but a DCP folder that holds nothing else — `.metadata` and the `*.distcp` data
+    files torch writes — or an empty one: --force must not delete another's files (a run's
+    notes, its logs) with the checkpoint they sit beside."""
     if os.path.lexists(folder):
         if not force:
             raise CkptError(f"{folder}: already exists; pass --force to overwrite it")
         if not os.path.isdir(folder) or os.path.islink(folder):
             raise CkptError(f"{folder}: exists and is not a folder; a DCP output is a folder")
-        if os.listdir(folder) and not is_dcp(folder):
+        names = os.listdir(folder)
+        if names and not is_dcp(folder):
             raise CkptError(f"{folder}: a folder that is not a DCP checkpoint; not replacing it, even with --force")
+        others = sorted(_shown(folder, name) for name in names if not _dcp_file(folder, name))
+        if others:
+            raise CkptError(f"{folder}: holds more than a DCP checkpoint ({', '.join(others[:5])}"
+                            f"{' …' if len(others) > 5 else ''}); not replacing it, even with --force: "
+                            f"write the checkpoint to a folder of its own")
     check_parent(folder)
+
+
+def _dcp_file(folder: str, name: str) -> bool:
+    """Whether `name` in `folder` is a file torch's DCP writer makes: `.metadata` or a `*.distcp`
+    data file (a link to one too: replacing the folder removes the link, never its target)."""
+    if name != METADATA and not name.endswith(".distcp"):
+        return False
+    try:
+        return not stat.S_ISDIR(os.lstat(os.path.join(folder, name)).st_mode)
+    except OSError:
+        return False
+
+
+def _shown(folder: str, name: str) -> str:
+    """A name in a folder as a refusal shows it: a folder's with a trailing /."""
+    return name + "/" if os.path.isdir(os.path.join(folder, name)) and not os.path.islink(os.path.join(folder, name)) \
+        else name
 
 
 def flatten(obj: Any) -> list[tuple[str, tuple, Any]]:
