@@ -7,6 +7,7 @@ bad sizes and planner paths are one error line, and time, memory and descriptors
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import resource
@@ -21,6 +22,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, MetadataIndex,
                                                    TensorStorageMetadata)
 
+from ckptsurgery.errors import CkptError
 from conftest import ROOT, assert_one_error_line, dcp_storage, load_any, rewrite_dcp_metadata, run_two_ranks
 
 TWO_RANKS = textwrap.dedent("""
@@ -395,6 +397,15 @@ def _rekey(meta, fqn, offsets):
     return info
 
 
+def _rename(meta, old: str, new: str) -> None:
+    """Move `old`'s entry, storage records and planner path to the key `new` (path: (new,))."""
+    meta.state_dict_metadata[new] = meta.state_dict_metadata.pop(old)
+    for key in [k for k in meta.storage_data if k.fqn == old]:
+        meta.storage_data[MetadataIndex(new, key.offset, key.index)] = meta.storage_data.pop(key)
+    del meta.planner_data[old]
+    meta.planner_data[new] = (new,)
+
+
 def _saved(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -415,6 +426,22 @@ def _run(*args, timeout=120, data_limit=None, nofile=None, env=None, cwd=ROOT):
     except subprocess.TimeoutExpired:
         return None
     return r.returncode, r.stdout, r.stderr
+
+
+def _run_torch(code: str, folders, cwd) -> list[str]:
+    """Run `code` (torch's own loader on `path`) for each folder in turn, in one fresh interpreter
+    (one torch import); return each folder's exception line ('' where it raised none)."""
+    script = ("import sys, json\n"
+              "out = []\n"
+              "for path in json.loads(sys.argv[1]):\n"
+              "    try:\n" + textwrap.indent(code, " " * 8) + "\n"
+              "        out.append('')\n"
+              "    except BaseException as e:\n"
+              "        out.append(f'{type(e).__name__}: {e}'.splitlines()[0])\n"
+              "print(json.dumps(out))\n")
+    r = subprocess.run([sys.executable, "-c", script, json.dumps([str(f) for f in folders])], capture_output=True,
+                       text=True, cwd=cwd, timeout=300)
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def _assert_one_line(result, code=1):
@@ -550,10 +577,39 @@ def test_pth_output_never_reaches_a_payload_torchs_per_file_order_never_reaches(
 
 def test_a_negative_planner_list_index_is_one_error_line(cli, folder):
     """A planner path with a negative list index: one error line naming the planner path (IndexError once reached the catch-all)."""
-    def change(meta):
-        meta.planner_data["model.ids"] = ("lst", -1)
+    def change(meta):  # the key is what the path names, as torch checks
+        _rename(meta, "model.ids", "lst.-1")
+        meta.planner_data["lst.-1"] = ("lst", -1)
     rewrite_dcp_metadata(folder, change)
-    assert_one_error_line(cli("inspect", folder), "planner path")
+    assert_one_error_line(cli("inspect", folder), "planner path has a bad list index")
+
+
+def _swap_paths(meta):
+    planner = meta.planner_data
+    planner["model.emb.weight"], planner["model.ids"] = planner["model.ids"], planner["model.emb.weight"]
+
+
+def _rename_path(meta):
+    meta.planner_data["model.ids"] = ("model", "idx")
+
+
+def test_planner_paths_that_name_another_key_are_refused(cli, tmp_path):
+    """A .metadata whose planner_data swaps two tensors' paths, or renames one, says two things
+    about each key; torch's loader reads the data under the path's key and refuses both. Here
+    each is one line naming the key (the values once came out under each other's names)."""
+    folders = []
+    for name, change in (("swapped", _swap_paths), ("renamed", _rename_path)):
+        ckpt = _save_folder(tmp_path / name)
+        rewrite_dcp_metadata(ckpt, change)
+        folders.append(ckpt)
+    errors = _run_torch("from torch.distributed.checkpoint.format_utils import dcp_to_torch_save\n"
+                        "dcp_to_torch_save(path, path + '.pth')", folders, tmp_path)
+    assert all(errors), errors  # torch refuses both
+    for ckpt, (key, named) in zip(folders, [("model.emb.weight", "model.ids"), ("model.ids", "model.idx")]):
+        for args in (("inspect", ckpt), ("convert", ckpt, "-o", tmp_path / "o.safetensors"),
+                     ("convert", ckpt, "-o", tmp_path / "o", "--format", "dcp")):
+            assert_one_error_line(cli(*args), f"{ckpt}: {key}: its planner path", repr(named), "contradicts itself")
+        assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "o").exists()
 
 
 def test_a_size_whose_element_count_has_thousands_of_digits_is_one_error_line(cli, folder):
@@ -662,12 +718,73 @@ def test_huge_planner_list_indices_are_refused_without_allocating_them(folder):
     def change(meta):
         info = dcp_storage(meta, "step")
         for i in range(1000):
-            key = f"k{i}"
+            key = f"k{i}.1000000"  # what the path names, as torch checks
             meta.state_dict_metadata[key] = BytesStorageMetadata()
             meta.storage_data[MetadataIndex(key)] = info
-            meta.planner_data[key] = (key, 1_000_000)
+            meta.planner_data[key] = (f"k{i}", 1_000_000)
     rewrite_dcp_metadata(folder, change)
     _assert_one_line(_run("inspect", folder, data_limit=2 << 30, timeout=120))
+
+
+def test_a_300000_step_planner_path_is_refused_within_seconds(tmp_path, folder):
+    """A 300,000-step planner path (its key what the path names): one error line within 20 s from
+    inspect and from a DCP write (a 200,000-step one once took 56 s to write, quadratic in the
+    depth: each level copied its parent's path)."""
+    path = ("a",) * 299_999 + ("step",)
+    key = ".".join(path)
+
+    def change(meta):
+        _rename(meta, "step", key)
+        meta.planner_data[key] = path
+    rewrite_dcp_metadata(folder, change)
+    for args in (("inspect", folder), ("convert", folder, "-o", tmp_path / "out", "--format", "dcp")):
+        result = _run(*args, timeout=20)
+        _assert_one_line(result)
+        assert "300000 steps deep, more than the 200" in result[2] and len(result[2]) < 1000, result[2][:1000]
+    assert not (tmp_path / "out").exists()
+
+
+def test_dcp_writes_are_linear_in_depth_and_refuse_absurd_nesting(tmp_path):
+    """Flattening for a DCP output builds each path once (linear), refuses a tree nested past
+    what a reader takes back and one that holds the same containers within each other over and
+    over (a 60-level DAG: 2**60 keys); a state dict nested 150 levels deep goes through."""
+    import time
+
+    from ckptsurgery.io import dcp as dcp_io
+
+    deep = node = {}
+    for _ in range(300_000):
+        node["a"] = node = {}
+    node["x"] = 1
+    start = time.monotonic()
+    with pytest.raises(CkptError, match="nests more than 200 levels deep"):
+        dcp_io.flatten(deep)
+    assert time.monotonic() - start < 5
+    dag = {"x": 1}
+    for _ in range(60):
+        dag = {"a": dag, "b": dag}
+    start = time.monotonic()
+    with pytest.raises(CkptError, match="same containers inside each other"):
+        dcp_io.flatten({"cfg": dag})
+    assert time.monotonic() - start < 30
+    ok = node = {}
+    for _ in range(149):
+        node["n"] = node = {}
+    node["x"] = 1
+    [(key, path, value)] = dcp_io.flatten({"cfg": ok})
+    assert key == "cfg" + ".n" * 149 + ".x" and len(path) == 151 and value == 1
+
+
+def test_a_dag_of_containers_is_refused_by_a_dcp_write_within_seconds(tmp_path):
+    """A .pth whose extra entry holds one dict twice, by dicts each held twice, 60 levels deep:
+    --format dcp refuses it in one line within 30 s (it once flattened forever)."""
+    dag = {"x": 1}
+    for _ in range(60):
+        dag = {"a": dag, "b": dag}
+    src = tmp_path / "dag.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "cfg": dag}, src)
+    _assert_one_line(_run("convert", src, "-o", tmp_path / "out", "--format", "dcp", timeout=30))
+    assert not (tmp_path / "out").exists()
 
 
 def test_stride0_chunks_share_one_repeated_bytes_cap(tmp_path, folder):

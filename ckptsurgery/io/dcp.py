@@ -32,7 +32,7 @@ from .model import (
 from .pickled import FrozenRecord, Global, GlobalKind, How, InertGlobal, InertObject, TorchSize
 from .torch_zip import load_torch_zip, write_torch
 from .tree import find_root
-from .unpickler import MetadataUnpickler, brief, safe_load
+from .unpickler import MAX_NESTING, MetadataUnpickler, brief, safe_load
 from .write import cast_target, check_parent, plan_shards
 
 METADATA = ".metadata"
@@ -192,10 +192,12 @@ def read_dcp(folder: str, root: str | None) -> Checkpoint:
 
     reader = _Reader(folder)
     values: dict[str, Any] = {}
+    paths: dict[str, tuple] = {}
     deferred = []  # the non-tensor values, read once every data file is known: in torch's order
     for position, (key, entry) in enumerate(entries.items()):
         check_key(key, f"{meta_path}: ")
-        where = f"{folder}: {key}"
+        where = f"{folder}: {_short(key)}"
+        paths[key] = _planner_path(planner, key, where)
         if type(entry) is InertObject and entry.qualname() == _META + "BytesStorageMetadata":
             _fields(entry, _META + "BytesStorageMetadata", where)
             info = places.get((key, None))
@@ -211,8 +213,8 @@ def read_dcp(folder: str, root: str | None) -> Checkpoint:
         values[key] = reader.value(place, where)
     tree: dict = {}
     budget = [len(entries) + 1024]  # list slots the planner paths may create
-    for key in entries:
-        _place(tree, planner.get(key, (key,)), values[key], f"{folder}: {key}", budget)
+    for key, path in paths.items():
+        _place(tree, path, values[key], f"{folder}: {_short(key)}", budget)
     root_key, tensors, others = find_root(tree, root, folder)
     return Checkpoint(folder, Format.DCP, tensors, root_key, tree, sources=list(reader.files.values()),
                       others=others, events=reader.events)
@@ -301,12 +303,39 @@ def _rows(pieces: list, size: tuple[int, ...]):
     return [(chunk.storage.source, *chunk.byte_range()) for _, _, chunk in ordered]
 
 
-def _place(tree: dict, path: Any, value: Any, where: str, budget: list[int]) -> None:
-    """Put `value` at `path` in the nested state dict, as torch's own unflattening does: a dict
-    per string step, a list per integer step (an optimizer's param_groups). `budget`: the list
-    slots left to create (a path may not make us allocate a million-slot list)."""
-    if type(path) not in (tuple, list) or not path or not all(type(p) in (str, int) for p in path):
+MAX_PATH_DEPTH = MAX_NESTING  # steps of a planner path: a real state dict nests a few levels
+
+
+def _short(key: str, limit: int = 200) -> str:
+    return key if len(key) <= limit else key[: limit - 3] + "..."
+
+
+def _planner_path(planner: dict, key: str, where: str) -> tuple:
+    """The path of `key` in the nested state dict (planner_data; the key alone where it has
+    none), checked against the key: torch's loader puts the value at the path, then flattens the
+    state dict again and reads each flat key's data under the steps joined by dots — metadata
+    whose path names another key (two tensors' paths swapped, one renamed) is refused there, and
+    here, before a value is put under another's name."""
+    path = planner.get(key, (key,))
+    if type(path) not in (tuple, list) or not path:
         raise CkptError(f"{where}: its planner path is not a list of keys")
+    if len(path) > MAX_PATH_DEPTH:
+        raise CkptError(f"{where}: its planner path is {len(path)} steps deep, more than the {MAX_PATH_DEPTH} "
+                        f"a state dict may nest; refused")
+    if not all(type(p) in (str, int) for p in path):
+        raise CkptError(f"{where}: its planner path is not a list of keys")
+    named = ".".join(map(str, path))
+    if named != key:
+        raise CkptError(f"{where}: its planner path (planner_data) names another key, {_short(named)!r}: the "
+                        f"metadata contradicts itself (torch's loader refuses it too)")
+    return tuple(path)
+
+
+def _place(tree: dict, path: tuple, value: Any, where: str, budget: list[int]) -> None:
+    """Put `value` at `path` (checked by _planner_path) in the nested state dict, as torch's
+    own unflattening does: a dict per string step, a list per integer step (an optimizer's
+    param_groups). `budget`: the list slots left to create (a path may not make us allocate a
+    million-slot list)."""
     node: Any = tree
     for step, nxt in zip(path, path[1:]):
         child = _child(node, step, where)
@@ -386,32 +415,80 @@ def _shown(folder: str, name: str) -> str:
         else name
 
 
+# A DAG of containers (one dict held twice, by two dicts each held twice, ...) flattens into
+# exponentially many entries, as torch's own traversal would: containers may be walked more often
+# than they are distinct only up to this many times in all.
+MAX_REVISITS = 1_000_000
+
+
 def flatten(obj: Any) -> list[tuple[str, tuple, Any]]:
     """(flat key, path, value) for every leaf, as torch's DCP flattens a state dict (its
-    `traverse_state_dict`): dicts are walked, lists only when they hold tensors or dicts, and a
-    key is the path's steps joined by dots."""
+    `traverse_state_dict`): dicts are walked, lists only when they hold tensors or dicts (see
+    `_walked`), and a key is the path's steps joined by dots. Linear in what it returns: a
+    container's path is built once, when a leaf in it needs it, from links to its parents (each
+    level copying its parent's path made a 200,000-level one take a minute). Deeper than
+    MAX_PATH_DEPTH is refused (a container inside itself too), as a reader refuses such a path."""
     out: list[tuple[str, tuple, Any]] = []
-
-    def terminal(value) -> bool:
-        if isinstance(value, dict):
-            return False
-        if type(value) is not list:
-            return True
-        return not any(isinstance(v, TensorRef) or (isinstance(v, (dict, list)) and not terminal(v)) for v in value)
-
-    stack = [((str(k),), v) for k, v in reversed(list(obj.items()))] if isinstance(obj, dict) else [(("",), obj)]
+    lists: dict[int, bool] = {}  # id -> whether the list is walked (_walked)
+    seen: set[int] = set()
+    revisits = 0
+    top = [None, None, 0, ()]  # a container's link: [parent's link, step, depth, its path once built]
+    stack = [(top, str(k), v) for k, v in reversed(list(obj.items()))] if isinstance(obj, dict) else [(top, "", obj)]
     while stack:  # an explicit stack: a hostile input may nest deeper than Python recurses
-        path, value = stack.pop()
+        parent, step, value = stack.pop()
         if isinstance(value, dict):
-            stack.extend((path + (str(k),), v) for k, v in reversed(list(value.items())))
-        elif terminal(value):
-            out.append((".".join(map(str, path)), path, value))
+            children = [(str(k), v) for k, v in value.items()]
+        elif type(value) is list and _walked(value, lists):
+            children = list(enumerate(value))
         else:
-            stack.extend((path + (i,), v) for i, v in reversed(list(enumerate(value))))
+            path = _path(parent) + (step,)
+            out.append((".".join(map(str, path)), path, value))
+            continue
+        link = [parent, step, parent[2] + 1, None]
+        if id(value) in seen:
+            revisits += 1
+            if revisits > MAX_REVISITS:
+                raise CkptError(f"{_short('.'.join(map(str, _path(link))))}: the checkpoint holds the same "
+                                f"containers inside each other over and over, which a DCP checkpoint would "
+                                f"write out exponentially many times; refused")
+        seen.add(id(value))
+        if link[2] >= MAX_PATH_DEPTH and children:
+            raise CkptError(f"{_short('.'.join(map(str, _path(link))))}: nests more than {MAX_PATH_DEPTH} levels "
+                            f"deep, which a DCP checkpoint cannot hold (nor ckptsurgery read back)")
+        stack.extend((link, step, v) for step, v in reversed(children))
     keys = [k for k, _, _ in out]
     if len(set(keys)) != len(keys):
         raise CkptError("two entries flatten to one DCP key (a key with a dot beside a nested one)")
     return out
+
+
+def _path(link: list) -> tuple:
+    """The path of the container at `link`, built once: from the nearest parent whose path is."""
+    if link[3] is None:
+        steps, node = [], link
+        while node[3] is None:
+            steps.append(node[1])
+            node = node[0]
+        link[3] = node[3] + tuple(reversed(steps))
+    return link[3]
+
+
+def _walked(root: list, lists: dict[int, bool]) -> bool:
+    """Whether torch's traversal walks into the list `root` (its `_is_terminal` is false): it
+    holds a tensor, a dict, or a list it walks into. Each list is judged once (`lists`, by id),
+    without recursion; a list inside itself counts, there, as not walked."""
+    stack = [(root, False)]
+    while stack:
+        value, judged = stack.pop()
+        if id(value) in lists:
+            continue
+        if judged:
+            lists[id(value)] = any(isinstance(v, (TensorRef, dict)) or (type(v) is list and lists.get(id(v), False))
+                                   for v in value)
+        else:
+            stack.append((value, True))
+            stack.extend((v, False) for v in value if type(v) is list and id(v) not in lists)
+    return lists[id(root)]
 
 
 class DcpWriter:
