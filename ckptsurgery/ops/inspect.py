@@ -187,18 +187,23 @@ def _mapped_stats(t: TensorRef, source, first: int) -> dict:
         for start in range(0, t.numel, _MAPPED_STATS_CHUNK):
             count = min(_MAPPED_STATS_CHUNK, t.numel - start)
             raw = source.view(first + start * size, count * size)
-            x = (decode(raw, name, "float64") if name == "bfloat16"
-                 else np.frombuffer(raw, _NUMPY_STATS[name]).astype(np.float64))
+            # read in its own dtype (min and max exact, half the bytes of float64 to go over);
+            # sums in float64
+            x = decode(raw, name, "float32") if name == "bfloat16" else np.frombuffer(raw, _NUMPY_STATS[name])
             if floating:
-                bad = ~np.isfinite(x)
-                if bad.any():
+                finite = np.isfinite(x)
+                if not finite.all():
                     nan = int(np.isnan(x).sum())
-                    moments.nan, moments.inf = moments.nan + nan, moments.inf + int(bad.sum()) - nan
-                    x = x[~bad]
+                    moments.nan, moments.inf = moments.nan + nan, moments.inf + count - int(finite.sum()) - nan
+                    x = x[finite]
             if x.size:
-                low, high, mean = float(x.min()), float(x.max()), float(x.mean())
-                x -= mean
-                moments.add(x.size, low, high, mean, float(np.dot(x, x)))
+                x = x.view(np.uint8) if x.dtype == np.bool_ else x
+                mean = float(np.add.reduce(x, dtype=np.float64)) / x.size
+                deviation = np.subtract(x, mean, dtype=np.float64)
+                # squared and summed in place: np.dot goes through BLAS, whose threads cost more
+                # than the sum on a busy machine (5 s of 6 on 1.4 GB)
+                m2 = float(np.add.reduce(np.multiply(deviation, deviation, out=deviation)))
+                moments.add(x.size, float(x.min()), float(x.max()), mean, m2)
     return moments.report()
 
 
