@@ -5,6 +5,7 @@ that resolve twice or not at all, careless use of extract-lora) refused in one l
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -1078,3 +1079,92 @@ def test_extract_stops_at_once_on_sigterm_or_ctrl_c_during_a_long_svd(tmp_path, 
     assert proc.returncode == code, proc.stderr.read()
     assert b"Traceback" not in proc.stderr.read()
     assert sorted(os.listdir(tmp_path)) == ["base.safetensors", "tuned.safetensors"]
+
+
+@contextlib.contextmanager
+def alarm_after(seconds: float):
+    """Raise TimeoutError in whatever runs past `seconds` (Python's matcher checks for signals,
+    so a match that backtracks for hours is stopped too)."""
+
+    def fire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("config, module, fragment", [
+    # bounded repetitions, which the regex check did not count: 1000⁵ ways to split a name
+    ({"target_modules": "a{0,999}" * 5 + "b"}, "a" * 1000, "could take about 1e+11 steps"),
+    ({"target_modules": "(?:a{0,999}){5}b"}, "a" * 1000, "could take about 1e+11 steps"),
+    ({"target_modules": "(?:a|aa)+b"}, "a" * 1000, "could take about 5e+39 steps"),
+    ({"rank_pattern": {"a{0,999}" * 5 + "b": 4}}, "a" * 1000, "could take about"),
+    # two repetitions allowed, made cubic by peft's `(.*\.)?(key)$` wrapper on a name of many dots
+    ({"rank_pattern": {"[a-z.]*[a-z.]*x": 4}}, "a." * 1500 + "lin", "would take too long"),
+    ({"alpha_pattern": {".*.*x": 4}}, "a." * 1500 + "lin", "would take too long"),
+], ids=["target-bounded", "target-bounded-nested", "target-exponential", "rank-bounded", "rank-cubic",
+                "alpha-cubic"])
+def test_costly_adapter_patterns_are_refused_at_once(cli, tmp_path, config, module, fragment):
+    """issue 18 §6: `target_modules` of bounded repetitions and a rank_pattern key that the
+    fold's `(.*\\.)?(key)$` wrapper makes cubic hung `merge --lora` (patterns.py counted only
+    unbounded repetitions, and ran keys inside peft's wrapper). Each is refused in one line,
+    well under a second."""
+    adapter = make_adapter(tmp_path / "adapter", {"target_modules": ["lin"], **config},
+                           {f"{PREFIX}{module}.lora_A.weight": torch.ones(2, 3),
+                            f"{PREFIX}{module}.lora_B.weight": torch.ones(4, 2)})
+    base = make_base(tmp_path / "base.safetensors")
+    start = time.monotonic()
+    with alarm_after(10):
+        result = cli("merge", base, "--lora", adapter, "-o", tmp_path / "out.safetensors")
+    assert time.monotonic() - start < 1.0
+    assert_one_error_line(result, "adapter_config.json", fragment)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_peft_pattern_rules_fold_as_merge_and_unload(cli, tmp_path):
+    """The rules patterns.py keeps, against peft itself: target_modules as one regular
+    expression with three repetitions (peft's own documented example, which the old check
+    refused), rank_pattern and alpha_pattern keys that are plain module names, dotted tails,
+    anchored or regular expressions — first key in the file's order wins."""
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.v, self.o = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.SelfAttention, self.EncDecAttention = Attention(), Attention()
+
+    class Seq2Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.ModuleDict({"block": nn.ModuleList([Block()])})
+            self.decoder = nn.ModuleDict({"block": nn.ModuleList([Block(), Block(), Block()])})
+
+    config = LoraConfig(
+        target_modules=r".*decoder.*(SelfAttention|EncDecAttention).*(q|v)$", r=2, lora_alpha=4,
+        rank_pattern={r"block\.1\..*\.q": 3, "^decoder.block.0.SelfAttention.v": 5, "EncDecAttention.v": 4,
+                      "decoder.block.2.SelfAttention.q": 1},
+        alpha_pattern={r".*Attention\.v": 8, "q": 2.5})
+    model, base_sd = peft_model(Seq2Seq, config)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    ranks = {n.rsplit(".lora_A", 1)[0][len(PREFIX):]: p.shape[0] for n, p in model.named_parameters() if ".lora_A." in n}
+    assert ranks == {"decoder.block.0.SelfAttention.q": 2, "decoder.block.0.SelfAttention.v": 5,
+                     "decoder.block.0.EncDecAttention.q": 2, "decoder.block.0.EncDecAttention.v": 4,
+                     "decoder.block.1.SelfAttention.q": 3, "decoder.block.1.SelfAttention.v": 2,
+                     "decoder.block.1.EncDecAttention.q": 3, "decoder.block.1.EncDecAttention.v": 4,
+                     "decoder.block.2.SelfAttention.q": 1, "decoder.block.2.SelfAttention.v": 2,
+                     "decoder.block.2.EncDecAttention.q": 2, "decoder.block.2.EncDecAttention.v": 4}
+    ref = merged_reference(model)
+    save_file(base_sd, tmp_path / "base.safetensors")
+    result = cli("merge", tmp_path / "base.safetensors", "--lora", adapter, "-o", tmp_path / "out.safetensors", "--json")
+    assert result.code == 0, result.err
+    assert result.json()["folded"] == 12
+    assert_close(load_file(tmp_path / "out.safetensors"), ref)

@@ -9,7 +9,9 @@ One module per concern:
     peft.py      the PEFT folder format: reader and resolver (extract.py writes it too)
     kohya.py     the kohya .safetensors format: reader and resolver
     patterns.py  pattern safety: the regular expressions of an adapter's config, checked
-                 before they are run, and run as peft runs them
+                 before they are run, and run as peft runs them under a budget
+    backtracking.py  a bound on the work of Python's matcher for a pattern, which
+                 patterns.py asks before it runs one
     fold.py      fold_into: the adapters' ΔW added to the base's weights, by layout
     extract.py   extract_lora: a truncated SVD per weight, written as a PEFT folder
 

@@ -22,7 +22,7 @@ from ..options import WriteOptions, check_write_options
 from ..reports import ExtractReport, Extracted
 from ..write import write_checkpoint
 from .kinds import TRANSPOSED, Layout
-from .patterns import pattern_key
+from .patterns import Budget, PatternKeys
 from .peft import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
 
 # Module names (the last part) of embedding tables: a 2-D weight whose rows are looked up, not a
@@ -295,12 +295,12 @@ def _peft_pattern_keys(modules: list[str], ranks: dict[str, int], default: int) 
     # a name with characters a regular expression reads otherwise is anchored and escaped too
     keys = {m: m if re.escape(m).replace("\\.", ".") == m else "^" + re.escape(m) for m in modules if ranks[m] != default}
 
-    def rank_peft_gives(m: str, keys: dict[str, str]) -> int:
+    def ranks_peft_gives(keys: dict[str, str]) -> list[int]:
         rank_of = {k: ranks[module] for module, k in keys.items()}
-        key = pattern_key(rank_of, m)
-        return default if key is None else rank_of[key]
+        first = PatternKeys(list(rank_of), None, Budget(None)).first
+        return [rank_of.get(first(m), default) for m in modules]
 
-    if any(rank_peft_gives(m, keys) != ranks[m] for m in modules):
+    if ranks_peft_gives(keys) != [ranks[m] for m in modules]:
         keys = {m: "^" + re.escape(m) for m in keys}
     return keys
 

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from ...errors import CkptError
 from ...io import Checkpoint, TensorRef, open_checkpoint
 from .kinds import Adapter, Format, Layout, Module, suffixes
-from .patterns import check_config, pattern_key, targets
+from .patterns import ConfigPatterns
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -128,9 +128,9 @@ def _number(config: dict, key: str, where: str, default=None) -> float:
 
 def _adapter(ckpt: Checkpoint, config: dict, config_path: str) -> Adapter:
     defaults = (_number(config, "r", config_path, 8), _number(config, "lora_alpha", config_path, 8))
-    check_config(config, config_path)
     parts, replaced = _parts(ckpt)
-    modules = [_module(ckpt.path, name, layout, found, config, config_path, defaults)
+    patterns = ConfigPatterns(config, config_path, len(parts))
+    modules = [_module(ckpt.path, name, layout, found, config, config_path, defaults, patterns)
                for (name, layout), found in parts.items()]
     return Adapter(ckpt.path, Format.PEFT, modules, replaced, config, [ckpt])
 
@@ -172,7 +172,7 @@ def _parts(ckpt: Checkpoint) -> tuple[dict, OrderedDict]:
 
 
 def _module(where: str, name: str, layout: Layout, found: dict[str, TensorRef], config: dict, config_path: str,
-            defaults: tuple[float, float]) -> Module:
+            defaults: tuple[float, float], patterns: ConfigPatterns) -> Module:
     """One module: its factors checked against the config, its rank and alpha (rank_pattern,
     alpha_pattern, rsLoRA), its layout (conv by A's shape, linear-t with fan_in_fan_out)."""
     if "A" not in found or "B" not in found:
@@ -180,11 +180,11 @@ def _module(where: str, name: str, layout: Layout, found: dict[str, TensorRef], 
         raise CkptError(f"{where}: module {name} has no {missing.replace('lora_', 'lora_embedding_') if layout == Layout.EMBEDDING else missing} weight")
     if "A-bias" in found:
         raise CkptError(f"{where}: module {name}: lora_A has a bias, which peft never makes")
-    if targets(config, name) is False:
+    if patterns.targets(name) is False:
         raise CkptError(f"{where}: holds weights for {name}, which target_modules in {config_path} does not "
                         f"select (peft would ignore them); fix the config or the file")
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    r_key, a_key = pattern_key(rank_pattern, name), pattern_key(alpha_pattern, name)
+    r_key, a_key = patterns.rank.first(name), patterns.alpha.first(name)
     r = _number(rank_pattern, r_key, config_path) if r_key is not None else defaults[0]
     alpha = _number(alpha_pattern, a_key, config_path) if a_key is not None else defaults[1]
     a, b = found["A"], found["B"]
