@@ -6,6 +6,8 @@ bad sizes and planner paths are one error line, and time, memory and descriptors
 
 from __future__ import annotations
 
+import builtins
+import importlib
 import io
 import json
 import os
@@ -571,6 +573,164 @@ def test_pth_output_never_reaches_a_payload_torchs_per_file_order_never_reaches(
     subprocess.run([sys.executable, "-c", "import sys, torch; torch.load(sys.argv[1], weights_only=False)", str(out)],
                    capture_output=True, cwd=tmp_path)
     assert not marker.exists(), "the .pth output runs a payload that torch's own load of the folder never reaches"
+
+
+# ---- every placeholder torch's own reader would run is listed, wherever it sits --------------------
+
+class Reduce:
+    """Unpickles as func(*args); callable, so that one Reduce may stand as another's function."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+    def __call__(self, *args):
+        raise AssertionError("never called while pickling")
+
+
+def _payload(kind: str, marker):
+    cmd = f"touch {marker}"
+    return {
+        "system": lambda: Reduce(os.system, cmd),
+        "eval": lambda: Reduce(builtins.eval, f"__import__('os').system({cmd!r})"),
+        "popen": lambda: Reduce(subprocess.Popen, ["touch", str(marker)]),
+        "getattr_chain": lambda: Reduce(Reduce(builtins.getattr, Reduce(importlib.import_module, "os"), "system"), cmd),
+    }[kind]()
+
+
+INERT = {"system": {"posix.system"}, "eval": {"builtins.eval"}, "popen": {"subprocess.Popen"},
+         "getattr_chain": {"builtins.getattr", "importlib.import_module"}}
+
+
+def _hide(meta, place: str, payload) -> None:
+    """Put `payload` in a field of .metadata that no reader needs to look at."""
+    if place == "storage_meta":
+        meta.storage_meta.modules = [payload]
+    elif place == "metadata_attribute":
+        meta.notes = payload
+    elif place == "chunk_attribute":
+        meta.state_dict_metadata["model.ids"].chunks[0].comment = payload
+    else:  # the planner path of a key the folder does not hold
+        meta.planner_data["unused"] = payload
+
+
+def _fired(markers, timeout=10.0) -> list:
+    """The markers that exist, after waiting up to `timeout` for all (Popen's child runs on its own)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not all(m.exists() for m in markers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [m for m in markers if m.exists()]
+
+
+PLACES = ["storage_meta", "metadata_attribute", "chunk_attribute", "unused_planner_path"]
+
+
+def test_hidden_metadata_payloads_are_listed_and_never_run(cli, tmp_path, one_rank, two_ranks):
+    """A payload anywhere in .metadata — in fields no reader needs, through a getattr/import_module
+    chain — runs under torch's own FileSystemReader.read_metadata (a plain pickle.load); here
+    inspect lists it as inert (it once said "inert": []), and nothing runs it. torch's own records
+    (its dataclasses, layouts, memory formats, the checkpoint's path) are not payloads."""
+    cases = []
+    for number, (kind, place) in enumerate([(k, p) for k in INERT for p in PLACES][::3]):  # every kind, every place
+        marker = tmp_path / f"MARK-{kind}-{place}"
+        ckpt = _save_folder(tmp_path / f"f{number}")
+        rewrite_dcp_metadata(ckpt, lambda meta, kind=kind, place=place, marker=marker:
+                             _hide(meta, place, _payload(kind, marker)))
+        cases.append((kind, ckpt, marker))
+    assert {kind for kind, _, _ in cases} == set(INERT) and len(cases) == 6
+    _run_torch("from torch.distributed.checkpoint import FileSystemReader\nFileSystemReader(path).read_metadata()",
+               [c for _, c, _ in cases], tmp_path)
+    markers = [m for _, _, m in cases]
+    assert _fired(markers) == markers  # every payload is live: torch's own reader runs it
+    for m in markers:
+        m.unlink()
+    for kind, ckpt, marker in cases:
+        doc = cli("inspect", ckpt, "--json")
+        assert doc.code == 0, doc.err
+        assert INERT[kind] <= set(doc.json()["inert"]), (kind, doc.json()["inert"])
+        assert "left inert (not run)" in cli("inspect", ckpt).err
+        assert cli("convert", ckpt, "-o", tmp_path / "o.safetensors", "--force").code == 0
+        assert cli("diff", ckpt, ckpt).code == 0
+    assert not _fired(markers, timeout=0.5)
+    for ckpt in (one_rank[0], two_ranks[0]):
+        assert cli("inspect", ckpt, "--json").json()["inert"] == []
+
+
+def _value_folder(tmp_path, name: str, data: bytes):
+    """A folder whose value `extra` is the bytes `data` in a data file of their own."""
+    ckpt = _save_folder(tmp_path / name)
+    (ckpt / "__9_0.distcp").write_bytes(data)
+
+    def change(meta):
+        meta.state_dict_metadata["extra"] = BytesStorageMetadata()
+        meta.planner_data["extra"] = ("extra",)
+        meta.storage_data[MetadataIndex("extra")] = _StorageInfo("__9_0.distcp", 0, len(data))
+    rewrite_dcp_metadata(ckpt, change)
+    return ckpt
+
+
+def test_values_torch_would_unpickle_are_listed_and_never_run(cli, tmp_path):
+    """torch's DCP loader torch.loads a value's bytes with weights_only=False: a raw pickle, a
+    legacy torch file, or a payload behind a first pickle that compares equal to torch's magic
+    number (unittest.mock.ANY) all run under dcp_to_torch_save. Here each pickle torch would
+    read is read by the restricted unpickler: listed as inert, never run (they once showed as
+    opaque bytes and "inert": []); the legacy file's object is the value, as torch gives it."""
+    import pickle as plain
+    from unittest import mock
+
+    def legacy(obj) -> bytes:
+        buf = io.BytesIO()
+        torch.save(obj, buf, _use_new_zipfile_serialization=False)
+        return buf.getvalue()
+
+    marks = {name: tmp_path / f"MARK-{name}" for name in ("raw", "legacy", "behind_magic")}
+    folders = {
+        "raw": _value_folder(tmp_path, "raw", plain.dumps(Reduce(os.system, f"touch {marks['raw']}"), protocol=4)),
+        "legacy": _value_folder(tmp_path, "legacy", legacy(
+            {"lr": 0.5, "t": torch.arange(3), "x": Reduce(os.system, f"touch {marks['legacy']}")})),
+        "behind_magic": _value_folder(tmp_path, "behind_magic", b"".join(plain.dumps(x, protocol=2) for x in (
+            mock.ANY, mock.ANY, Reduce(os.system, f"touch {marks['behind_magic']}")))),
+    }
+    errors = _run_torch("from torch.distributed.checkpoint.format_utils import dcp_to_torch_save\n"
+                        "dcp_to_torch_save(path, path + '.pth')", list(folders.values()), tmp_path)
+    assert _fired(list(marks.values())) == list(marks.values()), errors  # all live under torch's own loader
+    for m in marks.values():
+        m.unlink()
+    for name, ckpt in folders.items():
+        doc = cli("inspect", ckpt, "--json")
+        assert doc.code == 0, doc.err
+        assert "posix.system" in doc.json()["inert"], (name, doc.json()["inert"])
+        for args in (("convert", ckpt, "-o", tmp_path / "o.pth", "--force"), ("diff", ckpt, ckpt),
+                     ("convert", ckpt, "-o", tmp_path / "o.safetensors", "--force")):
+            assert cli(*args).code == 0, (name, args)
+    assert "unittest.mock._ANY" in cli("inspect", folders["behind_magic"], "--json").json()["inert"]
+    assert cli("inspect", folders["legacy"], "--json").json()["extras"]["extra"] == "dict"
+    out = tmp_path / "ours.pth"
+    assert cli("convert", folders["legacy"], "-o", out).code == 0
+    probe = "import sys, torch; e = torch.load(sys.argv[1], weights_only=False)['extra']; print(e['lr'], e['t'].tolist())"
+    loaded = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert loaded.stdout.split() == ["0.5", "[0,", "1,", "2]"], loaded.stderr  # the object torch's loader gives
+    assert marks["legacy"].exists()  # ... and the payload beside it, carried as the input holds it
+    marks["legacy"].unlink()
+    assert not _fired(list(marks.values()), timeout=0.5)
+
+
+def test_a_value_pickle_beyond_the_restricted_unpickler_is_one_error_line(cli, tmp_path):
+    """A value whose bytes are a pickle of opcodes the restricted unpickler does not read (protocol 0):
+    torch would run it, so the folder is refused in one line, never shown as opaque bytes."""
+    marker = tmp_path / "MARK"
+    ckpt = _value_folder(tmp_path, "inst", b"(S'touch " + str(marker).encode() + b"'\nios\nsystem\n.")
+    _run_torch("from torch.distributed.checkpoint.format_utils import dcp_to_torch_save\n"
+               "dcp_to_torch_save(path, path + '.pth')", [ckpt], tmp_path)
+    assert _fired([marker]) == [marker]
+    marker.unlink()
+    for args in (("inspect", ckpt), ("convert", ckpt, "-o", tmp_path / "o.pth")):
+        assert_one_error_line(cli(*args), "extra", "unpickles unrestricted", "opcode")
+    assert not marker.exists()
 
 
 # ---- one error line, never the catch-all ---------------------------------------------------------

@@ -12,7 +12,11 @@ DTensor, torchtitan, torchtune).
   torch.save, the chunk's raw bytes). A tensor saved from many ranks is one tensor of its full
   size here, put together from its chunks only when its bytes are asked for.
 - Values other than tensors (step counters, optimizer hyperparameters) are `torch.save`
-  archives of arbitrary objects, read with the restricted unpickler like any `.pth`.
+  archives of arbitrary objects, read with the restricted unpickler like any `.pth` (bytes in
+  another form are read as torch.load reads them: dcp_pickles.legacy_value).
+- torch runs `.metadata` and every value unrestricted: the placeholders of both, in the order
+  torch meets them, are the folder's events (dcp_pickles.payload_events leaves out only torch's
+  own records), listed by inspect and held against a .pth output's.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from typing import Any
 
 from ..dtypes import QUANTIZED
 from ..errors import CkptError
+from .dcp_pickles import DCP_META as _META
+from .dcp_pickles import STORAGE_INFO as _STORAGE_INFO
+from .dcp_pickles import legacy_value, payload_events
 from .formats import Format
 from .model import (
     INT64_MAX, Checkpoint, MappedFile, Storage, TensorRef, check_key, computed_tensor, contiguous_strides, joined_tensor,
@@ -37,8 +44,6 @@ from .write import cast_target, check_parent, plan_shards
 
 METADATA = ".metadata"
 MAX_METADATA = 1 << 30
-_META = "torch.distributed.checkpoint.metadata."
-_STORAGE_INFO = "torch.distributed.checkpoint.filesystem._StorageInfo"
 
 
 class _DcpUnpickler(MetadataUnpickler):
@@ -80,12 +85,13 @@ class _Reader:
     values of a folder file by file, in the order the files first appear); each byte range read
     once, however many keys name it."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, events: list):
         self.folder = folder
         self.files: dict[str, MappedFile] = {}
-        self.events: list = []
+        self.events = events  # what torch's load runs, in order: .metadata's first, then the values'
         self.repeated = [0]  # stride-0 bytes: one allowance for the whole folder, as for one .pth
         self._loaded: dict[tuple, Any] = {}
+        self._unpickled: dict[tuple, Any] = {}
         self._rank: dict[str, int] = {}
 
     def file(self, name: Any, where: str) -> MappedFile:
@@ -155,11 +161,19 @@ class _Reader:
         return tensor
 
     def value(self, place: tuple, where: str) -> Any:
+        """A value other than a tensor. torch's loader torch.loads its bytes with
+        weights_only=False: a torch.save archive, or else torch's legacy format, whose pickles it
+        unpickles unrestricted whatever they hold (see dcp_pickles.legacy_value)."""
         archived, value, _ = self.archive(place, where)
         if archived:
             return value
         source, offset, length = place
-        return bytes(source.view(offset, length))  # a BytesIO the state dict held as is
+        key = (source.path, offset, length)
+        if key not in self._unpickled:
+            value, events = legacy_value(source, offset, length, where, self.repeated)
+            self.events += events
+            self._unpickled[key] = value
+        return self._unpickled[key]
 
 
 def _dims(shape: tuple[int, ...]) -> str:
@@ -174,7 +188,7 @@ def read_dcp(folder: str, root: str | None) -> Checkpoint:
         raise CkptError(f"{meta_path}: {'empty' if not meta_file.size else 'larger than 1 GiB'}; not DCP metadata")
     try:
         # in memory (at most 1 GiB): io.BytesIO reads in C, and never hands out more than is left
-        obj, _ = safe_load(io.BytesIO(meta_file.buffer()[:]), _no_persistent_ids, meta_path, _DcpUnpickler)
+        obj, events = safe_load(io.BytesIO(meta_file.buffer()[:]), _no_persistent_ids, meta_path, _DcpUnpickler)
     finally:
         meta_file.close()
     meta = _fields(obj, _META + "Metadata", meta_path)
@@ -190,7 +204,7 @@ def read_dcp(folder: str, root: str | None) -> Checkpoint:
         offset = fields.get("offset")
         places[(fields.get("fqn"), None if offset is None else _ints(offset, "an offset", meta_path))] = info
 
-    reader = _Reader(folder)
+    reader = _Reader(folder, payload_events(events))
     values: dict[str, Any] = {}
     paths: dict[str, tuple] = {}
     deferred = []  # the non-tensor values, read once every data file is known: in torch's order
