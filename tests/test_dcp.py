@@ -733,6 +733,26 @@ def test_a_value_pickle_beyond_the_restricted_unpickler_is_one_error_line(cli, t
     assert not marker.exists()
 
 
+def test_a_huge_value_torch_cannot_load_is_never_held_in_memory(tmp_path):
+    """A 100 MB value that begins with a small pickle (not torch's magic number), which torch's
+    loader fails on: refused in one line, its bytes never copied into memory (past 64 MiB; they
+    were held whole, as the value)."""
+    ckpt = _save_folder(tmp_path / "huge")
+    data = pickle.dumps(7, protocol=2)
+    with open(ckpt / "__9_0.distcp", "wb") as f:
+        f.write(data)
+        f.truncate(100_000_000)
+
+    def change(meta):
+        meta.state_dict_metadata["extra"] = BytesStorageMetadata()
+        meta.planner_data["extra"] = ("extra",)
+        meta.storage_data[MetadataIndex("extra")] = _StorageInfo("__9_0.distcp", 0, 100_000_000)
+    rewrite_dcp_metadata(ckpt, change)
+    result = _run("inspect", ckpt, data_limit=1 << 30)
+    _assert_one_line(result)
+    assert "a value of 100000000 bytes" in result[2]
+
+
 # ---- one error line, never the catch-all ---------------------------------------------------------
 
 def test_a_negative_planner_list_index_is_one_error_line(cli, folder):

@@ -118,6 +118,7 @@ class _Range:
 
 
 _COUNT = struct.Struct("<q")
+MAX_OPAQUE = 64 << 20  # bytes of a value torch cannot load, shown as they are
 
 
 def legacy_value(source: MappedFile, offset: int, length: int, where: str, repeated: list[int]) -> tuple[Any, list]:
@@ -145,6 +146,9 @@ def legacy_value(source: MappedFile, offset: int, length: int, where: str, repea
             break
     if len(pickles) < 5 or not (type(pickles[0]) is int and pickles[0] == MAGIC_NUMBER
                                 and type(pickles[1]) is int and pickles[1] == PROTOCOL_VERSION):
+        if length > MAX_OPAQUE:  # never held in memory: torch's own load of it fails anyway
+            raise CkptError(f"{where}: a value of {length} bytes that is neither a torch.save archive nor "
+                            f"torch's legacy format (torch's loader fails on it too); refused")
         return bytes(source.view(offset, length)), events
     _place_storages(source, reader.position, offset + length, pickles[4], storages, where)
     return pickles[3], events
