@@ -538,3 +538,9 @@ def test_merge_help_groups_its_options_by_mode(cli, monkeypatch):
     assert all(f"─ {panel} ─" in text for panel in panels)
     into_panel = text[text.index("─ Into a template"):text.index("─ Plain merge")]
     assert "--on-mismatch" in into_panel and "--density" not in into_panel and "--lora" not in into_panel
+
+
+def test_rank_timeout_is_checked_without_torchrun_too(cli, tmp_path, flat):
+    """An option is never silently taken: --rank-timeout -5 wrote a file when WORLD_SIZE was unset."""
+    assert_one_error_line(cli("convert", flat, "-o", tmp_path / "o.pth", "--rank-timeout", "-5"), "--rank-timeout",
+                          code=2)

@@ -340,3 +340,12 @@ def test_stats_of_plain_safetensors_do_not_import_torch(tmp_path):
     done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": ROOT})
     assert done.stdout.split() == ["9.0", "False"], done.stderr
+
+
+def test_tree_folds_only_indices_as_numbers_write_them(cli, tmp_path):
+    """`layers.01` is a name, not layer 1: folding 0, 01, 2, 3 into {0..3} named a layer 1 that
+    does not exist."""
+    torch.save({f"layers.{i}.w": torch.zeros(2) for i in ("0", "01", "2", "3")}, tmp_path / "odd.pth")
+    rows = cli("inspect", tmp_path / "odd.pth", "--tree", "--json").json()["tree"]
+    names = [r["name"] for r in rows]
+    assert "{0..3}" not in " ".join(names) and any(n.endswith("01") for n in names), names

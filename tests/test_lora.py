@@ -1168,3 +1168,18 @@ def test_peft_pattern_rules_fold_as_merge_and_unload(cli, tmp_path):
     assert result.code == 0, result.err
     assert result.json()["folded"] == 12
     assert_close(load_file(tmp_path / "out.safetensors"), ref)
+
+
+def test_extract_lora_dry_run_over_an_existing_adapter_says_it_would_need_force(cli, tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    base = {"lin.weight": torch.randn(6, 6, generator=g)}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file({"lin.weight": base["lin.weight"] + torch.randn(6, 6, generator=g)}, tmp_path / "tuned.safetensors")
+    args = ["extract-lora", tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", "--rank", "2",
+            "-o", tmp_path / "adapter"]
+    assert cli(*args).code == 0
+    dry = cli(*args, "--dry-run", "--json")
+    assert dry.code == 0 and dry.json()["needs_force"] == [str(tmp_path / "adapter")]
+    assert cli(*args).code == 1  # the real run still refuses

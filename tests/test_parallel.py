@@ -556,3 +556,31 @@ def test_rank_timeout_takes_seconds(cli, tmp_path, many_tensors, monkeypatch, ba
     monkeypatch.setenv("RANK", "0")
     assert_one_error_line(cli("convert", many_tensors, "-o", tmp_path / "o.pth", "--rank-timeout", bad),
                           "--rank-timeout", code=2)
+
+
+RANK1_FAILS_ON_ITS_SHARD = """
+from contextlib import contextmanager
+from ckptsurgery.io import write
+real_stage = write.StagedOutputs.stage
+@contextmanager
+def stage(self, path):
+    if rank == 0:
+        time.sleep(0.5)                 # rank 1 reaches the output's folder first
+    with real_stage(self, path) as f:
+        if rank == 1:                   # its file staged in the folder, rank 1 fails (a full disk)...
+            time.sleep(1.5)             # ...once rank 0 has staged its own file there too
+            raise OSError(28, "No space left on device", path)
+        yield f
+write.StagedOutputs.stage = stage
+"""
+
+
+def test_a_failed_sharded_write_under_torchrun_leaves_no_folder_it_made(tmp_path, many):
+    """The output's missing folder is made by rank 0 before the others stage anything: when a rank
+    then fails, rank 0, the last to remove its files, removes the folder too. Each rank made it
+    (whichever came first owned it), and one that failed could not remove it while rank 0's
+    staged file was still inside: an empty folder stayed behind, every other run."""
+    out = tmp_path / "new" / "deeper" / "model.safetensors"
+    _, ranks = run_ranks(2, script(tmp_path, RANK1_FAILS_ON_ITS_SHARD), "convert", many, "-o", out, "--max-shard-size", "300B",
+                         cwd=tmp_path, expect_failure=True)
+    assert not (tmp_path / "new").exists(), [error_lines(err) for _, err in ranks]

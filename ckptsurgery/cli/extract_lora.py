@@ -52,6 +52,8 @@ def extract_lora(
              + (f", largest relative error {worst:.3g}" if worst is not None else ""),
              *([listing("not extracted", [f"{n['name']} ({n['reason']})" for n in report.not_extracted])]
                if report.not_extracted else [])]
+    if report.needs_force:
+        lines.append(listing("would need --force: already there", report.needs_force))
     clamped = [f"{p.name} ({p.requested_rank} -> {p.rank})" for p in extracted if p.clamped]
     if clamped:
         lines.append(listing("rank clamped to the weight's size", clamped))

@@ -173,18 +173,27 @@ class StagedOutputs:
         self._lock = threading.Lock()
         self._closed = False
 
+    def make_folders(self, path: str) -> None:
+        """Make the folders `path` needs (recorded: removed again on failure). Under torchrun the
+        leader makes them before the others stage anything, so that it is the one to remove them."""
+        with self._lock:
+            self._make_folders(path)
+
+    def _make_folders(self, path: str) -> None:
+        for folder in check_parent(path):
+            try:
+                os.mkdir(folder, 0o777)
+            except FileExistsError:  # another thread's: not ours to remove
+                continue
+            self._made.append(folder)
+
     def _create(self, path: str, temp: str, make: Callable[[], Any]) -> Any:
         """`make()` the staged `temp` for `path` (and the folders it needs) and list it, unless the
         set is closed already."""
         with self._lock:
             if self._closed:
                 raise CkptError(f"{path}: the write was stopped; nothing was written")
-            for folder in check_parent(path):
-                try:
-                    os.mkdir(folder, 0o777)
-                except FileExistsError:  # another rank's, or another thread's: not ours to remove
-                    continue
-                self._made.append(folder)
+            self._make_folders(path)
             made = make()
             self._staged.append((temp, path))  # only now is it ours to remove
             return made

@@ -319,7 +319,7 @@ def module_tree(tensors: dict[str, TensorRef], depth: int | None = None) -> list
 
 # A run member: ASCII digits only (str.isdigit accepts "²" and "١", which int() refuses), and
 # short enough that int() never meets Python's limit on the digits of a string.
-_INDEX = re.compile(r"[0-9]{1,18}")
+_INDEX = re.compile(r"0|[1-9][0-9]{0,17}")  # as a number writes itself: `01` is a name, not layer 1
 
 
 def fold_runs(names: list[str], signature: Callable[[str], object]) -> list[tuple[str, list[str]]]:

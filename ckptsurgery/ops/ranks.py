@@ -171,12 +171,14 @@ def ranks_from_environment(environ=os.environ, timeout: float = DEFAULT_TIMEOUT)
     The block's failure is cast to the other ranks; its success waits for theirs. `timeout`:
     how long, in seconds, a rank waits for the others (to join, and at each step) before it
     fails with one line."""
+    timeout = check_timeout(timeout)  # checked alone too: an option is never silently taken
     size = world_size(environ)
     if size == 1:
         yield None
         return
     check_rank(environ, size)
-    timeout = check_timeout(timeout)
+    # torch's C++ logger prints a stack trace for each failed connection attempt: one line is ours
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
     import datetime
 
     import torch.distributed as dist

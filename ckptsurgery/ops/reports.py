@@ -235,6 +235,8 @@ class ExtractReport(Report):
     only_in_base: list[str] = entry("Keys only BASE has.")
     only_in_tuned: list[str] = entry("Keys only TUNED has.")
     metadata: dict[str, str] = entry("The adapter file's metadata.")
+    needs_force: list[str] | None = entry("`--dry-run` without `--force`: the folder already there, which the real "
+                                          "run would refuse to replace without `--force`.", omit_if_none=True)
 
 
 # ---- reading -----------------------------------------------------------------------------------

@@ -433,6 +433,8 @@ def _write_files(source: _Source, plan: _FilePlan, options: WriteOptions, cast: 
     tick = options.progress(share, _label(ranks, options.output)) if options.progress else None
     with StagedOutputs(remove=removed if leader else []) as outputs:
         if ranks:
+            if leader:  # the folders are rank 0's, as the files it renames into them: made before the others stage
+                outputs.make_folders(plan.everything[0])
             ranks.step("checked")
 
         def write_file(number: int, advance) -> None:

@@ -125,7 +125,7 @@ def extract_lora(base: str, tuned: str, write: WriteOptions, *, rank: list[str] 
     default, patterns = parse_ranks(rank)
     metadata = core.check_metadata(_entries(write.metadata), "metadata")
     transposed = [core.compile_pattern(p) for p in fan_in_fan_out or []]
-    _check_folder(write.output, write.force)
+    _check_folder(write.output, write.force or write.dry_run)  # a dry run says it would need --force
     with open_checkpoint(base, root) as b, open_checkpoint(tuned, root) as t:
         for pattern in [p for p, _ in patterns] + list(fan_in_fan_out or []):
             core.select(b.tensors, [pattern])  # a pattern selecting nothing is a typo: said loudly
@@ -149,6 +149,8 @@ def extract_lora(base: str, tuned: str, write: WriteOptions, *, rank: list[str] 
             only_in_base=[k for k in b.tensors if k not in t.tensors],
             only_in_tuned=[k for k in t.tensors if k not in b.tensors],
             metadata=dict(sorted({**metadata, core.METADATA_FORMAT_KEY: "pt"}.items())),
+            needs_force=[write.output] if write.dry_run and not write.force and os.path.lexists(write.output)
+            else None,
         )
 
 
