@@ -380,7 +380,9 @@ def test_two_methods_of_one_name_or_two_parameters_of_one_name_are_refused(tmp_p
         for file, text in files.items():
             (tmp_path / name / file).write_text(textwrap.dedent(text))
 
-    header = "from ckptsurgery.ops.methods import MergeMethod, Parameter\n"
+    # a base class with the math, so that each declaration below is a whole method but for what it tests
+    header = ("from ckptsurgery.ops.methods import MergeMethod, Parameter\n"
+              "class MergeMethod(MergeMethod):\n    def merge_chunk(self, j, values, out):\n        return values[0]\n")
     package("twice", {"a.py": header + "class A(MergeMethod):\n    name = 'same'\n",
                       "b.py": header + "class B(MergeMethod):\n    name = 'same'\n"})
     package("clash", {"a.py": header + "class A(MergeMethod):\n    name = 'a'\n    parameters = (Parameter('k', 'K.', 'K'),)\n",
@@ -391,3 +393,7 @@ def test_two_methods_of_one_name_or_two_parameters_of_one_name_are_refused(tmp_p
         _registry.discover("twice", [str(tmp_path / "twice")])
     with pytest.raises(ValueError, match="two parameters named k"):
         _registry.discover("clash", [str(tmp_path / "clash")])
+    package("mathless", {"a.py": "from ckptsurgery.ops.methods import MergeMethod\n"
+                                 "class A(MergeMethod):\n    name = 'no-math'\n"})
+    with pytest.raises(ValueError, match="merge method no-math: no merge_chunk"):
+        _registry.discover("mathless", [str(tmp_path / "mathless")])

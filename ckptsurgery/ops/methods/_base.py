@@ -36,7 +36,9 @@ def tensor_seed(seed: int, key: str, model: int, chunk: int) -> int:
 class MergeMethod:
     """A merge method. A subclass in a module of this package declares one (the class attributes
     below; a class without a `name` is a base for others) and gives its math: `measure` (over
-    the whole tensor, once) and `merge_chunk` (one chunk alone). The registry finds it there.
+    the whole tensor, once) and `merge_chunk(j, values, out)`: chunk j of the result from the
+    inputs' values there (`values`, as `reads` orders them), into `out` when given, the inputs
+    left as read. The registry finds it there, and refuses a method without a merge_chunk.
 
     An instance merges one key: `params` are that key's values (`Parameters.for_tensor`);
     `reads` are [base, model...] when the method needs a base, else [model...], `numel`
@@ -78,11 +80,6 @@ class MergeMethod:
 
     def measure(self) -> None:
         """What every chunk needs from the whole tensor, measured once (nothing, by default)."""
-
-    def merge_chunk(self, j: int, values: list, out):
-        """Chunk j of the result from the inputs' values there (`values`, as `reads` orders them),
-        into `out` when given; the inputs are left as read."""
-        raise NotImplementedError
 
     def prepare(self) -> None:
         import numpy as np

@@ -36,6 +36,8 @@ def discover(package: str, path: list[str]) -> dict[str, type[MergeMethod]]:
 
 
 def _check_declaration(method: type[MergeMethod]) -> None:
+    if not callable(getattr(method, "merge_chunk", None)):
+        raise ValueError(f"merge method {method.name}: no merge_chunk(j, values, out), the math of one chunk")
     names = [p.name for p in method.parameters]
     if len(set(names)) != len(names) or method.min_models < 1 or (
             method.max_models is not None and method.max_models < method.min_models):
