@@ -18,7 +18,7 @@ from ..options import WriteOptions, check_write_options
 from ..reports import MergeReport
 from .by_method import merge_with_method
 from .fold import fold_adapters
-from .into import merge_into
+from .into import ADAPT_OPTIONS, merge_into, refuse_adapt_options
 from .union import merge_union
 
 
@@ -43,8 +43,6 @@ MODE_OPTIONS: dict[Mode, frozenset[str]] = {
     Mode.METHOD: frozenset({"method", "average", "base", "dtype", *methods.PARAMETERS}),
     Mode.LORA: frozenset({"lora", "lora_scale", "allow_unmatched", "dtype"}),
 }
-# options that only --on-mismatch adapt takes (a refusal names that, not merge --into)
-ADAPT_OPTIONS = ("otherwise", "prefix_tokens", "grid")
 # the order refusals consider options in, and list them in
 OPTION_ORDER = ("lora_scale", "allow_unmatched", "into", "average", "method", "base", "on_conflict", "on_mismatch",
                 *methods.PARAMETERS, *ADAPT_OPTIONS, "dtype", "lora")
@@ -81,9 +79,7 @@ def refuse_other_modes(mode: Mode, options: dict) -> None:
     if unknown:
         raise UsageError(f"merge takes no option {', '.join(map(option_of, unknown))}")
     given = [name for name in OPTION_ORDER if _given(name, options.get(name))]
-    adapting = [name for name in given if name in ADAPT_OPTIONS]
-    if adapting and options.get("on_mismatch") != "adapt":
-        raise UsageError(f"{option_of(adapting[0])} applies to --on-mismatch adapt only")
+    refuse_adapt_options(options.get("on_mismatch"), given)  # before the mode's: it names --on-mismatch adapt
     foreign = [name for name in given if name not in MODE_OPTIONS[mode]]
     if not foreign:
         return

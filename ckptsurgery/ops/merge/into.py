@@ -11,6 +11,7 @@ from ...dtypes import convertible
 from ...errors import CkptError, UsageError
 from ...io import Checkpoint, TensorRef, open_checkpoint
 from ...io.model import computed_tensor
+from ..methods import option_of
 from ..options import WriteOptions, check_write_options, dtype_to_cast
 from ..reports import IntoReport
 from ..write import write_checkpoint
@@ -39,11 +40,20 @@ def merge_into(sources: list[str], template: str, write: WriteOptions, *, on_mis
     return IntoReport.extend(written, input=None, mode="into", sources=list(sources), template=template, **details)
 
 
+ADAPT_OPTIONS = ("otherwise", "prefix_tokens", "grid")  # what --on-mismatch adapt alone takes
+
+
+def refuse_adapt_options(on_mismatch: str | None, given) -> None:
+    """The options of ADAPT_OPTIONS among `given` (names) apply to --on-mismatch adapt only."""
+    named = [name for name in ADAPT_OPTIONS if name in given]
+    if named and on_mismatch != "adapt":
+        raise UsageError(f"{option_of(named[0])} applies to --on-mismatch adapt only")
+
+
 def _adapt_options(on_mismatch: str | None, otherwise: str | None, prefix_tokens: int | None, grid) -> dict:
     """--otherwise, --prefix-tokens and --grid, checked: they apply to --on-mismatch adapt only."""
-    for option, value in (("otherwise", otherwise), ("prefix-tokens", prefix_tokens), ("grid", grid)):
-        if value is not None and on_mismatch != "adapt":
-            raise UsageError(f"--{option} applies to --on-mismatch adapt only")
+    values = {"otherwise": otherwise, "prefix_tokens": prefix_tokens, "grid": grid}
+    refuse_adapt_options(on_mismatch, [name for name, value in values.items() if value is not None])
     if otherwise is not None:
         otherwise = core.check_choice(otherwise, core.OTHERWISE_POLICIES, "--otherwise")
     if prefix_tokens is not None and (isinstance(prefix_tokens, bool) or not isinstance(prefix_tokens, int)
