@@ -544,3 +544,10 @@ def test_rank_timeout_is_checked_without_torchrun_too(cli, tmp_path, flat):
     """An option is never silently taken: --rank-timeout -5 wrote a file when WORLD_SIZE was unset."""
     assert_one_error_line(cli("convert", flat, "-o", tmp_path / "o.pth", "--rank-timeout", "-5"), "--rank-timeout",
                           code=2)
+
+
+def test_dry_run_over_an_existing_sharded_output_names_each_file_once(cli, tmp_path, flat):
+    out = tmp_path / "s.safetensors"
+    assert cli("convert", flat, "-o", out, "--max-shard-size", "20B").code == 0
+    report = cli("convert", flat, "-o", out, "--max-shard-size", "20B", "--dry-run", "--json").json()
+    assert report["needs_force"] == report["files"] and len(set(report["needs_force"])) == 3

@@ -418,7 +418,8 @@ def write_checkpoint(tensors: dict[str, TensorRef], options: WriteOptions, *, so
     if plan.fmt is OutputFormat.TORCH and not plan.sharded and any(c.events for c in inputs):
         report = replace(report, inert=inert_names(origin.payload(tensors, keep_metadata, others)) or None)
     if options.dry_run:
-        return replace(report, needs_force=_needs_force([*plan.everything, index], options))
+        # the index beside OUT is one of the files when sharded; else an earlier output's, to replace
+        return replace(report, needs_force=_needs_force(list(dict.fromkeys([*plan.everything, index])), options))
     _write_files(origin, plan, options, cast, others, inputs, meta, removed, mine, jobs, keep_metadata)
     return report
 
