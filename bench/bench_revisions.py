@@ -10,19 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 
-from common import build, measure, warm
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-
-
-def cli(tree: str) -> list[str]:
-    # -P: `python -m` would otherwise put the working folder (this checkout, when run from it) first on
-    # sys.path, before PYTHONPATH, and both sides would run the same code
-    return ["env", f"PYTHONPATH={tree}", sys.executable, "-P", "-m", "ckptsurgery"]
+from common import HERE, REPO, build, measure, revision_tree, tree_cli, warm
 
 
 def main() -> None:
@@ -33,9 +22,7 @@ def main() -> None:
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     out = lambda name: os.path.join(args.workdir, name)  # noqa: E731
-    base = out(f"rev-{args.rev}")
-    if not os.path.isdir(base):
-        subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", "-f", base, args.rev], check=True)
+    base = revision_tree(args.rev, args.workdir)
     pth, st, small = out("big.pth"), out("big.safetensors"), out("small0.pth")
     build(pth, st)
     for i in range(2):
@@ -51,8 +38,8 @@ def main() -> None:
     }
     cases = {}
     for name, command in commands.items():
-        cases[f"{name} [{args.rev}]"] = cli(base) + command
-        cases[f"{name} [this checkout]"] = cli(REPO) + command
+        cases[f"{name} [{args.rev}]"] = tree_cli(base) + command
+        cases[f"{name} [this checkout]"] = tree_cli(REPO) + command
     warm(pth, st, small)
     med, peak = measure(cases, args.runs, [out(n) for n in ("ab.safetensors", "ab.pth", "ab-r.pth", "ab-avg.pth")])
     print(f"{args.runs} rounds, medians; each pair alternates within every round\n")

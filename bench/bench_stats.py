@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
-from common import HERE, build, measure, print_tables, warm
-
-REPO = os.path.dirname(HERE)
+from common import HERE, REPO, build, measure, print_tables, revision_tree, tree_cli, warm
 
 # every float32 of every tensor read once, as one numpy reduction per tensor: what a pass costs
 NUMPY_PASS = r"""
@@ -43,14 +40,11 @@ def main() -> None:
     os.makedirs(args.workdir, exist_ok=True)
     st = os.path.join(args.workdir, "big.safetensors")
     build(None, st)
-    cli = lambda tree: ["env", f"PYTHONPATH={tree}", sys.executable, "-P", "-m", "ckptsurgery"]  # noqa: E731
     cases = {"numpy pass over the mapped file": [sys.executable, "-c", NUMPY_PASS, st],
-             "inspect --stats [this checkout]": cli(REPO) + ["inspect", st, "--stats", "--json"]}
+             "inspect --stats [this checkout]": tree_cli(REPO) + ["inspect", st, "--stats", "--json"]}
     if args.rev:
-        base = os.path.join(args.workdir, f"rev-{args.rev}")
-        if not os.path.isdir(base):
-            subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", "-f", base, args.rev], check=True)
-        cases[f"inspect --stats [{args.rev}]"] = cli(base) + ["inspect", st, "--stats", "--json"]
+        base = revision_tree(args.rev, args.workdir)
+        cases[f"inspect --stats [{args.rev}]"] = tree_cli(base) + ["inspect", st, "--stats", "--json"]
     warm(st)
     med, peak = measure(cases, args.runs, [])
     floor = med["numpy pass over the mapped file"]

@@ -10,6 +10,22 @@ import time
 
 CLI = [sys.executable, "-m", "ckptsurgery"]
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+def tree_cli(tree: str) -> list[str]:
+    """The command line of the ckptsurgery in `tree` (this checkout, or a revision's worktree).
+    -P: `python -m` would otherwise put the working folder (this checkout, when run from it)
+    first on sys.path, before PYTHONPATH, and both sides would run the same code."""
+    return ["env", f"PYTHONPATH={tree}", sys.executable, "-P", "-m", "ckptsurgery"]
+
+
+def revision_tree(rev: str, workdir: str) -> str:
+    """A git worktree of `rev` at WORKDIR/rev-REV, made if missing."""
+    base = os.path.join(workdir, f"rev-{rev}")
+    if not os.path.isdir(base):
+        subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", "-f", base, rev], check=True)
+    return base
 
 
 def options(runs: int = 3):

@@ -16,8 +16,7 @@ import shutil
 import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+from common import HERE, REPO, revision_tree
 
 
 def build(folder: str) -> None:
@@ -138,9 +137,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=os.path.join(HERE, "out", "compare"))
     parser.add_argument("--show", action="store_true", help="print both sides of every difference")
     args = parser.parse_args()
-    base = os.path.join(HERE, "out", f"rev-{args.rev}")
-    if not os.path.isdir(base):
-        subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", "-f", base, args.rev], check=True)
+    base = revision_tree(args.rev, os.path.join(HERE, "out"))
     os.makedirs(args.workdir, exist_ok=True)
     build(args.workdir)
     before, after = run_all(base, args.workdir), run_all(REPO, args.workdir)
