@@ -336,6 +336,8 @@ class _FilePlan:
                                   else ([options.output], None))
         self.everything = self.files + [self.index] if self.sharded else self.files
         self.tied = {alias: target for alias, target, _ in self.aliases}
+        self._number = ({name: number for number, names in enumerate(self.shards) for name in names}
+                        if self.sharded else {})
 
     def parts(self, mine: list[int]) -> tuple[list[dict], int]:
         """Each file's tensors (a shard holds its tensors plus the tied names that point at
@@ -349,9 +351,8 @@ class _FilePlan:
         return parts, sum(size_of[name] for i in mine for name in self.shards[i])
 
     def shard_of(self, name: str) -> int:
-        if not hasattr(self, "_shard_of"):
-            self._shard_of = {name: number for number, names in enumerate(self.shards) for name in names}
-        return self._shard_of[self.tied.get(name, name)]
+        """The number of the shard a name (or the name it is tied to) is written in."""
+        return self._number[self.tied.get(name, name)]
 
     def index_body(self) -> bytes:
         # key order, not sorted as Hugging Face writes it: reading back keeps the model's order
