@@ -11,9 +11,7 @@ import typer
 from .. import ops
 from ..errors import CkptError, UsageError
 from . import app
-from .common import JsonOpt, QuietOpt, RootOpt, count, examples, human_bytes, note, print_json, printable, progress_bar
-
-MAX_ROWS = 2000  # a table longer than this is for a program: it gets --json, or asks for --all
+from .common import MAX_ROWS, JsonOpt, QuietOpt, RootOpt, count, examples, human_bytes, note, print_json, printable, progress_bar
 
 
 @app.command(epilog=examples(
