@@ -43,7 +43,7 @@ def test_every_declared_parameter_is_an_option_of_merge():
 
     from ckptsurgery.cli import app
 
-    command = typer.main.get_command(app).commands["merge"]
+    command = typer.main.get_command(app).get_command(None, "merge")
     options = {opt: param for param in command.params for opt in getattr(param, "opts", ())}
     declared = methods.merge_options()
     assert [o.parameter for o in declared] == ["weights", "density", "scale", "t", "seed"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import functools
 import gc
+import importlib
 import os
 import signal
 import sys
@@ -39,9 +41,37 @@ def _usage(error) -> None:
     raise typer.Exit(2) from None
 
 
+# command -> its module, in the order `--help` lists them. A command's module (and through it the
+# operations it needs) is imported only when that command runs: start-up is most of what a command
+# on a small file costs, and `merge` alone (its methods, their options) is a fifth of the imports.
+COMMANDS = {"inspect": "inspect", "filter": "filter", "drop": "drop", "rename": "rename", "merge": "merge",
+            "extract-lora": "extract_lora", "convert": "convert", "diff": "diff"}
+
+
+@functools.cache
+def _command(name: str):
+    return typer.main.get_command(importlib.import_module(f"{__name__}.{COMMANDS[name]}").app)
+
+
 class _Commands(TyperGroup):
     """Known failures become one line on stderr and an exit code here, inside the app, so that
-    every runner (the console script, Typer's CliRunner, another program) sees the same codes."""
+    every runner (the console script, Typer's CliRunner, another program) sees the same codes.
+    Commands are found in COMMANDS and imported when asked for."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name: str):
+        return _command(name) if name in COMMANDS else None
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] not in COMMANDS and not args[0].startswith("-"):
+            import difflib
+
+            near = difflib.get_close_matches(args[0], COMMANDS, n=1)
+            if near:  # `ckptsurgery inspct`
+                raise _UsageError(f"No such command {args[0]!r}; did you mean {near[0]!r}?", ctx)
+        return super().resolve_command(ctx, args)
 
     def make_context(self, *args, **kwargs):
         try:
@@ -88,9 +118,6 @@ def _options(
     """PyTorch checkpoint surgery: inspect, convert and edit .pth and .safetensors files
     without running the code pickled inside them."""
 
-
-# commands register themselves on `app`, in the order `--help` lists them
-from . import inspect, filter, drop, rename, merge, extract_lora, convert, diff  # noqa: E402, F401
 
 
 def _terminate(signum, frame):

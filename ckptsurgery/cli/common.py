@@ -30,6 +30,12 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr but errors.")]
 
 
+def command_app() -> typer.Typer:
+    """The Typer of one command's module, which registers that command alone on it: the app in
+    cli/__init__ imports a command's module only when that command runs."""
+    return typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
 def examples(*commands: str) -> str:
     """The end of a command's --help: two or three real command lines."""
     return "Examples:\n\n" + "\n\n".join(commands)

@@ -7,8 +7,10 @@ from typing import Annotated, Optional
 import typer
 
 from .. import ops
-from . import app
-from .common import CastTo, InputArg, OutputOptions, RootOpt, examples, output_options
+from .common import CastTo, InputArg, OutputOptions, RootOpt, command_app, examples, output_options
+
+
+app = command_app()
 
 
 @app.command(epilog=examples(

@@ -9,8 +9,10 @@ import typer
 
 from .. import ops
 from ..errors import UsageError
-from . import app
-from .common import JsonOpt, RootOpt, console, examples, failures_exit, print_json, printable
+from .common import JsonOpt, RootOpt, command_app, console, examples, failures_exit, print_json, printable
+
+
+app = command_app()
 
 
 @app.command(epilog=examples(

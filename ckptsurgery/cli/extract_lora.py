@@ -9,8 +9,12 @@ import typer
 
 from .. import ops
 from ..ops.reports import Extracted
-from . import app
-from .common import OutputOptions, RootOpt, examples, listing, note, output_options, print_json, printable
+from .common import (
+    OutputOptions, RootOpt, command_app, examples, listing, note, output_options, print_json, printable,
+)
+
+
+app = command_app()
 
 
 @app.command("extract-lora", epilog=examples(

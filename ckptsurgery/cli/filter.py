@@ -7,8 +7,10 @@ from typing import Annotated, Optional
 import typer
 
 from .. import ops
-from . import app
-from .common import InputArg, OutputOptions, RootOpt, examples, listing, output_options
+from .common import InputArg, OutputOptions, RootOpt, command_app, examples, listing, output_options
+
+
+app = command_app()
 
 
 @app.command("filter", epilog=examples(

@@ -10,8 +10,13 @@ import typer
 
 from .. import ops
 from ..errors import CkptError, UsageError
-from . import app
-from .common import MAX_ROWS, JsonOpt, QuietOpt, RootOpt, count, examples, human_bytes, note, print_json, printable, progress_bar
+from .common import (
+    MAX_ROWS, JsonOpt, QuietOpt, RootOpt, command_app, count, examples, human_bytes, note, print_json, printable,
+    progress_bar,
+)
+
+
+app = command_app()
 
 
 @app.command(epilog=examples(

@@ -8,10 +8,9 @@ import typer
 
 from .. import core, ops
 from ..ops.methods import METHODS, PARAMETERS, merge_options
-from . import app
 from .common import (
-    CastTo, OutputOptions, RootOpt, choice, count, examples, expanded_options, listing, output_options, print_table,
-    printable, summarised,
+    CastTo, OutputOptions, RootOpt, choice, command_app, count, examples, expanded_options, listing, output_options,
+    print_table, printable, summarised,
 )
 
 
@@ -20,6 +19,8 @@ Method = choice("Method", METHODS)
 # --help groups the options by the mode that takes them
 INTO, UNION, METHOD, LORA = ("Into a template (--into)", "Plain merge", "Merge methods (--method, --average)",
                              "Adapters (--lora)")
+
+app = command_app()
 
 
 HELP = (f"Combine checkpoints: a plain union, an update of a template (--into), a merge of fine-tuned models "

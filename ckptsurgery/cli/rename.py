@@ -11,8 +11,10 @@ from typer.core import TyperCommand, TyperOption
 
 from .. import core, ops
 from ..errors import CkptError
-from . import app
-from .common import InputArg, OutputOptions, RootOpt, count, examples, listing, output_options, print_table, printable
+from .common import InputArg, OutputOptions, RootOpt, command_app, count, examples, listing, output_options, print_table, printable
+
+
+app = command_app()
 
 
 def _load_map(path: str) -> dict:

@@ -14,14 +14,13 @@ from collections import OrderedDict
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import suppress
 from dataclasses import replace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import core
 from ..dtypes import DType
 from ..errors import CkptError, UsageError
 from ..io import Checkpoint, TensorRef
 from ..io.formats import BY_OPTION, OutputFormat
-from ..io.dcp import METADATA, DcpWriter, check_dcp_writable
 from ..io.pickled import inert_names
 from ..io.pickler import PickleRefused
 from ..io.tree import extras
@@ -33,6 +32,9 @@ from ..io.write import (
 from .options import WriteOptions, check_write_options
 from .ranks import Ranks
 from .reports import WriteReport
+
+if TYPE_CHECKING:
+    from ..io.dcp import DcpWriter
 
 
 def _write(f, fmt: OutputFormat, source: "_Source", tensors: dict[str, TensorRef], cast: DType | None,
@@ -225,6 +227,8 @@ def _label(ranks: Ranks | None, output: str) -> str:
 
 def _dcp_report(source: "_Source", tensors: dict[str, TensorRef], options: WriteOptions, cast: DType | None,
                 writer: DcpWriter, mine: list[int], metadata_report: dict) -> WriteReport:
+    from ..io.dcp import METADATA
+
     stored = [(n, t, cast_target(t.dtype, cast)) for n, t in tensors.items()]
     ranks = options.ranks
     files = [options.output]
@@ -246,6 +250,8 @@ def _write_dcp(source: "_Source", tensors: dict[str, TensorRef], options: WriteO
     """A DCP folder: the whole checkpoint (the state dict and what lies outside its root), each
     entry under its flattened key. Under torchrun rank 0 stages the folder, every rank writes
     its data files into it, and rank 0 writes .metadata and renames the folder into place."""
+    from ..io.dcp import DcpWriter, check_dcp_writable  # its reader and writer: imported by DCP outputs alone
+
     output, ranks = options.output, options.ranks
     check_dcp_writable(output, options.force or options.dry_run)
     payload = source.payload(tensors, keep_metadata=False, others=others)

@@ -1,0 +1,63 @@
+"""Start-up: a command imports its own machinery and nothing else's (issue 18 §4). Each case runs
+the real entry point in a fresh interpreter and lists the modules it ended with."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import json, sys
+sys.argv = ["ckptsurgery", *sys.argv[1:]]
+from ckptsurgery.cli import main
+code = 0
+try:
+    main()
+except SystemExit as e:
+    code = e.code
+sys.stderr.write("\\nMODULES " + json.dumps([code, sorted(sys.modules)]) + "\\n")
+"""
+
+# what each command must not import: other commands, merge methods, the DCP machinery, torch
+ELSEWHERE = ("ckptsurgery.cli.merge", "ckptsurgery.cli.rename", "ckptsurgery.ops.methods", "ckptsurgery.ops.merge",
+             "ckptsurgery.io.dcp", "torch")
+
+
+def modules_after(*args) -> set[str]:
+    proc = subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], capture_output=True, text=True, check=True)
+    code, modules = json.loads(proc.stderr.rsplit("MODULES ", 1)[1])
+    assert code in (0, None), proc.stderr
+    return set(modules)
+
+
+@pytest.mark.parametrize("command", ["inspect", "convert", "drop"])
+def test_a_command_imports_neither_the_other_commands_nor_the_dcp_machinery_nor_torch(command, flat, tmp_path):
+    args = {"inspect": [flat, "--json"], "convert": [flat, "-o", tmp_path / "o.safetensors"],
+            "drop": [flat, "c", "-o", tmp_path / "o.pth"]}[command]
+    loaded = modules_after(command, *args)
+    assert f"ckptsurgery.cli.{command}" in loaded
+    assert not {m for m in loaded if m.startswith(ELSEWHERE)}, sorted(m for m in loaded if m.startswith(ELSEWHERE))
+
+
+def test_version_imports_no_command():
+    loaded = modules_after("--version")
+    assert not {m for m in loaded if m.startswith(("ckptsurgery.cli.", "ckptsurgery.ops.")) and m != "ckptsurgery.cli.common"
+                and not m.startswith(("ckptsurgery.ops.options", "ckptsurgery.ops.ranks", "ckptsurgery.ops.reports"))}
+
+
+def test_help_lists_every_command_in_order(cli, monkeypatch):
+    from ckptsurgery.cli import COMMANDS
+
+    monkeypatch.setenv("COLUMNS", "200")
+    text = cli("--help").out
+    positions = [text.index(f"│ {name} ") for name in COMMANDS]
+    assert positions == sorted(positions) and list(COMMANDS)[:2] == ["inspect", "filter"]
+
+
+def test_a_mistyped_command_names_the_near_one(cli):
+    from conftest import assert_one_error_line
+
+    assert_one_error_line(cli("inspct", "x.pth"), "No such command 'inspct'; did you mean 'inspect'?", code=2)
