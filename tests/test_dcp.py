@@ -165,7 +165,6 @@ def test_surgery_commands_take_dcp_folders(cli, tmp_path, two_ranks):
     (lambda m: m.storage_data.pop(next(k for k in m.storage_data if k.fqn == "model.ids")), "does not say where"),
     (lambda m: setattr(m.state_dict_metadata["model.emb.weight"], "size", torch.Size([5, 4])), "elements"),
     (lambda m: setattr(m.state_dict_metadata["model.emb.weight"].chunks[0], "sizes", torch.Size([9, 3])), "does not fit"),
-    (lambda m: setattr(m.state_dict_metadata["model.ids"].properties, "dtype", torch.float64), "not the float64"),
 ])
 def test_broken_metadata_is_one_line(cli, tmp_path, one_rank, change, fragment):
     folder, _ = one_rank
@@ -174,6 +173,22 @@ def test_broken_metadata_is_one_line(cli, tmp_path, one_rank, change, fragment):
                  ("diff", folder, folder)):
         assert_one_error_line(cli(*args), fragment, code=2 if args[0] == "diff" else 1)
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_chunk_that_disagrees_with_the_metadata_is_refused_when_its_bytes_are_read(cli, tmp_path, one_rank):
+    """The metadata says float64 where the chunk's archive holds int64: inspect lists what the
+    metadata says (it never opens chunk archives), and every command that reads the bytes refuses
+    them in one line before using any."""
+    folder, _ = one_rank
+    rewrite_dcp_metadata(folder, lambda m: setattr(m.state_dict_metadata["model.ids"].properties, "dtype",
+                                                   torch.float64))
+    shapes = {t["name"]: (t["dtype"], t["shape"]) for t in cli("inspect", folder, "--json").json()["tensors"]}
+    assert shapes["ids"] == ("float64", [4])
+    for args in (("inspect", folder, "--stats"), ("inspect", folder, "--hash"),
+                 ("convert", folder, "-o", tmp_path / "o.safetensors"), ("convert", folder, "-o", tmp_path / "o.pth"),
+                 ("diff", folder, folder)):
+        assert_one_error_line(cli(*args), "model.ids", "not the float64", code=2 if args[0] == "diff" else 1)
+    assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "o.pth").exists()
 
 
 def test_overlapping_chunks_fail_the_write(cli, tmp_path, two_ranks):

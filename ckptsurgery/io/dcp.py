@@ -9,8 +9,10 @@ DTensor, torchtitan, torchtune).
   of a `.distcp` file holding it; `planner_data` maps each flat key to its path in the nested
   state dict (`('model', 'emb.weight')`), which decides the root as in a nested `.pth`.
 - Each chunk is a complete `torch.save` archive at its byte range (or, written without
-  torch.save, the chunk's raw bytes). A tensor saved from many ranks is one tensor of its full
-  size here, put together from its chunks only when its bytes are asked for.
+  torch.save, the chunk's raw bytes). The archive is opened, and the chunk checked against the
+  metadata, only when the tensor's bytes are asked for (convert, --stats, diff): listing a
+  folder needs the dtype and sizes `.metadata` gives (_ChunkStorage). A tensor saved from many
+  ranks is one tensor of its full size here, put together from its chunks only then too.
 - Values other than tensors (step counters, optimizer hyperparameters) are `torch.save`
   archives of arbitrary objects, read with the restricted unpickler like any `.pth` (bytes in
   another form are read as torch.load reads them: dcp_pickles.legacy_value).
@@ -24,6 +26,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import threading
 from typing import Any
 
 from ..dtypes import QUANTIZED
@@ -33,7 +36,7 @@ from .dcp_pickles import STORAGE_INFO as _STORAGE_INFO
 from .dcp_pickles import legacy_value, payload_events
 from .formats import Format
 from .model import (
-    INT64_MAX, Checkpoint, MappedFile, Storage, TensorRef, check_key, computed_tensor, contiguous_strides, joined_tensor,
+    INT64_MAX, Checkpoint, JoinedSource, MappedFile, Storage, TensorRef, check_key, computed_tensor, contiguous_strides,
     numel_of, standalone,
 )
 from .pickled import FrozenRecord, Global, GlobalKind, How, InertGlobal, InertObject, TorchSize
@@ -80,6 +83,48 @@ def _ints(value: Any, what: str, where: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+_RESOLVING = threading.RLock()  # writer threads (--jobs) may ask for one chunk at once
+
+
+def _pending_slot(name: str) -> property:
+    """A Storage field that is known once the chunk is read: reading it reads the chunk."""
+    slot = Storage.__dict__[name]
+
+    def get(self):
+        if self._pending is not None:
+            self._resolve()
+        return slot.__get__(self, Storage)
+
+    return property(get, slot.__set__)
+
+
+class _ChunkStorage(Storage):
+    """The bytes of a tensor held in DCP chunks, whose size the metadata gives: where they lie
+    (`source`, `offset`, and the chunk's storage `key` and `location`) is found when first asked
+    for — each chunk's archive opened and held to every check of _Reader.chunk then, before any
+    byte is used. Listing a folder never asks (dtype and shape are the metadata's)."""
+
+    __slots__ = ("_pending",)
+    source = _pending_slot("source")
+    offset = _pending_slot("offset")
+    key = _pending_slot("key")
+    location = _pending_slot("location")
+
+    def __init__(self, nbytes: int, pending: tuple):
+        Storage.__init__(self, None, 0, nbytes)
+        self._pending = pending  # (function, *arguments) -> (source, offset, key, location)
+
+    def _resolve(self) -> None:
+        with _RESOLVING:
+            pending = self._pending
+            if pending is None:  # another thread read it meanwhile
+                return
+            fields = pending[0](*pending[1:])
+            for name, value in zip(("source", "offset", "key", "location"), fields):
+                Storage.__dict__[name].__set__(self, value)
+            self._pending = None
+
+
 class _Reader:
     """The data files of one folder, opened as first named, in that order (torch reads the
     values of a folder file by file, in the order the files first appear); each byte range read
@@ -92,6 +137,7 @@ class _Reader:
         self.repeated = [0]  # stride-0 bytes: one allowance for the whole folder, as for one .pth
         self._loaded: dict[tuple, Any] = {}
         self._unpickled: dict[tuple, Any] = {}
+        self._lazy: dict[tuple, TensorRef] = {}  # (path, offset, length, dtype, sizes) -> the chunk's tensor
         self._rank: dict[str, int] = {}
 
     def file(self, name: Any, where: str) -> MappedFile:
@@ -125,15 +171,19 @@ class _Reader:
         """Where the place's file came first among the folder's files."""
         return self._rank[place[0].path]
 
-    def archive(self, place: tuple, where: str) -> tuple[bool, Any, list]:
+    def archive(self, place: tuple, where: str, record: bool = True) -> tuple[bool, Any, list]:
         """(True, the object of the torch.save archive at `place`, its placeholder events), or
-        (False, None, []) where the range holds no archive (a chunk's raw bytes)."""
+        (False, None, []) where the range holds no archive (a chunk's raw bytes). `record`: add
+        its events to the folder's (a value's: read with the folder; a chunk holding any is
+        refused, and is read later, when its bytes are asked for — the folder's events are
+        settled by then)."""
         source, offset, length = place
         key = (source.path, offset, length)
         if key not in self._loaded:
             if length >= 4 and bytes(source.view(offset, 4)) == b"PK\x03\x04":
                 value, events = load_torch_zip(source, offset, length, where, self.repeated)
-                self.events += events
+                if record:
+                    self.events += events
                 self._loaded[key] = (True, value, events)
             else:
                 self._loaded[key] = (False, None, [])
@@ -142,7 +192,7 @@ class _Reader:
     def chunk(self, where: str, place: tuple, dtype, sizes: tuple[int, ...]) -> TensorRef:
         """One chunk's tensor: the torch.save archive at its byte range, or its raw bytes. torch
         loads a chunk with weights_only=True: a plain, contiguous tensor, nothing else."""
-        archived, value, events = self.archive(place, where)
+        archived, value, events = self.archive(place, where, record=False)
         if archived:
             if (events or not isinstance(value, TensorRef) or value.wrap is not None or value.param_state is not None
                     or value.quant is not None or not value.is_contiguous or value.math_bits):
@@ -159,6 +209,22 @@ class _Reader:
             raise CkptError(f"{where}: its chunk holds {length} bytes, not the {tensor.nbytes} of "
                             f"{dtype.name} {_dims(sizes)}")
         return tensor
+
+    def lazy_chunk(self, place: tuple, dtype, sizes: tuple[int, ...], key: str) -> TensorRef:
+        """The chunk at `place` (its file and byte range checked), of the dtype and sizes the
+        metadata records, read (`chunk`) when its bytes are first asked for. Keys naming one
+        byte range as one dtype and size share one tensor, as when read at once."""
+        shared = (place[0].path, place[1], place[2], dtype, sizes)
+        tensor = self._lazy.get(shared)
+        if tensor is None:
+            tensor = self._lazy[shared] = TensorRef(None, 0, sizes, contiguous_strides(sizes), dtype)
+            tensor.storage = _ChunkStorage(tensor.nbytes, (self._read_chunk, place, dtype, sizes, key))
+        return tensor
+
+    def _read_chunk(self, place: tuple, dtype, sizes: tuple[int, ...], key: str) -> tuple:
+        chunk = self.chunk(f"{self.folder}: {_short(key)}", place, dtype, sizes)
+        storage = chunk.storage
+        return storage.source, chunk.byte_range()[0], storage.key, storage.location
 
     def value(self, place: tuple, where: str) -> Any:
         """A value other than a tensor. torch's loader torch.loads its bytes with
@@ -274,18 +340,29 @@ def _tensor(reader: _Reader, places: dict, key: str, state: dict, where: str) ->
         info = places.get((key, offsets))
         if info is None:
             raise CkptError(f"{where}: the metadata does not say where its chunk at {_dims(offsets)} lies")
-        pieces.append((offsets, sizes, reader.chunk(where, reader.locate(info, where), dtype, sizes)))
+        pieces.append((offsets, sizes, reader.locate(info, where)))
         volume += numel_of(sizes)
         if volume > whole:
             break
     if volume != whole:
         raise CkptError(f"{where}: its chunks hold {'more' if volume > whole else 'fewer'} elements than its "
                         f"size {_dims(size)}")
+    return _chunked(reader, key, dtype, size, pieces, where)
+
+
+def _chunked(reader: _Reader, key: str, dtype, size: tuple[int, ...], pieces: list, where: str) -> TensorRef:
+    """The tensor of `pieces` ((offsets, sizes, place) of each chunk: checked to fit and to tile
+    the tensor), each chunk read when the tensor's bytes are (_ChunkStorage)."""
     if len(pieces) == 1 and pieces[0][1] == size:  # saved from one process: the chunk is the tensor
-        return pieces[0][2]
-    rows = _rows(pieces, size)
-    if rows is not None:  # split along the first dimension only (FSDP): the chunks' bytes in order
-        return joined_tensor(size, dtype, rows)
+        return reader.lazy_chunk(pieces[0][2], dtype, size, key)
+    chunks = [(offsets, sizes, reader.lazy_chunk(place, dtype, sizes, key)) for offsets, sizes, place in pieces]
+    if _rows(chunks, size):  # split along the first dimension only (FSDP): the chunks' bytes in order
+        ordered = [chunk for _, _, chunk in sorted(chunks, key=lambda piece: piece[0][0])]
+        nbytes = sum(chunk.nbytes for chunk in ordered)
+        if nbytes != numel_of(size) * dtype.itemsize:
+            raise CkptError(f"pieces of {nbytes} bytes for a {dtype.name} tensor of shape {list(size)}")
+        storage = _ChunkStorage(nbytes, (_joined, chunks, ordered))
+        return TensorRef(storage, 0, size, contiguous_strides(size), dtype)
     if dtype.packed > 1 or dtype.per_byte > 1 or dtype.kind == QUANTIZED or len(size) > MAX_ASSEMBLED_DIMS:
         raise CkptError(f"{where}: a {dtype.name} tensor of {len(size)} dimensions in several chunks, which "
                         f"ckptsurgery cannot put together")
@@ -293,28 +370,40 @@ def _tensor(reader: _Reader, places: dict, key: str, state: dict, where: str) ->
     def make():
         from .tensors import assemble
 
+        _read_all(chunks)
         try:
-            return assemble(size, dtype, [(o, s, t.data()) for o, s, t in pieces if numel_of(s)])
+            return assemble(size, dtype, [(o, s, t.data()) for o, s, t in chunks if numel_of(s)])
         except CkptError as e:
             raise CkptError(f"{where}: {e}") from None
 
     return computed_tensor(size, dtype, make)
 
 
-def _rows(pieces: list, size: tuple[int, ...]):
-    """The byte ranges of chunks that are whole rows of the tensor, one after another from row 0
-    to the last (how FSDP and Shard(0) split): (source, offset, nbytes) in order; else None."""
+def _read_all(chunks: list) -> None:
+    """Open and check every chunk of a tensor, the empty ones too, before any of its bytes are
+    used (as when chunks were read with the folder)."""
+    for _, _, chunk in chunks:
+        chunk.storage.source
+
+
+def _joined(chunks: list, ordered: list) -> tuple:
+    """Where the bytes of a tensor split into whole rows lie: its chunks' ranges in order."""
+    _read_all(chunks)
+    source = JoinedSource([(t.storage.source, *t.byte_range()) for t in ordered])
+    return source, 0, "", "cpu"
+
+
+def _rows(pieces: list, size: tuple[int, ...]) -> bool:
+    """Whether chunks are whole rows of the tensor, one after another from row 0 to the last
+    (how FSDP and Shard(0) split): their bytes laid end to end are the tensor's."""
     if not size:
-        return None
-    ordered = sorted(pieces, key=lambda piece: piece[0][0])
+        return False
     row = 0
-    for offsets, sizes, chunk in ordered:
-        if offsets[0] != row or any(offsets[1:]) or sizes[1:] != size[1:] or not chunk.is_contiguous:
-            return None
+    for offsets, sizes, _ in sorted(pieces, key=lambda piece: piece[0][0]):
+        if offsets[0] != row or any(offsets[1:]) or sizes[1:] != size[1:]:
+            return False
         row += sizes[0]
-    if row != size[0]:
-        return None
-    return [(chunk.storage.source, *chunk.byte_range()) for _, _, chunk in ordered]
+    return row == size[0]
 
 
 MAX_PATH_DEPTH = MAX_NESTING  # steps of a planner path: a real state dict nests a few levels
