@@ -64,6 +64,7 @@ class TorchPickler:
         self._globals: dict[tuple[str, str], bytes] = {}
         self._texts: dict[str, bytes] = {}
         self._int_tuples: dict[tuple, bytes] = {}
+        self._plain_pieces: dict[tuple[str, str, str], tuple[bytes, ...]] = {}  # see _plain_tensor
         self.events: list = []  # the placeholders imported (first time) and called, in write order
 
     def dumps(self, obj: Any) -> bytes:
@@ -157,12 +158,16 @@ class TorchPickler:
 
     def _setitems(self, pairs) -> None:
         pairs = list(pairs)
+        out = self._out
         for start in range(0, len(pairs), _BATCH):
-            self._out += b"("
+            out += b"("
             for key, value in pairs[start : start + _BATCH]:
-                self._save(key)
+                if type(key) is str:  # a state dict's names: the common case, without the dispatch
+                    out += _str_op(key)
+                else:
+                    self._save(key)
                 self._save(value)
-            self._out += b"u"
+            out += b"u"
 
     def _reduce(self, module: str, name: str, args: tuple) -> None:
         self._global(module, name)
@@ -274,15 +279,27 @@ class TorchPickler:
 
     def _plain_tensor(self, tensor: TensorRef, record: tuple) -> None:
         """What `_tensor` writes for the usual tensor — `_rebuild_tensor_v2` over a typed storage,
-        nothing around it — as one concatenation: a state dict holds 200 000 of them. It holds
-        nothing, so it cannot be reached from inside itself (no `_enter`)."""
+        nothing around it — as one concatenation of pieces encoded once per storage class and
+        location: a state dict holds 200 000 of them. It holds nothing, so it cannot be reached
+        from inside itself (no `_enter`), and `_save` found it in no memo."""
         key, module, storage_class, numel, _ = record
-        self._out += (self._global_op("torch._utils", "_rebuild_tensor_v2") + b"((" + self._text("storage")
-                      + self._global_op(module, storage_class) + _str_op(key) + self._text(tensor.storage.location)
-                      + _int_op(numel) + b"tQ" + _int_op(tensor.offset) + self._ints(tensor.shape)
-                      + self._ints(tensor.stride) + (b"\x88" if tensor.plain_grad else b"\x89")
-                      + self._global_op("collections", "OrderedDict") + b")RtR")
-        self._memoize(tensor)
+        location = tensor.storage.location
+        pieces = self._plain_pieces.get((module, storage_class, location))
+        if pieces is None:
+            pieces = self._plain_pieces[(module, storage_class, location)] = (
+                self._global_op("torch._utils", "_rebuild_tensor_v2") + b"((" + self._text("storage")
+                + self._global_op(module, storage_class),
+                self._text(location),
+                b"\x88" + self._global_op("collections", "OrderedDict") + b")RtR",
+                b"\x89" + self._global_op("collections", "OrderedDict") + b")RtR")
+        start, place, grad, no_grad = pieces
+        index = len(self._memo)
+        self._memo[id(tensor)] = index
+        self._keep.append(tensor)
+        self._out += b"".join((start, _str_op(key), place, _int_op(numel), b"tQ", _int_op(tensor.offset),
+                               self._ints(tensor.shape), self._ints(tensor.stride),
+                               grad if tensor.plain_grad else no_grad,
+                               b"q" + bytes((index,)) if index < 256 else b"r" + struct.pack("<I", index)))
 
     def _rebuild_call(self, tensor: TensorRef) -> tuple:
         """Write the rebuild function torch 2.13 uses for this tensor; return its storage record."""

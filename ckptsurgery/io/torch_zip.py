@@ -209,17 +209,21 @@ def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Prog
     archive.add_bytes(f"{ARCHIVE}/.format_version", b"1")
     archive.add_bytes(f"{ARCHIVE}/.storage_alignment", b"64")
     archive.add_bytes(f"{ARCHIVE}/byteorder", b"little")
+    small = []  # storages written as they are read, in order, until the next one that is not
     for storage, key, read_as, write_as in storages.values():
-        if write_as is read_as and storage.nbytes <= SMALL_RECORD:
-            archive.add_bytes(f"{ARCHIVE}/data/{key}", storage.view())  # the common small case, in one step
+        if write_as is read_as and storage.nbytes <= SMALL_RECORD:  # the common case, in one step
+            small.append((f"{ARCHIVE}/data/{key}", storage.view()))
             if progress:
                 progress(storage.nbytes)
             continue
+        archive.add_small(small)
+        small.clear()
         if write_as is read_as:
             chunks = _storage_chunks(storage, progress)
         else:
             chunks = _chunks(cast_bytes(storage.view(), read_as, write_as), progress)
         archive.add(f"{ARCHIVE}/data/{key}", chunks, _written_size(storage, read_as, write_as))
+    archive.add_small(small)
     archive.add_bytes(f"{ARCHIVE}/version", b"3\n")
     archive.close()
     return pickler.events

@@ -377,6 +377,10 @@ def cast_target(dtype: DType, cast: DType | None) -> DType:
 def plan_safetensors(tensors: dict[str, TensorRef], cast: DType | None) -> tuple[list, list]:
     """Names stored, and [alias, target, position] for tied names stored once."""
     shared = _shared_storages(tensors.values())
+    if not shared:  # the usual state dict: no two names view one storage
+        if cast is None:
+            return [(name, t, t.dtype) for name, t in tensors.items()], []
+        return [(name, t, cast_target(t.dtype, cast)) for name, t in tensors.items()], []
     stored, aliases, first = [], [], {}
     for position, (name, t) in enumerate(tensors.items()):
         if id(t.storage) in shared:  # only views of a shared storage can be one another
@@ -391,8 +395,12 @@ def plan_safetensors(tensors: dict[str, TensorRef], cast: DType | None) -> tuple
 
 def _shared_storages(tensors) -> set[int]:
     """ids of the storages that more than one of `tensors` views."""
-    seen, shared = set(), set()
-    for key in map(id, map(attrgetter("storage"), tensors)):
+    keys = list(map(id, map(attrgetter("storage"), tensors)))
+    seen, shared = set(keys), set()
+    if len(seen) == len(keys):
+        return shared
+    seen.clear()
+    for key in keys:
         if key in seen:
             shared.add(key)
         seen.add(key)

@@ -20,13 +20,20 @@ def _check_size(name: str, written: int, size: int) -> None:
         raise ValueError(f"record {name}: wrote {written} bytes, expected {size}")
 
 
+_LOCAL = struct.Struct("<IHHHHHIIIHH")  # a record's local header
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")  # its entry in the central directory
+_PADS = [_PAD_ID + struct.pack("<H", pad) + b"Z" * pad for pad in range(ALIGN)]
+
+
 class ZipWriter:
     """Writes an archive at the stream's current position; every offset it records counts from
-    there, so an archive inside a bigger file (a DCP chunk) reads as one on its own."""
+    there, so an archive inside a bigger file (a DCP chunk) reads as one on its own. The writer
+    counts what it writes instead of asking the stream (a state dict may hold 200 000 records)."""
 
     def __init__(self, f: BinaryIO):
         self._f = f
         self._base = f.tell()
+        self._offset = 0  # where the next record starts, from _base
         self._entries: list[tuple[bytes, int, int, int]] = []  # name, crc, size, header offset
 
     def add(self, name: str, chunks: Iterable[bytes | memoryview], size: int) -> None:
@@ -39,56 +46,76 @@ class ZipWriter:
             _check_size(name, len(data), size)
             self.add_bytes(name, data)
             return
-        offset = self._header(name, size, 0)
+        offset = self._offset
+        f.write(self._header(name, size, 0))
         crc, written = 0, 0
         for chunk in chunks:
             crc = zlib.crc32(chunk, crc)
             written += len(chunk)
             f.write(chunk)
         _check_size(name, written, size)
-        end = f.tell()
+        self._offset += size
         f.seek(self._base + offset + 14)
         f.write(struct.pack("<I", crc))
-        f.seek(end)
+        f.seek(self._base + self._offset)
         raw_name, _, _, _ = self._entries[-1]
         self._entries[-1] = (raw_name, crc, size, offset)
 
-    def _header(self, name: str, size: int, crc: int) -> int:
-        """Write a record's local header, padded so that its data starts 64-byte aligned, and
-        list the record; return the header's offset."""
-        f = self._f
+    def _header(self, name: str, size: int, crc: int) -> bytes:
+        """A record's local header, padded so that its data starts 64-byte aligned; the record
+        is listed and counted."""
         raw_name = name.encode("utf-8")
-        offset = f.tell() - self._base
+        offset = self._offset
         zip64 = size >= _U32
         extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
-        used = offset + 30 + len(raw_name) + len(extra) + 4
-        pad = (-used) % ALIGN
-        extra += _PAD_ID + struct.pack("<H", pad) + b"Z" * pad
+        extra += _PADS[(-(offset + 30 + len(raw_name) + len(extra) + 4)) % ALIGN]
         small = _U32 if zip64 else size
-        f.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if zip64 else 20, 0, 0, 0, _DOS_DATE,
-                            crc, small, small, len(raw_name), len(extra)) + raw_name + extra)
+        header = _LOCAL.pack(0x04034B50, 45 if zip64 else 20, 0, 0, 0, _DOS_DATE, crc, small, small, len(raw_name),
+                             len(extra)) + raw_name + extra
         self._entries.append((raw_name, crc, size, offset))
-        return offset
+        self._offset += len(header)
+        return header
 
     def add_bytes(self, name: str, data: bytes | memoryview) -> None:
         """Write one record whose bytes are at hand."""
-        self._header(name, len(data), zlib.crc32(data))
-        self._f.write(data)
+        size = len(data)
+        header = self._header(name, size, zlib.crc32(data))
+        self._offset += size
+        self._f.write(header + data if size < 4096 else header)  # a small record: one write
+        if size >= 4096:
+            self._f.write(data)
+
+    def add_small(self, records: Iterable[tuple[str, bytes | memoryview]]) -> None:
+        """Write records whose bytes are at hand and small (SMALL_RECORD at most): what add_bytes
+        writes for each, in one loop and a write per megabyte (a state dict may hold 200 000)."""
+        pending, entries, offset, flushed = [], self._entries, self._offset, self._offset
+        for name, data in records:
+            raw_name, size, crc = name.encode("utf-8"), len(data), zlib.crc32(data)
+            extra = _PADS[(-(offset + 34 + len(raw_name))) % ALIGN]
+            pending += (_LOCAL.pack(0x04034B50, 20, 0, 0, 0, _DOS_DATE, crc, size, size, len(raw_name), len(extra)),
+                        raw_name, extra, data)
+            entries.append((raw_name, crc, size, offset))
+            offset += 30 + len(raw_name) + len(extra) + size
+            if offset - flushed >= SMALL_RECORD:  # joined a megabyte at a time
+                self._f.write(b"".join(pending))
+                pending.clear()
+                flushed = offset
+        self._f.write(b"".join(pending))
+        self._offset = offset
 
     def close(self) -> None:
-        f = self._f
-        start = f.tell() - self._base
+        start = self._offset
+        directory = []
         for raw_name, crc, size, offset in self._entries:
             big = size >= _U32 or offset >= _U32
-            extra = b""
-            if big:
-                extra = struct.pack("<HHQQQ", 1, 24, size, size, offset)
+            extra = struct.pack("<HHQQQ", 1, 24, size, size, offset) if big else b""
             small = _U32 if big else size
-            f.write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 0x031E, 45 if big else 20, 0, 0, 0,
-                                _DOS_DATE, crc, small, small, len(raw_name), len(extra), 0, 0, 0, 0,
-                                _U32 if big else offset))
-            f.write(raw_name + extra)
-        end = f.tell() - self._base
+            directory.append(_CENTRAL.pack(0x02014B50, 0x031E, 45 if big else 20, 0, 0, 0, _DOS_DATE, crc, small,
+                                           small, len(raw_name), len(extra), 0, 0, 0, 0, _U32 if big else offset))
+            directory.append(raw_name + extra)
+        f = self._f
+        f.write(b"".join(directory))
+        end = start + sum(map(len, directory))
         count, cd_size = len(self._entries), end - start
         if count >= 0xFFFF or start >= _U32 or cd_size >= _U32:
             f.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 0x031E, 45, 0, 0, count, count, cd_size, start))
