@@ -56,10 +56,21 @@ def _command(name: str):
 class _Commands(TyperGroup):
     """Known failures become one line on stderr and an exit code here, inside the app, so that
     every runner (the console script, Typer's CliRunner, another program) sees the same codes.
-    Commands are found in COMMANDS and imported when asked for."""
+    Commands are found in COMMANDS and imported when asked for. Its --help is laid out by
+    cli/help.py, imported only then."""
 
     def list_commands(self, ctx) -> list[str]:
         return list(COMMANDS)
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        from .help import usage_pieces
+
+        return [*usage_pieces(self, ctx), self.subcommand_metavar]
+
+    def format_help(self, ctx, formatter) -> None:
+        from .help import show_help
+
+        show_help(self, ctx)
 
     def get_command(self, ctx, name: str):
         return _command(name) if name in COMMANDS else None

@@ -33,7 +33,9 @@ QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr
 def command_app() -> typer.Typer:
     """The Typer of one command's module, which registers that command alone on it: the app in
     cli/__init__ imports a command's module only when that command runs."""
-    return typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    from .help import CommandApp  # its command's --help is laid out for the terminal (cli/help.py)
+
+    return CommandApp(add_completion=False, pretty_exceptions_enable=False)
 
 
 def examples(*commands: str) -> str:

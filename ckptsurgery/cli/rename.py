@@ -7,11 +7,12 @@ import os
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperCommand, TyperOption
+from typer.core import TyperOption
 
 from .. import core, ops
 from ..errors import CkptError
 from .common import InputArg, OutputOptions, RootOpt, command_app, count, examples, listing, output_options, print_table, printable
+from .help import HelpCommand
 
 
 app = command_app()
@@ -34,7 +35,7 @@ def _load_map(path: str) -> dict:
     return mapping
 
 
-class _RulesInOrder(TyperCommand):
+class _RulesInOrder(HelpCommand):
     """rename's rules may repeat and apply in the order given, like sed's -e expressions. Typer
     has no repeatable two-value option, so the rules are taken out of the arguments here, where
     the command parses them (whatever runs it: the console script, a test runner, another
