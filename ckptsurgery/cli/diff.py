@@ -36,9 +36,11 @@ def diff(
         "-q", "--brief", "--quiet",
         help="One line, 'Files A and B differ', or nothing when they are equal (diff -q).")] = False,
 ) -> None:
-    """Compare two checkpoints (any formats). Exit 0 when equal, 1 when they differ, 2 on
-    trouble (an unreadable file, wrong usage), as diff(1) and cmp(1) do. A tied name one side
-    stores once (lm_head.weight saved by save_pretrained) is the same tensor, not a difference."""
+    """Compare two checkpoints (any formats): exit 0 when equal, 1 when they differ, 2 on trouble.
+
+    Trouble is an unreadable file or wrong usage; the codes are those of diff(1) and cmp(1). A tied
+    name one side stores once (lm_head.weight saved by save_pretrained) is the same tensor, not a
+    difference."""
     with failures_exit(2):
         if brief and json:
             raise UsageError("--brief prints one line and --json the whole report: give one")

@@ -42,8 +42,9 @@ def inspect(
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """List a checkpoint's tensors (reads headers only, unless --stats or --hash); several
-    checkpoints one after another, a blank line between (--json takes one)."""
+    """List a checkpoint's tensors (reads headers only, unless --stats or --hash).
+
+    Several checkpoints are listed one after another, a blank line between (--json takes one)."""
     if (stats or hash) and tree and not json:
         raise UsageError(f"--{'stats' if stats else 'hash'} lists tensors and --tree lists modules: give one, "
                          f"or add --json for both")
