@@ -514,22 +514,6 @@ def test_help_says_what_each_command_reads_and_what_extract_lora_metadata_keeps(
     assert "inherits none of BASE's or TUNED's" in extracted and "The input's is kept" not in extracted
 
 
-COMMANDS = ("", "inspect", "filter", "drop", "rename", "merge", "extract-lora", "convert", "diff")
-
-
-@pytest.mark.parametrize("width", [60, 80, 120])
-@pytest.mark.parametrize("command", COMMANDS)
-def test_help_fits_the_terminal_and_cuts_no_word_at_80_columns_and_more(cli, monkeypatch, command, width):
-    """--help at 60, 80 and 120 columns: no line wider than the terminal, and from 80 columns up no
-    text cut with an ellipsis (long unbroken words, such as a module path, were cut)."""
-    monkeypatch.setenv("COLUMNS", str(width))
-    result = cli(*filter(None, [command]), "--help")
-    assert result.code == 0 and "Usage:" in result.out
-    assert max(map(len, result.out.splitlines())) <= width
-    if width >= 80:
-        assert "…" not in result.out, [line for line in result.out.splitlines() if "…" in line]
-
-
 def test_merge_help_groups_its_options_by_mode(cli, monkeypatch):
     monkeypatch.setenv("COLUMNS", "120")
     text = cli("merge", "--help").out

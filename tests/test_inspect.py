@@ -324,6 +324,16 @@ def test_stats_streamed_from_the_mapped_file_equal_torchs_own(cli, tmp_path, dty
     assert (got["nan"], got["inf"]) == ((2, 4) if x.is_floating_point() else (0, 0))
 
 
+def test_stats_of_float64_values_whose_sum_overflows_count_no_infinity(cli, tmp_path):
+    """A non-finite sum is how the numpy path finds NaN and infinities without testing each value;
+    finite float64 values whose sum overflows must not be counted as infinities."""
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.tensor([1e308, 1e308, -5.0, float("nan")], dtype=torch.float64)}, tmp_path / "a.safetensors")
+    got = cli("inspect", tmp_path / "a.safetensors", "--stats", "--json").json()["tensors"][0]
+    assert (got["nan"], got["inf"], got["min"], got["max"], got["mean"]) == (1, 0, -5.0, 1e308, None)
+
+
 def test_stats_of_plain_safetensors_do_not_import_torch(tmp_path):
     """torch's import alone outlasts the statistics of a small file."""
     import subprocess
