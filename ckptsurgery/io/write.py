@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import secrets
 import shutil
 import threading
 from contextlib import contextmanager
@@ -152,7 +151,7 @@ def _temporary_beside(path: str) -> str:
     """Where a file or folder for `path` is staged: beside it, hidden, under a name nobody can
     guess (16 random hex digits), so that nobody can plant a link there in advance."""
     folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name}.{secrets.token_hex(8)}.ckptsurgery-tmp")
+    return os.path.join(folder, f".{name}.{os.urandom(8).hex()}.ckptsurgery-tmp")
 
 
 _STAGED_NAME = re.compile(r"\.[^/]+\.[0-9a-f]{16}\.ckptsurgery-tmp")  # the names _temporary_beside makes
