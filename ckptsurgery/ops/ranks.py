@@ -15,7 +15,6 @@ imported only here, and only when WORLD_SIZE > 1."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 from contextlib import contextmanager
@@ -124,6 +123,8 @@ def _all_gather_json(dist, value: Any) -> list:
         mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     theirs = [torch.empty_like(mine) for _ in lengths]
     dist.all_gather(theirs, mine)
+    import ctypes  # here: every command imports this module, few gather
+
     return [json.loads(ctypes.string_at(t.data_ptr(), int(n))) for t, n in zip(theirs, lengths)]
 
 
