@@ -27,12 +27,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # ---- the registry and what follows from it ---------------------------------------------------
 
 def test_the_registry_finds_every_method_in_its_listing_order():
-    assert list(methods.METHODS) == ["linear", "task-arithmetic", "ties", "dare-linear", "dare-ties", "slerp"]
-    assert [m for m, spec in methods.METHODS.items() if spec.needs_base] == [
+    assert list(methods.METHODS)[:6] == ["linear", "task-arithmetic", "ties", "dare-linear", "dare-ties", "slerp"]
+    assert {"breadcrumbs", "breadcrumbs-ties", "della", "della-linear"} <= set(methods.METHODS)
+    assert [m for m, spec in methods.METHODS.items() if spec.needs_base][:4] == [
         "task-arithmetic", "ties", "dare-linear", "dare-ties"]
     ties = methods.METHODS["ties"]
-    assert (ties.sparsification, ties.consensus, ties.normalize) == (
-        methods.Sparsification.MAGNITUDE, methods.Consensus.SUM, True)
+    defaults = {p.name: p.default for p in ties.parameters}
+    assert (ties.sparsification, ties.consensus, defaults["normalize"], defaults["rescale"]) == (
+        methods.Sparsification.MAGNITUDE, methods.Consensus.SUM, True, False)
     assert methods.METHODS["dare-ties"].sparsification == "random"  # str enums: compare as their values
 
 
@@ -46,15 +48,22 @@ def test_every_declared_parameter_is_an_option_of_merge():
     command = typer.main.get_command(app).get_command(None, "merge")
     options = {opt: param for param in command.params for opt in getattr(param, "opts", ())}
     declared = methods.merge_options()
-    assert [o.parameter for o in declared] == ["weights", "density", "scale", "t", "seed"]
+    assert [o.parameter for o in declared][:8] == ["weights", "density", "scale", "t", "seed", "normalize", "rescale",
+                                                   "int8_mask"]
     for option in declared:
         assert option.option in options, option
-        assert options[option.option].type.name == option.type.__name__, option  # typer's "float", "int", "str"
+        typed = {"bool": "boolean"}.get(option.type.__name__, option.type.__name__)  # typer's "float", "int", "str"
+        assert options[option.option].type.name == typed, option
+        if option.type is bool:  # a flag pair: not given is None, the method's default
+            assert "--no-" + option.option[2:] in options[option.option].secondary_opts
     assert list(options["--method"].type.choices) == list(methods.METHODS)
     by_name = {o.parameter: o for o in declared}
-    assert by_name["density"].help.endswith("Taken by --method ties, dare-linear, dare-ties; in (0, 1]; default 1.")
+    assert by_name["density"].help.endswith("; in (0, 1], one or one per model; default 1.")
+    assert "Taken by --method ties, dare-linear, dare-ties, " in by_name["density"].help
     assert by_name["t"].help.endswith("Taken by --method slerp; in [0, 1]; required.")
-    assert by_name["weights"].type is str and by_name["seed"].type is int
+    assert by_name["weights"].type is str and by_name["seed"].type is int and by_name["density"].type is str
+    assert by_name["normalize"].type is bool and "linear, ties, della (true or false; default true)" in by_name[
+        "normalize"].help
 
 
 @pytest.mark.parametrize("method", list(methods.METHODS))
@@ -62,15 +71,18 @@ def test_each_method_takes_its_declared_parameters_and_refuses_the_others(method
     spec = methods.METHODS[method]
     models = spec.min_models
     for name, parameter in methods.PARAMETERS.items():
-        value = "1" if parameter.per_model and models == 1 else ("1,1" if parameter.per_model else
-                                                              (1 if parameter.type is int else 0.5))
+        one = 0.5 if parameter.required else parameter.default  # a value in range
+        value = (",".join([str(one)] * models) if parameter.per_model else
+                 True if parameter.type is bool else 1 if parameter.type is int else one)
         given = {name: value}
-        if parameter in spec.parameters:
+        taken = {p.name: p for p in spec.parameters}
+        if name in taken:
             required = {p.name: 0.5 for p in spec.parameters if p.required and p.name != name}
             assert name in methods.resolve_parameters(method, models, {**required, **given}).report()
         else:
-            takers = ", ".join(m for m, s in methods.METHODS.items() if parameter in s.parameters)
-            with pytest.raises(UsageError, match=f"^--{name} applies to --method {takers} only, not to {method}$"):
+            takers = ", ".join(m for m, s in methods.METHODS.items() if name in {p.name for p in s.parameters})
+            with pytest.raises(UsageError, match=f"^{methods.option_of(name)} applies to --method {takers} only, "
+                                                 f"not to {method}$"):
                 methods.resolve_parameters(method, models, given)
 
 
@@ -89,7 +101,7 @@ NONE = {"weights": None, "density": None, "scale": None, "t": None, "seed": None
 
 
 @pytest.mark.parametrize("method, models, given, message", [
-    ("linear", 2, {"density": 0.5}, "--density applies to --method ties, dare-linear, dare-ties only, not to linear"),
+    ("linear", 2, {"seed": 1}, "--seed applies to --method dare-linear, dare-ties, della, della-linear only, not to linear"),
     ("slerp", 3, {"t": 0.5}, "--method slerp takes exactly 2 model(s), not 3"),
     ("linear", 1, {}, "--method linear takes at least 2 model(s), not 1"),
     ("ties", 0, {}, "--method ties takes at least 1 model(s), not 0 (the base is --base)"),
@@ -120,10 +132,17 @@ def test_the_first_refused_option_is_named_in_the_order_given():
 
 @pytest.mark.parametrize("method, models, given, report", [
     ("dare-ties", 2, {"seed": 7, "weights": "2,1", "scale": 0.5},
-     {"weights": [2.0, 1.0], "density": 1.0, "scale": 0.5, "seed": 7}),
-    ("ties", 3, {"density": 0.25}, {"weights": [1.0, 1.0, 1.0], "density": 0.25, "scale": 1.0}),
-    ("task-arithmetic", 1, {}, {"weights": [1.0], "scale": 1.0}),
-    ("linear", 2, {"weights": [3, 1]}, {"weights": [3.0, 1.0]}),
+     {"weights": [2.0, 1.0], "density": 1.0, "scale": 0.5, "seed": 7, "normalize": False, "rescale": True,
+      "int8_mask": False}),
+    ("ties", 3, {"density": 0.25}, {"weights": [1.0, 1.0, 1.0], "density": 0.25, "scale": 1.0, "normalize": True,
+                                    "rescale": False, "int8_mask": False}),
+    ("ties", 2, {"density": "0.25,0.5", "normalize": False}, {"weights": [1.0, 1.0], "density": [0.25, 0.5],
+                                                              "scale": 1.0, "normalize": False, "rescale": False,
+                                                              "int8_mask": False}),
+    ("task-arithmetic", 1, {}, {"weights": [1.0], "scale": 1.0, "normalize": False, "rescale": False,
+                                "int8_mask": False}),
+    ("linear", 2, {"weights": [3, 1]}, {"weights": [3.0, 1.0], "normalize": True}),
+    ("linear", 2, {"weights": [3, -3], "normalize": False}, {"weights": [3.0, -3.0], "normalize": False}),
     ("slerp", 2, {"t": 1}, {"t": 1.0}),
 ])
 def test_the_report_has_the_parameters_in_their_order_with_defaults(method, models, given, report):
@@ -134,7 +153,8 @@ def test_the_report_has_the_parameters_in_their_order_with_defaults(method, mode
 
 def test_parameters_hold_values_per_model_and_per_tensor():
     params = methods.resolve_parameters("ties", 2, {**NONE, "weights": "2,1", "density": 0.5})
-    assert params.for_tensor("any.weight") == {"weights": [2.0, 1.0], "density": 0.5, "scale": 1.0}
+    assert params.for_tensor("any.weight") == {"weights": [2.0, 1.0], "density": 0.5, "scale": 1.0,
+                                               "normalize": True, "rescale": False, "int8_mask": False}
     layered = params.varying("density", lambda key: 0.9 if key.startswith("head.") else 0.5)
     assert layered.for_tensor("head.weight")["density"] == 0.9 and layered.for_tensor("body.weight")["density"] == 0.5
     assert params.for_tensor("head.weight")["density"] == 0.5  # the original is left as it was
@@ -312,10 +332,12 @@ def test_a_method_in_one_new_file_is_a_method_of_the_command_line(package_copy):
     assert_one_error_line(run_copy(root, "merge", *common, "--density", "1.5", "-o", "o.safetensors"),
                           "--density 1.5: must be in (0, 1]", code=2)
     assert_one_error_line(run_copy(root, "merge", *common, "--seed", "1", "-o", "o.safetensors"),
-                          "--seed applies to --method dare-linear, dare-ties only, not to nudge", code=2)
+                          "--seed applies to --method dare-linear, dare-ties, della, della-linear only, not to nudge",
+                          code=2)
     assert_one_error_line(run_copy(root, "merge", "m.safetensors", "m.safetensors", "--method", "linear",
                                    "--density", "0.5", "-o", "o.safetensors"),
-                          "--density applies to --method ties, dare-linear, dare-ties, nudge only, not to linear", code=2)
+                          "--density applies to --method ties, dare-linear, dare-ties, ", "nudge only, not to linear",
+                          code=2)
     assert not (root / "o.safetensors").exists()
     merged = run_copy(root, "merge", *common, "--density", "0.5", "-o", "o.safetensors", "--json")
     assert merged.code == 0, merged.err
@@ -326,7 +348,7 @@ def test_a_method_in_one_new_file_is_a_method_of_the_command_line(package_copy):
     assert got["w"].tolist() == [1.0, 2.0, -1.0, 4.0] and got["steps"].tolist() == [1]
     table = subprocess.run([sys.executable, "-m", "ckptsurgery.ops.methods"], cwd=root, capture_output=True,
                            text=True, check=True, env={**os.environ, "PYTHONPATH": str(root)}).stdout
-    assert "| `nudge` | base + D·(Σ wᵢθᵢ / Σ wᵢ − base) | required | ≥ 1 | `--weights`, `--density` |" in table
+    assert "| `nudge` | base + D·(Σ wᵢθᵢ / Σ wᵢ − base) | required | ≥ 1 | `--weights`, `--density` | — |" in table
     assert "| `--step S` | in [0, 1] | 0.5 | no | step-toward |" in table
 
 

@@ -36,7 +36,9 @@ HELP = (f"Combine checkpoints: a plain union, an update of a template (--into), 
 @output_options()
 @expanded_options("parameters", {
     option.parameter: (Annotated[Optional[option.type], typer.Option(
-        option.option, metavar=option.metavar, help=option.help, show_default=False, rich_help_panel=METHOD)], None)
+        # a bool is a flag pair, --normalize/--no-normalize: not given is None, the method's default
+        f"{option.option}/--no-{option.option[2:]}" if option.type is bool else option.option,
+        metavar=option.metavar or None, help=option.help, show_default=False, rich_help_panel=METHOD)], None)
     for option in merge_options()}, dict)
 def merge(
     sources: Annotated[list[str], typer.Argument(metavar="SOURCE...", help="Checkpoints to merge, in priority order.", show_default=False)],

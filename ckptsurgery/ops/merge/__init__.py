@@ -55,10 +55,11 @@ if _CLASH:
 
 def _given(name: str, value) -> bool:
     """Whether an option was given: anything but None and False — an empty list is a value the
-    mode checks, but for --lora and --lora-scale, where it means none."""
+    mode checks, but for --lora and --lora-scale, where it means none; False is a value of a merge
+    method's flag (--no-normalize), None is not given."""
     if name in ("lora", "lora_scale") and isinstance(value, (list, tuple)) and not value:
         return False
-    return value is not None and value is not False
+    return value is not None and (value is not False or name in methods.PARAMETERS)
 
 
 def mode_of(options: dict) -> Mode:

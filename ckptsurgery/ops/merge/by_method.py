@@ -145,7 +145,7 @@ def _key_merge(key: str, method_name: str, group: list[TensorRef], params: Param
     [model...]; computed in float32, or float64 when an input is float64."""
     wide = "float64" if any(t.dtype.name == "float64" for t in group) else "float32"
     return methods.METHODS[method_name](params.for_tensor(key), key, [_reader(t, wide) for t in group],
-                                        group[0].numel, wide, chunk_size=methods.CHUNK)
+                                        group[0].numel, wide, chunk_size=methods.CHUNK, shape=group[0].shape)
 
 
 def _reader(t: TensorRef, wide: str) -> methods.Read:

@@ -33,6 +33,39 @@ def tensor_seed(seed: int, key: str, model: int, chunk: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+DRAW_BLOCK = 1 << 18  # the draws of a key come in blocks of this many elements, whatever the chunk size
+
+
+def uniform_draws(seed: int, key: str, model: int, start: int, count: int):
+    """The uniform draws (uint32s) of one model for elements [start, start + count) of a key:
+    element e's is in block b = e // DRAW_BLOCK, drawn by a PCG64 seeded with
+    `tensor_seed(seed, key, model, b)` — its raw 64-bit outputs read as little-endian uint32s,
+    the (e mod DRAW_BLOCK)-th of them. So a draw depends on the element, not on how the tensor
+    is cut into chunks to be computed."""
+    import numpy as np
+
+    out = np.empty(count, "<u4")
+    done = 0
+    while done < count:
+        block, offset = divmod(start + done, DRAW_BLOCK)
+        n = min(count - done, DRAW_BLOCK - offset)
+        generator = np.random.PCG64(tensor_seed(seed, key, model, block))
+        if offset // 2:
+            generator.advance(offset // 2)
+        first = offset % 2
+        raw = generator.random_raw((first + n + 1) // 2).astype("<u8", copy=False).view("<u4")
+        out[done:done + n] = raw[first:first + n]
+        done += n
+    return out
+
+
+def below(probability: float):
+    """The uint32 a draw must be below to be kept with this probability: ⌊p·2³²⌋."""
+    import numpy as np
+
+    return np.uint32(min(int(probability * 2**32), 2**32 - 1)) if probability < 1 else None
+
+
 class MergeMethod:
     """A merge method. A subclass in a module of this package declares one (the class attributes
     below; a class without a `name` is a base for others) and gives its math: `measure` (over
@@ -43,7 +76,7 @@ class MergeMethod:
     An instance merges one key: `params` are that key's values (`Parameters.for_tensor`);
     `reads` are [base, model...] when the method needs a base, else [model...], `numel`
     elements each; `chunk(j)` is elements [j·chunk_size, (j+1)·chunk_size) of the result (any
-    `chunk_size` gives the same result, apart from DARE's draws, which are made per chunk)."""
+    `chunk_size` gives the same result: random draws come in fixed blocks, `uniform_draws`)."""
 
     name: ClassVar[str] = ""  # --method NAME
     summary: ClassVar[str] = ""  # what it computes, one line, for the docs' table
@@ -53,17 +86,31 @@ class MergeMethod:
     max_models: ClassVar[int | None] = None
     parameters: ClassVar[tuple[Parameter, ...]] = ()  # in the order they are checked and reported
     listing_order: ClassVar[int] = 1000  # where --help, messages and the docs list it (then by name)
+    differs: ClassVar[str] = ""  # where it differs from mergekit 0.1.5 and why, for the docs' table
 
     @classmethod
     def check(cls, values: dict[str, Any]) -> None:
         """Checks across the resolved values (each was checked alone): raises a UsageError."""
 
     def __init__(self, params: Mapping[str, Any], key: str, reads: list[Read], numel: int, wide: str,
-                 chunk_size: int = CHUNK):
-        self.params, self.key, self.reads, self.numel, self.wide = params, key, reads, numel, wide
+                 chunk_size: int = CHUNK, shape: tuple[int, ...] | None = None):
+        defaults = {p.name: p.default for p in self.parameters if not p.required}  # what `params` leaves out
+        self.params = {**defaults, **params}
+        self.key, self.reads, self.numel, self.wide = key, reads, numel, wide
         self.chunk_size = chunk_size
+        self.shape = tuple(shape) if shape is not None else (numel,)  # the tensor's, for methods that need rows
         self._prepared = False
         self._buffers: dict = {}
+
+    @property
+    def models(self) -> int:
+        """How many models are merged (the base not counted)."""
+        return len(self.reads) - (1 if self.needs_base else 0)
+
+    def each(self, name: str, default: Any = None) -> list:
+        """A per-model parameter's values, one per model, whether one value or a list was given."""
+        value = self.params.get(name, default)
+        return list(value) if isinstance(value, (list, tuple)) else [value] * self.models
 
     @property
     def note(self) -> str | None:

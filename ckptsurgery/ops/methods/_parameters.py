@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from ...errors import UsageError
@@ -46,9 +46,15 @@ def option_of(name: str) -> str:
 class Parameter:
     """One parameter of the merge methods, named as its option (`--{name}`) and the library's keyword.
 
-    `type` is one value's (float or int); a `per_model` one takes one value per model (a list, or
-    "a,b,c" on the command line), `each` naming one of them in messages. `per_tensor`: the value
-    may depend on the key (`Parameters.varying`)."""
+    `type` is one value's: float, int or bool (a bool is a flag pair on the command line,
+    `--name/--no-name`, and true/false in a recipe). A `per_model` one takes one value per model
+    (a list, or "a,b,c" on the command line), `each` naming one of them in messages; with
+    `broadcast` one value may also stand for every model (`--density 0.5` or `--density 0.5,0.7`),
+    and is held as given: a number, or a list. `per_tensor`: the value may depend on the key
+    (`Parameters.varying`).
+
+    Two methods that take the same parameter with another default or range declare a `variant`
+    of it (one name is one parameter: same type, per model and per tensor alike)."""
 
     name: str
     help: str  # what it does, for --help and the docs; which methods take it is added there
@@ -59,10 +65,24 @@ class Parameter:
     per_model: bool = False
     per_tensor: bool = False
     each: str = "value"
+    broadcast: bool = False
+    of: Parameter | None = field(default=None, compare=False, repr=False)  # the declaration this is a variant of
 
     def __post_init__(self) -> None:
-        if self.type not in (float, int) or (self.per_model and self.type is not float):
-            raise TypeError(f"parameter {self.name}: a float, an int, or floats per model")
+        if self.type not in (float, int, bool) or (self.per_model and self.type is not float) or (
+                self.broadcast and not self.per_model):
+            raise TypeError(f"parameter {self.name}: a float, an int, a bool, or floats per model")
+
+    def variant(self, **changes: Any) -> Parameter:
+        """This parameter as another method takes it: another default, range or help."""
+        if {"name", "type", "per_model", "per_tensor", "broadcast"} & set(changes):
+            raise TypeError(f"parameter {self.name}: a variant changes its default, range, help or metavar only")
+        return replace(self, of=self.origin, **changes)
+
+    @property
+    def origin(self) -> Parameter:
+        """The declaration this parameter is (a variant of)."""
+        return self.of or self
 
     @property
     def option(self) -> str:
@@ -72,34 +92,57 @@ class Parameter:
     def required(self) -> bool:
         return self.default is REQUIRED
 
-    def shown(self, value: Any) -> str:
-        """A resolved value as a summary shows it: "2,1,1" per model, 0.5, 3."""
-        if self.per_model:
-            return ",".join(f"{v:g}" for v in value)
+    def _one(self, value: Any) -> str:
+        if self.type is bool:
+            return "true" if value else "false"
         return f"{value:g}" if self.type is float else str(value)
+
+    def shown(self, value: Any) -> str:
+        """A resolved value as a summary shows it: "2,1,1" per model, 0.5, 3, true."""
+        if self.per_model and isinstance(value, (list, tuple)):
+            return ",".join(f"{v:g}" for v in value)
+        return self._one(value)
 
     def default_wording(self) -> str:
         if self.required:
             return "required"
-        shown = f"{self.default:g}" if self.type is float else str(self.default)
-        return f"{shown} each" if self.per_model else shown
+        shown = self._one(self.default)
+        return f"{shown} each" if self.per_model and not self.broadcast else shown
 
     def range_wording(self) -> str:
+        if self.type is bool:
+            return "true or false"
+        if self.broadcast:
+            return f"{self.range.wording}, one or one per model"
         return f"each {self.range.wording}" if self.per_model else self.range.wording
 
     def resolve(self, raw: Any, method: str, models: int) -> Any:
         """The value used for `raw` (None: not given), checked; a UsageError says what is wrong."""
         if raw is None and self.required:
             raise UsageError(f"--method {method} needs {self.option}")
+        if self.type is bool:
+            value = self.default if raw is None else raw
+            if not isinstance(value, bool):
+                raise UsageError(f"{self.option} {value!r}: must be true or false")
+            return value
         if self.per_model:
+            if self.broadcast and (raw is None or isinstance(raw, (int, float)) or (
+                    isinstance(raw, str) and "," not in raw)):
+                return self._number(self.default if raw is None else raw)
             return self._per_model(raw, models)
         if self.type is int:
             value = self.default if raw is None else raw
             if isinstance(value, bool) or not isinstance(value, int) or not self.range.contains(value):
                 raise UsageError(f"{self.option} {value!r}: must be {self.range.wording}")
             return value
-        value = self.default if raw is None else float(raw)
-        if not (math.isfinite(value) and self.range.contains(value)):  # nan fails every comparison: refused too
+        return self._number(self.default if raw is None else raw)
+
+    def _number(self, raw: Any) -> float:
+        try:
+            value = float(raw)
+        except (ValueError, TypeError):
+            raise UsageError(f"{self.option} {raw!r}: expected a number") from None
+        if isinstance(raw, bool) or not (math.isfinite(value) and self.range.contains(value)):  # nan fails every comparison
             raise UsageError(f"{self.option} {value!r}: must be {self.range.wording}")
         return value
 
@@ -109,6 +152,8 @@ class Parameter:
             return [float(self.default)] * models
         try:
             parts = raw.split(",") if isinstance(raw, str) else list(raw)
+            if any(isinstance(v, bool) for v in parts):
+                raise TypeError
             values = [float(v) for v in parts]
         except (ValueError, TypeError):
             raise UsageError(f"{self.option} {raw!r}: expected numbers separated by commas") from None
@@ -126,7 +171,12 @@ class Parameter:
 @dataclass(frozen=True)
 class Parameters:
     """A method's parameters, resolved: `values` in the method's declared order (a list, one per
-    model, for a per-model parameter); `rules` give a per-tensor parameter's value by key.
+    model, for a per-model parameter; a number or a list for one that may be either, as
+    `density`); `rules` give a per-tensor parameter's value by key.
+
+    A recipe passes per-model values as lists in the models' order (`resolve_parameters(...,
+    {"density": [0.5, 0.7]})`), and per-tensor ones as `varying(name, rule)`, the rule giving a
+    key's value in the same forms, already checked (`Parameter.resolve`).
 
     A key's merge asks `for_tensor(key)` and reads nothing else; the report shows `report()`,
     the values every key gets unless a rule says otherwise."""
@@ -158,12 +208,22 @@ class Parameters:
 
 WEIGHTS = Parameter("weights", "One weight per model, separated by commas.", "W,W,..", default=1.0, per_model=True,
                     per_tensor=True, each="weight")
-DENSITY = Parameter("density", "The fraction of each delta kept: the largest by magnitude (ties), or each entry with "
-                    "this chance (dare-*).", "D", default=1.0, range=FRACTION, per_tensor=True)
-SCALE = Parameter("scale", "Multiplies the combined delta (λ).", "LAMBDA", default=1.0, per_tensor=True)
+DENSITY = Parameter("density", "The fraction of each delta kept: the largest by magnitude (ties, breadcrumbs*), each "
+                    "entry with this chance (dare-*), or on average (della*); one value, or one per model.", "D[,D..]",
+                    default=1.0, range=FRACTION, per_model=True, broadcast=True, per_tensor=True, each="density")
+SCALE = Parameter("scale", "Multiplies the combined delta (λ, mergekit's `lambda`); passthrough: the tensor.",
+                  "LAMBDA", default=1.0, per_tensor=True)
 T = Parameter("t", "Where between the two models: 0 gives the first, 1 the second.", "T", range=UNIT_INTERVAL,
               per_tensor=True)
 SEED = Parameter("seed", "Seeds the random drop (with each key's name: the draws do not depend on the order keys "
-                 "are written in).", "N", type=int, default=0, range=NON_NEGATIVE)
+                 "are written in, nor on how they are chunked).", "N", type=int, default=0, range=NON_NEGATIVE)
+NORMALIZE = Parameter("normalize", "Divide the combined delta by the sum of the weights (with a sign election: of "
+                      "the weights that agree); linear: by the sum of the weights.", "", type=bool, default=False)
+RESCALE = Parameter("rescale", "Multiply what each delta keeps so that it keeps its L1 norm.", "", type=bool,
+                    default=False)
+INT8_MASK = Parameter("int8_mask", "Accepted for mergekit's recipes: its masks in int8 to save memory; changes "
+                      "nothing here (our masks are bits, the math float32).", "", type=bool, default=False)
 
-SHARED = (WEIGHTS, DENSITY, SCALE, T, SEED)  # the command line lists them in this order, then any other
+NORMALIZE_ON = NORMALIZE.variant(default=True)  # as the methods that normalize by default take it
+
+SHARED = (WEIGHTS, DENSITY, SCALE, T, SEED, NORMALIZE, RESCALE, INT8_MASK)  # the command line lists them in this order, then any other

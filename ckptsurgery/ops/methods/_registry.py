@@ -50,14 +50,44 @@ def parameters_by_name(methods: Mapping[str, type[MergeMethod]]) -> dict[str, Pa
     found: dict[str, Parameter] = {}
     for method in methods.values():
         for parameter in method.parameters:
-            if found.setdefault(parameter.name, parameter) is not parameter:
-                raise ValueError(f"two parameters named {parameter.name}: declare it once and share it")
+            if found.setdefault(parameter.name, parameter.origin).origin is not parameter.origin:
+                raise ValueError(f"two parameters named {parameter.name}: declare it once and share it (or a "
+                                 f"variant of it)")
     order = [p.name for p in SHARED if p.name in found] + [name for name in found if name not in {p.name for p in SHARED}]
     return {name: found[name] for name in order}
 
 
 def takers(methods: Mapping[str, type[MergeMethod]], parameter: str) -> list[str]:
     return [name for name, method in methods.items() if any(p.name == parameter for p in method.parameters)]
+
+
+def variants(methods: Mapping[str, type[MergeMethod]], parameter: str) -> list[tuple[Parameter, list[str]]]:
+    """How the methods take a parameter: each distinct (range, default) with the methods taking it so."""
+    found: list[tuple[Parameter, list[str]]] = []
+    for name, method in methods.items():
+        for p in method.parameters:
+            if p.name != parameter:
+                continue
+            same = next((f for f in found if f[0].range_wording() == p.range_wording()
+                         and f[0].default_wording() == p.default_wording()), None)
+            if same is None:
+                found.append((p, [name]))
+            else:
+                same[1].append(name)
+    return found
+
+
+def _range_and_default(methods: Mapping[str, type[MergeMethod]], name: str) -> tuple[str, str]:
+    """The range and default columns of a parameter: per group of methods when variants differ."""
+    found = variants(methods, name)
+    if len(found) == 1:
+        p = found[0][0]
+        return p.range_wording(), p.default_wording()
+    ranges = {p.range_wording() for p, _ in found}
+    if len(ranges) == 1:
+        return ranges.pop(), "; ".join(f"{p.default_wording()} ({', '.join(m)})" for p, m in found)
+    return ("; ".join(f"{p.range_wording()} ({', '.join(m)})" for p, m in found),
+            "; ".join(f"{p.default_wording()} ({', '.join(m)})" for p, m in found))
 
 
 def resolve_parameters(methods: Mapping[str, type[MergeMethod]], method_name: str, models: int,
@@ -95,7 +125,7 @@ class MergeOption(NamedTuple):
 
     option: str
     parameter: str
-    type: type
+    type: type  # bool: a flag pair, --name/--no-name
     metavar: str
     help: str
 
@@ -104,8 +134,14 @@ def merge_options(methods: Mapping[str, type[MergeMethod]]) -> list[MergeOption]
     """The merge command's parameter options, each with a help text built from its declaration."""
     options = []
     for name, p in parameters_by_name(methods).items():
-        text = (f"{p.help} Taken by --method {', '.join(takers(methods, name))}; {p.range_wording()}; "
-                f"{'required' if p.required else 'default ' + p.default_wording()}.")
+        found = variants(methods, name)
+        if len(found) == 1:
+            text = (f"{p.help} Taken by --method {', '.join(takers(methods, name))}; {p.range_wording()}; "
+                    f"{'required' if p.required else 'default ' + p.default_wording()}.")
+        else:
+            text = f"{p.help} Taken by --method " + "; ".join(
+                f"{', '.join(m)} ({v.range_wording()}; {'required' if v.required else 'default ' + v.default_wording()})"
+                for v, m in found) + "."
         options.append(MergeOption(p.option, name, str if p.per_model else p.type, p.metavar, text))
     return options
 
@@ -125,13 +161,17 @@ TABLE_END = "<!-- end methods table -->"
 
 def methods_table(methods: Mapping[str, type[MergeMethod]]) -> str:
     """docs/merging.md's tables of the methods and their parameters, between its markers."""
-    lines = [TABLE_START, "| method | computes | `--base` | models | parameters |", "|---|---|---|---|---|"]
+    lines = [TABLE_START, "| method | computes | `--base` | models | parameters | where it differs from mergekit 0.1.5 |",
+             "|---|---|---|---|---|---|"]
     for name, method in methods.items():
         taken = ", ".join(f"`{p.option}`" + (" (required)" if p.required else "") for p in method.parameters)
         lines.append(f"| `{name}` | {method.summary} | {'required' if method.needs_base else 'refused'} "
-                     f"| {_models_wording(method)} | {taken or '—'} |")
+                     f"| {_models_wording(method)} | {taken or '—'} | {method.differs or '—'} |")
     lines += ["", "| parameter | range | default | per model | methods | what it does |", "|---|---|---|---|---|---|"]
     for name, p in parameters_by_name(methods).items():
-        lines.append(f"| `{p.option} {p.metavar}` | {p.range_wording()} | {p.default_wording()} "
-                     f"| {'yes' if p.per_model else 'no'} | {', '.join(takers(methods, name))} | {p.help} |")
+        shown = f"`{p.option}/--no-{p.option[2:]}`" if p.type is bool else f"`{p.option} {p.metavar}`"
+        per_model = "one or each" if p.broadcast else "yes" if p.per_model else "no"
+        range_, default = _range_and_default(methods, name)
+        lines.append(f"| {shown} | {range_} | {default} | {per_model} | {', '.join(takers(methods, name))} "
+                     f"| {p.help} |")
     return "\n".join([*lines, TABLE_END]) + "\n"

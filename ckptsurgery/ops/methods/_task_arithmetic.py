@@ -1,23 +1,44 @@
-"""mergekit's "generalized task arithmetic", which task-arithmetic, ties, dare-linear and dare-ties
-are settings of: δᵢ = θᵢ − base; sparsified (`Sparsification`); times wᵢ; summed, or summed where
-its sign is the elected one (`Consensus`), and for TIES divided by the agreeing weights
-(`normalize`); times λ; added to the base. A method of this family is a subclass that sets them."""
+"""mergekit's "generalized task arithmetic", which task-arithmetic, ties, dare-*, breadcrumbs* and
+della* are settings of: δᵢ = θᵢ − base; sparsified (`Sparsification`, with each model's own
+density), rescaled to its L1 norm when `rescale`; times wᵢ; summed, or summed where its sign is
+the elected one (`Consensus`); divided by the (agreeing) weights when `normalize`; times λ; added
+to the base. A method of this family is a subclass that sets its sparsification and consensus
+and declares its parameters (their defaults are mergekit's for that method)."""
 
 from __future__ import annotations
 
 from typing import ClassVar
 
 from ...kinds import Kind
-from ._base import MergeMethod, tensor_seed
+from ._base import MergeMethod, below, uniform_draws
+from ._parameters import INT8_MASK, NORMALIZE, NORMALIZE_ON, RESCALE, Parameter, Range
+from ._select import RankWindow
 
-RESCALE_EPS = 1e-7  # DARE leaves a delta unscaled when its L1 norm before or after is below this
+RESCALE_EPS = 1e-7  # a delta is left unscaled when its L1 norm before or after is below this
+NORMALIZE_EPS = 1e-8  # without a consensus, weights summing to less than this (in magnitude) divide by 1
+
+# the toggles, with each method's default (mergekit's)
+NORMALIZE_OFF = NORMALIZE
+RESCALE_ON, RESCALE_OFF = RESCALE.variant(default=True), RESCALE
+GAMMA = Parameter("gamma", "breadcrumbs*: the fraction of each delta's largest entries dropped as outliers (fewer "
+                  "when the density needs them); one value, or one per model.", "G[,G..]", default=0.01,
+                  range=Range(lambda v: 0 <= v <= 1, "in [0, 1]"), per_model=True, broadcast=True, per_tensor=True,
+                  each="gamma")
+EPSILON = Parameter("epsilon", "della*: keep chances from D−ε (smallest entries) to D+ε (largest) along each row; "
+                    "one value, or one per model (D ± ε in (0, 1)).", "E[,E..]", default=0.15,
+                    range=Range(lambda v: 0 <= v < 1, "in [0, 1)"), per_model=True, broadcast=True, per_tensor=True,
+                    each="epsilon")
+TOGGLES = (INT8_MASK,)  # accepted by every method of the family; changes nothing in our math
+NORMALIZE_ON = NORMALIZE_ON  # re-exported: the family's methods import their toggles from here
 
 
 class Sparsification(Kind):
     """How each delta is thinned before it is weighted (mergekit's `SparsificationMethod`)."""
 
     MAGNITUDE = "magnitude"  # TIES: keep exactly the top `density` fraction by magnitude
-    RANDOM = "random"  # DARE: keep each entry with chance `density`, rescaled to the delta's L1 norm
+    RANDOM = "random"  # DARE: keep each entry with chance `density`
+    MAGNITUDE_OUTLIERS = "magnitude_outliers"  # breadcrumbs: drop the top `gamma`, keep the next `density`
+    DELLA_MAGPRUNE = "della_magprune"  # DELLA: keep chances by rank within each row, D − ε to D + ε
 
 
 class Consensus(Kind):
@@ -27,123 +48,138 @@ class Consensus(Kind):
 
 
 class TaskArithmetic(MergeMethod):
-    """The family's math; a method of it sets the three class attributes below."""
+    """The family's math; a method of it sets the class attributes below and declares its
+    parameters, NORMALIZE_ON/OFF and RESCALE_ON/OFF giving its defaults."""
 
     needs_base = True
     sparsification: ClassVar[Sparsification | None] = None  # None: every entry of δᵢ is kept
     consensus: ClassVar[Consensus | None] = None  # None: Σ dᵢ
-    normalize: ClassVar[bool] = False  # with a consensus: divide by the sum of the agreeing weights
+
+    @classmethod
+    def check(cls, values: dict) -> None:
+        if cls.sparsification is Sparsification.DELLA_MAGPRUNE:
+            from ...errors import UsageError
+
+            densities, epsilons = values["density"], values["epsilon"]
+            count = max(len(v) if isinstance(v, list) else 1 for v in (densities, epsilons))
+            for d, e in zip(*(v if isinstance(v, list) else [v] * count for v in (densities, epsilons))):
+                if d < 1 and not (0 < d - e and d + e < 1):
+                    raise UsageError(f"--density {d:g} with --epsilon {e:g}: density ± epsilon must be in (0, 1) "
+                                     f"(or the density 1)")
 
     def measure(self) -> None:
-        density = self.params.get("density", 1.0)
-        if self.sparsification is Sparsification.MAGNITUDE and density < 1 and self.numel:
-            self._find_cuts(density)
-        elif self.sparsification is Sparsification.RANDOM and density < 1:
-            self._measure_drop(density)
-
-    def _delta(self, i: int, start: int, count: int, out=None):
-        import numpy as np
-
-        return np.subtract(self.reads[i](start, count), self.reads[0](start, count), out=out)
-
-    # -- TIES: the magnitude cut --
-
-    def _find_cuts(self, density: float) -> None:
-        """TIES keeps exactly k = max(1, int(density·numel)) entries of each delta: those whose
-        magnitude is above the k-th largest, then those equal to it in row-major order until
-        there are k. Per model: the cut, how many equal entries to keep, and how many equal
-        entries lie in the chunks before each chunk (so any chunk can be computed alone)."""
-        import numpy as np
-
-        n = self.numel
-        k = max(1, int(density * n))
-        self.cuts = []
-        for i in range(1, len(self.reads)):
-            magnitude = np.empty(n, self.wide)  # the one whole array: filled chunk by chunk
-            for s, c in map(self.span, range(self.chunks)):
-                np.abs(self._delta(i, s, c, out=magnitude[s:s + c]), out=magnitude[s:s + c])
-            magnitude.partition(n - k)  # in place: the k-th largest lands at n - k, larger ones after it
-            cut = magnitude[n - k]
-            above = int(np.count_nonzero(magnitude[n - k + 1:] > cut))
-            equal_total = int(np.count_nonzero(magnitude == cut))
-            del magnitude
-            if k - above >= equal_total:  # every entry equal to the cut is kept: nothing to count
-                self.cuts.append((cut, None, None))
+        """Per model, what its sparsification needs from the whole tensor: a rank window (TIES,
+        breadcrumbs) or drawn masks kept a bit per entry (DARE, DELLA), and the factor that
+        rescales the kept entries to the delta's L1 norm (1 without `rescale`)."""
+        self.selections: list = [None] * self.models
+        self.factors = [1.0] * self.models
+        if self.sparsification is None or not self.numel:
+            return
+        for i, (density, extra) in enumerate(zip(self.each("density", 1.0), self._extra())):
+            if density >= 1:  # mergekit leaves the delta as it is: no sparsification, no rescale
                 continue
-            equal = []  # equal entries beyond k (ties at the cut): the first ones in row-major order
-            for s, c in map(self.span, range(self.chunks)):
-                equal.append(int(np.count_nonzero(np.abs(self._delta(i, s, c)) == cut)))
-            before = [0, *np.cumsum(equal)[:-1].tolist()]
-            self.cuts.append((cut, k - above, before))
+            if self.sparsification in (Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIERS):
+                a, b = self._window(density, extra)
+                window = RankWindow.measure(self.numel, [self.span(j) for j in range(self.chunks)],
+                                            lambda j, out, i=i: self._magnitude(i, j, out), self.wide, a, b)
+                self.selections[i] = window
+                kept, total = window.kept_sum, window.total_sum
+            else:
+                self.selections[i], kept, total = self._draw_masks(i, density, extra)
+            if self.params.get("rescale") and total >= RESCALE_EPS and kept >= RESCALE_EPS:
+                self.factors[i] = total / kept
 
-    def _kept_by_magnitude(self, i: int, j: int, delta):
+    def _extra(self) -> list:
+        if self.sparsification is Sparsification.MAGNITUDE_OUTLIERS:
+            return self.each("gamma", 0.01)
+        if self.sparsification is Sparsification.DELLA_MAGPRUNE:
+            return self.each("epsilon", 0.15)
+        return [None] * self.models
+
+    def _window(self, density: float, gamma: float | None) -> tuple[int, int]:
+        """The ranks kept, largest first: TIES the top k = max(1, ⌊D·n⌋); breadcrumbs (mergekit's
+        ascending indices[n_bot : n_bot + ⌊D·n⌋], n_bot = max(0, n − ⌊D·n⌋ − ⌊γ·n⌋)) the ⌊D·n⌋
+        after the top min(⌊γ·n⌋, n − ⌊D·n⌋)."""
+        n = self.numel
+        if self.sparsification is Sparsification.MAGNITUDE:
+            return 0, max(1, int(density * n))
+        target, top = int(density * n), int(gamma * n)
+        bottom = max(0, n - target - top)
+        return n - bottom - target, n - bottom
+
+    def _magnitude(self, i: int, j: int, out):
         import numpy as np
 
-        cut, equal_to_keep, before = self.cuts[i]
-        magnitude = np.abs(delta)
-        if before is None:
-            return np.multiply(delta, magnitude >= cut, out=delta)
-        keep = magnitude > cut
-        room = equal_to_keep - before[j]
-        if room > 0:
-            equal = np.flatnonzero(magnitude == cut)[:room]
-            keep[equal] = True
-        return np.multiply(delta, keep, out=delta)
+        start, count = self.span(j)
+        return np.abs(np.subtract(self.reads[i + 1](start, count), self.reads[0](start, count), out=out), out=out)
 
-    # -- DARE: the random drop --
+    # -- DARE and DELLA: masks drawn once, kept a bit per entry --
 
-    def _draw_kept(self, i: int, j: int, count: int, density: float):
-        """DARE's draws for model i in chunk j: ⌈count/2⌉ raw 64-bit outputs of PCG64 seeded by
-        `tensor_seed`, read as little-endian uint32s (the first `count`); an entry is kept where
-        its uint32 is below ⌊density·2³²⌋ — a uniform draw below the density, 2⁻³² apart."""
+    def _draw_masks(self, i: int, density: float, epsilon: float | None):
+        """Model i's mask for the whole tensor, drawn element by element (`uniform_draws`): kept
+        where its draw is below the keep chance — D (DARE), or D − ε + 2ε·r/(m−1) (DELLA), r the
+        entry's rank by magnitude among the m entries of its row (mergekit: along dimension 1; a
+        1-D tensor is one row; a row of one entry has the chance D). Returns the packed masks per
+        chunk and the L1 norms after and before."""
         import numpy as np
 
-        generator = np.random.PCG64(tensor_seed(self.params["seed"], self.key, i, j))
-        draws = generator.random_raw((count + 1) // 2).astype("<u8", copy=False).view("<u4")[:count]
-        return draws < np.uint32(int(density * 2**32))
-
-    def _measure_drop(self, density: float) -> None:
-        """DARE rescales the kept entries so that each delta keeps its L1 norm: the norms before
-        and after the drop, summed chunk by chunk. The masks are drawn once and kept, a bit per
-        entry."""
-        import numpy as np
-
-        self.rescale, self.kept = [], []
-        for i in range(1, len(self.reads)):
-            before = after = 0.0
-            masks = []
+        seed = self.params.get("seed", 0)
+        if self.sparsification is Sparsification.RANDOM:
+            masks, kept, total, limit = [], 0.0, 0.0, below(density)
             for j in range(self.chunks):
                 start, count = self.span(j)
-                magnitude = np.abs(self._delta(i, start, count, self.scratch(0, count)), out=self.scratch(0, count))
-                kept = self._draw_kept(i - 1, j, count, density)
-                before += float(magnitude.sum())
-                after += float(np.multiply(magnitude, kept, out=magnitude).sum())
-                masks.append(np.packbits(kept))
-            self.kept.append(masks)
-            self.rescale.append(1.0 if before < RESCALE_EPS or after < RESCALE_EPS else before / after)
-
-    def _dropped(self, i: int, j: int, delta):
-        """DARE: the entries of the delta that were kept (the masks drawn by `measure`); the
-        rescale that keeps its L1 norm is applied with the weight."""
-        import numpy as np
-
-        return np.multiply(delta, np.unpackbits(self.kept[i][j], count=delta.size).view(bool), out=delta)
+                magnitude = self._magnitude(i, j, self.scratch(0, count))
+                keep = uniform_draws(seed, self.key, i, start, count) < limit
+                total += float(magnitude.sum(dtype=np.float64))
+                kept += float(np.multiply(magnitude, keep, out=magnitude).sum(dtype=np.float64))
+                masks.append(np.packbits(keep))
+            return masks, kept, total
+        shape = self.shape if len(self.shape) >= 2 else (1, self.numel)
+        rows, length = shape[0], shape[1]
+        rest = self.numel // max(1, rows * length)  # the dimensions after the second: each a row of its own
+        slab = length * rest  # one index of the first dimension
+        keep = np.empty(self.numel, bool)
+        kept = total = 0.0
+        per_read = max(1, self.chunk_size // max(1, slab))
+        for first in range(0, rows, per_read):
+            start, count = first * slab, min(per_read, rows - first) * slab
+            delta = np.subtract(self.reads[i + 1](start, count), self.reads[0](start, count))
+            magnitude = np.abs(delta).reshape(-1, length, rest)
+            order = np.argsort(magnitude, axis=1, kind="stable")
+            ranks = np.empty(order.shape, np.float64)
+            np.put_along_axis(ranks, order, np.arange(length, dtype=np.float64).reshape(1, -1, 1), axis=1)
+            scaled = ranks / (length - 1) if length > 1 else np.full(ranks.shape, 0.5)
+            chance = (density - epsilon) + scaled * (2 * epsilon)
+            draws = uniform_draws(seed, self.key, i, start, count).reshape(chance.shape)
+            chunk_keep = draws < np.floor(chance * 2**32)
+            keep[start:start + count] = chunk_keep.reshape(-1)
+            total += float(magnitude.sum(dtype=np.float64))
+            kept += float((magnitude * chunk_keep).sum(dtype=np.float64))
+        masks = [np.packbits(keep[s:s + c]) for s, c in map(self.span, range(self.chunks))]
+        return masks, kept, total
 
     # -- one chunk --
 
-    def _weighted_deltas(self, j: int, base, thetas) -> list:
-        """wᵢ·δᵢ, sparsified, each in scratch i+1: the inputs stay as read."""
+    def _sparsified(self, i: int, j: int, delta):
         import numpy as np
 
-        density = self.params.get("density", 1.0)
+        selection = self.selections[i]
+        if selection is None:
+            return delta
+        if isinstance(selection, RankWindow):
+            keep = selection.keep(j, np.abs(delta, out=self.scratch(len(self.reads) + 2, len(delta))))
+        else:
+            keep = np.unpackbits(selection[j], count=delta.size).view(bool)
+        return np.multiply(delta, keep, out=delta)
+
+    def _weighted_deltas(self, j: int, base, thetas) -> list:
+        """wᵢ·δᵢ, sparsified and rescaled, each in scratch i+1: the inputs stay as read."""
+        import numpy as np
+
         deltas = []
         for i, (theta, w) in enumerate(zip(thetas, self.params["weights"])):
-            delta = np.subtract(theta, base, out=self.scratch(i + 1, len(base)))
-            if self.sparsification is Sparsification.MAGNITUDE and density < 1:
-                delta = self._kept_by_magnitude(i, j, delta)
-            elif self.sparsification is Sparsification.RANDOM and density < 1:
-                delta = self._dropped(i, j, delta)
-                w = w * self.rescale[i]
+            delta = self._sparsified(i, j, np.subtract(theta, base, out=self.scratch(i + 1, len(base))))
+            w = w * self.factors[i]
             if w != 1:
                 delta *= w
             deltas.append(delta)
@@ -157,7 +193,7 @@ class TaskArithmetic(MergeMethod):
         one = np.ones(1, self.wide)[0]
         elected = np.where(mixed >= 0, one, -one)
         mixed[:] = 0
-        counted = np.zeros_like(mixed) if self.normalize else None
+        counted = np.zeros_like(mixed) if self.params.get("normalize") else None
         counts = self.scratch(len(deltas) + 1, len(mixed))
         for d, w in zip(deltas, self.params["weights"]):
             agrees = np.multiply(d, elected, out=counts) > 0
@@ -170,6 +206,8 @@ class TaskArithmetic(MergeMethod):
         return mixed
 
     def merge_chunk(self, j: int, values: list, out):
+        import math
+
         import numpy as np
 
         base = values[0]
@@ -182,6 +220,10 @@ class TaskArithmetic(MergeMethod):
             mixed += d
         if self.consensus is Consensus.SUM:
             mixed = self._agreeing_sum(deltas, mixed)
+        elif self.params.get("normalize"):
+            total = math.fsum(self.params["weights"])
+            if abs(total) >= NORMALIZE_EPS:
+                mixed /= total
         scale = self.params.get("scale", 1.0)
         if scale != 1:
             mixed *= scale

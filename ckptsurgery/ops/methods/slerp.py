@@ -20,6 +20,7 @@ class Slerp(MergeMethod):
     without_base = "slerp goes from the first model, t=0, to the second, t=1"
     min_models = max_models = 2
     listing_order = 60
+    differs = 'the first model is t = 0 (mergekit: the base); no --base'
     collinear = False  # fell back to linear interpolation
 
     @property

@@ -1,0 +1,250 @@
+"""Each merge method against mergekit 0.1.5's own function (`merge_tensors`) on small seeded
+tensors: the deterministic ones within float tolerance, the random ones exactly when handed our
+draws, and statistically against mergekit's own draws (as close to mergekit as two of mergekit's
+seeds are to each other); every method the same with a tiny chunk size, and deterministic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ckptsurgery.errors import UsageError
+from ckptsurgery.ops import methods
+from ckptsurgery.ops.methods._base import uniform_draws
+
+mergekit_api = pytest.importorskip("mergekit.merge_methods.api")
+
+# ours -> mergekit's name of a parameter
+KIT_NAMES = {"weights": "weight", "scale": "lambda"}
+SHAPES = [(16, 12), (40,), (3, 4, 5), ()]
+
+
+def tensors(shape, count, spread=0.1, seed=0, base=True):
+    """A base and `count` fine-tunes of it (or `count` models, without a base)."""
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(shape, generator=g)
+    models = [b + spread * torch.randn(shape, generator=g) for _ in range(count)]
+    return [b, *models] if base else models
+
+
+def ours(method, inputs, given=None, chunk_size=None, key="w"):
+    """Our merge of one key: `inputs` as the method reads them ([base, model...] or [model...])."""
+    spec = methods.METHODS[method]
+    models = len(inputs) - (1 if spec.needs_base else 0)
+    params = methods.resolve_parameters(method, models, given or {})
+    arrays = [t.reshape(-1).numpy().astype(np.float32) for t in inputs]
+    reads = [lambda start, count, a=a: a[start:start + count] for a in arrays]
+    merge = spec(params.for_tensor(key), key, reads, arrays[0].size, "float32",
+                 chunk_size=chunk_size or methods.CHUNK, shape=tuple(inputs[0].shape))
+    out = np.concatenate([np.array(merge.chunk(j)) for j in range(merge.chunks)]) if merge.chunks else np.zeros(0)
+    return torch.from_numpy(out.astype(np.float32)).reshape(inputs[0].shape)
+
+
+def kit(method, inputs, given=None, base=True):
+    """mergekit 0.1.5's merge of the same inputs (the base first when there is one)."""
+    parameters = {KIT_NAMES.get(k, k): v for k, v in (given or {}).items() if k != "seed"}
+    return mergekit_api.merge_tensors(inputs, method, base_index=0 if base else None, parameters=parameters)
+
+
+def assert_close(got, want, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=rtol, atol=atol)
+
+
+# ---- the task-arithmetic family: the toggles, per-model values, breadcrumbs ---------------------
+
+DETERMINISTIC = [
+    ("task-arithmetic", "task_arithmetic", {"weights": [1.0, 0.5, -0.3], "scale": 0.8}),
+    ("task-arithmetic", "task_arithmetic", {"weights": [1.0, 0.5, 0.3], "normalize": True}),
+    ("task-arithmetic", "task_arithmetic", {"weights": [1.0, -1.0, 0.0], "normalize": True}),  # sum 0: divides by 1
+    ("ties", "ties", {"weights": [1.0, 0.5, 0.7], "density": 0.4}),
+    ("ties", "ties", {"weights": [1.0, 0.5, 0.7], "density": [0.3, 0.6, 1.0]}),
+    ("ties", "ties", {"weights": [1.0, 0.5, 0.7], "density": 0.5, "normalize": False, "rescale": True,
+                      "int8_mask": True, "scale": 1.2}),
+    ("breadcrumbs", "breadcrumbs", {"weights": [1.0, 0.5, 0.7], "density": 0.5}),
+    ("breadcrumbs", "breadcrumbs", {"weights": [1.0, 0.5, 0.7], "density": 0.5, "gamma": 0.1, "rescale": True}),
+    ("breadcrumbs", "breadcrumbs", {"weights": [1.0, 0.5, 0.7], "density": [0.2, 0.5, 0.9],
+                                    "gamma": [0.0, 0.05, 0.2]}),
+    ("breadcrumbs", "breadcrumbs", {"weights": [1.0, 0.5, 0.7], "density": 0.95, "gamma": 0.2}),  # fewer outliers
+    ("breadcrumbs", "breadcrumbs", {"weights": [1.0, 0.5, 0.7], "density": 0.01}),  # ⌊D·n⌋ may be 0
+    ("breadcrumbs-ties", "breadcrumbs_ties", {"weights": [1.0, 0.5, 0.7], "density": 0.6, "gamma": 0.05}),
+    ("breadcrumbs-ties", "breadcrumbs_ties", {"weights": [1.0, 0.5, 0.7], "density": 0.6, "normalize": True,
+                                              "scale": 0.5}),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("method, kit_method, given", DETERMINISTIC)
+def test_the_task_arithmetic_family_equals_mergekit(method, kit_method, given, shape):
+    inputs = tensors(shape, 3)
+    assert_close(ours(method, inputs, given), kit(kit_method, inputs, given))
+
+
+@pytest.mark.parametrize("given", [{"weights": [3.0, 1.0, 2.0]}, {"weights": [3.0, 1.0, -2.0], "normalize": False},
+                                   {"weights": [0.5, 0.25, 0.25], "normalize": True}])
+def test_linear_with_and_without_normalize_equals_mergekit(given):
+    inputs = tensors((7, 9), 3, base=False)
+    assert_close(ours("linear", inputs, given), kit("linear", inputs, given, base=False))
+
+
+def test_breadcrumbs_without_outliers_keeps_the_top_entries():
+    """gamma 0: no outlier dropped, the ⌊D·n⌋ largest kept (where a slice indices[n_bot:-n_top]
+    would keep nothing)."""
+    base = torch.zeros(10)
+    delta = torch.arange(1.0, 11.0)
+    got = ours("breadcrumbs", [base, delta], {"density": 0.3, "gamma": 0.0})
+    assert got.tolist() == [0.0] * 7 + [8.0, 9.0, 10.0]
+    got = ours("breadcrumbs", [base, delta], {"density": 0.3, "gamma": 0.2})  # the top 2 dropped
+    assert got.tolist() == [0.0] * 5 + [6.0, 7.0, 8.0, 0.0, 0.0]
+    assert_close(got, kit("breadcrumbs", [base, delta], {"weights": [1.0], "density": 0.3, "gamma": 0.2}))
+
+
+def test_rank_windows_break_ties_in_row_major_order_whatever_the_chunks():
+    base = torch.zeros(8)
+    delta = torch.tensor([1.0, 2.0, 2.0, 2.0, 3.0, 2.0, 1.0, 0.5])
+    for chunk in (None, 1, 3):
+        # ranks, largest first: 3.0, then the 2.0s in order; gamma drops the top ⌊0.25·8⌋ = 2
+        got = ours("breadcrumbs", [base, delta], {"density": 0.25, "gamma": 0.25}, chunk_size=chunk)
+        assert got.tolist() == [0.0, 0.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0]
+        got = ours("ties", [base, delta], {"density": 0.5}, chunk_size=chunk)
+        assert got.tolist() == [0.0, 2.0, 2.0, 2.0, 3.0, 0.0, 0.0, 0.0]
+
+
+# ---- the random drops: exact given our draws, statistical against mergekit's ------------------
+
+def our_bernoulli(seed, key, keep_models):
+    """A stand-in for torch.bernoulli that draws as we do: element e of model i is kept where its
+    uniform draw (`uniform_draws`) is below ⌊p·2³²⌋, p the chance mergekit computed for it."""
+    models = iter(keep_models)
+
+    def bernoulli(probs, *args, **kwargs):
+        model = next(models)
+        draws = uniform_draws(seed, key, model, 0, probs.numel()).astype(np.float64)
+        limit = np.floor(probs.double().reshape(-1).numpy() * 2**32)
+        return torch.from_numpy(draws < limit).reshape(probs.shape).to(probs.dtype)
+
+    return bernoulli
+
+
+RANDOM = [
+    ("dare-linear", "dare_linear", {"weights": [1.0, 0.6, 0.3], "density": 0.4, "seed": 7}),
+    ("dare-linear", "dare_linear", {"weights": [1.0, 0.6, 0.3], "density": [0.4, 1.0, 0.7], "seed": 7,
+                                    "rescale": False, "normalize": True}),
+    ("dare-ties", "dare_ties", {"weights": [1.0, 0.6, 0.3], "density": 0.3, "seed": 2, "scale": 0.9}),
+    ("dare-ties", "dare_ties", {"weights": [1.0, 0.6, 0.3], "density": 0.3, "seed": 2, "normalize": True}),
+    ("della", "della", {"weights": [1.0, 0.6, 0.3], "density": 0.5, "epsilon": 0.1, "seed": 3}),
+    ("della", "della", {"weights": [1.0, 0.6, 0.3], "density": [0.5, 0.3, 1.0], "epsilon": [0.1, 0.2, 0.05],
+                        "seed": 3, "rescale": False}),
+    ("della-linear", "della_linear", {"weights": [1.0, 0.6, 0.3], "density": 0.6, "seed": 5, "scale": 1.1}),
+]
+
+
+@pytest.mark.parametrize("shape", [(16, 12), (40,), (3, 4, 5)])
+@pytest.mark.parametrize("method, kit_method, given", RANDOM)
+def test_random_methods_equal_mergekit_given_our_draws(method, kit_method, given, shape, monkeypatch):
+    inputs = tensors(shape, 3)
+    densities = given["density"] if isinstance(given["density"], list) else [given["density"]] * 3
+    keep_models = [i for i, d in enumerate(densities) if d < 1]
+    monkeypatch.setattr(torch, "bernoulli", our_bernoulli(given["seed"], "w", keep_models))
+    want = kit(kit_method, inputs, given)
+    monkeypatch.undo()
+    assert_close(ours(method, inputs, given), want)
+
+
+def statistics(result, base):
+    delta = (result - base).reshape(-1)
+    return np.array([float((delta != 0).float().mean()), float(result.mean()), float(result.norm())])
+
+
+@pytest.mark.parametrize("method, kit_method, given", [
+    ("dare-linear", "dare_linear", {"weights": [1.0], "density": 0.3}),
+    ("dare-ties", "dare_ties", {"weights": [1.0, 1.0], "density": 0.5}),
+    ("della", "della", {"weights": [1.0, 1.0], "density": 0.4, "epsilon": 0.2}),
+    ("della-linear", "della_linear", {"weights": [1.0], "density": 0.5, "epsilon": 0.3}),
+])
+def test_random_methods_are_as_close_to_mergekit_as_its_own_seeds(method, kit_method, given):
+    """The fraction of entries changed, the mean and the norm of the result: ours, from two of our
+    seeds, no farther from mergekit's mean than mergekit's own seeds are from each other."""
+    inputs = tensors((64, 64), len(given["weights"]), seed=4)
+    runs = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        runs.append(statistics(kit(kit_method, inputs, given), inputs[0]))
+    runs = np.array(runs)
+    spread = runs.max(axis=0) - runs.min(axis=0)  # the farthest two of mergekit's seeds
+    for seed in (0, 1):
+        got = statistics(ours(method, inputs, {**given, "seed": seed}), inputs[0])
+        assert np.all(np.abs(got - runs.mean(axis=0)) <= spread), (got, runs)
+
+
+def test_della_keeps_the_larger_entries_more_often():
+    """Chances from D − ε for a row's smallest entry to D + ε for its largest."""
+    base = torch.zeros(200, 50)
+    delta = torch.randn(200, 50, generator=torch.Generator().manual_seed(0))
+    got = ours("della-linear", [base, delta], {"density": 0.5, "epsilon": 0.4, "rescale": False})
+    order = delta.abs().argsort(dim=1)
+    kept = (got != 0).gather(1, order).float().mean(dim=0)  # by rank in the row, smallest first
+    assert abs(float(kept[:10].mean()) - 0.14) < 0.04 and abs(float(kept[-10:].mean()) - 0.86) < 0.04
+    assert abs(float((got != 0).float().mean()) - 0.5) < 0.02
+
+
+# ---- determinism, chunks, refusals --------------------------------------------------------------
+
+EVERY = [(m, g) for m, _, g in DETERMINISTIC + RANDOM]
+
+
+@pytest.mark.parametrize("method, given", EVERY)
+def test_the_same_output_with_a_tiny_chunk_size_and_again(method, given):
+    inputs = tensors((9, 7), 3)
+    whole = ours(method, inputs, given)
+    assert torch.equal(ours(method, inputs, given), whole)
+    torch.testing.assert_close(ours(method, inputs, given, chunk_size=5), whole, rtol=1e-6, atol=1e-7)
+
+
+def test_random_draws_depend_on_the_seed_the_model_and_the_key():
+    inputs = tensors((30, 30), 1)
+    given = {"density": 0.5, "seed": 1}
+    first = ours("della-linear", inputs, given)
+    assert not torch.equal(first, ours("della-linear", inputs, {**given, "seed": 2}))
+    assert not torch.equal(first, ours("della-linear", inputs, given, key="v"))
+
+
+@pytest.mark.parametrize("method, models, given, message", [
+    ("della", 2, {"density": 0.9, "epsilon": 0.15}, "--density 0.9 with --epsilon 0.15: density ± epsilon must be in (0, 1)"),
+    ("della", 2, {"density": "0.5,0.1", "epsilon": 0.15}, "--density 0.1 with --epsilon 0.15"),
+    ("ties", 2, {"density": "0.5,0.1,0.2"}, "--density gives 3 density for 2 models"),
+    ("ties", 2, {"density": "0.5,0"}, "--density '0.5,0': every density must be in (0, 1]"),
+    ("ties", 2, {"density": "x"}, "--density 'x': expected a number"),
+    ("breadcrumbs", 2, {"gamma": 1.5}, "--gamma 1.5: must be in [0, 1]"),
+    ("ties", 2, {"normalize": "yes"}, "--normalize 'yes': must be true or false"),
+    ("ties", 2, {"gamma": 0.1}, "--gamma applies to --method breadcrumbs, breadcrumbs-ties only, not to ties"),
+    ("dare-ties", 2, {"epsilon": 0.1}, "--epsilon applies to --method della, della-linear"),
+    ("slerp", 2, {"t": 0.5, "normalize": False}, "--normalize applies to --method linear, task-arithmetic"),
+])
+def test_parameters_a_method_does_not_take_or_out_of_range_are_refused(method, models, given, message):
+    with pytest.raises(UsageError) as refused:
+        methods.resolve_parameters(method, models, given)
+    assert message in str(refused.value)
+
+
+def test_flags_and_per_model_values_on_the_command_line(cli, tmp_path):
+    from safetensors.torch import save_file
+
+    from conftest import assert_one_error_line, load_any
+
+    inputs = tensors((8, 6), 2)
+    paths = [tmp_path / f"{n}.safetensors" for n in ("base", "a", "b")]
+    for path, t in zip(paths, inputs):
+        save_file({"w": t}, str(path))
+    out = tmp_path / "o.safetensors"
+    report = cli("merge", *paths[1:], "--base", paths[0], "--method", "breadcrumbs-ties", "--density", "0.5,0.7",
+                 "--gamma", "0.1", "--normalize", "--rescale", "--int8-mask", "-o", out, "--json").json()
+    assert report["parameters"] == {"weights": [1.0, 1.0], "density": [0.5, 0.7], "gamma": 0.1, "scale": 1.0,
+                                    "normalize": True, "rescale": True, "int8_mask": True}
+    given = {"density": [0.5, 0.7], "gamma": 0.1, "normalize": True, "rescale": True}
+    assert_close(load_any(out)["w"], kit("breadcrumbs_ties", inputs, {**given, "weights": [1.0, 1.0]}))
+    report = cli("merge", *paths[1:], "--base", paths[0], "--method", "ties", "--no-normalize", "-o", out, "--force",
+                 "--json").json()
+    assert report["parameters"]["normalize"] is False
+    refused = cli("merge", *paths[1:], "--method", "slerp", "--t", "0.5", "--no-normalize", "-o", out, "--force")
+    assert_one_error_line(refused, "--normalize applies to --method linear", "not to slerp", code=2)
