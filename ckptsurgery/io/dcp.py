@@ -33,7 +33,7 @@ from ..dtypes import QUANTIZED
 from ..errors import CkptError
 from .dcp_pickles import DCP_META as _META
 from .dcp_pickles import STORAGE_INFO as _STORAGE_INFO
-from .dcp_pickles import legacy_value, payload_events
+from .dcp_pickles import BYTES, FastMetadata, Unfollowed, fast_metadata, legacy_value, payload_events
 from .formats import Format
 from .model import (
     INT64_MAX, Checkpoint, JoinedSource, MappedFile, Storage, TensorRef, check_key, computed_tensor, contiguous_strides,
@@ -110,8 +110,8 @@ class _ChunkStorage(Storage):
     key = _pending_slot("key")
     location = _pending_slot("location")
 
-    def __init__(self, nbytes: int, pending: tuple):
-        Storage.__init__(self, None, 0, nbytes)
+    def __init__(self, nbytes: int, pending: tuple):  # (source, offset, key, location: set by _resolve)
+        self.nbytes = nbytes
         self._pending = pending  # (function, *arguments) -> (source, offset, key, location)
 
     def _resolve(self) -> None:
@@ -137,11 +137,13 @@ class _Reader:
         self.repeated = [0]  # stride-0 bytes: one allowance for the whole folder, as for one .pth
         self._loaded: dict[tuple, Any] = {}
         self._unpickled: dict[tuple, Any] = {}
-        self._lazy: dict[tuple, TensorRef] = {}  # (path, offset, length, dtype, sizes) -> the chunk's tensor
+        self._lazy: dict[tuple, TensorRef] = {}  # (file, offset, length) -> the first chunk's tensor there
         self._rank: dict[str, int] = {}
 
     def file(self, name: Any, where: str) -> MappedFile:
         """A `.distcp` file of the folder, named by a plain file name (never a path elsewhere)."""
+        if type(name) is str and name in self.files:  # checked when first named
+            return self.files[name]
         if type(name) is not str or name in ("", ".", "..") or "/" in name or "\0" in name or name == METADATA:
             raise CkptError(f"{where}: names the data file {brief(name)!r}, which is not a file name in the folder")
         if name not in self.files:
@@ -158,11 +160,14 @@ class _Reader:
 
     def locate(self, info: Any, where: str) -> tuple[MappedFile, int, int]:
         state = _fields(info, _STORAGE_INFO, where)
-        offset, length = state.get("offset"), state.get("length")
         if state.get("transform_descriptors"):  # compressed or otherwise transformed by a storage extension
             raise CkptError(f"{where}: stored through the DCP extensions {brief(state['transform_descriptors'])}, "
                             f"which ckptsurgery does not read")
-        source = self.file(state.get("relative_path"), where)
+        return self.place(state.get("relative_path"), state.get("offset"), state.get("length"), where)
+
+    def place(self, name: Any, offset: Any, length: Any, where: str) -> tuple[MappedFile, int, int]:
+        """(file, offset, length) of a byte range a _StorageInfo records, checked to lie in the file."""
+        source = self.file(name, where)
         if type(offset) is not int or type(length) is not int or offset < 0 or length < 0 or offset + length > source.size:
             raise CkptError(f"{where}: its byte range {brief(offset)}+{brief(length)} lies outside {source.path}")
         return source, offset, length
@@ -210,21 +215,20 @@ class _Reader:
                             f"{dtype.name} {_dims(sizes)}")
         return tensor
 
-    def lazy_chunk(self, place: tuple, dtype, sizes: tuple[int, ...], key: str) -> TensorRef:
+    def lazy_chunk(self, place: tuple, dtype, sizes: tuple[int, ...], key: str, laid: tuple = (),
+                   share: bool = True) -> TensorRef:
         """The chunk at `place` (its file and byte range checked), of the dtype and sizes the
         metadata records, read (`chunk`) when its bytes are first asked for. Keys naming one
-        byte range as one dtype and size share one tensor, as when read at once."""
-        shared = (place[0].path, place[1], place[2], dtype, sizes)
-        tensor = self._lazy.get(shared)
-        if tensor is None:
-            tensor = self._lazy[shared] = TensorRef(None, 0, sizes, contiguous_strides(sizes), dtype)
-            tensor.storage = _ChunkStorage(tensor.nbytes, (self._read_chunk, place, dtype, sizes, key))
-        return tensor
-
-    def _read_chunk(self, place: tuple, dtype, sizes: tuple[int, ...], key: str) -> tuple:
-        chunk = self.chunk(f"{self.folder}: {_short(key)}", place, dtype, sizes)
-        storage = chunk.storage
-        return storage.source, chunk.byte_range()[0], storage.key, storage.location
+        byte range as one dtype and size share one tensor, as when read at once (`share`: False
+        where no two keys name one range). `laid`: the sizes' (strides, nbytes) where known."""
+        tensor = self._lazy.get(place) if share else None
+        if tensor is not None and tensor.dtype is dtype and tensor.shape == sizes:
+            return tensor
+        made = TensorRef(None, 0, sizes, laid[0] if laid else contiguous_strides(sizes), dtype)
+        made.storage = _ChunkStorage(laid[1] if laid else made.nbytes, (_read_chunk, self, *place, dtype, sizes, key))
+        if share and tensor is None:
+            self._lazy[place] = made
+        return made
 
     def value(self, place: tuple, where: str) -> Any:
         """A value other than a tensor. torch's loader torch.loads its bytes with
@@ -242,9 +246,20 @@ class _Reader:
         return self._unpickled[key]
 
 
+def _read_chunk(reader: _Reader, source: MappedFile, offset: int, length: int, dtype, sizes: tuple[int, ...],
+                key: str) -> tuple:
+    """(source, offset, key, location) of a chunk's bytes, read and checked (_Reader.chunk)."""
+    chunk = reader.chunk(f"{reader.folder}: {_short(key)}", (source, offset, length), dtype, sizes)
+    storage = chunk.storage
+    return storage.source, chunk.byte_range()[0], storage.key, storage.location
+
+
 def _dims(shape: tuple[int, ...]) -> str:
     text = str(list(shape))
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+FAST = True  # read `.metadata` with dcp_pickles.fast_metadata where it follows it (tests turn it off)
 
 
 def read_dcp(folder: str, root: str | None) -> Checkpoint:
@@ -253,10 +268,18 @@ def read_dcp(folder: str, root: str | None) -> Checkpoint:
     if not 0 < meta_file.size <= MAX_METADATA:
         raise CkptError(f"{meta_path}: {'empty' if not meta_file.size else 'larger than 1 GiB'}; not DCP metadata")
     try:
+        fast = _fast_metadata(meta_file) if FAST else None
+        if fast is not None:
+            try:
+                return _read_fast(folder, root, fast)
+            except CkptError:  # read again below, where the restricted unpickler's records name what is wrong
+                pass
         # in memory (at most 1 GiB): io.BytesIO reads in C, and never hands out more than is left
-        obj, events = safe_load(io.BytesIO(meta_file.buffer()[:]), _no_persistent_ids, meta_path, _DcpUnpickler)
+        data = meta_file.buffer()[:]
     finally:
         meta_file.close()
+    obj, events = safe_load(io.BytesIO(data), _no_persistent_ids, meta_path, _DcpUnpickler)
+    del data
     meta = _fields(obj, _META + "Metadata", meta_path)
     entries, storage_data = meta.get("state_dict_metadata"), meta.get("storage_data")
     planner = meta.get("planner_data") or {}
@@ -298,6 +321,99 @@ def read_dcp(folder: str, root: str | None) -> Checkpoint:
     root_key, tensors, others = find_root(tree, root, folder)
     return Checkpoint(folder, Format.DCP, tensors, root_key, tree, sources=list(reader.files.values()),
                       others=others, events=reader.events)
+
+
+def _fast_metadata(meta_file: MappedFile) -> FastMetadata | None:
+    """`.metadata` read by fast_metadata, or None where it does not follow it."""
+    try:
+        return fast_metadata(meta_file.view(0, meta_file.size))
+    except Unfollowed:
+        return None
+
+
+def _read_fast(folder: str, root: str | None, meta: FastMetadata) -> Checkpoint:
+    """read_dcp, from what fast_metadata read: each check read_dcp makes of the records that
+    fast_metadata has not made already, the same tensors and values, the same tree. Any
+    refusal here is read_dcp's to word (the caller reads the folder again the general way)."""
+    reader = _Reader(folder, [])  # torch's own records make no events
+    try:
+        return _read_fast_with(reader, root, meta)
+    except CkptError:
+        for source in reader.files.values():
+            source.close()
+        raise
+
+
+def _read_fast_with(reader: _Reader, root: str | None, meta: FastMetadata) -> Checkpoint:
+    folder, planner, places = reader.folder, meta.planner, meta.storage
+    where = folder  # the words of a refusal here are never shown (see _read_fast)
+    layouts: dict[int, tuple] = {}  # id(spec) -> (strides, nbytes, spec): specs repeat from key to key
+    tree: dict = {}
+    budget = [len(meta.entries) + 1024]
+    parents: dict[str, dict] = {}  # the first step of two-step paths -> the dict _place made there
+    deferred = []
+    for position, (key, spec) in enumerate(meta.entries.items()):
+        path = planner.pop(key, None)  # (popped, here and below: the tables shrink as the checkpoint grows)
+        if path is None:
+            path = (key,)
+        else:  # (its steps are checked as they are read)
+            try:
+                named = ".".join(path)
+            except TypeError:  # a list index among them
+                named = ".".join(map(str, path))
+            if named != key:
+                raise CkptError(f"{where}: its planner path names another key")
+        if spec is BYTES:
+            info = places.pop((key, None), None)
+            if info is None:
+                raise CkptError(f"{where}: the metadata does not say where its bytes lie")
+            deferred.append((position, key, reader.place(*info, where), f"{folder}: {_short(key)}", path))
+            value = _UNREAD  # (read below, in torch's order: its place in the tree is kept meanwhile)
+        else:
+            dtype, size, chunks = spec  # checked as read: sizes, chunks fitting and tiling the size
+            if len(chunks) == 1 and chunks[0][1] == size:  # saved from one process (_chunked's first case)
+                info = places.pop((key, chunks[0][0]), None)
+                if info is None:
+                    raise CkptError(f"{where}: the metadata does not say where its chunk lies")
+                laid = layouts.get(id(spec))
+                if laid is None:
+                    laid = layouts[id(spec)] = (contiguous_strides(size), TensorRef(None, 0, size, (), dtype).nbytes,
+                                                spec)
+                value = reader.lazy_chunk(reader.place(*info, where), dtype, size, key, laid, meta.shared)
+            else:
+                pieces = []
+                for offsets, sizes in chunks:
+                    info = places.pop((key, offsets), None)
+                    if info is None:  # (or a second chunk at the same offsets: they overlap)
+                        raise CkptError(f"{where}: the metadata does not say where its chunk lies")
+                    pieces.append((offsets, sizes, reader.place(*info, where)))
+                value = _chunked(reader, key, dtype, size, pieces)
+        if len(path) == 2:  # the common case, as _place would: a dict under the same first step already made
+            node = parents.get(path[0])
+            if node is not None and type(path[1]) is str and path[1] not in node:
+                node[path[1]] = value
+                continue
+        _place(tree, path, value, where, budget)
+        if len(path) == 2 and type(path[0]) is str and type(path[1]) is str:
+            parents[path[0]] = tree[path[0]]
+    for _, key, place, where, path in sorted(deferred, key=lambda item: (reader.rank(item[2]), item[0])):
+        node = tree
+        for step in path[:-1]:
+            node = node[step]
+        node[path[-1]] = reader.value(place, where)
+    root_key, tensors, others = find_root(tree, root, folder)
+    return Checkpoint(folder, Format.DCP, tensors, root_key, tree, sources=list(reader.files.values()),
+                      others=others, events=reader.events)
+
+
+_UNREAD = object()  # a value's place in the tree before it is read: anything _place would find there
+
+
+def _at(tree: dict, steps: tuple) -> dict:
+    """The dict at `steps` (str keys, each a dict) of a tree _place built."""
+    for step in steps:
+        tree = tree[step]
+    return tree
 
 
 def _dtype(properties: Any, where: str):
@@ -347,10 +463,10 @@ def _tensor(reader: _Reader, places: dict, key: str, state: dict, where: str) ->
     if volume != whole:
         raise CkptError(f"{where}: its chunks hold {'more' if volume > whole else 'fewer'} elements than its "
                         f"size {_dims(size)}")
-    return _chunked(reader, key, dtype, size, pieces, where)
+    return _chunked(reader, key, dtype, size, pieces)
 
 
-def _chunked(reader: _Reader, key: str, dtype, size: tuple[int, ...], pieces: list, where: str) -> TensorRef:
+def _chunked(reader: _Reader, key: str, dtype, size: tuple[int, ...], pieces: list) -> TensorRef:
     """The tensor of `pieces` ((offsets, sizes, place) of each chunk: checked to fit and to tile
     the tensor), each chunk read when the tensor's bytes are (_ChunkStorage)."""
     if len(pieces) == 1 and pieces[0][1] == size:  # saved from one process: the chunk is the tensor
@@ -363,6 +479,7 @@ def _chunked(reader: _Reader, key: str, dtype, size: tuple[int, ...], pieces: li
             raise CkptError(f"pieces of {nbytes} bytes for a {dtype.name} tensor of shape {list(size)}")
         storage = _ChunkStorage(nbytes, (_joined, chunks, ordered))
         return TensorRef(storage, 0, size, contiguous_strides(size), dtype)
+    where = f"{reader.folder}: {_short(key)}"
     if dtype.packed > 1 or dtype.per_byte > 1 or dtype.kind == QUANTIZED or len(size) > MAX_ASSEMBLED_DIMS:
         raise CkptError(f"{where}: a {dtype.name} tensor of {len(size)} dimensions in several chunks, which "
                         f"ckptsurgery cannot put together")
@@ -383,7 +500,7 @@ def _read_all(chunks: list) -> None:
     """Open and check every chunk of a tensor, the empty ones too, before any of its bytes are
     used (as when chunks were read with the folder)."""
     for _, _, chunk in chunks:
-        chunk.storage.source
+        _ = chunk.storage.source  # (reads it)
 
 
 def _joined(chunks: list, ordered: list) -> tuple:

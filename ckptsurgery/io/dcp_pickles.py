@@ -6,15 +6,16 @@ folder's reader lists and orders (see io/dcp.py, torch_zip.check_not_more_execut
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Any
 
 from ..errors import CkptError
-from .model import MappedFile, TensorRef
-from .pickled import How, InertGlobal, InertObject
+from .model import INT64_MAX, MappedFile, TensorRef, numel_of
+from .pickled import Global, GlobalKind, How, InertGlobal, InertObject, TorchSize
 from .torch_legacy import MAGIC_NUMBER, PROTOCOL_VERSION
 from .torch_zip import storage_loader
-from .unpickler import MetadataUnpickler, safe_load
+from .unpickler import ALLOWED, MAX_HASH_WORK, MAX_NESTING, MetadataUnpickler, is_dotted_name, safe_load
 
 DCP_META = "torch.distributed.checkpoint.metadata."  # the module of torch's records, as .metadata names it
 STORAGE_INFO = "torch.distributed.checkpoint.filesystem._StorageInfo"
@@ -185,3 +186,744 @@ def _place_storages(source: MappedFile, position: int, end: int, keys: Any, stor
     missing = sorted(k for k, h in storages.items() if h.storage.source is None)
     if missing:
         raise CkptError(f"{where}: no data for storages {', '.join(missing[:5])} (truncated?)")
+
+
+
+# ---- .metadata as torch writes it, read without a Python call per opcode --------------------------
+# The restricted unpickler spends ~150 opcodes on an entry of a `.metadata`, a Python call each: ~70
+# µs a key. torch writes every entry alike — the same records, their classes and field names memo
+# references to where they first appeared — so most of an entry's bytes repeat verbatim from one
+# entry to the next. fast_metadata reads a `.metadata` made of torch's own records written the way
+# torch writes them, and nothing else: a run of bytes is read token by token the first time — what
+# the restricted unpickler would build from it, held to every check read_dcp makes of it — and its
+# later copies are recognised by a regular expression and a dictionary. Any other opcode, global,
+# call, field or shape of record, a memo reference to anything but a string, a global or a
+# torch.Size, a frame boundary inside a token: it gives up (Unfollowed), and the restricted
+# unpickler reads the file, and reports what it holds, as it always has. What it follows makes no
+# placeholder event but those of torch's own records (payload_events of it is empty), and reads as
+# the restricted unpickler and read_dcp read it (tests/test_dcp_scale.py holds the two to each other,
+# on torch's own files and on mutated ones).
+
+
+class Unfollowed(Exception):
+    """`.metadata` is not (only) torch's own records as torch writes them: the restricted
+    unpickler reads it."""
+
+
+class _Known:
+    """A global of torch's records (a class, or a function their pickles call), or what such a
+    call makes: never imported, never called, and what it stands for is known."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+_OPAQUE = _Known("<a record, dict, list or tuple>")  # a memo slot no reference may name
+_MEMFMT = _Known("<a memory format>")  # what _MEM_FORMAT_ENCODING(0, 1 or 2) makes
+_STRIDED = _Known("torch.strided")  # torch.strided, named or made by _get_layout("torch.strided")
+_GET_LAYOUT = "torch.serialization._get_layout"
+_KNOWN = {name: _Known(name) for name in (*_RECORDS, _PROPERTIES, _MEMORY_FORMAT, _GET_LAYOUT, *_PATHS)}
+_KNOWN["torch.strided"] = _STRIDED
+_SIZE = ALLOWED[("torch", "Size")]  # the allow-listed torch.Size: a REDUCE of it makes a TorchSize
+BYTES = _Known("<bytes>")  # an entry that is a BytesStorageMetadata
+_TEXT = frozenset(b"\x8cXhj")  # SHORT_BINUNICODE, BINUNICODE, BINGET, LONG_BINGET
+_NUMBER = frozenset(b"KMJ\x8a")  # BININT1, BININT2, BININT, LONG1
+
+
+def _record_names(*names: str) -> tuple:
+    return tuple(_KNOWN[DCP_META + name] for name in names)
+
+
+_METADATA, _TSM, _BSM, _CSM, _INDEX, _STORAGE_META, _TP = _record_names(
+    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "MetadataIndex",
+    "StorageMeta", "TensorProperties")
+_INFO = _KNOWN[STORAGE_INFO]
+
+
+class FastMetadata:
+    """A `.metadata` as read_dcp reads its records: `entries` (key -> BYTES, or (dtype, size,
+    ((chunk offsets, chunk sizes), ...)) with every integer from 0 to 2**63 - 1, the size's bytes
+    within int64, the chunks fitting it and holding its elements), `planner` (key -> path of str
+    and int steps, 1 to 200 of them) and `storage` ((key, chunk offsets or None) -> (file name,
+    offset, length)), in the order of the records; `shared`: whether two records of `storage`
+    name one byte range."""
+
+    __slots__ = ("entries", "planner", "storage", "shared")
+
+    def __init__(self, entries: dict, planner: dict, storage: dict):
+        self.entries, self.planner, self.storage = entries, planner, storage
+        self.shared = len(set(storage.values())) != len(storage)  # two records name one byte range
+
+
+def fast_metadata(data) -> FastMetadata:
+    """`data` (a `.metadata`'s bytes) read as torch's records; Unfollowed where it is anything else."""
+    try:
+        body, bounds = _unframed(data)
+        return _Fast(body, bounds).metadata()
+    except Unfollowed:
+        raise
+    except Exception as e:  # read past the end (IndexError), or what a malformed file may raise
+        raise Unfollowed(f"{type(e).__name__}: {e}") from None
+
+
+def _unframed(data) -> tuple[bytes, list[int]]:
+    """The opcodes of a protocol 4 or 5 pickle without its frames, and where each frame began
+    among them. A frame only says how much to read at once — the restricted unpickler skips it
+    wherever it sits — and pickle.dump puts whole opcodes in each (checked: _Fast.crossed)."""
+    if len(data) < 2 or data[0] != 0x80 or data[1] not in (4, 5):
+        raise Unfollowed("not a protocol 4 or 5 pickle")
+    parts, bounds, pos, total, end = [], [], 2, 0, len(data)
+    while pos < end:
+        if data[pos] != 0x95 or pos + 9 > end:
+            raise Unfollowed("opcodes outside a frame")
+        size = int.from_bytes(data[pos + 1 : pos + 9], "little")
+        if size > _MAX_FRAME or pos + 9 + size > end:
+            raise Unfollowed("a frame that runs past the end")
+        bounds.append(total)
+        parts.append(data[pos + 9 : pos + 9 + size])
+        total += size
+        pos += 9 + size
+    return b"".join(parts), bounds
+
+
+_MAX_FRAME = 1 << 30  # as MetadataUnpickler.load_frame
+_ARGUMENT = {0x68: 1, 0x6A: 4, 0x4B: 1, 0x4D: 2, 0x4A: 4}  # bytes after the opcode
+_ALONE = frozenset(b"()}]\x94\x81usbaet\x85\x86\x87R\x88\x89N\x93.")  # opcodes without an argument
+
+
+def _token_end(b: bytes, pos: int) -> int:
+    """Where the token at `pos` ends (only the opcodes _Fast reads)."""
+    code = b[pos]
+    if code in _ARGUMENT:
+        return pos + 1 + _ARGUMENT[code]
+    if code in (0x8C, 0x8A):
+        return pos + 2 + b[pos + 1]
+    if code == 0x58:
+        return pos + 5 + int.from_bytes(b[pos + 1 : pos + 5], "little")
+    if code in _ALONE:
+        return pos + 1
+    raise Unfollowed(f"opcode {code:#04x}")
+
+
+def _number(b: bytes, pos: int) -> tuple[int, int]:
+    """An integer as BININT1, BININT2, BININT or LONG1 write it."""
+    code = b[pos]
+    if code == 0x4B:
+        return b[pos + 1], pos + 2
+    if code == 0x4D:
+        end = pos + 3
+        value = int.from_bytes(b[pos + 1 : end], "little")
+    elif code == 0x4A:
+        end = pos + 5
+        value = int.from_bytes(b[pos + 1 : end], "little", signed=True)
+    elif code == 0x8A:
+        end = pos + 2 + b[pos + 1]
+        value = int.from_bytes(b[pos + 2 : end], "little", signed=True)
+    else:
+        raise Unfollowed("not an integer")
+    if end > len(b):
+        raise Unfollowed("an integer past the end")
+    return value, end
+
+
+def _counted(most: int) -> bytes:
+    """A length byte and that many bytes (DOTALL spelled [\\s\\S])."""
+    return b"(?>" + b"|".join(re.escape(bytes([n])) + b"[\\s\\S]{%d}" % n for n in range(most + 1)) + b")"
+
+
+def _patterns() -> dict:
+    """Regular expressions over whole tokens for the runs torch repeats: an entry's value, and an
+    index with its storage info (its varying parts in groups). What one matches is read token by
+    token the first time; only then is the match trusted."""
+    # SHORT_BINUNICODE MEMOIZE, as a string without a 0x94 byte spells it (one with such a byte is
+    # read token by token each time: the match stops short of the token, and is never trusted)
+    strlit = b"\\x8c[\\s\\S][^\\x94]*+\\x94"
+    ref = b"(?:h[\\s\\S]|j[\\s\\S]{4})"  # BINGET, LONG_BINGET
+    text = b"(?:" + strlit + b"|" + ref + b")"
+    glob = b"(?:" + ref + b"|" + text + text + b"\\x93\\x94)"  # STACK_GLOBAL MEMOIZE
+    number = b"(?:K[\\s\\S]|M[\\s\\S]{2}|J[\\s\\S]{4}|\\x8a" + _counted(8) + b")"
+    numbers = (b"(?:\\)|" + number + b"\\x85\\x94|" + number * 2 + b"\\x86\\x94|" + number * 3 + b"\\x87\\x94|\\("
+               + number + b"*t\\x94)")
+    size = b"(?:" + ref + b"|" + glob + numbers + b"\\x85\\x94R\\x94)"
+    record = glob + b"\\)\\x81\\x94"  # EMPTY_TUPLE NEWOBJ MEMOIZE
+    fields = b"\\}\\x94\\("  # EMPTY_DICT MEMOIZE MARK
+    chunk = record + fields + text + size + text + size + b"ub"
+    tensor = (record + fields + text + record + b"\\(" + glob + glob + b"(?:" + text + b"\\x85\\x94R\\x94)?[\\x88\\x89]"
+              + glob + b"(?:" + number + b"\\x85\\x94R\\x94)?[\\x88\\x89]t\\x94b" + text + size + text
+              + b"\\]\\x94(?:" + chunk + b"a|\\((?:" + chunk + b")+e)*ub")
+    index = (b"(?P<h>" + record + fields + text + b")(?P<f>" + text + b")(?P<t>" + text + b"(?:" + number + b"|N)(?:"
+             + text + size + b")?ub)")
+    info = (b"(?P<sh>" + record + fields + text * 3 + b")(?P<o>" + number + b")(?P<sm>" + text + b")(?P<n>" + number
+            + b")ub")
+    return {"entry": re.compile(b"(?:" + tensor + b"|" + record + b")"), "storage": re.compile(index + info)}
+
+
+_compiled: dict = {}
+
+
+class _Fast:
+    """One read of a `.metadata`: `b` its opcodes (frames left out; `bounds`: where frames
+    began). `memo` holds what the restricted unpickler's memo would at each index, or _OPAQUE
+    where a reference may not reach (a record, a dict, a list, a tuple other than a torch.Size:
+    what a later reference could change, or nest without end)."""
+
+    def __init__(self, body: bytes, bounds: list[int]):
+        if not _compiled:
+            _compiled.update(_patterns())
+        self.b, self.bounds, self.next = body, bounds, 0
+        self.bound = bounds[0] if bounds else len(body) + 1
+        self.memo: list = []
+        self.entry_runs: dict[bytes, tuple] = {}  # an entry's value's bytes -> (spec, memo items)
+        self.pairs = 0  # storage_data's items read
+        self.storage_runs: dict[tuple, tuple] = {}  # an index and info's fixed parts -> what they hold
+
+    def metadata(self) -> FastMetadata:
+        b = self.b
+        pos = self.state(self.record(0, _METADATA))
+        read = {"state_dict_metadata": self.entries, "planner_data": self.planner, "storage_data": self.storage,
+                "storage_meta": self.storage_meta, "version": self.version}
+        fields: dict = {}
+        while b[pos] != 0x75:  # SETITEMS
+            name, pos = self.text(pos)
+            if name in fields or name not in read:
+                raise Unfollowed(f"a Metadata field {name[:40]!r}")
+            fields[name], pos = read[name](pos)
+        self.expect(pos, b"ub.")  # what follows STOP is never read, by either reader
+        entries, storage = fields.get("state_dict_metadata"), fields.get("storage_data")
+        if entries is None or storage is None:
+            raise Unfollowed("metadata without its tables")
+        return FastMetadata(entries, fields.get("planner_data") or {}, storage)
+
+    # -- frames: each boundary must fall between two tokens ----------------------------------------
+    def crossed(self, start: int, end: int) -> None:
+        """[start, end) is whole tokens, read: a frame boundary in it must begin one of them
+        (pickle.dump never splits a token; the restricted unpickler would read other opcodes)."""
+        while self.bound < end:
+            if self.bound < start:  # in opcodes read without this check: never trust them
+                raise Unfollowed("a frame boundary in opcodes not checked")
+            if self.bound > start:
+                pos = start
+                while pos < self.bound:
+                    pos = _token_end(self.b, pos)
+                if pos != self.bound:
+                    raise Unfollowed("a frame boundary inside a token")
+            self.next += 1
+            self.bound = self.bounds[self.next] if self.next < len(self.bounds) else len(self.b) + 1
+
+    def rollback(self, state: tuple) -> None:
+        memo_len, self.next, self.bound, self.pairs = state
+        del self.memo[memo_len:]
+
+    def mark(self) -> tuple:
+        return len(self.memo), self.next, self.bound, self.pairs
+
+    # -- tokens ---------------------------------------------------------------------------------------
+    def expect(self, pos: int, code: bytes) -> int:
+        end = pos + len(code)
+        if self.b[pos:end] != code:
+            raise Unfollowed(f"not {code!r} at {pos}")
+        if end > self.bound:
+            self.crossed(pos, end)
+        return end
+
+    def ref(self, pos: int) -> tuple[Any, int]:
+        """What a memo reference names (never an _OPAQUE slot)."""
+        b = self.b
+        if b[pos] == 0x68:  # BINGET
+            index, end = b[pos + 1], pos + 2
+        else:  # LONG_BINGET
+            index, end = int.from_bytes(b[pos + 1 : pos + 5], "little"), pos + 5
+        if end > len(b) or index >= len(self.memo) or self.memo[index] is _OPAQUE:
+            raise Unfollowed("a memo reference to what torch never refers to")
+        if end > self.bound:
+            self.crossed(pos, end)
+        return self.memo[index], end
+
+    def text(self, pos: int) -> tuple[str, int]:
+        """A string: SHORT_BINUNICODE or BINUNICODE then MEMOIZE, or a reference to one."""
+        b = self.b
+        code = b[pos]
+        if code in (0x8C, 0x58):
+            start = pos + (2 if code == 0x8C else 5)
+            end = start + (b[pos + 1] if code == 0x8C else int.from_bytes(b[pos + 1 : start], "little"))
+            if b[end : end + 1] != b"\x94":
+                raise Unfollowed("a string that is not memoized")
+            try:
+                value = str(b[start:end], "utf-8")  # strict: a lone surrogate is the restricted reader's
+            except UnicodeDecodeError:
+                raise Unfollowed("a string that is not UTF-8") from None
+            self.memo.append(value)
+            if end + 1 > self.bound:
+                self.crossed(pos, end + 1)
+            return value, end + 1
+        if code in (0x68, 0x6A):
+            value, end = self.ref(pos)
+            if type(value) is str:
+                return value, end
+        raise Unfollowed("not a string")
+
+    def field(self, pos: int, name: str) -> int:
+        value, pos = self.text(pos)
+        if value != name:
+            raise Unfollowed(f"a field {value[:40]!r} where torch writes {name!r}")
+        return pos
+
+    def number(self, pos: int) -> tuple[int, int]:
+        value, end = _number(self.b, pos)
+        if end > self.bound:
+            self.crossed(pos, end)
+        return value, end
+
+    def glob(self, pos: int) -> tuple[Any, int]:
+        """A global as the restricted unpickler's find_class gives it — one of torch's records or
+        the functions their pickles call, torch.Size or a dtype, no other — named by STACK_GLOBAL
+        (memoized) or by a reference to one."""
+        if self.b[pos] in (0x68, 0x6A):
+            module, pos = self.ref(pos)
+            if type(module) is not str:  # the global itself, not its module's name
+                if not (type(module) is _Known or type(module) is Global or module is _SIZE):  # (or what one made)
+                    raise Unfollowed("a reference that names no global")
+                return module, pos
+        else:
+            module, pos = self.text(pos)
+        name, pos = self.text(pos)
+        pos = self.expect(pos, b"\x93\x94")
+        if not (is_dotted_name(module) and is_dotted_name(name)):
+            raise Unfollowed("a global that is not a Python name")
+        allowed = ALLOWED.get((module, name))
+        if allowed is not None:
+            if not (allowed is _SIZE or (isinstance(allowed, Global) and allowed.kind is GlobalKind.DTYPE)):
+                raise Unfollowed(f"{module}.{name}, which torch's records never name")
+            value = allowed
+        else:
+            value = _KNOWN.get(f"{module}.{name}")
+            if value is None:
+                raise Unfollowed(f"{module[:60]}.{name[:60]}, which torch's records never name")
+        self.memo.append(value)
+        return value, pos
+
+    def record(self, pos: int, cls: _Known) -> int:
+        """`cls` EMPTY_TUPLE NEWOBJ MEMOIZE: a dataclass as pickle.dump makes one."""
+        value, pos = self.glob(pos)
+        if value is not cls:
+            raise Unfollowed(f"a record that is not a {cls.name}")
+        pos = self.expect(pos, b")\x81\x94")
+        self.memo.append(_OPAQUE)
+        return pos
+
+    def state(self, pos: int) -> int:
+        """EMPTY_DICT MEMOIZE MARK: the fields of a record, two or more, follow."""
+        pos = self.expect(pos, b"}\x94(")
+        self.memo.append(_OPAQUE)
+        return pos
+
+    def call(self, pos: int, argument) -> tuple[Any, int]:
+        """One argument (read by `argument`), TUPLE1 MEMOIZE REDUCE MEMOIZE: the caller adds what
+        the call makes to the memo."""
+        value, pos = argument(pos)
+        pos = self.expect(pos, b"\x85\x94")
+        self.memo.append(_OPAQUE)  # the arguments' tuple
+        return value, self.expect(pos, b"R\x94")
+
+    def numbers(self, pos: int) -> tuple[tuple, int]:
+        """A tuple of integers: EMPTY_TUPLE, or TUPLE1-3 or MARK ... TUPLE, then MEMOIZE."""
+        b, values = self.b, []
+        if b[pos] == 0x29:  # EMPTY_TUPLE, never memoized
+            return (), self.expect(pos, b")")
+        if b[pos] == 0x28:  # MARK
+            pos = self.expect(pos, b"(")
+            while b[pos] != 0x74:
+                value, pos = self.number(pos)
+                values.append(value)
+            pos = self.expect(pos, b"t\x94")
+        else:
+            while len(values) < 3 and b[pos] in _NUMBER:
+                value, pos = self.number(pos)
+                values.append(value)
+            pos = self.expect(pos, bytes([0x84 + len(values)]) + b"\x94" if values else b"?")
+        self.memo.append(_OPAQUE)
+        return tuple(values), pos
+
+    def size(self, pos: int) -> tuple[TorchSize, int]:
+        """A torch.Size: REDUCE of the allow-listed torch.Size on a tuple of integers, or a
+        reference to one."""
+        if self.b[pos] in (0x68, 0x6A):
+            value, end = self.ref(pos)
+            if type(value) is TorchSize:
+                return value, end
+        fn, pos = self.glob(pos)
+        if fn is not _SIZE:
+            raise Unfollowed("not a torch.Size")
+        dims, pos = self.call(pos, self.numbers)
+        value = TorchSize(dims)
+        self.memo.append(value)
+        return value, pos
+
+    def flag(self, pos: int) -> int:
+        if self.b[pos] not in (0x88, 0x89):  # NEWTRUE, NEWFALSE
+            raise Unfollowed("not a bool")
+        return self.expect(pos, self.b[pos : pos + 1])
+
+    def single(self, pos: int, item) -> tuple | None:
+        """One (key, value, end) then SETITEM (a batch of one), or None: the dict has ended (what
+        was read is undone)."""
+        state = self.mark()
+        try:
+            key, value, end = item(pos)
+            if self.b[end : end + 1] == b"s":
+                return key, value, self.expect(end, b"s")
+        except Unfollowed:
+            pass
+        self.rollback(state)
+        return None
+
+    def items(self, pos: int, item) -> tuple[dict, int]:
+        """A dict: EMPTY_DICT MEMOIZE, then batches of items, MARK ... SETITEMS or one ... SETITEM
+        (as pickle.dump writes them: 1000 at most, a last batch of one alone)."""
+        pos = self.expect(pos, b"}\x94")
+        self.memo.append(_OPAQUE)
+        b, out = self.b, {}
+        while True:
+            if b[pos] == 0x28:  # MARK
+                pos = self.expect(pos, b"(")
+                while b[pos] != 0x75:  # SETITEMS
+                    key, value, pos = item(pos)
+                    out[key] = value
+                pos = self.expect(pos, b"u")
+                continue
+            single = self.single(pos, item)
+            if single is None:
+                return out, pos
+            key, value, pos = single
+            out[key] = value
+
+    # -- state_dict_metadata: key -> tensor (dtype, size, chunks) or bytes ------------------------------
+    def entries(self, pos: int) -> tuple[dict, int]:
+        return self.items(pos, self.entry)
+
+    def entry(self, pos: int) -> tuple[str, Any, int]:
+        key, pos = self.text(pos)
+        m = _compiled["entry"].match(self.b, pos)
+        run = self.entry_runs.get(m.group()) if m else None
+        if run is None:  # first seen: read token by token
+            saved = len(self.memo)
+            spec, end = self.entry_value(pos)
+            if m and end == m.end():
+                self.entry_runs[m.group()] = (spec, tuple(self.memo[saved:]))
+            return key, spec, end
+        spec, items = run
+        self.memo += items
+        end = m.end()
+        if end > self.bound:
+            self.crossed(pos, end)
+        return key, spec, end
+
+    def entry_value(self, pos: int) -> tuple[Any, int]:
+        """A BytesStorageMetadata (BYTES: no fields, no BUILD) or a TensorStorageMetadata: its
+        properties (a strided dtype), size and chunks, checked as read_dcp checks them."""
+        cls, pos = self.glob(pos)
+        pos = self.expect(pos, b")\x81\x94")
+        self.memo.append(_OPAQUE)
+        if cls is _BSM:
+            return BYTES, pos
+        if cls is not _TSM:
+            raise Unfollowed("an entry that is neither a tensor nor bytes")
+        pos = self.record(self.field(self.state(pos), "properties"), _TP)
+        pos = self.expect(pos, b"(")  # __getstate__'s tuple: dtype, layout, requires_grad, memory format, pin_memory
+        dtype, pos = self.glob(pos)
+        if not (isinstance(dtype, Global) and dtype.kind is GlobalKind.DTYPE):
+            raise Unfollowed("a dtype that is not one")
+        layout, pos = self.glob(pos)
+        if layout is _KNOWN[_GET_LAYOUT]:
+            name, pos = self.call(pos, self.text)
+            if name != "torch.strided":
+                raise Unfollowed("a layout other than torch.strided")
+            self.memo.append(_STRIDED)
+        elif layout is not _STRIDED:
+            raise Unfollowed("a layout other than torch.strided")
+        pos = self.flag(pos)
+        memory, pos = self.glob(pos)
+        if memory is _KNOWN[_MEMORY_FORMAT]:
+            code, pos = self.call(pos, self.number)
+            if not 0 <= code <= 2:
+                raise Unfollowed("a memory format torch never writes")
+            self.memo.append(_MEMFMT)
+        elif memory is not _MEMFMT:
+            raise Unfollowed("not a memory format")
+        pos = self.expect(self.flag(pos), b"t\x94b")
+        self.memo.append(_OPAQUE)  # the tuple
+        size, pos = self.size(self.field(pos, "size"))
+        pos = self.expect(self.field(pos, "chunks"), b"]\x94")
+        self.memo.append(_OPAQUE)  # the list
+        b, chunks = self.b, []
+        while b[pos] != 0x75:  # SETITEMS: the fields end
+            if b[pos] == 0x28:  # MARK ... APPENDS
+                pos = self.expect(pos, b"(")
+                while b[pos] != 0x65:
+                    chunk, pos = self.chunk(pos)
+                    chunks.append(chunk)
+                pos = self.expect(pos, b"e")
+            else:  # one, APPEND
+                chunk, pos = self.chunk(pos)
+                chunks.append(chunk)
+                pos = self.expect(pos, b"a")
+        return _spec(dtype.dtype, size, chunks), self.expect(pos, b"ub")
+
+    def chunk(self, pos: int) -> tuple[tuple, int]:
+        pos = self.field(self.state(self.record(pos, _CSM)), "offsets")
+        offsets, pos = self.size(pos)
+        sizes, pos = self.size(self.field(pos, "sizes"))
+        return (offsets, sizes), self.expect(pos, b"ub")
+
+    # -- planner_data: key -> path ---------------------------------------------------------------------
+    def planner(self, pos: int) -> tuple[dict | None, int]:
+        if self.b[pos] == 0x4E:  # NONE
+            return None, self.expect(pos, b"N")
+        return self.items(pos, self.path)
+
+    def path(self, pos: int) -> tuple[str, tuple, int]:
+        """A key (a reference to the string) and its path, as torch writes most: up to three
+        steps, each a string (new, or a reference) or a small integer, TUPLE1-3 MEMOIZE. Anything
+        else, or any doubt: path_tokens."""
+        b, memo, start, saved = self.b, self.memo, pos, len(self.memo)
+        code = b[pos]
+        if code == 0x6A:
+            index, pos = int.from_bytes(b[pos + 1 : pos + 5], "little"), pos + 5
+        elif code == 0x68:
+            index, pos = b[pos + 1], pos + 2
+        else:
+            return self.path_tokens(start)
+        key = memo[index] if index < saved else None
+        steps = []
+        while type(key) is str and len(steps) <= 3:
+            code = b[pos]
+            if code == 0x8C:
+                end = pos + 2 + b[pos + 1]
+                if b[end] != 0x94:
+                    break
+                try:
+                    step = str(b[pos + 2 : end], "utf-8")
+                except UnicodeDecodeError:
+                    break
+                memo.append(step)
+                pos = end + 1
+            elif code == 0x68 or code == 0x6A:
+                index = b[pos + 1] if code == 0x68 else int.from_bytes(b[pos + 1 : pos + 5], "little")
+                step = memo[index] if index < saved else None
+                if type(step) is not str:
+                    break
+                pos += 2 if code == 0x68 else 5
+            elif code == 0x4B:  # BININT1: a list index
+                step, pos = b[pos + 1], pos + 2
+            elif code - 0x84 == len(steps) and steps and b[pos + 1] == 0x94:  # TUPLE1-3 MEMOIZE
+                memo.append(_OPAQUE)
+                if pos + 2 > self.bound:
+                    self.crossed(start, pos + 2)
+                return key, tuple(steps), pos + 2
+            else:
+                break
+            steps.append(step)
+        del memo[saved:]
+        return self.path_tokens(start)
+
+    def path_tokens(self, pos: int) -> tuple[str, tuple, int]:
+        key, pos = self.text(pos)
+        b, steps = self.b, []
+        marked = b[pos] == 0x28
+        if marked:
+            pos = self.expect(pos, b"(")
+        while b[pos] in _TEXT or b[pos] in _NUMBER:
+            step, pos = self.text(pos) if b[pos] in _TEXT else self.number(pos)
+            steps.append(step)
+            if len(steps) > MAX_NESTING or not marked and len(steps) > 3:
+                raise Unfollowed("a planner path deeper than a state dict nests")
+        if not steps:
+            raise Unfollowed("an empty planner path")
+        pos = self.expect(pos, (b"t" if marked else bytes([0x84 + len(steps)])) + b"\x94")
+        self.memo.append(_OPAQUE)
+        return key, tuple(steps), pos
+
+    # -- storage_data: (key, chunk offsets) -> (file, offset, length) ------------------------------------
+    def storage(self, pos: int) -> tuple[dict, int]:
+        self.pairs = 0
+        places, pos = self.items(pos, self.place)
+        if len(places) != self.pairs:  # two indexes of one chunk: which one counts is subtle; not here
+            raise Unfollowed("two storage records for one chunk")
+        # each index's offset is a tuple the restricted unpickler hashes as it makes the key
+        if sum(offsets is not None for _, offsets in places) > MAX_HASH_WORK:
+            raise Unfollowed("as many keys as the restricted unpickler refuses")
+        return places, pos
+
+    def place(self, pos: int) -> tuple[tuple, tuple, int]:
+        b, memo = self.b, self.memo
+        m = _compiled["storage"].match(b, pos)
+        if m is not None:
+            head, fqn, tail, info_head, offset, info_middle, length = m.groups()
+            run = self.storage_runs.get((head, tail, info_head, info_middle))
+        else:
+            run = None
+        if run is None:  # first seen: read token by token
+            key, info, ends, parts = self.place_tokens(pos)
+            end = ends[-1]
+            if m and ends == tuple(m.end(group) for group in range(1, 8)) and end + 2 == m.end():
+                self.storage_runs[(head, tail, info_head, info_middle)] = parts  # its parts are the tokens'
+            end += 2
+        else:
+            end = m.end()
+            if end > self.bound:
+                self.crossed(pos, end)
+            items, after_fqn, offsets, relative_path = run
+            if fqn[0] == 0x8C:  # a key the entries did not name
+                memo += items[: len(items) - len(after_fqn)]
+                fqn, fqn_end = self.text(m.start(2))
+                if fqn_end != m.end(2):  # the expression cut the string short: the rest is not what it read
+                    raise Unfollowed("a string holding the byte 0x94")
+                memo += after_fqn
+            else:
+                index = fqn[1] if fqn[0] == 0x68 else int.from_bytes(fqn[1:], "little")
+                fqn = memo[index] if index < len(memo) else None
+                if type(fqn) is not str:
+                    raise Unfollowed("an index whose key is not a string")
+                memo += items
+            key = (fqn, offsets)
+            info = (relative_path, offset[1] if offset[0] == 0x4B else _number(offset, 0)[0],
+                    length[1] if length[0] == 0x4B else _number(length, 0)[0])
+        self.pairs += 1
+        return key, info, end
+
+    def place_tokens(self, pos: int) -> tuple:
+        """A MetadataIndex (fqn, index, offset) and its _StorageInfo (relative_path, offset,
+        length), token by token: (key, info, where each part the regular expression names ends
+        (the last before the closing SETITEMS BUILD), what those parts hold)."""
+        memo, b, ends = self.memo, self.b, []
+        start = len(memo)
+        pos = self.field(self.state(self.record(pos, _INDEX)), "fqn")
+        head = tuple(memo[start:])
+        ends.append(pos)
+        fqn, pos = self.text(pos)
+        ends.append(pos)
+        start, fields = len(memo), {}
+        while b[pos] != 0x75:
+            name, pos = self.text(pos)
+            if name in fields or name not in ("index", "offset"):
+                raise Unfollowed(f"an index field {name[:40]!r}")
+            if b[pos] == 0x4E:  # NONE
+                fields[name], pos = None, self.expect(pos, b"N")
+            else:
+                fields[name], pos = self.number(pos) if name == "index" else self.size(pos)
+        pos = self.expect(pos, b"ub")
+        tail = tuple(memo[start:])
+        ends.append(pos)
+        offsets = fields.get("offset")
+        if offsets is not None:
+            if not all(0 <= v <= INT64_MAX for v in offsets):
+                raise Unfollowed("an offset out of range")
+            offsets = tuple(offsets)
+        start = len(memo)
+        pos = self.field(self.state(self.record(pos, _INFO)), "relative_path")
+        relative_path, pos = self.text(pos)
+        pos = self.field(pos, "offset")
+        info_head, start = tuple(memo[start:]), len(memo)
+        ends.append(pos)
+        offset, pos = self.number(pos)
+        ends.append(pos)
+        pos = self.field(pos, "length")
+        info_middle = tuple(memo[start:])
+        ends.append(pos)
+        length, pos = self.number(pos)
+        ends.append(pos)
+        self.expect(pos, b"ub")
+        after_fqn = tail + info_head + info_middle  # the memo items after the key's
+        return ((fqn, offsets), (relative_path, offset, length), tuple(ends),
+                (head + after_fqn, after_fqn, offsets, relative_path))
+
+    # -- storage_meta and version: nothing read_dcp reads, and no call but a path's -------------------
+    def storage_meta(self, pos: int) -> tuple[None, int]:
+        b = self.b
+        if b[pos] == 0x4E:
+            return None, self.expect(pos, b"N")
+        pos = self.state(self.record(pos, _STORAGE_META))
+        while b[pos] != 0x75:
+            _, pos = self.text(pos)
+            code = b[pos]
+            if code == 0x4E:
+                pos = self.expect(pos, b"N")
+            elif code in _TEXT:  # a string, or checkpoint_id as a path
+                called = self.path_call(pos)
+                pos = self.text(pos)[1] if called is None else called
+            elif code == 0x5D:  # EMPTY_LIST: the modules' names
+                pos = self.expect(pos, b"]\x94")
+                self.memo.append(_OPAQUE)
+                if b[pos] == 0x28:
+                    pos = self.expect(pos, b"(")
+                    while b[pos] != 0x65:
+                        _, pos = self.text(pos)
+                    pos = self.expect(pos, b"e")
+                else:
+                    state = self.mark()
+                    try:
+                        _, end = self.text(pos)
+                        pos = self.expect(end, b"a")
+                    except Unfollowed:
+                        self.rollback(state)
+            else:
+                raise Unfollowed("a storage_meta field torch does not write")
+        return None, self.expect(pos, b"ub")
+
+    def path_call(self, pos: int) -> int | None:
+        """checkpoint_id as a PosixPath of strings (a tuple of them, REDUCE MEMOIZE), where it is
+        one (else None, nothing read)."""
+        state = self.mark()
+        try:
+            fn, pos = self.glob(pos)
+            if type(fn) is not _Known or fn.name not in _PATHS:
+                raise Unfollowed("a call of something other than a path")
+            b = self.b
+            if b[pos] == 0x29:  # EMPTY_TUPLE: PosixPath()
+                pos = self.expect(pos, b")")
+            else:  # TUPLE1-3 or MARK ... TUPLE of strings, MEMOIZE
+                marked = b[pos] == 0x28
+                if marked:
+                    pos = self.expect(pos, b"(")
+                count = 0
+                while b[pos] in _TEXT and (marked or count < 3):
+                    _, pos = self.text(pos)
+                    count += 1
+                pos = self.expect(pos, (b"t" if marked else bytes([0x84 + count]) if count else b"?") + b"\x94")
+                self.memo.append(_OPAQUE)
+            pos = self.expect(pos, b"R\x94")
+            self.memo.append(_OPAQUE)
+            return pos
+        except Unfollowed:
+            self.rollback(state)
+            return None
+
+    def version(self, pos: int) -> tuple[None, int]:
+        if self.b[pos] == 0x4E:
+            return None, self.expect(pos, b"N")
+        return None, self.text(pos)[1]
+
+
+def _spec(dtype, size: TorchSize, chunks: list) -> tuple:
+    """(dtype, size, chunks) of a tensor entry, held to read_dcp's checks of its records (else
+    Unfollowed: read_dcp reports it)."""
+    if not all(0 <= v <= INT64_MAX for v in size):
+        raise Unfollowed("a size out of range")
+    size = tuple(size)
+    whole, rank = numel_of(size), len(size)
+    if whole * dtype.itemsize > INT64_MAX:
+        raise Unfollowed("a size beyond int64")
+    volume, out = 0, []
+    for offsets, sizes in chunks:
+        if not (len(offsets) == len(sizes) == rank and all(0 <= v <= INT64_MAX for v in offsets + sizes)
+                and all(o + s <= n for o, s, n in zip(offsets, sizes, size))):
+            raise Unfollowed("a chunk that does not fit")
+        volume += numel_of(sizes)
+        if volume > whole:
+            raise Unfollowed("chunks holding more than the size")
+        out.append((tuple(offsets), tuple(sizes)))
+    if volume != whole:
+        raise Unfollowed("chunks holding fewer elements than the size")
+    return dtype, size, tuple(out)
