@@ -60,7 +60,8 @@ def test_every_declared_parameter_is_an_option_of_merge():
     by_name = {o.parameter: o for o in declared}
     assert by_name["density"].help.endswith("; in (0, 1], one or one per model; default 1.")
     assert "Taken by --method ties, dare-linear, dare-ties, " in by_name["density"].help
-    assert by_name["t"].help.endswith("Taken by --method slerp; in [0, 1]; required.")
+    assert by_name["t"].help.endswith("Taken by --method slerp (in [0, 1]; required); nearswap (a finite number; "
+                                      "required).")
     assert by_name["weights"].type is str and by_name["seed"].type is int and by_name["density"].type is str
     assert by_name["normalize"].type is bool and "linear, ties, della (true or false; default true)" in by_name[
         "normalize"].help

@@ -248,3 +248,53 @@ def test_flags_and_per_model_values_on_the_command_line(cli, tmp_path):
     assert report["parameters"]["normalize"] is False
     refused = cli("merge", *paths[1:], "--method", "slerp", "--t", "0.5", "--no-normalize", "-o", out, "--force")
     assert_one_error_line(refused, "--normalize applies to --method linear", "not to slerp", code=2)
+
+
+# ---- sce ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("given", [{}, {"select_topk": 0.3}, {"select_topk": 0.7, "int8_mask": True},
+                                   {"select_topk": 0.0}])
+def test_sce_equals_mergekit(given, shape):
+    inputs = tensors(shape, 3)
+    assert_close(ours("sce", inputs, given), kit("sce", inputs, given))
+    torch.testing.assert_close(ours("sce", inputs, given, chunk_size=7), ours("sce", inputs, given))
+
+
+def test_sce_of_one_model_keeps_nothing_that_does_not_vary():
+    inputs = tensors((5, 4), 1)
+    assert_close(ours("sce", inputs, {"select_topk": 0.5}), kit("sce", inputs, {"select_topk": 0.5}))
+    assert_close(ours("sce", inputs), kit("sce", inputs))
+
+
+# ---- elementwise methods: nearswap, ram, ramplus-tl, passthrough ---------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("method, kit_method, count, given", [
+    ("nearswap", "nearswap", 1, {"t": 0.05}),
+    ("nearswap", "nearswap", 1, {"t": 2.0}),
+    ("ram", "ram", 3, {}),
+    ("ram", "ram", 3, {"epsilon": 0.08}),
+    ("ramplus-tl", "ramplus_tl", 3, {"epsilon": 0.08}),
+    ("ramplus-tl", "ramplus_tl", 3, {"r": 0.5, "alpha": 0.9, "epsilon": 0.1}),
+])
+def test_elementwise_methods_equal_mergekit(method, kit_method, count, given, shape):
+    inputs = tensors(shape, count)
+    if method.startswith("ram"):  # some entries left unchanged, so that unique and shared ones both occur
+        g = torch.Generator().manual_seed(9)
+        inputs = [inputs[0]] + [torch.where(torch.rand(shape, generator=g) < 0.5, inputs[0], t) for t in inputs[1:]]
+    assert_close(ours(method, inputs, given), kit(kit_method, inputs, given))
+    torch.testing.assert_close(ours(method, inputs, given, chunk_size=3), ours(method, inputs, given))
+
+
+@pytest.mark.parametrize("scale", [None, 0.5, -2.0])
+def test_passthrough_equals_mergekit(scale):
+    (model,) = tensors((6, 5), 1, base=False)
+    given = {} if scale is None else {"scale": scale}
+    want = mergekit_api.merge_tensors([model], "passthrough", parameters=given)
+    assert_close(ours("passthrough", [model], given), want)
+
+
+def test_ram_takes_one_epsilon():
+    with pytest.raises(UsageError, match="--method ram takes one --epsilon, not one per model"):
+        methods.resolve_parameters("ram", 2, {"epsilon": "0.1,0.2"})

@@ -213,8 +213,8 @@ DENSITY = Parameter("density", "The fraction of each delta kept: the largest by 
                     default=1.0, range=FRACTION, per_model=True, broadcast=True, per_tensor=True, each="density")
 SCALE = Parameter("scale", "Multiplies the combined delta (λ, mergekit's `lambda`); passthrough: the tensor.",
                   "LAMBDA", default=1.0, per_tensor=True)
-T = Parameter("t", "Where between the two models: 0 gives the first, 1 the second.", "T", range=UNIT_INTERVAL,
-              per_tensor=True)
+T = Parameter("t", "slerp: where between the two models, 0 the first, 1 the second; nearswap: the distance "
+              "below which the model's value is taken whole.", "T", range=UNIT_INTERVAL, per_tensor=True)
 SEED = Parameter("seed", "Seeds the random drop (with each key's name: the draws do not depend on the order keys "
                  "are written in, nor on how they are chunked).", "N", type=int, default=0, range=NON_NEGATIVE)
 NORMALIZE = Parameter("normalize", "Divide the combined delta by the sum of the weights (with a sign election: of "

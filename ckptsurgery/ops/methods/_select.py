@@ -36,14 +36,17 @@ class RankWindow:
 
     @classmethod
     def measure(cls, numel: int, spans: list[tuple[int, int]], values: Callable[[int, object], object], wide: str,
-                a: int, b: int) -> RankWindow:
-        """`values(j, out)` writes chunk j's values (magnitudes, variances: ≥ 0) into `out`."""
+                a: int | Callable, b: int | None = None) -> RankWindow:
+        """`values(j, out)` writes chunk j's values (magnitudes, variances: ≥ 0) into `out`; the
+        window is [a, b), or `a(values)` when it depends on the values (SCE's count of nonzero ones)."""
         import numpy as np
 
         whole = np.empty(numel, wide)
         for j, (start, count) in enumerate(spans):
             values(j, whole[start:start + count])
         total = float(whole.sum(dtype=np.float64))
+        if callable(a):
+            a, b = a(whole)
         a, b = max(0, a), min(numel, b)
         if a >= b:
             return cls(None, None, [], 0.0, total)

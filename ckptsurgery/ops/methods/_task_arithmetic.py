@@ -25,7 +25,8 @@ GAMMA = Parameter("gamma", "breadcrumbs*: the fraction of each delta's largest e
                   range=Range(lambda v: 0 <= v <= 1, "in [0, 1]"), per_model=True, broadcast=True, per_tensor=True,
                   each="gamma")
 EPSILON = Parameter("epsilon", "della*: keep chances from D−ε (smallest entries) to D+ε (largest) along each row; "
-                    "one value, or one per model (D ± ε in (0, 1)).", "E[,E..]", default=0.15,
+                    "one value, or one per model (D ± ε in (0, 1)); ram*: a delta's entries of magnitude at most ε "
+                    "count as unchanged (one value).", "E[,E..]", default=0.15,
                     range=Range(lambda v: 0 <= v < 1, "in [0, 1)"), per_model=True, broadcast=True, per_tensor=True,
                     each="epsilon")
 TOGGLES = (INT8_MASK,)  # accepted by every method of the family; changes nothing in our math

@@ -1,0 +1,87 @@
+"""sce (Wan et al. 2024, https://arxiv.org/abs/2408.07990): Select the entries where the task
+vectors vary most, Calculate each model's weight from its vector's energy, Erase the entries whose
+sign disagrees with the elected one."""
+
+from __future__ import annotations
+
+import math
+
+from ._base import MergeMethod
+from ._parameters import INT8_MASK, Parameter, Range
+from ._select import RankWindow
+
+SELECT_TOPK = Parameter("select_topk", "sce: the fraction of entries kept, those where the task vectors' variance "
+                        "across the models is largest (of the entries where it is not zero).", "K", default=1.0,
+                        range=Range(lambda v: 0 <= v <= 1, "in [0, 1]"), per_tensor=True)
+WEIGHT_EPS = 1e-6  # energies summing to less than this weigh the models equally; the agreeing weights are at least this
+
+
+class Sce(MergeMethod):
+    name = "sce"
+    summary = ("δᵢ kept where Var over i of δᵢ is among the top K (of the entries where it is not zero); wᵢ = mean "
+               "of δᵢ² / Σ of those means; the sign of Σ δᵢ elected; Σ wᵢδᵢ over the agreeing ones / Σ of their wᵢ; "
+               "plus base")
+    parameters = (SELECT_TOPK, INT8_MASK)
+    needs_base = True
+    listing_order = 74
+    differs = "equal variances at the cut: the earlier entries (row-major) are kept; mergekit's topk leaves it to the sort"
+
+    def _deltas(self, j: int, values: list):
+        import numpy as np
+
+        base = values[0]
+        return np.stack([np.subtract(theta, base) for theta in values[1:]])
+
+    def _variance(self, deltas, out=None):
+        import numpy as np
+
+        mean = deltas.mean(axis=0)
+        return np.divide(np.square(deltas - mean).sum(axis=0), deltas.shape[0], out=out)
+
+    def _values(self, j: int):
+        start, count = self.span(j)
+        return [read(start, count) for read in self.reads]
+
+    def measure(self) -> None:
+        """The variance's top-K window (the variances of the whole tensor held once: 4 bytes an
+        element in float32), then each model's energy, mean of its kept δᵢ², chunk by chunk."""
+        import numpy as np
+
+        topk = self.params["select_topk"]
+        self.window = None
+        if topk < 1 and self.numel:
+            def bounds(whole):
+                return 0, int(int(np.count_nonzero(whole)) * topk)
+
+            self.window = RankWindow.measure(self.numel, [self.span(j) for j in range(self.chunks)],
+                                             lambda j, out: self._variance(self._deltas(j, self._values(j)), out=out),
+                                             self.wide, bounds)
+        energy = [0.0] * self.models
+        for j in range(self.chunks):
+            deltas = self._kept(j, self._deltas(j, self._values(j)))
+            for i in range(self.models):
+                energy[i] += float(np.dot(deltas[i], deltas[i]))
+        energy = [e / self.numel if self.numel else math.nan for e in energy]
+        total = sum(energy)
+        self.weights = [1 / self.models] * self.models if not abs(total) >= WEIGHT_EPS else [e / total for e in energy]
+
+    def _kept(self, j: int, deltas):
+        if self.window is None:
+            return deltas
+        deltas *= self.window.keep(j, self._variance(deltas))
+        return deltas
+
+    def merge_chunk(self, j: int, values: list, out):
+        import numpy as np
+
+        deltas = self._kept(j, self._deltas(j, values))
+        one = np.ones(1, self.wide)[0]
+        elected = np.where(deltas.sum(axis=0) >= 0, one, -one)
+        merged = np.zeros(deltas.shape[1], self.wide)
+        counted = np.zeros(deltas.shape[1], self.wide)
+        for d, w in zip(deltas, self.weights):
+            agrees = np.sign(d) == elected
+            merged += d * (w * agrees)
+            counted += w * agrees
+        merged /= np.maximum(counted, WEIGHT_EPS)
+        return np.add(values[0], merged, out=out)
