@@ -337,3 +337,12 @@ def test_file_size_is_capped(tmp_path, monkeypatch):
     with pytest.raises(CkptError, match="not UTF-8"):
         load_recipe(tmp_path / "bin.yml")
     assert isinstance(tmp_path, Path)
+
+
+def test_without_libyaml(monkeypatch):
+    """PyYAML's own (Python) loader where libyaml is missing: the same refusals."""
+    monkeypatch.delattr(yaml, "CSafeLoader", raising=False)
+    with pytest.raises(CkptError, match="nested too deeply|nest"):
+        load_recipe("[" * 20000 + "]" * 20000)
+    test_billion_laughs_is_refused_quickly()
+    assert load_recipe(RECIPES["solar"]).slices[0].sources[0].layer_range == (0, 24)

@@ -143,8 +143,9 @@ def check_layer_pattern(text: str, longest: int = 256) -> re.Pattern:
     if why:
         raise UsageError(f"--layer-pattern {shown}: {why}; not run")
     length = max(longest, 1)
-    steps = backtracking.steps(parsed, length) * length  # a search tries each place of the key
+    places = 1 if backtracking.anchored(parsed) else length  # a search tries each place of the key
+    steps = backtracking.steps(parsed, length) * places
     if steps > PATTERN_LIMIT:
-        raise UsageError(f"--layer-pattern {shown}: could take too long on a {length}-character key (a repetition "
-                         f"of a repetition or of an alternation); simplify it")
+        raise UsageError(f"--layer-pattern {shown}: could take too long searched in a {length}-character key (a "
+                         f"repetition of a repetition or of an alternation, or a `.*` not anchored by ^); simplify it")
     return compiled

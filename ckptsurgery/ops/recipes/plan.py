@@ -4,7 +4,7 @@ parameters resolved for that key and `t`. What mergekit's MergePlanner does, wit
 architecture file:
 
 - `models:` — every key of the *reference* model (the base model, else the first listed) is
-  written, merged from the same key of every model (the base is added when not listed, as
+  written, in its order, merged from the same key of every model (the base is added when not listed, as
   mergekit adds it). A key the reference has and another model lacks is refused, named; keys
   only other models have are listed in `RecipePlan.ignored` (mergekit drops whatever its
   architecture file does not name, silently; we keep every key of the reference).
@@ -316,10 +316,15 @@ def _outside(context: _Context, piece: Slice, role: Role, keys_of: Slice | None 
 
 
 def plan_lines(plan: RecipePlan, shown: Callable[[Any], str] = str) -> list[str]:
-    """The plan as --dry-run prints it: one line per output tensor."""
+    """The plan as --dry-run prints it: one line per output tensor — its sources, each with its
+    own parameters in braces, then `t` and the shared parameters."""
     lines = []
     for tensor in plan.tensors:
-        sources = ", ".join(f"{s.model}:{s.key}" for s in tensor.sources)
+        sources = ", ".join(f"{s.model}:{s.key}" + _braced(s.parameters, shown) for s in tensor.sources)
         values = " ".join(f"{k}={shown(v)}" for k, v in tensor.parameters)
         lines.append(f"{tensor.key} <- {plan.method}({sources}) t={tensor.t:g} {values}".rstrip())
     return lines
+
+
+def _braced(parameters: tuple[tuple[str, Any], ...], shown: Callable[[Any], str]) -> str:
+    return "{" + " ".join(f"{k}={shown(v)}" for k, v in parameters) + "}" if parameters else ""
