@@ -306,3 +306,16 @@ def test_layers_are_needed_only_for_gradients():
     assert by_key["encoder.block.2.w"].parameter("weight") == 0  # outside the layers named: t = 0
     assert plan_lines(plan)[0] == "encoder.block.0.w <- linear(a:encoder.block.0.w{weight=0.0}, " \
                                   "b:encoder.block.0.w{weight=0.0}) t=0 weight=0.0"
+
+
+def test_a_pattern_numbering_two_stacks_keeps_both():
+    a = ModelRef("a")
+    keys = {f"{s}.block.{i}.w": (2,) for s in ("encoder", "decoder") for i in range(4)} | {"shared.weight": (4, 2)}
+    recipe = load_recipe("slices:\n  - sources: [{model: a, layer_range: [0, 2]}]\n"
+                         "  - sources: [{model: a, layer_range: [1, 4]}]\nmerge_method: passthrough\n")
+    plan = plan_recipe(recipe, {a: keys}, layer_pattern=r"^(?:encoder|decoder)\.block\.(\d+)\.")
+    assert plan.layers == 5 and [t.key for t in plan.tensors][:3] == ["shared.weight", "encoder.block.0.w",
+                                                                     "decoder.block.0.w"]
+    by_key = {t.key: t.sources[0].key for t in plan.tensors}
+    assert by_key["encoder.block.4.w"] == "encoder.block.3.w" and by_key["decoder.block.2.w"] == "decoder.block.1.w"
+    assert len(plan.tensors) == 11

@@ -11,7 +11,7 @@ architecture file:
 - `slices:` — the output's layers are the slices' layers one after another, renumbered from 0;
   a layer used twice is written twice (each copy its own keys). Each output layer holds the
   layer keys of the slice's first source at that layer, renamed to the output's number; the
-  other sources give the same key (the same name after the layer number) at their own layer.
+  other sources give the same key (the same name but for the layer number) at their own layer.
   Keys outside the layers come from the first slice's models for the input side (embeddings)
   and from the last slice's for the output side (final norm, head), merged with the method as
   mergekit merges its architecture's pre- and post-weights. Which side a key is on: `side()`.
@@ -141,22 +141,23 @@ class _Context:
         self.recipe, self.key_sets, self.pattern, self.coerce = recipe, key_sets, pattern, coerce
         self.names = tuple(setting_names(recipe))
         self.schemes: dict[ModelRef, LayerScheme] = {}
-        self.by_layer: dict[ModelRef, dict[int, dict[str, str]]] = {}  # layer -> tail -> key, in file order
+        self.by_layer: dict[ModelRef, dict[int, dict[Template, str]]] = {}  # layer -> template -> key, file order
 
     def scheme(self, model: ModelRef) -> LayerScheme:
         if model not in self.schemes:
             self.schemes[model] = layer_scheme(self.key_sets[model], str(model), self.pattern)
         return self.schemes[model]
 
-    def layer_keys(self, model: ModelRef, layer: int) -> dict[str, str]:
-        """The keys of `model`'s layer `layer`, by the part after the layer number."""
+    def layer_keys(self, model: ModelRef, layer: int) -> dict[Template, str]:
+        """The keys of `model`'s layer `layer`, by their name without the number (two stacks
+        one --layer-pattern numbers, `encoder.block.3.x` and `decoder.block.3.x`, stay two)."""
         if model not in self.by_layer:
             table: dict[int, dict[str, str]] = {}
             scheme = self.scheme(model)
             for key in self.key_sets[model]:
                 index, template = scheme.split(key)
                 if index is not None:
-                    table.setdefault(index, {})[template.tail] = key
+                    table.setdefault(index, {})[template] = key
             self.by_layer[model] = table
         return self.by_layer[model].get(layer, {})
 
@@ -277,20 +278,19 @@ def _plan_layer(context: _Context, piece: Slice, offset: int, out: int, t: float
     lead = piece.sources[0]
     keys = [context.layer_keys(s.model, s.layer_range[0] + offset) for s in piece.sources]
     planned = []
-    for tail, lead_key in keys[0].items():
-        index, template = context.scheme(lead.model).split(lead_key)
-        key = Template(template.head, tail).key(out)
+    for template, lead_key in keys[0].items():
+        key = template.key(out)
         sources = []
         for source, theirs in zip(piece.sources, keys):
-            if tail not in theirs:
+            if template not in theirs:
                 raise CkptError(f"{source.model} has no key for {lead_key!r} in its layer "
-                                f"{source.layer_range[0] + offset} (nothing ending {tail!r}), which "
+                                f"{source.layer_range[0] + offset} (no {str(template)!r}), which "
                                 f"{lead.model} has: the sources of a slice must hold the same keys")
-            sources.append(context.source(piece, source, theirs[tail], t))
+            sources.append(context.source(piece, source, theirs[template], t))
         planned.append(Planned(key, Role.LAYER, out, t, tuple(sources), context.base(piece),
                                context.shared(piece, key, t)))
     for source, theirs in zip(piece.sources[1:], keys[1:]):
-        ignored += [(source.model, k) for tail, k in theirs.items() if tail not in keys[0]]
+        ignored += [(source.model, k) for template, k in theirs.items() if template not in keys[0]]
     return planned
 
 
