@@ -28,15 +28,16 @@ def tensors(shape, count, spread=0.1, seed=0, base=True):
     return [b, *models] if base else models
 
 
-def ours(method, inputs, given=None, chunk_size=None, key="w"):
+def ours(method, inputs, given=None, chunk_size=None, key="w", has_base=None):
     """Our merge of one key: `inputs` as the method reads them ([base, model...] or [model...])."""
     spec = methods.METHODS[method]
-    models = len(inputs) - (1 if spec.needs_base else 0)
+    has_base = spec.needs_base if has_base is None else has_base
+    models = len(inputs) - (1 if has_base else 0)
     params = methods.resolve_parameters(method, models, given or {})
     arrays = [t.reshape(-1).numpy().astype(np.float32) for t in inputs]
     reads = [lambda start, count, a=a: a[start:start + count] for a in arrays]
     merge = spec(params.for_tensor(key), key, reads, arrays[0].size, "float32",
-                 chunk_size=chunk_size or methods.CHUNK, shape=tuple(inputs[0].shape))
+                 chunk_size=chunk_size or methods.CHUNK, shape=tuple(inputs[0].shape), has_base=has_base)
     out = np.concatenate([np.array(merge.chunk(j)) for j in range(merge.chunks)]) if merge.chunks else np.zeros(0)
     return torch.from_numpy(out.astype(np.float32)).reshape(inputs[0].shape)
 
@@ -298,3 +299,105 @@ def test_passthrough_equals_mergekit(scale):
 def test_ram_takes_one_epsilon():
     with pytest.raises(UsageError, match="--method ram takes one --epsilon, not one per model"):
         methods.resolve_parameters("ram", 2, {"epsilon": "0.1,0.2"})
+
+
+# ---- model-stock, nuslerp, multislerp, karcher: per tensor, row or column ----------------------------
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("count, given", [(2, {}), (3, {}), (3, {"filter_wise": True}), (2, {"filter_wise": True})])
+def test_model_stock_equals_mergekit(count, given, shape):
+    inputs = tensors(shape, count)
+    assert_close(ours("model-stock", inputs, given), kit("model_stock", inputs, given), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours("model-stock", inputs, given, chunk_size=3), ours("model-stock", inputs, given))
+
+
+def test_model_stock_keeps_the_base_where_the_changes_cancel():
+    base = torch.zeros(4)
+    a = torch.tensor([1.0, 2.0, 0.0, 0.0])
+    inputs = [base, a, -a]  # cos = −1: 1 + (N − 1)·cos = 0
+    assert ours("model-stock", inputs).tolist() == [0.0] * 4
+    assert_close(ours("model-stock", inputs), kit("model_stock", inputs))
+
+
+NUSLERP = [{"weights": [1.0, 1.0]}, {"weights": [1.0, 3.0]}, {"weights": [1.0, -1.0]},
+           {"weights": [2.0, 1.0], "nuslerp_flatten": False},
+           {"weights": [2.0, 1.0], "nuslerp_flatten": False, "nuslerp_row_wise": True}]
+
+
+@pytest.mark.parametrize("shape", [(16, 12), (40,), (3, 4, 5)])
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("given", NUSLERP)
+def test_nuslerp_equals_mergekit(given, with_base, shape):
+    inputs = tensors(shape, 2, spread=0.5 if with_base else 1.0, base=with_base)
+    got = ours("nuslerp", inputs, given, has_base=with_base)
+    assert_close(got, kit("nuslerp", inputs, given, base=with_base), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours("nuslerp", inputs, given, chunk_size=5, has_base=with_base), got)
+
+
+def test_nuslerp_of_collinear_vectors_is_linear():
+    a = torch.arange(1.0, 7.0)
+    inputs = [a, 3 * a]
+    got = ours("nuslerp", inputs, {"weights": [1.0, 1.0]}, has_base=False)
+    assert_close(got, 2 * a)
+    assert_close(got, kit("nuslerp", inputs, {"weights": [1.0, 1.0]}, base=False))
+
+
+@pytest.mark.parametrize("shape", [(16, 12), (40,), (3, 4, 5)])
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("given", [{"weights": [1.0, 1.0, 1.0]}, {"weights": [1.0, 2.0, 0.5]},
+                                   {"weights": [0.2, 0.3, 0.5], "normalize_weights": False},
+                                   {"weights": [1.0, 2.0, 0.5], "eps": 1e-3}])
+def test_multislerp_equals_mergekit(given, with_base, shape):
+    inputs = tensors(shape, 3, spread=0.5, base=with_base) if with_base else tensors(shape, 3, base=False, spread=1.0)
+    got = ours("multislerp", inputs, given, has_base=with_base)
+    assert_close(got, kit("multislerp", inputs, given, base=with_base), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours("multislerp", inputs, given, chunk_size=5, has_base=with_base), got)
+
+
+def test_multislerp_of_one_model_and_of_two_that_cancel():
+    (a,) = tensors((5,), 1, base=False)
+    assert_close(ours("multislerp", [a], {"weights": [1.0]}, has_base=False), a)
+    inputs = [a, -a]
+    given = {"weights": [1.0, 1.0]}
+    assert_close(ours("multislerp", inputs, given, has_base=False), kit("multislerp", inputs, given, base=False))
+    with pytest.raises(UsageError, match="sum to 0"):
+        methods.resolve_parameters("multislerp", 2, {"weights": [1.0, -1.0]})
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("count, given", [(2, {}), (3, {}), (4, {"max_iter": 3}), (3, {"tol": 1e-2}),
+                                          (3, {"max_iter": 0})])
+def test_karcher_equals_mergekit(count, given, shape):
+    inputs = tensors(shape, count, spread=0.5, base=False)
+    got = ours("karcher", inputs, given)
+    assert_close(got, kit("karcher", inputs, given, base=False), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours("karcher", inputs, given, chunk_size=3), got)
+
+
+def test_karcher_skips_a_zero_model():
+    a, b = tensors((6,), 2, base=False)
+    inputs = [a, b, torch.zeros(6)]
+    assert_close(ours("karcher", inputs), kit("karcher", inputs, base=False), rtol=1e-4, atol=1e-5)
+
+
+def test_base_optional_methods_take_base_or_not_on_the_command_line(cli, tmp_path):
+    from safetensors.torch import save_file
+
+    from conftest import assert_one_error_line, load_any
+
+    inputs = tensors((8, 6), 2, spread=0.5)
+    paths = [tmp_path / f"{n}.safetensors" for n in ("base", "a", "b")]
+    for path, t in zip(paths, inputs):
+        save_file({"w": t}, str(path))
+    with_base, without = tmp_path / "with.safetensors", tmp_path / "without.safetensors"
+    assert cli("merge", *paths[1:], "--base", paths[0], "--method", "nuslerp", "--weights", "1,2", "-o",
+               with_base).code == 0
+    assert cli("merge", *paths[1:], "--method", "nuslerp", "--weights", "1,2", "--no-nuslerp-flatten",
+               "-o", without).code == 0
+    assert_close(load_any(with_base)["w"], kit("nuslerp", inputs, {"weights": [1.0, 2.0]}))
+    assert_close(load_any(without)["w"], kit("nuslerp", inputs[1:], {"weights": [1.0, 2.0], "nuslerp_flatten": False},
+                                             base=False), rtol=1e-4, atol=1e-5)
+    refused = cli("merge", *paths[1:], "--base", paths[0], "--method", "karcher", "-o", tmp_path / "k.safetensors")
+    assert_one_error_line(refused, "--base applies to --method", "nuslerp, multislerp", "karcher averages", code=2)
+    refused = cli("merge", *paths[1:], "--method", "model-stock", "-o", tmp_path / "k.safetensors")
+    assert_one_error_line(refused, "--method model-stock needs --base BASE", code=2)

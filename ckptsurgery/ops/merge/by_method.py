@@ -66,8 +66,8 @@ def _check_base(method: str, base: str | None) -> None:
     spec = methods.METHODS[method]
     if base is None and spec.needs_base:
         raise UsageError(f"--method {method} needs --base BASE: the model the others' changes are measured from")
-    if base is not None and not spec.needs_base:
-        takers = ", ".join(name for name, m in methods.METHODS.items() if m.needs_base)
+    if base is not None and not (spec.needs_base or spec.base_optional):
+        takers = ", ".join(name for name, m in methods.METHODS.items() if m.needs_base or m.base_optional)
         raise UsageError(f"--base applies to --method {takers} only" + (f" ({spec.without_base})" if spec.without_base
                                                                         else ""))
 
@@ -110,7 +110,7 @@ def merge_by_method(models: list[Checkpoint], base: Checkpoint | None, method_na
         tie = tuple(g.view_key() for g in group)
         if tie not in tied:  # seeded by the tied group's first name in sorted order: order-free
             key = min(groups[tie])
-            merge = _key_merge(key, method_name, group, params)
+            merge = _key_merge(key, method_name, group, params, base is not None)
             result.key_merges[key] = merge
             tied[tie] = _streamed(merge, group[0].shape, cast or t.dtype)
         result.tensors[name] = tied[tie]
@@ -140,12 +140,13 @@ def _check_agreement(models: list[Checkpoint], reference: Checkpoint, role: str)
                         + " (merge --into the first one to fit them)")
 
 
-def _key_merge(key: str, method_name: str, group: list[TensorRef], params: Parameters) -> MergeMethod:
+def _key_merge(key: str, method_name: str, group: list[TensorRef], params: Parameters, has_base: bool) -> MergeMethod:
     """The merge of one key: `group` is [base, model...] for the methods with a base, else
     [model...]; computed in float32, or float64 when an input is float64."""
     wide = "float64" if any(t.dtype.name == "float64" for t in group) else "float32"
     return methods.METHODS[method_name](params.for_tensor(key), key, [_reader(t, wide) for t in group],
-                                        group[0].numel, wide, chunk_size=methods.CHUNK, shape=group[0].shape)
+                                        group[0].numel, wide, chunk_size=methods.CHUNK, shape=group[0].shape,
+                                        has_base=has_base)
 
 
 def _reader(t: TensorRef, wide: str) -> methods.Read:

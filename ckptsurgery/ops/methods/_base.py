@@ -81,6 +81,7 @@ class MergeMethod:
     name: ClassVar[str] = ""  # --method NAME
     summary: ClassVar[str] = ""  # what it computes, one line, for the docs' table
     needs_base: ClassVar[bool] = False
+    base_optional: ClassVar[bool] = False  # --base may be given or not (nuslerp, multislerp): `has_base` says which
     without_base: ClassVar[str | None] = None  # when --base is refused: what the method goes from instead
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
@@ -93,19 +94,20 @@ class MergeMethod:
         """Checks across the resolved values (each was checked alone): raises a UsageError."""
 
     def __init__(self, params: Mapping[str, Any], key: str, reads: list[Read], numel: int, wide: str,
-                 chunk_size: int = CHUNK, shape: tuple[int, ...] | None = None):
+                 chunk_size: int = CHUNK, shape: tuple[int, ...] | None = None, has_base: bool | None = None):
         defaults = {p.name: p.default for p in self.parameters if not p.required}  # what `params` leaves out
         self.params = {**defaults, **params}
         self.key, self.reads, self.numel, self.wide = key, reads, numel, wide
         self.chunk_size = chunk_size
         self.shape = tuple(shape) if shape is not None else (numel,)  # the tensor's, for methods that need rows
+        self.has_base = self.needs_base if has_base is None else has_base  # reads[0] is the base
         self._prepared = False
         self._buffers: dict = {}
 
     @property
     def models(self) -> int:
         """How many models are merged (the base not counted)."""
-        return len(self.reads) - (1 if self.needs_base else 0)
+        return len(self.reads) - (1 if self.has_base else 0)
 
     def each(self, name: str, default: Any = None) -> list:
         """A per-model parameter's values, one per model, whether one value or a list was given."""

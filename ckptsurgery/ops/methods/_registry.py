@@ -165,7 +165,7 @@ def methods_table(methods: Mapping[str, type[MergeMethod]]) -> str:
              "|---|---|---|---|---|---|"]
     for name, method in methods.items():
         taken = ", ".join(f"`{p.option}`" + (" (required)" if p.required else "") for p in method.parameters)
-        lines.append(f"| `{name}` | {method.summary} | {'required' if method.needs_base else 'refused'} "
+        lines.append(f"| `{name}` | {method.summary} | {'required' if method.needs_base else 'optional' if method.base_optional else 'refused'} "
                      f"| {_models_wording(method)} | {taken or '—'} | {method.differs or '—'} |")
     lines += ["", "| parameter | range | default | per model | methods | what it does |", "|---|---|---|---|---|---|"]
     for name, p in parameters_by_name(methods).items():
