@@ -279,8 +279,8 @@ def test_refusals(models):
         plan_recipe(sliced, {a: keys_a})
     with pytest.raises(UsageError, match="no layers found"):
         plan_recipe(sliced, {a: {"w": (1,)}})
-    pair = load_recipe(f"slices: [{{sources: [{{model: {a}, layer_range: [0, 2]}}, {{model: {b}, layer_range: [2, 4]}}]}}]"
-                       f"\nmerge_method: linear\n")
+    pair = load_recipe(f"slices: [{{sources: [{{model: {a}, layer_range: [0, 2]}}, "
+                       f"{{model: {b}, layer_range: [2, 4]}}]}}]\nmerge_method: linear\n")
     with pytest.raises(CkptError, match="in its layer 3"):
         plan_recipe(pair, {a: keys_a, b: short})
     twice = load_recipe(f"models: [{{model: {a}}}, {{model: {a}}}]\nmerge_method: linear\n")

@@ -16,9 +16,9 @@ import yaml
 
 from ckptsurgery.errors import CkptError, UsageError
 from ckptsurgery.ops.recipes import (
-    Conditional, Filtered, Gradient, ModelRef, TokenizerKind, load_recipe, setting_names,
+    Conditional, Filtered, Gradient, ModelRef, TokenizerKind, load_recipe, refuse_unknown_parameters, schema,
+    setting_names,
 )
-from ckptsurgery.ops.recipes import schema
 
 mergekit_config = pytest.importorskip("mergekit.config")
 
@@ -262,10 +262,11 @@ def test_from_a_file(tmp_path):
     ("modles: []\nmerge_method: linear\n", "unknown key 'modles' (did you mean 'models'?)"),
     ("models:\n  - model: a\n    paramters: {weight: 1}\nmerge_method: linear\n",
      "models[0]: unknown key 'paramters' (did you mean 'parameters'?)"),
-    ("slices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n        layers: 3\nmerge_method: passthrough\n",
+    (("slices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n        layers: 3\n"
+      "merge_method: passthrough\n"),
      "slices[0].sources[0]: unknown key 'layers'"),
-    ("models:\n  - model: a\n    parameters:\n      t:\n        - pattern: self_attn\n          value: 1\n"
-     "merge_method: slerp\n", "models[0].parameters.t[0]: unknown key 'pattern'"),
+    (("models:\n  - model: a\n    parameters:\n      t:\n        - pattern: self_attn\n          value: 1\n"
+      "merge_method: slerp\n"), "models[0].parameters.t[0]: unknown key 'pattern'"),
     ("models:\n  - model: a\nmerge_method: linear\ntokenizer_source: union\n", "union"),
     ("modules: {}\nmerge_method: linear\n", "`modules:`"),
     ("models:\n  - model: a\nmerge_method: linear\ntokenizer: {source: base}\n", "`tokenizer:`"),
@@ -276,8 +277,8 @@ def test_from_a_file(tmp_path):
     ("models:\n  - model: a\nmerge_method: linear\ndtype: float8\n", "dtype 'float8': not one of"),
     ("slices:\n  - sources:\n      - model: a\n        layer_range: [3, 3]\nmerge_method: passthrough\n",
      "0 <= start < end"),
-    ("slices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n      - model: b\n"
-     "        layer_range: [0, 3]\nmerge_method: linear\n", "as many layers (here 2, 3)"),
+    (("slices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n      - model: b\n"
+      "        layer_range: [0, 3]\nmerge_method: linear\n"), "as many layers (here 2, 3)"),
     ("slices:\n  - sources:\n      - model: a\n        layer_range: [0.5, 2]\nmerge_method: passthrough\n",
      "two whole numbers"),
     ("models:\n  - model: a\n    parameters: {weight: [1, {filter: x, value: 2}]}\nmerge_method: linear\n",
@@ -346,3 +347,14 @@ def test_without_libyaml(monkeypatch):
         load_recipe("[" * 20000 + "]" * 20000)
     test_billion_laughs_is_refused_quickly()
     assert load_recipe(RECIPES["solar"]).slices[0].sources[0].layer_range == (0, 24)
+
+
+def test_parameters_a_method_does_not_take_are_named_where_they_are():
+    recipe = load_recipe(RECIPES["ties-filters-lora"])
+    refuse_unknown_parameters(recipe, ["weight", "density", "normalize", "int8_mask"])
+    with pytest.raises(UsageError) as e:
+        refuse_unknown_parameters(recipe, ["weight", "density", "normalize", "int8_masks"])
+    assert str(e.value) == "parameters.int8_mask: ties does not take 'int8_mask' (did you mean 'int8_masks'? it " \
+                           "takes: density, int8_masks, normalize, weight)"
+    with pytest.raises(UsageError, match=r"^parameters.normalize: linear does not take 'normalize' \(it takes"):
+        refuse_unknown_parameters(recipe, ["weight"], "linear")

@@ -6,8 +6,6 @@ the same value, to the bit."""
 from __future__ import annotations
 
 import itertools
-from typing import Optional
-
 import pytest
 import yaml
 
@@ -15,9 +13,9 @@ from ckptsurgery.ops.recipes import Settings, evaluate, load_recipe, resolve
 from ckptsurgery.ops.recipes.schema import _setting
 
 mergekit_config = pytest.importorskip("mergekit.config")
-from mergekit.merge_methods.base import ParameterScope, ParameterSpec  # noqa: E402
-from mergekit.parameter_resolver import resolve_parameter  # noqa: E402
-from pydantic import TypeAdapter  # noqa: E402
+from mergekit.merge_methods.base import ParameterScope, ParameterSpec
+from mergekit.parameter_resolver import resolve_parameter
+from pydantic import TypeAdapter
 
 SETTINGS = [
     "0.5", "1", "true", "'text'", "[]", "[0.3]", "[0, 1]", "[0, 0.5, 0.3, 0.7, 1]", "[1, 0.5, 0.7, 0.3, 0]",
@@ -33,7 +31,7 @@ TENSORS = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"
 TS = [0.0, 1e-9, 0.1, 0.2, 0.25, 1 / 3, 0.5, 0.6, 2 / 3, 0.7, 0.75, 0.9, 0.999999, 1.0] + [i / 39 for i in range(40)]
 
 ANY = TypeAdapter(object).validate_python  # mergekit validates by the parameter's type; none here
-FLOAT = TypeAdapter(Optional[float]).validate_python
+FLOAT = TypeAdapter(float | None).validate_python
 
 
 def _theirs(text):
@@ -107,13 +105,13 @@ def test_precedence_as_mergekit():
         their_model = theirs.slices[0].sources[index].model
         scopes = [source.parameters, piece.parameters, ours.parameters]
         for name, tensor, t in itertools.product(("weight", "density", "gamma", "epsilon", "lambda"), TENSORS, TS):
-            spec = ParameterSpec(name, Optional[float], ParameterScope.INPUT, default=None)
+            spec = ParameterSpec(name, float | None, ParameterScope.INPUT, default=None)
             expected = resolve_parameter(spec, tuple(reader.with_t(t).parameter_sources(their_model)),
                                          tensor_name=tensor, t=t)
             assert _same(resolve(scopes, name, tensor, t, FLOAT), expected), (index, name, tensor, t)
     shared = [piece.parameters, ours.parameters]
     for name, tensor, t in itertools.product(("weight", "density", "epsilon"), TENSORS, TS):
-        spec = ParameterSpec(name, Optional[float], ParameterScope.SHARED, default=None)
+        spec = ParameterSpec(name, float | None, ParameterScope.SHARED, default=None)
         expected = resolve_parameter(spec, tuple(reader.with_t(t).parameter_sources(None)), tensor_name=tensor, t=t)
         assert _same(resolve(shared, name, tensor, t, FLOAT), expected), (name, tensor, t)
 

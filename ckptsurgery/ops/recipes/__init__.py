@@ -16,6 +16,11 @@ from .layers import LayerScheme, Template, check_layer_pattern, layer_scheme
 from .plan import Planned, RecipePlan, Role, Source, plan_lines, plan_recipe, side
 from .schema import (
     Conditional, Filtered, Gradient, ModelEntry, ModelRef, Recipe, Settings, Slice, SliceSource, TokenizerKind,
-    TokenizerSource, load_recipe, setting_names, walk_settings,
+    TokenizerSource, load_recipe, refuse_unknown_parameters, setting_names, walk_settings,
 )
 from .values import evaluate, resolve
+
+__all__ = ["Conditional", "Filtered", "Gradient", "LayerScheme", "ModelEntry", "ModelRef", "Planned", "Recipe",
+           "RecipePlan", "Role", "Settings", "Slice", "SliceSource", "Source", "Template", "TokenizerKind",
+           "TokenizerSource", "check_layer_pattern", "evaluate", "layer_scheme", "load_recipe", "plan_lines",
+           "plan_recipe", "refuse_unknown_parameters", "resolve", "setting_names", "side", "walk_settings"]

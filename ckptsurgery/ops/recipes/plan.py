@@ -152,7 +152,7 @@ class _Context:
         """The keys of `model`'s layer `layer`, by their name without the number (two stacks
         one --layer-pattern numbers, `encoder.block.3.x` and `decoder.block.3.x`, stay two)."""
         if model not in self.by_layer:
-            table: dict[int, dict[str, str]] = {}
+            table: dict[int, dict[Template, str]] = {}
             scheme = self.scheme(model)
             for key in self.key_sets[model]:
                 index, template = scheme.split(key)

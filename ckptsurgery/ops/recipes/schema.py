@@ -23,10 +23,10 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from ...errors import CkptError, UsageError
 from ...kinds import Kind
@@ -35,7 +35,7 @@ MAX_BYTES = 4 << 20  # a recipe is a few hundred bytes; the biggest real ones a 
 MAX_VALUES = 100_000  # values (mappings, lists, scalars) the parsed recipe may hold, aliases expanded
 DTYPES = ("bfloat16", "float16", "float32", "float64", "int64")  # mergekit's dtype_from_name
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class Filtered:
     entries: tuple[Conditional, ...]
 
 
-Setting = Union[Scalar, Gradient, Filtered]
+Setting = Scalar | Gradient | Filtered
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ def _parse_yaml(text: str, where: str) -> Any:
 
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        return yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader: plain data only
+        return yaml.load(text, Loader=loader)  # a safe loader: plain data only
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -473,3 +473,15 @@ def setting_names(recipe: Recipe) -> Mapping[str, str]:
         for name in settings.names:
             found.setdefault(name, f"{at}.{name}")
     return found
+
+
+def refuse_unknown_parameters(recipe: Recipe, accepted: Iterable[str], method: str | None = None) -> None:
+    """A UsageError naming the first parameter the recipe sets that `method` (the recipe's
+    merge_method by default) does not take, and where it is set."""
+    accepted = set(accepted)
+    for name, at in setting_names(recipe).items():
+        if name not in accepted:
+            near = difflib.get_close_matches(name, sorted(accepted), n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            takes = ", ".join(sorted(accepted)) or "no parameters"
+            raise UsageError(f"{at}: {method or recipe.merge_method} does not take {name!r} ({hint}it takes: {takes})")
