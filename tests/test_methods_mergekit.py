@@ -401,3 +401,36 @@ def test_base_optional_methods_take_base_or_not_on_the_command_line(cli, tmp_pat
     assert_one_error_line(refused, "--base applies to --method", "nuslerp, multislerp", "karcher averages", code=2)
     refused = cli("merge", *paths[1:], "--method", "model-stock", "-o", tmp_path / "k.safetensors")
     assert_one_error_line(refused, "--method model-stock needs --base BASE", code=2)
+
+
+# ---- arcee-fusion -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(16, 12), (40,), (3, 4, 5), (200, 64)])
+def test_arcee_fusion_equals_mergekit(shape):
+    inputs = tensors(shape, 1, spread=0.3)
+    got = ours("arcee-fusion", inputs)
+    want = kit("arcee_fusion", inputs)
+    assert_close(got, want)
+    assert 0 < int(((got - inputs[0]) != 0).sum()) < got.numel()  # some changes kept, not all
+    torch.testing.assert_close(ours("arcee-fusion", inputs, chunk_size=7), got)
+
+
+@pytest.mark.parametrize("method, kit_method", [("arcee-fusion", "arcee_fusion"), ("ramplus-tl", "ramplus_tl")])
+def test_methods_mergekit_promotes_write_bfloat16_when_asked(cli, tmp_path, method, kit_method):
+    """mergekit's float32 mask (arcee_fusion) and λ (ramplus_tl) promote a bfloat16 merge to float32;
+    we write what the inputs are (or --dtype asks for)."""
+    from safetensors.torch import save_file
+
+    from conftest import load_any
+
+    base, model = (t.to(torch.bfloat16) for t in tensors((16, 12), 1, spread=0.3))
+    paths = [tmp_path / "base.safetensors", tmp_path / "m.safetensors"]
+    save_file({"w": base}, str(paths[0]))
+    save_file({"w": model}, str(paths[1]))
+    out = tmp_path / "o.safetensors"
+    extra = ["--epsilon", "0.05"] if method == "ramplus-tl" else []
+    assert cli("merge", paths[1], "--base", paths[0], "--method", method, *extra, "-o", out).code == 0
+    got = load_any(out)["w"]
+    want = kit(kit_method, [base, model], {"epsilon": 0.05} if method == "ramplus-tl" else {})
+    assert got.dtype == torch.bfloat16 and want.dtype == torch.float32
+    torch.testing.assert_close(got, want.to(torch.bfloat16), rtol=1e-2, atol=1e-2)
