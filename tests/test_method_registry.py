@@ -59,7 +59,7 @@ def test_every_declared_parameter_is_an_option_of_merge():
     assert list(options["--method"].type.choices) == list(methods.METHODS)
     by_name = {o.parameter: o for o in declared}
     assert by_name["density"].help.endswith("; in (0, 1], one or one per model; default 1.")
-    assert "Taken by --method ties, dare-linear, dare-ties, " in by_name["density"].help
+    assert "Taken by --method task-arithmetic, ties, dare-linear, dare-ties, " in by_name["density"].help
     assert by_name["t"].help.endswith("Taken by --method slerp (in [0, 1]; required); nearswap (a finite number; "
                                       "required).")
     assert by_name["weights"].type is str and by_name["seed"].type is int and by_name["density"].type is str
@@ -140,8 +140,8 @@ def test_the_first_refused_option_is_named_in_the_order_given():
     ("ties", 2, {"density": "0.25,0.5", "normalize": False}, {"weights": [1.0, 1.0], "density": [0.25, 0.5],
                                                               "scale": 1.0, "normalize": False, "rescale": False,
                                                               "int8_mask": False}),
-    ("task-arithmetic", 1, {}, {"weights": [1.0], "scale": 1.0, "normalize": False, "rescale": False,
-                                "int8_mask": False}),
+    ("task-arithmetic", 1, {}, {"weights": [1.0], "density": 1.0, "scale": 1.0, "normalize": False,
+                                "rescale": False, "int8_mask": False}),
     ("linear", 2, {"weights": [3, 1]}, {"weights": [3.0, 1.0], "normalize": True}),
     ("linear", 2, {"weights": [3, -3], "normalize": False}, {"weights": [3.0, -3.0], "normalize": False}),
     ("slerp", 2, {"t": 1}, {"t": 1.0}),
@@ -337,7 +337,7 @@ def test_a_method_in_one_new_file_is_a_method_of_the_command_line(package_copy):
                           code=2)
     assert_one_error_line(run_copy(root, "merge", "m.safetensors", "m.safetensors", "--method", "linear",
                                    "--density", "0.5", "-o", "o.safetensors"),
-                          "--density applies to --method ties, dare-linear, dare-ties, ", "nudge only, not to linear",
+                          "--density applies to --method task-arithmetic, ties, dare-linear, dare-ties, ", "nudge only, not to linear",
                           code=2)
     assert not (root / "o.safetensors").exists()
     merged = run_copy(root, "merge", *common, "--density", "0.5", "-o", "o.safetensors", "--json")

@@ -380,7 +380,7 @@ def test_dry_run_reports_and_writes_nothing(cli, tmp_path):
     (["--method", "ties"], "--method ties needs --base BASE"),
     (["--method", "linear", "--base", "{b}"], "--base applies to --method task-arithmetic, ties, dare-linear, dare-ties"),
     (["--method", "slerp", "--t", "0.5", "--base", "{b}"], "slerp goes from the first model"),
-    (["--method", "linear", "--density", "0.5"], "--density applies to --method ties, dare-linear, dare-ties, "),
+    (["--method", "linear", "--density", "0.5"], "--density applies to --method task-arithmetic, ties, dare-linear, dare-ties, "),
     (["--method", "task-arithmetic", "--base", "{b}", "--seed", "1"], "--seed applies to --method dare-linear, dare-ties, "),
     (["--method", "ties", "--base", "{b}", "--t", "0.5"], "--t applies to --method slerp, nearswap only"),
     (["--method", "slerp", "--t", "0.5", "--weights", "1,1,1"], "--weights applies to --method linear"),

@@ -434,3 +434,51 @@ def test_methods_mergekit_promotes_write_bfloat16_when_asked(cli, tmp_path, meth
     want = kit(kit_method, [base, model], {"epsilon": 0.05} if method == "ramplus-tl" else {})
     assert got.dtype == torch.bfloat16 and want.dtype == torch.float32
     torch.testing.assert_close(got, want.to(torch.bfloat16), rtol=1e-2, atol=1e-2)
+
+
+# ---- per-tensor values, as recipes give them ------------------------------------------------------
+
+def test_per_tensor_values_are_checked_and_reach_each_keys_merge():
+    params = methods.resolve_parameters("della", 2, {"density": 0.5, "weights": [1.0, 2.0]})
+    layered = params.varying("density", lambda key: [0.9, 0.4] if key.startswith("head") else None) \
+                    .varying("epsilon", lambda key: "0.05" if key.startswith("head") else 0.2)
+    assert layered.for_tensor("head.w")["density"] == [0.9, 0.4] and layered.for_tensor("head.w")["epsilon"] == 0.05
+    assert layered.for_tensor("body.w")["density"] == 1.0 and layered.for_tensor("body.w")["epsilon"] == 0.2
+    bad = params.varying("density", lambda key: [0.5, 1.5])
+    with pytest.raises(UsageError, match=r"^body.w: --density \[0.5, 1.5\]: every density must be in \(0, 1\]$"):
+        bad.for_tensor("body.w")
+    crossed = params.varying("epsilon", lambda key: 0.6)  # density 0.5 ± 0.6 leaves (0, 1)
+    with pytest.raises(UsageError, match="^body.w: --density 0.5 with --epsilon 0.6"):
+        crossed.for_tensor("body.w")
+    flags = methods.resolve_parameters("ties", 2, {}).varying("normalize", lambda key: key == "a")
+    assert flags.for_tensor("a")["normalize"] is True and flags.for_tensor("b")["normalize"] is False
+    with pytest.raises(ValueError, match="seed is not a parameter that may vary per tensor"):
+        methods.resolve_parameters("della", 2, {}).varying("seed", lambda key: 1)
+
+
+def test_a_per_tensor_per_model_density_gives_mergekits_merge_of_that_key():
+    inputs = tensors((12, 10), 2)
+    params = methods.resolve_parameters("ties", 2, {}).varying("density", lambda key: [0.3, 0.8])
+    arrays = [t.reshape(-1).numpy() for t in inputs]
+    reads = [lambda start, count, a=a: a[start:start + count] for a in arrays]
+    merge = methods.METHODS["ties"](params.for_tensor("w"), "w", reads, 120, "float32", shape=(12, 10))
+    got = torch.from_numpy(np.concatenate([merge.chunk(j) for j in range(merge.chunks)])).reshape(12, 10)
+    assert_close(got, kit("ties", inputs, {"density": [0.3, 0.8], "weight": [1.0, 1.0]}))
+
+
+# ---- every mergekit method and parameter has ours ----------------------------------------------------
+
+def test_every_mergekit_method_and_parameter_is_ours_with_mergekits_default():
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import MISSING
+
+    for kit_method in registry.registered_methods():
+        name = methods.method_of_mergekit(kit_method.spec.name)
+        assert name in methods.METHODS, kit_method.spec.name
+        spec = methods.METHODS[name]
+        ours_by_name = {p.name: p for p in spec.parameters}
+        for p in kit_method.spec.parameters:
+            ours_name = methods.MERGEKIT_PARAMETERS.get(p.name, p.name)
+            assert ours_name in ours_by_name, (name, p.name)
+            if p.default is not MISSING and p.default is not None:  # mergekit requires weights; ours are 1
+                assert ours_by_name[ours_name].default == p.default, (name, p.name)

@@ -24,6 +24,14 @@ from ._registry import MergeOption
 from ._task_arithmetic import Consensus, Sparsification, TaskArithmetic
 
 METHODS: dict[str, type[MergeMethod]] = _registry.discover(__name__, __path__)
+# mergekit's names of parameters, where ours differ (a recipe's `weight: 0.5` is our --weights, `lambda` --scale)
+MERGEKIT_PARAMETERS = {"weight": "weights", "lambda": "scale"}
+
+
+def method_of_mergekit(name: str) -> str:
+    """Our name of mergekit's `merge_method: NAME` (model_stock -> model-stock); not checked."""
+    return name.replace("_", "-")
+
 PARAMETERS: dict[str, Parameter] = _registry.parameters_by_name(METHODS)  # every method's, by name
 
 
@@ -44,6 +52,6 @@ def methods_table() -> str:
     return _registry.methods_table(METHODS)
 
 
-__all__ = ["CHUNK", "METHODS", "PARAMETERS", "REQUIRED", "Consensus", "MergeMethod", "MergeOption", "Parameter",
+__all__ = ["CHUNK", "MERGEKIT_PARAMETERS", "METHODS", "PARAMETERS", "method_of_mergekit", "REQUIRED", "Consensus", "MergeMethod", "MergeOption", "Parameter",
            "Parameters", "Range", "Read", "Sparsification", "TaskArithmetic", "decode", "encode",
            "merge_options", "methods_table", "option_of", "resolve_parameters", "tensor_seed"]

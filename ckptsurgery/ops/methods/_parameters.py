@@ -63,7 +63,7 @@ class Parameter:
     default: Any = REQUIRED
     range: Range = FINITE
     per_model: bool = False
-    per_tensor: bool = False
+    per_tensor: bool = True  # every parameter but the seed: a method reads its key's values, whatever they are
     each: str = "value"
     broadcast: bool = False
     of: Parameter | None = field(default=None, compare=False, repr=False)  # the declaration this is a variant of
@@ -185,20 +185,34 @@ class Parameters:
     values: Mapping[str, Any]
     declared: tuple[Parameter, ...] = ()
     rules: Mapping[str, Callable[[str], Any]] = field(default_factory=dict)
+    models: int = 0  # how many models (a per-model value given by a rule is checked against it)
+    check: Callable[[dict], None] | None = None  # the method's check across its values, run on each key's
 
     def for_tensor(self, key: str) -> dict[str, Any]:
+        """The values of `key`: a rule's value checked as the command line's are (Parameter.resolve:
+        "0.5,0.7", [0.5, 0.7], 0.5 for a per-model one), and the method's check across them; a
+        UsageError names the key."""
         values = dict(self.values)
-        for name, rule in self.rules.items():
-            values[name] = rule(key)
+        if not self.rules:
+            return values
+        declared = {p.name: p for p in self.declared}
+        try:
+            for name, rule in self.rules.items():
+                values[name] = declared[name].resolve(rule(key), self.method, self.models)
+            if self.check is not None:
+                self.check(values)
+        except UsageError as refused:
+            raise UsageError(f"{key}: {refused}") from None
         return values
 
     def varying(self, name: str, rule: Callable[[str], Any]) -> Parameters:
-        """These parameters with `name`'s value given per key by `rule(key)` (a value already
-        checked, of the uniform value's form: a list per model for a per-model parameter)."""
+        """These parameters with `name`'s value given per key by `rule(key)` (a value of the forms
+        `resolve_parameters` takes: a number, a bool, a list per model or "a,b" for a per-model
+        parameter; None: the method's default), checked when a key asks for its values."""
         parameter = next((p for p in self.declared if p.name == name), None)
         if parameter is None or not parameter.per_tensor:
             raise ValueError(f"--method {self.method}: {name} is not a parameter that may vary per tensor")
-        return Parameters(self.method, self.values, self.declared, {**self.rules, name: rule})
+        return replace(self, rules={**self.rules, name: rule})
 
     def report(self) -> dict[str, Any]:
         return {name: list(v) if isinstance(v, list) else v for name, v in self.values.items()}
@@ -216,7 +230,8 @@ SCALE = Parameter("scale", "Multiplies the combined delta (λ, mergekit's `lambd
 T = Parameter("t", "slerp: where between the two models, 0 the first, 1 the second; nearswap: the distance "
               "below which the model's value is taken whole.", "T", range=UNIT_INTERVAL, per_tensor=True)
 SEED = Parameter("seed", "Seeds the random drop (with each key's name: the draws do not depend on the order keys "
-                 "are written in, nor on how they are chunked).", "N", type=int, default=0, range=NON_NEGATIVE)
+                 "are written in, nor on how they are chunked).", "N", type=int, default=0, range=NON_NEGATIVE,
+                 per_tensor=False)
 NORMALIZE = Parameter("normalize", "Divide the combined delta by the sum of the weights (with a sign election: of "
                       "the weights that agree); linear: by the sum of the weights.", "", type=bool, default=False)
 RESCALE = Parameter("rescale", "Multiply what each delta keeps so that it keeps its L1 norm.", "", type=bool,

@@ -113,7 +113,7 @@ def resolve_parameters(methods: Mapping[str, type[MergeMethod]], method_name: st
                          + (" (the base is --base)" if method.needs_base else ""))
     values = {p.name: p.resolve(given.get(p.name), method_name, models) for p in method.parameters}
     method.check(values)
-    return Parameters(method_name, values, method.parameters)
+    return Parameters(method_name, values, method.parameters, models=models, check=method.check)
 
 
 # ---- what the command line and the docs show ---------------------------------------------------
