@@ -482,3 +482,80 @@ def test_every_mergekit_method_and_parameter_is_ours_with_mergekits_default():
             assert ours_name in ours_by_name, (name, p.name)
             if p.default is not MISSING and p.default is not None:  # mergekit requires weights; ours are 1
                 assert ours_by_name[ours_name].default == p.default, (name, p.name)
+
+
+# ---- whole merges: mergekit-yaml's run_merge on a tiny Llama, ours through the command line ----------
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("llamas")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config)
+    base.save_pretrained(folder / "base")
+    for i in range(3):
+        tuned = transformers.LlamaForCausalLM(config)
+        tuned.load_state_dict({k: v + 0.02 * torch.randn_like(v) for k, v in base.state_dict().items()})
+        tuned.save_pretrained(folder / f"m{i}")
+    return folder
+
+
+RECIPES = [  # mergekit's method, how many models, base or not, per-model parameters, global ones
+    ("ties", 2, True, {"weight": [1.0, 0.5], "density": [0.4, 0.7]}, {"normalize": False, "rescale": True}),
+    ("breadcrumbs_ties", 2, True, {"weight": [1.0, 0.5], "density": [0.5, 0.8], "gamma": [0.02, 0.1]},
+     {"lambda": 0.9}),
+    ("linear", 2, False, {"weight": [1.0, 0.5]}, {"normalize": False}),
+    ("sce", 3, True, {}, {"select_topk": 0.5}),
+    ("model_stock", 3, True, {}, {"filter_wise": True}),
+    ("nuslerp", 2, False, {"weight": [1.0, 2.0]}, {"nuslerp_flatten": False}),
+    ("multislerp", 3, True, {"weight": [1.0, 2.0, 1.0]}, {}),
+    ("karcher", 3, False, {}, {"max_iter": 5}),
+    ("nearswap", 1, True, {}, {"t": 0.01}),
+    ("arcee_fusion", 1, True, {}, {}),
+    ("ramplus_tl", 3, True, {}, {"epsilon": 0.01}),
+]
+
+
+@pytest.mark.parametrize("kit_method, count, with_base, per_model, shared", RECIPES)
+def test_whole_merges_equal_mergekit_yaml(cli, tmp_path, llamas, monkeypatch, kit_method, count, with_base,
+                                          per_model, shared):
+    pytest.importorskip("mergekit")
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    from conftest import load_any
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models = []
+    for i in range(count):
+        entry = {"model": str(llamas / f"m{i}")}
+        if per_model:
+            entry["parameters"] = {k: v[i] for k, v in per_model.items()}
+        models.append(entry)
+    recipe = {"merge_method": kit_method, "dtype": "float32", "models": models}
+    if with_base:
+        recipe["base_model"] = str(llamas / "base")
+    if shared:
+        recipe["parameters"] = shared
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(recipe))), str(tmp_path / "kit"),
+              options=MergeOptions(lazy_unpickle=True, copy_tokenizer=False))
+    args = ["--method", methods.method_of_mergekit(kit_method)]
+    for name, value in {**per_model, **shared}.items():
+        option = methods.option_of(methods.MERGEKIT_PARAMETERS.get(name, name))
+        if isinstance(value, bool):
+            args.append(option if value else "--no-" + option[2:])
+        else:
+            args += [option, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    if with_base:
+        args += ["--base", str(llamas / "base")]
+    out = tmp_path / "ours.safetensors"
+    result = cli("merge", *(llamas / f"m{i}" for i in range(count)), *args, "-o", out)
+    assert result.code == 0, result.err
+    kit_out, got = load_any(tmp_path / "kit" / "model.safetensors"), load_any(out)
+    assert sorted(kit_out) == sorted(got)
+    for name in kit_out:
+        torch.testing.assert_close(got[name], kit_out[name], rtol=1e-4, atol=1e-5, msg=name)
