@@ -44,7 +44,7 @@ def uniform_draws(seed: int, key: str, model: int, start: int, count: int):
     is cut into chunks to be computed."""
     import numpy as np
 
-    out = np.empty(count, "<u4")
+    parts = []
     done = 0
     while done < count:
         block, offset = divmod(start + done, DRAW_BLOCK)
@@ -54,9 +54,9 @@ def uniform_draws(seed: int, key: str, model: int, start: int, count: int):
             generator.advance(offset // 2)
         first = offset % 2
         raw = generator.random_raw((first + n + 1) // 2).astype("<u8", copy=False).view("<u4")
-        out[done:done + n] = raw[first:first + n]
+        parts.append(raw[first:first + n])
         done += n
-    return out
+    return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, "<u4")
 
 
 def below(probability: float):

@@ -24,19 +24,20 @@ class _Edge:
 @dataclass
 class RankWindow:
     """Keeps entries of rank [a, b) by value, the largest ranked 0: chunk j of the values in, a
-    boolean mask out (`keep`). `kept_sum` and `total_sum` are the sums of the kept values and of
-    all values, in float64 (their ratio rescales a delta to its L1 norm)."""
+    boolean mask out (`keep`). With `sums`, `kept_sum` and `total_sum` are the sums of the kept
+    values and of all values, in float64 (their ratio rescales a delta to its L1 norm)."""
 
-    low: float | None  # entries strictly between low and high are kept; None: nothing is kept
+    low: float | None  # entries above low (when a bound) and below high (when a bound) are kept
     high: float | None
     edges: list[_Edge]
-    kept_sum: float
-    total_sum: float
+    kept_sum: float = 0.0
+    total_sum: float = 0.0
+    nothing: bool = False
     everything: bool = False
 
     @classmethod
     def measure(cls, numel: int, spans: list[tuple[int, int]], values: Callable[[int, object], object], wide: str,
-                a: int | Callable, b: int | None = None) -> RankWindow:
+                a: int | Callable, b: int | None = None, sums: bool = False) -> RankWindow:
         """`values(j, out)` writes chunk j's values (magnitudes, variances: ≥ 0) into `out`; the
         window is [a, b), or `a(values)` when it depends on the values (SCE's count of nonzero ones)."""
         import numpy as np
@@ -44,21 +45,26 @@ class RankWindow:
         whole = np.empty(numel, wide)
         for j, (start, count) in enumerate(spans):
             values(j, whole[start:start + count])
-        total = float(whole.sum(dtype=np.float64))
+        total = float(whole.sum(dtype=np.float64)) if sums else 0.0
         if callable(a):
             a, b = a(whole)
-        a, b = max(0, a), min(numel, b)
-        if a >= b:
-            return cls(None, None, [], 0.0, total)
-        if a == 0 and b == numel:
-            return cls(None, None, [], total, total, everything=True)
         n = numel
-        whole.partition([n - b, n - 1 - a])  # ascending: the b-th largest at n - b, the (a+1)-th at n - 1 - a
-        low, high = whole[n - b], whole[n - 1 - a]
-        kept_sum = float(whole[n - b:n - a].sum(dtype=np.float64))
+        a, b = max(0, a), min(n, b)
+        if a >= b:
+            return cls(None, None, [], 0.0, total, nothing=True)
+        if a == 0 and b == n:
+            return cls(None, None, [], total, total, everything=True)
+        # ascending order: the b-th largest lands at n - b, the (a+1)-th at n - 1 - a; a bound only where needed
+        whole.partition([k for k, needed in ((n - b, b < n), (n - 1 - a, a > 0)) if needed])
+        low = whole[n - b] if b < n else None
+        high = whole[n - 1 - a] if a > 0 else None
+        kept_sum = float(whole[n - b:n - a].sum(dtype=np.float64)) if sums else 0.0
         edges = []
-        for value in ([high] if low == high else [high, low]):
-            greater = int(np.count_nonzero(whole > value))
+        for value, beyond in ((high, whole[n - a:]), (low, whole[n - b + 1:])):
+            if value is None or (edges and edges[0].value == value):
+                continue
+            # entries greater than an edge all lie beyond it in the partitioned array
+            greater = int(np.count_nonzero(beyond > value))
             equal = int(np.count_nonzero(whole == value))
             first, last = max(0, a - greater), min(equal, b - greater)
             edges.append(_Edge(value, first, last, None if (first, last) == (0, equal) else []))
@@ -81,15 +87,19 @@ class RankWindow:
 
         if self.everything:
             return np.ones(values.shape, bool)
-        if self.low is None:
+        if self.nothing:
             return np.zeros(values.shape, bool)
-        mask = (values > self.low) & (values < self.high)
+        if self.low is not None and self.high is not None:
+            mask = (values > self.low) & (values < self.high)
+        elif self.low is not None:
+            mask = values > self.low
+        else:
+            mask = values < self.high
         for edge in self.edges:
-            equal = values == edge.value
             if edge.before is None:
-                mask |= equal
+                mask |= values == edge.value
                 continue
-            where = np.flatnonzero(equal)
+            where = np.flatnonzero(values == edge.value)
             done = edge.before[j]
             mask[where[max(0, edge.first - done):max(0, edge.last - done)]] = True
         return mask

@@ -82,7 +82,8 @@ class TaskArithmetic(MergeMethod):
             if self.sparsification in (Sparsification.MAGNITUDE, Sparsification.MAGNITUDE_OUTLIERS):
                 a, b = self._window(density, extra)
                 window = RankWindow.measure(self.numel, [self.span(j) for j in range(self.chunks)],
-                                            lambda j, out, i=i: self._magnitude(i, j, out), self.wide, a, b)
+                                            lambda j, out, i=i: self._magnitude(i, j, out), self.wide, a, b,
+                                            sums=bool(self.params.get("rescale")))
                 self.selections[i] = window
                 kept, total = window.kept_sum, window.total_sum
             else:
@@ -131,8 +132,8 @@ class TaskArithmetic(MergeMethod):
                 start, count = self.span(j)
                 magnitude = self._magnitude(i, j, self.scratch(0, count))
                 keep = uniform_draws(seed, self.key, i, start, count) < limit
-                total += float(magnitude.sum(dtype=np.float64))
-                kept += float(np.multiply(magnitude, keep, out=magnitude).sum(dtype=np.float64))
+                total += float(magnitude.sum())  # each chunk's sum in the wide dtype, the chunks' in float64
+                kept += float(np.multiply(magnitude, keep, out=magnitude).sum())
                 masks.append(np.packbits(keep))
             return masks, kept, total
         shape = self.shape if len(self.shape) >= 2 else (1, self.numel)
