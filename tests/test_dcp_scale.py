@@ -26,6 +26,7 @@ from ckptsurgery.io import dcp as dcp_io
 from ckptsurgery.io.dcp_pickles import FastMetadata, Unfollowed, fast_metadata
 from ckptsurgery.io.model import MappedFile, TensorRef
 from ckptsurgery.io.pickled import InertGlobal, InertObject
+from ckptsurgery.io.torch_zip import load_torch_zip
 import test_dcp
 from conftest import assert_one_error_line, dcp_storage, load_any, rewrite_dcp_metadata
 
@@ -130,14 +131,16 @@ def _follows(folder) -> bool:
 
 def test_inspect_opens_no_chunk_archive_and_reading_bytes_opens_each_once(cli, tmp_path, monkeypatch):
     folder = _save(tmp_path / "ckpt", {"model": _tensors(300)})
-    opened = []
-    real = dcp_io.load_torch_zip
-    monkeypatch.setattr(dcp_io, "load_torch_zip", lambda *a, **k: opened.append(a[1:3]) or real(*a, **k))
+    opened, unzipped = [], []
+    real_open, real_unzip = dcp_io._Reader._chunk_archive, dcp_io.load_torch_zip
+    monkeypatch.setattr(dcp_io._Reader, "_chunk_archive", lambda self, *a: opened.append(a[1:3]) or real_open(self, *a))
+    monkeypatch.setattr(dcp_io, "load_torch_zip", lambda *a, **k: unzipped.append(a[1:3]) or real_unzip(*a, **k))
     doc = cli("inspect", folder, "--json").json()
-    assert len(doc["tensors"]) == 301 and opened == []
+    assert len(doc["tensors"]) == 301 and opened == [] == unzipped
     assert {t["name"]: t["shape"] for t in doc["tensors"]}["layers.0.w2"] == [3, 2]
     assert cli("inspect", folder, "--stats", "--json").code == 0
     assert len(opened) == len(set(opened)) == 301
+    assert len(unzipped) == 4 * 3 + 1  # by zipfile: the first chunk of each dtype and shape; the rest without
     out = tmp_path / "o.safetensors"
     assert cli("convert", folder, "-o", out).code == 0
     assert torch.equal(load_any(out)["layers.9.w5"], torch.full((3, 2), 77, dtype=torch.bfloat16))
@@ -172,6 +175,48 @@ def test_keys_naming_one_chunk_share_one_tensor_as_before(small, same_records):
     fast = _outcome(small, True)
     assert fast == _outcome(small, False)
     assert fast[0] == "read" and fast[1]["shares"]["ids2"] == "ids"
+
+
+def _archive_outcome(read):
+    try:
+        value, events = read()
+    except CkptError as e:
+        return "refused", str(e)
+    if not isinstance(value, TensorRef):
+        return "read", _value(value), [_value(e) for e in events]
+    storage = value.storage
+    return ("read", value.dtype.name, value.shape, value.stride, value.offset, value.requires_grad, value.plain_grad,
+            value.wrap, value.param_state, value.quant, value.math_bits, storage.source.path, storage.offset,
+            storage.nbytes, storage.key, storage.location, [_value(e) for e in events])
+
+
+def test_chunk_archives_read_without_zipfile_are_what_load_torch_zip_reads(tmp_path):
+    """An archive laid out as torch.save lays one out, whose data.pkl was read before, is read
+    without zipfile: 600 mutated archives (a byte changed in their central directory, headers,
+    names, CRCs, data.pkl or data) give what load_torch_zip gives, tensor or refusal."""
+    folder = _save(tmp_path / "ckpt", {"model": _tensors(40)})
+    meta = pickle.loads((folder / ".metadata").read_bytes())
+    ranges = [(info.offset, info.length) for info in meta.storage_data.values()]
+    original = (folder / "__0_0.distcp").read_bytes()
+    rng, lean = random.Random(18), 0
+    for _ in range(600):
+        start, length = rng.choice(ranges)
+        archive = bytearray(original[start : start + length])
+        at = rng.choice([rng.randrange(length), length - 1 - rng.randrange(min(length, 500)), rng.randrange(300)])
+        archive[at] = rng.choice([rng.randrange(256), archive[at] ^ 1, archive[at] + 1 & 255, 0])
+        (folder / "__0_0.distcp").write_bytes(original + archive)
+        reader = dcp_io._Reader(str(folder), [])
+        source = reader.file("__0_0.distcp", "w")
+        for offset, size in ranges:  # the unchanged archives first: their data.pkls are known
+            reader._chunk_archive(source, offset, size, "w")
+        unzipped = []
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(dcp_io, "load_torch_zip", lambda *a, **k: unzipped.append(1) or load_torch_zip(*a, **k))
+            got = _archive_outcome(lambda: reader._chunk_archive(source, len(original), length, "w"))
+        assert got == _archive_outcome(lambda: load_torch_zip(source, len(original), length, "w", [0]))
+        lean += not unzipped
+        source.close()
+    assert lean >= 100, lean
 
 
 # ---- fast_metadata reads what the restricted unpickler reads --------------------------------------------

@@ -26,7 +26,9 @@ from __future__ import annotations
 import io
 import os
 import stat
+import struct
 import threading
+import zlib
 from typing import Any
 
 from ..dtypes import QUANTIZED
@@ -40,7 +42,7 @@ from .model import (
     numel_of, standalone,
 )
 from .pickled import FrozenRecord, Global, GlobalKind, How, InertGlobal, InertObject, TorchSize
-from .torch_zip import load_torch_zip, write_torch
+from .torch_zip import load_torch_zip, storage_loader, write_torch
 from .tree import find_root
 from .unpickler import MAX_NESTING, MetadataUnpickler, brief, safe_load
 from .write import cast_target, check_parent, plan_shards
@@ -138,6 +140,7 @@ class _Reader:
         self._loaded: dict[tuple, Any] = {}
         self._unpickled: dict[tuple, Any] = {}
         self._lazy: dict[tuple, TensorRef] = {}  # (file, offset, length) -> the first chunk's tensor there
+        self._templates: dict[bytes, TensorRef | None] = {}  # a chunk's data.pkl -> its tensor (_template)
         self._rank: dict[str, int] = {}
 
     def file(self, name: Any, where: str) -> MappedFile:
@@ -186,13 +189,32 @@ class _Reader:
         key = (source.path, offset, length)
         if key not in self._loaded:
             if length >= 4 and bytes(source.view(offset, 4)) == b"PK\x03\x04":
-                value, events = load_torch_zip(source, offset, length, where, self.repeated)
                 if record:
+                    value, events = load_torch_zip(source, offset, length, where, self.repeated)
                     self.events += events
+                else:
+                    value, events = self._chunk_archive(source, offset, length, where)
                 self._loaded[key] = (True, value, events)
             else:
                 self._loaded[key] = (False, None, [])
         return self._loaded[key]
+
+    def _chunk_archive(self, source: MappedFile, offset: int, length: int, where: str) -> tuple[Any, list]:
+        """load_torch_zip of a chunk's archive — without zipfile where it is laid out as
+        torch.save lays out one tensor's, and holds a data.pkl already read: its tensor is that
+        pickle's, on this archive's storage record (see _lean_archive)."""
+        lean = _lean_archive(source.view(offset, length))
+        template = self._templates.get(lean[0], _UNREAD) if lean is not None else None
+        if template is _UNREAD:  # a pickle not seen yet: read as always, and learn from it
+            value, events = load_torch_zip(source, offset, length, where, self.repeated)
+            self._templates[lean[0]] = _template(value, events, lean[0], where)
+            return value, events
+        if template is not None:
+            storage = _lean_storage(source, offset, length, lean, template.storage)
+            if storage is not None:
+                return TensorRef(storage, template.offset, template.shape, template.stride, template.dtype,
+                                 template.requires_grad, template.plain_grad), []
+        return load_torch_zip(source, offset, length, where, self.repeated)  # it says what is wrong
 
     def chunk(self, where: str, place: tuple, dtype, sizes: tuple[int, ...]) -> TensorRef:
         """One chunk's tensor: the torch.save archive at its byte range, or its raw bytes. torch
@@ -244,6 +266,127 @@ class _Reader:
             self.events += events
             self._unpickled[key] = value
         return self._unpickled[key]
+
+
+# ---- chunk archives, read without zipfile ----------------------------------------------------------
+# A folder of 100 000 chunks opens 100 000 archives when its bytes are read: zipfile and the
+# restricted unpickler take ~150 µs an archive. torch.save lays out a one-tensor archive the same
+# way every time, and chunks of one dtype and shape hold the same data.pkl byte for byte: where
+# an archive is laid out exactly so (_lean_archive: the records zipfile and load_torch_zip would
+# read, their CRCs, names and local headers, checked as they check them) and its data.pkl has
+# been read once by load_torch_zip into one plain tensor on one storage record (_template), the
+# tensor is that one on this archive's record (_lean_storage: located as torch_zip's locate does).
+# Anything else, or any check failing, and load_torch_zip reads the archive, and says what is wrong.
+
+_EOCD = struct.Struct("<4s4H2LH")  # zipfile's structEndArchive
+_LOCATOR = struct.Struct("<4sLQL")  # structEndArchive64Locator
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")  # structEndArchive64
+_CENTRAL = struct.Struct("<4s4B4HL2L5H2L")  # structCentralDir
+_LOCAL = struct.Struct("<4s2B4HL2L2H")  # structFileHeader
+_NOT_READ = 0x01 | 0x20 | 0x40  # encrypted, compressed patch, strong encryption: zipfile will not read them
+_MAX_PICKLE = 1 << 30  # as torch_zip
+
+
+def _lean_archive(view: memoryview) -> tuple | None:
+    """(data.pkl's bytes, {name: (header offset, size, CRC)}, the archive's folder prefix) of a
+    torch.save archive laid out as torch lays out one: an end record with no comment, after its
+    zip64 record and locator, right after the central directory; entries stored, unencrypted,
+    with printable ASCII names, no extra field or comment, none twice; one data.pkl; byteorder
+    little, if there. None for anything else."""
+    length = len(view)
+    if length < _EOCD.size + _LOCATOR.size + _EOCD64.size:
+        return None
+    end = length - _EOCD.size
+    sig, disk, disk_cd, _, _, size, at, comment = _EOCD.unpack_from(view, end)
+    if sig != b"PK\x05\x06" or comment or disk or disk_cd:
+        return None
+    record = end - _LOCATOR.size - _EOCD64.size
+    sig, disk, where, disks = _LOCATOR.unpack_from(view, end - _LOCATOR.size)
+    if sig != b"PK\x06\x07" or disk or disks > 1 or where != record:  # (no zip64 records: zipfile's other reading)
+        return None
+    sig, record_size, _, _, disk, disk_cd, count, count_all, size, at = _EOCD64.unpack_from(view, record)
+    if (sig != b"PK\x06\x06" or record_size != _EOCD64.size - 12 or disk or disk_cd or count != count_all
+            or at + size != record):  # (zipfile's concat is 0)
+        return None
+    entries, pos = {}, at
+    while pos < record:
+        if pos + _CENTRAL.size > record:
+            return None
+        (sig, _, _, version, _, flags, method, _, _, crc, packed, size, name_len, extra_len, comment_len, _, _, _,
+         header) = _CENTRAL.unpack_from(view, pos)
+        name = bytes(view[pos + _CENTRAL.size : pos + _CENTRAL.size + name_len])
+        pos += _CENTRAL.size + name_len
+        if (sig != b"PK\x01\x02" or version > 63 or flags & _NOT_READ or method or packed != size or extra_len
+                or comment_len or pos > record or not name.isascii() or not name.decode().isprintable()
+                or name in entries):
+            return None
+        entries[name] = (header, size, crc)
+    if len(entries) != count:
+        return None
+    ends = sorted(header for header, _, _ in entries.values()) + [at]  # where each entry must end: newer
+    entries = {name: (header, size, crc, ends[ends.index(header) + 1])  # zipfiles refuse overlapping ones
+               for name, (header, size, crc) in entries.items()}
+    names = [n.decode() for n in entries]
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        return None
+    pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") <= 1]
+    if len(pickles) != 1:
+        return None
+    prefix = pickles[0][: -len("data.pkl")]
+    data = _lean_member(view, pickles[0].encode(), entries[pickles[0].encode()])
+    order = entries.get(f"{prefix}byteorder".encode())
+    if data is None or len(data) > _MAX_PICKLE or order is not None and (
+            (order := _lean_member(view, f"{prefix}byteorder".encode(), order)) is None
+            or order.strip() not in (b"little", b"")):
+        return None
+    return data, entries, prefix
+
+
+def _lean_member(view: memoryview, name: bytes, entry: tuple) -> bytes | None:
+    """An entry's bytes as zipfile reads them (its local header, name and CRC checked, its bytes
+    before the next entry), or None."""
+    header, size, crc, limit = entry
+    if header + _LOCAL.size > limit:
+        return None
+    sig, _, _, _, _, _, _, _, _, _, name_len, extra_len = _LOCAL.unpack_from(view, header)
+    start = header + _LOCAL.size + name_len + extra_len
+    if sig != b"PK\x03\x04" or bytes(view[header + _LOCAL.size : header + _LOCAL.size + name_len]) != name \
+            or start + size > limit:
+        return None
+    data = bytes(view[start : start + size])
+    return data if zlib.crc32(data) == crc else None
+
+
+def _template(value: Any, events: list, pickle: bytes, where: str) -> TensorRef | None:
+    """What load_torch_zip made of a chunk's data.pkl, where every archive holding that data.pkl
+    makes the same tensor on its own storage record: a plain contiguous tensor (what _Reader.chunk
+    takes), no event, one storage record in the pickle. Else None."""
+    if not (type(value) is TensorRef and not events and value.wrap is None and value.param_state is None
+            and value.quant is None and not value.math_bits and value.is_contiguous):
+        return None
+    load, storages = storage_loader(where, lambda key, storage: None, repeated=[0])
+    try:
+        safe_load(io.BytesIO(pickle), load, where)
+    except CkptError:
+        return None
+    return value if list(storages) == [value.storage.key] else None
+
+
+def _lean_storage(source: MappedFile, offset: int, length: int, lean: tuple, like: Storage) -> Storage | None:
+    """The storage record `like` names, in this archive, located and checked as torch_zip's
+    locate does; None where a check fails."""
+    view, (_, entries, prefix) = source.view(offset, length), lean
+    entry = entries.get(f"{prefix}data/{like.key}".encode())
+    if entry is None or entry[1] < like.nbytes or not 0 <= entry[0] <= length - _LOCAL.size:  # (torch_zip reads
+        return None  # a storage record itself: no CRC, no check of where the next entry starts)
+    header = entry[0]
+    sig, _, _, _, _, _, _, _, _, _, name_len, extra_len = _LOCAL.unpack_from(view, header)
+    start = header + _LOCAL.size + name_len + extra_len
+    name = f"{prefix}data/{like.key}".encode()
+    if sig != b"PK\x03\x04" or bytes(view[header + _LOCAL.size : header + _LOCAL.size + name_len]) != name \
+            or start + like.nbytes > length:
+        return None
+    return Storage(source, offset + start, like.nbytes, like.key, like.location)
 
 
 def _read_chunk(reader: _Reader, source: MappedFile, offset: int, length: int, dtype, sizes: tuple[int, ...],
