@@ -169,7 +169,8 @@ class _Context:
         return self._resolved((*mine, piece.parameters, self.recipe.parameters), key, t)
 
     def _resolved(self, scopes: Sequence[Settings], key: str, t: float) -> tuple[tuple[str, Any], ...]:
-        found = ((n, resolve(scopes, n, key, t, self.coerce.get(n))) for n in self.names)
+        named = [n for n in self.names if any(n in scope for scope in scopes)]
+        found = ((n, resolve(scopes, n, key, t, self.coerce.get(n))) for n in named)
         return tuple((n, v) for n, v in found if v is not None)
 
     def source(self, piece: Slice, source: SliceSource, key: str, t: float) -> Source:

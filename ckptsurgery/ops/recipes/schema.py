@@ -24,7 +24,7 @@ import difflib
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,12 +80,16 @@ class Settings:
     """The `parameters:` of one place of the recipe, in the file's order."""
 
     items: tuple[tuple[str, Setting], ...] = ()
+    _by_name: dict = field(init=False, repr=False, compare=False)  # a plan asks once per tensor and source
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", dict(self.items))
 
     def get(self, name: str) -> Setting | None:
-        return next((v for k, v in self.items if k == name), None)
+        return self._by_name.get(name)
 
     def __contains__(self, name: str) -> bool:
-        return any(k == name for k, _ in self.items)
+        return name in self._by_name
 
     @property
     def names(self) -> tuple[str, ...]:
