@@ -247,6 +247,8 @@ def test_flags_and_per_model_values_on_the_command_line(cli, tmp_path):
     report = cli("merge", *paths[1:], "--base", paths[0], "--method", "ties", "--no-normalize", "-o", out, "--force",
                  "--json").json()
     assert report["parameters"]["normalize"] is False
+    summary = cli("merge", *paths[1:], "--base", paths[0], "--method", "ties", "--no-normalize", "-o", out, "--force")
+    assert "by ties (weights 1,1, density 1, scale 1, normalize false)" in summary.err, summary.err  # flags: when not the default
     refused = cli("merge", *paths[1:], "--method", "slerp", "--t", "0.5", "--no-normalize", "-o", out, "--force")
     assert_one_error_line(refused, "--normalize applies to --method linear", "not to slerp", code=2)
 

@@ -93,7 +93,9 @@ def _details(report: ops.MergeReport) -> list[str]:
                 f"kept from template {len(report.kept_from_template)}, mismatched {len(report.mismatched)}, "
                 f"left out {len(report.left_out)}"]
     if isinstance(report, ops.MethodReport):
-        shown = ", ".join(f"{k} {PARAMETERS[k].shown(v)}" for k, v in report.parameters.items())
+        defaults = {p.name: p.default for p in METHODS[report.method].parameters}
+        shown = ", ".join(f"{k} {PARAMETERS[k].shown(v)}" for k, v in report.parameters.items()
+                          if not (isinstance(v, bool) and v == defaults.get(k)))  # a flag: shown when not the default
         taken = f"taken from the {'base' if report.base else 'first model'} (not floating)"
         return [f"merged {count(report.merged, 'tensor')} by {report.method} ({shown})",
                 *([listing(taken, summarised(report.not_merged))] if report.not_merged else []),
