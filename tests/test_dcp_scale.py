@@ -240,12 +240,13 @@ def _handmade(folder):
     for number, (name, chunks) in enumerate(layouts.items()):
         full = torch.arange(20, dtype=torch.float32).reshape(5, 4) + 100 * number
         for offsets, sizes, rank in chunks:
-            raw = full[offsets[0]:offsets[0] + sizes[0], offsets[1]:offsets[1] + sizes[1]].contiguous().numpy().tobytes()
+            block = full[offsets[0] : offsets[0] + sizes[0], offsets[1] : offsets[1] + sizes[1]]
+            raw = block.contiguous().numpy().tobytes()
             data = files[f"__{rank}_0.distcp"]
             places[MetadataIndex(name, offsets, 0)] = _StorageInfo(f"__{rank}_0.distcp", len(data), len(raw))
             data += raw
-        entries[name] = TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size([5, 4]),
-                                              [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s, _ in chunks])
+        pieces = [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s, _ in chunks]
+        entries[name] = TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size([5, 4]), pieces)
     for name, data in files.items():
         (folder / name).write_bytes(data)
     meta = Metadata(state_dict_metadata=entries, planner_data={n: (n,) for n in entries}, storage_data=places,

@@ -357,7 +357,8 @@ def _patterns() -> dict:
              + text + size + b")?ub)")
     info = (b"(?P<sh>" + record + fields + text * 3 + b")(?P<o>" + number + b")(?P<sm>" + text + b")(?P<n>" + number
             + b")ub")
-    return {"entry": re.compile(b"(?:" + tensor + b"|" + record + b")"), "storage": re.compile(index + info)}
+    return {"entry": re.compile(b"(?:" + tensor + b"|" + record + b")"), "storage": re.compile(index + info),
+            "keyed entry": re.compile(b"\\x8c([\\s\\S])([^\\x94]*+)\\x94((?:" + tensor + b"|" + record + b"))")}
 
 
 _compiled: dict = {}
@@ -579,9 +580,11 @@ class _Fast:
         self.rollback(state)
         return None
 
-    def items(self, pos: int, item) -> tuple[dict, int]:
+    def items(self, pos: int, item, run) -> tuple[dict, int]:
         """A dict: EMPTY_DICT MEMOIZE, then batches of items, MARK ... SETITEMS or one ... SETITEM
-        (as pickle.dump writes them: 1000 at most, a last batch of one alone)."""
+        (as pickle.dump writes them: 1000 at most, a last batch of one alone). `run(pos, out)`
+        reads as many items as it knows in a row (runs of bytes seen before), `item(pos)` one
+        item, any."""
         pos = self.expect(pos, b"}\x94")
         self.memo.append(_OPAQUE)
         b, out = self.b, {}
@@ -589,8 +592,10 @@ class _Fast:
             if b[pos] == 0x28:  # MARK
                 pos = self.expect(pos, b"(")
                 while b[pos] != 0x75:  # SETITEMS
-                    key, value, pos = item(pos)
-                    out[key] = value
+                    pos = run(pos, out)
+                    if b[pos] != 0x75:
+                        key, value, pos = item(pos)
+                        out[key] = value
                 pos = self.expect(pos, b"u")
                 continue
             single = self.single(pos, item)
@@ -601,7 +606,33 @@ class _Fast:
 
     # -- state_dict_metadata: key -> tensor (dtype, size, chunks) or bytes ------------------------------
     def entries(self, pos: int) -> tuple[dict, int]:
-        return self.items(pos, self.entry)
+        return self.items(pos, self.entry, self.entry_run)
+
+    def entry_run(self, pos: int, out: dict) -> int:
+        """Entries as torch writes them after the first few: a new key, then a value whose bytes
+        were read before (entry_runs)."""
+        b, memo, runs, bound = self.b, self.memo, self.entry_runs, self.bound
+        match = _compiled["keyed entry"].match
+        while True:
+            m = match(b, pos)
+            if m is None:
+                return pos
+            size, key, value = m.groups()
+            run = runs.get(value)
+            if run is None or size[0] != len(key):
+                return pos
+            try:
+                key = str(key, "utf-8")
+            except UnicodeDecodeError:
+                return pos
+            memo.append(key)
+            memo += run[1]
+            out[key] = run[0]
+            end = m.end()
+            if end > bound:
+                self.crossed(pos, end)
+                bound = self.bound
+            pos = end
 
     def entry(self, pos: int) -> tuple[str, Any, int]:
         key, pos = self.text(pos)
@@ -681,12 +712,21 @@ class _Fast:
     def planner(self, pos: int) -> tuple[dict | None, int]:
         if self.b[pos] == 0x4E:  # NONE
             return None, self.expect(pos, b"N")
-        return self.items(pos, self.path)
+        return self.items(pos, self.path_tokens, self.path_run)
 
-    def path(self, pos: int) -> tuple[str, tuple, int]:
-        """A key (a reference to the string) and its path, as torch writes most: up to three
-        steps, each a string (new, or a reference) or a small integer, TUPLE1-3 MEMOIZE. Anything
-        else, or any doubt: path_tokens."""
+    def path_run(self, pos: int, out: dict) -> int:
+        """Keys and paths as torch writes most: a reference to the key, then up to three steps,
+        each a string (new, or a reference) or a small integer, TUPLE1-3 MEMOIZE. At anything
+        else, or any doubt, it stops (path_tokens reads that one)."""
+        while True:
+            read = self.path_fast(pos)
+            if read is None:
+                return pos
+            key, steps, pos = read
+            out[key] = steps
+
+    def path_fast(self, pos: int) -> tuple | None:
+        """One key and path of path_run's form, or None (and nothing read)."""
         b, memo, start, saved = self.b, self.memo, pos, len(self.memo)
         code = b[pos]
         if code == 0x6A:
@@ -694,7 +734,7 @@ class _Fast:
         elif code == 0x68:
             index, pos = b[pos + 1], pos + 2
         else:
-            return self.path_tokens(start)
+            return None
         key = memo[index] if index < saved else None
         steps = []
         while type(key) is str and len(steps) <= 3:
@@ -726,7 +766,7 @@ class _Fast:
                 break
             steps.append(step)
         del memo[saved:]
-        return self.path_tokens(start)
+        return None
 
     def path_tokens(self, pos: int) -> tuple[str, tuple, int]:
         key, pos = self.text(pos)
@@ -748,13 +788,43 @@ class _Fast:
     # -- storage_data: (key, chunk offsets) -> (file, offset, length) ------------------------------------
     def storage(self, pos: int) -> tuple[dict, int]:
         self.pairs = 0
-        places, pos = self.items(pos, self.place)
+        places, pos = self.items(pos, self.place, self.place_run)
         if len(places) != self.pairs:  # two indexes of one chunk: which one counts is subtle; not here
             raise Unfollowed("two storage records for one chunk")
         # each index's offset is a tuple the restricted unpickler hashes as it makes the key
         if sum(offsets is not None for _, offsets in places) > MAX_HASH_WORK:
             raise Unfollowed("as many keys as the restricted unpickler refuses")
         return places, pos
+
+    def place_run(self, pos: int, out: dict) -> int:
+        """Indexes and their storage info as torch writes them after the first few: their fixed
+        parts read before (storage_runs), a reference to a key, two integers."""
+        b, memo, runs, bound = self.b, self.memo, self.storage_runs, self.bound
+        match, count = _compiled["storage"].match, 0
+        while True:
+            m = match(b, pos)
+            if m is None:
+                break
+            head, fqn, tail, info_head, offset, info_middle, length = m.groups()
+            run = runs.get((head, tail, info_head, info_middle))
+            if run is None or fqn[0] == 0x8C:
+                break
+            index = fqn[1] if fqn[0] == 0x68 else int.from_bytes(fqn[1:], "little")
+            key = memo[index] if index < len(memo) else None
+            if type(key) is not str:
+                break
+            end = m.end()
+            if end > bound:
+                self.crossed(pos, end)
+                bound = self.bound
+            items, _, offsets, relative_path = run
+            memo += items
+            out[key, offsets] = (relative_path, offset[1] if offset[0] == 0x4B else _number(offset, 0)[0],
+                                 length[1] if length[0] == 0x4B else _number(length, 0)[0])
+            count += 1
+            pos = end
+        self.pairs += count
+        return pos
 
     def place(self, pos: int) -> tuple[tuple, tuple, int]:
         b, memo = self.b, self.memo
