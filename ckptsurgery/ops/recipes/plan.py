@@ -4,8 +4,8 @@ parameters resolved for that key and `t`. What mergekit's MergePlanner does, wit
 architecture file:
 
 - `models:` — every key of the *reference* model (the base model, else the first listed) is
-  written, in its order, merged from the same key of every model (the base is added when not listed, as
-  mergekit adds it). A key the reference has and another model lacks is refused, named; keys
+  written, in its order, merged from the same key of every model (the base is added when not
+  listed, as mergekit adds it). A key the reference has and another model lacks is refused, named; keys
   only other models have are listed in `RecipePlan.ignored` (mergekit drops whatever its
   architecture file does not name, silently; we keep every key of the reference).
 - `slices:` — the output's layers are the slices' layers one after another, renumbered from 0;
@@ -14,7 +14,8 @@ architecture file:
   other sources give the same key (the same name but for the layer number) at their own layer.
   Keys outside the layers come from the first slice's models for the input side (embeddings)
   and from the last slice's for the output side (final norm, head), merged with the method as
-  mergekit merges its architecture's pre- and post-weights. Which side a key is on: `side()`.
+  mergekit merges its architecture's pre- and post-weights (the latter from as many of the last
+  slice's sources as the first slice has: mergekit zips the two). Which side: `side()`.
 - `t`: layer i of a slice of n layers has t = i/(n − 1) (1 when n = 1 — mergekit's planner);
   a `models:` recipe is one slice of all the layers; keys outside the layers have t = 0.
 - Parameters (values.resolve): the ones shared by the sources (`Planned.parameters`) from the
@@ -63,7 +64,8 @@ class Planned:
     """One output tensor."""
 
     key: str
-    role: Role
+    role: Role  # LAYER, or the side of the layers a key outside them is on (all keys of a `models:`
+    #             plan whose layers were not needed and could not be told apart)
     layer: int | None  # the output layer it is in
     t: float
     sources: tuple[Source, ...]
