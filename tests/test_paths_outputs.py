@@ -270,8 +270,6 @@ def test_planted_symlink_at_the_old_temp_name_is_not_followed(cli, tmp_path, zip
 
 
 def test_temp_file_is_hidden_unpredictable_and_exclusive(tmp_path, monkeypatch):
-    import secrets
-
     from ckptsurgery.errors import CkptError
     from ckptsurgery.io.write import StagedOutputs
 
@@ -288,7 +286,7 @@ def test_temp_file_is_hidden_unpredictable_and_exclusive(tmp_path, monkeypatch):
     # a name taken already (here: a planted symlink) is refused, not followed nor removed
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    monkeypatch.setattr(secrets, "token_hex", lambda n=None: "0" * 16)
+    monkeypatch.setattr(os, "urandom", lambda n: bytes(n))  # the staging name's 16 hex digits: all 0
     planted = tmp_path / f".o.pth.{'0' * 16}.ckptsurgery-tmp"
     os.symlink(victim, planted)
     with pytest.raises(CkptError, match="cannot write"):
