@@ -349,7 +349,8 @@ def test_a_method_in_one_new_file_is_a_method_of_the_command_line(package_copy):
     assert got["w"].tolist() == [1.0, 2.0, -1.0, 4.0] and got["steps"].tolist() == [1]
     table = subprocess.run([sys.executable, "-m", "ckptsurgery.ops.methods"], cwd=root, capture_output=True,
                            text=True, check=True, env={**os.environ, "PYTHONPATH": str(root)}).stdout
-    assert "| `nudge` | base + D·(Σ wᵢθᵢ / Σ wᵢ − base) | required | ≥ 1 | `--weights`, `--density` | — |" in table
+    assert ("| `nudge` | base + D·(Σ wᵢθᵢ / Σ wᵢ − base) | required | ≥ 1 | `--weights` (1 each), `--density` (1) | — |"
+            in table)
     assert "| `--step S` | in [0, 1] | 0.5 | no | step-toward |" in table
 
 

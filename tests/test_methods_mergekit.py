@@ -229,9 +229,8 @@ def test_parameters_a_method_does_not_take_or_out_of_range_are_refused(method, m
 
 
 def test_flags_and_per_model_values_on_the_command_line(cli, tmp_path):
-    from safetensors.torch import save_file
-
     from conftest import assert_one_error_line, load_any
+    from safetensors.torch import save_file
 
     inputs = tensors((8, 6), 2)
     paths = [tmp_path / f"{n}.safetensors" for n in ("base", "a", "b")]
@@ -383,9 +382,8 @@ def test_karcher_skips_a_zero_model():
 
 
 def test_base_optional_methods_take_base_or_not_on_the_command_line(cli, tmp_path):
-    from safetensors.torch import save_file
-
     from conftest import assert_one_error_line, load_any
+    from safetensors.torch import save_file
 
     inputs = tensors((8, 6), 2, spread=0.5)
     paths = [tmp_path / f"{n}.safetensors" for n in ("base", "a", "b")]
@@ -421,9 +419,8 @@ def test_arcee_fusion_equals_mergekit(shape):
 def test_methods_mergekit_promotes_write_bfloat16_when_asked(cli, tmp_path, method, kit_method):
     """mergekit's float32 mask (arcee_fusion) and λ (ramplus_tl) promote a bfloat16 merge to float32;
     we write what the inputs are (or --dtype asks for)."""
-    from safetensors.torch import save_file
-
     from conftest import load_any
+    from safetensors.torch import save_file
 
     base, model = (t.to(torch.bfloat16) for t in tensors((16, 12), 1, spread=0.3))
     paths = [tmp_path / "base.safetensors", tmp_path / "m.safetensors"]
@@ -526,10 +523,9 @@ def test_whole_merges_equal_mergekit_yaml(cli, tmp_path, llamas, monkeypatch, ki
                                           per_model, shared):
     pytest.importorskip("mergekit")
     import yaml
+    from conftest import load_any
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
-
-    from conftest import load_any
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     models = []

@@ -52,6 +52,27 @@ def methods_table() -> str:
     return _registry.methods_table(METHODS)
 
 
-__all__ = ["CHUNK", "MERGEKIT_PARAMETERS", "METHODS", "PARAMETERS", "method_of_mergekit", "REQUIRED", "Consensus", "MergeMethod", "MergeOption", "Parameter",
-           "Parameters", "Range", "Read", "Sparsification", "TaskArithmetic", "decode", "encode",
-           "merge_options", "methods_table", "option_of", "resolve_parameters", "tensor_seed"]
+__all__ = [
+    "CHUNK",
+    "MERGEKIT_PARAMETERS",
+    "METHODS",
+    "PARAMETERS",
+    "REQUIRED",
+    "Consensus",
+    "MergeMethod",
+    "MergeOption",
+    "Parameter",
+    "Parameters",
+    "Range",
+    "Read",
+    "Sparsification",
+    "TaskArithmetic",
+    "decode",
+    "encode",
+    "merge_options",
+    "method_of_mergekit",
+    "methods_table",
+    "option_of",
+    "resolve_parameters",
+    "tensor_seed",
+]

@@ -83,11 +83,9 @@ def _range_and_default(methods: Mapping[str, type[MergeMethod]], name: str) -> t
     if len(found) == 1:
         p = found[0][0]
         return p.range_wording(), p.default_wording()
-    ranges = {p.range_wording() for p, _ in found}
-    if len(ranges) == 1:
-        return ranges.pop(), "; ".join(f"{p.default_wording()} ({', '.join(m)})" for p, m in found)
-    return ("; ".join(f"{p.range_wording()} ({', '.join(m)})" for p, m in found),
-            "; ".join(f"{p.default_wording()} ({', '.join(m)})" for p, m in found))
+    ranges, defaults = ({wording(p) for p, _ in found} for wording in (Parameter.range_wording, Parameter.default_wording))
+    return tuple(words.pop() if len(words) == 1 else "; ".join(f"{wording(p)} ({', '.join(m)})" for p, m in found)
+                 for words, wording in ((ranges, Parameter.range_wording), (defaults, Parameter.default_wording)))
 
 
 def resolve_parameters(methods: Mapping[str, type[MergeMethod]], method_name: str, models: int,
@@ -159,14 +157,19 @@ TABLE_START = ("<!-- methods table: generated from ckptsurgery/ops/methods/ by `
 TABLE_END = "<!-- end methods table -->"
 
 
+def _cell(text: str) -> str:
+    """Text in a cell of a markdown table: its | (an absolute value) escaped."""
+    return text.replace("|", "\\|")
+
+
 def methods_table(methods: Mapping[str, type[MergeMethod]]) -> str:
     """docs/merging.md's tables of the methods and their parameters, between its markers."""
-    lines = [TABLE_START, "| method | computes | `--base` | models | parameters | where it differs from mergekit 0.1.5 |",
+    lines = [TABLE_START, "| method | computes | `--base` | models | parameters (default) | where it differs from mergekit 0.1.5 |",
              "|---|---|---|---|---|---|"]
     for name, method in methods.items():
-        taken = ", ".join(f"`{p.option}`" + (" (required)" if p.required else "") for p in method.parameters)
-        lines.append(f"| `{name}` | {method.summary} | {'required' if method.needs_base else 'optional' if method.base_optional else 'refused'} "
-                     f"| {_models_wording(method)} | {taken or '—'} | {method.differs or '—'} |")
+        taken = ", ".join(f"`{p.option}` ({p.default_wording()})" for p in method.parameters)
+        lines.append(f"| `{name}` | {_cell(method.summary)} | {'required' if method.needs_base else 'optional' if method.base_optional else 'refused'} "
+                     f"| {_models_wording(method)} | {taken or '—'} | {_cell(method.differs) or '—'} |")
     lines += ["", "| parameter | range | default | per model | methods | what it does |", "|---|---|---|---|---|---|"]
     for name, p in parameters_by_name(methods).items():
         shown = f"`{p.option}/--no-{p.option[2:]}`" if p.type is bool else f"`{p.option} {p.metavar}`"

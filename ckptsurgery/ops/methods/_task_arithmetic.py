@@ -30,7 +30,10 @@ EPSILON = Parameter("epsilon", "della*: keep chances from D−ε (smallest entri
                     range=Range(lambda v: 0 <= v < 1, "in [0, 1)"), per_model=True, broadcast=True, per_tensor=True,
                     each="epsilon")
 TOGGLES = (INT8_MASK,)  # accepted by every method of the family; changes nothing in our math
-NORMALIZE_ON = NORMALIZE_ON  # re-exported: the family's methods import their toggles from here
+
+# what the family's methods import from here (NORMALIZE_ON re-exported beside its OFF)
+__all__ = ["EPSILON", "GAMMA", "NORMALIZE_OFF", "NORMALIZE_ON", "RESCALE_OFF", "RESCALE_ON", "TOGGLES", "Consensus",
+           "Sparsification", "TaskArithmetic"]
 
 
 class Sparsification(Kind):

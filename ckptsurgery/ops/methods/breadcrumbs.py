@@ -2,7 +2,14 @@
 entries dropped as outliers (γ) and its smallest ones (all but D), the rest summed."""
 
 from ._parameters import DENSITY, SCALE, WEIGHTS
-from ._task_arithmetic import GAMMA, NORMALIZE_OFF, RESCALE_OFF, TOGGLES, Sparsification, TaskArithmetic
+from ._task_arithmetic import (
+    GAMMA,
+    NORMALIZE_OFF,
+    RESCALE_OFF,
+    TOGGLES,
+    Sparsification,
+    TaskArithmetic,
+)
 
 
 class Breadcrumbs(TaskArithmetic):

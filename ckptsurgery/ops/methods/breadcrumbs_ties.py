@@ -2,7 +2,15 @@
 mergekit's `normalize: false`)."""
 
 from ._parameters import DENSITY, SCALE, WEIGHTS
-from ._task_arithmetic import GAMMA, NORMALIZE_OFF, RESCALE_OFF, TOGGLES, Consensus, Sparsification, TaskArithmetic
+from ._task_arithmetic import (
+    GAMMA,
+    NORMALIZE_OFF,
+    RESCALE_OFF,
+    TOGGLES,
+    Consensus,
+    Sparsification,
+    TaskArithmetic,
+)
 
 
 class BreadcrumbsTies(TaskArithmetic):

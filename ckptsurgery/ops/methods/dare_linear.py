@@ -2,7 +2,13 @@
 random, the rest rescaled to its L1 norm, then summed as task arithmetic sums."""
 
 from ._parameters import DENSITY, SCALE, SEED, WEIGHTS
-from ._task_arithmetic import NORMALIZE_OFF, RESCALE_ON, TOGGLES, Sparsification, TaskArithmetic
+from ._task_arithmetic import (
+    NORMALIZE_OFF,
+    RESCALE_ON,
+    TOGGLES,
+    Sparsification,
+    TaskArithmetic,
+)
 
 
 class DareLinear(TaskArithmetic):

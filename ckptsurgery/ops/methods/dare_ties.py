@@ -2,7 +2,14 @@
 sign election — the agreeing deltas summed, not divided (mergekit's `normalize: false`)."""
 
 from ._parameters import DENSITY, SCALE, SEED, WEIGHTS
-from ._task_arithmetic import NORMALIZE_OFF, RESCALE_ON, TOGGLES, Consensus, Sparsification, TaskArithmetic
+from ._task_arithmetic import (
+    NORMALIZE_OFF,
+    RESCALE_ON,
+    TOGGLES,
+    Consensus,
+    Sparsification,
+    TaskArithmetic,
+)
 
 
 class DareTies(TaskArithmetic):

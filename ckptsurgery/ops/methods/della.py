@@ -3,7 +3,15 @@ with chances by magnitude rank within their row (D − ε to D + ε), rescaled t
 sign election; the agreeing deltas divided by their weights."""
 
 from ._parameters import DENSITY, SCALE, SEED, WEIGHTS
-from ._task_arithmetic import EPSILON, NORMALIZE_ON, RESCALE_ON, TOGGLES, Consensus, Sparsification, TaskArithmetic
+from ._task_arithmetic import (
+    EPSILON,
+    NORMALIZE_ON,
+    RESCALE_ON,
+    TOGGLES,
+    Consensus,
+    Sparsification,
+    TaskArithmetic,
+)
 
 
 class Della(TaskArithmetic):

@@ -1,7 +1,14 @@
 """della-linear: DELLA's drop by magnitude rank, then summed as task arithmetic sums."""
 
 from ._parameters import DENSITY, SCALE, SEED, WEIGHTS
-from ._task_arithmetic import EPSILON, NORMALIZE_OFF, RESCALE_ON, TOGGLES, Sparsification, TaskArithmetic
+from ._task_arithmetic import (
+    EPSILON,
+    NORMALIZE_OFF,
+    RESCALE_ON,
+    TOGGLES,
+    Sparsification,
+    TaskArithmetic,
+)
 
 
 class DellaLinear(TaskArithmetic):

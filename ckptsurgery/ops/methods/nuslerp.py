@@ -3,7 +3,6 @@ from their weights, over the flattened tensor (default), its rows or its columns
 
 from __future__ import annotations
 
-
 from ._base import MergeMethod
 from ._parameters import WEIGHTS, Parameter
 from ._vectors import Vectors

@@ -40,7 +40,7 @@ class Ram(MergeMethod):
     def merge_chunk(self, j: int, values: list, out):
         import numpy as np
 
-        deltas, counts, contributors = self._counted(values)
+        deltas, _, contributors = self._counted(values)
         unique = contributors == 1
         shared = (contributors > 1) / np.maximum(contributors, 1).astype(self.wide)
         merged = np.zeros(len(values[0]), self.wide)

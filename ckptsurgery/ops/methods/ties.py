@@ -2,7 +2,14 @@
 entries, signs elected, the agreeing ones averaged by their weights."""
 
 from ._parameters import DENSITY, SCALE, WEIGHTS
-from ._task_arithmetic import NORMALIZE_ON, RESCALE_OFF, TOGGLES, Consensus, Sparsification, TaskArithmetic
+from ._task_arithmetic import (
+    NORMALIZE_ON,
+    RESCALE_OFF,
+    TOGGLES,
+    Consensus,
+    Sparsification,
+    TaskArithmetic,
+)
 
 
 class Ties(TaskArithmetic):
