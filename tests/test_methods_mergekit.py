@@ -557,3 +557,27 @@ def test_whole_merges_equal_mergekit_yaml(cli, tmp_path, llamas, monkeypatch, ki
     assert sorted(kit_out) == sorted(got)
     for name in kit_out:
         torch.testing.assert_close(got[name], kit_out[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---- every method on empty, one-column and scalar tensors, with nan and inf ---------------------------
+
+@pytest.mark.parametrize("method", list(methods.METHODS))
+def test_every_method_takes_empty_thin_and_scalar_tensors_and_nan_without_a_warning(method):
+    import warnings
+
+    spec = methods.METHODS[method]
+    count = spec.max_models or max(spec.min_models, 3)
+    taken = {p.name for p in spec.parameters}
+    given = {"t": 0.5} if "t" in taken else {}
+    given.update({k: v for k, v in (("density", 0.5), ("epsilon", 0.1), ("select_topk", 0.5)) if k in taken})
+    if method.startswith("ram"):
+        given["epsilon"] = 1e-5
+    for shape in [(0, 4), (0,), (5, 1), (1,), ()]:
+        for poisoned in (False, True):
+            inputs = tensors(shape, count, base=spec.needs_base)
+            if poisoned and inputs[-1].numel():
+                inputs[-1].view(-1)[0] = float("nan")
+                inputs[-1].view(-1)[-1] = float("inf") if inputs[-1].numel() > 1 else float("nan")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert ours(method, inputs, given).shape == inputs[0].shape
