@@ -362,6 +362,7 @@ def _patterns() -> dict:
 
 
 _compiled: dict = {}
+_MAX_RUNS = 1 << 16  # runs of bytes remembered, of each kind: a file of nothing but new ones costs no more
 
 
 class _Fast:
@@ -641,7 +642,7 @@ class _Fast:
         if run is None:  # first seen: read token by token
             saved = len(self.memo)
             spec, end = self.entry_value(pos)
-            if m and end == m.end():
+            if m and end == m.end() and len(self.entry_runs) < _MAX_RUNS:
                 self.entry_runs[m.group()] = (spec, tuple(self.memo[saved:]))
             return key, spec, end
         spec, items = run
@@ -837,7 +838,8 @@ class _Fast:
         if run is None:  # first seen: read token by token
             key, info, ends, parts = self.place_tokens(pos)
             end = ends[-1]
-            if m and ends == tuple(m.end(group) for group in range(1, 8)) and end + 2 == m.end():
+            if (m and ends == tuple(m.end(group) for group in range(1, 8)) and end + 2 == m.end()
+                    and len(self.storage_runs) < _MAX_RUNS):
                 self.storage_runs[(head, tail, info_head, info_middle)] = parts  # its parts are the tokens'
             end += 2
         else:
