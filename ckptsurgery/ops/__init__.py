@@ -25,10 +25,11 @@ _EXPORTS = {
     **dict.fromkeys(("inspect_checkpoint", "inspect_report", "module_tree", "tensor_stats"), ".inspect"),
     **dict.fromkeys(("fold_adapters", "merge_checkpoints", "merge_into", "merge_union", "merge_with_method"),
                     ".merge"),
+    "merge_recipe": ".merge.recipe",
     **dict.fromkeys(("ProgressFactory", "WriteOptions"), ".options"),
     **dict.fromkeys(("DiffReport", "DropReport", "ExtractReport", "FilterReport", "FoldReport", "InspectReport",
-                     "IntoReport", "MergeReport", "MethodReport", "RenameReport", "Report", "UnionReport",
-                     "WriteReport"), ".reports"),
+                     "IntoReport", "MergeReport", "MethodReport", "RecipeReport", "RenameReport", "Report",
+                     "UnionReport", "WriteReport"), ".reports"),
     "write_checkpoint": ".write",
 }
 

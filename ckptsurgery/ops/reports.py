@@ -141,7 +141,7 @@ class RenameReport(WriteReport):
 class MergeReport(WriteReport):
     """`merge`, every mode."""
 
-    mode: str = entry("`union`, `into`, `method` or `lora`.")
+    mode: str = entry("`union`, `into`, `method`, `lora` or `recipe`.")
     sources: list[str] = entry("The SOURCE checkpoints, in order.")
     template: str | None = entry("`--into`: the template.", omit_if_none=True)
 
@@ -181,6 +181,31 @@ class MethodReport(MergeReport):
     not_merged: list[str] = entry("Tensors taken from the base (or first model): not floating.")
     notes: dict[str, str] = entry("Per tensor, what happened beyond the formula (slerp: `nearly collinear: "
                                   "interpolated linearly`). Empty after `--dry-run`.")
+
+
+@_report
+class RecipeReport(MergeReport):
+    """`merge --config RECIPE`: a mergekit recipe; `sources` are the models it names, the base first."""
+
+    recipe: str | None = entry("The recipe file (`null`: a recipe the library was given loaded).")
+    merge_method: str = entry("The recipe's `merge_method`, as mergekit names it.")
+    method: str = entry("The merge method that ran it, as `--method` names it (`model_stock`: `model-stock`).")
+    base: str | None = entry("The recipe's `base_model`, or `null`.")
+    layers: int = entry("The output's layer count (0: no layers were told apart, nor needed).")
+    merged: int = entry("Tensors the method computes.")
+    copied: int = entry("Tensors written as their source holds them (passthrough without `scale`, tensors that are "
+                        "not floating: from the base, else the first source).")
+    ignored: list[str] = entry("`MODEL:KEY` of the tensors of other models than the reference that the output has "
+                               "no place for (mergekit drops them too).")
+    plan: list[str] = entry("Per output tensor, in the output's order: `KEY <- method(MODEL:KEY{its own parameters}, "
+                            "...) t=T shared parameters`.")
+    config_changes: dict[str, Any] = entry("The fields of the reference's config.json set in the output's: the layer "
+                                           "count, per-layer lists (`layer_types`), `torch_dtype` (and `dtype`). "
+                                           "Empty for a weights file.")
+    notes: list[str] = entry("What the recipe holds that changes nothing, and what the folder could not be given "
+                             "(no config.json in the reference).")
+    tensor_notes: dict[str, str] = entry("Per tensor, what happened beyond the formula (slerp: `nearly collinear: "
+                                         "interpolated linearly`). Empty after `--dry-run`.")
 
 
 @_report
@@ -317,8 +342,8 @@ class DiffReport(Report):
 REPORTS: tuple[tuple[str, type[Report]], ...] = (
     ("inspect", InspectReport), ("convert", WriteReport), ("filter", FilterReport), ("drop", DropReport),
     ("rename", RenameReport), ("merge (plain union)", UnionReport), ("merge --into", IntoReport),
-    ("merge --method / --average", MethodReport), ("merge --lora", FoldReport), ("extract-lora", ExtractReport),
-    ("diff", DiffReport),
+    ("merge --method / --average", MethodReport), ("merge --config", RecipeReport), ("merge --lora", FoldReport),
+    ("extract-lora", ExtractReport), ("diff", DiffReport),
 )
 NESTED: tuple[type[Report], ...] = (AdapterFolded, Extracted)
 

@@ -1,0 +1,383 @@
+"""merge --config RECIPE: a mergekit 0.1.5 recipe (ops/recipes) run streaming into a loadable folder.
+
+`merge_recipe` opens every model the recipe names (headers only; a `model+lora` one is its base
+with the adapter folded in as it is written, ops/adapters), plans the output (`plan_recipe`: per
+output key, its sources and their resolved parameters), and makes each output key a tensor
+computed as the writer reads it:
+
+- a key a method merges: the method's chunks (ops/methods), with that key's parameter values —
+  a parameter mergekit takes per model from each model's own values, the others from the
+  slice and the recipe; the inputs rounded to the recipe's `dtype` first when it is narrower
+  (mergekit casts every input to it), the math in float32 (float64 for float64 inputs);
+- `passthrough` (and any key that is not floating): the source's tensor, times `scale` when it is
+  not 1, else its bytes as they lie in the input (a slice recipe costs about a copy of what it
+  writes); a layer used twice is written twice, each copy under its own name (not tied:
+  transformers must find every key).
+
+The written dtype is `out_dtype`, else `dtype`, else each tensor's own. `-o FILE.safetensors` writes
+the weights alone; any other output is a folder (ops/model_folder.py): the weights —
+`model.safetensors`, or shards of `--max-shard-size` (default 5GB, as transformers) and an
+index — beside config.json, the tokenizer's files, the recipe and a model card, staged and
+renamed into place together."""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ...dtypes import CAST_TARGETS, DType
+from ...errors import CkptError, UsageError
+from ...io import Checkpoint, TensorRef, open_checkpoint
+from ...io.model import Storage, computed_tensor
+from ...io.write import StagedOutputs, check_parent
+from .. import methods
+from ..methods import MergeMethod, Parameter
+from ..model_folder import FolderPlan, folder_files, write_folder_files
+from ..options import WriteOptions, check_write_options
+from ..recipes import ModelRef, Planned, Recipe, RecipePlan, Source, load_recipe, plan_lines, plan_recipe
+from ..recipes import refuse_unknown_parameters
+from ..recipes.layers import layer_scheme
+from ..reports import RecipeReport
+from ..write import write_checkpoint
+from .by_method import _reader, _streamed
+
+FOLDER_SHARD_SIZE = "5GB"  # transformers' save_pretrained default
+WEIGHTS_FILE = "model.safetensors"
+# a parameter that keeps its own name in one of mergekit's methods where the others call it otherwise
+_OWN_NAMES = {("passthrough", "scale")}
+
+
+def merge_recipe(recipe: str | os.PathLike | Recipe, write: WriteOptions, *,
+                 layer_pattern: str | None = None) -> RecipeReport:
+    """Run a mergekit recipe (a file's path, or a Recipe from `load_recipe`) into `write.output`:
+    a folder `from_pretrained` loads, or weights alone for a `.safetensors` name. `layer_pattern`:
+    --layer-pattern, for models whose layers the key names do not tell apart.
+
+    Example:
+        >>> merge_recipe("slerp.yml", WriteOptions("merged/"))
+    """
+    write = check_write_options(write)
+    recipe, text, where = _loaded(recipe)
+    method = method_of_recipe(recipe)
+    names = mergekit_parameters(method)
+    refuse_unknown_parameters(recipe, names)
+    folder = _folder_output(write)
+    with ExitStack() as stack:
+        opened = _open_models(recipe, stack)
+        keys = {m: {k: t.shape for k, t in tensors.items()} for m, (_, tensors) in opened.items()}
+        plan = plan_recipe(recipe, keys, layer_pattern, {k: _coercion(p) for k, p in names.items()})
+        cast = _written_dtype(recipe)
+        built = build_tensors(plan, {m: tensors for m, (_, tensors) in opened.items()}, method, names,
+                              _working(recipe), cast)
+        inputs = [c for c, _ in opened.values()]
+        if folder is None:
+            written, extra = write_checkpoint(built.tensors, write, cast=cast, inputs=inputs), None
+        else:
+            files = folder_files(_folder_plan(recipe, plan, keys, layer_pattern, text, built))
+            written, extra = _write_folder(folder, built.tensors, write, cast, inputs, files), files
+    return RecipeReport.extend(
+        written, input=None, mode="recipe", sources=[str(m) for m in recipe.referenced_models()], recipe=where,
+        merge_method=recipe.merge_method, method=method.name, base=_shown(recipe.base_model), layers=plan.layers,
+        merged=built.merged, copied=built.copied, ignored=[f"{m}:{k}" for m, k in plan.ignored],
+        plan=plan_lines(plan), config_changes=extra.config_changes if extra else {},
+        notes=[*recipe.notes, *(extra.notes if extra else [])], tensor_notes=built.notes())
+
+
+def _loaded(recipe) -> tuple[Recipe, str | None, str | None]:
+    """(the recipe, its file's exact text, its path); a Recipe given as one has neither."""
+    if isinstance(recipe, Recipe):
+        return recipe, None, None
+    path = os.fspath(recipe)
+    loaded = load_recipe(Path(path))  # reads and checks the file (bounded, UTF-8)
+    with open(path, encoding="utf-8", newline="") as f:
+        return loaded, f.read(), path
+
+
+def _shown(model: ModelRef | None) -> str | None:
+    return None if model is None else str(model)
+
+
+# ---- the method and its parameters, by mergekit's names -----------------------------------------
+
+def method_of_recipe(recipe: Recipe) -> type[MergeMethod]:
+    """Our method for the recipe's `merge_method` (mergekit's name)."""
+    name = methods.method_of_mergekit(recipe.merge_method)
+    if name not in methods.METHODS:
+        known = ", ".join(sorted(m.replace("-", "_") for m in methods.METHODS))
+        raise UsageError(f"merge_method: {recipe.merge_method!r} is not a merge method (known: {known})")
+    return methods.METHODS[name]
+
+
+def mergekit_parameters(method: type[MergeMethod]) -> dict[str, Parameter]:
+    """The method's parameters by the names mergekit's recipes give them (`weight`, `lambda`)."""
+    ours_to_kit = {ours: kit for kit, ours in methods.MERGEKIT_PARAMETERS.items()}
+    return {p.name if (method.name, p.name) in _OWN_NAMES else ours_to_kit.get(p.name, p.name): p
+            for p in method.parameters}
+
+
+def _coercion(parameter: Parameter):
+    """A recipe value as the parameter's type (mergekit's validate), where it is one: 1 -> 1.0 for a
+    number; anything else is left for the parameter's own check to refuse, naming it."""
+    def coerce(value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value
+        if parameter.type is int:
+            return int(value) if float(value).is_integer() else value
+        return float(value) if parameter.type is float else value
+
+    return coerce
+
+
+def _written_dtype(recipe: Recipe) -> DType | None:
+    name = recipe.out_dtype or recipe.dtype
+    if name is None:
+        return None
+    if name not in CAST_TARGETS:
+        raise UsageError(f"{'out_dtype' if recipe.out_dtype else 'dtype'}: {name} is not a floating dtype; use "
+                         f"bfloat16, float16 or float32")
+    return CAST_TARGETS[name]
+
+
+def _working(recipe: Recipe) -> str | None:
+    """The dtype mergekit merges in, when it rounds the inputs (bfloat16, float16): None otherwise."""
+    return recipe.dtype if recipe.dtype in ("bfloat16", "float16") else None
+
+
+# ---- the models ------------------------------------------------------------------------------
+
+def _open_models(recipe: Recipe, stack: ExitStack) -> dict[ModelRef, tuple[Checkpoint, dict[str, TensorRef]]]:
+    """Every model the recipe names, opened (headers only): its checkpoint and its tensors (a
+    `model+lora` one's with the adapter folded in, computed when written)."""
+    opened: dict[ModelRef, tuple[Checkpoint, dict[str, TensorRef]]] = {}
+    for model in recipe.referenced_models():
+        if not os.path.exists(model.path):
+            raise CkptError(f"{model.path}: no such file or folder (a model of the recipe; paths are relative to "
+                            f"the current folder)")
+        ckpt = stack.enter_context(open_checkpoint(model.path))
+        tensors = dict(ckpt.tensors)
+        if model.lora is not None:
+            tensors = _folded(ckpt, model.lora, stack)
+        opened[model] = (ckpt, tensors)
+    return opened
+
+
+def _folded(ckpt: Checkpoint, adapter: str, stack: ExitStack) -> dict[str, TensorRef]:
+    """The base's tensors with a LoRA adapter folded in (scale 1, as peft's merge_and_unload)."""
+    from ..adapters import fold_into, read_adapter
+
+    if not os.path.exists(adapter):
+        raise CkptError(f"{adapter}: no such adapter (the `+{adapter}` of a model of the recipe)")
+    tensors, _ = fold_into(ckpt, [(stack.enter_context(read_adapter(adapter)), 1.0)])
+    return dict(tensors)
+
+
+# ---- the output tensors ----------------------------------------------------------------------
+
+@dataclass
+class Built:
+    """The output's tensors in the plan's order; how many a method merges and how many are
+    copies; the merges, by key, for their notes once written."""
+
+    tensors: dict[str, TensorRef] = field(default_factory=dict)
+    merged: int = 0
+    copied: int = 0
+    merges: dict[str, MergeMethod] = field(default_factory=dict, repr=False)
+
+    def notes(self) -> dict[str, str]:
+        return {key: merge.note for key, merge in sorted(self.merges.items()) if merge.note is not None}
+
+
+def build_tensors(plan: RecipePlan, models: dict[ModelRef, dict[str, TensorRef]], method: type[MergeMethod],
+                  names: dict[str, Parameter], working: str | None, cast: DType | None) -> Built:
+    """Each planned key as a tensor computed when written (see the module's docstring)."""
+    built = Built()
+    resolved: dict[tuple, dict] = {}  # the same values (most keys of a recipe share them): checked once
+    for tensor in plan.tensors:
+        inputs = [models[s.model][s.key] for s in tensor.sources]
+        _same_shapes(tensor, inputs)
+        if not all(t.dtype.floating for t in inputs):
+            built.tensors[tensor.key] = _copy(inputs[_base_index(tensor)])
+            built.copied += 1
+        elif method.name == "passthrough":
+            built.tensors[tensor.key] = _passthrough(tensor, inputs[0], working, cast, built)
+        else:
+            order, has_base = _read_order(tensor, method)
+            given = _given(tensor, [tensor.sources[i] for i in order[int(has_base):]], names)
+            values = _resolved(method, tensor, len(order) - int(has_base), given, resolved)
+            merge = _merge(method, values, tensor.key, [inputs[i] for i in order], has_base, working)
+            built.merges[tensor.key] = merge
+            built.tensors[tensor.key] = _streamed(merge, inputs[order[0]].shape, cast or inputs[order[0]].dtype)
+            built.merged += 1
+    return built
+
+
+def _same_shapes(tensor: Planned, inputs: list[TensorRef]) -> None:
+    first = inputs[0]
+    for source, t in zip(tensor.sources[1:], inputs[1:]):
+        if t.shape != first.shape:
+            raise CkptError(f"{tensor.key}: {source.model}'s {source.key} has shape {list(t.shape)}, "
+                            f"{tensor.sources[0].model}'s {tensor.sources[0].key} {list(first.shape)}: the sources "
+                            f"of a merged tensor must have one shape (models with different vocabularies are not "
+                            f"merged yet)")
+
+
+def _base_index(tensor: Planned) -> int:
+    return next((i for i, s in enumerate(tensor.sources) if s.model == tensor.base), 0)
+
+
+def _read_order(tensor: Planned, method: type[MergeMethod]) -> tuple[list[int], bool]:
+    """Which sources the method reads, in its order ([base, model...] or [model...]), and whether
+    the first is the base. slerp goes from the base (t = 0) to the other model, as mergekit's."""
+    base = next((i for i, s in enumerate(tensor.sources) if s.model == tensor.base), None)
+    others = [i for i in range(len(tensor.sources)) if i != base]
+    if method.needs_base or method.base_optional:
+        if base is None and method.needs_base:
+            where = f"{tensor.base} is not among the sources of" if tensor.base else "no base_model is named for"
+            raise UsageError(f"merge_method {method.name.replace('-', '_')} needs a base model: {where} "
+                             f"{tensor.key}")
+        return ([base] if base is not None else []) + others, base is not None
+    if method.name == "slerp" and base is not None:
+        return [base, *others], False
+    return list(range(len(tensor.sources))), False
+
+
+def _given(tensor: Planned, models: list[Source], names: dict[str, Parameter]) -> dict[str, Any]:
+    """The raw values of one key's parameters, by our names: a per-model one as a list in the
+    models' order (a model without a value gets the default), the others as the key's."""
+    given: dict[str, Any] = {}
+    for kit, p in names.items():
+        if p.per_model:
+            values = [s.parameter(kit) for s in models]
+            if all(v is None for v in values):
+                continue
+            missing = [str(s.model) for s, v in zip(models, values) if v is None]
+            if missing and p.required:
+                raise UsageError(f"{tensor.key}: {kit} is set for some models but not for {', '.join(missing)}")
+            given[p.name] = [p.default if v is None else v for v in values]
+        elif tensor.parameter(kit) is not None:
+            given[p.name] = tensor.parameter(kit)
+    return given
+
+
+def _resolved(method: type[MergeMethod], tensor: Planned, models: int, given: dict, cache: dict) -> dict:
+    key = (models, tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(given.items())))
+    if key not in cache:
+        try:
+            cache[key] = dict(methods.resolve_parameters(method.name, models, given).values)
+        except UsageError as refused:
+            raise UsageError(f"{tensor.key}: {refused}") from None
+    return cache[key]
+
+
+def _merge(method: type[MergeMethod], values: dict, key: str, inputs: list[TensorRef], has_base: bool,
+           working: str | None) -> MergeMethod:
+    wide = "float64" if any(t.dtype.name == "float64" for t in inputs) else "float32"
+    reads = [_rounded(_reader(t, wide), t, working, wide) for t in inputs]
+    return method(values, key, reads, inputs[0].numel, wide, chunk_size=methods.CHUNK, shape=inputs[0].shape,
+                  has_base=has_base)
+
+
+def _rounded(read, t: TensorRef, working: str | None, wide: str):
+    """An input's values rounded to the working dtype first, as mergekit casts its inputs to it."""
+    if working is None or t.dtype.name == working or t.dtype.itemsize <= 2:
+        return read
+    return lambda start, count: methods.decode(methods.encode(read(start, count), working), working, wide)
+
+
+def _passthrough(tensor: Planned, source: TensorRef, working: str | None, cast: DType | None, built: Built):
+    """passthrough's one source: a copy of its bytes, or computed when scaled or rounded first."""
+    if len(tensor.sources) != 1:
+        raise UsageError(f"{tensor.key}: passthrough takes exactly one model, not {len(tensor.sources)} (a slice of "
+                         f"several sources needs another merge_method)")
+    scale = tensor.scale if tensor.scale is not None else 1.0
+    rounds = working is not None and source.dtype.name != working and source.dtype.itemsize > 2 and (
+        cast is None or cast.name != working)
+    if scale == 1 and not rounds:
+        built.copied += 1
+        return _copy(source)
+    values = _resolved(methods.METHODS["passthrough"], tensor, 1, {"scale": scale}, {})
+    merge = _merge(methods.METHODS["passthrough"], values, tensor.key, [source], False, working)
+    built.merges[tensor.key] = merge
+    built.merged += 1
+    return _streamed(merge, source.shape, cast or source.dtype)
+
+
+def _copy(t: TensorRef) -> TensorRef:
+    """`t` on a storage of its own (the same bytes, read where they lie): two output names made
+    from one input tensor are two tensors, not a tie."""
+    if t.quant is not None or not t.is_contiguous or t.math_bits:
+        return computed_tensor(t.shape, t.dtype, t.data)
+    start = t.storage.offset + t.offset * t.dtype.itemsize
+    storage = Storage(t.storage.source, start, t.nbytes, t.storage.key, t.storage.location)
+    return TensorRef(storage, 0, t.shape, t.stride, t.dtype)
+
+
+# ---- the output ------------------------------------------------------------------------------
+
+def _folder_output(write: WriteOptions) -> str | None:
+    """The output folder, or None for weights alone (`-o FILE.safetensors`)."""
+    output = write.output
+    if not output.endswith(("/", os.sep)) and output.lower().endswith(".safetensors"):
+        return None
+    write.refuse("format", why="does not apply to a recipe's output folder (give -o FILE.safetensors for weights "
+                               "alone)")
+    write.refuse("ranks", why="do not write a recipe's output folder yet; run it in one process")
+    folder = output.rstrip("/" + os.sep) or output
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise CkptError(f"{folder}: is a file; a recipe writes a folder (or give -o FILE.safetensors)")
+    check_parent(os.path.join(folder, WEIGHTS_FILE))
+    return folder
+
+
+def _folder_plan(recipe: Recipe, plan: RecipePlan, keys: dict, pattern: str | None, text: str | None,
+                 built: Built) -> FolderPlan:
+    reference = plan.reference
+    reference_layers = layer_scheme(keys[reference], str(reference), pattern).count if plan.layers else 0
+    if recipe.slices is not None:
+        layers_from = [s.sources[0].layer_range[0] + i for s in recipe.slices for i in range(s.length)]
+    else:
+        layers_from = list(range(plan.layers))
+    tokenizer = recipe.tokenizer_source.model if recipe.tokenizer_source and recipe.tokenizer_source.model else None
+    dtypes = {t.dtype.name for t in built.tensors.values() if t.dtype.floating}
+    dtype = _written_dtype(recipe)
+    models = [str(m) for m in recipe.referenced_models() if m != recipe.base_model]
+    return FolderPlan(
+        reference=reference.path, reference_layers=reference_layers or len(layers_from),
+        layers_from=tuple(layers_from), dtype=dtype.name if dtype else (dtypes.pop() if len(dtypes) == 1 else None),
+        tokenizer=(tokenizer or recipe.base_model or _first_model(recipe)).path, chat_template=recipe.chat_template,
+        recipe_text=text, method=recipe.merge_method,
+        models=tuple(models), base=_shown(recipe.base_model))
+
+
+def _first_model(recipe: Recipe) -> ModelRef:
+    return recipe.models[0].model if recipe.models is not None else recipe.slices[0].sources[0].model
+
+
+def _write_folder(folder: str, tensors: dict[str, TensorRef], write: WriteOptions, cast: DType | None,
+                  inputs: list[Checkpoint], files) -> Any:
+    """The weights and the other files staged in a new folder beside `folder`, renamed into place
+    together (an existing folder needs --force; it is replaced whole)."""
+    shard = write.max_shard_size if write.max_shard_size is not None else FOLDER_SHARD_SIZE
+    final = os.path.join(folder, WEIGHTS_FILE)
+    taken = os.path.lexists(folder)
+    if taken and not (write.force or write.dry_run):
+        raise CkptError(f"{folder}: already exists; pass --force to replace it")
+    if write.dry_run:
+        report = write_checkpoint(tensors, replace(write, output=final, max_shard_size=shard, force=True),
+                                  cast=cast, inputs=inputs)
+        return replace(report, needs_force=[folder] if taken and not write.force else None, removed=[],
+                       files=_moved(report.files, folder, folder) + [os.path.join(folder, n) for n in files.names])
+    with StagedOutputs() as outputs:
+        staged = outputs.stage_folder(folder)
+        report = write_checkpoint(tensors, replace(write, output=os.path.join(staged, WEIGHTS_FILE),
+                                                   max_shard_size=shard, force=False), cast=cast, inputs=inputs)
+        names = write_folder_files(staged, files)
+    return replace(report, output=final, files=_moved(report.files, staged, folder)
+                   + [os.path.join(folder, n) for n in names])
+
+
+def _moved(paths: list[str], staged: str, folder: str) -> list[str]:
+    return [os.path.join(folder, os.path.relpath(p, staged)) for p in paths]

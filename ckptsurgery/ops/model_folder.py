@@ -1,0 +1,199 @@
+"""What a merged model's folder holds besides its weights, so that `from_pretrained(OUT_DIR)` loads
+it: `config.json` (the reference model's, its layer count and dtype updated), the tokenizer's
+files, `generation_config.json` and the chat template (copied from the tokenizer's source), the
+recipe as it was written (`ckptsurgery_recipe.yml`) and a short model card (`README.md`).
+
+`folder_files` plans them — what each file's bytes are, or which file it is a copy of — without
+writing anything; `write_folder_files` writes them into a (staged) folder. Nothing here depends on
+the time or the machine: the same inputs give the same bytes.
+
+The layer count: the reference's `num_hidden_layers`, else the one field of its config (among
+`n_layer`, `num_layers`, `n_layers`, `num_hidden_layers` of a `text_config`, ...) that equals the
+reference's number of layers as its keys number them; a list of one entry per layer
+(`layer_types`) is cut or repeated as the output's layers were taken."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..errors import CkptError
+
+CONFIG = "config.json"
+RECIPE_COPY = "ckptsurgery_recipe.yml"
+MODEL_CARD = "README.md"
+# copied from the tokenizer's source when present, in this order (transformers' names)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+MAX_CONFIG = 16 << 20  # a config.json is a few KB
+# fields that count a model's layers, by family (the first that equals the reference's count wins)
+LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers", "n_layers_total")
+PER_LAYER_LISTS = ("layer_types",)  # lists with one entry per layer
+
+
+@dataclass
+class FolderFiles:
+    """The files of the output folder besides the weights: `made` name -> bytes, `copied` name ->
+    the file copied; `config_changes` the config.json fields set; `notes` what could not be done."""
+
+    made: dict[str, bytes] = field(default_factory=dict)
+    copied: dict[str, str] = field(default_factory=dict)
+    config_changes: dict[str, object] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted({*self.made, *self.copied})
+
+
+def model_folder(path: str) -> str | None:
+    """The folder holding a model's files: the path itself when it is a folder, else the folder
+    of the file (a single weights file or an index) when a config.json is beside it."""
+    if os.path.isdir(path):
+        return path
+    folder = os.path.dirname(os.path.abspath(path))
+    return folder if os.path.isfile(os.path.join(folder, CONFIG)) else None
+
+
+def read_config(folder: str) -> dict | None:
+    """The folder's config.json as a mapping, None when it has none; a CkptError names a file
+    that is too large or not a JSON object."""
+    path = os.path.join(folder, CONFIG)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG + 1)
+    except OSError as e:
+        raise CkptError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(raw) > MAX_CONFIG:
+        raise CkptError(f"{path}: larger than {MAX_CONFIG >> 20} MB; not a config.json")
+    try:
+        config = json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CkptError(f"{path}: not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CkptError(f"{path}: not a JSON object")
+    return config
+
+
+def updated_config(config: dict, reference_layers: int, layers_from: Sequence[int], dtype: str | None,
+                   notes: list[str]) -> tuple[dict, dict]:
+    """`config` with its layer count set to len(layers_from) (output layer i is the reference's
+    layer layers_from[i], for per-layer lists) and its dtype set; returns (config, changes)."""
+    config, changes = json.loads(json.dumps(config)), {}
+    layers = len(layers_from)
+    if layers != reference_layers:
+        places = [(config, name) for name in LAYER_FIELDS]
+        if isinstance(config.get("text_config"), dict):
+            places += [(config["text_config"], name) for name in LAYER_FIELDS]
+        found = [(where, name) for where, name in places if type(where.get(name)) is int
+                 and where[name] == reference_layers]
+        if not found:
+            notes.append(f"{CONFIG}: no field holds the reference's {reference_layers} layers "
+                         f"({', '.join(LAYER_FIELDS)}); set the layer count to {layers} by hand")
+        for where, name in found[:1]:
+            where[name] = layers
+            changes[name if where is config else f"text_config.{name}"] = layers
+        for name in PER_LAYER_LISTS:
+            value = config.get(name)
+            if isinstance(value, list) and len(value) == reference_layers:
+                config[name] = [value[min(i, len(value) - 1)] for i in layers_from]
+                changes[name] = config[name]
+    if dtype is not None:
+        for name in ("torch_dtype", "dtype"):
+            if name == "torch_dtype" or name in config:
+                config[name] = dtype
+                changes[name] = dtype
+    return config, changes
+
+
+def config_bytes(config: dict) -> bytes:
+    """As transformers writes a config: two-space indents, keys in their order, a final newline."""
+    return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def tokenizer_files(folder: str | None) -> dict[str, str]:
+    """The tokenizer, generation and chat template files the folder holds: name -> path."""
+    if folder is None:
+        return {}
+    found = {}
+    for name in TOKENIZER_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):  # a link (a hub cache's) is followed to its file
+            found[name] = path
+    return found
+
+
+def model_card(method: str, models: Sequence[str], base: str | None, recipe_text: str | None) -> bytes:
+    """A short README.md: front matter as the hub reads it, the method, the models and the recipe
+    (not the output's name: the same recipe writes the same bytes wherever it is written)."""
+    lines = ["---", "base_model:"] + [f"- {json.dumps(m)}" for m in models]
+    lines += ["library_name: transformers", "tags:", "- merge", "- ckptsurgery", "---", "", "# A merged model", "",
+              f"A merge of the models below, made by ckptsurgery from a mergekit recipe with the `{method}` method"
+              + (f" (base: `{base}`)." if base else "."), "", "## Models", ""]
+    lines += [f"- `{m}`" for m in models]
+    if recipe_text is not None:
+        fence = "````" if "```" in recipe_text else "```"
+        lines += ["", "## Recipe", "", f"{fence}yaml", recipe_text.rstrip("\n"), fence]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def write_folder_files(folder: str, files: FolderFiles) -> list[str]:
+    """Write the planned files into `folder` (a staged folder: nothing there yet); their names."""
+    for name, data in files.made.items():
+        with open(os.path.join(folder, name), "xb") as f:
+            f.write(data)
+    for name, path in files.copied.items():
+        try:
+            shutil.copyfile(path, os.path.join(folder, name))
+        except OSError as e:
+            raise CkptError(f"{path}: cannot copy ({e.strerror or e}); nothing was written") from None
+    return files.names
+
+
+@dataclass(frozen=True)
+class FolderPlan:
+    """What the folder files are made from: the reference model (its config.json), its layer
+    count and which of its layers each output layer is, the written dtype, the tokenizer's
+    model, the recipe's chat template and text, and what the model card names."""
+
+    reference: str
+    reference_layers: int
+    layers_from: tuple[int, ...]
+    dtype: str | None
+    tokenizer: str
+    chat_template: str | None
+    recipe_text: str | None
+    method: str
+    models: tuple[str, ...]
+    base: str | None
+
+
+def folder_files(plan: FolderPlan) -> FolderFiles:
+    """The output folder's files besides the weights, planned (nothing read but small JSON files)."""
+    files = FolderFiles()
+    folder = model_folder(plan.reference)
+    config = read_config(folder) if folder else None
+    if config is None:
+        files.notes.append(f"{plan.reference} has no {CONFIG}: the output has none (from_pretrained needs one)")
+    else:
+        config, files.config_changes = updated_config(config, plan.reference_layers, plan.layers_from, plan.dtype,
+                                                      files.notes)
+        files.made[CONFIG] = config_bytes(config)
+    files.copied.update(tokenizer_files(model_folder(plan.tokenizer)))
+    if plan.chat_template is not None and plan.chat_template != "auto":
+        if "{{" not in plan.chat_template and "{%" not in plan.chat_template:
+            raise CkptError(f"chat_template: {plan.chat_template!r} names one of mergekit's built-in templates, which "
+                            f"ckptsurgery does not ship: give the template's text (Jinja) instead")
+        files.copied.pop("chat_template.json", None)
+        files.copied.pop("chat_template.jinja", None)
+        files.made["chat_template.jinja"] = plan.chat_template.encode()
+    if plan.recipe_text is not None:
+        files.made[RECIPE_COPY] = plan.recipe_text.encode()
+    files.made[MODEL_CARD] = model_card(plan.method, plan.models, plan.base, plan.recipe_text)
+    return files

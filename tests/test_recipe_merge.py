@@ -1,0 +1,306 @@
+"""merge_recipe: mergekit recipes run into a folder transformers loads, held to mergekit-yaml's own
+output (run_merge on the same recipe and the same tiny seeded Llama folders): a SOLAR-style depth
+up-scale, a two-model frankenmerge, a gradient SLERP and a TIES soup; reruns byte for byte; the
+dry run reads no tensor data; refusals are one line each."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptsurgery.errors import CkptError, UsageError
+from ckptsurgery.ops import RecipeReport, WriteOptions, merge_recipe
+
+transformers = pytest.importorskip("transformers")
+
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory):
+    """base, and m0, m1, m2 fine-tuned from it (tiny, seeded): folders as save_pretrained writes them."""
+    folder = tmp_path_factory.mktemp("llamas")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=LAYERS,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config)
+    base.save_pretrained(folder / "base")
+    for i in range(3):
+        tuned = transformers.LlamaForCausalLM(config)
+        tuned.load_state_dict({k: v + 0.02 * torch.randn_like(v) for k, v in base.state_dict().items()})
+        tuned.save_pretrained(folder / f"m{i}")
+    (folder / "base" / "tokenizer_config.json").write_text('{"model_max_length": 32}\n')
+    (folder / "base" / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    return folder
+
+
+SOLAR = """\
+slices:
+  - sources:
+      - model: m0
+        layer_range: [0, 3]
+  - sources:
+      - model: m0
+        layer_range: [1, 4]
+merge_method: passthrough
+dtype: float32
+"""
+
+FRANKEN = """\
+slices:
+  - sources:
+      - model: m0
+        layer_range: [0, 3]
+  - sources:
+      - model: m1
+        layer_range: [2, 4]
+        parameters:
+          scale:
+            - filter: o_proj
+              value: 0.5
+            - value: 1.0
+merge_method: passthrough
+dtype: float32
+"""
+
+SLERP = """\
+slices:
+  - sources:
+      - model: m0
+        layer_range: [0, 4]
+      - model: m1
+        layer_range: [0, 4]
+merge_method: slerp
+base_model: m0
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: bfloat16
+"""
+
+TIES = """\
+models:
+  - model: m0
+    parameters:
+      density: [1, 0.7, 0.1]
+      weight: 1.0
+  - model: m1
+    parameters:
+      density: 0.5
+      weight: [0, 0.3, 0.7, 1]
+  - model: m2
+    parameters:
+      density: 0.33
+      weight:
+        - filter: mlp
+          value: 0.5
+        - value: 0
+merge_method: ties
+base_model: base
+parameters:
+  normalize: true
+dtype: float32
+"""
+
+RECIPES = {"solar": (SOLAR, 6), "frankenmerge": (FRANKEN, 5), "slerp": (SLERP, 4), "ties": (TIES, 4)}
+
+
+@pytest.fixture(scope="module")
+def runs(llamas, tmp_path_factory):
+    """Each recipe run by mergekit-yaml (run_merge) and by us, in the llamas' folder (the recipes'
+    paths are relative to it): name -> (mergekit's folder, ours, our report)."""
+    pytest.importorskip("mergekit")
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    out = tmp_path_factory.mktemp("runs")
+    found = {}
+    here = os.getcwd()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        os.chdir(llamas)
+        for name, (text, _) in RECIPES.items():
+            (out / f"{name}.yml").write_text(text)
+            run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out / f"kit-{name}"),
+                      options=MergeOptions(lazy_unpickle=True, copy_tokenizer=False, write_model_card=False,
+                                                 clone_tensors=True))
+            report = merge_recipe(out / f"{name}.yml", WriteOptions(str(out / name)))
+            found[name] = (out / f"kit-{name}", out / name, report)
+    finally:
+        os.chdir(here)
+    return found
+
+
+def load(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_the_output_loads_with_every_key_and_the_right_layer_count(runs, name):
+    _, ours, report = runs[name]
+    assert isinstance(report, RecipeReport) and report.layers == RECIPES[name][1]
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(ours, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert model.config.num_hidden_layers == RECIPES[name][1]
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_the_tensors_equal_mergekit_yamls(runs, name):
+    kit, ours, _ = runs[name]
+    want, got = load(kit), load(ours)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype, key
+        if got[key].dtype == torch.bfloat16:  # mergekit merges in bfloat16, we in float32: bf16 resolution
+            torch.testing.assert_close(got[key].float(), want[key].float(), rtol=2e-2, atol=4e-3, msg=key)
+        else:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_the_folder_holds_config_tokenizer_recipe_and_card(runs, llamas):
+    _, ours, report = runs["solar"]
+    names = sorted(os.listdir(ours))
+    assert names == ["README.md", "ckptsurgery_recipe.yml", "config.json", "generation_config.json",
+                     "model.safetensors"]
+    config = json.loads((ours / "config.json").read_text())
+    reference = json.loads((llamas / "m0" / "config.json").read_text())
+    assert config == {**reference, "num_hidden_layers": 6, "torch_dtype": "float32", "dtype": "float32"}
+    assert report.config_changes == {"num_hidden_layers": 6, "torch_dtype": "float32", "dtype": "float32"}
+    assert (ours / "ckptsurgery_recipe.yml").read_text() == SOLAR
+    assert "passthrough" in (ours / "README.md").read_text() and "- `m0`" in (ours / "README.md").read_text()
+    # tokenizer_source defaults to the base, else the first model: m0 has no tokenizer files but its generation config
+    assert (ours / "generation_config.json").read_bytes() == (llamas / "m0" / "generation_config.json").read_bytes()
+    _, ties, _ = runs["ties"]
+    for name in ("tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        assert (ties / name).read_bytes() == (llamas / "base" / name).read_bytes()
+    assert "base: `base`" in (ties / "README.md").read_text()
+
+
+def test_duplicated_layers_are_copies_not_ties(runs):
+    _, ours, report = runs["solar"]
+    got = load(ours)
+    assert report.tied == {} and report.copied == report.tensors
+    for i, j in ((1, 3), (2, 4)):  # m0's layers 1 and 2, twice each
+        key = "model.layers.{}.mlp.up_proj.weight"
+        assert torch.equal(got[key.format(i)], got[key.format(j)])
+    from safetensors import safe_open
+
+    with safe_open(ours / "model.safetensors", "pt") as f:
+        assert len(list(f.keys())) == report.tensors
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("name", ["frankenmerge", "ties"])
+def test_a_rerun_writes_the_same_bytes(runs, llamas, tmp_path, monkeypatch, name):
+    _, ours, _ = runs[name]
+    monkeypatch.chdir(llamas)
+    merge_recipe(ours.parent / f"{name}.yml", WriteOptions(str(tmp_path / "again")))
+    assert digests(tmp_path / "again") == digests(ours)
+
+
+def test_sharded_by_max_shard_size_with_an_index(llamas, tmp_path, monkeypatch):
+    monkeypatch.chdir(llamas)
+    (tmp_path / "r.yml").write_text(SOLAR)
+    report = merge_recipe(tmp_path / "r.yml", WriteOptions(str(tmp_path / "out"), max_shard_size="20KB"))
+    assert report.shards and report.shards > 1
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_a_safetensors_output_is_the_weights_alone(runs, llamas, tmp_path, monkeypatch):
+    monkeypatch.chdir(llamas)
+    _, ours, _ = runs["ties"]
+    merge_recipe(ours.parent / "ties.yml", WriteOptions(str(tmp_path / "w.safetensors")))
+    assert os.listdir(tmp_path) == ["w.safetensors"]
+    assert (tmp_path / "w.safetensors").read_bytes() == (ours / "model.safetensors").read_bytes()
+
+
+def test_an_existing_folder_needs_force_and_is_replaced_whole(llamas, tmp_path, monkeypatch):
+    monkeypatch.chdir(llamas)
+    (tmp_path / "r.yml").write_text(SOLAR)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    with pytest.raises(CkptError, match="already exists; pass --force"):
+        merge_recipe(tmp_path / "r.yml", WriteOptions(str(out)))
+    assert os.listdir(out) == ["stale.txt"]
+    merge_recipe(tmp_path / "r.yml", WriteOptions(str(out), force=True))
+    assert "stale.txt" not in os.listdir(out) and (out / "model.safetensors").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["out", "r.yml"]  # nothing staged left beside it
+
+
+def test_a_failed_write_leaves_nothing(llamas, tmp_path, monkeypatch):
+    monkeypatch.chdir(llamas)
+    (tmp_path / "r.yml").write_text(SOLAR)
+    import ckptsurgery.ops.model_folder as model_folder
+
+    def broken(folder, files):
+        raise CkptError("disk full")
+
+    monkeypatch.setattr("ckptsurgery.ops.merge.recipe.write_folder_files", broken)
+    with pytest.raises(CkptError, match="disk full"):
+        merge_recipe(tmp_path / "r.yml", WriteOptions(str(tmp_path / "out")))
+    assert os.listdir(tmp_path) == ["r.yml"]
+    assert model_folder.write_folder_files is not broken
+
+
+def test_the_dry_run_plans_and_reads_no_tensor_data(llamas, tmp_path, monkeypatch):
+    from ckptsurgery.io import model
+    from ckptsurgery.ops import methods
+
+    monkeypatch.chdir(llamas)
+    (tmp_path / "r.yml").write_text(TIES)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("tensor data read under --dry-run")
+
+    monkeypatch.setattr(model.TensorRef, "data", refused)  # every tensor's bytes, and every merged chunk's inputs
+    monkeypatch.setattr(methods, "decode", refused)
+    report = merge_recipe(tmp_path / "r.yml", WriteOptions(str(tmp_path / "out"), dry_run=True))
+    assert report.dry_run and not (tmp_path / "out").exists()
+    assert len(report.plan) == report.tensors == report.merged
+    line = next(p for p in report.plan if p.startswith("model.layers.1.mlp.up_proj.weight"))
+    assert line.startswith("model.layers.1.mlp.up_proj.weight <- ties(m0:model.layers.1.mlp.up_proj.weight{")
+    assert "density=0.8 weight=1.0}" in line  # layer 1 of 4: t = 1/3 on the gradient [1, 0.7, 0.1]
+    assert "base:model.layers.1.mlp.up_proj.weight" in line and line.endswith("t=0.333333 normalize=True")
+    assert str(tmp_path / "out" / "config.json") in report.files
+
+
+def test_refusals_are_one_line(llamas, tmp_path, monkeypatch):
+    monkeypatch.chdir(llamas)
+    cases = [
+        (TIES.replace("normalize: true", "normalise: true"), UsageError, "ties does not take 'normalise'"),
+        (SLERP.replace("merge_method: slerp", "merge_method: slerpy"), UsageError, "not a merge method"),
+        (SOLAR.replace("model: m0", "model: nowhere", 1), CkptError, "nowhere: no such file or folder"),
+        (SOLAR.replace("dtype: float32", "parameters:\n  t: 0.5"), UsageError, "passthrough does not take 't'"),
+        (TIES.replace("density: 0.5", "density: 1.5"), UsageError, "density"),
+    ]
+    for i, (text, kind, words) in enumerate(cases):
+        (tmp_path / f"{i}.yml").write_text(text)
+        with pytest.raises(kind, match=words) as refused:
+            merge_recipe(tmp_path / f"{i}.yml", WriteOptions(str(tmp_path / f"out{i}")))
+        assert "\n" not in str(refused.value)
+        assert not (tmp_path / f"out{i}").exists()
+
