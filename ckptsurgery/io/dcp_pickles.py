@@ -328,6 +328,14 @@ def _number(b: bytes, pos: int) -> tuple[int, int]:
     return value, end
 
 
+_NUMBERS = {  # an integer's whole token (as _number reads it) -> the integer
+    0x4B: lambda token: token[1],
+    0x4D: lambda token: token[1] | token[2] << 8,
+    0x4A: lambda token: int.from_bytes(token[1:], "little", signed=True),
+    0x8A: lambda token: int.from_bytes(token[2:], "little", signed=True),
+}
+
+
 def _counted(most: int) -> bytes:
     """A length byte and that many bytes (DOTALL spelled [\\s\\S])."""
     return b"(?>" + b"|".join(re.escape(bytes([n])) + b"[\\s\\S]{%d}" % n for n in range(most + 1)) + b")"
@@ -363,6 +371,9 @@ def _patterns() -> dict:
 
 _compiled: dict = {}
 _MAX_RUNS = 1 << 16  # runs of bytes remembered, of each kind: a file of nothing but new ones costs no more
+_MAX_LITERALS = 256  # runs spelled out as expressions, of each kind
+_REF_GROUP = b"(h[\\s\\S]|j[\\s\\S]{4})"  # a memo reference
+_NUMBER_GROUP = b"(K[\\s\\S]|M[\\s\\S]{2}|J[\\s\\S]{4}|\\x8a" + _counted(8) + b")"
 
 
 class _Fast:
@@ -379,6 +390,10 @@ class _Fast:
         self.memo: list = []
         self.entry_runs: dict[bytes, tuple] = {}  # an entry's value's bytes -> (spec, memo items)
         self.pairs = 0  # storage_data's items read
+        self.entry_literals: dict = {}  # a run -> (match of it spelled out, its run): see literal
+        self.storage_literals: dict = {}
+        self.path_literals: dict = {}
+        self.entry_literal = self.storage_literal = self.path_literal = None  # the last used
         self.storage_runs: dict[tuple, tuple] = {}  # an index and info's fixed parts -> what they hold
 
     def metadata(self) -> FastMetadata:
@@ -611,21 +626,29 @@ class _Fast:
 
     def entry_run(self, pos: int, out: dict) -> int:
         """Entries as torch writes them after the first few: a new key, then a value whose bytes
-        were read before (entry_runs)."""
+        were read before (entry_runs) — those of the entry before first, spelled out (literal)."""
         b, memo, runs, bound = self.b, self.memo, self.entry_runs, self.bound
-        match = _compiled["keyed entry"].match
+        generic, literal = _compiled["keyed entry"].match, self.entry_literal
         while True:
-            m = match(b, pos)
-            if m is None:
-                return pos
-            size, key, value = m.groups()
-            run = runs.get(value)
-            if run is None or size[0] != len(key):
-                return pos
+            m = literal[0](b, pos) if literal is not None else None
+            if m is not None:
+                size, key = m.groups()
+                run = literal[1]
+            else:
+                m = generic(b, pos)
+                if m is None:
+                    break
+                size, key, value = m.groups()
+                run = runs.get(value)
+                if run is None:
+                    break
+                literal = self.literal(self.entry_literals, value, run, b"\\x8c([\\s\\S])([^\\x94]*+)\\x94", value)
+            if size[0] != len(key):
+                break
             try:
                 key = str(key, "utf-8")
             except UnicodeDecodeError:
-                return pos
+                break
             memo.append(key)
             memo += run[1]
             out[key] = run[0]
@@ -634,6 +657,17 @@ class _Fast:
                 self.crossed(pos, end)
                 bound = self.bound
             pos = end
+        self.entry_literal = literal
+        return pos
+
+    def literal(self, cache: dict, key, run: tuple, *parts: bytes) -> tuple | None:
+        """(match, run): `parts` as a regular expression, its fixed runs spelled out (compiled
+        once, for a few hundred runs at most; None past those)."""
+        made = cache.get(key)
+        if made is None and len(cache) < _MAX_LITERALS:
+            made = cache[key] = (re.compile(b"".join(
+                part if index % 2 == 0 else re.escape(part) for index, part in enumerate(parts))).match, run)
+        return made
 
     def entry(self, pos: int) -> tuple[str, Any, int]:
         key, pos = self.text(pos)
@@ -717,17 +751,47 @@ class _Fast:
 
     def path_run(self, pos: int, out: dict) -> int:
         """Keys and paths as torch writes most: a reference to the key, then up to three steps,
-        each a string (new, or a reference) or a small integer, TUPLE1-3 MEMOIZE. At anything
+        each a string (new, or a reference) or a small integer, TUPLE1-3 MEMOIZE — those whose
+        steps but a new last one are spelled as the one before's first (literal). At anything
         else, or any doubt, it stops (path_tokens reads that one)."""
+        b, memo, bound, literal = self.b, self.memo, self.bound, self.path_literal
         while True:
+            m = literal[0](b, pos) if literal is not None else None
+            if m is not None:
+                ref, size, text = m.groups()
+                index = ref[1] if ref[0] == 0x68 else int.from_bytes(ref[1:], "little")
+                key = memo[index] if index < len(memo) else None
+                if type(key) is str and size[0] == len(text):
+                    try:
+                        step = str(text, "utf-8")
+                    except UnicodeDecodeError:
+                        step = None
+                    if step is not None:
+                        memo.append(step)
+                        memo.append(_OPAQUE)
+                        out[key] = literal[1] + (step,)
+                        end = m.end()
+                        if end > bound:
+                            self.crossed(pos, end)
+                            bound = self.bound
+                        pos = end
+                        continue
             read = self.path_fast(pos)
             if read is None:
-                return pos
-            key, steps, pos = read
+                break
+            key, steps, end, shape = read
             out[key] = steps
+            if shape is not None:
+                literal = self.literal(self.path_literals, shape, steps[:-1], _REF_GROUP, shape[0],
+                                       b"\\x8c([\\s\\S])([^\\x94]*+)\\x94", shape[1], b"")
+            pos, bound = end, self.bound
+        self.path_literal = literal
+        return pos
 
     def path_fast(self, pos: int) -> tuple | None:
-        """One key and path of path_run's form, or None (and nothing read)."""
+        """One key and path of path_run's form, or None (and nothing read): (key, path, end,
+        (the bytes of the steps before a new last one, the closing TUPLE MEMOIZE) where it ends
+        so, else None)."""
         b, memo, start, saved = self.b, self.memo, pos, len(self.memo)
         code = b[pos]
         if code == 0x6A:
@@ -737,7 +801,7 @@ class _Fast:
         else:
             return None
         key = memo[index] if index < saved else None
-        steps = []
+        steps, after_key, new = [], pos, None  # new: where the first new string starts
         while type(key) is str and len(steps) <= 3:
             code = b[pos]
             if code == 0x8C:
@@ -749,20 +813,23 @@ class _Fast:
                 except UnicodeDecodeError:
                     break
                 memo.append(step)
+                new = pos if new is None else -1
                 pos = end + 1
             elif code == 0x68 or code == 0x6A:
                 index = b[pos + 1] if code == 0x68 else int.from_bytes(b[pos + 1 : pos + 5], "little")
                 step = memo[index] if index < saved else None
                 if type(step) is not str:
                     break
+                new = -1 if new is not None else None
                 pos += 2 if code == 0x68 else 5
             elif code == 0x4B:  # BININT1: a list index
-                step, pos = b[pos + 1], pos + 2
+                step, pos, new = b[pos + 1], pos + 2, -1
             elif code - 0x84 == len(steps) and steps and b[pos + 1] == 0x94:  # TUPLE1-3 MEMOIZE
                 memo.append(_OPAQUE)
                 if pos + 2 > self.bound:
                     self.crossed(start, pos + 2)
-                return key, tuple(steps), pos + 2
+                shape = (b[after_key:new], b[pos : pos + 2]) if new is not None and new >= 0 else None
+                return key, tuple(steps), pos + 2, shape
             else:
                 break
             steps.append(step)
@@ -799,16 +866,27 @@ class _Fast:
 
     def place_run(self, pos: int, out: dict) -> int:
         """Indexes and their storage info as torch writes them after the first few: their fixed
-        parts read before (storage_runs), a reference to a key, two integers."""
+        parts read before (storage_runs) — those of the one before first, spelled out (literal) —
+        a reference to a key, two integers."""
         b, memo, runs, bound = self.b, self.memo, self.storage_runs, self.bound
-        match, count = _compiled["storage"].match, 0
+        generic, literal, count = _compiled["storage"].match, self.storage_literal, 0
         while True:
-            m = match(b, pos)
-            if m is None:
-                break
-            head, fqn, tail, info_head, offset, info_middle, length = m.groups()
-            run = runs.get((head, tail, info_head, info_middle))
-            if run is None or fqn[0] == 0x8C:
+            m = literal[0](b, pos) if literal is not None else None
+            if m is not None:
+                fqn, offset, length = m.groups()
+                run = literal[1]
+            else:
+                m = generic(b, pos)
+                if m is None:
+                    break
+                head, fqn, tail, info_head, offset, info_middle, length = m.groups()
+                parts = (head, tail, info_head, info_middle)
+                run = runs.get(parts)
+                if run is None:
+                    break
+                literal = self.literal(self.storage_literals, parts, run, b"", head, _REF_GROUP, tail + info_head,
+                                       _NUMBER_GROUP, info_middle, _NUMBER_GROUP + b"ub")
+            if fqn[0] == 0x8C:
                 break
             index = fqn[1] if fqn[0] == 0x68 else int.from_bytes(fqn[1:], "little")
             key = memo[index] if index < len(memo) else None
@@ -820,11 +898,11 @@ class _Fast:
                 bound = self.bound
             items, _, offsets, relative_path = run
             memo += items
-            out[key, offsets] = (relative_path, offset[1] if offset[0] == 0x4B else _number(offset, 0)[0],
-                                 length[1] if length[0] == 0x4B else _number(length, 0)[0])
+            out[key, offsets] = (relative_path, _NUMBERS[offset[0]](offset), _NUMBERS[length[0]](length))
             count += 1
             pos = end
         self.pairs += count
+        self.storage_literal = literal
         return pos
 
     def place(self, pos: int) -> tuple[tuple, tuple, int]:
