@@ -304,3 +304,35 @@ def test_refusals_are_one_line(llamas, tmp_path, monkeypatch):
         assert "\n" not in str(refused.value)
         assert not (tmp_path / f"out{i}").exists()
 
+
+
+@pytest.fixture(scope="module")
+def adapter(llamas):
+    """A PEFT LoRA adapter for m0 (its factors random, seeded), and m0 with it merged by peft."""
+    peft = pytest.importorskip("peft")
+    model = transformers.LlamaForCausalLM.from_pretrained(llamas / "m0")
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "up_proj"])
+    tuned = peft.get_peft_model(model, config)
+    g = torch.Generator().manual_seed(1)
+    for name, p in tuned.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+    tuned.save_pretrained(llamas / "m0-lora")
+    return {k: v.clone() for k, v in tuned.merge_and_unload().state_dict().items()}
+
+
+def test_a_model_plus_lora_is_folded_first_streaming(llamas, adapter, tmp_path, monkeypatch):
+    monkeypatch.chdir(llamas)
+    (tmp_path / "r.yml").write_text("models:\n  - model: m0+m0-lora\n    parameters: {weight: 0.25}\n"
+                                    "  - model: m1\n    parameters: {weight: 0.75}\nmerge_method: linear\n"
+                                    "dtype: float32\n")
+    report = merge_recipe(tmp_path / "r.yml", WriteOptions(str(tmp_path / "out")))
+    assert report.sources == ["m0+m0-lora", "m1"] and report.merged == report.tensors
+    got, m1 = load(tmp_path / "out"), load(llamas / "m1")
+    for key, value in adapter.items():
+        torch.testing.assert_close(got[key], 0.25 * value + 0.75 * m1[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert not torch.equal(adapter["model.layers.0.self_attn.q_proj.weight"], load(llamas / "m0")[
+        "model.layers.0.self_attn.q_proj.weight"])  # the adapter changed it
+    (tmp_path / "r2.yml").write_text((tmp_path / "r.yml").read_text().replace("m0-lora", "no-such-lora"))
+    with pytest.raises(CkptError, match="no-such-lora: no such adapter"):
+        merge_recipe(tmp_path / "r2.yml", WriteOptions(str(tmp_path / "out2")))

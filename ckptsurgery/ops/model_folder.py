@@ -195,5 +195,7 @@ def folder_files(plan: FolderPlan) -> FolderFiles:
         files.made["chat_template.jinja"] = plan.chat_template.encode()
     if plan.recipe_text is not None:
         files.made[RECIPE_COPY] = plan.recipe_text.encode()
+    else:
+        files.notes.append(f"the recipe was given loaded, not as a file: no {RECIPE_COPY} written")
     files.made[MODEL_CARD] = model_card(plan.method, plan.models, plan.base, plan.recipe_text)
     return files

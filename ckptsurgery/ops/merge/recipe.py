@@ -65,6 +65,7 @@ def merge_recipe(recipe: str | os.PathLike | Recipe, write: WriteOptions, *,
     names = mergekit_parameters(method)
     refuse_unknown_parameters(recipe, names)
     folder = _folder_output(write)
+    _not_an_input(recipe, folder or write.output)
     with ExitStack() as stack:
         opened = _open_models(recipe, stack)
         keys = {m: {k: t.shape for k, t in tensors.items()} for m, (_, tensors) in opened.items()}
@@ -330,6 +331,18 @@ def _folder_output(write: WriteOptions) -> str | None:
         raise CkptError(f"{folder}: is a file; a recipe writes a folder (or give -o FILE.safetensors)")
     check_parent(os.path.join(folder, WEIGHTS_FILE))
     return folder
+
+
+def _not_an_input(recipe: Recipe, output: str) -> None:
+    """Refuse an output that would replace a model the recipe reads, the folder holding one, or
+    a file inside one."""
+    out = os.path.realpath(output.rstrip("/" + os.sep) or output)
+    for model in recipe.referenced_models():
+        for path in filter(None, (model.path, model.lora)):
+            real = os.path.realpath(path)
+            inside = os.path.isdir(real) and out.startswith(real + os.sep)
+            if real == out or real.startswith(out + os.sep) or inside:
+                raise UsageError(f"-o {output}: would replace {path}, which the recipe reads; write elsewhere")
 
 
 def _folder_plan(recipe: Recipe, plan: RecipePlan, keys: dict, pattern: str | None, text: str | None,
