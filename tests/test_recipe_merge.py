@@ -392,3 +392,41 @@ def test_a_weight_given_to_a_method_that_takes_none_is_refused(llamas, tmp_path,
     (tmp_path / "r.yml").write_text(TWO + "merge_method: slerp\nbase_model: m0\nparameters:\n  t: 0.35\n")
     with pytest.raises(UsageError, match=r"models\[0\]\.parameters\.weight: slerp does not take 'weight'"):
         merge_recipe(tmp_path / "r.yml", WriteOptions(str(tmp_path / "out")))
+
+
+@pytest.mark.parametrize("dtypes", ["dtype: float16\nout_dtype: bfloat16\n", "dtype: bfloat16\nout_dtype: float32\n",
+                                    "out_dtype: float16\n"])
+def test_the_working_dtype_rounds_the_inputs_as_mergekit_casts_them(llamas, tmp_path, monkeypatch, dtypes):
+    """dtype is what mergekit merges in (every input cast to it), out_dtype what it writes: a
+    passthrough through float16 into bfloat16 is the same bits as mergekit's."""
+    pytest.importorskip("mergekit")
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    monkeypatch.chdir(llamas)
+    text = SOLAR.replace("dtype: float32\n", dtypes)
+    (tmp_path / "r.yml").write_text(text)
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "kit"),
+              options=MergeOptions(lazy_unpickle=True, copy_tokenizer=False, write_model_card=False,
+                                   clone_tensors=True))
+    report = merge_recipe(tmp_path / "r.yml", WriteOptions(str(tmp_path / "ours")))
+    want, got = load(tmp_path / "kit"), load(tmp_path / "ours")
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+    assert report.copied == (0 if "dtype: " in dtypes.replace("out_dtype", "") else report.tensors)
+
+
+def test_a_tokenizer_source_is_a_folder_its_files_are_copied_from(llamas, tmp_path, monkeypatch):
+    monkeypatch.chdir(llamas)
+    tokenizer = tmp_path / "tok"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.json").write_text('{"version": "1.0"}')
+    (tmp_path / "r.yml").write_text(SOLAR + f"tokenizer_source: {tokenizer}\n")
+    merge_recipe(tmp_path / "r.yml", WriteOptions(str(tmp_path / "out")))
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"version": "1.0"}'
+    assert not (tmp_path / "out" / "generation_config.json").exists()  # m0's: not the tokenizer's source
+    (tmp_path / "r.yml").write_text(SOLAR + "tokenizer_source: nowhere\n")
+    with pytest.raises(CkptError, match="nowhere: no such folder"):
+        merge_recipe(tmp_path / "r.yml", WriteOptions(str(tmp_path / "out2")))

@@ -153,7 +153,13 @@ def _open_models(recipe: Recipe, stack: ExitStack) -> dict[ModelRef, tuple[Check
     """Every model the recipe names, opened (headers only): its checkpoint and its tensors (a
     `model+lora` one's with the adapter folded in, computed when written)."""
     opened: dict[ModelRef, tuple[Checkpoint, dict[str, TensorRef]]] = {}
+    tokenizer = recipe.tokenizer_source.model if recipe.tokenizer_source else None
+    merged = {e.model for e in recipe.models or ()} | {s.model for p in recipe.slices or () for s in p.sources}
     for model in recipe.referenced_models():
+        if model == tokenizer and model not in merged and model != recipe.base_model:
+            if not os.path.isdir(model.path):  # only its files are copied: a folder, not opened
+                raise CkptError(f"{model.path}: no such folder (the recipe's tokenizer_source)")
+            continue
         if not os.path.exists(model.path):
             raise CkptError(f"{model.path}: no such file or folder (a model of the recipe; paths are relative to "
                             f"the current folder)")
@@ -283,7 +289,7 @@ def _merge(method: type[MergeMethod], values: dict, key: str, inputs: list[Tenso
 
 def _rounded(read, t: TensorRef, working: str | None, wide: str):
     """An input's values rounded to the working dtype first, as mergekit casts its inputs to it."""
-    if working is None or t.dtype.name == working or t.dtype.itemsize <= 2:
+    if working is None or t.dtype.name == working:
         return read
     return lambda start, count: methods.decode(methods.encode(read(start, count), working), working, wide)
 
@@ -294,8 +300,7 @@ def _passthrough(tensor: Planned, source: TensorRef, working: str | None, cast: 
         raise UsageError(f"{tensor.key}: passthrough takes exactly one model, not {len(tensor.sources)} (a slice of "
                          f"several sources needs another merge_method)")
     scale = tensor.scale if tensor.scale is not None else 1.0
-    rounds = working is not None and source.dtype.name != working and source.dtype.itemsize > 2 and (
-        cast is None or cast.name != working)
+    rounds = working is not None and source.dtype.name != working and (cast is None or cast.name != working)
     if scale == 1 and not rounds:
         built.copied += 1
         return _copy(source)
