@@ -112,7 +112,44 @@ parameters:
 dtype: float32
 """
 
-RECIPES = {"solar": (SOLAR, 6), "frankenmerge": (FRANKEN, 5), "slerp": (SLERP, 4), "ties": (TIES, 4)}
+SLERP_MODELS = """\
+models:
+  - model: m0
+  - model: m1
+merge_method: slerp
+base_model: m1
+parameters:
+  t: [0, 0.3, 1]
+dtype: float32
+"""
+
+TIES_SLICES = """\
+slices:
+  - sources:
+      - model: m0
+        layer_range: [0, 2]
+        parameters: {density: 0.5, weight: [1, 0.2]}
+      - model: m1
+        layer_range: [2, 4]
+        parameters: {density: [0.2, 0.9], weight: 0.5}
+      - model: base
+        layer_range: [0, 2]
+    parameters: {normalize: false}
+  - sources:
+      - model: m2
+        layer_range: [1, 3]
+        parameters: {density: 0.7, weight: 1.0}
+      - model: base
+        layer_range: [1, 3]
+merge_method: ties
+base_model: base
+parameters:
+  lambda: 0.9
+dtype: float32
+"""
+
+RECIPES = {"solar": (SOLAR, 6), "frankenmerge": (FRANKEN, 5), "slerp": (SLERP, 4), "ties": (TIES, 4),
+           "slerp_models": (SLERP_MODELS, 4), "ties_slices": (TIES_SLICES, 4)}
 
 
 @pytest.fixture(scope="module")

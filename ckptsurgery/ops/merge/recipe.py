@@ -23,6 +23,7 @@ renamed into place together."""
 from __future__ import annotations
 
 import os
+import re
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -275,8 +276,17 @@ def _resolved(method: type[MergeMethod], tensor: Planned, models: int, given: di
         try:
             cache[key] = dict(methods.resolve_parameters(method.name, models, given).values)
         except UsageError as refused:
-            raise UsageError(f"{tensor.key}: {refused}") from None
+            raise UsageError(f"{tensor.key}: {in_recipe_words(str(refused), method)}") from None
     return cache[key]
+
+
+def in_recipe_words(message: str, method: type[MergeMethod]) -> str:
+    """A refusal of the methods' checks said in a recipe's words: `--density` is `density`,
+    `--weights` mergekit's `weight`, `--method ties` `merge_method: ties`."""
+    for kit, parameter in sorted(mergekit_parameters(method).items(), key=lambda item: -len(item[1].option)):
+        message = re.sub(re.escape(parameter.option) + r"\b", kit, message)
+    message = message.replace(f"--method {method.name}", f"merge_method {method.name.replace('-', '_')}")
+    return message.replace(" (the base is --base)", " (the base is base_model)")
 
 
 def _merge(method: type[MergeMethod], values: dict, key: str, inputs: list[TensorRef], has_base: bool,
