@@ -467,3 +467,25 @@ def test_a_tokenizer_source_is_a_folder_its_files_are_copied_from(llamas, tmp_pa
     (tmp_path / "r.yml").write_text(SOLAR + "tokenizer_source: nowhere\n")
     with pytest.raises(CkptError, match="nowhere: no such folder"):
         merge_recipe(tmp_path / "r.yml", WriteOptions(str(tmp_path / "out2")))
+
+
+def test_a_passthrough_slice_recipe_copies_in_the_kernel(llamas, tmp_path, monkeypatch):
+    """Its tensors are the inputs' bytes as they lie: copied file to file (copy_file_range), never
+    decoded, so that it costs about a `cp` of what it writes."""
+    from ckptsurgery.ops import methods
+
+    monkeypatch.chdir(llamas)
+    (tmp_path / "r.yml").write_text(SOLAR)
+    copied = []
+    real = os.copy_file_range
+
+    def counting(source, out, count, *args):
+        done = real(source, out, count, *args)
+        copied.append(done)
+        return done
+
+    monkeypatch.setattr(os, "copy_file_range", counting)
+    monkeypatch.setattr("ckptsurgery.io.write.SMALL_COPY", 0)  # tiny tensors too (else through memory)
+    monkeypatch.setattr(methods, "decode", lambda *a: pytest.fail("a passthrough tensor was decoded"))
+    report = merge_recipe(tmp_path / "r.yml", WriteOptions(str(tmp_path / "out")))
+    assert sum(copied) == report.total_bytes and report.copied == report.tensors
