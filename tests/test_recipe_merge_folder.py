@@ -114,3 +114,26 @@ def test_the_output_may_not_replace_an_input(gpt2s, tmp_path, monkeypatch):
             merge_recipe(tmp_path / "r.yml", WriteOptions(output, force=True))
     assert sorted(os.listdir(gpt2s / "a")) == ["config.json", "generation_config.json", "model.safetensors"]
     assert json.loads((gpt2s / "a" / "config.json").read_text())["n_layer"] == 4
+
+
+def test_two_stacks_need_a_layer_pattern(tmp_path, monkeypatch):
+    """An encoder-decoder's two stacks number as many tensors each: refused until --layer-pattern
+    names the one the slices take; the model without a config.json gets a folder without one."""
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    keys = {f"{stack}.block.{i}.w": torch.full((2,), float(i)) for stack in ("encoder", "decoder") for i in range(3)}
+    save_file({**keys, "shared.weight": torch.ones(4, 2)}, "t5.safetensors")
+    (tmp_path / "r.yml").write_text("slices:\n  - sources:\n      - model: t5.safetensors\n        layer_range: [1, 3]\n"
+                                    "  - sources:\n      - model: t5.safetensors\n        layer_range: [2, 3]\n"
+                                    "merge_method: passthrough\n")
+    with pytest.raises(UsageError, match="layer-pattern"):
+        merge_recipe(tmp_path / "r.yml", WriteOptions("out"))
+    report = merge_recipe(tmp_path / "r.yml", WriteOptions("out"), layer_pattern=r"decoder\.block\.(\d+)\.")
+    from safetensors.torch import load_file
+
+    got = load_file("out/model.safetensors")
+    assert report.layers == 3 and "has no config.json" in report.notes[0]
+    assert {k: v[0].item() for k, v in got.items() if k.startswith("decoder")} == {
+        "decoder.block.0.w": 1.0, "decoder.block.1.w": 2.0, "decoder.block.2.w": 2.0}
+    assert sorted(os.listdir("out")) == ["README.md", "ckptsurgery_recipe.yml", "model.safetensors"]
