@@ -344,6 +344,8 @@ def _folder_output(write: WriteOptions) -> str | None:
     folder = output.rstrip("/" + os.sep) or output
     if os.path.lexists(folder) and not os.path.isdir(folder):
         raise CkptError(f"{folder}: is a file; a recipe writes a folder (or give -o FILE.safetensors)")
+    if os.path.lexists(folder) and not (write.force or write.dry_run):  # before anything is read
+        raise CkptError(f"{folder}: already exists; pass --force to replace it")
     check_parent(os.path.join(folder, WEIGHTS_FILE))
     return folder
 
@@ -371,13 +373,12 @@ def _folder_plan(recipe: Recipe, plan: RecipePlan, keys: dict, pattern: str | No
     tokenizer = recipe.tokenizer_source.model if recipe.tokenizer_source and recipe.tokenizer_source.model else None
     dtypes = {t.dtype.name for t in built.tensors.values() if t.dtype.floating}
     dtype = _written_dtype(recipe)
-    models = [str(m) for m in recipe.referenced_models() if m != recipe.base_model]
+    models = [str(m) for m in recipe.referenced_models()]
     return FolderPlan(
         reference=reference.path, reference_layers=reference_layers or len(layers_from),
         layers_from=tuple(layers_from), dtype=dtype.name if dtype else (dtypes.pop() if len(dtypes) == 1 else None),
         tokenizer=(tokenizer or recipe.base_model or _first_model(recipe)).path, chat_template=recipe.chat_template,
-        recipe_text=text, method=recipe.merge_method,
-        models=tuple(models), base=_shown(recipe.base_model))
+        recipe_text=text, method=recipe.merge_method, models=tuple(models), base=_shown(recipe.base_model))
 
 
 def _first_model(recipe: Recipe) -> ModelRef:
@@ -390,14 +391,12 @@ def _write_folder(folder: str, tensors: dict[str, TensorRef], write: WriteOption
     together (an existing folder needs --force; it is replaced whole)."""
     shard = write.max_shard_size if write.max_shard_size is not None else FOLDER_SHARD_SIZE
     final = os.path.join(folder, WEIGHTS_FILE)
-    taken = os.path.lexists(folder)
-    if taken and not (write.force or write.dry_run):
-        raise CkptError(f"{folder}: already exists; pass --force to replace it")
-    if write.dry_run:
+    if write.dry_run:  # what the weights would be, planned where they would go: the folder's taken only whole
         report = write_checkpoint(tensors, replace(write, output=final, max_shard_size=shard, force=True),
                                   cast=cast, inputs=inputs)
-        return replace(report, needs_force=[folder] if taken and not write.force else None, removed=[],
-                       files=_moved(report.files, folder, folder) + [os.path.join(folder, n) for n in files.names])
+        taken = os.path.lexists(folder) and not write.force
+        return replace(report, needs_force=[folder] if taken else None, removed=[],
+                       files=report.files + [os.path.join(folder, n) for n in files.names])
     with StagedOutputs() as outputs:
         staged = outputs.stage_folder(folder)
         report = write_checkpoint(tensors, replace(write, output=os.path.join(staged, WEIGHTS_FILE),
