@@ -489,3 +489,72 @@ def test_a_passthrough_slice_recipe_copies_in_the_kernel(llamas, tmp_path, monke
     monkeypatch.setattr(methods, "decode", lambda *a: pytest.fail("a passthrough tensor was decoded"))
     report = merge_recipe(tmp_path / "r.yml", WriteOptions(str(tmp_path / "out")))
     assert sum(copied) == report.total_bytes and report.copied == report.tensors
+
+
+@pytest.fixture(scope="module")
+def vocabularies(llamas):
+    """m1 with 8 tokens added (72 rows) and m2 with its last 4 cut (60 rows), beside m0's 64."""
+    from safetensors.torch import save_file
+
+    for name, source, rows in (("wide", "m1", 72), ("narrow", "m2", 60)):
+        tensors = load(llamas / source)
+        for key in ("model.embed_tokens.weight", "lm_head.weight"):
+            extra = torch.randn(max(rows - 64, 0), tensors[key].shape[1], generator=torch.Generator().manual_seed(3))
+            tensors[key] = torch.cat([tensors[key], extra])[:rows].contiguous()
+        (llamas / name).mkdir(exist_ok=True)
+        save_file(tensors, llamas / name / "model.safetensors", metadata={"format": "pt"})
+        config = json.loads((llamas / source / "config.json").read_text())
+        (llamas / name / "config.json").write_text(json.dumps({**config, "vocab_size": rows}))
+    return llamas
+
+
+VOCABULARIES = """\
+models:
+  - model: m0
+    parameters: {weight: 0.5}
+  - model: wide
+    parameters: {weight: 0.3}
+  - model: narrow
+    parameters: {weight: 0.2}
+merge_method: linear
+dtype: float32
+"""
+
+
+def test_different_vocabularies_are_fitted_to_the_bases_with_tokenizer_source_base(vocabularies, tmp_path,
+                                                                                      monkeypatch):
+    monkeypatch.chdir(vocabularies)
+    (tmp_path / "r.yml").write_text(VOCABULARIES)
+    with pytest.raises(CkptError, match="different vocabularies: set `tokenizer_source: base`"):
+        merge_recipe(tmp_path / "r.yml", WriteOptions(str(tmp_path / "refused")))
+    (tmp_path / "r.yml").write_text(VOCABULARIES + "tokenizer_source: base\n")
+    report = merge_recipe(tmp_path / "r.yml", WriteOptions(str(tmp_path / "out")))
+    got, m0, wide, narrow = (load(p) for p in (tmp_path / "out", vocabularies / "m0", vocabularies / "wide",
+                                               vocabularies / "narrow"))
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        want = 0.5 * m0[key] + 0.3 * wide[key][:64] + 0.2 * torch.cat([narrow[key], m0[key][60:]])
+        torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-6)
+        assert report.tensor_notes[key] == "rows fitted to m0's 64: wide cut from 72, narrow filled from 60"
+    torch.testing.assert_close(got["model.norm.weight"], 0.5 * m0["model.norm.weight"] + 0.3 * wide[
+        "model.norm.weight"] + 0.2 * narrow["model.norm.weight"])
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+
+def test_a_frankenmerge_of_two_vocabularies_is_fitted_or_refused(vocabularies, tmp_path, monkeypatch):
+    """The embeddings come from the first slice's model, the head from the last's: of two
+    vocabularies they would not fit one config.json."""
+    monkeypatch.chdir(vocabularies)
+    text = FRANKEN.replace("model: m0", "model: wide")
+    (tmp_path / "r.yml").write_text(text)
+    with pytest.raises(CkptError, match=r"lm_head.weight: m1's has shape \[64, 16\], wide's .* \[72, 16\]"):
+        merge_recipe(tmp_path / "r.yml", WriteOptions(str(tmp_path / "refused")))
+    (tmp_path / "r.yml").write_text(text + "tokenizer_source: base\n")
+    report = merge_recipe(tmp_path / "r.yml", WriteOptions(str(tmp_path / "out")))
+    got, wide, m1 = load(tmp_path / "out"), load(vocabularies / "wide"), load(vocabularies / "m1")
+    assert torch.equal(got["lm_head.weight"], torch.cat([m1["lm_head.weight"], wide["lm_head.weight"][64:]]))
+    assert torch.equal(got["model.embed_tokens.weight"], wide["model.embed_tokens.weight"])
+    assert report.tensor_notes == {"lm_head.weight": "rows fitted to wide's 72: m1 filled from 64"}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 72
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]

@@ -14,6 +14,11 @@ computed as the writer reads it:
   writes); a layer used twice is written twice, each copy under its own name (not tied:
   transformers must find every key).
 
+A tensor outside the layers takes the shape of the reference's (the model whose config.json the
+output takes: the base, else the first model): with `tokenizer_source: base` sources of another
+vocabulary have their rows cut or filled with the reference's (noted per tensor), without it they
+are refused.
+
 The written dtype is `out_dtype`, else `dtype`, else each tensor's own. `-o FILE.safetensors` writes
 the weights alone; any other output is a folder (ops/model_folder.py): the weights —
 `model.safetensors`, or shards of `--max-shard-size` (default 5GB, as transformers) and an
@@ -32,14 +37,14 @@ from typing import Any
 from ...dtypes import CAST_TARGETS, DType
 from ...errors import CkptError, UsageError
 from ...io import Checkpoint, TensorRef, open_checkpoint
-from ...io.model import Storage, computed_tensor
+from ...io.model import Storage, computed_tensor, joined_tensor, mapped_range
 from ...io.write import StagedOutputs, check_parent
 from .. import methods
 from ..methods import MergeMethod, Parameter
 from ..model_folder import FolderPlan, folder_files, write_folder_files
 from ..options import WriteOptions, check_write_options
-from ..recipes import ModelRef, Planned, Recipe, RecipePlan, Source, load_recipe, plan_lines, plan_recipe
-from ..recipes import refuse_unknown_parameters
+from ..recipes import ModelRef, Planned, Recipe, RecipePlan, Role, Source, load_recipe, plan_lines, plan_recipe
+from ..recipes import TokenizerKind, refuse_unknown_parameters
 from ..recipes.layers import layer_scheme
 from ..reports import RecipeReport
 from ..write import write_checkpoint
@@ -73,7 +78,7 @@ def merge_recipe(recipe: str | os.PathLike | Recipe, write: WriteOptions, *,
         plan = plan_recipe(recipe, keys, layer_pattern, {k: _coercion(p) for k, p in names.items()})
         cast = _written_dtype(recipe)
         built = build_tensors(plan, {m: tensors for m, (_, tensors) in opened.items()}, method, names,
-                              _working(recipe), cast)
+                              _working(recipe), cast, _fits_vocabulary(recipe))
         inputs = [c for c, _ in opened.values()]
         if folder is None:
             written, extra = write_checkpoint(built.tensors, write, cast=cast, inputs=inputs), None
@@ -143,6 +148,13 @@ def _written_dtype(recipe: Recipe) -> DType | None:
     return CAST_TARGETS[name]
 
 
+def _fits_vocabulary(recipe: Recipe) -> bool:
+    """`tokenizer_source: base` (or naming the reference model itself): vocabularies fitted to the base's."""
+    source = recipe.tokenizer_source
+    reference = recipe.base_model or _first_model(recipe)
+    return source is not None and (source.kind == TokenizerKind.BASE or source.model == reference)
+
+
 def _working(recipe: Recipe) -> str | None:
     """The dtype mergekit merges in, when it rounds the inputs (bfloat16, float16): None otherwise."""
     return recipe.dtype if recipe.dtype in ("bfloat16", "float16") else None
@@ -193,18 +205,26 @@ class Built:
     merged: int = 0
     copied: int = 0
     merges: dict[str, MergeMethod] = field(default_factory=dict, repr=False)
+    fitted: dict[str, str] = field(default_factory=dict)  # key -> how its sources' rows were fitted
 
     def notes(self) -> dict[str, str]:
-        return {key: merge.note for key, merge in sorted(self.merges.items()) if merge.note is not None}
+        notes = {key: merge.note for key, merge in self.merges.items() if merge.note is not None}
+        return dict(sorted({**notes, **self.fitted}.items()))
 
 
 def build_tensors(plan: RecipePlan, models: dict[ModelRef, dict[str, TensorRef]], method: type[MergeMethod],
-                  names: dict[str, Parameter], working: str | None, cast: DType | None) -> Built:
-    """Each planned key as a tensor computed when written (see the module's docstring)."""
+                  names: dict[str, Parameter], working: str | None, cast: DType | None,
+                  fit_vocabulary: bool = False) -> Built:
+    """Each planned key as a tensor computed when written (see the module's docstring).
+    `fit_vocabulary` (tokenizer_source: base): the rows of a tensor outside the layers cut or
+    filled to the reference's (see `_fit_rows`)."""
     built = Built()
     resolved: dict[tuple, dict] = {}  # the same values (most keys of a recipe share them): checked once
     for tensor in plan.tensors:
         inputs = [models[s.model][s.key] for s in tensor.sources]
+        if tensor.role is not Role.LAYER:
+            inputs = _outside_layers(tensor, inputs, models[plan.reference].get(tensor.key), plan.reference,
+                                     fit_vocabulary, built)
         _same_shapes(tensor, inputs)
         if not all(t.dtype.floating for t in inputs):
             built.tensors[tensor.key] = _copy(inputs[_base_index(tensor)])
@@ -228,8 +248,71 @@ def _same_shapes(tensor: Planned, inputs: list[TensorRef]) -> None:
         if t.shape != first.shape:
             raise CkptError(f"{tensor.key}: {source.model}'s {source.key} has shape {list(t.shape)}, "
                             f"{tensor.sources[0].model}'s {tensor.sources[0].key} {list(first.shape)}: the sources "
-                            f"of a merged tensor must have one shape (models with different vocabularies are not "
-                            f"merged yet)")
+                            f"of a merged tensor must have one shape" + _vocabulary_hint(tensor, inputs))
+
+
+def _vocabulary_hint(tensor: Planned, inputs: list[TensorRef]) -> str:
+    if tensor.role is Role.LAYER or len({t.shape[1:] for t in inputs if t.shape}) != 1 or not all(
+            t.shape for t in inputs):
+        return ""
+    return (" (models with different vocabularies: set `tokenizer_source: base` to cut or fill each one's rows to "
+            "the base's)")
+
+
+def _outside_layers(tensor: Planned, inputs: list[TensorRef], target: TensorRef | None, reference: ModelRef,
+                    fit: bool, built: Built) -> list[TensorRef]:
+    """A tensor outside the layers must have the shape the reference's config.json describes: its
+    sources fitted to it (`fit`), else refused when they differ (a frankenmerge of two
+    vocabularies would write an embedding and a head of different sizes)."""
+    if fit:
+        return _fit_rows(tensor, inputs, target, reference, built)
+    for source, t in zip(tensor.sources, inputs):
+        if target is not None and t.shape != target.shape:
+            raise CkptError(f"{tensor.key}: {source.model}'s has shape {list(t.shape)}, {reference}'s (whose "
+                            f"config.json the output takes) {list(target.shape)}"
+                            + _vocabulary_hint(tensor, [t, target]))
+    return inputs
+
+
+def _fit_rows(tensor: Planned, inputs: list[TensorRef], target: TensorRef | None, reference: ModelRef,
+              built: Built) -> list[TensorRef]:
+    """`tokenizer_source: base` for a tensor outside the layers whose sources have other row counts
+    (vocabularies): each source's rows cut to the reference's (tokens it added dropped), or filled
+    with the reference's own rows (tokens it lacks take the base's) — by token id, which assumes the
+    vocabularies agree where they overlap (tokens added at the end), as mergekit's token-by-token
+    alignment then gives."""
+    if target is None or not target.shape or all(t.shape == target.shape for t in inputs) or any(
+            t.shape[1:] != target.shape[1:] for t in inputs):
+        return inputs  # nothing to fit, or nothing the rows alone could fit (refused next)
+    rows, fitted, changes = target.shape[0], [], []
+    for source, t in zip(tensor.sources, inputs):
+        if t.shape[0] == rows:
+            fitted.append(t)
+            continue
+        if t.dtype is not target.dtype:
+            raise CkptError(f"{tensor.key}: {source.model}'s {t.dtype.name} rows cannot be filled with "
+                            f"{reference}'s {target.dtype.name} ones")
+        fitted.append(_first_rows(t, rows) if t.shape[0] > rows else _filled(t, target))
+        changes.append(f"{source.model} {'cut' if t.shape[0] > rows else 'filled'} from {t.shape[0]}")
+    built.fitted[tensor.key] = f"rows fitted to {reference}'s {rows}: {', '.join(changes)}"
+    return fitted
+
+
+def _first_rows(t: TensorRef, rows: int) -> TensorRef:
+    """The first `rows` rows of `t`: a view of the same bytes."""
+    return TensorRef(t.storage, t.offset, (rows, *t.shape[1:]), t.stride, t.dtype)
+
+
+def _filled(t: TensorRef, target: TensorRef) -> TensorRef:
+    """`t`'s rows, then `target`'s rows past them: read where they lie when both are laid out in
+    order in their files, else made when written."""
+    row = t.nbytes // t.shape[0] if t.shape[0] else 0
+    if mapped_range(t) is not None and mapped_range(target) is not None:
+        (mine, start), (theirs, first) = mapped_range(t), mapped_range(target)
+        return joined_tensor(target.shape, t.dtype, [(mine, start, t.nbytes),
+                                                     (theirs, first + t.nbytes, target.nbytes - t.nbytes)])
+    return computed_tensor(target.shape, t.dtype,
+                           lambda: bytes(t.data()) + bytes(memoryview(target.data())[row * t.shape[0]:]))
 
 
 def _base_index(tensor: Planned) -> int:
