@@ -14,8 +14,8 @@ DTensor, torchtitan, torchtune).
 - Each chunk is a complete `torch.save` archive at its byte range (or, written without
   torch.save, the chunk's raw bytes). The archive is opened, and the chunk checked against the
   metadata, only when the tensor's bytes are asked for (convert, --stats, diff): listing a
-  folder needs the dtype and sizes `.metadata` gives (_ChunkStorage); an archive laid out as
-  torch.save lays one out is read without zipfile (_lean_archive). A tensor saved from many
+  folder needs the dtype and sizes `.metadata` gives (ChunkStorage); an archive laid out as
+  torch.save lays one out is read without zipfile (lean_archive). A tensor saved from many
   ranks is one tensor of its full size here, put together from its chunks only then too.
 - Values other than tensors (step counters, optimizer hyperparameters) are `torch.save`
   archives of arbitrary objects, read with the restricted unpickler like any `.pth` (bytes in
@@ -30,23 +30,19 @@ from __future__ import annotations
 import io
 import os
 import stat
-import struct
-import threading
-import zlib
 from typing import Any
 
-from ..dtypes import QUANTIZED
 from ..errors import CkptError
+from .dcp_chunks import ChunkStorage, chunked, lean_archive, lean_storage, read_chunk, short, template_of
 from .dcp_pickles import DCP_META as _META
 from .dcp_pickles import STORAGE_INFO as _STORAGE_INFO
 from .dcp_pickles import BYTES, FastMetadata, Unfollowed, fast_metadata, legacy_value, payload_events
 from .formats import Format
 from .model import (
-    INT64_MAX, Checkpoint, JoinedSource, MappedFile, Storage, TensorRef, check_key, computed_tensor, contiguous_strides,
-    numel_of, standalone,
+    INT64_MAX, Checkpoint, MappedFile, Storage, TensorRef, check_key, contiguous_strides, numel_of, standalone,
 )
 from .pickled import FrozenRecord, Global, GlobalKind, How, InertGlobal, InertObject, TorchSize
-from .torch_zip import load_torch_zip, storage_loader, write_torch
+from .torch_zip import load_torch_zip, write_torch
 from .tree import find_root
 from .unpickler import MAX_NESTING, MetadataUnpickler, brief, safe_load
 from .write import cast_target, check_parent, plan_shards
@@ -89,48 +85,6 @@ def _ints(value: Any, what: str, where: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-_RESOLVING = threading.RLock()  # writer threads (--jobs) may ask for one chunk at once
-
-
-def _pending_slot(name: str) -> property:
-    """A Storage field that is known once the chunk is read: reading it reads the chunk."""
-    slot = Storage.__dict__[name]
-
-    def get(self):
-        if self._pending is not None:
-            self._resolve()
-        return slot.__get__(self, Storage)
-
-    return property(get, slot.__set__)
-
-
-class _ChunkStorage(Storage):
-    """The bytes of a tensor held in DCP chunks, whose size the metadata gives: where they lie
-    (`source`, `offset`, and the chunk's storage `key` and `location`) is found when first asked
-    for — each chunk's archive opened and held to every check of _Reader.chunk then, before any
-    byte is used. Listing a folder never asks (dtype and shape are the metadata's)."""
-
-    __slots__ = ("_pending",)
-    source = _pending_slot("source")
-    offset = _pending_slot("offset")
-    key = _pending_slot("key")
-    location = _pending_slot("location")
-
-    def __init__(self, nbytes: int, pending: tuple):  # (source, offset, key, location: set by _resolve)
-        self.nbytes = nbytes
-        self._pending = pending  # (function, *arguments) -> (source, offset, key, location)
-
-    def _resolve(self) -> None:
-        with _RESOLVING:
-            pending = self._pending
-            if pending is None:  # another thread read it meanwhile
-                return
-            fields = pending[0](*pending[1:])
-            for name, value in zip(("source", "offset", "key", "location"), fields):
-                Storage.__dict__[name].__set__(self, value)
-            self._pending = None
-
-
 class _Reader:
     """The data files of one folder, opened as first named, in that order (torch reads the
     values of a folder file by file, in the order the files first appear); each byte range read
@@ -144,7 +98,7 @@ class _Reader:
         self._loaded: dict[tuple, Any] = {}
         self._unpickled: dict[tuple, Any] = {}
         self._lazy: dict[tuple, TensorRef] = {}  # (file, offset, length) -> the first chunk's tensor there
-        self._templates: dict[bytes, TensorRef | None] = {}  # a chunk's data.pkl -> its tensor (_template)
+        self._templates: dict[bytes, TensorRef | None] = {}  # a chunk's data.pkl -> its tensor (template)
         self._rank: dict[str, int] = {}
 
     def file(self, name: Any, where: str) -> MappedFile:
@@ -206,15 +160,15 @@ class _Reader:
     def _chunk_archive(self, source: MappedFile, offset: int, length: int, where: str) -> tuple[Any, list]:
         """load_torch_zip of a chunk's archive — without zipfile where it is laid out as
         torch.save lays out one tensor's, and holds a data.pkl already read: its tensor is that
-        pickle's, on this archive's storage record (see _lean_archive)."""
-        lean = _lean_archive(source.view(offset, length))
+        pickle's, on this archive's storage record (see lean_archive)."""
+        lean = lean_archive(source.view(offset, length))
         template = self._templates.get(lean[0], _UNREAD) if lean is not None else None
         if template is _UNREAD:  # a pickle not seen yet: read as always, and learn from it
             value, events = load_torch_zip(source, offset, length, where, self.repeated)
-            self._templates[lean[0]] = _template(value, events, lean[0], where)
+            self._templates[lean[0]] = template_of(value, events, lean[0], where)
             return value, events
         if template is not None:
-            storage = _lean_storage(source, offset, length, lean, template.storage)
+            storage = lean_storage(source, offset, length, lean, template.storage)
             if storage is not None:
                 return TensorRef(storage, template.offset, template.shape, template.stride, template.dtype,
                                  template.requires_grad, template.plain_grad), []
@@ -251,7 +205,7 @@ class _Reader:
         if tensor is not None and tensor.dtype is dtype and tensor.shape == sizes:
             return tensor
         made = TensorRef(None, 0, sizes, laid[0] if laid else contiguous_strides(sizes), dtype)
-        made.storage = _ChunkStorage(laid[1] if laid else made.nbytes, (_read_chunk, self, *place, dtype, sizes, key))
+        made.storage = ChunkStorage(laid[1] if laid else made.nbytes, (read_chunk, self, *place, dtype, sizes, key))
         if share and tensor is None:
             self._lazy[place] = made
         return made
@@ -270,132 +224,6 @@ class _Reader:
             self.events += events
             self._unpickled[key] = value
         return self._unpickled[key]
-
-
-# ---- chunk archives, read without zipfile ----------------------------------------------------------
-# A folder of 100 000 chunks opens 100 000 archives when its bytes are read: zipfile and the
-# restricted unpickler take ~150 µs an archive. torch.save lays out a one-tensor archive the same
-# way every time, and chunks of one dtype and shape hold the same data.pkl byte for byte: where
-# an archive is laid out exactly so (_lean_archive: the records zipfile and load_torch_zip would
-# read, their CRCs, names and local headers, checked as they check them) and its data.pkl has
-# been read once by load_torch_zip into one plain tensor on one storage record (_template), the
-# tensor is that one on this archive's record (_lean_storage: located as torch_zip's locate does).
-# Anything else, or any check failing, and load_torch_zip reads the archive, and says what is wrong.
-
-_EOCD = struct.Struct("<4s4H2LH")  # zipfile's structEndArchive
-_LOCATOR = struct.Struct("<4sLQL")  # structEndArchive64Locator
-_EOCD64 = struct.Struct("<4sQ2H2L4Q")  # structEndArchive64
-_CENTRAL = struct.Struct("<4s4B4HL2L5H2L")  # structCentralDir
-_LOCAL = struct.Struct("<4s2B4HL2L2H")  # structFileHeader
-_NOT_READ = 0x01 | 0x20 | 0x40  # encrypted, compressed patch, strong encryption: zipfile will not read them
-_MAX_PICKLE = 1 << 30  # as torch_zip
-_PRINTABLE = bytes(range(0x20, 0x7F))  # the bytes of a name zipfile and torch read alike
-
-
-def _lean_archive(view: memoryview) -> tuple | None:
-    """(data.pkl's bytes, {name: (header offset, size, CRC)}, the archive's folder prefix) of a
-    torch.save archive laid out as torch lays out one: an end record with no comment, after its
-    zip64 record and locator, right after the central directory; entries stored, unencrypted,
-    with printable ASCII names, no extra field or comment, none twice; one data.pkl; byteorder
-    little, if there. None for anything else."""
-    length = len(view)
-    if length < _EOCD.size + _LOCATOR.size + _EOCD64.size:
-        return None
-    end = length - _EOCD.size
-    sig, disk, disk_cd, _, _, size, at, comment = _EOCD.unpack_from(view, end)
-    if sig != b"PK\x05\x06" or comment or disk or disk_cd:
-        return None
-    record = end - _LOCATOR.size - _EOCD64.size
-    sig, disk, where, disks = _LOCATOR.unpack_from(view, end - _LOCATOR.size)
-    if sig != b"PK\x06\x07" or disk or disks > 1 or where != record:  # (no zip64 records: zipfile's other reading)
-        return None
-    sig, record_size, _, _, disk, disk_cd, count, count_all, size, at = _EOCD64.unpack_from(view, record)
-    if (sig != b"PK\x06\x06" or record_size != _EOCD64.size - 12 or disk or disk_cd or count != count_all
-            or at + size != record):  # (zipfile's concat is 0)
-        return None
-    entries, pos, pickles = {}, at, []
-    while pos < record:
-        if pos + _CENTRAL.size > record:
-            return None
-        (sig, _, _, version, _, flags, method, _, _, crc, packed, size, name_len, extra_len, comment_len, _, _, _,
-         header) = _CENTRAL.unpack_from(view, pos)
-        name = bytes(view[pos + _CENTRAL.size : pos + _CENTRAL.size + name_len])
-        pos += _CENTRAL.size + name_len
-        if (sig != b"PK\x01\x02" or version > 63 or flags & _NOT_READ or method or packed != size or extra_len
-                or comment_len or pos > record or name.translate(None, _PRINTABLE) or name in entries
-                or name.endswith(b"/constants.pkl") or b"/code/" in name):  # (a TorchScript archive)
-            return None
-        entries[name] = (header, size, crc)
-        if name.endswith(b"data.pkl") and name.count(b"/") <= 1:
-            pickles.append(name)
-    starts = sorted(header for header, _, _ in entries.values())
-    if len(entries) != count or len(pickles) != 1 or len(set(starts)) != len(starts):
-        return None
-    following = dict(zip(starts, starts[1:] + [at]))  # where each entry must end (newer zipfiles check)
-    prefix = pickles[0][: -len(b"data.pkl")]
-    data = _lean_member(view, pickles[0], entries[pickles[0]], following)
-    order = entries.get(prefix + b"byteorder")
-    if data is None or len(data) > _MAX_PICKLE or order is not None and (
-            (order := _lean_member(view, prefix + b"byteorder", order, following)) is None
-            or order.strip() not in (b"little", b"")):
-        return None
-    return data, entries, prefix.decode()
-
-
-def _lean_member(view: memoryview, name: bytes, entry: tuple, following: dict) -> bytes | None:
-    """An entry's bytes as zipfile reads them (its local header, name and CRC checked, its bytes
-    before the next entry), or None."""
-    header, size, crc = entry
-    limit = following[header]
-    if header + _LOCAL.size > limit:
-        return None
-    sig, _, _, _, _, _, _, _, _, _, name_len, extra_len = _LOCAL.unpack_from(view, header)
-    start = header + _LOCAL.size + name_len + extra_len
-    if sig != b"PK\x03\x04" or bytes(view[header + _LOCAL.size : header + _LOCAL.size + name_len]) != name \
-            or start + size > limit:
-        return None
-    data = bytes(view[start : start + size])
-    return data if zlib.crc32(data) == crc else None
-
-
-def _template(value: Any, events: list, pickle: bytes, where: str) -> TensorRef | None:
-    """What load_torch_zip made of a chunk's data.pkl, where every archive holding that data.pkl
-    makes the same tensor on its own storage record: a plain contiguous tensor (what _Reader.chunk
-    takes), no event, one storage record in the pickle. Else None."""
-    if not (type(value) is TensorRef and not events and value.wrap is None and value.param_state is None
-            and value.quant is None and not value.math_bits and value.is_contiguous):
-        return None
-    load, storages = storage_loader(where, lambda key, storage: None, repeated=[0])
-    try:
-        safe_load(io.BytesIO(pickle), load, where)
-    except CkptError:
-        return None
-    return value if list(storages) == [value.storage.key] else None
-
-
-def _lean_storage(source: MappedFile, offset: int, length: int, lean: tuple, like: Storage) -> Storage | None:
-    """The storage record `like` names, in this archive, located and checked as torch_zip's
-    locate does; None where a check fails."""
-    view, (_, entries, prefix) = source.view(offset, length), lean
-    entry = entries.get(f"{prefix}data/{like.key}".encode())
-    if entry is None or entry[1] < like.nbytes or not 0 <= entry[0] <= length - _LOCAL.size:  # (torch_zip reads
-        return None  # a storage record itself: no CRC, no check of where the next entry starts)
-    header = entry[0]
-    sig, _, _, _, _, _, _, _, _, _, name_len, extra_len = _LOCAL.unpack_from(view, header)
-    start = header + _LOCAL.size + name_len + extra_len
-    name = f"{prefix}data/{like.key}".encode()
-    if sig != b"PK\x03\x04" or bytes(view[header + _LOCAL.size : header + _LOCAL.size + name_len]) != name \
-            or start + like.nbytes > length:
-        return None
-    return Storage(source, offset + start, like.nbytes, like.key, like.location)
-
-
-def _read_chunk(reader: _Reader, source: MappedFile, offset: int, length: int, dtype, sizes: tuple[int, ...],
-                key: str) -> tuple:
-    """(source, offset, key, location) of a chunk's bytes, read and checked (_Reader.chunk)."""
-    chunk = reader.chunk(f"{reader.folder}: {_short(key)}", (source, offset, length), dtype, sizes)
-    storage = chunk.storage
-    return storage.source, chunk.byte_range()[0], storage.key, storage.location
 
 
 def _dims(shape: tuple[int, ...]) -> str:
@@ -443,7 +271,7 @@ def read_dcp(folder: str, root: str | None) -> Checkpoint:
     deferred = []  # the non-tensor values, read once every data file is known: in torch's order
     for position, (key, entry) in enumerate(entries.items()):
         check_key(key, f"{meta_path}: ")
-        where = f"{folder}: {_short(key)}"
+        where = f"{folder}: {short(key)}"
         paths[key] = _planner_path(planner, key, where)
         if type(entry) is InertObject and entry.qualname() == _META + "BytesStorageMetadata":
             _fields(entry, _META + "BytesStorageMetadata", where)
@@ -461,7 +289,7 @@ def read_dcp(folder: str, root: str | None) -> Checkpoint:
     tree: dict = {}
     budget = [len(entries) + 1024]  # list slots the planner paths may create
     for key, path in paths.items():
-        _place(tree, path, values[key], f"{folder}: {_short(key)}", budget)
+        _place(tree, path, values[key], f"{folder}: {short(key)}", budget)
     root_key, tensors, others = find_root(tree, root, folder)
     return Checkpoint(folder, Format.DCP, tensors, root_key, tree, sources=list(reader.files.values()),
                       others=others, events=reader.events)
@@ -511,11 +339,11 @@ def _read_fast_with(reader: _Reader, root: str | None, meta: FastMetadata) -> Ch
             info = places.pop((key, None), None)
             if info is None:
                 raise CkptError(f"{where}: the metadata does not say where its bytes lie")
-            deferred.append((position, key, reader.place(*info, where), f"{folder}: {_short(key)}", path))
+            deferred.append((position, key, reader.place(*info, where), f"{folder}: {short(key)}", path))
             value = _UNREAD  # (read below, in torch's order: its place in the tree is kept meanwhile)
         else:
             dtype, size, chunks = spec  # checked as read: sizes, chunks fitting and tiling the size
-            if len(chunks) == 1 and chunks[0][1] == size:  # saved from one process (_chunked's first case)
+            if len(chunks) == 1 and chunks[0][1] == size:  # saved from one process (chunked's first case)
                 info = places.pop((key, chunks[0][0]), None)
                 if info is None:
                     raise CkptError(f"{where}: the metadata does not say where its chunk lies")
@@ -531,7 +359,7 @@ def _read_fast_with(reader: _Reader, root: str | None, meta: FastMetadata) -> Ch
                     if info is None:  # (or a second chunk at the same offsets: they overlap)
                         raise CkptError(f"{where}: the metadata does not say where its chunk lies")
                     pieces.append((offsets, sizes, reader.place(*info, where)))
-                value = _chunked(reader, key, dtype, size, pieces)
+                value = chunked(reader, key, dtype, size, pieces)
         if len(path) == 2:  # the common case, as _place would: a dict under the same first step already made
             node = parents.get(path[0])
             if node is not None and type(path[1]) is str and path[1] not in node:
@@ -576,9 +404,6 @@ def _dtype(properties: Any, where: str):
     return dtype.dtype
 
 
-MAX_ASSEMBLED_DIMS = 64  # torch indexes at most this many dimensions
-
-
 def _tensor(reader: _Reader, places: dict, key: str, state: dict, where: str) -> TensorRef:
     dtype = _dtype(state.get("properties"), where)
     size = _ints(state.get("size"), "its size", where)
@@ -607,71 +432,10 @@ def _tensor(reader: _Reader, places: dict, key: str, state: dict, where: str) ->
     if volume != whole:
         raise CkptError(f"{where}: its chunks hold {'more' if volume > whole else 'fewer'} elements than its "
                         f"size {_dims(size)}")
-    return _chunked(reader, key, dtype, size, pieces)
-
-
-def _chunked(reader: _Reader, key: str, dtype, size: tuple[int, ...], pieces: list) -> TensorRef:
-    """The tensor of `pieces` ((offsets, sizes, place) of each chunk: checked to fit and to tile
-    the tensor), each chunk read when the tensor's bytes are (_ChunkStorage)."""
-    if len(pieces) == 1 and pieces[0][1] == size:  # saved from one process: the chunk is the tensor
-        return reader.lazy_chunk(pieces[0][2], dtype, size, key)
-    chunks = [(offsets, sizes, reader.lazy_chunk(place, dtype, sizes, key)) for offsets, sizes, place in pieces]
-    if _rows(chunks, size):  # split along the first dimension only (FSDP): the chunks' bytes in order
-        ordered = [chunk for _, _, chunk in sorted(chunks, key=lambda piece: piece[0][0])]
-        nbytes = sum(chunk.nbytes for chunk in ordered)
-        if nbytes != numel_of(size) * dtype.itemsize:
-            raise CkptError(f"pieces of {nbytes} bytes for a {dtype.name} tensor of shape {list(size)}")
-        storage = _ChunkStorage(nbytes, (_joined, chunks, ordered))
-        return TensorRef(storage, 0, size, contiguous_strides(size), dtype)
-    where = f"{reader.folder}: {_short(key)}"
-    if dtype.packed > 1 or dtype.per_byte > 1 or dtype.kind == QUANTIZED or len(size) > MAX_ASSEMBLED_DIMS:
-        raise CkptError(f"{where}: a {dtype.name} tensor of {len(size)} dimensions in several chunks, which "
-                        f"ckptsurgery cannot put together")
-
-    def make():
-        from .tensors import assemble
-
-        _read_all(chunks)
-        try:
-            return assemble(size, dtype, [(o, s, t.data()) for o, s, t in chunks if numel_of(s)])
-        except CkptError as e:
-            raise CkptError(f"{where}: {e}") from None
-
-    return computed_tensor(size, dtype, make)
-
-
-def _read_all(chunks: list) -> None:
-    """Open and check every chunk of a tensor, the empty ones too, before any of its bytes are
-    used (as when chunks were read with the folder)."""
-    for _, _, chunk in chunks:
-        _ = chunk.storage.source  # (reads it)
-
-
-def _joined(chunks: list, ordered: list) -> tuple:
-    """Where the bytes of a tensor split into whole rows lie: its chunks' ranges in order."""
-    _read_all(chunks)
-    source = JoinedSource([(t.storage.source, *t.byte_range()) for t in ordered])
-    return source, 0, "", "cpu"
-
-
-def _rows(pieces: list, size: tuple[int, ...]) -> bool:
-    """Whether chunks are whole rows of the tensor, one after another from row 0 to the last
-    (how FSDP and Shard(0) split): their bytes laid end to end are the tensor's."""
-    if not size:
-        return False
-    row = 0
-    for offsets, sizes, _ in sorted(pieces, key=lambda piece: piece[0][0]):
-        if offsets[0] != row or any(offsets[1:]) or sizes[1:] != size[1:]:
-            return False
-        row += sizes[0]
-    return row == size[0]
+    return chunked(reader, key, dtype, size, pieces)
 
 
 MAX_PATH_DEPTH = MAX_NESTING  # steps of a planner path: a real state dict nests a few levels
-
-
-def _short(key: str, limit: int = 200) -> str:
-    return key if len(key) <= limit else key[: limit - 3] + "..."
 
 
 def _planner_path(planner: dict, key: str, where: str) -> tuple:
@@ -690,7 +454,7 @@ def _planner_path(planner: dict, key: str, where: str) -> tuple:
         raise CkptError(f"{where}: its planner path is not a list of keys")
     named = ".".join(map(str, path))
     if named != key:
-        raise CkptError(f"{where}: its planner path (planner_data) names another key, {_short(named)!r}: the "
+        raise CkptError(f"{where}: its planner path (planner_data) names another key, {short(named)!r}: the "
                         f"metadata contradicts itself (torch's loader refuses it too)")
     return tuple(path)
 
@@ -812,12 +576,12 @@ def flatten(obj: Any) -> list[tuple[str, tuple, Any]]:
         if id(value) in seen:
             revisits += 1
             if revisits > MAX_REVISITS:
-                raise CkptError(f"{_short('.'.join(map(str, _path(link))))}: the checkpoint holds the same "
+                raise CkptError(f"{short('.'.join(map(str, _path(link))))}: the checkpoint holds the same "
                                 f"containers inside each other over and over, which a DCP checkpoint would "
                                 f"write out exponentially many times; refused")
         seen.add(id(value))
         if link[2] >= MAX_PATH_DEPTH and children:
-            raise CkptError(f"{_short('.'.join(map(str, _path(link))))}: nests more than {MAX_PATH_DEPTH} levels "
+            raise CkptError(f"{short('.'.join(map(str, _path(link))))}: nests more than {MAX_PATH_DEPTH} levels "
                             f"deep, which a DCP checkpoint cannot hold (nor ckptsurgery read back)")
         stack.extend((link, step, v) for step, v in reversed(children))
     keys = [k for k, _, _ in out]

@@ -2,7 +2,9 @@
 `.metadata` (torch's FileSystemReader.read_metadata is a plain pickle.load) and the bytes of
 values that are not torch.save archives (its loader torch.loads every value with
 weights_only=False). Nothing here runs; it says what torch would run — the placeholder events a
-folder's reader lists and orders (see io/dcp.py, torch_zip.check_not_more_executable)."""
+folder's reader lists and orders (see io/dcp.py, torch_zip.check_not_more_executable). And
+fast_metadata: a `.metadata` made of torch's own records, as torch writes them and nothing else,
+read without a Python call per opcode (any other is the restricted unpickler's)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,11 @@ from .model import INT64_MAX, MappedFile, TensorRef, numel_of
 from .pickled import Global, GlobalKind, How, InertGlobal, InertObject, TorchSize
 from .torch_legacy import MAGIC_NUMBER, PROTOCOL_VERSION
 from .torch_zip import storage_loader
-from .unpickler import ALLOWED, MAX_HASH_WORK, MAX_NESTING, MetadataUnpickler, is_dotted_name, safe_load
+from .dcp_tokens import (
+    FIELDS_RE, GLOBAL_RE, MAX_RUNS, NUMBER, NUMBER_GROUP, NUMBER_RE, NUMBERS, OPAQUE, RECORD_RE, REF_GROUP, SIZE_RE, TEXT,
+    TEXT_RE, Known, Tokens, Unfollowed, unframed,
+)
+from .unpickler import MAX_HASH_WORK, MAX_NESTING, MetadataUnpickler, safe_load
 
 DCP_META = "torch.distributed.checkpoint.metadata."  # the module of torch's records, as .metadata names it
 STORAGE_INFO = "torch.distributed.checkpoint.filesystem._StorageInfo"
@@ -188,48 +194,27 @@ def _place_storages(source: MappedFile, position: int, end: int, keys: Any, stor
         raise CkptError(f"{where}: no data for storages {', '.join(missing[:5])} (truncated?)")
 
 
-
 # ---- .metadata as torch writes it, read without a Python call per opcode --------------------------
 # The restricted unpickler spends ~150 opcodes on an entry of a `.metadata`, a Python call each: ~70
-# µs a key. torch writes every entry alike — the same records, their classes and field names memo
-# references to where they first appeared — so most of an entry's bytes repeat verbatim from one
+# µs a key. torch writes every entry alike (the same records, their classes and field names memo
+# references to where they first appeared), so most of an entry's bytes repeat verbatim from one
 # entry to the next. fast_metadata reads a `.metadata` made of torch's own records written the way
-# torch writes them, and nothing else: a run of bytes is read token by token the first time — what
-# the restricted unpickler would build from it, held to every check read_dcp makes of it — and its
-# later copies are recognised by a regular expression and a dictionary. Any other opcode, global,
-# call, field or shape of record, a memo reference to anything but a string, a global or a
-# torch.Size, a frame boundary inside a token: it gives up (Unfollowed), and the restricted
-# unpickler reads the file, and reports what it holds, as it always has. What it follows makes no
-# placeholder event but those of torch's own records (payload_events of it is empty), and reads as
-# the restricted unpickler and read_dcp read it (tests/test_dcp_scale.py holds the two to each other,
-# on torch's own files and on mutated ones).
+# torch writes them, and nothing else: a run of bytes is read token by token the first time (what
+# the restricted unpickler would build from it, held to every check read_dcp makes of it), its later
+# copies recognised by a regular expression and a dictionary (dcp_tokens). Any other opcode, global,
+# call, field or shape of record, a reference to anything but a string, a global or a torch.Size, a
+# frame boundary inside a token: it gives up (Unfollowed), and the restricted unpickler reads the
+# file, and reports what it holds, as always. What it follows makes no placeholder event but those
+# of torch's own records (payload_events of it is empty) and reads as read_dcp reads it by the
+# restricted unpickler (tests/test_dcp_scale.py holds the two to each other, on mutated files too).
 
 
-class Unfollowed(Exception):
-    """`.metadata` is not (only) torch's own records as torch writes them: the restricted
-    unpickler reads it."""
-
-
-class _Known:
-    """A global of torch's records (a class, or a function their pickles call), or what such a
-    call makes: never imported, never called, and what it stands for is known."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str):
-        self.name = name
-
-
-_OPAQUE = _Known("<a record, dict, list or tuple>")  # a memo slot no reference may name
-_MEMFMT = _Known("<a memory format>")  # what _MEM_FORMAT_ENCODING(0, 1 or 2) makes
-_STRIDED = _Known("torch.strided")  # torch.strided, named or made by _get_layout("torch.strided")
+_MEMFMT = Known("<a memory format>")  # what _MEM_FORMAT_ENCODING(0, 1 or 2) makes
+_STRIDED = Known("torch.strided")  # torch.strided, named or made by _get_layout("torch.strided")
 _GET_LAYOUT = "torch.serialization._get_layout"
-_KNOWN = {name: _Known(name) for name in (*_RECORDS, _PROPERTIES, _MEMORY_FORMAT, _GET_LAYOUT, *_PATHS)}
+_KNOWN = {name: Known(name) for name in (*_RECORDS, _PROPERTIES, _MEMORY_FORMAT, _GET_LAYOUT, *_PATHS)}
 _KNOWN["torch.strided"] = _STRIDED
-_SIZE = ALLOWED[("torch", "Size")]  # the allow-listed torch.Size: a REDUCE of it makes a TorchSize
-BYTES = _Known("<bytes>")  # an entry that is a BytesStorageMetadata
-_TEXT = frozenset(b"\x8cXhj")  # SHORT_BINUNICODE, BINUNICODE, BINGET, LONG_BINGET
-_NUMBER = frozenset(b"KMJ\x8a")  # BININT1, BININT2, BININT, LONG1
+BYTES = Known("<bytes>")  # an entry that is a BytesStorageMetadata
 
 
 def _record_names(*names: str) -> tuple:
@@ -260,7 +245,7 @@ class FastMetadata:
 def fast_metadata(data) -> FastMetadata:
     """`data` (a `.metadata`'s bytes) read as torch's records; Unfollowed where it is anything else."""
     try:
-        body, bounds = _unframed(data)
+        body, bounds = unframed(data)
         return _Fast(body, bounds).metadata()
     except Unfollowed:
         raise
@@ -268,95 +253,11 @@ def fast_metadata(data) -> FastMetadata:
         raise Unfollowed(f"{type(e).__name__}: {e}") from None
 
 
-def _unframed(data) -> tuple[bytes, list[int]]:
-    """The opcodes of a protocol 4 or 5 pickle without its frames, and where each frame began
-    among them. A frame only says how much to read at once — the restricted unpickler skips it
-    wherever it sits — and pickle.dump puts whole opcodes in each (checked: _Fast.crossed)."""
-    if len(data) < 2 or data[0] != 0x80 or data[1] not in (4, 5):
-        raise Unfollowed("not a protocol 4 or 5 pickle")
-    parts, bounds, pos, total, end = [], [], 2, 0, len(data)
-    while pos < end:
-        if data[pos] != 0x95 or pos + 9 > end:
-            raise Unfollowed("opcodes outside a frame")
-        size = int.from_bytes(data[pos + 1 : pos + 9], "little")
-        if size > _MAX_FRAME or pos + 9 + size > end:
-            raise Unfollowed("a frame that runs past the end")
-        bounds.append(total)
-        parts.append(data[pos + 9 : pos + 9 + size])
-        total += size
-        pos += 9 + size
-    return b"".join(parts), bounds
-
-
-_MAX_FRAME = 1 << 30  # as MetadataUnpickler.load_frame
-_ARGUMENT = {0x68: 1, 0x6A: 4, 0x4B: 1, 0x4D: 2, 0x4A: 4}  # bytes after the opcode
-_ALONE = frozenset(b"()}]\x94\x81usbaet\x85\x86\x87R\x88\x89N\x93.")  # opcodes without an argument
-
-
-def _token_end(b: bytes, pos: int) -> int:
-    """Where the token at `pos` ends (only the opcodes _Fast reads)."""
-    code = b[pos]
-    if code in _ARGUMENT:
-        return pos + 1 + _ARGUMENT[code]
-    if code in (0x8C, 0x8A):
-        return pos + 2 + b[pos + 1]
-    if code == 0x58:
-        return pos + 5 + int.from_bytes(b[pos + 1 : pos + 5], "little")
-    if code in _ALONE:
-        return pos + 1
-    raise Unfollowed(f"opcode {code:#04x}")
-
-
-def _number(b: bytes, pos: int) -> tuple[int, int]:
-    """An integer as BININT1, BININT2, BININT or LONG1 write it."""
-    code = b[pos]
-    if code == 0x4B:
-        return b[pos + 1], pos + 2
-    if code == 0x4D:
-        end = pos + 3
-        value = int.from_bytes(b[pos + 1 : end], "little")
-    elif code == 0x4A:
-        end = pos + 5
-        value = int.from_bytes(b[pos + 1 : end], "little", signed=True)
-    elif code == 0x8A:
-        end = pos + 2 + b[pos + 1]
-        value = int.from_bytes(b[pos + 2 : end], "little", signed=True)
-    else:
-        raise Unfollowed("not an integer")
-    if end > len(b):
-        raise Unfollowed("an integer past the end")
-    return value, end
-
-
-_NUMBERS = {  # an integer's whole token (as _number reads it) -> the integer
-    0x4B: lambda token: token[1],
-    0x4D: lambda token: token[1] | token[2] << 8,
-    0x4A: lambda token: int.from_bytes(token[1:], "little", signed=True),
-    0x8A: lambda token: int.from_bytes(token[2:], "little", signed=True),
-}
-
-
-def _counted(most: int) -> bytes:
-    """A length byte and that many bytes (DOTALL spelled [\\s\\S])."""
-    return b"(?>" + b"|".join(re.escape(bytes([n])) + b"[\\s\\S]{%d}" % n for n in range(most + 1)) + b")"
-
-
 def _patterns() -> dict:
-    """Regular expressions over whole tokens for the runs torch repeats: an entry's value, and an
-    index with its storage info (its varying parts in groups). What one matches is read token by
-    token the first time; only then is the match trusted."""
-    # SHORT_BINUNICODE MEMOIZE, as a string without a 0x94 byte spells it (one with such a byte is
-    # read token by token each time: the match stops short of the token, and is never trusted)
-    strlit = b"\\x8c[\\s\\S][^\\x94]*+\\x94"
-    ref = b"(?:h[\\s\\S]|j[\\s\\S]{4})"  # BINGET, LONG_BINGET
-    text = b"(?:" + strlit + b"|" + ref + b")"
-    glob = b"(?:" + ref + b"|" + text + text + b"\\x93\\x94)"  # STACK_GLOBAL MEMOIZE
-    number = b"(?:K[\\s\\S]|M[\\s\\S]{2}|J[\\s\\S]{4}|\\x8a" + _counted(8) + b")"
-    numbers = (b"(?:\\)|" + number + b"\\x85\\x94|" + number * 2 + b"\\x86\\x94|" + number * 3 + b"\\x87\\x94|\\("
-               + number + b"*t\\x94)")
-    size = b"(?:" + ref + b"|" + glob + numbers + b"\\x85\\x94R\\x94)"
-    record = glob + b"\\)\\x81\\x94"  # EMPTY_TUPLE NEWOBJ MEMOIZE
-    fields = b"\\}\\x94\\("  # EMPTY_DICT MEMOIZE MARK
+    """Regular expressions over whole tokens (dcp_tokens) for the runs torch repeats: an entry's
+    value, and an index with its storage info (its varying parts in groups). What one matches is
+    read token by token the first time; only then is the match trusted."""
+    text, glob, number, size, record, fields = TEXT_RE, GLOBAL_RE, NUMBER_RE, SIZE_RE, RECORD_RE, FIELDS_RE
     chunk = record + fields + text + size + text + size + b"ub"
     tensor = (record + fields + text + record + b"\\(" + glob + glob + b"(?:" + text + b"\\x85\\x94R\\x94)?[\\x88\\x89]"
               + glob + b"(?:" + number + b"\\x85\\x94R\\x94)?[\\x88\\x89]t\\x94b" + text + size + text
@@ -370,26 +271,20 @@ def _patterns() -> dict:
 
 
 _compiled: dict = {}
-_MAX_RUNS = 1 << 16  # runs of bytes remembered, of each kind: a file of nothing but new ones costs no more
-_MAX_LITERALS = 256  # runs spelled out as expressions, of each kind
-_REF_GROUP = b"(h[\\s\\S]|j[\\s\\S]{4})"  # a memo reference
-_NUMBER_GROUP = b"(K[\\s\\S]|M[\\s\\S]{2}|J[\\s\\S]{4}|\\x8a" + _counted(8) + b")"
 
 
-class _Fast:
-    """One read of a `.metadata`: `b` its opcodes (frames left out; `bounds`: where frames
-    began). `memo` holds what the restricted unpickler's memo would at each index, or _OPAQUE
-    where a reference may not reach (a record, a dict, a list, a tuple other than a torch.Size:
-    what a later reference could change, or nest without end)."""
+class _Fast(Tokens):
+    """One read of a `.metadata` (dcp_tokens.Tokens): its sections, each item read token by
+    token the first time its bytes are met (entry, path_tokens, place), later copies in runs
+    (entry_run, path_run, place_run). `tally`: storage_data's items read."""
+
+    known = _KNOWN
 
     def __init__(self, body: bytes, bounds: list[int]):
         if not _compiled:
             _compiled.update(_patterns())
-        self.b, self.bounds, self.next = body, bounds, 0
-        self.bound = bounds[0] if bounds else len(body) + 1
-        self.memo: list = []
+        super().__init__(body, bounds)
         self.entry_runs: dict[bytes, tuple] = {}  # an entry's value's bytes -> (spec, memo items)
-        self.pairs = 0  # storage_data's items read
         self.entry_literals: dict = {}  # a run -> (match of it spelled out, its run): see literal
         self.storage_literals: dict = {}
         self.path_literals: dict = {}
@@ -412,213 +307,6 @@ class _Fast:
         if entries is None or storage is None:
             raise Unfollowed("metadata without its tables")
         return FastMetadata(entries, fields.get("planner_data") or {}, storage)
-
-    # -- frames: each boundary must fall between two tokens ----------------------------------------
-    def crossed(self, start: int, end: int) -> None:
-        """[start, end) is whole tokens, read: a frame boundary in it must begin one of them
-        (pickle.dump never splits a token; the restricted unpickler would read other opcodes)."""
-        while self.bound < end:
-            if self.bound < start:  # in opcodes read without this check: never trust them
-                raise Unfollowed("a frame boundary in opcodes not checked")
-            if self.bound > start:
-                pos = start
-                while pos < self.bound:
-                    pos = _token_end(self.b, pos)
-                if pos != self.bound:
-                    raise Unfollowed("a frame boundary inside a token")
-            self.next += 1
-            self.bound = self.bounds[self.next] if self.next < len(self.bounds) else len(self.b) + 1
-
-    def rollback(self, state: tuple) -> None:
-        memo_len, self.next, self.bound, self.pairs = state
-        del self.memo[memo_len:]
-
-    def mark(self) -> tuple:
-        return len(self.memo), self.next, self.bound, self.pairs
-
-    # -- tokens ---------------------------------------------------------------------------------------
-    def expect(self, pos: int, code: bytes) -> int:
-        end = pos + len(code)
-        if self.b[pos:end] != code:
-            raise Unfollowed(f"not {code!r} at {pos}")
-        if end > self.bound:
-            self.crossed(pos, end)
-        return end
-
-    def ref(self, pos: int) -> tuple[Any, int]:
-        """What a memo reference names (never an _OPAQUE slot)."""
-        b = self.b
-        if b[pos] == 0x68:  # BINGET
-            index, end = b[pos + 1], pos + 2
-        else:  # LONG_BINGET
-            index, end = int.from_bytes(b[pos + 1 : pos + 5], "little"), pos + 5
-        if end > len(b) or index >= len(self.memo) or self.memo[index] is _OPAQUE:
-            raise Unfollowed("a memo reference to what torch never refers to")
-        if end > self.bound:
-            self.crossed(pos, end)
-        return self.memo[index], end
-
-    def text(self, pos: int) -> tuple[str, int]:
-        """A string: SHORT_BINUNICODE or BINUNICODE then MEMOIZE, or a reference to one."""
-        b = self.b
-        code = b[pos]
-        if code in (0x8C, 0x58):
-            start = pos + (2 if code == 0x8C else 5)
-            end = start + (b[pos + 1] if code == 0x8C else int.from_bytes(b[pos + 1 : start], "little"))
-            if b[end : end + 1] != b"\x94":
-                raise Unfollowed("a string that is not memoized")
-            try:
-                value = str(b[start:end], "utf-8")  # strict: a lone surrogate is the restricted reader's
-            except UnicodeDecodeError:
-                raise Unfollowed("a string that is not UTF-8") from None
-            self.memo.append(value)
-            if end + 1 > self.bound:
-                self.crossed(pos, end + 1)
-            return value, end + 1
-        if code in (0x68, 0x6A):
-            value, end = self.ref(pos)
-            if type(value) is str:
-                return value, end
-        raise Unfollowed("not a string")
-
-    def field(self, pos: int, name: str) -> int:
-        value, pos = self.text(pos)
-        if value != name:
-            raise Unfollowed(f"a field {value[:40]!r} where torch writes {name!r}")
-        return pos
-
-    def number(self, pos: int) -> tuple[int, int]:
-        value, end = _number(self.b, pos)
-        if end > self.bound:
-            self.crossed(pos, end)
-        return value, end
-
-    def glob(self, pos: int) -> tuple[Any, int]:
-        """A global as the restricted unpickler's find_class gives it — one of torch's records or
-        the functions their pickles call, torch.Size or a dtype, no other — named by STACK_GLOBAL
-        (memoized) or by a reference to one."""
-        if self.b[pos] in (0x68, 0x6A):
-            module, pos = self.ref(pos)
-            if type(module) is not str:  # the global itself, not its module's name
-                if not (type(module) is _Known or type(module) is Global or module is _SIZE):  # (or what one made)
-                    raise Unfollowed("a reference that names no global")
-                return module, pos
-        else:
-            module, pos = self.text(pos)
-        name, pos = self.text(pos)
-        pos = self.expect(pos, b"\x93\x94")
-        if not (is_dotted_name(module) and is_dotted_name(name)):
-            raise Unfollowed("a global that is not a Python name")
-        allowed = ALLOWED.get((module, name))
-        if allowed is not None:
-            if not (allowed is _SIZE or (isinstance(allowed, Global) and allowed.kind is GlobalKind.DTYPE)):
-                raise Unfollowed(f"{module}.{name}, which torch's records never name")
-            value = allowed
-        else:
-            value = _KNOWN.get(f"{module}.{name}")
-            if value is None:
-                raise Unfollowed(f"{module[:60]}.{name[:60]}, which torch's records never name")
-        self.memo.append(value)
-        return value, pos
-
-    def record(self, pos: int, cls: _Known) -> int:
-        """`cls` EMPTY_TUPLE NEWOBJ MEMOIZE: a dataclass as pickle.dump makes one."""
-        value, pos = self.glob(pos)
-        if value is not cls:
-            raise Unfollowed(f"a record that is not a {cls.name}")
-        pos = self.expect(pos, b")\x81\x94")
-        self.memo.append(_OPAQUE)
-        return pos
-
-    def state(self, pos: int) -> int:
-        """EMPTY_DICT MEMOIZE MARK: the fields of a record, two or more, follow."""
-        pos = self.expect(pos, b"}\x94(")
-        self.memo.append(_OPAQUE)
-        return pos
-
-    def call(self, pos: int, argument) -> tuple[Any, int]:
-        """One argument (read by `argument`), TUPLE1 MEMOIZE REDUCE MEMOIZE: the caller adds what
-        the call makes to the memo."""
-        value, pos = argument(pos)
-        pos = self.expect(pos, b"\x85\x94")
-        self.memo.append(_OPAQUE)  # the arguments' tuple
-        return value, self.expect(pos, b"R\x94")
-
-    def numbers(self, pos: int) -> tuple[tuple, int]:
-        """A tuple of integers: EMPTY_TUPLE, or TUPLE1-3 or MARK ... TUPLE, then MEMOIZE."""
-        b, values = self.b, []
-        if b[pos] == 0x29:  # EMPTY_TUPLE, never memoized
-            return (), self.expect(pos, b")")
-        if b[pos] == 0x28:  # MARK
-            pos = self.expect(pos, b"(")
-            while b[pos] != 0x74:
-                value, pos = self.number(pos)
-                values.append(value)
-            pos = self.expect(pos, b"t\x94")
-        else:
-            while len(values) < 3 and b[pos] in _NUMBER:
-                value, pos = self.number(pos)
-                values.append(value)
-            pos = self.expect(pos, bytes([0x84 + len(values)]) + b"\x94" if values else b"?")
-        self.memo.append(_OPAQUE)
-        return tuple(values), pos
-
-    def size(self, pos: int) -> tuple[TorchSize, int]:
-        """A torch.Size: REDUCE of the allow-listed torch.Size on a tuple of integers, or a
-        reference to one."""
-        if self.b[pos] in (0x68, 0x6A):
-            value, end = self.ref(pos)
-            if type(value) is TorchSize:
-                return value, end
-        fn, pos = self.glob(pos)
-        if fn is not _SIZE:
-            raise Unfollowed("not a torch.Size")
-        dims, pos = self.call(pos, self.numbers)
-        value = TorchSize(dims)
-        self.memo.append(value)
-        return value, pos
-
-    def flag(self, pos: int) -> int:
-        if self.b[pos] not in (0x88, 0x89):  # NEWTRUE, NEWFALSE
-            raise Unfollowed("not a bool")
-        return self.expect(pos, self.b[pos : pos + 1])
-
-    def single(self, pos: int, item) -> tuple | None:
-        """One (key, value, end) then SETITEM (a batch of one), or None: the dict has ended (what
-        was read is undone)."""
-        state = self.mark()
-        try:
-            key, value, end = item(pos)
-            if self.b[end : end + 1] == b"s":
-                return key, value, self.expect(end, b"s")
-        except Unfollowed:
-            pass
-        self.rollback(state)
-        return None
-
-    def items(self, pos: int, item, run) -> tuple[dict, int]:
-        """A dict: EMPTY_DICT MEMOIZE, then batches of items, MARK ... SETITEMS or one ... SETITEM
-        (as pickle.dump writes them: 1000 at most, a last batch of one alone). `run(pos, out)`
-        reads as many items as it knows in a row (runs of bytes seen before), `item(pos)` one
-        item, any."""
-        pos = self.expect(pos, b"}\x94")
-        self.memo.append(_OPAQUE)
-        b, out = self.b, {}
-        while True:
-            if b[pos] == 0x28:  # MARK
-                pos = self.expect(pos, b"(")
-                while b[pos] != 0x75:  # SETITEMS
-                    pos = run(pos, out)
-                    if b[pos] != 0x75:
-                        key, value, pos = item(pos)
-                        out[key] = value
-                pos = self.expect(pos, b"u")
-                continue
-            single = self.single(pos, item)
-            if single is None:
-                return out, pos
-            key, value, pos = single
-            out[key] = value
 
     # -- state_dict_metadata: key -> tensor (dtype, size, chunks) or bytes ------------------------------
     def entries(self, pos: int) -> tuple[dict, int]:
@@ -660,15 +348,6 @@ class _Fast:
         self.entry_literal = literal
         return pos
 
-    def literal(self, cache: dict, key, run: tuple, *parts: bytes) -> tuple | None:
-        """(match, run): `parts` as a regular expression, its fixed runs spelled out (compiled
-        once, for a few hundred runs at most; None past those)."""
-        made = cache.get(key)
-        if made is None and len(cache) < _MAX_LITERALS:
-            made = cache[key] = (re.compile(b"".join(
-                part if index % 2 == 0 else re.escape(part) for index, part in enumerate(parts))).match, run)
-        return made
-
     def entry(self, pos: int) -> tuple[str, Any, int]:
         key, pos = self.text(pos)
         m = _compiled["entry"].match(self.b, pos)
@@ -676,7 +355,7 @@ class _Fast:
         if run is None:  # first seen: read token by token
             saved = len(self.memo)
             spec, end = self.entry_value(pos)
-            if m and end == m.end() and len(self.entry_runs) < _MAX_RUNS:
+            if m and end == m.end() and len(self.entry_runs) < MAX_RUNS:
                 self.entry_runs[m.group()] = (spec, tuple(self.memo[saved:]))
             return key, spec, end
         spec, items = run
@@ -691,7 +370,7 @@ class _Fast:
         properties (a strided dtype), size and chunks, checked as read_dcp checks them."""
         cls, pos = self.glob(pos)
         pos = self.expect(pos, b")\x81\x94")
-        self.memo.append(_OPAQUE)
+        self.memo.append(OPAQUE)
         if cls is _BSM:
             return BYTES, pos
         if cls is not _TSM:
@@ -719,10 +398,10 @@ class _Fast:
         elif memory is not _MEMFMT:
             raise Unfollowed("not a memory format")
         pos = self.expect(self.flag(pos), b"t\x94b")
-        self.memo.append(_OPAQUE)  # the tuple
+        self.memo.append(OPAQUE)  # the tuple
         size, pos = self.size(self.field(pos, "size"))
         pos = self.expect(self.field(pos, "chunks"), b"]\x94")
-        self.memo.append(_OPAQUE)  # the list
+        self.memo.append(OPAQUE)  # the list
         b, chunks = self.b, []
         while b[pos] != 0x75:  # SETITEMS: the fields end
             if b[pos] == 0x28:  # MARK ... APPENDS
@@ -768,7 +447,7 @@ class _Fast:
                         step = None
                     if step is not None:
                         memo.append(step)
-                        memo.append(_OPAQUE)
+                        memo.append(OPAQUE)
                         out[key] = literal[1] + (step,)
                         end = m.end()
                         if end > bound:
@@ -782,7 +461,7 @@ class _Fast:
             key, steps, end, shape = read
             out[key] = steps
             if shape is not None:
-                literal = self.literal(self.path_literals, shape, steps[:-1], _REF_GROUP, shape[0],
+                literal = self.literal(self.path_literals, shape, steps[:-1], REF_GROUP, shape[0],
                                        b"\\x8c([\\s\\S])([^\\x94]*+)\\x94", shape[1], b"")
             pos, bound = end, self.bound
         self.path_literal = literal
@@ -825,7 +504,7 @@ class _Fast:
             elif code == 0x4B:  # BININT1: a list index
                 step, pos, new = b[pos + 1], pos + 2, -1
             elif code - 0x84 == len(steps) and steps and b[pos + 1] == 0x94:  # TUPLE1-3 MEMOIZE
-                memo.append(_OPAQUE)
+                memo.append(OPAQUE)
                 if pos + 2 > self.bound:
                     self.crossed(start, pos + 2)
                 shape = (b[after_key:new], b[pos : pos + 2]) if new is not None and new >= 0 else None
@@ -842,22 +521,22 @@ class _Fast:
         marked = b[pos] == 0x28
         if marked:
             pos = self.expect(pos, b"(")
-        while b[pos] in _TEXT or b[pos] in _NUMBER:
-            step, pos = self.text(pos) if b[pos] in _TEXT else self.number(pos)
+        while b[pos] in TEXT or b[pos] in NUMBER:
+            step, pos = self.text(pos) if b[pos] in TEXT else self.number(pos)
             steps.append(step)
             if len(steps) > MAX_NESTING or not marked and len(steps) > 3:
                 raise Unfollowed("a planner path deeper than a state dict nests")
         if not steps:
             raise Unfollowed("an empty planner path")
         pos = self.expect(pos, (b"t" if marked else bytes([0x84 + len(steps)])) + b"\x94")
-        self.memo.append(_OPAQUE)
+        self.memo.append(OPAQUE)
         return key, tuple(steps), pos
 
     # -- storage_data: (key, chunk offsets) -> (file, offset, length) ------------------------------------
     def storage(self, pos: int) -> tuple[dict, int]:
-        self.pairs = 0
+        self.tally = 0
         places, pos = self.items(pos, self.place, self.place_run)
-        if len(places) != self.pairs:  # two indexes of one chunk: which one counts is subtle; not here
+        if len(places) != self.tally:  # two indexes of one chunk: which one counts is subtle; not here
             raise Unfollowed("two storage records for one chunk")
         # each index's offset is a tuple the restricted unpickler hashes as it makes the key
         if sum(offsets is not None for _, offsets in places) > MAX_HASH_WORK:
@@ -884,8 +563,8 @@ class _Fast:
                 run = runs.get(parts)
                 if run is None:
                     break
-                literal = self.literal(self.storage_literals, parts, run, b"", head, _REF_GROUP, tail + info_head,
-                                       _NUMBER_GROUP, info_middle, _NUMBER_GROUP + b"ub")
+                literal = self.literal(self.storage_literals, parts, run, b"", head, REF_GROUP, tail + info_head,
+                                       NUMBER_GROUP, info_middle, NUMBER_GROUP + b"ub")
             if fqn[0] == 0x8C:
                 break
             index = fqn[1] if fqn[0] == 0x68 else int.from_bytes(fqn[1:], "little")
@@ -898,50 +577,24 @@ class _Fast:
                 bound = self.bound
             items, _, offsets, relative_path = run
             memo += items
-            out[key, offsets] = (relative_path, _NUMBERS[offset[0]](offset), _NUMBERS[length[0]](length))
+            out[key, offsets] = (relative_path, NUMBERS[offset[0]](offset), NUMBERS[length[0]](length))
             count += 1
             pos = end
-        self.pairs += count
+        self.tally += count
         self.storage_literal = literal
         return pos
 
     def place(self, pos: int) -> tuple[tuple, tuple, int]:
-        b, memo = self.b, self.memo
-        m = _compiled["storage"].match(b, pos)
-        if m is not None:
-            head, fqn, tail, info_head, offset, info_middle, length = m.groups()
-            run = self.storage_runs.get((head, tail, info_head, info_middle))
-        else:
-            run = None
-        if run is None:  # first seen: read token by token
-            key, info, ends, parts = self.place_tokens(pos)
-            end = ends[-1]
-            if (m and ends == tuple(m.end(group) for group in range(1, 8)) and end + 2 == m.end()
-                    and len(self.storage_runs) < _MAX_RUNS):
-                self.storage_runs[(head, tail, info_head, info_middle)] = parts  # its parts are the tokens'
-            end += 2
-        else:
-            end = m.end()
-            if end > self.bound:
-                self.crossed(pos, end)
-            items, after_fqn, offsets, relative_path = run
-            if fqn[0] == 0x8C:  # a key the entries did not name
-                memo += items[: len(items) - len(after_fqn)]
-                fqn, fqn_end = self.text(m.start(2))
-                if fqn_end != m.end(2):  # the expression cut the string short: the rest is not what it read
-                    raise Unfollowed("a string holding the byte 0x94")
-                memo += after_fqn
-            else:
-                index = fqn[1] if fqn[0] == 0x68 else int.from_bytes(fqn[1:], "little")
-                fqn = memo[index] if index < len(memo) else None
-                if type(fqn) is not str:
-                    raise Unfollowed("an index whose key is not a string")
-                memo += items
-            key = (fqn, offsets)
-            info = (relative_path, offset[1] if offset[0] == 0x4B else _number(offset, 0)[0],
-                    length[1] if length[0] == 0x4B else _number(length, 0)[0])
-        self.pairs += 1
-        return key, info, end
+        """One index and its storage info, token by token (what place_run does not take: the
+        first of their kind, a key the entries did not name), remembered for place_run."""
+        m = _compiled["storage"].match(self.b, pos)
+        key, info, ends, parts = self.place_tokens(pos)
+        if (m and ends == tuple(m.end(group) for group in range(1, 8)) and ends[-1] + 2 == m.end()
+                and len(self.storage_runs) < MAX_RUNS):  # the expression's parts are the tokens'
+            head, _, tail, info_head, _, info_middle, _ = m.groups()
+            self.storage_runs[(head, tail, info_head, info_middle)] = parts
+        self.tally += 1
+        return key, info, ends[-1] + 2
 
     def place_tokens(self, pos: int) -> tuple:
         """A MetadataIndex (fqn, index, offset) and its _StorageInfo (relative_path, offset,
@@ -1000,12 +653,12 @@ class _Fast:
             code = b[pos]
             if code == 0x4E:
                 pos = self.expect(pos, b"N")
-            elif code in _TEXT:  # a string, or checkpoint_id as a path
+            elif code in TEXT:  # a string, or checkpoint_id as a path
                 called = self.path_call(pos)
                 pos = self.text(pos)[1] if called is None else called
             elif code == 0x5D:  # EMPTY_LIST: the modules' names
                 pos = self.expect(pos, b"]\x94")
-                self.memo.append(_OPAQUE)
+                self.memo.append(OPAQUE)
                 if b[pos] == 0x28:
                     pos = self.expect(pos, b"(")
                     while b[pos] != 0x65:
@@ -1028,7 +681,7 @@ class _Fast:
         state = self.mark()
         try:
             fn, pos = self.glob(pos)
-            if type(fn) is not _Known or fn.name not in _PATHS:
+            if type(fn) is not Known or fn.name not in _PATHS:
                 raise Unfollowed("a call of something other than a path")
             b = self.b
             if b[pos] == 0x29:  # EMPTY_TUPLE: PosixPath()
@@ -1038,13 +691,13 @@ class _Fast:
                 if marked:
                     pos = self.expect(pos, b"(")
                 count = 0
-                while b[pos] in _TEXT and (marked or count < 3):
+                while b[pos] in TEXT and (marked or count < 3):
                     _, pos = self.text(pos)
                     count += 1
                 pos = self.expect(pos, (b"t" if marked else bytes([0x84 + count]) if count else b"?") + b"\x94")
-                self.memo.append(_OPAQUE)
+                self.memo.append(OPAQUE)
             pos = self.expect(pos, b"R\x94")
-            self.memo.append(_OPAQUE)
+            self.memo.append(OPAQUE)
             return pos
         except Unfollowed:
             self.rollback(state)

@@ -1,0 +1,252 @@
+"""The tensors of a DCP folder's chunks, read when their bytes are asked for (io/dcp.py lists a
+folder from `.metadata` alone): a tensor's storage whose place is found, and each chunk held to
+the metadata, on first use (ChunkStorage); a tensor of several chunks put together (chunked);
+and torch.save's one-tensor archives read without zipfile where they are laid out as torch lays
+them out (lean_archive) — anything else by torch_zip.load_torch_zip, which says what is wrong."""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+import zlib
+from typing import TYPE_CHECKING, Any
+
+from ..dtypes import QUANTIZED
+from ..errors import CkptError
+from .model import JoinedSource, MappedFile, Storage, TensorRef, computed_tensor, contiguous_strides, numel_of
+from .torch_zip import storage_loader
+from .unpickler import safe_load
+
+if TYPE_CHECKING:
+    from .dcp import _Reader
+
+MAX_ASSEMBLED_DIMS = 64  # torch indexes at most this many dimensions
+_RESOLVING = threading.RLock()  # writer threads (--jobs) may ask for one chunk at once
+
+
+def _pending_slot(name: str) -> property:
+    """A Storage field that is known once the chunk is read: reading it reads the chunk."""
+    slot = Storage.__dict__[name]
+
+    def get(self):
+        if self._pending is not None:
+            self._resolve()
+        return slot.__get__(self, Storage)
+
+    return property(get, slot.__set__)
+
+
+class ChunkStorage(Storage):
+    """The bytes of a tensor held in DCP chunks, whose size the metadata gives: where they lie
+    (`source`, `offset`, and the chunk's storage `key` and `location`) is found when first asked
+    for — each chunk's archive opened and held to every check of _Reader.chunk then, before any
+    byte is used. Listing a folder never asks (dtype and shape are the metadata's)."""
+
+    __slots__ = ("_pending",)
+    source = _pending_slot("source")
+    offset = _pending_slot("offset")
+    key = _pending_slot("key")
+    location = _pending_slot("location")
+
+    def __init__(self, nbytes: int, pending: tuple):  # (source, offset, key, location: set by _resolve)
+        self.nbytes = nbytes
+        self._pending = pending  # (function, *arguments) -> (source, offset, key, location)
+
+    def _resolve(self) -> None:
+        with _RESOLVING:
+            pending = self._pending
+            if pending is None:  # another thread read it meanwhile
+                return
+            fields = pending[0](*pending[1:])
+            for name, value in zip(("source", "offset", "key", "location"), fields):
+                Storage.__dict__[name].__set__(self, value)
+            self._pending = None
+
+
+def short(key: str, limit: int = 200) -> str:
+    """A key as an error line names it."""
+    return key if len(key) <= limit else key[: limit - 3] + "..."
+
+
+def chunked(reader: _Reader, key: str, dtype, size: tuple[int, ...], pieces: list) -> TensorRef:
+    """The tensor of `pieces` ((offsets, sizes, place) of each chunk: checked to fit and to tile
+    the tensor), each chunk read when the tensor's bytes are (ChunkStorage)."""
+    if len(pieces) == 1 and pieces[0][1] == size:  # saved from one process: the chunk is the tensor
+        return reader.lazy_chunk(pieces[0][2], dtype, size, key)
+    chunks = [(offsets, sizes, reader.lazy_chunk(place, dtype, sizes, key)) for offsets, sizes, place in pieces]
+    if _rows(chunks, size):  # split along the first dimension only (FSDP): the chunks' bytes in order
+        ordered = [chunk for _, _, chunk in sorted(chunks, key=lambda piece: piece[0][0])]
+        nbytes = sum(chunk.nbytes for chunk in ordered)
+        if nbytes != numel_of(size) * dtype.itemsize:
+            raise CkptError(f"pieces of {nbytes} bytes for a {dtype.name} tensor of shape {list(size)}")
+        storage = ChunkStorage(nbytes, (_joined, chunks, ordered))
+        return TensorRef(storage, 0, size, contiguous_strides(size), dtype)
+    where = f"{reader.folder}: {short(key)}"
+    if dtype.packed > 1 or dtype.per_byte > 1 or dtype.kind == QUANTIZED or len(size) > MAX_ASSEMBLED_DIMS:
+        raise CkptError(f"{where}: a {dtype.name} tensor of {len(size)} dimensions in several chunks, which "
+                        f"ckptsurgery cannot put together")
+
+    def make():
+        from .tensors import assemble
+
+        _read_all(chunks)
+        try:
+            return assemble(size, dtype, [(o, s, t.data()) for o, s, t in chunks if numel_of(s)])
+        except CkptError as e:
+            raise CkptError(f"{where}: {e}") from None
+
+    return computed_tensor(size, dtype, make)
+
+
+def _read_all(chunks: list) -> None:
+    """Open and check every chunk of a tensor, the empty ones too, before any of its bytes are
+    used (as when chunks were read with the folder)."""
+    for _, _, chunk in chunks:
+        _ = chunk.storage.source  # (reads it)
+
+
+def _joined(chunks: list, ordered: list) -> tuple:
+    """Where the bytes of a tensor split into whole rows lie: its chunks' ranges in order."""
+    _read_all(chunks)
+    source = JoinedSource([(t.storage.source, *t.byte_range()) for t in ordered])
+    return source, 0, "", "cpu"
+
+
+def _rows(pieces: list, size: tuple[int, ...]) -> bool:
+    """Whether chunks are whole rows of the tensor, one after another from row 0 to the last
+    (how FSDP and Shard(0) split): their bytes laid end to end are the tensor's."""
+    if not size:
+        return False
+    row = 0
+    for offsets, sizes, _ in sorted(pieces, key=lambda piece: piece[0][0]):
+        if offsets[0] != row or any(offsets[1:]) or sizes[1:] != size[1:]:
+            return False
+        row += sizes[0]
+    return row == size[0]
+
+
+def read_chunk(reader: _Reader, source: MappedFile, offset: int, length: int, dtype, sizes: tuple[int, ...],
+               key: str) -> tuple:
+    """(source, offset, key, location) of a chunk's bytes, read and checked (_Reader.chunk)."""
+    chunk = reader.chunk(f"{reader.folder}: {short(key)}", (source, offset, length), dtype, sizes)
+    storage = chunk.storage
+    return storage.source, chunk.byte_range()[0], storage.key, storage.location
+
+
+# ---- chunk archives, read without zipfile ----------------------------------------------------------
+# A folder of 100 000 chunks opens 100 000 archives when its bytes are read: zipfile and the
+# restricted unpickler take ~150 µs an archive. torch.save lays out a one-tensor archive the same
+# way every time, and chunks of one dtype and shape hold the same data.pkl byte for byte: where
+# an archive is laid out exactly so (lean_archive: the records zipfile and load_torch_zip would
+# read, their CRCs, names and local headers, checked as they check them) and its data.pkl has
+# been read once by load_torch_zip into one plain tensor on one storage record (template_of), the
+# tensor is that one on this archive's record (lean_storage: located as torch_zip's locate does).
+# Anything else, or any check failing, and load_torch_zip reads the archive, and says what is wrong.
+
+_EOCD = struct.Struct("<4s4H2LH")  # zipfile's structEndArchive
+_LOCATOR = struct.Struct("<4sLQL")  # structEndArchive64Locator
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")  # structEndArchive64
+_CENTRAL = struct.Struct("<4s4B4HL2L5H2L")  # structCentralDir
+_LOCAL = struct.Struct("<4s2B4HL2L2H")  # structFileHeader
+_NOT_READ = 0x01 | 0x20 | 0x40  # encrypted, compressed patch, strong encryption: zipfile will not read them
+_MAX_PICKLE = 1 << 30  # as torch_zip
+_PRINTABLE = bytes(range(0x20, 0x7F))  # the bytes of a name zipfile and torch read alike
+
+
+def lean_archive(view: memoryview) -> tuple | None:
+    """(data.pkl's bytes, {name: (header offset, size, CRC)}, the archive's folder prefix) of a
+    torch.save archive laid out as torch lays out one: an end record with no comment, after its
+    zip64 record and locator, right after the central directory; entries stored, unencrypted,
+    with printable ASCII names, no extra field or comment, none twice; one data.pkl; byteorder
+    little, if there. None for anything else."""
+    length = len(view)
+    if length < _EOCD.size + _LOCATOR.size + _EOCD64.size:
+        return None
+    end = length - _EOCD.size
+    sig, disk, disk_cd, _, _, size, at, comment = _EOCD.unpack_from(view, end)
+    if sig != b"PK\x05\x06" or comment or disk or disk_cd:
+        return None
+    record = end - _LOCATOR.size - _EOCD64.size
+    sig, disk, where, disks = _LOCATOR.unpack_from(view, end - _LOCATOR.size)
+    if sig != b"PK\x06\x07" or disk or disks > 1 or where != record:  # (no zip64 records: zipfile's other reading)
+        return None
+    sig, record_size, _, _, disk, disk_cd, count, count_all, size, at = _EOCD64.unpack_from(view, record)
+    if (sig != b"PK\x06\x06" or record_size != _EOCD64.size - 12 or disk or disk_cd or count != count_all
+            or at + size != record):  # (zipfile's concat is 0)
+        return None
+    entries, pos, pickles = {}, at, []
+    while pos < record:
+        if pos + _CENTRAL.size > record:
+            return None
+        (sig, _, _, version, _, flags, method, _, _, crc, packed, size, name_len, extra_len, comment_len, _, _, _,
+         header) = _CENTRAL.unpack_from(view, pos)
+        name = bytes(view[pos + _CENTRAL.size : pos + _CENTRAL.size + name_len])
+        pos += _CENTRAL.size + name_len
+        if (sig != b"PK\x01\x02" or version > 63 or flags & _NOT_READ or method or packed != size or extra_len
+                or comment_len or pos > record or name.translate(None, _PRINTABLE) or name in entries
+                or name.endswith(b"/constants.pkl") or b"/code/" in name):  # (a TorchScript archive)
+            return None
+        entries[name] = (header, size, crc)
+        if name.endswith(b"data.pkl") and name.count(b"/") <= 1:
+            pickles.append(name)
+    starts = sorted(header for header, _, _ in entries.values())
+    if len(entries) != count or len(pickles) != 1 or len(set(starts)) != len(starts):
+        return None
+    following = dict(zip(starts, starts[1:] + [at]))  # where each entry must end (newer zipfiles check)
+    prefix = pickles[0][: -len(b"data.pkl")]
+    data = _lean_member(view, pickles[0], entries[pickles[0]], following)
+    order = entries.get(prefix + b"byteorder")
+    if data is None or len(data) > _MAX_PICKLE or order is not None and (
+            (order := _lean_member(view, prefix + b"byteorder", order, following)) is None
+            or order.strip() not in (b"little", b"")):
+        return None
+    return data, entries, prefix.decode()
+
+
+def _lean_member(view: memoryview, name: bytes, entry: tuple, following: dict) -> bytes | None:
+    """An entry's bytes as zipfile reads them (its local header, name and CRC checked, its bytes
+    before the next entry), or None."""
+    header, size, crc = entry
+    limit = following[header]
+    if header + _LOCAL.size > limit:
+        return None
+    sig, _, _, _, _, _, _, _, _, _, name_len, extra_len = _LOCAL.unpack_from(view, header)
+    start = header + _LOCAL.size + name_len + extra_len
+    if sig != b"PK\x03\x04" or bytes(view[header + _LOCAL.size : header + _LOCAL.size + name_len]) != name \
+            or start + size > limit:
+        return None
+    data = bytes(view[start : start + size])
+    return data if zlib.crc32(data) == crc else None
+
+
+def template_of(value: Any, events: list, pickle: bytes, where: str) -> TensorRef | None:
+    """What load_torch_zip made of a chunk's data.pkl, where every archive holding that data.pkl
+    makes the same tensor on its own storage record: a plain contiguous tensor (what _Reader.chunk
+    takes), no event, one storage record in the pickle. Else None."""
+    if not (type(value) is TensorRef and not events and value.wrap is None and value.param_state is None
+            and value.quant is None and not value.math_bits and value.is_contiguous):
+        return None
+    load, storages = storage_loader(where, lambda key, storage: None, repeated=[0])
+    try:
+        safe_load(io.BytesIO(pickle), load, where)
+    except CkptError:
+        return None
+    return value if list(storages) == [value.storage.key] else None
+
+
+def lean_storage(source: MappedFile, offset: int, length: int, lean: tuple, like: Storage) -> Storage | None:
+    """The storage record `like` names, in this archive, located and checked as torch_zip's
+    locate does; None where a check fails."""
+    view, (_, entries, prefix) = source.view(offset, length), lean
+    entry = entries.get(f"{prefix}data/{like.key}".encode())
+    if entry is None or entry[1] < like.nbytes or not 0 <= entry[0] <= length - _LOCAL.size:  # (torch_zip reads
+        return None  # a storage record itself: no CRC, no check of where the next entry starts)
+    header = entry[0]
+    sig, _, _, _, _, _, _, _, _, _, name_len, extra_len = _LOCAL.unpack_from(view, header)
+    start = header + _LOCAL.size + name_len + extra_len
+    name = f"{prefix}data/{like.key}".encode()
+    if sig != b"PK\x03\x04" or bytes(view[header + _LOCAL.size : header + _LOCAL.size + name_len]) != name \
+            or start + like.nbytes > length:
+        return None
+    return Storage(source, offset + start, like.nbytes, like.key, like.location)
