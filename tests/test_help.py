@@ -82,7 +82,7 @@ def test_every_choice_appears_whole_and_a_choice_list_breaks_only_after_a_bar(cl
 
 USAGE = {"": "ckptsurgery [OPTIONS] COMMAND [ARGS]...", "inspect": "ckptsurgery inspect [OPTIONS] INPUT...",
          "filter": "ckptsurgery filter [OPTIONS] INPUT", "drop": "ckptsurgery drop [OPTIONS] INPUT PATTERN...",
-         "rename": "ckptsurgery rename [OPTIONS] INPUT", "merge": "ckptsurgery merge [OPTIONS] SOURCE...",
+         "rename": "ckptsurgery rename [OPTIONS] INPUT", "merge": "ckptsurgery merge [OPTIONS] [SOURCE...]",
          "extract-lora": "ckptsurgery extract-lora [OPTIONS] BASE TUNED",
          "convert": "ckptsurgery convert [OPTIONS] INPUT", "diff": "ckptsurgery diff [OPTIONS] A B"}
 
@@ -230,7 +230,7 @@ def test_help_is_plain_text_in_a_pipe_and_under_no_color():
     assert b"\x1b[" in run_help("merge", "--help", tty=True)  # a terminal gets colours
     assert b"\x1b[" not in run_help("merge", "--help", env={"NO_COLOR": "1"}, tty=True)
     piped = run_help("merge", "--help")
-    assert b"\x1b[" not in piped and b"Usage: ckptsurgery merge [OPTIONS] SOURCE..." in piped
+    assert b"\x1b[" not in piped and b"Usage: ckptsurgery merge [OPTIONS] [SOURCE...]" in piped
 
 
 PROBE = """

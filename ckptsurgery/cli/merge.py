@@ -17,21 +17,22 @@ from .common import (
 Method = choice("Method", METHODS)
 
 # --help groups the options by the mode that takes them
-INTO, UNION, METHOD, LORA = ("Into a template (--into)", "Plain merge", "Merge methods (--method, --average)",
-                             "Adapters (--lora)")
+INTO, UNION, METHOD, LORA, RECIPE = ("Into a template (--into)", "Plain merge", "Merge methods (--method, --average)",
+                                     "Adapters (--lora)", "Recipes (--config)")
 
 app = command_app()
 
 
 HELP = (f"Combine checkpoints: a plain union, an update of a template (--into), a merge of fine-tuned models "
-        f"(--method: {', '.join(METHODS)}), or LoRA adapters folded into a base (--lora).\n\n"
+        f"(--method: {', '.join(METHODS)}), LoRA adapters folded into a base (--lora), or a mergekit recipe "
+        f"(--config).\n\n"
         f"A .safetensors output keeps the metadata of the first source (--method --base, --lora: the base's).")
 
 
 @app.command(help=HELP, epilog=examples(
     "ckptsurgery merge old.pth --into new.pth --on-mismatch overlap -o init.pth",
     "ckptsurgery merge a/ b/ --method ties --base base/ --density 0.5 -o ties.pth",
-    "ckptsurgery merge base.pth --lora adapter --lora-scale 0.8 -o merged.pth",
+    "ckptsurgery merge --config slerp.yml -o merged/",
 ))
 @output_options()
 @expanded_options("parameters", {
@@ -41,7 +42,7 @@ HELP = (f"Combine checkpoints: a plain union, an update of a template (--into), 
         metavar=option.metavar or None, help=option.help, show_default=False, rich_help_panel=METHOD)], None)
     for option in merge_options()}, dict)
 def merge(
-    sources: Annotated[list[str], typer.Argument(metavar="SOURCE...", help="Checkpoints to merge, in priority order.", show_default=False)],
+    sources: Annotated[Optional[list[str]], typer.Argument(metavar="SOURCE...", help="Checkpoints to merge, in priority order (none with --config).", show_default=False)] = None,
     into: Annotated[Optional[str], typer.Option(
         "--into", metavar="TEMPLATE", help="Template (e.g. saved from the new model): output has exactly its keys, shapes, dtypes.", rich_help_panel=INTO)] = None,
     on_mismatch: Annotated[Optional[core.MismatchPolicy], typer.Option(
@@ -67,6 +68,10 @@ def merge(
         "--lora-scale", metavar="S", help="With --lora: multiplies alpha/r (default 1); once for all, or once per --lora in order.", show_default=False, rich_help_panel=LORA)] = None,
     allow_unmatched: Annotated[bool, typer.Option(
         "--allow-unmatched", help="With --lora: fold what matches, list LoRA weights matching no base weight.", rich_help_panel=LORA)] = False,
+    config: Annotated[Optional[str], typer.Option(
+        "--config", metavar="RECIPE", help="Run a mergekit 0.1.5 recipe (YAML): its models, method, parameters (gradients, filters), slices and dtypes; -o DIR writes a folder from_pretrained loads, -o FILE.safetensors the weights alone.", show_default=False, rich_help_panel=RECIPE)] = None,
+    layer_pattern: Annotated[Optional[str], typer.Option(
+        "--layer-pattern", metavar="REGEX", help="With --config: the regex whose one group is a key's layer number, for a model whose key names do not tell its layers apart (two stacks).", show_default=False, rich_help_panel=RECIPE)] = None,
     root: RootOpt = None,
     *,
     out: OutputOptions,
@@ -74,13 +79,17 @@ def merge(
     """Combine checkpoints (the help text is HELP: it lists the registered methods)."""
     options = {"into": into, "on_mismatch": on_mismatch, "otherwise": otherwise, "prefix_tokens": prefix_tokens,
                "grid": grid, "on_conflict": on_conflict, "average": average, "method": method, "base": base,
-               **parameters, "dtype": dtype, "lora": lora, "lora_scale": lora_scale, "allow_unmatched": allow_unmatched}
+               **parameters, "dtype": dtype, "lora": lora, "lora_scale": lora_scale, "allow_unmatched": allow_unmatched,
+               "config": config, "layer_pattern": layer_pattern}
     options = {name: getattr(value, "value", value) for name, value in options.items()}  # choices as strings
     with out.writing() as write:
-        report = ops.merge_checkpoints(sources, write, root=root, **options)
+        report = ops.merge_checkpoints(sources or [], write, root=root, **options)
     if out.json:
         out.finish(report)
         return
+    if isinstance(report, ops.RecipeReport) and out.dry_run:
+        for line in report.plan:  # the plan, one output tensor a line: what --dry-run is for
+            print(printable(line))
     if isinstance(report, ops.IntoReport) and (out.dry_run or not out.quiet):
         _print_into_table(report, stderr=not out.dry_run)
     out.finish(report, _details(report))
@@ -88,6 +97,8 @@ def merge(
 
 def _details(report: ops.MergeReport) -> list[str]:
     """The lines of a merge's summary that its mode adds."""
+    if isinstance(report, ops.RecipeReport):
+        return _recipe_details(report)
     if isinstance(report, ops.IntoReport):
         return [f"copied {len(report.copied)}, renamed {len(report.renamed)}, adapted {len(report.adapted)}, "
                 f"kept from template {len(report.kept_from_template)}, mismatched {len(report.mismatched)}, "
@@ -111,6 +122,21 @@ def _details(report: ops.MergeReport) -> list[str]:
     if report.conflicts:
         return [listing(f"conflicts (kept the {report.on_conflict})", report.conflicts)]
     return []
+
+
+def _recipe_details(report: ops.RecipeReport) -> list[str]:
+    layers = f", {count(report.layers, 'layer')}" if report.layers else ""
+    method = report.merge_method + (f" (--method {report.method})" if report.method != report.merge_method else "")
+    details = [f"recipe {printable(report.recipe or '(given loaded)')}: {method} — "
+               f"merged {count(report.merged, 'tensor')}, copied {report.copied}{layers}"]
+    if report.config_changes:
+        details.append("config.json: " + ", ".join(f"{k} {v}" for k, v in report.config_changes.items()))
+    details += [printable(note) for note in report.notes]
+    details += [listing(note, [n for n, v in report.tensor_notes.items() if v == note])
+                for note in sorted(set(report.tensor_notes.values()))]
+    if report.ignored:
+        details.append(listing("tensors of other models the output has no place for", report.ignored))
+    return details
 
 
 def _print_into_table(report: ops.IntoReport, stderr: bool) -> None:

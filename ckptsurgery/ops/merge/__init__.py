@@ -3,7 +3,9 @@
 - `merge_union` (union.py): the union of the sources' keys (`--on-conflict`);
 - `merge_into` (into.py): `model_dict.update(pretrained_dict)` into a template (`--into`);
 - `merge_with_method` (by_method.py): a merge method (`--method`, `--average`; ops/methods);
-- `fold_adapters` (fold.py): adapters folded into one base (`--lora`; ops/adapters).
+- `fold_adapters` (fold.py): adapters folded into one base (`--lora`; ops/adapters);
+- `merge_recipe` (recipe.py): a mergekit recipe (`--config RECIPE`; ops/recipes), the models
+  its own.
 
 `merge_checkpoints` picks the mode from the options given and refuses, in one place
 (`refuse_other_modes`), an option the mode does not take: MODE_OPTIONS is the table."""
@@ -29,11 +31,12 @@ class Mode(Kind):
     INTO = "into"
     METHOD = "method"
     LORA = "lora"
+    RECIPE = "recipe"
 
 
 # how a refusal names each mode
 MODE_NAMES = {Mode.UNION: "a plain merge", Mode.INTO: "merge --into", Mode.METHOD: "--method (or --average)",
-              Mode.LORA: "--lora"}
+              Mode.LORA: "--lora", Mode.RECIPE: "--config"}
 
 # the options each mode takes (the library's keywords; the command line spells them --with-dashes).
 # --dtype applies to every mode: it casts what is written.
@@ -42,10 +45,12 @@ MODE_OPTIONS: dict[Mode, frozenset[str]] = {
     Mode.INTO: frozenset({"into", "on_mismatch", "otherwise", "prefix_tokens", "grid", "dtype"}),
     Mode.METHOD: frozenset({"method", "average", "base", "dtype", *methods.PARAMETERS}),
     Mode.LORA: frozenset({"lora", "lora_scale", "allow_unmatched", "dtype"}),
+    # a recipe names its models, method, parameters and dtypes itself
+    Mode.RECIPE: frozenset({"config", "layer_pattern"}),
 }
 # the order refusals consider options in, and list them in
 OPTION_ORDER = ("lora_scale", "allow_unmatched", "into", "average", "method", "base", "on_conflict", "on_mismatch",
-                *methods.PARAMETERS, *ADAPT_OPTIONS, "dtype", "lora")
+                *methods.PARAMETERS, *ADAPT_OPTIONS, "dtype", "lora", "config", "layer_pattern")
 # a method parameter may not take a name merge already gives an option
 _CLASH = set(methods.PARAMETERS) & (set(OPTION_ORDER) - set(methods.PARAMETERS) | {"root", "sources", "write"})
 if _CLASH:
@@ -63,7 +68,10 @@ def _given(name: str, value) -> bool:
 
 
 def mode_of(options: dict) -> Mode:
-    """The mode the given options select: --lora, else --into, else --method/--average, else a union."""
+    """The mode the given options select: --config, else --lora, else --into, else --method/--average,
+    else a union."""
+    if options.get("config") is not None:
+        return Mode.RECIPE
     if options.get("lora"):  # an empty list of adapters selects nothing
         return Mode.LORA
     if options.get("into") is not None:
@@ -84,6 +92,9 @@ def refuse_other_modes(mode: Mode, options: dict) -> None:
     foreign = [name for name in given if name not in MODE_OPTIONS[mode]]
     if not foreign:
         return
+    if mode is Mode.RECIPE:
+        raise UsageError(f"--config does not combine with {', '.join(map(option_of, foreign))}: the recipe names "
+                         f"its models, method, parameters and dtypes")
     if mode is Mode.LORA:
         raise UsageError(f"--lora does not combine with {', '.join(map(option_of, foreign))}: fold first, then merge")
     if mode is Mode.INTO and ("method" in foreign or "average" in foreign):
@@ -99,7 +110,7 @@ def merge_checkpoints(sources: list[str], write: WriteOptions, *, root: str | No
                       **options) -> MergeReport:
     """Merge checkpoints by the mode the options select (see this module's docstring and
     MODE_OPTIONS); an option of another mode is refused. `root`: where the sources' state dicts
-    sit. Returns the mode's report (UnionReport, IntoReport, MethodReport or FoldReport).
+    sit. Returns the mode's report (UnionReport, IntoReport, MethodReport, FoldReport or RecipeReport).
 
     Example:
         >>> merge_checkpoints(["a.pth", "b.pth"], WriteOptions("avg.safetensors"), average=True)
@@ -107,8 +118,14 @@ def merge_checkpoints(sources: list[str], write: WriteOptions, *, root: str | No
     """
     mode = mode_of(options)
     refuse_other_modes(mode, options)
+    if mode is Mode.RECIPE:
+        if sources or root is not None:
+            raise UsageError(f"--config takes the models from the recipe: give no {'SOURCE' if sources else '--root'}")
+        from .recipe import merge_recipe  # recipes' parsing and planning: imported by --config alone
+
+        return merge_recipe(options["config"], write, layer_pattern=options.get("layer_pattern"))
     if not sources:
-        raise UsageError("merge needs at least one source")
+        raise UsageError("merge needs at least one SOURCE, or a recipe: --config RECIPE")
     given = {name: value for name, value in options.items() if _given(name, value)}
     write = check_write_options(write)
     if mode is Mode.LORA:

@@ -112,7 +112,7 @@ def merge_by_method(models: list[Checkpoint], base: Checkpoint | None, method_na
             key = min(groups[tie])
             merge = _key_merge(key, method_name, group, params, base is not None)
             result.key_merges[key] = merge
-            tied[tie] = _streamed(merge, group[0].shape, cast or t.dtype)
+            tied[tie] = streamed_tensor(merge, group[0].shape, cast or t.dtype)
         result.tensors[name] = tied[tie]
     result.merged = len(result.tensors) - len(result.not_merged)
     return result
@@ -144,12 +144,12 @@ def _key_merge(key: str, method_name: str, group: list[TensorRef], params: Param
     """The merge of one key: `group` is [base, model...] for the methods with a base, else
     [model...]; computed in float32, or float64 when an input is float64."""
     wide = "float64" if any(t.dtype.name == "float64" for t in group) else "float32"
-    return methods.METHODS[method_name](params.for_tensor(key), key, [_reader(t, wide) for t in group],
+    return methods.METHODS[method_name](params.for_tensor(key), key, [read_values(t, wide) for t in group],
                                         group[0].numel, wide, chunk_size=methods.CHUNK, shape=group[0].shape,
                                         has_base=has_base)
 
 
-def _reader(t: TensorRef, wide: str) -> methods.Read:
+def read_values(t: TensorRef, wide: str) -> methods.Read:
     """(first element, count) -> those elements of `t` as a `wide` numpy array; straight from the
     mapped file when its bytes lie in order there, else from one copy made at the first chunk and
     dropped after the last."""
@@ -180,7 +180,7 @@ def _prefetcher():
     return ThreadPoolExecutor(1, thread_name_prefix="ckptsurgery-merge")
 
 
-def _streamed(merge: MergeMethod, shape: tuple[int, ...], dtype: DType) -> TensorRef:
+def streamed_tensor(merge: MergeMethod, shape: tuple[int, ...], dtype: DType) -> TensorRef:
     """A key's merge as a tensor written chunk by chunk, as `dtype`."""
     buffers: list = []  # two result buffers, used in turn: chunk j+1 is made while j is written
     pending: dict = {}  # j -> the future making chunk j

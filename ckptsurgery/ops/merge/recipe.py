@@ -48,7 +48,7 @@ from ..recipes import TokenizerKind, refuse_unknown_parameters
 from ..recipes.layers import layer_scheme
 from ..reports import RecipeReport
 from ..write import write_checkpoint
-from .by_method import _reader, _streamed
+from .by_method import read_values, streamed_tensor
 
 FOLDER_SHARD_SIZE = "5GB"  # transformers' save_pretrained default
 WEIGHTS_FILE = "model.safetensors"
@@ -237,7 +237,7 @@ def build_tensors(plan: RecipePlan, models: dict[ModelRef, dict[str, TensorRef]]
             values = _resolved(method, tensor, len(order) - int(has_base), given, resolved)
             merge = _merge(method, values, tensor.key, [inputs[i] for i in order], has_base, working)
             built.merges[tensor.key] = merge
-            built.tensors[tensor.key] = _streamed(merge, inputs[order[0]].shape, cast or inputs[order[0]].dtype)
+            built.tensors[tensor.key] = streamed_tensor(merge, inputs[order[0]].shape, cast or inputs[order[0]].dtype)
             built.merged += 1
     return built
 
@@ -375,7 +375,7 @@ def in_recipe_words(message: str, method: type[MergeMethod]) -> str:
 def _merge(method: type[MergeMethod], values: dict, key: str, inputs: list[TensorRef], has_base: bool,
            working: str | None) -> MergeMethod:
     wide = "float64" if any(t.dtype.name == "float64" for t in inputs) else "float32"
-    reads = [_rounded(_reader(t, wide), t, working, wide) for t in inputs]
+    reads = [_rounded(read_values(t, wide), t, working, wide) for t in inputs]
     return method(values, key, reads, inputs[0].numel, wide, chunk_size=methods.CHUNK, shape=inputs[0].shape,
                   has_base=has_base)
 
@@ -401,7 +401,7 @@ def _passthrough(tensor: Planned, source: TensorRef, working: str | None, cast: 
     merge = _merge(methods.METHODS["passthrough"], values, tensor.key, [source], False, working)
     built.merges[tensor.key] = merge
     built.merged += 1
-    return _streamed(merge, source.shape, cast or source.dtype)
+    return streamed_tensor(merge, source.shape, cast or source.dtype)
 
 
 def _copy(t: TensorRef) -> TensorRef:
