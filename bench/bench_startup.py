@@ -4,8 +4,7 @@ the interpreter's own start and `import torch`; and the two large-file ratios st
 
     python bench/bench_startup.py [--runs 9] [--workdir bench/out]
 
-The package's modules are byte-compiled first, as `pip install` does: with PYTHONDONTWRITEBYTECODE
-set (as on the machines these figures come from) every run would compile from source instead.
+The package is byte-compiled first (common.byte_compile), as `pip install` does.
 Prints Markdown tables of medians and ratios (the figures in docs/performance.md)."""
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import os
 import subprocess
 import sys
 
-from common import CLI, REPO, build, measure, options, print_tables, warm
+from common import CLI, build, measure, options, print_tables, warm
 
 TINY = """
 import sys, torch
@@ -30,8 +29,6 @@ def main() -> None:
     build(pth, st)
     tiny_pth, tiny_st, tiny_other = out("tiny.pth"), out("tiny.safetensors"), out("tiny2.safetensors")
     subprocess.run([sys.executable, "-c", TINY, tiny_pth, tiny_st, tiny_other], check=True)
-    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(REPO, "ckptsurgery")],
-                   check=True, stdout=subprocess.DEVNULL)
     o_st, o_pth = out("o.safetensors"), out("o.pth")
     commands = {
         "--version": ["--version"],

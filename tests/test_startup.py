@@ -61,3 +61,10 @@ def test_a_mistyped_command_names_the_near_one(cli):
     from conftest import assert_one_error_line
 
     assert_one_error_line(cli("inspct", "x.pth"), "No such command 'inspct'; did you mean 'inspect'?", code=2)
+
+
+def test_a_plain_merge_imports_neither_adapters_nor_recipes_nor_numpy(flat, tmp_path):
+    """merge's modes import their machinery when they run: a union is a few dictionary lookups."""
+    loaded = modules_after("merge", flat, flat, "--on-conflict", "first", "-o", tmp_path / "o.pth")
+    assert not {m for m in loaded if m.startswith(("ckptsurgery.ops.adapters", "ckptsurgery.ops.recipes", "numpy",
+                                                  "torch"))}

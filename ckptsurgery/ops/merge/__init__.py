@@ -18,10 +18,7 @@ from .. import methods
 from ..methods import option_of
 from ..options import WriteOptions, check_write_options
 from ..reports import MergeReport
-from .by_method import merge_with_method
-from .fold import fold_adapters
 from .into import ADAPT_OPTIONS, merge_into, refuse_adapt_options
-from .union import merge_union
 
 
 class Mode(Kind):
@@ -131,14 +128,19 @@ def merge_checkpoints(sources: list[str], write: WriteOptions, *, root: str | No
     if mode is Mode.LORA:
         if len(sources) != 1:
             raise UsageError(f"--lora folds into exactly one base checkpoint, not {len(sources)}: fold first, then merge")
+        from .fold import fold_adapters  # each mode's machinery imported when it runs: adapters, methods
+
         adapters = given.pop("lora")
         return fold_adapters(sources[0], adapters, write, scales=given.pop("lora_scale", None), root=root, **given)
     if mode is Mode.INTO:
         return merge_into(sources, given.pop("into"), write, root=root, **given)
     if mode is Mode.METHOD:
+        from .by_method import merge_with_method
+
         return merge_with_method(sources, write, root=root, **given)
+    from .union import merge_union
+
     return merge_union(sources, write, root=root, **given)
 
 
-__all__ = ["MODE_OPTIONS", "Mode", "fold_adapters", "merge_checkpoints", "merge_into", "merge_union",
-           "merge_with_method", "refuse_other_modes"]
+__all__ = ["MODE_OPTIONS", "Mode", "merge_checkpoints", "refuse_other_modes"]

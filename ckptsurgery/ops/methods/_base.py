@@ -13,7 +13,6 @@ or ranks compute them."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -29,6 +28,8 @@ CHUNK = 1 << 18  # elements of one chunk: 1 MiB of float32 per input, so that a 
 def tensor_seed(seed: int, key: str, model: int, chunk: int) -> int:
     """The draws of one model's delta for one chunk of one key: SHA-256 of
     "{seed}\\0{model}\\0{key}\\0{chunk}", its first 8 bytes little-endian, top bit cleared."""
+    import hashlib  # here: every merge imports this module, the random methods alone draw
+
     digest = hashlib.sha256(f"{seed}\0{model}\0{key}\0{chunk}".encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
