@@ -7,10 +7,11 @@ is checked).
 docs/cookbook.md is run as a reader would follow it: its ```python snippets (which make
 pretrained.pth, new_model.pth, last.pth, ... — seeded and tiny) are executed in that folder, in
 order with its command blocks, so no file comes from outside the doc. A command block holds lines
-`$ COMMAND` (a trailing backslash continues one), each followed by what it prints (stdout and
-stderr as a terminal shows them, in the order written); a line `...` stands for any number of
-lines. A command must exit 0 unless the next one is `$ echo $?`, which shows its exit code. The
-```make block (the CI rule) is run by make, twice: the second run has nothing to do.
+`$ COMMAND` (a trailing backslash continues one; a here-document, `cat > recipe.yml <<'EOF'`, takes
+its lines up to EOF), each followed by what it prints (stdout and stderr as a terminal shows them,
+in the order written); a line `...` stands for any number of lines. A command must exit 0 unless
+the next one is `$ echo $?`, which shows its exit code. The ```make block (the CI rule) is run by
+make, twice: the second run has nothing to do.
 
 Only what legitimately varies is masked, the same way in the doc and in the output: byte sizes
 (`620 B`, `24.6 KB`), floats with three or more decimals or an exponent (a maximum difference,
@@ -89,8 +90,12 @@ def blocks(path: Path) -> list[Block]:
     return found
 
 
+HEREDOC = re.compile(r"<<-?\s*(['\"]?)(\w+)\1")
+
+
 def commands(block: Block) -> list[Command]:
-    """`$ COMMAND` lines and what follows each, up to the next; trailing blank lines dropped."""
+    """`$ COMMAND` lines and what follows each, up to the next; trailing blank lines dropped. A
+    command with a here-document (`<<'EOF'`) takes the lines up to its end as part of it."""
     found: list[Command] = []
     i = 0
     while i < len(block.lines):
@@ -100,6 +105,14 @@ def commands(block: Block) -> list[Command]:
             while text.endswith("\\"):
                 i += 1
                 text = text[:-1].rstrip() + " " + block.lines[i].strip()
+            here = HEREDOC.search(text)
+            if here:  # `cat > recipe.yml <<'EOF'`: the lines up to EOF are the command's input
+                body = []
+                while not body or body[-1] != here.group(2):
+                    i += 1
+                    assert i < len(block.lines), f"{block.doc}:{number}: the here-document never ends"
+                    body.append(block.lines[i])
+                text = "\n".join([text, *body])
             found.append(Command(block.doc, number, text))
         else:
             assert found or not line.strip(), f"{block.doc}:{block.line + i}: output before any command: {line!r}"
@@ -220,7 +233,8 @@ class Runner:
 
 def missing_program(text: str) -> str | None:
     """A program a shell line pipes into that this machine lacks (jq), else None."""
-    lexer = shlex.shlex(text, posix=True, punctuation_chars=True)  # `#` starts a comment
+    first_line = text.split("\n", 1)[0]  # a here-document's lines are input, not programs
+    lexer = shlex.shlex(first_line, posix=True, punctuation_chars=True)  # `#` starts a comment
     first = True
     for word in lexer:
         if word in ("|", "||", "&&", ";"):
