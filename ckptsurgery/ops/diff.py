@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 from ..errors import UsageError
 from ..io import Checkpoint, TensorRef, open_checkpoint
+from ..io.model import mapped_range
 from .reports import DiffReport
 
 
@@ -153,7 +155,8 @@ def _widen(chunk, pairs: bool):
 
 
 def diff_checkpoints(a: str, b: str, *, atol: float = 0.0, rtol: float = 0.0, ignore: list[str] | None = None,
-                     root: str | None = None) -> DiffReport:
+                     root: str | None = None, by_layer: bool = False, base: str | None = None,
+                     layer_pattern: str | None = None) -> DiffReport:
     """Keys only in A or B, shape and dtype changes, and values that differ beyond the tolerance:
     equal when every element is within `atol + rtol·|b|` (torch.isclose with equal_nan, B the
     reference; `_float_close`). With atol and rtol 0 (bit-exact) a dtype change is a difference
@@ -162,14 +165,23 @@ def diff_checkpoints(a: str, b: str, *, atol: float = 0.0, rtol: float = 0.0, ig
     compared on neither side and listed as `ignored`. A name only one side lists, which that
     side ties to a name both hold (or the other side's metadata records as tied to one of its
     names), and whose tensor is equal there, is `tied`, not a difference (`_ties`). `identical`
-    is the verdict the exit code follows."""
-    for option, value in (("--atol", atol), ("--rtol", rtol)):
-        if type(value) not in (int, float) or not (math.isfinite(value) and value >= 0):
-            raise UsageError(f"{option} must be a finite number >= 0, not {value}")
+    is the verdict the exit code follows.
+
+    `by_layer` adds `layers`, per layer index (`layer_pattern`, else recipes' `layer_scheme`
+    rule) and one row for the tensors outside the layers: ‖A‖, ‖B−A‖ and ‖B−A‖/‖A‖ over the
+    floating tensors of one shape and dtype on both sides, measured in the same pass that
+    compares them (`_measure`: each tensor's bytes read once, chunk by chunk, in float64). With
+    `base`, each row also holds the task vectors ‖A−BASE‖, ‖B−BASE‖ and their cosine. The names
+    left out of the norms are listed in `left_out`. The verdict is the plain diff's."""
+    _check_options(atol, rtol, by_layer, base, layer_pattern)
     tol = (atol, rtol)
-    with open_checkpoint(a, root) as ca, open_checkpoint(b, root) as cb, \
-            ThreadPoolExecutor(1, thread_name_prefix="ckptsurgery-diff") as pool:
+    with ExitStack() as stack:
+        ca, cb = (stack.enter_context(open_checkpoint(path, root)) for path in (a, b))
+        cz = stack.enter_context(open_checkpoint(base, root)) if base is not None else None
+        pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="ckptsurgery-diff"))
         ca, cb, ignored = _without_ignored(ca, cb, ignore)
+        layers = _Layers.of(ca, cb, cz, set(ignored), layer_pattern, [a, b, *([base] if base else [])]) \
+            if by_layer else None
         only_a = [k for k in ca.tensors if k not in cb.tensors]
         only_b = [k for k in cb.tensors if k not in ca.tensors]
         ties = {"a": _ties(ca, cb, only_a), "b": _ties(cb, ca, only_b)}
@@ -178,7 +190,8 @@ def diff_checkpoints(a: str, b: str, *, atol: float = 0.0, rtol: float = 0.0, ig
         equal, equal_partners = 0, set()
         for name, ta in ca.tensors.items():
             tb = cb.tensors.get(name)
-            if tb is not None and _compare(name, ta, tb, tol, pool, changes):
+            if tb is not None and (_compare(name, ta, tb, tol, pool, changes) if layers is None
+                                   else layers.compare(name, ta, tb, tol, pool, changes)):
                 equal += 1
                 if name in partners:
                     equal_partners.add(name)
@@ -188,11 +201,21 @@ def diff_checkpoints(a: str, b: str, *, atol: float = 0.0, rtol: float = 0.0, ig
     shape_changed, dtype_changed, value_changed = changes["shape"], changes["dtype"], changes["value"]
     exact = not (atol or rtol)
     identical = not (only_a or only_b or shape_changed or value_changed or (dtype_changed and exact))
+    measured = layers.report(only_a, only_b, changes, tied, base) if layers is not None else {}
     return DiffReport(a=a, b=b, atol=atol, rtol=rtol, identical=identical, equal=equal, only_in_a=only_a,
                       only_in_b=only_b, shape_changed=shape_changed, dtype_changed=dtype_changed,
                       value_changed=value_changed, ignored=ignored,
                       tied=[{"name": name, "side": side, "tied_to": partner, "by": by}
-                            for side in ("a", "b") for name, (partner, by) in tied[side].items()])
+                            for side in ("a", "b") for name, (partner, by) in tied[side].items()], **measured)
+
+
+def _check_options(atol: float, rtol: float, by_layer: bool, base: str | None, layer_pattern: str | None) -> None:
+    for option, value in (("--atol", atol), ("--rtol", rtol)):
+        if type(value) not in (int, float) or not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"{option} must be a finite number >= 0, not {value}")
+    for option, value in (("--base", base), ("--layer-pattern", layer_pattern)):
+        if value is not None and not by_layer:
+            raise UsageError(f"{option} goes with --by-layer (the norms per layer); add --by-layer or leave it out")
 
 
 def _without_ignored(ca: Checkpoint, cb: Checkpoint, patterns: list[str] | None):
@@ -286,3 +309,189 @@ def _tied(ca: Checkpoint, cb: Checkpoint, ties: dict, equal_partners: set[str], 
             if equal:
                 tied[side][name] = (partner, by)
     return tied
+
+
+# ---- --by-layer: norms per layer, measured in the pass that compares ---------------------------
+
+# a row's sums: tensors counted, names left out, then ‖A‖², ‖B−A‖², ‖BASE‖², ‖A−BASE‖², ‖B−BASE‖², ⟨A−BASE, B−BASE⟩
+_COUNT, _LEFT, _A2, _D2, _Z2, _TA2, _TB2, _TAB = range(8)
+# names left out of the norms, by why (`left_out`'s `why`)
+ONLY_A, ONLY_B, SHAPE, DTYPE, NOT_IN_BASE, BASE_SHAPE = ("only in A", "only in B", "shape", "dtype", "not in BASE",
+                                                         "shape in BASE")
+
+
+class _Layers:
+    """--by-layer's sums per layer (None: outside the layers). A name both sides hold with one
+    shape and one floating dtype (float16, bfloat16, float32, float64) is compared by `_measure`,
+    which adds its norms to its layer's row in the same pass; any other pair by `_compare`, and
+    stays out of the norms. A name both sides store as the same view as an earlier name (tied
+    on both sides) is that name's tensor: its outcome is reused and counted once."""
+
+    def __init__(self, scheme, base: Checkpoint | None, outside: bool):
+        self.scheme, self.base = scheme, base
+        self.sums: dict[int | None, list] = {i: [0, 0] + [0.0] * 6 for i in range(scheme.count)}
+        if outside or not scheme.count:
+            self.sums[None] = [0, 0] + [0.0] * 6
+        self.seen: dict[tuple, tuple[bool, float]] = {}  # (A's view, B's view) -> (equal, max |A-B|)
+        self.left_out: list[dict] = []
+
+    @classmethod
+    def of(cls, ca: Checkpoint, cb: Checkpoint, cz: Checkpoint | None, ignored: set[str], pattern: str | None,
+           paths: list[str]) -> "_Layers":
+        """The layers of the keys of A, B (and BASE, without the `ignored`), by `pattern` or the
+        recipes' rule (ops/recipes/layers.py): an ambiguous model is refused naming --layer-pattern."""
+        from .recipes.layers import layer_scheme
+
+        if cz is not None and ignored:
+            from dataclasses import replace
+
+            cz = replace(cz, tensors={k: t for k, t in cz.tensors.items() if k not in ignored})
+        keys = dict.fromkeys([*ca.tensors, *cb.tensors, *(cz.tensors if cz is not None else ())])
+        scheme = layer_scheme(keys, " and ".join(paths), pattern)
+        return cls(scheme, cz, any(scheme.layer_of(k) is None for k in keys))
+
+    def compare(self, name: str, ta: TensorRef, tb: TensorRef, tol: tuple[float, float], pool,
+                changes: dict[str, list]) -> bool:
+        """`_compare`'s answer for one name, its norms added to its layer's row when it counts."""
+        if ta.shape != tb.shape or ta.dtype is not tb.dtype or not ta.dtype.floating:
+            return _compare(name, ta, tb, tol, pool, changes)
+        views = (ta.view_key(), tb.view_key())
+        known = self.seen.get(views)
+        if known is None:
+            tz, why = self._base_of(name, ta)
+            same, worst, close, sums = _measure(ta, tb, tz, tol)
+            equal = same or (any(tol) and close)
+            self.seen[views] = known = (equal, worst)
+            row = self.sums[self.scheme.layer_of(name)]
+            if why is None:
+                row[_COUNT] += 1
+                for i, value in enumerate(sums, _A2):
+                    row[i] += value
+            else:
+                self.left_out.append({"name": name, "why": why})
+        if not known[0]:
+            changes["value"].append({"name": name, "max_abs_diff": known[1]})
+        return known[0]
+
+    def _base_of(self, name: str, ta: TensorRef) -> tuple[TensorRef | None, str | None]:
+        """(BASE's tensor to measure the task vectors from, why the name is left out or None)."""
+        if self.base is None:
+            return None, None
+        tz = self.base.tensors.get(name)
+        if tz is None or not tz.dtype.floating:
+            return None, NOT_IN_BASE
+        if tz.shape != ta.shape:
+            return None, BASE_SHAPE
+        return tz, None
+
+    def report(self, only_a: list[str], only_b: list[str], changes: dict[str, list], tied: dict,
+               base: str | None) -> dict:
+        """DiffReport's --by-layer fields: `layers` (one row per layer, then the outside row),
+        `layer_container`, `base` and `left_out` (with each row's count of them)."""
+        skip = {name for side in tied.values() for name in side}
+        whys = [*((n, ONLY_A) for n in only_a), *((n, ONLY_B) for n in only_b),
+                *((c["name"], SHAPE) for c in changes["shape"]), *((c["name"], DTYPE) for c in changes["dtype"])]
+        left = [{"name": n, "why": why} for n, why in whys if n not in skip] + self.left_out
+        for entry in left:
+            self.sums[self.scheme.layer_of(entry["name"])][_LEFT] += 1
+        rows = [_row(layer, sums, base is not None) for layer, sums in self.sums.items()]
+        return {"base": base, "layer_container": self.scheme.container, "layers": rows, "left_out": left}
+
+
+def _row(layer: int | None, sums: list, with_base: bool) -> dict:
+    """One layer's row of `layers`: the norms from the sums of squares."""
+    a, d = math.sqrt(sums[_A2]), math.sqrt(sums[_D2])
+    row = {"layer": layer, "tensors": sums[_COUNT], "left_out": sums[_LEFT], "a_norm": a, "diff_norm": d,
+           "relative": d / a if a != 0 else None}
+    if with_base:
+        z, ta, tb = (math.sqrt(sums[i]) for i in (_Z2, _TA2, _TB2))
+        product = sums[_TA2] * sums[_TB2]  # √(‖a‖²‖b‖²): exactly ‖a‖² when a = b (not always ‖a‖·‖a‖)
+        cosine = None if ta == 0 or tb == 0 else \
+            sums[_TAB] / math.sqrt(product) if 0 < product < math.inf else sums[_TAB] / (ta * tb)
+        row.update(base_norm=z, a_delta=ta, b_delta=tb, a_relative=ta / z if z != 0 else None,
+                   b_relative=tb / z if z != 0 else None,
+                   cosine=max(-1.0, min(1.0, cosine)) if cosine is not None and math.isfinite(cosine) else cosine)
+    return row
+
+
+_NUMPY = {"float64": "<f8", "float32": "<f4", "float16": "<f2"}  # bfloat16: the upper half of a float32
+
+
+def _measure(ta: TensorRef, tb: TensorRef, tz: TensorRef | None, tol: tuple[float, float]):
+    """(same bytes, largest |A − B|, every element within the tolerance, the sums) of two
+    floating tensors of one shape and dtype, and BASE's (`tz`, any floating dtype, that shape),
+    in one pass: each tensor's bytes read once, `_VALUE_CHUNK` elements at a time, widened to
+    float64 with numpy. The sums are ‖A‖², ‖B−A‖², and with BASE ‖BASE‖², ‖A−BASE‖², ‖B−BASE‖²,
+    ⟨A−BASE, B−BASE⟩. The gap and closeness are `_value_gap`'s (`_float_gap`, `_float_close`),
+    computed only where a chunk's bytes differ (elsewhere the gap is 0)."""
+    import numpy as np
+
+    atol, rtol = tol
+    sums = [0.0] * 6
+    same, worst, close = True, 0.0, True
+    tensors = (ta, tb) if tz is None else (ta, tb, tz)
+    for raws in zip(*map(_raw_chunks, tensors)):
+        x, y, *z = (_decode(raw, t.dtype.name) for raw, t in zip(raws, tensors))
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN and infinities: norms NaN or inf, said so
+            d = y - x
+            sums[0] += float(np.dot(x, x))
+            sums[1] += float(np.dot(d, d))
+            if z:
+                da, db = x - z[0], y - z[0]
+                sums[2] += float(np.dot(z[0], z[0]))
+                sums[3] += float(np.dot(da, da))
+                sums[4] += float(np.dot(db, db))
+                sums[5] += float(np.dot(da, db))
+            if np.array_equal(np.frombuffer(raws[0], np.uint8), np.frombuffer(raws[1], np.uint8)):
+                continue
+            same = False
+            gap = _np_float_gap(x, y)
+            if rtol and close and gap > atol:
+                close = _np_float_close(x, y, atol, rtol)
+        worst = max(worst, gap)
+    return same, worst, (close if rtol else worst <= atol), sums
+
+
+def _raw_chunks(t: TensorRef):
+    """The tensor's row-major bytes, `_VALUE_CHUNK` elements at a time: views of the mapped file
+    when they lie there in order, else of one copy of the whole tensor."""
+    size, numel = t.dtype.itemsize, t.numel
+    in_order = mapped_range(t)
+    if in_order is not None:
+        source, first = in_order
+        for start in range(0, numel, _VALUE_CHUNK):
+            yield source.view(first + start * size, min(_VALUE_CHUNK, numel - start) * size)
+        return
+    data = memoryview(t.data()).cast("B")
+    for start in range(0, numel, _VALUE_CHUNK):
+        yield data[start * size:(start + _VALUE_CHUNK) * size]
+
+
+def _decode(raw, dtype: str):
+    """float64 values of a chunk of float16, bfloat16, float32 or float64 bytes."""
+    import numpy as np
+
+    if dtype == "bfloat16":
+        return (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return np.frombuffer(raw, _NUMPY[dtype]).astype(np.float64)
+
+
+def _np_float_gap(x, y) -> float:
+    """`_float_gap` in numpy: largest |x − y|, NaN facing NaN and an infinity facing itself 0,
+    NaN facing anything else infinite."""
+    import numpy as np
+
+    gap = np.abs(x - y)
+    gap[np.isnan(x) & np.isnan(y)] = 0.0
+    gap[np.isnan(gap)] = np.inf
+    gap[np.isinf(x) & (x == y)] = 0.0
+    return float(gap.max()) if gap.size else 0.0
+
+
+def _np_float_close(x, y, atol: float, rtol: float) -> bool:
+    """`_float_close` in numpy: equal, both NaN, or a finite |x − y| within atol + |rtol·y|."""
+    import numpy as np
+
+    actual = np.abs(x - y)
+    close = (x == y) | (np.isnan(x) & np.isnan(y)) | (np.isfinite(actual) & (actual <= atol + np.abs(rtol * y)))
+    return bool(close.all())

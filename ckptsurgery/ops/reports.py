@@ -313,7 +313,7 @@ class InspectReport(Report):
 
 @_report
 class DiffReport(Report):
-    """`diff A B`."""
+    """`diff A B` (`--by-layer`: with the norms per layer)."""
 
     a: str = entry("A as given.")
     b: str = entry("B as given.")
@@ -337,6 +337,25 @@ class DiffReport(Report):
         "as safetensors' `save_model` does for each tied name it drops.")
     ignored: list[str] = entry("Keys the `--ignore` patterns select on either side (A's order, then B's): "
                                "compared on neither side and counted nowhere else.")
+    base: str | None = entry("BASE as given (`--by-layer --base BASE`): the rows measure A's and B's task vectors "
+                             "from it.", omit_if_none=True)
+    layer_container: str | None = entry(
+        "With `--by-layer`: the key prefix whose numbers are the layers (`model.layers`), or the `--layer-pattern` "
+        "given; omitted for a model without layers.", omit_if_none=True)
+    layers: list[dict] | None = entry(
+        "With `--by-layer`: one row per layer index, then one (`layer` null) for the tensors outside the layers "
+        "(the only row of a model without layers). Each row: `layer`; `tensors`, the names counted in its norms "
+        "(floating tensors of one shape and dtype in A and B, and with `--base` a floating tensor of that shape in "
+        "BASE; a name tied on both sides once); `left_out`, its names listed in `left_out`; `a_norm` ‖A‖; "
+        "`diff_norm` ‖B−A‖; `relative` ‖B−A‖/‖A‖ (null when ‖A‖ is 0) — Frobenius norms over all the row's "
+        "tensors, accumulated in float64. With `--base` also `base_norm` ‖BASE‖, `a_delta` ‖A−BASE‖, `b_delta` "
+        "‖B−BASE‖, `a_relative` and `b_relative` (those over ‖BASE‖; null when it is 0) and `cosine`, "
+        "⟨A−BASE, B−BASE⟩/(‖A−BASE‖·‖B−BASE‖) (null when either is 0).", omit_if_none=True)
+    left_out: list[dict] | None = entry(
+        "With `--by-layer`: `{name, why}` for each name left out of the norms: `why` is `\"only in A\"`, "
+        "`\"only in B\"`, `\"shape\"`, `\"dtype\"` (as listed above), `\"not in BASE\"` (BASE lacks it or holds it "
+        "not floating) or `\"shape in BASE\"`. Tensors that are not floating (integers, bools, float8, quantized, "
+        "complex) are compared as always and are in no norm, nor listed here.", omit_if_none=True)
 
 
 REPORTS: tuple[tuple[str, type[Report]], ...] = (
