@@ -62,7 +62,10 @@ def test_every_declared_parameter_is_an_option_of_merge():
     assert "Taken by --method task-arithmetic, ties, dare-linear, dare-ties, " in by_name["density"].help
     assert by_name["t"].help.endswith("Taken by --method slerp (in [0, 1]; required); nearswap (a finite number; "
                                       "required).")
-    assert by_name["weights"].type is str and by_name["seed"].type is int and by_name["density"].type is str
+    # the text, which the declaration parses: "2,1" per model, "0,0.5,1" a gradient, a list for the seed refused
+    assert by_name["weights"].type is str and by_name["seed"].type is str and by_name["t"].type is str
+    assert by_name["t"].help.startswith("slerp: where between") and "A comma list (0,0.5,1) is a gradient over the " \
+        "layers" in by_name["t"].help and "gradient" not in by_name["density"].help
     assert by_name["normalize"].type is bool and "linear, ties, della (true or false; default true)" in by_name[
         "normalize"].help
 
@@ -351,7 +354,7 @@ def test_a_method_in_one_new_file_is_a_method_of_the_command_line(package_copy):
                            text=True, check=True, env={**os.environ, "PYTHONPATH": str(root)}).stdout
     assert ("| `nudge` | base + D·(Σ wᵢθᵢ / Σ wᵢ − base) | required | ≥ 1 | `--weights` (1 each), `--density` (1) | — |"
             in table)
-    assert "| `--step S` | in [0, 1] | 0.5 | no | step-toward |" in table
+    assert "| `--step S` | in [0, 1] | 0.5 | no | yes | step-toward |" in table
 
 
 def test_a_parameter_declared_in_that_file_is_an_option_of_the_command_line(package_copy):

@@ -90,4 +90,4 @@ def test_a_model_that_does_not_exist_exits_1(cli, tmp_path, models):
 
 def test_a_layer_pattern_without_a_recipe_is_refused(cli, tmp_path, models):
     assert_one_error_line(cli("merge", *map(str, models), "--layer-pattern", r"layers\.(\d+)", "-o", tmp_path / "o"),
-                          "--layer-pattern applies to --config only", code=2)
+                          "--layer-pattern applies to --method (or --average) or --config only", code=2)

@@ -31,7 +31,7 @@ HELP = (f"Combine checkpoints: a plain union, an update of a template (--into), 
 
 @app.command(help=HELP, epilog=examples(
     "ckptsurgery merge old.pth --into new.pth --on-mismatch overlap -o init.pth",
-    "ckptsurgery merge a/ b/ --method ties --base base/ --density 0.5 -o ties.pth",
+    "ckptsurgery merge a/ b/ --method slerp --t 0,0.5,1 -o slerp.safetensors",
     "ckptsurgery merge --config slerp.yml -o merged/",
 ))
 @output_options()
@@ -71,7 +71,7 @@ def merge(
     config: Annotated[Optional[str], typer.Option(
         "--config", metavar="RECIPE", help="Run a mergekit 0.1.5 recipe (YAML): its models, method, parameters (gradients, filters), slices and dtypes; -o DIR writes a folder from_pretrained loads, -o FILE.safetensors the weights alone.", show_default=False, rich_help_panel=RECIPE)] = None,
     layer_pattern: Annotated[Optional[str], typer.Option(
-        "--layer-pattern", metavar="REGEX", help="With --config: the regex whose one group is a key's layer number, for a model whose key names do not tell its layers apart (two stacks).", show_default=False, rich_help_panel=RECIPE)] = None,
+        "--layer-pattern", metavar="REGEX", help="With --config, or a gradient (--t 0,0.5,1): the regex whose one group is a key's layer number, for a model whose key names do not tell its layers apart (two stacks).", show_default=False, rich_help_panel=RECIPE)] = None,
     root: RootOpt = None,
     *,
     out: OutputOptions,
@@ -105,7 +105,10 @@ def _details(report: ops.MergeReport) -> list[str]:
                 f"left out {len(report.left_out)}"]
     if isinstance(report, ops.MethodReport):
         defaults = {p.name: p.default for p in METHODS[report.method].parameters}
-        shown = ", ".join(f"{k} {PARAMETERS[k].shown(v)}" for k, v in report.parameters.items()
+        over = f" over {count(report.layers, 'layer')}"  # a gradient: "t 0 → 0.5 → 1 over 5 layers"
+        shown = ", ".join(f"{k} {PARAMETERS[k].shown(v)}"
+                          + (over if isinstance(v, list) and PARAMETERS[k].takes_gradient else "")
+                          for k, v in report.parameters.items()
                           if not (isinstance(v, bool) and v == defaults.get(k)))  # a flag: shown when not the default
         taken = f"taken from the {'base' if report.base else 'first model'} (not floating)"
         return [f"merged {count(report.merged, 'tensor')} by {report.method} ({shown})",

@@ -176,7 +176,10 @@ class MethodReport(MergeReport):
 
     method: str = entry("The merge method.")
     base: str | None = entry("`--base`, or `null`.")
-    parameters: dict[str, Any] = entry("The method's parameters with their defaults filled in.")
+    parameters: dict[str, Any] = entry("The method's parameters with their defaults filled in; a gradient over the "
+                                       "layers as given, a list (`--t 0,0.5,1`: `[0, 0.5, 1]`).")
+    layers: int = entry("How many layers the gradients are spread over, found from the key names or "
+                        "`--layer-pattern` (0: no gradient given).")
     merged: int = entry("Number of tensors merged by the method.")
     not_merged: list[str] = entry("Tensors taken from the base (or first model): not floating.")
     notes: dict[str, str] = entry("Per tensor, what happened beyond the formula (slerp: `nearly collinear: "

@@ -40,7 +40,8 @@ MODE_NAMES = {Mode.UNION: "a plain merge", Mode.INTO: "merge --into", Mode.METHO
 MODE_OPTIONS: dict[Mode, frozenset[str]] = {
     Mode.UNION: frozenset({"on_conflict", "dtype"}),
     Mode.INTO: frozenset({"into", "on_mismatch", "otherwise", "prefix_tokens", "grid", "dtype"}),
-    Mode.METHOD: frozenset({"method", "average", "base", "dtype", *methods.PARAMETERS}),
+    # --layer-pattern: where a gradient (--t 0,0.5,1) finds the layers; by_method refuses it without one
+    Mode.METHOD: frozenset({"method", "average", "base", "dtype", "layer_pattern", *methods.PARAMETERS}),
     Mode.LORA: frozenset({"lora", "lora_scale", "allow_unmatched", "dtype"}),
     # a recipe names its models, method, parameters and dtypes itself
     Mode.RECIPE: frozenset({"config", "layer_pattern"}),

@@ -2,7 +2,9 @@
 
 `merge_by_method` checks that the models agree and gives each key a tensor computed as the writer
 reads it; what the merges note about their keys (slerp's fallback) is read from the result once
-the tensors are written (`MethodMerge.notes`)."""
+the tensors are written (`MethodMerge.notes`). A parameter given as a gradient (`--t 0,0.5,1`) is
+spread over the layers found in the reference's key names (or `--layer-pattern`), each key taking
+the value a recipe's gradient gives it (ops/recipes: `layer_scheme`, `evaluate`)."""
 
 from __future__ import annotations
 
@@ -25,15 +27,19 @@ from ..write import write_checkpoint
 
 def merge_with_method(sources: list[str], write: WriteOptions, *, method: str | None = None, average: bool = False,
                       base: str | None = None, dtype: str | None = None, root: str | None = None,
-                      **parameters) -> MethodReport:
+                      layer_pattern: str | None = None, **parameters) -> MethodReport:
     """Every key of the models merged by a merge method (ops/methods; `average` is method
-    "linear"), with the method's `parameters` by name (weights, density, ...); tensors that are
-    not floating come from the base (else the first model). A .safetensors output keeps the
-    base's metadata (else the first model's).
+    "linear"), with the method's `parameters` by name (weights, density, ...; a float that is
+    not per model may be a gradient over the layers, t=[0, 0.5, 1] or "0,0.5,1"); tensors that
+    are not floating come from the base (else the first model). `layer_pattern`: the layers'
+    regex when the key names do not tell them apart (with a gradient only). A .safetensors
+    output keeps the base's metadata (else the first model's).
 
     Example:
         >>> merge_with_method(["a.safetensors", "b.safetensors"], WriteOptions("ties.safetensors"),
         ...                   method="ties", base="base.safetensors", density=0.5)
+        >>> merge_with_method(["a.safetensors", "b.safetensors"], WriteOptions("slerp.safetensors"),
+        ...                   method="slerp", t=[0, 0.5, 1])
     """
     write = check_write_options(write)
     method = _method_named(method, average)
@@ -42,15 +48,18 @@ def merge_with_method(sources: list[str], write: WriteOptions, *, method: str | 
     if unknown:
         raise UsageError(f"no merge method takes {', '.join(unknown)}")
     params = methods.resolve_parameters(method, len(sources), {name: parameters.get(name) for name in methods.PARAMETERS})
+    if layer_pattern is not None and not params.gradients:
+        raise UsageError("--layer-pattern goes with a gradient (--t 0,0.5,1) or --config")
     cast = dtype_to_cast(dtype)
     with ExitStack() as stack:
         ckpts = [stack.enter_context(open_checkpoint(s, root)) for s in sources]
         base_ckpt = stack.enter_context(open_checkpoint(base, root)) if base is not None else None
-        merged = merge_by_method(ckpts, base_ckpt, method, params, cast)
+        merged = merge_by_method(ckpts, base_ckpt, method, params, cast, layer_pattern)
         first = base_ckpt or ckpts[0]
         written = write_checkpoint(merged.tensors, write, source=first, cast=cast, inputs=[*ckpts, first])
     return MethodReport.extend(written, input=None, mode="method", sources=list(sources), method=method, base=base,
-                               parameters=params.report(), merged=merged.merged, not_merged=merged.not_merged,
+                               parameters=params.report(), layers=merged.layers, merged=merged.merged,
+                               not_merged=merged.not_merged,
                                notes=merged.notes())  # read from the keys' merges, once written
 
 
@@ -75,12 +84,14 @@ def _check_base(method: str, base: str | None) -> None:
 @dataclass
 class MethodMerge:
     """The merged checkpoint's tensors (in the base's order, else the first model's); `merged`:
-    how many keys the method computes; `not_merged`: the keys taken as they are (not floating)."""
+    how many keys the method computes; `not_merged`: the keys taken as they are (not floating);
+    `layers`: how many layers a gradient was spread over (0: none given)."""
 
     tensors: OrderedDict[str, TensorRef]
     merged: int
     not_merged: list[str]
     key_merges: dict[str, MergeMethod] = field(default_factory=dict, repr=False)  # by the key seeding each
+    layers: int = 0
 
     def notes(self) -> dict[str, str]:
         """What the merges noted about their keys, by key, sorted: ask once the tensors are written
@@ -89,12 +100,16 @@ class MethodMerge:
 
 
 def merge_by_method(models: list[Checkpoint], base: Checkpoint | None, method_name: str, params: Parameters,
-                    cast: DType | None) -> MethodMerge:
+                    cast: DType | None, layer_pattern: str | None = None) -> MethodMerge:
     """Every key merged by the method (floating tensors) or taken from the base — the first
     model where there is none — (the others), in the base's order. `params`: from
-    methods.resolve_parameters; each key's merge asks them for its own values."""
+    methods.resolve_parameters; each key's merge asks them for its own values (a gradient's
+    spread over the reference's layers, found by `layer_pattern` if given)."""
     reference = base if base is not None else models[0]
     _check_agreement(models, reference, "base" if base is not None else "first model")
+    layers = 0
+    if params.gradients:
+        params, layers = over_layers(params, reference, layer_pattern)
     inputs = ([base] if base is not None else []) + models
     groups: dict[tuple, list[str]] = {}  # names tied in every input share one result: they stay tied
     for name in reference.tensors:
@@ -115,7 +130,25 @@ def merge_by_method(models: list[Checkpoint], base: Checkpoint | None, method_na
             tied[tie] = streamed_tensor(merge, group[0].shape, cast or t.dtype)
         result.tensors[name] = tied[tie]
     result.merged = len(result.tensors) - len(result.not_merged)
+    result.layers = layers
     return result
+
+
+def over_layers(params: Parameters, reference: Checkpoint, layer_pattern: str | None) -> tuple[Parameters, int]:
+    """`params` with each gradient's value given per key as a recipe's gradient gives it: layer i
+    of N at t = i/(N − 1), keys outside the layers at t = 0 (ops/recipes: layer_scheme, evaluate);
+    and the count of layers. A model whose layers are ambiguous, or that has none, is refused."""
+    from ..recipes import Gradient, evaluate, layer_scheme  # recipes' machinery: imported by a gradient alone
+
+    scheme = layer_scheme(reference.tensors, str(reference.path), layer_pattern)
+    if scheme.count == 0:
+        raise UsageError(f"{reference.path}: no layers found (no numbered keys) to spread "
+                         f"{', '.join(map(methods.option_of, params.gradients))} over; pass --layer-pattern REGEX "
+                         f"with one group for the layer number, or give one value")
+    for name, values in params.gradients.items():
+        gradient = Gradient(values)
+        params = params.varying(name, lambda key, gradient=gradient: evaluate(gradient, key, scheme.t(key), float))
+    return params, scheme.count
 
 
 def _check_agreement(models: list[Checkpoint], reference: Checkpoint, role: str) -> None:

@@ -51,7 +51,8 @@ class Parameter:
     (a list, or "a,b,c" on the command line), `each` naming one of them in messages; with
     `broadcast` one value may also stand for every model (`--density 0.5` or `--density 0.5,0.7`),
     and is held as given: a number, or a list. `per_tensor`: the value may depend on the key
-    (`Parameters.varying`).
+    (`Parameters.varying`); a float one that is not per model also takes a gradient over the
+    layers ("0,0.5,1": `gradient`).
 
     Two methods that take the same parameter with another default or range declare a `variant`
     of it (one name is one parameter: same type, per model and per tensor alike)."""
@@ -92,15 +93,22 @@ class Parameter:
     def required(self) -> bool:
         return self.default is REQUIRED
 
+    @property
+    def takes_gradient(self) -> bool:
+        """Whether a list of values is a gradient over the layers (--t 0,0.5,1): for a float that
+        is one value for every model and may vary per tensor (a per-model one's list is per model)."""
+        return self.type is float and not self.per_model and self.per_tensor
+
     def _one(self, value: Any) -> str:
         if self.type is bool:
             return "true" if value else "false"
         return f"{value:g}" if self.type is float else str(value)
 
     def shown(self, value: Any) -> str:
-        """A resolved value as a summary shows it: "2,1,1" per model, 0.5, 3, true."""
-        if self.per_model and isinstance(value, (list, tuple)):
-            return ",".join(f"{v:g}" for v in value)
+        """A resolved value as a summary shows it: "2,1,1" per model, "0 → 0.5 → 1" a gradient
+        (first layer to last), 0.5, 3, true."""
+        if isinstance(value, (list, tuple)):
+            return (" → " if self.takes_gradient else ",").join(f"{v:g}" for v in value)
         return self._one(value)
 
     def default_wording(self) -> str:
@@ -126,16 +134,44 @@ class Parameter:
                 raise UsageError(f"{self.option} {value!r}: must be true or false")
             return value
         if self.per_model:
+            if _nested(raw):  # a gradient per model: the command line has no spelling for it
+                alone = " or one for all" if self.broadcast else ""
+                raise UsageError(f"{self.option} {raw!r}: one {self.each} per model{alone}; a gradient over the layers "
+                                 f"per model needs a recipe (merge --config RECIPE.yml)")
             if self.broadcast and (raw is None or isinstance(raw, (int, float)) or (
                     isinstance(raw, str) and "," not in raw)):
                 return self._number(self.default if raw is None else raw)
             return self._per_model(raw, models)
         if self.type is int:
-            value = self.default if raw is None else raw
+            value = self.default if raw is None else _whole(raw)
             if isinstance(value, bool) or not isinstance(value, int) or not self.range.contains(value):
                 raise UsageError(f"{self.option} {value!r}: must be {self.range.wording}")
             return value
         return self._number(self.default if raw is None else raw)
+
+    def gradient(self, raw: Any) -> tuple[float, ...] | None:
+        """`raw` as a gradient over the layers — "0,0.5,1" (the command line) or a list of 2 or
+        more numbers (the library), each checked as one value is — or None when it is not a list
+        (a per-model parameter's list is its values per model: None too). A list for a parameter
+        that takes no gradient (an int, a bool, the seed) is refused."""
+        if self.per_model or not (isinstance(raw, (list, tuple)) or (isinstance(raw, str) and "," in raw)):
+            return None
+        if not self.takes_gradient:
+            kind = {bool: "true or false", int: "one whole number"}.get(self.type, "one number")
+            raise UsageError(f"{self.option} {raw!r}: takes {kind} for every tensor; a gradient over the layers "
+                             f"(a comma list: --t 0,0.5,1) is for a float parameter")
+        parts = raw.split(",") if isinstance(raw, str) else list(raw)
+        if len(parts) < 2 or any(isinstance(v, str) and not v.strip() for v in parts):
+            raise UsageError(f"{self.option} {raw!r}: a gradient over the layers is 2 or more numbers separated by "
+                             f"commas ({self.option} 0,0.5,1); one value is given alone")
+        values = []
+        for value in parts:  # each checked as one value is
+            try:
+                values.append(self._number(value))
+            except UsageError:
+                raise UsageError(f"{self.option} {raw!r}: every value must be {self.range.wording} "
+                                 f"({value!r} is not)") from None
+        return tuple(values)
 
     def _number(self, raw: Any) -> float:
         try:
@@ -178,8 +214,12 @@ class Parameters:
     {"density": [0.5, 0.7]})`), and per-tensor ones as `varying(name, rule)`, the rule giving a
     key's value in the same forms, already checked (`Parameter.resolve`).
 
+    `gradients`: the parameters given as a gradient over the layers ("0,0.5,1"), their values as
+    given; `values` holds the first (a key outside the layers takes it) until whoever knows the
+    layers gives each key its own by a rule (ops/merge/by_method.py).
+
     A key's merge asks `for_tensor(key)` and reads nothing else; the report shows `report()`,
-    the values every key gets unless a rule says otherwise."""
+    the values every key gets unless a rule says otherwise, and the gradients as given."""
 
     method: str
     values: Mapping[str, Any]
@@ -187,6 +227,7 @@ class Parameters:
     rules: Mapping[str, Callable[[str], Any]] = field(default_factory=dict)
     models: int = 0  # how many models (a per-model value given by a rule is checked against it)
     check: Callable[[dict], None] | None = None  # the method's check across its values, run on each key's
+    gradients: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
     def for_tensor(self, key: str) -> dict[str, Any]:
         """The values of `key`: a rule's value checked as the command line's are (Parameter.resolve:
@@ -215,7 +256,26 @@ class Parameters:
         return replace(self, rules={**self.rules, name: rule})
 
     def report(self) -> dict[str, Any]:
-        return {name: list(v) if isinstance(v, list) else v for name, v in self.values.items()}
+        values = {name: list(v) if isinstance(v, list) else v for name, v in self.values.items()}
+        return {**values, **{name: list(given) for name, given in self.gradients.items()}}  # in the declared order
+
+
+def _nested(raw: Any) -> bool:
+    """Whether a per-model value is given as lists of lists ("[0,1],[1,0]"): a gradient per model."""
+    if isinstance(raw, str):
+        return any(c in raw for c in "[]();")
+    return isinstance(raw, (list, tuple)) and any(isinstance(v, (list, tuple)) for v in raw)
+
+
+def _whole(raw: Any) -> Any:
+    """The command line's text of a whole number as one ("3" -> 3); anything else as it is, for
+    the check to refuse."""
+    if isinstance(raw, str):
+        try:
+            return int(raw)
+        except ValueError:
+            return raw
+    return raw
 
 
 # ---- the parameters several methods share ------------------------------------------------------

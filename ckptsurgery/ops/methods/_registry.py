@@ -91,9 +91,10 @@ def _range_and_default(methods: Mapping[str, type[MergeMethod]], name: str) -> t
 def resolve_parameters(methods: Mapping[str, type[MergeMethod]], method_name: str, models: int,
                        given: Mapping[str, Any]) -> Parameters:
     """The parameters `method_name` merges `models` models with: `given` maps a parameter's name
-    to its raw value (None: not given; "2,1,1" or a list for a per-model one). A parameter the
-    method does not take is refused, naming the methods that do; a wrong count of models, a
-    missing required one, a value out of range too (one UsageError line)."""
+    to its raw value (None: not given; "2,1,1" or a list for a per-model one; "0,0.5,1" or a list
+    for a gradient over the layers, held in `Parameters.gradients`). A parameter the method does
+    not take is refused, naming the methods that do; a wrong count of models, a missing required
+    one, a value out of range too (one UsageError line)."""
     method = methods[method_name]
     taken = {p.name for p in method.parameters}
     for name, value in given.items():
@@ -109,17 +110,23 @@ def resolve_parameters(methods: Mapping[str, type[MergeMethod]], method_name: st
             wanted = f"from {method.min_models} to {method.max_models}"
         raise UsageError(f"--method {method_name} takes {wanted} model(s), not {models}"
                          + (" (the base is --base)" if method.needs_base else ""))
-    values = {p.name: p.resolve(given.get(p.name), method_name, models) for p in method.parameters}
+    gradients = {p.name: g for p in method.parameters if (g := p.gradient(given.get(p.name))) is not None}
+    values = {p.name: p.resolve(gradients[p.name][0] if p.name in gradients else given.get(p.name), method_name, models)
+              for p in method.parameters}  # a gradient's first value until the layers are known
     method.check(values)
-    return Parameters(method_name, values, method.parameters, models=models, check=method.check)
+    return Parameters(method_name, values, method.parameters, models=models, check=method.check, gradients=gradients)
 
 
 # ---- what the command line and the docs show ---------------------------------------------------
 
+GRADIENT_HELP = "A comma list (0,0.5,1) is a gradient over the layers, as in a recipe."
+
+
 class MergeOption(NamedTuple):
     """One option of the merge command for a method parameter: `parameter` is the keyword the
-    library's merge takes; `type` what the command line parses the value as (a per-model
-    parameter's is a str, "2,1,1", that the method's check splits)."""
+    library's merge takes; `type` what the command line parses the value as: a flag pair for a
+    bool, else the text, which the declaration parses ("2,1,1" per model, "0,0.5,1" a gradient,
+    and a list where none is taken refused in its own words)."""
 
     option: str
     parameter: str
@@ -133,14 +140,15 @@ def merge_options(methods: Mapping[str, type[MergeMethod]]) -> list[MergeOption]
     options = []
     for name, p in parameters_by_name(methods).items():
         found = variants(methods, name)
+        does = f"{p.help} {GRADIENT_HELP}" if p.takes_gradient else p.help
         if len(found) == 1:
-            text = (f"{p.help} Taken by --method {', '.join(takers(methods, name))}; {p.range_wording()}; "
+            text = (f"{does} Taken by --method {', '.join(takers(methods, name))}; {p.range_wording()}; "
                     f"{'required' if p.required else 'default ' + p.default_wording()}.")
         else:
-            text = f"{p.help} Taken by --method " + "; ".join(
+            text = f"{does} Taken by --method " + "; ".join(
                 f"{', '.join(m)} ({v.range_wording()}; {'required' if v.required else 'default ' + v.default_wording()})"
                 for v, m in found) + "."
-        options.append(MergeOption(p.option, name, str if p.per_model else p.type, p.metavar, text))
+        options.append(MergeOption(p.option, name, bool if p.type is bool else str, p.metavar, text))
     return options
 
 
@@ -170,11 +178,14 @@ def methods_table(methods: Mapping[str, type[MergeMethod]]) -> str:
         taken = ", ".join(f"`{p.option}` ({p.default_wording()})" for p in method.parameters)
         lines.append(f"| `{name}` | {_cell(method.summary)} | {'required' if method.needs_base else 'optional' if method.base_optional else 'refused'} "
                      f"| {_models_wording(method)} | {taken or '—'} | {_cell(method.differs) or '—'} |")
-    lines += ["", "| parameter | range | default | per model | methods | what it does |", "|---|---|---|---|---|---|"]
+    lines += ["", "| parameter | range | default | per model | gradient | methods | what it does |",
+              "|---|---|---|---|---|---|---|"]
     for name, p in parameters_by_name(methods).items():
         shown = f"`{p.option}/--no-{p.option[2:]}`" if p.type is bool else f"`{p.option} {p.metavar}`"
         per_model = "one or each" if p.broadcast else "yes" if p.per_model else "no"
+        # over the layers: a comma list on the command line; per model, only a recipe says it
+        gradient = "yes" if p.takes_gradient else "in a recipe" if p.per_model else "no"
         range_, default = _range_and_default(methods, name)
-        lines.append(f"| {shown} | {range_} | {default} | {per_model} | {', '.join(takers(methods, name))} "
-                     f"| {p.help} |")
+        lines.append(f"| {shown} | {range_} | {default} | {per_model} | {gradient} "
+                     f"| {', '.join(takers(methods, name))} | {p.help} |")
     return "\n".join([*lines, TABLE_END]) + "\n"

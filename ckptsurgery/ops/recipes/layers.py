@@ -63,6 +63,17 @@ class LayerScheme:
     def layer_of(self, key: str) -> int | None:
         return self.split(key)[0]
 
+    def t(self, key: str) -> float:
+        """Where `key` lies over the layers, for a gradient: its layer's `layer_t`, 0 outside them."""
+        layer = self.layer_of(key)
+        return 0.0 if layer is None else layer_t(layer, self.count)
+
+
+def layer_t(index: int, count: int) -> float:
+    """A gradient's `t` at layer `index` of `count`: index/(count − 1), 1 for a single layer
+    (mergekit's MergePlanner)."""
+    return index / (count - 1) if count > 1 else 1.0
+
 
 def layer_scheme(keys: Iterable[str], where: str = "model", pattern: str | None = None) -> LayerScheme:
     """The layers of the model whose keys are `keys`, by the module's rule or by `pattern`

@@ -34,7 +34,7 @@ from typing import Any
 
 from ...errors import CkptError, UsageError
 from ...kinds import Kind
-from .layers import LayerScheme, Template, layer_scheme
+from .layers import LayerScheme, Template, layer_scheme, layer_t
 from .schema import Filtered, Gradient, ModelRef, Recipe, Settings, Slice, SliceSource, setting_names, walk_settings
 from .values import Coerce, resolve
 
@@ -197,7 +197,7 @@ def _plan_models(context: _Context) -> RecipePlan:
     tensors = []
     for key in reference_keys:
         layer = scheme.layer_of(key) if scheme else None
-        t = 0.0 if layer is None else layer / (scheme.count - 1) if scheme.count > 1 else 1.0
+        t = 0.0 if layer is None else layer_t(layer, scheme.count)
         for source in sources:
             if key not in context.key_sets[source.model]:
                 raise CkptError(f"{source.model} has no tensor {key!r}, which {reference} has: every model of a "
@@ -267,7 +267,7 @@ def _plan_slices(context: _Context) -> RecipePlan:
     layers, ignored, out = [], [], 0
     for piece in recipe.slices:
         for offset in range(piece.length):
-            t = offset / (piece.length - 1) if piece.length > 1 else 1.0
+            t = layer_t(offset, piece.length)
             layers += _plan_layer(context, piece, offset, out, t, ignored)
             out += 1
     post = _outside(context, last, Role.POST, first)
