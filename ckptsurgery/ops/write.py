@@ -13,7 +13,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import suppress
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import core
@@ -288,6 +288,53 @@ def _write_dcp(source: "_Source", tensors: dict[str, TensorRef], options: WriteO
     return report
 
 
+@dataclass(frozen=True)
+class FolderOutput:
+    """A file output written inside a folder of its own, beside other files (a merged model's
+    folder): the whole folder is staged, filled and renamed into place in one step, replacing an
+    earlier one whole (--force). `names`: the other files; `write_files(staged)` writes them."""
+
+    path: str
+    names: list[str]
+    write_files: Callable[[str], Any]
+
+    def check(self, options: WriteOptions) -> None:
+        if os.path.lexists(self.path) and not os.path.isdir(self.path):
+            raise CkptError(f"{self.path}: is a file; the output is a folder")
+        if os.path.lexists(self.path) and not (options.force or options.dry_run):
+            raise CkptError(f"{self.path}: already exists; pass --force to replace it")
+
+    def inside(self, staged: str) -> Callable[[str], str]:
+        """A final path in the folder -> the same path in the staged folder."""
+        return lambda path: os.path.join(staged, os.path.relpath(path, self.path))
+
+
+def _in_staged_folder(folder: FolderOutput, ranks: Ranks | None, write_all: Callable[..., None]) -> None:
+    """Stage `folder` whole — under torchrun rank 0 stages it and hands its temporary name to the
+    others at `checked` — have every rank write its files into it (`write_all(outputs, where)`)
+    and rank 0 the other files, then rename it into place, after `written` under torchrun."""
+    leader = ranks is None or ranks.leader
+    with StagedOutputs() as outer:
+        staged = outer.stage_folder(folder.path) if leader else None
+        if ranks:
+            staged = ranks.step("checked", staged)[0]
+        try:
+            with StagedOutputs() as outputs:  # renamed into the staged folder, still out of sight
+                write_all(outputs, folder.inside(staged))
+                if leader:
+                    folder.write_files(staged)
+        except Exception as e:
+            if ranks:  # the folder is rank 0's and shared: every rank stops writing into it before it goes
+                with suppress(CkptError):
+                    ranks.finish(e)
+            raise
+        if ranks:
+            ranks.step("written")
+            if leader:
+                outer.commit()
+            ranks.step("committed")
+
+
 def _needs_force(paths: list[str], options: WriteOptions) -> list[str] | None:
     """The paths a dry run found taken, which the real run would need --force to replace."""
     if options.force:
@@ -370,12 +417,15 @@ class _FilePlan:
 
 
 def _file_report(source: _Source, plan: _FilePlan, options: WriteOptions, cast: DType | None, others: dict,
-                 removed: list[str], mine: list[int], metadata_report: dict) -> WriteReport:
+                 removed: list[str], mine: list[int], metadata_report: dict,
+                 folder: FolderOutput | None) -> WriteReport:
     ranks = options.ranks
     leader = ranks is None or ranks.leader
     files = plan.everything
     if ranks:  # a single file is file 0: rank 0 writes it, and the index
         files = [plan.files[i] for i in mine] + ([plan.index] if plan.sharded and leader else [])
+    if folder is not None and leader:  # rank 0 writes the folder's other files
+        files = files + [os.path.join(folder.path, name) for name in folder.names]
     return WriteReport(
         input=source.path, output=options.output, format=plan.fmt.value, root=source.root,
         tensors=len(plan.tensors), total_bytes=plan.total, dtype=cast.name if cast else None,
@@ -391,7 +441,8 @@ def _file_report(source: _Source, plan: _FilePlan, options: WriteOptions, cast: 
 
 def write_checkpoint(tensors: dict[str, TensorRef], options: WriteOptions, *, source: Checkpoint | None = None,
                      cast: DType | None = None, keep_metadata: bool = True, others: dict | None = None,
-                     inputs: list[Checkpoint] | None = None, metadata_from: Checkpoint | None = None) -> WriteReport:
+                     inputs: list[Checkpoint] | None = None, metadata_from: Checkpoint | None = None,
+                     folder: FolderOutput | None = None) -> WriteReport:
     """Write `tensors` (a state dict, possibly edited, of `source`) as `options` say; return what
     was written. Entries outside `source`'s root, and `others` (the root's non-tensor entries, by
     default the source's own), travel with .pth and DCP outputs; safetensors holds tensors only.
@@ -402,8 +453,12 @@ def write_checkpoint(tensors: dict[str, TensorRef], options: WriteOptions, *, so
     `source`'s) is kept, or none with `options.no_metadata`; `options.metadata` sets entries on
     top. `options.ranks`: under torchrun this process writes its share of the files, listed in
     the report's `files`. An output whose folder does not exist gets it (removed again if the
-    write fails); `-o DIR/` writes DIR/model.safetensors (sharded as Hugging Face names shards)."""
+    write fails); `-o DIR/` writes DIR/model.safetensors (sharded as Hugging Face names shards).
+    `folder`: `options.output` lies in a folder of its own, written whole with other files."""
     options = _in_folder(check_write_options(options))
+    if folder is not None:
+        options.refuse("format", why="does not apply to an output folder")
+        folder.check(options)
     fmt = _output_format(options)
     origin = _Source(source, options.output)
     meta, metadata_report = _plan_metadata(options, fmt.spec.metadata,
@@ -418,41 +473,49 @@ def write_checkpoint(tensors: dict[str, TensorRef], options: WriteOptions, *, so
     # an earlier sharded output named after OUT: its shards that this write does not replace go
     index = options.output + ".index.json"
     # a dry run replaces nothing: what a real run would need --force for, it reports
-    removed = check_writable(plan.everything, options.force or options.dry_run, index)
+    # a folder of its own is replaced whole: nothing in it to check or remove
+    removed = check_writable(plan.everything, options.force or options.dry_run, index) if folder is None else []
     mine = _mine(len(plan.files), options.ranks)
-    report = _file_report(origin, plan, options, cast, others, removed, mine, metadata_report)
+    report = _file_report(origin, plan, options, cast, others, removed, mine, metadata_report, folder)
     # a .pth carries what it carries through; shards hold tensors alone, a DCP folder refuses placeholders
     if plan.fmt is OutputFormat.TORCH and not plan.sharded and any(c.events for c in inputs):
         report = replace(report, inert=inert_names(origin.payload(tensors, keep_metadata, others)) or None)
     if options.dry_run:
         # the index beside OUT is one of the files when sharded; else an earlier output's, to replace
-        return replace(report, needs_force=_needs_force(list(dict.fromkeys([*plan.everything, index])), options))
-    _write_files(origin, plan, options, cast, others, inputs, meta, removed, mine, jobs, keep_metadata)
+        taken = [folder.path] if folder else list(dict.fromkeys([*plan.everything, index]))
+        return replace(report, needs_force=_needs_force(taken, options))
+    _write_files(origin, plan, options, cast, others, inputs, meta, removed, mine, jobs, keep_metadata, folder)
     return report
 
 
 def _write_files(source: _Source, plan: _FilePlan, options: WriteOptions, cast: DType | None, others: dict,
                  inputs: list[Checkpoint], meta: dict | None, removed: list[str], mine: list[int], jobs: int,
-                 keep_metadata: bool) -> None:
+                 keep_metadata: bool, folder: FolderOutput | None) -> None:
     """Stage the files this process writes, `jobs` at once, then rename them all into place."""
     ranks = options.ranks
     leader = ranks is None or ranks.leader
     parts, share = plan.parts(mine)
     tick = options.progress(share, _label(ranks, options.output)) if options.progress else None
-    with StagedOutputs(remove=removed if leader else []) as outputs:
-        if ranks:
-            if leader:  # the folders are rank 0's, as the files it renames into them: made before the others stage
-                outputs.make_folders(plan.everything[0])
-            ranks.step("checked")
 
+    def write_all(outputs: StagedOutputs, where: Callable[[str], str] = lambda path: path) -> None:
         def write_file(number: int, advance) -> None:
-            with outputs.stage(plan.files[number]) as f:
+            with outputs.stage(where(plan.files[number])) as f:
                 _write(f, plan.fmt, source, parts[number], cast, advance, whole=not plan.sharded,
                        keep_metadata=keep_metadata, others=others, inputs=inputs, metadata=meta,
                        plan=None if plan.sharded else (plan.stored, plan.aliases))
 
         _run_concurrently([lambda advance, i=i: write_file(i, advance) for i in mine], jobs, tick)
         if plan.sharded and leader:
-            with outputs.stage(plan.index) as f:
+            with outputs.stage(where(plan.index)) as f:
                 f.write(plan.index_body())
+
+    if folder is not None:
+        _in_staged_folder(folder, ranks, write_all)
+        return
+    with StagedOutputs(remove=removed if leader else []) as outputs:
+        if ranks:
+            if leader:  # the folders are rank 0's, as the files it renames into them: made before the others stage
+                outputs.make_folders(plan.everything[0])
+            ranks.step("checked")
+        write_all(outputs)
         _commit_together(outputs, ranks, plan.everything)

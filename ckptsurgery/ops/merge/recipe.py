@@ -23,7 +23,8 @@ The written dtype is `out_dtype`, else `dtype`, else each tensor's own. `-o FILE
 the weights alone; any other output is a folder (ops/model_folder.py): the weights —
 `model.safetensors`, or shards of `--max-shard-size` (default 5GB, as transformers) and an
 index — beside config.json, the tokenizer's files, the recipe and a model card, staged and
-renamed into place together."""
+renamed into place together; under torchrun each rank writes its share of the shards, rank 0
+the other files (ops/write.py's FolderOutput)."""
 
 from __future__ import annotations
 
@@ -38,16 +39,16 @@ from ...dtypes import CAST_TARGETS, DType
 from ...errors import CkptError, UsageError
 from ...io import Checkpoint, TensorRef, open_checkpoint
 from ...io.model import Storage, computed_tensor, joined_tensor, mapped_range
-from ...io.write import StagedOutputs, check_parent
+from ...io.write import check_parent
 from .. import methods
 from ..methods import MergeMethod, Parameter
-from ..model_folder import FolderPlan, folder_files, write_folder_files
+from ..model_folder import FolderFiles, FolderPlan, folder_files, write_folder_files
 from ..options import WriteOptions, check_write_options
 from ..recipes import ModelRef, Planned, Recipe, RecipePlan, Role, Source, load_recipe, plan_lines, plan_recipe
 from ..recipes import TokenizerKind, refuse_unknown_parameters
 from ..recipes.layers import layer_scheme
 from ..reports import RecipeReport
-from ..write import write_checkpoint
+from ..write import FolderOutput, write_checkpoint
 from .by_method import read_values, streamed_tensor
 
 FOLDER_SHARD_SIZE = "5GB"  # transformers' save_pretrained default
@@ -423,7 +424,6 @@ def _folder_output(write: WriteOptions) -> str | None:
         return None
     write.refuse("format", why="does not apply to a recipe's output folder (give -o FILE.safetensors for weights "
                                "alone)")
-    write.refuse("ranks", why="do not write a recipe's output folder yet; run it in one process")
     folder = output.rstrip("/" + os.sep) or output
     if os.path.lexists(folder) and not os.path.isdir(folder):
         raise CkptError(f"{folder}: is a file; a recipe writes a folder (or give -o FILE.safetensors)")
@@ -469,25 +469,11 @@ def _first_model(recipe: Recipe) -> ModelRef:
 
 
 def _write_folder(folder: str, tensors: dict[str, TensorRef], write: WriteOptions, cast: DType | None,
-                  inputs: list[Checkpoint], files) -> Any:
-    """The weights and the other files staged in a new folder beside `folder`, renamed into place
-    together (an existing folder needs --force; it is replaced whole)."""
+                  inputs: list[Checkpoint], files: FolderFiles) -> Any:
+    """The weights and the other files in a new folder, staged whole and renamed into place (an
+    existing folder needs --force; it is replaced whole). Under torchrun each rank writes its
+    share of the shards into rank 0's staged folder, and rank 0 the other files."""
     shard = write.max_shard_size if write.max_shard_size is not None else FOLDER_SHARD_SIZE
-    final = os.path.join(folder, WEIGHTS_FILE)
-    if write.dry_run:  # what the weights would be, planned where they would go: the folder's taken only whole
-        report = write_checkpoint(tensors, replace(write, output=final, max_shard_size=shard, force=True),
-                                  cast=cast, inputs=inputs)
-        taken = os.path.lexists(folder) and not write.force
-        return replace(report, needs_force=[folder] if taken else None, removed=[],
-                       files=report.files + [os.path.join(folder, n) for n in files.names])
-    with StagedOutputs() as outputs:
-        staged = outputs.stage_folder(folder)
-        report = write_checkpoint(tensors, replace(write, output=os.path.join(staged, WEIGHTS_FILE),
-                                                   max_shard_size=shard, force=False), cast=cast, inputs=inputs)
-        names = write_folder_files(staged, files)
-    return replace(report, output=final, files=_moved(report.files, staged, folder)
-                   + [os.path.join(folder, n) for n in names])
-
-
-def _moved(paths: list[str], staged: str, folder: str) -> list[str]:
-    return [os.path.join(folder, os.path.relpath(p, staged)) for p in paths]
+    weights = replace(write, output=os.path.join(folder, WEIGHTS_FILE), max_shard_size=shard)
+    return write_checkpoint(tensors, weights, cast=cast, inputs=inputs, folder=FolderOutput(
+        folder, files.names, lambda staged: write_folder_files(staged, files)))
