@@ -6,12 +6,9 @@ The output is the PEFT format (peft.py); a weight's kinds.Layout names its facto
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
-from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from ... import core
@@ -20,10 +17,9 @@ from ...io import Checkpoint, TensorRef, open_checkpoint
 from ...io.model import computed_tensor
 from ..options import WriteOptions, check_write_options
 from ..reports import ExtractReport, Extracted
-from ..write import write_checkpoint
 from .kinds import TRANSPOSED, Layout
-from .patterns import Budget, PatternKeys
-from .peft import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
+from .output import Written, check_folder, peft_config, write_peft
+from .peft import PEFT_CONFIG, PEFT_WEIGHTS
 
 # Module names (the last part) of embedding tables: a 2-D weight whose rows are looked up, not a
 # matrix applied to inputs; peft adapts them with lora_embedding_A/B.
@@ -125,7 +121,7 @@ def extract_lora(base: str, tuned: str, write: WriteOptions, *, rank: list[str] 
     default, patterns = parse_ranks(rank)
     metadata = core.check_metadata(_entries(write.metadata), "metadata")
     transposed = [core.compile_pattern(p) for p in fan_in_fan_out or []]
-    _check_folder(write.output, write.force or write.dry_run)  # a dry run says it would need --force
+    check_folder(write.output, write.force or write.dry_run)  # a dry run says it would need --force
     with open_checkpoint(base, root) as b, open_checkpoint(tuned, root) as t:
         for pattern in [p for p, _ in patterns] + list(fan_in_fan_out or []):
             core.select(b.tensors, [pattern])  # a pattern selecting nothing is a typo: said loudly
@@ -271,60 +267,19 @@ def _kind(key: str, shape: tuple[int, ...], embeddings: bool) -> Layout | str:
     return Layout.LINEAR if len(shape) == 2 else Layout.CONV
 
 
-def _adapter_config(plan: list[_Planned], r: int) -> dict:
-    """adapter_config.json: a plain LoRA with lora_alpha = r, and each module's own rank (and
-    alpha, the same) in rank_pattern where it is not r."""
-    modules = [p.name for p in plan]
-    ranks = {p.name: p.rank for p in plan}
-    pattern_keys = _peft_pattern_keys(modules, ranks, r)
-    rank_pattern = {pattern_keys[m]: ranks[m] for m in modules if ranks[m] != r}
-    return {
-        "alpha_pattern": dict(rank_pattern), "base_model_name_or_path": None, "bias": "none",
-        # peft sets it per module from the module's class anyway; saved true only when every
-        # linear weight is stored [in, out], so that peft has nothing to warn about
-        "fan_in_fan_out": any(p.kind == Layout.LINEAR_T for p in plan)
-                          and not any(p.kind == Layout.LINEAR for p in plan),
-        "inference_mode": True, "init_lora_weights": True, "lora_alpha": r,
-        "lora_dropout": 0.0, "modules_to_save": None, "peft_type": "LORA", "r": r, "rank_pattern": rank_pattern,
-        "target_modules": modules, "task_type": None, "use_dora": False, "use_rslora": False,
-    }
-
-
-def _peft_pattern_keys(modules: list[str], ranks: dict[str, int], default: int) -> dict[str, str]:
-    """Module -> its rank_pattern key: its own name where peft's tail matching then gives every
-    module its rank, else (a name that is a dotted tail of another's) the name anchored and
-    escaped, which selects that module only."""
-    # a name with characters a regular expression reads otherwise is anchored and escaped too
-    keys = {m: m if re.escape(m).replace("\\.", ".") == m else "^" + re.escape(m) for m in modules if ranks[m] != default}
-
-    def ranks_peft_gives(keys: dict[str, str]) -> list[int]:
-        rank_of = {k: ranks[module] for module, k in keys.items()}
-        first = PatternKeys(list(rank_of), None, Budget(None)).first
-        return [rank_of.get(first(m), default) for m in modules]
-
-    if ranks_peft_gives(keys) != [ranks[m] for m in modules]:
-        keys = {m: "^" + re.escape(m) for m in keys}
-    return keys
-
-
-def _factor_tensors(b: Checkpoint, t: Checkpoint, plan: list[_Planned], svd: "_SvdCache") -> OrderedDict:
-    """The adapter's tensors, by peft's names, each computed (from `svd`) when it is written."""
-    factors = OrderedDict()
+def _written(b: Checkpoint, t: Checkpoint, plan: list[_Planned], svd: "_SvdCache") -> list[Written]:
+    """The adapter's modules, their factors each computed (from `svd`) when it is written; alpha = r."""
+    written = []
     for p in plan:
-        prefix = f"{PEFT_PREFIX}{p.name}."
         shape, k = p.shape, p.rank
-        if p.kind == Layout.EMBEDDING:  # peft: lora_embedding_A [r, vocab], lora_embedding_B [dim, r]
-            a_shape, b_shape, a_name, b_name, suffix = (k, shape[0]), (shape[1], k), "lora_embedding_A", "lora_embedding_B", ""
-        elif p.kind == Layout.LINEAR_T:  # W [in, out]: A [r, in], B [out, r], ΔW = (B·A)ᵀ
-            a_shape, b_shape, a_name, b_name, suffix = (k, shape[0]), (shape[1], k), "lora_A", "lora_B", ".weight"
+        if p.kind in TRANSPOSED:  # W [in, out] (embedding: [vocab, dim]): A [r, in], B [out, r], ΔW = (B·A)ᵀ
+            a_shape, b_shape = (k, shape[0]), (shape[1], k)
         else:
-            a_shape = (k, *shape[1:])
-            b_shape = (shape[0], k, *([1] * (len(shape) - 2)))
-            a_name, b_name, suffix = "lora_A", "lora_B", ".weight"
+            a_shape, b_shape = (k, *shape[1:]), (shape[0], k, *([1] * (len(shape) - 2)))
         dtype = _factor_dtype(b.tensors[p.key], t.tensors[p.key])
-        factors[f"{prefix}{a_name}{suffix}"] = computed_tensor(a_shape, dtype, svd.maker(p, "A", dtype))
-        factors[f"{prefix}{b_name}{suffix}"] = computed_tensor(b_shape, dtype, svd.maker(p, "B", dtype))
-    return factors
+        written.append(Written(p.name, computed_tensor(a_shape, dtype, svd.maker(p, "A", dtype)),
+                               computed_tensor(b_shape, dtype, svd.maker(p, "B", dtype)), k, k, p.kind))
+    return written
 
 
 def _factor_dtype(a: TensorRef, b: TensorRef):
@@ -339,23 +294,10 @@ def _write_adapter(b: Checkpoint, t: Checkpoint, plan: list[_Planned], r: int, w
                    metadata: dict[str, str]) -> dict[str, float]:
     """The adapter folder, staged and renamed into place whole. Returns each weight's relative
     error (key -> error), known once its factors are written."""
-    from ...io.write import StagedOutputs, check_parent
-
     svd = _SvdCache(b, t)
-    factors = _factor_tensors(b, t, plan, svd)
-    check_parent(write.output)
-    with StagedOutputs() as outputs:
-        folder = outputs.stage_folder(write.output)
-        _write_factors(factors, write, os.path.join(folder, PEFT_WEIGHTS[0]), metadata)
-        with open(os.path.join(folder, PEFT_CONFIG), "w", encoding="utf-8") as f:
-            f.write(json.dumps(_adapter_config(plan, r), indent=2, sort_keys=True) + "\n")
+    written = _written(b, t, plan, svd)
+    write_peft(written, write, metadata, peft_config(written, r, r))
     return svd.errors
-
-
-def _write_factors(factors: OrderedDict, write: WriteOptions, path: str, metadata: dict[str, str]) -> None:
-    """adapter_model.safetensors at `path` (in the staged folder): a fresh output (no source
-    checkpoint) holding the factors alone, with no metadata but `metadata`."""
-    write_checkpoint(factors, replace(write, output=path, force=False, dry_run=False, metadata=metadata), source=None)
 
 
 class _SvdCache:
@@ -434,21 +376,3 @@ def _interruptible(fn, *args, **kwargs):
     if "error" in done:
         raise done["error"]
     return done["value"]
-
-
-def _check_folder(output: str, force: bool) -> None:
-    """An adapter output is a folder: refuse to replace anything there without --force, and even
-    with it anything but an earlier adapter folder (or an empty one)."""
-    if os.path.lexists(output):
-        if not force:
-            raise CkptError(f"{output}: already exists; pass --force to overwrite it")
-        if not os.path.isdir(output) or os.path.islink(output):
-            raise CkptError(f"{output}: exists and is not a folder; an adapter is written as a folder")
-        if os.listdir(output) and not os.path.isfile(os.path.join(output, PEFT_CONFIG)):
-            raise CkptError(f"{output}: a folder that is not an adapter (no {PEFT_CONFIG}); not replacing it, "
-                            f"even with --force")
-        others = sorted(set(os.listdir(output)) - {PEFT_CONFIG, *PEFT_WEIGHTS, "README.md"})
-        if others:  # a trainer's output folder: its checkpoints and tokenizer are not ours to delete
-            raise CkptError(f"{output}: holds more than an adapter ({', '.join(others[:5])}"
-                            f"{' …' if len(others) > 5 else ''}); not replacing it, even with --force: "
-                            f"write the adapter to a folder of its own")
