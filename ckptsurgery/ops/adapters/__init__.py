@@ -3,21 +3,25 @@ extract one from the difference between two checkpoints (`extract-lora`).
 
 One module per concern:
 
-    kinds.py     the adapter kinds: Layout and Format (str Enums), Module, Adapter, and
-                 AdapterFormat — what an adapter format declares
-    read.py      FORMATS, the one table of adapter formats, and read_adapter
+    kinds.py     the types they share: Format, AdapterKind and Layout (str Enums), Module,
+                 Adapter, AdapterFormat (what a format declares), FoldKind (what a kind
+                 declares) and Step (a change to a base tensor's rows)
+    read.py      the two tables, FORMATS (adapter formats) and KINDS (adapter kinds), and
+                 read_adapter
+    kind_lora.py LoRA: W + s·ΔW, ΔW = B·A by layout (linear, linear-t, conv, embedding)
     peft.py      the PEFT folder format: reader and resolver (extract.py writes it too)
     kohya.py     the kohya .safetensors format: reader and resolver
     patterns.py  pattern safety: the regular expressions of an adapter's config, checked
                  before they are run, and run as peft runs them under a budget
     backtracking.py  a bound on the work of Python's matcher for a pattern, which
                  patterns.py asks before it runs one
-    fold.py      fold_into: the adapters' ΔW added to the base's weights, by layout
+    fold.py      fold_into: each module's kind's steps on the base's weights, by row chunks
     extract.py   extract_lora: a truncated SVD per weight, written as a PEFT folder
 
-Adding an adapter kind (DoRA, LoHa, LoKr, IA3, LyCORIS, diffusers) is one module with its
+Adding an adapter kind is one module kind_<name>.py declaring a kinds.FoldKind, one
+kinds.AdapterKind member and one entry in read.KINDS; adding a format is one module with its
 `recognises`, `read` and resolver (peft.py and kohya.py are the examples), one kinds.Format
-member, and one entry in read.FORMATS — folding and the reports follow from the table.
+member, and one entry in read.FORMATS — folding and the reports follow from the tables.
 
     from ckptsurgery.ops import WriteOptions
     from ckptsurgery.ops.adapters import extract_lora, fold_into, read_adapter
@@ -26,11 +30,12 @@ member, and one entry in read.FORMATS — folding and the reports follow from th
 
 from .extract import EMBEDDING_NAMES, extract_lora, is_embedding, parse_ranks
 from .fold import Folded, delta, fold_into, parse_scales
-from .kinds import Adapter, AdapterFormat, Format, Layout, Module
+from .kinds import Adapter, AdapterFormat, AdapterKind, FoldKind, Format, Layout, Module, Step
 from .patterns import check_file_pattern, pattern_key
 from .peft import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
-from .read import FORMATS, read_adapter
+from .read import FORMATS, KINDS, read_adapter
 
-__all__ = ["EMBEDDING_NAMES", "FORMATS", "PEFT_CONFIG", "PEFT_PREFIX", "PEFT_WEIGHTS", "Adapter", "AdapterFormat",
-           "Folded", "Format", "Layout", "Module", "check_file_pattern", "delta", "extract_lora", "fold_into",
-           "is_embedding", "parse_ranks", "parse_scales", "pattern_key", "read_adapter"]
+__all__ = ["EMBEDDING_NAMES", "FORMATS", "KINDS", "PEFT_CONFIG", "PEFT_PREFIX", "PEFT_WEIGHTS", "Adapter",
+           "AdapterFormat", "AdapterKind", "FoldKind", "Folded", "Format", "Layout", "Module", "Step",
+           "check_file_pattern", "delta", "extract_lora", "fold_into", "is_embedding", "parse_ranks", "parse_scales",
+           "pattern_key", "read_adapter"]

@@ -1,12 +1,13 @@
 """Folding adapters into a base checkpoint (`merge BASE --lora ADAPTER...`), per base weight W
-(computed in float32, float64 for a float64 W, written in W's dtype):
+(computed in float32, float64 for a float64 W, written in W's dtype): each adapter's modules
+change the weights they resolve to, in the order given, each by its kind (read.KINDS: LoRA's
+W + S·s·ΔW and the others, see kind_<name>.py) with the user's scale S.
 
-    W' = W + Σ_adapters S · scale · ΔW        scale = α/r (α/√r with rsLoRA; kohya: alpha/rank)
-
-with ΔW made from each module's factors by its kinds.Layout (see `delta`) — what peft's
-`get_delta_weight` computes for Linear, Embedding and ConvNd (its conv form, conv(Aᵀ, B)ᵀ, is
-the same sum over r). Folding knows adapters only through kinds.Adapter and the table of formats
-(read.FORMATS), so a new format folds without a change here."""
+A folded tensor is made a chunk of rows at a time when it is written: the base's rows, widened,
+then each step of each module on them (kinds.Step) — no more than a chunk of W is ever widened,
+and a step that needs every row first (a norm over a column) sees them in a pass before.
+Folding knows adapters only through kinds.Adapter and the two tables (read.FORMATS, read.KINDS),
+so a new format or kind folds without a change here."""
 
 from __future__ import annotations
 
@@ -16,11 +17,15 @@ from dataclasses import dataclass
 
 from ...errors import CkptError, UsageError
 from ...io import Checkpoint, TensorRef
-from ...io.model import computed_tensor
+from ...io.model import chunked_tensor, mapped_range
 from ..digest import tensor_sha256
 from ..reports import AdapterFolded
-from .kinds import FLAT, TRANSPOSED, Adapter, Layout, Module, Resolver
-from .read import resolver
+from .kind_lora import delta_rows
+from .kinds import FLAT, Adapter, Layout, Module, Resolver, Step
+from .read import KINDS, resolver
+
+CHUNK = 1 << 18  # elements of a folded tensor made at a time (whole rows): a merge method's chunk,
+# so that a recipe reading a `model+lora` tensor span by span makes each chunk at most twice
 
 
 @dataclass
@@ -47,7 +52,7 @@ def fold_into(base: Checkpoint, adapters: list[tuple[Adapter, float]], *,
     for name, t in tensors.items():
         groups.setdefault(t.view_key(), []).append(name)
     owner = {name: names[0] for names in groups.values() for name in names}
-    steps: dict[str, list[tuple]] = OrderedDict()  # first name of a tie group -> its steps
+    steps: dict[str, list[Step]] = OrderedDict()  # first name of a tie group -> its steps
     reports = [_fold_one(base, adapter, scale, owner, steps, allow_unmatched) for adapter, scale in adapters]
     out: OrderedDict[str, TensorRef] = OrderedDict()
     made: dict[str, TensorRef] = {}
@@ -64,25 +69,24 @@ def fold_into(base: Checkpoint, adapters: list[tuple[Adapter, float]], *,
 
 
 def _fold_one(base: Checkpoint, adapter: Adapter, scale: float, owner: dict[str, str],
-              steps: dict[str, list[tuple]], allow_unmatched: bool) -> AdapterFolded:
-    """One adapter's steps added to `steps` (tie group -> steps), every shape checked first."""
+              steps: dict[str, list[Step]], allow_unmatched: bool) -> AdapterFolded:
+    """One adapter's steps added to `steps` (tie group -> steps), every module checked first."""
     tensors = base.tensors
     resolve = resolver(adapter, list(tensors))
     found, unmatched = _matched(adapter, resolve)
-    square = _square_layouts([(m, tensors[k]) for m, k in found], bool(adapter.config.get("fan_in_fan_out")))
-    folded: set[str] = set()
+    square = _square_layouts([(m, tensors[k]) for m, k in found if m.a is not None],
+                             bool(adapter.config.get("fan_in_fan_out")))
+    changes = []
     for module, key in found:
-        layout = _check_shapes(adapter, module, key, tensors[key], square.get(module.name))
-        steps.setdefault(owner[key], []).append(("delta", module, scale * module.scale, layout))
+        kind = KINDS[module.kind]
+        bias_key = key[: -len("weight")] + "bias"
+        layout = kind.check(f"{adapter.path}: {module.name}", module, key, tensors[key], tensors.get(bias_key),
+                            square.get(module.name))
+        changes += [(key if what == "weight" else bias_key, step) for what, step in kind.steps(module, layout, scale)]
+    folded: set[str] = set()
+    for key, step in changes:  # none before every module is checked
+        steps.setdefault(owner[key], []).append(step)
         folded.add(key)
-        if module.bias is not None:
-            bias_key = key[: -len("weight")] + "bias"
-            target = tensors.get(bias_key)
-            if target is None or target.shape != module.bias.shape or not target.dtype.floating:
-                raise CkptError(f"{adapter.path}: {module.name} has a LoRA bias (lora_bias) but the base has no "
-                                f"matching floating {bias_key}")
-            steps.setdefault(owner[bias_key], []).append(("bias", module.bias, scale * module.scale))
-            folded.add(bias_key)
     replaced = _replacements(adapter, resolve, tensors, owner, steps, unmatched)
     prefix = resolve.check(adapter.path)
     if unmatched and not allow_unmatched:
@@ -111,7 +115,7 @@ def _matched(adapter: Adapter, resolve: Resolver) -> tuple[list[tuple[Module, st
 
 
 def _replacements(adapter: Adapter, resolve: Resolver, tensors: dict[str, TensorRef], owner: dict[str, str],
-                  steps: dict[str, list[tuple]], unmatched: list[str]) -> list[str]:
+                  steps: dict[str, list[Step]], unmatched: list[str]) -> list[str]:
     """The base keys the adapter's whole tensors replace (a step each); names the base lacks are
     added to `unmatched`. A tensor equal to the base's own is no step."""
     replaced = []
@@ -126,23 +130,14 @@ def _replacements(adapter: Adapter, resolve: Resolver, tensors: dict[str, Tensor
                             f"{key} {list(target.shape)} {target.dtype.name}")
         if t.dtype is target.dtype and tensor_sha256(t) == tensor_sha256(target):
             continue  # the base's own values (peft saves the base embedding layer as it was)
-        steps.setdefault(owner[key], []).append(("replace", t))
+        steps.setdefault(owner[key], []).append(_Replaced(t))
         replaced.append(key)
     return replaced
 
 
 def delta(module: Module, shape: tuple[int, ...], wide, layout: Layout | None = None):
-    """ΔW of one module (without its scale), in dtype `wide`, shaped like the base weight."""
-    from ...io.tensors import as_torch
-
-    layout = layout or module.layout
-    a = as_torch(module.a).to(wide)
-    b = as_torch(module.b).to(wide)
-    if layout in TRANSPOSED:
-        return (b @ a).T
-    if layout == Layout.CONV or a.dim() != 2 or b.dim() != 2:
-        return (b.flatten(1) @ a.flatten(1)).reshape(shape)
-    return b @ a
+    """ΔW of one LoRA module (without its scale), in dtype `wide`, shaped like the base weight."""
+    return delta_rows(module, layout or module.layout, 0, shape[0], shape, wide)
 
 
 def _orientation(module: Module, base: TensorRef) -> Layout | None:
@@ -186,65 +181,80 @@ def _evidence(name: str) -> list[tuple]:
     return [("parent", parent), ("name", leaf), ("all",)]
 
 
-def _check_shapes(adapter: Adapter, module: Module, key: str, base: TensorRef, square: Layout | None = None) -> Layout:
-    """The factors must make exactly the base weight's shape, checked before anything is written.
-    Returns the layout that makes it (linear or linear-t decided by the shape where it can)."""
-    a, b = tuple(module.a.shape), tuple(module.b.shape)
-    where = f"{adapter.path}: {module.name}"
-    if not (module.a.dtype.floating and module.b.dtype.floating):
-        raise CkptError(f"{where}: LoRA factors of dtype {module.a.dtype.name}/{module.b.dtype.name}; "
-                        f"expected floating point")
-    if not base.dtype.floating or not base.is_plain:
-        raise CkptError(f"{where}: the base's {key} is {base.dtype.name}; a LoRA folds into floating-point "
-                        f"weights only")
-    if len(a) < 2 or len(b) < 2 or b[1] != a[0]:
-        grouped = " (a grouped conv? peft cannot merge those either)" if len(b) > 2 else ""
-        raise CkptError(f"{where}: lora_B {list(b)} does not follow lora_A {list(a)}{grouped}")
-    made, layout = None, module.layout
-    if layout in FLAT and len(a) == len(b) == 2:
-        # peft transposes for transformers' Conv1D ([in, out]) and never for nn.Linear, whatever
-        # fan_in_fan_out says: the base's shape tells which, except for a square weight
-        if a[1] != b[0]:
-            layout = Layout.LINEAR_T if tuple(base.shape) == (a[1], b[0]) else Layout.LINEAR
-        elif square:
-            layout = square
-    if layout in TRANSPOSED:
-        made = (a[1], b[0]) if len(a) == len(b) == 2 else None
-    elif len(a) == len(b) == 2:
-        made = (b[0], a[1])
-    elif all(s == 1 for s in b[2:]):  # conv: B [out, r, 1…], A [r, in, k…]
-        made = (b[0], *a[1:])
-        # kohya's 1×1 conv factors on a linear weight, or linear factors on a 1×1 conv
-        if made != tuple(base.shape) and base.shape and base.shape[0] == b[0] and math.prod(made) == base.numel \
-                and all(s == 1 for s in (*made[2:], *base.shape[2:])):
-            made = tuple(base.shape)
-    if made != tuple(base.shape):
-        raise CkptError(f"{where}: factors A {list(a)}, B {list(b)} do not make the base's {key} "
-                        f"{list(base.shape)}; is this adapter for another model?")
-    return layout
+class _Replaced(Step):
+    """The rows of a tensor that replaces the base's whole (peft's modules_to_save)."""
+
+    def __init__(self, t: TensorRef):
+        self.read = _row_reader(t)
+
+    def rows(self, out, lo: int, hi: int) -> None:
+        out.copy_(self.read(lo, hi))
 
 
-def _folded(base: TensorRef, steps: list[tuple], dtype) -> TensorRef:
-    """`base` with `steps` applied in order: ("delta", module, factor, layout) adds factor·ΔW,
-    ("bias", vector, factor) adds factor·vector, ("replace", tensor) takes the tensor's values."""
+def _row_reader(t: TensorRef):
+    """(lo, hi) -> rows [lo, hi) of `t` as torch, in its dtype: a view of the file where its bytes
+    lie in order there, else of one copy made at the first rows and dropped after the last."""
+    from ...io.tensors import as_torch, flat_view
 
-    def make():
+    tail = t.shape[1:]
+    count = t.shape[0] if t.shape else 1
+    row = t.nbytes // count if count else 0
+    in_order = mapped_range(t)
+    if in_order is not None:
+        source, first = in_order
+        return lambda lo, hi: flat_view(source.view(first + lo * row, (hi - lo) * row),
+                                        t.dtype.view_name).view(hi - lo, *tail)
+    held: list = []
+
+    def read(lo: int, hi: int):
+        if not held:
+            held.append(as_torch(t).reshape(count, *tail))
+        rows = held[0][lo:hi]
+        if hi == count:
+            held.clear()
+        return rows
+
+    return read
+
+
+def _folded(base: TensorRef, steps: list[Step], dtype) -> TensorRef:
+    """`base` with `steps` applied in order, made CHUNK elements (whole rows) at a time."""
+    import threading
+
+    count = base.shape[0] if base.shape else 1
+    per_row = base.numel // count if count else 0
+    span = max(1, CHUNK // max(per_row, 1))
+    spans = [(lo, min(lo + span, count)) for lo in range(0, count, span)]
+    read = _row_reader(base)
+    measured: list = []
+    lock = threading.Lock()
+
+    def rows(lo: int, hi: int, upto: int):
         import torch
 
-        from ...io.tensors import as_torch, to_bytes
-
         wide = torch.float64 if base.dtype.name == "float64" else torch.float32
-        out = as_torch(base).to(wide, copy=True)
-        for step in steps:
-            if step[0] == "replace":
-                out = as_torch(step[1]).to(wide, copy=True)
-            elif step[0] == "bias":
-                out.add_(as_torch(step[1]).to(wide), alpha=step[2])
-            else:
-                out.add_(delta(step[1], base.shape, wide, step[3]), alpha=step[2])
+        out = read(lo, hi).to(wide, copy=True)
+        for step in steps[:upto]:
+            step.rows(out, lo, hi)
+        return out
+
+    def make(j: int):
+        import torch
+
+        from ...io.tensors import to_bytes
+
+        with lock:
+            if not measured:  # each step that needs every row sees them, as the steps before left them
+                for k, step in enumerate(steps):
+                    if step.whole:
+                        for lo, hi in spans:
+                            step.measure(rows(lo, hi, k), lo, hi)
+                measured.append(True)
+        out = rows(*spans[j], len(steps))
         return to_bytes(out.to(getattr(torch, dtype.name)))  # rounded once, to what is written
 
-    return computed_tensor(base.shape, dtype, make)
+    sizes = [(hi - lo) * per_row * dtype.itemsize for lo, hi in spans]
+    return chunked_tensor(base.shape, dtype, sizes, make)
 
 
 def parse_scales(scales: list[float] | None, count: int) -> list[float]:

@@ -1,11 +1,13 @@
-"""The adapter kinds, declared once: the layouts a module's factors can have (`Layout`), the
-adapter formats (`Format`), and what a format brings (`AdapterFormat`: how it is recognised,
-its reader, how its module names resolve against a base's keys). The table of formats is
-`read.FORMATS`; this module holds the types every other module of the package shares.
+"""The types the adapter package shares: the adapter formats (`Format`: how a file is read, and
+`AdapterFormat`, what a format brings — how it is recognised, its reader, how its module names
+resolve against a base's keys), the adapter kinds (`AdapterKind`: what a module's factors are
+and how they change a base weight, and `FoldKind`, what a kind declares), the layouts of a
+LoRA's factors (`Layout`), `Module`, `Adapter` and `Step`. The two tables are `read.FORMATS`
+and `read.KINDS`.
 
-A new adapter kind (DoRA, LoHa, LoKr, IA3, LyCORIS, diffusers) is one module holding its reader
-and resolver, a `Format` member, and one entry in `read.FORMATS`; a new way of making ΔW from
-factors is a `Layout` member and its case in `fold.delta` and `fold._check_shapes`."""
+A new format (LyCORIS, diffusers) is one module holding its reader and resolver, a `Format`
+member and one entry in `read.FORMATS`; a new kind is one module `kind_<name>.py` declaring a
+`FoldKind`, an `AdapterKind` member and one entry in `read.KINDS`."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from ...kinds import Kind
 
 
 class Layout(Kind):
-    """How a module's factors A, B make ΔW (see fold.delta); the value is the report's `kind`."""
+    """How a LoRA module's factors A, B make ΔW (kind_lora.delta), and which axis of the base
+    weight is its output (DoRA's norms, IA3's vectors); extract-lora's report gives it as `kind`."""
 
     LINEAR = "linear"  # ΔW = B·A                         A [r, in], B [out, r]
     LINEAR_T = "linear-t"  # ΔW = (B·A)ᵀ: the weight is stored [in, out] (peft's fan_in_fan_out, GPT-2's Conv1D)
@@ -36,16 +39,27 @@ class Format(Kind):
     KOHYA = "kohya"  # one .safetensors file of lora_unet_…/lora_te…_ keys with lora_down/lora_up/alpha
 
 
+class AdapterKind(Kind):
+    """What a module's factors are and how they change the base weight; the value is the
+    report's. Each has one module kind_<name>.py and one entry in read.KINDS."""
+
+    LORA = "lora"  # W + s·ΔW, ΔW = B·A (by Layout)
+
+
 @dataclass
 class Module:
-    """One adapted weight of an adapter: its low-rank factors, scale and layout."""
+    """One adapted weight of an adapter: its factors, scale and layout. `a`, `b` are a LoRA's
+    (and DoRA's) low-rank factors; a kind's other factors are in `factors`, by the names its
+    FoldKind declares."""
 
     name: str  # as the adapter names it: a module name (peft) or the underscore name (kohya)
-    a: TensorRef
-    b: TensorRef
+    a: TensorRef | None
+    b: TensorRef | None
     scale: float  # α/r (α/√r): the user's --lora-scale is applied on top
     layout: Layout
     bias: TensorRef | None = None  # peft lora_bias: B's bias, added (× scale) to the base bias
+    kind: AdapterKind = AdapterKind.LORA
+    factors: dict[str, TensorRef] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,6 +76,54 @@ class Adapter:
     def close(self) -> None:
         for ckpt in self.checkpoints:
             ckpt.close()
+
+
+class Step:
+    """One change to one base tensor, made a chunk of its rows at a time: fold.py runs a
+    tensor's steps in order on each chunk, so no more than a chunk of W is ever widened."""
+
+    whole = False  # True: `measure` must see every row (as the steps before left it) first
+
+    def rows(self, out, lo: int, hi: int) -> None:
+        """Change `out`, rows [lo, hi) of the tensor as the steps before left them (widened
+        torch), in place."""
+        raise NotImplementedError
+
+    def measure(self, out, lo: int, hi: int) -> None:
+        """With `whole`: see rows [lo, hi) (each row once, in order) before any `rows` call."""
+
+
+class Added(Step):
+    """rows += factor · make(lo, hi, out): an additive kind's ΔW (or a bias), rows [lo, hi) of it
+    shaped and typed as `out`."""
+
+    def __init__(self, make, factor: float):
+        self.make, self.factor = make, factor
+
+    def rows(self, out, lo: int, hi: int) -> None:
+        out.add_(self.make(lo, hi, out), alpha=self.factor)
+
+
+class FoldKind:
+    """What an adapter kind declares, in its module kind_<name>.py: its name, the factors a
+    module of it holds, the check of them against the base weight (a one-line refusal naming
+    the module and the factor), and how they change that weight — as Steps, on the weight's
+    and, for some kinds, its bias's rows."""
+
+    name: AdapterKind
+    factors: tuple[str, ...]  # "a", "b" are Module.a/.b; the others are keys of Module.factors
+
+    def check(self, where: str, module: Module, key: str, weight: TensorRef, bias: TensorRef | None,
+              square: Layout | None) -> Layout:
+        """Refuse what does not fit the base's `weight` (named `key`; `bias` its bias, if any);
+        return the layout the module folds with (`square`: the layout of a square linear weight,
+        which its shape cannot tell, as the adapter's other weights show it)."""
+        raise NotImplementedError
+
+    def steps(self, module: Module, layout: Layout, scale: float) -> list[tuple[str, Step]]:
+        """The changes, in order, as (what: "weight" or "bias", step); `scale` the user's
+        --lora-scale for this adapter."""
+        raise NotImplementedError
 
 
 class Resolver(Protocol):

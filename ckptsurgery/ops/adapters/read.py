@@ -1,11 +1,15 @@
-"""Reading adapters: the table of adapter formats, `FORMATS`, and `read_adapter`, which opens a
-path with the first format that recognises it.
+"""The two tables of adapters — `FORMATS`, how an adapter is read, and `KINDS`, how its modules
+fold — and `read_adapter`, which opens a path with the first format that recognises it.
 
 Each adapter format is declared once, here, as an `AdapterFormat` (kinds.py): its name, how a
 path of it is recognised, its reader (path -> Adapter) and its resolver (how its module names
-meet a base's keys). Folding asks the table, never the format's name. A new format — DoRA,
-LoHa, LoKr, IA3, LyCORIS, diffusers — is one module with those three functions (see peft.py and
-kohya.py), a member of kinds.Format, and one entry below, before the catch-all last one."""
+meet a base's keys). A new format — LyCORIS, diffusers — is one module with those three
+functions (see peft.py and kohya.py), a member of kinds.Format, and one entry below, before the
+catch-all last one.
+
+Each adapter kind is declared once, in its module kind_<name>.py, as a `FoldKind`: its name (an
+AdapterKind), its factors, their check against the base weight and the steps that change it. A
+reader names a module's kind; folding asks KINDS, never the kind's name."""
 
 from __future__ import annotations
 
@@ -13,14 +17,18 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from . import kohya, peft
-from .kinds import Adapter, AdapterFormat, Format, Resolver
+from . import kind_lora, kohya, peft
+from .kinds import Adapter, AdapterFormat, AdapterKind, FoldKind, Format, Resolver
 
 FORMATS: tuple[AdapterFormat, ...] = (
     AdapterFormat(Format.PEFT, recognises=peft.recognises, read=peft.read, resolver=peft.PeftResolver),
     # last: takes any file, and its reader says what a file of another kind is
     AdapterFormat(Format.KOHYA, recognises=kohya.recognises, read=kohya.read, resolver=kohya.KohyaResolver),
 )
+
+KINDS: dict[AdapterKind, FoldKind] = {kind.name: kind for kind in (
+    kind_lora.LORA,
+)}
 
 
 def format_of(path: str) -> AdapterFormat:

@@ -1,0 +1,94 @@
+"""LoRA: W' = W + S·s·ΔW, ΔW = B·A laid out by the module's `Layout` — what peft's
+`get_delta_weight` computes for Linear, Embedding and ConvNd (its conv form, conv(Aᵀ, B)ᵀ, is the
+same sum over r) and kohya's lora_up·lora_down. s = α/r (α/√r with rsLoRA), S the user's
+--lora-scale; a peft `lora_bias` adds S·s·bias_B to the base's bias. Its entry in read.KINDS."""
+
+from __future__ import annotations
+
+import math
+
+from ...errors import CkptError
+from ...io import TensorRef
+from .kinds import FLAT, TRANSPOSED, Added, AdapterKind, FoldKind, Layout, Module, Step
+
+
+def delta_rows(module: Module, layout: Layout, lo: int, hi: int, shape: tuple[int, ...], wide):
+    """Rows [lo, hi) of ΔW (without its scale) for a base weight of `shape`, in dtype `wide`:
+    a stored row of W is an output of a linear or conv weight, an input of a linear-t one, a
+    token of an embedding."""
+    from ...io.tensors import as_torch
+
+    a = as_torch(module.a)
+    b = as_torch(module.b)
+    if layout in TRANSPOSED:  # ΔW = (B·A)ᵀ: its rows are A's columns
+        return a[:, lo:hi].to(wide).T @ b.to(wide).T
+    if layout == Layout.CONV or a.dim() != 2 or b.dim() != 2:
+        return (b[lo:hi].flatten(1).to(wide) @ a.flatten(1).to(wide)).reshape(hi - lo, *shape[1:])
+    return b[lo:hi].to(wide) @ a.to(wide)
+
+
+def check_factors(where: str, module: Module, key: str, base: TensorRef, square: Layout | None) -> Layout:
+    """A and B must make exactly the base weight's shape, checked before anything is written.
+    Returns the layout that makes it (linear or linear-t decided by the shape where it can)."""
+    a, b = tuple(module.a.shape), tuple(module.b.shape)
+    if not (module.a.dtype.floating and module.b.dtype.floating):
+        raise CkptError(f"{where}: LoRA factors of dtype {module.a.dtype.name}/{module.b.dtype.name}; "
+                        f"expected floating point")
+    if not base.dtype.floating or not base.is_plain:
+        raise CkptError(f"{where}: the base's {key} is {base.dtype.name}; a LoRA folds into floating-point "
+                        f"weights only")
+    if len(a) < 2 or len(b) < 2 or b[1] != a[0]:
+        grouped = " (a grouped conv? peft cannot merge those either)" if len(b) > 2 else ""
+        raise CkptError(f"{where}: lora_B {list(b)} does not follow lora_A {list(a)}{grouped}")
+    made, layout = None, module.layout
+    if layout in FLAT and len(a) == len(b) == 2:
+        # peft transposes for transformers' Conv1D ([in, out]) and never for nn.Linear, whatever
+        # fan_in_fan_out says: the base's shape tells which, except for a square weight
+        if a[1] != b[0]:
+            layout = Layout.LINEAR_T if tuple(base.shape) == (a[1], b[0]) else Layout.LINEAR
+        elif square:
+            layout = square
+    if layout in TRANSPOSED:
+        made = (a[1], b[0]) if len(a) == len(b) == 2 else None
+    elif len(a) == len(b) == 2:
+        made = (b[0], a[1])
+    elif all(s == 1 for s in b[2:]):  # conv: B [out, r, 1…], A [r, in, k…]
+        made = (b[0], *a[1:])
+        # kohya's 1×1 conv factors on a linear weight, or linear factors on a 1×1 conv
+        if made != tuple(base.shape) and base.shape and base.shape[0] == b[0] and math.prod(made) == base.numel \
+                and all(s == 1 for s in (*made[2:], *base.shape[2:])):
+            made = tuple(base.shape)
+    if made != tuple(base.shape):
+        raise CkptError(f"{where}: factors A {list(a)}, B {list(b)} do not make the base's {key} "
+                        f"{list(base.shape)}; is this adapter for another model?")
+    return layout
+
+
+class Lora(FoldKind):
+    name = AdapterKind.LORA
+    factors = ("a", "b")
+
+    def check(self, where, module, key, weight, bias, square):
+        layout = check_factors(where, module, key, weight, square)
+        if module.bias is not None and (bias is None or bias.shape != module.bias.shape
+                                        or not bias.dtype.floating):
+            raise CkptError(f"{where} has a LoRA bias (lora_bias) but the base has no matching floating "
+                            f"{key[: -len('weight')]}bias")
+        return layout
+
+    def steps(self, module, layout, scale) -> list[tuple[str, Step]]:
+        factor = scale * module.scale
+        steps = [("weight", Added(lambda lo, hi, out: delta_rows(module, layout, lo, hi, out.shape, out.dtype),
+                                  factor))]
+        if module.bias is not None:
+            steps.append(("bias", Added(lambda lo, hi, out: _rows(module.bias, lo, hi).to(out.dtype), factor)))
+        return steps
+
+
+def _rows(t: TensorRef, lo: int, hi: int):
+    from ...io.tensors import as_torch
+
+    return as_torch(t)[lo:hi]
+
+
+LORA = Lora()
