@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -352,6 +353,29 @@ def load_any(path):
 
         return load_file(path)
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_folder(folder) -> dict:
+    """Every tensor of a folder's .safetensors files (a model folder, sharded or not), by name."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def run_mergekit(text: str, out) -> dict:
+    """mergekit 0.1.5's run_merge (what mergekit-yaml runs) of a recipe's text into `out`, in the
+    current folder (a recipe's model paths are relative to it); the tensors it wrote."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out),
+              options=MergeOptions(lazy_unpickle=True, copy_tokenizer=False, write_model_card=False,
+                                   clone_tensors=True))
+    return load_folder(out)
 
 
 def torch_loads(path) -> tuple[bool, str]:

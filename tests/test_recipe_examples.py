@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_folder as load
+from conftest import run_mergekit
+
 from ckptsurgery.ops import WriteOptions, merge_recipe
 
 transformers = pytest.importorskip("transformers")
@@ -153,29 +156,11 @@ def hub(tmp_path_factory):
     return folder
 
 
-def load(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(path))
-    return tensors
-
 
 MODEL_NAMES = MODELS + BASES
 SELECTING = {"ties", "bio-merge", "arcee_fusion"}  # methods whose cut may fall between equal scores
 RESOLUTION = {torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 4e-3)}  # rtol, atol of one rounding
 
-
-def run_mergekit(text: str, out: Path) -> dict[str, torch.Tensor]:
-    import yaml
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions, run_merge
-
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out),
-              options=MergeOptions(lazy_unpickle=True, copy_tokenizer=False, write_model_card=False,
-                                   clone_tensors=True))
-    return load(out)
 
 
 def rounded_hub(hub: Path, dtype: torch.dtype, into: Path) -> Path:

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_folder as load
+
 from ckptsurgery.errors import CkptError, UsageError
 from ckptsurgery.ops import RecipeReport, WriteOptions, merge_recipe
 
@@ -178,14 +180,6 @@ def runs(llamas, tmp_path_factory):
         os.chdir(here)
     return found
 
-
-def load(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(path))
-    return tensors
 
 
 @pytest.mark.parametrize("name", RECIPES)
