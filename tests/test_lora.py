@@ -519,7 +519,7 @@ def test_refusals(cli, tmp_path, adapter_and_base):
     empty.mkdir()
     assert_one_error_line(cli("merge", base, "--lora", empty, "-o", out), "no adapter_config.json")
     edit_config(adapter, use_dora=True)
-    assert_one_error_line(cli("merge", base, "--lora", adapter, "-o", out), "DoRA", "not supported")
+    assert_one_error_line(cli("merge", base, "--lora", adapter, "-o", out), "no lora_magnitude_vector", "DoRA")
     edit_config(adapter, use_dora=False, peft_type="IA3")
     assert_one_error_line(cli("merge", base, "--lora", adapter, "-o", out), "peft_type 'IA3'")
     edit_config(adapter, peft_type="LORA", r=3)

@@ -117,14 +117,19 @@ def _details(report: ops.MergeReport) -> list[str]:
                   for note in sorted(set(report.notes.values())))]
     if isinstance(report, ops.FoldReport):
         details = [f"folded {count(len(report.adapters), 'adapter')} into {count(report.folded, 'tensor')}: "
-                   + "; ".join(f"{printable(a.path)} ({a.format}, scale {a.scale:g}, {a.folded} weights)"
-                               for a in report.adapters)]
+                   + "; ".join(f"{printable(a.path)} ({a.format}{_kinds(a.kinds)}, scale {a.scale:g}, "
+                               f"{a.folded} weights)" for a in report.adapters)]
         if report.unmatched:
             details.append(listing("LoRA weights matching no base weight (left out)", report.unmatched))
         return details
     if report.conflicts:
         return [listing(f"conflicts (kept the {report.on_conflict})", report.conflicts)]
     return []
+
+
+def _kinds(kinds: dict[str, int]) -> str:
+    """", 4 dora" for an adapter of other kinds than plain LoRA; nothing for a LoRA."""
+    return "" if set(kinds) <= {"lora"} else "".join(f", {n} {kind}" for kind, n in kinds.items())
 
 
 def _recipe_details(report: ops.RecipeReport) -> list[str]:

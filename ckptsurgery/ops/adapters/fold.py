@@ -93,8 +93,9 @@ def _fold_one(base: Checkpoint, adapter: Adapter, scale: float, owner: dict[str,
         shown = ", ".join(unmatched[:8]) + (f" … (+{len(unmatched) - 8})" if len(unmatched) > 8 else "")
         raise CkptError(f"{adapter.path}: {len(unmatched)} LoRA weight(s) match no weight of {base.path}: "
                         f"{shown} (is it the right base? --allow-unmatched folds the rest)")
+    kinds = {kind.value: n for kind in KINDS if (n := sum(m.kind == kind for m, _ in found))}
     return AdapterFolded(path=adapter.path, format=adapter.format.value, scale=scale, modules=len(adapter.modules),
-                         folded=len(folded), replaced=replaced, unmatched=unmatched, prefix=prefix or None)
+                         kinds=kinds, folded=len(folded), replaced=replaced, unmatched=unmatched, prefix=prefix or None)
 
 
 def _matched(adapter: Adapter, resolve: Resolver) -> tuple[list[tuple[Module, str]], list[str]]:

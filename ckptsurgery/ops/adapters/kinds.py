@@ -44,6 +44,7 @@ class AdapterKind(Kind):
     report's. Each has one module kind_<name>.py and one entry in read.KINDS."""
 
     LORA = "lora"  # W + s·ΔW, ΔW = B·A (by Layout)
+    DORA = "dora"  # m ⊙ (W + s·ΔW)/‖W + s·ΔW‖, the norm per output
 
 
 @dataclass

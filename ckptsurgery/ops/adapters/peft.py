@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 from ...errors import CkptError
 from ...io import Checkpoint, TensorRef, open_checkpoint
-from .kinds import Adapter, Format, Layout, Module, suffixes
+from .kinds import Adapter, AdapterKind, Format, Layout, Module, suffixes
 from .patterns import ConfigPatterns
 
 PEFT_CONFIG = "adapter_config.json"
@@ -25,7 +25,6 @@ CONFIG_LIMIT = 16 * 1024 * 1024
 # peft config fields whose adapters a plain W + scale·B·A does not reproduce: refused, never folded
 # wrongly. Each is checked only when set (not null, false, empty).
 UNSUPPORTED = {
-    "use_dora": "DoRA (use_dora) rescales each column by a learned magnitude",
     "use_qalora": "QALoRA (use_qalora) pools its inputs",
     "use_bdlora": "block-diagonal LoRA (use_bdlora)",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) applies only after its tokens",
@@ -41,6 +40,9 @@ RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 _LINEAR = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)")
 _EMBEDDING = re.compile(r"(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?")
+# DoRA's magnitudes: peft saves `<module>.lora_magnitude_vector` (a `.weight` and the adapter's name
+# in a state dict of its own)
+_MAGNITUDE = re.compile(r"(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<adapter>(?!weight$)[^.]+))?(?:\.weight)?")
 
 
 def recognises(path: str) -> bool:
@@ -128,21 +130,48 @@ def _number(config: dict, key: str, where: str, default=None) -> float:
 
 def _adapter(ckpt: Checkpoint, config: dict, config_path: str) -> Adapter:
     defaults = (_number(config, "r", config_path, 8), _number(config, "lora_alpha", config_path, 8))
-    parts, replaced = _parts(ckpt)
+    parts, magnitudes, replaced = _parts(ckpt)
     patterns = ConfigPatterns(config, config_path, len(parts))
-    modules = [_module(ckpt.path, name, layout, found, config, config_path, defaults, patterns)
+    modules = [_dora(ckpt.path, _module(ckpt.path, name, layout, found, config, config_path, defaults, patterns),
+                     magnitudes.pop(name, None), bool(config.get("use_dora")))
                for (name, layout), found in parts.items()]
+    if magnitudes:
+        raise CkptError(f"{ckpt.path}: module {next(iter(magnitudes))} has a lora_magnitude_vector but no lora_A and "
+                        f"lora_B weights")
     return Adapter(ckpt.path, Format.PEFT, modules, replaced, config, [ckpt])
 
 
-def _parts(ckpt: Checkpoint) -> tuple[dict, OrderedDict]:
-    """The file's keys sorted out: (module, layout) -> {"A", "B", "A-bias", "B-bias"} factors, and
-    the tensors that replace the base's whole (name -> tensor)."""
+def _dora(where: str, module: Module, magnitude: TensorRef | None, use_dora: bool) -> Module:
+    """A module of a DoRA adapter (the config's use_dora): LoRA's factors and a magnitude per output."""
+    if magnitude is None:
+        if use_dora:
+            raise CkptError(f"{where}: module {module.name} has no lora_magnitude_vector, which a DoRA adapter "
+                            f"(use_dora) holds for every module")
+        return module
+    if not use_dora:
+        raise CkptError(f"{where}: module {module.name} has a lora_magnitude_vector but its config does not set "
+                        f"use_dora; the file and its config disagree")
+    module.kind, module.factors = AdapterKind.DORA, {"magnitude": magnitude}
+    return module
+
+
+def _parts(ckpt: Checkpoint) -> tuple[dict, dict, OrderedDict]:
+    """The file's keys sorted out: (module, layout) -> {"A", "B", "A-bias", "B-bias"} factors,
+    module -> its DoRA magnitude, and the tensors that replace the base's whole (name -> tensor)."""
     where = ckpt.path
     parts: dict[tuple[str, Layout], dict[str, TensorRef]] = {}
+    magnitudes: dict[str, TensorRef] = {}
     adapter_names, replaced = set(), OrderedDict()
     for key, t in ckpt.tensors.items():
         short = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        m = _MAGNITUDE.fullmatch(short)
+        if m is not None:
+            if m["module"] in magnitudes:
+                raise CkptError(f"{where}: module {m['module']} has two lora_magnitude_vector weights (with and "
+                                f"without an adapter name); save one adapter per file")
+            adapter_names.update([m["adapter"]] if m["adapter"] else [])
+            magnitudes[m["module"]] = t
+            continue
         m = _LINEAR.fullmatch(short)
         layout = Layout.LINEAR
         if m is None:
@@ -150,8 +179,8 @@ def _parts(ckpt: Checkpoint) -> tuple[dict, OrderedDict]:
             layout = Layout.EMBEDDING
         if m is None:
             if "lora_" in short or "trainable_tokens" in short:
-                raise CkptError(f"{where}: {key}: a kind of adapter weight not supported here (DoRA magnitudes, "
-                                f"LoRA variants, trainable tokens); nothing was written")
+                raise CkptError(f"{where}: {key}: a kind of adapter weight not supported here (LoRA variants, "
+                                f"trainable tokens); nothing was written")
             # modules_to_save, trained biases, and the base layer peft saves beside an adapted
             # embedding or lm_head (`save_embedding_layers`): they replace the base's tensor
             # (older files keep modules_to_save under `<module>.modules_to_save.<adapter>.`)
@@ -168,7 +197,7 @@ def _parts(ckpt: Checkpoint) -> tuple[dict, OrderedDict]:
     if len(adapter_names) > 1:
         raise CkptError(f"{where}: holds several adapters ({', '.join(sorted(adapter_names))}); save each on "
                         f"its own and give one --lora per adapter")
-    return parts, replaced
+    return parts, magnitudes, replaced
 
 
 def _module(where: str, name: str, layout: Layout, found: dict[str, TensorRef], config: dict, config_path: str,

@@ -1,0 +1,225 @@
+"""Adapter kinds beyond LoRA read from PEFT folders — DoRA (`use_dora`) — folded by `merge BASE
+--lora ADAPTER` equal to peft's own merge_and_unload() within 1e-5 relative on float32, and to
+peft's forward pass on the unmerged model; hostile adapters of these kinds refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from conftest import assert_one_error_line
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+PREFIX = "base_model.model."
+
+
+class Net(nn.Module):
+    """One of each layer DoRA adapts: an embedding, linear layers (one square), transformers'
+    Conv1D (GPT-2's [in, out] weight: peft's fan_in_fan_out) and 2-D and 1-D convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.lin = nn.Linear(6, 5)
+        self.sq = nn.Linear(5, 5, bias=False)
+        self.gpt = Conv1D(7, 5)  # 7 outputs, 5 inputs: weight [5, 7]
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.conv1 = nn.Conv1d(4, 6, 2)
+
+    def forward(self, tokens, image, seq):
+        x = self.gpt(self.sq(self.lin(self.emb(tokens))))
+        return x, self.conv(image), self.conv1(seq)
+
+
+TARGETS = ["emb", "lin", "sq", "gpt", "conv", "conv1"]
+
+
+def inputs():
+    g = torch.Generator().manual_seed(3)
+    return (torch.randint(0, 11, (2, 4), generator=g), torch.randn(2, 3, 6, 6, generator=g),
+            torch.randn(2, 4, 5, generator=g))
+
+
+def trained(config, seed=1, make=Net):
+    """A peft model of `make` with every adapter weight given values (peft starts B at zero and
+    m at ‖W‖, which would fold to W): (model, the base's state dict)."""
+    torch.manual_seed(0)
+    base = make()
+    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval(), base_sd
+
+
+def fold(cli, tmp_path, base_sd, *adapters, args=()):
+    save_file(base_sd, tmp_path / "base.safetensors")
+    out = tmp_path / "out.safetensors"
+    lora = [a for adapter in adapters for a in ("--lora", adapter)]
+    result = cli("merge", tmp_path / "base.safetensors", *lora, *args, "-o", out, "--json")
+    assert result.code == 0, result.err
+    return load_file(out), result.json()
+
+
+def assert_equal_within(got: dict, want: dict, rtol=1e-5):
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+        torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=rtol * want[k].abs().max().item(), msg=k)
+
+
+# ---- DoRA ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_dora_folds_as_peft_merges_and_runs_as_peft_forward(cli, tmp_path, monkeypatch, chunk):
+    """Linear (norm per row), Conv1D and Embedding (per column: the output is W's second axis),
+    2-D and 1-D convs (per output channel); `chunk`: 7 elements at a time, so that row norms are
+    made chunk by chunk and column norms over every chunk first."""
+    if chunk:
+        monkeypatch.setattr("ckptsurgery.ops.adapters.fold.CHUNK", chunk)
+    model, base_sd = trained(LoraConfig(r=2, lora_alpha=3, target_modules=TARGETS, use_dora=True))
+    model.save_pretrained(str(tmp_path / "dora"))
+    saved = load_file(tmp_path / "dora" / "adapter_model.safetensors")
+    assert {k.removeprefix(PREFIX) for k in saved if "magnitude" in k} == {f"{t}.lora_magnitude_vector" for t in TARGETS}
+    with torch.no_grad():
+        forward = model(*inputs())
+        merged = {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
+    got, doc = fold(cli, tmp_path, base_sd, tmp_path / "dora")
+    assert_equal_within(got, merged)
+    assert doc["adapters"][0]["kinds"] == {"dora": len(TARGETS)} and doc["folded"] == len(TARGETS)
+    summary = cli("merge", tmp_path / "base.safetensors", "--lora", tmp_path / "dora", "-o", tmp_path / "o2.safetensors")
+    assert "(peft, 6 dora, scale 1, 6 weights)" in summary.err
+    # peft's merge agrees with its own forward here (one adapter); ours too
+    net = Net()
+    net.load_state_dict(got)
+    with torch.no_grad():
+        for ours, theirs in zip(net(*inputs()), forward):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_on_gpt2_with_a_square_conv1d_and_rslora(cli, tmp_path):
+    """GPT-2's c_attn ([8, 24]) and square c_proj ([8, 8], transposed: told by its sibling), with
+    rsLoRA's α/√r scale."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8))
+
+    config = LoraConfig(r=3, lora_alpha=5, use_rslora=True, use_dora=True, target_modules=["c_attn", "c_proj", "c_fc"])
+    model, base_sd = trained(config, make=gpt2)
+    model.save_pretrained(str(tmp_path / "dora"))
+    merged = {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
+    base_sd.pop("lm_head.weight")  # tied to wte: safetensors keeps one
+    merged.pop("lm_head.weight")
+    got, _ = fold(cli, tmp_path, base_sd, tmp_path / "dora")
+    assert_equal_within(got, merged)
+
+
+def test_dora_scale_scales_the_delta_inside_the_norm_as_peft_does(cli, tmp_path):
+    """--lora-scale S: peft's scale_layer(S) (its scaling times S), merged."""
+    model, base_sd = trained(LoraConfig(r=2, lora_alpha=2, target_modules=["lin", "gpt", "conv"], use_dora=True))
+    model.save_pretrained(str(tmp_path / "dora"))
+    for module in model.modules():
+        if hasattr(module, "scale_layer") and hasattr(module, "lora_magnitude_vector"):
+            module.scale_layer(0.4)
+    merged = {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
+    got, doc = fold(cli, tmp_path, base_sd, tmp_path / "dora", args=("--lora-scale", "0.4"))
+    assert doc["adapters"][0]["scale"] == 0.4
+    assert_equal_within(got, merged)
+
+
+def test_lora_then_dora_fold_in_order_as_two_runs(cli, tmp_path):
+    """Adapters fold in the order given, each into the weights as the ones before left them: a
+    DoRA after a LoRA on the same weights normalises W + ΔW_lora + s·ΔW_dora — as folding the
+    LoRA, then the DoRA into that output."""
+    lora, base_sd = trained(LoraConfig(r=2, lora_alpha=2, target_modules=["lin", "gpt"]), seed=4)
+    lora.save_pretrained(str(tmp_path / "lora"))
+    dora, _ = trained(LoraConfig(r=2, lora_alpha=2, target_modules=["lin", "gpt", "conv"], use_dora=True), seed=5)
+    dora.save_pretrained(str(tmp_path / "dora"))
+    both, doc = fold(cli, tmp_path, base_sd, tmp_path / "lora", tmp_path / "dora")
+    assert [a["kinds"] for a in doc["adapters"]] == [{"lora": 2}, {"dora": 3}]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    first, _ = fold(cli, tmp_path / "one", base_sd, tmp_path / "lora")
+    second, _ = fold(cli, tmp_path / "two", first, tmp_path / "dora")
+    assert_equal_within(both, second)
+
+
+# ---- DoRA: hostile adapters --------------------------------------------------------------------
+
+def dora_folder(folder, tensors=None, **config):
+    """A hand-made DoRA adapter on `lin` ([4, 3]): r=2, alpha=2."""
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["lin"], "use_dora": True, **config}
+    (folder / "adapter_config.json").write_text(json.dumps(doc))
+    if tensors is None:
+        tensors = {}
+    tensors = {f"{PREFIX}lin.lora_A.weight": torch.ones(2, 3), f"{PREFIX}lin.lora_B.weight": torch.ones(4, 2),
+               f"{PREFIX}lin.lora_magnitude_vector": torch.ones(4), **tensors}
+    save_file({k: v for k, v in tensors.items() if v is not None}, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("magnitude, fragments", [
+    (torch.ones(3), ["lora_magnitude_vector [3]", "one floating magnitude per output (4, a row each)"]),
+    (torch.ones(4, 3), ["lora_magnitude_vector [4, 3]"]),
+    (torch.tensor([1.0, float("nan"), 1.0, 1.0]), ["NaN or infinite"]),
+    (torch.tensor([1.0, float("inf"), 1.0, 1.0]), ["NaN or infinite"]),
+    (torch.ones(4, dtype=torch.int32), ["int32"]),
+])
+def test_a_magnitude_that_does_not_fit_is_refused(cli, tmp_path, magnitude, fragments):
+    save_file({"lin.weight": torch.randn(4, 3)}, str(tmp_path / "base.safetensors"))
+    adapter = dora_folder(tmp_path / "dora", {f"{PREFIX}lin.lora_magnitude_vector": magnitude})
+    result = cli("merge", tmp_path / "base.safetensors", "--lora", adapter, "-o", tmp_path / "out.safetensors")
+    assert_one_error_line(result, "lin", *fragments)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_magnitude_of_the_wrong_axis_is_refused(cli, tmp_path):
+    """A Conv1D weight [in=3, out=4]: one magnitude per output, a column; one per row is refused."""
+    save_file({"lin.weight": torch.randn(3, 4)}, str(tmp_path / "base.safetensors"))
+    adapter = dora_folder(tmp_path / "dora", {f"{PREFIX}lin.lora_magnitude_vector": torch.ones(3)})
+    result = cli("merge", tmp_path / "base.safetensors", "--lora", adapter, "-o", tmp_path / "out.safetensors")
+    assert_one_error_line(result, "lora_magnitude_vector [3]", "(4, a column each)")
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("no-dora", ["lora_magnitude_vector", "does not set use_dora"]),
+    ("no-factors", ["other has a lora_magnitude_vector but no lora_A"]),
+    ("two-names", ["two lora_magnitude_vector"]),
+    ("bias", ["lora_bias", "DoRA"]),
+    ("zero-row", ["a row of W + s·ΔW is all zeros"]),
+])
+def test_dora_files_that_disagree_are_refused(cli, tmp_path, case, fragments):
+    base = torch.randn(4, 3)
+    tensors, config = {}, {}
+    if case == "no-dora":
+        config["use_dora"] = False
+    elif case == "no-factors":
+        tensors[f"{PREFIX}other.lora_magnitude_vector"] = torch.ones(4)
+    elif case == "two-names":
+        tensors[f"{PREFIX}lin.lora_magnitude_vector.default.weight"] = torch.ones(4)
+    elif case == "bias":
+        tensors[f"{PREFIX}lin.lora_B.bias"] = torch.ones(4)
+    else:  # W's first row 0 and B's too: nothing to normalise
+        base[0] = 0
+        tensors[f"{PREFIX}lin.lora_B.weight"] = torch.cat([torch.zeros(1, 2), torch.ones(3, 2)])
+    save_file({"lin.weight": base, "lin.bias": torch.zeros(4)}, str(tmp_path / "base.safetensors"))
+    adapter = dora_folder(tmp_path / "dora", tensors, **config)
+    result = cli("merge", tmp_path / "base.safetensors", "--lora", adapter, "-o", tmp_path / "out.safetensors")
+    assert_one_error_line(result, *fragments)
+    assert not (tmp_path / "out.safetensors").exists()
