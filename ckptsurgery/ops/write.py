@@ -265,26 +265,13 @@ def _write_dcp(source: "_Source", tensors: dict[str, TensorRef], options: WriteO
         return replace(report, needs_force=_needs_force([output], options))
     share = sum(writer.nbytes(i) for i in mine)
     tick = options.progress(share, _label(ranks, output)) if options.progress else None
-    with StagedOutputs() as outputs:
-        folder = outputs.stage_folder(output) if leader else None
-        if ranks:
-            folder = ranks.step("checked", folder)[0]
+
+    def fill(folder: str) -> dict:
         tasks = [lambda advance, i=i: writer.write_file(folder, i, advance) for i in mine]
-        try:
-            places = _merged(_run_concurrently(tasks, jobs, tick))
-        except Exception as e:
-            if ranks:  # the folder is rank 0's and shared: every rank stops writing into it before it goes
-                with suppress(CkptError):
-                    ranks.finish(e)
-            raise
-        if ranks:
-            places = _merged(ranks.step("written", places))
-        if leader:
-            writer.write_metadata(folder, places)  # last: the folder is whole only with it
-        if ranks:
-            if leader:
-                outputs.commit()
-            ranks.step("committed")
+        return _merged(_run_concurrently(tasks, jobs, tick))
+
+    # .metadata last: the folder is whole only with it
+    _fill_staged_folder(output, ranks, fill, last=lambda folder, places: writer.write_metadata(folder, _merged(places)))
     return report
 
 
@@ -309,29 +296,31 @@ class FolderOutput:
         return lambda path: os.path.join(staged, os.path.relpath(path, self.path))
 
 
-def _in_staged_folder(folder: FolderOutput, ranks: Ranks | None, write_all: Callable[..., None]) -> None:
-    """Stage `folder` whole — under torchrun rank 0 stages it and hands its temporary name to the
-    others at `checked` — have every rank write its files into it (`write_all(outputs, where)`)
-    and rank 0 the other files, then rename it into place, after `written` under torchrun."""
+def _fill_staged_folder(path: str, ranks: Ranks | None, fill: Callable[[str], Any],
+                        last: Callable[[str, list], None] | None = None) -> None:
+    """Stage the folder `path` whole — under torchrun rank 0 stages it and hands its temporary
+    name to the others at `checked` — and have every rank `fill(staged)` it; rank 0 then runs
+    `last(staged, [each rank's result])`, and renames the folder into place (after `written`
+    under torchrun). A rank that fails tells the others first: the folder is rank 0's and
+    shared, and every rank stops writing into it before it goes."""
     leader = ranks is None or ranks.leader
-    with StagedOutputs() as outer:
-        staged = outer.stage_folder(folder.path) if leader else None
+    with StagedOutputs() as outputs:
+        staged = outputs.stage_folder(path) if leader else None
         if ranks:
             staged = ranks.step("checked", staged)[0]
         try:
-            with StagedOutputs() as outputs:  # renamed into the staged folder, still out of sight
-                write_all(outputs, folder.inside(staged))
-                if leader:
-                    folder.write_files(staged)
+            result = fill(staged)
         except Exception as e:
-            if ranks:  # the folder is rank 0's and shared: every rank stops writing into it before it goes
+            if ranks:
                 with suppress(CkptError):
                     ranks.finish(e)
             raise
+        results = ranks.step("written", result) if ranks else [result]
+        if leader and last is not None:
+            last(staged, results)
         if ranks:
-            ranks.step("written")
             if leader:
-                outer.commit()
+                outputs.commit()
             ranks.step("committed")
 
 
@@ -509,8 +498,14 @@ def _write_files(source: _Source, plan: _FilePlan, options: WriteOptions, cast: 
             with outputs.stage(where(plan.index)) as f:
                 f.write(plan.index_body())
 
-    if folder is not None:
-        _in_staged_folder(folder, ranks, write_all)
+    if folder is not None:  # the folder staged whole; its files renamed into it, still out of sight
+        def fill(staged: str) -> None:
+            with StagedOutputs() as inside:
+                write_all(inside, folder.inside(staged))
+                if leader:
+                    folder.write_files(staged)
+
+        _fill_staged_folder(folder.path, ranks, fill)
         return
     with StagedOutputs(remove=removed if leader else []) as outputs:
         if ranks:
