@@ -18,19 +18,23 @@ import typer
 from ckptsurgery.cli import app
 from ckptsurgery.cli.help import HelpCommand, Piece, wrap
 
-COMMANDS = ("", "inspect", "filter", "drop", "rename", "merge", "extract-lora", "convert", "diff")
+LORA = ("lora fold", "lora extract", "lora merge", "lora resize", "lora convert")
+COMMANDS = ("", "inspect", "filter", "drop", "rename", "merge", "extract-lora", "lora", *LORA, "convert", "diff")
+LEAVES = tuple(c for c in COMMANDS[1:] if c != "lora")  # commands, not groups of them
 WIDTHS = (60, 80, 120)
 
 
 def click_command(name: str):
-    group = typer.main.get_command(app)
-    return group if not name else group.get_command(None, name)
+    command = typer.main.get_command(app)
+    for word in name.split():  # "lora merge": the group's command
+        command = command.get_command(None, word)
+    return command
 
 
 def help_at(cli, monkeypatch, command: str, width: int) -> str:
     monkeypatch.setenv("COLUMNS", str(width))
     monkeypatch.delenv("TERMINAL_WIDTH", raising=False)
-    result = cli(*filter(None, [command]), "--help")
+    result = cli(*command.split(), "--help")
     assert result.code == 0 and "Usage:" in result.out, result
     return result.out
 
@@ -84,7 +88,13 @@ USAGE = {"": "ckptsurgery [OPTIONS] COMMAND [ARGS]...", "inspect": "ckptsurgery 
          "filter": "ckptsurgery filter [OPTIONS] INPUT", "drop": "ckptsurgery drop [OPTIONS] INPUT PATTERN...",
          "rename": "ckptsurgery rename [OPTIONS] INPUT", "merge": "ckptsurgery merge [OPTIONS] [SOURCE...]",
          "extract-lora": "ckptsurgery extract-lora [OPTIONS] BASE TUNED",
-         "convert": "ckptsurgery convert [OPTIONS] INPUT", "diff": "ckptsurgery diff [OPTIONS] A B"}
+         "convert": "ckptsurgery convert [OPTIONS] INPUT", "diff": "ckptsurgery diff [OPTIONS] A B",
+         "lora": "ckptsurgery lora [OPTIONS] COMMAND [ARGS]...",
+         "lora fold": "ckptsurgery lora fold [OPTIONS] BASE ADAPTER...",
+         "lora extract": "ckptsurgery lora extract [OPTIONS] BASE TUNED",
+         "lora merge": "ckptsurgery lora merge [OPTIONS] ADAPTER...",
+         "lora resize": "ckptsurgery lora resize [OPTIONS] ADAPTER",
+         "lora convert": "ckptsurgery lora convert [OPTIONS] ADAPTER"}
 
 
 @pytest.mark.parametrize("width", WIDTHS)
@@ -164,7 +174,7 @@ def test_types_defaults_and_required_are_shown(cli, monkeypatch, width):
 
 
 @pytest.mark.parametrize("width", [40, 60])
-@pytest.mark.parametrize("command", COMMANDS[1:])
+@pytest.mark.parametrize("command", LEAVES)
 def test_examples_too_long_for_the_terminal_go_on_with_a_backslash_and_still_parse(cli, monkeypatch, command, width):
     text = help_at(cli, monkeypatch, command, width)
     tail = text[text.index("\n Examples:\n") :].splitlines()[2:]
@@ -174,10 +184,10 @@ def test_examples_too_long_for_the_terminal_go_on_with_a_backslash_and_still_par
                 for block in "\n".join(tail).strip().split("\n\n")]
     assert 2 <= len(examples) <= 3 and all(e.startswith(f"ckptsurgery {command} ") for e in examples), examples
     assert any(line.endswith(" \\") for line in tail)  # at these widths some example did not fit on a line
-    group = click_command("")
+    named = len(command.split())
     for example in examples:
         words = shlex.split(example.split(" |")[0].split(" ||")[0])
-        with group.get_command(None, words[1]).make_context(words[1], words[2:]) as ctx:
+        with click_command(command).make_context(command, words[1 + named:]) as ctx:
             assert ctx.params
 
 
@@ -196,7 +206,7 @@ def test_a_commands_class_must_derive_from_the_help_command():
     from ckptsurgery.cli.common import command_app
 
     assert issubclass(type(click_command("rename")), HelpCommand)  # rename's own class, which takes rules in order
-    assert all(isinstance(click_command(name), HelpCommand) for name in COMMANDS[1:])
+    assert all(isinstance(click_command(name), HelpCommand) for name in LEAVES)
     with pytest.raises(TypeError, match="HelpCommand"):
         command_app().command(cls=TyperCommand)
 

@@ -45,7 +45,7 @@ def _usage(error) -> None:
 # operations it needs) is imported only when that command runs: start-up is most of what a command
 # on a small file costs, and `merge` alone (its methods, their options) is a fifth of the imports.
 COMMANDS = {"inspect": "inspect", "filter": "filter", "drop": "drop", "rename": "rename", "merge": "merge",
-            "extract-lora": "extract_lora", "convert": "convert", "diff": "diff"}
+            "extract-lora": "extract_lora", "lora": "lora", "convert": "convert", "diff": "diff"}
 
 
 @functools.cache

@@ -38,6 +38,15 @@ def command_app() -> typer.Typer:
     return CommandApp(add_completion=False, pretty_exceptions_enable=False)
 
 
+def command_group(name: str, help: str) -> typer.Typer:
+    """The Typer of a group of commands (`lora fold`, `lora merge`, ...): one module, registered
+    in cli/__init__'s COMMANDS under `name` as a single command is."""
+    from .help import CommandApp, HelpGroup
+
+    return CommandApp(cls=HelpGroup, name=name, help=help, no_args_is_help=True, add_completion=False,
+                      pretty_exceptions_enable=False)
+
+
 def examples(*commands: str) -> str:
     """The end of a command's --help: two or three real command lines."""
     return "Examples:\n\n" + "\n\n".join(commands)

@@ -42,17 +42,23 @@ def extract_lora(
     out: OutputOptions,
 ) -> None:
     """Write a PEFT LoRA adapter that turns BASE into (approximately) TUNED: a truncated SVD of the difference of every 2-D and conv weight."""
-    json, quiet, dry_run = out.json, out.quiet, out.dry_run
     with out.writing(ranks=False) as write:
         report = ops.extract_lora(base, tuned, write, rank=rank, embeddings=embeddings,
                                   fan_in_fan_out=fan_in_fan_out, root=root)
+    show(report, out)
+
+
+def show(report: ops.ExtractReport, out: OutputOptions) -> None:
+    """The report as --json, or a summary (on stdout for --dry-run) and the modules' table."""
+    json, quiet, dry_run = out.json, out.quiet, out.dry_run
     if json:
         print_json(report.to_json())
         return
     verb = "would write" if dry_run else "wrote"
     extracted = report.extracted
     worst = max((p.error for p in extracted if p.error is not None), default=None)
-    lines = [f"{verb} {printable(report.output)}: {len(extracted)} LoRA module(s), rank {report.rank}"
+    rank = f"ranks by energy {report.energy:g}" if report.energy is not None else f"rank {report.rank}"
+    lines = [f"{verb} {printable(report.output)}: {len(extracted)} LoRA module(s), {rank}"
              + (f", largest relative error {worst:.3g}" if worst is not None else ""),
              *([listing("not extracted", [f"{n['name']} ({n['reason']})" for n in report.not_extracted])]
                if report.not_extracted else [])]

@@ -74,6 +74,16 @@ class CommandApp(typer.Typer):
         return super().command(*args, cls=cls or HelpCommand, **kwargs)
 
 
+class HelpGroup(TyperGroup):
+    """A group of commands (`lora`) whose --help, and its commands', are laid out here."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [*usage_pieces(self, ctx), self.subcommand_metavar]
+
+    def format_help(self, ctx, formatter) -> None:
+        show_help(self, ctx)
+
+
 def usage_pieces(command, ctx) -> list[str]:
     """[OPTIONS] and the arguments: INPUT, [INPUT] when optional, INPUT... for several."""
     pieces = [command.options_metavar] if command.options_metavar else []

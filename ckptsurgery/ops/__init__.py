@@ -19,6 +19,9 @@ from importlib import import_module
 # exported name -> the module that defines it
 _EXPORTS = {
     "extract_lora": ".adapters",
+    "convert_adapter": ".adapters.convert",
+    "merge_adapters": ".adapters.combine",
+    "resize_adapter": ".adapters.resize",
     "convert_checkpoint": ".convert",
     "diff_checkpoints": ".diff",
     **dict.fromkeys(("drop_keys", "filter_keys", "rename_keys"), ".edit"),
@@ -31,7 +34,7 @@ _EXPORTS = {
     "merge_with_method": ".merge.by_method",
     **dict.fromkeys(("ProgressFactory", "WriteOptions"), ".options"),
     **dict.fromkeys(("DiffReport", "DropReport", "ExtractReport", "FilterReport", "FoldReport", "InspectReport",
-                     "IntoReport", "MergeReport", "MethodReport", "RecipeReport", "RenameReport", "Report",
+                     "IntoReport", "LoraConvertReport", "LoraMergeReport", "LoraResizeReport", "MergeReport", "MethodReport", "RecipeReport", "RenameReport", "Report",
                      "UnionReport", "WriteReport"), ".reports"),
     "write_checkpoint": ".write",
 }

@@ -267,6 +267,8 @@ class ExtractReport(Report):
     files: list[str] = entry("adapter_config.json and adapter_model.safetensors in it.")
     dry_run: bool = entry("Whether nothing was written.")
     rank: int = entry("The default rank (`lora_alpha` too).")
+    energy: float | None = entry("`lora extract --energy E`: each module's rank is the smallest keeping that share "
+                                 "of its ΔW's squared singular values.", omit_if_none=True)
     rank_patterns: dict[str, int] = entry("`--rank PATTERN=R` entries.")
     embeddings: bool = entry("`--embeddings`.")
     fan_in_fan_out: list[str] = entry("`--fan-in-fan-out` patterns.")
@@ -282,6 +284,73 @@ class ExtractReport(Report):
     metadata: dict[str, str] = entry("The adapter file's metadata.")
     needs_force: list[str] | None = entry("`--dry-run` without `--force`: the folder already there, which the real "
                                           "run would refuse to replace without `--force`.", omit_if_none=True)
+
+
+# ---- lora: LoRA to LoRA ------------------------------------------------------------------------
+
+@_report
+class LoraModule(Report):
+    """One module `lora merge` or `lora resize` wrote."""
+
+    name: str = entry("The module as the adapters name it (PEFT: its dotted name; kohya: `lora_unet_…`).")
+    kind: str = entry("`linear`, `linear-t` (stored [in, out]), `conv` or `embedding`.")
+    shape: list[int] = entry("The shape of B·A: `[out, in]`, `[out, in·k…]` for a conv.")
+    ranks: list[int] = entry("Its rank in each input adapter, in order (`lora merge`: 0 for an adapter that does not "
+                             "adapt it).")
+    rank: int = entry("The rank written.")
+    alpha: float = entry("The alpha written (its scale is alpha/rank).")
+    error: float = entry("Relative Frobenius error of the module written against what was asked — `lora merge`: "
+                         "Σ wᵢ·ΔWᵢ (`cat`: 0, exact), `lora resize`: the adapter's own ΔW — which is √(Σ dropped "
+                         "s²)/√(Σ s²) of its singular values.")
+
+
+@_report
+class LoraReport(Report):
+    """What every `lora` command that writes an adapter reports first."""
+
+    output: str = entry("The output as given: a folder (PEFT) or a .safetensors file (kohya).")
+    format: str = entry("The output's adapter format: `peft` or `kohya`.")
+    files: list[str] = entry("The files written (PEFT: adapter_config.json and adapter_model.safetensors).")
+    dry_run: bool = entry("Whether nothing was written.")
+    metadata: dict[str, str] = entry("The metadata of the adapter's .safetensors file (`--metadata`; none of the "
+                                     "inputs').")
+    needs_force: list[str] | None = entry("`--dry-run` without `--force`: the output already there, which the real "
+                                          "run would refuse to replace without `--force`.", omit_if_none=True)
+
+
+@_report
+class LoraMergeReport(LoraReport):
+    """`lora merge ADAPTER... --combine cat|svd`: one adapter of several."""
+
+    adapters: list[str] = entry("The adapters as given, in order.")
+    weights: list[float] = entry("Their weights wᵢ (`--weights`; 1 each by default).")
+    combine: str = entry("`cat` (exact: the factors side by side, rank Σ rᵢ) or `svd` (the best rank-R approximation "
+                         "of Σ wᵢ·ΔWᵢ per module).")
+    rank: int | None = entry("`svd`: the rank asked for (`--rank`; by default the largest rank of the inputs), each "
+                             "module's at most its ΔW's; `null` for `cat`.")
+    modules: list[LoraModule] = entry("Per module, in order of first appearance.")
+
+
+@_report
+class LoraResizeReport(LoraReport):
+    """`lora resize ADAPTER (--rank R | --energy E)`."""
+
+    adapter: str = entry("The adapter as given.")
+    rank: int | None = entry("`--rank`: each module's new rank, at most its old one.", omit_if_none=True)
+    energy: float | None = entry("`--energy`: each module keeps the smallest rank whose squared singular values reach "
+                                 "this share of its ΔW's.", omit_if_none=True)
+    modules: list[LoraModule] = entry("Per module: its old rank (`ranks`), new rank, alpha (the scale kept) and error.")
+
+
+@_report
+class LoraConvertReport(LoraReport):
+    """`lora convert ADAPTER --to peft|kohya`."""
+
+    adapter: str = entry("The adapter as given.")
+    source_format: str = entry("Its format: `peft` or `kohya`.")
+    base: str | None = entry("BASE as given (`--base`): the module names were resolved against its keys.",
+                             omit_if_none=True)
+    names: dict[str, str] = entry("Each module as the input names it -> as the output names it.")
 
 
 # ---- reading -----------------------------------------------------------------------------------
@@ -365,10 +434,11 @@ class DiffReport(Report):
 REPORTS: tuple[tuple[str, type[Report]], ...] = (
     ("inspect", InspectReport), ("convert", WriteReport), ("filter", FilterReport), ("drop", DropReport),
     ("rename", RenameReport), ("merge (plain union)", UnionReport), ("merge --into", IntoReport),
-    ("merge --method / --average", MethodReport), ("merge --config", RecipeReport), ("merge --lora", FoldReport),
-    ("extract-lora", ExtractReport), ("diff", DiffReport),
+    ("merge --method / --average", MethodReport), ("merge --config", RecipeReport), ("merge --lora, lora fold", FoldReport),
+    ("extract-lora, lora extract", ExtractReport), ("lora merge", LoraMergeReport), ("lora resize", LoraResizeReport),
+    ("lora convert", LoraConvertReport), ("diff", DiffReport),
 )
-NESTED: tuple[type[Report], ...] = (AdapterFolded, Extracted)
+NESTED: tuple[type[Report], ...] = (AdapterFolded, Extracted, LoraReport, LoraModule)
 
 
 def schema_markdown() -> str:

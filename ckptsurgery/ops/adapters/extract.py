@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -18,6 +19,7 @@ from ...io.model import computed_tensor
 from ..options import WriteOptions, check_write_options
 from ..reports import ExtractReport, Extracted
 from .kinds import TRANSPOSED, Layout
+from .lowrank import check_rank, energy_rank
 from .output import Written, check_folder, peft_config, write_peft
 from .peft import PEFT_CONFIG, PEFT_WEIGHTS
 
@@ -103,11 +105,13 @@ class _Survey:
     unchanged: int = 0
 
 
-def extract_lora(base: str, tuned: str, write: WriteOptions, *, rank: list[str] | int = 8, embeddings: bool = False,
-                 fan_in_fan_out: list[str] | None = None, root: str | None = None) -> ExtractReport:
+def extract_lora(base: str, tuned: str, write: WriteOptions, *, rank: list[str] | int | None = None,
+                 energy: float | None = None, embeddings: bool = False, fan_in_fan_out: list[str] | None = None,
+                 root: str | None = None) -> ExtractReport:
     """A PEFT adapter folder at `write.output` (adapter_config.json + adapter_model.safetensors)
     whose fold into BASE approximates TUNED: a truncated SVD of TUNED − BASE per 2-D (linear) and
-    conv weight, and per embedding with `embeddings`. `rank`: R, or a list of R and PATTERN=R.
+    conv weight, and per embedding with `embeddings`. `rank`: R, or a list of R and PATTERN=R
+    (default 8); or `energy` E: per weight the smallest rank keeping E of its squared singular values.
     `fan_in_fan_out`: patterns of the 2-D weights stored [in, out], as transformers' Conv1D stores
     them (GPT-2's c_attn, c_proj, c_fc) — a state dict does not record a module's class. Written
     whole or not at all (a staged folder). `write.metadata`: entries of adapter_model.safetensors'
@@ -118,7 +122,7 @@ def extract_lora(base: str, tuned: str, write: WriteOptions, *, rank: list[str] 
     write.refuse(*NOT_FOR_ADAPTERS, why="cannot be used with an adapter folder (extract-lora writes "
                                         "adapter_config.json and one adapter_model.safetensors, with no metadata "
                                         "of BASE's or TUNED's)")
-    default, patterns = parse_ranks(rank)
+    default, patterns = _ranks(rank, energy)
     metadata = core.check_metadata(_entries(write.metadata), "metadata")
     transposed = [core.compile_pattern(p) for p in fan_in_fan_out or []]
     check_folder(write.output, write.force or write.dry_run)  # a dry run says it would need --force
@@ -127,6 +131,9 @@ def extract_lora(base: str, tuned: str, write: WriteOptions, *, rank: list[str] 
             core.select(b.tensors, [pattern])  # a pattern selecting nothing is a typo: said loudly
         settings = _Settings(default, [(core.compile_pattern(p), r) for p, r in patterns], transposed, embeddings)
         survey = _survey(b, t, settings)
+        if energy is not None:
+            _energy_ranks(b, t, survey.plan, energy)
+            default = Counter(p.rank for p in survey.plan).most_common(1)[0][0] if survey.plan else 1
         if not survey.plan and not write.dry_run:
             raise CkptError(f"{tuned}: no 2-D or conv weight differs from {base}; nothing to extract"
                             + (f" (not extracted: {', '.join(n['name'] for n in survey.not_extracted[:8])})"
@@ -136,7 +143,7 @@ def extract_lora(base: str, tuned: str, write: WriteOptions, *, rank: list[str] 
         return ExtractReport(
             base=base, tuned=tuned, output=write.output,
             files=[os.path.join(write.output, PEFT_CONFIG), os.path.join(write.output, PEFT_WEIGHTS[0])],
-            dry_run=write.dry_run, rank=default, rank_patterns=dict(patterns), embeddings=embeddings,
+            dry_run=write.dry_run, rank=default, energy=energy, rank_patterns=dict(patterns), embeddings=embeddings,
             fan_in_fan_out=list(fan_in_fan_out or []),
             extracted=[Extracted(name=p.name, key=p.key, kind=p.kind.value, shape=p.shape, rank=p.rank,
                                  requested_rank=p.requested_rank, clamped=p.clamped, error=errors.get(p.key))
@@ -148,6 +155,17 @@ def extract_lora(base: str, tuned: str, write: WriteOptions, *, rank: list[str] 
             needs_force=[write.output] if write.dry_run and not write.force and os.path.lexists(write.output)
             else None,
         )
+
+
+def _ranks(rank: list[str] | int | None, energy: float | None) -> tuple[int, list[tuple[str, int]]]:
+    """(default rank, [(PATTERN, R)]) of --rank (8 when not given); with --energy (0: each
+    weight's whole rank, until _energy_ranks chooses it) no --rank."""
+    if energy is None:
+        return parse_ranks(8 if rank is None else rank)
+    check_rank(None, energy)
+    if rank is not None:
+        raise UsageError("--rank and --energy are two ways of choosing the rank: give one")
+    return 0, []
 
 
 def _entries(metadata: Mapping[str, str] | None) -> dict:
@@ -203,11 +221,11 @@ def _survey_group(b: Checkpoint, t: Checkpoint, group: list[str], settings: _Set
         survey.not_extracted.append({"name": key, "reason": kind})
         return
     _check_stored(key, tb, tt)
-    want = settings.default
+    rows, cols = (tb.shape[1], tb.shape[0]) if kind in TRANSPOSED else (tb.shape[0], math.prod(tb.shape[1:]))
+    want = settings.default or min(rows, cols)  # 0: --energy, which chooses within the whole rank
     for match, r in settings.matchers:
         if match(key):
             want = r
-    rows, cols = (tb.shape[1], tb.shape[0]) if kind in TRANSPOSED else (tb.shape[0], math.prod(tb.shape[1:]))
     survey.plan.append(_Planned(name=key[: -len(".weight")], key=key, kind=kind, shape=list(tb.shape),
                                 rank=min(want, rows, cols), requested_rank=want, clamped=want > min(rows, cols)))
 
@@ -300,6 +318,30 @@ def _write_adapter(b: Checkpoint, t: Checkpoint, plan: list[_Planned], r: int, w
     return svd.errors
 
 
+def _difference(base: Checkpoint, tuned: Checkpoint, p: _Planned):
+    """TUNED − BASE of one planned weight, as the matrix its LoRA factors (ΔWᵀ for TRANSPOSED)."""
+    import torch
+
+    from ...io.tensors import as_torch
+
+    tb, tt = base.tensors[p.key], tuned.tensors[p.key]
+    wide = torch.float64 if tb.dtype.name == tt.dtype.name == "float64" else torch.float32
+    d = as_torch(tt).to(wide) - as_torch(tb).to(wide)
+    if not bool(torch.isfinite(d).all()):
+        raise CkptError(f"{p.key}: TUNED − BASE holds NaN or infinite values; cannot extract a LoRA")
+    return d.T if p.kind in TRANSPOSED else d.reshape(d.shape[0], -1)
+
+
+def _energy_ranks(base: Checkpoint, tuned: Checkpoint, plan: list[_Planned], energy: float) -> None:
+    """--energy E: each planned weight's rank, the smallest keeping E of its ΔW's squared singular
+    values (a pass of singular values alone, before the SVDs the factors are made of)."""
+    import torch
+
+    for p in plan:
+        s = _interruptible(torch.linalg.svdvals, _difference(base, tuned, p))
+        p.rank = p.requested_rank = energy_rank(s, energy)
+
+
 class _SvdCache:
     """One SVD per weight, made when its A is written and kept until its B is; the relative
     error of each weight's rank-r approximation in `errors` (key -> error)."""
@@ -312,17 +354,10 @@ class _SvdCache:
     def factors(self, p: _Planned):
         import torch
 
-        from ...io.tensors import as_torch
-
         if p.key in self.done:
             return self.done[p.key]
         tb, tt = self.base.tensors[p.key], self.tuned.tensors[p.key]
-        wide = torch.float64 if tb.dtype.name == tt.dtype.name == "float64" else torch.float32
-        d = as_torch(tt).to(wide) - as_torch(tb).to(wide)
-        if not bool(torch.isfinite(d).all()):
-            raise CkptError(f"{p.key}: TUNED − BASE holds NaN or infinite values; cannot extract a LoRA")
-        matrix = d.T if p.kind in TRANSPOSED else d.reshape(d.shape[0], -1)
-        u, s, vh = _interruptible(torch.linalg.svd, matrix, full_matrices=False)
+        u, s, vh = _interruptible(torch.linalg.svd, _difference(self.base, self.tuned, p), full_matrices=False)
         k = p.rank
         top = float(s[0]) if s.numel() else 0.0  # relative to the largest: s² cannot overflow
         share = (s.double() / top) ** 2 if top > 0 else s.double()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from ...errors import CkptError
 from ...io import TensorRef
 from ..options import WriteOptions
+from ..reports import WriteReport
 from ..write import write_checkpoint
 from .kinds import Layout
 from .patterns import Budget, PatternKeys
@@ -134,12 +135,11 @@ def _float32(value: float) -> bytes:
     return struct.pack("<f", value)
 
 
-def write_kohya(modules: list[Written], write: WriteOptions, metadata: dict[str, str]) -> list[str]:
+def write_kohya(modules: list[Written], write: WriteOptions, metadata: dict[str, str]) -> WriteReport:
     """The kohya .safetensors file at `write.output` (written whole or not at all)."""
     if not write.output.endswith(".safetensors"):
         raise CkptError(f"{write.output}: a kohya adapter is one .safetensors file; name the output so")
-    report = write_checkpoint(kohya_tensors(modules), replace(write, metadata=metadata), source=None)
-    return report.files
+    return write_checkpoint(kohya_tensors(modules), replace(write, metadata=metadata), source=None)
 
 
 def check_folder(output: str, force: bool) -> None:
