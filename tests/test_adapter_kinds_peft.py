@@ -94,14 +94,15 @@ def test_dora_folds_as_peft_merges_and_runs_as_peft_forward(cli, tmp_path, monke
     model, base_sd = trained(LoraConfig(r=2, lora_alpha=3, target_modules=TARGETS, use_dora=True))
     model.save_pretrained(str(tmp_path / "dora"))
     saved = load_file(tmp_path / "dora" / "adapter_model.safetensors")
-    assert {k.removeprefix(PREFIX) for k in saved if "magnitude" in k} == {f"{t}.lora_magnitude_vector" for t in TARGETS}
+    magnitudes = {k.removeprefix(PREFIX) for k in saved if "magnitude" in k}
+    assert magnitudes == {f"{t}.lora_magnitude_vector" for t in TARGETS}
     with torch.no_grad():
         forward = model(*inputs())
         merged = {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
     got, doc = fold(cli, tmp_path, base_sd, tmp_path / "dora")
     assert_equal_within(got, merged)
     assert doc["adapters"][0]["kinds"] == {"dora": len(TARGETS)} and doc["folded"] == len(TARGETS)
-    summary = cli("merge", tmp_path / "base.safetensors", "--lora", tmp_path / "dora", "-o", tmp_path / "o2.safetensors")
+    summary = cli("merge", tmp_path / "base.safetensors", "--lora", tmp_path / "dora", "-o", tmp_path / "2.safetensors")
     assert "(peft, 6 dora, scale 1, 6 weights)" in summary.err
     # peft's merge agrees with its own forward here (one adapter); ours too
     net = Net()
@@ -223,3 +224,144 @@ def test_dora_files_that_disagree_are_refused(cli, tmp_path, case, fragments):
     result = cli("merge", tmp_path / "base.safetensors", "--lora", adapter, "-o", tmp_path / "out.safetensors")
     assert_one_error_line(result, *fragments)
     assert not (tmp_path / "out.safetensors").exists()
+
+
+# ---- IA3 -------------------------------------------------------------------------------------
+
+class IaNet(nn.Module):
+    """What peft's IA3 adapts — nn.Linear, transformers' Conv1D, Conv2d (a grouped one too) and
+    Conv3d — each as an output module (the vector scales W's outputs and the bias) and as a
+    feed-forward one (its inputs); two square linear weights, whose shape cannot tell."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+        self.ff = nn.Linear(5, 7)
+        self.sq = nn.Linear(7, 7)
+        self.sqff = nn.Linear(7, 7, bias=False)
+        self.gpt = Conv1D(4, 7)  # weight [7, 4]
+        self.gptff = Conv1D(3, 4)  # weight [4, 3]
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.convff = nn.Conv2d(4, 6, 3, groups=2)
+        self.conv3 = nn.Conv3d(2, 3, 1)
+        for conv1d in (self.gpt, self.gptff):  # Conv1D starts its bias at zero: a scaled one would not show
+            nn.init.normal_(conv1d.bias)
+
+    def forward(self, x, image, volume):
+        y = self.gptff(self.gpt(self.sqff(self.sq(self.ff(self.lin(x))))))
+        return y, self.convff(self.conv(image)), self.conv3(volume)
+
+
+IA3_TARGETS = ["lin", "ff", "sq", "sqff", "gpt", "gptff", "conv", "convff", "conv3"]
+
+
+def ia3_inputs():
+    g = torch.Generator().manual_seed(4)
+    return torch.randn(2, 6, generator=g), torch.randn(2, 3, 7, 7, generator=g), torch.randn(2, 2, 3, 3, 3, generator=g)
+
+
+def ia3_trained(feedforward, seed=1, targets=IA3_TARGETS):
+    from peft import IA3Config
+
+    torch.manual_seed(0)
+    base = IaNet()
+    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, IA3Config(target_modules=targets, feedforward_modules=feedforward))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    return model.eval(), base_sd
+
+
+# peft's rule for a list is a plain `endswith`: "ff" names sqff, gptff and convff too
+@pytest.mark.parametrize("feedforward", [["ff", "conv3"], "(ff|gptff|conv3)"])
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_ia3_folds_as_peft_merges_and_runs_as_peft_forward(cli, tmp_path, monkeypatch, feedforward, chunk):
+    if chunk:
+        monkeypatch.setattr("ckptsurgery.ops.adapters.fold.CHUNK", chunk)
+    model, base_sd = ia3_trained(feedforward)
+    model.save_pretrained(str(tmp_path / "ia3"))
+    saved = load_file(tmp_path / "ia3" / "adapter_model.safetensors")
+    assert sorted(saved) == sorted(f"{PREFIX}{t}.ia3_l" for t in IA3_TARGETS)
+    with torch.no_grad():
+        forward = model(*ia3_inputs())
+        merged = {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
+    got, doc = fold(cli, tmp_path, base_sd, tmp_path / "ia3")
+    assert_equal_within(got, merged)
+    # an output module's bias is scaled too, a feed-forward one's not
+    outputs = {"lin", "sq", "gpt", "conv"} | ({"sqff", "convff"} if isinstance(feedforward, str) else set())
+    changed = {k for k in base_sd if not torch.equal(got[k], base_sd[k])}
+    assert changed == {f"{t}.weight" for t in IA3_TARGETS} | {f"{t}.bias" for t in outputs if f"{t}.bias" in base_sd}
+    assert doc["adapters"][0]["kinds"] == {"ia3": len(IA3_TARGETS)}
+    net = IaNet()
+    net.load_state_dict(got)
+    with torch.no_grad():
+        for ours, theirs in zip(net(*ia3_inputs()), forward):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_and_ia3_adapters_fold_in_order(cli, tmp_path):
+    """A LoRA, then an IA3 on the same weights: (W + ΔW) ⊙ l — as two runs."""
+    from peft import LoraConfig as Lora
+
+    torch.manual_seed(0)
+    lora = get_peft_model(IaNet(), Lora(r=2, lora_alpha=2, target_modules=["lin", "gpt"], init_lora_weights=False))
+    lora.save_pretrained(str(tmp_path / "lora"))
+    ia3, base_sd = ia3_trained(["ff"], targets=["lin", "ff", "gpt"])
+    ia3.save_pretrained(str(tmp_path / "ia3"))
+    both, doc = fold(cli, tmp_path, base_sd, tmp_path / "lora", tmp_path / "ia3")
+    assert [a["kinds"] for a in doc["adapters"]] == [{"lora": 2}, {"ia3": 3}]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    first, _ = fold(cli, tmp_path / "one", base_sd, tmp_path / "lora")
+    second, _ = fold(cli, tmp_path / "two", first, tmp_path / "ia3")
+    assert_equal_within(both, second)
+
+
+# ---- IA3: hostile adapters -----------------------------------------------------------------------
+
+def ia3_folder(folder, vector, **config):
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {"peft_type": "IA3", "target_modules": ["lin"], "feedforward_modules": [], **config}
+    (folder / "adapter_config.json").write_text(json.dumps(doc))
+    tensors = vector if isinstance(vector, dict) else {f"{PREFIX}lin.ia3_l": vector}
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("vector, config, fragments", [
+    (torch.ones(1, 4), {}, ["ia3_l [1, 4]", "one floating value per output of the layer, shaped [4, 1]"]),
+    (torch.ones(4, 1), {"feedforward_modules": ["lin"]}, ["ia3_l [4, 1]", "per input", "shaped [1, 4]"]),
+    (torch.ones(5, 1), {}, ["ia3_l [5, 1]"]),
+    (torch.tensor([[1.0], [float("nan")], [1.0], [1.0]]), {}, ["NaN or infinite"]),
+    (torch.ones(4, 1, dtype=torch.int64), {}, ["int64"]),
+    (torch.ones(4, 1), {"feedforward_modules": None}, ["feedforward_modules", "write it in"]),
+    (torch.ones(4, 1), {"feedforward_modules": "(a+)+b"}, ["feedforward_modules", "not run"]),
+    ({f"{PREFIX}lin.ia3_l": torch.ones(4, 1), f"{PREFIX}lin.lora_A.weight": torch.ones(2, 3)}, {},
+     ["lin.lora_A.weight: not a weight of an IA3 adapter"]),
+    ({f"{PREFIX}lin.ia3_l": torch.ones(4, 1), f"{PREFIX}lin.ia3_l.default": torch.ones(4, 1)}, {},
+     ["two ia3_l"]),
+])
+def test_ia3_vectors_that_do_not_fit_are_refused(cli, tmp_path, vector, config, fragments):
+    save_file({"lin.weight": torch.randn(4, 3), "lin.bias": torch.zeros(4)}, str(tmp_path / "base.safetensors"))
+    adapter = ia3_folder(tmp_path / "ia3", vector, **config)
+    result = cli("merge", tmp_path / "base.safetensors", "--lora", adapter, "-o", tmp_path / "out.safetensors")
+    assert_one_error_line(result, *fragments)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_ia3_takes_no_scale_and_a_bias_that_does_not_fit_is_refused(cli, tmp_path):
+    adapter = ia3_folder(tmp_path / "ia3", torch.full((4, 1), 2.0))
+    save_file({"lin.weight": torch.ones(4, 3), "lin.bias": torch.zeros(4)}, str(tmp_path / "base.safetensors"))
+    out = tmp_path / "out.safetensors"
+    assert_one_error_line(cli("merge", tmp_path / "base.safetensors", "--lora", adapter, "--lora-scale", "0.5",
+                              "-o", out), "--lora-scale 0.5", "IA3", code=2)
+    save_file({"lin.weight": torch.ones(4, 3), "lin.bias": torch.zeros(2, 2)}, str(tmp_path / "odd.safetensors"))
+    assert_one_error_line(cli("merge", tmp_path / "odd.safetensors", "--lora", adapter, "-o", out),
+                          "lin.bias", "[2, 2]")
+    assert not out.exists()
+    save_file({"lin.weight": torch.ones(4, 3)}, str(tmp_path / "nobias.safetensors"))  # peft: no bias, none scaled
+    assert cli("merge", tmp_path / "nobias.safetensors", "--lora", adapter, "-o", out).code == 0
+    assert torch.equal(load_file(out)["lin.weight"], torch.full((4, 3), 2.0))

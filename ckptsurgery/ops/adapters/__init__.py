@@ -9,6 +9,8 @@ One module per concern:
     read.py      the two tables, FORMATS (adapter formats) and KINDS (adapter kinds), and
                  read_adapter
     kind_lora.py LoRA: W + s·ΔW, ΔW = B·A by layout (linear, linear-t, conv, embedding)
+    kind_dora.py DoRA: m ⊙ (W + s·ΔW)/‖W + s·ΔW‖, the norm per output
+    kind_ia3.py  IA3: W ⊙ l along its outputs (or a feed-forward layer's inputs), the bias too
     peft.py      the PEFT folder format: reader and resolver (extract.py writes it too)
     kohya.py     the kohya .safetensors format: reader and resolver
     patterns.py  pattern safety: the regular expressions of an adapter's config, checked

@@ -21,7 +21,7 @@ from ...io.model import chunked_tensor, mapped_range
 from ..digest import tensor_sha256
 from ..reports import AdapterFolded
 from .kind_lora import delta_rows
-from .kinds import FLAT, Adapter, Layout, Module, Resolver, Step
+from .kinds import Adapter, Layout, Module, Resolver, Step
 from .read import KINDS, resolver
 
 CHUNK = 1 << 18  # elements of a folded tensor made at a time (whole rows): a merge method's chunk,
@@ -74,15 +74,15 @@ def _fold_one(base: Checkpoint, adapter: Adapter, scale: float, owner: dict[str,
     tensors = base.tensors
     resolve = resolver(adapter, list(tensors))
     found, unmatched = _matched(adapter, resolve)
-    square = _square_layouts([(m, tensors[k]) for m, k in found if m.a is not None],
-                             bool(adapter.config.get("fan_in_fan_out")))
+    square = _square_layouts([(m, tensors[k]) for m, k in found], bool(adapter.config.get("fan_in_fan_out")))
     changes = []
     for module, key in found:
         kind = KINDS[module.kind]
         bias_key = key[: -len("weight")] + "bias"
         layout = kind.check(f"{adapter.path}: {module.name}", module, key, tensors[key], tensors.get(bias_key),
                             square.get(module.name))
-        changes += [(key if what == "weight" else bias_key, step) for what, step in kind.steps(module, layout, scale)]
+        changes += [(target, step) for what, step in kind.steps(module, layout, scale, tensors[key])
+                    if (target := key if what == "weight" else bias_key) in tensors]
     folded: set[str] = set()
     for key, step in changes:  # none before every module is checked
         steps.setdefault(owner[key], []).append(step)
@@ -141,31 +141,22 @@ def delta(module: Module, shape: tuple[int, ...], wide, layout: Layout | None = 
     return delta_rows(module, layout or module.layout, 0, shape[0], shape, wide)
 
 
-def _orientation(module: Module, base: TensorRef) -> Layout | None:
-    """linear or linear-t where a 2-D weight's shape tells (it is not square), else None."""
-    a, b = module.a.shape, module.b.shape
-    if module.layout not in FLAT or len(a) != 2 or len(b) != 2 or a[1] == b[0]:
-        return None
-    return {(b[0], a[1]): Layout.LINEAR, (a[1], b[0]): Layout.LINEAR_T}.get(tuple(base.shape))
-
-
 def _square_layouts(modules: list[tuple[Module, TensorRef]], config_says: bool) -> dict[str, Layout]:
     """The layout of each square linear weight, which its shape cannot tell. peft decides by the
     module's class — transformers' Conv1D transposed, nn.Linear not — and rewrites the config's
     fan_in_fan_out as it goes (the saved value is the last module's). So: what the adapter's
-    other weights show (its siblings under the same parent first, then those of the same name,
-    then all of them; see `_evidence`) when they agree; the config where no weight shows
-    anything; nn.Linear's where the nearest evidence disagrees."""
+    other weights show (their kind's `orientation`: its siblings under the same parent first,
+    then those of the same name, then all of them; see `_evidence`) when they agree; the config
+    where no weight shows anything; nn.Linear's where the nearest evidence disagrees."""
     seen: dict[tuple, set[Layout]] = {}
     for module, base in modules:
-        layout = _orientation(module, base)
+        layout = KINDS[module.kind].orientation(module, base)
         if layout:
             for evidence in _evidence(module.name):
                 seen.setdefault(evidence, set()).add(layout)
     out = {}
     for module, base in modules:
-        a, b = module.a.shape, module.b.shape
-        if module.layout not in FLAT or len(a) != 2 or len(b) != 2 or a[1] != b[0]:
+        if len(base.shape) != 2 or base.shape[0] != base.shape[1]:
             continue
         same = next((seen[e] for e in _evidence(module.name) if e in seen), None)
         if not same:

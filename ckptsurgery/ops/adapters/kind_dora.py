@@ -14,11 +14,11 @@ Module.factors["magnitude"]."""
 from __future__ import annotations
 
 from ...errors import CkptError
-from .kind_lora import check_factors, delta_rows
-from .kinds import TRANSPOSED, AdapterKind, FoldKind, Layout, Module, Step
+from .kind_lora import Lora, check_factors, delta_rows
+from .kinds import TRANSPOSED, AdapterKind, Layout, Module, Step
 
 
-class Dora(FoldKind):
+class Dora(Lora):  # LoRA's factors, their check and orientation; its own steps
     name = AdapterKind.DORA
     factors = ("a", "b", "magnitude")
 
@@ -37,7 +37,7 @@ class Dora(FoldKind):
             raise CkptError(f"{where}: lora_magnitude_vector holds NaN or infinite values; nothing was written")
         return layout
 
-    def steps(self, module, layout, scale) -> list[tuple[str, Step]]:
+    def steps(self, module, layout, scale, weight) -> list[tuple[str, Step]]:
         return [("weight", Rescaled(module, layout, scale * module.scale))]
 
 

@@ -76,7 +76,13 @@ class Lora(FoldKind):
                             f"{key[: -len('weight')]}bias")
         return layout
 
-    def steps(self, module, layout, scale) -> list[tuple[str, Step]]:
+    def orientation(self, module, weight):
+        a, b = module.a.shape, module.b.shape
+        if module.layout not in FLAT or len(a) != 2 or len(b) != 2 or a[1] == b[0]:
+            return None
+        return {(b[0], a[1]): Layout.LINEAR, (a[1], b[0]): Layout.LINEAR_T}.get(tuple(weight.shape))
+
+    def steps(self, module, layout, scale, weight) -> list[tuple[str, Step]]:
         factor = scale * module.scale
         steps = [("weight", Added(lambda lo, hi, out: delta_rows(module, layout, lo, hi, out.shape, out.dtype),
                                   factor))]

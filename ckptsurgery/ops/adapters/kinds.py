@@ -45,6 +45,7 @@ class AdapterKind(Kind):
 
     LORA = "lora"  # W + s·ΔW, ΔW = B·A (by Layout)
     DORA = "dora"  # m ⊙ (W + s·ΔW)/‖W + s·ΔW‖, the norm per output
+    IA3 = "ia3"  # W ⊙ l: each output (or, feed-forward, each input) times a learned value
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Module:
     bias: TensorRef | None = None  # peft lora_bias: B's bias, added (× scale) to the base bias
     kind: AdapterKind = AdapterKind.LORA
     factors: dict[str, TensorRef] = field(default_factory=dict)
+    feedforward: bool = False  # IA3: its vector scales the layer's inputs (peft's feedforward_modules), not outputs
 
 
 @dataclass
@@ -121,9 +123,15 @@ class FoldKind:
         which its shape cannot tell, as the adapter's other weights show it)."""
         raise NotImplementedError
 
-    def steps(self, module: Module, layout: Layout, scale: float) -> list[tuple[str, Step]]:
-        """The changes, in order, as (what: "weight" or "bias", step); `scale` the user's
-        --lora-scale for this adapter."""
+    def orientation(self, module: Module, weight: TensorRef) -> Layout | None:
+        """linear or linear-t where the factors and a 2-D weight's shape tell (it is not square),
+        else None; what the adapter's square weights are told by (fold._square_layouts)."""
+        return None
+
+    def steps(self, module: Module, layout: Layout, scale: float, weight: TensorRef) -> list[tuple[str, Step]]:
+        """The changes, in order, as (what: "weight" or "bias", step) — a bias step only where
+        the base has that bias; `scale` is the user's --lora-scale for this adapter, `weight` the
+        base weight `check` passed."""
         raise NotImplementedError
 
 

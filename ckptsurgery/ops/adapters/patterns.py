@@ -1,12 +1,14 @@
 """Pattern safety: the regular expressions an adapter's config brings (peft's target_modules,
-rank_pattern, alpha_pattern) are checked before any is run against a module name, and run as
-peft runs them, under a budget. A file chooses both the patterns and the names they meet, and
+rank_pattern, alpha_pattern, IA3's feedforward_modules) are checked before any is run against a
+module name, and run as peft runs them, under a budget. A file chooses both the patterns and the names they meet, and
 Python's matcher backtracks: a pattern that could take long is refused instead of run.
 
 peft's rules, kept exactly:
 
 - target_modules, a list: a module is selected when its name is one of them or ends with `.`
   and one of them; one text: the name must match it whole (`re.fullmatch`), `all-linear` aside.
+- feedforward_modules (IA3), a list: a module is one when its name ends with one of them (no dot
+  needed); one text: the name must match it whole.
 - rank_pattern and alpha_pattern: the first key (in the file's order) that matches the whole
   name or a dotted tail of it, ending at its end — peft's `re.match(rf"(.*\\.)?({key})$", name)`;
   a name that none matches but that is itself a key takes that key (peft's fallback).
@@ -274,6 +276,17 @@ class ConfigPatterns:
         self.lengths = sorted({len(t) for t in self.names})
         self.rank, self.alpha = (PatternKeys(_keys(config, f, where), f"{where}: {f}", self.budget)
                                  for f in ("rank_pattern", "alpha_pattern"))
+        feedforward = config.get("feedforward_modules")  # IA3's
+        self.feedforward_regex = None
+        self.feedforward_names: tuple[str, ...] = ()
+        if isinstance(feedforward, str):
+            self.feedforward_regex = _Regex.of(feedforward, f"{where}: feedforward_modules", whole=True,
+                                               budget=self.budget)
+        elif isinstance(feedforward, list) and all(isinstance(t, str) for t in feedforward):
+            self.feedforward_names = tuple(feedforward)
+        elif config.get("peft_type") == "IA3":
+            raise CkptError(f"{where}: feedforward_modules must list module names or be one pattern (peft fills it in "
+                            f"from the model's type when it is null, which a state dict does not tell: write it in)")
 
     def targets(self, name: str) -> bool | None:
         """Whether target_modules selects module `name`, as peft decides; None when it cannot
@@ -291,6 +304,22 @@ class ConfigPatterns:
         # peft: `name in target_modules or any(name.endswith("." + t) for t in target_modules)`
         return name in self.names or any(
             length < n and name[n - length - 1] == "." and name[n - length:] in self.names for length in self.lengths)
+
+
+    def feedforward(self, name: str) -> bool:
+        """IA3: whether feedforward_modules names module `name`, as peft decides
+        (`_check_target_module_feedforward`): one pattern must match the whole name; from a
+        list, the name ends with one of them — peft's plain `endswith`, no dot needed."""
+        regex = self.feedforward_regex
+        if regex is not None:
+            if not regex.least <= len(name) <= regex.most:
+                return False
+            steps = regex.steps(len(name), name, {}) + CALL_STEPS
+            self.budget.charge(steps, lambda: f"feedforward_modules on module {_shown(name)}")
+            return regex.compiled.fullmatch(name) is not None
+        self.budget.charge((len(self.feedforward_names) + 1) * LOOKUP_STEPS,
+                           lambda: f"feedforward_modules on module {_shown(name)}")
+        return name.endswith(self.feedforward_names)
 
 
 def _keys(config: dict, field_name: str, where: str) -> list:

@@ -1,6 +1,7 @@
 """The PEFT adapter format: a folder holding adapter_config.json and adapter_model.safetensors
-(or .bin), as peft's save_pretrained writes it — its reader, and how its module names meet a
-base's keys. Its entry in the table of formats is read.FORMATS; extract.py writes this format."""
+(or .bin), as peft's save_pretrained writes it — its reader (LoRA, DoRA and IA3 modules: see
+kind_<name>.py), and how its module names meet a base's keys. Its entry in the table of formats
+is read.FORMATS; extract.py writes this format."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 _LINEAR = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)")
 _EMBEDDING = re.compile(r"(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?")
+_IA3 = re.compile(r"(?P<module>.+)\.ia3_l(?:\.(?P<adapter>[^.]+))?")
 # DoRA's magnitudes: peft saves `<module>.lora_magnitude_vector` (a `.weight` and the adapter's name
 # in a state dict of its own)
 _MAGNITUDE = re.compile(r"(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<adapter>(?!weight$)[^.]+))?(?:\.weight)?")
@@ -64,7 +66,7 @@ def read(path: str) -> Adapter:
     _check_kind(config, config_path)
     ckpt = open_checkpoint(_weights_file(folder, path))
     try:
-        adapter = _adapter(ckpt, config, config_path)
+        adapter = (_ia3_adapter if config["peft_type"] == "IA3" else _adapter)(ckpt, config, config_path)
         adapter.path = path  # the folder (or file) the user named
         return adapter
     except BaseException:
@@ -94,11 +96,12 @@ def _read_json(path: str) -> dict:
 
 
 def _check_kind(config: dict, config_path: str) -> None:
-    """A plain LoRA: peft_type LORA, none of the UNSUPPORTED variants, no residual initialisation."""
+    """A kind that folds: peft_type IA3, or LORA (DoRA too) without the UNSUPPORTED variants or a
+    residual initialisation."""
     peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise CkptError(f"{config_path}: peft_type {peft_type!r} is not supported; only LORA adapters fold "
-                        f"into the base weights here")
+    if peft_type not in ("LORA", "IA3"):
+        raise CkptError(f"{config_path}: peft_type {str(peft_type)[:40]!r} is not supported; LORA (and DoRA) and "
+                        f"IA3 adapters fold into the base weights here")
     for key, what in UNSUPPORTED.items():
         if config.get(key):
             raise CkptError(f"{config_path}: {what}, which folding as W + scale·B·A would get wrong; "
@@ -184,7 +187,7 @@ def _parts(ckpt: Checkpoint) -> tuple[dict, dict, OrderedDict]:
             # modules_to_save, trained biases, and the base layer peft saves beside an adapted
             # embedding or lm_head (`save_embedding_layers`): they replace the base's tensor
             # (older files keep modules_to_save under `<module>.modules_to_save.<adapter>.`)
-            replaced[re.sub(r"\.modules_to_save\.[^.]+\.", ".", short.replace(".base_layer.", "."))] = t
+            replaced[_replaced_name(short)] = t
             continue
         if m["adapter"]:
             adapter_names.add(m["adapter"])
@@ -198,6 +201,47 @@ def _parts(ckpt: Checkpoint) -> tuple[dict, dict, OrderedDict]:
         raise CkptError(f"{where}: holds several adapters ({', '.join(sorted(adapter_names))}); save each on "
                         f"its own and give one --lora per adapter")
     return parts, magnitudes, replaced
+
+
+def _replaced_name(short: str) -> str:
+    """The base tensor a saved whole tensor replaces: modules_to_save, trained biases, the base
+    layer peft saves beside an adapted embedding or lm_head (`save_embedding_layers`); older
+    files keep modules_to_save under `<module>.modules_to_save.<adapter>.`."""
+    return re.sub(r"\.modules_to_save\.[^.]+\.", ".", short.replace(".base_layer.", "."))
+
+
+def _ia3_adapter(ckpt: Checkpoint, config: dict, config_path: str) -> Adapter:
+    """An IA3 adapter: one vector `ia3_l` per module, scaling its inputs when the config's
+    feedforward_modules names it, else its outputs (kind_ia3.py)."""
+    where = ckpt.path
+    vectors: dict[str, TensorRef] = OrderedDict()
+    adapter_names, replaced = set(), OrderedDict()
+    for key, t in ckpt.tensors.items():
+        short = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        m = _IA3.fullmatch(short)
+        if m is None:
+            if "ia3_" in short or "lora_" in short:
+                raise CkptError(f"{where}: {key}: not a weight of an IA3 adapter (its config's peft_type); nothing "
+                                f"was written")
+            replaced[_replaced_name(short)] = t
+            continue
+        if m["module"] in vectors:
+            raise CkptError(f"{where}: module {m['module']} has two ia3_l weights (with and without an adapter "
+                            f"name); save one adapter per file")
+        adapter_names.update([m["adapter"]] if m["adapter"] else [])
+        vectors[m["module"]] = t
+    if len(adapter_names) > 1:
+        raise CkptError(f"{where}: holds several adapters ({', '.join(sorted(adapter_names))}); save each on "
+                        f"its own and give one --lora per adapter")
+    patterns = ConfigPatterns(config, config_path, len(vectors))
+    modules = []
+    for name, t in vectors.items():
+        if patterns.targets(name) is False:
+            raise CkptError(f"{where}: holds weights for {name}, which target_modules in {config_path} does not "
+                            f"select (peft would ignore them); fix the config or the file")
+        modules.append(Module(name, None, None, 1.0, Layout.LINEAR, kind=AdapterKind.IA3, factors={"vector": t},
+                              feedforward=patterns.feedforward(name)))
+    return Adapter(ckpt.path, Format.PEFT, modules, replaced, config, [ckpt])
 
 
 def _module(where: str, name: str, layout: Layout, found: dict[str, TensorRef], config: dict, config_path: str,
