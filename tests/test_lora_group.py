@@ -367,3 +367,20 @@ def test_json_reports_are_their_declared_fields(cli, tmp_path, two):
     assert docs[LoraMergeReport]["files"] == [str(tmp_path / "m" / "adapter_config.json"),
                                               str(tmp_path / "m" / "adapter_model.safetensors")]
     assert docs[LoraConvertReport]["base"] == str(base) and docs[LoraConvertReport]["source_format"] == "peft"
+
+
+def test_non_finite_factors_are_refused_naming_the_module(cli, tmp_path):
+    save_file({"lora_unet_x.lora_down.weight": torch.tensor([[1.0, float("nan")]]),
+               "lora_unet_x.lora_up.weight": torch.ones(3, 1)}, tmp_path / "nan.safetensors")
+    assert_one_error_line(cli("lora", "resize", tmp_path / "nan.safetensors", "--rank", "1", "-o", tmp_path / "o.safetensors"),
+                          "lora_unet_x: its factors hold NaN or infinite values")
+
+
+def test_the_group_imports_neither_the_other_commands_nor_merge_methods(tmp_path):
+    from test_startup import ELSEWHERE, modules_after
+
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(1, 2), "lora_unet_x.lora_up.weight": torch.ones(3, 1)},
+              tmp_path / "x.safetensors")
+    loaded = modules_after("lora", "resize", tmp_path / "x.safetensors", "--rank", "1", "-o", tmp_path / "o.safetensors")
+    assert "ckptsurgery.cli.lora" in loaded
+    assert not {m for m in loaded if m.startswith(ELSEWHERE[:-1])}  # torch it needs

@@ -56,7 +56,8 @@ def merge_adapters(adapters: list[str], write: WriteOptions, *, weights: list[fl
         for name, found in by_name.items():
             if rank is not None:
                 refuse_rank_past(rank, name, found[0][1], opened[found[0][0]].path)
-            one, record = _combined(name, found, weights, combine, target, output_dtype([m for _, m in found]))
+            one, record = _combined(name, [(i, m, opened[i].path) for i, m in found], weights, combine, target,
+                                    output_dtype([m for _, m in found]))
             record.ranks = [next((m.a.shape[0] for j, m in found if j == i), 0) for i in range(len(opened))]
             written.append(one)
             records.append(record)
@@ -114,27 +115,28 @@ def _modules_by_name(opened: list[Adapter]) -> dict[str, list[tuple[int, Module]
     return found
 
 
-def _combined(name: str, found: list[tuple[int, Module]], weights: list[float], combine: Combine, target: int,
+def _combined(name: str, found: list[tuple[int, Module, str]], weights: list[float], combine: Combine, target: int,
               dtype) -> tuple[Written, LoraModule]:
-    """One module of the merged adapter, and its report (ranks filled in by the caller)."""
+    """One module of the merged adapter (`found`: index, module, path of each adapter that has
+    it), and its report (ranks filled in by the caller)."""
     import torch
 
     first = found[0][1]
-    pairs = [factors(m) for _, m in found]
-    scaled = [weights[i] * m.scale for i, m in found]
+    pairs = [factors(m, path) for _, m, path in found]
+    scaled = [weights[i] * m.scale for i, m, _ in found]
     # B·A of the whole: B = [B₁ | B₂ | …], A = [w₁s₁A₁; w₂s₂A₂; …]
     b = torch.cat([fb for fb, _ in pairs], dim=1)
     a = torch.cat([s * fa for s, (_, fa) in zip(scaled, pairs)], dim=0)
     if combine == Combine.CAT:  # as peft: the scales go into A, B as it is, alpha = r
         rank, error = a.shape[0], 0.0
-        a_ref = as_ref(a.reshape(rank, *first.a.shape[1:]), dtype)
-        b_ref = as_ref(b.reshape(first.b.shape[0], rank, *first.b.shape[2:]), dtype)
+        a_ref = as_ref(a.reshape(rank, *first.a.shape[1:]), dtype, name)
+        b_ref = as_ref(b.reshape(first.b.shape[0], rank, *first.b.shape[2:]), dtype, name)
     else:
         u, s, vh = factor_svd(b, a)
         rank = max(1, min(target, len(s)))
         error = relative_error(s, rank)
         a_ref, b_ref = truncated(u, s, vh, rank, tuple(first.a.shape[1:]), tuple(first.b.shape[2:]),
-                                 first.b.shape[0], dtype)
+                                 first.b.shape[0], dtype, name)
     record = LoraModule(name=name, kind=first.layout.value, shape=list(size(first)), ranks=[], rank=rank,
                         alpha=float(rank), error=error)
     return Written(name, a_ref, b_ref, rank, float(rank), first.layout), record

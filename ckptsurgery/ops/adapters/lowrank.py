@@ -112,35 +112,39 @@ def relative_error(s, k: int) -> float:
     return math.sqrt(float(share[k:].sum()) / float(share.sum()))
 
 
-def truncated(u, s, vh, k: int, a_tail: tuple, b_tail: tuple, out_rows: int, dtype) -> tuple:
+def truncated(u, s, vh, k: int, a_tail: tuple, b_tail: tuple, out_rows: int, dtype, name: str) -> tuple:
     """The rank-k factors A' = √S·Vh, B' = U·√S shaped as A [k, *a_tail], B [out, k, *b_tail], as
     TensorRefs of `dtype` (computed already: they are the output)."""
     k = max(1, min(k, len(s)))
     root = s[:k].sqrt()
     a = (root[:, None] * vh[:k]).reshape(k, *a_tail)
     b = (u[:, :k] * root[None, :]).reshape(out_rows, k, *b_tail)
-    return as_ref(a, dtype), as_ref(b, dtype)
+    return as_ref(a, dtype, name), as_ref(b, dtype, name)
 
 
-def as_ref(tensor, dtype):
-    """A torch tensor as a TensorRef of `dtype` (its bytes made now)."""
+def as_ref(tensor, dtype, name: str):
+    """A torch tensor as a TensorRef of `dtype` (its bytes made now: they are the output)."""
     import torch
 
+    cast = tensor.to(getattr(torch, dtype.name)).contiguous()
+    if not bool(torch.isfinite(cast).all()):  # weights near a float16's largest, scaled up
+        raise CkptError(f"{name}: its new factors do not fit in {dtype.name}")
     from ...io.tensors import to_bytes
 
-    data = to_bytes(tensor.to(getattr(torch, dtype.name)).contiguous())
-    if not bool(torch.isfinite(tensor).all()):
-        raise CkptError("the factors hold NaN or infinite values; the adapter's own factors do")
+    data = to_bytes(cast)
     return computed_tensor(tuple(tensor.shape), dtype, lambda: data)
 
 
-def factors(m: Module):
-    """The module's B [out, r] and A [r, in] as float64 matrices."""
+def factors(m: Module, where: str):
+    """The module's B [out, r] and A [r, in] as float64 matrices (finite, or refused)."""
     import torch
 
     from ...io.tensors import as_torch
 
-    return as_torch(m.b).to(torch.float64).flatten(1), as_torch(m.a).to(torch.float64).flatten(1)
+    b, a = as_torch(m.b).to(torch.float64).flatten(1), as_torch(m.a).to(torch.float64).flatten(1)
+    if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all())):
+        raise CkptError(f"{where}: {m.name}: its factors hold NaN or infinite values")
+    return b, a
 
 
 def output_dtype(modules: list[Module]):

@@ -29,7 +29,8 @@ def resize_adapter(adapter: str, write: WriteOptions, *, rank: int | None = None
         for m in modules:
             refuse_rank_past(rank, m.name, m, opened.path)
         dtype = output_dtype(modules)
-        written, records = zip(*(_resized(m, rank, energy, dtype) for m in modules)) if modules else ((), ())
+        written, records = zip(*(_resized(m, rank, energy, dtype, opened.path) for m in modules)) if modules \
+            else ((), ())
         files, needs_force = write_adapter(list(written), opened.format, write, metadata, opened.config)
         fmt = opened.format
     return LoraResizeReport(output=write.output, format=fmt.value, files=files, dry_run=write.dry_run,
@@ -37,11 +38,11 @@ def resize_adapter(adapter: str, write: WriteOptions, *, rank: int | None = None
                             adapter=adapter, rank=rank, energy=energy, modules=list(records))
 
 
-def _resized(m: Module, rank: int | None, energy: float | None, dtype) -> tuple[Written, LoraModule]:
-    b, a = factors(m)
+def _resized(m: Module, rank: int | None, energy: float | None, dtype, where: str) -> tuple[Written, LoraModule]:
+    b, a = factors(m, where)
     u, s, vh = factor_svd(b, a)
     k = max(1, min(rank, len(s)) if rank is not None else energy_rank(s, energy))
-    a_ref, b_ref = truncated(u, s, vh, k, tuple(m.a.shape[1:]), tuple(m.b.shape[2:]), m.b.shape[0], dtype)
+    a_ref, b_ref = truncated(u, s, vh, k, tuple(m.a.shape[1:]), tuple(m.b.shape[2:]), m.b.shape[0], dtype, m.name)
     alpha = m.scale * k  # alpha/k: the old scale
     record = LoraModule(name=m.name, kind=m.layout.value, shape=list(size(m)), ranks=[m.a.shape[0]], rank=k,
                         alpha=alpha, error=relative_error(s, k))
