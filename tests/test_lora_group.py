@@ -319,6 +319,9 @@ def test_other_kinds_and_shapes_that_differ_are_refused_naming_them(cli, tmp_pat
     with_bias = make_adapter(tmp_path / "bias", ["lin"], 1, r=2, lora_alpha=2, lora_bias=True)
     assert_one_error_line(cli("lora", "resize", with_bias, "--rank", "1", "-o", tmp_path / "o"),
                           "lin: a LoRA bias (lora_bias)")
+    dora = make_adapter(tmp_path / "dora", ["lin"], 1, r=2, lora_alpha=2, use_dora=True)
+    assert_one_error_line(cli("lora", "merge", dora, with_bias, "--combine", "cat", "-o", tmp_path / "o"),
+                          "lin: a module of kind dora")
     saved = make_adapter(tmp_path / "saved", ["lin"], 1, r=2, lora_alpha=2, modules_to_save=["sq"])
     assert_one_error_line(cli("lora", "resize", saved, "--rank", "1", "-o", tmp_path / "o"),
                           "sq.weight is a whole tensor (modules_to_save")
