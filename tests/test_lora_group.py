@@ -387,3 +387,16 @@ def test_the_group_imports_neither_the_other_commands_nor_merge_methods(tmp_path
     loaded = modules_after("lora", "resize", tmp_path / "x.safetensors", "--rank", "1", "-o", tmp_path / "o.safetensors")
     assert "ckptsurgery.cli.lora" in loaded
     assert not {m for m in loaded if m.startswith(ELSEWHERE[:-1])}  # torch it needs
+
+
+def test_convert_refuses_two_modules_that_would_have_one_name(cli, tmp_path):
+    folder = tmp_path / "a"
+    folder.mkdir()
+    ones = {f"base_model.model.{name}.lora_{ab}.weight": torch.ones(shape) for name in ("a.b_c", "a_b.c")
+            for ab, shape in (("A", (1, 2)), ("B", (3, 1)))}
+    save_file(ones, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 1,
+                                                            "target_modules": ["a.b_c", "a_b.c"]}))
+    assert_one_error_line(cli("lora", "convert", folder, "--to", "kohya", "-o", tmp_path / "k.safetensors"),
+                          "a.b_c and a_b.c would both be lora_unet_a_b_c")
+    assert not (tmp_path / "k.safetensors").exists()

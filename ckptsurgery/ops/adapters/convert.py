@@ -45,11 +45,22 @@ def convert_adapter(adapter: str, write: WriteOptions, *, to: str, base: str | N
         keys = list(stack.enter_context(open_checkpoint(base, root)).tensors.items()) if base else None
         modules = plain_modules(opened)
         made = [(_to_kohya if to == Format.KOHYA else _to_peft)(m, opened, keys) for m in modules]
+        _refuse_one_name_twice(modules, made, adapter)
         files, needs_force = write_adapter(made, to, write, metadata)
     return LoraConvertReport(output=write.output, format=to.value, files=files, dry_run=write.dry_run,
                              metadata=dict(sorted({**metadata, "format": "pt"}.items())), needs_force=needs_force,
                              adapter=adapter, source_format=opened.format.value, base=base,
                              names={m.name: w.name for m, w in zip(modules, made)})
+
+
+def _refuse_one_name_twice(modules: list[Module], made: list[Written], adapter: str) -> None:
+    """Two modules named alike in the output (`a.b_c` and `a_b.c` both `lora_unet_a_b_c`) would be one."""
+    seen: dict[str, str] = {}
+    for m, w in zip(modules, made):
+        if w.name in seen:
+            raise CkptError(f"{adapter}: {seen[w.name]} and {m.name} would both be {w.name}; give --base BASE to "
+                            f"tell them apart, or rename one")
+        seen[w.name] = m.name
 
 
 def _kohya_resolver(keys: list[str]) -> Resolver:
