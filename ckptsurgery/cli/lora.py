@@ -56,9 +56,11 @@ def fold(
     out: OutputOptions,
 ) -> None:
     """Fold LoRA adapters into their base: W + S·(α/r)·B·A per adapted weight (merge BASE --lora ADAPTER)."""
-    if scale and len(scale) not in (1, len(adapters)) or not all(math.isfinite(s) for s in scale or []):
-        raise UsageError(f"--scale given {len(scale)} time(s) for {count(len(adapters), 'ADAPTER')}: give one finite "
-                         f"number (for all) or one per ADAPTER, in order")
+    if not all(math.isfinite(s) for s in scale or []):
+        raise UsageError("--scale must be a finite number")
+    if scale and len(scale) not in (1, len(adapters)):  # checked here: fold_adapters would name --lora-scale
+        raise UsageError(f"--scale given {len(scale)} times for {count(len(adapters), 'ADAPTER')}: give it once (for "
+                         f"all) or once per ADAPTER, in the same order")
     with out.writing() as write:
         report = ops.fold_adapters(base, adapters, write, scales=scale, allow_unmatched=allow_unmatched,
                                    dtype=dtype and dtype.value, root=root)

@@ -267,7 +267,7 @@ class ExtractReport(Report):
     output: str = entry("The adapter folder.")
     files: list[str] = entry("adapter_config.json and adapter_model.safetensors in it.")
     dry_run: bool = entry("Whether nothing was written.")
-    rank: int = entry("The default rank (`lora_alpha` too).")
+    rank: int = entry("The default rank (`lora_alpha` too); with `--energy`, the most common of the ranks chosen.")
     energy: float | None = entry("`lora extract --energy E`: each module's rank is the smallest keeping that share "
                                  "of its ΔW's squared singular values.", omit_if_none=True)
     rank_patterns: dict[str, int] = entry("`--rank PATTERN=R` entries.")
