@@ -47,13 +47,14 @@ def plan(tmp_path, **changes) -> FolderPlan:
 def test_chat_templates_tokenizer_files_and_a_missing_config(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     (tmp_path / "chat_template.jinja").write_text("old")
-    files = folder_files(plan(tmp_path, chat_template="{{ messages }}"))
-    assert files.made["chat_template.jinja"] == b"{{ messages }}" and "chat_template.jinja" not in files.copied
+    files = folder_files(plan(tmp_path, chat_template="{{ messages[0]['content'] }}"))
+    assert files.made["chat_template.jinja"] == b"{{ messages[0]['content'] }}"
+    assert "chat_template.jinja" not in files.copied
     assert files.copied == {"tokenizer.json": str(tmp_path / "tokenizer.json")}
     assert "config.json" not in files.made and "has no config.json" in files.notes[0]
     assert files.made["ckptsurgery_recipe.yml"] == b"merge_method: linear\n"
-    with pytest.raises(CkptError, match="built-in templates"):
-        folder_files(plan(tmp_path, chat_template="chatml"))
+    with pytest.raises(CkptError, match="'exaone' template is not shipped"):
+        folder_files(plan(tmp_path, chat_template="exaone"))
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(CkptError, match="config.json: not a JSON object"):
         folder_files(plan(tmp_path))

@@ -1,6 +1,7 @@
 """What a merged model's folder holds besides its weights, so that `from_pretrained(OUT_DIR)` loads
 it: `config.json` (the reference model's, its layer count and dtype updated), the tokenizer's
-files, `generation_config.json` and the chat template (copied from the tokenizer's source), the
+files, `generation_config.json` and the chat template (copied from the tokenizer's source, or the
+recipe's `chat_template:` as chat_template.jinja — recipes/chat_templates.py), the
 recipe as it was written (`ckptsurgery_recipe.yml`) and a short model card (`README.md`).
 
 `folder_files` plans them — what each file's bytes are, or which file it is a copy of — without
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import CkptError
+from .recipes.chat_templates import recipe_template
 
 CONFIG = "config.json"
 RECIPE_COPY = "ckptsurgery_recipe.yml"
@@ -143,6 +145,20 @@ def model_card(method: str, models: Sequence[str], base: str | None, recipe_text
     return ("\n".join(lines) + "\n").encode()
 
 
+def _without_template(path: str) -> bytes | None:
+    """A tokenizer_config.json without its `chat_template` (it would contradict chat_template.jinja
+    for a tool that reads it first), None when it has none or is not a small JSON object."""
+    try:
+        with open(path, "rb") as f:
+            config = json.loads(f.read(MAX_CONFIG + 1).decode("utf-8-sig"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(config, dict) or "chat_template" not in config:
+        return None
+    del config["chat_template"]
+    return config_bytes(config)
+
+
 def write_folder_files(folder: str, files: FolderFiles) -> list[str]:
     """Write the planned files into `folder` (a staged folder: nothing there yet); their names."""
     for name, data in files.made.items():
@@ -172,6 +188,7 @@ class FolderPlan:
     method: str
     models: tuple[str, ...]
     base: str | None
+    template_models: tuple[str, ...] = ()  # the paths `chat_template: auto` asks (chat_templates.template_models)
 
 
 def folder_files(plan: FolderPlan) -> FolderFiles:
@@ -186,13 +203,15 @@ def folder_files(plan: FolderPlan) -> FolderFiles:
                                                       files.notes)
         files.made[CONFIG] = config_bytes(config)
     files.copied.update(tokenizer_files(model_folder(plan.tokenizer)))
-    if plan.chat_template is not None and plan.chat_template != "auto":
-        if "{{" not in plan.chat_template and "{%" not in plan.chat_template:
-            raise CkptError(f"chat_template: {plan.chat_template!r} names one of mergekit's built-in templates, which "
-                            f"ckptsurgery does not ship: give the template's text (Jinja) instead")
+    template = recipe_template(plan.chat_template, (model_folder(p) for p in plan.template_models), files.notes)
+    if template is not None:  # the one template the folder holds, where transformers 5 saves it (as mergekit)
         files.copied.pop("chat_template.json", None)
         files.copied.pop("chat_template.jinja", None)
-        files.made["chat_template.jinja"] = plan.chat_template.encode()
+        files.made["chat_template.jinja"] = template.encode()
+        config = files.copied.get("tokenizer_config.json")
+        if config is not None and (without := _without_template(config)) is not None:
+            del files.copied["tokenizer_config.json"]
+            files.made["tokenizer_config.json"] = without
     if plan.recipe_text is not None:
         files.made[RECIPE_COPY] = plan.recipe_text.encode()
     else:

@@ -46,6 +46,7 @@ from ..model_folder import FolderFiles, FolderPlan, folder_files, write_folder_f
 from ..options import WriteOptions, check_write_options
 from ..recipes import ModelRef, Planned, Recipe, RecipePlan, Role, Source, load_recipe, plan_lines, plan_recipe
 from ..recipes import TokenizerKind, refuse_unknown_parameters
+from ..recipes.chat_templates import template_models
 from ..recipes.layers import layer_scheme
 from ..reports import RecipeReport
 from ..write import FolderOutput, write_checkpoint
@@ -461,7 +462,8 @@ def _folder_plan(recipe: Recipe, plan: RecipePlan, keys: dict, pattern: str | No
         reference=reference.path, reference_layers=reference_layers or len(layers_from),
         layers_from=tuple(layers_from), dtype=dtype.name if dtype else (dtypes.pop() if len(dtypes) == 1 else None),
         tokenizer=(tokenizer or recipe.base_model or _first_model(recipe)).path, chat_template=recipe.chat_template,
-        recipe_text=text, method=recipe.merge_method, models=tuple(models), base=_shown(recipe.base_model))
+        recipe_text=text, method=recipe.merge_method, models=tuple(models), base=_shown(recipe.base_model),
+        template_models=tuple(m.path for m in template_models(recipe)))
 
 
 def _first_model(recipe: Recipe) -> ModelRef:

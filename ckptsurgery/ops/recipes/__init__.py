@@ -6,6 +6,7 @@ without reading tensor data:
                and their precedence (slice source > slice > recipe)
     layers.py  layer_scheme: which keys are which layer, from the key names (or --layer-pattern)
     plan.py    plan_recipe: per output tensor, the method, its sources and resolved parameters
+    chat_templates.py  `chat_template:`: mergekit's named templates (ours, rendering the same) and `auto`
 
     from ckptsurgery.ops.recipes import load_recipe, plan_recipe
     recipe = load_recipe(Path("slerp.yml"))
