@@ -1,6 +1,7 @@
-"""Adapter kinds beyond LoRA read from PEFT folders — DoRA (`use_dora`) — folded by `merge BASE
---lora ADAPTER` equal to peft's own merge_and_unload() within 1e-5 relative on float32, and to
-peft's forward pass on the unmerged model; hostile adapters of these kinds refused in one line."""
+"""Adapter kinds beyond LoRA read from PEFT folders — DoRA (`use_dora`), IA3, LoHa, LoKr — folded
+by `merge BASE --lora ADAPTER` equal to peft's own merge_and_unload() within 1e-5 relative on
+float32, and to peft's forward pass on the unmerged model; hostile adapters of these kinds
+refused in one line, nothing written."""
 
 from __future__ import annotations
 
@@ -365,3 +366,130 @@ def test_ia3_takes_no_scale_and_a_bias_that_does_not_fit_is_refused(cli, tmp_pat
     save_file({"lin.weight": torch.ones(4, 3)}, str(tmp_path / "nobias.safetensors"))  # peft: no bias, none scaled
     assert cli("merge", tmp_path / "nobias.safetensors", "--lora", adapter, "-o", out).code == 0
     assert torch.equal(load_file(out)["lin.weight"], torch.full((4, 3), 2.0))
+
+
+# ---- LoHa and LoKr ---------------------------------------------------------------------------
+
+class ConvNet(nn.Module):
+    """What peft's LoHa and LoKr adapt: nn.Linear, Conv2d (a 1×1 one too) and Conv1d, sized so that
+    LoKr's factorisation is not trivial (out and in of 12, 8, 6, 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 12)
+        self.sq = nn.Linear(12, 12, bias=False)
+        self.conv = nn.Conv2d(4, 8, 3)
+        self.point = nn.Conv2d(8, 6, 1)
+        self.conv1 = nn.Conv1d(4, 6, 3)
+
+    def forward(self, x, image, seq):
+        return self.sq(self.lin(x)), self.point(self.conv(image)), self.conv1(seq)
+
+
+CONV_TARGETS = ["lin", "sq", "conv", "point", "conv1"]
+
+
+def conv_inputs():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(2, 8, generator=g), torch.randn(2, 4, 6, 6, generator=g), torch.randn(2, 4, 7, generator=g)
+
+
+def lycoris_trained(config, seed=1):
+    torch.manual_seed(0)
+    base = ConvNet()
+    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "hada_" in name or "lokr_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval(), base_sd
+
+
+def lycoris_configs():
+    from peft import LoHaConfig, LoKrConfig
+
+    return {
+        "loha": LoHaConfig(r=2, alpha=3, target_modules=CONV_TARGETS),
+        "loha-tucker": LoHaConfig(r=3, alpha=2, target_modules=CONV_TARGETS, use_effective_conv2d=True,
+                                  rank_pattern={"lin": 4}, alpha_pattern={"conv1": 5}),
+        "lokr": LoKrConfig(r=2, alpha=3, target_modules=CONV_TARGETS),  # w1 whole, w2 = w2_a·w2_b
+        "lokr-both": LoKrConfig(r=1, alpha=2, target_modules=CONV_TARGETS, decompose_both=True, decompose_factor=2),
+        "lokr-whole": LoKrConfig(r=8, alpha=4, target_modules=CONV_TARGETS),  # r large: w1 and w2 whole
+        # not conv1: peft's own LoKr fails on a Conv1d's rank-1 core (torch.kron on a non-contiguous view)
+        "lokr-tucker": LoKrConfig(r=1, alpha=1.5, target_modules=["lin", "sq", "conv", "point"],
+                                  use_effective_conv2d=True),
+    }
+
+
+@pytest.mark.parametrize("name", ["loha", "loha-tucker", "lokr", "lokr-both", "lokr-whole", "lokr-tucker"])
+@pytest.mark.parametrize("chunk", [None, 11])
+def test_loha_and_lokr_fold_as_peft_merges_and_runs_as_peft_forward(cli, tmp_path, monkeypatch, name, chunk):
+    if chunk:
+        monkeypatch.setattr("ckptsurgery.ops.adapters.fold.CHUNK", chunk)
+    config = lycoris_configs()[name]
+    model, base_sd = lycoris_trained(config)
+    model.save_pretrained(str(tmp_path / name))
+    saved = load_file(tmp_path / name / "adapter_model.safetensors")
+    if "tucker" in name:
+        assert any(k.endswith(("hada_t1", "lokr_t2")) for k in saved)
+    if name == "lokr-whole":
+        assert any(k.endswith("conv1.lokr_w2") and saved[k].dim() == 3 for k in saved)
+    with torch.no_grad():
+        forward = model(*conv_inputs())
+        merged = {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
+    got, doc = fold(cli, tmp_path, base_sd, tmp_path / name)
+    assert_equal_within(got, merged)
+    assert doc["adapters"][0]["kinds"] == {name.split("-")[0]: len(config.target_modules)}
+    net = ConvNet()
+    net.load_state_dict(got)
+    with torch.no_grad():
+        for ours, theirs in zip(net(*conv_inputs()), forward):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_loha_scale_scales_the_delta_as_peft_does(cli, tmp_path):
+    model, base_sd = lycoris_trained(lycoris_configs()["lokr"])
+    model.save_pretrained(str(tmp_path / "lokr"))
+    for module in model.modules():
+        if hasattr(module, "scale_layer") and hasattr(module, "lokr_w1"):
+            module.scale_layer(-0.5)
+    merged = {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
+    got, _ = fold(cli, tmp_path, base_sd, tmp_path / "lokr", args=("--lora-scale", "-0.5"))
+    assert_equal_within(got, merged)
+
+
+def lycoris_folder(folder, peft_type, tensors, **config):
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {"peft_type": peft_type, "r": 2, "alpha": 2, "target_modules": ["lin"], **config}
+    (folder / "adapter_config.json").write_text(json.dumps(doc))
+    save_file({f"{PREFIX}{k}": v for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+LOHA_LIN = {"lin.hada_w1_a": torch.ones(4, 2), "lin.hada_w1_b": torch.ones(2, 3),
+            "lin.hada_w2_a": torch.ones(4, 2), "lin.hada_w2_b": torch.ones(2, 3)}
+LOKR_LIN = {"lin.lokr_w1": torch.ones(2, 1), "lin.lokr_w2_a": torch.ones(2, 2), "lin.lokr_w2_b": torch.ones(2, 3)}
+
+
+@pytest.mark.parametrize("peft_type, tensors, config, fragments", [
+    ("LOHA", {**LOHA_LIN, "lin.hada_w2_b": torch.ones(2, 4)}, {}, ["LoHa factors", "do not make the base's lin"]),
+    ("LOHA", {k: v for k, v in LOHA_LIN.items() if "w2_b" not in k}, {}, ["without hada_w2_b"]),
+    ("LOHA", {**LOHA_LIN, "lin.hada_t1": torch.ones(2, 2, 1, 1)}, {}, ["without hada_t2"]),
+    ("LOHA", {**LOHA_LIN, "lin.hada_w3": torch.ones(2, 2)}, {}, ["w3 is not a factor of a loha module"]),
+    ("LOHA", LOHA_LIN, {"r": 3}, ["hada_w1_b has rank 2", "r=3"]),
+    ("LOHA", {**LOHA_LIN, "lin.lora_A.weight": torch.ones(2, 3)}, {}, ["not a weight of a LOHA adapter"]),
+    ("LOHA", {**LOHA_LIN, "lin.hada_w1_a": torch.ones(4, 2, dtype=torch.int32)}, {}, ["int32"]),
+    ("LOKR", {**LOKR_LIN, "lin.lokr_w1": torch.ones(3, 1)}, {}, ["LoKr factors", "lin.weight [4, 3]"]),
+    ("LOKR", {**LOKR_LIN, "lin.lokr_w1_a": torch.ones(2, 2)}, {}, ["its LoKr w1 is lokr_w1, lokr_w1_a"]),
+    ("LOKR", {k: v for k, v in LOKR_LIN.items() if "w2_a" not in k}, {}, ["its LoKr w2 is lokr_w2_b"]),
+    ("LOKR", LOKR_LIN, {"rank_pattern": {"lin": 5}}, ["lokr_w2_b has rank 2", "r=5"]),
+    ("LOKR", LOKR_LIN, {"alpha": float("nan")}, ["alpha nan is not a positive number"]),
+])
+def test_loha_and_lokr_factors_that_do_not_fit_are_refused(cli, tmp_path, peft_type, tensors, config, fragments):
+    save_file({"lin.weight": torch.randn(4, 3)}, str(tmp_path / "base.safetensors"))
+    adapter = lycoris_folder(tmp_path / "adapter", peft_type, tensors, **config)
+    result = cli("merge", tmp_path / "base.safetensors", "--lora", adapter, "-o", tmp_path / "out.safetensors")
+    assert_one_error_line(result, *fragments)
+    assert not (tmp_path / "out.safetensors").exists()

@@ -219,8 +219,8 @@ class AdapterFolded(Report):
     format: str = entry("`peft` or `kohya`.")
     scale: float = entry("Its `--lora-scale`.")
     modules: int = entry("LoRA modules it holds.")
-    kinds: dict[str, int] = entry("Its modules that fold, per kind: `lora`, `dora` (PEFT `use_dora`), `ia3` (PEFT "
-                                  "`IA3`), in that order.")
+    kinds: dict[str, int] = entry("Its modules that fold, per kind: `lora`, `dora` (PEFT `use_dora`), `ia3`, `loha`, "
+                                  "`lokr` (PEFT `IA3`, `LOHA`, `LOKR`), in that order.")
     folded: int = entry("Base weights (and biases, PEFT `lora_bias`) its modules fold into; names tied to them "
                         "not counted.")
     replaced: list[str] = entry("Base tensors it replaced whole (PEFT `modules_to_save`, trained embeddings); one "

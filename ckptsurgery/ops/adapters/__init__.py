@@ -11,6 +11,8 @@ One module per concern:
     kind_lora.py LoRA: W + s·ΔW, ΔW = B·A by layout (linear, linear-t, conv, embedding)
     kind_dora.py DoRA: m ⊙ (W + s·ΔW)/‖W + s·ΔW‖, the norm per output
     kind_ia3.py  IA3: W ⊙ l along its outputs (or a feed-forward layer's inputs), the bias too
+    kind_loha.py LoHa: W + s·(w1_a·w1_b) ⊙ (w2_a·w2_b), Tucker cores for convs
+    kind_lokr.py LoKr: W + s·w1 ⊗ w2, each side whole or a product, a core for convs
     peft.py      the PEFT folder format: reader and resolver (extract.py writes it too)
     kohya.py     the kohya .safetensors format: reader and resolver
     patterns.py  pattern safety: the regular expressions of an adapter's config, checked

@@ -78,6 +78,10 @@ def _fold_one(base: Checkpoint, adapter: Adapter, scale: float, owner: dict[str,
     changes = []
     for module, key in found:
         kind = KINDS[module.kind]
+        unknown = sorted(set(module.factors) - set(kind.factors))
+        if unknown:  # never fold part of a module
+            raise CkptError(f"{adapter.path}: {module.name}: {unknown[0]} is not a factor of a {kind.name} module "
+                            f"({', '.join(kind.factors)}); not folded")
         bias_key = key[: -len("weight")] + "bias"
         layout = kind.check(f"{adapter.path}: {module.name}", module, key, tensors[key], tensors.get(bias_key),
                             square.get(module.name))

@@ -46,6 +46,8 @@ class AdapterKind(Kind):
     LORA = "lora"  # W + s·ΔW, ΔW = B·A (by Layout)
     DORA = "dora"  # m ⊙ (W + s·ΔW)/‖W + s·ΔW‖, the norm per output
     IA3 = "ia3"  # W ⊙ l: each output (or, feed-forward, each input) times a learned value
+    LOHA = "loha"  # W + s·(w1_a·w1_b) ⊙ (w2_a·w2_b)
+    LOKR = "lokr"  # W + s·w1 ⊗ w2
 
 
 @dataclass

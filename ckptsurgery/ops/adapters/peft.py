@@ -1,6 +1,6 @@
 """The PEFT adapter format: a folder holding adapter_config.json and adapter_model.safetensors
-(or .bin), as peft's save_pretrained writes it — its reader (LoRA, DoRA and IA3 modules: see
-kind_<name>.py), and how its module names meet a base's keys. Its entry in the table of formats
+(or .bin), as peft's save_pretrained writes it — its reader (LoRA, DoRA, IA3, LoHa and LoKr
+modules: see kind_<name>.py), and how its module names meet a base's keys. Its entry in the table of formats
 is read.FORMATS; extract.py writes this format."""
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def read(path: str) -> Adapter:
     _check_kind(config, config_path)
     ckpt = open_checkpoint(_weights_file(folder, path))
     try:
-        adapter = (_ia3_adapter if config["peft_type"] == "IA3" else _adapter)(ckpt, config, config_path)
+        read_kind = {"IA3": _ia3_adapter, "LOHA": _lycoris_adapter, "LOKR": _lycoris_adapter}
+        adapter = read_kind.get(config["peft_type"], _adapter)(ckpt, config, config_path)
         adapter.path = path  # the folder (or file) the user named
         return adapter
     except BaseException:
@@ -96,12 +97,12 @@ def _read_json(path: str) -> dict:
 
 
 def _check_kind(config: dict, config_path: str) -> None:
-    """A kind that folds: peft_type IA3, or LORA (DoRA too) without the UNSUPPORTED variants or a
-    residual initialisation."""
+    """A kind that folds: peft_type IA3, LOHA, LOKR, or LORA (DoRA too) without the UNSUPPORTED
+    variants or a residual initialisation."""
     peft_type = config.get("peft_type")
-    if peft_type not in ("LORA", "IA3"):
-        raise CkptError(f"{config_path}: peft_type {str(peft_type)[:40]!r} is not supported; LORA (and DoRA) and "
-                        f"IA3 adapters fold into the base weights here")
+    if peft_type not in ("LORA", "IA3", "LOHA", "LOKR"):
+        raise CkptError(f"{config_path}: peft_type {str(peft_type)[:40]!r} is not supported; LORA (and DoRA), IA3, "
+                        f"LOHA and LOKR adapters fold into the base weights here")
     for key, what in UNSUPPORTED.items():
         if config.get(key):
             raise CkptError(f"{config_path}: {what}, which folding as W + scale·B·A would get wrong; "
@@ -242,6 +243,60 @@ def _ia3_adapter(ckpt: Checkpoint, config: dict, config_path: str) -> Adapter:
         modules.append(Module(name, None, None, 1.0, Layout.LINEAR, kind=AdapterKind.IA3, factors={"vector": t},
                               feedforward=patterns.feedforward(name)))
     return Adapter(ckpt.path, Format.PEFT, modules, replaced, config, [ckpt])
+
+
+# peft's LyCORIS kinds: peft_type -> (kind, the prefix of its keys)
+_LYCORIS = {"LOHA": (AdapterKind.LOHA, "hada_"), "LOKR": (AdapterKind.LOKR, "lokr_")}
+_LYCORIS_KEY = re.compile(r"(?P<module>.+)\.(?P<prefix>hada_|lokr_)(?P<factor>[^.]+)(?:\.(?P<adapter>[^.]+))?")
+
+
+def _lycoris_adapter(ckpt: Checkpoint, config: dict, config_path: str) -> Adapter:
+    """A LoHa or LoKr adapter: each module's factors (`hada_w1_a` …, `lokr_w1` …) under their names
+    without the prefix, and its scale α/r (`alpha`, `r`, rank_pattern and alpha_pattern)."""
+    where = ckpt.path
+    kind, prefix = _LYCORIS[config["peft_type"]]
+    found: dict[str, dict[str, TensorRef]] = OrderedDict()
+    adapter_names, replaced = set(), OrderedDict()
+    for key, t in ckpt.tensors.items():
+        short = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        m = _LYCORIS_KEY.fullmatch(short)
+        if m is None or m["prefix"] != prefix:
+            if m is not None or "lora_" in short or "ia3_" in short:
+                raise CkptError(f"{where}: {key}: not a weight of a {config['peft_type']} adapter (its config's "
+                                f"peft_type); nothing was written")
+            replaced[_replaced_name(short)] = t
+            continue
+        factors = found.setdefault(m["module"], {})
+        if m["factor"] in factors:
+            raise CkptError(f"{where}: module {m['module']} has two {prefix}{m['factor']} weights (with and without "
+                            f"an adapter name); save one adapter per file")
+        adapter_names.update([m["adapter"]] if m["adapter"] else [])
+        factors[m["factor"]] = t
+    if len(adapter_names) > 1:
+        raise CkptError(f"{where}: holds several adapters ({', '.join(sorted(adapter_names))}); save each on "
+                        f"its own and give one --lora per adapter")
+    defaults = (_number(config, "r", config_path, 8), _number(config, "alpha", config_path, 8))
+    patterns = ConfigPatterns(config, config_path, len(found))
+    return Adapter(ckpt.path, Format.PEFT, [_lycoris_module(where, name, kind, prefix, factors, config, config_path,
+                                                            defaults, patterns) for name, factors in found.items()],
+                   replaced, config, [ckpt])
+
+
+def _lycoris_module(where: str, name: str, kind: AdapterKind, prefix: str, factors: dict[str, TensorRef],
+                    config: dict, config_path: str, defaults: tuple[float, float], patterns: ConfigPatterns) -> Module:
+    """One LoHa or LoKr module: its rank (the first axis of its `_b` factors) held to the config's."""
+    if patterns.targets(name) is False:
+        raise CkptError(f"{where}: holds weights for {name}, which target_modules in {config_path} does not "
+                        f"select (peft would ignore them); fix the config or the file")
+    r_key, a_key = patterns.rank.first(name), patterns.alpha.first(name)
+    r = _number(config.get("rank_pattern") or {}, r_key, config_path) if r_key is not None else defaults[0]
+    alpha = _number(config.get("alpha_pattern") or {}, a_key, config_path) if a_key is not None else defaults[1]
+    for factor in ("w1_b", "w2_b"):  # [r, …] in both kinds, whenever a side is decomposed
+        t = factors.get(factor)
+        if t is not None and (not t.shape or t.shape[0] != r):
+            raise CkptError(f"{where}: module {name}: {prefix}{factor} has rank {t.shape[0] if t.shape else 0} but "
+                            f"{config_path} gives r={r:g} (rank_pattern); the file and its config disagree")
+    return Module(name, None, None, alpha / r, Layout.LINEAR, kind=kind, factors=factors)
 
 
 def _module(where: str, name: str, layout: Layout, found: dict[str, TensorRef], config: dict, config_path: str,

@@ -17,7 +17,7 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from . import kind_dora, kind_ia3, kind_lora, kohya, peft
+from . import kind_dora, kind_ia3, kind_loha, kind_lokr, kind_lora, kohya, peft
 from .kinds import Adapter, AdapterFormat, AdapterKind, FoldKind, Format, Resolver
 
 FORMATS: tuple[AdapterFormat, ...] = (
@@ -30,6 +30,8 @@ KINDS: dict[AdapterKind, FoldKind] = {kind.name: kind for kind in (
     kind_lora.LORA,
     kind_dora.DORA,
     kind_ia3.IA3,
+    kind_loha.LOHA,
+    kind_lokr.LOKR,
 )}
 
 

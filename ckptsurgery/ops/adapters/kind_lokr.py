@@ -1,0 +1,119 @@
+"""LoKr (peft's `peft_type: LOKR`): W' = W + S·s·ΔW with ΔW a Kronecker product, s = α/r — peft
+scales every LoKr module by α/r, whichever of its factors are decomposed (LyCORIS files have a
+rule of their own) — as peft's LoKr layers merge it (peft/tuners/lokr/layer.py,
+`get_delta_weight`, `make_kron`):
+
+    ΔW = w1 ⊗ w2        w1 [a, c], or w1_a [a, r]·w1_b [r, c]
+                        w2 [b, d…], or w2_a [b, r]·w2_b [r, d·k…], or with use_effective_conv2d
+                        rebuild(t2 [r, r, k…], w2_a [r, b], w2_b [r, d]) = [b, d, k…]
+
+reshaped to the base weight [a·b, c·d…] (a Linear, a Conv2d or a Conv1d). A row chunk of
+ΔW is made row by row: row b·i + j of w1 ⊗ w2 is w1[i] ⊗ w2[j] — except a Conv1d's whole 3-D
+w2, which torch.kron lays out otherwise and which is made whole for each chunk. Its entry in read.KINDS; peft.py
+reads `lokr_w1` … `lokr_t2` into Module.factors as "w1" … "t2"."""
+
+from __future__ import annotations
+
+import math
+
+from ...errors import CkptError
+from .kinds import Added, AdapterKind, FoldKind, Layout, Module, Step
+
+
+class Lokr(FoldKind):
+    name = AdapterKind.LOKR
+    factors = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")  # w1 or w1_a·w1_b; w2, w2_a·w2_b or with t2
+
+    def check(self, where, module, key, weight, bias, square):
+        f = module.factors
+        forms = [_form(f, "w1", ()), _form(f, "w2", ("t2",))]
+        for form, side in zip(forms, ("w1", "w2")):
+            if form is None:
+                held = ", ".join(f"lokr_{n}" for n in self.factors if n in f and n.startswith(side)) or "nothing"
+                raise CkptError(f"{where}: its LoKr {side} is {held}; peft saves lokr_{side} or lokr_{side}_a and "
+                                f"_{side}_b{' (and lokr_t2 for an effective conv)' if side == 'w2' else ''}")
+        if not all(t.dtype.floating for t in f.values()):
+            raise CkptError(f"{where}: LoKr factors of dtype {', '.join(sorted({t.dtype.name for t in f.values()}))}; "
+                            f"expected floating point")
+        if not weight.dtype.floating or not weight.is_plain:
+            raise CkptError(f"{where}: the base's {key} is {weight.dtype.name}; LoKr folds into floating-point "
+                            f"weights only")
+        w1, w2 = (_made(f, form) for form in forms)
+        base = tuple(weight.shape)
+        if w1 is None or w2 is None or len(w1) != 2 or not _fits(w1, w2, base):
+            shapes = ", ".join(f"{n} {list(f[n].shape)}" for n in self.factors if n in f)
+            raise CkptError(f"{where}: LoKr factors {shapes} do not make the base's {key} {list(base)}; is this "
+                            f"adapter for another model?")
+        return Layout.CONV if len(base) > 2 else Layout.LINEAR
+
+    def steps(self, module, layout, scale, weight) -> list[tuple[str, Step]]:
+        return [("weight", Added(lambda lo, hi, out: delta_rows(module, lo, hi, out), scale * module.scale))]
+
+
+def _form(f: dict, side: str, cores: tuple[str, ...]) -> tuple[str, ...] | None:
+    """Which factors make one side: (side,) whole, or (side_a, side_b[, core]) — exactly one."""
+    whole, parts = side in f, (f"{side}_a" in f, f"{side}_b" in f)
+    core = tuple(c for c in cores if c in f)
+    if whole and not any(parts) and not core:
+        return (side,)
+    if not whole and all(parts):
+        return (f"{side}_a", f"{side}_b", *core)
+    return None
+
+
+def _made(f: dict, form: tuple[str, ...]) -> tuple[int, ...] | None:
+    """The shape a side's factors make, or None when they do not fit together."""
+    if len(form) == 1:
+        return tuple(f[form[0]].shape)
+    wa, wb = tuple(f[form[0]].shape), tuple(f[form[1]].shape)
+    if len(wa) != 2 or len(wb) != 2 or wa[1 if len(form) == 2 else 0] != wb[0]:
+        return None
+    if len(form) == 2:
+        return (wa[0], wb[1])
+    core = tuple(f[form[2]].shape)
+    return (wa[1], wb[1], *core[2:]) if len(core) == 4 and core[:2] == (wa[0], wb[0]) else None
+
+
+def _fits(w1: tuple[int, ...], w2: tuple[int, ...], base: tuple[int, ...]) -> bool:
+    """peft reshapes w1 ⊗ w2 to the base weight: [a·b, c·(what w2 holds per row)], or with a 4-D
+    w2 [b, d, k, l] the conv [a·b, c·d, k, l] ([a·b, c·d, k] for a Conv1d's, l = 1)."""
+    if len(w2) < 2 or not base or base[0] != w1[0] * w2[0]:
+        return False
+    if len(w2) == 4:
+        made = (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
+        return made == base or (made[-1] == 1 and made[:-1] == base)
+    if len(w2) == 3:
+        return base == (w1[0] * w2[0], w1[1] * w2[1], w2[2])
+    return len(w2) == 2 and len(base) >= 2 and w1[1] * w2[1] == math.prod(base[1:])
+
+
+def _side(module: Module, side: str, wide):
+    import torch
+
+    from ...io.tensors import as_torch
+
+    f = module.factors
+    if side in f:
+        return as_torch(f[side]).to(wide)
+    wa, wb = as_torch(f[f"{side}_a"]).to(wide), as_torch(f[f"{side}_b"]).to(wide)
+    if side == "w2" and "t2" in f:  # peft's make_weight_cp: [b, d, k, l] = Σ t[i, j, k, l] wa[i, p] wb[j, r]
+        return torch.einsum("ijkl,ip,jr->prkl", as_torch(f["t2"]).to(wide), wa, wb)
+    return wa @ wb
+
+
+def delta_rows(module: Module, lo: int, hi: int, out):
+    """Rows [lo, hi) of w1 ⊗ w2 (without its scale), shaped and typed as `out`."""
+    import torch
+
+    w1, w2 = _side(module, "w1", out.dtype), _side(module, "w2", out.dtype)
+    if w2.dim() == 3:  # a Conv1d's whole w2 [b, d, k]: torch.kron takes w1 as [1, a, c], so peft's ΔW is
+        row = out[0].numel()  # kron(w1, w2) [b, a·d, c·k] laid out again as [a·b, c·d, k], made whole
+        return torch.kron(w1, w2).reshape(-1)[lo * row:hi * row].reshape(out.shape)
+    rows = torch.arange(lo, hi)
+    left = w1[rows // w2.shape[0]]  # [rows, c]
+    right = w2[rows % w2.shape[0]]  # [rows, d…]
+    product = left.view(*left.shape, *[1] * (right.dim() - 1)) * right.unsqueeze(1)  # [rows, c, d…]
+    return product.reshape(hi - lo, left.shape[1] * right.shape[1], *right.shape[2:]).reshape(out.shape)
+
+
+LOKR = Lokr()
