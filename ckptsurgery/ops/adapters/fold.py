@@ -24,8 +24,8 @@ from .kind_lora import delta_rows
 from .kinds import Adapter, Layout, Module, Resolver, Step
 from .read import KINDS, resolver
 
-CHUNK = 1 << 18  # elements of a folded tensor made at a time (whole rows): a merge method's chunk,
-# so that a recipe reading a `model+lora` tensor span by span makes each chunk at most twice
+CHUNK = 1 << 20  # elements of a folded tensor made at a time (whole rows): 4 MiB of float32, few
+# enough torch calls per weight that their fixed cost does not show, small beside the model
 
 
 @dataclass
@@ -56,11 +56,12 @@ def fold_into(base: Checkpoint, adapters: list[tuple[Adapter, float]], *,
     reports = [_fold_one(base, adapter, scale, owner, steps, allow_unmatched) for adapter, scale in adapters]
     out: OrderedDict[str, TensorRef] = OrderedDict()
     made: dict[str, TensorRef] = {}
+    recent = _Recent()
     for name, t in tensors.items():
         first = owner[name]
         if first in steps:
             if first not in made:
-                made[first] = _folded(tensors[first], steps[first], cast or tensors[first].dtype)
+                made[first] = _folded(tensors[first], steps[first], cast or tensors[first].dtype, recent)
             out[name] = made[first]
         else:
             out[name] = t
@@ -213,7 +214,27 @@ def _row_reader(t: TensorRef):
     return read
 
 
-def _folded(base: TensorRef, steps: list[Step], dtype) -> TensorRef:
+class _Recent:
+    """The chunk of a folded tensor made last (one for all the tensors of a fold): a reader that
+    takes a chunk in several spans — a recipe's merge reads a `model+lora` tensor a method's
+    chunk at a time — makes it once."""
+
+    def __init__(self):
+        import threading
+
+        self.lock = threading.Lock()
+        self.key, self.data = None, None
+
+    def get(self, key):
+        with self.lock:
+            return self.data if key == self.key else None
+
+    def keep(self, key, data) -> None:
+        with self.lock:
+            self.key, self.data = key, data
+
+
+def _folded(base: TensorRef, steps: list[Step], dtype, recent: _Recent) -> TensorRef:
     """`base` with `steps` applied in order, made CHUNK elements (whole rows) at a time."""
     import threading
 
@@ -224,6 +245,7 @@ def _folded(base: TensorRef, steps: list[Step], dtype) -> TensorRef:
     read = _row_reader(base)
     measured: list = []
     lock = threading.Lock()
+    tag = object()  # this tensor, in `recent`
 
     def rows(lo: int, hi: int, upto: int):
         import torch
@@ -239,6 +261,9 @@ def _folded(base: TensorRef, steps: list[Step], dtype) -> TensorRef:
 
         from ...io.tensors import to_bytes
 
+        data = recent.get((tag, j))
+        if data is not None:
+            return data
         with lock:
             if not measured:  # each step that needs every row sees them, as the steps before left them
                 for k, step in enumerate(steps):
@@ -246,8 +271,9 @@ def _folded(base: TensorRef, steps: list[Step], dtype) -> TensorRef:
                         for lo, hi in spans:
                             step.measure(rows(lo, hi, k), lo, hi)
                 measured.append(True)
-        out = rows(*spans[j], len(steps))
-        return to_bytes(out.to(getattr(torch, dtype.name)))  # rounded once, to what is written
+        data = to_bytes(rows(*spans[j], len(steps)).to(getattr(torch, dtype.name)))  # rounded once, when written
+        recent.keep((tag, j), data)
+        return data
 
     sizes = [(hi - lo) * per_row * dtype.itemsize for lo, hi in spans]
     return chunked_tensor(base.shape, dtype, sizes, make)
