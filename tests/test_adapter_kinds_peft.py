@@ -341,7 +341,7 @@ def ia3_folder(folder, vector, **config):
     (torch.ones(4, 1), {"feedforward_modules": None}, ["feedforward_modules", "write it in"]),
     (torch.ones(4, 1), {"feedforward_modules": "(a+)+b"}, ["feedforward_modules", "not run"]),
     ({f"{PREFIX}lin.ia3_l": torch.ones(4, 1), f"{PREFIX}lin.lora_A.weight": torch.ones(2, 3)}, {},
-     ["lin.lora_A.weight: not a weight of an IA3 adapter"]),
+     ["lin.lora_A.weight: a lora weight, which IA3 adapters"]),
     ({f"{PREFIX}lin.ia3_l": torch.ones(4, 1), f"{PREFIX}lin.ia3_l.default": torch.ones(4, 1)}, {},
      ["two ia3_l"]),
 ])
@@ -479,7 +479,8 @@ LOKR_LIN = {"lin.lokr_w1": torch.ones(2, 1), "lin.lokr_w2_a": torch.ones(2, 2), 
     ("LOHA", {**LOHA_LIN, "lin.hada_t1": torch.ones(2, 2, 1, 1)}, {}, ["without hada_t2"]),
     ("LOHA", {**LOHA_LIN, "lin.hada_w3": torch.ones(2, 2)}, {}, ["w3 is not a factor of a loha module"]),
     ("LOHA", LOHA_LIN, {"r": 3}, ["hada_w1_b has rank 2", "r=3"]),
-    ("LOHA", {**LOHA_LIN, "lin.lora_A.weight": torch.ones(2, 3)}, {}, ["not a weight of a LOHA adapter"]),
+    ("LOHA", {**LOHA_LIN, "lin.lora_A.weight": torch.ones(2, 3)}, {}, ["a lora weight, which LOHA adapters"]),
+    ("LOHA", {**LOHA_LIN, "lin.lokr_w1": torch.ones(2, 1)}, {}, ["lin.lokr_w1: a lokr weight, which LOHA"]),
     ("LOHA", {**LOHA_LIN, "lin.hada_w1_a": torch.ones(4, 2, dtype=torch.int32)}, {}, ["int32"]),
     ("LOKR", {**LOKR_LIN, "lin.lokr_w1": torch.ones(3, 1)}, {}, ["LoKr factors", "lin.weight [4, 3]"]),
     ("LOKR", {**LOKR_LIN, "lin.lokr_w1_a": torch.ones(2, 2)}, {}, ["its LoKr w1 is lokr_w1, lokr_w1_a"]),
@@ -493,3 +494,46 @@ def test_loha_and_lokr_factors_that_do_not_fit_are_refused(cli, tmp_path, peft_t
     result = cli("merge", tmp_path / "base.safetensors", "--lora", adapter, "-o", tmp_path / "out.safetensors")
     assert_one_error_line(result, *fragments)
     assert not (tmp_path / "out.safetensors").exists()
+
+
+# ---- every kind: names that meet two modules, keys of another kind --------------------------------
+
+@pytest.mark.parametrize("peft_type, factors", [
+    ("LORA", {"lora_A.weight": (2, 3), "lora_B.weight": (4, 2), "lora_magnitude_vector": (4,)}),
+    ("IA3", {"ia3_l": (4, 1)}),
+    ("LOHA", {"hada_w1_a": (4, 2), "hada_w1_b": (2, 3), "hada_w2_a": (4, 2), "hada_w2_b": (2, 3)}),
+    ("LOKR", {"lokr_w1": (2, 1), "lokr_w2_a": (2, 2), "lokr_w2_b": (2, 3)}),
+])
+def test_two_modules_of_one_adapter_on_one_weight_are_refused_for_every_kind(cli, tmp_path, peft_type, factors):
+    """`lin` and `m.lin` both meet the base's `lin.weight` (the second with its prefix removed):
+    folding both would fold twice."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    config = {"peft_type": peft_type, "r": 2, "lora_alpha": 2, "alpha": 2, "target_modules": None,
+              "use_dora": peft_type == "LORA", "feedforward_modules": []}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    save_file({f"{PREFIX}{m}.{f}": torch.ones(s) for m in ("lin", "m.lin") for f, s in factors.items()},
+              str(folder / "adapter_model.safetensors"))
+    save_file({"lin.weight": torch.randn(4, 3)}, str(tmp_path / "base.safetensors"))
+    result = cli("merge", tmp_path / "base.safetensors", "--lora", folder, "-o", tmp_path / "out.safetensors")
+    assert_one_error_line(result, "lin", "m.lin", "both fold into the base's lin.weight")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("peft_type, key", [
+    ("LORA", "lin.ia3_l"), ("LORA", "lin.hada_w1_a"), ("IA3", "lin.lokr_w1"), ("LORA", "lin.vera_lambda_b")])
+def test_a_key_of_another_kind_is_refused_not_taken_for_a_whole_tensor(cli, tmp_path, peft_type, key):
+    """With --allow-unmatched a whole tensor the base lacks is left out: a weight of another kind
+    must not be — it is refused, naming it."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    own = {"LORA": {"lin.lora_A.weight": torch.ones(2, 3), "lin.lora_B.weight": torch.ones(4, 2)},
+           "IA3": {"lin.ia3_l": torch.ones(4, 1)}}[peft_type]
+    config = {"peft_type": peft_type, "r": 2, "lora_alpha": 2, "target_modules": ["lin"], "feedforward_modules": []}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    tensors = {f"{PREFIX}{k}": v for k, v in {**own, key: torch.ones(2, 2)}.items()}
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    save_file({"lin.weight": torch.randn(4, 3)}, str(tmp_path / "base.safetensors"))
+    result = cli("merge", tmp_path / "base.safetensors", "--lora", folder, "--allow-unmatched", "-o",
+                 tmp_path / "out.safetensors")
+    assert_one_error_line(result, key, f"which {peft_type} adapters")

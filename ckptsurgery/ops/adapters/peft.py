@@ -182,9 +182,7 @@ def _parts(ckpt: Checkpoint) -> tuple[dict, dict, OrderedDict]:
             m = _EMBEDDING.fullmatch(short)
             layout = Layout.EMBEDDING
         if m is None:
-            if "lora_" in short or "trainable_tokens" in short:
-                raise CkptError(f"{where}: {key}: a kind of adapter weight not supported here (LoRA variants, "
-                                f"trainable tokens); nothing was written")
+            _refuse_foreign(where, key, short, "LORA")
             # modules_to_save, trained biases, and the base layer peft saves beside an adapted
             # embedding or lm_head (`save_embedding_layers`): they replace the base's tensor
             # (older files keep modules_to_save under `<module>.modules_to_save.<adapter>.`)
@@ -204,6 +202,21 @@ def _parts(ckpt: Checkpoint) -> tuple[dict, dict, OrderedDict]:
     return parts, magnitudes, replaced
 
 
+# what marks a key as an adapter's weight, of any kind peft saves: one the reader of the config's
+# peft_type did not take is refused, never taken for a whole tensor that replaces the base's
+_ADAPTER_MARKS = ("lora_", "ia3_", "hada_", "lokr_", "trainable_tokens", "vera_", "oft_", "boft_", "fourierft_")
+
+
+def _refuse_foreign(where: str, key: str, short: str, peft_type: str) -> None:
+    """Refuse a key that is some adapter's weight (a name of it starts with a mark) but not one a
+    `peft_type` module holds as this tool reads it."""
+    parts = short.split(".")
+    mark = next((m for m in _ADAPTER_MARKS if any(part.startswith(m) for part in parts)), None)
+    if mark is not None:
+        raise CkptError(f"{where}: {key}: a {mark.rstrip('_')} weight, which {peft_type} adapters (its config's "
+                        f"peft_type) do not hold as this tool reads them; nothing was written")
+
+
 def _replaced_name(short: str) -> str:
     """The base tensor a saved whole tensor replaces: modules_to_save, trained biases, the base
     layer peft saves beside an adapted embedding or lm_head (`save_embedding_layers`); older
@@ -221,9 +234,7 @@ def _ia3_adapter(ckpt: Checkpoint, config: dict, config_path: str) -> Adapter:
         short = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         m = _IA3.fullmatch(short)
         if m is None:
-            if "ia3_" in short or "lora_" in short:
-                raise CkptError(f"{where}: {key}: not a weight of an IA3 adapter (its config's peft_type); nothing "
-                                f"was written")
+            _refuse_foreign(where, key, short, "IA3")
             replaced[_replaced_name(short)] = t
             continue
         if m["module"] in vectors:
@@ -261,9 +272,7 @@ def _lycoris_adapter(ckpt: Checkpoint, config: dict, config_path: str) -> Adapte
         short = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         m = _LYCORIS_KEY.fullmatch(short)
         if m is None or m["prefix"] != prefix:
-            if m is not None or "lora_" in short or "ia3_" in short:
-                raise CkptError(f"{where}: {key}: not a weight of a {config['peft_type']} adapter (its config's "
-                                f"peft_type); nothing was written")
+            _refuse_foreign(where, key, short, config["peft_type"])
             replaced[_replaced_name(short)] = t
             continue
         factors = found.setdefault(m["module"], {})
