@@ -144,21 +144,35 @@ def test_dora_scale_scales_the_delta_inside_the_norm_as_peft_does(cli, tmp_path)
     assert_equal_within(got, merged)
 
 
-def test_lora_then_dora_fold_in_order_as_two_runs(cli, tmp_path):
-    """Adapters fold in the order given, each into the weights as the ones before left them: a
-    DoRA after a LoRA on the same weights normalises W + ΔW_lora + s·ΔW_dora — as folding the
-    LoRA, then the DoRA into that output."""
-    lora, base_sd = trained(LoraConfig(r=2, lora_alpha=2, target_modules=["lin", "gpt"]), seed=4)
-    lora.save_pretrained(str(tmp_path / "lora"))
-    dora, _ = trained(LoraConfig(r=2, lora_alpha=2, target_modules=["lin", "gpt", "conv"], use_dora=True), seed=5)
-    dora.save_pretrained(str(tmp_path / "dora"))
-    both, doc = fold(cli, tmp_path, base_sd, tmp_path / "lora", tmp_path / "dora")
-    assert [a["kinds"] for a in doc["adapters"]] == [{"lora": 2}, {"dora": 3}]
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
-    first, _ = fold(cli, tmp_path / "one", base_sd, tmp_path / "lora")
-    second, _ = fold(cli, tmp_path / "two", first, tmp_path / "dora")
-    assert_equal_within(both, second)
+def test_stacked_adapters_fold_as_peft_merges_them_together(cli, tmp_path):
+    """A LoRA, then two DoRA adapters on some of the same weights (rows and columns normed),
+    folded in that order: peft's merge of the three loaded into one model, all active, which
+    equals its forward — each DoRA's norm from the base weight alone, its rescale applied to the
+    weight with the adapters before it."""
+    from peft import PeftModel
+
+    configs = {"a": LoraConfig(r=2, lora_alpha=2, target_modules=["lin", "gpt", "emb"]),
+               "b": LoraConfig(r=2, lora_alpha=3, target_modules=["lin", "gpt", "conv", "emb"], use_dora=True),
+               "c": LoraConfig(r=3, lora_alpha=2, target_modules=["lin", "emb"], use_dora=True)}
+    for seed, (name, config) in enumerate(configs.items()):
+        model, base_sd = trained(config, seed=seed + 4)
+        model.save_pretrained(str(tmp_path / name))
+    torch.manual_seed(0)
+    model = PeftModel.from_pretrained(Net(), str(tmp_path / "a"), adapter_name="a")
+    for name in "bc":
+        model.load_adapter(str(tmp_path / name), adapter_name=name)
+    model.base_model.set_adapter(list(configs))
+    with torch.no_grad():
+        forward = model(*inputs())
+        merged = {k: v.clone() for k, v in model.merge_and_unload(adapter_names=list(configs)).state_dict().items()}
+    got, doc = fold(cli, tmp_path, base_sd, *(tmp_path / name for name in configs))
+    assert [a["kinds"] for a in doc["adapters"]] == [{"lora": 3}, {"dora": 4}, {"dora": 2}]
+    assert_equal_within(got, merged)
+    net = Net()
+    net.load_state_dict(got)
+    with torch.no_grad():
+        for ours, theirs in zip(net(*inputs()), forward):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 # ---- DoRA: hostile adapters --------------------------------------------------------------------

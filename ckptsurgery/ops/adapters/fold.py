@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 from ...errors import CkptError, UsageError
 from ...io import Checkpoint, TensorRef
-from ...io.model import chunked_tensor, mapped_range
+from ...io.model import chunked_tensor
 from ..digest import tensor_sha256
 from ..reports import AdapterFolded
 from .kind_lora import delta_rows
-from .kinds import Adapter, Layout, Module, Resolver, Step
+from .kinds import Adapter, Layout, Module, Resolver, Step, row_reader
 from .read import KINDS, resolver
 
 CHUNK = 1 << 20  # elements of a folded tensor made at a time (whole rows): 4 MiB of float32, few
@@ -182,36 +182,10 @@ class _Replaced(Step):
     """The rows of a tensor that replaces the base's whole (peft's modules_to_save)."""
 
     def __init__(self, t: TensorRef):
-        self.read = _row_reader(t)
+        self.read = row_reader(t)
 
     def rows(self, out, lo: int, hi: int) -> None:
         out.copy_(self.read(lo, hi))
-
-
-def _row_reader(t: TensorRef):
-    """(lo, hi) -> rows [lo, hi) of `t` as torch, in its dtype: a view of the file where its bytes
-    lie in order there, else of one copy made at the first rows and dropped after the last."""
-    from ...io.tensors import as_torch, flat_view
-
-    tail = t.shape[1:]
-    count = t.shape[0] if t.shape else 1
-    row = t.nbytes // count if count else 0
-    in_order = mapped_range(t)
-    if in_order is not None:
-        source, first = in_order
-        return lambda lo, hi: flat_view(source.view(first + lo * row, (hi - lo) * row),
-                                        t.dtype.view_name).view(hi - lo, *tail)
-    held: list = []
-
-    def read(lo: int, hi: int):
-        if not held:
-            held.append(as_torch(t).reshape(count, *tail))
-        rows = held[0][lo:hi]
-        if hi == count:
-            held.clear()
-        return rows
-
-    return read
 
 
 class _Recent:
@@ -242,7 +216,7 @@ def _folded(base: TensorRef, steps: list[Step], dtype, recent: _Recent) -> Tenso
     per_row = base.numel // count if count else 0
     span = max(1, CHUNK // max(per_row, 1))
     spans = [(lo, min(lo + span, count)) for lo in range(0, count, span)]
-    read = _row_reader(base)
+    read = row_reader(base)
     measured: list = []
     lock = threading.Lock()
     tag = object()  # this tensor, in `recent`

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from ...io import Checkpoint, TensorRef
+from ...io.model import mapped_range
 from ...kinds import Kind
 
 
@@ -107,6 +108,32 @@ class Added(Step):
 
     def rows(self, out, lo: int, hi: int) -> None:
         out.add_(self.make(lo, hi, out), alpha=self.factor)
+
+
+def row_reader(t: TensorRef):
+    """(lo, hi) -> rows [lo, hi) of `t` as torch, in its dtype: a view of the file where its bytes
+    lie in order there, else of one copy made at the first rows and dropped after the last."""
+    from ...io.tensors import as_torch, flat_view
+
+    tail = t.shape[1:]
+    count = t.shape[0] if t.shape else 1
+    row = t.nbytes // count if count else 0
+    in_order = mapped_range(t)
+    if in_order is not None:
+        source, first = in_order
+        return lambda lo, hi: flat_view(source.view(first + lo * row, (hi - lo) * row),
+                                        t.dtype.view_name).view(hi - lo, *tail)
+    held: list = []
+
+    def read(lo: int, hi: int):
+        if not held:
+            held.append(as_torch(t).reshape(count, *tail))
+        rows = held[0][lo:hi]
+        if hi == count:
+            held.clear()
+        return rows
+
+    return read
 
 
 class FoldKind:
