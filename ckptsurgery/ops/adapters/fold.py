@@ -42,9 +42,9 @@ class Folded:
 def fold_into(base: Checkpoint, adapters: list[tuple[Adapter, float]], *,
          allow_unmatched: bool = False, cast=None) -> tuple[OrderedDict, Folded]:
     """The base's state dict with every adapter folded in, in the given order, each with its
-    scale S (W' = W + S·scale·ΔW). Untouched tensors are the base's own (no copy). Names tied in
-    the base (one storage) get the sum of the deltas aimed at any of them and stay tied — as
-    peft's in-place merge into a shared parameter does. `cast`: the dtype a folded tensor is
+    scale S, each module by its kind (read.KINDS; a LoRA's W + S·s·ΔW). Untouched tensors are the
+    base's own (no copy). Names tied in the base (one storage) get every change aimed at any of
+    them and stay tied — as peft's in-place merge into a shared parameter does. `cast`: the dtype a folded tensor is
     written in (default its own), so it is rounded once. Nothing is computed until the tensors
     are written. Returns (tensors, what was folded)."""
     tensors = base.tensors
