@@ -392,7 +392,7 @@ def folders_for(args) -> tuple[dict[str, str], int]:
 
 
 def ratio_cell(value: float, goal: float) -> str:
-    return f"{value:.2f} {'met' if value <= goal else 'NOT met'}"
+    return f"{value:.3f} {'met' if value <= goal else 'NOT met'}"
 
 
 def report(results: dict) -> None:
