@@ -551,3 +551,38 @@ def test_a_key_of_another_kind_is_refused_not_taken_for_a_whole_tensor(cli, tmp_
     result = cli("merge", tmp_path / "base.safetensors", "--lora", folder, "--allow-unmatched", "-o",
                  tmp_path / "out.safetensors")
     assert_one_error_line(result, key, f"which {peft_type} adapters")
+
+
+# ---- streaming -------------------------------------------------------------------------------------
+
+def test_a_folded_weight_is_made_a_chunk_at_a_time_and_each_chunk_once(tmp_path, monkeypatch):
+    """A 1024 × 1280 weight folds in two chunks of whole rows (CHUNK = 2^20 elements); a recipe's
+    merge reads it a method's chunk (2^18 elements) at a time, and each chunk is still made once."""
+    import numpy as np
+
+    from ckptsurgery.io import open_checkpoint
+    from ckptsurgery.ops.adapters import fold_into, kind_lora, read_adapter
+    from ckptsurgery.ops.merge.by_method import read_values
+
+    rows, columns = 1024, 1280
+    base = {"lin.weight": torch.randn(rows, columns)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2,
+                                                            "target_modules": ["lin"]}))
+    a, b = torch.randn(2, columns), torch.randn(rows, 2)
+    save_file({f"{PREFIX}lin.lora_A.weight": a, f"{PREFIX}lin.lora_B.weight": b},
+              str(folder / "adapter_model.safetensors"))
+    made = []
+    delta_rows = kind_lora.delta_rows
+    monkeypatch.setattr(kind_lora, "delta_rows", lambda m, layout, lo, hi, *rest: made.append((lo, hi)) or
+                        delta_rows(m, layout, lo, hi, *rest))
+    with open_checkpoint(str(tmp_path / "base.safetensors")) as ckpt, read_adapter(str(folder)) as adapter:
+        folded, _ = fold_into(ckpt, [(adapter, 1.0)])
+        read = read_values(folded["lin.weight"], "float32")
+        span = 1 << 18
+        values = [read(start, min(span, rows * columns - start)) for start in range(0, rows * columns, span)]
+    assert made == [(0, 819), (819, 1024)]  # 819 rows of 1280: the most whole rows in 2^20 elements
+    got = torch.from_numpy(np.concatenate(values)).view(rows, columns)
+    torch.testing.assert_close(got, base["lin.weight"] + b @ a, rtol=1e-5, atol=1e-5)
