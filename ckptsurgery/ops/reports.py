@@ -219,10 +219,12 @@ class AdapterFolded(Report):
     format: str = entry("`peft` or `kohya`.")
     scale: float = entry("Its `--lora-scale`.")
     modules: int = entry("LoRA modules it holds.")
-    kinds: dict[str, int] = entry("Its modules that fold, per kind: `lora`, `dora` (PEFT `use_dora`), `ia3`, `loha`, "
-                                  "`lokr` (PEFT `IA3`, `LOHA`, `LOKR`), in that order.")
-    folded: int = entry("Base weights (and biases, PEFT `lora_bias`) its modules fold into; names tied to them "
-                        "not counted.")
+    kinds: dict[str, int] = entry("Its modules that fold, per kind: `lora` (LyCORIS LoCon too), `dora` (PEFT "
+                                  "`use_dora`; a kohya/LyCORIS LoRA with a `dora_scale`), `ia3`, `loha`, `lokr` (PEFT "
+                                  "`IA3`, `LOHA`, `LOKR`; LyCORIS `hada_*`, `lokr_*`, with or without a `dora_scale`), "
+                                  "`full` (LyCORIS `diff`), in that order.")
+    folded: int = entry("Base weights (and biases: PEFT `lora_bias`, LyCORIS `diff_b`) its modules fold into; names "
+                        "tied to them not counted.")
     replaced: list[str] = entry("Base tensors it replaced whole (PEFT `modules_to_save`, trained embeddings); one "
                                 "equal to the base's own is not listed.")
     unmatched: list[str] = entry("Its modules (and whole tensors) that match no base key, as the adapter names them; "

@@ -8,13 +8,15 @@ One module per concern:
                  declares) and Step (a change to a base tensor's rows)
     read.py      the two tables, FORMATS (adapter formats) and KINDS (adapter kinds), and
                  read_adapter
-    kind_lora.py LoRA: W + s·ΔW, ΔW = B·A by layout (linear, linear-t, conv, embedding)
-    kind_dora.py DoRA: m ⊙ (W + s·ΔW)/‖W + s·ΔW‖, the norm per output
+    kind_lora.py LoRA: W + s·ΔW, ΔW = B·A by layout (linear, linear-t, conv, embedding); LoCon's core
+    kind_dora.py DoRA: m ⊙ (W + s·ΔW)/‖W + s·ΔW‖, the norm per output; LyCORIS's dora_scale
     kind_ia3.py  IA3: W ⊙ l along its outputs (or a feed-forward layer's inputs), the bias too
     kind_loha.py LoHa: W + s·(w1_a·w1_b) ⊙ (w2_a·w2_b), Tucker cores for convs
     kind_lokr.py LoKr: W + s·w1 ⊗ w2, each side whole or a product, a core for convs
+    kind_full.py full: W + diff, b + diff_b (LyCORIS's `full`)
     peft.py      the PEFT folder format: reader and resolver (extract.py writes it too)
-    kohya.py     the kohya .safetensors format: reader and resolver
+    kohya.py     the kohya/LyCORIS .safetensors format: reader (LoRA, LoCon with lora_mid, LoHa,
+                 LoKr, full, dora_scale) and resolver
     patterns.py  pattern safety: the regular expressions of an adapter's config, checked
                  before they are run, and run as peft runs them under a budget
     backtracking.py  a bound on the work of Python's matcher for a pattern, which

@@ -12,7 +12,19 @@ from the weight without its other adapters, in its merge and in its forward pass
 agree), and rescales the weight with them. A row's norm is made with its row chunk; a column's
 needs every row first (Step.whole). S, the user's --lora-scale, scales ΔW inside the norm, as
 peft's scaling does. Its entry in read.KINDS; peft.py reads `lora_magnitude_vector` into
-Module.factors["magnitude"]."""
+Module.factors["magnitude"].
+
+LyCORIS's weight decomposition (`dora_wd`: a `dora_scale` beside a LoRA/LoCon's, a LoHa's or a
+LoKr's factors in a kohya/LyCORIS file) is another rule, as its modules' forward pass applies it
+(lycoris/functional/general.py `weight_decompose`) — `Decomposed` below, which the LoHa and LoKr
+kinds use too:
+
+    V = W + s·ΔW,   W' = V ⊙ (S·(m/(‖V‖ + ε) − 1) + 1)
+
+the norm per output (dora_scale [out, 1, …], `wd_on_out`, LyCORIS's default) or per input
+(`[1, in, …]`), told by its shape; ε is the float epsilon of dora_scale's dtype; W the weight as
+the adapters before left it; S, the user's --lora-scale, is LyCORIS's multiplier, which moves
+the rescale and not ΔW (S = 0 leaves W + s·ΔW, as LyCORIS's forward does)."""
 
 from __future__ import annotations
 
@@ -23,9 +35,17 @@ from .kinds import TRANSPOSED, AdapterKind, Layout, Module, Step, row_reader
 
 class Dora(Lora):  # LoRA's factors, their check and orientation; its own steps
     name = AdapterKind.DORA
-    factors = ("a", "b", "magnitude")
+    factors = ("a", "b", "magnitude", "mid", "dora_scale")  # peft: a, b, magnitude; LyCORIS: a, b[, mid], dora_scale
 
     def check(self, where, module, key, weight, bias, square):
+        if "dora_scale" in module.factors:  # LyCORIS's (LoRA/LoCon with dora_wd)
+            if "magnitude" in module.factors:
+                raise CkptError(f"{where}: both a lora_magnitude_vector and a dora_scale; a module holds one")
+            layout = Lora.check(self, where, module, key, weight, bias, square)
+            check_dora_scale(where, module, key, weight)
+            return layout
+        if "mid" in module.factors:
+            raise CkptError(f"{where}: a lora_mid beside a lora_magnitude_vector, which peft never makes")
         layout = check_factors(where, module, key, weight, square)
         if module.bias is not None:
             raise CkptError(f"{where}: a LoRA bias (lora_bias) on a DoRA module, which peft never makes")
@@ -41,6 +61,9 @@ class Dora(Lora):  # LoRA's factors, their check and orientation; its own steps
         return layout
 
     def steps(self, module, layout, scale, weight) -> list[tuple[str, Step]]:
+        if "dora_scale" in module.factors:
+            delta = lambda lo, hi, out: delta_rows(module, layout, lo, hi, out.shape, out.dtype)  # noqa: E731
+            return [("weight", Decomposed(module, delta, module.scale, scale, weight))]
         return [("weight", Rescaled(module, layout, scale * module.scale, weight))]
 
 
@@ -78,6 +101,62 @@ class Rescaled(Step):
             raise CkptError(f"{self.module.name}: a {'column' if self.whole else 'row'} of W + s·ΔW is all zeros: "
                             f"DoRA's m/‖W + s·ΔW‖ has no value there")
         out.add_(delta).mul_(m / norms)
+
+
+def check_dora_scale(where: str, module: Module, key: str, weight) -> None:
+    """A LyCORIS dora_scale: one finite floating magnitude per output ([out, 1, …]) or per input
+    ([1, in, …]) of the base weight."""
+    m, shape = module.factors["dora_scale"], tuple(weight.shape)
+    fits = len(shape) >= 2 and tuple(m.shape) in _axes(shape)
+    if not fits or not m.dtype.floating:
+        shown = " or ".join(str(list(s)) for s in _axes(shape)) if len(shape) >= 2 else "none"
+        raise CkptError(f"{where}: dora_scale {list(m.shape)} {m.dtype.name} does not fit the base's {key} "
+                        f"{list(shape)}: LyCORIS holds one floating magnitude per output or per input, {shown}")
+    if not _values(m).isfinite().all():
+        raise CkptError(f"{where}: dora_scale holds NaN or infinite values; nothing was written")
+
+
+def _axes(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """dora_scale's two shapes for a weight of `shape`: per output (wd_on_out), per input."""
+    ones = (1,) * (len(shape) - 2)
+    return (shape[0], 1, *ones), (1, shape[1], *ones)
+
+
+class Decomposed(Step):
+    """LyCORIS's weight decomposition of W + s·ΔW (module docstring): `delta(lo, hi, out)` gives
+    ΔW's rows without s; the norms per row (dora_scale [out, 1, …]) made with each chunk, or per
+    input (dora_scale [1, in, …]) measured over every row first."""
+
+    def __init__(self, module: Module, delta, factor: float, multiplier: float, weight):
+        import torch
+
+        m = module.factors["dora_scale"]
+        self.module, self.delta, self.factor, self.multiplier = module, delta, factor, multiplier
+        self.whole = tuple(m.shape) != _axes(tuple(weight.shape))[0]
+        self.eps = torch.finfo(getattr(torch, m.dtype.name)).eps
+        self.squares = None  # per input: Σ V² over every other axis (float64)
+
+    def measure(self, out, lo: int, hi: int) -> None:
+        import torch
+
+        v = out + self.factor * self.delta(lo, hi, out)
+        squares = v.to(torch.float64).square().transpose(0, 1).flatten(1).sum(1)
+        self.squares = squares if self.squares is None else self.squares + squares
+
+    def rows(self, out, lo: int, hi: int) -> None:
+        out.add_(self.delta(lo, hi, out), alpha=self.factor)
+        m = _values(self.module.factors["dora_scale"]).to(out.dtype)
+        ones = [1] * (out.dim() - 2)
+        if self.whole:
+            norms = self.squares.sqrt().to(out.dtype).view(1, -1, *ones)
+            m = m.view(1, -1, *ones)
+        else:
+            norms = (out.flatten(1).norm(dim=1) if out.numel() else out.new_zeros(hi - lo)).view(-1, 1, *ones)
+            m = m[lo:hi].view(-1, 1, *ones)
+        scale = m / (norms + self.eps)
+        if self.multiplier != 1:
+            scale = self.multiplier * (scale - 1) + 1
+        out.mul_(scale)
 
 
 def _values(t):

@@ -1,6 +1,7 @@
 """LoHa (peft's `peft_type: LOHA`): W' = W + S·s·ΔW with ΔW the Hadamard product of two
 low-rank products, s = α/r, as peft's LoHa layers merge it (peft/tuners/loha/layer.py,
-`get_delta_weight`):
+`get_delta_weight`) and LyCORIS's LohaModule's forward does (a kohya/LyCORIS file's `hada_*`; with a
+`dora_scale`, kind_dora.Decomposed):
 
     ΔW = (w1_a·w1_b) ⊙ (w2_a·w2_b)                 w1_a, w2_a [out, r], w1_b, w2_b [r, in·k…]
     ΔW = rebuild(t1, w1_a, w1_b) ⊙ rebuild(t2, …)  a conv with use_effective_conv2d: t [r, r, k…],
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 
 from ...errors import CkptError
+from .kind_dora import Decomposed, check_dora_scale
 from .kinds import Added, AdapterKind, FoldKind, Layout, Module, Step
 
 PAIRS = (("w1_a", "w1_b", "t1"), ("w2_a", "w2_b", "t2"))
@@ -21,16 +23,17 @@ PAIRS = (("w1_a", "w1_b", "t1"), ("w2_a", "w2_b", "t2"))
 
 class Loha(FoldKind):
     name = AdapterKind.LOHA
-    factors = ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")  # t1, t2: a conv's, with use_effective_conv2d only
+    # t1, t2: a conv's, with use_effective_conv2d only; dora_scale: LyCORIS's weight decomposition
+    factors = ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2", "dora_scale")
 
     def check(self, where, module, key, weight, bias, square):
         f = module.factors
         cores = ("t1", "t2") if f.keys() & {"t1", "t2"} else ()  # both or neither
-        missing = [n for n in (*self.factors[:4], *cores) if n not in f]
+        missing = [n for n in (*self.factors[:4], *cores) if n not in f]  # dora_scale: its own check
         if missing:
             raise CkptError(f"{where}: a LoHa module without hada_{missing[0]}; peft saves hada_w1_a, _w1_b, _w2_a "
                             f"and _w2_b (and hada_t1, _t2 for an effective conv)")
-        if not all(t.dtype.floating for t in f.values()):
+        if not all(f[n].dtype.floating for n in self.factors[:6] if n in f):
             raise CkptError(f"{where}: LoHa factors of dtype {', '.join(sorted({t.dtype.name for t in f.values()}))}; "
                             f"expected floating point")
         if not weight.dtype.floating or not weight.is_plain:
@@ -39,12 +42,17 @@ class Loha(FoldKind):
         made = [_made(f, *pair) for pair in PAIRS]
         base = tuple(weight.shape)
         if made[0] is None or made[0] != made[1] or not _fits(made[0], base, "t1" in f):
-            shapes = ", ".join(f"{n} {list(f[n].shape)}" for n in self.factors if n in f)
+            shapes = ", ".join(f"{n} {list(f[n].shape)}" for n in self.factors[:6] if n in f)
             raise CkptError(f"{where}: LoHa factors {shapes} do not make the base's {key} {list(base)}; is this "
                             f"adapter for another model?")
+        if "dora_scale" in f:
+            check_dora_scale(where, module, key, weight)
         return Layout.CONV if len(base) > 2 else Layout.LINEAR
 
     def steps(self, module, layout, scale, weight) -> list[tuple[str, Step]]:
+        if "dora_scale" in module.factors:  # LyCORIS's weight decomposition (kind_dora.Decomposed)
+            return [("weight", Decomposed(module, lambda lo, hi, out: delta_rows(module, lo, hi, out), module.scale,
+                                          scale, weight))]
         return [("weight", Added(lambda lo, hi, out: delta_rows(module, lo, hi, out), scale * module.scale))]
 
 
@@ -56,7 +64,7 @@ def _made(f: dict, a: str, b: str, t: str) -> tuple[int, ...] | None:
     if t not in f:
         return (wa[0], wb[1]) if wa[1] == wb[0] else None
     core = tuple(f[t].shape)
-    if len(core) != 4 or core[:2] != (wa[0], wb[0]):
+    if len(core) < 3 or core[:2] != (wa[0], wb[0]):
         return None
     return (wa[1], wb[1], *core[2:])
 
@@ -81,8 +89,8 @@ def delta_rows(module: Module, lo: int, hi: int, out):
     halves = []
     for a, b, t in PAIRS:
         wa, wb = as_torch(f[a]).to(wide), as_torch(f[b]).to(wide)
-        if t in f:  # peft's make_weight_cp: rebuild[p, r, k, l] = Σ t[i, j, k, l] wb[j, r] wa[i, p]
-            halves.append(torch.einsum("ijkl,jr,ip->prkl", as_torch(f[t]).to(wide), wb, wa[:, lo:hi]))
+        if t in f:  # peft's make_weight_cp: rebuild[p, r, k…] = Σ t[i, j, k…] wb[j, r] wa[i, p]
+            halves.append(torch.einsum("ij...,jr,ip->pr...", as_torch(f[t]).to(wide), wb, wa[:, lo:hi]))
         else:
             halves.append(wa[lo:hi] @ wb)
     return (halves[0] * halves[1]).reshape(out.shape)

@@ -8,8 +8,14 @@ rule of their own) — as peft's LoKr layers merge it (peft/tuners/lokr/layer.py
                         rebuild(t2 [r, r, k…], w2_a [r, b], w2_b [r, d]) = [b, d, k…]
 
 reshaped to the base weight [a·b, c·d…] (a Linear, a Conv2d or a Conv1d). A row chunk of
-ΔW is made row by row: row b·i + j of w1 ⊗ w2 is w1[i] ⊗ w2[j] — except a Conv1d's whole 3-D
-w2, which torch.kron lays out otherwise and which is made whole for each chunk. Its entry in read.KINDS; peft.py
+ΔW is made row by row: row b·i + j of w1 ⊗ w2 is w1[i] ⊗ w2[j], from those rows of each side
+alone (a file's factors cannot make a chunk cost more than its rows) — except peft's Conv1d's
+whole 3-D w2, which torch.kron lays out otherwise and which is made whole for each chunk
+(LyCORIS's make_kron gives w1 w2's dims first, so its Conv1d's is laid out row by row).
+
+LyCORIS files (kohya.py) scale a module by α/r, r the rank of its decomposed side (w1_b's, else
+w2_b's first axis), and by 1 when neither side is decomposed, whatever α says (LyCORIS's
+LokrModule: `if use_w1 and use_w2: alpha = lora_dim`). Its entry in read.KINDS; peft.py
 reads `lokr_w1` … `lokr_t2` into Module.factors as "w1" … "t2"."""
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ from __future__ import annotations
 import math
 
 from ...errors import CkptError
+from .kind_dora import Decomposed, check_dora_scale
 from .kinds import Added, AdapterKind, FoldKind, Layout, Module, Step
 
 
 class Lokr(FoldKind):
     name = AdapterKind.LOKR
-    factors = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")  # w1 or w1_a·w1_b; w2, w2_a·w2_b or with t2
+    # w1 or w1_a·w1_b; w2, w2_a·w2_b or with t2; dora_scale: LyCORIS's weight decomposition
+    factors = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2", "dora_scale")
 
     def check(self, where, module, key, weight, bias, square):
         f = module.factors
@@ -32,7 +40,7 @@ class Lokr(FoldKind):
                 held = ", ".join(f"lokr_{n}" for n in self.factors if n in f and n.startswith(side)) or "nothing"
                 raise CkptError(f"{where}: its LoKr {side} is {held}; peft saves lokr_{side} or lokr_{side}_a and "
                                 f"_{side}_b{' (and lokr_t2 for an effective conv)' if side == 'w2' else ''}")
-        if not all(t.dtype.floating for t in f.values()):
+        if not all(f[n].dtype.floating for n in self.factors[:7] if n in f):
             raise CkptError(f"{where}: LoKr factors of dtype {', '.join(sorted({t.dtype.name for t in f.values()}))}; "
                             f"expected floating point")
         if not weight.dtype.floating or not weight.is_plain:
@@ -41,12 +49,17 @@ class Lokr(FoldKind):
         w1, w2 = (_made(f, form) for form in forms)
         base = tuple(weight.shape)
         if w1 is None or w2 is None or len(w1) != 2 or not _fits(w1, w2, base):
-            shapes = ", ".join(f"{n} {list(f[n].shape)}" for n in self.factors if n in f)
+            shapes = ", ".join(f"{n} {list(f[n].shape)}" for n in self.factors[:7] if n in f)
             raise CkptError(f"{where}: LoKr factors {shapes} do not make the base's {key} {list(base)}; is this "
                             f"adapter for another model?")
+        if "dora_scale" in f:
+            check_dora_scale(where, module, key, weight)
         return Layout.CONV if len(base) > 2 else Layout.LINEAR
 
     def steps(self, module, layout, scale, weight) -> list[tuple[str, Step]]:
+        if "dora_scale" in module.factors:  # LyCORIS's weight decomposition (kind_dora.Decomposed)
+            return [("weight", Decomposed(module, lambda lo, hi, out: delta_rows(module, lo, hi, out), module.scale,
+                                          scale, weight))]
         return [("weight", Added(lambda lo, hi, out: delta_rows(module, lo, hi, out), scale * module.scale))]
 
 
@@ -71,7 +84,7 @@ def _made(f: dict, form: tuple[str, ...]) -> tuple[int, ...] | None:
     if len(form) == 2:
         return (wa[0], wb[1])
     core = tuple(f[form[2]].shape)
-    return (wa[1], wb[1], *core[2:]) if len(core) == 4 and core[:2] == (wa[0], wb[0]) else None
+    return (wa[1], wb[1], *core[2:]) if len(core) >= 3 and core[:2] == (wa[0], wb[0]) else None
 
 
 def _fits(w1: tuple[int, ...], w2: tuple[int, ...], base: tuple[int, ...]) -> bool:
@@ -87,31 +100,38 @@ def _fits(w1: tuple[int, ...], w2: tuple[int, ...], base: tuple[int, ...]) -> bo
     return len(w2) == 2 and len(base) >= 2 and w1[1] * w2[1] == math.prod(base[1:])
 
 
-def _side(module: Module, side: str, wide):
+def _side(module: Module, side: str, wide, rows=None):
+    """One side of the product, w1 or w2 — only its `rows` (a tensor of row indices) when given, so
+    that a chunk of ΔW costs no more than its own rows, however the factors are shaped."""
     import torch
 
     from ...io.tensors import as_torch
 
     f = module.factors
     if side in f:
-        return as_torch(f[side]).to(wide)
-    wa, wb = as_torch(f[f"{side}_a"]).to(wide), as_torch(f[f"{side}_b"]).to(wide)
-    if side == "w2" and "t2" in f:  # peft's make_weight_cp: [b, d, k, l] = Σ t[i, j, k, l] wa[i, p] wb[j, r]
-        return torch.einsum("ijkl,ip,jr->prkl", as_torch(f["t2"]).to(wide), wa, wb)
-    return wa @ wb
+        whole = as_torch(f[side])
+        return (whole if rows is None else whole[rows]).to(wide)
+    wa, wb = as_torch(f[f"{side}_a"]), as_torch(f[f"{side}_b"]).to(wide)
+    if side == "w2" and "t2" in f:  # peft's make_weight_cp: [b, d, k…] = Σ t[i, j, k…] wa[i, p] wb[j, r]
+        wa = (wa if rows is None else wa[:, rows]).to(wide)
+        return torch.einsum("ij...,ip,jr->pr...", as_torch(f["t2"]).to(wide), wa, wb)
+    return (wa if rows is None else wa[rows]).to(wide) @ wb
 
 
 def delta_rows(module: Module, lo: int, hi: int, out):
     """Rows [lo, hi) of w1 ⊗ w2 (without its scale), shaped and typed as `out`."""
     import torch
 
-    w1, w2 = _side(module, "w1", out.dtype), _side(module, "w2", out.dtype)
-    if w2.dim() == 3:  # a Conv1d's whole w2 [b, d, k]: torch.kron takes w1 as [1, a, c], so peft's ΔW is
-        row = out[0].numel()  # kron(w1, w2) [b, a·d, c·k] laid out again as [a·b, c·d, k], made whole
+    f = module.factors
+    w2_rows = f["w2"].shape[0] if "w2" in f else f["w2_a"].shape[1 if "t2" in f else 0]
+    if "w2" in f and len(f["w2"].shape) == 3 and not module.lycoris:  # peft's Conv1d whole w2 [b, d, k]:
+        # torch.kron takes w1 as [1, a, c], so peft's ΔW is kron(w1, w2) [b, a·d, c·k] laid out again
+        w1, w2 = _side(module, "w1", out.dtype), _side(module, "w2", out.dtype)  # as [a·b, c·d, k], made whole
+        row = out[0].numel()
         return torch.kron(w1, w2).reshape(-1)[lo * row:hi * row].reshape(out.shape)
     rows = torch.arange(lo, hi)
-    left = w1[rows // w2.shape[0]]  # [rows, c]
-    right = w2[rows % w2.shape[0]]  # [rows, d…]
+    left = _side(module, "w1", out.dtype, rows // w2_rows)  # [rows, c]
+    right = _side(module, "w2", out.dtype, rows % w2_rows)  # [rows, d…]
     product = left.view(*left.shape, *[1] * (right.dim() - 1)) * right.unsqueeze(1)  # [rows, c, d…]
     return product.reshape(hi - lo, left.shape[1] * right.shape[1], *right.shape[2:]).reshape(out.shape)
 

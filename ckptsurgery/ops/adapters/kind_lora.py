@@ -1,7 +1,13 @@
 """LoRA: W' = W + S·s·ΔW, ΔW = B·A laid out by the module's `Layout` — what peft's
 `get_delta_weight` computes for Linear, Embedding and ConvNd (its conv form, conv(Aᵀ, B)ᵀ, is the
 same sum over r) and kohya's lora_up·lora_down. s = α/r (α/√r with rsLoRA), S the user's
---lora-scale; a peft `lora_bias` adds S·s·bias_B to the base's bias. Its entry in read.KINDS."""
+--lora-scale; a peft `lora_bias` adds S·s·bias_B to the base's bias. A LyCORIS LoCon with a Tucker
+core (`lora_mid`, a conv's use_tucker) is LoRA with a core between its factors, as LyCORIS's
+locon `diff_weight` rebuilds it:
+
+    ΔW[o, i, k…] = Σ up[o, p]·mid[p, q, k…]·down[q, i]     up [out, r, 1…], mid [r, r, k…], down [r, in, 1…]
+
+(`Module.factors["mid"]`). Its entry in read.KINDS."""
 
 from __future__ import annotations
 
@@ -20,6 +26,11 @@ def delta_rows(module: Module, layout: Layout, lo: int, hi: int, shape: tuple[in
 
     a = as_torch(module.a)
     b = as_torch(module.b)
+    if "mid" in module.factors:  # LoCon's Tucker core: Σ up[o, p] mid[p, q, k…] down[q, i]
+        import torch
+
+        mid = as_torch(module.factors["mid"]).to(wide)
+        return torch.einsum("pq...,op,qi->oi...", mid, b[lo:hi].flatten(1).to(wide), a.flatten(1).to(wide))
     if layout in TRANSPOSED:  # ΔW = (B·A)ᵀ: its rows are A's columns
         return a[:, lo:hi].to(wide).T @ b.to(wide).T
     if layout == Layout.CONV or a.dim() != 2 or b.dim() != 2:
@@ -64,11 +75,33 @@ def check_factors(where: str, module: Module, key: str, base: TensorRef, square:
     return layout
 
 
+def check_tucker(where: str, module: Module, key: str, base: TensorRef) -> Layout:
+    """A LoCon's down [r, in, 1…], mid [r, r, k…] and up [out, r, 1…] must make the base conv
+    weight [out, in, k…]."""
+    a, b, mid = (module.a, module.b, module.factors["mid"])
+    if not all(t.dtype.floating for t in (a, b, mid)):
+        raise CkptError(f"{where}: LoCon factors of dtype {a.dtype.name}/{mid.dtype.name}/{b.dtype.name}; "
+                        f"expected floating point")
+    if not base.dtype.floating or not base.is_plain:
+        raise CkptError(f"{where}: the base's {key} is {base.dtype.name}; a LoRA folds into floating-point "
+                        f"weights only")
+    sa, sb, sm = tuple(a.shape), tuple(b.shape), tuple(mid.shape)
+    made = None
+    if len(sa) == len(sb) == len(sm) >= 3 and all(s == 1 for s in (*sa[2:], *sb[2:])) and sm[:2] == (sb[1], sa[0]):
+        made = (sb[0], sa[1], *sm[2:])
+    if made != tuple(base.shape):
+        raise CkptError(f"{where}: factors lora_down {list(sa)}, lora_mid {list(sm)}, lora_up {list(sb)} do not "
+                        f"make the base's {key} {list(base.shape)}; is this adapter for another model?")
+    return Layout.CONV
+
+
 class Lora(FoldKind):
     name = AdapterKind.LORA
-    factors = ("a", "b")
+    factors = ("a", "b", "mid")  # mid: a LyCORIS LoCon's Tucker core
 
     def check(self, where, module, key, weight, bias, square):
+        if "mid" in module.factors:
+            return check_tucker(where, module, key, weight)
         layout = check_factors(where, module, key, weight, square)
         if module.bias is not None and (bias is None or bias.shape != module.bias.shape
                                         or not bias.dtype.floating):

@@ -49,6 +49,7 @@ class AdapterKind(Kind):
     IA3 = "ia3"  # W ⊙ l: each output (or, feed-forward, each input) times a learned value
     LOHA = "loha"  # W + s·(w1_a·w1_b) ⊙ (w2_a·w2_b)
     LOKR = "lokr"  # W + s·w1 ⊗ w2
+    FULL = "full"  # W + diff, b + diff_b: a whole difference (LyCORIS `full`)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Module:
     kind: AdapterKind = AdapterKind.LORA
     factors: dict[str, TensorRef] = field(default_factory=dict)
     feedforward: bool = False  # IA3: its vector scales the layer's inputs (peft's feedforward_modules), not outputs
+    lycoris: bool = False  # LoKr read from a LyCORIS/kohya file: w1 ⊗ w2 laid out as LyCORIS's make_kron does
 
 
 @dataclass

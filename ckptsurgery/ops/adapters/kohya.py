@@ -1,7 +1,16 @@
 """The kohya adapter format: one .safetensors file of `lora_unet_…` / `lora_te_…` (`lora_te1_`,
-`lora_te2_`) modules, each with lora_down.weight, lora_up.weight and an optional alpha, as
-kohya's sd-scripts write them for Stable Diffusion — its reader, and how its underscore module
-names meet a base's dotted keys. Its entry in the table of formats is read.FORMATS."""
+`lora_te2_`) or `lycoris_…` modules, as kohya's sd-scripts and LyCORIS write them — its reader,
+and how its underscore module names meet a base's dotted keys. Its entry in the table of formats
+is read.FORMATS. A module's parts say its kind (kind_<name>.py):
+
+    lora_down.weight, lora_up.weight[, lora_mid.weight]   LoRA / LoCon (mid: a Tucker conv)
+    hada_w1_a, _w1_b, _w2_a, _w2_b[, hada_t1, _t2]        LoHa
+    lokr_w1 | lokr_w1_a, _w1_b;  lokr_w2 | _w2_a, _w2_b[, lokr_t2]   LoKr
+    diff[, diff_b]                                         full (a whole difference)
+
+each with an optional `alpha` (scale α/r; none, or 0: α = r — and a LoKr with neither side
+decomposed is scaled by 1, as LyCORIS does) and an optional `dora_scale` (LyCORIS's weight
+decomposition: a LoRA/LoCon module with one is DoRA, a LoHa's or LoKr's keeps its kind)."""
 
 from __future__ import annotations
 
@@ -12,16 +21,27 @@ from typing import NoReturn
 
 from ...errors import CkptError
 from ...io import Checkpoint, TensorRef, open_checkpoint
-from .kinds import Adapter, Format, Layout, Module, suffixes
+from .kinds import Adapter, AdapterKind, Format, Layout, Module, suffixes
 from .peft import PEFT_CONFIG, PEFT_PREFIX
 
-_PREFIX = re.compile(r"lora_(?:unet|te\d?)_")
-_KEY = re.compile(r"(?P<module>lora_(?:unet|te\d?)_[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)")
+_PREFIX = re.compile(r"(?:lora_(?:unet|te\d?)|lycoris)_")
+_KEY = re.compile(r"(?P<module>(?:lora_(?:unet|te\d?)|lycoris)_[^.]+)\.(?P<part>.+)")
+
+# each part a module may hold: (the kind whose factor it is, the factor's name) — "any" parts go
+# with every kind; lora_* parts are LoRA/LoCon's (DoRA with a dora_scale)
+_PARTS = {
+    "lora_down.weight": (AdapterKind.LORA, "a"), "lora_up.weight": (AdapterKind.LORA, "b"),
+    "lora_mid.weight": (AdapterKind.LORA, "mid"),
+    **{f"hada_{n}": (AdapterKind.LOHA, n) for n in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
+    **{f"lokr_{n}": (AdapterKind.LOKR, n) for n in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")},
+    "diff": (AdapterKind.FULL, "diff"), "diff_b": (AdapterKind.FULL, "diff_b"),
+    "alpha": (None, "alpha"), "dora_scale": (None, "dora_scale"),
+}
 
 
 def recognises(path: str) -> bool:
     """Any file: the last entry of the table, whose reader says what a file is when it is not
-    a kohya LoRA (a PEFT adapter's weights, LyCORIS keys, something else)."""
+    a kohya/LyCORIS adapter (a PEFT adapter's weights, another algorithm's keys, something else)."""
     return True
 
 
@@ -39,7 +59,7 @@ def _adapter(ckpt: Checkpoint) -> Adapter:
     parts: dict[str, dict[str, TensorRef]] = OrderedDict()
     for key, t in ckpt.tensors.items():
         m = _KEY.fullmatch(key)
-        if m is None:
+        if m is None or m["part"] not in _PARTS:
             _refuse_key(where, key)
         parts.setdefault(m["module"], {})[m["part"]] = t
     if not parts:
@@ -49,29 +69,72 @@ def _adapter(ckpt: Checkpoint) -> Adapter:
 
 
 def _refuse_key(where: str, key: str) -> NoReturn:
-    """Why a key of the file is not a kohya LoRA's (raised)."""
+    """Why a key of the file is not a kohya/LyCORIS adapter's (raised)."""
     if key.startswith(PEFT_PREFIX) and ".lora_" in key:
         raise CkptError(f"{where}: a PEFT adapter's weights (key {key}); give the folder holding them and "
                         f"its {PEFT_CONFIG}")
-    if key.startswith(("lora_unet_", "lora_te")):
-        raise CkptError(f"{where}: {key}: a kind of weight not supported here (LyCORIS LoHa/LoKr, "
-                        f"lora_mid, DoRA scales); only lora_down/lora_up/alpha fold")
-    raise CkptError(f"{where}: key {key} is neither a kohya-style LoRA key (lora_unet_…/lora_te_… with "
-                    f"lora_down/lora_up/alpha) nor part of a PEFT adapter folder")
+    if _PREFIX.match(key):
+        raise CkptError(f"{where}: {key}: a kind of weight not supported here (LyCORIS's OFT, BOFT, IA3, GLoRA, "
+                        f"norms …); lora_down/_up/_mid, hada_*, lokr_*, diff/diff_b, alpha and dora_scale fold")
+    raise CkptError(f"{where}: key {key} is neither a kohya/LyCORIS adapter key (lora_unet_…/lora_te_…/lycoris_… "
+                    f"with lora_down/lora_up/alpha, hada_*, lokr_*, diff) nor part of a PEFT adapter folder")
 
 
 def _module(where: str, name: str, found: dict[str, TensorRef]) -> Module:
+    """One module: its kind from its parts (one kind's alone), its factors, its scale α/r."""
+    kinds = {_PARTS[p][0] for p in found} - {None}
+    if len(kinds) != 1:
+        held = ", ".join(sorted(found))
+        raise CkptError(f"{where}: {name} holds {held}: " + ("no factors to fold" if not kinds else
+                        f"the factors of several kinds ({', '.join(sorted(k.value for k in kinds))})"))
+    kind = kinds.pop()
+    factors = {_PARTS[p][1]: t for p, t in found.items() if p != "alpha"}
+    if kind == AdapterKind.FULL:  # LyCORIS's full: no rank, no α
+        if "alpha" in found or "dora_scale" in found:
+            raise CkptError(f"{where}: {name}: {'alpha' if 'alpha' in found else 'dora_scale'} beside diff, which "
+                            f"LyCORIS's full modules never hold")
+        return Module(name, None, None, 1.0, Layout.LINEAR, kind=kind, factors=factors)
+    if kind == AdapterKind.LORA:
+        return _lora(where, name, found, factors)
+    rank = _rank(where, name, kind, factors)
+    scale = 1.0
+    if rank:  # LoHa always; LoKr with a side decomposed (LyCORIS: α = rank when neither is, scale 1)
+        scale = _alpha(where, name, found, rank) / rank
+    return Module(name, None, None, scale, Layout.LINEAR, kind=kind, factors=factors,
+                  lycoris=kind == AdapterKind.LOKR)
+
+
+def _rank(where: str, name: str, kind: AdapterKind, factors: dict[str, TensorRef]) -> int:
+    """The rank α divides: LoHa's w1_b's first axis; LoKr's decomposed sides' (0: none is)."""
+    held = ["w1_b"] if kind == AdapterKind.LOHA else [n for n in ("w1_b", "w2_b") if n in factors]
+    ranks = {factors[n].shape[0] if factors[n].shape else 0 for n in held if n in factors}
+    if kind == AdapterKind.LOHA and not ranks:
+        return 1  # kind_loha's check names what is missing
+    if 0 in ranks or len(ranks) > 1:
+        shown = ", ".join(f"{n} {list(factors[n].shape)}" for n in held if n in factors)
+        raise CkptError(f"{where}: {name}: its ranks ({shown}) are " + ("0" if 0 in ranks else "not one rank"))
+    return ranks.pop() if ranks else 0
+
+
+def _alpha(where: str, name: str, found: dict[str, TensorRef], rank: int) -> float:
+    """α: kohya's and LyCORIS's loaders take no alpha, and an alpha of 0, as α = rank."""
+    if "alpha" not in found:
+        return float(rank)
+    return _scalar(found["alpha"], f"{where}: {name}.alpha") or float(rank)
+
+
+def _lora(where: str, name: str, found: dict[str, TensorRef], factors: dict[str, TensorRef]) -> Module:
+    """A LoRA/LoCon module (with lora_mid, a Tucker conv; with dora_scale, DoRA)."""
     if "lora_down.weight" not in found or "lora_up.weight" not in found:
         missing = "lora_down" if "lora_down.weight" not in found else "lora_up"
         raise CkptError(f"{where}: {name} has no {missing}.weight")
-    a, b = found["lora_down.weight"], found["lora_up.weight"]
+    a, b = factors.pop("a"), factors.pop("b")
     rank = a.shape[0] if a.shape else 0
     if rank == 0:
         raise CkptError(f"{where}: {name}.lora_down.weight has rank 0")
-    alpha = float(rank)
-    if "alpha" in found:  # kohya's own loader takes an alpha of 0 as "no alpha": α = rank
-        alpha = _scalar(found["alpha"], f"{where}: {name}.alpha") or float(rank)
-    return Module(name, a, b, alpha / rank, Layout.CONV if len(a.shape) > 2 else Layout.LINEAR)
+    kind = AdapterKind.DORA if "dora_scale" in factors else AdapterKind.LORA
+    return Module(name, a, b, _alpha(where, name, found, rank) / rank,
+                  Layout.CONV if len(a.shape) > 2 else Layout.LINEAR, kind=kind, factors=factors)
 
 
 def _scalar(t: TensorRef, where: str) -> float:

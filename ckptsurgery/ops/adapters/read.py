@@ -17,7 +17,7 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from . import kind_dora, kind_ia3, kind_loha, kind_lokr, kind_lora, kohya, peft
+from . import kind_dora, kind_full, kind_ia3, kind_loha, kind_lokr, kind_lora, kohya, peft
 from .kinds import Adapter, AdapterFormat, AdapterKind, FoldKind, Format, Resolver
 
 FORMATS: tuple[AdapterFormat, ...] = (
@@ -32,6 +32,7 @@ KINDS: dict[AdapterKind, FoldKind] = {kind.name: kind for kind in (
     kind_ia3.IA3,
     kind_loha.LOHA,
     kind_lokr.LOKR,
+    kind_full.FULL,
 )}
 
 
