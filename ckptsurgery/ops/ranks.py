@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, Callable, Iterator
 
 from ..errors import CkptError, UsageError
@@ -205,6 +205,7 @@ def ranks_from_environment(environ=os.environ, timeout: float = DEFAULT_TIMEOUT)
                 ranks.finish(e)
             except CkptError:  # the others are out of reach: this rank's own error says more
                 pass
+            _hold_sigterm()
             raise
         ranks.finish(None)
     except BaseException as e:
@@ -214,3 +215,13 @@ def ranks_from_environment(environ=os.environ, timeout: float = DEFAULT_TIMEOUT)
         if leave_together:
             ranks.leave()
         dist.destroy_process_group()
+
+
+def _hold_sigterm() -> None:
+    """A failed rank's cleanup is done and only its error line is left to print: torchrun's
+    SIGTERM, sent as soon as the first rank exits, would cut that line off (a busy machine
+    schedules the ranks far apart). Ignored from here on; the process exits right after."""
+    import signal
+
+    with suppress(ValueError):  # not the main thread: nothing to hold
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
