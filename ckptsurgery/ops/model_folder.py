@@ -76,8 +76,11 @@ def read_config(folder: str) -> dict | None:
         raise CkptError(f"{path}: larger than {MAX_CONFIG >> 20} MB; not a config.json")
     try:
         config = json.loads(raw.decode("utf-8-sig"))
+        json.dumps(config)  # updated_config copies it through json: nested deeper than that can, refused here
     except (UnicodeDecodeError, ValueError) as e:
         raise CkptError(f"{path}: not JSON ({e})") from None
+    except RecursionError:
+        raise CkptError(f"{path}: not JSON (nested too deeply)") from None
     if not isinstance(config, dict):
         raise CkptError(f"{path}: not a JSON object")
     return config
@@ -151,12 +154,11 @@ def _without_template(path: str) -> bytes | None:
     try:
         with open(path, "rb") as f:
             config = json.loads(f.read(MAX_CONFIG + 1).decode("utf-8-sig"))
-    except (OSError, UnicodeDecodeError, ValueError):
+        rewritten = config_bytes({k: v for k, v in config.items() if k != "chat_template"}) \
+            if isinstance(config, dict) and "chat_template" in config else None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):  # a file nested too deeply: copied as it is
         return None
-    if not isinstance(config, dict) or "chat_template" not in config:
-        return None
-    del config["chat_template"]
-    return config_bytes(config)
+    return rewritten
 
 
 def write_folder_files(folder: str, files: FolderFiles) -> list[str]:

@@ -132,7 +132,7 @@ def _combined(name: str, found: list[tuple[int, Module, str]], weights: list[flo
         a_ref = as_ref(a.reshape(rank, *first.a.shape[1:]), dtype, name)
         b_ref = as_ref(b.reshape(first.b.shape[0], rank, *first.b.shape[2:]), dtype, name)
     else:
-        u, s, vh = factor_svd(b, a)
+        u, s, vh = factor_svd(b, a, name)
         rank = max(1, min(target, len(s)))
         error = relative_error(s, rank)
         a_ref, b_ref = truncated(u, s, vh, rank, tuple(first.a.shape[1:]), tuple(first.b.shape[2:]),

@@ -86,8 +86,11 @@ def _fold_one(base: Checkpoint, adapter: Adapter, scale: float, owner: dict[str,
         bias_key = key[: -len("weight")] + "bias"
         layout = kind.check(f"{adapter.path}: {module.name}", module, key, tensors[key], tensors.get(bias_key),
                             square.get(module.name))
-        changes += [(target, step) for what, step in kind.steps(module, layout, scale, tensors[key])
-                    if (target := key if what == "weight" else bias_key) in tensors]
+        made = [(target, step) for what, step in kind.steps(module, layout, scale, tensors[key])
+                if (target := key if what == "weight" else bias_key) in tensors]
+        for target, step in made:
+            _refuse_overflowing(adapter, module, tensors[target], step)
+        changes += made
     folded: set[str] = set()
     for key, step in changes:  # none before every module is checked
         steps.setdefault(owner[key], []).append(step)
@@ -101,6 +104,22 @@ def _fold_one(base: Checkpoint, adapter: Adapter, scale: float, owner: dict[str,
     kinds = {kind.value: n for kind in KINDS if (n := sum(m.kind == kind for m, _ in found))}
     return AdapterFolded(path=adapter.path, format=adapter.format.value, scale=scale, modules=len(adapter.modules),
                          kinds=kinds, folded=len(folded), replaced=replaced, unmatched=unmatched, prefix=prefix or None)
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _refuse_overflowing(adapter: Adapter, module: Module, target: TensorRef, step: Step) -> None:
+    """A step's factor (--lora-scale × the module's scale) must be a number the fold's float32
+    (float64 for a float64 weight) holds: torch refuses to add with one beyond it."""
+    factor = getattr(step, "factor", None)
+    if not isinstance(factor, (int, float)):
+        return
+    largest = math.inf if target.dtype.name == "float64" else _FLOAT32_MAX
+    if not (math.isfinite(factor) and abs(factor) <= largest):
+        raise CkptError(f"{adapter.path}: {module.name}: its scale {factor:g} (--lora-scale times the adapter's "
+                        f"alpha/r) is beyond the range of the {'float64' if largest == math.inf else 'float32'} it "
+                        f"is folded in; nothing was written")
 
 
 def _matched(adapter: Adapter, resolve: Resolver) -> tuple[list[tuple[Module, str]], list[str]]:

@@ -81,13 +81,19 @@ def refuse_rank_past(rank: int | None, name: str, m: Module, where: str) -> None
                          f"most {min(rows, cols)})")
 
 
-def factor_svd(b, a):
-    """U, S, Vh of B·A (B [out, m], A [m, in], float64) from the factors: never ΔW itself."""
+def factor_svd(b, a, name: str = "ΔW"):
+    """U, S, Vh of B·A (B [out, m], A [m, in], float64) from the factors: never ΔW itself. Factors
+    whose product overflows float64 (lora merge's --weights times the adapters' scales) are
+    refused naming `name`, never handed to LAPACK."""
     import torch
 
     qb, rb = torch.linalg.qr(b)
     qa, ra = torch.linalg.qr(a.T)
-    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+    core = rb @ ra.T
+    if not bool(torch.isfinite(core).all()):
+        raise CkptError(f"{name}: its weighted factors overflow float64 (the weights times the adapters' alpha/r); "
+                        f"use smaller weights")
+    u, s, vh = torch.linalg.svd(core, full_matrices=False)
     return qb @ u, s, vh @ qa.T
 
 

@@ -305,6 +305,9 @@ def _lycoris_module(where: str, name: str, kind: AdapterKind, prefix: str, facto
         if t is not None and (not t.shape or t.shape[0] != r):
             raise CkptError(f"{where}: module {name}: {prefix}{factor} has rank {t.shape[0] if t.shape else 0} but "
                             f"{config_path} gives r={r:g} (rank_pattern); the file and its config disagree")
+    if not math.isfinite(alpha / r):  # a whole w1 and w2 leave r unchecked: alpha 1e300 over r 1e-300
+        raise CkptError(f"{where}: module {name}: its scale alpha/r ({alpha:g}/{r:g}) is not a finite number "
+                        f"({config_path})")
     return Module(name, None, None, alpha / r, Layout.LINEAR, kind=kind, factors=factors)
 
 

@@ -141,8 +141,9 @@ def folder_template(folder: str, notes: list[str]) -> str | None:
         if isinstance(value, dict):
             value = value.get("default")
         return value if isinstance(value, str) else None
-    except (OSError, ValueError, AttributeError) as e:
-        notes.append(f"{folder}: its chat template could not be read ({getattr(e, 'strerror', None) or e}); "
+    except (OSError, ValueError, AttributeError, TypeError, RecursionError) as e:  # TypeError: a name that is a list
+        why = "nested too deeply" if isinstance(e, RecursionError) else getattr(e, "strerror", None) or e
+        notes.append(f"{folder}: its chat template could not be read ({why}); "
                      f"chat_template: auto went on without it")
         return None
 

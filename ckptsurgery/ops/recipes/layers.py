@@ -27,7 +27,10 @@ from dataclasses import dataclass
 from ...errors import UsageError
 
 MAX_PATTERN = 1_000  # characters of --layer-pattern
-_NUMBER = re.compile(r"0|[1-9][0-9]*")  # a layer number as written: no sign, no leading zero
+# a layer number as written: no sign, no leading zero, at most 18 digits (a segment of thousands of
+# digits is no layer's number, and int() refuses past 4300)
+_DIGITS = r"0|[1-9][0-9]{0,17}"
+_NUMBER = re.compile(_DIGITS)
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ def layer_scheme(keys: Iterable[str], where: str = "model", pattern: str | None 
         raise UsageError(f"{where}: which numbered keys are the layers is ambiguous: {shown}; pass --layer-pattern "
                          f"REGEX with one group for the layer number, e.g. '{re.escape(best)}\\.(\\d+)\\.'")
     _contiguous(sorted(tensors[best]), where, f"{best}.N")
-    return LayerScheme(best, max(tensors[best]) + 1, re.compile(rf"^{re.escape(best)}\.(0|[1-9][0-9]*)(?=\.|$)"))
+    return LayerScheme(best, max(tensors[best]) + 1, re.compile(rf"^{re.escape(best)}\.({_DIGITS})(?=\.|$)"))
 
 
 def _inside(container: str, tensors: dict) -> bool:

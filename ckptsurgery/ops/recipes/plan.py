@@ -167,8 +167,10 @@ class _Context:
         return self._resolved((piece.parameters, self.recipe.parameters), key, t)
 
     def own(self, piece: Slice, source: SliceSource, key: str, t: float) -> tuple[tuple[str, Any], ...]:
-        mine = [s.parameters for s in piece.sources if s.model == source.model]
-        return self._resolved((*mine, piece.parameters, self.recipe.parameters), key, t)
+        # `source` is one of the slice's, which names each model once (_no_repeats): its own
+        # parameters are its entry's (not looked for among the slice's sources: a slice of n
+        # sources would cost n² per key)
+        return self._resolved((source.parameters, piece.parameters, self.recipe.parameters), key, t)
 
     def _resolved(self, scopes: Sequence[Settings], key: str, t: float) -> tuple[tuple[str, Any], ...]:
         named = [n for n in self.names if any(n in scope for scope in scopes)]

@@ -55,6 +55,9 @@ class Gradient:
     other values (booleans, text) are picked."""
 
     values: tuple[Scalar, ...]
+    # values.py's converted values, by conversion: a plan asks once per tensor and source, and a
+    # gradient may hold 10^5 values (each converted once, not once per tensor)
+    _converted: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -222,17 +225,21 @@ def _parse_yaml(text: str, where: str) -> Any:
         raise CkptError(f"{where}: the recipe is not valid YAML: {str(e).splitlines()[0]}") from None
     except RecursionError:
         raise CkptError(f"{where}: the recipe is nested too deeply") from None
+    except ValueError as e:  # PyYAML's int() of a number of more than 4300 digits
+        raise CkptError(f"{where}: the recipe holds a value that cannot be read ({str(e)[:80]})") from None
 
 
 def _count_values(data: Any, where: str) -> None:
     """Refuse a recipe that expands to more than MAX_VALUES values, or holds itself, without
-    expanding it: each distinct object (YAML aliases share them) is sized once."""
+    expanding it: each distinct object (YAML aliases share them) is sized once. The tuples of
+    `!!pairs` and `!!omap` are containers too: their anchors and aliases count as a list's."""
     sizes: dict[int, int] = {}
     open_: set[int] = set()  # being sized: meeting one again is a cycle (`&a [*a]`)
     stack: list[tuple[Any, bool]] = [(data, False)]
     while stack:
         node, done = stack.pop()
-        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node if isinstance(node, list) else []
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else \
+            list(node) if isinstance(node, (list, tuple)) else []
         if not done:
             if id(node) in sizes:
                 continue
@@ -360,11 +367,22 @@ def _gradient(data: list, where: str, at: str) -> Gradient:
 def _scalar(data: Any, where: str, at: str) -> Scalar:
     if isinstance(data, float) and not math.isfinite(data):
         raise UsageError(f"{where}: {at}: {data} is not a finite number")
+    if isinstance(data, int) and not isinstance(data, bool) and not _fits_float(data):
+        raise UsageError(f"{where}: {at}: {str(data)[:40]}… is beyond a float's range")
     if isinstance(data, (bool, int, float, str)):
         return data
     shown = "a list mixing values and {filter, value} entries" if isinstance(data, (list, dict)) else _kind(data)
     raise UsageError(f"{where}: {at} must be a number, true/false, text, a list of them (a gradient) or "
                      f"{{filter, value}} entries, not {shown}")
+
+
+def _fits_float(value: int) -> bool:
+    """A whole number a float can hold (a parameter's value is made one: mergekit's pydantic float)."""
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def _required_model(data: dict, where: str, at: str) -> ModelRef:

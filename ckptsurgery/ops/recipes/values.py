@@ -40,7 +40,7 @@ def evaluate(setting: Setting, tensor: str, t: float = 0.0, coerce: Coerce | Non
         entry = first_match(setting.entries, tensor)
         return None if entry is None else evaluate(entry.value, tensor, t, coerce)
     if isinstance(setting, Gradient):
-        return _at(setting.values, t, coerce)
+        return _at(setting, t, coerce)
     return coerce(setting)
 
 
@@ -51,17 +51,29 @@ def first_match(entries: Iterable[Conditional], tensor: str) -> Conditional | No
     return None
 
 
-def _at(values: tuple, t: float, coerce: Coerce) -> Any:
-    if not values:
+def _at(gradient: Gradient, t: float, coerce: Coerce) -> Any:
+    if not gradient.values:
         return None
-    values = [coerce(v) for v in values]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+    values, numbers = _converted(gradient, coerce)
+    if not numbers:
         return values[int(t * (len(values) - 1))]
     scaled = t * (len(values) - 1)
     i0 = int(scaled)
     i1 = min(len(values) - 1, i0 + 1)
     frac = scaled - i0
     return coerce((1 - frac) * values[i0] + frac * values[i1])
+
+
+def _converted(gradient: Gradient, coerce: Coerce) -> tuple[list, bool]:
+    """The gradient's values converted by `coerce`, and whether they are all numbers: worked out
+    once per gradient and conversion (the work of a plan grows with its tensors, not with the
+    product of its tensors and a gradient's length)."""
+    found = gradient._converted.get(coerce)
+    if found is None:
+        values = [coerce(v) for v in gradient.values]
+        found = gradient._converted[coerce] = (
+            values, all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values))
+    return found
 
 
 def resolve(scopes: Iterable[Settings | None], name: str, tensor: str, t: float = 0.0,
