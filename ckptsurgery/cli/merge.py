@@ -63,9 +63,9 @@ def merge(
     parameters: dict = None,  # the merge methods' parameters: options made from their declarations
     dtype: Annotated[Optional[CastTo], typer.Option("--dtype", help="Cast the floating tensors written (default: as the base/first model).", show_default=False)] = None,
     lora: Annotated[Optional[list[str]], typer.Option(
-        "--lora", metavar="ADAPTER", help="Fold this adapter into the one SOURCE: a PEFT folder (LoRA, DoRA, IA3, LoHa, LoKr) or a kohya LoRA .safetensors; repeatable.", show_default=False, rich_help_panel=LORA)] = None,
+        "--lora", metavar="ADAPTER", help="Fold this adapter into the one SOURCE: a PEFT folder (LoRA, DoRA, IA3, LoHa, LoKr), a kohya/LyCORIS .safetensors (LoRA, LoCon, LoHa, LoKr, full, dora_scale) or a diffusers LoRA file; repeatable.", show_default=False, rich_help_panel=LORA)] = None,
     lora_scale: Annotated[Optional[list[float]], typer.Option(
-        "--lora-scale", metavar="S", help="With --lora: multiplies alpha/r (default 1; DoRA: inside the norm; IA3 takes none); once for all, or once per --lora in order.", show_default=False, rich_help_panel=LORA)] = None,
+        "--lora-scale", metavar="S", help="With --lora: multiplies alpha/r (default 1; PEFT DoRA: inside the norm; LyCORIS dora_scale: its multiplier; IA3 takes none); once for all, or once per --lora in order.", show_default=False, rich_help_panel=LORA)] = None,
     allow_unmatched: Annotated[bool, typer.Option(
         "--allow-unmatched", help="With --lora: fold what matches, list LoRA weights matching no base weight.", rich_help_panel=LORA)] = False,
     config: Annotated[Optional[str], typer.Option(

@@ -216,7 +216,7 @@ class AdapterFolded(Report):
     """One adapter of `merge --lora`."""
 
     path: str = entry("The adapter as given.")
-    format: str = entry("`peft` or `kohya`.")
+    format: str = entry("`peft`, `diffusers` or `kohya` (kohya and LyCORIS files).")
     scale: float = entry("Its `--lora-scale`.")
     modules: int = entry("LoRA modules it holds.")
     kinds: dict[str, int] = entry("Its modules that fold, per kind: `lora` (LyCORIS LoCon too), `dora` (PEFT "

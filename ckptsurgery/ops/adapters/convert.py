@@ -31,8 +31,8 @@ def convert_adapter(adapter: str, write: WriteOptions, *, to: str, base: str | N
     """The adapter at `write.output` in format `to` ("peft": a folder, "kohya": a .safetensors
     file); `base` (needed for "peft" from kohya) names the modules."""
     write = check_write_options(write)
-    if to not in tuple(Format):
-        raise UsageError(f"--to {to!r}: expected one of {', '.join(Format)}")
+    if to not in (Format.PEFT, Format.KOHYA):
+        raise UsageError(f"--to {to!r}: expected one of {Format.PEFT}, {Format.KOHYA}")
     to = Format(to)
     metadata = adapter_write(write)
     with ExitStack() as stack:

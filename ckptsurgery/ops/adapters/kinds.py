@@ -37,7 +37,8 @@ class Format(Kind):
     """An adapter format; the value is the report's `format`. Each has one entry in read.FORMATS."""
 
     PEFT = "peft"  # a peft adapter folder: adapter_config.json + adapter_model.safetensors (or .bin)
-    KOHYA = "kohya"  # one .safetensors file of lora_unet_…/lora_te…_ keys with lora_down/lora_up/alpha
+    KOHYA = "kohya"  # one .safetensors file of lora_unet_…/lora_te…_/lycoris_… keys (LoRA, LoCon, LoHa, LoKr, full)
+    DIFFUSERS = "diffusers"  # one file of unet./transformer./text_encoder. keys with lora_A/lora_B (lora.down/up)
 
 
 class AdapterKind(Kind):
@@ -186,8 +187,9 @@ class AdapterFormat:
 
     Args:
         name: the Format member (the report's `format`).
-        recognises: whether a path given to `--lora` is of this format, from the path alone;
-            the table is tried in order and its last entry takes whatever is left.
+        recognises: whether a path given to `--lora` is of this format, from the path (and,
+            for a file without a config, its key names: no tensor data); the table is tried in
+            order and its last entry takes whatever is left.
         read: path -> Adapter, its checkpoints open until Adapter.close (a reader that raises
             closes what it opened).
         resolver: the base's keys -> a Resolver for one adapter.

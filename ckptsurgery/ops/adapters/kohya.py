@@ -120,7 +120,7 @@ def _alpha(where: str, name: str, found: dict[str, TensorRef], rank: int) -> flo
     """α: kohya's and LyCORIS's loaders take no alpha, and an alpha of 0, as α = rank."""
     if "alpha" not in found:
         return float(rank)
-    return _scalar(found["alpha"], f"{where}: {name}.alpha") or float(rank)
+    return scalar(found["alpha"], f"{where}: {name}.alpha") or float(rank)
 
 
 def _lora(where: str, name: str, found: dict[str, TensorRef], factors: dict[str, TensorRef]) -> Module:
@@ -137,7 +137,7 @@ def _lora(where: str, name: str, found: dict[str, TensorRef], factors: dict[str,
                   Layout.CONV if len(a.shape) > 2 else Layout.LINEAR, kind=kind, factors=factors)
 
 
-def _scalar(t: TensorRef, where: str) -> float:
+def scalar(t: TensorRef, where: str) -> float:
     from ...io.tensors import values
 
     if t.numel != 1 or not t.dtype.floating and t.dtype.kind != "int":

@@ -29,6 +29,9 @@ NOT_FOR_ADAPTERS = ("format", "max_shard_size", "jobs", "no_metadata", "ranks")
 
 def plain_modules(adapter: Adapter) -> list[Module]:
     """The adapter's modules, each a plain LoRA (A, B, scale); anything else refused, named."""
+    if adapter.format not in (Format.PEFT, Format.KOHYA):
+        raise CkptError(f"{adapter.path}: a {adapter.format} adapter; the lora group combines, resizes and converts "
+                        f"PEFT folders and kohya files (merge --lora folds this one)")
     for name in adapter.replaced:
         raise CkptError(f"{adapter.path}: {name} is a whole tensor (modules_to_save, a trained bias), not a LoRA "
                         f"module; only plain LoRA modules (A, B, scale) are combined, resized or converted")
@@ -37,6 +40,7 @@ def plain_modules(adapter: Adapter) -> list[Module]:
         extra = [f.name for f in fields(m) if f.name not in _PLAIN_FIELDS and _given(getattr(m, f.name))]
         what = (f"a module of kind {kind}" if kind != "lora" else f"layout {m.layout}" if m.layout not in PLAIN
                 else "a LoRA bias (lora_bias)" if m.bias is not None
+                else f"{', '.join(m.factors)} beside A and B (a LoCon's Tucker core: lora_mid)" if m.factors
                 else f"{', '.join(extra)} beside its factors" if extra else None)
         if what:
             raise CkptError(f"{adapter.path}: {m.name}: {what}; only plain LoRA modules (A, B, scale) are combined, "

@@ -63,7 +63,7 @@ def read(path: str) -> Adapter:
         raise CkptError(f"{path}: no {PEFT_CONFIG} in this folder; a PEFT adapter folder holds it beside "
                         f"adapter_model.safetensors (or give a kohya-style .safetensors file)")
     config = _read_json(config_path)
-    _check_kind(config, config_path)
+    check_kind(config, config_path)
     ckpt = open_checkpoint(_weights_file(folder, path))
     try:
         read_kind = {"IA3": _ia3_adapter, "LOHA": _lycoris_adapter, "LOKR": _lycoris_adapter}
@@ -96,7 +96,7 @@ def _read_json(path: str) -> dict:
     return doc
 
 
-def _check_kind(config: dict, config_path: str) -> None:
+def check_kind(config: dict, config_path: str) -> None:
     """A kind that folds: peft_type IA3, LOHA, LOKR, or LORA (DoRA too) without the UNSUPPORTED
     variants or a residual initialisation."""
     peft_type = config.get("peft_type")
@@ -123,7 +123,7 @@ def _weights_file(folder: str, given: str) -> str:
     return weights[0]
 
 
-def _number(config: dict, key: str, where: str, default=None) -> float:
+def number(config: dict, key: str, where: str, default=None) -> float:
     value = config.get(key, default)
     # an int beyond a float's range (JSON allows 1e400 written out) is no rank or alpha either
     if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > 1e300 \
@@ -133,10 +133,10 @@ def _number(config: dict, key: str, where: str, default=None) -> float:
 
 
 def _adapter(ckpt: Checkpoint, config: dict, config_path: str) -> Adapter:
-    defaults = (_number(config, "r", config_path, 8), _number(config, "lora_alpha", config_path, 8))
+    defaults = (number(config, "r", config_path, 8), number(config, "lora_alpha", config_path, 8))
     parts, magnitudes, replaced = _parts(ckpt)
     patterns = ConfigPatterns(config, config_path, len(parts))
-    modules = [_dora(ckpt.path, _module(ckpt.path, name, layout, found, config, config_path, defaults, patterns),
+    modules = [_dora(ckpt.path, lora_module(ckpt.path, name, layout, found, config, config_path, defaults, patterns),
                      magnitudes.pop(name, None), bool(config.get("use_dora")))
                for (name, layout), found in parts.items()]
     if magnitudes:
@@ -284,7 +284,7 @@ def _lycoris_adapter(ckpt: Checkpoint, config: dict, config_path: str) -> Adapte
     if len(adapter_names) > 1:
         raise CkptError(f"{where}: holds several adapters ({', '.join(sorted(adapter_names))}); save each on "
                         f"its own and give one --lora per adapter")
-    defaults = (_number(config, "r", config_path, 8), _number(config, "alpha", config_path, 8))
+    defaults = (number(config, "r", config_path, 8), number(config, "alpha", config_path, 8))
     patterns = ConfigPatterns(config, config_path, len(found))
     return Adapter(ckpt.path, Format.PEFT, [_lycoris_module(where, name, kind, prefix, factors, config, config_path,
                                                             defaults, patterns) for name, factors in found.items()],
@@ -298,8 +298,8 @@ def _lycoris_module(where: str, name: str, kind: AdapterKind, prefix: str, facto
         raise CkptError(f"{where}: holds weights for {name}, which target_modules in {config_path} does not "
                         f"select (peft would ignore them); fix the config or the file")
     r_key, a_key = patterns.rank.first(name), patterns.alpha.first(name)
-    r = _number(config.get("rank_pattern") or {}, r_key, config_path) if r_key is not None else defaults[0]
-    alpha = _number(config.get("alpha_pattern") or {}, a_key, config_path) if a_key is not None else defaults[1]
+    r = number(config.get("rank_pattern") or {}, r_key, config_path) if r_key is not None else defaults[0]
+    alpha = number(config.get("alpha_pattern") or {}, a_key, config_path) if a_key is not None else defaults[1]
     for factor in ("w1_b", "w2_b"):  # [r, …] in both kinds, whenever a side is decomposed
         t = factors.get(factor)
         if t is not None and (not t.shape or t.shape[0] != r):
@@ -311,7 +311,7 @@ def _lycoris_module(where: str, name: str, kind: AdapterKind, prefix: str, facto
     return Module(name, None, None, alpha / r, Layout.LINEAR, kind=kind, factors=factors)
 
 
-def _module(where: str, name: str, layout: Layout, found: dict[str, TensorRef], config: dict, config_path: str,
+def lora_module(where: str, name: str, layout: Layout, found: dict[str, TensorRef], config: dict, config_path: str,
             defaults: tuple[float, float], patterns: ConfigPatterns) -> Module:
     """One module: its factors checked against the config, its rank and alpha (rank_pattern,
     alpha_pattern, rsLoRA), its layout (conv by A's shape, linear-t with fan_in_fan_out)."""
@@ -325,8 +325,8 @@ def _module(where: str, name: str, layout: Layout, found: dict[str, TensorRef], 
                         f"select (peft would ignore them); fix the config or the file")
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     r_key, a_key = patterns.rank.first(name), patterns.alpha.first(name)
-    r = _number(rank_pattern, r_key, config_path) if r_key is not None else defaults[0]
-    alpha = _number(alpha_pattern, a_key, config_path) if a_key is not None else defaults[1]
+    r = number(rank_pattern, r_key, config_path) if r_key is not None else defaults[0]
+    alpha = number(alpha_pattern, a_key, config_path) if a_key is not None else defaults[1]
     a, b = found["A"], found["B"]
     if layout == Layout.LINEAR and len(a.shape) > 2:
         layout = Layout.CONV

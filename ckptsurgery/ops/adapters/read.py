@@ -17,11 +17,14 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from . import kind_dora, kind_full, kind_ia3, kind_loha, kind_lokr, kind_lora, kohya, peft
+from . import diffusers, kind_dora, kind_full, kind_ia3, kind_loha, kind_lokr, kind_lora, kohya, peft
 from .kinds import Adapter, AdapterFormat, AdapterKind, FoldKind, Format, Resolver
 
 FORMATS: tuple[AdapterFormat, ...] = (
     AdapterFormat(Format.PEFT, recognises=peft.recognises, read=peft.read, resolver=peft.PeftResolver),
+    # a file of diffusers' keys (unet.…lora_A.weight): named as peft's modules are, one prefix off
+    AdapterFormat(Format.DIFFUSERS, recognises=diffusers.recognises, read=diffusers.read,
+                  resolver=peft.PeftResolver),
     # last: takes any file, and its reader says what a file of another kind is
     AdapterFormat(Format.KOHYA, recognises=kohya.recognises, read=kohya.read, resolver=kohya.KohyaResolver),
 )
@@ -48,7 +51,7 @@ def resolver(adapter: Adapter, keys: list[str]) -> Resolver:
 
 @contextmanager
 def read_adapter(path: str) -> Iterator[Adapter]:
-    """A PEFT adapter folder (or its adapter_model file) or a kohya-style .safetensors file,
+    """A PEFT adapter folder (or its adapter_model file), a diffusers or a kohya/LyCORIS file,
     open until the block ends (its tensors are read lazily, when the output is written)."""
     path = os.fspath(path)
     adapter = format_of(path).read(path)
