@@ -130,6 +130,23 @@ def test_a_config_json_nested_too_deeply_is_one_line(cli, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_recipe_read_from_a_pipe_is_the_recipe_the_folder_keeps(tmp_path):
+    """The recipe was read twice, the second time for the folder's copy: from `--config /dev/stdin`
+    that copy (and the model card's recipe) came out empty, and a file changed between the two
+    reads would be kept as a recipe other than the one that ran."""
+    import subprocess
+    import sys
+
+    a, b = models(tmp_path)
+    text = f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: {b}\n" \
+           f"    parameters: {{weight: 3}}\n"
+    run = subprocess.run([sys.executable, "-m", "ckptsurgery", "merge", "--config", "/dev/stdin", "-o",
+                          tmp_path / "out"], input=text, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "out" / "ckptsurgery_recipe.yml").read_text() == text
+    assert text.rstrip("\n") in (tmp_path / "out" / "README.md").read_text()
+
+
 # ---- layers: diff --by-layer and recipes -----------------------------------------------------
 
 def test_a_key_numbered_with_thousands_of_digits_is_outside_the_layers(cli, tmp_path):

@@ -32,7 +32,6 @@ import os
 import re
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from ...dtypes import CAST_TARGETS, DType
@@ -44,10 +43,11 @@ from .. import methods
 from ..methods import MergeMethod, Parameter
 from ..model_folder import FolderFiles, FolderPlan, folder_files, write_folder_files
 from ..options import WriteOptions, check_write_options
-from ..recipes import ModelRef, Planned, Recipe, RecipePlan, Role, Source, load_recipe, plan_lines, plan_recipe
+from ..recipes import ModelRef, Planned, Recipe, RecipePlan, Role, Source, plan_lines, plan_recipe
 from ..recipes import TokenizerKind, refuse_unknown_parameters
 from ..recipes.chat_templates import template_models
 from ..recipes.layers import layer_scheme
+from ..recipes.schema import read_recipe
 from ..reports import RecipeReport
 from ..write import FolderOutput, write_checkpoint
 from .by_method import read_values, streamed_tensor
@@ -100,9 +100,8 @@ def _loaded(recipe) -> tuple[Recipe, str | None, str | None]:
     if isinstance(recipe, Recipe):
         return recipe, None, None
     path = os.fspath(recipe)
-    loaded = load_recipe(Path(path))  # reads and checks the file (bounded, UTF-8)
-    with open(path, encoding="utf-8", newline="") as f:
-        return loaded, f.read(), path
+    loaded, text = read_recipe(path)  # the file read once (bounded, UTF-8): the recipe and its text
+    return loaded, text, path
 
 
 def _shown(model: ModelRef | None) -> str | None:

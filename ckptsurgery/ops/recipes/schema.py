@@ -182,15 +182,25 @@ def load_recipe(source: str | os.PathLike) -> Recipe:
     A file that cannot be read or is not YAML is a CkptError; a recipe that is not mergekit's
     schema a UsageError naming the key and where it is."""
     if isinstance(source, os.PathLike):
-        where, text = str(source), _read(Path(source))
-    else:
-        where, text = "recipe", source
+        return read_recipe(source)[0]
+    return _from_text(source, "recipe")
+
+
+def read_recipe(path: str | os.PathLike) -> tuple[Recipe, str]:
+    """A recipe file read once (bounded, UTF-8): the recipe and the file's exact text (a BOM kept),
+    which a merged folder keeps as its copy of the recipe — read again, a pipe (`--config
+    /dev/stdin`) would give nothing and a file changed meanwhile another recipe."""
+    raw = _read_bytes(Path(path))
+    return _from_text(_decoded(raw, Path(path)), str(path)), raw.decode("utf-8")
+
+
+def _from_text(text: str, where: str) -> Recipe:
     data = _parse_yaml(text, where)
     _count_values(data, where)
     return _recipe(data, where)
 
 
-def _read(path: Path) -> str:
+def _read_bytes(path: Path) -> bytes:
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -201,6 +211,10 @@ def _read(path: Path) -> str:
         raise CkptError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
     if len(raw) > MAX_BYTES:  # grew while read, or not a regular file
         raise CkptError(f"{path}: too large for a recipe (at most {MAX_BYTES >> 20} MB)")
+    return raw
+
+
+def _decoded(raw: bytes, path: Path) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
