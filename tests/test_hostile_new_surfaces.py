@@ -59,6 +59,12 @@ def test_a_whole_number_no_float_holds_is_one_line(cli, tmp_path, number, code, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("model", ['"m\\0x"', '"m+a\\0b"'])
+def test_a_model_path_with_a_nul_is_one_line(cli, tmp_path, model):
+    config = recipe_file(tmp_path, f"merge_method: linear\nmodels: [{{model: {model}}}]\n")
+    assert_one_error_line(cli("merge", "--config", config, "-o", tmp_path / "out"), "NUL", code=2)
+
+
 def test_a_long_gradient_is_converted_once_not_once_per_tensor(tmp_path):
     """A gradient of n values on a model of k keys: n conversions, not n·k (a 360 KB recipe took
     29 s on a 1001-key model)."""

@@ -428,6 +428,8 @@ def _model(data: Any, where: str, at: str) -> ModelRef:
 def _path(text: str, where: str, at: str) -> str:
     if not text:
         raise UsageError(f"{where}: {at}: an empty path")
+    if "\0" in text:  # no file has one: os.stat refused it in the catch-all
+        raise UsageError(f"{where}: {at} {text!r}: a path with a NUL character")
     if "@" in text:  # mergekit's hub revision (`repo@rev`)
         raise UsageError(f"{where}: {at} {text!r}: `@revision` names a hub revision; ckptsurgery reads local paths "
                          f"(download the revision first)")
