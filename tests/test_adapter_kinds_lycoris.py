@@ -206,3 +206,23 @@ def test_names_matching_two_modules_are_refused(cli, tmp_path):
     save_file({f"lycoris_lin.{k}": v for k, v in LOHA.items()}, str(adapter))
     result = cli("merge", base, "--lora", adapter, "-o", tmp_path / "out.safetensors")
     assert_one_error_line(result, "lycoris_lin", "a.lin", "b.lin")
+
+
+@pytest.mark.parametrize("case", ["loha", "loha-dora", "lokr", "lokr-whole", "locon-tucker-dora", "full"])
+def test_a_float16_file_folds_as_lycoris_loads_it(cli, tmp_path, case):
+    """A file saved in float16 (save_weights' dtype) and read back by LyCORIS's own loader
+    (create_lycoris_from_weights, into a float32 model): its forward is our fold's."""
+    from lycoris import create_lycoris_from_weights
+
+    base_sd, _, network = trained(case)
+    path = tmp_path / "half.safetensors"
+    network.save_weights(str(path), torch.float16, None)
+    assert {v.dtype for v in load_file(path).values()} == {torch.float16}
+    torch.manual_seed(0)
+    net = Net()
+    loaded, _ = create_lycoris_from_weights(1.0, str(path), net)
+    loaded.apply_to()
+    with torch.no_grad():
+        forward = net.eval()(*inputs())
+    got, _ = fold(cli, tmp_path, base_sd, path)
+    assert_forward_equal(got, forward)

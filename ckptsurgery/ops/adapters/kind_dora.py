@@ -22,7 +22,8 @@ kinds use too:
     V = W + s·ΔW,   W' = V ⊙ (S·(m/(‖V‖ + ε) − 1) + 1)
 
 the norm per output (dora_scale [out, 1, …], `wd_on_out`, LyCORIS's default) or per input
-(`[1, in, …]`), told by its shape; ε is the float epsilon of dora_scale's dtype; W the weight as
+(`[1, in, …]`), told by its shape; ε is the float epsilon of the dtype it is computed in (float32,
+float64 for a float64 weight: LyCORIS's in a float32 model, ComfyUI's); W the weight as
 the adapters before left it; S, the user's --lora-scale, is LyCORIS's multiplier, which moves
 the rescale and not ΔW (S = 0 leaves W + s·ΔW, as LyCORIS's forward does)."""
 
@@ -128,12 +129,9 @@ class Decomposed(Step):
     input (dora_scale [1, in, …]) measured over every row first."""
 
     def __init__(self, module: Module, delta, factor: float, multiplier: float, weight):
-        import torch
-
         m = module.factors["dora_scale"]
         self.module, self.delta, self.factor, self.multiplier = module, delta, factor, multiplier
         self.whole = tuple(m.shape) != _axes(tuple(weight.shape))[0]
-        self.eps = torch.finfo(getattr(torch, m.dtype.name)).eps
         self.squares = None  # per input: Σ V² over every other axis (float64)
 
     def measure(self, out, lo: int, hi: int) -> None:
@@ -144,6 +142,8 @@ class Decomposed(Step):
         self.squares = squares if self.squares is None else self.squares + squares
 
     def rows(self, out, lo: int, hi: int) -> None:
+        import torch
+
         out.add_(self.delta(lo, hi, out), alpha=self.factor)
         m = _values(self.module.factors["dora_scale"]).to(out.dtype)
         ones = [1] * (out.dim() - 2)
@@ -153,7 +153,7 @@ class Decomposed(Step):
         else:
             norms = (out.flatten(1).norm(dim=1) if out.numel() else out.new_zeros(hi - lo)).view(-1, 1, *ones)
             m = m[lo:hi].view(-1, 1, *ones)
-        scale = m / (norms + self.eps)
+        scale = m / (norms + torch.finfo(out.dtype).eps)
         if self.multiplier != 1:
             scale = self.multiplier * (scale - 1) + 1
         out.mul_(scale)
