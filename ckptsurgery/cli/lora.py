@@ -46,7 +46,7 @@ EnergyOpt = Annotated[Optional[float], typer.Option(
 @output_options()
 def fold(
     base: Annotated[str, typer.Argument(metavar="BASE", help="The checkpoint the adapters were trained on.", show_default=False)],
-    adapters: Annotated[list[str], typer.Argument(metavar="ADAPTER...", help="PEFT adapter folders or kohya .safetensors files, folded in order.", show_default=False)],
+    adapters: Annotated[list[str], typer.Argument(metavar="ADAPTER...", help="PEFT adapter folders, kohya/LyCORIS or diffusers .safetensors files, folded in order.", show_default=False)],
     scale: Annotated[Optional[list[float]], typer.Option(
         "--scale", metavar="S", show_default=False, help="Multiplies alpha/r (default 1); once for all, or once per ADAPTER in order.")] = None,
     allow_unmatched: Annotated[bool, typer.Option("--allow-unmatched", help="Fold what matches, list LoRA weights matching no base weight.")] = False,
@@ -55,7 +55,7 @@ def fold(
     *,
     out: OutputOptions,
 ) -> None:
-    """Fold LoRA adapters into their base: W + S·(α/r)·B·A per adapted weight (merge BASE --lora ADAPTER)."""
+    """Fold adapters into their base: W + S·(α/r)·B·A per LoRA weight, each other kind by its rule (merge BASE --lora ADAPTER)."""
     if not all(math.isfinite(s) for s in scale or []):
         raise UsageError("--scale must be a finite number")
     if scale and len(scale) not in (1, len(adapters)):  # checked here: fold_adapters would name --lora-scale
