@@ -27,8 +27,8 @@ from .peft import PEFT_CONFIG, PEFT_PREFIX
 _PREFIX = re.compile(r"(?:lora_(?:unet|te\d?)|lycoris)_")
 _KEY = re.compile(r"(?P<module>(?:lora_(?:unet|te\d?)|lycoris)_[^.]+)\.(?P<part>.+)")
 
-# each part a module may hold: (the kind whose factor it is, the factor's name) — "any" parts go
-# with every kind; lora_* parts are LoRA/LoCon's (DoRA with a dora_scale)
+# each part a module may hold: (the kind whose factor it is, the factor's name) — kind None: a part
+# of any kind; lora_* parts are LoRA/LoCon's (DoRA with a dora_scale)
 _PARTS = {
     "lora_down.weight": (AdapterKind.LORA, "a"), "lora_up.weight": (AdapterKind.LORA, "b"),
     "lora_mid.weight": (AdapterKind.LORA, "mid"),
