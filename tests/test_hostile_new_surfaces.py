@@ -215,3 +215,44 @@ def test_lora_merge_svd_of_weights_overflowing_float64_is_one_line(cli, tmp_path
                  "-o", tmp_path / "merged")
     assert_one_error_line(result, "overflow float64")
     assert not (tmp_path / "merged").exists()
+
+
+def stride0_adapter(tmp_path, rank: int = 600):
+    """A 2 KB .bin adapter whose factors claim rank 600 from one stored float each (stride 0)."""
+    path = tmp_path / "stride0"
+    path.mkdir()
+    torch.save({"base_model.model.lin.lora_A.weight": torch.ones(1).expand(rank, 600),
+                "base_model.model.lin.lora_B.weight": torch.ones(1).expand(4, rank)}, path / "adapter_model.bin")
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": rank,
+                                                          "target_modules": ["lin"]}))
+    return path
+
+
+@pytest.mark.parametrize("command", [["resize", "--rank", "1"], ["merge", "--combine", "svd"]])
+def test_the_lora_group_refuses_factors_repeated_far_past_what_the_file_holds(cli, tmp_path, command):
+    """A 1.9 KB .bin with rank-16000 stride-0 factors held lora resize for 317 s of CPU and 1.5 GB
+    (and SIGTERM waited for LAPACK); its work is bounded by what the file holds, as extract's."""
+    adapter = stride0_adapter(tmp_path)
+    extra = [adapter] if command[0] == "merge" else []
+    result = cli("lora", command[0], adapter, *extra, *command[1:], "-o", tmp_path / "out")
+    assert_one_error_line(result, "stride 0", "[600, 600]")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_lora_groups_svd_runs_where_ctrl_c_and_sigterm_need_not_wait_for_it(cli, tmp_path, monkeypatch):
+    """QR and SVD run in extract's worker thread: the main thread waits in Python, where a signal
+    is handled at once (a QR of a large factor is minutes in LAPACK)."""
+    import threading
+
+    adapter = peft_folder(tmp_path, "lora", {"peft_type": "LORA", "r": 2, "lora_alpha": 2},
+                          {"lora_A.weight": torch.randn(2, 6), "lora_B.weight": torch.randn(4, 2)})
+    threads, qr = [], torch.linalg.qr
+
+    def recorded(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return qr(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "qr", recorded)
+    result = cli("lora", "resize", adapter, "--rank", "1", "-o", tmp_path / "out")
+    assert result.code == 0, result.err
+    assert threads and set(threads) == {"ckptsurgery-svd"}, threads

@@ -19,7 +19,9 @@ from ...io.model import computed_tensor
 from ..options import WriteOptions, check_write_options
 from ..reports import ExtractReport, Extracted
 from .kinds import TRANSPOSED, Layout
-from .lowrank import check_rank, energy_rank
+from .lowrank import REPEATED_LIMIT, check_rank, energy_rank
+from .lowrank import interruptible as _interruptible
+from .lowrank import stored as _stored
 from .output import Written, check_folder, peft_config, write_peft
 from .peft import PEFT_CONFIG, PEFT_WEIGHTS
 
@@ -33,12 +35,6 @@ EMBEDDING_NAMES = frozenset({
 
 # what an adapter folder is not: a .pth, shards, a DCP folder, a job's ranks, an input's metadata
 NOT_FOR_ADAPTERS = ("format", "max_shard_size", "jobs", "no_metadata", "ranks")
-
-# A view may repeat the few values its file stores (stride 0: one float "viewed" as 6144 × 6144 in
-# a 1.4 KB .pth; the readers allow up to 256 MiB of such repeats per file). Its SVD costs what its
-# shape says, minutes, not what the files hold, so a weight whose elements BASE and TUNED store
-# less than half of is refused past this many elements (512 × 512: below it, an SVD takes a moment).
-REPEATED_LIMIT = 1 << 18
 
 
 def is_embedding(module: str) -> bool:
@@ -242,14 +238,6 @@ def _differs(a: TensorRef, b: TensorRef) -> bool:
     return not torch.equal(x.to(common), y.to(common))
 
 
-def _stored(t: TensorRef) -> int:
-    """How many of `t`'s elements its file holds: all of them, or for a view whose elements
-    overlap (stride 0, an expanded or broadcast tensor) the span of storage it covers."""
-    if t.numel <= 1 or not t.repeated_bytes():
-        return t.numel
-    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride))
-
-
 def _check_stored(key: str, a: TensorRef, b: TensorRef) -> None:
     """Refuse a weight whose elements BASE and TUNED both hold far fewer of (REPEATED_LIMIT)."""
     numel = max(a.numel, b.numel)
@@ -386,28 +374,3 @@ class _SvdCache:
             return to_bytes(value.to(getattr(torch, dtype.name)).contiguous())
 
         return make
-
-
-def _interruptible(fn, *args, **kwargs):
-    """fn(*args, **kwargs) run in a worker thread while this one waits: a long call into C (the
-    SVD of a large weight, minutes in LAPACK) does not return to Python until it is done, so
-    Ctrl-C and SIGTERM (SystemExit, see cli) would wait for it. Waiting here, they are raised at
-    once and unwind as anywhere else (the staged folder removed); the worker, a daemon, ends
-    with the process."""
-    import threading
-
-    done: dict = {}
-
-    def run():
-        try:
-            done["value"] = fn(*args, **kwargs)
-        except BaseException as e:  # handed to the caller, as if called here
-            done["error"] = e
-
-    worker = threading.Thread(target=run, name="ckptsurgery-svd", daemon=True)
-    worker.start()
-    while worker.is_alive():
-        worker.join(0.25)
-    if "error" in done:
-        raise done["error"]
-    return done["value"]

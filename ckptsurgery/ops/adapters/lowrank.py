@@ -88,17 +88,62 @@ def refuse_rank_past(rank: int | None, name: str, m: Module, where: str) -> None
 def factor_svd(b, a, name: str = "ΔW"):
     """U, S, Vh of B·A (B [out, m], A [m, in], float64) from the factors: never ΔW itself. Factors
     whose product overflows float64 (lora merge's --weights times the adapters' scales) are
-    refused naming `name`, never handed to LAPACK."""
-    import torch
+    refused naming `name`, never handed to LAPACK. Run in a worker thread (`interruptible`): a
+    QR of a large factor is minutes in LAPACK, and Ctrl-C or SIGTERM must not wait for it."""
+    def run():
+        import torch
 
-    qb, rb = torch.linalg.qr(b)
-    qa, ra = torch.linalg.qr(a.T)
-    core = rb @ ra.T
-    if not bool(torch.isfinite(core).all()):
-        raise CkptError(f"{name}: its weighted factors overflow float64 (the weights times the adapters' alpha/r); "
-                        f"use smaller weights")
-    u, s, vh = torch.linalg.svd(core, full_matrices=False)
-    return qb @ u, s, vh @ qa.T
+        qb, rb = torch.linalg.qr(b)
+        qa, ra = torch.linalg.qr(a.T)
+        core = rb @ ra.T
+        if not bool(torch.isfinite(core).all()):
+            raise CkptError(f"{name}: its weighted factors overflow float64 (the weights times the adapters' "
+                            f"alpha/r); use smaller weights")
+        u, s, vh = torch.linalg.svd(core, full_matrices=False)
+        return qb @ u, s, vh @ qa.T
+
+    return interruptible(run)
+
+
+# A view may repeat the few values its file stores (stride 0: one float "viewed" as 6144 × 6144 in
+# a 1.4 KB .pth; the readers allow up to 256 MiB of such repeats per file). Its SVD costs what its
+# shape says, minutes, not what the files hold, so a weight (extract-lora: of BASE and TUNED) or a
+# factor (the lora group) whose elements the file stores less than half of is refused past this
+# many elements (512 × 512: below it, an SVD takes a moment).
+REPEATED_LIMIT = 1 << 18
+
+
+def stored(t) -> int:
+    """How many of `t`'s elements its file holds: all of them, or for a view whose elements
+    overlap (stride 0, an expanded or broadcast tensor) the span of storage it covers."""
+    if t.numel <= 1 or not t.repeated_bytes():
+        return t.numel
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride))
+
+
+def interruptible(fn, *args, **kwargs):
+    """fn(*args, **kwargs) run in a worker thread while this one waits: a long call into C (the
+    SVD of a large weight, minutes in LAPACK) does not return to Python until it is done, so
+    Ctrl-C and SIGTERM (SystemExit, see cli) would wait for it. Waiting here, they are raised at
+    once and unwind as anywhere else (the staged folder removed); the worker, a daemon, ends
+    with the process."""
+    import threading
+
+    done: dict = {}
+
+    def run():
+        try:
+            done["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # handed to the caller, as if called here
+            done["error"] = e
+
+    worker = threading.Thread(target=run, name="ckptsurgery-svd", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.25)
+    if "error" in done:
+        raise done["error"]
+    return done["value"]
 
 
 def energy_rank(s, energy: float) -> int:
@@ -151,6 +196,13 @@ def factors(m: Module, where: str):
 
     from ...io.tensors import as_torch
 
+    for what, t in (("A", m.a), ("B", m.b)):
+        held = stored(t)
+        if t.numel > REPEATED_LIMIT and t.numel > 2 * held:
+            raise CkptError(f"{where}: {m.name}: its {what} is a view of {held:,} stored value"
+                            f"{'s' if held != 1 else ''} repeated as {list(t.shape)} ({t.numel:,} elements: stride 0 "
+                            f"or overlapping strides); its SVD would cost far more than the file holds (if it is a "
+                            f"real factor, store it whole first: convert the adapter's weights to .safetensors)")
     b, a = as_torch(m.b).to(torch.float64).flatten(1), as_torch(m.a).to(torch.float64).flatten(1)
     if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all())):
         raise CkptError(f"{where}: {m.name}: its factors hold NaN or infinite values")
