@@ -29,6 +29,19 @@ def test_anchors_inside_pairs_or_omap_count_towards_the_recipe_values_bound():
             load_recipe(text)
 
 
+def test_a_recipe_writing_out_too_many_values_is_refused_before_any_is_built(monkeypatch):
+    """4 MB of `1,` (two million values) were built by PyYAML (8 s, 750 MB) before the count
+    refused them; the parser's events are counted first."""
+    import yaml
+
+    def built(*args, **kwargs):
+        raise AssertionError("the recipe was built")
+
+    monkeypatch.setattr(yaml, "load", built)
+    with pytest.raises(CkptError, match="holds more than 100000 values"):
+        load_recipe("merge_method: linear\nmodels: [{model: m}]\nparameters: {weight: [" + "1," * 150_000 + "1]}\n")
+
+
 def models(tmp_path, layers: int = 2, count: int = 2) -> list:
     paths = []
     for i in range(count):

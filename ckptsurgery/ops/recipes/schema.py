@@ -228,6 +228,7 @@ def _parse_yaml(text: str, where: str) -> Any:
 
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
+        _count_nodes(yaml, text, loader, where)
         return yaml.load(text, Loader=loader)  # a safe loader: plain data only
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
@@ -241,6 +242,19 @@ def _parse_yaml(text: str, where: str) -> Any:
         raise CkptError(f"{where}: the recipe is nested too deeply") from None
     except ValueError as e:  # PyYAML's int() of a number of more than 4300 digits
         raise CkptError(f"{where}: the recipe holds a value that cannot be read ({str(e)[:80]})") from None
+
+
+def _count_nodes(yaml, text: str, loader, where: str) -> None:
+    """Refuse a recipe that writes more than MAX_VALUES values out, from the parser's events, before
+    any is built: 4 MB of `1,` are two million values, which PyYAML built in 8 s and 750 MB only
+    for _count_values to refuse them (aliases are counted there, expanded)."""
+    nodes = (yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent)
+    count = 0
+    for event in yaml.parse(text, Loader=loader):
+        if isinstance(event, nodes):
+            count += 1
+            if count > MAX_VALUES:
+                raise CkptError(f"{where}: the recipe holds more than {MAX_VALUES} values; not read")
 
 
 def _count_values(data: Any, where: str) -> None:
