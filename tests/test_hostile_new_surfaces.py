@@ -166,6 +166,47 @@ def test_a_recipe_read_from_a_pipe_is_the_recipe_the_folder_keeps(tmp_path):
     assert text.rstrip("\n") in (tmp_path / "out" / "README.md").read_text()
 
 
+def test_a_tokenizer_file_linking_out_of_its_folder_is_not_copied_into_the_merge(cli, tmp_path):
+    """A stranger's model folder whose tokenizer.json links to a secret of this machine (as
+    /proc/self/environ or ~/.ssh/id_rsa would be) made the merged folder — made to be
+    published — carry the secret's bytes; so did chat_template: auto reading a linked template.
+    Links out of the folder are not followed there (said on stderr); links within it are."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOKEN=hf_not_for_the_hub")
+    odd, plain = folder(tmp_path, "odd"), folder(tmp_path, "plain")
+    (odd / "tokenizer.json").symlink_to(secret)
+    (odd / "chat_template.jinja").symlink_to(secret)
+    (odd / "inside").mkdir()
+    (odd / "inside" / "vocab.json").write_text('{"a": 0}')
+    (odd / "vocab.json").symlink_to(odd / "inside" / "vocab.json")
+    config = recipe_file(tmp_path, f"merge_method: linear\nparameters: {{weight: 1}}\nchat_template: auto\n"
+                                   f"models: [{{model: {odd}}}, {{model: {plain}}}]\n")
+    result = cli("merge", "--config", config, "-o", tmp_path / "out")
+    assert result.code == 0, result.err
+    out = tmp_path / "out"
+    assert not (out / "tokenizer.json").exists() and not (out / "chat_template.jinja").exists()
+    assert (out / "vocab.json").read_text() == '{"a": 0}'
+    assert not any(b"hf_not_for_the_hub" in p.read_bytes() for p in out.iterdir())
+    assert "tokenizer.json: not copied, it links out of its folder" in result.err
+
+
+def test_a_hub_cache_snapshot_links_to_its_blobs_and_they_are_copied(cli, tmp_path):
+    repo = tmp_path / "models--org--name"
+    snapshot = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.parent.mkdir()
+    made = folder(tmp_path, "made")
+    made.rename(snapshot)
+    (repo / "blobs" / "f00d").write_text('{"model": {}}')
+    (snapshot / "tokenizer.json").symlink_to("../../blobs/f00d")
+    plain = folder(tmp_path, "plain")
+    config = recipe_file(tmp_path, f"merge_method: linear\nparameters: {{weight: 1}}\n"
+                                   f"models: [{{model: {snapshot}}}, {{model: {plain}}}]\n")
+    result = cli("merge", "--config", config, "-o", tmp_path / "out")
+    assert result.code == 0, result.err
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"model": {}}' and "links out" not in result.err
+
+
 # ---- layers: diff --by-layer and recipes -----------------------------------------------------
 
 def test_a_key_numbered_with_thousands_of_digits_is_outside_the_layers(cli, tmp_path):

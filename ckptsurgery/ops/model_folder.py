@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from ..errors import CkptError
 from .recipes.chat_templates import recipe_template
+from .recipes.links import folder_file
 
 CONFIG = "config.json"
 RECIPE_COPY = "ckptsurgery_recipe.yml"
@@ -122,14 +123,15 @@ def config_bytes(config: dict) -> bytes:
     return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
 
 
-def tokenizer_files(folder: str | None) -> dict[str, str]:
-    """The tokenizer, generation and chat template files the folder holds: name -> path."""
+def tokenizer_files(folder: str | None, notes: list[str]) -> dict[str, str]:
+    """The tokenizer, generation and chat template files the folder holds: name -> path (a link
+    followed only within the folder or its hub cache's blobs: recipes/links.py)."""
     if folder is None:
         return {}
     found = {}
     for name in TOKENIZER_FILES:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):  # a link (a hub cache's) is followed to its file
+        path = folder_file(folder, name, notes)
+        if path is not None:
             found[name] = path
     return found
 
@@ -204,7 +206,7 @@ def folder_files(plan: FolderPlan) -> FolderFiles:
         config, files.config_changes = updated_config(config, plan.reference_layers, plan.layers_from, plan.dtype,
                                                       files.notes)
         files.made[CONFIG] = config_bytes(config)
-    files.copied.update(tokenizer_files(model_folder(plan.tokenizer)))
+    files.copied.update(tokenizer_files(model_folder(plan.tokenizer), files.notes))
     template = recipe_template(plan.chat_template, (model_folder(p) for p in plan.template_models), files.notes)
     if template is not None:  # the one template the folder holds, where transformers 5 saves it (as mergekit)
         files.copied.pop("chat_template.json", None)

@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from ...errors import CkptError
+from .links import folder_file
 from .schema import ModelRef, Recipe
 
 CHATML = r"""{#- ChatML, as mergekit's `chatml` (written for ckptsurgery) -#}
@@ -130,10 +131,12 @@ def folder_template(folder: str, notes: list[str]) -> str | None:
         extra = os.path.join(folder, "additional_chat_templates")
         named = sorted(n for n in os.listdir(extra) if n.endswith(".jinja")) if os.path.isdir(extra) else []
         if os.path.isfile(jinja) or named:  # then tokenizer_config.json's is not read
-            default = os.path.join(extra, "default.jinja") if "default.jinja" in named else jinja
-            return _read(default) if os.path.isfile(default) else None
-        config = os.path.join(folder, "tokenizer_config.json")
-        if not os.path.isfile(config):
+            default = os.path.join("additional_chat_templates", "default.jinja") if "default.jinja" in named \
+                else "chat_template.jinja"
+            default = folder_file(folder, default, notes)  # a link out of the folder is not read
+            return _read(default) if default is not None else None
+        config = folder_file(folder, "tokenizer_config.json", notes)
+        if config is None:
             return None
         value = json.loads(_read(config)).get("chat_template")
         if isinstance(value, list):
