@@ -26,6 +26,9 @@ InputArg = Annotated[str, typer.Argument(
                           "DCP, DeepSpeed (ZeRO) or accelerate folder.", show_default=False)]
 RootOpt = Annotated[Optional[str], typer.Option(
     "--root", metavar="KEY", help="Key of the state dict inside a nested .pth ('' = top level). Detected by default.")]
+DequantizeOpt = Annotated[bool, typer.Option(
+    "--dequantize", help="Read scaled FP8 weights (weight_scale_inv blocks, per-tensor or per-channel weight_scale) as "
+                         "bfloat16 (or --dtype where the command has it); their scales are left out.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr but errors.")]
 
@@ -183,6 +186,8 @@ def finish_write(report: WriteReport, as_json: bool, quiet: bool, details: list[
     # names are escaped before they are joined: each entry of `lines` is exactly one line
     lines = [f"{verb} {', '.join(map(printable, report.files))}: {count(report.tensors, 'tensor')}, "
              f"{human_bytes(report.total_bytes)}", *details]
+    if report.dequantized is not None:
+        lines.append(_dequantized_line(report.dequantized))
     if report.tied:
         lines.append(f"{len(report.tied)} tied name(s) stored once: "
                      + ", ".join(f"{printable(a)} = {printable(b)}" for a, b in report.tied.items()))
@@ -205,6 +210,19 @@ def finish_write(report: WriteReport, as_json: bool, quiet: bool, details: list[
     else:
         for line in lines:
             note(line, quiet)
+
+
+def _dequantized_line(done) -> str:
+    """What --dequantize did, in one line; a note when the input had nothing to dequantize."""
+    if not done.tensors:
+        return "note: --dequantize: no float8 weight with a scale in the input; written as it is"
+    schemes = ", ".join(f"{n} {scheme}" + (f" {done.block_size[0]}×{done.block_size[1]}" if scheme == "block" else "")
+                        for scheme, n in done.schemes.items())
+    line = (f"dequantized {count(len(done.tensors), 'float8 weight')} to {done.dtype} ({schemes}); "
+            f"left out {count(len(done.scales_dropped), 'scale')}")
+    if done.input_scales_dropped:
+        line += f" and {count(len(done.input_scales_dropped), 'activation scale')} (input_scale)"
+    return line
 
 
 def _metadata_lines(report: WriteReport) -> list[str]:

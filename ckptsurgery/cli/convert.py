@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import ops
-from .common import CastTo, InputArg, OutputOptions, RootOpt, command_app, examples, output_options
+from .common import DequantizeOpt, CastTo, InputArg, OutputOptions, RootOpt, command_app, examples, output_options
 
 
 app = command_app()
@@ -16,13 +16,14 @@ app = command_app()
 @app.command(epilog=examples(
     "ckptsurgery convert model.pth -o model-bf16.safetensors --dtype bf16",
     "ckptsurgery convert model.safetensors -o resume --format dcp",
-    "ckptsurgery convert big.pth -o out/model.safetensors --max-shard-size 2GB -j 4",
+    "ckptsurgery convert V3-fp8/ -o V3-bf16/model.safetensors --dequantize",
 ))
 @output_options()
 def convert(
     input: InputArg,
-    dtype: Annotated[Optional[CastTo], typer.Option("--dtype", help="Cast the float16, bfloat16, float32 and float64 tensors to this dtype.", show_default=False)] = None,
+    dtype: Annotated[Optional[CastTo], typer.Option("--dtype", help="Cast the float16, bfloat16, float32 and float64 tensors to this dtype (and, with --dequantize, the dequantized weights: bfloat16 by default).", show_default=False)] = None,
     root: RootOpt = None,
+    dequantize: DequantizeOpt = False,
     *,
     out: OutputOptions,
 ) -> None:
@@ -30,5 +31,5 @@ def convert(
 
     A .safetensors output keeps the input's metadata but its content hashes (--metadata sets entries)."""
     with out.writing() as write:
-        report = ops.convert_checkpoint(input, write, root=root, dtype=dtype and dtype.value)
+        report = ops.convert_checkpoint(input, write, root=root, dtype=dtype and dtype.value, dequantize=dequantize)
     out.finish(report)

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from .. import ops
-from .common import InputArg, OutputOptions, RootOpt, command_app, examples, listing, output_options
+from .common import DequantizeOpt, InputArg, OutputOptions, RootOpt, command_app, examples, listing, output_options
 
 
 app = command_app()
@@ -27,12 +27,13 @@ def drop(
              "the state dict removes the top-level entries it names beside it (optimizer, lr_scheduler) from a "
              ".pth output.", show_default=False)],
     root: RootOpt = None,
+    dequantize: DequantizeOpt = False,
     *,
     out: OutputOptions,
 ) -> None:
     """Remove keys or whole modules, or top-level entries beside the state dict (a training checkpoint's optimizer)."""
     with out.writing() as write:
-        report = ops.drop_keys(input, patterns, write, root=root)
+        report = ops.drop_keys(input, patterns, write, root=root, dequantize=dequantize)
     details = [listing("dropped", report.dropped)] if report.dropped or not report.dropped_outside else []
     if report.dropped_outside:
         details.append(listing("dropped beside the state dict", report.dropped_outside))

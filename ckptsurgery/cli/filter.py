@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import ops
-from .common import InputArg, OutputOptions, RootOpt, command_app, examples, listing, output_options
+from .common import DequantizeOpt, InputArg, OutputOptions, RootOpt, command_app, examples, listing, output_options
 
 
 app = command_app()
@@ -31,12 +31,14 @@ def filter_command(
         "--skip-mismatched", help="With --like: leave out the keys whose shape differs from the template's "
                                   "(merge --into fits them instead).")] = False,
     root: RootOpt = None,
+    dequantize: DequantizeOpt = False,
     *,
     out: OutputOptions,
 ) -> None:
     """Keep selected keys, or the keys a template has in the template's shapes (the `if k in model_dict` recipe)."""
     with out.writing() as write:
-        report = ops.filter_keys(input, write, keep=keep, like=like, root=root, skip_mismatched=skip_mismatched)
+        report = ops.filter_keys(input, write, keep=keep, like=like, root=root, skip_mismatched=skip_mismatched,
+                                  dequantize=dequantize)
     details = [listing("left out", report.left_out)] if report.left_out else []
     if report.shape_mismatched:
         details.append(listing("their shape differs from the template's (--skip-mismatched)",

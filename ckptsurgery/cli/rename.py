@@ -11,7 +11,7 @@ from typer.core import TyperOption
 
 from .. import core, ops
 from ..errors import CkptError
-from .common import InputArg, OutputOptions, RootOpt, command_app, count, examples, listing, output_options, print_table, printable
+from .common import DequantizeOpt, InputArg, OutputOptions, RootOpt, command_app, count, examples, listing, output_options, print_table, printable
 from .help import HelpCommand
 
 
@@ -105,6 +105,7 @@ def rename(
     allow_unchanged: Annotated[bool, typer.Option(
         "--allow-unchanged", help="A rule that changes no key is not an error (for scripts: --strip-prefix module on a file already stripped).")] = False,
     root: RootOpt = None,
+    dequantize: DequantizeOpt = False,
     *,
     out: OutputOptions,
 ) -> None:
@@ -114,7 +115,8 @@ def rename(
     rules = [core.rename_rule(kind, *([_load_map(values[0])] if kind == "map" else values))
              for kind, values in ctx.meta.get(_RULES, [])]
     with out.writing() as write:
-        report = ops.rename_keys(input, rules, write, root=root, allow_unchanged=allow_unchanged)
+        report = ops.rename_keys(input, rules, write, root=root, allow_unchanged=allow_unchanged,
+                                 dequantize=dequantize)
     if out.dry_run and not out.json:
         _print_rename_table(report)
     out.finish(report, [f"renamed {count(len(report.renamed), 'key')}",

@@ -66,6 +66,22 @@ class Report:
 # ---- writing: every command that writes a checkpoint ------------------------------------------
 
 @_report
+class Dequantized(Report):
+    """What `--dequantize` did to the input's FP8 weights (`WriteReport.dequantized`)."""
+
+    tensors: list[str] = entry("The float8 weights dequantized, by name.")
+    dtype: str = entry("The dtype they were written in (`bfloat16` unless `--dtype`).")
+    schemes: dict[str, int] = entry("How many were scaled by each scheme: `block` (a `weight_scale_inv` or "
+                                    "`weight_scale` grid of blocks), `per-tensor`, `per-channel`.")
+    block_size: list[int] | None = entry("The block size [rows, columns] of the `block` scheme.", omit_if_none=True)
+    block_size_from: str | None = entry("The config.json that gave the block size (absent: the default, 128×128).",
+                                        omit_if_none=True)
+    scales_dropped: list[str] = entry("The scale tensors consumed and left out.")
+    input_scales_dropped: list[str] = entry("Activation scales (`input_scale`) left out: a dequantized model does "
+                                            "not use them.")
+
+
+@_report
 class WriteReport(Report):
     """What `write_checkpoint` wrote (`convert`'s whole report)."""
 
@@ -99,6 +115,8 @@ class WriteReport(Report):
                                           "run would refuse to replace without `--force`.", omit_if_none=True)
     rank: int | None = entry("Under torchrun: this process's rank.", omit_if_none=True)
     world_size: int | None = entry("Under torchrun: the number of ranks.", omit_if_none=True)
+    dequantized: Dequantized | None = entry("With `--dequantize`: what was dequantized (see `Dequantized`).",
+                                            omit_if_none=True)
 
 
 @_report
@@ -441,7 +459,7 @@ REPORTS: tuple[tuple[str, type[Report]], ...] = (
     ("extract-lora, lora extract", ExtractReport), ("lora merge", LoraMergeReport), ("lora resize", LoraResizeReport),
     ("lora convert", LoraConvertReport), ("diff", DiffReport),
 )
-NESTED: tuple[type[Report], ...] = (AdapterFolded, Extracted, LoraReport, LoraModule)
+NESTED: tuple[type[Report], ...] = (Dequantized, AdapterFolded, Extracted, LoraReport, LoraModule)
 
 
 def schema_markdown() -> str:

@@ -1,0 +1,224 @@
+"""`--dequantize`: FP8 releases read back as full-precision weights, as an input's tensors, before
+any command selects, renames or writes them.
+
+Each scaled weight `X.weight` (float8_e4m3fn or float8_e5m2) becomes float32(W) · s, cast to the
+output dtype (bfloat16 unless `--dtype`), the scale expanded as its layout says:
+
+- block-scaled (DeepSeek-V3): `X.weight_scale_inv` [⌈M/B⌉, ⌈N/B⌉], W[i, j] · s[⌊i/B⌋, ⌊j/B⌋],
+  B = 128 or `config.json`'s `quantization_config.weight_block_size` beside the input. Despite its
+  name the scale multiplies, as DeepSeek's `weight_dequant` does (`y = x * s` in float32, stored
+  as bfloat16) and transformers' `Fp8Dequantize`;
+- `X.weight_scale` (compressed-tensors, FBGEMM): shape [] or [1] per tensor, [M] or [M, 1] per
+  output channel (a row of W), or the block grid above; multiplied as those libraries do.
+
+The scales are dropped, and so are `X.input_scale` (and FBGEMM's `input_scale_ub`): static
+activation scales, which a dequantized model does not use. Each weight is a chunked tensor whose
+chunks are whole block rows (`CHUNK_BYTES` of output or one block row), computed when written:
+memory stays flat in the model's size. Scales are read and checked (shape, finite values) before
+anything is written; a weight without its scale, or a scale without its weight, is refused."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+from ..dtypes import BY_NAME, DType
+from ..errors import CkptError
+from ..io import Checkpoint, TensorRef
+from .reports import Dequantized
+
+FP8 = ("float8_e4m3fn", "float8_e5m2")  # the weight dtypes dequantized
+DEFAULT_BLOCK = (128, 128)  # DeepSeek-V3's block, when no config.json says otherwise
+DEFAULT_DTYPE = "bfloat16"
+CHUNK_BYTES = 64 << 20  # output bytes computed at once (rounded to whole block rows, at least one)
+
+SCALE_INV, SCALE = ".weight_scale_inv", ".weight_scale"
+INPUT_SCALES = (".input_scale", ".input_scale_ub")  # activation scales: unused once dequantized
+
+BLOCK, PER_TENSOR, PER_CHANNEL = "block", "per-tensor", "per-channel"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    weight: TensorRef
+    scale: object  # a float32 torch tensor: [] per tensor, [M, 1] per channel, the block grid
+    scheme: str
+
+
+def block_size_of(input: str) -> tuple[tuple[int, int], str | None]:
+    """The block size, and the config.json it came from (None: the default): the input's folder's
+    config.json, or the one beside an input file."""
+    folder = input if os.path.isdir(input) else os.path.dirname(os.path.abspath(input))
+    config = os.path.join(folder, "config.json")
+    if not os.path.isfile(config):
+        return DEFAULT_BLOCK, None
+    try:
+        with open(config, encoding="utf-8") as f:
+            quant = json.load(f).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return DEFAULT_BLOCK, None  # not ours to judge: a config.json that is not a model's
+    block = quant.get("weight_block_size") if isinstance(quant, dict) else None
+    if block is None:
+        return DEFAULT_BLOCK, None
+    if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)):
+        raise CkptError(f"{config}: quantization_config.weight_block_size {str(block)[:40]}: give two positive "
+                        f"integers [rows, columns]")
+    return (block[0], block[1]), config
+
+
+def _is_fp8(t: TensorRef) -> bool:
+    return t.dtype.name in FP8
+
+
+def _scale(path: str, name: str, t: TensorRef):
+    """The scale's values in float32, checked to be finite."""
+    import torch
+
+    from ..io.tensors import as_torch
+
+    if not t.dtype.floating or not t.is_plain:
+        raise CkptError(f"{path}: {name} is {t.dtype.name}, not a floating scale (float32, bfloat16, float16)")
+    s = as_torch(t).to(torch.float32)
+    if not bool(torch.isfinite(s).all()):
+        raise CkptError(f"{path}: {name} holds NaN or infinite scales; the weight cannot be dequantized")
+    return s
+
+
+def _plan_one(path: str, name: str, weight: TensorRef, scale_name: str, scale: TensorRef,
+              block: tuple[int, int]) -> _Plan:
+    shape, sshape = tuple(weight.shape), tuple(scale.shape)
+    rows = shape[0] if shape else 1
+    grid = (-(-shape[0] // block[0]), -(-shape[1] // block[1])) if len(shape) == 2 else None
+    if scale_name.endswith(SCALE_INV):
+        scheme = BLOCK if sshape == grid else None
+    elif sshape in ((), (1,)):
+        scheme = PER_TENSOR
+    elif sshape in ((rows,), (rows, 1)) and len(shape) >= 1:
+        scheme = PER_CHANNEL
+    else:
+        scheme = BLOCK if sshape == grid else None
+    if scheme is None:
+        want = (f"[{grid[0]}, {grid[1]}] (blocks of {block[0]}×{block[1]})" if grid else "a 2-D weight")
+        if not scale_name.endswith(SCALE_INV):
+            want = f"[], [1], [{rows}], [{rows}, 1] or {want}"
+        raise CkptError(f"{path}: {scale_name} has shape {list(sshape)}, which does not fit {name} {list(shape)}: "
+                        f"want {want}")
+    s = _scale(path, scale_name, scale)
+    if scheme == PER_TENSOR:
+        s = s.reshape(())
+    elif scheme == PER_CHANNEL:
+        s = s.reshape(rows, *([1] * (len(shape) - 1)))
+    return _Plan(weight, s, scheme)
+
+
+def _rows_per_chunk(plan: _Plan, block: tuple[int, int], out: DType) -> int:
+    shape = plan.weight.shape
+    row_bytes = max(1, math.prod(shape[1:]) * out.itemsize)
+    step = block[0] if plan.scheme == BLOCK else 1
+    return step * max(1, CHUNK_BYTES // (row_bytes * step))
+
+
+def _dequantized(plan: _Plan, block: tuple[int, int], out: DType) -> TensorRef:
+    """The weight as a chunked tensor of `out`: whole block rows computed per chunk."""
+    from ..io.model import chunked_tensor
+
+    w = plan.weight
+    shape = tuple(w.shape)
+    rows = shape[0] if shape else 1
+    per_row = math.prod(shape[1:]) if shape else 1
+    step = _rows_per_chunk(plan, block, out)
+    bounds = [(lo, min(lo + step, rows)) for lo in range(0, rows, step)] or [(0, 0)]
+    sizes = [(hi - lo) * per_row * out.itemsize for lo, hi in bounds]
+
+    def make(j: int) -> bytearray:
+        import torch
+
+        from ..io.tensors import flat_view, to_bytes
+
+        lo, hi = bounds[j]
+        if hi == lo:
+            return bytearray()
+        data = w.data()[lo * per_row * w.dtype.itemsize: hi * per_row * w.dtype.itemsize]
+        x = flat_view(data, w.dtype.name).view(hi - lo, *shape[1:]).to(torch.float32)
+        s = plan.scale
+        if plan.scheme == PER_CHANNEL:
+            s = s[lo:hi]
+        elif plan.scheme == BLOCK:
+            s = s[lo // block[0]: -(-hi // block[0])].repeat_interleave(block[0], dim=0)[: hi - lo]
+            s = s.repeat_interleave(block[1], dim=1)[:, : shape[1]]
+        return to_bytes((x * s).to(getattr(torch, out.name)))  # the float32 product, then one rounding
+
+    return chunked_tensor(shape, out, sizes, make)
+
+
+def dequantize_checkpoint(ckpt: Checkpoint, input: str, dtype: DType | None) -> tuple[Checkpoint, Dequantized]:
+    """`ckpt` with its scaled FP8 weights dequantized (to `dtype`, else bfloat16) and their scales
+    and activation scales gone; what was done. Everything is checked before anything is computed."""
+    out = dtype or BY_NAME[DEFAULT_DTYPE]
+    tensors = ckpt.tensors
+    path = ckpt.path
+    block, config = block_size_of(input)
+    plans: dict[str, _Plan] = {}
+    scales: list[str] = []
+    for name, t in tensors.items():
+        if name.endswith(SCALE_INV) or name.endswith(SCALE):
+            suffix = SCALE_INV if name.endswith(SCALE_INV) else SCALE
+            weight_name = name[: -len(suffix)] + ".weight"
+            weight = tensors.get(weight_name)
+            if weight is None or not _is_fp8(weight):
+                what = "there is no such tensor" if weight is None else f"it is {weight.dtype.name}, not float8"
+                raise CkptError(f"{path}: {name} is a scale without its weight {weight_name} ({what}); nothing to "
+                                f"dequantize with it")
+            if weight_name in plans:
+                raise CkptError(f"{path}: {weight_name} has two scales ({weight_name}_scale_inv and "
+                                f"{weight_name}_scale); which one is meant?")
+            plans[weight_name] = _plan_one(path, weight_name, weight, name, t, block)
+            scales.append(name)
+    unscaled = [name for name, t in tensors.items() if _is_fp8(t) and name not in plans]
+    if unscaled:
+        more = f" … (+{len(unscaled) - 3})" if len(unscaled) > 3 else ""
+        raise CkptError(f"{path}: {', '.join(unscaled[:3])}{more}: float8 without a scale beside it "
+                        f"(.weight_scale_inv or .weight_scale); it cannot be dequantized")
+    modules = {name[: -len(".weight")] for name in plans}
+    dropped_inputs = [name for name in tensors
+                      if any(name.endswith(s) and name[: -len(s)] in modules for s in INPUT_SCALES)]
+    gone = set(scales) | set(dropped_inputs)
+    rebuilt = OrderedDict()
+    for name, t in tensors.items():
+        if name in gone:
+            continue
+        rebuilt[name] = _dequantized(plans[name], block, out) if name in plans else t
+    schemes: dict[str, int] = {}
+    for plan in plans.values():
+        schemes[plan.scheme] = schemes.get(plan.scheme, 0) + 1
+    uses_block = BLOCK in schemes
+    report = Dequantized(
+        tensors=list(plans), dtype=out.name, schemes=schemes,
+        block_size=list(block) if uses_block else None, block_size_from=config if uses_block else None,
+        scales_dropped=scales, input_scales_dropped=dropped_inputs)
+    # a metadata `dtype` would now be untrue; the others (content hashes) the writer handles
+    metadata = {k: v for k, v in ckpt.metadata.items() if k != "dtype"} if plans else ckpt.metadata
+    return replace(ckpt, tensors=rebuilt, metadata=metadata), report
+
+
+@contextmanager
+def open_input(input: str, root: str | None = None, dequantize: bool = False,
+               dtype: DType | None = None) -> Iterator[tuple[Checkpoint, Dequantized | None]]:
+    """The input checkpoint, dequantized when asked (with what was done; None when not asked)."""
+    from ..io import open_checkpoint
+
+    with open_checkpoint(input, root) as ckpt:
+        if not dequantize:
+            yield ckpt, None
+        else:
+            yield dequantize_checkpoint(ckpt, input, dtype)
+
+
+def with_dequantized(report, done: Dequantized | None):
+    """The report, saying what was dequantized."""
+    return report if done is None else replace(report, dequantized=done)

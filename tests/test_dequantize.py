@@ -1,0 +1,218 @@
+"""--dequantize: scaled FP8 weights (DeepSeek-V3's weight_scale_inv blocks, compressed-tensors'
+and FBGEMM's per-tensor / per-channel weight_scale) read back as bfloat16 (or --dtype), bit for
+bit the float32 product W.float() · s then one cast, as DeepSeek's weight_dequant and
+transformers' Fp8Dequantize compute it; streamed a block row at a time; refusals in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import assert_one_error_line
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def fp8(shape, dtype=E4M3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * 3).to(dtype)
+
+
+def block_scales(shape, block=(128, 128), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(-(-shape[0] // block[0]), -(-shape[1] // block[1]), generator=g) * 0.01 + 1e-4
+
+
+def expected(w, s, block=(128, 128), dtype=torch.bfloat16):
+    """The direct computation: the scale grid expanded over W, the float32 product, one cast."""
+    if s.dim() == 2 and s.shape != (w.shape[0], 1):
+        s = s.repeat_interleave(block[0], 0)[: w.shape[0]].repeat_interleave(block[1], 1)[:, : w.shape[1]]
+    elif s.dim() == 1 and s.numel() == w.shape[0] and w.dim() == 2:
+        s = s[:, None]
+    return (w.float() * s.float()).to(dtype)
+
+
+def bits(t):
+    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def convert(cli, src, out, *more):
+    result = cli("convert", src, "-o", out, "--dequantize", "--json", *more)
+    assert result.code == 0, result.err
+    return result.json()
+
+
+def test_block_scaled_ragged_edges_bit_for_bit(cli, tmp_path):
+    w, s = fp8((300, 200)), block_scales((300, 200))
+    norm = torch.randn(300)
+    save_file({"l.weight": w, "l.weight_scale_inv": s, "norm.weight": norm}, tmp_path / "in.safetensors")
+    doc = convert(cli, tmp_path / "in.safetensors", tmp_path / "out.safetensors")
+    out = load_file(tmp_path / "out.safetensors")
+    assert set(out) == {"l.weight", "norm.weight"}  # the scale left out
+    assert torch.equal(bits(out["l.weight"]), bits(expected(w, s)))
+    assert torch.equal(out["norm.weight"], norm)  # other tensors untouched without --dtype
+    assert doc["dequantized"] == {"tensors": ["l.weight"], "dtype": "bfloat16", "schemes": {"block": 1},
+                                  "block_size": [128, 128], "scales_dropped": ["l.weight_scale_inv"],
+                                  "input_scales_dropped": []}
+
+
+def test_known_answer_by_hand(cli, tmp_path):
+    """A 130×130 weight of ones and twos: four blocks, each its own scale."""
+    w = torch.ones(130, 130)
+    w[128:, :] = 2
+    s = torch.tensor([[0.5, 4.0], [3.0, 0.25]])
+    save_file({"x.weight": w.to(E4M3), "x.weight_scale_inv": s}, tmp_path / "in.safetensors")
+    convert(cli, tmp_path / "in.safetensors", tmp_path / "out.safetensors", "--dtype", "fp32")
+    got = load_file(tmp_path / "out.safetensors")["x.weight"]
+    assert got.dtype == torch.float32
+    assert got[0, 0] == 0.5 and got[0, 129] == 4.0 and got[129, 0] == 6.0 and got[129, 129] == 0.5
+
+
+def test_against_transformers_fp8_dequantize(cli, tmp_path):
+    """transformers 5's Fp8Dequantize (its loader's dequantize=True path) runs on CPU for weights
+    whose shape the block divides: the same bits."""
+    finegrained = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    w, s = fp8((256, 384)), block_scales((256, 384))
+    save_file({"l.weight": w, "l.weight_scale_inv": s}, tmp_path / "in.safetensors")
+    convert(cli, tmp_path / "in.safetensors", tmp_path / "out.safetensors")
+    theirs = finegrained.Fp8Dequantize(None)._dequantize_one(w, s, torch.bfloat16)
+    assert torch.equal(bits(load_file(tmp_path / "out.safetensors")["l.weight"]), bits(theirs))
+
+
+def test_block_size_from_config_json(cli, tmp_path):
+    folder = tmp_path / "release"
+    folder.mkdir()
+    w, s = fp8((100, 70)), block_scales((100, 70), (64, 64))
+    (folder / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 64]}}))
+    save_file({"l.weight": w, "l.weight_scale_inv": s}, folder / "model.safetensors")
+    for src in (folder, folder / "model.safetensors"):  # the folder, or a file beside its config.json
+        doc = convert(cli, src, tmp_path / "out.safetensors", "--force")
+        assert doc["dequantized"]["block_size"] == [64, 64]
+        assert doc["dequantized"]["block_size_from"] == str(folder / "config.json")
+        assert torch.equal(bits(load_file(tmp_path / "out.safetensors")["l.weight"]), bits(expected(w, s, (64, 64))))
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+@pytest.mark.parametrize("scale_shape", [(), (1,), (6,), (6, 1)])
+def test_per_tensor_and_per_channel_weight_scale(cli, tmp_path, dtype, scale_shape):
+    """compressed-tensors and FBGEMM: W · weight_scale, the scale per tensor or per output row;
+    the activation scale (input_scale) left out."""
+    w = fp8((6, 10), dtype)
+    s = (torch.arange(1, 7, dtype=torch.float32) / 16)[: max(1, torch.Size(scale_shape).numel())].reshape(scale_shape)
+    save_file({"l.weight": w, "l.weight_scale": s, "l.input_scale": torch.tensor([0.1]), "l.bias": torch.zeros(6)},
+              tmp_path / "in.safetensors")
+    doc = convert(cli, tmp_path / "in.safetensors", tmp_path / "out.safetensors")
+    out = load_file(tmp_path / "out.safetensors")
+    assert set(out) == {"l.weight", "l.bias"}
+    want = (w.float() * (s.reshape(-1, 1) if s.numel() == 6 else s.reshape(()))).to(torch.bfloat16)
+    assert torch.equal(bits(out["l.weight"]), bits(want))
+    scheme = "per-channel" if s.numel() == 6 else "per-tensor"
+    assert doc["dequantized"]["schemes"] == {scheme: 1} and "block_size" not in doc["dequantized"]
+    assert doc["dequantized"]["input_scales_dropped"] == ["l.input_scale"]
+
+
+def test_known_answer_per_channel(tmp_path):
+    from ckptsurgery.io import open_checkpoint
+    from ckptsurgery.ops.dequantize import dequantize_checkpoint
+
+    path = str(tmp_path / "in.safetensors")
+    save_file({"l.weight": torch.tensor([[1.0, 2.0], [0.5, -1.0]]).to(E5M2),
+               "l.weight_scale": torch.tensor([[2.0], [3.0]])}, path)
+    with open_checkpoint(path) as ckpt:
+        done, report = dequantize_checkpoint(ckpt, path, None)
+        got = done.tensors["l.weight"].to_torch()
+    assert got.tolist() == [[2.0, 4.0], [1.5, -3.0]] and report.schemes == {"per-channel": 1}
+
+
+def test_streamed_one_block_row_at_a_time(cli, tmp_path, monkeypatch):
+    """Each weight is a chunked tensor of whole block rows; a chunk of one block row writes the
+    same bytes as the default chunk."""
+    from ckptsurgery.io import open_checkpoint
+    from ckptsurgery.ops import dequantize
+
+    w, s = fp8((300, 200)), block_scales((300, 200))
+    pw = fp8((50, 8), seed=3)
+    save_file({"l.weight": w, "l.weight_scale_inv": s, "p.weight": pw, "p.weight_scale": torch.rand(50, 1)},
+              tmp_path / "in.safetensors")
+    convert(cli, tmp_path / "in.safetensors", tmp_path / "whole.safetensors")
+    monkeypatch.setattr(dequantize, "CHUNK_BYTES", 1)
+    convert(cli, tmp_path / "in.safetensors", tmp_path / "rows.safetensors")
+    assert (tmp_path / "whole.safetensors").read_bytes() == (tmp_path / "rows.safetensors").read_bytes()
+    with open_checkpoint(tmp_path / "in.safetensors") as ckpt:
+        done, _ = dequantize.dequantize_checkpoint(ckpt, str(tmp_path / "in.safetensors"), None)
+        assert [n for *_, n in done.tensors["l.weight"].storage.source.pieces] == [128 * 200 * 2] * 2 + [44 * 200 * 2]
+        assert len(done.tensors["p.weight"].storage.source.pieces) == 50  # per channel: a row at a time
+
+
+def test_pth_output_and_dtype(cli, tmp_path):
+    w, s = fp8((130, 3)), block_scales((130, 3))
+    save_file({"l.weight": w, "l.weight_scale_inv": s, "e.weight": torch.randn(4, 4)}, tmp_path / "in.safetensors")
+    doc = convert(cli, tmp_path / "in.safetensors", tmp_path / "out.pth", "--dtype", "fp16")
+    out = torch.load(tmp_path / "out.pth", weights_only=True)
+    assert torch.equal(bits(out["l.weight"]), bits(expected(w, s, dtype=torch.float16)))
+    assert out["e.weight"].dtype == torch.float16 and doc["dequantized"]["dtype"] == "float16"
+
+
+def test_filter_drop_rename_take_it(cli, tmp_path):
+    w, s = fp8((10, 4)), block_scales((10, 4))
+    save_file({"a.weight": w, "a.weight_scale_inv": s, "b.weight": torch.ones(2)}, tmp_path / "in.safetensors")
+    want = bits(expected(w, s))
+    r = cli("filter", tmp_path / "in.safetensors", "--keep", "a", "-o", tmp_path / "f.safetensors", "--dequantize",
+            "--json")
+    assert r.code == 0, r.err
+    assert r.json()["kept"] == ["a.weight"] and r.json()["dequantized"]["tensors"] == ["a.weight"]
+    assert torch.equal(bits(load_file(tmp_path / "f.safetensors")["a.weight"]), want)
+    r = cli("drop", tmp_path / "in.safetensors", "b", "-o", tmp_path / "d.safetensors", "--dequantize")
+    assert r.code == 0 and "dequantized 1 float8 weight to bfloat16 (1 block 128×128); left out 1 scale" in r.err
+    assert list(load_file(tmp_path / "d.safetensors")) == ["a.weight"]
+    r = cli("rename", tmp_path / "in.safetensors", "--add-prefix", "model.", "-o", tmp_path / "r.safetensors",
+            "--dequantize")
+    assert r.code == 0, r.err
+    out = load_file(tmp_path / "r.safetensors")
+    assert set(out) == {"model.a.weight", "model.b.weight"} and torch.equal(bits(out["model.a.weight"]), want)
+
+
+def test_nothing_to_dequantize_is_a_note(cli, tmp_path, safetensors_file):
+    """Scripts run over many models: one without FP8 weights is written as it is, with a note."""
+    plain = cli("convert", safetensors_file, "-o", tmp_path / "plain.safetensors")
+    r = cli("convert", safetensors_file, "-o", tmp_path / "dq.safetensors", "--dequantize")
+    assert plain.code == r.code == 0
+    assert "note: --dequantize: no float8 weight with a scale in the input; written as it is" in r.err
+    assert (tmp_path / "plain.safetensors").read_bytes() == (tmp_path / "dq.safetensors").read_bytes()
+
+
+def test_without_dequantize_fp8_kept_as_is(cli, tmp_path):
+    w, s = fp8((10, 4)), block_scales((10, 4))
+    save_file({"a.weight": w, "a.weight_scale_inv": s}, tmp_path / "in.safetensors")
+    assert cli("convert", tmp_path / "in.safetensors", "-o", tmp_path / "out.safetensors").code == 0
+    out = load_file(tmp_path / "out.safetensors")
+    assert out["a.weight"].dtype == E4M3 and "a.weight_scale_inv" in out
+
+
+@pytest.mark.parametrize("tensors, fragments", [
+    ({"a.weight": fp8((300, 200)), "a.weight_scale_inv": torch.ones(2, 2)},
+     ["a.weight_scale_inv has shape [2, 2], which does not fit a.weight [300, 200]", "[3, 2]"]),
+    ({"a.weight": fp8((6, 4)), "a.weight_scale": torch.ones(5)}, ["a.weight_scale has shape [5]", "[6, 1]"]),
+    ({"a.weight": fp8((6, 4)), "a.weight_scale": torch.tensor([float("nan")])}, ["a.weight_scale holds NaN"]),
+    ({"a.weight": fp8((6, 4)), "a.weight_scale_inv": torch.tensor([[float("inf")]])}, ["NaN or infinite"]),
+    ({"a.weight": fp8((6, 4))}, ["a.weight: float8 without a scale"]),
+    ({"a.weight_scale_inv": torch.ones(1, 1)}, ["a.weight_scale_inv is a scale without its weight a.weight"]),
+    ({"a.weight": torch.ones(6, 4), "a.weight_scale": torch.ones(())}, ["it is float32, not float8"]),
+    ({"a.weight": fp8((6, 4)), "a.weight_scale": torch.ones(6, dtype=torch.int32)}, ["not a floating scale"]),
+])
+def test_refusals_are_one_line(cli, tmp_path, tensors, fragments):
+    save_file(tensors, tmp_path / "in.safetensors")
+    r = cli("convert", tmp_path / "in.safetensors", "-o", tmp_path / "out.safetensors", "--dequantize")
+    assert_one_error_line(r, *fragments)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_bad_block_size_in_config_is_one_line(cli, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"weight_block_size": [0, "x"]}}))
+    save_file({"a.weight": fp8((6, 4)), "a.weight_scale_inv": torch.ones(1, 1)}, tmp_path / "model.safetensors")
+    assert_one_error_line(cli("convert", tmp_path / "model.safetensors", "-o", tmp_path / "o.safetensors",
+                              "--dequantize"), "weight_block_size")
