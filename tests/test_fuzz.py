@@ -49,14 +49,33 @@ def seeds(tmp_path_factory):
     torch.save(nested, folder / "zip.pth")
     torch.save(nested, folder / "legacy.pth", _use_new_zipfile_serialization=False)
     save_file(dict(net.state_dict()), str(folder / "st.safetensors"), metadata={"a": "b"})
-    return {name: (folder / name).read_bytes() for name in ("zip.pth", "legacy.pth", "st.safetensors")}
+    _gguf_seed(folder / "g.gguf")
+    return {name: (folder / name).read_bytes() for name in ("zip.pth", "legacy.pth", "st.safetensors", "g.gguf")}
+
+
+def _gguf_seed(path) -> None:
+    """A GGUF file as llama.cpp's gguf-py writes it: metadata of each kind, a plain and a quantized tensor."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+    w.add_array("tokenizer.ggml.scores", [0.5, 1.5, 2.5])
+    w.add_tensor("blk.0.attn_norm.weight", np.arange(8, dtype=np.float16))
+    q = gguf.quants.quantize(np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32), gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("blk.0.attn_q.weight", q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 def _alarm(signum, frame):
     raise TimeoutError("a fuzz case hung")
 
 
-@pytest.mark.parametrize("seed_name", ["zip.pth", "legacy.pth", "st.safetensors"])
+@pytest.mark.parametrize("seed_name", ["zip.pth", "legacy.pth", "st.safetensors", "g.gguf"])
 def test_mutated_files(cli, tmp_path, seeds, seed_name, limited_heap):
     rng = random.Random(os.environ.get("FUZZ_SEED", "ckptsurgery") + seed_name)
     out_dir = tmp_path / "out"

@@ -68,3 +68,22 @@ def test_a_plain_merge_imports_neither_adapters_nor_recipes_nor_numpy(flat, tmp_
     loaded = modules_after("merge", flat, flat, "--on-conflict", "first", "-o", tmp_path / "o.pth")
     assert not {m for m in loaded if m.startswith(("ckptsurgery.ops.adapters", "ckptsurgery.ops.recipes", "numpy",
                                                   "torch"))}
+
+
+def test_gguf_is_imported_only_when_a_gguf_file_is_read(flat, tmp_path):
+    """The gguf package (an extra) is loaded by reading a .gguf, and by nothing else; reading one
+    loads numpy (gguf's own) but not torch."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    assert not {m for m in modules_after("inspect", flat, "--json") if m == "gguf" or m.startswith("gguf.")}
+    path = tmp_path / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("w", np.ones(4, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    loaded = modules_after("inspect", path, "--json")
+    assert "gguf" in loaded and "ckptsurgery.io.gguf" in loaded
+    assert not {m for m in loaded if m.startswith(ELSEWHERE)}, sorted(m for m in loaded if m.startswith(ELSEWHERE))

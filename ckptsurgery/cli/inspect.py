@@ -91,6 +91,19 @@ def _fmt(value) -> str:
 
 
 _STAT_KEYS = ("min", "max", "mean", "std", "nan", "inf")
+_SHOWN_ITEMS, _SHOWN_CHARS = 5, 200  # a metadata value's items and characters shown (GGUF's vocabulary: all in --json)
+
+
+def _shown(value) -> str:
+    """A metadata value as the table's header line shows it: a long array (GGUF's vocabulary) as its
+    length and first items, a long text cut."""
+    if isinstance(value, list):
+        if len(value) > _SHOWN_ITEMS:
+            head = ", ".join(_shown(v) if isinstance(v, list) else repr(v)[:40] for v in value[:_SHOWN_ITEMS])
+            return f"[{len(value):,} values: {head}, …]"
+        return "[" + ", ".join(_shown(v) if isinstance(v, list) else repr(v)[:40] for v in value) + "]"
+    text = str(value)
+    return text if len(text) <= _SHOWN_CHARS else f"{text[:_SHOWN_CHARS]}… ({len(text):,} characters)"
 
 
 def _print_human(report: ops.InspectReport, tree: bool, stats: bool, max_rows: int | None, hashes: bool = False) -> None:
@@ -104,7 +117,7 @@ def _print_human(report: ops.InspectReport, tree: bool, stats: bool, max_rows: i
         entries = ", ".join(f"{k} ({v})" for k, v in report.non_tensors.items())
         lines.append(printable(f"non-tensor entries: {entries}"))
     if report.metadata:
-        lines.append(printable("metadata: " + ", ".join(f"{k}={v}" for k, v in report.metadata.items())))
+        lines.append(printable("metadata: " + ", ".join(f"{k}={_shown(v)}" for k, v in report.metadata.items())))
     tensors = report.tensors
     if tree:
         lines += _tree_lines(report.tree)

@@ -31,6 +31,7 @@ class Format(Kind):
     TORCH_LEGACY = "torch-legacy"
     SAFETENSORS = "safetensors"
     INDEX = "index"
+    GGUF = "gguf"
 
     @property
     def spec(self) -> FormatSpec:
@@ -135,6 +136,10 @@ def _is_safetensors(head: bytes, path: str) -> bool:
     return False
 
 
+def _is_gguf(head: bytes, path: str) -> bool:
+    return head[:4] == b"GGUF"
+
+
 def _is_index(head: bytes, path: str) -> bool:
     return head.lstrip()[:1] == b"{"
 
@@ -149,6 +154,8 @@ FORMATS: dict[Format, FormatSpec] = {spec.format: spec for spec in (
     FormatSpec(Format.FOLDER, None, Named("sharded", "read_folder"), folder=True, flat="sharded checkpoint"),
     FormatSpec(Format.TORCH_ZIP, _is_zip, Named("torch_zip", "read_torch_zip"), shard=True),
     FormatSpec(Format.TORCH_LEGACY, _is_legacy, Named("torch_legacy", "read_torch_legacy"), shard=True),
+    # before safetensors: a GGUF file of 123 tensors has "{" at byte 8
+    FormatSpec(Format.GGUF, _is_gguf, Named("gguf", "read_gguf"), flat="GGUF file"),
     FormatSpec(Format.SAFETENSORS, _is_safetensors, Named("safetensors", "read_safetensors"),
                flat="safetensors file", shard=True),
     FormatSpec(Format.INDEX, _is_index, Named("sharded", "read_index"), flat="sharded checkpoint"),
@@ -201,4 +208,4 @@ def detect_format(path: str) -> Format:
         raise CkptError(f"{path}: torch's pre-0.4 tar format is not supported; "
                         f"re-save it with a current torch")
     raise CkptError(f"{path}: not a checkpoint ckptsurgery can read "
-                    f"(neither torch zip, legacy torch, safetensors nor a shard index)")
+                    f"(neither torch zip, legacy torch, safetensors, a shard index nor GGUF)")

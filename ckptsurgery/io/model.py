@@ -300,6 +300,15 @@ class QuantParams:
     axis: int | None = None
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """How the file stores a tensor that is decoded as it is read (a GGUF tensor of quantized
+    blocks, read as float32): its own type's name ("Q4_K") and its bytes there, which inspect shows."""
+
+    type: str
+    nbytes: int
+
+
 @dataclass(eq=False, slots=True)
 class TensorRef:
     """One tensor: a view (offset, shape, stride, in elements of its dtype) into a storage."""
@@ -315,6 +324,7 @@ class TensorRef:
     math_bits: tuple[str, ...] = ()  # torch's lazy "conj"/"neg" bits: the bytes are stored unresolved
     param_state: Any = None  # attributes pickled on an nn.Parameter, carried into .pth outputs
     wrap: tuple | None = None  # (type, attributes) of a tensor torch pickled via _rebuild_from_type_v2
+    encoded: Encoded | None = None  # decoded as it is read: how the file stores it (see Encoded)
 
     @property
     def numel(self) -> int:

@@ -458,7 +458,17 @@ class _Runs:
 
 
 def _write_computed(f: BinaryIO, t: TensorRef, dtype: DType, progress: Progress | None) -> None:
-    """A tensor whose bytes are not a plain range of an input: gathered, resolved or cast."""
+    """A tensor whose bytes are not a plain range of an input: gathered, resolved or cast. A
+    joined tensor (chunks computed when read, as a GGUF tensor's dequantized blocks) is cast
+    piece by piece, never joined whole."""
+    if dtype is not t.dtype and isinstance(t.storage.source, JoinedSource) and t.is_plain and t.is_contiguous:
+        start, nbytes = t.byte_range()
+        pieces = list(_leaf_ranges(t.storage.source, start, nbytes))
+        if all(size % t.dtype.itemsize == 0 for _, _, size in pieces):  # no element split between pieces
+            for leaf, offset, size in pieces:
+                for chunk in _chunks(cast_bytes(leaf.view(offset, size), t.dtype, dtype), progress):
+                    f.write(chunk)
+            return
     data = t.data()
     if dtype is not t.dtype:
         data = cast_bytes(data, t.dtype, dtype)

@@ -38,7 +38,7 @@ def inspect_checkpoint(input: str, *, keys: list[str] | None = None, stats: bool
             for entry, t, found in zip(report.tensors, chosen, _each_stats(chosen)):
                 entry.update(found)
                 if tick:
-                    tick(t.nbytes)
+                    tick(entry["nbytes"])
         if hash:
             from .digest import fingerprint, hashes_of
 
@@ -98,15 +98,15 @@ def inspect_report(ckpt: Checkpoint, patterns: list[str] | None = None) -> Inspe
         metadata=ckpt.metadata,
         inert=ckpt.inert,
         total_params=sum(map(numel_of, map(attrgetter("shape"), unique))),
-        total_bytes=sum(t.nbytes for t in unique),
+        total_bytes=sum(map(_stored_nbytes, unique)),
         trainable_params=trainable,
         frozen_params=frozen,
         tensors=[
             {
                 "name": name,
-                "dtype": t.dtype.name,
+                "dtype": _dtype_shown(t),
                 "shape": list(t.shape),
-                "nbytes": t.nbytes,
+                "nbytes": _stored_nbytes(t),
                 "requires_grad": t.requires_grad,
                 "shares_with": shares[name],
                 "contiguous": t.is_contiguous,
@@ -115,6 +115,16 @@ def inspect_report(ckpt: Checkpoint, patterns: list[str] | None = None) -> Inspe
             for name, t in chosen.items()
         ],
     )
+
+
+def _dtype_shown(t: TensorRef) -> str:
+    """Its dtype, or the file's own type when it is decoded as it is read (GGUF's Q4_K)."""
+    return t.encoded.type if t.encoded else t.dtype.name
+
+
+def _stored_nbytes(t: TensorRef) -> int:
+    """The bytes the file holds for it: a tensor decoded as it is read (GGUF's Q4_K) counts its blocks."""
+    return t.encoded.nbytes if t.encoded else t.nbytes
 
 
 def _is_whole_model(ckpt: Checkpoint) -> bool:
@@ -277,7 +287,7 @@ def _signature(node: _Node, ids: dict) -> int:
             continue
         stack.pop()
         # requires_grad too: frozen layers never fold with trainable ones
-        own = (n.tensor.dtype.name, n.tensor.shape, n.tensor.requires_grad) if n.tensor is not None else None
+        own = (_dtype_shown(n.tensor), n.tensor.shape, n.tensor.requires_grad) if n.tensor is not None else None
         n.sig = ids.setdefault((own, tuple((k, c.sig) for k, c in n.children.items())), len(ids))
     return node.sig
 
@@ -291,7 +301,7 @@ def _child_rows(node: _Node, prefix: str, level: int, ids: dict):
                "params": sum(kids[m].params for m in members),
                "bytes": sum(kids[m].nbytes for m in members), "repeat": len(members)}
         if child.tensor is not None and not child.children:
-            row.update(dtype=child.tensor.dtype.name, shape=list(child.tensor.shape))
+            row.update(dtype=_dtype_shown(child.tensor), shape=list(child.tensor.shape))
         if child.grads == _FROZEN:  # members fold only when their flags agree (`_signature`)
             row["frozen"] = True
         yield row, child
@@ -307,7 +317,7 @@ def module_tree(tensors: dict[str, TensorRef], depth: int | None = None) -> list
     (see `fold_runs`), down to `depth` levels."""
     top = _Node()
     for name, t in tensors.items():
-        numel, nbytes = t.numel, t.nbytes
+        numel, nbytes = t.numel, _stored_nbytes(t)
         grads = 0 if t.requires_grad is None else _TRAINABLE if t.requires_grad else _FROZEN
         node = top
         parts = name.split(".")
