@@ -216,3 +216,69 @@ def test_bad_block_size_in_config_is_one_line(cli, tmp_path):
     save_file({"a.weight": fp8((6, 4)), "a.weight_scale_inv": torch.ones(1, 1)}, tmp_path / "model.safetensors")
     assert_one_error_line(cli("convert", tmp_path / "model.safetensors", "-o", tmp_path / "o.safetensors",
                               "--dequantize"), "weight_block_size")
+
+
+# ---- merges: an FP8 input with --dequantize is the dequantized file, merged ---------------------
+
+def fp8_release(path, seed):
+    w, s = fp8((140, 130), seed=seed), block_scales((140, 130), seed=seed + 10)
+    save_file({"l.weight": w, "l.weight_scale_inv": s, "l.bias": torch.randn(140, generator=torch.Generator().manual_seed(seed))},
+              path)
+    return path
+
+
+def dequantized_copy(cli, src, out):
+    assert cli("convert", src, "-o", out, "--dequantize").code == 0
+    return out
+
+
+def test_merges_take_fp8_inputs(cli, tmp_path):
+    a, b = fp8_release(tmp_path / "a.safetensors", 1), fp8_release(tmp_path / "b.safetensors", 2)
+    a16, b16 = dequantized_copy(cli, a, tmp_path / "a16.safetensors"), dequantized_copy(cli, b, tmp_path / "b16.safetensors")
+    for options in (["--average"], ["--method", "ties", "--base", None, "--density", "0.5"]):
+        fp8_options = [str(a) if o is None else o for o in options]
+        bf16_options = [str(a16) if o is None else o for o in options]
+        r = cli("merge", a, b, "-o", tmp_path / "m8.safetensors", "--dequantize", "--force", "--json", *fp8_options)
+        assert r.code == 0, r.err
+        assert r.json()["dequantized"]["schemes"] == {"block": 3 if "--base" in options else 2}
+        assert cli("merge", a16, b16, "-o", tmp_path / "m16.safetensors", "--force", *bf16_options).code == 0
+        m8, m16 = load_file(tmp_path / "m8.safetensors"), load_file(tmp_path / "m16.safetensors")
+        assert m8.keys() == m16.keys() and all(torch.equal(bits(m8[k]), bits(m16[k])) for k in m8)
+    r = cli("merge", a, b, "-o", tmp_path / "u.safetensors", "--on-conflict", "last", "--dequantize")
+    assert r.code == 0 and torch.equal(bits(load_file(tmp_path / "u.safetensors")["l.weight"]),
+                                       bits(load_file(b16)["l.weight"]))
+    template = tmp_path / "t.safetensors"
+    save_file({"l.weight": torch.zeros(140, 130, dtype=torch.bfloat16)}, template)
+    r = cli("merge", a, "--into", template, "-o", tmp_path / "i.safetensors", "--dequantize")
+    assert r.code == 0, r.err
+    assert torch.equal(bits(load_file(tmp_path / "i.safetensors")["l.weight"]), bits(load_file(a16)["l.weight"]))
+
+
+def test_lora_folds_into_an_fp8_base(cli, tmp_path):
+    """Today's refusal (a LoRA folds into floating-point weights, not float8) stands without
+    --dequantize; with it, the fold is the fold into the dequantized base."""
+    base = fp8_release(tmp_path / "base.safetensors", 3)
+    base16 = dequantized_copy(cli, base, tmp_path / "base16.safetensors")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["l"], "fan_in_fan_out": False}))
+    g = torch.Generator().manual_seed(5)
+    save_file({"base_model.model.l.lora_A.weight": torch.randn(2, 130, generator=g),
+               "base_model.model.l.lora_B.weight": torch.randn(140, 2, generator=g)},
+              adapter / "adapter_model.safetensors")
+    refused = cli("merge", base, "--lora", adapter, "-o", tmp_path / "x.safetensors")
+    assert_one_error_line(refused, "float8_e4m3fn")
+    r = cli("merge", base, "--lora", adapter, "-o", tmp_path / "f8.safetensors", "--dequantize", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["dequantized"]["tensors"] == ["l.weight"] and r.json()["folded"] == 1
+    assert cli("merge", base16, "--lora", adapter, "-o", tmp_path / "f16.safetensors").code == 0
+    f8, f16 = load_file(tmp_path / "f8.safetensors"), load_file(tmp_path / "f16.safetensors")
+    assert f8.keys() == f16.keys() and all(torch.equal(bits(f8[k]), bits(f16[k])) for k in f8)
+
+
+def test_recipe_refuses_dequantize(cli, tmp_path):
+    recipe = tmp_path / "r.yml"
+    recipe.write_text("merge_method: linear\nmodels:\n  - model: a\n")
+    assert_one_error_line(cli("merge", "--config", recipe, "-o", tmp_path / "o", "--dequantize"),
+                          "--config does not combine with --dequantize", code=2)

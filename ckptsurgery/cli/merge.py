@@ -9,7 +9,7 @@ import typer
 from .. import core, ops
 from ..ops.methods import METHODS, PARAMETERS, merge_options
 from .common import (
-    CastTo, OutputOptions, RootOpt, choice, command_app, count, examples, expanded_options, listing, output_options,
+    CastTo, DequantizeOpt, OutputOptions, RootOpt, choice, command_app, count, examples, expanded_options, listing, output_options,
     print_table, printable, summarised,
 )
 
@@ -73,6 +73,7 @@ def merge(
     layer_pattern: Annotated[Optional[str], typer.Option(
         "--layer-pattern", metavar="REGEX", help="With --config, or a gradient (--t 0,0.5,1): the regex whose one group is a key's layer number, for a model whose key names do not tell its layers apart (two stacks).", show_default=False, rich_help_panel=RECIPE)] = None,
     root: RootOpt = None,
+    dequantize: DequantizeOpt = False,
     *,
     out: OutputOptions,
 ) -> None:
@@ -80,7 +81,7 @@ def merge(
     options = {"into": into, "on_mismatch": on_mismatch, "otherwise": otherwise, "prefix_tokens": prefix_tokens,
                "grid": grid, "on_conflict": on_conflict, "average": average, "method": method, "base": base,
                **parameters, "dtype": dtype, "lora": lora, "lora_scale": lora_scale, "allow_unmatched": allow_unmatched,
-               "config": config, "layer_pattern": layer_pattern}
+               "config": config, "layer_pattern": layer_pattern, "dequantize": dequantize}
     options = {name: getattr(value, "value", value) for name, value in options.items()}  # choices as strings
     with out.writing() as write:
         report = ops.merge_checkpoints(sources or [], write, root=root, **options)

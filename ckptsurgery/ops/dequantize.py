@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -35,12 +36,17 @@ from .reports import Dequantized
 FP8 = ("float8_e4m3fn", "float8_e5m2")  # the weight dtypes dequantized
 DEFAULT_BLOCK = (128, 128)  # DeepSeek-V3's block, when no config.json says otherwise
 DEFAULT_DTYPE = "bfloat16"
-CHUNK_BYTES = 64 << 20  # output bytes computed at once (rounded to whole block rows, at least one)
+CHUNK_BYTES = 16 << 20  # output bytes computed at once (rounded to whole block rows, at least one)
 
 SCALE_INV, SCALE = ".weight_scale_inv", ".weight_scale"
 INPUT_SCALES = (".input_scale", ".input_scale_ub")  # activation scales: unused once dequantized
 
 BLOCK, PER_TENSOR, PER_CHANNEL = "block", "per-tensor", "per-channel"
+
+
+# each thread's last chunk made: a merge or a fold reads a chunk in spans of its own, and a span
+# that ends inside a chunk would otherwise compute it again for the next span
+_last = threading.local()
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,8 @@ def _dequantized(plan: _Plan, block: tuple[int, int], out: DType) -> TensorRef:
     bounds = [(lo, min(lo + step, rows)) for lo in range(0, rows, step)] or [(0, 0)]
     sizes = [(hi - lo) * per_row * out.itemsize for lo, hi in bounds]
 
+    key = object()  # this tensor, in the thread's one-chunk memory
+
     def make(j: int) -> bytearray:
         import torch
 
@@ -143,6 +151,10 @@ def _dequantized(plan: _Plan, block: tuple[int, int], out: DType) -> TensorRef:
         lo, hi = bounds[j]
         if hi == lo:
             return bytearray()
+        last = getattr(_last, "chunk", None)
+        if last is not None and last[0] is key and last[1] == j:  # a reader that takes a chunk in pieces
+            return last[2]
+        _last.chunk = None
         data = w.data()[lo * per_row * w.dtype.itemsize: hi * per_row * w.dtype.itemsize]
         x = flat_view(data, w.dtype.name).view(hi - lo, *shape[1:]).to(torch.float32)
         s = plan.scale
@@ -151,7 +163,9 @@ def _dequantized(plan: _Plan, block: tuple[int, int], out: DType) -> TensorRef:
         elif plan.scheme == BLOCK:
             s = s[lo // block[0]: -(-hi // block[0])].repeat_interleave(block[0], dim=0)[: hi - lo]
             s = s.repeat_interleave(block[1], dim=1)[:, : shape[1]]
-        return to_bytes((x * s).to(getattr(torch, out.name)))  # the float32 product, then one rounding
+        made = to_bytes((x * s).to(getattr(torch, out.name)))  # the float32 product, then one rounding
+        _last.chunk = (key, j, made)
+        return made
 
     return chunked_tensor(shape, out, sizes, make)
 
@@ -222,3 +236,28 @@ def open_input(input: str, root: str | None = None, dequantize: bool = False,
 def with_dequantized(report, done: Dequantized | None):
     """The report, saying what was dequantized."""
     return report if done is None else replace(report, dequantized=done)
+
+
+def open_inputs(stack, paths: list[str], root: str | None, dequantize: bool,
+                dtype: DType | None) -> tuple[list[Checkpoint], Dequantized | None]:
+    """Several inputs (a merge's), entered on `stack`, each dequantized when asked; what was done
+    to them all (None when not asked)."""
+    opened = [stack.enter_context(open_input(path, root, dequantize, dtype)) for path in paths]
+    return [ckpt for ckpt, _ in opened], combined([done for _, done in opened if done is not None])
+
+
+def combined(dones: list[Dequantized]) -> Dequantized | None:
+    """What was dequantized across several inputs: the names of each (a name the inputs share
+    counted in each), the schemes summed."""
+    if not dones:
+        return None
+    schemes: dict[str, int] = {}
+    for done in dones:
+        for scheme, n in done.schemes.items():
+            schemes[scheme] = schemes.get(scheme, 0) + n
+    blocked = [d for d in dones if d.block_size is not None]
+    return Dequantized(tensors=[n for d in dones for n in d.tensors], dtype=dones[0].dtype, schemes=schemes,
+                       block_size=blocked[0].block_size if blocked else None,
+                       block_size_from=blocked[0].block_size_from if blocked else None,
+                       scales_dropped=[n for d in dones for n in d.scales_dropped],
+                       input_scales_dropped=[n for d in dones for n in d.input_scales_dropped])

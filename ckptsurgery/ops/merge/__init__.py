@@ -38,17 +38,17 @@ MODE_NAMES = {Mode.UNION: "a plain merge", Mode.INTO: "merge --into", Mode.METHO
 # the options each mode takes (the library's keywords; the command line spells them --with-dashes).
 # --dtype applies to every mode: it casts what is written.
 MODE_OPTIONS: dict[Mode, frozenset[str]] = {
-    Mode.UNION: frozenset({"on_conflict", "dtype"}),
-    Mode.INTO: frozenset({"into", "on_mismatch", "otherwise", "prefix_tokens", "grid", "dtype"}),
+    Mode.UNION: frozenset({"on_conflict", "dtype", "dequantize"}),
+    Mode.INTO: frozenset({"into", "on_mismatch", "otherwise", "prefix_tokens", "grid", "dtype", "dequantize"}),
     # --layer-pattern: where a gradient (--t 0,0.5,1) finds the layers; by_method refuses it without one
-    Mode.METHOD: frozenset({"method", "average", "base", "dtype", "layer_pattern", *methods.PARAMETERS}),
-    Mode.LORA: frozenset({"lora", "lora_scale", "allow_unmatched", "dtype"}),
+    Mode.METHOD: frozenset({"method", "average", "base", "dtype", "dequantize", "layer_pattern", *methods.PARAMETERS}),
+    Mode.LORA: frozenset({"lora", "lora_scale", "allow_unmatched", "dtype", "dequantize"}),
     # a recipe names its models, method, parameters and dtypes itself
     Mode.RECIPE: frozenset({"config", "layer_pattern"}),
 }
 # the order refusals consider options in, and list them in
 OPTION_ORDER = ("lora_scale", "allow_unmatched", "into", "average", "method", "base", "on_conflict", "on_mismatch",
-                *methods.PARAMETERS, *ADAPT_OPTIONS, "dtype", "lora", "config", "layer_pattern")
+                *methods.PARAMETERS, *ADAPT_OPTIONS, "dtype", "dequantize", "lora", "config", "layer_pattern")
 # a method parameter may not take a name merge already gives an option
 _CLASH = set(methods.PARAMETERS) & (set(OPTION_ORDER) - set(methods.PARAMETERS) | {"root", "sources", "write"})
 if _CLASH:
