@@ -21,7 +21,8 @@ alternating within each round, medians of --runs, peak RssAnon of the process (s
 2 ms). Results accumulate in WORKDIR/bench_adapters.json.
 
 Run: .venv/bin/python bench/bench_adapters.py --runs 3 [--groups lora,dora,ia3,loha,lokr,combine,resize]
-(after bench/bench_methods.py has built WORKDIR/llama-base)."""
+[--rev REV] (after bench/bench_methods.py has built WORKDIR/llama-base). --rev: time the ckptsurgery
+of that commit (a git worktree, WORKDIR/rev-REV), not the checkout, which others may be editing."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import os
 import subprocess
 import sys
 
-from common import CLI, HERE, measure, print_tables, warm
+from common import CLI, HERE, measure, print_tables, revision_tree, tree_cli, warm
 
 KINDS = ("lora", "dora", "ia3", "loha", "lokr")
 GROUPS = (*KINDS, "combine", "resize")
@@ -120,6 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workdir", default=os.path.join(HERE, "out"))
+    parser.add_argument("--rev", help="time the ckptsurgery of this commit (a git worktree)")
     parser.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, of {', '.join(GROUPS)}")
     args = parser.parse_args()
     groups = args.groups.split(",")
@@ -131,6 +133,7 @@ def main() -> None:
     if not os.path.exists(os.path.join(base, "model.safetensors")):
         raise SystemExit("run bench/bench_methods.py first: it builds the base folder")
     os.environ["HF_HUB_OFFLINE"] = "1"
+    cli = tree_cli(revision_tree(args.rev, args.workdir)) if args.rev else CLI
     adapters = {}
     for kind, seed in [*((k, 1) for k in KINDS), ("lora2", 2)]:
         folder = adapters[kind] = out(f"adapter-{kind}")
@@ -146,7 +149,7 @@ def main() -> None:
         if group in KINDS:
             ours, theirs = out(f"fold-{group}-ours.safetensors"), out(f"fold-{group}-peft")
             cases = {
-                ours_case: [*CLI, "merge", base, "--lora", adapters[group], "-o", ours, "-q", "--force"],
+                ours_case: [*cli, "merge", base, "--lora", adapters[group], "-o", ours, "-q", "--force"],
                 peft_case: [sys.executable, "-c", PEFT_FOLD, base, adapters[group], theirs],
             }
         else:
@@ -158,7 +161,7 @@ def main() -> None:
                 command = ["lora", "resize", adapters["lora"], "--rank", "8"]
                 rank, inputs = "8", [adapters["lora"]]
             cases = {
-                ours_case: [*CLI, *command, "-o", ours, "-q", "--force"],
+                ours_case: [*cli, *command, "-o", ours, "-q", "--force"],
                 peft_case: [sys.executable, "-c", PEFT_SVD, base, theirs, rank, *inputs],
             }
         os.makedirs(theirs, exist_ok=True)
@@ -166,7 +169,7 @@ def main() -> None:
         for command in cases.values():  # measure() cleared the outputs between runs: made once more, compared
             subprocess.run(command, check=True, capture_output=True)
         if group in KINDS:
-            same = subprocess.run([*CLI, "diff", ours, os.path.join(theirs, "model.safetensors"), "--atol", "1e-5",
+            same = subprocess.run([*cli, "diff", ours, os.path.join(theirs, "model.safetensors"), "--atol", "1e-5",
                                    "--json"], capture_output=True)
             check = f"outputs agree within 1e-5: {json.loads(same.stdout)['identical']}"
         else:
@@ -179,7 +182,7 @@ def main() -> None:
             ("peak: ckptsurgery / peft", peak_ratio, "≤ 0.1" if group in KINDS else ""),
         ])
         sys.stdout.flush()
-        results[group] = {"runs": args.runs, "check": check, "time": med, "peak": peak,
+        results[group] = {"runs": args.runs, "rev": args.rev, "check": check, "time": med, "peak": peak,
                           "time_ratio": time_ratio, "peak_ratio": peak_ratio}
         with open(results_path, "w") as f:
             json.dump(results, f, indent=1)
