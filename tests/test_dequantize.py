@@ -6,6 +6,7 @@ transformers' Fp8Dequantize compute it; streamed a block row at a time; refusals
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -282,3 +283,62 @@ def test_recipe_refuses_dequantize(cli, tmp_path):
     recipe.write_text("merge_method: linear\nmodels:\n  - model: a\n")
     assert_one_error_line(cli("merge", "--config", recipe, "-o", tmp_path / "o", "--dequantize"),
                           "--config does not combine with --dequantize", code=2)
+
+
+# ---- a model folder in, -o DIR/ out: a model folder from_pretrained loads ------------------------
+
+def fp8_llama_release(folder, block=(8, 8)):
+    """A tiny Llama saved, then its linear weights quantized to block-scaled FP8 as a DeepSeek-style
+    release holds them, config.json with its quantization_config, a generation config, a sharded index."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=32,
+                                         max_position_embeddings=16))
+    model.save_pretrained(folder, max_shard_size="8KB")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(block)}
+    (folder / "config.json").write_text(json.dumps(config))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    expected_weights = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(folder / shard)
+        for name in [n for n in tensors if n.endswith("proj.weight")]:
+            w = tensors[name].to(E4M3)
+            s = block_scales(tuple(w.shape), block, seed=len(name))
+            tensors[name], tensors[name + "_scale_inv"] = w, s
+            index["weight_map"][name + "_scale_inv"] = shard
+            expected_weights[name] = expected(w, s, block)
+        save_file(tensors, folder / shard, metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return expected_weights
+
+
+def test_model_folder_out_loads_with_from_pretrained(cli, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    release = tmp_path / "release"
+    want = fp8_llama_release(release)
+    capsys.readouterr()  # what saving printed (deepspeed's accelerator line) is not the command's
+    r = cli("convert", release, "-o", f"{tmp_path / 'bf16'}/", "--dequantize", "--json")
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["model_folder"]["config_changes"] == {"torch_dtype": "bfloat16", "dtype": "bfloat16",
+                                                     "quantization_config": None}
+    assert "generation_config.json" in doc["model_folder"]["copied"]
+    out = tmp_path / "bf16"
+    assert {"config.json", "generation_config.json", "model.safetensors"} <= set(os.listdir(out))
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["torch_dtype"] == "bfloat16"
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    state = model.state_dict()
+    assert all(torch.equal(bits(state[name]), bits(w)) for name, w in want.items())
+    assert getattr(model.config, "quantization_config", None) is None
+    capsys.readouterr()  # transformers' loading bar
+    again = cli("convert", release, "-o", f"{out}/", "--dequantize", "--max-shard-size", "4KB")
+    assert_one_error_line(again, "already exists; pass --force")
+    assert cli("convert", release, "-o", f"{out}/", "--dequantize", "--max-shard-size", "4KB", "--force").code == 0
+    assert "model.safetensors.index.json" in os.listdir(out) and "model.safetensors" not in os.listdir(out)

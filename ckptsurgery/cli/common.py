@@ -234,9 +234,13 @@ def _metadata_lines(report: WriteReport) -> list[str]:
     from ..core import METADATA_CONTENT_HASHES
 
     hashes = [k for k in dropped if k in METADATA_CONTENT_HASHES]
+    not_text = report.metadata_not_text or []
     lines = [listing("metadata dropped (content hashes, not recomputed for the bytes written)", hashes)] if hashes else []
-    if len(hashes) < len(dropped):
-        lines.append(listing("metadata dropped (--no-metadata)", [k for k in dropped if k not in hashes]))
+    if not_text:
+        lines.append(listing("metadata left out (not text: safetensors metadata holds text only)", not_text))
+    rest = [k for k in dropped if k not in hashes and k not in not_text]
+    if rest:
+        lines.append(listing("metadata dropped (--no-metadata)", rest))
     return lines
 
 

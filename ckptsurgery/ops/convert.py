@@ -1,18 +1,28 @@
-"""convert: between .pth, .safetensors and DCP folders, and into Hugging Face-style shards."""
+"""convert: between .pth, .safetensors and DCP folders, and into Hugging Face-style shards; with
+`--dequantize` a Hugging Face model folder in and `-o DIR/` out writes a model folder."""
 
 from __future__ import annotations
+
+import os
+from dataclasses import replace
 
 from .dequantize import open_input, with_dequantized
 from .options import WriteOptions, check_write_options, dtype_to_cast
 from .reports import WriteReport
-from .write import write_checkpoint
+from .write import FolderOutput, write_checkpoint
+
+FOLDER_SHARD_SIZE = "5GB"  # transformers' save_pretrained default
+WEIGHTS_FILE = "model.safetensors"
 
 
 def convert_checkpoint(input: str, write: WriteOptions, *, root: str | None = None,
                        dtype: str | None = None, dequantize: bool = False) -> WriteReport:
     """Convert between .pth, .safetensors and DCP folders, and shard, bit-exact unless `dtype`
     casts the float16/bfloat16/float32/float64 tensors. `dequantize`: scaled FP8 weights are
-    written dequantized (in `dtype`, else bfloat16), their scales left out (ops/dequantize.py).
+    written dequantized (in `dtype`, else bfloat16), their scales left out (ops/dequantize.py);
+    from a model folder (a config.json in it) to `-o DIR/`, DIR is a model folder: the weights
+    (shards of --max-shard-size, else 5GB as save_pretrained), config.json updated, the tokenizer's,
+    generation and remote code files copied.
 
     Example:
         >>> convert_checkpoint("model.pth", WriteOptions("model.safetensors", max_shard_size="2GB"))
@@ -20,4 +30,25 @@ def convert_checkpoint(input: str, write: WriteOptions, *, root: str | None = No
     write = check_write_options(write)
     cast = dtype_to_cast(dtype)
     with open_input(input, root, dequantize, cast) as (ckpt, done):
-        return with_dequantized(write_checkpoint(ckpt.tensors, write, source=ckpt, cast=cast), done)
+        folder = _model_folder_output(input, write) if dequantize else None
+        if folder is None:
+            return with_dequantized(write_checkpoint(ckpt.tensors, write, source=ckpt, cast=cast), done)
+        from .model_folder import converted_folder_files, write_folder_files
+
+        written = done.dtype if done.tensors else (cast.name if cast else None)
+        files = converted_folder_files(input, written, bool(done.tensors))
+        shard = write.max_shard_size if write.max_shard_size is not None else FOLDER_SHARD_SIZE
+        weights = replace(write, output=os.path.join(folder, WEIGHTS_FILE), max_shard_size=shard)
+        report = write_checkpoint(ckpt.tensors, weights, source=ckpt, cast=cast, folder=FolderOutput(
+            folder, files.names, lambda staged: write_folder_files(staged, files)))
+        return replace(with_dequantized(report, done), model_folder={
+            "config_changes": files.config_changes, "copied": sorted(files.copied), "notes": files.notes})
+
+
+def _model_folder_output(input: str, write: WriteOptions) -> str | None:
+    """The output folder when a model folder is written to `-o DIR/` (not --format dcp)."""
+    if not write.output.endswith(("/", os.sep)) or write.format is not None:
+        return None
+    if not (os.path.isdir(input) and os.path.isfile(os.path.join(input, "config.json"))):
+        return None
+    return write.output.rstrip("/" + os.sep) or write.output

@@ -222,3 +222,43 @@ def folder_files(plan: FolderPlan) -> FolderFiles:
         files.notes.append(f"the recipe was given loaded, not as a file: no {RECIPE_COPY} written")
     files.made[MODEL_CARD] = model_card(plan.method, plan.models, plan.base, plan.recipe_text)
     return files
+
+
+def remote_code_files(folder: str, config: dict, notes: list[str]) -> dict[str, str]:
+    """The modules a config's `auto_map` names ("modeling_deepseek.DeepseekV3ForCausalLM" ->
+    modeling_deepseek.py) that lie in the folder: name -> path. A release that needs
+    trust_remote_code (DeepSeek-V3) loads from the output only with them."""
+    auto_map = config.get("auto_map")
+    names = [v for v in auto_map.values()] if isinstance(auto_map, dict) else []
+    modules = []
+    for value in names:
+        for ref in value if isinstance(value, list) else [value]:
+            if isinstance(ref, str) and "--" not in ref and "." in ref:  # "repo--module.Class" lives in another repo
+                modules.append(ref.rsplit(".", 1)[0].replace(".", "/") + ".py")
+    found = {}
+    for name in dict.fromkeys(modules):
+        if "/" in name or name.startswith("."):
+            continue
+        path = folder_file(folder, name, notes)
+        if path is not None:
+            found[name] = path
+    return found
+
+
+def converted_folder_files(folder: str, dtype: str | None, dequantized: bool) -> FolderFiles:
+    """A converted model folder's files besides its weights: config.json (its `quantization_config`
+    dropped once the weights are dequantized, its dtype set to `dtype`), the tokenizer's and
+    generation files, and the remote code modules its config names, copied."""
+    files = FolderFiles()
+    config = read_config(folder)
+    if config is None:
+        files.notes.append(f"{folder} has no {CONFIG}: the output has none (from_pretrained needs one)")
+    else:
+        config, files.config_changes = updated_config(config, 0, (), dtype, files.notes)
+        if dequantized and "quantization_config" in config:
+            del config["quantization_config"]
+            files.config_changes["quantization_config"] = None
+        files.made[CONFIG] = config_bytes(config)
+        files.copied.update(remote_code_files(folder, config, files.notes))
+    files.copied.update(tokenizer_files(folder, files.notes))
+    return files

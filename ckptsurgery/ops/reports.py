@@ -104,7 +104,10 @@ class WriteReport(Report):
     metadata: dict[str, str] | None = entry("The safetensors metadata written, besides the tie record "
                                             "(`null` for .pth and DCP outputs).")
     metadata_dropped: list[str] = entry("Input metadata keys the output does not carry (content hashes, "
-                                        "`--no-metadata`, or all of them for .pth/DCP).")
+                                        "`--no-metadata`, values that are not text, or all of them for .pth/DCP).")
+    metadata_not_text: list[str] | None = entry("Of `metadata_dropped`, the keys whose values are not text (a GGUF "
+                                                "file's numbers and arrays, an index's `total_size`), which a "
+                                                "safetensors file's metadata cannot hold.", omit_if_none=True)
     shards: int | None = entry("Number of shards, for a sharded output.", omit_if_none=True)
     removed: list[str] = entry("Files of an earlier sharded output at OUT that this write removed (`--force`).",
                                factory=list)
@@ -117,6 +120,10 @@ class WriteReport(Report):
     world_size: int | None = entry("Under torchrun: the number of ranks.", omit_if_none=True)
     dequantized: Dequantized | None = entry("With `--dequantize`: what was dequantized (see `Dequantized`).",
                                             omit_if_none=True)
+    model_folder: dict[str, Any] | None = entry(
+        "`convert --dequantize` of a model folder to `-o DIR/`: `config_changes` (the config.json fields set; "
+        "`null`: removed, as `quantization_config`), `copied` (the input's files copied: tokenizer, generation, "
+        "remote code) and `notes` (what could not be done: a file that links out of its folder).", omit_if_none=True)
 
 
 @_report
@@ -382,12 +389,13 @@ class InspectReport(Report):
 
     path: str = entry("The input as given.")
     format: str = entry("torch-zip, torch-legacy, safetensors, sharded-safetensors, sharded-torch, dcp, "
-                        "deepspeed, accelerate.")
+                        "deepspeed, accelerate, gguf.")
     root: str | None = entry("Key of the state dict inside a nested .pth (`\"\"`: its top level; `null`: a format "
                              "with nothing nested).")
     extras: dict[str, str] = entry("Entries outside the state dict: name -> a short description of its value.")
     non_tensors: dict[str, str] = entry("Non-tensor entries inside the state dict (`fc._extra_state`).")
-    metadata: dict[str, str] = entry("The safetensors metadata (`{}` when none).")
+    metadata: dict[str, str] = entry("The safetensors metadata (`{}` when none); a GGUF file's key/value metadata, "
+                                     "its values typed (numbers, bools, text, arrays).")
     inert: list[str] = entry("Pickled classes left inert (never run): module.name.")
     total_params: int = entry("Elements of the listed tensors, tied ones once.")
     total_bytes: int = entry("Bytes of the listed tensors, tied ones once.")
@@ -396,7 +404,8 @@ class InspectReport(Report):
                                          "(buffers count in neither this nor `frozen_params`); omitted for a state "
                                          "dict, which records no flag.", omit_if_none=True)
     frozen_params: int | None = entry("Likewise, the parameters whose `requires_grad` is false.", omit_if_none=True)
-    tensors: list[dict] = entry("One record per listed tensor: `name`, `dtype` (torch's name), `shape`, `nbytes`, "
+    tensors: list[dict] = entry("One record per listed tensor: `name`, `dtype` (torch's name; a quantized GGUF "
+                                "tensor's GGML type, `Q4_K`, and `nbytes` its bytes in the file), `shape`, `nbytes`, "
                                 "`requires_grad` (a pickled Parameter's flag, else null), `shares_with` (the first "
                                 "name of its storage, or null), `contiguous`, `quantization` (quantized tensors); "
                                 "`--stats`: `min`, `max`, `mean`, `std`, `nan`, `inf`; `--hash`: `sha256`.")

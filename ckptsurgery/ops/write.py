@@ -114,7 +114,7 @@ def _no_duplicate_keys(where: str):
 
 def _plan_metadata(options: WriteOptions, holds: bool, source: "_Source", cast: bool = False) -> tuple[dict | None, dict]:
     """The metadata written (besides `format` and the alias record; None where the output holds
-    none) and the report's `metadata` and `metadata_dropped`. Options that cannot apply are refused."""
+    none) and the report's `metadata`, `metadata_dropped` and `metadata_not_text`. Options that cannot apply are refused."""
     metadata = options.metadata
     if metadata is not None or options.no_metadata:
         if not holds:
@@ -130,7 +130,8 @@ def _plan_metadata(options: WriteOptions, holds: bool, source: "_Source", cast: 
     meta, dropped = core.plan_metadata(kept, metadata, options.no_metadata, holds, cast=cast,
                                        sharded=options.max_shard_size is not None)
     shown = None if meta is None else dict(sorted({**meta, core.METADATA_FORMAT_KEY: "pt"}.items()))
-    return meta, {"metadata": shown, "metadata_dropped": dropped}
+    not_text = [k for k in dropped if not isinstance(kept[k], str)] if meta is not None else []
+    return meta, {"metadata": shown, "metadata_dropped": dropped, "metadata_not_text": not_text or None}
 
 
 MAX_DEFAULT_JOBS = 4  # more threads than this only add tensors in flight and seeks on one disk
