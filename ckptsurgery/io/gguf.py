@@ -32,7 +32,8 @@ MAX_NAME = 1 << 16  # bytes of a key or a tensor name (llama.cpp's own tensor na
 MAX_DIMS = 4  # GGML_MAX_DIMS: llama.cpp refuses more
 MAX_NESTING = 4  # arrays inside arrays (llama.cpp reads none; gguf-py writes them)
 MAX_ARRAY_VALUES = 1 << 22  # elements of all metadata arrays together (a 262 144-token vocabulary is three arrays of that)
-CHUNK_BYTES = 16 << 20  # float32 output dequantized at once (whole blocks, at least one)
+CHUNK_BYTES = 4 << 20  # float32 output dequantized at once (whole blocks, at least one): gguf makes a few
+#                        temporaries of its size; as fast as 16 MiB (numpy calls stay long), a quarter of the memory
 
 # the GGML types whose bytes are a torch dtype's, element for element
 PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
