@@ -273,3 +273,25 @@ def test_hostile_headers_are_refused_in_one_line(cli, tmp_path, case):
     for args in (["inspect", path, "--json"], ["convert", path, "-o", tmp_path / "o.safetensors"]):
         assert_one_error_line(cli(*args), str(path), fragment)
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_the_metadata_arrays_are_bounded_in_all(cli, tiny, monkeypatch):
+    import ckptsurgery.io.gguf as reader
+
+    monkeypatch.setattr(reader, "MAX_ARRAY_VALUES", 60)  # tokens (40) and scores (40): 80 in all
+    assert_one_error_line(cli("inspect", tiny), "tokenizer.ggml.scores", "more than 60 values in all")
+
+
+def test_empty_and_0_d_tensors_read(cli, tmp_path):
+    path = tmp_path / "edges.gguf"
+    path.write_bytes(raw_gguf([(b"empty_q8", (0, 4), 8, 0), (b"scalar", (), 0, 0), (b"empty_q4k", (256, 0), 12, 32)],
+                              data=struct.pack("<f", 2.5) + b"\0" * 60))
+    doc = cli("inspect", path, "--json").json()
+    assert [(t["name"], t["dtype"], t["shape"]) for t in doc["tensors"]] == [
+        ("empty_q8", "Q8_0", [4, 0]), ("scalar", "float32", []), ("empty_q4k", "Q4_K", [0, 256])]
+    out = tmp_path / "edges.safetensors"
+    assert cli("convert", path, "-o", out, "--dtype", "bf16").code == 0
+    from safetensors.torch import load_file
+
+    got = load_file(str(out))
+    assert got["scalar"].item() == 2.5 and got["empty_q8"].shape == (4, 0) and got["empty_q4k"].shape == (0, 256)
