@@ -168,7 +168,7 @@ def test_filter_drop_rename_take_it(cli, tmp_path):
     assert r.json()["kept"] == ["a.weight"] and r.json()["dequantized"]["tensors"] == ["a.weight"]
     assert torch.equal(bits(load_file(tmp_path / "f.safetensors")["a.weight"]), want)
     r = cli("drop", tmp_path / "in.safetensors", "b", "-o", tmp_path / "d.safetensors", "--dequantize")
-    assert r.code == 0 and "dequantized 1 float8 weight to bfloat16 (1 block 128×128); left out 1 scale" in r.err
+    assert r.code == 0 and "dequantized 1 float8 weight to bfloat16 (1 in blocks of 128×128); left out 1 scale" in r.err
     assert list(load_file(tmp_path / "d.safetensors")) == ["a.weight"]
     r = cli("rename", tmp_path / "in.safetensors", "--add-prefix", "model.", "-o", tmp_path / "r.safetensors",
             "--dequantize")

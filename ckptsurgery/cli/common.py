@@ -216,8 +216,8 @@ def _dequantized_line(done) -> str:
     """What --dequantize did, in one line; a note when the input had nothing to dequantize."""
     if not done.tensors:
         return "note: --dequantize: no float8 weight with a scale in the input; written as it is"
-    schemes = ", ".join(f"{n} {scheme}" + (f" {done.block_size[0]}×{done.block_size[1]}" if scheme == "block" else "")
-                        for scheme, n in done.schemes.items())
+    schemes = ", ".join(f"{n} in blocks of {done.block_size[0]}×{done.block_size[1]}" if scheme == "block"
+                        else f"{n} {scheme}" for scheme, n in done.schemes.items())
     line = (f"dequantized {count(len(done.tensors), 'float8 weight')} to {done.dtype} ({schemes}); "
             f"left out {count(len(done.scales_dropped), 'scale')}")
     if done.input_scales_dropped:
