@@ -276,6 +276,8 @@ def test_lora_folds_into_an_fp8_base(cli, tmp_path):
     assert cli("merge", base16, "--lora", adapter, "-o", tmp_path / "f16.safetensors").code == 0
     f8, f16 = load_file(tmp_path / "f8.safetensors"), load_file(tmp_path / "f16.safetensors")
     assert f8.keys() == f16.keys() and all(torch.equal(bits(f8[k]), bits(f16[k])) for k in f8)
+    assert cli("lora", "fold", base, adapter, "-o", tmp_path / "lf.safetensors", "--dequantize").code == 0
+    assert (tmp_path / "lf.safetensors").read_bytes() == (tmp_path / "f8.safetensors").read_bytes()
 
 
 def test_recipe_refuses_dequantize(cli, tmp_path):

@@ -13,7 +13,7 @@ from .. import ops
 from ..errors import UsageError
 from ..ops.reports import LoraModule
 from .common import (
-    CastTo, OutputOptions, RootOpt, choice, command_group, count, examples, listing, note, output_options,
+    CastTo, DequantizeOpt, OutputOptions, RootOpt, choice, command_group, count, examples, listing, note, output_options,
     print_json, print_table, printable,
 )
 
@@ -52,6 +52,7 @@ def fold(
     allow_unmatched: Annotated[bool, typer.Option("--allow-unmatched", help="Fold what matches, list LoRA weights matching no base weight.")] = False,
     dtype: Annotated[Optional[CastTo], typer.Option("--dtype", help="Cast the floating tensors written (default: as the base).", show_default=False)] = None,
     root: RootOpt = None,
+    dequantize: DequantizeOpt = False,
     *,
     out: OutputOptions,
 ) -> None:
@@ -63,7 +64,7 @@ def fold(
                          f"all) or once per ADAPTER, in the same order")
     with out.writing() as write:
         report = ops.fold_adapters(base, adapters, write, scales=scale, allow_unmatched=allow_unmatched,
-                                   dtype=dtype and dtype.value, root=root)
+                                   dtype=dtype and dtype.value, root=root, dequantize=dequantize)
     details = [f"folded {count(len(report.adapters), 'adapter')} into {count(report.folded, 'tensor')}: "
                + "; ".join(f"{printable(a.path)} ({a.format}, scale {a.scale:g}, {a.folded} weights)"
                            for a in report.adapters)]
