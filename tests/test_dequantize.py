@@ -344,3 +344,18 @@ def test_model_folder_out_loads_with_from_pretrained(cli, tmp_path, capsys):
     assert_one_error_line(again, "already exists; pass --force")
     assert cli("convert", release, "-o", f"{out}/", "--dequantize", "--max-shard-size", "4KB", "--force").code == 0
     assert "model.safetensors.index.json" in os.listdir(out) and "model.safetensors" not in os.listdir(out)
+
+
+def test_inspect_and_diff_read_it_too(cli, tmp_path):
+    w, s = fp8((130, 20)), block_scales((130, 20))
+    save_file({"a.weight": w, "a.weight_scale_inv": s}, tmp_path / "fp8.safetensors")
+    save_file({"a.weight": expected(w, s)}, tmp_path / "bf16.safetensors")
+    r = cli("inspect", tmp_path / "fp8.safetensors", "--dequantize", "--stats", "--json")
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert [(t["name"], t["dtype"]) for t in doc["tensors"]] == [("a.weight", "bfloat16")]
+    assert doc["tensors"][0]["max"] == expected(w, s).float().max().item()
+    assert doc["dequantized"]["scales_dropped"] == ["a.weight_scale_inv"]
+    assert cli("diff", tmp_path / "fp8.safetensors", tmp_path / "bf16.safetensors").code == 1
+    r = cli("diff", tmp_path / "fp8.safetensors", tmp_path / "bf16.safetensors", "--dequantize", "--json")
+    assert r.code == 0 and r.json()["identical"] and r.json()["dequantized"]["tensors"] == ["a.weight"]

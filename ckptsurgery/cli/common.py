@@ -187,7 +187,7 @@ def finish_write(report: WriteReport, as_json: bool, quiet: bool, details: list[
     lines = [f"{verb} {', '.join(map(printable, report.files))}: {count(report.tensors, 'tensor')}, "
              f"{human_bytes(report.total_bytes)}", *details]
     if report.dequantized is not None:
-        lines.append(_dequantized_line(report.dequantized))
+        lines.append(dequantized_line(report.dequantized))
     if report.tied:
         lines.append(f"{len(report.tied)} tied name(s) stored once: "
                      + ", ".join(f"{printable(a)} = {printable(b)}" for a, b in report.tied.items()))
@@ -212,7 +212,7 @@ def finish_write(report: WriteReport, as_json: bool, quiet: bool, details: list[
             note(line, quiet)
 
 
-def _dequantized_line(done) -> str:
+def dequantized_line(done) -> str:
     """What --dequantize did, in one line; a note when the input had nothing to dequantize."""
     if not done.tensors:
         return "note: --dequantize: no float8 weight with a scale in the input; written as it is"

@@ -10,7 +10,7 @@ import typer
 
 from .. import ops
 from ..errors import UsageError
-from .common import JsonOpt, RootOpt, command_app, console, examples, failures_exit, print_json, printable
+from .common import DequantizeOpt, JsonOpt, RootOpt, command_app, console, examples, failures_exit, print_json, printable
 
 
 app = command_app()
@@ -32,6 +32,7 @@ def diff(
         "--ignore", metavar="PATTERN", help="Compare neither side's keys matching PATTERN (glob, module name, or "
                                             "re:REGEX); repeatable.")] = None,
     root: RootOpt = None,
+    dequantize: DequantizeOpt = False,
     json: JsonOpt = False,
     brief: Annotated[bool, typer.Option(
         "-q", "--brief", "--quiet",
@@ -59,7 +60,7 @@ def diff(
         if brief and by_layer:
             raise UsageError("--brief prints one line and --by-layer a chart: give one")
         report = ops.diff_checkpoints(a, b, atol=atol, rtol=rtol, ignore=ignore, root=root, by_layer=by_layer,
-                                      base=base, layer_pattern=layer_pattern)
+                                      base=base, layer_pattern=layer_pattern, dequantize=dequantize)
         if json:
             print_json(report.to_json())
         elif brief:

@@ -11,8 +11,8 @@ import typer
 from .. import ops
 from ..errors import CkptError, UsageError
 from .common import (
-    MAX_ROWS, JsonOpt, QuietOpt, RootOpt, command_app, count, examples, human_bytes, note, print_json, printable,
-    progress_bar,
+    MAX_ROWS, DequantizeOpt, JsonOpt, QuietOpt, RootOpt, command_app, count, dequantized_line, examples, human_bytes,
+    note, print_json, printable, progress_bar,
 )
 
 
@@ -39,6 +39,7 @@ def inspect(
     all_rows: Annotated[bool, typer.Option(
         "--all", help=f"List every tensor in the table (a longer table shows its first {MAX_ROWS:,} rows).")] = False,
     root: RootOpt = None,
+    dequantize: DequantizeOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -57,10 +58,12 @@ def inspect(
     for i, input in enumerate(inputs):
         with progress_bar(quiet or json or not (stats or hash)) as progress, _naming(input, several):
             report = ops.inspect_checkpoint(input, keys=keys, stats=stats, tree=tree, depth=depth, hash=hash,
-                                            root=root, progress=progress)
+                                            root=root, progress=progress, dequantize=dequantize)
         if json:
             print_json(report.to_json())
             return
+        if report.dequantized is not None:
+            note(("" if not several else f"{report.path}: ") + dequantized_line(report.dequantized), quiet)
         if report.inert:
             where = f"{report.path}: " if several else ""
             note(f"{where}left inert (not run): {', '.join(map(printable, report.inert))}", quiet)

@@ -60,7 +60,7 @@ class _Plan:
 def block_size_of(input: str) -> tuple[tuple[int, int], str | None]:
     """The block size, and the config.json it came from (None: the default): the input's folder's
     config.json, or the one beside an input file."""
-    folder = input if os.path.isdir(input) else os.path.dirname(os.path.abspath(input))
+    folder = input if os.path.isdir(input) else (os.path.dirname(input) or ".")
     config = os.path.join(folder, "config.json")
     if not os.path.isfile(config):
         return DEFAULT_BLOCK, None

@@ -412,6 +412,8 @@ class InspectReport(Report):
     fingerprint: str | None = entry("`--hash`: SHA-256 over the listed tensors' names and hashes.", omit_if_none=True)
     tree: list[dict] | None = entry("`--tree`: one record per module row (repeats folded); `frozen: true` on a row "
                                     "whose parameters (a whole pickled model's) are all frozen.", omit_if_none=True)
+    dequantized: Dequantized | None = entry("With `--dequantize`: what was read dequantized (see `Dequantized`).",
+                                            omit_if_none=True)
 
 
 @_report
@@ -459,6 +461,8 @@ class DiffReport(Report):
         "`\"only in B\"`, `\"shape\"`, `\"dtype\"` (as listed above), `\"not in BASE\"` (BASE lacks it or holds it "
         "not floating) or `\"shape in BASE\"`. Tensors that are not floating (integers, bools, float8, quantized, "
         "complex) are compared as always and are in no norm, nor listed here.", omit_if_none=True)
+    dequantized: Dequantized | None = entry("With `--dequantize`: what was read dequantized (see `Dequantized`).",
+                                            omit_if_none=True)
 
 
 REPORTS: tuple[tuple[str, type[Report]], ...] = (
