@@ -331,7 +331,11 @@ def test_model_folder_out_loads_with_from_pretrained(cli, tmp_path, capsys):
                                                      "quantization_config": None}
     assert "generation_config.json" in doc["model_folder"]["copied"]
     out = tmp_path / "bf16"
-    assert {"config.json", "generation_config.json", "model.safetensors"} <= set(os.listdir(out))
+    assert {"config.json", "generation_config.json", "model.safetensors.index.json"} <= set(os.listdir(out))
+    # sharded as the input was: the same names in the same shards, the scales gone
+    theirs = json.loads((release / "model.safetensors.index.json").read_text())["weight_map"]
+    ours = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert ours == {name: shard for name, shard in theirs.items() if not name.endswith("_scale_inv")}
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["torch_dtype"] == "bfloat16"
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
@@ -342,8 +346,8 @@ def test_model_folder_out_loads_with_from_pretrained(cli, tmp_path, capsys):
     capsys.readouterr()  # transformers' loading bar
     again = cli("convert", release, "-o", f"{out}/", "--dequantize", "--max-shard-size", "4KB")
     assert_one_error_line(again, "already exists; pass --force")
-    assert cli("convert", release, "-o", f"{out}/", "--dequantize", "--max-shard-size", "4KB", "--force").code == 0
-    assert "model.safetensors.index.json" in os.listdir(out) and "model.safetensors" not in os.listdir(out)
+    assert cli("convert", release, "-o", f"{out}/", "--dequantize", "--max-shard-size", "1MB", "--force").code == 0
+    assert "model.safetensors" in os.listdir(out) and "model.safetensors.index.json" not in os.listdir(out)
 
 
 def test_inspect_and_diff_read_it_too(cli, tmp_path):

@@ -21,8 +21,8 @@ def convert_checkpoint(input: str, write: WriteOptions, *, root: str | None = No
     casts the float16/bfloat16/float32/float64 tensors. `dequantize`: scaled FP8 weights are
     written dequantized (in `dtype`, else bfloat16), their scales left out (ops/dequantize.py);
     from a model folder (a config.json in it) to `-o DIR/`, DIR is a model folder: the weights
-    (shards of --max-shard-size, else 5GB as save_pretrained), config.json updated, the tokenizer's,
-    generation and remote code files copied.
+    (shards of --max-shard-size, else as the input's index groups them, else 5GB as save_pretrained),
+    config.json updated, the tokenizer's, generation and remote code files copied.
 
     Example:
         >>> convert_checkpoint("model.pth", WriteOptions("model.safetensors", max_shard_size="2GB"))
@@ -37,12 +37,37 @@ def convert_checkpoint(input: str, write: WriteOptions, *, root: str | None = No
 
         written = done.dtype if done.tensors else (cast.name if cast else None)
         files = converted_folder_files(input, written, bool(done.tensors))
-        shard = write.max_shard_size if write.max_shard_size is not None else FOLDER_SHARD_SIZE
+        shards = _input_shards(input) if write.max_shard_size is None else None
+        shard = write.max_shard_size if write.max_shard_size is not None or shards else FOLDER_SHARD_SIZE
         weights = replace(write, output=os.path.join(folder, WEIGHTS_FILE), max_shard_size=shard)
-        report = write_checkpoint(ckpt.tensors, weights, source=ckpt, cast=cast, folder=FolderOutput(
+        report = write_checkpoint(ckpt.tensors, weights, source=ckpt, cast=cast, shards=shards, folder=FolderOutput(
             folder, files.names, lambda staged: write_folder_files(staged, files)))
         return replace(with_dequantized(report, done), model_folder={
             "config_changes": files.config_changes, "copied": sorted(files.copied), "notes": files.notes})
+
+
+MAX_INDEX = 256 << 20  # a shard index lists names: DeepSeek-V3's is 9 MB
+
+
+def _input_shards(folder: str) -> list[list[str]] | None:
+    """The names in each shard of the folder's safetensors index, shard by shard in the order of
+    their file names; None when the folder holds no index (or not one index)."""
+    import json
+
+    indexes = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors.index.json"))
+    if len(indexes) != 1 or os.path.getsize(os.path.join(folder, indexes[0])) > MAX_INDEX:
+        return None
+    try:
+        with open(os.path.join(folder, indexes[0]), encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None  # the reader judged the index already; here it only suggests a grouping
+    if not isinstance(weight_map, dict):
+        return None
+    by_file: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        by_file.setdefault(str(file), []).append(name)
+    return [by_file[file] for file in sorted(by_file)]
 
 
 def _model_folder_output(input: str, write: WriteOptions) -> str | None:

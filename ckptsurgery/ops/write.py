@@ -358,7 +358,7 @@ class _FilePlan:
     names stored once, the shards and their files."""
 
     def __init__(self, source: _Source, tensors: dict[str, TensorRef], options: WriteOptions, fmt: OutputFormat,
-                 cast: DType | None):
+                 cast: DType | None, shards: list[list[str]] | None = None):
         self.tensors, self.fmt = tensors, fmt
         self.stored, self.aliases = plan_safetensors(tensors, cast)
         if cast and fmt is OutputFormat.TORCH:  # a .pth casts whole storages: see castable_storages
@@ -374,6 +374,8 @@ class _FilePlan:
         limit = options.max_shard_size
         # no tensors: no shards to plan, one (empty) file
         self.shards = plan_shards(self.sizes, limit) if limit and self.sizes else [[n for n, _ in self.sizes]]
+        if shards is not None and limit is None:  # the caller's grouping (an input's shards), in its order
+            self.shards = _given_shards(shards, [n for n, _ in self.sizes])
         self.sharded = len(self.shards) > 1
         self.files, self.index = (shard_names(options.output, len(self.shards)) if self.sharded
                                   else ([options.output], None))
@@ -406,6 +408,19 @@ class _FilePlan:
         return (json.dumps(body, indent=2) + "\n").encode()
 
 
+def _given_shards(shards: list[list[str]], stored: list[str]) -> list[list[str]]:
+    """The stored names grouped as `shards` say (empty groups dropped); a name no group holds goes
+    with the last group."""
+    left, groups = set(stored), []
+    for names in shards:
+        groups.append([name for name in dict.fromkeys(names) if name in left])
+        left.difference_update(groups[-1])
+    placed = set(stored) - left
+    groups = [names for names in groups if names] or [[]]
+    groups[-1] += [name for name in stored if name not in placed]
+    return groups
+
+
 def _file_report(source: _Source, plan: _FilePlan, options: WriteOptions, cast: DType | None, others: dict,
                  removed: list[str], mine: list[int], metadata_report: dict,
                  folder: FolderOutput | None) -> WriteReport:
@@ -432,7 +447,7 @@ def _file_report(source: _Source, plan: _FilePlan, options: WriteOptions, cast: 
 def write_checkpoint(tensors: dict[str, TensorRef], options: WriteOptions, *, source: Checkpoint | None = None,
                      cast: DType | None = None, keep_metadata: bool = True, others: dict | None = None,
                      inputs: list[Checkpoint] | None = None, metadata_from: Checkpoint | None = None,
-                     folder: FolderOutput | None = None) -> WriteReport:
+                     folder: FolderOutput | None = None, shards: list[list[str]] | None = None) -> WriteReport:
     """Write `tensors` (a state dict, possibly edited, of `source`) as `options` say; return what
     was written. Entries outside `source`'s root, and `others` (the root's non-tensor entries, by
     default the source's own), travel with .pth and DCP outputs; safetensors holds tensors only.
@@ -444,7 +459,8 @@ def write_checkpoint(tensors: dict[str, TensorRef], options: WriteOptions, *, so
     top. `options.ranks`: under torchrun this process writes its share of the files, listed in
     the report's `files`. An output whose folder does not exist gets it (removed again if the
     write fails); `-o DIR/` writes DIR/model.safetensors (sharded as Hugging Face names shards).
-    `folder`: `options.output` lies in a folder of its own, written whole with other files."""
+    `folder`: `options.output` lies in a folder of its own, written whole with other files. `shards`:
+    without `options.max_shard_size`, the names of each shard (an input's own; see _given_shards)."""
     options = _in_folder(check_write_options(options))
     if folder is not None:
         options.refuse("format", why="does not apply to an output folder")
@@ -459,7 +475,7 @@ def write_checkpoint(tensors: dict[str, TensorRef], options: WriteOptions, *, so
     if fmt is OutputFormat.DCP:
         return _write_dcp(origin, tensors, options, cast, others, jobs, metadata_report)
     inputs = ([] if source is None else [source]) if inputs is None else inputs
-    plan = _FilePlan(origin, tensors, options, fmt, cast)
+    plan = _FilePlan(origin, tensors, options, fmt, cast, shards)
     # an earlier sharded output named after OUT: its shards that this write does not replace go
     index = options.output + ".index.json"
     # a dry run replaces nothing: what a real run would need --force for, it reports
