@@ -363,3 +363,19 @@ def test_inspect_and_diff_read_it_too(cli, tmp_path):
     assert cli("diff", tmp_path / "fp8.safetensors", tmp_path / "bf16.safetensors").code == 1
     r = cli("diff", tmp_path / "fp8.safetensors", tmp_path / "bf16.safetensors", "--dequantize", "--json")
     assert r.code == 0 and r.json()["identical"] and r.json()["dequantized"]["tensors"] == ["a.weight"]
+
+
+def test_pth_input_bf16_scales_and_a_huge_config(cli, tmp_path, monkeypatch):
+    """A .pth release, scales stored in bfloat16 (compressed-tensors often does): the float32
+    product of the widened values, as for float32 scales."""
+    from ckptsurgery.ops import dequantize
+
+    w, s = fp8((7, 5), E5M2), (torch.rand(7, 1) + 0.5).to(torch.bfloat16)
+    torch.save({"a.weight": w, "a.weight_scale": s}, tmp_path / "in.pth")
+    convert(cli, tmp_path / "in.pth", tmp_path / "out.safetensors")
+    assert torch.equal(bits(load_file(tmp_path / "out.safetensors")["a.weight"]),
+                       bits((w.float() * s.float()).to(torch.bfloat16)))
+    monkeypatch.setattr(dequantize, "MAX_CONFIG", 10)
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {}}))
+    assert_one_error_line(cli("convert", tmp_path / "in.pth", "-o", tmp_path / "o.safetensors", "--dequantize"),
+                          "not a model's config.json")

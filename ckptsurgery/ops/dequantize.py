@@ -37,6 +37,7 @@ from .reports import Dequantized
 FP8 = ("float8_e4m3fn", "float8_e5m2")  # the weight dtypes dequantized
 DEFAULT_BLOCK = (128, 128)  # DeepSeek-V3's block, when no config.json says otherwise
 DEFAULT_DTYPE = "bfloat16"
+MAX_CONFIG = 16 << 20  # a config.json is a few KB
 CHUNK_BYTES = 16 << 20  # output bytes computed at once (rounded to whole block rows, at least one)
 
 SCALE_INV, SCALE = ".weight_scale_inv", ".weight_scale"
@@ -64,10 +65,12 @@ def block_size_of(input: str) -> tuple[tuple[int, int], str | None]:
     config = os.path.join(folder, "config.json")
     if not os.path.isfile(config):
         return DEFAULT_BLOCK, None
+    if os.path.getsize(config) > MAX_CONFIG:
+        raise CkptError(f"{config}: larger than {MAX_CONFIG >> 20} MB; not a model's config.json")
     try:
         with open(config, encoding="utf-8") as f:
             quant = json.load(f).get("quantization_config") or {}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return DEFAULT_BLOCK, None  # not ours to judge: a config.json that is not a model's
     block = quant.get("weight_block_size") if isinstance(quant, dict) else None
     if block is None:
