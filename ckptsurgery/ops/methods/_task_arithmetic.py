@@ -146,22 +146,58 @@ class TaskArithmetic(MergeMethod):
         keep = np.empty(self.numel, bool)
         kept = total = 0.0
         per_read = max(1, self.chunk_size // max(1, slab))
+        # float32 magnitudes (≥ 0) rank as their bits do: one uint64 key per entry, its bits above
+        # its column, sorted (no ties left, so any sort ranks as a stable argsort would); the keep
+        # chance of each rank from a table computed as the ranks' chances were, element by element
+        shift = max(1, (int(length) - 1).bit_length())
+        by_key = np.dtype(self.wide) == np.float32 and length > 1 and shift <= 32
+        if by_key:
+            scaled = np.arange(length, dtype=np.float64) / (length - 1)
+            thresholds = np.floor(((density - epsilon) + scaled * (2 * epsilon)) * 2**32)
         for first in range(0, rows, per_read):
             start, count = first * slab, min(per_read, rows - first) * slab
             delta = np.subtract(self.reads[i + 1](start, count), self.reads[0](start, count))
             magnitude = np.abs(delta).reshape(-1, length, rest)
-            order = np.argsort(magnitude, axis=1, kind="stable")
-            ranks = np.empty(order.shape, np.float64)
-            np.put_along_axis(ranks, order, np.arange(length, dtype=np.float64).reshape(1, -1, 1), axis=1)
-            scaled = ranks / (length - 1) if length > 1 else np.full(ranks.shape, 0.5)
-            chance = (density - epsilon) + scaled * (2 * epsilon)
-            draws = uniform_draws(seed, self.key, i, start, count).reshape(chance.shape)
-            chunk_keep = draws < np.floor(chance * 2**32)
-            keep[start:start + count] = chunk_keep.reshape(-1)
+            draws = uniform_draws(seed, self.key, i, start, count)
+            if by_key:
+                chunk_keep = keep[start:start + count].reshape(magnitude.shape)
+                self._della_keep(magnitude, draws, thresholds, shift, chunk_keep)
+            else:
+                order = np.argsort(magnitude, axis=1, kind="stable")
+                ranks = np.empty(order.shape, np.float64)
+                np.put_along_axis(ranks, order, np.arange(length, dtype=np.float64).reshape(1, -1, 1), axis=1)
+                scaled = ranks / (length - 1) if length > 1 else np.full(ranks.shape, 0.5)
+                chance = (density - epsilon) + scaled * (2 * epsilon)
+                chunk_keep = draws.reshape(chance.shape) < np.floor(chance * 2**32)
+                keep[start:start + count] = chunk_keep.reshape(-1)
             total += float(magnitude.sum(dtype=np.float64))
             kept += float((magnitude * chunk_keep).sum(dtype=np.float64))
         masks = [np.packbits(keep[s:s + c]) for s, c in map(self.span, range(self.chunks))]
         return masks, kept, total
+
+    @staticmethod
+    def _della_keep(magnitude, draws, thresholds, shift: int, out) -> None:
+        """DELLA's mask of a block of float32 magnitudes (shape (rows, length, rest), ranked along
+        axis 1) into `out` (that shape): kept where the entry's draw is below thresholds[rank], the
+        rank its place in a stable ascending sort of its row. A NaN (any payload) ranks above
+        inf, NaNs in row-major order, as numpy's sort puts them."""
+        import numpy as np
+
+        groups, length, rest = magnitude.shape
+        bits = np.minimum(magnitude.view(np.uint32), np.uint32(0x7F800001))  # every NaN one key, above inf
+        keys = np.empty((groups, rest, length), np.uint64)
+        np.left_shift(bits.transpose(0, 2, 1), shift, out=keys, dtype=np.uint64)
+        keys |= np.arange(length, dtype=np.uint64)
+        keys.sort(axis=-1)
+        where = (keys & np.uint64((1 << shift) - 1)).astype(np.intp)  # the column of each rank
+        del keys
+        if rest > 1:
+            where *= rest
+        where += (np.arange(groups, dtype=np.intp)[:, None] * (length * rest)
+                  + np.arange(rest, dtype=np.intp)[None, :])[:, :, None]
+        where = where.reshape(-1)
+        flat = out.reshape(-1)
+        flat[where] = (draws[where].reshape(groups, rest, length) < thresholds).reshape(-1)
 
     # -- one chunk --
 
