@@ -30,7 +30,7 @@ from collections import OrderedDict
 
 from ...errors import CkptError
 from ...io import Checkpoint, TensorRef, open_checkpoint
-from .kinds import Adapter, Format, Layout, Module
+from .kinds import Adapter, Format, Layout, Module, read_file
 from .patterns import ConfigPatterns
 
 _COMPONENT = re.compile(r"(?P<component>unet|transformer|prior|text_encoder(?:_[23])?)\.(?P<rest>.+)")
@@ -91,12 +91,7 @@ def _part(key: str) -> tuple[str, str, str] | None:
 
 
 def read(path: str) -> Adapter:
-    ckpt = open_checkpoint(path)
-    try:
-        return _adapter(ckpt)
-    except BaseException:
-        ckpt.close()
-        raise
+    return read_file(path, _adapter)
 
 
 def _adapter(ckpt: Checkpoint) -> Adapter:

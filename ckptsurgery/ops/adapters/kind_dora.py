@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from ...errors import CkptError
 from .kind_lora import Lora, check_factors, delta_rows
-from .kinds import TRANSPOSED, AdapterKind, Layout, Module, Step, row_reader
+from .kinds import TRANSPOSED, Added, AdapterKind, Layout, Module, Step, row_reader
 
 
 class Dora(Lora):  # LoRA's factors, their check and orientation; its own steps
@@ -166,3 +166,12 @@ def _values(t):
 
 
 DORA = Dora()
+
+
+def delta_steps(module: Module, rows, scale: float, weight) -> list[tuple[str, Step]]:
+    """The weight's step for a kind whose ΔW rows `rows(module, lo, hi, out)` makes (LoHa, LoKr):
+    added, × its scale and the user's; or, with LyCORIS's `dora_scale`, decomposed (Decomposed)."""
+    delta = lambda lo, hi, out: rows(module, lo, hi, out)  # noqa: E731
+    if "dora_scale" in module.factors:
+        return [("weight", Decomposed(module, delta, module.scale, scale, weight))]
+    return [("weight", Added(delta, scale * module.scale))]

@@ -23,8 +23,8 @@ from __future__ import annotations
 import math
 
 from ...errors import CkptError
-from .kind_dora import Decomposed, check_dora_scale
-from .kinds import Added, AdapterKind, FoldKind, Layout, Module, Step
+from .kind_dora import check_dora_scale, delta_steps
+from .kinds import AdapterKind, FoldKind, Layout, Module, Step
 
 
 class Lokr(FoldKind):
@@ -57,10 +57,7 @@ class Lokr(FoldKind):
         return Layout.CONV if len(base) > 2 else Layout.LINEAR
 
     def steps(self, module, layout, scale, weight) -> list[tuple[str, Step]]:
-        if "dora_scale" in module.factors:  # LyCORIS's weight decomposition (kind_dora.Decomposed)
-            return [("weight", Decomposed(module, lambda lo, hi, out: delta_rows(module, lo, hi, out), module.scale,
-                                          scale, weight))]
-        return [("weight", Added(lambda lo, hi, out: delta_rows(module, lo, hi, out), scale * module.scale))]
+        return delta_steps(module, delta_rows, scale, weight)  # with dora_scale: LyCORIS's decomposition
 
 
 def _form(f: dict, side: str, cores: tuple[str, ...]) -> tuple[str, ...] | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from ...io import Checkpoint, TensorRef
+from ...io import Checkpoint, TensorRef, open_checkpoint
 from ...io.model import mapped_range
 from ...kinds import Kind
 
@@ -210,3 +210,14 @@ def suffixes(name: str) -> list[str]:
     if name.count(".") > MAX_PREFIX_DEPTH:
         return []
     return [name[i + 1:] for i, c in enumerate(name) if c == "."]
+
+
+def read_file(path: str, adapter: Callable[[Checkpoint], Adapter]) -> Adapter:
+    """A single-file adapter format's reader: the file opened, `adapter(ckpt)` made of it, the
+    file closed again if that fails (an Adapter holds its checkpoint open until `close`)."""
+    ckpt = open_checkpoint(path)
+    try:
+        return adapter(ckpt)
+    except BaseException:
+        ckpt.close()
+        raise

@@ -20,8 +20,8 @@ from collections import OrderedDict
 from typing import NoReturn
 
 from ...errors import CkptError
-from ...io import Checkpoint, TensorRef, open_checkpoint
-from .kinds import Adapter, AdapterKind, Format, Layout, Module, suffixes
+from ...io import Checkpoint, TensorRef
+from .kinds import Adapter, AdapterKind, Format, Layout, Module, read_file, suffixes
 from .peft import PEFT_CONFIG, PEFT_PREFIX
 
 _PREFIX = re.compile(r"(?:lora_(?:unet|te\d?)|lycoris)_")
@@ -46,12 +46,7 @@ def recognises(path: str) -> bool:
 
 
 def read(path: str) -> Adapter:
-    ckpt = open_checkpoint(path)
-    try:
-        return _adapter(ckpt)
-    except BaseException:
-        ckpt.close()
-        raise
+    return read_file(path, _adapter)
 
 
 def _adapter(ckpt: Checkpoint) -> Adapter:
