@@ -161,3 +161,11 @@ class MergeMethod:
         if k not in self._buffers:
             self._buffers[k] = np.empty(min(self.chunk_size, self.numel), self.wide)
         return self._buffers[k][:count]
+
+    def buffer(self, name, count: int, dtype):
+        """Like `scratch`, an array of another dtype (bool masks, float64 products), by name."""
+        import numpy as np
+
+        if name not in self._buffers:
+            self._buffers[name] = np.empty(min(self.chunk_size, self.numel), dtype)
+        return self._buffers[name][:count]
