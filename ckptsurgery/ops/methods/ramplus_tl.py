@@ -29,9 +29,12 @@ class RamplusTl(Ram):
         for j in range(self.chunks):
             start, count = self.span(j)
             _, counts, contributors = self._counted([read(start, count) for read in self.reads])
+            several = np.greater(contributors, 1, out=self.buffer("shared", count, bool))
+            one = np.equal(contributors, 1, out=self.buffer("unique", count, bool))
+            both = self.buffer("both", count, bool)
             for i in range(self.models):
-                shared[i] += int(np.count_nonzero(counts[i] & (contributors > 1)))
-                unique[i] += int(np.count_nonzero(counts[i] & (contributors == 1)))
+                shared[i] += int(np.count_nonzero(np.logical_and(counts[i], several, out=both)))
+                unique[i] += int(np.count_nonzero(np.logical_and(counts[i], one, out=both)))
         r, alpha, eps = self.params["r"], self.params["alpha"], self.params["epsilon"]
         self.lambdas = [1 + r * min(max(s / max(u, eps), 0.0), alpha) for s, u in zip(shared, unique)]
 
