@@ -575,9 +575,9 @@ def test_a_folded_weight_is_made_a_chunk_at_a_time_and_each_chunk_once(tmp_path,
     save_file({f"{PREFIX}lin.lora_A.weight": a, f"{PREFIX}lin.lora_B.weight": b},
               str(folder / "adapter_model.safetensors"))
     made = []
-    delta_rows = kind_lora.delta_rows
-    monkeypatch.setattr(kind_lora, "delta_rows", lambda m, layout, lo, hi, *rest: made.append((lo, hi)) or
-                        delta_rows(m, layout, lo, hi, *rest))
+    for name in ("delta_rows", "delta_rows_numpy"):  # torch's, and numpy's (this fold's: plain float32 factors)
+        monkeypatch.setattr(kind_lora, name, lambda m, layout, lo, hi, *rest, made_by=getattr(kind_lora, name):
+                            made.append((lo, hi)) or made_by(m, layout, lo, hi, *rest))
     with open_checkpoint(str(tmp_path / "base.safetensors")) as ckpt, read_adapter(str(folder)) as adapter:
         folded, _ = fold_into(ckpt, [(adapter, 1.0)])
         read = read_values(folded["lin.weight"], "float32")

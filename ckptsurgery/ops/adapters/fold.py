@@ -5,7 +5,10 @@ W + S·s·ΔW and the others, see kind_<name>.py) with the user's scale S.
 
 A folded tensor is made a chunk of rows at a time when it is written: the base's rows, widened,
 then each step of each module on them (kinds.Step) — no more than a chunk of W is ever widened,
-and a step that needs every row first (a norm over a column) sees them in a pass before.
+and a step that needs every row first (a norm over a column) sees them in a pass before. A tensor
+whose steps can all be made in numpy (`Step.numpy`: a plain LoRA's ΔW from float factors laid out
+in their files, a replacing tensor), its base a plain float, is folded in numpy, without torch,
+and rounded once as torch rounds (`methods._codec.encode`); any other in torch.
 Folding knows adapters only through kinds.Adapter and the two tables (read.FORMATS, read.KINDS),
 so a new format or kind folds without a change here."""
 
@@ -21,7 +24,8 @@ from ...io.model import chunked_tensor
 from ..digest import tensor_sha256
 from ..reports import AdapterFolded
 from .kind_lora import delta_rows
-from .kinds import Adapter, Layout, Module, Resolver, Step, row_reader
+from .kinds import (NUMPY_DTYPES, Adapter, Layout, Module, Resolver, Step, numpy_ready, raw_rows, row_reader,
+                    row_values, widen)
 from .read import KINDS, resolver
 
 CHUNK = 1 << 20  # elements of a folded tensor made at a time (whole rows): 4 MiB of float32, few
@@ -201,10 +205,16 @@ class _Replaced(Step):
     """The rows of a tensor that replaces the base's whole (peft's modules_to_save)."""
 
     def __init__(self, t: TensorRef):
-        self.read = row_reader(t)
+        self.t, self.numpy = t, numpy_ready(t)
+        self.read = None  # made at the first torch rows: a numpy fold has no torch
 
     def rows(self, out, lo: int, hi: int) -> None:
+        if self.read is None:
+            self.read = row_reader(self.t)
         out.copy_(self.read(lo, hi))
+
+    def rows_numpy(self, out, lo: int, hi: int) -> None:
+        out[...] = widen(raw_rows(self.t)[lo:hi], self.t.dtype.name, out.dtype.name)
 
 
 class _Recent:
@@ -235,10 +245,14 @@ def _folded(base: TensorRef, steps: list[Step], dtype, recent: _Recent) -> Tenso
     per_row = base.numel // count if count else 0
     span = max(1, CHUNK // max(per_row, 1))
     spans = [(lo, min(lo + span, count)) for lo in range(0, count, span)]
-    read = row_reader(base)
     measured: list = []
     lock = threading.Lock()
     tag = object()  # this tensor, in `recent`
+    sizes = [(hi - lo) * per_row * dtype.itemsize for lo, hi in spans]
+    wide = "float64" if base.dtype.name == "float64" else "float32"
+    if _in_numpy(base, steps, dtype, wide):
+        return chunked_tensor(base.shape, dtype, sizes, _numpy_chunks(base, steps, dtype, wide, spans, recent))
+    read = row_reader(base)
 
     def rows(lo: int, hi: int, upto: int):
         import torch
@@ -268,8 +282,38 @@ def _folded(base: TensorRef, steps: list[Step], dtype, recent: _Recent) -> Tenso
         recent.keep((tag, j), data)
         return data
 
-    sizes = [(hi - lo) * per_row * dtype.itemsize for lo, hi in spans]
     return chunked_tensor(base.shape, dtype, sizes, make)
+
+
+def _numpy_chunks(base: TensorRef, steps: list[Step], dtype, wide: str, spans: list[tuple[int, int]],
+                  recent: _Recent):
+    """j -> the bytes of chunk j (rows spans[j]) of `base` folded in numpy: no torch."""
+    from ..methods._codec import encode
+
+    values = row_values(base, wide)
+    tag = object()  # this tensor, in `recent`
+
+    def make(j: int):
+        data = recent.get((tag, j))
+        if data is None:
+            lo, hi = spans[j]
+            out = values(lo, hi)
+            for step in steps:
+                step.rows_numpy(out, lo, hi)
+            data = encode(out, dtype.name)  # rounded once, when written, as torch's .to rounds
+            recent.keep((tag, j), data)
+        return data
+
+    return make
+
+
+def _in_numpy(base: TensorRef, steps: list[Step], dtype, wide: str) -> bool:
+    """Whether a folded tensor is made in numpy, without torch: every step can (`Step.numpy`: a
+    LoRA's ΔW from plain float factors, a replacing tensor), the base is a plain float and the
+    output a float numpy writes as torch does (rounded once from `wide`: float64 is never
+    rounded to bfloat16 through float32)."""
+    return (numpy_ready(base) and dtype.name in NUMPY_DTYPES and not (wide == "float64" and dtype.name == "bfloat16")
+            and all(step.numpy and not step.whole for step in steps))
 
 
 def parse_scales(scales: list[float] | None, count: int) -> list[float]:

@@ -15,7 +15,7 @@ import math
 
 from ...errors import CkptError
 from ...io import TensorRef
-from .kinds import FLAT, TRANSPOSED, Added, AdapterKind, FoldKind, Layout, Module, Step
+from .kinds import FLAT, TRANSPOSED, Added, AdapterKind, FoldKind, Layout, Module, Step, numpy_ready, raw_rows, widen
 
 
 def delta_rows(module: Module, layout: Layout, lo: int, hi: int, shape: tuple[int, ...], wide):
@@ -36,6 +36,19 @@ def delta_rows(module: Module, layout: Layout, lo: int, hi: int, shape: tuple[in
     if layout == Layout.CONV or a.dim() != 2 or b.dim() != 2:
         return (b[lo:hi].flatten(1).to(wide) @ a.flatten(1).to(wide)).reshape(hi - lo, *shape[1:])
     return b[lo:hi].to(wide) @ a.to(wide)
+
+
+def delta_rows_numpy(module: Module, layout: Layout, lo: int, hi: int, shape: tuple[int, ...], wide: str):
+    """`delta_rows` in numpy (a new `wide` array, float32 or float64) for a module without a
+    Tucker core whose factors are numpy_ready: the same products, no torch."""
+    a, b = raw_rows(module.a).reshape(module.a.shape), raw_rows(module.b).reshape(module.b.shape)
+    da, db = module.a.dtype.name, module.b.dtype.name
+    if layout in TRANSPOSED:  # ΔW = (B·A)ᵀ: its rows are A's columns
+        return widen(a[:, lo:hi], da, wide).T @ widen(b, db, wide).T
+    if layout == Layout.CONV or a.ndim != 2 or b.ndim != 2:
+        flat_b, flat_a = b[lo:hi].reshape(hi - lo, -1), a.reshape(a.shape[0], -1)
+        return (widen(flat_b, db, wide) @ widen(flat_a, da, wide)).reshape(hi - lo, *shape[1:])
+    return widen(b[lo:hi], db, wide) @ widen(a, da, wide)
 
 
 def check_factors(where: str, module: Module, key: str, base: TensorRef, square: Layout | None) -> Layout:
@@ -117,10 +130,16 @@ class Lora(FoldKind):
 
     def steps(self, module, layout, scale, weight) -> list[tuple[str, Step]]:
         factor = scale * module.scale
+        numpy = "mid" not in module.factors and numpy_ready(module.a) and numpy_ready(module.b)
         steps = [("weight", Added(lambda lo, hi, out: delta_rows(module, layout, lo, hi, out.shape, out.dtype),
-                                  factor))]
+                                  factor, (lambda lo, hi, out: delta_rows_numpy(module, layout, lo, hi, out.shape,
+                                                                                out.dtype.name)) if numpy else None))]
         if module.bias is not None:
-            steps.append(("bias", Added(lambda lo, hi, out: _rows(module.bias, lo, hi).to(out.dtype), factor)))
+            bias = module.bias
+            steps.append(("bias", Added(lambda lo, hi, out: _rows(bias, lo, hi).to(out.dtype), factor,
+                                        (lambda lo, hi, out: widen(raw_rows(bias)[lo:hi], bias.dtype.name,
+                                                                   out.dtype.name).copy())
+                                        if numpy_ready(bias) else None)))
         return steps
 
 

@@ -92,6 +92,7 @@ class Step:
     tensor's steps in order on each chunk, so no more than a chunk of W is ever widened."""
 
     whole = False  # True: `measure` must see every row (as the steps before left it) first
+    numpy = False  # True: `rows_numpy` makes the same change on numpy rows (fold then needs no torch)
 
     def rows(self, out, lo: int, hi: int) -> None:
         """Change `out`, rows [lo, hi) of the tensor as the steps before left them (widened
@@ -101,16 +102,88 @@ class Step:
     def measure(self, out, lo: int, hi: int) -> None:
         """With `whole`: see rows [lo, hi) (each row once, in order) before any `rows` call."""
 
+    def rows_numpy(self, out, lo: int, hi: int) -> None:
+        """With `numpy`: `rows` on a widened numpy array (float32, float64 for a float64 W)."""
+        raise NotImplementedError
+
 
 class Added(Step):
     """rows += factor · make(lo, hi, out): an additive kind's ΔW (or a bias), rows [lo, hi) of it
-    shaped and typed as `out`."""
+    shaped and typed as `out`; `make_numpy` (optional) the same as a new numpy array, which the
+    step may change."""
 
-    def __init__(self, make, factor: float):
-        self.make, self.factor = make, factor
+    def __init__(self, make, factor: float, make_numpy=None):
+        self.make, self.factor, self.make_numpy = make, factor, make_numpy
+        self.numpy = make_numpy is not None
 
     def rows(self, out, lo: int, hi: int) -> None:
         out.add_(self.make(lo, hi, out), alpha=self.factor)
+
+    def rows_numpy(self, out, lo: int, hi: int) -> None:
+        delta = self.make_numpy(lo, hi, out)
+        delta *= out.dtype.type(self.factor)
+        out += delta
+
+
+NUMPY_DTYPES = {"float16": "<f2", "bfloat16": "<u2", "float32": "<f4", "float64": "<f8"}  # bfloat16: its bits
+
+
+def numpy_ready(t: TensorRef) -> bool:
+    """Whether `t` is read in numpy (`raw_rows`, `row_values`): a plain float of NUMPY_DTYPES,
+    its bytes in row-major order."""
+    return t.dtype.name in NUMPY_DTYPES and t.is_plain and t.is_contiguous
+
+
+def raw_rows(t: TensorRef):
+    """A numpy_ready `t` as a read-only numpy view of its bytes, shaped [rows, …] (a 0-d tensor
+    one row), in its raw dtype (bfloat16 as its uint16 bits): `widen` makes values of a slice."""
+    import numpy as np
+
+    return np.frombuffer(t.data(), NUMPY_DTYPES[t.dtype.name]).reshape(t.shape[0] if t.shape else 1, *t.shape[1:])
+
+
+def widen(raw, dtype: str, wide: str):
+    """`raw` (of raw_rows, any slice) as float values of numpy dtype `wide` (float32, float64),
+    exactly; a new array unless `raw` already has that dtype (then `raw` itself)."""
+    import numpy as np
+
+    if dtype == "bfloat16":  # the upper half of a float32
+        bits = raw.astype(np.uint32)
+        bits <<= 16
+        values = bits.view(np.float32)
+        return values if wide == "float32" else values.astype(wide)
+    return raw.astype(wide, copy=False)
+
+
+def row_values(t: TensorRef, wide: str):
+    """(lo, hi) -> rows [lo, hi) of a numpy_ready `t` as a new `wide` numpy array (the caller's to
+    change): read from the file where its bytes lie in order there, else from one copy of them
+    made at the first rows and dropped after the last."""
+    import numpy as np
+
+    tail = tuple(t.shape[1:])
+    count = t.shape[0] if t.shape else 1
+    row = t.nbytes // count if count else 0
+    name, code = t.dtype.name, NUMPY_DTYPES[t.dtype.name]
+    in_order = mapped_range(t)
+    held: list = []
+
+    def read(lo: int, hi: int):
+        if in_order is not None:
+            source, first = in_order
+            raw = source.view(first + lo * row, (hi - lo) * row)
+        else:
+            if not held:
+                held.append(memoryview(t.data()).cast("B"))
+            raw = held[0][lo * row:hi * row]
+            if hi == count:
+                held.clear()
+        values = widen(np.frombuffer(raw, code), name, wide)
+        if name == wide:  # a view of the file: copied
+            values = values.copy()
+        return values.reshape(hi - lo, *tail)
+
+    return read
 
 
 def row_reader(t: TensorRef):
