@@ -7,8 +7,8 @@ A folded tensor is made a chunk of rows at a time when it is written: the base's
 then each step of each module on them (kinds.Step) — no more than a chunk of W is ever widened,
 and a step that needs every row first (a norm over a column) sees them in a pass before. A tensor
 whose steps can all be made in numpy (`Step.numpy`: a plain LoRA's ΔW from float factors laid out
-in their files, a replacing tensor), its base a plain float, is folded in numpy, without torch,
-and rounded once as torch rounds (`methods._codec.encode`); any other in torch.
+in their files, an IA3 vector's product, a replacing tensor), its base a plain float, is folded
+in numpy, without torch, and rounded once as torch rounds (`methods._codec.encode`); any other in torch.
 Folding knows adapters only through kinds.Adapter and the two tables (read.FORMATS, read.KINDS),
 so a new format or kind folds without a change here."""
 
@@ -309,7 +309,7 @@ def _numpy_chunks(base: TensorRef, steps: list[Step], dtype, wide: str, spans: l
 
 def _in_numpy(base: TensorRef, steps: list[Step], dtype, wide: str) -> bool:
     """Whether a folded tensor is made in numpy, without torch: every step can (`Step.numpy`: a
-    LoRA's ΔW from plain float factors, a replacing tensor), the base is a plain float and the
+    LoRA's ΔW from plain float factors, an IA3 vector, a replacing tensor), the base is a plain float and the
     output a float numpy writes as torch does (rounded once from `wide`: float64 is never
     rounded to bfloat16 through float32)."""
     return (numpy_ready(base) and dtype.name in NUMPY_DTYPES and not (wide == "float64" and dtype.name == "bfloat16")

@@ -4,12 +4,14 @@ its inputs — each column of a Linear's weight, each input channel of a conv's 
 conv, the channels of each group), the bias untouched. A transformers Conv1D weight is stored
 [in, out], so there the two swap: outputs are columns, inputs rows. As peft's IA3 layers merge
 (peft/tuners/ia3/layer.py): W' = W ⊙ l, b' = b ⊙ l. A vector has no scale: --lora-scale must
-be 1. Its entry in read.KINDS; peft.py reads `ia3_l` into Module.factors["vector"]."""
+be 1. Its entry in read.KINDS; peft.py reads `ia3_l` into Module.factors["vector"]. A plain
+float vector multiplies in numpy too (`Multiplied.rows_numpy`, the same float products), so a
+fold of it needs no torch."""
 
 from __future__ import annotations
 
 from ...errors import CkptError, UsageError
-from .kinds import AdapterKind, FoldKind, Layout, Module, Step
+from .kinds import AdapterKind, FoldKind, Layout, Module, Step, numpy_ready, raw_rows, widen
 
 
 class Ia3(FoldKind):
@@ -39,7 +41,7 @@ class Ia3(FoldKind):
             raise CkptError(f"{where}: ia3_l {list(v.shape)} {v.dtype.name} does not fit the base's {key} "
                             f"{list(weight.shape)}: IA3 holds one floating value per {side} of the layer, "
                             f"shaped {list(want)}")
-        if not _values(v).isfinite().all():
+        if not _finite(v):
             raise CkptError(f"{where}: ia3_l holds NaN or infinite values; nothing was written")
         if bias is not None and not module.feedforward and (tuple(bias.shape) != (v.numel,) or not bias.dtype.floating):
             raise CkptError(f"{where}: ia3_l scales the base's {key[: -len('weight')]}bias too, but that is "
@@ -85,6 +87,7 @@ class Multiplied(Step):
 
     def __init__(self, module: Module, rows: bool, outputs: int = 0):
         self.module, self.along_rows, self.outputs = module, rows, outputs  # outputs: a grouped conv's
+        self.numpy = numpy_ready(module.factors["vector"])
 
     def rows(self, out, lo: int, hi: int) -> None:
         import torch
@@ -98,6 +101,29 @@ class Multiplied(Step):
             out.mul_(each.view(*each.shape, *[1] * (out.dim() - 2)))
         else:
             out.mul_(v.view(1, -1, *[1] * (out.dim() - 2)))
+
+    def rows_numpy(self, out, lo: int, hi: int) -> None:
+        import numpy as np
+
+        t = self.module.factors["vector"]
+        v = widen(raw_rows(t).reshape(-1), t.dtype.name, out.dtype.name)  # exactly, as torch's .to
+        if self.along_rows:
+            out *= v[lo:hi].reshape(-1, *[1] * (out.ndim - 1))
+        elif self.outputs:
+            groups = v.size // out.shape[1]
+            each = v.reshape(groups, out.shape[1])[np.arange(lo, hi) // (self.outputs // groups)]
+            out *= each.reshape(*each.shape, *[1] * (out.ndim - 2))
+        else:
+            out *= v.reshape(1, -1, *[1] * (out.ndim - 2))
+
+
+def _finite(t) -> bool:
+    """Whether every value of the vector `t` is finite (in numpy when it can: no torch)."""
+    if numpy_ready(t):
+        import numpy as np
+
+        return bool(np.isfinite(widen(raw_rows(t).reshape(-1), t.dtype.name, "float64")).all())
+    return bool(_values(t).isfinite().all())
 
 
 def _values(t):
