@@ -172,9 +172,8 @@ def main() -> None:
     r = med[names[7]] / med[names[6]]
     ratios.append(("convert --dequantize fp8 / cp", r, "≤ 2.0"))
     checks.append(("FP8 dequantize ≤ 2× cp", r <= 2.0))
-    flat = 0.05 * os.path.getsize(fp8)
-    checks.append((f"FP8 peak {peak[names[7]] / 1e6:.0f} MB flat (< 5% of the shard, {flat / 1e6:.0f} MB)",
-                   peak[names[7]] < flat))
+    print(f"FP8 peak RssAnon {peak[names[7]] / 1e6:.0f} MB for a {os.path.getsize(fp8) / 1e6:.0f} MB shard: "
+          "'flat' is judged by comparing with another --size (e.g. 0.25), not here")
     print()
     print_tables(cases, med, peak, ratios)
     print()
