@@ -11,9 +11,11 @@ member and one entry in `read.FORMATS`; a new kind is one module `kind_<name>.py
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from ...errors import CkptError
 from ...io import Checkpoint, TensorRef, open_checkpoint
 from ...io.model import mapped_range
 from ...kinds import Kind
@@ -87,24 +89,22 @@ class Adapter:
             ckpt.close()
 
 
-class Step:
+class Step(ABC):
     """One change to one base tensor, made a chunk of its rows at a time: fold.py runs a
-    tensor's steps in order on each chunk, so no more than a chunk of W is ever widened."""
+    tensor's steps in order on each chunk, so no more than a chunk of W is ever widened. A step
+    whose `numpy` is True also has `rows_numpy(out, lo, hi)`: `rows` on a widened numpy array
+    (float32, float64 for a float64 W), so that the fold needs no torch."""
 
     whole = False  # True: `measure` must see every row (as the steps before left it) first
-    numpy = False  # True: `rows_numpy` makes the same change on numpy rows (fold then needs no torch)
+    numpy = False  # True: the step has `rows_numpy`
 
+    @abstractmethod
     def rows(self, out, lo: int, hi: int) -> None:
         """Change `out`, rows [lo, hi) of the tensor as the steps before left them (widened
         torch), in place."""
-        raise NotImplementedError
 
     def measure(self, out, lo: int, hi: int) -> None:
         """With `whole`: see rows [lo, hi) (each row once, in order) before any `rows` call."""
-
-    def rows_numpy(self, out, lo: int, hi: int) -> None:
-        """With `numpy`: `rows` on a widened numpy array (float32, float64 for a float64 W)."""
-        raise NotImplementedError
 
 
 class Added(Step):
@@ -212,7 +212,15 @@ def row_reader(t: TensorRef):
     return read
 
 
-class FoldKind:
+def check_base_weight(where: str, key: str, weight: TensorRef, kind: str) -> None:
+    """Every kind folds into a floating-point weight whose bytes lie as they are (not quantized,
+    packed or computed); `kind` names it in the refusal ("a LoRA", "LoHa", ...)."""
+    if not weight.dtype.floating or not weight.is_plain:
+        raise CkptError(f"{where}: the base's {key} is {weight.dtype.name}; {kind} folds into floating-point "
+                        f"weights only")
+
+
+class FoldKind(ABC):
     """What an adapter kind declares, in its module kind_<name>.py: its name, the factors a
     module of it holds, the check of them against the base weight (a one-line refusal naming
     the module and the factor), and how they change that weight — as Steps, on the weight's
@@ -221,23 +229,23 @@ class FoldKind:
     name: AdapterKind
     factors: tuple[str, ...]  # "a", "b" are Module.a/.b; the others are keys of Module.factors
 
+    @abstractmethod
     def check(self, where: str, module: Module, key: str, weight: TensorRef, bias: TensorRef | None,
               square: Layout | None) -> Layout:
         """Refuse what does not fit the base's `weight` (named `key`; `bias` its bias, if any);
         return the layout the module folds with (`square`: the layout of a square linear weight,
         which its shape cannot tell, as the adapter's other weights show it)."""
-        raise NotImplementedError
 
     def orientation(self, module: Module, weight: TensorRef) -> Layout | None:
         """linear or linear-t where the factors and a 2-D weight's shape tell (it is not square),
         else None; what the adapter's square weights are told by (fold._square_layouts)."""
         return None
 
+    @abstractmethod
     def steps(self, module: Module, layout: Layout, scale: float, weight: TensorRef) -> list[tuple[str, Step]]:
         """The changes, in order, as (what: "weight" or "bias", step) — a bias step only where
         the base has that bias; `scale` is the user's --lora-scale for this adapter, `weight` the
         base weight `check` passed."""
-        raise NotImplementedError
 
 
 class Resolver(Protocol):
