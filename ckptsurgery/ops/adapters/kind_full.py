@@ -10,7 +10,7 @@ dropped. Its entry in read.KINDS; kohya.py reads `diff`, `diff_b` into Module.fa
 from __future__ import annotations
 
 from ...errors import CkptError
-from .kinds import Added, AdapterKind, FoldKind, Layout, Step, row_reader
+from .kinds import Added, AdapterKind, FoldKind, Layout, Step, check_base_weight, row_reader
 
 
 class Full(FoldKind):
@@ -21,9 +21,7 @@ class Full(FoldKind):
         f = module.factors
         if "diff" not in f:
             raise CkptError(f"{where}: a diff_b without a diff; LyCORIS's full modules hold both (or diff alone)")
-        if not weight.dtype.floating or not weight.is_plain:
-            raise CkptError(f"{where}: the base's {key} is {weight.dtype.name}; a diff folds into floating-point "
-                            f"weights only")
+        check_base_weight(where, key, weight, "a diff")
         bias_key = key[: -len("weight")] + "bias"
         for name, target, target_key in (("diff", weight, key), ("diff_b", bias, bias_key)):
             t = f.get(name)

@@ -11,7 +11,7 @@ fold of it needs no torch."""
 from __future__ import annotations
 
 from ...errors import CkptError, UsageError
-from .kinds import AdapterKind, FoldKind, Layout, Module, Step, numpy_ready, raw_rows, widen
+from .kinds import AdapterKind, FoldKind, Layout, Module, Step, check_base_weight, numpy_ready, raw_rows, widen
 
 
 class Ia3(FoldKind):
@@ -28,9 +28,7 @@ class Ia3(FoldKind):
 
     def check(self, where, module, key, weight, bias, square):
         v = module.factors["vector"]
-        if not weight.dtype.floating or not weight.is_plain:
-            raise CkptError(f"{where}: the base's {key} is {weight.dtype.name}; IA3 folds into floating-point "
-                            f"weights only")
+        check_base_weight(where, key, weight, "IA3")
         layout = self.orientation(module, weight) or square or Layout.LINEAR
         if len(weight.shape) > 2:
             layout = Layout.CONV

@@ -16,7 +16,7 @@ import math
 
 from ...errors import CkptError
 from .kind_dora import check_dora_scale, delta_steps
-from .kinds import AdapterKind, FoldKind, Layout, Module, Step
+from .kinds import AdapterKind, FoldKind, Layout, Module, Step, check_base_weight
 
 PAIRS = (("w1_a", "w1_b", "t1"), ("w2_a", "w2_b", "t2"))
 
@@ -36,9 +36,7 @@ class Loha(FoldKind):
         if not all(f[n].dtype.floating for n in self.factors[:6] if n in f):
             raise CkptError(f"{where}: LoHa factors of dtype {', '.join(sorted({t.dtype.name for t in f.values()}))}; "
                             f"expected floating point")
-        if not weight.dtype.floating or not weight.is_plain:
-            raise CkptError(f"{where}: the base's {key} is {weight.dtype.name}; LoHa folds into floating-point "
-                            f"weights only")
+        check_base_weight(where, key, weight, "LoHa")
         made = [_made(f, *pair) for pair in PAIRS]
         base = tuple(weight.shape)
         if made[0] is None or made[0] != made[1] or not _fits(made[0], base, "t1" in f):

@@ -24,7 +24,7 @@ import math
 
 from ...errors import CkptError
 from .kind_dora import check_dora_scale, delta_steps
-from .kinds import AdapterKind, FoldKind, Layout, Module, Step
+from .kinds import AdapterKind, FoldKind, Layout, Module, Step, check_base_weight
 
 
 class Lokr(FoldKind):
@@ -43,9 +43,7 @@ class Lokr(FoldKind):
         if not all(f[n].dtype.floating for n in self.factors[:7] if n in f):
             raise CkptError(f"{where}: LoKr factors of dtype {', '.join(sorted({t.dtype.name for t in f.values()}))}; "
                             f"expected floating point")
-        if not weight.dtype.floating or not weight.is_plain:
-            raise CkptError(f"{where}: the base's {key} is {weight.dtype.name}; LoKr folds into floating-point "
-                            f"weights only")
+        check_base_weight(where, key, weight, "LoKr")
         w1, w2 = (_made(f, form) for form in forms)
         base = tuple(weight.shape)
         if w1 is None or w2 is None or len(w1) != 2 or not _fits(w1, w2, base):

@@ -15,7 +15,8 @@ import math
 
 from ...errors import CkptError
 from ...io import TensorRef
-from .kinds import FLAT, TRANSPOSED, Added, AdapterKind, FoldKind, Layout, Module, Step, numpy_ready, raw_rows, widen
+from .kinds import (FLAT, TRANSPOSED, Added, AdapterKind, FoldKind, Layout, Module, Step, check_base_weight,
+                    numpy_ready, raw_rows, widen)
 
 
 def delta_rows(module: Module, layout: Layout, lo: int, hi: int, shape: tuple[int, ...], wide):
@@ -58,9 +59,7 @@ def check_factors(where: str, module: Module, key: str, base: TensorRef, square:
     if not (module.a.dtype.floating and module.b.dtype.floating):
         raise CkptError(f"{where}: LoRA factors of dtype {module.a.dtype.name}/{module.b.dtype.name}; "
                         f"expected floating point")
-    if not base.dtype.floating or not base.is_plain:
-        raise CkptError(f"{where}: the base's {key} is {base.dtype.name}; a LoRA folds into floating-point "
-                        f"weights only")
+    check_base_weight(where, key, base, "a LoRA")
     if len(a) < 2 or len(b) < 2 or b[1] != a[0]:
         grouped = " (a grouped conv? peft cannot merge those either)" if len(b) > 2 else ""
         raise CkptError(f"{where}: lora_B {list(b)} does not follow lora_A {list(a)}{grouped}")
@@ -95,9 +94,7 @@ def check_tucker(where: str, module: Module, key: str, base: TensorRef) -> Layou
     if not all(t.dtype.floating for t in (a, b, mid)):
         raise CkptError(f"{where}: LoCon factors of dtype {a.dtype.name}/{mid.dtype.name}/{b.dtype.name}; "
                         f"expected floating point")
-    if not base.dtype.floating or not base.is_plain:
-        raise CkptError(f"{where}: the base's {key} is {base.dtype.name}; a LoRA folds into floating-point "
-                        f"weights only")
+    check_base_weight(where, key, base, "a LoRA")
     sa, sb, sm = tuple(a.shape), tuple(b.shape), tuple(mid.shape)
     made = None
     if len(sa) == len(sb) == len(sm) >= 3 and all(s == 1 for s in (*sa[2:], *sb[2:])) and sm[:2] == (sb[1], sa[0]):
