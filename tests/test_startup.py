@@ -89,38 +89,48 @@ def test_gguf_is_imported_only_when_a_gguf_file_is_read(flat, tmp_path):
     assert not {m for m in loaded if m.startswith(ELSEWHERE)}, sorted(m for m in loaded if m.startswith(ELSEWHERE))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_plain_lora_fold_imports_no_torch(dtype, tmp_path):
-    """merge BASE --lora PEFT_FOLDER of a plain LoRA on Linear weights computes in numpy (issue
-    20 §3): torch is not imported, and the output is peft's merge_and_unload within float32
-    rounding (bf16: rounded once from float32)."""
+def fold_without_torch(tmp_path, dtype: str, out_features: int, config, factor: str, value, module: str,
+                       tol32: float) -> None:
+    """A two-Linear base in `dtype` with a peft adapter (`config`; its `factor` parameters set to
+    `value(randn)`) folded by `merge BASE --lora`: `module` is imported, torch is not, and the
+    output is peft's merge_and_unload (`tol32` in float32; bf16: peft merges in bf16 itself, so
+    its result may be one bf16 step from ours)."""
     torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
     from safetensors.torch import load_file, save_file
 
+    peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 6, bias=False)).to(getattr(torch, dtype))
+    base = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, out_features, bias=False))
+    base = base.to(getattr(torch, dtype))
     base_sd = {k: v.clone() for k, v in base.state_dict().items()}
-    model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "1"]))
+    model = peft.get_peft_model(base, config(peft))
     g = torch.Generator().manual_seed(1)
     for name, p in model.named_parameters():
-        if "lora_" in name:
-            p.data = (torch.randn(p.shape, generator=g) * 0.3).to(p.dtype)
+        if factor in name:
+            p.data = value(torch.randn(p.shape, generator=g)).to(p.dtype)
     model.save_pretrained(str(tmp_path / "adapter"))
     save_file(base_sd, tmp_path / "base.safetensors")
     reference = {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
     loaded = modules_after("merge", tmp_path / "base.safetensors", "--lora", tmp_path / "adapter",
                            "-o", tmp_path / "out.safetensors", "-q")
-    assert "ckptsurgery.ops.adapters.fold" in loaded
+    assert module in loaded
     assert not {m for m in loaded if m == "torch" or m.startswith("torch.")}, sorted(m for m in loaded
                                                                                   if m.startswith("torch"))
     out = load_file(tmp_path / "out.safetensors")
     assert sorted(out) == sorted(reference)
     for k, ref in reference.items():
         assert out[k].dtype == ref.dtype
-        # peft merges in the weight's dtype: in bf16 its result may be one bf16 step from ours
-        tol = 1e-5 if dtype == "float32" else 1e-2
+        tol = tol32 if dtype == "float32" else 1e-2
         assert torch.allclose(out[k].float(), ref.float(), atol=tol, rtol=tol), k
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_plain_lora_fold_imports_no_torch(dtype, tmp_path):
+    """merge BASE --lora PEFT_FOLDER of a plain LoRA on Linear weights computes in numpy (issue
+    20 §3): torch is not imported, and the output is peft's merge_and_unload within float32
+    rounding (bf16: rounded once from float32)."""
+    fold_without_torch(tmp_path, dtype, 6, lambda peft: peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "1"]),
+                       "lora_", lambda r: r * 0.3, "ckptsurgery.ops.adapters.fold", 1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -128,29 +138,6 @@ def test_an_ia3_fold_imports_no_torch(dtype, tmp_path):
     """merge BASE --lora IA3_FOLDER (outputs and feedforward inputs of Linear weights, a bias)
     computes in numpy (issue 20 §3): torch is not imported, and the output is peft's
     merge_and_unload within float32 rounding (bf16: rounded once from float32)."""
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
-    from safetensors.torch import load_file, save_file
-
-    torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 4, bias=False)).to(getattr(torch, dtype))
-    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
-    model = peft.get_peft_model(base, peft.IA3Config(target_modules=["0", "1"], feedforward_modules=["1"]))
-    g = torch.Generator().manual_seed(1)
-    for name, p in model.named_parameters():
-        if "ia3_" in name:
-            p.data = (1 + torch.randn(p.shape, generator=g) * 0.3).to(p.dtype)
-    model.save_pretrained(str(tmp_path / "adapter"))
-    save_file(base_sd, tmp_path / "base.safetensors")
-    reference = {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
-    loaded = modules_after("merge", tmp_path / "base.safetensors", "--lora", tmp_path / "adapter",
-                           "-o", tmp_path / "out.safetensors", "-q")
-    assert "ckptsurgery.ops.adapters.kind_ia3" in loaded
-    assert not {m for m in loaded if m == "torch" or m.startswith("torch.")}, sorted(m for m in loaded
-                                                                                  if m.startswith("torch"))
-    out = load_file(tmp_path / "out.safetensors")
-    assert sorted(out) == sorted(reference)
-    for k, ref in reference.items():
-        assert out[k].dtype == ref.dtype
-        tol = 1e-6 if dtype == "float32" else 1e-2
-        assert torch.allclose(out[k].float(), ref.float(), atol=tol, rtol=tol), k
+    fold_without_torch(tmp_path, dtype, 4,
+                       lambda peft: peft.IA3Config(target_modules=["0", "1"], feedforward_modules=["1"]),
+                       "ia3_", lambda r: 1 + r * 0.3, "ckptsurgery.ops.adapters.kind_ia3", 1e-6)
