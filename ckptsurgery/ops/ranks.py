@@ -128,13 +128,18 @@ def _all_gather_json(dist, value: Any) -> list:
     return [json.loads(ctypes.string_at(t.data_ptr(), int(n))) for t, n in zip(theirs, lengths)]
 
 
+def _number(name: str, text: str) -> int:
+    """An environment variable torchrun sets to a whole number, as that number."""
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{name}={text!r} is not a number (torchrun sets it)") from None
+
+
 def world_size(environ=os.environ) -> int:
     """WORLD_SIZE as torchrun sets it; 1 when it is not set."""
     text = environ.get("WORLD_SIZE", "1")
-    try:
-        size = int(text)
-    except ValueError:
-        raise UsageError(f"WORLD_SIZE={text!r} is not a number (torchrun sets it)") from None
+    size = _number("WORLD_SIZE", text)
     if size < 1:
         raise UsageError(f"WORLD_SIZE={text!r} must be 1 or more")
     return size
@@ -146,10 +151,7 @@ def check_rank(environ, size: int) -> int:
     text = environ.get("RANK")
     if text is None:
         raise UsageError(f"WORLD_SIZE={size} but RANK is not set: run the command under torchrun, which sets both")
-    try:
-        rank = int(text)
-    except ValueError:
-        raise UsageError(f"RANK={text!r} is not a number (torchrun sets it)") from None
+    rank = _number("RANK", text)
     if not 0 <= rank < size:
         raise UsageError(f"RANK={text!r} must be 0 to {size - 1}, below WORLD_SIZE={size} (torchrun sets both)")
     return rank
