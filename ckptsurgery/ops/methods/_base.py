@@ -169,3 +169,35 @@ class MergeMethod:
         if name not in self._buffers:
             self._buffers[name] = np.empty(min(self.chunk_size, self.numel), dtype)
         return self._buffers[name][:count]
+
+
+class DeltaMethod(MergeMethod):
+    """A method of the models' deltas from the base, δᵢ = θᵢ − base (reads[0] is the base)."""
+
+    needs_base = True
+
+    @staticmethod
+    def deltas(values: list) -> list:
+        """δᵢ of one chunk's values, [base, θ₁, …]: new arrays, the values left as read."""
+        import numpy as np
+
+        return [np.subtract(theta, values[0]) for theta in values[1:]]
+
+
+class BaseOptional(MergeMethod):
+    """A method of points vᵢ that are the models θᵢ or, with --base, their deltas θᵢ − base,
+    the base added back to the result (nuslerp, multislerp)."""
+
+    base_optional = True
+
+    def points(self, values: list) -> list:
+        """vᵢ of one chunk's values ([base, θ₁, …] with a base, else [θ₁, …]), the values left as read."""
+        if not self.has_base:
+            return list(values)
+        return DeltaMethod.deltas(values)
+
+    def add_base(self, result, values: list):
+        """`result` (a combination of the vᵢ), with the base added back when there is one."""
+        if self.has_base:
+            result += values[0]
+        return result

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 
-from ._base import MergeMethod
+from ._base import DeltaMethod
 from ._parameters import Parameter
 from ._vectors import Vectors
 
@@ -16,12 +16,11 @@ NORM_FLOOR = 1e-6  # a product of norms below this divides as this
 SINGULAR = 1e-6  # 1 + (N − 1)·cos below this (in magnitude): t = 0, the base kept
 
 
-class ModelStock(MergeMethod):
+class ModelStock(DeltaMethod):
     name = "model-stock"
     summary = ("t·mean θᵢ + (1 − t)·base, t = N·c / (1 + (N − 1)·c), c the mean over pairs of the cosine between "
                "δᵢ and δⱼ (per tensor, or per row with --filter-wise); t = 0 where 1 + (N − 1)·c ≈ 0")
     parameters = (FILTER_WISE,)
-    needs_base = True
     min_models = 2
     listing_order = 80
 
@@ -37,8 +36,7 @@ class ModelStock(MergeMethod):
         dots = np.zeros((len(pairs), count))
         for j in range(self.chunks):
             start, size = self.span(j)
-            base = self.reads[0](start, size)
-            deltas = [np.subtract(read(start, size), base) for read in self.reads[1:]]
+            deltas = self.deltas([read(start, size) for read in self.reads])
             for i, d in enumerate(deltas):
                 squares[i] += self.vectors.sums(start, d * d)
             for k, (a, b) in enumerate(pairs):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from ...errors import CkptError, UsageError
-from ._base import MergeMethod
+from ._base import BaseOptional
 from ._parameters import WEIGHTS, Parameter, Range
 
 NORMALIZE_WEIGHTS = Parameter("normalize_weights", "multislerp: divide the weights by their sum.", "", type=bool,
@@ -15,12 +15,11 @@ EPS = Parameter("eps", "multislerp: added to the norms it divides by.", "EPS", d
                 range=Range(lambda v: v >= 0, "0 or more"))
 
 
-class Multislerp(MergeMethod):
+class Multislerp(BaseOptional):
     name = "multislerp"
     summary = ("the weighted mean of the unit vectors vᵢ/‖vᵢ‖ (vᵢ = θᵢ, or θᵢ − base added back), projected to "
                "the sphere through its tangent space, times Σ wᵢ‖vᵢ‖; one model: that model")
     parameters = (WEIGHTS, NORMALIZE_WEIGHTS, EPS)
-    base_optional = True
     min_models = 1
     listing_order = 62
     differs = ("refuses weights summing to 0 with --normalize-weights (mergekit divides by 0: NaN); the tangent "
@@ -31,13 +30,6 @@ class Multislerp(MergeMethod):
         if values["normalize_weights"] and sum(values["weights"]) == 0:
             raise UsageError("--method multislerp: the --weights sum to 0: they cannot be normalized "
                              "(give others, or --no-normalize-weights)")
-
-    def _vs(self, values: list) -> list:
-        import numpy as np
-
-        if not self.has_base:
-            return list(values)
-        return [np.subtract(v, values[0]) for v in values[1:]]
 
     def measure(self) -> None:
         """The models' (or deltas') dot products, summed chunk by chunk in float64 (an N × N
@@ -53,7 +45,7 @@ class Multislerp(MergeMethod):
         products = np.empty(min(self.chunk_size, self.numel), np.float64)
         for j in range(self.chunks):
             start, count = self.span(j)
-            vs = self._vs([read(start, count) for read in self.reads])
+            vs = self.points([read(start, count) for read in self.reads])
             for a in range(n):
                 for b in range(a, n):
                     product = np.multiply(vs[a], vs[b], out=products[:count], dtype=np.float64)
@@ -88,10 +80,8 @@ class Multislerp(MergeMethod):
             out = np.empty_like(values[-1]) if out is None else out
             out[:] = values[-1]
             return out
-        vs = self._vs(values)
+        vs = self.points(values)
         result = np.multiply(vs[0], self.coefficients[0], out=out)
         for v, c in zip(vs[1:], self.coefficients[1:]):
             result += v * c
-        if self.has_base:
-            result += values[0]
-        return result
+        return self.add_base(result, values)

@@ -3,7 +3,7 @@ from their weights, over the flattened tensor (default), its rows or its columns
 
 from __future__ import annotations
 
-from ._base import MergeMethod
+from ._base import BaseOptional
 from ._parameters import WEIGHTS, Parameter
 from ._vectors import Vectors
 
@@ -18,22 +18,13 @@ COLINEAR = 1e-16  # 1 − cos² at most this: interpolated linearly
 WEIGHTS_EPS = 1e-6  # weights summing to less than this (in magnitude): t = 0.5
 
 
-class Nuslerp(MergeMethod):
+class Nuslerp(BaseOptional):
     name = "nuslerp"
     summary = ("slerp from v₀ to v₁ at t = w₁ / (w₀ + w₁) (0.5 when the weights sum to 0), vᵢ = θᵢ, or θᵢ − base "
                "added back to the base; per tensor, row or column")
     parameters = (WEIGHTS, NUSLERP_FLATTEN, NUSLERP_ROW_WISE)
-    base_optional = True
     min_models = max_models = 2
     listing_order = 61
-
-    def _vs(self, start: int, count: int):
-        import numpy as np
-
-        if not self.has_base:
-            return self.reads[0](start, count), self.reads[1](start, count)
-        base = self.reads[0](start, count)
-        return np.subtract(self.reads[1](start, count), base), np.subtract(self.reads[2](start, count), base)
 
     def measure(self) -> None:
         """Both vectors' norms and their dot product, per vector, in float64; then each vector's
@@ -48,7 +39,7 @@ class Nuslerp(MergeMethod):
         sums = np.zeros((3, self.vectors.count))
         for j in range(self.chunks):
             start, count = self.span(j)
-            v0, v1 = self._vs(start, count)
+            v0, v1 = self.points([read(start, count) for read in self.reads])
             for k, product in enumerate((v0 * v0, v1 * v1, v0 * v1)):
                 sums[k] += self.vectors.sums(start, product)
         n0, n1 = np.maximum(np.sqrt(sums[0]), NORM_FLOOR), np.maximum(np.sqrt(sums[1]), NORM_FLOOR)
@@ -64,14 +55,9 @@ class Nuslerp(MergeMethod):
         import numpy as np
 
         start, count = self.span(j)
-        if self.has_base:
-            base, v0, v1 = values[0], values[1] - values[0], values[2] - values[0]
-        else:
-            base, (v0, v1) = None, values
+        v0, v1 = self.points(values)
         result = np.multiply(self.vectors.spread(start, count, self.a), v0, out=out)
         result += self.vectors.spread(start, count, self.b) * v1
-        if base is not None:
-            result += base
-        return result
+        return self.add_base(result, values)
 
 

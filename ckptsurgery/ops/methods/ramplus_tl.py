@@ -4,7 +4,7 @@ entries scaled up by how much of what it changed it shares with the others."""
 from __future__ import annotations
 
 from ._parameters import Parameter, Range
-from .ram import RAM_EPSILON, Ram
+from .ram import Ram
 
 R = Parameter("r", "ramplus-tl: how much a model's shared-to-unique ratio scales up its unique entries.", "R",
               default=0.1, per_tensor=True)
@@ -16,7 +16,7 @@ class RamplusTl(Ram):
     name = "ramplus-tl"
     summary = ("ram, model i's unique entries times λᵢ = 1 + r·clip(sharedᵢ / max(uniqueᵢ, ε), 0, α), counted over "
                "the tensor")
-    parameters = (R, ALPHA, RAM_EPSILON)
+    parameters = (R, ALPHA, *Ram.parameters)
     listing_order = 91
     differs = "writes the dtype asked for (mergekit's float λ promotes a bfloat16 merge to float32)"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from ._base import MergeMethod
+from ._base import DeltaMethod
 from ._parameters import INT8_MASK, Parameter, Range
 from ._select import RankWindow
 
@@ -16,21 +16,20 @@ SELECT_TOPK = Parameter("select_topk", "sce: the fraction of entries kept, those
 WEIGHT_EPS = 1e-6  # energies summing to less than this weigh the models equally; the agreeing weights are at least this
 
 
-class Sce(MergeMethod):
+class Sce(DeltaMethod):
     name = "sce"
     summary = ("δᵢ kept where Var over i of δᵢ is among the top K (of the entries where it is not zero); wᵢ = mean "
                "of δᵢ² / Σ of those means; the sign of Σ δᵢ elected; Σ wᵢδᵢ over the agreeing ones / Σ of their wᵢ; "
                "plus base")
     parameters = (SELECT_TOPK, INT8_MASK)
-    needs_base = True
     listing_order = 74
     differs = "equal variances at the cut: the earlier entries (row-major) are kept; mergekit's topk leaves it to the sort"
 
-    def _deltas(self, j: int, values: list):
+    def _stacked(self, values: list):
+        """δᵢ of one chunk, stacked: [models, count]."""
         import numpy as np
 
-        base = values[0]
-        return np.stack([np.subtract(theta, base) for theta in values[1:]])
+        return np.stack(self.deltas(values))
 
     def _variance(self, deltas, out=None):
         import numpy as np
@@ -54,11 +53,11 @@ class Sce(MergeMethod):
                 return 0, int(int(np.count_nonzero(whole)) * topk)
 
             self.window = RankWindow.measure(self.numel, [self.span(j) for j in range(self.chunks)],
-                                             lambda j, out: self._variance(self._deltas(j, self._values(j)), out=out),
+                                             lambda j, out: self._variance(self._stacked(self._values(j)), out=out),
                                              self.wide, bounds)
         energy = [0.0] * self.models
         for j in range(self.chunks):
-            deltas = self._kept(j, self._deltas(j, self._values(j)))
+            deltas = self._kept(j, self._stacked(self._values(j)))
             for i in range(self.models):
                 energy[i] += float(np.dot(deltas[i], deltas[i]))
         energy = [e / self.numel if self.numel else math.nan for e in energy]
@@ -74,7 +73,7 @@ class Sce(MergeMethod):
     def merge_chunk(self, j: int, values: list, out):
         import numpy as np
 
-        deltas = self._kept(j, self._deltas(j, values))
+        deltas = self._kept(j, self._stacked(values))
         one = np.ones(1, self.wide)[0]
         elected = np.where(deltas.sum(axis=0) >= 0, one, -one)
         merged = np.zeros(deltas.shape[1], self.wide)
