@@ -29,9 +29,11 @@ the rescale and not ΔW (S = 0 leaves W + s·ΔW, as LyCORIS's forward does)."""
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 from ...errors import CkptError
 from .kind_lora import Lora, check_factors, delta_rows
-from .kinds import TRANSPOSED, Added, AdapterKind, Layout, Module, Step, row_reader
+from .kinds import TRANSPOSED, Added, AdapterKind, FoldKind, Layout, Module, Step, check_base_weight, row_reader
 
 
 class Dora(Lora):  # LoRA's factors, their check and orientation; its own steps
@@ -175,3 +177,37 @@ def delta_steps(module: Module, rows, scale: float, weight) -> list[tuple[str, S
     if "dora_scale" in module.factors:
         return [("weight", Decomposed(module, delta, module.scale, scale, weight))]
     return [("weight", Added(delta, scale * module.scale))]
+
+
+class ProductKind(FoldKind):
+    """A kind whose factors make ΔW as a product (LoHa's Hadamard, LoKr's Kronecker), with
+    LyCORIS's `dora_scale` beside them or not: the check they share, around the kind's own —
+    `complete` refuses a module without the factors it needs, `fits` says whether they make the
+    base weight's shape."""
+
+    label: str  # the kind in messages: "LoHa"
+
+    @abstractmethod
+    def complete(self, where: str, factors: dict) -> None:
+        """Refuse a module that lacks a factor its kind needs."""
+
+    @abstractmethod
+    def fits(self, factors: dict, base: tuple[int, ...]) -> bool:
+        """Whether the factors make a ΔW of the base weight's shape."""
+
+    def check(self, where, module, key, weight, bias, square):
+        f = module.factors
+        self.complete(where, f)
+        made_of = [n for n in self.factors if n != "dora_scale" and n in f]  # dora_scale: its own check
+        if not all(f[n].dtype.floating for n in made_of):
+            raise CkptError(f"{where}: {self.label} factors of dtype "
+                            f"{', '.join(sorted({t.dtype.name for t in f.values()}))}; expected floating point")
+        check_base_weight(where, key, weight, self.label)
+        base = tuple(weight.shape)
+        if not self.fits(f, base):
+            shapes = ", ".join(f"{n} {list(f[n].shape)}" for n in made_of)
+            raise CkptError(f"{where}: {self.label} factors {shapes} do not make the base's {key} {list(base)}; is "
+                            f"this adapter for another model?")
+        if "dora_scale" in f:
+            check_dora_scale(where, module, key, weight)
+        return Layout.CONV if len(base) > 2 else Layout.LINEAR

@@ -15,37 +15,28 @@ from __future__ import annotations
 import math
 
 from ...errors import CkptError
-from .kind_dora import check_dora_scale, delta_steps
-from .kinds import AdapterKind, FoldKind, Layout, Module, Step, check_base_weight
+from .kind_dora import ProductKind, delta_steps
+from .kinds import AdapterKind, Module, Step
 
 PAIRS = (("w1_a", "w1_b", "t1"), ("w2_a", "w2_b", "t2"))
 
 
-class Loha(FoldKind):
+class Loha(ProductKind):
     name = AdapterKind.LOHA
+    label = "LoHa"
     # t1, t2: a conv's, with use_effective_conv2d only; dora_scale: LyCORIS's weight decomposition
     factors = ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2", "dora_scale")
 
-    def check(self, where, module, key, weight, bias, square):
-        f = module.factors
+    def complete(self, where, f):
         cores = ("t1", "t2") if f.keys() & {"t1", "t2"} else ()  # both or neither
         missing = [n for n in (*self.factors[:4], *cores) if n not in f]  # dora_scale: its own check
         if missing:
             raise CkptError(f"{where}: a LoHa module without hada_{missing[0]}; peft saves hada_w1_a, _w1_b, _w2_a "
                             f"and _w2_b (and hada_t1, _t2 for an effective conv)")
-        if not all(f[n].dtype.floating for n in self.factors[:6] if n in f):
-            raise CkptError(f"{where}: LoHa factors of dtype {', '.join(sorted({t.dtype.name for t in f.values()}))}; "
-                            f"expected floating point")
-        check_base_weight(where, key, weight, "LoHa")
+
+    def fits(self, f, base):
         made = [_made(f, *pair) for pair in PAIRS]
-        base = tuple(weight.shape)
-        if made[0] is None or made[0] != made[1] or not _fits(made[0], base, "t1" in f):
-            shapes = ", ".join(f"{n} {list(f[n].shape)}" for n in self.factors[:6] if n in f)
-            raise CkptError(f"{where}: LoHa factors {shapes} do not make the base's {key} {list(base)}; is this "
-                            f"adapter for another model?")
-        if "dora_scale" in f:
-            check_dora_scale(where, module, key, weight)
-        return Layout.CONV if len(base) > 2 else Layout.LINEAR
+        return made[0] is not None and made[0] == made[1] and _fits(made[0], base, "t1" in f)
 
     def steps(self, module, layout, scale, weight) -> list[tuple[str, Step]]:
         return delta_steps(module, delta_rows, scale, weight)  # with dora_scale: LyCORIS's decomposition

@@ -23,39 +23,34 @@ from __future__ import annotations
 import math
 
 from ...errors import CkptError
-from .kind_dora import check_dora_scale, delta_steps
-from .kinds import AdapterKind, FoldKind, Layout, Module, Step, check_base_weight
+from .kind_dora import ProductKind, delta_steps
+from .kinds import AdapterKind, Module, Step
 
 
-class Lokr(FoldKind):
+class Lokr(ProductKind):
     name = AdapterKind.LOKR
+    label = "LoKr"
     # w1 or w1_a·w1_b; w2, w2_a·w2_b or with t2; dora_scale: LyCORIS's weight decomposition
     factors = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2", "dora_scale")
 
-    def check(self, where, module, key, weight, bias, square):
-        f = module.factors
-        forms = [_form(f, "w1", ()), _form(f, "w2", ("t2",))]
-        for form, side in zip(forms, ("w1", "w2")):
+    def complete(self, where, f):
+        for form, side in zip(_forms(f), ("w1", "w2")):
             if form is None:
                 held = ", ".join(f"lokr_{n}" for n in self.factors if n in f and n.startswith(side)) or "nothing"
                 raise CkptError(f"{where}: its LoKr {side} is {held}; peft saves lokr_{side} or lokr_{side}_a and "
                                 f"_{side}_b{' (and lokr_t2 for an effective conv)' if side == 'w2' else ''}")
-        if not all(f[n].dtype.floating for n in self.factors[:7] if n in f):
-            raise CkptError(f"{where}: LoKr factors of dtype {', '.join(sorted({t.dtype.name for t in f.values()}))}; "
-                            f"expected floating point")
-        check_base_weight(where, key, weight, "LoKr")
-        w1, w2 = (_made(f, form) for form in forms)
-        base = tuple(weight.shape)
-        if w1 is None or w2 is None or len(w1) != 2 or not _fits(w1, w2, base):
-            shapes = ", ".join(f"{n} {list(f[n].shape)}" for n in self.factors[:7] if n in f)
-            raise CkptError(f"{where}: LoKr factors {shapes} do not make the base's {key} {list(base)}; is this "
-                            f"adapter for another model?")
-        if "dora_scale" in f:
-            check_dora_scale(where, module, key, weight)
-        return Layout.CONV if len(base) > 2 else Layout.LINEAR
+
+    def fits(self, f, base):
+        w1, w2 = (_made(f, form) for form in _forms(f))
+        return w1 is not None and w2 is not None and len(w1) == 2 and _fits(w1, w2, base)
 
     def steps(self, module, layout, scale, weight) -> list[tuple[str, Step]]:
         return delta_steps(module, delta_rows, scale, weight)  # with dora_scale: LyCORIS's decomposition
+
+
+def _forms(f: dict) -> list[tuple[str, ...] | None]:
+    """The factors that make w1 and those that make w2 (None for a side they do not make)."""
+    return [_form(f, "w1", ()), _form(f, "w2", ("t2",))]
 
 
 def _form(f: dict, side: str, cores: tuple[str, ...]) -> tuple[str, ...] | None:
