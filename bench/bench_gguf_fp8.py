@@ -22,7 +22,7 @@ Cases (common.measure: alternating within each round, medians of --runs, peak Rs
 - `cp fp8.safetensors` vs `ckptsurgery convert fp8.safetensors -o out.safetensors --dequantize`
   (bf16 output, twice the input's bytes)
 
-Run: .venv/bin/python bench/bench_gguf_fp8.py --runs 3 [--workdir DIR] [--size 1.0]
+Run: .venv/bin/python bench/bench_gguf_fp8.py --runs 3 [--workdir DIR] [--size 1.0] [--only gguf|fp8]
 Large outputs are removed at the end; the inputs are kept."""
 
 from __future__ import annotations
@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workdir", default=os.path.join(HERE, "out"))
     parser.add_argument("--size", type=float, default=1.0)
+    parser.add_argument("--only", choices=("gguf", "fp8"), help="only the GGUF cases, or only the FP8 ones")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     out = lambda name: os.path.join(args.workdir, name)  # noqa: E731
@@ -135,45 +136,57 @@ def main() -> None:
     suffix = "" if args.size == 1.0 else f"-{args.size:g}"
     f16, q8, q4, fp8 = (out(f"{n}{suffix}.{e}") for n, e in
                         (("f16", "gguf"), ("q8_0", "gguf"), ("q4_k", "gguf"), ("fp8", "safetensors")))
-    build(f16, BUILD_F16, s)
-    build(q8, BUILD_QUANT, "Q8_0", s)
-    build(q4, BUILD_QUANT, "Q4_K", s)
-    build(fp8, BUILD_FP8, s)
-    for p in (f16, q8, q4, fp8):
+    gguf, fp8s = args.only != "fp8", args.only != "gguf"
+    inputs = ([f16, q8, q4] if gguf else []) + ([fp8] if fp8s else [])
+    if gguf:
+        build(f16, BUILD_F16, s)
+        build(q8, BUILD_QUANT, "Q8_0", s)
+        build(q4, BUILD_QUANT, "Q4_K", s)
+    if fp8s:
+        build(fp8, BUILD_FP8, s)
+    for p in inputs:
         print(f"{os.path.basename(p)}: {os.path.getsize(p) / 1e6:.0f} MB")
-    warm(f16, q8, q4, fp8)
+    warm(*inputs)
 
     copy, result = out("gguf-fp8-copy"), out("gguf-fp8-out.safetensors")
-    cases = {
-        "cp f16.gguf": ["cp", f16, copy],
-        "ckptsurgery convert f16.gguf -o out.safetensors": [*CLI, "convert", f16, "-o", result],
-        "gguf.quants.dequantize, every tensor of q8_0.gguf (writes nothing)": [sys.executable, "-c", REFERENCE, q8],
-        "ckptsurgery convert q8_0.gguf -o out.safetensors (writes f32)": [*CLI, "convert", q8, "-o", result],
-        "gguf.quants.dequantize, every tensor of q4_k.gguf (writes nothing)": [sys.executable, "-c", REFERENCE, q4],
-        "ckptsurgery convert q4_k.gguf -o out.safetensors (writes f32)": [*CLI, "convert", q4, "-o", result],
-        "cp fp8.safetensors": ["cp", fp8, copy],
-        "ckptsurgery convert fp8.safetensors -o out.safetensors --dequantize (bf16)":
-            [*CLI, "convert", fp8, "-o", result, "--dequantize"],
-    }
+    cases = {}
+    if gguf:
+        cases.update({
+            "cp f16.gguf": ["cp", f16, copy],
+            "ckptsurgery convert f16.gguf -o out.safetensors": [*CLI, "convert", f16, "-o", result],
+            "gguf.quants.dequantize, every tensor of q8_0.gguf (writes nothing)": [sys.executable, "-c", REFERENCE, q8],
+            "ckptsurgery convert q8_0.gguf -o out.safetensors (writes f32)": [*CLI, "convert", q8, "-o", result],
+            "gguf.quants.dequantize, every tensor of q4_k.gguf (writes nothing)": [sys.executable, "-c", REFERENCE, q4],
+            "ckptsurgery convert q4_k.gguf -o out.safetensors (writes f32)": [*CLI, "convert", q4, "-o", result],
+        })
+    if fp8s:
+        cases.update({
+            "cp fp8.safetensors": ["cp", fp8, copy],
+            "ckptsurgery convert fp8.safetensors -o out.safetensors --dequantize (bf16)":
+                [*CLI, "convert", fp8, "-o", result, "--dequantize"],
+        })
     med, peak = measure(cases, args.runs, [copy, result])
     names = list(cases)
     chunk = 4 << 20
     mem_goal = 64e6 + chunk
     ratios = []
     checks = []
-    r = med[names[1]] / med[names[0]]
-    ratios.append(("convert f16.gguf / cp", r, "≤ 1.3"))
-    checks.append(("F16 GGUF ≤ 1.3× cp", r <= 1.3))
-    for ref, ours, kind in ((names[2], names[3], "Q8_0"), (names[4], names[5], "Q4_K")):
-        r = med[ours] / med[ref]
-        ratios.append((f"convert {kind} / gguf.quants.dequantize", r, "≤ 1.0"))
-        checks.append((f"{kind} ≤ 1.0× gguf.quants.dequantize", r <= 1.0))
-        checks.append((f"{kind} peak {peak[ours] / 1e6:.0f} MB ≤ 64 MB + 4 MiB chunk", peak[ours] <= mem_goal))
-    r = med[names[7]] / med[names[6]]
-    ratios.append(("convert --dequantize fp8 / cp", r, "≤ 2.0"))
-    checks.append(("FP8 dequantize ≤ 2× cp", r <= 2.0))
-    print(f"FP8 peak RssAnon {peak[names[7]] / 1e6:.0f} MB for a {os.path.getsize(fp8) / 1e6:.0f} MB shard: "
-          "'flat' is judged by comparing with another --size (e.g. 0.25), not here")
+    if gguf:
+        r = med[names[1]] / med[names[0]]
+        ratios.append(("convert f16.gguf / cp", r, "≤ 1.3"))
+        checks.append(("F16 GGUF ≤ 1.3× cp", r <= 1.3))
+        for ref, ours, kind in ((names[2], names[3], "Q8_0"), (names[4], names[5], "Q4_K")):
+            r = med[ours] / med[ref]
+            ratios.append((f"convert {kind} / gguf.quants.dequantize", r, "≤ 1.0"))
+            checks.append((f"{kind} ≤ 1.0× gguf.quants.dequantize", r <= 1.0))
+            checks.append((f"{kind} peak {peak[ours] / 1e6:.0f} MB ≤ 64 MB + 4 MiB chunk", peak[ours] <= mem_goal))
+    if fp8s:
+        cp8, ours8 = names[-2:]
+        r = med[ours8] / med[cp8]
+        ratios.append(("convert --dequantize fp8 / cp", r, "≤ 2.0"))
+        checks.append(("FP8 dequantize ≤ 2× cp", r <= 2.0))
+        print(f"FP8 peak RssAnon {peak[ours8] / 1e6:.0f} MB for a {os.path.getsize(fp8) / 1e6:.0f} MB shard: "
+              "'flat' is judged by comparing with another --size (e.g. 0.25), not here")
     print()
     print_tables(cases, med, peak, ratios)
     print()

@@ -379,3 +379,53 @@ def test_pth_input_bf16_scales_and_a_huge_config(cli, tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {}}))
     assert_one_error_line(cli("convert", tmp_path / "in.pth", "-o", tmp_path / "o.safetensors", "--dequantize"),
                           "not a model's config.json")
+
+
+# ---- every float8 byte, every output dtype: the tables looked up are torch's own products -------
+
+EDGE_SCALES = [1.0, 0.1, 1 / 3, 1e-30, 1e-38, 1e-45, 3e38, 1e4, 65504 / 448, 2.0 ** -20]
+
+
+def every_byte(rows, columns):
+    """A float8 weight whose every block (and every row, when rows are wide) holds all 256 bytes,
+    NaNs and infinities included."""
+    r = torch.arange(rows)[:, None] * 7 + torch.arange(columns)[None, :]
+    return (r % 256).to(torch.uint8)
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2])
+@pytest.mark.parametrize("dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
+def test_every_float8_byte_against_torch(cli, tmp_path, fmt, dtype):
+    """Each of the 256 bytes of both float8 formats, times scales that make float32 subnormals,
+    zeros, infinities and float16 overflows, cast to each output dtype: the bits torch computes
+    (NaN included), for block, per-tensor, wide and narrow per-channel scales."""
+    name, torch_dtype = dtype
+    w = every_byte(256, 600).view(fmt)
+    blocks = torch.tensor(EDGE_SCALES, dtype=torch.float32).reshape(2, 5)
+    wide = every_byte(12, 1024).view(fmt)
+    narrow = every_byte(300, 9).view(fmt)
+    rows_wide = torch.tensor(EDGE_SCALES + [0.5, 7.0], dtype=torch.float32)[:, None]
+    rows_narrow = torch.tensor(EDGE_SCALES * 30, dtype=torch.float32)
+    tensors = {"b.weight": w, "b.weight_scale_inv": blocks, "w.weight": wide, "w.weight_scale": rows_wide,
+               "n.weight": narrow, "n.weight_scale": rows_narrow}
+    for i, s in enumerate(EDGE_SCALES):
+        tensors[f"t{i}.weight"] = every_byte(3, 256).view(fmt)
+        tensors[f"t{i}.weight_scale"] = torch.tensor(s)
+    save_file(tensors, tmp_path / "in.safetensors")
+    convert(cli, tmp_path / "in.safetensors", tmp_path / "out.safetensors", "--dtype", name)
+    out = load_file(tmp_path / "out.safetensors")
+    assert torch.equal(bits(out["b.weight"]), bits(expected(w, blocks, dtype=torch_dtype)))
+    assert torch.equal(bits(out["w.weight"]), bits((wide.float() * rows_wide).to(torch_dtype)))
+    assert torch.equal(bits(out["n.weight"]), bits((narrow.float() * rows_narrow[:, None]).to(torch_dtype)))
+    for i, s in enumerate(EDGE_SCALES):
+        t = tensors[f"t{i}.weight"]
+        assert torch.equal(bits(out[f"t{i}.weight"]), bits((t.float() * torch.tensor(s)).to(torch_dtype)))
+
+
+def test_float8_values_are_torchs():
+    """The float32 value of each float8 byte, NaN payloads included, as torch converts it."""
+    from ckptsurgery.ops.dequantize import _values
+
+    for fmt in (E4M3, E5M2):
+        theirs = torch.arange(256, dtype=torch.uint8).view(fmt).float().view(torch.int32)
+        assert torch.equal(torch.from_numpy(_values(str(fmt).removeprefix("torch.")).view("int32")), theirs)

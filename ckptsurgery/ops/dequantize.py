@@ -54,7 +54,7 @@ _last = threading.local()
 @dataclass(frozen=True)
 class _Plan:
     weight: TensorRef
-    scale: object  # a float32 torch tensor: [] per tensor, [M, 1] per channel, the block grid
+    scale: object  # float32 numpy: [1] per tensor, [M] per channel, the block grid
     scheme: str
 
 
@@ -86,15 +86,17 @@ def _is_fp8(t: TensorRef) -> bool:
 
 
 def _scale(path: str, name: str, t: TensorRef):
-    """The scale's values in float32, checked to be finite."""
-    import torch
-
-    from ..io.tensors import as_torch
+    """The scale's values as a flat float32 numpy array, checked to be finite."""
+    import numpy as np
 
     if not t.dtype.floating or not t.is_plain:
         raise CkptError(f"{path}: {name} is {t.dtype.name}, not a floating scale (float32, bfloat16, float16)")
-    s = as_torch(t).to(torch.float32)
-    if not bool(torch.isfinite(s).all()):
+    data = t.data()
+    if t.dtype.name == "bfloat16":  # the top half of a float32: widened exactly
+        s = (np.frombuffer(data, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:  # float16 widened exactly, float64 rounded to nearest even, as torch casts them
+        s = np.frombuffer(data, dtype=t.dtype.name).astype(np.float32)
+    if not bool(np.isfinite(s).all()):
         raise CkptError(f"{path}: {name} holds NaN or infinite scales; the weight cannot be dequantized")
     return s
 
@@ -119,11 +121,7 @@ def _plan_one(path: str, name: str, weight: TensorRef, scale_name: str, scale: T
         raise CkptError(f"{path}: {scale_name} has shape {list(sshape)}, which does not fit {name} {list(shape)}: "
                         f"want {want}")
     s = _scale(path, scale_name, scale)
-    if scheme == PER_TENSOR:
-        s = s.reshape(())
-    elif scheme == PER_CHANNEL:
-        s = s.reshape(rows, *([1] * (len(shape) - 1)))
-    return _Plan(weight, s, scheme)
+    return _Plan(weight, s.reshape(sshape) if scheme == BLOCK else s, scheme)
 
 
 def _rows_per_chunk(plan: _Plan, block: tuple[int, int], out: DType) -> int:
@@ -148,9 +146,7 @@ def _dequantized(plan: _Plan, block: tuple[int, int], out: DType) -> TensorRef:
     key = object()  # this tensor, in the thread's one-chunk memory
 
     def make(j: int) -> bytearray:
-        import torch
-
-        from ..io.tensors import flat_view, to_bytes
+        import numpy as np
 
         lo, hi = bounds[j]
         if hi == lo:
@@ -160,40 +156,118 @@ def _dequantized(plan: _Plan, block: tuple[int, int], out: DType) -> TensorRef:
             return last[2]
         _last.chunk = None
         data = w.data()[lo * per_row * w.dtype.itemsize: hi * per_row * w.dtype.itemsize]
-        x = _widened(data, w.dtype).view(hi - lo, *shape[1:])
-        s = plan.scale
-        if plan.scheme == PER_TENSOR:
-            x.mul_(s)
-        elif plan.scheme == PER_CHANNEL:
-            x.mul_(s[lo:hi])
-        else:  # the block rows' scales over the rows only; over the columns through a view of x
-            s = s[lo // block[0]: -(-hi // block[0])].repeat_interleave(block[0], dim=0)[: hi - lo]
-            full = shape[1] // block[1]
-            x[:, : full * block[1]].view(hi - lo, full, block[1]).mul_(s[:, :full, None])
-            if full < s.shape[1]:
-                x[:, full * block[1]:].mul_(s[:, full:])
-        made = to_bytes(x.to(getattr(torch, out.name)))  # the float32 product, then one rounding
+        made = bytearray(sizes[j])
+        with np.errstate(all="ignore"):  # overflows to infinity, NaN bytes: torch's results, silently
+            _fill(np.frombuffer(made, dtype=_BITS[out.itemsize]).reshape(hi - lo, per_row),
+                  np.frombuffer(data, dtype=np.uint8).reshape(hi - lo, per_row), plan, block, out, lo)
         _last.chunk = (key, j, made)
         return made
 
     return chunked_tensor(shape, out, sizes, make)
 
 
-@functools.lru_cache(maxsize=None)
-def _table(name: str):
-    """The float32 value of each of the 256 bytes of a float8 dtype, as torch converts them."""
-    import torch
-
-    return torch.arange(256, dtype=torch.uint8).view(getattr(torch, name)).to(torch.float32).numpy()
+_BITS = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}  # an output element's bits, by its size
+PIECE = 1 << 16  # elements looked up at once: a piece's indices and outputs stay in the CPU's cache
+TABLE_MIN_COLUMNS = 512  # a per-channel weight's rows narrower than this are multiplied, not looked up
 
 
-def _widened(data, dtype: DType):
-    """float8 bytes as a new float32 tensor: a look-up of each byte's value (bit for bit torch's
-    own conversion, which is 2-3 times slower on a CPU)."""
+def _fill(o, w8, plan: _Plan, block: tuple[int, int], out: DType, lo: int) -> None:
+    """Rows lo, lo + 1, ... of the dequantized weight (`o`, [rows, columns] of the output's bits)
+    from their float8 bytes (`w8`, the same shape). Each element is float32(W) · s cast to `out`;
+    the elements that share a scale share its 256 possible results, so those are computed once
+    (the same float32 product, the same cast), a table per block or row, and each byte looked up
+    in its table: one gather per element instead of a widening, a multiply and a cast."""
     import numpy as np
-    import torch
 
-    return torch.from_numpy(_table(dtype.name)[np.frombuffer(data, dtype=np.uint8)])
+    values = _values(plan.weight.dtype.name)
+    rows, columns = w8.shape
+    if not rows or not columns:
+        return
+    s = plan.scale
+    piece = max(1, PIECE // columns)  # rows looked up at once
+    if plan.scheme == BLOCK:
+        br, bc = block
+        offsets = (np.arange(columns) // bc * 256).astype(_index_dtype(s.shape[1] * 256))
+        index = np.empty((min(piece, rows), columns), offsets.dtype)
+        for b in range(lo // br, -(-(lo + rows) // br)):  # the chunk's block rows
+            table = _cast(values[None, :] * s[b][:, None], out).reshape(-1)
+            start, stop = max(b * br, lo) - lo, min((b + 1) * br, lo + rows) - lo
+            for a in range(start, stop, piece):
+                z = min(a + piece, stop)
+                np.add(w8[a:z], offsets, out=index[: z - a], casting="unsafe")
+                table.take(index[: z - a], out=o[a:z], mode="clip")
+    elif plan.scheme == PER_TENSOR:
+        table = _cast(values * s.reshape(1), out)
+        for a in range(0, rows, piece):
+            table.take(w8[a: a + piece], out=o[a: a + piece], mode="clip")
+    elif columns < TABLE_MIN_COLUMNS:  # per channel, narrow rows: the products themselves
+        x = values.take(w8)
+        x *= s[lo: lo + rows, None]
+        o[...] = _cast(x, out)
+    else:  # per channel: a table per row
+        piece = min(piece, 256)
+        offsets = (np.arange(piece) * 256).astype(_index_dtype(piece * 256))[:, None]
+        index = np.empty((min(piece, rows), columns), offsets.dtype)
+        for a in range(0, rows, piece):
+            z = min(a + piece, rows)
+            table = _cast(values[None, :] * s[lo + a: lo + z, None], out).reshape(-1)
+            np.add(w8[a:z], offsets[: z - a], out=index[: z - a], casting="unsafe")
+            table.take(index[: z - a], out=o[a:z], mode="clip")
+
+
+def _index_dtype(n: int) -> str:
+    return "uint16" if n <= 1 << 16 else "int64"
+
+
+def _cast(x, out: DType):
+    """float32 values as `out`'s bits, bit for bit torch's `x.to(out)` on a CPU: float16 and
+    float64 as numpy casts them (IEEE, to nearest even), bfloat16 rounded to nearest even by
+    integer arithmetic as torch does, every NaN becoming 0xFFFF as torch's vectorised cast makes
+    it (tests/test_dequantize.py checks every float8 value against torch)."""
+    import numpy as np
+
+    if out.name == "float32":
+        return x.view(np.uint32)
+    if out.name in ("float16", "float64"):
+        return x.astype(out.name).view(_BITS[out.itemsize])
+    if out.name == "bfloat16":
+        u = x.view(np.uint32)
+        r = (u >> 16) & 1
+        r += 0x7FFF
+        r += u
+        r >>= 16
+        r = r.astype(np.uint16)
+        r[np.isnan(x)] = 0xFFFF
+        return r
+    import torch  # not a dtype --dtype gives: torch's own cast
+
+    cast = torch.from_numpy(x).to(getattr(torch, out.name))
+    return cast.view(getattr(torch, f"int{8 * out.itemsize}")).numpy().view(_BITS[out.itemsize])
+
+
+# the float8 formats: exponent bits, mantissa bits, whether the all-ones exponent is inf/NaN (IEEE)
+_FORMATS = {"float8_e4m3fn": (4, 3, False), "float8_e5m2": (5, 2, True)}
+
+
+@functools.lru_cache(maxsize=None)
+def _values(name: str):
+    """The float32 value of each of the 256 bytes of a float8 dtype, bit for bit as torch
+    converts them: NaNs quiet, their payloads kept (tests check all 256 against torch)."""
+    import numpy as np
+
+    e_bits, m_bits, ieee = _FORMATS[name]
+    bias, top, m_top = (1 << (e_bits - 1)) - 1, (1 << e_bits) - 1, (1 << m_bits) - 1
+    out = np.empty(256, dtype=np.uint32)
+    for byte in range(256):
+        sign, e, m = byte >> 7, (byte >> m_bits) & top, byte & m_top
+        if e == top and (ieee or m == m_top):
+            # infinity, or a quiet NaN with the payload at the top of float32's mantissa
+            bits = 0x7F800000 if ieee and m == 0 else 0x7FC00000 | (m << (23 - m_bits))
+            out[byte] = bits | (sign << 31)
+        else:
+            value = math.ldexp(m if e == 0 else (1 << m_bits) + m, max(e, 1) - bias - m_bits)
+            out[byte] = np.array(-value if sign else value, dtype=np.float32).view(np.uint32)
+    return out.view(np.float32)
 
 
 def dequantize_checkpoint(ckpt: Checkpoint, input: str, dtype: DType | None) -> tuple[Checkpoint, Dequantized]:
