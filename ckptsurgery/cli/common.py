@@ -9,7 +9,7 @@ import math
 import os
 import sys
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Annotated, Any, Callable, Iterator, Optional
 
@@ -29,7 +29,50 @@ RootOpt = Annotated[Optional[str], typer.Option(
 DequantizeOpt = Annotated[bool, typer.Option(
     "--dequantize", help="Read scaled FP8 weights (weight_scale_inv blocks, per-tensor or per-channel weight_scale) as "
                          "bfloat16 (or --dtype where the command has it); their scales are left out.")]
+FullDownloadOpt = Annotated[bool, typer.Option(
+    "--allow-full-download", help="A remote input whose server ignores range requests is downloaded whole (into a "
+                                  "temporary file) instead of refused.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
+
+_REMOTE = ("https://", "http://", "hf://")  # io/remote.py's schemes: that module is imported only for them
+
+
+def reading(inputs: list, allow_full_download: bool) -> None:
+    """Before a command opens its inputs: a fresh record of what remote inputs fetch, and whether
+    one may be downloaded whole. `--allow-full-download` without a remote input is refused."""
+    if not any(isinstance(path, str) and path.startswith(_REMOTE) for path in inputs):
+        if allow_full_download:
+            from ..errors import UsageError
+
+            raise UsageError("--allow-full-download applies to remote inputs (https://, hf://) only")
+        remote = sys.modules.get("ckptsurgery.io.remote")
+        if remote is not None:  # an earlier command in this process read remote inputs: not this one's record
+            remote.start_reading(False)
+        return
+    from ..io.remote import start_reading
+
+    start_reading(allow_full_download)
+
+
+def with_fetched(report):
+    """The report with what its remote inputs fetched (unchanged when none was remote)."""
+    remote = sys.modules.get("ckptsurgery.io.remote")
+    ledger = remote.current_ledger() if remote is not None else None
+    if ledger is None or not ledger.files:
+        return report
+    from ..ops.reports import Fetched
+
+    files = [{"url": url, "size": size, "bytes": got, "requests": n} for url, (size, got, n) in ledger.files.items()]
+    return replace(report, fetched=Fetched(bytes=ledger.bytes, requests=ledger.requests, files=files,
+                                           full_downloads=list(ledger.full_downloads)))
+
+
+def fetched_line(fetched) -> str:
+    files = fetched.files
+    line = f"fetched {human_bytes(fetched.bytes)} in {count(fetched.requests, 'request')} from {count(len(files), 'remote file')}"
+    if fetched.full_downloads:
+        line += f" ({count(len(fetched.full_downloads), 'file')} downloaded whole: the server ignores range requests)"
+    return line
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr but errors.")]
 
 
@@ -179,6 +222,7 @@ def failures_exit(code: int) -> Iterator[None]:
 def finish_write(report: WriteReport, as_json: bool, quiet: bool, details: list[str] = ()) -> None:
     """How every writing command ends: the JSON report; or a summary — on stdout for --dry-run
     (it is the result), on stderr otherwise (the file is the result)."""
+    report = with_fetched(report)
     if as_json:
         print_json(report.to_json())
         return
@@ -188,6 +232,8 @@ def finish_write(report: WriteReport, as_json: bool, quiet: bool, details: list[
              f"{human_bytes(report.total_bytes)}", *details]
     if report.dequantized is not None:
         lines.append(dequantized_line(report.dequantized))
+    if report.fetched is not None:
+        lines.append(fetched_line(report.fetched))
     if report.tied:
         lines.append(f"{len(report.tied)} tied name(s) stored once: "
                      + ", ".join(f"{printable(a)} = {printable(b)}" for a, b in report.tied.items()))

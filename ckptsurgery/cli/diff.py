@@ -10,7 +10,7 @@ import typer
 
 from .. import ops
 from ..errors import UsageError
-from .common import DequantizeOpt, JsonOpt, RootOpt, command_app, console, examples, failures_exit, print_json, printable
+from .common import DequantizeOpt, FullDownloadOpt, JsonOpt, RootOpt, command_app, console, examples, failures_exit, print_json, printable, reading, with_fetched
 
 
 app = command_app()
@@ -33,6 +33,7 @@ def diff(
                                             "re:REGEX); repeatable.")] = None,
     root: RootOpt = None,
     dequantize: DequantizeOpt = False,
+    allow_full_download: FullDownloadOpt = False,
     json: JsonOpt = False,
     brief: Annotated[bool, typer.Option(
         "-q", "--brief", "--quiet",
@@ -59,8 +60,10 @@ def diff(
             raise UsageError("--brief prints one line and --json the whole report: give one")
         if brief and by_layer:
             raise UsageError("--brief prints one line and --by-layer a chart: give one")
+        reading([a, b, base], allow_full_download)
         report = ops.diff_checkpoints(a, b, atol=atol, rtol=rtol, ignore=ignore, root=root, by_layer=by_layer,
                                       base=base, layer_pattern=layer_pattern, dequantize=dequantize)
+        report = with_fetched(report)
         if json:
             print_json(report.to_json())
         elif brief:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from .. import ops
-from .common import DequantizeOpt, InputArg, OutputOptions, RootOpt, command_app, examples, listing, output_options
+from .common import DequantizeOpt, FullDownloadOpt, InputArg, OutputOptions, RootOpt, command_app, examples, listing, output_options, reading
 
 
 app = command_app()
@@ -28,10 +28,12 @@ def drop(
              ".pth output.", show_default=False)],
     root: RootOpt = None,
     dequantize: DequantizeOpt = False,
+    allow_full_download: FullDownloadOpt = False,
     *,
     out: OutputOptions,
 ) -> None:
     """Remove keys or whole modules, or top-level entries beside the state dict (a training checkpoint's optimizer)."""
+    reading([input], allow_full_download)
     with out.writing() as write:
         report = ops.drop_keys(input, patterns, write, root=root, dequantize=dequantize)
     details = [listing("dropped", report.dropped)] if report.dropped or not report.dropped_outside else []

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import ops
-from .common import DequantizeOpt, InputArg, OutputOptions, RootOpt, command_app, examples, listing, output_options
+from .common import DequantizeOpt, FullDownloadOpt, InputArg, OutputOptions, RootOpt, command_app, examples, listing, output_options, reading
 
 
 app = command_app()
@@ -32,10 +32,12 @@ def filter_command(
                                   "(merge --into fits them instead).")] = False,
     root: RootOpt = None,
     dequantize: DequantizeOpt = False,
+    allow_full_download: FullDownloadOpt = False,
     *,
     out: OutputOptions,
 ) -> None:
     """Keep selected keys, or the keys a template has in the template's shapes (the `if k in model_dict` recipe)."""
+    reading([input, like], allow_full_download)
     with out.writing() as write:
         report = ops.filter_keys(input, write, keep=keep, like=like, root=root, skip_mismatched=skip_mismatched,
                                   dequantize=dequantize)

@@ -11,8 +11,8 @@ import typer
 from .. import ops
 from ..errors import CkptError, UsageError
 from .common import (
-    MAX_ROWS, DequantizeOpt, JsonOpt, QuietOpt, RootOpt, command_app, count, dequantized_line, examples, human_bytes,
-    note, print_json, printable, progress_bar,
+    MAX_ROWS, DequantizeOpt, FullDownloadOpt, JsonOpt, QuietOpt, RootOpt, command_app, count, dequantized_line, examples, human_bytes,
+    fetched_line, note, print_json, printable, progress_bar, reading, with_fetched,
 )
 
 
@@ -40,6 +40,7 @@ def inspect(
         "--all", help=f"List every tensor in the table (a longer table shows its first {MAX_ROWS:,} rows).")] = False,
     root: RootOpt = None,
     dequantize: DequantizeOpt = False,
+    allow_full_download: FullDownloadOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -56,14 +57,18 @@ def inspect(
                          f"--json once per input (for f in ...; do ckptsurgery inspect \"$f\" --json; done)")
     several = len(inputs) > 1
     for i, input in enumerate(inputs):
+        reading(inputs, allow_full_download)  # a fresh record of what this input fetches
         with progress_bar(quiet or json or not (stats or hash)) as progress, _naming(input, several):
             report = ops.inspect_checkpoint(input, keys=keys, stats=stats, tree=tree, depth=depth, hash=hash,
                                             root=root, progress=progress, dequantize=dequantize)
+        report = with_fetched(report)
         if json:
             print_json(report.to_json())
             return
         if report.dequantized is not None:
             note(("" if not several else f"{report.path}: ") + dequantized_line(report.dequantized), quiet)
+        if report.fetched is not None:
+            note(("" if not several else f"{report.path}: ") + fetched_line(report.fetched), quiet)
         if report.inert:
             where = f"{report.path}: " if several else ""
             note(f"{where}left inert (not run): {', '.join(map(printable, report.inert))}", quiet)

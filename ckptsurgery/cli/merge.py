@@ -9,8 +9,8 @@ import typer
 from .. import core, ops
 from ..ops.methods import METHODS, PARAMETERS, merge_options
 from .common import (
-    CastTo, DequantizeOpt, OutputOptions, RootOpt, choice, command_app, count, examples, expanded_options, listing, output_options,
-    print_table, printable, summarised,
+    CastTo, DequantizeOpt, FullDownloadOpt, OutputOptions, RootOpt, choice, command_app, count, examples, expanded_options, listing, output_options,
+    print_table, printable, summarised, reading,
 )
 
 
@@ -74,6 +74,7 @@ def merge(
         "--layer-pattern", metavar="REGEX", help="With --config, or a gradient (--t 0,0.5,1): the regex whose one group is a key's layer number, for a model whose key names do not tell its layers apart (two stacks).", show_default=False, rich_help_panel=RECIPE)] = None,
     root: RootOpt = None,
     dequantize: DequantizeOpt = False,
+    allow_full_download: FullDownloadOpt = False,
     *,
     out: OutputOptions,
 ) -> None:
@@ -83,6 +84,7 @@ def merge(
                **parameters, "dtype": dtype, "lora": lora, "lora_scale": lora_scale, "allow_unmatched": allow_unmatched,
                "config": config, "layer_pattern": layer_pattern, "dequantize": dequantize}
     options = {name: getattr(value, "value", value) for name, value in options.items()}  # choices as strings
+    reading([*(sources or []), into, base], allow_full_download)
     with out.writing() as write:
         report = ops.merge_checkpoints(sources or [], write, root=root, **options)
     if out.json:

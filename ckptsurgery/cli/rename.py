@@ -11,7 +11,7 @@ from typer.core import TyperOption
 
 from .. import core, ops
 from ..errors import CkptError
-from .common import DequantizeOpt, InputArg, OutputOptions, RootOpt, command_app, count, examples, listing, output_options, print_table, printable
+from .common import DequantizeOpt, FullDownloadOpt, InputArg, OutputOptions, RootOpt, command_app, count, examples, listing, output_options, print_table, printable, reading
 from .help import HelpCommand
 
 
@@ -106,6 +106,7 @@ def rename(
         "--allow-unchanged", help="A rule that changes no key is not an error (for scripts: --strip-prefix module on a file already stripped).")] = False,
     root: RootOpt = None,
     dequantize: DequantizeOpt = False,
+    allow_full_download: FullDownloadOpt = False,
     *,
     out: OutputOptions,
 ) -> None:
@@ -114,6 +115,7 @@ def rename(
     Every rule option may be repeated; the rules apply one after another in the order given, each to the names the earlier ones left. Each rule must change some key (unless --allow-unchanged). Two keys that would get one name fail the command, with every such pair named."""
     rules = [core.rename_rule(kind, *([_load_map(values[0])] if kind == "map" else values))
              for kind, values in ctx.meta.get(_RULES, [])]
+    reading([input], allow_full_download)
     with out.writing() as write:
         report = ops.rename_keys(input, rules, write, root=root, allow_unchanged=allow_unchanged,
                                  dequantize=dequantize)

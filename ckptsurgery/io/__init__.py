@@ -6,13 +6,20 @@ import os
 
 from ..errors import CkptError
 from .formats import Format, OutputFormat, detect_format
-from .model import Checkpoint, MappedFile, Storage, TensorRef
+from .model import Checkpoint, MappedFile, Storage, TensorRef, collection_paused
+
+_REMOTE = ("https://", "http://", "hf://")  # io/remote.py's schemes
 
 
 def open_checkpoint(path: str, root: str | None = None) -> Checkpoint:
     """Read a checkpoint's structure (no tensor data). `root`: None detects the state dict in a
     nested .pth, '' takes the top level, a key takes that entry."""
     path = os.fspath(path)
+    if path.startswith(_REMOTE):  # a URL or hf://: io/remote.py, imported only then
+        from .remote import read_remote
+
+        with collection_paused():
+            return read_remote(path, root)
     spec = detect_format(path).spec
     if root and not spec.takes_root:  # its state dict is the whole checkpoint
         raise CkptError(f"{path}: --root {root!r}: a {spec.flat} holds one flat state dict, with nothing "

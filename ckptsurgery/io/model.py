@@ -74,7 +74,8 @@ class MappedFile:
     """A read-only memory map of one input file, opened on first use."""
 
     def __init__(self, path: str):
-        self.path = path
+        self.path = path  # what errors name
+        self.local = path  # what is opened (a downloaded remote file's temporary copy)
         self.size = os.path.getsize(path)
         self._file = None
         self._users = 0  # threads inside descriptor(): the descriptor stays open while > 0
@@ -93,7 +94,7 @@ class MappedFile:
         if self._map is None:
             with self._map_lock:  # two writer threads must not map it twice
                 if self._map is None:
-                    with open(self.path, "rb") as f:  # the map keeps a descriptor of its own
+                    with open(self.local, "rb") as f:  # the map keeps a descriptor of its own
                         self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._map
 
@@ -103,7 +104,7 @@ class MappedFile:
         other threads open meanwhile; after it, only the most recently used few stay open."""
         with _open_lock:
             if self._file is None:
-                self._file = open(self.path, "rb")
+                self._file = open(self.local, "rb")
             _open_files.pop(id(self), None)
             _open_files[id(self)] = self  # the most recently used last
             self._users += 1
@@ -131,6 +132,23 @@ class MappedFile:
                 pass
             self._map = None
         self._close_file()
+
+
+class RangeSource:
+    """Bytes fetched by range when asked (a remote file: io/remote.py): `view(offset, nbytes)` as
+    a mapped file's, and `stream(offset, nbytes)`, the pieces of a long range in order, for writers."""
+
+    path: str
+    size: int
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        raise NotImplementedError
+
+    def stream(self, offset: int, nbytes: int) -> Iterator[memoryview]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
 
 
 class ComputedSource:
@@ -183,13 +201,13 @@ class JoinedSource:
         pass
 
 
-def mapped_range(t: "TensorRef") -> "tuple[MappedFile | JoinedSource, int] | None":
+def mapped_range(t: "TensorRef") -> "tuple[MappedFile | JoinedSource | RangeSource, int] | None":
     """(source, byte offset) where a tensor's bytes lie in order in a mapped file, or across the
     ranges of a joined one: any span of them can be viewed there without a copy. None for a
     strided view, a computed tensor (it would be made whole again for every span) or a lazily
     negated one."""
     source = t.storage.source
-    if t.is_plain and t.is_contiguous and isinstance(source, (MappedFile, JoinedSource)):
+    if t.is_plain and t.is_contiguous and isinstance(source, (MappedFile, JoinedSource, RangeSource)):
         return source, t.byte_range()[0]
     return None
 

@@ -59,8 +59,9 @@ def _metadata(path: str, header: dict) -> dict[str, str]:
     return meta
 
 
-def read_safetensors(path: str) -> Checkpoint:
-    source = MappedFile(path)
+def read_safetensors(path: str, source=None) -> Checkpoint:
+    """The file at `path`; `source`: its bytes elsewhere than a local file (a remote file)."""
+    source = MappedFile(path) if source is None else source
     data_start, header = read_header(path, source)
     metadata = _metadata(path, header)
     data_size = source.size - data_start

@@ -7,6 +7,7 @@ import json
 import os
 import stat
 from collections import OrderedDict
+from typing import Callable
 
 from ..errors import CkptError
 from .formats import Format, ShardedFormat, detect_format
@@ -48,6 +49,11 @@ def load_index(path: str) -> dict:
         raise CkptError(f"{path}: cannot read ({e.strerror or e})") from None
     if len(raw) > INDEX_LIMIT:
         raise CkptError(f"{path}: an index JSON larger than {INDEX_LIMIT >> 20} MiB; not a shard index")
+    return parse_index(path, raw)
+
+
+def parse_index(path: str, raw: bytes) -> dict:
+    """An index's bytes as its JSON, checked to hold a "weight_map" of tensor name -> shard file name."""
     try:
         index = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
@@ -95,16 +101,24 @@ def open_shard(path: str) -> Checkpoint:
 
 def read_index(path: str) -> Checkpoint:
     """The tensors an index's weight_map names, from its shards (each opened once, by open_shard)."""
-    index = load_index(path)
+
+    def open_named(shard_name: str) -> Checkpoint:
+        shard = shard_path(path, shard_name)
+        if os.path.exists(shard) and os.path.samefile(shard, path):
+            raise CkptError(f"{path}: shard {shard_name!r} is the index itself")
+        return open_shard(shard)
+
+    return from_index(path, load_index(path), open_named)
+
+
+def from_index(path: str, index: dict, open_named: Callable[[str], Checkpoint]) -> Checkpoint:
+    """The checkpoint an index describes, its shards opened by name with `open_named` (once each)."""
     shards: dict[str, Checkpoint] = {}
     tensors, others = OrderedDict(), OrderedDict()  # others: a .bin shard's `_extra_state` entries
     try:
         for name, shard_name in index["weight_map"].items():
             if shard_name not in shards:
-                shard = shard_path(path, shard_name)
-                if os.path.exists(shard) and os.path.samefile(shard, path):
-                    raise CkptError(f"{path}: shard {shard_name!r} is the index itself")
-                shards[shard_name] = open_shard(shard)
+                shards[shard_name] = open_named(shard_name)
             shard = shards[shard_name]
             if name in shard.tensors:
                 tensors[name] = shard.tensors[name]

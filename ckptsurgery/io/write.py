@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 from ..dtypes import DType
 from ..errors import CkptError, UsageError
 from .formats import OUTPUTS, OutputFormat, detect_format
-from .model import JoinedSource, MappedFile, Storage, TensorRef, contiguous_strides
+from .model import JoinedSource, MappedFile, RangeSource, Storage, TensorRef, contiguous_strides
 from .tensors import cast_bytes
 
 CHUNK = 16 * 1024 * 1024
@@ -415,7 +415,7 @@ def write_tensors(f: BinaryIO, stored: list, progress: Progress | None) -> None:
     runs.flush()
 
 
-_DIRECT = (MappedFile, JoinedSource)  # sources whose bytes are copied as they lie
+_DIRECT = (MappedFile, JoinedSource, RangeSource)  # sources whose bytes are copied as they lie
 SMALL_COPY = 1 << 16  # bytes: a run shorter than this is copied through memory, not by the kernel
 
 
@@ -493,6 +493,11 @@ def _write_range(f: BinaryIO, source, start: int, nbytes: int, progress: Progres
             if size:
                 with leaf.descriptor() as fd:
                     _copy_range(fd, offset, size, f, progress)
+        elif isinstance(leaf, RangeSource):  # fetched: several pieces in flight, written in order
+            for piece in leaf.stream(offset, size):
+                f.write(piece)
+                if progress:
+                    progress(len(piece))
         else:
             for chunk in _chunks(leaf.view(offset, size), progress):
                 f.write(chunk)
@@ -501,4 +506,8 @@ def _write_range(f: BinaryIO, source, start: int, nbytes: int, progress: Progres
 def _storage_chunks(storage: Storage, progress: Progress | None) -> Iterator[memoryview]:
     """A storage's bytes in pieces of at most CHUNK, a joined one range by range."""
     for leaf, offset, size in _leaf_ranges(storage.source, storage.offset, storage.nbytes):
-        yield from _chunks(leaf.view(offset, size), progress)
+        if isinstance(leaf, RangeSource):
+            for piece in leaf.stream(offset, size):
+                yield from _chunks(piece, progress)
+        else:
+            yield from _chunks(leaf.view(offset, size), progress)

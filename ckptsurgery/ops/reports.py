@@ -82,6 +82,19 @@ class Dequantized(Report):
 
 
 @_report
+class Fetched(Report):
+    """What was fetched from remote inputs (`https://`, `hf://`): `WriteReport.fetched`,
+    `InspectReport.fetched`, `DiffReport.fetched`."""
+
+    bytes: int = entry("Bytes received, over every remote file.")
+    requests: int = entry("Requests that returned bytes (a range, an index; redirects not counted).")
+    files: list[dict] = entry("One record per remote file: `url` (`hf://` paths as given, a URL without its "
+                              "query), `size` (its total bytes), `bytes` (received), `requests`.")
+    full_downloads: list[str] = entry("Files downloaded whole because their server ignores range requests "
+                                      "(`--allow-full-download`).")
+
+
+@_report
 class WriteReport(Report):
     """What `write_checkpoint` wrote (`convert`'s whole report)."""
 
@@ -124,6 +137,7 @@ class WriteReport(Report):
         "`convert --dequantize` of a model folder to `-o DIR/`: `config_changes` (the config.json fields set; "
         "`null`: removed, as `quantization_config`), `copied` (the input's files copied: tokenizer, generation, "
         "remote code) and `notes` (what could not be done: a file that links out of its folder).", omit_if_none=True)
+    fetched: Fetched | None = entry("With remote inputs: what was fetched (see `Fetched`).", omit_if_none=True)
 
 
 @_report
@@ -414,6 +428,7 @@ class InspectReport(Report):
                                     "whose parameters (a whole pickled model's) are all frozen.", omit_if_none=True)
     dequantized: Dequantized | None = entry("With `--dequantize`: what was read dequantized (see `Dequantized`).",
                                             omit_if_none=True)
+    fetched: Fetched | None = entry("With remote inputs: what was fetched (see `Fetched`).", omit_if_none=True)
 
 
 @_report
@@ -463,6 +478,7 @@ class DiffReport(Report):
         "complex) are compared as always and are in no norm, nor listed here.", omit_if_none=True)
     dequantized: Dequantized | None = entry("With `--dequantize`: what was read dequantized (see `Dequantized`).",
                                             omit_if_none=True)
+    fetched: Fetched | None = entry("With remote inputs: what was fetched (see `Fetched`).", omit_if_none=True)
 
 
 REPORTS: tuple[tuple[str, type[Report]], ...] = (
@@ -472,7 +488,7 @@ REPORTS: tuple[tuple[str, type[Report]], ...] = (
     ("extract-lora, lora extract", ExtractReport), ("lora merge", LoraMergeReport), ("lora resize", LoraResizeReport),
     ("lora convert", LoraConvertReport), ("diff", DiffReport),
 )
-NESTED: tuple[type[Report], ...] = (Dequantized, AdapterFolded, Extracted, LoraReport, LoraModule)
+NESTED: tuple[type[Report], ...] = (Dequantized, Fetched, AdapterFolded, Extracted, LoraReport, LoraModule)
 
 
 def schema_markdown() -> str:

@@ -1,0 +1,169 @@
+"""A local HTTP server for the remote-input tests: files from a folder, with Range support, on
+127.0.0.1, counting what it serves. It can also play the Hugging Face Hub (`/ORG/REPO/resolve/
+REV/FILE` answered with a redirect to a CDN path and `X-Repo-Commit`) and misbehave on demand:
+ignore Range, ask for a token, fail a number of times, close early, change a file mid-run."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlsplit
+
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
+
+
+@dataclass
+class Behaviour:
+    ignore_range: bool = False
+    token: str | None = None  # a request without `Authorization: Bearer TOKEN` gets 401
+    fail_times: int = 0  # answer 503 this many times first
+    truncate: bool = False  # send fewer bytes than Content-Range says, then close
+    hub_commit: str = "0123456789abcdef0123456789abcdef01234567"
+    redirect_host: str | None = None  # the CDN's host:port (e.g. "localhost:PORT"); None: same host
+    change_after: int | None = None  # after this many range requests, the file's ETag changes
+    no_etag: bool = False
+
+
+@dataclass
+class Served:
+    requests: list = field(default_factory=list)  # (path, Range header, status, body bytes)
+    authorizations: list = field(default_factory=list)  # (path, Authorization header or None)
+
+    @property
+    def bytes(self) -> int:
+        return sum(r[3] for r in self.requests)
+
+
+class RangeServer:
+    """`with RangeServer(folder) as server:` serves `folder` at `server.url`."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.behaviour = Behaviour()
+        self.served = Served()
+        self._lock = threading.Lock()
+        self._ranges = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server._answer(self)
+
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                pass  # a client that hung up (a refused answer): not a test's stderr
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "RangeServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def reset(self) -> None:
+        self.behaviour = Behaviour()
+        self.served = Served()
+        self._ranges = 0
+
+    def _record(self, path: str, rng: str | None, status: int, nbytes: int) -> None:
+        with self._lock:
+            self.served.requests.append((path, rng, status, nbytes))
+
+    def _answer(self, h: BaseHTTPRequestHandler) -> None:
+        b = self.behaviour
+        path = unquote(urlsplit(h.path).path)
+        rng = h.headers.get("Range")
+        with self._lock:
+            self.served.authorizations.append((path, h.headers.get("Authorization")))
+            failing = b.fail_times > 0
+            if failing:
+                b.fail_times -= 1
+        if failing:
+            return self._status(h, path, rng, 503)
+        hub = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        if hub:  # the Hub: check the token, then redirect to the CDN
+            if b.token and h.headers.get("Authorization") != f"Bearer {b.token}":
+                return self._status(h, path, rng, 401)
+            repo, revision, filename = hub.groups()
+            if revision not in ("main", b.hub_commit):
+                return self._status(h, path, rng, 404)
+            local = os.path.join(self.folder, repo, filename)
+            if not os.path.isfile(local):
+                return self._status(h, path, rng, 404, {"X-Repo-Commit": b.hub_commit})
+            host = b.redirect_host or f"127.0.0.1:{self.port}"
+            self._record(path, rng, 302, 0)
+            h.send_response(302)
+            h.send_header("Location", f"http://{host}/cdn/{repo}/{filename}?signature=secret")
+            h.send_header("X-Repo-Commit", b.hub_commit)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        if path.startswith("/cdn/"):
+            local = os.path.join(self.folder, path[len("/cdn/"):])
+        else:
+            if b.token and h.headers.get("Authorization") != f"Bearer {b.token}":
+                return self._status(h, path, rng, 401)
+            local = os.path.join(self.folder, path.lstrip("/"))
+        if not os.path.isfile(local):
+            return self._status(h, path, rng, 404)
+        with open(local, "rb") as f:
+            data = f.read()
+        etag = None if b.no_etag else f'"{len(data)}-v1"'
+        match = _RANGE.fullmatch(rng or "") if not b.ignore_range else None
+        if match is None:
+            return self._send(h, path, rng, 200, data, {"ETag": etag, "Accept-Ranges": "none"})
+        with self._lock:
+            self._ranges += 1
+            if b.change_after is not None and self._ranges > b.change_after:
+                etag = f'"{len(data)}-v2"'
+        start = int(match.group(1))
+        end = min(int(match.group(2)) if match.group(2) else len(data) - 1, len(data) - 1)
+        if start >= len(data):
+            return self._status(h, path, rng, 416, {"Content-Range": f"bytes */{len(data)}"})
+        body = data[start : end + 1]
+        headers = {"ETag": etag, "Content-Range": f"bytes {start}-{end}/{len(data)}"}
+        if b.truncate and len(body) > 16:
+            self._record(path, rng, 206, len(body) // 2)
+            h.send_response(206)
+            for k, v in headers.items():
+                if v is not None:
+                    h.send_header(k, v)
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            h.wfile.write(body[: len(body) // 2])
+            h.close_connection = True
+            return
+        self._send(h, path, rng, 206, body, headers)
+
+    def _send(self, h, path, rng, status, body: bytes, headers: dict) -> None:
+        h.send_response(status)
+        for k, v in headers.items():
+            if v is not None:
+                h.send_header(k, v)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        try:
+            h.wfile.write(body)
+            sent = len(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client stopped reading (a refused 200)
+            sent = 0
+            h.close_connection = True
+        self._record(path, rng, status, sent)
+
+    def _status(self, h, path, rng, status: int, headers: dict | None = None) -> None:
+        self._send(h, path, rng, status, f"status {status}\n".encode(), headers or {})
