@@ -165,41 +165,50 @@ def _parts(ckpt: Checkpoint) -> tuple[dict, dict, OrderedDict]:
     where = ckpt.path
     parts: dict[tuple[str, Layout], dict[str, TensorRef]] = {}
     magnitudes: dict[str, TensorRef] = {}
-    adapter_names, replaced = set(), OrderedDict()
-    for key, t in ckpt.tensors.items():
-        short = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        m = _MAGNITUDE.fullmatch(short)
-        if m is not None:
+
+    def match(short: str) -> re.Match | None:
+        return _MAGNITUDE.fullmatch(short) or _LINEAR.fullmatch(short) or _EMBEDDING.fullmatch(short)
+
+    def take(m: re.Match, t: TensorRef) -> None:
+        if m.re is _MAGNITUDE:
             if m["module"] in magnitudes:
                 raise CkptError(f"{where}: module {m['module']} has two lora_magnitude_vector weights (with and "
                                 f"without an adapter name); save one adapter per file")
-            adapter_names.update([m["adapter"]] if m["adapter"] else [])
             magnitudes[m["module"]] = t
-            continue
-        m = _LINEAR.fullmatch(short)
-        layout = Layout.LINEAR
-        if m is None:
-            m = _EMBEDDING.fullmatch(short)
-            layout = Layout.EMBEDDING
-        if m is None:
-            _refuse_foreign(where, key, short, "LORA")
-            # modules_to_save, trained biases, and the base layer peft saves beside an adapted
-            # embedding or lm_head (`save_embedding_layers`): they replace the base's tensor
-            # (older files keep modules_to_save under `<module>.modules_to_save.<adapter>.`)
-            replaced[_replaced_name(short)] = t
-            continue
-        if m["adapter"]:
-            adapter_names.add(m["adapter"])
+            return
+        layout = Layout.EMBEDDING if m.re is _EMBEDDING else Layout.LINEAR
         slot = m["ab"] if m.groupdict().get("param", "weight") == "weight" else f"{m['ab']}-bias"
         found = parts.setdefault((m["module"], layout), {})
         if slot in found:  # `lin.lora_A.weight` beside `lin.lora_A.default.weight`: which one?
             raise CkptError(f"{where}: module {m['module']} has two {slot.replace('-', ' ')} weights (with and "
                             f"without an adapter name); save one adapter per file")
         found[slot] = t
+
+    return parts, magnitudes, _sort_keys(ckpt, "LORA", match, take)
+
+
+def _sort_keys(ckpt: Checkpoint, peft_type: str, match, take) -> OrderedDict:
+    """The file's keys, each without peft's prefix, in order: an adapter weight of `peft_type`
+    (`match(short)`, a re.Match with an `adapter` group) is given to `take(match, tensor)`; any
+    other key is a whole tensor that replaces the base's — modules_to_save, trained biases, and
+    the base layer peft saves beside an adapted embedding or lm_head (`save_embedding_layers`) —
+    returned by the base's name (name -> tensor), unless it is another kind's adapter weight
+    (refused). A file holding several adapters (by name) is refused."""
+    where = ckpt.path
+    adapter_names, replaced = set(), OrderedDict()
+    for key, t in ckpt.tensors.items():
+        short = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        m = match(short)
+        if m is None:
+            _refuse_foreign(where, key, short, peft_type)
+            replaced[_replaced_name(short)] = t
+            continue
+        take(m, t)
+        adapter_names.update([m["adapter"]] if m["adapter"] else [])
     if len(adapter_names) > 1:
         raise CkptError(f"{where}: holds several adapters ({', '.join(sorted(adapter_names))}); save each on "
                         f"its own and give one --lora per adapter")
-    return parts, magnitudes, replaced
+    return replaced
 
 
 # what marks a key as an adapter's weight, of any kind peft saves: one the reader of the config's
@@ -229,22 +238,14 @@ def _ia3_adapter(ckpt: Checkpoint, config: dict, config_path: str) -> Adapter:
     feedforward_modules names it, else its outputs (kind_ia3.py)."""
     where = ckpt.path
     vectors: dict[str, TensorRef] = OrderedDict()
-    adapter_names, replaced = set(), OrderedDict()
-    for key, t in ckpt.tensors.items():
-        short = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        m = _IA3.fullmatch(short)
-        if m is None:
-            _refuse_foreign(where, key, short, "IA3")
-            replaced[_replaced_name(short)] = t
-            continue
+
+    def take(m: re.Match, t: TensorRef) -> None:
         if m["module"] in vectors:
             raise CkptError(f"{where}: module {m['module']} has two ia3_l weights (with and without an adapter "
                             f"name); save one adapter per file")
-        adapter_names.update([m["adapter"]] if m["adapter"] else [])
         vectors[m["module"]] = t
-    if len(adapter_names) > 1:
-        raise CkptError(f"{where}: holds several adapters ({', '.join(sorted(adapter_names))}); save each on "
-                        f"its own and give one --lora per adapter")
+
+    replaced = _sort_keys(ckpt, "IA3", _IA3.fullmatch, take)
     patterns = ConfigPatterns(config, config_path, len(vectors))
     modules = []
     for name, t in vectors.items():
@@ -267,23 +268,19 @@ def _lycoris_adapter(ckpt: Checkpoint, config: dict, config_path: str) -> Adapte
     where = ckpt.path
     kind, prefix = _LYCORIS[config["peft_type"]]
     found: dict[str, dict[str, TensorRef]] = OrderedDict()
-    adapter_names, replaced = set(), OrderedDict()
-    for key, t in ckpt.tensors.items():
-        short = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+
+    def match(short: str) -> re.Match | None:
         m = _LYCORIS_KEY.fullmatch(short)
-        if m is None or m["prefix"] != prefix:
-            _refuse_foreign(where, key, short, config["peft_type"])
-            replaced[_replaced_name(short)] = t
-            continue
+        return m if m is not None and m["prefix"] == prefix else None
+
+    def take(m: re.Match, t: TensorRef) -> None:
         factors = found.setdefault(m["module"], {})
         if m["factor"] in factors:
             raise CkptError(f"{where}: module {m['module']} has two {prefix}{m['factor']} weights (with and without "
                             f"an adapter name); save one adapter per file")
-        adapter_names.update([m["adapter"]] if m["adapter"] else [])
         factors[m["factor"]] = t
-    if len(adapter_names) > 1:
-        raise CkptError(f"{where}: holds several adapters ({', '.join(sorted(adapter_names))}); save each on "
-                        f"its own and give one --lora per adapter")
+
+    replaced = _sort_keys(ckpt, config["peft_type"], match, take)
     defaults = (number(config, "r", config_path, 8), number(config, "alpha", config_path, 8))
     patterns = ConfigPatterns(config, config_path, len(found))
     return Adapter(ckpt.path, Format.PEFT, [_lycoris_module(where, name, kind, prefix, factors, config, config_path,
