@@ -26,11 +26,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import OrderedDict
+from typing import NoReturn
 
 from ...errors import CkptError
 from ...io import Checkpoint, TensorRef, open_checkpoint
-from .kinds import Adapter, Format, Layout, Module, read_file
+from .kinds import Adapter, Format, Layout, Module, module_parts, read_file
 from .patterns import ConfigPatterns
 
 _COMPONENT = re.compile(r"(?P<component>unet|transformer|prior|text_encoder(?:_[23])?)\.(?P<rest>.+)")
@@ -63,8 +63,8 @@ def recognises(path: str) -> bool:
         ckpt.close()
 
 
-def _part(key: str) -> tuple[str, str, str] | None:
-    """(component, module name with its component, slot: A, B, B-bias, alpha) of a key, or None."""
+def _part(key: str) -> tuple[str, str] | None:
+    """(module name with its component, slot: A, B, B-bias, alpha) of a key, or None."""
     m = _COMPONENT.fullmatch(key)
     if m is None:
         return None
@@ -86,7 +86,7 @@ def _part(key: str) -> tuple[str, str, str] | None:
             slot = p["ab"] if p["param"] == "weight" else f"{p['ab']}-bias"
         else:
             slot = "A" if p["ud"] == "down" else "B"
-        return component, f"{component}.{module}", slot
+        return f"{component}.{module}", slot
     return None
 
 
@@ -96,26 +96,19 @@ def read(path: str) -> Adapter:
 
 def _adapter(ckpt: Checkpoint) -> Adapter:
     where = ckpt.path
-    parts: dict[str, dict[str, TensorRef]] = OrderedDict()
-    components: dict[str, str] = {}
-    for key, t in ckpt.tensors.items():
-        found = _part(key)
-        if found is None:
-            raise CkptError(f"{where}: {key} is not a diffusers LoRA key (<component>.<module>.lora_A/lora_B.weight, "
-                            f".lora.down/.up.weight, .alpha); DoRA, LoKr and other kinds in this layout are not "
-                            f"supported here")
-        component, module, slot = found
-        held = parts.setdefault(module, {})
-        if slot in held:
-            raise CkptError(f"{where}: module {module} has two {slot} weights (in two of diffusers' layouts); "
-                            f"which one folds is a guess")
-        held[slot] = t
-        components[module] = component
+
+    def refuse(key: str) -> NoReturn:
+        raise CkptError(f"{where}: {key} is not a diffusers LoRA key (<component>.<module>.lora_A/lora_B.weight, "
+                        f".lora.down/.up.weight, .alpha); DoRA, LoKr and other kinds in this layout are not "
+                        f"supported here")
+
+    parts = module_parts(ckpt, _part, refuse, layouts="two of diffusers' layouts")
     configs = _configs(ckpt)
     if configs and any("alpha" in p for p in parts.values()):
         raise CkptError(f"{where}: holds both alpha tensors and a LoraConfig in its metadata ({METADATA_KEY}), "
                         f"which diffusers refuses too")
-    modules = [_module(where, name, found, configs.get(components[name])) for name, found in parts.items()]
+    # a module's name starts with its component (`unet.`, `text_encoder_2.`), whose config it takes
+    modules = [_module(where, name, found, configs.get(name.partition(".")[0])) for name, found in parts.items()]
     return Adapter(ckpt.path, Format.DIFFUSERS, modules, checkpoints=[ckpt])
 
 

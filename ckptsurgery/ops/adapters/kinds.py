@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from collections import OrderedDict
+from typing import Callable, NoReturn, Protocol
 
 from ...errors import CkptError
 from ...io import Checkpoint, TensorRef, open_checkpoint
@@ -302,3 +303,22 @@ def read_file(path: str, adapter: Callable[[Checkpoint], Adapter]) -> Adapter:
     except BaseException:
         ckpt.close()
         raise
+
+
+def module_parts(ckpt: Checkpoint, part: Callable[[str], tuple[str, str] | None], refuse: Callable[[str], NoReturn],
+                 layouts: str = "two keys") -> dict[str, dict[str, TensorRef]]:
+    """A single-file adapter's tensors by module, in the file's order: module -> {part -> tensor},
+    `part(key)` naming a key's module and part, None for a key that is no adapter weight of the
+    format (`refuse(key)` raises). A part held twice (under two `layouts`) is refused."""
+    parts: dict[str, dict[str, TensorRef]] = OrderedDict()
+    for key, t in ckpt.tensors.items():
+        found = part(key)
+        if found is None:
+            refuse(key)
+        module, slot = found
+        held = parts.setdefault(module, {})
+        if slot in held:
+            raise CkptError(f"{ckpt.path}: module {module} has two {slot} weights (in {layouts}); which one folds "
+                            f"is a guess")
+        held[slot] = t
+    return parts

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections import OrderedDict
 from typing import NoReturn
 
 from ...errors import CkptError
 from ...io import Checkpoint, TensorRef
-from .kinds import Adapter, AdapterKind, Format, Layout, Module, read_file, suffixes
+from .kinds import Adapter, AdapterKind, Format, Layout, Module, module_parts, read_file, suffixes
 from .peft import PEFT_CONFIG, PEFT_PREFIX
 
 _PREFIX = re.compile(r"(?:lora_(?:unet|te\d?)|lycoris)_")
@@ -51,16 +50,17 @@ def read(path: str) -> Adapter:
 
 def _adapter(ckpt: Checkpoint) -> Adapter:
     where = ckpt.path
-    parts: dict[str, dict[str, TensorRef]] = OrderedDict()
-    for key, t in ckpt.tensors.items():
-        m = _KEY.fullmatch(key)
-        if m is None or m["part"] not in _PARTS:
-            _refuse_key(where, key)
-        parts.setdefault(m["module"], {})[m["part"]] = t
+    parts = module_parts(ckpt, _part, lambda key: _refuse_key(where, key))
     if not parts:
         raise CkptError(f"{where}: holds no LoRA weights")
     return Adapter(ckpt.path, Format.KOHYA, [_module(where, name, found) for name, found in parts.items()],
                    checkpoints=[ckpt])
+
+
+def _part(key: str) -> tuple[str, str] | None:
+    """(module, part) of a key, or None."""
+    m = _KEY.fullmatch(key)
+    return (m["module"], m["part"]) if m is not None and m["part"] in _PARTS else None
 
 
 def _refuse_key(where: str, key: str) -> NoReturn:
