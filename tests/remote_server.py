@@ -25,6 +25,7 @@ class Behaviour:
     redirect_host: str | None = None  # the CDN's host:port (e.g. "localhost:PORT"); None: same host
     change_after: int | None = None  # after this many range requests, the file's ETag changes
     no_etag: bool = False
+    redirect_loop: bool = False  # every request is redirected to itself
 
 
 @dataclass
@@ -95,6 +96,13 @@ class RangeServer:
                 b.fail_times -= 1
         if failing:
             return self._status(h, path, rng, 503)
+        if b.redirect_loop:
+            self._record(path, rng, 302, 0)
+            h.send_response(302)
+            h.send_header("Location", h.path)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
         hub = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         if hub:  # the Hub: check the token, then redirect to the CDN
             if b.token and h.headers.get("Authorization") != f"Bearer {b.token}":
@@ -121,22 +129,24 @@ class RangeServer:
             local = os.path.join(self.folder, path.lstrip("/"))
         if not os.path.isfile(local):
             return self._status(h, path, rng, 404)
-        with open(local, "rb") as f:
-            data = f.read()
-        etag = None if b.no_etag else f'"{len(data)}-v1"'
+        size = os.path.getsize(local)
+        etag = None if b.no_etag else f'"{size}-v1"'
         match = _RANGE.fullmatch(rng or "") if not b.ignore_range else None
         if match is None:
-            return self._send(h, path, rng, 200, data, {"ETag": etag, "Accept-Ranges": "none"})
+            with open(local, "rb") as f:
+                return self._send(h, path, rng, 200, f.read(), {"ETag": etag, "Accept-Ranges": "none"})
         with self._lock:
             self._ranges += 1
             if b.change_after is not None and self._ranges > b.change_after:
-                etag = f'"{len(data)}-v2"'
+                etag = f'"{size}-v2"'
         start = int(match.group(1))
-        end = min(int(match.group(2)) if match.group(2) else len(data) - 1, len(data) - 1)
-        if start >= len(data):
-            return self._status(h, path, rng, 416, {"Content-Range": f"bytes */{len(data)}"})
-        body = data[start : end + 1]
-        headers = {"ETag": etag, "Content-Range": f"bytes {start}-{end}/{len(data)}"}
+        end = min(int(match.group(2)) if match.group(2) else size - 1, size - 1)
+        if start >= size:
+            return self._status(h, path, rng, 416, {"Content-Range": f"bytes */{size}"})
+        with open(local, "rb") as f:  # only the range: a bench serves files of gigabytes
+            f.seek(start)
+            body = f.read(end + 1 - start)
+        headers = {"ETag": etag, "Content-Range": f"bytes {start}-{end}/{size}"}
         if b.truncate and len(body) > 16:
             self._record(path, rng, 206, len(body) // 2)
             h.send_response(206)

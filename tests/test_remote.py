@@ -303,3 +303,16 @@ def test_remote_files_that_are_not_safetensors_are_refused_by_name(cli, server, 
     torch.save({"w": torch.ones(2)}, root / "w.pth")
     _refused(cli, tmp_path, f"{server.url}/w.pth", "a torch file", "download other files first")
     _refused(cli, tmp_path, f"{server.url}/a.safetensors", "--root", extra=("--root", "model"))
+
+
+def test_a_redirect_loop_is_refused(cli, server, tmp_path):
+    server.behaviour.redirect_loop = True
+    _refused(cli, tmp_path, f"{server.url}/a.safetensors", "more than 5 redirects")
+
+
+def test_after_the_hubs_redirect_ranges_are_asked_of_the_cdn_directly(cli, server, tmp_path):
+    assert cli("convert", "hf://org/single", "-o", tmp_path / "out.safetensors").code == 0
+    paths = [path for path, *_ in server.served.requests]
+    hub = [p for p in paths if "/resolve/" in p]  # the index looked for (404), then the file's first bytes
+    assert hub == ["/org/single/resolve/main/model.safetensors.index.json", "/org/single/resolve/main/model.safetensors"]
+    assert sum(p.startswith("/cdn/") for p in paths) >= 2

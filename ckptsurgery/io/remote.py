@@ -206,6 +206,7 @@ class Answer:
     headers: dict[str, str]  # lower-case names, the last hop's
     body: bytes
     commit: str | None  # X-Repo-Commit, from any hop (the Hub puts it on its redirect)
+    url: str = ""  # where the bytes came from, after redirects
 
 
 class _Connections(threading.local):
@@ -313,7 +314,7 @@ def _follow(where: Location, start: int, end: int | None, limit: int, sink: "_Si
             body = _read_body(response, got, limit, sink)
             if response.will_close or response.status == 200 and len(body) >= limit:
                 _drop_connection(parts.scheme, parts.netloc)
-            return Answer(response.status, got, body, commit)
+            return Answer(response.status, got, body, commit, url)
         except BaseException:
             _drop_connection(parts.scheme, parts.netloc)
             raise
@@ -393,13 +394,29 @@ class RemoteFile(RangeSource):
         if len(self.head) != min(HEAD_BYTES, self.size):
             raise CkptError(f"{self.path}: the server sent {len(self.head)} bytes for the first "
                             f"{min(HEAD_BYTES, self.size)}")
+        self._direct = self._at(first.url)
         if ledger is not None:
             ledger.opened(self.path, self.size)
             ledger.received(self.path, len(first.body))
 
+    def _at(self, url: str) -> Location | None:
+        """Where to ask next: the URL an answer came from, when a redirect led there (the token
+        only if it is the same host); None when it is the file's own URL."""
+        if not url or url == self.where.url:
+            return None
+        same_host = urlsplit(url).netloc == urlsplit(self.where.url).netloc
+        return Location(url, self.path, self.where.token if same_host else None)
+
     def fetch(self, offset: int, nbytes: int) -> bytes:
-        """Bytes [offset, offset + nbytes), by one range request, checked against the file as first seen."""
-        answer = request(self.where, offset, offset + nbytes - 1, 0)
+        """Bytes [offset, offset + nbytes), by one range request, checked against the file as first seen.
+        Asked where the last answer came from (the Hub's CDN, past its redirect), and again at the
+        file's own URL when that fails (a signed CDN URL expires)."""
+        direct = self._direct
+        answer = request(direct, offset, offset + nbytes - 1, 0) if direct is not None else None
+        if answer is None or answer.status != 206:
+            answer = request(self.where, offset, offset + nbytes - 1, 0)
+            if answer.status == 206:
+                self._direct = self._at(answer.url)
         if answer.status != 206:
             raise refused(self.where, answer) if answer.status != 200 else CkptError(
                 f"{self.path}: the server stopped answering range requests")
