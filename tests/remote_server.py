@@ -5,6 +5,7 @@ ignore Range, ask for a token, fail a number of times, close early, change a fil
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -41,7 +42,7 @@ class Served:
 class RangeServer:
     """`with RangeServer(folder) as server:` serves `folder` at `server.url`."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, port: int = 0):
         self.folder = folder
         self.behaviour = Behaviour()
         self.served = Served()
@@ -62,7 +63,7 @@ class RangeServer:
             def handle_error(self, request, client_address):
                 pass  # a client that hung up (a refused answer): not a test's stderr
 
-        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.httpd = Server(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -82,12 +83,19 @@ class RangeServer:
         self._ranges = 0
 
     def _record(self, path: str, rng: str | None, status: int, nbytes: int) -> None:
+        if path == "/__served":
+            return
         with self._lock:
             self.served.requests.append((path, rng, status, nbytes))
 
     def _answer(self, h: BaseHTTPRequestHandler) -> None:
         b = self.behaviour
         path = unquote(urlsplit(h.path).path)
+        if path == "/__served":  # what was served since the last call, then reset (for bench/bench_remote.py)
+            with self._lock:
+                body = json.dumps({"bytes": self.served.bytes, "requests": len(self.served.requests)}).encode()
+                self.served = Served()
+            return self._send(h, path, None, 200, body, {"Content-Type": "application/json"})
         rng = h.headers.get("Range")
         with self._lock:
             self.served.authorizations.append((path, h.headers.get("Authorization")))
@@ -177,3 +185,10 @@ class RangeServer:
 
     def _status(self, h, path, rng, status: int, headers: dict | None = None) -> None:
         self._send(h, path, rng, status, f"status {status}\n".encode(), headers or {})
+
+
+if __name__ == "__main__":  # `python tests/remote_server.py FOLDER PORT`: serve until killed (the bench)
+    import sys
+
+    with RangeServer(sys.argv[1], int(sys.argv[2])) as server:
+        threading.Event().wait()

@@ -35,7 +35,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, copy_context
 from dataclasses import dataclass, field
 from typing import Iterator
 from urllib.parse import quote, urljoin, urlsplit
@@ -44,7 +44,7 @@ from ..errors import CkptError
 from .model import Checkpoint, MappedFile, RangeSource
 
 HEAD_BYTES = 512  # the first request: as much as format detection reads of a local file
-PIECE = 16 << 20  # bytes of one range request when a long range is streamed
+PIECE = 8 << 20  # bytes of one range request when a long range is streamed (4 in flight: ~32 MB held)
 IN_FLIGHT = 4  # range requests in flight while a long range is streamed
 RETRIES = 3  # more tries after a failed connection or a 5xx/429 answer
 MAX_REDIRECTS = 5
@@ -204,7 +204,7 @@ def hub_token() -> str | None:
 class Answer:
     status: int
     headers: dict[str, str]  # lower-case names, the last hop's
-    body: bytes
+    body: bytes | bytearray
     commit: str | None  # X-Repo-Commit, from any hop (the Hub puts it on its redirect)
     url: str = ""  # where the bytes came from, after redirects
 
@@ -327,9 +327,13 @@ def _read_body(response, headers: dict[str, str], limit: int, sink: "_Sink | Non
         if not match:
             return response.read(0)  # checked by the caller, which names the fault
         want = int(match.group(2)) - int(match.group(1)) + 1
-        body = response.read(want)
-        if len(body) != want:
-            raise http.client.IncompleteRead(body, want - len(body))
+        body = bytearray(want)  # read into place: no second copy of a 16 MB piece
+        view, got = memoryview(body), 0
+        while got < want:
+            n = response.readinto(view[got:])
+            if not n:
+                raise http.client.IncompleteRead(bytes(view[:got]), want - got)
+            got += n
         return body
     if response.status == 200 and sink is not None:
         while piece := response.read(PIECE):
@@ -635,17 +639,29 @@ def _read_safetensors(where: Location, source) -> Checkpoint:
 
 
 def _read_index(where: Location, raw: bytes) -> Checkpoint:
+    """An index and its shards, whose headers are fetched at once (a few requests each, each a
+    round trip: one after another they would add up over a hundred shards)."""
     from .sharded import from_index, parse_index, plain_name
 
     index = parse_index(where.shown, raw)
-
-    def open_named(shard_name: str) -> Checkpoint:
+    names = list(dict.fromkeys(index["weight_map"].values()))
+    for shard_name in names:
         if not plain_name(shard_name):
             raise CkptError(f"{where.shown}: shard {shard_name!r} is not a plain file name beside the index; "
                             f"fix its weight_map")
-        shard = where.sibling(shard_name)
-        if shard.url == where.url:
+        if where.sibling(shard_name).url == where.url:
             raise CkptError(f"{where.shown}: shard {shard_name!r} is the index itself")
-        return _read_safetensors(shard, open_remote(shard))
+    context = copy_context()  # the ledger and --allow-full-download, in the threads too
+    with ThreadPoolExecutor(max_workers=2 * IN_FLIGHT, thread_name_prefix="ckptsurgery-headers") as pool:
+        opening = {name: pool.submit(context.copy().run, _open_shard, where.sibling(name)) for name in names}
+    try:
+        return from_index(where.shown, index, lambda name: opening[name].result())
+    except BaseException:
+        for future in opening.values():
+            if future.exception() is None:
+                future.result().close()
+        raise
 
-    return from_index(where.shown, index, open_named)
+
+def _open_shard(where: Location) -> Checkpoint:
+    return _read_safetensors(where, open_remote(where))

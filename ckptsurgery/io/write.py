@@ -415,7 +415,7 @@ def write_tensors(f: BinaryIO, stored: list, progress: Progress | None) -> None:
     runs.flush()
 
 
-_DIRECT = (MappedFile, JoinedSource, RangeSource)  # sources whose bytes are copied as they lie
+_DIRECT = (MappedFile, JoinedSource)  # sources whose bytes are copied as they lie (and RangeSource's kinds)
 SMALL_COPY = 1 << 16  # bytes: a run shorter than this is copied through memory, not by the kernel
 
 
@@ -429,7 +429,7 @@ class _Runs:
 
     def add(self, t: TensorRef, dtype: DType) -> None:
         source = t.storage.source
-        if not (dtype is t.dtype and type(source) in _DIRECT and t.is_plain
+        if not (dtype is t.dtype and (type(source) in _DIRECT or isinstance(source, RangeSource)) and t.is_plain
                 and (t.stride == contiguous_strides(t.shape) or t.is_contiguous)):
             self.flush()
             _write_computed(self.f, t, dtype, self.progress)
