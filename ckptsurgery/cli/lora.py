@@ -11,7 +11,7 @@ import typer
 
 from .. import ops
 from ..errors import UsageError
-from ..ops.reports import LoraModule
+from ..ops.reports import LoraMergeReport, LoraModule, LoraReport, LoraResizeReport
 from .common import (
     CastTo, DequantizeOpt, OutputOptions, RootOpt, choice, command_group, count, examples, listing, note, output_options,
     print_json, print_table, printable,
@@ -27,9 +27,16 @@ ADAPTER_METADATA = Annotated[Optional[list[str]], typer.Option(
     help="Set one entry of the adapter file's metadata; repeatable. It inherits none of its inputs'.")]
 
 
-def _adapter_output(metavar: str, what: str):
-    return output_options(omit=ADAPTER_OMIT, metadata=ADAPTER_METADATA, output=Annotated[str, typer.Option(
+AdapterArg = Annotated[str, typer.Argument(
+    metavar="ADAPTER", help="A PEFT adapter folder or a kohya .safetensors file.", show_default=False)]
+
+
+def _adapter_command(name: str, metavar: str, what: str, *usage: str):
+    """A subcommand that writes an adapter, named by -o (`metavar`, `what`), with the output options
+    that apply to one, and `usage` its --help examples."""
+    output = output_options(omit=ADAPTER_OMIT, metadata=ADAPTER_METADATA, output=Annotated[str, typer.Option(
         "-o", "--output", metavar=metavar, help=what)])
+    return lambda command: app.command(name, epilog=examples(*usage))(output(command))
 
 
 Combine = choice("Combine", ("cat", "svd"))
@@ -73,11 +80,10 @@ def fold(
     out.finish(report, details)
 
 
-@app.command("extract", epilog=examples(
-    "ckptsurgery lora extract base.safetensors tuned.safetensors --rank 16 -o adapter",
-    "ckptsurgery lora extract base tuned --energy 0.9 -o adapter",
-))
-@_adapter_output("ADAPTER_DIR", "Adapter folder to write (adapter_config.json, adapter_model.safetensors).")
+@_adapter_command("extract", "ADAPTER_DIR",
+                  "Adapter folder to write (adapter_config.json, adapter_model.safetensors).",
+                  "ckptsurgery lora extract base.safetensors tuned.safetensors --rank 16 -o adapter",
+                  "ckptsurgery lora extract base tuned --energy 0.9 -o adapter")
 def extract(
     base: Annotated[str, typer.Argument(metavar="BASE", help="The checkpoint before fine-tuning.", show_default=False)],
     tuned: Annotated[str, typer.Argument(metavar="TUNED", help="The fine-tuned checkpoint (same keys and shapes).", show_default=False)],
@@ -104,11 +110,9 @@ def extract(
     show(report, out)
 
 
-@app.command("merge", epilog=examples(
-    "ckptsurgery lora merge style detail --combine cat -o both",
-    "ckptsurgery lora merge a b c --weights 1,0.5,0.5 --combine svd --rank 16 -o abc",
-))
-@_adapter_output("OUT", "Adapter to write: a folder (PEFT inputs) or a .safetensors file (kohya inputs).")
+@_adapter_command("merge", "OUT", "Adapter to write: a folder (PEFT inputs) or a .safetensors file (kohya inputs).",
+                  "ckptsurgery lora merge style detail --combine cat -o both",
+                  "ckptsurgery lora merge a b c --weights 1,0.5,0.5 --combine svd --rank 16 -o abc")
 def merge(
     adapters: Annotated[list[str], typer.Argument(metavar="ADAPTER...", help="Two or more adapters of one model, all PEFT folders or all kohya files.", show_default=False)],
     combine: Annotated[Combine, typer.Option(
@@ -125,16 +129,15 @@ def merge(
     with out.writing(ranks=False) as write:
         report = ops.merge_adapters(adapters, write, weights=_numbers(weights), combine=combine.value, rank=rank)
     how = f"combine {report.combine}" + (f", rank {report.rank}" if report.rank is not None else "")
-    _show(report, out, f"{count(len(report.adapters), 'adapter')} merged ({how})", "ranks in")
+    _show_modules(report, out, f"{count(len(report.adapters), 'adapter')} merged ({how})", "ranks in")
 
 
-@app.command("resize", epilog=examples(
-    "ckptsurgery lora resize adapter --rank 4 -o adapter-r4",
-    "ckptsurgery lora resize style.safetensors --energy 0.95 -o style-small.safetensors",
-))
-@_adapter_output("OUT", "Adapter to write, in the input's format: a folder (PEFT) or a .safetensors file (kohya).")
+@_adapter_command("resize", "OUT",
+                  "Adapter to write, in the input's format: a folder (PEFT) or a .safetensors file (kohya).",
+                  "ckptsurgery lora resize adapter --rank 4 -o adapter-r4",
+                  "ckptsurgery lora resize style.safetensors --energy 0.95 -o style-small.safetensors")
 def resize(
-    adapter: Annotated[str, typer.Argument(metavar="ADAPTER", help="A PEFT adapter folder or a kohya .safetensors file.", show_default=False)],
+    adapter: AdapterArg,
     rank: Annotated[Optional[int], typer.Option(
         "--rank", metavar="R", show_default=False, help="The new rank of every module (one of a smaller rank keeps its own).")] = None,
     energy: EnergyOpt = None,
@@ -145,16 +148,14 @@ def resize(
     with out.writing(ranks=False) as write:
         report = ops.resize_adapter(adapter, write, rank=rank, energy=energy)
     how = f"rank {report.rank}" if report.rank is not None else f"energy {report.energy:g}"
-    _show(report, out, f"resized to {how}", "old rank")
+    _show_modules(report, out, f"resized to {how}", "old rank")
 
 
-@app.command("convert", epilog=examples(
-    "ckptsurgery lora convert adapter --to kohya -o adapter.safetensors",
-    "ckptsurgery lora convert style.safetensors --to peft --base sd.safetensors -o style",
-))
-@_adapter_output("OUT", "Adapter to write: a folder (--to peft) or a .safetensors file (--to kohya).")
+@_adapter_command("convert", "OUT", "Adapter to write: a folder (--to peft) or a .safetensors file (--to kohya).",
+                  "ckptsurgery lora convert adapter --to kohya -o adapter.safetensors",
+                  "ckptsurgery lora convert style.safetensors --to peft --base sd.safetensors -o style")
 def convert(
-    adapter: Annotated[str, typer.Argument(metavar="ADAPTER", help="A PEFT adapter folder or a kohya .safetensors file.", show_default=False)],
+    adapter: AdapterArg,
     to: Annotated[To, typer.Option("--to", help="The format to write.", show_default=False)],
     base: Annotated[Optional[str], typer.Option(
         "--base", metavar="BASE", show_default=False,
@@ -166,18 +167,8 @@ def convert(
     """Convert a LoRA adapter between a PEFT folder and a kohya .safetensors file (the factors as they are)."""
     with out.writing(ranks=False) as write:
         report = ops.convert_adapter(adapter, write, to=to.value, base=base, root=root)
-    if out.json:
-        print_json(report.to_json())
-        return
-    verb = "would write" if out.dry_run else "wrote"
-    lines = [f"{verb} {printable(report.output)}: {count(len(report.names), 'module')}, "
-             f"{report.source_format} -> {report.format}"]
-    if report.needs_force:
-        lines.append(listing("would need --force: already there", report.needs_force))
-    _print_lines(lines, out)
-    if not out.quiet:
-        print_table(("module", "as"), [(printable(a), printable(b)) for a, b in report.names.items()],
-                    not out.dry_run, "modules")
+    _show(report, out, f"{count(len(report.names), 'module')}, {report.source_format} -> {report.format}",
+          ("module", "as"), [(printable(a), printable(b)) for a, b in report.names.items()])
 
 
 def _numbers(text: str | None) -> list[float] | None:
@@ -190,28 +181,28 @@ def _numbers(text: str | None) -> list[float] | None:
         raise UsageError(f"--weights {text!r}: expected numbers separated by commas (1,0.5)") from None
 
 
-def _print_lines(lines: list[str], out: OutputOptions) -> None:
+def _show(report: LoraReport, out: OutputOptions, summary: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
+    """An adapter's report: --json, or what was written (`summary`) and a table of its modules."""
+    if out.json:
+        print_json(report.to_json())
+        return
+    lines = [f"{'would write' if out.dry_run else 'wrote'} {printable(report.output)}: {summary}"]
+    if report.needs_force:
+        lines.append(listing("would need --force: already there", report.needs_force))
     if out.dry_run:  # the report is the result: stdout, as other commands' --dry-run
         sys.stdout.write("".join(printable(line) + "\n" for line in lines))
     else:
         for line in lines:
             note(line, out.quiet)
+    if not out.quiet:
+        print_table(columns, rows, not out.dry_run, "modules")
 
 
-def _show(report, out: OutputOptions, done: str, ranks: str) -> None:
-    """A merge's or resize's report: --json, or a summary and one row per module."""
-    if out.json:
-        print_json(report.to_json())
-        return
+def _show_modules(report: LoraMergeReport | LoraResizeReport, out: OutputOptions, done: str, ranks: str) -> None:
+    """A merge's or resize's report: a summary (`done`, the largest error) and one row per module."""
     modules: list[LoraModule] = report.modules
     worst = max((m.error for m in modules), default=0.0)
-    lines = [f"{'would write' if out.dry_run else 'wrote'} {printable(report.output)}: "
-             f"{count(len(modules), 'module')}, {done}, largest relative error {worst:.3g}"]
-    if report.needs_force:
-        lines.append(listing("would need --force: already there", report.needs_force))
-    _print_lines(lines, out)
-    if not out.quiet:
-        rows = [(printable(m.name), m.kind, "x".join(map(str, m.shape)), ",".join(map(str, m.ranks)), str(m.rank),
-                 f"{m.alpha:g}", f"{m.error:.3g}") for m in modules]
-        print_table(("module", "kind", "shape", ranks, "rank", "alpha", "relative error"), rows, not out.dry_run,
-                    "modules")
+    rows = [(printable(m.name), m.kind, "x".join(map(str, m.shape)), ",".join(map(str, m.ranks)), str(m.rank),
+             f"{m.alpha:g}", f"{m.error:.3g}") for m in modules]
+    _show(report, out, f"{count(len(modules), 'module')}, {done}, largest relative error {worst:.3g}",
+          ("module", "kind", "shape", ranks, "rank", "alpha", "relative error"), rows)
