@@ -32,6 +32,7 @@ line with a shell pipe or `||` runs in bash, with `ckptsurgery` being `python -P
 from __future__ import annotations
 
 import difflib
+import json
 import io
 import os
 import re
@@ -277,9 +278,59 @@ def run_snippet(block: Block, namespace: dict) -> None:
         exec(code, namespace)
 
 
-def test_cookbook_runs_as_written(tmp_path, monkeypatch):
+HUB_STAND_IN = "llava-hf/llava-1.5-7b-hf"  # the repository the cookbook's remote section reads
+
+
+def make_hub_stand_in(folder: Path) -> None:
+    """A tiny stand-in of HUB_STAND_IN as the Hub holds it: three safetensors shards and their
+    index, LLaVA's key names (a CLIP vision tower, a projector, a Llama), two layers each."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    keys = {"vision_tower.vision_model.embeddings.patch_embedding.weight": (32, 3, 4, 4),
+            "vision_tower.vision_model.embeddings.position_embedding.weight": (17, 32)}
+    for i in range(2):
+        p = f"vision_tower.vision_model.encoder.layers.{i}."
+        keys.update({p + f"self_attn.{n}.weight": (32, 32) for n in ("q_proj", "k_proj", "v_proj", "out_proj")})
+        keys.update({p + "mlp.fc1.weight": (64, 32), p + "mlp.fc2.weight": (32, 64)})
+    keys.update({"multi_modal_projector.linear_1.weight": (48, 32), "multi_modal_projector.linear_2.weight": (48, 48),
+                 "language_model.model.embed_tokens.weight": (100, 48)})
+    for i in range(2):
+        p = f"language_model.model.layers.{i}."
+        keys.update({p + f"self_attn.{n}.weight": (48, 48) for n in ("q_proj", "k_proj", "v_proj", "o_proj")})
+        keys.update({p + "mlp.gate_proj.weight": (96, 48), p + "mlp.up_proj.weight": (96, 48),
+                     p + "mlp.down_proj.weight": (48, 96)})
+    keys.update({"language_model.model.norm.weight": (48,), "language_model.lm_head.weight": (100, 48)})
+    repo = folder / HUB_STAND_IN
+    repo.mkdir(parents=True)
+    names = list(keys)
+    weight_map = {}
+    for s, part in enumerate((names[:14], names[14:26], names[26:])):
+        shard = f"model-{s + 1:05d}-of-00003.safetensors"
+        save_file({k: torch.randn(keys[k], generator=g).to(torch.float16) for k in part}, str(repo / shard),
+                  metadata={"format": "pt"})
+        weight_map.update({k: shard for k in part})
+    (repo / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 0},
+                                                                   "weight_map": weight_map}, indent=2))
+
+
+@pytest.fixture
+def hub_stand_in(tmp_path, monkeypatch):
+    """The stand-in, served from 127.0.0.1 (tests/remote_server.py), HF_ENDPOINT pointed there."""
+    from remote_server import RangeServer
+
+    make_hub_stand_in(tmp_path / "hub")
+    with RangeServer(str(tmp_path / "hub")) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no-token"))
+        yield server
+
+
+def test_cookbook_runs_as_written(tmp_path, monkeypatch, hub_stand_in):
     """Every block of docs/cookbook.md in order: snippets make the files, commands print what the
-    doc shows, the Makefile rule builds once."""
+    doc shows, the Makefile rule builds once. Its `hf://` commands read a stand-in of the repository
+    they name (hub_stand_in)."""
     folder = tmp_path / "cookbook"
     folder.mkdir()
     runner = Runner(folder, monkeypatch)

@@ -22,8 +22,9 @@ from ..ops.ranks import DEFAULT_TIMEOUT
 from ..ops.reports import WriteReport
 
 InputArg = Annotated[str, typer.Argument(
-    metavar="INPUT", help="Checkpoint: .pth/.pt/.bin/.ckpt, .safetensors, a shard index or a Hugging Face folder, or a "
-                          "DCP, DeepSpeed (ZeRO) or accelerate folder.", show_default=False)]
+    metavar="INPUT", help="Checkpoint: .pth/.pt/.bin/.ckpt, .safetensors, a shard index or a Hugging Face folder, a "
+                          "DCP, DeepSpeed (ZeRO) or accelerate folder, a .gguf file, or remote: an https:// URL of "
+                          "a .safetensors file or index, hf://ORG/REPO[@REV][/FILE].", show_default=False)]
 RootOpt = Annotated[Optional[str], typer.Option(
     "--root", metavar="KEY", help="Key of the state dict inside a nested .pth ('' = top level). Detected by default.")]
 DequantizeOpt = Annotated[bool, typer.Option(

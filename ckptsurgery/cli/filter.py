@@ -16,7 +16,7 @@ app = command_app()
 @app.command("filter", epilog=examples(
     "ckptsurgery filter pretrained.pth -o matching.pth --like new_model.pth",
     "ckptsurgery filter old.pth --like new.pth --skip-mismatched -o fit.pth",
-    "ckptsurgery filter ckpt.pth --keep backbone --keep 'neck.*' -o part.pth",
+    "ckptsurgery filter hf://org/vlm --keep vision_tower -o vision.safetensors",
 ))
 @output_options()
 def filter_command(

@@ -22,13 +22,14 @@ app = command_app()
 @app.command(epilog=examples(
     "ckptsurgery inspect model.pth finetuned.pth --tree --depth 2",
     "ckptsurgery inspect model.safetensors --keys 'layers.0' --stats",
-    "ckptsurgery inspect moe.safetensors --all | grep experts.7",
+    "ckptsurgery inspect hf://org/model --tree --depth 2",
 ))
 def inspect(
     inputs: Annotated[list[str], typer.Argument(
         metavar="INPUT...", help="Checkpoints: .pth/.pt/.bin/.ckpt, .safetensors, a shard index or a Hugging Face "
-                                 "folder, or a DCP, DeepSpeed (ZeRO) or accelerate folder; several give one report "
-                                 "each.", show_default=False)],
+                                 "folder, a DCP, DeepSpeed (ZeRO) or accelerate folder, a .gguf file, or remote (its "
+                                 "headers alone are fetched): an https:// URL of a .safetensors file or index, "
+                                 "hf://ORG/REPO[@REV][/FILE]; several give one report each.", show_default=False)],
     keys: Annotated[Optional[list[str]], typer.Option(
         "--keys", metavar="PATTERN", help="Only keys matching PATTERN (glob, module name, or re:REGEX); repeatable.")] = None,
     tree: Annotated[bool, typer.Option("--tree", help="Per-module summary; numbered repeats folded.")] = False,
