@@ -172,7 +172,9 @@ class MergeMethod:
 
 
 class DeltaMethod(MergeMethod):
-    """A method of the models' deltas from the base, δᵢ = θᵢ − base (reads[0] is the base)."""
+    """A method whose math takes the models' deltas from the base, δᵢ = θᵢ − base, as new arrays
+    (`deltas`; reads[0] is the base): model-stock, sce. Those that subtract into scratch arrays
+    of their own (ram, the task arithmetic family) declare `needs_base` themselves."""
 
     needs_base = True
 

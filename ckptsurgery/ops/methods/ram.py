@@ -4,18 +4,19 @@ is the one model's that changed it, or the mean of those that did."""
 from __future__ import annotations
 
 from ...errors import UsageError
-from ._base import DeltaMethod
+from ._base import MergeMethod
 from ._parameters import Range
 from ._task_arithmetic import EPSILON
 
 RAM_EPSILON = EPSILON.variant(default=1e-5, range=Range(lambda v: v >= 0, "0 or more"))
 
 
-class Ram(DeltaMethod):
+class Ram(MergeMethod):
     name = "ram"
     summary = ("base + Σ δᵢ over the models whose |δᵢ| > ε there, divided by their count when more than one "
                "(unique entries whole, shared ones averaged)")
     parameters = (RAM_EPSILON,)
+    needs_base = True
     listing_order = 90
 
     @classmethod
