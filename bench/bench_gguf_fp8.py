@@ -20,7 +20,8 @@ Cases (common.measure: alternating within each round, medians of --runs, peak Rs
   every tensor, writing nothing, vs `ckptsurgery convert qN.gguf -o out.safetensors` (which also
   writes the float32 output), for Q8_0 and Q4_K
 - `cp fp8.safetensors` vs `ckptsurgery convert fp8.safetensors -o out.safetensors --dequantize`
-  (bf16 output, twice the input's bytes)
+  (bf16 output, twice the input's bytes), and the floor of any writer of that output: a script
+  writing as many bytes (zeros, nothing computed)
 
 Run: .venv/bin/python bench/bench_gguf_fp8.py --runs 3 [--workdir DIR] [--size 1.0] [--only gguf|fp8]
 Large outputs are removed at the end; the inputs are kept."""
@@ -113,6 +114,18 @@ print(n)
 """
 
 
+# FP8's floor: as many bytes as the dequantized output, written in 16 MB pieces
+WRITE = """
+import sys
+path, n = sys.argv[1], int(sys.argv[2])
+piece = bytearray(16 << 20)
+with open(path, "wb") as f:
+    while n > 0:
+        f.write(memoryview(piece)[: min(n, len(piece))])
+        n -= len(piece)
+"""
+
+
 def build(path: str, code: str, *args: str) -> None:
     if os.path.exists(path):
         return
@@ -164,6 +177,9 @@ def main() -> None:
             "cp fp8.safetensors": ["cp", fp8, copy],
             "ckptsurgery convert fp8.safetensors -o out.safetensors --dequantize (bf16)":
                 [*CLI, "convert", fp8, "-o", result, "--dequantize"],
+            # the floor of any writer of this output: its bytes (twice cp's) written, nothing computed
+            "write the bf16 output's bytes (2x the shard) from Python, nothing computed":
+                [sys.executable, "-c", WRITE, result, str(2 * os.path.getsize(fp8))],
         })
     med, peak = measure(cases, args.runs, [copy, result])
     names = list(cases)
@@ -181,7 +197,8 @@ def main() -> None:
             checks.append((f"{kind} ≤ 1.0× gguf.quants.dequantize", r <= 1.0))
             checks.append((f"{kind} peak {peak[ours] / 1e6:.0f} MB ≤ 64 MB + 4 MiB chunk", peak[ours] <= mem_goal))
     if fp8s:
-        cp8, ours8 = names[-2:]
+        cp8, ours8, floor8 = names[-3:]
+        ratios.append(("writing the bf16 bytes alone / cp", med[floor8] / med[cp8], "(floor)"))
         r = med[ours8] / med[cp8]
         ratios.append(("convert --dequantize fp8 / cp", r, "≤ 2.0"))
         checks.append(("FP8 dequantize ≤ 2× cp", r <= 2.0))

@@ -131,41 +131,146 @@ def _rows_per_chunk(plan: _Plan, block: tuple[int, int], out: DType) -> int:
     return step * max(1, CHUNK_BYTES // (row_bytes * step))
 
 
-def _dequantized(plan: _Plan, block: tuple[int, int], out: DType) -> TensorRef:
-    """The weight as a chunked tensor of `out`: whole block rows computed per chunk."""
-    from ..io.model import chunked_tensor
+class _Weight:
+    """A dequantized weight: a chunked tensor whose chunks are whole block rows (`CHUNK_BYTES` of
+    output, or one block row), each made when read, or ahead of its reader (`_Ahead`)."""
 
-    w = plan.weight
-    shape = tuple(w.shape)
-    rows = shape[0] if shape else 1
-    per_row = math.prod(shape[1:]) if shape else 1
-    step = _rows_per_chunk(plan, block, out)
-    bounds = [(lo, min(lo + step, rows)) for lo in range(0, rows, step)] or [(0, 0)]
-    sizes = [(hi - lo) * per_row * out.itemsize for lo, hi in bounds]
+    def __init__(self, plan: _Plan, block: tuple[int, int], out: DType):
+        self.plan, self.block, self.out = plan, block, out
+        shape = tuple(plan.weight.shape)
+        rows = shape[0] if shape else 1
+        self.per_row = math.prod(shape[1:]) if shape else 1
+        step = _rows_per_chunk(plan, block, out)
+        self.bounds = [(lo, min(lo + step, rows)) for lo in range(0, rows, step)] or [(0, 0)]
+        self.sizes = [(hi - lo) * self.per_row * out.itemsize for lo, hi in self.bounds]
+        self.shape = shape
+        self.following: _Weight | None = None  # the next weight of the checkpoint: likely read next
 
-    key = object()  # this tensor, in the thread's one-chunk memory
+    def tensor(self) -> TensorRef:
+        from ..io.model import chunked_tensor
 
-    def make(j: int) -> bytearray:
+        return chunked_tensor(self.shape, self.out, self.sizes, self.make)
+
+    def parts(self, j: int) -> tuple[memoryview, list]:
+        """Chunk j's buffer, and the tasks that fill it: its rows in as many parts as there are
+        workers, each part's scales tabled and its bytes looked up on their own."""
         import numpy as np
 
-        lo, hi = bounds[j]
+        w, per_row, (lo, hi) = self.plan.weight, self.per_row, self.bounds[j]
+        data = w.data()[lo * per_row * w.dtype.itemsize: hi * per_row * w.dtype.itemsize]
+        buffer = np.empty(self.sizes[j], dtype=np.uint8)  # every byte written: not zeroed first
+        made = memoryview(buffer)
+        o = buffer.view(_BITS[self.out.itemsize]).reshape(hi - lo, per_row)
+        w8 = np.frombuffer(data, dtype=np.uint8).reshape(hi - lo, per_row)
+        n = min(_ahead.workers, hi - lo)
+        cuts = [(hi - lo) * k // n for k in range(n + 1)]
+        return made, [functools.partial(_fill_part, o[a:z], w8[a:z], self.plan, self.block, self.out, lo + a)
+                      for a, z in zip(cuts, cuts[1:])]
+
+    def make(self, j: int) -> memoryview:
+        lo, hi = self.bounds[j]
         if hi == lo:
-            return bytearray()
+            return memoryview(b"")
         last = getattr(_last, "chunk", None)
-        if last is not None and last[0] is key and last[1] == j:  # a reader that takes a chunk in pieces
+        if last is not None and last[0] is self and last[1] == j:  # a reader that takes a chunk in pieces
             return last[2]
         _last.chunk = None
-        data = w.data()[lo * per_row * w.dtype.itemsize: hi * per_row * w.dtype.itemsize]
-        made = bytearray(sizes[j])
-        with np.errstate(all="ignore"):  # overflows to infinity, NaN bytes: torch's results, silently
-            _fill(np.frombuffer(made, dtype=_BITS[out.itemsize]).reshape(hi - lo, per_row),
-                  np.frombuffer(data, dtype=np.uint8).reshape(hi - lo, per_row), plan, block, out, lo)
-        _last.chunk = (key, j, made)
+        job = _ahead.take(self, j)
+        if job is None:  # not made ahead: its first part made here, the others by the workers meanwhile
+            made, tasks = self.parts(j)
+            job = _Job(made, [_ahead.submit(task) for task in tasks[1:]])
+            tasks[0]()
+        made = job.result()
+        _ahead.start(self.upcoming(j, _ahead.depth))
+        _last.chunk = (self, j, made)
         return made
 
-    return chunked_tensor(shape, out, sizes, make)
+    def upcoming(self, j: int, n: int) -> Iterator[tuple[_Weight, int]]:
+        """The n chunks after chunk j, read in order: this weight's, then the following weights'."""
+        weight, k = self, j + 1
+        while n > 0 and weight is not None:
+            if k == len(weight.bounds):
+                weight, k = weight.following, 0
+                continue
+            lo, hi = weight.bounds[k]
+            if hi > lo:
+                yield weight, k
+                n -= 1
+            k += 1
 
 
+def _fill_part(o, w8, plan: _Plan, block: tuple[int, int], out: DType, lo: int) -> None:
+    import numpy as np
+
+    with np.errstate(all="ignore"):  # overflows to infinity, NaN bytes: torch's results, silently
+        _fill(o, w8, plan, block, out, lo)
+
+
+class _Job:
+    """A chunk being made: its buffer, and the parts still being filled in the workers."""
+
+    def __init__(self, made: memoryview, futures: list):
+        self.made, self.futures = made, futures
+
+    def result(self) -> memoryview:
+        for f in self.futures:
+            f.result()  # a part's error raised here, in the reader
+        return self.made
+
+    def cancel(self) -> None:
+        for f in self.futures:
+            f.cancel()
+
+
+class _Ahead:
+    """Chunks made by worker threads, ahead of the reader and beside it: a writer takes a
+    weight's chunks in order, and numpy's gathers (like the write's system call) leave Python's
+    lock free, so that computing and writing overlap, and a chunk not made ahead (a weight's
+    first) is made by the reader and the workers at once. Only the next `depth` chunks of the
+    weight last read are made ahead, and at most `MAX` wait at once (the oldest dropped):
+    memory stays a few chunks whatever the reader does. One core: nothing made ahead."""
+
+    MAX = 4
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.waiting: OrderedDict = OrderedDict()  # (_Weight, chunk) -> _Job
+        self.pool = None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.workers = min(2, cores)
+        self.depth = 1 if self.workers > 1 else 0
+
+    def _pool(self):
+        if self.pool is None:
+            with self.lock:
+                if self.pool is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="dequantize")
+        return self.pool
+
+    def submit(self, task):
+        return self._pool().submit(task)
+
+    def take(self, weight: _Weight, j: int) -> _Job | None:
+        with self.lock:
+            return self.waiting.pop((weight, j), None)
+
+    def start(self, chunks) -> None:
+        """Chunks ((weight, j), ...) begun in the workers, those not begun already."""
+        for weight, j in chunks:
+            with self.lock:
+                if (weight, j) in self.waiting:
+                    continue
+            made, tasks = weight.parts(j)
+            job = _Job(made, [self.submit(task) for task in tasks])
+            with self.lock:
+                self.waiting[weight, j] = job
+                while len(self.waiting) > self.MAX:
+                    self.waiting.popitem(last=False)[1].cancel()
+
+
+_ahead = _Ahead()
 _BITS = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}  # an output element's bits, by its size
 PIECE = 1 << 16  # elements looked up at once: a piece's indices and outputs stay in the CPU's cache
 TABLE_MIN_COLUMNS = 512  # a per-channel weight's rows narrower than this are multiplied, not looked up
@@ -303,10 +408,16 @@ def dequantize_checkpoint(ckpt: Checkpoint, input: str, dtype: DType | None) -> 
                       if any(name.endswith(s) and name[: -len(s)] in modules for s in INPUT_SCALES)]
     gone = set(scales) | set(dropped_inputs)
     rebuilt = OrderedDict()
+    weights: list[_Weight] = []
     for name, t in tensors.items():
         if name in gone:
             continue
-        rebuilt[name] = _dequantized(plans[name], block, out) if name in plans else t
+        if name in plans:
+            weights.append(_Weight(plans[name], block, out))
+            t = weights[-1].tensor()
+        rebuilt[name] = t
+    for weight, following in zip(weights, weights[1:]):  # a writer's order: chunks made ahead across weights
+        weight.following = following
     schemes: dict[str, int] = {}
     for plan in plans.values():
         schemes[plan.scheme] = schemes.get(plan.scheme, 0) + 1
