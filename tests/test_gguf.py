@@ -4,6 +4,8 @@ byte — and hostile headers, each refused in one line."""
 
 from __future__ import annotations
 
+import json
+
 import struct
 
 import numpy as np
@@ -199,6 +201,22 @@ def test_without_the_gguf_package_one_line_says_how_to_install_it(cli, tiny, mon
 
     monkeypatch.setitem(sys.modules, "gguf", None)
     assert_one_error_line(cli("inspect", tiny), "pip install 'ckptsurgery[gguf]'")
+
+
+def test_the_plain_types_are_ggufs_own_and_a_file_of_them_needs_no_gguf_package(cli, tmp_path, monkeypatch):
+    import sys
+
+    from ckptsurgery.io.gguf import PLAIN_TYPES
+
+    for type_id, (name, dtype) in PLAIN_TYPES.items():
+        assert gguf.GGMLQuantizationType(type_id).name == name
+        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)] == (1, np.dtype(dtype.replace("bfloat16", "float16")).itemsize)
+    path = tmp_path / "plain.gguf"
+    write_gguf(path, {"w": np.ones((2, 4), np.float16), "n": np.arange(3, dtype=np.int32)})
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    result = cli("inspect", path, "--json")
+    assert result.code == 0, result.err
+    assert [(t["name"], t["dtype"]) for t in json.loads(result.out)["tensors"]] == [("w", "float16"), ("n", "int32")]
 
 
 def test_big_endian_files_are_refused(cli, tmp_path):

@@ -71,8 +71,9 @@ def test_a_plain_merge_imports_neither_adapters_nor_recipes_nor_numpy(flat, tmp_
 
 
 def test_gguf_is_imported_only_when_a_gguf_file_is_read(flat, tmp_path):
-    """The gguf package (an extra) is loaded by reading a .gguf, and by nothing else; reading one
-    loads numpy (gguf's own) but not torch."""
+    """The gguf package (an extra) is loaded by reading a .gguf with a quantized tensor, and by
+    nothing else (a file of plain tensors alone is read without it); reading one loads numpy
+    (gguf's own) but not torch."""
     gguf = pytest.importorskip("gguf")
     import numpy as np
 
@@ -80,6 +81,8 @@ def test_gguf_is_imported_only_when_a_gguf_file_is_read(flat, tmp_path):
     path = tmp_path / "tiny.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_tensor("w", np.ones(4, np.float32))
+    q = gguf.quants.quantize(np.ones((1, 32), np.float32), gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("q", q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -5,9 +5,9 @@ innermost first, GGML type, offset) — then the tensor data, each tensor at an 
 The header is parsed here, bounded and checked before anything trusts it (the `gguf` package's
 own GGUFReader builds a numpy array per metadata element, loops as long as an array's length
 says without reading past the end, and checks no offset: it is no reader for a stranger's file).
-The `gguf` package is still what knows the GGML types (their names and block sizes) and what
-dequantizes them (`gguf.quants.dequantize`), so it is needed for any .gguf, and imported only
-when one is read.
+The `gguf` package is still what knows the quantized GGML types (their names and block sizes) and
+what dequantizes them (`gguf.quants.dequantize`); it is imported at a file's first quantized
+tensor (a file of plain tensors alone does without it).
 
 F32, F16, BF16, F64 and I8–I64 tensors are plain views of the mapped file (copied as they lie,
 bit for bit); a quantized tensor is a float32 tensor whose bytes are dequantized when read, a
@@ -35,9 +35,11 @@ MAX_ARRAY_VALUES = 1 << 22  # elements of all metadata arrays together (a 262 14
 CHUNK_BYTES = 4 << 20  # float32 output dequantized at once (whole blocks, at least one): gguf makes a few
 #                        temporaries of its size; as fast as 16 MiB (numpy calls stay long), a quarter of the memory
 
-# the GGML types whose bytes are a torch dtype's, element for element
-PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
-         "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
+# the GGML types whose bytes are a torch dtype's, element for element: id -> (name, torch dtype).
+# The ids are GGUF's own (ggml.h's ggml_type; tests hold them to gguf's GGMLQuantizationType), so a
+# file of these alone is read without importing gguf (and numpy under it)
+PLAIN_TYPES = {0: ("F32", "float32"), 1: ("F16", "float16"), 30: ("BF16", "bfloat16"), 28: ("F64", "float64"),
+               24: ("I8", "int8"), 25: ("I16", "int16"), 26: ("I32", "int32"), 27: ("I64", "int64")}
 
 # GGUF value types: id -> (name, struct format of a scalar, numpy dtype of an array of them)
 _SCALARS = {0: ("uint8", "<B", "<u1"), 1: ("int8", "<b", "<i1"), 2: ("uint16", "<H", "<u2"),
@@ -136,7 +138,7 @@ def _version(h: _Header) -> int:
 
 
 def read_gguf(path: str) -> Checkpoint:
-    gguf = _gguf()
+    gguf = None  # imported at the first quantized tensor
     source = MappedFile(path)
     h = _Header(path, source)
     _version(h)
@@ -180,12 +182,19 @@ def read_gguf(path: str) -> Checkpoint:
     decodable: dict[int, bool] = {}
     for name, dims, type_id, offset in records:
         where = f"{path}: tensor {name[:60]!r}"
-        try:
-            qtype = gguf.GGMLQuantizationType(type_id)
-        except ValueError:
-            raise CkptError(f"{where}: GGML type {type_id} is not one gguf {_version_of()} knows "
-                            f"(a newer llama.cpp's type?)") from None
-        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        plain = PLAIN_TYPES.get(type_id)
+        if plain is not None:
+            qtype, dtype = None, dtypes.BY_NAME[plain[1]]
+            block, type_size, type_name = 1, dtype.itemsize, plain[0]
+        else:
+            gguf = gguf or _gguf()
+            try:
+                qtype = gguf.GGMLQuantizationType(type_id)
+            except ValueError:
+                raise CkptError(f"{where}: GGML type {type_id} is not one gguf {_version_of()} knows "
+                                f"(a newer llama.cpp's type?)") from None
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            type_name = qtype.name
         shape = tuple(reversed(dims))  # GGUF lists the innermost dimension first
         numel = 1
         for d in dims:
@@ -193,7 +202,7 @@ def read_gguf(path: str) -> Checkpoint:
             if numel > INT64_MAX or d > INT64_MAX:
                 raise CkptError(f"{where}: shape {list(shape)} holds more elements than torch can address")
         if dims and dims[0] % block:
-            raise CkptError(f"{where}: {qtype.name} rows of {dims[0]} elements are not whole blocks of {block}")
+            raise CkptError(f"{where}: {type_name} rows of {dims[0]} elements are not whole blocks of {block}")
         nbytes = numel // block * type_size
         if offset % alignment:
             raise CkptError(f"{where}: offset {offset} is not a multiple of the alignment {alignment}")
@@ -202,8 +211,7 @@ def read_gguf(path: str) -> Checkpoint:
                             f"the {h.size:,}-byte file (truncated?)")
         spans.append((offset, offset + nbytes, name))
         start = data_start + offset
-        if qtype.name in PLAIN:
-            dtype = dtypes.BY_NAME[PLAIN[qtype.name]]
+        if qtype is None:
             tensors[name] = TensorRef(Storage(source, start, nbytes, name), 0, shape, contiguous_strides(shape), dtype)
         else:
             if type_id not in decodable:
