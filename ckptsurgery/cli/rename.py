@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json as jsonlib
 import os
 from typing import Annotated, Optional
 
@@ -19,17 +18,16 @@ app = command_app()
 
 
 def _load_map(path: str) -> dict:
+    from ..ops.model_folder import parse_json  # here: only --map reads one
+
     try:
         if not os.path.isfile(path):  # a FIFO would block the read
             raise CkptError(f"{path}: the map must be a regular JSON file")
-        with open(path, encoding="utf-8") as f:
-            mapping = jsonlib.load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as e:
         raise CkptError(f"{path}: cannot read the map ({e.strerror})") from None
-    except ValueError as e:
-        raise CkptError(f"{path}: the map is not valid JSON ({e})") from None
-    except RecursionError:
-        raise CkptError(f"{path}: the map's JSON is nested too deeply") from None
+    mapping = parse_json(path, raw, "the map is not valid JSON")
     if not isinstance(mapping, dict):
         raise CkptError(f"{path}: the map must be a JSON object of old name -> new name")
     return mapping

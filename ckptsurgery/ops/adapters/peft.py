@@ -5,7 +5,6 @@ is read.FORMATS; extract.py writes this format."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -77,20 +76,19 @@ def read(path: str) -> Adapter:
 
 def _read_json(path: str) -> dict:
     """The config, read whole only up to CONFIG_LIMIT: a real one is a few KB."""
+    from ..model_folder import parse_json  # here: only a PEFT folder's reader needs it
+
     try:
         with open(path, "rb") as f:
             raw = f.read(CONFIG_LIMIT + 1)
-        if len(raw) > CONFIG_LIMIT:
-            raise CkptError(f"{path}: an adapter config larger than {CONFIG_LIMIT >> 20} MiB; not a PEFT "
-                            f"{PEFT_CONFIG}")
-        doc = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise CkptError(f"{path}: no such file; a PEFT adapter folder holds {PEFT_CONFIG} and "
                         f"adapter_model.safetensors (save it with save_pretrained)") from None
-    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+    except OSError as e:
         raise CkptError(f"{path}: not readable JSON ({e})") from None
-    except RecursionError:
-        raise CkptError(f"{path}: not readable JSON (nested too deep)") from None
+    if len(raw) > CONFIG_LIMIT:
+        raise CkptError(f"{path}: an adapter config larger than {CONFIG_LIMIT >> 20} MiB; not a PEFT {PEFT_CONFIG}")
+    doc = parse_json(path, raw, "not readable JSON")
     if not isinstance(doc, dict):
         raise CkptError(f"{path}: expected a JSON object")
     return doc
