@@ -9,7 +9,8 @@ One module per concern:
     read.py      the two tables, FORMATS (adapter formats) and KINDS (adapter kinds), and
                  read_adapter
     kind_lora.py LoRA: W + s·ΔW, ΔW = B·A by layout (linear, linear-t, conv, embedding); LoCon's core
-    kind_dora.py DoRA: m ⊙ (W + s·ΔW)/‖W + s·ΔW‖, the norm per output; LyCORIS's dora_scale
+    kind_dora.py DoRA: m ⊙ (W + s·ΔW)/‖W + s·ΔW‖, the norm per output; LyCORIS's dora_scale;
+                 ProductKind, the check LoHa and LoKr share
     kind_ia3.py  IA3: W ⊙ l along its outputs (or a feed-forward layer's inputs), the bias too
     kind_loha.py LoHa: W + s·(w1_a·w1_b) ⊙ (w2_a·w2_b), Tucker cores for convs
     kind_lokr.py LoKr: W + s·w1 ⊗ w2, each side whole or a product, a core for convs
