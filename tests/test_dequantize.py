@@ -429,3 +429,73 @@ def test_float8_values_are_torchs():
     for fmt in (E4M3, E5M2):
         theirs = torch.arange(256, dtype=torch.uint8).view(fmt).float().view(torch.int32)
         assert torch.equal(torch.from_numpy(_values(str(fmt).removeprefix("torch.")).view("int32")), theirs)
+
+
+# ---- chunks made ahead: any reading order, any number of cores, the same bytes -----------------
+
+def test_chunks_in_any_order_and_on_one_core(tmp_path, monkeypatch):
+    """Writers take chunks in order and the workers make the next ones ahead (across weights);
+    a reader that takes them backwards, twice, or skips some gets the same bytes, and so does
+    one core (nothing made ahead, nothing split)."""
+    from ckptsurgery.io import open_checkpoint
+    from ckptsurgery.ops import dequantize
+
+    monkeypatch.setattr(dequantize, "CHUNK_BYTES", 1)  # a chunk per block row (per row, per channel)
+    tensors = {"a.weight": fp8((700, 300)), "a.weight_scale_inv": block_scales((700, 300)),
+               "b.weight": fp8((40, 600), seed=4), "b.weight_scale": torch.rand(40, 1) + 0.5,
+               "c.weight": fp8((300, 130), seed=5), "c.weight_scale_inv": block_scales((300, 130), seed=6)}
+    path = tmp_path / "in.safetensors"
+    save_file(tensors, path)
+    want = {"a": expected(tensors["a.weight"], tensors["a.weight_scale_inv"]),
+            "b": (tensors["b.weight"].float() * tensors["b.weight_scale"]).to(torch.bfloat16),
+            "c": expected(tensors["c.weight"], tensors["c.weight_scale_inv"])}
+
+    def read(order):
+        with open_checkpoint(path) as ckpt:
+            done, _ = dequantize.dequantize_checkpoint(ckpt, str(path), None)
+            pieces = {n: done.tensors[f"{n}.weight"].storage.source.pieces for n in want}
+            got = {n: [None] * len(p) for n, p in pieces.items()}
+            for n, k in order(pieces):
+                source, offset, size = pieces[n][k]
+                got[n][k] = bytes(source.view(offset, size))
+        return {n: torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.bfloat16).view(want[n].shape)
+                for n, chunks in got.items()}
+
+    in_order = lambda p: [(n, k) for n in p for k in range(len(p[n]))]  # noqa: E731
+    backwards = lambda p: in_order(p)[::-1]  # noqa: E731
+    every_other_twice = lambda p: in_order(p)[::2] + in_order(p)[1::2] + in_order(p)[::3]  # noqa: E731
+    interleaved = lambda p: sorted(in_order(p), key=lambda nk: (nk[1], nk[0]))  # noqa: E731
+    for order in (in_order, backwards, every_other_twice, interleaved):
+        got = read(order)
+        assert all(torch.equal(bits(got[n]), bits(want[n])) for n in want), order
+    monkeypatch.setattr(dequantize._ahead, "workers", 1)
+    monkeypatch.setattr(dequantize._ahead, "depth", 0)
+    for order in (in_order, backwards):
+        got = read(order)
+        assert all(torch.equal(bits(got[n]), bits(want[n])) for n in want)
+
+
+def test_a_chunk_made_ahead_that_fails_fails_its_own_read(tmp_path, monkeypatch):
+    """Making the next weight's first chunk ahead may fail (its bytes unreadable): the weight
+    being read is unaffected, and the error comes when (if) that chunk is read."""
+    from ckptsurgery.io import open_checkpoint
+    from ckptsurgery.ops import dequantize
+
+    path = tmp_path / "in.safetensors"
+    save_file({"a.weight": fp8((130, 20)), "a.weight_scale_inv": block_scales((130, 20)),
+               "b.weight": fp8((130, 20), seed=2), "b.weight_scale_inv": block_scales((130, 20))}, path)
+    parts = dequantize._Weight.parts
+
+    def failing(self, j):
+        if self.shape and self.plan.weight is failing.b:
+            raise OSError("unreadable")
+        return parts(self, j)
+
+    monkeypatch.setattr(dequantize._Weight, "parts", failing)
+    with open_checkpoint(path) as ckpt:
+        done, _ = dequantize.dequantize_checkpoint(ckpt, str(path), None)
+        failing.b = ckpt.tensors["b.weight"]
+        assert torch.equal(bits(done.tensors["a.weight"].to_torch()),
+                           bits(expected(ckpt.tensors["a.weight"].to_torch(), ckpt.tensors["a.weight_scale_inv"].to_torch())))
+        with pytest.raises(OSError, match="unreadable"):
+            done.tensors["b.weight"].to_torch()

@@ -262,7 +262,10 @@ class _Ahead:
             with self.lock:
                 if (weight, j) in self.waiting:
                     continue
-            made, tasks = weight.parts(j)
+            try:
+                made, tasks = weight.parts(j)
+            except Exception:  # noqa: BLE001 -- raised again when (if ever) the chunk is read, for its own weight
+                return
             job = _Job(made, [self.submit(task) for task in tasks])
             with self.lock:
                 self.waiting[weight, j] = job
