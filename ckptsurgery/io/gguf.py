@@ -246,7 +246,9 @@ def _can_dequantize(gguf, qtype, type_size: int) -> bool:
 
 class _Blocks:
     """The float32 values of `count` whole blocks of a quantized tensor starting at byte `start`
-    of the mapped file, dequantized by gguf when viewed: only the blocks a view covers."""
+    of the mapped file, dequantized by gguf when viewed: only the blocks a view covers. A view of
+    the whole piece starts the next piece of the tensor (`following`) in a thread of its own, so
+    that a writer copying one piece out finds the next one decoded (numpy lets go of the GIL)."""
 
     path = "<dequantized>"
 
@@ -254,24 +256,50 @@ class _Blocks:
                  refused: str | None):
         self.source, self.start, self.count = source, start, count
         self.qtype, self.block, self.type_size, self.refused = qtype, block, type_size, refused
+        self.following: _Blocks | None = None
+        self._ahead = None  # the Future of this whole piece's values, started by the piece before
 
     def view(self, offset: int, nbytes: int) -> memoryview:
         if self.refused:
             raise CkptError(f"{self.refused}: gguf {_version_of()} cannot dequantize {self.qtype.name}")
-        import numpy as np
-        from gguf.quants import dequantize
-
         if nbytes <= 0:
             return memoryview(b"")
         per_block = self.block * 4
+        if offset == 0 and nbytes == self.count * per_block:  # the whole piece: as a writer reads it
+            ahead, self._ahead = self._ahead, None
+            values = ahead.result() if ahead is not None else self._values(0, self.count)
+            following = self.following
+            if following is not None and following._ahead is None and not following.refused:
+                following._ahead = _decoder().submit(following._values, 0, following.count)
+            return memoryview(values)
         first, last = offset // per_block, -(-(offset + nbytes) // per_block)
-        raw = self.source.view(self.start + first * self.type_size, (last - first) * self.type_size)
-        values = dequantize(np.frombuffer(raw, np.uint8).reshape(1, -1), self.qtype)
         skip = offset - first * per_block
-        return memoryview(np.ascontiguousarray(values, np.float32).reshape(-1).view(np.uint8))[skip : skip + nbytes]
+        return memoryview(self._values(first, last - first))[skip : skip + nbytes]
+
+    def _values(self, first: int, count: int):
+        """Blocks [first, first + count) dequantized: their float32 values' bytes (a numpy array)."""
+        import numpy as np
+        from gguf.quants import dequantize
+
+        raw = self.source.view(self.start + first * self.type_size, count * self.type_size)
+        values = dequantize(np.frombuffer(raw, np.uint8).reshape(1, -1), self.qtype)
+        return np.ascontiguousarray(values, np.float32).reshape(-1).view(np.uint8)
 
     def close(self) -> None:
-        pass
+        self._ahead = None
+
+
+_pool = None
+
+
+def _decoder():
+    """One thread that decodes the next piece while the writer copies the last one out."""
+    global _pool
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptsurgery-gguf")
+    return _pool
 
 
 def _quantized(source: MappedFile, start: int, numel: int, qtype, block: int, type_size: int,
@@ -282,4 +310,6 @@ def _quantized(source: MappedFile, start: int, numel: int, qtype, block: int, ty
     pieces = [(_Blocks(source, start + first * type_size, min(step, blocks - first), qtype, block, type_size,
                        refused), 0, min(step, blocks - first) * block * 4)
               for first in range(0, blocks, step)]
+    for (piece, _, _), (after, _, _) in zip(pieces, pieces[1:]):
+        piece.following = after
     return joined_tensor(shape, dtypes.BY_NAME["float32"], pieces)
