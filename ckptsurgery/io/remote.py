@@ -46,6 +46,7 @@ from .model import Checkpoint, MappedFile, RangeSource
 HEAD_BYTES = 512  # the first request: as much as format detection reads of a local file
 PIECE = 8 << 20  # bytes of one range request when a long range is streamed (4 in flight: ~32 MB held)
 IN_FLIGHT = 4  # range requests in flight while a long range is streamed
+READ_AHEAD = 256 << 10  # a view of fewer bytes fetches this many from its start, for the views after it
 RETRIES = 3  # more tries after a failed connection or a 5xx/429 answer
 MAX_REDIRECTS = 5
 INDEX_LIMIT = 16 << 20  # as io/sharded.py: far above any real index
@@ -399,6 +400,9 @@ class RemoteFile(RangeSource):
             raise CkptError(f"{self.path}: the server sent {len(self.head)} bytes for the first "
                             f"{min(HEAD_BYTES, self.size)}")
         self._direct = self._at(first.url)
+        self.data_start = self.size  # where tensor data starts (set once the header is read): no read-ahead before
+        self._window: tuple[int, bytes | bytearray] = (0, b"")
+        self._window_lock = threading.Lock()
         if ledger is not None:
             ledger.opened(self.path, self.size)
             ledger.received(self.path, len(first.body))
@@ -444,12 +448,27 @@ class RemoteFile(RangeSource):
         if offset < len(self.head):  # a header longer than the first answer: only the rest is fetched
             held = len(self.head) - offset
             return memoryview(self.head[offset:] + self.view(len(self.head), nbytes - held))
+        if nbytes < READ_AHEAD and offset >= self.data_start:
+            return self._small(offset, nbytes)
         if nbytes <= PIECE:
             return memoryview(self.fetch(offset, nbytes))
         joined = bytearray()
         for piece in self.stream(offset, nbytes):
             joined += piece
         return memoryview(joined)
+
+    def _small(self, offset: int, nbytes: int) -> memoryview:
+        """A small tensor's bytes (a .pth output copies them one at a time, a norm after a bias):
+        served from the last window fetched when it holds them, else from a new window of
+        READ_AHEAD bytes from `offset` — one request for a run of small tensors, not one each."""
+        with self._window_lock:
+            start, window = self._window
+            if start <= offset and offset + nbytes <= start + len(window):
+                return memoryview(window)[offset - start : offset - start + nbytes]
+        window = self.fetch(offset, min(READ_AHEAD, self.size - offset))
+        with self._window_lock:
+            self._window = (offset, window)
+        return memoryview(window)[:nbytes]
 
     def stream(self, offset: int, nbytes: int) -> Iterator[memoryview]:
         """[offset, offset + nbytes) in pieces of at most PIECE bytes, in order, IN_FLIGHT fetched at once."""
@@ -632,10 +651,13 @@ def _read_safetensors(where: Location, source) -> Checkpoint:
         raise CkptError(f"{where.shown}: {what}; remote inputs are safetensors files, their *.index.json and "
                         f"hf:// repositories: download other files first")
     try:
-        return read_safetensors(where.shown, source)
+        ckpt = read_safetensors(where.shown, source)
     except BaseException:
         source.close()
         raise
+    if isinstance(source, RemoteFile):  # tensor data from here on: small views may read ahead
+        source.data_start = 8 + int.from_bytes(head[:8], "little")
+    return ckpt
 
 
 def _read_index(where: Location, raw: bytes) -> Checkpoint:
