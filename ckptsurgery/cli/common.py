@@ -34,6 +34,11 @@ FullDownloadOpt = Annotated[bool, typer.Option(
     "--allow-full-download", help="A remote input whose server ignores range requests is downloaded whole (into a "
                                   "temporary file) instead of refused.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
+# --names: ops/gguf_names.py's Names, spelled here (that module is imported only when hf is asked)
+NamesChoice = Enum("Names", {"gguf": "gguf", "hf": "hf"}, type=str)
+NamesOpt = Annotated[NamesChoice, typer.Option(
+    "--names", help="A GGUF input's tensor names: gguf keeps llama.cpp's (blk.N.attn_q.weight); hf reads them under "
+                    "Hugging Face's (llama — Mistral too —, qwen2, qwen3), Llama's q/k un-permuted.")]
 
 _REMOTE = ("https://", "http://", "hf://")  # io/remote.py's schemes: that module is imported only for them
 
@@ -53,6 +58,29 @@ def reading(inputs: list, allow_full_download: bool) -> None:
     from ..io.remote import start_reading
 
     start_reading(allow_full_download)
+
+
+@contextmanager
+def naming(names, inputs: list) -> Iterator[Callable]:
+    """While a command reads its inputs: GGUF inputs under the names asked (`--names`). Yields what
+    makes the report say what was done (`report = named(report)`); hf without a GGUF input is refused."""
+    if names is None or getattr(names, "value", names) == "gguf":
+        yield lambda report: report
+        return
+    from ..ops.gguf_names import asked
+
+    with asked(getattr(names, "value", names), inputs) as ledger:
+        yield ledger.into
+
+
+def hf_names_line(done) -> str:
+    """What --names hf did, in one line."""
+    line = f"--names hf: {count(done.renamed, 'tensor')} under Hugging Face names ({done.architecture})"
+    if done.unpermuted:
+        line += f", {count(len(done.unpermuted), 'q/k projection')} un-permuted"
+    if done.left_out:
+        line += "; " + listing("left out (no Hugging Face name)", done.left_out)
+    return line
 
 
 def with_fetched(report):
@@ -233,6 +261,8 @@ def finish_write(report: WriteReport, as_json: bool, quiet: bool, details: list[
              f"{human_bytes(report.total_bytes)}", *details]
     if report.dequantized is not None:
         lines.append(dequantized_line(report.dequantized))
+    if report.hf_names is not None:
+        lines.append(hf_names_line(report.hf_names))
     if report.fetched is not None:
         lines.append(fetched_line(report.fetched))
     if report.tied:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import ops
-from .common import DequantizeOpt, FullDownloadOpt, CastTo, InputArg, OutputOptions, RootOpt, command_app, examples, output_options, reading
+from .common import DequantizeOpt, NamesChoice, NamesOpt, naming, FullDownloadOpt, CastTo, InputArg, OutputOptions, RootOpt, command_app, examples, output_options, reading
 
 
 app = command_app()
@@ -24,6 +24,7 @@ def convert(
     dtype: Annotated[Optional[CastTo], typer.Option("--dtype", help="Cast the float16, bfloat16, float32 and float64 tensors to this dtype (and, with --dequantize, the dequantized weights: bfloat16 by default).", show_default=False)] = None,
     root: RootOpt = None,
     dequantize: DequantizeOpt = False,
+    names: NamesOpt = NamesChoice.gguf,
     allow_full_download: FullDownloadOpt = False,
     *,
     out: OutputOptions,
@@ -32,6 +33,7 @@ def convert(
 
     A .safetensors output keeps the input's metadata but its content hashes (--metadata sets entries)."""
     reading([input], allow_full_download)
-    with out.writing() as write:
+    with naming(names, [input]) as named, out.writing() as write:
         report = ops.convert_checkpoint(input, write, root=root, dtype=dtype and dtype.value, dequantize=dequantize)
+        report = named(report)
     out.finish(report)

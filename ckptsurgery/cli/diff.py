@@ -10,7 +10,7 @@ import typer
 
 from .. import ops
 from ..errors import UsageError
-from .common import DequantizeOpt, FullDownloadOpt, JsonOpt, RootOpt, command_app, console, examples, failures_exit, print_json, printable, reading, with_fetched
+from .common import DequantizeOpt, NamesChoice, NamesOpt, naming, FullDownloadOpt, JsonOpt, RootOpt, command_app, console, examples, failures_exit, print_json, printable, reading, with_fetched
 
 
 app = command_app()
@@ -33,6 +33,7 @@ def diff(
                                             "re:REGEX); repeatable.")] = None,
     root: RootOpt = None,
     dequantize: DequantizeOpt = False,
+    names: NamesOpt = NamesChoice.gguf,
     allow_full_download: FullDownloadOpt = False,
     json: JsonOpt = False,
     brief: Annotated[bool, typer.Option(
@@ -61,8 +62,10 @@ def diff(
         if brief and by_layer:
             raise UsageError("--brief prints one line and --by-layer a chart: give one")
         reading([a, b, base], allow_full_download)
-        report = ops.diff_checkpoints(a, b, atol=atol, rtol=rtol, ignore=ignore, root=root, by_layer=by_layer,
-                                      base=base, layer_pattern=layer_pattern, dequantize=dequantize)
+        with naming(names, [a, b, base]) as named:
+            report = named(ops.diff_checkpoints(a, b, atol=atol, rtol=rtol, ignore=ignore, root=root,
+                                                by_layer=by_layer, base=base, layer_pattern=layer_pattern,
+                                                dequantize=dequantize))
         report = with_fetched(report)
         if json:
             print_json(report.to_json())

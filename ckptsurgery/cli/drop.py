@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from .. import ops
-from .common import DequantizeOpt, FullDownloadOpt, InputArg, OutputOptions, RootOpt, command_app, examples, listing, output_options, reading
+from .common import DequantizeOpt, NamesChoice, NamesOpt, naming, FullDownloadOpt, InputArg, OutputOptions, RootOpt, command_app, examples, listing, output_options, reading
 
 
 app = command_app()
@@ -28,14 +28,16 @@ def drop(
              ".pth output.", show_default=False)],
     root: RootOpt = None,
     dequantize: DequantizeOpt = False,
+    names: NamesOpt = NamesChoice.gguf,
     allow_full_download: FullDownloadOpt = False,
     *,
     out: OutputOptions,
 ) -> None:
     """Remove keys or whole modules, or top-level entries beside the state dict (a training checkpoint's optimizer)."""
     reading([input], allow_full_download)
-    with out.writing() as write:
+    with naming(names, [input]) as named, out.writing() as write:
         report = ops.drop_keys(input, patterns, write, root=root, dequantize=dequantize)
+        report = named(report)
     details = [listing("dropped", report.dropped)] if report.dropped or not report.dropped_outside else []
     if report.dropped_outside:
         details.append(listing("dropped beside the state dict", report.dropped_outside))

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import ops
-from .common import DequantizeOpt, FullDownloadOpt, InputArg, OutputOptions, RootOpt, command_app, examples, listing, output_options, reading
+from .common import DequantizeOpt, NamesChoice, NamesOpt, naming, FullDownloadOpt, InputArg, OutputOptions, RootOpt, command_app, examples, listing, output_options, reading
 
 
 app = command_app()
@@ -32,15 +32,17 @@ def filter_command(
                                   "(merge --into fits them instead).")] = False,
     root: RootOpt = None,
     dequantize: DequantizeOpt = False,
+    names: NamesOpt = NamesChoice.gguf,
     allow_full_download: FullDownloadOpt = False,
     *,
     out: OutputOptions,
 ) -> None:
     """Keep selected keys, or the keys a template has in the template's shapes (the `if k in model_dict` recipe)."""
     reading([input, like], allow_full_download)
-    with out.writing() as write:
+    with naming(names, [input]) as named, out.writing() as write:
         report = ops.filter_keys(input, write, keep=keep, like=like, root=root, skip_mismatched=skip_mismatched,
                                   dequantize=dequantize)
+        report = named(report)
     details = [listing("left out", report.left_out)] if report.left_out else []
     if report.shape_mismatched:
         details.append(listing("their shape differs from the template's (--skip-mismatched)",

@@ -11,7 +11,7 @@ import typer
 from .. import ops
 from ..errors import CkptError, UsageError
 from .common import (
-    MAX_ROWS, DequantizeOpt, FullDownloadOpt, JsonOpt, QuietOpt, RootOpt, command_app, count, dequantized_line, examples, human_bytes,
+    MAX_ROWS, DequantizeOpt, NamesChoice, NamesOpt, hf_names_line, naming, FullDownloadOpt, JsonOpt, QuietOpt, RootOpt, command_app, count, dequantized_line, examples, human_bytes,
     fetched_line, note, print_json, printable, progress_bar, reading, with_fetched,
 )
 
@@ -41,6 +41,7 @@ def inspect(
         "--all", help=f"List every tensor in the table (a longer table shows its first {MAX_ROWS:,} rows).")] = False,
     root: RootOpt = None,
     dequantize: DequantizeOpt = False,
+    names: NamesOpt = NamesChoice.gguf,
     allow_full_download: FullDownloadOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -59,15 +60,18 @@ def inspect(
     several = len(inputs) > 1
     for i, input in enumerate(inputs):
         reading(inputs, allow_full_download)  # a fresh record of what this input fetches
-        with progress_bar(quiet or json or not (stats or hash)) as progress, _naming(input, several):
-            report = ops.inspect_checkpoint(input, keys=keys, stats=stats, tree=tree, depth=depth, hash=hash,
-                                            root=root, progress=progress, dequantize=dequantize)
+        with progress_bar(quiet or json or not (stats or hash)) as progress, _naming(input, several), \
+                naming(names, inputs) as named:
+            report = named(ops.inspect_checkpoint(input, keys=keys, stats=stats, tree=tree, depth=depth, hash=hash,
+                                                  root=root, progress=progress, dequantize=dequantize))
         report = with_fetched(report)
         if json:
             print_json(report.to_json())
             return
         if report.dequantized is not None:
             note(("" if not several else f"{report.path}: ") + dequantized_line(report.dequantized), quiet)
+        if report.hf_names is not None:
+            note(("" if not several else f"{report.path}: ") + hf_names_line(report.hf_names), quiet)
         if report.fetched is not None:
             note(("" if not several else f"{report.path}: ") + fetched_line(report.fetched), quiet)
         if report.inert:

@@ -7,9 +7,10 @@ from typing import Annotated, Optional
 import typer
 
 from .. import core, ops
+from ..errors import UsageError
 from ..ops.methods import METHODS, PARAMETERS, merge_options
 from .common import (
-    CastTo, DequantizeOpt, FullDownloadOpt, OutputOptions, RootOpt, choice, command_app, count, examples, expanded_options, listing, output_options,
+    CastTo, DequantizeOpt, NamesChoice, NamesOpt, naming, FullDownloadOpt, OutputOptions, RootOpt, choice, command_app, count, examples, expanded_options, listing, output_options,
     print_table, printable, summarised, reading,
 )
 
@@ -74,6 +75,7 @@ def merge(
         "--layer-pattern", metavar="REGEX", help="With --config, or a gradient (--t 0,0.5,1): the regex whose one group is a key's layer number, for a model whose key names do not tell its layers apart (two stacks).", show_default=False, rich_help_panel=RECIPE)] = None,
     root: RootOpt = None,
     dequantize: DequantizeOpt = False,
+    names: NamesOpt = NamesChoice.gguf,
     allow_full_download: FullDownloadOpt = False,
     *,
     out: OutputOptions,
@@ -85,8 +87,11 @@ def merge(
                "config": config, "layer_pattern": layer_pattern, "dequantize": dequantize}
     options = {name: getattr(value, "value", value) for name, value in options.items()}  # choices as strings
     reading([*(sources or []), into, base], allow_full_download)
-    with out.writing() as write:
-        report = ops.merge_checkpoints(sources or [], write, root=root, **options)
+    if config is not None and names.value != "gguf":
+        raise UsageError("--names hf applies to the inputs merge reads itself; a recipe (--config) names its models "
+                         "in the YAML: convert a GGUF model with --names hf first")
+    with naming(names, [*(sources or []), base]) as named, out.writing() as write:
+        report = named(ops.merge_checkpoints(sources or [], write, root=root, **options))
     if out.json:
         out.finish(report)
         return

@@ -10,7 +10,7 @@ from typer.core import TyperOption
 
 from .. import core, ops
 from ..errors import CkptError
-from .common import DequantizeOpt, FullDownloadOpt, InputArg, OutputOptions, RootOpt, command_app, count, examples, listing, output_options, print_table, printable, reading
+from .common import DequantizeOpt, NamesChoice, NamesOpt, naming, FullDownloadOpt, InputArg, OutputOptions, RootOpt, command_app, count, examples, listing, output_options, print_table, printable, reading
 from .help import HelpCommand
 
 
@@ -104,6 +104,7 @@ def rename(
         "--allow-unchanged", help="A rule that changes no key is not an error (for scripts: --strip-prefix module on a file already stripped).")] = False,
     root: RootOpt = None,
     dequantize: DequantizeOpt = False,
+    names: NamesOpt = NamesChoice.gguf,
     allow_full_download: FullDownloadOpt = False,
     *,
     out: OutputOptions,
@@ -114,9 +115,10 @@ def rename(
     rules = [core.rename_rule(kind, *([_load_map(values[0])] if kind == "map" else values))
              for kind, values in ctx.meta.get(_RULES, [])]
     reading([input], allow_full_download)
-    with out.writing() as write:
+    with naming(names, [input]) as named, out.writing() as write:
         report = ops.rename_keys(input, rules, write, root=root, allow_unchanged=allow_unchanged,
                                  dequantize=dequantize)
+        report = named(report)
     if out.dry_run and not out.json:
         _print_rename_table(report)
     out.finish(report, [f"renamed {count(len(report.renamed), 'key')}",

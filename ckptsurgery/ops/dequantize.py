@@ -15,7 +15,12 @@ The scales are dropped, and so are `X.input_scale` (and FBGEMM's `input_scale_ub
 activation scales, which a dequantized model does not use. Each weight is a chunked tensor whose
 chunks are whole block rows (`CHUNK_BYTES` of output or one block row), computed when written:
 memory stays flat in the model's size. Scales are read and checked (shape, finite values) before
-anything is written; a weight without its scale, or a scale without its weight, is refused."""
+anything is written; a weight without its scale, or a scale without its weight, is refused.
+
+The arithmetic is numpy's (torch is not imported): a float8 byte has 256 values, so the elements
+that share a scale (a block, a row, a tensor) share 256 possible results, computed once per scale
+exactly as above (float32 product, one cast, bit for bit torch's) and looked up for each byte.
+While a writer writes a chunk, worker threads make the next one (`_Ahead`)."""
 
 from __future__ import annotations
 
@@ -437,10 +442,13 @@ def dequantize_checkpoint(ckpt: Checkpoint, input: str, dtype: DType | None) -> 
 @contextmanager
 def open_input(input: str, root: str | None = None, dequantize: bool = False,
                dtype: DType | None = None) -> Iterator[tuple[Checkpoint, Dequantized | None]]:
-    """The input checkpoint, dequantized when asked (with what was done; None when not asked)."""
+    """The input checkpoint, dequantized when asked (with what was done; None when not asked); a GGUF
+    input under Hugging Face names when `--names hf` is asked (ops/gguf_names.py's `asked`)."""
     from ..io import open_checkpoint
+    from .gguf_names import as_asked
 
-    with open_checkpoint(input, root) as ckpt:
+    with open_checkpoint(input, root) as opened:
+        ckpt = as_asked(opened)
         if not dequantize:
             yield ckpt, None
         else:

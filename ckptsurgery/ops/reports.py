@@ -82,6 +82,19 @@ class Dequantized(Report):
 
 
 @_report
+class HfNames(Report):
+    """What `--names hf` did to a GGUF input's tensor names (`WriteReport.hf_names`, `InspectReport.hf_names`,
+    `DiffReport.hf_names`)."""
+
+    architecture: str = entry("The GGUF file's `general.architecture` (`llama`, `qwen2`, `qwen3`; several inputs': "
+                              "each once, comma-separated).")
+    renamed: int = entry("Tensors read under their Hugging Face names.")
+    unpermuted: list[str] = entry("The q/k projections (Hugging Face names) read with llama.cpp's rotary "
+                                  "permutation undone (`llama` only).")
+    left_out: list[str] = entry("GGUF tensors with no Hugging Face name (`rope_freqs.weight`), left out.")
+
+
+@_report
 class Fetched(Report):
     """What was fetched from remote inputs (`https://`, `hf://`): `WriteReport.fetched`,
     `InspectReport.fetched`, `DiffReport.fetched`."""
@@ -138,6 +151,7 @@ class WriteReport(Report):
         "`null`: removed, as `quantization_config`), `copied` (the input's files copied: tokenizer, generation, "
         "remote code) and `notes` (what could not be done: a file that links out of its folder).", omit_if_none=True)
     fetched: Fetched | None = entry("With remote inputs: what was fetched (see `Fetched`).", omit_if_none=True)
+    hf_names: HfNames | None = entry("With `--names hf`: what was renamed (see `HfNames`).", omit_if_none=True)
 
 
 @_report
@@ -429,6 +443,7 @@ class InspectReport(Report):
     dequantized: Dequantized | None = entry("With `--dequantize`: what was read dequantized (see `Dequantized`).",
                                             omit_if_none=True)
     fetched: Fetched | None = entry("With remote inputs: what was fetched (see `Fetched`).", omit_if_none=True)
+    hf_names: HfNames | None = entry("With `--names hf`: what was renamed (see `HfNames`).", omit_if_none=True)
 
 
 @_report
@@ -479,6 +494,7 @@ class DiffReport(Report):
     dequantized: Dequantized | None = entry("With `--dequantize`: what was read dequantized (see `Dequantized`).",
                                             omit_if_none=True)
     fetched: Fetched | None = entry("With remote inputs: what was fetched (see `Fetched`).", omit_if_none=True)
+    hf_names: HfNames | None = entry("With `--names hf`: what was renamed (see `HfNames`).", omit_if_none=True)
 
 
 REPORTS: tuple[tuple[str, type[Report]], ...] = (
@@ -488,7 +504,7 @@ REPORTS: tuple[tuple[str, type[Report]], ...] = (
     ("extract-lora, lora extract", ExtractReport), ("lora merge", LoraMergeReport), ("lora resize", LoraResizeReport),
     ("lora convert", LoraConvertReport), ("diff", DiffReport),
 )
-NESTED: tuple[type[Report], ...] = (Dequantized, Fetched, AdapterFolded, Extracted, LoraReport, LoraModule)
+NESTED: tuple[type[Report], ...] = (Dequantized, Fetched, HfNames, AdapterFolded, Extracted, LoraReport, LoraModule)
 
 
 def schema_markdown() -> str:
