@@ -36,7 +36,8 @@ def tiny_model(arch: str):
     common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5)
     if arch == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=False))
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=False,
+                                                                       attention_bias=True))  # q/k biases permuted too
     elif arch == "qwen2":  # tied: no output.weight, no lm_head.weight
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=True))
     else:
@@ -134,7 +135,7 @@ def test_convert_names_hf_gives_what_transformers_loads(cli, written, tmp_path):
     assert set(got) == set(state) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
     report = json.loads(result.out)["hf_names"]
     assert report["architecture"] == arch and report["renamed"] == len(got) and report["left_out"] == []
-    permuted = [f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(2) for p in "qk"]
+    permuted = [f"model.layers.{i}.self_attn.{p}_proj.{w}" for i in range(2) for p in "qk" for w in ("weight", "bias")]
     assert report["unpermuted"] == (permuted if arch == "llama" else [])
     if arch == "llama":  # q_proj was Q8_0: un-permuted from its dequantized rows, a head at a time
         assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_k.weight"] == "F32"
@@ -160,6 +161,8 @@ def test_inspect_names_hf_lists_hugging_face_names(cli, written):
     doc = json.loads(result.out)
     assert [t["name"] for t in doc["tensors"]] == list(transformers_reads(path, model))
     assert doc["hf_names"]["architecture"] == arch
+    dtypes = {t["name"]: t["dtype"] for t in doc["tensors"]}  # a quantized tensor's GGML type, un-permuted or not
+    assert dtypes["model.layers.0.self_attn.q_proj.weight"] == "Q8_0" and dtypes["model.layers.0.mlp.up_proj.weight"] == "Q8_0"
     human = cli("inspect", path, "--names", "hf")
     assert "model.layers.1.mlp.down_proj.weight" in human.out and "blk." not in human.out
     assert "--names hf: " in human.err
@@ -269,3 +272,30 @@ def test_merge_and_rename_take_the_hf_names(cli, tmp_path):
     assert "layers.0.self_attn.k_norm.weight" in load_file(str(renamed))
     assert_one_error_line(cli("merge", "--config", tmp_path / "r.yml", "--names", "hf", "-o", tmp_path / "m"),
                           "--names hf", code=2)
+
+
+def test_un_permuting_reads_one_heads_rows_at_a_time(tmp_path, monkeypatch):
+    """A chunk per head: the mapped file (F32 k_proj) and the dequantized blocks (Q8_0 q_proj) are
+    asked for one head's rows at a time, never the whole tensor."""
+    from ckptsurgery.io import gguf as io_gguf, open_checkpoint
+    from ckptsurgery.io.model import MappedFile
+    from ckptsurgery.ops.gguf_names import hf_names
+
+    model = tiny_model("llama")
+    path = tmp_path / "llama.gguf"
+    write_like_llama_cpp(model, path, "llama")
+    asked = []
+    for cls in (MappedFile, io_gguf._Blocks):
+        real = cls.view
+        monkeypatch.setattr(cls, "view", lambda self, offset, nbytes, real=real: asked.append(nbytes) or real(self, offset, nbytes))
+    with open_checkpoint(str(path)) as ckpt:
+        renamed, done = hf_names(ckpt)
+        for name, heads in (("model.layers.0.self_attn.k_proj.weight", 2), ("model.layers.0.self_attn.q_proj.weight", 4)):
+            t = renamed.tensors[name]
+            asked.clear()
+            data = bytes(t.data())
+            per_head = t.nbytes // heads
+            # one view a head (a quantized head: its float rows, then its blocks in the file)
+            assert len(asked) == heads * (1 if t.encoded is None else 2) and max(asked) == per_head, (name, asked)
+            assert np.array_equal(np.frombuffer(data, np.float32).reshape(t.shape),
+                                  transformers_reads(path, model)[name].numpy())

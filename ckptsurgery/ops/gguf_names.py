@@ -165,7 +165,9 @@ def unpermuted_tensor(t, heads: int, where: str):
         rows_in = np.frombuffer(head_rows(h), np.uint8).reshape(half, 2, row_bytes)
         return rows_in.swapaxes(0, 1).tobytes()  # row (i, a) of the head -> row (a, i)
 
-    return chunked_tensor(shape, t.dtype, [head_bytes] * heads, make)
+    out = chunked_tensor(shape, t.dtype, [head_bytes] * heads, make)
+    out.encoded = t.encoded  # a quantized tensor's type in the file, as inspect shows it
+    return out
 
 
 # ---- asking: the input option ------------------------------------------------------------------
