@@ -299,3 +299,23 @@ def test_un_permuting_reads_one_heads_rows_at_a_time(tmp_path, monkeypatch):
             assert len(asked) == heads * (1 if t.encoded is None else 2) and max(asked) == per_head, (name, asked)
             assert np.array_equal(np.frombuffer(data, np.float32).reshape(t.shape),
                                   transformers_reads(path, model)[name].numpy())
+
+
+def test_a_llama_without_a_usable_head_count_is_refused_in_one_line(cli, tmp_path):
+    """The q/k projections cannot be un-permuted without the head count: refused before anything is
+    written, naming the key; a shape that does not split into the heads likewise."""
+    for heads, fragment in ((None, "llama.attention.head_count is None"), (5, "does not split into 5 heads")):
+        path = tmp_path / f"heads-{heads}.gguf"
+        w = gguf.GGUFWriter(str(path), "llama")
+        w.add_block_count(1)
+        if heads is not None:
+            w.add_head_count(heads)
+        w.add_tensor("blk.0.attn_q.weight", np.ones((64, 32), np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        out = tmp_path / "o.safetensors"
+        assert_one_error_line(cli("convert", path, "--names", "hf", "-o", out), fragment, "blk.0.attn_q.weight"
+                              if heads else "un-permuted")
+        assert not out.exists()
