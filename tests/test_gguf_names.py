@@ -271,7 +271,7 @@ def test_merge_and_rename_take_the_hf_names(cli, tmp_path):
     assert cli("rename", path, "--names", "hf", "--strip-prefix", "model", "-o", renamed).code == 0
     assert "layers.0.self_attn.k_norm.weight" in load_file(str(renamed))
     assert_one_error_line(cli("merge", "--config", tmp_path / "r.yml", "--names", "hf", "-o", tmp_path / "m"),
-                          "--names hf", code=2)
+                          "--config does not combine with --names", code=2)
 
 
 def test_un_permuting_reads_one_heads_rows_at_a_time(tmp_path, monkeypatch):

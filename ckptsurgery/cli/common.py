@@ -17,7 +17,7 @@ import typer
 
 from ..dtypes import CAST_TARGETS
 from ..io.formats import BY_OPTION
-from ..ops.options import WriteOptions
+from ..ops.options import ReadOptions, WriteOptions
 from ..ops.ranks import DEFAULT_TIMEOUT
 from ..ops.reports import WriteReport
 
@@ -43,7 +43,7 @@ NamesOpt = Annotated[NamesChoice, typer.Option(
 _REMOTE = ("https://", "http://", "hf://")  # io/remote.py's schemes: that module is imported only for them
 
 
-def reading(inputs: list, allow_full_download: bool) -> None:
+def _start_reading(inputs: list, allow_full_download: bool) -> None:
     """Before a command opens its inputs: a fresh record of what remote inputs fetch, and whether
     one may be downloaded whole. `--allow-full-download` without a remote input is refused."""
     if not any(isinstance(path, str) and path.startswith(_REMOTE) for path in inputs):
@@ -58,19 +58,6 @@ def reading(inputs: list, allow_full_download: bool) -> None:
     from ..io.remote import start_reading
 
     start_reading(allow_full_download)
-
-
-@contextmanager
-def naming(names, inputs: list) -> Iterator[Callable]:
-    """While a command reads its inputs: GGUF inputs under the names asked (`--names`). Yields what
-    makes the report say what was done (`report = named(report)`); hf without a GGUF input is refused."""
-    if names is None or getattr(names, "value", names) == "gguf":
-        yield lambda report: report
-        return
-    from ..ops.gguf_names import asked
-
-    with asked(getattr(names, "value", names), inputs) as ledger:
-        yield ledger.into
 
 
 def hf_names_line(done) -> str:
@@ -459,6 +446,51 @@ class OutputOptions:
 
     def finish(self, report: WriteReport, details: list[str] = ()) -> None:
         finish_write(report, self.json, self.quiet, details)
+
+
+# the input options every reading command shares: name -> (annotation, default)
+INPUT_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "root": (RootOpt, None),
+    "dequantize": (DequantizeOpt, False),
+    "names": (NamesOpt, NamesChoice.gguf),
+    "allow_full_download": (FullDownloadOpt, False),
+}
+
+
+@dataclass(frozen=True)
+class InputOptions:
+    """The shared input options as the command line gave them (`input_options` builds it): `root`,
+    the `ReadOptions` the operation takes, and --allow-full-download (io/remote.py's)."""
+
+    root: str | None
+    read: ReadOptions
+    allow_full_download: bool
+
+    def reading(self, *inputs: str | None) -> ReadOptions:
+        """Before the command opens `inputs` (None: an input not given): what does not apply is
+        refused (--names hf without a GGUF input, --allow-full-download without a remote one), and
+        a fresh record of what remote inputs fetch starts. The ReadOptions to hand on."""
+        paths = [path for path in inputs if path is not None]
+        if self.read.names == "hf":
+            from ..ops.gguf_names import check_inputs
+
+            check_inputs(paths)
+        _start_reading(paths, self.allow_full_download)
+        return self.read
+
+
+def _input_options(given: dict) -> InputOptions:
+    read = ReadOptions(dequantize=given.get("dequantize", False),
+                       names=getattr(given.get("names"), "value", None) or "gguf")
+    return InputOptions(given.get("root"), read, given.get("allow_full_download", False))
+
+
+def input_options(*, omit: tuple[str, ...] = ()):
+    """Give a command the shared input options (--root, --dequantize, --names,
+    --allow-full-download), where its parameter `inp` stands, handed to it as one `inp: InputOptions`.
+    `omit`: options that do not apply to the command."""
+    wanted = {name: spec for name, spec in INPUT_OPTIONS.items() if name not in omit}
+    return expanded_options("inp", wanted, _input_options)
 
 
 def output_options(*, omit: tuple[str, ...] = (), **own: Any):

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import ops
-from .common import DequantizeOpt, NamesChoice, NamesOpt, naming, FullDownloadOpt, CastTo, InputArg, OutputOptions, RootOpt, command_app, examples, output_options, reading
+from .common import CastTo, InputArg, InputOptions, OutputOptions, command_app, examples, input_options, output_options
 
 
 app = command_app()
@@ -19,21 +19,18 @@ app = command_app()
     "ckptsurgery convert V3-fp8/ -o V3-bf16/model.safetensors --dequantize",
 ))
 @output_options()
+@input_options()
 def convert(
     input: InputArg,
     dtype: Annotated[Optional[CastTo], typer.Option("--dtype", help="Cast the float16, bfloat16, float32 and float64 tensors to this dtype (and, with --dequantize, the dequantized weights: bfloat16 by default).", show_default=False)] = None,
-    root: RootOpt = None,
-    dequantize: DequantizeOpt = False,
-    names: NamesOpt = NamesChoice.gguf,
-    allow_full_download: FullDownloadOpt = False,
+    inp: InputOptions = None,
     *,
     out: OutputOptions,
 ) -> None:
     """Convert between .pth and .safetensors, bit-exact unless --dtype asks for a cast.
 
     A .safetensors output keeps the input's metadata but its content hashes (--metadata sets entries)."""
-    reading([input], allow_full_download)
-    with naming(names, [input]) as named, out.writing() as write:
-        report = ops.convert_checkpoint(input, write, root=root, dtype=dtype and dtype.value, dequantize=dequantize)
-        report = named(report)
+    read = inp.reading(input)
+    with out.writing() as write:
+        report = ops.convert_checkpoint(input, write, root=inp.root, dtype=dtype and dtype.value, read=read)
     out.finish(report)

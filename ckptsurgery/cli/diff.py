@@ -10,7 +10,10 @@ import typer
 
 from .. import ops
 from ..errors import UsageError
-from .common import DequantizeOpt, NamesChoice, NamesOpt, naming, FullDownloadOpt, JsonOpt, RootOpt, command_app, console, examples, failures_exit, print_json, printable, reading, with_fetched
+from .common import (
+    InputOptions, JsonOpt, command_app, console, examples, failures_exit, input_options, print_json, printable,
+    with_fetched,
+)
 
 
 app = command_app()
@@ -21,6 +24,7 @@ app = command_app()
     "ckptsurgery diff -q before.pth after.pth || echo changed",
     "ckptsurgery diff ft-a/ ft-b/ --by-layer --base base/",
 ))
+@input_options()
 def diff(
     a: Annotated[str, typer.Argument(metavar="A", help="First checkpoint.", show_default=False)],
     b: Annotated[str, typer.Argument(metavar="B", help="Second checkpoint.", show_default=False)],
@@ -31,10 +35,7 @@ def diff(
     ignore: Annotated[Optional[list[str]], typer.Option(
         "--ignore", metavar="PATTERN", help="Compare neither side's keys matching PATTERN (glob, module name, or "
                                             "re:REGEX); repeatable.")] = None,
-    root: RootOpt = None,
-    dequantize: DequantizeOpt = False,
-    names: NamesOpt = NamesChoice.gguf,
-    allow_full_download: FullDownloadOpt = False,
+    inp: InputOptions = None,
     json: JsonOpt = False,
     brief: Annotated[bool, typer.Option(
         "-q", "--brief", "--quiet",
@@ -61,12 +62,10 @@ def diff(
             raise UsageError("--brief prints one line and --json the whole report: give one")
         if brief and by_layer:
             raise UsageError("--brief prints one line and --by-layer a chart: give one")
-        reading([a, b, base], allow_full_download)
-        with naming(names, [a, b, base]) as named:
-            report = named(ops.diff_checkpoints(a, b, atol=atol, rtol=rtol, ignore=ignore, root=root,
-                                                by_layer=by_layer, base=base, layer_pattern=layer_pattern,
-                                                dequantize=dequantize))
-        report = with_fetched(report)
+        read = inp.reading(a, b, base)
+        report = with_fetched(ops.diff_checkpoints(a, b, atol=atol, rtol=rtol, ignore=ignore, root=inp.root,
+                                                   by_layer=by_layer, base=base, layer_pattern=layer_pattern,
+                                                   read=read))
         if json:
             print_json(report.to_json())
         elif brief:

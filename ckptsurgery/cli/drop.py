@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from .. import ops
-from .common import DequantizeOpt, NamesChoice, NamesOpt, naming, FullDownloadOpt, InputArg, OutputOptions, RootOpt, command_app, examples, listing, output_options, reading
+from .common import InputArg, InputOptions, OutputOptions, command_app, examples, input_options, listing, output_options
 
 
 app = command_app()
@@ -19,6 +19,7 @@ app = command_app()
     "ckptsurgery drop a.safetensors fc -o b.safetensors --metadata license=mit",
 ))
 @output_options()
+@input_options()
 def drop(
     input: InputArg,
     patterns: Annotated[list[str], typer.Argument(
@@ -26,18 +27,14 @@ def drop(
         help="Keys or whole modules to remove (glob, module name, or re:REGEX); a pattern that selects no key of "
              "the state dict removes the top-level entries it names beside it (optimizer, lr_scheduler) from a "
              ".pth output.", show_default=False)],
-    root: RootOpt = None,
-    dequantize: DequantizeOpt = False,
-    names: NamesOpt = NamesChoice.gguf,
-    allow_full_download: FullDownloadOpt = False,
+    inp: InputOptions = None,
     *,
     out: OutputOptions,
 ) -> None:
     """Remove keys or whole modules, or top-level entries beside the state dict (a training checkpoint's optimizer)."""
-    reading([input], allow_full_download)
-    with naming(names, [input]) as named, out.writing() as write:
-        report = ops.drop_keys(input, patterns, write, root=root, dequantize=dequantize)
-        report = named(report)
+    read = inp.reading(input)
+    with out.writing() as write:
+        report = ops.drop_keys(input, patterns, write, root=inp.root, read=read)
     details = [listing("dropped", report.dropped)] if report.dropped or not report.dropped_outside else []
     if report.dropped_outside:
         details.append(listing("dropped beside the state dict", report.dropped_outside))

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import ops
-from .common import DequantizeOpt, NamesChoice, NamesOpt, naming, FullDownloadOpt, InputArg, OutputOptions, RootOpt, command_app, examples, listing, output_options, reading
+from .common import InputArg, InputOptions, OutputOptions, command_app, examples, input_options, listing, output_options
 
 
 app = command_app()
@@ -19,6 +19,7 @@ app = command_app()
     "ckptsurgery filter hf://org/vlm --keep vision_tower -o vision.safetensors",
 ))
 @output_options()
+@input_options()
 def filter_command(
     input: InputArg,
     keep: Annotated[Optional[list[str]], typer.Option(
@@ -30,19 +31,15 @@ def filter_command(
     skip_mismatched: Annotated[bool, typer.Option(
         "--skip-mismatched", help="With --like: leave out the keys whose shape differs from the template's "
                                   "(merge --into fits them instead).")] = False,
-    root: RootOpt = None,
-    dequantize: DequantizeOpt = False,
-    names: NamesOpt = NamesChoice.gguf,
-    allow_full_download: FullDownloadOpt = False,
+    inp: InputOptions = None,
     *,
     out: OutputOptions,
 ) -> None:
     """Keep selected keys, or the keys a template has in the template's shapes (the `if k in model_dict` recipe)."""
-    reading([input, like], allow_full_download)
-    with naming(names, [input]) as named, out.writing() as write:
-        report = ops.filter_keys(input, write, keep=keep, like=like, root=root, skip_mismatched=skip_mismatched,
-                                  dequantize=dequantize)
-        report = named(report)
+    read = inp.reading(input, like)
+    with out.writing() as write:
+        report = ops.filter_keys(input, write, keep=keep, like=like, root=inp.root, skip_mismatched=skip_mismatched,
+                                 read=read)
     details = [listing("left out", report.left_out)] if report.left_out else []
     if report.shape_mismatched:
         details.append(listing("their shape differs from the template's (--skip-mismatched)",

@@ -11,8 +11,8 @@ import typer
 from .. import ops
 from ..errors import CkptError, UsageError
 from .common import (
-    MAX_ROWS, DequantizeOpt, NamesChoice, NamesOpt, hf_names_line, naming, FullDownloadOpt, JsonOpt, QuietOpt, RootOpt, command_app, count, dequantized_line, examples, human_bytes,
-    fetched_line, note, print_json, printable, progress_bar, reading, with_fetched,
+    InputOptions, JsonOpt, MAX_ROWS, QuietOpt, command_app, count, dequantized_line, examples, fetched_line,
+    hf_names_line, human_bytes, input_options, note, print_json, printable, progress_bar, with_fetched,
 )
 
 
@@ -24,6 +24,7 @@ app = command_app()
     "ckptsurgery inspect model.safetensors --keys 'layers.0' --stats",
     "ckptsurgery inspect hf://org/model --tree --depth 2",
 ))
+@input_options()
 def inspect(
     inputs: Annotated[list[str], typer.Argument(
         metavar="INPUT...", help="Checkpoints: .pth/.pt/.bin/.ckpt, .safetensors, a shard index or a Hugging Face "
@@ -39,10 +40,7 @@ def inspect(
         "--hash", help="SHA-256 of each tensor (its dtype, shape and values: the same in any format) and one fingerprint of them all (reads data).")] = False,
     all_rows: Annotated[bool, typer.Option(
         "--all", help=f"List every tensor in the table (a longer table shows its first {MAX_ROWS:,} rows).")] = False,
-    root: RootOpt = None,
-    dequantize: DequantizeOpt = False,
-    names: NamesOpt = NamesChoice.gguf,
-    allow_full_download: FullDownloadOpt = False,
+    inp: InputOptions = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -59,11 +57,10 @@ def inspect(
                          f"--json once per input (for f in ...; do ckptsurgery inspect \"$f\" --json; done)")
     several = len(inputs) > 1
     for i, input in enumerate(inputs):
-        reading(inputs, allow_full_download)  # a fresh record of what this input fetches
-        with progress_bar(quiet or json or not (stats or hash)) as progress, _naming(input, several), \
-                naming(names, inputs) as named:
-            report = named(ops.inspect_checkpoint(input, keys=keys, stats=stats, tree=tree, depth=depth, hash=hash,
-                                                  root=root, progress=progress, dequantize=dequantize))
+        read = inp.reading(*inputs)  # a fresh record of what this input fetches
+        with progress_bar(quiet or json or not (stats or hash)) as progress, _naming(input, several):
+            report = ops.inspect_checkpoint(input, keys=keys, stats=stats, tree=tree, depth=depth, hash=hash,
+                                            root=inp.root, progress=progress, read=read)
         report = with_fetched(report)
         if json:
             print_json(report.to_json())

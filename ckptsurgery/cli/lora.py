@@ -13,8 +13,8 @@ from .. import ops
 from ..errors import UsageError
 from ..ops.reports import LoraMergeReport, LoraModule, LoraReport, LoraResizeReport
 from .common import (
-    CastTo, DequantizeOpt, OutputOptions, RootOpt, choice, command_group, count, examples, listing, note, output_options,
-    print_json, print_table, printable,
+    CastTo, InputOptions, OutputOptions, RootOpt, choice, command_group, count, examples, listing, note, output_options,
+    input_options, print_json, print_table, printable,
 )
 
 app = command_group("lora", "LoRA adapters: fold into a base, extract, merge several into one, resize, convert "
@@ -51,6 +51,7 @@ EnergyOpt = Annotated[Optional[float], typer.Option(
     "ckptsurgery lora fold sd.safetensors style.safetensors detail --scale 0.8 --scale 0.5 -o out.safetensors",
 ))
 @output_options()
+@input_options()
 def fold(
     base: Annotated[str, typer.Argument(metavar="BASE", help="The checkpoint the adapters were trained on.", show_default=False)],
     adapters: Annotated[list[str], typer.Argument(metavar="ADAPTER...", help="PEFT adapter folders, kohya/LyCORIS or diffusers .safetensors files, folded in order.", show_default=False)],
@@ -58,8 +59,7 @@ def fold(
         "--scale", metavar="S", show_default=False, help="Multiplies alpha/r (default 1); once for all, or once per ADAPTER in order.")] = None,
     allow_unmatched: Annotated[bool, typer.Option("--allow-unmatched", help="Fold what matches, list LoRA weights matching no base weight.")] = False,
     dtype: Annotated[Optional[CastTo], typer.Option("--dtype", help="Cast the floating tensors written (default: as the base).", show_default=False)] = None,
-    root: RootOpt = None,
-    dequantize: DequantizeOpt = False,
+    inp: InputOptions = None,
     *,
     out: OutputOptions,
 ) -> None:
@@ -69,9 +69,10 @@ def fold(
     if scale and len(scale) not in (1, len(adapters)):  # checked here: fold_adapters would name --lora-scale
         raise UsageError(f"--scale given {len(scale)} times for {count(len(adapters), 'ADAPTER')}: give it once (for "
                          f"all) or once per ADAPTER, in the same order")
+    read = inp.reading(base)
     with out.writing() as write:
         report = ops.fold_adapters(base, adapters, write, scales=scale, allow_unmatched=allow_unmatched,
-                                   dtype=dtype and dtype.value, root=root, dequantize=dequantize)
+                                   dtype=dtype and dtype.value, root=inp.root, read=read)
     details = [f"folded {count(len(report.adapters), 'adapter')} into {count(report.folded, 'tensor')}: "
                + "; ".join(f"{printable(a.path)} ({a.format}, scale {a.scale:g}, {a.folded} weights)"
                            for a in report.adapters)]

@@ -10,8 +10,8 @@ from .. import core, ops
 from ..errors import UsageError
 from ..ops.methods import METHODS, PARAMETERS, merge_options
 from .common import (
-    CastTo, DequantizeOpt, NamesChoice, NamesOpt, naming, FullDownloadOpt, OutputOptions, RootOpt, choice, command_app, count, examples, expanded_options, listing, output_options,
-    print_table, printable, summarised, reading,
+    CastTo, InputOptions, OutputOptions, choice, command_app, count, examples, expanded_options, input_options,
+    listing, output_options, print_table, printable, summarised,
 )
 
 
@@ -42,6 +42,7 @@ HELP = (f"Combine checkpoints: a plain union, an update of a template (--into), 
         f"{option.option}/--no-{option.option[2:]}" if option.type is bool else option.option,
         metavar=option.metavar or None, help=option.help, show_default=False, rich_help_panel=METHOD)], None)
     for option in merge_options()}, dict)
+@input_options()
 def merge(
     sources: Annotated[Optional[list[str]], typer.Argument(metavar="SOURCE...", help="Checkpoints to merge, in priority order (none with --config).", show_default=False)] = None,
     into: Annotated[Optional[str], typer.Option(
@@ -73,10 +74,7 @@ def merge(
         "--config", metavar="RECIPE", help="Run a mergekit 0.1.5 recipe (YAML): its models, method, parameters (gradients, filters), slices and dtypes; -o DIR writes a folder from_pretrained loads, -o FILE.safetensors the weights alone.", show_default=False, rich_help_panel=RECIPE)] = None,
     layer_pattern: Annotated[Optional[str], typer.Option(
         "--layer-pattern", metavar="REGEX", help="With --config, or a gradient (--t 0,0.5,1): the regex whose one group is a key's layer number, for a model whose key names do not tell its layers apart (two stacks).", show_default=False, rich_help_panel=RECIPE)] = None,
-    root: RootOpt = None,
-    dequantize: DequantizeOpt = False,
-    names: NamesOpt = NamesChoice.gguf,
-    allow_full_download: FullDownloadOpt = False,
+    inp: InputOptions = None,
     *,
     out: OutputOptions,
 ) -> None:
@@ -84,14 +82,12 @@ def merge(
     options = {"into": into, "on_mismatch": on_mismatch, "otherwise": otherwise, "prefix_tokens": prefix_tokens,
                "grid": grid, "on_conflict": on_conflict, "average": average, "method": method, "base": base,
                **parameters, "dtype": dtype, "lora": lora, "lora_scale": lora_scale, "allow_unmatched": allow_unmatched,
-               "config": config, "layer_pattern": layer_pattern, "dequantize": dequantize}
+               "config": config, "layer_pattern": layer_pattern, "dequantize": inp.read.dequantize,
+               "names": inp.read.names}
     options = {name: getattr(value, "value", value) for name, value in options.items()}  # choices as strings
-    reading([*(sources or []), into, base], allow_full_download)
-    if config is not None and names.value != "gguf":
-        raise UsageError("--names hf applies to the inputs merge reads itself; a recipe (--config) names its models "
-                         "in the YAML: convert a GGUF model with --names hf first")
-    with naming(names, [*(sources or []), base]) as named, out.writing() as write:
-        report = named(ops.merge_checkpoints(sources or [], write, root=root, **options))
+    inp.reading(*(sources or []), into, base)
+    with out.writing() as write:
+        report = ops.merge_checkpoints(sources or [], write, root=inp.root, **options)
     if out.json:
         out.finish(report)
         return

@@ -10,7 +10,10 @@ from typer.core import TyperOption
 
 from .. import core, ops
 from ..errors import CkptError
-from .common import DequantizeOpt, NamesChoice, NamesOpt, naming, FullDownloadOpt, InputArg, OutputOptions, RootOpt, command_app, count, examples, listing, output_options, print_table, printable, reading
+from .common import (
+    InputArg, InputOptions, OutputOptions, command_app, count, examples, input_options, listing, output_options,
+    print_table, printable,
+)
 from .help import HelpCommand
 
 
@@ -86,6 +89,7 @@ _RULE_KINDS = {f"--{option}": kind for kind, option in core.RULE_OPTIONS.items()
     r"ckptsurgery rename a.pth -o b.pth --regex 'layers\.(\d+)' 'blocks.\1'",
 ))
 @output_options()
+@input_options()
 def rename(
     ctx: typer.Context,
     input: InputArg,
@@ -102,10 +106,7 @@ def rename(
         "--map", metavar="MAP.json", help="JSON file of exact old name -> new name.")] = None,
     allow_unchanged: Annotated[bool, typer.Option(
         "--allow-unchanged", help="A rule that changes no key is not an error (for scripts: --strip-prefix module on a file already stripped).")] = False,
-    root: RootOpt = None,
-    dequantize: DequantizeOpt = False,
-    names: NamesOpt = NamesChoice.gguf,
-    allow_full_download: FullDownloadOpt = False,
+    inp: InputOptions = None,
     *,
     out: OutputOptions,
 ) -> None:
@@ -114,11 +115,9 @@ def rename(
     Every rule option may be repeated; the rules apply one after another in the order given, each to the names the earlier ones left. Each rule must change some key (unless --allow-unchanged). Two keys that would get one name fail the command, with every such pair named."""
     rules = [core.rename_rule(kind, *([_load_map(values[0])] if kind == "map" else values))
              for kind, values in ctx.meta.get(_RULES, [])]
-    reading([input], allow_full_download)
-    with naming(names, [input]) as named, out.writing() as write:
-        report = ops.rename_keys(input, rules, write, root=root, allow_unchanged=allow_unchanged,
-                                 dequantize=dequantize)
-        report = named(report)
+    read = inp.reading(input)
+    with out.writing() as write:
+        report = ops.rename_keys(input, rules, write, root=inp.root, allow_unchanged=allow_unchanged, read=read)
     if out.dry_run and not out.json:
         _print_rename_table(report)
     out.finish(report, [f"renamed {count(len(report.renamed), 'key')}",

@@ -32,7 +32,7 @@ _EXPORTS = {
     "merge_recipe": ".merge.recipe",
     "merge_union": ".merge.union",
     "merge_with_method": ".merge.by_method",
-    **dict.fromkeys(("ProgressFactory", "WriteOptions"), ".options"),
+    **dict.fromkeys(("ProgressFactory", "ReadOptions", "WriteOptions"), ".options"),
     **dict.fromkeys(("DiffReport", "DropReport", "ExtractReport", "FilterReport", "FoldReport", "InspectReport",
                      "IntoReport", "LoraConvertReport", "LoraMergeReport", "LoraResizeReport", "MergeReport", "MethodReport", "RecipeReport", "RenameReport", "Report",
                      "UnionReport", "WriteReport"), ".reports"),

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from .dequantize import open_input, with_dequantized
-from .options import WriteOptions, check_write_options, dtype_to_cast
+from .inputs import open_input, with_read
+from .options import READ_AS_IS, ReadOptions, WriteOptions, check_write_options, dtype_to_cast
 from .reports import WriteReport
 from .write import FolderOutput, write_checkpoint
 
@@ -16,10 +16,10 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def convert_checkpoint(input: str, write: WriteOptions, *, root: str | None = None,
-                       dtype: str | None = None, dequantize: bool = False) -> WriteReport:
+                       dtype: str | None = None, read: ReadOptions = READ_AS_IS) -> WriteReport:
     """Convert between .pth, .safetensors and DCP folders, and shard, bit-exact unless `dtype`
-    casts the float16/bfloat16/float32/float64 tensors. `dequantize`: scaled FP8 weights are
-    written dequantized (in `dtype`, else bfloat16), their scales left out (ops/dequantize.py);
+    casts the float16/bfloat16/float32/float64 tensors. `read`: how the input is read (ops/inputs.py);
+    with `read.dequantize`, scaled FP8 weights are written dequantized (in `dtype`, else bfloat16), their scales left out (ops/dequantize.py);
     from a model folder (a config.json in it) to `-o DIR/`, DIR is a model folder: the weights
     (shards of --max-shard-size, else as the input's index groups them, else 5GB as save_pretrained),
     config.json updated, the tokenizer's, generation and remote code files copied.
@@ -29,20 +29,21 @@ def convert_checkpoint(input: str, write: WriteOptions, *, root: str | None = No
     """
     write = check_write_options(write)
     cast = dtype_to_cast(dtype)
-    with open_input(input, root, dequantize, cast) as (ckpt, done):
-        folder = _model_folder_output(input, write) if dequantize else None
+    with open_input(input, root, read, cast) as (ckpt, done):
+        folder = _model_folder_output(input, write) if read.dequantize else None
         if folder is None:
-            return with_dequantized(write_checkpoint(ckpt.tensors, write, source=ckpt, cast=cast), done)
+            return with_read(write_checkpoint(ckpt.tensors, write, source=ckpt, cast=cast), done)
         from .model_folder import converted_folder_files, write_folder_files
 
-        written = done.dtype if done.tensors else (cast.name if cast else None)
-        files = converted_folder_files(input, written, bool(done.tensors))
+        dequantized = done.dequantized
+        written = dequantized.dtype if dequantized.tensors else (cast.name if cast else None)
+        files = converted_folder_files(input, written, bool(dequantized.tensors))
         shards = _input_shards(input) if write.max_shard_size is None else None
         shard = write.max_shard_size if write.max_shard_size is not None or shards else FOLDER_SHARD_SIZE
         weights = replace(write, output=os.path.join(folder, WEIGHTS_FILE), max_shard_size=shard)
         report = write_checkpoint(ckpt.tensors, weights, source=ckpt, cast=cast, shards=shards, folder=FolderOutput(
             folder, files.names, lambda staged: write_folder_files(staged, files)))
-        return replace(with_dequantized(report, done), model_folder={
+        return replace(with_read(report, done), model_folder={
             "config_changes": files.config_changes, "copied": sorted(files.copied), "notes": files.notes})
 
 

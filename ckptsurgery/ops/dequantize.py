@@ -30,7 +30,6 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Iterator
 
@@ -437,35 +436,6 @@ def dequantize_checkpoint(ckpt: Checkpoint, input: str, dtype: DType | None) -> 
     # a metadata `dtype` would now be untrue; the others (content hashes) the writer handles
     metadata = {k: v for k, v in ckpt.metadata.items() if k != "dtype"} if plans else ckpt.metadata
     return replace(ckpt, tensors=rebuilt, metadata=metadata), report
-
-
-@contextmanager
-def open_input(input: str, root: str | None = None, dequantize: bool = False,
-               dtype: DType | None = None) -> Iterator[tuple[Checkpoint, Dequantized | None]]:
-    """The input checkpoint, dequantized when asked (with what was done; None when not asked); a GGUF
-    input under Hugging Face names when `--names hf` is asked (ops/gguf_names.py's `asked`)."""
-    from ..io import open_checkpoint
-    from .gguf_names import as_asked
-
-    with open_checkpoint(input, root) as opened:
-        ckpt = as_asked(opened)
-        if not dequantize:
-            yield ckpt, None
-        else:
-            yield dequantize_checkpoint(ckpt, input, dtype)
-
-
-def with_dequantized(report, done: Dequantized | None):
-    """The report, saying what was dequantized."""
-    return report if done is None else replace(report, dequantized=done)
-
-
-def open_inputs(stack, paths: list[str], root: str | None, dequantize: bool,
-                dtype: DType | None) -> tuple[list[Checkpoint], Dequantized | None]:
-    """Several inputs (a merge's), entered on `stack`, each dequantized when asked; what was done
-    to them all (None when not asked)."""
-    opened = [stack.enter_context(open_input(path, root, dequantize, dtype)) for path in paths]
-    return [ckpt for ckpt, _ in opened], combined([done for _, done in opened if done is not None])
 
 
 def combined(dones: list[Dequantized]) -> Dequantized | None:

@@ -10,7 +10,8 @@ from contextlib import ExitStack
 from ..errors import UsageError
 from ..io import Checkpoint, TensorRef
 from ..io.model import mapped_range
-from .dequantize import open_inputs
+from .inputs import open_inputs, with_read
+from .options import READ_AS_IS, ReadOptions
 from .reports import DiffReport
 
 
@@ -157,7 +158,7 @@ def _widen(chunk, pairs: bool):
 
 def diff_checkpoints(a: str, b: str, *, atol: float = 0.0, rtol: float = 0.0, ignore: list[str] | None = None,
                      root: str | None = None, by_layer: bool = False, base: str | None = None,
-                     layer_pattern: str | None = None, dequantize: bool = False) -> DiffReport:
+                     layer_pattern: str | None = None, read: ReadOptions = READ_AS_IS) -> DiffReport:
     """Keys only in A or B, shape and dtype changes, and values that differ beyond the tolerance:
     equal when every element is within `atol + rtol·|b|` (torch.isclose with equal_nan, B the
     reference; `_float_close`). With atol and rtol 0 (bit-exact) a dtype change is a difference
@@ -173,12 +174,12 @@ def diff_checkpoints(a: str, b: str, *, atol: float = 0.0, rtol: float = 0.0, ig
     floating tensors of one shape and dtype on both sides, measured in the same pass that
     compares them (`_measure`: each tensor's bytes read once, chunk by chunk, in float64). With
     `base`, each row also holds the task vectors ‖A−BASE‖, ‖B−BASE‖ and their cosine. The names
-    left out of the norms are listed in `left_out`. The verdict is the plain diff's. `dequantize`:
-    every side's scaled FP8 weights are compared dequantized (bfloat16; ops/dequantize.py)."""
+    left out of the norms are listed in `left_out`. The verdict is the plain diff's. `read`: how
+    every side is read (ops/inputs.py: `dequantize`, scaled FP8 weights compared dequantized in bfloat16; `names`)."""
     _check_options(atol, rtol, by_layer, base, layer_pattern)
     tol = (atol, rtol)
     with ExitStack() as stack:
-        opened, done = open_inputs(stack, [a, b, *([base] if base is not None else [])], root, dequantize, None)
+        opened, done = open_inputs(stack, [a, b, *([base] if base is not None else [])], root, read, None)
         ca, cb, cz = opened[0], opened[1], opened[2] if base is not None else None
         pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="ckptsurgery-diff"))
         ca, cb, ignored = _without_ignored(ca, cb, ignore)
@@ -204,12 +205,11 @@ def diff_checkpoints(a: str, b: str, *, atol: float = 0.0, rtol: float = 0.0, ig
     exact = not (atol or rtol)
     identical = not (only_a or only_b or shape_changed or value_changed or (dtype_changed and exact))
     measured = layers.report(only_a, only_b, changes, tied, base) if layers is not None else {}
-    return DiffReport(a=a, b=b, atol=atol, rtol=rtol, identical=identical, equal=equal, only_in_a=only_a,
+    return with_read(DiffReport(a=a, b=b, atol=atol, rtol=rtol, identical=identical, equal=equal, only_in_a=only_a,
                       only_in_b=only_b, shape_changed=shape_changed, dtype_changed=dtype_changed,
                       value_changed=value_changed, ignored=ignored,
                       tied=[{"name": name, "side": side, "tied_to": partner, "by": by}
-                            for side in ("a", "b") for name, (partner, by) in tied[side].items()], **measured,
-                      dequantized=done)
+                            for side in ("a", "b") for name, (partner, by) in tied[side].items()], **measured), done)
 
 
 def _check_options(atol: float, rtol: float, by_layer: bool, base: str | None, layer_pattern: str | None) -> None:

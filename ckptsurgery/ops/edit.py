@@ -13,8 +13,8 @@ from .. import core
 from ..errors import CkptError, UsageError
 from ..io import Checkpoint, OutputFormat, TensorRef, open_checkpoint
 from ..io.tree import outside_names, without_entries
-from .dequantize import open_input, with_dequantized
-from .options import WriteOptions, check_write_options
+from .inputs import open_input, with_read
+from .options import READ_AS_IS, ReadOptions, WriteOptions, check_write_options
 from .reports import DropReport, FilterReport, RenameReport, WriteReport
 from .write import write_checkpoint
 
@@ -85,18 +85,19 @@ def _like_template(ckpt: Checkpoint, input: str, like: str, skip_mismatched: boo
 
 
 def filter_keys(input: str, write: WriteOptions, *, keep: list[str] | None = None, like: str | None = None,
-                root: str | None = None, skip_mismatched: bool = False, dequantize: bool = False) -> FilterReport:
+                root: str | None = None, skip_mismatched: bool = False, read: ReadOptions = READ_AS_IS) -> FilterReport:
     """Keep the keys that patterns select, or the keys a template checkpoint has
     (`{k: v for k, v in pretrained.items() if k in model_dict}`) — as long as their shapes are the
     template's: a shape that differs is an error, or with `skip_mismatched` the key is left out
-    (`shape_mismatched`); a dtype that differs is reported (`dtype_mismatched`). `dequantize`: the
-    input's scaled FP8 weights are read dequantized (bfloat16), their scales gone, before keys are chosen."""
+    (`shape_mismatched`); a dtype that differs is reported (`dtype_mismatched`). `read`: how the
+    input is read (ops/inputs.py: scaled FP8 weights dequantized to bfloat16, their scales gone; a GGUF
+    file's names), before keys are chosen."""
     write = check_write_options(write)
     if bool(keep) == bool(like):
         raise UsageError("give either --keep PATTERN (repeatable) or --like TEMPLATE, not both")
     if skip_mismatched and not like:
         raise UsageError("--skip-mismatched applies to --like TEMPLATE only")
-    with open_input(input, root, dequantize) as (ckpt, done):
+    with open_input(input, root, read) as (ckpt, done):
         if keep:
             names, fit = core.select(_keys(ckpt), keep), _Fit([], [], [])
         else:
@@ -104,7 +105,7 @@ def filter_keys(input: str, write: WriteOptions, *, keep: list[str] | None = Non
         kept, others = _subset(ckpt, names)
         written = write_checkpoint(kept, write, source=ckpt, others=others)
     chosen = set(names)
-    return FilterReport.extend(with_dequantized(written, done), kept=names, left_out=[k for k in _keys(ckpt) if k not in chosen],
+    return FilterReport.extend(with_read(written, done), kept=names, left_out=[k for k in _keys(ckpt) if k not in chosen],
                                missing_from_input=fit.missing, shape_mismatched=fit.shapes,
                                dtype_mismatched=fit.dtypes)
 
@@ -158,13 +159,13 @@ def _refuse_entries_unheld(input: str, entries: list[str], planned: WriteReport)
 
 
 def drop_keys(input: str, patterns: list[str], write: WriteOptions, *, root: str | None = None,
-              dequantize: bool = False) -> DropReport:
+              read: ReadOptions = READ_AS_IS) -> DropReport:
     """Remove the keys (or whole modules) that patterns select; a pattern that selects no key of
     the state dict but names a top-level entry beside it (a training checkpoint's `optimizer`)
     removes that entry from the written object (`dropped_outside`; .pth and DCP outputs).
-    `dequantize`: as for `filter_keys`."""
+    `read`: as for `filter_keys`."""
     write = check_write_options(write)
-    with open_input(input, root, dequantize) as (ckpt, done):
+    with open_input(input, root, read) as (ckpt, done):
         dropped, entries = _drop_plan(ckpt, patterns)
         gone = set(dropped)
         kept, others = _subset(ckpt, [k for k in _keys(ckpt) if k not in gone])
@@ -177,20 +178,20 @@ def drop_keys(input: str, patterns: list[str], write: WriteOptions, *, root: str
             _refuse_entries_unheld(input, entries, written)
         if written is None or not write.dry_run:
             written = write_checkpoint(kept, write, source=source, others=others)
-    return DropReport.extend(with_dequantized(written, done), dropped=dropped, dropped_outside=entries, kept=[*kept, *others])
+    return DropReport.extend(with_read(written, done), dropped=dropped, dropped_outside=entries, kept=[*kept, *others])
 
 
 def rename_keys(input: str, rules: list[core.RenameRule], write: WriteOptions, *,
-                root: str | None = None, allow_unchanged: bool = False, dequantize: bool = False) -> RenameReport:
+                root: str | None = None, allow_unchanged: bool = False, read: ReadOptions = READ_AS_IS) -> RenameReport:
     """Rename keys by rules; refuse, before writing anything, if two keys would share a name, or
     if a rule changes no key (unless `allow_unchanged`: the same command run twice then writes
-    the same file). `dequantize`: as for `filter_keys`."""
+    the same file). `read`: as for `filter_keys`."""
     write = check_write_options(write)
-    with open_input(input, root, dequantize) as (ckpt, done):
+    with open_input(input, root, read) as (ckpt, done):
         names, untouched = core.plan_rename(_keys(ckpt), rules, allow_unchanged)
         renamed = OrderedDict((names[k], t) for k, t in ckpt.tensors.items())
         others = OrderedDict((names[k], v) for k, v in ckpt.others.items())
         # _metadata holds module versions by the old module names: stale after a rename
         written = write_checkpoint(renamed, write, source=ckpt, keep_metadata=False, others=others)
-    return RenameReport.extend(with_dequantized(written, done), renamed={old: new for old, new in names.items() if old != new},
+    return RenameReport.extend(with_read(written, done), renamed={old: new for old, new in names.items() if old != new},
                                untouched=untouched)

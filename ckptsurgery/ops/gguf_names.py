@@ -16,18 +16,16 @@ halves of the head's rows interleaved; k with the key/value head count). GGUF ar
 tensor's rows are read where they lie in the mapped file, a quantized one's dequantized a head at
 a time. qwen2 and qwen3 are not permuted by llama.cpp, and are not here.
 
-`asked(Names.HF)` is how a caller asks: every input opened inside it through
-`ops/dequantize.py`'s `open_input` (every reading command's) that is a GGUF file is read with
-Hugging Face names, and the ledger it yields says what was done (`HfNames`). Any other
-architecture is refused in one line; so is `--names hf` when no input is a GGUF file (wrong usage)."""
+A caller asks with `ReadOptions(names="hf")` (ops/options.py): every input an operation opens
+(ops/inputs.py's `open_input`) that is a GGUF file is read with Hugging Face names, and the report's
+`hf_names` says what was done. Any other architecture is refused in one line; the command line
+refuses `--names hf` when no input is a GGUF file (`check_inputs`: wrong usage)."""
 
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import replace
-from typing import Iterator
 
 from ..errors import CkptError, UsageError
 from ..kinds import Kind
@@ -170,47 +168,27 @@ def unpermuted_tensor(t, heads: int, where: str):
     return out
 
 
-# ---- asking: the input option ------------------------------------------------------------------
+# ---- the input option (ReadOptions.names, ops/inputs.py) ---------------------------------------
 
-class Ledger:
-    """What `--names hf` did to the inputs opened while it was asked (one `HfNames` per GGUF input)."""
+def hf_names_of(ckpt):
+    """`ckpt` under Hugging Face names when it is a GGUF file (with what was done), else as it is
+    (and None): `--names hf` leaves the names of an input of another format alone."""
+    from ..io.formats import Format
 
-    def __init__(self, names: Names):
-        self.names = names
-        self.done: list[HfNames] = []
-
-    def combined(self) -> HfNames | None:
-        if not self.done:
-            return None
-        if len(self.done) == 1:
-            return self.done[0]
-        archs = list(dict.fromkeys(d.architecture for d in self.done))
-        return HfNames(architecture=", ".join(archs), renamed=sum(d.renamed for d in self.done),
-                       unpermuted=[n for d in self.done for n in d.unpermuted],
-                       left_out=[n for d in self.done for n in d.left_out])
-
-    def into(self, report):
-        """The report, saying what --names hf did (unchanged when nothing was asked or done)."""
-        done = self.combined()
-        return report if done is None else replace(report, hf_names=done)
+    if ckpt.format != Format.GGUF:
+        return ckpt, None
+    return hf_names(ckpt)
 
 
-_asked: Ledger | None = None  # the process's: ops may open inputs in other threads
-
-
-@contextmanager
-def asked(names: Names | str, inputs: list | None = None) -> Iterator[Ledger]:
-    """While inside: GGUF inputs opened through `open_input` are read with `names`' names. `inputs`
-    (the paths the command was given): with `Names.HF`, refused as wrong usage when none is a GGUF file."""
-    global _asked
-    names = Names(names)
-    if names == Names.HF and inputs is not None:
-        check_inputs(inputs)
-    before, _asked = _asked, Ledger(names)
-    try:
-        yield _asked
-    finally:
-        _asked = before
+def combined(dones: list[HfNames]) -> HfNames | None:
+    """What --names hf did to several GGUF inputs (a merge's, a diff's)."""
+    if not dones:
+        return None
+    if len(dones) == 1:
+        return dones[0]
+    archs = list(dict.fromkeys(d.architecture for d in dones))
+    return HfNames(architecture=", ".join(archs), renamed=sum(d.renamed for d in dones),
+                   unpermuted=[n for d in dones for n in d.unpermuted], left_out=[n for d in dones for n in d.left_out])
 
 
 def check_inputs(inputs: list) -> None:
@@ -233,18 +211,3 @@ def check_inputs(inputs: list) -> None:
         what = f"{path} is {fmt}" if len(found) == 1 else f"none of the inputs is ({path} is {fmt})"
         raise UsageError(f"--names hf maps a GGUF file's tensor names to Hugging Face's, and {what}; "
                          f"omit --names hf")
-
-
-def as_asked(ckpt):
-    """`ckpt` read with the names asked (`asked`): a GGUF file's renamed under `Names.HF`, recorded
-    in the ledger; anything else as it is."""
-    ledger = _asked
-    if ledger is None or ledger.names != Names.HF:
-        return ckpt
-    from ..io.formats import Format
-
-    if ckpt.format != Format.GGUF:
-        return ckpt
-    renamed, done = hf_names(ckpt)
-    ledger.done.append(done)
-    return renamed

@@ -14,26 +14,25 @@ from ..errors import CkptError, UsageError
 from ..io import Checkpoint, TensorRef
 from ..io.model import numel_of
 from ..io.tree import describe, extras, module_state
-from .dequantize import open_input
-from .options import ProgressFactory
+from .inputs import open_input, with_read
+from .options import READ_AS_IS, ProgressFactory, ReadOptions
 from .reports import InspectReport
 
 
 def inspect_checkpoint(input: str, *, keys: list[str] | None = None, stats: bool = False, tree: bool = False,
             depth: int | None = None, hash: bool = False, root: str | None = None,
-            progress: ProgressFactory | None = None, dequantize: bool = False) -> InspectReport:
+            progress: ProgressFactory | None = None, read: ReadOptions = READ_AS_IS) -> InspectReport:
     """The report of `inspect_report` for the keys that `keys` select; with `stats`, each tensor's
     `tensor_stats` (reads data); with `hash`, each tensor's "sha256" and the listed tensors'
     "fingerprint" (ops/digest.py); with `tree`, the `module_tree` rows under "tree", `depth`
-    levels deep. `dequantize`: the input's scaled FP8 weights as they read dequantized (bfloat16;
-    ops/dequantize.py), their scales gone."""
+    levels deep. `read`: how the input is read (ops/inputs.py: scaled FP8 weights as they read
+    dequantized, bfloat16, their scales gone; a GGUF file's names)."""
     if depth is not None and not tree:
         raise UsageError("--depth applies to --tree only")
     if depth is not None and (type(depth) is not int or depth < 1):
         raise UsageError(f"--depth {depth!r}: give a number of levels, 1 or more")
-    with open_input(input, root, dequantize) as (ckpt, done):
-        report = inspect_report(ckpt, keys)
-        report.dequantized = done
+    with open_input(input, root, read) as (ckpt, done):
+        report = with_read(inspect_report(ckpt, keys), done)
         if stats:
             total = sum(entry["nbytes"] for entry in report.tensors)
             tick = progress(total, "reading tensors") if progress else None

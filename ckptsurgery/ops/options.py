@@ -20,6 +20,32 @@ ProgressFactory = Callable[[int, str], Callable[[int], None]]
 
 
 @dataclass(frozen=True)
+class ReadOptions:
+    """How inputs are read (their options; WriteOptions are the output's), applied as each input is
+    opened (ops/inputs.py's `open_input`).
+
+    Args:
+        dequantize: scaled FP8 weights are read as full-precision ones, their scales left out
+            (ops/dequantize.py).
+        names: "hf" reads a GGUF file's tensors under their Hugging Face names (ops/gguf_names.py);
+            "gguf" (the default) keeps llama.cpp's. Inputs that are not GGUF files keep theirs.
+
+    Example:
+        >>> convert_checkpoint("model.gguf", WriteOptions("model.safetensors"), read=ReadOptions(names="hf"))
+    """
+
+    dequantize: bool = False
+    names: str = "gguf"
+
+    def __post_init__(self) -> None:
+        if self.names not in ("gguf", "hf"):
+            raise UsageError(f"names {self.names!r}: give gguf or hf")
+
+
+READ_AS_IS = ReadOptions()
+
+
+@dataclass(frozen=True)
 class WriteOptions:
     """Where and how an output is written.
 

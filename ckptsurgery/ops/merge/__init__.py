@@ -16,7 +16,7 @@ from ...errors import UsageError
 from ...kinds import Kind
 from .. import methods
 from ..methods import option_of
-from ..options import WriteOptions, check_write_options
+from ..options import ReadOptions, WriteOptions, check_write_options
 from ..reports import MergeReport
 from .into import ADAPT_OPTIONS, merge_into, refuse_adapt_options
 
@@ -38,17 +38,18 @@ MODE_NAMES = {Mode.UNION: "a plain merge", Mode.INTO: "merge --into", Mode.METHO
 # the options each mode takes (the library's keywords; the command line spells them --with-dashes).
 # --dtype applies to every mode: it casts what is written.
 MODE_OPTIONS: dict[Mode, frozenset[str]] = {
-    Mode.UNION: frozenset({"on_conflict", "dtype", "dequantize"}),
-    Mode.INTO: frozenset({"into", "on_mismatch", "otherwise", "prefix_tokens", "grid", "dtype", "dequantize"}),
+    Mode.UNION: frozenset({"on_conflict", "dtype", "dequantize", "names"}),
+    Mode.INTO: frozenset({"into", "on_mismatch", "otherwise", "prefix_tokens", "grid", "dtype", "dequantize", "names"}),
     # --layer-pattern: where a gradient (--t 0,0.5,1) finds the layers; by_method refuses it without one
-    Mode.METHOD: frozenset({"method", "average", "base", "dtype", "dequantize", "layer_pattern", *methods.PARAMETERS}),
-    Mode.LORA: frozenset({"lora", "lora_scale", "allow_unmatched", "dtype", "dequantize"}),
+    Mode.METHOD: frozenset({"method", "average", "base", "dtype", "dequantize", "names", "layer_pattern",
+                            *methods.PARAMETERS}),
+    Mode.LORA: frozenset({"lora", "lora_scale", "allow_unmatched", "dtype", "dequantize", "names"}),
     # a recipe names its models, method, parameters and dtypes itself
     Mode.RECIPE: frozenset({"config", "layer_pattern"}),
 }
 # the order refusals consider options in, and list them in
 OPTION_ORDER = ("lora_scale", "allow_unmatched", "into", "average", "method", "base", "on_conflict", "on_mismatch",
-                *methods.PARAMETERS, *ADAPT_OPTIONS, "dtype", "dequantize", "lora", "config", "layer_pattern")
+                *methods.PARAMETERS, *ADAPT_OPTIONS, "dtype", "dequantize", "names", "lora", "config", "layer_pattern")
 # a method parameter may not take a name merge already gives an option
 _CLASH = set(methods.PARAMETERS) & (set(OPTION_ORDER) - set(methods.PARAMETERS) | {"root", "sources", "write"})
 if _CLASH:
@@ -61,6 +62,8 @@ def _given(name: str, value) -> bool:
     mode checks, but for --lora and --lora-scale, where it means none; False is a value of a merge
     method's flag (--no-normalize), None is not given."""
     if name in ("lora", "lora_scale") and isinstance(value, (list, tuple)) and not value:
+        return False
+    if name == "names" and value == "gguf":  # the default: names as the file has them
         return False
     return value is not None and (value is not False or name in methods.PARAMETERS)
 
@@ -126,22 +129,25 @@ def merge_checkpoints(sources: list[str], write: WriteOptions, *, root: str | No
         raise UsageError("merge needs at least one SOURCE, or a recipe: --config RECIPE")
     given = {name: value for name, value in options.items() if _given(name, value)}
     write = check_write_options(write)
+    # the input options, one object every mode opens its inputs with (ops/inputs.py)
+    read = ReadOptions(dequantize=bool(given.pop("dequantize", False)), names=given.pop("names", "gguf"))
     if mode is Mode.LORA:
         if len(sources) != 1:
             raise UsageError(f"--lora folds into exactly one base checkpoint, not {len(sources)}: fold first, then merge")
         from .fold import fold_adapters  # each mode's machinery imported when it runs: adapters, methods
 
         adapters = given.pop("lora")
-        return fold_adapters(sources[0], adapters, write, scales=given.pop("lora_scale", None), root=root, **given)
+        return fold_adapters(sources[0], adapters, write, scales=given.pop("lora_scale", None), root=root, read=read,
+                             **given)
     if mode is Mode.INTO:
-        return merge_into(sources, given.pop("into"), write, root=root, **given)
+        return merge_into(sources, given.pop("into"), write, root=root, read=read, **given)
     if mode is Mode.METHOD:
         from .by_method import merge_with_method
 
-        return merge_with_method(sources, write, root=root, **given)
+        return merge_with_method(sources, write, root=root, read=read, **given)
     from .union import merge_union
 
-    return merge_union(sources, write, root=root, **given)
+    return merge_union(sources, write, root=root, read=read, **given)
 
 
 __all__ = ["MODE_OPTIONS", "Mode", "merge_checkpoints", "refuse_other_modes"]

@@ -20,22 +20,22 @@ from ...io import Checkpoint, TensorRef
 from ...io.model import chunked_tensor, mapped_range
 from .. import methods
 from ..methods import MergeMethod, Parameters
-from ..dequantize import open_inputs, with_dequantized
-from ..options import WriteOptions, check_write_options, dtype_to_cast
+from ..inputs import open_inputs, with_read
+from ..options import READ_AS_IS, ReadOptions, WriteOptions, check_write_options, dtype_to_cast
 from ..reports import MethodReport
 from ..write import write_checkpoint
 
 
 def merge_with_method(sources: list[str], write: WriteOptions, *, method: str | None = None, average: bool = False,
                       base: str | None = None, dtype: str | None = None, root: str | None = None,
-                      layer_pattern: str | None = None, dequantize: bool = False, **parameters) -> MethodReport:
+                      layer_pattern: str | None = None, read: ReadOptions = READ_AS_IS, **parameters) -> MethodReport:
     """Every key of the models merged by a merge method (ops/methods; `average` is method
     "linear"), with the method's `parameters` by name (weights, density, ...; a float that is
     not per model may be a gradient over the layers, t=[0, 0.5, 1] or "0,0.5,1"); tensors that
     are not floating come from the base (else the first model). `layer_pattern`: the layers'
     regex when the key names do not tell them apart (with a gradient only). A .safetensors
-    output keeps the base's metadata (else the first model's). `dequantize`: the models' (and the
-    base's) scaled FP8 weights are read dequantized (ops/dequantize.py).
+    output keeps the base's metadata (else the first model's). `read`: how the models (and the base)
+    are read (ops/inputs.py: scaled FP8 weights dequantized, GGUF names).
 
     Example:
         >>> merge_with_method(["a.safetensors", "b.safetensors"], WriteOptions("ties.safetensors"),
@@ -54,12 +54,12 @@ def merge_with_method(sources: list[str], write: WriteOptions, *, method: str | 
         raise UsageError("--layer-pattern goes with a gradient (--t 0,0.5,1) or --config")
     cast = dtype_to_cast(dtype)
     with ExitStack() as stack:
-        ckpts, done = open_inputs(stack, [*sources, *([base] if base is not None else [])], root, dequantize, cast)
+        ckpts, done = open_inputs(stack, [*sources, *([base] if base is not None else [])], root, read, cast)
         base_ckpt = ckpts.pop() if base is not None else None
         merged = merge_by_method(ckpts, base_ckpt, method, params, cast, layer_pattern)
         first = base_ckpt or ckpts[0]
         written = write_checkpoint(merged.tensors, write, source=first, cast=cast, inputs=[*ckpts, first])
-    return MethodReport.extend(with_dequantized(written, done), input=None, mode="method", sources=list(sources), method=method, base=base,
+    return MethodReport.extend(with_read(written, done), input=None, mode="method", sources=list(sources), method=method, base=base,
                                parameters=params.report(), layers=merged.layers, merged=merged.merged,
                                not_merged=merged.not_merged,
                                notes=merged.notes())  # read from the keys' merges, once written

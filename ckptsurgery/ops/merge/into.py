@@ -12,8 +12,8 @@ from ...errors import CkptError, UsageError
 from ...io import Checkpoint, TensorRef, open_checkpoint
 from ...io.model import computed_tensor
 from ..methods import option_of
-from ..dequantize import open_inputs, with_dequantized
-from ..options import WriteOptions, check_write_options, dtype_to_cast
+from ..inputs import open_inputs, with_read
+from ..options import READ_AS_IS, ReadOptions, WriteOptions, check_write_options, dtype_to_cast
 from ..reports import IntoReport
 from ..write import write_checkpoint
 
@@ -21,25 +21,25 @@ from ..write import write_checkpoint
 def merge_into(sources: list[str], template: str, write: WriteOptions, *, on_mismatch: str | None = None,
                otherwise: str | None = None, prefix_tokens: int | None = None,
                grid: str | tuple[int, int] | None = None, dtype: str | None = None,
-               root: str | None = None, dequantize: bool = False) -> IntoReport:
+               root: str | None = None, read: ReadOptions = READ_AS_IS) -> IntoReport:
     """`model_dict.update(pretrained_dict)`: exactly the template's keys, shapes and dtypes, in
     its order, each from the first source that has it (after removing a wrapper prefix). A
     shape that differs follows `on_mismatch`: "error" (the default), "skip", "overlap", or
     "adapt" (with `otherwise`, `prefix_tokens`, `grid`; see ops/adapt.py). A .safetensors
-    output keeps the first source's metadata (not the template's). `dequantize`: the sources' scaled
-    FP8 weights are read dequantized (the template is read as it is)."""
+    output keeps the first source's metadata (not the template's). `read`: how the sources are read
+    (ops/inputs.py; the template is read as it is)."""
     write = check_write_options(write)
     adapting = _adapt_options(on_mismatch, otherwise, prefix_tokens, grid)
     on_mismatch = core.check_choice("error" if on_mismatch is None else on_mismatch, core.MISMATCH_POLICIES,
                                     "--on-mismatch")
     cast = dtype_to_cast(dtype)
     with ExitStack() as stack:
-        ckpts, done = open_inputs(stack, sources, root, dequantize, cast)
+        ckpts, done = open_inputs(stack, sources, root, read, cast)
         model = stack.enter_context(open_checkpoint(template))
         merged, details = _into_template(ckpts, model, on_mismatch, adapting)
         written = write_checkpoint(merged, write, source=model, cast=cast, inputs=[*ckpts, model],
                                    metadata_from=ckpts[0])
-    return IntoReport.extend(with_dequantized(written, done), input=None, mode="into", sources=list(sources), template=template, **details)
+    return IntoReport.extend(with_read(written, done), input=None, mode="into", sources=list(sources), template=template, **details)
 
 
 ADAPT_OPTIONS = ("otherwise", "prefix_tokens", "grid")  # what --on-mismatch adapt alone takes

@@ -8,28 +8,28 @@ from contextlib import ExitStack
 from ... import core
 from ...errors import CkptError
 from ...io import Checkpoint, TensorRef
-from ..dequantize import open_inputs, with_dequantized
-from ..options import WriteOptions, check_write_options, dtype_to_cast
+from ..inputs import open_inputs, with_read
+from ..options import READ_AS_IS, ReadOptions, WriteOptions, check_write_options, dtype_to_cast
 from ..reports import UnionReport
 from ..write import write_checkpoint
 
 
 def merge_union(sources: list[str], write: WriteOptions, *, on_conflict: str | None = None,
-                dtype: str | None = None, root: str | None = None, dequantize: bool = False) -> UnionReport:
+                dtype: str | None = None, root: str | None = None, read: ReadOptions = READ_AS_IS) -> UnionReport:
     """The union of the sources' state dicts, in order; a key in several sources follows
     `on_conflict`: "error" (the default; nothing written), "first" or "last". `dtype` casts the
-    floating tensors written. A .safetensors output keeps the first source's metadata. `dequantize`:
-    the sources' scaled FP8 weights are read dequantized (ops/dequantize.py)."""
+    floating tensors written. A .safetensors output keeps the first source's metadata. `read`: how
+    the sources are read (ops/inputs.py: scaled FP8 weights dequantized, GGUF names)."""
     write = check_write_options(write)
     on_conflict = core.check_choice("error" if on_conflict is None else on_conflict, core.CONFLICT_POLICIES,
                                     "--on-conflict")
     cast = dtype_to_cast(dtype)
     with ExitStack() as stack:
-        ckpts, done = open_inputs(stack, sources, root, dequantize, cast)
+        ckpts, done = open_inputs(stack, sources, root, read, cast)
         merged, others, details = _plain_union(ckpts, on_conflict)
         written = write_checkpoint(merged, write, source=ckpts[0], cast=cast, others=others,
                                    inputs=[*ckpts, ckpts[0]])
-    return UnionReport.extend(with_dequantized(written, done), input=None, mode="union", sources=list(sources), **details)
+    return UnionReport.extend(with_read(written, done), input=None, mode="union", sources=list(sources), **details)
 
 
 
