@@ -144,3 +144,29 @@ def test_an_ia3_fold_imports_no_torch(dtype, tmp_path):
     fold_without_torch(tmp_path, dtype, 4,
                        lambda peft: peft.IA3Config(target_modules=["0", "1"], feedforward_modules=["1"]),
                        "ia3_", lambda r: 1 + r * 0.3, "ckptsurgery.ops.adapters.kind_ia3", 1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_dora_fold_imports_no_torch(dtype, tmp_path):
+    """merge BASE --lora DORA_FOLDER (peft's use_dora on Linear weights: row norms) computes in
+    numpy (issue 20 §3): torch is not imported, and the output is peft's merge_and_unload within
+    float32 rounding (bf16: peft merges in bf16 itself, so its result may be a bf16 step from ours)."""
+    fold_without_torch(tmp_path, dtype, 6,
+                       lambda peft: peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "1"], use_dora=True),
+                       "lora_", lambda r: r * 0.3, "ckptsurgery.ops.adapters.kind_dora", 1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_loha_fold_imports_no_torch(dtype, tmp_path):
+    """merge BASE --lora LOHA_FOLDER computes the Hadamard product in numpy: no torch, peft's merge."""
+    fold_without_torch(tmp_path, dtype, 6, lambda peft: peft.LoHaConfig(r=2, alpha=4, target_modules=["0", "1"]),
+                       "hada_", lambda r: r * 0.3, "ckptsurgery.ops.adapters.kind_loha", 1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("form", [dict(r=1), dict(r=1, decompose_both=True, decompose_factor=4), dict(r=8)])
+def test_a_lokr_fold_imports_no_torch(dtype, form, tmp_path):
+    """merge BASE --lora LOKR_FOLDER (w1 whole and w2_a·w2_b; both decomposed; both whole)
+    computes the Kronecker rows in numpy: no torch, peft's merge."""
+    fold_without_torch(tmp_path, dtype, 4, lambda peft: peft.LoKrConfig(alpha=2, target_modules=["0", "1"], **form),
+                       "lokr_", lambda r: r * 0.3, "ckptsurgery.ops.adapters.kind_lokr", 1e-5)

@@ -6,9 +6,11 @@ W + S·s·ΔW and the others, see kind_<name>.py) with the user's scale S.
 A folded tensor is made a chunk of rows at a time when it is written: the base's rows, widened,
 then each step of each module on them (kinds.Step) — no more than a chunk of W is ever widened,
 and a step that needs every row first (a norm over a column) sees them in a pass before. A tensor
-whose steps can all be made in numpy (`Step.numpy`: a plain LoRA's ΔW from float factors laid out
-in their files, an IA3 vector's product, a replacing tensor), its base a plain float, is folded
+whose steps can all be made in numpy (`Step.numpy`: every kind's steps from plain float factors
+laid out in their files — LoRA's ΔW, DoRA's norms and rescale, IA3's vector, LoHa's and LoKr's
+products, LyCORIS's dora_scale — and a replacing tensor), its base a plain float, is folded
 in numpy, without torch, and rounded once as torch rounds (`methods._codec.encode`); any other in torch.
+A norm in numpy sums its squares in float64 and may differ from torch's float32 norm by an ulp.
 Folding knows adapters only through kinds.Adapter and the two tables (read.FORMATS, read.KINDS),
 so a new format or kind folds without a change here."""
 
@@ -288,19 +290,32 @@ def _folded(base: TensorRef, steps: list[Step], dtype, recent: _Recent) -> Tenso
 def _numpy_chunks(base: TensorRef, steps: list[Step], dtype, wide: str, spans: list[tuple[int, int]],
                   recent: _Recent):
     """j -> the bytes of chunk j (rows spans[j]) of `base` folded in numpy: no torch."""
+    import threading
+
     from ..methods._codec import encode
 
     values = row_values(base, wide)
     tag = object()  # this tensor, in `recent`
+    lock = threading.Lock()
+    measured: list = []
+
+    def rows(lo: int, hi: int, upto: int):
+        out = values(lo, hi)
+        for step in steps[:upto]:
+            step.rows_numpy(out, lo, hi)
+        return out
 
     def make(j: int):
         data = recent.get((tag, j))
         if data is None:
-            lo, hi = spans[j]
-            out = values(lo, hi)
-            for step in steps:
-                step.rows_numpy(out, lo, hi)
-            data = encode(out, dtype.name)  # rounded once, when written, as torch's .to rounds
+            with lock:
+                if not measured:  # each step that needs every row sees them, as the steps before left them
+                    for k, step in enumerate(steps):
+                        if step.whole:
+                            for lo, hi in spans:
+                                step.measure_numpy(rows(lo, hi, k), lo, hi)
+                    measured.append(True)
+            data = encode(rows(*spans[j], len(steps)), dtype.name)  # rounded once, when written, as torch's .to
             recent.keep((tag, j), data)
         return data
 
@@ -309,11 +324,11 @@ def _numpy_chunks(base: TensorRef, steps: list[Step], dtype, wide: str, spans: l
 
 def _in_numpy(base: TensorRef, steps: list[Step], dtype, wide: str) -> bool:
     """Whether a folded tensor is made in numpy, without torch: every step can (`Step.numpy`: a
-    LoRA's ΔW from plain float factors, an IA3 vector, a replacing tensor), the base is a plain float and the
+    kind's step from plain float factors, a replacing tensor), the base is a plain float and the
     output a float numpy writes as torch does (rounded once from `wide`: float64 is never
     rounded to bfloat16 through float32)."""
     return (numpy_ready(base) and dtype.name in NUMPY_DTYPES and not (wide == "float64" and dtype.name == "bfloat16")
-            and all(step.numpy and not step.whole for step in steps))
+            and all(step.numpy for step in steps))
 
 
 def parse_scales(scales: list[float] | None, count: int) -> list[float]:

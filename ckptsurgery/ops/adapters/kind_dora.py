@@ -32,8 +32,9 @@ from __future__ import annotations
 from abc import abstractmethod
 
 from ...errors import CkptError
-from .kind_lora import Lora, check_factors, delta_rows
-from .kinds import TRANSPOSED, Added, AdapterKind, FoldKind, Layout, Module, Step, check_base_weight, row_reader
+from .kind_lora import Lora, check_factors, delta_rows, delta_rows_numpy
+from .kinds import (TRANSPOSED, Added, AdapterKind, FoldKind, Layout, Module, Step, check_base_weight, finite,
+                    numpy_ready, raw_rows, row_norms, row_reader, row_values, values_numpy, widen)
 
 
 class Dora(Lora):  # LoRA's factors, their check and orientation; its own steps
@@ -59,29 +60,94 @@ class Dora(Lora):  # LoRA's factors, their check and orientation; its own steps
             raise CkptError(f"{where}: lora_magnitude_vector {list(m.shape)} {m.dtype.name} does not fit the base's "
                             f"{key} {list(weight.shape)}: DoRA holds one floating magnitude per output "
                             f"({outputs}, a {axis} each)")
-        if not _values(m).isfinite().all():
+        if not finite(m):
             raise CkptError(f"{where}: lora_magnitude_vector holds NaN or infinite values; nothing was written")
         return layout
 
     def steps(self, module, layout, scale, weight) -> list[tuple[str, Step]]:
         if "dora_scale" in module.factors:
             delta = lambda lo, hi, out: delta_rows(module, layout, lo, hi, out.shape, out.dtype)  # noqa: E731
-            return [("weight", Decomposed(module, delta, module.scale, scale, weight))]
+            in_numpy = None
+            if all(numpy_ready(t) for t in (module.a, module.b, *module.factors.values())):
+                in_numpy = lambda lo, hi, out: _lora_rows_numpy(module, layout, lo, hi, out)  # noqa: E731
+            return [("weight", Decomposed(module, delta, module.scale, scale, weight, in_numpy))]
         return [("weight", Rescaled(module, layout, scale * module.scale, weight))]
+
+
+def _lora_rows_numpy(module: Module, layout: Layout, lo: int, hi: int, out):
+    """kind_lora.delta_rows in numpy (a new array typed as `out`), a LoCon's Tucker core too."""
+    import numpy as np
+
+    wide = out.dtype.name
+    if "mid" not in module.factors:
+        return delta_rows_numpy(module, layout, lo, hi, out.shape, wide)
+    mid = values_numpy(module.factors["mid"], wide)  # Σ up[o, p] mid[p, q, k…] down[q, i]
+    up = raw_rows(module.b).reshape(module.b.shape)[lo:hi].reshape(hi - lo, -1)
+    down = values_numpy(module.a, wide).reshape(module.a.shape[0], -1)
+    return np.einsum("pq...,op,qi->oi...", mid, widen(up, module.b.dtype.name, wide), down, optimize=True)
 
 
 class Rescaled(Step):
     """W's rows → m / ‖W₀ + factor·ΔW‖ ⊙ (W + factor·ΔW): the norms per row (a row is an
-    output), or per column, measured over every row first."""
+    output), or per column, measured over every row first. In numpy (`rows_numpy`) when the
+    base, the factors and m are plain floats: the same float32 (float64) products, the norms'
+    squares summed in float64 — numpy's float32 norm sums in another order than torch's, so a
+    norm may differ from torch's by an ulp and a bfloat16/float16 output by one step of it."""
 
     def __init__(self, module: Module, layout: Layout, factor: float, weight):
-        self.module, self.layout, self.factor = module, layout, factor
-        self.base = row_reader(weight)  # W₀: the norms are the base's, whatever was folded before
+        self.module, self.layout, self.factor, self.weight = module, layout, factor, weight
+        self.reader = None  # W₀'s rows (torch), made at the first torch rows: a numpy fold has no torch
+        self.reader_numpy = None  # the same, numpy
         self.whole = layout in TRANSPOSED
         self.squares = None  # per column: Σ (W₀ + factor·ΔW)² over the rows measured (float64)
+        self.numpy = all(numpy_ready(t) for t in (weight, module.a, module.b, module.factors["magnitude"]))
+
+    def base(self, lo: int, hi: int):
+        """W₀'s rows: the norms are the base's, whatever was folded before."""
+        if self.reader is None:
+            self.reader = row_reader(self.weight)
+        return self.reader(lo, hi)
+
+    def base_numpy(self, lo: int, hi: int, wide: str):
+        if self.reader_numpy is None:
+            self.reader_numpy = row_values(self.weight, wide)
+        return self.reader_numpy(lo, hi)
 
     def delta(self, out, lo: int, hi: int):
         return self.factor * delta_rows(self.module, self.layout, lo, hi, out.shape, out.dtype)
+
+    def delta_numpy(self, out, lo: int, hi: int):
+        delta = delta_rows_numpy(self.module, self.layout, lo, hi, out.shape, out.dtype.name)
+        delta *= out.dtype.type(self.factor)
+        return delta
+
+    def measure_numpy(self, out, lo: int, hi: int) -> None:
+        import numpy as np
+
+        v = self.base_numpy(lo, hi, out.dtype.name)
+        v += self.delta_numpy(out, lo, hi)
+        v = v.astype(np.float64)
+        squares = np.einsum("ij,ij->j", v, v)  # the columns of a 2-D weight
+        self.squares = squares if self.squares is None else self.squares + squares
+
+    def rows_numpy(self, out, lo: int, hi: int) -> None:
+        import numpy as np
+
+        wide = out.dtype.name
+        delta = self.delta_numpy(out, lo, hi)
+        m = values_numpy(self.module.factors["magnitude"], wide).reshape(-1)
+        if self.whole:
+            norms = np.sqrt(self.squares).astype(wide)
+        else:
+            v = self.base_numpy(lo, hi, wide)
+            v += delta
+            each = (-1, *[1] * (v.ndim - 1))  # one value per row
+            m, norms = m[lo:hi].reshape(each), row_norms(v, wide).reshape(each)
+        if not norms.all():
+            raise CkptError(f"{self.module.name}: a {'column' if self.whole else 'row'} of W + s·ΔW is all zeros: "
+                            f"DoRA's m/‖W + s·ΔW‖ has no value there")
+        out += delta
+        out *= m / norms
 
     def measure(self, out, lo: int, hi: int) -> None:
         import torch
@@ -115,7 +181,7 @@ def check_dora_scale(where: str, module: Module, key: str, weight) -> None:
         shown = " or ".join(str(list(s)) for s in _axes(shape)) if len(shape) >= 2 else "none"
         raise CkptError(f"{where}: dora_scale {list(m.shape)} {m.dtype.name} does not fit the base's {key} "
                         f"{list(shape)}: LyCORIS holds one floating magnitude per output or per input, {shown}")
-    if not _values(m).isfinite().all():
+    if not finite(m):
         raise CkptError(f"{where}: dora_scale holds NaN or infinite values; nothing was written")
 
 
@@ -128,13 +194,47 @@ def _axes(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
 class Decomposed(Step):
     """LyCORIS's weight decomposition of W + s·ΔW (module docstring): `delta(lo, hi, out)` gives
     ΔW's rows without s; the norms per row (dora_scale [out, 1, …]) made with each chunk, or per
-    input (dora_scale [1, in, …]) measured over every row first."""
+    input (dora_scale [1, in, …]) measured over every row first. `delta_numpy` (optional): the
+    same rows as a new numpy array, for `rows_numpy` (the norms' squares summed in float64)."""
 
-    def __init__(self, module: Module, delta, factor: float, multiplier: float, weight):
+    def __init__(self, module: Module, delta, factor: float, multiplier: float, weight, delta_numpy=None):
         m = module.factors["dora_scale"]
         self.module, self.delta, self.factor, self.multiplier = module, delta, factor, multiplier
+        self.delta_numpy = delta_numpy
+        self.numpy = delta_numpy is not None and numpy_ready(m)
         self.whole = tuple(m.shape) != _axes(tuple(weight.shape))[0]
         self.squares = None  # per input: Σ V² over every other axis (float64)
+
+    def measure_numpy(self, out, lo: int, hi: int) -> None:
+        import numpy as np
+
+        v = self.delta_numpy(lo, hi, out)
+        v *= out.dtype.type(self.factor)
+        v += out
+        v = v.astype(np.float64)
+        np.square(v, out=v)
+        squares = v.sum(axis=tuple(i for i in range(v.ndim) if i != 1))
+        self.squares = squares if self.squares is None else self.squares + squares
+
+    def rows_numpy(self, out, lo: int, hi: int) -> None:
+        import numpy as np
+
+        wide = out.dtype.name
+        delta = self.delta_numpy(lo, hi, out)
+        delta *= out.dtype.type(self.factor)
+        out += delta
+        m = values_numpy(self.module.factors["dora_scale"], wide).reshape(-1)
+        ones = [1] * (out.ndim - 2)
+        if self.whole:
+            norms = np.sqrt(self.squares).astype(wide).reshape(1, -1, *ones)
+            m = m.reshape(1, -1, *ones)
+        else:
+            norms = row_norms(out, wide).reshape(-1, 1, *ones)
+            m = m[lo:hi].reshape(-1, 1, *ones)
+        scale = m / (norms + np.finfo(wide).eps)
+        if self.multiplier != 1:
+            scale = out.dtype.type(self.multiplier) * (scale - 1) + 1
+        out *= scale
 
     def measure(self, out, lo: int, hi: int) -> None:
         import torch
@@ -170,13 +270,17 @@ def _values(t):
 DORA = Dora()
 
 
-def delta_steps(module: Module, rows, scale: float, weight) -> list[tuple[str, Step]]:
+def delta_steps(module: Module, rows, scale: float, weight, rows_numpy=None) -> list[tuple[str, Step]]:
     """The weight's step for a kind whose ΔW rows `rows(module, lo, hi, out)` makes (LoHa, LoKr):
-    added, × its scale and the user's; or, with LyCORIS's `dora_scale`, decomposed (Decomposed)."""
+    added, × its scale and the user's; or, with LyCORIS's `dora_scale`, decomposed (Decomposed).
+    `rows_numpy`: the same in numpy, taken when every factor is a plain float (numpy_ready)."""
     delta = lambda lo, hi, out: rows(module, lo, hi, out)  # noqa: E731
+    in_numpy = None
+    if rows_numpy is not None and all(numpy_ready(t) for t in module.factors.values()):
+        in_numpy = lambda lo, hi, out: rows_numpy(module, lo, hi, out)  # noqa: E731
     if "dora_scale" in module.factors:
-        return [("weight", Decomposed(module, delta, module.scale, scale, weight))]
-    return [("weight", Added(delta, scale * module.scale))]
+        return [("weight", Decomposed(module, delta, module.scale, scale, weight, in_numpy))]
+    return [("weight", Added(delta, scale * module.scale, in_numpy))]
 
 
 class ProductKind(FoldKind):

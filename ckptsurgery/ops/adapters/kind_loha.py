@@ -7,8 +7,9 @@ low-rank products, s = α/r, as peft's LoHa layers merge it (peft/tuners/loha/la
     ΔW = rebuild(t1, w1_a, w1_b) ⊙ rebuild(t2, …)  a conv with use_effective_conv2d: t [r, r, k…],
                                                    w_a [r, out], w_b [r, in], rebuild = Σ t·w_b·w_a
 
-reshaped to the base weight (a Linear, a Conv2d or a Conv1d). Its entry in read.KINDS; peft.py
-reads `hada_w1_a` … `hada_t2` into Module.factors as "w1_a" … "t2"."""
+reshaped to the base weight (a Linear, a Conv2d or a Conv1d). Plain float factors make ΔW in
+numpy (`delta_rows_numpy`: the same float32 products), so that such a fold needs no torch. Its
+entry in read.KINDS; peft.py reads `hada_w1_a` … `hada_t2` into Module.factors as "w1_a" … "t2"."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import math
 
 from ...errors import CkptError
 from .kind_dora import ProductKind, delta_steps
-from .kinds import AdapterKind, Module, Step
+from .kinds import AdapterKind, Module, Step, raw_rows, values_numpy, widen
 
 PAIRS = (("w1_a", "w1_b", "t1"), ("w2_a", "w2_b", "t2"))
 
@@ -39,7 +40,7 @@ class Loha(ProductKind):
         return made[0] is not None and made[0] == made[1] and _fits(made[0], base, "t1" in f)
 
     def steps(self, module, layout, scale, weight) -> list[tuple[str, Step]]:
-        return delta_steps(module, delta_rows, scale, weight)  # with dora_scale: LyCORIS's decomposition
+        return delta_steps(module, delta_rows, scale, weight, delta_rows_numpy)  # dora_scale: LyCORIS's
 
 
 def _made(f: dict, a: str, b: str, t: str) -> tuple[int, ...] | None:
@@ -80,6 +81,23 @@ def delta_rows(module: Module, lo: int, hi: int, out):
         else:
             halves.append(wa[lo:hi] @ wb)
     return (halves[0] * halves[1]).reshape(out.shape)
+
+
+def delta_rows_numpy(module: Module, lo: int, hi: int, out):
+    """`delta_rows` in numpy for plain float factors: a new array shaped and typed as `out`."""
+    import numpy as np
+
+    f, wide = module.factors, out.dtype.name
+    halves = []
+    for a, b, t in PAIRS:
+        wb = values_numpy(f[b], wide)
+        if t in f:  # rebuild[p, r, k…] = Σ t[i, j, k…] wb[j, r] wa[i, p]
+            wa = widen(raw_rows(f[a]).reshape(f[a].shape)[:, lo:hi], f[a].dtype.name, wide)
+            halves.append(np.einsum("ij...,jr,ip->pr...", values_numpy(f[t], wide), wb, wa, optimize=True))
+        else:
+            halves.append(widen(raw_rows(f[a])[lo:hi], f[a].dtype.name, wide) @ wb)
+    product = np.multiply(halves[0], halves[1])
+    return product.reshape(out.shape)
 
 
 LOHA = Loha()

@@ -11,7 +11,9 @@ reshaped to the base weight [a·b, c·d…] (a Linear, a Conv2d or a Conv1d). A 
 ΔW is made row by row: row b·i + j of w1 ⊗ w2 is w1[i] ⊗ w2[j], from those rows of each side
 alone (a file's factors cannot make a chunk cost more than its rows) — except peft's Conv1d's
 whole 3-D w2, which torch.kron lays out otherwise and which is made whole for each chunk
-(LyCORIS's make_kron gives w1 w2's dims first, so its Conv1d's is laid out row by row).
+(LyCORIS's make_kron gives w1 w2's dims first, so its Conv1d's is laid out row by row). Plain
+float factors make ΔW in numpy (`delta_rows_numpy`: the same float32 products, np.kron for that
+Conv1d), so that such a fold needs no torch.
 
 LyCORIS files (kohya.py) scale a module by α/r, r the rank of its decomposed side (w1_b's, else
 w2_b's first axis), and by 1 when neither side is decomposed, whatever α says (LyCORIS's
@@ -24,7 +26,7 @@ import math
 
 from ...errors import CkptError
 from .kind_dora import ProductKind, delta_steps
-from .kinds import AdapterKind, Module, Step
+from .kinds import AdapterKind, Module, Step, raw_rows, values_numpy, widen
 
 
 class Lokr(ProductKind):
@@ -45,7 +47,7 @@ class Lokr(ProductKind):
         return w1 is not None and w2 is not None and len(w1) == 2 and _fits(w1, w2, base)
 
     def steps(self, module, layout, scale, weight) -> list[tuple[str, Step]]:
-        return delta_steps(module, delta_rows, scale, weight)  # with dora_scale: LyCORIS's decomposition
+        return delta_steps(module, delta_rows, scale, weight, delta_rows_numpy)  # dora_scale: LyCORIS's
 
 
 def _forms(f: dict) -> list[tuple[str, ...] | None]:
@@ -123,6 +125,43 @@ def delta_rows(module: Module, lo: int, hi: int, out):
     left = _side(module, "w1", out.dtype, rows // w2_rows)  # [rows, c]
     right = _side(module, "w2", out.dtype, rows % w2_rows)  # [rows, d…]
     product = left.view(*left.shape, *[1] * (right.dim() - 1)) * right.unsqueeze(1)  # [rows, c, d…]
+    return product.reshape(hi - lo, left.shape[1] * right.shape[1], *right.shape[2:]).reshape(out.shape)
+
+
+def _side_numpy(module: Module, side: str, wide: str, rows=None):
+    """`_side` in numpy for plain float factors (`rows` a numpy array of row indices)."""
+    import numpy as np
+
+    f = module.factors
+
+    def raw(name: str):
+        return raw_rows(f[name]).reshape(f[name].shape)
+
+    if side in f:
+        whole = raw(side)
+        return widen(whole if rows is None else whole[rows], f[side].dtype.name, wide)
+    a, b = f"{side}_a", f"{side}_b"
+    wb = values_numpy(f[b], wide)
+    if side == "w2" and "t2" in f:  # [b, d, k…] = Σ t[i, j, k…] wa[i, p] wb[j, r]
+        wa = widen(raw(a) if rows is None else raw(a)[:, rows], f[a].dtype.name, wide)
+        return np.einsum("ij...,ip,jr->pr...", values_numpy(f["t2"], wide), wa, wb, optimize=True)
+    return widen(raw(a) if rows is None else raw(a)[rows], f[a].dtype.name, wide) @ wb
+
+
+def delta_rows_numpy(module: Module, lo: int, hi: int, out):
+    """`delta_rows` in numpy for plain float factors: a new array shaped and typed as `out`."""
+    import numpy as np
+
+    f, wide = module.factors, out.dtype.name
+    w2_rows = f["w2"].shape[0] if "w2" in f else f["w2_a"].shape[1 if "t2" in f else 0]
+    if "w2" in f and len(f["w2"].shape) == 3 and not module.lycoris:  # peft's Conv1d whole w2: as torch.kron
+        row = math.prod(out.shape[1:])
+        whole = np.kron(_side_numpy(module, "w1", wide), _side_numpy(module, "w2", wide))
+        return whole.reshape(-1)[lo * row:hi * row].reshape(out.shape).copy()
+    rows = np.arange(lo, hi)
+    left = _side_numpy(module, "w1", wide, rows // w2_rows)  # [rows, c]
+    right = _side_numpy(module, "w2", wide, rows % w2_rows)  # [rows, d…]
+    product = left.reshape(*left.shape, *[1] * (right.ndim - 1)) * right[:, None]  # [rows, c, d…]
     return product.reshape(hi - lo, left.shape[1] * right.shape[1], *right.shape[2:]).reshape(out.shape)
 
 

@@ -93,8 +93,9 @@ class Adapter:
 class Step(ABC):
     """One change to one base tensor, made a chunk of its rows at a time: fold.py runs a
     tensor's steps in order on each chunk, so no more than a chunk of W is ever widened. A step
-    whose `numpy` is True also has `rows_numpy(out, lo, hi)`: `rows` on a widened numpy array
-    (float32, float64 for a float64 W), so that the fold needs no torch."""
+    whose `numpy` is True also has `rows_numpy(out, lo, hi)` (and, with `whole`,
+    `measure_numpy`): `rows` on a widened numpy array (float32, float64 for a float64 W), so that
+    the fold needs no torch."""
 
     whole = False  # True: `measure` must see every row (as the steps before left it) first
     numpy = False  # True: the step has `rows_numpy`
@@ -106,6 +107,13 @@ class Step(ABC):
 
     def measure(self, out, lo: int, hi: int) -> None:
         """With `whole`: see rows [lo, hi) (each row once, in order) before any `rows` call."""
+
+    def rows_numpy(self, out, lo: int, hi: int) -> None:
+        """With `numpy`: `rows` on a numpy array."""
+        raise NotImplementedError
+
+    def measure_numpy(self, out, lo: int, hi: int) -> None:
+        """With `numpy` and `whole`: `measure` on a numpy array."""
 
 
 class Added(Step):
@@ -154,6 +162,33 @@ def widen(raw, dtype: str, wide: str):
         values = bits.view(np.float32)
         return values if wide == "float32" else values.astype(wide)
     return raw.astype(wide, copy=False)
+
+
+def values_numpy(t: TensorRef, wide: str):
+    """A numpy_ready `t` whole, shaped as it is, as `wide` values: read-only (a view of its
+    bytes when they are already `wide`), for products that make arrays of their own."""
+    return widen(raw_rows(t).reshape(t.shape), t.dtype.name, wide)
+
+
+def finite(t: TensorRef) -> bool:
+    """Whether every value of a floating `t` is finite: in numpy when it can (no torch)."""
+    if numpy_ready(t):
+        import numpy as np
+
+        return bool(np.isfinite(widen(raw_rows(t).reshape(-1), t.dtype.name, "float64")).all())
+    from ...io.tensors import as_torch
+
+    return bool(as_torch(t).isfinite().all())
+
+
+def row_norms(v, wide: str):
+    """The Euclidean norm of each row of numpy `v` (over every axis but the first), summed in
+    float64 and given in `wide`."""
+    import numpy as np
+
+    flat = v.reshape(v.shape[0], -1) if v.size else np.zeros((v.shape[0], 0))
+    flat = flat.astype(np.float64)
+    return np.sqrt(np.einsum("ij,ij->i", flat, flat)).astype(wide)
 
 
 def row_values(t: TensorRef, wide: str):
