@@ -521,3 +521,23 @@ def test_seed_is_reported_as_given(cli, tmp_path):
                  "-o", tmp_path / "out.safetensors")
     assert result.code == 0, result.err
     assert "seed 123456789" in result.err + result.out, result.err
+
+
+# ---- shared machinery: the same numbers whatever the chunks -----------------------------------------
+
+@pytest.mark.parametrize("shape, how", [((7, 5), "rows"), ((3, 4, 5), "rows"), ((40,), "rows"), ((6, 5), "whole"),
+                                        ((6, 5), "columns")])
+def test_vectors_multiply_is_values_times_spread(shape, how):
+    """Vectors.multiply (a row at a time, broadcast) gives the bits of values * spread(...), for
+    any chunk: partial rows at either end, chunks shorter than a row, whole rows."""
+    from ckptsurgery.ops.methods._vectors import Vectors
+
+    rng = np.random.default_rng(3)
+    numel = math.prod(shape)
+    values = rng.standard_normal(numel).astype(np.float32)
+    vectors = Vectors(shape, numel, how)
+    per_vector = rng.standard_normal(vectors.count).astype(np.float32)
+    for start, count in [(0, numel), (0, 3), (2, 9), (5, 10), (4, numel - 4), (numel - 1, 1)]:
+        want = values[start:start + count] * vectors.spread(start, count, per_vector)
+        got = vectors.multiply(start, values[start:start + count].copy(), per_vector)
+        assert got.tobytes() == np.asarray(want, np.float32).tobytes(), (start, count)

@@ -38,6 +38,34 @@ class Vectors:
         return np.bincount(self.ids(start, len(values)), weights=values.astype(np.float64, copy=False),
                            minlength=self.count)
 
+    def multiply(self, start: int, values, per_vector):
+        """`values` (elements [start, start + len)) times their vector's value, in place: what
+        `values * spread(...)` gives, without an index per element (rows: a row at a time, broadcast)."""
+        import numpy as np
+
+        if self.how == "whole":
+            values *= per_vector[0]
+            return values
+        if self.how == "columns":
+            values *= self.spread(start, len(values), per_vector)
+            return values
+        per_vector = np.asarray(per_vector)
+        length, count = self.length, len(values)
+        row, offset = divmod(start, length)
+        head = min(count, length - offset) if offset else 0
+        if head:
+            values[:head] *= per_vector[row]
+            row += 1
+        whole = (count - head) // length
+        if whole:
+            body = values[head:head + whole * length].reshape(whole, length)
+            body *= per_vector[row:row + whole, None]
+            row += whole
+        tail = head + whole * length
+        if tail < count:
+            values[tail:] *= per_vector[row]
+        return values
+
     def spread(self, start: int, count: int, per_vector):
         """A value per vector as a value per element of [start, start + count)."""
         import numpy as np

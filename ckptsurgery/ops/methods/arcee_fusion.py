@@ -31,44 +31,60 @@ class ArceeFusion(MergeMethod):
         length = self.numel // max(1, self.rows.count)
         self.kl = np.zeros(self.rows.count, self.wide)
         per_read = max(1, self.chunk_size // max(1, length))
+        p_buffer = q_buffer = None
         for first in range(0, self.rows.count, per_read):
             rows = min(per_read, self.rows.count - first)
             start, count = first * length, rows * length
-            p = self._softmax(self.reads[1](start, count).reshape(rows, length))
-            q = self._softmax(self.reads[0](start, count).reshape(rows, length))
-            self.kl[first:first + rows] = (p * np.log(p / q)).sum(axis=1)
-        scores = np.empty(self.numel, self.wide)
-        for j in range(self.chunks):
-            start, count = self.span(j)
-            self._scores(start, count, out=scores[start:start + count])
+            if p_buffer is None:  # the same memory for every block of rows
+                p_buffer, q_buffer = (np.empty(min(per_read, self.rows.count) * length, np.float64) for _ in "pq")
+            p = self._softmax(self.reads[1](start, count).reshape(rows, length), p_buffer[:count].reshape(rows, length))
+            q = self._softmax(self.reads[0](start, count).reshape(rows, length), q_buffer[:count].reshape(rows, length))
+            ratio = np.divide(p, q, out=q)
+            terms = np.multiply(p, np.log(ratio, out=ratio), out=ratio)
+            self.kl[first:first + rows] = terms.sum(axis=1)
+        del p_buffer, q_buffer
         n = self.numel
         if not n:
             self.threshold = 0.0
             return
-        at = [int(q * (n - 1)) for q in QUANTILES]  # mergekit's sorted[int(q·(n − 1))]
-        scores.partition(sorted(set(at)))
-        q1, median, q3 = (scores[i] for i in at)
+        scores = np.empty(n, self.wide)
+        for j in range(self.chunks):
+            start, count = self.span(j)
+            self._scores(start, count, out=scores[start:start + count])
+        lo, mid, hi = (int(q * (n - 1)) for q in QUANTILES)  # mergekit's sorted[int(q·(n − 1))]
+        # one order statistic per partition (numpy's vectorized selection takes one; a list of them
+        # is several times slower): the median, then q1 among those below it, q3 among those above
+        scores.partition(mid)
+        if lo < mid:
+            scores[:mid].partition(lo)
+        if hi > mid:
+            scores[mid + 1:].partition(hi - mid - 1)
+        q1, median, q3 = scores[lo], scores[mid], scores[hi]
         self.threshold = median + 1.5 * (q3 - q1)
 
     @staticmethod
-    def _softmax(x):
+    def _softmax(x, out):
+        """softmax + ε of each row of `x`, in float64, into `out` (of x's shape)."""
         import numpy as np
 
-        x = x.astype(np.float64)
-        e = np.exp(x - x.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True) + PROBABILITY_EPS
+        np.subtract(x, x.max(axis=1, keepdims=True), out=out, dtype=np.float64)  # exact: float32 in
+        np.exp(out, out=out)
+        out /= out.sum(axis=1, keepdims=True)
+        out += PROBABILITY_EPS
+        return out
 
     def _scores(self, start: int, count: int, out=None):
         import numpy as np
 
         delta = np.abs(np.subtract(self.reads[1](start, count), self.reads[0](start, count), out=out), out=out)
-        return np.multiply(delta, self.rows.spread(start, count, self.kl), out=delta)
+        return self.rows.multiply(start, delta, self.kl)
 
     def merge_chunk(self, j: int, values: list, out):
         import numpy as np
 
         start, count = self.span(j)
-        keep = self._scores(start, count) >= self.threshold
+        keep = np.greater_equal(self._scores(start, count, out=self.scratch(0, count)), self.threshold,
+                                out=self.buffer("keep", count, bool))
         result = np.subtract(values[1], values[0], out=out)
         result *= keep
         result += values[0]
