@@ -9,6 +9,7 @@ import json
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -27,6 +28,12 @@ class Behaviour:
     change_after: int | None = None  # after this many range requests, the file's ETag changes
     no_etag: bool = False
     redirect_loop: bool = False  # every request is redirected to itself
+    redirect_to: str | None = None  # every request outside /cdn/ is redirected there (an absolute URL)
+    redirect_body: int = 0  # bytes of text in a redirect's body
+    hub_direct: bool = False  # the Hub answers resolve itself, no redirect (a file outside LFS)
+    lie_range: str | None = None  # the Content-Range sent with every 206, whatever was asked
+    drip: float | None = None  # seconds between the body's bytes (the status and headers come at once)
+    header_drip: float | None = None  # seconds between header lines
 
 
 @dataclass
@@ -104,15 +111,10 @@ class RangeServer:
                 b.fail_times -= 1
         if failing:
             return self._status(h, path, rng, 503)
-        if b.redirect_loop:
-            self._record(path, rng, 302, 0)
-            h.send_response(302)
-            h.send_header("Location", h.path)
-            h.send_header("Content-Length", "0")
-            h.end_headers()
-            return
+        if b.redirect_loop or b.redirect_to and not path.startswith("/cdn/"):
+            return self._redirect(h, path, rng, h.path if b.redirect_loop else b.redirect_to, {})
         hub = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
-        if hub:  # the Hub: check the token, then redirect to the CDN
+        if hub:  # the Hub: check the token, then redirect to the CDN (or, hub_direct, answer itself)
             if b.token and h.headers.get("Authorization") != f"Bearer {b.token}":
                 return self._status(h, path, rng, 401)
             repo, revision, filename = hub.groups()
@@ -121,15 +123,11 @@ class RangeServer:
             local = os.path.join(self.folder, repo, filename)
             if not os.path.isfile(local):
                 return self._status(h, path, rng, 404, {"X-Repo-Commit": b.hub_commit})
-            host = b.redirect_host or f"127.0.0.1:{self.port}"
-            self._record(path, rng, 302, 0)
-            h.send_response(302)
-            h.send_header("Location", f"http://{host}/cdn/{repo}/{filename}?signature=secret")
-            h.send_header("X-Repo-Commit", b.hub_commit)
-            h.send_header("Content-Length", "0")
-            h.end_headers()
-            return
-        if path.startswith("/cdn/"):
+            if not b.hub_direct:
+                host = b.redirect_host or f"127.0.0.1:{self.port}"
+                return self._redirect(h, path, rng, f"http://{host}/cdn/{repo}/{filename}?signature=secret",
+                                      {"X-Repo-Commit": b.hub_commit})
+        elif path.startswith("/cdn/"):
             local = os.path.join(self.folder, path[len("/cdn/"):])
         else:
             if b.token and h.headers.get("Authorization") != f"Bearer {b.token}":
@@ -139,14 +137,17 @@ class RangeServer:
             return self._status(h, path, rng, 404)
         size = os.path.getsize(local)
         etag = None if b.no_etag else f'"{size}-v1"'
+        modified = "Mon, 07 Dec 2026 10:00:00 GMT"
+        commit = {"X-Repo-Commit": b.hub_commit} if hub else {}
         match = _RANGE.fullmatch(rng or "") if not b.ignore_range else None
         if match is None:
             with open(local, "rb") as f:
-                return self._send(h, path, rng, 200, f.read(), {"ETag": etag, "Accept-Ranges": "none"})
+                return self._send(h, path, rng, 200, f.read(), {"ETag": etag, "Accept-Ranges": "none", **commit})
         with self._lock:
             self._ranges += 1
             if b.change_after is not None and self._ranges > b.change_after:
-                etag = f'"{size}-v2"'
+                etag = None if b.no_etag else f'"{size}-v2"'
+                modified = "Mon, 07 Dec 2026 11:00:00 GMT"
         start = int(match.group(1))
         end = min(int(match.group(2)) if match.group(2) else size - 1, size - 1)
         if start >= size:
@@ -154,7 +155,8 @@ class RangeServer:
         with open(local, "rb") as f:  # only the range: a bench serves files of gigabytes
             f.seek(start)
             body = f.read(end + 1 - start)
-        headers = {"ETag": etag, "Content-Range": f"bytes {start}-{end}/{size}"}
+        headers = {"ETag": etag, "Last-Modified": modified, "Content-Range": b.lie_range or f"bytes {start}-{end}/{size}",
+                   **commit}
         if b.truncate and len(body) > 16:
             self._record(path, rng, 206, len(body) // 2)
             h.send_response(206)
@@ -168,15 +170,36 @@ class RangeServer:
             return
         self._send(h, path, rng, 206, body, headers)
 
+    def _redirect(self, h, path, rng, location: str, headers: dict) -> None:
+        body = b"x" * self.behaviour.redirect_body
+        self._record(path, rng, 302, 0)
+        h.send_response(302)
+        h.send_header("Location", location)
+        for k, v in headers.items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
     def _send(self, h, path, rng, status, body: bytes, headers: dict) -> None:
+        b = self.behaviour
         h.send_response(status)
         for k, v in headers.items():
             if v is not None:
                 h.send_header(k, v)
+                if b.header_drip:
+                    h.wfile.flush()
+                    time.sleep(b.header_drip)
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
         try:
-            h.wfile.write(body)
+            if b.drip and status == 206:
+                for i in range(len(body)):
+                    h.wfile.write(body[i : i + 1])
+                    h.wfile.flush()
+                    time.sleep(b.drip)
+            else:
+                h.wfile.write(body)
             sent = len(body)
         except (BrokenPipeError, ConnectionResetError):  # the client stopped reading (a refused 200)
             sent = 0

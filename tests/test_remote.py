@@ -320,3 +320,110 @@ def test_after_the_hubs_redirect_ranges_are_asked_of_the_cdn_directly(cli, serve
     hub = [p for p in paths if "/resolve/" in p]  # the index looked for (404), then the file's first bytes
     assert hub == ["/org/single/resolve/main/model.safetensors.index.json", "/org/single/resolve/main/model.safetensors"]
     assert sum(p.startswith("/cdn/") for p in paths) >= 2
+
+
+# ---- what a hostile server or URL tries (the red team's findings, each a case) ---------------
+
+def test_the_token_goes_only_to_the_endpoints_own_scheme_and_host(cli, server, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "s3cret")
+    monkeypatch.setenv("HF_ENDPOINT", f"https://127.0.0.1:{server.port}")  # the Hub over https: not this http URL
+    assert cli("inspect", f"{server.url}/a.safetensors").code == 0
+    assert all(auth is None for _, auth in server.served.authorizations)
+    from ckptsurgery.io.http import Location
+
+    where = Location("https://hub.example/x", "x", "s3cret", ("https", "hub.example"))
+    assert where.may_carry_token("https://HUB.example/y") and not where.may_carry_token("HTTP://hub.example/y")
+    assert not where.may_carry_token("https://hub.example:8443/y") and not where.may_carry_token("https://cdn.example/y")
+
+
+def test_a_token_is_stripped_and_one_that_is_not_a_header_value_is_refused_unshown(cli, server, monkeypatch):
+    server.behaviour.token = "s3cret"
+    monkeypatch.setenv("HF_TOKEN", "s3cret\n")
+    assert cli("inspect", "hf://org/single").code == 0
+    monkeypatch.setenv("HF_TOKEN", "s3 cret")
+    result = cli("inspect", "hf://org/single")
+    assert_one_error_line(result, "the Hugging Face token")
+    assert "cret" not in result.err
+
+
+@pytest.mark.parametrize("lie", ["bytes 0-299999999/300000000", "bytes 10-5/48032", "bytes 0-511/" + "9" * 30,
+                                 "bytes 3-514/48032"])
+def test_a_content_range_that_is_not_what_was_asked_is_refused_before_its_body_is_read(cli, server, tmp_path, lie):
+    server.behaviour.lie_range = lie
+    _refused(cli, tmp_path, f"{server.url}/a.safetensors", "Content-Range" if "9" * 30 in lie else "the server sent")
+
+
+def test_a_dripping_body_or_header_times_out(cli, server, tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPTSURGERY_HTTP_TIMEOUT", "0.3")
+    server.behaviour.drip = 0.1
+    _refused(cli, tmp_path, f"{server.url}/a.safetensors", "timed out")
+    server.reset()
+    server.behaviour.header_drip = 0.25
+    _refused(cli, tmp_path, f"{server.url}/a.safetensors", "timed out")
+
+
+def test_a_missing_shard_stops_the_others(cli, server, served, tmp_path):
+    _, root = served
+    (root / "evil").mkdir(exist_ok=True)
+    (root / "evil" / "many.json").write_text(json.dumps({"weight_map": {f"t{i}": f"s{i}.safetensors" for i in range(200)}}))
+    _refused(cli, tmp_path, f"{server.url}/evil/many.json", "s0.safetensors: not found (404)")
+    assert len(server.served.requests) < 40
+
+
+def test_urls_and_shard_names_that_cannot_be_requested_are_one_line(cli, server, served, tmp_path):
+    _, root = served
+    _refused(cli, tmp_path, "http://[::1/a.safetensors", "not a URL")
+    _refused(cli, tmp_path, f"{server.url}/é.safetensors", "not a URL")
+    (root / "evil").mkdir(exist_ok=True)
+    (root / "evil" / "surrogate.json").write_text('{"weight_map": {"x": "a\\ud800.safetensors"}}')
+    _refused(cli, tmp_path, f"{server.url}/evil/surrogate.json", "not a plain file name")
+    server.behaviour.redirect_to = "ftp://elsewhere/a.safetensors?token=SECRET"
+    result = _refused(cli, tmp_path, f"{server.url}/a.safetensors", "not an http(s) URL")
+    assert "SECRET" not in result.err
+
+
+def test_a_change_is_seen_by_its_date_when_the_server_sends_no_etag(cli, server, tmp_path):
+    server.behaviour.no_etag = True
+    server.behaviour.change_after = 1
+    _refused(cli, tmp_path, f"{server.url}/a.safetensors", "changed while being read")
+
+
+def test_an_empty_tensor_at_the_end_of_a_file_is_read_without_a_request(cli, server, served, tmp_path):
+    _, root = served
+    save_file({"big": torch.ones(70_000), "empty": torch.ones(0)}, str(root / "empty-last.safetensors"))
+    out = tmp_path / "o.safetensors"
+    assert cli("convert", f"{server.url}/empty-last.safetensors", "-o", out, "--dtype", "fp16").code == 0
+    assert open_checkpoint(str(out)).tensors["empty"].shape == (0,)
+
+
+def test_a_redirect_with_a_long_body_does_not_spoil_the_connection(cli, server, tmp_path):
+    server.behaviour.redirect_to = f"{server.url}/cdn/a.safetensors"
+    server.behaviour.redirect_body = 100_000
+    assert cli("convert", f"{server.url}/a.safetensors", "-o", tmp_path / "o.safetensors").code == 0
+    assert not [r for r in server.served.requests if r[2] >= 500]
+
+
+def test_a_hub_file_served_without_a_redirect_is_still_read_at_the_pinned_commit(cli, server, tmp_path):
+    server.behaviour.hub_direct = True
+    assert cli("convert", "hf://org/single/model.safetensors", "-o", tmp_path / "o.safetensors").code == 0
+    paths = [path for path, *_ in server.served.requests]
+    assert paths[0] == "/org/single/resolve/main/model.safetensors"
+    assert all(f"/resolve/{server.behaviour.hub_commit}/" in p for p in paths[1:]), paths
+
+
+def test_hf_paths_name_revisions_with_slashes_repository_types_and_refuse_the_rest(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example")
+    repo, filename = parse_hf("hf://org/name@refs/pr/12/model.safetensors")
+    assert (repo.revision, filename) == ("refs/pr/12", "model.safetensors")
+    assert repo.url(filename) == "https://hub.example/org/name/resolve/refs%2Fpr%2F12/model.safetensors"
+    assert parse_hf("hf://org/name@feature%2Fx/m.safetensors")[0].revision == "feature/x"
+    assert parse_hf("hf://datasets/org/name/m.safetensors")[0].url("m.safetensors") == \
+        "https://hub.example/datasets/org/name/resolve/main/m.safetensors"
+    for bad in ("hf://org/re#po/x", "hf://org/re?po", "hf://../../m.safetensors", "hf://org/na me",
+                "hf://org/name@ /x", "hf://org/ré/x"):
+        with pytest.raises(Exception) as e:
+            parse_hf(bad)
+        assert type(e.value).__name__ == "CkptError", bad
+    monkeypatch.setenv("HF_ENDPOINT", "huggingface.co")
+    with pytest.raises(Exception, match="HF_ENDPOINT"):
+        parse_hf("hf://org/name")
