@@ -34,7 +34,8 @@ from abc import abstractmethod
 from ...errors import CkptError
 from .kind_lora import Lora, check_factors, delta_rows, delta_rows_numpy
 from .kinds import (TRANSPOSED, Added, AdapterKind, FoldKind, Layout, Module, Step, check_base_weight, finite,
-                    numpy_ready, raw_rows, row_norms, row_reader, row_values, values_numpy, widen)
+                    numpy_ready, raw_rows, row_norms, row_reader, row_values, square_sums, values_numpy,
+                    widen)
 
 
 class Dora(Lora):  # LoRA's factors, their check and orientation; its own steps
@@ -122,12 +123,9 @@ class Rescaled(Step):
         return delta
 
     def measure_numpy(self, out, lo: int, hi: int) -> None:
-        import numpy as np
-
         v = self.base_numpy(lo, hi, out.dtype.name)
         v += self.delta_numpy(out, lo, hi)
-        v = v.astype(np.float64)
-        squares = np.einsum("ij,ij->j", v, v)  # the columns of a 2-D weight
+        squares = square_sums(v, 1)  # per column of a 2-D weight
         self.squares = squares if self.squares is None else self.squares + squares
 
     def rows_numpy(self, out, lo: int, hi: int) -> None:
@@ -206,14 +204,10 @@ class Decomposed(Step):
         self.squares = None  # per input: Σ V² over every other axis (float64)
 
     def measure_numpy(self, out, lo: int, hi: int) -> None:
-        import numpy as np
-
         v = self.delta_numpy(lo, hi, out)
         v *= out.dtype.type(self.factor)
         v += out
-        v = v.astype(np.float64)
-        np.square(v, out=v)
-        squares = v.sum(axis=tuple(i for i in range(v.ndim) if i != 1))
+        squares = square_sums(v, 1)  # per input
         self.squares = squares if self.squares is None else self.squares + squares
 
     def rows_numpy(self, out, lo: int, hi: int) -> None:

@@ -96,7 +96,7 @@ def delta_rows_numpy(module: Module, lo: int, hi: int, out):
             halves.append(np.einsum("ij...,jr,ip->pr...", values_numpy(f[t], wide), wb, wa, optimize=True))
         else:
             halves.append(widen(raw_rows(f[a])[lo:hi], f[a].dtype.name, wide) @ wb)
-    product = np.multiply(halves[0], halves[1])
+    product = np.multiply(halves[0], halves[1], out=halves[0])  # a new array of ours: no third chunk
     return product.reshape(out.shape)
 
 

@@ -11,6 +11,7 @@ member and one entry in `read.FORMATS`; a new kind is one module `kind_<name>.py
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from collections import OrderedDict
@@ -181,14 +182,39 @@ def finite(t: TensorRef) -> bool:
     return bool(as_torch(t).isfinite().all())
 
 
-def row_norms(v, wide: str):
-    """The Euclidean norm of each row of numpy `v` (over every axis but the first), summed in
-    float64 and given in `wide`."""
+SQUARES_BLOCK = 1 << 16  # elements of numpy `v` widened to float64 at a time by square_sums
+
+
+def square_sums(v, axis: int):
+    """Σ v² of numpy `v` [rows, n, …] in float64, per index of `axis` (0: per row, 1: per
+    index of the second axis) over every other axis; a few rows widened at a time, so that
+    summing a chunk's squares holds no float64 copy of it."""
     import numpy as np
 
-    flat = v.reshape(v.shape[0], -1) if v.size else np.zeros((v.shape[0], 0))
-    flat = flat.astype(np.float64)
-    return np.sqrt(np.einsum("ij,ij->i", flat, flat)).astype(wide)
+    rows = v.shape[0]
+    if axis == 0:
+        flat = v.reshape(rows, -1) if v.size else np.zeros((rows, 0))
+    else:
+        flat = v.reshape(rows, v.shape[1], -1) if v.size else np.zeros((rows, v.shape[1], 0))
+    per_row = math.prod(flat.shape[1:])
+    step = max(1, SQUARES_BLOCK // max(per_row, 1))
+    sums = np.zeros(flat.shape[0] if axis == 0 else flat.shape[1])
+    for lo in range(0, rows, step):
+        block = flat[lo:lo + step].astype(np.float64)
+        np.square(block, out=block)
+        if axis == 0:
+            sums[lo:lo + step] = block.sum(axis=1)
+        else:
+            sums += block.sum(axis=(0, 2))
+    return sums
+
+
+def row_norms(v, wide: str):
+    """The Euclidean norm of each row of numpy `v` (over every axis but the first), its squares
+    summed in float64, given in `wide`."""
+    import numpy as np
+
+    return np.sqrt(square_sums(v, 0)).astype(wide)
 
 
 def row_values(t: TensorRef, wide: str):
