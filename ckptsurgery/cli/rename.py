@@ -18,18 +18,14 @@ from .help import HelpCommand
 
 
 app = command_app()
+MAX_MAP = 256 << 20  # a map names keys: a million long ones fit
 
 
 def _load_map(path: str) -> dict:
-    from ..ops.model_folder import parse_json  # here: only --map reads one
+    from ..io.small_files import parse_json, read_small  # here: only --map reads one
 
-    try:
-        if not os.path.isfile(path):  # a FIFO would block the read
-            raise CkptError(f"{path}: the map must be a regular JSON file")
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise CkptError(f"{path}: cannot read the map ({e.strerror})") from None
+    raw = read_small(path, MAX_MAP, f"a map larger than {MAX_MAP >> 20} MiB; give old -> new names for a "
+                                    f"checkpoint's keys")
     mapping = parse_json(path, raw, "the map is not valid JSON")
     if not isinstance(mapping, dict):
         raise CkptError(f"{path}: the map must be a JSON object of old name -> new name")

@@ -3,15 +3,14 @@ names the shard holding each tensor."""
 
 from __future__ import annotations
 
-import json
 import os
-import stat
 from collections import OrderedDict
 from typing import Callable
 
 from ..errors import CkptError
 from .formats import Format, ShardedFormat, detect_format
 from .model import Checkpoint
+from .small_files import parse_json, read_small
 
 INDEX_LIMIT = 16 * 1024 * 1024  # far above any real index (a few hundred KB for 1000s of tensors)
 
@@ -40,26 +39,13 @@ def find_index(folder: str) -> str:
 
 def load_index(path: str) -> dict:
     """The index's JSON, with a "weight_map" of tensor name -> shard file name."""
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read below
-            raise CkptError(f"{path}: an index must be a regular file")
-        with open(path, "rb") as f:
-            raw = f.read(INDEX_LIMIT + 1)
-    except OSError as e:
-        raise CkptError(f"{path}: cannot read ({e.strerror or e})") from None
-    if len(raw) > INDEX_LIMIT:
-        raise CkptError(f"{path}: an index JSON larger than {INDEX_LIMIT >> 20} MiB; not a shard index")
+    raw = read_small(path, INDEX_LIMIT, f"an index JSON larger than {INDEX_LIMIT >> 20} MiB; not a shard index")
     return parse_index(path, raw)
 
 
 def parse_index(path: str, raw: bytes) -> dict:
     """An index's bytes as its JSON, checked to hold a "weight_map" of tensor name -> shard file name."""
-    try:
-        index = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CkptError(f"{path}: not a valid index JSON ({e})") from None
-    except RecursionError:
-        raise CkptError(f"{path}: not a valid index JSON (nested too deeply)") from None
+    index = parse_json(path, raw, "not a valid index JSON")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CkptError(f"{path}: an index JSON needs a \"weight_map\" of tensor name -> shard file")

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import CkptError
+from ..io.small_files import parse_json, read_small
 from .recipes.chat_templates import recipe_template
 from .recipes.links import folder_file
 
@@ -68,13 +69,7 @@ def read_config(folder: str) -> dict | None:
     path = os.path.join(folder, CONFIG)
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG + 1)
-    except OSError as e:
-        raise CkptError(f"{path}: cannot read ({e.strerror or e})") from None
-    if len(raw) > MAX_CONFIG:
-        raise CkptError(f"{path}: larger than {MAX_CONFIG >> 20} MB; not a config.json")
+    raw = read_small(path, MAX_CONFIG, f"larger than {MAX_CONFIG >> 20} MB; not a config.json")
     config = parse_json(path, raw, "not JSON", encoding="utf-8-sig")
     try:
         json.dumps(config)  # updated_config copies it through json: nested deeper than that can, refused here
@@ -83,18 +78,6 @@ def read_config(folder: str) -> dict | None:
     if not isinstance(config, dict):
         raise CkptError(f"{path}: not a JSON object")
     return config
-
-
-def parse_json(path: str, raw: bytes, not_json: str, encoding: str = "utf-8") -> object:
-    """The JSON value of a file's bytes: one CkptError line, "{path}: {not_json} (why)", for bytes
-    that are not `encoding` or not JSON, or JSON nested too deeply for the parser (which would
-    raise RecursionError) — config.json here, an adapter config (adapters/peft.py), rename's map."""
-    try:
-        return json.loads(raw.decode(encoding))
-    except ValueError as e:  # UnicodeDecodeError is a ValueError
-        raise CkptError(f"{path}: {not_json} ({e})") from None
-    except RecursionError:
-        raise CkptError(f"{path}: {not_json} (nested too deeply)") from None
 
 
 def updated_config(config: dict, reference_layers: int, layers_from: Sequence[int], dtype: str | None,

@@ -76,18 +76,11 @@ def read(path: str) -> Adapter:
 
 def _read_json(path: str) -> dict:
     """The config, read whole only up to CONFIG_LIMIT: a real one is a few KB."""
-    from ..model_folder import parse_json  # here: only a PEFT folder's reader needs it
+    from ...io.small_files import parse_json, read_small  # here: only a PEFT folder's reader needs them
 
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(CONFIG_LIMIT + 1)
-    except FileNotFoundError:
-        raise CkptError(f"{path}: no such file; a PEFT adapter folder holds {PEFT_CONFIG} and "
-                        f"adapter_model.safetensors (save it with save_pretrained)") from None
-    except OSError as e:
-        raise CkptError(f"{path}: not readable JSON ({e})") from None
-    if len(raw) > CONFIG_LIMIT:
-        raise CkptError(f"{path}: an adapter config larger than {CONFIG_LIMIT >> 20} MiB; not a PEFT {PEFT_CONFIG}")
+    raw = read_small(path, CONFIG_LIMIT, f"an adapter config larger than {CONFIG_LIMIT >> 20} MiB; not a PEFT "
+                     f"{PEFT_CONFIG}", missing=f"no such file; a PEFT adapter folder holds {PEFT_CONFIG} and "
+                                           f"adapter_model.safetensors (save it with save_pretrained)")
     doc = parse_json(path, raw, "not readable JSON")
     if not isinstance(doc, dict):
         raise CkptError(f"{path}: expected a JSON object")
