@@ -16,7 +16,7 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 import typer
 
 from ..dtypes import CAST_TARGETS
-from ..io.formats import BY_OPTION
+from ..io.formats import BY_OPTION, is_remote
 from ..ops.options import ReadOptions, WriteOptions
 from ..ops.ranks import DEFAULT_TIMEOUT
 from ..ops.reports import WriteReport
@@ -40,13 +40,12 @@ NamesOpt = Annotated[NamesChoice, typer.Option(
     "--names", help="A GGUF input's tensor names: gguf keeps llama.cpp's (blk.N.attn_q.weight); hf reads them under "
                     "Hugging Face's (llama — Mistral too —, qwen2, qwen3), Llama's q/k un-permuted.")]
 
-_REMOTE = ("https://", "http://", "hf://")  # io/remote.py's schemes: that module is imported only for them
 
 
 def _start_reading(inputs: list, allow_full_download: bool) -> None:
     """Before a command opens its inputs: a fresh record of what remote inputs fetch, and whether
     one may be downloaded whole. `--allow-full-download` without a remote input is refused."""
-    if not any(isinstance(path, str) and path.startswith(_REMOTE) for path in inputs):
+    if not any(map(is_remote, inputs)):
         if allow_full_download:
             from ..errors import UsageError
 

@@ -5,17 +5,16 @@ from __future__ import annotations
 import os
 
 from ..errors import CkptError
-from .formats import Format, OutputFormat, detect_format
+from .formats import Format, OutputFormat, detect_format, is_remote
 from .model import Checkpoint, MappedFile, Storage, TensorRef, collection_paused
 
-_REMOTE = ("https://", "http://", "hf://")  # io/remote.py's schemes
 
 
 def open_checkpoint(path: str, root: str | None = None) -> Checkpoint:
     """Read a checkpoint's structure (no tensor data). `root`: None detects the state dict in a
     nested .pth, '' takes the top level, a key takes that entry."""
     path = os.fspath(path)
-    if path.startswith(_REMOTE):  # a URL or hf://: io/remote.py, imported only then
+    if is_remote(path):  # a URL or hf://: io/remote.py, imported only then
         from .remote import read_remote
 
         with collection_paused():

@@ -176,6 +176,15 @@ OUTPUTS: dict[OutputFormat, OutputSpec] = {spec.format: spec for spec in (
 BY_OPTION = tuple(spec.format.value for spec in OUTPUTS.values() if spec.by_option)
 
 
+# inputs that are not on this disk (io/remote.py reads them; it is imported only for them)
+REMOTE_SCHEMES = ("https://", "http://", "hf://")
+
+
+def is_remote(path) -> bool:
+    """A URL or an `hf://` path: an input io/remote.py reads, not a local file."""
+    return isinstance(path, str) and path.startswith(REMOTE_SCHEMES)
+
+
 def detect_format(path: str) -> Format:
     """The bytes decide, not the name: a file by its first bytes, a folder by what it holds (DCP
     with a `.metadata` file, accelerate's with save_state's files, ...)."""

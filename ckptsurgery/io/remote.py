@@ -5,9 +5,10 @@ Nothing is downloaded whole. A file is opened by one Range request for its first
 (the format's magic, the safetensors header length, and the total size from `Content-Range`),
 its header by one more when it is longer; tensors are fetched as the byte ranges the writer
 copies (the writer joins adjacent tensors into one range), in pieces of `PIECE` bytes with
-`IN_FLIGHT` of them in flight. Every answer is checked against the first: the same total size and
-ETag, and for `hf://` the same commit (the revision is pinned to the commit the first answer
-names, so a branch that moves mid-run is read as it was).
+`IN_FLIGHT` of them in flight. Every answer is checked against the first: the same total size,
+ETag and date, and for `hf://` the same commit (the revision is pinned to the commit the first
+answer names, so a branch that moves mid-run is read as it was). The HTTP itself, and what it
+refuses of a server, is io/http.py's.
 
 Refused with one line (exit 1), nothing written: 404, 401/403 (with how to log in), a server that
 ignores Range (it would send the whole file; `--allow-full-download` lets it, into a temporary
@@ -49,13 +50,6 @@ HF_WEIGHTS = ("model.safetensors.index.json", "model.safetensors",
               "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors")
 _REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")  # the Hub's names of users, orgs and repositories
 _REPO_TYPES = ("datasets", "spaces")  # hf://datasets/ORG/REPO/..., as huggingface_hub's HfFileSystem
-
-_SCHEMES = ("https://", "http://", "hf://")
-
-
-def is_remote(path: str) -> bool:
-    return isinstance(path, str) and path.startswith(_SCHEMES)
-
 
 # ---- what a run fetched (the reports' `fetched`) ---------------------------------------------
 

@@ -194,13 +194,13 @@ def combined(dones: list[HfNames]) -> HfNames | None:
 def check_inputs(inputs: list) -> None:
     """`--names hf` needs a GGUF input: refused (UsageError) when each input is found to be something else.
     An input that cannot be told (missing, remote) is left for opening to judge."""
-    from ..io.formats import Format, detect_format
+    from ..io.formats import Format, detect_format, is_remote
 
     found = []
     for path in inputs:
         if path is None:
             continue
-        if not isinstance(path, str) or path.startswith(("https://", "http://", "hf://")):
+        if not isinstance(path, str) or is_remote(path):
             return
         try:
             found.append((path, detect_format(path)))
