@@ -13,7 +13,8 @@ Cases (--methods): the method names (ckptsurgery's, e.g. dare-ties), `recipe-sle
 --kit-runs: mergekit's rounds (default --runs; it takes minutes on some methods). --naive adds the
 in-memory script (load everything, compute with torch, save_file) for the methods it knows.
 --rev REV: time the ckptsurgery of that commit (a git worktree), not the checkout being edited.
---no-kit: ckptsurgery alone. --keep: keep each case's outputs (WORKDIR/out-CASE-ours|kit), else one
+--no-kit: ckptsurgery alone (a case mergekit was recorded for keeps those figures, marked "recorded",
+and its ratios are against them). --keep: keep each case's outputs (WORKDIR/out-CASE-ours|kit), else one
 pair of output paths is reused. --tiny: the same cases on tiny folders, to check the commands.
 Each case checks one tensor of the two outputs against each other (not timed).
 
@@ -364,7 +365,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--methods", default="all", help="comma-separated cases, or all")
     parser.add_argument("--workdir", default=os.path.join(HERE, "out"))
     parser.add_argument("--naive", action="store_true", help="add the in-memory script where it knows the method")
-    parser.add_argument("--no-kit", action="store_true", help="ckptsurgery alone")
+    parser.add_argument("--no-kit", action="store_true", help="ckptsurgery alone; ratios against mergekit's recorded figures")
     parser.add_argument("--keep", action="store_true", help="keep each case's outputs")
     parser.add_argument("--tiny", action="store_true", help="tiny folders: check the commands, not the speed")
     parser.add_argument("--report", action="store_true", help="print the table of WORKDIR/bench_methods.json")
@@ -404,8 +405,9 @@ def report(results: dict) -> None:
     for case, r in results.items():
         if "kit_s" not in r:
             continue
-        print(f"| {case} | {r['ours_s']:.2f} | {r['kit_s']:.2f} | {ratio_cell(r['ours_s'] / r['kit_s'], GOALS['time'])} "
-              f"| {r['ours_peak'] / 1e6:.0f} | {r['kit_peak'] / 1e6:.0f} "
+        recorded = " (recorded)" if "kit_recorded" in r else ""
+        print(f"| {case} | {r['ours_s']:.2f} | {r['kit_s']:.2f}{recorded} | {ratio_cell(r['ours_s'] / r['kit_s'], GOALS['time'])} "
+              f"| {r['ours_peak'] / 1e6:.0f} | {r['kit_peak'] / 1e6:.0f}{recorded} "
               f"| {ratio_cell(r['ours_peak'] / max(r['kit_peak'], 1), GOALS['peak'])} | {r.get('check', '')} |")
     for case, r in results.items():
         if "cp_s" in r:
@@ -476,6 +478,10 @@ def main() -> None:
                 row["check"] = compare(ours, kit, CHECKED.format(layers // 3), case in RANDOM, case == "arcee-fusion")
             except Exception as e:  # a check, not the bench: say so and go on
                 row["check"] = f"not checked: {e}"
+        elif "kit_s" in results.get(case, {}):  # --no-kit: the ratios against mergekit's figures recorded before
+            before = results[case]
+            row.update({k: before[k] for k in ("kit_s", "kit_peak", "kit_runs", "check") if k in before},
+                       kit_recorded=before.get("kit_recorded", f"{before['date']}: {before['command']}"))
         results[case] = row
         with open(store, "w") as f:
             json.dump(results, f, indent=1)

@@ -541,3 +541,42 @@ def test_vectors_multiply_is_values_times_spread(shape, how):
         want = values[start:start + count] * vectors.spread(start, count, per_vector)
         got = vectors.multiply(start, values[start:start + count].copy(), per_vector)
         assert got.tobytes() == np.asarray(want, np.float32).tobytes(), (start, count)
+
+
+@pytest.mark.parametrize("stored", [1 << 20, 3])
+def test_rank_window_in_float32_passes_selects_what_a_partition_of_the_whole_selects(stored, monkeypatch):
+    """RankWindow in float32 finds its edges by histograms of the values' bits over the chunks
+    (nothing whole held); the partition of the whole array (the path other dtypes take) is the
+    reference: the same mask for every chunk, with ties at the edges, zeros, denormals, inf and
+    NaN, any window, any chunk size, SCE's window from the count of nonzero values; the sums to
+    float64 rounding. stored=3: the edges' keys too many to keep, a third pass counts them."""
+    from ckptsurgery.ops.methods import _select
+
+    monkeypatch.setattr(_select, "STORED", stored)
+    rng = np.random.default_rng(5)
+    pools = [lambda n: np.abs(rng.standard_normal(n)), lambda n: rng.integers(0, 4, n),
+             lambda n: rng.choice(np.array([0, 1e-40, 1e-3, 2.5, np.inf, np.nan]), n),
+             lambda n: np.where(rng.random(n) < 0.2, np.nan, np.abs(rng.standard_normal(n)))]
+    for trial in range(250):
+        n = int(rng.integers(1, 300))
+        v = np.asarray(pools[trial % len(pools)](n), np.float32)
+        size = int(rng.integers(1, n + 2))
+        spans = [(s, min(size, n - s)) for s in range(0, n, size)]
+
+        def values(j, out):
+            start, count = spans[j]
+            out[:] = v[start:start + count]
+
+        if trial % 5 == 0:
+            fraction = float(rng.random())
+            a, b = (lambda nonzero: (0, int(nonzero * fraction))), None
+        else:
+            a = int(rng.integers(-1, n + 2))
+            b = int(rng.integers(a, n + 3))
+        got = _select.RankWindow._streamed(n, spans, values, a, b, True)
+        want = _select.RankWindow._held(n, spans, values, "float32", a, b, True)
+        for j, (start, count) in enumerate(spans):
+            assert np.array_equal(got.keep(j, v[start:start + count]), want.keep(j, v[start:start + count])), (trial, j)
+        if not math.isnan(want.total_sum):
+            for x, y in ((got.kept_sum, want.kept_sum), (got.total_sum, want.total_sum)):
+                assert x == y or abs(x - y) <= 1e-12 * abs(y), (trial, x, y)

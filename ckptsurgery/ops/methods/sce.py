@@ -26,31 +26,48 @@ class Sce(DeltaMethod):
     differs = "equal variances at the cut: the earlier entries (row-major) are kept; mergekit's topk leaves it to the sort"
 
     def _stacked(self, values: list):
-        """δᵢ of one chunk, stacked: [models, count]."""
+        """δᵢ of one chunk, stacked: [models, count], in an array reused from chunk to chunk."""
         import numpy as np
 
-        return np.stack(self.deltas(values))
+        count = len(values[0])
+        if "stacked" not in self._buffers:
+            self._buffers["stacked"] = np.empty((self.models, min(self.chunk_size, self.numel)), self.wide)
+        deltas = self._buffers["stacked"][:, :count]
+        for i, theta in enumerate(values[1:]):
+            np.subtract(theta, values[0], out=deltas[i])
+        return deltas
 
     def _variance(self, deltas, out=None):
+        """Var over the models of each entry, as deltas.mean(axis=0) and np.square(deltas −
+        mean).sum(axis=0) / models compute it (the same operations, in reused arrays)."""
         import numpy as np
 
-        mean = deltas.mean(axis=0)
-        return np.divide(np.square(deltas - mean).sum(axis=0), deltas.shape[0], out=out)
+        models, count = deltas.shape
+        if "centered" not in self._buffers:
+            self._buffers["centered"] = np.empty((models, min(self.chunk_size, self.numel)), self.wide)
+        mean = np.add.reduce(deltas, axis=0, out=self.buffer("mean", count, self.wide))
+        np.true_divide(mean, np.intp(models), out=mean, casting="unsafe")  # as ndarray.mean divides
+        centered = np.subtract(deltas, mean, out=self._buffers["centered"][:, :count])
+        np.square(centered, out=centered)
+        if out is None:
+            out = self.buffer("variance", count, self.wide)
+        return np.divide(np.add.reduce(centered, axis=0, out=out), models, out=out)
 
     def _values(self, j: int):
         start, count = self.span(j)
         return [read(start, count) for read in self.reads]
 
     def measure(self) -> None:
-        """The variance's top-K window (the variances of the whole tensor held once: 4 bytes an
-        element in float32), then each model's energy, mean of its kept δᵢ², chunk by chunk."""
+        """The variance's top-K window (`RankWindow`: in float32 two passes over the chunks, the
+        whole tensor's variances never held), then each model's energy, mean of its kept δᵢ²,
+        chunk by chunk."""
         import numpy as np
 
         topk = self.params["select_topk"]
         self.window = None
         if topk < 1 and self.numel:
-            def bounds(whole):
-                return 0, int(int(np.count_nonzero(whole)) * topk)
+            def bounds(nonzero: int):
+                return 0, int(nonzero * topk)
 
             self.window = RankWindow.measure(self.numel, [self.span(j) for j in range(self.chunks)],
                                              lambda j, out: self._variance(self._stacked(self._values(j)), out=out),
