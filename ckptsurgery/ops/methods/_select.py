@@ -60,25 +60,8 @@ class RankWindow:
     def _streamed(cls, numel, spans, values, a, b, sums) -> RankWindow:
         import numpy as np
 
-        n = numel
-        size = max((c for _, c in spans), default=0)
-        scratch, keys, bins = np.empty(size, np.float32), np.empty(size, np.uint32), np.empty(size, np.intp)
-        coarse = np.zeros(1 << 15, np.int64)  # the keys' top 16 bits (the sign bit is cleared)
-        total, zeros = 0.0, 0
-
-        def chunk_keys(j: int, count: int):
-            chunk = scratch[:count]
-            values(j, chunk)
-            # ≥ 0 values order as their bits; NaN (either sign) above inf, one key per payload
-            return chunk, np.bitwise_and(chunk.view(np.uint32), np.uint32(0x7FFFFFFF), out=keys[:count])
-
-        for j, (_, count) in enumerate(spans):
-            chunk, k = chunk_keys(j, count)
-            if sums:
-                total += float(chunk.sum(dtype=np.float64))
-            if callable(a):
-                zeros += count - int(np.count_nonzero(k))
-            coarse += np.bincount(np.right_shift(k, 16, out=bins[:count]), minlength=len(coarse))
+        n, passes = numel, _Passes(spans, values)
+        total, zeros = passes.coarse(sums, callable(a))
         if callable(a):
             a, b = a(n - zeros)
         a, b = max(0, a), min(n, b)
@@ -87,103 +70,27 @@ class RankWindow:
         if a == 0 and b == n:
             return cls(None, None, [], total, total, everything=True)
         # ascending ranks: the b-th largest at n - b, the (a+1)-th at n - 1 - a; a bound only where needed
-        ranks = [r for r, needed in ((n - b, b < n), (n - 1 - a, a > 0)) if needed]
-        below = np.cumsum(coarse) - coarse  # entries in the bins before each bin
-        where = {r: int(np.searchsorted(below + coarse, r, side="right")) for r in ranks}
-        wanted = sorted(set(where.values()) | ({0x7F80} if coarse[0x7F80] else set()))  # 0x7F80: inf and NaNs
-        fine = {B: np.zeros(1 << 16, np.int64) for B in wanted}
-        low_bin = where[n - b] if b < n else -1
-        high_bin = where[n - 1 - a] if a > 0 else 1 << 15
-        stored: list | None = []
-        held = between = 0
-        for j, (_, count) in enumerate(spans):
-            chunk, k = chunk_keys(j, count)
-            top = np.right_shift(k, 16, out=bins[:count])
-            if sums and high_bin - low_bin > 1:  # the values in the bins strictly between the edges' bins
-                between += float(np.sum(chunk, where=(top > low_bin) & (top < high_bin), dtype=np.float64))
-            mask = top == wanted[0]
-            for B in wanted[1:]:
-                mask |= top == B
-            picked = k[mask]
-            if stored is not None:
-                held += len(picked)
-                if held <= STORED:
-                    stored.append(picked)
-                    continue
-                for p in stored:  # too many to keep: count what was kept, count the rest as it comes
-                    cls._count(p, fine)
-                stored = None
-            cls._count(picked, fine)
-        if stored is not None:
-            cls._count(np.concatenate(stored) if stored else np.empty(0, np.uint32), fine)
-        nans = int(coarse[0x7F81:].sum()) + (int(fine[0x7F80][1:].sum()) if 0x7F80 in fine else 0)
-
-        def at(rank: int):
-            """The value of that ascending rank, and how many values are greater (NaN is not) and equal."""
-            B = where[rank]
-            counts = fine[B]
-            within = np.cumsum(counts)
-            low = int(np.searchsorted(within, rank - int(below[B]), side="right"))
-            key = (B << 16) | low
-            value = np.array([key], np.uint32).view(np.float32)[0]
-            if key > 0x7F800000:  # a NaN: nothing compares greater or equal
-                return value, key, 0, 0
-            return value, key, n - int(below[B]) - int(within[low]) - nans, int(counts[low])
-
-        found = {r: at(r) for r in ranks}
-        low = found[n - b] if b < n else None
-        high = found[n - 1 - a] if a > 0 else None
-        edges, edge_keys = [], []
+        low_rank, high_rank = (n - b if b < n else None), (n - 1 - a if a > 0 else None)
+        between = passes.fine(low_rank, high_rank, sums)
+        low, high = passes.at(low_rank), passes.at(high_rank)
+        edges, keys = [], []
         for edge in (high, low):
             if edge is None or (edges and edges[0].value == edge[0]):
                 continue
             value, key, greater, equal = edge
             first, last = max(0, a - greater), min(equal, b - greater)
             edges.append(_Edge(value, first, last, None if (first, last) == (0, equal) else []))
-            edge_keys.append(key)
-        counted = [(e, key) for e, key in zip(edges, edge_keys) if e.before is not None]
-        if counted and stored is not None:  # from the keys the second pass kept
-            for edge, key in counted:
-                running = 0
-                for p in stored:
-                    edge.before.append(running)
-                    if key <= 0x7F800000:
-                        running += int(np.count_nonzero(p == key))
-        elif counted:  # a third pass
-            running = [0] * len(counted)
-            for j, (_, count) in enumerate(spans):
-                _, k = chunk_keys(j, count)
-                for i, (edge, key) in enumerate(counted):
-                    edge.before.append(running[i])
-                    if key <= 0x7F800000:
-                        running[i] += int(np.count_nonzero(k == key))
+            keys.append(key)
+        passes.tie_counts([(e, key) for e, key in zip(edges, keys) if e.before is not None])
         kept = 0.0
-        if sums and nans:
+        if sums and passes.nans:
             kept = float("nan")  # as the sum of the ranks would be (and the total is NaN too)
-        elif sums:  # between the edges' bins; in the edges' bins, from the counts of each value; the edges' share
-            low_key = low[1] if low is not None else -1
-            high_key = high[1] if high is not None else 1 << 31
-            kept = between
-            for B in {low_bin, high_bin} & fine.keys():
-                keys = (B << 16) | np.arange(1 << 16, dtype=np.int64)
-                inside = (keys > low_key) & (keys < high_key) & (fine[B] > 0)
-                worth = keys[inside].astype(np.uint32).view(np.float32).astype(np.float64)
-                kept += float((worth * fine[B][inside]).sum())
-            for edge in edges:
+        elif sums:
+            kept = between + passes.inside(low[1] if low else -1, high[1] if high else 1 << 31)
+            for edge in edges:  # the edges' share
                 if edge.last > edge.first:
                     kept += float(np.float64(edge.value) * (edge.last - edge.first))
-        return cls(low[0] if low is not None else None, high[0] if high is not None else None, edges, kept, total)
-
-    @staticmethod
-    def _count(picked, fine: dict) -> None:
-        """Adds the keys `picked` (of the wanted bins) to their bins' counts by their low 16 bits."""
-        import numpy as np
-
-        if not len(picked):
-            return
-        top = picked >> 16
-        for B, counts in fine.items():
-            counts += np.bincount(picked[top == B] & 0xFFFF, minlength=len(counts))
+        return cls(low[0] if low else None, high[0] if high else None, edges, kept, total)
 
     # -- other dtypes: the values held once, partitioned --
 
@@ -258,3 +165,134 @@ class RankWindow:
             done = edge.before[j]
             mask[where[max(0, edge.first - done):max(0, edge.last - done)]] = True
         return mask
+
+
+class _Passes:
+    """The passes of a float32 RankWindow over the chunks: each chunk's values as keys (their
+    bits, the sign cleared: values ≥ 0 order as their keys, every NaN above inf), counted by their
+    top 16 bits (`coarse`), then, in the bins the edges fall in, by their low 16 bits (`fine`)."""
+
+    def __init__(self, spans, values):
+        import numpy as np
+
+        self.spans, self.values = spans, values
+        self.n = sum(c for _, c in spans)
+        size = max((c for _, c in spans), default=0)
+        self.scratch, self.keys = np.empty(size, np.float32), np.empty(size, np.uint32)
+        self.bins = np.empty(size, np.intp)
+        self.counts = np.zeros(1 << 15, np.int64)
+        self.nans = 0
+
+    def chunk(self, j: int):
+        """Chunk j's values and their keys, and the keys' top 16 bits."""
+        import numpy as np
+
+        count = self.spans[j][1]
+        chunk = self.scratch[:count]
+        self.values(j, chunk)
+        keys = np.bitwise_and(chunk.view(np.uint32), np.uint32(0x7FFFFFFF), out=self.keys[:count])
+        return chunk, keys, np.right_shift(keys, 16, out=self.bins[:count])
+
+    def coarse(self, sums: bool, zeros: bool) -> tuple[float, int]:
+        """The first pass: the counts per top 16 bits; the sum of the values, how many are zero."""
+        import numpy as np
+
+        total, zero = 0.0, 0
+        for j in range(len(self.spans)):
+            chunk, keys, top = self.chunk(j)
+            if sums:
+                total += float(chunk.sum(dtype=np.float64))
+            if zeros:
+                zero += len(keys) - int(np.count_nonzero(keys))
+            self.counts += np.bincount(top, minlength=len(self.counts))
+        self.below = np.cumsum(self.counts) - self.counts  # entries in the bins before each bin
+        return total, zero
+
+    def fine(self, low_rank: int | None, high_rank: int | None, sums: bool) -> float:
+        """The second pass: the counts per low 16 bits in the bins of the edges' ranks (and inf's,
+        for the NaNs beside it); the keys of those bins kept per chunk (up to STORED); with `sums`,
+        the sum of the values in the bins strictly between the two edges' bins."""
+        import numpy as np
+
+        ranks = [r for r in (low_rank, high_rank) if r is not None]
+        self.where = {r: int(np.searchsorted(self.below + self.counts, r, side="right")) for r in ranks}
+        self.edge_bins = sorted(set(self.where.values()))
+        wanted = sorted(set(self.edge_bins) | ({0x7F80} if self.counts[0x7F80] else set()))  # 0x7F80: inf, NaNs
+        self.fine_counts = {B: np.zeros(1 << 16, np.int64) for B in wanted}
+        low_bin = self.where[low_rank] if low_rank is not None else -1
+        high_bin = self.where[high_rank] if high_rank is not None else 1 << 15
+        self.stored: list | None = []
+        held, between = 0, 0.0
+        for j in range(len(self.spans)):
+            chunk, keys, top = self.chunk(j)
+            if sums and high_bin - low_bin > 1:
+                between += float(np.sum(chunk, where=(top > low_bin) & (top < high_bin), dtype=np.float64))
+            mask = top == wanted[0]
+            for B in wanted[1:]:
+                mask |= top == B
+            picked = keys[mask]
+            if self.stored is not None:
+                held += len(picked)
+                if held <= STORED:
+                    self.stored.append(picked)
+                    continue
+                for p in self.stored:  # too many to keep: count what was kept, count the rest as it comes
+                    self._count(p)
+                self.stored = None
+            self._count(picked)
+        if self.stored is not None:
+            self._count(np.concatenate(self.stored) if self.stored else np.empty(0, np.uint32))
+        self.nans = int(self.counts[0x7F81:].sum()) + (int(self.fine_counts[0x7F80][1:].sum())
+                                                       if 0x7F80 in self.fine_counts else 0)
+        return between
+
+    def _count(self, picked) -> None:
+        import numpy as np
+
+        if not len(picked):
+            return
+        top = picked >> 16
+        for B, counts in self.fine_counts.items():
+            counts += np.bincount(picked[top == B] & 0xFFFF, minlength=len(counts))
+
+    def at(self, rank: int | None):
+        """(value, key, how many values are greater — NaN is not —, how many equal) of that
+        ascending rank; None for None."""
+        import numpy as np
+
+        if rank is None:
+            return None
+        B = self.where[rank]
+        counts = self.fine_counts[B]
+        within = np.cumsum(counts)
+        low = int(np.searchsorted(within, rank - int(self.below[B]), side="right"))
+        key = (B << 16) | low
+        value = np.array([key], np.uint32).view(np.float32)[0]
+        if key > 0x7F800000:  # a NaN: nothing compares greater or equal
+            return value, key, 0, 0
+        return value, key, self.n - int(self.below[B]) - int(within[low]) - self.nans, int(counts[low])
+
+    def tie_counts(self, counted: list) -> None:
+        """Each edge's `before`: per chunk, how many entries equal to it lie in the chunks before —
+        from the keys the second pass kept, or a third pass when they were too many."""
+        import numpy as np
+
+        running = [0] * len(counted)
+        for j in range(len(self.spans) if counted else 0):
+            keys = self.stored[j] if self.stored is not None else self.chunk(j)[1]
+            for i, (edge, key) in enumerate(counted):
+                edge.before.append(running[i])
+                if key <= 0x7F800000:  # a NaN edge equals nothing
+                    running[i] += int(np.count_nonzero(keys == key))
+
+    def inside(self, low_key: int, high_key: int) -> float:
+        """The sum of the values of the edges' bins strictly between the two keys, from their counts."""
+        import numpy as np
+
+        kept = 0.0
+        for B in self.edge_bins:
+            keys = (B << 16) | np.arange(1 << 16, dtype=np.int64)
+            inside = (keys > low_key) & (keys < high_key) & (self.fine_counts[B] > 0)
+            worth = keys[inside].astype(np.uint32).view(np.float32).astype(np.float64)
+            kept += float((worth * self.fine_counts[B][inside]).sum())
+        return kept
