@@ -17,7 +17,7 @@ import math
 
 from ...errors import CkptError
 from .kind_dora import ProductKind, delta_steps
-from .kinds import AdapterKind, Module, Step, raw_rows, values_numpy, widen
+from .kinds import AdapterKind, Module, Step, matmul_rows, raw_rows, values_numpy, widen
 
 PAIRS = (("w1_a", "w1_b", "t1"), ("w2_a", "w2_b", "t2"))
 
@@ -88,14 +88,14 @@ def delta_rows_numpy(module: Module, lo: int, hi: int, out):
     import numpy as np
 
     f, wide = module.factors, out.dtype.name
+    if "t1" not in f:  # (w1_a·w1_b) ⊙ (w2_a·w2_b), a block of rows at a time
+        rows = [(widen(raw_rows(f[a])[lo:hi], f[a].dtype.name, wide), values_numpy(f[b], wide)) for a, b, _ in PAIRS]
+        return matmul_rows(*rows[0], times=rows[1]).reshape(out.shape)
     halves = []
-    for a, b, t in PAIRS:
-        wb = values_numpy(f[b], wide)
-        if t in f:  # rebuild[p, r, k…] = Σ t[i, j, k…] wb[j, r] wa[i, p]
-            wa = widen(raw_rows(f[a]).reshape(f[a].shape)[:, lo:hi], f[a].dtype.name, wide)
-            halves.append(np.einsum("ij...,jr,ip->pr...", values_numpy(f[t], wide), wb, wa, optimize=True))
-        else:
-            halves.append(widen(raw_rows(f[a])[lo:hi], f[a].dtype.name, wide) @ wb)
+    for a, b, t in PAIRS:  # rebuild[p, r, k…] = Σ t[i, j, k…] wb[j, r] wa[i, p]
+        wa = widen(raw_rows(f[a]).reshape(f[a].shape)[:, lo:hi], f[a].dtype.name, wide)
+        halves.append(np.einsum("ij...,jr,ip->pr...", values_numpy(f[t], wide), values_numpy(f[b], wide), wa,
+                                optimize=True))
     product = np.multiply(halves[0], halves[1], out=halves[0])  # a new array of ours: no third chunk
     return product.reshape(out.shape)
 

@@ -26,7 +26,7 @@ import math
 
 from ...errors import CkptError
 from .kind_dora import ProductKind, delta_steps
-from .kinds import AdapterKind, Module, Step, raw_rows, values_numpy, widen
+from .kinds import AdapterKind, Module, Step, matmul_rows, raw_rows, values_numpy, widen
 
 
 class Lokr(ProductKind):
@@ -145,7 +145,7 @@ def _side_numpy(module: Module, side: str, wide: str, rows=None):
     if side == "w2" and "t2" in f:  # [b, d, k…] = Σ t[i, j, k…] wa[i, p] wb[j, r]
         wa = widen(raw(a) if rows is None else raw(a)[:, rows], f[a].dtype.name, wide)
         return np.einsum("ij...,ip,jr->pr...", values_numpy(f["t2"], wide), wa, wb, optimize=True)
-    return widen(raw(a) if rows is None else raw(a)[rows], f[a].dtype.name, wide) @ wb
+    return matmul_rows(widen(raw(a) if rows is None else raw(a)[rows], f[a].dtype.name, wide), wb)
 
 
 def delta_rows_numpy(module: Module, lo: int, hi: int, out):
