@@ -167,8 +167,9 @@ class _Expired(TimeoutError):
 
 
 class _Watchdog:
-    """Shuts a connection's socket when its answer's status and headers take longer than `seconds`
-    (a server that sends a header line every few seconds never trips the socket's own timeout)."""
+    """Shuts a connection's socket when an answer's status and headers, or a range's body, take
+    longer than `seconds` (a server that sends a header line, or a byte, every few seconds never
+    trips the socket's own timeout)."""
 
     def __init__(self, conn: http.client.HTTPConnection, seconds: float):
         self.conn, self.fired = conn, False
@@ -224,7 +225,7 @@ def request(where: Location, start: int, end: int | None, limit: int, sink: Sink
 
 def _describe(e: BaseException) -> str:
     if isinstance(e, _Expired):
-        return f"timed out (no complete answer within {2 * timeout():g} s)"
+        return "timed out (the answer did not arrive within its deadline)"
     if isinstance(e, ConnectionRefusedError):
         return "connection refused"
     if isinstance(e, (socket.timeout, TimeoutError)):
@@ -265,7 +266,7 @@ def _follow(where: Location, start: int | None, end: int | None, limit: int, sin
                     raise CkptError(f"{where.shown}: redirected from https to {shown(target)[:100]}; refused")
                 url = target
                 continue
-            body = _read_body(where, response, got, start, end, limit, sink)
+            body = _read_body(where, conn, response, got, (start, end), limit, sink)
             _done_with(response, parts)
             return Answer(response.status, got, body, commit, url)
         except BaseException:
@@ -284,11 +285,12 @@ def _done_with(response, parts) -> None:
 
 
 def _read_small(response) -> bytes:
-    return _read_into(response, bytearray(SMALL_BODY), SMALL_BODY, exact=False)
+    return _read_upto(response, SMALL_BODY)
 
 
-def _read_body(where: Location, response, headers: dict[str, str], start: int | None, end: int | None,
+def _read_body(where: Location, conn, response, headers: dict[str, str], asked: tuple[int | None, int | None],
                limit: int, sink: Sink | None) -> bytes | bytearray:
+    start, end = asked
     if response.status == 206 and start is not None:
         found = content_range(headers)
         if found is None:
@@ -302,7 +304,7 @@ def _read_body(where: Location, response, headers: dict[str, str], start: int | 
         if end is None and last - first + 1 > limit:
             raise CkptError(f"{where.shown}: larger than {limit:,} bytes; refused")
         want = last - first + 1
-        return _read_into(response, bytearray(want), want, exact=True)
+        return _read_range(conn, response, want)
     if response.status == 200 and sink is not None:
         if not (headers.get("content-length") or "").isdigit():  # an endless body would fill the disk
             raise CkptError(f"{where.shown}: the server sends the file without saying its length; refused")
@@ -316,28 +318,35 @@ def _read_body(where: Location, response, headers: dict[str, str], start: int | 
             raise http.client.IncompleteRead(b"", int(declared) - got)
         return b""
     if response.status == 200:
-        return _read_into(response, bytearray(limit), limit, exact=False)
+        return _read_upto(response, limit)
     return _read_small(response)  # an error page: never more than a little
 
 
-def _read_into(response, buffer: bytearray, want: int, exact: bool) -> bytearray:
-    """Up to `want` bytes of the body into `buffer` (`exact`: all of them, or IncompleteRead), read
-    at MIN_RATE or faster."""
-    view, got, began = memoryview(buffer), 0, time.monotonic()
-    while got < want:
-        piece = response.read1(want - got)  # one system call at most: a drip is caught between them
-        n = len(piece)
-        view[got : got + n] = piece
-        if not n:
-            if exact:
+def _read_range(conn, response, want: int) -> bytearray:
+    """A 206's `want` bytes, read into place (no second copy of an 8 MiB piece); a body that does
+    not arrive within the timeout plus `want` at MIN_RATE is cut off by the watchdog."""
+    body = bytearray(want)
+    view, got = memoryview(body), 0
+    with _Watchdog(conn, 2 * timeout() + want / MIN_RATE):
+        while got < want:
+            n = response.readinto(view[got:])
+            if not n:
                 raise http.client.IncompleteRead(bytes(view[:got]), want - got)
+            got += n
+    return body
+
+
+def _read_upto(response, limit: int) -> bytearray:
+    """At most `limit` bytes of a body (an index, an error page), read as they come: one system
+    call at a time, so that a body that arrives slower than MIN_RATE is caught between them."""
+    body, began = bytearray(), time.monotonic()
+    while len(body) < limit:
+        piece = response.read1(min(limit - len(body), 1 << 20))
+        if not piece:
             break
-        got += n
-        _keep_up(began, got)
-    del view
-    if got < len(buffer):
-        del buffer[got:]
-    return buffer
+        body += piece
+        _keep_up(began, len(body))
+    return body
 
 
 def _keep_up(began: float, got: int) -> None:
