@@ -24,33 +24,34 @@ class ArceeFusion(MergeMethod):
 
     def measure(self) -> None:
         """Each row's KL divergence (whole rows read at a time: a 1-D tensor at once), one number
-        a row; then every score, held once (4 bytes an element in float32), for the quartiles."""
+        a row, and, while the rows are at hand, their scores, every score held once (4 bytes an
+        element in float32) for the quartiles."""
         import numpy as np
 
         self.rows = Vectors(self.shape, self.numel, "rows")
-        length = self.numel // max(1, self.rows.count)
+        n, length = self.numel, self.numel // max(1, self.rows.count)
         self.kl = np.zeros(self.rows.count, self.wide)
         per_read = max(1, self.chunk_size // max(1, length))
+        scores = np.empty(n, self.wide)
         p_buffer = q_buffer = None
         for first in range(0, self.rows.count, per_read):
             rows = min(per_read, self.rows.count - first)
             start, count = first * length, rows * length
             if p_buffer is None:  # the same memory for every block of rows
                 p_buffer, q_buffer = (np.empty(min(per_read, self.rows.count) * length, np.float64) for _ in "pq")
-            p = self._softmax(self.reads[1](start, count).reshape(rows, length), p_buffer[:count].reshape(rows, length))
-            q = self._softmax(self.reads[0](start, count).reshape(rows, length), q_buffer[:count].reshape(rows, length))
+            theta, base = self.reads[1](start, count), self.reads[0](start, count)
+            p = self._softmax(theta.reshape(rows, length), p_buffer[:count].reshape(rows, length))
+            q = self._softmax(base.reshape(rows, length), q_buffer[:count].reshape(rows, length))
             ratio = np.divide(p, q, out=q)
             terms = np.multiply(p, np.log(ratio, out=ratio), out=ratio)
-            self.kl[first:first + rows] = terms.sum(axis=1)
+            kl = self.kl[first:first + rows]
+            kl[:] = terms.sum(axis=1)
+            block = np.abs(np.subtract(theta, base, out=scores[start:start + count]), out=scores[start:start + count])
+            block.reshape(rows, length)[...] *= kl[:, None]  # |δ| times its row's KL
         del p_buffer, q_buffer
-        n = self.numel
         if not n:
             self.threshold = 0.0
             return
-        scores = np.empty(n, self.wide)
-        for j in range(self.chunks):
-            start, count = self.span(j)
-            self._scores(start, count, out=scores[start:start + count])
         lo, mid, hi = (int(q * (n - 1)) for q in QUANTILES)  # mergekit's sorted[int(q·(n − 1))]
         # one order statistic per partition (numpy's vectorized selection takes one; a list of them
         # is several times slower): the median, then q1 among those below it, q3 among those above
@@ -67,25 +68,20 @@ class ArceeFusion(MergeMethod):
         """softmax + ε of each row of `x`, in float64, into `out` (of x's shape)."""
         import numpy as np
 
-        np.subtract(x, x.max(axis=1, keepdims=True), out=out, dtype=np.float64)  # exact: float32 in
+        out[...] = x
+        out -= x.max(axis=1, keepdims=True)  # float32 in: the float64 difference is exact
         np.exp(out, out=out)
         out /= out.sum(axis=1, keepdims=True)
         out += PROBABILITY_EPS
         return out
 
-    def _scores(self, start: int, count: int, out=None):
-        import numpy as np
-
-        delta = np.abs(np.subtract(self.reads[1](start, count), self.reads[0](start, count), out=out), out=out)
-        return self.rows.multiply(start, delta, self.kl)
-
     def merge_chunk(self, j: int, values: list, out):
+        """base + δ where |δ|·KL of its row ≥ the threshold: δ computed once, its scores beside it."""
         import numpy as np
 
         start, count = self.span(j)
-        keep = np.greater_equal(self._scores(start, count, out=self.scratch(0, count)), self.threshold,
-                                out=self.buffer("keep", count, bool))
-        result = np.subtract(values[1], values[0], out=out)
-        result *= keep
-        result += values[0]
-        return result
+        delta = np.subtract(values[1], values[0], out=out)
+        scores = self.rows.multiply(start, np.abs(delta, out=self.scratch(0, count)), self.kl)
+        delta *= np.greater_equal(scores, self.threshold, out=self.buffer("keep", count, bool))
+        delta += values[0]
+        return delta
