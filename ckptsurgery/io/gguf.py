@@ -32,6 +32,7 @@ MAX_NAME = 1 << 16  # bytes of a key or a tensor name (llama.cpp's own tensor na
 MAX_DIMS = 4  # GGML_MAX_DIMS: llama.cpp refuses more
 MAX_NESTING = 4  # arrays inside arrays (llama.cpp reads none; gguf-py writes them)
 MAX_ARRAY_VALUES = 1 << 22  # elements of all metadata arrays together (a 262 144-token vocabulary is three arrays of that)
+AHEAD = 2  # pieces of a quantized tensor decoded ahead of the one being written
 CHUNK_BYTES = 4 << 20  # float32 output dequantized at once (whole blocks, at least one): gguf makes a few
 #                        temporaries of its size; as fast as 16 MiB (numpy calls stay long), a quarter of the memory
 
@@ -267,10 +268,14 @@ class _Blocks:
         per_block = self.block * 4
         if offset == 0 and nbytes == self.count * per_block:  # the whole piece: as a writer reads it
             ahead, self._ahead = self._ahead, None
-            values = ahead.result() if ahead is not None else self._values(0, self.count)
             following = self.following
-            if following is not None and following._ahead is None and not following.refused:
-                following._ahead = _decoder().submit(following._values, 0, following.count)
+            for _ in range(AHEAD):  # the next pieces decode while this one is written out
+                if following is None or following.refused:
+                    break
+                if following._ahead is None:
+                    following._ahead = _decoder().submit(following._values, 0, following.count)
+                following = following.following
+            values = ahead.result() if ahead is not None else self._values(0, self.count)
             return memoryview(values)
         first, last = offset // per_block, -(-(offset + nbytes) // per_block)
         skip = offset - first * per_block
@@ -293,12 +298,13 @@ _pool = None
 
 
 def _decoder():
-    """One thread that decodes the next piece while the writer copies the last one out."""
+    """The threads that decode the next pieces while the writer copies the last one out (numpy
+    lets go of the GIL: on two cores, two pieces decode at once)."""
     global _pool
     if _pool is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptsurgery-gguf")
+        _pool = ThreadPoolExecutor(max_workers=AHEAD, thread_name_prefix="ckptsurgery-gguf")
     return _pool
 
 
