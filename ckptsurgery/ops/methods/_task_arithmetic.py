@@ -232,12 +232,19 @@ class TaskArithmetic(MergeMethod):
         import numpy as np
 
         one = np.ones(1, self.wide)[0]
-        elected = np.where(mixed >= 0, one, -one)
+        count = len(mixed)
+        positive = np.greater_equal(mixed, 0, out=self.buffer("elected", count, bool))
+        elected = np.multiply(positive, one + one, out=self.scratch(len(deltas) + 2, count))
+        elected -= one  # +1 where Σ dᵢ ≥ 0, else −1 (NaN: −1), as np.where(mixed >= 0, 1, −1)
         mixed[:] = 0
-        counted = np.zeros_like(mixed) if self.params.get("normalize") else None
-        counts = self.scratch(len(deltas) + 1, len(mixed))
+        counted = None
+        if self.params.get("normalize"):
+            counted = self.scratch(len(deltas) + 4, count)
+            counted[:] = 0
+        counts = self.scratch(len(deltas) + 1, count)
+        agrees = self.buffer("agrees", count, bool)
         for d, w in zip(deltas, self.params["weights"]):
-            agrees = np.multiply(d, elected, out=counts) > 0
+            np.greater(np.multiply(d, elected, out=counts), 0, out=agrees)
             mixed += np.multiply(d, agrees, out=counts)
             if counted is not None:
                 counted += np.multiply(agrees, one * w, out=counts)
