@@ -499,3 +499,41 @@ def test_a_chunk_made_ahead_that_fails_fails_its_own_read(tmp_path, monkeypatch)
                            bits(expected(ckpt.tensors["a.weight"].to_torch(), ckpt.tensors["a.weight_scale_inv"].to_torch())))
         with pytest.raises(OSError, match="unreadable"):
             done.tensors["b.weight"].to_torch()
+
+
+def test_buffers_reused_only_when_nothing_holds_them(tmp_path):
+    """Chunk buffers are used again once dropped, never while the reader (or a view) holds one:
+    a reader holding a view of every chunk at once still sees each chunk's own bytes."""
+    from ckptsurgery.io import open_checkpoint
+    from ckptsurgery.ops import dequantize
+
+    pool = dequantize._Buffers()
+    if pool.refcount is None:
+        pytest.skip("references are not counted here: buffers are never reused")
+    a = pool.get(100)
+    first = id(a.base)
+    assert id(pool.get(100).base) != first  # `a` still held
+    del a
+    b = pool.get(60)
+    assert id(b.base) == first  # dropped: reused
+    view = memoryview(b)[10:20]
+    del b
+    assert id(pool.get(60).base) != first  # a view of it alive: not reused
+    del view
+    assert id(pool.get(60).base) == first
+
+    w, s = fp8((1000, 256)), block_scales((1000, 256))
+    path = tmp_path / "in.safetensors"
+    save_file({"l.weight": w, "l.weight_scale_inv": s}, path)
+    with open_checkpoint(path) as ckpt:
+        done, _ = dequantize.dequantize_checkpoint(ckpt, str(path), None)
+        pieces = done.tensors["l.weight"].storage.source.pieces
+        assert len(pieces) == 1
+    with open_checkpoint(path) as ckpt, pytest.MonkeyPatch.context() as m:
+        m.setattr(dequantize, "CHUNK_BYTES", 1)
+        done, _ = dequantize.dequantize_checkpoint(ckpt, str(path), None)
+        pieces = done.tensors["l.weight"].storage.source.pieces
+        views = [source.view(offset, size) for source, offset, size in pieces]  # all held, none copied
+        assert len(views) == 8
+        got = torch.frombuffer(bytearray(b"".join(views)), dtype=torch.bfloat16).view(1000, 256)
+    assert torch.equal(bits(got), bits(expected(w, s)))

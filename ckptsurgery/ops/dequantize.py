@@ -162,7 +162,7 @@ class _Weight:
 
         w, per_row, (lo, hi) = self.plan.weight, self.per_row, self.bounds[j]
         data = w.data()[lo * per_row * w.dtype.itemsize: hi * per_row * w.dtype.itemsize]
-        buffer = np.empty(self.sizes[j], dtype=np.uint8)  # every byte written: not zeroed first
+        buffer = _buffers.get(self.sizes[j])  # every byte written: not zeroed first
         made = memoryview(buffer)
         o = buffer.view(_BITS[self.out.itemsize]).reshape(hi - lo, per_row)
         w8 = np.frombuffer(data, dtype=np.uint8).reshape(hi - lo, per_row)
@@ -278,6 +278,49 @@ class _Ahead:
 
 
 _ahead = _Ahead()
+
+
+class _Buffers:
+    """Chunk buffers used again once nothing refers to them: a buffer the reader still holds (or
+    any view of it) is never handed out again, and one it has dropped is reused rather than freed
+    (a new 16 MB buffer is fresh memory the kernel must map and zero). At most `MAX` are kept;
+    beyond them, buffers are made and freed as any. "Nothing refers to it" is its reference count
+    being that of an array only the list holds, as measured on a probe the same way (so whatever
+    the interpreter counts for a loop's variable); where references are not counted (not
+    CPython), buffers are never reused."""
+
+    MAX = 8
+
+    def __init__(self):
+        import sys
+
+        self.lock = threading.Lock()
+        self.kept: list = []  # numpy uint8 arrays
+        self.refcount = getattr(sys, "getrefcount", None) if sys.implementation.name == "cpython" else None
+        self.unheld: int | None = None  # the count of a kept array nobody else holds
+
+    def _counts(self, arrays: list) -> list[int]:
+        return [self.refcount(a) for a in arrays]
+
+    def get(self, n: int):
+        """n bytes of a buffer nothing else refers to (a numpy uint8 array)."""
+        import numpy as np
+
+        if self.refcount is None:
+            return np.empty(n, dtype=np.uint8)
+        with self.lock:
+            if self.unheld is None:
+                self.unheld = self._counts([np.empty(1, dtype=np.uint8)])[0]
+            for a, count in zip(self.kept, self._counts(self.kept)):
+                if count == self.unheld and a.nbytes >= n:
+                    return a[:n]  # a view of it, made while the lock is held: no one else takes it
+            a = np.empty(max(n, CHUNK_BYTES), dtype=np.uint8)
+            if len(self.kept) < self.MAX:
+                self.kept.append(a)
+            return a[:n]
+
+
+_buffers = _Buffers()
 _BITS = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}  # an output element's bits, by its size
 PIECE = 1 << 16  # elements looked up at once: a piece's indices and outputs stay in the CPU's cache
 TABLE_MIN_COLUMNS = 512  # a per-channel weight's rows narrower than this are multiplied, not looked up
