@@ -88,16 +88,27 @@ class Sce(DeltaMethod):
         return deltas
 
     def merge_chunk(self, j: int, values: list, out):
+        """The agreeing wᵢδᵢ over their weights, plus base — the float64 products of wᵢ, the masks
+        and δᵢ added into float32 sums, as `merged += d * (w * agrees)` adds them — in arrays
+        reused from chunk to chunk."""
         import numpy as np
 
         deltas = self._kept(j, self._stacked(values))
+        count = deltas.shape[1]
         one = np.ones(1, self.wide)[0]
-        elected = np.where(deltas.sum(axis=0) >= 0, one, -one)
-        merged = np.zeros(deltas.shape[1], self.wide)
-        counted = np.zeros(deltas.shape[1], self.wide)
+        total = np.add.reduce(deltas, axis=0, out=self.buffer("total", count, self.wide))
+        positive = np.greater_equal(total, 0, out=self.buffer("positive", count, bool))
+        elected = np.multiply(positive, one + one, out=total)
+        elected -= one  # +1 where Σ δᵢ ≥ 0, else −1 (NaN: −1), as np.where(Σ δᵢ >= 0, 1, −1)
+        merged, counted = self.buffer("merged", count, self.wide), self.buffer("counted", count, self.wide)
+        merged[:] = 0
+        counted[:] = 0
+        sign, agrees = self.buffer("sign", count, self.wide), self.buffer("agrees", count, bool)
+        weight, product = self.buffer("weight", count, np.float64), self.buffer("product", count, np.float64)
         for d, w in zip(deltas, self.weights):
-            agrees = np.sign(d) == elected
-            merged += d * (w * agrees)
-            counted += w * agrees
-        merged /= np.maximum(counted, WEIGHT_EPS)
+            np.equal(np.sign(d, out=sign), elected, out=agrees)
+            np.multiply(agrees, w, out=weight)  # w · agrees: float64, as a Python float times a mask is
+            np.add(merged, np.multiply(d, weight, out=product), out=merged, casting="same_kind")
+            np.add(counted, weight, out=counted, casting="same_kind")
+        merged /= np.maximum(counted, WEIGHT_EPS, out=counted)
         return np.add(values[0], merged, out=out)
