@@ -170,3 +170,27 @@ def test_a_lokr_fold_imports_no_torch(dtype, form, tmp_path):
     computes the Kronecker rows in numpy: no torch, peft's merge."""
     fold_without_torch(tmp_path, dtype, 4, lambda peft: peft.LoKrConfig(alpha=2, target_modules=["0", "1"], **form),
                        "lokr_", lambda r: r * 0.3, "ckptsurgery.ops.adapters.kind_lokr", 1e-5)
+
+
+@pytest.mark.parametrize("alpha_dtype", ["float32", "bfloat16", "int64"])
+def test_a_kohya_file_with_an_alpha_folds_without_torch(alpha_dtype, tmp_path):
+    """A kohya/LyCORIS LoHa file whose modules carry `alpha` (as LyCORIS saves them): its alpha is
+    read from its bytes, not through torch, so the fold imports no torch; the result is
+    W + (α/r)·(w1a·w1b)⊙(w2a·w2b), computed here directly."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 8, generator=g)
+    f = {n: torch.randn(*s, generator=g) for n, s in
+         (("hada_w1_a", (6, 2)), ("hada_w1_b", (2, 8)), ("hada_w2_a", (6, 2)), ("hada_w2_b", (2, 8)))}
+    adapter = {f"lora_unet_proj.{n}": t for n, t in f.items()}
+    adapter["lora_unet_proj.alpha"] = torch.tensor(3).to(getattr(torch, alpha_dtype))
+    save_file({"proj.weight": w}, tmp_path / "base.safetensors")
+    save_file(adapter, tmp_path / "loha.safetensors")
+    loaded = modules_after("merge", tmp_path / "base.safetensors", "--lora", tmp_path / "loha.safetensors",
+                           "-o", tmp_path / "out.safetensors", "-q")
+    assert "ckptsurgery.ops.adapters.kind_loha" in loaded
+    assert not {m for m in loaded if m == "torch" or m.startswith("torch.")}
+    expected = w + 3 / 2 * (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
+    assert torch.allclose(load_file(tmp_path / "out.safetensors")["proj.weight"], expected, atol=1e-5)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from typing import NoReturn
 
 from ...errors import CkptError
@@ -132,12 +133,20 @@ def _lora(where: str, name: str, found: dict[str, TensorRef], factors: dict[str,
                   Layout.CONV if len(a.shape) > 2 else Layout.LINEAR, kind=kind, factors=factors)
 
 
-def scalar(t: TensorRef, where: str) -> float:
-    from ...io.tensors import values
+# one element's bytes -> its value, without torch (a fold that runs in numpy must not import it for an alpha)
+_SCALAR = {"float64": "<d", "float32": "<f", "float16": "<e", "int64": "<q", "int32": "<i", "int16": "<h",
+           "int8": "<b", "uint8": "<B", "uint16": "<H", "uint32": "<I", "uint64": "<Q"}
 
+
+def scalar(t: TensorRef, where: str) -> float:
+    """The one number a one-element floating or integer tensor holds (an `alpha`), finite."""
     if t.numel != 1 or not t.dtype.floating and t.dtype.kind != "int":
         raise CkptError(f"{where}: expected one number, found a {t.dtype.name} tensor of shape {list(t.shape)}")
-    value = float(values(t)[0])
+    raw = bytes(t.data())
+    if t.dtype.name == "bfloat16":  # the upper half of a float32
+        value = struct.unpack("<f", b"\0\0" + raw)[0]
+    else:
+        value = float(struct.unpack(_SCALAR[t.dtype.name], raw)[0])
     if not math.isfinite(value):
         raise CkptError(f"{where}: {value} is not a finite number")
     return value
