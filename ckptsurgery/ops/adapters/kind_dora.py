@@ -32,10 +32,9 @@ from __future__ import annotations
 from abc import abstractmethod
 
 from ...errors import CkptError
-from .kind_lora import Lora, check_factors, delta_rows
+from .kind_lora import Lora, check_factors, delta_rows, delta_rows_numpy
 from .kinds import (TRANSPOSED, Added, AdapterKind, FoldKind, Layout, Module, Step, check_base_weight, finite,
-                    matmul_rows, numpy_ready, raw_rows, row_norms, row_reader, row_values, square_sums,
-                    values_numpy, widen)
+                    numpy_ready, row_norms, row_reader, row_values, square_sums, values_numpy)
 
 
 class Dora(Lora):  # LoRA's factors, their check and orientation; its own steps
@@ -70,28 +69,9 @@ class Dora(Lora):  # LoRA's factors, their check and orientation; its own steps
             delta = lambda lo, hi, out: delta_rows(module, layout, lo, hi, out.shape, out.dtype)  # noqa: E731
             in_numpy = None
             if all(numpy_ready(t) for t in (module.a, module.b, *module.factors.values())):
-                in_numpy = lambda lo, hi, out: _lora_rows_numpy(module, layout, lo, hi, out)  # noqa: E731
+                in_numpy = lambda lo, hi, out: delta_rows_numpy(module, layout, lo, hi, out.shape, out.dtype.name)  # noqa: E731
             return [("weight", Decomposed(module, delta, module.scale, scale, weight, in_numpy))]
         return [("weight", Rescaled(module, layout, scale * module.scale, weight))]
-
-
-def _lora_rows_numpy(module: Module, layout: Layout, lo: int, hi: int, out):
-    """kind_lora.delta_rows in numpy (a new array typed as `out`), a LoCon's Tucker core too:
-    kind_lora.delta_rows_numpy's products made a block of rows at a time (kinds.matmul_rows)."""
-    import numpy as np
-
-    wide = out.dtype.name
-    a, b = raw_rows(module.a).reshape(module.a.shape), raw_rows(module.b).reshape(module.b.shape)
-    da, db = module.a.dtype.name, module.b.dtype.name
-    if "mid" not in module.factors:
-        if layout in TRANSPOSED:  # ΔW = (B·A)ᵀ: its rows are A's columns
-            return matmul_rows(widen(a[:, lo:hi], da, wide).T, widen(b, db, wide).T)
-        flat_b, flat_a = b[lo:hi].reshape(hi - lo, -1), a.reshape(a.shape[0], -1)
-        return matmul_rows(widen(flat_b, db, wide), widen(flat_a, da, wide)).reshape(hi - lo, *out.shape[1:])
-    mid = values_numpy(module.factors["mid"], wide)  # Σ up[o, p] mid[p, q, k…] down[q, i]
-    up = raw_rows(module.b).reshape(module.b.shape)[lo:hi].reshape(hi - lo, -1)
-    down = values_numpy(module.a, wide).reshape(module.a.shape[0], -1)
-    return np.einsum("pq...,op,qi->oi...", mid, widen(up, module.b.dtype.name, wide), down, optimize=True)
 
 
 class Rescaled(Step):
@@ -124,7 +104,7 @@ class Rescaled(Step):
         return self.factor * delta_rows(self.module, self.layout, lo, hi, out.shape, out.dtype)
 
     def delta_numpy(self, out, lo: int, hi: int):
-        delta = _lora_rows_numpy(self.module, self.layout, lo, hi, out)
+        delta = delta_rows_numpy(self.module, self.layout, lo, hi, out.shape, out.dtype.name)
         delta *= out.dtype.type(self.factor)
         return delta
 

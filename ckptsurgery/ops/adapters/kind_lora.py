@@ -16,7 +16,7 @@ import math
 from ...errors import CkptError
 from ...io import TensorRef
 from .kinds import (FLAT, TRANSPOSED, Added, AdapterKind, FoldKind, Layout, Module, Step, check_base_weight,
-                    numpy_ready, raw_rows, widen)
+                    matmul_rows, numpy_ready, raw_rows, values_numpy, widen)
 
 
 def delta_rows(module: Module, layout: Layout, lo: int, hi: int, shape: tuple[int, ...], wide):
@@ -40,16 +40,21 @@ def delta_rows(module: Module, layout: Layout, lo: int, hi: int, shape: tuple[in
 
 
 def delta_rows_numpy(module: Module, layout: Layout, lo: int, hi: int, shape: tuple[int, ...], wide: str):
-    """`delta_rows` in numpy (a new `wide` array, float32 or float64) for a module without a
-    Tucker core whose factors are numpy_ready: the same products, no torch."""
+    """`delta_rows` in numpy (a new `wide` array, float32 or float64) for a module whose factors
+    are numpy_ready: the same products, made a block of rows at a time (kinds.matmul_rows: one
+    thin product left whole is split across BLAS threads at a cost), a LoCon's Tucker core too."""
+    import numpy as np
+
     a, b = raw_rows(module.a).reshape(module.a.shape), raw_rows(module.b).reshape(module.b.shape)
     da, db = module.a.dtype.name, module.b.dtype.name
+    if "mid" in module.factors:  # Σ up[o, p] mid[p, q, k…] down[q, i]
+        mid = values_numpy(module.factors["mid"], wide)
+        up, down = widen(b[lo:hi].reshape(hi - lo, -1), db, wide), values_numpy(module.a, wide).reshape(a.shape[0], -1)
+        return np.einsum("pq...,op,qi->oi...", mid, up, down, optimize=True)
     if layout in TRANSPOSED:  # ΔW = (B·A)ᵀ: its rows are A's columns
-        return widen(a[:, lo:hi], da, wide).T @ widen(b, db, wide).T
-    if layout == Layout.CONV or a.ndim != 2 or b.ndim != 2:
-        flat_b, flat_a = b[lo:hi].reshape(hi - lo, -1), a.reshape(a.shape[0], -1)
-        return (widen(flat_b, db, wide) @ widen(flat_a, da, wide)).reshape(hi - lo, *shape[1:])
-    return widen(b[lo:hi], db, wide) @ widen(a, da, wide)
+        return matmul_rows(widen(a[:, lo:hi], da, wide).T, widen(b, db, wide).T)
+    flat_b, flat_a = b[lo:hi].reshape(hi - lo, -1), a.reshape(a.shape[0], -1)
+    return matmul_rows(widen(flat_b, db, wide), widen(flat_a, da, wide)).reshape(hi - lo, *shape[1:])
 
 
 def check_factors(where: str, module: Module, key: str, base: TensorRef, square: Layout | None) -> Layout:
@@ -127,7 +132,7 @@ class Lora(FoldKind):
 
     def steps(self, module, layout, scale, weight) -> list[tuple[str, Step]]:
         factor = scale * module.scale
-        numpy = "mid" not in module.factors and numpy_ready(module.a) and numpy_ready(module.b)
+        numpy = all(numpy_ready(t) for t in (module.a, module.b, *module.factors.values()))
         steps = [("weight", Added(lambda lo, hi, out: delta_rows(module, layout, lo, hi, out.shape, out.dtype),
                                   factor, (lambda lo, hi, out: delta_rows_numpy(module, layout, lo, hi, out.shape,
                                                                                 out.dtype.name)) if numpy else None))]
