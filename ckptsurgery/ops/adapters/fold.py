@@ -240,64 +240,41 @@ class _Recent:
 
 
 def _folded(base: TensorRef, steps: list[Step], dtype, recent: _Recent) -> TensorRef:
-    """`base` with `steps` applied in order, made CHUNK elements (whole rows) at a time."""
-    import threading
-
+    """`base` with `steps` applied in order, made CHUNK elements (whole rows) at a time: in numpy
+    when every step can (no torch imported), else in torch."""
     count = base.shape[0] if base.shape else 1
     per_row = base.numel // count if count else 0
     span = max(1, CHUNK // max(per_row, 1))
     spans = [(lo, min(lo + span, count)) for lo in range(0, count, span)]
-    measured: list = []
-    lock = threading.Lock()
-    tag = object()  # this tensor, in `recent`
     sizes = [(hi - lo) * per_row * dtype.itemsize for lo, hi in spans]
     wide = "float64" if base.dtype.name == "float64" else "float32"
-    if _in_numpy(base, steps, dtype, wide):
-        return chunked_tensor(base.shape, dtype, sizes, _numpy_chunks(base, steps, dtype, wide, spans, recent))
-    read = row_reader(base)
+    route = _numpy_route if _in_numpy(base, steps, dtype, wide) else _torch_route
+    return chunked_tensor(base.shape, dtype, sizes, _chunks(steps, spans, recent, *route(base, steps, dtype, wide)))
+
+
+def _torch_route(base: TensorRef, steps: list[Step], dtype, wide: str):
+    """(rows(lo, hi, upto): rows [lo, hi) after the first `upto` steps, measure(step, rows, lo, hi),
+    encode(rows): their bytes in `dtype`) in torch."""
+    import torch
+
+    from ...io.tensors import to_bytes
+
+    read, wide_torch, out_torch = row_reader(base), getattr(torch, wide), getattr(torch, dtype.name)
 
     def rows(lo: int, hi: int, upto: int):
-        import torch
-
-        wide = torch.float64 if base.dtype.name == "float64" else torch.float32
-        out = read(lo, hi).to(wide, copy=True)
+        out = read(lo, hi).to(wide_torch, copy=True)
         for step in steps[:upto]:
             step.rows(out, lo, hi)
         return out
 
-    def make(j: int):
-        import torch
-
-        from ...io.tensors import to_bytes
-
-        data = recent.get((tag, j))
-        if data is not None:
-            return data
-        with lock:
-            if not measured:  # each step that needs every row sees them, as the steps before left them
-                for k, step in enumerate(steps):
-                    if step.whole:
-                        for lo, hi in spans:
-                            step.measure(rows(lo, hi, k), lo, hi)
-                measured.append(True)
-        data = to_bytes(rows(*spans[j], len(steps)).to(getattr(torch, dtype.name)))  # rounded once, when written
-        recent.keep((tag, j), data)
-        return data
-
-    return chunked_tensor(base.shape, dtype, sizes, make)
+    return rows, lambda step, out, lo, hi: step.measure(out, lo, hi), lambda out: to_bytes(out.to(out_torch))
 
 
-def _numpy_chunks(base: TensorRef, steps: list[Step], dtype, wide: str, spans: list[tuple[int, int]],
-                  recent: _Recent):
-    """j -> the bytes of chunk j (rows spans[j]) of `base` folded in numpy: no torch."""
-    import threading
-
+def _numpy_route(base: TensorRef, steps: list[Step], dtype, wide: str):
+    """The same in numpy: no torch (rounded to `dtype` as torch's .to rounds)."""
     from ..methods._codec import encode
 
     values = row_values(base, wide)
-    tag = object()  # this tensor, in `recent`
-    lock = threading.Lock()
-    measured: list = []
 
     def rows(lo: int, hi: int, upto: int):
         out = values(lo, hi)
@@ -305,17 +282,29 @@ def _numpy_chunks(base: TensorRef, steps: list[Step], dtype, wide: str, spans: l
             step.rows_numpy(out, lo, hi)
         return out
 
+    return rows, lambda step, out, lo, hi: step.measure_numpy(out, lo, hi), lambda out: encode(out, dtype.name)
+
+
+def _chunks(steps: list[Step], spans: list[tuple[int, int]], recent: _Recent, rows, measure, encode):
+    """j -> the bytes of chunk j (rows spans[j]), every step applied; the steps that need every row
+    first (`whole`) see them once, under a lock, as the steps before them left them."""
+    import threading
+
+    tag = object()  # this tensor, in `recent`
+    lock = threading.Lock()
+    measured: list = []
+
     def make(j: int):
         data = recent.get((tag, j))
         if data is None:
             with lock:
-                if not measured:  # each step that needs every row sees them, as the steps before left them
+                if not measured:
                     for k, step in enumerate(steps):
                         if step.whole:
                             for lo, hi in spans:
-                                step.measure_numpy(rows(lo, hi, k), lo, hi)
+                                measure(step, rows(lo, hi, k), lo, hi)
                     measured.append(True)
-            data = encode(rows(*spans[j], len(steps)), dtype.name)  # rounded once, when written, as torch's .to
+            data = encode(rows(*spans[j], len(steps)))  # rounded once, when written
             recent.keep((tag, j), data)
         return data
 
