@@ -33,7 +33,7 @@ MAX_DIMS = 4  # GGML_MAX_DIMS: llama.cpp refuses more
 MAX_NESTING = 4  # arrays inside arrays (llama.cpp reads none; gguf-py writes them)
 MAX_ARRAY_VALUES = 1 << 22  # elements of all metadata arrays together (a 262 144-token vocabulary is three arrays of that)
 AHEAD = 2  # pieces of a quantized tensor decoded ahead of the one being written
-CHUNK_BYTES = 4 << 20  # float32 output dequantized at once (whole blocks, at least one): gguf makes a few
+CHUNK_BYTES = 2 << 20  # float32 output dequantized at once (whole blocks, at least one): gguf makes a few
 #                        temporaries of its size; as fast as 16 MiB (numpy calls stay long), a quarter of the memory
 
 # the GGML types whose bytes are a torch dtype's, element for element: id -> (name, torch dtype).
