@@ -428,3 +428,23 @@ def test_hf_paths_name_revisions_with_slashes_repository_types_and_refuse_the_re
     monkeypatch.setenv("HF_ENDPOINT", "huggingface.co")
     with pytest.raises(Exception, match="HF_ENDPOINT"):
         parse_hf("hf://org/name")
+
+
+def test_dequantize_of_a_remote_release_takes_the_block_size_from_its_config(cli, server, served, tmp_path):
+    _, root = served
+    release = root / "org" / "fp8"
+    release.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(128, 128, generator=g) * 4).to(torch.float8_e4m3fn)
+    save_file({"l.weight": weight, "l.weight_scale_inv": torch.rand(2, 2, generator=g) + 0.5},
+              str(release / "model.safetensors"))
+    (release / "config.json").write_text(json.dumps({"quantization_config": {"weight_block_size": [64, 64]}}))
+    local = tmp_path / "local.safetensors"
+    assert cli("convert", release / "model.safetensors", "-o", local, "--dequantize").code == 0
+    for source in ("hf://org/fp8", f"{server.url}/org/fp8/model.safetensors"):
+        out = tmp_path / "remote.safetensors"
+        result = cli("convert", source, "-o", out, "--dequantize", "--json", "--force")
+        assert result.code == 0, result.err
+        done = json.loads(result.out)["dequantized"]
+        assert done["block_size"] == [64, 64] and done["block_size_from"].endswith("config.json")
+        assert out.read_bytes() == local.read_bytes()

@@ -411,6 +411,22 @@ def fetch_text(where: Location, limit: int) -> tuple[bytes, Location]:
     return bytes(answer.body), where
 
 
+def config_beside(path: str, limit: int) -> tuple[str, bytes | None]:
+    """The `config.json` beside a remote input (a repository's at its root, or beside the file it
+    names; beside a URL's file), as it is shown and its bytes — None when there is none (404)."""
+    if path.startswith("hf://"):
+        hub, filename = parse_hf(path)
+        name = posixpath.join(posixpath.dirname(filename or ""), "config.json")
+        where = Location(hub.url(name), f"hf://{hub.repo}/{name}", hub_token(), origin_of(hub.endpoint), hub, name)
+    else:
+        where = sibling(Location(path, shown(path)), "config.json")
+    try:
+        raw, _ = fetch_text(where, limit)
+    except NotFound:
+        return where.shown, None
+    return where.shown, raw
+
+
 # ---- reading a remote checkpoint -------------------------------------------------------------
 
 def read_remote(path: str, root: str | None) -> Checkpoint:

@@ -64,17 +64,28 @@ class _Plan:
 
 def block_size_of(input: str) -> tuple[tuple[int, int], str | None]:
     """The block size, and the config.json it came from (None: the default): the input's folder's
-    config.json, or the one beside an input file."""
-    folder = input if os.path.isdir(input) else (os.path.dirname(input) or ".")
-    config = os.path.join(folder, "config.json")
-    if not os.path.isfile(config):
-        return DEFAULT_BLOCK, None
-    if os.path.getsize(config) > MAX_CONFIG:
-        raise CkptError(f"{config}: larger than {MAX_CONFIG >> 20} MB; not a model's config.json")
+    config.json, or the one beside an input file — a remote input's fetched (io/remote.py)."""
+    from ..io.formats import is_remote
+
+    if is_remote(input):
+        from ..io.remote import config_beside
+
+        config, raw = config_beside(input, MAX_CONFIG)
+    else:
+        folder = input if os.path.isdir(input) else (os.path.dirname(input) or ".")
+        config = os.path.join(folder, "config.json")
+        if not os.path.isfile(config):
+            return DEFAULT_BLOCK, None
+        if os.path.getsize(config) > MAX_CONFIG:
+            raise CkptError(f"{config}: larger than {MAX_CONFIG >> 20} MB; not a model's config.json")
+        try:
+            with open(config, "rb") as f:
+                raw = f.read()
+        except OSError:
+            raw = None
     try:
-        with open(config, encoding="utf-8") as f:
-            quant = json.load(f).get("quantization_config") or {}
-    except (OSError, ValueError, AttributeError, RecursionError):
+        quant = json.loads(raw.decode("utf-8")).get("quantization_config") or {} if raw is not None else {}
+    except (ValueError, AttributeError, RecursionError):
         return DEFAULT_BLOCK, None  # not ours to judge: a config.json that is not a model's
     block = quant.get("weight_block_size") if isinstance(quant, dict) else None
     if block is None:
