@@ -89,11 +89,15 @@ class RangeServer:
         self.served = Served()
         self._ranges = 0
 
-    def _record(self, path: str, rng: str | None, status: int, nbytes: int) -> None:
+    def _record(self, path: str, rng: str | None, status: int, nbytes: int) -> list:
+        """The request, recorded when it arrives (in the test it belongs to: a dripping answer may
+        end long after); its last item, the bytes sent, is set when they are."""
+        entry = [path, rng, status, nbytes]
         if path == "/__served":
-            return
+            return entry
         with self._lock:
-            self.served.requests.append((path, rng, status, nbytes))
+            self.served.requests.append(entry)
+        return entry
 
     def _answer(self, h: BaseHTTPRequestHandler) -> None:
         b = self.behaviour
@@ -183,6 +187,7 @@ class RangeServer:
 
     def _send(self, h, path, rng, status, body: bytes, headers: dict) -> None:
         b = self.behaviour
+        entry = self._record(path, rng, status, 0)
         h.send_response(status)
         for k, v in headers.items():
             if v is not None:
@@ -204,7 +209,7 @@ class RangeServer:
         except (BrokenPipeError, ConnectionResetError):  # the client stopped reading (a refused 200)
             sent = 0
             h.close_connection = True
-        self._record(path, rng, status, sent)
+        entry[3] = sent
 
     def _status(self, h, path, rng, status: int, headers: dict | None = None) -> None:
         self._send(h, path, rng, status, f"status {status}\n".encode(), headers or {})
