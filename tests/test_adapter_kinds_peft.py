@@ -83,6 +83,14 @@ def assert_equal_within(got: dict, want: dict, rtol=1e-5):
         torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=rtol * want[k].abs().max().item(), msg=k)
 
 
+def assert_runs_as(net, state: dict, inputs: tuple, forward) -> None:
+    """`net` with `state` loaded gives, on `inputs`, the outputs `forward` (peft's model's) gave."""
+    net.load_state_dict(state)
+    with torch.no_grad():
+        for ours, theirs in zip(net(*inputs), forward):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 # ---- DoRA ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("chunk", [None, 7])
@@ -106,11 +114,7 @@ def test_dora_folds_as_peft_merges_and_runs_as_peft_forward(cli, tmp_path, monke
     summary = cli("merge", tmp_path / "base.safetensors", "--lora", tmp_path / "dora", "-o", tmp_path / "2.safetensors")
     assert "(peft, 6 dora, scale 1, 6 weights)" in summary.err
     # peft's merge agrees with its own forward here (one adapter); ours too
-    net = Net()
-    net.load_state_dict(got)
-    with torch.no_grad():
-        for ours, theirs in zip(net(*inputs()), forward):
-            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert_runs_as(Net(), got, inputs(), forward)
 
 
 def test_dora_on_gpt2_with_a_square_conv1d_and_rslora(cli, tmp_path):
@@ -168,11 +172,7 @@ def test_stacked_adapters_fold_as_peft_merges_them_together(cli, tmp_path):
     got, doc = fold(cli, tmp_path, base_sd, *(tmp_path / name for name in configs))
     assert [a["kinds"] for a in doc["adapters"]] == [{"lora": 3}, {"dora": 4}, {"dora": 2}]
     assert_equal_within(got, merged)
-    net = Net()
-    net.load_state_dict(got)
-    with torch.no_grad():
-        for ours, theirs in zip(net(*inputs()), forward):
-            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert_runs_as(Net(), got, inputs(), forward)
 
 
 # ---- DoRA: hostile adapters --------------------------------------------------------------------
@@ -310,11 +310,7 @@ def test_ia3_folds_as_peft_merges_and_runs_as_peft_forward(cli, tmp_path, monkey
     changed = {k for k in base_sd if not torch.equal(got[k], base_sd[k])}
     assert changed == {f"{t}.weight" for t in IA3_TARGETS} | {f"{t}.bias" for t in outputs if f"{t}.bias" in base_sd}
     assert doc["adapters"][0]["kinds"] == {"ia3": len(IA3_TARGETS)}
-    net = IaNet()
-    net.load_state_dict(got)
-    with torch.no_grad():
-        for ours, theirs in zip(net(*ia3_inputs()), forward):
-            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert_runs_as(IaNet(), got, ia3_inputs(), forward)
 
 
 def test_lora_and_ia3_adapters_fold_in_order(cli, tmp_path):
@@ -456,11 +452,7 @@ def test_loha_and_lokr_fold_as_peft_merges_and_runs_as_peft_forward(cli, tmp_pat
     got, doc = fold(cli, tmp_path, base_sd, tmp_path / name)
     assert_equal_within(got, merged)
     assert doc["adapters"][0]["kinds"] == {name.split("-")[0]: len(config.target_modules)}
-    net = ConvNet()
-    net.load_state_dict(got)
-    with torch.no_grad():
-        for ours, theirs in zip(net(*conv_inputs()), forward):
-            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert_runs_as(ConvNet(), got, conv_inputs(), forward)
 
 
 def test_loha_scale_scales_the_delta_as_peft_does(cli, tmp_path):
