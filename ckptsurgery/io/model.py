@@ -9,6 +9,7 @@ import math
 import mmap
 import os
 import threading
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -134,18 +135,20 @@ class MappedFile:
         self._close_file()
 
 
-class RangeSource:
+class RangeSource(ABC):
     """Bytes fetched by range when asked (a remote file: io/remote.py): `view(offset, nbytes)` as
     a mapped file's, and `stream(offset, nbytes)`, the pieces of a long range in order, for writers."""
 
     path: str
     size: int
 
+    @abstractmethod
     def view(self, offset: int, nbytes: int) -> memoryview:
-        raise NotImplementedError
+        """Bytes [offset, offset + nbytes), fetched."""
 
+    @abstractmethod
     def stream(self, offset: int, nbytes: int) -> Iterator[memoryview]:
-        raise NotImplementedError
+        """The same bytes in pieces, in order (several fetched at once)."""
 
     def close(self) -> None:
         pass

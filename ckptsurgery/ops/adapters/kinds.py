@@ -109,10 +109,6 @@ class Step(ABC):
     def measure(self, out, lo: int, hi: int) -> None:
         """With `whole`: see rows [lo, hi) (each row once, in order) before any `rows` call."""
 
-    def rows_numpy(self, out, lo: int, hi: int) -> None:
-        """With `numpy`: `rows` on a numpy array."""
-        raise NotImplementedError
-
     def measure_numpy(self, out, lo: int, hi: int) -> None:
         """With `numpy` and `whole`: `measure` on a numpy array."""
 
