@@ -34,13 +34,6 @@ FullDownloadOpt = Annotated[bool, typer.Option(
     "--allow-full-download", help="A remote input whose server ignores range requests is downloaded whole (into a "
                                   "temporary file) instead of refused.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
-# --names: ops/gguf_names.py's Names, spelled here (that module is imported only when hf is asked)
-NamesChoice = Enum("Names", {"gguf": "gguf", "hf": "hf"}, type=str)
-NamesOpt = Annotated[NamesChoice, typer.Option(
-    "--names", help="A GGUF input's tensor names: gguf keeps llama.cpp's (blk.N.attn_q.weight); hf reads them under "
-                    "Hugging Face's (llama — Mistral too —, qwen2, qwen3), Llama's q/k un-permuted.")]
-
-
 
 def _start_reading(inputs: list, allow_full_download: bool) -> None:
     """Before a command opens its inputs: a fresh record of what remote inputs fetch, and whether
@@ -447,6 +440,12 @@ class OutputOptions:
         finish_write(report, self.json, self.quiet, details)
 
 
+# --names: ops/gguf_names.py's Names, spelled here (that module is imported only when hf is asked)
+NamesChoice = choice("Names", ("gguf", "hf"))
+NamesOpt = Annotated[NamesChoice, typer.Option(
+    "--names", help="A GGUF input's tensor names: gguf keeps llama.cpp's (blk.N.attn_q.weight); hf reads them under "
+                    "Hugging Face's (llama — Mistral too —, qwen2, qwen3), Llama's q/k un-permuted.")]
+
 # the input options every reading command shares: name -> (annotation, default)
 INPUT_OPTIONS: dict[str, tuple[Any, Any]] = {
     "root": (RootOpt, None),
@@ -465,12 +464,13 @@ class InputOptions:
     read: ReadOptions
     allow_full_download: bool
 
-    def reading(self, *inputs: str | None) -> ReadOptions:
+    def reading(self, *inputs: str | None, check: bool = True) -> ReadOptions:
         """Before the command opens `inputs` (None: an input not given): what does not apply is
-        refused (--names hf without a GGUF input, --allow-full-download without a remote one), and
-        a fresh record of what remote inputs fetch starts. The ReadOptions to hand on."""
+        refused (--names hf without a GGUF input, --allow-full-download without a remote one;
+        `check` False: checked already, for an earlier input of the same command), and a fresh
+        record of what remote inputs fetch starts. The ReadOptions to hand on."""
         paths = [path for path in inputs if path is not None]
-        if self.read.names == "hf":
+        if self.read.names == "hf" and check:
             from ..ops.gguf_names import check_inputs
 
             check_inputs(paths)

@@ -57,7 +57,7 @@ def inspect(
                          f"--json once per input (for f in ...; do ckptsurgery inspect \"$f\" --json; done)")
     several = len(inputs) > 1
     for i, input in enumerate(inputs):
-        read = inp.reading(*inputs)  # a fresh record of what this input fetches
+        read = inp.reading(*inputs, check=not i)  # a fresh record of what this input fetches
         with progress_bar(quiet or json or not (stats or hash)) as progress, _naming(input, several):
             report = ops.inspect_checkpoint(input, keys=keys, stats=stats, tree=tree, depth=depth, hash=hash,
                                             root=inp.root, progress=progress, read=read)
