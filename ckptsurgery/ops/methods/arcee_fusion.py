@@ -5,6 +5,7 @@ fence median + 1.5·IQR of those scores."""
 from __future__ import annotations
 
 import os
+import threading
 
 from ._base import MergeMethod
 from ._vectors import Vectors
@@ -38,15 +39,13 @@ class ArceeFusion(MergeMethod):
         per_read = max(1, self.chunk_size // max(1, length))
         scores = np.empty(n, self.wide)
         blocks = [(first, min(per_read, self.rows.count - first)) for first in range(0, self.rows.count, per_read)]
+        local = threading.local()  # each thread's buffers (the one thread's, without a pool)
         if len(blocks) > 1 and THREADS > 1:
-            import threading
             from concurrent.futures import ThreadPoolExecutor
 
-            local = threading.local()
             with ThreadPoolExecutor(THREADS, thread_name_prefix="ckptsurgery-arcee") as pool:
                 list(pool.map(lambda block: self._score_rows(*block, length, scores, local), blocks))
         else:
-            local = type("Buffers", (), {})()
             for first, rows in blocks:
                 self._score_rows(first, rows, length, scores, local)
         self.threshold = _fence(scores) if n else 0.0
@@ -103,8 +102,6 @@ def _fence(scores) -> float:
     below = (lambda: scores[:mid].partition(lo)) if lo < mid else None
     above = (lambda: scores[mid + 1:].partition(hi - mid - 1)) if hi > mid else None
     if below and above and THREADS > 1:  # the two halves are disjoint: partitioned at once (numpy lets go of the GIL)
-        import threading
-
         other = threading.Thread(target=above)
         other.start()
         below()
