@@ -34,6 +34,8 @@ FullDownloadOpt = Annotated[bool, typer.Option(
     "--allow-full-download", help="A remote input whose server ignores range requests is downloaded whole (into a "
                                   "temporary file) instead of refused.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
+QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr but errors.")]
+
 
 def _start_reading(inputs: list, allow_full_download: bool) -> None:
     """Before a command opens its inputs: a fresh record of what remote inputs fetch, and whether
@@ -81,7 +83,6 @@ def fetched_line(fetched) -> str:
     if fetched.full_downloads:
         line += f" ({count(len(fetched.full_downloads), 'file')} downloaded whole: the server ignores range requests)"
     return line
-QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr but errors.")]
 
 
 def command_app() -> typer.Typer:

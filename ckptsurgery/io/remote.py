@@ -131,6 +131,15 @@ def pinned(where: Location) -> Location:
     return Location(where.hub.url(where.filename), where.shown, where.token, where.origin, where.hub, where.filename)
 
 
+def pinned_by(where: Location, answer: Answer) -> Location:
+    """`where`, its repository pinned to the commit `answer` names when none is pinned yet (the
+    first answer of an `hf://` run): every later URL names that commit."""
+    if where.hub is not None and where.hub.commit is None and answer.commit:
+        where.hub.commit = answer.commit
+        return pinned(where)
+    return where
+
+
 @dataclass
 class HubRepo:
     """An `hf://` repository at one revision; `commit` is pinned by the first answer that names it."""
@@ -360,9 +369,8 @@ def open_remote(where: Location):
     settings = _settings.get()
     asked = where.url
     answer = request(where, 0, HEAD_BYTES - 1, 0)
-    if where.hub is not None and where.hub.commit is None and answer.commit and answer.status in (200, 206):
-        where.hub.commit = answer.commit  # pinned: every later URL names this commit
-        where = pinned(where)
+    if answer.status in (200, 206):
+        where = pinned_by(where, answer)
     if answer.status == 200:
         if not settings.allow_full_download:
             raise CkptError(f"{where.shown}: the server ignores range requests and would send the whole file; "
@@ -399,9 +407,7 @@ def fetch_text(where: Location, limit: int) -> tuple[bytes, Location]:
     answer = request(where, 0, limit, limit + 1)
     if answer.status not in (200, 206):
         raise refused(where, answer)
-    if where.hub is not None and where.hub.commit is None and answer.commit:
-        where.hub.commit = answer.commit
-        where = pinned(where)
+    where = pinned_by(where, answer)
     if len(answer.body) > limit:
         raise CkptError(f"{where.shown}: larger than {limit >> 20} MiB; not a shard index")
     ledger = _settings.get().ledger
