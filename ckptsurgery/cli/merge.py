@@ -7,7 +7,6 @@ from typing import Annotated, Optional
 import typer
 
 from .. import core, ops
-from ..errors import UsageError
 from ..ops.methods import METHODS, PARAMETERS, merge_options
 from .common import (
     CastTo, InputOptions, OutputOptions, choice, command_app, count, examples, expanded_options, input_options,
