@@ -211,6 +211,19 @@ def test_a_commands_class_must_derive_from_the_help_command():
         command_app().command(cls=TyperCommand)
 
 
+def test_a_commands_examples_are_the_end_of_its_docstring_and_no_epilog_is_taken():
+    from ckptsurgery.cli.common import command_app
+    from ckptsurgery.cli.help import docstring_parts
+
+    assert docstring_parts("Do it.\n\nMore.\n\nExamples:\n    ckptsurgery x a\n    ckptsurgery x b") == (
+        "Do it.\n\nMore.", "Examples:\n\nckptsurgery x a\n\nckptsurgery x b")
+    assert docstring_parts("Do it; examples: none.") == ("Do it; examples: none.", None)
+    convert = click_command("convert")
+    assert "Examples" not in convert.help and convert.epilog.startswith("Examples:\n\nckptsurgery convert ")
+    with pytest.raises(TypeError, match="docstring"):
+        command_app().command(epilog="Examples: ...")
+
+
 def run_help(*args, env=None, tty=False) -> bytes:
     environ = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "PY_COLORS", "NO_COLOR", "TTY_COMPATIBLE")}
     environ.update({"COLUMNS": "80", "TERM": "xterm-256color", **(env or {})})

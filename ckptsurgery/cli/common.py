@@ -102,11 +102,6 @@ def command_group(name: str, help: str) -> typer.Typer:
                       pretty_exceptions_enable=False)
 
 
-def examples(*commands: str) -> str:
-    """The end of a command's --help: two or three real command lines."""
-    return "Examples:\n\n" + "\n\n".join(commands)
-
-
 def choice(name: str, values) -> type[Enum]:
     """A real choice for Typer: a wrong value exits 2, and --help lists the values."""
     return Enum(name, {value: value for value in values}, type=str)

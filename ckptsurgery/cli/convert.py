@@ -7,17 +7,13 @@ from typing import Annotated, Optional
 import typer
 
 from .. import ops
-from .common import CastTo, InputArg, InputOptions, OutputOptions, command_app, examples, input_options, output_options
+from .common import CastTo, InputArg, InputOptions, OutputOptions, command_app, input_options, output_options
 
 
 app = command_app()
 
 
-@app.command(epilog=examples(
-    "ckptsurgery convert model.pth -o model-bf16.safetensors --dtype bf16",
-    "ckptsurgery convert model.safetensors -o resume --format dcp",
-    "ckptsurgery convert V3-fp8/ -o V3-bf16/model.safetensors --dequantize",
-))
+@app.command()
 @output_options()
 @input_options()
 def convert(
@@ -29,7 +25,13 @@ def convert(
 ) -> None:
     """Convert between .pth and .safetensors, bit-exact unless --dtype asks for a cast.
 
-    A .safetensors output keeps the input's metadata but its content hashes (--metadata sets entries)."""
+    A .safetensors output keeps the input's metadata but its content hashes (--metadata sets entries).
+
+    Examples:
+        ckptsurgery convert model.pth -o model-bf16.safetensors --dtype bf16
+        ckptsurgery convert model.safetensors -o resume --format dcp
+        ckptsurgery convert V3-fp8/ -o V3-bf16/model.safetensors --dequantize
+    """
     read = inp.reading(input)
     with out.writing() as write:
         report = ops.convert_checkpoint(input, write, root=inp.root, dtype=dtype and dtype.value, read=read)

@@ -11,7 +11,7 @@ import typer
 from .. import ops
 from ..errors import UsageError
 from .common import (
-    InputOptions, JsonOpt, command_app, console, examples, failures_exit, input_options, print_json, printable,
+    InputOptions, JsonOpt, command_app, console, failures_exit, input_options, print_json, printable,
     with_fetched,
 )
 
@@ -19,11 +19,7 @@ from .common import (
 app = command_app()
 
 
-@app.command(epilog=examples(
-    "ckptsurgery diff model.pth model-bf16.safetensors --rtol 1e-2 --atol 1e-6",
-    "ckptsurgery diff -q before.pth after.pth || echo changed",
-    "ckptsurgery diff ft-a/ ft-b/ --by-layer --base base/",
-))
+@app.command()
 @input_options()
 def diff(
     a: Annotated[str, typer.Argument(metavar="A", help="First checkpoint.", show_default=False)],
@@ -56,7 +52,13 @@ def diff(
 
     Trouble is an unreadable file or wrong usage; the codes are those of diff(1) and cmp(1). A tied
     name one side stores once (lm_head.weight saved by save_pretrained) is the same tensor, not a
-    difference."""
+    difference.
+
+    Examples:
+        ckptsurgery diff model.pth model-bf16.safetensors --rtol 1e-2 --atol 1e-6
+        ckptsurgery diff -q before.pth after.pth || echo changed
+        ckptsurgery diff ft-a/ ft-b/ --by-layer --base base/
+    """
     with failures_exit(2):
         if brief and json:
             raise UsageError("--brief prints one line and --json the whole report: give one")

@@ -7,17 +7,13 @@ from typing import Annotated
 import typer
 
 from .. import ops
-from .common import InputArg, InputOptions, OutputOptions, command_app, examples, input_options, listing, output_options
+from .common import InputArg, InputOptions, OutputOptions, command_app, input_options, listing, output_options
 
 
 app = command_app()
 
 
-@app.command(epilog=examples(
-    "ckptsurgery drop resnet.pth fc -o backbone.pth",
-    "ckptsurgery drop train.ckpt optimizer 're:num_batches_tracked$' -o slim.ckpt",
-    "ckptsurgery drop a.safetensors fc -o b.safetensors --metadata license=mit",
-))
+@app.command()
 @output_options()
 @input_options()
 def drop(
@@ -31,7 +27,13 @@ def drop(
     *,
     out: OutputOptions,
 ) -> None:
-    """Remove keys or whole modules, or top-level entries beside the state dict (a training checkpoint's optimizer)."""
+    """Remove keys or whole modules, or top-level entries beside the state dict (a training checkpoint's optimizer).
+
+    Examples:
+        ckptsurgery drop resnet.pth fc -o backbone.pth
+        ckptsurgery drop train.ckpt optimizer 're:num_batches_tracked$' -o slim.ckpt
+        ckptsurgery drop a.safetensors fc -o b.safetensors --metadata license=mit
+    """
     read = inp.reading(input)
     with out.writing() as write:
         report = ops.drop_keys(input, patterns, write, root=inp.root, read=read)

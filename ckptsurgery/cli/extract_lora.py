@@ -10,18 +10,14 @@ import typer
 from .. import ops
 from ..ops.reports import Extracted
 from .common import (
-    OutputOptions, RootOpt, command_app, examples, listing, note, output_options, print_json, printable,
+    OutputOptions, RootOpt, command_app, listing, note, output_options, print_json, printable,
 )
 
 
 app = command_app()
 
 
-@app.command("extract-lora", epilog=examples(
-    "ckptsurgery extract-lora base.pth tuned.pth --rank 16 -o adapter",
-    "ckptsurgery extract-lora base tuned --rank 8 --rank '*attn*=32' -o lora",
-    "ckptsurgery extract-lora a.pth b.pth --rank 4 --embeddings -o x --dry-run",
-))
+@app.command("extract-lora")
 @output_options(omit=("format", "max_shard_size", "jobs", "no_metadata", "rank_timeout"), output=Annotated[str, typer.Option(
     "-o", "--output", metavar="ADAPTER_DIR", help="Adapter folder to write (adapter_config.json, adapter_model.safetensors).")],
     metadata=Annotated[Optional[list[str]], typer.Option(
@@ -41,7 +37,13 @@ def extract_lora(
     *,
     out: OutputOptions,
 ) -> None:
-    """Write a PEFT LoRA adapter that turns BASE into (approximately) TUNED: a truncated SVD of the difference of every 2-D and conv weight."""
+    """Write a PEFT LoRA adapter that turns BASE into (approximately) TUNED: a truncated SVD of the difference of every 2-D and conv weight.
+
+    Examples:
+        ckptsurgery extract-lora base.pth tuned.pth --rank 16 -o adapter
+        ckptsurgery extract-lora base tuned --rank 8 --rank '*attn*=32' -o lora
+        ckptsurgery extract-lora a.pth b.pth --rank 4 --embeddings -o x --dry-run
+    """
     with out.writing(ranks=False) as write:
         report = ops.extract_lora(base, tuned, write, rank=rank, embeddings=embeddings,
                                   fan_in_fan_out=fan_in_fan_out, root=root)

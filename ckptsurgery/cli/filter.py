@@ -7,17 +7,13 @@ from typing import Annotated, Optional
 import typer
 
 from .. import ops
-from .common import InputArg, InputOptions, OutputOptions, command_app, examples, input_options, listing, output_options
+from .common import InputArg, InputOptions, OutputOptions, command_app, input_options, listing, output_options
 
 
 app = command_app()
 
 
-@app.command("filter", epilog=examples(
-    "ckptsurgery filter pretrained.pth -o matching.pth --like new_model.pth",
-    "ckptsurgery filter old.pth --like new.pth --skip-mismatched -o fit.pth",
-    "ckptsurgery filter hf://org/vlm --keep vision_tower -o vision.safetensors",
-))
+@app.command("filter")
 @output_options()
 @input_options()
 def filter_command(
@@ -35,7 +31,13 @@ def filter_command(
     *,
     out: OutputOptions,
 ) -> None:
-    """Keep selected keys, or the keys a template has in the template's shapes (the `if k in model_dict` recipe)."""
+    """Keep selected keys, or the keys a template has in the template's shapes (the `if k in model_dict` recipe).
+
+    Examples:
+        ckptsurgery filter pretrained.pth -o matching.pth --like new_model.pth
+        ckptsurgery filter old.pth --like new.pth --skip-mismatched -o fit.pth
+        ckptsurgery filter hf://org/vlm --keep vision_tower -o vision.safetensors
+    """
     read = inp.reading(input, like)
     with out.writing() as write:
         report = ops.filter_keys(input, write, keep=keep, like=like, root=inp.root, skip_mismatched=skip_mismatched,

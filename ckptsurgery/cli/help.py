@@ -67,11 +67,31 @@ class CommandApp(typer.Typer):
     """The Typer of one command's module: its command is a HelpCommand (a `cls` given must derive
     from it, as rename's does)."""
 
-    def command(self, *args, cls=None, **kwargs):
+    def command(self, *args, cls=None, help: str | None = None, **kwargs):
         if cls is not None and not issubclass(cls, HelpCommand):
             raise TypeError(f"{cls.__name__}: a command's class must derive from cli.help.HelpCommand, "
                             f"which lays out its --help")
-        return super().command(*args, cls=cls or HelpCommand, **kwargs)
+        if "epilog" in kwargs:
+            raise TypeError("a command's examples are the 'Examples:' section of its docstring, not an epilog")
+        register = super().command
+
+        def decorator(function):
+            text, examples = docstring_parts(inspect.getdoc(function) or "")
+            return register(*args, cls=cls or HelpCommand, help=text if help is None else help,
+                            epilog=examples, **kwargs)(function)
+        return decorator
+
+
+EXAMPLES = "\n\nExamples:\n"
+
+
+def docstring_parts(docstring: str) -> tuple[str, str | None]:
+    """A command's docstring as its help text and its --help epilog: the section "Examples:" that
+    ends it, one command line per line, is shown after the options."""
+    text, found, examples = docstring.partition(EXAMPLES)
+    if not found:
+        return docstring, None
+    return text, "Examples:\n\n" + "\n\n".join(line.strip() for line in examples.splitlines() if line.strip())
 
 
 class HelpGroup(TyperGroup):

@@ -11,7 +11,7 @@ import typer
 from .. import ops
 from ..errors import CkptError, UsageError
 from .common import (
-    InputOptions, JsonOpt, MAX_ROWS, QuietOpt, command_app, count, dequantized_line, examples, fetched_line,
+    InputOptions, JsonOpt, MAX_ROWS, QuietOpt, command_app, count, dequantized_line, fetched_line,
     hf_names_line, human_bytes, input_options, note, print_json, printable, progress_bar, with_fetched,
 )
 
@@ -19,11 +19,7 @@ from .common import (
 app = command_app()
 
 
-@app.command(epilog=examples(
-    "ckptsurgery inspect model.pth finetuned.pth --tree --depth 2",
-    "ckptsurgery inspect model.safetensors --keys 'layers.0' --stats",
-    "ckptsurgery inspect hf://org/model --tree --depth 2",
-))
+@app.command()
 @input_options()
 def inspect(
     inputs: Annotated[list[str], typer.Argument(
@@ -46,7 +42,13 @@ def inspect(
 ) -> None:
     """List a checkpoint's tensors (reads headers only, unless --stats or --hash).
 
-    Several checkpoints are listed one after another, a blank line between (--json takes one)."""
+    Several checkpoints are listed one after another, a blank line between (--json takes one).
+
+    Examples:
+        ckptsurgery inspect model.pth finetuned.pth --tree --depth 2
+        ckptsurgery inspect model.safetensors --keys 'layers.0' --stats
+        ckptsurgery inspect hf://org/model --tree --depth 2
+    """
     if (stats or hash) and tree and not json:
         raise UsageError(f"--{'stats' if stats else 'hash'} lists tensors and --tree lists modules: give one, "
                          f"or add --json for both")

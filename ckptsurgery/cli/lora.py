@@ -13,7 +13,7 @@ from .. import ops
 from ..errors import UsageError
 from ..ops.reports import LoraMergeReport, LoraModule, LoraReport, LoraResizeReport
 from .common import (
-    CastTo, InputOptions, OutputOptions, RootOpt, choice, command_group, count, examples, listing, note, output_options,
+    CastTo, InputOptions, OutputOptions, RootOpt, choice, command_group, count, listing, note, output_options,
     input_options, print_json, print_table, printable,
 )
 
@@ -31,12 +31,12 @@ AdapterArg = Annotated[str, typer.Argument(
     metavar="ADAPTER", help="A PEFT adapter folder or a kohya .safetensors file.", show_default=False)]
 
 
-def _adapter_command(name: str, metavar: str, what: str, *usage: str):
+def _adapter_command(name: str, metavar: str, what: str):
     """A subcommand that writes an adapter, named by -o (`metavar`, `what`), with the output options
-    that apply to one, and `usage` its --help examples."""
+    that apply to one."""
     output = output_options(omit=ADAPTER_OMIT, metadata=ADAPTER_METADATA, output=Annotated[str, typer.Option(
         "-o", "--output", metavar=metavar, help=what)])
-    return lambda command: app.command(name, epilog=examples(*usage))(output(command))
+    return lambda command: app.command(name)(output(command))
 
 
 Combine = choice("Combine", ("cat", "svd"))
@@ -46,10 +46,7 @@ EnergyOpt = Annotated[Optional[float], typer.Option(
     help="Instead of --rank: per module the smallest rank whose squared singular values reach E (0 < E ≤ 1) of ΔW's.")]
 
 
-@app.command("fold", epilog=examples(
-    "ckptsurgery lora fold base.safetensors adapter -o merged.safetensors",
-    "ckptsurgery lora fold sd.safetensors style.safetensors detail --scale 0.8 --scale 0.5 -o out.safetensors",
-))
+@app.command("fold")
 @output_options()
 @input_options()
 def fold(
@@ -63,7 +60,12 @@ def fold(
     *,
     out: OutputOptions,
 ) -> None:
-    """Fold adapters into their base: W + S·(α/r)·B·A per LoRA weight, each other kind by its rule (merge BASE --lora ADAPTER)."""
+    """Fold adapters into their base: W + S·(α/r)·B·A per LoRA weight, each other kind by its rule (merge BASE --lora ADAPTER).
+
+    Examples:
+        ckptsurgery lora fold base.safetensors adapter -o merged.safetensors
+        ckptsurgery lora fold sd.safetensors style.safetensors detail --scale 0.8 --scale 0.5 -o out.safetensors
+    """
     if not all(math.isfinite(s) for s in scale or []):
         raise UsageError("--scale must be a finite number")
     if scale and len(scale) not in (1, len(adapters)):  # checked here: fold_adapters would name --lora-scale
@@ -82,9 +84,7 @@ def fold(
 
 
 @_adapter_command("extract", "ADAPTER_DIR",
-                  "Adapter folder to write (adapter_config.json, adapter_model.safetensors).",
-                  "ckptsurgery lora extract base.safetensors tuned.safetensors --rank 16 -o adapter",
-                  "ckptsurgery lora extract base tuned --energy 0.9 -o adapter")
+                  "Adapter folder to write (adapter_config.json, adapter_model.safetensors).")
 def extract(
     base: Annotated[str, typer.Argument(metavar="BASE", help="The checkpoint before fine-tuning.", show_default=False)],
     tuned: Annotated[str, typer.Argument(metavar="TUNED", help="The fine-tuned checkpoint (same keys and shapes).", show_default=False)],
@@ -100,7 +100,12 @@ def extract(
     *,
     out: OutputOptions,
 ) -> None:
-    """Extract a PEFT LoRA adapter that turns BASE into (approximately) TUNED: a truncated SVD of each weight's difference (extract-lora, and --energy)."""
+    """Extract a PEFT LoRA adapter that turns BASE into (approximately) TUNED: a truncated SVD of each weight's difference (extract-lora, and --energy).
+
+    Examples:
+        ckptsurgery lora extract base.safetensors tuned.safetensors --rank 16 -o adapter
+        ckptsurgery lora extract base tuned --energy 0.9 -o adapter
+    """
     from .extract_lora import show
 
     if rank is None and energy is None:
@@ -111,9 +116,7 @@ def extract(
     show(report, out)
 
 
-@_adapter_command("merge", "OUT", "Adapter to write: a folder (PEFT inputs) or a .safetensors file (kohya inputs).",
-                  "ckptsurgery lora merge style detail --combine cat -o both",
-                  "ckptsurgery lora merge a b c --weights 1,0.5,0.5 --combine svd --rank 16 -o abc")
+@_adapter_command("merge", "OUT", "Adapter to write: a folder (PEFT inputs) or a .safetensors file (kohya inputs).")
 def merge(
     adapters: Annotated[list[str], typer.Argument(metavar="ADAPTER...", help="Two or more adapters of one model, all PEFT folders or all kohya files.", show_default=False)],
     combine: Annotated[Combine, typer.Option(
@@ -126,7 +129,12 @@ def merge(
     *,
     out: OutputOptions,
 ) -> None:
-    """Merge LoRA adapters into one whose fold is Σ wᵢ·ΔWᵢ: exactly (cat) or at rank R (svd), as peft's add_weighted_adapter."""
+    """Merge LoRA adapters into one whose fold is Σ wᵢ·ΔWᵢ: exactly (cat) or at rank R (svd), as peft's add_weighted_adapter.
+
+    Examples:
+        ckptsurgery lora merge style detail --combine cat -o both
+        ckptsurgery lora merge a b c --weights 1,0.5,0.5 --combine svd --rank 16 -o abc
+    """
     with out.writing(ranks=False) as write:
         report = ops.merge_adapters(adapters, write, weights=_numbers(weights), combine=combine.value, rank=rank)
     how = f"combine {report.combine}" + (f", rank {report.rank}" if report.rank is not None else "")
@@ -134,9 +142,7 @@ def merge(
 
 
 @_adapter_command("resize", "OUT",
-                  "Adapter to write, in the input's format: a folder (PEFT) or a .safetensors file (kohya).",
-                  "ckptsurgery lora resize adapter --rank 4 -o adapter-r4",
-                  "ckptsurgery lora resize style.safetensors --energy 0.95 -o style-small.safetensors")
+                  "Adapter to write, in the input's format: a folder (PEFT) or a .safetensors file (kohya).")
 def resize(
     adapter: AdapterArg,
     rank: Annotated[Optional[int], typer.Option(
@@ -145,16 +151,19 @@ def resize(
     *,
     out: OutputOptions,
 ) -> None:
-    """Resize a LoRA adapter: each module's best approximation at the new rank, its scale kept (alpha = scale·rank)."""
+    """Resize a LoRA adapter: each module's best approximation at the new rank, its scale kept (alpha = scale·rank).
+
+    Examples:
+        ckptsurgery lora resize adapter --rank 4 -o adapter-r4
+        ckptsurgery lora resize style.safetensors --energy 0.95 -o style-small.safetensors
+    """
     with out.writing(ranks=False) as write:
         report = ops.resize_adapter(adapter, write, rank=rank, energy=energy)
     how = f"rank {report.rank}" if report.rank is not None else f"energy {report.energy:g}"
     _show_modules(report, out, f"resized to {how}", "old rank")
 
 
-@_adapter_command("convert", "OUT", "Adapter to write: a folder (--to peft) or a .safetensors file (--to kohya).",
-                  "ckptsurgery lora convert adapter --to kohya -o adapter.safetensors",
-                  "ckptsurgery lora convert style.safetensors --to peft --base sd.safetensors -o style")
+@_adapter_command("convert", "OUT", "Adapter to write: a folder (--to peft) or a .safetensors file (--to kohya).")
 def convert(
     adapter: AdapterArg,
     to: Annotated[To, typer.Option("--to", help="The format to write.", show_default=False)],
@@ -165,7 +174,12 @@ def convert(
     *,
     out: OutputOptions,
 ) -> None:
-    """Convert a LoRA adapter between a PEFT folder and a kohya .safetensors file (the factors as they are)."""
+    """Convert a LoRA adapter between a PEFT folder and a kohya .safetensors file (the factors as they are).
+
+    Examples:
+        ckptsurgery lora convert adapter --to kohya -o adapter.safetensors
+        ckptsurgery lora convert style.safetensors --to peft --base sd.safetensors -o style
+    """
     with out.writing(ranks=False) as write:
         report = ops.convert_adapter(adapter, write, to=to.value, base=base, root=root)
     _show(report, out, f"{count(len(report.names), 'module')}, {report.source_format} -> {report.format}",

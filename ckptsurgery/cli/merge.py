@@ -9,7 +9,7 @@ import typer
 from .. import core, ops
 from ..ops.methods import METHODS, PARAMETERS, merge_options
 from .common import (
-    CastTo, InputOptions, OutputOptions, choice, command_app, count, examples, expanded_options, input_options,
+    CastTo, InputOptions, OutputOptions, choice, command_app, count, expanded_options, input_options,
     listing, output_options, print_table, printable, summarised,
 )
 
@@ -29,11 +29,7 @@ HELP = (f"Combine checkpoints: a plain union, an update of a template (--into), 
         f"A .safetensors output keeps the metadata of the first source (--method --base, --lora: the base's).")
 
 
-@app.command(help=HELP, epilog=examples(
-    "ckptsurgery merge old.pth --into new.pth --on-mismatch overlap -o init.pth",
-    "ckptsurgery merge a/ b/ --method slerp --t 0,0.5,1 -o slerp.safetensors",
-    "ckptsurgery merge --config slerp.yml -o merged/",
-))
+@app.command(help=HELP)
 @output_options()
 @expanded_options("parameters", {
     option.parameter: (Annotated[Optional[option.type], typer.Option(
@@ -77,7 +73,13 @@ def merge(
     *,
     out: OutputOptions,
 ) -> None:
-    """Combine checkpoints (the help text is HELP: it lists the registered methods)."""
+    """Combine checkpoints (the help text is HELP: it lists the registered methods).
+
+    Examples:
+        ckptsurgery merge old.pth --into new.pth --on-mismatch overlap -o init.pth
+        ckptsurgery merge a/ b/ --method slerp --t 0,0.5,1 -o slerp.safetensors
+        ckptsurgery merge --config slerp.yml -o merged/
+    """
     options = {"into": into, "on_mismatch": on_mismatch, "otherwise": otherwise, "prefix_tokens": prefix_tokens,
                "grid": grid, "on_conflict": on_conflict, "average": average, "method": method, "base": base,
                **parameters, "dtype": dtype, "lora": lora, "lora_scale": lora_scale, "allow_unmatched": allow_unmatched,

@@ -10,7 +10,7 @@ from typer.core import TyperOption
 from .. import core, ops
 from ..errors import CkptError
 from .common import (
-    InputArg, InputOptions, OutputOptions, command_app, count, examples, input_options, listing, output_options,
+    InputArg, InputOptions, OutputOptions, command_app, count, input_options, listing, output_options,
     print_table, printable,
 )
 from .help import HelpCommand
@@ -78,11 +78,7 @@ _RULES = "ckptsurgery.rename.rules"
 _RULE_KINDS = {f"--{option}": kind for kind, option in core.RULE_OPTIONS.items()}
 
 
-@app.command(cls=_RulesInOrder, epilog=examples(
-    "ckptsurgery rename ddp.pth -o plain.pth --strip-prefix module",
-    "ckptsurgery rename a.pth -o b.pth --replace gamma weight --replace beta bias",
-    r"ckptsurgery rename a.pth -o b.pth --regex 'layers\.(\d+)' 'blocks.\1'",
-))
+@app.command(cls=_RulesInOrder)
 @output_options()
 @input_options()
 def rename(
@@ -105,9 +101,15 @@ def rename(
     *,
     out: OutputOptions,
 ) -> None:
-    """Rename keys; a collision fails before anything is written.
+    r"""Rename keys; a collision fails before anything is written.
 
-    Every rule option may be repeated; the rules apply one after another in the order given, each to the names the earlier ones left. Each rule must change some key (unless --allow-unchanged). Two keys that would get one name fail the command, with every such pair named."""
+    Every rule option may be repeated; the rules apply one after another in the order given, each to the names the earlier ones left. Each rule must change some key (unless --allow-unchanged). Two keys that would get one name fail the command, with every such pair named.
+
+    Examples:
+        ckptsurgery rename ddp.pth -o plain.pth --strip-prefix module
+        ckptsurgery rename a.pth -o b.pth --replace gamma weight --replace beta bias
+        ckptsurgery rename a.pth -o b.pth --regex 'layers\.(\d+)' 'blocks.\1'
+    """
     rules = [core.rename_rule(kind, *([_load_map(values[0])] if kind == "map" else values))
              for kind, values in ctx.meta.get(_RULES, [])]
     read = inp.reading(input)
