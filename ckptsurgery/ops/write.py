@@ -259,7 +259,6 @@ def _write_dcp(source: "_Source", tensors: dict[str, TensorRef], options: WriteO
     prefix = f"{source.root}." if source.root else ""
     writer = DcpWriter(payload, cast_names={prefix + n for n in tensors}, cast=cast,
                        max_file_size=options.max_shard_size)
-    leader = ranks is None or ranks.leader
     mine = _mine(len(writer.files), ranks)
     report = _dcp_report(source, tensors, options, cast, writer, mine, metadata_report)
     if options.dry_run:
