@@ -87,12 +87,41 @@ def test_stats_counts_nan_and_inf(cli, tmp_path):
 def test_stats_streamed_over_chunks(cli, tmp_path, monkeypatch):
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("ckptsurgery.ops.inspect"), "_STATS_CHUNK", 7)  # many chunks: the merged moments must still be right
+    monkeypatch.setattr(importlib.import_module("ckptsurgery.ops.stats"), "_TORCH_CHUNK", 7)  # many chunks: the merged moments must still be right
     values = torch.randn(1000, dtype=torch.float64) * 3 + 1
     path = tmp_path / "v.pth"
     torch.save({"v": values}, path)
     t = cli("inspect", path, "--stats", "--json").json()["tensors"][0]
     assert t["mean"] == pytest.approx(values.mean().item()) and t["std"] == pytest.approx(values.std().item())
+
+
+def _mapped_stats_doc(cli, path, monkeypatch, jobs):
+    import importlib
+
+    stats = importlib.import_module("ckptsurgery.ops.stats")
+    monkeypatch.setattr(stats, "_CHUNK", 5)  # many chunks and segments: the merged moments must still be right
+    monkeypatch.setattr(stats, "_SEGMENT", 15)
+    monkeypatch.setattr(importlib.import_module("ckptsurgery.ops.write"), "default_jobs", lambda: jobs)
+    return {t["name"]: t for t in cli("inspect", path, "--stats", "--json").json()["tensors"]}
+
+
+def test_stats_from_a_mapped_file_are_merged_over_chunks_and_segments_the_same_on_any_number_of_threads(
+        cli, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    tensors = {"a": torch.randn(101) * 3 + 1, "empty": torch.zeros(0), "b": torch.randn(7, 9, dtype=torch.float64),
+               "bad": torch.tensor([1.0, float("nan"), 2.0, float("inf"), -float("inf"), 5.0] * 4),
+               "h": torch.randn(40).to(torch.bfloat16), "i": torch.arange(-20, 23, dtype=torch.int32)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, path)
+    one, two = (_mapped_stats_doc(cli, path, monkeypatch, jobs) for jobs in (1, 2))
+    assert one == two  # the same floats, not merely close: segments are merged in order
+    for name in ("a", "b", "h", "i"):
+        ref = tensors[name].double().flatten()
+        assert one[name]["min"] == ref.min().item() and one[name]["max"] == ref.max().item()
+        assert one[name]["mean"] == pytest.approx(ref.mean().item(), rel=1e-12, abs=1e-12)
+        assert one[name]["std"] == pytest.approx(ref.std().item(), rel=1e-12)
+    assert (one["bad"]["nan"], one["bad"]["inf"], one["bad"]["mean"]) == (4, 8, 2.6666666666666665)
+    assert one["empty"] == {**one["empty"], "min": None, "mean": None, "nan": 0, "inf": 0}
 
 
 def test_tree_folds_repeated_layers(cli, tmp_path):

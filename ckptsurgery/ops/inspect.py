@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import math
 import re
 from collections import OrderedDict
 from operator import attrgetter
-from typing import Callable, Iterator
+from typing import Callable
 
 from .. import core
 from ..errors import CkptError, UsageError
@@ -37,7 +36,9 @@ def inspect_checkpoint(input: str, *, keys: list[str] | None = None, stats: bool
             total = sum(entry["nbytes"] for entry in report.tensors)
             tick = progress(total, "reading tensors") if progress else None
             chosen = [ckpt.tensors[entry["name"]] for entry in report.tensors]
-            for entry, t, found in zip(report.tensors, chosen, _each_stats(chosen)):
+            from .stats import each_stats
+
+            for entry, t, found in zip(report.tensors, chosen, each_stats(chosen)):
                 entry.update(found)
                 if tick:
                     tick(entry["nbytes"])
@@ -55,22 +56,6 @@ def inspect_checkpoint(input: str, *, keys: list[str] | None = None, stats: bool
             chosen = {e["name"]: ckpt.tensors[e["name"]] for e in report.tensors}
             report.tree = module_tree(chosen, depth)
     return report
-
-
-def _each_stats(tensors: list[TensorRef]) -> Iterator[dict]:
-    """tensor_stats of each, in order, one tensor per core at a time (at most 4): numpy and torch
-    release the GIL while they go over the values, and reading a mapped file's pages is half the
-    work."""
-    from .write import default_jobs
-
-    jobs = default_jobs()
-    if jobs < 2 or len(tensors) < 2:
-        yield from map(tensor_stats, tensors)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(jobs, thread_name_prefix="ckptsurgery-stats") as pool:
-        yield from pool.map(tensor_stats, tensors)
 
 
 def _unique_views(tensors: dict[str, TensorRef], shares: dict[str, str | None]) -> list[TensorRef]:
@@ -156,109 +141,6 @@ def _quantization(t: TensorRef) -> dict:
     if q.axis is None:
         return {"scheme": q.scheme.name, "scale": q.scale, "zero_point": q.zero_point}
     return {"scheme": q.scheme.name, "axis": q.axis, "channels": q.scale.numel}
-
-
-_STATS_CHUNK = 1 << 22  # elements per step: bounded memory whatever the tensor's size
-
-
-# dtypes whose bytes numpy reads as they lie in the file (bfloat16 through methods' decode)
-_NUMPY_STATS = {"float16": "<f2", "float32": "<f4", "float64": "<f8", "int8": "i1", "uint8": "u1",
-                "int16": "<i2", "uint16": "<u2", "int32": "<i4", "uint32": "<u4", "int64": "<i8",
-                "uint64": "<u8", "bool": "?", "bfloat16": None}
-_MAPPED_STATS_CHUNK = 1 << 16  # elements a step from a mapped file: a step's arrays stay in the CPU's cache
-
-
-class _Moments:
-    """min, max, mean and the sum of squared deviations of the finite values seen so far, and the
-    NaN and infinity counts; chunks merged as Chan et al. merge moments."""
-
-    def __init__(self):
-        self.count, self.mean, self.m2, self.nan, self.inf = 0, 0.0, 0.0, 0, 0
-        self.low, self.high = math.inf, -math.inf
-
-    def add(self, n: int, low: float, high: float, mean: float, m2: float) -> None:
-        if not n:
-            return
-        self.low, self.high = min(self.low, low), max(self.high, high)
-        delta, total = mean - self.mean, self.count + n
-        self.mean += delta * n / total
-        self.m2 += m2 + delta * delta * self.count * n / total
-        self.count = total
-
-    def report(self) -> dict:
-        if not self.count:
-            return {"min": None, "max": None, "mean": None, "std": None, "nan": self.nan, "inf": self.inf}
-        std = math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 0.0
-        finite = lambda x: x if math.isfinite(x) else None  # noqa: E731  (sums of values near 1e308 overflow)
-        return {"min": self.low, "max": self.high, "mean": finite(self.mean), "std": finite(std),
-                "nan": self.nan, "inf": self.inf}
-
-
-def tensor_stats(t: TensorRef) -> dict:
-    """min/max/mean/std over finite values, and NaN/Inf counts; streamed in chunks — with numpy
-    straight from the mapped file for plain dtypes whose bytes lie in order (no torch; memory a
-    chunk), else through torch (quantized, strided, computed tensors)."""
-    from ..io.model import mapped_range
-
-    placed = mapped_range(t) if t.dtype.name in _NUMPY_STATS else None
-    return _mapped_stats(t, *placed) if placed is not None else _torch_stats(t)
-
-
-def _mapped_stats(t: TensorRef, source, first: int) -> dict:
-    import numpy as np
-
-    from .methods import decode
-
-    moments, size, name = _Moments(), t.dtype.itemsize, t.dtype.name
-    floating = t.dtype.floating
-    with np.errstate(all="ignore"):
-        for start in range(0, t.numel, _MAPPED_STATS_CHUNK):
-            count = min(_MAPPED_STATS_CHUNK, t.numel - start)
-            raw = source.view(first + start * size, count * size)
-            # read in its own dtype (min and max exact, half the bytes of float64 to go over);
-            # sums in float64
-            x = decode(raw, name, "float32") if name == "bfloat16" else np.frombuffer(raw, _NUMPY_STATS[name])
-            x = x.view(np.uint8) if x.dtype == np.bool_ else x
-            wide = x.astype(np.float64)  # one cast; sums, deviations and squares in float64
-            total = float(np.add.reduce(wide))
-            # a sum of finite values of 16 or 32 bits cannot overflow a float64: a NaN or an
-            # infinity among them is the only way to a sum that is not finite (or float64 values
-            # that overflow it, which this path handles too), so the common case tests no value
-            if floating and not math.isfinite(total):
-                finite = np.isfinite(x)
-                nan = int(np.isnan(x).sum())
-                moments.nan, moments.inf = moments.nan + nan, moments.inf + count - int(finite.sum()) - nan
-                x, wide = x[finite], wide[finite]
-                total = float(np.add.reduce(wide))
-            if x.size:
-                mean = total / x.size
-                # squared and summed by einsum's own loop: np.dot goes through BLAS, whose threads
-                # cost more than the sum on a busy machine (5 s of 6 on 1.4 GB)
-                deviation = np.subtract(wide, mean, out=wide)
-                m2 = float(np.einsum("i,i->", deviation, deviation))
-                moments.add(x.size, float(x.min()), float(x.max()), mean, m2)
-    return moments.report()
-
-
-def _torch_stats(t: TensorRef) -> dict:
-    import torch
-
-    from ..io.tensors import values
-
-    flat = values(t)
-    if flat is None:  # complex, packed or opaque elements: no single number to summarise
-        return {"min": None, "max": None, "mean": None, "std": None, "nan": None, "inf": None}
-    moments = _Moments()
-    for start in range(0, flat.numel(), _STATS_CHUNK):
-        chunk = flat[start : start + _STATS_CHUNK].to(torch.float64)
-        nan, inf = int(torch.isnan(chunk).sum()), int(torch.isinf(chunk).sum())
-        moments.nan, moments.inf = moments.nan + nan, moments.inf + inf
-        chunk = chunk[torch.isfinite(chunk)]
-        if chunk.numel():
-            mean = float(chunk.mean())
-            moments.add(chunk.numel(), float(chunk.min()), float(chunk.max()), mean,
-                        float(((chunk - mean) ** 2).sum()))
-    return moments.report()
 
 
 _FROZEN, _TRAINABLE = 1, 2  # a node's `grads`: the requires_grad flags of the parameters under it

@@ -1,0 +1,172 @@
+"""`inspect --stats`: per tensor the min, max, mean and std of its finite values and its NaN and
+infinity counts, streamed in chunks — with numpy straight from the mapped file for plain dtypes
+whose bytes lie in order (torch is not imported), else through torch (quantized, strided and
+computed tensors).
+
+A tensor is cut into segments, the segments of all tensors are spread over the cores, and each
+tensor's segments are merged in order (Chan et al.'s merge of moments): the figures are the same
+whatever the number of threads, and one large tensor (an embedding) keeps every core busy."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator
+
+from ..io import TensorRef
+
+_SEGMENT = 1 << 22  # elements one task covers
+_CHUNK = 1 << 16  # elements a step from a mapped file: a step's arrays stay in the CPU's cache
+_TORCH_CHUNK = 1 << 22  # elements a step through torch: bounded memory whatever the tensor's size
+
+# dtypes whose bytes numpy reads as they lie in the file (bfloat16 through methods' decode)
+_NUMPY_DTYPES = {"float16": "<f2", "float32": "<f4", "float64": "<f8", "int8": "i1", "uint8": "u1",
+                 "int16": "<i2", "uint16": "<u2", "int32": "<i4", "uint32": "<u4", "int64": "<i8",
+                 "uint64": "<u8", "bool": "?", "bfloat16": None}
+
+NO_STATS = {"min": None, "max": None, "mean": None, "std": None, "nan": None, "inf": None}
+
+
+class Moments:
+    """min, max, mean and the sum of squared deviations of the finite values seen so far, and the
+    NaN and infinity counts; chunks merged as Chan et al. merge moments."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2, self.nan, self.inf = 0, 0.0, 0.0, 0, 0
+        self.low, self.high = math.inf, -math.inf
+
+    def add(self, n: int, low: float, high: float, mean: float, m2: float) -> None:
+        if not n:
+            return
+        self.low, self.high = min(self.low, low), max(self.high, high)
+        delta, total = mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.m2 += m2 + delta * delta * self.count * n / total
+        self.count = total
+
+    def absorb(self, other: Moments) -> None:
+        """Merge the moments of the values after these."""
+        self.nan, self.inf = self.nan + other.nan, self.inf + other.inf
+        self.add(other.count, other.low, other.high, other.mean, other.m2)
+
+    def report(self) -> dict:
+        if not self.count:
+            return {"min": None, "max": None, "mean": None, "std": None, "nan": self.nan, "inf": self.inf}
+        std = math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 0.0
+        finite = lambda x: x if math.isfinite(x) else None  # noqa: E731  (sums of values near 1e308 overflow)
+        return {"min": self.low, "max": self.high, "mean": finite(self.mean), "std": finite(std),
+                "nan": self.nan, "inf": self.inf}
+
+
+def tensor_stats(t: TensorRef) -> dict:
+    """min/max/mean/std over finite values, and NaN/Inf counts, of one tensor (one thread)."""
+    return _merged([task() for task in _tasks(t)])
+
+
+def each_stats(tensors: list[TensorRef]) -> Iterator[dict]:
+    """tensor_stats of each, in order, their segments spread over the cores (at most 4): numpy and
+    torch release the GIL while they go over the values."""
+    from .write import default_jobs
+
+    tasks = [(i, task) for i, t in enumerate(tensors) for task in _tasks(t)]
+    jobs = min(default_jobs(), len(tasks))
+    if jobs < 2:
+        found = (task() for _, task in tasks)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(jobs, thread_name_prefix="ckptsurgery-stats")
+        found = pool.map(lambda task: task(), (task for _, task in tasks))
+    try:
+        done, current = [], 0
+        for (i, _), moments in zip(tasks, found):
+            if i != current:
+                yield _merged(done)
+                done, current = [], i
+            done.append(moments)
+        if tasks:
+            yield _merged(done)
+    finally:
+        if jobs >= 2:
+            pool.shutdown(cancel_futures=True)
+
+
+def _merged(pieces: list[Moments | None]) -> dict:
+    if any(piece is None for piece in pieces):  # complex, packed or opaque elements
+        return dict(NO_STATS)
+    whole = Moments()
+    for piece in pieces:
+        whole.absorb(piece)
+    return whole.report()
+
+
+def _tasks(t: TensorRef) -> list[Callable[[], Moments | None]]:
+    """The work of one tensor's stats: a task per segment of a mapped tensor, else one."""
+    from ..io.model import mapped_range
+
+    placed = mapped_range(t) if t.dtype.name in _NUMPY_DTYPES else None
+    if placed is None:
+        return [lambda: _torch_moments(t)]
+    source, first = placed
+    return [lambda start=start: _mapped_moments(t, source, first, start, min(start + _SEGMENT, t.numel))
+            for start in range(0, max(t.numel, 1), _SEGMENT)]  # an empty tensor too: one task
+
+
+def _mapped_moments(t: TensorRef, source, first: int, begin: int, end: int) -> Moments:
+    """Elements [begin, end) of a tensor whose bytes lie in order from `first` in `source`."""
+    import numpy as np
+
+    from .methods import decode
+
+    moments, size, name = Moments(), t.dtype.itemsize, t.dtype.name
+    floating = t.dtype.floating
+    # float64 in a buffer reused by every chunk (a fresh array each chunk cost ~15% more)
+    buffer = np.empty(min(_CHUNK, end - begin), np.float64)
+    with np.errstate(all="ignore"):
+        for start in range(begin, end, _CHUNK):
+            count = min(_CHUNK, end - start)
+            raw = source.view(first + start * size, count * size)
+            # read in its own dtype (min and max exact, half the bytes of float64 to go over);
+            # sums in float64
+            x = decode(raw, name, "float32") if name == "bfloat16" else np.frombuffer(raw, _NUMPY_DTYPES[name])
+            x = x.view(np.uint8) if x.dtype == np.bool_ else x
+            wide = buffer[:count]
+            np.copyto(wide, x)
+            total = float(np.add.reduce(wide))
+            # a sum of finite values of 16 or 32 bits cannot overflow a float64: a NaN or an
+            # infinity among them is the only way to a sum that is not finite (or float64 values
+            # that overflow it, which this path handles too), so the common case tests no value
+            if floating and not math.isfinite(total):
+                finite = np.isfinite(x)
+                nan = int(np.isnan(x).sum())
+                moments.nan, moments.inf = moments.nan + nan, moments.inf + count - int(finite.sum()) - nan
+                x, wide = x[finite], wide[finite]
+                total = float(np.add.reduce(wide))
+            if x.size:
+                mean = total / x.size
+                # squared in place and summed by numpy's own loops: np.dot goes through BLAS, whose
+                # threads cost more than the sum on a busy machine, and einsum's loop is slower here
+                deviation = np.subtract(wide, mean, out=wide)
+                m2 = float(np.add.reduce(np.multiply(deviation, deviation, out=deviation)))
+                moments.add(x.size, float(np.minimum.reduce(x)), float(np.maximum.reduce(x)), mean, m2)
+    return moments
+
+
+def _torch_moments(t: TensorRef) -> Moments | None:
+    import torch
+
+    from ..io.tensors import values
+
+    flat = values(t)
+    if flat is None:  # complex, packed or opaque elements: no single number to summarise
+        return None
+    moments = Moments()
+    for start in range(0, flat.numel(), _TORCH_CHUNK):
+        chunk = flat[start : start + _TORCH_CHUNK].to(torch.float64)
+        nan, inf = int(torch.isnan(chunk).sum()), int(torch.isinf(chunk).sum())
+        moments.nan, moments.inf = moments.nan + nan, moments.inf + inf
+        chunk = chunk[torch.isfinite(chunk)]
+        if chunk.numel():
+            mean = float(chunk.mean())
+            moments.add(chunk.numel(), float(chunk.min()), float(chunk.max()), mean,
+                        float(((chunk - mean) ** 2).sum()))
+    return moments
