@@ -48,9 +48,16 @@ def _int_op(value: int) -> bytes:
     return b"\x8a" + bytes([len(raw)]) + raw
 
 
+_OP_U32 = struct.Struct("<cI")  # an opcode and its 4-byte argument: X (a string's length), r (a memo index)
+
+
 def _str_op(text: str) -> bytes:
     raw = text.encode("utf-8", "surrogatepass")
-    return b"X" + struct.pack("<I", len(raw)) + raw
+    return _OP_U32.pack(b"X", len(raw)) + raw
+
+
+def _put_op(index: int) -> bytes:
+    return b"q" + bytes((index,)) if index < 256 else _OP_U32.pack(b"r", index)
 
 
 class TorchPickler:
@@ -64,7 +71,7 @@ class TorchPickler:
         self._globals: dict[tuple[str, str], bytes] = {}
         self._texts: dict[str, bytes] = {}
         self._int_tuples: dict[tuple, bytes] = {}
-        self._plain_pieces: dict[tuple[str, str, str], tuple[bytes, ...]] = {}  # see _plain_tensor
+        self._plain_pieces: dict[tuple, tuple[bytes, bytes]] = {}  # see _plain_tensor
         self.events: list = []  # the placeholders imported (first time) and called, in write order
 
     def dumps(self, obj: Any) -> bytes:
@@ -116,7 +123,7 @@ class TorchPickler:
         index = len(self._memo)
         self._memo[id(obj)] = index
         self._keep.append(obj)
-        self._out += b"q" + bytes([index]) if index < 256 else b"r" + struct.pack("<I", index)
+        self._out += _put_op(index)
 
     def _tuple_items(self, items) -> None:
         if not items:
@@ -158,15 +165,19 @@ class TorchPickler:
 
     def _setitems(self, pairs) -> None:
         pairs = list(pairs)
-        out = self._out
+        out, memo = self._out, self._memo
         for start in range(0, len(pairs), _BATCH):
             out += b"("
             for key, value in pairs[start : start + _BATCH]:
-                if type(key) is str:  # a state dict's names: the common case, without the dispatch
+                # a state dict's names and tensors: the common case, without the dispatch
+                if type(key) is str:
                     out += _str_op(key)
                 else:
                     self._save(key)
-                self._save(value)
+                if type(value) is TensorRef and id(value) not in memo:
+                    self._tensor(value)
+                else:
+                    self._save(value)
             out += b"u"
 
     def _reduce(self, module: str, name: str, args: tuple) -> None:
@@ -190,7 +201,7 @@ class TorchPickler:
             out += b"G" + struct.pack(">d", obj)
         elif id(obj) in self._memo:  # before the kinds that are memoized
             index = self._memo[id(obj)]
-            out += b"h" + bytes([index]) if index < 256 else b"j" + struct.pack("<I", index)
+            out += b"h" + bytes((index,)) if index < 256 else _OP_U32.pack(b"j", index)
         elif kind is TensorRef:
             self._tensor(obj)
         elif kind is Global:
@@ -279,27 +290,30 @@ class TorchPickler:
 
     def _plain_tensor(self, tensor: TensorRef, record: tuple) -> None:
         """What `_tensor` writes for the usual tensor — `_rebuild_tensor_v2` over a typed storage,
-        nothing around it — as one concatenation of pieces encoded once per storage class and
-        location: a state dict holds 200 000 of them. It holds nothing, so it cannot be reached
-        from inside itself (no `_enter`), and `_save` found it in no memo."""
+        nothing around it — as the storage's key and the memo index between two pieces encoded
+        once per layout (storage class, location, size, offset, shape, stride, requires_grad): a
+        state dict holds 200 000 of them, in a few layouts. It holds nothing, so it cannot be
+        reached from inside itself (no `_enter`), and `_save` found it in no memo."""
         key, module, storage_class, numel, _ = record
-        location = tensor.storage.location
-        pieces = self._plain_pieces.get((module, storage_class, location))
+        layout = (module, storage_class, tensor.storage.location, numel, tensor.offset, tensor.shape, tensor.stride,
+                  tensor.plain_grad)
+        pieces = self._plain_pieces.get(layout)
         if pieces is None:
-            pieces = self._plain_pieces[(module, storage_class, location)] = (
-                self._global_op("torch._utils", "_rebuild_tensor_v2") + b"((" + self._text("storage")
-                + self._global_op(module, storage_class),
-                self._text(location),
-                b"\x88" + self._global_op("collections", "OrderedDict") + b")RtR",
-                b"\x89" + self._global_op("collections", "OrderedDict") + b")RtR")
-        start, place, grad, no_grad = pieces
+            pieces = self._plain_pieces[layout] = self._plain_layout(*layout)
+        before, after = pieces
         index = len(self._memo)
         self._memo[id(tensor)] = index
         self._keep.append(tensor)
-        self._out += b"".join((start, _str_op(key), place, _int_op(numel), b"tQ", _int_op(tensor.offset),
-                               self._ints(tensor.shape), self._ints(tensor.stride),
-                               grad if tensor.plain_grad else no_grad,
-                               b"q" + bytes((index,)) if index < 256 else b"r" + struct.pack("<I", index)))
+        self._out += b"".join((before, _str_op(key), after, _put_op(index)))
+
+    def _plain_layout(self, module: str, storage_class: str, location: str, numel: int, offset: int,
+                      shape: tuple, stride: tuple, plain_grad: bool) -> tuple[bytes, bytes]:
+        """The opcodes of a plain tensor before and after its storage's key (see _plain_tensor)."""
+        return (self._global_op("torch._utils", "_rebuild_tensor_v2") + b"((" + self._text("storage")
+                + self._global_op(module, storage_class),
+                self._text(location) + _int_op(numel) + b"tQ" + _int_op(offset) + self._ints(shape)
+                + self._ints(stride) + (b"\x88" if plain_grad else b"\x89")
+                + self._global_op("collections", "OrderedDict") + b")RtR")
 
     def _rebuild_call(self, tensor: TensorRef) -> tuple:
         """Write the rebuild function torch 2.13 uses for this tensor; return its storage record."""

@@ -23,6 +23,21 @@ def _check_size(name: str, written: int, size: int) -> None:
 _LOCAL = struct.Struct("<IHHHHHIIIHH")  # a record's local header
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")  # its entry in the central directory
 _PADS = [_PAD_ID + struct.pack("<H", pad) + b"Z" * pad for pad in range(ALIGN)]
+# a record without zip64 (all but those past 4 GB): the fields that never change packed once, the
+# rest by one call with few arguments (a state dict may hold 200 000 records)
+_PLAIN_LOCAL = struct.Struct("<14sIIIHH")  # the fixed fields, crc, sizes, name and extra lengths
+_PLAIN_LOCAL_FIXED = _LOCAL.pack(0x04034B50, 20, 0, 0, 0, _DOS_DATE, 0, 0, 0, 0, 0)[:14]
+_PLAIN_CENTRAL = struct.Struct("<16sIIIH12xI")  # the fixed fields, crc, sizes, name length, zeros, offset
+_PLAIN_CENTRAL_FIXED = _CENTRAL.pack(0x02014B50, 0x031E, 20, 0, 0, 0, _DOS_DATE, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)[:16]
+
+
+def _central_entry(raw_name: bytes, crc: int, size: int, offset: int) -> bytes:
+    """A record's entry in the central directory, zip64 where its size or offset demands."""
+    if size < _U32 and offset < _U32:
+        return _PLAIN_CENTRAL.pack(_PLAIN_CENTRAL_FIXED, crc, size, size, len(raw_name), offset) + raw_name
+    extra = struct.pack("<HHQQQ", 1, 24, size, size, offset)
+    return _CENTRAL.pack(0x02014B50, 0x031E, 45, 0, 0, 0, _DOS_DATE, crc, _U32, _U32, len(raw_name), len(extra),
+                         0, 0, 0, 0, _U32) + raw_name + extra
 
 
 class ZipWriter:
@@ -34,7 +49,7 @@ class ZipWriter:
         self._f = f
         self._base = f.tell()
         self._offset = 0  # where the next record starts, from _base
-        self._entries: list[tuple[bytes, int, int, int]] = []  # name, crc, size, header offset
+        self._directory: list[bytes] = []  # each record's central directory entry, made once its crc is known
 
     def add(self, name: str, chunks: Iterable[bytes | memoryview], size: int) -> None:
         """Write one record of `size` bytes, streamed from `chunks`. The header holds the
@@ -46,8 +61,8 @@ class ZipWriter:
             _check_size(name, len(data), size)
             self.add_bytes(name, data)
             return
-        offset = self._offset
-        f.write(self._header(name, size, 0))
+        raw_name, offset = name.encode("utf-8"), self._offset
+        f.write(self._header(raw_name, size, 0))
         crc, written = 0, 0
         for chunk in chunks:
             crc = zlib.crc32(chunk, crc)
@@ -58,13 +73,10 @@ class ZipWriter:
         f.seek(self._base + offset + 14)
         f.write(struct.pack("<I", crc))
         f.seek(self._base + self._offset)
-        raw_name, _, _, _ = self._entries[-1]
-        self._entries[-1] = (raw_name, crc, size, offset)
+        self._directory.append(_central_entry(raw_name, crc, size, offset))
 
-    def _header(self, name: str, size: int, crc: int) -> bytes:
-        """A record's local header, padded so that its data starts 64-byte aligned; the record
-        is listed and counted."""
-        raw_name = name.encode("utf-8")
+    def _header(self, raw_name: bytes, size: int, crc: int) -> bytes:
+        """A record's local header, padded so that its data starts 64-byte aligned; counted."""
         offset = self._offset
         zip64 = size >= _U32
         extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
@@ -72,14 +84,14 @@ class ZipWriter:
         small = _U32 if zip64 else size
         header = _LOCAL.pack(0x04034B50, 45 if zip64 else 20, 0, 0, 0, _DOS_DATE, crc, small, small, len(raw_name),
                              len(extra)) + raw_name + extra
-        self._entries.append((raw_name, crc, size, offset))
         self._offset += len(header)
         return header
 
     def add_bytes(self, name: str, data: bytes | memoryview) -> None:
         """Write one record whose bytes are at hand."""
-        size = len(data)
-        header = self._header(name, size, zlib.crc32(data))
+        raw_name, size, crc, offset = name.encode("utf-8"), len(data), zlib.crc32(data), self._offset
+        header = self._header(raw_name, size, crc)
+        self._directory.append(_central_entry(raw_name, crc, size, offset))
         self._offset += size
         self._f.write(header + data if size < 4096 else header)  # a small record: one write
         if size >= 4096:
@@ -88,14 +100,17 @@ class ZipWriter:
     def add_small(self, records: Iterable[tuple[str, bytes | memoryview]]) -> None:
         """Write records whose bytes are at hand and small (SMALL_RECORD at most): what add_bytes
         writes for each, in one loop and a write per megabyte (a state dict may hold 200 000)."""
-        pending, entries, offset, flushed = [], self._entries, self._offset, self._offset
+        pending, directory, offset, flushed = [], self._directory, self._offset, self._offset
         for name, data in records:
             raw_name, size, crc = name.encode("utf-8"), len(data), zlib.crc32(data)
-            extra = _PADS[(-(offset + 34 + len(raw_name))) % ALIGN]
-            pending += (_LOCAL.pack(0x04034B50, 20, 0, 0, 0, _DOS_DATE, crc, size, size, len(raw_name), len(extra)),
-                        raw_name, extra, data)
-            entries.append((raw_name, crc, size, offset))
-            offset += 30 + len(raw_name) + len(extra) + size
+            length = len(raw_name)
+            extra = _PADS[(-(offset + 34 + length)) % ALIGN]
+            pending += (_PLAIN_LOCAL.pack(_PLAIN_LOCAL_FIXED, crc, size, size, length, len(extra)), raw_name, extra,
+                        data)
+            # _central_entry's plain case, written out: a call per record costs more than the rest
+            directory.append(_PLAIN_CENTRAL.pack(_PLAIN_CENTRAL_FIXED, crc, size, size, length, offset) + raw_name
+                             if offset < _U32 else _central_entry(raw_name, crc, size, offset))
+            offset += 30 + length + len(extra) + size
             if offset - flushed >= SMALL_RECORD:  # joined a megabyte at a time
                 self._f.write(b"".join(pending))
                 pending.clear()
@@ -104,19 +119,10 @@ class ZipWriter:
         self._offset = offset
 
     def close(self) -> None:
-        start = self._offset
-        directory = []
-        for raw_name, crc, size, offset in self._entries:
-            big = size >= _U32 or offset >= _U32
-            extra = struct.pack("<HHQQQ", 1, 24, size, size, offset) if big else b""
-            small = _U32 if big else size
-            directory.append(_CENTRAL.pack(0x02014B50, 0x031E, 45 if big else 20, 0, 0, 0, _DOS_DATE, crc, small,
-                                           small, len(raw_name), len(extra), 0, 0, 0, 0, _U32 if big else offset))
-            directory.append(raw_name + extra)
-        f = self._f
+        start, directory, f = self._offset, self._directory, self._f
         f.write(b"".join(directory))
-        end = start + sum(map(len, directory))
-        count, cd_size = len(self._entries), end - start
+        cd_size, count = sum(map(len, directory)), len(directory)
+        end = start + cd_size
         if count >= 0xFFFF or start >= _U32 or cd_size >= _U32:
             f.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 0x031E, 45, 0, 0, count, count, cd_size, start))
             f.write(struct.pack("<IIQI", 0x07064B50, 0, end, 1))
