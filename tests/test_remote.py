@@ -448,3 +448,45 @@ def test_dequantize_of_a_remote_release_takes_the_block_size_from_its_config(cli
         done = json.loads(result.out)["dequantized"]
         assert done["block_size"] == [64, 64] and done["block_size_from"].endswith("config.json")
         assert out.read_bytes() == local.read_bytes()
+
+
+def test_dequantize_of_a_remote_repository_to_a_folder_writes_the_folder_a_local_copy_gives(cli, server, served,
+                                                                                           tmp_path):
+    """config.json (quantization_config dropped), the tokenizer's and generation files and the
+    remote code its auto_map names are fetched at the commit the weights were read at; the shards
+    grouped as the repository's index groups them."""
+    _, root = served
+    release = root / "org" / "fp8-folder"
+    release.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(1)
+    shards = {"model-00001-of-00002.safetensors": {
+                  "a.weight": (torch.randn(128, 128, generator=g) * 4).to(torch.float8_e4m3fn),
+                  "a.weight_scale_inv": torch.rand(1, 1, generator=g) + 0.5},
+              "model-00002-of-00002.safetensors": {"norm.weight": torch.ones(8, dtype=torch.bfloat16)}}
+    for name, tensors in shards.items():
+        save_file(tensors, str(release / name), metadata={"format": "pt"})
+    (release / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, tensors in shards.items() for k in tensors}}))
+    (release / "config.json").write_text(json.dumps({"model_type": "x", "torch_dtype": "float8_e4m3fn",
+                                                     "auto_map": {"AutoModel": "modeling_x.XModel"},
+                                                     "quantization_config": {"weight_block_size": [128, 128]}}))
+    for name, text in (("tokenizer.json", '{"model": {"vocab": {}}}'), ("generation_config.json", "{}"),
+                       ("modeling_x.py", "class XModel: pass\n")):
+        (release / name).write_text(text)
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    assert cli("convert", release, "-o", f"{local}/", "--dequantize").code == 0
+    server.reset()
+    result = cli("convert", "hf://org/fp8-folder", "-o", f"{remote}/", "--dequantize", "--json")
+    assert result.code == 0, result.err
+    names = sorted(os.listdir(local))
+    assert names == sorted(os.listdir(remote)) == sorted(
+        ["config.json", "generation_config.json", "modeling_x.py", "tokenizer.json", "model.safetensors.index.json",
+         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"])
+    for name in names:
+        assert (local / name).read_bytes() == (remote / name).read_bytes(), name
+    assert "quantization_config" not in json.loads((remote / "config.json").read_text())
+    # the first answer pins the commit: every later file, weights or not, is asked for at it
+    revisions = [r[0].split("/resolve/")[1].split("/")[0] for r in server.served.requests if "/resolve/" in r[0]]
+    assert revisions[0] == "main" and set(revisions[1:]) == {server.behaviour.hub_commit}
+    assert json.loads(result.out)["model_folder"]["copied"] == ["generation_config.json", "modeling_x.py",
+                                                                "tokenizer.json"]

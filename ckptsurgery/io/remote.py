@@ -401,7 +401,7 @@ def _download(where: Location, ledger: FetchLedger | None) -> DownloadedFile:
     return DownloadedFile(where.shown, local)
 
 
-def fetch_text(where: Location, limit: int) -> tuple[bytes, Location]:
+def fetch_text(where: Location, limit: int, what: str = "a shard index") -> tuple[bytes, Location]:
     """A small file whole (an index JSON): one request for at most `limit` + 1 bytes, more refused;
     and its location, pinned to the commit the answer names (`hf://`)."""
     answer = request(where, 0, limit, limit + 1)
@@ -409,7 +409,7 @@ def fetch_text(where: Location, limit: int) -> tuple[bytes, Location]:
         raise refused(where, answer)
     where = pinned_by(where, answer)
     if len(answer.body) > limit:
-        raise CkptError(f"{where.shown}: larger than {limit >> 20} MiB; not a shard index")
+        raise CkptError(f"{where.shown}: larger than {limit >> 20} MiB; not {what}")
     ledger = _settings.get().ledger
     if ledger is not None:
         ledger.opened(where.shown, len(answer.body))
@@ -417,11 +417,13 @@ def fetch_text(where: Location, limit: int) -> tuple[bytes, Location]:
     return bytes(answer.body), where
 
 
-def config_beside(path: str, limit: int) -> tuple[str, bytes | None]:
+def config_beside(path: str, limit: int, commit: str | None = None) -> tuple[str, bytes | None]:
     """The `config.json` beside a remote input (a repository's at its root, or beside the file it
-    names; beside a URL's file), as it is shown and its bytes — None when there is none (404)."""
+    names; beside a URL's file), as it is shown and its bytes — None when there is none (404).
+    `commit`: the one the input's weights were read at (`commit_of`), for `hf://`."""
     if path.startswith("hf://"):
         hub, filename = parse_hf(path)
+        hub.commit = commit
         name = posixpath.join(posixpath.dirname(filename or ""), "config.json")
         where = Location(hub.url(name), f"hf://{hub.repo}/{name}", hub_token(), origin_of(hub.endpoint), hub, name)
     else:
@@ -431,6 +433,44 @@ def config_beside(path: str, limit: int) -> tuple[str, bytes | None]:
     except NotFound:
         return where.shown, None
     return where.shown, raw
+
+
+def repository_of(path: str) -> str | None:
+    """`hf://ORG/REPO[@REV]` naming a whole repository (its weights found by name): the repository
+    is a model folder, as a local folder is. None for a file (`hf://…/FILE`, a URL)."""
+    return path if path.startswith("hf://") and parse_hf(path)[1] is None else None
+
+
+def commit_of(ckpt: Checkpoint) -> str | None:
+    """The commit an `hf://` checkpoint's tensors were read at (None: not read from the Hub)."""
+    for t in ckpt.tensors.values():
+        source = getattr(t.storage, "source", None)
+        if isinstance(source, RemoteFile) and source.where.hub is not None and source.where.hub.commit:
+            return source.where.hub.commit
+    return None
+
+
+def repository_files(path: str, names: list[str], limit: int, commit: str | None) -> dict[str, bytes]:
+    """The small files `names` (config.json, the tokenizer's) of the repository `path` names that it
+    holds, fetched at once — at `commit` when given (the commit its weights were read at), else at
+    the commit the first answer names; a name it lacks (404) is left out."""
+    hub, _ = parse_hf(path)
+    hub.commit = commit
+    token, origin = hub_token(), origin_of(hub.endpoint)
+
+    def fetch(name: str) -> bytes | None:
+        where = Location(hub.url(name), f"hf://{hub.repo}/{name}", token, origin, hub, name)
+        try:
+            return fetch_text(where, limit, f"a model's {name}")[0]
+        except NotFound:
+            return None
+
+    found = {}
+    if names and commit is None:  # the first answer pins the commit the others are fetched at
+        found[names[0]], names = fetch(names[0]), names[1:]
+    context = copy_context()  # the ledger, in the threads too
+    found.update(zip(names, _fetch_pool().map(lambda name: context.copy().run(fetch, name), names)))
+    return {name: raw for name, raw in found.items() if raw is not None}
 
 
 # ---- reading a remote checkpoint -------------------------------------------------------------

@@ -62,15 +62,16 @@ class _Plan:
     scheme: str
 
 
-def block_size_of(input: str) -> tuple[tuple[int, int], str | None]:
+def block_size_of(input: str, ckpt: Checkpoint) -> tuple[tuple[int, int], str | None]:
     """The block size, and the config.json it came from (None: the default): the input's folder's
-    config.json, or the one beside an input file — a remote input's fetched (io/remote.py)."""
+    config.json, or the one beside an input file — a remote input's fetched (io/remote.py), at the
+    commit `ckpt`'s weights were read at."""
     from ..io.formats import is_remote
 
     if is_remote(input):
-        from ..io.remote import config_beside
+        from ..io.remote import commit_of, config_beside
 
-        config, raw = config_beside(input, MAX_CONFIG)
+        config, raw = config_beside(input, MAX_CONFIG, commit_of(ckpt))
     else:
         folder = input if os.path.isdir(input) else (os.path.dirname(input) or ".")
         config = os.path.join(folder, "config.json")
@@ -442,7 +443,7 @@ def dequantize_checkpoint(ckpt: Checkpoint, input: str, dtype: DType | None) -> 
     out = dtype or BY_NAME[DEFAULT_DTYPE]
     tensors = ckpt.tensors
     path = ckpt.path
-    block, config = block_size_of(input)
+    block, config = block_size_of(input, ckpt)
     plans: dict[str, _Plan] = {}
     scales: list[str] = []
     for name, t in tensors.items():

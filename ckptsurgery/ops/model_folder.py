@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import CkptError
+from ..io.formats import is_remote
 from ..io.small_files import parse_json, read_small
 from .recipes.chat_templates import recipe_template
 from .recipes.links import folder_file
@@ -34,6 +35,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
 MAX_CONFIG = 16 << 20  # a config.json is a few KB
+MAX_FETCHED = 64 << 20  # a remote repository's tokenizer.json: tens of MB at most (Gemma's: 33 MB)
 # fields that count a model's layers, by family (the first that equals the reference's count wins)
 LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers", "n_layers_total")
 PER_LAYER_LISTS = ("layer_types",)  # lists with one entry per layer
@@ -69,7 +71,11 @@ def read_config(folder: str) -> dict | None:
     path = os.path.join(folder, CONFIG)
     if not os.path.isfile(path):
         return None
-    raw = read_small(path, MAX_CONFIG, f"larger than {MAX_CONFIG >> 20} MB; not a config.json")
+    return parse_config(path, read_small(path, MAX_CONFIG, f"larger than {MAX_CONFIG >> 20} MB; not a config.json"))
+
+
+def parse_config(path: str, raw: bytes) -> dict:
+    """A config.json's bytes as a mapping; a CkptError names one that is not a JSON object."""
     config = parse_json(path, raw, "not JSON", encoding="utf-8-sig")
     try:
         json.dumps(config)  # updated_config copies it through json: nested deeper than that can, refused here
@@ -218,9 +224,19 @@ def folder_files(plan: FolderPlan) -> FolderFiles:
 
 
 def remote_code_files(folder: str, config: dict, notes: list[str]) -> dict[str, str]:
-    """The modules a config's `auto_map` names ("modeling_deepseek.DeepseekV3ForCausalLM" ->
-    modeling_deepseek.py) that lie in the folder: name -> path. A release that needs
-    trust_remote_code (DeepSeek-V3) loads from the output only with them."""
+    """The modules a config's `auto_map` names that lie in the folder: name -> path. A release
+    that needs trust_remote_code (DeepSeek-V3) loads from the output only with them."""
+    found = {}
+    for name in remote_code_names(config):
+        path = folder_file(folder, name, notes)
+        if path is not None:
+            found[name] = path
+    return found
+
+
+def remote_code_names(config: dict) -> list[str]:
+    """The modules a config's `auto_map` names, as files of its folder
+    ("modeling_deepseek.DeepseekV3ForCausalLM" -> modeling_deepseek.py)."""
     auto_map = config.get("auto_map")
     names = [v for v in auto_map.values()] if isinstance(auto_map, dict) else []
     modules = []
@@ -228,22 +244,24 @@ def remote_code_files(folder: str, config: dict, notes: list[str]) -> dict[str, 
         for ref in value if isinstance(value, list) else [value]:
             if isinstance(ref, str) and "--" not in ref and "." in ref:  # "repo--module.Class" lives in another repo
                 modules.append(ref.rsplit(".", 1)[0].replace(".", "/") + ".py")
-    found = {}
-    for name in dict.fromkeys(modules):
-        if "/" in name or name.startswith("."):
-            continue
-        path = folder_file(folder, name, notes)
-        if path is not None:
-            found[name] = path
-    return found
+    return [name for name in dict.fromkeys(modules) if "/" not in name and not name.startswith(".")]
 
 
-def converted_folder_files(folder: str, dtype: str | None, dequantized: bool) -> FolderFiles:
+def converted_folder_files(folder: str, dtype: str | None, dequantized: bool, commit: str | None = None) -> FolderFiles:
     """A converted model folder's files besides its weights: config.json (its `quantization_config`
     dropped once the weights are dequantized, its dtype set to `dtype`), the tokenizer's and
-    generation files, and the remote code modules its config names, copied."""
+    generation files, and the remote code modules its config names, copied. `folder` may be an
+    `hf://` repository: its files are fetched (io/remote.py) at `commit`, the one its weights were
+    read at."""
     files = FolderFiles()
-    config = read_config(folder)
+    if is_remote(folder):
+        from ..io.remote import repository_files
+
+        fetch = lambda names: repository_files(folder, names, MAX_FETCHED, commit)  # noqa: E731
+        fetched = fetch([CONFIG, *TOKENIZER_FILES])
+        config = parse_config(f"{folder.rstrip('/')}/{CONFIG}", fetched.pop(CONFIG)) if CONFIG in fetched else None
+    else:
+        config = read_config(folder)
     if config is None:
         files.notes.append(f"{folder} has no {CONFIG}: the output has none (from_pretrained needs one)")
     else:
@@ -252,6 +270,12 @@ def converted_folder_files(folder: str, dtype: str | None, dequantized: bool) ->
             del config["quantization_config"]
             files.config_changes["quantization_config"] = None
         files.made[CONFIG] = config_bytes(config)
-        files.copied.update(remote_code_files(folder, config, files.notes))
-    files.copied.update(tokenizer_files(folder, files.notes))
+        if is_remote(folder):
+            files.made.update(fetch(remote_code_names(config)))
+        else:
+            files.copied.update(remote_code_files(folder, config, files.notes))
+    if is_remote(folder):
+        files.made.update(fetched)
+    else:
+        files.copied.update(tokenizer_files(folder, files.notes))
     return files
