@@ -142,7 +142,10 @@ def _strict_encoder():
 def print_json(doc: dict) -> None:
     """One strict JSON document (no NaN/Infinity tokens, which jq and most parsers refuse: such
     numbers are written as the strings "nan", "inf", "-inf"); a list of records (tensors, tree
-    rows) prints one record per line."""
+    rows) prints one record per line. `Records` (inspect's tensors) are made and written one at a
+    time: the text of 100,000 records is never held whole."""
+    from ..ops.reports import Records
+
     strict = _strict_encoder()
 
     def dump(value) -> str:
@@ -151,22 +154,40 @@ def print_json(doc: dict) -> None:
         except ValueError:  # a non-finite float somewhere: the rare path
             return strict(_finite(value))
 
-    def document(dump) -> str:
-        entries = []
-        for key, value in doc.items():
-            if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-                body = ",\n".join("    " + dump(v) for v in value)
-                entries.append(f"  {dump(key)}: [\n{body}\n  ]")
-            else:
-                entries.append(f"  {dump(key)}: {dump(value)}")
-        return "{\n" + ",\n".join(entries) + "\n}\n"
+    def escaped(value) -> str:  # a lone surrogate (from a file) cannot be written as UTF-8: \u escapes
+        return json.dumps(_finite(value), allow_nan=False)
 
-    text = document(dump)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate from a file: escaped, still valid JSON
-        text = document(lambda value: json.dumps(_finite(value), allow_nan=False))
-    sys.stdout.write(text)
+    def fits(text: str) -> bool:
+        try:
+            return text.isascii() or bool(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            return False
+
+    def pieces(dump) -> list:
+        """The document's text in pieces; a (non-empty) `Records` stands for its records."""
+        out = ["{\n"]
+        for i, (key, value) in enumerate(doc.items()):
+            head = ("  " if not i else ",\n  ") + dump(key) + ": "
+            if isinstance(value, Records) and len(value):
+                out += [head + "[\n", value, "\n  ]"]
+            elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+                out.append(head + "[\n" + ",\n".join("    " + dump(v) for v in value) + "\n  ]")
+            else:
+                out.append(head + dump(list(value) if isinstance(value, Records) else value))
+        return out + ["\n}\n"]
+
+    parts = pieces(dump)
+    if not all(fits(part) for part in parts if type(part) is str):
+        dump, parts = escaped, pieces(escaped)
+    write = sys.stdout.write
+    for part in parts:
+        if type(part) is str:
+            write(part)
+            continue
+        for i, record in enumerate(part):
+            text = dump(record)
+            # (never: readers refuse keys that are not valid text, the only text a record holds)
+            write(("    " if not i else ",\n    ") + (text if fits(text) else escaped(record)))
 
 
 def note(message: str, quiet: bool) -> None:

@@ -65,7 +65,7 @@ def inspect(
                                             root=inp.root, progress=progress, read=read)
         report = with_fetched(report)
         if json:
-            print_json(report.to_json())
+            print_json(report.to_json(lazy=True))  # the tensors' records made as they are written
             return
         if report.dequantized is not None:
             note(("" if not several else f"{report.path}: ") + dequantized_line(report.dequantized), quiet)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from operator import attrgetter
 from typing import Callable
 
@@ -15,7 +14,7 @@ from ..io.model import numel_of
 from ..io.tree import describe, extras, module_state
 from .inputs import open_input, with_read
 from .options import READ_AS_IS, ProgressFactory, ReadOptions
-from .reports import InspectReport
+from .reports import InspectReport, Records
 
 
 def inspect_checkpoint(input: str, *, keys: list[str] | None = None, stats: bool = False, tree: bool = False,
@@ -32,28 +31,26 @@ def inspect_checkpoint(input: str, *, keys: list[str] | None = None, stats: bool
         raise UsageError(f"--depth {depth!r}: give a number of levels, 1 or more")
     with open_input(input, root, read) as (ckpt, done):
         report = with_read(inspect_report(ckpt, keys), done)
+        records = report.tensors
+        # the listed tensors, for what reads them (a plain listing needs no second table)
+        chosen = {name: ckpt.tensors[name] for name in records.names} if stats or hash or tree else {}
         if stats:
-            total = sum(entry["nbytes"] for entry in report.tensors)
-            tick = progress(total, "reading tensors") if progress else None
-            chosen = [ckpt.tensors[entry["name"]] for entry in report.tensors]
+            tick = progress(sum(map(_stored_nbytes, chosen.values())), "reading tensors") if progress else None
             from .stats import each_stats
 
-            for entry, t, found in zip(report.tensors, chosen, each_stats(chosen)):
-                entry.update(found)
+            records.stats = []
+            for t, found in zip(chosen.values(), each_stats(list(chosen.values()))):
+                records.stats.append(found)
                 if tick:
-                    tick(entry["nbytes"])
+                    tick(_stored_nbytes(t))
         if hash:
             from .digest import fingerprint, hashes_of
 
-            chosen = {e["name"]: ckpt.tensors[e["name"]] for e in report.tensors}
-            tick = progress(sum(t.nbytes for t in _unique_views(chosen, ckpt.shares_with())), "hashing") \
+            tick = progress(sum(t.nbytes for t in _unique_views(chosen, records.shares)), "hashing") \
                 if progress else None
-            hashes = hashes_of(chosen, tick)
-            for entry in report.tensors:
-                entry["sha256"] = hashes[entry["name"]]
-            report.fingerprint = fingerprint(hashes)
+            records.hashes = hashes_of(chosen, tick)
+            report.fingerprint = fingerprint(records.hashes)
         if tree:
-            chosen = {e["name"]: ckpt.tensors[e["name"]] for e in report.tensors}
             report.tree = module_tree(chosen, depth)
     return report
 
@@ -71,8 +68,8 @@ def _unique_views(tensors: dict[str, TensorRef], shares: dict[str, str | None]) 
 def inspect_report(ckpt: Checkpoint, patterns: list[str] | None = None) -> InspectReport:
     """What `ckpt` holds (the tensors `patterns` select), from its headers alone."""
     names = core.select(ckpt.tensors, patterns) if patterns else list(ckpt.tensors)
-    shares = ckpt.shares_with()
-    chosen = OrderedDict((n, ckpt.tensors[n]) for n in names)
+    shares = {name: owner for name, owner in ckpt.shares_with().items() if owner is not None}
+    chosen = ckpt.tensors if len(names) == len(ckpt.tensors) else {n: ckpt.tensors[n] for n in names}
     unique = _unique_views(chosen, shares)
     trainable, frozen = _trainable_and_frozen(unique) if _is_whole_model(ckpt) else (None, None)
     return InspectReport(
@@ -88,20 +85,35 @@ def inspect_report(ckpt: Checkpoint, patterns: list[str] | None = None) -> Inspe
         total_bytes=sum(map(_stored_nbytes, unique)),
         trainable_params=trainable,
         frozen_params=frozen,
-        tensors=[
-            {
-                "name": name,
-                "dtype": _dtype_shown(t),
-                "shape": list(t.shape),
-                "nbytes": _stored_nbytes(t),
-                "requires_grad": t.requires_grad,
-                "shares_with": shares[name],
-                "contiguous": t.is_contiguous,
-                **({"quantization": _quantization(t)} if t.quant else {}),
-            }
-            for name, t in chosen.items()
-        ],
+        tensors=TensorRecords(ckpt.tensors, names, shares),
     )
+
+
+class TensorRecords(Records):
+    """`InspectReport.tensors`: each tensor's record made from the table when read (see
+    Records), with its `--stats` figures and `--hash` once inspect_checkpoint has them."""
+
+    def __init__(self, tensors: dict[str, TensorRef], names: list[str], shares: dict[str, str]):
+        self.tensors, self.names = tensors, names
+        self.shares = shares  # name -> the first name of its storage, for the names that share one
+        self.stats: list[dict] | None = None  # per record, in order
+        self.hashes: dict[str, str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def record(self, i: int) -> dict:
+        name = self.names[i]
+        t = self.tensors[name]
+        out = {"name": name, "dtype": _dtype_shown(t), "shape": list(t.shape), "nbytes": _stored_nbytes(t),
+               "requires_grad": t.requires_grad, "shares_with": self.shares.get(name), "contiguous": t.is_contiguous}
+        if t.quant:
+            out["quantization"] = _quantization(t)
+        if self.stats is not None:
+            out.update(self.stats[i])
+        if self.hashes is not None:
+            out["sha256"] = self.hashes[name]
+        return out
 
 
 def _dtype_shown(t: TensorRef) -> str:

@@ -8,6 +8,7 @@ merge's tensors note about themselves is read from them afterwards)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -20,9 +21,39 @@ def entry(doc: str, *, omit_if_none: bool = False, default: Any = MISSING, facto
                  metadata={"doc": doc, "omit_if_none": omit_if_none})
 
 
-def _plain(value: Any) -> Any:
+class Records(Sequence):
+    """A report's list of records, each made when it is read: `inspect --json` of 100,000 tensors
+    prints them one at a time (cli.common.print_json) instead of holding 100,000 dicts (~35 MB).
+    Equal to the list of them, and made into it by `to_json()`. A subclass says how many
+    (`__len__`) and makes record `i` (`record`)."""
+
+    def record(self, i: int) -> dict:
+        raise NotImplementedError
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.record(j) for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError("record index out of range")
+        return self.record(i % len(self))
+
+    def __iter__(self):
+        return map(self.record, range(len(self)))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, (list, Records)) and len(self) == len(other) and list(self) == list(other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
+def _plain(value: Any, lazy: bool = False) -> Any:
     if is_dataclass(value):
         return value.to_json()
+    if isinstance(value, Records):
+        return value if lazy else list(value)
     if isinstance(value, list):
         return [_plain(v) for v in value] if value and is_dataclass(value[0]) else value
     return value
@@ -48,13 +79,14 @@ class Report:
 
     __hash__ = None  # mutable, compared by value: as a dataclass with eq=True
 
-    def to_json(self) -> dict:
+    def to_json(self, lazy: bool = False) -> dict:
+        """The --json document; `lazy`: `Records` left as they are, for print_json to write one by one."""
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None and f.metadata.get("omit_if_none"):
                 continue
-            out[f.name] = _plain(value)
+            out[f.name] = _plain(value, lazy)
         return out
 
     @classmethod
@@ -432,11 +464,12 @@ class InspectReport(Report):
                                          "(buffers count in neither this nor `frozen_params`); omitted for a state "
                                          "dict, which records no flag.", omit_if_none=True)
     frozen_params: int | None = entry("Likewise, the parameters whose `requires_grad` is false.", omit_if_none=True)
-    tensors: list[dict] = entry("One record per listed tensor: `name`, `dtype` (torch's name; a quantized GGUF "
-                                "tensor's GGML type, `Q4_K`, and `nbytes` its bytes in the file), `shape`, `nbytes`, "
-                                "`requires_grad` (a pickled Parameter's flag, else null), `shares_with` (the first "
-                                "name of its storage, or null), `contiguous`, `quantization` (quantized tensors); "
-                                "`--stats`: `min`, `max`, `mean`, `std`, `nan`, `inf`; `--hash`: `sha256`.")
+    tensors: Sequence[dict] = entry("One record per listed tensor: `name`, `dtype` (torch's name; a quantized GGUF "
+                                    "tensor's GGML type, `Q4_K`, and `nbytes` its bytes in the file), `shape`, "
+                                    "`nbytes`, `requires_grad` (a pickled Parameter's flag, else null), "
+                                    "`shares_with` (the first name of its storage, or null), `contiguous`, "
+                                    "`quantization` (quantized tensors); `--stats`: `min`, `max`, `mean`, `std`, "
+                                    "`nan`, `inf`; `--hash`: `sha256`.")
     fingerprint: str | None = entry("`--hash`: SHA-256 over the listed tensors' names and hashes.", omit_if_none=True)
     tree: list[dict] | None = entry("`--tree`: one record per module row (repeats folded); `frozen: true` on a row "
                                     "whose parameters (a whole pickled model's) are all frozen.", omit_if_none=True)
