@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import struct
 from collections import OrderedDict
-from operator import eq, itemgetter
 from typing import Any, BinaryIO
 
 from .. import dtypes
@@ -67,35 +66,36 @@ def read_safetensors(path: str, source=None) -> Checkpoint:
     data_size = source.size - data_start
     _check_names(path, header)
     tensors: OrderedDict[str, TensorRef] = OrderedDict()
-    spans = []
     # (dtype code, *shape) -> (dtype, torch shape, strides, bytes): checkpoints repeat a few
     # layouts over thousands of tensors, so each is checked once; a miss takes the full check
     layouts: dict[tuple, tuple] = {}
+    # the usual case: in the header's order, each tensor starts where the one before ends
+    position, in_order = 0, True
     for name, info in header.items():
         layout = offsets = None
         if type(info) is dict:
             code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-            if type(code) is str and type(shape) is list and set(map(type, shape)) <= _INT:
+            if type(code) is str and type(shape) is list and _INT.issuperset(map(type, shape)):
                 layout = layouts.get((code, *shape))
         if layout is None:
             layout = _layout(f"{path}: tensor {name!r}", info)
             layouts[(info["dtype"], *info["shape"])] = layout
         dtype, shape, strides, nbytes = layout
-        if not (type(offsets) is list and len(offsets) == 2 and type(offsets[0]) is int and type(offsets[1]) is int
-                and 0 <= offsets[0] <= offsets[1] <= data_size and offsets[1] - offsets[0] == nbytes):
+        begin, end = offsets if type(offsets) is list and len(offsets) == 2 else (None, None)
+        if not (type(begin) is int and type(end) is int and 0 <= begin <= end <= data_size and end - begin == nbytes):
             _bad_offsets(f"{path}: tensor {name!r}", offsets, data_size, nbytes, dtype)
-        begin, end = offsets
-        spans.append((begin, end, name))
-        tensors[name] = TensorRef(Storage(source, data_start + begin, nbytes, name), 0, shape, strides, dtype)
-    # the usual case, checked in C: in the header's order, each tensor starts where the one before ends
-    in_order = bool(spans) and spans[0][0] == 0 and spans[-1][1] == data_size and all(
-        map(eq, map(itemgetter(0), spans[1:]), map(itemgetter(1), spans)))
-    position = data_size if in_order else 0
-    for begin, end, name in () if in_order else sorted(spans):
         if begin != position:
-            problem = "overlaps the tensor before it" if begin < position else "leaves a gap before it"
-            raise CkptError(f"{path}: tensor {name!r} at byte {begin} {problem}")
+            in_order = False
         position = end
+        tensors[name] = TensorRef(Storage(source, data_start + begin, nbytes, name), 0, shape, strides, dtype)
+    if not in_order:  # then every overlap and gap is found in the order of the bytes
+        position = 0
+        for begin, end, name in sorted((t.storage.offset - data_start, t.storage.offset - data_start + t.storage.nbytes,
+                                        name) for name, t in tensors.items()):
+            if begin != position:
+                problem = "overlaps the tensor before it" if begin < position else "leaves a gap before it"
+                raise CkptError(f"{path}: tensor {name!r} at byte {begin} {problem}")
+            position = end
     if position != data_size:
         raise CkptError(f"{path}: {data_size - position} bytes after the last tensor (corrupt file)")
     tensors = _restore_aliases(path, tensors, metadata)
