@@ -185,19 +185,24 @@ def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Prog
     outside it (an optimizer's step counts). `inputs`: each input's placeholder events — see
     `check_not_more_executable`. Returns the placeholder events the archive holds, in order."""
     castable = castable_storages(cast_only or {}) if cast else set()
-    storages: OrderedDict[int, tuple[Storage, str, DType, DType]] = OrderedDict()  # key, read, written
+    # id(storage) -> (storage, key, dtype read, dtype written, its record when a typed storage)
+    storages: dict[int, tuple[Storage, str, DType, DType, tuple | None]] = {}
 
     def storage_record(t: TensorRef) -> tuple[str, str, str, int, DType]:
         entry = storages.get(id(t.storage))
         if entry is None:
-            written = cast_target(t.dtype, cast) if id(t.storage) in castable else t.dtype
-            entry = storages[id(t.storage)] = (t.storage, str(len(storages)), t.dtype, written)
-        storage, key, read_as, write_as = entry
+            storage, key = t.storage, str(len(storages))
+            written = cast_target(t.dtype, cast) if id(storage) in castable else t.dtype
+            typed = None  # a typed storage's record: the same for every tensor viewing it, made once
+            if written.storage:
+                typed = key, "torch", written.storage, storage.nbytes // t.dtype.itemsize, written
+            entry = storages[id(storage)] = (storage, key, t.dtype, written, typed)
+        storage, key, read_as, write_as, typed = entry
         if read_as is not t.dtype and (write_as is not read_as or read_as.storage or t.dtype.storage):
             raise CkptError(f"storage {storage.key[:40]!r} is viewed as both {read_as.name} and {t.dtype.name}: "
                             f"torch cannot write that as typed storages" + ("; convert without --dtype" if cast else ""))
-        if write_as.storage:
-            return key, "torch", write_as.storage, storage.nbytes // read_as.itemsize, write_as
+        if typed:
+            return typed
         return key, "torch.storage", "UntypedStorage", _written_size(storage, read_as, write_as), t.dtype
 
     pickler = TorchPickler(storage_record)
@@ -210,7 +215,7 @@ def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Prog
     archive.add_bytes(f"{ARCHIVE}/.storage_alignment", b"64")
     archive.add_bytes(f"{ARCHIVE}/byteorder", b"little")
     small = []  # storages written as they are read, in order, until the next one that is not
-    for storage, key, read_as, write_as in storages.values():
+    for storage, key, read_as, write_as, _ in storages.values():
         if write_as is read_as and storage.nbytes <= SMALL_RECORD:  # the common case, in one step
             small.append((f"{ARCHIVE}/data/{key}", storage.view()))
             if progress:
@@ -293,10 +298,10 @@ def torch_payload(checkpoint, tensors: dict[str, TensorRef], keep_metadata: bool
         for key in original:
             if type(key) is str and (key in tensors or key in others):
                 state[key] = tensors[key] if key in tensors else others[key]
-    for entries in (tensors, others):
-        for key, value in entries.items():
-            if key not in state:
-                state[key] = value
+    state.update(tensors)  # in one call: a tensor placed above keeps its place, and is the same one
+    for key, value in others.items():
+        if key not in state:
+            state[key] = value
     if keep_metadata and type(original) is OrderedDict and "_metadata" in vars(original):
         state._metadata = original._metadata  # load_state_dict reads module versions from it
     if type(original) is dict:  # a plain dict stays one

@@ -368,7 +368,7 @@ class _FilePlan:
                 check_safetensors(self.stored)  # before anything is written, and under --dry-run too
             except CkptError as e:
                 raise CkptError(f"{source.path}: {e}") from None
-        self.sizes = [(name, t.numel * dtype.itemsize) for name, t, dtype in self.stored]
+        self.sizes = _sizes(self.stored)
         self.total = sum(size for _, size in self.sizes)
         limit = options.max_shard_size
         # no tensors: no shards to plan, one (empty) file
@@ -405,6 +405,19 @@ class _FilePlan:
         # metadata says (its `dtype` picks the dtype a model loads in); the shards carry the rest
         body = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
         return (json.dumps(body, indent=2) + "\n").encode()
+
+
+def _sizes(stored: list) -> list[tuple[str, int]]:
+    """(name, bytes written) of each stored tensor; each shape's element count computed once (a
+    state dict of 200 000 tensors holds a few shapes)."""
+    counts: dict[tuple[int, ...], int] = {}
+    sizes = []
+    for name, t, dtype in stored:
+        count = counts.get(t.shape)
+        if count is None:
+            count = counts[t.shape] = t.numel
+        sizes.append((name, count * dtype.itemsize))
+    return sizes
 
 
 def _given_shards(shards: list[list[str]], stored: list[str]) -> list[list[str]]:
