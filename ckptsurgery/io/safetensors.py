@@ -27,10 +27,13 @@ def read_header(path: str, source: MappedFile) -> tuple[int, dict]:
         raise CkptError(f"{path}: header length {length} runs past the end of the "
                         f"{source.size}-byte file (truncated or not safetensors)")
     raw = bytes(source.view(8, length))
+    twice = raw.count(b'"__metadata__"') > 1
     try:
-        header = json.loads(raw.decode("utf-8"))
-        if raw.count(b'"__metadata__"') > 1:  # rare: only then pay for a check of every key
-            json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_top_level)
+        text = raw.decode("utf-8")
+        del raw  # (100,000 tensors: a 10 MB header, held once while it is parsed)
+        header = json.loads(text)
+        if twice:  # rare: only then pay for a check of every key
+            json.loads(text, object_pairs_hook=_unique_top_level)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CkptError(f"{path}: the safetensors header is not valid JSON ({str(e)[:100]})") from None
     if not isinstance(header, dict):
@@ -71,7 +74,8 @@ def read_safetensors(path: str, source=None) -> Checkpoint:
     layouts: dict[tuple, tuple] = {}
     # the usual case: in the header's order, each tensor starts where the one before ends
     position, in_order = 0, True
-    for name, info in header.items():
+    for name in list(header):
+        info = header.pop(name)  # each entry freed as its tensor is made: never both whole
         layout = offsets = None
         if type(info) is dict:
             code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
