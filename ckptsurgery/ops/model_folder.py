@@ -192,6 +192,7 @@ class FolderPlan:
     models: tuple[str, ...]
     base: str | None
     template_models: tuple[str, ...] = ()  # the paths `chat_template: auto` asks (chat_templates.template_models)
+    vocab_size: int | None = None  # the rows of a vocabulary aligned by token (recipes/vocabulary.py)
 
 
 def folder_files(plan: FolderPlan) -> FolderFiles:
@@ -204,6 +205,7 @@ def folder_files(plan: FolderPlan) -> FolderFiles:
     else:
         config, files.config_changes = updated_config(config, plan.reference_layers, plan.layers_from, plan.dtype,
                                                       files.notes)
+        _set_vocab_size(config, plan.vocab_size, files.config_changes)
         files.made[CONFIG] = config_bytes(config)
     files.copied.update(tokenizer_files(model_folder(plan.tokenizer), files.notes))
     template = recipe_template(plan.chat_template, (model_folder(p) for p in plan.template_models), files.notes)
@@ -221,6 +223,17 @@ def folder_files(plan: FolderPlan) -> FolderFiles:
         files.notes.append(f"the recipe was given loaded, not as a file: no {RECIPE_COPY} written")
     files.made[MODEL_CARD] = model_card(plan.method, plan.models, plan.base, plan.recipe_text)
     return files
+
+
+def _set_vocab_size(config: dict, size: int | None, changes: dict) -> None:
+    """vocab_size set to an aligned vocabulary's, where the config holds it (its text_config's when
+    only that one has it), as mergekit's _update_config_vocab."""
+    text = config.get("text_config")
+    where, name = (text, "text_config.vocab_size") if "vocab_size" not in config and isinstance(text, dict) and \
+        "vocab_size" in text else (config, "vocab_size")
+    if size is not None and where.get("vocab_size") != size:
+        where["vocab_size"] = size
+        changes[name] = size
 
 
 def remote_code_files(folder: str, config: dict, notes: list[str]) -> dict[str, str]:

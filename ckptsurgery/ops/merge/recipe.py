@@ -14,10 +14,13 @@ computed as the writer reads it:
   writes); a layer used twice is written twice, each copy under its own name (not tied:
   transformers must find every key).
 
-A tensor outside the layers takes the shape of the reference's (the model whose config.json the
+With `tokenizer_source:` and a tokenizer.json in every model's folder, the vocabulary tensors
+(the embeddings, the head) are aligned by token string to the source's vocabulary, as mergekit
+(ops/recipes/vocabulary.py; noted per tensor), and config.json's vocab_size is its size. Else a
+tensor outside the layers takes the shape of the reference's (the model whose config.json the
 output takes: the base, else the first model): with `tokenizer_source: base` sources of another
-vocabulary have their rows cut or filled with the reference's (noted per tensor), without it they
-are refused.
+vocabulary have their rows cut or filled with the reference's by token id (noted per tensor);
+without it, or with a source model other than the reference, they are refused.
 
 The written dtype is `out_dtype`, else `dtype`, else each tensor's own. `-o FILE.safetensors` writes
 the weights alone; any other output is a folder (ops/model_folder.py): the weights —
@@ -41,13 +44,15 @@ from ...io.model import Storage, computed_tensor, joined_tensor, mapped_range
 from ...io.write import check_parent
 from .. import methods
 from ..methods import MergeMethod, Parameter
-from ..model_folder import FolderFiles, FolderPlan, folder_files, write_folder_files
+from ..model_folder import FolderFiles, FolderPlan, folder_files, model_folder, read_config, write_folder_files
 from ..options import WriteOptions, check_write_options
 from ..recipes import ModelRef, Planned, Recipe, RecipePlan, Role, Source, plan_lines, plan_recipe
 from ..recipes import TokenizerKind, refuse_unknown_parameters
 from ..recipes.chat_templates import template_models
 from ..recipes.layers import layer_scheme
 from ..recipes.schema import read_recipe
+from ..recipes.vocabulary import TOKENIZER_JSON, Alignment, aligned_tensors, alignment, alignment_note, \
+    read_vocabulary, row_sources, vocabulary_size
 from ..reports import RecipeReport
 from ..write import FolderOutput, write_checkpoint
 from .by_method import read_values, streamed_tensor
@@ -79,8 +84,9 @@ def merge_recipe(recipe: str | os.PathLike | Recipe, write: WriteOptions, *,
         keys = {m: {k: t.shape for k, t in tensors.items()} for m, (_, tensors) in opened.items()}
         plan = plan_recipe(recipe, keys, layer_pattern, {k: _coercion(p) for k, p in names.items()})
         cast = _written_dtype(recipe)
+        aligned = _alignment(recipe, opened)
         built = build_tensors(plan, {m: tensors for m, (_, tensors) in opened.items()}, method, names,
-                              _working(recipe), cast, _fits_vocabulary(recipe))
+                              _working(recipe), cast, aligned or _fits_vocabulary(recipe))
         inputs = [c for c, _ in opened.values()]
         if folder is None:
             written, extra = write_checkpoint(built.tensors, write, cast=cast, inputs=inputs), None
@@ -92,7 +98,7 @@ def merge_recipe(recipe: str | os.PathLike | Recipe, write: WriteOptions, *,
         merge_method=recipe.merge_method, method=method.name, base=_shown(recipe.base_model), layers=plan.layers,
         merged=built.merged, copied=built.copied, ignored=[f"{m}:{k}" for m, k in plan.ignored],
         plan=plan_lines(plan), config_changes=extra.config_changes if extra else {},
-        notes=[*recipe.notes, *(extra.notes if extra else [])], tensor_notes=built.notes())
+        notes=[*recipe.notes, *_stripped_note(aligned), *(extra.notes if extra else [])], tensor_notes=built.notes())
 
 
 def _loaded(recipe) -> tuple[Recipe, str | None, str | None]:
@@ -156,6 +162,37 @@ def _fits_vocabulary(recipe: Recipe) -> bool:
     return source is not None and (source.kind == TokenizerKind.BASE or source.model == reference)
 
 
+def _alignment(recipe: Recipe, opened: dict) -> Alignment | None:
+    """The recipe's models aligned by token string to its tokenizer source's vocabulary, when
+    every one of them and the source have a tokenizer.json (mergekit aligns whenever a
+    tokenizer_source is set). Without them: None (`base`: rows fitted by token id), refused when
+    the source is another model whose config's vocab_size is not every model's."""
+    if recipe.tokenizer_source is None:
+        return None
+    reference = recipe.base_model or _first_model(recipe)
+    source = recipe.tokenizer_source.model or reference
+    folders = {m: model_folder(m.path) for m in dict.fromkeys([*opened, source])}
+    configs = {m: read_config(f) if f else None for m, f in folders.items()}
+    lacking = [m for m, f in folders.items() if f is None or not os.path.isfile(os.path.join(f, TOKENIZER_JSON))]
+    if lacking:
+        sizes = {c.get("vocab_size") for c in configs.values() if c and "vocab_size" in c}
+        if source != reference and len(sizes) > 1:
+            raise CkptError(f"{lacking[0]}: no {TOKENIZER_JSON}, needed to align the models' vocabularies to "
+                            f"{source}'s by token string (tokenizer_source: {source}); save its tokenizer there "
+                            f"with transformers' save_pretrained, or use tokenizer_source: base")
+        return None
+    vocabularies = {m: read_vocabulary(f) for m, f in folders.items()}
+    sized = {m: (v, vocabulary_size(configs[m], v)) for m, v in vocabularies.items()}
+    return alignment(str(source), {m: sized[m] for m in opened}, sized[source])
+
+
+def _stripped_note(aligned: Alignment | None) -> list[str]:
+    if aligned is None or not aligned.beyond:
+        return []
+    return [f"{aligned.source}'s {TOKENIZER_JSON} holds {aligned.beyond} tokens at or past its vocab_size "
+            f"({aligned.tokens} kept): the output's copy still has them (mergekit strips them from `base`'s)"]
+
+
 def _working(recipe: Recipe) -> str | None:
     """The dtype mergekit merges in, when it rounds the inputs (bfloat16, float16): None otherwise."""
     return recipe.dtype if recipe.dtype in ("bfloat16", "float16") else None
@@ -207,6 +244,7 @@ class Built:
     copied: int = 0
     merges: dict[str, MergeMethod] = field(default_factory=dict, repr=False)
     fitted: dict[str, str] = field(default_factory=dict)  # key -> how its sources' rows were fitted
+    vocab_size: int | None = None  # the aligned vocabulary's, for config.json
 
     def notes(self) -> dict[str, str]:
         notes = {key: merge.note for key, merge in self.merges.items() if merge.note is not None}
@@ -215,17 +253,18 @@ class Built:
 
 def build_tensors(plan: RecipePlan, models: dict[ModelRef, dict[str, TensorRef]], method: type[MergeMethod],
                   names: dict[str, Parameter], working: str | None, cast: DType | None,
-                  fit_vocabulary: bool = False) -> Built:
+                  vocabulary: bool | Alignment = False) -> Built:
     """Each planned key as a tensor computed when written (see the module's docstring).
-    `fit_vocabulary` (tokenizer_source: base): the rows of a tensor outside the layers cut or
-    filled to the reference's (see `_fit_rows`)."""
-    built = Built()
+    `vocabulary`: an Alignment (tokenizer_source, every model with a tokenizer.json): the rows of
+    a vocabulary tensor aligned by token; True (tokenizer_source: base without): the rows of a
+    tensor outside the layers cut or filled to the reference's (see `_fit_rows`)."""
+    built = Built(vocab_size=vocabulary.tokens if isinstance(vocabulary, Alignment) else None)
     resolved: dict[tuple, dict] = {}  # the same values (most keys of a recipe share them): checked once
     for tensor in plan.tensors:
         inputs = [models[s.model][s.key] for s in tensor.sources]
         if tensor.role is not Role.LAYER:
             inputs = _outside_layers(tensor, inputs, models[plan.reference].get(tensor.key), plan.reference,
-                                     fit_vocabulary, built)
+                                     vocabulary, built)
         _same_shapes(tensor, inputs)
         if not all(t.dtype.floating for t in inputs):
             built.tensors[tensor.key] = _copy(inputs[_base_index(tensor)])
@@ -261,11 +300,15 @@ def _vocabulary_hint(tensor: Planned, inputs: list[TensorRef]) -> str:
 
 
 def _outside_layers(tensor: Planned, inputs: list[TensorRef], target: TensorRef | None, reference: ModelRef,
-                    fit: bool, built: Built) -> list[TensorRef]:
+                    fit: bool | Alignment, built: Built) -> list[TensorRef]:
     """A tensor outside the layers must have the shape the reference's config.json describes: its
-    sources fitted to it (`fit`), else refused when they differ (a frankenmerge of two
+    sources aligned by token to the output vocabulary when they are vocabulary tensors, or fitted
+    to the reference's (`fit`), else refused when they differ (a frankenmerge of two
     vocabularies would write an embedding and a head of different sizes)."""
-    if fit:
+    if isinstance(fit, Alignment):
+        if all(fit.is_vocabulary(s.model, t) for s, t in zip(tensor.sources, inputs)):
+            return _aligned_rows(tensor, inputs, fit, built)
+    elif fit:
         return _fit_rows(tensor, inputs, target, reference, built)
     for source, t in zip(tensor.sources, inputs):
         if target is not None and t.shape != target.shape:
@@ -273,6 +316,18 @@ def _outside_layers(tensor: Planned, inputs: list[TensorRef], target: TensorRef 
                             f"config.json the output takes) {list(target.shape)}"
                             + _vocabulary_hint(tensor, [t, target]))
     return inputs
+
+
+def _aligned_rows(tensor: Planned, inputs: list[TensorRef], aligned: Alignment, built: Built) -> list[TensorRef]:
+    """A vocabulary tensor's sources, each permuted to the output vocabulary by token (mergekit's
+    PermutedVocabulary), noted when any changed."""
+    permutations = [aligned.permutations[s.model] for s in tensor.sources]
+    sources = row_sources(permutations, _base_position(tensor))
+    result = aligned_tensors(tensor.key, inputs, permutations, sources)
+    if any(r is not t for r, t in zip(result, inputs)):
+        built.fitted[tensor.key] = alignment_note(aligned, [str(s.model) for s in tensor.sources], inputs,
+                                                  permutations, sources)
+    return result
 
 
 def _fit_rows(tensor: Planned, inputs: list[TensorRef], target: TensorRef | None, reference: ModelRef,
@@ -316,14 +371,19 @@ def _filled(t: TensorRef, target: TensorRef) -> TensorRef:
                            lambda: bytes(t.data()) + bytes(memoryview(target.data())[row * t.shape[0]:]))
 
 
+def _base_position(tensor: Planned) -> int | None:
+    return next((i for i, s in enumerate(tensor.sources) if s.model == tensor.base), None)
+
+
 def _base_index(tensor: Planned) -> int:
-    return next((i for i, s in enumerate(tensor.sources) if s.model == tensor.base), 0)
+    base = _base_position(tensor)
+    return 0 if base is None else base
 
 
 def _read_order(tensor: Planned, method: type[MergeMethod]) -> tuple[list[int], bool]:
     """Which sources the method reads, in its order ([base, model...] or [model...]), and whether
     the first is the base. slerp goes from the base (t = 0) to the other model, as mergekit's."""
-    base = next((i for i, s in enumerate(tensor.sources) if s.model == tensor.base), None)
+    base = _base_position(tensor)
     others = [i for i in range(len(tensor.sources)) if i != base]
     if method.needs_base or method.base_optional:
         if base is None and method.needs_base:
@@ -462,7 +522,7 @@ def _folder_plan(recipe: Recipe, plan: RecipePlan, keys: dict, pattern: str | No
         layers_from=tuple(layers_from), dtype=dtype.name if dtype else (dtypes.pop() if len(dtypes) == 1 else None),
         tokenizer=(tokenizer or recipe.base_model or _first_model(recipe)).path, chat_template=recipe.chat_template,
         recipe_text=text, method=recipe.merge_method, models=tuple(models), base=_shown(recipe.base_model),
-        template_models=tuple(m.path for m in template_models(recipe)))
+        template_models=tuple(m.path for m in template_models(recipe)), vocab_size=built.vocab_size)
 
 
 def _first_model(recipe: Recipe) -> ModelRef:
