@@ -144,6 +144,7 @@ def test_tokens_past_vocab_size_are_stripped_and_ids_must_be_the_rows():
     ('{"model": {"vocab": {"a": true}}}', "token 'a' has id True"),
     ('{"model": {"vocab": {"a": 0}}, "added_tokens": [{"id": "x", "content": "b"}]}', "token 'b' has id x"),
     ('{"model": {"vocab": {"a": 0}}, "added_tokens": 7}', "added_tokens is not a list"),
+    ('{"model": {"vocab": {"a": 0}}, "added_tokens": [{"id": 1}]}', "entry 1 of its vocabulary and added tokens"),
     ("[" * 100000, "nested too deeply"),
 ])
 def test_a_hostile_tokenizer_json_is_refused_in_one_line(tmp_path, content, message):
@@ -174,3 +175,21 @@ def test_a_model_without_tokenizer_json_is_refused_when_a_source_model_needs_it(
     with pytest.raises(CkptError, match=r"^base: no tokenizer.json, needed to align .* by token string "
                                         r"\(tokenizer_source: m2\); save its tokenizer"):
         merge_recipe(tmp_path / "r.yml", WriteOptions(str(tmp_path / "out")))
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ('{"model": {"vocab": {"a": 0, "b": 4294967296}}}', "token 'b' has id 4294967296, not an integer"),
+    ('{"model": {"vocab": ["a", "b"]}}', "m2/tokenizer.json: not a tokenizer.json (entry 0 of its vocabulary"),
+])
+def test_merge_config_refuses_a_models_hostile_tokenizer_json_in_one_line(cli, worded, tmp_path, content, fragment):
+    import shutil
+
+    from conftest import assert_one_error_line
+
+    for name in ("base", "m2"):
+        shutil.copytree(worded / name, tmp_path / name)
+    (tmp_path / "m2" / "tokenizer.json").write_text(content)
+    (tmp_path / "r.yml").write_text(f"models:\n  - model: {tmp_path / 'base'}\n  - model: {tmp_path / 'm2'}\n"
+                                    f"merge_method: linear\ntokenizer_source: base\n")
+    assert_one_error_line(cli("merge", "--config", tmp_path / "r.yml", "-o", tmp_path / "out"), fragment)
+    assert not (tmp_path / "out").exists()

@@ -27,7 +27,7 @@ from ...io.small_files import parse_json, read_small
 from ...kinds import Kind
 
 TOKENIZER_JSON = "tokenizer.json"
-MAX_TOKENIZER = 256 << 20  # the largest known (Gemma's) is about 35 MB
+MAX_TOKENIZER = 64 << 20  # the largest known (Gemma's) is 33 MB; parsed, it takes several times that
 MAX_TOKEN_ID = (1 << 31) - 1  # a token id tokenizers stores as a u32; past it, not a vocabulary
 
 
@@ -57,17 +57,20 @@ def read_vocabulary(folder: str | None) -> dict[str, int] | None:
     if isinstance(vocab, dict):
         pairs = list(vocab.items())
     elif isinstance(vocab, list):  # Unigram: [piece, score] pairs, the id the place
-        pairs = [(entry[0] if isinstance(entry, list) and entry else entry, i) for i, entry in enumerate(vocab)]
+        pairs = [(entry[0] if isinstance(entry, list) and len(entry) == 2 else None, i) for i, entry in enumerate(vocab)]
     else:
         raise CkptError(f"{path}: not a tokenizer.json (no model.vocab)")
     added = data.get("added_tokens", [])
     if not isinstance(added, list):
         raise CkptError(f"{path}: not a tokenizer.json (added_tokens is not a list)")
     pairs += [(a.get("content"), a.get("id")) if isinstance(a, dict) else (None, None) for a in added]
-    for token, index in pairs:
-        if not isinstance(token, str) or type(index) is not int or not 0 <= index <= MAX_TOKEN_ID:
-            raise CkptError(f"{path}: not a tokenizer.json (token {str(token)[:40]!r} has id {str(index)[:40]}, not "
-                            f"an integer from 0 to {MAX_TOKEN_ID})")
+    for n, (token, index) in enumerate(pairs):
+        if not isinstance(token, str):
+            raise CkptError(f"{path}: not a tokenizer.json (entry {n} of its vocabulary and added tokens is not a "
+                            f"token)")
+        if type(index) is not int or not 0 <= index <= MAX_TOKEN_ID:
+            raise CkptError(f"{path}: not a tokenizer.json (token {token[:40]!r} has id {str(index)[:40]}, not an "
+                            f"integer from 0 to {MAX_TOKEN_ID})")
     return dict(pairs)
 
 
