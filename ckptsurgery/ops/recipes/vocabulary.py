@@ -28,7 +28,7 @@ from ...kinds import Kind
 
 TOKENIZER_JSON = "tokenizer.json"
 MAX_TOKENIZER = 64 << 20  # the largest known (Gemma's) is 33 MB; parsed, it takes several times that
-MAX_TOKEN_ID = (1 << 31) - 1  # a token id tokenizers stores as a u32; past it, not a vocabulary
+MAX_TOKEN_ID = (1 << 31) - 1  # past it, not a vocabulary's id (the largest are about 2^18)
 
 
 class RowSource(Kind):
@@ -57,7 +57,7 @@ def read_vocabulary(folder: str | None) -> dict[str, int] | None:
     if isinstance(vocab, dict):
         pairs = list(vocab.items())
     elif isinstance(vocab, list):  # Unigram: [piece, score] pairs, the id the place
-        pairs = [(entry[0] if isinstance(entry, list) and len(entry) == 2 else None, i) for i, entry in enumerate(vocab)]
+        pairs = [(e[0] if isinstance(e, list) and len(e) == 2 else None, i) for i, e in enumerate(vocab)]
     else:
         raise CkptError(f"{path}: not a tokenizer.json (no model.vocab)")
     added = data.get("added_tokens", [])
