@@ -26,17 +26,23 @@ tokenizers = pytest.importorskip("tokenizers")
 WORDS = [f"w{i}" for i in range(16)]
 VOCABULARIES = {  # each model's tokens, in id order: some shared, some not, in other orders
     "base": ["<unk>", *WORDS[:10]],
-    "m1": ["<unk>", *reversed(WORDS[3:10]), "w10", "w11", "w12"],
-    "m2": ["<unk>", "w5", "w1", "w12", "w10", "w13", "w0", "w2"],
+    "m1": ["<unk>", *reversed(WORDS[3:10]), "w10", "w11", "w12", "<tool>"],
+    "m2": ["<unk>", "w5", "w1", "w12", "w10", "w13", "w0", "w2", "<eot>", "<tool>"],
 }
 TOKENS_ALONE = ["w14", "<unk>", "w3", "w10", "w15", "w1"]  # the tokenizer of a folder without weights
 
 
 def save_tokenizer(folder, tokens) -> None:
-    model = tokenizers.models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>")
+    """A WordLevel tokenizer of `tokens` (those in <> but <unk>, last: added tokens, in tokenizer.json's
+    added_tokens and not its model.vocab), saved as transformers saves one."""
+    words = [t for t in tokens if t == "<unk>" or not t.startswith("<")]
+    model = tokenizers.models.WordLevel({t: i for i, t in enumerate(words)}, unk_token="<unk>")
     tokenizer = tokenizers.Tokenizer(model)
     tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(folder)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>")
+    fast.add_tokens(tokens[len(words):], special_tokens=True)
+    fast.save_pretrained(folder)
+    assert fast.get_vocab() == {t: i for i, t in enumerate(tokens)}
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +102,12 @@ def test_the_note_says_where_each_models_rows_came_from(worded, tmp_path, monkey
     monkeypatch.chdir(worded)
     (tmp_path / "r.yml").write_text(RECIPES["linear"] + "tokenizer_source: m2\n")
     report = merge_recipe(tmp_path / "r.yml", WriteOptions(str(tmp_path / "out")))
-    # base lacks w12 and w10 (m1's and m2's: averaged) and w13 (m2's alone); m1 lacks w0, w1, w2 (the
-    # base's) and w13; m2's rows are the output's: not named
-    note = ("rows aligned to m2's vocabulary of 8 by token: base from 11 rows, lacks 3: 2 averaged, 1 from m2; "
-            "m1 from 11 rows, lacks 4: 3 from the base, 1 from m2")
+    # base lacks w12, w10 and <tool> (m1's and m2's: averaged), w13 and <eot> (m2's alone); m1 lacks
+    # w0, w1, w2 (the base's), w13 and <eot>; m2's rows are the output's: not named
+    note = ("rows aligned to m2's vocabulary of 10 by token: base from 11 rows, lacks 5: 3 averaged, 2 from m2; "
+            "m1 from 12 rows, lacks 5: 3 from the base, 2 from m2")
     assert report.tensor_notes == {"lm_head.weight": note, "model.embed_tokens.weight": note}
-    assert report.config_changes["vocab_size"] == 8
+    assert report.config_changes["vocab_size"] == 10
 
 
 def rows(values, dtype="float32"):
