@@ -370,8 +370,12 @@ def run_mergekit(text: str, out) -> dict:
     current folder (a recipe's model paths are relative to it); the tensors it wrote."""
     import yaml
     from mergekit.config import MergeConfiguration
+    from mergekit.io.tasks import LoaderCache
     from mergekit.merge import MergeOptions, run_merge
 
+    # mergekit keeps a loader per model path as the recipe writes it, for the process: a relative
+    # name in another test's folder would read that test's tensors
+    LoaderCache().loaders.clear()
     run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out),
               options=MergeOptions(lazy_unpickle=True, copy_tokenizer=False, write_model_card=False,
                                    clone_tensors=True))
