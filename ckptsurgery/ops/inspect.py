@@ -38,8 +38,8 @@ def inspect_checkpoint(input: str, *, keys: list[str] | None = None, stats: bool
             tick = progress(sum(map(_stored_nbytes, chosen.values())), "reading tensors") if progress else None
             from .stats import each_stats
 
-            records.stats = []
-            for t, found in zip(chosen.values(), each_stats(list(chosen.values()))):
+            tensors, records.stats = list(chosen.values()), []
+            for t, found in zip(tensors, each_stats(tensors)):
                 records.stats.append(found)
                 if tick:
                     tick(_stored_nbytes(t))
