@@ -215,9 +215,18 @@ def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Prog
     archive.add_bytes(f"{ARCHIVE}/.storage_alignment", b"64")
     archive.add_bytes(f"{ARCHIVE}/byteorder", b"little")
     small = []  # storages written as they are read, in order, until the next one that is not
+    mapped: dict[int, memoryview] = {}  # id(input) -> its whole map: a slice a storage, not three calls
     for storage, key, read_as, write_as, _ in storages.values():
         if write_as is read_as and storage.nbytes <= SMALL_RECORD:  # the common case, in one step
-            small.append((f"{ARCHIVE}/data/{key}", storage.view()))
+            source, start, nbytes = storage.source, storage.offset, storage.nbytes
+            if type(source) is MappedFile and 0 <= start and 0 < nbytes and start + nbytes <= source.size:
+                whole = mapped.get(id(source))
+                if whole is None:
+                    whole = mapped[id(source)] = memoryview(source.buffer())
+                view = whole[start : start + nbytes]
+            else:
+                view = storage.view()  # (and its errors)
+            small.append((f"{ARCHIVE}/data/{key}", view))
             if progress:
                 progress(storage.nbytes)
             continue
