@@ -552,3 +552,42 @@ def test_a_frankenmerge_of_two_vocabularies_is_fitted_or_refused(vocabularies, t
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 72
     _, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+
+def test_a_recipe_of_models_on_the_hub_writes_what_their_local_copies_give(llamas, tmp_path, monkeypatch, cli):
+    """`model: hf://ORG/REPO`: the weights read by range requests, config.json, the tokenizer's
+    files and the chat template fetched (tests/remote_server.py serves copies of the folders);
+    every output file the same bytes as from the local folders but the two that name the models."""
+    import shutil
+
+    from remote_server import RangeServer
+
+    for name in ("base", "m0", "m1"):
+        shutil.copytree(llamas / name, tmp_path / "hub" / "org" / name)
+    recipe = ("models:\n  - model: {p}m0\n    parameters: {{weight: 0.6, density: 0.5}}\n"
+              "  - model: {p}m1\n    parameters: {{weight: 0.4, density: 0.5}}\n"
+              "merge_method: ties\nbase_model: {p}base\nchat_template: auto\ndtype: float32\n")
+    monkeypatch.chdir(llamas)
+    (tmp_path / "local.yml").write_text(recipe.format(p=""))
+    assert cli("merge", "--config", tmp_path / "local.yml", "-o", tmp_path / "local").code == 0
+    (tmp_path / "remote.yml").write_text(recipe.format(p="hf://org/"))
+    with RangeServer(str(tmp_path / "hub")) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no-token"))
+        result = cli("merge", "--config", tmp_path / "remote.yml", "-o", tmp_path / "remote", "--json")
+    assert result.code == 0, result.err
+    names = sorted(os.listdir(tmp_path / "local"))
+    assert names == sorted(os.listdir(tmp_path / "remote"))
+    assert {"config.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"} <= set(names)
+    for name in set(names) - {"ckptsurgery_recipe.yml", "README.md"}:
+        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "remote" / name).read_bytes(), name
+    fetched = json.loads(result.out)["fetched"]
+    assert fetched["bytes"] > 0 and {f["url"].split("/")[-1] for f in fetched["files"]} >= {
+        "model.safetensors", "config.json", "tokenizer_config.json", "chat_template.jinja"}
+
+
+def test_a_hub_revision_is_written_as_an_hf_path(tmp_path):
+    (tmp_path / "r.yml").write_text("models:\n  - model: org/m@main\nmerge_method: linear\n")
+    with pytest.raises(UsageError, match="hf://ORG/REPO@REVISION"):
+        merge_recipe(tmp_path / "r.yml", WriteOptions(str(tmp_path / "out")))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import CkptError
@@ -193,12 +193,22 @@ class FolderPlan:
     base: str | None
     template_models: tuple[str, ...] = ()  # the paths `chat_template: auto` asks (chat_templates.template_models)
     vocab_size: int | None = None  # the rows of a vocabulary aligned by token (recipes/vocabulary.py)
+    fetched: Mapping[str, str] = field(default_factory=dict)  # hf:// repository -> the folder of its fetched files
+
+    def folder(self, path: str) -> str | None:
+        return folder_of(path, self.fetched)
+
+
+def folder_of(path: str, fetched: Mapping[str, str]) -> str | None:
+    """A model's folder: for a repository on the Hub, the folder its files were fetched into
+    (`fetched`); for a local model, model_folder's; None for any other remote file."""
+    return fetched.get(path) or (None if is_remote(path) else model_folder(path))
 
 
 def folder_files(plan: FolderPlan) -> FolderFiles:
     """The output folder's files besides the weights, planned (nothing read but small JSON files)."""
     files = FolderFiles()
-    folder = model_folder(plan.reference)
+    folder = plan.folder(plan.reference)
     config = read_config(folder) if folder else None
     if config is None:
         files.notes.append(f"{plan.reference} has no {CONFIG}: the output has none (from_pretrained needs one)")
@@ -207,8 +217,8 @@ def folder_files(plan: FolderPlan) -> FolderFiles:
                                                       files.notes)
         _set_vocab_size(config, plan.vocab_size, files.config_changes)
         files.made[CONFIG] = config_bytes(config)
-    files.copied.update(tokenizer_files(model_folder(plan.tokenizer), files.notes))
-    template = recipe_template(plan.chat_template, (model_folder(p) for p in plan.template_models), files.notes)
+    files.copied.update(tokenizer_files(plan.folder(plan.tokenizer), files.notes))
+    template = recipe_template(plan.chat_template, (plan.folder(p) for p in plan.template_models), files.notes)
     if template is not None:  # the one template the folder holds, where transformers 5 saves it (as mergekit)
         files.copied.pop("chat_template.json", None)
         files.copied.pop("chat_template.jinja", None)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -40,11 +41,12 @@ from typing import Any
 from ...dtypes import CAST_TARGETS, DType
 from ...errors import CkptError, UsageError
 from ...io import Checkpoint, TensorRef, open_checkpoint
+from ...io.formats import is_remote
 from ...io.model import Storage, computed_tensor, joined_tensor, mapped_range
 from ...io.write import check_parent
 from .. import methods
 from ..methods import MergeMethod, Parameter
-from ..model_folder import FolderFiles, FolderPlan, folder_files, model_folder, read_config, write_folder_files
+from ..model_folder import FolderFiles, FolderPlan, folder_files, folder_of, read_config, write_folder_files
 from ..options import WriteOptions, check_write_options
 from ..recipes import ModelRef, Planned, Recipe, RecipePlan, Role, Source, plan_lines, plan_recipe
 from ..recipes import TokenizerKind, refuse_unknown_parameters
@@ -81,17 +83,18 @@ def merge_recipe(recipe: str | os.PathLike | Recipe, write: WriteOptions, *,
     _not_an_input(recipe, folder or write.output)
     with ExitStack() as stack:
         opened = _open_models(recipe, stack)
+        fetched = _fetched_folders(recipe, opened, stack)
         keys = {m: {k: t.shape for k, t in tensors.items()} for m, (_, tensors) in opened.items()}
         plan = plan_recipe(recipe, keys, layer_pattern, {k: _coercion(p) for k, p in names.items()})
         cast = _written_dtype(recipe)
-        aligned = _alignment(recipe, opened)
+        aligned = _alignment(recipe, opened, fetched)
         built = build_tensors(plan, {m: tensors for m, (_, tensors) in opened.items()}, method, names,
                               _working(recipe), cast, aligned or _fits_vocabulary(recipe))
         inputs = [c for c, _ in opened.values()]
         if folder is None:
             written, extra = write_checkpoint(built.tensors, write, cast=cast, inputs=inputs), None
         else:
-            files = folder_files(_folder_plan(recipe, plan, keys, layer_pattern, text, built))
+            files = folder_files(_folder_plan(recipe, plan, keys, layer_pattern, text, built, fetched))
             written, extra = _write_folder(folder, built.tensors, write, cast, inputs, files), files
     return RecipeReport.extend(
         written, input=None, mode="recipe", sources=[str(m) for m in recipe.referenced_models()], recipe=where,
@@ -162,7 +165,7 @@ def _fits_vocabulary(recipe: Recipe) -> bool:
     return source is not None and (source.kind == TokenizerKind.BASE or source.model == reference)
 
 
-def _alignment(recipe: Recipe, opened: dict) -> Alignment | None:
+def _alignment(recipe: Recipe, opened: dict, fetched: dict[str, str]) -> Alignment | None:
     """The recipe's models aligned by token string to its tokenizer source's vocabulary, when
     every one of them and the source have a tokenizer.json (mergekit aligns whenever a
     tokenizer_source is set). Without them: None (`base`: rows fitted by token id), refused when
@@ -171,7 +174,7 @@ def _alignment(recipe: Recipe, opened: dict) -> Alignment | None:
         return None
     reference = recipe.base_model or _first_model(recipe)
     source = recipe.tokenizer_source.model or reference
-    folders = {m: model_folder(m.path) for m in dict.fromkeys([*opened, source])}
+    folders = {m: folder_of(m.path, fetched) for m in dict.fromkeys([*opened, source])}
     configs = {m: read_config(f) if f else None for m, f in folders.items()}
     lacking = [m for m, f in folders.items() if f is None or not os.path.isfile(os.path.join(f, TOKENIZER_JSON))]
     if lacking:
@@ -208,18 +211,48 @@ def _open_models(recipe: Recipe, stack: ExitStack) -> dict[ModelRef, tuple[Check
     merged = {e.model for e in recipe.models or ()} | {s.model for p in recipe.slices or () for s in p.sources}
     for model in recipe.referenced_models():
         if model == tokenizer and model not in merged and model != recipe.base_model:
-            if not os.path.isdir(model.path):  # only its files are copied: a folder, not opened
+            if not (os.path.isdir(model.path) or _repository(model.path)):  # only its files are copied
                 raise CkptError(f"{model.path}: no such folder (the recipe's tokenizer_source)")
             continue
-        if not os.path.exists(model.path):
+        if not (os.path.exists(model.path) or is_remote(model.path)):
             raise CkptError(f"{model.path}: no such file or folder (a model of the recipe; paths are relative to "
-                            f"the current folder)")
+                            f"the current folder; a model on the Hub is hf://ORG/REPO)")
         ckpt = stack.enter_context(open_checkpoint(model.path))
         tensors = dict(ckpt.tensors)
         if model.lora is not None:
             tensors = _folded(ckpt, model.lora, stack)
         opened[model] = (ckpt, tensors)
     return opened
+
+
+def _repository(path: str) -> bool:
+    """Whether `path` names a whole repository on the Hub (`hf://ORG/REPO[@REV]`): a model folder."""
+    if not is_remote(path):
+        return False
+    from ...io.remote import repository_of
+
+    return repository_of(path) is not None
+
+
+def _fetched_folders(recipe: Recipe, opened: dict, stack: ExitStack) -> dict[str, str]:
+    """Where the files of each `hf://` repository the recipe names lie here: its config.json and
+    tokenizer files, fetched into a temporary folder of its own at the commit its weights were
+    read at, so that the output's files, the chat template and the vocabularies are read from it
+    as from a local model's folder. path -> folder."""
+    from ...io.remote import commit_of, repository_files
+    from ..model_folder import CONFIG, MAX_FETCHED, TOKENIZER_FILES
+
+    folders: dict[str, str] = {}
+    for model in recipe.referenced_models():
+        if model.path in folders or not _repository(model.path):
+            continue
+        ckpt = opened[model][0] if model in opened else None
+        found = repository_files(model.path, [CONFIG, *TOKENIZER_FILES], MAX_FETCHED, ckpt and commit_of(ckpt))
+        folder = folders[model.path] = stack.enter_context(tempfile.TemporaryDirectory(prefix="ckptsurgery-hub-"))
+        for name, raw in found.items():
+            with open(os.path.join(folder, name), "xb") as f:
+                f.write(raw)
+    return folders
 
 
 def _folded(ckpt: Checkpoint, adapter: str, stack: ExitStack) -> dict[str, TensorRef]:
@@ -498,7 +531,7 @@ def _not_an_input(recipe: Recipe, output: str) -> None:
     a file inside one."""
     out = os.path.realpath(output.rstrip("/" + os.sep) or output)
     for model in recipe.referenced_models():
-        for path in filter(None, (model.path, model.lora)):
+        for path in filter(lambda p: p and not is_remote(p), (model.path, model.lora)):
             real = os.path.realpath(path)
             inside = os.path.isdir(real) and out.startswith(real + os.sep)
             if real == out or real.startswith(out + os.sep) or inside:
@@ -506,7 +539,7 @@ def _not_an_input(recipe: Recipe, output: str) -> None:
 
 
 def _folder_plan(recipe: Recipe, plan: RecipePlan, keys: dict, pattern: str | None, text: str | None,
-                 built: Built) -> FolderPlan:
+                 built: Built, fetched: dict[str, str]) -> FolderPlan:
     reference = plan.reference
     reference_layers = layer_scheme(keys[reference], str(reference), pattern).count if plan.layers else 0
     if recipe.slices is not None:
@@ -522,7 +555,8 @@ def _folder_plan(recipe: Recipe, plan: RecipePlan, keys: dict, pattern: str | No
         layers_from=tuple(layers_from), dtype=dtype.name if dtype else (dtypes.pop() if len(dtypes) == 1 else None),
         tokenizer=(tokenizer or recipe.base_model or _first_model(recipe)).path, chat_template=recipe.chat_template,
         recipe_text=text, method=recipe.merge_method, models=tuple(models), base=_shown(recipe.base_model),
-        template_models=tuple(m.path for m in template_models(recipe)), vocab_size=built.vocab_size)
+        template_models=tuple(m.path for m in template_models(recipe)), vocab_size=built.vocab_size,
+        fetched=fetched)
 
 
 def _first_model(recipe: Recipe) -> ModelRef:

@@ -9,9 +9,10 @@ What is read, as mergekit's `MergeConfiguration` reads it: `models:` (each `mode
 Where we are stricter than mergekit (pydantic ignores keys it does not know): a key that is not
 part of the schema is refused, named with where it is (`slices[0].sources[1]: unknown key
 'modle'`), because an ignored misspelling (`filter` written `pattern`, as mergekit's older
-examples did) silently merges something else. What mergekit has but we do not do yet
-(`modules:`, `tokenizer:`, `tokenizer_source: union`, hub revisions `model@rev`) is refused with
-one line saying so. Parameter *names* are not checked here: which ones a method takes is the
+examples did) silently merges something else. A model on the Hub is written `hf://ORG/REPO[@REV]`
+(mergekit's bare `ORG/REPO@REV` is refused, saying so: a path that does not exist here is never
+fetched unasked). What mergekit has but we do not do yet (`modules:`, `tokenizer:`,
+`tokenizer_source: union`) is refused with one line saying so. Parameter *names* are not checked here: which ones a method takes is the
 method's business (the registry in ops/methods).
 
 A recipe file is bounded (MAX_BYTES) and so is what it expands to (MAX_VALUES values: YAML
@@ -444,9 +445,9 @@ def _path(text: str, where: str, at: str) -> str:
         raise UsageError(f"{where}: {at}: an empty path")
     if "\0" in text:  # no file has one: os.stat refused it in the catch-all
         raise UsageError(f"{where}: {at} {text!r}: a path with a NUL character")
-    if "@" in text:  # mergekit's hub revision (`repo@rev`)
-        raise UsageError(f"{where}: {at} {text!r}: `@revision` names a hub revision; ckptsurgery reads local paths "
-                         f"(download the revision first)")
+    if "@" in text and not text.startswith("hf://"):  # mergekit's hub revision (`repo@rev`)
+        raise UsageError(f"{where}: {at} {text!r}: `@revision` names a hub revision; write the model as "
+                         f"hf://ORG/REPO@REVISION (or give a local path)")
     return text
 
 
