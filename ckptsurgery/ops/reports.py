@@ -9,6 +9,7 @@ merge's tensors note about themselves is read from them afterwards)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from abc import abstractmethod
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -27,8 +28,9 @@ class Records(Sequence):
     Equal to the list of them, and made into it by `to_json()`. A subclass says how many
     (`__len__`) and makes record `i` (`record`)."""
 
+    @abstractmethod
     def record(self, i: int) -> dict:
-        raise NotImplementedError
+        """Record i (0 ≤ i < len): a fresh dict each time it is read."""
 
     def __getitem__(self, i):
         if isinstance(i, slice):
