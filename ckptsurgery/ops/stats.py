@@ -115,8 +115,8 @@ def _mapped_moments(t: TensorRef, source, first: int, begin: int, end: int) -> M
     """Elements [begin, end) of a tensor whose bytes lie in order from `first` in `source`."""
     import numpy as np
 
-    from .methods import decode
-
+    if t.dtype.name == "bfloat16":  # the method registry's codec, imported only then (it costs start-up)
+        from .methods import decode
     moments, size, name = Moments(), t.dtype.itemsize, t.dtype.name
     floating = t.dtype.floating
     # float64 in a buffer reused by every chunk (a fresh array each chunk cost ~15% more)
