@@ -14,7 +14,7 @@ from typing import Any, BinaryIO
 from ..dtypes import DType
 from ..errors import CkptError
 from .formats import Format
-from .model import INT64_MAX, Checkpoint, MappedFile, Storage, TensorRef
+from .model import INT64_MAX, Checkpoint, MappedFile, Storage, TensorRef, collection_paused
 from .pickled import Global, GlobalKind, InertGlobal
 from .pickler import PickleRefused, TorchPickler
 from .tensors import cast_bytes
@@ -206,7 +206,11 @@ def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Prog
         return key, "torch.storage", "UntypedStorage", _written_size(storage, read_as, write_as), t.dtype
 
     pickler = TorchPickler(storage_record)
-    data_pkl = pickler.dumps(obj)
+    # 200 000 tensors: as many records and memo entries made and kept, which the collector would
+    # rescan again and again for nothing (see collection_paused). Not the bytes' writing below: a
+    # computed tensor (a merge's) is computed there, and whatever garbage it leaves is collected
+    with collection_paused():
+        data_pkl = pickler.dumps(obj)
     if inputs is not None:
         check_not_more_executable(pickler.events, inputs)
     archive = ZipWriter(f)

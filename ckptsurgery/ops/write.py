@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .. import core
 from ..dtypes import DType
 from ..errors import CkptError, UsageError
-from ..io import Checkpoint, TensorRef
+from ..io import Checkpoint, TensorRef, collection_paused
 from ..io.formats import BY_OPTION, OutputFormat
 from ..io.pickled import inert_names
 from ..io.pickler import PickleRefused
@@ -487,7 +487,8 @@ def write_checkpoint(tensors: dict[str, TensorRef], options: WriteOptions, *, so
     if fmt is OutputFormat.DCP:
         return _write_dcp(origin, tensors, options, cast, others, jobs, metadata_report)
     inputs = ([] if source is None else [source]) if inputs is None else inputs
-    plan = _FilePlan(origin, tensors, options, fmt, cast, shards)
+    with collection_paused():  # a tuple or two per tensor, kept: see collection_paused
+        plan = _FilePlan(origin, tensors, options, fmt, cast, shards)
     # an earlier sharded output named after OUT: its shards that this write does not replace go
     index = options.output + ".index.json"
     # a dry run replaces nothing: what a real run would need --force for, it reports
