@@ -12,7 +12,9 @@ from typing import Any, BinaryIO
 from .. import dtypes
 from ..errors import CkptError
 from .formats import Format
-from .model import INT64_MAX, Checkpoint, MappedFile, Storage, TensorRef, check_key, contiguous_strides, numel_of
+from .model import (
+    INT64_MAX, Checkpoint, MappedFile, Storage, TensorRef, check_key, collection_paused, contiguous_strides, numel_of,
+)
 from .write import Progress, plan_safetensors, write_tensors
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit (bytes): it refuses a longer header
@@ -231,17 +233,18 @@ def write_safetensors(f: BinaryIO, tensors: dict[str, TensorRef], metadata: dict
     meta["format"] = "pt"
     if aliases:
         meta[ALIASES_KEY] = json.dumps(aliases, separators=(",", ":"), ensure_ascii=False)
-    header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
-    offset, layouts = 0, {}  # (dtype name, shape) -> (code, shape as written, bytes): a few, repeated
-    for name, t, dtype in stored:
-        layout = layouts.get((dtype.name, t.shape))
-        if layout is None:
-            layout = layouts[(dtype.name, t.shape)] = (dtype.safetensors, safetensors_shape(dtype, t.shape),
-                                                  numel_of(t.shape) * dtype.itemsize)
-        code, shape, size = layout
-        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    with collection_paused():  # a dict and a list per tensor, kept until dumped: see collection_paused
+        header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
+        offset, layouts = 0, {}  # (dtype name, shape) -> (code, shape as written, bytes): a few, repeated
+        for name, t, dtype in stored:
+            layout = layouts.get((dtype.name, t.shape))
+            if layout is None:
+                layout = layouts[(dtype.name, t.shape)] = (dtype.safetensors, safetensors_shape(dtype, t.shape),
+                                                      numel_of(t.shape) * dtype.itemsize)
+            code, shape, size = layout
+            header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * ((-len(raw)) % 8)  # the library pads the header to 8 bytes
     if len(raw) > MAX_HEADER:  # safetensors would refuse the file ("header too large"); nothing is kept
         raise CkptError(f"the safetensors header would be {len(raw):,} bytes, more than the {MAX_HEADER:,} "
