@@ -38,11 +38,11 @@ def test_a_small_record_past_4_gb_has_a_zip64_central_entry():
     writer = ZipWriter(io.BytesIO())
     writer._offset = 2**32 + 7  # as if 4 GB had been written before it
     writer.add_small([("archive/data/9", b"abcd")])
-    entry = writer._directory[-1]
+    entry = bytes(writer._directory)
     assert entry == zipwriter._central_entry(b"archive/data/9", zipwriter.zlib.crc32(b"abcd"), 4, 2**32 + 7)
     assert struct.unpack_from("<H", entry, 6) == (45,)  # the version needed: zip64
     assert struct.unpack_from("<I", entry, 42) == (0xFFFFFFFF,)  # the offset is in the extra field
     assert entry.endswith(struct.pack("<HHQQQ", 1, 24, 4, 4, 2**32 + 7))
     below = ZipWriter(io.BytesIO())
     below.add_small([("archive/data/9", b"abcd")])
-    assert below._directory[-1] == zipwriter._central_entry(b"archive/data/9", zipwriter.zlib.crc32(b"abcd"), 4, 0)
+    assert below._directory == zipwriter._central_entry(b"archive/data/9", zipwriter.zlib.crc32(b"abcd"), 4, 0)

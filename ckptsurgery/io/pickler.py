@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
+from itertools import islice
 from typing import Any, Callable
 
 from ..dtypes import QUANTIZED, DType
@@ -164,11 +165,11 @@ class TorchPickler:
             self._out += b"e"
 
     def _setitems(self, pairs) -> None:
-        pairs = list(pairs)
         out, memo = self._out, self._memo
-        for start in range(0, len(pairs), _BATCH):
+        pairs = iter(pairs)
+        while batch := list(islice(pairs, _BATCH)):  # not 200 000 pairs listed at once
             out += b"("
-            for key, value in pairs[start : start + _BATCH]:
+            for key, value in batch:
                 # a state dict's names and tensors: the common case, without the dispatch
                 if type(key) is str:
                     out += _str_op(key)

@@ -174,6 +174,7 @@ def load_torch_zip(source: MappedFile, start: int, length: int, where: str, repe
 # ---- writing ---------------------------------------------------------------------------------
 
 ARCHIVE = "archive"  # the inner folder's name; torch.save would use the output's file name
+SMALL_BATCH = 1000  # small storages handed to the zip writer at once
 
 
 def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Progress | None = None,
@@ -231,6 +232,9 @@ def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Prog
             else:
                 view = storage.view()  # (and its errors)
             small.append((f"{ARCHIVE}/data/{key}", view))
+            if len(small) == SMALL_BATCH:  # not a name and a view held for each of 200 000 storages
+                archive.add_small(small)
+                small.clear()
             if progress:
                 progress(storage.nbytes)
             continue

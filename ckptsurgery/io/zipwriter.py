@@ -49,7 +49,10 @@ class ZipWriter:
         self._f = f
         self._base = f.tell()
         self._offset = 0  # where the next record starts, from _base
-        self._directory: list[bytes] = []  # each record's central directory entry, made once its crc is known
+        # the central directory, an entry added as each record's crc is known: one buffer, not an
+        # object kept per record (a state dict may hold 200 000)
+        self._directory = bytearray()
+        self._count = 0
 
     def add(self, name: str, chunks: Iterable[bytes | memoryview], size: int) -> None:
         """Write one record of `size` bytes, streamed from `chunks`. The header holds the
@@ -73,7 +76,8 @@ class ZipWriter:
         f.seek(self._base + offset + 14)
         f.write(struct.pack("<I", crc))
         f.seek(self._base + self._offset)
-        self._directory.append(_central_entry(raw_name, crc, size, offset))
+        self._directory += _central_entry(raw_name, crc, size, offset)
+        self._count += 1
 
     def _header(self, raw_name: bytes, size: int, crc: int) -> bytes:
         """A record's local header, padded so that its data starts 64-byte aligned; counted."""
@@ -91,7 +95,8 @@ class ZipWriter:
         """Write one record whose bytes are at hand."""
         raw_name, size, crc, offset = name.encode("utf-8"), len(data), zlib.crc32(data), self._offset
         header = self._header(raw_name, size, crc)
-        self._directory.append(_central_entry(raw_name, crc, size, offset))
+        self._directory += _central_entry(raw_name, crc, size, offset)
+        self._count += 1
         self._offset += size
         self._f.write(header + data if size < 4096 else header)  # a small record: one write
         if size >= 4096:
@@ -101,6 +106,7 @@ class ZipWriter:
         """Write records whose bytes are at hand and small (SMALL_RECORD at most): what add_bytes
         writes for each, in one loop and a write per megabyte (a state dict may hold 200 000)."""
         pending, directory, offset, flushed = [], self._directory, self._offset, self._offset
+        count = self._count
         for name, data in records:
             raw_name, size, crc = name.encode("utf-8"), len(data), zlib.crc32(data)
             length = len(raw_name)
@@ -108,20 +114,21 @@ class ZipWriter:
             pending += (_PLAIN_LOCAL.pack(_PLAIN_LOCAL_FIXED, crc, size, size, length, len(extra)), raw_name, extra,
                         data)
             # _central_entry's plain case, written out: a call per record costs more than the rest
-            directory.append(_PLAIN_CENTRAL.pack(_PLAIN_CENTRAL_FIXED, crc, size, size, length, offset) + raw_name
-                             if offset < _U32 else _central_entry(raw_name, crc, size, offset))
+            directory += (_PLAIN_CENTRAL.pack(_PLAIN_CENTRAL_FIXED, crc, size, size, length, offset) + raw_name
+                          if offset < _U32 else _central_entry(raw_name, crc, size, offset))
+            count += 1
             offset += 30 + length + len(extra) + size
             if offset - flushed >= SMALL_RECORD:  # joined a megabyte at a time
                 self._f.write(b"".join(pending))
                 pending.clear()
                 flushed = offset
         self._f.write(b"".join(pending))
-        self._offset = offset
+        self._offset, self._count = offset, count
 
     def close(self) -> None:
-        start, directory, f = self._offset, self._directory, self._f
-        f.write(b"".join(directory))
-        cd_size, count = sum(map(len, directory)), len(directory)
+        start, directory, count, f = self._offset, self._directory, self._count, self._f
+        f.write(directory)
+        cd_size = len(directory)
         end = start + cd_size
         if count >= 0xFFFF or start >= _U32 or cd_size >= _U32:
             f.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 0x031E, 45, 0, 0, count, count, cd_size, start))
