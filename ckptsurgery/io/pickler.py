@@ -75,7 +75,8 @@ class TorchPickler:
         self._plain_pieces: dict[tuple, tuple[bytes, bytes]] = {}  # see _plain_tensor
         self.events: list = []  # the placeholders imported (first time) and called, in write order
 
-    def dumps(self, obj: Any) -> bytes:
+    def dumps(self, obj: Any) -> bytearray:
+        """The pickle of `obj`: the pickler's own buffer, not a copy (200 000 tensors: 32 MB)."""
         self._out += b"\x80\x02"
         try:
             self._save(obj)
@@ -84,7 +85,7 @@ class TorchPickler:
         except CkptError as e:
             raise PickleRefused(str(e)) from None
         self._out += b"."
-        return bytes(self._out)
+        return self._out
 
     # -- helpers -------------------------------------------------------------------------------
     def _global(self, module: str, name: str) -> None:

@@ -186,18 +186,19 @@ def write_torch(f: BinaryIO, obj: Any, cast: DType | None = None, progress: Prog
     outside it (an optimizer's step counts). `inputs`: each input's placeholder events — see
     `check_not_more_executable`. Returns the placeholder events the archive holds, in order."""
     castable = castable_storages(cast_only or {}) if cast else set()
-    # id(storage) -> (storage, key, dtype read, dtype written, its record when a typed storage)
-    storages: dict[int, tuple[Storage, str, DType, DType, tuple | None]] = {}
+    # storage (hashed by identity: no id() made per storage) -> (storage, key, dtype read, dtype
+    # written, its record when a typed storage)
+    storages: dict[Storage, tuple[Storage, str, DType, DType, tuple | None]] = {}
 
     def storage_record(t: TensorRef) -> tuple[str, str, str, int, DType]:
-        entry = storages.get(id(t.storage))
+        entry = storages.get(t.storage)
         if entry is None:
             storage, key = t.storage, str(len(storages))
             written = cast_target(t.dtype, cast) if id(storage) in castable else t.dtype
             typed = None  # a typed storage's record: the same for every tensor viewing it, made once
             if written.storage:
                 typed = key, "torch", written.storage, storage.nbytes // t.dtype.itemsize, written
-            entry = storages[id(storage)] = (storage, key, t.dtype, written, typed)
+            entry = storages[storage] = (storage, key, t.dtype, written, typed)
         storage, key, read_as, write_as, typed = entry
         if read_as is not t.dtype and (write_as is not read_as or read_as.storage or t.dtype.storage):
             raise CkptError(f"storage {storage.key[:40]!r} is viewed as both {read_as.name} and {t.dtype.name}: "
