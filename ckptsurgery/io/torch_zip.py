@@ -310,6 +310,8 @@ def torch_payload(checkpoint, tensors: dict[str, TensorRef], keep_metadata: bool
     dict's `_metadata` (module versions by module name) — wrong once keys are renamed."""
     others = checkpoint.others if others is None else others
     obj, root = checkpoint.obj, checkpoint.root
+    if obj is None and not others and type(tensors) is OrderedDict and not vars(tensors):
+        return tensors  # nothing around it or beside it (a .safetensors input): as it is, not copied
     original = obj if root == "" else obj.get(root) if type(obj) in (dict, OrderedDict) and root else None
     state = OrderedDict()
     if others and type(original) in (dict, OrderedDict):
