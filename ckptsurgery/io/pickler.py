@@ -26,6 +26,7 @@ from .pickled import Device, Global, How, InertGlobal, InertObject, PickledSet, 
 from .unpickler import is_dotted_name
 
 _BATCH = 1000
+_LAYOUTS_KEPT = 4096  # the plain tensors' layouts whose opcodes are kept (see _plain_tensor)
 
 # storage_record(tensor) -> (key, storage module, storage class, element count, dtype written)
 StorageRecord = Callable[[TensorRef], "tuple[str, str, str, int, DType]"]
@@ -301,7 +302,9 @@ class TorchPickler:
                   tensor.plain_grad)
         pieces = self._plain_pieces.get(layout)
         if pieces is None:
-            pieces = self._plain_pieces[layout] = self._plain_layout(*layout)
+            pieces = self._plain_layout(*layout)
+            if len(self._plain_pieces) < _LAYOUTS_KEPT:  # views at many offsets of one storage: not one kept each
+                self._plain_pieces[layout] = pieces
         before, after = pieces
         index = len(self._memo)
         self._memo[id(tensor)] = index
