@@ -101,7 +101,7 @@ def _mapped_stats_doc(cli, path, monkeypatch, jobs):
     stats = importlib.import_module("ckptsurgery.ops.stats")
     monkeypatch.setattr(stats, "_CHUNK", 5)  # many chunks and segments: the merged moments must still be right
     monkeypatch.setattr(stats, "_SEGMENT", 15)
-    monkeypatch.setattr(importlib.import_module("ckptsurgery.ops.write"), "default_jobs", lambda: jobs)
+    monkeypatch.setattr(importlib.import_module("ckptsurgery.ops.options"), "default_jobs", lambda: jobs)
     return {t["name"]: t for t in cli("inspect", path, "--stats", "--json").json()["tensors"]}
 
 

@@ -208,7 +208,7 @@ def test_a_failing_shard_stops_the_others_and_leaves_nothing(cli, tmp_path, name
 
 
 def test_default_jobs_follow_the_cores_shared_by_local_ranks():
-    from ckptsurgery.ops.write import MAX_DEFAULT_JOBS, default_jobs
+    from ckptsurgery.ops.options import MAX_DEFAULT_JOBS, default_jobs
 
     cores = len(os.sched_getaffinity(0))
     assert default_jobs({}) == max(1, min(MAX_DEFAULT_JOBS, cores))

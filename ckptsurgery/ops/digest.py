@@ -75,7 +75,7 @@ def fingerprint(hashes: dict[str, str]) -> str:
 def hashes_of(tensors: dict[str, TensorRef], progress=None, jobs: int | None = None) -> dict[str, str]:
     """Every tensor's hash, each distinct view hashed once (tied names share it), `jobs` at a
     time (default: one per core, at most 4): hashlib releases the GIL while it hashes."""
-    from .write import default_jobs
+    from .options import default_jobs
 
     views: dict[tuple, TensorRef] = {}
     for t in tensors.values():

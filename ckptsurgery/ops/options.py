@@ -15,6 +15,22 @@ if TYPE_CHECKING:
     from ..dtypes import DType
     from .ranks import Ranks
 
+MAX_DEFAULT_JOBS = 4  # more threads than this only add tensors in flight and seeks on one disk
+
+
+def default_jobs(environ=os.environ) -> int:
+    """Shards written at once when --jobs is not given (and threads of --stats and --hash): one per core this process may use (a
+    torchrun job's ranks on one machine share them), at most MAX_DEFAULT_JOBS. Measured in
+    docs/performance.md ("Many shards"): writing .pth shards (a CRC-32 of every byte) scales with
+    the cores, safetensors shards (kernel copies) gain a little, more threads than cores lose."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        ranks_here = max(1, int(environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        ranks_here = 1
+    return max(1, min(MAX_DEFAULT_JOBS, cores // ranks_here))
+
+
 # progress(total_bytes, label) -> advance(n_bytes): how the CLI shows a bar; None shows none
 ProgressFactory = Callable[[int, str], Callable[[int], None]]
 
@@ -57,7 +73,7 @@ class WriteOptions:
         dry_run: plan and report; write nothing.
         max_shard_size: write Hugging Face-style shards of at most this size ("2GB", "500MiB"
             or a number of bytes) and an index.
-        jobs: shards written at once (sharded outputs only; default: see ops.write.default_jobs).
+        jobs: shards written at once (sharded outputs only; default: see ops.options.default_jobs).
         metadata: entries set in a .safetensors output's metadata (the input's are kept otherwise).
         no_metadata: keep none of the input's metadata.
         progress: how to show progress (see ProgressFactory); None shows none.

@@ -65,7 +65,7 @@ def tensor_stats(t: TensorRef) -> dict:
 def each_stats(tensors: list[TensorRef]) -> Iterator[dict]:
     """tensor_stats of each, in order, their segments spread over the cores (at most 4): numpy and
     torch release the GIL while they go over the values."""
-    from .write import default_jobs
+    from .options import default_jobs
 
     tasks = [(i, task) for i, t in enumerate(tensors) for task in _tasks(t)]
     jobs = min(default_jobs(), len(tasks))

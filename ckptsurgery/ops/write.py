@@ -29,7 +29,7 @@ from ..io.torch_zip import castable_storages, torch_payload, write_torch
 from ..io.write import (
     StagedOutputs, cast_target, check_writable, output_format, plan_safetensors, plan_shards, shard_names,
 )
-from .options import WriteOptions, check_write_options
+from .options import WriteOptions, check_write_options, default_jobs
 from .ranks import Ranks
 from .reports import WriteReport
 
@@ -132,22 +132,6 @@ def _plan_metadata(options: WriteOptions, holds: bool, source: "_Source", cast: 
     shown = None if meta is None else dict(sorted({**meta, core.METADATA_FORMAT_KEY: "pt"}.items()))
     not_text = [k for k in dropped if not isinstance(kept[k], str)] if meta is not None else []
     return meta, {"metadata": shown, "metadata_dropped": dropped, "metadata_not_text": not_text or None}
-
-
-MAX_DEFAULT_JOBS = 4  # more threads than this only add tensors in flight and seeks on one disk
-
-
-def default_jobs(environ=os.environ) -> int:
-    """Shards written at once when --jobs is not given: one per core this process may use (a
-    torchrun job's ranks on one machine share them), at most MAX_DEFAULT_JOBS. Measured in
-    docs/performance.md ("Many shards"): writing .pth shards (a CRC-32 of every byte) scales with
-    the cores, safetensors shards (kernel copies) gain a little, more threads than cores lose."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        ranks_here = max(1, int(environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        ranks_here = 1
-    return max(1, min(MAX_DEFAULT_JOBS, cores // ranks_here))
 
 
 def _jobs(jobs: int | None, max_shard_size: int | None) -> int:
