@@ -37,10 +37,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr but errors.")]
 
 
-def _start_reading(inputs: list, allow_full_download: bool) -> None:
+def _start_reading(inputs: list, allow_full_download: bool, named_inside: bool = False) -> None:
     """Before a command opens its inputs: a fresh record of what remote inputs fetch, and whether
-    one may be downloaded whole. `--allow-full-download` without a remote input is refused."""
-    if not any(map(is_remote, inputs)):
+    one may be downloaded whole. `--allow-full-download` without a remote input is refused
+    (`named_inside`: inputs a file names, a recipe's models, may be remote: not read here)."""
+    if not named_inside and not any(map(is_remote, inputs)):
         if allow_full_download:
             from ..errors import UsageError
 
@@ -481,17 +482,19 @@ class InputOptions:
     read: ReadOptions
     allow_full_download: bool
 
-    def reading(self, *inputs: str | None, check: bool = True) -> ReadOptions:
+    def reading(self, *inputs: str | None, check: bool = True, named_inside: bool = False) -> ReadOptions:
         """Before the command opens `inputs` (None: an input not given): what does not apply is
         refused (--names hf without a GGUF input, --allow-full-download without a remote one;
         `check` False: checked already, for an earlier input of the same command), and a fresh
-        record of what remote inputs fetch starts. The ReadOptions to hand on."""
+        record of what remote inputs fetch starts (`named_inside`: its inputs are named in a file,
+        a recipe, read once by the operation — a pipe cannot be read twice). The ReadOptions to
+        hand on."""
         paths = [path for path in inputs if path is not None]
         if self.read.names == "hf" and check:
             from ..ops.gguf_names import check_inputs
 
             check_inputs(paths)
-        _start_reading(paths, self.allow_full_download)
+        _start_reading(paths, self.allow_full_download, named_inside)
         return self.read
 
 

@@ -86,7 +86,7 @@ def merge(
                "config": config, "layer_pattern": layer_pattern, "dequantize": inp.read.dequantize,
                "names": inp.read.names}
     options = {name: getattr(value, "value", value) for name, value in options.items()}  # choices as strings
-    inp.reading(*(sources or []), into, base, *_recipe_models(config))
+    inp.reading(*(sources or []), into, base, named_inside=config is not None)
     with out.writing() as write:
         report = ops.merge_checkpoints(sources or [], write, root=inp.root, **options)
     if out.json:
@@ -98,21 +98,6 @@ def merge(
     if isinstance(report, ops.IntoReport) and (out.dry_run or not out.quiet):
         _print_into_table(report, stderr=not out.dry_run)
     out.finish(report, _details(report))
-
-
-def _recipe_models(config: str | None) -> list[str]:
-    """The models a recipe names (a remote one starts the record of what is fetched); none when
-    the recipe cannot be read: the merge refuses it then, in its own words."""
-    if config is None:
-        return []
-    from ..errors import CkptError, UsageError
-    from ..ops.recipes.schema import read_recipe
-
-    try:
-        recipe, _ = read_recipe(config)
-    except (CkptError, UsageError):
-        return []
-    return [model.path for model in recipe.referenced_models()]
 
 
 def _details(report: ops.MergeReport) -> list[str]:
