@@ -1,7 +1,8 @@
 """merge --config RECIPE: a mergekit 0.1.5 recipe (ops/recipes) run streaming into a loadable folder.
 
 `merge_recipe` opens every model the recipe names (headers only; a `model+lora` one is its base
-with the adapter folded in as it is written, ops/adapters), plans the output (`plan_recipe`: per
+with the adapter folded in as it is written, ops/adapters; an `hf://ORG/REPO` one read by range
+requests, its config.json and tokenizer files fetched into a temporary folder), plans the output (`plan_recipe`: per
 output key, its sources and their resolved parameters), and makes each output key a tensor
 computed as the writer reads it:
 
