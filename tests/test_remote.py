@@ -490,3 +490,18 @@ def test_dequantize_of_a_remote_repository_to_a_folder_writes_the_folder_a_local
     assert revisions[0] == "main" and set(revisions[1:]) == {server.behaviour.hub_commit}
     assert json.loads(result.out)["model_folder"]["copied"] == ["generation_config.json", "modeling_x.py",
                                                                 "tokenizer.json"]
+
+
+def test_a_remote_config_naming_many_remote_code_modules_has_the_first_sixteen_fetched(cli, server, served, tmp_path):
+    _, root = served
+    release = root / "org" / "many-modules"
+    release.mkdir(parents=True, exist_ok=True)
+    save_file({"w": torch.ones(4)}, str(release / "model.safetensors"))
+    auto_map = {f"Auto{i}": f"mod{i}.X" for i in range(40)}
+    (release / "config.json").write_text(json.dumps({"auto_map": auto_map}))
+    result = cli("convert", "hf://org/many-modules", "-o", f"{tmp_path / 'out'}/", "--dequantize", "--json")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["model_folder"]["notes"] == [
+        "config.json names 40 remote code modules: the first 16 fetched, the others not"]
+    asked = {r[0].rsplit("/", 1)[1] for r in server.served.requests if "/mod" in r[0] and r[0].endswith(".py")}
+    assert asked == {f"mod{i}.py" for i in range(16)}

@@ -36,6 +36,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "generation_config.json")
 MAX_CONFIG = 16 << 20  # a config.json is a few KB
 MAX_FETCHED = 64 << 20  # a remote repository's tokenizer.json: tens of MB at most (Gemma's: 33 MB)
+MAX_MODULES, MAX_MODULE = 16, 8 << 20  # remote code fetched: DeepSeek-V3's is two files of ~100 KB
 # fields that count a model's layers, by family (the first that equals the reference's count wins)
 LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers", "n_layers_total")
 PER_LAYER_LISTS = ("layer_types",)  # lists with one entry per layer
@@ -280,8 +281,7 @@ def converted_folder_files(folder: str, dtype: str | None, dequantized: bool, co
     if is_remote(folder):
         from ..io.remote import repository_files
 
-        fetch = lambda names: repository_files(folder, names, MAX_FETCHED, commit)  # noqa: E731
-        fetched = fetch([CONFIG, *TOKENIZER_FILES])
+        fetched = repository_files(folder, [CONFIG, *TOKENIZER_FILES], MAX_FETCHED, commit)
         config = parse_config(f"{folder.rstrip('/')}/{CONFIG}", fetched.pop(CONFIG)) if CONFIG in fetched else None
     else:
         config = read_config(folder)
@@ -294,7 +294,11 @@ def converted_folder_files(folder: str, dtype: str | None, dequantized: bool, co
             files.config_changes["quantization_config"] = None
         files.made[CONFIG] = config_bytes(config)
         if is_remote(folder):
-            files.made.update(fetch(remote_code_names(config)))
+            modules = remote_code_names(config)
+            if len(modules) > MAX_MODULES:  # each is a request, held in memory: a config naming thousands is not a model's
+                files.notes.append(f"{CONFIG} names {len(modules)} remote code modules: the first {MAX_MODULES} "
+                                   f"fetched, the others not")
+            files.made.update(repository_files(folder, modules[:MAX_MODULES], MAX_MODULE, commit))
         else:
             files.copied.update(remote_code_files(folder, config, files.notes))
     if is_remote(folder):
