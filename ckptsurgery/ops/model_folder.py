@@ -120,7 +120,10 @@ def updated_config(config: dict, reference_layers: int, layers_from: Sequence[in
 
 def config_bytes(config: dict) -> bytes:
     """As transformers writes a config: two-space indents, keys in their order, a final newline."""
-    return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
+    try:
+        return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
+    except UnicodeEncodeError:  # a lone surrogate ("\udc80" is valid JSON): \u-escaped, the same JSON value
+        return (json.dumps(config, indent=2) + "\n").encode()
 
 
 def tokenizer_files(folder: str | None, notes: list[str]) -> dict[str, str]:
@@ -268,7 +271,9 @@ def remote_code_names(config: dict) -> list[str]:
         for ref in value if isinstance(value, list) else [value]:
             if isinstance(ref, str) and "--" not in ref and "." in ref:  # "repo--module.Class" lives in another repo
                 modules.append(ref.rsplit(".", 1)[0].replace(".", "/") + ".py")
-    return [name for name in dict.fromkeys(modules) if "/" not in name and not name.startswith(".")]
+    # printable: a lone surrogate or a NUL (valid in JSON) is no file's name, nor one a URL can hold
+    return [name for name in dict.fromkeys(modules) if "/" not in name and not name.startswith(".")
+            and name.isprintable()]
 
 
 def converted_folder_files(folder: str, dtype: str | None, dequantized: bool, commit: str | None = None) -> FolderFiles:

@@ -94,7 +94,8 @@ class Alignment:
     beyond: int = 0  # tokens of the source's tokenizer.json at or past its vocab_size (not in the output)
 
     def is_vocabulary(self, model: Any, t: TensorRef) -> bool:
-        return model in self.sizes and len(t.shape) >= 1 and t.shape[0] == self.sizes[model]
+        # > 0: a model of no tokens has no rows to permute (a tensor of no rows is no vocabulary's)
+        return model in self.sizes and len(t.shape) >= 1 and t.shape[0] == self.sizes[model] > 0
 
 
 def alignment(source: str, vocabularies: Mapping[Any, tuple[dict[str, int], int]],

@@ -1,0 +1,80 @@
+"""Hostile inputs to `convert hf://ORG/REPO -o DIR/ --dequantize`, recipes' `hf://` models and
+vocabulary alignment by token: each once fell through to the catch-all line
+("ckptsurgery: error: ValueError: ... (set CKPTSURGERY_DEBUG=1 ...)")."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from remote_server import RangeServer
+from safetensors.torch import save_file
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A stand-in Hub serving tmp_path/served (repositories at ORG/REPO), and that folder."""
+    root = tmp_path / "served"
+    root.mkdir()
+    with RangeServer(str(root)) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no-token-here"))
+        monkeypatch.setenv("CKPTSURGERY_HTTP_TIMEOUT", "5")
+        yield root
+
+
+def _no_catch_all(result) -> None:
+    assert "CKPTSURGERY_DEBUG" not in result.err and "Traceback" not in result.err, result.err
+
+
+def test_a_remote_config_naming_a_module_that_is_not_text_fetches_the_others(cli, hub, tmp_path):
+    """auto_map's "\\udc80mod.X" (a lone surrogate, valid in JSON) made a URL that cannot be
+    encoded: the whole convert fell through to the catch-all. Such a name is no file's."""
+    repo = hub / "org" / "surrogate"
+    repo.mkdir(parents=True)
+    save_file({"w": torch.ones(4)}, str(repo / "model.safetensors"))
+    (repo / "config.json").write_text('{"auto_map": {"AutoModel": "\\udc80mod.X", "AutoConfig": "modeling_x.C"}}')
+    (repo / "modeling_x.py").write_text("class C: pass\n")
+    out = tmp_path / "out"
+    result = cli("convert", "hf://org/surrogate", "-o", f"{out}/", "--dequantize")
+    _no_catch_all(result)
+    assert result.code == 0, result.err
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "modeling_x.py"]
+
+
+def test_a_config_holding_a_lone_surrogate_is_written_escaped(cli, hub, tmp_path):
+    """json.loads reads "\\udc80" into a string UTF-8 cannot encode: writing the updated
+    config.json fell through to the catch-all. It is written \\u-escaped: the same JSON value."""
+    config = '{"model_type": "x", "name": "a\\udc80b"}'
+    repo = hub / "org" / "surrogate-config"
+    repo.mkdir(parents=True)
+    save_file({"w": torch.ones(4)}, str(repo / "model.safetensors"))
+    (repo / "config.json").write_text(config)
+    for source in ("hf://org/surrogate-config", repo):
+        out = tmp_path / ("remote" if isinstance(source, str) else "local")
+        result = cli("convert", source, "-o", f"{out}/", "--dequantize")
+        _no_catch_all(result)
+        assert result.code == 0, result.err
+        written = json.loads((out / "config.json").read_text())
+        assert written["name"] == "a\udc80b"
+
+
+def test_models_of_empty_vocabularies_leave_their_tensors_of_no_rows_as_they_are(cli, tmp_path, monkeypatch):
+    """Two models whose tokenizer.json holds no token (and no vocab_size): each has a vocabulary
+    of 0 rows, so each tensor of 0 rows looked like a vocabulary tensor to align, and permuting it
+    raised in numpy (reshape of 0 rows) — the catch-all. A tensor of no rows is no vocabulary's."""
+    monkeypatch.chdir(tmp_path)
+    for name, tokens, rows in (("src", {"x": 0, "y": 1}, 2), ("e1", {}, 0), ("e2", {}, 0)):
+        os.mkdir(name)
+        save_file({"embed.weight": torch.ones(rows, 4), "layers.0.w": torch.ones(4, 4), "empty": torch.ones(0)},
+                  f"{name}/model.safetensors")
+        (tmp_path / name / "config.json").write_text(json.dumps({"num_hidden_layers": 1}))
+        (tmp_path / name / "tokenizer.json").write_text(json.dumps({"model": {"vocab": tokens}, "added_tokens": []}))
+    (tmp_path / "r.yml").write_text("models:\n  - model: e1\n  - model: e2\nmerge_method: linear\n"
+                                    "parameters: {weight: 0.5}\ntokenizer_source: src\n")
+    result = cli("merge", "--config", "r.yml", "-o", "out/")
+    _no_catch_all(result)
+    assert result.code == 0, result.err
