@@ -78,3 +78,27 @@ def test_models_of_empty_vocabularies_leave_their_tensors_of_no_rows_as_they_are
     result = cli("merge", "--config", "r.yml", "-o", "out/")
     _no_catch_all(result)
     assert result.code == 0, result.err
+
+
+@pytest.mark.parametrize("command", ["convert", "merge"])
+def test_a_config_json_linking_out_of_its_folder_is_refused_not_written_into_the_output(cli, tmp_path, monkeypatch,
+                                                                                        command):
+    """A model folder whose config.json links to a JSON file of secrets elsewhere (a registry
+    login, a cloud credential): the output — a folder made to be published — got that file's
+    content as its config.json. Links out of the folder are refused, as for the tokenizer's."""
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("home")
+    secret = '{"auths": {"registry.example": {"auth": "c2VjcmV0OnRva2Vu"}}}'
+    (tmp_path / "home" / "docker-config.json").write_text(secret)
+    for name in ("m1", "m2"):
+        os.mkdir(name)
+        save_file({"embed.weight": torch.ones(3, 2), "layers.0.w": torch.ones(2, 2)}, f"{name}/model.safetensors")
+        os.symlink("../home/docker-config.json", f"{name}/config.json")
+    (tmp_path / "r.yml").write_text("models:\n  - model: m1\n  - model: m2\nmerge_method: linear\n"
+                                    "parameters: {weight: 0.5}\n")
+    args = ("convert", "m1", "-o", "out/", "--dequantize") if command == "convert" else \
+        ("merge", "--config", "r.yml", "-o", "out/")
+    result = cli(*args)
+    _no_catch_all(result)
+    assert result.code == 1 and "links out of its folder" in result.err, result.err
+    assert not os.path.exists("out")

@@ -68,10 +68,14 @@ def model_folder(path: str) -> str | None:
 
 def read_config(folder: str) -> dict | None:
     """The folder's config.json as a mapping, None when it has none; a CkptError names a file
-    that is too large or not a JSON object."""
+    that is too large or not a JSON object, or that links out of the folder."""
     path = os.path.join(folder, CONFIG)
     if not os.path.isfile(path):
         return None
+    # it is written into an output made to be published: a link out of the folder (to
+    # ~/.docker/config.json, say) is refused, as the tokenizer's files are not copied (recipes/links.py)
+    if folder_file(folder, CONFIG, refused := []) is None:
+        raise CkptError(refused[0])
     return parse_config(path, read_small(path, MAX_CONFIG, f"larger than {MAX_CONFIG >> 20} MB; not a config.json"))
 
 
