@@ -102,3 +102,21 @@ def test_a_config_json_linking_out_of_its_folder_is_refused_not_written_into_the
     _no_catch_all(result)
     assert result.code == 1 and "links out of its folder" in result.err, result.err
     assert not os.path.exists("out")
+
+
+def test_a_config_vocab_size_that_is_a_list_is_compared_not_hashed(cli, tmp_path, monkeypatch):
+    """tokenizer_source naming another model, a model without tokenizer.json: the configs'
+    vocab_size values were put in a set, and a list ([2]) fell through to the catch-all
+    (unhashable type). It differs from the other model's 2: refused in one line."""
+    monkeypatch.chdir(tmp_path)
+    for name, size in (("src", 2), ("m1", [2]), ("m2", 2)):
+        os.mkdir(name)
+        save_file({"embed.weight": torch.ones(2, 4), "layers.0.w": torch.ones(4, 4)}, f"{name}/model.safetensors")
+        (tmp_path / name / "config.json").write_text(json.dumps({"num_hidden_layers": 1, "vocab_size": size}))
+        if name != "m1":
+            (tmp_path / name / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"x": 0, "y": 1}}}))
+    (tmp_path / "r.yml").write_text("models:\n  - model: m1\n  - model: m2\nmerge_method: linear\n"
+                                    "parameters: {weight: 0.5}\ntokenizer_source: src\n")
+    result = cli("merge", "--config", "r.yml", "-o", "out/")
+    _no_catch_all(result)
+    assert result.code == 1 and "m1: no tokenizer.json" in result.err, result.err

@@ -179,8 +179,9 @@ def _alignment(recipe: Recipe, opened: dict, fetched: dict[str, str]) -> Alignme
     configs = {m: read_config(f) if f else None for m, f in folders.items()}
     lacking = [m for m, f in folders.items() if f is None or not os.path.isfile(os.path.join(f, TOKENIZER_JSON))]
     if lacking:
-        sizes = {c.get("vocab_size") for c in configs.values() if c and "vocab_size" in c}
-        if source != reference and len(sizes) > 1:
+        # compared, not hashed: a config's vocab_size may be any JSON value (a list)
+        sizes = [c["vocab_size"] for c in configs.values() if c and "vocab_size" in c]
+        if source != reference and any(size != sizes[0] for size in sizes):
             raise CkptError(f"{lacking[0]}: no {TOKENIZER_JSON}, needed to align the models' vocabularies to "
                             f"{source}'s by token string (tokenizer_source: {source}); save its tokenizer there "
                             f"with transformers' save_pretrained, or use tokenizer_source: base")
