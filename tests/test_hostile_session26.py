@@ -120,3 +120,26 @@ def test_a_config_vocab_size_that_is_a_list_is_compared_not_hashed(cli, tmp_path
     result = cli("merge", "--config", "r.yml", "-o", "out/")
     _no_catch_all(result)
     assert result.code == 1 and "m1: no tokenizer.json" in result.err, result.err
+
+
+def test_a_repository_whose_every_tensor_is_dequantized_has_its_files_fetched_at_the_weights_commit(
+        cli, hub, tmp_path, monkeypatch):
+    """commit_of looked for the commit on the tensors' storages: once every tensor is dequantized
+    (computed), none lay on a remote file, and config.json, the tokenizer's files and the index
+    were fetched at the branch (`main`), which may have moved since the weights were read."""
+    repo = hub / "org" / "all-fp8"
+    repo.mkdir(parents=True)
+    g = torch.Generator().manual_seed(1)
+    save_file({"a.weight": (torch.randn(128, 128, generator=g) * 4).to(torch.float8_e4m3fn),
+               "a.weight_scale_inv": torch.rand(1, 1, generator=g) + 0.5}, str(repo / "model.safetensors"))
+    (repo / "config.json").write_text(json.dumps({"quantization_config": {"weight_block_size": [128, 128]}}))
+    (repo / "tokenizer.json").write_text('{"model": {"vocab": {}}}')
+    with RangeServer(str(hub)) as server:  # its own, to count the requests of this run alone
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        result = cli("convert", "hf://org/all-fp8", "-o", f"{tmp_path / 'out'}/", "--dequantize")
+        asked = [r[0].split("/resolve/")[1] for r in server.served.requests if "/resolve/" in r[0]]
+    assert result.code == 0, result.err
+    # the weights are looked for at the branch (the index first, absent); all else at their commit
+    assert [a for a in asked if not a.startswith(f"{server.behaviour.hub_commit}/")] == [
+        "main/model.safetensors.index.json", "main/model.safetensors"], asked
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors", "tokenizer.json"]

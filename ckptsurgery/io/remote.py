@@ -443,8 +443,9 @@ def repository_of(path: str) -> str | None:
 
 def commit_of(ckpt: Checkpoint) -> str | None:
     """The commit an `hf://` checkpoint's tensors were read at (None: not read from the Hub)."""
-    for t in ckpt.tensors.values():
-        source = getattr(t.storage, "source", None)
+    # its files first: once dequantized, every tensor may be computed, none on a RemoteFile
+    tensors = (getattr(t.storage, "source", None) for t in ckpt.tensors.values())
+    for source in (*ckpt.sources, *tensors):
         if isinstance(source, RemoteFile) and source.where.hub is not None and source.where.hub.commit:
             return source.where.hub.commit
     return None
