@@ -143,3 +143,19 @@ def test_a_repository_whose_every_tensor_is_dequantized_has_its_files_fetched_at
     assert [a for a in asked if not a.startswith(f"{server.behaviour.hub_commit}/")] == [
         "main/model.safetensors.index.json", "main/model.safetensors"], asked
     assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+def test_a_recipe_models_fetched_file_refused_names_its_repository(cli, hub, tmp_path, monkeypatch):
+    """A recipe's hf:// model whose config.json is not a JSON object: the refusal named
+    /tmp/ckptsurgery-hub-XXXX/config.json (a temporary folder, gone by then), not which model."""
+    monkeypatch.chdir(tmp_path)
+    for name, config in (("bad-config", "[1, 2]"), ("good", '{"num_hidden_layers": 1}')):
+        repo = hub / "org" / name
+        repo.mkdir(parents=True)
+        save_file({"embed.weight": torch.ones(3, 2), "layers.0.w": torch.ones(2, 2)}, str(repo / "model.safetensors"))
+        (repo / "config.json").write_text(config)
+    (tmp_path / "r.yml").write_text("models:\n  - model: hf://org/bad-config\n  - model: hf://org/good\n"
+                                    "merge_method: linear\nparameters: {weight: 0.5}\n")
+    result = cli("merge", "--config", "r.yml", "-o", "out/")
+    _no_catch_all(result)
+    assert result.code == 1 and "org--bad-config" in result.err and "not a JSON object" in result.err, result.err

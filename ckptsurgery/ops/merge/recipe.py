@@ -241,7 +241,7 @@ def _fetched_folders(recipe: Recipe, opened: dict, stack: ExitStack) -> dict[str
     tokenizer files, fetched into a temporary folder of its own at the commit its weights were
     read at, so that the output's files, the chat template and the vocabularies are read from it
     as from a local model's folder. path -> folder."""
-    from ...io.remote import commit_of, repository_files
+    from ...io.remote import commit_of, parse_hf, repository_files
     from ..model_folder import CONFIG, MAX_FETCHED, TOKENIZER_FILES
 
     folders: dict[str, str] = {}
@@ -250,7 +250,10 @@ def _fetched_folders(recipe: Recipe, opened: dict, stack: ExitStack) -> dict[str
             continue
         ckpt = opened[model][0] if model in opened else None
         found = repository_files(model.path, [CONFIG, *TOKENIZER_FILES], MAX_FETCHED, ckpt and commit_of(ckpt))
-        folder = folders[model.path] = stack.enter_context(tempfile.TemporaryDirectory(prefix="ckptsurgery-hub-"))
+        # named after the repository (as the hub cache's models--ORG--REPO): a refusal of one of its
+        # files (a config.json that is not JSON) names the folder, which must say whose file it is
+        named = f"ckptsurgery-hub-{parse_hf(model.path)[0].repo.replace('/', '--')}-"
+        folder = folders[model.path] = stack.enter_context(tempfile.TemporaryDirectory(prefix=named))
         for name, raw in found.items():
             with open(os.path.join(folder, name), "xb") as f:
                 f.write(raw)
