@@ -159,3 +159,20 @@ def test_a_recipe_models_fetched_file_refused_names_its_repository(cli, hub, tmp
     result = cli("merge", "--config", "r.yml", "-o", "out/")
     _no_catch_all(result)
     assert result.code == 1 and "org--bad-config" in result.err and "not a JSON object" in result.err, result.err
+
+
+def test_a_tokenizer_source_on_the_hub_holding_none_of_its_files_is_refused_by_name(cli, hub, tmp_path, monkeypatch):
+    """A mistyped `tokenizer_source: hf://org/typo` fetched nothing and said "no tokenizer.json", or
+    wrote a folder without a tokenizer."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "b"):
+        repo = hub / "org" / name
+        repo.mkdir(parents=True)
+        save_file({"embed.weight": torch.ones(3, 2), "layers.0.w": torch.ones(2, 2)}, str(repo / "model.safetensors"))
+        (repo / "config.json").write_text('{"num_hidden_layers": 1}')
+    (tmp_path / "r.yml").write_text("models:\n  - model: hf://org/a\n  - model: hf://org/b\nmerge_method: linear\n"
+                                    "parameters: {weight: 0.5}\ntokenizer_source: hf://org/typo\n")
+    result = cli("merge", "--config", "r.yml", "-o", "out/")
+    _no_catch_all(result)
+    assert result.code == 1 and "hf://org/typo: none of config.json" in result.err, result.err
+    assert not (tmp_path / "out").exists()

@@ -250,6 +250,9 @@ def _fetched_folders(recipe: Recipe, opened: dict, stack: ExitStack) -> dict[str
             continue
         ckpt = opened[model][0] if model in opened else None
         found = repository_files(model.path, [CONFIG, *TOKENIZER_FILES], MAX_FETCHED, ckpt and commit_of(ckpt))
+        if not found and ckpt is None:  # only its files are read: none at all is a name or revision that is wrong
+            raise CkptError(f"{model.path}: none of {CONFIG} and the tokenizer's files found there (the recipe's "
+                            f"tokenizer_source); check the repository's name and revision")
         # named after the repository (as the hub cache's models--ORG--REPO): a refusal of one of its
         # files (a config.json that is not JSON) names the folder, which must say whose file it is
         named = f"ckptsurgery-hub-{parse_hf(model.path)[0].repo.replace('/', '--')}-"
