@@ -153,6 +153,11 @@ class HubRepo:
         revision = self.commit or self.revision
         return f"{self.endpoint}/{self.repo}/resolve/{quote(revision, safe='')}/{quote(filename)}"
 
+    def location(self, filename: str, token: str | None) -> Location:
+        """One of its files, shown as hf://REPO/FILE, the token sent to the Hub's host alone."""
+        return Location(self.url(filename), f"hf://{self.repo}/{filename}", token, origin_of(self.endpoint), self,
+                        filename)
+
 
 def endpoint() -> str:
     """HF_ENDPOINT (default https://huggingface.co), checked to be an http(s) URL."""
@@ -424,8 +429,7 @@ def config_beside(path: str, limit: int, commit: str | None = None) -> tuple[str
     if path.startswith("hf://"):
         hub, filename = parse_hf(path)
         hub.commit = commit
-        name = posixpath.join(posixpath.dirname(filename or ""), "config.json")
-        where = Location(hub.url(name), f"hf://{hub.repo}/{name}", hub_token(), origin_of(hub.endpoint), hub, name)
+        where = hub.location(posixpath.join(posixpath.dirname(filename or ""), "config.json"), hub_token())
     else:
         where = sibling(Location(path, shown(path)), "config.json")
     try:
@@ -433,12 +437,6 @@ def config_beside(path: str, limit: int, commit: str | None = None) -> tuple[str
     except NotFound:
         return where.shown, None
     return where.shown, raw
-
-
-def repository_of(path: str) -> str | None:
-    """`hf://ORG/REPO[@REV]` naming a whole repository (its weights found by name): the repository
-    is a model folder, as a local folder is. None for a file (`hf://…/FILE`, a URL)."""
-    return path if path.startswith("hf://") and parse_hf(path)[1] is None else None
 
 
 def commit_of(ckpt: Checkpoint) -> str | None:
@@ -457,12 +455,11 @@ def repository_files(path: str, names: list[str], limit: int, commit: str | None
     the commit the first answer names; a name it lacks (404) is left out."""
     hub, _ = parse_hf(path)
     hub.commit = commit
-    token, origin = hub_token(), origin_of(hub.endpoint)
+    token = hub_token()
 
     def fetch(name: str) -> bytes | None:
-        where = Location(hub.url(name), f"hf://{hub.repo}/{name}", token, origin, hub, name)
         try:
-            return fetch_text(where, limit, f"a model's {name}")[0]
+            return fetch_text(hub.location(name, token), limit, f"a model's {name}")[0]
         except NotFound:
             return None
 

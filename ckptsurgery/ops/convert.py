@@ -101,9 +101,9 @@ def _model_folder_output(input: str, write: WriteOptions) -> str | None:
     if not write.output.endswith(("/", os.sep)) or write.format is not None:
         return None
     if is_remote(input):
-        from ..io.remote import repository_of
+        from .model_folder import is_repository
 
-        if repository_of(input) is None:  # a file of a repository, or a URL: its weights alone
+        if not is_repository(input):  # a file of a repository, or a URL: its weights alone
             return None
     elif not (os.path.isdir(input) and os.path.isfile(os.path.join(input, "config.json"))):
         return None

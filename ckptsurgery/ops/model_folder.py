@@ -66,6 +66,16 @@ def model_folder(path: str) -> str | None:
     return folder if os.path.isfile(os.path.join(folder, CONFIG)) else None
 
 
+def is_repository(path: str) -> bool:
+    """Whether `path` names a whole repository on the Hub (`hf://ORG/REPO[@REV]`, no file in it): a
+    model folder, as a local folder is; a file of one, or a URL, is a file."""
+    if not path.startswith("hf://"):
+        return False
+    from ..io.remote import parse_hf
+
+    return parse_hf(path)[1] is None
+
+
 def read_config(folder: str) -> dict | None:
     """The folder's config.json as a mapping, None when it has none; a CkptError names a file
     that is too large or not a JSON object, or that links out of the folder."""
@@ -286,8 +296,8 @@ def converted_folder_files(folder: str, dtype: str | None, dequantized: bool, co
     generation files, and the remote code modules its config names, copied. `folder` may be an
     `hf://` repository: its files are fetched (io/remote.py) at `commit`, the one its weights were
     read at."""
-    files = FolderFiles()
-    if is_remote(folder):
+    files, remote = FolderFiles(), is_remote(folder)
+    if remote:
         from ..io.remote import repository_files
 
         fetched = repository_files(folder, [CONFIG, *TOKENIZER_FILES], MAX_FETCHED, commit)
@@ -302,7 +312,7 @@ def converted_folder_files(folder: str, dtype: str | None, dequantized: bool, co
             del config["quantization_config"]
             files.config_changes["quantization_config"] = None
         files.made[CONFIG] = config_bytes(config)
-        if is_remote(folder):
+        if remote:
             modules = remote_code_names(config)
             if len(modules) > MAX_MODULES:  # each is a request, held in memory: a config naming thousands is not a model's
                 files.notes.append(f"{CONFIG} names {len(modules)} remote code modules: the first {MAX_MODULES} "
@@ -310,7 +320,7 @@ def converted_folder_files(folder: str, dtype: str | None, dequantized: bool, co
             files.made.update(repository_files(folder, modules[:MAX_MODULES], MAX_MODULE, commit))
         else:
             files.copied.update(remote_code_files(folder, config, files.notes))
-    if is_remote(folder):
+    if remote:
         files.made.update(fetched)
     else:
         files.copied.update(tokenizer_files(folder, files.notes))

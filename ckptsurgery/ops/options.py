@@ -19,10 +19,11 @@ MAX_DEFAULT_JOBS = 4  # more threads than this only add tensors in flight and se
 
 
 def default_jobs(environ=os.environ) -> int:
-    """Shards written at once when --jobs is not given (and threads of --stats and --hash): one per core this process may use (a
-    torchrun job's ranks on one machine share them), at most MAX_DEFAULT_JOBS. Measured in
-    docs/performance.md ("Many shards"): writing .pth shards (a CRC-32 of every byte) scales with
-    the cores, safetensors shards (kernel copies) gain a little, more threads than cores lose."""
+    """Shards written at once when --jobs is not given (and threads of --stats and --hash): one per
+    core this process may use (a torchrun job's ranks on one machine share them), at most
+    MAX_DEFAULT_JOBS. Measured in docs/performance.md ("Many shards"): writing .pth shards (a
+    CRC-32 of every byte) scales with the cores, safetensors shards (kernel copies) gain a little,
+    more threads than cores lose."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
         ranks_here = max(1, int(environ.get("LOCAL_WORLD_SIZE", "1")))

@@ -47,7 +47,8 @@ from ...io.model import Storage, computed_tensor, joined_tensor, mapped_range
 from ...io.write import check_parent
 from .. import methods
 from ..methods import MergeMethod, Parameter
-from ..model_folder import FolderFiles, FolderPlan, folder_files, folder_of, read_config, write_folder_files
+from ..model_folder import FolderFiles, FolderPlan, folder_files, folder_of, is_repository, read_config, \
+    write_folder_files
 from ..options import WriteOptions, check_write_options
 from ..recipes import ModelRef, Planned, Recipe, RecipePlan, Role, Source, plan_lines, plan_recipe
 from ..recipes import TokenizerKind, refuse_unknown_parameters
@@ -213,7 +214,7 @@ def _open_models(recipe: Recipe, stack: ExitStack) -> dict[ModelRef, tuple[Check
     merged = {e.model for e in recipe.models or ()} | {s.model for p in recipe.slices or () for s in p.sources}
     for model in recipe.referenced_models():
         if model == tokenizer and model not in merged and model != recipe.base_model:
-            if not (os.path.isdir(model.path) or _repository(model.path)):  # only its files are copied
+            if not (os.path.isdir(model.path) or is_repository(model.path)):  # only its files are copied
                 raise CkptError(f"{model.path}: no such folder (the recipe's tokenizer_source)")
             continue
         if not (os.path.exists(model.path) or is_remote(model.path)):
@@ -227,15 +228,6 @@ def _open_models(recipe: Recipe, stack: ExitStack) -> dict[ModelRef, tuple[Check
     return opened
 
 
-def _repository(path: str) -> bool:
-    """Whether `path` names a whole repository on the Hub (`hf://ORG/REPO[@REV]`): a model folder."""
-    if not is_remote(path):
-        return False
-    from ...io.remote import repository_of
-
-    return repository_of(path) is not None
-
-
 def _fetched_folders(recipe: Recipe, opened: dict, stack: ExitStack) -> dict[str, str]:
     """Where the files of each `hf://` repository the recipe names lie here: its config.json and
     tokenizer files, fetched into a temporary folder of its own at the commit its weights were
@@ -246,7 +238,7 @@ def _fetched_folders(recipe: Recipe, opened: dict, stack: ExitStack) -> dict[str
 
     folders: dict[str, str] = {}
     for model in recipe.referenced_models():
-        if model.path in folders or not _repository(model.path):
+        if model.path in folders or not is_repository(model.path):
             continue
         ckpt = opened[model][0] if model in opened else None
         found = repository_files(model.path, [CONFIG, *TOKENIZER_FILES], MAX_FETCHED, ckpt and commit_of(ckpt))
