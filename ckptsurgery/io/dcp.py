@@ -33,7 +33,7 @@ import stat
 from typing import Any
 
 from ..errors import CkptError
-from .dcp_chunks import ChunkStorage, chunked, lean_archive, lean_storage, read_chunk, short, template_of
+from .dcp_chunks import ChunkGroup, ChunkStorage, chunked, lean_archive, lean_storage, short, template_of
 from .dcp_pickles import DCP_META as _META
 from .dcp_pickles import STORAGE_INFO as _STORAGE_INFO
 from .dcp_pickles import BYTES, FastMetadata, Unfollowed, fast_metadata, legacy_value, payload_events
@@ -100,6 +100,8 @@ class _Reader:
         self._lazy: dict[tuple, TensorRef] = {}  # (file, offset, length) -> the first chunk's tensor there
         self._templates: dict[bytes, TensorRef | None] = {}  # a chunk's data.pkl -> its tensor (template)
         self._rank: dict[str, int] = {}
+        self._groups: dict[tuple, ChunkGroup] = {}  # (dtype, sizes, path before the last step) -> its group
+        self._lengths: dict[int, int] = {}  # chunks' lengths, one int each (they repeat from key to key)
 
     def file(self, name: Any, where: str) -> MappedFile:
         """A `.distcp` file of the folder, named by a plain file name (never a path elsewhere)."""
@@ -196,16 +198,26 @@ class _Reader:
         return tensor
 
     def lazy_chunk(self, place: tuple, dtype, sizes: tuple[int, ...], key: str, laid: tuple = (),
-                   share: bool = True) -> TensorRef:
+                   share: bool = True, path: tuple | None = None) -> TensorRef:
         """The chunk at `place` (its file and byte range checked), of the dtype and sizes the
         metadata records, read (`chunk`) when its bytes are first asked for. Keys naming one
         byte range as one dtype and size share one tensor, as when read at once (`share`: False
-        where no two keys name one range). `laid`: the sizes' (strides, nbytes) where known."""
+        where no two keys name one range). `laid`: the sizes' (strides, nbytes) where known;
+        `path`: the key's planner path, where known (the key is kept as its last step, which the
+        tree holds anyway: see ChunkGroup)."""
         tensor = self._lazy.get(place) if share else None
         if tensor is not None and tensor.dtype is dtype and tensor.shape == sizes:
             return tensor
         made = TensorRef(None, 0, sizes, laid[0] if laid else contiguous_strides(sizes), dtype)
-        made.storage = ChunkStorage(laid[1] if laid else made.nbytes, (read_chunk, self, *place, dtype, sizes, key))
+        before = path[:-1] if path is not None else ()
+        group = self._groups.get((dtype, sizes, before))
+        if group is None:
+            prefix = ".".join(map(str, before)) + "." if before else ""
+            group = self._groups[dtype, sizes, before] = ChunkGroup(self, dtype, sizes, prefix)
+        source, offset, length = place
+        made.storage = ChunkStorage.of_chunk(laid[1] if laid else made.nbytes, group, source, offset,
+                                             self._lengths.setdefault(length, length),
+                                             path[-1] if path is not None else key)
         if share and tensor is None:
             self._lazy[place] = made
         return made
@@ -351,7 +363,7 @@ def _read_fast_with(reader: _Reader, root: str | None, meta: FastMetadata) -> Ch
                 if laid is None:
                     laid = layouts[id(spec)] = (contiguous_strides(size), TensorRef(None, 0, size, (), dtype).nbytes,
                                                 spec)
-                value = reader.lazy_chunk(reader.place(*info, where), dtype, size, key, laid, meta.shared)
+                value = reader.lazy_chunk(reader.place(*info, where), dtype, size, key, laid, meta.shared, path)
             else:
                 pieces = []
                 for offsets, sizes in chunks:

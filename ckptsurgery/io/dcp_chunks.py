@@ -30,28 +30,68 @@ def _pending_slot(name: str) -> property:
     slot = Storage.__dict__[name]
 
     def get(self):
-        if self._pending is not None:
+        if self._group is not None:
             self._resolve()
         return slot.__get__(self, Storage)
 
     return property(get, slot.__set__)
 
 
+_SOURCE, _OFFSET, _KEY, _LOCATION = (Storage.__dict__[name] for name in ("source", "offset", "key", "location"))
+
+
+class ChunkGroup:
+    """What the one-chunk tensors of a folder share where their dtype, sizes and the path
+    before their last step are the same (_Reader.lazy_chunk): a ChunkStorage of one keeps its
+    place in its own unread fields (source: the data file, offset, key: the length, location:
+    the last step of its path), not in a tuple of its own (~100 B a key at 100,000 keys)."""
+
+    __slots__ = ("reader", "dtype", "sizes", "prefix")
+
+    def __init__(self, reader: _Reader, dtype, sizes: tuple[int, ...], prefix: str):
+        self.reader, self.dtype, self.sizes, self.prefix = reader, dtype, sizes, prefix
+
+
 class ChunkStorage(Storage):
     """The bytes of a tensor held in DCP chunks, whose size the metadata gives: where they lie
     (`source`, `offset`, and the chunk's storage `key` and `location`) is found when first asked
     for — each chunk's archive opened and held to every check of _Reader.chunk then, before any
-    byte is used. Listing a folder never asks (dtype and shape are the metadata's)."""
+    byte is used. Listing a folder never asks (dtype and shape are the metadata's).
+    `_pending`: what reads it, (function, *arguments) -> (source, offset, key, location), None
+    once read; kept as that tuple, or (one chunk: see ChunkGroup) as its group and the fields."""
 
-    __slots__ = ("_pending",)
+    __slots__ = ("_group",)
     source = _pending_slot("source")
     offset = _pending_slot("offset")
     key = _pending_slot("key")
     location = _pending_slot("location")
 
-    def __init__(self, nbytes: int, pending: tuple):  # (source, offset, key, location: set by _resolve)
+    def __init__(self, nbytes: int, pending: tuple):
         self.nbytes = nbytes
-        self._pending = pending  # (function, *arguments) -> (source, offset, key, location)
+        self._group = pending
+
+    @classmethod
+    def of_chunk(cls, nbytes: int, group: ChunkGroup, source: MappedFile, offset: int, length: int,
+                 step) -> "ChunkStorage":
+        """The storage of a one-chunk tensor: read_chunk(reader, source, offset, length, dtype,
+        sizes, key), the key being the group's prefix and `step`."""
+        made = cls.__new__(cls)
+        made.nbytes, made._group = nbytes, group
+        _SOURCE.__set__(made, source)
+        _OFFSET.__set__(made, offset)
+        _KEY.__set__(made, length)
+        _LOCATION.__set__(made, step)
+        return made
+
+    @property
+    def _pending(self) -> tuple | None:
+        group = self._group
+        if type(group) is not ChunkGroup:
+            return group
+        step = _LOCATION.__get__(self, Storage)
+        return (read_chunk, group.reader, _SOURCE.__get__(self, Storage), _OFFSET.__get__(self, Storage),
+                _KEY.__get__(self, Storage), group.dtype, group.sizes,
+                group.prefix + step if type(step) is str else f"{group.prefix}{step}")
 
     def _resolve(self) -> None:
         with _RESOLVING:
@@ -61,7 +101,7 @@ class ChunkStorage(Storage):
             fields = pending[0](*pending[1:])
             for name, value in zip(("source", "offset", "key", "location"), fields):
                 Storage.__dict__[name].__set__(self, value)
-            self._pending = None
+            self._group = None
 
 
 def short(key: str, limit: int = 200) -> str:
