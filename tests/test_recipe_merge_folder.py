@@ -13,6 +13,7 @@ import torch
 from ckptsurgery.errors import CkptError, UsageError
 from ckptsurgery.ops import WriteOptions, merge_recipe
 from ckptsurgery.ops.model_folder import FolderPlan, folder_files, updated_config
+from ckptsurgery.ops.recipes.chat_templates import TEMPLATES
 
 
 def test_the_layer_count_field_is_the_one_that_equals_the_references_layers():
@@ -53,8 +54,8 @@ def test_chat_templates_tokenizer_files_and_a_missing_config(tmp_path):
     assert files.copied == {"tokenizer.json": str(tmp_path / "tokenizer.json")}
     assert "config.json" not in files.made and "has no config.json" in files.notes[0]
     assert files.made["ckptsurgery_recipe.yml"] == b"merge_method: linear\n"
-    with pytest.raises(CkptError, match="'exaone' template is not shipped"):
-        folder_files(plan(tmp_path, chat_template="exaone"))
+    exaone = folder_files(plan(tmp_path, chat_template="exaone")).made["chat_template.jinja"]
+    assert exaone.decode() == TEMPLATES["exaone"]
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(CkptError, match="config.json: not a JSON object"):
         folder_files(plan(tmp_path))

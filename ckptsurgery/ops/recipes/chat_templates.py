@@ -9,8 +9,11 @@ conversations, and requires the same text: where mergekit's layout is not the fo
 it, so that a recipe gives the same prompts under both. Every tag trims the whitespace around it
 and newlines are written as strings, so they render the same whatever Jinja's trim settings.
 
-`exaone` is not shipped: mergekit's renders its own file's indentation (runs of spaces before
-each part) into every prompt; matching that would mean copying the file's layout, not the format.
+`exaone` differs on purpose: mergekit's file renders its own indentation and line breaks into every
+prompt (`'        [|system|][|endofturn|]\n\n    [|user|]Hi\n        \n\n    [|assistant|]'`), which
+is no EXAONE prompt a model was trained on. Ours renders EXAONE 3.0's turns as that file does once
+its layout is taken out (`'[|system|][|endofturn|]\n[|user|]Hi\n[|assistant|]'`); the test holds it
+to exactly that.
 
 `auto`: each of mergekit's referenced models (the base, the `models:` or the slices' sources, each
 model+adapter once) gives the template transformers' AutoTokenizer would load from its folder —
@@ -84,9 +87,24 @@ ALPACA = r"""{#- Alpaca, as mergekit's `alpaca`: the last system message, a blan
 {%- endif -%}
 """
 
-TEMPLATES = {"alpaca": ALPACA, "chatml": CHATML, "llama3": LLAMA3, "mistral": MISTRAL}
-NOT_SHIPPED = {"exaone": "mergekit's renders its own file's indentation into every prompt, which ckptsurgery "
-                         "does not copy"}
+EXAONE = r"""{#- EXAONE 3.0's turns, as mergekit's `exaone` without its file's indentation (written for ckptsurgery) -#}
+{%- for message in messages -%}
+    {%- if loop.first and message['role'] != 'system' -%}
+        {{- '[|system|][|endofturn|]\n' -}}
+    {%- endif -%}
+    {{- '[|' + message['role'] + '|]' + message['content'] -}}
+    {%- if message['role'] == 'user' -%}
+        {{- '\n' -}}
+    {%- else -%}
+        {{- '[|endofturn|]\n' -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '[|assistant|]' -}}
+{%- endif -%}
+"""
+
+TEMPLATES = {"alpaca": ALPACA, "chatml": CHATML, "exaone": EXAONE, "llama3": LLAMA3, "mistral": MISTRAL}
 AUTO = "auto"
 MAX_FILE = 16 << 20  # a tokenizer_config.json is at most a few MB (its added tokens)
 
@@ -94,8 +112,8 @@ MAX_FILE = 16 << 20  # a tokenizer_config.json is at most a few MB (its added to
 def recipe_template(value: str | None, folders: Iterable[str | None], notes: list[str]) -> str | None:
     """The template text a recipe's `chat_template:` gives, None for none (nothing set, or `auto`
     with no model having one): `folders` are the folders of mergekit's referenced models
-    (`template_models`; None where a model has none). A CkptError refuses a name we do not ship
-    and a text that is neither a name nor a template (mergekit refuses it too)."""
+    (`template_models`; None where a model has none). A CkptError refuses a text that is
+    neither a name nor a template (mergekit refuses it too)."""
     if not value:
         return None
     if value == AUTO:
@@ -103,9 +121,6 @@ def recipe_template(value: str | None, folders: Iterable[str | None], notes: lis
         return Counter(found).most_common(1)[0][0] if found else None
     if value in TEMPLATES:
         return TEMPLATES[value]
-    if value in NOT_SHIPPED:
-        raise CkptError(f"chat_template: mergekit's {value!r} template is not shipped ({NOT_SHIPPED[value]}): "
-                        f"give the template's text (Jinja) instead")
     if len(value) < 20 or "{" not in value:  # mergekit's test for a template's text
         raise CkptError(f"chat_template: {value[:60]!r} is neither a template's text (Jinja) nor one of "
                         f"{', '.join([*TEMPLATES, AUTO])}")
