@@ -310,7 +310,7 @@ def read_dcp(folder: str, root: str | None) -> Checkpoint:
 def _fast_metadata(meta_file: MappedFile) -> FastMetadata | None:
     """`.metadata` read by fast_metadata, or None where it does not follow it."""
     try:
-        return fast_metadata(meta_file.view(0, meta_file.size))
+        return fast_metadata(meta_file.buffer())  # read where it lies: no copy of it
     except Unfollowed:
         return None
 

@@ -19,7 +19,7 @@ from .torch_legacy import MAGIC_NUMBER, PROTOCOL_VERSION
 from .torch_zip import storage_loader
 from .dcp_tokens import (
     FIELDS_RE, GLOBAL_RE, MAX_RUNS, NUMBER, NUMBER_GROUP, NUMBER_RE, NUMBERS, OPAQUE, RECORD_RE, REF_GROUP, SIZE_RE, TEXT,
-    TEXT_RE, Known, Tokens, Unfollowed, unframed,
+    TEXT_RE, Known, Tokens, Unfollowed,
 )
 from .unpickler import MAX_HASH_WORK, MAX_NESTING, MetadataUnpickler, safe_load
 
@@ -225,6 +225,7 @@ _METADATA, _TSM, _BSM, _CSM, _INDEX, _STORAGE_META, _TP = _record_names(
     "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "MetadataIndex",
     "StorageMeta", "TensorProperties")
 _INFO = _KNOWN[STORAGE_INFO]
+_AFTER_STEP = (OPAQUE,)  # a path's last step, new, then its tuple: the memo slots path_run adds
 
 
 class FastMetadata:
@@ -245,13 +246,11 @@ class FastMetadata:
 def fast_metadata(data) -> FastMetadata:
     """`data` (a `.metadata`'s bytes) read as torch's records; Unfollowed where it is anything else."""
     try:
-        body, bounds = unframed(data)
-        tables = _Fast(body, bounds).metadata()
+        tables = _Fast(data).metadata()
     except Unfollowed:
         raise
     except Exception as e:  # read past the end (IndexError), or what a malformed file may raise
         raise Unfollowed(f"{type(e).__name__}: {e}") from None
-    del body  # (with the reader's memo, ~2x the file: gone before `shared` looks the tables over)
     return FastMetadata(*tables)
 
 
@@ -282,10 +281,10 @@ class _Fast(Tokens):
 
     known = _KNOWN
 
-    def __init__(self, body: bytes, bounds: list[int]):
+    def __init__(self, data):
         if not _compiled:
             _compiled.update(_patterns())
-        super().__init__(body, bounds)
+        super().__init__(data)
         self.entry_runs: dict[bytes, tuple] = {}  # an entry's value's bytes -> (spec, memo items)
         self.entry_literals: dict = {}  # a run -> (match of it spelled out, its run): see literal
         self.storage_literals: dict = {}
@@ -296,7 +295,7 @@ class _Fast(Tokens):
     def metadata(self) -> tuple[dict, dict, dict]:
         """FastMetadata's entries, planner and storage."""
         b = self.b
-        pos = self.state(self.record(0, _METADATA))
+        pos = self.state(self.record(self.start(), _METADATA))
         read = {"state_dict_metadata": self.entries, "planner_data": self.planner, "storage_data": self.storage,
                 "storage_meta": self.storage_meta, "version": self.version}
         fields: dict = {}
@@ -340,13 +339,14 @@ class _Fast(Tokens):
                 key = str(key, "utf-8")
             except UnicodeDecodeError:
                 break
-            memo.append(key)
-            memo += run[1]
-            out[key] = run[0]
             end = m.end()
-            if end > bound:
-                self.crossed(pos, end)
+            if end >= bound:
+                if end > bound:  # a frame's header among them: read token by token (entry)
+                    break
+                end = self.past(pos, end)
                 bound = self.bound
+            memo.repeat(run[1], key, True)
+            out[key] = run[0]
             pos = end
         self.entry_literal = literal
         return pos
@@ -354,7 +354,7 @@ class _Fast(Tokens):
     def entry(self, pos: int) -> tuple[str, Any, int]:
         key, pos = self.text(pos)
         m = _compiled["entry"].match(self.b, pos)
-        run = self.entry_runs.get(m.group()) if m else None
+        run = self.entry_runs.get(m.group()) if m and m.end() <= self.bound else None
         if run is None:  # first seen: read token by token
             saved = len(self.memo)
             spec, end = self.entry_value(pos)
@@ -364,8 +364,8 @@ class _Fast(Tokens):
         spec, items = run
         self.memo += items
         end = m.end()
-        if end > self.bound:
-            self.crossed(pos, end)
+        if end == self.bound:
+            end = self.past(pos, end)
         return key, spec, end
 
     def entry_value(self, pos: int) -> tuple[Any, int]:
@@ -448,14 +448,13 @@ class _Fast(Tokens):
                         step = str(text, "utf-8")
                     except UnicodeDecodeError:
                         step = None
-                    if step is not None:
-                        memo.append(step)
-                        memo.append(OPAQUE)
-                        out[key] = literal[1] + (step,)
-                        end = m.end()
-                        if end > bound:
-                            self.crossed(pos, end)
+                    end = m.end()
+                    if step is not None and end <= bound:  # (a frame's header among them: path_fast)
+                        if end == bound:
+                            end = self.past(pos, end)
                             bound = self.bound
+                        memo.repeat(_AFTER_STEP, step, True)
+                        out[key] = literal[1] + (step,)
                         pos = end
                         continue
             read = self.path_fast(pos)
@@ -507,11 +506,12 @@ class _Fast(Tokens):
             elif code == 0x4B:  # BININT1: a list index
                 step, pos, new = b[pos + 1], pos + 2, -1
             elif code - 0x84 == len(steps) and steps and b[pos + 1] == 0x94:  # TUPLE1-3 MEMOIZE
+                end = pos + 2
+                if end > self.bound:  # a frame's header among them: read token by token (path_tokens)
+                    break
                 memo.append(OPAQUE)
-                if pos + 2 > self.bound:
-                    self.crossed(start, pos + 2)
-                shape = (b[after_key:new], b[pos : pos + 2]) if new is not None and new >= 0 else None
-                return key, tuple(steps), pos + 2, shape
+                shape = (b[after_key:new], b[pos:end]) if new is not None and new >= 0 else None
+                return key, tuple(steps), self.past(start, end) if end == self.bound else end, shape
             else:
                 break
             steps.append(step)
@@ -575,11 +575,13 @@ class _Fast(Tokens):
             if type(key) is not str:
                 break
             end = m.end()
-            if end > bound:
-                self.crossed(pos, end)
+            if end >= bound:
+                if end > bound:  # a frame's header among them: read token by token (place)
+                    break
+                end = self.past(pos, end)
                 bound = self.bound
             items, _, offsets, relative_path = run
-            memo += items
+            memo.repeat(items)
             out[key, offsets] = (relative_path, NUMBERS[offset[0]](offset), NUMBERS[length[0]](length))
             count += 1
             pos = end
@@ -591,13 +593,13 @@ class _Fast(Tokens):
         """One index and its storage info, token by token (what place_run does not take: the
         first of their kind, a key the entries did not name), remembered for place_run."""
         m = _compiled["storage"].match(self.b, pos)
-        key, info, ends, parts = self.place_tokens(pos)
-        if (m and ends == tuple(m.end(group) for group in range(1, 8)) and ends[-1] + 2 == m.end()
-                and len(self.storage_runs) < MAX_RUNS):  # the expression's parts are the tokens'
+        key, info, ends, parts, end = self.place_tokens(pos)
+        if (m and ends == tuple(m.end(group) for group in range(1, 8)) and ends[-1] + 2 == m.end() == end
+                and len(self.storage_runs) < MAX_RUNS):  # the expression's parts are the tokens' (no header among them)
             head, _, tail, info_head, _, info_middle, _ = m.groups()
             self.storage_runs[(head, tail, info_head, info_middle)] = parts
         self.tally += 1
-        return key, info, ends[-1] + 2
+        return key, info, end
 
     def place_tokens(self, pos: int) -> tuple:
         """A MetadataIndex (fqn, index, offset) and its _StorageInfo (relative_path, offset,
@@ -640,10 +642,10 @@ class _Fast(Tokens):
         ends.append(pos)
         length, pos = self.number(pos)
         ends.append(pos)
-        self.expect(pos, b"ub")
+        end = self.expect(pos, b"ub")
         after_fqn = tail + info_head + info_middle  # the memo items after the key's
         return ((fqn, offsets), (relative_path, offset, length), tuple(ends),
-                (head + after_fqn, after_fqn, offsets, relative_path))
+                (head + after_fqn, after_fqn, offsets, relative_path), end)
 
     # -- storage_meta and version: nothing read_dcp reads, and no call but a path's -------------------
     def storage_meta(self, pos: int) -> tuple[None, int]:

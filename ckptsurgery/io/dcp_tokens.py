@@ -1,6 +1,6 @@
 """A pickle read token by token, for dcp_pickles.fast_metadata, which reads a DCP `.metadata`
-made of torch's own records: its opcodes without their frames (each frame boundary checked to
-fall between two tokens), its memo — each index holding what the restricted unpickler's would,
+made of torch's own records: its opcodes where they lie, each frame's header skipped where it
+falls between two tokens (pickle.dump never puts one inside a token: there, it gives up), its memo — each index holding what the restricted unpickler's would,
 or OPAQUE where no reference may reach — and the few tokens torch's records are made of, each
 read as the restricted unpickler reads it. Anything else is Unfollowed: the restricted unpickler
 reads the file. `literal` spells out a run of bytes read before as a regular expression, so that
@@ -9,6 +9,7 @@ its later copies are recognised at C speed."""
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from typing import Any
 
 from .pickled import Global, GlobalKind, TorchSize
@@ -36,45 +37,28 @@ TEXT = frozenset(b"\x8cXhj")  # SHORT_BINUNICODE, BINUNICODE, BINGET, LONG_BINGE
 NUMBER = frozenset(b"KMJ\x8a")  # BININT1, BININT2, BININT, LONG1
 
 
-def unframed(data) -> tuple[bytes, list[int]]:
-    """The opcodes of a protocol 4 or 5 pickle without its frames, and where each frame began
-    among them. A frame only says how much to read at once — the restricted unpickler skips it
-    wherever it sits — and pickle.dump puts whole opcodes in each (checked: Tokens.crossed)."""
+def frame_headers(data) -> list[int]:
+    """Where each frame's header (FRAME and its 8-byte length) lies in a protocol 4 or 5 pickle
+    made of frames, as pickle.dump writes it: one after the other from the third byte to the end.
+    A frame only says how much to read at once — the restricted unpickler skips its header
+    wherever it sits — and pickle.dump puts whole opcodes in each (checked: Tokens.past)."""
     if len(data) < 2 or data[0] != 0x80 or data[1] not in (4, 5):
         raise Unfollowed("not a protocol 4 or 5 pickle")
-    parts, bounds, pos, total, end = [], [], 2, 0, len(data)
+    headers, pos, end = [], 2, len(data)
     while pos < end:
         if data[pos] != 0x95 or pos + 9 > end:
             raise Unfollowed("opcodes outside a frame")
         size = int.from_bytes(data[pos + 1 : pos + 9], "little")
         if size > _MAX_FRAME or pos + 9 + size > end:
             raise Unfollowed("a frame that runs past the end")
-        bounds.append(total)
-        parts.append(data[pos + 9 : pos + 9 + size])
-        total += size
+        headers.append(pos)
         pos += 9 + size
-    return b"".join(parts), bounds
+    if not headers:
+        raise Unfollowed("no frame")
+    return headers
 
 
 _MAX_FRAME = 1 << 30  # as MetadataUnpickler.load_frame
-_ARGUMENT = {0x68: 1, 0x6A: 4, 0x4B: 1, 0x4D: 2, 0x4A: 4}  # bytes after the opcode
-_ALONE = frozenset(b"()}]\x94\x81usbaet\x85\x86\x87R\x88\x89N\x93.")  # opcodes without an argument
-
-
-def token_end(b: bytes, pos: int) -> int:
-    """Where the token at `pos` ends (only the opcodes Tokens reads)."""
-    code = b[pos]
-    if code in _ARGUMENT:
-        return pos + 1 + _ARGUMENT[code]
-    if code in (0x8C, 0x8A):
-        return pos + 2 + b[pos + 1]
-    if code == 0x58:
-        return pos + 5 + int.from_bytes(b[pos + 1 : pos + 5], "little")
-    if code in _ALONE:
-        return pos + 1
-    raise Unfollowed(f"opcode {code:#04x}")
-
-
 def read_number(b: bytes, pos: int) -> tuple[int, int]:
     """An integer as BININT1, BININT2, BININT or LONG1 write it."""
     code = b[pos]
@@ -128,8 +112,108 @@ REF_GROUP = b"(h[\\s\\S]|j[\\s\\S]{4})"  # a memo reference
 NUMBER_GROUP = b"(K[\\s\\S]|M[\\s\\S]{2}|J[\\s\\S]{4}|\\x8a" + counted(8) + b")"
 
 
+class _Repeated:
+    """A run of memo slots that repeat `items` (after a `value` of each repeat's own, where
+    `keyed`): what a run of entries, paths or storage records torch writes alike adds."""
+
+    __slots__ = ("items", "keyed", "period", "values")
+
+    def __init__(self, items: tuple, keyed: bool):
+        self.items, self.keyed, self.period, self.values = items, keyed, len(items) + keyed, []
+
+
+class Memo:
+    """The memo of a pickle read by Tokens, as the restricted unpickler's would be (a list, by
+    index) but kept in segments: slots read one at a time in a list, and the ~25 slots a key a
+    run of torch's records adds as one _Repeated segment — the items they repeat once, and the
+    one value of each repeat that differs (the key): 8 bytes a key, not ~200 (2.6 million slots at
+    100,000 keys)."""
+
+    __slots__ = ("starts", "segments", "n", "tail", "tail_start")
+
+    def __init__(self):
+        self.starts: list[int] = []  # where each segment begins
+        self.segments: list = []  # a list of slots, or a _Repeated
+        self.n = 0
+        self.tail: list | None = None  # the last segment, when it is a list
+        self.tail_start = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _new_tail(self) -> list:
+        tail = self.tail = []
+        self.tail_start = self.n
+        self.starts.append(self.n)
+        self.segments.append(tail)
+        return tail
+
+    def append(self, value) -> None:
+        (self.tail if self.tail is not None else self._new_tail()).append(value)
+        self.n += 1
+
+    def __iadd__(self, values):
+        tail = self.tail if self.tail is not None else self._new_tail()
+        tail += values
+        self.n += len(values)
+        return self
+
+    def repeat(self, items: tuple, value=None, keyed: bool = False) -> None:
+        """`value` (where `keyed`), then `items`: one more repeat of a run."""
+        last = self.segments[-1] if self.tail is None and self.segments else None
+        if last is None or last.items is not items or last.keyed is not keyed:
+            last = _Repeated(items, keyed)
+            self.tail = None
+            self.starts.append(self.n)
+            self.segments.append(last)
+        if keyed:
+            last.values.append(value)
+        self.n += last.period
+
+    def __getitem__(self, index):
+        if type(index) is slice:
+            return [self[i] for i in range(*index.indices(self.n))]
+        if index < 0:
+            index += self.n
+        if not 0 <= index < self.n:
+            raise IndexError("memo index out of range")
+        if self.tail is not None and index >= self.tail_start:
+            return self.tail[index - self.tail_start]
+        at = bisect_right(self.starts, index) - 1
+        segment, offset = self.segments[at], index - self.starts[at]
+        if type(segment) is list:
+            return segment[offset]
+        repeat, slot = divmod(offset, segment.period)
+        if segment.keyed:
+            return segment.values[repeat] if slot == 0 else segment.items[slot - 1]
+        return segment.items[slot]
+
+    def __delitem__(self, index: slice) -> None:
+        """`del memo[n:]`: back to its first n slots (a rollback)."""
+        n = index.indices(self.n)[0]
+        if n >= self.n:
+            return
+        at = bisect_right(self.starts, n) - 1  # the segment slot n lies in
+        segment, offset, kept = self.segments[at], n - self.starts[at], []
+        if type(segment) is list:
+            del segment[offset:]
+        else:
+            repeat, slot = divmod(offset, segment.period)
+            kept = [self[i] for i in range(n - slot, n)]  # a repeat cut short: its first slots, as a list
+            del segment.values[repeat:]
+            if not repeat:
+                at -= 1
+        del self.starts[at + 1 :], self.segments[at + 1 :]
+        self.n, self.tail = n - len(kept), None
+        if self.segments and type(self.segments[-1]) is list:
+            self.tail, self.tail_start = self.segments[-1], self.starts[-1]
+        if kept:
+            self += kept
+
+
 class Tokens:
-    """One read of a pickle's opcodes: `b` (frames left out; `bounds`: where frames began),
+    """One read of a pickle's opcodes where they lie: `b` (the whole pickle, its frames' headers
+    among the opcodes; `bound`: where the next header lies, skipped by `past`),
     `memo` (what the restricted unpickler's memo would hold at each index, or OPAQUE where a
     reference may not reach: a record, a dict, a list, a tuple other than a torch.Size, what a
     later reference could change or nest without end). `known`: the globals (qualified name ->
@@ -137,27 +221,31 @@ class Tokens:
 
     known: dict[str, Known] = {}
 
-    def __init__(self, body: bytes, bounds: list[int]):
-        self.b, self.bounds, self.next = body, bounds, 0
-        self.bound = bounds[0] if bounds else len(body) + 1
-        self.memo: list = []
+    def __init__(self, data):
+        self.b, self.headers, self.next = data, frame_headers(data), 0
+        self.bound = self.headers[0]
+        self.memo = Memo()
         self.tally = 0
 
-    # -- frames: each boundary must fall between two tokens ----------------------------------------
-    def crossed(self, start: int, end: int) -> None:
-        """[start, end) is whole tokens, read: a frame boundary in it must begin one of them
-        (pickle.dump never splits a token; the restricted unpickler would read other opcodes)."""
-        while self.bound < end:
-            if self.bound < start:  # in opcodes read without this check: never trust them
-                raise Unfollowed("a frame boundary in opcodes not checked")
-            if self.bound > start:
-                pos = start
-                while pos < self.bound:
-                    pos = token_end(self.b, pos)
-                if pos != self.bound:
-                    raise Unfollowed("a frame boundary inside a token")
+    # -- frames: each header must fall between two tokens ------------------------------------------
+    def past(self, start: int, end: int) -> int:
+        """Where the token after [start, end) starts — whole tokens, just read, that reach the
+        next frame's header (`end >= bound`): after the header(s) there. A header inside them is
+        one inside a token (pickle.dump never splits one; the restricted unpickler would read
+        other opcodes): Unfollowed. A run of several items read at once checks `end > bound`
+        first, and reads them again token by token instead."""
+        if end > self.bound:
+            raise Unfollowed("a frame boundary inside a token")
+        headers = self.headers
+        while end == self.bound:
+            end += 9
             self.next += 1
-            self.bound = self.bounds[self.next] if self.next < len(self.bounds) else len(self.b) + 1
+            self.bound = headers[self.next] if self.next < len(headers) else len(self.b) + 1
+        return end
+
+    def start(self) -> int:
+        """Where the first opcode lies: after the first frame's header (and any empty frames)."""
+        return self.past(self.bound, self.bound)
 
     def rollback(self, state: tuple) -> None:
         memo_len, self.next, self.bound, self.tally = state
@@ -171,8 +259,8 @@ class Tokens:
         end = pos + len(code)
         if self.b[pos:end] != code:
             raise Unfollowed(f"not {code!r} at {pos}")
-        if end > self.bound:
-            self.crossed(pos, end)
+        if end >= self.bound:
+            end = self.past(pos, end)
         return end
 
     def ref(self, pos: int) -> tuple[Any, int]:
@@ -184,9 +272,10 @@ class Tokens:
             index, end = int.from_bytes(b[pos + 1 : pos + 5], "little"), pos + 5
         if end > len(b) or index >= len(self.memo) or self.memo[index] is OPAQUE:
             raise Unfollowed("a memo reference to what torch never refers to")
-        if end > self.bound:
-            self.crossed(pos, end)
-        return self.memo[index], end
+        value = self.memo[index]
+        if end >= self.bound:
+            end = self.past(pos, end)
+        return value, end
 
     def text(self, pos: int) -> tuple[str, int]:
         """A string: SHORT_BINUNICODE or BINUNICODE then MEMOIZE, or a reference to one."""
@@ -202,9 +291,10 @@ class Tokens:
             except UnicodeDecodeError:
                 raise Unfollowed("a string that is not UTF-8") from None
             self.memo.append(value)
-            if end + 1 > self.bound:
-                self.crossed(pos, end + 1)
-            return value, end + 1
+            end += 1
+            if end >= self.bound:
+                end = self.past(pos, end)
+            return value, end
         if code in (0x68, 0x6A):
             value, end = self.ref(pos)
             if type(value) is str:
@@ -219,8 +309,8 @@ class Tokens:
 
     def number(self, pos: int) -> tuple[int, int]:
         value, end = read_number(self.b, pos)
-        if end > self.bound:
-            self.crossed(pos, end)
+        if end >= self.bound:
+            end = self.past(pos, end)
         return value, end
 
     def glob(self, pos: int) -> tuple[Any, int]:
@@ -297,9 +387,11 @@ class Tokens:
         """A torch.Size: REDUCE of the allow-listed torch.Size on a tuple of integers, or a
         reference to one."""
         if self.b[pos] in (0x68, 0x6A):
+            state = self.mark()  # (a frame's header after it is skipped: undone if it is not one)
             value, end = self.ref(pos)
             if type(value) is TorchSize:
                 return value, end
+            self.rollback(state)
         fn, pos = self.glob(pos)
         if fn is not SIZE:
             raise Unfollowed("not a torch.Size")
