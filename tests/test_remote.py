@@ -505,3 +505,23 @@ def test_a_remote_config_naming_many_remote_code_modules_has_the_first_sixteen_f
         "config.json names 40 remote code modules: the first 16 fetched, the others not"]
     asked = {r[0].rsplit("/", 1)[1] for r in server.served.requests if "/mod" in r[0] and r[0].endswith(".py")}
     assert asked == {f"mod{i}.py" for i in range(16)}
+
+
+def test_a_repositorys_files_are_fetched_at_one_commit_when_it_has_no_config(server, served):
+    """A tokenizer-only repository (the recipe's tokenizer_source): config.json answers 404, which
+    pins no commit; the files are asked one at a time until one answer pins it, then the rest at it."""
+    from ckptsurgery.io.remote import repository_files
+    from ckptsurgery.ops.model_folder import CONFIG, MAX_FETCHED, TOKENIZER_FILES
+
+    _, root = served
+    tok = root / "org" / "tokenizer-only"
+    tok.mkdir(exist_ok=True)
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (tok / name).write_text(json.dumps({"name": name}))
+    found = repository_files("hf://org/tokenizer-only", [CONFIG, *TOKENIZER_FILES], MAX_FETCHED, None)
+    assert sorted(found) == ["chat_template.jinja", "special_tokens_map.json", "tokenizer_config.json"]
+    commit = server.behaviour.hub_commit
+    hub = [path for path, *_ in server.served.requests if "/resolve/" in path]
+    pinned = hub.index("/org/tokenizer-only/resolve/main/tokenizer_config.json")  # the first file found
+    assert all("/resolve/main/" in path for path in hub[:pinned + 1])
+    assert all(f"/resolve/{commit}/" in path for path in hub[pinned + 1:]) and len(hub) > pinned + 1, hub

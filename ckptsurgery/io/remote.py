@@ -463,9 +463,10 @@ def repository_files(path: str, names: list[str], limit: int, commit: str | None
         except NotFound:
             return None
 
-    found = {}
-    if names and commit is None:  # the first answer pins the commit the others are fetched at
-        found[names[0]], names = fetch(names[0]), names[1:]
+    found, names = {}, list(names)
+    while names and hub.commit is None:  # one at a time until an answer pins the commit the others are
+        name = names.pop(0)  # fetched at (a name the repository lacks answers 404, which may pin none)
+        found[name] = fetch(name)
     context = copy_context()  # the ledger, in the threads too
     found.update(zip(names, _fetch_pool().map(lambda name: context.copy().run(fetch, name), names)))
     return {name: raw for name, raw in found.items() if raw is not None}
