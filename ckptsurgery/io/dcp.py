@@ -36,7 +36,7 @@ from ..errors import CkptError
 from .dcp_chunks import ChunkGroup, ChunkStorage, chunked, lean_archive, lean_storage, short, template_of
 from .dcp_pickles import DCP_META as _META
 from .dcp_pickles import STORAGE_INFO as _STORAGE_INFO
-from .dcp_pickles import BYTES, FastMetadata, Unfollowed, fast_metadata, legacy_value, payload_events
+from .dcp_pickles import BYTES, FastMetadata, Restart, Unfollowed, fast_metadata, legacy_value, payload_events
 from .formats import Format
 from .model import (
     INT64_MAX, Checkpoint, MappedFile, Storage, TensorRef, check_key, contiguous_strides, numel_of, standalone,
@@ -209,18 +209,22 @@ class _Reader:
         if tensor is not None and tensor.dtype is dtype and tensor.shape == sizes:
             return tensor
         made = TensorRef(None, 0, sizes, laid[0] if laid else contiguous_strides(sizes), dtype)
-        before = path[:-1] if path is not None else ()
-        group = self._groups.get((dtype, sizes, before))
-        if group is None:
-            prefix = ".".join(map(str, before)) + "." if before else ""
-            group = self._groups[dtype, sizes, before] = ChunkGroup(self, dtype, sizes, prefix)
         source, offset, length = place
-        made.storage = ChunkStorage.of_chunk(laid[1] if laid else made.nbytes, group, source, offset,
-                                             self._lengths.setdefault(length, length),
+        made.storage = ChunkStorage.of_chunk(laid[1] if laid else made.nbytes,
+                                             self.group(dtype, sizes, path[:-1] if path is not None else ()),
+                                             source, offset, self._lengths.setdefault(length, length),
                                              path[-1] if path is not None else key)
         if share and tensor is None:
             self._lazy[place] = made
         return made
+
+    def group(self, dtype, sizes: tuple[int, ...], before: tuple) -> ChunkGroup:
+        """The ChunkGroup of one-chunk tensors of `dtype` and `sizes` whose paths begin `before`."""
+        group = self._groups.get((dtype, sizes, before))
+        if group is None:
+            prefix = ".".join(map(str, before)) + "." if before else ""
+            group = self._groups[dtype, sizes, before] = ChunkGroup(self, dtype, sizes, prefix)
+        return group
 
     def value(self, place: tuple, where: str) -> Any:
         """A value other than a tensor. torch's loader torch.loads its bytes with
@@ -252,6 +256,9 @@ def read_dcp(folder: str, root: str | None) -> Checkpoint:
     if not 0 < meta_file.size <= MAX_METADATA:
         raise CkptError(f"{meta_path}: {'empty' if not meta_file.size else 'larger than 1 GiB'}; not DCP metadata")
     try:
+        streamed = _read_streaming(folder, root, meta_file) if FAST else None
+        if streamed is not None:
+            return streamed
         fast = _fast_metadata(meta_file) if FAST else None
         if fast is not None:
             try:
@@ -302,9 +309,95 @@ def read_dcp(folder: str, root: str | None) -> Checkpoint:
     budget = [len(entries) + 1024]  # list slots the planner paths may create
     for key, path in paths.items():
         _place(tree, path, values[key], f"{folder}: {short(key)}", budget)
-    root_key, tensors, others = find_root(tree, root, folder)
+    root_key, tensors, others = find_root(tree, root, folder, same=True)
     return Checkpoint(folder, Format.DCP, tensors, root_key, tree, sources=list(reader.files.values()),
                       others=others, events=reader.events)
+
+
+class _Stream:
+    """read_dcp's tensors and tree, made as fast_metadata reads `.metadata` (its sink): where
+    every entry is a tensor of one chunk, each path and place read in the entries' order, no
+    table of them is ever made — a tensor is made when its path is read and given its place when
+    its storage record is (see dcp_pickles._Fast). What _read_fast_with checks, it checks; any
+    other file is a Restart (or a refusal), and read_dcp reads it the tables' way."""
+
+    def __init__(self, reader: _Reader):
+        self.reader, self.tree, self.order = reader, {}, []
+        self.layouts: dict[int, tuple] = {}  # id(spec) -> (strides, nbytes, spec), as _read_fast_with
+        self.parents: dict[str, dict] = {}
+        self.last: dict[Any, int] = {}  # a file's name -> the offset of the last place in it
+        self.ordered = True  # each file's places in increasing order: no two keys name one range
+
+    def tensor(self, key: str, spec: Any, path: tuple) -> TensorRef:
+        """The tensor of an entry (`spec`), at `path` in the tree, without its place yet."""
+        if spec is BYTES or spec is None:
+            raise Restart("a value that is not a tensor")
+        dtype, size, chunks = spec  # checked as read: sizes, chunks fitting and tiling the size
+        if len(chunks) != 1 or chunks[0][1] != size:
+            raise Restart("a tensor of several chunks")
+        if not all(type(step) is str for step in path) or ".".join(path) != key:
+            raise Restart("a planner path of list indexes, or naming another key")
+        laid = self.layouts.get(id(spec))
+        if laid is None:
+            laid = self.layouts[id(spec)] = (contiguous_strides(size), TensorRef(None, 0, size, (), dtype).nbytes, spec)
+        made = TensorRef(None, 0, size, laid[0], dtype)
+        made.storage = ChunkStorage.of_chunk(laid[1], self.reader.group(dtype, size, path[:-1]), None, None, None,
+                                             path[-1])
+        self.order.append(made)
+        tree, folder = self.tree, self.reader.folder
+        if len(path) == 2:  # as _read_fast_with
+            node = self.parents.get(path[0])
+            if node is not None and path[1] not in node:
+                node[path[1]] = made
+                return made
+        _place(tree, path, made, folder, [0])
+        if len(path) == 2:
+            self.parents[path[0]] = tree[path[0]]
+        return made
+
+    def place(self, tensor: TensorRef, offsets: Any, name: Any, offset: Any, length: Any) -> None:
+        """A storage record's place for the chunk of `tensor` at `offsets`."""
+        storage = tensor.storage
+        if not storage.unplaced():
+            raise Unfollowed("two storage records for one chunk")
+        if offsets != (0,) * len(tensor.shape):  # (its one chunk covers it: it begins at 0)
+            raise Restart("a storage record of a chunk the entry does not have")
+        last = self.last.get(name)
+        if last is not None and offset <= last:
+            self.ordered = False
+        self.last[name] = offset
+        storage.set_place(name, offset, length)
+
+    def finish(self, root: str | None) -> Checkpoint:
+        """Each tensor's place checked to lie in its file (files opened in the entries' order, as
+        _read_fast_with opens them), the root found."""
+        if not self.ordered:
+            raise Restart("places not in order: two keys may name one")
+        reader = self.reader
+        folder, lengths = reader.folder, reader._lengths
+        for tensor in self.order:
+            storage = tensor.storage
+            if storage.unplaced():
+                raise CkptError(f"{folder}: the metadata does not say where a chunk lies")
+            source, offset, length = reader.place(*storage.place(), folder)
+            storage.set_place(source, offset, lengths.setdefault(length, length))
+        self.order = []
+        root_key, tensors, others = find_root(self.tree, root, folder, same=True)
+        return Checkpoint(folder, Format.DCP, tensors, root_key, self.tree, sources=list(reader.files.values()),
+                          others=others, events=reader.events, distinct=True)  # (each its own ChunkStorage)
+
+
+def _read_streaming(folder: str, root: str | None, meta_file: MappedFile) -> Checkpoint | None:
+    """read_dcp of a folder whose `.metadata` _Stream takes, or None (read it another way)."""
+    reader = _Reader(folder, [])  # torch's own records make no events
+    try:
+        stream = _Stream(reader)
+        fast_metadata(meta_file.buffer(), stream)
+        return stream.finish(root)
+    except (Unfollowed, CkptError):
+        for source in reader.files.values():
+            source.close()
+        return None
 
 
 def _fast_metadata(meta_file: MappedFile) -> FastMetadata | None:
@@ -385,7 +478,7 @@ def _read_fast_with(reader: _Reader, root: str | None, meta: FastMetadata) -> Ch
         for step in path[:-1]:
             node = node[step]
         node[path[-1]] = reader.value(place, where)
-    root_key, tensors, others = find_root(tree, root, folder)
+    root_key, tensors, others = find_root(tree, root, folder, same=True)
     return Checkpoint(folder, Format.DCP, tensors, root_key, tree, sources=list(reader.files.values()),
                       others=others, events=reader.events)
 

@@ -83,6 +83,20 @@ class ChunkStorage(Storage):
         _LOCATION.__set__(made, step)
         return made
 
+    def unplaced(self) -> bool:
+        """Whether a one-chunk storage made before its place was read (of_chunk with no place:
+        io/dcp.py's streaming) has it yet."""
+        return _OFFSET.__get__(self, Storage) is None
+
+    def place(self) -> tuple:
+        """(source, offset, length) of a one-chunk storage not read yet."""
+        return _SOURCE.__get__(self, Storage), _OFFSET.__get__(self, Storage), _KEY.__get__(self, Storage)
+
+    def set_place(self, source, offset: int, length: int) -> None:
+        _SOURCE.__set__(self, source)
+        _OFFSET.__set__(self, offset)
+        _KEY.__set__(self, length)
+
     @property
     def _pending(self) -> tuple | None:
         group = self._group

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import struct
+from array import array
 from typing import Any
 
 from ..errors import CkptError
@@ -243,15 +244,70 @@ class FastMetadata:
         self.shared = len(set(storage.values())) != len(storage)  # two records name one byte range
 
 
-def fast_metadata(data) -> FastMetadata:
-    """`data` (a `.metadata`'s bytes) read as torch's records; Unfollowed where it is anything else."""
+def fast_metadata(data, sink=None) -> FastMetadata | None:
+    """`data` (a `.metadata`'s bytes) read as torch's records; Unfollowed where it is anything else.
+    With a `sink` (io/dcp.py's _Stream), its tensors are handed to it as they are read instead,
+    and nothing is returned: see _Fast's streaming."""
     try:
-        tables = _Fast(data).metadata()
+        tables = _Fast(data, sink).metadata()
     except Unfollowed:
         raise
     except Exception as e:  # read past the end (IndexError), or what a malformed file may raise
         raise Unfollowed(f"{type(e).__name__}: {e}") from None
-    return FastMetadata(*tables)
+    return FastMetadata(*tables) if sink is None else None
+
+
+class Restart(Unfollowed):
+    """A `.metadata` streaming does not take (see _Fast): read it into tables (fast_metadata
+    without a sink) instead."""
+
+
+class _StreamedEntries:
+    """state_dict_metadata, streamed: each entry's key's memo index and its spec, in order."""
+
+    __slots__ = ("at", "specs")
+
+    def __init__(self):
+        self.at, self.specs = array("q"), []
+
+    def __setitem__(self, key: tuple, spec) -> None:
+        self.at.append(key[0])
+        self.specs.append(spec)
+
+
+class _StreamedPaths:
+    """planner_data, streamed: each key's path, in state_dict_metadata's order, makes its tensor
+    (the sink's `tensor`), which takes the place of the key in the memo (storage_data names it)."""
+
+    __slots__ = ("entries", "memo", "sink", "count")
+
+    def __init__(self, entries: _StreamedEntries, memo, sink):
+        self.entries, self.memo, self.sink, self.count = entries, memo, sink, 0
+
+    def __setitem__(self, key: tuple, path: tuple) -> None:
+        index, name = key
+        entries, at = self.entries, self.count
+        if at >= len(entries.at) or entries.at[at] != index:
+            raise Restart("planner_data not in state_dict_metadata's order")
+        spec, entries.specs[at] = entries.specs[at], None
+        self.count = at + 1
+        self.memo[index] = self.sink.tensor(name, spec, path)
+
+
+class _StreamedPlaces:
+    """storage_data, streamed: each record's place handed to its tensor (the sink's `place`)."""
+
+    __slots__ = ("sink", "count")
+
+    def __init__(self, sink):
+        self.sink, self.count = sink, 0
+
+    def __setitem__(self, key: tuple, info: tuple) -> None:
+        self.sink.place(key[0], key[1], *info)
+        self.count += 1
+
+    def __len__(self) -> int:
+        return self.count
 
 
 def _patterns() -> dict:
@@ -277,14 +333,26 @@ _compiled: dict = {}
 class _Fast(Tokens):
     """One read of a `.metadata` (dcp_tokens.Tokens): its sections, each item read token by
     token the first time its bytes are met (entry, path_tokens, place), later copies in runs
-    (entry_run, path_run, place_run). `tally`: storage_data's items read."""
+    (entry_run, path_run, place_run). `tally`: storage_data's items read.
+
+    Streaming (a `sink`): no tables. The entries are kept as their keys' memo indexes and their
+    specs; each planner path, in the entries' order, makes its key's tensor (sink.tensor, which
+    puts it in the tree), and the tensor takes the key's place in the memo, so the key's string
+    is gone once its path is read; each storage record names its tensor through the memo and
+    hands it its place (sink.place). Items' keys are (memo index, key) there. Anything else — an
+    entry that is not one chunk, paths in another order or missing, a record naming a string —
+    is a Restart: the tables' way reads it."""
 
     known = _KNOWN
 
-    def __init__(self, data):
+    def __init__(self, data, sink=None):
         if not _compiled:
             _compiled.update(_patterns())
         super().__init__(data)
+        self.sink = sink
+        if sink is not None:
+            self.streamed = _StreamedEntries()
+            self.streamed_paths = _StreamedPaths(self.streamed, self.memo, sink)
         self.entry_runs: dict[bytes, tuple] = {}  # an entry's value's bytes -> (spec, memo items)
         self.entry_literals: dict = {}  # a run -> (match of it spelled out, its run): see literal
         self.storage_literals: dict = {}
@@ -308,17 +376,20 @@ class _Fast(Tokens):
         entries, storage = fields.get("state_dict_metadata"), fields.get("storage_data")
         if entries is None or storage is None:
             raise Unfollowed("metadata without its tables")
+        if self.sink is not None and self.streamed_paths.count != len(self.streamed.at):
+            raise Restart("keys without a planner path")
         return entries, fields.get("planner_data") or {}, storage
 
     # -- state_dict_metadata: key -> tensor (dtype, size, chunks) or bytes ------------------------------
     def entries(self, pos: int) -> tuple[dict, int]:
-        return self.items(pos, self.entry, self.entry_run)
+        return self.items(pos, self.entry, self.entry_run, self.streamed if self.sink is not None else None)
 
     def entry_run(self, pos: int, out: dict) -> int:
         """Entries as torch writes them after the first few: a new key, then a value whose bytes
         were read before (entry_runs) — those of the entry before first, spelled out (literal)."""
         b, memo, runs, bound = self.b, self.memo, self.entry_runs, self.bound
         generic, literal = _compiled["keyed entry"].match, self.entry_literal
+        streaming = self.sink is not None
         while True:
             m = literal[0](b, pos) if literal is not None else None
             if m is not None:
@@ -345,14 +416,21 @@ class _Fast(Tokens):
                     break
                 end = self.past(pos, end)
                 bound = self.bound
+            out[(len(memo), key) if streaming else key] = run[0]
             memo.repeat(run[1], key, True)
-            out[key] = run[0]
             pos = end
         self.entry_literal = literal
         return pos
 
-    def entry(self, pos: int) -> tuple[str, Any, int]:
-        key, pos = self.text(pos)
+    def entry(self, pos: int) -> tuple[Any, Any, int]:
+        index = len(self.memo)
+        if self.sink is not None:
+            if self.b[pos] not in (0x8C, 0x58):  # a key named before
+                raise Restart("a key that is not a new string")
+            key, pos = self.text(pos)
+            key = (index, key)
+        else:
+            key, pos = self.text(pos)
         m = _compiled["entry"].match(self.b, pos)
         run = self.entry_runs.get(m.group()) if m and m.end() <= self.bound else None
         if run is None:  # first seen: read token by token
@@ -429,7 +507,7 @@ class _Fast(Tokens):
     def planner(self, pos: int) -> tuple[dict | None, int]:
         if self.b[pos] == 0x4E:  # NONE
             return None, self.expect(pos, b"N")
-        return self.items(pos, self.path_tokens, self.path_run)
+        return self.items(pos, self.path_tokens, self.path_run, self.streamed_paths if self.sink is not None else None)
 
     def path_run(self, pos: int, out: dict) -> int:
         """Keys and paths as torch writes most: a reference to the key, then up to three steps,
@@ -437,6 +515,7 @@ class _Fast(Tokens):
         steps but a new last one are spelled as the one before's first (literal). At anything
         else, or any doubt, it stops (path_tokens reads that one)."""
         b, memo, bound, literal = self.b, self.memo, self.bound, self.path_literal
+        streaming = self.sink is not None
         while True:
             m = literal[0](b, pos) if literal is not None else None
             if m is not None:
@@ -454,14 +533,14 @@ class _Fast(Tokens):
                             end = self.past(pos, end)
                             bound = self.bound
                         memo.repeat(_AFTER_STEP, step, True)
-                        out[key] = literal[1] + (step,)
+                        out[(index, key) if streaming else key] = literal[1] + (step,)
                         pos = end
                         continue
             read = self.path_fast(pos)
             if read is None:
                 break
-            key, steps, end, shape = read
-            out[key] = steps
+            index, key, steps, end, shape = read
+            out[(index, key) if streaming else key] = steps
             if shape is not None:
                 literal = self.literal(self.path_literals, shape, steps[:-1], REF_GROUP, shape[0],
                                        b"\\x8c([\\s\\S])([^\\x94]*+)\\x94", shape[1], b"")
@@ -470,7 +549,8 @@ class _Fast(Tokens):
         return pos
 
     def path_fast(self, pos: int) -> tuple | None:
-        """One key and path of path_run's form, or None (and nothing read): (key, path, end,
+        """One key and path of path_run's form, or None (and nothing read): (the key's memo index,
+        key, path, end,
         (the bytes of the steps before a new last one, the closing TUPLE MEMOIZE) where it ends
         so, else None)."""
         b, memo, start, saved = self.b, self.memo, pos, len(self.memo)
@@ -481,7 +561,7 @@ class _Fast(Tokens):
             index, pos = b[pos + 1], pos + 2
         else:
             return None
-        key = memo[index] if index < saved else None
+        key, key_index = (memo[index] if index < saved else None), index
         steps, after_key, new = [], pos, None  # new: where the first new string starts
         while type(key) is str and len(steps) <= 3:
             code = b[pos]
@@ -511,15 +591,23 @@ class _Fast(Tokens):
                     break
                 memo.append(OPAQUE)
                 shape = (b[after_key:new], b[pos:end]) if new is not None and new >= 0 else None
-                return key, tuple(steps), self.past(start, end) if end == self.bound else end, shape
+                return key_index, key, tuple(steps), self.past(start, end) if end == self.bound else end, shape
             else:
                 break
             steps.append(step)
         del memo[saved:]
         return None
 
-    def path_tokens(self, pos: int) -> tuple[str, tuple, int]:
-        key, pos = self.text(pos)
+    def path_tokens(self, pos: int) -> tuple[Any, tuple, int]:
+        b = self.b
+        if self.sink is not None:  # (index, key): a reference to an entry's key
+            if b[pos] not in (0x68, 0x6A):
+                raise Restart("a planner key that is not an entry's")
+            index = b[pos + 1] if b[pos] == 0x68 else int.from_bytes(b[pos + 1 : pos + 5], "little")
+            key, pos = self.text(pos)
+            key = (index, key)
+        else:
+            key, pos = self.text(pos)
         b, steps = self.b, []
         marked = b[pos] == 0x28
         if marked:
@@ -538,11 +626,12 @@ class _Fast(Tokens):
     # -- storage_data: (key, chunk offsets) -> (file, offset, length) ------------------------------------
     def storage(self, pos: int) -> tuple[dict, int]:
         self.tally = 0
-        places, pos = self.items(pos, self.place, self.place_run)
+        streaming = self.sink is not None
+        places, pos = self.items(pos, self.place, self.place_run, _StreamedPlaces(self.sink) if streaming else None)
         if len(places) != self.tally:  # two indexes of one chunk: which one counts is subtle; not here
             raise Unfollowed("two storage records for one chunk")
         # each index's offset is a tuple the restricted unpickler hashes as it makes the key
-        if sum(offsets is not None for _, offsets in places) > MAX_HASH_WORK:
+        if (self.tally if streaming else sum(offsets is not None for _, offsets in places)) > MAX_HASH_WORK:
             raise Unfollowed("as many keys as the restricted unpickler refuses")
         return places, pos
 
@@ -552,6 +641,7 @@ class _Fast(Tokens):
         a reference to a key, two integers."""
         b, memo, runs, bound = self.b, self.memo, self.storage_runs, self.bound
         generic, literal, count = _compiled["storage"].match, self.storage_literal, 0
+        named = str if self.sink is None else TensorRef  # what a record's key is in the memo (streaming: its tensor)
         while True:
             m = literal[0](b, pos) if literal is not None else None
             if m is not None:
@@ -572,7 +662,7 @@ class _Fast(Tokens):
                 break
             index = fqn[1] if fqn[0] == 0x68 else int.from_bytes(fqn[1:], "little")
             key = memo[index] if index < len(memo) else None
-            if type(key) is not str:
+            if type(key) is not named:
                 break
             end = m.end()
             if end >= bound:
@@ -610,7 +700,7 @@ class _Fast(Tokens):
         pos = self.field(self.state(self.record(pos, _INDEX)), "fqn")
         head = tuple(memo[start:])
         ends.append(pos)
-        fqn, pos = self.text(pos)
+        fqn, pos = self.text(pos) if self.sink is None else self.tensor_named(pos)
         ends.append(pos)
         start, fields = len(memo), {}
         while b[pos] != 0x75:
@@ -646,6 +736,17 @@ class _Fast(Tokens):
         after_fqn = tail + info_head + info_middle  # the memo items after the key's
         return ((fqn, offsets), (relative_path, offset, length), tuple(ends),
                 (head + after_fqn, after_fqn, offsets, relative_path), end)
+
+    def tensor_named(self, pos: int) -> tuple[TensorRef, int]:
+        """Streaming: the tensor a reference to its key names (in the memo in its key's place)."""
+        if self.b[pos] not in (0x68, 0x6A):
+            raise Restart("a storage record naming a new string")
+        state = self.mark()
+        value, end = self.ref(pos)
+        if type(value) is not TensorRef:
+            self.rollback(state)
+            raise Restart("a storage record naming what is not an entry's key")
+        return value, end
 
     # -- storage_meta and version: nothing read_dcp reads, and no call but a path's -------------------
     def storage_meta(self, pos: int) -> tuple[None, int]:

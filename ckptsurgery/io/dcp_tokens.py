@@ -170,6 +170,21 @@ class Memo:
             last.values.append(value)
         self.n += last.period
 
+    def __setitem__(self, index: int, value) -> None:
+        """A slot read one at a time, or a repeat's own value, made another (`value`)."""
+        if self.tail is not None and index >= self.tail_start:
+            self.tail[index - self.tail_start] = value
+            return
+        at = bisect_right(self.starts, index) - 1
+        segment, offset = self.segments[at], index - self.starts[at]
+        if type(segment) is list:
+            segment[offset] = value
+            return
+        repeat, slot = divmod(offset, segment.period)
+        if not (segment.keyed and slot == 0):
+            raise Unfollowed("a memo slot shared by a run")
+        segment.values[repeat] = value
+
     def __getitem__(self, index):
         if type(index) is slice:
             return [self[i] for i in range(*index.indices(self.n))]
@@ -418,14 +433,14 @@ class Tokens:
         self.rollback(state)
         return None
 
-    def items(self, pos: int, item, run) -> tuple[dict, int]:
+    def items(self, pos: int, item, run, out=None) -> tuple[Any, int]:
         """A dict: EMPTY_DICT MEMOIZE, then batches of items, MARK ... SETITEMS or one ... SETITEM
         (as pickle.dump writes them: 1000 at most, a last batch of one alone). `run(pos, out)`
         reads as many items as it knows in a row (runs of bytes seen before), `item(pos)` one
-        item, any."""
+        item, any. `out`: where the items go (`out[key] = value`; a new dict by default)."""
         pos = self.expect(pos, b"}\x94")
         self.memo.append(OPAQUE)
-        b, out = self.b, {}
+        b, out = self.b, {} if out is None else out
         while True:
             if b[pos] == 0x28:  # MARK
                 pos = self.expect(pos, b"(")

@@ -111,12 +111,17 @@ def _distinct_work(module: InertObject) -> int:
 NON_TENSOR_PARTS = ("_extra_state", "_packed_params")
 
 
-def _split_state_dict(obj: Any, explicit: bool, where: str):
+def _split_state_dict(obj: Any, explicit: bool, where: str, same: bool = False):
     """(tensors, others) if `obj` is a state dict, else None. A state dict maps string keys to
     tensors; besides tensors it may hold the values of NON_TENSOR_PARTS, or — under an explicit
-    --root — any value, carried through .pth outputs as they were."""
+    --root — any value, carried through .pth outputs as they were. `same`: a plain dict of
+    tensors alone is its own `tensors` (no copy: a reader's tree it built, which nothing changes)."""
     if type(obj) not in (dict, OrderedDict):
         return None
+    if same and type(obj) is dict and obj and all(isinstance(v, TensorRef) for v in obj.values()):
+        for key in obj:
+            check_key(key, where)
+        return obj, OrderedDict()
     tensors: OrderedDict[str, TensorRef] = OrderedDict()
     others: OrderedDict[str, Any] = OrderedDict()
     for key, value in obj.items():
@@ -133,9 +138,9 @@ def _split_state_dict(obj: Any, explicit: bool, where: str):
     return tensors, others
 
 
-def as_state_dict(obj: Any, explicit: bool = False, where: str = ""):
-    """(tensors, others) of a state dict or a pickled module, else None."""
-    found = _split_state_dict(obj, explicit, where)
+def as_state_dict(obj: Any, explicit: bool = False, where: str = "", same: bool = False):
+    """(tensors, others) of a state dict or a pickled module, else None (`same`: see _split_state_dict)."""
+    found = _split_state_dict(obj, explicit, where, same)
     if found is not None:
         return found
     if module_state(obj) is not None:
@@ -151,18 +156,19 @@ def _maybe_state_dict(value: Any) -> bool:
     return type(value) in (dict, OrderedDict) and any(isinstance(v, TensorRef) for v in value.values())
 
 
-def find_root(obj: Any, root: str | None, where: str):
+def find_root(obj: Any, root: str | None, where: str, same: bool = False):
     """(root key, state dict, non-tensor entries of the state dict). `root` None means detect;
-    '' means the top level."""
+    '' means the top level. `same`: a state dict that is a plain dict of tensors alone is
+    returned as it is, not copied (a reader's own tree: io/dcp.py's, ~90 bytes a key)."""
     prefix = f"{where}: "
     if root is not None:
         if root == "":
-            found = as_state_dict(obj, True, prefix)
+            found = as_state_dict(obj, True, prefix, same)
         else:
             if type(obj) not in (dict, OrderedDict) or root not in obj:
                 keys = ", ".join(repr(brief(k)) for k in list(obj)[:10]) if isinstance(obj, dict) else "none"
                 raise CkptError(f"{where}: no key {root!r} at the top level (keys: {keys})")
-            found = as_state_dict(obj[root], True, prefix)
+            found = as_state_dict(obj[root], True, prefix, same)
         if found is None:
             hint = ""
             flat = type(obj) in (dict, OrderedDict) and any(isinstance(v, TensorRef) for v in obj.values())
@@ -172,19 +178,19 @@ def find_root(obj: Any, root: str | None, where: str):
             raise CkptError(f"{where}: --root {root!r} does not hold a state dict of tensors{hint}")
         return (root, *found)
 
-    top = as_state_dict(obj, False, prefix)
+    top = as_state_dict(obj, False, prefix, same)
     if top is not None:
         return ("", *top)
     if type(obj) in (dict, OrderedDict):
         for key in ROOT_KEYS:
-            if key in obj and (found := as_state_dict(obj[key], False, prefix)) is not None:
+            if key in obj and (found := as_state_dict(obj[key], False, prefix, same)) is not None:
                 return (key, *found)
         verdicts: dict[int, bool] = {}  # one value may sit under many keys: judge it once
         for value in obj.values():
             if id(value) not in verdicts:
                 verdicts[id(value)] = _maybe_state_dict(value)
         candidates = [k for k, v in obj.items() if type(k) is str and verdicts[id(v)]]
-        if len(candidates) == 1 and (found := as_state_dict(obj[candidates[0]], False, prefix)) is not None:
+        if len(candidates) == 1 and (found := as_state_dict(obj[candidates[0]], False, prefix, same)) is not None:
             return (candidates[0], *found)
         if len(candidates) > 1:
             raise CkptError(f"{where}: several entries hold state dicts ({', '.join(candidates[:10])}); "
