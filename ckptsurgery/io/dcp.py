@@ -330,28 +330,39 @@ class _Stream:
 
     def tensor(self, key: str, spec: Any, path: tuple) -> TensorRef:
         """The tensor of an entry (`spec`), at `path` in the tree, without its place yet."""
-        if spec is BYTES or spec is None:
-            raise Restart("a value that is not a tensor")
-        dtype, size, chunks = spec  # checked as read: sizes, chunks fitting and tiling the size
-        if len(chunks) != 1 or chunks[0][1] != size:
-            raise Restart("a tensor of several chunks")
-        if not all(type(step) is str for step in path) or ".".join(path) != key:
-            raise Restart("a planner path of list indexes, or naming another key")
         laid = self.layouts.get(id(spec))
         if laid is None:
-            laid = self.layouts[id(spec)] = (contiguous_strides(size), TensorRef(None, 0, size, (), dtype).nbytes, spec)
-        made = TensorRef(None, 0, size, laid[0], dtype)
-        made.storage = ChunkStorage.of_chunk(laid[1], self.reader.group(dtype, size, path[:-1]), None, None, None,
-                                             path[-1])
+            if spec is BYTES or spec is None:
+                raise Restart("a value that is not a tensor")
+            dtype, size, chunks = spec  # checked as read: sizes, chunks fitting and tiling the size
+            if len(chunks) != 1 or chunks[0][1] != size:
+                raise Restart("a tensor of several chunks")
+            # (strides, nbytes, spec, dtype, size, first step -> its ChunkGroup where paths have two)
+            laid = self.layouts[id(spec)] = (contiguous_strides(size), TensorRef(None, 0, size, (), dtype).nbytes,
+                                             spec, dtype, size, {})
+        try:
+            named = ".".join(path)
+        except TypeError:
+            raise Restart("a planner path of list indexes") from None
+        if named != key:
+            raise Restart("a planner path naming another key")
+        strides, nbytes, _, dtype, size, groups = laid
+        two = len(path) == 2
+        group = groups.get(path[0]) if two else None
+        if group is None:
+            group = self.reader.group(dtype, size, path[:-1])
+            if two:
+                groups[path[0]] = group
+        made = TensorRef(ChunkStorage.of_chunk(nbytes, group, None, None, None, path[-1]), 0, size, strides, dtype)
         self.order.append(made)
-        tree, folder = self.tree, self.reader.folder
-        if len(path) == 2:  # as _read_fast_with
+        if two:  # as _read_fast_with
             node = self.parents.get(path[0])
             if node is not None and path[1] not in node:
                 node[path[1]] = made
                 return made
-        _place(tree, path, made, folder, [0])
-        if len(path) == 2:
+        tree = self.tree
+        _place(tree, path, made, self.reader.folder, [0])
+        if two:
             self.parents[path[0]] = tree[path[0]]
         return made
 

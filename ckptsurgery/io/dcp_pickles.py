@@ -14,7 +14,7 @@ from array import array
 from typing import Any
 
 from ..errors import CkptError
-from .model import INT64_MAX, MappedFile, TensorRef, numel_of
+from .model import INT64_MAX, MappedFile, Storage, TensorRef, numel_of
 from .pickled import Global, GlobalKind, How, InertGlobal, InertObject, TorchSize
 from .torch_legacy import MAGIC_NUMBER, PROTOCOL_VERSION
 from .torch_zip import storage_loader
@@ -227,6 +227,9 @@ _METADATA, _TSM, _BSM, _CSM, _INDEX, _STORAGE_META, _TP = _record_names(
     "StorageMeta", "TensorProperties")
 _INFO = _KNOWN[STORAGE_INFO]
 _AFTER_STEP = (OPAQUE,)  # a path's last step, new, then its tuple: the memo slots path_run adds
+_ZEROS = {rank: (0,) * rank for rank in range(65)}  # a one-chunk tensor's chunk offsets, by its rank
+# a one-chunk ChunkStorage's place, in its own fields until it is read (dcp_chunks.ChunkGroup)
+_RAW_SOURCE, _RAW_OFFSET, _RAW_KEY = (Storage.__dict__[name] for name in ("source", "offset", "key"))
 
 
 class FastMetadata:
@@ -389,7 +392,7 @@ class _Fast(Tokens):
         were read before (entry_runs) — those of the entry before first, spelled out (literal)."""
         b, memo, runs, bound = self.b, self.memo, self.entry_runs, self.bound
         generic, literal = _compiled["keyed entry"].match, self.entry_literal
-        streaming = self.sink is not None
+        streaming, last = self.sink is not None, None
         while True:
             m = literal[0](b, pos) if literal is not None else None
             if m is not None:
@@ -417,7 +420,11 @@ class _Fast(Tokens):
                 end = self.past(pos, end)
                 bound = self.bound
             out[(len(memo), key) if streaming else key] = run[0]
-            memo.repeat(run[1], key, True)
+            if last is not None and last.items is run[1]:  # (the memo's last segment: see Memo.repeat)
+                last.values.append(key)
+                memo.n += last.period
+            else:
+                last = memo.repeat(run[1], key, True)
             pos = end
         self.entry_literal = literal
         return pos
@@ -515,13 +522,26 @@ class _Fast(Tokens):
         steps but a new last one are spelled as the one before's first (literal). At anything
         else, or any doubt, it stops (path_tokens reads that one)."""
         b, memo, bound, literal = self.b, self.memo, self.bound, self.path_literal
-        streaming = self.sink is not None
+        streaming, last = self.sink is not None, None
+        first = end_keys = 0  # where the keys' memo slots were last found (Memo.keyed)
+        period, keys = 1, None
+        if streaming:  # (the tensors made as paths are read: see _StreamedPaths)
+            paths = out
+            at, entries, specs, make = paths.count, paths.entries.at, paths.entries.specs, self.sink.tensor
         while True:
             m = literal[0](b, pos) if literal is not None else None
             if m is not None:
                 ref, size, text = m.groups()
                 index = ref[1] if ref[0] == 0x68 else int.from_bytes(ref[1:], "little")
-                key = memo[index] if index < len(memo) else None
+                slot = (index - first) // period
+                if not (first <= index < end_keys and first + slot * period == index):
+                    found = memo.keyed(index)
+                    if found is not None:
+                        first, end_keys, period, keys = found
+                        slot = (index - first) // period
+                    else:
+                        slot = -1
+                key = keys[slot] if slot >= 0 else memo[index] if index < len(memo) else None
                 if type(key) is str and size[0] == len(text):
                     try:
                         step = str(text, "utf-8")
@@ -532,19 +552,44 @@ class _Fast(Tokens):
                         if end == bound:
                             end = self.past(pos, end)
                             bound = self.bound
-                        memo.repeat(_AFTER_STEP, step, True)
-                        out[(index, key) if streaming else key] = literal[1] + (step,)
+                        if last is not None:  # (the memo's last segment: see Memo.repeat)
+                            last.values.append(step)
+                            memo.n += 2
+                        else:
+                            last = memo.repeat(_AFTER_STEP, step, True)
+                        path = literal[1] + (step,)
+                        if streaming:
+                            if at >= len(entries) or entries[at] != index:
+                                paths.count = at
+                                raise Restart("planner_data not in state_dict_metadata's order")
+                            spec, specs[at] = specs[at], None
+                            at += 1
+                            made = make(key, spec, path)
+                            if slot >= 0:
+                                keys[slot] = made
+                            else:
+                                memo[index] = made
+                        else:
+                            out[key] = path
                         pos = end
                         continue
+            last = None
             read = self.path_fast(pos)
             if read is None:
                 break
             index, key, steps, end, shape = read
-            out[(index, key) if streaming else key] = steps
+            if streaming:
+                paths.count = at
+                out[(index, key)] = steps
+                at = paths.count
+            else:
+                out[key] = steps
             if shape is not None:
                 literal = self.literal(self.path_literals, shape, steps[:-1], REF_GROUP, shape[0],
                                        b"\\x8c([\\s\\S])([^\\x94]*+)\\x94", shape[1], b"")
             pos, bound = end, self.bound
+        if streaming:
+            paths.count = at
         self.path_literal = literal
         return pos
 
@@ -641,7 +686,12 @@ class _Fast(Tokens):
         a reference to a key, two integers."""
         b, memo, runs, bound = self.b, self.memo, self.storage_runs, self.bound
         generic, literal, count = _compiled["storage"].match, self.storage_literal, 0
-        named = str if self.sink is None else TensorRef  # what a record's key is in the memo (streaming: its tensor)
+        streaming, last = self.sink is not None, None
+        named = str if not streaming else TensorRef  # what a record's key is in the memo (streaming: its tensor)
+        first = end_keys = 0  # where the keys' memo slots were last found (Memo.keyed)
+        period, keys = 1, None
+        if streaming:
+            lasts, sink = self.sink.last, self.sink
         while True:
             m = literal[0](b, pos) if literal is not None else None
             if m is not None:
@@ -661,7 +711,15 @@ class _Fast(Tokens):
             if fqn[0] == 0x8C:
                 break
             index = fqn[1] if fqn[0] == 0x68 else int.from_bytes(fqn[1:], "little")
-            key = memo[index] if index < len(memo) else None
+            slot = (index - first) // period
+            if not (first <= index < end_keys and first + slot * period == index):
+                found = memo.keyed(index)
+                if found is not None:
+                    first, end_keys, period, keys = found
+                    slot = (index - first) // period
+                else:
+                    slot = -1
+            key = keys[slot] if slot >= 0 else memo[index] if index < len(memo) else None
             if type(key) is not named:
                 break
             end = m.end()
@@ -671,11 +729,31 @@ class _Fast(Tokens):
                 end = self.past(pos, end)
                 bound = self.bound
             items, _, offsets, relative_path = run
-            memo.repeat(items)
-            out[key, offsets] = (relative_path, NUMBERS[offset[0]](offset), NUMBERS[length[0]](length))
+            if last is not None and last.items is items:  # (the memo's last segment: see Memo.repeat)
+                memo.n += last.period
+            else:
+                last = memo.repeat(items)
+            offset, length = NUMBERS[offset[0]](offset), NUMBERS[length[0]](length)
+            if streaming:  # _Stream.place, inline
+                storage = key.storage
+                if _RAW_OFFSET.__get__(storage, Storage) is not None:
+                    raise Unfollowed("two storage records for one chunk")
+                if offsets != _ZEROS.get(len(key.shape)):
+                    raise Restart("a storage record of a chunk the entry does not have")
+                before = lasts.get(relative_path)
+                if before is not None and offset <= before:
+                    sink.ordered = False
+                lasts[relative_path] = offset
+                _RAW_SOURCE.__set__(storage, relative_path)
+                _RAW_OFFSET.__set__(storage, offset)
+                _RAW_KEY.__set__(storage, length)
+            else:
+                out[key, offsets] = (relative_path, offset, length)
             count += 1
             pos = end
         self.tally += count
+        if streaming:
+            out.count += count
         self.storage_literal = literal
         return pos
 

@@ -158,8 +158,9 @@ class Memo:
         self.n += len(values)
         return self
 
-    def repeat(self, items: tuple, value=None, keyed: bool = False) -> None:
-        """`value` (where `keyed`), then `items`: one more repeat of a run."""
+    def repeat(self, items: tuple, value=None, keyed: bool = False) -> _Repeated:
+        """`value` (where `keyed`), then `items`: one more repeat of a run; its segment (a run
+        loop adds the next repeats to it itself — `values`, `n` — while it is the last)."""
         last = self.segments[-1] if self.tail is None and self.segments else None
         if last is None or last.items is not items or last.keyed is not keyed:
             last = _Repeated(items, keyed)
@@ -169,6 +170,19 @@ class Memo:
         if keyed:
             last.values.append(value)
         self.n += last.period
+        return last
+
+    def keyed(self, index: int) -> tuple | None:
+        """(first slot, end, period, values) of the segment where slot `index` is a repeat's own
+        value, or None: a run loop looks keys up there itself (`values[(index - first) // period]`,
+        where `first <= index < end` and `(index - first) % period == 0`)."""
+        if not 0 <= index < self.n or (self.tail is not None and index >= self.tail_start):
+            return None
+        at = bisect_right(self.starts, index) - 1
+        segment, first = self.segments[at], self.starts[at]
+        if type(segment) is list or not segment.keyed or (index - first) % segment.period:
+            return None
+        return first, self.starts[at + 1] if at + 1 < len(self.starts) else self.n, segment.period, segment.values
 
     def __setitem__(self, index: int, value) -> None:
         """A slot read one at a time, or a repeat's own value, made another (`value`)."""
