@@ -19,7 +19,7 @@ DTensor, torchtitan, torchtune).
   ranks is one tensor of its full size here, put together from its chunks only then too.
 - Values other than tensors (step counters, optimizer hyperparameters) are `torch.save`
   archives of arbitrary objects, read with the restricted unpickler like any `.pth` (bytes in
-  another form are read as torch.load reads them: dcp_pickles.legacy_value).
+  another form are read as torch.load reads them: dcp_chunks.legacy_value).
 - torch runs `.metadata` and every value unrestricted: the placeholders of both, in the order
   torch meets them, are the folder's events (dcp_pickles.payload_events leaves out only torch's
   own records), listed by inspect and held against a .pth output's.
@@ -33,17 +33,19 @@ import stat
 from typing import Any
 
 from ..errors import CkptError
-from .dcp_chunks import ChunkGroup, ChunkStorage, chunked, lean_archive, lean_storage, short, template_of
+from .dcp_chunks import (
+    ChunkGroup, ChunkStorage, chunked, lean_archive, lean_storage, legacy_value, read_streaming, short, template_of,
+)
 from .dcp_pickles import DCP_META as _META
 from .dcp_pickles import STORAGE_INFO as _STORAGE_INFO
-from .dcp_pickles import BYTES, FastMetadata, Restart, Unfollowed, fast_metadata, legacy_value, payload_events
+from .dcp_pickles import BYTES, FastMetadata, Unfollowed, fast_metadata, payload_events
 from .formats import Format
 from .model import (
     INT64_MAX, Checkpoint, MappedFile, Storage, TensorRef, check_key, contiguous_strides, numel_of, standalone,
 )
 from .pickled import FrozenRecord, Global, GlobalKind, How, InertGlobal, InertObject, TorchSize
 from .torch_zip import load_torch_zip, write_torch
-from .tree import find_root
+from .tree import find_root, place_in_tree
 from .unpickler import MAX_NESTING, MetadataUnpickler, brief, safe_load
 from .write import cast_target, check_parent, plan_shards
 
@@ -229,7 +231,7 @@ class _Reader:
     def value(self, place: tuple, where: str) -> Any:
         """A value other than a tensor. torch's loader torch.loads its bytes with
         weights_only=False: a torch.save archive, or else torch's legacy format, whose pickles it
-        unpickles unrestricted whatever they hold (see dcp_pickles.legacy_value)."""
+        unpickles unrestricted whatever they hold (see dcp_chunks.legacy_value)."""
         archived, value, _ = self.archive(place, where)
         if archived:
             return value
@@ -256,7 +258,7 @@ def read_dcp(folder: str, root: str | None) -> Checkpoint:
     if not 0 < meta_file.size <= MAX_METADATA:
         raise CkptError(f"{meta_path}: {'empty' if not meta_file.size else 'larger than 1 GiB'}; not DCP metadata")
     try:
-        streamed = _read_streaming(folder, root, meta_file) if FAST else None
+        streamed = read_streaming(_Reader(folder, []), root, meta_file) if FAST else None
         if streamed is not None:
             return streamed
         fast = _fast_metadata(meta_file) if FAST else None
@@ -308,107 +310,10 @@ def read_dcp(folder: str, root: str | None) -> Checkpoint:
     tree: dict = {}
     budget = [len(entries) + 1024]  # list slots the planner paths may create
     for key, path in paths.items():
-        _place(tree, path, values[key], f"{folder}: {short(key)}", budget)
+        place_in_tree(tree, path, values[key], f"{folder}: {short(key)}", budget)
     root_key, tensors, others = find_root(tree, root, folder, same=True)
     return Checkpoint(folder, Format.DCP, tensors, root_key, tree, sources=list(reader.files.values()),
                       others=others, events=reader.events)
-
-
-class _Stream:
-    """read_dcp's tensors and tree, made as fast_metadata reads `.metadata` (its sink): where
-    every entry is a tensor of one chunk, each path and place read in the entries' order, no
-    table of them is ever made — a tensor is made when its path is read and given its place when
-    its storage record is (see dcp_pickles._Fast). What _read_fast_with checks, it checks; any
-    other file is a Restart (or a refusal), and read_dcp reads it the tables' way."""
-
-    def __init__(self, reader: _Reader):
-        self.reader, self.tree, self.order = reader, {}, []
-        self.layouts: dict[int, tuple] = {}  # id(spec) -> (strides, nbytes, spec), as _read_fast_with
-        self.parents: dict[str, dict] = {}
-        self.last: dict[Any, int] = {}  # a file's name -> the offset of the last place in it
-        self.ordered = True  # each file's places in increasing order: no two keys name one range
-
-    def tensor(self, key: str, spec: Any, path: tuple) -> TensorRef:
-        """The tensor of an entry (`spec`), at `path` in the tree, without its place yet."""
-        laid = self.layouts.get(id(spec))
-        if laid is None:
-            if spec is BYTES or spec is None:
-                raise Restart("a value that is not a tensor")
-            dtype, size, chunks = spec  # checked as read: sizes, chunks fitting and tiling the size
-            if len(chunks) != 1 or chunks[0][1] != size:
-                raise Restart("a tensor of several chunks")
-            # (strides, nbytes, spec, dtype, size, first step -> its ChunkGroup where paths have two)
-            laid = self.layouts[id(spec)] = (contiguous_strides(size), TensorRef(None, 0, size, (), dtype).nbytes,
-                                             spec, dtype, size, {})
-        try:
-            named = ".".join(path)
-        except TypeError:
-            raise Restart("a planner path of list indexes") from None
-        if named != key:
-            raise Restart("a planner path naming another key")
-        strides, nbytes, _, dtype, size, groups = laid
-        two = len(path) == 2
-        group = groups.get(path[0]) if two else None
-        if group is None:
-            group = self.reader.group(dtype, size, path[:-1])
-            if two:
-                groups[path[0]] = group
-        made = TensorRef(ChunkStorage.of_chunk(nbytes, group, None, None, None, path[-1]), 0, size, strides, dtype)
-        self.order.append(made)
-        if two:  # as _read_fast_with
-            node = self.parents.get(path[0])
-            if node is not None and path[1] not in node:
-                node[path[1]] = made
-                return made
-        tree = self.tree
-        _place(tree, path, made, self.reader.folder, [0])
-        if two:
-            self.parents[path[0]] = tree[path[0]]
-        return made
-
-    def place(self, tensor: TensorRef, offsets: Any, name: Any, offset: Any, length: Any) -> None:
-        """A storage record's place for the chunk of `tensor` at `offsets`."""
-        storage = tensor.storage
-        if not storage.unplaced():
-            raise Unfollowed("two storage records for one chunk")
-        if offsets != (0,) * len(tensor.shape):  # (its one chunk covers it: it begins at 0)
-            raise Restart("a storage record of a chunk the entry does not have")
-        last = self.last.get(name)
-        if last is not None and offset <= last:
-            self.ordered = False
-        self.last[name] = offset
-        storage.set_place(name, offset, length)
-
-    def finish(self, root: str | None) -> Checkpoint:
-        """Each tensor's place checked to lie in its file (files opened in the entries' order, as
-        _read_fast_with opens them), the root found."""
-        if not self.ordered:
-            raise Restart("places not in order: two keys may name one")
-        reader = self.reader
-        folder, lengths = reader.folder, reader._lengths
-        for tensor in self.order:
-            storage = tensor.storage
-            if storage.unplaced():
-                raise CkptError(f"{folder}: the metadata does not say where a chunk lies")
-            source, offset, length = reader.place(*storage.place(), folder)
-            storage.set_place(source, offset, lengths.setdefault(length, length))
-        self.order = []
-        root_key, tensors, others = find_root(self.tree, root, folder, same=True)
-        return Checkpoint(folder, Format.DCP, tensors, root_key, self.tree, sources=list(reader.files.values()),
-                          others=others, events=reader.events, distinct=True)  # (each its own ChunkStorage)
-
-
-def _read_streaming(folder: str, root: str | None, meta_file: MappedFile) -> Checkpoint | None:
-    """read_dcp of a folder whose `.metadata` _Stream takes, or None (read it another way)."""
-    reader = _Reader(folder, [])  # torch's own records make no events
-    try:
-        stream = _Stream(reader)
-        fast_metadata(meta_file.buffer(), stream)
-        return stream.finish(root)
-    except (Unfollowed, CkptError):
-        for source in reader.files.values():
-            source.close()
-        return None
 
 
 def _fast_metadata(meta_file: MappedFile) -> FastMetadata | None:
@@ -438,7 +343,7 @@ def _read_fast_with(reader: _Reader, root: str | None, meta: FastMetadata) -> Ch
     layouts: dict[int, tuple] = {}  # id(spec) -> (strides, nbytes, spec): specs repeat from key to key
     tree: dict = {}
     budget = [len(meta.entries) + 1024]
-    parents: dict[str, dict] = {}  # the first step of two-step paths -> the dict _place made there
+    parents: dict[str, dict] = {}  # the first step of two-step paths -> the dict place_in_tree made there
     deferred = []
     for position, (key, spec) in enumerate(meta.entries.items()):
         path = planner.pop(key, None)  # (popped, here and below: the tables shrink as the checkpoint grows)
@@ -476,12 +381,12 @@ def _read_fast_with(reader: _Reader, root: str | None, meta: FastMetadata) -> Ch
                         raise CkptError(f"{where}: the metadata does not say where its chunk lies")
                     pieces.append((offsets, sizes, reader.place(*info, where)))
                 value = chunked(reader, key, dtype, size, pieces)
-        if len(path) == 2:  # the common case, as _place would: a dict under the same first step already made
+        if len(path) == 2:  # the common case, as place_in_tree would: a dict under the same first step already made
             node = parents.get(path[0])
             if node is not None and type(path[1]) is str and path[1] not in node:
                 node[path[1]] = value
                 continue
-        _place(tree, path, value, where, budget)
+        place_in_tree(tree, path, value, where, budget)
         if len(path) == 2 and type(path[0]) is str and type(path[1]) is str:
             parents[path[0]] = tree[path[0]]
     for _, key, place, where, path in sorted(deferred, key=lambda item: (reader.rank(item[2]), item[0])):
@@ -494,11 +399,11 @@ def _read_fast_with(reader: _Reader, root: str | None, meta: FastMetadata) -> Ch
                       others=others, events=reader.events)
 
 
-_UNREAD = object()  # a value's place in the tree before it is read: anything _place would find there
+_UNREAD = object()  # a value's place in the tree before it is read: anything place_in_tree would find there
 
 
 def _at(tree: dict, steps: tuple) -> dict:
-    """The dict at `steps` (str keys, each a dict) of a tree _place built."""
+    """The dict at `steps` (str keys, each a dict) of a tree place_in_tree built."""
     for step in steps:
         tree = tree[step]
     return tree
@@ -573,47 +478,6 @@ def _planner_path(planner: dict, key: str, where: str) -> tuple:
         raise CkptError(f"{where}: its planner path (planner_data) names another key, {short(named)!r}: the "
                         f"metadata contradicts itself (torch's loader refuses it too)")
     return tuple(path)
-
-
-def _place(tree: dict, path: tuple, value: Any, where: str, budget: list[int]) -> None:
-    """Put `value` at `path` (checked by _planner_path) in the nested state dict, as torch's
-    own unflattening does: a dict per string step, a list per integer step (an optimizer's
-    param_groups). `budget`: the list slots left to create (a path may not make us allocate a
-    million-slot list)."""
-    node: Any = tree
-    for step, nxt in zip(path, path[1:]):
-        child = _child(node, step, where)
-        if child is None:
-            child = [] if type(nxt) is int else {}
-            _set(node, step, child, where, budget)
-        elif type(child) is not (list if type(nxt) is int else dict):
-            raise CkptError(f"{where}: its planner path crosses a value")
-        node = child
-    if _child(node, path[-1], where) is not None:
-        raise CkptError(f"{where}: two keys have one planner path")
-    _set(node, path[-1], value, where, budget)
-
-
-def _child(node: Any, step: Any, where: str) -> Any:
-    if type(node) is dict:
-        if type(step) is not str:
-            raise CkptError(f"{where}: its planner path mixes list and dict steps")
-        return node.get(step)
-    if type(step) is not int or step < 0:
-        raise CkptError(f"{where}: its planner path has a bad list index")
-    return node[step] if step < len(node) else None
-
-
-def _set(node: Any, step: Any, value: Any, where: str, budget: list[int]) -> None:
-    if type(node) is dict:
-        node[step] = value
-        return
-    grow = step + 1 - len(node)
-    if grow > budget[0]:
-        raise CkptError(f"{where}: its planner path has a list index far beyond the entries there are")
-    budget[0] -= max(grow, 0)
-    node.extend([None] * grow)
-    node[step] = value
 
 
 # ---- writing ---------------------------------------------------------------------------------

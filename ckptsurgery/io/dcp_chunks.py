@@ -2,7 +2,9 @@
 folder from `.metadata` alone): a tensor's storage whose place is found, and each chunk held to
 the metadata, on first use (ChunkStorage); a tensor of several chunks put together (chunked);
 and torch.save's one-tensor archives read without zipfile where they are laid out as torch lays
-them out (lean_archive) — anything else by torch_zip.load_torch_zip, which says what is wrong."""
+them out (lean_archive) — anything else by torch_zip.load_torch_zip, which says what is wrong.
+Besides: a value's bytes in torch's legacy format (legacy_value), and the table of one-chunk
+tensors made as `.metadata` is read, with no table of its records (Stream, read_streaming)."""
 
 from __future__ import annotations
 
@@ -14,9 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 from ..dtypes import QUANTIZED
 from ..errors import CkptError
-from .model import JoinedSource, MappedFile, Storage, TensorRef, computed_tensor, contiguous_strides, numel_of
+from .dcp_pickles import BYTES, Restart, Unfollowed, fast_metadata
+from .formats import Format
+from .model import (
+    Checkpoint, JoinedSource, MappedFile, Storage, TensorRef, computed_tensor, contiguous_strides, numel_of,
+)
+from .pickled import InertGlobal, InertObject
+from .torch_legacy import MAGIC_NUMBER, PROTOCOL_VERSION
 from .torch_zip import storage_loader
-from .unpickler import safe_load
+from .tree import find_root, place_in_tree
+from .unpickler import MetadataUnpickler, safe_load
 
 if TYPE_CHECKING:
     from .dcp import _Reader
@@ -304,3 +313,204 @@ def lean_storage(source: MappedFile, offset: int, length: int, lean: tuple, like
             or start + like.nbytes > length:
         return None
     return Storage(source, offset + start, like.nbytes, like.key, like.location)
+
+
+# ---- values that are not torch.save archives: torch's legacy format -------------------------------
+
+def _no_persistent_load(pid):
+    raise CkptError("a persistent id where torch's loader takes none")
+
+
+class _Range:
+    """Bytes [start, end) of a mapped file, read as a file (what the unpickler reads through), as
+    torch reads a value: from a BytesIO of its range. Nothing past the range is read, and a read
+    longer than what is left fails before anything is allocated (as unpickler.BoundedReader)."""
+
+    def __init__(self, buffer, start: int, end: int):
+        self._buffer, self._end, self.position = buffer, end, start
+
+    @property
+    def left(self) -> int:
+        return self._end - self.position
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self.left
+        if n > self.left:
+            raise CkptError(f"not a valid pickle (a {n}-byte record runs past the end: truncated?)")
+        data = self._buffer[self.position : self.position + n]
+        self.position += n
+        return data
+
+    def readline(self) -> bytes:
+        end = self._buffer.find(b"\n", self.position, self._end)
+        return self.read((self._end if end < 0 else end + 1) - self.position)
+
+
+_COUNT = struct.Struct("<q")
+MAX_OPAQUE = 64 << 20  # bytes of a value torch cannot load, shown as they are
+
+
+def legacy_value(source: MappedFile, offset: int, length: int, where: str, repeated: list[int]) -> tuple[Any, list]:
+    """(value, events) of a value whose bytes are not a torch.save archive. torch.load reads them
+    as torch's legacy format: a run of pickles — magic number, protocol version, system info, the
+    object, its storage keys — each unpickled unrestricted, the next only if the one before is
+    what torch expects (or may compare equal to it: what a placeholder built), then the storages.
+    Every pickle torch would unpickle is read here by the restricted unpickler and its events
+    kept, up to the end of the bytes (there torch fails before it runs anything more). The value
+    is the object where the bytes are that format, else the bytes (torch's load fails on them)."""
+    if not length:
+        return b"", []
+    reader = _Range(source.buffer(), offset, offset + length)
+    storage_load, storages = storage_loader(where, lambda key, storage: None, legacy=True, repeated=repeated)
+    events: list = []
+    pickles: list = []
+    for persistent_load in (_no_persistent_load,) * 3 + (storage_load, _no_persistent_load):
+        if not reader.left:
+            break
+        value, happened = safe_load(reader, persistent_load, f"{where}: its bytes, which torch's loader unpickles "
+                                                             f"unrestricted", MetadataUnpickler)
+        events += happened
+        pickles.append(value)
+        if len(pickles) <= 2 and not _may_equal(value, (MAGIC_NUMBER, PROTOCOL_VERSION)[len(pickles) - 1]):
+            break
+    if len(pickles) < 5 or not (type(pickles[0]) is int and pickles[0] == MAGIC_NUMBER
+                                and type(pickles[1]) is int and pickles[1] == PROTOCOL_VERSION):
+        if length > MAX_OPAQUE:  # never held in memory: torch's own load of it fails anyway
+            raise CkptError(f"{where}: a value of {length} bytes that is neither a torch.save archive nor "
+                            f"torch's legacy format (torch's loader fails on it too); refused")
+        return bytes(source.view(offset, length)), events
+    _place_storages(source, reader.position, offset + length, pickles[4], storages, where)
+    return pickles[3], events
+
+
+def _may_equal(value: Any, number: int) -> bool:
+    """Whether torch's `value != number` may be False: for a number, when it equals; for what a
+    placeholder built (or a tensor), whatever its code decides."""
+    if type(value) in (int, float, bool, complex):
+        return value == number
+    return isinstance(value, (InertObject, InertGlobal, TensorRef))
+
+
+def _place_storages(source: MappedFile, position: int, end: int, keys: Any, storages: dict, where: str) -> None:
+    """Where the storages of a legacy-format value lie: after its pickles, in the order of `keys`,
+    each an int64 element count and then its bytes, all before `end` (as io/torch_legacy.py)."""
+    if type(keys) is not list or not all(type(k) is str for k in keys):
+        raise CkptError(f"{where}: a legacy torch file whose storage key list is malformed")
+    for key in keys:
+        handle = storages.get(key)
+        if handle is None:
+            raise CkptError(f"{where}: data for storage {key[:40]!r}, which nothing refers to")
+        if position + _COUNT.size > end:
+            raise CkptError(f"{where}: no data for storage {key[:40]!r} (truncated?)")
+        count = _COUNT.unpack(source.view(position, _COUNT.size))[0]
+        storage = handle.storage
+        if count != handle.numel or storage.source is not None:
+            raise CkptError(f"{where}: storage {key[:40]!r} holds {count} elements, its record says {handle.numel}"
+                            if count != handle.numel else f"{where}: data for storage {key[:40]!r} appears twice")
+        storage.source, storage.offset = source, position + _COUNT.size
+        position = storage.offset + storage.nbytes
+        if position > end:
+            raise CkptError(f"{where}: storage {key[:40]!r} runs past the end of its byte range")
+    missing = sorted(k for k, h in storages.items() if h.storage.source is None)
+    if missing:
+        raise CkptError(f"{where}: no data for storages {', '.join(missing[:5])} (truncated?)")
+
+
+# ---- the table of tensors, made as .metadata is read (dcp_pickles._Fast's sink) -------------------
+
+class Stream:
+    """read_dcp's tensors and tree, made as fast_metadata reads `.metadata` (its sink): where
+    every entry is a tensor of one chunk, each path and place read in the entries' order, no
+    table of them is ever made — a tensor is made when its path is read and given its place when
+    its storage record is (see dcp_pickles._Fast). What dcp._read_fast_with checks, it checks; any
+    other file is a Restart (or a refusal), and read_dcp reads it the tables' way."""
+
+    def __init__(self, reader: _Reader):
+        self.reader, self.tree, self.order = reader, {}, []
+        self.layouts: dict[int, tuple] = {}  # id(spec) -> (strides, nbytes, spec, ...): see tensor
+        self.parents: dict[str, dict] = {}
+        self.last: dict[Any, int] = {}  # a file's name -> the offset of the last place in it
+        self.ordered = True  # each file's places in increasing order: no two keys name one range
+
+    def tensor(self, key: str, spec: Any, path: tuple) -> TensorRef:
+        """The tensor of an entry (`spec`), at `path` in the tree, without its place yet."""
+        laid = self.layouts.get(id(spec))
+        if laid is None:
+            if spec is BYTES or spec is None:
+                raise Restart("a value that is not a tensor")
+            dtype, size, chunks = spec  # checked as read: sizes, chunks fitting and tiling the size
+            if len(chunks) != 1 or chunks[0][1] != size:
+                raise Restart("a tensor of several chunks")
+            # (strides, nbytes, spec, dtype, size, first step -> its ChunkGroup where paths have two)
+            laid = self.layouts[id(spec)] = (contiguous_strides(size), TensorRef(None, 0, size, (), dtype).nbytes,
+                                             spec, dtype, size, {})
+        try:
+            named = ".".join(path)
+        except TypeError:
+            raise Restart("a planner path of list indexes") from None
+        if named != key:
+            raise Restart("a planner path naming another key")
+        strides, nbytes, _, dtype, size, groups = laid
+        two = len(path) == 2
+        group = groups.get(path[0]) if two else None
+        if group is None:
+            group = self.reader.group(dtype, size, path[:-1])
+            if two:
+                groups[path[0]] = group
+        made = TensorRef(ChunkStorage.of_chunk(nbytes, group, None, None, None, path[-1]), 0, size, strides, dtype)
+        self.order.append(made)
+        if two:  # as dcp._read_fast_with
+            node = self.parents.get(path[0])
+            if node is not None and path[1] not in node:
+                node[path[1]] = made
+                return made
+        tree = self.tree
+        place_in_tree(tree, path, made, self.reader.folder, [0])
+        if two:
+            self.parents[path[0]] = tree[path[0]]
+        return made
+
+    def place(self, tensor: TensorRef, offsets: Any, name: Any, offset: Any, length: Any) -> None:
+        """A storage record's place for the chunk of `tensor` at `offsets`."""
+        storage = tensor.storage
+        if not storage.unplaced():
+            raise Unfollowed("two storage records for one chunk")
+        if offsets != (0,) * len(tensor.shape):  # (its one chunk covers it: it begins at 0)
+            raise Restart("a storage record of a chunk the entry does not have")
+        last = self.last.get(name)
+        if last is not None and offset <= last:
+            self.ordered = False
+        self.last[name] = offset
+        storage.set_place(name, offset, length)
+
+    def finish(self, root: str | None) -> Checkpoint:
+        """Each tensor's place checked to lie in its file (files opened in the entries' order, as
+        dcp._read_fast_with opens them), the root found."""
+        if not self.ordered:
+            raise Restart("places not in order: two keys may name one")
+        reader = self.reader
+        folder, lengths = reader.folder, reader._lengths
+        for tensor in self.order:
+            storage = tensor.storage
+            if storage.unplaced():
+                raise CkptError(f"{folder}: the metadata does not say where a chunk lies")
+            source, offset, length = reader.place(*storage.place(), folder)
+            storage.set_place(source, offset, lengths.setdefault(length, length))
+        self.order = []
+        root_key, tensors, others = find_root(self.tree, root, folder, same=True)
+        return Checkpoint(folder, Format.DCP, tensors, root_key, self.tree, sources=list(reader.files.values()),
+                          others=others, events=reader.events, distinct=True)  # (each its own ChunkStorage)
+
+
+def read_streaming(reader: _Reader, root: str | None, meta_file: MappedFile) -> Checkpoint | None:
+    """read_dcp of the folder of `reader` (a new one: torch's own records make no events) whose
+    `.metadata` Stream takes, or None (read it another way)."""
+    try:
+        stream = Stream(reader)
+        fast_metadata(meta_file.buffer(), stream)
+        return stream.finish(root)
+    except (Unfollowed, CkptError):
+        for source in reader.files.values():
+            source.close()
+        return None

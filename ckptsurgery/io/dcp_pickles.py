@@ -9,27 +9,18 @@ read without a Python call per opcode (any other is the restricted unpickler's).
 from __future__ import annotations
 
 import re
-import struct
-from array import array
 from typing import Any
 
-from ..errors import CkptError
-from .model import INT64_MAX, MappedFile, Storage, TensorRef, numel_of
-from .pickled import Global, GlobalKind, How, InertGlobal, InertObject, TorchSize
-from .torch_legacy import MAGIC_NUMBER, PROTOCOL_VERSION
-from .torch_zip import storage_loader
+from .model import INT64_MAX, Storage, TensorRef
+from .pickled import Global, GlobalKind, How, InertGlobal, InertObject
 from .dcp_tokens import (
     FIELDS_RE, GLOBAL_RE, MAX_RUNS, NUMBER, NUMBER_GROUP, NUMBER_RE, NUMBERS, OPAQUE, RECORD_RE, REF_GROUP, SIZE_RE, TEXT,
-    TEXT_RE, Known, Tokens, Unfollowed,
+    TEXT_RE, Known, Restart, StreamedEntries, StreamedPaths, StreamedPlaces, Tokens, Unfollowed, entry_spec,
 )
-from .unpickler import MAX_HASH_WORK, MAX_NESTING, MetadataUnpickler, safe_load
+from .unpickler import MAX_HASH_WORK, MAX_NESTING
 
 DCP_META = "torch.distributed.checkpoint.metadata."  # the module of torch's records, as .metadata names it
 STORAGE_INFO = "torch.distributed.checkpoint.filesystem._StorageInfo"
-
-
-def _no_persistent_load(pid):
-    raise CkptError("a persistent id where torch's loader takes none")
 
 
 # ---- what torch runs: .metadata's own imports and calls --------------------------------------------
@@ -99,102 +90,6 @@ def payload_events(events: list) -> list:
             and not _torch_made(e, own)]
 
 
-class _Range:
-    """Bytes [start, end) of a mapped file, read as a file (what the unpickler reads through), as
-    torch reads a value: from a BytesIO of its range. Nothing past the range is read, and a read
-    longer than what is left fails before anything is allocated (as unpickler.BoundedReader)."""
-
-    def __init__(self, buffer, start: int, end: int):
-        self._buffer, self._end, self.position = buffer, end, start
-
-    @property
-    def left(self) -> int:
-        return self._end - self.position
-
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            n = self.left
-        if n > self.left:
-            raise CkptError(f"not a valid pickle (a {n}-byte record runs past the end: truncated?)")
-        data = self._buffer[self.position : self.position + n]
-        self.position += n
-        return data
-
-    def readline(self) -> bytes:
-        end = self._buffer.find(b"\n", self.position, self._end)
-        return self.read((self._end if end < 0 else end + 1) - self.position)
-
-
-_COUNT = struct.Struct("<q")
-MAX_OPAQUE = 64 << 20  # bytes of a value torch cannot load, shown as they are
-
-
-def legacy_value(source: MappedFile, offset: int, length: int, where: str, repeated: list[int]) -> tuple[Any, list]:
-    """(value, events) of a value whose bytes are not a torch.save archive. torch.load reads them
-    as torch's legacy format: a run of pickles — magic number, protocol version, system info, the
-    object, its storage keys — each unpickled unrestricted, the next only if the one before is
-    what torch expects (or may compare equal to it: what a placeholder built), then the storages.
-    Every pickle torch would unpickle is read here by the restricted unpickler and its events
-    kept, up to the end of the bytes (there torch fails before it runs anything more). The value
-    is the object where the bytes are that format, else the bytes (torch's load fails on them)."""
-    if not length:
-        return b"", []
-    reader = _Range(source.buffer(), offset, offset + length)
-    storage_load, storages = storage_loader(where, lambda key, storage: None, legacy=True, repeated=repeated)
-    events: list = []
-    pickles: list = []
-    for persistent_load in (_no_persistent_load,) * 3 + (storage_load, _no_persistent_load):
-        if not reader.left:
-            break
-        value, happened = safe_load(reader, persistent_load, f"{where}: its bytes, which torch's loader unpickles "
-                                                             f"unrestricted", MetadataUnpickler)
-        events += happened
-        pickles.append(value)
-        if len(pickles) <= 2 and not _may_equal(value, (MAGIC_NUMBER, PROTOCOL_VERSION)[len(pickles) - 1]):
-            break
-    if len(pickles) < 5 or not (type(pickles[0]) is int and pickles[0] == MAGIC_NUMBER
-                                and type(pickles[1]) is int and pickles[1] == PROTOCOL_VERSION):
-        if length > MAX_OPAQUE:  # never held in memory: torch's own load of it fails anyway
-            raise CkptError(f"{where}: a value of {length} bytes that is neither a torch.save archive nor "
-                            f"torch's legacy format (torch's loader fails on it too); refused")
-        return bytes(source.view(offset, length)), events
-    _place_storages(source, reader.position, offset + length, pickles[4], storages, where)
-    return pickles[3], events
-
-
-def _may_equal(value: Any, number: int) -> bool:
-    """Whether torch's `value != number` may be False: for a number, when it equals; for what a
-    placeholder built (or a tensor), whatever its code decides."""
-    if type(value) in (int, float, bool, complex):
-        return value == number
-    return isinstance(value, (InertObject, InertGlobal, TensorRef))
-
-
-def _place_storages(source: MappedFile, position: int, end: int, keys: Any, storages: dict, where: str) -> None:
-    """Where the storages of a legacy-format value lie: after its pickles, in the order of `keys`,
-    each an int64 element count and then its bytes, all before `end` (as io/torch_legacy.py)."""
-    if type(keys) is not list or not all(type(k) is str for k in keys):
-        raise CkptError(f"{where}: a legacy torch file whose storage key list is malformed")
-    for key in keys:
-        handle = storages.get(key)
-        if handle is None:
-            raise CkptError(f"{where}: data for storage {key[:40]!r}, which nothing refers to")
-        if position + _COUNT.size > end:
-            raise CkptError(f"{where}: no data for storage {key[:40]!r} (truncated?)")
-        count = _COUNT.unpack(source.view(position, _COUNT.size))[0]
-        storage = handle.storage
-        if count != handle.numel or storage.source is not None:
-            raise CkptError(f"{where}: storage {key[:40]!r} holds {count} elements, its record says {handle.numel}"
-                            if count != handle.numel else f"{where}: data for storage {key[:40]!r} appears twice")
-        storage.source, storage.offset = source, position + _COUNT.size
-        position = storage.offset + storage.nbytes
-        if position > end:
-            raise CkptError(f"{where}: storage {key[:40]!r} runs past the end of its byte range")
-    missing = sorted(k for k, h in storages.items() if h.storage.source is None)
-    if missing:
-        raise CkptError(f"{where}: no data for storages {', '.join(missing[:5])} (truncated?)")
-
-
 # ---- .metadata as torch writes it, read without a Python call per opcode --------------------------
 # The restricted unpickler spends ~150 opcodes on an entry of a `.metadata`, a Python call each: ~70
 # µs a key. torch writes every entry alike (the same records, their classes and field names memo
@@ -249,7 +144,7 @@ class FastMetadata:
 
 def fast_metadata(data, sink=None) -> FastMetadata | None:
     """`data` (a `.metadata`'s bytes) read as torch's records; Unfollowed where it is anything else.
-    With a `sink` (io/dcp.py's _Stream), its tensors are handed to it as they are read instead,
+    With a `sink` (dcp_chunks.Stream), its tensors are handed to it as they are read instead,
     and nothing is returned: see _Fast's streaming."""
     try:
         tables = _Fast(data, sink).metadata()
@@ -258,59 +153,6 @@ def fast_metadata(data, sink=None) -> FastMetadata | None:
     except Exception as e:  # read past the end (IndexError), or what a malformed file may raise
         raise Unfollowed(f"{type(e).__name__}: {e}") from None
     return FastMetadata(*tables) if sink is None else None
-
-
-class Restart(Unfollowed):
-    """A `.metadata` streaming does not take (see _Fast): read it into tables (fast_metadata
-    without a sink) instead."""
-
-
-class _StreamedEntries:
-    """state_dict_metadata, streamed: each entry's key's memo index and its spec, in order."""
-
-    __slots__ = ("at", "specs")
-
-    def __init__(self):
-        self.at, self.specs = array("q"), []
-
-    def __setitem__(self, key: tuple, spec) -> None:
-        self.at.append(key[0])
-        self.specs.append(spec)
-
-
-class _StreamedPaths:
-    """planner_data, streamed: each key's path, in state_dict_metadata's order, makes its tensor
-    (the sink's `tensor`), which takes the place of the key in the memo (storage_data names it)."""
-
-    __slots__ = ("entries", "memo", "sink", "count")
-
-    def __init__(self, entries: _StreamedEntries, memo, sink):
-        self.entries, self.memo, self.sink, self.count = entries, memo, sink, 0
-
-    def __setitem__(self, key: tuple, path: tuple) -> None:
-        index, name = key
-        entries, at = self.entries, self.count
-        if at >= len(entries.at) or entries.at[at] != index:
-            raise Restart("planner_data not in state_dict_metadata's order")
-        spec, entries.specs[at] = entries.specs[at], None
-        self.count = at + 1
-        self.memo[index] = self.sink.tensor(name, spec, path)
-
-
-class _StreamedPlaces:
-    """storage_data, streamed: each record's place handed to its tensor (the sink's `place`)."""
-
-    __slots__ = ("sink", "count")
-
-    def __init__(self, sink):
-        self.sink, self.count = sink, 0
-
-    def __setitem__(self, key: tuple, info: tuple) -> None:
-        self.sink.place(key[0], key[1], *info)
-        self.count += 1
-
-    def __len__(self) -> int:
-        return self.count
 
 
 def _patterns() -> dict:
@@ -354,8 +196,8 @@ class _Fast(Tokens):
         super().__init__(data)
         self.sink = sink
         if sink is not None:
-            self.streamed = _StreamedEntries()
-            self.streamed_paths = _StreamedPaths(self.streamed, self.memo, sink)
+            self.streamed = StreamedEntries()
+            self.streamed_paths = StreamedPaths(self.streamed, self.memo, sink)
         self.entry_runs: dict[bytes, tuple] = {}  # an entry's value's bytes -> (spec, memo items)
         self.entry_literals: dict = {}  # a run -> (match of it spelled out, its run): see literal
         self.storage_literals: dict = {}
@@ -502,7 +344,7 @@ class _Fast(Tokens):
                 chunk, pos = self.chunk(pos)
                 chunks.append(chunk)
                 pos = self.expect(pos, b"a")
-        return _spec(dtype.dtype, size, chunks), self.expect(pos, b"ub")
+        return entry_spec(dtype.dtype, size, chunks), self.expect(pos, b"ub")
 
     def chunk(self, pos: int) -> tuple[tuple, int]:
         pos = self.field(self.state(self.record(pos, _CSM)), "offsets")
@@ -525,7 +367,7 @@ class _Fast(Tokens):
         streaming, last = self.sink is not None, None
         first = end_keys = 0  # where the keys' memo slots were last found (Memo.keyed)
         period, keys = 1, None
-        if streaming:  # (the tensors made as paths are read: see _StreamedPaths)
+        if streaming:  # (the tensors made as paths are read: see StreamedPaths)
             paths = out
             at, entries, specs, make = paths.count, paths.entries.at, paths.entries.specs, self.sink.tensor
         while True:
@@ -672,7 +514,7 @@ class _Fast(Tokens):
     def storage(self, pos: int) -> tuple[dict, int]:
         self.tally = 0
         streaming = self.sink is not None
-        places, pos = self.items(pos, self.place, self.place_run, _StreamedPlaces(self.sink) if streaming else None)
+        places, pos = self.items(pos, self.place, self.place_run, StreamedPlaces(self.sink) if streaming else None)
         if len(places) != self.tally:  # two indexes of one chunk: which one counts is subtle; not here
             raise Unfollowed("two storage records for one chunk")
         # each index's offset is a tuple the restricted unpickler hashes as it makes the key
@@ -734,7 +576,7 @@ class _Fast(Tokens):
             else:
                 last = memo.repeat(items)
             offset, length = NUMBERS[offset[0]](offset), NUMBERS[length[0]](length)
-            if streaming:  # _Stream.place, inline
+            if streaming:  # Stream.place, inline
                 storage = key.storage
                 if _RAW_OFFSET.__get__(storage, Storage) is not None:
                     raise Unfollowed("two storage records for one chunk")
@@ -891,26 +733,3 @@ class _Fast(Tokens):
         if self.b[pos] == 0x4E:
             return None, self.expect(pos, b"N")
         return None, self.text(pos)[1]
-
-
-def _spec(dtype, size: TorchSize, chunks: list) -> tuple:
-    """(dtype, size, chunks) of a tensor entry, held to read_dcp's checks of its records (else
-    Unfollowed: read_dcp reports it)."""
-    if not all(0 <= v <= INT64_MAX for v in size):
-        raise Unfollowed("a size out of range")
-    size = tuple(size)
-    whole, rank = numel_of(size), len(size)
-    if whole * dtype.itemsize > INT64_MAX:
-        raise Unfollowed("a size beyond int64")
-    volume, out = 0, []
-    for offsets, sizes in chunks:
-        if not (len(offsets) == len(sizes) == rank and all(0 <= v <= INT64_MAX for v in offsets + sizes)
-                and all(o + s <= n for o, s, n in zip(offsets, sizes, size))):
-            raise Unfollowed("a chunk that does not fit")
-        volume += numel_of(sizes)
-        if volume > whole:
-            raise Unfollowed("chunks holding more than the size")
-        out.append((tuple(offsets), tuple(sizes)))
-    if volume != whole:
-        raise Unfollowed("chunks holding fewer elements than the size")
-    return dtype, size, tuple(out)

@@ -9,9 +9,11 @@ its later copies are recognised at C speed."""
 from __future__ import annotations
 
 import re
+from array import array
 from bisect import bisect_right
 from typing import Any
 
+from .model import INT64_MAX, numel_of
 from .pickled import Global, GlobalKind, TorchSize
 from .unpickler import ALLOWED, is_dotted_name
 
@@ -479,3 +481,81 @@ class Tokens:
             made = cache[key] = (re.compile(b"".join(
                 part if index % 2 == 0 else re.escape(part) for index, part in enumerate(parts))).match, run)
         return made
+
+
+# ---- streaming (dcp_pickles._Fast with a sink): the tables' stand-ins ------------------------------
+
+class Restart(Unfollowed):
+    """A `.metadata` streaming does not take (see _Fast): read it into tables (fast_metadata
+    without a sink) instead."""
+
+
+class StreamedEntries:
+    """state_dict_metadata, streamed: each entry's key's memo index and its spec, in order."""
+
+    __slots__ = ("at", "specs")
+
+    def __init__(self):
+        self.at, self.specs = array("q"), []
+
+    def __setitem__(self, key: tuple, spec) -> None:
+        self.at.append(key[0])
+        self.specs.append(spec)
+
+
+class StreamedPaths:
+    """planner_data, streamed: each key's path, in state_dict_metadata's order, makes its tensor
+    (the sink's `tensor`), which takes the place of the key in the memo (storage_data names it)."""
+
+    __slots__ = ("entries", "memo", "sink", "count")
+
+    def __init__(self, entries: StreamedEntries, memo, sink):
+        self.entries, self.memo, self.sink, self.count = entries, memo, sink, 0
+
+    def __setitem__(self, key: tuple, path: tuple) -> None:
+        index, name = key
+        entries, at = self.entries, self.count
+        if at >= len(entries.at) or entries.at[at] != index:
+            raise Restart("planner_data not in state_dict_metadata's order")
+        spec, entries.specs[at] = entries.specs[at], None
+        self.count = at + 1
+        self.memo[index] = self.sink.tensor(name, spec, path)
+
+
+class StreamedPlaces:
+    """storage_data, streamed: each record's place handed to its tensor (the sink's `place`)."""
+
+    __slots__ = ("sink", "count")
+
+    def __init__(self, sink):
+        self.sink, self.count = sink, 0
+
+    def __setitem__(self, key: tuple, info: tuple) -> None:
+        self.sink.place(key[0], key[1], *info)
+        self.count += 1
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def entry_spec(dtype, size: TorchSize, chunks: list) -> tuple:
+    """(dtype, size, chunks) of a tensor entry, held to read_dcp's checks of its records (else
+    Unfollowed: read_dcp reports it)."""
+    if not all(0 <= v <= INT64_MAX for v in size):
+        raise Unfollowed("a size out of range")
+    size = tuple(size)
+    whole, rank = numel_of(size), len(size)
+    if whole * dtype.itemsize > INT64_MAX:
+        raise Unfollowed("a size beyond int64")
+    volume, out = 0, []
+    for offsets, sizes in chunks:
+        if not (len(offsets) == len(sizes) == rank and all(0 <= v <= INT64_MAX for v in offsets + sizes)
+                and all(o + s <= n for o, s, n in zip(offsets, sizes, size))):
+            raise Unfollowed("a chunk that does not fit")
+        volume += numel_of(sizes)
+        if volume > whole:
+            raise Unfollowed("chunks holding more than the size")
+        out.append((tuple(offsets), tuple(sizes)))
+    if volume != whole:
+        raise Unfollowed("chunks holding fewer elements than the size")
+    return dtype, size, tuple(out)

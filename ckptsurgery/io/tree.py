@@ -1,5 +1,6 @@
 """Finding the state dict inside whatever a .pth file holds: a plain state dict, a training
-checkpoint that nests one under a key, or a whole pickled nn.Module (inert placeholders)."""
+checkpoint that nests one under a key, or a whole pickled nn.Module (inert placeholders); and
+putting a value at its path in a nested state dict, as torch's DCP loader does (place_in_tree)."""
 
 from __future__ import annotations
 
@@ -253,3 +254,44 @@ def without_entries(obj: Any, names: set[str]) -> Any:
     if type(obj) is OrderedDict and "_metadata" in vars(obj):
         out._metadata = obj._metadata
     return out
+
+
+def place_in_tree(tree: dict, path: tuple, value: Any, where: str, budget: list[int]) -> None:
+    """Put `value` at `path` (checked by _planner_path) in the nested state dict, as torch's
+    own unflattening does: a dict per string step, a list per integer step (an optimizer's
+    param_groups). `budget`: the list slots left to create (a path may not make us allocate a
+    million-slot list)."""
+    node: Any = tree
+    for step, nxt in zip(path, path[1:]):
+        child = _child(node, step, where)
+        if child is None:
+            child = [] if type(nxt) is int else {}
+            _set(node, step, child, where, budget)
+        elif type(child) is not (list if type(nxt) is int else dict):
+            raise CkptError(f"{where}: its planner path crosses a value")
+        node = child
+    if _child(node, path[-1], where) is not None:
+        raise CkptError(f"{where}: two keys have one planner path")
+    _set(node, path[-1], value, where, budget)
+
+
+def _child(node: Any, step: Any, where: str) -> Any:
+    if type(node) is dict:
+        if type(step) is not str:
+            raise CkptError(f"{where}: its planner path mixes list and dict steps")
+        return node.get(step)
+    if type(step) is not int or step < 0:
+        raise CkptError(f"{where}: its planner path has a bad list index")
+    return node[step] if step < len(node) else None
+
+
+def _set(node: Any, step: Any, value: Any, where: str, budget: list[int]) -> None:
+    if type(node) is dict:
+        node[step] = value
+        return
+    grow = step + 1 - len(node)
+    if grow > budget[0]:
+        raise CkptError(f"{where}: its planner path has a list index far beyond the entries there are")
+    budget[0] -= max(grow, 0)
+    node.extend([None] * grow)
+    node[step] = value
