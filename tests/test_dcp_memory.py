@@ -69,9 +69,28 @@ def test_torchs_folders_of_tensors_are_streamed_and_read_as_the_restricted_unpic
     assert routes.tables == 0
 
 
+@pytest.fixture
+def small(tmp_path):
+    """test_dcp_scale's few tensors and values."""
+    torch.manual_seed(0)
+    state = {"model": {"emb.weight": torch.randn(5, 3), "ids": torch.arange(4), "half": torch.randn(2, 2).half(),
+                       "scale": torch.tensor(2.5)}, "step": 7, "extra": {"lr": 0.1, "names": ["a", "b"]}}
+    return _save(tmp_path / "small", state)
+
+
+def test_values_beside_the_tensors_are_streamed_too(tmp_path, routes, small):
+    """Values that are not tensors (a step counter, a learning rate, a list of names): read once
+    every place is known, in torch's order, as the tables' way reads them."""
+    folder = _save(tmp_path / "ckpt", {"model": _tensors(20), "step": 3, "extra": {"lr": 0.1, "names": ["a"]}})
+    for each in (folder, small):
+        fast = _outcome(each, True)
+        assert fast[0] == "read" and fast == _outcome(each, False)
+    assert (routes.streamed, routes.tables) == (2, 0)
+
+
 def test_other_folders_are_read_the_tables_way(tmp_path, routes):
-    """A value that is not a tensor (a step counter): the tables' way, as before."""
-    folder = _save(tmp_path / "ckpt", {"model": _tensors(20), "step": 3})
+    """A list among the paths (an index as a step): the tables' way, as before."""
+    folder = _save(tmp_path / "ckpt", {"model": _tensors(20), "lst": [torch.ones(2)]})
     fast = _outcome(folder, True)
     assert (routes.streamed, routes.tables) == (0, 1)
     assert fast[0] == "read" and fast == _outcome(folder, False)

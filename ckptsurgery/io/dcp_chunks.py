@@ -419,12 +419,25 @@ def _place_storages(source: MappedFile, position: int, end: int, keys: Any, stor
 
 # ---- the table of tensors, made as .metadata is read (dcp_pickles._Fast's sink) -------------------
 
+class _Value:
+    """An entry that is not a tensor (BytesStorageMetadata), streamed: read once every place is
+    known, in torch's order (Stream.finish); meanwhile its place in the tree."""
+
+    __slots__ = ("key", "path", "place")
+
+    def __init__(self, key: str, path: tuple):
+        self.key, self.path, self.place = key, path, None
+
+
 class Stream:
     """read_dcp's tensors and tree, made as fast_metadata reads `.metadata` (its sink): where
-    every entry is a tensor of one chunk, each path and place read in the entries' order, no
-    table of them is ever made — a tensor is made when its path is read and given its place when
-    its storage record is (see dcp_pickles._Fast). What dcp._read_fast_with checks, it checks; any
-    other file is a Restart (or a refusal), and read_dcp reads it the tables' way."""
+    every entry is a tensor of one chunk or a value, each path (of strings) and place read in the
+    entries' order, no table of them is ever made — a tensor is made when its path is read and
+    given its place when its storage record is (see dcp_pickles._Fast). What
+    dcp._read_fast_with checks, it checks; any other file is a Restart (or a refusal), and
+    read_dcp reads it the tables' way."""
+
+    named = (TensorRef, _Value)  # what a storage record names, in the memo
 
     def __init__(self, reader: _Reader):
         self.reader, self.tree, self.order = reader, {}, []
@@ -437,8 +450,10 @@ class Stream:
         """The tensor of an entry (`spec`), at `path` in the tree, without its place yet."""
         laid = self.layouts.get(id(spec))
         if laid is None:
-            if spec is BYTES or spec is None:
-                raise Restart("a value that is not a tensor")
+            if spec is BYTES:
+                return self.value(key, path)
+            if spec is None:
+                raise Restart("a key's path twice")
             dtype, size, chunks = spec  # checked as read: sizes, chunks fitting and tiling the size
             if len(chunks) != 1 or chunks[0][1] != size:
                 raise Restart("a tensor of several chunks")
@@ -471,18 +486,40 @@ class Stream:
             self.parents[path[0]] = tree[path[0]]
         return made
 
-    def place(self, tensor: TensorRef, offsets: Any, name: Any, offset: Any, length: Any) -> None:
-        """A storage record's place for the chunk of `tensor` at `offsets`."""
-        storage = tensor.storage
-        if not storage.unplaced():
-            raise Unfollowed("two storage records for one chunk")
-        if offsets != (0,) * len(tensor.shape):  # (its one chunk covers it: it begins at 0)
-            raise Restart("a storage record of a chunk the entry does not have")
+    def value(self, key: str, path: tuple) -> _Value:
+        """A value's entry, at `path` in the tree (itself there until it is read)."""
+        try:
+            named = ".".join(path)
+        except TypeError:
+            raise Restart("a planner path of list indexes") from None
+        if named != key:
+            raise Restart("a planner path naming another key")
+        made = _Value(key, path)
+        self.order.append(made)
+        place_in_tree(self.tree, path, made, self.reader.folder, [0])
+        if len(path) == 2:
+            self.parents.setdefault(path[0], self.tree[path[0]])
+        return made
+
+    def place(self, tensor: TensorRef | _Value, offsets: Any, name: Any, offset: Any, length: Any) -> None:
+        """A storage record's place for the chunk of `tensor` at `offsets` (a value's: None)."""
+        if type(tensor) is _Value:
+            if tensor.place is not None:
+                raise Unfollowed("two storage records for one value")
+            if offsets is not None:
+                raise Restart("a storage record of a chunk of a value")
+            tensor.place = (name, offset, length)
+        else:
+            storage = tensor.storage
+            if not storage.unplaced():
+                raise Unfollowed("two storage records for one chunk")
+            if offsets != (0,) * len(tensor.shape):  # (its one chunk covers it: it begins at 0)
+                raise Restart("a storage record of a chunk the entry does not have")
+            storage.set_place(name, offset, length)
         last = self.last.get(name)
         if last is not None and offset <= last:
             self.ordered = False
         self.last[name] = offset
-        storage.set_place(name, offset, length)
 
     def finish(self, root: str | None) -> Checkpoint:
         """Each tensor's place checked to lie in its file (files opened in the entries' order, as
@@ -490,17 +527,30 @@ class Stream:
         if not self.ordered:
             raise Restart("places not in order: two keys may name one")
         reader = self.reader
-        folder, lengths = reader.folder, reader._lengths
-        for tensor in self.order:
+        folder, lengths, deferred = reader.folder, reader._lengths, []
+        for position, tensor in enumerate(self.order):
+            if type(tensor) is _Value:
+                if tensor.place is None:
+                    raise CkptError(f"{folder}: the metadata does not say where a value lies")
+                deferred.append((position, tensor, reader.place(*tensor.place, folder)))
+                continue
             storage = tensor.storage
             if storage.unplaced():
                 raise CkptError(f"{folder}: the metadata does not say where a chunk lies")
             source, offset, length = reader.place(*storage.place(), folder)
             storage.set_place(source, offset, lengths.setdefault(length, length))
         self.order = []
+        # the values, read as torch's loader reads them: file by file, in the order the files first
+        # appear (their events in that order), as dcp._read_fast_with
+        for _, value, place in sorted(deferred, key=lambda item: (reader.rank(item[2]), item[0])):
+            node = self.tree
+            for step in value.path[:-1]:
+                node = node[step]
+            node[value.path[-1]] = reader.value(place, f"{folder}: {short(value.key)}")
         root_key, tensors, others = find_root(self.tree, root, folder, same=True)
         return Checkpoint(folder, Format.DCP, tensors, root_key, self.tree, sources=list(reader.files.values()),
-                          others=others, events=reader.events, distinct=True)  # (each its own ChunkStorage)
+                          others=others, events=reader.events,
+                          distinct=not deferred)  # (each tensor its own ChunkStorage; a value's may share)
 
 
 def read_streaming(reader: _Reader, root: str | None, meta_file: MappedFile) -> Checkpoint | None:

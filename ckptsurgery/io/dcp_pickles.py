@@ -663,7 +663,7 @@ class _Fast(Tokens):
             raise Restart("a storage record naming a new string")
         state = self.mark()
         value, end = self.ref(pos)
-        if type(value) is not TensorRef:
+        if type(value) not in self.sink.named:  # (a tensor, or a value: see dcp_chunks.Stream)
             self.rollback(state)
             raise Restart("a storage record naming what is not an entry's key")
         return value, end
