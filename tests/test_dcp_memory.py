@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.metadata import (
 
 from ckptsurgery.io import dcp as dcp_io
 from test_dcp_scale import _arguments, _mutate, _outcome, _save, _tensors
+from test_dcp_scale import _handmade as _handmade_chunks
 
 
 class _Routes:
@@ -78,19 +79,24 @@ def small(tmp_path):
     return _save(tmp_path / "small", state)
 
 
-def test_values_beside_the_tensors_are_streamed_too(tmp_path, routes, small):
-    """Values that are not tensors (a step counter, a learning rate, a list of names): read once
-    every place is known, in torch's order, as the tables' way reads them."""
-    folder = _save(tmp_path / "ckpt", {"model": _tensors(20), "step": 3, "extra": {"lr": 0.1, "names": ["a"]}})
+def test_values_and_lists_beside_the_tensors_are_streamed_too(tmp_path, routes, small):
+    """Values that are not tensors (a step counter, a learning rate, a list of names), read once
+    every place is known, in torch's order; lists among the paths (an optimizer's param_groups):
+    read as the tables' way reads them."""
+    folder = _save(tmp_path / "ckpt", {"model": _tensors(20), "step": 3, "extra": {"lr": 0.1, "names": ["a"]},
+                                       "lst": [torch.ones(2), torch.zeros(3, dtype=torch.int8)],
+                                       "optim": {"param_groups": [{"lr": 0.1, "params": ["layers.0.w0"]}]}})
     for each in (folder, small):
         fast = _outcome(each, True)
         assert fast[0] == "read" and fast == _outcome(each, False)
     assert (routes.streamed, routes.tables) == (2, 0)
 
 
-def test_other_folders_are_read_the_tables_way(tmp_path, routes):
-    """A list among the paths (an index as a step): the tables' way, as before."""
-    folder = _save(tmp_path / "ckpt", {"model": _tensors(20), "lst": [torch.ones(2)]})
+def test_tensors_of_several_chunks_are_read_the_tables_way(tmp_path, routes):
+    """Tensors split in chunks (FSDP, ranks): the tables' way, as before, once the first one is
+    read (not the whole of state_dict_metadata first)."""
+    folder = tmp_path / "rows"
+    _handmade_chunks(folder)
     fast = _outcome(folder, True)
     assert (routes.streamed, routes.tables) == (0, 1)
     assert fast[0] == "read" and fast == _outcome(folder, False)

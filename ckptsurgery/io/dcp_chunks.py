@@ -429,6 +429,14 @@ class _Value:
         self.key, self.path, self.place = key, path, None
 
 
+def _named(path: tuple) -> str:
+    """The key a planner path names: its steps joined by dots (a list index among them too)."""
+    try:
+        return ".".join(path)
+    except TypeError:
+        return ".".join(map(str, path))
+
+
 class Stream:
     """read_dcp's tensors and tree, made as fast_metadata reads `.metadata` (its sink): where
     every entry is a tensor of one chunk or a value, each path (of strings) and place read in the
@@ -445,6 +453,7 @@ class Stream:
         self.parents: dict[str, dict] = {}
         self.last: dict[Any, int] = {}  # a file's name -> the offset of the last place in it
         self.ordered = True  # each file's places in increasing order: no two keys name one range
+        self.budget = [1024]  # list slots paths may make: the entries' count more (_Fast.planner sets it)
 
     def tensor(self, key: str, spec: Any, path: tuple) -> TensorRef:
         """The tensor of an entry (`spec`), at `path` in the tree, without its place yet."""
@@ -460,14 +469,10 @@ class Stream:
             # (strides, nbytes, spec, dtype, size, first step -> its ChunkGroup where paths have two)
             laid = self.layouts[id(spec)] = (contiguous_strides(size), TensorRef(None, 0, size, (), dtype).nbytes,
                                              spec, dtype, size, {})
-        try:
-            named = ".".join(path)
-        except TypeError:
-            raise Restart("a planner path of list indexes") from None
-        if named != key:
+        if _named(path) != key:
             raise Restart("a planner path naming another key")
         strides, nbytes, _, dtype, size, groups = laid
-        two = len(path) == 2
+        two = len(path) == 2 and type(path[1]) is str
         group = groups.get(path[0]) if two else None
         if group is None:
             group = self.reader.group(dtype, size, path[:-1])
@@ -481,23 +486,19 @@ class Stream:
                 node[path[1]] = made
                 return made
         tree = self.tree
-        place_in_tree(tree, path, made, self.reader.folder, [0])
+        place_in_tree(tree, path, made, self.reader.folder, self.budget)
         if two:
             self.parents[path[0]] = tree[path[0]]
         return made
 
     def value(self, key: str, path: tuple) -> _Value:
         """A value's entry, at `path` in the tree (itself there until it is read)."""
-        try:
-            named = ".".join(path)
-        except TypeError:
-            raise Restart("a planner path of list indexes") from None
-        if named != key:
+        if _named(path) != key:
             raise Restart("a planner path naming another key")
         made = _Value(key, path)
         self.order.append(made)
-        place_in_tree(self.tree, path, made, self.reader.folder, [0])
-        if len(path) == 2:
+        place_in_tree(self.tree, path, made, self.reader.folder, self.budget)
+        if len(path) == 2 and type(path[1]) is str:
             self.parents.setdefault(path[0], self.tree[path[0]])
         return made
 

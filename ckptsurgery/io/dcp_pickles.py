@@ -356,6 +356,8 @@ class _Fast(Tokens):
     def planner(self, pos: int) -> tuple[dict | None, int]:
         if self.b[pos] == 0x4E:  # NONE
             return None, self.expect(pos, b"N")
+        if self.sink is not None:  # as dcp._read_fast_with's
+            self.sink.budget = [len(self.streamed.at) + 1024]
         return self.items(pos, self.path_tokens, self.path_run, self.streamed_paths if self.sink is not None else None)
 
     def path_run(self, pos: int, out: dict) -> int:

@@ -491,14 +491,20 @@ class Restart(Unfollowed):
 
 
 class StreamedEntries:
-    """state_dict_metadata, streamed: each entry's key's memo index and its spec, in order."""
+    """state_dict_metadata, streamed: each entry's key's memo index and its spec, in order. A
+    tensor of several chunks is a Restart as soon as it is read (an FSDP folder's first entry,
+    most often), not once the entries and paths before it are."""
 
-    __slots__ = ("at", "specs")
+    __slots__ = ("at", "specs", "taken")
 
     def __init__(self):
-        self.at, self.specs = array("q"), []
+        self.at, self.specs, self.taken = array("q"), [], {}
 
     def __setitem__(self, key: tuple, spec) -> None:
+        if id(spec) not in self.taken:  # (specs repeat from key to key: each looked at once)
+            if type(spec) is tuple and (len(spec[2]) != 1 or spec[2][0][1] != spec[1]):
+                raise Restart("a tensor of several chunks")
+            self.taken[id(spec)] = spec
         self.at.append(key[0])
         self.specs.append(spec)
 
