@@ -9,6 +9,8 @@ the value a recipe's gradient gives it (ops/recipes: `layer_scheme`, `evaluate`)
 from __future__ import annotations
 
 import functools
+import os
+import threading
 from collections import OrderedDict
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from ... import core
 from ...dtypes import DType
 from ...errors import CkptError, UsageError
 from ...io import Checkpoint, TensorRef
-from ...io.model import chunked_tensor, mapped_range
+from ...io.model import JoinedSource, RangeSource, chunked_tensor, mapped_range
 from .. import methods
 from ..methods import MergeMethod, Parameters
 from ..inputs import open_inputs, with_read
@@ -56,7 +58,8 @@ def merge_with_method(sources: list[str], write: WriteOptions, *, method: str | 
     with ExitStack() as stack:
         ckpts, done = open_inputs(stack, [*sources, *([base] if base is not None else [])], root, read, cast)
         base_ckpt = ckpts.pop() if base is not None else None
-        merged = merge_by_method(ckpts, base_ckpt, method, params, cast, layer_pattern)
+        spools = stack.enter_context(Spools(output_folder(write)))
+        merged = merge_by_method(ckpts, base_ckpt, method, params, cast, layer_pattern, spools)
         first = base_ckpt or ckpts[0]
         written = write_checkpoint(merged.tensors, write, source=first, cast=cast, inputs=[*ckpts, first])
     return MethodReport.extend(with_read(written, done), input=None, mode="method", sources=list(sources), method=method, base=base,
@@ -102,11 +105,12 @@ class MethodMerge:
 
 
 def merge_by_method(models: list[Checkpoint], base: Checkpoint | None, method_name: str, params: Parameters,
-                    cast: DType | None, layer_pattern: str | None = None) -> MethodMerge:
+                    cast: DType | None, layer_pattern: str | None = None, spools: Spools | None = None) -> MethodMerge:
     """Every key merged by the method (floating tensors) or taken from the base — the first
     model where there is none — (the others), in the base's order. `params`: from
     methods.resolve_parameters; each key's merge asks them for its own values (a gradient's
-    spread over the reference's layers, found by `layer_pattern` if given)."""
+    spread over the reference's layers, found by `layer_pattern` if given). `spools`: where a
+    remote tensor a method reads twice is kept between its passes (see InputReads)."""
     reference = base if base is not None else models[0]
     _check_agreement(models, reference, "base" if base is not None else "first model")
     layers = 0
@@ -127,7 +131,7 @@ def merge_by_method(models: list[Checkpoint], base: Checkpoint | None, method_na
         tie = tuple(g.view_key() for g in group)
         if tie not in tied:  # seeded by the tied group's first name in sorted order: order-free
             key = min(groups[tie])
-            merge = _key_merge(key, method_name, group, params, base is not None)
+            merge = _key_merge(key, method_name, group, params, base is not None, spools)
             result.key_merges[key] = merge
             tied[tie] = streamed_tensor(merge, group[0].shape, cast or t.dtype)
         result.tensors[name] = tied[tie]
@@ -175,35 +179,197 @@ def _check_agreement(models: list[Checkpoint], reference: Checkpoint, role: str)
                         + " (merge --into the first one to fit them)")
 
 
-def _key_merge(key: str, method_name: str, group: list[TensorRef], params: Parameters, has_base: bool) -> MergeMethod:
+def _key_merge(key: str, method_name: str, group: list[TensorRef], params: Parameters, has_base: bool,
+               spools: Spools | None) -> MergeMethod:
     """The merge of one key: `group` is [base, model...] for the methods with a base, else
     [model...]; computed in float32, or float64 when an input is float64."""
     wide = "float64" if any(t.dtype.name == "float64" for t in group) else "float32"
-    return methods.METHODS[method_name](params.for_tensor(key), key, [read_values(t, wide) for t in group],
+    return methods.METHODS[method_name](params.for_tensor(key), key, [read_values(t, wide, spools) for t in group],
                                         group[0].numel, wide, chunk_size=methods.CHUNK, shape=group[0].shape,
                                         has_base=has_base)
 
 
-def read_values(t: TensorRef, wide: str) -> methods.Read:
-    """(first element, count) -> those elements of `t` as a `wide` numpy array; straight from the
-    mapped file when its bytes lie in order there, else from one copy made at the first chunk and
-    dropped after the last."""
-    name, size, numel = t.dtype.name, t.dtype.itemsize, t.numel
-    in_order = mapped_range(t)
-    if in_order is not None:
-        source, first = in_order
-        return lambda start, count: methods.decode(source.view(first + start * size, count * size), name, wide)
-    held: list = []
+def read_values(t: TensorRef, wide: str, spools: Spools | None = None, working: str | None = None) -> InputReads:
+    """(first element, count) -> those elements of `t` as a `wide` numpy array (see InputReads);
+    `working`: rounded to that dtype first, as mergekit casts a recipe's inputs to it."""
+    return InputReads(t, wide, spools, None if working == t.dtype.name else working)
 
-    def read(start: int, count: int):
-        if not held:
-            held.append(memoryview(t.data()))
-        values = methods.decode(held[0][start * size:(start + count) * size], name, wide)
-        if start + count == numel:
-            held.clear()
+
+IN_MEMORY = 1 << 20  # a remote tensor read more than once of at most this many bytes is kept in memory
+
+
+class InputReads:
+    """One input tensor's values for one key's merge: (first element, count) -> a `wide` array.
+
+    Read straight from the mapped file when its bytes lie in order there, else from one copy made
+    at the first read and dropped after the last. A method's measure pass (`measuring`, set by
+    `streamed_tensor` around it) reads every input it needs whole before the chunks read them
+    again: a tensor fetched by range requests (a remote input's) is then fetched once, into memory
+    when small, else streamed into a temporary file (`Spools`) that both passes read, and dropped
+    as the chunks read its last elements; a copy is kept for the second pass, not made again."""
+
+    def __init__(self, t: TensorRef, wide: str, spools: Spools | None, working: str | None):
+        self.t, self.wide, self.working = t, wide, working
+        self.spools = spools if spools is not None else Spools()
+        self.name, self.size = t.dtype.name, t.dtype.itemsize
+        self.in_order = mapped_range(t)
+        self.fetched = self.in_order is not None and _fetched_by_range(self.in_order[0])
+        self.measuring = False
+        self._kept = None  # a memoryview of the tensor's bytes, or a _Spool holding them
+        self._lock = threading.Lock()
+
+    def __call__(self, start: int, count: int):
+        values = methods.decode(self._bytes(start * self.size, count * self.size, start + count == self.t.numel),
+                                self.name, self.wide)
+        if self.working is not None:
+            values = methods.decode(methods.encode(values, self.working), self.working, self.wide)
         return values
 
-    return read
+    def _bytes(self, offset: int, nbytes: int, last: bool):
+        kept = self._kept
+        if kept is None and (self.in_order is None or self.measuring and self.fetched):
+            kept = self._keep()
+        if kept is None:
+            source, first = self.in_order
+            return source.view(first + offset, nbytes)
+        data = kept[offset:offset + nbytes] if isinstance(kept, memoryview) else kept.view(offset, nbytes)
+        if last and not self.measuring:  # the chunks are done with it: dropped (a spool's bytes copied out first)
+            data = data if isinstance(kept, memoryview) else bytes(data)
+            self.release()
+        return data
+
+    def _keep(self):
+        with self._lock:  # a measure pass may read from two threads (arcee-fusion)
+            if self._kept is None:
+                if self.in_order is None:
+                    self._kept = memoryview(self.t.data()).cast("B")
+                elif self.t.nbytes <= IN_MEMORY:
+                    self._kept = memoryview(bytes(self.in_order[0].view(self.in_order[1], self.t.nbytes)))
+                else:
+                    self._kept = self.spools.spool(*self.in_order, self.t.nbytes)
+            return self._kept
+
+    def release(self) -> None:
+        """Drop what is kept of the tensor (a spool closed); reads after it read the source again."""
+        with self._lock:
+            kept, self._kept = self._kept, None
+        if kept is not None and not isinstance(kept, memoryview):
+            self.spools.release(kept)
+
+
+def _fetched_by_range(source) -> bool:
+    """Whether reading `source` fetches its bytes over the network (a remote file, or a joined
+    tensor with a piece on one)."""
+    if isinstance(source, JoinedSource):
+        return any(_fetched_by_range(piece) for piece, _, _ in source.pieces)
+    return isinstance(source, RangeSource)
+
+
+class _Spool:
+    """A tensor's bytes in a temporary file with no name (removed from the folder as it is made,
+    on POSIX), mapped: its pages are the page cache's, not this process's memory."""
+
+    def __init__(self, file, nbytes: int):
+        import mmap
+
+        self.file = file
+        self.map = mmap.mmap(file.fileno(), nbytes, access=mmap.ACCESS_READ)
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        return memoryview(self.map)[offset:offset + nbytes]
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except BufferError:  # a view still alive: unmapped when it goes (the file has no name to leave)
+            pass
+        self.file.close()
+
+
+class Spools:
+    """The temporary files a merge streams its remote tensors into when a method reads them more
+    than once: in `folder` (the output's: a /tmp in memory would hold what the file is there to
+    keep out of it), else tempfile's. Each is closed once its tensor's chunks are read, and all
+    that are left when the merge ends (`close`, as a context manager): failed or interrupted."""
+
+    def __init__(self, folder: str | None = None):
+        self.folder = folder
+        self._open: set[_Spool] = set()
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Spools:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def spool(self, source, first: int, nbytes: int) -> _Spool:
+        """Bytes [first, first + nbytes) of `source`, fetched once (streamed in pieces) into a new spool."""
+        try:
+            file, folder = _temporary_file(self.folder)
+        except OSError as e:
+            raise CkptError(f"cannot make a temporary file for a remote tensor read twice: {e.strerror or e}; "
+                            f"set TMPDIR to a writable folder") from None
+
+        def disk(step, *args):  # the disk's failures said as such; the network's are io/remote's one line
+            try:
+                return step(*args)
+            except OSError as e:
+                raise CkptError(f"{folder}: cannot hold a remote tensor read twice ({nbytes} bytes) in a "
+                                f"temporary file there: {e.strerror or e}; free space, or set TMPDIR") from None
+
+        try:
+            for piece, offset, size in (source.ranges(first, nbytes) if isinstance(source, JoinedSource)
+                                        else [(source, first, nbytes)]):
+                _copy_into(lambda data: disk(file.write, data), piece, offset, size)
+            disk(file.flush)
+            spool = disk(_Spool, file, nbytes)
+        except BaseException:
+            file.close()
+            raise
+        with self._lock:
+            self._open.add(spool)
+        return spool
+
+    def release(self, spool: _Spool) -> None:
+        with self._lock:
+            self._open.discard(spool)
+        spool.close()
+
+    def close(self) -> None:
+        with self._lock:
+            spools, self._open = list(self._open), set()
+        for spool in spools:
+            spool.close()
+
+
+def _copy_into(write, source, offset: int, nbytes: int) -> None:
+    """Bytes [offset, offset + nbytes) of `source` handed to `write`: a remote file's streamed in
+    pieces (several fetched at once), the others' viewed."""
+    if not isinstance(source, RangeSource):
+        write(source.view(offset, nbytes))
+        return
+    pieces = source.stream(offset, nbytes)
+    try:
+        for piece in pieces:
+            write(piece)
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:  # the pieces still in flight cancelled now, not when it is collected
+            close()
+
+
+def _temporary_file(folder: str | None):
+    """A temporary file with no name in `folder`, or in tempfile's when None or when the folder
+    takes none; and the folder it is in."""
+    import tempfile
+
+    if folder is not None:
+        try:
+            return tempfile.TemporaryFile(prefix=".ckptsurgery-spool-", dir=folder), folder
+        except OSError:
+            pass
+    return tempfile.TemporaryFile(prefix="ckptsurgery-spool-"), tempfile.gettempdir()
 
 
 @functools.cache
@@ -215,14 +381,37 @@ def _prefetcher():
     return ThreadPoolExecutor(1, thread_name_prefix="ckptsurgery-merge")
 
 
+def output_folder(write: WriteOptions) -> str:
+    """The folder the output is staged in (a folder output's parent): where spools go."""
+    return os.path.dirname(os.path.abspath(write.output))
+
+
 def streamed_tensor(merge: MergeMethod, shape: tuple[int, ...], dtype: DType) -> TensorRef:
-    """A key's merge as a tensor written chunk by chunk, as `dtype`."""
+    """A key's merge as a tensor written chunk by chunk, as `dtype`; its measure pass, if any,
+    made first with the inputs told (`InputReads.measuring`: a remote one is then fetched once)."""
     buffers: list = []  # two result buffers, used in turn: chunk j+1 is made while j is written
     pending: dict = {}  # j -> the future making chunk j
+    measuring = threading.Lock()
+    measured: list = []
+    inputs = [read for read in merge.reads if isinstance(read, InputReads)]
+
+    def measure() -> None:
+        with measuring:
+            if measured:
+                return
+            for read in inputs:
+                read.measuring = True
+            try:
+                merge.prepare()
+            finally:
+                for read in inputs:
+                    read.measuring = False
+            measured.append(True)
 
     def made(j: int) -> memoryview:
         import numpy as np
 
+        measure()
         if not buffers:
             buffers.extend(np.empty(min(merge.chunk_size, merge.numel), merge.wide) for _ in range(2))
         return methods.encode(merge.chunk(j, out=buffers[j % 2][:merge.span(j)[1]]), dtype.name)

@@ -59,7 +59,7 @@ from ..recipes.vocabulary import TOKENIZER_JSON, Alignment, aligned_tensors, ali
     read_vocabulary, row_sources, vocabulary_size
 from ..reports import RecipeReport
 from ..write import FolderOutput, write_checkpoint
-from .by_method import read_values, streamed_tensor
+from .by_method import Spools, output_folder, read_values, streamed_tensor
 
 FOLDER_SHARD_SIZE = "5GB"  # transformers' save_pretrained default
 WEIGHTS_FILE = "model.safetensors"
@@ -90,8 +90,9 @@ def merge_recipe(recipe: str | os.PathLike | Recipe, write: WriteOptions, *,
         plan = plan_recipe(recipe, keys, layer_pattern, {k: _coercion(p) for k, p in names.items()})
         cast = _written_dtype(recipe)
         aligned = _alignment(recipe, opened, fetched)
+        spools = stack.enter_context(Spools(output_folder(write)))
         built = build_tensors(plan, {m: tensors for m, (_, tensors) in opened.items()}, method, names,
-                              _working(recipe), cast, aligned or _fits_vocabulary(recipe))
+                              _working(recipe), cast, aligned or _fits_vocabulary(recipe), spools)
         inputs = [c for c, _ in opened.values()]
         if folder is None:
             written, extra = write_checkpoint(built.tensors, write, cast=cast, inputs=inputs), None
@@ -286,11 +287,12 @@ class Built:
 
 def build_tensors(plan: RecipePlan, models: dict[ModelRef, dict[str, TensorRef]], method: type[MergeMethod],
                   names: dict[str, Parameter], working: str | None, cast: DType | None,
-                  vocabulary: bool | Alignment = False) -> Built:
+                  vocabulary: bool | Alignment = False, spools: Spools | None = None) -> Built:
     """Each planned key as a tensor computed when written (see the module's docstring).
     `vocabulary`: an Alignment (tokenizer_source, every model with a tokenizer.json): the rows of
     a vocabulary tensor aligned by token; True (tokenizer_source: base without): the rows of a
-    tensor outside the layers cut or filled to the reference's (see `_fit_rows`)."""
+    tensor outside the layers cut or filled to the reference's (see `_fit_rows`). `spools`: where a
+    remote tensor the method reads twice is kept between its passes (by_method.InputReads)."""
     built = Built(vocab_size=vocabulary.tokens if isinstance(vocabulary, Alignment) else None)
     resolved: dict[tuple, dict] = {}  # the same values (most keys of a recipe share them): checked once
     for tensor in plan.tensors:
@@ -303,12 +305,12 @@ def build_tensors(plan: RecipePlan, models: dict[ModelRef, dict[str, TensorRef]]
             built.tensors[tensor.key] = _copy(inputs[_base_index(tensor)])
             built.copied += 1
         elif method.name == "passthrough":
-            built.tensors[tensor.key] = _passthrough(tensor, inputs[0], working, cast, built)
+            built.tensors[tensor.key] = _passthrough(tensor, inputs[0], working, cast, built, spools)
         else:
             order, has_base = _read_order(tensor, method)
             given = _given(tensor, [tensor.sources[i] for i in order[int(has_base):]], names)
             values = _resolved(method, tensor, len(order) - int(has_base), given, resolved)
-            merge = _merge(method, values, tensor.key, [inputs[i] for i in order], has_base, working)
+            merge = _merge(method, values, tensor.key, [inputs[i] for i in order], has_base, working, spools)
             built.merges[tensor.key] = merge
             built.tensors[tensor.key] = streamed_tensor(merge, inputs[order[0]].shape, cast or inputs[order[0]].dtype)
             built.merged += 1
@@ -467,21 +469,17 @@ def in_recipe_words(message: str, method: type[MergeMethod]) -> str:
 
 
 def _merge(method: type[MergeMethod], values: dict, key: str, inputs: list[TensorRef], has_base: bool,
-           working: str | None) -> MergeMethod:
+           working: str | None, spools: Spools | None) -> MergeMethod:
+    """The merge of one key, its inputs rounded to the working dtype first, as mergekit casts
+    its inputs to it."""
     wide = "float64" if any(t.dtype.name == "float64" for t in inputs) else "float32"
-    reads = [_rounded(read_values(t, wide), t, working, wide) for t in inputs]
+    reads = [read_values(t, wide, spools, working) for t in inputs]
     return method(values, key, reads, inputs[0].numel, wide, chunk_size=methods.CHUNK, shape=inputs[0].shape,
                   has_base=has_base)
 
 
-def _rounded(read, t: TensorRef, working: str | None, wide: str):
-    """An input's values rounded to the working dtype first, as mergekit casts its inputs to it."""
-    if working is None or t.dtype.name == working:
-        return read
-    return lambda start, count: methods.decode(methods.encode(read(start, count), working), working, wide)
-
-
-def _passthrough(tensor: Planned, source: TensorRef, working: str | None, cast: DType | None, built: Built):
+def _passthrough(tensor: Planned, source: TensorRef, working: str | None, cast: DType | None, built: Built,
+                 spools: Spools | None):
     """passthrough's one source: a copy of its bytes, or computed when scaled or rounded first."""
     if len(tensor.sources) != 1:
         raise UsageError(f"{tensor.key}: passthrough takes exactly one model, not {len(tensor.sources)} (a slice of "
@@ -492,7 +490,7 @@ def _passthrough(tensor: Planned, source: TensorRef, working: str | None, cast: 
         built.copied += 1
         return _copy(source)
     values = _resolved(methods.METHODS["passthrough"], tensor, 1, {"scale": scale}, {})
-    merge = _merge(methods.METHODS["passthrough"], values, tensor.key, [source], False, working)
+    merge = _merge(methods.METHODS["passthrough"], values, tensor.key, [source], False, working, spools)
     built.merges[tensor.key] = merge
     built.merged += 1
     return streamed_tensor(merge, source.shape, cast or source.dtype)

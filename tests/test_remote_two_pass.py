@@ -1,0 +1,229 @@
+"""Merge methods that read a tensor twice — a measure pass over the whole tensor (SLERP's norms,
+TIES' ranks, model stock's angles), then the chunks — fetch each tensor of a remote input once
+(ops/merge/by_method.py: InputReads, Spools): a small one kept in memory between the passes, a
+larger one streamed into a temporary file with no name in the output's folder, closed once its
+chunks are read, and when the command fails or is interrupted. The output is the local run's,
+byte for byte. Served by tests/remote_server.py on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import assert_one_error_line
+from remote_server import RangeServer
+
+import ckptsurgery.ops.merge.by_method as by_method
+from ckptsurgery.ops import WriteOptions
+from ckptsurgery.ops import methods
+from ckptsurgery.io.remote import HEAD_BYTES
+
+
+def _model(seed: int) -> dict[str, torch.Tensor]:
+    """Tensors past the remote reader's 256 KiB read-ahead (else a window fetched for one serves
+    the next, and nothing is fetched twice to see), and one small one, last in the file."""
+    g = torch.Generator().manual_seed(seed)
+    return {"embed.weight": torch.randn(640, 128, generator=g),  # 320 KiB: spooled (IN_MEMORY is 64 KiB here)
+            "layers.0.weight": torch.randn(384, 256, generator=g),  # 384 KiB
+            "layers.1.weight": torch.randn(512, 384, generator=g).to(torch.bfloat16),  # 384 KiB
+            "norm.weight": torch.randn(64, generator=g).to(torch.bfloat16)}  # kept in memory
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    for i, name in enumerate(("a", "b", "base")):
+        save_file(_model(i), str(root / f"{name}.safetensors"), metadata={"format": "pt"})
+        (root / "org" / name).mkdir(parents=True)
+        save_file(_model(i), str(root / "org" / name / "model.safetensors"), metadata={"format": "pt"})
+    with RangeServer(str(root)) as server:
+        yield server, root
+
+
+@pytest.fixture
+def server(served, monkeypatch, tmp_path):
+    server, root = served
+    server.reset()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_TOKEN_PATH", os.path.join(str(root), "no-token-here"))
+    monkeypatch.setenv("CKPTSURGERY_HTTP_TIMEOUT", "5")
+    monkeypatch.setattr(methods, "CHUNK", 4096)  # many chunks a tensor: the second pass reads the spool in pieces
+    monkeypatch.setattr(by_method, "IN_MEMORY", 64 << 10, raising=False)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    return server
+
+
+@pytest.fixture
+def spools(monkeypatch):
+    """Every temporary file the merge makes, with the folder it was made in, as made."""
+    made: list = []
+    make = getattr(by_method, "_temporary_file", None)
+
+    def recorded(folder):
+        file, where = made_in = make(folder)
+        made.append((where, file))
+        return made_in
+
+    monkeypatch.setattr(by_method, "_temporary_file", recorded, raising=False)
+    return made
+
+
+def _files_bytes(root, *names) -> int:
+    """What reading the files' headers and every tensor once costs: per file, its first 512 bytes
+    or its header when longer (as tests/test_remote.py counts), and its tensors' bytes."""
+    total = 0
+    for name in names:
+        with open(root / name, "rb") as f:
+            header = 8 + int.from_bytes(f.read(8), "little")
+        total += max(HEAD_BYTES, header) + os.path.getsize(root / name) - header
+    return total
+
+
+def _no_debris(*folders) -> None:
+    for folder in folders:
+        assert os.listdir(folder) in ([], ["tmp"]) or all(not n.startswith((".ckptsurgery", "ckptsurgery"))
+                                                          for n in os.listdir(folder)), os.listdir(folder)
+    held = []
+    for fd in os.listdir("/proc/self/fd"):  # no descriptor left open on a spool (its disk space held)
+        try:
+            held.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    assert not [h for h in held if any(h.startswith(str(f)) for f in folders)], held
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("slerp", ["--t", "0.3"]),
+    ("ties", ["--density", "0.5", "--base", "BASE"]),  # a rank window: several passes over base and model
+    ("model-stock", ["--base", "BASE"]),
+])
+def test_a_two_pass_merge_of_remote_inputs_fetches_each_tensor_once(cli, server, served, spools, tmp_path,
+                                                                   method, extra):
+    _, root = served
+    local = [root / "a.safetensors", root / "b.safetensors"]
+    remote = [f"{server.url}/a.safetensors", "hf://org/b"]
+    base = ["base.safetensors"] if "BASE" in extra else []
+    local_extra = [str(root / "base.safetensors") if e == "BASE" else e for e in extra]
+    remote_extra = [f"{server.url}/base.safetensors" if e == "BASE" else e for e in extra]
+    assert cli("merge", *local, "--method", method, *local_extra, "-o", tmp_path / "local.safetensors").code == 0
+    assert not spools  # a local input is mapped: read twice where it lies
+    result = cli("merge", *remote, "--method", method, *remote_extra, "-o", tmp_path / "remote.safetensors",
+                 "--json")
+    assert result.code == 0, result.err
+    assert (tmp_path / "remote.safetensors").read_bytes() == (tmp_path / "local.safetensors").read_bytes()
+    fetched = json.loads(result.out)["fetched"]
+    assert fetched["bytes"] <= _files_bytes(root, "a.safetensors", "b.safetensors", *base)
+    # 3 spooled tensors per input, each in the output's folder, all closed once written
+    assert len(spools) == 3 * (2 + len(base))
+    assert {folder for folder, _ in spools} == {str(tmp_path)}
+    assert all(file.closed for _, file in spools)
+    _no_debris(tmp_path, tmp_path / "tmp")
+
+
+def test_a_one_pass_merge_spools_nothing(cli, server, served, spools, tmp_path):
+    _, root = served
+    result = cli("merge", f"{server.url}/a.safetensors", "hf://org/b", "--average", "-o", tmp_path / "out.safetensors",
+                 "--json")
+    assert result.code == 0, result.err
+    assert not spools
+    assert json.loads(result.out)["fetched"]["bytes"] <= _files_bytes(root, "a.safetensors", "b.safetensors")
+
+
+def test_a_recipe_of_hub_models_with_slerp_fetches_each_tensor_once(cli, server, served, spools, tmp_path,
+                                                                    monkeypatch):
+    _, root = served
+    recipe = ("models:\n  - model: {p}a\n  - model: {p}b\nmerge_method: slerp\nbase_model: {p}a\n"
+              "parameters:\n  t: [0, 0.4, 1]\ndtype: float32\n")
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        save_file(_model(("a", "b").index(name)), str(tmp_path / name / "model.safetensors"),
+                  metadata={"format": "pt"})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local.yml").write_text(recipe.format(p=""))
+    assert cli("merge", "--config", tmp_path / "local.yml", "-o", tmp_path / "local.safetensors").code == 0
+    (tmp_path / "remote.yml").write_text(recipe.format(p="hf://org/"))
+    result = cli("merge", "--config", tmp_path / "remote.yml", "-o", tmp_path / "out" / "remote.safetensors",
+                 "--json")
+    assert result.code == 0, result.err
+    assert (tmp_path / "out" / "remote.safetensors").read_bytes() == (tmp_path / "local.safetensors").read_bytes()
+    weights = [f for f in json.loads(result.out)["fetched"]["files"] if f["url"].endswith(".safetensors")]
+    assert sum(f["bytes"] for f in weights) <= _files_bytes(root, "org/a/model.safetensors", "org/b/model.safetensors")
+    assert spools and {folder for folder, _ in spools} == {str(tmp_path / "out")}
+    assert all(file.closed for _, file in spools)
+    _no_debris(tmp_path / "out", tmp_path / "tmp")
+
+
+@pytest.mark.parametrize("failure", ["5xx", "changed"])
+def test_a_server_failing_midway_leaves_no_output_and_no_spool(cli, server, served, spools, tmp_path, monkeypatch,
+                                                             failure):
+    make = by_method._temporary_file
+
+    def then_fail(folder):  # the server fails once the first tensor is held in a spool
+        if spools:
+            if failure == "5xx":
+                server.behaviour.fail_times = 100
+            else:
+                server.behaviour.change_after = 0
+        return make(folder)
+
+    monkeypatch.setattr(by_method, "_temporary_file", then_fail)
+    out = tmp_path / "out" / "merged.safetensors"
+    out.parent.mkdir()
+    result = cli("merge", f"{server.url}/a.safetensors", "hf://org/b", "--method", "slerp", "--t", "0.5",
+                 "-o", out)
+    assert_one_error_line(result, "503" if failure == "5xx" else "changed while being read")
+    assert len(spools) >= 1 and all(file.closed for _, file in spools)
+    assert os.listdir(out.parent) == []
+    _no_debris(out.parent, tmp_path / "tmp")
+
+
+def test_an_interrupted_merge_closes_its_spools(server, served, spools, tmp_path, monkeypatch):
+    from ckptsurgery.ops import merge_with_method
+
+    make = by_method._temporary_file
+
+    def interrupted(folder):
+        if spools:
+            raise KeyboardInterrupt
+        return make(folder)
+
+    monkeypatch.setattr(by_method, "_temporary_file", interrupted)
+    out = tmp_path / "out" / "merged.safetensors"
+    out.parent.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        merge_with_method([f"{server.url}/a.safetensors", "hf://org/b"], WriteOptions(str(out)), method="slerp", t=0.5)
+    assert len(spools) == 1 and spools[0][1].closed
+    assert os.listdir(out.parent) == []
+    _no_debris(out.parent, tmp_path / "tmp")
+
+
+def test_a_full_disk_under_a_spool_is_one_line_and_leaves_nothing(cli, server, served, spools, tmp_path, monkeypatch):
+    make = by_method._temporary_file
+
+    class Full:
+        """A temporary file on a disk that fills up at once."""
+
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    monkeypatch.setattr(by_method, "_temporary_file", lambda folder: (Full(make(folder)[0]), folder))
+    out = tmp_path / "out" / "merged.safetensors"
+    out.parent.mkdir()
+    result = cli("merge", f"{server.url}/a.safetensors", "hf://org/b", "--method", "slerp", "--t", "0.5", "-o", out)
+    assert_one_error_line(result, str(out.parent), "No space left on device", "read twice")
+    assert len(spools) == 1 and spools[0][1].closed
+    assert os.listdir(out.parent) == []
+    _no_debris(out.parent, tmp_path / "tmp")
