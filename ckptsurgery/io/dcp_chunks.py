@@ -118,12 +118,18 @@ class ChunkStorage(Storage):
 
     def _resolve(self) -> None:
         with _RESOLVING:
-            pending = self._pending
-            if pending is None:  # another thread read it meanwhile
+            group = self._group
+            if group is None:  # another thread read it meanwhile
                 return
-            fields = pending[0](*pending[1:])
-            for name, value in zip(("source", "offset", "key", "location"), fields):
-                Storage.__dict__[name].__set__(self, value)
+            if type(group) is ChunkGroup:  # (what _pending gives, without the tuple)
+                step = _LOCATION.__get__(self, Storage)
+                fields = read_chunk(group.reader, _SOURCE.__get__(self, Storage), _OFFSET.__get__(self, Storage),
+                                    _KEY.__get__(self, Storage), group.dtype, group.sizes,
+                                    group.prefix + step if type(step) is str else f"{group.prefix}{step}")
+            else:
+                fields = group[0](*group[1:])
+            for slot, value in zip((_SOURCE, _OFFSET, _KEY, _LOCATION), fields):
+                slot.__set__(self, value)
             self._group = None
 
 
@@ -535,11 +541,14 @@ class Stream:
                     raise CkptError(f"{folder}: the metadata does not say where a value lies")
                 deferred.append((position, tensor, reader.place(*tensor.place, folder)))
                 continue
-            storage = tensor.storage
-            if storage.unplaced():
+            storage = tensor.storage  # (its place in its own fields: see ChunkStorage.place, set_place)
+            offset = _OFFSET.__get__(storage, Storage)
+            if offset is None:
                 raise CkptError(f"{folder}: the metadata does not say where a chunk lies")
-            source, offset, length = reader.place(*storage.place(), folder)
-            storage.set_place(source, offset, lengths.setdefault(length, length))
+            source, offset, length = reader.place(_SOURCE.__get__(storage, Storage), offset,
+                                                  _KEY.__get__(storage, Storage), folder)
+            _SOURCE.__set__(storage, source)
+            _KEY.__set__(storage, lengths.setdefault(length, length))
         self.order = []
         # the values, read as torch's loader reads them: file by file, in the order the files first
         # appear (their events in that order), as dcp._read_fast_with

@@ -235,6 +235,8 @@ class _Fast(Tokens):
         b, memo, runs, bound = self.b, self.memo, self.entry_runs, self.bound
         generic, literal = _compiled["keyed entry"].match, self.entry_literal
         streaming, last = self.sink is not None, None
+        if streaming:
+            indexes, specs, taken = out.at, out.specs, out.taken
         while True:
             m = literal[0](b, pos) if literal is not None else None
             if m is not None:
@@ -261,7 +263,15 @@ class _Fast(Tokens):
                     break
                 end = self.past(pos, end)
                 bound = self.bound
-            out[(len(memo), key) if streaming else key] = run[0]
+            if streaming:  # StreamedEntries, inline
+                spec = run[0]
+                if id(spec) not in taken:
+                    out[(memo.n, key)] = spec  # (looked at there)
+                else:
+                    indexes.append(memo.n)
+                    specs.append(spec)
+            else:
+                out[key] = run[0]
             if last is not None and last.items is run[1]:  # (the memo's last segment: see Memo.repeat)
                 last.values.append(key)
                 memo.n += last.period
