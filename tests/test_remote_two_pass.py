@@ -136,11 +136,15 @@ def test_a_one_pass_merge_spools_nothing(cli, server, served, spools, tmp_path):
     assert json.loads(result.out)["fetched"]["bytes"] <= _files_bytes(root, "a.safetensors", "b.safetensors")
 
 
+@pytest.mark.parametrize("adapter", [False, True])
 def test_a_recipe_of_hub_models_with_slerp_fetches_each_tensor_once(cli, server, served, spools, tmp_path,
-                                                                    monkeypatch):
+                                                                    monkeypatch, adapter):
+    """With `model+adapter` the base's tensors are folded as read (not in order in a file): the
+    fold's copy made once for both passes, not folded — and fetched — again for the second."""
     _, root = served
-    recipe = ("models:\n  - model: {p}a\n  - model: {p}b\nmerge_method: slerp\nbase_model: {p}a\n"
-              "parameters:\n  t: [0, 0.4, 1]\ndtype: float32\n")
+    lora = f"+{_lora(tmp_path / 'lora')}" if adapter else ""
+    recipe = ("models:\n  - model: {p}a" + lora + "\n  - model: {p}b\nmerge_method: slerp\nbase_model: {p}a" + lora
+              + "\nparameters:\n  t: [0, 0.4, 1]\ndtype: float32\n")
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         save_file(_model(("a", "b").index(name)), str(tmp_path / name / "model.safetensors"),
@@ -158,6 +162,21 @@ def test_a_recipe_of_hub_models_with_slerp_fetches_each_tensor_once(cli, server,
     assert spools and {folder for folder, _ in spools} == {str(tmp_path / "out")}
     assert all(file.closed for _, file in spools)
     _no_debris(tmp_path / "out", tmp_path / "tmp")
+
+
+def _lora(folder):
+    """A PEFT LoRA on embed and layers.0 (r=2)."""
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["embed", "layers.0"]}))
+    g = torch.Generator().manual_seed(7)
+    prefix = "base_model.model."
+    save_file({f"{prefix}embed.lora_A.weight": torch.randn(2, 128, generator=g),
+               f"{prefix}embed.lora_B.weight": torch.randn(640, 2, generator=g),
+               f"{prefix}layers.0.lora_A.weight": torch.randn(2, 256, generator=g),
+               f"{prefix}layers.0.lora_B.weight": torch.randn(384, 2, generator=g)},
+              str(folder / "adapter_model.safetensors"))
+    return folder
 
 
 @pytest.mark.parametrize("failure", ["5xx", "changed"])
