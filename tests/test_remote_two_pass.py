@@ -25,9 +25,11 @@ from ckptsurgery.io.remote import HEAD_BYTES
 
 def _model(seed: int) -> dict[str, torch.Tensor]:
     """Tensors past the remote reader's 256 KiB read-ahead (else a window fetched for one serves
-    the next, and nothing is fetched twice to see), and one small one, last in the file."""
+    the next, and nothing is fetched twice to see), and small ones: one first in the file, before
+    a large one (its window must not fetch the large one's first bytes), one last."""
     g = torch.Generator().manual_seed(seed)
-    return {"embed.weight": torch.randn(640, 128, generator=g),  # 320 KiB: spooled (IN_MEMORY is 64 KiB here)
+    return {"bias": torch.randn(96, generator=g),  # first: safetensors orders by dtype, then name
+            "embed.weight": torch.randn(640, 128, generator=g),  # 320 KiB: spooled (IN_MEMORY is 64 KiB here)
             "layers.0.weight": torch.randn(384, 256, generator=g),  # 384 KiB
             "layers.1.weight": torch.randn(512, 384, generator=g).to(torch.bfloat16),  # 384 KiB
             "norm.weight": torch.randn(64, generator=g).to(torch.bfloat16)}  # kept in memory

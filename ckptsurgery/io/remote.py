@@ -22,6 +22,7 @@ huggingface_hub is installed. The endpoint: `HF_ENDPOINT` (default https://huggi
 
 from __future__ import annotations
 
+import bisect
 import os
 import posixpath
 import re
@@ -243,6 +244,7 @@ class RemoteFile(RangeSource):
                             f"{min(HEAD_BYTES, self.size)}")
         self._direct = self._at(first.url, asked)
         self.data_start = self.size  # where tensor data starts (set once the header is read): no read-ahead before
+        self.ends: list[int] = []  # where its tensors end, in order (set with data_start): a window stops at one
         self._window: tuple[int, bytes | bytearray] = (0, b"")
         self._window_lock = threading.Lock()
         self.failed = threading.Event()  # a fetch failed: the others stop retrying
@@ -314,13 +316,19 @@ class RemoteFile(RangeSource):
 
     def _small(self, offset: int, nbytes: int) -> memoryview:
         """A small tensor's bytes (a .pth output copies them one at a time, a norm after a bias):
-        served from the last window fetched when it holds them, else from a new window of
-        READ_AHEAD bytes from `offset` — one request for a run of small tensors, not one each."""
+        served from the last window fetched when it holds them, else from a new window of up to
+        READ_AHEAD bytes from `offset` — one request for a run of small tensors, not one each —
+        ending where a tensor ends (`ends`): never the first bytes of a larger one after them,
+        which is fetched again when it is read."""
         with self._window_lock:
             start, window = self._window
             if start <= offset and offset + nbytes <= start + len(window):
                 return memoryview(window)[offset - start : offset - start + nbytes]
-        window = self.fetch(offset, min(READ_AHEAD, self.size - offset))
+        end = min(offset + READ_AHEAD, self.size)
+        last = bisect.bisect_right(self.ends, end) - 1  # the last tensor the window holds whole
+        if last >= 0 and self.ends[last] >= offset + nbytes:
+            end = self.ends[last]
+        window = self.fetch(offset, end - offset)
         with self._window_lock:
             self._window = (offset, window)
         return memoryview(window)[:nbytes]
@@ -533,7 +541,8 @@ def _read_safetensors(where: Location, source) -> Checkpoint:
     except BaseException:
         source.close()
         raise
-    if isinstance(source, RemoteFile):  # tensor data from here on: small views may read ahead
+    if isinstance(source, RemoteFile):  # tensor data from here on: small views may read ahead, to a tensor's end
+        source.ends = sorted({t.storage.offset + t.storage.nbytes for t in ckpt.tensors.values()})
         source.data_start = 8 + int.from_bytes(head[:8], "little")
     return ckpt
 
