@@ -1,10 +1,11 @@
 """What torch's DCP loader unpickles without restriction, read by the restricted unpickler:
-`.metadata` (torch's FileSystemReader.read_metadata is a plain pickle.load) and the bytes of
-values that are not torch.save archives (its loader torch.loads every value with
-weights_only=False). Nothing here runs; it says what torch would run — the placeholder events a
-folder's reader lists and orders (see io/dcp.py, torch_zip.check_not_more_executable). And
-fast_metadata: a `.metadata` made of torch's own records, as torch writes them and nothing else,
-read without a Python call per opcode (any other is the restricted unpickler's)."""
+`.metadata` (torch's FileSystemReader.read_metadata is a plain pickle.load; the bytes of values
+that are not torch.save archives, which its loader torch.loads with weights_only=False, are
+dcp_chunks.legacy_value's). Nothing here runs; it says what torch would run — the placeholder
+events a folder's reader lists and orders (see io/dcp.py, torch_zip.check_not_more_executable).
+And fast_metadata: a `.metadata` made of torch's own records, as torch writes them and nothing
+else, read without a Python call per opcode (any other is the restricted unpickler's) — into
+tables, or streamed into the table of tensors (dcp_chunks.Stream)."""
 
 from __future__ import annotations
 
