@@ -4,7 +4,9 @@
 reads it; what the merges note about their keys (slerp's fallback) is read from the result once
 the tensors are written (`MethodMerge.notes`). A parameter given as a gradient (`--t 0,0.5,1`) is
 spread over the layers found in the reference's key names (or `--layer-pattern`), each key taking
-the value a recipe's gradient gives it (ops/recipes: `layer_scheme`, `evaluate`)."""
+the value a recipe's gradient gives it (ops/recipes: `layer_scheme`, `evaluate`). A key's inputs
+are read through `InputReads` (recipes' too): a remote tensor a method's measure pass reads is
+fetched once for both passes, kept in memory when small, else in a temporary file (`Spools`)."""
 
 from __future__ import annotations
 
