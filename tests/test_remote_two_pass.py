@@ -1,6 +1,6 @@
 """Merge methods that read a tensor twice — a measure pass over the whole tensor (SLERP's norms,
 TIES' ranks, model stock's angles), then the chunks — fetch each tensor of a remote input once
-(ops/merge/by_method.py: InputReads, Spools): a small one kept in memory between the passes, a
+(ops/merge/by_method.py: InputReads; ops/spools.py: Spools): a small one kept in memory between the passes, a
 larger one streamed into a temporary file with no name in the output's folder, closed once its
 chunks are read, and when the command fails or is interrupted. The output is the local run's,
 byte for byte. Served by tests/remote_server.py on 127.0.0.1."""
@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from conftest import assert_one_error_line
 from remote_server import RangeServer
 
-import ckptsurgery.ops.merge.by_method as by_method
+import ckptsurgery.ops.spools as spooling
 from ckptsurgery.ops import WriteOptions
 from ckptsurgery.ops import methods
 from ckptsurgery.io.remote import HEAD_BYTES
@@ -55,7 +55,7 @@ def server(served, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TOKEN_PATH", os.path.join(str(root), "no-token-here"))
     monkeypatch.setenv("CKPTSURGERY_HTTP_TIMEOUT", "5")
     monkeypatch.setattr(methods, "CHUNK", 4096)  # many chunks a tensor: the second pass reads the spool in pieces
-    monkeypatch.setattr(by_method, "IN_MEMORY", 64 << 10, raising=False)
+    monkeypatch.setattr(spooling, "IN_MEMORY", 64 << 10)
     (tmp_path / "tmp").mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     monkeypatch.setattr("tempfile.tempdir", None)
@@ -66,14 +66,14 @@ def server(served, monkeypatch, tmp_path):
 def spools(monkeypatch):
     """Every temporary file the merge makes, with the folder it was made in, as made."""
     made: list = []
-    make = getattr(by_method, "_temporary_file", None)
+    make = spooling._temporary_file
 
     def recorded(folder):
         file, where = made_in = make(folder)
         made.append((where, file))
         return made_in
 
-    monkeypatch.setattr(by_method, "_temporary_file", recorded, raising=False)
+    monkeypatch.setattr(spooling, "_temporary_file", recorded)
     return made
 
 
@@ -190,7 +190,7 @@ def _lora(folder):
 @pytest.mark.parametrize("failure", ["5xx", "changed"])
 def test_a_server_failing_midway_leaves_no_output_and_no_spool(cli, server, served, spools, tmp_path, monkeypatch,
                                                              failure):
-    make = by_method._temporary_file
+    make = spooling._temporary_file
 
     def then_fail(folder):  # the server fails once the first tensor is held in a spool
         if spools:
@@ -200,7 +200,7 @@ def test_a_server_failing_midway_leaves_no_output_and_no_spool(cli, server, serv
                 server.behaviour.change_after = 0
         return make(folder)
 
-    monkeypatch.setattr(by_method, "_temporary_file", then_fail)
+    monkeypatch.setattr(spooling, "_temporary_file", then_fail)
     out = tmp_path / "out" / "merged.safetensors"
     out.parent.mkdir()
     result = cli("merge", f"{server.url}/a.safetensors", "hf://org/b", "--method", "slerp", "--t", "0.5",
@@ -214,14 +214,14 @@ def test_a_server_failing_midway_leaves_no_output_and_no_spool(cli, server, serv
 def test_an_interrupted_merge_closes_its_spools(server, served, spools, tmp_path, monkeypatch):
     from ckptsurgery.ops import merge_with_method
 
-    make = by_method._temporary_file
+    make = spooling._temporary_file
 
     def interrupted(folder):
         if spools:
             raise KeyboardInterrupt
         return make(folder)
 
-    monkeypatch.setattr(by_method, "_temporary_file", interrupted)
+    monkeypatch.setattr(spooling, "_temporary_file", interrupted)
     out = tmp_path / "out" / "merged.safetensors"
     out.parent.mkdir()
     with pytest.raises(KeyboardInterrupt):
@@ -232,7 +232,7 @@ def test_an_interrupted_merge_closes_its_spools(server, served, spools, tmp_path
 
 
 def test_a_full_disk_under_a_spool_is_one_line_and_leaves_nothing(cli, server, served, spools, tmp_path, monkeypatch):
-    make = by_method._temporary_file
+    make = spooling._temporary_file
 
     class Full:
         """A temporary file on a disk that fills up at once."""
@@ -246,7 +246,7 @@ def test_a_full_disk_under_a_spool_is_one_line_and_leaves_nothing(cli, server, s
         def __getattr__(self, name):
             return getattr(self.file, name)
 
-    monkeypatch.setattr(by_method, "_temporary_file", lambda folder: (Full(make(folder)[0]), folder))
+    monkeypatch.setattr(spooling, "_temporary_file", lambda folder: (Full(make(folder)[0]), folder))
     out = tmp_path / "out" / "merged.safetensors"
     out.parent.mkdir()
     result = cli("merge", f"{server.url}/a.safetensors", "hf://org/b", "--method", "slerp", "--t", "0.5", "-o", out)

@@ -6,7 +6,7 @@ the tensors are written (`MethodMerge.notes`). A parameter given as a gradient (
 spread over the layers found in the reference's key names (or `--layer-pattern`), each key taking
 the value a recipe's gradient gives it (ops/recipes: `layer_scheme`, `evaluate`). A key's inputs
 are read through `InputReads` (recipes' too): a remote tensor a method's measure pass reads is
-fetched once for both passes, kept in memory when small, else in a temporary file (`Spools`)."""
+fetched once for both passes, kept in memory when small, else in a temporary file (ops/spools.py: `Spools`)."""
 
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ from ... import core
 from ...dtypes import DType
 from ...errors import CkptError, UsageError
 from ...io import Checkpoint, TensorRef
-from ...io.model import JoinedSource, RangeSource, chunked_tensor, mapped_range
+from ...io.model import chunked_tensor, mapped_range
 from .. import methods
 from ..methods import MergeMethod, Parameters
 from ..inputs import open_inputs, with_read
 from ..options import READ_AS_IS, ReadOptions, WriteOptions, check_write_options, dtype_to_cast
 from ..reports import MethodReport
+from ..spools import Spools, fetched_by_range
 from ..write import write_checkpoint
 
 
@@ -197,9 +198,6 @@ def read_values(t: TensorRef, wide: str, spools: Spools | None = None, working: 
     return InputReads(t, wide, spools, None if working == t.dtype.name else working)
 
 
-IN_MEMORY = 1 << 20  # a remote tensor read more than once of at most this many bytes is kept in memory
-
-
 class InputReads:
     """One input tensor's values for one key's merge: (first element, count) -> a `wide` array.
 
@@ -215,9 +213,9 @@ class InputReads:
         self.spools = spools if spools is not None else Spools()
         self.name, self.size = t.dtype.name, t.dtype.itemsize
         self.in_order = mapped_range(t)
-        self.fetched = self.in_order is not None and _fetched_by_range(self.in_order[0])
+        self.fetched = self.in_order is not None and fetched_by_range(self.in_order[0])
         self.measuring = False
-        self._kept = None  # a memoryview of the tensor's bytes, or a _Spool holding them
+        self._kept = None  # a memoryview of the tensor's bytes, or a Spool holding them
         self._lock = threading.Lock()
 
     def __call__(self, start: int, count: int):
@@ -245,133 +243,16 @@ class InputReads:
             if self._kept is None:
                 if self.in_order is None:
                     self._kept = memoryview(self.t.data()).cast("B")
-                elif self.t.nbytes <= IN_MEMORY:
-                    self._kept = memoryview(bytes(self.in_order[0].view(self.in_order[1], self.t.nbytes)))
                 else:
-                    self._kept = self.spools.spool(*self.in_order, self.t.nbytes)
+                    self._kept = self.spools.keep(*self.in_order, self.t.nbytes)
             return self._kept
 
     def release(self) -> None:
         """Drop what is kept of the tensor (a spool closed); reads after it read the source again."""
         with self._lock:
             kept, self._kept = self._kept, None
-        if kept is not None and not isinstance(kept, memoryview):
+        if kept is not None:
             self.spools.release(kept)
-
-
-def _fetched_by_range(source) -> bool:
-    """Whether reading `source` fetches its bytes over the network (a remote file, or a joined
-    tensor with a piece on one)."""
-    if isinstance(source, JoinedSource):
-        return any(_fetched_by_range(piece) for piece, _, _ in source.pieces)
-    return isinstance(source, RangeSource)
-
-
-class _Spool:
-    """A tensor's bytes in a temporary file with no name (removed from the folder as it is made,
-    on POSIX), mapped: its pages are the page cache's, not this process's memory."""
-
-    def __init__(self, file, nbytes: int):
-        import mmap
-
-        self.file = file
-        self.map = mmap.mmap(file.fileno(), nbytes, access=mmap.ACCESS_READ)
-
-    def view(self, offset: int, nbytes: int) -> memoryview:
-        return memoryview(self.map)[offset:offset + nbytes]
-
-    def close(self) -> None:
-        try:
-            self.map.close()
-        except BufferError:  # a view still alive: unmapped when it goes (the file has no name to leave)
-            pass
-        self.file.close()
-
-
-class Spools:
-    """The temporary files a merge streams its remote tensors into when a method reads them more
-    than once: in `folder` (the output's: a /tmp in memory would hold what the file is there to
-    keep out of it), else tempfile's. Each is closed once its tensor's chunks are read, and all
-    that are left when the merge ends (`close`, as a context manager): failed or interrupted."""
-
-    def __init__(self, folder: str | None = None):
-        self.folder = folder
-        self._open: set[_Spool] = set()
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> Spools:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def spool(self, source, first: int, nbytes: int) -> _Spool:
-        """Bytes [first, first + nbytes) of `source`, fetched once (streamed in pieces) into a new spool."""
-        try:
-            file, folder = _temporary_file(self.folder)
-        except OSError as e:
-            raise CkptError(f"cannot make a temporary file for a remote tensor read twice: {e.strerror or e}; "
-                            f"set TMPDIR to a writable folder") from None
-
-        def disk(step, *args):  # the disk's failures said as such; the network's are io/remote's one line
-            try:
-                return step(*args)
-            except OSError as e:
-                raise CkptError(f"{folder}: cannot hold a remote tensor read twice ({nbytes} bytes) in a "
-                                f"temporary file there: {e.strerror or e}; free space, or set TMPDIR") from None
-
-        try:
-            for piece, offset, size in (source.ranges(first, nbytes) if isinstance(source, JoinedSource)
-                                        else [(source, first, nbytes)]):
-                _copy_into(lambda data: disk(file.write, data), piece, offset, size)
-            disk(file.flush)
-            spool = disk(_Spool, file, nbytes)
-        except BaseException:
-            file.close()
-            raise
-        with self._lock:
-            self._open.add(spool)
-        return spool
-
-    def release(self, spool: _Spool) -> None:
-        with self._lock:
-            self._open.discard(spool)
-        spool.close()
-
-    def close(self) -> None:
-        with self._lock:
-            spools, self._open = list(self._open), set()
-        for spool in spools:
-            spool.close()
-
-
-def _copy_into(write, source, offset: int, nbytes: int) -> None:
-    """Bytes [offset, offset + nbytes) of `source` handed to `write`: a remote file's streamed in
-    pieces (several fetched at once), the others' viewed."""
-    if not isinstance(source, RangeSource):
-        write(source.view(offset, nbytes))
-        return
-    pieces = source.stream(offset, nbytes)
-    try:
-        for piece in pieces:
-            write(piece)
-    finally:
-        close = getattr(pieces, "close", None)
-        if close is not None:  # the pieces still in flight cancelled now, not when it is collected
-            close()
-
-
-def _temporary_file(folder: str | None):
-    """A temporary file with no name in `folder`, or in tempfile's when None or when the folder
-    takes none; and the folder it is in."""
-    import tempfile
-
-    if folder is not None:
-        try:
-            return tempfile.TemporaryFile(prefix=".ckptsurgery-spool-", dir=folder), folder
-        except OSError:
-            pass
-    return tempfile.TemporaryFile(prefix="ckptsurgery-spool-"), tempfile.gettempdir()
 
 
 @functools.cache

@@ -59,7 +59,8 @@ from ..recipes.vocabulary import TOKENIZER_JSON, Alignment, aligned_tensors, ali
     read_vocabulary, row_sources, vocabulary_size
 from ..reports import RecipeReport
 from ..write import FolderOutput, write_checkpoint
-from .by_method import Spools, output_folder, read_values, streamed_tensor
+from ..spools import Spools
+from .by_method import output_folder, read_values, streamed_tensor
 
 FOLDER_SHARD_SIZE = "5GB"  # transformers' save_pretrained default
 WEIGHTS_FILE = "model.safetensors"

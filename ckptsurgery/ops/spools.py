@@ -1,0 +1,182 @@
+"""A remote tensor read twice, fetched once: what merge (its methods' measure pass, then the
+chunks), a DoRA fold (the norms, then the rows), diff (a hash, then the values) and inspect
+(`--stats`, then `--hash`) share.
+
+A tensor whose bytes are fetched by range requests (io/remote.py) is kept between the reads: in
+memory when it is small (`IN_MEMORY`), else streamed once into a temporary file with no name
+(removed from its folder as it is made, on POSIX), mapped, so its pages are the page cache's and
+not this process's memory — in the output's folder when there is one (a /tmp in memory would
+hold what the file is there to keep out of it), else tempfile's. Each is closed once its reads
+are done (`Spools.release`), and every one still open when the command ends, fails or is
+interrupted (`Spools.close`, the command's ExitStack). A tensor of a local file is never kept:
+it is read twice where it lies (`Spools.hold` hands it back as it is)."""
+
+from __future__ import annotations
+
+import threading
+
+from ..errors import CkptError
+from ..io import TensorRef
+from ..io.model import JoinedSource, RangeSource, Storage, mapped_range
+
+IN_MEMORY = 1 << 20  # a remote tensor read more than once of at most this many bytes is kept in memory
+
+
+def fetched_by_range(source) -> bool:
+    """Whether reading `source` fetches its bytes over the network (a remote file, or a joined
+    tensor with a piece on one)."""
+    if isinstance(source, JoinedSource):
+        return any(fetched_by_range(piece) for piece, _, _ in source.pieces)
+    return isinstance(source, RangeSource)
+
+
+def remote_range(t: TensorRef):
+    """(source, byte offset) of a tensor whose bytes lie in order on a source fetched by range
+    requests; None for any other (a local file's, a computed one)."""
+    in_order = mapped_range(t)
+    return in_order if in_order is not None and fetched_by_range(in_order[0]) else None
+
+
+class Spool:
+    """A tensor's bytes in a temporary file with no name, mapped."""
+
+    def __init__(self, file, nbytes: int):
+        import mmap
+
+        self.file = file
+        self.map = mmap.mmap(file.fileno(), nbytes, access=mmap.ACCESS_READ)
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        return memoryview(self.map)[offset:offset + nbytes]
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except BufferError:  # a view still alive: unmapped when it goes (the file has no name to leave)
+            pass
+        self.file.close()
+
+
+class _InMemory:
+    """A small tensor's bytes, kept: viewed as a spool is."""
+
+    def __init__(self, data: bytes):
+        self.data = memoryview(data)
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        return self.data[offset:offset + nbytes]
+
+    def close(self) -> None:
+        pass
+
+
+class Spools:
+    """The temporary files a command streams its remote tensors into when it reads them more than
+    once: in `folder`, else tempfile's. Each is closed once its tensor's reads are done
+    (`release`), and all that are left when the command ends (`close`, as a context manager):
+    failed or interrupted."""
+
+    def __init__(self, folder: str | None = None):
+        self.folder = folder
+        self._open: set[Spool] = set()
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Spools:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def keep(self, source, first: int, nbytes: int):
+        """Bytes [first, first + nbytes) of `source`, fetched once: a memoryview when at most
+        IN_MEMORY bytes, else a new spool (`spool`)."""
+        if nbytes <= IN_MEMORY:
+            return memoryview(bytes(source.view(first, nbytes)))
+        return self.spool(source, first, nbytes)
+
+    def spool(self, source, first: int, nbytes: int) -> Spool:
+        """Bytes [first, first + nbytes) of `source`, fetched once (streamed in pieces) into a new spool."""
+        try:
+            file, folder = _temporary_file(self.folder)
+        except OSError as e:
+            raise CkptError(f"cannot make a temporary file for a remote tensor read twice: {e.strerror or e}; "
+                            f"set TMPDIR to a writable folder") from None
+
+        def disk(step, *args):  # the disk's failures said as such; the network's are io/remote's one line
+            try:
+                return step(*args)
+            except OSError as e:
+                raise CkptError(f"{folder}: cannot hold a remote tensor read twice ({nbytes} bytes) in a "
+                                f"temporary file there: {e.strerror or e}; free space, or set TMPDIR") from None
+
+        try:
+            for piece, offset, size in (source.ranges(first, nbytes) if isinstance(source, JoinedSource)
+                                        else [(source, first, nbytes)]):
+                _copy_into(lambda data: disk(file.write, data), piece, offset, size)
+            disk(file.flush)
+            spool = disk(Spool, file, nbytes)
+        except BaseException:
+            file.close()
+            raise
+        with self._lock:
+            self._open.add(spool)
+        return spool
+
+    def hold(self, t: TensorRef) -> TensorRef:
+        """`t` itself when reading it twice costs nothing more (a local file's, a computed one);
+        else the same tensor on its bytes fetched once (`keep`), whose reads view them as a mapped
+        file's (`io.model.mapped_range`): `release` it once read."""
+        in_order = remote_range(t)
+        if in_order is None:
+            return t
+        kept = self.keep(*in_order, t.nbytes)
+        source = JoinedSource([(_InMemory(kept) if isinstance(kept, memoryview) else kept, 0, t.nbytes)])
+        storage = Storage(source, 0, t.nbytes, t.storage.key, t.storage.location)
+        return TensorRef(storage, 0, t.shape, t.stride, t.dtype,
+                         requires_grad=t.requires_grad)
+
+    def release(self, kept) -> None:
+        """Close what `spool` or `hold` made (a memoryview or a tensor not held: nothing to close)."""
+        if isinstance(kept, TensorRef):
+            pieces = kept.storage.source.pieces if isinstance(kept.storage.source, JoinedSource) else []
+            kept = next((piece for piece, _, _ in pieces if isinstance(piece, Spool)), None)
+        if not isinstance(kept, Spool):
+            return
+        with self._lock:
+            self._open.discard(kept)
+        kept.close()
+
+    def close(self) -> None:
+        with self._lock:
+            spools, self._open = list(self._open), set()
+        for spool in spools:
+            spool.close()
+
+
+def _copy_into(write, source, offset: int, nbytes: int) -> None:
+    """Bytes [offset, offset + nbytes) of `source` handed to `write`: a remote file's streamed in
+    pieces (several fetched at once), the others' viewed."""
+    if not isinstance(source, RangeSource):
+        write(source.view(offset, nbytes))
+        return
+    pieces = source.stream(offset, nbytes)
+    try:
+        for piece in pieces:
+            write(piece)
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:  # the pieces still in flight cancelled now, not when it is collected
+            close()
+
+
+def _temporary_file(folder: str | None):
+    """A temporary file with no name in `folder`, or in tempfile's when None or when the folder
+    takes none; and the folder it is in."""
+    import tempfile
+
+    if folder is not None:
+        try:
+            return tempfile.TemporaryFile(prefix=".ckptsurgery-spool-", dir=folder), folder
+        except OSError:
+            pass
+    return tempfile.TemporaryFile(prefix="ckptsurgery-spool-"), tempfile.gettempdir()
