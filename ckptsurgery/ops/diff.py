@@ -13,6 +13,23 @@ from ..io.model import mapped_range
 from .inputs import open_inputs, with_read
 from .options import READ_AS_IS, ReadOptions
 from .reports import DiffReport
+from .spools import Spools
+
+
+class _Reads(ThreadPoolExecutor):
+    """diff's second thread (B hashed while A is), and where a remote tensor read twice — its hash,
+    then its values — is kept between the reads (`spools`: tempfile's folder, diff writes no
+    output), closed at the end once the thread has stopped."""
+
+    def __init__(self):
+        super().__init__(1, thread_name_prefix="ckptsurgery-diff")
+        self.spools = Spools()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self.spools.close()
 
 
 def _same_bytes(a: TensorRef, b: TensorRef, pool) -> bool:
@@ -181,7 +198,7 @@ def diff_checkpoints(a: str, b: str, *, atol: float = 0.0, rtol: float = 0.0, ig
     with ExitStack() as stack:
         opened, done = open_inputs(stack, [a, b, *([base] if base is not None else [])], root, read, None)
         ca, cb, cz = opened[0], opened[1], opened[2] if base is not None else None
-        pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="ckptsurgery-diff"))
+        pool = stack.enter_context(_Reads())
         ca, cb, ignored = _without_ignored(ca, cb, ignore)
         layers = _Layers.of(ca, cb, cz, set(ignored), layer_pattern, [a, b, *([base] if base else [])]) \
             if by_layer else None
@@ -253,14 +270,33 @@ def _compare(name: str, ta: TensorRef, tb: TensorRef, tol: tuple[float, float], 
             return False
         worst, close = _value_gap(ta, tb, *tol)
         change["max_abs_diff"] = worst
-    elif _same_bytes(ta, tb, pool):
-        return True
     else:
-        worst, close = _value_gap(ta, tb, *tol)
+        same, worst, close = _hashed_then_gap(ta, tb, tol, pool)
+        if same:
+            return True
     if exact or not close:
         changes["value"].append({"name": name, "max_abs_diff": worst})
         return False
     return True
+
+
+def _hashed_then_gap(ta: TensorRef, tb: TensorRef, tol: tuple[float, float], pool):
+    """(same bytes, largest gap, within `tol`) of two tensors of one dtype: hashed, and only when
+    the hashes differ read again for their values — a remote tensor fetched once for both reads
+    (held by `pool.spools`: in memory when small, else a temporary file), a local one read twice
+    where it lies."""
+    other = pool.submit(pool.spools.hold, tb)
+    held = [pool.spools.hold(ta)]
+    try:
+        held.append(other.result())
+        if _same_bytes(*held, pool):
+            return True, 0, True
+        return False, *_value_gap(*held, *tol)
+    finally:
+        if len(held) < 2 and other.exception() is None:
+            held.append(other.result())
+        for t in held:
+            pool.spools.release(t)
 
 
 BY_STORAGE, BY_METADATA = "storage", "metadata"
