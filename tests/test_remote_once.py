@@ -145,3 +145,36 @@ def test_diff_failing_midway_is_one_line_and_leaves_no_spool(cli, server, served
     assert_one_error_line(result, "503", code=2)
     assert spools and all(file.closed for _, file in spools)
     _no_debris(tmp_path / "tmp")
+
+
+# ---- inspect --stats --hash -------------------------------------------------------------------
+
+def test_inspect_stats_and_hash_of_a_remote_file_fetch_it_once(cli, server, served, spools, tmp_path):
+    _, root = served
+    local = cli("inspect", root / "a.safetensors", "--stats", "--hash", "--json")
+    assert local.code == 0, local.err
+    assert not spools
+    result = cli("inspect", "hf://org/a", "--stats", "--hash", "--json")
+    assert result.code == 0, result.err
+    assert _report(result, "path", "input") == _report(local, "path", "input")
+    fetched = json.loads(result.out)["fetched"]["bytes"]
+    assert fetched <= _files_bytes(root, "org/a/model.safetensors"), fetched
+    assert spools and {folder for folder, _ in spools} == {str(tmp_path / "tmp")}
+    assert all(file.closed for _, file in spools)
+    _no_debris(tmp_path / "tmp")
+
+
+def test_inspect_failing_midway_is_one_line_and_leaves_no_spool(cli, server, served, spools, tmp_path, monkeypatch):
+    make = spooling._temporary_file
+
+    def then_fail(folder):
+        if spools:
+            server.behaviour.fail_times = 100
+        return make(folder)
+
+    monkeypatch.setattr(spooling, "_temporary_file", then_fail)
+    monkeypatch.setattr(http, "RETRIES", 0)
+    result = cli("inspect", f"{server.url}/a.safetensors", "--stats", "--hash")
+    assert_one_error_line(result, "503")
+    assert spools and all(file.closed for _, file in spools)
+    _no_debris(tmp_path / "tmp")

@@ -34,7 +34,13 @@ def inspect_checkpoint(input: str, *, keys: list[str] | None = None, stats: bool
         records = report.tensors
         # the listed tensors, for what reads them (a plain listing needs no second table)
         chosen = {name: ckpt.tensors[name] for name in records.names} if stats or hash or tree else {}
-        if stats:
+        if stats and hash and _any_remote(chosen):
+            from .digest import fingerprint
+
+            tick = progress(sum(map(_stored_nbytes, chosen.values())), "reading tensors") if progress else None
+            records.stats, records.hashes = _stats_and_hashes(chosen, tick)
+            report.fingerprint = fingerprint(records.hashes)
+        elif stats:
             tick = progress(sum(map(_stored_nbytes, chosen.values())), "reading tensors") if progress else None
             from .stats import each_stats
 
@@ -43,7 +49,7 @@ def inspect_checkpoint(input: str, *, keys: list[str] | None = None, stats: bool
                 records.stats.append(found)
                 if tick:
                     tick(_stored_nbytes(t))
-        if hash:
+        if hash and records.hashes is None:
             from .digest import fingerprint, hashes_of
 
             tick = progress(sum(t.nbytes for t in _unique_views(chosen, records.shares)), "hashing") \
@@ -53,6 +59,39 @@ def inspect_checkpoint(input: str, *, keys: list[str] | None = None, stats: bool
         if tree:
             report.tree = module_tree(chosen, depth)
     return report
+
+
+def _any_remote(tensors: dict[str, TensorRef]) -> bool:
+    """Whether reading some of the tensors fetches them by range requests (a remote input)."""
+    from .spools import remote_range
+
+    return any(remote_range(t) is not None for t in tensors.values())
+
+
+def _stats_and_hashes(chosen: dict[str, TensorRef], tick) -> tuple[list[dict], dict[str, str]]:
+    """`--stats` and `--hash` of tensors some of which are fetched by range requests (a remote
+    input's): each distinct view read for both in one go, held between the two reads
+    (ops/spools.py: in memory when small, else a temporary file with no name in tempfile's folder,
+    closed once read), so it is fetched once; a local one is read twice where it lies."""
+    from .digest import tensor_sha256
+    from .spools import Spools
+    from .stats import each_stats
+
+    found: dict[tuple, tuple[dict, str]] = {}
+    stats = []
+    with Spools() as spools:
+        for t in chosen.values():
+            key = t.view_key()
+            if key not in found:
+                held = spools.hold(t)
+                try:
+                    found[key] = next(each_stats([held])), tensor_sha256(held)
+                finally:
+                    spools.release(held)
+            stats.append(dict(found[key][0]))
+            if tick:
+                tick(_stored_nbytes(t))
+    return stats, {name: found[t.view_key()][1] for name, t in chosen.items()}
 
 
 def _unique_views(tensors: dict[str, TensorRef], shares: dict[str, str | None]) -> list[TensorRef]:
