@@ -237,7 +237,7 @@ class _Fast(Tokens):
         generic, literal = _compiled["keyed entry"].match, self.entry_literal
         streaming, last = self.sink is not None, None
         if streaming:
-            indexes, specs, taken = out.at, out.specs, out.taken
+            indexes, specs, taken, seen = out.at, out.specs, out.taken, out.keys.add
         while True:
             m = literal[0](b, pos) if literal is not None else None
             if m is not None:
@@ -271,6 +271,7 @@ class _Fast(Tokens):
                 else:
                     indexes.append(memo.n)
                     specs.append(spec)
+                    seen(key)
             else:
                 out[key] = run[0]
             if last is not None and last.items is run[1]:  # (the memo's last segment: see Memo.repeat)
@@ -367,8 +368,8 @@ class _Fast(Tokens):
     def planner(self, pos: int) -> tuple[dict | None, int]:
         if self.b[pos] == 0x4E:  # NONE
             return None, self.expect(pos, b"N")
-        if self.sink is not None:  # as dcp._read_fast_with's
-            self.sink.budget = [len(self.streamed.at) + 1024]
+        if self.sink is not None:  # as dcp._read_fast_with's (a key twice: a Restart, see StreamedEntries)
+            self.sink.budget = [self.streamed.done() + 1024]
         return self.items(pos, self.path_tokens, self.path_run, self.streamed_paths if self.sink is not None else None)
 
     def path_run(self, pos: int, out: dict) -> int:

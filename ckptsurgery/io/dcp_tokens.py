@@ -493,12 +493,16 @@ class Restart(Unfollowed):
 class StreamedEntries:
     """state_dict_metadata, streamed: each entry's key's memo index and its spec, in order. A
     tensor of several chunks is a Restart as soon as it is read (an FSDP folder's first entry,
-    most often), not once the entries and paths before it are."""
+    most often), not once the entries and paths before it are. `keys`: the keys read, until
+    `done` — a key twice is a Restart there: torch's pickle.load (and the restricted unpickler)
+    keeps one entry of a dict, its later value, and one path and record of it, where streaming
+    would make a tensor of each (two paths naming one key, ("a.b",) and ("a", "b"), meet
+    nowhere in the tree)."""
 
-    __slots__ = ("at", "specs", "taken")
+    __slots__ = ("at", "specs", "taken", "keys")
 
     def __init__(self):
-        self.at, self.specs, self.taken = array("q"), [], {}
+        self.at, self.specs, self.taken, self.keys = array("q"), [], {}, set()
 
     def __setitem__(self, key: tuple, spec) -> None:
         if id(spec) not in self.taken:  # (specs repeat from key to key: each looked at once)
@@ -507,6 +511,14 @@ class StreamedEntries:
             self.taken[id(spec)] = spec
         self.at.append(key[0])
         self.specs.append(spec)
+        self.keys.add(key[1])
+
+    def done(self) -> int:
+        """The entries read (the planner's paths follow): how many; a key twice is a Restart."""
+        if len(self.keys) != len(self.at):
+            raise Restart("a key twice in state_dict_metadata")
+        self.keys = set()
+        return len(self.at)
 
 
 class StreamedPaths:

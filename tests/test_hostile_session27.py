@@ -1,0 +1,72 @@
+"""Hostile `.metadata` files against the streaming reader (dcp_tokens, dcp_pickles, dcp_chunks):
+each read exactly as the restricted unpickler's route reads it (the old route; torch's own
+read_metadata is a plain pickle.load of the same dicts), or refused alike."""
+
+from __future__ import annotations
+
+import pickletools
+import re
+import struct
+
+import pytest
+import torch
+
+from ckptsurgery.io import dcp as dcp_io
+from test_dcp_scale import _outcome, _save
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    """model.a, model.b, model.c: three float32 tensors of 3 (ones, zeros, twos), one .metadata frame."""
+    return _save(tmp_path_factory.mktemp("three") / "ckpt",
+                 {"model": {"a": torch.ones(3), "b": torch.zeros(3), "c": torch.full((3,), 2.0)}})
+
+
+def _body(data: bytes) -> bytes:
+    """A protocol 4 pickle's opcodes without its frames' headers."""
+    positions = [pos for _, _, pos in pickletools.genops(data)] + [len(data)]
+    return b"".join(data[a:b] for a, b in zip(positions, positions[1:]) if data[a] != 0x95 and a >= 2)
+
+
+def _framed(body: bytes) -> bytes:
+    return b"\x80\x04\x95" + struct.pack("<Q", len(body)) + body
+
+
+def _folder(tmp_path, source, data: bytes):
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    (folder / "__0_0.distcp").symlink_to(source / "__0_0.distcp")
+    (folder / ".metadata").write_bytes(data)
+    return folder
+
+
+class _Routes:
+    def __init__(self, monkeypatch):
+        self.streamed = 0
+        stream = dcp_io.read_streaming
+
+        def streaming(*args):
+            got = stream(*args)
+            self.streamed += got is not None
+            return got
+
+        monkeypatch.setattr(dcp_io, "read_streaming", streaming)
+
+
+def test_a_key_repeated_with_another_path_naming_it_is_one_tensor_as_torch_reads_it(three, tmp_path, monkeypatch):
+    """state_dict_metadata names "model.a" twice (a dict: torch's pickle.load keeps one entry, the
+    later value at the first place; planner_data and storage_data alike keep the later path and
+    record): the second's planner path is ("model.a",), the first's ("model", "a"), so the two
+    paths do not meet in the tree. Streaming made two tensors of them — an extra "model"/"a" that
+    torch's metadata does not hold. It must read what the restricted unpickler reads."""
+    body = _body((three / ".metadata").read_bytes()).replace(b"model.b", b"model.a")
+    body, n = re.subn(rb"h([\s\S])h[\s\S]\x8c\x01b\x94\x86\x94",
+                     lambda m: b"h" + m[1] + b"\x8c\x07model.a\x94\x85\x94", body)
+    assert n == 1  # (the same memo slots: a string and a tuple memoized, as before)
+    folder = _folder(tmp_path, three, _framed(body))
+    routes = _Routes(monkeypatch)
+    fast = _outcome(folder, True)
+    old = _outcome(folder, False)
+    assert old[0] == "read" and [key for key, _ in old[1]["tensors"]] == ["c"]
+    assert fast == old
+    assert routes.streamed == 0
