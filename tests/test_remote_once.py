@@ -178,3 +178,90 @@ def test_inspect_failing_midway_is_one_line_and_leaves_no_spool(cli, server, ser
     assert_one_error_line(result, "503")
     assert spools and all(file.closed for _, file in spools)
     _no_debris(tmp_path / "tmp")
+
+
+# ---- merge --lora with DoRA (a norm per column: every row measured before the rows are made) -------
+
+def _dora(folder, columns: bool = True):
+    """A PEFT DoRA adapter on layers.0 and layers.1: taken as fan_in_fan_out weights ([in, out], as
+    transformers' Conv1D; `columns`), a magnitude per column, measured over every row first; else
+    as nn.Linear's, a magnitude per row (its norm made with each chunk, from the base's rows)."""
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "use_dora": True, "fan_in_fan_out": columns,
+         "target_modules": ["layers.0", "layers.1"]}))
+    g = torch.Generator().manual_seed(7)
+    prefix = "base_model.model."
+    tensors = {}
+    for name, (rows, cols) in (("layers.0", (384, 256)), ("layers.1", (512, 384))):
+        if not columns:
+            rows, cols = cols, rows
+        tensors[f"{prefix}{name}.lora_A.weight"] = torch.randn(2, rows, generator=g) * 0.1
+        tensors[f"{prefix}{name}.lora_B.weight"] = torch.randn(cols, 2, generator=g) * 0.1
+        tensors[f"{prefix}{name}.lora_magnitude_vector"] = 1 + torch.rand(cols, generator=g)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("output, columns", [("model.safetensors", True), ("model.pth", True),
+                                             ("model.safetensors", False)])
+def test_a_dora_fold_into_a_remote_base_fetches_each_weight_once(cli, server, served, spools, tmp_path, output,
+                                                                 columns):
+    _, root = served
+    dora = _dora(tmp_path / "dora", columns)
+    assert cli("merge", root / "a.safetensors", "--lora", dora, "-o", tmp_path / f"local-{output}").code == 0
+    assert not spools
+    (tmp_path / "out").mkdir()
+    result = cli("merge", "hf://org/a", "--lora", dora, "-o", tmp_path / "out" / output, "--json")
+    assert result.code == 0, result.err
+    assert (tmp_path / "out" / output).read_bytes() == (tmp_path / f"local-{output}").read_bytes()
+    fetched = json.loads(result.out)["fetched"]["bytes"]
+    assert fetched <= _files_bytes(root, "org/a/model.safetensors"), fetched
+    assert len(spools) == 2 and all(file.closed for _, file in spools)  # the two weights DoRA rescales
+    _no_debris(tmp_path / "out", tmp_path / "tmp")
+
+
+def test_a_dora_fold_failing_midway_is_one_line_and_leaves_nothing(cli, server, served, spools, tmp_path,
+                                                                     monkeypatch):
+    make = spooling._temporary_file
+
+    def then_fail(folder):
+        if spools:
+            server.behaviour.fail_times = 100
+        return make(folder)
+
+    monkeypatch.setattr(spooling, "_temporary_file", then_fail)
+    monkeypatch.setattr(http, "RETRIES", 0)
+    (tmp_path / "out").mkdir()
+    result = cli("merge", "hf://org/a", "--lora", _dora(tmp_path / "dora"), "-o", tmp_path / "out" / "m.safetensors")
+    assert_one_error_line(result, "503")
+    assert spools and all(file.closed for _, file in spools)
+    assert os.listdir(tmp_path / "out") == []
+    _no_debris(tmp_path / "out", tmp_path / "tmp")
+
+
+def test_a_recipe_of_a_remote_model_with_dora_fetches_each_weight_once(cli, server, served, spools, tmp_path,
+                                                                       monkeypatch):
+    _, root = served
+    dora = _dora(tmp_path / "dora")
+    recipe = ("models:\n  - model: {p}a+" + str(dora) + "\n  - model: {p}b\nmerge_method: linear\n"
+              "parameters:\n  weight: 0.5\ndtype: float32\n")
+    for i, name in enumerate(("a", "b")):
+        (tmp_path / name).mkdir()
+        save_file(_model(i, same_as=0 if i else None), str(tmp_path / name / "model.safetensors"),
+                  metadata={"format": "pt"})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local.yml").write_text(recipe.format(p=""))
+    assert cli("merge", "--config", tmp_path / "local.yml", "-o", tmp_path / "local.safetensors").code == 0
+    assert not spools
+    (tmp_path / "remote.yml").write_text(recipe.format(p="hf://org/"))
+    result = cli("merge", "--config", tmp_path / "remote.yml", "-o", tmp_path / "out" / "remote.safetensors",
+                 "--json")
+    assert result.code == 0, result.err
+    assert (tmp_path / "out" / "remote.safetensors").read_bytes() == (tmp_path / "local.safetensors").read_bytes()
+    weights = [f for f in json.loads(result.out)["fetched"]["files"] if f["url"].endswith(".safetensors")]
+    fetched = sum(f["bytes"] for f in weights)
+    assert fetched <= _files_bytes(root, "org/a/model.safetensors", "org/b/model.safetensors"), fetched
+    assert len(spools) == 2 and {folder for folder, _ in spools} == {str(tmp_path / "out")}
+    assert all(file.closed for _, file in spools)
+    _no_debris(tmp_path / "out", tmp_path / "tmp")

@@ -130,16 +130,26 @@ class Spools:
         if in_order is None:
             return t
         kept = self.keep(*in_order, t.nbytes)
-        source = JoinedSource([(_InMemory(kept) if isinstance(kept, memoryview) else kept, 0, t.nbytes)])
-        storage = Storage(source, 0, t.nbytes, t.storage.key, t.storage.location)
-        return TensorRef(storage, 0, t.shape, t.stride, t.dtype,
-                         requires_grad=t.requires_grad)
+        return _on(_InMemory(kept) if isinstance(kept, memoryview) else kept, t)
+
+    def later(self, t: TensorRef) -> TensorRef:
+        """As `hold`, but fetched only at its first read (a tensor a writer computes from when it
+        is written): `t` itself when reading it twice costs nothing more. `release` it once read;
+        a read after that fetches it again."""
+        in_order = remote_range(t)
+        if in_order is None:
+            return t
+        return _on(_Later(self, *in_order, t.nbytes), t)
 
     def release(self, kept) -> None:
-        """Close what `spool` or `hold` made (a memoryview or a tensor not held: nothing to close)."""
+        """Close what `spool`, `hold` or `later` made (a memoryview or a tensor not held: nothing
+        to close)."""
         if isinstance(kept, TensorRef):
             pieces = kept.storage.source.pieces if isinstance(kept.storage.source, JoinedSource) else []
-            kept = next((piece for piece, _, _ in pieces if isinstance(piece, Spool)), None)
+            kept = next((piece for piece, _, _ in pieces if isinstance(piece, (Spool, _Later))), None)
+            if isinstance(kept, _Later):
+                kept.release()
+                return
         if not isinstance(kept, Spool):
             return
         with self._lock:
@@ -151,6 +161,40 @@ class Spools:
             spools, self._open = list(self._open), set()
         for spool in spools:
             spool.close()
+
+
+def _on(held, t: TensorRef) -> TensorRef:
+    """`t` on the bytes `held` holds (viewed as a mapped file's: `io.model.mapped_range`)."""
+    storage = Storage(JoinedSource([(held, 0, t.nbytes)]), 0, t.nbytes, t.storage.key, t.storage.location)
+    return TensorRef(storage, 0, t.shape, t.stride, t.dtype, requires_grad=t.requires_grad)
+
+
+class _Later:
+    """A remote tensor's bytes, fetched once at the first read (`Spools.keep`) and viewed from
+    there until released."""
+
+    path = "<held>"
+
+    def __init__(self, spools: Spools, source, first: int, nbytes: int):
+        self.spools, self.source, self.first, self.nbytes = spools, source, first, nbytes
+        self.kept = None
+        self.lock = threading.Lock()
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        with self.lock:
+            if self.kept is None:
+                self.kept = self.spools.keep(self.source, self.first, self.nbytes)
+            kept = self.kept
+        return kept[offset:offset + nbytes] if isinstance(kept, memoryview) else kept.view(offset, nbytes)
+
+    def release(self) -> None:
+        with self.lock:
+            kept, self.kept = self.kept, None
+        if kept is not None:
+            self.spools.release(kept)
+
+    def close(self) -> None:
+        pass
 
 
 def _copy_into(write, source, offset: int, nbytes: int) -> None:

@@ -25,6 +25,7 @@ from ...io import Checkpoint, TensorRef
 from ...io.model import chunked_tensor
 from ..digest import tensor_sha256
 from ..reports import AdapterFolded
+from ..spools import Spools
 from .kind_lora import delta_rows
 from .kinds import (NUMPY_DTYPES, Adapter, Layout, Module, Resolver, Step, numpy_ready, raw_rows, row_reader,
                     row_values, widen)
@@ -46,13 +47,15 @@ class Folded:
 
 
 def fold_into(base: Checkpoint, adapters: list[tuple[Adapter, float]], *,
-         allow_unmatched: bool = False, cast=None) -> tuple[OrderedDict, Folded]:
+         allow_unmatched: bool = False, cast=None, spools: Spools | None = None) -> tuple[OrderedDict, Folded]:
     """The base's state dict with every adapter folded in, in the given order, each with its
     scale S, each module by its kind (read.KINDS; a LoRA's W + S·s·ΔW). Untouched tensors are the
     base's own (no copy). Names tied in the base (one storage) get every change aimed at any of
     them and stay tied — as peft's in-place merge into a shared parameter does. `cast`: the dtype a folded tensor is
     written in (default its own), so it is rounded once. Nothing is computed until the tensors
-    are written. Returns (tensors, what was folded)."""
+    are written. `spools`: where a weight of a remote base that a fold reads twice (DoRA's norms,
+    then its rows) is kept between the reads (ops/spools.py; default tempfile's folder, closed with
+    `base`). Returns (tensors, what was folded)."""
     tensors = base.tensors
     groups: dict[tuple, list[str]] = {}  # tied names: one view of one storage
     for name, t in tensors.items():
@@ -63,11 +66,14 @@ def fold_into(base: Checkpoint, adapters: list[tuple[Adapter, float]], *,
     out: OrderedDict[str, TensorRef] = OrderedDict()
     made: dict[str, TensorRef] = {}
     recent = _Recent()
+    if spools is None and any(_reads_twice(tensors[first], its) for first, its in steps.items()):
+        spools = Spools()
+        base.sources.append(spools)  # closed with the base: when the command ends, fails or is interrupted
     for name, t in tensors.items():
         first = owner[name]
         if first in steps:
             if first not in made:
-                made[first] = _folded(tensors[first], steps[first], cast or tensors[first].dtype, recent)
+                made[first] = _folded(tensors[first], steps[first], cast or tensors[first].dtype, recent, spools)
             out[name] = made[first]
         else:
             out[name] = t
@@ -239,9 +245,31 @@ class _Recent:
             self.key, self.data = key, data
 
 
-def _folded(base: TensorRef, steps: list[Step], dtype, recent: _Recent) -> TensorRef:
+def _reads_twice(base: TensorRef, steps: list[Step]) -> bool:
+    """Whether making `base`'s rows reads them more than once: a step measures every row first
+    (`whole`), or reads the base's own rows beside those the steps change (DoRA's norms: W₀)."""
+    key = base.view_key()
+    return any(step.whole or _reads_base(step, key) for step in steps)
+
+
+def _reads_base(step: Step, key: tuple) -> bool:
+    """Whether the step reads the base's own rows (`weight`, W₀: DoRA's norms)."""
+    weight = getattr(step, "weight", None)
+    return isinstance(weight, TensorRef) and weight.view_key() == key
+
+
+def _folded(base: TensorRef, steps: list[Step], dtype, recent: _Recent, spools: Spools | None = None) -> TensorRef:
     """`base` with `steps` applied in order, made CHUNK elements (whole rows) at a time: in numpy
-    when every step can (no torch imported), else in torch."""
+    when every step can (no torch imported), else in torch. A remote base read more than once is
+    fetched once, at the first chunk, kept (`spools.later`) until the last is made."""
+    done = None
+    if spools is not None and _reads_twice(base, steps):
+        held = spools.later(base)
+        if held is not base:
+            for step in steps:  # the steps that read W₀ read it there too
+                if _reads_base(step, base.view_key()):
+                    step.weight = held
+            base, done = held, lambda: spools.release(held)
     count = base.shape[0] if base.shape else 1
     per_row = base.numel // count if count else 0
     span = max(1, CHUNK // max(per_row, 1))
@@ -249,7 +277,8 @@ def _folded(base: TensorRef, steps: list[Step], dtype, recent: _Recent) -> Tenso
     sizes = [(hi - lo) * per_row * dtype.itemsize for lo, hi in spans]
     wide = "float64" if base.dtype.name == "float64" else "float32"
     route = _numpy_route if _in_numpy(base, steps, dtype, wide) else _torch_route
-    return chunked_tensor(base.shape, dtype, sizes, _chunks(steps, spans, recent, *route(base, steps, dtype, wide)))
+    return chunked_tensor(base.shape, dtype, sizes, _chunks(steps, spans, recent, *route(base, steps, dtype, wide),
+                                                            done))
 
 
 def _torch_route(base: TensorRef, steps: list[Step], dtype, wide: str):
@@ -285,9 +314,10 @@ def _numpy_route(base: TensorRef, steps: list[Step], dtype, wide: str):
     return rows, lambda step, out, lo, hi: step.measure_numpy(out, lo, hi), lambda out: encode(out, dtype.name)
 
 
-def _chunks(steps: list[Step], spans: list[tuple[int, int]], recent: _Recent, rows, measure, encode):
+def _chunks(steps: list[Step], spans: list[tuple[int, int]], recent: _Recent, rows, measure, encode, done=None):
     """j -> the bytes of chunk j (rows spans[j]), every step applied; the steps that need every row
-    first (`whole`) see them once, under a lock, as the steps before them left them."""
+    first (`whole`) see them once, under a lock, as the steps before them left them. `done`: called
+    once the last chunk is made."""
     import threading
 
     tag = object()  # this tensor, in `recent`
@@ -306,6 +336,8 @@ def _chunks(steps: list[Step], spans: list[tuple[int, int]], recent: _Recent, ro
                     measured.append(True)
             data = encode(rows(*spans[j], len(steps)))  # rounded once, when written
             recent.keep((tag, j), data)
+            if done is not None and j == len(spans) - 1:
+                done()
         return data
 
     return make

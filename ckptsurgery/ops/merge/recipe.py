@@ -85,13 +85,13 @@ def merge_recipe(recipe: str | os.PathLike | Recipe, write: WriteOptions, *,
     folder = _folder_output(write)
     _not_an_input(recipe, folder or write.output)
     with ExitStack() as stack:
-        opened = _open_models(recipe, stack)
+        spools = stack.enter_context(Spools(output_folder(write)))
+        opened = _open_models(recipe, stack, spools)
         fetched = _fetched_folders(recipe, opened, stack)
         keys = {m: {k: t.shape for k, t in tensors.items()} for m, (_, tensors) in opened.items()}
         plan = plan_recipe(recipe, keys, layer_pattern, {k: _coercion(p) for k, p in names.items()})
         cast = _written_dtype(recipe)
         aligned = _alignment(recipe, opened, fetched)
-        spools = stack.enter_context(Spools(output_folder(write)))
         built = build_tensors(plan, {m: tensors for m, (_, tensors) in opened.items()}, method, names,
                               _working(recipe), cast, aligned or _fits_vocabulary(recipe), spools)
         inputs = [c for c, _ in opened.values()]
@@ -208,9 +208,11 @@ def _working(recipe: Recipe) -> str | None:
 
 # ---- the models ------------------------------------------------------------------------------
 
-def _open_models(recipe: Recipe, stack: ExitStack) -> dict[ModelRef, tuple[Checkpoint, dict[str, TensorRef]]]:
+def _open_models(recipe: Recipe, stack: ExitStack,
+                 spools: Spools | None = None) -> dict[ModelRef, tuple[Checkpoint, dict[str, TensorRef]]]:
     """Every model the recipe names, opened (headers only): its checkpoint and its tensors (a
-    `model+lora` one's with the adapter folded in, computed when written)."""
+    `model+lora` one's with the adapter folded in, computed when written; a remote base's weight
+    the fold reads twice kept in `spools` between the reads)."""
     opened: dict[ModelRef, tuple[Checkpoint, dict[str, TensorRef]]] = {}
     tokenizer = recipe.tokenizer_source.model if recipe.tokenizer_source else None
     merged = {e.model for e in recipe.models or ()} | {s.model for p in recipe.slices or () for s in p.sources}
@@ -225,7 +227,7 @@ def _open_models(recipe: Recipe, stack: ExitStack) -> dict[ModelRef, tuple[Check
         ckpt = stack.enter_context(open_checkpoint(model.path))
         tensors = dict(ckpt.tensors)
         if model.lora is not None:
-            tensors = _folded(ckpt, model.lora, stack)
+            tensors = _folded(ckpt, model.lora, stack, spools)
         opened[model] = (ckpt, tensors)
     return opened
 
@@ -257,13 +259,13 @@ def _fetched_folders(recipe: Recipe, opened: dict, stack: ExitStack) -> dict[str
     return folders
 
 
-def _folded(ckpt: Checkpoint, adapter: str, stack: ExitStack) -> dict[str, TensorRef]:
+def _folded(ckpt: Checkpoint, adapter: str, stack: ExitStack, spools: Spools | None = None) -> dict[str, TensorRef]:
     """The base's tensors with a LoRA adapter folded in (scale 1, as peft's merge_and_unload)."""
     from ..adapters import fold_into, read_adapter
 
     if not os.path.exists(adapter):
         raise CkptError(f"{adapter}: no such adapter (the `+{adapter}` of a model of the recipe)")
-    tensors, _ = fold_into(ckpt, [(stack.enter_context(read_adapter(adapter)), 1.0)])
+    tensors, _ = fold_into(ckpt, [(stack.enter_context(read_adapter(adapter)), 1.0)], spools=spools)
     return dict(tensors)
 
 
