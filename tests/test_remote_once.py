@@ -265,3 +265,47 @@ def test_a_recipe_of_a_remote_model_with_dora_fetches_each_weight_once(cli, serv
     assert len(spools) == 2 and {folder for folder, _ in spools} == {str(tmp_path / "out")}
     assert all(file.closed for _, file in spools)
     _no_debris(tmp_path / "out", tmp_path / "tmp")
+
+
+# ---- extract-lora ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options", [["--rank", "4"], ["--rank", "4", "--embeddings"]])
+def test_extract_lora_from_remote_inputs_fetches_each_tensor_once(cli, server, served, spools, tmp_path, options):
+    _, root = served
+    local = cli("extract-lora", root / "a.safetensors", root / "b.safetensors", *options, "-o", tmp_path / "local",
+                "--json")
+    assert local.code == 0, local.err
+    assert not spools
+    (tmp_path / "out").mkdir()
+    result = cli("extract-lora", "hf://org/a", f"{server.url}/b.safetensors", *options, "-o",
+                 tmp_path / "out" / "lora", "--json")
+    assert result.code == 0, result.err
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "out" / "lora" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    # extract-lora's report says nothing of it: counted where it is served (the 206 answers' bodies)
+    fetched = sum(nbytes for _, _, status, nbytes in server.served.requests if status == 206)
+    assert fetched <= _files_bytes(root, "org/a/model.safetensors", "b.safetensors"), fetched
+    # one file beside the output holds every weight kept from its comparison to its SVD
+    assert len(spools) == 1 and {folder for folder, _ in spools} == {str(tmp_path / "out")}
+    assert all(file.closed for _, file in spools)
+    _no_debris(tmp_path / "out" / "lora", tmp_path / "tmp")
+    assert os.listdir(tmp_path / "out") == ["lora"]
+
+
+def test_extract_lora_failing_midway_is_one_line_and_leaves_nothing(cli, server, served, spools, tmp_path,
+                                                                      monkeypatch):
+    make = spooling._temporary_file
+
+    def then_fail(folder):  # one file holds every tensor kept: the server fails as it is made
+        server.behaviour.fail_times = 100
+        return make(folder)
+
+    monkeypatch.setattr(spooling, "_temporary_file", then_fail)
+    monkeypatch.setattr(http, "RETRIES", 0)
+    (tmp_path / "out").mkdir()
+    result = cli("extract-lora", "hf://org/a", f"{server.url}/b.safetensors", "--rank", "4", "--embeddings",
+                 "-o", tmp_path / "out" / "lora")
+    assert_one_error_line(result, "503")
+    assert spools and all(file.closed for _, file in spools)
+    assert os.listdir(tmp_path / "out") == []
+    _no_debris(tmp_path / "out", tmp_path / "tmp")

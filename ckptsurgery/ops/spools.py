@@ -40,11 +40,11 @@ def remote_range(t: TensorRef):
 class Spool:
     """A tensor's bytes in a temporary file with no name, mapped."""
 
-    def __init__(self, file, nbytes: int):
+    def __init__(self, file, nbytes: int, offset: int = 0, owns: bool = True):
         import mmap
 
-        self.file = file
-        self.map = mmap.mmap(file.fileno(), nbytes, access=mmap.ACCESS_READ)
+        self.file, self.owns = file, owns  # owns: closed with it (else the Spools' shared file)
+        self.map = mmap.mmap(file.fileno(), nbytes, access=mmap.ACCESS_READ, offset=offset)
 
     def view(self, offset: int, nbytes: int) -> memoryview:
         return memoryview(self.map)[offset:offset + nbytes]
@@ -54,7 +54,8 @@ class Spool:
             self.map.close()
         except BufferError:  # a view still alive: unmapped when it goes (the file has no name to leave)
             pass
-        self.file.close()
+        if self.owns:
+            self.file.close()
 
 
 class _InMemory:
@@ -74,12 +75,15 @@ class Spools:
     """The temporary files a command streams its remote tensors into when it reads them more than
     once: in `folder`, else tempfile's. Each is closed once its tensor's reads are done
     (`release`), and all that are left when the command ends (`close`, as a context manager):
-    failed or interrupted."""
+    failed or interrupted. `shared`: every tensor in one temporary file, small ones too (a
+    command that keeps many tensors at once: memory flat, one file however many), its disk
+    freed when the Spools close."""
 
-    def __init__(self, folder: str | None = None):
-        self.folder = folder
+    def __init__(self, folder: str | None = None, shared: bool = False):
+        self.folder, self.shared = folder, shared
         self._open: set[Spool] = set()
         self._lock = threading.Lock()
+        self._file, self._end = None, 0  # `shared`: the file, and where the next tensor goes in it
 
     def __enter__(self) -> Spools:
         return self
@@ -90,30 +94,18 @@ class Spools:
     def keep(self, source, first: int, nbytes: int):
         """Bytes [first, first + nbytes) of `source`, fetched once: a memoryview when at most
         IN_MEMORY bytes, else a new spool (`spool`)."""
-        if nbytes <= IN_MEMORY:
+        if nbytes == 0 or nbytes <= IN_MEMORY and not self.shared:
             return memoryview(bytes(source.view(first, nbytes)))
         return self.spool(source, first, nbytes)
 
     def spool(self, source, first: int, nbytes: int) -> Spool:
         """Bytes [first, first + nbytes) of `source`, fetched once (streamed in pieces) into a new spool."""
+        if self.shared:
+            return self._appended(source, first, nbytes)
+        file, folder = self._made()
+        disk = _disk(folder, nbytes)
         try:
-            file, folder = _temporary_file(self.folder)
-        except OSError as e:
-            raise CkptError(f"cannot make a temporary file for a remote tensor read twice: {e.strerror or e}; "
-                            f"set TMPDIR to a writable folder") from None
-
-        def disk(step, *args):  # the disk's failures said as such; the network's are io/remote's one line
-            try:
-                return step(*args)
-            except OSError as e:
-                raise CkptError(f"{folder}: cannot hold a remote tensor read twice ({nbytes} bytes) in a "
-                                f"temporary file there: {e.strerror or e}; free space, or set TMPDIR") from None
-
-        try:
-            for piece, offset, size in (source.ranges(first, nbytes) if isinstance(source, JoinedSource)
-                                        else [(source, first, nbytes)]):
-                _copy_into(lambda data: disk(file.write, data), piece, offset, size)
-            disk(file.flush)
+            _write_into(file, disk, source, first, nbytes)
             spool = disk(Spool, file, nbytes)
         except BaseException:
             file.close()
@@ -121,6 +113,29 @@ class Spools:
         with self._lock:
             self._open.add(spool)
         return spool
+
+    def _appended(self, source, first: int, nbytes: int) -> Spool:
+        """`spool` into the one shared file: appended at a page boundary, mapped there."""
+        import mmap
+
+        with self._lock:
+            if self._file is None:
+                self._file, self._folder = self._made()
+            disk = _disk(self._folder, nbytes)
+            disk(self._file.seek, self._end)
+            _write_into(self._file, disk, source, first, nbytes)
+            spool = disk(Spool, self._file, nbytes, self._end, False)
+            page = mmap.ALLOCATIONGRANULARITY
+            self._end = -(-(self._end + nbytes) // page) * page
+            self._open.add(spool)
+        return spool
+
+    def _made(self):
+        try:
+            return _temporary_file(self.folder)
+        except OSError as e:
+            raise CkptError(f"cannot make a temporary file for a remote tensor read twice: {e.strerror or e}; "
+                            f"set TMPDIR to a writable folder") from None
 
     def hold(self, t: TensorRef) -> TensorRef:
         """`t` itself when reading it twice costs nothing more (a local file's, a computed one);
@@ -159,8 +174,32 @@ class Spools:
     def close(self) -> None:
         with self._lock:
             spools, self._open = list(self._open), set()
+            shared, self._file, self._end = self._file, None, 0
         for spool in spools:
             spool.close()
+        if shared is not None:
+            shared.close()
+
+
+def _disk(folder: str, nbytes: int):
+    """step(*args) -> its result, a disk's failure said as such in one line (the network's are
+    io/remote's)."""
+    def disk(step, *args):
+        try:
+            return step(*args)
+        except OSError as e:
+            raise CkptError(f"{folder}: cannot hold a remote tensor read twice ({nbytes} bytes) in a "
+                            f"temporary file there: {e.strerror or e}; free space, or set TMPDIR") from None
+
+    return disk
+
+
+def _write_into(file, disk, source, first: int, nbytes: int) -> None:
+    """Bytes [first, first + nbytes) of `source` written at the file's position, flushed."""
+    for piece, offset, size in (source.ranges(first, nbytes) if isinstance(source, JoinedSource)
+                                else [(source, first, nbytes)]):
+        _copy_into(lambda data: disk(file.write, data), piece, offset, size)
+    disk(file.flush)
 
 
 def _on(held, t: TensorRef) -> TensorRef:

@@ -18,6 +18,7 @@ from ...io import Checkpoint, TensorRef, open_checkpoint
 from ...io.model import computed_tensor
 from ..options import WriteOptions, check_write_options
 from ..reports import ExtractReport, Extracted
+from ..spools import Spools
 from .kinds import TRANSPOSED, Layout
 from .lowrank import REPEATED_LIMIT, check_rank, energy_rank
 from .lowrank import interruptible as _interruptible
@@ -89,6 +90,7 @@ class _Settings:
     matchers: list[tuple[Callable[[str], bool], int]]  # --rank PATTERN=R
     transposed: list[Callable[[str], bool]]  # --fan-in-fan-out
     embeddings: bool
+    spools: Spools | None = None  # where a remote weight is kept from its comparison to its SVD
 
 
 @dataclass
@@ -99,6 +101,7 @@ class _Survey:
     not_extracted: list[dict] = field(default_factory=list)
     tied: dict[str, str] = field(default_factory=dict)  # name -> the key extracted for it
     unchanged: int = 0
+    held: dict[str, tuple[TensorRef, TensorRef]] = field(default_factory=dict)  # key -> (BASE's, TUNED's), read
 
 
 def extract_lora(base: str, tuned: str, write: WriteOptions, *, rank: list[str] | int | None = None,
@@ -122,19 +125,20 @@ def extract_lora(base: str, tuned: str, write: WriteOptions, *, rank: list[str] 
     metadata = core.check_metadata(_entries(write.metadata), "metadata")
     transposed = [core.compile_pattern(p) for p in fan_in_fan_out or []]
     check_folder(write.output, write.force or write.dry_run)  # a dry run says it would need --force
-    with open_checkpoint(base, root) as b, open_checkpoint(tuned, root) as t:
+    with open_checkpoint(base, root) as b, open_checkpoint(tuned, root) as t, Spools(_parent(write.output), shared=True) as spools:
         for pattern in [p for p, _ in patterns] + list(fan_in_fan_out or []):
             core.select(b.tensors, [pattern])  # a pattern selecting nothing is a typo: said loudly
-        settings = _Settings(default, [(core.compile_pattern(p), r) for p, r in patterns], transposed, embeddings)
+        settings = _Settings(default, [(core.compile_pattern(p), r) for p, r in patterns], transposed, embeddings,
+                             spools)
         survey = _survey(b, t, settings)
         if energy is not None:
-            _energy_ranks(b, t, survey.plan, energy)
+            _energy_ranks(b, t, survey.plan, energy, survey.held)
             default = Counter(p.rank for p in survey.plan).most_common(1)[0][0] if survey.plan else 1
         if not survey.plan and not write.dry_run:
             raise CkptError(f"{tuned}: no 2-D or conv weight differs from {base}; nothing to extract"
                             + (f" (not extracted: {', '.join(n['name'] for n in survey.not_extracted[:8])})"
                                if survey.not_extracted else ""))
-        errors = {} if write.dry_run else _write_adapter(b, t, survey.plan, default, write, metadata)
+        errors = {} if write.dry_run else _write_adapter(b, t, survey, default, write, metadata, spools)
         # built once the work is done: every error is known
         return ExtractReport(
             base=base, tuned=tuned, output=write.output,
@@ -151,6 +155,11 @@ def extract_lora(base: str, tuned: str, write: WriteOptions, *, rank: list[str] 
             needs_force=[write.output] if write.dry_run and not write.force and os.path.lexists(write.output)
             else None,
         )
+
+
+def _parent(output: str) -> str:
+    """The folder an adapter folder is staged in: where a remote weight read twice is kept."""
+    return os.path.dirname(os.path.abspath(output))
 
 
 def _ranks(rank: list[str] | int | None, energy: float | None) -> tuple[int, list[tuple[str, int]]]:
@@ -204,7 +213,9 @@ def _survey_group(b: Checkpoint, t: Checkpoint, group: list[str], settings: _Set
         else:
             survey.unchanged += 1
         return
-    if not _differs(tb, tt):
+    held = _held(tb, tt, settings.spools)  # compared here, factored when written: a remote one fetched once
+    if not _differs(*held):
+        _release(held, settings.spools)
         survey.unchanged += 1
         return
     for other in group:
@@ -214,9 +225,11 @@ def _survey_group(b: Checkpoint, t: Checkpoint, group: list[str], settings: _Set
     if kind == Layout.LINEAR and any(match(key) for match in settings.transposed):
         kind = Layout.LINEAR_T  # [in, out]: factored as its transpose, peft's fan_in_fan_out
     if not isinstance(kind, Layout):
+        _release(held, settings.spools)
         survey.not_extracted.append({"name": key, "reason": kind})
         return
     _check_stored(key, tb, tt)
+    survey.held[key] = held
     rows, cols = (tb.shape[1], tb.shape[0]) if kind in TRANSPOSED else (tb.shape[0], math.prod(tb.shape[1:]))
     want = settings.default or min(rows, cols)  # 0: --energy, which chooses within the whole rank
     for match, r in settings.matchers:
@@ -224,6 +237,18 @@ def _survey_group(b: Checkpoint, t: Checkpoint, group: list[str], settings: _Set
             want = r
     survey.plan.append(_Planned(name=key[: -len(".weight")], key=key, kind=kind, shape=list(tb.shape),
                                 rank=min(want, rows, cols), requested_rank=want, clamped=want > min(rows, cols)))
+
+
+def _held(tb: TensorRef, tt: TensorRef, spools: Spools | None) -> tuple[TensorRef, TensorRef]:
+    """BASE's and TUNED's weight, a remote one on its bytes fetched once (ops/spools.py: in memory
+    when small, else a temporary file beside the output), kept until its SVD is made."""
+    return (spools.hold(tb), spools.hold(tt)) if spools is not None else (tb, tt)
+
+
+def _release(held, spools: Spools | None) -> None:
+    if spools is not None:
+        for t in held:
+            spools.release(t)
 
 
 def _differs(a: TensorRef, b: TensorRef) -> bool:
@@ -296,23 +321,24 @@ def _factor_dtype(a: TensorRef, b: TensorRef):
     return by_name("float64" if a.dtype.name == b.dtype.name == "float64" else "float32")
 
 
-def _write_adapter(b: Checkpoint, t: Checkpoint, plan: list[_Planned], r: int, write: WriteOptions,
-                   metadata: dict[str, str]) -> dict[str, float]:
+def _write_adapter(b: Checkpoint, t: Checkpoint, survey: _Survey, r: int, write: WriteOptions,
+                   metadata: dict[str, str], spools: Spools | None = None) -> dict[str, float]:
     """The adapter folder, staged and renamed into place whole. Returns each weight's relative
     error (key -> error), known once its factors are written."""
-    svd = _SvdCache(b, t)
-    written = _written(b, t, plan, svd)
+    svd = _SvdCache(b, t, survey.held, spools)
+    written = _written(b, t, survey.plan, svd)
     write_peft(written, write, metadata, peft_config(written, r, r))
     return svd.errors
 
 
-def _difference(base: Checkpoint, tuned: Checkpoint, p: _Planned):
-    """TUNED − BASE of one planned weight, as the matrix its LoRA factors (ΔWᵀ for TRANSPOSED)."""
+def _difference(base: Checkpoint, tuned: Checkpoint, p: _Planned, held: dict | None = None):
+    """TUNED − BASE of one planned weight, as the matrix its LoRA factors (ΔWᵀ for TRANSPOSED);
+    read from `held` (key -> BASE's, TUNED's) when the survey kept it."""
     import torch
 
     from ...io.tensors import as_torch
 
-    tb, tt = base.tensors[p.key], tuned.tensors[p.key]
+    tb, tt = (held or {}).get(p.key) or (base.tensors[p.key], tuned.tensors[p.key])
     wide = torch.float64 if tb.dtype.name == tt.dtype.name == "float64" else torch.float32
     d = as_torch(tt).to(wide) - as_torch(tb).to(wide)
     if not bool(torch.isfinite(d).all()):
@@ -320,13 +346,14 @@ def _difference(base: Checkpoint, tuned: Checkpoint, p: _Planned):
     return d.T if p.kind in TRANSPOSED else d.reshape(d.shape[0], -1)
 
 
-def _energy_ranks(base: Checkpoint, tuned: Checkpoint, plan: list[_Planned], energy: float) -> None:
+def _energy_ranks(base: Checkpoint, tuned: Checkpoint, plan: list[_Planned], energy: float,
+                  held: dict | None = None) -> None:
     """--energy E: each planned weight's rank, the smallest keeping E of its ΔW's squared singular
     values (a pass of singular values alone, before the SVDs the factors are made of)."""
     import torch
 
     for p in plan:
-        s = _interruptible(torch.linalg.svdvals, _difference(base, tuned, p))
+        s = _interruptible(torch.linalg.svdvals, _difference(base, tuned, p, held))
         p.rank = p.requested_rank = energy_rank(s, energy)
 
 
@@ -334,8 +361,8 @@ class _SvdCache:
     """One SVD per weight, made when its A is written and kept until its B is; the relative
     error of each weight's rank-r approximation in `errors` (key -> error)."""
 
-    def __init__(self, base: Checkpoint, tuned: Checkpoint):
-        self.base, self.tuned = base, tuned
+    def __init__(self, base: Checkpoint, tuned: Checkpoint, held: dict | None = None, spools: Spools | None = None):
+        self.base, self.tuned, self.held, self.spools = base, tuned, held if held is not None else {}, spools
         self.done: dict[str, dict] = {}
         self.errors: dict[str, float] = {}
 
@@ -345,7 +372,9 @@ class _SvdCache:
         if p.key in self.done:
             return self.done[p.key]
         tb, tt = self.base.tensors[p.key], self.tuned.tensors[p.key]
-        u, s, vh = _interruptible(torch.linalg.svd, _difference(self.base, self.tuned, p), full_matrices=False)
+        difference = _difference(self.base, self.tuned, p, self.held)  # a new tensor: views nothing kept
+        _release(self.held.pop(p.key, ()), self.spools)  # what was kept of BASE's and TUNED's is done with
+        u, s, vh = _interruptible(torch.linalg.svd, difference, full_matrices=False)
         k = p.rank
         top = float(s[0]) if s.numel() else 0.0  # relative to the largest: s² cannot overflow
         share = (s.double() / top) ** 2 if top > 0 else s.double()
