@@ -309,3 +309,32 @@ def test_extract_lora_failing_midway_is_one_line_and_leaves_nothing(cli, server,
     assert spools and all(file.closed for _, file in spools)
     assert os.listdir(tmp_path / "out") == []
     _no_debris(tmp_path / "out", tmp_path / "tmp")
+
+
+def test_a_shared_spool_file_uses_the_space_released_last_again(tmp_path):
+    """extract-lora holds every weight it compares, and releases at once those it does not
+    extract: their space at the file's end is used again, so the file holds the planned ones."""
+    from ckptsurgery.io.model import RangeSource
+
+    class Served(RangeSource):
+        path, data = "served", os.urandom(300_000)
+        size = len(data)
+
+        def view(self, offset, nbytes):
+            return memoryview(self.data)[offset:offset + nbytes]
+
+        def stream(self, offset, nbytes):
+            yield self.view(offset, nbytes)
+
+    source = Served()
+    with spooling.Spools(str(tmp_path), shared=True) as spools:
+        kept = spools.spool(source, 0, 100_000)
+        dropped = spools.spool(source, 100_000, 100_000)
+        end = spools._end
+        spools.release(dropped)
+        again = spools.spool(source, 200_000, 100_000)
+        assert spools._end == end
+        assert bytes(kept.view(0, 100_000)) == source.data[:100_000]
+        assert bytes(again.view(0, 100_000)) == source.data[200_000:]
+    assert kept.map.closed and again.map.closed
+    _no_debris(tmp_path)

@@ -76,14 +76,15 @@ class Spools:
     once: in `folder`, else tempfile's. Each is closed once its tensor's reads are done
     (`release`), and all that are left when the command ends (`close`, as a context manager):
     failed or interrupted. `shared`: every tensor in one temporary file, small ones too (a
-    command that keeps many tensors at once: memory flat, one file however many), its disk
-    freed when the Spools close."""
+    command that keeps many tensors at once: memory flat, one file however many); the space of
+    those released last is used again, the file's disk freed when the Spools close."""
 
     def __init__(self, folder: str | None = None, shared: bool = False):
         self.folder, self.shared = folder, shared
         self._open: set[Spool] = set()
         self._lock = threading.Lock()
         self._file, self._end = None, 0  # `shared`: the file, and where the next tensor goes in it
+        self._tail: list[tuple[Spool, int]] = []  # `shared`: its spools in the file's order, and where each starts
 
     def __enter__(self) -> Spools:
         return self
@@ -126,6 +127,7 @@ class Spools:
             _write_into(self._file, disk, source, first, nbytes)
             spool = disk(Spool, self._file, nbytes, self._end, False)
             page = mmap.ALLOCATIONGRANULARITY
+            self._tail.append((spool, self._end))
             self._end = -(-(self._end + nbytes) // page) * page
             self._open.add(spool)
         return spool
@@ -169,12 +171,14 @@ class Spools:
             return
         with self._lock:
             self._open.discard(kept)
+            while self._tail and self._tail[-1][0] not in self._open:  # the file's end is free again
+                self._end = self._tail.pop()[1]
         kept.close()
 
     def close(self) -> None:
         with self._lock:
             spools, self._open = list(self._open), set()
-            shared, self._file, self._end = self._file, None, 0
+            shared, self._file, self._end, self._tail = self._file, None, 0, []
         for spool in spools:
             spool.close()
         if shared is not None:
