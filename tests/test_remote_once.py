@@ -338,3 +338,35 @@ def test_a_shared_spool_file_uses_the_space_released_last_again(tmp_path):
         assert bytes(again.view(0, 100_000)) == source.data[200_000:]
     assert kept.map.closed and again.map.closed
     _no_debris(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["diff", "inspect", "dora", "extract"])
+def test_an_interrupted_command_leaves_no_spool(server, served, spools, tmp_path, monkeypatch, command):
+    """Ctrl-C as the second tensor is streamed into a temporary file: every one made is closed,
+    nothing is left in the output's folder or tempfile's."""
+    from ckptsurgery import ops
+    from ckptsurgery.ops import WriteOptions
+
+    write = spooling._write_into
+    calls = []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return write(*args)
+
+    monkeypatch.setattr(spooling, "_write_into", interrupted)
+    a, b = "hf://org/a", f"{server.url}/b.safetensors"
+    out = tmp_path / "out"
+    out.mkdir()
+    run = {"diff": lambda: ops.diff_checkpoints(a, b),
+           "inspect": lambda: ops.inspect_checkpoint(a, stats=True, hash=True),
+           "dora": lambda: ops.fold_adapters(a, [str(_dora(tmp_path / "dora"))],
+                                             WriteOptions(str(out / "m.safetensors"))),
+           "extract": lambda: ops.extract_lora(a, b, WriteOptions(str(out / "lora")), rank=4, embeddings=True)}
+    with pytest.raises(KeyboardInterrupt):
+        run[command]()
+    assert spools and all(file.closed for _, file in spools)
+    assert os.listdir(out) == []
+    _no_debris(out, tmp_path / "tmp")

@@ -125,7 +125,8 @@ def extract_lora(base: str, tuned: str, write: WriteOptions, *, rank: list[str] 
     metadata = core.check_metadata(_entries(write.metadata), "metadata")
     transposed = [core.compile_pattern(p) for p in fan_in_fan_out or []]
     check_folder(write.output, write.force or write.dry_run)  # a dry run says it would need --force
-    with open_checkpoint(base, root) as b, open_checkpoint(tuned, root) as t, Spools(_parent(write.output), shared=True) as spools:
+    with (open_checkpoint(base, root) as b, open_checkpoint(tuned, root) as t,
+          Spools(_parent(write.output), shared=True) as spools):
         for pattern in [p for p, _ in patterns] + list(fan_in_fan_out or []):
             core.select(b.tensors, [pattern])  # a pattern selecting nothing is a typo: said loudly
         settings = _Settings(default, [(core.compile_pattern(p), r) for p, r in patterns], transposed, embeddings,
