@@ -83,7 +83,7 @@ class Spools:
         self.folder, self.shared = folder, shared
         self._open: set[Spool] = set()
         self._lock = threading.Lock()
-        self._file, self._end = None, 0  # `shared`: the file, and where the next tensor goes in it
+        self._file, self._folder, self._end = None, None, 0  # `shared`: the file, its folder, where the next goes
         self._tail: list[tuple[Spool, int]] = []  # `shared`: its spools in the file's order, and where each starts
 
     def __enter__(self) -> Spools:
