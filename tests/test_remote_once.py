@@ -218,6 +218,7 @@ def test_a_dora_fold_into_a_remote_base_fetches_each_weight_once(cli, server, se
     fetched = json.loads(result.out)["fetched"]["bytes"]
     assert fetched <= _files_bytes(root, "org/a/model.safetensors"), fetched
     assert len(spools) == 2 and all(file.closed for _, file in spools)  # the two weights DoRA rescales
+    assert {folder for folder, _ in spools} == {str(tmp_path / "out")}  # beside the output, as a merge's
     _no_debris(tmp_path / "out", tmp_path / "tmp")
 
 

@@ -13,6 +13,7 @@ it is read twice where it lies (`Spools.hold` hands it back as it is)."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 from ..errors import CkptError
@@ -20,6 +21,12 @@ from ..io import TensorRef
 from ..io.model import JoinedSource, RangeSource, Storage, mapped_range
 
 IN_MEMORY = 1 << 20  # a remote tensor read more than once of at most this many bytes is kept in memory
+
+
+def output_folder(output: str) -> str:
+    """The folder an output (a file, or a folder output) is staged in: where its command's
+    spools go."""
+    return os.path.dirname(os.path.abspath(output))
 
 
 def fetched_by_range(source) -> bool:

@@ -18,7 +18,7 @@ from ...io import Checkpoint, TensorRef, open_checkpoint
 from ...io.model import computed_tensor
 from ..options import WriteOptions, check_write_options
 from ..reports import ExtractReport, Extracted
-from ..spools import Spools
+from ..spools import Spools, output_folder
 from .kinds import TRANSPOSED, Layout
 from .lowrank import REPEATED_LIMIT, check_rank, energy_rank
 from .lowrank import interruptible as _interruptible
@@ -126,7 +126,7 @@ def extract_lora(base: str, tuned: str, write: WriteOptions, *, rank: list[str] 
     transposed = [core.compile_pattern(p) for p in fan_in_fan_out or []]
     check_folder(write.output, write.force or write.dry_run)  # a dry run says it would need --force
     with (open_checkpoint(base, root) as b, open_checkpoint(tuned, root) as t,
-          Spools(_parent(write.output), shared=True) as spools):
+          Spools(output_folder(write.output), shared=True) as spools):
         for pattern in [p for p, _ in patterns] + list(fan_in_fan_out or []):
             core.select(b.tensors, [pattern])  # a pattern selecting nothing is a typo: said loudly
         settings = _Settings(default, [(core.compile_pattern(p), r) for p, r in patterns], transposed, embeddings,
@@ -156,11 +156,6 @@ def extract_lora(base: str, tuned: str, write: WriteOptions, *, rank: list[str] 
             needs_force=[write.output] if write.dry_run and not write.force and os.path.lexists(write.output)
             else None,
         )
-
-
-def _parent(output: str) -> str:
-    """The folder an adapter folder is staged in: where a remote weight read twice is kept."""
-    return os.path.dirname(os.path.abspath(output))
 
 
 def _ranks(rank: list[str] | int | None, energy: float | None) -> tuple[int, list[tuple[str, int]]]:

@@ -11,7 +11,6 @@ fetched once for both passes, kept in memory when small, else in a temporary fil
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from collections import OrderedDict
 from contextlib import ExitStack
@@ -27,7 +26,7 @@ from ..methods import MergeMethod, Parameters
 from ..inputs import open_inputs, with_read
 from ..options import READ_AS_IS, ReadOptions, WriteOptions, check_write_options, dtype_to_cast
 from ..reports import MethodReport
-from ..spools import Spools, fetched_by_range
+from ..spools import Spools, fetched_by_range, output_folder
 from ..write import write_checkpoint
 
 
@@ -61,7 +60,7 @@ def merge_with_method(sources: list[str], write: WriteOptions, *, method: str | 
     with ExitStack() as stack:
         ckpts, done = open_inputs(stack, [*sources, *([base] if base is not None else [])], root, read, cast)
         base_ckpt = ckpts.pop() if base is not None else None
-        spools = stack.enter_context(Spools(output_folder(write)))
+        spools = stack.enter_context(Spools(output_folder(write.output)))
         merged = merge_by_method(ckpts, base_ckpt, method, params, cast, layer_pattern, spools)
         first = base_ckpt or ckpts[0]
         written = write_checkpoint(merged.tensors, write, source=first, cast=cast, inputs=[*ckpts, first])
@@ -262,11 +261,6 @@ def _prefetcher():
     from concurrent.futures import ThreadPoolExecutor
 
     return ThreadPoolExecutor(1, thread_name_prefix="ckptsurgery-merge")
-
-
-def output_folder(write: WriteOptions) -> str:
-    """The folder the output is staged in (a folder output's parent): where spools go."""
-    return os.path.dirname(os.path.abspath(write.output))
 
 
 def streamed_tensor(merge: MergeMethod, shape: tuple[int, ...], dtype: DType) -> TensorRef:

@@ -9,6 +9,7 @@ from ..adapters import fold_into, parse_scales, read_adapter
 from ..inputs import open_input, with_read
 from ..options import READ_AS_IS, ReadOptions, WriteOptions, check_write_options, dtype_to_cast
 from ..reports import FoldReport
+from ..spools import Spools, output_folder
 from ..write import write_checkpoint
 
 
@@ -26,7 +27,8 @@ def fold_adapters(base: str, adapters: list[str], write: WriteOptions, *, scales
     with ExitStack() as stack:
         ckpt, done = stack.enter_context(open_input(base, root, read, cast))
         opened = [(stack.enter_context(read_adapter(path)), scale) for path, scale in zip(adapters, scales)]
-        merged, folded = fold_into(ckpt, opened, allow_unmatched=allow_unmatched, cast=cast)
+        spools = stack.enter_context(Spools(output_folder(write.output)))  # a remote base's weights read twice
+        merged, folded = fold_into(ckpt, opened, allow_unmatched=allow_unmatched, cast=cast, spools=spools)
         written = write_checkpoint(merged, write, source=ckpt, cast=cast)
     return FoldReport.extend(with_read(written, done), input=None, mode="lora", sources=[base],
                              **{f.name: getattr(folded, f.name) for f in fields(folded)})

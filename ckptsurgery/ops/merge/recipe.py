@@ -59,8 +59,8 @@ from ..recipes.vocabulary import TOKENIZER_JSON, Alignment, aligned_tensors, ali
     read_vocabulary, row_sources, vocabulary_size
 from ..reports import RecipeReport
 from ..write import FolderOutput, write_checkpoint
-from ..spools import Spools
-from .by_method import output_folder, read_values, streamed_tensor
+from ..spools import Spools, output_folder
+from .by_method import read_values, streamed_tensor
 
 FOLDER_SHARD_SIZE = "5GB"  # transformers' save_pretrained default
 WEIGHTS_FILE = "model.safetensors"
@@ -85,7 +85,7 @@ def merge_recipe(recipe: str | os.PathLike | Recipe, write: WriteOptions, *,
     folder = _folder_output(write)
     _not_an_input(recipe, folder or write.output)
     with ExitStack() as stack:
-        spools = stack.enter_context(Spools(output_folder(write)))
+        spools = stack.enter_context(Spools(output_folder(write.output)))
         opened = _open_models(recipe, stack, spools)
         fetched = _fetched_folders(recipe, opened, stack)
         keys = {m: {k: t.shape for k, t in tensors.items()} for m, (_, tensors) in opened.items()}
