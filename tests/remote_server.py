@@ -220,3 +220,61 @@ if __name__ == "__main__":  # `python tests/remote_server.py FOLDER PORT`: serve
 
     with RangeServer(sys.argv[1], int(sys.argv[2])) as server:
         threading.Event().wait()
+
+
+# ---- what the tests of remote inputs share ----------------------------------------------------
+
+def use_hub(monkeypatch, server: RangeServer, root) -> None:
+    """HF_ENDPOINT at `server`, no token from anywhere, a short timeout."""
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_TOKEN_PATH", os.path.join(str(root), "no-token-here"))
+    monkeypatch.setenv("CKPTSURGERY_HTTP_TIMEOUT", "5")
+
+
+def recorded_spools(monkeypatch) -> list:
+    """Every temporary file ops/spools.py makes from now on, with the folder it was made in, as made."""
+    import ckptsurgery.ops.spools as spooling
+
+    made: list = []
+    make = spooling._temporary_file
+
+    def recorded(folder):
+        file, where = made_in = make(folder)
+        made.append((where, file))
+        return made_in
+
+    monkeypatch.setattr(spooling, "_temporary_file", recorded)
+    return made
+
+
+def files_bytes(root, *names) -> int:
+    """What reading the files' headers and every tensor once costs: per file, its first HEAD_BYTES
+    (io/remote.py's first request) or its header when longer, and its tensors' bytes."""
+    from ckptsurgery.io.remote import HEAD_BYTES
+
+    total = 0
+    for name in names:
+        with open(root / name, "rb") as f:
+            header = 8 + int.from_bytes(f.read(8), "little")
+        total += max(HEAD_BYTES, header) + os.path.getsize(root / name) - header
+    return total
+
+
+def no_debris(*folders) -> None:
+    """No temporary file in the folders, and none of theirs still open or mapped here (a file with
+    no name holds its disk space until then)."""
+    for folder in folders:
+        names = os.listdir(folder)
+        assert not [n for n in names if "ckptsurgery" in n or n.startswith(".")], names
+    if not os.path.isdir("/proc/self/fd"):
+        return
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            held.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    with open("/proc/self/maps") as maps:
+        held += [line.split(maxsplit=5)[-1].strip() for line in maps if len(line.split()) == 6 or "(deleted)" in line]
+    assert not [h for h in held if any(h.startswith(str(f) + os.sep) for f in folders)], held

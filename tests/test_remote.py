@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import assert_one_error_line
-from remote_server import RangeServer
+from remote_server import RangeServer, use_hub
 
 from ckptsurgery.io.remote import HEAD_BYTES, parse_hf, remote_inputs
 from ckptsurgery import open_checkpoint
@@ -65,10 +65,7 @@ def served(tmp_path_factory):
 def server(served, monkeypatch):
     server, root = served
     server.reset()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setenv("HF_TOKEN_PATH", os.path.join(str(root), "no-token-here"))
-    monkeypatch.setenv("CKPTSURGERY_HTTP_TIMEOUT", "5")
+    use_hub(monkeypatch, server, root)
     return server
 
 

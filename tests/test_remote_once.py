@@ -14,11 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import assert_one_error_line
-from remote_server import RangeServer
+from remote_server import RangeServer, files_bytes, no_debris, recorded_spools, use_hub
 
 import ckptsurgery.io.http as http
 import ckptsurgery.ops.spools as spooling
-from ckptsurgery.io.remote import HEAD_BYTES
 
 
 def _model(seed: int, same_as: int | None = None) -> dict[str, torch.Tensor]:
@@ -51,10 +50,7 @@ def served(tmp_path_factory):
 def server(served, monkeypatch, tmp_path):
     server, root = served
     server.reset()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setenv("HF_TOKEN_PATH", os.path.join(str(root), "no-token-here"))
-    monkeypatch.setenv("CKPTSURGERY_HTTP_TIMEOUT", "5")
+    use_hub(monkeypatch, server, root)
     monkeypatch.setattr(spooling, "IN_MEMORY", 64 << 10)
     (tmp_path / "tmp").mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
@@ -64,46 +60,22 @@ def server(served, monkeypatch, tmp_path):
 
 @pytest.fixture
 def spools(monkeypatch):
-    """Every temporary file a command makes, with the folder it was made in, as made."""
-    made: list = []
+    return recorded_spools(monkeypatch)
+
+
+def _failing_after_the_first_spool(server, spools, monkeypatch) -> None:
+    """The server answers 503 to everything once a first temporary file is made (no retries)."""
     make = spooling._temporary_file
 
-    def recorded(folder):
-        file, where = made_in = make(folder)
-        made.append((where, file))
-        return made_in
+    def then_fail(folder):
+        if spools:
+            server.behaviour.fail_times = 100
+        return make(folder)
 
-    monkeypatch.setattr(spooling, "_temporary_file", recorded)
-    return made
-
-
-def _files_bytes(root, *names) -> int:
-    """What reading the files' headers and every tensor once costs: per file, its first 512 bytes
-    or its header when longer, and its tensors' bytes."""
-    total = 0
-    for name in names:
-        with open(root / name, "rb") as f:
-            header = 8 + int.from_bytes(f.read(8), "little")
-        total += max(HEAD_BYTES, header) + os.path.getsize(root / name) - header
-    return total
+    monkeypatch.setattr(spooling, "_temporary_file", then_fail)
+    monkeypatch.setattr(http, "RETRIES", 0)
 
 
-def _no_debris(*folders) -> None:
-    """No temporary file in the folders, and none of theirs still open or mapped here."""
-    for folder in folders:
-        names = os.listdir(folder)
-        assert not [n for n in names if "ckptsurgery" in n or n.startswith(".")], names
-    if not os.path.isdir("/proc/self/fd"):
-        return
-    held = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            held.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:
-            pass
-    with open("/proc/self/maps") as maps:
-        held += [line.split(maxsplit=5)[-1].strip() for line in maps if len(line.split()) == 6 or "(deleted)" in line]
-    assert not [h for h in held if any(h.startswith(str(f) + os.sep) for f in folders)], held
 
 
 def _report(result, *drop) -> dict:
@@ -125,10 +97,10 @@ def test_diff_of_remote_inputs_fetches_each_tensor_once(cli, server, served, spo
     assert result.code == 1, result.err
     assert _report(result, "a", "b") == _report(local, "a", "b")
     fetched = json.loads(result.out)["fetched"]["bytes"]
-    assert fetched <= _files_bytes(root, "a.safetensors", "org/b/model.safetensors"), fetched
+    assert fetched <= files_bytes(root, "a.safetensors", "org/b/model.safetensors"), fetched
     assert spools and {folder for folder, _ in spools} == {str(tmp_path / "tmp")}  # no output: tempfile's folder
     assert all(file.closed for _, file in spools)
-    _no_debris(tmp_path / "tmp")
+    no_debris(tmp_path / "tmp")
 
 
 def test_diff_failing_midway_is_one_line_and_leaves_no_spool(cli, server, served, spools, tmp_path, monkeypatch):
@@ -144,7 +116,7 @@ def test_diff_failing_midway_is_one_line_and_leaves_no_spool(cli, server, served
     result = cli("diff", f"{server.url}/a.safetensors", "hf://org/b")
     assert_one_error_line(result, "503", code=2)
     assert spools and all(file.closed for _, file in spools)
-    _no_debris(tmp_path / "tmp")
+    no_debris(tmp_path / "tmp")
 
 
 # ---- inspect --stats --hash -------------------------------------------------------------------
@@ -158,26 +130,18 @@ def test_inspect_stats_and_hash_of_a_remote_file_fetch_it_once(cli, server, serv
     assert result.code == 0, result.err
     assert _report(result, "path", "input") == _report(local, "path", "input")
     fetched = json.loads(result.out)["fetched"]["bytes"]
-    assert fetched <= _files_bytes(root, "org/a/model.safetensors"), fetched
+    assert fetched <= files_bytes(root, "org/a/model.safetensors"), fetched
     assert spools and {folder for folder, _ in spools} == {str(tmp_path / "tmp")}
     assert all(file.closed for _, file in spools)
-    _no_debris(tmp_path / "tmp")
+    no_debris(tmp_path / "tmp")
 
 
 def test_inspect_failing_midway_is_one_line_and_leaves_no_spool(cli, server, served, spools, tmp_path, monkeypatch):
-    make = spooling._temporary_file
-
-    def then_fail(folder):
-        if spools:
-            server.behaviour.fail_times = 100
-        return make(folder)
-
-    monkeypatch.setattr(spooling, "_temporary_file", then_fail)
-    monkeypatch.setattr(http, "RETRIES", 0)
+    _failing_after_the_first_spool(server, spools, monkeypatch)
     result = cli("inspect", f"{server.url}/a.safetensors", "--stats", "--hash")
     assert_one_error_line(result, "503")
     assert spools and all(file.closed for _, file in spools)
-    _no_debris(tmp_path / "tmp")
+    no_debris(tmp_path / "tmp")
 
 
 # ---- merge --lora with DoRA (a norm per column: every row measured before the rows are made) -------
@@ -216,29 +180,21 @@ def test_a_dora_fold_into_a_remote_base_fetches_each_weight_once(cli, server, se
     assert result.code == 0, result.err
     assert (tmp_path / "out" / output).read_bytes() == (tmp_path / f"local-{output}").read_bytes()
     fetched = json.loads(result.out)["fetched"]["bytes"]
-    assert fetched <= _files_bytes(root, "org/a/model.safetensors"), fetched
+    assert fetched <= files_bytes(root, "org/a/model.safetensors"), fetched
     assert len(spools) == 2 and all(file.closed for _, file in spools)  # the two weights DoRA rescales
     assert {folder for folder, _ in spools} == {str(tmp_path / "out")}  # beside the output, as a merge's
-    _no_debris(tmp_path / "out", tmp_path / "tmp")
+    no_debris(tmp_path / "out", tmp_path / "tmp")
 
 
 def test_a_dora_fold_failing_midway_is_one_line_and_leaves_nothing(cli, server, served, spools, tmp_path,
                                                                      monkeypatch):
-    make = spooling._temporary_file
-
-    def then_fail(folder):
-        if spools:
-            server.behaviour.fail_times = 100
-        return make(folder)
-
-    monkeypatch.setattr(spooling, "_temporary_file", then_fail)
-    monkeypatch.setattr(http, "RETRIES", 0)
+    _failing_after_the_first_spool(server, spools, monkeypatch)
     (tmp_path / "out").mkdir()
     result = cli("merge", "hf://org/a", "--lora", _dora(tmp_path / "dora"), "-o", tmp_path / "out" / "m.safetensors")
     assert_one_error_line(result, "503")
     assert spools and all(file.closed for _, file in spools)
     assert os.listdir(tmp_path / "out") == []
-    _no_debris(tmp_path / "out", tmp_path / "tmp")
+    no_debris(tmp_path / "out", tmp_path / "tmp")
 
 
 def test_a_recipe_of_a_remote_model_with_dora_fetches_each_weight_once(cli, server, served, spools, tmp_path,
@@ -262,10 +218,10 @@ def test_a_recipe_of_a_remote_model_with_dora_fetches_each_weight_once(cli, serv
     assert (tmp_path / "out" / "remote.safetensors").read_bytes() == (tmp_path / "local.safetensors").read_bytes()
     weights = [f for f in json.loads(result.out)["fetched"]["files"] if f["url"].endswith(".safetensors")]
     fetched = sum(f["bytes"] for f in weights)
-    assert fetched <= _files_bytes(root, "org/a/model.safetensors", "org/b/model.safetensors"), fetched
+    assert fetched <= files_bytes(root, "org/a/model.safetensors", "org/b/model.safetensors"), fetched
     assert len(spools) == 2 and {folder for folder, _ in spools} == {str(tmp_path / "out")}
     assert all(file.closed for _, file in spools)
-    _no_debris(tmp_path / "out", tmp_path / "tmp")
+    no_debris(tmp_path / "out", tmp_path / "tmp")
 
 
 # ---- extract-lora ---------------------------------------------------------------------------
@@ -285,11 +241,11 @@ def test_extract_lora_from_remote_inputs_fetches_each_tensor_once(cli, server, s
         assert (tmp_path / "out" / "lora" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
     # extract-lora's report says nothing of it: counted where it is served (the 206 answers' bodies)
     fetched = sum(nbytes for _, _, status, nbytes in server.served.requests if status == 206)
-    assert fetched <= _files_bytes(root, "org/a/model.safetensors", "b.safetensors"), fetched
+    assert fetched <= files_bytes(root, "org/a/model.safetensors", "b.safetensors"), fetched
     # one file beside the output holds every weight kept from its comparison to its SVD
     assert len(spools) == 1 and {folder for folder, _ in spools} == {str(tmp_path / "out")}
     assert all(file.closed for _, file in spools)
-    _no_debris(tmp_path / "out" / "lora", tmp_path / "tmp")
+    no_debris(tmp_path / "out" / "lora", tmp_path / "tmp")
     assert os.listdir(tmp_path / "out") == ["lora"]
 
 
@@ -309,7 +265,7 @@ def test_extract_lora_failing_midway_is_one_line_and_leaves_nothing(cli, server,
     assert_one_error_line(result, "503")
     assert spools and all(file.closed for _, file in spools)
     assert os.listdir(tmp_path / "out") == []
-    _no_debris(tmp_path / "out", tmp_path / "tmp")
+    no_debris(tmp_path / "out", tmp_path / "tmp")
 
 
 def test_a_shared_spool_file_uses_the_space_released_last_again(tmp_path):
@@ -338,7 +294,7 @@ def test_a_shared_spool_file_uses_the_space_released_last_again(tmp_path):
         assert bytes(kept.view(0, 100_000)) == source.data[:100_000]
         assert bytes(again.view(0, 100_000)) == source.data[200_000:]
     assert kept.map.closed and again.map.closed
-    _no_debris(tmp_path)
+    no_debris(tmp_path)
 
 
 @pytest.mark.parametrize("command", ["diff", "inspect", "dora", "extract"])
@@ -370,4 +326,4 @@ def test_an_interrupted_command_leaves_no_spool(server, served, spools, tmp_path
         run[command]()
     assert spools and all(file.closed for _, file in spools)
     assert os.listdir(out) == []
-    _no_debris(out, tmp_path / "tmp")
+    no_debris(out, tmp_path / "tmp")

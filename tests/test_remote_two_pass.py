@@ -15,12 +15,11 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import assert_one_error_line
-from remote_server import RangeServer
+from remote_server import RangeServer, files_bytes, no_debris, recorded_spools, use_hub
 
 import ckptsurgery.ops.spools as spooling
 from ckptsurgery.ops import WriteOptions
 from ckptsurgery.ops import methods
-from ckptsurgery.io.remote import HEAD_BYTES
 
 
 def _model(seed: int) -> dict[str, torch.Tensor]:
@@ -50,10 +49,7 @@ def served(tmp_path_factory):
 def server(served, monkeypatch, tmp_path):
     server, root = served
     server.reset()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setenv("HF_TOKEN_PATH", os.path.join(str(root), "no-token-here"))
-    monkeypatch.setenv("CKPTSURGERY_HTTP_TIMEOUT", "5")
+    use_hub(monkeypatch, server, root)
     monkeypatch.setattr(methods, "CHUNK", 4096)  # many chunks a tensor: the second pass reads the spool in pieces
     monkeypatch.setattr(spooling, "IN_MEMORY", 64 << 10)
     (tmp_path / "tmp").mkdir()
@@ -64,47 +60,9 @@ def server(served, monkeypatch, tmp_path):
 
 @pytest.fixture
 def spools(monkeypatch):
-    """Every temporary file the merge makes, with the folder it was made in, as made."""
-    made: list = []
-    make = spooling._temporary_file
-
-    def recorded(folder):
-        file, where = made_in = make(folder)
-        made.append((where, file))
-        return made_in
-
-    monkeypatch.setattr(spooling, "_temporary_file", recorded)
-    return made
+    return recorded_spools(monkeypatch)
 
 
-def _files_bytes(root, *names) -> int:
-    """What reading the files' headers and every tensor once costs: per file, its first 512 bytes
-    or its header when longer (as tests/test_remote.py counts), and its tensors' bytes."""
-    total = 0
-    for name in names:
-        with open(root / name, "rb") as f:
-            header = 8 + int.from_bytes(f.read(8), "little")
-        total += max(HEAD_BYTES, header) + os.path.getsize(root / name) - header
-    return total
-
-
-def _no_debris(*folders) -> None:
-    """No temporary file in the folders, and none of theirs still open or mapped here (a file with
-    no name holds its disk space until then)."""
-    for folder in folders:
-        names = os.listdir(folder)
-        assert not [n for n in names if "ckptsurgery" in n or n.startswith(".")], names
-    if not os.path.isdir("/proc/self/fd"):
-        return
-    held = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            held.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:
-            pass
-    with open("/proc/self/maps") as maps:
-        held += [line.split(maxsplit=5)[-1].strip() for line in maps if len(line.split()) == 6 or "(deleted)" in line]
-    assert not [h for h in held if any(h.startswith(str(f) + os.sep) for f in folders)], held
 
 
 @pytest.mark.parametrize("method, extra", [
@@ -127,12 +85,12 @@ def test_a_two_pass_merge_of_remote_inputs_fetches_each_tensor_once(cli, server,
     assert result.code == 0, result.err
     assert (tmp_path / "remote.safetensors").read_bytes() == (tmp_path / "local.safetensors").read_bytes()
     fetched = json.loads(result.out)["fetched"]
-    assert fetched["bytes"] <= _files_bytes(root, "a.safetensors", "b.safetensors", *base)
+    assert fetched["bytes"] <= files_bytes(root, "a.safetensors", "b.safetensors", *base)
     # 3 spooled tensors per input, each in the output's folder, all closed once written
     assert len(spools) == 3 * (2 + len(base))
     assert {folder for folder, _ in spools} == {str(tmp_path)}
     assert all(file.closed for _, file in spools)
-    _no_debris(tmp_path, tmp_path / "tmp")
+    no_debris(tmp_path, tmp_path / "tmp")
 
 
 def test_a_one_pass_merge_spools_nothing(cli, server, served, spools, tmp_path):
@@ -141,7 +99,7 @@ def test_a_one_pass_merge_spools_nothing(cli, server, served, spools, tmp_path):
                  "--json")
     assert result.code == 0, result.err
     assert not spools
-    assert json.loads(result.out)["fetched"]["bytes"] <= _files_bytes(root, "a.safetensors", "b.safetensors")
+    assert json.loads(result.out)["fetched"]["bytes"] <= files_bytes(root, "a.safetensors", "b.safetensors")
 
 
 @pytest.mark.parametrize("adapter", [False, True])
@@ -166,10 +124,10 @@ def test_a_recipe_of_hub_models_with_slerp_fetches_each_tensor_once(cli, server,
     assert result.code == 0, result.err
     assert (tmp_path / "out" / "remote.safetensors").read_bytes() == (tmp_path / "local.safetensors").read_bytes()
     weights = [f for f in json.loads(result.out)["fetched"]["files"] if f["url"].endswith(".safetensors")]
-    assert sum(f["bytes"] for f in weights) <= _files_bytes(root, "org/a/model.safetensors", "org/b/model.safetensors")
+    assert sum(f["bytes"] for f in weights) <= files_bytes(root, "org/a/model.safetensors", "org/b/model.safetensors")
     assert spools and {folder for folder, _ in spools} == {str(tmp_path / "out")}
     assert all(file.closed for _, file in spools)
-    _no_debris(tmp_path / "out", tmp_path / "tmp")
+    no_debris(tmp_path / "out", tmp_path / "tmp")
 
 
 def _lora(folder):
@@ -208,7 +166,7 @@ def test_a_server_failing_midway_leaves_no_output_and_no_spool(cli, server, serv
     assert_one_error_line(result, "503" if failure == "5xx" else "changed while being read")
     assert len(spools) >= 1 and all(file.closed for _, file in spools)
     assert os.listdir(out.parent) == []
-    _no_debris(out.parent, tmp_path / "tmp")
+    no_debris(out.parent, tmp_path / "tmp")
 
 
 def test_an_interrupted_merge_closes_its_spools(server, served, spools, tmp_path, monkeypatch):
@@ -228,7 +186,7 @@ def test_an_interrupted_merge_closes_its_spools(server, served, spools, tmp_path
         merge_with_method([f"{server.url}/a.safetensors", "hf://org/b"], WriteOptions(str(out)), method="slerp", t=0.5)
     assert len(spools) == 1 and spools[0][1].closed
     assert os.listdir(out.parent) == []
-    _no_debris(out.parent, tmp_path / "tmp")
+    no_debris(out.parent, tmp_path / "tmp")
 
 
 def test_a_full_disk_under_a_spool_is_one_line_and_leaves_nothing(cli, server, served, spools, tmp_path, monkeypatch):
@@ -253,4 +211,4 @@ def test_a_full_disk_under_a_spool_is_one_line_and_leaves_nothing(cli, server, s
     assert_one_error_line(result, str(out.parent), "No space left on device", "read twice")
     assert len(spools) == 1 and spools[0][1].closed
     assert os.listdir(out.parent) == []
-    _no_debris(out.parent, tmp_path / "tmp")
+    no_debris(out.parent, tmp_path / "tmp")
