@@ -70,3 +70,27 @@ def test_a_key_repeated_with_another_path_naming_it_is_one_tensor_as_torch_reads
     assert old[0] == "read" and [key for key, _ in old[1]["tensors"]] == ["c"]
     assert fast == old
     assert routes.streamed == 0
+
+
+def test_a_folder_refused_once_streamed_reads_its_values_twice_not_three_times(tmp_path, monkeypatch):
+    """A folder whose `.metadata` streams whole but is refused after (here: two state dicts and no
+    --root; as well a value refused, a place outside its file) is refused by the tables' way too:
+    it is read again only for the restricted unpickler's words, not a third time — a heavy value
+    (a list of a million strings) was unpickled three times (3x the time of the old route), and
+    the readers that gave up kept theirs until the garbage collector ran."""
+    from ckptsurgery.errors import CkptError
+
+    folder = _save(tmp_path / "ckpt", {"a": {"w": torch.ones(2)}, "b": {"w": torch.ones(2)}, "step": 7})
+    reads, value = [], dcp_io._Reader.value
+
+    def counted(self, place, where):
+        reads.append(where)
+        return value(self, place, where)
+
+    monkeypatch.setattr(dcp_io._Reader, "value", counted)
+    with pytest.raises(CkptError, match="several entries hold state dicts"):
+        dcp_io.read_dcp(str(folder), None)
+    assert len(reads) == 2  # streamed, then the restricted unpickler's route
+    reads.clear()
+    dcp_io.read_dcp(str(folder), "a")
+    assert len(reads) == 1

@@ -34,7 +34,8 @@ from typing import Any
 
 from ..errors import CkptError
 from .dcp_chunks import (
-    ChunkGroup, ChunkStorage, chunked, lean_archive, lean_storage, legacy_value, read_streaming, short, template_of,
+    ChunkGroup, ChunkStorage, Refused, chunked, lean_archive, lean_storage, legacy_value, read_streaming, short,
+    template_of,
 )
 from .dcp_pickles import DCP_META as _META
 from .dcp_pickles import STORAGE_INFO as _STORAGE_INFO
@@ -104,6 +105,15 @@ class _Reader:
         self._rank: dict[str, int] = {}
         self._groups: dict[tuple, ChunkGroup] = {}  # (dtype, sizes, path before the last step) -> its group
         self._lengths: dict[int, int] = {}  # chunks' lengths, one int each (they repeat from key to key)
+
+    def release(self) -> None:
+        """A reader given up on (read_dcp reads the folder again): its files closed, and what it
+        read let go now — its tensors' groups name it, so the garbage collector would free it
+        (its values too) only when it next runs, while the next reader reads them again."""
+        for source in self.files.values():
+            source.close()
+        for cache in (self._loaded, self._unpickled, self._lazy, self._templates, self._groups):
+            cache.clear()
 
     def file(self, name: Any, where: str) -> MappedFile:
         """A `.distcp` file of the folder, named by a plain file name (never a path elsewhere)."""
@@ -258,10 +268,14 @@ def read_dcp(folder: str, root: str | None) -> Checkpoint:
     if not 0 < meta_file.size <= MAX_METADATA:
         raise CkptError(f"{meta_path}: {'empty' if not meta_file.size else 'larger than 1 GiB'}; not DCP metadata")
     try:
-        streamed = read_streaming(_Reader(folder, []), root, meta_file) if FAST else None
+        try:
+            streamed = read_streaming(_Reader(folder, []), root, meta_file) if FAST else None
+        except Refused:  # the tables' way would refuse it too: read below for the words
+            streamed, fast = None, None
+        else:
+            fast = _fast_metadata(meta_file) if FAST and streamed is None else None
         if streamed is not None:
             return streamed
-        fast = _fast_metadata(meta_file) if FAST else None
         if fast is not None:
             try:
                 return _read_fast(folder, root, fast)
@@ -332,8 +346,7 @@ def _read_fast(folder: str, root: str | None, meta: FastMetadata) -> Checkpoint:
     try:
         return _read_fast_with(reader, root, meta)
     except CkptError:
-        for source in reader.files.values():
-            source.close()
+        reader.release()
         raise
 
 

@@ -563,14 +563,27 @@ class Stream:
                           distinct=not deferred)  # (each tensor its own ChunkStorage; a value's may share)
 
 
+class Refused(Exception):
+    """A folder whose `.metadata` streamed whole, refused after (a place, a value, the root): the
+    tables' way makes the same checks of the same records, and would refuse it too — only the
+    restricted unpickler's route reads it again (for its words), not the tables' way as well."""
+
+
 def read_streaming(reader: _Reader, root: str | None, meta_file: MappedFile) -> Checkpoint | None:
     """read_dcp of the folder of `reader` (a new one: torch's own records make no events) whose
-    `.metadata` Stream takes, or None (read it another way)."""
+    `.metadata` Stream takes, or None (read it another way); Refused where it is refused once
+    streamed (a CkptError of finish: fast_metadata gives none)."""
     try:
         stream = Stream(reader)
         fast_metadata(meta_file.buffer(), stream)
-        return stream.finish(root)
-    except (Unfollowed, CkptError):
-        for source in reader.files.values():
-            source.close()
+    except Unfollowed:
+        reader.release()
         return None
+    try:
+        return stream.finish(root)
+    except Unfollowed:  # (a Restart: places not in order)
+        reader.release()
+        return None
+    except CkptError:
+        reader.release()
+        raise Refused from None
