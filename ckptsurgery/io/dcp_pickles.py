@@ -164,7 +164,7 @@ def _patterns() -> dict:
     chunk = record + fields + text + size + text + size + b"ub"
     tensor = (record + fields + text + record + b"\\(" + glob + glob + b"(?:" + text + b"\\x85\\x94R\\x94)?[\\x88\\x89]"
               + glob + b"(?:" + number + b"\\x85\\x94R\\x94)?[\\x88\\x89]t\\x94b" + text + size + text
-              + b"\\]\\x94(?:" + chunk + b"a|\\((?:" + chunk + b")+e)*ub")
+              + b"\\]\\x94(?:" + chunk + b"a|\\((?:" + chunk + b")++e)*+ub")
     index = (b"(?P<h>" + record + fields + text + b")(?P<f>" + text + b")(?P<t>" + text + b"(?:" + number + b"|N)(?:"
              + text + size + b")?ub)")
     info = (b"(?P<sh>" + record + fields + text * 3 + b")(?P<o>" + number + b")(?P<sm>" + text + b")(?P<n>" + number

@@ -95,7 +95,9 @@ def counted(most: int) -> bytes:
     return b"(?>" + b"|".join(re.escape(bytes([n])) + b"[\\s\\S]{%d}" % n for n in range(most + 1)) + b")"
 
 
-# regular expressions of whole tokens (DOTALL spelled [\s\S]), which runs of them are made of. A
+# regular expressions of whole tokens (DOTALL spelled [\s\S]), which runs of them are made of; a
+# repeat is possessive (what follows it never begins as what it repeats): a greedy one keeps a
+# backtracking state an item — ~60 B for each 2-byte integer of a size of 100,000 dimensions. A
 # SHORT_BINUNICODE MEMOIZE as a string without a 0x94 byte spells it: one with such a byte is read
 # token by token each time (the match stops short of the token, and is never trusted).
 STRING_RE = b"\\x8c[\\s\\S][^\\x94]*+\\x94"
@@ -104,12 +106,16 @@ TEXT_RE = b"(?:" + STRING_RE + b"|" + REF_RE + b")"
 GLOBAL_RE = b"(?:" + REF_RE + b"|" + TEXT_RE + TEXT_RE + b"\\x93\\x94)"  # STACK_GLOBAL MEMOIZE
 NUMBER_RE = b"(?:K[\\s\\S]|M[\\s\\S]{2}|J[\\s\\S]{4}|\\x8a" + counted(8) + b")"
 NUMBERS_RE = (b"(?:\\)|" + NUMBER_RE + b"\\x85\\x94|" + NUMBER_RE * 2 + b"\\x86\\x94|" + NUMBER_RE * 3
-              + b"\\x87\\x94|\\(" + NUMBER_RE + b"*t\\x94)")  # a tuple of integers
+              + b"\\x87\\x94|\\(" + NUMBER_RE + b"*+t\\x94)")  # a tuple of integers
 SIZE_RE = b"(?:" + REF_RE + b"|" + GLOBAL_RE + NUMBERS_RE + b"\\x85\\x94R\\x94)"  # torch.Size((...))
 RECORD_RE = GLOBAL_RE + b"\\)\\x81\\x94"  # EMPTY_TUPLE NEWOBJ MEMOIZE
 FIELDS_RE = b"\\}\\x94\\("  # EMPTY_DICT MEMOIZE MARK
 MAX_RUNS = 1 << 16  # runs of bytes remembered, of each kind: a file of nothing but new ones costs no more
 MAX_LITERALS = 256  # runs spelled out as expressions, of each kind
+# the longest run spelled out (torch's are a few hundred bytes): a literal's compiled expression
+# keeps ~18 B a byte, and ~110 B a byte while it is compiled (~1 s a MB) — a hostile file's long run
+# (a size of 100,000 dimensions, in one long frame) is recognised by the dictionary of runs alone
+MAX_LITERAL = 2048
 REF_GROUP = b"(h[\\s\\S]|j[\\s\\S]{4})"  # a memo reference
 NUMBER_GROUP = b"(K[\\s\\S]|M[\\s\\S]{2}|J[\\s\\S]{4}|\\x8a" + counted(8) + b")"
 
@@ -475,9 +481,9 @@ class Tokens:
 
     def literal(self, cache: dict, key, run: tuple, *parts: bytes) -> tuple | None:
         """(match, run): `parts` as a regular expression, its fixed runs spelled out (compiled
-        once, for a few hundred runs at most; None past those)."""
+        once, for a few hundred runs of MAX_LITERAL bytes at most; None past those)."""
         made = cache.get(key)
-        if made is None and len(cache) < MAX_LITERALS:
+        if made is None and len(cache) < MAX_LITERALS and sum(map(len, parts)) <= MAX_LITERAL:
             made = cache[key] = (re.compile(b"".join(
                 part if index % 2 == 0 else re.escape(part) for index, part in enumerate(parts))).match, run)
         return made
