@@ -249,6 +249,24 @@ def test_extract_lora_from_remote_inputs_fetches_each_tensor_once(cli, server, s
     assert os.listdir(tmp_path / "out") == ["lora"]
 
 
+def test_extract_lora_dry_run_of_remote_inputs_holds_nothing(cli, server, served, spools, tmp_path):
+    """A dry run reads each weight once, to compare it, and never again (no SVD is made): nothing
+    is kept for a second read — no temporary file holding the planned weights of both sides."""
+    _, root = served
+    local = cli("extract-lora", root / "a.safetensors", root / "b.safetensors", "--rank", "4", "--dry-run",
+                "-o", tmp_path / "local", "--json")
+    assert local.code == 0, local.err
+    (tmp_path / "out").mkdir()
+    result = cli("extract-lora", "hf://org/a", f"{server.url}/b.safetensors", "--rank", "4", "--dry-run",
+                 "-o", tmp_path / "out" / "lora", "--json")
+    assert result.code == 0, result.err
+    assert _report(result, "output", "files", "base", "tuned") == _report(local, "output", "files", "base", "tuned")
+    assert not spools
+    fetched = sum(nbytes for _, _, status, nbytes in server.served.requests if status == 206)
+    assert fetched <= files_bytes(root, "org/a/model.safetensors", "b.safetensors"), fetched
+    assert os.listdir(tmp_path / "out") == []
+
+
 def test_extract_lora_failing_midway_is_one_line_and_leaves_nothing(cli, server, served, spools, tmp_path,
                                                                       monkeypatch):
     make = spooling._temporary_file

@@ -129,8 +129,9 @@ def extract_lora(base: str, tuned: str, write: WriteOptions, *, rank: list[str] 
           Spools(output_folder(write.output), shared=True) as spools):
         for pattern in [p for p, _ in patterns] + list(fan_in_fan_out or []):
             core.select(b.tensors, [pattern])  # a pattern selecting nothing is a typo: said loudly
+        read_again = not write.dry_run or energy is not None  # an SVD (or --energy's pass) reads a weight again
         settings = _Settings(default, [(core.compile_pattern(p), r) for p, r in patterns], transposed, embeddings,
-                             spools)
+                             spools if read_again else None)
         survey = _survey(b, t, settings)
         if energy is not None:
             _energy_ranks(b, t, survey.plan, energy, survey.held)
