@@ -315,6 +315,58 @@ def test_a_shared_spool_file_uses_the_space_released_last_again(tmp_path):
     no_debris(tmp_path)
 
 
+def test_a_tensor_kept_at_its_first_read_is_released_only_once_viewed(tmp_path, monkeypatch):
+    """Spools.later: a read that has the spool in hand but has not viewed it yet, when another
+    thread releases the tensor (its last chunk made: a recipe's folded tensor read for two output
+    keys, their shards written at once), still views the tensor's bytes — the release waits for the
+    view, and the mapping stays until the view goes — not a closed mapping."""
+    import threading
+
+    from ckptsurgery.dtypes import by_name
+    from ckptsurgery.io.model import RangeSource, Storage, TensorRef
+
+    class Served(RangeSource):
+        path, data = "served", os.urandom(200_000)
+        size = len(data)
+
+        def view(self, offset, nbytes):
+            return memoryview(self.data)[offset:offset + nbytes]
+
+        def stream(self, offset, nbytes):
+            yield self.view(offset, nbytes)
+
+    monkeypatch.setattr(spooling, "IN_MEMORY", 64 << 10)
+    source = Served()
+    t = TensorRef(Storage(source, 0, source.size), 0, (50_000,), (1,), by_name("float32"))
+    viewing, go, read = threading.Event(), threading.Event(), []
+    view = spooling.Spool.view
+
+    def slow_view(self, offset, nbytes):  # the reading thread, between the spool in hand and its view
+        if threading.current_thread().name == "reader":
+            viewing.set()
+            go.wait(5)
+        return view(self, offset, nbytes)
+
+    with spooling.Spools(str(tmp_path)) as spools:
+        spooling.Spool.view = slow_view
+        try:
+            held = spools.later(t)
+            reader = threading.Thread(target=lambda: read.append(bytes(held.storage.source.view(0, 1000))),
+                                      name="reader")
+            reader.start()
+            assert viewing.wait(5)
+            releaser = threading.Thread(target=spools.release, args=(held,))
+            releaser.start()
+            releaser.join(0.3)  # a release that does not wait closes the mapping here
+            go.set()
+            reader.join(5)
+            releaser.join(5)
+        finally:
+            spooling.Spool.view = view
+    assert read == [source.data[:1000]]
+    no_debris(tmp_path)
+
+
 @pytest.mark.parametrize("command", ["diff", "inspect", "dora", "extract"])
 def test_an_interrupted_command_leaves_no_spool(server, served, spools, tmp_path, monkeypatch, command):
     """Ctrl-C as the second tensor is streamed into a temporary file: every one made is closed,

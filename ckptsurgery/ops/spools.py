@@ -231,11 +231,11 @@ class _Later:
         self.lock = threading.Lock()
 
     def view(self, offset: int, nbytes: int) -> memoryview:
-        with self.lock:
+        with self.lock:  # viewed before a release in another thread closes it (then mapped until the view goes)
             if self.kept is None:
                 self.kept = self.spools.keep(self.source, self.first, self.nbytes)
             kept = self.kept
-        return kept[offset:offset + nbytes] if isinstance(kept, memoryview) else kept.view(offset, nbytes)
+            return kept[offset:offset + nbytes] if isinstance(kept, memoryview) else kept.view(offset, nbytes)
 
     def release(self) -> None:
         with self.lock:
