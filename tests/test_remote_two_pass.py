@@ -93,6 +93,23 @@ def test_a_two_pass_merge_of_remote_inputs_fetches_each_tensor_once(cli, server,
     no_debris(tmp_path, tmp_path / "tmp")
 
 
+def test_a_library_merge_given_no_spools_makes_none_it_cannot_close(server, served, spools, tmp_path):
+    """merge_by_method without `spools` (a library caller's): a remote tensor is then read as it is
+    asked, twice by a two-pass method — no temporary file made that nothing closes when the merge
+    is left halfway (the command's ExitStack closes the Spools it passes)."""
+    from ckptsurgery.io import open_checkpoint
+    from ckptsurgery.ops.merge.by_method import merge_by_method
+    from ckptsurgery.ops.methods import resolve_parameters
+
+    params = resolve_parameters("slerp", 2, {"t": 0.3})
+    with open_checkpoint(f"{server.url}/a.safetensors") as a, open_checkpoint(f"{server.url}/b.safetensors") as b:
+        merged = merge_by_method([a, b], None, "slerp", params, None).tensors["embed.weight"]
+        bytes(merged.storage.source.pieces[0][0].view(0, 16))  # its first chunk made, then left
+    assert not spools
+    no_debris(tmp_path, tmp_path / "tmp")
+    del merged
+
+
 def test_a_one_pass_merge_spools_nothing(cli, server, served, spools, tmp_path):
     _, root = served
     result = cli("merge", f"{server.url}/a.safetensors", "hf://org/b", "--average", "-o", tmp_path / "out.safetensors",

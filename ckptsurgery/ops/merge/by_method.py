@@ -205,14 +205,16 @@ class InputReads:
     `streamed_tensor` around it) reads every input it needs whole before the chunks read them
     again: a tensor fetched by range requests (a remote input's) is then fetched once, into memory
     when small, else streamed into a temporary file (`Spools`) that both passes read, and dropped
-    as the chunks read its last elements; a copy is kept for the second pass, not made again."""
+    as the chunks read its last elements; a copy is kept for the second pass, not made again.
+    Without `spools` (a library caller's) a remote tensor is read as it is asked, once per pass."""
 
     def __init__(self, t: TensorRef, wide: str, spools: Spools | None, working: str | None):
         self.t, self.wide, self.working = t, wide, working
-        self.spools = spools if spools is not None else Spools()
+        self.spools = spools
         self.name, self.size = t.dtype.name, t.dtype.itemsize
         self.in_order = mapped_range(t)
-        self.fetched = self.in_order is not None and fetched_by_range(self.in_order[0])
+        # kept for the chunks after a measure pass: a remote tensor, when there are `spools` to close it
+        self.fetched = spools is not None and self.in_order is not None and fetched_by_range(self.in_order[0])
         self.measuring = False
         self._kept = None  # a memoryview of the tensor's bytes, or a Spool holding them
         self._lock = threading.Lock()
@@ -250,7 +252,7 @@ class InputReads:
         """Drop what is kept of the tensor (a spool closed); reads after it read the source again."""
         with self._lock:
             kept, self._kept = self._kept, None
-        if kept is not None:
+        if kept is not None and self.spools is not None:
             self.spools.release(kept)
 
 
