@@ -65,10 +65,10 @@ class Spool:
             self.file.close()
 
 
-class _InMemory:
+class InMemory:
     """A small tensor's bytes, kept: viewed as a spool is."""
 
-    def __init__(self, data: bytes):
+    def __init__(self, data):
         self.data = memoryview(data)
 
     def view(self, offset: int, nbytes: int) -> memoryview:
@@ -99,11 +99,11 @@ class Spools:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def keep(self, source, first: int, nbytes: int):
-        """Bytes [first, first + nbytes) of `source`, fetched once: a memoryview when at most
-        IN_MEMORY bytes, else a new spool (`spool`)."""
+    def keep(self, source, first: int, nbytes: int) -> InMemory | Spool:
+        """Bytes [first, first + nbytes) of `source`, fetched once, to `view`: in memory when at
+        most IN_MEMORY bytes, else in a new spool (`spool`)."""
         if nbytes == 0 or nbytes <= IN_MEMORY and not self.shared:
-            return memoryview(bytes(source.view(first, nbytes)))
+            return InMemory(bytes(source.view(first, nbytes)))
         return self.spool(source, first, nbytes)
 
     def spool(self, source, first: int, nbytes: int) -> Spool:
@@ -153,8 +153,7 @@ class Spools:
         in_order = remote_range(t)
         if in_order is None:
             return t
-        kept = self.keep(*in_order, t.nbytes)
-        return _on(_InMemory(kept) if isinstance(kept, memoryview) else kept, t)
+        return _on(self.keep(*in_order, t.nbytes), t)
 
     def later(self, t: TensorRef) -> TensorRef:
         """As `hold`, but fetched only at its first read (a tensor a writer computes from when it
@@ -166,8 +165,8 @@ class Spools:
         return _on(_Later(self, *in_order, t.nbytes), t)
 
     def release(self, kept) -> None:
-        """Close what `spool`, `hold` or `later` made (a memoryview or a tensor not held: nothing
-        to close)."""
+        """Close what `keep`, `spool`, `hold` or `later` made (in memory, or a tensor not held:
+        nothing to close)."""
         if isinstance(kept, TensorRef):
             pieces = kept.storage.source.pieces if isinstance(kept.storage.source, JoinedSource) else []
             kept = next((piece for piece, _, _ in pieces if isinstance(piece, (Spool, _Later))), None)
@@ -234,8 +233,7 @@ class _Later:
         with self.lock:  # viewed before a release in another thread closes it (then mapped until the view goes)
             if self.kept is None:
                 self.kept = self.spools.keep(self.source, self.first, self.nbytes)
-            kept = self.kept
-            return kept[offset:offset + nbytes] if isinstance(kept, memoryview) else kept.view(offset, nbytes)
+            return self.kept.view(offset, nbytes)
 
     def release(self) -> None:
         with self.lock:

@@ -26,7 +26,7 @@ from ..methods import MergeMethod, Parameters
 from ..inputs import open_inputs, with_read
 from ..options import READ_AS_IS, ReadOptions, WriteOptions, check_write_options, dtype_to_cast
 from ..reports import MethodReport
-from ..spools import Spools, fetched_by_range, output_folder
+from ..spools import InMemory, Spools, fetched_by_range, output_folder
 from ..write import write_checkpoint
 
 
@@ -216,7 +216,7 @@ class InputReads:
         # kept for the chunks after a measure pass: a remote tensor, when there are `spools` to close it
         self.fetched = spools is not None and self.in_order is not None and fetched_by_range(self.in_order[0])
         self.measuring = False
-        self._kept = None  # a memoryview of the tensor's bytes, or a Spool holding them
+        self._kept = None  # the tensor's bytes in memory (InMemory), or a Spool holding them
         self._lock = threading.Lock()
 
     def __call__(self, start: int, count: int):
@@ -233,9 +233,9 @@ class InputReads:
         if kept is None:
             source, first = self.in_order
             return source.view(first + offset, nbytes)
-        data = kept[offset:offset + nbytes] if isinstance(kept, memoryview) else kept.view(offset, nbytes)
+        data = kept.view(offset, nbytes)
         if last and not self.measuring:  # the chunks are done with it: dropped (a spool's bytes copied out first)
-            data = data if isinstance(kept, memoryview) else bytes(data)
+            data = data if isinstance(kept, InMemory) else bytes(data)
             self.release()
         return data
 
@@ -243,7 +243,7 @@ class InputReads:
         with self._lock:  # a measure pass may read from two threads (arcee-fusion)
             if self._kept is None:
                 if self.in_order is None:
-                    self._kept = memoryview(self.t.data()).cast("B")
+                    self._kept = InMemory(memoryview(self.t.data()).cast("B"))
                 else:
                     self._kept = self.spools.keep(*self.in_order, self.t.nbytes)
             return self._kept
