@@ -39,28 +39,34 @@ TEXT = frozenset(b"\x8cXhj")  # SHORT_BINUNICODE, BINUNICODE, BINGET, LONG_BINGE
 NUMBER = frozenset(b"KMJ\x8a")  # BININT1, BININT2, BININT, LONG1
 
 
-def frame_headers(data) -> list[int]:
-    """Where each frame's header (FRAME and its 8-byte length) lies in a protocol 4 or 5 pickle
-    made of frames, as pickle.dump writes it: one after the other from the third byte to the end.
-    A frame only says how much to read at once — the restricted unpickler skips its header
-    wherever it sits — and pickle.dump puts whole opcodes in each (checked: Tokens.past)."""
+def frame_headers(data) -> int:
+    """Where the first frame's header (FRAME and its 8-byte length) lies in a protocol 4 or 5
+    pickle made of frames, as pickle.dump writes it: one after the other from the third byte to
+    the end (checked here; Tokens.past finds each next one from the one before: no list of them,
+    which at 9 bytes a frame would be 4 times a file of empty frames). A frame only says how much
+    to read at once — the restricted unpickler skips its header wherever it sits — and
+    pickle.dump puts whole opcodes in each (checked: Tokens.past)."""
     if len(data) < 2 or data[0] != 0x80 or data[1] not in (4, 5):
         raise Unfollowed("not a protocol 4 or 5 pickle")
-    headers, pos, end = [], 2, len(data)
+    pos, end = 2, len(data)
     while pos < end:
+        empty = EMPTY_FRAMES(data, pos)
+        if empty is not None:
+            pos = empty.end()
+            continue
         if data[pos] != 0x95 or pos + 9 > end:
             raise Unfollowed("opcodes outside a frame")
         size = int.from_bytes(data[pos + 1 : pos + 9], "little")
         if size > _MAX_FRAME or pos + 9 + size > end:
             raise Unfollowed("a frame that runs past the end")
-        headers.append(pos)
         pos += 9 + size
-    if not headers:
+    if end <= 2:
         raise Unfollowed("no frame")
-    return headers
+    return 2
 
 
 _MAX_FRAME = 1 << 30  # as MetadataUnpickler.load_frame
+EMPTY_FRAMES = re.compile(b"(?:\\x95\\x00{8})++").match  # (pickle.dump writes none: a hostile file's, skipped at once)
 def read_number(b: bytes, pos: int) -> tuple[int, int]:
     """An integer as BININT1, BININT2, BININT or LONG1 write it."""
     code = b[pos]
@@ -259,8 +265,7 @@ class Tokens:
     known: dict[str, Known] = {}
 
     def __init__(self, data):
-        self.b, self.headers, self.next = data, frame_headers(data), 0
-        self.bound = self.headers[0]
+        self.b, self.bound = data, frame_headers(data)
         self.memo = Memo()
         self.tally = 0
 
@@ -273,11 +278,18 @@ class Tokens:
         first, and reads them again token by token instead."""
         if end > self.bound:
             raise Unfollowed("a frame boundary inside a token")
-        headers = self.headers
-        while end == self.bound:
+        b = self.b
+        while end == self.bound:  # (the next header: after this one's frame, or none at the end)
+            empty = EMPTY_FRAMES(b, end)
+            if empty is not None:
+                end = empty.end()
+                if end == len(b):
+                    self.bound = end + 1
+                    break
             end += 9
-            self.next += 1
-            self.bound = headers[self.next] if self.next < len(headers) else len(self.b) + 1
+            self.bound = end + int.from_bytes(b[end - 8 : end], "little")
+            if self.bound == len(b):
+                self.bound += 1
         return end
 
     def start(self) -> int:
@@ -285,11 +297,11 @@ class Tokens:
         return self.past(self.bound, self.bound)
 
     def rollback(self, state: tuple) -> None:
-        memo_len, self.next, self.bound, self.tally = state
+        memo_len, self.bound, self.tally = state
         del self.memo[memo_len:]
 
     def mark(self) -> tuple:
-        return len(self.memo), self.next, self.bound, self.tally
+        return len(self.memo), self.bound, self.tally
 
     # -- tokens ---------------------------------------------------------------------------------------
     def expect(self, pos: int, code: bytes) -> int:
