@@ -74,9 +74,6 @@ class InMemory:
     def view(self, offset: int, nbytes: int) -> memoryview:
         return self.data[offset:offset + nbytes]
 
-    def close(self) -> None:
-        pass
-
 
 class Spools:
     """The temporary files a command streams its remote tensors into when it reads them more than
@@ -240,9 +237,6 @@ class _Later:
             kept, self.kept = self.kept, None
         if kept is not None:
             self.spools.release(kept)
-
-    def close(self) -> None:
-        pass
 
 
 def _copy_into(write, source, offset: int, nbytes: int) -> None:
