@@ -249,6 +249,26 @@ def test_extract_lora_from_remote_inputs_fetches_each_tensor_once(cli, server, s
     assert os.listdir(tmp_path / "out") == ["lora"]
 
 
+def test_extract_lora_keeps_only_the_weights_it_can_extract(cli, server, served, tmp_path, monkeypatch):
+    """A weight no LoRA can adapt — 1-D, or an embedding without --embeddings — is compared once
+    and never read again: it is not streamed into the temporary file (which holds the planned
+    weights, as documented), only what may be planned is."""
+    spooled = []
+    spool = spooling.Spools.spool
+
+    def recorded(self, source, first, nbytes):
+        spooled.append(nbytes)
+        return spool(self, source, first, nbytes)
+
+    monkeypatch.setattr(spooling.Spools, "spool", recorded)
+    (tmp_path / "out").mkdir()
+    result = cli("extract-lora", "hf://org/a", f"{server.url}/b.safetensors", "--rank", "4", "-o",
+                 tmp_path / "out" / "lora", "--json")
+    assert result.code == 0, result.err
+    assert [n["name"] for n in json.loads(result.out)["not_extracted"]] == ["bias", "embed.weight", "norm.weight"]
+    assert sorted(spooled) == [384 * 256 * 4] * 2 + [512 * 384 * 2] * 2  # layers.0 (the same: released) and layers.1 of each side
+
+
 def test_extract_lora_dry_run_of_remote_inputs_holds_nothing(cli, server, served, spools, tmp_path):
     """A dry run reads each weight once, to compare it, and never again (no SVD is made): nothing
     is kept for a second read — no temporary file holding the planned weights of both sides."""

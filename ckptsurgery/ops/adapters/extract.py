@@ -210,7 +210,9 @@ def _survey_group(b: Checkpoint, t: Checkpoint, group: list[str], settings: _Set
         else:
             survey.unchanged += 1
         return
-    held = _held(tb, tt, settings.spools)  # compared here, factored when written: a remote one fetched once
+    kind = _kind(key, tb.shape, settings.embeddings)
+    # compared here, factored when written: a remote weight that may be planned fetched once, kept
+    held = _held(tb, tt, settings.spools if isinstance(kind, Layout) else None)
     if not _differs(*held):
         _release(held, settings.spools)
         survey.unchanged += 1
@@ -218,11 +220,9 @@ def _survey_group(b: Checkpoint, t: Checkpoint, group: list[str], settings: _Set
     for other in group:
         if other != key:
             survey.tied[other] = key
-    kind = _kind(key, tb.shape, settings.embeddings)
     if kind == Layout.LINEAR and any(match(key) for match in settings.transposed):
         kind = Layout.LINEAR_T  # [in, out]: factored as its transpose, peft's fan_in_fan_out
     if not isinstance(kind, Layout):
-        _release(held, settings.spools)
         survey.not_extracted.append({"name": key, "reason": kind})
         return
     _check_stored(key, tb, tt)
