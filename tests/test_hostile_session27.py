@@ -148,3 +148,28 @@ def test_a_file_of_empty_frames_costs_no_more_than_the_old_route(three, tmp_path
     assert _outcome(folder, True, read=False) == _outcome(folder, False, read=False)
     old, fast = _peak(folder, False), _peak(folder, True)
     assert fast <= 2 * old, (fast, old)
+
+
+def test_a_frame_that_runs_past_the_end_is_refused_as_torchs_loader_refuses_it(three, tmp_path, cli):
+    """A frame whose length runs past the end of `.metadata` (the file cut short, or its length
+    field changed): Python's unpickler, which torch's read_metadata is, refuses it ("pickle data was
+    truncated"); both of our routes read on before, so `convert` made a loadable file of a folder
+    torch cannot load."""
+    import subprocess
+    import sys
+
+    data = (three / ".metadata").read_bytes()
+    assert data[2] == 0x95  # one frame, after PROTO
+    (size,) = struct.unpack("<Q", data[3:11])
+    longer = data[:3] + struct.pack("<Q", size + 1) + data[11:]
+    folder = _folder(tmp_path, three, longer)
+    torch_reads = subprocess.run([sys.executable, "-c", "import pickle, sys; pickle.load(open(sys.argv[1], 'rb'))",
+                                  str(folder / ".metadata")], capture_output=True, text=True)
+    assert torch_reads.returncode != 0 and "truncated" in torch_reads.stderr  # (in a process of its own)
+    for fast in (True, False):
+        assert _outcome(folder, fast)[0] == "refused"
+    from conftest import assert_one_error_line
+
+    assert_one_error_line(cli("inspect", folder), "runs past the end")
+    assert_one_error_line(cli("convert", folder, "-o", tmp_path / "out.safetensors"), "runs past the end")
+    assert not (tmp_path / "out.safetensors").exists()

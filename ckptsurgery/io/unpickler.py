@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 import struct
@@ -597,10 +598,16 @@ class MetadataUnpickler(SafeUnpickler):
     def load_frame(self):
         # A frame only tells a reader how much to fetch at once; the opcodes read the same
         # without it (Python's unframer would add a call to each of ~15 M reads of a
-        # 100 000-chunk .metadata). Its length is read, and the bytes follow in the stream.
+        # 100 000-chunk .metadata). Its length is read, and the bytes follow in the stream —
+        # all of them: Python's unpickler, which torch's loader is, refuses a frame that runs
+        # past the end ("pickle data was truncated"), so a cut file is refused here too.
         (size,) = struct.unpack("<Q", self.read(8))
         if size > _MAX_FRAME:
             raise CkptError(f"a protocol-4 frame of {size} bytes, more than any metadata file holds")
+        left = _bytes_left(self._file_read.__self__)
+        if left is not None and size > left:
+            raise CkptError(f"not a valid pickle (a frame of {size} bytes runs past the end, {left} left: "
+                            f"truncated? torch's loader refuses it too)")
 
     def _set_items(self, items: list) -> None:
         items = list(items)
@@ -623,6 +630,15 @@ def _frozen(obj: InertObject) -> FrozenRecord:
 
 
 _MAX_FRAME = 1 << 30
+
+
+def _bytes_left(file) -> int | None:
+    """The bytes a reader the unpickler reads from has not given yet (a BoundedReader, a BytesIO)."""
+    if isinstance(file, BoundedReader):
+        return file.left
+    if isinstance(file, io.BytesIO):
+        return file.getbuffer().nbytes - file.tell()
+    return None
 PROTOCOL4_OPCODES = {pickle.FRAME, pickle.STACK_GLOBAL, pickle.MEMOIZE, pickle.SHORT_BINUNICODE}
 for _code in PROTOCOL4_OPCODES:
     MetadataUnpickler.dispatch[_code[0]] = pickle._Unpickler.dispatch[_code[0]]
@@ -684,6 +700,11 @@ class BoundedReader:
 
     def peek(self, n: int = 1) -> bytes:
         return self._buffer[self.position : self.position + max(n, 1)]
+
+    @property
+    def left(self) -> int:
+        """Bytes not read yet."""
+        return self._size - self.position
 
 
 def safe_load(reader: BoundedReader, persistent_load: Callable[[Any], Any], where: str,
