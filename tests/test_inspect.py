@@ -391,3 +391,29 @@ def test_tree_folds_only_indices_as_numbers_write_them(cli, tmp_path):
     rows = cli("inspect", tmp_path / "odd.pth", "--tree", "--json").json()["tree"]
     names = [r["name"] for r in rows]
     assert "{0..3}" not in " ".join(names) and any(n.endswith("01") for n in names), names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bool, torch.int16])
+def test_stats_of_bytes_read_a_chunk_at_a_time_equal_those_of_a_mapped_view(tmp_path, monkeypatch, dtype):
+    """A tensor whose bytes are not one view of a mapped file (a joined tensor's pieces, a remote
+    file's ranges) is read a chunk at a time, its min and max per chunk: the figures are those of
+    the same bytes viewed in place, segment by segment."""
+    import importlib
+
+    from ckptsurgery import open_checkpoint
+    from ckptsurgery.io.model import joined_tensor
+
+    stats = importlib.import_module("ckptsurgery.ops.stats")
+    monkeypatch.setattr(stats, "_CHUNK", 7)
+    monkeypatch.setattr(stats, "_SEGMENT", 30)
+    torch.manual_seed(3)
+    values = (torch.randn(101, dtype=torch.float64) * 5).to(dtype)
+    save_file({"v": values}, tmp_path / "v.safetensors")
+    with open_checkpoint(str(tmp_path / "v.safetensors")) as ckpt:
+        mapped = ckpt.tensors["v"]
+        source, first = mapped.storage.source, mapped.byte_range()[0]
+        half = mapped.nbytes // 2 // mapped.dtype.itemsize * mapped.dtype.itemsize
+        joined = joined_tensor(mapped.shape, mapped.dtype, [(source, first, half),
+                                                            (source, first + half, mapped.nbytes - half)])
+        assert stats.tensor_stats(joined) == stats.tensor_stats(mapped)
+        assert stats.tensor_stats(mapped)["max"] == values.double().max().item()

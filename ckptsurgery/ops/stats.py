@@ -118,25 +118,31 @@ def _mapped_moments(t: TensorRef, source, first: int, begin: int, end: int) -> M
     """Elements [begin, end) of a tensor whose bytes lie in order from `first` in `source`."""
     import numpy as np
 
+    from ..io.model import MappedFile
+
     if t.dtype.name == "bfloat16":  # the method registry's codec, imported only then (it costs start-up)
         from .methods import decode
     moments, size, name = Moments(), t.dtype.itemsize, t.dtype.name
     floating = t.dtype.floating
-    # a plain dtype's segment is one view, its min and max two calls over it (each numpy call lets
-    # the GIL go and takes it back: fewer per chunk, less waiting for it on several threads);
-    # bfloat16 is decoded a chunk at a time
-    whole = None if name == "bfloat16" else _as_numbers(
-        np.frombuffer(source.view(first + begin * size, (end - begin) * size), _NUMPY_DTYPES[name]))
-    bounds = _finite_bounds(whole) if whole is not None and whole.size else None
+    # a plain dtype's segment in a mapped file is one view (no copy), its min and max two calls
+    # over it (each numpy call lets the GIL go and takes it back: fewer per chunk, less waiting for
+    # it on several threads); bfloat16, and bytes a view would copy (a remote file's, a joined
+    # tensor's), a chunk at a time
+    whole = None
+    if name != "bfloat16" and type(source) is MappedFile:
+        whole = np.frombuffer(source.view(first + begin * size, (end - begin) * size), _NUMPY_DTYPES[name])
+    bounds = _finite_bounds(_as_numbers(whole)) if whole is not None and whole.size else None
     # float64 in a buffer reused by every chunk (a fresh array each chunk cost ~15% more)
     buffer = np.empty(min(_CHUNK, end - begin), np.float64)
     with np.errstate(all="ignore"):
         for start in range(begin, end, _CHUNK):
             count = min(_CHUNK, end - start)
-            if whole is None:
-                x = decode(source.view(first + start * size, count * size), name, "float32")
-            else:
+            if whole is not None:
                 x = whole[start - begin : start - begin + count]
+            else:
+                raw = source.view(first + start * size, count * size)
+                x = decode(raw, name, "float32") if name == "bfloat16" else np.frombuffer(raw, _NUMPY_DTYPES[name])
+            x = _as_numbers(x)
             wide = buffer[:count]
             np.copyto(wide, x)  # sums in float64; min and max in the values' own dtype (exact)
             total = float(np.add.reduce(wide))
