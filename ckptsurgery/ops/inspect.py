@@ -34,27 +34,25 @@ def inspect_checkpoint(input: str, *, keys: list[str] | None = None, stats: bool
         records = report.tensors
         # the listed tensors, for what reads them (a plain listing needs no second table)
         chosen = {name: ckpt.tensors[name] for name in records.names} if stats or hash or tree else {}
-        if stats and hash and _any_remote(chosen):
-            from .digest import fingerprint
-
+        if stats:
             tick = progress(sum(map(_stored_nbytes, chosen.values())), "reading tensors") if progress else None
-            records.stats, records.hashes = _stats_and_hashes(chosen, tick)
-            report.fingerprint = fingerprint(records.hashes)
-        elif stats:
-            tick = progress(sum(map(_stored_nbytes, chosen.values())), "reading tensors") if progress else None
-            from .stats import each_stats
+            if hash and _any_remote(chosen):  # each remote tensor fetched once for both
+                records.stats, records.hashes = _stats_and_hashes(chosen, tick)
+            else:
+                from .stats import each_stats
 
-            tensors, records.stats = list(chosen.values()), []
-            for t, found in zip(tensors, each_stats(tensors)):
-                records.stats.append(found)
-                if tick:
-                    tick(_stored_nbytes(t))
-        if hash and records.hashes is None:
+                tensors, records.stats = list(chosen.values()), []
+                for t, found in zip(tensors, each_stats(tensors)):
+                    records.stats.append(found)
+                    if tick:
+                        tick(_stored_nbytes(t))
+        if hash:
             from .digest import fingerprint, hashes_of
 
-            tick = progress(sum(t.nbytes for t in _unique_views(chosen, records.shares)), "hashing") \
-                if progress else None
-            records.hashes = hashes_of(chosen, tick)
+            if records.hashes is None:
+                tick = progress(sum(t.nbytes for t in _unique_views(chosen, records.shares)), "hashing") \
+                    if progress else None
+                records.hashes = hashes_of(chosen, tick)
             report.fingerprint = fingerprint(records.hashes)
         if tree:
             report.tree = module_tree(chosen, depth)
