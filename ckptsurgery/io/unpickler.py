@@ -328,6 +328,7 @@ class SafeUnpickler(pickle._Unpickler):
 
     def __init__(self, file, persistent_load: Callable[[Any], Any]):
         super().__init__(file, encoding="utf-8")
+        self._source = file  # what a frame's length is held to (MetadataUnpickler.load_frame)
         self._load_persistent = persistent_load
         # what an unsafe torch.load of this pickle would do with placeholders, in order: import
         # one (its InertGlobal, once) or call one (the InertObject made): see write.check_not_more_executable
@@ -604,7 +605,7 @@ class MetadataUnpickler(SafeUnpickler):
         (size,) = struct.unpack("<Q", self.read(8))
         if size > _MAX_FRAME:
             raise CkptError(f"a protocol-4 frame of {size} bytes, more than any metadata file holds")
-        left = _bytes_left(self._file_read.__self__)
+        left = _bytes_left(self._source)
         if left is not None and size > left:
             raise CkptError(f"not a valid pickle (a frame of {size} bytes runs past the end, {left} left: "
                             f"truncated? torch's loader refuses it too)")
