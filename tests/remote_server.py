@@ -232,6 +232,17 @@ def use_hub(monkeypatch, server: RangeServer, root) -> None:
     monkeypatch.setenv("CKPTSURGERY_HTTP_TIMEOUT", "5")
 
 
+def spools_in_tmp(monkeypatch, tmp_path) -> None:
+    """Temporary files in tmp_path/tmp (tempfile's folder), and every tensor over 64 KiB spooled
+    (not kept in memory): the tests' tensors of 320-384 KiB go to files."""
+    import ckptsurgery.ops.spools as spooling
+
+    monkeypatch.setattr(spooling, "IN_MEMORY", 64 << 10)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr("tempfile.tempdir", None)
+
+
 def recorded_spools(monkeypatch) -> list:
     """Every temporary file ops/spools.py makes from now on, with the folder it was made in, as made."""
     import ckptsurgery.ops.spools as spooling

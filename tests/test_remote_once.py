@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import assert_one_error_line
-from remote_server import RangeServer, files_bytes, no_debris, recorded_spools, use_hub
+from remote_server import RangeServer, files_bytes, no_debris, recorded_spools, spools_in_tmp, use_hub
 
 import ckptsurgery.io.http as http
 import ckptsurgery.ops.spools as spooling
@@ -51,10 +51,7 @@ def server(served, monkeypatch, tmp_path):
     server, root = served
     server.reset()
     use_hub(monkeypatch, server, root)
-    monkeypatch.setattr(spooling, "IN_MEMORY", 64 << 10)
-    (tmp_path / "tmp").mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
-    monkeypatch.setattr("tempfile.tempdir", None)
+    spools_in_tmp(monkeypatch, tmp_path)
     return server
 
 
