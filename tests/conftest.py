@@ -189,6 +189,7 @@ def cli(capsys, monkeypatch):
     """Run the real entry point (`ckptsurgery.cli:main`) in-process."""
 
     def run(*args) -> Result:
+        assert_parsed_as_typer_does([*map(str, args)])
         monkeypatch.setattr(sys, "argv", ["ckptsurgery", *map(str, args)])
         code = 0
         try:
@@ -199,6 +200,36 @@ def cli(capsys, monkeypatch):
         return Result(code, captured.out, captured.err)
 
     return run
+
+
+def assert_parsed_as_typer_does(args: list[str]) -> None:
+    """Where the command line's own parser (cli/declare.parse) takes `args`, Typer takes them too
+    and hands the command the very same values: every command line the suite runs through the
+    `cli` fixture is checked (the parser leaves anything else to Typer)."""
+    from ckptsurgery.cli import parsed, typer_app
+
+    found = parsed(args)
+    if found is None:
+        return
+    command, given = found
+    click = typer_app.click_command(args[0])
+    rest = args[1:]
+    if command.name != args[0]:  # a group's command: `lora fold ...`
+        click, rest = click.get_command(None, rest[0]), rest[1:]
+    captured = {}
+    original = typer_app.run_command
+    typer_app.run_command = lambda command, values: captured.update(command=command, values=values)
+    try:
+        # the group's context settings (-h), as the command gets them under it: Click keeps a
+        # command's help option from the first context it is made in
+        with click.make_context(command.name, list(rest), **typer_app.app.info.context_settings) as ctx:
+            click.invoke(ctx)
+    finally:
+        typer_app.run_command = original
+    assert captured["command"] is command, (args, captured)
+    # repr: a NaN given as a value equals itself there
+    assert repr(sorted(captured["values"].items(), key=str)) == repr(sorted(given.items(), key=str)), \
+        (args, captured["values"], given)
 
 
 def assert_one_error_line(result, *fragments, code=1):

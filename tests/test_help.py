@@ -16,6 +16,7 @@ import pytest
 import typer
 
 from ckptsurgery.cli import app
+from ckptsurgery.cli.declare import Argument, Option
 from ckptsurgery.cli.help import HelpCommand, Piece, wrap
 
 LORA = ("lora fold", "lora extract", "lora merge", "lora resize", "lora convert")
@@ -113,13 +114,15 @@ def test_an_optional_argument_is_in_brackets_and_several_end_with_dots(cli, caps
     tiny = command_app()
 
     @tiny.command()
-    def run(first: Annotated[str, typer.Argument(help="One.")],
-            rest: Annotated[Optional[list[str]], typer.Argument(help="Several.")] = None,
-            level: Annotated[int, typer.Option("--level", min=0, max=9, help="How much.")] = 3) -> None:
+    def run(first: Annotated[str, Argument(help="One.")],
+            rest: Annotated[Optional[list[str]], Argument(help="Several.")] = None,
+            level: Annotated[int, Option("--level", min=0, max=9, help="How much.")] = 3) -> None:
         """Run."""
 
+    from ckptsurgery.cli.typer_app import typer_of
+
     with pytest.raises(SystemExit):
-        typer.main.get_command(tiny).main(["--help"], prog_name="tiny")
+        typer.main.get_command(typer_of(tiny)).main(["--help"], prog_name="tiny")
     text = capsys.readouterr().out
     assert "Usage: tiny [OPTIONS] FIRST [REST...]" in text
     assert re.search(r"--level\s+<int> \[0<=x<=9\]\s+How much\. \[default: 3\]", text), text
@@ -200,14 +203,14 @@ def test_wrap_breaks_a_choice_list_after_a_bar_only_and_folds_only_a_word_wider_
     assert folded == ["a", "012345", "6789"]  # nothing cut: every character is there
 
 
-def test_a_commands_class_must_derive_from_the_help_command():
+def test_every_command_is_a_help_command_and_no_other_class_is_taken():
     from typer.core import TyperCommand
 
     from ckptsurgery.cli.common import command_app
 
     assert issubclass(type(click_command("rename")), HelpCommand)  # rename's own class, which takes rules in order
     assert all(isinstance(click_command(name), HelpCommand) for name in LEAVES)
-    with pytest.raises(TypeError, match="HelpCommand"):
+    with pytest.raises(TypeError, match="cls: not a setting of a command"):
         command_app().command(cls=TyperCommand)
 
 

@@ -380,13 +380,13 @@ def test_non_finite_factors_are_refused_naming_the_module(cli, tmp_path):
 
 
 def test_the_group_imports_neither_the_other_commands_nor_merge_methods(tmp_path):
-    from test_startup import ELSEWHERE, modules_after
+    from test_startup import ELSEWHERE, TYPER, modules_after
 
     save_file({"lora_unet_x.lora_down.weight": torch.ones(1, 2), "lora_unet_x.lora_up.weight": torch.ones(3, 1)},
               tmp_path / "x.safetensors")
     loaded = modules_after("lora", "resize", tmp_path / "x.safetensors", "--rank", "1", "-o", tmp_path / "o.safetensors")
     assert "ckptsurgery.cli.lora" in loaded
-    assert not {m for m in loaded if m.startswith(ELSEWHERE[:-1])}  # torch it needs
+    assert not {m for m in loaded if m.startswith((*ELSEWHERE[:-1], *TYPER))}  # torch it needs
 
 
 def test_convert_refuses_two_modules_that_would_have_one_name(cli, tmp_path):

@@ -24,6 +24,8 @@ sys.stderr.write("\\nMODULES " + json.dumps([code, sorted(sys.modules)]) + "\\n"
 # what each command must not import: other commands, merge methods, the DCP machinery, torch
 ELSEWHERE = ("ckptsurgery.cli.merge", "ckptsurgery.cli.rename", "ckptsurgery.ops.methods", "ckptsurgery.ops.merge",
              "ckptsurgery.io.dcp", "torch")
+# what only --help, completion and wrong usage need (cli/declare.py): a run does without
+TYPER = ("typer", "click", "ckptsurgery.cli.typer_app", "ckptsurgery.cli.help")
 
 
 def modules_after(*args) -> set[str]:
@@ -40,11 +42,13 @@ def test_a_command_imports_neither_the_other_commands_nor_the_dcp_machinery_nor_
     loaded = modules_after(command, *args)
     assert f"ckptsurgery.cli.{command}" in loaded
     assert not {m for m in loaded if m.startswith(ELSEWHERE)}, sorted(m for m in loaded if m.startswith(ELSEWHERE))
+    assert not {m for m in loaded if m.startswith((*TYPER, "rich"))}  # nor Rich: nothing drawn in a pipe
 
 
 def test_version_imports_no_command():
     loaded = modules_after("--version")
-    assert not {m for m in loaded if m.startswith(("ckptsurgery.cli.", "ckptsurgery.ops.")) and m != "ckptsurgery.cli.common"
+    assert not {m for m in loaded if m.startswith(("ckptsurgery.cli.", "ckptsurgery.ops.", "typer"))
+                and m not in ("ckptsurgery.cli.common", "ckptsurgery.cli.declare")
                 and not m.startswith(("ckptsurgery.ops.options", "ckptsurgery.ops.ranks", "ckptsurgery.ops.reports"))}
 
 

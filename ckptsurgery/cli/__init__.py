@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import errno
-import functools
 import gc
 import importlib
 import os
 import signal
 import sys
-
-import typer
-from typer.core import TyperGroup
+from contextlib import contextmanager
+from typing import Iterator
 
 from ..errors import CkptError
 from .common import printable
-
-
-# Click's UsageError (a wrong option, a missing argument), reached through Typer's public API: Typer
-# keeps its own copy of Click, whose modules are private
-_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
 def _fail(message: str, error: BaseException) -> None:
@@ -29,16 +22,21 @@ def _fail(message: str, error: BaseException) -> None:
         traceback.print_exception(error, file=sys.stderr)
     sys.stderr.write(f"ckptsurgery: error: {printable(message)}\n")
     # 1: the operation failed; 2: wrong usage, and (set by `diff`) any trouble
-    raise typer.Exit(getattr(error, "exit_code", 1))
+    raise SystemExit(getattr(error, "exit_code", 1))
 
 
-def _usage(error) -> None:
-    """Wrong usage: one line and exit 2, as every other refusal, not Click's usage and boxed panel."""
-    if type(error).__name__ == "NoArgsIsHelpError":  # a command given nothing shows its help
-        raise error
-    where = error.ctx.command_path if error.ctx is not None else "ckptsurgery"
-    sys.stderr.write(f"ckptsurgery: error: {printable(error.format_message())} (see '{where} --help')\n")
-    raise typer.Exit(2) from None
+@contextmanager
+def failures() -> Iterator[None]:
+    """Around a command's run, by either route (cli/declare.parse or Typer): a known failure
+    becomes one line on stderr and its exit code."""
+    try:
+        yield
+    except CkptError as e:
+        _fail(str(e), e)
+    except OSError as e:  # the disk is full, a folder is read-only, ...
+        if e.errno == errno.EPIPE:  # stdout closed early (`| head`): quieted where the run ends
+            raise
+        _fail(f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e), e)
 
 
 # command -> its module, in the order `--help` lists them. A command's module (and through it the
@@ -47,88 +45,22 @@ def _usage(error) -> None:
 COMMANDS = {"inspect": "inspect", "filter": "filter", "drop": "drop", "rename": "rename", "merge": "merge",
             "extract-lora": "extract_lora", "lora": "lora", "convert": "convert", "diff": "diff"}
 
-
-@functools.cache
-def _command(name: str):
-    return typer.main.get_command(importlib.import_module(f"{__name__}.{COMMANDS[name]}").app)
+# set by a shell asking Typer's completion for words: Typer's to answer
+_COMPLETION = "_CKPTSURGERY_COMPLETE"
 
 
-class _Commands(TyperGroup):
-    """Known failures become one line on stderr and an exit code here, inside the app, so that
-    every runner (the console script, Typer's CliRunner, another program) sees the same codes.
-    Commands are found in COMMANDS and imported when asked for. Its --help is laid out by
-    cli/help.py, imported only then."""
+def print_version() -> None:
+    from .. import __version__
 
-    def list_commands(self, ctx) -> list[str]:
-        return list(COMMANDS)
-
-    def collect_usage_pieces(self, ctx) -> list[str]:
-        from .help import usage_pieces
-
-        return [*usage_pieces(self, ctx), self.subcommand_metavar]
-
-    def format_help(self, ctx, formatter) -> None:
-        from .help import show_help
-
-        show_help(self, ctx)
-
-    def get_command(self, ctx, name: str):
-        return _command(name) if name in COMMANDS else None
-
-    def resolve_command(self, ctx, args):
-        if args and args[0] not in COMMANDS and not args[0].startswith("-"):
-            import difflib
-
-            near = difflib.get_close_matches(args[0], COMMANDS, n=1)
-            if near:  # `ckptsurgery inspct`
-                raise _UsageError(f"No such command {args[0]!r}; did you mean {near[0]!r}?", ctx)
-        return super().resolve_command(ctx, args)
-
-    def make_context(self, *args, **kwargs):
-        try:
-            return super().make_context(*args, **kwargs)
-        except _UsageError as e:  # `ckptsurgery --bogus`
-            _usage(e)
-
-    def invoke(self, ctx: typer.Context):
-        try:
-            return super().invoke(ctx)
-        except _UsageError as e:
-            _usage(e)
-        except CkptError as e:
-            _fail(str(e), e)
-        except OSError as e:  # the disk is full, a folder is read-only, ...
-            if e.errno == errno.EPIPE:  # stdout closed early (`| head`): the parser quiets it
-                raise
-            _fail(f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e), e)
+    sys.stdout.write(f"ckptsurgery {__version__}\n")
 
 
-app = typer.Typer(
-    cls=_Commands,
-    name="ckptsurgery",
-    help="PyTorch checkpoint surgery: inspect, convert and edit .pth and .safetensors files "
-         "without running the code pickled inside them.",
-    no_args_is_help=True,
-    context_settings={"help_option_names": ["-h", "--help"]},
-    pretty_exceptions_enable=False,
-)
+def __getattr__(name: str):
+    if name == "app":  # the Typer app (tests, other programs): built when asked for
+        from .typer_app import app
 
-def _print_version(value: bool) -> None:
-    if value:
-        from .. import __version__
-
-        sys.stdout.write(f"ckptsurgery {__version__}\n")
-        raise typer.Exit()
-
-
-@app.callback()
-def _options(
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                 help="Print the version and exit."),
-) -> None:
-    """PyTorch checkpoint surgery: inspect, convert and edit .pth and .safetensors files
-    without running the code pickled inside them."""
-
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _terminate(signum, frame):
@@ -145,7 +77,7 @@ def main() -> None:
     # inspect rescanning it. Cycles are still collected, a hundred thousand allocations apart.
     gc.set_threshold(100_000, 50, 100)
     try:
-        _run()
+        _run(sys.argv[1:])  # the one place the command line is read: the app itself takes its arguments
     except SystemExit as e:
         from ..ops import ranks
 
@@ -156,8 +88,69 @@ def main() -> None:
         raise
 
 
-def _run() -> None:
+def parsed(args: list[str]):
+    """The declared command and its keyword arguments, when cli/declare.parse takes this command
+    line; else None (Typer answers)."""
+    from .declare import parse
+
+    if not args or args[0] not in COMMANDS or _COMPLETION in os.environ:
+        return None
+    declared = importlib.import_module(f"{__name__}.{COMMANDS[args[0]]}").app
+    rest = args[1:]
+    if declared.group:
+        if not rest or rest[0] not in declared.commands:
+            return None
+        command, rest = declared.commands[rest[0]], rest[1:]
+    else:
+        (command,) = declared.commands.values()
+    given = parse(command, rest)
+    return None if given is None else (command, given)
+
+
+class _Quiet:
+    """stdout or stderr once the reader has gone (`| head`): the interpreter's last flush must not
+    fail again (Click's PacifyFlushWrapper, for the runs Typer does not make)."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            if e.errno != errno.EPIPE:
+                raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _run_declared(command, given: dict) -> None:
+    """Run a parsed command line as Typer would have run it: its failures, Ctrl-C (exit 130) and a
+    closed pipe (exit 1, quietly) end it the same way."""
     try:
+        with failures():
+            command.function(**given)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except OSError as e:
+        if e.errno != errno.EPIPE:
+            raise
+        sys.stdout, sys.stderr = _Quiet(sys.stdout), _Quiet(sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _run(args: list[str]) -> None:
+    try:
+        if args == ["--version"]:
+            print_version()
+            return
+        found = parsed(args)
+        if found is not None:
+            _run_declared(*found)
+            raise SystemExit(0)  # as Click ends a run: main's rule for torchrun's ranks holds on both roads
+        from .typer_app import app
+
         app(prog_name="ckptsurgery")  # not "python -m ..." in usage lines, however it was started
     except Exception as e:
         if os.environ.get("CKPTSURGERY_DEBUG"):

@@ -13,28 +13,27 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Annotated, Any, Callable, Iterator, Optional
 
-import typer
-
 from ..dtypes import CAST_TARGETS
 from ..io.formats import BY_OPTION, is_remote
 from ..ops.options import ReadOptions, WriteOptions
 from ..ops.ranks import DEFAULT_TIMEOUT
 from ..ops.reports import WriteReport
+from .declare import Argument, CommandApp, Option
 
-InputArg = Annotated[str, typer.Argument(
+InputArg = Annotated[str, Argument(
     metavar="INPUT", help="Checkpoint: .pth/.pt/.bin/.ckpt, .safetensors, a shard index or a Hugging Face folder, a "
                           "DCP, DeepSpeed (ZeRO) or accelerate folder, a .gguf file, or remote: an https:// URL of "
                           "a .safetensors file or index, hf://ORG/REPO[@REV][/FILE].", show_default=False)]
-RootOpt = Annotated[Optional[str], typer.Option(
+RootOpt = Annotated[Optional[str], Option(
     "--root", metavar="KEY", help="Key of the state dict inside a nested .pth ('' = top level). Detected by default.")]
-DequantizeOpt = Annotated[bool, typer.Option(
+DequantizeOpt = Annotated[bool, Option(
     "--dequantize", help="Read scaled FP8 weights (weight_scale_inv blocks, per-tensor or per-channel weight_scale) as "
                          "bfloat16 (or --dtype where the command has it); their scales are left out.")]
-FullDownloadOpt = Annotated[bool, typer.Option(
+FullDownloadOpt = Annotated[bool, Option(
     "--allow-full-download", help="A remote input whose server ignores range requests is downloaded whole (into a "
                                   "temporary file) instead of refused.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
-QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr but errors.")]
+JsonOpt = Annotated[bool, Option("--json", help="Print one JSON document on stdout, nothing else.")]
+QuietOpt = Annotated[bool, Option("-q", "--quiet", help="Nothing on stderr but errors.")]
 
 
 def _start_reading(inputs: list, allow_full_download: bool, named_inside: bool = False) -> None:
@@ -86,25 +85,20 @@ def fetched_line(fetched) -> str:
     return line
 
 
-def command_app() -> typer.Typer:
-    """The Typer of one command's module, which registers that command alone on it: the app in
-    cli/__init__ imports a command's module only when that command runs."""
-    from .help import CommandApp  # its command's --help is laid out for the terminal (cli/help.py)
-
-    return CommandApp(add_completion=False, pretty_exceptions_enable=False)
+def command_app() -> CommandApp:
+    """The record of one command module's command (cli/declare.py): the command line imports a
+    command's module only when that command runs."""
+    return CommandApp()
 
 
-def command_group(name: str, help: str) -> typer.Typer:
-    """The Typer of a group of commands (`lora fold`, `lora merge`, ...): one module, registered
+def command_group(name: str, help: str) -> CommandApp:
+    """The record of a group of commands (`lora fold`, `lora merge`, ...): one module, registered
     in cli/__init__'s COMMANDS under `name` as a single command is."""
-    from .help import CommandApp, HelpGroup
-
-    return CommandApp(cls=HelpGroup, name=name, help=help, no_args_is_help=True, add_completion=False,
-                      pretty_exceptions_enable=False)
+    return CommandApp(name, help, group=True)
 
 
 def choice(name: str, values) -> type[Enum]:
-    """A real choice for Typer: a wrong value exits 2, and --help lists the values."""
+    """A real choice: a wrong value exits 2, and --help lists the values."""
     return Enum(name, {value: value for value in values}, type=str)
 
 
@@ -379,32 +373,32 @@ OUTPUT = "Output"  # the --help panel of the shared output options
 # name -> (annotation, default), in --help's order after the command's own options. A new output
 # option is one entry here and the WriteOptions field of the same name (docs/architecture.md).
 OUTPUT_OPTIONS: dict[str, tuple[Any, Any]] = {
-    "output": (Annotated[str, typer.Option("-o", "--output", metavar="OUT",
+    "output": (Annotated[str, Option("-o", "--output", metavar="OUT",
                                            help="Output file; its extension picks the format.", rich_help_panel=OUTPUT)], ...),
-    "force": (Annotated[bool, typer.Option("--force", help="Overwrite an existing output.", rich_help_panel=OUTPUT)], False),
-    "dry_run": (Annotated[bool, typer.Option("--dry-run", help="Report what would be written; write nothing.", rich_help_panel=OUTPUT)], False),
-    "format": (Annotated[Optional[OutputFormatChoice], typer.Option(
+    "force": (Annotated[bool, Option("--force", help="Overwrite an existing output.", rich_help_panel=OUTPUT)], False),
+    "dry_run": (Annotated[bool, Option("--dry-run", help="Report what would be written; write nothing.", rich_help_panel=OUTPUT)], False),
+    "format": (Annotated[Optional[OutputFormatChoice], Option(
         "--format", help="dcp: write a folder at OUT in torch's distributed checkpoint format (otherwise OUT's extension decides).",
         show_default=False, rich_help_panel=OUTPUT)], None),
-    "max_shard_size": (Annotated[Optional[str], typer.Option(
+    "max_shard_size": (Annotated[Optional[str], Option(
         "--max-shard-size", metavar="SIZE",
         help="Write Hugging Face-style shards of at most this size (e.g. 2GB) and an index.", rich_help_panel=OUTPUT)], None),
-    "jobs": (Annotated[Optional[int], typer.Option(
+    "jobs": (Annotated[Optional[int], Option(
         "--jobs", "-j", metavar="N", min=1, show_default=False,
         help="With --max-shard-size: write N shards at once (default: the measured best, see docs/performance.md).", rich_help_panel=OUTPUT)],
         None),
-    "metadata": (Annotated[Optional[list[str]], typer.Option(
+    "metadata": (Annotated[Optional[list[str]], Option(
         "--metadata", metavar="KEY=VALUE", show_default=False,
         help="Set (or replace) one entry of a .safetensors output's metadata; repeatable. The input's is kept otherwise.", rich_help_panel=OUTPUT)],
         None),
-    "metadata_file": (Annotated[Optional[str], typer.Option(
+    "metadata_file": (Annotated[Optional[str], Option(
         "--metadata-file", metavar="FILE.json", show_default=False,
         help="Set the entries of this JSON object of strings (applied before --metadata).", rich_help_panel=OUTPUT)], None),
-    "no_metadata": (Annotated[bool, typer.Option(
+    "no_metadata": (Annotated[bool, Option(
         "--no-metadata",
         help="Keep none of the input's metadata (\"format\": \"pt\" and the tool's tie record are still written).", rich_help_panel=OUTPUT)],
         False),
-    "rank_timeout": (Annotated[float, typer.Option(
+    "rank_timeout": (Annotated[float, Option(
         "--rank-timeout", metavar="SECONDS",
         help="Under torchrun: how long a rank waits for the others, to join and at each step, before it fails.", rich_help_panel=OUTPUT)],
         DEFAULT_TIMEOUT),
@@ -460,7 +454,7 @@ class OutputOptions:
 
 # --names: ops/gguf_names.py's Names, spelled here (that module is imported only when hf is asked)
 NamesChoice = choice("Names", ("gguf", "hf"))
-NamesOpt = Annotated[NamesChoice, typer.Option(
+NamesOpt = Annotated[NamesChoice, Option(
     "--names", help="A GGUF input's tensor names: gguf keeps llama.cpp's (blk.N.attn_q.weight); hf reads them under "
                     "Hugging Face's (llama — Mistral too —, qwen2, qwen3), Llama's q/k un-permuted.")]
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Optional
 
-import typer
-
 from .. import ops
 from .common import CastTo, InputArg, InputOptions, OutputOptions, command_app, input_options, output_options
+from .declare import Option
 
 
 app = command_app()
@@ -18,7 +17,7 @@ app = command_app()
 @input_options()
 def convert(
     input: InputArg,
-    dtype: Annotated[Optional[CastTo], typer.Option("--dtype", help="Cast the float16, bfloat16, float32 and float64 tensors to this dtype (and, with --dequantize, the dequantized weights: bfloat16 by default).", show_default=False)] = None,
+    dtype: Annotated[Optional[CastTo], Option("--dtype", help="Cast the float16, bfloat16, float32 and float64 tensors to this dtype (and, with --dequantize, the dequantized weights: bfloat16 by default).", show_default=False)] = None,
     inp: InputOptions = None,
     *,
     out: OutputOptions,

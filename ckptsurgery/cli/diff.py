@@ -6,14 +6,13 @@ import math
 import sys
 from typing import Annotated, Optional
 
-import typer
-
 from .. import ops
 from ..errors import UsageError
 from .common import (
     InputOptions, JsonOpt, command_app, console, failures_exit, input_options, print_json, printable,
     with_fetched,
 )
+from .declare import Argument, Option
 
 
 app = command_app()
@@ -22,28 +21,28 @@ app = command_app()
 @app.command()
 @input_options()
 def diff(
-    a: Annotated[str, typer.Argument(metavar="A", help="First checkpoint.", show_default=False)],
-    b: Annotated[str, typer.Argument(metavar="B", help="Second checkpoint.", show_default=False)],
-    atol: Annotated[float, typer.Option("--atol", metavar="X", help="Values within this absolute difference count as equal.")] = 0.0,
-    rtol: Annotated[float, typer.Option(
+    a: Annotated[str, Argument(metavar="A", help="First checkpoint.", show_default=False)],
+    b: Annotated[str, Argument(metavar="B", help="Second checkpoint.", show_default=False)],
+    atol: Annotated[float, Option("--atol", metavar="X", help="Values within this absolute difference count as equal.")] = 0.0,
+    rtol: Annotated[float, Option(
         "--rtol", metavar="R", help="Values within R times B's magnitude count as equal: within atol + R·|B|, as "
                                     "torch.isclose (NaN equal to NaN).")] = 0.0,
-    ignore: Annotated[Optional[list[str]], typer.Option(
+    ignore: Annotated[Optional[list[str]], Option(
         "--ignore", metavar="PATTERN", help="Compare neither side's keys matching PATTERN (glob, module name, or "
                                             "re:REGEX); repeatable.")] = None,
     inp: InputOptions = None,
     json: JsonOpt = False,
-    brief: Annotated[bool, typer.Option(
+    brief: Annotated[bool, Option(
         "-q", "--brief", "--quiet",
         help="One line, 'Files A and B differ', or nothing when they are equal (diff -q).")] = False,
-    by_layer: Annotated[bool, typer.Option(
+    by_layer: Annotated[bool, Option(
         "--by-layer", help="Also chart, per layer, the relative change ‖B−A‖/‖A‖ of the floating tensors (the "
                            "numbers in --json); the exit code is the plain diff's.")] = False,
-    base: Annotated[Optional[str], typer.Option(
+    base: Annotated[Optional[str], Option(
         "--base", metavar="BASE", help="With --by-layer: chart A's and B's task vectors from BASE per layer "
                                        "(‖A−BASE‖, ‖B−BASE‖ over ‖BASE‖) and the cosine between them.",
         show_default=False)] = None,
-    layer_pattern: Annotated[Optional[str], typer.Option(
+    layer_pattern: Annotated[Optional[str], Option(
         "--layer-pattern", metavar="REGEX", help="With --by-layer: the layer number is REGEX's one group "
                                                  "(e.g. 'model\\.layers\\.(\\d+)\\.'), for a model whose layers "
                                                  "the key names leave ambiguous.", show_default=False)] = None,
@@ -76,7 +75,7 @@ def diff(
         else:
             _print_diff(report)
     if not report.identical:
-        raise typer.Exit(1)
+        raise SystemExit(1)
 
 
 def _print_diff(report: ops.DiffReport) -> None:

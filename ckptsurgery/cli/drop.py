@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import typer
-
 from .. import ops
 from .common import InputArg, InputOptions, OutputOptions, command_app, input_options, listing, output_options
+from .declare import Argument
 
 
 app = command_app()
@@ -18,7 +17,7 @@ app = command_app()
 @input_options()
 def drop(
     input: InputArg,
-    patterns: Annotated[list[str], typer.Argument(
+    patterns: Annotated[list[str], Argument(
         metavar="PATTERN...",
         help="Keys or whole modules to remove (glob, module name, or re:REGEX); a pattern that selects no key of "
              "the state dict removes the top-level entries it names beside it (optimizer, lr_scheduler) from a "

@@ -5,32 +5,31 @@ from __future__ import annotations
 import sys
 from typing import Annotated, Optional
 
-import typer
-
 from .. import ops
 from ..ops.reports import Extracted
 from .common import (
     OutputOptions, RootOpt, command_app, listing, note, output_options, print_json, printable,
 )
+from .declare import Argument, Option
 
 
 app = command_app()
 
 
 @app.command("extract-lora")
-@output_options(omit=("format", "max_shard_size", "jobs", "no_metadata", "rank_timeout"), output=Annotated[str, typer.Option(
+@output_options(omit=("format", "max_shard_size", "jobs", "no_metadata", "rank_timeout"), output=Annotated[str, Option(
     "-o", "--output", metavar="ADAPTER_DIR", help="Adapter folder to write (adapter_config.json, adapter_model.safetensors).")],
-    metadata=Annotated[Optional[list[str]], typer.Option(
+    metadata=Annotated[Optional[list[str]], Option(
         "--metadata", metavar="KEY=VALUE", show_default=False,
         help="Set one entry of adapter_model.safetensors' metadata; repeatable. It inherits none of BASE's or TUNED's.")])
 def extract_lora(
-    base: Annotated[str, typer.Argument(metavar="BASE", help="The checkpoint before fine-tuning.", show_default=False)],
-    tuned: Annotated[str, typer.Argument(metavar="TUNED", help="The fine-tuned checkpoint (same keys and shapes).", show_default=False)],
-    rank: Annotated[list[str], typer.Option(
+    base: Annotated[str, Argument(metavar="BASE", help="The checkpoint before fine-tuning.", show_default=False)],
+    tuned: Annotated[str, Argument(metavar="TUNED", help="The fine-tuned checkpoint (same keys and shapes).", show_default=False)],
+    rank: Annotated[list[str], Option(
         "--rank", metavar="R|PATTERN=R", help="The LoRA rank; PATTERN=R sets it for the weights a pattern selects (the last that selects a key wins). Repeatable.",
         show_default=False)],
-    embeddings: Annotated[bool, typer.Option("--embeddings", help="Also extract embedding tables (peft's lora_embedding_A/B).")] = False,
-    fan_in_fan_out: Annotated[Optional[list[str]], typer.Option(
+    embeddings: Annotated[bool, Option("--embeddings", help="Also extract embedding tables (peft's lora_embedding_A/B).")] = False,
+    fan_in_fan_out: Annotated[Optional[list[str]], Option(
         "--fan-in-fan-out", metavar="PATTERN", help="2-D weights stored (in, out), as transformers' Conv1D stores them (GPT-2: 're:\\.c_(attn|proj|fc)\\.'). Repeatable.",
         show_default=False)] = None,
     root: RootOpt = None,

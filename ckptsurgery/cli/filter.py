@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Optional
 
-import typer
-
 from .. import ops
 from .common import InputArg, InputOptions, OutputOptions, command_app, input_options, listing, output_options
+from .declare import Option
 
 
 app = command_app()
@@ -18,13 +17,13 @@ app = command_app()
 @input_options()
 def filter_command(
     input: InputArg,
-    keep: Annotated[Optional[list[str]], typer.Option(
+    keep: Annotated[Optional[list[str]], Option(
         "--keep", metavar="PATTERN", help="Keep keys matching PATTERN (glob, module name, or re:REGEX); repeatable.")] = None,
-    like: Annotated[Optional[str], typer.Option(
+    like: Annotated[Optional[str], Option(
         "--like", metavar="TEMPLATE",
         help="Keep the keys this template checkpoint has; a key whose shape differs from the template's is an "
              "error (dtypes that differ are reported).")] = None,
-    skip_mismatched: Annotated[bool, typer.Option(
+    skip_mismatched: Annotated[bool, Option(
         "--skip-mismatched", help="With --like: leave out the keys whose shape differs from the template's "
                                   "(merge --into fits them instead).")] = False,
     inp: InputOptions = None,

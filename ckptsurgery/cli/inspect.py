@@ -6,14 +6,13 @@ import sys
 from contextlib import contextmanager
 from typing import Annotated, Iterator, Optional
 
-import typer
-
 from .. import ops
 from ..errors import CkptError, UsageError
 from .common import (
     InputOptions, JsonOpt, MAX_ROWS, QuietOpt, command_app, count, dequantized_line, fetched_line,
     hf_names_line, human_bytes, input_options, note, print_json, printable, progress_bar, with_fetched,
 )
+from .declare import Argument, Option
 
 
 app = command_app()
@@ -22,19 +21,19 @@ app = command_app()
 @app.command()
 @input_options()
 def inspect(
-    inputs: Annotated[list[str], typer.Argument(
+    inputs: Annotated[list[str], Argument(
         metavar="INPUT...", help="Checkpoints: .pth/.pt/.bin/.ckpt, .safetensors, a shard index or a Hugging Face "
                                  "folder, a DCP, DeepSpeed (ZeRO) or accelerate folder, a .gguf file, or remote (its "
                                  "headers alone are fetched): an https:// URL of a .safetensors file or index, "
                                  "hf://ORG/REPO[@REV][/FILE]; several give one report each.", show_default=False)],
-    keys: Annotated[Optional[list[str]], typer.Option(
+    keys: Annotated[Optional[list[str]], Option(
         "--keys", metavar="PATTERN", help="Only keys matching PATTERN (glob, module name, or re:REGEX); repeatable.")] = None,
-    tree: Annotated[bool, typer.Option("--tree", help="Per-module summary; numbered repeats folded.")] = False,
-    depth: Annotated[Optional[int], typer.Option("--depth", min=1, metavar="N", help="Levels shown by --tree.")] = None,
-    stats: Annotated[bool, typer.Option("--stats", help="min/max/mean/std and NaN/Inf counts (reads data).")] = False,
-    hash: Annotated[bool, typer.Option(
+    tree: Annotated[bool, Option("--tree", help="Per-module summary; numbered repeats folded.")] = False,
+    depth: Annotated[Optional[int], Option("--depth", min=1, metavar="N", help="Levels shown by --tree.")] = None,
+    stats: Annotated[bool, Option("--stats", help="min/max/mean/std and NaN/Inf counts (reads data).")] = False,
+    hash: Annotated[bool, Option(
         "--hash", help="SHA-256 of each tensor (its dtype, shape and values: the same in any format) and one fingerprint of them all (reads data).")] = False,
-    all_rows: Annotated[bool, typer.Option(
+    all_rows: Annotated[bool, Option(
         "--all", help=f"List every tensor in the table (a longer table shows its first {MAX_ROWS:,} rows).")] = False,
     inp: InputOptions = None,
     json: JsonOpt = False,

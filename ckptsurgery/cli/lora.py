@@ -7,8 +7,6 @@ import math
 import sys
 from typing import Annotated, Optional
 
-import typer
-
 from .. import ops
 from ..errors import UsageError
 from ..ops.reports import LoraMergeReport, LoraModule, LoraReport, LoraResizeReport
@@ -16,32 +14,33 @@ from .common import (
     CastTo, InputOptions, OutputOptions, RootOpt, choice, command_group, count, listing, note, output_options,
     input_options, print_json, print_table, printable,
 )
+from .declare import Argument, Option
 
 app = command_group("lora", "LoRA adapters: fold into a base, extract, merge several into one, resize, convert "
                             "between PEFT and kohya.")
 
 # what does not apply to an adapter output (a folder, or one .safetensors file)
 ADAPTER_OMIT = ("format", "max_shard_size", "jobs", "no_metadata", "rank_timeout")
-ADAPTER_METADATA = Annotated[Optional[list[str]], typer.Option(
+ADAPTER_METADATA = Annotated[Optional[list[str]], Option(
     "--metadata", metavar="KEY=VALUE", show_default=False,
     help="Set one entry of the adapter file's metadata; repeatable. It inherits none of its inputs'.")]
 
 
-AdapterArg = Annotated[str, typer.Argument(
+AdapterArg = Annotated[str, Argument(
     metavar="ADAPTER", help="A PEFT adapter folder or a kohya .safetensors file.", show_default=False)]
 
 
 def _adapter_command(name: str, metavar: str, what: str):
     """A subcommand that writes an adapter, named by -o (`metavar`, `what`), with the output options
     that apply to one."""
-    output = output_options(omit=ADAPTER_OMIT, metadata=ADAPTER_METADATA, output=Annotated[str, typer.Option(
+    output = output_options(omit=ADAPTER_OMIT, metadata=ADAPTER_METADATA, output=Annotated[str, Option(
         "-o", "--output", metavar=metavar, help=what)])
     return lambda command: app.command(name)(output(command))
 
 
 Combine = choice("Combine", ("cat", "svd"))
 To = choice("To", ("peft", "kohya"))
-EnergyOpt = Annotated[Optional[float], typer.Option(
+EnergyOpt = Annotated[Optional[float], Option(
     "--energy", metavar="E", show_default=False,
     help="Instead of --rank: per module the smallest rank whose squared singular values reach E (0 < E ≤ 1) of ΔW's.")]
 
@@ -50,12 +49,12 @@ EnergyOpt = Annotated[Optional[float], typer.Option(
 @output_options()
 @input_options()
 def fold(
-    base: Annotated[str, typer.Argument(metavar="BASE", help="The checkpoint the adapters were trained on.", show_default=False)],
-    adapters: Annotated[list[str], typer.Argument(metavar="ADAPTER...", help="PEFT adapter folders, kohya/LyCORIS or diffusers .safetensors files, folded in order.", show_default=False)],
-    scale: Annotated[Optional[list[float]], typer.Option(
+    base: Annotated[str, Argument(metavar="BASE", help="The checkpoint the adapters were trained on.", show_default=False)],
+    adapters: Annotated[list[str], Argument(metavar="ADAPTER...", help="PEFT adapter folders, kohya/LyCORIS or diffusers .safetensors files, folded in order.", show_default=False)],
+    scale: Annotated[Optional[list[float]], Option(
         "--scale", metavar="S", show_default=False, help="Multiplies alpha/r (default 1); once for all, or once per ADAPTER in order.")] = None,
-    allow_unmatched: Annotated[bool, typer.Option("--allow-unmatched", help="Fold what matches, list LoRA weights matching no base weight.")] = False,
-    dtype: Annotated[Optional[CastTo], typer.Option("--dtype", help="Cast the floating tensors written (default: as the base).", show_default=False)] = None,
+    allow_unmatched: Annotated[bool, Option("--allow-unmatched", help="Fold what matches, list LoRA weights matching no base weight.")] = False,
+    dtype: Annotated[Optional[CastTo], Option("--dtype", help="Cast the floating tensors written (default: as the base).", show_default=False)] = None,
     inp: InputOptions = None,
     *,
     out: OutputOptions,
@@ -86,14 +85,14 @@ def fold(
 @_adapter_command("extract", "ADAPTER_DIR",
                   "Adapter folder to write (adapter_config.json, adapter_model.safetensors).")
 def extract(
-    base: Annotated[str, typer.Argument(metavar="BASE", help="The checkpoint before fine-tuning.", show_default=False)],
-    tuned: Annotated[str, typer.Argument(metavar="TUNED", help="The fine-tuned checkpoint (same keys and shapes).", show_default=False)],
-    rank: Annotated[Optional[list[str]], typer.Option(
+    base: Annotated[str, Argument(metavar="BASE", help="The checkpoint before fine-tuning.", show_default=False)],
+    tuned: Annotated[str, Argument(metavar="TUNED", help="The fine-tuned checkpoint (same keys and shapes).", show_default=False)],
+    rank: Annotated[Optional[list[str]], Option(
         "--rank", metavar="R|PATTERN=R", show_default=False,
         help="The LoRA rank; PATTERN=R sets it for the weights a pattern selects (the last that selects a key wins). Repeatable.")] = None,
     energy: EnergyOpt = None,
-    embeddings: Annotated[bool, typer.Option("--embeddings", help="Also extract embedding tables (peft's lora_embedding_A/B).")] = False,
-    fan_in_fan_out: Annotated[Optional[list[str]], typer.Option(
+    embeddings: Annotated[bool, Option("--embeddings", help="Also extract embedding tables (peft's lora_embedding_A/B).")] = False,
+    fan_in_fan_out: Annotated[Optional[list[str]], Option(
         "--fan-in-fan-out", metavar="PATTERN", show_default=False,
         help="2-D weights stored (in, out), as transformers' Conv1D stores them. Repeatable.")] = None,
     root: RootOpt = None,
@@ -118,13 +117,13 @@ def extract(
 
 @_adapter_command("merge", "OUT", "Adapter to write: a folder (PEFT inputs) or a .safetensors file (kohya inputs).")
 def merge(
-    adapters: Annotated[list[str], typer.Argument(metavar="ADAPTER...", help="Two or more adapters of one model, all PEFT folders or all kohya files.", show_default=False)],
-    combine: Annotated[Combine, typer.Option(
+    adapters: Annotated[list[str], Argument(metavar="ADAPTER...", help="Two or more adapters of one model, all PEFT folders or all kohya files.", show_default=False)],
+    combine: Annotated[Combine, Option(
         "--combine", help="cat: exact, the factors side by side (rank Σ r); svd: the best rank-R approximation of Σ w·ΔW per module.",
         show_default=False)],
-    weights: Annotated[Optional[str], typer.Option(
+    weights: Annotated[Optional[str], Option(
         "--weights", metavar="W,W,..", show_default=False, help="One weight per ADAPTER (default 1 each): the fold is Σ w·ΔW.")] = None,
-    rank: Annotated[Optional[int], typer.Option(
+    rank: Annotated[Optional[int], Option(
         "--rank", metavar="R", show_default=False, help="With svd: the rank (default: the largest of the adapters').")] = None,
     *,
     out: OutputOptions,
@@ -145,7 +144,7 @@ def merge(
                   "Adapter to write, in the input's format: a folder (PEFT) or a .safetensors file (kohya).")
 def resize(
     adapter: AdapterArg,
-    rank: Annotated[Optional[int], typer.Option(
+    rank: Annotated[Optional[int], Option(
         "--rank", metavar="R", show_default=False, help="The new rank of every module (one of a smaller rank keeps its own).")] = None,
     energy: EnergyOpt = None,
     *,
@@ -166,8 +165,8 @@ def resize(
 @_adapter_command("convert", "OUT", "Adapter to write: a folder (--to peft) or a .safetensors file (--to kohya).")
 def convert(
     adapter: AdapterArg,
-    to: Annotated[To, typer.Option("--to", help="The format to write.", show_default=False)],
-    base: Annotated[Optional[str], typer.Option(
+    to: Annotated[To, Option("--to", help="The format to write.", show_default=False)],
+    base: Annotated[Optional[str], Option(
         "--base", metavar="BASE", show_default=False,
         help="The checkpoint the adapter folds into: names kohya's modules in peft's dotted form (needed by --to peft), and checks --to kohya's names.")] = None,
     root: RootOpt = None,

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Optional
 
-import typer
-
 from .. import core, ops
 from ..ops.methods import METHODS, PARAMETERS, merge_options
 from .common import (
     CastTo, InputOptions, OutputOptions, choice, command_app, count, expanded_options, input_options,
     listing, output_options, print_table, printable, summarised,
 )
+from .declare import Argument, Option
 
 
 Method = choice("Method", METHODS)
@@ -32,42 +31,42 @@ HELP = (f"Combine checkpoints: a plain union, an update of a template (--into), 
 @app.command(help=HELP)
 @output_options()
 @expanded_options("parameters", {
-    option.parameter: (Annotated[Optional[option.type], typer.Option(
+    option.parameter: (Annotated[Optional[option.type], Option(
         # a bool is a flag pair, --normalize/--no-normalize: not given is None, the method's default
         f"{option.option}/--no-{option.option[2:]}" if option.type is bool else option.option,
         metavar=option.metavar or None, help=option.help, show_default=False, rich_help_panel=METHOD)], None)
     for option in merge_options()}, dict)
 @input_options()
 def merge(
-    sources: Annotated[Optional[list[str]], typer.Argument(metavar="SOURCE...", help="Checkpoints to merge, in priority order (none with --config).", show_default=False)] = None,
-    into: Annotated[Optional[str], typer.Option(
+    sources: Annotated[Optional[list[str]], Argument(metavar="SOURCE...", help="Checkpoints to merge, in priority order (none with --config).", show_default=False)] = None,
+    into: Annotated[Optional[str], Option(
         "--into", metavar="TEMPLATE", help="Template (e.g. saved from the new model): output has exactly its keys, shapes, dtypes.", rich_help_panel=INTO)] = None,
-    on_mismatch: Annotated[Optional[core.MismatchPolicy], typer.Option(
+    on_mismatch: Annotated[Optional[core.MismatchPolicy], Option(
         "--on-mismatch", help="With --into, a shape that differs: error (default), skip (keep the template's), overlap (copy the shared block), adapt (fit it by its kind: position embeddings resampled, vocabulary rows grown with their mean, input channels repeated and scaled by I/N; classifier heads keep the template's).", show_default=False, rich_help_panel=INTO)] = None,
-    otherwise: Annotated[Optional[core.OtherwisePolicy], typer.Option(
+    otherwise: Annotated[Optional[core.OtherwisePolicy], Option(
         "--otherwise", help="With --on-mismatch adapt: what a mismatch no adapter fits gets (default: an error).", show_default=False, rich_help_panel=INTO)] = None,
-    prefix_tokens: Annotated[Optional[int], typer.Option(
+    prefix_tokens: Annotated[Optional[int], Option(
         "--prefix-tokens", metavar="P", help="With adapt: class/register tokens before a position embedding's grid (default: inferred).", show_default=False, rich_help_panel=INTO)] = None,
-    grid: Annotated[Optional[str], typer.Option(
+    grid: Annotated[Optional[str], Option(
         "--grid", metavar="H,W", help="With adapt: the template's grid of patches, when it is not square.", show_default=False, rich_help_panel=INTO)] = None,
-    on_conflict: Annotated[Optional[core.ConflictPolicy], typer.Option(
+    on_conflict: Annotated[Optional[core.ConflictPolicy], Option(
         "--on-conflict", help="Plain merge, a key in several sources: error (default), first, last.", show_default=False, rich_help_panel=UNION)] = None,
-    average: Annotated[bool, typer.Option("--average", help="Element-wise (weighted) mean of floating tensors: --method linear.", rich_help_panel=METHOD)] = False,
-    method: Annotated[Optional[Method], typer.Option(
+    average: Annotated[bool, Option("--average", help="Element-wise (weighted) mean of floating tensors: --method linear.", rich_help_panel=METHOD)] = False,
+    method: Annotated[Optional[Method], Option(
         "--method", help="Merge the models' floating tensors key by key (formulas: docs/merging.md).", show_default=False, rich_help_panel=METHOD)] = None,
-    base: Annotated[Optional[str], typer.Option(
+    base: Annotated[Optional[str], Option(
         "--base", metavar="BASE", help=f"The model the others were fine-tuned from: needed by {', '.join(m for m, c in METHODS.items() if c.needs_base)}.", rich_help_panel=METHOD)] = None,
     parameters: dict = None,  # the merge methods' parameters: options made from their declarations
-    dtype: Annotated[Optional[CastTo], typer.Option("--dtype", help="Cast the floating tensors written (default: as the base/first model).", show_default=False)] = None,
-    lora: Annotated[Optional[list[str]], typer.Option(
+    dtype: Annotated[Optional[CastTo], Option("--dtype", help="Cast the floating tensors written (default: as the base/first model).", show_default=False)] = None,
+    lora: Annotated[Optional[list[str]], Option(
         "--lora", metavar="ADAPTER", help="Fold this adapter into the one SOURCE: a PEFT folder (LoRA, DoRA, IA3, LoHa, LoKr), a kohya/LyCORIS .safetensors (LoRA, LoCon, LoHa, LoKr, full, dora_scale) or a diffusers LoRA file; repeatable.", show_default=False, rich_help_panel=LORA)] = None,
-    lora_scale: Annotated[Optional[list[float]], typer.Option(
+    lora_scale: Annotated[Optional[list[float]], Option(
         "--lora-scale", metavar="S", help="With --lora: multiplies alpha/r (default 1; PEFT DoRA: inside the norm; LyCORIS dora_scale: its multiplier; IA3 takes none); once for all, or once per --lora in order.", show_default=False, rich_help_panel=LORA)] = None,
-    allow_unmatched: Annotated[bool, typer.Option(
+    allow_unmatched: Annotated[bool, Option(
         "--allow-unmatched", help="With --lora: fold what matches, list LoRA weights matching no base weight.", rich_help_panel=LORA)] = False,
-    config: Annotated[Optional[str], typer.Option(
+    config: Annotated[Optional[str], Option(
         "--config", metavar="RECIPE", help="Run a mergekit 0.1.5 recipe (YAML): its models, method, parameters (gradients, filters), slices and dtypes; -o DIR writes a folder from_pretrained loads, -o FILE.safetensors the weights alone.", show_default=False, rich_help_panel=RECIPE)] = None,
-    layer_pattern: Annotated[Optional[str], typer.Option(
+    layer_pattern: Annotated[Optional[str], Option(
         "--layer-pattern", metavar="REGEX", help="With --config, or a gradient (--t 0,0.5,1): the regex whose one group is a key's layer number, for a model whose key names do not tell its layers apart (two stacks).", show_default=False, rich_help_panel=RECIPE)] = None,
     inp: InputOptions = None,
     *,
