@@ -4,13 +4,13 @@ putting a value at its path in a nested state dict, as torch's DCP loader does (
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from typing import Any
 
 from ..errors import CkptError
 from .model import TensorRef, check_key
 from .pickled import Device, Global, InertGlobal, InertObject, PickledSet, TorchSize
-from .unpickler import StorageHandle, brief
 
 # Keys under which training scripts nest the model's state dict, most specific first.
 ROOT_KEYS = (
@@ -167,6 +167,8 @@ def find_root(obj: Any, root: str | None, where: str, same: bool = False):
             found = as_state_dict(obj, True, prefix, same)
         else:
             if type(obj) not in (dict, OrderedDict) or root not in obj:
+                from .unpickler import brief
+
                 keys = ", ".join(repr(brief(k)) for k in list(obj)[:10]) if isinstance(obj, dict) else "none"
                 raise CkptError(f"{where}: no key {root!r} at the top level (keys: {keys})")
             found = as_state_dict(obj[root], True, prefix, same)
@@ -228,7 +230,8 @@ def describe(value: Any) -> str:
         return f"{value!r}" if isinstance(value, Global) else value.qualname()
     if isinstance(value, TensorRef):
         return "tensor"
-    if isinstance(value, StorageHandle):
+    unpickler = sys.modules.get(f"{__package__}.unpickler")  # a storage is only met in a pickle it read
+    if unpickler is not None and isinstance(value, unpickler.StorageHandle):
         return f"torch.{value.dtype.storage if value.dtype else 'UntypedStorage'}"
     return {TorchSize: "torch.Size", Device: "torch.device", PickledSet: "set"}.get(type(value), type(value).__name__)
 
@@ -237,6 +240,8 @@ def extras(obj: Any, root: str) -> dict[str, str]:
     """Top-level entries outside the root."""
     if root == "" or type(obj) not in (dict, OrderedDict):
         return {}
+    from .unpickler import brief  # here: a safetensors reader does without the unpickler (start-up)
+
     return {brief(k, 200): describe(v) for k, v in obj.items() if k != root}
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import shutil
 import threading
 from contextlib import contextmanager
 from operator import attrgetter
@@ -282,6 +281,8 @@ class StagedOutputs:
         for _, path, aside, _ in done:
             try:
                 if aside and os.path.isdir(aside) and not os.path.islink(aside):
+                    import shutil  # here: its import (bz2, lzma) is a start-up cost, and this is rare
+
                     shutil.rmtree(aside)
                 elif aside:
                     os.unlink(aside)
@@ -304,6 +305,8 @@ class StagedOutputs:
         for temp, _ in self._staged:
             try:
                 if os.path.isdir(temp) and not os.path.islink(temp):
+                    import shutil
+
                     shutil.rmtree(temp)
                 else:
                     os.unlink(temp)

@@ -61,15 +61,30 @@ def _plain(value: Any, lazy: bool = False) -> Any:
     return value
 
 
-# Every report class is made with `repr=False, eq=False`: the base's generic `__repr__` and `__eq__`
-# serve them all, and fifteen generated pairs were half of what importing this module cost (every
-# command imports it, so it is start-up).
-_report = dataclass(kw_only=True, repr=False, eq=False)
+# Every report class is made with `init=False, repr=False, eq=False`: the base's generic `__init__`,
+# `__repr__` and `__eq__` serve them all. Generated ones (compiled per class) were most of what
+# importing this module cost, and every command imports it: it is start-up. A report is made once
+# per command, so the generic `__init__`'s loop costs nothing that shows.
+_report = dataclass(kw_only=True, init=False, repr=False, eq=False)
 
 
 @_report
 class Report:
     """The base of every report: `to_json()` is the --json document."""
+
+    def __init__(self, **given) -> None:
+        for f in fields(self):
+            if f.name in given:
+                value = given.pop(f.name)
+            elif f.default is not MISSING:
+                value = f.default
+            elif f.default_factory is not MISSING:
+                value = f.default_factory()
+            else:
+                raise TypeError(f"{type(self).__name__}() missing keyword argument: {f.name!r}")
+            setattr(self, f.name, value)
+        if given:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword arguments: {', '.join(map(repr, given))}")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in fields(self))})"

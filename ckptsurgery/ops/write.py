@@ -11,7 +11,6 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
@@ -22,10 +21,8 @@ from ..errors import CkptError, UsageError
 from ..io import Checkpoint, TensorRef, collection_paused
 from ..io.formats import BY_OPTION, OutputFormat
 from ..io.pickled import inert_names
-from ..io.pickler import PickleRefused
 from ..io.tree import extras
 from ..io.safetensors import check_safetensors, write_safetensors
-from ..io.torch_zip import castable_storages, torch_payload, write_torch
 from ..io.write import (
     StagedOutputs, cast_target, check_writable, output_format, plan_safetensors, plan_shards, shard_names,
 )
@@ -46,6 +43,9 @@ def _write(f, fmt: OutputFormat, source: "_Source", tensors: dict[str, TensorRef
     if fmt is OutputFormat.SAFETENSORS:
         write_safetensors(f, tensors, metadata or {}, cast, progress, plan)
     else:
+        from ..io.pickler import PickleRefused  # the .pth machinery, imported when a .pth is written
+        from ..io.torch_zip import write_torch
+
         payload = source.payload(tensors, keep_metadata, others) if whole else OrderedDict(tensors)
         try:
             write_torch(f, payload, cast, progress, cast_only=tensors, inputs=[c.events for c in inputs])
@@ -157,6 +157,9 @@ def _run_concurrently(tasks: list[Callable[[Any], Any]], jobs: int, progress) ->
     thread has stopped: nothing is still writing when the caller removes the staged files."""
     if jobs == 1 or len(tasks) <= 1:
         return [task(progress) for task in tasks]
+    # here: the pool's module imports logging, and most writes are one file
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
     stop = threading.Event()
 
     def tick(n: int) -> None:
@@ -333,6 +336,8 @@ class _Source:
     def payload(self, tensors: dict[str, TensorRef], keep_metadata: bool, others: dict):
         if self.ckpt is None:
             return OrderedDict([*tensors.items(), *others.items()])
+        from ..io.torch_zip import torch_payload
+
         return torch_payload(self.ckpt, tensors, keep_metadata, others)
 
 
@@ -345,6 +350,8 @@ class _FilePlan:
         self.tensors, self.fmt = tensors, fmt
         self.stored, self.aliases = plan_safetensors(tensors, cast)
         if cast and fmt is OutputFormat.TORCH:  # a .pth casts whole storages: see castable_storages
+            from ..io.torch_zip import castable_storages
+
             castable = castable_storages(tensors)
             self.stored = [(n, t, d if id(t.storage) in castable else t.dtype) for n, t, d in self.stored]
         if fmt is OutputFormat.SAFETENSORS:
