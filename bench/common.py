@@ -40,13 +40,16 @@ def revision_tree(rev: str, workdir: str) -> str:
     return base
 
 
-def options(runs: int = 3):
-    """(parsed --runs/--workdir, out(name) -> a path in the work folder, created)."""
+def options(runs: int = 3, more=None):
+    """(parsed --runs/--workdir, out(name) -> a path in the work folder, created). `more(parser)`
+    adds a benchmark's own options."""
     import argparse
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=runs)
     parser.add_argument("--workdir", default=os.path.join(HERE, "out"))
+    if more is not None:
+        more(parser)
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     return args, lambda name: os.path.join(args.workdir, name)
