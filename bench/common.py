@@ -139,4 +139,4 @@ def print_tables(cases, med, peak, ratios) -> None:
     print("\n| ratio | value | target |")
     print("|---|---:|---:|")
     for name, value, target in ratios:
-        print(f"| {name} | {value:.2f} | {target} |")
+        print(f"| {name} | {value:.3f} | {target} |")
