@@ -114,3 +114,58 @@ def test_a_reader_that_goes_away_ends_the_run_quietly(tmp_path):
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 1 and err == b"", err
+
+
+def random_command_lines(seed: int, count: int):
+    """Command lines made of each command's own option names, spelled every way Click takes them
+    (--name value, --name=value, -x value, -xVALUE, clusters, --no-...), values of every kind
+    (numbers, choices, words that look like options, empty), arguments, `--` and `-`."""
+    import random
+
+    from ckptsurgery.cli.declare import _spec
+
+    rng = random.Random(seed)
+    values = ["x", "-x", "--", "-", "", "1", "0", "-1", "2.5", "1_0", "nan", "inf", "bf16", "float16", "gguf", "hf",
+              "ties", "slerp", "linear", "adapt", "first", "a=b", "peft", "svd", "--force", "-q"]
+    commands = [(c, [next(n for n in COMMANDS if COMMANDS[n] == m)] if not app.group else [app.name, c.name])
+                for m in COMMANDS.values() for app in [importlib.import_module(f"ckptsurgery.cli.{m}").app]
+                for c in app.commands.values()]
+    for _ in range(count):
+        command, words = rng.choice(commands)
+        spec = _spec(command)
+        names = list(spec.options)
+        line = list(words)
+        for _ in range(rng.randint(0, 9)):
+            roll = rng.random()
+            name = rng.choice(names)
+            kind = spec.options[name]
+            if roll < 0.25:
+                line.append(rng.choice(["a.pth", "b.pth", "c", "-", "--", "-o"]))
+            elif roll < 0.8:
+                if kind.flag or rng.random() < 0.1:
+                    line.append(name + ("=1" if rng.random() < 0.05 else ""))
+                elif name.startswith("--") and rng.random() < 0.3:
+                    line.append(f"{name}={rng.choice(values)}")
+                elif not name.startswith("--") and rng.random() < 0.3:
+                    line.append(name + rng.choice(values))
+                else:
+                    line += [name, rng.choice(values)]
+            elif roll < 0.9:
+                shorts = [n[1] for n in names if len(n) == 2]
+                if shorts:
+                    line.append("-" + "".join(rng.choice(shorts) for _ in range(rng.randint(1, 3))))
+            else:
+                line.append(rng.choice(values))
+        if rng.random() < 0.7 and "-o" in spec.options:
+            line += ["-o", "out.safetensors"]
+        yield line
+
+
+def test_random_command_lines_are_parsed_as_typer_parses_them():
+    """Thousands of command lines, each checked against Typer wherever the parser takes it; and the
+    parser does take a good share of them (it is not simply leaving everything to Typer)."""
+    taken = 0
+    for args in random_command_lines(seed=18, count=3000):
+        assert_parsed_as_typer_does(args)
+        taken += parsed(args) is not None
+    assert taken > 300, taken
