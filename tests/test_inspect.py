@@ -127,6 +127,69 @@ def test_stats_from_a_mapped_file_are_merged_over_chunks_and_segments_the_same_o
     assert one["empty"] == {**one["empty"], "min": None, "mean": None, "nan": 0, "inf": 0}
 
 
+def _stats_module_with_forks_counted(monkeypatch, jobs):
+    """ops.stats with `jobs` workers, _CHUNK/_SEGMENT small, and os.fork counted."""
+    import importlib
+
+    stats = importlib.import_module("ckptsurgery.ops.stats")
+    monkeypatch.setattr(stats, "_CHUNK", 5)
+    monkeypatch.setattr(stats, "_SEGMENT", 15)
+    monkeypatch.setattr(importlib.import_module("ckptsurgery.ops.options"), "default_jobs", lambda: jobs)
+    forks = []
+    real_fork = os.fork
+    monkeypatch.setattr(os, "fork", lambda: forks.append(1) or real_fork())
+    return stats, forks
+
+
+def test_stats_of_a_mapped_file_are_taken_by_forked_workers_and_equal_one_processs(cli, tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    save_file({"a": torch.randn(200) * 2, "b": torch.randn(3, 33, dtype=torch.float64)}, tmp_path / "t.safetensors")
+    docs = []
+    for jobs in (1, 3):
+        _, forks = _stats_module_with_forks_counted(monkeypatch, jobs)
+        docs.append(cli("inspect", tmp_path / "t.safetensors", "--stats", "--json").json()["tensors"])
+        assert len(forks) == (2 if jobs == 3 and sys.platform.startswith("linux") else 0)
+    assert docs[0] == docs[1]
+
+
+def test_stats_of_a_worker_that_stops_early_are_computed_here_and_its_error_is_one_line(cli, tmp_path, monkeypatch):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("workers are forked on Linux only")
+    torch.manual_seed(2)
+    path = tmp_path / "t.safetensors"
+    save_file({"a": torch.randn(100), "b": torch.randn(64)}, path)
+    stats, forks = _stats_module_with_forks_counted(monkeypatch, 2)
+    expected = cli("inspect", path, "--stats", "--json").json()["tensors"]
+    here, real = os.getpid(), stats._mapped_moments
+
+    def dies_in_a_worker(*args):  # a worker's task fails (as a killed or broken worker would)
+        if os.getpid() != here:
+            raise MemoryError
+        return real(*args)
+
+    monkeypatch.setattr(stats, "_mapped_moments", dies_in_a_worker)
+    assert cli("inspect", path, "--stats", "--json").json()["tensors"] == expected
+    monkeypatch.setattr(os, "fork", lambda: (_ for _ in ()).throw(BlockingIOError(11, "no process")))
+    assert cli("inspect", path, "--stats", "--json").json()["tensors"] == expected  # none started: all here
+
+    def fails_everywhere(*args):  # what fails here too is an error of this process, one line
+        from ckptsurgery.errors import CkptError
+
+        raise CkptError("t.safetensors: data lies past the end of the file") if os.getpid() == here else MemoryError
+
+    monkeypatch.setattr(stats, "_mapped_moments", fails_everywhere)
+    assert_one_error_line(cli("inspect", path, "--stats"), "data lies past the end of the file")
+    assert len(forks) == 2
+
+
+def test_stats_of_a_pth_go_to_threads_when_a_tensor_is_not_in_a_mapped_file(cli, tmp_path, monkeypatch):
+    path = tmp_path / "m.pth"
+    torch.save({"a": torch.randn(40), "strided": torch.randn(8, 8).t()}, path)
+    _, forks = _stats_module_with_forks_counted(monkeypatch, 2)
+    tensors = cli("inspect", path, "--stats", "--json").json()["tensors"]
+    assert not forks and [t["std"] is not None for t in tensors] == [True, True]
+
+
 def test_tree_folds_repeated_layers(cli, tmp_path):
     torch.manual_seed(0)
     blocks = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(24)], torch.nn.Linear(4, 2))

@@ -3,13 +3,15 @@ infinity counts, streamed in chunks — with numpy straight from the mapped file
 whose bytes lie in order (torch is not imported), else through torch (quantized, strided and
 computed tensors).
 
-A tensor is cut into segments, the segments of all tensors are spread over the cores, and each
-tensor's segments are merged in order (Chan et al.'s merge of moments): the figures are the same
-whatever the number of threads, and one large tensor (an embedding) keeps every core busy."""
+A tensor is cut into segments, the segments of all tensors are spread over the cores (forked
+workers, else threads), and each tensor's segments are merged in order (Chan et al.'s merge of
+moments): the figures are the same whatever the number of workers, and one large tensor (an
+embedding) keeps every core busy."""
 
 from __future__ import annotations
 
 import math
+import struct
 from typing import Callable, Iterator
 
 from ..io import TensorRef
@@ -64,8 +66,8 @@ def tensor_stats(t: TensorRef) -> dict:
 
 
 def each_stats(tensors: list[TensorRef]) -> Iterator[dict]:
-    """tensor_stats of each, in order, their segments spread over the cores (at most 4): numpy and
-    torch release the GIL while they go over the values."""
+    """tensor_stats of each, in order, their segments spread over the cores (at most 4): over
+    forked processes where every tensor lies in a mapped local file (on Linux), else threads."""
     from .options import default_jobs
 
     tasks = [(i, task) for i, t in enumerate(tensors) for task in _tasks(t)]
@@ -74,7 +76,9 @@ def each_stats(tensors: list[TensorRef]) -> Iterator[dict]:
     pool = None
     if jobs < 2:
         found = (task() for _, task in tasks)
-    else:
+    elif _forkable(tensors):
+        found = _in_processes([task for _, task in tasks], jobs)
+    else:  # numpy and torch let go of the GIL while they go over the values
         from concurrent.futures import ThreadPoolExecutor
 
         pool = ThreadPoolExecutor(jobs, thread_name_prefix="ckptsurgery-stats")
@@ -91,6 +95,96 @@ def each_stats(tensors: list[TensorRef]) -> Iterator[dict]:
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+        else:
+            getattr(found, "close", lambda: None)()  # the processes' generator stops its workers
+
+
+def _forkable(tensors: list[TensorRef]) -> bool:
+    """Whether forked workers may take these tensors' segments: on Linux (fork is sound there
+    and the mapped pages are shared), every tensor's bytes in order in a local mapped file, read
+    by numpy alone (no torch, no network in a child). Threads would do the same work, but each
+    numpy call lets the GIL go and takes it back, and on two cores the threads spent as much time
+    waiting for it as they saved (docs/performance.md)."""
+    import sys
+
+    from ..io.model import MappedFile, mapped_range
+
+    if not sys.platform.startswith("linux"):
+        return False
+    for t in tensors:
+        placed = mapped_range(t) if t.dtype.name in _NUMPY_DTYPES else None
+        if placed is None or type(placed[0]) is not MappedFile:
+            return False
+    return True
+
+
+_RESULT = struct.Struct("<qddddqq")  # a segment's Moments: count, mean, m2, min, max, NaN and infinity counts
+
+
+def _in_processes(tasks: list[Callable[[], Moments]], jobs: int) -> Iterator[Moments]:
+    """Each task's Moments, in order: task k computed by forked worker k % jobs (worker 0: this
+    process). A worker writes its results down a pipe as it goes and leaves by os._exit (no
+    cleanup of this process's runs in it). A worker that stopped early, whatever the reason, is
+    not trusted further: its remaining tasks are computed here, so an error is raised here, as
+    one line, and the figures never depend on the workers."""
+    import os
+    import signal
+
+    workers: list = []  # (pid, reading end of its pipe), or (None, None) where none could start
+    try:
+        for w in range(1, jobs):
+            try:
+                reading, writing = os.pipe()
+            except OSError:  # no descriptors to be had (a limit): its tasks are computed here
+                workers.append((None, None))
+                continue
+            try:
+                pid = os.fork()
+            except OSError:  # no process to be had (a limit): likewise
+                os.close(reading)
+                os.close(writing)
+                workers.append((None, None))
+                continue
+            if pid == 0:
+                code = 1
+                try:
+                    signal.signal(signal.SIGINT, signal.SIG_DFL)  # not this process's handlers
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    os.close(reading)
+                    with os.fdopen(writing, "wb", buffering=0) as out:
+                        for k in range(w, len(tasks), jobs):
+                            m = tasks[k]()
+                            out.write(_RESULT.pack(m.count, m.mean, m.m2, m.low, m.high, m.nan, m.inf))
+                    code = 0
+                finally:
+                    os._exit(code)
+            os.close(writing)
+            workers.append((pid, os.fdopen(reading, "rb")))
+        for k, task in enumerate(tasks):
+            w = k % jobs
+            found = _received(workers[w - 1][1]) if w else None
+            yield found if found is not None else task()
+    finally:
+        for pid, reading in workers:
+            if pid is None:
+                continue
+            reading.close()
+            try:
+                os.kill(pid, signal.SIGKILL)  # gone already, but for a stop before the end (Ctrl-C)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+
+
+def _received(reading) -> Moments | None:
+    """The next Moments a worker sent; None once it sent no more (it stopped early, or never
+    started: `reading` None)."""
+    data = reading.read(_RESULT.size) if reading is not None else b""
+    if len(data) != _RESULT.size:
+        return None
+    m = Moments()
+    m.count, m.mean, m.m2, m.low, m.high, m.nan, m.inf = _RESULT.unpack(data)
+    return m
 
 
 def _merged(pieces: list[Moments | None]) -> dict:
@@ -124,14 +218,11 @@ def _mapped_moments(t: TensorRef, source, first: int, begin: int, end: int) -> M
         from .methods import decode
     moments, size, name = Moments(), t.dtype.itemsize, t.dtype.name
     floating = t.dtype.floating
-    # a plain dtype's segment in a mapped file is one view (no copy), its min and max two calls
-    # over it (each numpy call lets the GIL go and takes it back: fewer per chunk, less waiting for
-    # it on several threads); bfloat16, and bytes a view would copy (a remote file's, a joined
-    # tensor's), a chunk at a time
+    # a plain dtype's segment in a mapped file is one view (no copy); bfloat16, and bytes a view
+    # would copy (a remote file's, a joined tensor's), are read a chunk at a time
     whole = None
     if name != "bfloat16" and type(source) is MappedFile:
         whole = np.frombuffer(source.view(first + begin * size, (end - begin) * size), _NUMPY_DTYPES[name])
-    bounds = _finite_bounds(_as_numbers(whole)) if whole is not None and whole.size else None
     # float64 in a buffer reused by every chunk (a fresh array each chunk cost ~15% more)
     buffer = np.empty(min(_CHUNK, end - begin), np.float64)
     with np.errstate(all="ignore"):
@@ -146,7 +237,7 @@ def _mapped_moments(t: TensorRef, source, first: int, begin: int, end: int) -> M
             wide = buffer[:count]
             np.copyto(wide, x)  # sums in float64; min and max in the values' own dtype (exact)
             total = float(np.add.reduce(wide))
-            if not _add_one_pass(moments, x, wide, total, bounds):
+            if not _add_one_pass(moments, x, wide, total):
                 _add_two_pass(moments, x, wide, total, floating)
     return moments
 
@@ -157,20 +248,11 @@ def _as_numbers(x):
     return x.view(np.uint8) if x.dtype == np.bool_ else x
 
 
-def _finite_bounds(x) -> tuple[float, float] | None:
-    """(min, max) of all of `x` when both are finite numbers; None when NaN or an infinity is
-    among the values (each chunk then finds its finite ones)."""
-    import numpy as np
-
-    low, high = float(np.minimum.reduce(x)), float(np.maximum.reduce(x))
-    return (low, high) if math.isfinite(low) and math.isfinite(high) else None
-
-
-def _add_one_pass(moments: Moments, x, wide, total: float, bounds: tuple[float, float] | None) -> bool:
+def _add_one_pass(moments: Moments, x, wide, total: float) -> bool:
     """Add a chunk's moments from its sum s (`total`) and sum of squares q (`wide`: its values in
     float64), m2 = q - s²/n: one pass for both sums of a tensor whose mean is small against its
-    spread, as weights' are. `bounds`: the segment's min and max, when known (else the chunk's).
-    False, with nothing added, where the subtraction would cancel more than 10 of float64's 53 bits (m2 < q/1024: a LayerNorm's weights about 1.0) or a sum is not finite
+    spread, as weights' are; its min and max from `x` while the chunk is in the CPU's cache (one
+    pass over a whole segment for each cost two more reads of it from memory). False, with nothing added, where the subtraction would cancel more than 10 of float64's 53 bits (m2 < q/1024: a LayerNorm's weights about 1.0) or a sum is not finite
     (NaN, infinities, an overflow): the two passes then take the chunk."""
     import numpy as np
 
@@ -178,8 +260,7 @@ def _add_one_pass(moments: Moments, x, wide, total: float, bounds: tuple[float, 
     m2 = squares - total * total / n
     if not (math.isfinite(total) and math.isfinite(squares)) or m2 * 1024 < squares:
         return False
-    low, high = bounds or (float(np.minimum.reduce(x)), float(np.maximum.reduce(x)))
-    moments.add(n, low, high, total / n, m2)
+    moments.add(n, float(np.minimum.reduce(x)), float(np.maximum.reduce(x)), total / n, m2)
     return True
 
 
