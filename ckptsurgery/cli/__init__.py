@@ -1,4 +1,6 @@
-"""The command line: a thin Typer layer over `ckptsurgery.ops`. One module per command."""
+"""The command line: a thin layer over `ckptsurgery.ops`, one module per command. A plain command
+line is parsed from the commands' declarations (cli/declare.py) and runs without Typer; Typer
+(cli/typer_app.py) answers --help, completion and wrong usage."""
 
 from __future__ import annotations
 
