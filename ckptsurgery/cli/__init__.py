@@ -154,6 +154,8 @@ def _run(args: list[str]) -> None:
         from .typer_app import app
 
         app(prog_name="ckptsurgery")  # not "python -m ..." in usage lines, however it was started
+    except KeyboardInterrupt:  # Ctrl-C before either road's own handling (a command's module being imported)
+        raise SystemExit(130) from None
     except Exception as e:
         if os.environ.get("CKPTSURGERY_DEBUG"):
             raise

@@ -138,9 +138,12 @@ def _in_processes(tasks: list[Callable[[], Moments]], jobs: int) -> Iterator[Mom
             except OSError:  # no descriptors to be had (a limit): its tasks are computed here
                 workers.append((None, None))
                 continue
+            # Ctrl-C and SIGTERM wait until the worker is on the list: a stop always kills and reaps it
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             try:
                 pid = os.fork()
             except OSError:  # no process to be had (a limit): likewise
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
                 os.close(reading)
                 os.close(writing)
                 workers.append((None, None))
@@ -150,6 +153,7 @@ def _in_processes(tasks: list[Callable[[], Moments]], jobs: int) -> Iterator[Mom
                 try:
                     signal.signal(signal.SIGINT, signal.SIG_DFL)  # not this process's handlers
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
                     os.close(reading)
                     with os.fdopen(writing, "wb", buffering=0) as out:
                         for k in range(w, len(tasks), jobs):
@@ -158,8 +162,11 @@ def _in_processes(tasks: list[Callable[[], Moments]], jobs: int) -> Iterator[Mom
                     code = 0
                 finally:
                     os._exit(code)
-            os.close(writing)
-            workers.append((pid, os.fdopen(reading, "rb")))
+            try:
+                os.close(writing)
+                workers.append((pid, os.fdopen(reading, "rb")))
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         for k, task in enumerate(tasks):
             w = k % jobs
             found = _received(workers[w - 1][1]) if w else None
@@ -171,9 +178,9 @@ def _in_processes(tasks: list[Callable[[], Moments]], jobs: int) -> Iterator[Mom
             reading.close()
             try:
                 os.kill(pid, signal.SIGKILL)  # gone already, but for a stop before the end (Ctrl-C)
-            except ProcessLookupError:
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):  # reaped already: SIGCHLD ignored (inherited)
                 pass
-            os.waitpid(pid, 0)
 
 
 def _received(reading) -> Moments | None:
