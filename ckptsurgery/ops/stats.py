@@ -138,7 +138,8 @@ def _in_processes(tasks: list[Callable[[], Moments]], jobs: int) -> Iterator[Mom
             except OSError:  # no descriptors to be had (a limit): its tasks are computed here
                 workers.append((None, None))
                 continue
-            # Ctrl-C and SIGTERM wait until the worker is on the list: a stop always kills and reaps it
+            # Ctrl-C and SIGTERM wait until the worker is on the list, so that a stop kills and reaps
+            # it (in a process with other threads one of them may still take the signal meanwhile)
             blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             try:
                 pid = os.fork()
