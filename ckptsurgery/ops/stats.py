@@ -150,19 +150,7 @@ def _in_processes(tasks: list[Callable[[], Moments]], jobs: int) -> Iterator[Mom
                 workers.append((None, None))
                 continue
             if pid == 0:
-                code = 1
-                try:
-                    signal.signal(signal.SIGINT, signal.SIG_DFL)  # not this process's handlers
-                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-                    os.close(reading)
-                    with os.fdopen(writing, "wb", buffering=0) as out:
-                        for k in range(w, len(tasks), jobs):
-                            m = tasks[k]()
-                            out.write(_RESULT.pack(m.count, m.mean, m.m2, m.low, m.high, m.nan, m.inf))
-                    code = 0
-                finally:
-                    os._exit(code)
+                _work(tasks[w::jobs], reading, writing, blocked)
             try:
                 os.close(writing)
                 workers.append((pid, os.fdopen(reading, "rb")))
@@ -182,6 +170,27 @@ def _in_processes(tasks: list[Callable[[], Moments]], jobs: int) -> Iterator[Mom
                 os.waitpid(pid, 0)
             except (ProcessLookupError, ChildProcessError):  # reaped already: SIGCHLD ignored (inherited)
                 pass
+
+
+def _work(tasks: list[Callable[[], Moments]], reading: int, writing: int, blocked) -> None:
+    """A forked worker's life: its tasks' Moments down the pipe, then os._exit (never this
+    process's cleanup: its temporary files, its output, are the command's)."""
+    import os
+    import signal
+
+    code = 1
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # not the command's handlers
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        os.close(reading)
+        with os.fdopen(writing, "wb", buffering=0) as out:
+            for task in tasks:
+                m = task()
+                out.write(_RESULT.pack(m.count, m.mean, m.m2, m.low, m.high, m.nan, m.inf))
+        code = 0
+    finally:
+        os._exit(code)
 
 
 def _received(reading) -> Moments | None:
