@@ -10,14 +10,15 @@ import importlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from ..errors import CkptError
-from .common import printable
 
 
 def _fail(message: str, error: BaseException) -> None:
+    from .common import printable  # imported by every command's module already
+
     if os.environ.get("CKPTSURGERY_DEBUG"):  # where a known failure was raised, for a bug report
         import traceback
 
@@ -159,6 +160,8 @@ def _run(args: list[str]) -> None:
     except Exception as e:
         if os.environ.get("CKPTSURGERY_DEBUG"):
             raise
+        from .common import printable
+
         sys.stderr.write(f"ckptsurgery: error: {printable(f'{type(e).__name__}: {e}')} "
                          f"(set CKPTSURGERY_DEBUG=1 for a traceback)\n")
         sys.exit(getattr(e, "exit_code", 1))
