@@ -129,13 +129,11 @@ class _Quiet:
 
 
 def _run_declared(command, given: dict) -> None:
-    """Run a parsed command line as Typer would have run it: its failures, Ctrl-C (exit 130) and a
-    closed pipe (exit 1, quietly) end it the same way."""
+    """Run a parsed command line as Typer would have run it: its failures and a closed pipe (exit
+    1, quietly) end it the same way (Ctrl-C: _run's, on both roads)."""
     try:
         with failures():
             command.function(**given)
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
     except OSError as e:
         if e.errno != errno.EPIPE:
             raise
@@ -155,7 +153,7 @@ def _run(args: list[str]) -> None:
         from .typer_app import app
 
         app(prog_name="ckptsurgery")  # not "python -m ..." in usage lines, however it was started
-    except KeyboardInterrupt:  # Ctrl-C before either road's own handling (a command's module being imported)
+    except KeyboardInterrupt:  # Ctrl-C in a command, or before it runs (its module being imported): exit 130
         raise SystemExit(130) from None
     except Exception as e:
         if os.environ.get("CKPTSURGERY_DEBUG"):
