@@ -224,6 +224,17 @@ if __name__ == "__main__":  # `python tests/remote_server.py FOLDER PORT`: serve
 
 # ---- what the tests of remote inputs share ----------------------------------------------------
 
+def hub_models(root, models: dict) -> None:
+    """Each of `models` (name -> tensors) as ROOT/NAME.safetensors (an https:// URL) and as the
+    repository ROOT/org/NAME (hf://org/NAME, its model.safetensors), as a RangeServer serves them."""
+    from safetensors.torch import save_file
+
+    for name, tensors in models.items():
+        save_file(tensors, os.path.join(str(root), f"{name}.safetensors"), metadata={"format": "pt"})
+        os.makedirs(os.path.join(str(root), "org", name))
+        save_file(tensors, os.path.join(str(root), "org", name, "model.safetensors"), metadata={"format": "pt"})
+
+
 def use_hub(monkeypatch, server: RangeServer, root) -> None:
     """HF_ENDPOINT at `server`, no token from anywhere, a short timeout."""
     monkeypatch.setenv("HF_ENDPOINT", server.url)

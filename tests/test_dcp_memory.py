@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.metadata import (
 
 from ckptsurgery.io import dcp as dcp_io
 from test_dcp_scale import _arguments, _mutate, _outcome, _save, _tensors
+from test_dcp_scale import small  # noqa: F401  (a fixture: its few tensors and values)
 from test_dcp_scale import _handmade as _handmade_chunks
 
 
@@ -68,15 +69,6 @@ def test_torchs_folders_of_tensors_are_streamed_and_read_as_the_restricted_unpic
         assert routes.streamed == streamed + 1, folder
         assert fast[0] == "read" and fast == _outcome(folder, False)
     assert routes.tables == 0
-
-
-@pytest.fixture
-def small(tmp_path):
-    """test_dcp_scale's few tensors and values."""
-    torch.manual_seed(0)
-    state = {"model": {"emb.weight": torch.randn(5, 3), "ids": torch.arange(4), "half": torch.randn(2, 2).half(),
-                       "scale": torch.tensor(2.5)}, "step": 7, "extra": {"lr": 0.1, "names": ["a", "b"]}}
-    return _save(tmp_path / "small", state)
 
 
 def test_values_and_lists_beside_the_tensors_are_streamed_too(tmp_path, routes, small):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import assert_one_error_line
-from remote_server import RangeServer, files_bytes, no_debris, recorded_spools, spools_in_tmp, use_hub
+from remote_server import RangeServer, files_bytes, hub_models, no_debris, recorded_spools, spools_in_tmp, use_hub
 
 import ckptsurgery.io.http as http
 import ckptsurgery.ops.spools as spooling
@@ -38,10 +38,7 @@ def _model(seed: int, same_as: int | None = None) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
-    for name, tensors in (("a", _model(0)), ("b", _model(1, same_as=0))):
-        save_file(tensors, str(root / f"{name}.safetensors"), metadata={"format": "pt"})
-        (root / "org" / name).mkdir(parents=True)
-        save_file(tensors, str(root / "org" / name / "model.safetensors"), metadata={"format": "pt"})
+    hub_models(root, {"a": _model(0), "b": _model(1, same_as=0)})
     with RangeServer(str(root)) as server:
         yield server, root
 

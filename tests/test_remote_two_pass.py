@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import assert_one_error_line
-from remote_server import RangeServer, files_bytes, no_debris, recorded_spools, spools_in_tmp, use_hub
+from remote_server import RangeServer, files_bytes, hub_models, no_debris, recorded_spools, spools_in_tmp, use_hub
 
 import ckptsurgery.ops.spools as spooling
 from ckptsurgery.ops import WriteOptions
@@ -37,10 +37,7 @@ def _model(seed: int) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
-    for i, name in enumerate(("a", "b", "base")):
-        save_file(_model(i), str(root / f"{name}.safetensors"), metadata={"format": "pt"})
-        (root / "org" / name).mkdir(parents=True)
-        save_file(_model(i), str(root / "org" / name / "model.safetensors"), metadata={"format": "pt"})
+    hub_models(root, {name: _model(i) for i, name in enumerate(("a", "b", "base"))})
     with RangeServer(str(root)) as server:
         yield server, root
 

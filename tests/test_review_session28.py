@@ -3,7 +3,6 @@ in forked workers (ops/stats.py): the defects found, each held here."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -36,14 +35,11 @@ def test_stats_each_stats_finishes_when_the_workers_were_reaped_already(tmp_path
     process's figures and raises nothing."""
     if not LINUX:
         pytest.skip("workers are forked on Linux only")
-    import importlib
+    from test_inspect import _stats_module_with_forks_counted
 
     from ckptsurgery.ops.inputs import open_input
 
-    stats = importlib.import_module("ckptsurgery.ops.stats")
-    monkeypatch.setattr(stats, "_CHUNK", 5)
-    monkeypatch.setattr(stats, "_SEGMENT", 15)
-    monkeypatch.setattr(importlib.import_module("ckptsurgery.ops.options"), "default_jobs", lambda: 3)
+    stats, _ = _stats_module_with_forks_counted(monkeypatch, 3)
     path = tmp_path / "t.safetensors"
     save_file({"a": np.arange(100, dtype=np.float32), "b": np.linspace(-1, 1, 64)}, str(path))
     previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
